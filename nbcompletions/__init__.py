@@ -1,0 +1,75 @@
+"""nbcompletions: the Completions endpoint as a research instrument in Jupyter.
+
+Everything public is importable from here. Heavy parts (pandas frames, plotly plots, ipywidgets
+widgets, the embedded model and server) load on first use, never at ``import nbcompletions``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
+from ._request import CompletionRequest, Limits
+
+__version__ = "0.1.0"
+
+# name -> module that defines it; resolved lazily by __getattr__ below.
+_LAZY: dict[str, str] = {
+    "Client": "._client",
+    "AsyncClient": "._client",
+    "Completion": "._completion",
+    "StreamChunk": "._streaming",
+    "to_frames": "._frames",
+    "sweep": "._sweep",
+    "asweep": "._sweep",
+    "SweepResult": "._sweep",
+    "load_sweep": "._sweep",
+}
+_SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
+
+__all__ = [
+    "APIError",
+    "AsyncClient",
+    "BudgetError",
+    "Client",
+    "Completion",
+    "CompletionRequest",
+    "Limits",
+    "NBCompletionsError",
+    "RequestError",
+    "StreamChunk",
+    "SweepResult",
+    "__version__",
+    "asweep",
+    "load_sweep",
+    "metrics",
+    "plots",
+    "sweep",
+    "to_frames",
+    "widgets",
+]
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from . import metrics, plots, widgets
+    from ._client import AsyncClient, Client
+    from ._completion import Completion
+    from ._frames import to_frames
+    from ._streaming import StreamChunk
+    from ._sweep import SweepResult, asweep, load_sweep, sweep
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'nbcompletions' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,79 @@
+"""Exceptions shared by every layer.
+
+`RequestError` and `BudgetError` are ValueErrors: they describe bad input and are raised before anything
+is sent. `APIError` is what a server answered with, normalised across OpenAI, vLLM and llama.cpp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["APIError", "BudgetError", "NBCompletionsError", "RequestError"]
+
+
+class NBCompletionsError(Exception):
+    """Base class of every exception nbcompletions raises on purpose."""
+
+
+class RequestError(NBCompletionsError, ValueError):
+    """A request field is invalid.
+
+    The message names the field, the allowed range and the value given, for example
+    ``temperature must be a number from 0 to 2; got 3.5``. The same facts are kept as attributes so that
+    the server can answer with an OpenAI error body whose ``param`` is the field.
+    """
+
+    def __init__(self, param: str | None, message: str, *, allowed: str | None = None,
+                 value: Any = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+        self.allowed = allowed
+        self.value = value
+
+
+class BudgetError(NBCompletionsError, ValueError):
+    """A sweep's estimated token use exceeds the budget it was given."""
+
+    def __init__(self, message: str, *, estimate: int, budget: int) -> None:
+        super().__init__(message)
+        self.estimate = estimate
+        self.budget = budget
+
+
+class APIError(NBCompletionsError):
+    """The server answered with an error (or a stream carried an error event).
+
+    Attributes follow OpenAI's error body: ``status`` (HTTP status, or None for an error event inside a
+    stream), ``type``, ``param``, ``code`` (always a string or None, whatever the server sent) and
+    ``message``. ``body`` keeps what the server sent, parsed where it was JSON.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, type: str | None = None,
+                 param: str | None = None, code: str | None = None, body: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+        self.body = body
+        self.headers = headers or {}
+
+    def __str__(self) -> str:
+        parts = []
+        if self.status is not None:
+            parts.append(f"HTTP {self.status}")
+        if self.type:
+            parts.append(self.type)
+        if self.param:
+            parts.append(f"param={self.param}")
+        if self.code:
+            parts.append(f"code={self.code}")
+        head = " ".join(parts)
+        return f"{head}: {self.message}" if head else self.message
+
+    def __repr__(self) -> str:
+        return (f"APIError(status={self.status!r}, type={self.type!r}, param={self.param!r}, "
+                f"code={self.code!r}, message={self.message!r})")

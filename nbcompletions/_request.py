@@ -1,0 +1,285 @@
+"""The request side of the protocol: every field of ``POST /v1/completions``, validated before sending.
+
+Ranges follow OpenAI's (see COMPAT.md). Servers differ on a few caps (vLLM allows 20 logprobs,
+llama.cpp has no cap): those live in `Limits`, a client setting whose defaults are OpenAI's.
+The server validates incoming bodies with the very same code, so both sides agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ._errors import RequestError
+
+__all__ = ["FIELDS", "CompletionRequest", "Limits"]
+
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+#: Every body field of the Completions API, in the order the reference lists them.
+FIELDS: tuple[str, ...] = (
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
+    "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature",
+    "top_p", "user",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Caps that differ between servers. The defaults are OpenAI's."""
+
+    max_logprobs: int | None = 5
+    max_n: int = 128
+    max_best_of: int = 20
+    max_stop: int = 4
+
+    @classmethod
+    def openai(cls) -> Limits:
+        return cls()
+
+    @classmethod
+    def vllm(cls) -> Limits:
+        return cls(max_logprobs=20)
+
+    @classmethod
+    def llamacpp(cls) -> Limits:
+        return cls(max_logprobs=None)
+
+
+def _fail(field: str, allowed: str, value: Any) -> RequestError:
+    return RequestError(field, f"{field} must be {allowed}; got {value!r}", allowed=allowed,
+                        value=value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(field: str, value: Any, low: int | None, high: int | None) -> None:
+    if low is not None and high is not None:
+        allowed = f"an integer from {low} to {high}"
+    elif low is not None:
+        allowed = f"an integer >= {low}"
+    else:
+        allowed = "an integer"
+    if not _is_int(value):
+        raise _fail(field, allowed, value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise _fail(field, allowed, value)
+
+
+def _check_number(field: str, value: Any, low: float, high: float) -> None:
+    allowed = f"a number from {low:g} to {high:g}"
+    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
+        raise _fail(field, allowed, value)
+
+
+def _check_prompt(value: Any) -> None:
+    allowed = ("a string, a non-empty list of strings, a non-empty list of token ids (integers >= 0), "
+               "or a non-empty list of non-empty token-id lists")
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list | tuple) or len(value) == 0:
+        raise _fail("prompt", allowed, value)
+    if all(isinstance(item, str) for item in value):
+        return
+    if all(_is_int(item) for item in value):
+        if any(item < 0 for item in value):
+            raise _fail("prompt", allowed, value)
+        return
+    if all(isinstance(item, list | tuple) for item in value):
+        for i, item in enumerate(value):
+            if len(item) == 0 or not all(_is_int(t) and t >= 0 for t in item):
+                raise RequestError(
+                    "prompt", f"prompt[{i}] must be a non-empty list of token ids (integers >= 0); "
+                    f"got {item!r}", allowed=allowed, value=value)
+        return
+    raise _fail("prompt", allowed, value)
+
+
+def prompt_count(prompt: Any) -> int:
+    """How many prompts a valid ``prompt`` value holds (a list of strings or of token lists is many)."""
+    if isinstance(prompt, str):
+        return 1
+    if prompt and all(isinstance(item, str | list | tuple) for item in prompt):
+        return len(prompt)
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionRequest:
+    """Every field of a Completions request; ``None`` means "not set, use the server's default".
+
+    Construction validates everything and raises `RequestError` naming the field, the allowed range
+    and the value given. ``extra`` carries server-specific fields (``top_k`` for vLLM, say) unchecked.
+    """
+
+    prompt: Any = None
+    model: str | None = None
+    best_of: int | None = None
+    echo: bool | None = None
+    frequency_penalty: float | None = None
+    logit_bias: Mapping[str, float] | None = None
+    logprobs: int | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: Mapping[str, Any] | None = None
+    suffix: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    limits: Limits = dataclasses.field(default_factory=Limits, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Normalise containers so requests are hashable-ish, comparable and safe to share.
+        if isinstance(self.prompt, tuple):
+            object.__setattr__(self, "prompt", list(self.prompt))
+        if isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", list(self.stop))
+        if self.logit_bias is not None and isinstance(self.logit_bias, Mapping):
+            object.__setattr__(self, "logit_bias",
+                               {str(k) if _is_int(k) else k: v for k, v in self.logit_bias.items()})
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------
+    def validate(self, *, require_model: bool = False) -> None:
+        lim = self.limits
+        if self.model is None:
+            if require_model:
+                raise _fail("model", "a model name (string)", None)
+        elif not isinstance(self.model, str) or not self.model:
+            raise _fail("model", "a non-empty string", self.model)
+        if self.prompt is None:
+            raise _fail("prompt", "given (a string, list of strings, token ids or token-id lists)",
+                        None)
+        _check_prompt(self.prompt)
+        for field in ("echo", "stream"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, bool):
+                raise _fail(field, "true or false", value)
+        n = 1 if self.n is None else self.n
+        if self.n is not None:
+            _check_int("n", self.n, 1, lim.max_n)
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, 1, lim.max_best_of)
+            if self.best_of < n:
+                raise RequestError(
+                    "best_of", f"best_of must be >= n ({n}); got {self.best_of}",
+                    allowed=f"an integer from {n} to {lim.max_best_of}", value=self.best_of)
+            if self.stream and self.best_of > 1:
+                raise RequestError(
+                    "best_of", f"best_of cannot be used with stream=True; got best_of={self.best_of}",
+                    allowed="1 (or unset) when streaming", value=self.best_of)
+        for field in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, field)
+            if value is not None:
+                _check_number(field, value, -2.0, 2.0)
+        if self.temperature is not None:
+            _check_number("temperature", self.temperature, 0.0, 2.0)
+        if self.top_p is not None:
+            _check_number("top_p", self.top_p, 0.0, 1.0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, lim.max_logprobs)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, 0, None)
+        if self.seed is not None:
+            _check_int("seed", self.seed, None, None)
+        if self.logit_bias is not None:
+            self._check_logit_bias()
+        if self.stop is not None:
+            self._check_stop()
+        if self.stream_options is not None:
+            if not isinstance(self.stream_options, Mapping):
+                raise _fail("stream_options", 'an object like {"include_usage": true}',
+                            self.stream_options)
+            if not self.stream:
+                raise RequestError(
+                    "stream_options", "stream_options is only allowed with stream=True; got "
+                    f"{dict(self.stream_options)!r} without stream",
+                    allowed="unset unless stream=True", value=self.stream_options)
+            include = self.stream_options.get("include_usage")
+            if include is not None and not isinstance(include, bool):
+                raise _fail("stream_options.include_usage", "true or false", include)
+        for field in ("suffix", "user"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, str):
+                raise _fail(field, "a string", value)
+        if not isinstance(self.extra, Mapping):
+            raise _fail("extra", "a mapping of extra body fields", self.extra)
+        clash = set(self.extra) & set(FIELDS)
+        if clash:
+            raise RequestError("extra", f"extra must not repeat standard fields; got {sorted(clash)}",
+                               allowed="non-standard field names", value=dict(self.extra))
+
+    def _check_logit_bias(self) -> None:
+        allowed = "a map of token id (a string of digits) to a number from -100 to 100"
+        if not isinstance(self.logit_bias, Mapping):
+            raise _fail("logit_bias", allowed, self.logit_bias)
+        for key, value in self.logit_bias.items():
+            if not isinstance(key, str) or not key.isdigit():
+                raise RequestError("logit_bias",
+                                   f"logit_bias keys must be token ids (strings of digits); got {key!r}",
+                                   allowed=allowed, value=dict(self.logit_bias))
+            if not _is_number(value) or not math.isfinite(value) or not -100 <= value <= 100:
+                raise RequestError(
+                    "logit_bias", f"logit_bias[{key!r}] must be a number from -100 to 100; got "
+                    f"{value!r}", allowed=allowed, value=dict(self.logit_bias))
+
+    def _check_stop(self) -> None:
+        cap = self.limits.max_stop
+        allowed = f"a non-empty string or a list of 1 to {cap} non-empty strings"
+        stop = self.stop
+        if isinstance(stop, str):
+            if not stop:
+                raise _fail("stop", allowed, stop)
+            return
+        if (not isinstance(stop, list) or not 1 <= len(stop) <= cap
+                or not all(isinstance(s, str) and s for s in stop)):
+            raise _fail("stop", allowed, stop)
+
+    # -- conversion -------------------------------------------------------------------------------
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any], *, limits: Limits | None = None,
+                  require_model: bool = False) -> CompletionRequest:
+        """Build from a JSON body (unknown fields go to ``extra``); validates."""
+        if not isinstance(body, Mapping):
+            raise RequestError(None, f"the request body must be a JSON object; got {type(body).__name__}")
+        known = {k: body[k] for k in FIELDS if k in body and body[k] is not None}
+        extra = {k: v for k, v in body.items() if k not in FIELDS}
+        request = cls(**known, extra=extra, limits=limits or Limits())
+        if require_model:
+            request.validate(require_model=True)
+        return request
+
+    def to_body(self) -> dict[str, Any]:
+        """The JSON body to send: set fields only, plus ``extra``."""
+        body: dict[str, Any] = {}
+        for field in FIELDS:
+            value = getattr(self, field)
+            if value is not None:
+                body[field] = dict(value) if isinstance(value, Mapping) else value
+        body.update(self.extra)
+        return body
+
+    def replace(self, **changes: Any) -> CompletionRequest:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def n_prompts(self) -> int:
+        return prompt_count(self.prompt)
+
+    @property
+    def effective_n(self) -> int:
+        return 1 if self.n is None else self.n

@@ -1,0 +1,86 @@
+"""Shared fixtures: the embedded engine, an in-process client, and a real `nbcompletions serve`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+WEIGHTS = ROOT / "nbcompletions" / "model" / "files" / "model.safetensors"
+
+# Tests never talk to a real provider: make sure a developer's key or base URL cannot leak in.
+for _var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
+    os.environ.pop(_var, None)
+
+
+def needs_weights() -> None:
+    if not WEIGHTS.exists():
+        pytest.skip("the embedded model's weights are not built yet")
+
+
+@pytest.fixture(scope="session")
+def embedded_engine():  # type: ignore[no-untyped-def]
+    needs_weights()
+    from nbcompletions.model import load_engine
+
+    return load_engine()
+
+
+@pytest.fixture(scope="session")
+def embedded_client():  # type: ignore[no-untyped-def]
+    needs_weights()
+    from nbcompletions import Client
+
+    client = Client()
+    yield client
+    client.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[str]:
+    """A real `nbcompletions serve` on loopback; yields its base URL (…/v1)."""
+    needs_weights()
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbcompletions", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            if proc.poll() is not None:
+                out = proc.stdout.read() if proc.stdout else ""
+                raise RuntimeError(f"nbcompletions serve exited early ({proc.returncode}):\n{out}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("nbcompletions serve did not answer /health within 60 s")
+            time.sleep(0.1)
+        yield f"{base}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
