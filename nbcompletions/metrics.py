@@ -1,0 +1,346 @@
+"""Statistics that parameter studies report. DataFrame in, new DataFrame out; inputs are never mutated.
+
+- `per_choice(choices, tokens=None)`: length, distinct-1/2, repetition rate, mean logprob and perplexity
+  for every choice.
+- `summarize(df, by=..., value=...)`: mean and a Student-t confidence interval per group (over the
+  repeats of a sweep's grid points).
+- `calibration(tokens, alternatives)`: how often tokens were sampled against the probability the
+  endpoint reported for them.
+
+Every function checks the columns it needs first and raises a ValueError naming what is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["calibration", "distinct_n", "per_choice", "repetition_rate", "summarize", "t_quantile"]
+
+#: n of the n-grams behind `repetition_rate` (seq-rep-4 of Welleck et al. 2019, "Neural Text
+#: Generation with Unlikelihood Training").
+REPETITION_N = 4
+
+
+def _require(df: Any, columns: Iterable[str], name: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{name} must be a pandas DataFrame; got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{name} is missing column(s) {missing}; it has {list(df.columns)}")
+
+
+def _as_list(value: str | Sequence[str] | None, name: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a column name or a list of column names; got {value!r}")
+    return list(value)
+
+
+# -- text statistics ----------------------------------------------------------------------------------
+
+def distinct_n(units: Sequence[Any], n: int) -> float:
+    """Distinct n-grams / all n-grams in one sequence; NaN when it has fewer than n units."""
+    total = len(units) - n + 1
+    if total <= 0:
+        return math.nan
+    grams = {tuple(units[i:i + n]) for i in range(total)}
+    return len(grams) / total
+
+
+def repetition_rate(units: Sequence[Any], n: int = REPETITION_N) -> float:
+    """Share of n-grams that repeat an earlier n-gram of the same sequence (seq-rep-n); NaN if short."""
+    ratio = distinct_n(units, n)
+    return math.nan if math.isnan(ratio) else 1.0 - ratio
+
+
+def _text_stats(units: Sequence[Any]) -> tuple[float, float, float]:
+    return distinct_n(units, 1), distinct_n(units, 2), repetition_rate(units)
+
+
+def _key_columns(*frames: pd.DataFrame) -> list[str]:
+    # A sweep's frames identify a choice by (request_id, index); a single completion's by index.
+    if all("request_id" in f.columns for f in frames):
+        return ["request_id", "index"]
+    return ["index"]
+
+
+def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per-choice text statistics, added as columns to a copy of ``choices``.
+
+    Added: ``n_chars``, ``n_words`` (whitespace-separated words), ``distinct_1``, ``distinct_2``
+    (distinct word n-grams / word n-grams), ``repetition_rate`` (share of word 4-grams that repeat an
+    earlier 4-gram of the same text; seq-rep-4 of Welleck et al. 2019). Statistics of a text too short
+    to have an n-gram are NaN, not 0: nothing was measured. ``n_tokens``, ``mean_logprob`` and
+    ``perplexity`` are kept from the frames (computed from ``sum_logprob`` when only that is there,
+    NaN when unknown).
+
+    With ``tokens`` (the tokens frame of the same completions) the n-gram statistics are also computed
+    over the model's generated tokens (echoed prompt tokens are left out): ``token_distinct_1``,
+    ``token_distinct_2``, ``token_repetition_rate``. Words are comparable across models; model tokens
+    are what the sampler actually repeated.
+    """
+    _require(choices, ["text"], "choices")
+    out = choices.copy()
+    stats = []
+    chars = []
+    words_count = []
+    for text in out["text"].tolist():
+        if isinstance(text, str):
+            words = text.split()
+            chars.append(len(text))
+            words_count.append(len(words))
+            stats.append(_text_stats(words))
+        else:  # a failed request's row: nothing was generated
+            chars.append(math.nan)
+            words_count.append(math.nan)
+            stats.append((math.nan, math.nan, math.nan))
+    out["n_chars"] = pd.array(chars, dtype="Float64").astype(float)
+    out["n_words"] = pd.array(words_count, dtype="Float64").astype(float)
+    arr = np.array(stats, dtype=float).reshape(-1, 3)
+    out["distinct_1"] = arr[:, 0]
+    out["distinct_2"] = arr[:, 1]
+    out["repetition_rate"] = arr[:, 2]
+    if "n_tokens" not in out.columns:
+        out["n_tokens"] = math.nan
+    if "mean_logprob" not in out.columns:
+        if "sum_logprob" in out.columns:
+            n_tok = pd.to_numeric(out["n_tokens"], errors="coerce").astype(float)
+            out["mean_logprob"] = (out["sum_logprob"].astype(float)
+                                   / n_tok.where(n_tok > 0))
+        else:
+            out["mean_logprob"] = math.nan
+    if "perplexity" not in out.columns:
+        out["perplexity"] = np.exp(-out["mean_logprob"].astype(float))
+
+    if tokens is not None:
+        keys = _key_columns(choices, tokens)
+        _require(tokens, [*keys, "token"], "tokens")
+        generated = tokens
+        if "echo" in tokens.columns:
+            generated = tokens[~tokens["echo"].fillna(False).astype(bool)]
+        if "position" in generated.columns:
+            generated = generated.sort_values([*keys, "position"], kind="stable")
+        per_key: dict[Any, tuple[float, float, float]] = {}
+        for key, group in generated.groupby(keys, sort=False, dropna=True):
+            units = [t for t in group["token"].tolist() if isinstance(t, str)]
+            per_key[key if isinstance(key, tuple) else (key,)] = _text_stats(units)
+        nan3 = (math.nan, math.nan, math.nan)
+        rows = [per_key.get(tuple(k), nan3)
+                for k in out[keys].itertuples(index=False, name=None)]
+        tarr = np.array(rows, dtype=float).reshape(-1, 3)
+        out["token_distinct_1"] = tarr[:, 0]
+        out["token_distinct_2"] = tarr[:, 1]
+        out["token_repetition_rate"] = tarr[:, 2]
+    return out
+
+
+# -- confidence intervals -------------------------------------------------------------------------
+
+def _betacf(a: float, b: float, x: float) -> float:
+    # Continued fraction for the incomplete beta function (modified Lentz), as in Numerical Recipes.
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def _t_cdf(t: float, df: float) -> float:
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Quantile of Student's t distribution (what scipy.stats.t.ppf gives), by bisection on its CDF.
+
+    Computed here because scipy is not a dependency; accurate to ~1e-10.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be a probability strictly between 0 and 1; got {p!r}")
+    if not df > 0:
+        raise ValueError(f"df must be > 0; got {df!r}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    if p == 0.5:
+        return 0.0
+    high = 1.0
+    while _t_cdf(high, df) < p:
+        high *= 2.0
+    low = 0.0
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if _t_cdf(mid, df) < p:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-12 * max(1.0, high):
+            break
+    return 0.5 * (low + high)
+
+
+def summarize(df: pd.DataFrame, *, by: str | Sequence[str] | None = None,
+              value: str | Sequence[str] = "mean_logprob", ci: float = 0.95) -> pd.DataFrame:
+    """Mean and confidence interval of ``value`` per group of ``by`` (one row per group and value).
+
+    Columns: the ``by`` columns, ``metric`` (the value column's name), ``n`` (non-missing values;
+    failed requests' NaN rows are left out), ``mean``, ``std`` (sample, ddof=1), ``sem``,
+    ``ci_low``, ``ci_high``. The interval is Student's t with n-1 degrees of freedom, the usual one for
+    the mean of a few repeats; it is NaN where n < 2 because one sample says nothing about spread.
+    Typical use on a sweep: ``summarize(per_choice(result.choices), by=["prompt_id", "temperature"],
+    value="distinct_2")``.
+    """
+    by_cols = _as_list(by, "by")
+    values = _as_list(value, "value")
+    if not values:
+        raise ValueError("value must name at least one column")
+    if isinstance(ci, bool) or not isinstance(ci, int | float) or not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95); got {ci!r}")
+    _require(df, [*by_cols, *values], "df")
+    parts = []
+    for name in values:
+        numeric = pd.to_numeric(df[name], errors="coerce").astype(float)
+        frame = df[by_cols].copy() if by_cols else pd.DataFrame(index=df.index)
+        frame["_value"] = numeric
+        frame = frame[np.isfinite(frame["_value"])]
+        if by_cols:
+            grouped = frame.groupby(by_cols, sort=True, dropna=False, observed=True)["_value"]
+            stats = grouped.agg(["count", "mean", "std"]).reset_index()
+        else:
+            col = frame["_value"]
+            stats = pd.DataFrame({"count": [int(col.count())], "mean": [col.mean()],
+                                  "std": [col.std()]})
+        stats = stats.rename(columns={"count": "n"})
+        stats.insert(len(by_cols), "metric", name)
+        n = stats["n"].astype(float)
+        stats["sem"] = stats["std"] / np.sqrt(n)
+        crit = np.array([t_quantile(0.5 + ci / 2.0, k - 1) if k >= 2 else math.nan
+                         for k in n], dtype=float)
+        stats["ci_low"] = stats["mean"] - crit * stats["sem"]
+        stats["ci_high"] = stats["mean"] + crit * stats["sem"]
+        stats["n"] = stats["n"].astype("int64")
+        parts.append(stats)
+    out = pd.concat(parts, ignore_index=True)
+    out.attrs["ci"] = ci
+    return out
+
+
+# -- calibration ------------------------------------------------------------------------------------
+
+def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int = 10,
+                by: str | Sequence[str] | None = None, ci: float = 0.95) -> pd.DataFrame:
+    """How often tokens were sampled, against the probability the endpoint reported for them.
+
+    Every returned alternative at a generated position is one event: the token had reported
+    probability ``prob`` and was or was not the sampled one (``chosen``). Events are binned by
+    ``prob`` into ``bins`` equal-width bins on [0, 1]; per bin: ``mean_prob`` (average reported
+    probability), ``observed`` (fraction sampled), ``count``, ``n_chosen`` and a Wilson interval
+    ``observed_low``/``observed_high`` at level ``ci``. A calibrated sampler puts bins on the diagonal.
+
+    Details that matter:
+    - Echoed prompt tokens are not samples and are left out (``tokens.echo``).
+    - Servers that leave the sampled token out of ``top_logprobs`` (old OpenAI) would make every
+      sampled-outside-the-top-k token invisible; the sampled token is added from ``tokens`` at every
+      position where no alternative is marked chosen, so such positions still count.
+    - Reported probabilities are the model's; sampling at temperature != 1 or top_p < 1 is expected to
+      be off the diagonal (group ``by="temperature"`` to see it).
+
+    ``by`` groups by columns present in ``alternatives`` (a sweep's field columns, say).
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1; got {bins!r}")
+    if isinstance(ci, bool) or not isinstance(ci, int | float) or not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95); got {ci!r}")
+    by_cols = _as_list(by, "by")
+    keys = [*_key_columns(tokens, alternatives), "position"]
+    _require(alternatives, [*keys, "prob", "chosen", *by_cols], "alternatives")
+    _require(tokens, [*keys, "prob"], "tokens")
+
+    alts = alternatives[[*keys, "prob", "chosen", *by_cols]].dropna(subset=["position", "prob"])
+    alts = alts.assign(chosen=alts["chosen"].fillna(False).astype(bool))
+    tok_cols = [*keys, "prob"] + (["echo"] if "echo" in tokens.columns else [])
+    toks = tokens[tok_cols].dropna(subset=["position"])
+    if "echo" in toks.columns:
+        prompt_keys = toks[toks["echo"].fillna(False).astype(bool)][keys]
+        if len(prompt_keys):
+            marker = prompt_keys.assign(_prompt=True)
+            alts = alts.merge(marker, on=keys, how="left")
+            alts = alts[alts["_prompt"].isna()].drop(columns="_prompt")
+        toks = toks[~toks["echo"].fillna(False).astype(bool)]
+
+    # Positions with alternatives but no chosen one: the sampled token was left out of top_logprobs.
+    has_chosen = alts.groupby(keys, sort=False)["chosen"].any().reset_index()
+    missing = has_chosen[~has_chosen["chosen"]][keys]
+    if len(missing):
+        extra = missing.merge(toks[[*keys, "prob"]], on=keys, how="inner")
+        if by_cols:
+            labels = alts[[*keys, *by_cols]].drop_duplicates(subset=keys)
+            extra = extra.merge(labels, on=keys, how="left")
+        extra = extra.assign(chosen=True)
+        alts = pd.concat([alts, extra[alts.columns]], ignore_index=True)
+
+    prob = alts["prob"].astype(float).clip(0.0, 1.0).to_numpy()
+    bin_index = np.minimum((prob * bins).astype(int), bins - 1)
+    events = pd.DataFrame({"bin": bin_index, "prob": prob,
+                           "chosen": alts["chosen"].to_numpy(dtype=bool)})
+    for col in by_cols:
+        events[col] = alts[col].to_numpy()
+    grouped = events.groupby([*by_cols, "bin"], sort=True, dropna=False, observed=True)
+    out = grouped.agg(count=("chosen", "size"), n_chosen=("chosen", "sum"),
+                      mean_prob=("prob", "mean")).reset_index()
+    out["observed"] = out["n_chosen"] / out["count"]
+    out["prob_low"] = out["bin"] / bins
+    out["prob_high"] = (out["bin"] + 1) / bins
+    z = NormalDist().inv_cdf(0.5 + ci / 2.0)
+    n = out["count"].astype(float)
+    p = out["observed"].astype(float)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    out["observed_low"] = centre - half
+    out["observed_high"] = centre + half
+    out["count"] = out["count"].astype("int64")
+    out["n_chosen"] = out["n_chosen"].astype("int64")
+    columns = [*by_cols, "bin", "prob_low", "prob_high", "mean_prob", "observed", "observed_low",
+               "observed_high", "count", "n_chosen"]
+    result = out[columns].reset_index(drop=True)
+    result.attrs["bins"] = bins
+    return result
