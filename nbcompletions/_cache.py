@@ -2,12 +2,13 @@
 
 Why SQLite: it ships with Python, a committed row survives a kernel interrupt or a crash, and WAL
 mode lets a notebook read the file while a sweep writes to it. Every response is committed as soon
-as it arrives, so an interrupted sweep loses nothing that had finished; re-running it sends only what
-is missing. Failed requests are never stored: a retry later should get a real answer.
+as it arrives, so an interrupted sweep loses nothing that had finished; re-running it sends only
+what is missing. Failed requests are never stored: a retry later should get a real answer.
 
-The key is the SHA-256 of canonical JSON of everything that determines a response: the endpoint, the
-model, every request field that is set (``CompletionRequest.to_body()``, which includes ``extra``) and
-the repeat number. Two requests that differ only in how their JSON was written get the same key.
+The key is the SHA-256 of canonical JSON of everything that determines a response: the endpoint,
+the model, every request field that is set (``CompletionRequest.to_body()``, which includes
+``extra``) and the repeat number. Two requests that differ only in how their JSON was written get
+the same key.
 """
 
 from __future__ import annotations
@@ -84,9 +85,10 @@ class CachedResponse:
 class Cache:
     """A SQLite file of responses keyed by `cache_key`.
 
-    ``Cache("sweep.sqlite")`` creates the file (and its directory) when missing. Safe to share between
-    threads: one connection guarded by a lock, because the sweep writes from the client's event-loop
-    thread while the notebook's thread may read. Use as a context manager or call `close`.
+    ``Cache("sweep.sqlite")`` creates the file (and its directory) when missing. Safe to share
+    between threads: one connection guarded by a lock, because the sweep writes from the client's
+    event-loop thread while the notebook's thread may read.
+    Use as a context manager or call `close`.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

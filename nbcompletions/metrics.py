@@ -1,7 +1,9 @@
-"""Statistics that parameter studies report. DataFrame in, new DataFrame out; inputs are never mutated.
+"""Statistics that parameter studies report.
 
-- `per_choice(choices, tokens=None)`: length, distinct-1/2, repetition rate, mean logprob and perplexity
-  for every choice.
+DataFrame in, new DataFrame out; inputs are never mutated.
+
+- `per_choice(choices, tokens=None)`: length, distinct-1/2, repetition rate, mean logprob and
+  perplexity for every choice.
 - `summarize(df, by=..., value=...)`: mean and a Student-t confidence interval per group (over the
   repeats of a sweep's grid points).
 - `calibration(tokens, alternatives)`: how often tokens were sampled against the probability the
@@ -45,7 +47,7 @@ def _as_list(value: str | Sequence[str] | None, name: str) -> list[str]:
     return list(value)
 
 
-# -- text statistics ----------------------------------------------------------------------------------
+# -- text statistics ----------------------------------------------------------------------
 
 def distinct_n(units: Sequence[Any], n: int) -> float:
     """Distinct n-grams / all n-grams in one sequence; NaN when it has fewer than n units."""
@@ -57,7 +59,7 @@ def distinct_n(units: Sequence[Any], n: int) -> float:
 
 
 def repetition_rate(units: Sequence[Any], n: int = REPETITION_N) -> float:
-    """Share of n-grams that repeat an earlier n-gram of the same sequence (seq-rep-n); NaN if short."""
+    """Share of n-grams repeating an earlier n-gram of the sequence (seq-rep-n); NaN if short."""
     ratio = distinct_n(units, n)
     return math.nan if math.isnan(ratio) else 1.0 - ratio
 
@@ -77,22 +79,22 @@ def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.
     """Per-choice text statistics, added as columns to a copy of ``choices``.
 
     Added: ``n_chars``, ``n_words`` (whitespace-separated words), ``distinct_1``, ``distinct_2``
-    (distinct word n-grams / word n-grams), ``repetition_rate`` (share of word 4-grams that repeat an
-    earlier 4-gram of the same text; seq-rep-4 of Welleck et al. 2019). Statistics of a text too short
-    to have an n-gram are NaN, not 0: nothing was measured. ``n_tokens``, ``mean_logprob`` and
+    (distinct word n-grams / word n-grams), ``repetition_rate`` (share of word 4-grams that repeat
+    an earlier 4-gram of the same text; seq-rep-4 of Welleck et al. 2019). Statistics of a text too
+    short to have an n-gram are NaN, not 0: nothing was measured. ``n_tokens``, ``mean_logprob`` and
     ``perplexity`` are kept from the frames (computed from ``sum_logprob`` when only that is there,
     NaN when unknown).
 
-    With ``tokens`` (the tokens frame of the same completions) the n-gram statistics are also computed
-    over the model's generated tokens (echoed prompt tokens are left out): ``token_distinct_1``,
-    ``token_distinct_2``, ``token_repetition_rate``. Words are comparable across models; model tokens
-    are what the sampler actually repeated.
+    With ``tokens`` (the tokens frame of the same completions) the n-gram statistics are also
+    computed over the model's generated tokens (echoed prompt tokens are left out):
+    ``token_distinct_1``, ``token_distinct_2``, ``token_repetition_rate``. Words are comparable
+    across models; model tokens are what the sampler actually repeated.
     """
     _require(choices, ["text"], "choices")
     out = choices.copy()
     stats = []
-    chars = []
-    words_count = []
+    chars: list[float] = []
+    words_count: list[float] = []
     for text in out["text"].tolist():
         if isinstance(text, str):
             words = text.split()
@@ -224,8 +226,9 @@ def summarize(df: pd.DataFrame, *, by: str | Sequence[str] | None = None,
 
     Columns: the ``by`` columns, ``metric`` (the value column's name), ``n`` (non-missing values;
     failed requests' NaN rows are left out), ``mean``, ``std`` (sample, ddof=1), ``sem``,
-    ``ci_low``, ``ci_high``. The interval is Student's t with n-1 degrees of freedom, the usual one for
-    the mean of a few repeats; it is NaN where n < 2 because one sample says nothing about spread.
+    ``ci_low``, ``ci_high``. The interval is Student's t with n-1 degrees of freedom, the usual one
+    for the mean of a few repeats; it is NaN where n < 2 because one sample says nothing about
+    spread.
     Typical use on a sweep: ``summarize(per_choice(result.choices), by=["prompt_id", "temperature"],
     value="distinct_2")``.
     """
@@ -264,7 +267,7 @@ def summarize(df: pd.DataFrame, *, by: str | Sequence[str] | None = None,
     return out
 
 
-# -- calibration ------------------------------------------------------------------------------------
+# -- calibration --------------------------------------------------------------------------
 
 def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int = 10,
                 by: str | Sequence[str] | None = None, ci: float = 0.95) -> pd.DataFrame:
@@ -274,15 +277,16 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
     probability ``prob`` and was or was not the sampled one (``chosen``). Events are binned by
     ``prob`` into ``bins`` equal-width bins on [0, 1]; per bin: ``mean_prob`` (average reported
     probability), ``observed`` (fraction sampled), ``count``, ``n_chosen`` and a Wilson interval
-    ``observed_low``/``observed_high`` at level ``ci``. A calibrated sampler puts bins on the diagonal.
+    ``observed_low``/``observed_high`` at level ``ci``. A calibrated sampler puts bins on the
+    diagonal.
 
     Details that matter:
     - Echoed prompt tokens are not samples and are left out (``tokens.echo``).
     - Servers that leave the sampled token out of ``top_logprobs`` (old OpenAI) would make every
       sampled-outside-the-top-k token invisible; the sampled token is added from ``tokens`` at every
       position where no alternative is marked chosen, so such positions still count.
-    - Reported probabilities are the model's; sampling at temperature != 1 or top_p < 1 is expected to
-      be off the diagonal (group ``by="temperature"`` to see it).
+    - Reported probabilities are the model's; sampling at temperature != 1 or top_p < 1 is expected
+      to be off the diagonal (group ``by="temperature"`` to see it).
 
     ``by`` groups by columns present in ``alternatives`` (a sweep's field columns, say).
     """
