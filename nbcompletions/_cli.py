@@ -1,0 +1,105 @@
+"""The ``nbcompletions`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["build_parser", "main"]
+
+_SERVE_EPILOG = """\
+examples:
+  nbcompletions serve                      # http://127.0.0.1:8000/v1, no key
+  NBCOMPLETIONS_API_KEY=secret nbcompletions serve --host 0.0.0.0
+
+then, from Python:
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+  client.completions.create(model="nbc-shakespeare", prompt="To be", max_tokens=16, logprobs=5)
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 0 to 65535; got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 65535; got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nbcompletions",
+        description="nbcompletions: the OpenAI Completions endpoint as a research instrument. "
+                    "This command runs the embedded model (nbc-shakespeare, offline, no key) "
+                    "behind an OpenAI-compatible server.",
+        epilog="Run 'nbcompletions serve --help' for the server's options. In Python, "
+               "nbcompletions.Client() uses the same model in-process, with no server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="serve the embedded model over HTTP (POST /v1/completions, GET /v1/models)",
+        description="Serve the embedded model with an OpenAI-compatible Completions API\n"
+                    "(POST /v1/completions with streaming, GET /v1/models, GET /health)\n"
+                    "until Ctrl-C or SIGTERM.",
+        epilog=_SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="interface to bind (default: %(default)s, this machine only; binding "
+                            "another interface without a key prints a warning)")
+    serve.add_argument("--port", type=_port, default=8000,
+                       help="TCP port (default: %(default)s; 0 picks a free one)")
+    serve.add_argument("--api-key", metavar="KEY", default=None,
+                       help="require 'Authorization: Bearer KEY' on /v1 requests (default: the "
+                            "NBCOMPLETIONS_API_KEY environment variable, which keeps the key out "
+                            "of the process list; unset: no key)")
+    serve.add_argument("--max-tokens-cap", metavar="N", type=_positive_int, default=None,
+                       help="reject requests asking for more than N tokens (default: 2048)")
+    serve.add_argument("--max-body-bytes", metavar="N", type=_positive_int, default=None,
+                       help="reject request bodies larger than N bytes with 413 (default: 1000000)")
+    serve.add_argument("--log-level", default="info",
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="log level (default: %(default)s)")
+    serve.add_argument("--no-access-log", action="store_true",
+                       help="do not log one line per request")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "serve":
+        from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, serve
+
+        serve(host=args.host, port=args.port, api_key=args.api_key,
+              max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
+              max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+              log_level=args.log_level, access_log=not args.no_access_log)
+        return 0
+    # argparse rejects unknown commands before this point.
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

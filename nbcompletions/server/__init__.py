@@ -1,0 +1,21 @@
+"""The embedded OpenAI-compatible Completions server.
+
+`create_app()` builds the ASGI app (Starlette); the client runs it in-process through
+``httpx.ASGITransport`` when nothing else is configured. `serve()` (``nbcompletions serve``) runs it
+over HTTP with uvicorn. Neither loads the model until it is needed.
+"""
+
+from __future__ import annotations
+
+from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app, render_json
+from ._serve import API_KEY_ENV, DEFAULT_MAX_TOKENS_CAP, serve
+
+__all__ = [
+    "API_KEY_ENV",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_TOKENS_CAP",
+    "Engine",
+    "create_app",
+    "render_json",
+    "serve",
+]

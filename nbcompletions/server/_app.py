@@ -1,0 +1,487 @@
+"""The OpenAI-compatible Completions app: Starlette routes over the embedded engine.
+
+Requests are validated by the same `CompletionRequest` code the client uses, so both sides agree
+on every range. The engine is synchronous numpy code: every call into it runs in a worker thread,
+bounded by a per-event-loop `CapacityLimiter`, so a long completion never blocks other requests.
+The same app runs in-process behind ``httpx.ASGITransport`` (possibly from several event loops over
+its lifetime) and under uvicorn for ``nbcompletions serve``; nothing here is bound to one loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .._errors import RequestError
+from .._request import FIELDS, CompletionRequest, Limits
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Engine", "create_app", "render_json"]
+
+logger = logging.getLogger("nbcompletions.server")
+
+DEFAULT_MAX_BODY_BYTES = 1_000_000
+#: OpenAI's default when a request leaves max_tokens unset.
+_DEFAULT_MAX_TOKENS = 16
+#: vLLM's stand-in for -inf; JSON has no infinities.
+_NEG_INF_LOGPROB = -9999.0
+_OWNED_BY = "nbcompletions"
+
+
+class Engine(Protocol):
+    """What the server needs from a model engine (`nbcompletions.model.Engine` provides it)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    def complete(self, request: CompletionRequest) -> dict[str, Any]: ...
+
+    def stream(self, request: CompletionRequest) -> Iterator[dict[str, Any]]: ...
+
+
+class _Failure(Exception):
+    """An error the client gets as an OpenAI error body with this status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+def _request_error(exc: RequestError) -> _Failure:
+    return _Failure(400, exc.message, param=exc.param)
+
+
+# -- JSON that is always valid JSON -------------------------------------------------------------
+def _finite(value: Any) -> Any:
+    """A copy with non-finite floats replaced: -inf -> -9999.0 (as vLLM does), +inf -> 9999.0,
+    NaN -> null."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return _NEG_INF_LOGPROB if value < 0 else -_NEG_INF_LOGPROB
+        return value
+    if isinstance(value, Mapping):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars from the engine
+        return _finite(value.item())
+    return value
+
+
+def _numpy_default(value: Any) -> Any:
+    if hasattr(value, "tolist") and callable(value.tolist):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def render_json(obj: Any) -> bytes:
+    """Compact JSON, never ``NaN``/``Infinity``: a non-finite float is clamped rather than sent."""
+    try:
+        text = json.dumps(obj, allow_nan=False, separators=(",", ":"), default=_numpy_default)
+    except ValueError:
+        logger.warning("a response held non-finite numbers; sent them clamped (-inf -> %s)",
+                       _NEG_INF_LOGPROB)
+        text = json.dumps(_finite(obj), allow_nan=False, separators=(",", ":"),
+                          default=_numpy_default)
+    return text.encode("ascii")
+
+
+class _JSON(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return render_json(content)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+# -- streaming ----------------------------------------------------------------------------------
+_DONE = object()
+
+
+def _next_or_done(iterator: Iterator[dict[str, Any]]) -> Any:
+    # StopIteration cannot cross a thread boundary through anyio, so end-of-stream is a sentinel.
+    return next(iterator, _DONE)
+
+
+class _EventStream(Response):
+    """Server-sent events for one stream: ``data: {json}`` per chunk, then ``data: [DONE]``.
+
+    The engine's generator is advanced one chunk at a time in a worker thread. It is closed in every
+    case (done, error, client gone) so its ``finally`` blocks run; an error after the first chunk
+    becomes an error event, since the 200 status is already sent.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, app: _CompletionsServer, first: Any, iterator: Iterator[dict[str, Any]],
+                 request_id: str) -> None:
+        self._app = app
+        self._first = first
+        self._iterator = iterator
+        self._request_id = request_id
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no",
+                           "x-request-id": request_id})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
+                await self._pump(send)
+                group.cancel_scope.cancel()
+        except OSError:
+            pass  # the client went away mid-stream: nobody is left to tell
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._close)
+
+    @staticmethod
+    async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                scope.cancel()
+                return
+
+    async def _pump(self, send: Send) -> None:
+        chunk = self._first
+        while chunk is not _DONE:
+            try:
+                data = b"data: " + render_json(chunk) + b"\n\n"
+            except Exception:
+                logger.exception("could not render a stream chunk (request %s)", self._request_id)
+                data, chunk = self._error_event(_server_error(self._request_id)), _DONE
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            if chunk is _DONE:
+                break
+            try:
+                chunk = await self._app.run_engine(_next_or_done, self._iterator)
+            except RequestError as exc:
+                await self._send_error(send, _request_error(exc))
+                break
+            except Exception:
+                logger.exception("the engine failed mid-stream (request %s)", self._request_id)
+                await self._send_error(send, _server_error(self._request_id))
+                break
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+    @staticmethod
+    def _error_event(failure: _Failure) -> bytes:
+        return b"data: " + render_json(failure.body()) + b"\n\n"
+
+    async def _send_error(self, send: Send, failure: _Failure) -> None:
+        await send({"type": "http.response.body", "body": self._error_event(failure),
+                    "more_body": True})
+
+    def _close(self) -> None:
+        close = getattr(self._iterator, "close", None)
+        if close is None:
+            return
+        try:
+            close()
+        except Exception:
+            logger.exception("closing the engine stream failed (request %s)", self._request_id)
+
+
+def _server_error(request_id: str) -> _Failure:
+    return _Failure(500, f"The server had an error while processing your request (request id "
+                    f"{request_id}); the server log has the details.", type="server_error")
+
+
+# -- the app ------------------------------------------------------------------------------------
+Handler = Callable[[Request, str], Awaitable[Response]]
+
+
+class _CompletionsServer:
+    """State and handlers behind one app. Holds the API key: its repr never shows it."""
+
+    def __init__(self, engine: Engine | None, *, api_key: str | None, max_tokens_cap: int | None,
+                 max_body_bytes: int, limits: Limits, max_concurrency: int) -> None:
+        self._engine = engine
+        self._api_key = api_key.encode("utf-8") if api_key is not None else None
+        self.max_tokens_cap = max_tokens_cap
+        self.max_body_bytes = max_body_bytes
+        self.limits = limits
+        self.max_concurrency = max_concurrency
+        self._load_lock = threading.Lock()
+        # One limiter per event loop: anyio primitives must not be shared between loops, and the
+        # in-process app may be driven from several (a notebook's loop, a test's loop, ...).
+        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"nbcompletions-engine-{id(self)}")
+        self._started = int(time.time())
+
+    def __repr__(self) -> str:
+        key = "set" if self._api_key else "none"
+        return (f"<nbcompletions server: engine_loaded={self._engine is not None}, api_key={key}, "
+                f"max_tokens_cap={self.max_tokens_cap}>")
+
+    # -- engine ----------------------------------------------------------------------------------
+    @property
+    def engine_loaded(self) -> bool:
+        return self._engine is not None
+
+    def _load(self) -> Engine:
+        with self._load_lock:
+            if self._engine is None:
+                from ..model import load_engine  # weights load on first use, never at import
+
+                started = time.perf_counter()
+                self._engine = load_engine()
+                logger.info("loaded model %s in %.2f s", self._engine.model_id,
+                            time.perf_counter() - started)
+            return self._engine
+
+    async def engine(self) -> Engine:
+        if self._engine is not None:
+            return self._engine
+        return await anyio.to_thread.run_sync(self._load)
+
+    def load_engine_now(self) -> Engine:
+        """Load the engine in this thread (``serve`` does it before accepting connections)."""
+        return self._load()
+
+    async def run_engine(self, func: Callable[..., Any], *args: Any) -> Any:
+        limiter = self._limiter.get(None)
+        if limiter is None:
+            limiter = anyio.CapacityLimiter(self.max_concurrency)
+            self._limiter.set(limiter)
+        return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+
+    # -- request plumbing ------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        challenge = {"www-authenticate": "Bearer"}
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _Failure(401, "You didn't provide an API key. Send it as a bearer token: "
+                           "'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key",
+                           headers=challenge)
+        if not hmac.compare_digest(token.strip().encode("utf-8"), self._api_key):
+            raise _Failure(401, "Incorrect API key provided.", code="invalid_api_key",
+                           headers=challenge)
+
+    def _too_large(self, size: int | None) -> _Failure:
+        given = f"{size} bytes" if size is not None else "more"
+        return _Failure(413, f"The request body must be at most {self.max_body_bytes} bytes; got "
+                        f"{given}.", code="request_too_large")
+
+    async def _read_json(self, request: Request) -> Any:
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise _Failure(400, f"Invalid Content-Length header: {declared[:40]!r}") from None
+            if size > self.max_body_bytes:
+                raise self._too_large(size)
+        parts: list[bytes] = []
+        received = 0
+        async for part in request.stream():
+            received += len(part)
+            if received > self.max_body_bytes:
+                raise self._too_large(None)
+            parts.append(part)
+        raw = b"".join(parts)
+        try:
+            return json.loads(raw, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise _Failure(400, f"We could not parse the JSON body of your request ({exc}). The "
+                           'API expects a JSON object such as {"model": "...", "prompt": "..."}.'
+                           ) from None
+
+    def _check_model(self, engine: Engine, model: str | None) -> None:
+        if model != engine.model_id:
+            raise _Failure(404, f"The model `{model}` does not exist; this server serves "
+                           f"`{engine.model_id}` (see GET /v1/models).", param="model",
+                           code="model_not_found")
+
+    def _apply_cap(self, request: CompletionRequest) -> CompletionRequest:
+        cap = self.max_tokens_cap
+        if cap is None:
+            return request
+        if request.max_tokens is None:
+            return request if cap >= _DEFAULT_MAX_TOKENS else request.replace(max_tokens=cap)
+        if request.max_tokens > cap:
+            raise _Failure(400, f"max_tokens must be an integer from 0 to {cap} on this server; "
+                           f"got {request.max_tokens}", param="max_tokens")
+        return request
+
+    def _model_card(self, engine: Engine) -> dict[str, Any]:
+        created = getattr(engine, "created", None)
+        return {"id": engine.model_id, "object": "model",
+                "created": int(created) if isinstance(created, int | float) else self._started,
+                "owned_by": _OWNED_BY}
+
+    # -- endpoints -------------------------------------------------------------------------------
+    def endpoint(self, handler: Handler, *, auth: bool = True) -> Callable[[Request],
+                                                                              Awaitable[Response]]:
+        """Wrap a handler: request id, bearer check, and every failure as an OpenAI error body."""
+
+        async def run(request: Request) -> Response:
+            request_id = f"req_{uuid.uuid4().hex}"
+            try:
+                if auth:
+                    self._authorize(request)
+                response = await handler(request, request_id)
+            except _Failure as failure:
+                response = _JSON(failure.body(), status_code=failure.status,
+                                 headers=failure.headers)
+            except RequestError as exc:
+                response = _JSON(_request_error(exc).body(), status_code=400)
+            except ClientDisconnect:
+                return Response(status_code=499)  # nobody is listening; uvicorn drops it
+            except Exception:
+                # Logged with the method and path only: headers (the key) and bodies stay out.
+                logger.exception("unexpected error in %s %s (request %s)", request.method,
+                                 request.url.path, request_id)
+                response = _JSON(_server_error(request_id).body(), status_code=500)
+            response.headers.setdefault("x-request-id", request_id)
+            return response
+
+        return run
+
+    async def completions(self, request: Request, request_id: str) -> Response:
+        body = await self._read_json(request)
+        if not isinstance(body, dict):
+            raise _Failure(400, "The request body must be a JSON object; got a JSON "
+                           f"{_json_kind(body)}.")
+        unknown = [key for key in body if key not in FIELDS]
+        if unknown:
+            raise _Failure(400, f"Unrecognized request argument supplied: {unknown[0]}. The fields "
+                           f"are: {', '.join(FIELDS)}.", param=unknown[0])
+        completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
+        engine = await self.engine()
+        self._check_model(engine, completion.model)
+        completion = self._apply_cap(completion)
+        if completion.stream:
+            return await self._stream(engine, completion, request_id)
+        result = await self.run_engine(engine.complete, completion)
+        return _JSON(result)
+
+    async def _stream(self, engine: Engine, completion: CompletionRequest,
+                      request_id: str) -> Response:
+        def start() -> tuple[Iterator[dict[str, Any]], Any]:
+            iterator = iter(engine.stream(completion))
+            # The engine validates before its first chunk: pulling it here turns a bad request
+            # into a proper 400 instead of an error event inside a 200 stream.
+            return iterator, _next_or_done(iterator)
+
+        iterator, first = await self.run_engine(start)
+        return _EventStream(self, first, iterator, request_id)
+
+    async def models(self, request: Request, request_id: str) -> Response:
+        engine = await self.engine()
+        return _JSON({"object": "list", "data": [self._model_card(engine)]})
+
+    async def model(self, request: Request, request_id: str) -> Response:
+        engine = await self.engine()
+        model_id = request.path_params["model_id"]
+        self._check_model(engine, model_id)
+        return _JSON(self._model_card(engine))
+
+    async def health(self, request: Request, request_id: str) -> Response:
+        return _JSON({"status": "ok", "engine_loaded": self.engine_loaded})
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes (404) and wrong methods (405) answer with OpenAI error bodies too."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"Unknown request URL: {request.method} {request.url.path}."
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed for {request.url.path}."
+    else:
+        message = str(exc.detail)
+    failure = _Failure(exc.status_code, message, headers=exc.headers)
+    return _JSON(failure.body(), status_code=exc.status_code, headers=failure.headers)
+
+
+def _check_positive(name: str, value: Any, *, optional: bool) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}; "
+                         f"got {value!r}")
+
+
+def create_app(engine: Engine | None = None, *, api_key: str | None = None,
+               max_tokens_cap: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               limits: Limits | None = None, max_concurrency: int = 4) -> Starlette:
+    """The OpenAI-compatible Completions app (an ASGI app).
+
+    Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``),
+    ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
+
+    Args:
+        engine: the model engine; by default the embedded model, loaded on the first request.
+        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+        max_tokens_cap: largest ``max_tokens`` accepted (400 above it); None: only the model's
+            context limits it.
+        max_body_bytes: largest request body accepted (413 above it).
+        limits: request caps (logprobs, n, best_of, stop); OpenAI's by default.
+        max_concurrency: engine calls run at once (per event loop); others wait their turn.
+    """
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string or None")
+    _check_positive("max_tokens_cap", max_tokens_cap, optional=True)
+    _check_positive("max_body_bytes", max_body_bytes, optional=False)
+    _check_positive("max_concurrency", max_concurrency, optional=False)
+    server = _CompletionsServer(engine, api_key=api_key, max_tokens_cap=max_tokens_cap,
+                                max_body_bytes=max_body_bytes, limits=limits or Limits(),
+                                max_concurrency=max_concurrency)
+    routes = [
+        Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
+        Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", server.endpoint(server.model), methods=["GET"]),
+        Route("/health", server.endpoint(server.health, auth=False), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app.state.nbcompletions = server
+    return app

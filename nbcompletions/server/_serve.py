@@ -1,0 +1,91 @@
+"""``nbcompletions serve``: the Completions app over HTTP with uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from .._request import Limits
+from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app
+
+__all__ = ["API_KEY_ENV", "DEFAULT_MAX_TOKENS_CAP", "is_loopback", "serve"]
+
+#: Environment variable read for the bearer key when none is passed (keeps it out of `ps` output).
+API_KEY_ENV = "NBCOMPLETIONS_API_KEY"
+DEFAULT_MAX_TOKENS_CAP = 2048
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+logger = logging.getLogger("nbcompletions.server")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{shown}:{port}/v1"
+
+
+def _configure_logging(level: str) -> None:
+    from uvicorn.logging import DefaultFormatter
+
+    package_logger = logging.getLogger("nbcompletions")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=None))
+        package_logger.addHandler(handler)
+    # uvicorn's extra "trace" level is below debug; the standard logging module does not know it.
+    package_logger.setLevel(logging.DEBUG if level == "trace" else level.upper())
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+          max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
+          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: Limits | None = None,
+          engine: Engine | None = None, max_concurrency: int = 4, log_level: str = "info",
+          preload: bool = True, **uvicorn_options: Any) -> None:
+    """Serve the Completions API over HTTP until SIGINT/SIGTERM (uvicorn's clean shutdown).
+
+    Binds loopback unless told otherwise. ``api_key`` (or the ``NBCOMPLETIONS_API_KEY`` environment
+    variable) makes every ``/v1`` request need ``Authorization: Bearer <key>``; binding another
+    interface without one prints a warning. ``preload`` loads the model before the socket opens, so
+    ``/health`` answering means requests are served at full speed. Other keyword arguments go to
+    ``uvicorn.Config``.
+    """
+    import uvicorn
+
+    if log_level not in _LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}; got {log_level!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer from 0 to 65535; got {port!r}")
+    if api_key is None:
+        api_key = os.environ.get(API_KEY_ENV) or None
+    _configure_logging(log_level)
+    app = create_app(engine, api_key=api_key, max_tokens_cap=max_tokens_cap,
+                     max_body_bytes=max_body_bytes, limits=limits, max_concurrency=max_concurrency)
+    if not is_loopback(host) and api_key is None:
+        logger.warning("serving on %s without an API key: anyone who can reach this address can "
+                       "use the server. Pass --api-key or set %s.", host, API_KEY_ENV)
+    if preload:
+        started = time.perf_counter()
+        loaded = app.state.nbcompletions.load_engine_now()
+        logger.info("model %s ready in %.2f s", loaded.model_id, time.perf_counter() - started)
+    # The URL, never the key: logs get pasted into issues and notebooks.
+    logger.info("nbcompletions serving the OpenAI Completions API at %s (%s)%s", _url(host, port),
+                "bearer key required" if api_key else "no key required",
+                "; port 0: uvicorn's line below has the port chosen" if port == 0 else "")
+    options: dict[str, Any] = {"timeout_graceful_shutdown": 5, "server_header": False}
+    options.update(uvicorn_options)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                            **options)
+    uvicorn.Server(config).run()
