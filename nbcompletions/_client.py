@@ -1,0 +1,649 @@
+"""`AsyncClient` and `Client`: ``POST /v1/completions`` to OpenAI, compatible servers, or our model.
+
+The async client does the work; the sync `Client` wraps one and runs its coroutines on the
+background loop of `nbcompletions._loop` (so a plain call works inside Jupyter). Requests are
+validated (`CompletionRequest`) before any network I/O. Failures are retried like the official SDK
+does (`nbcompletions._retry`); a per-client semaphore caps concurrent requests, and sweeps share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import json
+import logging
+import os
+import re
+import weakref
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from . import _retry
+from ._completion import Completion
+from ._errors import APIError, NBCompletionsError, RequestError
+from ._loop import run_sync
+from ._request import FIELDS, CompletionRequest, Limits
+from ._streaming import DONE, AsyncStream, SSEDecoder, Stream, decode_event
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["AsyncClient", "Client"]
+
+log = logging.getLogger("nbcompletions")
+
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+EMBEDDED_BASE_URL = "http://embedded/v1"
+EMBEDDED_MODEL = "nbc-shakespeare"
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_CONNECT_TIMEOUT = 5.0
+
+_USER_AGENT = "nbcompletions/0.1.0"
+_REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
+
+
+class _Secret:
+    """Holds a credential so that repr, vars() and pickling do not show it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def get(self) -> Any:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> Any:
+        raise TypeError("nbcompletions does not pickle API keys or auth headers")
+
+
+class _Endpoint:
+    __slots__ = ("in_flight", "url")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.in_flight = 0
+
+
+class _LoopState:
+    """What is bound to one event loop: the HTTP connection pool and the concurrency semaphore."""
+
+    __slots__ = ("http", "semaphore")
+
+    def __init__(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore | None) -> None:
+        self.http = http
+        self.semaphore = semaphore
+
+
+class _NoLimit:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LIMIT = _NoLimit()
+
+
+def _redact_url(url: str) -> str:
+    return re.sub(r"//[^/@]*@", "//***@", url)
+
+
+def _normalise_url(url: Any) -> str:
+    if not isinstance(url, str | httpx.URL) or not str(url).strip():
+        raise RequestError("base_url", f"base_url must be a non-empty URL string; got {url!r}",
+                           allowed="a URL such as http://127.0.0.1:8000/v1", value=url)
+    text = str(url).strip().rstrip("/")
+    if not re.match(r"^https?://", text):
+        raise RequestError("base_url",
+                           f"base_url must start with http:// or https://; got {text!r}",
+                           allowed="a URL such as http://127.0.0.1:8000/v1", value=text)
+    return text
+
+
+def _make_timeout(timeout: Any) -> httpx.Timeout:
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    if timeout is None:
+        return httpx.Timeout(None, connect=DEFAULT_CONNECT_TIMEOUT)
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
+        return httpx.Timeout(float(timeout), connect=min(DEFAULT_CONNECT_TIMEOUT, float(timeout)))
+    raise RequestError("timeout", f"timeout must be a number of seconds > 0, None or an "
+                       f"httpx.Timeout; got {timeout!r}", allowed="seconds > 0", value=timeout)
+
+
+def _embedded_transport() -> httpx.AsyncBaseTransport:
+    hint = ("Pass base_url=... (or set OPENAI_BASE_URL / OPENAI_API_KEY) to use another server.")
+    try:
+        from .model import FILES_DIR
+        from .server import create_app
+    except ImportError as exc:
+        raise NBCompletionsError(
+            f"the embedded model is not available: importing its server failed ({exc}). {hint}"
+        ) from exc
+    weights = FILES_DIR / "model.safetensors"
+    if not weights.exists():
+        raise NBCompletionsError(f"the embedded model's weights are missing ({weights}). {hint}")
+    return httpx.ASGITransport(app=create_app())
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, _REQUEST_FIELDS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class AsyncClient:
+    """Async client for ``POST /v1/completions``.
+
+    With no arguments it reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``; with neither set it talks
+    to the embedded model in-process (no network, no key). ``base_url`` may be a list of replicas of
+    one model: requests go to the least busy. ``limits`` holds server-specific caps
+    (`Limits.vllm()`).
+    """
+
+    def __init__(self, base_url: str | Sequence[str] | None = None, api_key: str | None = None, *,
+                 model: str | None = None, timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+                 max_retries: int = 2, transport: httpx.AsyncBaseTransport | None = None,
+                 max_concurrency: int | None = 16, limits: Limits | None = None,
+                 headers: Mapping[str, str] | None = None, vocab_size: int | None = None) -> None:
+        if base_url is None:
+            base_url = os.environ.get("OPENAI_BASE_URL") or None
+        if api_key is None:
+            api_key = os.environ.get("OPENAI_API_KEY") or None
+        self._embedded = base_url is None and api_key is None and transport is None
+        if self._embedded:
+            transport = _embedded_transport()
+            base_url = EMBEDDED_BASE_URL
+            if model is None:
+                model = EMBEDDED_MODEL
+        elif base_url is None:
+            base_url = OPENAI_BASE_URL
+        urls = [base_url] if isinstance(base_url, str | httpx.URL) else list(base_url)
+        if not urls:
+            raise RequestError("base_url",
+                               "base_url must be a URL or a non-empty list of URLs; got []",
+                               allowed="a URL or a non-empty list of URLs", value=base_url)
+        self._endpoints = [_Endpoint(_normalise_url(u)) for u in urls]
+        self._next = 0
+        if api_key is not None and not isinstance(api_key, str):
+            raise RequestError("api_key", "api_key must be a string", allowed="a string",
+                               value=type(api_key).__name__)
+        if model is not None and (not isinstance(model, str) or not model):
+            raise RequestError("model", f"model must be a non-empty string; got {model!r}",
+                               allowed="a non-empty string", value=model)
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise RequestError("max_retries", f"max_retries must be an integer >= 0; got "
+                               f"{max_retries!r}", allowed="an integer >= 0", value=max_retries)
+        if max_concurrency is not None and (not isinstance(max_concurrency, int)
+                                            or isinstance(max_concurrency, bool)
+                                            or max_concurrency < 1):
+            raise RequestError("max_concurrency",
+                               "max_concurrency must be an integer >= 1 or None; got "
+                               f"{max_concurrency!r}",
+                               allowed="an integer >= 1 or None",
+                               value=max_concurrency)
+        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+            raise RequestError("vocab_size", f"vocab_size must be an integer >= 1 or None; got "
+                               f"{vocab_size!r}", allowed="an integer >= 1", value=vocab_size)
+        if limits is not None and not isinstance(limits, Limits):
+            raise RequestError("limits", f"limits must be an nbcompletions.Limits; got {limits!r}",
+                               allowed="Limits(), Limits.vllm(), Limits.llamacpp()", value=limits)
+        request_headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
+        request_headers.update(headers or {})
+        if api_key:
+            request_headers["Authorization"] = f"Bearer {api_key}"
+        self._headers = _Secret(request_headers)
+        self._key = _Secret(api_key)
+        self.model = model
+        self.limits = limits if limits is not None else Limits()
+        self.max_retries = max_retries
+        self.max_concurrency = max_concurrency
+        self._timeout = _make_timeout(timeout)
+        self._transport = transport
+        self._vocab_size = vocab_size
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary())
+        self._discovered_model: str | None = None
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        """The base URL (the first one when there are replicas)."""
+        return self._endpoints[0].url
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [e.url for e in self._endpoints]
+
+    @property
+    def embedded(self) -> bool:
+        """True when this client talks to the in-process embedded model."""
+        return self._embedded
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Vocabulary size for entropy bounds: given, or the embedded model's; None if unknown."""
+        if self._vocab_size is None and self._embedded:
+            from .model import load_engine
+
+            self._vocab_size = int(load_engine().vocab_size)
+        return self._vocab_size
+
+    def __repr__(self) -> str:
+        urls = [_redact_url(u) for u in self.endpoints]
+        where = f"endpoint={urls[0]!r}" if len(urls) == 1 else f"endpoints={urls!r}"
+        return f"{type(self).__name__}({where}, model={self.model!r})"
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"{type(self).__name__} cannot be pickled (it holds connections and "
+                        "credentials); pickle its settings and build a new client instead")
+
+    # -- request building -------------------------------------------------------------------------
+    def build_request(self, prompt: Any, **fields: Any) -> CompletionRequest:
+        """Validate ``prompt`` and ``fields`` into a `CompletionRequest` (no network I/O)."""
+        unknown = [name for name in fields if name not in _REQUEST_FIELDS]
+        if unknown:
+            name = unknown[0]
+            raise TypeError(
+                f"unknown request field {name!r}{_suggest(name)}; valid fields are "
+                f"{', '.join(_REQUEST_FIELDS)}. Send server-specific fields with extra={{...}}.")
+        if fields.get("model") is None:
+            fields["model"] = self.model
+        return CompletionRequest(prompt=prompt, limits=self.limits, **fields)
+
+    # -- the primitive ----------------------------------------------------------------------------
+    async def complete(self, prompt: Any, **fields: Any) -> Completion:
+        """Send one completion request; ``stream=True`` streams and returns the merged result."""
+        return await self.complete_request(self.build_request(prompt, **fields))
+
+    async def complete_request(self, request: CompletionRequest) -> Completion:
+        """Send an already validated request (retries and the concurrency limit apply)."""
+        request = await self._with_model(request)
+        if request.stream:
+            stream = AsyncStream(self._stream_chunks(request), request,
+                                 vocab_size=lambda: self.vocab_size)
+            try:
+                return await stream.completion()
+            finally:
+                await stream.aclose()
+        raw = await self._request_json("POST", "/completions", request.to_body())
+        if not isinstance(raw, dict):
+            raise APIError(f"the server answered with JSON that is not an object: {str(raw)[:200]}",
+                           status=200, type="invalid_response", body=raw)
+        return Completion(raw, request, vocab_size=self.vocab_size)
+
+    def stream(self, prompt: Any, **fields: Any) -> AsyncStream:
+        """Stream a completion: ``async for piece in client.stream(...)`` yields `StreamChunk`."""
+        return self.stream_request(self._stream_request(prompt, fields))
+
+    def stream_request(self, request: CompletionRequest) -> AsyncStream:
+        if not request.stream:
+            request = request.replace(stream=True)
+        # vocab_size is read when the stream is merged: for the embedded model that is after the
+        # server has loaded it, so asking here would load the weights on the caller's thread.
+        return AsyncStream(self._stream_after_model(request), request,
+                           vocab_size=lambda: self.vocab_size)
+
+    def _stream_request(self, prompt: Any, fields: dict[str, Any]) -> CompletionRequest:
+        if fields.get("stream") is False:
+            raise RequestError("stream",
+                               "stream() always streams; got stream=False (use complete())",
+                               allowed="True or unset", value=False)
+        fields["stream"] = True
+        return self.build_request(prompt, **fields)
+
+    async def models(self) -> list[str]:
+        """The model ids the server lists (``GET /models``)."""
+        body = await self._request_json("GET", "/models", None)
+        data = body.get("data") if isinstance(body, Mapping) else None
+        if not isinstance(data, list):
+            raise APIError(f"GET /models answered without a data list: {str(body)[:200]}",
+                           status=200, type="invalid_response", body=body)
+        return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
+
+    async def score(self, texts: Any, *, context: Any = None) -> pd.DataFrame:
+        """Log-probability of each text (optionally after ``context``); see `_scoring.ascore`."""
+        from ._scoring import ascore
+
+        return await ascore(self, texts, context=context)
+
+    async def capabilities(self) -> dict[str, Any]:
+        """What the server supports (echo, logprobs cap, suffix ...); see `_scoring`."""
+        from ._scoring import acapabilities
+
+        return await acapabilities(self)
+
+    async def close(self) -> None:
+        """Close the connection pools (the client can still be used afterwards: it reopens them)."""
+        states = list(self._states.items())
+        self._states.clear()
+        current = _running_loop()
+        for loop, state in states:
+            if loop is current:
+                await state.http.aclose()
+            elif not loop.is_closed() and loop.is_running():
+                asyncio.run_coroutine_threadsafe(state.http.aclose(), loop)
+
+    aclose = close
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- internals --------------------------------------------------------------------------------
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._states.get(loop)
+        if state is None:
+            keepalive = max(20, (self.max_concurrency or 100) * len(self._endpoints))
+            http = httpx.AsyncClient(
+                transport=self._transport, timeout=self._timeout, follow_redirects=False,
+                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=keepalive))
+            semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
+            state = self._states[loop] = _LoopState(http, semaphore)
+        return state
+
+    def _pick(self, avoid: _Endpoint | None = None) -> _Endpoint:
+        endpoints = self._endpoints
+        if len(endpoints) == 1:
+            return endpoints[0]
+        start = self._next
+        self._next = (start + 1) % len(endpoints)
+        ordered = endpoints[start:] + endpoints[:start]
+        candidates = [e for e in ordered if e is not avoid] or ordered
+        return min(candidates, key=lambda e: e.in_flight)  # first minimum: round robin on ties
+
+    def _scrub(self, error: APIError) -> APIError:
+        # Servers sometimes echo the key they rejected ("Incorrect API key provided: sk-...").
+        key = self._key.get()
+        if key and (key in error.message or key in str(error.body)):
+            error.message = error.message.replace(key, "***")
+            error.args = (error.message,)
+            error.body = json.loads(json.dumps(error.body).replace(key, "***"))
+        return error
+
+    async def _with_model(self, request: CompletionRequest) -> CompletionRequest:
+        if request.model is not None:
+            return request
+        if self._discovered_model is None:
+            available = await self.models()
+            if len(available) != 1:
+                raise RequestError(
+                    "model", "model must be given (Client(model=...) or complete(..., model=...)); "
+                    f"the server lists {available!r}", allowed="a model name", value=None)
+            self._discovered_model = available[0]
+        return request.replace(model=self._discovered_model)
+
+    def _transport_error(self, exc: Exception, endpoint: _Endpoint, *,
+                         broken: bool = False) -> APIError:
+        where = _redact_url(endpoint.url)
+        if broken:
+            message = (f"the stream from {where} broke after data arrived (not retried): "
+                       f"{type(exc).__name__}: {exc}")
+            return APIError(message, type="stream_broken")
+        if isinstance(exc, httpx.TimeoutException):
+            return APIError(f"request to {where} timed out ({type(exc).__name__})", type="timeout")
+        return APIError(f"could not reach {where}: {type(exc).__name__}: {exc}",
+                        type="connection_error")
+
+    async def _retry_or_raise(self, error: APIError, retries: int,
+                              headers: Mapping[str, str] | None, retryable: bool) -> None:
+        if not retryable or retries >= self.max_retries:
+            raise self._scrub(error)
+        delay = _retry.retry_delay(retries, headers)
+        log.info("retrying in %.2f s (%d of %d) after: %s", delay, retries + 1, self.max_retries,
+                 self._scrub(error))
+        await _retry.sleep(delay)
+
+    async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
+        state = self._state()
+        limit = state.semaphore or _NO_LIMIT
+        content = (json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+                   .encode() if body is not None else None)
+        headers = self._headers.get()
+        if content is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+        retries = 0
+        last: _Endpoint | None = None
+        while True:
+            endpoint = last = self._pick(avoid=last)
+            response: httpx.Response | None = None
+            failure: Exception | None = None
+            async with limit:
+                endpoint.in_flight += 1
+                try:
+                    response = await state.http.request(method, endpoint.url + path,
+                                                        content=content, headers=headers)
+                except httpx.TransportError as exc:
+                    failure = exc
+                finally:
+                    endpoint.in_flight -= 1
+            if response is None:
+                assert failure is not None
+                error = self._transport_error(failure, endpoint)
+                error.__cause__ = failure
+                await self._retry_or_raise(error, retries, None, True)
+            elif response.status_code >= 400:
+                error = _retry.api_error(response.status_code, response.content, response.headers,
+                                         response.reason_phrase)
+                await self._retry_or_raise(error, retries, response.headers,
+                                           _retry.should_retry(response.status_code,
+                                                               response.headers))
+            else:
+                try:
+                    return json.loads(response.content)
+                except ValueError:
+                    text = response.content.decode("utf-8", errors="replace")
+                    raise APIError(f"the server answered HTTP {response.status_code} with a body "
+                                   f"that is not JSON: {_retry._text_message(text)[:200]!r}",
+                                   status=response.status_code, type="invalid_response",
+                                   body=text, headers=dict(response.headers)) from None
+            retries += 1
+
+    async def _stream_after_model(self, request: CompletionRequest,
+                                  ) -> AsyncIterator[dict[str, Any]]:
+        request = await self._with_model(request)
+        async for chunk in self._stream_chunks(request):
+            yield chunk
+
+    async def _stream_chunks(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        """Chunk objects of one streamed request; retried only until the first data arrives."""
+        state = self._state()
+        limit = state.semaphore or _NO_LIMIT
+        content = json.dumps(request.to_body(), separators=(",", ":"), ensure_ascii=False,
+                             allow_nan=False).encode()
+        headers = {**self._headers.get(), "Content-Type": "application/json",
+                   "Accept": "text/event-stream"}
+        retries = 0
+        last: _Endpoint | None = None
+        while True:
+            endpoint = last = self._pick(avoid=last)
+            received = False
+            error: APIError | None = None
+            error_headers: Mapping[str, str] | None = None
+            retryable = True
+            async with limit:
+                endpoint.in_flight += 1
+                try:
+                    http_request = state.http.build_request(
+                        "POST", endpoint.url + "/completions", content=content, headers=headers)
+                    response = await state.http.send(http_request, stream=True)
+                    try:
+                        if response.status_code >= 400:
+                            await response.aread()
+                            error = _retry.api_error(response.status_code, response.content,
+                                                     response.headers, response.reason_phrase)
+                            error_headers = response.headers
+                            retryable = _retry.should_retry(response.status_code, response.headers)
+                        else:
+                            decoder = SSEDecoder()
+                            open_choices: dict[int, bool] = {}
+                            done = False
+                            async for data in response.aiter_bytes():
+                                for event in decoder.feed(data):
+                                    chunk = decode_event(event)
+                                    if chunk is DONE:
+                                        done = True
+                                        break
+                                    assert isinstance(chunk, dict)
+                                    _track(open_choices, chunk)
+                                    received = True
+                                    yield chunk
+                                if done:
+                                    break
+                            if not done:
+                                for event in decoder.close():
+                                    chunk = decode_event(event)
+                                    if chunk is DONE:
+                                        done = True
+                                        break
+                                    assert isinstance(chunk, dict)
+                                    _track(open_choices, chunk)
+                                    received = True
+                                    yield chunk
+                            if not done and (not open_choices or not all(open_choices.values())):
+                                raise APIError(
+                                    "the stream ended before [DONE] with unfinished choices (the "
+                                    "connection was probably cut)", type="stream_broken")
+                            return
+                    finally:
+                        await response.aclose()
+                except httpx.TransportError as exc:
+                    if received:
+                        raise self._transport_error(exc, endpoint, broken=True) from exc
+                    error = self._transport_error(exc, endpoint)
+                    error.__cause__ = exc
+                    retryable = True
+                finally:
+                    endpoint.in_flight -= 1
+            assert error is not None
+            await self._retry_or_raise(error, retries, error_headers, retryable)
+            retries += 1
+
+
+def _track(open_choices: dict[int, bool], chunk: Mapping[str, Any]) -> None:
+    for choice in chunk.get("choices") or []:
+        if isinstance(choice, Mapping):
+            index = choice.get("index", 0)
+            finished = choice.get("finish_reason") is not None
+            open_choices[index] = open_choices.get(index, False) or finished
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class Client:
+    """Synchronous client (the same methods as `AsyncClient`, without await).
+
+    It wraps an `AsyncClient` (``client.async_client``) whose coroutines run on nbcompletions'
+    background event loop, so plain calls work in scripts and inside Jupyter's running loop alike.
+    """
+
+    def __init__(self, base_url: str | Sequence[str] | None = None, api_key: str | None = None, *,
+                 model: str | None = None, timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+                 max_retries: int = 2, transport: httpx.AsyncBaseTransport | None = None,
+                 max_concurrency: int | None = 16, limits: Limits | None = None,
+                 headers: Mapping[str, str] | None = None, vocab_size: int | None = None) -> None:
+        self.async_client = AsyncClient(
+            base_url, api_key, model=model, timeout=timeout, max_retries=max_retries,
+            transport=transport, max_concurrency=max_concurrency, limits=limits, headers=headers,
+            vocab_size=vocab_size)
+
+    @property
+    def endpoint(self) -> str:
+        return self.async_client.endpoint
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self.async_client.endpoints
+
+    @property
+    def embedded(self) -> bool:
+        return self.async_client.embedded
+
+    @property
+    def model(self) -> str | None:
+        return self.async_client.model
+
+    @model.setter
+    def model(self, value: str | None) -> None:
+        self.async_client.model = value
+
+    @property
+    def limits(self) -> Limits:
+        return self.async_client.limits
+
+    @property
+    def max_retries(self) -> int:
+        return self.async_client.max_retries
+
+    @property
+    def max_concurrency(self) -> int | None:
+        return self.async_client.max_concurrency
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.async_client.vocab_size
+
+    def __repr__(self) -> str:
+        return "Client" + repr(self.async_client)[len("AsyncClient"):]
+
+    def __reduce__(self) -> Any:
+        raise TypeError("Client cannot be pickled (it holds connections and credentials); pickle "
+                        "its settings and build a new client instead")
+
+    def build_request(self, prompt: Any, **fields: Any) -> CompletionRequest:
+        """Validate ``prompt`` and ``fields`` into a `CompletionRequest` (no network I/O)."""
+        return self.async_client.build_request(prompt, **fields)
+
+    def complete(self, prompt: Any, **fields: Any) -> Completion:
+        """Send one completion request; ``stream=True`` streams and returns the merged result."""
+        request = self.async_client.build_request(prompt, **fields)
+        return run_sync(self.async_client.complete_request(request))
+
+    def complete_request(self, request: CompletionRequest) -> Completion:
+        """Send an already validated request (retries and the concurrency limit apply)."""
+        return run_sync(self.async_client.complete_request(request))
+
+    def stream(self, prompt: Any, **fields: Any) -> Stream:
+        """Stream a completion: ``for piece in client.stream(...)`` yields `StreamChunk`."""
+        return Stream(self.async_client.stream(prompt, **fields))
+
+    def stream_request(self, request: CompletionRequest) -> Stream:
+        return Stream(self.async_client.stream_request(request))
+
+    def models(self) -> list[str]:
+        """The model ids the server lists (``GET /models``)."""
+        return run_sync(self.async_client.models())
+
+    def score(self, texts: Any, *, context: Any = None) -> pd.DataFrame:
+        """Log-probability of each text (optionally after ``context``); see `_scoring.ascore`."""
+        return run_sync(self.async_client.score(texts, context=context))
+
+    def capabilities(self) -> dict[str, Any]:
+        """What the server supports (echo, logprobs cap, suffix ...); see `_scoring`."""
+        return run_sync(self.async_client.capabilities())
+
+    def close(self) -> None:
+        """Close the connection pools."""
+        run_sync(self.async_client.close())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,135 @@
+"""`Completion`: one response, with its request, and its token DataFrames built on first access."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from ._request import CompletionRequest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["Completion"]
+
+_REPR_TEXT = 60
+
+
+def _choice_index(choice: Mapping[str, Any]) -> int:
+    index = choice.get("index")
+    return index if isinstance(index, int) else 0
+
+
+class Completion:
+    """A completion response (``.raw``) with the request that produced it (``.request``).
+
+    ``.choices``, ``.tokens`` and ``.alternatives`` are the frames of `nbcompletions.to_frames`,
+    built once, on first access (pandas is imported only then). ``vocab_size`` feeds the entropy
+    bounds.
+    """
+
+    __slots__ = ("_frames", "raw", "request", "vocab_size")
+
+    def __init__(self, raw: Mapping[str, Any], request: CompletionRequest | None = None, *,
+                 vocab_size: int | None = None) -> None:
+        self.raw: dict[str, Any] = dict(raw)
+        self.request = request
+        self.vocab_size = vocab_size
+        self._frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
+
+    # -- plain fields -----------------------------------------------------------------------------
+    @property
+    def text(self) -> str:
+        """The first choice's text (choices sorted by index); "" when there is none."""
+        choice = self._first_choice()
+        text = choice.get("text") if choice else None
+        return text if isinstance(text, str) else ""
+
+    @property
+    def texts(self) -> list[str]:
+        """Every choice's text, in index order."""
+        return [c.get("text") or "" for c in self._sorted_choices()]
+
+    @property
+    def finish_reason(self) -> str | None:
+        choice = self._first_choice()
+        return choice.get("finish_reason") if choice else None
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        """``prompt_tokens``, ``completion_tokens``, ``total_tokens`` ({} if none)."""
+        usage = self.raw.get("usage")
+        return dict(usage) if isinstance(usage, Mapping) else {}
+
+    @property
+    def model(self) -> str | None:
+        return self.raw.get("model")
+
+    @property
+    def id(self) -> str | None:
+        return self.raw.get("id")
+
+    def _sorted_choices(self) -> list[Mapping[str, Any]]:
+        choices = self.raw.get("choices") or []
+        valid = [c for c in choices if isinstance(c, Mapping)]
+        return sorted(valid, key=_choice_index)
+
+    def _first_choice(self) -> Mapping[str, Any] | None:
+        choices = self._sorted_choices()
+        return choices[0] if choices else None
+
+    # -- frames -----------------------------------------------------------------------------------
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """``(choices, tokens, alternatives)``, built on the first call and cached."""
+        if self._frames is None:
+            from ._frames import to_frames
+
+            self._frames = to_frames(self.raw, self.request, vocab_size=self.vocab_size)
+        return self._frames
+
+    @property
+    def choices(self) -> pd.DataFrame:
+        return self.frames()[0]
+
+    @property
+    def tokens(self) -> pd.DataFrame:
+        return self.frames()[1]
+
+    @property
+    def alternatives(self) -> pd.DataFrame:
+        return self.frames()[2]
+
+    # -- display ----------------------------------------------------------------------------------
+    def _summary(self) -> tuple[str, str | None, str]:
+        text = self.text
+        short = text if len(text) <= _REPR_TEXT else text[:_REPR_TEXT] + "…"
+        n = len(self.raw.get("choices") or [])
+        usage = self.usage
+        parts = [f"{n} choice{'s' if n != 1 else ''}"]
+        if usage:
+            parts.append(f"{usage.get('prompt_tokens')}+{usage.get('completion_tokens')} tokens")
+        return short, self.finish_reason, ", ".join(parts)
+
+    def __repr__(self) -> str:
+        text, finish, info = self._summary()
+        return f"<Completion {text!r} finish_reason={finish!r} ({info})>"
+
+    def _repr_html_(self) -> str:
+        text = self.text
+        finish = self.finish_reason
+        _, _, info = self._summary()
+        model = self.model
+        return (
+            "<div class='nbc-completion'>"
+            f"<pre style='white-space:pre-wrap;margin:0'>{html.escape(text)}</pre>"
+            f"<small>finish_reason={html.escape(str(finish))} · {html.escape(info)}"
+            f"{' · ' + html.escape(str(model)) if model else ''}</small></div>"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Completion):
+            return NotImplemented
+        return self.raw == other.raw and self.request == other.request
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking container: equality by content

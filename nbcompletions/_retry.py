@@ -1,0 +1,151 @@
+"""How the client treats failures: which ones to retry, how long to wait, and what error to raise.
+
+The rules match the official ``openai`` SDK (see COMPAT.md): connection errors, timeouts, 408, 409,
+429 and >= 500 are retried (``x-should-retry: true|false`` overrides the status rule); the wait is
+``retry-after-ms``, else ``retry-after`` (seconds or an HTTP date) when it is between 0 and 60 s,
+else ``min(0.5 * 2**k, 8)`` seconds less up to 25 % jitter. Error bodies from OpenAI, vLLM (integer
+``code``, and its old flat shape), llama.cpp and plain-text or HTML proxies all become `APIError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import html
+import json
+import math
+import random
+import re
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from ._errors import APIError
+
+__all__ = ["api_error", "error_from_body", "parse_retry_after", "retry_delay", "should_retry",
+           "sleep"]
+
+INITIAL_RETRY_DELAY = 0.5
+MAX_RETRY_DELAY = 8.0
+MAX_RETRY_AFTER = 60.0
+RETRY_STATUSES = frozenset({408, 409, 429})
+
+#: What the client awaits between attempts; tests replace it to run instantly and record delays.
+sleep = asyncio.sleep
+
+
+def should_retry(status: int, headers: Mapping[str, str]) -> bool:
+    """Whether a response with this status is worth another attempt."""
+    override = headers.get("x-should-retry")
+    if override == "true":
+        return True
+    if override == "false":
+        return False
+    return status in RETRY_STATUSES or status >= 500
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, *,
+                      now: float | None = None) -> float | None:
+    """Seconds the server asked us to wait (``retry-after-ms``, then ``retry-after``), or None."""
+    if not headers:
+        return None
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return float(value) / divisor
+        except ValueError:
+            continue
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        parsed = email.utils.parsedate_tz(value)
+        if parsed is None:
+            return None
+        moment = email.utils.mktime_tz(parsed)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return float(moment - (time.time() if now is None else now))
+
+
+def retry_delay(retries_done: int, headers: Mapping[str, str] | None = None, *,
+                rand: float | None = None) -> float:
+    """Seconds to wait before retry number ``retries_done + 1``."""
+    asked = parse_retry_after(headers)
+    if asked is not None and math.isfinite(asked) and 0 < asked <= MAX_RETRY_AFTER:
+        return asked
+    base = min(INITIAL_RETRY_DELAY * 2.0 ** min(retries_done, 1000), MAX_RETRY_DELAY)
+    jitter = 1 - 0.25 * (random.random() if rand is None else rand)
+    return max(base * jitter, 0.0)
+
+
+_TAG = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]+>", re.IGNORECASE | re.DOTALL)
+_SPACE = re.compile(r"\s+")
+_MAX_TEXT = 500
+
+
+def _text_message(text: str) -> str:
+    # HTML error pages from proxies (a 502 from nginx): keep the words, drop the markup.
+    if "<" in text and ">" in text:
+        text = html.unescape(_TAG.sub(" ", text))
+    text = _SPACE.sub(" ", text).strip()
+    return text if len(text) <= _MAX_TEXT else text[:_MAX_TEXT] + "..."
+
+
+def _str_or_none(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value if isinstance(value, str) else str(value)
+
+
+def error_from_body(body: Any, *, status: int | None = None, text: str | None = None,
+                    headers: Mapping[str, str] | None = None,
+                    default_message: str = "the server returned an error") -> APIError:
+    """Normalise any error body (already parsed JSON, or None with ``text``) into an `APIError`."""
+    fields: Mapping[str, Any] | None = None
+    message: str | None = None
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        if isinstance(error, Mapping):                    # OpenAI, vLLM, llama.cpp
+            fields = error
+        elif isinstance(error, str):                      # {"error": "text"} (several proxies)
+            message = error
+            fields = body
+        elif body.get("object") == "error" or "message" in body:   # old flat vLLM
+            fields = body
+        elif "detail" in body:                            # FastAPI-style servers
+            detail = body["detail"]
+            message = detail if isinstance(detail, str) else json.dumps(detail)
+    if fields is not None:
+        if message is None:
+            raw_message = fields.get("message")
+            message = raw_message if isinstance(raw_message, str) else _str_or_none(raw_message)
+        error_type = _str_or_none(fields.get("type"))
+        param = _str_or_none(fields.get("param"))
+        code = _str_or_none(fields.get("code"))
+    else:
+        error_type = param = code = None
+    if not message:
+        message = _text_message(text) if text else None
+    if not message:
+        if body is not None and not isinstance(body, Mapping):
+            message = _text_message(json.dumps(body))
+        else:
+            message = default_message
+    return APIError(message, status=status, type=error_type, param=param, code=code,
+                    body=body if body is not None else text, headers=dict(headers or {}))
+
+
+def api_error(status: int, content: bytes, headers: Mapping[str, str],
+              reason: str = "") -> APIError:
+    """The `APIError` for an HTTP error response."""
+    text = content.decode("utf-8", errors="replace")
+    body: Any = None
+    try:
+        body = json.loads(text) if text.strip() else None
+    except ValueError:
+        body = None
+    return error_from_body(body, status=status, text=text, headers=headers,
+                           default_message=reason or "the server returned an error")
