@@ -1,0 +1,561 @@
+"""The generation engine: a validated `CompletionRequest` in, an OpenAI ``text_completion`` out.
+
+How a request runs: every prompt is prefilled once (batch of one), its key/value cache is
+broadcast to the rows that continue it (n, or best_of candidates), and then all rows of all prompts
+decode together, one batched forward pass per token. Rows that finish leave the batch. One code path
+serves `complete` and `stream`, so the same seed gives the same text either way.
+
+Choices made where the API leaves room (documented here because clients will look):
+
+- **logprobs** are the raw model's: the log-softmax of the logits *before* logit_bias, penalties,
+  temperature and top_p, as OpenAI reports them. ``top_logprobs`` holds the ``logprobs`` most likely
+  tokens plus the sampled one (so up to logprobs + 1 entries). A -inf logprob is written as -9999.0.
+- **best_of** ranks candidates by mean logprob per sampled token (an end-of-text token counts as a
+  sampled token), keeps the best ``n`` per prompt (ties keep generation order) and re-indexes them.
+- **usage.completion_tokens** counts every token sampled, including best_of candidates that were not
+  returned and a final end-of-text token; **prompt_tokens** counts each prompt once.
+- The end-of-text token ends a completion with finish_reason ``stop`` and is not part of the text or
+  the logprobs. An empty string prompt starts from ``<|endoftext|>`` (1 prompt token, echoed as "").
+- A stop string cuts the text where it starts; the logprobs keep the tokens that began before the
+  cut.
+  While streaming, text that could still become a stop string is held back until it is resolved.
+- ``text_offset`` counts characters of prompt + completion; generated offsets start at len(prompt)
+  even without echo (OpenAI's convention). A token that is part of a multi-byte character gets the
+  offset at which its character will appear.
+- ``suffix`` (insertion) is not supported: a non-empty suffix raises `RequestError` (param
+  "suffix").
+- seed: ``numpy.random.Generator(PCG64(seed))``; no seed, fresh OS entropy.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import math
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._errors import RequestError
+from .._request import CompletionRequest
+from . import _sampling
+from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
+from ._tokenizer import ByteTokenizer
+
+__all__ = ["Engine"]
+
+DEFAULT_MAX_TOKENS = 16
+EOT = "<|endoftext|>"
+_FLOOR = -9999.0  # what a -inf (or NaN) logprob is written as; JSON has no -Infinity
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else _FLOOR
+
+
+class _Prompt:
+    """One prompt: the ids the model conditions on, and what echo shows."""
+
+    def __init__(self, ids: list[int], text: str, echo_ids: list[int]) -> None:
+        self.ids = ids
+        self.text = text
+        self.echo_ids = echo_ids
+
+
+class _Plan:
+    """Everything a request asks for, resolved to defaults and checked against the model."""
+
+    def __init__(self, **fields: Any) -> None:
+        self.prompts: list[_Prompt] = fields["prompts"]
+        self.n: int = fields["n"]
+        self.best_of: int = fields["best_of"]
+        self.max_tokens: int = fields["max_tokens"]
+        self.temperature: float = fields["temperature"]
+        self.top_p: float = fields["top_p"]
+        self.frequency_penalty: float = fields["frequency_penalty"]
+        self.presence_penalty: float = fields["presence_penalty"]
+        self.bias: np.ndarray | None = fields["bias"]
+        self.stops: list[str] = fields["stops"]
+        self.logprobs: int | None = fields["logprobs"]
+        self.echo: bool = fields["echo"]
+        self.seed: int | None = fields["seed"]
+        self.include_usage: bool = fields["include_usage"]
+
+
+class _Row:
+    """One candidate completion's state while it is generated."""
+
+    def __init__(self, prompt_index: int, base_offset: int, plan: _Plan) -> None:
+        self.prompt_index = prompt_index
+        self.base_offset = base_offset  # len(prompt text): where generated text_offsets start
+        self.max_tokens = plan.max_tokens
+        self.stops = plan.stops
+        self.longest_stop = max((len(s) for s in plan.stops), default=0)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""  # completion text decoded so far (not yet cut at a stop)
+        self.tokens: list[int] = []  # sampled tokens that are part of the text (no end-of-text)
+        self.logprobs: list[float] = []
+        self.tops: list[dict[str, float] | None] = []
+        self.starts: list[int] = []  # char offset of each token within the completion text
+        self.ends: list[int] = []
+        self.n_sampled = 0
+        self.sum_logprob = 0.0
+        self.finish_reason: str | None = None
+        self.cut: int | None = None  # where a stop string begins
+        self.emitted_chars = 0  # streaming: text already sent
+        self.emitted_tokens = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.sum_logprob / self.n_sampled if self.n_sampled else 0.0
+
+    def add(self, token: int, raw: bytes, logprob: float, top: dict[str, float] | None,
+            eot: int) -> None:
+        self.n_sampled += 1
+        self.sum_logprob += logprob
+        if token == eot:
+            self._finish("stop")
+            return
+        start = len(self.text)
+        self.text += self.decoder.decode(raw)
+        self.tokens.append(token)
+        self.logprobs.append(logprob)
+        self.tops.append(top)
+        self.starts.append(start)
+        self.ends.append(len(self.text))
+        if self.stops and len(self.text) > start:
+            found = [m for m in (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stops)
+                     if m >= 0]
+            if found:
+                self.cut = min(found)
+                self._finish("stop")
+                return
+        if self.n_sampled >= self.max_tokens:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        if self.cut is None:
+            tail = self.decoder.decode(b"", final=True)  # an unfinished character becomes U+FFFD
+            if tail:
+                self.text += tail
+                if self.ends:
+                    self.ends[-1] = len(self.text)
+
+    # -- the finished result -----------------------------------------------------------------------
+    @property
+    def final_text(self) -> str:
+        return self.text if self.cut is None else self.text[:self.cut]
+
+    @property
+    def kept_tokens(self) -> int:
+        if self.cut is None:
+            return len(self.tokens)
+        return sum(1 for start in self.starts if start < self.cut)
+
+    # -- streaming ---------------------------------------------------------------------------------
+    def _held_back(self) -> int:
+        """How many trailing characters could be the start of a stop string."""
+        text = self.text
+        held = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(text)), held, -1):
+                if text.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+    def release(self) -> tuple[str, int, int]:
+        """Streaming: (text delta, first token, end token) safe to send now; advances the marks."""
+        first = self.emitted_tokens
+        if self.finished:
+            end, chars = self.kept_tokens, len(self.final_text)
+        else:
+            safe = len(self.text) - (self._held_back() if self.stops else 0)
+            end = first
+            while end < len(self.tokens) and self.starts[end] < safe and self.ends[end] <= safe:
+                end += 1
+            chars = self.ends[end - 1] if end > first else self.emitted_chars
+        delta = self.final_text[self.emitted_chars:chars] if self.finished else \
+            self.text[self.emitted_chars:chars]
+        self.emitted_chars = max(self.emitted_chars, chars)
+        self.emitted_tokens = end
+        return delta, first, end
+
+
+class Engine:
+    """Serves Completions requests from a GPT-2 in numpy. One engine is shared by all threads.
+
+    Nothing mutable is shared between requests: the weights are read-only arrays and every request
+    has its own cache, rows and random generator, so concurrent calls from a thread pool are safe.
+    """
+
+    def __init__(self, weights: GPT2Weights, tokenizer: ByteTokenizer, *, model_id: str,
+                 fingerprint: str) -> None:
+        self.weights = weights
+        self._tok = tokenizer
+        self.model_id = model_id
+        self.system_fingerprint = fingerprint
+        config = weights.config
+        self.vocab_size = config.vocab_size
+        self.context_length = config.n_positions
+        eot = tokenizer.token_id(EOT)
+        if eot is None:
+            eot = config.eos_token_id
+        if eot is None:
+            raise ValueError(f"the tokenizer has no {EOT} token and config.json no eos_token_id")
+        self.eot_token_id = int(eot)
+        # Model rows the tokenizer cannot spell (a padded vocabulary) must never be sampled.
+        table = list(tokenizer.token_bytes[:self.vocab_size])
+        table += [b""] * (self.vocab_size - len(table))
+        self._token_bytes: tuple[bytes, ...] = tuple(table)
+        strings = list(tokenizer.token_strings[:self.vocab_size])
+        self._token_strings = tuple(strings + [""] * (self.vocab_size - len(strings)))
+        spellable = min(len(tokenizer), self.vocab_size)
+        self._unspellable = np.arange(spellable, self.vocab_size)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, model_id: str | None = None) -> Engine:
+        path = Path(path)
+        weights = load_weights(path)
+        tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
+        digest = hashlib.sha256()
+        with open(path / "model.safetensors", "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if model_id is None:
+            model_id = _model_id_from(path)
+        return cls(weights, tokenizer, model_id=model_id,
+                   fingerprint="nbc-" + digest.hexdigest()[:10])
+
+    def __repr__(self) -> str:
+        c = self.weights.config
+        return (f"Engine(model_id={self.model_id!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, "
+                f"vocab_size={self.vocab_size}, context_length={self.context_length})")
+
+    # -- tokens ------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        """The `tokenizers.Tokenizer`."""
+        return self._tok.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self._token_bytes[i] for i in ids).decode("utf-8", errors="replace")
+
+    def token_str(self, token_id: int) -> str:
+        """OpenAI's string for a token: its text, or ``bytes:\\xe2\\x80`` for partial UTF-8."""
+        if not 0 <= token_id < self.vocab_size:
+            raise RequestError("token_id", f"token_id must be from 0 to {self.vocab_size - 1}; "
+                               f"got {token_id}", allowed=f"0..{self.vocab_size - 1}",
+                               value=token_id)
+        return self._token_strings[token_id]
+
+    # -- requests ----------------------------------------------------------------------------------
+    def complete(self, request: CompletionRequest) -> dict[str, Any]:
+        """The full ``text_completion`` response for ``request`` (stream is ignored)."""
+        plan = self._plan(request)
+        rows, prompt_lp = self._run_all(plan)
+        choices = []
+        for p, prompt in enumerate(plan.prompts):
+            candidates = [row for row in rows if row.prompt_index == p]
+            if plan.best_of > plan.n:
+                candidates = sorted(candidates, key=lambda r: -r.mean_logprob)[:plan.n]
+            for k, row in enumerate(candidates):
+                choices.append(self._choice(plan, prompt, prompt_lp[p], row, p * plan.n + k))
+        response = self._envelope()
+        response["choices"] = choices
+        response["usage"] = self._usage(plan, rows)
+        return response
+
+    def stream(self, request: CompletionRequest) -> Iterator[dict[str, Any]]:
+        """Chunks of a streamed response; bad requests raise here, before the first chunk."""
+        plan = self._plan(request)
+        if plan.best_of > plan.n:
+            raise RequestError("best_of", f"best_of cannot exceed n when streaming; got best_of="
+                               f"{plan.best_of}, n={plan.n}", allowed=f"{plan.n} (= n)",
+                               value=plan.best_of)
+        return self._stream(plan)
+
+    def _stream(self, plan: _Plan) -> Iterator[dict[str, Any]]:
+        envelope = self._envelope()
+        if plan.include_usage:
+            envelope["usage"] = None
+
+        def chunk(index: int, text: str, logprobs: dict[str, Any] | None,
+                  finish: str | None) -> dict[str, Any]:
+            out = dict(envelope)
+            out["choices"] = [{"text": text, "index": index, "logprobs": logprobs,
+                               "finish_reason": finish}]
+            return out
+
+        generation = _Generation(self, plan)
+        rows = generation.rows
+        for i, row in enumerate(rows):
+            prompt = plan.prompts[row.prompt_index]
+            if plan.echo and (prompt.text or prompt.echo_ids):
+                lp = None
+                if plan.logprobs is not None:
+                    lp = self._logprobs_object(*self._echo_parts(
+                        prompt, generation.prompt_lp[row.prompt_index], plan.logprobs))
+                yield chunk(i, prompt.text, lp, None)
+        for changed in generation.steps():
+            for i in changed:
+                row = rows[i]
+                delta, first, end = row.release()
+                if not delta and first == end and not row.finished:
+                    continue
+                lp = None
+                if plan.logprobs is not None:
+                    lp = self._logprobs_object(*self._generated_parts(row, first, end))
+                yield chunk(i, delta, lp, row.finish_reason)
+        if plan.include_usage:
+            final = dict(envelope)
+            final["choices"] = []
+            final["usage"] = self._usage(plan, rows)
+            yield final
+
+    # -- internals ---------------------------------------------------------------------------------
+    def _envelope(self) -> dict[str, Any]:
+        return {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
+                "created": int(time.time()), "model": self.model_id,
+                "system_fingerprint": self.system_fingerprint}
+
+    @staticmethod
+    def _usage(plan: _Plan, rows: list[_Row]) -> dict[str, int]:
+        prompt_tokens = sum(len(p.ids) for p in plan.prompts)
+        completion_tokens = sum(row.n_sampled for row in rows)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _prompts(self, prompt: Any) -> list[_Prompt]:
+        if isinstance(prompt, str):
+            raw: list[Any] = [prompt]
+        elif prompt and all(isinstance(item, int) for item in prompt):
+            raw = [list(prompt)]
+        else:
+            raw = list(prompt)
+        prompts = []
+        for i, item in enumerate(raw):
+            if isinstance(item, str):
+                ids = self.encode(item)
+                if not ids:
+                    prompts.append(_Prompt([self.eot_token_id], "", []))
+                else:
+                    prompts.append(_Prompt(ids, item, ids))
+                continue
+            ids = [int(t) for t in item]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                where = "prompt" if len(raw) == 1 else f"prompt[{i}]"
+                raise RequestError(
+                    "prompt", f"{where} holds token ids outside the vocabulary (0 to "
+                    f"{self.vocab_size - 1}); got {bad[:5]}",
+                    allowed=f"token ids 0..{self.vocab_size - 1}", value=bad[:5])
+            prompts.append(_Prompt(ids, self.decode(ids), ids))
+        return prompts
+
+    def _plan(self, request: CompletionRequest) -> _Plan:
+        if request.suffix:
+            raise RequestError("suffix", f"{self.model_id} cannot insert text: suffix is not "
+                               f"supported by this model; got {request.suffix!r}",
+                               allowed="unset (null)", value=request.suffix)
+        prompts = self._prompts(request.prompt)
+        max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+        for prompt in prompts:
+            if len(prompt.ids) + max_tokens > self.context_length:
+                raise RequestError(
+                    "max_tokens", f"This model's maximum context length is {self.context_length} "
+                    f"tokens, however you requested {len(prompt.ids) + max_tokens} tokens "
+                    f"({len(prompt.ids)} in your prompt; {max_tokens} for the completion). Please "
+                    "reduce your prompt; or completion length.",
+                    allowed=f"prompt tokens + max_tokens <= {self.context_length}",
+                    value=max_tokens)
+        logit_bias: dict[int, float] = {}
+        for key, value in (request.logit_bias or {}).items():
+            token = int(key)
+            if token >= self.vocab_size:
+                raise RequestError(
+                    "logit_bias", f"logit_bias keys must be token ids from 0 to "
+                    f"{self.vocab_size - 1}; got {key!r}",
+                    allowed=f"token ids 0..{self.vocab_size - 1}",
+                    value=dict(request.logit_bias or {}))
+            logit_bias[token] = float(value)
+        for unspellable in self._unspellable.tolist():
+            logit_bias[unspellable] = _sampling.BAN
+        n = request.effective_n
+        stop = request.stop
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return _Plan(
+            prompts=prompts, n=n, best_of=n if request.best_of is None else request.best_of,
+            max_tokens=max_tokens,
+            temperature=1.0 if request.temperature is None else float(request.temperature),
+            top_p=1.0 if request.top_p is None else float(request.top_p),
+            frequency_penalty=float(request.frequency_penalty or 0.0),
+            presence_penalty=float(request.presence_penalty or 0.0),
+            bias=_sampling.bias_vector(logit_bias, self.vocab_size),
+            stops=stops, logprobs=request.logprobs, echo=bool(request.echo), seed=request.seed,
+            include_usage=bool((request.stream_options or {}).get("include_usage")),
+        )
+
+    def _run_all(self, plan: _Plan) -> tuple[list[_Row], list[np.ndarray | None]]:
+        generation = _Generation(self, plan)
+        for _ in generation.steps():
+            pass
+        return generation.rows, generation.prompt_lp
+
+    def _top(self, logp_row: np.ndarray, ids: np.ndarray, chosen: int) -> dict[str, float]:
+        strings = self._token_strings
+        top = {strings[int(t)]: _finite(float(logp_row[int(t)])) for t in ids}
+        top.setdefault(strings[chosen], _finite(float(logp_row[chosen])))
+        return top
+
+    def _echo_parts(self, prompt: _Prompt, logp: np.ndarray | None, k: int
+                    ) -> tuple[list[str], list[float | None], list[dict[str, float] | None],
+                               list[int]]:
+        """Logprob lists of the echoed prompt; ``logp`` is (P-1, V), row i predicting token i+1."""
+        ids = prompt.echo_ids
+        tokens = [self._token_strings[t] for t in ids]
+        token_logprobs: list[float | None] = [None]
+        tops: list[dict[str, float] | None] = [None]
+        if logp is not None and len(ids) > 1:
+            top_ids = _sampling.top_k(logp, k)
+            for i in range(1, len(ids)):
+                token_logprobs.append(_finite(float(logp[i - 1, ids[i]])))
+                tops.append(self._top(logp[i - 1], top_ids[i - 1], ids[i]))
+        offsets = []
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        chars = 0
+        for t in ids:
+            offsets.append(chars)
+            chars += len(decoder.decode(self._token_bytes[t]))
+        return tokens, token_logprobs[:len(ids)], tops[:len(ids)], offsets
+
+    def _generated_parts(self, row: _Row, first: int, end: int
+                         ) -> tuple[list[str], list[float | None], list[dict[str, float] | None],
+                                    list[int]]:
+        tokens = [self._token_strings[t] for t in row.tokens[first:end]]
+        return (tokens, list(row.logprobs[first:end]), list(row.tops[first:end]),
+                [row.base_offset + s for s in row.starts[first:end]])
+
+    @staticmethod
+    def _logprobs_object(tokens: list[str], token_logprobs: list[float | None],
+                         tops: list[dict[str, float] | None], offsets: list[int]) -> dict[str, Any]:
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
+                "text_offset": offsets}
+
+    def _choice(self, plan: _Plan, prompt: _Prompt, prompt_lp: np.ndarray | None, row: _Row,
+                index: int) -> dict[str, Any]:
+        text = row.final_text
+        logprobs = None
+        if plan.logprobs is not None:
+            kept = row.kept_tokens
+            parts = self._generated_parts(row, 0, kept)
+            if plan.echo:
+                echo = self._echo_parts(prompt, prompt_lp, plan.logprobs)
+                parts = (echo[0] + parts[0], echo[1] + parts[1], echo[2] + parts[2],
+                         echo[3] + parts[3])
+            logprobs = self._logprobs_object(*parts)
+        if plan.echo:
+            text = prompt.text + text
+        return {"text": text, "index": index, "logprobs": logprobs,
+                "finish_reason": row.finish_reason}
+
+
+def _model_id_from(path: Path) -> str:
+    """``nbc_model_id`` in config.json if present, else the folder's name."""
+    try:
+        with open(path / "config.json", encoding="utf-8") as fh:
+            name = json.load(fh).get("nbc_model_id")
+    except (OSError, ValueError):
+        name = None
+    return str(name) if name else path.resolve().name
+
+
+class _Generation:
+    """Runs one request: prefill each prompt once, then decode all rows in one batch per step."""
+
+    def __init__(self, engine: Engine, plan: _Plan) -> None:
+        self.engine = engine
+        self.plan = plan
+        rows_per_prompt = plan.best_of
+        self.rows = [_Row(p, len(prompt.text), plan) for p, prompt in enumerate(plan.prompts)
+                     for _ in range(rows_per_prompt)]
+        self.prompt_lp: list[np.ndarray | None] = [None] * len(plan.prompts)
+        seed = plan.seed
+        entropy = None if seed is None else seed % (1 << 128)  # PCG64 wants a non-negative seed
+        self.rng = np.random.Generator(np.random.PCG64(entropy))
+        self._prefilled = False
+
+    def _prefill(self) -> tuple[KVCache, np.ndarray]:
+        engine, plan = self.engine, self.plan
+        weights = engine.weights
+        want_prompt_lp = plan.echo and plan.logprobs is not None
+        sources = []
+        last = []
+        for p, prompt in enumerate(plan.prompts):
+            ids = np.asarray(prompt.ids, np.int64)[None, :]  # (1, P)
+            cache = KVCache.empty(weights.config, 1, len(prompt.ids))
+            logits = forward(weights, ids, cache, last_only=not want_prompt_lp)  # (1, P or 1, V)
+            if want_prompt_lp:
+                self.prompt_lp[p] = log_softmax(logits[0, :-1])  # (P-1, V)
+            last.append(logits[0, -1])
+            sources.append((cache, plan.best_of))
+        capacity = max(len(p.ids) for p in plan.prompts) + plan.max_tokens
+        batch = KVCache.stack(sources, capacity)
+        next_logits = np.repeat(np.stack(last), plan.best_of, axis=0)  # (B, V)
+        return batch, next_logits
+
+    def steps(self) -> Iterator[list[int]]:
+        """Yields, after each decode step, the indices of the rows that took a token."""
+        engine, plan = self.engine, self.plan
+        weights = engine.weights
+        if plan.max_tokens == 0:
+            if plan.echo and plan.logprobs is not None:
+                self._prefill()
+            for row in self.rows:
+                row.finish_reason = "length"
+            yield list(range(len(self.rows)))
+            return
+        cache, next_logits = self._prefill()
+        active = np.arange(len(self.rows))  # row index of each batch row
+        penalised = bool(plan.frequency_penalty or plan.presence_penalty)
+        counts = np.zeros((len(self.rows), engine.vocab_size), np.float64) if penalised else None
+        k = plan.logprobs
+        eot = engine.eot_token_id
+        token_bytes = engine._token_bytes
+        while True:
+            logp = log_softmax(next_logits)  # (A, V) raw model logprobs
+            mu = _sampling.adjust_logits(next_logits, plan.bias, counts, plan.frequency_penalty,
+                                         plan.presence_penalty)
+            chosen = _sampling.sample(mu, plan.temperature, plan.top_p, self.rng)  # (A,)
+            chosen_lp = logp[np.arange(len(active)), chosen]  # (A,)
+            top_ids = _sampling.top_k(logp, k) if k is not None else None
+            for j, r in enumerate(active):
+                token = int(chosen[j])
+                top = engine._top(logp[j], top_ids[j], token) if top_ids is not None else None
+                self.rows[r].add(token, token_bytes[token], _finite(float(chosen_lp[j])), top, eot)
+            yield [int(r) for r in active]
+            if counts is not None:
+                counts[np.arange(len(active)), chosen] += 1
+            alive = np.array([not self.rows[r].finished for r in active], bool)
+            if not alive.any():
+                return
+            if not alive.all():
+                cache = cache.select(np.flatnonzero(alive))
+                active = active[alive]
+                chosen = chosen[alive]
+                if counts is not None:
+                    counts = counts[alive]
+            next_logits = forward(weights, chosen[:, None], cache)[:, 0]  # (A, V)

@@ -1,0 +1,86 @@
+"""Turning next-token logits into tokens, exactly as the Completions API describes.
+
+Order of operations for each row (one candidate completion) and step:
+1. ``logit_bias`` is added to the logits (a bias of -100 is an exact ban: the token gets -inf);
+2. OpenAI's penalties: ``mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty`` where
+   ``c[j]`` counts how often token j was already sampled in this completion;
+3. temperature 0 takes the argmax; otherwise the logits are divided by the temperature, softmaxed,
+   cut to the nucleus (``top_p``: the smallest set of most likely tokens whose probability reaches
+   top_p, always at least one) and sampled with the request's ``numpy.random.Generator``.
+
+Sampling works in float64 so that the nucleus's cumulative sums are exact enough to be reproducible.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["BAN", "adjust_logits", "bias_vector", "sample", "top_k"]
+
+#: A logit_bias at or below this bans the token outright (OpenAI: "-100 should result in a ban").
+BAN = -100.0
+
+
+def bias_vector(logit_bias: dict[int, float], vocab_size: int) -> np.ndarray | None:
+    """(V,) float64 additive bias from ``{token_id: bias}``; -inf bans; None when empty."""
+    if not logit_bias:
+        return None
+    bias = np.zeros(vocab_size, np.float64)
+    for token, value in logit_bias.items():
+        bias[token] = -np.inf if value <= BAN else value
+    return bias
+
+
+def adjust_logits(logits: np.ndarray, bias: np.ndarray | None, counts: np.ndarray | None,
+                  frequency_penalty: float, presence_penalty: float) -> np.ndarray:
+    """(B, V) logits -> (B, V) float64 logits after logit_bias and the two penalties."""
+    mu = logits.astype(np.float64)
+    if bias is not None:
+        mu += bias
+    if counts is not None:
+        if frequency_penalty:
+            mu -= counts * frequency_penalty
+        if presence_penalty:
+            mu -= (counts > 0) * presence_penalty
+    return mu
+
+
+def sample(mu: np.ndarray, temperature: float, top_p: float,
+           rng: np.random.Generator) -> np.ndarray:
+    """(B, V) adjusted logits -> (B,) sampled token ids; one uniform draw per row when sampling."""
+    if temperature == 0.0:
+        return np.argmax(mu, axis=1)
+    batch, vocab = mu.shape
+    z = mu / temperature
+    z -= z.max(axis=1, keepdims=True)
+    probs = np.exp(z)  # (B, V), unnormalised; -inf (banned) -> 0
+    rows = np.arange(batch)
+    if top_p < 1.0:
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")  # (B, V) most likely first
+        ranked = np.take_along_axis(probs, order, axis=1)  # (B, V)
+        before = np.cumsum(ranked, axis=1) - ranked  # mass of the strictly more likely tokens
+        ranked = np.where(before < top_p, ranked, 0.0)
+        ranked[:, 0] = np.maximum(ranked[:, 0], np.finfo(np.float64).tiny)  # keep at least one
+        cum = np.cumsum(ranked, axis=1)  # (B, V)
+        u = rng.random(batch) * cum[:, -1]
+        pick = np.minimum((cum <= u[:, None]).sum(axis=1), vocab - 1)
+        return order[rows, pick]
+    cum = np.cumsum(probs, axis=1)  # (B, V)
+    u = rng.random(batch) * cum[:, -1]
+    return np.minimum((cum <= u[:, None]).sum(axis=1), vocab - 1)
+
+
+def top_k(logp: np.ndarray, k: int) -> np.ndarray:
+    """(B, V) -> (B, k) ids of the k largest entries per row, largest first."""
+    batch, vocab = logp.shape
+    k = min(k, vocab)
+    if k == 0:
+        return np.zeros((batch, 0), np.int64)
+    if k < vocab:
+        idx = np.argpartition(-logp, k - 1, axis=1)[:, :k]  # (B, k) unordered
+    else:
+        idx = np.broadcast_to(np.arange(vocab), (batch, vocab))
+    vals = np.take_along_axis(logp, idx, axis=1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, axis=1)

@@ -1,0 +1,93 @@
+"""The byte-level BPE tokenizer, seen as bytes: each token id maps to the exact bytes it stands for.
+
+Decoding works on bytes so that generated text can be assembled incrementally (token by token, with
+an incremental UTF-8 decoder) instead of re-decoding the whole completion each step, and so that
+tokens that are only part of a UTF-8 character show as OpenAI shows them (``bytes:\\xe2\\x80``).
+"""
+
+from __future__ import annotations
+
+import codecs
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ByteTokenizer", "bytes_to_unicode", "token_display"]
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters (ByteLevel BPE)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
+
+
+def token_display(raw: bytes) -> str:
+    """A token's OpenAI-style string: its text, or ``bytes:`` + escapes when not valid UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
+                                  for b in raw)
+
+
+class ByteTokenizer:
+    """A ``tokenizers.Tokenizer`` plus the bytes of every token id.
+
+    ``token_bytes[i]`` is what token i contributes to the text: the byte-level-decoded piece for
+    ordinary tokens, the literal content (``<|endoftext|>``) for special tokens.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
+        size = max(vocab.values()) + 1 if vocab else 0
+        decode_char = {c: b for b, c in bytes_to_unicode().items()}
+        special = {token_id: added.content
+                   for token_id, added in tokenizer.get_added_tokens_decoder().items()}
+        table: list[bytes] = [b""] * size
+        for piece, token_id in vocab.items():
+            if token_id in special:
+                table[token_id] = special[token_id].encode("utf-8")
+            elif all(ch in decode_char for ch in piece):
+                table[token_id] = bytes(decode_char[ch] for ch in piece)
+            else:
+                # Not a byte-level piece (a different pre-tokenizer): trust the library's decoder.
+                table[token_id] = tokenizer.decode([token_id],
+                                                   skip_special_tokens=False).encode("utf-8")
+        self.token_bytes: tuple[bytes, ...] = tuple(table)
+        self.token_strings: tuple[str, ...] = tuple(token_display(raw) for raw in table)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ByteTokenizer:
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)))
+
+    def __len__(self) -> int:
+        return len(self.token_bytes)
+
+    def token_id(self, content: str) -> int | None:
+        token_id = self.tokenizer.token_to_id(content)
+        return None if token_id is None else int(token_id)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ``ids``; invalid UTF-8 (a cut-off character) becomes U+FFFD."""
+        table = self.token_bytes
+        return b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
+
+    @staticmethod
+    def incremental_decoder() -> codecs.IncrementalDecoder:
+        """Bytes in, text out, holding back an unfinished UTF-8 character until it completes."""
+        return codecs.getincrementaldecoder("utf-8")(errors="replace")
