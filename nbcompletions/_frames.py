@@ -1,0 +1,685 @@
+"""A Completions response as three tidy DataFrames: choices, tokens and alternatives.
+
+`to_frames(response, request=None, *, vocab_size=None)` returns ``(choices, tokens, alternatives)``.
+It is pure (no I/O) and defensive: every logprobs field may be missing or null, unknown fields are
+ignored, choices may come in any order, and llama.cpp's chat-shaped logprobs
+(``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob"}]}]}``) convert
+like OpenAI's. The input is never mutated.
+
+Column layouts (the constants below name them, in this order). Dtypes are the same on pandas 2
+and 3: strings are Python ``str`` objects in ``object`` columns (pandas 3 would infer its
+Arrow-backed ``str`` dtype; we bypass that so both versions agree and a million tokens are not
+copied into Arrow; use ``.astype("str")`` if you want it). Counts that may be unknown are nullable
+``Int64``; logprobs and everything derived from them are ``float64`` with NaN where unknown.
+
+choices, one row per choice, sorted by ``index``:
+    index (int64), prompt_index (Int64: index // n, NA without the request),
+    choice (Int64: index % n, NA without the request), text (object),
+    finish_reason (object, None where missing), n_tokens (Int64: generated tokens; NA without
+    logprobs), sum_logprob, mean_logprob, perplexity (float64, over generated tokens whose
+    logprob is not null; perplexity = exp(-mean_logprob)), prompt_n_tokens (Int64: echoed prompt
+    tokens, 0 without echo), prompt_sum_logprob, prompt_mean_logprob, prompt_perplexity (float64,
+    the same over the echoed prompt tokens; the first prompt token's logprob is null, so it is not
+    counted).
+
+tokens, one row per token (echoed prompt tokens first within a choice):
+    index (int64), prompt_index (Int64), choice (Int64), position (int64, 0-based within the
+    choice), token (object), logprob (float64, NaN where null), prob (float64, exp(logprob)),
+    text_offset (Int64, as the server sent it: OpenAI counts from the start of the prompt, vLLM
+    from the start of the completion), echo (bool: an echoed prompt token), rank (Int64),
+    top_mass, entropy_low, entropy_high (float64).
+
+alternatives, one row per returned top-logprob entry, sorted by (index, position, rank):
+    index (int64), position (int64), rank (int64, 1 = most likely; ties keep the server's order,
+    null logprobs last), token (object), logprob (float64), prob (float64), chosen (bool: the
+    entry's token equals the chosen token).
+
+Every frame carries ``df.attrs["vocab_size"]``.
+
+Definitions at one position, where the server returned alternatives (else all NA/NaN):
+
+- The *known* tokens are the alternatives plus the chosen token when it is not among them (old
+  OpenAI responses left it out; newer ones add it as entry k+1). ``top_mass`` is their total
+  probability.
+- ``rank`` = 1 + the number of alternatives, other than the chosen token itself, with a strictly
+  higher logprob. Exact when the chosen token is within the top k; k + 1 is a lower bound
+  otherwise.
+- Entropy bounds, in nats. Known part: ``-sum p log p`` over the known tokens. The rest of the
+  mass, ``r = 1 - top_mass``, lies on the ``V - j`` unseen tokens (V = vocab_size, j = known
+  tokens), and each unseen token's probability is at most ``c``, the smallest returned top-k
+  probability (it was not in the top k). ``entropy_high`` spreads r uniformly over the V - j
+  tokens (the maximum for that mass and count); ``entropy_low`` packs r into as few tokens as
+  possible, each at most c (the minimum). Because a response may add the chosen token as an extra
+  entry below the true k-th, c leaves out the chosen token's entry where it might be that extra
+  (more entries than the request's ``logprobs``, or the request unknown): a looser but always
+  valid bound.
+
+Echoed prompt tokens: with ``echo=True`` the first tokens of every choice are the prompt's. How
+many is taken, in this order, from: ``max_tokens=0`` (all of them); a token-id prompt (its
+length); a string prompt and ``text_offset`` starting at 0 (tokens whose offset is below
+``len(prompt)``); a string prompt and the tokens' UTF-8 bytes (``bytes:\\xNN`` tokens included)
+adding up exactly to the prompt's; ``finish_reason == "length"`` with ``max_tokens`` given (the
+last max_tokens tokens of that choice, and the same count for the other choices of the same
+prompt); ``usage.prompt_tokens`` when there is a single prompt. If none applies the split is
+unknown: ``prompt_n_tokens`` and ``n_tokens`` are NA, the sums NaN, and every token has
+``echo=False``. Without the request, nothing is echoed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, TypeGuard
+
+import numpy as np
+import pandas as pd
+
+from ._request import CompletionRequest
+
+__all__ = [
+    "ALTERNATIVE_COLUMNS",
+    "CHOICE_COLUMNS",
+    "DEFAULT_VOCAB_SIZE",
+    "TOKEN_COLUMNS",
+    "to_frames",
+]
+
+#: GPT-2 and GPT-3 byte-level BPE vocabularies; used for the entropy bounds when none is given.
+DEFAULT_VOCAB_SIZE = 50257
+
+CHOICE_COLUMNS: tuple[str, ...] = (
+    "index", "prompt_index", "choice", "text", "finish_reason", "n_tokens", "sum_logprob",
+    "mean_logprob", "perplexity", "prompt_n_tokens", "prompt_sum_logprob", "prompt_mean_logprob",
+    "prompt_perplexity",
+)
+TOKEN_COLUMNS: tuple[str, ...] = (
+    "index", "prompt_index", "choice", "position", "token", "logprob", "prob", "text_offset",
+    "echo", "rank", "top_mass", "entropy_low", "entropy_high",
+)
+ALTERNATIVE_COLUMNS: tuple[str, ...] = (
+    "index", "position", "rank", "token", "logprob", "prob", "chosen",
+)
+
+
+# -------------------------------------------------------------------------------------------------
+# Input normalisation
+
+
+@dataclass(frozen=True)
+class _RequestInfo:
+    """What the frames need to know about the request; None = unknown."""
+
+    n: int | None = None
+    echo: bool = False
+    max_tokens: int | None = None
+    logprobs: int | None = None
+    prompts: list[str | list[int]] | None = None
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _split_prompts(prompt: Any) -> list[str | list[int]] | None:
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list | tuple) and prompt:
+        if all(isinstance(item, str) for item in prompt):
+            return list(prompt)
+        if all(_is_int(item) for item in prompt):
+            return [[int(item) for item in prompt]]
+        if all(isinstance(item, list | tuple) for item in prompt):
+            return [list(item) for item in prompt]
+    return None
+
+
+def _request_info(request: Any) -> _RequestInfo:
+    if request is None:
+        return _RequestInfo()
+    if isinstance(request, CompletionRequest):
+        fields: Mapping[str, Any] = {name: getattr(request, name)
+                                     for name in ("n", "echo", "max_tokens", "logprobs", "prompt")}
+    elif isinstance(request, Mapping):
+        fields = request
+    else:
+        raise TypeError("request must be a CompletionRequest, a request body (mapping) or None; "
+                        f"got {type(request).__name__}")
+    n = fields.get("n")
+    if n is None:
+        n = 1
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"request n must be an integer >= 1; got {n!r}")
+    max_tokens = fields.get("max_tokens")
+    logprobs = fields.get("logprobs")
+    return _RequestInfo(
+        n=int(n),
+        echo=bool(fields.get("echo")),
+        max_tokens=int(max_tokens) if _is_int(max_tokens) else None,
+        logprobs=int(logprobs) if _is_int(logprobs) else None,
+        prompts=_split_prompts(fields.get("prompt")),
+    )
+
+
+def _as_mapping(response: Any) -> Mapping[str, Any]:
+    if isinstance(response, Mapping):
+        return response
+    dump = getattr(response, "model_dump", None)
+    if callable(dump):
+        try:
+            # The openai SDK builds models without validation, so a non-OpenAI logprobs shape would
+            # make pydantic warn on dump; the data is fine and we parse it defensively ourselves.
+            data = dump(warnings=False)
+        except TypeError:
+            data = dump()
+    elif callable(getattr(response, "to_dict", None)):
+        data = response.to_dict()
+    else:
+        raise TypeError("response must be a dict (the JSON body) or an object with .model_dump() "
+                        "or .to_dict() such as the openai SDK's Completion; "
+                        f"got {type(response).__name__}")
+    if not isinstance(data, Mapping):
+        raise TypeError("response.model_dump()/.to_dict() must return a dict; "
+                        f"got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class _Choice:
+    index: int
+    text: str | None = None
+    finish_reason: Any = None
+    has_logprobs: bool = False
+    tokens: list[Any] = field(default_factory=list)
+    logprobs: list[Any] = field(default_factory=list)
+    tops: list[Any] = field(default_factory=list)
+    offsets: list[Any] | None = None  # None: the server sent no text_offset
+
+
+def _list_or_none(value: Any, where: str) -> list[Any] | None:
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, tuple):
+        return list(value)
+    raise ValueError(f"{where} must be a list or null; got {type(value).__name__}")
+
+
+def _padded(values: list[Any] | None, length: int) -> list[Any]:
+    if values is None:
+        return [None] * length
+    if len(values) == length:
+        return values
+    return list(values) + [None] * (length - len(values))
+
+
+def _parse_logprobs(logprobs: Mapping[str, Any], where: str
+                    ) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
+    """(tokens, token_logprobs, top_logprobs, text_offset), equal lengths; offsets None: unsent."""
+    tokens = _list_or_none(logprobs.get("tokens"), f"{where}.tokens")
+    token_logprobs = _list_or_none(logprobs.get("token_logprobs"), f"{where}.token_logprobs")
+    tops = _list_or_none(logprobs.get("top_logprobs"), f"{where}.top_logprobs")
+    offsets = _list_or_none(logprobs.get("text_offset"), f"{where}.text_offset")
+    if tokens is None and token_logprobs is None and tops is None and offsets is None:
+        content = _list_or_none(logprobs.get("content"), f"{where}.content")
+        if content is None:
+            return [], [], [], None
+        return _parse_chat_content(content, f"{where}.content")
+    length = max(len(part) for part in (tokens, token_logprobs, tops, offsets) if part is not None)
+    return (_padded(tokens, length), _padded(token_logprobs, length), _padded(tops, length),
+            None if offsets is None else _padded(offsets, length))
+
+
+def _parse_chat_content(content: list[Any], where: str
+                        ) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
+    for i, entry in enumerate(content):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where}[{i}] must be an object with token and logprob; "
+                             f"got {type(entry).__name__}")
+    # The entries' top_logprobs stay lists of {"token", "logprob"}: two byte tokens can render as
+    # the same string, and a dict would merge them.
+    return ([e.get("token") for e in content], [e.get("logprob") for e in content],
+            [e.get("top_logprobs") for e in content], None)
+
+
+def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
+    raw = body.get("choices")
+    if raw is None:
+        if body.get("error") is not None:
+            raise ValueError(f"response is an error body, not a completion: {body['error']!r}")
+        raw = []
+    if not isinstance(raw, list | tuple):
+        raise ValueError(f"response['choices'] must be a list; got {type(raw).__name__}")
+    # Choices sharing an index are consecutive pieces of one choice (streamed chunks), merged in
+    # order.
+    groups: dict[int, list[tuple[int, Mapping[str, Any]]]] = {}
+    for position, choice in enumerate(raw):
+        if not isinstance(choice, Mapping):
+            raise ValueError(f"response['choices'][{position}] must be an object; "
+                             f"got {type(choice).__name__}")
+        index = choice.get("index")
+        if not _is_int(index) or index < 0:
+            index = position
+        groups.setdefault(int(index), []).append((position, choice))
+    return [_merge_choice(index, groups[index]) for index in sorted(groups)]
+
+
+def _choice_text(choice: Mapping[str, Any]) -> Any:
+    text = choice.get("text")
+    if text is None:
+        for key in ("delta", "message"):  # chat-shaped chunks and messages
+            inner = choice.get(key)
+            if isinstance(inner, Mapping) and inner.get("content") is not None:
+                return inner.get("content")
+    return text
+
+
+def _merge_choice(index: int, pieces: list[tuple[int, Mapping[str, Any]]]) -> _Choice:
+    result = _Choice(index=index)
+    texts: list[str] = []
+    offsets: list[Any] = []
+    offsets_seen = False
+    for position, choice in pieces:
+        text = _choice_text(choice)
+        if text is not None:
+            texts.append(str(text))
+        if choice.get("finish_reason") is not None:
+            result.finish_reason = choice.get("finish_reason")
+        logprobs = choice.get("logprobs")
+        if logprobs is None:
+            continue
+        where = f"response['choices'][{position}].logprobs"
+        if not isinstance(logprobs, Mapping):
+            raise ValueError(f"{where} must be an object or null; got {type(logprobs).__name__}")
+        tokens, token_logprobs, tops, piece_offsets = _parse_logprobs(logprobs, where)
+        result.has_logprobs = True
+        if len(pieces) == 1:  # the common case: keep the parsed lists, no copies
+            result.tokens, result.logprobs, result.tops = tokens, token_logprobs, tops
+            result.offsets = piece_offsets
+            break
+        result.tokens.extend(tokens)
+        result.logprobs.extend(token_logprobs)
+        result.tops.extend(tops)
+        offsets_seen = offsets_seen or piece_offsets is not None
+        offsets.extend(piece_offsets if piece_offsets is not None else [None] * len(tokens))
+    if len(pieces) > 1 and offsets_seen:
+        result.offsets = offsets
+    result.text = "".join(texts) if texts else None
+    return result
+
+
+# -------------------------------------------------------------------------------------------------
+# Echo: how many of a choice's tokens are the prompt's
+
+
+def _token_bytes(token: Any) -> int | None:
+    """Length in UTF-8 bytes of a token string; OpenAI's ``bytes:\\xNN`` form counts its bytes."""
+    if not isinstance(token, str):
+        return None
+    if token.startswith("bytes:"):
+        try:
+            raw = token[6:].encode("latin-1").decode("unicode_escape").encode("latin-1")
+        except (UnicodeError, ValueError):
+            return None
+        return len(raw)
+    return len(token.encode("utf-8", "surrogatepass"))
+
+
+def _prompt_len_from_text(choice: _Choice, prompt: str) -> int | None:
+    length = len(choice.tokens)
+    if choice.offsets is not None and length:
+        offsets = np.array(choice.offsets, dtype=np.float64)
+        if (offsets.ndim == 1 and not np.isnan(offsets).any() and offsets[0] == 0
+                and bool(np.all(np.diff(offsets) >= 0))):
+            return int(np.count_nonzero(offsets < len(prompt)))
+    target = len(prompt.encode("utf-8", "surrogatepass"))
+    total = 0
+    for count, token in enumerate(choice.tokens):
+        if total == target:
+            return count
+        size = _token_bytes(token)
+        if size is None:
+            return None
+        total += size
+        if total > target:
+            return None
+    return length if total == target else None
+
+
+def _prompt_lengths(choices: list[_Choice], info: _RequestInfo, body: Mapping[str, Any]
+                    ) -> list[int | None]:
+    if not info.echo:
+        return [0] * len(choices)
+    if info.max_tokens == 0:
+        return [len(c.tokens) for c in choices]
+    n = info.n or 1
+    prompts = info.prompts
+    found: list[int | None] = []
+    for choice in choices:
+        prompt = None
+        if prompts is not None and choice.index // n < len(prompts):
+            prompt = prompts[choice.index // n]
+        if isinstance(prompt, list):
+            found.append(min(len(prompt), len(choice.tokens)))
+        elif isinstance(prompt, str):
+            found.append(_prompt_len_from_text(choice, prompt))
+        else:
+            found.append(None)
+    if all(value is not None for value in found):
+        return found
+    # A choice cut at max_tokens ends with exactly max_tokens generated tokens; its prompt length
+    # holds for every choice of the same prompt.
+    by_prompt: dict[int, int] = {}
+    if info.max_tokens is not None:
+        for choice in choices:
+            extra = len(choice.tokens) - info.max_tokens
+            if choice.finish_reason == "length" and extra >= 0:
+                by_prompt.setdefault(choice.index // n, extra)
+    usage = body.get("usage")
+    single_prompt = prompts is not None and len(prompts) == 1
+    usage_prompt = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    for i, choice in enumerate(choices):
+        if found[i] is not None:
+            continue
+        if choice.index // n in by_prompt:
+            found[i] = min(by_prompt[choice.index // n], len(choice.tokens))
+        elif single_prompt and _is_int(usage_prompt) and 0 <= usage_prompt <= len(choice.tokens):
+            found[i] = int(usage_prompt)
+    return found
+
+
+# -------------------------------------------------------------------------------------------------
+# Vectorised building blocks
+
+
+def _floats(values: list[Any], where: str) -> np.ndarray:
+    """float64 array; None (JSON null) becomes NaN."""
+    try:
+        array = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        bad = next((v for v in values if v is not None and not isinstance(v, int | float)), None)
+        raise ValueError(f"{where} must hold numbers or nulls; got {bad!r}") from exc
+    if array.ndim != 1:
+        raise ValueError(f"{where} must hold numbers or nulls; got nested lists")
+    return array
+
+
+def _objects(values: Iterable[Any], count: int) -> np.ndarray:
+    # fromiter never turns equal-length nested sequences into a 2-D array, unlike np.array.
+    return np.fromiter(values, dtype=object, count=count)
+
+
+def _entry_count(entry: Any) -> int:
+    if entry is None:
+        return 0
+    if isinstance(entry, Mapping | list | tuple):
+        return len(entry)
+    raise ValueError("each top_logprobs entry must be an object {token: logprob}, a list of "
+                     f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}")
+
+
+def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position counts, and the flattened alternative tokens and logprobs."""
+    n_positions = len(tops)
+    try:
+        counts = np.fromiter(map(len, tops), dtype=np.intp, count=n_positions)
+        present = tops
+    except TypeError:  # null entries (the first echoed token) or junk, checked one by one
+        counts = np.fromiter(map(_entry_count, tops), dtype=np.intp, count=n_positions)
+        present = [entry for entry in tops if entry]
+    total = int(counts.sum())
+    try:
+        # The fast path: OpenAI/vLLM dicts with float values, flattened in C.
+        tokens = _objects(chain.from_iterable(map(dict.keys, present)), total)
+        logprobs = np.fromiter(chain.from_iterable(map(dict.values, present)), dtype=np.float64,
+                               count=total)
+    except (TypeError, ValueError):
+        tokens, logprobs = _flatten_alternatives_slow(present, total)
+    return counts, tokens, logprobs
+
+
+def _flatten_alternatives_slow(present: list[Any], total: int) -> tuple[np.ndarray, np.ndarray]:
+    tokens: list[Any] = []
+    values: list[Any] = []
+    for entry in present:
+        if not entry:
+            continue
+        if isinstance(entry, Mapping):
+            tokens.extend(entry.keys())
+            values.extend(entry.values())
+        elif isinstance(entry, list | tuple):
+            for item in entry:
+                if not isinstance(item, Mapping):
+                    raise ValueError("top_logprobs list entries must be objects with token and "
+                                     f"logprob; got {type(item).__name__}: {item!r}")
+                tokens.append(item.get("token"))
+                values.append(item.get("logprob"))
+        else:
+            _entry_count(entry)  # raises the explanatory error
+    return _objects(tokens, total), _floats(values, "top_logprobs values")
+
+
+def _int64(values: np.ndarray, missing: np.ndarray | None = None) -> pd.arrays.IntegerArray:
+    if missing is None:
+        missing = np.zeros(len(values), dtype=bool)
+    return pd.arrays.IntegerArray(np.asarray(values, dtype=np.int64), missing)
+
+
+def _frame(columns: dict[str, Any], length: int, vocab_size: int) -> pd.DataFrame:
+    index = pd.RangeIndex(length)
+    data = {}
+    for name, values in columns.items():
+        if isinstance(values, np.ndarray) and values.dtype == object:
+            # Explicit object dtype: pandas 3 would otherwise infer (and copy into) its str dtype.
+            data[name] = pd.Series(values, index=index, dtype=object, copy=False)
+        else:
+            data[name] = pd.Series(values, index=index, copy=False)
+    frame = pd.DataFrame(data, index=index, copy=False)
+    frame.attrs["vocab_size"] = vocab_size
+    return frame
+
+
+def _segment_min(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Minimum of each segment of ``values`` (segments of ``counts`` rows); +inf for empty ones."""
+    result = np.full(len(counts), np.inf)
+    nonempty = counts > 0
+    if values.size:
+        starts = (np.cumsum(counts) - counts)[nonempty]
+        result[nonempty] = np.minimum.reduceat(values, starts)
+    return result
+
+
+def _xlogx(x: np.ndarray) -> np.ndarray:
+    """x * log(x) with 0 log 0 = 0."""
+    safe = np.where(x > 0, x, 1.0)
+    return np.where(x > 0, x * np.log(safe), 0.0)
+
+
+def _entropy_bounds(known_h: np.ndarray, mass: np.ndarray, n_known: np.ndarray, cap: np.ndarray,
+                    vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    rest = np.clip(1.0 - mass, 0.0, 1.0)
+    unseen = np.maximum(vocab_size - n_known, 1).astype(np.float64)
+    # Uniform over every unseen token: the most entropy that mass can carry.
+    high = known_h - (_xlogx(rest) - rest * np.log(unseen))
+    # As few tokens as possible at the cap c, plus one remainder: the least entropy. If the cap
+    # cannot hold the mass on the unseen tokens (clamped logprobs, a vocab_size too small), drop it.
+    c = np.minimum(cap, rest)
+    feasible = (c > 0) & (rest <= unseen * c)
+    c = np.where(feasible, c, rest)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        full = np.where(c > 0, np.floor(rest / np.where(c > 0, c, 1.0)), 0.0)
+    remainder = np.clip(rest - full * c, 0.0, None)
+    low = known_h - full * _xlogx(c) - _xlogx(remainder)
+    # Rounding can put the packed value a hair above the uniform one when they coincide.
+    return np.minimum(low, high), high
+
+
+# -------------------------------------------------------------------------------------------------
+# The frames
+
+
+def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | None = None, *,
+              vocab_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Convert a Completions response into ``(choices, tokens, alternatives)`` DataFrames.
+
+    ``response`` is the JSON body (a dict), a merged streamed response, or an ``openai`` SDK object.
+    ``request`` (a `CompletionRequest` or a request body) tells ``n`` (for ``prompt_index`` and
+    ``choice``) and whether, and how many, prompt tokens were echoed. ``vocab_size`` (default
+    50257) enters the entropy bounds. See the module docstring for every column.
+    """
+    if vocab_size is None:
+        vocab_size = DEFAULT_VOCAB_SIZE
+    if not _is_int(vocab_size) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an integer >= 1; got {vocab_size!r}")
+    vocab_size = int(vocab_size)
+    info = _request_info(request)
+    body = _as_mapping(response)
+    choices = _collect_choices(body)
+    prompt_lens = _prompt_lengths(choices, info, body)
+
+    n_choices = len(choices)
+    choice_index = np.array([c.index for c in choices], dtype=np.int64)
+    lengths = np.array([len(c.tokens) for c in choices], dtype=np.intp)
+    n_rows = int(lengths.sum())
+    row_choice = np.repeat(np.arange(n_choices), lengths)
+    starts = np.cumsum(lengths) - lengths
+    position = np.arange(n_rows) - np.repeat(starts, lengths)
+
+    if n_choices == 1:
+        only = choices[0]
+        tokens = _objects(only.tokens, n_rows)
+        token_logprobs = _floats(only.logprobs, "logprobs.token_logprobs")
+        tops = only.tops
+    else:
+        tokens = _objects(chain.from_iterable(c.tokens for c in choices), n_rows)
+        token_logprobs = _floats(list(chain.from_iterable(c.logprobs for c in choices)),
+                                 "logprobs.token_logprobs")
+        tops = list(chain.from_iterable(c.tops for c in choices))
+    token_probs = np.exp(token_logprobs)
+
+    offsets = _floats(list(chain.from_iterable(
+        c.offsets if c.offsets is not None else [None] * len(c.tokens) for c in choices)),
+        "logprobs.text_offset") if n_rows else np.zeros(0)
+    offsets_missing = np.isnan(offsets)
+    text_offset = _int64(np.where(offsets_missing, 0, offsets), offsets_missing)
+
+    resolved = np.array([p is not None for p in prompt_lens], dtype=bool)
+    prompt_n = np.array([p or 0 for p in prompt_lens], dtype=np.intp)
+    echo = position < np.repeat(prompt_n, lengths)
+
+    # Alternatives, flattened: alt_row[i] is the token row that alternative i belongs to.
+    counts, alt_tokens, alt_logprobs = _flatten_alternatives(tops)
+    has_alts = counts > 0
+    alt_row = np.repeat(np.arange(n_rows), counts)
+    chosen = alt_tokens == tokens[alt_row]
+    alt_probs = np.exp(alt_logprobs)
+    alt_known = ~np.isnan(alt_logprobs)
+    chosen_logprob = token_logprobs[alt_row]
+
+    higher = ~chosen & (alt_logprobs > chosen_logprob)
+    rank_missing = ~has_alts | np.isnan(token_logprobs)
+    token_rank = _int64(1 + np.bincount(alt_row[higher], minlength=n_rows), rank_missing)
+
+    chosen_listed = np.bincount(alt_row[chosen], minlength=n_rows) > 0
+    chosen_extra = has_alts & ~chosen_listed & ~np.isnan(token_logprobs)
+    mass = (np.bincount(alt_row, weights=np.where(alt_known, alt_probs, 0.0), minlength=n_rows)
+            + np.where(chosen_extra, token_probs, 0.0))
+    known_h = -(np.bincount(alt_row, weights=_xlogx(np.where(alt_known, alt_probs, 0.0)),
+                            minlength=n_rows)
+                + np.where(chosen_extra, _xlogx(np.nan_to_num(token_probs)), 0.0))
+    n_known = np.bincount(alt_row[alt_known], minlength=n_rows) + chosen_extra
+    # The chosen token's entry may be an extra one below the true top k: keep it out of the cap
+    # unless the request says the list holds no more than k entries.
+    maybe_extra = chosen if info.logprobs is None else chosen & (counts[alt_row] > info.logprobs)
+    cap = _segment_min(np.where(alt_known & ~maybe_extra, alt_probs, np.inf), counts)
+    entropy_low, entropy_high = _entropy_bounds(known_h, mass, n_known, cap, vocab_size)
+    top_mass = np.where(has_alts, mass, np.nan)
+    entropy_low = np.where(has_alts, entropy_low, np.nan)
+    entropy_high = np.where(has_alts, entropy_high, np.nan)
+
+    # Alternatives sorted by rank within each position; a stable sort keeps the server's order on
+    # ties.
+    sort_key = np.where(alt_known, -alt_logprobs, np.inf)
+    widths = np.unique(counts[has_alts])
+    if len(widths) == 1:
+        width = int(widths[0])
+        order = np.argsort(sort_key.reshape(-1, width), axis=1, kind="stable")
+        permutation = (order + (np.arange(order.shape[0]) * width)[:, None]).ravel()
+        alt_rank = np.tile(np.arange(1, width + 1, dtype=np.int64), order.shape[0])
+    else:
+        permutation = np.lexsort((sort_key, alt_row))
+        alt_starts = np.cumsum(counts) - counts
+        alt_rank = (np.arange(len(alt_row)) - alt_starts[alt_row] + 1).astype(np.int64)
+
+    # Per-choice statistics.
+    n = info.n
+    if n is None:
+        prompt_index = _int64(np.zeros(n_choices), np.ones(n_choices, dtype=bool))
+        choice_k = prompt_index
+    else:
+        prompt_index = _int64(choice_index // n)
+        choice_k = _int64(choice_index % n)
+
+    logprob_known = ~np.isnan(token_logprobs)
+    row_resolved = np.repeat(resolved, lengths)
+
+    def stats(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        count = np.bincount(row_choice[mask], minlength=n_choices)
+        total = np.bincount(row_choice[mask], weights=token_logprobs[mask], minlength=n_choices)
+        total = np.where(count > 0, total, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / count
+        return total, mean, np.exp(-mean)
+
+    generated = ~echo & row_resolved
+    sum_lp, mean_lp, ppl = stats(generated & logprob_known)
+    p_sum_lp, p_mean_lp, p_ppl = stats(echo & logprob_known)
+    with_logprobs = np.array([c.has_logprobs for c in choices], dtype=bool)
+    unknown = ~with_logprobs | ~resolved
+    n_generated = _int64(np.bincount(row_choice[generated], minlength=n_choices), unknown)
+    n_prompt = _int64(prompt_n, unknown)
+    for column in (sum_lp, mean_lp, ppl, p_sum_lp, p_mean_lp, p_ppl):
+        column[unknown] = np.nan
+
+    choices_frame = _frame({
+        "index": choice_index,
+        "prompt_index": prompt_index,
+        "choice": choice_k,
+        "text": _objects((c.text for c in choices), n_choices),
+        "finish_reason": _objects((c.finish_reason for c in choices), n_choices),
+        "n_tokens": n_generated,
+        "sum_logprob": sum_lp,
+        "mean_logprob": mean_lp,
+        "perplexity": ppl,
+        "prompt_n_tokens": n_prompt,
+        "prompt_sum_logprob": p_sum_lp,
+        "prompt_mean_logprob": p_mean_lp,
+        "prompt_perplexity": p_ppl,
+    }, n_choices, vocab_size)
+
+    tokens_frame = _frame({
+        "index": choice_index[row_choice],
+        "prompt_index": prompt_index[row_choice],
+        "choice": choice_k[row_choice],
+        "position": position.astype(np.int64),
+        "token": tokens,
+        "logprob": token_logprobs,
+        "prob": token_probs,
+        "text_offset": text_offset,
+        "echo": echo,
+        "rank": token_rank,
+        "top_mass": top_mass,
+        "entropy_low": entropy_low,
+        "entropy_high": entropy_high,
+    }, n_rows, vocab_size)
+
+    alt_choice_row = row_choice[alt_row]
+    alternatives_frame = _frame({
+        "index": choice_index[alt_choice_row],
+        "position": position[alt_row].astype(np.int64),
+        "rank": alt_rank,
+        "token": alt_tokens[permutation],
+        "logprob": alt_logprobs[permutation],
+        "prob": alt_probs[permutation],
+        "chosen": chosen[permutation],
+    }, len(alt_row), vocab_size)
+    return choices_frame, tokens_frame, alternatives_frame
