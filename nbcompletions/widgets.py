@@ -15,14 +15,14 @@ import json
 import math
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from ._errors import APIError, NBCompletionsError, RequestError
-from ._request import FIELDS, CompletionRequest, Limits
+from ._errors import APIError, RequestError
+from ._request import CompletionRequest, Limits
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FRAME_ROWS",
+    "MAX_HIGHLIGHTED",
     "SWEEP_FIELDS",
     "SWEEP_METRICS",
     "Playground",
@@ -46,6 +47,8 @@ __all__ = [
 
 #: How many rows of each frame the Playground's tabs show; the full frames are on ``.result``.
 FRAME_ROWS = 200
+#: How many choices the Playground shows as highlighted text (n can be 128).
+MAX_HIGHLIGHTED = 8
 #: logprobs choices when a server sets no cap (llama.cpp).
 UNCAPPED_LOGPROBS = 20
 
@@ -220,7 +223,6 @@ SWEEP_FIELDS: dict[str, type] = {
     "n": int,
     "best_of": int,
     "stop": str,
-    "suffix": str,
 }
 
 
@@ -382,10 +384,16 @@ class Playground(widgets.VBox):
         self.logit_bias_preview = widgets.HTML(value="")
 
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
+        self.runs = 0
         self.status = widgets.HTML(value="")
         self.error = widgets.HTML(value="")
         self.streamed = widgets.HTML(value="")
         self.highlighted = widgets.HTML(value="")
+        # Classes the browser test (and user CSS) can find the parts by.
+        self.add_class("nbc-playground")
+        self.status.add_class("nbc-status")
+        self.error.add_class("nbc-error-area")
+        self.highlighted.add_class("nbc-highlight")
         self.frames_tabs = {name: widgets.HTML(value="") for name in
                             ("choices", "tokens", "alternatives")}
         self.plot_outputs = {name: widgets.Output() for name in
@@ -526,8 +534,10 @@ class Playground(widgets.VBox):
         elapsed = time.perf_counter() - started
         self.result = completion
         self.last_error = None
+        self.runs += 1
         usage = completion.usage or {}
-        self.status.value = (f"<small>{usage.get('completion_tokens', '?')} tokens generated, "
+        self.status.value = (f"<small>run #{self.runs}: "
+                             f"{usage.get('completion_tokens', '?')} tokens generated, "
                              f"{usage.get('prompt_tokens', '?')} in the prompt, "
                              f"{elapsed:.2f} s</small>")
         try:
@@ -537,12 +547,10 @@ class Playground(widgets.VBox):
         return completion
 
     def _send(self, request: CompletionRequest) -> Completion:
-        fields = {name: getattr(request, name) for name in FIELDS
-                  if name != "prompt" and getattr(request, name) is not None}
         if not request.stream:
-            return self._client.complete(request.prompt, **fields)
+            return self._client.complete_request(request)
         texts: dict[int, str] = {}
-        with self._client.stream(request.prompt, **fields) as stream:
+        with self._client.stream_request(request) as stream:
             for chunk in stream:
                 if chunk.text:
                     texts[chunk.index] = texts.get(chunk.index, "") + chunk.text
@@ -565,7 +573,16 @@ class Playground(widgets.VBox):
             self.frames_tabs[name].value = _frame_html(frame)
         has_logprobs = len(tokens) > 0 and bool(tokens["logprob"].notna().any())
         if has_logprobs:
-            self.highlighted.value = _html_of(plots.highlight(tokens, alternatives=alternatives))
+            indices = sorted(int(i) for i in tokens["index"].dropna().unique())
+            blocks = []
+            for index in indices[:MAX_HIGHLIGHTED]:
+                label = f"<small>choice {index}</small>" if len(indices) > 1 else ""
+                text = _html_of(plots.highlight(tokens, alternatives=alternatives, index=index))
+                blocks.append(f'<div class="nbc-tokens">{label}{text}</div>')
+            if len(indices) > MAX_HIGHLIGHTED:
+                blocks.append(f"<small>… and {len(indices) - MAX_HIGHLIGHTED} more choices in the "
+                              "frames</small>")
+            self.highlighted.value = "".join(blocks)
             figures = {
                 "token_probabilities": lambda: plots.token_probabilities(tokens),
                 "entropy": lambda: plots.entropy(tokens),
@@ -593,20 +610,26 @@ class Playground(widgets.VBox):
 
 @dataclass(frozen=True)
 class SweepPlan:
-    """What a SweepBuilder's controls describe: ``sweep(client, **kwargs)`` plus its size."""
+    """What a SweepBuilder's controls describe: ``nbcompletions.sweep(client, **kwargs)``.
+
+    ``n_requests`` and ``token_estimate`` come from the sweeps module's own grid and estimate
+    (`nbcompletions._sweep.expand_grid`, `estimate_tokens`), so they are what `sweep` will send.
+    """
 
     kwargs: dict[str, Any]
     axes: dict[str, list[Any]] = field(default_factory=dict)
     n_requests: int = 0
-    token_estimate: int | None = None
+    token_estimate: int = 0
+    estimate_method: str = ""
 
 
 class SweepBuilder(widgets.VBox):
     """Choose the axes of a sweep, see its request count and token estimate, run it, see the plot.
 
-    ``SweepBuilder(client=None, prompt=...)``. Each axis is a request field and comma-separated
-    values; every combination is requested ``repeats`` times. `plan` is what the controls describe;
-    `run` runs it through `nbcompletions.sweep`; `result` is the last `SweepResult`.
+    ``SweepBuilder(client=None, prompt=..., axes={"temperature": "0, 0.7, 1.4"}, repeats=3)``.
+    Each axis is a request field and comma-separated values; every combination, for every prompt
+    (one per line), is requested ``repeats`` times. `plan` is what the controls describe; `run` runs
+    it through `nbcompletions.sweep` with a progress bar; `result` is the last `SweepResult`.
     """
 
     N_AXES = 3
@@ -633,9 +656,9 @@ class SweepBuilder(widgets.VBox):
                                                                      range(cap + 1)],
                                          value=min(1, cap), description="logprobs")
         self.repeats = widgets.IntText(value=repeats, description="repeats")
-        self.cache = widgets.Text(value="", placeholder="cache file (blank: none)",
-                                  description="cache")
-        given = list((axes or {"temperature": "0, 0.5, 1, 1.5"}).items())
+        self.cache = widgets.Text(value="", placeholder="blank: no cache",
+                                  description="cache file")
+        given = list((axes if axes is not None else {"temperature": "0, 0.5, 1, 1.5"}).items())
         field_options = [("(none)", "")] + [(name, name) for name in SWEEP_FIELDS]
         self.axis_fields: list[widgets.Dropdown] = []
         self.axis_values: list[widgets.Text] = []
@@ -651,9 +674,13 @@ class SweepBuilder(widgets.VBox):
         self.error = widgets.HTML(value="")
         self.run_button = widgets.Button(description="Run sweep", button_style="primary",
                                          icon="play")
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="progress")
-        self.progress_label = widgets.Label(value="")
+        # tqdm's notebook bar is displayed into this Output while a sweep runs.
+        self.progress = widgets.Output()
+        self.status = widgets.HTML(value="")
         self.plot = widgets.Output()
+        self.add_class("nbc-sweep-builder")
+        self.summary.add_class("nbc-summary")
+        self.status.add_class("nbc-status")
 
         axes_rows = [widgets.HBox([f, v]) for f, v in zip(self.axis_fields, self.axis_values,
                                                           strict=True)]
@@ -661,8 +688,8 @@ class SweepBuilder(widgets.VBox):
             self.prompts,
             widgets.HBox([self.model, self.max_tokens, self.logprobs]),
             widgets.HBox([self.repeats, self.cache]),
-            *axes_rows, self.y, self.summary, self.error,
-            widgets.HBox([self.run_button, self.progress, self.progress_label]), self.plot,
+            *axes_rows, self.summary, self.error,
+            widgets.HBox([self.run_button, self.status]), self.progress, self.y, self.plot,
         ], **kwargs)
         self.run_button.on_click(self._on_click)
         for control in self._controls():
@@ -680,14 +707,12 @@ class SweepBuilder(widgets.VBox):
     @property
     def plan(self) -> SweepPlan:
         """The sweep the controls describe; raises `RequestError` naming a field that is wrong."""
+        from ._sweep import estimate_tokens, expand_grid
+
         prompts = [_unescape(line) for line in self.prompts.value.splitlines() if line.strip()]
         if not prompts:
-            raise RequestError("prompt", "give at least one prompt (one per line)",
+            raise RequestError("prompt", "give at least one prompt (one per line); got none",
                                allowed="one or more lines", value=self.prompts.value)
-        repeats = self.repeats.value
-        if repeats < 1:
-            raise RequestError("repeats", f"repeats must be an integer >= 1; got {repeats}",
-                               allowed="an integer >= 1", value=repeats)
         axes: dict[str, list[Any]] = {}
         for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
             if not field_box.value:
@@ -696,25 +721,22 @@ class SweepBuilder(widgets.VBox):
                 raise RequestError(field_box.value, f"{field_box.value} is chosen for two axes",
                                    allowed="each field on one axis at most", value=field_box.value)
             axes[field_box.value] = parse_values(field_box.value, values_box.value)
-        base: dict[str, Any] = {"model": self.model.value or None,
-                                "max_tokens": self.max_tokens.value,
-                                "logprobs": self.logprobs.value}
-        base = {k: v for k, v in base.items() if v is not None and k not in axes}
-        limits = self._client.limits or Limits()
-        # Build every combination's request once here, so a bad value is reported before running.
-        n_requests = 0
-        total_n = 0
-        for combo in _combinations(axes):
-            for prompt in prompts:
-                request = CompletionRequest(prompt=prompt, **base, **combo, limits=limits)
-                n_requests += repeats
-                total_n += repeats * max(request.effective_n, request.best_of or 1)
-        kwargs: dict[str, Any] = {"prompt": prompts if len(prompts) > 1 else prompts[0],
-                                  "repeats": repeats, **base, **axes}
+        fields: dict[str, Any] = {"model": self.model.value or None,
+                                  "max_tokens": self.max_tokens.value,
+                                  "logprobs": self.logprobs.value}
+        fields = {k: v for k, v in fields.items() if v is not None and k not in axes}
+        for name, values in axes.items():
+            # A list of strings is ONE stop setting to the API; one list per value makes an axis.
+            fields[name] = [[v] for v in values] if name == "stop" else values
+        prompt: Any = prompts if len(prompts) > 1 else prompts[0]
+        grid = expand_grid(self._client, prompt, repeats=self.repeats.value, **fields)
+        estimate, method = estimate_tokens([point.request for point in grid.points],
+                                           model=self.model.value or grid.model)
+        kwargs: dict[str, Any] = {"prompt": prompt, "repeats": self.repeats.value, **fields}
         if self.cache.value.strip():
             kwargs["cache"] = self.cache.value.strip()
-        return SweepPlan(kwargs=kwargs, axes=axes, n_requests=n_requests,
-                         token_estimate=_token_estimate(self._client, kwargs, prompts, total_n))
+        return SweepPlan(kwargs=kwargs, axes=axes, n_requests=len(grid.points),
+                         token_estimate=estimate, estimate_method=method)
 
     def _on_change(self, change: Any) -> None:
         try:
@@ -725,11 +747,14 @@ class SweepBuilder(widgets.VBox):
             return
         self.error.value = ""
         self.last_error = None
-        estimate = ("unknown" if plan.token_estimate is None else f"about {plan.token_estimate:,}")
         axes = " × ".join(f"{name} ({len(values)})" for name, values in plan.axes.items())
-        self.summary.value = (f"<b>{plan.n_requests:,}</b> requests"
-                              f"{' over ' + html.escape(axes) if axes else ''}; "
-                              f"tokens: {estimate}")
+        prompts = plan.kwargs["prompt"]
+        n_prompts = len(prompts) if isinstance(prompts, list) else 1
+        self.summary.value = (
+            f"<b>{plan.n_requests:,}</b> requests = {n_prompts} prompt(s)"
+            f"{' × ' + html.escape(axes) if axes else ''} × {plan.kwargs['repeats']} repeats; "
+            f"at most about <b>{plan.token_estimate:,}</b> tokens "
+            f"<small>(prompts counted by {html.escape(plan.estimate_method)})</small>")
 
     def _show_error(self, exc: BaseException) -> None:
         self.last_error = exc
@@ -742,7 +767,10 @@ class SweepBuilder(widgets.VBox):
             self._show_error(exc)
 
     def run(self) -> SweepResult | None:
-        """Run the planned sweep with progress; show the sweep plot. Errors appear in the widget."""
+        """Run the planned sweep with a progress bar and show the sweep plot.
+
+        Errors are shown in the widget and returned as None (kept on `last_error`).
+        """
         from ._sweep import sweep
 
         try:
@@ -752,32 +780,24 @@ class SweepBuilder(widgets.VBox):
             return None
         self.error.value = ""
         self.run_button.disabled = True
-        self.progress.max = max(plan.n_requests, 1)
-        self.progress.value = 0
-        self.progress.bar_style = ""
+        self.status.value = f"<i>running {plan.n_requests:,} requests…</i>"
+        self.progress.clear_output()
         try:
-            result = sweep(self._client, progress=self._progress_callback(plan.n_requests),
-                           **plan.kwargs)
+            with self.progress:
+                result = sweep(self._client, progress=True, **plan.kwargs)
         except Exception as exc:
-            self.progress.bar_style = "danger"
+            self.status.value = ""
             self._show_error(exc)
             return None
         finally:
             self.run_button.disabled = False
-        self.progress.value = self.progress.max
-        self.progress.bar_style = "success"
         self.result = result
         self.last_error = None
+        failed = f", {result.n_failed} failed" if result.n_failed else ""
+        self.status.value = (f"<small>{len(result):,} requests: {result.n_cached:,} from the "
+                             f"cache{failed}</small>")
         self._show_plot()
         return result
-
-    def _progress_callback(self, total: int) -> Callable[[int, int], None]:
-        def update(done: int, total_now: int = total) -> None:
-            self.progress.max = max(total_now, 1)
-            self.progress.value = min(done, self.progress.max)
-            self.progress_label.value = f"{done}/{total_now}"
-
-        return update
 
     def _on_y(self, change: Any) -> None:
         if self.result is not None:
@@ -788,50 +808,28 @@ class SweepBuilder(widgets.VBox):
 
     def _show_plot(self) -> None:
         from . import plots
+        from .metrics import per_choice
 
         if self.result is None:
             return
-        from .metrics import per_choice
-
         axes = [name for name in (box.value for box in self.axis_fields) if name]
         choices = per_choice(self.result.choices, self.result.tokens)
-        if not axes:
-            self.plot.outputs = (_note_output("choose an axis to plot against"),)
-            return
-        kwargs: dict[str, Any] = {"x": axes[0], "y": self.y.value}
-        if len(axes) > 1:
-            kwargs["color"] = axes[1]
-        elif "prompt" in choices and choices["prompt"].nunique() > 1:
-            kwargs["color"] = "prompt"
-        if len(axes) > 2:
-            kwargs["facet_col"] = axes[2]
+        several_prompts = ("prompt" in choices.columns
+                           and choices["prompt"].nunique(dropna=True) > 1)
+        kwargs: dict[str, Any] = {"y": self.y.value}
+        if axes:
+            kwargs["x"] = axes[0]
+            rest = axes[1:] + (["prompt"] if several_prompts else [])
+        else:
+            kwargs["x"] = "prompt"
+            rest = []
+        if rest:
+            kwargs["color"] = rest[0]
+        if len(rest) > 1:
+            kwargs["facet_col"] = rest[1]
         self.plot.outputs = (_figure_output(plots.sweep(choices, **kwargs)),)
 
     def __repr__(self) -> str:
         axes = [box.value for box in self.axis_fields if box.value]
         return (f"SweepBuilder(endpoint={getattr(self._client, 'endpoint', '?')!r}, axes={axes!r}, "
                 f"result={'set' if self.result else 'none'})")
-
-
-def _combinations(axes: Mapping[str, Sequence[Any]]) -> Iterable[dict[str, Any]]:
-    import itertools
-
-    names = list(axes)
-    for values in itertools.product(*(axes[name] for name in names)):
-        yield dict(zip(names, values, strict=True))
-
-
-def _token_estimate(client: Client, kwargs: Mapping[str, Any], prompts: Sequence[str],
-                    total_n: int) -> int | None:
-    """The sweeps module's token estimate for this sweep, or None where it cannot tell."""
-    try:
-        from ._sweep import estimate_tokens
-    except ImportError:
-        return None
-    try:
-        return int(estimate_tokens(client, **kwargs))
-    except NBCompletionsError:
-        raise
-    except Exception:
-        return None
-

@@ -1,4 +1,4 @@
-"""Widgets, tested by setting their state in Python (no browser; tests/test_browser.py renders them)."""
+"""Widgets, tested by setting their state in Python (no browser: tests/test_browser.py renders)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _state(**changes: Any) -> dict[str, Any]:
     return state
 
 
-# -- pure state -> request ----------------------------------------------------------------------------
+# -- pure state -> request -------------------------------------------------------------------------
 
 def test_default_state_sends_only_the_core_fields() -> None:
     request = playground_request(_state())
@@ -123,3 +123,270 @@ def test_parse_values_types_and_errors() -> None:
 def test_request_body_is_json() -> None:
     body = playground_request(_state(stop=["\\n", "", "", ""], logit_bias="1: 1")).to_body()
     assert json.loads(json.dumps(body)) == body
+
+
+# -- widgets with a client -------------------------------------------------------------------------
+
+def _all_widgets(root: Any) -> list[Any]:
+    """Every widget reachable from ``root`` through children and widget-valued traits."""
+    import ipywidgets
+
+    seen: dict[str, Any] = {}
+    stack = [root]
+    while stack:
+        widget = stack.pop()
+        if widget.model_id in seen:
+            continue
+        seen[widget.model_id] = widget
+        for name in widget.keys:
+            value = getattr(widget, name)
+            items = value if isinstance(value, list | tuple) else [value]
+            stack.extend(item for item in items if isinstance(item, ipywidgets.Widget))
+    return list(seen.values())
+
+
+def _synced_state(root: Any) -> str:
+    return json.dumps([w.get_state() for w in _all_widgets(root)], default=str)
+
+
+def _refusing_client(seen: list[Any], status: int = 401) -> Any:
+    """A Client whose every request is answered with an error (fault injection)."""
+    import httpx
+
+    from nbcompletions import Client
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(status, json={"error": {
+            "message": "Incorrect API key provided" if status == 401 else "the server broke",
+            "type": "invalid_request_error" if status == 401 else "server_error",
+            "param": None, "code": None}})
+
+    return Client("http://never-contacted.invalid/v1", api_key=FAKE_KEY, model="nbc-shakespeare",
+                  max_retries=0, transport=httpx.MockTransport(answer))
+
+
+def test_no_api_key_in_widget_state_or_repr() -> None:
+    from nbcompletions.widgets import Playground, SweepBuilder
+
+    seen: list[Any] = []
+    client = _refusing_client(seen)
+    playground = Playground(client, prompt="To be")
+    builder = SweepBuilder(client, prompt="To be")
+    playground.run()
+    # The key was really used (so it was there to leak) ...
+    assert seen
+    assert all(r.headers["authorization"] == f"Bearer {FAKE_KEY}" for r in seen)
+    # ... and the server's refusal is shown, but the key is in no synced trait of any child.
+    assert "401" in playground.error.value
+    for root in (playground, builder):
+        assert len(_all_widgets(root)) > 20
+        assert FAKE_KEY not in _synced_state(root)
+        assert FAKE_KEY not in repr(root)
+    assert FAKE_KEY[-10:] not in _synced_state(playground)
+
+
+def test_server_error_appears_in_the_widget() -> None:
+    from nbcompletions import APIError
+    from nbcompletions.widgets import Playground
+
+    seen: list[Any] = []
+    playground = Playground(_refusing_client(seen, status=500), prompt="To be")
+    assert playground.model.options == ("nbc-shakespeare",)  # /v1/models failed: the client's
+    assert "the server broke" in playground.error.value
+    assert playground.run() is None
+    assert isinstance(playground.last_error, APIError)
+    assert "500" in playground.error.value
+    assert "the server broke" in playground.error.value
+    assert playground.result is None
+    assert not playground.run_button.disabled
+
+
+def test_button_click_shows_errors_instead_of_raising() -> None:
+    from nbcompletions.widgets import Playground
+
+    playground = Playground(_refusing_client([], status=500), prompt="To be")
+    playground.run_button.click()  # a callback's exception would be lost in the kernel log
+    assert "the server broke" in playground.error.value
+
+
+@pytest.fixture
+def playground(embedded_client: Any) -> Any:
+    from nbcompletions.widgets import Playground
+
+    return Playground(embedded_client, prompt="ROMEO:", max_tokens=6)
+
+
+def test_controls_set_the_request(playground: Any) -> None:
+    assert playground.model.options == ("nbc-shakespeare",)
+    playground.temperature.value = 0.3
+    playground.top_p.value = 0.8
+    playground.frequency_penalty.value = 1.0
+    playground.presence_penalty.value = 0.5
+    playground.logprobs.value = 2
+    playground.max_tokens.value = 9
+    playground.n.value = 2
+    playground.best_of.value = 3
+    playground.seed.value = "7"
+    playground.echo.value = True
+    playground.stop[1].value = "\\n"
+    playground.logit_bias.value = "50256: -100"
+    assert playground.request == CompletionRequest(
+        prompt="ROMEO:", model="nbc-shakespeare", temperature=0.3, top_p=0.8,
+        frequency_penalty=1.0, presence_penalty=0.5, logprobs=2, max_tokens=9, n=2, best_of=3,
+        seed=7, echo=True, stop=["\n"], logit_bias={"50256": -100})
+    assert playground.error.value == ""
+    assert "50256" in playground.logit_bias_preview.value
+
+
+def test_slider_ranges_are_the_api_ranges(playground: Any) -> None:
+    assert (playground.temperature.min, playground.temperature.max) == (0.0, 2.0)
+    assert (playground.top_p.min, playground.top_p.max) == (0.0, 1.0)
+    for slider in (playground.frequency_penalty, playground.presence_penalty):
+        assert (slider.min, slider.max) == (-2.0, 2.0)
+    assert [value for _, value in playground.logprobs.options] == [None, 0, 1, 2, 3, 4, 5]
+    assert len(playground.stop) == 4
+
+
+@pytest.mark.parametrize(("control", "value", "param"), [
+    ("max_tokens", -3, "max_tokens"),
+    ("best_of", 0, "best_of"),
+    ("seed", "abc", "seed"),
+    ("logit_bias", "1: 500", "logit_bias"),
+    ("logit_bias", '"ROMEO": ten', "logit_bias"),
+])
+def test_invalid_setting_is_shown_and_not_sent(playground: Any, control: str, value: Any,
+                                                param: str) -> None:
+    getattr(playground, control).value = value
+    assert param in playground.error.value
+    assert isinstance(playground.last_error, RequestError)
+    with pytest.raises(RequestError):
+        playground.request  # noqa: B018 - the property is what is tested
+    assert playground.run() is None
+    assert playground.result is None
+    # Fixing the value clears the error.
+    getattr(playground, control).value = {"max_tokens": 4, "best_of": 1, "seed": "",
+                                          "logit_bias": ""}[control]
+    assert playground.error.value == ""
+
+
+def test_run_shows_tokens_frames_and_plots(playground: Any) -> None:
+    completion = playground.run()
+    assert completion is not None
+    assert playground.result is completion
+    assert playground.error.value == ""
+    assert "run #1:" in playground.status.value
+    assert completion.usage["completion_tokens"] == len(completion.tokens) == 6
+    # Highlighted tokens, with the alternatives in each token's tooltip.
+    assert 'class="nbc-tokens"' in playground.highlighted.value
+    assert "title=" in playground.highlighted.value
+    for name in ("choices", "tokens", "alternatives"):
+        assert "<table" in playground.frames_tabs[name].value
+    for name, output in playground.plot_outputs.items():
+        (item,) = output.outputs
+        assert "application/vnd.plotly.v1+json" in item["data"], name
+        assert item["data"]["application/vnd.plotly.v1+json"]["data"], name
+    assert '"max_tokens": 6' in playground.request_view.value
+    assert json.dumps([o.outputs for o in playground.plot_outputs.values()])  # JSON-safe
+
+
+def test_run_without_logprobs_shows_plain_text(playground: Any) -> None:
+    playground.logprobs.value = None
+    completion = playground.run()
+    assert completion is not None
+    assert "set logprobs" in playground.plot_outputs["entropy"].outputs[0]["data"]["text/plain"]
+    assert playground.highlighted.value.count("<pre") == 1
+
+
+def test_stream_shows_text_as_it_arrives(playground: Any) -> None:
+    values: list[str] = []
+    playground.streamed.observe(lambda change: values.append(change["new"]), names=["value"])
+    playground.stream.value = True
+    playground.max_tokens.value = 8
+    completion = playground.run()
+    assert completion is not None
+    assert completion.usage["completion_tokens"] == 8
+    # One update per piece, each a longer prefix of the final text.
+    assert len(values) >= 2
+    assert completion.text.strip()[:5] in values[-1] or completion.text == ""
+    assert 'class="nbc-tokens"' in playground.highlighted.value
+
+
+def test_logit_bias_text_goes_through_the_tokenizer(playground: Any,
+                                                    embedded_engine: Any) -> None:
+    (forced,) = embedded_engine.encode(" the")
+    playground.logit_bias.value = '" the": 100'
+    assert playground.request.logit_bias == {str(forced): 100}
+    assert "the" in playground.logit_bias_preview.value
+    completion = playground.run()
+    assert completion is not None
+    assert completion.text == " the" * 6
+
+
+def test_model_side_error_is_shown(playground: Any) -> None:
+    playground.suffix.value = "THE END"  # the embedded model cannot insert
+    assert playground.run() is None
+    assert "suffix" in playground.error.value
+
+
+def test_repr_is_cheap(playground: Any) -> None:
+    assert repr(playground).startswith("Playground(endpoint=")
+    assert len(repr(playground)) < 200
+
+
+# -- SweepBuilder ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def builder(embedded_client: Any) -> Any:
+    from nbcompletions.widgets import SweepBuilder
+
+    return SweepBuilder(embedded_client, prompt="ROMEO:\nJULIET:", max_tokens=3, repeats=2,
+                        axes={"temperature": "0.5, 1.5"})
+
+
+def test_builder_counts_and_estimates_before_running(builder: Any, embedded_client: Any) -> None:
+    from nbcompletions._sweep import estimate_tokens, expand_grid
+
+    plan = builder.plan
+    assert plan.n_requests == 2 * 2 * 2
+    grid = expand_grid(embedded_client, ["ROMEO:", "JULIET:"], repeats=2, temperature=[0.5, 1.5],
+                       max_tokens=3, logprobs=1, model="nbc-shakespeare")
+    assert (plan.token_estimate, plan.estimate_method) == estimate_tokens(
+        [p.request for p in grid.points], model="nbc-shakespeare")
+    assert "<b>8</b> requests" in builder.summary.value
+    builder.axis_fields[1].value = "top_p"
+    builder.axis_values[1].value = "0.5, 0.9, 1"
+    assert builder.plan.n_requests == 24
+    assert "<b>24</b> requests" in builder.summary.value
+
+
+@pytest.mark.parametrize(("axis", "values", "param"), [
+    ("temperature", "0.5, hot", "temperature"),
+    ("temperature", "0.5, 3", "temperature"),
+    ("max_tokens", "1.5", "max_tokens"),
+])
+def test_builder_invalid_axis_is_shown(builder: Any, axis: str, values: str, param: str) -> None:
+    builder.axis_fields[0].value = axis
+    builder.axis_values[0].value = values
+    assert param in builder.error.value
+    assert builder.summary.value == ""
+    assert builder.run() is None
+
+
+def test_builder_runs_and_plots(builder: Any, tmp_path: Any) -> None:
+    builder.cache.value = str(tmp_path / "sweep.sqlite")
+    result = builder.run()
+    assert result is not None
+    assert builder.result is result
+    assert builder.error.value == ""
+    assert len(result) == 8
+    (item,) = builder.plot.outputs
+    figure = item["data"]["application/vnd.plotly.v1+json"]
+    assert figure["data"]
+    builder.y.value = "n_tokens"
+    assert builder.plot.outputs[0] is not item
+    # The cache makes a second run free.
+    again = builder.run()
+    assert again is not None
+    assert again.n_cached == 8
+    assert "8 from the cache" in builder.status.value

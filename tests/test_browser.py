@@ -1,0 +1,170 @@
+"""The playground notebook in a real browser: JupyterLab 4 in headless Chromium.
+
+Starts ``jupyter lab`` on loopback in a temporary root holding a copy of
+``notebooks/05_playground.ipynb``, opens it in Debian's ``chromium`` driven by Playwright, runs
+every cell and checks that the ipywidgets controls and a plotly figure render (which needs the
+ipywidgets and plotly JupyterLab extensions to be installed and working). Then it clicks the Run
+button and checks that a new result arrives through the widget's callback.
+
+Screenshots are written to ``$NBC_SCREENSHOTS`` when set (CI can keep them as artefacts).
+Needs ``apt-get install -y chromium``; skipped, saying so, when that browser is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "05_playground.ipynb"
+WEIGHTS = ROOT / "nbcompletions" / "model" / "files" / "model.safetensors"
+CHROMIUM = os.environ.get("NBC_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage"]
+# Generous: the machine running CI may be slow and the kernel imports pandas, plotly and the model.
+RENDER_TIMEOUT_MS = 180_000
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A JupyterLab server on loopback with the playground notebook; yields the notebook's URL."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"chromium is not installed at {CHROMIUM} (install it: apt-get install -y "
+                    "chromium)")
+    if not WEIGHTS.exists():
+        pytest.skip("the embedded model's weights are not built yet")
+    base = tmp_path_factory.mktemp("lab")
+    root = base / "root"
+    root.mkdir()
+    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    settings = base / "settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)
+    # No "receive Jupyter news?" toast over the page (it would also try to reach the internet).
+    (settings / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    port = _free_port()
+    token = secrets.token_hex(16)
+    env = dict(os.environ)
+    for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL"):
+        env.pop(var, None)
+    # A private Jupyter config/data/runtime so that nothing of the user's leaks in (kernelspecs, lab
+    # settings); the venv's own lab extensions and python3 kernel are still found under sys.prefix.
+    env.update(JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_DATA_DIR=str(base / "data"),
+               JUPYTER_RUNTIME_DIR=str(base / "runtime"), IPYTHONDIR=str(base / "ipython"),
+               JUPYTER_PLATFORM_DIRS="1", PYTHONPATH=str(ROOT))
+    log = open(base / "lab.log", "w")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
+         "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", "--ServerApp.port_retries=0",
+         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
+         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+         f"--LabServerApp.user_settings_dir={base / 'settings'}",
+         f"--LabServerApp.workspaces_dir={base / 'workspaces'}"],
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited ({proc.returncode}):\n"
+                                   f"{(base / 'lab.log').read_text()}")
+            try:
+                if httpx.get(f"{url}/api/status", params={"token": token},
+                             timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("jupyter lab did not answer within 120 s:\n"
+                                   f"{(base / 'lab.log').read_text()}")
+            time.sleep(0.25)
+        yield f"{url}/lab/tree/{NOTEBOOK.name}?token={token}&reset"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _shot(page: object, name: str) -> None:
+    folder = os.environ.get("NBC_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / name), full_page=True)  # type: ignore[attr-defined]
+
+
+def test_playground_renders_in_jupyterlab(lab: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            console_errors: list[str] = []
+            page.on("console", lambda msg: console_errors.append(msg.text)
+                    if msg.type == "error" else None)
+            page.goto(lab)
+            # The notebook is open and its kernel has started.
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=RENDER_TIMEOUT_MS)
+            page.wait_for_function(
+                "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+                " return w && w.sessionContext && w.sessionContext.session"
+                " && w.sessionContext.session.kernel"
+                " && w.sessionContext.session.kernel.connectionStatus === 'connected'"
+                " && w.sessionContext.session.kernel.status === 'idle'; }",
+                timeout=RENDER_TIMEOUT_MS)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+
+            # The Playground: its Run button, its controls, and the highlighted completion that the
+            # notebook's own pg.run() produced.
+            run_button = page.locator(".jupyter-widgets.widget-button", has_text="Run").first
+            run_button.wait_for(timeout=RENDER_TIMEOUT_MS)
+            page.locator(".widget-slider").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            page.locator(".nbc-tokens").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            # A plotly figure, drawn by plotly.js through the JupyterLab extension.
+            page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            page.wait_for_function(
+                "() => { const w = window.jupyterapp.shell.currentWidget;"
+                " return w.sessionContext.session.kernel.status === 'idle'; }",
+                timeout=RENDER_TIMEOUT_MS)
+            _shot(page, "playground-after-run-all.png")
+
+            body = page.inner_text("body")
+            assert "Error displaying widget" not in body
+            assert "Traceback" not in body
+
+            # The button's callback runs in the kernel: a click sends a new request, whose status
+            # line ("run #N: ...") replaces the one the notebook's own pg.run() left.
+            status = page.locator(".nbc-status").first
+            assert "run #1:" in status.inner_text()
+            run_button.click()
+            page.locator(".nbc-status", has_text="run #2:").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS)
+            _shot(page, "playground-after-click.png")
+            assert not [e for e in console_errors if "widget" in e.lower()], console_errors
+        finally:
+            browser.close()
