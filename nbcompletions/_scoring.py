@@ -1,0 +1,359 @@
+"""Scoring text with an endpoint's own log-probabilities, and probing what an endpoint supports.
+
+`ascore` does what lm-evaluation-harness does with a Completions endpoint: send the text as the
+prompt with ``echo=True``, ``logprobs=1`` and ``max_tokens=0``, and add up the log-probabilities the
+server returns for the prompt's own tokens. With a ``context``, ``context + text`` is sent and only
+the tokens of ``text`` are counted.
+
+Where a token straddles the boundary (BPE merged the end of the context with the start of the
+text, e.g. context "The cat" and text "s sat" giving the token "cats"), it is counted with the
+continuation so that every character of the text is scored, and the row's ``straddles`` is True:
+its score then also covers part of the context. Putting the separating space at the start of the
+text (context "The capital of France is", text " Paris") avoids this with GPT-style tokenizers.
+
+The first token of a prompt has no log-probability (nothing precedes it). Scoring a text without a
+context therefore leaves its first token unscored: ``n_tokens`` counts scored tokens only and
+``n_unscored`` says how many were skipped.
+
+`acapabilities` sends four small requests and reports what the endpoint does with them; the answer
+is remembered per client (`cached_capabilities`) and kept with a sweep's results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._errors import APIError, RequestError
+from ._request import CompletionRequest, Limits
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["acapabilities", "ascore", "cached_capabilities"]
+
+SCORE_COLUMNS = ("text", "context", "n_tokens", "sum_logprob", "mean_logprob", "perplexity",
+                 "n_unscored", "straddles")
+
+_PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. It"
+# Probes ask for more logprobs than OpenAI allows: the point is to find out what the server takes.
+_PROBE_LIMITS = Limits(max_logprobs=None)
+
+_capabilities: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _async_client(client: Any) -> Any:
+    return getattr(client, "async_client", client)
+
+
+# -- parsing a logprobs object ---------------------------------------------------------------------
+
+def _first_choice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
+    choices = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
+    if not choices:
+        return {}
+    return min(choices, key=_choice_index)
+
+
+def _choice_index(choice: Mapping[str, Any]) -> int:
+    index = choice.get("index")
+    return index if isinstance(index, int) else 0
+
+
+def _token_rows(choice: Mapping[str, Any]) -> tuple[list[str], list[float | None], list[int | None],
+                                                     list[dict[str, float] | None]] | None:
+    """(tokens, logprobs, text offsets, top-logprob dicts) of a choice; None without logprobs.
+
+    Accepts the Completions shape and llama.cpp's chat shape; any field may be missing or null.
+    """
+    lp = choice.get("logprobs")
+    if not isinstance(lp, Mapping):
+        return None
+    if isinstance(lp.get("content"), list):  # llama.cpp / chat shape
+        content = [c for c in lp["content"] if isinstance(c, Mapping)]
+        tokens = [str(c.get("token", "")) for c in content]
+        logprobs = [c.get("logprob") if isinstance(c.get("logprob"), int | float) else None
+                    for c in content]
+        tops: list[dict[str, float] | None] = []
+        for c in content:
+            top = c.get("top_logprobs")
+            tops.append({str(t.get("token")): float(t.get("logprob") or 0.0) for t in top
+                         if isinstance(t, Mapping)} if isinstance(top, list) else None)
+        offsets: list[int | None] = [None] * len(tokens)
+        return tokens, logprobs, offsets, tops
+    tokens = [str(t) for t in lp.get("tokens") or []]
+    n = len(tokens)
+
+    def column(name: str) -> list[Any]:
+        values = lp.get(name)
+        values = list(values) if isinstance(values, list) else []
+        return (values + [None] * n)[:n]
+
+    logprobs = [v if isinstance(v, int | float) and not isinstance(v, bool) else None
+                for v in column("token_logprobs")]
+    offsets = [v if isinstance(v, int) and not isinstance(v, bool) else None
+               for v in column("text_offset")]
+    tops = [dict(v) if isinstance(v, Mapping) else None for v in column("top_logprobs")]
+    return tokens, logprobs, offsets, tops
+
+
+def _fill_offsets(tokens: list[str], offsets: list[int | None], start: int = 0) -> list[int]:
+    # Servers that omit text_offset: lay tokens end to end (exact for text tokens; `bytes:` tokens
+    # of split characters make it approximate, which only matters at the context boundary).
+    filled: list[int] = []
+    position = start
+    for token, offset in zip(tokens, offsets, strict=True):
+        if offset is not None:
+            position = offset
+        filled.append(position)
+        position += 0 if token.startswith("bytes:") else len(token)
+    return filled
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+def _echo_refused(exc: APIError) -> APIError:
+    error = APIError(
+        f"this endpoint refused echo with logprobs ({exc}); scoring needs the log-probabilities "
+        "of the prompt's own tokens (echo=True, logprobs, max_tokens=0), which some servers "
+        "(llama.cpp, several OpenAI models) do not offer", status=exc.status,
+        type="echo_logprobs_unsupported", param=exc.param, code=exc.code, body=exc.body)
+    error.__cause__ = exc
+    return error
+
+
+def _dropped(prompt: str) -> APIError:
+    return APIError(
+        "this endpoint accepted echo with logprobs but returned no log-probabilities for the "
+        f"prompt's tokens (it dropped them silently), so {prompt[:40]!r} cannot be scored",
+        type="echo_logprobs_unsupported")
+
+
+async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
+    prompt = context + text
+    try:
+        request = CompletionRequest(prompt=prompt, echo=True, logprobs=1, max_tokens=0,
+                                    model=getattr(aclient, "model", None), limits=_PROBE_LIMITS)
+        completion = await aclient.complete_request(request)
+    except APIError as exc:
+        if exc.status == 400 and exc.param == "max_tokens":
+            # A server that insists on generating: ask for one token and ignore it below.
+            request = request.replace(max_tokens=1)
+            try:
+                completion = await aclient.complete_request(request)
+            except APIError as again:
+                raise (_echo_refused(again) if again.status == 400 else again) from None
+        elif exc.status == 400:
+            raise _echo_refused(exc) from None
+        else:
+            raise
+    raw = completion.raw
+    rows = _token_rows(_first_choice(raw))
+    if rows is None or not rows[0]:
+        raise _dropped(prompt)
+    tokens, logprobs, raw_offsets, _ = rows
+    usage = raw.get("usage") if isinstance(raw.get("usage"), Mapping) else {}
+    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    offsets = _fill_offsets(tokens, raw_offsets)
+    # The prompt's tokens come first; generated ones (a max_tokens=1 fallback) start at len(prompt).
+    if isinstance(prompt_tokens, int) and 0 < prompt_tokens <= len(tokens):
+        count = prompt_tokens
+    else:
+        count = sum(1 for off in offsets if off < len(prompt)) if prompt else len(tokens)
+    if count == 0 or (count > 1 and all(lp is None for lp in logprobs[:count])):
+        raise _dropped(prompt)
+    ends = [*offsets[1:count], len(prompt)]
+    boundary = len(context)
+    scored: list[float] = []
+    unscored = 0
+    straddles = False
+    for i in range(count):
+        if ends[i] <= boundary:  # wholly inside the context
+            continue
+        if offsets[i] < boundary:
+            straddles = True
+        value = logprobs[i]
+        if value is None:
+            unscored += 1
+        else:
+            scored.append(float(value))
+    total = float(sum(scored))
+    n = len(scored)
+    mean = total / n if n else math.nan
+    return {"text": text, "context": context or None, "n_tokens": n, "sum_logprob": total,
+            "mean_logprob": mean, "perplexity": math.exp(-mean) if n else math.nan,
+            "n_unscored": unscored, "straddles": straddles}
+
+
+def _as_texts(texts: Any) -> list[str]:
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, Sequence) and texts and all(isinstance(t, str) for t in texts):
+        return list(texts)
+    raise RequestError("texts", f"texts must be a string or a non-empty list of strings; got "
+                       f"{texts!r}"[:300], allowed="a string or a non-empty list of strings",
+                       value=texts)
+
+
+async def ascore(aclient: Any, texts: str | Sequence[str], *,
+                 context: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """Log-probability of each text under the endpoint's model, one row per text.
+
+    Columns: ``text``, ``context``, ``n_tokens`` (scored tokens), ``sum_logprob``, ``mean_logprob``,
+    ``perplexity`` (exp of minus the mean), ``n_unscored`` (tokens without a logprob: the first
+    token when there is no context), ``straddles`` (a token spans the context/text boundary; see the
+    module docstring). ``context`` is one string for every text or one per text. Requests run
+    concurrently under the client's limit. A server that refuses echo with logprobs, or drops the
+    prompt's logprobs, raises `APIError` with ``type="echo_logprobs_unsupported"``.
+    """
+    import pandas as pd
+
+    aclient = _async_client(aclient)
+    items = _as_texts(texts)
+    if context is None:
+        contexts = [""] * len(items)
+    elif isinstance(context, str):
+        contexts = [context] * len(items)
+    elif (isinstance(context, Sequence) and len(context) == len(items)
+          and all(isinstance(c, str) for c in context)):
+        contexts = list(context)
+    else:
+        raise RequestError("context", f"context must be None, a string, or a list of "
+                           f"{len(items)} strings (one per text); got {context!r}"[:300],
+                           allowed="None, a string or one string per text", value=context)
+    for i, text in enumerate(items):
+        if not text:
+            raise RequestError("texts", f"texts[{i}] is empty: there is nothing to score",
+                               allowed="non-empty strings", value=text)
+    rows = await asyncio.gather(*(_score_one(aclient, t, c)
+                                  for t, c in zip(items, contexts, strict=True)))
+    frame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
+    frame["n_tokens"] = frame["n_tokens"].astype("int64")
+    frame["n_unscored"] = frame["n_unscored"].astype("int64")
+    frame["straddles"] = frame["straddles"].astype(bool)
+    return frame
+
+
+# -- capabilities ----------------------------------------------------------------------------------
+
+def cached_capabilities(client: Any) -> dict[str, Any] | None:
+    """The capabilities already probed for this client, or None."""
+    try:
+        found = _capabilities.get(_async_client(client))
+    except TypeError:  # not weak-referenceable
+        return None
+    return dict(found) if found is not None else None
+
+
+async def _try(aclient: Any, **fields: Any) -> tuple[dict[str, Any] | None, APIError | None]:
+    try:
+        request = CompletionRequest(prompt=_PROBE_PROMPT, model=getattr(aclient, "model", None),
+                                    limits=_PROBE_LIMITS, **fields)
+        completion = await aclient.complete_request(request)
+    except APIError as exc:
+        if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 403,
+                                                                                     404, 429):
+            return None, exc
+        raise  # auth, unknown model, rate limits, outages: not a capability question
+    return completion.raw, None
+
+
+def _shape(choice: Mapping[str, Any]) -> str | None:
+    lp = choice.get("logprobs")
+    if not isinstance(lp, Mapping):
+        return None
+    return "chat" if isinstance(lp.get("content"), list) else "completions"
+
+
+async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any]:
+    """Probe the endpoint once (4 small requests) and report what it does. Cached per client.
+
+    Keys:
+    - ``echo_logprobs``: "honoured" (prompt tokens come back with logprobs), "dropped" (accepted
+      but no prompt logprobs: scoring would be silently wrong), or "refused" (HTTP 400).
+    - ``max_logprobs``: the largest of 1, 5, 20 that the server accepted, and
+      ``logprobs_returned``: {asked: alternatives actually returned} (servers may cap silently).
+    - ``sampled_in_top_logprobs``: True when the sampled token is added to top_logprobs even if it
+      is not among the top k (OpenAI today, vLLM), False when it is not, None when undecided.
+    - ``text_offset_origin``: "prompt" (generated offsets start at len(prompt), OpenAI) or
+      "completion" (they start at 0, vLLM) or None.
+    - ``logprobs_shape``: "completions" or "chat" (llama.cpp); ``endpoint`` and ``model``.
+    """
+    aclient = _async_client(aclient)
+    if not refresh:
+        known = cached_capabilities(aclient)
+        if known is not None:
+            return known
+    result: dict[str, Any] = {"endpoint": getattr(aclient, "endpoint", None),
+                              "model": getattr(aclient, "model", None)}
+
+    raw, refused = await _try(aclient, echo=True, logprobs=1, max_tokens=1, temperature=0.0)
+    if refused is not None:
+        result["echo_logprobs"] = "refused"
+        result["echo_logprobs_error"] = str(refused)
+    else:
+        assert raw is not None
+        rows = _token_rows(_first_choice(raw))
+        prompt_logprobs = 0
+        if rows is not None:
+            offsets = _fill_offsets(rows[0], rows[2])
+            prompt_logprobs = sum(1 for off, lp in zip(offsets, rows[1], strict=True)
+                                  if off < len(_PROBE_PROMPT) and lp is not None)
+        result["echo_logprobs"] = "honoured" if prompt_logprobs > 0 else "dropped"
+
+    # Sampling hot (temperature 2) makes it likely that some sampled token is not the top one,
+    # which is what tells whether the server adds it to top_logprobs.
+    raw, refused = await _try(aclient, logprobs=1, max_tokens=16, temperature=2.0)
+    included: bool | None = None
+    origin: str | None = None
+    shape: str | None = None
+    if raw is not None:
+        choice = _first_choice(raw)
+        shape = _shape(choice)
+        rows = _token_rows(choice)
+        if rows is not None and rows[0]:
+            tokens, _, raw_offsets, tops = rows
+            first = raw_offsets[0]
+            origin = ("prompt" if first == len(_PROBE_PROMPT) else "completion" if first == 0
+                      else None)
+            for token, top in zip(tokens, tops, strict=True):
+                if not top:
+                    continue
+                if token not in top:
+                    included = False
+                    break
+                if len(top) > 1:
+                    included = True  # sampled token outside the top 1, still listed
+    result["sampled_in_top_logprobs"] = included
+    result["text_offset_origin"] = origin
+    result["logprobs_shape"] = shape
+
+    accepted: int | None = None
+    returned: dict[str, int | None] = {}
+
+    async def ask(asked: int) -> bool:
+        nonlocal accepted
+        raw, refused = await _try(aclient, logprobs=asked, max_tokens=1, temperature=0.0)
+        if refused is not None or raw is None:
+            return False
+        accepted = asked
+        rows = _token_rows(_first_choice(raw))
+        counts = [len(t) for t in rows[3] if t] if rows is not None else []
+        returned[str(asked)] = max(counts) if counts else None
+        return True
+
+    # OpenAI's cap first, then vLLM's; 1 only when even 5 is refused.
+    if await ask(5):
+        await ask(20)
+    else:
+        await ask(1)
+    result["max_logprobs"] = accepted
+    result["logprobs_returned"] = returned
+    # A client that cannot be weak-referenced is simply probed again next time.
+    with contextlib.suppress(TypeError):
+        _capabilities[aclient] = dict(result)
+    return result
