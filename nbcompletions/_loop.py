@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 import os
 import threading
@@ -94,6 +95,41 @@ def _close_if_unstarted(coro: Coroutine[Any, Any, Any], finished: threading.Even
         finished.set()
 
 
+class _Call:
+    """One `run_sync` call; ``start`` and ``cancel`` run on the loop thread, in either order."""
+
+    __slots__ = ("cancelled", "coro", "finished", "future", "task")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.coro = coro
+        self.finished = threading.Event()
+        self.future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self.task: asyncio.Task[Any] | None = None
+        self.cancelled = False
+
+    def start(self) -> None:
+        if self.cancelled:
+            return
+        self.task = asyncio.get_running_loop().create_task(_guarded(self.coro, self.finished))
+        self.task.add_done_callback(self._settle)
+
+    def _settle(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            self.future.cancel()
+        elif task.exception() is not None:
+            self.future.set_exception(task.exception())
+        else:
+            self.future.set_result(task.result())
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.task is None:
+            _close_if_unstarted(self.coro, self.finished)
+        else:
+            self.task.cancel()
+            asyncio.get_running_loop().call_soon(_close_if_unstarted, self.coro, self.finished)
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on the background loop and return its result, from any synchronous code.
 
@@ -109,18 +145,20 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
             "a synchronous nbcompletions call was made from inside nbcompletions' own event loop "
             "thread, which would deadlock; use the AsyncClient and await it there")
     loop = get_loop()
-    finished = threading.Event()
-    future = asyncio.run_coroutine_threadsafe(_guarded(coro, finished), loop)
+    call = _Call(coro)
+    # Ctrl-C can land anywhere below, even inside call_soon_threadsafe; the except clause copes
+    # whether or not ``start`` has been queued or has run.
     try:
+        loop.call_soon_threadsafe(call.start)
         while True:
-            done, _ = concurrent.futures.wait([future], timeout=_POLL_SECONDS)
+            done, _ = concurrent.futures.wait([call.future], timeout=_POLL_SECONDS)
             if done:
-                return future.result()
+                result: T = call.future.result()
+                return result
     except BaseException:
-        if not future.done():
-            future.cancel()
-            loop.call_soon_threadsafe(_close_if_unstarted, coro, finished)
-            finished.wait(_CANCEL_GRACE_SECONDS)
+        if not call.future.done():
+            loop.call_soon_threadsafe(call.cancel)
+            call.finished.wait(_CANCEL_GRACE_SECONDS)
         raise
 
 
@@ -138,15 +176,21 @@ def iter_sync(aiterator: AsyncIterator[T]) -> Generator[T, None, None]:
                 return
             yield item
     finally:
-        aclose = getattr(aiterator, "aclose", None)
-        if aclose is not None:
+        if hasattr(aiterator, "aclose"):
             if in_loop_thread():
                 # Collected on the loop thread itself: we cannot block here, so schedule it.
-                _background_tasks.add(task := asyncio.ensure_future(aclose()))
+                _background_tasks.add(task := asyncio.ensure_future(_aclose(aiterator)))
                 task.add_done_callback(_background_tasks.discard)
             else:
-                run_sync(aclose())
+                run_sync(_aclose(aiterator))
 
 
 async def _anext(aiterator: AsyncIterator[T]) -> T:
     return await aiterator.__anext__()
+
+
+async def _aclose(aiterator: Any) -> None:
+    # "aclose(): asynchronous generator is already running": an interrupted step is still
+    # unwinding; it closes itself when it finishes.
+    with contextlib.suppress(RuntimeError):
+        await aiterator.aclose()
