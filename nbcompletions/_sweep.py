@@ -386,14 +386,14 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
 def _tidy_strings(frame: pd.DataFrame) -> pd.DataFrame:
     """Object columns holding only strings (and missing values) get pandas' string dtype.
 
-    That is the dtype `load_sweep` reads back from Parquet (``str`` on pandas 3, object on pandas 2),
-    so a result and its saved copy compare equal; concatenating failed requests' rows would
-    otherwise leave such columns as object.
+    That is the dtype `load_sweep` reads back from Parquet (``str`` on pandas 3, object on
+    pandas 2), so a result and its saved copy compare equal; concatenating failed requests' rows
+    would otherwise leave such columns as object.
     """
     import pandas as pd
 
     string_dtype = pd.Series(["x"]).dtype
-    if string_dtype == object:
+    if not isinstance(string_dtype, pd.api.extensions.ExtensionDtype):  # pandas 2: object
         return frame
     for name in frame.columns:
         column = frame[name]
