@@ -1,0 +1,145 @@
+"""The numpy GPT-2: parity with `transformers` on the same files, the cache, the pure functions."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_fixture import build_tiny_model
+
+from nbcompletions.model import FILES_DIR, load_engine
+from nbcompletions.model._gpt2 import (
+    KVCache,
+    forward,
+    forward_full,
+    gelu_erf,
+    gelu_tanh,
+    load_weights,
+    log_softmax,
+)
+from nbcompletions.model._tokenizer import ByteTokenizer, token_display
+
+SHIPPED = FILES_DIR / "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="module", params=["tiny", "shipped"])
+def model_dir(request: pytest.FixtureRequest, tiny_dir: Path) -> Path:
+    if request.param == "tiny":
+        return tiny_dir
+    if not SHIPPED.exists():
+        pytest.skip("the shipped model's weights are not built yet")
+    return FILES_DIR
+
+
+def _ids(vocab: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, shape)
+
+
+def test_logits_match_transformers(model_dir: Path) -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    reference = transformers.GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=torch.float32)
+    reference.eval()
+    weights = load_weights(model_dir)
+    ids = _ids(weights.config.vocab_size, (2, min(48, weights.config.n_positions)))
+    ours = forward_full(weights, ids)
+    with torch.no_grad():
+        theirs = reference(torch.tensor(ids)).logits.numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(theirs).max() > 1.0  # a flat distribution would make the comparison meaningless
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    # Next-token log-probabilities agree too (what the API reports).
+    np.testing.assert_allclose(log_softmax(ours), torch.log_softmax(torch.tensor(theirs), -1).numpy(),
+                               atol=1e-4, rtol=0)
+
+
+def test_cached_decoding_equals_full_forward(model_dir: Path) -> None:
+    weights = load_weights(model_dir)
+    steps = min(40, weights.config.n_positions)
+    ids = _ids(weights.config.vocab_size, (3, steps), seed=1)
+    full = forward_full(weights, ids)
+    cache = KVCache.empty(weights.config, 3, steps)
+    parts = [forward(weights, ids[:, :10], cache)]
+    parts += [forward(weights, ids[:, t:t + 1], cache) for t in range(10, steps)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-4, rtol=0)
+
+
+def test_ragged_rows_decode_like_separate_runs(tiny_dir: Path) -> None:
+    """Prompts of different lengths share a decode batch; each row must see only its own past."""
+    weights = load_weights(tiny_dir)
+    short, long_ = _ids(weights.config.vocab_size, (1, 5), 2), _ids(weights.config.vocab_size,
+                                                                    (1, 11), 3)
+    sources = []
+    for prompt in (short, long_):
+        cache = KVCache.empty(weights.config, 1, prompt.shape[1])
+        forward(weights, prompt, cache)
+        sources.append((cache, 2))
+    batch = KVCache.stack(sources, capacity=20)
+    nxt = np.array([[7], [8], [9], [10]])
+    got = forward(weights, nxt, batch)[:, 0]  # (4, V)
+    for row, (prompt, token) in enumerate([(short, 7), (short, 8), (long_, 9), (long_, 10)]):
+        want = forward_full(weights, np.concatenate([prompt, [[token]]], axis=1))[0, -1]
+        np.testing.assert_allclose(got[row], want, atol=1e-4, rtol=0)
+    # Dropping rows keeps the survivors' caches intact.
+    kept = batch.select(np.array([1, 3]))
+    got2 = forward(weights, np.array([[11], [12]]), kept)[:, 0]
+    want2 = forward_full(weights, np.concatenate([long_, [[10, 12]]], axis=1))[0, -1]
+    np.testing.assert_allclose(got2[1], want2, atol=1e-4, rtol=0)
+
+
+def test_log_softmax_is_stable_and_normalised() -> None:
+    x = np.array([[1000.0, 0.0, -1000.0], [1e-3, 2e-3, 3e-3]], np.float32)
+    out = log_softmax(x)
+    assert np.isfinite(out[:, :2]).all()
+    np.testing.assert_allclose(np.exp(out).sum(axis=-1), 1.0, rtol=1e-6)
+    assert out[0, 0] == pytest.approx(0.0, abs=1e-6)
+    assert out[0, 1] == pytest.approx(-1000.0, rel=1e-6)
+
+
+def test_gelu_variants_match_their_formulas() -> None:
+    x = np.linspace(-6, 6, 101, dtype=np.float32)
+    tanh_ref = [0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
+                for v in x.tolist()]
+    erf_ref = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.tolist()]
+    np.testing.assert_allclose(gelu_tanh(x), tanh_ref, atol=1e-6)
+    np.testing.assert_allclose(gelu_erf(x), erf_ref, atol=1e-6)
+
+
+def test_tokenizer_bytes_round_trip_and_partial_utf8(tiny_dir: Path) -> None:
+    tok = ByteTokenizer.from_file(tiny_dir / "tokenizer.json")
+    text = "To be, or not — café 日本語 €!"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert b"".join(tok.token_bytes[i] for i in ids) == text.encode("utf-8")
+    assert tok.token_strings[tok.token_id("<|endoftext|>") or 0] == "<|endoftext|>"
+    partial = [tok.token_strings[i] for i in ids if tok.token_strings[i].startswith("bytes:")]
+    assert partial, "the fixture text must produce tokens that are partial UTF-8"
+    assert token_display(b"\xe2\x80") == "bytes:\\xe2\\x80"
+    assert token_display(b" \xe6") == "bytes: \\xe6"
+    assert token_display("é".encode()) == "é"
+
+
+def test_load_engine_is_lazy_and_cached(tiny_dir: Path) -> None:
+    code = ("import sys, nbcompletions, nbcompletions.model as m; "
+            "assert 'nbcompletions.model._engine' not in sys.modules; "
+            "assert 'safetensors' not in sys.modules; assert not m._engines; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    first = load_engine(tiny_dir)
+    assert load_engine(str(tiny_dir)) is first
+    assert first.vocab_size == 320
+    assert first.context_length == 64
+
+
+def test_load_engine_names_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_engine(tmp_path)
