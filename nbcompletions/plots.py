@@ -518,11 +518,14 @@ def alternatives(
             colorbar={"title": {"text": prob}},
         )
     )
-    for i, j in marks:
-        fig.add_shape(
-            type="rect", x0=ranks[j] - 0.5, x1=ranks[j] + 0.5, y0=i - 0.5, y1=i + 0.5,
-            line={"color": "black", "width": 2}, fillcolor="rgba(0,0,0,0)",
-        )
+    # One assignment: fig.add_shape per cell re-validates every shape so far (quadratic).
+    fig.update_layout(shapes=[
+        {
+            "type": "rect", "x0": ranks[j] - 0.5, "x1": ranks[j] + 0.5, "y0": i - 0.5,
+            "y1": i + 0.5, "line": {"color": "black", "width": 2}, "fillcolor": "rgba(0,0,0,0)",
+        }
+        for i, j in marks
+    ])
     notes = []
     if len(window) < len(all_positions):
         notes.append(
@@ -748,7 +751,7 @@ def sweep(
                 else series.sort_values(x)
             line_color = _PALETTE[number % len(_PALETTE)]
             label = y if color is None else f"{color}={value}"
-            xs = series[x].to_numpy() if x_numeric else series[x].astype(str).to_numpy()
+            xs = series[x].to_numpy() if x_numeric else series[x].map(_category).to_numpy()
             means = series["mean"].to_numpy(dtype=float)
             lows = series["low"].to_numpy(dtype=float)
             highs = series["high"].to_numpy(dtype=float)
@@ -812,6 +815,13 @@ def _sort_key(value: Any) -> tuple[int, Any]:
     if isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool):
         return (0, float(value))
     return (1, str(value))
+
+
+def _category(value: Any) -> str:
+    """Axis label of a category; a missing request field was unset (the server default)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "None"
+    return str(value)
 
 
 def _equal(series: pd.Series, value: Any) -> pd.Series:

@@ -1,0 +1,594 @@
+"""Plots as data: trace types, values, titles and heat-map cells; never pixels."""
+
+from __future__ import annotations
+
+import copy
+import html
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nbcompletions import plots
+
+# The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
+TOKEN_COLUMNS = [
+    "index", "prompt_index", "choice", "position", "token", "logprob", "prob", "text_offset",
+    "echo", "rank", "top_mass", "entropy_low", "entropy_high",
+]
+ALTERNATIVE_COLUMNS = ["index", "position", "rank", "token", "logprob", "prob", "chosen"]
+
+WORDS = ["<b>", " the", "\n", "&amp;", "a\"b'", " x", "  two  spaces", "\t"]
+
+
+def make_frames(
+    n_tokens: int = 8, n_choices: int = 2, k: int = 3, echo_tokens: int = 2, seed: int = 0
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Tokens and alternatives frames in the contract's layout, as an echo+logprobs request gives.
+
+    Position 0 of an echoed prompt has a null logprob and no alternatives; a chosen token drawn
+    at rank k+1 is one the top-k did not contain.
+    """
+    rng = np.random.default_rng(seed)
+    token_rows, alternative_rows = [], []
+    for index in range(n_choices):
+        offset = 0
+        for position in range(n_tokens):
+            echo = position < echo_tokens
+            top = np.sort(np.log(rng.dirichlet(np.ones(k + 2))[:k]))[::-1]
+            chosen_rank = int(rng.integers(1, k + 2))
+            word = WORDS[(position + index) % len(WORDS)]
+            if echo and position == 0:
+                logprob = np.nan
+            elif chosen_rank <= k:
+                logprob = top[chosen_rank - 1]
+            else:
+                logprob = top[-1] - 1.0
+            token_rows.append({
+                "index": index, "prompt_index": 0, "choice": index, "position": position,
+                "token": word, "logprob": logprob, "prob": np.exp(logprob), "text_offset": offset,
+                "echo": echo, "rank": pd.NA if np.isnan(logprob) else chosen_rank,
+                "top_mass": float(np.exp(top).sum()), "entropy_low": 0.5 + 0.1 * position,
+                "entropy_high": 1.0 + 0.2 * position,
+            })
+            offset += len(word)
+            if np.isnan(logprob):
+                continue
+            for rank in range(1, k + 1):
+                alternative_rows.append({
+                    "index": index, "position": position, "rank": rank,
+                    "token": word if rank == chosen_rank else f"alt{rank}<",
+                    "logprob": top[rank - 1], "prob": np.exp(top[rank - 1]),
+                    "chosen": rank == chosen_rank,
+                })
+    tokens = pd.DataFrame(token_rows, columns=TOKEN_COLUMNS)
+    tokens["rank"] = tokens["rank"].astype("Int64")
+    alternatives = pd.DataFrame(alternative_rows, columns=ALTERNATIVE_COLUMNS)
+    return tokens, alternatives
+
+
+def make_sweep_choices() -> pd.DataFrame:
+    """A sweep's choices frame: 3 temperatures x 2 prompts x 3 repeats, one failed request."""
+    rows = []
+    for temperature in (0.0, 0.5, 1.0):
+        for prompt_id in (0, 1):
+            for repeat in range(3):
+                value = -1.0 - temperature - 0.3 * prompt_id + 0.1 * repeat
+                rows.append({
+                    "index": 0, "temperature": temperature, "prompt_id": prompt_id,
+                    "repeat": repeat, "mean_logprob": value, "error": None,
+                    "stop": ["\n"] if repeat % 2 else None,
+                })
+    rows.append({
+        "index": 0, "temperature": 1.0, "prompt_id": 0, "repeat": 3,
+        "mean_logprob": np.nan, "error": "APIError: 500", "stop": None,
+    })
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return make_frames()
+
+
+# -------------------------------------------------------------------------------------------
+# Shared behaviour
+
+
+def all_figures(tokens: pd.DataFrame, alternatives: pd.DataFrame) -> list[go.Figure]:
+    return [
+        plots.token_probabilities(tokens),
+        plots.entropy(tokens),
+        plots.alternatives(alternatives),
+        plots.rank_histogram(tokens),
+        plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob", color="prompt_id"),
+    ]
+
+
+def test_every_plot_returns_a_figure_without_showing_it(frames, monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("plots must never call .show()")
+
+    monkeypatch.setattr(go.Figure, "show", refuse)
+    tokens, alternatives = frames
+    for fig in all_figures(tokens, alternatives):
+        assert isinstance(fig, go.Figure)
+        assert fig.data
+
+
+def test_inputs_are_not_mutated(frames) -> None:
+    tokens, alternatives = frames
+    tokens.attrs["vocab_size"] = 50257
+    choices = make_sweep_choices()
+    before = (copy.deepcopy(tokens), copy.deepcopy(alternatives), copy.deepcopy(choices))
+    all_figures(tokens, alternatives)
+    plots.sweep(choices, x="stop", y="mean_logprob", facet_col="prompt_id", interval="band")
+    plots.highlight(tokens, alternatives=alternatives)
+    pd.testing.assert_frame_equal(tokens, before[0])
+    pd.testing.assert_frame_equal(alternatives, before[1])
+    pd.testing.assert_frame_equal(choices, before[2])
+    assert tokens.attrs == {"vocab_size": 50257}
+
+
+@pytest.mark.parametrize(
+    ("call", "missing"),
+    [
+        (lambda t, a: plots.token_probabilities(t.drop(columns="prob")), "prob"),
+        (lambda t, a: plots.token_probabilities(t, y="probability"), "probability"),
+        (lambda t, a: plots.token_probabilities(t, hover_data=("logprob", "surprise")), "surprise"),
+        (lambda t, a: plots.entropy(t.drop(columns="entropy_high")), "entropy_high"),
+        (lambda t, a: plots.entropy(t.drop(columns="top_mass")), "top_mass"),
+        (lambda t, a: plots.alternatives(a.drop(columns="chosen")), "chosen"),
+        (lambda t, a: plots.alternatives(t.drop(columns="rank")), "rank"),
+        (lambda t, a: plots.rank_histogram(t.drop(columns="rank")), "rank"),
+        (lambda t, a: plots.rank_histogram(t, color="temperature"), "temperature"),
+        (lambda t, a: plots.highlight(t.drop(columns="token")), "token"),
+        (lambda t, a: plots.highlight(t, alternatives=a.drop(columns="prob")), "prob"),
+        (lambda t, a: plots.sweep(make_sweep_choices(), x="top_p", y="mean_logprob"), "top_p"),
+        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob",
+                                  facet_col="model"), "model"),
+    ],
+)
+def test_a_missing_column_is_named_with_the_columns_present(frames, call, missing) -> None:
+    tokens, alternatives = frames
+    with pytest.raises(ValueError, match=rf"'{missing}'[^;]* not in the \w+ frame") as raised:
+        call(tokens, alternatives)
+    assert "columns present: [" in str(raised.value)
+
+
+def test_a_non_frame_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="takes the tokens DataFrame first, got dict"):
+        plots.token_probabilities({"prob": [0.5]})  # type: ignore[arg-type]
+
+
+def test_unknown_index_lists_the_indices_present(frames) -> None:
+    tokens, alternatives = frames
+    with pytest.raises(ValueError, match=r"index 7 is not in the tokens frame; indices present: \[0, 1\]"):
+        plots.token_probabilities(tokens, index=7)
+    with pytest.raises(ValueError, match=r"index 5 is not in the alternatives frame"):
+        plots.alternatives(alternatives, index=5)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda t, a: plots.token_probabilities(t, render_mode="canvas"),
+         r"render_mode must be one of \['auto', 'svg', 'webgl'\], got 'canvas'"),
+        (lambda t, a: plots.alternatives(a, max_positions=0),
+         r"max_positions must be an integer >= 1, got 0"),
+        (lambda t, a: plots.highlight(t, max_positions=2.5),
+         r"max_positions must be an integer >= 1, got 2.5"),
+        (lambda t, a: plots.rank_histogram(t, buckets=(5, 1)),
+         r"buckets must be increasing integers >= 1 .* got \(5, 1\)"),
+        (lambda t, a: plots.rank_histogram(t, buckets=()), r"buckets must be .* got \(\)"),
+        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob", ci=95),
+         r"ci must be a level in \(0, 1\) or None, got 95"),
+        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob",
+                                  interval="ribbon"),
+         r"interval must be one of \['bars', 'band'\], got 'ribbon'"),
+        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="error"),
+         r"column 'error' must be numeric"),
+    ],
+)
+def test_bad_options_name_the_parameter_range_and_value(frames, call, message) -> None:
+    tokens, alternatives = frames
+    with pytest.raises(ValueError, match=message):
+        call(tokens, alternatives)
+
+
+def test_import_nbcompletions_does_not_import_plotly() -> None:
+    code = (
+        "import sys, nbcompletions; assert 'plotly' not in sys.modules, 'plotly imported';"
+        "nbcompletions.plots; assert 'plotly' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -------------------------------------------------------------------------------------------
+# token_probabilities
+
+
+def test_token_probabilities_one_trace_per_choice_and_prompt_part(frames) -> None:
+    tokens, _ = frames
+    fig = plots.token_probabilities(tokens)
+    assert [trace.name for trace in fig.data] == [
+        "index 0 (prompt)", "index 0", "index 1 (prompt)", "index 1",
+    ]
+    generated = tokens[(tokens["index"] == 1) & ~tokens["echo"]].sort_values("position")
+    np.testing.assert_array_equal(fig.data[3].x, generated["position"])
+    np.testing.assert_allclose(fig.data[3].y, generated["prob"])
+    assert fig.data[0].marker.symbol == "circle-open"
+    assert fig.data[0].line.dash == "dot"
+    assert fig.data[1].marker.symbol == "circle"
+    assert all(type(trace) is go.Scatter for trace in fig.data)
+    assert fig.layout.title.text.startswith("Probability of each chosen token")
+    assert fig.layout.xaxis.title.text == "position"
+    assert tuple(fig.layout.yaxis.range) == (-0.02, 1.02)
+
+
+def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) -> None:
+    tokens, _ = frames
+    fig = plots.token_probabilities(tokens, index=0, echo=False)
+    generated = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
+    assert list(fig.data[0].text) == [
+        html.escape(repr(t), quote=False) for t in generated["token"]
+    ]
+    assert "'\\n'" in fig.data[0].text  # a newline token reads as '\n', not a line break
+    assert "'&amp;amp;'" in fig.data[0].text
+    np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
+    np.testing.assert_array_equal(np.asarray(fig.data[0].customdata)[:, 1], generated["rank"])
+    assert "logprob %{customdata[0]" in fig.data[0].hovertemplate
+    assert "rank %{customdata[1]" in fig.data[0].hovertemplate
+
+
+def test_token_probabilities_echo_false_and_index_select_rows(frames) -> None:
+    tokens, _ = frames
+    fig = plots.token_probabilities(tokens, index=[1], echo=False, color=None)
+    assert len(fig.data) == 1
+    assert fig.data[0].name == "all"
+    assert list(fig.data[0].x) == list(range(2, 8))
+
+
+def test_token_probabilities_switches_to_webgl_above_the_threshold() -> None:
+    tokens, _ = make_frames(n_tokens=plots.WEBGL_THRESHOLD + 1, n_choices=1, echo_tokens=0)
+    fig = plots.token_probabilities(tokens)
+    assert type(fig.data[0]) is go.Scattergl
+    assert "WebGL" in fig.layout.title.text
+    assert type(plots.token_probabilities(tokens, render_mode="svg").data[0]) is go.Scatter
+    small, _ = make_frames()
+    assert type(plots.token_probabilities(small, render_mode="webgl").data[0]) is go.Scattergl
+
+
+def test_token_probabilities_of_an_empty_frame_says_so(frames) -> None:
+    tokens, _ = frames
+    fig = plots.token_probabilities(tokens.iloc[:0])
+    assert len(fig.data) == 0
+    assert "no tokens to plot" in fig.layout.title.text
+
+
+# -------------------------------------------------------------------------------------------
+# entropy
+
+
+def test_entropy_band_fills_between_the_bounds_with_coverage_below(frames) -> None:
+    tokens, _ = frames
+    fig = plots.entropy(tokens, index=0)
+    low, high, coverage = fig.data
+    choice = tokens[tokens["index"] == 0].sort_values("position")
+    np.testing.assert_allclose(low.y, choice["entropy_low"])
+    np.testing.assert_allclose(high.y, choice["entropy_high"])
+    np.testing.assert_allclose(high.customdata, choice["entropy_low"])
+    assert high.fill == "tonexty"
+    assert low.fill is None
+    np.testing.assert_allclose(coverage.y, choice["top_mass"])
+    assert coverage.yaxis == "y2"
+    assert high.yaxis == "y"
+    assert fig.layout.yaxis2.title.text == "top-k mass (top_mass)"
+    assert fig.layout.yaxis.title.text == "entropy (nats)"
+    # The echoed prompt (positions 0-1) is shaded.
+    prompt = [shape for shape in fig.layout.shapes if shape.type == "rect"]
+    assert [(s.x0, s.x1) for s in prompt][0] == (-0.5, 1.5)
+
+
+def test_entropy_bands_pair_up_per_choice_and_coverage_can_be_left_out(frames) -> None:
+    tokens, _ = frames
+    fig = plots.entropy(tokens, coverage=None, echo=False)
+    assert len(fig.data) == 4
+    assert [trace.fill for trace in fig.data] == [None, "tonexty", None, "tonexty"]
+    assert fig.data[1].legendgroup == fig.data[0].legendgroup == "index 0"
+    assert "yaxis2" not in fig.layout.to_plotly_json()
+    assert not fig.layout.shapes
+
+
+# -------------------------------------------------------------------------------------------
+# alternatives
+
+
+def test_alternatives_heat_map_cells_hold_probabilities_and_tokens(frames) -> None:
+    _, alternatives = frames
+    fig = plots.alternatives(alternatives, index=1)
+    heatmap = fig.data[0]
+    assert type(heatmap) is go.Heatmap
+    choice = alternatives[alternatives["index"] == 1]
+    positions = sorted(choice["position"].unique())
+    assert list(heatmap.x) == [1, 2, 3]
+    assert list(fig.layout.yaxis.ticktext) == [str(p) for p in positions]
+    z = np.asarray(heatmap.z, dtype=float)
+    text = np.asarray(heatmap.text, dtype=object)
+    for row in choice.itertuples():
+        i, j = positions.index(row.position), row.rank - 1
+        assert z[i, j] == pytest.approx(row.prob)
+        label = html.escape(
+            row.token.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t"), quote=False
+        )
+        assert text[i, j] == (f"<b>{label} ✓</b>" if row.chosen else label)
+    assert (heatmap.zmin, heatmap.zmax) == (0.0, 1.0)
+    assert heatmap.texttemplate == "%{text}"
+
+
+def test_alternatives_outlines_each_chosen_cell(frames) -> None:
+    _, alternatives = frames
+    fig = plots.alternatives(alternatives, index=0)
+    choice = alternatives[alternatives["index"] == 0]
+    positions = sorted(choice["position"].unique())
+    chosen = choice[choice["chosen"]]
+    outlined = {((s.x0 + s.x1) / 2, (s.y0 + s.y1) / 2) for s in fig.layout.shapes}
+    assert outlined == {(r.rank, positions.index(r.position)) for r in chosen.itertuples()}
+
+
+def test_alternatives_caps_positions_and_says_so_in_the_title() -> None:
+    _, alternatives = make_frames(n_tokens=300, n_choices=1, echo_tokens=0)
+    fig = plots.alternatives(alternatives)
+    assert np.asarray(fig.data[0].z).shape == (100, 3)
+    assert "positions 0–99 of 300 shown (max_positions=100" in fig.layout.title.text
+    fig = plots.alternatives(alternatives, start=250, max_positions=20)
+    assert list(fig.layout.yaxis.ticktext) == [str(p) for p in range(250, 270)]
+    assert "positions 250–269 of 300 shown" in fig.layout.title.text
+    whole = plots.alternatives(alternatives, max_positions=300)
+    assert "shown" not in whole.layout.title.text
+
+
+def test_alternatives_refuses_frames_with_several_completions_per_index(frames) -> None:
+    _, alternatives = frames
+    twice = pd.concat([alternatives.assign(request_id=0), alternatives.assign(request_id=1)])
+    with pytest.raises(ValueError, match=r"more than one completion .*request_id =="):
+        plots.alternatives(twice)
+
+
+# -------------------------------------------------------------------------------------------
+# rank_histogram
+
+
+def test_rank_histogram_counts_gltr_buckets(frames) -> None:
+    tokens, _ = frames
+    fig = plots.rank_histogram(tokens, normalize=False)
+    ranks = tokens["rank"].dropna().astype(int)
+    expected = [(ranks == 1).sum(), ((ranks >= 2) & (ranks <= 5)).sum(), (ranks > 5).sum()]
+    assert list(fig.data[0].x) == ["1", "2–5", ">5"]
+    assert list(fig.data[0].y) == expected
+    assert "2 tokens without a rank left out" in fig.layout.title.text
+    shares = plots.rank_histogram(tokens)
+    np.testing.assert_allclose(shares.data[0].y, np.array(expected) / sum(expected))
+
+
+def test_rank_histogram_buckets_are_a_parameter_and_color_splits_choices(frames) -> None:
+    tokens, _ = frames
+    fig = plots.rank_histogram(tokens, buckets=(1, 2, 3), color="index", normalize=False)
+    assert [trace.name for trace in fig.data] == ["index 0", "index 1"]
+    assert list(fig.data[0].x) == ["1", "2", "3", ">3"]
+    ranks = tokens.loc[tokens["index"] == 0, "rank"].dropna().astype(int)
+    assert list(fig.data[0].y) == [(ranks == r).sum() for r in (1, 2, 3)] + [(ranks > 3).sum()]
+    assert fig.layout.barmode == "group"
+    wide = plots.rank_histogram(tokens, buckets=(3, 10))
+    assert list(wide.data[0].x) == ["1–3", "4–10", ">10"]
+
+
+# -------------------------------------------------------------------------------------------
+# sweep
+
+T_975 = {2: 4.302652729749464}  # Student t quantile at 0.975 with 2 degrees of freedom
+
+
+def test_sweep_plots_mean_and_t_interval_over_repeats() -> None:
+    choices = make_sweep_choices()
+    fig = plots.sweep(choices, x="temperature", y="mean_logprob", color="prompt_id")
+    assert [trace.name for trace in fig.data] == ["prompt_id=0", "prompt_id=1"]
+    ok = choices[choices["error"].isna() & (choices["prompt_id"] == 1)]
+    grouped = ok.groupby("temperature")["mean_logprob"]
+    np.testing.assert_allclose(fig.data[1].x, [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(fig.data[1].y, grouped.mean())
+    half = T_975[2] * grouped.std() / np.sqrt(3)
+    np.testing.assert_allclose(fig.data[1].error_y.array, half)
+    np.testing.assert_allclose(fig.data[1].error_y.arrayminus, half)
+    assert fig.data[1].mode == "lines+markers"
+    assert "1 failed request left out" in fig.layout.title.text
+    assert "95% CI" in fig.layout.title.text
+
+
+def test_sweep_band_facets_and_no_interval() -> None:
+    choices = make_sweep_choices()
+    fig = plots.sweep(
+        choices, x="temperature", y="mean_logprob", facet_col="prompt_id", interval="band"
+    )
+    bands = [trace for trace in fig.data if trace.fill == "toself"]
+    means = [trace for trace in fig.data if trace.fill != "toself"]
+    assert len(bands) == len(means) == 2
+    assert [trace.xaxis for trace in means] == ["x", "x2"]
+    assert [a.text for a in fig.layout.annotations] == ["prompt_id=0", "prompt_id=1"]
+    assert means[0].error_y.array is None
+    none = plots.sweep(choices, x="temperature", y="mean_logprob", ci=None)
+    assert none.data[0].error_y.array is None
+    assert "CI" not in none.layout.title.text
+
+
+def test_sweep_with_a_categorical_list_valued_parameter() -> None:
+    fig = plots.sweep(make_sweep_choices(), x="stop", y="mean_logprob")
+    assert list(fig.data[0].x) == ["['\\n']", "None"]
+    assert fig.data[0].mode == "markers"
+    assert fig.layout.xaxis.type == "category"
+
+
+def test_sweep_counts_rows_without_a_value() -> None:
+    choices = make_sweep_choices().drop(columns="error")
+    fig = plots.sweep(choices, x="temperature", y="mean_logprob")
+    assert "1 row without mean_logprob left out" in fig.layout.title.text
+
+
+# -------------------------------------------------------------------------------------------
+# highlight
+
+
+class SpanCollector(HTMLParser):
+    """Text and attributes of every <span> with a data-prob attribute, in document order."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.spans: list[dict[str, str]] = []
+        self._depth = 0
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.add(tag)
+        attributes = dict(attrs)
+        if tag == "span" and "data-prob" in attributes:
+            self.spans.append({**attributes, "text": ""})
+            self._depth = 1
+        elif tag == "span" and self._depth:
+            self._depth += 1
+
+    def handle_endtag(self, tag):
+        if tag == "span" and self._depth:
+            self._depth -= 1
+
+    def handle_data(self, data):
+        if self._depth:
+            self.spans[-1]["text"] += data
+
+
+def parse(markup: str) -> SpanCollector:
+    parser = SpanCollector()
+    parser.feed(markup)
+    parser.close()
+    return parser
+
+
+def assert_self_contained(markup: str) -> None:
+    assert "<script" not in markup.lower()
+    assert not re.search(r"https?:|//|url\(|@import|\bon\w+=", markup, flags=re.IGNORECASE)
+
+
+def test_highlight_is_self_contained_escaped_and_one_span_per_token(frames) -> None:
+    tokens, alternatives = frames
+    result = plots.highlight(tokens, alternatives=alternatives, index=0)
+    markup = result.html
+    assert result._repr_html_() == markup
+    assert_self_contained(markup)
+    assert "&lt;b&gt;" in markup
+    assert "<b>" not in markup
+    choice = tokens[tokens["index"] == 0].sort_values("position")
+    spans = parse(markup).spans
+    assert len(spans) == len(choice) == result.n_tokens
+    for span, row in zip(spans, choice.itertuples(), strict=True):
+        assert span["text"] == row.token.replace("\n", "↵")
+        if np.isnan(row.prob):
+            assert span["data-prob"] == ""
+            assert "no logprob" in span["title"]
+        else:
+            assert float(span["data-prob"]) == pytest.approx(row.prob, rel=1e-5)
+            assert f"p = {row.prob:.4f}" in span["title"]
+        assert span["title"].startswith(repr(row.token))
+        assert ("font-style:italic" in span["style"]) == row.echo
+    assert markup.count("↵<br>") == 1  # the newline token breaks the line
+    assert "white-space:pre-wrap" in markup
+
+
+def test_highlight_tooltip_lists_the_alternatives(frames) -> None:
+    tokens, alternatives = frames
+    spans = parse(plots.highlight(tokens, alternatives=alternatives, index=1).html).spans
+    at = alternatives[(alternatives["index"] == 1) & (alternatives["position"] == 3)]
+    tip = spans[3]["title"]
+    assert "alternatives:" in tip
+    for row in at.itertuples():
+        line = f"{row.prob:7.2%}  {row.token!r}" + ("  ◀ chosen" if row.chosen else "")
+        assert line in tip.splitlines()
+    rank = tokens.loc[(tokens["index"] == 1) & (tokens["position"] == 3), "rank"].item()
+    assert (f"rank >{len(at)}" if rank > len(at) else f"rank {rank}") in tip
+
+
+def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
+    tokens, _ = frames
+    result = plots.highlight(tokens, index=0, echo=False, max_positions=3, title="A <title>")
+    spans = parse(result.html).spans
+    assert len(spans) == 3
+    assert not any("italic" in span["style"] for span in spans)
+    assert "showing the first 3 of 6 tokens (max_positions=3)" in result.html
+    assert "probability" in result.html and "no logprob" in result.html
+    assert "A &lt;title&gt;" in result.html
+    path = result.save(tmp_path / "highlight.html")
+    page = path.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert result.html in page
+    assert_self_contained(page)
+    assert repr(result).startswith("HighlightedText(3 tokens")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=6), min_size=1, max_size=12))
+def test_highlight_round_trips_any_token_text(texts: list[str]) -> None:
+    tokens = pd.DataFrame({
+        "index": 0, "position": range(len(texts)), "token": texts,
+        "prob": np.linspace(0.0, 1.0, len(texts)),
+    })
+    markup = plots.highlight(tokens).html
+    assert_self_contained(markup)
+    parsed = parse(markup)
+    assert parsed.tags <= {"div", "span", "br", "i"}
+    shown = [span["text"] for span in parsed.spans]
+    controls = {i: f"\\x{i:02x}" for i in [*range(32), 0x7F] if chr(i) not in "\n\t"}
+    assert shown == [text.translate(controls).replace("\n", "↵") for text in texts]
+
+
+# -------------------------------------------------------------------------------------------
+# End to end: a real completion from the embedded model through the real client and frames
+
+
+def test_plots_of_a_real_completion(embedded_client) -> None:
+    completion = embedded_client.complete(
+        "ROMEO:", max_tokens=12, logprobs=5, echo=True, n=2, temperature=1.0, seed=7
+    )
+    choices, tokens, alternatives = completion.frames()
+
+    fig = plots.token_probabilities(tokens)
+    assert {trace.name for trace in fig.data} == {
+        "index 0", "index 0 (prompt)", "index 1", "index 1 (prompt)",
+    }
+    first = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
+    np.testing.assert_allclose(fig.data[1].y, first["prob"])
+
+    band = plots.entropy(tokens, index=0)
+    assert np.all(np.asarray(band.data[1].y) >= np.asarray(band.data[0].y) - 1e-9)
+
+    heat = plots.alternatives(alternatives, index=0)
+    z = np.asarray(heat.data[0].z, dtype=float)
+    assert z.shape[1] >= 5
+    # Alternatives come sorted by rank, so each row's probabilities fall left to right.
+    assert np.all(np.diff(np.nan_to_num(z[:, :5], nan=0.0), axis=1) <= 1e-12)
+
+    histogram = plots.rank_histogram(tokens, normalize=False)
+    assert sum(histogram.data[0].y) == tokens["rank"].notna().sum()
+
+    page = plots.highlight(tokens, alternatives=alternatives, index=0)
+    spans = parse(page.html).spans
+    assert "".join(span["text"] for span in spans) == (
+        "ROMEO:" + completion.choices.loc[completion.choices["index"] == 0, "text"].item()
+    ).replace("\n", "↵")
+    assert_self_contained(page.html)
+    assert len(choices) == 2
