@@ -58,8 +58,8 @@ def test_logits_match_transformers(model_dir: Path) -> None:
     assert np.abs(theirs).max() > 1.0  # a flat distribution would make the comparison meaningless
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     # Next-token log-probabilities agree too (what the API reports).
-    np.testing.assert_allclose(log_softmax(ours), torch.log_softmax(torch.tensor(theirs), -1).numpy(),
-                               atol=1e-4, rtol=0)
+    theirs_logp = torch.log_softmax(torch.tensor(theirs), -1).numpy()
+    np.testing.assert_allclose(log_softmax(ours), theirs_logp, atol=1e-4, rtol=0)
 
 
 def test_cached_decoding_equals_full_forward(model_dir: Path) -> None:
@@ -141,5 +141,5 @@ def test_load_engine_is_lazy_and_cached(tiny_dir: Path) -> None:
 
 
 def test_load_engine_names_missing_files(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         load_engine(tmp_path)
