@@ -171,7 +171,9 @@ def test_a_non_frame_is_a_type_error() -> None:
 
 def test_unknown_index_lists_the_indices_present(frames) -> None:
     tokens, alternatives = frames
-    with pytest.raises(ValueError, match=r"index 7 is not in the tokens frame; indices present: \[0, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"index 7 is not in the tokens frame; indices present: \[0, 1\]"
+    ):
         plots.token_probabilities(tokens, index=7)
     with pytest.raises(ValueError, match=r"index 5 is not in the alternatives frame"):
         plots.alternatives(alternatives, index=5)
@@ -295,7 +297,7 @@ def test_entropy_band_fills_between_the_bounds_with_coverage_below(frames) -> No
     assert fig.layout.yaxis.title.text == "entropy (nats)"
     # The echoed prompt (positions 0-1) is shaded.
     prompt = [shape for shape in fig.layout.shapes if shape.type == "rect"]
-    assert [(s.x0, s.x1) for s in prompt][0] == (-0.5, 1.5)
+    assert [(s.x0, s.x1) for s in prompt] == [(-0.5, 1.5)]
 
 
 def test_entropy_bands_pair_up_per_choice_and_coverage_can_be_left_out(frames) -> None:
@@ -530,7 +532,8 @@ def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
     assert len(spans) == 3
     assert not any("italic" in span["style"] for span in spans)
     assert "showing the first 3 of 6 tokens (max_positions=3)" in result.html
-    assert "probability" in result.html and "no logprob" in result.html
+    assert "probability" in result.html
+    assert "no logprob" in result.html
     assert "A &lt;title&gt;" in result.html
     path = result.save(tmp_path / "highlight.html")
     page = path.read_text(encoding="utf-8")
