@@ -147,6 +147,17 @@ def _numeric(series: pd.Series) -> np.ndarray:
     return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
 
 
+def _compact(series: pd.Series) -> np.ndarray:
+    """Positions as int32 when they fit: the figure JSON carries them base64, 4 bytes each."""
+    values = series.to_numpy()
+    if (
+        values.dtype.kind in "iu" and values.size
+        and np.iinfo(np.int32).min <= values.min() and values.max() <= np.iinfo(np.int32).max
+    ):
+        return values.astype(np.int32)
+    return values
+
+
 def _use_webgl(render_mode: str, n_points: int) -> bool:
     return render_mode == "webgl" or (render_mode == "auto" and n_points > WEBGL_THRESHOLD)
 
@@ -218,7 +229,8 @@ def _hover_columns(
         return None, []
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in columns]
     if all(numeric):
-        data = np.column_stack([_numeric(frame[c]) for c in columns])
+        # float32 is plenty for a 4-digit hover label and halves the base64 payload.
+        data = np.column_stack([_numeric(frame[c]) for c in columns]).astype(np.float32)
     else:
         data = np.empty((len(frame), len(columns)), dtype=object)
         for j, (column, is_number) in enumerate(zip(columns, numeric, strict=True)):
@@ -285,7 +297,7 @@ def token_probabilities(
             ) + f"<extra>{_html.escape(label)}{' prompt' if is_prompt else ''}</extra>"
             fig.add_trace(
                 scatter(
-                    x=part[x].to_numpy(),
+                    x=_compact(part[x]),
                     y=_numeric(part[y]),
                     text=[_hover_token(t) for t in part[token].tolist()],
                     customdata=customdata,
@@ -530,7 +542,7 @@ def alternatives(
     if len(window) < len(all_positions):
         notes.append(
             f"{position}s {window[0]}–{window[-1]} of {len(all_positions):,} shown "
-            f"(max_positions={max_positions}, start={start})"
+            f"(max_positions={max_positions})"
         )
     if not len(window):
         notes.append("no alternatives to plot (was the request sent with logprobs?)")
@@ -891,8 +903,13 @@ def _display_token(token: str) -> str:
 
 
 def _attribute(text: str) -> str:
-    """Escape for a double-quoted attribute; &#10; is a line break inside a title tooltip."""
-    return _html.escape(text, quote=True).replace("\n", "&#10;").replace("\r", "&#13;")
+    """Escape for a double-quoted attribute; &#10; is a line break inside a title tooltip.
+
+    Single quotes stay as they are (the attribute is double-quoted): tooltips repeat ``repr``
+    strings, and six-byte entities for their quotes made up a third of the page.
+    """
+    escaped = _html.escape(text, quote=False).replace('"', "&quot;")
+    return escaped.replace("\n", "&#10;").replace("\r", "&#13;")
 
 
 def highlight(

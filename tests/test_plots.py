@@ -297,7 +297,7 @@ def test_entropy_band_fills_between_the_bounds_with_coverage_below(frames) -> No
     assert fig.layout.yaxis.title.text == "entropy (nats)"
     # The echoed prompt (positions 0-1) is shaded.
     prompt = [shape for shape in fig.layout.shapes if shape.type == "rect"]
-    assert [(s.x0, s.x1) for s in prompt] == [(-0.5, 1.5)]
+    assert [(s.x0, s.x1) for s in prompt] == [(-0.5, 1.5)] * 2  # one per row
 
 
 def test_entropy_bands_pair_up_per_choice_and_coverage_can_be_left_out(frames) -> None:
@@ -577,7 +577,10 @@ def test_plots_of_a_real_completion(embedded_client) -> None:
     np.testing.assert_allclose(fig.data[1].y, first["prob"])
 
     band = plots.entropy(tokens, index=0)
-    assert np.all(np.asarray(band.data[1].y) >= np.asarray(band.data[0].y) - 1e-9)
+    low, high = np.asarray(band.data[0].y, float), np.asarray(band.data[1].y, float)
+    scored = ~np.isnan(low)
+    assert scored.sum() >= 12  # every generated token, and the prompt's after its first
+    assert np.all(high[scored] >= low[scored] - 1e-9)
 
     heat = plots.alternatives(alternatives, index=0)
     z = np.asarray(heat.data[0].z, dtype=float)
@@ -590,8 +593,49 @@ def test_plots_of_a_real_completion(embedded_client) -> None:
 
     page = plots.highlight(tokens, alternatives=alternatives, index=0)
     spans = parse(page.html).spans
-    assert "".join(span["text"] for span in spans) == (
-        "ROMEO:" + completion.choices.loc[completion.choices["index"] == 0, "text"].item()
-    ).replace("\n", "↵")
+    # With echo the choice's text is the prompt followed by the completion.
+    text = choices.loc[choices["index"] == 0, "text"].item()
+    assert text.startswith("ROMEO:")
+    assert "".join(span["text"] for span in spans) == text.replace("\n", "↵")
     assert_self_contained(page.html)
     assert len(choices) == 2
+
+
+def test_hand_built_frames_match_the_frames_contract() -> None:
+    from nbcompletions import _frames
+
+    assert tuple(TOKEN_COLUMNS) == _frames.TOKEN_COLUMNS
+    assert tuple(ALTERNATIVE_COLUMNS) == _frames.ALTERNATIVE_COLUMNS
+
+
+def test_plots_of_frames_from_a_response_dict() -> None:
+    from nbcompletions import to_frames
+
+    response = {
+        "id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m",
+        "choices": [{
+            "index": 0, "text": "<b> &\n", "finish_reason": "length",
+            "logprobs": {
+                "tokens": ["<b>", " &", "\n"],
+                "token_logprobs": [None, -0.5, -2.0],
+                "top_logprobs": [None, {" &": -0.5, " and": -1.2}, {".": -0.4, ",": -1.9}],
+                "text_offset": [0, 3, 5],
+            },
+        }],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+    }
+    _, tokens, alternatives = to_frames(
+        response, {"prompt": "<b> &", "echo": True, "logprobs": 2, "max_tokens": 1},
+        vocab_size=100,
+    )
+    page = plots.highlight(tokens, alternatives=alternatives).html
+    assert [span["text"] for span in parse(page).spans] == ["<b>", " &", "↵"]
+    assert "&lt;b&gt;" in page
+    spans = parse(page).spans
+    assert "rank >2" in spans[2]["title"]  # "\n" was not among the 2 alternatives
+    fig = plots.token_probabilities(tokens)
+    assert [trace.name for trace in fig.data] == ["index 0 (prompt)", "index 0"]
+    np.testing.assert_allclose(fig.data[1].y, [np.exp(-2.0)])
+    heat = plots.alternatives(alternatives)
+    assert list(heat.layout.yaxis.ticktext) == ["1", "2"]
+    assert np.asarray(heat.data[0].text)[0, 0] == "<b>␣&amp; ✓</b>"
