@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import anyio
@@ -112,7 +112,7 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     return body["error"]
 
 
-# -- models and health ------------------------------------------------------------------------------
+# -- models and health ----------------------------------------------------------------------------
 async def test_models_lists_the_engine_in_openai_list_shape(engine: _ScriptedEngine) -> None:
     async with _client(create_app(engine)) as client:
         listing = await client.get("/v1/models")
@@ -152,7 +152,7 @@ async def test_unknown_route_and_wrong_method_answer_with_openai_error_bodies(
     assert _error(wrong_method)["type"] == "invalid_request_error"
 
 
-# -- request validation -----------------------------------------------------------------------------
+# -- request validation ---------------------------------------------------------------------------
 @pytest.mark.parametrize("raw", [b"{bad json", b"", b'{"model": "scripted", "prompt": "x",}',
                                  b'{"model": "scripted", "prompt": "x", "temperature": NaN}',
                                  b'{"model": "scripted", "prompt": "x", "top_p": Infinity}',
@@ -229,7 +229,8 @@ async def test_unknown_model_is_404_model_not_found(engine: _ScriptedEngine) -> 
     assert "gpt-3.5-turbo-instruct" in error["message"]
 
 
-async def test_engine_request_errors_are_400_with_the_engines_param(engine: _ScriptedEngine) -> None:
+async def test_engine_request_errors_are_400_with_the_engines_param(
+        engine: _ScriptedEngine) -> None:
     engine.fail_with = RequestError("suffix", "suffix is not supported by this model; got 'x'")
     response = await _post(create_app(engine), {"model": MODEL, "prompt": "a", "suffix": "x"})
     assert response.status_code == 400
@@ -247,7 +248,7 @@ async def test_stream_validation_errors_from_the_engine_are_400_not_a_stream(
     assert engine.stream_closed.is_set()
 
 
-# -- limits -----------------------------------------------------------------------------------------
+# -- limits ---------------------------------------------------------------------------------------
 async def test_body_over_the_limit_is_413(engine: _ScriptedEngine) -> None:
     app = create_app(engine, max_body_bytes=200)
     response = await _post(app, {"model": MODEL, "prompt": "x" * 300})
@@ -286,7 +287,7 @@ async def test_max_tokens_above_the_cap_is_400(engine: _ScriptedEngine) -> None:
     assert [r.max_tokens for r in engine.requests] == [8, 8]
 
 
-# -- authentication ---------------------------------------------------------------------------------
+# -- authentication -------------------------------------------------------------------------------
 async def test_bearer_key_is_required_and_never_echoed(engine: _ScriptedEngine) -> None:
     key, wrong = "sk-right-key-123", "sk-wrong-key-456"
     app = create_app(engine, api_key=key)
@@ -321,7 +322,7 @@ def test_create_app_rejects_bad_settings() -> None:
         create_app(api_key="")
 
 
-# -- failures and JSON ------------------------------------------------------------------------------
+# -- failures and JSON ----------------------------------------------------------------------------
 async def test_unexpected_errors_are_500_json_and_logged_without_the_key(
         engine: _ScriptedEngine, caplog: pytest.LogCaptureFixture) -> None:
     key = "sk-secret-in-header"
@@ -354,7 +355,7 @@ def test_render_json_replaces_every_non_finite_number() -> None:
     assert render_json({"text": "caf\u00e9 \ud83d\ude00"}).isascii()
 
 
-# -- streaming --------------------------------------------------------------------------------------
+# -- streaming ------------------------------------------------------------------------------------
 async def test_stream_is_sse_with_exact_framing(engine: _ScriptedEngine) -> None:
     response = await _post(create_app(engine), {"model": MODEL, "prompt": "x", "stream": True})
     assert response.status_code == 200
@@ -389,7 +390,7 @@ async def test_client_disconnect_mid_stream_closes_the_engine_generator(
     engine.endless = True
     app = create_app(engine)
     first_event_sent = anyio.Event()
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
     body = json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode()
     requested = False
 
@@ -401,14 +402,15 @@ async def test_client_disconnect_mid_stream_closes_the_engine_generator(
         await first_event_sent.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
         if message["type"] == "http.response.body" and message.get("body"):
             first_event_sent.set()
 
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")],
              "client": ("127.0.0.1", 1), "server": ("embedded", 80)}
     with anyio.fail_after(HANG_GUARD_S):  # an endless stream that ignored the disconnect would hang
         await app(scope, receive, send)
@@ -416,7 +418,7 @@ async def test_client_disconnect_mid_stream_closes_the_engine_generator(
     assert engine.stream_closed.is_set()
 
 
-# -- concurrency ------------------------------------------------------------------------------------
+# -- concurrency ----------------------------------------------------------------------------------
 class _HeldEngine:
     """Wraps an engine; a request with ``user="hold"`` waits inside the engine until released."""
 
@@ -431,10 +433,10 @@ class _HeldEngine:
             self.entered.set()
             if not self.release.wait(HANG_GUARD_S):
                 raise RuntimeError("never released: the event loop was blocked")
-        return self.inner.complete(request)  # type: ignore[no-any-return]
+        return self.inner.complete(request)
 
     def stream(self, request: CompletionRequest) -> Iterator[dict[str, Any]]:
-        return self.inner.stream(request)  # type: ignore[no-any-return]
+        return self.inner.stream(request)
 
 
 async def _requests_complete_while_one_is_held(inner: Any, fast_body: dict[str, Any]) -> None:
@@ -465,7 +467,7 @@ async def test_requests_complete_while_one_is_held_in_the_engine(engine: _Script
     await _requests_complete_while_one_is_held(engine, {"model": MODEL, "prompt": "x"})
 
 
-# -- the real embedded engine -----------------------------------------------------------------------
+# -- the real embedded engine ---------------------------------------------------------------------
 async def test_real_engine_requests_complete_while_one_is_held(embedded_engine: Any) -> None:
     await _requests_complete_while_one_is_held(
         embedded_engine, {"model": embedded_engine.model_id, "prompt": "To be", "max_tokens": 3})
