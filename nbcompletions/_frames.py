@@ -488,6 +488,32 @@ def _segment_min(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return result
 
 
+def _rank_order(sort_key: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Permutation that sorts each segment by ``sort_key``, stable, segments kept in place."""
+    segment_counts = counts[counts > 0]
+    if sort_key.size == 0:
+        return np.zeros(0, dtype=np.intp)
+    width = int(segment_counts.max())
+    n_segments = len(segment_counts)
+    segment_starts = np.cumsum(segment_counts) - segment_counts
+    if n_segments * width > 4 * sort_key.size:  # a few very long lists: padding would not pay
+        segment = np.repeat(np.arange(n_segments), segment_counts)
+        return np.lexsort((sort_key, segment))
+    # Segments as the rows of a padded matrix: one short argsort per row is far cheaper than a
+    # global lexsort. Padding is +inf and after the real entries, so a stable sort keeps it last.
+    if n_segments * width == sort_key.size:
+        padded = sort_key.reshape(n_segments, width)
+        real = None
+    else:
+        segment = np.repeat(np.arange(n_segments), segment_counts)
+        column = np.arange(sort_key.size) - segment_starts[segment]
+        padded = np.full((n_segments, width), np.inf)
+        padded[segment, column] = sort_key
+        real = np.arange(width)[None, :] < segment_counts[:, None]
+    order = np.argsort(padded, axis=1, kind="stable") + segment_starts[:, None]
+    return order.ravel() if real is None else order[real]
+
+
 def _xlogx(x: np.ndarray) -> np.ndarray:
     """x * log(x) with 0 log 0 = 0."""
     safe = np.where(x > 0, x, 1.0)
@@ -598,17 +624,9 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
 
     # Alternatives sorted by rank within each position; a stable sort keeps the server's order on
     # ties.
-    sort_key = np.where(alt_known, -alt_logprobs, np.inf)
-    widths = np.unique(counts[has_alts])
-    if len(widths) == 1:
-        width = int(widths[0])
-        order = np.argsort(sort_key.reshape(-1, width), axis=1, kind="stable")
-        permutation = (order + (np.arange(order.shape[0]) * width)[:, None]).ravel()
-        alt_rank = np.tile(np.arange(1, width + 1, dtype=np.int64), order.shape[0])
-    else:
-        permutation = np.lexsort((sort_key, alt_row))
-        alt_starts = np.cumsum(counts) - counts
-        alt_rank = (np.arange(len(alt_row)) - alt_starts[alt_row] + 1).astype(np.int64)
+    permutation = _rank_order(np.where(alt_known, -alt_logprobs, np.inf), counts)
+    alt_starts = np.cumsum(counts) - counts
+    alt_rank = (np.arange(len(alt_row)) - alt_starts[alt_row] + 1).astype(np.int64)
 
     # Per-choice statistics.
     n = info.n
