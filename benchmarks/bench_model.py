@@ -1,0 +1,157 @@
+"""Embedded model speed: our numpy engine against `transformers` (torch, CPU) on the same files.
+
+    python benchmarks/bench_model.py [--path DIR] [--tokens 128] [--repeats 3]
+
+Every measurement runs in its own subprocess, so load time and peak memory (ru_maxrss) belong to one
+implementation and one setting. Both sides generate exactly ``--tokens`` tokens per completion
+(end-of-text banned with logit_bias / ``min_new_tokens``), plain sampling at temperature 1, from the
+same prompt. Printed side by side:
+
+- generation tokens/s at n=1 and n=8, and the ratio ours/transformers at n=1 (target >= 1.5);
+- our wall time at n=8 over n=1 (target <= 3);
+- first-token latency (warm: the time to the first generated token of a request), load time
+  (files -> ready), peak resident memory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = "To be, or not to be, that is the question:"
+
+
+def _peak_mb() -> float:
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def _worker_ours(path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    from nbcompletions import CompletionRequest
+    from nbcompletions.model import load_engine
+
+    engine = load_engine(path)
+    load_s = time.perf_counter() - start
+    ban = {str(engine.eot_token_id): -100}
+
+    def request(max_tokens: int, seed: int, stream: bool = False) -> CompletionRequest:
+        return CompletionRequest(prompt=PROMPT, n=n, max_tokens=max_tokens, logit_bias=ban,
+                                 seed=seed, stream=stream or None)
+
+    engine.complete(request(4, 0))  # warm-up: first-call costs are not generation speed
+    first = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        for chunk in engine.stream(request(tokens, i, stream=True)):
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                break
+        first.append(time.perf_counter() - t0)
+    walls = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        response = engine.complete(request(tokens, 100 + i))
+        walls.append(time.perf_counter() - t0)
+        assert response["usage"]["completion_tokens"] == n * tokens, response["usage"]
+    return {"load_s": load_s, "first_token_s": min(first), "wall_s": min(walls),
+            "peak_mb": _peak_mb()}
+
+
+def _worker_transformers(path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    load_s = time.perf_counter() - start
+    eot = tokenizer.token_to_id("<|endoftext|>")
+    ids = torch.tensor([tokenizer.encode(PROMPT, add_special_tokens=False).ids])
+
+    def generate(max_new: int, seed: int) -> Any:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                  max_new_tokens=max_new, min_new_tokens=max_new, top_k=0,
+                                  top_p=1.0, temperature=1.0, num_return_sequences=n,
+                                  pad_token_id=eot, eos_token_id=eot)
+
+    generate(4, 0)
+    first = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        generate(1, i)
+        first.append(time.perf_counter() - t0)
+    walls = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        out = generate(tokens, 100 + i)
+        walls.append(time.perf_counter() - t0)
+        assert out.shape == (n, ids.shape[1] + tokens), out.shape
+    return {"load_s": load_s, "first_token_s": min(first), "wall_s": min(walls),
+            "peak_mb": _peak_mb(), "torch_threads": torch.get_num_threads()}
+
+
+def _measure(impl: str, path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", impl, "--path", path, "--n", str(n),
+           "--tokens", str(tokens), "--repeats", str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{impl} n={n} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--path", default=None, help="model folder (default: the shipped model)")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.path is None:
+        from nbcompletions.model import FILES_DIR
+
+        args.path = str(FILES_DIR)
+    if args.worker:
+        worker = _worker_ours if args.worker == "ours" else _worker_transformers
+        print(json.dumps(worker(args.path, args.n, args.tokens, args.repeats)))
+        return
+
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for n in (1, 8):
+        for impl in ("ours", "transformers"):  # interleaved so drift in machine load hits both
+            results[impl, n] = _measure(impl, args.path, n, args.tokens, args.repeats)
+
+    print(f"model: {args.path}   {args.tokens} tokens per completion, best of {args.repeats}, "
+          f"cpu count {os.cpu_count()}, torch threads {results['transformers', 1]['torch_threads']}")
+    header = f"{'':>14} {'n':>3} {'wall s':>8} {'tok/s':>9} {'first tok ms':>13} {'load s':>7} " \
+             f"{'peak MB':>8}"
+    print(header)
+    for (impl, n), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        rate = n * args.tokens / r["wall_s"]
+        print(f"{impl:>14} {n:>3} {r['wall_s']:>8.3f} {rate:>9.1f} {r['first_token_s'] * 1e3:>13.1f} "
+              f"{r['load_s']:>7.2f} {r['peak_mb']:>8.0f}")
+    ours1, theirs1 = results["ours", 1]["wall_s"], results["transformers", 1]["wall_s"]
+    ratio = theirs1 / ours1
+    scale = results["ours", 8]["wall_s"] / ours1
+    print(f"speed ours/transformers at n=1: {ratio:.2f}x (target >= 1.5x) "
+          f"{'OK' if ratio >= 1.5 else 'MISSED'}")
+    print(f"ours n=8 wall / n=1 wall: {scale:.2f}x (target <= 3x) {'OK' if scale <= 3 else 'MISSED'}")
+    hf_scale = results["transformers", 8]["wall_s"] / theirs1
+    print(f"(transformers n=8 wall / n=1 wall: {hf_scale:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
