@@ -109,7 +109,8 @@ def _measure(impl: str, path: str, n: int, tokens: int, repeats: int) -> dict[st
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
         raise RuntimeError(f"{impl} n={n} failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,21 +135,24 @@ def main(argv: list[str] | None = None) -> None:
         for impl in ("ours", "transformers"):  # interleaved so drift in machine load hits both
             results[impl, n] = _measure(impl, args.path, n, args.tokens, args.repeats)
 
+    threads = results["transformers", 1]["torch_threads"]
     print(f"model: {args.path}   {args.tokens} tokens per completion, best of {args.repeats}, "
-          f"cpu count {os.cpu_count()}, torch threads {results['transformers', 1]['torch_threads']}")
+          f"cpu count {os.cpu_count()}, torch threads {threads}")
     header = f"{'':>14} {'n':>3} {'wall s':>8} {'tok/s':>9} {'first tok ms':>13} {'load s':>7} " \
              f"{'peak MB':>8}"
     print(header)
     for (impl, n), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rate = n * args.tokens / r["wall_s"]
-        print(f"{impl:>14} {n:>3} {r['wall_s']:>8.3f} {rate:>9.1f} {r['first_token_s'] * 1e3:>13.1f} "
+        first_ms = r["first_token_s"] * 1e3
+        print(f"{impl:>14} {n:>3} {r['wall_s']:>8.3f} {rate:>9.1f} {first_ms:>13.1f} "
               f"{r['load_s']:>7.2f} {r['peak_mb']:>8.0f}")
     ours1, theirs1 = results["ours", 1]["wall_s"], results["transformers", 1]["wall_s"]
     ratio = theirs1 / ours1
     scale = results["ours", 8]["wall_s"] / ours1
     print(f"speed ours/transformers at n=1: {ratio:.2f}x (target >= 1.5x) "
           f"{'OK' if ratio >= 1.5 else 'MISSED'}")
-    print(f"ours n=8 wall / n=1 wall: {scale:.2f}x (target <= 3x) {'OK' if scale <= 3 else 'MISSED'}")
+    print(f"ours n=8 wall / n=1 wall: {scale:.2f}x (target <= 3x) "
+          f"{'OK' if scale <= 3 else 'MISSED'}")
     hf_scale = results["transformers", 8]["wall_s"] / theirs1
     print(f"(transformers n=8 wall / n=1 wall: {hf_scale:.2f}x)")
 
