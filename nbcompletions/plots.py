@@ -429,10 +429,15 @@ def entropy(
     prompt = frame[_echo_mask(frame)]
     if not prompt.empty:
         positions = _numeric(prompt[x])
+        start = float(np.nanmin(positions)) - 0.5
         fig.add_vrect(
-            x0=np.nanmin(positions) - 0.5, x1=np.nanmax(positions) + 0.5, row="all", col=1,
+            x0=start, x1=float(np.nanmax(positions)) + 0.5, row="all", col=1,
             fillcolor="#888888", opacity=0.12, line_width=0, layer="below",
-            annotation_text="prompt", annotation_position="top left",
+        )
+        # Labelled once, in the top row (add_vrect's own label repeats in every row).
+        fig.add_annotation(
+            x=start, y=1, xref="x", yref="y domain", text="prompt", showarrow=False,
+            xanchor="left", yanchor="top",
         )
     notes = ["band: bounds from the top-k logprobs and the vocabulary size"]
     if frame.empty:

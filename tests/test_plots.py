@@ -9,6 +9,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -77,7 +78,7 @@ def make_frames(
 
 def make_sweep_choices() -> pd.DataFrame:
     """A sweep's choices frame: 3 temperatures x 2 prompts x 3 repeats, one failed request."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for temperature in (0.0, 0.5, 1.0):
         for prompt_id in (0, 1):
             for repeat in range(3):
@@ -186,7 +187,7 @@ def test_unknown_index_lists_the_indices_present(frames) -> None:
          r"render_mode must be one of \['auto', 'svg', 'webgl'\], got 'canvas'"),
         (lambda t, a: plots.alternatives(a, max_positions=0),
          r"max_positions must be an integer >= 1, got 0"),
-        (lambda t, a: plots.highlight(t, max_positions=2.5),
+        (lambda t, a: plots.highlight(t, max_positions=2.5),  # type: ignore[arg-type]  # wrong on purpose
          r"max_positions must be an integer >= 1, got 2.5"),
         (lambda t, a: plots.rank_histogram(t, buckets=(5, 1)),
          r"buckets must be increasing integers >= 1 .* got \(5, 1\)"),
@@ -298,6 +299,7 @@ def test_entropy_band_fills_between_the_bounds_with_coverage_below(frames) -> No
     # The echoed prompt (positions 0-1) is shaded.
     prompt = [shape for shape in fig.layout.shapes if shape.type == "rect"]
     assert [(s.x0, s.x1) for s in prompt] == [(-0.5, 1.5)] * 2  # one per row
+    assert [a.text for a in fig.layout.annotations] == ["prompt"]
 
 
 def test_entropy_bands_pair_up_per_choice_and_coverage_can_be_left_out(frames) -> None:
