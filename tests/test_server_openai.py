@@ -1,0 +1,264 @@
+"""The official `openai` SDK as the client of a real `nbcompletions serve` process.
+
+Everything here goes over HTTP to the subprocess the `live_server` fixture starts, serving the real
+embedded model. Answers are checked against each other (a batched request against the same prompt
+alone, a stream against the same request unstreamed), never against hard-coded model text.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+MODEL = "nbc-shakespeare"
+PROMPT = "To be, or not to be"
+
+
+@pytest.fixture(scope="module")
+def sdk(live_server: str) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=live_server, api_key="unused", max_retries=0, timeout=60)
+    yield client
+    client.close()
+
+
+def _greedy(sdk: openai.OpenAI, prompt: Any, **fields: Any) -> Any:
+    return sdk.completions.create(model=MODEL, prompt=prompt, temperature=0, **fields)
+
+
+# -- models ---------------------------------------------------------------------------------------
+def test_models_list_and_retrieve(sdk: openai.OpenAI) -> None:
+    listed = sdk.models.list()
+    assert [model.id for model in listed.data] == [MODEL]
+    model = sdk.models.retrieve(MODEL)
+    assert model.id == MODEL
+    assert model.object == "model"
+    assert model.owned_by == "nbcompletions"
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.models.retrieve("gpt-4")
+    assert info.value.code == "model_not_found"
+
+
+# -- completions ----------------------------------------------------------------------------------
+def test_logprobs_cover_every_generated_token(sdk: openai.OpenAI) -> None:
+    result = _greedy(sdk, PROMPT, max_tokens=5, logprobs=3)
+    assert result.object == "text_completion"
+    assert result.model == MODEL
+    (choice,) = result.choices
+    logprobs = choice.logprobs
+    assert logprobs is not None
+    assert result.usage is not None
+    count = result.usage.completion_tokens
+    assert count == len(logprobs.tokens) == len(logprobs.token_logprobs)
+    assert len(logprobs.top_logprobs) == len(logprobs.text_offset) == count
+    assert logprobs.text_offset[0] == len(PROMPT)  # OpenAI counts offsets from the prompt's start
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs,
+                                   logprobs.top_logprobs, strict=True):
+        assert 3 <= len(top) <= 4  # the 3 most likely, plus the sampled token when not among them
+        assert top[token] == logprob  # the sampled token is always included
+        assert logprob <= 0.0
+        # Greedy: nothing listed is more likely than the token chosen.
+        assert max(top.values()) == pytest.approx(logprob, abs=1e-6)
+
+
+def test_echo_with_max_tokens_zero_scores_the_prompt(sdk: openai.OpenAI) -> None:
+    result = _greedy(sdk, PROMPT, max_tokens=0, echo=True, logprobs=1)
+    (choice,) = result.choices
+    assert choice.text == PROMPT
+    assert choice.logprobs is not None
+    assert choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.top_logprobs[0] is None
+    assert all(lp is not None and lp <= 0 for lp in choice.logprobs.token_logprobs[1:])
+    assert result.usage is not None
+    assert result.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == result.usage.prompt_tokens
+
+
+def test_n_returns_n_indexed_choices(sdk: openai.OpenAI) -> None:
+    result = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=3, seed=1)
+    assert [choice.index for choice in result.choices] == [0, 1, 2]
+    assert all(choice.finish_reason in ("stop", "length") for choice in result.choices)
+
+
+def test_best_of_returns_n_choices(sdk: openai.OpenAI) -> None:
+    result = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, best_of=3,
+                                    seed=2, logprobs=0)
+    assert [choice.index for choice in result.choices] == [0, 1]
+
+
+def test_several_prompts_match_each_prompt_alone(sdk: openai.OpenAI) -> None:
+    prompts = [PROMPT, "My lord, the king", "O Romeo"]
+    batched = _greedy(sdk, prompts, max_tokens=4, n=2)
+    assert [choice.index for choice in batched.choices] == list(range(6))
+    for number, prompt in enumerate(prompts):
+        alone = _greedy(sdk, prompt, max_tokens=4).choices[0].text
+        assert [batched.choices[number * 2 + k].text for k in range(2)] == [alone, alone]
+
+
+def test_token_id_prompt_matches_the_text_prompt(sdk: openai.OpenAI,
+                                                 embedded_engine: Any) -> None:
+    ids = embedded_engine.encode(PROMPT)
+    assert _greedy(sdk, ids, max_tokens=4).choices[0].text == \
+        _greedy(sdk, PROMPT, max_tokens=4).choices[0].text
+
+
+def test_stop_cuts_the_text_before_the_stop_sequence(sdk: openai.OpenAI) -> None:
+    full = _greedy(sdk, PROMPT, max_tokens=12).choices[0].text
+    assert len(full) >= 4, f"greedy text too short to pick a stop sequence from: {full!r}"
+    stop = full[len(full) // 2: len(full) // 2 + 2]
+    cut = _greedy(sdk, PROMPT, max_tokens=12, stop=[stop, "\u2603never"])
+    assert cut.choices[0].text == full[:full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_stream_with_usage_matches_the_unstreamed_answer(sdk: openai.OpenAI) -> None:
+    plain = _greedy(sdk, PROMPT, max_tokens=8)
+    stream = _greedy(sdk, PROMPT, max_tokens=8, stream=True,
+                     stream_options={"include_usage": True})
+    chunks = list(stream)
+    *deltas, last = chunks
+    assert last.choices == []
+    assert last.usage is not None
+    assert plain.usage is not None
+    assert last.usage.completion_tokens == plain.usage.completion_tokens
+    assert all(chunk.usage is None for chunk in deltas)
+    assert "".join(chunk.choices[0].text for chunk in deltas) == plain.choices[0].text
+    assert deltas[-1].choices[0].finish_reason == plain.choices[0].finish_reason
+
+
+def test_stream_with_n_and_logprobs(sdk: openai.OpenAI) -> None:
+    stream = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, seed=3,
+                                    logprobs=2, stream=True)
+    texts: dict[int, str] = {0: "", 1: ""}
+    finished: dict[int, str | None] = {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            if choice.finish_reason is not None:
+                finished[choice.index] = choice.finish_reason
+    assert set(finished) == {0, 1}
+    # The same seed unstreamed gives the same two texts.
+    again = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, seed=3,
+                                   logprobs=2)
+    assert [texts[0], texts[1]] == [choice.text for choice in again.choices]
+
+
+def test_same_seed_same_text(sdk: openai.OpenAI) -> None:
+    def sample(seed: int) -> list[str]:
+        result = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0,
+                                        n=2, seed=seed)
+        return [choice.text for choice in result.choices]
+
+    assert sample(1234) == sample(1234)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"temperature": 3}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"logprobs": 6}, "logprobs"),
+    ({"n": 0}, "n"),
+    ({"n": 2, "best_of": 1}, "best_of"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"presence_penalty": -2.5}, "presence_penalty"),
+    ({"suffix": " the end"}, "suffix"),  # the model cannot insert: the engine says so
+    ({"max_tokens": 1000}, "max_tokens"),  # past the model's context
+    ({"max_tokens": 100_000}, "max_tokens"),  # past the server's cap
+    ({"logit_bias": {"999999": 5}}, "logit_bias"),  # not in the vocabulary
+    ({"prompt": [999_999]}, "prompt"),  # a token id outside the vocabulary
+    ({"extra_body": {"top_k": 5}}, "top_k"),  # not an OpenAI field
+])
+def test_bad_fields_raise_bad_request_with_the_param(sdk: openai.OpenAI, fields: dict[str, Any],
+                                                     param: str) -> None:
+    request = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **fields}
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(**request)
+    assert info.value.status_code == 400
+    assert info.value.param == param
+    assert info.value.type == "invalid_request_error"
+
+
+def test_unknown_model_raises_not_found(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.completions.create(model="gpt-3.5-turbo-instruct", prompt=PROMPT, max_tokens=2)
+    assert info.value.code == "model_not_found"
+    assert info.value.param == "model"
+
+
+def test_malformed_json_over_http_is_400(live_server: str) -> None:
+    response = httpx.post(f"{live_server}/completions", content=b'{"model": ',
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] is None
+
+
+# -- a key-protected server -----------------------------------------------------------------------
+KEY = "sk-nbc-test-4f1d2c"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory,
+                 embedded_engine: Any) -> Iterator[tuple[str, Path]]:
+    """`nbcompletions serve` with the key in NBCOMPLETIONS_API_KEY; yields (base URL, log file).
+
+    Depends on `embedded_engine` only to skip, as it does, while the weights are missing.
+    """
+    port = _free_port()
+    log = tmp_path_factory.mktemp("keyed") / "serve.log"
+    env = {**os.environ, "NBCOMPLETIONS_API_KEY": KEY}
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbcompletions", "serve", "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"serve exited early:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, f"serve never answered:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield f"{base}/v1", log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_wrong_or_missing_key_raises_authentication_error(keyed_server: tuple[str, Path]) -> None:
+    base, log = keyed_server
+    client = openai.OpenAI(base_url=base, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+    assert info.value.code == "invalid_api_key"
+    assert KEY not in str(info.value.body)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    # The SDK refuses to send no key at all; plain HTTP can.
+    missing = httpx.post(f"{base}/completions", json={"model": MODEL, "prompt": PROMPT})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{base.removesuffix('/v1')}/health").status_code == 200
+    good = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)
+    assert good.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2).choices
+    text = log.read_text()
+    assert "bearer key required" in text
+    assert KEY not in text
