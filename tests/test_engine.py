@@ -176,7 +176,7 @@ def _boundary_stop(engine: Engine) -> tuple[str, str]:
     response = run(engine, temperature=0, max_tokens=12, logprobs=0, logit_bias=no_eot(engine))
     tokens = response["choices"][0]["logprobs"]["tokens"]
     full = response["choices"][0]["text"]
-    for i in range(2, len(tokens) - 1):
+    for i in [*range(2, len(tokens) - 1), 0, 1]:  # prefer a cut after a few tokens
         left, right = tokens[i], tokens[i + 1]
         if left and right and not left.startswith("bytes:") and not right.startswith("bytes:"):
             stop = left[-1] + right[0]
