@@ -641,3 +641,19 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     heat = plots.alternatives(alternatives)
     assert list(heat.layout.yaxis.ticktext) == ["1", "2"]
     assert np.asarray(heat.data[0].text)[0, 0] == "<b>␣&amp; ✓</b>"
+
+
+def test_sweep_plot_of_a_real_sweep(embedded_client) -> None:
+    from nbcompletions import sweep
+
+    result = sweep(
+        embedded_client, prompt="ROMEO:", temperature=[0.5, 1.5], max_tokens=4, logprobs=1,
+        repeats=3, progress=False, probe=False,
+    )
+    choices = result.choices
+    fig = plots.sweep(choices, x="temperature", y="mean_logprob")
+    assert list(fig.data[0].x) == [0.5, 1.5]
+    ok = choices[choices["error"].isna()]
+    np.testing.assert_allclose(fig.data[0].y, ok.groupby("temperature")["mean_logprob"].mean())
+    spread = ok.groupby("temperature")["mean_logprob"].std().to_numpy()
+    np.testing.assert_allclose(fig.data[0].error_y.array, T_975[2] * spread / np.sqrt(3))
