@@ -124,9 +124,9 @@ def _echo_mask(frame: pd.DataFrame) -> np.ndarray:
 
 
 def _check_one_completion(
-    frame: pd.DataFrame, keys: list[str], *, function: str, frame_name: str
+    frame: pd.DataFrame, keys: list[str], *, function: str, frame_name: str, advice: str = ""
 ) -> None:
-    """A per-position view of one choice breaks silently if several completions share an index."""
+    """Per-position views break silently (zigzag lines, lost cells) on several completions."""
     duplicated = frame.duplicated(keys)
     if duplicated.any():
         first = frame.loc[duplicated, keys].iloc[0].to_dict()
@@ -138,7 +138,7 @@ def _check_one_completion(
         )
         raise ValueError(
             f"{function}(): the {frame_name} frame has several rows for {first}: it holds "
-            f"more than one completion for this index.{hint}"
+            f"more than one completion {advice or 'for this index'}.{hint}"
         )
 
 
@@ -279,6 +279,10 @@ def token_probabilities(
     )
     _check_option(function, "render_mode", render_mode, _RENDER_MODES)
     frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
+    _check_one_completion(
+        frame, [c for c in (color, x) if c is not None], function=function, frame_name="tokens",
+        advice="per line; pick one with index=, or one line each with color= (e.g. 'request_id')",
+    )
 
     webgl = _use_webgl(render_mode, len(frame))
     scatter = go.Scattergl if webgl else go.Scatter
@@ -365,6 +369,10 @@ def entropy(
     )
     _check_option(function, "render_mode", render_mode, _RENDER_MODES)
     frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
+    _check_one_completion(
+        frame, [c for c in (color, x) if c is not None], function=function, frame_name="tokens",
+        advice="per line; pick one with index=, or one line each with color= (e.g. 'request_id')",
+    )
 
     webgl = _use_webgl(render_mode, len(frame) * (3 if coverage else 2))
     scatter = go.Scattergl if webgl else go.Scatter

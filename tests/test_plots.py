@@ -657,3 +657,14 @@ def test_sweep_plot_of_a_real_sweep(embedded_client) -> None:
     np.testing.assert_allclose(fig.data[0].y, ok.groupby("temperature")["mean_logprob"].mean())
     spread = ok.groupby("temperature")["mean_logprob"].std().to_numpy()
     np.testing.assert_allclose(fig.data[0].error_y.array, T_975[2] * spread / np.sqrt(3))
+
+
+def test_line_plots_refuse_to_join_several_completions_in_one_line(frames) -> None:
+    tokens, _ = frames
+    with pytest.raises(ValueError, match=r"more than one completion per line; pick one with"):
+        plots.token_probabilities(tokens, color=None)
+    requests = pd.concat([tokens.assign(request_id=0), tokens.assign(request_id=1)])
+    with pytest.raises(ValueError, match=r"per line.*frame\[frame.request_id == \.\.\.\]"):
+        plots.entropy(requests)
+    fig = plots.token_probabilities(requests, index=0, color="request_id", echo=False)
+    assert [trace.name for trace in fig.data] == ["request_id 0", "request_id 1"]
