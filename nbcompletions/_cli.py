@@ -91,10 +91,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, serve
 
-        serve(host=args.host, port=args.port, api_key=args.api_key,
-              max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
-              max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-              log_level=args.log_level, access_log=not args.no_access_log)
+        try:
+            serve(host=args.host, port=args.port, api_key=args.api_key,
+                  max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
+                  max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                  log_level=args.log_level, access_log=not args.no_access_log)
+        except KeyboardInterrupt:
+            # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal; a traceback
+            # after a clean shutdown would only alarm. 130 is the shell's code for SIGINT.
+            return 130
         return 0
     # argparse rejects unknown commands before this point.
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover

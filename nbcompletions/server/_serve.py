@@ -41,7 +41,8 @@ def _configure_logging(level: str) -> None:
     from uvicorn.logging import DefaultFormatter
 
     package_logger = logging.getLogger("nbcompletions")
-    if not package_logger.handlers:
+    # An application that configured logging already gets our records through the root logger.
+    if not package_logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(DefaultFormatter("%(levelprefix)s %(message)s", use_colors=None))
         package_logger.addHandler(handler)

@@ -1,0 +1,199 @@
+"""The ``nbcompletions`` command line and `serve()`: arguments, keys, logs, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import nbcompletions.server
+from nbcompletions._cli import main
+from nbcompletions.server import serve
+from nbcompletions.server._serve import is_loopback
+
+
+def test_help_names_the_serve_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "serve" in out
+    assert "OpenAI" in out
+
+
+def test_serve_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--host", "--port", "--api-key", "--max-tokens-cap", "--max-body-bytes",
+                   "--log-level", "NBCOMPLETIONS_API_KEY", "127.0.0.1"):
+        assert option in out
+
+
+def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "usage: nbcompletions" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("argv", "complaint"), [
+    (["serve", "--port", "70000"], "65535"),
+    (["serve", "--port", "http"], "65535"),
+    (["serve", "--max-tokens-cap", "0"], ">= 1"),
+    (["serve", "--log-level", "loud"], "invalid choice"),
+    (["fly"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_saying_why(capsys: pytest.CaptureFixture[str], argv: list[str],
+                                         complaint: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert complaint in capsys.readouterr().err
+
+
+def test_serve_arguments_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(nbcompletions.server, "serve", lambda **kwargs: calls.append(kwargs))
+    assert main(["serve", "--port", "0", "--api-key", "k1", "--max-tokens-cap", "64",
+                 "--max-body-bytes", "5000", "--log-level", "warning", "--no-access-log"]) == 0
+    assert calls == [{"host": "127.0.0.1", "port": 0, "api_key": "k1", "max_tokens_cap": 64,
+                      "max_body_bytes": 5000, "log_level": "warning", "access_log": False}]
+    calls.clear()
+    assert main(["serve"]) == 0
+    assert calls[0]["api_key"] is None  # serve() reads NBCOMPLETIONS_API_KEY itself
+    assert calls[0]["max_tokens_cap"] == nbcompletions.server.DEFAULT_MAX_TOKENS_CAP
+
+
+@pytest.mark.parametrize(("host", "loopback"), [
+    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True),
+    ("localhost", True), ("0.0.0.0", False), ("::", False), ("192.168.1.20", False),
+    ("example.com", False),
+])
+def test_is_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+class _Engine:
+    model_id = "stand-in"
+
+    def complete(self, request: Any) -> dict[str, Any]:
+        raise AssertionError("no request is served in these tests")
+
+    def stream(self, request: Any) -> Any:
+        raise AssertionError("no request is served in these tests")
+
+
+@pytest.fixture
+def uvicorn_configs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Stops `serve()` just before uvicorn binds a socket; collects the configs it would run."""
+    import uvicorn
+
+    configs: list[Any] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: configs.append(self.config))
+    monkeypatch.delenv("NBCOMPLETIONS_API_KEY", raising=False)
+    return configs
+
+
+def test_serving_beyond_loopback_without_a_key_warns(uvicorn_configs: list[Any],
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="nbcompletions"):
+        serve(host="0.0.0.0", port=8123, engine=_Engine())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "without an API key" in warnings[0].getMessage()
+    assert uvicorn_configs[0].host == "0.0.0.0"
+    assert "http://0.0.0.0:8123/v1" in caplog.text
+
+
+def test_key_from_the_environment_is_used_and_never_logged(
+        uvicorn_configs: list[Any], caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NBCOMPLETIONS_API_KEY", "sk-env-key-77")
+    with caplog.at_level(logging.DEBUG, logger="nbcompletions"):
+        serve(host="0.0.0.0", port=8123, engine=_Engine())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "bearer key required" in caplog.text
+    assert "sk-env-key-77" not in caplog.text
+    state = uvicorn_configs[0].app.state.nbcompletions
+    assert "api_key=set" in repr(state)
+    assert "sk-env-key-77" not in repr(state)
+
+
+def test_serve_preloads_the_engine_and_stays_on_loopback(uvicorn_configs: list[Any]) -> None:
+    serve(engine=_Engine())
+    (config,) = uvicorn_configs
+    assert config.host == "127.0.0.1"
+    assert config.port == 8000
+    assert config.app.state.nbcompletions.engine_loaded
+
+
+def test_serve_rejects_bad_settings(uvicorn_configs: list[Any]) -> None:
+    with pytest.raises(ValueError, match="port must be an integer from 0 to 65535; got 99999"):
+        serve(port=99999, engine=_Engine())
+    with pytest.raises(ValueError, match="log_level"):
+        serve(log_level="loud", engine=_Engine())
+    assert uvicorn_configs == []
+
+
+def test_console_script_help() -> None:
+    script = shutil.which("nbcompletions", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip("the package is not installed (pip install -e .): no console script")
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "serve" in result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize(("stop", "status"), [
+    # uvicorn shuts down gracefully, then re-raises the signal: SIGTERM ends the process by that
+    # signal (as `kill` expects); Ctrl-C ends it with the shell's 130, without a traceback.
+    (signal.SIGTERM, -signal.SIGTERM),
+    (signal.SIGINT, 130),
+])
+def test_serve_process_logs_its_url_and_shuts_down_cleanly(
+        tmp_path: Path, embedded_engine: Any, stop: int, status: int) -> None:
+    # embedded_engine: skips, as it does, while the weights are missing (serve preloads them).
+    port = _free_port()
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "NBCOMPLETIONS_API_KEY": "sk-process-key-9"}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nbcompletions", "serve", "--port",
+                                 str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        proc.send_signal(stop)
+        assert proc.wait(timeout=30) == status, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert f"http://127.0.0.1:{port}/v1" in text
+    assert "sk-process-key-9" not in text
+    assert "Traceback" not in text
+    assert "Finished server process" in text  # uvicorn's last line on a clean shutdown
