@@ -205,8 +205,12 @@ class _ChoiceAccumulator:
         for key in _LOGPROB_LISTS:
             value = logprobs.get(key)
             if isinstance(value, list):
-                # A field missing from earlier chunks is padded so positions stay aligned.
-                acc.setdefault(key, [None] * (filled if key != "tokens" else 0)).extend(value)
+                # Lists shorter than the chunk's tokens, or missing from earlier chunks, are padded
+                # with null so that position i means the same token in every list.
+                target = acc.setdefault(key, [None] * (filled if key != "tokens" else 0))
+                target.extend(value)
+                if key != "tokens" and len(value) < count:
+                    target.extend([None] * (count - len(value)))
             elif key in acc:
                 acc[key].extend([None] * count)
 
