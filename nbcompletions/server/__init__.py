@@ -1,7 +1,8 @@
 """The embedded OpenAI-compatible Completions server.
 
-`create_app()` builds the ASGI app (Starlette); the client runs it in-process through
-``httpx.ASGITransport`` when nothing else is configured. `serve()` (``nbcompletions serve``) runs it
+`create_app()` builds the ASGI app (Starlette); the client runs it in-process through an httpx
+transport when nothing else is configured (`StreamingASGITransport` delivers streams incrementally;
+httpx's ``ASGITransport`` buffers each response whole). `serve()` (``nbcompletions serve``) runs it
 over HTTP with uvicorn. Neither loads the model until it is needed.
 """
 
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app, render_json
 from ._serve import API_KEY_ENV, DEFAULT_MAX_TOKENS_CAP, serve
+from ._transport import StreamingASGITransport
 
 __all__ = [
     "API_KEY_ENV",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_TOKENS_CAP",
     "Engine",
+    "StreamingASGITransport",
     "create_app",
     "render_json",
     "serve",

@@ -6,7 +6,6 @@ import ipaddress
 import logging
 import os
 import sys
-import time
 from typing import Any
 
 from .._request import Limits
@@ -78,9 +77,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
         logger.warning("serving on %s without an API key: anyone who can reach this address can "
                        "use the server. Pass --api-key or set %s.", host, API_KEY_ENV)
     if preload:
-        started = time.perf_counter()
-        loaded = app.state.nbcompletions.load_engine_now()
-        logger.info("model %s ready in %.2f s", loaded.model_id, time.perf_counter() - started)
+        app.state.nbcompletions.load_engine_now()  # logs the load time
     # The URL, never the key: logs get pasted into issues and notebooks.
     logger.info("nbcompletions serving the OpenAI Completions API at %s (%s)%s", _url(host, port),
                 "bearer key required" if api_key else "no key required",
