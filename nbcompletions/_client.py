@@ -549,8 +549,14 @@ class AsyncClient:
     async def _stream_after_model(self, request: CompletionRequest,
                                   ) -> AsyncIterator[dict[str, Any]]:
         request = await self._with_model(request)
-        async for chunk in self._stream_chunks(request):
-            yield chunk
+        chunks = self._stream_chunks(request)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            # Closing this generator must close the HTTP response now, not when the inner
+            # generator happens to be garbage collected.
+            await chunks.aclose()
 
     async def _stream_chunks(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
