@@ -120,7 +120,16 @@ def _drop_echo(frame: pd.DataFrame, echo: bool) -> pd.DataFrame:
 def _echo_mask(frame: pd.DataFrame) -> np.ndarray:
     if "echo" not in frame.columns:
         return np.zeros(len(frame), dtype=bool)
-    return frame["echo"].fillna(False).to_numpy(dtype=bool)
+    return _flags(frame["echo"])
+
+
+def _flags(series: pd.Series) -> np.ndarray:
+    """A bool column with missing values read as False.
+
+    Through the nullable "boolean" dtype: ``fillna(False)`` on an object column warns about
+    downcasting on pandas 2.2, and warnings are errors in our tests.
+    """
+    return series.astype("boolean").fillna(False).to_numpy(dtype=bool)
 
 
 def _check_one_completion(
@@ -507,7 +516,7 @@ def alternatives(
     hover = np.full(z.shape, "", dtype=object)
     marks: list[tuple[int, int]] = []
     chosen_values = (
-        frame[chosen].fillna(False).to_numpy(dtype=bool) if chosen is not None
+        _flags(frame[chosen]) if chosen is not None
         else np.zeros(len(frame), dtype=bool)
     )
     for (pos, rk, p, tok), is_chosen in zip(
@@ -757,7 +766,7 @@ def sweep(
         facets = sorted(facets, key=_sort_key)
         fig = make_subplots(
             rows=1, cols=len(facets), shared_yaxes=True,
-            subplot_titles=[f"{facet_col}={value}" for value in facets],
+            subplot_titles=[f"{facet_col}={_category(value)}" for value in facets],
         )
     else:
         fig = make_subplots(rows=1, cols=1)
@@ -775,7 +784,7 @@ def sweep(
             series = series.sort_values(x, key=lambda s: s.map(_sort_key)) if not x_numeric \
                 else series.sort_values(x)
             line_color = _PALETTE[number % len(_PALETTE)]
-            label = y if color is None else f"{color}={value}"
+            label = y if color is None else f"{color}={_category(value)}"
             xs = series[x].to_numpy() if x_numeric else series[x].map(_category).to_numpy()
             means = series["mean"].to_numpy(dtype=float)
             lows = series["low"].to_numpy(dtype=float)
@@ -966,7 +975,7 @@ def highlight(
         has_chosen = "chosen" in alt.columns
         for pos, alt_token, alt_prob, is_chosen in zip(
             alt["position"].tolist(), alt["token"].tolist(), _numeric(alt["prob"]),
-            alt["chosen"].fillna(False).tolist() if has_chosen else [False] * len(alt),
+            _flags(alt["chosen"]).tolist() if has_chosen else [False] * len(alt),
             strict=True,
         ):
             tooltips_alternatives.setdefault(pos, []).append(
