@@ -201,6 +201,21 @@ def test_malformed_json_over_http_is_400(live_server: str) -> None:
     assert response.json()["error"]["param"] is None
 
 
+def test_body_over_the_limit_over_http_is_413(live_server: str) -> None:
+    response = httpx.post(f"{live_server}/completions",
+                          json={"model": MODEL, "prompt": "x" * 1_100_000})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_stream_closed_early_leaves_the_server_serving(sdk: openai.OpenAI) -> None:
+    stream = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True)
+    first = next(iter(stream))
+    assert first.choices
+    stream.close()
+    assert _greedy(sdk, PROMPT, max_tokens=2).choices[0].finish_reason is not None
+
+
 # -- a key-protected server -----------------------------------------------------------------------
 KEY = "sk-nbc-test-4f1d2c"
 
