@@ -85,7 +85,7 @@ def test_the_raw_response_is_copied() -> None:
     assert completion.model == "m"
 
 
-# -- the in-process transport streams ---------------------------------------------------------------
+# -- the in-process transport streams -------------------------------------------------------------
 def _app(body_parts: list[bytes], gate: asyncio.Event | None = None,
          fail_after: int | None = None, seen: list[Any] | None = None) -> Callable[..., Any]:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
