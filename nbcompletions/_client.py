@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -558,7 +558,7 @@ class AsyncClient:
             # generator happens to be garbage collected.
             await chunks.aclose()
 
-    async def _stream_chunks(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+    async def _stream_chunks(self, request: CompletionRequest) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
         state = self._state()
         limit = state.semaphore or _NO_LIMIT
