@@ -558,7 +558,8 @@ class AsyncClient:
             # generator happens to be garbage collected.
             await chunks.aclose()
 
-    async def _stream_chunks(self, request: CompletionRequest) -> AsyncGenerator[dict[str, Any], None]:
+    async def _stream_chunks(self, request: CompletionRequest,
+                             ) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
         state = self._state()
         limit = state.semaphore or _NO_LIMIT
