@@ -376,32 +376,34 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
         raise FileNotFoundError(f"{str(directory)!r} holds no sweep (no sweep.json); write one "
                                 "with SweepResult.to_parquet(dir)")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    frames = tuple(pd.read_parquet(directory / f"{name}.parquet")
+    frames = tuple(_tidy_strings(pd.read_parquet(directory / f"{name}.parquet"))
                    for name in ("choices", "tokens", "alternatives"))
-    requests = pd.read_parquet(directory / "requests.parquet")
+    requests = _tidy_strings(pd.read_parquet(directory / "requests.parquet"))
     return SweepResult(requests, usage=meta.get("usage"), capabilities=meta.get("capabilities"),
                        frames=(frames[0], frames[1], frames[2]))
 
 
 def _tidy_strings(frame: pd.DataFrame) -> pd.DataFrame:
-    """Object columns holding only strings (and missing values) get pandas' string dtype.
+    """String columns as the frames layer keeps them: object dtype, None where missing.
 
-    That is the dtype `load_sweep` reads back from Parquet (``str`` on pandas 3, object on
-    pandas 2), so a result and its saved copy compare equal; concatenating failed requests' rows
-    would otherwise leave such columns as object.
+    Parquet reads strings back as pandas' ``str`` dtype (pandas 3) with NaN for missing, and
+    concatenating failed requests' rows leaves NaN in object columns; both are brought back here, so
+    a result, its frames and its saved copy all compare equal.
     """
     import pandas as pd
 
-    string_dtype = pd.Series(["x"]).dtype
-    if not isinstance(string_dtype, pd.api.extensions.ExtensionDtype):  # pandas 2: object
-        return frame
     for name in frame.columns:
         column = frame[name]
-        if column.dtype == object:
-            present = column.dropna()
-            # An all-missing column stays object: Parquet stores it untyped and reads it so.
-            if len(present) and all(isinstance(v, str) for v in present):
-                frame[name] = column.astype(string_dtype)
+        if isinstance(column.dtype, pd.StringDtype):
+            values = column.astype(object)
+        elif pd.api.types.is_object_dtype(column.dtype):
+            present = column[column.notna()]
+            if not all(isinstance(v, str) for v in present):
+                continue
+            values = column
+        else:
+            continue
+        frame[name] = values.where(values.notna(), None)
     return frame
 
 
@@ -442,49 +444,109 @@ def _requests_frame(plan: Plan, outcomes: Sequence[_Outcome]) -> pd.DataFrame:
     return _tidy_strings(frame)
 
 
+def _merged_frames(members: list[tuple[GridPoint, dict[str, Any]]], max_tokens: int | None,
+                   logprobs: int | None, vocab_size: int | None,
+                   ) -> list[tuple[pd.DataFrame, Any]]:
+    """Frames of many echo-free responses from one `to_frames` call.
+
+    Converting 10,000 small responses one by one costs milliseconds each in pandas overhead;
+    stacking their choices into one response (re-indexed 0, 1, 2 ...) and mapping the indices back
+    afterwards gives the same rows at a fraction of the cost. Only responses whose request did not
+    echo are merged: for them nothing depends on the prompt, and ``max_tokens`` and ``logprobs``
+    are shared by the group.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from ._frames import to_frames
+
+    merged: list[dict[str, Any]] = []
+    owner: list[int] = []
+    original: list[int] = []
+    width: list[int] = []
+    for point, response in members:
+        choices = [c for c in response.get("choices") or [] if isinstance(c, Mapping)]
+        for position, choice in sorted(enumerate(choices),
+                                       key=lambda item: (_choice_index(item[1], item[0]))):
+            original.append(_choice_index(choice, position))
+            merged.append({**choice, "index": len(merged)})
+            owner.append(point.request_id)
+            width.append(point.request.effective_n)
+    frames = to_frames({"choices": merged},
+                       {"n": 1, "echo": False, "max_tokens": max_tokens, "logprobs": logprobs},
+                       vocab_size=vocab_size)
+    owners = np.asarray(owner, dtype=np.int64)
+    originals = np.asarray(original, dtype=np.int64)
+    widths = np.asarray(width, dtype=np.int64)
+    out = []
+    for frame in frames:
+        where = frame["index"].to_numpy(dtype=np.int64)
+        fixed = frame.assign(index=originals[where])
+        if "prompt_index" in fixed.columns:
+            fixed["prompt_index"] = pd.array(originals[where] // widths[where], dtype="Int64")
+            fixed["choice"] = pd.array(originals[where] % widths[where], dtype="Int64")
+        out.append((fixed, owners[where]))
+    return out
+
+
+def _choice_index(choice: Mapping[str, Any], position: int = 0) -> int:
+    index = choice.get("index")
+    return index if isinstance(index, int) and not isinstance(index, bool) else position
+
+
 def _build_frames(plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFrame,
                   vocab_size: int | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Every response's frames, stacked in grid order, with the request's columns in front."""
     import numpy as np
     import pandas as pd
 
-    from ._frames import ALTERNATIVE_COLUMNS, CHOICE_COLUMNS, TOKEN_COLUMNS, to_frames
+    from ._frames import to_frames
 
-    parts: list[list[pd.DataFrame]] = [[], [], []]
-    owners: list[list[np.ndarray]] = [[], [], []]
+    templates = to_frames({"choices": []}, {"n": 1})
+    pieces: list[list[tuple[pd.DataFrame, Any]]] = [[], [], []]
+    groups: dict[tuple[Any, Any], list[tuple[GridPoint, dict[str, Any]]]] = {}
     for point, outcome in zip(plan.points, outcomes, strict=True):
-        frames: Sequence[pd.DataFrame | None]
-        if outcome.response is not None and outcome.error is None:
-            frames = to_frames(outcome.response, point.request, vocab_size=vocab_size)
-        else:
+        request = point.request
+        if outcome.response is None or outcome.error is not None:
             # One row per expected choice, so a failed grid point still counts in a groupby.
-            n = point.request.effective_n
-            frames = (pd.DataFrame({"index": np.arange(n), "prompt_index": np.zeros(n, int),
-                                    "choice": np.arange(n)}), None, None)
-        for i, frame in enumerate(frames):
-            if frame is not None and len(frame):
-                parts[i].append(frame)
-                owners[i].append(np.full(len(frame), point.request_id, dtype=np.int64))
+            n = request.effective_n
+            failed = pd.DataFrame({"index": np.arange(n, dtype=np.int64),
+                                   "prompt_index": pd.array(np.zeros(n, np.int64), dtype="Int64"),
+                                   "choice": pd.array(np.arange(n), dtype="Int64")})
+            pieces[0].append((failed, np.full(n, point.request_id, dtype=np.int64)))
+        elif request.echo:
+            # Echoed prompts need the request's own prompt to split prompt from completion.
+            for i, frame in enumerate(to_frames(outcome.response, request,
+                                                vocab_size=vocab_size)):
+                pieces[i].append((frame, np.full(len(frame), point.request_id, dtype=np.int64)))
+        else:
+            groups.setdefault((request.max_tokens, request.logprobs), []).append(
+                (point, outcome.response))
+    for (max_tokens, logprobs), members in groups.items():
+        for i, piece in enumerate(_merged_frames(members, max_tokens, logprobs, vocab_size)):
+            pieces[i].append(piece)
 
     per_request = requests[[*_ID_COLUMNS, *plan.columns, *_TAIL_COLUMNS]]
-    layouts = (CHOICE_COLUMNS, TOKEN_COLUMNS, ALTERNATIVE_COLUMNS)
     result = []
-    for i, layout in enumerate(layouts):
-        if parts[i]:
-            body = pd.concat(parts[i], ignore_index=True)
-            for column in layout:
-                if column not in body.columns:
-                    body[column] = pd.NA
-            body = body[list(layout)]
-            owner = np.concatenate(owners[i])
+    for template, parts in zip(templates, pieces, strict=True):
+        parts = [(frame, owner) for frame, owner in parts if len(frame)]
+        if parts:
+            body = pd.concat([template, *(frame for frame, _ in parts)], ignore_index=True)
+            owner = np.concatenate([owner for _, owner in parts])
+            # Grid order; within a request each part is already in (index, position) order.
+            order = np.argsort(owner, kind="stable")
+            body = body.iloc[order].reset_index(drop=True)
+            owner = owner[order]
         else:
-            body = pd.DataFrame({column: pd.Series([], dtype=object) for column in layout})
-            owner = np.zeros(0, dtype=np.int64)
+            body, owner = template.copy(), np.zeros(0, dtype=np.int64)
+        for column in template.columns:  # failed rows leave NA where the template has none
+            if body[column].dtype != template[column].dtype:
+                body[column] = body[column].astype(template[column].dtype)
+        body = body[list(template.columns)]
         # request_id == position in `requests`, so the broadcast is a positional take.
         front = per_request.iloc[owner].reset_index(drop=True)
-        ids = front[list(_ID_COLUMNS) + plan.columns]
-        tail = front[list(_TAIL_COLUMNS)]
-        frame = pd.concat([ids, body.reset_index(drop=True), tail], axis=1)
+        frame = pd.concat([front[[*_ID_COLUMNS, *plan.columns]], body,
+                           front[list(_TAIL_COLUMNS)]], axis=1)
         frame = _tidy_strings(frame)
         frame.attrs["vocab_size"] = vocab_size
         result.append(frame)
