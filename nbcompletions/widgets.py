@@ -301,17 +301,6 @@ def _default_client(client: Client | None) -> Client:
     return Client()
 
 
-def _encoder_for(model: str | None) -> Encoder | None:
-    """The embedded model's encode function when ``model`` is the embedded one, else None."""
-    from .model import MODEL_ID
-
-    if model != MODEL_ID:
-        return None
-    from .model import load_engine
-
-    return load_engine().encode
-
-
 def _models(client: Client) -> tuple[list[str], BaseException | None]:
     try:
         models = list(client.models())
@@ -444,54 +433,56 @@ class Playground(widgets.VBox):
             "logit_bias": self.logit_bias.value,
         }
 
-    def _encoder(self) -> Encoder | None:
-        if self._encode is not None:
-            return self._encode
-        return _encoder_for(self.model.value)
+    def _embedded_engine(self) -> Any:
+        """The embedded model's engine when it is the model chosen (its vocabulary is known)."""
+        from .model import MODEL_ID
+
+        if self.model.value != MODEL_ID:
+            return None
+        from .model import load_engine
+
+        return load_engine()
 
     @property
     def request(self) -> CompletionRequest:
         """The `CompletionRequest` the controls describe; raises `RequestError` if one is bad."""
         state = self.state
-        # The tokenizer is looked up only when the editor holds text keys (it loads the model).
-        needs_encoder = any(not line.split(":")[0].strip().isdigit()
-                            for line in state["logit_bias"].splitlines()
-                            if line.strip() and not line.strip().startswith("#"))
-        encode = self._encoder() if needs_encoder else None
-        return playground_request(state, limits=self._limits, encode=encode)
+        bias_lines = [line.strip() for line in state["logit_bias"].splitlines()
+                      if line.strip() and not line.strip().startswith("#")]
+        # The embedded engine is looked up only when the editor is used (it loads the model).
+        engine = self._embedded_engine() if bias_lines else None
+        encode = self._encode or (engine.encode if engine is not None else None)
+        request = playground_request(state, limits=self._limits, encode=encode)
+        if engine is not None and request.logit_bias:
+            for key in request.logit_bias:
+                if int(key) >= engine.vocab_size:
+                    raise RequestError(
+                        "logit_bias", f"logit_bias: token id {key} is not in {engine.model_id}'s "
+                        f"vocabulary (ids 0 to {engine.vocab_size - 1})",
+                        allowed=f"token ids from 0 to {engine.vocab_size - 1}", value=key)
+        return request
 
     def _on_change(self, change: Any) -> None:
         try:
             request = self.request
-        except RequestError as exc:
+        except Exception as exc:  # invalid settings, or a tokenizer failure: shown, never lost
             self._show_error(exc)
             self.logit_bias_preview.value = ""
-            return
-        except Exception as exc:  # a tokenizer failure, say: still shown, never lost
-            self._show_error(exc)
             return
         self.error.value = ""
         self.last_error = None
         self.logit_bias_preview.value = self._bias_preview(request)
 
     def _bias_preview(self, request: CompletionRequest) -> str:
+        """The logit_bias as sent, with each id's token where the vocabulary is known."""
         if not request.logit_bias:
             return ""
-        encoder_known = self._encode is not None or self._encoder_known()
+        engine = self._embedded_engine()
         parts = []
         for key, value in request.logit_bias.items():
-            label = ""
-            if encoder_known and self._encode is None:
-                from .model import load_engine
-
-                label = f" {html.escape(repr(load_engine().token_str(int(key))))}"
+            label = f" {html.escape(repr(engine.token_str(int(key))))}" if engine else ""
             parts.append(f"<code>{key}</code>{label}: {value:g}")
         return "<small>logit_bias: " + ", ".join(parts) + "</small>"
-
-    def _encoder_known(self) -> bool:
-        from .model import MODEL_ID
-
-        return self.model.value == MODEL_ID
 
     def _show_error(self, exc: BaseException) -> None:
         self.last_error = exc
@@ -518,7 +509,8 @@ class Playground(widgets.VBox):
             return None
         self.error.value = ""
         self.streamed.value = ""
-        self.request_view.value = ("<pre>" + html.escape(json.dumps(request.to_body(), indent=2))
+        self.request_view.value = ("<pre>" + html.escape(json.dumps(request.to_body(), indent=2),
+                                                         quote=False)
                                    + "</pre>")
         self.run_button.disabled = True
         self.status.value = "<i>running…</i>"

@@ -78,7 +78,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = open(base / "lab.log", "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--ServerApp.token={token}", "--ServerApp.port_retries=0",
+         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+         "--ServerApp.port_retries=0", "--ServerApp.terminals_enabled=False",
+         # CI containers run as root; the server binds loopback only.
+         "--allow-root",
+         # Nothing may reach the internet: no extension-manager queries to PyPI, no news feed.
+         "--LabApp.extension_manager=readonly",
          f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
          "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
          f"--LabServerApp.user_settings_dir={base / 'settings'}",
@@ -148,8 +153,10 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
             run_button.wait_for(timeout=RENDER_TIMEOUT_MS)
             page.locator(".widget-slider").first.wait_for(timeout=RENDER_TIMEOUT_MS)
             page.locator(".nbc-tokens").first.wait_for(timeout=RENDER_TIMEOUT_MS)
-            # A plotly figure, drawn by plotly.js through the JupyterLab extension.
-            page.locator(".js-plotly-plot .main-svg").first.wait_for(timeout=RENDER_TIMEOUT_MS)
+            # A plotly figure, drawn by plotly.js through the JupyterLab extension (the notebook
+            # shows one directly; the Playground's own sit in tabs not yet selected).
+            page.locator(".js-plotly-plot .main-svg >> visible=true").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS)
             page.wait_for_function(
                 "() => { const w = window.jupyterapp.shell.currentWidget;"
                 " return w.sessionContext.session.kernel.status === 'idle'; }",
@@ -168,6 +175,14 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
             page.locator(".nbc-status", has_text="run #2:").first.wait_for(
                 timeout=RENDER_TIMEOUT_MS)
             _shot(page, "playground-after-click.png")
+
+            # The Playground's plot tab: a figure inside the widget's Output, rendered by the same
+            # plotly extension through the widget manager.
+            playground = page.locator(".nbc-playground").first
+            playground.locator(".lm-TabBar-tab", has_text="probability plot").first.click()
+            playground.locator(".js-plotly-plot .main-svg >> visible=true").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS)
+            _shot(page, "playground-plot-tab.png")
             assert not [e for e in console_errors if "widget" in e.lower()], console_errors
         finally:
             browser.close()

@@ -230,13 +230,13 @@ def test_controls_set_the_request(playground: Any) -> None:
     playground.seed.value = "7"
     playground.echo.value = True
     playground.stop[1].value = "\\n"
-    playground.logit_bias.value = "50256: -100"
+    playground.logit_bias.value = "0: -100"
     assert playground.request == CompletionRequest(
         prompt="ROMEO:", model="nbc-shakespeare", temperature=0.3, top_p=0.8,
         frequency_penalty=1.0, presence_penalty=0.5, logprobs=2, max_tokens=9, n=2, best_of=3,
-        seed=7, echo=True, stop=["\n"], logit_bias={"50256": -100})
+        seed=7, echo=True, stop=["\n"], logit_bias={"0": -100})
     assert playground.error.value == ""
-    assert "50256" in playground.logit_bias_preview.value
+    assert "<code>0</code>" in playground.logit_bias_preview.value
 
 
 def test_slider_ranges_are_the_api_ranges(playground: Any) -> None:
@@ -254,6 +254,7 @@ def test_slider_ranges_are_the_api_ranges(playground: Any) -> None:
     ("seed", "abc", "seed"),
     ("logit_bias", "1: 500", "logit_bias"),
     ("logit_bias", '"ROMEO": ten', "logit_bias"),
+    ("logit_bias", "4096: 1", "logit_bias"),  # the embedded model's vocabulary is 0..4095
 ])
 def test_invalid_setting_is_shown_and_not_sent(playground: Any, control: str, value: Any,
                                                 param: str) -> None:
