@@ -96,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
                   max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
                   log_level=args.log_level, access_log=not args.no_access_log)
+        except FileNotFoundError as exc:  # the model's files (serve loads them before binding)
+            print(f"nbcompletions serve: {exc}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal; a traceback
             # after a clean shutdown would only alarm. 130 is the shell's code for SIGINT.

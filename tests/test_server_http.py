@@ -513,6 +513,21 @@ async def test_real_engine_stream_framing_with_usage(embedded_engine: Any) -> No
     assert all(f is None for f in finishes[:-1])
 
 
+async def test_a_model_that_fails_to_load_is_a_500_naming_the_cause(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbcompletions.model
+
+    def missing(path: Any = None) -> Any:
+        raise FileNotFoundError("model files missing in /nowhere: model.safetensors")
+
+    monkeypatch.setattr(nbcompletions.model, "load_engine", missing)
+    response = await _post(create_app(), {"model": "nbc-shakespeare", "prompt": "x"})
+    assert response.status_code == 500
+    error = _error(response)
+    assert error["type"] == "server_error"
+    assert "model files missing in /nowhere" in error["message"]
+
+
 async def test_real_engine_loads_lazily_on_first_request(embedded_engine: Any) -> None:
     app = create_app()  # no engine: the embedded model, loaded on demand
     async with _client(app) as client:

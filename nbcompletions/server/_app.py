@@ -268,7 +268,12 @@ class _CompletionsServer:
     async def engine(self) -> Engine:
         if self._engine is not None:
             return self._engine
-        return await anyio.to_thread.run_sync(self._load)
+        try:
+            return await anyio.to_thread.run_sync(self._load)
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            raise _Failure(500, f"The model could not be loaded ({type(exc).__name__}: {exc}).",
+                           type="server_error") from exc
 
     def load_engine_now(self) -> Engine:
         """Load the engine in this thread (``serve`` does it before accepting connections)."""
