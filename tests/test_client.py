@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbcompletions import (
     APIError,
@@ -499,3 +501,16 @@ def test_score_and_capabilities_delegate_to_scoring(monkeypatch: pytest.MonkeyPa
     assert client.score(["a"], context="c") == "scored"
     assert client.capabilities() == {"echo": True}
     assert seen == [(client.async_client, ["a"], "c"), client.async_client]
+
+
+@settings(max_examples=200, deadline=None)
+@given(retries=st.integers(0, 2000), rand=st.floats(0, 1),
+       asked=st.one_of(st.none(), st.floats(-100, 200, allow_nan=False)))
+def test_retry_delay_is_bounded(retries: int, rand: float, asked: float | None) -> None:
+    headers = {} if asked is None else {"retry-after": repr(asked)}
+    delay = _retry.retry_delay(retries, headers, rand=rand)
+    if asked is not None and 0 < asked <= 60:
+        assert delay == asked
+    else:
+        base = min(0.5 * 2 ** min(retries, 1000), 8.0)
+        assert 0.75 * base <= delay <= base

@@ -389,3 +389,40 @@ async def test_async_stream_iterates_with_async_for() -> None:
         async with client.stream("x") as stream:
             completion = await stream.completion()
         assert completion.text == "ab"
+
+
+def test_interrupting_a_sync_stream_closes_the_response() -> None:
+    # Jupyter's "interrupt kernel" while a cell iterates a stream: KeyboardInterrupt reaches the
+    # caller, the pending read is cancelled and the HTTP response is closed.
+    import _thread
+    import asyncio
+    import threading
+
+    first_sent = threading.Event()
+    closed = threading.Event()
+
+    class Stalling(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield _sse(_chunk(0, "a"), done=False)
+            first_sent.set()
+            await asyncio.Event().wait()  # the server goes quiet
+            yield b""
+
+        async def aclose(self) -> None:
+            closed.set()
+
+    def interrupt() -> None:
+        first_sent.wait(10)
+        _thread.interrupt_main()
+
+    with _client(lambda request: httpx.Response(200, stream=Stalling())) as client:
+        stream = client.stream("x")
+        assert next(stream).text == "a"
+        interrupter = threading.Thread(target=interrupt)
+        interrupter.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                next(stream)
+        finally:
+            interrupter.join()
+        assert closed.wait(10)
