@@ -418,6 +418,36 @@ async def test_client_disconnect_mid_stream_closes_the_engine_generator(
     assert engine.stream_closed.is_set()
 
 
+async def test_a_send_that_fails_mid_stream_ends_it_quietly(engine: _ScriptedEngine) -> None:
+    """Servers on ASGI spec 2.4 raise OSError from send() once the client has gone."""
+    engine.endless = True
+    body = json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent = 0
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        nonlocal sent
+        sent += 1
+        if sent == 3:
+            raise OSError("connection reset")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+             "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/completions",
+             "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("embedded", 80)}
+    with anyio.fail_after(HANG_GUARD_S):
+        await create_app(engine)(scope, receive, send)
+    assert sent == 3
+    assert engine.stream_closed.is_set()
+
+
 # -- concurrency ----------------------------------------------------------------------------------
 class _HeldEngine:
     """Wraps an engine; a request with ``user="hold"`` waits inside the engine until released."""

@@ -158,14 +158,15 @@ class _EventStream(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await send({"type": "http.response.start", "status": self.status_code,
-                        "headers": self.raw_headers})
             async with anyio.create_task_group() as group:
                 group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
-                await self._pump(send)
+                try:
+                    await send({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+                    await self._pump(send)
+                except OSError:
+                    pass  # the client went away mid-stream: nobody is left to tell
                 group.cancel_scope.cancel()
-        except OSError:
-            pass  # the client went away mid-stream: nobody is left to tell
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close)
