@@ -774,7 +774,7 @@ def sweep(
     if color is not None:
         colors = sorted(colors, key=_sort_key)
     shown: set[str] = set()
-    level = f"{ci:.0%} CI" if ci is not None else ""
+    level = f"{ci * 100:.4g}% CI" if ci is not None else ""
     for column, facet in enumerate(facets, start=1):
         in_facet = stats if facet_col is None else stats[_equal(stats[facet_col], facet)]
         for number, value in enumerate(colors):
