@@ -384,6 +384,27 @@ async def test_an_error_mid_stream_is_an_error_event_then_done(engine: _Scripted
     assert len(payloads) == 3
 
 
+async def test_the_openai_sdk_raises_on_an_error_event_mid_stream(engine: _ScriptedEngine) -> None:
+    import openai
+
+    engine.stream_fail_after = 2
+    http_client = _client(create_app(engine))
+    sdk = openai.AsyncOpenAI(base_url="http://embedded/v1", api_key="unused", max_retries=0,
+                             http_client=http_client)
+    texts: list[str] = []
+
+    async def read_all() -> None:
+        stream = await sdk.completions.create(model=MODEL, prompt="x", stream=True)
+        async for chunk in stream:
+            texts.append(chunk.choices[0].text)
+
+    with pytest.raises(openai.APIError) as info:
+        await read_all()
+    assert texts == engine.stream_texts[:2]
+    assert info.value.type == "server_error"
+    await sdk.close()
+
+
 async def test_client_disconnect_mid_stream_closes_the_engine_generator(
         engine: _ScriptedEngine) -> None:
     """Raw ASGI: the client goes away after the first event of an endless stream."""
