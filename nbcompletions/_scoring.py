@@ -307,7 +307,7 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
 
     # Sampling hot (temperature 2) makes it likely that some sampled token is not the top one,
     # which is what tells whether the server adds it to top_logprobs.
-    raw, refused = await _try(aclient, logprobs=1, max_tokens=16, temperature=2.0)
+    raw, refused = await _try(aclient, logprobs=1, max_tokens=8, temperature=2.0)
     included: bool | None = None
     origin: str | None = None
     shape: str | None = None

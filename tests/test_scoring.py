@@ -1,0 +1,146 @@
+"""Scoring text and probing capabilities, on the embedded model; faults via httpx.MockTransport."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import httpx
+import pytest
+
+from nbcompletions import APIError, AsyncClient, Client, RequestError
+from nbcompletions._scoring import acapabilities, ascore
+from nbcompletions.server import StreamingASGITransport, create_app
+
+MODEL = "nbc-shakespeare"
+
+
+@pytest.fixture(scope="module")
+def app(embedded_engine: Any) -> Any:
+    return create_app(embedded_engine)
+
+
+def faulty_client(app: Any, fault: Any) -> AsyncClient:
+    """An AsyncClient on the real app, with ``fault(body)`` able to answer instead of it."""
+    real = StreamingASGITransport(app)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        answer = fault(body)
+        if answer is not None:
+            return answer
+        response = await real.handle_async_request(request)
+        if body.get("echo") and getattr(fault, "strip_prompt_logprobs", False):
+            await response.aread()
+            data = json.loads(response.content)
+            for choice in data["choices"]:
+                choice["logprobs"] = None
+            return httpx.Response(200, json=data)
+        return response
+
+    return AsyncClient("http://embedded/v1", model=MODEL, transport=httpx.MockTransport(handler),
+                       max_retries=0)
+
+
+def test_score_matches_the_echoed_logprobs(embedded_client: Client) -> None:
+    text = "To be, or not to be, that is the question"
+    scores = embedded_client.score([text, "My lord"])
+    assert scores.columns.tolist() == ["text", "context", "n_tokens", "sum_logprob",
+                                       "mean_logprob", "perplexity", "n_unscored", "straddles"]
+    direct = embedded_client.complete(text, echo=True, logprobs=1, max_tokens=0)
+    logprobs = direct.tokens["logprob"]
+    row = scores.iloc[0]
+    # The first token has no logprob (nothing precedes it): scored tokens are the rest.
+    assert row["n_tokens"] == len(logprobs) - 1
+    assert row["n_unscored"] == 1
+    assert row["sum_logprob"] == pytest.approx(logprobs.iloc[1:].sum(), rel=1e-9)
+    assert row["mean_logprob"] == pytest.approx(row["sum_logprob"] / row["n_tokens"])
+    assert row["perplexity"] == pytest.approx(math.exp(-row["mean_logprob"]))
+    assert row["context"] is None
+    assert not row["straddles"]
+
+
+def test_continuation_scores_add_up(embedded_client: Client) -> None:
+    context = "Good morrow, my lord."
+    text = " How fares the king?"
+    whole = embedded_client.score(context + text).iloc[0]
+    head = embedded_client.score(context).iloc[0]
+    tail = embedded_client.score(text, context=context).iloc[0]
+    assert not tail["straddles"]
+    assert tail["context"] == context
+    assert tail["n_unscored"] == 0
+    # log P(context + text) = log P(context) + log P(text | context), token for token.
+    assert head["n_tokens"] + tail["n_tokens"] == whole["n_tokens"]
+    assert head["sum_logprob"] + tail["sum_logprob"] == pytest.approx(whole["sum_logprob"],
+                                                                      rel=1e-4)
+
+
+def test_straddling_token_is_flagged(embedded_client: Client) -> None:
+    # GPT-2's tokenizer merges "cat" + "s" into one token "cats": it spans the boundary.
+    scores = embedded_client.score(["s sat", " sat"], context=["The cat", "The cat"])
+    assert scores["straddles"].tolist() == [True, False]
+    assert (scores["n_tokens"] >= 1).all()
+
+
+def test_score_validates(embedded_client: Client) -> None:
+    with pytest.raises(RequestError, match="context must be None, a string, or a list of 2"):
+        embedded_client.score(["a", "b"], context=["x"])
+    with pytest.raises(RequestError, match=r"texts\[1\] is empty"):
+        embedded_client.score(["a", ""])
+    with pytest.raises(RequestError, match="texts must be a string"):
+        embedded_client.score(3)
+
+
+async def test_server_refusing_echo_with_logprobs_says_so(app: Any) -> None:
+    def refuse(body: dict[str, Any]) -> httpx.Response | None:
+        if body.get("echo") and body.get("logprobs") is not None:
+            return httpx.Response(400, json={"error": {
+                "message": "echo is not supported together with logprobs",
+                "type": "invalid_request_error", "param": "echo", "code": None}})
+        return None
+
+    aclient = faulty_client(app, refuse)
+    try:
+        with pytest.raises(APIError, match="refused echo with logprobs") as info:
+            await ascore(aclient, "To be")
+        assert info.value.type == "echo_logprobs_unsupported"
+        assert info.value.status == 400
+        capabilities = await acapabilities(aclient)
+        assert capabilities["echo_logprobs"] == "refused"
+        assert "echo is not supported" in capabilities["echo_logprobs_error"]
+        assert capabilities["max_logprobs"] == 5  # the rest came from the real app
+    finally:
+        await aclient.close()
+
+
+async def test_server_dropping_prompt_logprobs_says_so(app: Any) -> None:
+    def passthrough(body: dict[str, Any]) -> None:
+        return None
+
+    passthrough.strip_prompt_logprobs = True  # type: ignore[attr-defined]
+    aclient = faulty_client(app, passthrough)
+    try:
+        with pytest.raises(APIError, match="dropped them silently"):
+            await ascore(aclient, "To be")
+        capabilities = await acapabilities(aclient)
+        assert capabilities["echo_logprobs"] == "dropped"
+    finally:
+        await aclient.close()
+
+
+async def test_capabilities_of_the_embedded_server(app: Any) -> None:
+    aclient = AsyncClient("http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app))
+    try:
+        capabilities = await acapabilities(aclient)
+        assert capabilities["echo_logprobs"] == "honoured"
+        assert capabilities["max_logprobs"] == 5  # OpenAI's cap: 20 is refused
+        assert capabilities["logprobs_returned"] == {"5": 5}
+        assert capabilities["text_offset_origin"] == "prompt"
+        assert capabilities["logprobs_shape"] == "completions"
+        assert capabilities["sampled_in_top_logprobs"] in (True, None)
+        # Cached on the client: asking again sends nothing and gives the same answer.
+        assert await acapabilities(aclient) == capabilities
+        assert await aclient.capabilities() == capabilities
+    finally:
+        await aclient.close()
