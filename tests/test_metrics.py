@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -136,3 +137,29 @@ def test_calibration_validates() -> None:
         metrics.calibration(tokens, pd.DataFrame({"index": [0], "position": [0], "prob": [0.5]}))
     with pytest.raises(ValueError, match="bins must be"):
         metrics.calibration(tokens, tokens.assign(chosen=True), bins=0)
+
+
+def test_metrics_on_a_real_sweep(embedded_client: Any) -> None:
+    from nbcompletions import sweep
+
+    result = sweep(embedded_client, prompt=["To be", "My lord"], temperature=[1.0, 0.5],
+                   max_tokens=6, logprobs=5, repeats=2, progress=False, probe=False)
+    per = metrics.per_choice(result.choices, result.tokens)
+    assert len(per) == 8
+    assert per["n_chars"].notna().all()
+    assert ((per["distinct_1"] > 0) & (per["distinct_1"] <= 1)).all()
+    assert per["token_distinct_1"].notna().all()
+    table = metrics.calibration(result.tokens, result.alternatives, bins=5, by="temperature")
+    assert set(table["temperature"]) == {0.5, 1.0}
+    # Every generated position contributes exactly one sampled token, found among the
+    # alternatives or added from the tokens frame.
+    generated = result.tokens[~result.tokens["echo"]]
+    for temperature, group in table.groupby("temperature"):
+        expected = int((generated["temperature"] == temperature).sum())
+        assert int(group["n_chosen"].sum()) == expected
+    assert ((table["observed"] >= 0) & (table["observed"] <= 1)).all()
+    summary = metrics.summarize(per, by=["prompt_id", "temperature"],
+                                value=["distinct_1", "mean_logprob"])
+    assert len(summary) == 2 * 2 * 2
+    assert (summary["n"] == 2).all()
+    assert (summary["ci_low"] <= summary["mean"]).all()

@@ -115,7 +115,8 @@ def test_rerun_from_cache_sends_nothing_and_round_trips(app: Any, tmp_path: Path
         assert transport.total == 8
         with Cache(cache_path) as cache:
             assert len(cache) == 8
-        again = sweep(client, **GRID, cache=cache_path, progress=False, probe=False)
+        # Cached requests cost nothing: even a budget of 0 tokens lets the re-run through.
+        again = sweep(client, **GRID, cache=cache_path, budget=0, progress=False, probe=False)
         assert transport.total == 8  # nothing sent
     finally:
         client.close()
