@@ -253,6 +253,8 @@ def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
     # order.
     groups: dict[int, list[tuple[int, Mapping[str, Any]]]] = {}
     for position, choice in enumerate(raw):
+        if not isinstance(choice, Mapping) and callable(getattr(choice, "model_dump", None)):
+            choice = _as_mapping(choice)  # an SDK Choice inside a plain dict
         if not isinstance(choice, Mapping):
             raise ValueError(f"response['choices'][{position}] must be an object; "
                              f"got {type(choice).__name__}")
@@ -488,14 +490,21 @@ def _segment_min(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return result
 
 
-def _rank_order(sort_key: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Permutation that sorts each segment by ``sort_key``, stable, segments kept in place."""
+def _rank_order(sort_key: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
+    """Permutation that sorts each segment by ``sort_key``, stable, segments kept in place.
+
+    None when the segments are already sorted (OpenAI sends its lists most likely first).
+    """
     segment_counts = counts[counts > 0]
     if sort_key.size == 0:
-        return np.zeros(0, dtype=np.intp)
+        return None
     width = int(segment_counts.max())
     n_segments = len(segment_counts)
     segment_starts = np.cumsum(segment_counts) - segment_counts
+    in_order = np.diff(sort_key) >= 0
+    in_order[segment_starts[1:] - 1] = True  # a new segment may start lower
+    if in_order.all():
+        return None
     if n_segments * width > 4 * sort_key.size:  # a few very long lists: padding would not pay
         segment = np.repeat(np.arange(n_segments), segment_counts)
         return np.lexsort((sort_key, segment))
@@ -609,8 +618,9 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
     chosen_extra = has_alts & ~chosen_listed & ~np.isnan(token_logprobs)
     mass = (np.bincount(alt_row, weights=np.where(alt_known, alt_probs, 0.0), minlength=n_rows)
             + np.where(chosen_extra, token_probs, 0.0))
-    known_h = -(np.bincount(alt_row, weights=_xlogx(np.where(alt_known, alt_probs, 0.0)),
-                            minlength=n_rows)
+    # p log p from the logprobs themselves; p = 0 (clamped or -inf) and null entries add nothing.
+    alt_plogp = np.where(alt_probs > 0, alt_probs * alt_logprobs, 0.0)
+    known_h = -(np.bincount(alt_row, weights=alt_plogp, minlength=n_rows)
                 + np.where(chosen_extra, _xlogx(np.nan_to_num(token_probs)), 0.0))
     n_known = np.bincount(alt_row[alt_known], minlength=n_rows) + chosen_extra
     # The chosen token's entry may be an extra one below the true top k: keep it out of the cap
@@ -625,6 +635,11 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
     # Alternatives sorted by rank within each position; a stable sort keeps the server's order on
     # ties.
     permutation = _rank_order(np.where(alt_known, -alt_logprobs, np.inf), counts)
+    if permutation is not None:
+        alt_tokens = alt_tokens[permutation]
+        alt_logprobs = alt_logprobs[permutation]
+        alt_probs = alt_probs[permutation]
+        chosen = chosen[permutation]
     alt_starts = np.cumsum(counts) - counts
     alt_rank = (np.arange(len(alt_row)) - alt_starts[alt_row] + 1).astype(np.int64)
 
@@ -695,9 +710,9 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
         "index": choice_index[alt_choice_row],
         "position": position[alt_row].astype(np.int64),
         "rank": alt_rank,
-        "token": alt_tokens[permutation],
-        "logprob": alt_logprobs[permutation],
-        "prob": alt_probs[permutation],
-        "chosen": chosen[permutation],
+        "token": alt_tokens,
+        "logprob": alt_logprobs,
+        "prob": alt_probs,
+        "chosen": chosen,
     }, len(alt_row), vocab_size)
     return choices_frame, tokens_frame, alternatives_frame

@@ -600,3 +600,13 @@ def test_frames_of_a_real_embedded_response(embedded_engine):
     chosen_rows = alternatives[alternatives["chosen"]].set_index("position")
     assert chosen_rows.index.tolist() == scored["position"].tolist()
     assert chosen_rows["logprob"].to_numpy() == pytest.approx(scored["logprob"].to_numpy())
+
+
+def test_sdk_choice_objects_inside_a_plain_dict():
+    openai_types = pytest.importorskip("openai.types")
+    choice = openai_types.CompletionChoice.model_validate(
+        {"index": 0, "text": "a", "finish_reason": "stop",
+         "logprobs": lp(["a"], [-0.5], [{"a": -0.5}], [0])})
+    choices, tokens, _ = to_frames({"choices": [choice]})
+    assert choices["text"].tolist() == ["a"]
+    assert tokens["logprob"].tolist() == [-0.5]
