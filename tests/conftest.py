@@ -51,20 +51,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def live_server() -> Iterator[str]:
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `nbcompletions serve` on loopback; yields its base URL (…/v1)."""
     needs_weights()
     port = _free_port()
+    # The server's log goes to a file, not a pipe: an unread pipe fills up and stalls the server.
+    log_path = tmp_path_factory.mktemp("live_server") / "serve.log"
+    log = log_path.open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nbcompletions", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "nbcompletions", "serve", "--host", "127.0.0.1",
+         "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, text=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
         while True:
             if proc.poll() is not None:
-                out = proc.stdout.read() if proc.stdout else ""
+                out = log_path.read_text()
                 raise RuntimeError(f"nbcompletions serve exited early ({proc.returncode}):\n{out}")
             try:
                 if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
@@ -82,5 +86,4 @@ def live_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        log.close()
