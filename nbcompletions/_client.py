@@ -74,13 +74,35 @@ class _Endpoint:
 
 
 class _LoopState:
-    """What is bound to one event loop: the HTTP connection pool and the concurrency semaphore."""
+    """What is bound to one event loop: the HTTP connection pools and the concurrency semaphore.
 
-    __slots__ = ("http", "semaphore")
+    Requests are spread over several small httpx clients rather than one big one: httpcore 1.0's
+    pool does work quadratic in its connection count on every request and response (it rescans
+    all connections for each idle one), which at 32 connections cost more CPU than the rest of a
+    request. Pools of at most `_POOL_SIZE` connections keep that small.
+    """
 
-    def __init__(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore | None) -> None:
-        self.http = http
+    __slots__ = ("_next", "https", "semaphore")
+
+    def __init__(self, https: list[httpx.AsyncClient], semaphore: asyncio.Semaphore | None) -> None:
+        self.https = https
         self.semaphore = semaphore
+        self._next = 0
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        https = self.https
+        if len(https) == 1:
+            return https[0]
+        self._next = (self._next + 1) % len(https)
+        return https[self._next]
+
+    async def aclose(self) -> None:
+        for http in self.https:
+            await http.aclose()
+
+
+_POOL_SIZE = 8
 
 
 class _NoLimit:
@@ -424,9 +446,9 @@ class AsyncClient:
         current = _running_loop()
         for loop, state in states:
             if loop is current:
-                await state.http.aclose()
+                await state.aclose()
             elif not loop.is_closed() and loop.is_running():
-                asyncio.run_coroutine_threadsafe(state.http.aclose(), loop)
+                asyncio.run_coroutine_threadsafe(state.aclose(), loop)
 
     aclose = close
 
@@ -441,12 +463,16 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
-            keepalive = max(20, (self.max_concurrency or 100) * len(self._endpoints))
-            http = httpx.AsyncClient(
-                transport=self._transport, timeout=self._timeout, follow_redirects=False,
-                limits=httpx.Limits(max_connections=1000, max_keepalive_connections=keepalive))
+            connections = (self.max_concurrency or 64) * len(self._endpoints)
+            # A given transport (in-process, mock) has no pool to split.
+            pools = 1 if self._transport is not None else -(-connections // _POOL_SIZE)
+            limits = httpx.Limits(max_connections=1000,
+                                  max_keepalive_connections=max(20, -(-connections // pools)))
+            https = [httpx.AsyncClient(transport=self._transport, timeout=self._timeout,
+                                       follow_redirects=False, limits=limits)
+                     for _ in range(pools)]
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
-            state = self._states[loop] = _LoopState(http, semaphore)
+            state = self._states[loop] = _LoopState(https, semaphore)
         return state
 
     def _pick(self, avoid: _Endpoint | None = None) -> _Endpoint:
@@ -578,9 +604,10 @@ class AsyncClient:
             async with limit:
                 endpoint.in_flight += 1
                 try:
-                    http_request = state.http.build_request(
+                    http = state.http
+                    http_request = http.build_request(
                         "POST", endpoint.url + "/completions", content=content, headers=headers)
-                    response = await state.http.send(http_request, stream=True)
+                    response = await http.send(http_request, stream=True)
                     try:
                         if response.status_code >= 400:
                             await response.aread()
