@@ -34,6 +34,7 @@ import hashlib
 import json
 import math
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,47 @@ __all__ = ["Engine"]
 DEFAULT_MAX_TOKENS = 16
 EOT = "<|endoftext|>"
 _FLOOR = -9999.0  # what a -inf (or NaN) logprob is written as; JSON has no -Infinity
+
+
+class _OneBlasThread:
+    """While any request computes, BLAS runs one thread (process-wide; restored when all are done).
+
+    The matrices are small (a decode step multiplies a few rows by 256-wide weights), so BLAS
+    threads only add synchronisation; on a loaded machine (a notebook, a server's thread pool, a
+    training run next door) oversubscribed OpenBLAS threads made batched decoding 10x slower in
+    benchmarks/bench_model.py. Without threadpoolctl installed this does nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._limiter: Any = None
+        self._controller: Any = None
+        self._ready = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if not self._ready:
+                self._ready = True
+                try:
+                    from threadpoolctl import ThreadpoolController
+
+                    self._controller = ThreadpoolController()
+                except Exception:  # optional: no threadpoolctl, or an unreadable BLAS setup
+                    self._controller = None
+            if self._depth == 0 and self._controller is not None:
+                self._limiter = self._controller.limit(limits=1, user_api="blas")
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._limiter is not None:
+                self._limiter.restore_original_limits()
+                self._limiter = None
+
+
+_one_blas_thread = _OneBlasThread()
 
 
 def _finite(value: float) -> float:
@@ -507,7 +549,8 @@ class _Generation:
         for p, prompt in enumerate(plan.prompts):
             ids = np.asarray(prompt.ids, np.int64)[None, :]  # (1, P)
             cache = KVCache.empty(weights.config, 1, len(prompt.ids))
-            logits = forward(weights, ids, cache, last_only=not want_prompt_lp)  # (1, P or 1, V)
+            with _one_blas_thread:
+                logits = forward(weights, ids, cache, last_only=not want_prompt_lp)  # (1, P|1, V)
             if want_prompt_lp:
                 self.prompt_lp[p] = log_softmax(logits[0, :-1])  # (P-1, V)
             last.append(logits[0, -1])
@@ -558,4 +601,5 @@ class _Generation:
                 chosen = chosen[alive]
                 if counts is not None:
                     counts = counts[alive]
-            next_logits = forward(weights, chosen[:, None], cache)[:, 0]  # (A, V)
+            with _one_blas_thread:
+                next_logits = forward(weights, chosen[:, None], cache)[:, 0]  # (A, V)

@@ -31,6 +31,7 @@ __all__ = [
     "gelu_erf",
     "gelu_tanh",
     "layer_norm",
+    "linear",
     "load_weights",
     "log_softmax",
     "softmax",
@@ -280,13 +281,24 @@ class KVCache:
 
 # -- the forward pass ------------------------------------------------------------------------------
 
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """(..., in) @ (in, out) + (out,) -> (..., out), as one 2-D matmul.
+
+    numpy would run a (B, T, in) @ (in, out) product as B separate matmuls; folding the leading axes
+    into one lets BLAS process every row of the batch in a single call.
+    """
+    flat = x.reshape(-1, x.shape[-1]) @ w  # (B*T, out)
+    if b is not None:
+        flat += b
+    return flat.reshape(*x.shape[:-1], w.shape[1])
+
 def _attention(x: np.ndarray, block: Block, config: GPT2Config, layer: int, cache: KVCache,
                positions: np.ndarray) -> np.ndarray:
     """(B, T, D) -> (B, T, D): causal self-attention over the cache plus the T new positions."""
     batch, steps, dim = x.shape
     heads = config.n_head
     head = dim // heads
-    qkv = x @ block.attn_w + block.attn_b  # (B, T, 3D)
+    qkv = linear(x, block.attn_w, block.attn_b)  # (B, T, 3D)
     qkv = qkv.reshape(batch, steps, 3, heads, head).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, K)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, K) each
 
@@ -316,7 +328,7 @@ def _attention(x: np.ndarray, block: Block, config: GPT2Config, layer: int, cach
         scores = np.where(hidden[:, None], F32(-np.inf), scores)
     weights = softmax(scores)  # (B, H, T, S)
     out = (weights @ values).transpose(0, 2, 1, 3).reshape(batch, steps, dim)  # (B, T, D)
-    return out @ block.attn_proj_w + block.attn_proj_b
+    return linear(out, block.attn_proj_w, block.attn_proj_b)  # (B, T, D)
 
 
 def forward(weights: GPT2Weights, ids: np.ndarray, cache: KVCache, *,
@@ -345,13 +357,13 @@ def forward(weights: GPT2Weights, ids: np.ndarray, cache: KVCache, *,
         x = x + _attention(layer_norm(x, block.ln_1_g, block.ln_1_b, eps), block, config, layer,
                            cache, positions)  # (B, T, D)
         h = layer_norm(x, block.ln_2_g, block.ln_2_b, eps)  # (B, T, D)
-        h = act(h @ block.fc_w + block.fc_b)  # (B, T, 4D)
-        x = x + (h @ block.mlp_proj_w + block.mlp_proj_b)  # (B, T, D)
+        h = act(linear(h, block.fc_w, block.fc_b))  # (B, T, 4D)
+        x = x + linear(h, block.mlp_proj_w, block.mlp_proj_b)  # (B, T, D)
     cache.lengths = cache.lengths + steps
     if last_only:
         x = x[:, -1:]  # (B, 1, D)
     x = layer_norm(x, weights.ln_f_g, weights.ln_f_b, eps)  # (B, T, D)
-    return x @ weights.lm_head  # (B, T, V)
+    return linear(x, weights.lm_head)  # (B, T, V)
 
 
 def forward_full(weights: GPT2Weights, ids: np.ndarray) -> np.ndarray:
