@@ -65,9 +65,13 @@ def _worker_ours(path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]
             "peak_mb": _peak_mb()}
 
 
-def _worker_transformers(path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]:
+def _worker_transformers(path: str, n: int, tokens: int, repeats: int,
+                         threads: int | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
     from tokenizers import Tokenizer
     from transformers import GPT2LMHeadModel
 
@@ -102,9 +106,12 @@ def _worker_transformers(path: str, n: int, tokens: int, repeats: int) -> dict[s
             "peak_mb": _peak_mb(), "torch_threads": torch.get_num_threads()}
 
 
-def _measure(impl: str, path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]:
+def _measure(impl: str, path: str, n: int, tokens: int, repeats: int,
+             torch_threads: int | None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", impl, "--path", path, "--n", str(n),
            "--tokens", str(tokens), "--repeats", str(repeats)]
+    if torch_threads:
+        cmd += ["--torch-threads", str(torch_threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if done.returncode != 0:
@@ -118,6 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads for transformers (default: torch's own)")
     parser.add_argument("--worker", choices=["ours", "transformers"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -126,14 +135,19 @@ def main(argv: list[str] | None = None) -> None:
 
         args.path = str(FILES_DIR)
     if args.worker:
-        worker = _worker_ours if args.worker == "ours" else _worker_transformers
-        print(json.dumps(worker(args.path, args.n, args.tokens, args.repeats)))
+        if args.worker == "ours":
+            result = _worker_ours(args.path, args.n, args.tokens, args.repeats)
+        else:
+            result = _worker_transformers(args.path, args.n, args.tokens, args.repeats,
+                                          args.torch_threads)
+        print(json.dumps(result))
         return
 
     results: dict[tuple[str, int], dict[str, Any]] = {}
     for n in (1, 8):
         for impl in ("ours", "transformers"):  # interleaved so drift in machine load hits both
-            results[impl, n] = _measure(impl, args.path, n, args.tokens, args.repeats)
+            results[impl, n] = _measure(impl, args.path, n, args.tokens, args.repeats,
+                                        args.torch_threads)
 
     threads = results["transformers", 1]["torch_threads"]
     print(f"model: {args.path}   {args.tokens} tokens per completion, best of {args.repeats}, "

@@ -94,7 +94,7 @@ def test_logprobs_are_the_raw_model_distribution(engine: Engine) -> None:
 
 def test_banned_token_never_appears(engine: Engine) -> None:
     favourite = greedy_ids(engine, PROMPT, 1)[0]
-    fields = dict(n=40, max_tokens=3, temperature=1.0, logprobs=0, seed=7)
+    fields = dict(n=60, max_tokens=3, temperature=0.7, logprobs=0, seed=7)
     free = run(engine, **fields)
     banned = run(engine, logit_bias={str(favourite): -100}, **fields)
     fav = engine.token_str(favourite)
@@ -124,7 +124,7 @@ def test_frequency_and_presence_penalties_reduce_repeats(engine: Engine) -> None
         return len(tokens) - len(set(tokens))
 
     plain = repeats()
-    assert plain >= 8  # greedy decoding of a repetitive prompt loops
+    assert plain >= 3  # greedy decoding of a repetitive prompt repeats itself
     assert repeats(frequency_penalty=2.0) < plain
     assert repeats(presence_penalty=2.0) < plain
 
