@@ -610,3 +610,25 @@ def test_sdk_choice_objects_inside_a_plain_dict():
     choices, tokens, _ = to_frames({"choices": [choice]})
     assert choices["text"].tolist() == ["a"]
     assert tokens["logprob"].tolist() == [-0.5]
+
+
+def test_echo_split_of_real_partial_utf8_tokens(embedded_engine):
+    prompt = "日本語 “quotes” €"
+    request = CompletionRequest(prompt=[prompt, "To be"], model="nbc-shakespeare", logprobs=2,
+                                echo=True, max_tokens=3, n=2)
+    body = embedded_engine.complete(request)
+    # Without text_offset (and finish_reason) the split must come from the tokens' bytes.
+    stripped = copy.deepcopy(body)
+    for choice in stripped["choices"]:
+        choice["logprobs"].pop("text_offset", None)
+        choice["finish_reason"] = None
+    expected = [len(embedded_engine.encode(text)) for text in (prompt, prompt, "To be", "To be")]
+    for response_body in (body, stripped):
+        choices, tokens, _ = to_frames(response_body, request)
+        assert choices["prompt_n_tokens"].tolist() == expected
+        assert choices["prompt_index"].tolist() == [0, 0, 1, 1]
+        assert choices["n_tokens"].tolist() == [
+            len(c["logprobs"]["tokens"]) - e
+            for c, e in zip(sorted(body["choices"], key=lambda c: c["index"]), expected,
+                            strict=True)]
+        assert tokens.groupby("index")["echo"].sum().tolist() == expected
