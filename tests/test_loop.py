@@ -133,3 +133,25 @@ def test_nothing_starts_or_patches_at_import() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_a_plain_call_in_a_real_jupyter_kernel() -> None:
+    # The real thing: an ipykernel whose loop is running while the cell calls the sync client.
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    cells = [
+        "import asyncio, httpx\n"
+        "from nbcompletions import Client\n"
+        "asyncio.get_running_loop()  # the kernel's loop is running in this thread\n"
+        "body = {'choices': [{'text': 'from the kernel', 'index': 0, 'finish_reason': 'stop'}]}\n"
+        "client = Client('http://test/v1', model='m',\n"
+        "                transport=httpx.MockTransport(lambda r: httpx.Response(200, json=body)))",
+        "completion = client.complete('hello')  # no await\n"
+        "print(completion.text)",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3").execute()
+    outputs = notebook.cells[1].outputs
+    assert [o.get("text") for o in outputs] == ["from the kernel\n"], outputs
