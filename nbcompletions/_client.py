@@ -276,21 +276,6 @@ class AsyncClient:
             base_url = os.environ.get("OPENAI_BASE_URL") or None
         if api_key is None:
             api_key = os.environ.get("OPENAI_API_KEY") or None
-        self._embedded = base_url is None and api_key is None and transport is None
-        if self._embedded:
-            transport = _embedded_transport()
-            base_url = EMBEDDED_BASE_URL
-            if model is None:
-                model = EMBEDDED_MODEL
-        elif base_url is None:
-            base_url = OPENAI_BASE_URL
-        urls = [base_url] if isinstance(base_url, str | httpx.URL) else list(base_url)
-        if not urls:
-            raise RequestError("base_url",
-                               "base_url must be a URL or a non-empty list of URLs; got []",
-                               allowed="a URL or a non-empty list of URLs", value=base_url)
-        self._endpoints = [_Endpoint(_normalise_url(u)) for u in urls]
-        self._next = 0
         if api_key is not None and not isinstance(api_key, str):
             raise RequestError("api_key", "api_key must be a string", allowed="a string",
                                value=type(api_key).__name__)
@@ -314,6 +299,23 @@ class AsyncClient:
         if limits is not None and not isinstance(limits, Limits):
             raise RequestError("limits", f"limits must be an nbcompletions.Limits; got {limits!r}",
                                allowed="Limits(), Limits.vllm(), Limits.llamacpp()", value=limits)
+        timeout = _make_timeout(timeout)
+        # Settings are checked first, so a mistake is reported before the embedded model loads.
+        self._embedded = base_url is None and api_key is None and transport is None
+        if self._embedded:
+            transport = _embedded_transport()
+            base_url = EMBEDDED_BASE_URL
+            if model is None:
+                model = EMBEDDED_MODEL
+        elif base_url is None:
+            base_url = OPENAI_BASE_URL
+        urls = [base_url] if isinstance(base_url, str | httpx.URL) else list(base_url)
+        if not urls:
+            raise RequestError("base_url",
+                               "base_url must be a URL or a non-empty list of URLs; got []",
+                               allowed="a URL or a non-empty list of URLs", value=base_url)
+        self._endpoints = [_Endpoint(_normalise_url(u)) for u in urls]
+        self._next = 0
         request_headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
         request_headers.update(headers or {})
         if api_key:
@@ -324,7 +326,7 @@ class AsyncClient:
         self.limits = limits if limits is not None else Limits()
         self.max_retries = max_retries
         self.max_concurrency = max_concurrency
-        self._timeout = _make_timeout(timeout)
+        self._timeout = timeout
         self._transport = transport
         self._vocab_size = vocab_size
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
