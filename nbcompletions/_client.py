@@ -398,6 +398,9 @@ class AsyncClient:
         if not isinstance(raw, dict):
             raise APIError(f"the server answered with JSON that is not an object: {str(raw)[:200]}",
                            status=200, type="invalid_response", body=raw)
+        if "choices" not in raw and ("error" in raw or raw.get("object") == "error"):
+            # Some proxies answer 200 with an error body.
+            raise self._scrub(_retry.error_from_body(raw, status=200))
         return Completion(raw, request, vocab_size=self.vocab_size)
 
     def stream(self, prompt: Any, **fields: Any) -> AsyncStream:

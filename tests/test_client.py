@@ -514,3 +514,10 @@ def test_retry_delay_is_bounded(retries: int, rand: float, asked: float | None) 
     else:
         base = min(0.5 * 2 ** min(retries, 1000), 8.0)
         assert 0.75 * base <= delay <= base
+
+
+def test_an_error_body_with_status_200_is_an_api_error() -> None:
+    script = Script(httpx.Response(200, json={"error": {"message": "quota", "type": "billing"}}))
+    with make_client(script) as client, pytest.raises(APIError, match="quota") as info:
+        client.complete("x")
+    assert (info.value.status, info.value.type) == (200, "billing")
