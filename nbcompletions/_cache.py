@@ -26,14 +26,20 @@ from typing import Any
 
 from ._request import CompletionRequest
 
-__all__ = ["Cache", "CachedResponse", "cache_key"]
+__all__ = ["Cache", "CachedResponse", "cache_key", "cache_keys"]
 
+# The usage numbers and id are kept in their own columns so that reading a finished sweep back
+# needs no JSON parsing until its frames are asked for.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
     response TEXT NOT NULL,
     latency REAL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    response_id TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -52,34 +58,72 @@ def _canonical(value: Any) -> str:
                       allow_nan=False)
 
 
-def cache_key(endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any],
-              repeat: int) -> str:
-    """The cache key of one request: sha256 hex of canonical JSON of what determines its response.
-
-    ``model`` is the model the client sends when the request names none; a request's own ``model``
-    wins, as on the wire.
-    """
+def _key_body(request: CompletionRequest | Mapping[str, Any], model: str | None) -> dict[str, Any]:
     body = request.to_body() if isinstance(request, CompletionRequest) else dict(request)
     body.setdefault("model", model)
     # stream changes the transport, not the answer: a streamed and a plain request share a response.
     body.pop("stream", None)
     body.pop("stream_options", None)
-    payload = {"endpoint": endpoint.rstrip("/"), "body": body, "repeat": int(repeat)}
+    return body
+
+
+def cache_key(endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any],
+              repeat: int) -> str:
+    """The cache key of one request: sha256 hex of canonical JSON of what determines its response.
+
+    The JSON is ``{"body": <request body>, "endpoint": <base URL>, "repeat": <n>}`` with sorted keys
+    and no spaces. ``model`` is the model the client sends when the request names none; a request's
+    own ``model`` wins, as on the wire.
+    """
+    payload = {"endpoint": endpoint.rstrip("/"), "body": _key_body(request, model),
+               "repeat": int(repeat)}
     return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
 
 
+def cache_keys(endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any],
+               repeats: int) -> list[str]:
+    """``[cache_key(endpoint, model, request, r) for r in range(repeats)]``, computed faster.
+
+    "repeat" sorts last in the canonical JSON, so every repeat's text shares the prefix up to
+    ``"repeat":``; it is serialised and hashed once and the hash state copied per repeat.
+    """
+    prefix = {"body": _key_body(request, model), "endpoint": endpoint.rstrip("/")}
+    head = _canonical(prefix)[:-1] + ',"repeat":'
+    state = hashlib.sha256(head.encode("utf-8"))
+    keys = []
+    for repeat in range(repeats):
+        one = state.copy()
+        one.update(f"{repeat}}}".encode())
+        keys.append(one.hexdigest())
+    return keys
+
+
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
 class CachedResponse:
-    """One stored response: the response JSON and how long the request took when it was sent."""
+    """One stored response: its JSON (parsed on first access of ``response``), usage numbers,
+    response id and how long the request took when it was sent."""
 
-    __slots__ = ("created", "latency", "response")
+    __slots__ = ("_parsed", "created", "latency", "response_id", "text", "usage")
 
-    def __init__(self, response: dict[str, Any], latency: float | None, created: float) -> None:
-        self.response = response
+    def __init__(self, text: str, latency: float | None, created: float,
+                 usage: dict[str, int] | None = None, response_id: str | None = None) -> None:
+        self.text = text
         self.latency = latency
         self.created = created
+        self.usage = usage or {}
+        self.response_id = response_id
+        self._parsed: dict[str, Any] | None = None
+
+    @property
+    def response(self) -> dict[str, Any]:
+        if self._parsed is None:
+            self._parsed = json.loads(self.text)
+        return self._parsed
 
     def __repr__(self) -> str:
-        return f"CachedResponse(id={self.response.get('id')!r}, latency={self.latency!r})"
+        return f"CachedResponse(id={self.response_id!r}, latency={self.latency!r})"
 
 
 class Cache:
@@ -105,6 +149,11 @@ class Cache:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
+        present = {row[1] for row in self._conn.execute("PRAGMA table_info(responses)")}
+        for column, kind in (("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"),
+                             ("total_tokens", "INTEGER"), ("response_id", "TEXT")):
+            if column not in present:  # a file written by an earlier version
+                self._conn.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
 
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else f"{len(self)} responses"
@@ -142,10 +191,14 @@ class Cache:
                 chunk = wanted[start:start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = self._connection.execute(
-                    f"SELECT key, response, latency, created FROM responses WHERE key IN ({marks})",
+                    "SELECT key, response, latency, created, prompt_tokens, completion_tokens, "
+                    f"total_tokens, response_id FROM responses WHERE key IN ({marks})",
                     chunk).fetchall()
-                for key, text, latency, created in rows:
-                    found[key] = CachedResponse(json.loads(text), latency, created)
+                for key, text, latency, created, prompt, completion, total, rid in rows:
+                    usage = {name: value for name, value in zip(
+                        _USAGE_FIELDS, (prompt, completion, total), strict=True)
+                        if value is not None}
+                    found[key] = CachedResponse(text, latency, created, usage, rid)
         return found
 
     def put(self, key: str, response: Mapping[str, Any], *, latency: float | None = None) -> None:
@@ -153,10 +206,17 @@ class Cache:
         # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
         # stored text must round-trip whatever was received.
         text = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False)
+        usage = response.get("usage")
+        usage = usage if isinstance(usage, Mapping) else {}
+        numbers = [usage.get(name) if isinstance(usage.get(name), int) else None
+                   for name in _USAGE_FIELDS]
+        rid = response.get("id")
         with self._lock:
             self._connection.execute(
-                "INSERT OR REPLACE INTO responses (key, response, latency, created) "
-                "VALUES (?, ?, ?, ?)", (key, text, latency, time.time()))
+                "INSERT OR REPLACE INTO responses (key, response, latency, created, prompt_tokens, "
+                "completion_tokens, total_tokens, response_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, text, latency, time.time(), *numbers,
+                 rid if isinstance(rid, str) else None))
 
     def delete(self, key: str) -> None:
         with self._lock:

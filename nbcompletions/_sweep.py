@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._cache import Cache, cache_key
+from ._cache import Cache, CachedResponse, cache_keys
 from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
 from ._request import FIELDS, CompletionRequest
 
@@ -207,8 +207,7 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
             for name in fields:
                 columns_values[name] = _column_value(chosen[name])
             columns_values.setdefault("model", request.model or model)
-            for repeat in range(repeats):
-                key = cache_key(endpoint, model, request, repeat)
+            for repeat, key in enumerate(cache_keys(endpoint, model, request, repeats)):
                 points.append(GridPoint(request_id, prompt_id, repeat, columns_values, request,
                                         key))
                 request_id += 1
@@ -284,6 +283,26 @@ class _Outcome:
     latency: float | None = None
     cached: bool = False
     error: dict[str, Any] | None = None
+    entry: CachedResponse | None = None  # a cache hit, its JSON parsed only when frames need it
+
+    @property
+    def raw(self) -> dict[str, Any] | None:
+        if self.response is None and self.entry is not None:
+            return self.entry.response
+        return self.response
+
+    @property
+    def usage(self) -> Mapping[str, Any]:
+        if self.entry is not None and self.response is None:
+            return self.entry.usage
+        usage = (self.response or {}).get("usage")
+        return usage if isinstance(usage, Mapping) else {}
+
+    @property
+    def response_id(self) -> Any:
+        if self.entry is not None and self.response is None:
+            return self.entry.response_id
+        return (self.response or {}).get("id")
 
 
 class SweepResult:
@@ -420,7 +439,7 @@ def _requests_frame(plan: Plan, outcomes: Sequence[_Outcome]) -> pd.DataFrame:
         rows["repeat"].append(point.repeat)
         for name in plan.columns:
             rows[name].append(point.values.get(name))
-        usage = (outcome.response or {}).get("usage") or {}
+        usage = outcome.usage
         err = outcome.error or {}
         status = "error" if outcome.error else ("cached" if outcome.cached else "ok")
         rows["status"].append(status)
@@ -431,10 +450,10 @@ def _requests_frame(plan: Plan, outcomes: Sequence[_Outcome]) -> pd.DataFrame:
         rows["error_status"].append(err.get("error_status"))
         rows["error_message"].append(err.get("error_message"))
         for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            value = usage.get(name) if isinstance(usage, Mapping) else None
+            value = usage.get(name)
             rows[name].append(value if isinstance(value, int) else None)
         rows["latency"].append(outcome.latency)
-        rows["response_id"].append((outcome.response or {}).get("id"))
+        rows["response_id"].append(outcome.response_id)
         rows["cache_key"].append(point.key)
     frame = pd.DataFrame(rows)
     for name in ("error_status", "prompt_tokens", "completion_tokens", "total_tokens"):
@@ -507,7 +526,8 @@ def _build_frames(plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFra
     groups: dict[tuple[Any, Any], list[tuple[GridPoint, dict[str, Any]]]] = {}
     for point, outcome in zip(plan.points, outcomes, strict=True):
         request = point.request
-        if outcome.response is None or outcome.error is not None:
+        raw = outcome.raw
+        if raw is None or outcome.error is not None:
             # One row per expected choice, so a failed grid point still counts in a groupby.
             n = request.effective_n
             failed = pd.DataFrame({"index": np.arange(n, dtype=np.int64),
@@ -516,12 +536,10 @@ def _build_frames(plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFra
             pieces[0].append((failed, np.full(n, point.request_id, dtype=np.int64)))
         elif request.echo:
             # Echoed prompts need the request's own prompt to split prompt from completion.
-            for i, frame in enumerate(to_frames(outcome.response, request,
-                                                vocab_size=vocab_size)):
+            for i, frame in enumerate(to_frames(raw, request, vocab_size=vocab_size)):
                 pieces[i].append((frame, np.full(len(frame), point.request_id, dtype=np.int64)))
         else:
-            groups.setdefault((request.max_tokens, request.logprobs), []).append(
-                (point, outcome.response))
+            groups.setdefault((request.max_tokens, request.logprobs), []).append((point, raw))
     for (max_tokens, logprobs), members in groups.items():
         for i, piece in enumerate(_merged_frames(members, max_tokens, logprobs, vocab_size)):
             pieces[i].append(piece)
@@ -626,7 +644,7 @@ def _prepare(client: Any, prompt: Any, repeats: int, cache: Any, max_concurrency
         for point, outcome in zip(plan.points, outcomes, strict=True):
             hit = hits.get(point.key)
             if hit is not None:
-                outcome.response, outcome.latency, outcome.cached = hit.response, hit.latency, True
+                outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
     pending = [i for i, outcome in enumerate(outcomes) if not outcome.cached]
     estimate, method = estimate_tokens([plan.points[i].request for i in pending], model=plan.model)
     if budget is not None and estimate > budget:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from nbcompletions import CompletionRequest
-from nbcompletions._cache import Cache, cache_key
+from nbcompletions._cache import Cache, cache_key, cache_keys
 
 
 def test_key_covers_everything_that_determines_a_response() -> None:
@@ -32,6 +32,12 @@ def test_key_covers_everything_that_determines_a_response() -> None:
     ]
     assert len(set(different)) == len(different)
     assert key not in different
+
+
+def test_fast_keys_equal_the_definition() -> None:
+    request = CompletionRequest(prompt="Hi", temperature=0.5, stop=["\n"], logit_bias={"3": 1})
+    expected = [cache_key("http://h/v1", "m", request, r) for r in range(12)]
+    assert cache_keys("http://h/v1", "m", request, 12) == expected
 
 
 def test_key_ignores_json_spelling_and_streaming() -> None:
@@ -62,6 +68,8 @@ def test_put_get_persist_and_reopen(tmp_path: Path) -> None:
     with Cache(path) as again:
         hit = again.get("k")
         assert hit is not None
+        assert hit.usage == {"total_tokens": 3}
+        assert hit.response_id == "cmpl-1"
         assert hit.response["choices"][0]["text"] == "hi"
         assert hit.response["weird"] == float("-inf")
         assert hit.latency == 0.25
