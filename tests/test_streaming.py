@@ -426,3 +426,19 @@ def test_interrupting_a_sync_stream_closes_the_response() -> None:
         finally:
             interrupter.join()
         assert closed.wait(10)
+
+
+def test_breaking_out_of_a_stream_without_closing_it_releases_the_response() -> None:
+    closed = []
+
+    class Tracking(_Pieces):
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    body = _sse(*[_chunk(0, str(i)) for i in range(50)], _chunk(0, "!", "stop"))
+    with _client(lambda request: httpx.Response(200, stream=Tracking([body[:200], body[200:]]))
+                 ) as client:
+        for piece in client.stream("x"):
+            assert piece.text == "0"
+            break
+        assert closed == [True]
