@@ -52,7 +52,7 @@ Definitions at one position, where the server returned alternatives (else all NA
   possible, each at most c (the minimum). Because a response may add the chosen token as an extra
   entry below the true k-th, c leaves out the chosen token's entry where it might be that extra
   (more entries than the request's ``logprobs``, or the request unknown): a looser but always
-  valid bound.
+  valid bound. A listed entry with a null logprob counts as unseen, and removes the cap there.
 
 Echoed prompt tokens: with ``echo=True`` the first tokens of every choice are the prompt's. How
 many is taken, in this order, from: ``max_tokens=0`` (all of them); a token-id prompt (its
@@ -608,6 +608,8 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
     chosen = alt_tokens == tokens[alt_row]
     alt_probs = np.exp(alt_logprobs)
     alt_known = ~np.isnan(alt_logprobs)
+    all_known = bool(alt_known.all())  # the usual case; saves a masking pass per array
+    known_probs = alt_probs if all_known else np.where(alt_known, alt_probs, 0.0)
     chosen_logprob = token_logprobs[alt_row]
 
     higher = ~chosen & (alt_logprobs > chosen_logprob)
@@ -616,17 +618,22 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
 
     chosen_listed = np.bincount(alt_row[chosen], minlength=n_rows) > 0
     chosen_extra = has_alts & ~chosen_listed & ~np.isnan(token_logprobs)
-    mass = (np.bincount(alt_row, weights=np.where(alt_known, alt_probs, 0.0), minlength=n_rows)
+    mass = (np.bincount(alt_row, weights=known_probs, minlength=n_rows)
             + np.where(chosen_extra, token_probs, 0.0))
     # p log p from the logprobs themselves; p = 0 (clamped or -inf) and null entries add nothing.
     alt_plogp = np.where(alt_probs > 0, alt_probs * alt_logprobs, 0.0)
     known_h = -(np.bincount(alt_row, weights=alt_plogp, minlength=n_rows)
                 + np.where(chosen_extra, _xlogx(np.nan_to_num(token_probs)), 0.0))
-    n_known = np.bincount(alt_row[alt_known], minlength=n_rows) + chosen_extra
+    n_known = (counts if all_known else np.bincount(alt_row[alt_known], minlength=n_rows)
+               ) + chosen_extra
     # The chosen token's entry may be an extra one below the true top k: keep it out of the cap
     # unless the request says the list holds no more than k entries.
     maybe_extra = chosen if info.logprobs is None else chosen & (counts[alt_row] > info.logprobs)
-    cap = _segment_min(np.where(alt_known & ~maybe_extra, alt_probs, np.inf), counts)
+    cap = _segment_min(np.where(maybe_extra, np.inf, known_probs if all_known else
+                                np.where(alt_known, alt_probs, np.inf)), counts)
+    if not all_known:
+        # A listed entry without a logprob may hold any part of the rest: no cap is known there.
+        cap[np.bincount(alt_row[~alt_known], minlength=n_rows) > 0] = np.inf
     entropy_low, entropy_high = _entropy_bounds(known_h, mass, n_known, cap, vocab_size)
     top_mass = np.where(has_alts, mass, np.nan)
     entropy_low = np.where(has_alts, entropy_low, np.nan)
@@ -634,7 +641,8 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
 
     # Alternatives sorted by rank within each position; a stable sort keeps the server's order on
     # ties.
-    permutation = _rank_order(np.where(alt_known, -alt_logprobs, np.inf), counts)
+    permutation = _rank_order(-alt_logprobs if all_known else
+                              np.where(alt_known, -alt_logprobs, np.inf), counts)
     if permutation is not None:
         alt_tokens = alt_tokens[permutation]
         alt_logprobs = alt_logprobs[permutation]

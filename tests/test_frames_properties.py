@@ -86,6 +86,8 @@ def cases(draw: st.DrawFn) -> Case:
                 top = None
             elif top:  # bounds exist where there are alternatives
                 entropies[(index, position)] = float(-(probs * logprobs).sum())
+            if top and null_rate and rng.random() < null_rate:
+                top[next(iter(top))] = None  # a listed entry whose logprob is null
             items = list(top.items()) if top is not None else None
             if items is not None:
                 rng.shuffle(items)
@@ -141,7 +143,8 @@ def test_random_responses_keep_the_invariants(case: Case) -> None:
     assert choices["index"].tolist() == sorted(c["index"] for c in raw)
 
     np.testing.assert_allclose(tokens["prob"], np.exp(tokens["logprob"]), equal_nan=True)
-    np.testing.assert_allclose(alternatives["prob"], np.exp(alternatives["logprob"]))
+    np.testing.assert_allclose(alternatives["prob"], np.exp(alternatives["logprob"]),
+                               equal_nan=True)
     assert (tokens["rank"].dropna() >= 1).all()
     has_bounds = tokens["entropy_low"].notna()
     assert (tokens["entropy_low"][has_bounds] <= tokens["entropy_high"][has_bounds] + 1e-12).all()
@@ -175,7 +178,10 @@ def test_random_responses_keep_the_invariants(case: Case) -> None:
     assert (merged["chosen"] == (merged["token"] == merged["token_chosen"])).all()
     for (_, _), group in merged.groupby(["index", "position"]):
         assert group["rank"].tolist() == list(range(1, len(group) + 1))
-        assert (np.diff(group["logprob"].to_numpy()) <= 0).all()
+        logprobs = group["logprob"].to_numpy()
+        known = ~np.isnan(logprobs)
+        assert known.tolist() == sorted(known.tolist(), reverse=True)  # null logprobs last
+        assert (np.diff(logprobs[known]) <= 0).all()
         chosen_logprob = group["logprob_chosen"].iloc[0]
         if not math.isnan(chosen_logprob):
             better = ((group["logprob"] > chosen_logprob) & ~group["chosen"]).sum()
