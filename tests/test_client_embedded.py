@@ -160,3 +160,22 @@ async def test_async_client_embedded_and_live(live_server: str) -> None:
             pieces = [p.text async for p in client.stream("ROMEO:", max_tokens=4, seed=0)]
             assert "".join(pieces) == completions[0].text
     assert needs[0] == needs[1]  # the same model in-process and over HTTP
+
+
+def test_replicas_over_real_http(live_server: str) -> None:
+    # Two base URLs naming the same server (as two replicas would); both are used and agree.
+    replica = live_server.replace("127.0.0.1", "localhost")
+    with Client([live_server, replica]) as client:
+        assert client.endpoints == [live_server, replica]
+        pick = client.async_client._pick
+        used: list[str] = []
+
+        def recording_pick(*args: Any, **kwargs: Any) -> Any:
+            endpoint = pick(*args, **kwargs)
+            used.append(endpoint.url)
+            return endpoint
+
+        client.async_client._pick = recording_pick  # type: ignore[method-assign]
+        texts = {client.complete("ROMEO:", max_tokens=4, seed=3).text for _ in range(4)}
+    assert len(texts) == 1
+    assert sorted(used) == sorted([live_server, replica] * 2)
