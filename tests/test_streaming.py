@@ -131,6 +131,10 @@ def test_done_and_error_events() -> None:
             {"object": "error", "message": "flat", "type": "BadRequestError", "code": 400})))
     with pytest.raises(APIError, match="not JSON"):
         decode_event(ServerSentEvent('{"choices": [{"te'))
+    with pytest.raises(APIError, match="upstream timed out"):
+        decode_event(ServerSentEvent('{"message": "upstream timed out"}', event="error"))
+    with pytest.raises(APIError, match="not an object"):
+        decode_event(ServerSentEvent("[1, 2]"))
 
 
 def test_merge_matches_the_non_streamed_shape() -> None:
