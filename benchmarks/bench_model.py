@@ -94,7 +94,7 @@ def _worker_transformers(path: str, n: int, tokens: int, repeats: int,
     from tokenizers import Tokenizer
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+    model = GPT2LMHeadModel.from_pretrained(path).float()  # float16 on disk, float32 like ours
     model.eval()
     tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
     load_s = time.perf_counter() - start

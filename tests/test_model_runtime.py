@@ -47,7 +47,7 @@ def _ids(vocab: int, shape: tuple[int, int], seed: int = 0) -> np.ndarray:
 def test_logits_match_transformers(model_dir: Path) -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    reference = transformers.GPT2LMHeadModel.from_pretrained(str(model_dir), dtype=torch.float32)
+    reference = transformers.GPT2LMHeadModel.from_pretrained(str(model_dir)).float()
     reference.eval()
     weights = load_weights(model_dir)
     ids = _ids(weights.config.vocab_size, (2, min(48, weights.config.n_positions)))
