@@ -576,19 +576,26 @@ class _Generation:
         penalised = bool(plan.frequency_penalty or plan.presence_penalty)
         counts = np.zeros((len(self.rows), engine.vocab_size), np.float64) if penalised else None
         k = plan.logprobs
+        # Only logprobs and best_of's ranking read the model's log-probabilities.
+        need_logprobs = k is not None or plan.best_of > plan.n
         eot = engine.eot_token_id
         token_bytes = engine._token_bytes
         while True:
-            logp = log_softmax(next_logits)  # (A, V) raw model logprobs
             mu = _sampling.adjust_logits(next_logits, plan.bias, counts, plan.frequency_penalty,
                                          plan.presence_penalty)
             chosen = _sampling.sample(mu, plan.temperature, plan.top_p, self.rng)  # (A,)
-            chosen_lp = logp[np.arange(len(active)), chosen]  # (A,)
-            top_ids = _sampling.top_k(logp, k) if k is not None else None
+            if need_logprobs:
+                logp = log_softmax(next_logits)  # (A, V) raw model logprobs
+                chosen_lp = logp[np.arange(len(active)), chosen].tolist()  # (A,)
+            else:
+                logp, chosen_lp = None, [0.0] * len(active)
+            top_ids = _sampling.top_k(logp, k) if k is not None and logp is not None else None
             for j, r in enumerate(active):
                 token = int(chosen[j])
-                top = engine._top(logp[j], top_ids[j], token) if top_ids is not None else None
-                self.rows[r].add(token, token_bytes[token], _finite(float(chosen_lp[j])), top, eot)
+                top = None
+                if top_ids is not None and logp is not None:
+                    top = engine._top(logp[j], top_ids[j], token)
+                self.rows[r].add(token, token_bytes[token], _finite(chosen_lp[j]), top, eot)
             yield [int(r) for r in active]
             if counts is not None:
                 counts[np.arange(len(active)), chosen] += 1
