@@ -311,6 +311,13 @@ def _models(client: Client) -> tuple[list[str], BaseException | None]:
     return models, None
 
 
+def _fit(widget: widgets.DOMWidget, label: str, width: str) -> None:
+    """Give a control a fixed label and total width, so that columns of controls line up."""
+    if "description_width" in widget.style.keys:
+        widget.style.description_width = label
+    widget.layout.width = width
+
+
 def _slider(description: str, low: float, high: float, step: float, value: float
             ) -> widgets.FloatSlider:
     return widgets.FloatSlider(value=value, min=low, max=high, step=step, description=description,
@@ -393,11 +400,25 @@ class Playground(widgets.VBox):
                       "alternatives plot", "request"]
         self.tabs = widgets.Tab(children=tab_children, titles=tab_titles)
 
+        for slider in (self.temperature, self.top_p, self.frequency_penalty,
+                       self.presence_penalty):
+            _fit(slider, "10.5em", "26em")
+        for box in (self.model, self.max_tokens, self.logprobs, self.n, self.best_of):
+            _fit(box, "6em", "17em")
+        for box in (self.seed, self.suffix):
+            _fit(box, "4em", "15em")
+        for box in (self.echo, self.stream):
+            box.layout.width = "7em"
+        # Columns keep their width and wrap below each other on a narrow screen.
+        column = widgets.Layout(flex="0 0 auto", margin="0 1em 0 0")
         sliders = widgets.VBox([self.temperature, self.top_p, self.frequency_penalty,
-                                self.presence_penalty])
-        numbers = widgets.VBox([self.model, self.max_tokens, self.logprobs, self.n, self.best_of])
-        others = widgets.VBox([self.seed, self.suffix, widgets.HBox([self.echo, self.stream])])
-        controls = widgets.HBox([sliders, numbers, others])
+                                self.presence_penalty], layout=column)
+        numbers = widgets.VBox([self.model, self.max_tokens, self.logprobs, self.n, self.best_of],
+                               layout=column)
+        others = widgets.VBox([self.seed, self.suffix, widgets.HBox([self.echo, self.stream])],
+                              layout=column)
+        controls = widgets.HBox([sliders, numbers, others],
+                                layout=widgets.Layout(flex_flow="row wrap"))
         stop_row = widgets.HBox([widgets.Label("stop"), *self.stop])
         super().__init__(children=[
             self.prompt, controls, stop_row, self.logit_bias, self.logit_bias_preview,
@@ -674,6 +695,13 @@ class SweepBuilder(widgets.VBox):
         self.summary.add_class("nbc-summary")
         self.status.add_class("nbc-status")
 
+        for box in (self.model, self.max_tokens, self.logprobs, self.repeats):
+            _fit(box, "6em", "15em")
+        _fit(self.cache, "6em", "30em")
+        _fit(self.y, "6em", "20em")
+        for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
+            _fit(field_box, "6em", "15em")
+            values_box.layout.width = "30em"
         axes_rows = [widgets.HBox([f, v]) for f, v in zip(self.axis_fields, self.axis_values,
                                                           strict=True)]
         super().__init__(children=[

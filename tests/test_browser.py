@@ -180,9 +180,18 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
             # plotly extension through the widget manager.
             playground = page.locator(".nbc-playground").first
             playground.locator(".lm-TabBar-tab", has_text="probability plot").first.click()
-            playground.locator(".js-plotly-plot .main-svg >> visible=true").first.wait_for(
-                timeout=RENDER_TIMEOUT_MS)
+            tab_plot = playground.locator(".js-plotly-plot .main-svg >> visible=true").first
+            tab_plot.wait_for(timeout=RENDER_TIMEOUT_MS)
+            tab_plot.scroll_into_view_if_needed()
             _shot(page, "playground-plot-tab.png")
+
+            # The SweepBuilder's run (last cell) drew its sweep chart.
+            builder = page.locator(".nbc-sweep-builder").first
+            builder_plot = builder.locator(".js-plotly-plot .main-svg >> visible=true").first
+            builder_plot.wait_for(timeout=RENDER_TIMEOUT_MS)
+            builder_plot.scroll_into_view_if_needed()
+            assert "requests" in builder.locator(".nbc-summary").first.inner_text()
+            _shot(page, "sweep-builder.png")
             assert not [e for e in console_errors if "widget" in e.lower()], console_errors
         finally:
             browser.close()
