@@ -332,7 +332,7 @@ def test_stream_concatenates_to_the_completion(engine: Engine) -> None:
     fields = dict(n=2, max_tokens=10, seed=9, logprobs=1, echo=True, stop="e,")
     whole = run(engine, **fields)
     got: dict[int, str] = {}
-    tokens: dict[int, list[str]] = {}
+    logprobs: dict[int, dict[str, list[Any]]] = {}
     finish: dict[int, str] = {}
     chunks = list(engine.stream(CompletionRequest(prompt=PROMPT, stream=True,
                                                   stream_options={"include_usage": True},
@@ -343,7 +343,10 @@ def test_stream_concatenates_to_the_completion(engine: Engine) -> None:
         (choice,) = chunk["choices"]
         i = choice["index"]
         got[i] = got.get(i, "") + choice["text"]
-        tokens.setdefault(i, []).extend(choice["logprobs"]["tokens"])
+        merged = logprobs.setdefault(i, {})
+        for key, values in choice["logprobs"].items():
+            assert len(values) == len(choice["logprobs"]["tokens"])
+            merged.setdefault(key, []).extend(values)
         if choice["finish_reason"]:
             assert i not in finish
             finish[i] = choice["finish_reason"]
@@ -351,7 +354,7 @@ def test_stream_concatenates_to_the_completion(engine: Engine) -> None:
     assert chunks[-1]["usage"] == whole["usage"]
     for c in whole["choices"]:
         assert got[c["index"]] == c["text"]
-        assert tokens[c["index"]] == c["logprobs"]["tokens"]
+        assert logprobs[c["index"]] == c["logprobs"]  # tokens, logprobs, alternatives, offsets
         assert finish[c["index"]] == c["finish_reason"]
 
 

@@ -344,6 +344,8 @@ class Engine:
 
         generation = _Generation(self, plan)
         rows = generation.rows
+        if plan.echo and plan.logprobs is not None:
+            generation.prefill()  # the echoed prompt's logprobs come from the prefill
         for i, row in enumerate(rows):
             prompt = plan.prompts[row.prompt_index]
             if plan.echo and (prompt.text or prompt.echo_ids):
@@ -482,6 +484,8 @@ class Engine:
         for t in ids:
             offsets.append(chars)
             chars += len(decoder.decode(self._token_bytes[t]))
+        if len(ids) > 1 and logp is None:
+            raise RuntimeError("the echoed prompt's logprobs were asked for before the prefill")
         return tokens, token_logprobs[:len(ids)], tops[:len(ids)], offsets
 
     def _generated_parts(self, row: _Row, first: int, end: int
@@ -538,7 +542,13 @@ class _Generation:
         seed = plan.seed
         entropy = None if seed is None else seed % (1 << 128)  # PCG64 wants a non-negative seed
         self.rng = np.random.Generator(np.random.PCG64(entropy))
-        self._prefilled = False
+        self._prefilled: tuple[KVCache, np.ndarray] | None = None
+
+    def prefill(self) -> tuple[KVCache, np.ndarray]:
+        """Run every prompt once (idempotent); fills ``prompt_lp`` for echo + logprobs."""
+        if self._prefilled is None:
+            self._prefilled = self._prefill()
+        return self._prefilled
 
     def _prefill(self) -> tuple[KVCache, np.ndarray]:
         engine, plan = self.engine, self.plan
@@ -566,12 +576,12 @@ class _Generation:
         weights = engine.weights
         if plan.max_tokens == 0:
             if plan.echo and plan.logprobs is not None:
-                self._prefill()
+                self.prefill()
             for row in self.rows:
                 row.finish_reason = "length"
             yield list(range(len(self.rows)))
             return
-        cache, next_logits = self._prefill()
+        cache, next_logits = self.prefill()
         active = np.arange(len(self.rows))  # row index of each batch row
         penalised = bool(plan.frequency_penalty or plan.presence_penalty)
         counts = np.zeros((len(self.rows), engine.vocab_size), np.float64) if penalised else None
