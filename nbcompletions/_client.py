@@ -9,7 +9,6 @@ does (`nbcompletions._retry`); a per-client semaphore caps concurrent requests, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import difflib
 import json
 import logging
@@ -143,106 +142,11 @@ def _make_timeout(timeout: Any) -> httpx.Timeout:
                        f"httpx.Timeout; got {timeout!r}", allowed="seconds > 0", value=timeout)
 
 
-class _ASGIBody(httpx.AsyncByteStream):
-    """The body of one in-process ASGI response, read as the app sends it."""
-
-    def __init__(self, queue: asyncio.Queue[Any], task: asyncio.Task[None],
-                 disconnected: asyncio.Event) -> None:
-        self._queue = queue
-        self._task = task
-        self._disconnected = disconnected
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while True:
-            message = await self._queue.get()
-            kind = message["type"]
-            if kind == "http.response.body":
-                body = message.get("body", b"")
-                if body:
-                    yield body
-                if not message.get("more_body", False):
-                    return
-            elif kind == "app.error":
-                raise httpx.RemoteProtocolError(
-                    f"the embedded server failed mid-response: {message['error']!r}")
-            elif kind == "app.done":
-                raise httpx.RemoteProtocolError("the embedded server ended without a full body")
-
-    async def aclose(self) -> None:
-        # Tell the app the client went away (it closes its generator), then wait for it to finish.
-        self._disconnected.set()
-        if not self._task.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=5.0)
-            except asyncio.TimeoutError:
-                self._task.cancel()
-        if self._task.done() and not self._task.cancelled():
-            self._task.exception()  # retrieved: it already reached the client as an error
-
-
-class _StreamingASGITransport(httpx.AsyncBaseTransport):
-    """Runs an ASGI app in-process, like `httpx.ASGITransport`, but streams the response body.
-
-    httpx's own transport waits for the whole response, so a streamed completion from the embedded
-    model would arrive all at once at the end; here each server-sent event arrives as it is made.
-    """
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": request.method, "scheme": request.url.scheme,
-            "headers": [(k.lower(), v) for k, v in request.headers.raw],
-            "path": request.url.path, "raw_path": request.url.raw_path.split(b"?")[0],
-            "query_string": request.url.query, "root_path": "",
-            "server": (request.url.host, request.url.port), "client": ("127.0.0.1", 123),
-        }
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        disconnected = asyncio.Event()
-        body_sent = False
-
-        async def receive() -> dict[str, Any]:
-            nonlocal body_sent
-            if not body_sent:
-                body_sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            await disconnected.wait()
-            return {"type": "http.disconnect"}
-
-        async def send(message: Mapping[str, Any]) -> None:
-            await queue.put(message)
-
-        async def run() -> None:
-            try:
-                await self.app(scope, receive, send)
-            except Exception as exc:
-                await queue.put({"type": "app.error", "error": exc})
-                raise
-            finally:
-                await queue.put({"type": "app.done"})
-
-        task = asyncio.get_running_loop().create_task(run())
-        message = await queue.get()
-        if message["type"] != "http.response.start":
-            disconnected.set()
-            with contextlib.suppress(Exception):
-                await task
-            error = message.get("error")
-            if isinstance(error, Exception):
-                raise error
-            raise httpx.RemoteProtocolError("the embedded server sent no response")
-        return httpx.Response(message["status"], headers=message.get("headers", []),
-                              stream=_ASGIBody(queue, task, disconnected))
-
-
 def _embedded_transport() -> httpx.AsyncBaseTransport:
     hint = ("Pass base_url=... (or set OPENAI_BASE_URL / OPENAI_API_KEY) to use another server.")
     try:
         from .model import FILES_DIR
-        from .server import create_app
+        from .server import StreamingASGITransport, create_app
     except ImportError as exc:
         raise NBCompletionsError(
             f"the embedded model is not available: importing its server failed ({exc}). {hint}"
@@ -250,7 +154,8 @@ def _embedded_transport() -> httpx.AsyncBaseTransport:
     weights = FILES_DIR / "model.safetensors"
     if not weights.exists():
         raise NBCompletionsError(f"the embedded model's weights are missing ({weights}). {hint}")
-    return _StreamingASGITransport(create_app())
+    # httpx.ASGITransport would hold a streamed body until the app finishes; this one streams.
+    return StreamingASGITransport(create_app())
 
 
 def _suggest(name: str) -> str:

@@ -1,7 +1,8 @@
 """Exceptions shared by every layer.
 
-`RequestError` and `BudgetError` are ValueErrors: they describe bad input and are raised before anything
-is sent. `APIError` is what a server answered with, normalised across OpenAI, vLLM and llama.cpp.
+`RequestError` and `BudgetError` are ValueErrors: they describe bad input and are raised before
+anything is sent. `APIError` is what a server answered with, normalised across OpenAI, vLLM and
+llama.cpp.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ class RequestError(NBCompletionsError, ValueError):
     """A request field is invalid.
 
     The message names the field, the allowed range and the value given, for example
-    ``temperature must be a number from 0 to 2; got 3.5``. The same facts are kept as attributes so that
-    the server can answer with an OpenAI error body whose ``param`` is the field.
+    ``temperature must be a number from 0 to 2; got 3.5``. The same facts are kept as attributes so
+    that the server can answer with an OpenAI error body whose ``param`` is the field.
     """
 
     def __init__(self, param: str | None, message: str, *, allowed: str | None = None,
@@ -44,9 +45,9 @@ class BudgetError(NBCompletionsError, ValueError):
 class APIError(NBCompletionsError):
     """The server answered with an error (or a stream carried an error event).
 
-    Attributes follow OpenAI's error body: ``status`` (HTTP status, or None for an error event inside a
-    stream), ``type``, ``param``, ``code`` (always a string or None, whatever the server sent) and
-    ``message``. ``body`` keeps what the server sent, parsed where it was JSON.
+    Attributes follow OpenAI's error body: ``status`` (HTTP status, or None for an error event
+    inside a stream), ``type``, ``param``, ``code`` (always a string or None, whatever the server
+    sent) and ``message``. ``body`` keeps what the server sent, parsed where it was JSON.
     """
 
     def __init__(self, message: str, *, status: int | None = None, type: str | None = None,

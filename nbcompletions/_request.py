@@ -1,4 +1,4 @@
-"""The request side of the protocol: every field of ``POST /v1/completions``, validated before sending.
+"""The request side of the protocol: every field of ``POST /v1/completions``, validated up front.
 
 Ranges follow OpenAI's (see COMPAT.md). Servers differ on a few caps (vLLM allows 20 logprobs,
 llama.cpp has no cap): those live in `Limits`, a client setting whose defaults are OpenAI's.
@@ -20,9 +20,9 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 #: Every body field of the Completions API, in the order the reference lists them.
 FIELDS: tuple[str, ...] = (
-    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
-    "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature",
-    "top_p", "user",
+    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+    "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix",
+    "temperature", "top_p", "user",
 )
 
 
@@ -81,8 +81,8 @@ def _check_number(field: str, value: Any, low: float, high: float) -> None:
 
 
 def _check_prompt(value: Any) -> None:
-    allowed = ("a string, a non-empty list of strings, a non-empty list of token ids (integers >= 0), "
-               "or a non-empty list of non-empty token-id lists")
+    allowed = ("a string, a non-empty list of strings, a non-empty list of token ids "
+               "(integers >= 0), or a non-empty list of non-empty token-id lists")
     if isinstance(value, str):
         return
     if not isinstance(value, list | tuple) or len(value) == 0:
@@ -104,7 +104,7 @@ def _check_prompt(value: Any) -> None:
 
 
 def prompt_count(prompt: Any) -> int:
-    """How many prompts a valid ``prompt`` value holds (a list of strings or of token lists is many)."""
+    """How many prompts a valid ``prompt`` holds (a list of strings or of token lists is many)."""
     if isinstance(prompt, str):
         return 1
     if prompt and all(isinstance(item, str | list | tuple) for item in prompt):
@@ -117,7 +117,8 @@ class CompletionRequest:
     """Every field of a Completions request; ``None`` means "not set, use the server's default".
 
     Construction validates everything and raises `RequestError` naming the field, the allowed range
-    and the value given. ``extra`` carries server-specific fields (``top_k`` for vLLM, say) unchecked.
+    and the value given. ``extra`` carries server-specific fields (``top_k`` for vLLM, say),
+    unchecked.
     """
 
     prompt: Any = None
@@ -179,7 +180,8 @@ class CompletionRequest:
                     allowed=f"an integer from {n} to {lim.max_best_of}", value=self.best_of)
             if self.stream and self.best_of > 1:
                 raise RequestError(
-                    "best_of", f"best_of cannot be used with stream=True; got best_of={self.best_of}",
+                    "best_of",
+                    f"best_of cannot be used with stream=True; got best_of={self.best_of}",
                     allowed="1 (or unset) when streaming", value=self.best_of)
         for field in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, field)
@@ -219,7 +221,8 @@ class CompletionRequest:
             raise _fail("extra", "a mapping of extra body fields", self.extra)
         clash = set(self.extra) & set(FIELDS)
         if clash:
-            raise RequestError("extra", f"extra must not repeat standard fields; got {sorted(clash)}",
+            raise RequestError("extra",
+                               f"extra must not repeat standard fields; got {sorted(clash)}",
                                allowed="non-standard field names", value=dict(self.extra))
 
     def _check_logit_bias(self) -> None:
@@ -228,9 +231,10 @@ class CompletionRequest:
             raise _fail("logit_bias", allowed, self.logit_bias)
         for key, value in self.logit_bias.items():
             if not isinstance(key, str) or not key.isdigit():
-                raise RequestError("logit_bias",
-                                   f"logit_bias keys must be token ids (strings of digits); got {key!r}",
-                                   allowed=allowed, value=dict(self.logit_bias))
+                raise RequestError(
+                    "logit_bias",
+                    f"logit_bias keys must be token ids (strings of digits); got {key!r}",
+                    allowed=allowed, value=dict(self.logit_bias))
             if not _is_number(value) or not math.isfinite(value) or not -100 <= value <= 100:
                 raise RequestError(
                     "logit_bias", f"logit_bias[{key!r}] must be a number from -100 to 100; got "
@@ -254,7 +258,8 @@ class CompletionRequest:
                   require_model: bool = False) -> CompletionRequest:
         """Build from a JSON body (unknown fields go to ``extra``); validates."""
         if not isinstance(body, Mapping):
-            raise RequestError(None, f"the request body must be a JSON object; got {type(body).__name__}")
+            raise RequestError(
+                None, f"the request body must be a JSON object; got {type(body).__name__}")
         known = {k: body[k] for k in FIELDS if k in body and body[k] is not None}
         extra = {k: v for k, v in body.items() if k not in FIELDS}
         request = cls(**known, extra=extra, limits=limits or Limits())

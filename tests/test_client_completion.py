@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from nbcompletions import APIError, AsyncClient, Completion, CompletionRequest
-from nbcompletions._client import _StreamingASGITransport
+from nbcompletions.server import StreamingASGITransport
 
 RAW = {
     "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
@@ -89,9 +89,14 @@ def test_the_raw_response_is_copied() -> None:
 def _app(body_parts: list[bytes], gate: asyncio.Event | None = None,
          fail_after: int | None = None, seen: list[Any] | None = None) -> Callable[..., Any]:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        request = await receive()
+        body = b""
+        while True:  # an ASGI app reads the request until more_body is false
+            request = await receive()
+            body += request.get("body", b"")
+            if not request.get("more_body", False):
+                break
         if seen is not None:
-            seen.append(request["body"])
+            seen.append(body)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream")]})
         for i, part in enumerate(body_parts):
@@ -118,7 +123,7 @@ async def test_embedded_transport_delivers_events_as_they_are_made() -> None:
     gate = asyncio.Event()
     seen: list[Any] = []
     app = _app([_event("a"), _event("b", "stop"), b"data: [DONE]\n\n"], gate=gate, seen=seen)
-    client = AsyncClient("http://embedded/v1", model="m", transport=_StreamingASGITransport(app))
+    client = AsyncClient("http://embedded/v1", model="m", transport=StreamingASGITransport(app))
     async with client:
         pieces = []
         stream = client.stream("x")
@@ -134,7 +139,7 @@ async def test_embedded_transport_delivers_events_as_they_are_made() -> None:
 async def test_embedded_transport_reports_a_failure_mid_stream() -> None:
     app = _app([_event("a"), _event("b")], fail_after=1)
     client = AsyncClient("http://embedded/v1", model="m", max_retries=0,
-                         transport=_StreamingASGITransport(app))
+                         transport=StreamingASGITransport(app))
     async with client:
         with pytest.raises(APIError, match="broke after data"):
             await client.complete("x", stream=True)
@@ -148,7 +153,7 @@ async def test_embedded_transport_tells_the_app_when_the_client_leaves() -> None
     async def app_that_waits_for_disconnect(scope: Any, receive: Any, send: Any) -> None:
         await app(scope, receive, send)
 
-    transport = _StreamingASGITransport(app_that_waits_for_disconnect)
+    transport = StreamingASGITransport(app_that_waits_for_disconnect)
     async with AsyncClient("http://embedded/v1", model="m", transport=transport) as client:
         stream = client.stream("x")
         assert (await stream.__anext__()).text == "a"
@@ -161,7 +166,7 @@ async def test_embedded_transport_raises_app_errors_before_the_response() -> Non
     async def broken(scope: Any, receive: Any, send: Any) -> None:
         raise LookupError("no engine")
 
-    transport = _StreamingASGITransport(broken)
+    transport = StreamingASGITransport(broken)
     async with httpx.AsyncClient(transport=transport) as http:
         with pytest.raises(LookupError, match="no engine"):
             await http.get("http://embedded/v1/models")

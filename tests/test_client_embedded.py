@@ -117,8 +117,6 @@ def test_stream_merge_equals_non_stream_with_the_same_seed(client: Client) -> No
     assert streamed.usage == plain.usage
 
 
-@pytest.mark.xfail(strict=True, reason="server bug (issue 3): the streamed echo chunk sends "
-                   "token_logprobs/top_logprobs [null] instead of one entry per prompt token")
 def test_stream_merge_equals_non_stream_with_echo(client: Client) -> None:
     fields = {"max_tokens": 6, "seed": 4, "logprobs": 2, "echo": True}
     plain = client.complete("ROMEO:", **fields)

@@ -1,4 +1,4 @@
-"""CompletionRequest validation: every field, its range, and the message naming field, range, value."""
+"""CompletionRequest validation: each field, its range, and a message naming field, range, value."""
 
 from __future__ import annotations
 
@@ -56,13 +56,15 @@ def test_out_of_range_names_field_range_and_value(field: str, value: object, all
 def test_best_of_must_cover_n() -> None:
     err = _error(n=3, best_of=2)
     assert err.param == "best_of"
-    assert ">= n (3)" in str(err) and "got 2" in str(err)
+    assert ">= n (3)" in str(err)
+    assert "got 2" in str(err)
     CompletionRequest(prompt="x", n=3, best_of=3)
 
 
 def test_best_of_not_with_stream() -> None:
     err = _error(best_of=2, stream=True)
-    assert err.param == "best_of" and "stream" in str(err)
+    assert err.param == "best_of"
+    assert "stream" in str(err)
     CompletionRequest(prompt="x", best_of=1, stream=True)
 
 
@@ -165,22 +167,22 @@ def test_fields_cover_the_reference() -> None:
         "temperature", "top_p", "user"}
 
 
-# -- properties -------------------------------------------------------------------------------------
+# -- properties ------------------------------------------------------------------------------------
 finite = st.floats(allow_nan=False, allow_infinity=False)
 
 
 @given(temperature=finite, top_p=finite, penalty=finite)
 def test_float_ranges_property(temperature: float, top_p: float, penalty: float) -> None:
     ok = 0 <= temperature <= 2 and 0 <= top_p <= 1 and -2 <= penalty <= 2
-    try:
+    if ok:
         CompletionRequest(prompt="x", temperature=temperature, top_p=top_p,
                           presence_penalty=penalty)
-    except RequestError as err:
-        assert not ok
-        assert err.param in {"temperature", "top_p", "presence_penalty"}
-        assert repr(getattr(err, "value")) in str(err)
-    else:
-        assert ok
+        return
+    with pytest.raises(RequestError) as info:
+        CompletionRequest(prompt="x", temperature=temperature, top_p=top_p,
+                          presence_penalty=penalty)
+    assert info.value.param in {"temperature", "top_p", "presence_penalty"}
+    assert repr(info.value.value) in str(info.value)
 
 
 @given(n=st.integers(-5, 200), best_of=st.one_of(st.none(), st.integers(-5, 40)),
@@ -188,26 +190,24 @@ def test_float_ranges_property(temperature: float, top_p: float, penalty: float)
 def test_n_best_of_property(n: int, best_of: int | None, stream: bool) -> None:
     ok = 1 <= n <= 128 and (best_of is None or (1 <= best_of <= 20 and best_of >= n
                                                  and not (stream and best_of > 1)))
-    try:
-        request = CompletionRequest(prompt="x", n=n, best_of=best_of, stream=stream)
-    except RequestError as err:
-        assert not ok
-        assert err.param in {"n", "best_of"}
-    else:
-        assert ok
-        assert request.effective_n == n
+    if ok:
+        assert CompletionRequest(prompt="x", n=n, best_of=best_of, stream=stream).effective_n == n
+        return
+    with pytest.raises(RequestError) as info:
+        CompletionRequest(prompt="x", n=n, best_of=best_of, stream=stream)
+    assert info.value.param in {"n", "best_of"}
 
 
 @given(st.dictionaries(st.integers(0, 100_000), st.integers(-150, 150), max_size=5))
 def test_logit_bias_property(bias: dict[int, int]) -> None:
     ok = all(-100 <= v <= 100 for v in bias.values())
-    try:
-        request = CompletionRequest(prompt="x", logit_bias=bias)
-    except RequestError as err:
-        assert not ok and err.param == "logit_bias"
-    else:
-        assert ok
-        assert request.to_body().get("logit_bias", {}) == {str(k): v for k, v in bias.items()}
+    if not ok:
+        with pytest.raises(RequestError) as info:
+            CompletionRequest(prompt="x", logit_bias=bias)
+        assert info.value.param == "logit_bias"
+        return
+    request = CompletionRequest(prompt="x", logit_bias=bias)
+    assert request.to_body().get("logit_bias", {}) == {str(k): v for k, v in bias.items()}
 
 
 @given(st.one_of(

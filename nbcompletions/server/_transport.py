@@ -35,7 +35,10 @@ class _BodyStream(httpx.AsyncByteStream):
             if item is _END:
                 return
             if isinstance(item, BaseException):
-                raise item
+                # What a client sees when a real server dies mid-response: a protocol error,
+                # which the client's retry and stream logic already know how to treat.
+                raise httpx.RemoteProtocolError(
+                    f"the in-process server failed mid-response: {item!r}") from item
             yield item
 
     async def aclose(self) -> None:
