@@ -1,7 +1,7 @@
 """How fast `to_frames` turns a big logprobs response into DataFrames, side by side with baselines.
 
     python benchmarks/bench_frames.py [--tokens 200000] [--alternatives 5] [--choices 20]
-                                      [--repeats 5] [--append-tokens 200]
+                                      [--repeats 5] [--append-tokens 200] [--shuffled]
 
 One run measures, on the same synthetic payload (OpenAI shape, every position with a top_logprobs
 dict of ``--alternatives`` entries that includes the chosen token most of the time):
@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbcompletions._frames import to_frames
 
 
-def make_payload(n_tokens: int, n_alternatives: int, n_choices: int, seed: int = 0) -> str:
+def make_payload(n_tokens: int, n_alternatives: int, n_choices: int, seed: int = 0,
+                 shuffled: bool = False) -> str:
     """A Completions response body with logprobs, as the server would send it."""
     rng = np.random.default_rng(seed)
     pool = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz ,.'"), size=int(length)))
@@ -66,7 +67,10 @@ def make_payload(n_tokens: int, n_alternatives: int, n_choices: int, seed: int =
                 token, token_logprob = pool[int(rng.integers(0, len(pool)))], values[-1] - 1.0
             tokens.append(token)
             token_logprobs.append(token_logprob)
-            tops.append(dict(zip(names, values, strict=True)))
+            pairs = list(zip(names, values, strict=True))
+            if shuffled:  # vLLM-like: the lists are not in probability order
+                pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+            tops.append(dict(pairs))
             offsets.append(offset)
             offset += len(token)
         choices.append({
@@ -135,17 +139,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alternatives", type=int, default=5)
     parser.add_argument("--choices", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shuffled", action="store_true",
+                        help="top_logprobs dicts in random order (vLLM-like) instead of sorted")
     parser.add_argument("--append-tokens", type=int, default=200,
                         help="tokens for the df.loc row-append baseline (0 to skip)")
     args = parser.parse_args(argv)
 
-    payload = make_payload(args.tokens, args.alternatives, args.choices)
+    payload = make_payload(args.tokens, args.alternatives, args.choices, shuffled=args.shuffled)
     body = json.loads(payload)
     n_tokens = sum(len(c["logprobs"]["tokens"]) for c in body["choices"])
     n_alternatives = sum(len(d) for c in body["choices"] for d in c["logprobs"]["top_logprobs"])
     print(f"python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}")
     print(f"payload: {len(payload) / 1e6:.1f} MB, {len(body['choices'])} choices, "
-          f"{n_tokens:,} tokens, {n_alternatives:,} alternatives; {args.repeats} repeats")
+          f"{n_tokens:,} tokens, {n_alternatives:,} alternatives "
+          f"({'shuffled' if args.shuffled else 'sorted'} lists); {args.repeats} repeats")
 
     _, tokens_frame, alternatives_frame = to_frames(body)  # warm-up, and a sanity check
     if len(tokens_frame) != n_tokens or len(alternatives_frame) != n_alternatives:
