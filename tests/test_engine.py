@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from model_fixture import build_tiny_model
 
 from nbcompletions import CompletionRequest, RequestError
 from nbcompletions.model import FILES_DIR, load_engine
-from nbcompletions.model._engine import Engine
+from nbcompletions.model._engine import Engine, _Row
 from nbcompletions.model._gpt2 import forward_full
 from nbcompletions.model._sampling import adjust_logits, sample
 
@@ -407,3 +410,41 @@ def test_shipped_engine_identity(tmp_path: Path) -> None:
     engine = load_engine()
     assert engine.model_id == "nbc-shakespeare"
     assert engine.token_str(engine.eot_token_id) == "<|endoftext|>"
+
+
+# -- stop strings, property-based ------------------------------------------------------------------
+
+pieces = st.lists(st.sampled_from(["a", "b", "ab", "ba", " ", "é", "\xe2", "\x82\xac", "\xc3"]),
+                  min_size=1, max_size=12)
+
+
+@given(parts=pieces, stops=st.lists(st.text(alphabet="ab é€", min_size=1, max_size=3),
+                                    min_size=1, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str]) -> None:
+    """Whatever the tokens and stop strings, the streamed text is the final text, and no emitted
+    prefix ever holds a stop string or text past the final cut."""
+    plan = SimpleNamespace(max_tokens=len(parts), stops=stops)
+    row = _Row(0, 0, plan)  # type: ignore[arg-type]
+    emitted = ""
+    snapshots = []
+    released = 0
+    for token, piece in enumerate(parts, start=1):
+        row.add(token, piece.encode("latin-1"), -1.0, None, eot=0)
+        delta, first, end = row.release()
+        assert first == released
+        released = end
+        emitted += delta
+        snapshots.append(emitted)
+        assert not any(stop in emitted for stop in stops)
+        if row.finished:
+            break
+    assert row.finished
+    assert emitted == row.final_text
+    assert all(row.final_text.startswith(snapshot) for snapshot in snapshots)
+    assert released == row.kept_tokens
+    whole = b"".join(p.encode("latin-1") for p in parts).decode("utf-8", errors="replace")
+    assert whole.startswith(row.final_text)
+    cut = min((whole.find(s) for s in stops if s in whole), default=-1)
+    if cut >= 0 and row.finish_reason == "stop":
+        assert row.final_text == whole[:cut]

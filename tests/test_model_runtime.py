@@ -143,3 +143,19 @@ def test_load_engine_is_lazy_and_cached(tiny_dir: Path) -> None:
 def test_load_engine_names_missing_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         load_engine(tmp_path)
+
+
+def test_inference_runs_without_torch(tiny_dir: Path) -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # any import of torch now fails\n"
+        "from nbcompletions import CompletionRequest\n"
+        "from nbcompletions.model import load_engine\n"
+        f"engine = load_engine({str(tiny_dir)!r})\n"
+        "out = engine.complete(CompletionRequest(prompt='To be', max_tokens=3, logprobs=1))\n"
+        "assert out['usage']['prompt_tokens'] > 0\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
