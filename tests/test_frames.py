@@ -632,3 +632,22 @@ def test_echo_split_of_real_partial_utf8_tokens(embedded_engine):
             for c, e in zip(sorted(body["choices"], key=lambda c: c["index"]), expected,
                             strict=True)]
         assert tokens.groupby("index")["echo"].sum().tolist() == expected
+
+
+def test_frames_of_a_merged_streamed_response(embedded_client, embedded_engine):
+    prompt = "To be, or not"
+    completion = embedded_client.complete(prompt, logprobs=3, echo=True, max_tokens=4, n=2,
+                                          stream=True)
+    choices, tokens, alternatives = to_frames(completion.raw, completion.request,
+                                              vocab_size=embedded_engine.vocab_size)
+    n_prompt = len(embedded_engine.encode(prompt))
+    assert choices["index"].tolist() == [0, 1]
+    assert choices["prompt_n_tokens"].tolist() == [n_prompt, n_prompt]
+    assert choices["n_tokens"].tolist() == [4, 4]
+    for index in (0, 1):
+        rows = tokens[tokens["index"] == index]
+        assert rows["position"].tolist() == list(range(n_prompt + 4))
+        assert rows["logprob"].isna().tolist() == [True] + [False] * (n_prompt + 3)
+        assert rows["text_offset"].is_monotonic_increasing
+    assert len(alternatives) == sum(
+        len(d or ()) for c in completion.raw["choices"] for d in c["logprobs"]["top_logprobs"])
