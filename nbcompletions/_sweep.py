@@ -797,5 +797,12 @@ def sweep(client: Any, prompt: Any = None, *, repeats: int = 1, cache: Any = Non
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(len(prepared.plan.points), progress,
                         len(prepared.plan.points) - len(prepared.pending))
-    return run_sync(_execute(aclient, prepared, max_concurrency=max_concurrency, bar=bar,
-                             probe=probe))
+    try:
+        return run_sync(_execute(aclient, prepared, max_concurrency=max_concurrency, bar=bar,
+                                 probe=probe))
+    finally:
+        # _execute closes these itself; this covers an interrupt that lands before it started.
+        if bar is not None:
+            bar.close()
+        if prepared.owns_cache and prepared.cache is not None:
+            prepared.cache.close()
