@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbcompletions import AsyncClient, BudgetError, Client, CompletionRequest, Limits, RequestError
 from nbcompletions._sweep import estimate_tokens, expand_grid, sweep
@@ -133,3 +135,29 @@ def test_budget_refuses_before_sending(client: AsyncClient) -> None:
         sweep(client, "a", budget=-1, progress=False)
     with pytest.raises(RequestError, match="max_concurrency must be"):
         sweep(client, "a", max_concurrency=0, progress=False)
+
+
+@given(n_prompts=st.integers(1, 3),
+       temperatures=st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0]), min_size=1, max_size=3),
+       top_ps=st.one_of(st.none(), st.lists(st.sampled_from([0.1, 0.9, 1.0]), min_size=1,
+                                              max_size=2)),
+       repeats=st.integers(1, 3))
+@settings(max_examples=40, deadline=None)
+def test_grid_is_the_product_in_order(n_prompts: int, temperatures: list[float],
+                                      top_ps: list[float] | None, repeats: int) -> None:
+    client = AsyncClient(UNREACHABLE, api_key="sk-test", model="m")
+    prompts = [f"p{i}" for i in range(n_prompts)]
+    fields: dict[str, object] = {"temperature": temperatures}
+    if top_ps is not None:
+        fields["top_p"] = top_ps
+    plan = expand_grid(client, prompts, repeats=repeats, **fields)
+    expected = [(p, t, tp, r) for p in prompts for t in temperatures
+                for tp in (top_ps if top_ps is not None else [None]) for r in range(repeats)]
+    got = [(pt.request.prompt, pt.request.temperature, pt.request.top_p, pt.repeat)
+           for pt in plan.points]
+    assert got == expected
+    assert [pt.request_id for pt in plan.points] == list(range(len(expected)))
+    # Keys identify (request, repeat): equal exactly where both are equal.
+    by_key: dict[str, tuple[object, ...]] = {}
+    for pt, item in zip(plan.points, expected, strict=True):
+        assert by_key.setdefault(pt.key, item) == item
