@@ -329,3 +329,29 @@ async def test_async_twin_matches_sync(app: Any, embedded_client: Client) -> Non
     assert result.choices["text"].tolist() == sync_result.choices["text"].tolist()
     with pytest.raises(TypeError, match="asweep\\(\\) needs an AsyncClient"):
         await asweep(embedded_client, "x", progress=False)
+
+
+def test_rows_keep_grid_order_whatever_order_responses_arrive(app: Any,
+                                                              embedded_client: Client) -> None:
+    real = StreamingASGITransport(app)
+    arrived: list[int] = []
+
+    async def late_first(request: httpx.Request) -> httpx.Response:
+        seed = json.loads(request.content)["seed"]
+        await asyncio.sleep(0.05 * (5 - seed))  # seed 1 answers last, seed 4 first
+        response = await real.handle_async_request(request)
+        arrived.append(seed)
+        return response
+
+    client = Client("http://embedded/v1", model=MODEL, transport=httpx.MockTransport(late_first))
+    try:
+        result = sweep(client, "To be", seed=[1, 2, 3, 4], temperature=1.0, max_tokens=3,
+                       progress=False, probe=False)
+    finally:
+        client.close()
+    assert arrived != [1, 2, 3, 4]  # they did arrive out of order
+    assert result.choices["seed"].tolist() == [1, 2, 3, 4]
+    # Each row holds its own request's answer: seeded sampling is reproducible on this model.
+    expected = [embedded_client.complete("To be", seed=s, temperature=1.0, max_tokens=3).text
+                for s in (1, 2, 3, 4)]
+    assert result.choices["text"].tolist() == expected
