@@ -27,6 +27,7 @@ fails after the client's retries becomes rows with ``error`` set; the sweep goes
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import math
@@ -230,10 +231,16 @@ def _embedded_tokenizer(model: str | None) -> Callable[[str], int] | None:
     path = Path(FILES_DIR) / "tokenizer.json"
     if not path.exists():
         return None
+    tokenizer = _load_tokenizer(str(path))
+    return lambda text: len(tokenizer.encode(text).ids)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(path: str) -> Any:
+    # Loaded once: the SweepBuilder widget re-estimates on every keystroke.
     from tokenizers import Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(path))
-    return lambda text: len(tokenizer.encode(text).ids)
+    return Tokenizer.from_file(path)
 
 
 def estimate_tokens(requests: Sequence[CompletionRequest], *, model: str | None = None,
@@ -248,13 +255,16 @@ def estimate_tokens(requests: Sequence[CompletionRequest], *, model: str | None 
     """
     count = _embedded_tokenizer(model)
     method = "embedded tokenizer" if count is not None else f"characters / {CHARS_PER_TOKEN}"
+    counted: dict[str, int] = {}  # a sweep repeats few distinct prompts many times
     total = 0
     for request in requests:
         prompts = request.prompt if request.n_prompts > 1 else [request.prompt]
         prompt_tokens = 0
         for p in prompts:
             if isinstance(p, str):
-                prompt_tokens += count(p) if count else math.ceil(len(p) / CHARS_PER_TOKEN)
+                if p not in counted:
+                    counted[p] = count(p) if count else math.ceil(len(p) / CHARS_PER_TOKEN)
+                prompt_tokens += counted[p]
             else:
                 prompt_tokens += len(p)
         width = max(request.effective_n, request.best_of or 1)
