@@ -13,11 +13,14 @@ from model_fixture import build_tiny_model
 
 from nbcompletions.model import FILES_DIR, load_engine
 from nbcompletions.model._gpt2 import (
+    SMALL_BATCH,
     KVCache,
+    Linear,
     forward,
     forward_full,
     gelu_erf,
     gelu_tanh,
+    linear,
     load_weights,
     log_softmax,
 )
@@ -94,6 +97,18 @@ def test_ragged_rows_decode_like_separate_runs(tiny_dir: Path) -> None:
     got2 = forward(weights, np.array([[11], [12]]), kept)[:, 0]
     want2 = forward_full(weights, np.concatenate([long_, [[10, 12]]], axis=1))[0, -1]
     np.testing.assert_allclose(got2[1], want2, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, SMALL_BATCH, SMALL_BATCH + 1, 40])
+def test_linear_blocks_equal_the_plain_matmul(rows: int) -> None:
+    """Small batches multiply by weight blocks; every path gives x @ w + b (ragged sizes too)."""
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((300, 520)).astype(np.float32)
+    b = rng.standard_normal(520).astype(np.float32)
+    x = rng.standard_normal((rows, 1, 300)).astype(np.float32)
+    got = linear(x, Linear.of(w, b))
+    assert got.shape == (rows, 1, 520)
+    np.testing.assert_allclose(got, x @ w + b, atol=1e-4, rtol=1e-5)
 
 
 def test_log_softmax_is_stable_and_normalised() -> None:
