@@ -146,6 +146,15 @@ def _describe(values: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
+def _column_name(field_name: str) -> str:
+    """The frame column of a request field: its own name, or ``request_<name>`` where the frames
+    already have a column of that name (``echo``: the tokens frame marks echoed tokens)."""
+    from ._frames import ALTERNATIVE_COLUMNS, CHOICE_COLUMNS, TOKEN_COLUMNS
+
+    taken = {*CHOICE_COLUMNS, *TOKEN_COLUMNS, *ALTERNATIVE_COLUMNS, *_ID_COLUMNS, *_TAIL_COLUMNS}
+    return f"request_{field_name}" if field_name in taken else field_name
+
+
 def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) -> Plan:
     """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -180,7 +189,8 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
     limits = getattr(client, "limits", None)
     model = getattr(client, "model", None)
     endpoint = str(getattr(client, "endpoint", "") or "")
-    columns = ["prompt", *fields]
+    column_of = {name: _column_name(name) for name in fields}
+    columns = ["prompt", *column_of.values()]
     if "model" not in columns:
         columns.append("model")
     points: list[GridPoint] = []
@@ -206,7 +216,7 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
                     from None
             columns_values: dict[str, Any] = {"prompt": _column_value(one_prompt)}
             for name in fields:
-                columns_values[name] = _column_value(chosen[name])
+                columns_values[column_of[name]] = _column_value(chosen[name])
             columns_values.setdefault("model", request.model or model)
             for repeat, key in enumerate(cache_keys(endpoint, model, request, repeats)):
                 points.append(GridPoint(request_id, prompt_id, repeat, columns_values, request,
@@ -320,7 +330,8 @@ class SweepResult:
 
     - ``choices``, ``tokens``, ``alternatives``: the frames of `nbcompletions.to_frames` for every
       response, with ``request_id``, ``prompt_id``, ``repeat``, one column per request field given
-      to the sweep (lists and dicts as JSON text), and ``cached`` and ``error`` (None, or
+      to the sweep (lists and dicts as JSON text; ``echo`` is named ``request_echo`` because the
+      tokens frame has an ``echo`` column of its own), and ``cached`` and ``error`` (None, or
       "type (status): message"). A failed request has one row per expected choice in ``choices``,
       ``error`` set and the response columns empty; it has no rows in ``tokens``/``alternatives``.
       Rows are in grid order whatever order responses arrived in. Built on first access.

@@ -355,3 +355,13 @@ def test_rows_keep_grid_order_whatever_order_responses_arrive(app: Any,
     expected = [embedded_client.complete("To be", seed=s, temperature=1.0, max_tokens=3).text
                 for s in (1, 2, 3, 4)]
     assert result.choices["text"].tolist() == expected
+
+
+def test_echo_axis_keeps_both_echo_columns(embedded_client: Client) -> None:
+    result = sweep(embedded_client, "To be", echo=[True, False], max_tokens=1, logprobs=1,
+                   progress=False, probe=False)
+    tokens = result.tokens
+    echoed = tokens[tokens["request_echo"]]
+    assert echoed["echo"].any()  # the prompt's tokens, marked by the frames layer
+    assert not tokens.loc[~tokens["request_echo"], "echo"].any()
+    assert result.choices["prompt_n_tokens"].tolist()[1] == 0

@@ -161,3 +161,10 @@ def test_grid_is_the_product_in_order(n_prompts: int, temperatures: list[float],
     by_key: dict[str, tuple[object, ...]] = {}
     for pt, item in zip(plan.points, expected, strict=True):
         assert by_key.setdefault(pt.key, item) == item
+
+
+def test_field_named_like_a_frame_column_is_prefixed(client: AsyncClient) -> None:
+    plan = expand_grid(client, "x", echo=[True, False], max_tokens=1)
+    assert plan.columns == ["prompt", "request_echo", "max_tokens", "model"]
+    assert [p.values["request_echo"] for p in plan.points] == [True, False]
+    assert [p.request.echo for p in plan.points] == [True, False]
