@@ -186,6 +186,38 @@ def test_no_api_key_in_widget_state_or_repr() -> None:
     assert FAKE_KEY[-10:] not in _synced_state(playground)
 
 
+def test_no_api_key_in_widget_state_after_a_real_run(embedded_engine: Any) -> None:
+    import httpx
+
+    from nbcompletions import Client
+    from nbcompletions.server import create_app
+    from nbcompletions.widgets import Playground, SweepBuilder
+
+    app = create_app(embedded_engine, api_key=FAKE_KEY)  # the server demands the key
+    client = Client("http://keyed.test/v1", api_key=FAKE_KEY, model="nbc-shakespeare",
+                    transport=httpx.ASGITransport(app=app))
+    try:
+        playground = Playground(client, prompt="ROMEO:", max_tokens=4)
+        playground.stream.value = True
+        assert playground.run() is not None, playground.error.value
+        builder = SweepBuilder(client, prompt="ROMEO:", max_tokens=2, repeats=1,
+                               axes={"temperature": "0, 1"})
+        assert builder.run() is not None, builder.error.value
+        for root in (playground, builder):
+            assert FAKE_KEY not in _synced_state(root)
+            assert FAKE_KEY not in repr(root)
+    finally:
+        client.close()
+
+
+def test_default_client_is_the_embedded_model(embedded_engine: Any) -> None:
+    from nbcompletions.widgets import Playground
+
+    playground = Playground()
+    assert playground.model.value == "nbc-shakespeare"
+    assert "http://embedded/v1" in repr(playground)
+
+
 def test_server_error_appears_in_the_widget() -> None:
     from nbcompletions import APIError
     from nbcompletions.widgets import Playground
@@ -372,6 +404,12 @@ def test_builder_invalid_axis_is_shown(builder: Any, axis: str, values: str, par
     assert param in builder.error.value
     assert builder.summary.value == ""
     assert builder.run() is None
+
+
+def test_builder_field_on_two_axes_is_shown(builder: Any) -> None:
+    builder.axis_fields[1].value = "temperature"
+    builder.axis_values[1].value = "1"
+    assert "temperature is chosen for two axes" in builder.error.value
 
 
 def test_builder_runs_and_plots(builder: Any, tmp_path: Any) -> None:
