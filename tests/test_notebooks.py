@@ -12,7 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-WEIGHTS = ROOT / "nbcompletions" / "model" / "files" / "model.safetensors"
 MAX_OUTPUT_BYTES = 50_000
 PLOTLY_MIME = "application/vnd.plotly.v1+json"
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -79,8 +78,6 @@ def _outputs(notebook: Any) -> list[Any]:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path: Path, tmp_path: Path) -> None:
-    if not WEIGHTS.exists():
-        pytest.skip("the embedded model's weights are not built yet")
     import nbformat
     from nbclient import NotebookClient
 
