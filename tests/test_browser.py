@@ -182,6 +182,16 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
             tab_plot.scroll_into_view_if_needed()
             _shot(page, "playground-plot-tab.png")
 
+            # An invalid value typed into a control is reported in the widget, in red.
+            max_tokens = playground.locator(".widget-text", has_text="max_tokens").locator("input")
+            max_tokens.fill("-5")
+            max_tokens.press("Enter")
+            error = playground.locator(".nbc-error", has_text="max_tokens").first
+            error.wait_for(timeout=RENDER_TIMEOUT_MS)
+            assert "got -5" in error.inner_text()
+            error.scroll_into_view_if_needed()
+            _shot(page, "playground-invalid-setting.png")
+
             # The SweepBuilder's run (last cell) drew its sweep chart.
             builder = page.locator(".nbc-sweep-builder").first
             builder_plot = builder.locator(".js-plotly-plot .main-svg >> visible=true").first
