@@ -557,6 +557,8 @@ class Playground(widgets.VBox):
             self._show_result(completion)
         except Exception as exc:
             self._show_error(exc)
+        else:
+            self.streamed.value = ""  # the highlighted result below now shows the same text
         return completion
 
     def _send(self, request: CompletionRequest) -> Completion:

@@ -343,6 +343,7 @@ def test_stream_shows_text_as_it_arrives(playground: Any) -> None:
     assert len(values) >= 2
     assert completion.text.strip()[:5] in values[-1] or completion.text == ""
     assert 'class="nbc-tokens"' in playground.highlighted.value
+    assert playground.streamed.value == ""  # replaced by the highlighted result
 
 
 def test_logit_bias_text_goes_through_the_tokenizer(playground: Any,
