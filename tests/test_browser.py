@@ -160,6 +160,11 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
                 timeout=RENDER_TIMEOUT_MS)
             _shot(page, "playground-after-run-all.png")
 
+            # Hovering a token shows its alternatives: a native tooltip (title), which JupyterLab's
+            # HTML sanitizer keeps.
+            tooltip = page.locator(".nbc-tokens [title]").first.get_attribute("title") or ""
+            assert "alternatives:" in tooltip, tooltip
+
             body = page.inner_text("body")
             assert "Error displaying widget" not in body
             assert "Traceback" not in body
