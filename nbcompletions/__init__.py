@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "asweep": "._sweep",
     "SweepResult": "._sweep",
     "load_sweep": "._sweep",
+    "Cache": "._cache",
 }
 _SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
 
@@ -32,6 +33,7 @@ __all__ = [
     "APIError",
     "AsyncClient",
     "BudgetError",
+    "Cache",
     "Client",
     "Completion",
     "CompletionRequest",
@@ -52,6 +54,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import metrics, plots, widgets
+    from ._cache import Cache
     from ._client import AsyncClient, Client
     from ._completion import Completion
     from ._frames import to_frames

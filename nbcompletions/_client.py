@@ -407,6 +407,8 @@ class AsyncClient:
     async def _with_model(self, request: CompletionRequest) -> CompletionRequest:
         if request.model is not None:
             return request
+        if self.model is not None:
+            return request.replace(model=self.model)
         if self._discovered_model is None:
             available = await self.models()
             if len(available) != 1:

@@ -9,7 +9,7 @@ import sys
 import nbcompletions
 
 EXPECTED = {
-    "APIError", "AsyncClient", "BudgetError", "Client", "Completion", "CompletionRequest", "Limits",
+    "APIError", "AsyncClient", "BudgetError", "Cache", "Client", "Completion", "CompletionRequest", "Limits",
     "NBCompletionsError", "RequestError", "StreamChunk", "SweepResult", "__version__", "asweep",
     "load_sweep", "metrics", "plots", "sweep", "to_frames", "widgets",
 }
