@@ -9,9 +9,9 @@ import sys
 import nbcompletions
 
 EXPECTED = {
-    "APIError", "AsyncClient", "BudgetError", "Cache", "Client", "Completion", "CompletionRequest", "Limits",
-    "NBCompletionsError", "RequestError", "StreamChunk", "SweepResult", "__version__", "asweep",
-    "load_sweep", "metrics", "plots", "sweep", "to_frames", "widgets",
+    "APIError", "AsyncClient", "BudgetError", "Cache", "Client", "Completion", "CompletionRequest",
+    "Limits", "NBCompletionsError", "RequestError", "StreamChunk", "SweepResult", "__version__",
+    "asweep",    "load_sweep", "metrics", "plots", "sweep", "to_frames", "widgets",
 }
 HEAVY = ("pandas", "plotly", "ipywidgets", "starlette", "uvicorn", "nbcompletions.model",
          "nbcompletions.server", "tokenizers", "safetensors", "torch", "openai")
