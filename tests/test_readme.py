@@ -1,0 +1,43 @@
+"""The README's Python examples run, in order, in one namespace, against the embedded model.
+
+A block whose first line starts with ``# needs`` depends on something outside the test (a running
+server) and is only compiled.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, needs_weights
+
+BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+def _blocks() -> list[str]:
+    return BLOCK.findall((ROOT / "README.md").read_text(encoding="utf-8"))
+
+
+def test_readme_has_examples() -> None:
+    assert len(_blocks()) >= 4
+
+
+def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    needs_weights()
+    monkeypatch.chdir(tmp_path)  # the sweep example writes its cache file here
+    namespace: dict[str, object] = {"__name__": "readme"}
+    for number, code in enumerate(_blocks()):
+        compiled = compile(code, f"README.md python block {number}", "exec")
+        if code.startswith("# needs"):
+            continue
+        exec(compiled, namespace)
+    import nbcompletions
+
+    done = namespace["done"]
+    assert isinstance(done, nbcompletions.Completion)
+    assert len(done.tokens) == 24  # type: ignore[attr-defined]
+    result = namespace["result"]
+    assert isinstance(result, nbcompletions.SweepResult)
+    assert result.requests["error"].isna().all()
+    assert (tmp_path / "study.sqlite").exists()
