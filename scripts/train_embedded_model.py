@@ -24,6 +24,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import random
 import shlex
@@ -238,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size-mb", type=float, default=12.0)
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop training early after this long (the card then says so)")
+    p.add_argument("--card-only", action="store_true",
+                   help="only rewrite README.md in --out from --workdir/results.json")
     return p
 
 
@@ -263,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
     works = read_works(sdist)
     train_works = [w for w in works if w.name not in HELD_OUT]
     held_works = [w for w in works if w.name in HELD_OUT]
+    if args.card_only:
+        results = json.loads((args.workdir / "results.json").read_text())
+        write_card(args, args.out / "README.md", results, train_works, held_works)
+        return 0
     train_texts = [t for w in train_works for t in w.files.values()]
     held_texts = [t for w in held_works for t in w.files.values()]
     log(f"{len(works)} works: {len(train_works)} train ({len(train_texts)} files, "
@@ -416,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "eot_token_id": eot_id,
         "cpu": cpu_name(),
         "threads": args.threads,
+        "cores": os.cpu_count(),
         "torch": torch.__version__,
         "command": reproduce_command(p, args),
         "history": history,
@@ -432,7 +440,9 @@ def reproduce_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
     parts = ["python", "scripts/train_embedded_model.py"]
     for action in parser._actions:
         dest = action.dest
-        if dest in ("help", "out", "workdir") or not action.option_strings:
+        # Where files go, and the wall-clock safety limit, do not change what is trained.
+        if dest in ("help", "out", "workdir", "max_minutes", "card_only") or (
+                not action.option_strings):
             continue
         value = getattr(args, dest)
         if value == action.default:
@@ -528,8 +538,8 @@ The one special token is `<|endoftext|>`, id **{r['eot_token_id']}**: the end-of
 
 ## Training
 
-- Hardware: {r['cpu']}, {r['threads']} threads (CPU only, no GPU; a shared machine, run under
-  `nice`).
+- Hardware: {r['cpu']}, a {r['cores']}-core machine shared by a team (run under `nice`);
+  torch on {r['threads']} thread(s), CPU only, no GPU.
 - Time: {r['train_seconds'] / 60:.1f} minutes of training ({r['train_seconds']:.0f} s), plus
   {r['eval_seconds']:.0f} s for the held-out evaluation; torch {r['torch']}.
 - {r['steps']} steps{truncated} of {args.batch_size} random windows of {args.n_ctx} tokens:
