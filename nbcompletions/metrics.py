@@ -273,7 +273,7 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
                 by: str | Sequence[str] | None = None, ci: float = 0.95) -> pd.DataFrame:
     """How often tokens were sampled, against the probability the endpoint reported for them.
 
-    Every returned alternative at a generated position is one event: the token had reported
+    Each of the top-k alternatives at a generated position is one event: the token had reported
     probability ``prob`` and was or was not the sampled one (``chosen``). Events are binned by
     ``prob`` into ``bins`` equal-width bins on [0, 1]; per bin: ``mean_prob`` (average reported
     probability), ``observed`` (fraction sampled), ``count``, ``n_chosen`` and a Wilson interval
@@ -282,9 +282,14 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
 
     Details that matter:
     - Echoed prompt tokens are not samples and are left out (``tokens.echo``).
-    - Servers that leave the sampled token out of ``top_logprobs`` (old OpenAI) would make every
-      sampled-outside-the-top-k token invisible; the sampled token is added from ``tokens`` at every
-      position where no alternative is marked chosen, so such positions still count.
+    - Only the top k alternatives are events. OpenAI and vLLM append the sampled token as a k+1-th
+      entry when it is outside the top k; counting it would add an event only when a low-probability
+      token *was* sampled (never when it was not), so low bins would read far above the diagonal.
+      The top k is fixed before sampling, so every one of its tokens is a fair event, sampled or
+      not; a position whose sampled token is outside the top k contributes k unsampled events.
+      k is the ``logprobs`` column where the frame has one (a sweep's), otherwise the fewest
+      alternatives at any position of the same completion (it can read one too high only when
+      every position of a completion sampled outside its top k).
     - Reported probabilities are the model's; sampling at temperature != 1 or top_p < 1 is expected
       to be off the diagonal (group ``by="temperature"`` to see it).
 
@@ -297,11 +302,13 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
     by_cols = _as_list(by, "by")
     keys = [*_key_columns(tokens, alternatives), "position"]
     _require(alternatives, [*keys, "prob", "chosen", *by_cols], "alternatives")
-    _require(tokens, [*keys, "prob"], "tokens")
+    _require(tokens, keys, "tokens")
 
     alts = alternatives[[*keys, "prob", "chosen", *by_cols]].dropna(subset=["position", "prob"])
-    alts = alts.assign(chosen=alts["chosen"].fillna(False).astype(bool))
-    tok_cols = [*keys, "prob"] + (["echo"] if "echo" in tokens.columns else [])
+    asked = (pd.to_numeric(alternatives.loc[alts.index, "logprobs"], errors="coerce")
+             if "logprobs" in alternatives.columns else math.nan)
+    alts = alts.assign(chosen=alts["chosen"].fillna(False).astype(bool), _k=asked)
+    tok_cols = [*keys] + (["echo"] if "echo" in tokens.columns else [])
     toks = tokens[tok_cols].dropna(subset=["position"])
     if "echo" in toks.columns:
         prompt_keys = toks[toks["echo"].fillna(False).astype(bool)][keys]
@@ -309,18 +316,8 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
             marker = prompt_keys.assign(_prompt=True)
             alts = alts.merge(marker, on=keys, how="left")
             alts = alts[alts["_prompt"].isna()].drop(columns="_prompt")
-        toks = toks[~toks["echo"].fillna(False).astype(bool)]
 
-    # Positions with alternatives but no chosen one: the sampled token was left out of top_logprobs.
-    has_chosen = alts.groupby(keys, sort=False)["chosen"].any().reset_index()
-    missing = has_chosen[~has_chosen["chosen"]][keys]
-    if len(missing):
-        extra = missing.merge(toks[[*keys, "prob"]], on=keys, how="inner")
-        if by_cols:
-            labels = alts[[*keys, *by_cols]].drop_duplicates(subset=keys)
-            extra = extra.merge(labels, on=keys, how="left")
-        extra = extra.assign(chosen=True)
-        alts = pd.concat([alts, extra[alts.columns]], ignore_index=True)
+    alts = _top_k(alts, keys)
 
     prob = alts["prob"].astype(float).clip(0.0, 1.0).to_numpy()
     bin_index = np.minimum((prob * bins).astype(int), bins - 1)
@@ -348,3 +345,17 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
     result = out[columns].reset_index(drop=True)
     result.attrs["bins"] = bins
     return result
+
+
+def _top_k(alts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of ``alts`` among the k most likely at their position (see `calibration`).
+
+    ``alts["_k"]`` is the k the request asked for where known (NaN otherwise)."""
+    if alts.empty:
+        return alts.drop(columns="_k")
+    # Rank by reported probability within the position; ties keep their frame order.
+    rank = alts.groupby(keys, sort=False)["prob"].rank(method="first", ascending=False)
+    per_position = alts.groupby(keys, sort=False)["prob"].transform("size")
+    fewest = per_position.groupby([alts[c] for c in keys[:-1]], sort=False).transform("min")
+    k = alts["_k"].where(alts["_k"] >= 0, fewest)
+    return alts[rank.to_numpy() <= k.to_numpy()].drop(columns="_k")

@@ -111,24 +111,53 @@ def test_calibration_bins_and_sampled_token_outside_top_k() -> None:
         "prob": [np.nan, 0.9, 0.15, 0.05],
         "echo": [True, False, False, False],
     })
+    # k = 2. Position 3's sampled token (p=0.05) is outside the top 2 and, as OpenAI and vLLM do,
+    # appended as a third entry.
     alternatives = pd.DataFrame({
-        "index": [0] * 7,
-        "position": [0, 1, 1, 2, 2, 3, 3],
-        "prob": [0.5, 0.9, 0.05, 0.8, 0.15, 0.7, 0.2],
-        "chosen": [False, True, False, False, True, False, False],
+        "index": [0] * 8,
+        "position": [0, 1, 1, 2, 2, 3, 3, 3],
+        "prob": [0.5, 0.9, 0.05, 0.8, 0.15, 0.7, 0.2, 0.05],
+        "chosen": [False, True, False, False, True, False, False, True],
     })
     out = metrics.calibration(tokens, alternatives, bins=10)
-    # Position 0 is an echoed prompt token: excluded. Position 3's sampled token (p=0.05) was not
-    # among the alternatives: it is added as a chosen event.
+    # Position 0 is an echoed prompt token: excluded. The appended sampled token is no event: it
+    # is there only because it was sampled, and would put bin 0 at 1/2 instead of 0/1.
     counts = dict(zip(out["bin"], out["count"], strict=True))
-    assert counts == {0: 2, 1: 1, 2: 1, 7: 1, 8: 1, 9: 1}
+    assert counts == {0: 1, 1: 1, 2: 1, 7: 1, 8: 1, 9: 1}
     observed = dict(zip(out["bin"], out["observed"], strict=True))
-    assert observed[0] == 0.5  # 0.05 (not chosen) and 0.05 (the added sampled token)
+    assert observed[0] == 0.0
     assert observed[9] == 1.0
     assert observed[8] == 0.0
+    assert observed[1] == 1.0
     row = out[out["bin"] == 9].iloc[0]
     assert row["prob_low"] == pytest.approx(0.9)
     assert row["observed_low"] < 1.0 <= row["observed_high"] + 1e-12
+    # A sweep's frames say k themselves (the logprobs column), even when every position of a
+    # completion sampled outside its top k and so has k + 1 entries.
+    outside = pd.DataFrame({"index": [0] * 3, "position": [1] * 3, "prob": [0.6, 0.3, 0.02],
+                            "chosen": [False, False, True], "logprobs": [2] * 3})
+    table = metrics.calibration(tokens, outside, bins=10)
+    assert int(table["count"].sum()) == 2
+    assert int(table["n_chosen"].sum()) == 0
+    # llama.cpp may leave the sampled token out altogether: the top k still count, unsampled.
+    table = metrics.calibration(tokens, outside.iloc[:2].drop(columns="logprobs"), bins=10)
+    assert int(table["count"].sum()) == 2
+    assert int(table["n_chosen"].sum()) == 0
+
+
+def test_calibration_of_the_embedded_model_at_temperature_one(embedded_client: Any) -> None:
+    from nbcompletions import sweep
+
+    # The embedded model samples from exactly the distribution it reports, so at temperature 1
+    # the low bin must sit near the diagonal; counting the appended sampled tokens put it at ~4x.
+    result = sweep(embedded_client, prompt=["To be, or not", "ROMEO:"], temperature=1.0,
+                   max_tokens=40, logprobs=3, repeats=4, seed=list(range(4)), progress=False,
+                   probe=False)
+    table = metrics.calibration(result.tokens, result.alternatives, bins=5)
+    low = table[table["bin"] == 0].iloc[0]
+    assert low["count"] > 300
+    assert low["observed_low"] <= low["mean_prob"] * 1.5
+    assert low["observed"] < 2 * low["mean_prob"]
 
 
 def test_calibration_validates() -> None:
@@ -151,12 +180,13 @@ def test_metrics_on_a_real_sweep(embedded_client: Any) -> None:
     assert per["token_distinct_1"].notna().all()
     table = metrics.calibration(result.tokens, result.alternatives, bins=5, by="temperature")
     assert set(table["temperature"]) == {0.5, 1.0}
-    # Every generated position contributes exactly one sampled token, found among the
-    # alternatives or added from the tokens frame.
+    # Every generated position gives its top 5 as events; the chosen ones are the sampled tokens
+    # that ranked in the top 5.
     generated = result.tokens[~result.tokens["echo"]]
     for temperature, group in table.groupby("temperature"):
-        expected = int((generated["temperature"] == temperature).sum())
-        assert int(group["n_chosen"].sum()) == expected
+        mine = generated[generated["temperature"] == temperature]
+        assert int(group["count"].sum()) == 5 * len(mine)
+        assert int(group["n_chosen"].sum()) == int((mine["rank"] <= 5).sum())
     assert ((table["observed"] >= 0) & (table["observed"] <= 1)).all()
     summary = metrics.summarize(per, by=["prompt_id", "temperature"],
                                 value=["distinct_1", "mean_logprob"])
