@@ -8,7 +8,8 @@ what is missing. Failed requests are never stored: a retry later should get a re
 The key is the SHA-256 of canonical JSON of everything that determines a response: the endpoint,
 the model, every request field that is set (``CompletionRequest.to_body()``, which includes
 ``extra``) and the repeat number. Two requests that differ only in how their JSON was written get
-the same key.
+the same key. Sweeps add a fingerprint of the weights to the endpoint for the embedded model,
+whose id stays the same when it is retrained.
 """
 
 from __future__ import annotations

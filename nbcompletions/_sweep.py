@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -155,6 +156,36 @@ def _column_name(field_name: str) -> str:
     return f"request_{field_name}" if field_name in taken else field_name
 
 
+def _weights_tag(model: str | None) -> str:
+    """A fingerprint of the embedded model's weights for the cache key, "" for any other model.
+
+    The embedded model keeps its id when it is retrained (or the package upgraded), so without
+    this a cache written by older weights would answer for the new ones.
+    """
+    try:
+        from .model import FILES_DIR, MODEL_ID
+    except ImportError:  # pragma: no cover - the model package is part of the distribution
+        return ""
+    if model != MODEL_ID:
+        return ""
+    path = Path(FILES_DIR) / "model.safetensors"
+    try:
+        stat = path.stat()
+    except OSError:
+        return ""
+    return "#weights=" + _file_digest(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the lru key, so a file replaced in place is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) -> Plan:
     """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -218,7 +249,8 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
             for name in fields:
                 columns_values[column_of[name]] = _column_value(chosen[name])
             columns_values.setdefault("model", request.model or model)
-            for repeat, key in enumerate(cache_keys(endpoint, model, request, repeats)):
+            key_endpoint = endpoint + _weights_tag(request.model or model)
+            for repeat, key in enumerate(cache_keys(key_endpoint, model, request, repeats)):
                 points.append(GridPoint(request_id, prompt_id, repeat, columns_values, request,
                                         key))
                 request_id += 1

@@ -148,6 +148,29 @@ def test_rerun_from_cache_sends_nothing_and_round_trips(app: Any, tmp_path: Path
         load_sweep(tmp_path)
 
 
+def test_retrained_embedded_weights_miss_the_cache(app: Any, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbcompletions.model as model_package
+
+    client, transport = counting_client(app)
+    cache_path = tmp_path / "sweep.sqlite"
+    try:
+        sweep(client, prompt="To be", max_tokens=2, cache=cache_path, progress=False, probe=False)
+        assert transport.total == 1
+        # The same model id with other weights (retrained, or a new release of the package): the
+        # old answer must not be served for it.
+        other = tmp_path / "files"
+        other.mkdir()
+        (other / "model.safetensors").write_bytes(b"other weights")
+        monkeypatch.setattr(model_package, "FILES_DIR", other)
+        again = sweep(client, prompt="To be", max_tokens=2, cache=cache_path, progress=False,
+                      probe=False)
+        assert transport.total == 2
+        assert again.requests["status"].tolist() == ["ok"]
+    finally:
+        client.close()
+
+
 def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any,
                                                                  tmp_path: Path) -> None:
     """Ctrl-C in a notebook raises KeyboardInterrupt in the thread waiting on the sweep."""
