@@ -442,8 +442,7 @@ class AsyncClient:
     async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
         state = self._state()
         limit = state.semaphore or _NO_LIMIT
-        content = (json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-                   .encode() if body is not None else None)
+        content = _encode_body(body) if body is not None else None
         headers = self._headers.get()
         if content is not None:
             headers = {**headers, "Content-Type": "application/json"}
@@ -501,8 +500,7 @@ class AsyncClient:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
         state = self._state()
         limit = state.semaphore or _NO_LIMIT
-        content = json.dumps(request.to_body(), separators=(",", ":"), ensure_ascii=False,
-                             allow_nan=False).encode()
+        content = _encode_body(request.to_body())
         headers = {**self._headers.get(), "Content-Type": "application/json",
                    "Accept": "text/event-stream"}
         retries = 0
@@ -571,6 +569,24 @@ class AsyncClient:
             assert error is not None
             await self._retry_or_raise(error, retries, error_headers, retryable)
             retries += 1
+
+
+def _encode_body(body: Mapping[str, Any]) -> bytes:
+    """The JSON request body as UTF-8; text that UTF-8 cannot carry is a `RequestError`."""
+    try:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800", from JSON or a bad decode): no server could tokenize it.
+        for name, value in body.items():
+            try:
+                json.dumps(value, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise RequestError(
+                    name, f"{name} must be valid Unicode text; it holds a lone surrogate "
+                    f"{exc.object[exc.start]!r}", allowed="text without lone surrogates "
+                    "(U+D800..U+DFFF)", value=value) from None
+        raise
 
 
 def _track(open_choices: dict[int, bool], chunk: Mapping[str, Any]) -> None:

@@ -114,6 +114,19 @@ def test_invalid_fields_fail_before_any_network_io() -> None:
     assert script.requests == []
 
 
+def test_text_that_is_not_unicode_fails_before_any_network_io() -> None:
+    # A lone surrogate cannot be sent as UTF-8: a RequestError naming the field, sync and stream.
+    script = Script(httpx.Response(200, json=completion_body()))
+    with make_client(script) as client:
+        with pytest.raises(RequestError, match=r"prompt .*surrogate") as info:
+            client.complete("To \ud800be")
+        assert info.value.param == "prompt"
+        with pytest.raises(RequestError, match="surrogate") as info:
+            list(client.stream("To be", stop=["\udfff"]))
+        assert info.value.param == "stop"
+    assert script.requests == []
+
+
 def test_limits_are_a_client_setting() -> None:
     script = Script(httpx.Response(200, json=completion_body()))
     with make_client(script, limits=Limits.vllm()) as client:

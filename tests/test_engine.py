@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from model_fixture import build_tiny_model
 
 from nbcompletions import CompletionRequest, RequestError
-from nbcompletions.model import FILES_DIR, load_engine
+from nbcompletions.model import load_engine
 from nbcompletions.model._engine import Engine, _Row
 from nbcompletions.model._gpt2 import forward_full
 from nbcompletions.model._sampling import adjust_logits, sample
@@ -33,8 +33,6 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 def engine(request: pytest.FixtureRequest, tiny_engine: Engine) -> Engine:
     if request.param == "tiny":
         return tiny_engine
-    if not (FILES_DIR / "model.safetensors").exists():
-        pytest.skip("the shipped model's weights are not built yet")
     return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]
 
 
@@ -377,6 +375,9 @@ def test_errors_name_the_field(engine: Engine) -> None:
         (dict(prompt=[1, 2, vocab]), "prompt"),
         (dict(prompt=[[1], [vocab + 5]]), "prompt"),
         (dict(logit_bias={str(vocab): 5}), "logit_bias"),
+        # A lone surrogate ("\\ud800" is valid JSON) cannot be encoded as UTF-8 to tokenize.
+        (dict(prompt="To \ud800be"), "prompt"),
+        (dict(prompt=["To be", "\udfff"]), "prompt"),
     ]
     for fields, param in cases:
         with pytest.raises(RequestError) as info:
@@ -405,8 +406,6 @@ def test_response_envelope(engine: Engine) -> None:
 
 
 def test_shipped_engine_identity(tmp_path: Path) -> None:
-    if not (FILES_DIR / "model.safetensors").exists():
-        pytest.skip("the shipped model's weights are not built yet")
     engine = load_engine()
     assert engine.model_id == "nbc-shakespeare"
     assert engine.token_str(engine.eot_token_id) == "<|endoftext|>"

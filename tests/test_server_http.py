@@ -524,6 +524,19 @@ async def test_real_engine_requests_complete_while_one_is_held(embedded_engine: 
         embedded_engine, {"model": embedded_engine.model_id, "prompt": "To be", "max_tokens": 3})
 
 
+async def test_real_engine_lone_surrogate_prompt_is_400_param_prompt(
+        embedded_engine: Any) -> None:
+    # "\ud800" is valid JSON for a lone surrogate, which no tokenizer can encode.
+    raw = b'{"model": "%s", "prompt": "To \\ud800be", "max_tokens": 2}' % (
+        embedded_engine.model_id.encode())
+    response = await _post(create_app(embedded_engine), content=raw,
+                           headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "prompt"
+    assert "surrogate" in error["message"]
+
+
 async def test_real_engine_json_completion(embedded_engine: Any) -> None:
     body = {"model": embedded_engine.model_id, "prompt": ["To be", "My lord"], "max_tokens": 4,
             "n": 2, "logprobs": 2, "temperature": 0}

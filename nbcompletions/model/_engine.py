@@ -392,7 +392,17 @@ class Engine:
             raw = list(prompt)
         prompts = []
         for i, item in enumerate(raw):
+            where = "prompt" if len(raw) == 1 else f"prompt[{i}]"
             if isinstance(item, str):
+                try:
+                    # JSON can carry a lone surrogate ("\ud800"); UTF-8, and so BPE, cannot.
+                    item.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise RequestError(
+                        "prompt", f"{where} must be valid Unicode text; it holds a lone surrogate "
+                        f"{item[exc.start]!r} at character {exc.start}",
+                        allowed="text without lone surrogates (U+D800..U+DFFF)",
+                        value=item[max(0, exc.start - 20):exc.start + 20]) from None
                 ids = self.encode(item)
                 if not ids:
                     prompts.append(_Prompt([self.eot_token_id], "", []))
@@ -402,7 +412,6 @@ class Engine:
             ids = [int(t) for t in item]
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
-                where = "prompt" if len(raw) == 1 else f"prompt[{i}]"
                 raise RequestError(
                     "prompt", f"{where} holds token ids outside the vocabulary (0 to "
                     f"{self.vocab_size - 1}); got {bad[:5]}",
