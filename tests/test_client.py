@@ -354,21 +354,32 @@ def test_empty_error_body_uses_the_reason_phrase() -> None:
 
 # -- concurrency and replicas ----------------------------------------------------------------------
 async def test_max_concurrency_caps_requests_in_flight() -> None:
+    # Requests are held at a gate, not by a sleep: the count cannot depend on how fast the
+    # machine is.
     in_flight = 0
     peak = 0
+    gate = asyncio.Event()
 
     async def handler(request: httpx.Request) -> httpx.Response:
         nonlocal in_flight, peak
         in_flight += 1
         peak = max(peak, in_flight)
-        await asyncio.sleep(0.01)
+        await gate.wait()
         in_flight -= 1
         return httpx.Response(200, json=completion_body())
+
+    async def settle() -> None:
+        for _ in range(200):  # loop turns for every request that could start to reach the gate
+            await asyncio.sleep(0)
 
     client = AsyncClient("http://test/v1", model="m", max_concurrency=3,
                          transport=httpx.MockTransport(handler))
     async with client:
-        results = await asyncio.gather(*(client.complete(f"p{i}") for i in range(12)))
+        batch = asyncio.gather(*(client.complete(f"p{i}") for i in range(12)))
+        await settle()
+        assert in_flight == 3
+        gate.set()
+        results = await batch
     assert len(results) == 12
     assert peak == 3
 
