@@ -198,7 +198,8 @@ class AsyncClient:
                                f"{max_concurrency!r}",
                                allowed="an integer >= 1 or None",
                                value=max_concurrency)
-        if vocab_size is not None and (not isinstance(vocab_size, int) or vocab_size < 1):
+        if vocab_size is not None and (not isinstance(vocab_size, int)
+                                       or isinstance(vocab_size, bool) or vocab_size < 1):
             raise RequestError("vocab_size", f"vocab_size must be an integer >= 1 or None; got "
                                f"{vocab_size!r}", allowed="an integer >= 1", value=vocab_size)
         if limits is not None and not isinstance(limits, Limits):

@@ -187,7 +187,8 @@ def test_embedded_server_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("bad", [
     {"max_retries": -1}, {"max_concurrency": 0}, {"timeout": -5}, {"vocab_size": 0},
-    {"base_url": "ftp://x"}, {"base_url": []}, {"limits": {"max_logprobs": 20}},
+    {"vocab_size": True}, {"vocab_size": 5.5}, {"base_url": "ftp://x"}, {"base_url": []},
+    {"limits": {"max_logprobs": 20}},
 ])
 def test_bad_client_settings_name_the_setting(bad: dict[str, Any]) -> None:
     name = next(iter(bad))
