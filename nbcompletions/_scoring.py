@@ -288,7 +288,12 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
         known = cached_capabilities(aclient)
         if known is not None:
             return known
-    result: dict[str, Any] = {"endpoint": getattr(aclient, "endpoint", None),
+    from ._client import _redact_url
+
+    endpoint = getattr(aclient, "endpoint", None)
+    # Kept with results and written to files: credentials in the URL must not travel with it.
+    result: dict[str, Any] = {"endpoint": _redact_url(endpoint) if isinstance(endpoint, str)
+                              else endpoint,
                               "model": getattr(aclient, "model", None)}
 
     raw, refused = await _try(aclient, echo=True, logprobs=1, max_tokens=1, temperature=0.0)

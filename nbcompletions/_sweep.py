@@ -156,6 +156,12 @@ def _column_name(field_name: str) -> str:
     return f"request_{field_name}" if field_name in taken else field_name
 
 
+def _redact_url(url: str) -> str:
+    from ._client import _redact_url as redact
+
+    return redact(url)
+
+
 def _weights_tag(model: str | None) -> str:
     """A fingerprint of the embedded model's weights for the cache key, "" for any other model.
 
@@ -219,7 +225,9 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
 
     limits = getattr(client, "limits", None)
     model = getattr(client, "model", None)
-    endpoint = str(getattr(client, "endpoint", "") or "")
+    # Credentials in the URL (user:key@host) decide nothing about a response, and the endpoint is
+    # written into the cache file (the capabilities note), so they are left out.
+    endpoint = _redact_url(str(getattr(client, "endpoint", "") or ""))
     column_of = {name: _column_name(name) for name in fields}
     columns = ["prompt", *column_of.values()]
     if "model" not in columns:

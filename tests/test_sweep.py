@@ -310,6 +310,22 @@ def test_sweep_is_spread_over_two_endpoints(app: Any, embedded_engine: Any) -> N
     assert transport.counts["replica-b"] > 0
 
 
+def test_credentials_in_the_base_url_stay_out_of_results_and_files(app: Any,
+                                                                  tmp_path: Path) -> None:
+    transport = CountingTransport({"embedded": StreamingASGITransport(app)})
+    client = Client("http://user:sk-secret-123@embedded/v1", model=MODEL, transport=transport)
+    cache_path = tmp_path / "sweep.sqlite"
+    try:
+        result = sweep(client, "To be", max_tokens=1, cache=cache_path, progress=False)
+    finally:
+        client.close()
+    assert result.capabilities is not None
+    assert result.capabilities["endpoint"] == "http://***@embedded/v1"
+    saved = result.to_parquet(tmp_path / "saved")
+    for path in [cache_path, *cache_path.parent.glob("sweep.sqlite*"), *saved.iterdir()]:
+        assert b"sk-secret-123" not in path.read_bytes(), path
+
+
 def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None:
     client, transport = counting_client(app)
     cache_path = tmp_path / "sweep.sqlite"
