@@ -301,6 +301,13 @@ def _default_client(client: Client | None) -> Client:
     return Client()
 
 
+def _endpoint(client: Client) -> str:
+    """The client's endpoint for a repr, without credentials written into the URL."""
+    from ._client import _redact_url
+
+    return _redact_url(str(getattr(client, "endpoint", "?")))
+
+
 def _models(client: Client) -> tuple[list[str], BaseException | None]:
     try:
         models = list(client.models())
@@ -617,7 +624,7 @@ class Playground(widgets.VBox):
                 output.outputs = (_note_output("set logprobs (0-5) to see token probabilities"),)
 
     def __repr__(self) -> str:
-        return (f"Playground(endpoint={getattr(self._client, 'endpoint', '?')!r}, "
+        return (f"Playground(endpoint={_endpoint(self._client)!r}, "
                 f"model={self.model.value!r}, result={'set' if self.result else 'none'})")
 
 
@@ -853,5 +860,5 @@ class SweepBuilder(widgets.VBox):
 
     def __repr__(self) -> str:
         axes = [box.value for box in self.axis_fields if box.value]
-        return (f"SweepBuilder(endpoint={getattr(self._client, 'endpoint', '?')!r}, axes={axes!r}, "
+        return (f"SweepBuilder(endpoint={_endpoint(self._client)!r}, axes={axes!r}, "
                 f"result={'set' if self.result else 'none'})")

@@ -211,6 +211,30 @@ def test_no_api_key_in_widget_state_after_a_real_run(embedded_engine: Any) -> No
         client.close()
 
 
+def test_no_credentials_from_the_base_url_in_widget_state_or_repr(embedded_engine: Any) -> None:
+    import httpx
+
+    from nbcompletions import Client
+    from nbcompletions.server import create_app
+    from nbcompletions.widgets import Playground, SweepBuilder
+
+    secret = "sk-in-the-url-0123456789"
+    client = Client(f"http://user:{secret}@keyed.test/v1", model="nbc-shakespeare",
+                    transport=httpx.ASGITransport(app=create_app(embedded_engine)))
+    try:
+        playground = Playground(client, prompt="ROMEO:", max_tokens=2)
+        assert playground.run() is not None, playground.error.value
+        builder = SweepBuilder(client, prompt="ROMEO:", max_tokens=2, repeats=1,
+                               axes={"temperature": "0, 1"})
+        assert builder.run() is not None, builder.error.value
+        for root in (playground, builder):
+            assert secret not in _synced_state(root)
+            assert secret not in repr(root)
+            assert "keyed.test" in repr(root)
+    finally:
+        client.close()
+
+
 def test_default_client_is_the_embedded_model(embedded_engine: Any) -> None:
     from nbcompletions.widgets import Playground
 
