@@ -9,6 +9,7 @@ does (`nbcompletions._retry`); a per-client semaphore caps concurrent requests, 
 from __future__ import annotations
 
 import asyncio
+import base64
 import difflib
 import json
 import logging
@@ -65,11 +66,25 @@ class _Secret:
 
 
 class _Endpoint:
-    __slots__ = ("in_flight", "url")
+    """One base URL. Credentials in it (``http://user:pw@host/v1``) are kept apart, as a Basic
+    auth header: httpx logs each request's URL, and the URL must not carry them."""
+
+    __slots__ = ("auth", "in_flight", "url")
 
     def __init__(self, url: str) -> None:
+        parsed = httpx.URL(url)
+        self.auth: _Secret | None = None
+        if parsed.userinfo:
+            pair = f"{parsed.username}:{parsed.password}".encode()
+            self.auth = _Secret("Basic " + base64.b64encode(pair).decode("ascii"))
+            url = str(parsed.copy_with(username=None, password=None)).rstrip("/")
         self.url = url
         self.in_flight = 0
+
+    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+        if self.auth is None:
+            return headers
+        return {**headers, "Authorization": self.auth.get()}
 
 
 class _LoopState:
@@ -457,7 +472,8 @@ class AsyncClient:
                 endpoint.in_flight += 1
                 try:
                     response = await state.http.request(method, endpoint.url + path,
-                                                        content=content, headers=headers)
+                                                        content=content,
+                                                        headers=endpoint.headers(headers))
                 except httpx.TransportError as exc:
                     failure = exc
                 finally:
@@ -517,7 +533,8 @@ class AsyncClient:
                 try:
                     http = state.http
                     http_request = http.build_request(
-                        "POST", endpoint.url + "/completions", content=content, headers=headers)
+                        "POST", endpoint.url + "/completions", content=content,
+                        headers=endpoint.headers(headers))
                     response = await http.send(http_request, stream=True)
                     try:
                         if response.status_code >= 400:

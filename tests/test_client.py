@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import inspect
 import json
@@ -477,6 +478,25 @@ def test_the_key_never_shows(caplog: pytest.LogCaptureFixture, delays: list[floa
 def test_credentials_in_a_url_are_hidden_in_repr() -> None:
     client = Client("http://user:pa55@host/v1", transport=httpx.MockTransport(Script()), model="m")
     assert "pa55" not in repr(client)
+
+
+def test_credentials_in_a_url_are_sent_as_basic_auth_and_never_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # httpx logs every request's URL at INFO: the userinfo must not be part of that URL.
+    script = Script(httpx.Response(200, json=completion_body()),
+                    httpx.Response(200, text="data: [DONE]\n\n"))
+    caplog.set_level(logging.DEBUG)
+    with make_client(script, base_url="http://user:pa55@host/v1") as client:
+        client.complete("x")
+        list(client.stream("x"))
+        assert "pa55" not in client.endpoint
+    basic = "Basic " + base64.b64encode(b"user:pa55").decode()
+    assert len(script.requests) == 2
+    for request in script.requests:
+        assert request.headers["authorization"] == basic
+        assert "pa55" not in str(request.url)
+    assert caplog.records
+    assert "pa55" not in caplog.text
 
 
 # -- the sync and async APIs are twins -----------------------------------------------------------
