@@ -509,6 +509,11 @@ def alternatives(
     frame = frame[frame[position].isin(window)]
 
     ranks: list[int] = sorted(int(r) for r in frame[rank].dropna().unique())
+    # A sampled token outside the top k comes as an extra entry ranked k+1: its true rank is only
+    # known to be beyond k (k: the fewest entries at any position).
+    per_position = frame.groupby(position)[rank].size()
+    top_k = int(per_position.min()) if len(per_position) else 0
+    rank_label = {r: (f">{top_k}" if 0 < top_k < r else str(r)) for r in ranks}
     row_of = {p: i for i, p in enumerate(window)}
     col_of = {r: j for j, r in enumerate(ranks)}
     z = np.full((len(window), len(ranks)), np.nan)
@@ -529,7 +534,7 @@ def alternatives(
         cell = _cell_token(tok)
         text[i, j] = f"<b>{cell} ✓</b>" if is_chosen else cell
         hover[i, j] = (
-            f"{position} {pos} · {rank} {int(rk)}{' · chosen' if is_chosen else ''}"
+            f"{position} {pos} · {rank} {rank_label[int(rk)]}{' · chosen' if is_chosen else ''}"
             f"<br>{_hover_token(tok)}"
         )
         if is_chosen:
@@ -572,7 +577,8 @@ def alternatives(
         tickvals=list(range(len(window))), ticktext=[str(p) for p in window],
         autorange="reversed", title_text=position,
     )
-    fig.update_xaxes(tickvals=list(ranks), title_text=rank, side="top")
+    fig.update_xaxes(tickvals=list(ranks), ticktext=[rank_label[r] for r in ranks],
+                     title_text=rank, side="top")
     _layout(
         fig,
         title=_title(f"Top alternatives at each position (index {index})", title, notes),
@@ -982,6 +988,7 @@ def highlight(
                 f"{alt_prob:7.2%}  {alt_token!r}{'  ◀ chosen' if is_chosen else ''}"
             )
 
+    top_k = min((len(entries) for entries in tooltips_alternatives.values()), default=0)
     probs = _numeric(frame[prob])
     prompt = _echo_mask(frame)
     logprobs = _numeric(frame["logprob"]) if "logprob" in frame.columns else None
@@ -995,9 +1002,11 @@ def highlight(
         if logprobs is not None and math.isfinite(logprobs[row]):
             facts.append(f"logprob {logprobs[row]:.3f}")
         if ranks is not None and math.isfinite(ranks[row]):
-            # A rank past the k returned alternatives only says "not in the top k".
-            k = len(tooltips_alternatives.get(pos, ()))
-            facts.append(f"rank >{k}" if 0 < k < ranks[row] else f"rank {int(ranks[row])}")
+            # A rank past the k returned alternatives only says "not in the top k". Where the
+            # sampled token is outside the top k it comes as an extra (k+1-th) entry, so k is the
+            # fewest entries at any position, not the count at this one.
+            facts.append(f"rank >{top_k}" if 0 < top_k < ranks[row]
+                         else f"rank {int(ranks[row])}")
         tip = f"{text!r}  {' · '.join(facts)}\n{position} {pos}{' (prompt)' if prompt[row] else ''}"
         if pos in tooltips_alternatives:
             tip += "\nalternatives:\n" + "\n".join(tooltips_alternatives[pos])

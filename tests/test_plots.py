@@ -527,6 +527,25 @@ def test_highlight_tooltip_lists_the_alternatives(frames) -> None:
     assert (f"rank >{len(at)}" if rank > len(at) else f"rank {rank}") in tip
 
 
+def test_highlight_says_outside_the_top_k_for_the_appended_sampled_token(
+        embedded_client) -> None:
+    # The server appends a token outside the top k as a k+1-th alternative with rank k+1; its
+    # true rank is unknown, only that it is beyond k.
+    completion = embedded_client.complete("<script>quux zzz", max_tokens=1, logprobs=2,
+                                          echo=True, temperature=0.0)
+    tokens, alternatives = completion.tokens, completion.alternatives
+    outside = tokens[tokens["rank"] > 2]
+    assert len(outside), "the echoed prompt should have tokens outside the top 2"
+    spans = parse(plots.highlight(tokens, alternatives=alternatives).html).spans
+    for position in outside["position"]:
+        tip = spans[int(position)]["title"]
+        assert "rank >2" in tip, tip
+        assert "rank 3" not in tip
+    figure = plots.alternatives(alternatives)
+    assert list(figure.layout.xaxis.ticktext) == ["1", "2", ">2"]
+    assert any("rank >2 · chosen" in cell for cell in figure.data[0].customdata.ravel())
+
+
 def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
     tokens, _ = frames
     result = plots.highlight(tokens, index=0, echo=False, max_positions=3, title="A <title>")
