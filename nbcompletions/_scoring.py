@@ -9,7 +9,9 @@ Where a token straddles the boundary (BPE merged the end of the context with the
 text, e.g. context "The cat" and text "s sat" giving the token "cats"), it is counted with the
 continuation so that every character of the text is scored, and the row's ``straddles`` is True:
 its score then also covers part of the context. Putting the separating space at the start of the
-text (context "The capital of France is", text " Paris") avoids this with GPT-style tokenizers.
+text (context "The capital of France is", text " Paris") avoids this with GPT-style tokenizers;
+a context that ends in the space ("... is ", "Paris") scores the same, as lm-evaluation-harness
+moves such trailing spaces into the continuation, and is not flagged.
 
 The first token of a prompt has no log-probability (nothing precedes it). Scoring a text without a
 context therefore leaves its first token unscored: ``n_tokens`` counts scored tokens only and
@@ -174,7 +176,9 @@ async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
     for i in range(count):
         if ends[i] <= boundary:  # wholly inside the context
             continue
-        if offsets[i] < boundary:
+        # Only whitespace of the context inside the token (context "Q: ", text "A") is what
+        # lm-evaluation-harness does anyway: it moves a context's trailing spaces to the text.
+        if offsets[i] < boundary and prompt[offsets[i]:boundary].strip():
             straddles = True
         value = logprobs[i]
         if value is None:

@@ -83,6 +83,17 @@ def test_straddling_token_is_flagged(embedded_client: Client) -> None:
     assert (scores["n_tokens"] >= 1).all()
 
 
+def test_context_ending_in_a_space_scores_as_lm_eval_does(embedded_client: Client) -> None:
+    # lm-evaluation-harness moves a context's trailing space into the continuation; the token
+    # " How" then belongs to the text, and only that space of the context is in it: no straddle
+    # worth a warning, and the same score as writing the space at the start of the text.
+    moved = embedded_client.score("How fares the king?", context="Good morrow, my lord. ")
+    plain = embedded_client.score(" How fares the king?", context="Good morrow, my lord.")
+    assert not moved["straddles"].item()
+    assert moved["n_tokens"].item() == plain["n_tokens"].item()
+    assert moved["sum_logprob"].item() == pytest.approx(plain["sum_logprob"].item(), rel=1e-6)
+
+
 def test_score_validates(embedded_client: Client) -> None:
     with pytest.raises(RequestError, match="context must be None, a string, or a list of 2"):
         embedded_client.score(["a", "b"], context=["x"])
