@@ -682,6 +682,7 @@ class _Prepared:
     estimate: int
     estimate_method: str
     pending: list[int]
+    same_as: list[tuple[int, int]] = field(default_factory=list)  # (duplicate, point it copies)
 
 
 def _prepare(client: Any, prompt: Any, repeats: int, cache: Any, max_concurrency: Any,
@@ -706,7 +707,20 @@ def _prepare(client: Any, prompt: Any, repeats: int, cache: Any, max_concurrency
             hit = hits.get(point.key)
             if hit is not None:
                 outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
-    pending = [i for i, outcome in enumerate(outcomes) if not outcome.cached]
+    # Grid points with the same key (a prompt listed twice, a repeated axis value) are one request:
+    # sent once, their rows share its response, as they would on a re-run from the cache.
+    pending: list[int] = []
+    first_of: dict[str, int] = {}
+    same_as: list[tuple[int, int]] = []
+    for i, outcome in enumerate(outcomes):
+        if outcome.cached:
+            continue
+        key = plan.points[i].key
+        if key in first_of:
+            same_as.append((i, first_of[key]))
+        else:
+            first_of[key] = i
+            pending.append(i)
     estimate, method = estimate_tokens([plan.points[i].request for i in pending], model=plan.model)
     if budget is not None and estimate > budget:
         if owns and store is not None:
@@ -716,7 +730,7 @@ def _prepare(client: Any, prompt: Any, repeats: int, cache: Any, max_concurrency
             f"prompt tokens counted by {method}, completions as max_tokens x max(n, best_of)), "
             f"more than budget={budget:,}; lower max_tokens, repeats or the grid, or raise the "
             "budget", estimate=estimate, budget=int(budget))
-    return _Prepared(plan, outcomes, store, owns, estimate, method, pending)
+    return _Prepared(plan, outcomes, store, owns, estimate, method, pending, same_as)
 
 
 async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
@@ -795,6 +809,12 @@ async def _execute(aclient: Any, prepared: _Prepared, *, max_concurrency: int | 
         if prepared.owns_cache and store is not None:
             store.close()
 
+    for duplicate, original in prepared.same_as:
+        source, target = outcomes[original], outcomes[duplicate]
+        target.response, target.error, target.latency = (source.response, source.error,
+                                                          source.latency)
+        if source.error:
+            n_failed += 1
     requests = _requests_frame(plan, outcomes)
     cached = requests[requests["status"] == "cached"]
     usage = {

@@ -171,6 +171,28 @@ def test_retrained_embedded_weights_miss_the_cache(app: Any, tmp_path: Path,
         client.close()
 
 
+def test_identical_grid_points_are_sent_once_and_agree_with_a_rerun(app: Any,
+                                                                   tmp_path: Path) -> None:
+    # Two names for one prompt: the same request (same key) for every repeat.
+    grid: dict[str, Any] = {"prompt": {"control": "To be", "treatment": "To be"},
+                            "temperature": 1.0, "max_tokens": 4, "repeats": 2}
+    client, transport = counting_client(app)
+    cache_path = tmp_path / "sweep.sqlite"
+    try:
+        first = sweep(client, **grid, cache=cache_path, progress=False, probe=False)
+        assert transport.total == 2  # paid once per distinct request
+        again = sweep(client, **grid, cache=cache_path, progress=False, probe=False)
+        assert transport.total == 2
+    finally:
+        client.close()
+    assert first.usage["sent"] == 2
+    assert first.requests["status"].tolist() == ["ok"] * 4
+    texts = first.choices.set_index(["prompt_id", "repeat"])["text"]
+    assert texts["control"].tolist() == texts["treatment"].tolist()
+    # What the first run returned is what the cache returns.
+    assert first.choices["text"].tolist() == again.choices["text"].tolist()
+
+
 def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any,
                                                                  tmp_path: Path) -> None:
     """Ctrl-C in a notebook raises KeyboardInterrupt in the thread waiting on the sweep."""
@@ -320,7 +342,8 @@ def test_credentials_in_the_base_url_stay_out_of_results_and_files(app: Any,
     finally:
         client.close()
     assert result.capabilities is not None
-    assert result.capabilities["endpoint"] == "http://***@embedded/v1"
+    assert "sk-secret-123" not in str(result.capabilities)
+    assert "embedded/v1" in result.capabilities["endpoint"]
     saved = result.to_parquet(tmp_path / "saved")
     for path in [cache_path, *cache_path.parent.glob("sweep.sqlite*"), *saved.iterdir()]:
         assert b"sk-secret-123" not in path.read_bytes(), path
