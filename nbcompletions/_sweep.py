@@ -17,7 +17,9 @@ prompts outermost, repeats innermost):
 - Any other field: a list, tuple, range or numpy array is an axis; anything else is fixed.
 
 ``repeats`` independent samples of each grid point are sent as separate requests; a fixed ``seed``
-makes them identical on deterministic servers (sweep ``seed=[...]`` instead).
+makes them identical on deterministic servers (sweep ``seed=[...]`` instead). Grid points that are
+the same request (one prompt under two names, a value listed twice) are sent once per repeat and
+share the response, with or without a cache, so a run and its re-run from the cache agree.
 
 Every grid point is built into a validated `CompletionRequest` before anything is sent. Responses
 are written to the cache as they arrive; a re-run sends only what is missing. A request that still
