@@ -287,9 +287,9 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
       token *was* sampled (never when it was not), so low bins would read far above the diagonal.
       The top k is fixed before sampling, so every one of its tokens is a fair event, sampled or
       not; a position whose sampled token is outside the top k contributes k unsampled events.
-      k is the ``logprobs`` column where the frame has one (a sweep's), otherwise the fewest
-      alternatives at any position of the same completion (it can read one too high only when
-      every position of a completion sampled outside its top k).
+      k is the fewest alternatives at any position of the same completion, or the ``logprobs``
+      column where the frame has one (a sweep's) and it is smaller: without it k reads one too
+      high when every position of a completion sampled outside its top k.
     - Reported probabilities are the model's; sampling at temperature != 1 or top_p < 1 is expected
       to be off the diagonal (group ``by="temperature"`` to see it).
 
@@ -357,5 +357,7 @@ def _top_k(alts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     rank = alts.groupby(keys, sort=False)["prob"].rank(method="first", ascending=False)
     per_position = alts.groupby(keys, sort=False)["prob"].transform("size")
     fewest = per_position.groupby([alts[c] for c in keys[:-1]], sort=False).transform("min")
-    k = alts["_k"].where(alts["_k"] >= 0, fewest)
-    return alts[rank.to_numpy() <= k.to_numpy()].drop(columns="_k")
+    # The k asked for can exceed what the server returns (OpenAI caps logprobs at 5): the fewer.
+    k = np.fmin(alts["_k"].where(alts["_k"] >= 0).to_numpy(dtype=float),
+                fewest.to_numpy(dtype=float))
+    return alts[rank.to_numpy() <= k].drop(columns="_k")

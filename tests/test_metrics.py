@@ -139,6 +139,14 @@ def test_calibration_bins_and_sampled_token_outside_top_k() -> None:
     table = metrics.calibration(tokens, outside, bins=10)
     assert int(table["count"].sum()) == 2
     assert int(table["n_chosen"].sum()) == 0
+    # A server that returns fewer than were asked for (OpenAI caps logprobs at 5): its own k.
+    capped = pd.DataFrame({"index": [0] * 5, "position": [1, 1, 1, 2, 2],
+                           "prob": [0.6, 0.3, 0.02, 0.5, 0.4],
+                           "chosen": [False, False, True, True, False],
+                           "logprobs": [10] * 5})
+    table = metrics.calibration(tokens, capped, bins=10)
+    assert int(table["count"].sum()) == 4  # position 1's appended token is no event
+    assert int(table["n_chosen"].sum()) == 1
     # llama.cpp may leave the sampled token out altogether: the top k still count, unsampled.
     table = metrics.calibration(tokens, outside.iloc[:2].drop(columns="logprobs"), bins=10)
     assert int(table["count"].sum()) == 2
