@@ -41,6 +41,15 @@ def _port(text: str) -> int:
     return value
 
 
+def _api_key(text: str) -> str:
+    # "--api-key $KEY" with KEY unset would otherwise fail deep in the server with a traceback;
+    # the server strips the bearer token it receives, so surrounding spaces could never match.
+    key = text.strip()
+    if not key:
+        raise argparse.ArgumentTypeError(f"must be a non-empty string; got {text!r}")
+    return key
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -65,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "another interface without a key prints a warning)")
     serve.add_argument("--port", type=_port, default=8000,
                        help="TCP port (default: %(default)s; 0 picks a free one)")
-    serve.add_argument("--api-key", metavar="KEY", default=None,
+    serve.add_argument("--api-key", metavar="KEY", type=_api_key, default=None,
                        help="require 'Authorization: Bearer KEY' on /v1 requests (default: the "
                             "NBCOMPLETIONS_API_KEY environment variable, which keeps the key out "
                             "of the process list; unset: no key)")

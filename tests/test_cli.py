@@ -50,6 +50,9 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
     (["serve", "--port", "http"], "65535"),
     (["serve", "--max-tokens-cap", "0"], ">= 1"),
     (["serve", "--log-level", "loud"], "invalid choice"),
+    # An unset shell variable ("--api-key $KEY") must not start a server without a key.
+    (["serve", "--api-key", ""], "non-empty"),
+    (["serve", "--api-key", "  "], "non-empty"),
     (["fly"], "invalid choice"),
 ])
 def test_bad_arguments_exit_2_saying_why(capsys: pytest.CaptureFixture[str], argv: list[str],
