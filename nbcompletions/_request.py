@@ -80,14 +80,27 @@ def _check_number(field: str, value: Any, low: float, high: float) -> None:
         raise _fail(field, allowed, value)
 
 
+def _check_unicode(field: str, text: str) -> None:
+    # A lone surrogate ("\ud800") is a valid Python str but cannot be sent as UTF-8 JSON.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RequestError(
+            field, f"{field} must be valid Unicode text; got {text!r} (a lone surrogate at "
+            f"character {exc.start})", allowed="valid Unicode text", value=text) from None
+
+
 def _check_prompt(value: Any) -> None:
     allowed = ("a string, a non-empty list of strings, a non-empty list of token ids "
                "(integers >= 0), or a non-empty list of non-empty token-id lists")
     if isinstance(value, str):
+        _check_unicode("prompt", value)
         return
     if not isinstance(value, list | tuple) or len(value) == 0:
         raise _fail("prompt", allowed, value)
     if all(isinstance(item, str) for item in value):
+        for item in value:
+            _check_unicode("prompt", item)
         return
     if all(_is_int(item) for item in value):
         if any(item < 0 for item in value):
@@ -217,6 +230,8 @@ class CompletionRequest:
             value = getattr(self, field)
             if value is not None and not isinstance(value, str):
                 raise _fail(field, "a string", value)
+            if value is not None:
+                _check_unicode(field, value)
         if not isinstance(self.extra, Mapping):
             raise _fail("extra", "a mapping of extra body fields", self.extra)
         clash = set(self.extra) & set(FIELDS)
@@ -247,10 +262,13 @@ class CompletionRequest:
         if isinstance(stop, str):
             if not stop:
                 raise _fail("stop", allowed, stop)
+            _check_unicode("stop", stop)
             return
         if (not isinstance(stop, list) or not 1 <= len(stop) <= cap
                 or not all(isinstance(s, str) and s for s in stop)):
             raise _fail("stop", allowed, stop)
+        for item in stop:
+            _check_unicode("stop", item)
 
     # -- conversion -------------------------------------------------------------------------------
     @classmethod

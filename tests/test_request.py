@@ -219,3 +219,12 @@ def test_logit_bias_property(bias: dict[int, int]) -> None:
 def test_valid_prompt_forms_property(prompt: object) -> None:
     request = CompletionRequest(prompt=prompt)
     assert CompletionRequest.from_body(request.to_body()) == request
+
+
+@pytest.mark.parametrize("field", ["prompt", "stop", "suffix", "user"])
+def test_lone_surrogates_are_refused_naming_the_field(field: str) -> None:
+    err = _error(**{field: "a\ud800b"})
+    assert err.param == field
+    assert "lone surrogate at character 1" in str(err)
+    assert _error(prompt=["ok", "\udfff"]).param == "prompt"
+    assert _error(stop=["ok", "\udfff"]).param == "stop"
