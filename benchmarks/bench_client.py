@@ -24,10 +24,12 @@ import time
 import httpx
 
 # The canned completion every request gets.
-BODY = (b'{"id":"cmpl-bench","object":"text_completion","created":1700000000,"model":"bench",'
-        b'"choices":[{"text":" the quick brown fox","index":0,"logprobs":null,'
-        b'"finish_reason":"length"}],'
-        b'"usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}')
+BODY = (
+    b'{"id":"cmpl-bench","object":"text_completion","created":1700000000,"model":"bench",'
+    b'"choices":[{"text":" the quick brown fox","index":0,"logprobs":null,'
+    b'"finish_reason":"length"}],'
+    b'"usage":{"prompt_tokens":5,"completion_tokens":5,"total_tokens":10}}'
+)
 
 # Default server: a bare asyncio HTTP/1.1 keep-alive responder. A benchmark of clients needs a
 # server much faster than either client, or the ratio measures the server: with uvicorn+Starlette
@@ -120,11 +122,13 @@ async def run_ours(base_url: str, requests: int, concurrency: int) -> tuple[floa
     from nbcompletions import AsyncClient
 
     async with AsyncClient(base_url, model="bench", max_concurrency=concurrency) as client:
-        await asyncio.gather(*(client.complete("Once upon a time", max_tokens=5)
-                               for _ in range(concurrency)))  # warm the connection pool
+        await asyncio.gather(
+            *(client.complete("Once upon a time", max_tokens=5) for _ in range(concurrency))
+        )  # warm the connection pool
         start, cpu = time.perf_counter(), time.process_time()
-        results = await asyncio.gather(*(client.complete("Once upon a time", max_tokens=5)
-                                         for _ in range(requests)))
+        results = await asyncio.gather(
+            *(client.complete("Once upon a time", max_tokens=5) for _ in range(requests))
+        )
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert all(r.text == " the quick brown fox" for r in results)
     return elapsed, cpu
@@ -138,9 +142,9 @@ async def run_openai(base_url: str, requests: int, concurrency: int) -> tuple[fl
 
         async def one() -> str:
             async with semaphore:
-                response = await client.completions.create(model="bench",
-                                                           prompt="Once upon a time",
-                                                           max_tokens=5)
+                response = await client.completions.create(
+                    model="bench", prompt="Once upon a time", max_tokens=5
+                )
             return response.choices[0].text
 
         await asyncio.gather(*(one() for _ in range(concurrency)))
@@ -166,23 +170,29 @@ def main(argv: list[str] | None = None) -> None:
         for round_number in range(args.rounds):
             order = list(runners) if round_number % 2 == 0 else list(reversed(runners))
             for name in order:
-                elapsed, cpu = asyncio.run(runners[name](base_url, args.requests,
-                                                         args.concurrency))
+                elapsed, cpu = asyncio.run(runners[name](base_url, args.requests, args.concurrency))
                 times[name].append(elapsed)
                 cpus[name].append(cpu)
-                print(f"round {round_number + 1} {name:>13}: {elapsed:.3f} s wall, {cpu:.3f} s "
-                      f"client CPU ({args.requests / elapsed:,.0f} req/s)", flush=True)
+                print(
+                    f"round {round_number + 1} {name:>13}: {elapsed:.3f} s wall, {cpu:.3f} s "
+                    f"client CPU ({args.requests / elapsed:,.0f} req/s)",
+                    flush=True,
+                )
     finally:
         proc.terminate()
         proc.wait(timeout=10)
     ours, theirs = min(times["nbcompletions"]), min(times["openai"])
     ours_cpu, theirs_cpu = min(cpus["nbcompletions"]), min(cpus["openai"])
-    print(f"\n{args.requests} requests, concurrency {args.concurrency}, best of {args.rounds}, "
-          f"{args.server} server:")
+    print(
+        f"\n{args.requests} requests, concurrency {args.concurrency}, best of {args.rounds}, "
+        f"{args.server} server:"
+    )
     print(f"  nbcompletions.AsyncClient  {ours:.3f} s wall  {ours_cpu:.3f} s client CPU")
     print(f"  openai.AsyncOpenAI         {theirs:.3f} s wall  {theirs_cpu:.3f} s client CPU")
-    print(f"  ratio ours/openai: wall {ours / theirs:.2f} (target <= 1.00: "
-          f"{'met' if ours <= theirs else 'NOT met'}), client CPU {ours_cpu / theirs_cpu:.2f}")
+    print(
+        f"  ratio ours/openai: wall {ours / theirs:.2f} (target <= 1.00: "
+        f"{'met' if ours <= theirs else 'NOT met'}), client CPU {ours_cpu / theirs_cpu:.2f}"
+    )
 
 
 if __name__ == "__main__":

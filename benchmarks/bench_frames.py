@@ -39,12 +39,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nbcompletions._frames import to_frames
 
 
-def make_payload(n_tokens: int, n_alternatives: int, n_choices: int, seed: int = 0,
-                 shuffled: bool = False) -> str:
+def make_payload(
+    n_tokens: int, n_alternatives: int, n_choices: int, seed: int = 0, shuffled: bool = False
+) -> str:
     """A Completions response body with logprobs, as the server would send it."""
     rng = np.random.default_rng(seed)
-    pool = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz ,.'"), size=int(length)))
-            for length in rng.integers(1, 9, size=5000)]
+    pool = [
+        "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz ,.'"), size=int(length)))
+        for length in rng.integers(1, 9, size=5000)
+    ]
     pool = list(dict.fromkeys(pool))
     per_choice = n_tokens // n_choices
     choices = []
@@ -58,7 +61,7 @@ def make_payload(n_tokens: int, n_alternatives: int, n_choices: int, seed: int =
         offset = 0
         for row in range(per_choice):
             names = list(dict.fromkeys(pool[i] for i in ids[row]))[:n_alternatives]
-            values = [float(v) for v in logprobs[row, :len(names)]]
+            values = [float(v) for v in logprobs[row, : len(names)]]
             # The chosen token is one of the alternatives 90% of the time, else outside the top k.
             if rng.random() < 0.9:
                 pick = int(rng.integers(0, len(names)))
@@ -73,15 +76,27 @@ def make_payload(n_tokens: int, n_alternatives: int, n_choices: int, seed: int =
             tops.append(dict(pairs))
             offsets.append(offset)
             offset += len(token)
-        choices.append({
-            "text": "".join(tokens), "index": index, "finish_reason": "length",
-            "logprobs": {"tokens": tokens, "token_logprobs": token_logprobs,
-                         "top_logprobs": tops, "text_offset": offsets},
-        })
-    body = {"id": "cmpl-bench", "object": "text_completion", "created": 0, "model": "bench",
-            "choices": choices,
-            "usage": {"prompt_tokens": 5, "completion_tokens": n_tokens,
-                      "total_tokens": n_tokens + 5}}
+        choices.append(
+            {
+                "text": "".join(tokens),
+                "index": index,
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": tokens,
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": tops,
+                    "text_offset": offsets,
+                },
+            }
+        )
+    body = {
+        "id": "cmpl-bench",
+        "object": "text_completion",
+        "created": 0,
+        "model": "bench",
+        "choices": choices,
+        "usage": {"prompt_tokens": 5, "completion_tokens": n_tokens, "total_tokens": n_tokens + 5},
+    }
     return json.dumps(body)
 
 
@@ -93,35 +108,59 @@ def naive_frames(body: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
         logprobs = choice["logprobs"]
         for position, token in enumerate(logprobs["tokens"]):
             logprob = logprobs["token_logprobs"][position]
-            token_rows.append({
-                "index": choice["index"], "position": position, "token": token,
-                "logprob": logprob, "prob": math.exp(logprob),
-                "text_offset": logprobs["text_offset"][position],
-            })
+            token_rows.append(
+                {
+                    "index": choice["index"],
+                    "position": position,
+                    "token": token,
+                    "logprob": logprob,
+                    "prob": math.exp(logprob),
+                    "text_offset": logprobs["text_offset"][position],
+                }
+            )
             for alternative, alt_logprob in (logprobs["top_logprobs"][position] or {}).items():
-                alternative_rows.append({
-                    "index": choice["index"], "position": position, "token": alternative,
-                    "logprob": alt_logprob, "prob": math.exp(alt_logprob),
-                    "chosen": alternative == token,
-                })
+                alternative_rows.append(
+                    {
+                        "index": choice["index"],
+                        "position": position,
+                        "token": alternative,
+                        "logprob": alt_logprob,
+                        "prob": math.exp(alt_logprob),
+                        "chosen": alternative == token,
+                    }
+                )
     return pd.DataFrame(token_rows), pd.DataFrame(alternative_rows)
 
 
 def append_rows(body: dict[str, Any], max_tokens: int) -> int:
     """Row-appending with df.loc on the first max_tokens tokens; returns how many tokens it did."""
-    tokens_frame = pd.DataFrame(columns=["index", "position", "token", "logprob", "prob",
-                                         "text_offset"])
-    alternatives_frame = pd.DataFrame(columns=["index", "position", "token", "logprob", "prob",
-                                               "chosen"])
+    tokens_frame = pd.DataFrame(
+        columns=["index", "position", "token", "logprob", "prob", "text_offset"]
+    )
+    alternatives_frame = pd.DataFrame(
+        columns=["index", "position", "token", "logprob", "prob", "chosen"]
+    )
     done = 0
     logprobs = body["choices"][0]["logprobs"]
     for position, token in enumerate(logprobs["tokens"][:max_tokens]):
         logprob = logprobs["token_logprobs"][position]
-        tokens_frame.loc[len(tokens_frame)] = [0, position, token, logprob, math.exp(logprob),
-                                               logprobs["text_offset"][position]]
+        tokens_frame.loc[len(tokens_frame)] = [
+            0,
+            position,
+            token,
+            logprob,
+            math.exp(logprob),
+            logprobs["text_offset"][position],
+        ]
         for alternative, alt_logprob in logprobs["top_logprobs"][position].items():
             alternatives_frame.loc[len(alternatives_frame)] = [
-                0, position, alternative, alt_logprob, math.exp(alt_logprob), alternative == token]
+                0,
+                position,
+                alternative,
+                alt_logprob,
+                math.exp(alt_logprob),
+                alternative == token,
+            ]
         done += 1
     return done
 
@@ -139,10 +178,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alternatives", type=int, default=5)
     parser.add_argument("--choices", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--shuffled", action="store_true",
-                        help="top_logprobs dicts in random order (vLLM-like) instead of sorted")
-    parser.add_argument("--append-tokens", type=int, default=200,
-                        help="tokens for the df.loc row-append baseline (0 to skip)")
+    parser.add_argument(
+        "--shuffled",
+        action="store_true",
+        help="top_logprobs dicts in random order (vLLM-like) instead of sorted",
+    )
+    parser.add_argument(
+        "--append-tokens",
+        type=int,
+        default=200,
+        help="tokens for the df.loc row-append baseline (0 to skip)",
+    )
     args = parser.parse_args(argv)
 
     payload = make_payload(args.tokens, args.alternatives, args.choices, shuffled=args.shuffled)
@@ -150,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     n_tokens = sum(len(c["logprobs"]["tokens"]) for c in body["choices"])
     n_alternatives = sum(len(d) for c in body["choices"] for d in c["logprobs"]["top_logprobs"])
     print(f"python {platform.python_version()}, numpy {np.__version__}, pandas {pd.__version__}")
-    print(f"payload: {len(payload) / 1e6:.1f} MB, {len(body['choices'])} choices, "
-          f"{n_tokens:,} tokens, {n_alternatives:,} alternatives "
-          f"({'shuffled' if args.shuffled else 'sorted'} lists); {args.repeats} repeats")
+    print(
+        f"payload: {len(payload) / 1e6:.1f} MB, {len(body['choices'])} choices, "
+        f"{n_tokens:,} tokens, {n_alternatives:,} alternatives "
+        f"({'shuffled' if args.shuffled else 'sorted'} lists); {args.repeats} repeats"
+    )
 
     _, tokens_frame, alternatives_frame = to_frames(body)  # warm-up, and a sanity check
     if len(tokens_frame) != n_tokens or len(alternatives_frame) != n_alternatives:
@@ -165,8 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         times["naive loop"].append(timed(lambda: naive_frames(body)))
     medians = {name: statistics.median(values) for name, values in times.items()}
     for name, values in times.items():
-        print(f"{name:>12}: median {medians[name] * 1e3:8.1f} ms   "
-              f"(runs: {', '.join(f'{v * 1e3:.0f}' for v in values)})")
+        print(
+            f"{name:>12}: median {medians[name] * 1e3:8.1f} ms   "
+            f"(runs: {', '.join(f'{v * 1e3:.0f}' for v in values)})"
+        )
 
     if args.append_tokens:
         start = time.perf_counter()
@@ -174,18 +224,26 @@ def main(argv: list[str] | None = None) -> None:
         elapsed = time.perf_counter() - start
         extrapolated = elapsed / done * n_tokens
         medians["df.loc append (extrapolated)"] = extrapolated
-        print(f"df.loc append: {elapsed:.2f} s for {done} tokens -> about {extrapolated:.0f} s for "
-              f"{n_tokens:,} tokens (linear extrapolation, one run)")
+        print(
+            f"df.loc append: {elapsed:.2f} s for {done} tokens -> about {extrapolated:.0f} s for "
+            f"{n_tokens:,} tokens (linear extrapolation, one run)"
+        )
 
     frames_vs_json = medians["to_frames"] / medians["json.loads"]
     naive_vs_frames = medians["naive loop"] / medians["to_frames"]
-    print(f"to_frames / json.loads = {frames_vs_json:.2f}  (target <= 1.5): "
-          f"{'OK' if frames_vs_json <= 1.5 else 'MISSED'}")
-    print(f"naive loop / to_frames = {naive_vs_frames:.1f}  (target >= 5): "
-          f"{'OK' if naive_vs_frames >= 5 else 'MISSED'}")
+    print(
+        f"to_frames / json.loads = {frames_vs_json:.2f}  (target <= 1.5): "
+        f"{'OK' if frames_vs_json <= 1.5 else 'MISSED'}"
+    )
+    print(
+        f"naive loop / to_frames = {naive_vs_frames:.1f}  (target >= 5): "
+        f"{'OK' if naive_vs_frames >= 5 else 'MISSED'}"
+    )
     if args.append_tokens:
-        print(f"df.loc append (extrapolated) / to_frames = "
-              f"{medians['df.loc append (extrapolated)'] / medians['to_frames']:.0f}")
+        print(
+            f"df.loc append (extrapolated) / to_frames = "
+            f"{medians['df.loc append (extrapolated)'] / medians['to_frames']:.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,8 +45,14 @@ def _worker_ours(path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]
     ban = {str(engine.eot_token_id): -100}
 
     def request(max_tokens: int, seed: int, stream: bool = False) -> CompletionRequest:
-        return CompletionRequest(prompt=PROMPT, n=n, max_tokens=max_tokens, logit_bias=ban,
-                                 seed=seed, stream=stream or None)
+        return CompletionRequest(
+            prompt=PROMPT,
+            n=n,
+            max_tokens=max_tokens,
+            logit_bias=ban,
+            seed=seed,
+            stream=stream or None,
+        )
 
     engine.complete(request(4, 0))  # warm-up: first-call costs are not generation speed
     first = []
@@ -62,8 +68,12 @@ def _worker_ours(path: str, n: int, tokens: int, repeats: int) -> dict[str, Any]
         response = engine.complete(request(tokens, 100 + i))
         walls.append(time.perf_counter() - t0)
         assert response["usage"]["completion_tokens"] == n * tokens, response["usage"]
-    return {"load_s": load_s, "first_token_s": min(first), "wall_s": min(walls),
-            "peak_mb": _peak_mb()}
+    return {
+        "load_s": load_s,
+        "first_token_s": min(first),
+        "wall_s": min(walls),
+        "peak_mb": _peak_mb(),
+    }
 
 
 def _worker_ours_scale(path: str, tokens: int, repeats: int) -> dict[str, Any]:
@@ -78,14 +88,16 @@ def _worker_ours_scale(path: str, tokens: int, repeats: int) -> dict[str, Any]:
     for i in range(repeats):
         for n in (1, 8):
             t0 = time.perf_counter()
-            engine.complete(CompletionRequest(prompt=PROMPT, n=n, max_tokens=tokens,
-                                              logit_bias=ban, seed=i))
+            engine.complete(
+                CompletionRequest(prompt=PROMPT, n=n, max_tokens=tokens, logit_bias=ban, seed=i)
+            )
             walls[n].append(time.perf_counter() - t0)
     return {"wall_1": min(walls[1]), "wall_8": min(walls[8])}
 
 
-def _worker_transformers(path: str, n: int, tokens: int, repeats: int,
-                         threads: int | None = None) -> dict[str, Any]:
+def _worker_transformers(
+    path: str, n: int, tokens: int, repeats: int, threads: int | None = None
+) -> dict[str, Any]:
     start = time.perf_counter()
     import torch
 
@@ -104,10 +116,19 @@ def _worker_transformers(path: str, n: int, tokens: int, repeats: int,
     def generate(max_new: int, seed: int) -> Any:
         torch.manual_seed(seed)
         with torch.no_grad():
-            return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                                  max_new_tokens=max_new, min_new_tokens=max_new, top_k=0,
-                                  top_p=1.0, temperature=1.0, num_return_sequences=n,
-                                  pad_token_id=eot, eos_token_id=eot)
+            return model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                num_return_sequences=n,
+                pad_token_id=eot,
+                eos_token_id=eot,
+            )
 
     generate(4, 0)
     first = []
@@ -121,18 +142,41 @@ def _worker_transformers(path: str, n: int, tokens: int, repeats: int,
         out = generate(tokens, 100 + i)
         walls.append(time.perf_counter() - t0)
         assert out.shape == (n, ids.shape[1] + tokens), out.shape
-    return {"load_s": load_s, "first_token_s": min(first), "wall_s": min(walls),
-            "peak_mb": _peak_mb(), "torch_threads": torch.get_num_threads()}
+    return {
+        "load_s": load_s,
+        "first_token_s": min(first),
+        "wall_s": min(walls),
+        "peak_mb": _peak_mb(),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
-def _measure(impl: str, path: str, n: int, tokens: int, repeats: int,
-             torch_threads: int | None) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", impl, "--path", path, "--n", str(n),
-           "--tokens", str(tokens), "--repeats", str(repeats)]
+def _measure(
+    impl: str, path: str, n: int, tokens: int, repeats: int, torch_threads: int | None
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        impl,
+        "--path",
+        path,
+        "--n",
+        str(n),
+        "--tokens",
+        str(tokens),
+        "--repeats",
+        str(repeats),
+    ]
     if torch_threads:
         cmd += ["--torch-threads", str(torch_threads)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     if done.returncode != 0:
         raise RuntimeError(f"{impl} n={n} failed:\n{done.stderr}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -144,10 +188,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--path", default=None, help="model folder (default: the shipped model)")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads for transformers (default: torch's own)")
-    parser.add_argument("--worker", choices=["ours", "ours-scale", "transformers"],
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for transformers (default: torch's own)",
+    )
+    parser.add_argument(
+        "--worker", choices=["ours", "ours-scale", "transformers"], help=argparse.SUPPRESS
+    )
     parser.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.path is None:
@@ -160,39 +209,51 @@ def main(argv: list[str] | None = None) -> None:
         elif args.worker == "ours-scale":
             result = _worker_ours_scale(args.path, args.tokens, args.repeats)
         else:
-            result = _worker_transformers(args.path, args.n, args.tokens, args.repeats,
-                                          args.torch_threads)
+            result = _worker_transformers(
+                args.path, args.n, args.tokens, args.repeats, args.torch_threads
+            )
         print(json.dumps(result))
         return
 
     results: dict[tuple[str, int], dict[str, Any]] = {}
     for n in (1, 8):
         for impl in ("ours", "transformers"):  # interleaved so drift in machine load hits both
-            results[impl, n] = _measure(impl, args.path, n, args.tokens, args.repeats,
-                                        args.torch_threads)
+            results[impl, n] = _measure(
+                impl, args.path, n, args.tokens, args.repeats, args.torch_threads
+            )
 
     threads = results["transformers", 1]["torch_threads"]
-    print(f"model: {args.path}   {args.tokens} tokens per completion, best of {args.repeats}, "
-          f"cpu count {os.cpu_count()}, torch threads {threads}")
-    header = f"{'':>14} {'n':>3} {'wall s':>8} {'tok/s':>9} {'first tok ms':>13} {'load s':>7} " \
-             f"{'peak MB':>8}"
+    print(
+        f"model: {args.path}   {args.tokens} tokens per completion, best of {args.repeats}, "
+        f"cpu count {os.cpu_count()}, torch threads {threads}"
+    )
+    header = (
+        f"{'':>14} {'n':>3} {'wall s':>8} {'tok/s':>9} {'first tok ms':>13} {'load s':>7} "
+        f"{'peak MB':>8}"
+    )
     print(header)
     for (impl, n), r in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rate = n * args.tokens / r["wall_s"]
         first_ms = r["first_token_s"] * 1e3
-        print(f"{impl:>14} {n:>3} {r['wall_s']:>8.3f} {rate:>9.1f} {first_ms:>13.1f} "
-              f"{r['load_s']:>7.2f} {r['peak_mb']:>8.0f}")
+        print(
+            f"{impl:>14} {n:>3} {r['wall_s']:>8.3f} {rate:>9.1f} {first_ms:>13.1f} "
+            f"{r['load_s']:>7.2f} {r['peak_mb']:>8.0f}"
+        )
     interleaved = _measure("ours-scale", args.path, 0, args.tokens, max(args.repeats, 5), None)
     ours1, theirs1 = results["ours", 1]["wall_s"], results["transformers", 1]["wall_s"]
     ratio = theirs1 / ours1
     scale = interleaved["wall_8"] / interleaved["wall_1"]
-    print(f"speed ours/transformers at n=1: {ratio:.2f}x (target >= 1.5x) "
-          f"{'OK' if ratio >= 1.5 else 'MISSED'}")
+    print(
+        f"speed ours/transformers at n=1: {ratio:.2f}x (target >= 1.5x) "
+        f"{'OK' if ratio >= 1.5 else 'MISSED'}"
+    )
     wall_1, wall_8 = interleaved["wall_1"], interleaved["wall_8"]
-    print(f"ours n=8 wall / n=1 wall, alternated in one process (n=1 {wall_1:.3f} s, "
-          f"n=8 {wall_8:.3f} s, best of {max(args.repeats, 5)}): {scale:.2f}x "
-          "(target <= 3x) "
-          f"{'OK' if scale <= 3 else 'MISSED'}")
+    print(
+        f"ours n=8 wall / n=1 wall, alternated in one process (n=1 {wall_1:.3f} s, "
+        f"n=8 {wall_8:.3f} s, best of {max(args.repeats, 5)}): {scale:.2f}x "
+        "(target <= 3x) "
+        f"{'OK' if scale <= 3 else 'MISSED'}"
+    )
     hf_scale = results["transformers", 8]["wall_s"] / theirs1
     print(f"(transformers n=8 wall / n=1 wall: {hf_scale:.2f}x)")
 

@@ -50,14 +50,23 @@ def synthetic_response(n_tokens: int, k: int = 5, seed: int = 0) -> dict[str, An
         offset += len(chosen)
     text = "".join(tokens)
     return {
-        "id": "cmpl-bench", "object": "text_completion", "created": 0, "model": "bench",
-        "choices": [{
-            "index": 0, "text": text, "finish_reason": "length",
-            "logprobs": {
-                "tokens": tokens, "token_logprobs": token_logprobs,
-                "top_logprobs": top_logprobs, "text_offset": offsets,
-            },
-        }],
+        "id": "cmpl-bench",
+        "object": "text_completion",
+        "created": 0,
+        "model": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "text": text,
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": tokens,
+                    "token_logprobs": token_logprobs,
+                    "top_logprobs": top_logprobs,
+                    "text_offset": offsets,
+                },
+            }
+        ],
         "usage": {"prompt_tokens": 1, "completion_tokens": n_tokens, "total_tokens": n_tokens + 1},
     }
 
@@ -81,11 +90,14 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     choices, tokens, alternatives = to_frames(
-        synthetic_response(args.tokens), {"logprobs": 5, "n": 1, "prompt": "x"},
+        synthetic_response(args.tokens),
+        {"logprobs": 5, "n": 1, "prompt": "x"},
         vocab_size=VOCAB_SIZE,
     )
-    print(f"to_frames: {args.tokens:,} tokens, {len(alternatives):,} alternatives in "
-          f"{time.perf_counter() - start:.2f} s")
+    print(
+        f"to_frames: {args.tokens:,} tokens, {len(alternatives):,} alternatives in "
+        f"{time.perf_counter() - start:.2f} s"
+    )
 
     sweep_frame = choices.loc[choices.index.repeat(60)].reset_index(drop=True)
     rng = np.random.default_rng(1)
@@ -112,32 +124,47 @@ def main(argv: list[str] | None = None) -> int:
         json_seconds, payload = best_of(3, fig.to_json)
         results[name] = (seconds, json_seconds, len(payload))
         built[name] = fig
-        print(f"{name:34} {seconds:8.3f} {json_seconds:9.3f} {len(payload) / 1024:9.0f} "
-              f"{type(fig.data[0]).__name__:>10}")
+        print(
+            f"{name:34} {seconds:8.3f} {json_seconds:9.3f} {len(payload) / 1024:9.0f} "
+            f"{type(fig.data[0]).__name__:>10}"
+        )
 
     html_seconds, page = best_of(3, lambda: plots.highlight(tokens, alternatives=alternatives))
-    print(f"{'highlight (HTML, max 5000 tokens)':34} {html_seconds:8.3f} {'':9} "
-          f"{len(page.html.encode()) / 1024:9.0f} {'html':>10}")
+    print(
+        f"{'highlight (HTML, max 5000 tokens)':34} {html_seconds:8.3f} {'':9} "
+        f"{len(page.html.encode()) / 1024:9.0f} {'html':>10}"
+    )
     full_seconds, full_page = best_of(
         1, lambda: plots.highlight(tokens, alternatives=alternatives, max_positions=args.tokens)
     )
-    print(f"{'highlight (all tokens)':34} {full_seconds:8.3f} {'':9} "
-          f"{len(full_page.html.encode()) / 1024:9.0f} {'html':>10}")
+    print(
+        f"{'highlight (all tokens)':34} {full_seconds:8.3f} {'':9} "
+        f"{len(full_page.html.encode()) / 1024:9.0f} {'html':>10}"
+    )
 
     ours, baseline = results["token_probabilities"], results["px.line baseline"]
-    print(f"\nratios, token_probabilities / px.line (same {args.tokens:,} points, same hover "
-          "columns):")
-    print(f"  build time {ours[0] / baseline[0]:.2f}x, to_json time {ours[1] / baseline[1]:.2f}x,"
-          f" JSON size {ours[2] / baseline[2]:.2f}x")
+    print(
+        f"\nratios, token_probabilities / px.line (same {args.tokens:,} points, same hover "
+        "columns):"
+    )
+    print(
+        f"  build time {ours[0] / baseline[0]:.2f}x, to_json time {ours[1] / baseline[1]:.2f}x,"
+        f" JSON size {ours[2] / baseline[2]:.2f}x"
+    )
     svg = results["token_probabilities svg"]
-    print(f"  WebGL / SVG JSON size {ours[2] / svg[2]:.2f}x (the browser cost is in the DOM: "
-          "SVG makes one node per marker, WebGL none)")
+    print(
+        f"  WebGL / SVG JSON size {ours[2] / svg[2]:.2f}x (the browser cost is in the DOM: "
+        "SVG makes one node per marker, WebGL none)"
+    )
     trace = json.loads(built["token_probabilities"].to_json())["data"][0]
+
     def encoding(value: Any) -> str:
         return f"base64 {value['dtype']}" if isinstance(value, dict) else "a JSON list"
 
-    print(f"  x travels as {encoding(trace['x'])}, y as {encoding(trace['y'])}, customdata as "
-          f"{encoding(trace.get('customdata'))}")
+    print(
+        f"  x travels as {encoding(trace['x'])}, y as {encoding(trace['y'])}, customdata as "
+        f"{encoding(trace.get('customdata'))}"
+    )
 
     if args.png is not None:
         render(args.png, built, page)
@@ -151,8 +178,13 @@ def render(folder: Path, built: dict[str, Any], page: plots.HighlightedText) -> 
     except ImportError:
         print("\nkaleido is not installed: pip install kaleido (and a Chrome/Chromium) for PNGs")
     else:
-        for name in ("token_probabilities", "entropy", "alternatives (max_positions=100)",
-                     "rank_histogram", "sweep (60 rows)"):
+        for name in (
+            "token_probabilities",
+            "entropy",
+            "alternatives (max_positions=100)",
+            "rank_histogram",
+            "sweep (60 rows)",
+        ):
             target = folder / (name.split(" ")[0] + ".png")
             start = time.perf_counter()
             fig = built[name]
@@ -168,9 +200,19 @@ def render(folder: Path, built: dict[str, Any], page: plots.HighlightedText) -> 
         html_path = page.save(Path(scratch) / "highlight.html")
         target = folder / "highlight.png"
         subprocess.run(
-            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             f"--screenshot={target}", "--window-size=1100,900", html_path.as_uri()],
-            check=True, capture_output=True, timeout=120,
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                f"--screenshot={target}",
+                "--window-size=1100,900",
+                html_path.as_uri(),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         print(f"wrote {target}")
 

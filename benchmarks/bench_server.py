@@ -40,8 +40,19 @@ def _free_port() -> int:
 
 def _start_server() -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nbcompletions", "serve", "--port", str(port),
-                             "--no-access-log", "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nbcompletions",
+            "serve",
+            "--port",
+            str(port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -64,8 +75,9 @@ async def _median_s(func: Callable[[], Awaitable[Any]], repeats: int) -> float:
     return statistics.median(times)
 
 
-async def _first_and_total(client: httpx.AsyncClient, url: str,
-                           body: dict[str, Any]) -> tuple[float, float]:
+async def _first_and_total(
+    client: httpx.AsyncClient, url: str, body: dict[str, Any]
+) -> tuple[float, float]:
     started = time.perf_counter()
     first = None
     async with client.stream("POST", url, json={**body, "stream": True}) as response:
@@ -78,8 +90,13 @@ async def _first_and_total(client: httpx.AsyncClient, url: str,
 
 async def main(repeats: int, max_tokens: int) -> None:
     engine = load_engine()
-    body = {"model": engine.model_id, "prompt": "To be, or not to be", "max_tokens": max_tokens,
-            "temperature": 0, "logprobs": 5}
+    body = {
+        "model": engine.model_id,
+        "prompt": "To be, or not to be",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "logprobs": 5,
+    }
     request = CompletionRequest.from_body(body)
     proc, base = _start_server()
     try:
@@ -96,6 +113,7 @@ async def main(repeats: int, max_tokens: int) -> None:
                 response = await client.post("/v1/completions", json=body)
                 response.raise_for_status()
                 return response
+
             return run
 
         print(f"1. one request, {max_tokens} tokens, logprobs=5: median of {repeats}")
@@ -106,16 +124,19 @@ async def main(repeats: int, max_tokens: int) -> None:
             print(f"   {name:30s}{took * 1000:8.1f} ms  {took / base_s:.2f}x")
 
         print("2. streaming: first event / whole stream (median of each)")
-        for name, client in (("in-process, httpx ASGITransport", buffered),
-                             ("in-process, StreamingASGITransport", streaming),
-                             ("HTTP (uvicorn)", http)):
+        for name, client in (
+            ("in-process, httpx ASGITransport", buffered),
+            ("in-process, StreamingASGITransport", streaming),
+            ("HTTP (uvicorn)", http),
+        ):
             await _first_and_total(client, "/v1/completions", body)
-            runs = [await _first_and_total(client, "/v1/completions", body)
-                    for _ in range(repeats)]
+            runs = [await _first_and_total(client, "/v1/completions", body) for _ in range(repeats)]
             first = statistics.median(r[0] for r in runs)
             total = statistics.median(r[1] for r in runs)
-            print(f"   {name:36s} first {first * 1000:8.1f} ms  total {total * 1000:8.1f} ms  "
-                  f"first/total {first / total:.2f}")
+            print(
+                f"   {name:36s} first {first * 1000:8.1f} ms  total {total * 1000:8.1f} ms  "
+                f"first/total {first / total:.2f}"
+            )
 
         print("3. GET /v1/models while a long completion runs over HTTP")
         long_body = {**body, "max_tokens": max(4 * max_tokens, 64), "logprobs": None}
@@ -132,8 +153,10 @@ async def main(repeats: int, max_tokens: int) -> None:
             return time.perf_counter() - started
 
         long_s, models_s = await asyncio.gather(long_request(), models_soon_after())
-        print(f"   long completion {long_s * 1000:8.1f} ms; /v1/models during it "
-              f"{models_s * 1000:6.1f} ms  ratio {models_s / long_s:.3f}")
+        print(
+            f"   long completion {long_s * 1000:8.1f} ms; /v1/models during it "
+            f"{models_s * 1000:6.1f} ms  ratio {models_s / long_s:.3f}"
+        )
         for client in (buffered, streaming, http):
             await client.aclose()
     finally:

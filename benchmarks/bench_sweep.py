@@ -30,15 +30,26 @@ from pathlib import Path
 
 import httpx
 
-CANNED = json.dumps({
-    "id": "cmpl-canned", "object": "text_completion", "created": 1700000000,
-    "model": "canned-model",
-    "choices": [{"text": " the quick brown fox jumps over the lazy dog", "index": 0,
-                 "logprobs": None, "finish_reason": "length"}],
-    "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
-}).encode()
-MODELS = json.dumps({"object": "list",
-                     "data": [{"id": "canned-model", "object": "model"}]}).encode()
+CANNED = json.dumps(
+    {
+        "id": "cmpl-canned",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": "canned-model",
+        "choices": [
+            {
+                "text": " the quick brown fox jumps over the lazy dog",
+                "index": 0,
+                "logprobs": None,
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14},
+    }
+).encode()
+MODELS = json.dumps(
+    {"object": "list", "data": [{"id": "canned-model", "object": "model"}]}
+).encode()
 
 
 async def canned_app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
@@ -50,9 +61,16 @@ async def canned_app(scope: dict, receive, send) -> None:  # type: ignore[no-unt
         message = await receive()
         more = message.get("more_body", False)
     body = MODELS if scope["path"].endswith("/models") else CANNED
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -99,12 +117,14 @@ async def openai_gather(base_url: str, requests: int, concurrency: int) -> float
 
     async def one(prompt: str, temperature: float) -> object:
         async with limit:
-            return await client.completions.create(model="canned-model", prompt=prompt,
-                                                   temperature=temperature, max_tokens=16)
+            return await client.completions.create(
+                model="canned-model", prompt=prompt, temperature=temperature, max_tokens=16
+            )
 
     started = time.perf_counter()
-    results = await asyncio.gather(*(one(p, t) for p in prompts for t in temperatures
-                                     for _ in range(repeats)))
+    results = await asyncio.gather(
+        *(one(p, t) for p in prompts for t in temperatures for _ in range(repeats))
+    )
     elapsed = time.perf_counter() - started
     assert len(results) == len(prompts) * len(temperatures) * repeats
     await client.close()
@@ -116,9 +136,17 @@ def ours(client: object, requests: int, concurrency: int, cache: object) -> tupl
 
     prompts, temperatures, repeats = grid(requests)
     started = time.perf_counter()
-    result = sweep(client, prompt=prompts, temperature=temperatures, max_tokens=16,
-                   repeats=repeats, cache=cache, max_concurrency=concurrency, progress=False,
-                   probe=False)
+    result = sweep(
+        client,
+        prompt=prompts,
+        temperature=temperatures,
+        max_tokens=16,
+        repeats=repeats,
+        cache=cache,
+        max_concurrency=concurrency,
+        progress=False,
+        probe=False,
+    )
     return time.perf_counter() - started, result
 
 
@@ -154,9 +182,11 @@ def main() -> None:
             assert result.usage["sent"] == n, result.usage  # type: ignore[attr-defined]
             theirs_all.append(theirs_s)
             ours_all.append(ours_s)
-            print(f"  round {round_number + 1}: openai.AsyncOpenAI + asyncio.gather "
-                  f"{theirs_s:7.2f} s | nbcompletions.sweep (cache written) {ours_s:7.2f} s"
-                  f" | ratio {ours_s / theirs_s:5.2f}")
+            print(
+                f"  round {round_number + 1}: openai.AsyncOpenAI + asyncio.gather "
+                f"{theirs_s:7.2f} s | nbcompletions.sweep (cache written) {ours_s:7.2f} s"
+                f" | ratio {ours_s / theirs_s:5.2f}"
+            )
         best_ratio = min(ours_all) / min(theirs_all)
         print(f"  ratio of best times ours / openai   : {best_ratio:7.2f}  (target <= 1)")
         rerun_s, again = ours(client, n, conc, cache_path)
@@ -180,11 +210,15 @@ def main() -> None:
             tracemalloc.stop()
             del kept, _
             peaks.append((size, peak))
-            print(f"  {size:>7,} requests: peak {peak / 2**20:7.1f} MiB "
-                  f"({peak / size / 1024:5.1f} KiB per request)")
+            print(
+                f"  {size:>7,} requests: peak {peak / 2**20:7.1f} MiB "
+                f"({peak / size / 1024:5.1f} KiB per request)"
+            )
         (small, small_peak), (big, big_peak) = peaks[0], peaks[-1]
-        print(f"  growth ratio peak({big:,}) / peak({small:,}) = {big_peak / small_peak:.2f} "
-              f"for {big / small:.0f}x the requests (linear: ~{big / small:.0f})")
+        print(
+            f"  growth ratio peak({big:,}) / peak({small:,}) = {big_peak / small_peak:.2f} "
+            f"for {big / small:.0f}x the requests (linear: ~{big / small:.0f})"
+        )
         client.close()  # type: ignore[attr-defined]
     finally:
         proc.terminate()

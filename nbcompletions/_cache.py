@@ -55,8 +55,9 @@ _LOOKUP_CHUNK = 500
 def _canonical(value: Any) -> str:
     # sort_keys + no spaces: the same request always serialises to the same bytes. allow_nan=False
     # because NaN has no JSON spelling and validated requests never hold one.
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
 
 
 def _key_body(request: CompletionRequest | Mapping[str, Any], model: str | None) -> dict[str, Any]:
@@ -68,21 +69,26 @@ def _key_body(request: CompletionRequest | Mapping[str, Any], model: str | None)
     return body
 
 
-def cache_key(endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any],
-              repeat: int) -> str:
+def cache_key(
+    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeat: int
+) -> str:
     """The cache key of one request: sha256 hex of canonical JSON of what determines its response.
 
     The JSON is ``{"body": <request body>, "endpoint": <base URL>, "repeat": <n>}`` with sorted keys
     and no spaces. ``model`` is the model the client sends when the request names none; a request's
     own ``model`` wins, as on the wire.
     """
-    payload = {"endpoint": endpoint.rstrip("/"), "body": _key_body(request, model),
-               "repeat": int(repeat)}
+    payload = {
+        "endpoint": endpoint.rstrip("/"),
+        "body": _key_body(request, model),
+        "repeat": int(repeat),
+    }
     return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
 
 
-def cache_keys(endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any],
-               repeats: int) -> list[str]:
+def cache_keys(
+    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeats: int
+) -> list[str]:
     """``[cache_key(endpoint, model, request, r) for r in range(repeats)]``, computed faster.
 
     "repeat" sorts last in the canonical JSON, so every repeat's text shares the prefix up to
@@ -108,8 +114,14 @@ class CachedResponse:
 
     __slots__ = ("_parsed", "created", "latency", "response_id", "text", "usage")
 
-    def __init__(self, text: str, latency: float | None, created: float,
-                 usage: dict[str, int] | None = None, response_id: str | None = None) -> None:
+    def __init__(
+        self,
+        text: str,
+        latency: float | None,
+        created: float,
+        usage: dict[str, int] | None = None,
+        response_id: str | None = None,
+    ) -> None:
         self.text = text
         self.latency = latency
         self.created = created
@@ -144,15 +156,20 @@ class Cache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None)
+            str(self.path), check_same_thread=False, isolation_level=None
+        )
         # WAL: readers never block the writer; NORMAL sync is durable against a process crash (the
         # case that matters for a kernel interrupt) without an fsync per response.
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.executescript(_SCHEMA)
         present = {row[1] for row in self._conn.execute("PRAGMA table_info(responses)")}
-        for column, kind in (("prompt_tokens", "INTEGER"), ("completion_tokens", "INTEGER"),
-                             ("total_tokens", "INTEGER"), ("response_id", "TEXT")):
+        for column, kind in (
+            ("prompt_tokens", "INTEGER"),
+            ("completion_tokens", "INTEGER"),
+            ("total_tokens", "INTEGER"),
+            ("response_id", "TEXT"),
+        ):
             if column not in present:  # a file written by an earlier version
                 self._conn.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
 
@@ -176,7 +193,8 @@ class Cache:
             return False
         with self._lock:
             row = self._connection.execute(
-                "SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone()
+                "SELECT 1 FROM responses WHERE key = ?", (key,)
+            ).fetchone()
         return row is not None
 
     def get(self, key: str) -> CachedResponse | None:
@@ -189,16 +207,21 @@ class Cache:
         found: dict[str, CachedResponse] = {}
         with self._lock:
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
-                chunk = wanted[start:start + _LOOKUP_CHUNK]
+                chunk = wanted[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = self._connection.execute(
                     "SELECT key, response, latency, created, prompt_tokens, completion_tokens, "
                     f"total_tokens, response_id FROM responses WHERE key IN ({marks})",
-                    chunk).fetchall()
+                    chunk,
+                ).fetchall()
                 for key, text, latency, created, prompt, completion, total, rid in rows:
-                    usage = {name: value for name, value in zip(
-                        _USAGE_FIELDS, (prompt, completion, total), strict=True)
-                        if value is not None}
+                    usage = {
+                        name: value
+                        for name, value in zip(
+                            _USAGE_FIELDS, (prompt, completion, total), strict=True
+                        )
+                        if value is not None
+                    }
                     found[key] = CachedResponse(text, latency, created, usage, rid)
         return found
 
@@ -209,15 +232,16 @@ class Cache:
         text = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False)
         usage = response.get("usage")
         usage = usage if isinstance(usage, Mapping) else {}
-        numbers = [usage.get(name) if isinstance(usage.get(name), int) else None
-                   for name in _USAGE_FIELDS]
+        numbers = [
+            usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
+        ]
         rid = response.get("id")
         with self._lock:
             self._connection.execute(
                 "INSERT OR REPLACE INTO responses (key, response, latency, created, prompt_tokens, "
                 "completion_tokens, total_tokens, response_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, text, latency, time.time(), *numbers,
-                 rid if isinstance(rid, str) else None))
+                (key, text, latency, time.time(), *numbers, rid if isinstance(rid, str) else None),
+            )
 
     def delete(self, key: str) -> None:
         with self._lock:
@@ -232,15 +256,17 @@ class Cache:
     def get_meta(self, key: str) -> Any:
         """A JSON value stored with `set_meta` (an endpoint's probed capabilities, say), or None."""
         with self._lock:
-            row = self._connection.execute("SELECT value FROM meta WHERE key = ?",
-                                           (key,)).fetchone()
+            row = self._connection.execute(
+                "SELECT value FROM meta WHERE key = ?", (key,)
+            ).fetchone()
         return None if row is None else json.loads(row[0])
 
     def set_meta(self, key: str, value: Any) -> None:
         text = _canonical(value)
         with self._lock:
-            self._connection.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                                     (key, text))
+            self._connection.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text)
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -251,6 +277,10 @@ class Cache:
     def __enter__(self) -> Cache:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

@@ -35,7 +35,8 @@ def _port(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be an integer from 0 to 65535; got {text!r}") from None
+            f"must be an integer from 0 to 65535; got {text!r}"
+        ) from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be an integer from 0 to 65535; got {value}")
     return value
@@ -56,37 +57,67 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nbcompletions",
         description="nbcompletions: the OpenAI Completions endpoint as a research instrument. "
-                    "This command runs the embedded model (nbc-shakespeare, offline, no key) "
-                    "behind an OpenAI-compatible server.",
+        "This command runs the embedded model (nbc-shakespeare, offline, no key) "
+        "behind an OpenAI-compatible server.",
         epilog="Run 'nbcompletions serve --help' for the server's options. In Python, "
-               "nbcompletions.Client() uses the same model in-process, with no server.")
+        "nbcompletions.Client() uses the same model in-process, with no server.",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", help="serve the embedded model over HTTP (POST /v1/completions, GET /v1/models)",
+        "serve",
+        help="serve the embedded model over HTTP (POST /v1/completions, GET /v1/models)",
         description="Serve the embedded model with an OpenAI-compatible Completions API\n"
-                    "(POST /v1/completions with streaming, GET /v1/models, GET /health)\n"
-                    "until Ctrl-C or SIGTERM.",
-        epilog=_SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="interface to bind (default: %(default)s, this machine only; binding "
-                            "another interface without a key prints a warning)")
-    serve.add_argument("--port", type=_port, default=8000,
-                       help="TCP port (default: %(default)s; 0 picks a free one)")
-    serve.add_argument("--api-key", metavar="KEY", type=_api_key, default=None,
-                       help="require 'Authorization: Bearer KEY' on /v1 requests (default: the "
-                            "NBCOMPLETIONS_API_KEY environment variable, which keeps the key out "
-                            "of the process list; unset: no key)")
-    serve.add_argument("--max-tokens-cap", metavar="N", type=_positive_int, default=None,
-                       help="reject requests asking for more than N tokens (default: 2048)")
-    serve.add_argument("--max-body-bytes", metavar="N", type=_positive_int, default=None,
-                       help="reject request bodies larger than N bytes with 413 (default: 1000000)")
-    serve.add_argument("--log-level", default="info",
-                       choices=["critical", "error", "warning", "info", "debug", "trace"],
-                       help="log level (default: %(default)s)")
-    serve.add_argument("--no-access-log", action="store_true",
-                       help="do not log one line per request")
+        "(POST /v1/completions with streaming, GET /v1/models, GET /health)\n"
+        "until Ctrl-C or SIGTERM.",
+        epilog=_SERVE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default: %(default)s, this machine only; binding "
+        "another interface without a key prints a warning)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_port,
+        default=8000,
+        help="TCP port (default: %(default)s; 0 picks a free one)",
+    )
+    serve.add_argument(
+        "--api-key",
+        metavar="KEY",
+        type=_api_key,
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 requests (default: the "
+        "NBCOMPLETIONS_API_KEY environment variable, which keeps the key out "
+        "of the process list; unset: no key)",
+    )
+    serve.add_argument(
+        "--max-tokens-cap",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="reject requests asking for more than N tokens (default: 2048)",
+    )
+    serve.add_argument(
+        "--max-body-bytes",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="reject request bodies larger than N bytes with 413 (default: 1000000)",
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--no-access-log", action="store_true", help="do not log one line per request"
+    )
     return parser
 
 
@@ -101,10 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, serve
 
         try:
-            serve(host=args.host, port=args.port, api_key=args.api_key,
-                  max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
-                  max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
-                  log_level=args.log_level, access_log=not args.no_access_log)
+            serve(
+                host=args.host,
+                port=args.port,
+                api_key=args.api_key,
+                max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
+                max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                log_level=args.log_level,
+                access_log=not args.no_access_log,
+            )
         except FileNotFoundError as exc:  # the model's files (serve loads them before binding)
             print(f"nbcompletions serve: {exc}", file=sys.stderr)
             return 1

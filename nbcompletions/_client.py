@@ -136,13 +136,20 @@ def _redact_url(url: str) -> str:
 
 def _normalise_url(url: Any) -> str:
     if not isinstance(url, str | httpx.URL) or not str(url).strip():
-        raise RequestError("base_url", f"base_url must be a non-empty URL string; got {url!r}",
-                           allowed="a URL such as http://127.0.0.1:8000/v1", value=url)
+        raise RequestError(
+            "base_url",
+            f"base_url must be a non-empty URL string; got {url!r}",
+            allowed="a URL such as http://127.0.0.1:8000/v1",
+            value=url,
+        )
     text = str(url).strip().rstrip("/")
     if not re.match(r"^https?://", text):
-        raise RequestError("base_url",
-                           f"base_url must start with http:// or https://; got {text!r}",
-                           allowed="a URL such as http://127.0.0.1:8000/v1", value=text)
+        raise RequestError(
+            "base_url",
+            f"base_url must start with http:// or https://; got {text!r}",
+            allowed="a URL such as http://127.0.0.1:8000/v1",
+            value=text,
+        )
     return text
 
 
@@ -153,12 +160,16 @@ def _make_timeout(timeout: Any) -> httpx.Timeout:
         return httpx.Timeout(None, connect=DEFAULT_CONNECT_TIMEOUT)
     if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout > 0:
         return httpx.Timeout(float(timeout), connect=min(DEFAULT_CONNECT_TIMEOUT, float(timeout)))
-    raise RequestError("timeout", f"timeout must be a number of seconds > 0, None or an "
-                       f"httpx.Timeout; got {timeout!r}", allowed="seconds > 0", value=timeout)
+    raise RequestError(
+        "timeout",
+        f"timeout must be a number of seconds > 0, None or an httpx.Timeout; got {timeout!r}",
+        allowed="seconds > 0",
+        value=timeout,
+    )
 
 
 def _embedded_transport() -> httpx.AsyncBaseTransport:
-    hint = ("Pass base_url=... (or set OPENAI_BASE_URL / OPENAI_API_KEY) to use another server.")
+    hint = "Pass base_url=... (or set OPENAI_BASE_URL / OPENAI_API_KEY) to use another server."
     try:
         from .model import FILES_DIR
         from .server import StreamingASGITransport, create_app
@@ -187,39 +198,72 @@ class AsyncClient:
     (`Limits.vllm()`).
     """
 
-    def __init__(self, base_url: str | Sequence[str] | None = None, api_key: str | None = None, *,
-                 model: str | None = None, timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-                 max_retries: int = 2, transport: httpx.AsyncBaseTransport | None = None,
-                 max_concurrency: int | None = 16, limits: Limits | None = None,
-                 headers: Mapping[str, str] | None = None, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | None = None,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_concurrency: int | None = 16,
+        limits: Limits | None = None,
+        headers: Mapping[str, str] | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
         if base_url is None:
             base_url = os.environ.get("OPENAI_BASE_URL") or None
         if api_key is None:
             api_key = os.environ.get("OPENAI_API_KEY") or None
         if api_key is not None and not isinstance(api_key, str):
-            raise RequestError("api_key", "api_key must be a string", allowed="a string",
-                               value=type(api_key).__name__)
+            raise RequestError(
+                "api_key",
+                "api_key must be a string",
+                allowed="a string",
+                value=type(api_key).__name__,
+            )
         if model is not None and (not isinstance(model, str) or not model):
-            raise RequestError("model", f"model must be a non-empty string; got {model!r}",
-                               allowed="a non-empty string", value=model)
+            raise RequestError(
+                "model",
+                f"model must be a non-empty string; got {model!r}",
+                allowed="a non-empty string",
+                value=model,
+            )
         if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise RequestError("max_retries", f"max_retries must be an integer >= 0; got "
-                               f"{max_retries!r}", allowed="an integer >= 0", value=max_retries)
-        if max_concurrency is not None and (not isinstance(max_concurrency, int)
-                                            or isinstance(max_concurrency, bool)
-                                            or max_concurrency < 1):
-            raise RequestError("max_concurrency",
-                               "max_concurrency must be an integer >= 1 or None; got "
-                               f"{max_concurrency!r}",
-                               allowed="an integer >= 1 or None",
-                               value=max_concurrency)
-        if vocab_size is not None and (not isinstance(vocab_size, int)
-                                       or isinstance(vocab_size, bool) or vocab_size < 1):
-            raise RequestError("vocab_size", f"vocab_size must be an integer >= 1 or None; got "
-                               f"{vocab_size!r}", allowed="an integer >= 1", value=vocab_size)
+            raise RequestError(
+                "max_retries",
+                f"max_retries must be an integer >= 0; got {max_retries!r}",
+                allowed="an integer >= 0",
+                value=max_retries,
+            )
+        if max_concurrency is not None and (
+            not isinstance(max_concurrency, int)
+            or isinstance(max_concurrency, bool)
+            or max_concurrency < 1
+        ):
+            raise RequestError(
+                "max_concurrency",
+                f"max_concurrency must be an integer >= 1 or None; got {max_concurrency!r}",
+                allowed="an integer >= 1 or None",
+                value=max_concurrency,
+            )
+        if vocab_size is not None and (
+            not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
+        ):
+            raise RequestError(
+                "vocab_size",
+                f"vocab_size must be an integer >= 1 or None; got {vocab_size!r}",
+                allowed="an integer >= 1",
+                value=vocab_size,
+            )
         if limits is not None and not isinstance(limits, Limits):
-            raise RequestError("limits", f"limits must be an nbcompletions.Limits; got {limits!r}",
-                               allowed="Limits(), Limits.vllm(), Limits.llamacpp()", value=limits)
+            raise RequestError(
+                "limits",
+                f"limits must be an nbcompletions.Limits; got {limits!r}",
+                allowed="Limits(), Limits.vllm(), Limits.llamacpp()",
+                value=limits,
+            )
         timeout = _make_timeout(timeout)
         # Settings are checked first, so a mistake is reported before the embedded model loads.
         self._embedded = base_url is None and api_key is None and transport is None
@@ -232,9 +276,12 @@ class AsyncClient:
             base_url = OPENAI_BASE_URL
         urls = [base_url] if isinstance(base_url, str | httpx.URL) else list(base_url)
         if not urls:
-            raise RequestError("base_url",
-                               "base_url must be a URL or a non-empty list of URLs; got []",
-                               allowed="a URL or a non-empty list of URLs", value=base_url)
+            raise RequestError(
+                "base_url",
+                "base_url must be a URL or a non-empty list of URLs; got []",
+                allowed="a URL or a non-empty list of URLs",
+                value=base_url,
+            )
         self._endpoints = [_Endpoint(_normalise_url(u)) for u in urls]
         self._next = 0
         request_headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
@@ -251,7 +298,8 @@ class AsyncClient:
         self._transport = transport
         self._vocab_size = vocab_size
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
         self._discovered_model: str | None = None
 
     # -- properties -------------------------------------------------------------------------------
@@ -284,8 +332,10 @@ class AsyncClient:
         return f"{type(self).__name__}({where}, model={self.model!r})"
 
     def __reduce__(self) -> Any:
-        raise TypeError(f"{type(self).__name__} cannot be pickled (it holds connections and "
-                        "credentials); pickle its settings and build a new client instead")
+        raise TypeError(
+            f"{type(self).__name__} cannot be pickled (it holds connections and "
+            "credentials); pickle its settings and build a new client instead"
+        )
 
     # -- request building -------------------------------------------------------------------------
     def build_request(self, prompt: Any, **fields: Any) -> CompletionRequest:
@@ -295,7 +345,8 @@ class AsyncClient:
             name = unknown[0]
             raise TypeError(
                 f"unknown request field {name!r}{_suggest(name)}; valid fields are "
-                f"{', '.join(_REQUEST_FIELDS)}. Send server-specific fields with extra={{...}}.")
+                f"{', '.join(_REQUEST_FIELDS)}. Send server-specific fields with extra={{...}}."
+            )
         if fields.get("model") is None:
             fields["model"] = self.model
         return CompletionRequest(prompt=prompt, limits=self.limits, **fields)
@@ -309,16 +360,21 @@ class AsyncClient:
         """Send an already validated request (retries and the concurrency limit apply)."""
         request = await self._with_model(request)
         if request.stream:
-            stream = AsyncStream(self._stream_chunks(request), request,
-                                 vocab_size=lambda: self.vocab_size)
+            stream = AsyncStream(
+                self._stream_chunks(request), request, vocab_size=lambda: self.vocab_size
+            )
             try:
                 return await stream.completion()
             finally:
                 await stream.aclose()
         raw = await self._request_json("POST", "/completions", request.to_body())
         if not isinstance(raw, dict):
-            raise APIError(f"the server answered with JSON that is not an object: {str(raw)[:200]}",
-                           status=200, type="invalid_response", body=raw)
+            raise APIError(
+                f"the server answered with JSON that is not an object: {str(raw)[:200]}",
+                status=200,
+                type="invalid_response",
+                body=raw,
+            )
         if "choices" not in raw and ("error" in raw or raw.get("object") == "error"):
             # Some proxies answer 200 with an error body.
             raise self._scrub(_retry.error_from_body(raw, status=200))
@@ -333,14 +389,18 @@ class AsyncClient:
             request = request.replace(stream=True)
         # vocab_size is read when the stream is merged: for the embedded model that is after the
         # server has loaded it, so asking here would load the weights on the caller's thread.
-        return AsyncStream(self._stream_after_model(request), request,
-                           vocab_size=lambda: self.vocab_size)
+        return AsyncStream(
+            self._stream_after_model(request), request, vocab_size=lambda: self.vocab_size
+        )
 
     def _stream_request(self, prompt: Any, fields: dict[str, Any]) -> CompletionRequest:
         if fields.get("stream") is False:
-            raise RequestError("stream",
-                               "stream() always streams; got stream=False (use complete())",
-                               allowed="True or unset", value=False)
+            raise RequestError(
+                "stream",
+                "stream() always streams; got stream=False (use complete())",
+                allowed="True or unset",
+                value=False,
+            )
         fields["stream"] = True
         return self.build_request(prompt, **fields)
 
@@ -349,8 +409,12 @@ class AsyncClient:
         body = await self._request_json("GET", "/models", None)
         data = body.get("data") if isinstance(body, Mapping) else None
         if not isinstance(data, list):
-            raise APIError(f"GET /models answered without a data list: {str(body)[:200]}",
-                           status=200, type="invalid_response", body=body)
+            raise APIError(
+                f"GET /models answered without a data list: {str(body)[:200]}",
+                status=200,
+                type="invalid_response",
+                body=body,
+            )
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
     async def score(self, texts: Any, *, context: Any = None) -> pd.DataFrame:
@@ -392,11 +456,18 @@ class AsyncClient:
             connections = (self.max_concurrency or 64) * len(self._endpoints)
             # A given transport (in-process, mock) has no pool to split.
             pools = 1 if self._transport is not None else -(-connections // _POOL_SIZE)
-            limits = httpx.Limits(max_connections=1000,
-                                  max_keepalive_connections=max(20, -(-connections // pools)))
-            https = [httpx.AsyncClient(transport=self._transport, timeout=self._timeout,
-                                       follow_redirects=False, limits=limits)
-                     for _ in range(pools)]
+            limits = httpx.Limits(
+                max_connections=1000, max_keepalive_connections=max(20, -(-connections // pools))
+            )
+            https = [
+                httpx.AsyncClient(
+                    transport=self._transport,
+                    timeout=self._timeout,
+                    follow_redirects=False,
+                    limits=limits,
+                )
+                for _ in range(pools)
+            ]
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
             state = self._states[loop] = _LoopState(https, semaphore)
         return state
@@ -429,30 +500,44 @@ class AsyncClient:
             available = await self.models()
             if len(available) != 1:
                 raise RequestError(
-                    "model", "model must be given (Client(model=...) or complete(..., model=...)); "
-                    f"the server lists {available!r}", allowed="a model name", value=None)
+                    "model",
+                    "model must be given (Client(model=...) or complete(..., model=...)); "
+                    f"the server lists {available!r}",
+                    allowed="a model name",
+                    value=None,
+                )
             self._discovered_model = available[0]
         return request.replace(model=self._discovered_model)
 
-    def _transport_error(self, exc: Exception, endpoint: _Endpoint, *,
-                         broken: bool = False) -> APIError:
+    def _transport_error(
+        self, exc: Exception, endpoint: _Endpoint, *, broken: bool = False
+    ) -> APIError:
         where = _redact_url(endpoint.url)
         if broken:
-            message = (f"the stream from {where} broke after data arrived (not retried): "
-                       f"{type(exc).__name__}: {exc}")
+            message = (
+                f"the stream from {where} broke after data arrived (not retried): "
+                f"{type(exc).__name__}: {exc}"
+            )
             return APIError(message, type="stream_broken")
         if isinstance(exc, httpx.TimeoutException):
             return APIError(f"request to {where} timed out ({type(exc).__name__})", type="timeout")
-        return APIError(f"could not reach {where}: {type(exc).__name__}: {exc}",
-                        type="connection_error")
+        return APIError(
+            f"could not reach {where}: {type(exc).__name__}: {exc}", type="connection_error"
+        )
 
-    async def _retry_or_raise(self, error: APIError, retries: int,
-                              headers: Mapping[str, str] | None, retryable: bool) -> None:
+    async def _retry_or_raise(
+        self, error: APIError, retries: int, headers: Mapping[str, str] | None, retryable: bool
+    ) -> None:
         if not retryable or retries >= self.max_retries:
             raise self._scrub(error)
         delay = _retry.retry_delay(retries, headers)
-        log.info("retrying in %.2f s (%d of %d) after: %s", delay, retries + 1, self.max_retries,
-                 self._scrub(error))
+        log.info(
+            "retrying in %.2f s (%d of %d) after: %s",
+            delay,
+            retries + 1,
+            self.max_retries,
+            self._scrub(error),
+        )
         await _retry.sleep(delay)
 
     async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
@@ -471,9 +556,12 @@ class AsyncClient:
             async with limit:
                 endpoint.in_flight += 1
                 try:
-                    response = await state.http.request(method, endpoint.url + path,
-                                                        content=content,
-                                                        headers=endpoint.headers(headers))
+                    response = await state.http.request(
+                        method,
+                        endpoint.url + path,
+                        content=content,
+                        headers=endpoint.headers(headers),
+                    )
                 except httpx.TransportError as exc:
                     failure = exc
                 finally:
@@ -484,24 +572,34 @@ class AsyncClient:
                 error.__cause__ = failure
                 await self._retry_or_raise(error, retries, None, True)
             elif response.status_code >= 400:
-                error = _retry.api_error(response.status_code, response.content, response.headers,
-                                         response.reason_phrase)
-                await self._retry_or_raise(error, retries, response.headers,
-                                           _retry.should_retry(response.status_code,
-                                                               response.headers))
+                error = _retry.api_error(
+                    response.status_code, response.content, response.headers, response.reason_phrase
+                )
+                await self._retry_or_raise(
+                    error,
+                    retries,
+                    response.headers,
+                    _retry.should_retry(response.status_code, response.headers),
+                )
             else:
                 try:
                     return json.loads(response.content)
                 except ValueError:
                     text = response.content.decode("utf-8", errors="replace")
-                    raise APIError(f"the server answered HTTP {response.status_code} with a body "
-                                   f"that is not JSON: {_retry._text_message(text)[:200]!r}",
-                                   status=response.status_code, type="invalid_response",
-                                   body=text, headers=dict(response.headers)) from None
+                    raise APIError(
+                        f"the server answered HTTP {response.status_code} with a body "
+                        f"that is not JSON: {_retry._text_message(text)[:200]!r}",
+                        status=response.status_code,
+                        type="invalid_response",
+                        body=text,
+                        headers=dict(response.headers),
+                    ) from None
             retries += 1
 
-    async def _stream_after_model(self, request: CompletionRequest,
-                                  ) -> AsyncIterator[dict[str, Any]]:
+    async def _stream_after_model(
+        self,
+        request: CompletionRequest,
+    ) -> AsyncIterator[dict[str, Any]]:
         request = await self._with_model(request)
         chunks = self._stream_chunks(request)
         try:
@@ -512,14 +610,19 @@ class AsyncClient:
             # generator happens to be garbage collected.
             await chunks.aclose()
 
-    async def _stream_chunks(self, request: CompletionRequest,
-                             ) -> AsyncGenerator[dict[str, Any], None]:
+    async def _stream_chunks(
+        self,
+        request: CompletionRequest,
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
         state = self._state()
         limit = state.semaphore or _NO_LIMIT
         content = _encode_body(request.to_body())
-        headers = {**self._headers.get(), "Content-Type": "application/json",
-                   "Accept": "text/event-stream"}
+        headers = {
+            **self._headers.get(),
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream",
+        }
         retries = 0
         last: _Endpoint | None = None
         while True:
@@ -533,14 +636,21 @@ class AsyncClient:
                 try:
                     http = state.http
                     http_request = http.build_request(
-                        "POST", endpoint.url + "/completions", content=content,
-                        headers=endpoint.headers(headers))
+                        "POST",
+                        endpoint.url + "/completions",
+                        content=content,
+                        headers=endpoint.headers(headers),
+                    )
                     response = await http.send(http_request, stream=True)
                     try:
                         if response.status_code >= 400:
                             await response.aread()
-                            error = _retry.api_error(response.status_code, response.content,
-                                                     response.headers, response.reason_phrase)
+                            error = _retry.api_error(
+                                response.status_code,
+                                response.content,
+                                response.headers,
+                                response.reason_phrase,
+                            )
                             error_headers = response.headers
                             retryable = _retry.should_retry(response.status_code, response.headers)
                         else:
@@ -572,7 +682,9 @@ class AsyncClient:
                             if not done and (not open_choices or not all(open_choices.values())):
                                 raise APIError(
                                     "the stream ended before [DONE] with unfinished choices (the "
-                                    "connection was probably cut)", type="stream_broken")
+                                    "connection was probably cut)",
+                                    type="stream_broken",
+                                )
                             return
                     finally:
                         await response.aclose()
@@ -592,8 +704,9 @@ class AsyncClient:
 def _encode_body(body: Mapping[str, Any]) -> bytes:
     """The JSON request body as UTF-8; text that UTF-8 cannot carry is a `RequestError`."""
     try:
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False).encode("utf-8")
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+            "utf-8"
+        )
     except UnicodeEncodeError:
         # A lone surrogate ("\ud800", from JSON or a bad decode): no server could tokenize it.
         for name, value in body.items():
@@ -601,9 +714,12 @@ def _encode_body(body: Mapping[str, Any]) -> bytes:
                 json.dumps(value, ensure_ascii=False).encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise RequestError(
-                    name, f"{name} must be valid Unicode text; it holds a lone surrogate "
-                    f"{exc.object[exc.start]!r}", allowed="text without lone surrogates "
-                    "(U+D800..U+DFFF)", value=value) from None
+                    name,
+                    f"{name} must be valid Unicode text; it holds a lone surrogate "
+                    f"{exc.object[exc.start]!r}",
+                    allowed="text without lone surrogates (U+D800..U+DFFF)",
+                    value=value,
+                ) from None
         raise
 
 
@@ -629,15 +745,32 @@ class Client:
     background event loop, so plain calls work in scripts and inside Jupyter's running loop alike.
     """
 
-    def __init__(self, base_url: str | Sequence[str] | None = None, api_key: str | None = None, *,
-                 model: str | None = None, timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-                 max_retries: int = 2, transport: httpx.AsyncBaseTransport | None = None,
-                 max_concurrency: int | None = 16, limits: Limits | None = None,
-                 headers: Mapping[str, str] | None = None, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | None = None,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_concurrency: int | None = 16,
+        limits: Limits | None = None,
+        headers: Mapping[str, str] | None = None,
+        vocab_size: int | None = None,
+    ) -> None:
         self.async_client = AsyncClient(
-            base_url, api_key, model=model, timeout=timeout, max_retries=max_retries,
-            transport=transport, max_concurrency=max_concurrency, limits=limits, headers=headers,
-            vocab_size=vocab_size)
+            base_url,
+            api_key,
+            model=model,
+            timeout=timeout,
+            max_retries=max_retries,
+            transport=transport,
+            max_concurrency=max_concurrency,
+            limits=limits,
+            headers=headers,
+            vocab_size=vocab_size,
+        )
 
     @property
     def endpoint(self) -> str:
@@ -676,11 +809,13 @@ class Client:
         return self.async_client.vocab_size
 
     def __repr__(self) -> str:
-        return "Client" + repr(self.async_client)[len("AsyncClient"):]
+        return "Client" + repr(self.async_client)[len("AsyncClient") :]
 
     def __reduce__(self) -> Any:
-        raise TypeError("Client cannot be pickled (it holds connections and credentials); pickle "
-                        "its settings and build a new client instead")
+        raise TypeError(
+            "Client cannot be pickled (it holds connections and credentials); pickle "
+            "its settings and build a new client instead"
+        )
 
     def build_request(self, prompt: Any, **fields: Any) -> CompletionRequest:
         """Validate ``prompt`` and ``fields`` into a `CompletionRequest` (no network I/O)."""

@@ -31,8 +31,13 @@ class Completion:
 
     __slots__ = ("_frames", "raw", "request", "vocab_size")
 
-    def __init__(self, raw: Mapping[str, Any], request: CompletionRequest | None = None, *,
-                 vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        raw: Mapping[str, Any],
+        request: CompletionRequest | None = None,
+        *,
+        vocab_size: int | None = None,
+    ) -> None:
         self.raw: dict[str, Any] = dict(raw)
         self.request = request
         self.vocab_size = vocab_size

@@ -24,8 +24,9 @@ class RequestError(NBCompletionsError, ValueError):
     that the server can answer with an OpenAI error body whose ``param`` is the field.
     """
 
-    def __init__(self, param: str | None, message: str, *, allowed: str | None = None,
-                 value: Any = None) -> None:
+    def __init__(
+        self, param: str | None, message: str, *, allowed: str | None = None, value: Any = None
+    ) -> None:
         super().__init__(message)
         self.param = param
         self.message = message
@@ -50,9 +51,17 @@ class APIError(NBCompletionsError):
     sent) and ``message``. ``body`` keeps what the server sent, parsed where it was JSON.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, type: str | None = None,
-                 param: str | None = None, code: str | None = None, body: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        type: str | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -76,5 +85,7 @@ class APIError(NBCompletionsError):
         return f"{head}: {self.message}" if head else self.message
 
     def __repr__(self) -> str:
-        return (f"APIError(status={self.status!r}, type={self.type!r}, param={self.param!r}, "
-                f"code={self.code!r}, message={self.message!r})")
+        return (
+            f"APIError(status={self.status!r}, type={self.type!r}, param={self.param!r}, "
+            f"code={self.code!r}, message={self.message!r})"
+        )

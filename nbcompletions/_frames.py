@@ -89,16 +89,43 @@ __all__ = [
 DEFAULT_VOCAB_SIZE = 50257
 
 CHOICE_COLUMNS: tuple[str, ...] = (
-    "index", "prompt_index", "choice", "text", "finish_reason", "n_tokens", "sum_logprob",
-    "mean_logprob", "perplexity", "prompt_n_tokens", "prompt_sum_logprob", "prompt_mean_logprob",
+    "index",
+    "prompt_index",
+    "choice",
+    "text",
+    "finish_reason",
+    "n_tokens",
+    "sum_logprob",
+    "mean_logprob",
+    "perplexity",
+    "prompt_n_tokens",
+    "prompt_sum_logprob",
+    "prompt_mean_logprob",
     "prompt_perplexity",
 )
 TOKEN_COLUMNS: tuple[str, ...] = (
-    "index", "prompt_index", "choice", "position", "token", "logprob", "prob", "text_offset",
-    "echo", "rank", "top_mass", "entropy_low", "entropy_high",
+    "index",
+    "prompt_index",
+    "choice",
+    "position",
+    "token",
+    "logprob",
+    "prob",
+    "text_offset",
+    "echo",
+    "rank",
+    "top_mass",
+    "entropy_low",
+    "entropy_high",
 )
 ALTERNATIVE_COLUMNS: tuple[str, ...] = (
-    "index", "position", "rank", "token", "logprob", "prob", "chosen",
+    "index",
+    "position",
+    "rank",
+    "token",
+    "logprob",
+    "prob",
+    "chosen",
 )
 
 
@@ -138,13 +165,17 @@ def _request_info(request: Any) -> _RequestInfo:
     if request is None:
         return _RequestInfo()
     if isinstance(request, CompletionRequest):
-        fields: Mapping[str, Any] = {name: getattr(request, name)
-                                     for name in ("n", "echo", "max_tokens", "logprobs", "prompt")}
+        fields: Mapping[str, Any] = {
+            name: getattr(request, name)
+            for name in ("n", "echo", "max_tokens", "logprobs", "prompt")
+        }
     elif isinstance(request, Mapping):
         fields = request
     else:
-        raise TypeError("request must be a CompletionRequest, a request body (mapping) or None; "
-                        f"got {type(request).__name__}")
+        raise TypeError(
+            "request must be a CompletionRequest, a request body (mapping) or None; "
+            f"got {type(request).__name__}"
+        )
     n = fields.get("n")
     if n is None:
         n = 1
@@ -175,12 +206,15 @@ def _as_mapping(response: Any) -> Mapping[str, Any]:
     elif callable(getattr(response, "to_dict", None)):
         data = response.to_dict()
     else:
-        raise TypeError("response must be a dict (the JSON body) or an object with .model_dump() "
-                        "or .to_dict() such as the openai SDK's Completion; "
-                        f"got {type(response).__name__}")
+        raise TypeError(
+            "response must be a dict (the JSON body) or an object with .model_dump() "
+            "or .to_dict() such as the openai SDK's Completion; "
+            f"got {type(response).__name__}"
+        )
     if not isinstance(data, Mapping):
-        raise TypeError("response.model_dump()/.to_dict() must return a dict; "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"response.model_dump()/.to_dict() must return a dict; got {type(data).__name__}"
+        )
     return data
 
 
@@ -212,8 +246,9 @@ def _padded(values: list[Any] | None, length: int) -> list[Any]:
     return list(values) + [None] * (length - len(values))
 
 
-def _parse_logprobs(logprobs: Mapping[str, Any], where: str
-                    ) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
+def _parse_logprobs(
+    logprobs: Mapping[str, Any], where: str
+) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
     """(tokens, token_logprobs, top_logprobs, text_offset), equal lengths; offsets None: unsent."""
     tokens = _list_or_none(logprobs.get("tokens"), f"{where}.tokens")
     token_logprobs = _list_or_none(logprobs.get("token_logprobs"), f"{where}.token_logprobs")
@@ -225,20 +260,30 @@ def _parse_logprobs(logprobs: Mapping[str, Any], where: str
             return [], [], [], None
         return _parse_chat_content(content, f"{where}.content")
     length = max(len(part) for part in (tokens, token_logprobs, tops, offsets) if part is not None)
-    return (_padded(tokens, length), _padded(token_logprobs, length), _padded(tops, length),
-            None if offsets is None else _padded(offsets, length))
+    return (
+        _padded(tokens, length),
+        _padded(token_logprobs, length),
+        _padded(tops, length),
+        None if offsets is None else _padded(offsets, length),
+    )
 
 
-def _parse_chat_content(content: list[Any], where: str
-                        ) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
+def _parse_chat_content(
+    content: list[Any], where: str
+) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
     for i, entry in enumerate(content):
         if not isinstance(entry, Mapping):
-            raise ValueError(f"{where}[{i}] must be an object with token and logprob; "
-                             f"got {type(entry).__name__}")
+            raise ValueError(
+                f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
+            )
     # The entries' top_logprobs stay lists of {"token", "logprob"}: two byte tokens can render as
     # the same string, and a dict would merge them.
-    return ([e.get("token") for e in content], [e.get("logprob") for e in content],
-            [e.get("top_logprobs") for e in content], None)
+    return (
+        [e.get("token") for e in content],
+        [e.get("logprob") for e in content],
+        [e.get("top_logprobs") for e in content],
+        None,
+    )
 
 
 def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
@@ -256,8 +301,9 @@ def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
         if not isinstance(choice, Mapping) and callable(getattr(choice, "model_dump", None)):
             choice = _as_mapping(choice)  # an SDK Choice inside a plain dict
         if not isinstance(choice, Mapping):
-            raise ValueError(f"response['choices'][{position}] must be an object; "
-                             f"got {type(choice).__name__}")
+            raise ValueError(
+                f"response['choices'][{position}] must be an object; got {type(choice).__name__}"
+            )
         index = choice.get("index")
         if not _is_int(index) or index < 0:
             index = position
@@ -330,8 +376,12 @@ def _prompt_len_from_text(choice: _Choice, prompt: str) -> int | None:
     length = len(choice.tokens)
     if choice.offsets is not None and length:
         offsets = np.array(choice.offsets, dtype=np.float64)
-        if (offsets.ndim == 1 and not np.isnan(offsets).any() and offsets[0] == 0
-                and bool(np.all(np.diff(offsets) >= 0))):
+        if (
+            offsets.ndim == 1
+            and not np.isnan(offsets).any()
+            and offsets[0] == 0
+            and bool(np.all(np.diff(offsets) >= 0))
+        ):
             return int(np.count_nonzero(offsets < len(prompt)))
     target = len(prompt.encode("utf-8", "surrogatepass"))
     total = 0
@@ -347,8 +397,9 @@ def _prompt_len_from_text(choice: _Choice, prompt: str) -> int | None:
     return length if total == target else None
 
 
-def _prompt_lengths(choices: list[_Choice], info: _RequestInfo, body: Mapping[str, Any]
-                    ) -> list[int | None]:
+def _prompt_lengths(
+    choices: list[_Choice], info: _RequestInfo, body: Mapping[str, Any]
+) -> list[int | None]:
     if not info.echo:
         return [0] * len(choices)
     if info.max_tokens == 0:
@@ -415,8 +466,10 @@ def _entry_count(entry: Any) -> int:
         return 0
     if isinstance(entry, Mapping | list | tuple):
         return len(entry)
-    raise ValueError("each top_logprobs entry must be an object {token: logprob}, a list of "
-                     f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}")
+    raise ValueError(
+        "each top_logprobs entry must be an object {token: logprob}, a list of "
+        f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}"
+    )
 
 
 def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -432,8 +485,9 @@ def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.n
     try:
         # The fast path: OpenAI/vLLM dicts with float values, flattened in C.
         tokens = _objects(chain.from_iterable(map(dict.keys, present)), total)
-        logprobs = np.fromiter(chain.from_iterable(map(dict.values, present)), dtype=np.float64,
-                               count=total)
+        logprobs = np.fromiter(
+            chain.from_iterable(map(dict.values, present)), dtype=np.float64, count=total
+        )
     except (TypeError, ValueError):
         tokens, logprobs = _flatten_alternatives_slow(present, total)
     return counts, tokens, logprobs
@@ -451,8 +505,10 @@ def _flatten_alternatives_slow(present: list[Any], total: int) -> tuple[np.ndarr
         elif isinstance(entry, list | tuple):
             for item in entry:
                 if not isinstance(item, Mapping):
-                    raise ValueError("top_logprobs list entries must be objects with token and "
-                                     f"logprob; got {type(item).__name__}: {item!r}")
+                    raise ValueError(
+                        "top_logprobs list entries must be objects with token and "
+                        f"logprob; got {type(item).__name__}: {item!r}"
+                    )
                 tokens.append(item.get("token"))
                 values.append(item.get("logprob"))
         else:
@@ -529,8 +585,9 @@ def _xlogx(x: np.ndarray) -> np.ndarray:
     return np.where(x > 0, x * np.log(safe), 0.0)
 
 
-def _entropy_bounds(known_h: np.ndarray, mass: np.ndarray, n_known: np.ndarray, cap: np.ndarray,
-                    vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _entropy_bounds(
+    known_h: np.ndarray, mass: np.ndarray, n_known: np.ndarray, cap: np.ndarray, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
     rest = np.clip(1.0 - mass, 0.0, 1.0)
     unseen = np.maximum(vocab_size - n_known, 1).astype(np.float64)
     # Uniform over every unseen token: the most entropy that mass can carry.
@@ -552,8 +609,12 @@ def _entropy_bounds(known_h: np.ndarray, mass: np.ndarray, n_known: np.ndarray, 
 # The frames
 
 
-def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | None = None, *,
-              vocab_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def to_frames(
+    response: Any,
+    request: CompletionRequest | Mapping[str, Any] | None = None,
+    *,
+    vocab_size: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Convert a Completions response into ``(choices, tokens, alternatives)`` DataFrames.
 
     ``response`` is the JSON body (a dict), a merged streamed response, or an ``openai`` SDK object.
@@ -586,14 +647,24 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
         tops = only.tops
     else:
         tokens = _objects(chain.from_iterable(c.tokens for c in choices), n_rows)
-        token_logprobs = _floats(list(chain.from_iterable(c.logprobs for c in choices)),
-                                 "logprobs.token_logprobs")
+        token_logprobs = _floats(
+            list(chain.from_iterable(c.logprobs for c in choices)), "logprobs.token_logprobs"
+        )
         tops = list(chain.from_iterable(c.tops for c in choices))
     token_probs = np.exp(token_logprobs)
 
-    offsets = _floats(list(chain.from_iterable(
-        c.offsets if c.offsets is not None else [None] * len(c.tokens) for c in choices)),
-        "logprobs.text_offset") if n_rows else np.zeros(0)
+    offsets = (
+        _floats(
+            list(
+                chain.from_iterable(
+                    c.offsets if c.offsets is not None else [None] * len(c.tokens) for c in choices
+                )
+            ),
+            "logprobs.text_offset",
+        )
+        if n_rows
+        else np.zeros(0)
+    )
     offsets_missing = np.isnan(offsets)
     text_offset = _int64(np.where(offsets_missing, 0, offsets), offsets_missing)
 
@@ -618,19 +689,29 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
 
     chosen_listed = np.bincount(alt_row[chosen], minlength=n_rows) > 0
     chosen_extra = has_alts & ~chosen_listed & ~np.isnan(token_logprobs)
-    mass = (np.bincount(alt_row, weights=known_probs, minlength=n_rows)
-            + np.where(chosen_extra, token_probs, 0.0))
+    mass = np.bincount(alt_row, weights=known_probs, minlength=n_rows) + np.where(
+        chosen_extra, token_probs, 0.0
+    )
     # p log p from the logprobs themselves; p = 0 (clamped or -inf) and null entries add nothing.
     alt_plogp = np.where(alt_probs > 0, alt_probs * alt_logprobs, 0.0)
-    known_h = -(np.bincount(alt_row, weights=alt_plogp, minlength=n_rows)
-                + np.where(chosen_extra, _xlogx(np.nan_to_num(token_probs)), 0.0))
-    n_known = (counts if all_known else np.bincount(alt_row[alt_known], minlength=n_rows)
-               ) + chosen_extra
+    known_h = -(
+        np.bincount(alt_row, weights=alt_plogp, minlength=n_rows)
+        + np.where(chosen_extra, _xlogx(np.nan_to_num(token_probs)), 0.0)
+    )
+    n_known = (
+        counts if all_known else np.bincount(alt_row[alt_known], minlength=n_rows)
+    ) + chosen_extra
     # The chosen token's entry may be an extra one below the true top k: keep it out of the cap
     # unless the request says the list holds no more than k entries.
     maybe_extra = chosen if info.logprobs is None else chosen & (counts[alt_row] > info.logprobs)
-    cap = _segment_min(np.where(maybe_extra, np.inf, known_probs if all_known else
-                                np.where(alt_known, alt_probs, np.inf)), counts)
+    cap = _segment_min(
+        np.where(
+            maybe_extra,
+            np.inf,
+            known_probs if all_known else np.where(alt_known, alt_probs, np.inf),
+        ),
+        counts,
+    )
     if not all_known:
         # A listed entry without a logprob may hold any part of the rest: no cap is known there.
         cap[np.bincount(alt_row[~alt_known], minlength=n_rows) > 0] = np.inf
@@ -641,8 +722,9 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
 
     # Alternatives sorted by rank within each position; a stable sort keeps the server's order on
     # ties.
-    permutation = _rank_order(-alt_logprobs if all_known else
-                              np.where(alt_known, -alt_logprobs, np.inf), counts)
+    permutation = _rank_order(
+        -alt_logprobs if all_known else np.where(alt_known, -alt_logprobs, np.inf), counts
+    )
     if permutation is not None:
         alt_tokens = alt_tokens[permutation]
         alt_logprobs = alt_logprobs[permutation]
@@ -681,46 +763,58 @@ def to_frames(response: Any, request: CompletionRequest | Mapping[str, Any] | No
     for column in (sum_lp, mean_lp, ppl, p_sum_lp, p_mean_lp, p_ppl):
         column[unknown] = np.nan
 
-    choices_frame = _frame({
-        "index": choice_index,
-        "prompt_index": prompt_index,
-        "choice": choice_k,
-        "text": _objects((c.text for c in choices), n_choices),
-        "finish_reason": _objects((c.finish_reason for c in choices), n_choices),
-        "n_tokens": n_generated,
-        "sum_logprob": sum_lp,
-        "mean_logprob": mean_lp,
-        "perplexity": ppl,
-        "prompt_n_tokens": n_prompt,
-        "prompt_sum_logprob": p_sum_lp,
-        "prompt_mean_logprob": p_mean_lp,
-        "prompt_perplexity": p_ppl,
-    }, n_choices, vocab_size)
+    choices_frame = _frame(
+        {
+            "index": choice_index,
+            "prompt_index": prompt_index,
+            "choice": choice_k,
+            "text": _objects((c.text for c in choices), n_choices),
+            "finish_reason": _objects((c.finish_reason for c in choices), n_choices),
+            "n_tokens": n_generated,
+            "sum_logprob": sum_lp,
+            "mean_logprob": mean_lp,
+            "perplexity": ppl,
+            "prompt_n_tokens": n_prompt,
+            "prompt_sum_logprob": p_sum_lp,
+            "prompt_mean_logprob": p_mean_lp,
+            "prompt_perplexity": p_ppl,
+        },
+        n_choices,
+        vocab_size,
+    )
 
-    tokens_frame = _frame({
-        "index": choice_index[row_choice],
-        "prompt_index": prompt_index[row_choice],
-        "choice": choice_k[row_choice],
-        "position": position.astype(np.int64),
-        "token": tokens,
-        "logprob": token_logprobs,
-        "prob": token_probs,
-        "text_offset": text_offset,
-        "echo": echo,
-        "rank": token_rank,
-        "top_mass": top_mass,
-        "entropy_low": entropy_low,
-        "entropy_high": entropy_high,
-    }, n_rows, vocab_size)
+    tokens_frame = _frame(
+        {
+            "index": choice_index[row_choice],
+            "prompt_index": prompt_index[row_choice],
+            "choice": choice_k[row_choice],
+            "position": position.astype(np.int64),
+            "token": tokens,
+            "logprob": token_logprobs,
+            "prob": token_probs,
+            "text_offset": text_offset,
+            "echo": echo,
+            "rank": token_rank,
+            "top_mass": top_mass,
+            "entropy_low": entropy_low,
+            "entropy_high": entropy_high,
+        },
+        n_rows,
+        vocab_size,
+    )
 
     alt_choice_row = row_choice[alt_row]
-    alternatives_frame = _frame({
-        "index": choice_index[alt_choice_row],
-        "position": position[alt_row].astype(np.int64),
-        "rank": alt_rank,
-        "token": alt_tokens,
-        "logprob": alt_logprobs,
-        "prob": alt_probs,
-        "chosen": chosen,
-    }, len(alt_row), vocab_size)
+    alternatives_frame = _frame(
+        {
+            "index": choice_index[alt_choice_row],
+            "position": position[alt_row].astype(np.int64),
+            "rank": alt_rank,
+            "token": alt_tokens,
+            "logprob": alt_logprobs,
+            "prob": alt_probs,
+            "chosen": chosen,
+        },
+        len(alt_row),
+        vocab_size,
+    )
     return choices_frame, tokens_frame, alternatives_frame

@@ -67,8 +67,9 @@ def get_loop() -> asyncio.AbstractEventLoop:
         if _loop is None or _pid != os.getpid() or _thread is None or not _thread.is_alive():
             loop = asyncio.new_event_loop()
             ready = threading.Event()
-            thread = threading.Thread(target=_run_forever, args=(loop, ready),
-                                      name="nbcompletions-loop", daemon=True)
+            thread = threading.Thread(
+                target=_run_forever, args=(loop, ready), name="nbcompletions-loop", daemon=True
+            )
             thread.start()
             ready.wait()
             _loop, _thread, _pid = loop, thread, os.getpid()
@@ -143,7 +144,8 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         coro.close()
         raise RuntimeError(
             "a synchronous nbcompletions call was made from inside nbcompletions' own event loop "
-            "thread, which would deadlock; use the AsyncClient and await it there")
+            "thread, which would deadlock; use the AsyncClient and await it there"
+        )
     loop = get_loop()
     call = _Call(coro)
     # Ctrl-C can land anywhere below, even inside call_soon_threadsafe; the except clause copes

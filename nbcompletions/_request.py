@@ -20,9 +20,24 @@ Prompt = str | list[str] | list[int] | list[list[int]]
 
 #: Every body field of the Completions API, in the order the reference lists them.
 FIELDS: tuple[str, ...] = (
-    "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
-    "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix",
-    "temperature", "top_p", "user",
+    "model",
+    "prompt",
+    "best_of",
+    "echo",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "max_tokens",
+    "n",
+    "presence_penalty",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "suffix",
+    "temperature",
+    "top_p",
+    "user",
 )
 
 
@@ -49,8 +64,9 @@ class Limits:
 
 
 def _fail(field: str, allowed: str, value: Any) -> RequestError:
-    return RequestError(field, f"{field} must be {allowed}; got {value!r}", allowed=allowed,
-                        value=value)
+    return RequestError(
+        field, f"{field} must be {allowed}; got {value!r}", allowed=allowed, value=value
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -86,13 +102,19 @@ def _check_unicode(field: str, text: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise RequestError(
-            field, f"{field} must be valid Unicode text; got {text!r} (a lone surrogate at "
-            f"character {exc.start})", allowed="valid Unicode text", value=text) from None
+            field,
+            f"{field} must be valid Unicode text; got {text!r} (a lone surrogate at "
+            f"character {exc.start})",
+            allowed="valid Unicode text",
+            value=text,
+        ) from None
 
 
 def _check_prompt(value: Any) -> None:
-    allowed = ("a string, a non-empty list of strings, a non-empty list of token ids "
-               "(integers >= 0), or a non-empty list of non-empty token-id lists")
+    allowed = (
+        "a string, a non-empty list of strings, a non-empty list of token ids "
+        "(integers >= 0), or a non-empty list of non-empty token-id lists"
+    )
     if isinstance(value, str):
         _check_unicode("prompt", value)
         return
@@ -110,8 +132,12 @@ def _check_prompt(value: Any) -> None:
         for i, item in enumerate(value):
             if len(item) == 0 or not all(_is_int(t) and t >= 0 for t in item):
                 raise RequestError(
-                    "prompt", f"prompt[{i}] must be a non-empty list of token ids (integers >= 0); "
-                    f"got {item!r}", allowed=allowed, value=value)
+                    "prompt",
+                    f"prompt[{i}] must be a non-empty list of token ids (integers >= 0); "
+                    f"got {item!r}",
+                    allowed=allowed,
+                    value=value,
+                )
         return
     raise _fail("prompt", allowed, value)
 
@@ -162,8 +188,11 @@ class CompletionRequest:
         if isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", list(self.stop))
         if self.logit_bias is not None and isinstance(self.logit_bias, Mapping):
-            object.__setattr__(self, "logit_bias",
-                               {str(k) if _is_int(k) else k: v for k, v in self.logit_bias.items()})
+            object.__setattr__(
+                self,
+                "logit_bias",
+                {str(k) if _is_int(k) else k: v for k, v in self.logit_bias.items()},
+            )
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------
@@ -175,8 +204,9 @@ class CompletionRequest:
         elif not isinstance(self.model, str) or not self.model:
             raise _fail("model", "a non-empty string", self.model)
         if self.prompt is None:
-            raise _fail("prompt", "given (a string, list of strings, token ids or token-id lists)",
-                        None)
+            raise _fail(
+                "prompt", "given (a string, list of strings, token ids or token-id lists)", None
+            )
         _check_prompt(self.prompt)
         for field in ("echo", "stream"):
             value = getattr(self, field)
@@ -189,13 +219,18 @@ class CompletionRequest:
             _check_int("best_of", self.best_of, 1, lim.max_best_of)
             if self.best_of < n:
                 raise RequestError(
-                    "best_of", f"best_of must be >= n ({n}); got {self.best_of}",
-                    allowed=f"an integer from {n} to {lim.max_best_of}", value=self.best_of)
+                    "best_of",
+                    f"best_of must be >= n ({n}); got {self.best_of}",
+                    allowed=f"an integer from {n} to {lim.max_best_of}",
+                    value=self.best_of,
+                )
             if self.stream and self.best_of > 1:
                 raise RequestError(
                     "best_of",
                     f"best_of cannot be used with stream=True; got best_of={self.best_of}",
-                    allowed="1 (or unset) when streaming", value=self.best_of)
+                    allowed="1 (or unset) when streaming",
+                    value=self.best_of,
+                )
         for field in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, field)
             if value is not None:
@@ -216,13 +251,17 @@ class CompletionRequest:
             self._check_stop()
         if self.stream_options is not None:
             if not isinstance(self.stream_options, Mapping):
-                raise _fail("stream_options", 'an object like {"include_usage": true}',
-                            self.stream_options)
+                raise _fail(
+                    "stream_options", 'an object like {"include_usage": true}', self.stream_options
+                )
             if not self.stream:
                 raise RequestError(
-                    "stream_options", "stream_options is only allowed with stream=True; got "
+                    "stream_options",
+                    "stream_options is only allowed with stream=True; got "
                     f"{dict(self.stream_options)!r} without stream",
-                    allowed="unset unless stream=True", value=self.stream_options)
+                    allowed="unset unless stream=True",
+                    value=self.stream_options,
+                )
             include = self.stream_options.get("include_usage")
             if include is not None and not isinstance(include, bool):
                 raise _fail("stream_options.include_usage", "true or false", include)
@@ -236,9 +275,12 @@ class CompletionRequest:
             raise _fail("extra", "a mapping of extra body fields", self.extra)
         clash = set(self.extra) & set(FIELDS)
         if clash:
-            raise RequestError("extra",
-                               f"extra must not repeat standard fields; got {sorted(clash)}",
-                               allowed="non-standard field names", value=dict(self.extra))
+            raise RequestError(
+                "extra",
+                f"extra must not repeat standard fields; got {sorted(clash)}",
+                allowed="non-standard field names",
+                value=dict(self.extra),
+            )
 
     def _check_logit_bias(self) -> None:
         allowed = "a map of token id (a string of digits) to a number from -100 to 100"
@@ -249,11 +291,16 @@ class CompletionRequest:
                 raise RequestError(
                     "logit_bias",
                     f"logit_bias keys must be token ids (strings of digits); got {key!r}",
-                    allowed=allowed, value=dict(self.logit_bias))
+                    allowed=allowed,
+                    value=dict(self.logit_bias),
+                )
             if not _is_number(value) or not math.isfinite(value) or not -100 <= value <= 100:
                 raise RequestError(
-                    "logit_bias", f"logit_bias[{key!r}] must be a number from -100 to 100; got "
-                    f"{value!r}", allowed=allowed, value=dict(self.logit_bias))
+                    "logit_bias",
+                    f"logit_bias[{key!r}] must be a number from -100 to 100; got {value!r}",
+                    allowed=allowed,
+                    value=dict(self.logit_bias),
+                )
 
     def _check_stop(self) -> None:
         cap = self.limits.max_stop
@@ -264,20 +311,25 @@ class CompletionRequest:
                 raise _fail("stop", allowed, stop)
             _check_unicode("stop", stop)
             return
-        if (not isinstance(stop, list) or not 1 <= len(stop) <= cap
-                or not all(isinstance(s, str) and s for s in stop)):
+        if (
+            not isinstance(stop, list)
+            or not 1 <= len(stop) <= cap
+            or not all(isinstance(s, str) and s for s in stop)
+        ):
             raise _fail("stop", allowed, stop)
         for item in stop:
             _check_unicode("stop", item)
 
     # -- conversion -------------------------------------------------------------------------------
     @classmethod
-    def from_body(cls, body: Mapping[str, Any], *, limits: Limits | None = None,
-                  require_model: bool = False) -> CompletionRequest:
+    def from_body(
+        cls, body: Mapping[str, Any], *, limits: Limits | None = None, require_model: bool = False
+    ) -> CompletionRequest:
         """Build from a JSON body (unknown fields go to ``extra``); validates."""
         if not isinstance(body, Mapping):
             raise RequestError(
-                None, f"the request body must be a JSON object; got {type(body).__name__}")
+                None, f"the request body must be a JSON object; got {type(body).__name__}"
+            )
         known = {k: body[k] for k in FIELDS if k in body and body[k] is not None}
         extra = {k: v for k, v in body.items() if k not in FIELDS}
         request = cls(**known, extra=extra, limits=limits or Limits())

@@ -22,8 +22,14 @@ from typing import Any
 
 from ._errors import APIError
 
-__all__ = ["api_error", "error_from_body", "parse_retry_after", "retry_delay", "should_retry",
-           "sleep"]
+__all__ = [
+    "api_error",
+    "error_from_body",
+    "parse_retry_after",
+    "retry_delay",
+    "should_retry",
+    "sleep",
+]
 
 INITIAL_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 8.0
@@ -44,8 +50,9 @@ def should_retry(status: int, headers: Mapping[str, str]) -> bool:
     return status in RETRY_STATUSES or status >= 500
 
 
-def parse_retry_after(headers: Mapping[str, str] | None, *,
-                      now: float | None = None) -> float | None:
+def parse_retry_after(
+    headers: Mapping[str, str] | None, *, now: float | None = None
+) -> float | None:
     """Seconds the server asked us to wait (``retry-after-ms``, then ``retry-after``), or None."""
     if not headers:
         return None
@@ -70,8 +77,9 @@ def parse_retry_after(headers: Mapping[str, str] | None, *,
     return float(moment - (time.time() if now is None else now))
 
 
-def retry_delay(retries_done: int, headers: Mapping[str, str] | None = None, *,
-                rand: float | None = None) -> float:
+def retry_delay(
+    retries_done: int, headers: Mapping[str, str] | None = None, *, rand: float | None = None
+) -> float:
     """Seconds to wait before retry number ``retries_done + 1``."""
     asked = parse_retry_after(headers)
     if asked is not None and math.isfinite(asked) and 0 < asked <= MAX_RETRY_AFTER:
@@ -100,22 +108,27 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def error_from_body(body: Any, *, status: int | None = None, text: str | None = None,
-                    headers: Mapping[str, str] | None = None,
-                    default_message: str = "the server returned an error") -> APIError:
+def error_from_body(
+    body: Any,
+    *,
+    status: int | None = None,
+    text: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    default_message: str = "the server returned an error",
+) -> APIError:
     """Normalise any error body (already parsed JSON, or None with ``text``) into an `APIError`."""
     fields: Mapping[str, Any] | None = None
     message: str | None = None
     if isinstance(body, Mapping):
         error = body.get("error")
-        if isinstance(error, Mapping):                    # OpenAI, vLLM, llama.cpp
+        if isinstance(error, Mapping):  # OpenAI, vLLM, llama.cpp
             fields = error
-        elif isinstance(error, str):                      # {"error": "text"} (several proxies)
+        elif isinstance(error, str):  # {"error": "text"} (several proxies)
             message = error
             fields = body
-        elif body.get("object") == "error" or "message" in body:   # old flat vLLM
+        elif body.get("object") == "error" or "message" in body:  # old flat vLLM
             fields = body
-        elif "detail" in body:                            # FastAPI-style servers
+        elif "detail" in body:  # FastAPI-style servers
             detail = body["detail"]
             message = detail if isinstance(detail, str) else json.dumps(detail)
     if fields is not None:
@@ -134,12 +147,20 @@ def error_from_body(body: Any, *, status: int | None = None, text: str | None = 
             message = _text_message(json.dumps(body))
         else:
             message = default_message
-    return APIError(message, status=status, type=error_type, param=param, code=code,
-                    body=body if body is not None else text, headers=dict(headers or {}))
+    return APIError(
+        message,
+        status=status,
+        type=error_type,
+        param=param,
+        code=code,
+        body=body if body is not None else text,
+        headers=dict(headers or {}),
+    )
 
 
-def api_error(status: int, content: bytes, headers: Mapping[str, str],
-              reason: str = "") -> APIError:
+def api_error(
+    status: int, content: bytes, headers: Mapping[str, str], reason: str = ""
+) -> APIError:
     """The `APIError` for an HTTP error response."""
     text = content.decode("utf-8", errors="replace")
     body: Any = None
@@ -147,5 +168,10 @@ def api_error(status: int, content: bytes, headers: Mapping[str, str],
         body = json.loads(text) if text.strip() else None
     except ValueError:
         body = None
-    return error_from_body(body, status=status, text=text, headers=headers,
-                           default_message=reason or "the server returned an error")
+    return error_from_body(
+        body,
+        status=status,
+        text=text,
+        headers=headers,
+        default_message=reason or "the server returned an error",
+    )

@@ -38,8 +38,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["acapabilities", "ascore", "cached_capabilities"]
 
-SCORE_COLUMNS = ("text", "context", "n_tokens", "sum_logprob", "mean_logprob", "perplexity",
-                 "n_unscored", "straddles")
+SCORE_COLUMNS = (
+    "text",
+    "context",
+    "n_tokens",
+    "sum_logprob",
+    "mean_logprob",
+    "perplexity",
+    "n_unscored",
+    "straddles",
+)
 
 _PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. It"
 # Probes ask for more logprobs than OpenAI allows: the point is to find out what the server takes.
@@ -54,6 +62,7 @@ def _async_client(client: Any) -> Any:
 
 # -- parsing a logprobs object ---------------------------------------------------------------------
 
+
 def _first_choice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     choices = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
     if not choices:
@@ -66,8 +75,9 @@ def _choice_index(choice: Mapping[str, Any]) -> int:
     return index if isinstance(index, int) else 0
 
 
-def _token_rows(choice: Mapping[str, Any]) -> tuple[list[str], list[float | None], list[int | None],
-                                                     list[dict[str, float] | None]] | None:
+def _token_rows(
+    choice: Mapping[str, Any],
+) -> tuple[list[str], list[float | None], list[int | None], list[dict[str, float] | None]] | None:
     """(tokens, logprobs, text offsets, top-logprob dicts) of a choice; None without logprobs.
 
     Accepts the Completions shape and llama.cpp's chat shape; any field may be missing or null.
@@ -78,13 +88,21 @@ def _token_rows(choice: Mapping[str, Any]) -> tuple[list[str], list[float | None
     if isinstance(lp.get("content"), list):  # llama.cpp / chat shape
         content = [c for c in lp["content"] if isinstance(c, Mapping)]
         tokens = [str(c.get("token", "")) for c in content]
-        logprobs = [c.get("logprob") if isinstance(c.get("logprob"), int | float) else None
-                    for c in content]
+        logprobs = [
+            c.get("logprob") if isinstance(c.get("logprob"), int | float) else None for c in content
+        ]
         tops: list[dict[str, float] | None] = []
         for c in content:
             top = c.get("top_logprobs")
-            tops.append({str(t.get("token")): float(t.get("logprob") or 0.0) for t in top
-                         if isinstance(t, Mapping)} if isinstance(top, list) else None)
+            tops.append(
+                {
+                    str(t.get("token")): float(t.get("logprob") or 0.0)
+                    for t in top
+                    if isinstance(t, Mapping)
+                }
+                if isinstance(top, list)
+                else None
+            )
         offsets: list[int | None] = [None] * len(tokens)
         return tokens, logprobs, offsets, tops
     tokens = [str(t) for t in lp.get("tokens") or []]
@@ -95,10 +113,13 @@ def _token_rows(choice: Mapping[str, Any]) -> tuple[list[str], list[float | None
         values = list(values) if isinstance(values, list) else []
         return (values + [None] * n)[:n]
 
-    logprobs = [v if isinstance(v, int | float) and not isinstance(v, bool) else None
-                for v in column("token_logprobs")]
-    offsets = [v if isinstance(v, int) and not isinstance(v, bool) else None
-               for v in column("text_offset")]
+    logprobs = [
+        v if isinstance(v, int | float) and not isinstance(v, bool) else None
+        for v in column("token_logprobs")
+    ]
+    offsets = [
+        v if isinstance(v, int) and not isinstance(v, bool) else None for v in column("text_offset")
+    ]
     tops = [dict(v) if isinstance(v, Mapping) else None for v in column("top_logprobs")]
     return tokens, logprobs, offsets, tops
 
@@ -118,12 +139,18 @@ def _fill_offsets(tokens: list[str], offsets: list[int | None], start: int = 0) 
 
 # -- scoring ---------------------------------------------------------------------------------------
 
+
 def _echo_refused(exc: APIError) -> APIError:
     error = APIError(
         f"this endpoint refused echo with logprobs ({exc}); scoring needs the log-probabilities "
         "of the prompt's own tokens (echo=True, logprobs, max_tokens=0), which some servers "
-        "(llama.cpp, several OpenAI models) do not offer", status=exc.status,
-        type="echo_logprobs_unsupported", param=exc.param, code=exc.code, body=exc.body)
+        "(llama.cpp, several OpenAI models) do not offer",
+        status=exc.status,
+        type="echo_logprobs_unsupported",
+        param=exc.param,
+        code=exc.code,
+        body=exc.body,
+    )
     error.__cause__ = exc
     return error
 
@@ -132,14 +159,21 @@ def _dropped(prompt: str) -> APIError:
     return APIError(
         "this endpoint accepted echo with logprobs but returned no log-probabilities for the "
         f"prompt's tokens (it dropped them silently), so {prompt[:40]!r} cannot be scored",
-        type="echo_logprobs_unsupported")
+        type="echo_logprobs_unsupported",
+    )
 
 
 async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
     prompt = context + text
     try:
-        request = CompletionRequest(prompt=prompt, echo=True, logprobs=1, max_tokens=0,
-                                    model=getattr(aclient, "model", None), limits=_PROBE_LIMITS)
+        request = CompletionRequest(
+            prompt=prompt,
+            echo=True,
+            logprobs=1,
+            max_tokens=0,
+            model=getattr(aclient, "model", None),
+            limits=_PROBE_LIMITS,
+        )
         completion = await aclient.complete_request(request)
     except APIError as exc:
         if exc.status == 400 and exc.param == "max_tokens":
@@ -178,7 +212,7 @@ async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
             continue
         # Only whitespace of the context inside the token (context "Q: ", text "A") is what
         # lm-evaluation-harness does anyway: it moves a context's trailing spaces to the text.
-        if offsets[i] < boundary and prompt[offsets[i]:boundary].strip():
+        if offsets[i] < boundary and prompt[offsets[i] : boundary].strip():
             straddles = True
         value = logprobs[i]
         if value is None:
@@ -188,9 +222,16 @@ async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
     total = float(sum(scored))
     n = len(scored)
     mean = total / n if n else math.nan
-    return {"text": text, "context": context or None, "n_tokens": n, "sum_logprob": total,
-            "mean_logprob": mean, "perplexity": math.exp(-mean) if n else math.nan,
-            "n_unscored": unscored, "straddles": straddles}
+    return {
+        "text": text,
+        "context": context or None,
+        "n_tokens": n,
+        "sum_logprob": total,
+        "mean_logprob": mean,
+        "perplexity": math.exp(-mean) if n else math.nan,
+        "n_unscored": unscored,
+        "straddles": straddles,
+    }
 
 
 def _as_texts(texts: Any) -> list[str]:
@@ -198,13 +239,17 @@ def _as_texts(texts: Any) -> list[str]:
         return [texts]
     if isinstance(texts, Sequence) and texts and all(isinstance(t, str) for t in texts):
         return list(texts)
-    raise RequestError("texts", f"texts must be a string or a non-empty list of strings; got "
-                       f"{texts!r}"[:300], allowed="a string or a non-empty list of strings",
-                       value=texts)
+    raise RequestError(
+        "texts",
+        f"texts must be a string or a non-empty list of strings; got {texts!r}"[:300],
+        allowed="a string or a non-empty list of strings",
+        value=texts,
+    )
 
 
-async def ascore(aclient: Any, texts: str | Sequence[str], *,
-                 context: str | Sequence[str] | None = None) -> pd.DataFrame:
+async def ascore(
+    aclient: Any, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None
+) -> pd.DataFrame:
     """Log-probability of each text under the endpoint's model, one row per text.
 
     Columns: ``text``, ``context``, ``n_tokens`` (scored tokens), ``sum_logprob``, ``mean_logprob``,
@@ -222,19 +267,31 @@ async def ascore(aclient: Any, texts: str | Sequence[str], *,
         contexts = [""] * len(items)
     elif isinstance(context, str):
         contexts = [context] * len(items)
-    elif (isinstance(context, Sequence) and len(context) == len(items)
-          and all(isinstance(c, str) for c in context)):
+    elif (
+        isinstance(context, Sequence)
+        and len(context) == len(items)
+        and all(isinstance(c, str) for c in context)
+    ):
         contexts = list(context)
     else:
-        raise RequestError("context", f"context must be None, a string, or a list of "
-                           f"{len(items)} strings (one per text); got {context!r}"[:300],
-                           allowed="None, a string or one string per text", value=context)
+        raise RequestError(
+            "context",
+            f"context must be None, a string, or a list of "
+            f"{len(items)} strings (one per text); got {context!r}"[:300],
+            allowed="None, a string or one string per text",
+            value=context,
+        )
     for i, text in enumerate(items):
         if not text:
-            raise RequestError("texts", f"texts[{i}] is empty: there is nothing to score",
-                               allowed="non-empty strings", value=text)
-    rows = await asyncio.gather(*(_score_one(aclient, t, c)
-                                  for t, c in zip(items, contexts, strict=True)))
+            raise RequestError(
+                "texts",
+                f"texts[{i}] is empty: there is nothing to score",
+                allowed="non-empty strings",
+                value=text,
+            )
+    rows = await asyncio.gather(
+        *(_score_one(aclient, t, c) for t, c in zip(items, contexts, strict=True))
+    )
     frame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     frame["n_tokens"] = frame["n_tokens"].astype("int64")
     frame["n_unscored"] = frame["n_unscored"].astype("int64")
@@ -243,6 +300,7 @@ async def ascore(aclient: Any, texts: str | Sequence[str], *,
 
 
 # -- capabilities ----------------------------------------------------------------------------------
+
 
 def cached_capabilities(client: Any) -> dict[str, Any] | None:
     """The capabilities already probed for this client, or None."""
@@ -255,12 +313,19 @@ def cached_capabilities(client: Any) -> dict[str, Any] | None:
 
 async def _try(aclient: Any, **fields: Any) -> tuple[dict[str, Any] | None, APIError | None]:
     try:
-        request = CompletionRequest(prompt=_PROBE_PROMPT, model=getattr(aclient, "model", None),
-                                    limits=_PROBE_LIMITS, **fields)
+        request = CompletionRequest(
+            prompt=_PROBE_PROMPT,
+            model=getattr(aclient, "model", None),
+            limits=_PROBE_LIMITS,
+            **fields,
+        )
         completion = await aclient.complete_request(request)
     except APIError as exc:
-        if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 403,
-                                                                                     404, 429):
+        if (
+            exc.status is not None
+            and 400 <= exc.status < 500
+            and exc.status not in (401, 403, 404, 429)
+        ):
             return None, exc
         raise  # auth, unknown model, rate limits, outages: not a capability question
     return completion.raw, None
@@ -296,9 +361,10 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
 
     endpoint = getattr(aclient, "endpoint", None)
     # Kept with results and written to files: credentials in the URL must not travel with it.
-    result: dict[str, Any] = {"endpoint": _redact_url(endpoint) if isinstance(endpoint, str)
-                              else endpoint,
-                              "model": getattr(aclient, "model", None)}
+    result: dict[str, Any] = {
+        "endpoint": _redact_url(endpoint) if isinstance(endpoint, str) else endpoint,
+        "model": getattr(aclient, "model", None),
+    }
 
     raw, refused = await _try(aclient, echo=True, logprobs=1, max_tokens=1, temperature=0.0)
     if refused is not None:
@@ -310,8 +376,11 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
         prompt_logprobs = 0
         if rows is not None:
             offsets = _fill_offsets(rows[0], rows[2])
-            prompt_logprobs = sum(1 for off, lp in zip(offsets, rows[1], strict=True)
-                                  if off < len(_PROBE_PROMPT) and lp is not None)
+            prompt_logprobs = sum(
+                1
+                for off, lp in zip(offsets, rows[1], strict=True)
+                if off < len(_PROBE_PROMPT) and lp is not None
+            )
         result["echo_logprobs"] = "honoured" if prompt_logprobs > 0 else "dropped"
 
     # Sampling hot (temperature 2) makes it likely that some sampled token is not the top one,
@@ -327,8 +396,9 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
         if rows is not None and rows[0]:
             tokens, _, raw_offsets, tops = rows
             first = raw_offsets[0]
-            origin = ("prompt" if first == len(_PROBE_PROMPT) else "completion" if first == 0
-                      else None)
+            origin = (
+                "prompt" if first == len(_PROBE_PROMPT) else "completion" if first == 0 else None
+            )
             for token, top in zip(tokens, tops, strict=True):
                 if not top:
                     continue

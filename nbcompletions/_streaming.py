@@ -26,8 +26,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from ._completion import Completion
     from ._request import CompletionRequest
 
-__all__ = ["AsyncStream", "SSEDecoder", "ServerSentEvent", "Stream", "StreamChunk",
-           "StreamMerger", "chunk_pieces", "decode_event", "merge_chunks"]
+__all__ = [
+    "AsyncStream",
+    "SSEDecoder",
+    "ServerSentEvent",
+    "Stream",
+    "StreamChunk",
+    "StreamMerger",
+    "chunk_pieces",
+    "decode_event",
+    "merge_chunks",
+]
 
 _EOL = re.compile(r"\r\n|\r|\n")
 _LOGPROB_LISTS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
@@ -86,7 +95,7 @@ class SSEDecoder:
         for match in _EOL.finditer(buffer):
             if match.end() == end and match.group() == "\r" and not final:
                 break  # may be the first half of a CRLF split across chunks
-            events.extend(self._line(buffer[start:match.start()]))
+            events.extend(self._line(buffer[start : match.start()]))
             start = match.end()
         self._buffer = buffer[start:]
         return events
@@ -137,11 +146,18 @@ def decode_event(event: ServerSentEvent) -> dict[str, Any] | object:
     try:
         obj = json.loads(data)
     except ValueError:
-        raise APIError(f"the stream carried an event that is not JSON (the stream may have been "
-                       f"cut off): {data[:200]!r}", type="invalid_response", body=data) from None
+        raise APIError(
+            f"the stream carried an event that is not JSON (the stream may have been "
+            f"cut off): {data[:200]!r}",
+            type="invalid_response",
+            body=data,
+        ) from None
     if not isinstance(obj, dict):
-        raise APIError(f"the stream carried a JSON event that is not an object: {data[:200]!r}",
-                       type="invalid_response", body=obj)
+        raise APIError(
+            f"the stream carried a JSON event that is not an object: {data[:200]!r}",
+            type="invalid_response",
+            body=obj,
+        )
     if "error" in obj or obj.get("object") == "error" or event.event == "error":
         raise error_from_body(obj, default_message="the server reported an error during the stream")
     return obj
@@ -176,9 +192,13 @@ def _choice_index(choice: Mapping[str, Any]) -> int:
 def chunk_pieces(chunk: Mapping[str, Any]) -> list[StreamChunk]:
     """The `StreamChunk` of every choice in one chunk object (none for the usage-only chunk)."""
     choices = chunk.get("choices") or []
-    return [StreamChunk(_choice_index(c), _choice_text(c), chunk, c.get("finish_reason"),
-                        c.get("logprobs"))
-            for c in choices if isinstance(c, Mapping)]
+    return [
+        StreamChunk(
+            _choice_index(c), _choice_text(c), chunk, c.get("finish_reason"), c.get("logprobs")
+        )
+        for c in choices
+        if isinstance(c, Mapping)
+    ]
 
 
 class _ChoiceAccumulator:
@@ -215,8 +235,12 @@ class _ChoiceAccumulator:
                 acc[key].extend([None] * count)
 
     def result(self, index: int) -> dict[str, Any]:
-        return {"text": "".join(self.text), "index": index, "logprobs": self.logprobs,
-                "finish_reason": self.finish_reason}
+        return {
+            "text": "".join(self.text),
+            "index": index,
+            "logprobs": self.logprobs,
+            "finish_reason": self.finish_reason,
+        }
 
 
 class StreamMerger:
@@ -252,9 +276,12 @@ class StreamMerger:
         return not self._choices or any(a.finish_reason is None for a in self._choices.values())
 
     def result(self) -> dict[str, Any]:
-        response: dict[str, Any] = {"id": self._head.get("id"), "object": "text_completion",
-                                    "created": self._head.get("created"),
-                                    "model": self._head.get("model")}
+        response: dict[str, Any] = {
+            "id": self._head.get("id"),
+            "object": "text_completion",
+            "created": self._head.get("created"),
+            "model": self._head.get("model"),
+        }
         if "system_fingerprint" in self._head:
             response["system_fingerprint"] = self._head["system_fingerprint"]
         response["choices"] = [self._choices[i].result(i) for i in sorted(self._choices)]
@@ -278,8 +305,13 @@ class AsyncStream:
     ``async with``) when leaving early, to release the connection.
     """
 
-    def __init__(self, chunks: AsyncIterator[dict[str, Any]], request: CompletionRequest | None,
-                 *, vocab_size: int | Callable[[], int | None] | None = None) -> None:
+    def __init__(
+        self,
+        chunks: AsyncIterator[dict[str, Any]],
+        request: CompletionRequest | None,
+        *,
+        vocab_size: int | Callable[[], int | None] | None = None,
+    ) -> None:
         self._chunks = chunks
         self._merger = StreamMerger()
         self._pending: list[StreamChunk] = []

@@ -65,6 +65,7 @@ _UNSET = object()
 
 # -- the grid --------------------------------------------------------------------------------------
 
+
 @dataclass
 class GridPoint:
     """One request of a sweep: its place in the grid, its field values, the request itself."""
@@ -106,8 +107,9 @@ def _is_sequence_axis(value: Any) -> bool:
 def _axis_values(name: str, value: Any) -> list[Any] | None:
     """The values of an axis, or None when ``value`` is one fixed setting of ``name``."""
     if name == "stop":
-        if isinstance(value, list | tuple) and any(v is None or isinstance(v, list | tuple)
-                                                   for v in value):
+        if isinstance(value, list | tuple) and any(
+            v is None or isinstance(v, list | tuple) for v in value
+        ):
             return [list(v) if isinstance(v, tuple) else v for v in value]
         return None
     if name in _DICT_FIELDS:
@@ -123,9 +125,12 @@ def _prompt_axis(prompt: Any) -> list[tuple[Any, Any]]:
     """(prompt_id, prompt) pairs; see the module docstring for the forms."""
     if isinstance(prompt, Mapping):
         if not prompt:
-            raise RequestError("prompt", "prompt must not be an empty dict",
-                               allowed="a string, a list of prompts or a dict name -> prompt",
-                               value=prompt)
+            raise RequestError(
+                "prompt",
+                "prompt must not be an empty dict",
+                allowed="a string, a list of prompts or a dict name -> prompt",
+                value=prompt,
+            )
         return [(name, p) for name, p in prompt.items()]
     if isinstance(prompt, list | tuple) and prompt:
         items = [_plain(p) for p in prompt]
@@ -138,14 +143,19 @@ def _prompt_axis(prompt: Any) -> list[tuple[Any, Any]]:
 def _column_value(value: Any) -> Any:
     # Lists and dicts become canonical JSON text: hashable (groupby works), one Parquet type.
     if isinstance(value, list | tuple | Mapping):
-        return json.dumps(value if not isinstance(value, tuple) else list(value), sort_keys=True,
-                          ensure_ascii=False)
+        return json.dumps(
+            value if not isinstance(value, tuple) else list(value),
+            sort_keys=True,
+            ensure_ascii=False,
+        )
     return value
 
 
 def _describe(values: Mapping[str, Any]) -> str:
-    shown = {k: (v if not isinstance(v, str) or len(v) <= 40 else v[:37] + "...")
-             for k, v in values.items()}
+    shown = {
+        k: (v if not isinstance(v, str) or len(v) <= 40 else v[:37] + "...")
+        for k, v in values.items()
+    }
     return ", ".join(f"{k}={v!r}" for k, v in shown.items())
 
 
@@ -197,19 +207,29 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) -> Plan:
     """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise RequestError("repeats", f"repeats must be an integer >= 1; got {repeats!r}",
-                           allowed="an integer >= 1", value=repeats)
+        raise RequestError(
+            "repeats",
+            f"repeats must be an integer >= 1; got {repeats!r}",
+            allowed="an integer >= 1",
+            value=repeats,
+        )
     unknown = [name for name in fields if name not in FIELDS and name != "extra"]
     if unknown:
         raise RequestError(
-            unknown[0], f"{unknown[0]!r} is not a Completions request field; sweepable fields are "
+            unknown[0],
+            f"{unknown[0]!r} is not a Completions request field; sweepable fields are "
             f"{', '.join(f for f in FIELDS if f != 'prompt')}; pass server-specific fields with "
-            f"extra={{...}} (a list of dicts sweeps them)", allowed="a request field",
-            value=fields[unknown[0]])
+            f"extra={{...}} (a list of dicts sweeps them)",
+            allowed="a request field",
+            value=fields[unknown[0]],
+        )
     if prompt is None:
-        raise RequestError("prompt", "sweep needs a prompt; got None",
-                           allowed="a string, a list of prompts or a dict name -> prompt",
-                           value=None)
+        raise RequestError(
+            "prompt",
+            "sweep needs a prompt; got None",
+            allowed="a string, a list of prompts or a dict name -> prompt",
+            value=None,
+        )
     prompts = _prompt_axis(prompt)
 
     fixed: dict[str, Any] = {}
@@ -219,9 +239,12 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
         if values is None:
             fixed[name] = _plain(value)
         elif not values:
-            raise RequestError(name, f"{name} was given an empty list: an axis needs at least "
-                               "one value", allowed="a value or a non-empty list of values",
-                               value=value)
+            raise RequestError(
+                name,
+                f"{name} was given an empty list: an axis needs at least one value",
+                allowed="a value or a non-empty list of values",
+                value=value,
+            )
         else:
             axes[name] = values
 
@@ -246,23 +269,32 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
             if kwargs.get("model") is None and model is not None:
                 kwargs["model"] = model  # complete_request sends the request's model as it is
             try:
-                request = CompletionRequest(prompt=one_prompt, limits=limits, **kwargs) \
-                    if limits is not None else CompletionRequest(prompt=one_prompt, **kwargs)
+                request = (
+                    CompletionRequest(prompt=one_prompt, limits=limits, **kwargs)
+                    if limits is not None
+                    else CompletionRequest(prompt=one_prompt, **kwargs)
+                )
             except RequestError as exc:
                 where = _describe({"prompt_id": prompt_id, **{k: chosen[k] for k in axis_names}})
-                raise RequestError(exc.param, f"{exc.message} (sweep grid point {where})",
-                                   allowed=exc.allowed, value=exc.value) from None
+                raise RequestError(
+                    exc.param,
+                    f"{exc.message} (sweep grid point {where})",
+                    allowed=exc.allowed,
+                    value=exc.value,
+                ) from None
             except TypeError as exc:  # a non-mapping extra, say
-                raise RequestError("extra", f"bad sweep field: {exc}", value=chosen.get("extra"))\
-                    from None
+                raise RequestError(
+                    "extra", f"bad sweep field: {exc}", value=chosen.get("extra")
+                ) from None
             columns_values: dict[str, Any] = {"prompt": _column_value(one_prompt)}
             for name in fields:
                 columns_values[column_of[name]] = _column_value(chosen[name])
             columns_values.setdefault("model", request.model or model)
             key_endpoint = endpoint + _weights_tag(request.model or model)
             for repeat, key in enumerate(cache_keys(key_endpoint, model, request, repeats)):
-                points.append(GridPoint(request_id, prompt_id, repeat, columns_values, request,
-                                        key))
+                points.append(
+                    GridPoint(request_id, prompt_id, repeat, columns_values, request, key)
+                )
                 request_id += 1
     axis_sizes = {"prompt": len(prompts), **{n: len(v) for n, v in axes.items()}}
     if repeats > 1:
@@ -271,6 +303,7 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
 
 
 # -- the budget -----------------------------------------------------------------------------------
+
 
 def _embedded_tokenizer(model: str | None) -> Callable[[str], int] | None:
     """Token counter of the embedded model when the sweep's model is it (in-process or served)."""
@@ -295,8 +328,11 @@ def _load_tokenizer(path: str) -> Any:
     return Tokenizer.from_file(path)
 
 
-def estimate_tokens(requests: Sequence[CompletionRequest], *, model: str | None = None,
-                    ) -> tuple[int, str]:
+def estimate_tokens(
+    requests: Sequence[CompletionRequest],
+    *,
+    model: str | None = None,
+) -> tuple[int, str]:
     """An estimate of the tokens ``requests`` can consume, and how prompts were counted.
 
     Per request: prompt tokens (once per prompt: that is how OpenAI and vLLM report and bill them,
@@ -326,6 +362,7 @@ def estimate_tokens(requests: Sequence[CompletionRequest], *, model: str | None 
 
 
 # -- results ---------------------------------------------------------------------------------------
+
 
 def _error_fields(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, APIError):
@@ -385,11 +422,15 @@ class SweepResult:
     - ``capabilities``: what the endpoint was found to support (see `nbcompletions._scoring`).
     """
 
-    def __init__(self, requests: pd.DataFrame, *, usage: Mapping[str, Any] | None = None,
-                 capabilities: Mapping[str, Any] | None = None,
-                 frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None,
-                 builder: Callable[[], tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] | None
-                 = None) -> None:
+    def __init__(
+        self,
+        requests: pd.DataFrame,
+        *,
+        usage: Mapping[str, Any] | None = None,
+        capabilities: Mapping[str, Any] | None = None,
+        frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None,
+        builder: Callable[[], tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]] | None = None,
+    ) -> None:
         if frames is None and builder is None:
             raise ValueError("SweepResult needs frames or a builder")
         self.requests = requests
@@ -430,21 +471,28 @@ class SweepResult:
         return int((self.requests["status"] == "cached").sum())
 
     def __repr__(self) -> str:
-        return (f"SweepResult({len(self)} requests, {self.n_cached} cached, "
-                f"{self.n_failed} failed, "
-                f"{self.usage.get('total_tokens', 0)} tokens spent)")
+        return (
+            f"SweepResult({len(self)} requests, {self.n_cached} cached, "
+            f"{self.n_failed} failed, "
+            f"{self.usage.get('total_tokens', 0)} tokens spent)"
+        )
 
     def to_parquet(self, path: str | os.PathLike[str]) -> Path:
         """Write the frames, the requests and the metadata into directory ``path`` (created)."""
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
         choices, tokens, alternatives = self.frames()
-        for name, frame in (("requests", self.requests), ("choices", choices),
-                            ("tokens", tokens), ("alternatives", alternatives)):
+        for name, frame in (
+            ("requests", self.requests),
+            ("choices", choices),
+            ("tokens", tokens),
+            ("alternatives", alternatives),
+        ):
             frame.to_parquet(directory / f"{name}.parquet", index=False)
         meta = {"format": 1, "usage": self.usage, "capabilities": self.capabilities}
-        (directory / "sweep.json").write_text(json.dumps(meta, indent=1, default=str),
-                                              encoding="utf-8")
+        (directory / "sweep.json").write_text(
+            json.dumps(meta, indent=1, default=str), encoding="utf-8"
+        )
         return directory
 
 
@@ -455,14 +503,22 @@ def load_sweep(path: str | os.PathLike[str]) -> SweepResult:
     directory = Path(path)
     meta_path = directory / "sweep.json"
     if not meta_path.exists():
-        raise FileNotFoundError(f"{str(directory)!r} holds no sweep (no sweep.json); write one "
-                                "with SweepResult.to_parquet(dir)")
+        raise FileNotFoundError(
+            f"{str(directory)!r} holds no sweep (no sweep.json); write one "
+            "with SweepResult.to_parquet(dir)"
+        )
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    frames = tuple(_tidy_strings(pd.read_parquet(directory / f"{name}.parquet"))
-                   for name in ("choices", "tokens", "alternatives"))
+    frames = tuple(
+        _tidy_strings(pd.read_parquet(directory / f"{name}.parquet"))
+        for name in ("choices", "tokens", "alternatives")
+    )
     requests = _tidy_strings(pd.read_parquet(directory / "requests.parquet"))
-    return SweepResult(requests, usage=meta.get("usage"), capabilities=meta.get("capabilities"),
-                       frames=(frames[0], frames[1], frames[2]))
+    return SweepResult(
+        requests,
+        usage=meta.get("usage"),
+        capabilities=meta.get("capabilities"),
+        frames=(frames[0], frames[1], frames[2]),
+    )
 
 
 def _tidy_strings(frame: pd.DataFrame) -> pd.DataFrame:
@@ -492,10 +548,25 @@ def _tidy_strings(frame: pd.DataFrame) -> pd.DataFrame:
 def _requests_frame(plan: Plan, outcomes: Sequence[_Outcome]) -> pd.DataFrame:
     import pandas as pd
 
-    rows: dict[str, list[Any]] = {name: [] for name in (
-        *_ID_COLUMNS, *plan.columns, "status", "cached", "error", "error_type", "error_status",
-        "error_message", "prompt_tokens", "completion_tokens", "total_tokens", "latency",
-        "response_id", "cache_key")}
+    rows: dict[str, list[Any]] = {
+        name: []
+        for name in (
+            *_ID_COLUMNS,
+            *plan.columns,
+            "status",
+            "cached",
+            "error",
+            "error_type",
+            "error_status",
+            "error_message",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "latency",
+            "response_id",
+            "cache_key",
+        )
+    }
     for point, outcome in zip(plan.points, outcomes, strict=True):
         rows["request_id"].append(point.request_id)
         rows["prompt_id"].append(point.prompt_id)
@@ -507,8 +578,11 @@ def _requests_frame(plan: Plan, outcomes: Sequence[_Outcome]) -> pd.DataFrame:
         status = "error" if outcome.error else ("cached" if outcome.cached else "ok")
         rows["status"].append(status)
         rows["cached"].append(outcome.cached)
-        rows["error"].append(_error_text(err["error_type"], err["error_status"],
-                                         err["error_message"]) if outcome.error else None)
+        rows["error"].append(
+            _error_text(err["error_type"], err["error_status"], err["error_message"])
+            if outcome.error
+            else None
+        )
         rows["error_type"].append(err.get("error_type"))
         rows["error_status"].append(err.get("error_status"))
         rows["error_message"].append(err.get("error_message"))
@@ -526,9 +600,12 @@ def _requests_frame(plan: Plan, outcomes: Sequence[_Outcome]) -> pd.DataFrame:
     return _tidy_strings(frame)
 
 
-def _merged_frames(members: list[tuple[GridPoint, dict[str, Any]]], max_tokens: int | None,
-                   logprobs: int | None, vocab_size: int | None,
-                   ) -> list[tuple[pd.DataFrame, Any]]:
+def _merged_frames(
+    members: list[tuple[GridPoint, dict[str, Any]]],
+    max_tokens: int | None,
+    logprobs: int | None,
+    vocab_size: int | None,
+) -> list[tuple[pd.DataFrame, Any]]:
     """Frames of many echo-free responses from one `to_frames` call.
 
     Converting 10,000 small responses one by one costs milliseconds each in pandas overhead;
@@ -548,15 +625,18 @@ def _merged_frames(members: list[tuple[GridPoint, dict[str, Any]]], max_tokens: 
     width: list[int] = []
     for point, response in members:
         choices = [c for c in response.get("choices") or [] if isinstance(c, Mapping)]
-        for position, choice in sorted(enumerate(choices),
-                                       key=lambda item: (_choice_index(item[1], item[0]))):
+        for position, choice in sorted(
+            enumerate(choices), key=lambda item: _choice_index(item[1], item[0])
+        ):
             original.append(_choice_index(choice, position))
             merged.append({**choice, "index": len(merged)})
             owner.append(point.request_id)
             width.append(point.request.effective_n)
-    frames = to_frames({"choices": merged},
-                       {"n": 1, "echo": False, "max_tokens": max_tokens, "logprobs": logprobs},
-                       vocab_size=vocab_size)
+    frames = to_frames(
+        {"choices": merged},
+        {"n": 1, "echo": False, "max_tokens": max_tokens, "logprobs": logprobs},
+        vocab_size=vocab_size,
+    )
     owners = np.asarray(owner, dtype=np.int64)
     originals = np.asarray(original, dtype=np.int64)
     widths = np.asarray(width, dtype=np.int64)
@@ -576,8 +656,9 @@ def _choice_index(choice: Mapping[str, Any], position: int = 0) -> int:
     return index if isinstance(index, int) and not isinstance(index, bool) else position
 
 
-def _build_frames(plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFrame,
-                  vocab_size: int | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def _build_frames(
+    plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFrame, vocab_size: int | None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Every response's frames, stacked in grid order, with the request's columns in front."""
     import numpy as np
     import pandas as pd
@@ -593,9 +674,13 @@ def _build_frames(plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFra
         if raw is None or outcome.error is not None:
             # One row per expected choice, so a failed grid point still counts in a groupby.
             n = request.effective_n
-            failed = pd.DataFrame({"index": np.arange(n, dtype=np.int64),
-                                   "prompt_index": pd.array(np.zeros(n, np.int64), dtype="Int64"),
-                                   "choice": pd.array(np.arange(n), dtype="Int64")})
+            failed = pd.DataFrame(
+                {
+                    "index": np.arange(n, dtype=np.int64),
+                    "prompt_index": pd.array(np.zeros(n, np.int64), dtype="Int64"),
+                    "choice": pd.array(np.arange(n), dtype="Int64"),
+                }
+            )
             pieces[0].append((failed, np.full(n, point.request_id, dtype=np.int64)))
         elif request.echo:
             # Echoed prompts need the request's own prompt to split prompt from completion.
@@ -626,8 +711,9 @@ def _build_frames(plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFra
         body = body[list(template.columns)]
         # request_id == position in `requests`, so the broadcast is a positional take.
         front = per_request.iloc[owner].reset_index(drop=True)
-        frame = pd.concat([front[[*_ID_COLUMNS, *plan.columns]], body,
-                           front[list(_TAIL_COLUMNS)]], axis=1)
+        frame = pd.concat(
+            [front[[*_ID_COLUMNS, *plan.columns]], body, front[list(_TAIL_COLUMNS)]], axis=1
+        )
         frame = _tidy_strings(frame)
         frame.attrs["vocab_size"] = vocab_size
         result.append(frame)
@@ -635,6 +721,7 @@ def _build_frames(plan: Plan, outcomes: Sequence[_Outcome], requests: pd.DataFra
 
 
 # -- running ---------------------------------------------------------------------------------------
+
 
 def _progress_bar(total: int, enabled: bool, initial: int) -> Any:
     if not enabled:
@@ -656,16 +743,24 @@ def _check_concurrency(value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RequestError("max_concurrency", f"max_concurrency must be an integer >= 1 or None; "
-                           f"got {value!r}", allowed="an integer >= 1 or None", value=value)
+        raise RequestError(
+            "max_concurrency",
+            f"max_concurrency must be an integer >= 1 or None; got {value!r}",
+            allowed="an integer >= 1 or None",
+            value=value,
+        )
 
 
 def _check_budget(value: Any) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise RequestError("budget", f"budget must be a number of tokens >= 0 or None; got "
-                           f"{value!r}", allowed="a number >= 0 or None", value=value)
+        raise RequestError(
+            "budget",
+            f"budget must be a number of tokens >= 0 or None; got {value!r}",
+            allowed="a number >= 0 or None",
+            value=value,
+        )
 
 
 # Failures that become error rows. Anything else (a bug, a cancellation) stops the sweep.
@@ -687,8 +782,15 @@ class _Prepared:
     same_as: list[tuple[int, int]] = field(default_factory=list)  # (duplicate, point it copies)
 
 
-def _prepare(client: Any, prompt: Any, repeats: int, cache: Any, max_concurrency: Any,
-             budget: Any, fields: dict[str, Any]) -> _Prepared:
+def _prepare(
+    client: Any,
+    prompt: Any,
+    repeats: int,
+    cache: Any,
+    max_concurrency: Any,
+    budget: Any,
+    fields: dict[str, Any],
+) -> _Prepared:
     """Expand, validate, read the cache and check the budget: all before a single request."""
     _check_concurrency(max_concurrency)
     _check_budget(budget)
@@ -700,8 +802,12 @@ def _prepare(client: Any, prompt: Any, repeats: int, cache: Any, max_concurrency
     elif isinstance(cache, str | os.PathLike):
         store, owns = Cache(cache), True
     else:
-        raise RequestError("cache", f"cache must be a file path, a Cache or None; got {cache!r}",
-                           allowed="a path or a Cache", value=cache)
+        raise RequestError(
+            "cache",
+            f"cache must be a file path, a Cache or None; got {cache!r}",
+            allowed="a path or a Cache",
+            value=cache,
+        )
     outcomes = [_Outcome() for _ in plan.points]
     if store is not None:
         hits = store.get_many(point.key for point in plan.points)
@@ -731,7 +837,10 @@ def _prepare(client: Any, prompt: Any, repeats: int, cache: Any, max_concurrency
             f"this sweep can use up to ~{estimate:,} tokens ({len(pending)} requests to send; "
             f"prompt tokens counted by {method}, completions as max_tokens x max(n, best_of)), "
             f"more than budget={budget:,}; lower max_tokens, repeats or the grid, or raise the "
-            "budget", estimate=estimate, budget=int(budget))
+            "budget",
+            estimate=estimate,
+            budget=int(budget),
+        )
     return _Prepared(plan, outcomes, store, owns, estimate, method, pending, same_as)
 
 
@@ -752,8 +861,9 @@ async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
     return known
 
 
-async def _execute(aclient: Any, prepared: _Prepared, *, max_concurrency: int | None,
-                   bar: Any, probe: bool) -> SweepResult:
+async def _execute(
+    aclient: Any, prepared: _Prepared, *, max_concurrency: int | None, bar: Any, probe: bool
+) -> SweepResult:
     plan, outcomes, store = prepared.plan, prepared.outcomes, prepared.cache
     failures = _failure_types()
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -763,8 +873,9 @@ async def _execute(aclient: Any, prepared: _Prepared, *, max_concurrency: int | 
         if probe:
             capabilities = await _probe(aclient, prepared)
         queue = iter(prepared.pending)
-        workers = min(max_concurrency or _client_concurrency(aclient),
-                      max(len(prepared.pending), 1))
+        workers = min(
+            max_concurrency or _client_concurrency(aclient), max(len(prepared.pending), 1)
+        )
 
         async def send(i: int) -> None:
             nonlocal n_failed
@@ -813,8 +924,11 @@ async def _execute(aclient: Any, prepared: _Prepared, *, max_concurrency: int | 
 
     for duplicate, original in prepared.same_as:
         source, target = outcomes[original], outcomes[duplicate]
-        target.response, target.error, target.latency = (source.response, source.error,
-                                                          source.latency)
+        target.response, target.error, target.latency = (
+            source.response,
+            source.error,
+            source.latency,
+        )
         if source.error:
             n_failed += 1
     requests = _requests_frame(plan, outcomes)
@@ -830,9 +944,12 @@ async def _execute(aclient: Any, prepared: _Prepared, *, max_concurrency: int | 
         "estimate_method": prepared.estimate_method,
         "axes": plan.axes,
     }
-    return SweepResult(requests, usage=usage, capabilities=capabilities,
-                       builder=lambda: _build_frames(plan, outcomes, requests,
-                                                     _vocab_size(aclient)))
+    return SweepResult(
+        requests,
+        usage=usage,
+        capabilities=capabilities,
+        builder=lambda: _build_frames(plan, outcomes, requests, _vocab_size(aclient)),
+    )
 
 
 def _vocab_size(client: Any) -> int | None:
@@ -840,25 +957,46 @@ def _vocab_size(client: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-async def asweep(client: Any, prompt: Any = None, *, repeats: int = 1, cache: Any = None,
-                 max_concurrency: int | None = None, budget: float | None = None,
-                 progress: bool = True, probe: bool = True, **fields: Any) -> SweepResult:
+async def asweep(
+    client: Any,
+    prompt: Any = None,
+    *,
+    repeats: int = 1,
+    cache: Any = None,
+    max_concurrency: int | None = None,
+    budget: float | None = None,
+    progress: bool = True,
+    probe: bool = True,
+    **fields: Any,
+) -> SweepResult:
     """The async twin of `sweep`, for an `AsyncClient`: ``await asweep(aclient, ...)``.
 
     Cancelling the task stops the sweep; what finished is in the cache.
     """
     if hasattr(client, "async_client"):
-        raise TypeError("asweep() needs an AsyncClient; for a Client call "
-                        "nbcompletions.sweep(...), which works in Jupyter without await")
+        raise TypeError(
+            "asweep() needs an AsyncClient; for a Client call "
+            "nbcompletions.sweep(...), which works in Jupyter without await"
+        )
     prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields)
-    bar = _progress_bar(len(prepared.plan.points), progress,
-                        len(prepared.plan.points) - len(prepared.pending))
+    bar = _progress_bar(
+        len(prepared.plan.points), progress, len(prepared.plan.points) - len(prepared.pending)
+    )
     return await _execute(client, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
 
 
-def sweep(client: Any, prompt: Any = None, *, repeats: int = 1, cache: Any = None,
-          max_concurrency: int | None = None, budget: float | None = None, progress: bool = True,
-          probe: bool = True, **fields: Any) -> SweepResult:
+def sweep(
+    client: Any,
+    prompt: Any = None,
+    *,
+    repeats: int = 1,
+    cache: Any = None,
+    max_concurrency: int | None = None,
+    budget: float | None = None,
+    progress: bool = True,
+    probe: bool = True,
+    **fields: Any,
+) -> SweepResult:
     """Send every combination of the listed field values, ``repeats`` times each.
 
     ``sweep(client, prompt={"hamlet": "To be", "tale": "Once upon"}, temperature=[0.2, 0.7, 1.2],
@@ -878,11 +1016,13 @@ def sweep(client: Any, prompt: Any = None, *, repeats: int = 1, cache: Any = Non
     aclient = getattr(client, "async_client", client)
     prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
-    bar = _progress_bar(len(prepared.plan.points), progress,
-                        len(prepared.plan.points) - len(prepared.pending))
+    bar = _progress_bar(
+        len(prepared.plan.points), progress, len(prepared.plan.points) - len(prepared.pending)
+    )
     try:
-        return run_sync(_execute(aclient, prepared, max_concurrency=max_concurrency, bar=bar,
-                                 probe=probe))
+        return run_sync(
+            _execute(aclient, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
+        )
     finally:
         # _execute closes these itself; this covers an interrupt that lands before it started.
         if bar is not None:

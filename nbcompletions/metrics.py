@@ -49,12 +49,13 @@ def _as_list(value: str | Sequence[str] | None, name: str) -> list[str]:
 
 # -- text statistics ----------------------------------------------------------------------
 
+
 def distinct_n(units: Sequence[Any], n: int) -> float:
     """Distinct n-grams / all n-grams in one sequence; NaN when it has fewer than n units."""
     total = len(units) - n + 1
     if total <= 0:
         return math.nan
-    grams = {tuple(units[i:i + n]) for i in range(total)}
+    grams = {tuple(units[i : i + n]) for i in range(total)}
     return len(grams) / total
 
 
@@ -116,8 +117,7 @@ def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.
     if "mean_logprob" not in out.columns:
         if "sum_logprob" in out.columns:
             n_tok = pd.to_numeric(out["n_tokens"], errors="coerce").astype(float)
-            out["mean_logprob"] = (out["sum_logprob"].astype(float)
-                                   / n_tok.where(n_tok > 0))
+            out["mean_logprob"] = out["sum_logprob"].astype(float) / n_tok.where(n_tok > 0)
         else:
             out["mean_logprob"] = math.nan
     if "perplexity" not in out.columns:
@@ -136,8 +136,7 @@ def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.
             units = [t for t in group["token"].tolist() if isinstance(t, str)]
             per_key[key if isinstance(key, tuple) else (key,)] = _text_stats(units)
         nan3 = (math.nan, math.nan, math.nan)
-        rows = [per_key.get(tuple(k), nan3)
-                for k in out[keys].itertuples(index=False, name=None)]
+        rows = [per_key.get(tuple(k), nan3) for k in out[keys].itertuples(index=False, name=None)]
         tarr = np.array(rows, dtype=float).reshape(-1, 3)
         out["token_distinct_1"] = tarr[:, 0]
         out["token_distinct_2"] = tarr[:, 1]
@@ -146,6 +145,7 @@ def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.
 
 
 # -- confidence intervals -------------------------------------------------------------------------
+
 
 def _betacf(a: float, b: float, x: float) -> float:
     # Continued fraction for the incomplete beta function (modified Lentz), as in Numerical Recipes.
@@ -180,8 +180,9 @@ def _betainc(a: float, b: float, x: float) -> float:
         return 0.0
     if x >= 1.0:
         return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
+    log_front = (
+        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    )
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(log_front) * _betacf(a, b, x) / a
     return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
@@ -220,8 +221,13 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (low + high)
 
 
-def summarize(df: pd.DataFrame, *, by: str | Sequence[str] | None = None,
-              value: str | Sequence[str] = "mean_logprob", ci: float = 0.95) -> pd.DataFrame:
+def summarize(
+    df: pd.DataFrame,
+    *,
+    by: str | Sequence[str] | None = None,
+    value: str | Sequence[str] = "mean_logprob",
+    ci: float = 0.95,
+) -> pd.DataFrame:
     """Mean and confidence interval of ``value`` per group of ``by`` (one row per group and value).
 
     Columns: the ``by`` columns, ``metric`` (the value column's name), ``n`` (non-missing values;
@@ -250,14 +256,16 @@ def summarize(df: pd.DataFrame, *, by: str | Sequence[str] | None = None,
             stats = grouped.agg(["count", "mean", "std"]).reset_index()
         else:
             col = frame["_value"]
-            stats = pd.DataFrame({"count": [int(col.count())], "mean": [col.mean()],
-                                  "std": [col.std()]})
+            stats = pd.DataFrame(
+                {"count": [int(col.count())], "mean": [col.mean()], "std": [col.std()]}
+            )
         stats = stats.rename(columns={"count": "n"})
         stats.insert(len(by_cols), "metric", name)
         n = stats["n"].astype(float)
         stats["sem"] = stats["std"] / np.sqrt(n)
-        crit = np.array([t_quantile(0.5 + ci / 2.0, k - 1) if k >= 2 else math.nan
-                         for k in n], dtype=float)
+        crit = np.array(
+            [t_quantile(0.5 + ci / 2.0, k - 1) if k >= 2 else math.nan for k in n], dtype=float
+        )
         stats["ci_low"] = stats["mean"] - crit * stats["sem"]
         stats["ci_high"] = stats["mean"] + crit * stats["sem"]
         stats["n"] = stats["n"].astype("int64")
@@ -269,8 +277,15 @@ def summarize(df: pd.DataFrame, *, by: str | Sequence[str] | None = None,
 
 # -- calibration --------------------------------------------------------------------------
 
-def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int = 10,
-                by: str | Sequence[str] | None = None, ci: float = 0.95) -> pd.DataFrame:
+
+def calibration(
+    tokens: pd.DataFrame,
+    alternatives: pd.DataFrame,
+    *,
+    bins: int = 10,
+    by: str | Sequence[str] | None = None,
+    ci: float = 0.95,
+) -> pd.DataFrame:
     """How often tokens were sampled, against the probability the endpoint reported for them.
 
     Each of the top-k alternatives at a generated position is one event: the token had reported
@@ -305,8 +320,11 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
     _require(tokens, keys, "tokens")
 
     alts = alternatives[[*keys, "prob", "chosen", *by_cols]].dropna(subset=["position", "prob"])
-    asked = (pd.to_numeric(alternatives.loc[alts.index, "logprobs"], errors="coerce")
-             if "logprobs" in alternatives.columns else math.nan)
+    asked = (
+        pd.to_numeric(alternatives.loc[alts.index, "logprobs"], errors="coerce")
+        if "logprobs" in alternatives.columns
+        else math.nan
+    )
     alts = alts.assign(chosen=alts["chosen"].fillna(False).astype(bool), _k=asked)
     tok_cols = [*keys] + (["echo"] if "echo" in tokens.columns else [])
     toks = tokens[tok_cols].dropna(subset=["position"])
@@ -321,13 +339,15 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
 
     prob = alts["prob"].astype(float).clip(0.0, 1.0).to_numpy()
     bin_index = np.minimum((prob * bins).astype(int), bins - 1)
-    events = pd.DataFrame({"bin": bin_index, "prob": prob,
-                           "chosen": alts["chosen"].to_numpy(dtype=bool)})
+    events = pd.DataFrame(
+        {"bin": bin_index, "prob": prob, "chosen": alts["chosen"].to_numpy(dtype=bool)}
+    )
     for col in by_cols:
         events[col] = alts[col].to_numpy()
     grouped = events.groupby([*by_cols, "bin"], sort=True, dropna=False, observed=True)
-    out = grouped.agg(count=("chosen", "size"), n_chosen=("chosen", "sum"),
-                      mean_prob=("prob", "mean")).reset_index()
+    out = grouped.agg(
+        count=("chosen", "size"), n_chosen=("chosen", "sum"), mean_prob=("prob", "mean")
+    ).reset_index()
     out["observed"] = out["n_chosen"] / out["count"]
     out["prob_low"] = out["bin"] / bins
     out["prob_high"] = (out["bin"] + 1) / bins
@@ -340,8 +360,18 @@ def calibration(tokens: pd.DataFrame, alternatives: pd.DataFrame, *, bins: int =
     out["observed_high"] = centre + half
     out["count"] = out["count"].astype("int64")
     out["n_chosen"] = out["n_chosen"].astype("int64")
-    columns = [*by_cols, "bin", "prob_low", "prob_high", "mean_prob", "observed", "observed_low",
-               "observed_high", "count", "n_chosen"]
+    columns = [
+        *by_cols,
+        "bin",
+        "prob_low",
+        "prob_high",
+        "mean_prob",
+        "observed",
+        "observed_low",
+        "observed_high",
+        "count",
+        "n_chosen",
+    ]
     result = out[columns].reset_index(drop=True)
     result.attrs["bins"] = bins
     return result
@@ -358,6 +388,7 @@ def _top_k(alts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     per_position = alts.groupby(keys, sort=False)["prob"].transform("size")
     fewest = per_position.groupby([alts[c] for c in keys[:-1]], sort=False).transform("min")
     # The k asked for can exceed what the server returns (OpenAI caps logprobs at 5): the fewer.
-    k = np.fmin(alts["_k"].where(alts["_k"] >= 0).to_numpy(dtype=float),
-                fewest.to_numpy(dtype=float))
+    k = np.fmin(
+        alts["_k"].where(alts["_k"] >= 0).to_numpy(dtype=float), fewest.to_numpy(dtype=float)
+    )
     return alts[rank.to_numpy() <= k].drop(columns="_k")

@@ -160,8 +160,10 @@ def _compact(series: pd.Series) -> np.ndarray:
     """Positions as int32 when they fit: the figure JSON carries them base64, 4 bytes each."""
     values = series.to_numpy()
     if (
-        values.dtype.kind in "iu" and values.size
-        and np.iinfo(np.int32).min <= values.min() and values.max() <= np.iinfo(np.int32).max
+        values.dtype.kind in "iu"
+        and values.size
+        and np.iinfo(np.int32).min <= values.min()
+        and values.max() <= np.iinfo(np.int32).max
     ):
         return values.astype(np.int32)
     return values
@@ -289,7 +291,10 @@ def token_probabilities(
     _check_option(function, "render_mode", render_mode, _RENDER_MODES)
     frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
     _check_one_completion(
-        frame, [c for c in (color, x) if c is not None], function=function, frame_name="tokens",
+        frame,
+        [c for c in (color, x) if c is not None],
+        function=function,
+        frame_name="tokens",
         advice="per line; pick one with index=, or one line each with color= (e.g. 'request_id')",
     )
 
@@ -305,9 +310,10 @@ def token_probabilities(
             if part.empty:
                 continue
             customdata, extra = _hover_columns(part, hover_data)
-            hovertemplate = "<br>".join(
-                ["%{text}", f"{x} %{{x}}", f"{y} %{{y:.4g}}", *extra]
-            ) + f"<extra>{_html.escape(label)}{' prompt' if is_prompt else ''}</extra>"
+            hovertemplate = (
+                "<br>".join(["%{text}", f"{x} %{{x}}", f"{y} %{{y:.4g}}", *extra])
+                + f"<extra>{_html.escape(label)}{' prompt' if is_prompt else ''}</extra>"
+            )
             fig.add_trace(
                 scatter(
                     x=_compact(part[x]),
@@ -379,7 +385,10 @@ def entropy(
     _check_option(function, "render_mode", render_mode, _RENDER_MODES)
     frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
     _check_one_completion(
-        frame, [c for c in (color, x) if c is not None], function=function, frame_name="tokens",
+        frame,
+        [c for c in (color, x) if c is not None],
+        function=function,
+        frame_name="tokens",
         advice="per line; pick one with index=, or one line each with color= (e.g. 'request_id')",
     )
 
@@ -403,23 +412,36 @@ def entropy(
         lows, highs = _numeric(group[low]), _numeric(group[high])
         fig.add_trace(
             scatter(
-                x=xs, y=lows, mode="lines", line={"color": line_color, "width": 1},
-                name=f"{label} lower bound", legendgroup=label, showlegend=False,
+                x=xs,
+                y=lows,
+                mode="lines",
+                line={"color": line_color, "width": 1},
+                name=f"{label} lower bound",
+                legendgroup=label,
+                showlegend=False,
                 hoverinfo="skip",
             ),
-            row=1, col=1,
+            row=1,
+            col=1,
         )
         fig.add_trace(
             scatter(
-                x=xs, y=highs, mode="lines", line={"color": line_color, "width": 1},
-                fill="tonexty", fillcolor=_rgba(line_color, 0.3), name=label, legendgroup=label,
+                x=xs,
+                y=highs,
+                mode="lines",
+                line={"color": line_color, "width": 1},
+                fill="tonexty",
+                fillcolor=_rgba(line_color, 0.3),
+                name=label,
+                legendgroup=label,
                 customdata=lows,
                 hovertemplate=(
                     f"{x} %{{x}}<br>entropy %{{customdata:.3f}} to %{{y:.3f}} nats"
                     f"<extra>{_html.escape(label)}</extra>"
                 ),
             ),
-            row=1, col=1,
+            row=1,
+            col=1,
         )
     if coverage is not None:
         for number, (value, group) in enumerate(groups):
@@ -428,14 +450,19 @@ def entropy(
             label = _group_label(color, value)
             fig.add_trace(
                 scatter(
-                    x=group[x].to_numpy(), y=_numeric(group[coverage]), mode="lines",
-                    line={"color": line_color, "width": 1}, name=f"{label} {coverage}",
-                    legendgroup=label, showlegend=False,
+                    x=group[x].to_numpy(),
+                    y=_numeric(group[coverage]),
+                    mode="lines",
+                    line={"color": line_color, "width": 1},
+                    name=f"{label} {coverage}",
+                    legendgroup=label,
+                    showlegend=False,
                     hovertemplate=(
                         f"{x} %{{x}}<br>{coverage} %{{y:.3f}}<extra>{_html.escape(label)}</extra>"
                     ),
                 ),
-                row=2, col=1,
+                row=2,
+                col=1,
             )
         fig.update_yaxes(title_text=f"top-k mass ({coverage})", range=[0, 1.02], row=2, col=1)
         fig.update_xaxes(title_text=x, row=2, col=1)
@@ -448,13 +475,25 @@ def entropy(
         positions = _numeric(prompt[x])
         start = float(np.nanmin(positions)) - 0.5
         fig.add_vrect(
-            x0=start, x1=float(np.nanmax(positions)) + 0.5, row="all", col=1,
-            fillcolor="#888888", opacity=0.12, line_width=0, layer="below",
+            x0=start,
+            x1=float(np.nanmax(positions)) + 0.5,
+            row="all",
+            col=1,
+            fillcolor="#888888",
+            opacity=0.12,
+            line_width=0,
+            layer="below",
         )
         # Labelled once, in the top row (add_vrect's own label repeats in every row).
         fig.add_annotation(
-            x=start, y=1, xref="x", yref="y domain", text="prompt", showarrow=False,
-            xanchor="left", yanchor="top",
+            x=start,
+            y=1,
+            xref="x",
+            yref="y domain",
+            text="prompt",
+            showarrow=False,
+            xanchor="left",
+            yanchor="top",
         )
     notes = ["band: bounds from the top-k logprobs and the vocabulary size"]
     if frame.empty:
@@ -521,8 +560,7 @@ def alternatives(
     hover = np.full(z.shape, "", dtype=object)
     marks: list[tuple[int, int]] = []
     chosen_values = (
-        _flags(frame[chosen]) if chosen is not None
-        else np.zeros(len(frame), dtype=bool)
+        _flags(frame[chosen]) if chosen is not None else np.zeros(len(frame), dtype=bool)
     )
     for (pos, rk, p, tok), is_chosen in zip(
         frame[[position, rank, prob, token]].itertuples(index=False, name=None),
@@ -558,13 +596,20 @@ def alternatives(
         )
     )
     # One assignment: fig.add_shape per cell re-validates every shape so far (quadratic).
-    fig.update_layout(shapes=[
-        {
-            "type": "rect", "x0": ranks[j] - 0.5, "x1": ranks[j] + 0.5, "y0": i - 0.5,
-            "y1": i + 0.5, "line": {"color": "black", "width": 2}, "fillcolor": "rgba(0,0,0,0)",
-        }
-        for i, j in marks
-    ])
+    fig.update_layout(
+        shapes=[
+            {
+                "type": "rect",
+                "x0": ranks[j] - 0.5,
+                "x1": ranks[j] + 0.5,
+                "y0": i - 0.5,
+                "y1": i + 0.5,
+                "line": {"color": "black", "width": 2},
+                "fillcolor": "rgba(0,0,0,0)",
+            }
+            for i, j in marks
+        ]
+    )
     notes = []
     if len(window) < len(all_positions):
         notes.append(
@@ -574,11 +619,14 @@ def alternatives(
     if not len(window):
         notes.append("no alternatives to plot (was the request sent with logprobs?)")
     fig.update_yaxes(
-        tickvals=list(range(len(window))), ticktext=[str(p) for p in window],
-        autorange="reversed", title_text=position,
+        tickvals=list(range(len(window))),
+        ticktext=[str(p) for p in window],
+        autorange="reversed",
+        title_text=position,
     )
-    fig.update_xaxes(tickvals=list(ranks), ticktext=[rank_label[r] for r in ranks],
-                     title_text=rank, side="top")
+    fig.update_xaxes(
+        tickvals=list(ranks), ticktext=[rank_label[r] for r in ranks], title_text=rank, side="top"
+    )
     _layout(
         fig,
         title=_title(f"Top alternatives at each position (index {index})", title, notes),
@@ -765,13 +813,13 @@ def sweep(
     x_numeric = pd.api.types.is_numeric_dtype(choices[x]) and not pd.api.types.is_bool_dtype(
         choices[x]
     )
-    facets = (
-        list(pd.unique(stats[facet_col])) if facet_col is not None else [None]
-    )
+    facets = list(pd.unique(stats[facet_col])) if facet_col is not None else [None]
     if facet_col is not None:
         facets = sorted(facets, key=_sort_key)
         fig = make_subplots(
-            rows=1, cols=len(facets), shared_yaxes=True,
+            rows=1,
+            cols=len(facets),
+            shared_yaxes=True,
             subplot_titles=[f"{facet_col}={_category(value)}" for value in facets],
         )
     else:
@@ -787,8 +835,11 @@ def sweep(
             series = in_facet if color is None else in_facet[_equal(in_facet[color], value)]
             if series.empty:
                 continue
-            series = series.sort_values(x, key=lambda s: s.map(_sort_key)) if not x_numeric \
+            series = (
+                series.sort_values(x, key=lambda s: s.map(_sort_key))
+                if not x_numeric
                 else series.sort_values(x)
+            )
             line_color = _PALETTE[number % len(_PALETTE)]
             label = y if color is None else f"{color}={_category(value)}"
             xs = series[x].to_numpy() if x_numeric else series[x].map(_category).to_numpy()
@@ -802,35 +853,51 @@ def sweep(
                     go.Scatter(
                         x=np.concatenate([xs[band], xs[band][::-1]]),
                         y=np.concatenate([highs[band], lows[band][::-1]]),
-                        fill="toself", fillcolor=_rgba(line_color, 0.2), line={"width": 0},
-                        hoverinfo="skip", showlegend=False, legendgroup=label,
+                        fill="toself",
+                        fillcolor=_rgba(line_color, 0.2),
+                        line={"width": 0},
+                        hoverinfo="skip",
+                        showlegend=False,
+                        legendgroup=label,
                         name=f"{label} {level}",
                     ),
-                    row=1, col=column,
+                    row=1,
+                    col=column,
                 )
             error_y = None
             if (interval == "bars" or not x_numeric) and has_interval:
                 error_y = {
-                    "type": "data", "array": highs - means, "arrayminus": means - lows,
+                    "type": "data",
+                    "array": highs - means,
+                    "arrayminus": means - lows,
                     "visible": True,
                 }
             fig.add_trace(
                 go.Scatter(
-                    x=xs, y=means, mode="lines+markers" if x_numeric else "markers",
-                    line={"color": line_color}, marker={"color": line_color, "size": 7},
-                    error_y=error_y, name=label, legendgroup=label,
+                    x=xs,
+                    y=means,
+                    mode="lines+markers" if x_numeric else "markers",
+                    line={"color": line_color},
+                    marker={"color": line_color, "size": 7},
+                    error_y=error_y,
+                    name=label,
+                    legendgroup=label,
                     showlegend=label not in shown,
                     customdata=np.column_stack(
                         [lows, highs, series["count"].to_numpy(dtype=float)]
                     ),
                     hovertemplate=(
                         f"{x} %{{x}}<br>mean {y} %{{y:.4g}}"
-                        + (f"<br>{level} %{{customdata[0]:.4g}} to %{{customdata[1]:.4g}}"
-                           if ci is not None else "")
+                        + (
+                            f"<br>{level} %{{customdata[0]:.4g}} to %{{customdata[1]:.4g}}"
+                            if ci is not None
+                            else ""
+                        )
                         + f"<br>n %{{customdata[2]}}<extra>{_html.escape(label)}</extra>"
                     ),
                 ),
-                row=1, col=column,
+                row=1,
+                col=column,
             )
             shown.add(label)
         fig.update_xaxes(title_text=x, row=1, col=column)
@@ -894,7 +961,7 @@ class HighlightedText:
         target = Path(path)
         page_title = _html.escape(self.title or "nbcompletions highlight")
         target.write_text(
-            "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+            '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
             f"<title>{page_title}</title></head>\n<body>\n{self.html}\n</body></html>\n",
             encoding="utf-8",
         )
@@ -912,8 +979,10 @@ def _prob_color(prob: float) -> str:
         if prob <= right:
             share = (prob - left) / (right - left) if right > left else 0.0
             channels = [
-                round(int(left_color[i : i + 2], 16) * (1 - share)
-                      + int(right_color[i : i + 2], 16) * share)
+                round(
+                    int(left_color[i : i + 2], 16) * (1 - share)
+                    + int(right_color[i : i + 2], 16) * share
+                )
                 for i in (1, 3, 5)
             ]
             return "#{:02x}{:02x}{:02x}".format(*channels)
@@ -964,8 +1033,10 @@ def highlight(
     _require(tokens, ["index", position, token, prob], function=function, frame_name="tokens")
     if alternatives is not None:
         _require(
-            alternatives, ["index", "position", "rank", "token", "prob"],
-            function=function, frame_name="alternatives",
+            alternatives,
+            ["index", "position", "rank", "token", "prob"],
+            function=function,
+            frame_name="alternatives",
         )
     _check_positive_int(function, "max_positions", max_positions)
     frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
@@ -980,7 +1051,9 @@ def highlight(
         alt = alt[alt["position"].isin(frame[position])].sort_values(["position", "rank"])
         has_chosen = "chosen" in alt.columns
         for pos, alt_token, alt_prob, is_chosen in zip(
-            alt["position"].tolist(), alt["token"].tolist(), _numeric(alt["prob"]),
+            alt["position"].tolist(),
+            alt["token"].tolist(),
+            _numeric(alt["prob"]),
             _flags(alt["chosen"]).tolist() if has_chosen else [False] * len(alt),
             strict=True,
         ):
@@ -994,8 +1067,9 @@ def highlight(
     logprobs = _numeric(frame["logprob"]) if "logprob" in frame.columns else None
     ranks = _numeric(frame["rank"]) if "rank" in frame.columns else None
     spans = []
-    for row, (pos, tok) in enumerate(zip(frame[position].tolist(), frame[token].tolist(),
-                                         strict=True)):
+    for row, (pos, tok) in enumerate(
+        zip(frame[position].tolist(), frame[token].tolist(), strict=True)
+    ):
         text = "" if tok is None or (isinstance(tok, float) and math.isnan(tok)) else str(tok)
         p = probs[row]
         facts = [f"p = {p:.4f}" if math.isfinite(p) else "no logprob"]
@@ -1005,8 +1079,7 @@ def highlight(
             # A rank past the k returned alternatives only says "not in the top k". Where the
             # sampled token is outside the top k it comes as an extra (k+1-th) entry, so k is the
             # fewest entries at any position, not the count at this one.
-            facts.append(f"rank >{top_k}" if 0 < top_k < ranks[row]
-                         else f"rank {int(ranks[row])}")
+            facts.append(f"rank >{top_k}" if 0 < top_k < ranks[row] else f"rank {int(ranks[row])}")
         tip = f"{text!r}  {' · '.join(facts)}\n{position} {pos}{' (prompt)' if prompt[row] else ''}"
         if pos in tooltips_alternatives:
             tip += "\nalternatives:\n" + "\n".join(tooltips_alternatives[pos])
@@ -1036,15 +1109,14 @@ def highlight(
         )
     heading = (
         f'<div style="font-weight:bold;margin-bottom:4px">{_html.escape(title)}</div>'
-        if title else ""
+        if title
+        else ""
     )
     body = (
         '<div class="nbc-highlight" style="font-family:ui-monospace,SFMono-Regular,Menlo,'
         'Consolas,monospace;font-size:13px;line-height:1.8;color:#000">'
         f"{heading}"
-        '<div style="white-space:pre-wrap;word-break:break-word">'
-        + "".join(spans)
-        + "</div>"
+        '<div style="white-space:pre-wrap;word-break:break-word">' + "".join(spans) + "</div>"
         '<div style="margin-top:6px;font-size:11px;color:#444">'
         + " · ".join(legend)
         + "</div></div>"

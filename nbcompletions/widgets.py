@@ -57,6 +57,7 @@ Encoder = Callable[[str], list[int]]
 
 # -- pure helpers: control values -> request fields -----------------------------------------------
 
+
 def _unescape(text: str) -> str:
     r"""Turn the escapes a one-line text box needs (``\n``, ``\t``, ``\\``) into characters."""
     out: list[str] = []
@@ -95,16 +96,24 @@ def parse_logit_bias(text: str, encode: Encoder | None = None) -> dict[str, floa
         key, sep, value = line.rpartition(":")
         key = key.strip()
         if not sep or not key:
-            raise RequestError("logit_bias", f"logit_bias line {number} must look like "
-                               f"'KEY: BIAS'; got {raw_line!r}", allowed=allowed, value=raw_line)
+            raise RequestError(
+                "logit_bias",
+                f"logit_bias line {number} must look like 'KEY: BIAS'; got {raw_line!r}",
+                allowed=allowed,
+                value=raw_line,
+            )
         try:
             amount = float(value)
         except ValueError:
             amount = math.nan
         if not math.isfinite(amount) or not -100 <= amount <= 100:
-            raise RequestError("logit_bias", f"logit_bias line {number}: the bias must be a number "
-                               f"from -100 to 100; got {value.strip()!r}", allowed=allowed,
-                               value=raw_line)
+            raise RequestError(
+                "logit_bias",
+                f"logit_bias line {number}: the bias must be a number "
+                f"from -100 to 100; got {value.strip()!r}",
+                allowed=allowed,
+                value=raw_line,
+            )
         if key.isdigit():
             ids = [int(key)]
         else:
@@ -112,21 +121,30 @@ def parse_logit_bias(text: str, encode: Encoder | None = None) -> dict[str, floa
                 try:
                     token_text = json.loads(key)
                 except json.JSONDecodeError as exc:
-                    raise RequestError("logit_bias", f"logit_bias line {number}: {key} is not a "
-                                       f"valid quoted string ({exc.msg})", allowed=allowed,
-                                       value=raw_line) from None
+                    raise RequestError(
+                        "logit_bias",
+                        f"logit_bias line {number}: {key} is not a valid quoted string ({exc.msg})",
+                        allowed=allowed,
+                        value=raw_line,
+                    ) from None
             else:
                 token_text = key
             if encode is None:
                 raise RequestError(
-                    "logit_bias", f"logit_bias line {number}: this model's tokenizer is not known "
+                    "logit_bias",
+                    f"logit_bias line {number}: this model's tokenizer is not known "
                     f"here, so give token ids rather than text; got {key!r}",
                     allowed="token ids (digits) for models whose tokenizer is unknown",
-                    value=raw_line)
+                    value=raw_line,
+                )
             ids = list(encode(token_text))
             if not ids:
-                raise RequestError("logit_bias", f"logit_bias line {number}: {key} encodes to no "
-                                   "tokens", allowed=allowed, value=raw_line)
+                raise RequestError(
+                    "logit_bias",
+                    f"logit_bias line {number}: {key} encodes to no tokens",
+                    allowed=allowed,
+                    value=raw_line,
+                )
         for token_id in ids:
             bias[str(token_id)] = int(amount) if amount == int(amount) else amount
     return bias or None
@@ -139,12 +157,17 @@ def _parse_seed(text: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise RequestError("seed", f"seed must be an integer (or blank for none); got {text!r}",
-                           allowed="an integer, or blank", value=text) from None
+        raise RequestError(
+            "seed",
+            f"seed must be an integer (or blank for none); got {text!r}",
+            allowed="an integer, or blank",
+            value=text,
+        ) from None
 
 
-def playground_request(state: Mapping[str, Any], *, limits: Limits | None = None,
-                       encode: Encoder | None = None) -> CompletionRequest:
+def playground_request(
+    state: Mapping[str, Any], *, limits: Limits | None = None, encode: Encoder | None = None
+) -> CompletionRequest:
     """The request a Playground's control values describe (pure; validates).
 
     ``state`` maps control names to values as the widgets hold them (strings for seed, suffix, stop
@@ -191,8 +214,12 @@ def parse_values(field_name: str, text: str) -> list[Any]:
     parts = [part.strip() for part in text.split(",")]
     parts = [part for part in parts if part]
     if not parts:
-        raise RequestError(field_name, f"{field_name}: give at least one value (comma-separated); "
-                           f"got {text!r}", allowed="comma-separated values", value=text)
+        raise RequestError(
+            field_name,
+            f"{field_name}: give at least one value (comma-separated); got {text!r}",
+            allowed="comma-separated values",
+            value=text,
+        )
     kind = SWEEP_FIELDS.get(field_name)
     values: list[Any] = []
     for part in parts:
@@ -205,9 +232,12 @@ def parse_values(field_name: str, text: str) -> list[Any]:
                 values.append(_unescape(part))
         except ValueError:
             kind_name = "a number" if kind is float else "an integer"
-            raise RequestError(field_name, f"{field_name} values must each be {kind_name}; got "
-                               f"{part!r}", allowed=f"comma-separated, each {kind_name}",
-                               value=text) from None
+            raise RequestError(
+                field_name,
+                f"{field_name} values must each be {kind_name}; got {part!r}",
+                allowed=f"comma-separated, each {kind_name}",
+                value=text,
+            ) from None
     return values
 
 
@@ -228,12 +258,19 @@ SWEEP_FIELDS: dict[str, type] = {
 
 #: What a SweepBuilder can plot against its axes: columns of `metrics.per_choice`.
 SWEEP_METRICS: tuple[str, ...] = (
-    "mean_logprob", "perplexity", "n_tokens", "repetition_rate", "token_repetition_rate",
-    "distinct_1", "distinct_2", "n_words",
+    "mean_logprob",
+    "perplexity",
+    "n_tokens",
+    "repetition_rate",
+    "token_repetition_rate",
+    "distinct_1",
+    "distinct_2",
+    "n_words",
 )
 
 
 # -- display helpers ------------------------------------------------------------------------------
+
 
 def _error_html(exc: BaseException) -> str:
     """An error as an HTML box: what was wrong, and for unexpected errors the traceback, folded."""
@@ -246,10 +283,14 @@ def _error_html(exc: BaseException) -> str:
     else:
         title = f"{type(exc).__name__}"
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        body = (f"{html.escape(str(exc))}<details><summary>traceback</summary>"
-                f"<pre>{html.escape(trace)}</pre></details>")
-    return (f'<div class="nbc-error" style="color:#b00020;border-left:4px solid #b00020;'
-            f'padding:4px 8px;margin:4px 0"><b>{html.escape(title)}</b><br>{body}</div>')
+        body = (
+            f"{html.escape(str(exc))}<details><summary>traceback</summary>"
+            f"<pre>{html.escape(trace)}</pre></details>"
+        )
+    return (
+        f'<div class="nbc-error" style="color:#b00020;border-left:4px solid #b00020;'
+        f'padding:4px 8px;margin:4px 0"><b>{html.escape(title)}</b><br>{body}</div>'
+    )
 
 
 def _html_of(obj: Any) -> str:
@@ -265,8 +306,12 @@ def _html_of(obj: Any) -> str:
 
 def _frame_html(frame: pd.DataFrame, rows: int = FRAME_ROWS) -> str:
     shown = frame.head(rows)
-    note = (f"<p><i>first {rows} of {len(frame)} rows; the full frame is on <code>.result</code>"
-            "</i></p>" if len(frame) > rows else "")
+    note = (
+        f"<p><i>first {rows} of {len(frame)} rows; the full frame is on <code>.result</code>"
+        "</i></p>"
+        if len(frame) > rows
+        else ""
+    )
     table = shown.to_html(max_cols=40, float_format=lambda x: f"{x:.4g}", border=0)
     return f'<div style="max-height:420px;overflow:auto">{note}{table}</div>'
 
@@ -325,14 +370,23 @@ def _fit(widget: widgets.DOMWidget, label: str, width: str) -> None:
     widget.layout.width = width
 
 
-def _slider(description: str, low: float, high: float, step: float, value: float
-            ) -> widgets.FloatSlider:
-    return widgets.FloatSlider(value=value, min=low, max=high, step=step, description=description,
-                               continuous_update=False, readout_format=".2f",
-                               style={"description_width": "initial"})
+def _slider(
+    description: str, low: float, high: float, step: float, value: float
+) -> widgets.FloatSlider:
+    return widgets.FloatSlider(
+        value=value,
+        min=low,
+        max=high,
+        step=step,
+        description=description,
+        continuous_update=False,
+        readout_format=".2f",
+        style={"description_width": "initial"},
+    )
 
 
 # -- Playground -----------------------------------------------------------------------------------
+
 
 class Playground(widgets.VBox):
     """Every Completions field as a control, a Run button, and the result as tokens, frames, plots.
@@ -345,8 +399,15 @@ class Playground(widgets.VBox):
     `Completion`. Errors appear in `error` (an HTML box), never as a lost traceback.
     """
 
-    def __init__(self, client: Client | None = None, *, prompt: str = "", max_tokens: int = 32,
-                 encode: Encoder | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        prompt: str = "",
+        max_tokens: int = 32,
+        encode: Encoder | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._client = _default_client(client)
         self._encode = encode
         self.result: Completion | None = None
@@ -355,35 +416,51 @@ class Playground(widgets.VBox):
         self._limits = limits
 
         models, models_error = _models(self._client)
-        self.prompt = widgets.Textarea(value=prompt, placeholder="Prompt",
-                                       layout=widgets.Layout(width="100%", height="6em"))
-        self.model = widgets.Dropdown(options=models, value=(self._client.model if
-                                                             self._client.model in models else
-                                                             (models[0] if models else None)),
-                                      description="model")
+        self.prompt = widgets.Textarea(
+            value=prompt, placeholder="Prompt", layout=widgets.Layout(width="100%", height="6em")
+        )
+        self.model = widgets.Dropdown(
+            options=models,
+            value=(
+                self._client.model
+                if self._client.model in models
+                else (models[0] if models else None)
+            ),
+            description="model",
+        )
         self.temperature = _slider("temperature", 0.0, 2.0, 0.05, 1.0)
         self.top_p = _slider("top_p", 0.0, 1.0, 0.01, 1.0)
         self.frequency_penalty = _slider("frequency_penalty", -2.0, 2.0, 0.05, 0.0)
         self.presence_penalty = _slider("presence_penalty", -2.0, 2.0, 0.05, 0.0)
         cap = limits.max_logprobs if limits.max_logprobs is not None else UNCAPPED_LOGPROBS
-        self.logprobs = widgets.Dropdown(options=[("off", None)] + [(str(k), k) for k in
-                                                                     range(cap + 1)],
-                                         value=min(5, cap), description="logprobs")
+        self.logprobs = widgets.Dropdown(
+            options=[("off", None)] + [(str(k), k) for k in range(cap + 1)],
+            value=min(5, cap),
+            description="logprobs",
+        )
         # IntText, not bounded boxes: an out-of-range value is reported, never clamped silently.
-        self.max_tokens = widgets.IntText(value=max_tokens, description="max_tokens",
-                                          style={"description_width": "initial"})
+        self.max_tokens = widgets.IntText(
+            value=max_tokens, description="max_tokens", style={"description_width": "initial"}
+        )
         self.n = widgets.IntText(value=1, description="n")
         self.best_of = widgets.IntText(value=1, description="best_of")
         self.seed = widgets.Text(value="", placeholder="blank: none", description="seed")
         self.suffix = widgets.Text(value="", placeholder="blank: none", description="suffix")
         self.echo = widgets.Checkbox(value=False, description="echo", indent=False)
         self.stream = widgets.Checkbox(value=False, description="stream", indent=False)
-        self.stop = [widgets.Text(value="", placeholder=f"stop {i + 1} (\\n = newline)",
-                                  layout=widgets.Layout(width="10em"))
-                     for i in range(limits.max_stop)]
+        self.stop = [
+            widgets.Text(
+                value="",
+                placeholder=f"stop {i + 1} (\\n = newline)",
+                layout=widgets.Layout(width="10em"),
+            )
+            for i in range(limits.max_stop)
+        ]
         self.logit_bias = widgets.Textarea(
-            value="", placeholder='logit_bias, one per line: 464: -100  or  " the": 5',
-            layout=widgets.Layout(width="100%", height="4em"))
+            value="",
+            placeholder='logit_bias, one per line: 464: -100  or  " the": 5',
+            layout=widgets.Layout(width="100%", height="4em"),
+        )
         self.logit_bias_preview = widgets.HTML(value="")
 
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
@@ -397,18 +474,26 @@ class Playground(widgets.VBox):
         self.status.add_class("nbc-status")
         self.error.add_class("nbc-error-area")
         self.highlighted.add_class("nbc-highlight")
-        self.frames_tabs = {name: widgets.HTML(value="") for name in
-                            ("choices", "tokens", "alternatives")}
-        self.plot_outputs = {name: widgets.Output() for name in
-                             ("token_probabilities", "entropy", "alternatives")}
+        self.frames_tabs = {
+            name: widgets.HTML(value="") for name in ("choices", "tokens", "alternatives")
+        }
+        self.plot_outputs = {
+            name: widgets.Output() for name in ("token_probabilities", "entropy", "alternatives")
+        }
         self.request_view = widgets.HTML(value="")
         tab_children = [*self.frames_tabs.values(), *self.plot_outputs.values(), self.request_view]
-        tab_titles = ["choices", "tokens", "alternatives", "probability plot", "entropy plot",
-                      "alternatives plot", "request"]
+        tab_titles = [
+            "choices",
+            "tokens",
+            "alternatives",
+            "probability plot",
+            "entropy plot",
+            "alternatives plot",
+            "request",
+        ]
         self.tabs = widgets.Tab(children=tab_children, titles=tab_titles)
 
-        for slider in (self.temperature, self.top_p, self.frequency_penalty,
-                       self.presence_penalty):
+        for slider in (self.temperature, self.top_p, self.frequency_penalty, self.presence_penalty):
             _fit(slider, "10.5em", "26em")
         for box in (self.model, self.max_tokens, self.logprobs, self.n, self.best_of):
             _fit(box, "6em", "17em")
@@ -418,20 +503,35 @@ class Playground(widgets.VBox):
             box.layout.width = "7em"
         # Columns keep their width and wrap below each other on a narrow screen.
         column = widgets.Layout(flex="0 0 auto", margin="0 1em 0 0")
-        sliders = widgets.VBox([self.temperature, self.top_p, self.frequency_penalty,
-                                self.presence_penalty], layout=column)
-        numbers = widgets.VBox([self.model, self.max_tokens, self.logprobs, self.n, self.best_of],
-                               layout=column)
-        others = widgets.VBox([self.seed, self.suffix, widgets.HBox([self.echo, self.stream])],
-                              layout=column)
-        controls = widgets.HBox([sliders, numbers, others],
-                                layout=widgets.Layout(flex_flow="row wrap"))
+        sliders = widgets.VBox(
+            [self.temperature, self.top_p, self.frequency_penalty, self.presence_penalty],
+            layout=column,
+        )
+        numbers = widgets.VBox(
+            [self.model, self.max_tokens, self.logprobs, self.n, self.best_of], layout=column
+        )
+        others = widgets.VBox(
+            [self.seed, self.suffix, widgets.HBox([self.echo, self.stream])], layout=column
+        )
+        controls = widgets.HBox(
+            [sliders, numbers, others], layout=widgets.Layout(flex_flow="row wrap")
+        )
         stop_row = widgets.HBox([widgets.Label("stop"), *self.stop])
-        super().__init__(children=[
-            self.prompt, controls, stop_row, self.logit_bias, self.logit_bias_preview,
-            widgets.HBox([self.run_button, self.status]), self.error, self.streamed,
-            self.highlighted, self.tabs,
-        ], **kwargs)
+        super().__init__(
+            children=[
+                self.prompt,
+                controls,
+                stop_row,
+                self.logit_bias,
+                self.logit_bias_preview,
+                widgets.HBox([self.run_button, self.status]),
+                self.error,
+                self.streamed,
+                self.highlighted,
+                self.tabs,
+            ],
+            **kwargs,
+        )
 
         self.run_button.on_click(self._on_click)
         for control in self._controls():
@@ -443,21 +543,44 @@ class Playground(widgets.VBox):
 
     # -- state ------------------------------------------------------------------------------------
     def _controls(self) -> list[widgets.ValueWidget]:
-        return [self.prompt, self.model, self.temperature, self.top_p, self.frequency_penalty,
-                self.presence_penalty, self.logprobs, self.max_tokens, self.n, self.best_of,
-                self.seed, self.suffix, self.echo, self.stream, *self.stop, self.logit_bias]
+        return [
+            self.prompt,
+            self.model,
+            self.temperature,
+            self.top_p,
+            self.frequency_penalty,
+            self.presence_penalty,
+            self.logprobs,
+            self.max_tokens,
+            self.n,
+            self.best_of,
+            self.seed,
+            self.suffix,
+            self.echo,
+            self.stream,
+            *self.stop,
+            self.logit_bias,
+        ]
 
     @property
     def state(self) -> dict[str, Any]:
         """The control values, as `playground_request` takes them."""
         return {
-            "prompt": self.prompt.value, "model": self.model.value,
-            "temperature": self.temperature.value, "top_p": self.top_p.value,
+            "prompt": self.prompt.value,
+            "model": self.model.value,
+            "temperature": self.temperature.value,
+            "top_p": self.top_p.value,
             "frequency_penalty": self.frequency_penalty.value,
-            "presence_penalty": self.presence_penalty.value, "logprobs": self.logprobs.value,
-            "max_tokens": self.max_tokens.value, "n": self.n.value, "best_of": self.best_of.value,
-            "seed": self.seed.value, "suffix": self.suffix.value, "echo": self.echo.value,
-            "stream": self.stream.value, "stop": [box.value for box in self.stop],
+            "presence_penalty": self.presence_penalty.value,
+            "logprobs": self.logprobs.value,
+            "max_tokens": self.max_tokens.value,
+            "n": self.n.value,
+            "best_of": self.best_of.value,
+            "seed": self.seed.value,
+            "suffix": self.suffix.value,
+            "echo": self.echo.value,
+            "stream": self.stream.value,
+            "stop": [box.value for box in self.stop],
             "logit_bias": self.logit_bias.value,
         }
 
@@ -475,8 +598,11 @@ class Playground(widgets.VBox):
     def request(self) -> CompletionRequest:
         """The `CompletionRequest` the controls describe; raises `RequestError` if one is bad."""
         state = self.state
-        bias_lines = [line.strip() for line in state["logit_bias"].splitlines()
-                      if line.strip() and not line.strip().startswith("#")]
+        bias_lines = [
+            line.strip()
+            for line in state["logit_bias"].splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
         # The embedded engine is looked up only when the editor is used (it loads the model).
         engine = self._embedded_engine() if bias_lines else None
         encode = self._encode or (engine.encode if engine is not None else None)
@@ -485,9 +611,12 @@ class Playground(widgets.VBox):
             for key in request.logit_bias:
                 if int(key) >= engine.vocab_size:
                     raise RequestError(
-                        "logit_bias", f"logit_bias: token id {key} is not in {engine.model_id}'s "
+                        "logit_bias",
+                        f"logit_bias: token id {key} is not in {engine.model_id}'s "
                         f"vocabulary (ids 0 to {engine.vocab_size - 1})",
-                        allowed=f"token ids from 0 to {engine.vocab_size - 1}", value=key)
+                        allowed=f"token ids from 0 to {engine.vocab_size - 1}",
+                        value=key,
+                    )
         return request
 
     def _on_change(self, change: Any) -> None:
@@ -537,9 +666,9 @@ class Playground(widgets.VBox):
             return None
         self.error.value = ""
         self.streamed.value = ""
-        self.request_view.value = ("<pre>" + html.escape(json.dumps(request.to_body(), indent=2),
-                                                         quote=False)
-                                   + "</pre>")
+        self.request_view.value = (
+            "<pre>" + html.escape(json.dumps(request.to_body(), indent=2), quote=False) + "</pre>"
+        )
         self.run_button.disabled = True
         self.status.value = "<i>running…</i>"
         started = time.perf_counter()
@@ -556,10 +685,12 @@ class Playground(widgets.VBox):
         self.last_error = None
         self.runs += 1
         usage = completion.usage or {}
-        self.status.value = (f"<small>run #{self.runs}: "
-                             f"{usage.get('completion_tokens', '?')} tokens generated, "
-                             f"{usage.get('prompt_tokens', '?')} in the prompt, "
-                             f"{elapsed:.2f} s</small>")
+        self.status.value = (
+            f"<small>run #{self.runs}: "
+            f"{usage.get('completion_tokens', '?')} tokens generated, "
+            f"{usage.get('prompt_tokens', '?')} in the prompt, "
+            f"{elapsed:.2f} s</small>"
+        )
         try:
             self._show_result(completion)
         except Exception as exc:
@@ -581,17 +712,22 @@ class Playground(widgets.VBox):
 
     @staticmethod
     def _streamed_html(texts: Mapping[int, str]) -> str:
-        blocks = [f'<pre style="white-space:pre-wrap;margin:2px 0">'
-                  f'{"[" + str(index) + "] " if len(texts) > 1 else ""}{html.escape(text)}</pre>'
-                  for index, text in sorted(texts.items())]
+        blocks = [
+            f'<pre style="white-space:pre-wrap;margin:2px 0">'
+            f"{'[' + str(index) + '] ' if len(texts) > 1 else ''}{html.escape(text)}</pre>"
+            for index, text in sorted(texts.items())
+        ]
         return "".join(blocks)
 
     def _show_result(self, completion: Completion) -> None:
         from . import plots
 
         choices, tokens, alternatives = completion.frames()
-        for name, frame in (("choices", choices), ("tokens", tokens),
-                            ("alternatives", alternatives)):
+        for name, frame in (
+            ("choices", choices),
+            ("tokens", tokens),
+            ("alternatives", alternatives),
+        ):
             self.frames_tabs[name].value = _frame_html(frame)
         has_logprobs = len(tokens) > 0 and bool(tokens["logprob"].notna().any())
         if has_logprobs:
@@ -602,8 +738,10 @@ class Playground(widgets.VBox):
                 text = _html_of(plots.highlight(tokens, alternatives=alternatives, index=index))
                 blocks.append(f'<div class="nbc-tokens">{label}{text}</div>')
             if len(indices) > MAX_HIGHLIGHTED:
-                blocks.append(f"<small>… and {len(indices) - MAX_HIGHLIGHTED} more choices in the "
-                              "frames</small>")
+                blocks.append(
+                    f"<small>… and {len(indices) - MAX_HIGHLIGHTED} more choices in the "
+                    "frames</small>"
+                )
             self.highlighted.value = "".join(blocks)
             figures = {
                 "token_probabilities": lambda: plots.token_probabilities(tokens),
@@ -614,21 +752,27 @@ class Playground(widgets.VBox):
                 try:
                     self.plot_outputs[name].outputs = (_figure_output(make()),)
                 except Exception as exc:
-                    self.plot_outputs[name].outputs = (_note_output(f"{type(exc).__name__}: "
-                                                                    f"{exc}"),)
+                    self.plot_outputs[name].outputs = (
+                        _note_output(f"{type(exc).__name__}: {exc}"),
+                    )
         else:
-            texts = {int(index): str(text) for index, text in
-                     zip(choices["index"], choices["text"], strict=True)}
+            texts = {
+                int(index): str(text)
+                for index, text in zip(choices["index"], choices["text"], strict=True)
+            }
             self.highlighted.value = self._streamed_html(texts)
             for output in self.plot_outputs.values():
                 output.outputs = (_note_output("set logprobs (0-5) to see token probabilities"),)
 
     def __repr__(self) -> str:
-        return (f"Playground(endpoint={_endpoint(self._client)!r}, "
-                f"model={self.model.value!r}, result={'set' if self.result else 'none'})")
+        return (
+            f"Playground(endpoint={_endpoint(self._client)!r}, "
+            f"model={self.model.value!r}, result={'set' if self.result else 'none'})"
+        )
 
 
 # -- SweepBuilder ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SweepPlan:
@@ -656,46 +800,66 @@ class SweepBuilder(widgets.VBox):
 
     N_AXES = 3
 
-    def __init__(self, client: Client | None = None, *, prompt: str = "",
-                 axes: Mapping[str, str] | None = None, repeats: int = 3, max_tokens: int = 16,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        prompt: str = "",
+        axes: Mapping[str, str] | None = None,
+        repeats: int = 3,
+        max_tokens: int = 16,
+        **kwargs: Any,
+    ) -> None:
         self._client = _default_client(client)
         self.result: SweepResult | None = None
         self.last_error: BaseException | None = None
         models, models_error = _models(self._client)
         self.prompts = widgets.Textarea(
-            value=prompt, placeholder="one prompt per line (\\n for a newline inside one)",
-            layout=widgets.Layout(width="100%", height="5em"))
-        self.model = widgets.Dropdown(options=models, value=(self._client.model if
-                                                             self._client.model in models else
-                                                             (models[0] if models else None)),
-                                      description="model")
-        self.max_tokens = widgets.IntText(value=max_tokens, description="max_tokens",
-                                          style={"description_width": "initial"})
+            value=prompt,
+            placeholder="one prompt per line (\\n for a newline inside one)",
+            layout=widgets.Layout(width="100%", height="5em"),
+        )
+        self.model = widgets.Dropdown(
+            options=models,
+            value=(
+                self._client.model
+                if self._client.model in models
+                else (models[0] if models else None)
+            ),
+            description="model",
+        )
+        self.max_tokens = widgets.IntText(
+            value=max_tokens, description="max_tokens", style={"description_width": "initial"}
+        )
         limits = self._client.limits or Limits()
         cap = limits.max_logprobs if limits.max_logprobs is not None else UNCAPPED_LOGPROBS
-        self.logprobs = widgets.Dropdown(options=[("off", None)] + [(str(k), k) for k in
-                                                                     range(cap + 1)],
-                                         value=min(1, cap), description="logprobs")
+        self.logprobs = widgets.Dropdown(
+            options=[("off", None)] + [(str(k), k) for k in range(cap + 1)],
+            value=min(1, cap),
+            description="logprobs",
+        )
         self.repeats = widgets.IntText(value=repeats, description="repeats")
-        self.cache = widgets.Text(value="", placeholder="blank: no cache",
-                                  description="cache file")
+        self.cache = widgets.Text(value="", placeholder="blank: no cache", description="cache file")
         given = list((axes if axes is not None else {"temperature": "0, 0.5, 1, 1.5"}).items())
         field_options = [("(none)", "")] + [(name, name) for name in SWEEP_FIELDS]
         self.axis_fields: list[widgets.Dropdown] = []
         self.axis_values: list[widgets.Text] = []
         for i in range(self.N_AXES):
             name, values = given[i] if i < len(given) else ("", "")
-            self.axis_fields.append(widgets.Dropdown(options=field_options, value=name,
-                                                     description=f"axis {i + 1}"))
-            self.axis_values.append(widgets.Text(value=values,
-                                                 placeholder="comma-separated values"))
-        self.y = widgets.Dropdown(options=list(SWEEP_METRICS), value="mean_logprob",
-                                  description="plot y")
+            self.axis_fields.append(
+                widgets.Dropdown(options=field_options, value=name, description=f"axis {i + 1}")
+            )
+            self.axis_values.append(
+                widgets.Text(value=values, placeholder="comma-separated values")
+            )
+        self.y = widgets.Dropdown(
+            options=list(SWEEP_METRICS), value="mean_logprob", description="plot y"
+        )
         self.summary = widgets.HTML(value="")
         self.error = widgets.HTML(value="")
-        self.run_button = widgets.Button(description="Run sweep", button_style="primary",
-                                         icon="play")
+        self.run_button = widgets.Button(
+            description="Run sweep", button_style="primary", icon="play"
+        )
         # tqdm's notebook bar is displayed into this Output while a sweep runs.
         self.progress = widgets.Output()
         self.status = widgets.HTML(value="")
@@ -711,15 +875,24 @@ class SweepBuilder(widgets.VBox):
         for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
             _fit(field_box, "6em", "15em")
             values_box.layout.width = "30em"
-        axes_rows = [widgets.HBox([f, v]) for f, v in zip(self.axis_fields, self.axis_values,
-                                                          strict=True)]
-        super().__init__(children=[
-            self.prompts,
-            widgets.HBox([self.model, self.max_tokens, self.logprobs]),
-            widgets.HBox([self.repeats, self.cache]),
-            *axes_rows, self.summary, self.error,
-            widgets.HBox([self.run_button, self.status]), self.progress, self.y, self.plot,
-        ], **kwargs)
+        axes_rows = [
+            widgets.HBox([f, v]) for f, v in zip(self.axis_fields, self.axis_values, strict=True)
+        ]
+        super().__init__(
+            children=[
+                self.prompts,
+                widgets.HBox([self.model, self.max_tokens, self.logprobs]),
+                widgets.HBox([self.repeats, self.cache]),
+                *axes_rows,
+                self.summary,
+                self.error,
+                widgets.HBox([self.run_button, self.status]),
+                self.progress,
+                self.y,
+                self.plot,
+            ],
+            **kwargs,
+        )
         self.run_button.on_click(self._on_click)
         for control in self._controls():
             control.observe(self._on_change, names=["value"])
@@ -730,8 +903,16 @@ class SweepBuilder(widgets.VBox):
             self._on_change(None)
 
     def _controls(self) -> list[widgets.ValueWidget]:
-        return [self.prompts, self.model, self.max_tokens, self.logprobs, self.repeats, self.cache,
-                *self.axis_fields, *self.axis_values]
+        return [
+            self.prompts,
+            self.model,
+            self.max_tokens,
+            self.logprobs,
+            self.repeats,
+            self.cache,
+            *self.axis_fields,
+            *self.axis_values,
+        ]
 
     @property
     def plan(self) -> SweepPlan:
@@ -740,32 +921,48 @@ class SweepBuilder(widgets.VBox):
 
         prompts = [_unescape(line) for line in self.prompts.value.splitlines() if line.strip()]
         if not prompts:
-            raise RequestError("prompt", "give at least one prompt (one per line); got none",
-                               allowed="one or more lines", value=self.prompts.value)
+            raise RequestError(
+                "prompt",
+                "give at least one prompt (one per line); got none",
+                allowed="one or more lines",
+                value=self.prompts.value,
+            )
         axes: dict[str, list[Any]] = {}
         for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
             if not field_box.value:
                 continue
             if field_box.value in axes:
-                raise RequestError(field_box.value, f"{field_box.value} is chosen for two axes",
-                                   allowed="each field on one axis at most", value=field_box.value)
+                raise RequestError(
+                    field_box.value,
+                    f"{field_box.value} is chosen for two axes",
+                    allowed="each field on one axis at most",
+                    value=field_box.value,
+                )
             axes[field_box.value] = parse_values(field_box.value, values_box.value)
-        fields: dict[str, Any] = {"model": self.model.value or None,
-                                  "max_tokens": self.max_tokens.value,
-                                  "logprobs": self.logprobs.value}
+        fields: dict[str, Any] = {
+            "model": self.model.value or None,
+            "max_tokens": self.max_tokens.value,
+            "logprobs": self.logprobs.value,
+        }
         fields = {k: v for k, v in fields.items() if v is not None and k not in axes}
         for name, values in axes.items():
             # A list of strings is ONE stop setting to the API; one list per value makes an axis.
             fields[name] = [[v] for v in values] if name == "stop" else values
         prompt: Any = prompts if len(prompts) > 1 else prompts[0]
         grid = expand_grid(self._client, prompt, repeats=self.repeats.value, **fields)
-        estimate, method = estimate_tokens([point.request for point in grid.points],
-                                           model=self.model.value or grid.model)
+        estimate, method = estimate_tokens(
+            [point.request for point in grid.points], model=self.model.value or grid.model
+        )
         kwargs: dict[str, Any] = {"prompt": prompt, "repeats": self.repeats.value, **fields}
         if self.cache.value.strip():
             kwargs["cache"] = self.cache.value.strip()
-        return SweepPlan(kwargs=kwargs, axes=axes, n_requests=len(grid.points),
-                         token_estimate=estimate, estimate_method=method)
+        return SweepPlan(
+            kwargs=kwargs,
+            axes=axes,
+            n_requests=len(grid.points),
+            token_estimate=estimate,
+            estimate_method=method,
+        )
 
     def _on_change(self, change: Any) -> None:
         try:
@@ -783,7 +980,8 @@ class SweepBuilder(widgets.VBox):
             f"<b>{plan.n_requests:,}</b> requests = {n_prompts} prompt(s)"
             f"{' × ' + html.escape(axes) if axes else ''} × {plan.kwargs['repeats']} repeats; "
             f"at most about <b>{plan.token_estimate:,}</b> tokens "
-            f"<small>(prompts counted by {html.escape(plan.estimate_method)})</small>")
+            f"<small>(prompts counted by {html.escape(plan.estimate_method)})</small>"
+        )
 
     def _show_error(self, exc: BaseException) -> None:
         self.last_error = exc
@@ -823,8 +1021,9 @@ class SweepBuilder(widgets.VBox):
         self.result = result
         self.last_error = None
         failed = f", {result.n_failed} failed" if result.n_failed else ""
-        self.status.value = (f"<small>{len(result):,} requests: {result.n_cached:,} from the "
-                             f"cache{failed}</small>")
+        self.status.value = (
+            f"<small>{len(result):,} requests: {result.n_cached:,} from the cache{failed}</small>"
+        )
         self._show_plot()
         return result
 
@@ -843,8 +1042,7 @@ class SweepBuilder(widgets.VBox):
             return
         axes = [name for name in (box.value for box in self.axis_fields) if name]
         choices = per_choice(self.result.choices, self.result.tokens)
-        several_prompts = ("prompt" in choices.columns
-                           and choices["prompt"].nunique(dropna=True) > 1)
+        several_prompts = "prompt" in choices.columns and choices["prompt"].nunique(dropna=True) > 1
         kwargs: dict[str, Any] = {"y": self.y.value}
         if axes:
             kwargs["x"] = axes[0]
@@ -860,5 +1058,7 @@ class SweepBuilder(widgets.VBox):
 
     def __repr__(self) -> str:
         axes = [box.value for box in self.axis_fields if box.value]
-        return (f"SweepBuilder(endpoint={_endpoint(self._client)!r}, axes={axes!r}, "
-                f"result={'set' if self.result else 'none'})")
+        return (
+            f"SweepBuilder(endpoint={_endpoint(self._client)!r}, axes={axes!r}, "
+            f"result={'set' if self.result else 'none'})"
+        )

@@ -27,13 +27,15 @@ def strip(notebook: dict[str, Any]) -> dict[str, Any]:
     out["metadata"] = {k: v for k, v in notebook.get("metadata", {}).items() if k in KEEP_METADATA}
     if "language_info" in out["metadata"]:
         # Only the language name is stable; the version differs between machines.
-        out["metadata"]["language_info"] = {"name": out["metadata"]["language_info"].get("name",
-                                                                                       "python")}
+        out["metadata"]["language_info"] = {
+            "name": out["metadata"]["language_info"].get("name", "python")
+        }
     cells = []
     for cell in notebook.get("cells", []):
         cell = dict(cell)
-        cell["metadata"] = {k: v for k, v in cell.get("metadata", {}).items()
-                            if k in KEEP_CELL_METADATA}
+        cell["metadata"] = {
+            k: v for k, v in cell.get("metadata", {}).items() if k in KEEP_CELL_METADATA
+        }
         if cell.get("cell_type") == "code":
             cell["outputs"] = []
             cell["execution_count"] = None
@@ -50,8 +52,11 @@ def dumps(notebook: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*", type=Path)
-    parser.add_argument("--check", action="store_true",
-                        help="change nothing; exit 1 if a notebook has outputs or run metadata")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; exit 1 if a notebook has outputs or run metadata",
+    )
     args = parser.parse_args(argv)
     paths = args.paths or sorted((ROOT / "notebooks").glob("*.ipynb"))
     dirty = []

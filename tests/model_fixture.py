@@ -47,9 +47,12 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(TEXT, trainer)
     assert tokenizer.get_vocab_size() == VOCAB
     tokenizer.save(str(directory / "tokenizer.json"))
@@ -63,17 +66,27 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     def rand(*shape: int, scale: float = 0.3, mean: float = 0.0) -> np.ndarray:
         return (mean + scale * rng.standard_normal(shape)).astype(np.float16)
 
-    tensors = {"transformer.wte.weight": rand(VOCAB, d), "transformer.wpe.weight": rand(ctx, d),
-               "transformer.ln_f.weight": rand(d, mean=1.0), "transformer.ln_f.bias": rand(d)}
+    tensors = {
+        "transformer.wte.weight": rand(VOCAB, d),
+        "transformer.wpe.weight": rand(ctx, d),
+        "transformer.ln_f.weight": rand(d, mean=1.0),
+        "transformer.ln_f.bias": rand(d),
+    }
     for i in range(layers):
         p = f"transformer.h.{i}."
         tensors |= {
-            p + "ln_1.weight": rand(d, mean=1.0), p + "ln_1.bias": rand(d),
-            p + "attn.c_attn.weight": rand(d, 3 * d), p + "attn.c_attn.bias": rand(3 * d),
-            p + "attn.c_proj.weight": rand(d, d), p + "attn.c_proj.bias": rand(d),
-            p + "ln_2.weight": rand(d, mean=1.0), p + "ln_2.bias": rand(d),
-            p + "mlp.c_fc.weight": rand(d, 4 * d), p + "mlp.c_fc.bias": rand(4 * d),
-            p + "mlp.c_proj.weight": rand(4 * d, d), p + "mlp.c_proj.bias": rand(d),
+            p + "ln_1.weight": rand(d, mean=1.0),
+            p + "ln_1.bias": rand(d),
+            p + "attn.c_attn.weight": rand(d, 3 * d),
+            p + "attn.c_attn.bias": rand(3 * d),
+            p + "attn.c_proj.weight": rand(d, d),
+            p + "attn.c_proj.bias": rand(d),
+            p + "ln_2.weight": rand(d, mean=1.0),
+            p + "ln_2.bias": rand(d),
+            p + "mlp.c_fc.weight": rand(d, 4 * d),
+            p + "mlp.c_fc.bias": rand(4 * d),
+            p + "mlp.c_proj.weight": rand(4 * d, d),
+            p + "mlp.c_proj.bias": rand(d),
         }
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(CONFIG, indent=2), encoding="utf-8")

@@ -31,9 +31,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "05_playground.ipynb"
 CHROMIUM = os.environ.get("NBC_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
 # Generous: the machine running CI may be slow and the kernel imports pandas, plotly and the model.
 RENDER_TIMEOUT_MS = 180_000
 
@@ -48,8 +54,9 @@ def _free_port() -> int:
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A JupyterLab server on loopback with the playground notebook; yields the notebook's URL."""
     if not Path(CHROMIUM).exists():
-        reason = (f"chromium is not installed at {CHROMIUM} (install it: apt-get install -y "
-                  "chromium)")
+        reason = (
+            f"chromium is not installed at {CHROMIUM} (install it: apt-get install -y chromium)"
+        )
         if os.environ.get("NBC_REQUIRE_BROWSER") == "1":  # CI sets this: never skip silently
             pytest.fail(reason)
         pytest.skip(reason)
@@ -61,7 +68,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     settings.mkdir(parents=True)
     # No "receive Jupyter news?" toast over the page (it would also try to reach the internet).
     (settings / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+        json.dumps({"fetchNews": "false", "checkForUpdates": False})
+    )
     port = _free_port()
     token = secrets.token_hex(16)
     env = dict(os.environ)
@@ -69,40 +77,63 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env.pop(var, None)
     # A private Jupyter config/data/runtime so that nothing of the user's leaks in (kernelspecs, lab
     # settings); the venv's own lab extensions and python3 kernel are still found under sys.prefix.
-    env.update(JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_DATA_DIR=str(base / "data"),
-               JUPYTER_RUNTIME_DIR=str(base / "runtime"), IPYTHONDIR=str(base / "ipython"),
-               JUPYTER_PLATFORM_DIRS="1", PYTHONPATH=str(ROOT))
+    env.update(
+        JUPYTER_CONFIG_DIR=str(base / "config"),
+        JUPYTER_DATA_DIR=str(base / "data"),
+        JUPYTER_RUNTIME_DIR=str(base / "runtime"),
+        IPYTHONDIR=str(base / "ipython"),
+        JUPYTER_PLATFORM_DIRS="1",
+        PYTHONPATH=str(ROOT),
+    )
     log = open(base / "lab.log", "w")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
-         "--ServerApp.port_retries=0", "--ServerApp.terminals_enabled=False",
-         # CI containers run as root; the server binds loopback only.
-         "--allow-root",
-         # Nothing may reach the internet: no extension-manager queries to PyPI, no news feed.
-         "--LabApp.extension_manager=readonly",
-         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-         f"--LabServerApp.user_settings_dir={base / 'settings'}",
-         f"--LabServerApp.workspaces_dir={base / 'workspaces'}"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "lab",
+            "--no-browser",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            f"--IdentityProvider.token={token}",
+            "--ServerApp.port_retries=0",
+            "--ServerApp.terminals_enabled=False",
+            # CI containers run as root; the server binds loopback only.
+            "--allow-root",
+            # Nothing may reach the internet: no extension-manager queries to PyPI, no news feed.
+            "--LabApp.extension_manager=readonly",
+            f"--ServerApp.root_dir={root}",
+            "--LabApp.expose_app_in_browser=True",
+            "--LabApp.news_url=",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            f"--LabServerApp.user_settings_dir={base / 'settings'}",
+            f"--LabServerApp.workspaces_dir={base / 'workspaces'}",
+        ],
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"jupyter lab exited ({proc.returncode}):\n"
-                                   f"{(base / 'lab.log').read_text()}")
+                raise RuntimeError(
+                    f"jupyter lab exited ({proc.returncode}):\n{(base / 'lab.log').read_text()}"
+                )
             try:
-                if httpx.get(f"{url}/api/status", params={"token": token},
-                             timeout=2.0).status_code == 200:
+                if (
+                    httpx.get(f"{url}/api/status", params={"token": token}, timeout=2.0).status_code
+                    == 200
+                ):
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError("jupyter lab did not answer within 120 s:\n"
-                                   f"{(base / 'lab.log').read_text()}")
+                raise RuntimeError(
+                    f"jupyter lab did not answer within 120 s:\n{(base / 'lab.log').read_text()}"
+                )
             time.sleep(0.25)
         yield f"{url}/lab/tree/{NOTEBOOK.name}?token={token}&reset"
     finally:
@@ -130,8 +161,10 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             console_errors: list[str] = []
-            page.on("console", lambda msg: console_errors.append(msg.text)
-                    if msg.type == "error" else None)
+            page.on(
+                "console",
+                lambda msg: console_errors.append(msg.text) if msg.type == "error" else None,
+            )
             page.goto(lab)
             # The notebook is open and its kernel has started.
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=RENDER_TIMEOUT_MS)
@@ -141,7 +174,8 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
                 " && w.sessionContext.session.kernel"
                 " && w.sessionContext.session.kernel.connectionStatus === 'connected'"
                 " && w.sessionContext.session.kernel.status === 'idle'; }",
-                timeout=RENDER_TIMEOUT_MS)
+                timeout=RENDER_TIMEOUT_MS,
+            )
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
 
             # The Playground: its Run button, its controls, and the highlighted completion that the
@@ -153,11 +187,13 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
             # A plotly figure, drawn by plotly.js through the JupyterLab extension (the notebook
             # shows one directly; the Playground's own sit in tabs not yet selected).
             page.locator(".js-plotly-plot .main-svg >> visible=true").first.wait_for(
-                timeout=RENDER_TIMEOUT_MS)
+                timeout=RENDER_TIMEOUT_MS
+            )
             page.wait_for_function(
                 "() => { const w = window.jupyterapp.shell.currentWidget;"
                 " return w.sessionContext.session.kernel.status === 'idle'; }",
-                timeout=RENDER_TIMEOUT_MS)
+                timeout=RENDER_TIMEOUT_MS,
+            )
             _shot(page, "playground-after-run-all.png")
 
             # Hovering a token shows its alternatives: a native tooltip (title), which JupyterLab's
@@ -175,7 +211,8 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
             assert "run #1:" in status.inner_text()
             run_button.click()
             page.locator(".nbc-status", has_text="run #2:").first.wait_for(
-                timeout=RENDER_TIMEOUT_MS)
+                timeout=RENDER_TIMEOUT_MS
+            )
             _shot(page, "playground-after-click.png")
 
             # The Playground's plot tab: a figure inside the widget's Output, rendered by the same

@@ -44,8 +44,12 @@ def test_key_ignores_json_spelling_and_streaming() -> None:
     a = CompletionRequest(prompt="x", logit_bias={"5": 1, "7": -1})
     b = CompletionRequest(prompt="x", logit_bias={"7": -1, "5": 1})
     assert cache_key("e", "m", a, 0) == cache_key("e", "m", b, 0)
-    streamed = CompletionRequest(prompt="x", logit_bias={"5": 1, "7": -1}, stream=True,
-                                 stream_options={"include_usage": True})
+    streamed = CompletionRequest(
+        prompt="x",
+        logit_bias={"5": 1, "7": -1},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     assert cache_key("e", "m", streamed, 0) == cache_key("e", "m", a, 0)
     # The request's own model wins over the client's default, as on the wire.
     named = CompletionRequest(prompt="x", model="m")
@@ -54,9 +58,12 @@ def test_key_ignores_json_spelling_and_streaming() -> None:
 
 def test_put_get_persist_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "c.sqlite"
-    response = {"id": "cmpl-1", "choices": [{"text": "hi", "index": 0}],
-                "usage": {"total_tokens": 3},
-                "weird": float("-inf")}
+    response = {
+        "id": "cmpl-1",
+        "choices": [{"text": "hi", "index": 0}],
+        "usage": {"total_tokens": 3},
+        "weird": float("-inf"),
+    }
     with Cache(path) as cache:
         assert len(cache) == 0
         assert cache.get("k") is None

@@ -35,8 +35,16 @@ def test_serve_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
-    for option in ("--host", "--port", "--api-key", "--max-tokens-cap", "--max-body-bytes",
-                   "--log-level", "NBCOMPLETIONS_API_KEY", "127.0.0.1"):
+    for option in (
+        "--host",
+        "--port",
+        "--api-key",
+        "--max-tokens-cap",
+        "--max-body-bytes",
+        "--log-level",
+        "NBCOMPLETIONS_API_KEY",
+        "127.0.0.1",
+    ):
         assert option in out
 
 
@@ -45,18 +53,22 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
     assert "usage: nbcompletions" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("argv", "complaint"), [
-    (["serve", "--port", "70000"], "65535"),
-    (["serve", "--port", "http"], "65535"),
-    (["serve", "--max-tokens-cap", "0"], ">= 1"),
-    (["serve", "--log-level", "loud"], "invalid choice"),
-    # An unset shell variable ("--api-key $KEY") must not start a server without a key.
-    (["serve", "--api-key", ""], "non-empty"),
-    (["serve", "--api-key", "  "], "non-empty"),
-    (["fly"], "invalid choice"),
-])
-def test_bad_arguments_exit_2_saying_why(capsys: pytest.CaptureFixture[str], argv: list[str],
-                                         complaint: str) -> None:
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["serve", "--port", "70000"], "65535"),
+        (["serve", "--port", "http"], "65535"),
+        (["serve", "--max-tokens-cap", "0"], ">= 1"),
+        (["serve", "--log-level", "loud"], "invalid choice"),
+        # An unset shell variable ("--api-key $KEY") must not start a server without a key.
+        (["serve", "--api-key", ""], "non-empty"),
+        (["serve", "--api-key", "  "], "non-empty"),
+        (["fly"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_exit_2_saying_why(
+    capsys: pytest.CaptureFixture[str], argv: list[str], complaint: str
+) -> None:
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
@@ -66,21 +78,56 @@ def test_bad_arguments_exit_2_saying_why(capsys: pytest.CaptureFixture[str], arg
 def test_serve_arguments_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(nbcompletions.server, "serve", lambda **kwargs: calls.append(kwargs))
-    assert main(["serve", "--port", "0", "--api-key", "k1", "--max-tokens-cap", "64",
-                 "--max-body-bytes", "5000", "--log-level", "warning", "--no-access-log"]) == 0
-    assert calls == [{"host": "127.0.0.1", "port": 0, "api_key": "k1", "max_tokens_cap": 64,
-                      "max_body_bytes": 5000, "log_level": "warning", "access_log": False}]
+    assert (
+        main(
+            [
+                "serve",
+                "--port",
+                "0",
+                "--api-key",
+                "k1",
+                "--max-tokens-cap",
+                "64",
+                "--max-body-bytes",
+                "5000",
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ]
+        )
+        == 0
+    )
+    assert calls == [
+        {
+            "host": "127.0.0.1",
+            "port": 0,
+            "api_key": "k1",
+            "max_tokens_cap": 64,
+            "max_body_bytes": 5000,
+            "log_level": "warning",
+            "access_log": False,
+        }
+    ]
     calls.clear()
     assert main(["serve"]) == 0
     assert calls[0]["api_key"] is None  # serve() reads NBCOMPLETIONS_API_KEY itself
     assert calls[0]["max_tokens_cap"] == nbcompletions.server.DEFAULT_MAX_TOKENS_CAP
 
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("127.1.2.3", True), ("::1", True), ("[::1]", True),
-    ("localhost", True), ("0.0.0.0", False), ("::", False), ("192.168.1.20", False),
-    ("example.com", False),
-])
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("example.com", False),
+    ],
+)
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
@@ -106,8 +153,9 @@ def uvicorn_configs(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return configs
 
 
-def test_serving_beyond_loopback_without_a_key_warns(uvicorn_configs: list[Any],
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_serving_beyond_loopback_without_a_key_warns(
+    uvicorn_configs: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="nbcompletions"):
         serve(host="0.0.0.0", port=8123, engine=_Engine())
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -118,8 +166,8 @@ def test_serving_beyond_loopback_without_a_key_warns(uvicorn_configs: list[Any],
 
 
 def test_key_from_the_environment_is_used_and_never_logged(
-        uvicorn_configs: list[Any], caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    uvicorn_configs: list[Any], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("NBCOMPLETIONS_API_KEY", "sk-env-key-77")
     with caplog.at_level(logging.DEBUG, logger="nbcompletions"):
         serve(host="0.0.0.0", port=8123, engine=_Engine())
@@ -147,8 +195,9 @@ def test_serve_rejects_bad_settings(uvicorn_configs: list[Any]) -> None:
     assert uvicorn_configs == []
 
 
-def test_missing_model_files_fail_with_a_message(monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_model_files_fail_with_a_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     def no_files(**kwargs: Any) -> None:
         raise FileNotFoundError("model files missing in /nowhere: model.safetensors")
 
@@ -173,22 +222,30 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-@pytest.mark.parametrize(("stop", "status"), [
-    # uvicorn shuts down gracefully, then re-raises the signal: SIGTERM ends the process by that
-    # signal (as `kill` expects); Ctrl-C ends it with the shell's 130, without a traceback.
-    # uvicorn before 0.29 exited 0 instead.
-    (signal.SIGTERM, {0, -signal.SIGTERM}),
-    (signal.SIGINT, {0, 130}),
-])
+@pytest.mark.parametrize(
+    ("stop", "status"),
+    [
+        # uvicorn shuts down gracefully, then re-raises the signal: SIGTERM ends the process by that
+        # signal (as `kill` expects); Ctrl-C ends it with the shell's 130, without a traceback.
+        # uvicorn before 0.29 exited 0 instead.
+        (signal.SIGTERM, {0, -signal.SIGTERM}),
+        (signal.SIGINT, {0, 130}),
+    ],
+)
 def test_serve_process_logs_its_url_and_shuts_down_cleanly(
-        tmp_path: Path, embedded_engine: Any, stop: int, status: set[int]) -> None:
+    tmp_path: Path, embedded_engine: Any, stop: int, status: set[int]
+) -> None:
     # embedded_engine: skips, as it does, while the weights are missing (serve preloads them).
     port = _free_port()
     log = tmp_path / "serve.log"
     env = {**os.environ, "NBCOMPLETIONS_API_KEY": "sk-process-key-9"}
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nbcompletions", "serve", "--port",
-                                 str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbcompletions", "serve", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -34,10 +34,16 @@ KEY = "sk-test-0123456789abcdefSECRET"
 
 
 def completion_body(text: str = "ok", model: str = "m", n: int = 1) -> dict[str, Any]:
-    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": model,
-            "choices": [{"text": text, "index": i, "logprobs": None, "finish_reason": "stop"}
-                        for i in range(n)],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {"text": text, "index": i, "logprobs": None, "finish_reason": "stop"} for i in range(n)
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
 
 
 def make_client(handler: Callable[[httpx.Request], Any], **kw: Any) -> Client:
@@ -77,18 +83,26 @@ def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 def test_complete_sends_the_validated_body_and_returns_a_completion() -> None:
     script = Script(httpx.Response(200, json=completion_body("hi", n=2)))
     with make_client(script) as client:
-        completion = client.complete("Hello", max_tokens=3, n=2, temperature=0.5,
-                                     extra={"top_k": 4})
+        completion = client.complete(
+            "Hello", max_tokens=3, n=2, temperature=0.5, extra={"top_k": 4}
+        )
     assert isinstance(completion, Completion)
     assert completion.text == "hi"
     assert completion.usage == {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-    assert completion.request == CompletionRequest(prompt="Hello", model="m", max_tokens=3, n=2,
-                                                   temperature=0.5, extra={"top_k": 4})
+    assert completion.request == CompletionRequest(
+        prompt="Hello", model="m", max_tokens=3, n=2, temperature=0.5, extra={"top_k": 4}
+    )
     sent = script.requests[0]
     assert sent.method == "POST"
     assert str(sent.url) == "http://test/v1/completions"
-    assert json.loads(sent.content) == {"model": "m", "prompt": "Hello", "max_tokens": 3, "n": 2,
-                                        "temperature": 0.5, "top_k": 4}
+    assert json.loads(sent.content) == {
+        "model": "m",
+        "prompt": "Hello",
+        "max_tokens": 3,
+        "n": 2,
+        "temperature": 0.5,
+        "top_k": 4,
+    }
     assert sent.headers["content-type"] == "application/json"
     assert "authorization" not in sent.headers  # a base URL without a key is fine
 
@@ -103,8 +117,9 @@ def test_model_given_per_call_overrides_the_client_model() -> None:
 def test_invalid_fields_fail_before_any_network_io() -> None:
     script = Script(httpx.Response(200, json=completion_body()))
     with make_client(script) as client:
-        with pytest.raises(RequestError,
-                           match=r"temperature must be a number from 0 to 2; got 3\.5"):
+        with pytest.raises(
+            RequestError, match=r"temperature must be a number from 0 to 2; got 3\.5"
+        ):
             client.complete("x", temperature=3.5)
         with pytest.raises(TypeError, match=r"'temprature' \(did you mean 'temperature'\?\)"):
             client.complete("x", temprature=0.5)
@@ -136,8 +151,15 @@ def test_limits_are_a_client_setting() -> None:
 
 
 def test_models_lists_ids() -> None:
-    script = Script(httpx.Response(200, json={"object": "list", "data": [
-        {"id": "a", "object": "model"}, {"id": "b", "object": "model"}]}))
+    script = Script(
+        httpx.Response(
+            200,
+            json={
+                "object": "list",
+                "data": [{"id": "a", "object": "model"}, {"id": "b", "object": "model"}],
+            },
+        )
+    )
     with make_client(script) as client:
         assert client.models() == ["a", "b"]
     assert script.requests[0].method == "GET"
@@ -177,8 +199,9 @@ def test_default_timeout_is_the_sdks() -> None:
     assert (timeout.read, timeout.connect) == (600.0, 5.0)
 
 
-def test_embedded_server_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
-                                                  tmp_path: Any) -> None:
+def test_embedded_server_missing_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
     import nbcompletions.model
 
     monkeypatch.setattr(nbcompletions.model, "FILES_DIR", tmp_path)
@@ -186,11 +209,20 @@ def test_embedded_server_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
         Client()
 
 
-@pytest.mark.parametrize("bad", [
-    {"max_retries": -1}, {"max_concurrency": 0}, {"timeout": -5}, {"vocab_size": 0},
-    {"vocab_size": True}, {"vocab_size": 5.5}, {"base_url": "ftp://x"}, {"base_url": []},
-    {"limits": {"max_logprobs": 20}},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_retries": -1},
+        {"max_concurrency": 0},
+        {"timeout": -5},
+        {"vocab_size": 0},
+        {"vocab_size": True},
+        {"vocab_size": 5.5},
+        {"base_url": "ftp://x"},
+        {"base_url": []},
+        {"limits": {"max_logprobs": 20}},
+    ],
+)
 def test_bad_client_settings_name_the_setting(bad: dict[str, Any]) -> None:
     name = next(iter(bad))
     kw = {"base_url": "http://test/v1", **bad}
@@ -200,9 +232,17 @@ def test_bad_client_settings_name_the_setting(bad: dict[str, Any]) -> None:
 
 # -- retries ---------------------------------------------------------------------------------------
 def test_429_storm_honours_retry_after_then_gives_up(delays: list[float]) -> None:
-    too_many = httpx.Response(429, headers={"retry-after": "2"},
-                              json={"error": {"message": "Rate limit reached",
-                                              "type": "requests", "code": "rate_limit_exceeded"}})
+    too_many = httpx.Response(
+        429,
+        headers={"retry-after": "2"},
+        json={
+            "error": {
+                "message": "Rate limit reached",
+                "type": "requests",
+                "code": "rate_limit_exceeded",
+            }
+        },
+    )
     script = Script(too_many)
     with make_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
@@ -212,16 +252,21 @@ def test_429_storm_honours_retry_after_then_gives_up(delays: list[float]) -> Non
 
 
 def test_429_then_success(delays: list[float]) -> None:
-    script = Script(httpx.Response(429, headers={"retry-after-ms": "1500", "retry-after": "9"}),
-                    httpx.Response(200, json=completion_body("done")))
+    script = Script(
+        httpx.Response(429, headers={"retry-after-ms": "1500", "retry-after": "9"}),
+        httpx.Response(200, json=completion_body("done")),
+    )
     with make_client(script) as client:
         assert client.complete("x").text == "done"
     assert delays == [1.5]  # retry-after-ms wins over retry-after
 
 
 def test_500_then_success_uses_jittered_backoff(delays: list[float]) -> None:
-    script = Script(httpx.Response(500, text="oops"), httpx.Response(503, text="oops"),
-                    httpx.Response(200, json=completion_body("fine")))
+    script = Script(
+        httpx.Response(500, text="oops"),
+        httpx.Response(503, text="oops"),
+        httpx.Response(200, json=completion_body("fine")),
+    )
     with make_client(script) as client:
         assert client.complete("x").text == "fine"
     assert len(delays) == 2
@@ -252,8 +297,10 @@ def test_x_should_retry_overrides_the_status(delays: list[float]) -> None:
     with make_client(script) as client, pytest.raises(APIError):
         client.complete("x")
     assert len(script.requests) == 1
-    script = Script(httpx.Response(400, headers={"x-should-retry": "true"}, text="again"),
-                    httpx.Response(200, json=completion_body()))
+    script = Script(
+        httpx.Response(400, headers={"x-should-retry": "true"}, text="again"),
+        httpx.Response(200, json=completion_body()),
+    )
     with make_client(script) as client:
         client.complete("x")
     assert len(script.requests) == 2
@@ -276,8 +323,11 @@ def test_retryable_statuses(status: int, delays: list[float]) -> None:
 
 
 def test_connection_errors_and_timeouts_are_retried(delays: list[float]) -> None:
-    script = Script(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"),
-                    httpx.Response(200, json=completion_body()))
+    script = Script(
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+        httpx.Response(200, json=completion_body()),
+    )
     with make_client(script) as client:
         client.complete("x")
     assert len(script.requests) == 3
@@ -303,9 +353,11 @@ def test_malformed_json_body_is_an_api_error_and_not_retried(delays: list[float]
 
 
 def test_html_502_page_becomes_a_readable_message(delays: list[float]) -> None:
-    page = ("<html><head><title>502 Bad Gateway</title><style>body{color:red}</style></head>"
-            "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx/1.25</center>"
-            "</body></html>")
+    page = (
+        "<html><head><title>502 Bad Gateway</title><style>body{color:red}</style></head>"
+        "<body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx/1.25</center>"
+        "</body></html>"
+    )
     script = Script(httpx.Response(502, text=page, headers={"content-type": "text/html"}))
     with make_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
@@ -317,18 +369,48 @@ def test_html_502_page_becomes_a_readable_message(delays: list[float]) -> None:
 
 # -- error bodies ----------------------------------------------------------------------------------
 ERROR_BODIES = {
-    "openai": ({"error": {"message": "temperature must be <= 2", "type": "invalid_request_error",
-                          "param": "temperature", "code": None}},
-               ("temperature must be <= 2", "invalid_request_error", "temperature", None)),
-    "vllm": ({"error": {"message": "bad logprobs", "type": "BadRequestError",
-                        "param": "logprobs", "code": 400}},
-             ("bad logprobs", "BadRequestError", "logprobs", "400")),
-    "vllm-flat": ({"object": "error", "message": "The model `x` does not exist.",
-                   "type": "NotFoundError", "param": None, "code": 404},
-                  ("The model `x` does not exist.", "NotFoundError", None, "404")),
-    "llamacpp": ({"error": {"code": 400, "message": "echo is not supported",
-                            "type": "invalid_request_error"}},
-                 ("echo is not supported", "invalid_request_error", None, "400")),
+    "openai": (
+        {
+            "error": {
+                "message": "temperature must be <= 2",
+                "type": "invalid_request_error",
+                "param": "temperature",
+                "code": None,
+            }
+        },
+        ("temperature must be <= 2", "invalid_request_error", "temperature", None),
+    ),
+    "vllm": (
+        {
+            "error": {
+                "message": "bad logprobs",
+                "type": "BadRequestError",
+                "param": "logprobs",
+                "code": 400,
+            }
+        },
+        ("bad logprobs", "BadRequestError", "logprobs", "400"),
+    ),
+    "vllm-flat": (
+        {
+            "object": "error",
+            "message": "The model `x` does not exist.",
+            "type": "NotFoundError",
+            "param": None,
+            "code": 404,
+        },
+        ("The model `x` does not exist.", "NotFoundError", None, "404"),
+    ),
+    "llamacpp": (
+        {
+            "error": {
+                "code": 400,
+                "message": "echo is not supported",
+                "type": "invalid_request_error",
+            }
+        },
+        ("echo is not supported", "invalid_request_error", None, "400"),
+    ),
     "string-error": ({"error": "model overloaded"}, ("model overloaded", None, None, None)),
     "fastapi": ({"detail": "Not Found"}, ("Not Found", None, None, None)),
 }
@@ -342,7 +424,12 @@ def test_error_bodies_are_normalised(shape: str) -> None:
         client.complete("x")
     error = info.value
     assert (error.status, error.message, error.type, error.param, error.code) == (
-        400, message, type_, param, code)
+        400,
+        message,
+        type_,
+        param,
+        code,
+    )
     assert error.body == body
     assert error.headers["x-request-id"] == "req-9"
 
@@ -374,8 +461,9 @@ async def test_max_concurrency_caps_requests_in_flight() -> None:
         for _ in range(200):  # loop turns for every request that could start to reach the gate
             await asyncio.sleep(0)
 
-    client = AsyncClient("http://test/v1", model="m", max_concurrency=3,
-                         transport=httpx.MockTransport(handler))
+    client = AsyncClient(
+        "http://test/v1", model="m", max_concurrency=3, transport=httpx.MockTransport(handler)
+    )
     async with client:
         batch = asyncio.gather(*(client.complete(f"p{i}") for i in range(12)))
         await settle()
@@ -394,8 +482,11 @@ async def test_replicas_share_the_load() -> None:
         await asyncio.sleep(0.01)
         return httpx.Response(200, json=completion_body())
 
-    client = AsyncClient(["http://a/v1", "http://b/v1", "http://c/v1"], model="m",
-                         transport=httpx.MockTransport(handler))
+    client = AsyncClient(
+        ["http://a/v1", "http://b/v1", "http://c/v1"],
+        model="m",
+        transport=httpx.MockTransport(handler),
+    )
     async with client:
         await asyncio.gather(*(client.complete("x") for _ in range(9)))
         for _ in range(3):
@@ -444,13 +535,23 @@ def test_the_key_never_shows(caplog: pytest.LogCaptureFixture, delays: list[floa
     caplog.set_level(logging.DEBUG)
     for name in ("httpx", "httpcore", "nbcompletions"):
         logging.getLogger(name).setLevel(logging.DEBUG)
-    echoed = {"error": {"message": f"Incorrect API key provided: {KEY}. You can find yours at ...",
-                        "type": "invalid_request_error", "param": None,
-                        "code": "invalid_api_key"}}
+    echoed = {
+        "error": {
+            "message": f"Incorrect API key provided: {KEY}. You can find yours at ...",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
     script = Script(httpx.Response(500, text="oops"), httpx.Response(401, json=echoed))
     client = make_client(script, api_key=KEY, headers={"X-Trace": "1"})
-    for text in (repr(client), str(client), repr(client.async_client), repr(vars(client)),
-                 repr(vars(client.async_client))):
+    for text in (
+        repr(client),
+        str(client),
+        repr(client.async_client),
+        repr(vars(client)),
+        repr(vars(client.async_client)),
+    ):
         assert KEY not in text
     with pytest.raises(TypeError) as pickled:
         pickle.dumps(client)
@@ -462,8 +563,14 @@ def test_the_key_never_shows(caplog: pytest.LogCaptureFixture, delays: list[floa
     error = info.value
     assert error.status == 401
     assert error.code == "invalid_api_key"
-    for text in (str(error), repr(error), error.message, json.dumps(error.body),
-                 repr(error.headers), repr(error.args)):
+    for text in (
+        str(error),
+        repr(error),
+        error.message,
+        json.dumps(error.body),
+        repr(error.headers),
+        repr(error.args),
+    ):
         assert KEY not in text
     assert "***" in error.message
     # The key was sent, and nothing logged at DEBUG (ours, httpx's, httpcore's) shows it.
@@ -481,10 +588,12 @@ def test_credentials_in_a_url_are_hidden_in_repr() -> None:
 
 
 def test_credentials_in_a_url_are_sent_as_basic_auth_and_never_logged(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # httpx logs every request's URL at INFO: the userinfo must not be part of that URL.
-    script = Script(httpx.Response(200, json=completion_body()),
-                    httpx.Response(200, text="data: [DONE]\n\n"))
+    script = Script(
+        httpx.Response(200, json=completion_body()), httpx.Response(200, text="data: [DONE]\n\n")
+    )
     caplog.set_level(logging.DEBUG)
     with make_client(script, base_url="http://user:pa55@host/v1") as client:
         client.complete("x")
@@ -501,8 +610,11 @@ def test_credentials_in_a_url_are_sent_as_basic_auth_and_never_logged(
 
 # -- the sync and async APIs are twins -----------------------------------------------------------
 def _public_methods(cls: type) -> dict[str, inspect.Signature]:
-    return {name: inspect.signature(member) for name, member in vars(cls).items()
-            if not name.startswith("_") and callable(member)}
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(cls).items()
+        if not name.startswith("_") and callable(member)
+    }
 
 
 def test_sync_and_async_clients_have_the_same_methods_and_signatures() -> None:
@@ -521,10 +633,12 @@ def test_sync_and_async_clients_have_the_same_methods_and_signatures() -> None:
     for name in ("complete", "complete_request", "models", "score", "capabilities", "close"):
         assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
         assert not inspect.iscoroutinefunction(getattr(Client, name)), name
-    properties = {name for name, member in vars(AsyncClient).items()
-                  if isinstance(member, property)}
-    assert properties <= {name for name, member in vars(Client).items()
-                          if isinstance(member, property)}
+    properties = {
+        name for name, member in vars(AsyncClient).items() if isinstance(member, property)
+    }
+    assert properties <= {
+        name for name, member in vars(Client).items() if isinstance(member, property)
+    }
 
 
 def test_score_and_capabilities_delegate_to_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -549,8 +663,11 @@ def test_score_and_capabilities_delegate_to_scoring(monkeypatch: pytest.MonkeyPa
 
 
 @settings(max_examples=200, deadline=None)
-@given(retries=st.integers(0, 2000), rand=st.floats(0, 1),
-       asked=st.one_of(st.none(), st.floats(-100, 200, allow_nan=False)))
+@given(
+    retries=st.integers(0, 2000),
+    rand=st.floats(0, 1),
+    asked=st.one_of(st.none(), st.floats(-100, 200, allow_nan=False)),
+)
 def test_retry_delay_is_bounded(retries: int, rand: float, asked: float | None) -> None:
     headers = {} if asked is None else {"retry-after": repr(asked)}
     delay = _retry.retry_delay(retries, headers, rand=rand)

@@ -14,11 +14,18 @@ from nbcompletions import APIError, AsyncClient, Completion, CompletionRequest
 from nbcompletions.server import StreamingASGITransport
 
 RAW = {
-    "id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+    "id": "cmpl-1",
+    "object": "text_completion",
+    "created": 1,
+    "model": "m",
     "choices": [
         {"text": " second", "index": 1, "logprobs": None, "finish_reason": "length"},
-        {"text": " <first> & more " + "x" * 80, "index": 0, "logprobs": None,
-         "finish_reason": "stop"},
+        {
+            "text": " <first> & more " + "x" * 80,
+            "index": 0,
+            "logprobs": None,
+            "finish_reason": "stop",
+        },
     ],
     "usage": {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10},
 }
@@ -53,7 +60,8 @@ def test_repr_and_html_are_short_and_build_no_frames() -> None:
 
 
 def test_frames_are_built_once_with_the_request_and_vocab_size(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import nbcompletions._frames as frames
 
     calls: list[Any] = []
@@ -66,7 +74,10 @@ def test_frames_are_built_once_with_the_request_and_vocab_size(
     request = CompletionRequest(prompt="p")
     completion = Completion(RAW, request, vocab_size=4096)
     assert (completion.choices, completion.tokens, completion.alternatives) == (
-        "choices", "tokens", "alternatives")
+        "choices",
+        "tokens",
+        "alternatives",
+    )
     assert completion.frames() == ("choices", "tokens", "alternatives")
     assert calls == [(RAW, request, 4096)]
 
@@ -86,8 +97,12 @@ def test_the_raw_response_is_copied() -> None:
 
 
 # -- the in-process transport streams -------------------------------------------------------------
-def _app(body_parts: list[bytes], gate: asyncio.Event | None = None,
-         fail_after: int | None = None, seen: list[Any] | None = None) -> Callable[..., Any]:
+def _app(
+    body_parts: list[bytes],
+    gate: asyncio.Event | None = None,
+    fail_after: int | None = None,
+    seen: list[Any] | None = None,
+) -> Callable[..., Any]:
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         body = b""
         while True:  # an ASGI app reads the request until more_body is false
@@ -97,8 +112,13 @@ def _app(body_parts: list[bytes], gate: asyncio.Event | None = None,
                 break
         if seen is not None:
             seen.append(body)
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
         for i, part in enumerate(body_parts):
             if fail_after is not None and i == fail_after:
                 raise RuntimeError("engine exploded")
@@ -138,8 +158,9 @@ async def test_embedded_transport_delivers_events_as_they_are_made() -> None:
 
 async def test_embedded_transport_reports_a_failure_mid_stream() -> None:
     app = _app([_event("a"), _event("b")], fail_after=1)
-    client = AsyncClient("http://embedded/v1", model="m", max_retries=0,
-                         transport=StreamingASGITransport(app))
+    client = AsyncClient(
+        "http://embedded/v1", model="m", max_retries=0, transport=StreamingASGITransport(app)
+    )
     async with client:
         with pytest.raises(APIError, match="broke after data"):
             await client.complete("x", stream=True)
@@ -175,8 +196,10 @@ async def test_embedded_transport_raises_app_errors_before_the_response() -> Non
 def test_pandas_is_not_needed_to_make_a_completion() -> None:
     import subprocess
 
-    code = ("import sys\nfrom nbcompletions import Completion\n"
-            "c = Completion({'choices': [{'text': 'hi', 'index': 0}]})\n"
-            "repr(c); c._repr_html_(); c.text\n"
-            "assert 'pandas' not in sys.modules\n")
+    code = (
+        "import sys\nfrom nbcompletions import Completion\n"
+        "c = Completion({'choices': [{'text': 'hi', 'index': 0}]})\n"
+        "repr(c); c._repr_html_(); c.text\n"
+        "assert 'pandas' not in sys.modules\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -111,8 +111,9 @@ def test_stream_pieces_add_up_to_the_merged_completion(client: Client) -> None:
 def test_stream_merge_equals_non_stream_with_the_same_seed(client: Client) -> None:
     fields = {"max_tokens": 10, "n": 2, "seed": 9, "logprobs": 2}
     plain = client.complete("ROMEO:", **fields)
-    streamed = client.complete("ROMEO:", stream=True, stream_options={"include_usage": True},
-                               **fields)
+    streamed = client.complete(
+        "ROMEO:", stream=True, stream_options={"include_usage": True}, **fields
+    )
     assert _comparable(streamed) == _comparable(plain)
     assert streamed.usage == plain.usage
 
@@ -153,7 +154,8 @@ async def test_async_client_embedded_and_live(live_server: str) -> None:
     async with AsyncClient() as embedded, AsyncClient(live_server) as live:
         for client in (embedded, live):
             completions = await asyncio.gather(
-                *(client.complete("ROMEO:", max_tokens=4, seed=i) for i in range(4)))
+                *(client.complete("ROMEO:", max_tokens=4, seed=i) for i in range(4))
+            )
             needs.append([c.text for c in completions])
             pieces = [p.text async for p in client.stream("ROMEO:", max_tokens=4, seed=0)]
             assert "".join(pieces) == completions[0].text

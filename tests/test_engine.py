@@ -65,9 +65,9 @@ def greedy_ids(engine: Engine, prompt: str, steps: int, banned: tuple[int, ...] 
 
 # -- sampling rules -------------------------------------------------------------------------------
 
+
 def test_greedy_is_the_argmax_of_our_forward(engine: Engine) -> None:
-    response = run(engine, temperature=0, max_tokens=8, logprobs=0,
-                   logit_bias=no_eot(engine))
+    response = run(engine, temperature=0, max_tokens=8, logprobs=0, logit_bias=no_eot(engine))
     want = greedy_ids(engine, PROMPT, 8, banned=(engine.eot_token_id,))
     choice = response["choices"][0]
     assert choice["logprobs"]["tokens"] == [engine.token_str(t) for t in want]
@@ -80,8 +80,7 @@ def test_logprobs_are_the_raw_model_distribution(engine: Engine) -> None:
     logits = forward_full(engine.weights, np.array([ids]))[0, -1].astype(np.float64)
     raw = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
     forced = int(np.argsort(logits)[len(logits) // 2])  # a middling token, forced by the bias
-    response = run(engine, max_tokens=1, logprobs=3, temperature=0.5,
-                   logit_bias={str(forced): 100})
+    response = run(engine, max_tokens=1, logprobs=3, temperature=0.5, logit_bias={str(forced): 100})
     lp = response["choices"][0]["logprobs"]
     assert lp["tokens"] == [engine.token_str(forced)]
     # Reported before bias and temperature: the model's own probability of the forced token.
@@ -109,8 +108,7 @@ def test_banned_token_never_appears(engine: Engine) -> None:
 
 def test_plus_100_bias_forces_a_token(engine: Engine) -> None:
     target = engine.encode(" be")[-1]
-    response = run(engine, n=4, max_tokens=5, seed=3, logprobs=0,
-                   logit_bias={str(target): 100})
+    response = run(engine, n=4, max_tokens=5, seed=3, logprobs=0, logit_bias={str(target): 100})
     for choice in response["choices"]:
         assert choice["logprobs"]["tokens"] == [engine.token_str(target)] * 5
 
@@ -119,8 +117,15 @@ def test_frequency_and_presence_penalties_reduce_repeats(engine: Engine) -> None
     prompt = "the the the the the the the the the the"
 
     def repeats(**penalty: float) -> int:
-        r = run(engine, prompt=prompt, temperature=0, max_tokens=24, logprobs=0,
-                logit_bias=no_eot(engine), **penalty)
+        r = run(
+            engine,
+            prompt=prompt,
+            temperature=0,
+            max_tokens=24,
+            logprobs=0,
+            logit_bias=no_eot(engine),
+            **penalty,
+        )
         tokens = r["choices"][0]["logprobs"]["tokens"]
         return len(tokens) - len(set(tokens))
 
@@ -145,8 +150,9 @@ def test_penalty_formula_is_openais() -> None:
 def test_tiny_top_p_is_greedy(engine: Engine) -> None:
     greedy = run(engine, temperature=0, max_tokens=10)
     for seed in (1, 2, 3):
-        assert texts(run(engine, temperature=1.0, top_p=1e-9, max_tokens=10, seed=seed)) == \
-            texts(greedy)
+        assert texts(run(engine, temperature=1.0, top_p=1e-9, max_tokens=10, seed=seed)) == texts(
+            greedy
+        )
 
 
 def test_top_p_keeps_sampling_inside_the_nucleus(engine: Engine) -> None:
@@ -155,10 +161,11 @@ def test_top_p_keeps_sampling_inside_the_nucleus(engine: Engine) -> None:
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
     order = np.argsort(-probs)
-    nucleus = {engine.token_str(int(t)) for t in order[:int(np.searchsorted(
-        np.cumsum(probs[order]), 0.5)) + 1]}
-    response = run(engine, n=60, max_tokens=1, top_p=0.5, seed=11, logprobs=0,
-                   logit_bias={})
+    nucleus = {
+        engine.token_str(int(t))
+        for t in order[: int(np.searchsorted(np.cumsum(probs[order]), 0.5)) + 1]
+    }
+    response = run(engine, n=60, max_tokens=1, top_p=0.5, seed=11, logprobs=0, logit_bias={})
     seen = {c["logprobs"]["tokens"][0] for c in response["choices"] if c["logprobs"]["tokens"]}
     assert seen <= nucleus
 
@@ -183,7 +190,7 @@ def _boundary_stop(engine: Engine) -> tuple[str, str]:
             stop = left[-1] + right[0]
             # It must span the boundary where it first occurs.
             first = full.find(stop)
-            offset = sum(len(t) for t in tokens[:i + 1])
+            offset = sum(len(t) for t in tokens[: i + 1])
             if first == offset - 1:
                 return full, stop
     pytest.skip("no two neighbouring text tokens in the greedy completion")
@@ -191,10 +198,16 @@ def _boundary_stop(engine: Engine) -> tuple[str, str]:
 
 def test_stop_across_token_boundary_is_cut(engine: Engine) -> None:
     full, stop = _boundary_stop(engine)
-    response = run(engine, temperature=0, max_tokens=12, logprobs=0, stop=[stop, "\x00never"],
-                   logit_bias=no_eot(engine))
+    response = run(
+        engine,
+        temperature=0,
+        max_tokens=12,
+        logprobs=0,
+        stop=[stop, "\x00never"],
+        logit_bias=no_eot(engine),
+    )
     choice = response["choices"][0]
-    assert choice["text"] == full[:full.find(stop)]
+    assert choice["text"] == full[: full.find(stop)]
     assert stop not in choice["text"]
     assert choice["finish_reason"] == "stop"
     # The logprobs keep the tokens that started before the cut: the token holding the stop's start.
@@ -207,12 +220,14 @@ def test_stop_is_never_half_emitted_while_streaming(engine: Engine) -> None:
     emitted = ""
     for chunk in engine.stream(CompletionRequest(stream=True, stop=stop, **fields)):
         emitted += chunk["choices"][0]["text"]
-        assert stop[0] not in emitted[len(full[:full.find(stop)]):]
-    assert emitted == full[:full.find(stop)]
+        assert stop[0] not in emitted[len(full[: full.find(stop)]) :]
+    assert emitted == full[: full.find(stop)]
     # A stop string that starts matching but never completes is held back, then released in full.
     decoy = stop[0] + "\x00"
-    emitted = "".join(c["choices"][0]["text"] for c in
-                      engine.stream(CompletionRequest(stream=True, stop=decoy, **fields)))
+    emitted = "".join(
+        c["choices"][0]["text"]
+        for c in engine.stream(CompletionRequest(stream=True, stop=decoy, **fields))
+    )
     assert emitted == full
 
 
@@ -228,8 +243,9 @@ def test_best_of_returns_highest_mean_logprob_candidates(engine: Engine) -> None
 
 
 def test_best_of_with_several_prompts_reindexes_per_prompt(engine: Engine) -> None:
-    response = run(engine, prompt=["To be", "Now is the winter"], n=2, best_of=3, max_tokens=4,
-                   seed=1)
+    response = run(
+        engine, prompt=["To be", "Now is the winter"], n=2, best_of=3, max_tokens=4, seed=1
+    )
     assert [c["index"] for c in response["choices"]] == [0, 1, 2, 3]
 
 
@@ -243,8 +259,9 @@ def test_echo_with_logprobs(engine: Engine) -> None:
     assert lp["top_logprobs"][0] is None
     assert "".join(lp["tokens"][:n_prompt]) == PROMPT
     assert all(isinstance(x, float) for x in lp["token_logprobs"][1:])
-    assert lp["text_offset"][:n_prompt] == [len(engine.decode(engine.encode(PROMPT)[:i]))
-                                            for i in range(n_prompt)]
+    assert lp["text_offset"][:n_prompt] == [
+        len(engine.decode(engine.encode(PROMPT)[:i])) for i in range(n_prompt)
+    ]
 
 
 def test_max_tokens_zero_with_echo_scores_the_prompt(engine: Engine) -> None:
@@ -254,8 +271,11 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(engine: Engine) -> None:
     assert choice["text"] == PROMPT
     assert choice["finish_reason"] == "length"
     assert len(choice["logprobs"]["tokens"]) == len(ids)
-    assert response["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
-                                 "total_tokens": len(ids)}
+    assert response["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "total_tokens": len(ids),
+    }
     # The prompt's logprobs are the model's conditional log-probabilities.
     logits = forward_full(engine.weights, np.array([ids]))[0].astype(np.float64)
     logp = logits - logits.max(-1, keepdims=True)
@@ -268,14 +288,16 @@ def test_max_tokens_zero_with_echo_scores_the_prompt(engine: Engine) -> None:
 def test_prompts_times_n_index_layout(engine: Engine, as_ids: bool) -> None:
     words = ["To be", "Now is the winter of", "O Romeo"]  # different lengths: a ragged batch
     prompts: list[Any] = [engine.encode(w) for w in words] if as_ids else words
-    response = run(engine, prompt=prompts, n=3, temperature=0, max_tokens=5,
-                   logit_bias=no_eot(engine))
+    response = run(
+        engine, prompt=prompts, n=3, temperature=0, max_tokens=5, logit_bias=no_eot(engine)
+    )
     choices = response["choices"]
     assert [c["index"] for c in choices] == list(range(9))
     for p, prompt in enumerate(prompts):
-        alone = texts(run(engine, prompt=prompt, temperature=0, max_tokens=5,
-                          logit_bias=no_eot(engine)))[0]
-        assert [c["text"] for c in choices[p * 3:(p + 1) * 3]] == [alone] * 3
+        alone = texts(
+            run(engine, prompt=prompt, temperature=0, max_tokens=5, logit_bias=no_eot(engine))
+        )[0]
+        assert [c["text"] for c in choices[p * 3 : (p + 1) * 3]] == [alone] * 3
     prompt_tokens = sum(len(engine.encode(w)) for w in words)
     assert response["usage"]["prompt_tokens"] == prompt_tokens
     assert response["usage"]["completion_tokens"] == 9 * 5
@@ -314,8 +336,9 @@ def test_end_of_text_finishes_with_stop(engine: Engine) -> None:
 
 def test_empty_prompt_starts_from_end_of_text(engine: Engine) -> None:
     response = run(engine, prompt="", max_tokens=3, temperature=0, logit_bias=no_eot(engine))
-    from_eot = run(engine, prompt=[engine.eot_token_id], max_tokens=3, temperature=0,
-                   logit_bias=no_eot(engine))
+    from_eot = run(
+        engine, prompt=[engine.eot_token_id], max_tokens=3, temperature=0, logit_bias=no_eot(engine)
+    )
     assert texts(response) == texts(from_eot)
     assert response["usage"]["prompt_tokens"] == 1
 
@@ -329,15 +352,20 @@ def test_logprobs_zero_gives_only_the_sampled_token(engine: Engine) -> None:
 
 # -- streaming -------------------------------------------------------------------------------------
 
+
 def test_stream_concatenates_to_the_completion(engine: Engine) -> None:
     fields = dict(n=2, max_tokens=10, seed=9, logprobs=1, echo=True, stop="e,")
     whole = run(engine, **fields)
     got: dict[int, str] = {}
     logprobs: dict[int, dict[str, list[Any]]] = {}
     finish: dict[int, str] = {}
-    chunks = list(engine.stream(CompletionRequest(prompt=PROMPT, stream=True,
-                                                  stream_options={"include_usage": True},
-                                                  **fields)))
+    chunks = list(
+        engine.stream(
+            CompletionRequest(
+                prompt=PROMPT, stream=True, stream_options={"include_usage": True}, **fields
+            )
+        )
+    )
     for chunk in chunks[:-1]:
         json.dumps(chunk, allow_nan=False)
         assert chunk["usage"] is None
@@ -366,6 +394,7 @@ def test_stream_validation_errors_raise_before_the_first_chunk(engine: Engine) -
 
 
 # -- errors ----------------------------------------------------------------------------------------
+
 
 def test_errors_name_the_field(engine: Engine) -> None:
     ctx, vocab = engine.context_length, engine.vocab_size
@@ -413,12 +442,17 @@ def test_shipped_engine_identity(tmp_path: Path) -> None:
 
 # -- stop strings, property-based ------------------------------------------------------------------
 
-pieces = st.lists(st.sampled_from(["a", "b", "ab", "ba", " ", "é", "\xe2", "\x82\xac", "\xc3"]),
-                  min_size=1, max_size=12)
+pieces = st.lists(
+    st.sampled_from(["a", "b", "ab", "ba", " ", "é", "\xe2", "\x82\xac", "\xc3"]),
+    min_size=1,
+    max_size=12,
+)
 
 
-@given(parts=pieces, stops=st.lists(st.text(alphabet="ab é€", min_size=1, max_size=3),
-                                    min_size=1, max_size=4))
+@given(
+    parts=pieces,
+    stops=st.lists(st.text(alphabet="ab é€", min_size=1, max_size=3), min_size=1, max_size=4),
+)
 @settings(max_examples=300, deadline=None)
 def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str]) -> None:
     """Whatever the tokens and stop strings, the streamed text is the final text, and no emitted

@@ -26,53 +26,105 @@ def entropy(probabilities: list[float]) -> float:
 
 
 def response(*choices: dict, usage: dict | None = None) -> dict:
-    body = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
-            "choices": list(choices)}
+    body = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": list(choices),
+    }
     if usage is not None:
         body["usage"] = usage
     return body
 
 
 def lp(tokens, token_logprobs, top_logprobs=None, text_offset=None) -> dict:
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
 # --- layout --------------------------------------------------------------------------------------
 
 
 def test_columns_dtypes_and_attrs():
-    body = response({"index": 0, "text": " a b", "finish_reason": "length",
-                     "logprobs": lp([" a", " b"], [-0.5, -1.0],
-                                    [{" a": -0.5, " c": -1.5}, {" d": -0.25, " b": -1.0}],
-                                    [5, 7])})
+    body = response(
+        {
+            "index": 0,
+            "text": " a b",
+            "finish_reason": "length",
+            "logprobs": lp(
+                [" a", " b"],
+                [-0.5, -1.0],
+                [{" a": -0.5, " c": -1.5}, {" d": -0.25, " b": -1.0}],
+                [5, 7],
+            ),
+        }
+    )
     choices, tokens, alternatives = to_frames(body, CompletionRequest(prompt="Hello", logprobs=2))
     assert tuple(choices.columns) == CHOICE_COLUMNS
     assert tuple(tokens.columns) == TOKEN_COLUMNS
     assert tuple(alternatives.columns) == ALTERNATIVE_COLUMNS
     assert {name: str(t) for name, t in choices.dtypes.items()} == {
-        "index": "int64", "prompt_index": "Int64", "choice": "Int64", "text": "object",
-        "finish_reason": "object", "n_tokens": "Int64", "sum_logprob": "float64",
-        "mean_logprob": "float64", "perplexity": "float64", "prompt_n_tokens": "Int64",
-        "prompt_sum_logprob": "float64", "prompt_mean_logprob": "float64",
-        "prompt_perplexity": "float64"}
+        "index": "int64",
+        "prompt_index": "Int64",
+        "choice": "Int64",
+        "text": "object",
+        "finish_reason": "object",
+        "n_tokens": "Int64",
+        "sum_logprob": "float64",
+        "mean_logprob": "float64",
+        "perplexity": "float64",
+        "prompt_n_tokens": "Int64",
+        "prompt_sum_logprob": "float64",
+        "prompt_mean_logprob": "float64",
+        "prompt_perplexity": "float64",
+    }
     assert {name: str(t) for name, t in tokens.dtypes.items()} == {
-        "index": "int64", "prompt_index": "Int64", "choice": "Int64", "position": "int64",
-        "token": "object", "logprob": "float64", "prob": "float64", "text_offset": "Int64",
-        "echo": "bool", "rank": "Int64", "top_mass": "float64", "entropy_low": "float64",
-        "entropy_high": "float64"}
+        "index": "int64",
+        "prompt_index": "Int64",
+        "choice": "Int64",
+        "position": "int64",
+        "token": "object",
+        "logprob": "float64",
+        "prob": "float64",
+        "text_offset": "Int64",
+        "echo": "bool",
+        "rank": "Int64",
+        "top_mass": "float64",
+        "entropy_low": "float64",
+        "entropy_high": "float64",
+    }
     assert {name: str(t) for name, t in alternatives.dtypes.items()} == {
-        "index": "int64", "position": "int64", "rank": "int64", "token": "object",
-        "logprob": "float64", "prob": "float64", "chosen": "bool"}
+        "index": "int64",
+        "position": "int64",
+        "rank": "int64",
+        "token": "object",
+        "logprob": "float64",
+        "prob": "float64",
+        "chosen": "bool",
+    }
     for frame in (choices, tokens, alternatives):
         assert frame.attrs["vocab_size"] == DEFAULT_VOCAB_SIZE == 50257
 
 
 def test_plain_response_values():
-    body = response({"index": 0, "text": " a b", "finish_reason": "length",
-                     "logprobs": lp([" a", " b"], [-0.5, -1.0],
-                                    [{" a": -0.5, " c": -1.5}, {" d": -0.25, " b": -1.0}],
-                                    [5, 7])})
+    body = response(
+        {
+            "index": 0,
+            "text": " a b",
+            "finish_reason": "length",
+            "logprobs": lp(
+                [" a", " b"],
+                [-0.5, -1.0],
+                [{" a": -0.5, " c": -1.5}, {" d": -0.25, " b": -1.0}],
+                [5, 7],
+            ),
+        }
+    )
     choices, tokens, alternatives = to_frames(body, CompletionRequest(prompt="Hello", logprobs=2))
     row = choices.iloc[0]
     assert (row["index"], row["prompt_index"], row["choice"]) == (0, 0, 0)
@@ -90,7 +142,8 @@ def test_plain_response_values():
     assert tokens["echo"].tolist() == [False, False]
     assert tokens["rank"].tolist() == [1, 2]  # " d" beats " b" at position 1
     assert tokens["top_mass"].tolist() == pytest.approx(
-        [math.exp(-0.5) + math.exp(-1.5), math.exp(-0.25) + math.exp(-1.0)])
+        [math.exp(-0.5) + math.exp(-1.5), math.exp(-0.25) + math.exp(-1.0)]
+    )
 
     # Sorted by rank within each position: " d" first at position 1 although it came second.
     assert alternatives["position"].tolist() == [0, 0, 1, 1]
@@ -154,8 +207,10 @@ def test_missing_index_uses_position():
 
 
 def test_choice_without_logprobs():
-    body = response({"index": 0, "text": "hi", "finish_reason": "stop", "logprobs": None},
-                    usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2})
+    body = response(
+        {"index": 0, "text": "hi", "finish_reason": "stop", "logprobs": None},
+        usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    )
     choices, tokens, alternatives = to_frames(body, CompletionRequest(prompt="p"))
     assert len(tokens) == 0
     assert len(alternatives) == 0
@@ -194,9 +249,17 @@ def test_every_logprobs_field_may_be_missing_or_null():
 
 def test_bytes_tokens_are_kept_as_strings():
     # "é" is \xc3\xa9; OpenAI shows the halves of a split character as bytes: tokens.
-    body = response({"index": 0, "text": "é", "logprobs": lp(
-        ["bytes:\\xc3", "bytes:\\xa9"], [-0.1, -0.2],
-        [{"bytes:\\xc3": -0.1, "x": -3.0}, {"bytes:\\xa9": -0.2}])})
+    body = response(
+        {
+            "index": 0,
+            "text": "é",
+            "logprobs": lp(
+                ["bytes:\\xc3", "bytes:\\xa9"],
+                [-0.1, -0.2],
+                [{"bytes:\\xc3": -0.1, "x": -3.0}, {"bytes:\\xa9": -0.2}],
+            ),
+        }
+    )
     _, tokens, alternatives = to_frames(body)
     assert tokens["token"].tolist() == ["bytes:\\xc3", "bytes:\\xa9"]
     assert alternatives["token"].tolist() == ["bytes:\\xc3", "x", "bytes:\\xa9"]
@@ -205,15 +268,30 @@ def test_bytes_tokens_are_kept_as_strings():
 
 def test_llamacpp_chat_shaped_logprobs():
     content = [
-        {"id": 1, "token": "Hi", "logprob": -0.2, "bytes": [72, 105],
-         "top_logprobs": [{"id": 1, "token": "Hi", "logprob": -0.2, "bytes": [72, 105]},
-                          {"id": 2, "token": "Ho", "logprob": -1.9, "bytes": [72, 111]}]},
-        {"id": 3, "token": "!", "logprob": -2.5, "bytes": [33],
-         "top_logprobs": [{"id": 4, "token": ".", "logprob": -0.5},
-                          {"id": 3, "token": "!", "logprob": -2.5}]},
+        {
+            "id": 1,
+            "token": "Hi",
+            "logprob": -0.2,
+            "bytes": [72, 105],
+            "top_logprobs": [
+                {"id": 1, "token": "Hi", "logprob": -0.2, "bytes": [72, 105]},
+                {"id": 2, "token": "Ho", "logprob": -1.9, "bytes": [72, 111]},
+            ],
+        },
+        {
+            "id": 3,
+            "token": "!",
+            "logprob": -2.5,
+            "bytes": [33],
+            "top_logprobs": [
+                {"id": 4, "token": ".", "logprob": -0.5},
+                {"id": 3, "token": "!", "logprob": -2.5},
+            ],
+        },
     ]
-    body = response({"index": 0, "text": "Hi!", "finish_reason": "length",
-                     "logprobs": {"content": content}})
+    body = response(
+        {"index": 0, "text": "Hi!", "finish_reason": "length", "logprobs": {"content": content}}
+    )
     choices, tokens, alternatives = to_frames(body, CompletionRequest(prompt="p", logprobs=2))
     assert tokens["token"].tolist() == ["Hi", "!"]
     assert tokens["logprob"].tolist() == [-0.2, -2.5]
@@ -226,19 +304,31 @@ def test_llamacpp_chat_shaped_logprobs():
 
 def test_llamacpp_duplicate_token_strings_stay_separate_rows():
     # Two different byte tokens may both render as "\ufffd"; a dict would merge them.
-    content = [{"token": "\ufffd", "logprob": -1.0,
-                "top_logprobs": [{"token": "\ufffd", "logprob": -1.0},
-                                 {"token": "\ufffd", "logprob": -1.2}]}]
+    content = [
+        {
+            "token": "\ufffd",
+            "logprob": -1.0,
+            "top_logprobs": [
+                {"token": "\ufffd", "logprob": -1.0},
+                {"token": "\ufffd", "logprob": -1.2},
+            ],
+        }
+    ]
     _, tokens, alternatives = to_frames(response({"index": 0, "logprobs": {"content": content}}))
     assert len(alternatives) == 2
     assert tokens["top_mass"].iloc[0] == pytest.approx(math.exp(-1.0) + math.exp(-1.2))
 
 
 def test_top_logprobs_including_or_excluding_the_chosen_token():
-    including = response({"index": 0, "logprobs": lp(
-        ["b"], [LN(0.2)], [{"a": LN(0.5), "c": LN(0.25), "b": LN(0.2)}])})
-    excluding = response({"index": 0, "logprobs": lp(
-        ["b"], [LN(0.2)], [{"a": LN(0.5), "c": LN(0.25)}])})
+    including = response(
+        {
+            "index": 0,
+            "logprobs": lp(["b"], [LN(0.2)], [{"a": LN(0.5), "c": LN(0.25), "b": LN(0.2)}]),
+        }
+    )
+    excluding = response(
+        {"index": 0, "logprobs": lp(["b"], [LN(0.2)], [{"a": LN(0.5), "c": LN(0.25)}])}
+    )
     _, tokens_in, alternatives_in = to_frames(including)
     _, tokens_out, alternatives_out = to_frames(excluding)
     assert alternatives_in["chosen"].tolist() == [False, False, True]
@@ -252,8 +342,16 @@ def test_top_logprobs_including_or_excluding_the_chosen_token():
 
 
 def test_rank_ignores_the_chosen_tokens_own_entry_and_ties():
-    body = response({"index": 0, "logprobs": lp(
-        ["b", "x"], [-1.0, -1.0], [{"b": -1.0, "a": -1.0, "c": -2.0}, {"y": -0.5, "z": -0.7}])})
+    body = response(
+        {
+            "index": 0,
+            "logprobs": lp(
+                ["b", "x"],
+                [-1.0, -1.0],
+                [{"b": -1.0, "a": -1.0, "c": -2.0}, {"y": -0.5, "z": -0.7}],
+            ),
+        }
+    )
     _, tokens, alternatives = to_frames(body)
     assert tokens["rank"].tolist() == [1, 3]  # a tie is not "higher"; x is outside the top 2
     # Ties keep the server's order in the alternatives' rank.
@@ -262,16 +360,24 @@ def test_rank_ignores_the_chosen_tokens_own_entry_and_ties():
 
 
 def test_mixed_list_lengths_rank_alternatives_per_position():
-    body = response({"index": 0, "logprobs": lp(
-        ["a", "b", "c"], [-1.0, -1.0, -1.0],
-        [{"q": -3.0, "a": -1.0}, None, {"r": -2.0, "s": -0.1, "c": -1.0, "t": None}])})
+    body = response(
+        {
+            "index": 0,
+            "logprobs": lp(
+                ["a", "b", "c"],
+                [-1.0, -1.0, -1.0],
+                [{"q": -3.0, "a": -1.0}, None, {"r": -2.0, "s": -0.1, "c": -1.0, "t": None}],
+            ),
+        }
+    )
     _, tokens, alternatives = to_frames(body)
     assert alternatives["position"].tolist() == [0, 0, 2, 2, 2, 2]
     assert alternatives["token"].tolist() == ["a", "q", "s", "c", "r", "t"]  # null logprob last
     assert alternatives["rank"].tolist() == [1, 2, 1, 2, 3, 4]
     assert tokens["rank"].isna().tolist() == [False, True, False]
     assert tokens["top_mass"].iloc[2] == pytest.approx(
-        math.exp(-2.0) + math.exp(-0.1) + math.exp(-1.0))
+        math.exp(-2.0) + math.exp(-0.1) + math.exp(-1.0)
+    )
 
 
 def test_vllm_and_openai_text_offsets_are_kept_as_sent():
@@ -283,8 +389,9 @@ def test_vllm_and_openai_text_offsets_are_kept_as_sent():
 
 
 def test_clamped_logprobs_give_finite_bounds():
-    body = response({"index": 0, "logprobs": lp(
-        ["a"], [-0.01], [{"a": -0.01, "b": -9999.0, "c": -9999.0}])})
+    body = response(
+        {"index": 0, "logprobs": lp(["a"], [-0.01], [{"a": -0.01, "b": -9999.0, "c": -9999.0}])}
+    )
     _, tokens, alternatives = to_frames(body)
     assert alternatives["prob"].tolist()[1:] == [0.0, 0.0]
     row = tokens.iloc[0]
@@ -294,11 +401,21 @@ def test_clamped_logprobs_give_finite_bounds():
 
 def test_openai_sdk_object_converts_like_its_dict():
     openai_types = pytest.importorskip("openai.types")
-    body = response({"index": 1, "text": " b", "finish_reason": "length",
-                     "logprobs": lp([" b"], [-0.5], [{" b": -0.5, " c": -1.5}], [3])},
-                    {"index": 0, "text": " a", "finish_reason": "stop",
-                     "logprobs": lp([" a"], [-0.1], [{" a": -0.1}], [3])},
-                    usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3})
+    body = response(
+        {
+            "index": 1,
+            "text": " b",
+            "finish_reason": "length",
+            "logprobs": lp([" b"], [-0.5], [{" b": -0.5, " c": -1.5}], [3]),
+        },
+        {
+            "index": 0,
+            "text": " a",
+            "finish_reason": "stop",
+            "logprobs": lp([" a"], [-0.1], [{" a": -0.1}], [3]),
+        },
+        usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+    )
     sdk_object = openai_types.Completion.model_validate(body)
     request = CompletionRequest(prompt="abc", n=2)
     for expected, got in zip(to_frames(body, request), to_frames(sdk_object, request), strict=True):
@@ -309,9 +426,14 @@ def test_openai_sdk_object_with_llamacpp_logprobs_does_not_warn():
     openai_types = pytest.importorskip("openai.types")
     content = [{"token": "a", "logprob": -0.5, "top_logprobs": [{"token": "a", "logprob": -0.5}]}]
     sdk_object = openai_types.Completion.construct(
-        id="x", object="text_completion", created=1, model="m",
-        choices=[{"index": 0, "text": "a", "finish_reason": "stop",
-                  "logprobs": {"content": content}}])
+        id="x",
+        object="text_completion",
+        created=1,
+        model="m",
+        choices=[
+            {"index": 0, "text": "a", "finish_reason": "stop", "logprobs": {"content": content}}
+        ],
+    )
     _, tokens, _ = to_frames(sdk_object)  # warnings are errors in this suite
     assert tokens["token"].tolist() == ["a"]
 
@@ -320,8 +442,12 @@ def test_streamed_pieces_with_one_index_merge_in_order():
     body = response(
         {"index": 0, "text": "He", "logprobs": lp(["He"], [-1.0], [{"He": -1.0}], [0])},
         {"index": 1, "text": "X", "finish_reason": "stop", "logprobs": lp(["X"], [-0.5])},
-        {"index": 0, "text": "llo", "finish_reason": "length",
-         "logprobs": lp(["llo"], [-2.0], [{"llo": -2.0}], [2])},
+        {
+            "index": 0,
+            "text": "llo",
+            "finish_reason": "length",
+            "logprobs": lp(["llo"], [-2.0], [{"llo": -2.0}], [2]),
+        },
     )
     choices, tokens, _ = to_frames(body)
     assert choices["text"].tolist() == ["Hello", "X"]
@@ -339,9 +465,14 @@ def test_chat_delta_chunks_give_text():
 
 
 def test_input_is_not_mutated():
-    body = response({"index": 1, "text": "b", "logprobs": lp(["b"], [None], [None], [0])},
-                    {"index": 0, "text": "a", "logprobs": lp(["a", "c"], [-1.0, -2.0],
-                                                             [{"a": -1.0}, {"c": -2.0}], [0, 1])})
+    body = response(
+        {"index": 1, "text": "b", "logprobs": lp(["b"], [None], [None], [0])},
+        {
+            "index": 0,
+            "text": "a",
+            "logprobs": lp(["a", "c"], [-1.0, -2.0], [{"a": -1.0}, {"c": -2.0}], [0, 1]),
+        },
+    )
     before = copy.deepcopy(body)
     to_frames(body, CompletionRequest(prompt="a", echo=True, n=2))
     assert body == before
@@ -351,8 +482,14 @@ def test_input_is_not_mutated():
 
 
 def test_echo_with_token_id_prompt():
-    body = response({"index": 0, "text": "ABc", "finish_reason": "length", "logprobs": lp(
-        ["A", "B", "c"], [None, -1.0, -2.0], [None, {"B": -1.0}, {"c": -2.0}])})
+    body = response(
+        {
+            "index": 0,
+            "text": "ABc",
+            "finish_reason": "length",
+            "logprobs": lp(["A", "B", "c"], [None, -1.0, -2.0], [None, {"B": -1.0}, {"c": -2.0}]),
+        }
+    )
     request = CompletionRequest(prompt=[17, 18], echo=True, max_tokens=1, logprobs=1)
     choices, tokens, _ = to_frames(body, request)
     assert tokens["echo"].tolist() == [True, True, False]
@@ -366,8 +503,13 @@ def test_echo_with_token_id_prompt():
 
 def test_echo_with_string_prompt_uses_text_offset():
     # Offsets say the third token starts at 6 == len("Hello,"): two prompt tokens.
-    body = response({"index": 0, "text": "Hello, world", "logprobs": lp(
-        ["Hello", ",", " world"], [None, -1.0, -0.5], None, [0, 5, 6])})
+    body = response(
+        {
+            "index": 0,
+            "text": "Hello, world",
+            "logprobs": lp(["Hello", ",", " world"], [None, -1.0, -0.5], None, [0, 5, 6]),
+        }
+    )
     request = CompletionRequest(prompt="Hello,", echo=True)
     choices, tokens, _ = to_frames(body, request)
     assert tokens["echo"].tolist() == [True, True, False]
@@ -377,8 +519,12 @@ def test_echo_with_string_prompt_uses_text_offset():
 
 def test_echo_with_string_prompt_and_bytes_tokens_without_offsets():
     # "é!" is 3 UTF-8 bytes: two bytes: tokens and "!" make up the prompt.
-    body = response({"index": 0, "logprobs": lp(
-        ["bytes:\\xc3", "bytes:\\xa9", "!", "?"], [None, -0.1, -0.2, -0.3])})
+    body = response(
+        {
+            "index": 0,
+            "logprobs": lp(["bytes:\\xc3", "bytes:\\xa9", "!", "?"], [None, -0.1, -0.2, -0.3]),
+        }
+    )
     request = CompletionRequest(prompt="é!", echo=True)
     choices, tokens, _ = to_frames(body, request)
     assert tokens["echo"].tolist() == [True, True, True, False]
@@ -388,8 +534,10 @@ def test_echo_with_string_prompt_and_bytes_tokens_without_offsets():
 
 def test_echo_with_several_prompts_and_n():
     def choice(index: int, tokens: list[str], offsets: list[int]) -> dict:
-        return {"index": index, "logprobs": lp(tokens, [None] + [-1.0] * (len(tokens) - 1),
-                                               None, offsets)}
+        return {
+            "index": index,
+            "logprobs": lp(tokens, [None] + [-1.0] * (len(tokens) - 1), None, offsets),
+        }
 
     body = response(
         choice(2, ["b", "bb", "x"], [0, 1, 3]),
@@ -401,13 +549,29 @@ def test_echo_with_several_prompts_and_n():
     choices, tokens, _ = to_frames(body, request)
     assert choices["prompt_n_tokens"].tolist() == [1, 1, 2, 2]
     assert choices["n_tokens"].tolist() == [2, 1, 1, 1]
-    assert tokens["echo"].tolist() == [True, False, False, True, False,
-                                       True, True, False, True, True, False]
+    assert tokens["echo"].tolist() == [
+        True,
+        False,
+        False,
+        True,
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+        False,
+    ]
 
 
 def test_echo_with_max_tokens_zero_scores_the_prompt_only():
-    body = response({"index": 0, "text": "To be", "logprobs": lp(
-        ["To", " be"], [None, -3.0], [None, {" be": -3.0, ",": -1.0}], [0, 2])})
+    body = response(
+        {
+            "index": 0,
+            "text": "To be",
+            "logprobs": lp(["To", " be"], [None, -3.0], [None, {" be": -3.0, ",": -1.0}], [0, 2]),
+        }
+    )
     request = CompletionRequest(prompt="To be", echo=True, max_tokens=0, logprobs=2)
     choices, tokens, _ = to_frames(body, request)
     assert tokens["echo"].tolist() == [True, True]
@@ -420,26 +584,34 @@ def test_echo_with_max_tokens_zero_scores_the_prompt_only():
 def test_echo_falls_back_to_finish_reason_length_then_usage():
     # "\ufffd" tokens do not add up to the prompt's bytes and there are no offsets.
     def choice(index: int, tokens: list[str], finish: str) -> dict:
-        return {"index": index, "finish_reason": finish,
-                "logprobs": lp(tokens, [None] + [-1.0] * (len(tokens) - 1))}
+        return {
+            "index": index,
+            "finish_reason": finish,
+            "logprobs": lp(tokens, [None] + [-1.0] * (len(tokens) - 1)),
+        }
 
-    body = response(choice(0, ["\ufffd", "\ufffd", "a"], "stop"),
-                    choice(1, ["\ufffd", "\ufffd", "b", "c"], "length"))
+    body = response(
+        choice(0, ["\ufffd", "\ufffd", "a"], "stop"),
+        choice(1, ["\ufffd", "\ufffd", "b", "c"], "length"),
+    )
     request = CompletionRequest(prompt="ab", echo=True, n=2, max_tokens=2)
     choices, _, _ = to_frames(body, request)
     # Choice 1 ran to max_tokens: 4 - 2 = 2 prompt tokens, the same for choice 0.
     assert choices["prompt_n_tokens"].tolist() == [2, 2]
     assert choices["n_tokens"].tolist() == [1, 2]
 
-    body = response(choice(0, ["\ufffd", "\ufffd", "a"], "stop"),
-                    usage={"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3})
+    body = response(
+        choice(0, ["\ufffd", "\ufffd", "a"], "stop"),
+        usage={"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+    )
     choices, _, _ = to_frames(body, CompletionRequest(prompt="ab", echo=True))
     assert choices["prompt_n_tokens"].tolist() == [2]
 
 
 def test_echo_that_cannot_be_split_is_marked_unknown():
-    body = response({"index": 0, "finish_reason": "stop",
-                     "logprobs": lp(["\ufffd", "a"], [None, -1.0])})
+    body = response(
+        {"index": 0, "finish_reason": "stop", "logprobs": lp(["\ufffd", "a"], [None, -1.0])}
+    )
     choices, tokens, _ = to_frames(body, CompletionRequest(prompt=["ab", "cd"], echo=True))
     row = choices.iloc[0]
     assert pd.isna(row["prompt_n_tokens"])
@@ -468,10 +640,15 @@ def test_request_body_mapping_works_like_a_request():
 # --- entropy bounds ------------------------------------------------------------------------------
 
 
-def bounds(tops: dict[str, float], chosen: str, chosen_p: float, *, vocab_size: int,
-           logprobs: int | None) -> tuple[float, float, float]:
-    body = response({"index": 0, "logprobs": lp(
-        [chosen], [LN(chosen_p)], [{t: LN(p) for t, p in tops.items()}])})
+def bounds(
+    tops: dict[str, float], chosen: str, chosen_p: float, *, vocab_size: int, logprobs: int | None
+) -> tuple[float, float, float]:
+    body = response(
+        {
+            "index": 0,
+            "logprobs": lp([chosen], [LN(chosen_p)], [{t: LN(p) for t, p in tops.items()}]),
+        }
+    )
     request = None if logprobs is None else CompletionRequest(prompt="p", logprobs=logprobs)
     row = to_frames(body, request, vocab_size=vocab_size)[1].iloc[0]
     return row["entropy_low"], row["entropy_high"], row["top_mass"]
@@ -535,19 +712,31 @@ def test_default_and_custom_vocab_size():
 # --- errors --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("bad", "kind", "words"), [
-    ("not a response", TypeError, "response must be a dict"),
-    ({"choices": {"0": {}}}, ValueError, "response['choices'] must be a list; got dict"),
-    ({"choices": [3]}, ValueError, "response['choices'][0] must be an object; got int"),
-    ({"choices": [{"logprobs": [1]}]}, ValueError, "response['choices'][0].logprobs must be"),
-    ({"choices": [{"logprobs": {"tokens": "abc"}}]}, ValueError,
-     "response['choices'][0].logprobs.tokens must be a list or null; got str"),
-    ({"choices": [{"logprobs": {"tokens": ["a"], "token_logprobs": ["x"]}}]}, ValueError,
-     "token_logprobs must hold numbers or nulls; got 'x'"),
-    ({"choices": [{"logprobs": {"tokens": ["a"], "top_logprobs": [5]}}]}, ValueError,
-     "each top_logprobs entry must be"),
-    ({"error": {"message": "boom"}}, ValueError, "response is an error body"),
-])
+@pytest.mark.parametrize(
+    ("bad", "kind", "words"),
+    [
+        ("not a response", TypeError, "response must be a dict"),
+        ({"choices": {"0": {}}}, ValueError, "response['choices'] must be a list; got dict"),
+        ({"choices": [3]}, ValueError, "response['choices'][0] must be an object; got int"),
+        ({"choices": [{"logprobs": [1]}]}, ValueError, "response['choices'][0].logprobs must be"),
+        (
+            {"choices": [{"logprobs": {"tokens": "abc"}}]},
+            ValueError,
+            "response['choices'][0].logprobs.tokens must be a list or null; got str",
+        ),
+        (
+            {"choices": [{"logprobs": {"tokens": ["a"], "token_logprobs": ["x"]}}]},
+            ValueError,
+            "token_logprobs must hold numbers or nulls; got 'x'",
+        ),
+        (
+            {"choices": [{"logprobs": {"tokens": ["a"], "top_logprobs": [5]}}]},
+            ValueError,
+            "each top_logprobs entry must be",
+        ),
+        ({"error": {"message": "boom"}}, ValueError, "response is an error body"),
+    ],
+)
 def test_bad_responses_raise_clear_errors(bad, kind, words):
     with pytest.raises(kind) as info:
         to_frames(bad)
@@ -570,8 +759,9 @@ def test_bad_request_type():
 
 def test_frames_of_a_real_embedded_response(embedded_engine):
     prompt = "To be, or not to be"
-    request = CompletionRequest(prompt=prompt, model="nbc-shakespeare", logprobs=5, echo=True,
-                                max_tokens=8)
+    request = CompletionRequest(
+        prompt=prompt, model="nbc-shakespeare", logprobs=5, echo=True, max_tokens=8
+    )
     body = embedded_engine.complete(request)
     choices, tokens, alternatives = to_frames(body, request, vocab_size=embedded_engine.vocab_size)
 
@@ -585,9 +775,11 @@ def test_frames_of_a_real_embedded_response(embedded_engine):
     row = choices.iloc[0]
     assert row["prompt_n_tokens"] == len(prompt_ids)
     assert row["n_tokens"] == body["usage"]["completion_tokens"]
-    generated = [v for v in raw["token_logprobs"][len(prompt_ids):] if v is not None]
+    generated = [v for v in raw["token_logprobs"][len(prompt_ids) :] if v is not None]
     assert row["sum_logprob"] == pytest.approx(sum(generated))
-    assert row["prompt_sum_logprob"] == pytest.approx(sum(raw["token_logprobs"][1:len(prompt_ids)]))
+    assert row["prompt_sum_logprob"] == pytest.approx(
+        sum(raw["token_logprobs"][1 : len(prompt_ids)])
+    )
 
     assert tokens.attrs["vocab_size"] == embedded_engine.vocab_size
     scored = tokens.iloc[1:]  # the first prompt token has no logprob and no alternatives
@@ -605,8 +797,13 @@ def test_frames_of_a_real_embedded_response(embedded_engine):
 def test_sdk_choice_objects_inside_a_plain_dict():
     openai_types = pytest.importorskip("openai.types")
     choice = openai_types.CompletionChoice.model_validate(
-        {"index": 0, "text": "a", "finish_reason": "stop",
-         "logprobs": lp(["a"], [-0.5], [{"a": -0.5}], [0])})
+        {
+            "index": 0,
+            "text": "a",
+            "finish_reason": "stop",
+            "logprobs": lp(["a"], [-0.5], [{"a": -0.5}], [0]),
+        }
+    )
     choices, tokens, _ = to_frames({"choices": [choice]})
     assert choices["text"].tolist() == ["a"]
     assert tokens["logprob"].tolist() == [-0.5]
@@ -614,8 +811,9 @@ def test_sdk_choice_objects_inside_a_plain_dict():
 
 def test_echo_split_of_real_partial_utf8_tokens(embedded_engine):
     prompt = "日本語 “quotes” €"
-    request = CompletionRequest(prompt=[prompt, "To be"], model="nbc-shakespeare", logprobs=2,
-                                echo=True, max_tokens=3, n=2)
+    request = CompletionRequest(
+        prompt=[prompt, "To be"], model="nbc-shakespeare", logprobs=2, echo=True, max_tokens=3, n=2
+    )
     body = embedded_engine.complete(request)
     # Without text_offset (and finish_reason) the split must come from the tokens' bytes.
     stripped = copy.deepcopy(body)
@@ -629,17 +827,21 @@ def test_echo_split_of_real_partial_utf8_tokens(embedded_engine):
         assert choices["prompt_index"].tolist() == [0, 0, 1, 1]
         assert choices["n_tokens"].tolist() == [
             len(c["logprobs"]["tokens"]) - e
-            for c, e in zip(sorted(body["choices"], key=lambda c: c["index"]), expected,
-                            strict=True)]
+            for c, e in zip(
+                sorted(body["choices"], key=lambda c: c["index"]), expected, strict=True
+            )
+        ]
         assert tokens.groupby("index")["echo"].sum().tolist() == expected
 
 
 def test_frames_of_a_merged_streamed_response(embedded_client, embedded_engine):
     prompt = "To be, or not"
-    completion = embedded_client.complete(prompt, logprobs=3, echo=True, max_tokens=4, n=2,
-                                          stream=True)
-    choices, tokens, alternatives = to_frames(completion.raw, completion.request,
-                                              vocab_size=embedded_engine.vocab_size)
+    completion = embedded_client.complete(
+        prompt, logprobs=3, echo=True, max_tokens=4, n=2, stream=True
+    )
+    choices, tokens, alternatives = to_frames(
+        completion.raw, completion.request, vocab_size=embedded_engine.vocab_size
+    )
     n_prompt = len(embedded_engine.encode(prompt))
     assert choices["index"].tolist() == [0, 1]
     assert choices["prompt_n_tokens"].tolist() == [n_prompt, n_prompt]
@@ -650,4 +852,5 @@ def test_frames_of_a_merged_streamed_response(embedded_client, embedded_engine):
         assert rows["logprob"].isna().tolist() == [True] + [False] * (n_prompt + 3)
         assert rows["text_offset"].is_monotonic_increasing
     assert len(alternatives) == sum(
-        len(d or ()) for c in completion.raw["choices"] for d in c["logprobs"]["top_logprobs"])
+        len(d or ()) for c in completion.raw["choices"] for d in c["logprobs"]["top_logprobs"]
+    )

@@ -44,8 +44,10 @@ def cases(draw: st.DrawFn) -> Case:
     llamacpp = draw(st.booleans()) and not with_offsets
     null_rate = draw(st.sampled_from([0.0, 0.2]))
 
-    prompt_tokens = [[PLAIN[i] for i in rng.integers(0, len(PLAIN), size=rng.integers(1, 4))]
-                     for _ in range(n_prompts)]
+    prompt_tokens = [
+        [PLAIN[i] for i in rng.integers(0, len(PLAIN), size=rng.integers(1, 4))]
+        for _ in range(n_prompts)
+    ]
     if token_id_prompts:
         prompts: list = [[int(i) for i in rng.integers(0, 100, size=len(t))] for t in prompt_tokens]
         prompt_field: object = prompts if n_prompts > 1 else prompts[0]
@@ -97,14 +99,25 @@ def cases(draw: st.DrawFn) -> Case:
             tops.append(top)
         prompt_lengths.append(len(echoed))
         if llamacpp:
-            logprobs_field: dict = {"content": [
-                {"token": t, "logprob": lp, "bytes": None,
-                 "top_logprobs": None if d is None else
-                 [{"token": a, "logprob": b} for a, b in d.items()]}
-                for t, lp, d in zip(tokens, token_logprobs, tops, strict=True)]}
+            logprobs_field: dict = {
+                "content": [
+                    {
+                        "token": t,
+                        "logprob": lp,
+                        "bytes": None,
+                        "top_logprobs": None
+                        if d is None
+                        else [{"token": a, "logprob": b} for a, b in d.items()],
+                    }
+                    for t, lp, d in zip(tokens, token_logprobs, tops, strict=True)
+                ]
+            }
         else:
-            logprobs_field = {"tokens": tokens, "token_logprobs": token_logprobs,
-                              "top_logprobs": tops}
+            logprobs_field = {
+                "tokens": tokens,
+                "token_logprobs": token_logprobs,
+                "top_logprobs": tops,
+            }
             if with_offsets:
                 start = 0 if echo else len(prompts[index // n]) if not token_id_prompts else 0
                 offsets = []
@@ -112,14 +125,27 @@ def cases(draw: st.DrawFn) -> Case:
                     offsets.append(start)
                     start += len(token)
                 logprobs_field["text_offset"] = offsets
-        choices.append({"text": "".join(tokens), "index": index,
-                        "finish_reason": "length" if n_generated == 5 else "stop",
-                        "logprobs": logprobs_field})
+        choices.append(
+            {
+                "text": "".join(tokens),
+                "index": index,
+                "finish_reason": "length" if n_generated == 5 else "stop",
+                "logprobs": logprobs_field,
+            }
+        )
     order = rng.permutation(len(choices))
-    body = {"id": "cmpl", "object": "text_completion", "created": 0, "model": "m",
-            "choices": [choices[i] for i in order]}
-    request = CompletionRequest(prompt=prompt_field, n=n, echo=echo, logprobs=k,
-                                max_tokens=5) if know_request else None
+    body = {
+        "id": "cmpl",
+        "object": "text_completion",
+        "created": 0,
+        "model": "m",
+        "choices": [choices[i] for i in order],
+    }
+    request = (
+        CompletionRequest(prompt=prompt_field, n=n, echo=echo, logprobs=k, max_tokens=5)
+        if know_request
+        else None
+    )
     return Case(body, request, prompt_lengths, entropies)
 
 
@@ -143,8 +169,9 @@ def test_random_responses_keep_the_invariants(case: Case) -> None:
     assert choices["index"].tolist() == sorted(c["index"] for c in raw)
 
     np.testing.assert_allclose(tokens["prob"], np.exp(tokens["logprob"]), equal_nan=True)
-    np.testing.assert_allclose(alternatives["prob"], np.exp(alternatives["logprob"]),
-                               equal_nan=True)
+    np.testing.assert_allclose(
+        alternatives["prob"], np.exp(alternatives["logprob"]), equal_nan=True
+    )
     assert (tokens["rank"].dropna() >= 1).all()
     has_bounds = tokens["entropy_low"].notna()
     assert (tokens["entropy_low"][has_bounds] <= tokens["entropy_high"][has_bounds] + 1e-12).all()
@@ -166,15 +193,20 @@ def test_random_responses_keep_the_invariants(case: Case) -> None:
     for _, row in choices.iterrows():
         expected = generated.get(row["index"], math.nan)
         assert math.isclose(row["sum_logprob"], expected, abs_tol=1e-9) or (
-            math.isnan(row["sum_logprob"]) and math.isnan(expected))
+            math.isnan(row["sum_logprob"]) and math.isnan(expected)
+        )
         expected_prompt = prompt.get(row["index"], math.nan)
         assert math.isclose(row["prompt_sum_logprob"], expected_prompt, abs_tol=1e-9) or (
-            math.isnan(row["prompt_sum_logprob"]) and math.isnan(expected_prompt))
+            math.isnan(row["prompt_sum_logprob"]) and math.isnan(expected_prompt)
+        )
 
     # Alternatives: ranks 1..m per position, logprobs not increasing with rank, chosen marks the
     # chosen token, and rank of the chosen token counts the strictly better others.
-    merged = alternatives.merge(tokens[["index", "position", "token", "logprob", "rank"]],
-                                on=["index", "position"], suffixes=("", "_chosen"))
+    merged = alternatives.merge(
+        tokens[["index", "position", "token", "logprob", "rank"]],
+        on=["index", "position"],
+        suffixes=("", "_chosen"),
+    )
     assert (merged["chosen"] == (merged["token"] == merged["token_chosen"])).all()
     for (_, _), group in merged.groupby(["index", "position"]):
         assert group["rank"].tolist() == list(range(1, len(group) + 1))

@@ -130,8 +130,9 @@ def test_nothing_starts_or_patches_at_import() -> None:
         "import sys\n"
         "assert 'nest_asyncio' not in sys.modules and 'nest_asyncio2' not in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -148,8 +149,7 @@ def test_a_plain_call_in_a_real_jupyter_kernel() -> None:
         "body = {'choices': [{'text': 'from the kernel', 'index': 0, 'finish_reason': 'stop'}]}\n"
         "client = Client('http://test/v1', model='m',\n"
         "                transport=httpx.MockTransport(lambda r: httpx.Response(200, json=body)))",
-        "completion = client.complete('hello')  # no await\n"
-        "print(completion.text)",
+        "completion = client.complete('hello')  # no await\nprint(completion.text)",
     ]
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3").execute()

@@ -13,12 +13,14 @@ from nbcompletions import metrics
 
 
 def test_per_choice_text_statistics_exact() -> None:
-    choices = pd.DataFrame({
-        "index": [0, 1, 2],
-        "text": ["the cat the cat the cat", "a b c d e", None],
-        "n_tokens": [6, 5, pd.NA],
-        "sum_logprob": [-6.0, -10.0, np.nan],
-    })
+    choices = pd.DataFrame(
+        {
+            "index": [0, 1, 2],
+            "text": ["the cat the cat the cat", "a b c d e", None],
+            "n_tokens": [6, 5, pd.NA],
+            "sum_logprob": [-6.0, -10.0, np.nan],
+        }
+    )
     before = choices.copy()
     out = metrics.per_choice(choices)
     pd.testing.assert_frame_equal(choices, before)  # the input is untouched
@@ -46,12 +48,14 @@ def test_per_choice_short_text_is_nan_not_zero() -> None:
 
 def test_per_choice_over_model_tokens() -> None:
     choices = pd.DataFrame({"index": [0], "text": ["abab"]})
-    tokens = pd.DataFrame({
-        "index": [0, 0, 0, 0, 0],
-        "position": [0, 1, 2, 3, 4],
-        "token": ["P", "a", "b", "a", "b"],
-        "echo": [True, False, False, False, False],
-    })
+    tokens = pd.DataFrame(
+        {
+            "index": [0, 0, 0, 0, 0],
+            "position": [0, 1, 2, 3, 4],
+            "token": ["P", "a", "b", "a", "b"],
+            "echo": [True, False, False, False, False],
+        }
+    )
     out = metrics.per_choice(choices, tokens)
     assert out.loc[0, "token_distinct_1"] == pytest.approx(2 / 4)
     assert out.loc[0, "token_distinct_2"] == pytest.approx(2 / 3)
@@ -62,23 +66,40 @@ def test_per_choice_names_missing_column() -> None:
         metrics.per_choice(pd.DataFrame({"txt": ["x"]}))
 
 
-@pytest.mark.parametrize(("p", "df", "expected"), [
-    (0.975, 1, 12.7062047), (0.975, 4, 2.7764451), (0.975, 19, 2.0930241),
-    (0.995, 9, 3.2498355), (0.95, 30, 1.6972609), (0.975, 10_000, 1.9602012),
-])
+@pytest.mark.parametrize(
+    ("p", "df", "expected"),
+    [
+        (0.975, 1, 12.7062047),
+        (0.975, 4, 2.7764451),
+        (0.975, 19, 2.0930241),
+        (0.995, 9, 3.2498355),
+        (0.95, 30, 1.6972609),
+        (0.975, 10_000, 1.9602012),
+    ],
+)
 def test_t_quantile_matches_tables(p: float, df: int, expected: float) -> None:
     assert metrics.t_quantile(p, df) == pytest.approx(expected, rel=1e-6)
     assert metrics.t_quantile(1 - p, df) == pytest.approx(-expected, rel=1e-6)
 
 
 def test_summarize_mean_and_t_interval() -> None:
-    df = pd.DataFrame({
-        "temperature": [0.5] * 5 + [1.0] * 2 + [1.5],
-        "score": [1.0, 2.0, 3.0, 4.0, 5.0, 10.0, np.nan, 7.0],
-    })
+    df = pd.DataFrame(
+        {
+            "temperature": [0.5] * 5 + [1.0] * 2 + [1.5],
+            "score": [1.0, 2.0, 3.0, 4.0, 5.0, 10.0, np.nan, 7.0],
+        }
+    )
     out = metrics.summarize(df, by="temperature", value="score")
-    assert out.columns.tolist() == ["temperature", "metric", "n", "mean", "std", "sem", "ci_low",
-                                    "ci_high"]
+    assert out.columns.tolist() == [
+        "temperature",
+        "metric",
+        "n",
+        "mean",
+        "std",
+        "sem",
+        "ci_low",
+        "ci_high",
+    ]
     first = out.iloc[0]
     assert first["n"] == 5
     assert first["mean"] == pytest.approx(3.0)
@@ -105,20 +126,24 @@ def test_summarize_several_values_long_form_and_errors() -> None:
 
 
 def test_calibration_bins_and_sampled_token_outside_top_k() -> None:
-    tokens = pd.DataFrame({
-        "index": [0, 0, 0, 0],
-        "position": [0, 1, 2, 3],
-        "prob": [np.nan, 0.9, 0.15, 0.05],
-        "echo": [True, False, False, False],
-    })
+    tokens = pd.DataFrame(
+        {
+            "index": [0, 0, 0, 0],
+            "position": [0, 1, 2, 3],
+            "prob": [np.nan, 0.9, 0.15, 0.05],
+            "echo": [True, False, False, False],
+        }
+    )
     # k = 2. Position 3's sampled token (p=0.05) is outside the top 2 and, as OpenAI and vLLM do,
     # appended as a third entry.
-    alternatives = pd.DataFrame({
-        "index": [0] * 8,
-        "position": [0, 1, 1, 2, 2, 3, 3, 3],
-        "prob": [0.5, 0.9, 0.05, 0.8, 0.15, 0.7, 0.2, 0.05],
-        "chosen": [False, True, False, False, True, False, False, True],
-    })
+    alternatives = pd.DataFrame(
+        {
+            "index": [0] * 8,
+            "position": [0, 1, 1, 2, 2, 3, 3, 3],
+            "prob": [0.5, 0.9, 0.05, 0.8, 0.15, 0.7, 0.2, 0.05],
+            "chosen": [False, True, False, False, True, False, False, True],
+        }
+    )
     out = metrics.calibration(tokens, alternatives, bins=10)
     # Position 0 is an echoed prompt token: excluded. The appended sampled token is no event: it
     # is there only because it was sampled, and would put bin 0 at 1/2 instead of 0/1.
@@ -134,16 +159,28 @@ def test_calibration_bins_and_sampled_token_outside_top_k() -> None:
     assert row["observed_low"] < 1.0 <= row["observed_high"] + 1e-12
     # A sweep's frames say k themselves (the logprobs column), even when every position of a
     # completion sampled outside its top k and so has k + 1 entries.
-    outside = pd.DataFrame({"index": [0] * 3, "position": [1] * 3, "prob": [0.6, 0.3, 0.02],
-                            "chosen": [False, False, True], "logprobs": [2] * 3})
+    outside = pd.DataFrame(
+        {
+            "index": [0] * 3,
+            "position": [1] * 3,
+            "prob": [0.6, 0.3, 0.02],
+            "chosen": [False, False, True],
+            "logprobs": [2] * 3,
+        }
+    )
     table = metrics.calibration(tokens, outside, bins=10)
     assert int(table["count"].sum()) == 2
     assert int(table["n_chosen"].sum()) == 0
     # A server that returns fewer than were asked for (OpenAI caps logprobs at 5): its own k.
-    capped = pd.DataFrame({"index": [0] * 5, "position": [1, 1, 1, 2, 2],
-                           "prob": [0.6, 0.3, 0.02, 0.5, 0.4],
-                           "chosen": [False, False, True, True, False],
-                           "logprobs": [10] * 5})
+    capped = pd.DataFrame(
+        {
+            "index": [0] * 5,
+            "position": [1, 1, 1, 2, 2],
+            "prob": [0.6, 0.3, 0.02, 0.5, 0.4],
+            "chosen": [False, False, True, True, False],
+            "logprobs": [10] * 5,
+        }
+    )
     table = metrics.calibration(tokens, capped, bins=10)
     assert int(table["count"].sum()) == 4  # position 1's appended token is no event
     assert int(table["n_chosen"].sum()) == 1
@@ -158,9 +195,17 @@ def test_calibration_of_the_embedded_model_at_temperature_one(embedded_client: A
 
     # The embedded model samples from exactly the distribution it reports, so at temperature 1
     # the low bin must sit near the diagonal; counting the appended sampled tokens put it at ~4x.
-    result = sweep(embedded_client, prompt=["To be, or not", "ROMEO:"], temperature=1.0,
-                   max_tokens=40, logprobs=3, repeats=4, seed=list(range(4)), progress=False,
-                   probe=False)
+    result = sweep(
+        embedded_client,
+        prompt=["To be, or not", "ROMEO:"],
+        temperature=1.0,
+        max_tokens=40,
+        logprobs=3,
+        repeats=4,
+        seed=list(range(4)),
+        progress=False,
+        probe=False,
+    )
     table = metrics.calibration(result.tokens, result.alternatives, bins=5)
     low = table[table["bin"] == 0].iloc[0]
     assert low["count"] > 300
@@ -179,8 +224,16 @@ def test_calibration_validates() -> None:
 def test_metrics_on_a_real_sweep(embedded_client: Any) -> None:
     from nbcompletions import sweep
 
-    result = sweep(embedded_client, prompt=["To be", "My lord"], temperature=[1.0, 0.5],
-                   max_tokens=6, logprobs=5, repeats=2, progress=False, probe=False)
+    result = sweep(
+        embedded_client,
+        prompt=["To be", "My lord"],
+        temperature=[1.0, 0.5],
+        max_tokens=6,
+        logprobs=5,
+        repeats=2,
+        progress=False,
+        probe=False,
+    )
     per = metrics.per_choice(result.choices, result.tokens)
     assert len(per) == 8
     assert per["n_chars"].notna().all()
@@ -196,8 +249,9 @@ def test_metrics_on_a_real_sweep(embedded_client: Any) -> None:
         assert int(group["count"].sum()) == 5 * len(mine)
         assert int(group["n_chosen"].sum()) == int((mine["rank"] <= 5).sum())
     assert ((table["observed"] >= 0) & (table["observed"] <= 1)).all()
-    summary = metrics.summarize(per, by=["prompt_id", "temperature"],
-                                value=["distinct_1", "mean_logprob"])
+    summary = metrics.summarize(
+        per, by=["prompt_id", "temperature"], value=["distinct_1", "mean_logprob"]
+    )
     assert len(summary) == 2 * 2 * 2
     assert (summary["n"] == 2).all()
     assert (summary["ci_low"] <= summary["mean"]).all()

@@ -113,14 +113,22 @@ def test_safetensors_match_config(config: dict[str, Any], tensors: dict[str, np.
     }
     for i in range(config["n_layer"]):
         p = f"transformer.h.{i}."
-        expected.update({
-            p + "ln_1.weight": (d,), p + "ln_1.bias": (d,),
-            p + "attn.c_attn.weight": (d, 3 * d), p + "attn.c_attn.bias": (3 * d,),
-            p + "attn.c_proj.weight": (d, d), p + "attn.c_proj.bias": (d,),
-            p + "ln_2.weight": (d,), p + "ln_2.bias": (d,),
-            p + "mlp.c_fc.weight": (d, inner), p + "mlp.c_fc.bias": (inner,),
-            p + "mlp.c_proj.weight": (inner, d), p + "mlp.c_proj.bias": (d,),
-        })
+        expected.update(
+            {
+                p + "ln_1.weight": (d,),
+                p + "ln_1.bias": (d,),
+                p + "attn.c_attn.weight": (d, 3 * d),
+                p + "attn.c_attn.bias": (3 * d,),
+                p + "attn.c_proj.weight": (d, d),
+                p + "attn.c_proj.bias": (d,),
+                p + "ln_2.weight": (d,),
+                p + "ln_2.bias": (d,),
+                p + "mlp.c_fc.weight": (d, inner),
+                p + "mlp.c_fc.bias": (inner,),
+                p + "mlp.c_proj.weight": (inner, d),
+                p + "mlp.c_proj.bias": (d,),
+            }
+        )
     assert {k: t.shape for k, t in tensors.items()} == expected
     for name, t in tensors.items():
         assert t.dtype == np.float16, name
@@ -159,13 +167,16 @@ def test_card_names_held_out_works(card: str, script: ModuleType) -> None:
         assert f"`{work}" not in train.group(1)
 
 
-@pytest.mark.parametrize(("modern", "folio"), [
-    ("macbeth_gut", "macbeth_gut_f"),
-    ("twelfth_night_gut", "twelfe-night_gut_f"),
-    ("comedy_of_errors_gut", "comedy_of_errours_gut_f"),
-    ("tragedy_of_titus_andronicus_gut", "titus_andronicus_gut_f"),
-    ("alls_well_that_ends_well_gut", "all_is_well_that_ends_well_gut_f"),
-])
+@pytest.mark.parametrize(
+    ("modern", "folio"),
+    [
+        ("macbeth_gut", "macbeth_gut_f"),
+        ("twelfth_night_gut", "twelfe-night_gut_f"),
+        ("comedy_of_errors_gut", "comedy_of_errours_gut_f"),
+        ("tragedy_of_titus_andronicus_gut", "titus_andronicus_gut_f"),
+        ("alls_well_that_ends_well_gut", "all_is_well_that_ends_well_gut_f"),
+    ],
+)
 def test_both_spellings_are_one_work(script: ModuleType, modern: str, folio: str) -> None:
     assert script.work_name(modern) == script.work_name(folio)
 
@@ -179,6 +190,8 @@ def test_reproduce_command_lists_changed_options(script: ModuleType) -> None:
     parser = script.build_parser()
     args = parser.parse_args(["--steps", "300", "--out", "/tmp/x", "--no-bf16", "--lr", "0.001"])
     assert script.reproduce_command(parser, args) == (
-        "python scripts/train_embedded_model.py --steps 300 --lr 0.001 --no-bf16")
+        "python scripts/train_embedded_model.py --steps 300 --lr 0.001 --no-bf16"
+    )
     assert script.reproduce_command(parser, parser.parse_args([])) == (
-        "python scripts/train_embedded_model.py")
+        "python scripts/train_embedded_model.py"
+    )

@@ -68,15 +68,17 @@ def test_cached_decoding_equals_full_forward(model_dir: Path) -> None:
     full = forward_full(weights, ids)
     cache = KVCache.empty(weights.config, 3, steps)
     parts = [forward(weights, ids[:, :10], cache)]
-    parts += [forward(weights, ids[:, t:t + 1], cache) for t in range(10, steps)]
+    parts += [forward(weights, ids[:, t : t + 1], cache) for t in range(10, steps)]
     np.testing.assert_allclose(np.concatenate(parts, axis=1), full, atol=1e-4, rtol=0)
 
 
 def test_ragged_rows_decode_like_separate_runs(tiny_dir: Path) -> None:
     """Prompts of different lengths share a decode batch; each row must see only its own past."""
     weights = load_weights(tiny_dir)
-    short, long_ = _ids(weights.config.vocab_size, (1, 5), 2), _ids(weights.config.vocab_size,
-                                                                    (1, 11), 3)
+    short, long_ = (
+        _ids(weights.config.vocab_size, (1, 5), 2),
+        _ids(weights.config.vocab_size, (1, 11), 3),
+    )
     sources = []
     for prompt in (short, long_):
         cache = KVCache.empty(weights.config, 1, prompt.shape[1])
@@ -118,8 +120,10 @@ def test_log_softmax_is_stable_and_normalised() -> None:
 
 def test_gelu_variants_match_their_formulas() -> None:
     x = np.linspace(-6, 6, 101, dtype=np.float32)
-    tanh_ref = [0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3)))
-                for v in x.tolist()]
+    tanh_ref = [
+        0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v**3)))
+        for v in x.tolist()
+    ]
     erf_ref = [0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.tolist()]
     np.testing.assert_allclose(gelu_tanh(x), tanh_ref, atol=1e-6)
     np.testing.assert_allclose(gelu_erf(x), erf_ref, atol=1e-6)
@@ -140,9 +144,11 @@ def test_tokenizer_bytes_round_trip_and_partial_utf8(tiny_dir: Path) -> None:
 
 
 def test_load_engine_is_lazy_and_cached(tiny_dir: Path) -> None:
-    code = ("import sys, nbcompletions, nbcompletions.model as m; "
-            "assert 'nbcompletions.model._engine' not in sys.modules; "
-            "assert 'safetensors' not in sys.modules; assert not m._engines; print('ok')")
+    code = (
+        "import sys, nbcompletions, nbcompletions.model as m; "
+        "assert 'nbcompletions.model._engine' not in sys.modules; "
+        "assert 'safetensors' not in sys.modules; assert not m._engines; print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     first = load_engine(tiny_dir)

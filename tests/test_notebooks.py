@@ -24,8 +24,12 @@ import strip_notebooks  # noqa: E402 - a script, importable once scripts/ is on 
 
 def test_the_five_notebooks_are_there() -> None:
     assert [path.name for path in NOTEBOOKS] == [
-        "01_quickstart.ipynb", "02_token_probabilities.ipynb", "03_temperature_sweep.ipynb",
-        "04_penalty_sweep.ipynb", "05_playground.ipynb"]
+        "01_quickstart.ipynb",
+        "02_token_probabilities.ipynb",
+        "03_temperature_sweep.ipynb",
+        "04_penalty_sweep.ipynb",
+        "05_playground.ipynb",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -39,28 +43,49 @@ def test_saved_notebook_is_small(path: Path) -> None:
             size = len(json.dumps(output))
             assert size <= MAX_OUTPUT_BYTES, (
                 f"{path.name} cell {number} has a {size:,}-byte output; run "
-                "`python scripts/strip_notebooks.py` before committing")
+                "`python scripts/strip_notebooks.py` before committing"
+            )
 
 
 def test_strip_removes_outputs_and_run_metadata() -> None:
     notebook: dict[str, Any] = {
-        "nbformat": 4, "nbformat_minor": 5,
-        "metadata": {"kernelspec": {"name": "python3"}, "widgets": {"state": {}},
-                     "language_info": {"name": "python", "version": "3.11.9"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {
+            "kernelspec": {"name": "python3"},
+            "widgets": {"state": {}},
+            "language_info": {"name": "python", "version": "3.11.9"},
+        },
         "cells": [
-            {"cell_type": "code", "id": "a", "execution_count": 3, "source": "1 + 1",
-             "metadata": {"tags": ["keep"], "execution": {"iopub.status.idle": "2026"}},
-             "outputs": [{"output_type": "execute_result", "data": {"text/plain": "2"},
-                          "metadata": {}, "execution_count": 3}]},
+            {
+                "cell_type": "code",
+                "id": "a",
+                "execution_count": 3,
+                "source": "1 + 1",
+                "metadata": {"tags": ["keep"], "execution": {"iopub.status.idle": "2026"}},
+                "outputs": [
+                    {
+                        "output_type": "execute_result",
+                        "data": {"text/plain": "2"},
+                        "metadata": {},
+                        "execution_count": 3,
+                    }
+                ],
+            },
             {"cell_type": "markdown", "id": "b", "source": "# title", "metadata": {}},
         ],
     }
     stripped = strip_notebooks.strip(notebook)
-    assert stripped["metadata"] == {"kernelspec": {"name": "python3"},
-                                    "language_info": {"name": "python"}}
+    assert stripped["metadata"] == {
+        "kernelspec": {"name": "python3"},
+        "language_info": {"name": "python"},
+    }
     code = stripped["cells"][0]
-    assert (code["outputs"], code["execution_count"], code["metadata"]) == ([], None,
-                                                                            {"tags": ["keep"]})
+    assert (code["outputs"], code["execution_count"], code["metadata"]) == (
+        [],
+        None,
+        {"tags": ["keep"]},
+    )
     assert stripped["cells"][1] == notebook["cells"][1]
     assert notebook["cells"][0]["outputs"]  # the input is not mutated
     assert strip_notebooks.strip(stripped) == stripped
@@ -71,8 +96,9 @@ def test_committed_notebooks_are_stripped() -> None:
 
 
 def _outputs(notebook: Any) -> list[Any]:
-    return [output for cell in notebook.cells if cell.cell_type == "code"
-            for output in cell.outputs]
+    return [
+        output for cell in notebook.cells if cell.cell_type == "code" for output in cell.outputs
+    ]
 
 
 @pytest.mark.slow
@@ -87,8 +113,12 @@ def test_notebook_runs(path: Path, tmp_path: Path) -> None:
     # folder, where the sweeps' cache files go.
     os.environ.pop("OPENAI_API_KEY", None)
     os.environ.pop("OPENAI_BASE_URL", None)
-    client = NotebookClient(notebook, kernel_name="python3", timeout=CELL_TIMEOUT_S,
-                            resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        notebook,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
 
     outputs = _outputs(notebook)

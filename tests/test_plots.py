@@ -22,8 +22,19 @@ from nbcompletions import plots
 
 # The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
 TOKEN_COLUMNS = [
-    "index", "prompt_index", "choice", "position", "token", "logprob", "prob", "text_offset",
-    "echo", "rank", "top_mass", "entropy_low", "entropy_high",
+    "index",
+    "prompt_index",
+    "choice",
+    "position",
+    "token",
+    "logprob",
+    "prob",
+    "text_offset",
+    "echo",
+    "rank",
+    "top_mass",
+    "entropy_low",
+    "entropy_high",
 ]
 ALTERNATIVE_COLUMNS = ["index", "position", "rank", "token", "logprob", "prob", "chosen"]
 
@@ -53,23 +64,38 @@ def make_frames(
                 logprob = top[chosen_rank - 1]
             else:
                 logprob = top[-1] - 1.0
-            token_rows.append({
-                "index": index, "prompt_index": 0, "choice": index, "position": position,
-                "token": word, "logprob": logprob, "prob": np.exp(logprob), "text_offset": offset,
-                "echo": echo, "rank": pd.NA if np.isnan(logprob) else chosen_rank,
-                "top_mass": float(np.exp(top).sum()), "entropy_low": 0.5 + 0.1 * position,
-                "entropy_high": 1.0 + 0.2 * position,
-            })
+            token_rows.append(
+                {
+                    "index": index,
+                    "prompt_index": 0,
+                    "choice": index,
+                    "position": position,
+                    "token": word,
+                    "logprob": logprob,
+                    "prob": np.exp(logprob),
+                    "text_offset": offset,
+                    "echo": echo,
+                    "rank": pd.NA if np.isnan(logprob) else chosen_rank,
+                    "top_mass": float(np.exp(top).sum()),
+                    "entropy_low": 0.5 + 0.1 * position,
+                    "entropy_high": 1.0 + 0.2 * position,
+                }
+            )
             offset += len(word)
             if np.isnan(logprob):
                 continue
             for rank in range(1, k + 1):
-                alternative_rows.append({
-                    "index": index, "position": position, "rank": rank,
-                    "token": word if rank == chosen_rank else f"alt{rank}<",
-                    "logprob": top[rank - 1], "prob": np.exp(top[rank - 1]),
-                    "chosen": rank == chosen_rank,
-                })
+                alternative_rows.append(
+                    {
+                        "index": index,
+                        "position": position,
+                        "rank": rank,
+                        "token": word if rank == chosen_rank else f"alt{rank}<",
+                        "logprob": top[rank - 1],
+                        "prob": np.exp(top[rank - 1]),
+                        "chosen": rank == chosen_rank,
+                    }
+                )
     tokens = pd.DataFrame(token_rows, columns=TOKEN_COLUMNS)
     tokens["rank"] = tokens["rank"].astype("Int64")
     alternatives = pd.DataFrame(alternative_rows, columns=ALTERNATIVE_COLUMNS)
@@ -83,15 +109,28 @@ def make_sweep_choices() -> pd.DataFrame:
         for prompt_id in (0, 1):
             for repeat in range(3):
                 value = -1.0 - temperature - 0.3 * prompt_id + 0.1 * repeat
-                rows.append({
-                    "index": 0, "temperature": temperature, "prompt_id": prompt_id,
-                    "repeat": repeat, "mean_logprob": value, "error": None,
-                    "stop": ["\n"] if repeat % 2 else None,
-                })
-    rows.append({
-        "index": 0, "temperature": 1.0, "prompt_id": 0, "repeat": 3,
-        "mean_logprob": np.nan, "error": "APIError: 500", "stop": None,
-    })
+                rows.append(
+                    {
+                        "index": 0,
+                        "temperature": temperature,
+                        "prompt_id": prompt_id,
+                        "repeat": repeat,
+                        "mean_logprob": value,
+                        "error": None,
+                        "stop": ["\n"] if repeat % 2 else None,
+                    }
+                )
+    rows.append(
+        {
+            "index": 0,
+            "temperature": 1.0,
+            "prompt_id": 0,
+            "repeat": 3,
+            "mean_logprob": np.nan,
+            "error": "APIError: 500",
+            "stop": None,
+        }
+    )
     return pd.DataFrame(rows)
 
 
@@ -154,8 +193,12 @@ def test_inputs_are_not_mutated(frames) -> None:
         (lambda t, a: plots.highlight(t.drop(columns="token")), "token"),
         (lambda t, a: plots.highlight(t, alternatives=a.drop(columns="prob")), "prob"),
         (lambda t, a: plots.sweep(make_sweep_choices(), x="top_p", y="mean_logprob"), "top_p"),
-        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob",
-                                  facet_col="model"), "model"),
+        (
+            lambda t, a: plots.sweep(
+                make_sweep_choices(), x="temperature", y="mean_logprob", facet_col="model"
+            ),
+            "model",
+        ),
     ],
 )
 def test_a_missing_column_is_named_with_the_columns_present(frames, call, missing) -> None:
@@ -183,22 +226,39 @@ def test_unknown_index_lists_the_indices_present(frames) -> None:
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda t, a: plots.token_probabilities(t, render_mode="canvas"),
-         r"render_mode must be one of \['auto', 'svg', 'webgl'\], got 'canvas'"),
-        (lambda t, a: plots.alternatives(a, max_positions=0),
-         r"max_positions must be an integer >= 1, got 0"),
-        (lambda t, a: plots.highlight(t, max_positions=2.5),  # type: ignore[arg-type]  # wrong on purpose
-         r"max_positions must be an integer >= 1, got 2.5"),
-        (lambda t, a: plots.rank_histogram(t, buckets=(5, 1)),
-         r"buckets must be increasing integers >= 1 .* got \(5, 1\)"),
+        (
+            lambda t, a: plots.token_probabilities(t, render_mode="canvas"),
+            r"render_mode must be one of \['auto', 'svg', 'webgl'\], got 'canvas'",
+        ),
+        (
+            lambda t, a: plots.alternatives(a, max_positions=0),
+            r"max_positions must be an integer >= 1, got 0",
+        ),
+        (
+            lambda t, a: plots.highlight(t, max_positions=2.5),  # type: ignore[arg-type]  # wrong on purpose
+            r"max_positions must be an integer >= 1, got 2.5",
+        ),
+        (
+            lambda t, a: plots.rank_histogram(t, buckets=(5, 1)),
+            r"buckets must be increasing integers >= 1 .* got \(5, 1\)",
+        ),
         (lambda t, a: plots.rank_histogram(t, buckets=()), r"buckets must be .* got \(\)"),
-        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob", ci=95),
-         r"ci must be a level in \(0, 1\) or None, got 95"),
-        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob",
-                                  interval="ribbon"),
-         r"interval must be one of \['bars', 'band'\], got 'ribbon'"),
-        (lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="error"),
-         r"column 'error' must be numeric"),
+        (
+            lambda t, a: plots.sweep(
+                make_sweep_choices(), x="temperature", y="mean_logprob", ci=95
+            ),
+            r"ci must be a level in \(0, 1\) or None, got 95",
+        ),
+        (
+            lambda t, a: plots.sweep(
+                make_sweep_choices(), x="temperature", y="mean_logprob", interval="ribbon"
+            ),
+            r"interval must be one of \['bars', 'band'\], got 'ribbon'",
+        ),
+        (
+            lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="error"),
+            r"column 'error' must be numeric",
+        ),
     ],
 )
 def test_bad_options_name_the_parameter_range_and_value(frames, call, message) -> None:
@@ -223,7 +283,10 @@ def test_token_probabilities_one_trace_per_choice_and_prompt_part(frames) -> Non
     tokens, _ = frames
     fig = plots.token_probabilities(tokens)
     assert [trace.name for trace in fig.data] == [
-        "index 0 (prompt)", "index 0", "index 1 (prompt)", "index 1",
+        "index 0 (prompt)",
+        "index 0",
+        "index 1 (prompt)",
+        "index 1",
     ]
     generated = tokens[(tokens["index"] == 1) & ~tokens["echo"]].sort_values("position")
     np.testing.assert_array_equal(fig.data[3].x, generated["position"])
@@ -241,9 +304,7 @@ def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) 
     tokens, _ = frames
     fig = plots.token_probabilities(tokens, index=0, echo=False)
     generated = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
-    assert list(fig.data[0].text) == [
-        html.escape(repr(t), quote=False) for t in generated["token"]
-    ]
+    assert list(fig.data[0].text) == [html.escape(repr(t), quote=False) for t in generated["token"]]
     assert "'\\n'" in fig.data[0].text  # a newline token reads as '\n', not a line break
     assert "'&amp;amp;'" in fig.data[0].text
     np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
@@ -527,12 +588,12 @@ def test_highlight_tooltip_lists_the_alternatives(frames) -> None:
     assert (f"rank >{len(at)}" if rank > len(at) else f"rank {rank}") in tip
 
 
-def test_highlight_says_outside_the_top_k_for_the_appended_sampled_token(
-        embedded_client) -> None:
+def test_highlight_says_outside_the_top_k_for_the_appended_sampled_token(embedded_client) -> None:
     # The server appends a token outside the top k as a k+1-th alternative with rank k+1; its
     # true rank is unknown, only that it is beyond k.
-    completion = embedded_client.complete("<script>quux zzz", max_tokens=1, logprobs=2,
-                                          echo=True, temperature=0.0)
+    completion = embedded_client.complete(
+        "<script>quux zzz", max_tokens=1, logprobs=2, echo=True, temperature=0.0
+    )
     tokens, alternatives = completion.tokens, completion.alternatives
     outside = tokens[tokens["rank"] > 2]
     assert len(outside), "the echoed prompt should have tokens outside the top 2"
@@ -567,10 +628,14 @@ def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(max_size=6), min_size=1, max_size=12))
 def test_highlight_round_trips_any_token_text(texts: list[str]) -> None:
-    tokens = pd.DataFrame({
-        "index": 0, "position": range(len(texts)), "token": texts,
-        "prob": np.linspace(0.0, 1.0, len(texts)),
-    })
+    tokens = pd.DataFrame(
+        {
+            "index": 0,
+            "position": range(len(texts)),
+            "token": texts,
+            "prob": np.linspace(0.0, 1.0, len(texts)),
+        }
+    )
     markup = plots.highlight(tokens).html
     assert_self_contained(markup)
     parsed = parse(markup)
@@ -592,7 +657,10 @@ def test_plots_of_a_real_completion(embedded_client) -> None:
 
     fig = plots.token_probabilities(tokens)
     assert {trace.name for trace in fig.data} == {
-        "index 0", "index 0 (prompt)", "index 1", "index 1 (prompt)",
+        "index 0",
+        "index 0 (prompt)",
+        "index 1",
+        "index 1 (prompt)",
     }
     first = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
     np.testing.assert_allclose(fig.data[1].y, first["prob"])
@@ -633,20 +701,28 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     from nbcompletions import to_frames
 
     response = {
-        "id": "cmpl-1", "object": "text_completion", "created": 0, "model": "m",
-        "choices": [{
-            "index": 0, "text": "<b> &\n", "finish_reason": "length",
-            "logprobs": {
-                "tokens": ["<b>", " &", "\n"],
-                "token_logprobs": [None, -0.5, -2.0],
-                "top_logprobs": [None, {" &": -0.5, " and": -1.2}, {".": -0.4, ",": -1.9}],
-                "text_offset": [0, 3, 5],
-            },
-        }],
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 0,
+        "model": "m",
+        "choices": [
+            {
+                "index": 0,
+                "text": "<b> &\n",
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": ["<b>", " &", "\n"],
+                    "token_logprobs": [None, -0.5, -2.0],
+                    "top_logprobs": [None, {" &": -0.5, " and": -1.2}, {".": -0.4, ",": -1.9}],
+                    "text_offset": [0, 3, 5],
+                },
+            }
+        ],
         "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
     }
     _, tokens, alternatives = to_frames(
-        response, {"prompt": "<b> &", "echo": True, "logprobs": 2, "max_tokens": 1},
+        response,
+        {"prompt": "<b> &", "echo": True, "logprobs": 2, "max_tokens": 1},
         vocab_size=100,
     )
     page = plots.highlight(tokens, alternatives=alternatives).html
@@ -666,8 +742,14 @@ def test_sweep_plot_of_a_real_sweep(embedded_client) -> None:
     from nbcompletions import sweep
 
     result = sweep(
-        embedded_client, prompt="ROMEO:", temperature=[0.5, 1.5], max_tokens=4, logprobs=1,
-        repeats=3, progress=False, probe=False,
+        embedded_client,
+        prompt="ROMEO:",
+        temperature=[0.5, 1.5],
+        max_tokens=4,
+        logprobs=1,
+        repeats=3,
+        progress=False,
+        probe=False,
     )
     choices = result.choices
     fig = plots.sweep(choices, x="temperature", y="mean_logprob")

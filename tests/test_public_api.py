@@ -9,12 +9,40 @@ import sys
 import nbcompletions
 
 EXPECTED = {
-    "APIError", "AsyncClient", "BudgetError", "Cache", "Client", "Completion", "CompletionRequest",
-    "Limits", "NBCompletionsError", "RequestError", "StreamChunk", "SweepResult", "__version__",
-    "asweep",    "load_sweep", "metrics", "plots", "sweep", "to_frames", "widgets",
+    "APIError",
+    "AsyncClient",
+    "BudgetError",
+    "Cache",
+    "Client",
+    "Completion",
+    "CompletionRequest",
+    "Limits",
+    "NBCompletionsError",
+    "RequestError",
+    "StreamChunk",
+    "SweepResult",
+    "__version__",
+    "asweep",
+    "load_sweep",
+    "metrics",
+    "plots",
+    "sweep",
+    "to_frames",
+    "widgets",
 }
-HEAVY = ("pandas", "plotly", "ipywidgets", "starlette", "uvicorn", "nbcompletions.model",
-         "nbcompletions.server", "tokenizers", "safetensors", "torch", "openai")
+HEAVY = (
+    "pandas",
+    "plotly",
+    "ipywidgets",
+    "starlette",
+    "uvicorn",
+    "nbcompletions.model",
+    "nbcompletions.server",
+    "tokenizers",
+    "safetensors",
+    "torch",
+    "openai",
+)
 
 
 def test_all_is_what_it_should_be() -> None:
@@ -42,10 +70,13 @@ def test_exported_classes_come_from_their_modules() -> None:
 
 
 def _loaded_after(statement: str) -> list[str]:
-    code = (f"import sys\n{statement}\n"
-            f"import json; print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120, check=True)
+    code = (
+        f"import sys\n{statement}\n"
+        f"import json; print(json.dumps([m for m in {list(HEAVY)!r} if m in sys.modules]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
     return list(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
@@ -56,6 +87,8 @@ def test_import_nbcompletions_loads_nothing_heavy() -> None:
 def test_importing_the_client_loads_nothing_heavy() -> None:
     # Building a client for a remote server needs httpx only: no pandas until frames are asked for,
     # no model or server unless the embedded model is used.
-    statement = ("from nbcompletions import AsyncClient, Client, Completion, StreamChunk\n"
-                 "Client('http://127.0.0.1:9/v1', model='m')")
+    statement = (
+        "from nbcompletions import AsyncClient, Client, Completion, StreamChunk\n"
+        "Client('http://127.0.0.1:9/v1', model='m')"
+    )
     assert _loaded_after(statement) == []

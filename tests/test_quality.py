@@ -22,9 +22,21 @@ def _tool(name: str) -> str:
 def test_ruff() -> None:
     result = subprocess.run(
         [_tool("ruff"), "check", "nbcompletions", "tests", "benchmarks", "scripts"],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ruff_format() -> None:
+    result = subprocess.run(
+        [_tool("ruff"), "format", "--check", "nbcompletions", "tests", "benchmarks", "scripts"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, "run `ruff format` on:\n" + result.stdout + result.stderr
 
 
 def test_mypy() -> None:

@@ -71,8 +71,10 @@ def test_best_of_not_with_stream() -> None:
 def test_stream_options_only_with_stream() -> None:
     assert _error(stream_options={"include_usage": True}).param == "stream_options"
     CompletionRequest(prompt="x", stream=True, stream_options={"include_usage": True})
-    assert _error(stream=True, stream_options={"include_usage": "y"}).param == \
-        "stream_options.include_usage"
+    assert (
+        _error(stream=True, stream_options={"include_usage": "y"}).param
+        == "stream_options.include_usage"
+    )
 
 
 @pytest.mark.parametrize("stop", ["", [], ["a", "b", "c", "d", "e"], [""], ["a", 1], 5])
@@ -89,8 +91,13 @@ def test_good_stop_and_tuple_normalised() -> None:
 
 @pytest.mark.parametrize(
     ("bias", "needle"),
-    [({"abc": 1}, "'abc'"), ({"5": 101}, "-100 to 100"), ({"5": math.inf}, "-100 to 100"),
-     ({"-3": 1}, "'-3'"), ("5:1", "token id")],
+    [
+        ({"abc": 1}, "'abc'"),
+        ({"5": 101}, "-100 to 100"),
+        ({"5": math.inf}, "-100 to 100"),
+        ({"-3": 1}, "'-3'"),
+        ("5:1", "token id"),
+    ],
 )
 def test_bad_logit_bias(bias: object, needle: str) -> None:
     err = _error(logit_bias=bias)
@@ -130,14 +137,29 @@ def test_limits_are_a_client_setting() -> None:
 
 
 def test_body_round_trip_and_extra() -> None:
-    body = {"model": "m", "prompt": ["a", "b"], "n": 2, "best_of": 3, "logprobs": 2,
-            "echo": True, "top_k": 40, "temperature": None}
+    body = {
+        "model": "m",
+        "prompt": ["a", "b"],
+        "n": 2,
+        "best_of": 3,
+        "logprobs": 2,
+        "echo": True,
+        "top_k": 40,
+        "temperature": None,
+    }
     request = CompletionRequest.from_body(body, require_model=True)
     assert request.extra == {"top_k": 40}
     assert request.temperature is None
     sent = request.to_body()
-    assert sent == {"model": "m", "prompt": ["a", "b"], "n": 2, "best_of": 3, "logprobs": 2,
-                    "echo": True, "top_k": 40}
+    assert sent == {
+        "model": "m",
+        "prompt": ["a", "b"],
+        "n": 2,
+        "best_of": 3,
+        "logprobs": 2,
+        "echo": True,
+        "top_k": 40,
+    }
     assert CompletionRequest.from_body(sent) == request
 
 
@@ -162,9 +184,25 @@ def test_replace_revalidates() -> None:
 
 def test_fields_cover_the_reference() -> None:
     assert set(FIELDS) == {
-        "model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
-        "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix",
-        "temperature", "top_p", "user"}
+        "model",
+        "prompt",
+        "best_of",
+        "echo",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "presence_penalty",
+        "seed",
+        "stop",
+        "stream",
+        "stream_options",
+        "suffix",
+        "temperature",
+        "top_p",
+        "user",
+    }
 
 
 # -- properties ------------------------------------------------------------------------------------
@@ -175,21 +213,25 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 def test_float_ranges_property(temperature: float, top_p: float, penalty: float) -> None:
     ok = 0 <= temperature <= 2 and 0 <= top_p <= 1 and -2 <= penalty <= 2
     if ok:
-        CompletionRequest(prompt="x", temperature=temperature, top_p=top_p,
-                          presence_penalty=penalty)
+        CompletionRequest(
+            prompt="x", temperature=temperature, top_p=top_p, presence_penalty=penalty
+        )
         return
     with pytest.raises(RequestError) as info:
-        CompletionRequest(prompt="x", temperature=temperature, top_p=top_p,
-                          presence_penalty=penalty)
+        CompletionRequest(
+            prompt="x", temperature=temperature, top_p=top_p, presence_penalty=penalty
+        )
     assert info.value.param in {"temperature", "top_p", "presence_penalty"}
     assert repr(info.value.value) in str(info.value)
 
 
-@given(n=st.integers(-5, 200), best_of=st.one_of(st.none(), st.integers(-5, 40)),
-       stream=st.booleans())
+@given(
+    n=st.integers(-5, 200), best_of=st.one_of(st.none(), st.integers(-5, 40)), stream=st.booleans()
+)
 def test_n_best_of_property(n: int, best_of: int | None, stream: bool) -> None:
-    ok = 1 <= n <= 128 and (best_of is None or (1 <= best_of <= 20 and best_of >= n
-                                                 and not (stream and best_of > 1)))
+    ok = 1 <= n <= 128 and (
+        best_of is None or (1 <= best_of <= 20 and best_of >= n and not (stream and best_of > 1))
+    )
     if ok:
         assert CompletionRequest(prompt="x", n=n, best_of=best_of, stream=stream).effective_n == n
         return
@@ -210,12 +252,14 @@ def test_logit_bias_property(bias: dict[int, int]) -> None:
     assert request.to_body().get("logit_bias", {}) == {str(k): v for k, v in bias.items()}
 
 
-@given(st.one_of(
-    st.text(max_size=20),
-    st.lists(st.text(max_size=5), min_size=1, max_size=4),
-    st.lists(st.integers(0, 1000), min_size=1, max_size=8),
-    st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=4), min_size=1, max_size=3),
-))
+@given(
+    st.one_of(
+        st.text(max_size=20),
+        st.lists(st.text(max_size=5), min_size=1, max_size=4),
+        st.lists(st.integers(0, 1000), min_size=1, max_size=8),
+        st.lists(st.lists(st.integers(0, 1000), min_size=1, max_size=4), min_size=1, max_size=3),
+    )
+)
 def test_valid_prompt_forms_property(prompt: object) -> None:
     request = CompletionRequest(prompt=prompt)
     assert CompletionRequest.from_body(request.to_body()) == request

@@ -39,15 +39,24 @@ def faulty_client(app: Any, fault: Any) -> AsyncClient:
             return httpx.Response(200, json=data)
         return response
 
-    return AsyncClient("http://embedded/v1", model=MODEL, transport=httpx.MockTransport(handler),
-                       max_retries=0)
+    return AsyncClient(
+        "http://embedded/v1", model=MODEL, transport=httpx.MockTransport(handler), max_retries=0
+    )
 
 
 def test_score_matches_the_echoed_logprobs(embedded_client: Client) -> None:
     text = "To be, or not to be, that is the question"
     scores = embedded_client.score([text, "My lord"])
-    assert scores.columns.tolist() == ["text", "context", "n_tokens", "sum_logprob",
-                                       "mean_logprob", "perplexity", "n_unscored", "straddles"]
+    assert scores.columns.tolist() == [
+        "text",
+        "context",
+        "n_tokens",
+        "sum_logprob",
+        "mean_logprob",
+        "perplexity",
+        "n_unscored",
+        "straddles",
+    ]
     direct = embedded_client.complete(text, echo=True, logprobs=1, max_tokens=0)
     logprobs = direct.tokens["logprob"]
     row = scores.iloc[0]
@@ -72,8 +81,9 @@ def test_continuation_scores_add_up(embedded_client: Client) -> None:
     assert tail["n_unscored"] == 0
     # log P(context + text) = log P(context) + log P(text | context), token for token.
     assert head["n_tokens"] + tail["n_tokens"] == whole["n_tokens"]
-    assert head["sum_logprob"] + tail["sum_logprob"] == pytest.approx(whole["sum_logprob"],
-                                                                      rel=1e-4)
+    assert head["sum_logprob"] + tail["sum_logprob"] == pytest.approx(
+        whole["sum_logprob"], rel=1e-4
+    )
 
 
 def test_straddling_token_is_flagged(embedded_client: Client) -> None:
@@ -106,9 +116,17 @@ def test_score_validates(embedded_client: Client) -> None:
 async def test_server_refusing_echo_with_logprobs_says_so(app: Any) -> None:
     def refuse(body: dict[str, Any]) -> httpx.Response | None:
         if body.get("echo") and body.get("logprobs") is not None:
-            return httpx.Response(400, json={"error": {
-                "message": "echo is not supported together with logprobs",
-                "type": "invalid_request_error", "param": "echo", "code": None}})
+            return httpx.Response(
+                400,
+                json={
+                    "error": {
+                        "message": "echo is not supported together with logprobs",
+                        "type": "invalid_request_error",
+                        "param": "echo",
+                        "code": None,
+                    }
+                },
+            )
         return None
 
     aclient = faulty_client(app, refuse)

@@ -54,12 +54,26 @@ class _ScriptedEngine:
         self.requests.append(request)
         if self.fail_with is not None:
             raise self.fail_with
-        return {"id": "cmpl-scripted", "object": "text_completion", "created": 1, "model": MODEL,
-                "choices": [{"text": " or", "index": 0, "finish_reason": "length",
-                             "logprobs": {"tokens": [" or"], "token_logprobs": [self.logprob],
-                                          "top_logprobs": [{" or": self.logprob}],
-                                          "text_offset": [5]}}],
-                "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+        return {
+            "id": "cmpl-scripted",
+            "object": "text_completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [
+                {
+                    "text": " or",
+                    "index": 0,
+                    "finish_reason": "length",
+                    "logprobs": {
+                        "tokens": [" or"],
+                        "token_logprobs": [self.logprob],
+                        "top_logprobs": [{" or": self.logprob}],
+                        "text_offset": [5],
+                    },
+                }
+            ],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+        }
 
     def stream(self, request: CompletionRequest) -> Iterator[dict[str, Any]]:
         self.requests.append(request)
@@ -79,9 +93,15 @@ class _ScriptedEngine:
                 if not self.endless and index == len(self.stream_texts):
                     return
                 text = self.stream_texts[index % len(self.stream_texts)]
-                yield {"id": "cmpl-scripted", "object": "text_completion", "created": 1,
-                       "model": MODEL, "choices": [{"text": text, "index": 0, "logprobs": None,
-                                                    "finish_reason": None}]}
+                yield {
+                    "id": "cmpl-scripted",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": MODEL,
+                    "choices": [
+                        {"text": text, "index": 0, "logprobs": None, "finish_reason": None}
+                    ],
+                }
                 index += 1
         finally:
             self.stream_closed.set()
@@ -142,7 +162,8 @@ async def test_health_answers_without_loading_the_model() -> None:
 
 
 async def test_unknown_route_and_wrong_method_answer_with_openai_error_bodies(
-        engine: _ScriptedEngine) -> None:
+    engine: _ScriptedEngine,
+) -> None:
     async with _client(create_app(engine)) as client:
         missing = await client.get("/v1/chat/nothing")
         wrong_method = await client.get("/v1/completions")
@@ -153,13 +174,21 @@ async def test_unknown_route_and_wrong_method_answer_with_openai_error_bodies(
 
 
 # -- request validation ---------------------------------------------------------------------------
-@pytest.mark.parametrize("raw", [b"{bad json", b"", b'{"model": "scripted", "prompt": "x",}',
-                                 b'{"model": "scripted", "prompt": "x", "temperature": NaN}',
-                                 b'{"model": "scripted", "prompt": "x", "top_p": Infinity}',
-                                 b"\xff\xfe\x00garbage"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{bad json",
+        b"",
+        b'{"model": "scripted", "prompt": "x",}',
+        b'{"model": "scripted", "prompt": "x", "temperature": NaN}',
+        b'{"model": "scripted", "prompt": "x", "top_p": Infinity}',
+        b"\xff\xfe\x00garbage",
+    ],
+)
 async def test_malformed_json_is_400_with_param_null(engine: _ScriptedEngine, raw: bytes) -> None:
-    response = await _post(create_app(engine), content=raw,
-                           headers={"content-type": "application/json"})
+    response = await _post(
+        create_app(engine), content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     error = _error(response)
     assert error["param"] is None
@@ -168,10 +197,12 @@ async def test_malformed_json_is_400_with_param_null(engine: _ScriptedEngine, ra
     assert engine.requests == []
 
 
-@pytest.mark.parametrize(("body", "kind"), [([1, 2], "array"), ("prompt", "string"), (3, "number"),
-                                            (None, "null")])
-async def test_a_body_that_is_not_an_object_is_400(engine: _ScriptedEngine, body: Any,
-                                                   kind: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "kind"), [([1, 2], "array"), ("prompt", "string"), (3, "number"), (None, "null")]
+)
+async def test_a_body_that_is_not_an_object_is_400(
+    engine: _ScriptedEngine, body: Any, kind: str
+) -> None:
     response = await _post(create_app(engine), content=json.dumps(body).encode())
     assert response.status_code == 400
     error = _error(response)
@@ -179,29 +210,37 @@ async def test_a_body_that_is_not_an_object_is_400(engine: _ScriptedEngine, body
     assert f"JSON {kind}" in error["message"]
 
 
-@pytest.mark.parametrize(("fields", "param", "given"), [
-    ({"temperature": 2.5}, "temperature", "2.5"),
-    ({"top_p": -0.1}, "top_p", "-0.1"),
-    ({"logprobs": 6}, "logprobs", "6"),
-    ({"n": 0}, "n", "0"),
-    ({"n": 3, "best_of": 2}, "best_of", "2"),
-    ({"best_of": 2, "stream": True}, "best_of", "2"),
-    ({"max_tokens": -1}, "max_tokens", "-1"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "'e'"),
-    ({"frequency_penalty": 3}, "frequency_penalty", "3"),
-    ({"logit_bias": {"12": 101}}, "logit_bias", "101"),
-    ({"stream_options": {"include_usage": True}}, "stream_options", "include_usage"),
-    ({"prompt": []}, "prompt", "[]"),
-    ({"echo": "yes"}, "echo", "'yes'"),
-])
+@pytest.mark.parametrize(
+    ("fields", "param", "given"),
+    [
+        ({"temperature": 2.5}, "temperature", "2.5"),
+        ({"top_p": -0.1}, "top_p", "-0.1"),
+        ({"logprobs": 6}, "logprobs", "6"),
+        ({"n": 0}, "n", "0"),
+        ({"n": 3, "best_of": 2}, "best_of", "2"),
+        ({"best_of": 2, "stream": True}, "best_of", "2"),
+        ({"max_tokens": -1}, "max_tokens", "-1"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "'e'"),
+        ({"frequency_penalty": 3}, "frequency_penalty", "3"),
+        ({"logit_bias": {"12": 101}}, "logit_bias", "101"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "include_usage"),
+        ({"prompt": []}, "prompt", "[]"),
+        ({"echo": "yes"}, "echo", "'yes'"),
+    ],
+)
 async def test_invalid_fields_are_400_naming_the_field_and_the_value(
-        engine: _ScriptedEngine, fields: dict[str, Any], param: str, given: str) -> None:
+    engine: _ScriptedEngine, fields: dict[str, Any], param: str, given: str
+) -> None:
     body = {"model": MODEL, "prompt": "To be", **fields}
     response = await _post(create_app(engine), body)
     assert response.status_code == 400
     error = _error(response)
-    assert error == {"message": error["message"], "type": "invalid_request_error", "param": param,
-                     "code": None}
+    assert error == {
+        "message": error["message"],
+        "type": "invalid_request_error",
+        "param": param,
+        "code": None,
+    }
     assert given in error["message"]
     assert engine.requests == []
 
@@ -230,7 +269,8 @@ async def test_unknown_model_is_404_model_not_found(engine: _ScriptedEngine) -> 
 
 
 async def test_engine_request_errors_are_400_with_the_engines_param(
-        engine: _ScriptedEngine) -> None:
+    engine: _ScriptedEngine,
+) -> None:
     engine.fail_with = RequestError("suffix", "suffix is not supported by this model; got 'x'")
     response = await _post(create_app(engine), {"model": MODEL, "prompt": "a", "suffix": "x"})
     assert response.status_code == 400
@@ -238,10 +278,12 @@ async def test_engine_request_errors_are_400_with_the_engines_param(
 
 
 async def test_stream_validation_errors_from_the_engine_are_400_not_a_stream(
-        engine: _ScriptedEngine) -> None:
+    engine: _ScriptedEngine,
+) -> None:
     engine.fail_with = RequestError("max_tokens", "max_tokens too large for the context; got 9999")
-    response = await _post(create_app(engine), {"model": MODEL, "prompt": "a", "stream": True,
-                                                "max_tokens": 9999})
+    response = await _post(
+        create_app(engine), {"model": MODEL, "prompt": "a", "stream": True, "max_tokens": 9999}
+    )
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
     assert _error(response)["param"] == "max_tokens"
@@ -261,7 +303,8 @@ async def test_body_over_the_limit_is_413(engine: _ScriptedEngine) -> None:
 
 
 async def test_chunked_body_over_the_limit_is_413_without_content_length(
-        engine: _ScriptedEngine) -> None:
+    engine: _ScriptedEngine,
+) -> None:
     async def chunks() -> Any:
         for _ in range(10):
             yield b" " * 100  # JSON whitespace: the body is valid, only too large
@@ -294,12 +337,14 @@ async def test_bearer_key_is_required_and_never_echoed(engine: _ScriptedEngine) 
     body = {"model": MODEL, "prompt": "x"}
     async with _client(app) as client:
         missing = await client.post("/v1/completions", json=body)
-        bad = await client.post("/v1/completions", json=body,
-                                headers={"authorization": f"Bearer {wrong}"})
+        bad = await client.post(
+            "/v1/completions", json=body, headers={"authorization": f"Bearer {wrong}"}
+        )
         models = await client.get("/v1/models", headers={"authorization": f"Bearer {wrong}"})
         basic = await client.get("/v1/models", headers={"authorization": f"Basic {key}"})
-        good = await client.post("/v1/completions", json=body,
-                                 headers={"authorization": f"Bearer {key}"})
+        good = await client.post(
+            "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"}
+        )
         health = await client.get("/health")
     for response in (missing, bad, models, basic):
         assert response.status_code == 401
@@ -324,12 +369,16 @@ def test_create_app_rejects_bad_settings() -> None:
 
 # -- failures and JSON ----------------------------------------------------------------------------
 async def test_unexpected_errors_are_500_json_and_logged_without_the_key(
-        engine: _ScriptedEngine, caplog: pytest.LogCaptureFixture) -> None:
+    engine: _ScriptedEngine, caplog: pytest.LogCaptureFixture
+) -> None:
     key = "sk-secret-in-header"
     engine.fail_with = KeyError("an engine bug")
     with caplog.at_level(logging.ERROR, logger="nbcompletions.server"):
-        response = await _post(create_app(engine, api_key=key), {"model": MODEL, "prompt": "x"},
-                               headers={"authorization": f"Bearer {key}"})
+        response = await _post(
+            create_app(engine, api_key=key),
+            {"model": MODEL, "prompt": "x"},
+            headers={"authorization": f"Bearer {key}"},
+        )
     assert response.status_code == 500
     error = _error(response)
     assert error["type"] == "server_error"
@@ -350,8 +399,7 @@ async def test_non_finite_logprobs_never_reach_the_json(engine: _ScriptedEngine)
 
 def test_render_json_replaces_every_non_finite_number() -> None:
     value = {"a": [float("nan"), float("inf"), -float("inf"), 1.5], "b": {"c": float("nan")}}
-    assert _strict_json(render_json(value)) == {"a": [None, 9999.0, -9999.0, 1.5],
-                                                "b": {"c": None}}
+    assert _strict_json(render_json(value)) == {"a": [None, 9999.0, -9999.0, 1.5], "b": {"c": None}}
     assert render_json({"text": "caf\u00e9 \ud83d\ude00"}).isascii()
 
 
@@ -366,7 +414,7 @@ async def test_stream_is_sse_with_exact_framing(engine: _ScriptedEngine) -> None
     assert events[-2] == "data: [DONE]"
     chunks = events[:-2]
     assert all(event.startswith("data: {") and "\n" not in event for event in chunks)
-    texts = [_strict_json(event[len("data: "):])["choices"][0]["text"] for event in chunks]
+    texts = [_strict_json(event[len("data: ") :])["choices"][0]["text"] for event in chunks]
     assert texts == engine.stream_texts
     assert engine.stream_closed.is_set()
 
@@ -377,7 +425,7 @@ async def test_an_error_mid_stream_is_an_error_event_then_done(engine: _Scripted
     assert response.status_code == 200
     events = response.text.split("\n\n")
     assert events[-2:] == ["data: [DONE]", ""]
-    payloads = [_strict_json(event[len("data: "):]) for event in events[:-2]]
+    payloads = [_strict_json(event[len("data: ") :]) for event in events[:-2]]
     assert [p["choices"][0]["text"] for p in payloads[:2]] == engine.stream_texts[:2]
     assert set(payloads[2]) == {"error"}
     assert payloads[2]["error"]["type"] == "server_error"
@@ -389,8 +437,9 @@ async def test_the_openai_sdk_raises_on_an_error_event_mid_stream(engine: _Scrip
 
     engine.stream_fail_after = 2
     http_client = _client(create_app(engine))
-    sdk = openai.AsyncOpenAI(base_url="http://embedded/v1", api_key="unused", max_retries=0,
-                             http_client=http_client)
+    sdk = openai.AsyncOpenAI(
+        base_url="http://embedded/v1", api_key="unused", max_retries=0, http_client=http_client
+    )
     texts: list[str] = []
 
     async def read_all() -> None:
@@ -406,7 +455,8 @@ async def test_the_openai_sdk_raises_on_an_error_event_mid_stream(engine: _Scrip
 
 
 async def test_client_disconnect_mid_stream_closes_the_engine_generator(
-        engine: _ScriptedEngine) -> None:
+    engine: _ScriptedEngine,
+) -> None:
     """Raw ASGI: the client goes away after the first event of an endless stream."""
     engine.endless = True
     app = create_app(engine)
@@ -428,11 +478,20 @@ async def test_client_disconnect_mid_stream_closes_the_engine_generator(
         if message["type"] == "http.response.body" and message.get("body"):
             first_event_sent.set()
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-             "scheme": "http", "path": "/v1/completions", "raw_path": b"/v1/completions",
-             "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("embedded", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("embedded", 80),
+    }
     with anyio.fail_after(HANG_GUARD_S):  # an endless stream that ignored the disconnect would hang
         await app(scope, receive, send)
     assert sent[0]["status"] == 200
@@ -458,11 +517,20 @@ async def test_a_send_that_fails_mid_stream_ends_it_quietly(engine: _ScriptedEng
         if sent == 3:
             raise OSError("connection reset")
 
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-             "http_version": "1.1", "method": "POST", "scheme": "http", "path": "/v1/completions",
-             "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json")],
-             "client": ("127.0.0.1", 1), "server": ("embedded", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("embedded", 80),
+    }
     with anyio.fail_after(HANG_GUARD_S):
         await create_app(engine)(scope, receive, send)
     assert sent == 3
@@ -498,7 +566,8 @@ async def _requests_complete_while_one_is_held(inner: Any, fast_body: dict[str, 
 
         async def run_slow() -> None:
             slow["response"] = await client.post(
-                "/v1/completions", json={**fast_body, "user": "hold"})
+                "/v1/completions", json={**fast_body, "user": "hold"}
+            )
 
         group.start_soon(run_slow)
         assert await anyio.to_thread.run_sync(held.entered.wait, HANG_GUARD_S)
@@ -521,16 +590,18 @@ async def test_requests_complete_while_one_is_held_in_the_engine(engine: _Script
 # -- the real embedded engine ---------------------------------------------------------------------
 async def test_real_engine_requests_complete_while_one_is_held(embedded_engine: Any) -> None:
     await _requests_complete_while_one_is_held(
-        embedded_engine, {"model": embedded_engine.model_id, "prompt": "To be", "max_tokens": 3})
+        embedded_engine, {"model": embedded_engine.model_id, "prompt": "To be", "max_tokens": 3}
+    )
 
 
-async def test_real_engine_lone_surrogate_prompt_is_400_param_prompt(
-        embedded_engine: Any) -> None:
+async def test_real_engine_lone_surrogate_prompt_is_400_param_prompt(embedded_engine: Any) -> None:
     # "\ud800" is valid JSON for a lone surrogate, which no tokenizer can encode.
     raw = b'{"model": "%s", "prompt": "To \\ud800be", "max_tokens": 2}' % (
-        embedded_engine.model_id.encode())
-    response = await _post(create_app(embedded_engine), content=raw,
-                           headers={"content-type": "application/json"})
+        embedded_engine.model_id.encode()
+    )
+    response = await _post(
+        create_app(embedded_engine), content=raw, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     error = _error(response)
     assert error["param"] == "prompt"
@@ -538,8 +609,14 @@ async def test_real_engine_lone_surrogate_prompt_is_400_param_prompt(
 
 
 async def test_real_engine_json_completion(embedded_engine: Any) -> None:
-    body = {"model": embedded_engine.model_id, "prompt": ["To be", "My lord"], "max_tokens": 4,
-            "n": 2, "logprobs": 2, "temperature": 0}
+    body = {
+        "model": embedded_engine.model_id,
+        "prompt": ["To be", "My lord"],
+        "max_tokens": 4,
+        "n": 2,
+        "logprobs": 2,
+        "temperature": 0,
+    }
     response = await _post(create_app(embedded_engine), body)
     assert response.status_code == 200
     result = _strict_json(response.content)
@@ -548,18 +625,30 @@ async def test_real_engine_json_completion(embedded_engine: Any) -> None:
     assert [c["index"] for c in result["choices"]] == [0, 1, 2, 3]
     # Greedy: both choices of one prompt agree.
     assert result["choices"][0]["text"] == result["choices"][1]["text"]
-    assert result["usage"]["total_tokens"] == (result["usage"]["prompt_tokens"]
-                                               + result["usage"]["completion_tokens"])
+    assert result["usage"]["total_tokens"] == (
+        result["usage"]["prompt_tokens"] + result["usage"]["completion_tokens"]
+    )
 
 
 async def test_real_engine_stream_framing_with_usage(embedded_engine: Any) -> None:
     model = embedded_engine.model_id
     app = create_app(embedded_engine)
-    plain = _strict_json((await _post(app, {"model": model, "prompt": "To be", "max_tokens": 6,
-                                            "temperature": 0})).content)
-    response = await _post(app, {"model": model, "prompt": "To be", "max_tokens": 6,
-                                 "temperature": 0, "stream": True,
-                                 "stream_options": {"include_usage": True}})
+    plain = _strict_json(
+        (
+            await _post(app, {"model": model, "prompt": "To be", "max_tokens": 6, "temperature": 0})
+        ).content
+    )
+    response = await _post(
+        app,
+        {
+            "model": model,
+            "prompt": "To be",
+            "max_tokens": 6,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
     events = response.text.split("\n\n")
@@ -570,15 +659,18 @@ async def test_real_engine_stream_framing_with_usage(embedded_engine: Any) -> No
     assert last["choices"] == []
     assert last["usage"] == plain["usage"]
     assert all(chunk["usage"] is None for chunk in deltas)
-    assert "".join(c["text"] for chunk in deltas for c in chunk["choices"]) == \
-        plain["choices"][0]["text"]
+    assert (
+        "".join(c["text"] for chunk in deltas for c in chunk["choices"])
+        == plain["choices"][0]["text"]
+    )
     finishes = [c["finish_reason"] for chunk in deltas for c in chunk["choices"]]
     assert finishes[-1] == plain["choices"][0]["finish_reason"]
     assert all(f is None for f in finishes[:-1])
 
 
 async def test_a_model_that_fails_to_load_is_a_500_naming_the_cause(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import nbcompletions.model
 
     def missing(path: Any = None) -> Any:

@@ -61,8 +61,9 @@ def test_logprobs_cover_every_generated_token(sdk: openai.OpenAI) -> None:
     assert count == len(logprobs.tokens) == len(logprobs.token_logprobs)
     assert len(logprobs.top_logprobs) == len(logprobs.text_offset) == count
     assert logprobs.text_offset[0] == len(PROMPT)  # OpenAI counts offsets from the prompt's start
-    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs,
-                                   logprobs.top_logprobs, strict=True):
+    for token, logprob, top in zip(
+        logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs, strict=True
+    ):
         assert 3 <= len(top) <= 4  # the 3 most likely, plus the sampled token when not among them
         assert top[token] == logprob  # the sampled token is always included
         assert logprob <= 0.0
@@ -90,8 +91,9 @@ def test_n_returns_n_indexed_choices(sdk: openai.OpenAI) -> None:
 
 
 def test_best_of_returns_n_choices(sdk: openai.OpenAI) -> None:
-    result = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, best_of=3,
-                                    seed=2, logprobs=0)
+    result = sdk.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, n=2, best_of=3, seed=2, logprobs=0
+    )
     assert [choice.index for choice in result.choices] == [0, 1]
 
 
@@ -104,26 +106,26 @@ def test_several_prompts_match_each_prompt_alone(sdk: openai.OpenAI) -> None:
         assert [batched.choices[number * 2 + k].text for k in range(2)] == [alone, alone]
 
 
-def test_token_id_prompt_matches_the_text_prompt(sdk: openai.OpenAI,
-                                                 embedded_engine: Any) -> None:
+def test_token_id_prompt_matches_the_text_prompt(sdk: openai.OpenAI, embedded_engine: Any) -> None:
     ids = embedded_engine.encode(PROMPT)
-    assert _greedy(sdk, ids, max_tokens=4).choices[0].text == \
-        _greedy(sdk, PROMPT, max_tokens=4).choices[0].text
+    assert (
+        _greedy(sdk, ids, max_tokens=4).choices[0].text
+        == _greedy(sdk, PROMPT, max_tokens=4).choices[0].text
+    )
 
 
 def test_stop_cuts_the_text_before_the_stop_sequence(sdk: openai.OpenAI) -> None:
     full = _greedy(sdk, PROMPT, max_tokens=12).choices[0].text
     assert len(full) >= 4, f"greedy text too short to pick a stop sequence from: {full!r}"
-    stop = full[len(full) // 2: len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     cut = _greedy(sdk, PROMPT, max_tokens=12, stop=[stop, "\u2603never"])
-    assert cut.choices[0].text == full[:full.find(stop)]
+    assert cut.choices[0].text == full[: full.find(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
 
 def test_stream_with_usage_matches_the_unstreamed_answer(sdk: openai.OpenAI) -> None:
     plain = _greedy(sdk, PROMPT, max_tokens=8)
-    stream = _greedy(sdk, PROMPT, max_tokens=8, stream=True,
-                     stream_options={"include_usage": True})
+    stream = _greedy(sdk, PROMPT, max_tokens=8, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
     *deltas, last = chunks
     assert last.choices == []
@@ -136,8 +138,9 @@ def test_stream_with_usage_matches_the_unstreamed_answer(sdk: openai.OpenAI) -> 
 
 
 def test_stream_with_n_and_logprobs(sdk: openai.OpenAI) -> None:
-    stream = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, seed=3,
-                                    logprobs=2, stream=True)
+    stream = sdk.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, n=2, seed=3, logprobs=2, stream=True
+    )
     texts: dict[int, str] = {0: "", 1: ""}
     finished: dict[int, str | None] = {}
     for chunk in stream:
@@ -147,38 +150,44 @@ def test_stream_with_n_and_logprobs(sdk: openai.OpenAI) -> None:
                 finished[choice.index] = choice.finish_reason
     assert set(finished) == {0, 1}
     # The same seed unstreamed gives the same two texts.
-    again = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, seed=3,
-                                   logprobs=2)
+    again = sdk.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, n=2, seed=3, logprobs=2
+    )
     assert [texts[0], texts[1]] == [choice.text for choice in again.choices]
 
 
 def test_same_seed_same_text(sdk: openai.OpenAI) -> None:
     def sample(seed: int) -> list[str]:
-        result = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0,
-                                        n=2, seed=seed)
+        result = sdk.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.0, n=2, seed=seed
+        )
         return [choice.text for choice in result.choices]
 
     assert sample(1234) == sample(1234)
 
 
 # -- errors ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("fields", "param"), [
-    ({"temperature": 3}, "temperature"),
-    ({"top_p": 1.5}, "top_p"),
-    ({"logprobs": 6}, "logprobs"),
-    ({"n": 0}, "n"),
-    ({"n": 2, "best_of": 1}, "best_of"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"presence_penalty": -2.5}, "presence_penalty"),
-    ({"suffix": " the end"}, "suffix"),  # the model cannot insert: the engine says so
-    ({"max_tokens": 1000}, "max_tokens"),  # past the model's context
-    ({"max_tokens": 100_000}, "max_tokens"),  # past the server's cap
-    ({"logit_bias": {"999999": 5}}, "logit_bias"),  # not in the vocabulary
-    ({"prompt": [999_999]}, "prompt"),  # a token id outside the vocabulary
-    ({"extra_body": {"top_k": 5}}, "top_k"),  # not an OpenAI field
-])
-def test_bad_fields_raise_bad_request_with_the_param(sdk: openai.OpenAI, fields: dict[str, Any],
-                                                     param: str) -> None:
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"n": 2, "best_of": 1}, "best_of"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"presence_penalty": -2.5}, "presence_penalty"),
+        ({"suffix": " the end"}, "suffix"),  # the model cannot insert: the engine says so
+        ({"max_tokens": 1000}, "max_tokens"),  # past the model's context
+        ({"max_tokens": 100_000}, "max_tokens"),  # past the server's cap
+        ({"logit_bias": {"999999": 5}}, "logit_bias"),  # not in the vocabulary
+        ({"prompt": [999_999]}, "prompt"),  # a token id outside the vocabulary
+        ({"extra_body": {"top_k": 5}}, "top_k"),  # not an OpenAI field
+    ],
+)
+def test_bad_fields_raise_bad_request_with_the_param(
+    sdk: openai.OpenAI, fields: dict[str, Any], param: str
+) -> None:
     request = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2, **fields}
     with pytest.raises(openai.BadRequestError) as info:
         sdk.completions.create(**request)
@@ -195,15 +204,19 @@ def test_unknown_model_raises_not_found(sdk: openai.OpenAI) -> None:
 
 
 def test_malformed_json_over_http_is_400(live_server: str) -> None:
-    response = httpx.post(f"{live_server}/completions", content=b'{"model": ',
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        f"{live_server}/completions",
+        content=b'{"model": ',
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] is None
 
 
 def test_body_over_the_limit_over_http_is_413(live_server: str) -> None:
-    response = httpx.post(f"{live_server}/completions",
-                          json={"model": MODEL, "prompt": "x" * 1_100_000})
+    response = httpx.post(
+        f"{live_server}/completions", json={"model": MODEL, "prompt": "x" * 1_100_000}
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "request_too_large"
 
@@ -227,8 +240,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tmp_path_factory: pytest.TempPathFactory,
-                 embedded_engine: Any) -> Iterator[tuple[str, Path]]:
+def keyed_server(
+    tmp_path_factory: pytest.TempPathFactory, embedded_engine: Any
+) -> Iterator[tuple[str, Path]]:
     """`nbcompletions serve` with the key in NBCOMPLETIONS_API_KEY; yields (base URL, log file).
 
     Depends on `embedded_engine` only to skip, as it does, while the weights are missing.
@@ -239,7 +253,10 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory,
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "nbcompletions", "serve", "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

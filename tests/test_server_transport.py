@@ -36,9 +36,14 @@ class _HeldStreamEngine:
         self.streams: list[Iterator[dict[str, Any]]] = []
 
     def complete(self, request: CompletionRequest) -> dict[str, Any]:
-        return {"id": "cmpl-held", "object": "text_completion", "created": 1, "model": MODEL,
-                "choices": [{"text": "!", "index": 0, "logprobs": None, "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        return {
+            "id": "cmpl-held",
+            "object": "text_completion",
+            "created": 1,
+            "model": MODEL,
+            "choices": [{"text": "!", "index": 0, "logprobs": None, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
 
     def stream(self, request: CompletionRequest) -> Iterator[dict[str, Any]]:
         chunks = self._chunks()
@@ -53,9 +58,15 @@ class _HeldStreamEngine:
                     self.holding.set()
                     if not self.release.wait(HANG_GUARD_S):
                         raise RuntimeError("never released")
-                yield {"id": "cmpl-held", "object": "text_completion", "created": 1,
-                       "model": MODEL, "choices": [{"text": f"<{index}>", "index": 0,
-                                                    "logprobs": None, "finish_reason": None}]}
+                yield {
+                    "id": "cmpl-held",
+                    "object": "text_completion",
+                    "created": 1,
+                    "model": MODEL,
+                    "choices": [
+                        {"text": f"<{index}>", "index": 0, "logprobs": None, "finish_reason": None}
+                    ],
+                }
                 index += 1
                 if not self.endless and index == 3:
                     return
@@ -80,8 +91,9 @@ async def test_events_arrive_while_the_engine_is_still_generating() -> None:
                 assert not engine.closed.is_set()
                 engine.release.set()
                 rest = [line async for line in lines if line]
-    assert [json.loads(line.removeprefix("data: "))["choices"][0]["text"]
-            for line in rest[:-1]] == ["<1>", "<2>"]
+    assert [
+        json.loads(line.removeprefix("data: "))["choices"][0]["text"] for line in rest[:-1]
+    ] == ["<1>", "<2>"]
     assert rest[-1] == "data: [DONE]"
     assert engine.closed.is_set()
 
@@ -90,15 +102,16 @@ async def test_httpx_asgi_transport_buffers_the_whole_stream() -> None:
     """Why the streaming transport exists: httpx's returns only once the app has finished."""
     engine = _HeldStreamEngine()
     app = create_app(engine)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://embedded") as client:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://embedded"
+    ) as client:
         async with anyio.create_task_group() as group:
             got: dict[str, httpx.Response] = {}
 
             async def request() -> None:
                 got["response"] = await client.send(
-                    client.build_request("POST", "/v1/completions", json=STREAM_BODY),
-                    stream=True)
+                    client.build_request("POST", "/v1/completions", json=STREAM_BODY), stream=True
+                )
 
             group.start_soon(request)
             # Chunk 0 has gone to the transport once the engine holds before chunk 1 ...
@@ -127,8 +140,12 @@ async def test_closing_a_stream_early_closes_the_engine_generator() -> None:
 
 async def test_plain_requests_and_errors_behave_as_with_httpx_transport() -> None:
     app = create_app(_HeldStreamEngine(), max_body_bytes=300)
-    bodies = [{"model": MODEL, "prompt": "x"}, {"model": MODEL, "prompt": "x", "top_p": 2},
-              {"model": "nope", "prompt": "x"}, {"model": MODEL, "prompt": "x" * 400}]
+    bodies = [
+        {"model": MODEL, "prompt": "x"},
+        {"model": MODEL, "prompt": "x", "top_p": 2},
+        {"model": "nope", "prompt": "x"},
+        {"model": MODEL, "prompt": "x" * 400},
+    ]
     answers = []
     for transport in (httpx.ASGITransport(app=app), StreamingASGITransport(app)):
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as client:
@@ -144,24 +161,26 @@ async def test_app_exceptions_before_the_response_are_raised() -> None:
     async def broken_app(scope: Any, receive: Any, send: Any) -> None:
         raise LookupError("broken before responding")
 
-    async with httpx.AsyncClient(transport=StreamingASGITransport(broken_app),
-                                 base_url="http://embedded") as client:
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(broken_app), base_url="http://embedded"
+    ) as client:
         with pytest.raises(LookupError, match="broken before responding"):
             await client.get("/")
 
 
-async def test_real_engine_stream_in_process_matches_the_plain_answer(
-        embedded_engine: Any) -> None:
+async def test_real_engine_stream_in_process_matches_the_plain_answer(embedded_engine: Any) -> None:
     app = create_app(embedded_engine)
-    body = {"model": embedded_engine.model_id, "prompt": "To be", "max_tokens": 6,
-            "temperature": 0}
-    async with httpx.AsyncClient(transport=StreamingASGITransport(app),
-                                 base_url="http://embedded") as client:
+    body = {"model": embedded_engine.model_id, "prompt": "To be", "max_tokens": 6, "temperature": 0}
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(app), base_url="http://embedded"
+    ) as client:
         plain = (await client.post("/v1/completions", json=body)).json()
-        async with client.stream("POST", "/v1/completions",
-                                 json={**body, "stream": True}) as response:
+        async with client.stream(
+            "POST", "/v1/completions", json={**body, "stream": True}
+        ) as response:
             events = [line async for line in response.aiter_lines() if line]
     assert events[-1] == "data: [DONE]"
-    text = "".join(json.loads(event.removeprefix("data: "))["choices"][0]["text"]
-                   for event in events[:-1])
+    text = "".join(
+        json.loads(event.removeprefix("data: "))["choices"][0]["text"] for event in events[:-1]
+    )
     assert text == plain["choices"][0]["text"]

@@ -73,7 +73,7 @@ def test_last_event_without_blank_line_is_dispatched_at_the_end() -> None:
 
 def test_pending_reports_an_unfinished_event() -> None:
     decoder = SSEDecoder()
-    assert decoder.feed(b"data: {\"a\"") == []
+    assert decoder.feed(b'data: {"a"') == []
     assert decoder.pending
 
 
@@ -96,15 +96,21 @@ def test_any_split_of_the_byte_stream_gives_the_same_events(cuts: list[int]) -> 
     assert events_of(*chunks) == events_of(_SAMPLE)
 
 
-_line_text = st.text(alphabet=st.characters(blacklist_characters="\r\n",
-                                            blacklist_categories=("Cs",)), max_size=20)
+_line_text = st.text(
+    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=20
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(events=st.lists(st.lists(_line_text, min_size=1, max_size=3), min_size=1, max_size=5),
-       eol=st.sampled_from(["\n", "\r\n", "\r"]), comments=st.booleans(), data=st.data())
-def test_round_trip_of_generated_events(events: list[list[str]], eol: str, comments: bool,
-                                        data: st.DataObject) -> None:
+@given(
+    events=st.lists(st.lists(_line_text, min_size=1, max_size=3), min_size=1, max_size=5),
+    eol=st.sampled_from(["\n", "\r\n", "\r"]),
+    comments=st.booleans(),
+    data=st.data(),
+)
+def test_round_trip_of_generated_events(
+    events: list[list[str]], eol: str, comments: bool, data: st.DataObject
+) -> None:
     text = ""
     for lines in events:
         if comments:
@@ -121,14 +127,24 @@ def test_round_trip_of_generated_events(events: list[list[str]], eol: str, comme
 def test_done_and_error_events() -> None:
     assert decode_event(ServerSentEvent("[DONE]")) is DONE
     with pytest.raises(APIError) as info:
-        decode_event(ServerSentEvent(json.dumps(
-            {"error": {"message": "overloaded", "type": "server_error", "code": 503}})))
+        decode_event(
+            ServerSentEvent(
+                json.dumps(
+                    {"error": {"message": "overloaded", "type": "server_error", "code": 503}}
+                )
+            )
+        )
     assert info.value.message == "overloaded"
     assert info.value.code == "503"
     assert info.value.status is None
     with pytest.raises(APIError, match="flat"):
-        decode_event(ServerSentEvent(json.dumps(
-            {"object": "error", "message": "flat", "type": "BadRequestError", "code": 400})))
+        decode_event(
+            ServerSentEvent(
+                json.dumps(
+                    {"object": "error", "message": "flat", "type": "BadRequestError", "code": 400}
+                )
+            )
+        )
     with pytest.raises(APIError, match="not JSON"):
         decode_event(ServerSentEvent('{"choices": [{"te'))
     with pytest.raises(APIError, match="upstream timed out"):
@@ -138,23 +154,48 @@ def test_done_and_error_events() -> None:
 
 
 def test_merge_matches_the_non_streamed_shape() -> None:
-    lp = {"tokens": ["A"], "token_logprobs": [-0.5], "top_logprobs": [{"A": -0.5}],
-          "text_offset": [3]}
-    lp2 = {"tokens": ["B", "C"], "token_logprobs": [-1.0, -2.0],
-           "top_logprobs": [{"B": -1.0}, {"C": -2.0}], "text_offset": [4, 5]}
+    lp = {
+        "tokens": ["A"],
+        "token_logprobs": [-0.5],
+        "top_logprobs": [{"A": -0.5}],
+        "text_offset": [3],
+    }
+    lp2 = {
+        "tokens": ["B", "C"],
+        "token_logprobs": [-1.0, -2.0],
+        "top_logprobs": [{"B": -1.0}, {"C": -2.0}],
+        "text_offset": [4, 5],
+    }
     chunks = [
-        {"id": "c", "object": "text_completion", "created": 5, "model": "m",
-         "choices": [{"text": "B", "index": 1, "logprobs": lp, "finish_reason": None}],
-         "usage": None},
-        {"id": "c", "object": "text_completion", "created": 5, "model": "m",
-         "choices": [{"text": "A", "index": 0, "logprobs": lp, "finish_reason": None}],
-         "usage": None},
-        {"id": "c", "choices": [{"text": "BC", "index": 0, "logprobs": lp2,
-                                 "finish_reason": "length"},
-                                {"text": "x", "index": 1, "logprobs": lp2,
-                                 "finish_reason": "stop"}], "usage": None},
-        {"id": "c", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 6,
-                                             "total_tokens": 8}},
+        {
+            "id": "c",
+            "object": "text_completion",
+            "created": 5,
+            "model": "m",
+            "choices": [{"text": "B", "index": 1, "logprobs": lp, "finish_reason": None}],
+            "usage": None,
+        },
+        {
+            "id": "c",
+            "object": "text_completion",
+            "created": 5,
+            "model": "m",
+            "choices": [{"text": "A", "index": 0, "logprobs": lp, "finish_reason": None}],
+            "usage": None,
+        },
+        {
+            "id": "c",
+            "choices": [
+                {"text": "BC", "index": 0, "logprobs": lp2, "finish_reason": "length"},
+                {"text": "x", "index": 1, "logprobs": lp2, "finish_reason": "stop"},
+            ],
+            "usage": None,
+        },
+        {
+            "id": "c",
+            "choices": [],
+            "usage": {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8},
+        },
     ]
     merged = merge_chunks(chunks)
     assert (merged["id"], merged["model"], merged["created"]) == ("c", "m", 5)
@@ -163,21 +204,39 @@ def test_merge_matches_the_non_streamed_shape() -> None:
     first = merged["choices"][0]
     assert first["text"] == "ABC"
     assert first["finish_reason"] == "length"
-    assert first["logprobs"] == {"tokens": ["A", "B", "C"], "token_logprobs": [-0.5, -1.0, -2.0],
-                                 "top_logprobs": [{"A": -0.5}, {"B": -1.0}, {"C": -2.0}],
-                                 "text_offset": [3, 4, 5]}
+    assert first["logprobs"] == {
+        "tokens": ["A", "B", "C"],
+        "token_logprobs": [-0.5, -1.0, -2.0],
+        "top_logprobs": [{"A": -0.5}, {"B": -1.0}, {"C": -2.0}],
+        "text_offset": [3, 4, 5],
+    }
     assert merged["choices"][1]["text"] == "Bx"
     assert merged["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
 
 
 def test_merge_of_chat_shaped_chunks_and_logprobs() -> None:
     chunks = [
-        {"choices": [{"delta": {"role": "assistant", "content": "Hi"}, "index": 0,
-                      "logprobs": {"content": [{"token": "Hi", "logprob": -0.1,
-                                                "top_logprobs": []}]}}]},
-        {"choices": [{"delta": {"content": " there"}, "index": 0, "finish_reason": "stop",
-                      "logprobs": {"content": [{"token": " there", "logprob": -0.2,
-                                                "top_logprobs": []}]}}]},
+        {
+            "choices": [
+                {
+                    "delta": {"role": "assistant", "content": "Hi"},
+                    "index": 0,
+                    "logprobs": {"content": [{"token": "Hi", "logprob": -0.1, "top_logprobs": []}]},
+                }
+            ]
+        },
+        {
+            "choices": [
+                {
+                    "delta": {"content": " there"},
+                    "index": 0,
+                    "finish_reason": "stop",
+                    "logprobs": {
+                        "content": [{"token": " there", "logprob": -0.2, "top_logprobs": []}]
+                    },
+                }
+            ]
+        },
     ]
     merged = merge_chunks(chunks)
     assert merged["choices"][0]["text"] == "Hi there"
@@ -185,17 +244,24 @@ def test_merge_of_chat_shaped_chunks_and_logprobs() -> None:
 
 
 def test_merge_without_logprobs_keeps_null() -> None:
-    merged = merge_chunks([{"choices": [{"text": "a", "index": 0, "logprobs": None,
-                                         "finish_reason": "stop"}]}])
-    assert merged["choices"] == [{"text": "a", "index": 0, "logprobs": None,
-                                  "finish_reason": "stop"}]
+    merged = merge_chunks(
+        [{"choices": [{"text": "a", "index": 0, "logprobs": None, "finish_reason": "stop"}]}]
+    )
+    assert merged["choices"] == [
+        {"text": "a", "index": 0, "logprobs": None, "finish_reason": "stop"}
+    ]
     assert merged["usage"] is None
 
 
 # -- streaming through the client, with MockTransport byte streams ---------------------------------
 def _chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
-    return {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
-            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]}
+    return {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def _sse(*objects: Any, done: bool = True) -> bytes:
@@ -233,22 +299,28 @@ def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 
 
 def test_stream_yields_pieces_in_order_from_awkward_splits() -> None:
-    body = _sse(_chunk(0, "Hel"), _chunk(1, "Wor"), _chunk(0, "lo", "stop"),
-                _chunk(1, "ld", "length"))
-    pieces = [body[i:i + 7] for i in range(0, len(body), 7)]
+    body = _sse(
+        _chunk(0, "Hel"), _chunk(1, "Wor"), _chunk(0, "lo", "stop"), _chunk(1, "ld", "length")
+    )
+    pieces = [body[i : i + 7] for i in range(0, len(body), 7)]
     seen: list[httpx.Request] = []
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, stream=_Pieces(pieces),
-                              headers={"content-type": "text/event-stream"})
+        return httpx.Response(
+            200, stream=_Pieces(pieces), headers={"content-type": "text/event-stream"}
+        )
 
     with _client(handler) as client:
         stream = client.stream("Hi", n=2)
         chunks = list(stream)
         assert all(isinstance(c, StreamChunk) for c in chunks)
         assert [(c.index, c.text, c.finish_reason) for c in chunks] == [
-            (0, "Hel", None), (1, "Wor", None), (0, "lo", "stop"), (1, "ld", "length")]
+            (0, "Hel", None),
+            (1, "Wor", None),
+            (0, "lo", "stop"),
+            (1, "ld", "length"),
+        ]
         assert json.loads(seen[0].content)["stream"] is True
         merged = stream.completion()
         assert merged.raw["choices"][1]["text"] == "World"
@@ -261,21 +333,25 @@ def test_stream_yields_pieces_in_order_from_awkward_splits() -> None:
 
 def test_stream_usage_chunk_is_kept() -> None:
     usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
-    body = _sse({**_chunk(0, "a", "stop"), "usage": None}, {"id": "cmpl-1", "choices": [],
-                                                             "usage": usage})
+    body = _sse(
+        {**_chunk(0, "a", "stop"), "usage": None}, {"id": "cmpl-1", "choices": [], "usage": usage}
+    )
 
     with _client(lambda request: httpx.Response(200, content=body)) as client:
         stream = client.stream("x", stream_options={"include_usage": True})
         assert [c.text for c in stream] == ["a"]
         assert stream.usage == usage
-        assert client.complete("x", stream=True,
-                               stream_options={"include_usage": True}).usage == usage
+        assert (
+            client.complete("x", stream=True, stream_options={"include_usage": True}).usage == usage
+        )
 
 
 def test_error_event_mid_stream_raises_api_error() -> None:
-    body = (_sse(_chunk(0, "partial"), done=False)
-            + b'data: {"error": {"message": "engine died", "type": "server_error", '
-              b'"param": null, "code": null}}\n\ndata: [DONE]\n\n')
+    body = (
+        _sse(_chunk(0, "partial"), done=False)
+        + b'data: {"error": {"message": "engine died", "type": "server_error", '
+        b'"param": null, "code": null}}\n\ndata: [DONE]\n\n'
+    )
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -301,8 +377,9 @@ def test_broken_stream_after_data_is_not_retried(delays: list[float]) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         calls.append(1)
         # The first event arrives whole, then the connection drops in the middle of the second.
-        return httpx.Response(200, stream=_Pieces([first, body[len(first):len(first) + 10]],
-                                                  fail_after=1))
+        return httpx.Response(
+            200, stream=_Pieces([first, body[len(first) : len(first) + 10]], fail_after=1)
+        )
 
     with _client(handler) as client, pytest.raises(APIError, match="broke after data") as info:
         client.complete("x", stream=True)
@@ -320,8 +397,9 @@ def test_stream_failing_before_any_data_is_retried(delays: list[float]) -> None:
         if len(calls) == 1:
             return httpx.Response(200, stream=_Pieces([body], fail_after=0))
         if len(calls) == 2:
-            return httpx.Response(429, json={"error": {"message": "slow down"}},
-                                  headers={"retry-after": "3"})
+            return httpx.Response(
+                429, json={"error": {"message": "slow down"}}, headers={"retry-after": "3"}
+            )
         return httpx.Response(200, content=body)
 
     with _client(handler) as client:
@@ -332,15 +410,19 @@ def test_stream_failing_before_any_data_is_retried(delays: list[float]) -> None:
 
 def test_stream_cut_without_done_raises() -> None:
     body = _sse(_chunk(0, "a"), done=False)
-    with _client(lambda request: httpx.Response(200, content=body)) as client, \
-            pytest.raises(APIError, match="before \\[DONE\\]"):
+    with (
+        _client(lambda request: httpx.Response(200, content=body)) as client,
+        pytest.raises(APIError, match="before \\[DONE\\]"),
+    ):
         client.complete("x", stream=True)
 
 
 def test_stream_cut_inside_json_raises() -> None:
     body = _sse(_chunk(0, "a"), done=False) + b'data: {"choices": [{"te'
-    with _client(lambda request: httpx.Response(200, content=body)) as client, \
-            pytest.raises(APIError, match="not JSON"):
+    with (
+        _client(lambda request: httpx.Response(200, content=body)) as client,
+        pytest.raises(APIError, match="not JSON"),
+    ):
         client.complete("x", stream=True)
 
 
@@ -352,9 +434,17 @@ def test_stream_without_done_but_finished_is_accepted() -> None:
 
 def test_stream_http_error_before_data() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(400, json={"error": {"message": "bad n", "type":
-                                                   "invalid_request_error", "param": "n",
-                                                   "code": None}})
+        return httpx.Response(
+            400,
+            json={
+                "error": {
+                    "message": "bad n",
+                    "type": "invalid_request_error",
+                    "param": "n",
+                    "code": None,
+                }
+            },
+        )
 
     with _client(handler) as client, pytest.raises(APIError) as info:
         list(client.stream("x"))
@@ -370,23 +460,29 @@ def test_stream_closed_early_releases_the_response() -> None:
 
     body = _sse(*[_chunk(0, str(i)) for i in range(50)], _chunk(0, "!", "stop"))
 
-    with _client(lambda request: httpx.Response(200, stream=Tracking([body[:200], body[200:]]))
-                 ) as client:
+    with _client(
+        lambda request: httpx.Response(200, stream=Tracking([body[:200], body[200:]]))
+    ) as client:
         with client.stream("x") as stream:
             assert next(stream).text == "0"
         assert closed == [True]
 
 
 def test_stream_false_is_refused_by_stream() -> None:
-    with _client(lambda request: httpx.Response(500)) as client, \
-            pytest.raises(ValueError, match="stream"):
+    with (
+        _client(lambda request: httpx.Response(500)) as client,
+        pytest.raises(ValueError, match="stream"),
+    ):
         client.stream("x", stream=False)
 
 
 async def test_async_stream_iterates_with_async_for() -> None:
     body = _sse(_chunk(0, "a"), _chunk(0, "b", "stop"))
-    client = AsyncClient("http://test/v1", model="m",
-                         transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body)))
+    client = AsyncClient(
+        "http://test/v1",
+        model="m",
+        transport=httpx.MockTransport(lambda r: httpx.Response(200, content=body)),
+    )
     async with client:
         texts = [piece.text async for piece in client.stream("x")]
         assert texts == ["a", "b"]
@@ -440,8 +536,9 @@ def test_breaking_out_of_a_stream_without_closing_it_releases_the_response() -> 
             closed.append(True)
 
     body = _sse(*[_chunk(0, str(i)) for i in range(50)], _chunk(0, "!", "stop"))
-    with _client(lambda request: httpx.Response(200, stream=Tracking([body[:200], body[200:]]))
-                 ) as client:
+    with _client(
+        lambda request: httpx.Response(200, stream=Tracking([body[:200], body[200:]]))
+    ) as client:
         for piece in client.stream("x"):
             assert piece.text == "0"
             break

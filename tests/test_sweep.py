@@ -34,8 +34,7 @@ async def hang() -> None:
 class CountingTransport(httpx.AsyncBaseTransport):
     """Passes every request to the real transport for its host and counts completions per host."""
 
-    def __init__(self, routes: dict[str, httpx.AsyncBaseTransport],
-                 on_request: Any = None) -> None:
+    def __init__(self, routes: dict[str, httpx.AsyncBaseTransport], on_request: Any = None) -> None:
         self.routes = routes
         self.counts: dict[str, int] = dict.fromkeys(routes, 0)
         self.on_request = on_request
@@ -64,15 +63,21 @@ def app(embedded_engine: Any) -> Any:
     return create_app(embedded_engine)
 
 
-def counting_client(app: Any, *, cls: Any = Client, on_request: Any = None,
-                    **kwargs: Any) -> tuple[Any, CountingTransport]:
+def counting_client(
+    app: Any, *, cls: Any = Client, on_request: Any = None, **kwargs: Any
+) -> tuple[Any, CountingTransport]:
     transport = CountingTransport({"embedded": StreamingASGITransport(app)}, on_request)
     client = cls("http://embedded/v1", model=MODEL, transport=transport, **kwargs)
     return client, transport
 
 
-GRID: dict[str, Any] = {"prompt": {"hamlet": "To be, or not", "king": "My lord,"},
-                        "temperature": [0.5, 1.2], "max_tokens": 3, "logprobs": 2, "repeats": 2}
+GRID: dict[str, Any] = {
+    "prompt": {"hamlet": "To be, or not", "king": "My lord,"},
+    "temperature": [0.5, 1.2],
+    "max_tokens": 3,
+    "logprobs": 2,
+    "repeats": 2,
+}
 
 
 def test_small_sweep_on_the_embedded_model(embedded_client: Client, capsys: Any) -> None:
@@ -86,8 +91,20 @@ def test_small_sweep_on_the_embedded_model(embedded_client: Client, capsys: Any)
     assert requests["repeat"].tolist() == [0, 1] * 4
     choices = result.choices
     assert len(choices) == 8
-    for column in ("request_id", "prompt_id", "repeat", "prompt", "temperature", "max_tokens",
-                   "logprobs", "model", "text", "mean_logprob", "cached", "error"):
+    for column in (
+        "request_id",
+        "prompt_id",
+        "repeat",
+        "prompt",
+        "temperature",
+        "max_tokens",
+        "logprobs",
+        "model",
+        "text",
+        "mean_logprob",
+        "cached",
+        "error",
+    ):
         assert column in choices.columns, column
     assert choices["prompt"].tolist()[:4] == ["To be, or not"] * 4
     assert choices["error"].isna().all()
@@ -109,8 +126,9 @@ def test_small_sweep_on_the_embedded_model(embedded_client: Client, capsys: Any)
     assert "failed=0" in err
     assert f"tokens={result.usage['total_tokens']}" in err
     # A study is a groupby away.
-    summary = metrics.summarize(metrics.per_choice(choices), by=["prompt_id", "temperature"],
-                                value="mean_logprob")
+    summary = metrics.summarize(
+        metrics.per_choice(choices), by=["prompt_id", "temperature"], value="mean_logprob"
+    )
     assert summary["n"].tolist() == [2, 2, 2, 2]
 
 
@@ -132,10 +150,12 @@ def test_rerun_from_cache_sends_nothing_and_round_trips(app: Any, tmp_path: Path
     assert again.usage["cached_tokens"] == first.usage["total_tokens"]
     assert again.requests["status"].tolist() == ["cached"] * 8
     assert again.choices["cached"].all()
-    pd.testing.assert_frame_equal(first.choices.drop(columns="cached"),
-                                  again.choices.drop(columns="cached"))
-    pd.testing.assert_frame_equal(first.tokens.drop(columns="cached"),
-                                  again.tokens.drop(columns="cached"))
+    pd.testing.assert_frame_equal(
+        first.choices.drop(columns="cached"), again.choices.drop(columns="cached")
+    )
+    pd.testing.assert_frame_equal(
+        first.tokens.drop(columns="cached"), again.tokens.drop(columns="cached")
+    )
 
     saved = first.to_parquet(tmp_path / "saved")
     loaded = load_sweep(saved)
@@ -148,8 +168,9 @@ def test_rerun_from_cache_sends_nothing_and_round_trips(app: Any, tmp_path: Path
         load_sweep(tmp_path)
 
 
-def test_retrained_embedded_weights_miss_the_cache(app: Any, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retrained_embedded_weights_miss_the_cache(
+    app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import nbcompletions.model as model_package
 
     client, transport = counting_client(app)
@@ -163,19 +184,25 @@ def test_retrained_embedded_weights_miss_the_cache(app: Any, tmp_path: Path,
         other.mkdir()
         (other / "model.safetensors").write_bytes(b"other weights")
         monkeypatch.setattr(model_package, "FILES_DIR", other)
-        again = sweep(client, prompt="To be", max_tokens=2, cache=cache_path, progress=False,
-                      probe=False)
+        again = sweep(
+            client, prompt="To be", max_tokens=2, cache=cache_path, progress=False, probe=False
+        )
         assert transport.total == 2
         assert again.requests["status"].tolist() == ["ok"]
     finally:
         client.close()
 
 
-def test_identical_grid_points_are_sent_once_and_agree_with_a_rerun(app: Any,
-                                                                   tmp_path: Path) -> None:
+def test_identical_grid_points_are_sent_once_and_agree_with_a_rerun(
+    app: Any, tmp_path: Path
+) -> None:
     # Two names for one prompt: the same request (same key) for every repeat.
-    grid: dict[str, Any] = {"prompt": {"control": "To be", "treatment": "To be"},
-                            "temperature": 1.0, "max_tokens": 4, "repeats": 2}
+    grid: dict[str, Any] = {
+        "prompt": {"control": "To be", "treatment": "To be"},
+        "temperature": 1.0,
+        "max_tokens": 4,
+        "repeats": 2,
+    }
     client, transport = counting_client(app)
     cache_path = tmp_path / "sweep.sqlite"
     try:
@@ -193,8 +220,7 @@ def test_identical_grid_points_are_sent_once_and_agree_with_a_rerun(app: Any,
     assert first.choices["text"].tolist() == again.choices["text"].tolist()
 
 
-def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any,
-                                                                 tmp_path: Path) -> None:
+def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any, tmp_path: Path) -> None:
     """Ctrl-C in a notebook raises KeyboardInterrupt in the thread waiting on the sweep."""
     interrupted = threading.Event()
 
@@ -209,8 +235,7 @@ def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any,
     cache_path = tmp_path / "sweep.sqlite"
     try:
         with pytest.raises(KeyboardInterrupt):
-            sweep(client, **GRID, cache=cache_path, max_concurrency=1, progress=False,
-                  probe=False)
+            sweep(client, **GRID, cache=cache_path, max_concurrency=1, progress=False, probe=False)
         with Cache(cache_path) as cache:
             finished = len(cache)
         assert finished == 3  # one at a time: three finished, the fourth was interrupted
@@ -221,7 +246,8 @@ def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any,
     assert transport.total - sent_before == 8 - finished
     assert resumed.usage["sent"] == 8 - finished
     assert resumed.requests["status"].value_counts().to_dict() == (
-        {"cached": finished, "ok": 8 - finished} if finished < 8 else {"cached": 8})
+        {"cached": finished, "ok": 8 - finished} if finished < 8 else {"cached": 8}
+    )
     assert len(resumed.choices) == 8
     assert resumed.choices["request_id"].tolist() == list(range(8))
 
@@ -238,8 +264,11 @@ async def test_cancelled_asweep_resumes(app: Any, tmp_path: Path) -> None:
     aclient, transport = counting_client(app, cls=AsyncClient, on_request=note)
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        task = asyncio.create_task(asweep(aclient, **GRID, cache=cache_path, max_concurrency=1,
-                                          progress=False, probe=False))
+        task = asyncio.create_task(
+            asweep(
+                aclient, **GRID, cache=cache_path, max_concurrency=1, progress=False, probe=False
+            )
+        )
         await reached.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -258,8 +287,7 @@ async def test_cancelled_asweep_resumes(app: Any, tmp_path: Path) -> None:
     assert resumed.requests["request_id"].tolist() == clean.requests["request_id"].tolist()
 
 
-def test_failed_requests_become_error_rows_and_are_not_cached(app: Any,
-                                                              tmp_path: Path) -> None:
+def test_failed_requests_become_error_rows_and_are_not_cached(app: Any, tmp_path: Path) -> None:
     real = StreamingASGITransport(app)
     attempts: dict[str, int] = {}
 
@@ -268,24 +296,49 @@ def test_failed_requests_become_error_rows_and_are_not_cached(app: Any,
         prompt = body.get("prompt")
         attempts[prompt] = attempts.get(prompt, 0) + 1
         if prompt == "FAIL":
-            return httpx.Response(500, headers={"retry-after-ms": "1"},
-                                  json={"error": {"message": "the GPU caught fire",
-                                                  "type": "server_error", "param": None,
-                                                  "code": None}})
+            return httpx.Response(
+                500,
+                headers={"retry-after-ms": "1"},
+                json={
+                    "error": {
+                        "message": "the GPU caught fire",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+            )
         if prompt == "LIMIT":
-            return httpx.Response(429, headers={"retry-after-ms": "1"},
-                                  json={"error": {"message": "slow down",
-                                                  "type": "rate_limit_error", "param": None,
-                                                  "code": "rate_limit_exceeded"}})
+            return httpx.Response(
+                429,
+                headers={"retry-after-ms": "1"},
+                json={
+                    "error": {
+                        "message": "slow down",
+                        "type": "rate_limit_error",
+                        "param": None,
+                        "code": "rate_limit_exceeded",
+                    }
+                },
+            )
         return await real.handle_async_request(request)
 
-    client = Client("http://embedded/v1", model=MODEL, transport=httpx.MockTransport(faults),
-                    max_retries=2)
+    client = Client(
+        "http://embedded/v1", model=MODEL, transport=httpx.MockTransport(faults), max_retries=2
+    )
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        result = sweep(client, prompt=["To be", "FAIL", "LIMIT"], temperature=[0.7, 1.0],
-                       max_tokens=2, n=2, logprobs=1, cache=cache_path, progress=False,
-                       probe=False)
+        result = sweep(
+            client,
+            prompt=["To be", "FAIL", "LIMIT"],
+            temperature=[0.7, 1.0],
+            max_tokens=2,
+            n=2,
+            logprobs=1,
+            cache=cache_path,
+            progress=False,
+            probe=False,
+        )
         assert attempts["FAIL"] == 2 * 3  # two grid points, three attempts each (2 retries)
         assert attempts["LIMIT"] == 2 * 3
         requests = result.requests
@@ -306,9 +359,17 @@ def test_failed_requests_become_error_rows_and_are_not_cached(app: Any,
             assert len(cache) == 2  # failures are not cached
         # A re-run retries only the failures.
         attempts.clear()
-        again = sweep(client, prompt=["To be", "FAIL", "LIMIT"], temperature=[0.7, 1.0],
-                      max_tokens=2, n=2, logprobs=1, cache=cache_path, progress=False,
-                      probe=False)
+        again = sweep(
+            client,
+            prompt=["To be", "FAIL", "LIMIT"],
+            temperature=[0.7, 1.0],
+            max_tokens=2,
+            n=2,
+            logprobs=1,
+            cache=cache_path,
+            progress=False,
+            probe=False,
+        )
         assert attempts == {"FAIL": 6, "LIMIT": 6}
         assert again.requests["status"].tolist()[:2] == ["cached", "cached"]
     finally:
@@ -317,13 +378,25 @@ def test_failed_requests_become_error_rows_and_are_not_cached(app: Any,
 
 def test_sweep_is_spread_over_two_endpoints(app: Any, embedded_engine: Any) -> None:
     other = create_app(embedded_engine)
-    transport = CountingTransport({"replica-a": StreamingASGITransport(app),
-                                   "replica-b": StreamingASGITransport(other)})
-    client = Client(["http://replica-a/v1", "http://replica-b/v1"], model=MODEL,
-                    transport=transport, max_concurrency=4)
+    transport = CountingTransport(
+        {"replica-a": StreamingASGITransport(app), "replica-b": StreamingASGITransport(other)}
+    )
+    client = Client(
+        ["http://replica-a/v1", "http://replica-b/v1"],
+        model=MODEL,
+        transport=transport,
+        max_concurrency=4,
+    )
     try:
-        result = sweep(client, prompt=["To be", "My lord"], temperature=[0.3, 0.6, 0.9],
-                       max_tokens=2, repeats=2, progress=False, probe=False)
+        result = sweep(
+            client,
+            prompt=["To be", "My lord"],
+            temperature=[0.3, 0.6, 0.9],
+            max_tokens=2,
+            repeats=2,
+            progress=False,
+            probe=False,
+        )
     finally:
         client.close()
     assert result.n_failed == 0
@@ -332,8 +405,9 @@ def test_sweep_is_spread_over_two_endpoints(app: Any, embedded_engine: Any) -> N
     assert transport.counts["replica-b"] > 0
 
 
-def test_credentials_in_the_base_url_stay_out_of_results_and_files(app: Any,
-                                                                  tmp_path: Path) -> None:
+def test_credentials_in_the_base_url_stay_out_of_results_and_files(
+    app: Any, tmp_path: Path
+) -> None:
     transport = CountingTransport({"embedded": StreamingASGITransport(app)})
     client = Client("http://user:sk-secret-123@embedded/v1", model=MODEL, transport=transport)
     cache_path = tmp_path / "sweep.sqlite"
@@ -379,13 +453,27 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
 async def test_async_twin_matches_sync(app: Any, embedded_client: Client) -> None:
     aclient, _ = counting_client(app, cls=AsyncClient)
     try:
-        result = await asweep(aclient, prompt=["To be", "My lord"], seed=[1, 2], max_tokens=2,
-                              temperature=0.8, progress=False, probe=False)
+        result = await asweep(
+            aclient,
+            prompt=["To be", "My lord"],
+            seed=[1, 2],
+            max_tokens=2,
+            temperature=0.8,
+            progress=False,
+            probe=False,
+        )
     finally:
         await aclient.close()
     sync_result = await asyncio.to_thread(
-        sweep, embedded_client, prompt=["To be", "My lord"], seed=[1, 2], max_tokens=2,
-        temperature=0.8, progress=False, probe=False)
+        sweep,
+        embedded_client,
+        prompt=["To be", "My lord"],
+        seed=[1, 2],
+        max_tokens=2,
+        temperature=0.8,
+        progress=False,
+        probe=False,
+    )
     assert result.choices.columns.tolist() == sync_result.choices.columns.tolist()
     # Seeded requests on the same model give the same text either way.
     assert result.choices["text"].tolist() == sync_result.choices["text"].tolist()
@@ -393,8 +481,9 @@ async def test_async_twin_matches_sync(app: Any, embedded_client: Client) -> Non
         await asweep(embedded_client, "x", progress=False)
 
 
-def test_rows_keep_grid_order_whatever_order_responses_arrive(app: Any,
-                                                              embedded_client: Client) -> None:
+def test_rows_keep_grid_order_whatever_order_responses_arrive(
+    app: Any, embedded_client: Client
+) -> None:
     real = StreamingASGITransport(app)
     arrived: list[int] = []
 
@@ -407,21 +496,37 @@ def test_rows_keep_grid_order_whatever_order_responses_arrive(app: Any,
 
     client = Client("http://embedded/v1", model=MODEL, transport=httpx.MockTransport(late_first))
     try:
-        result = sweep(client, "To be", seed=[1, 2, 3, 4], temperature=1.0, max_tokens=3,
-                       progress=False, probe=False)
+        result = sweep(
+            client,
+            "To be",
+            seed=[1, 2, 3, 4],
+            temperature=1.0,
+            max_tokens=3,
+            progress=False,
+            probe=False,
+        )
     finally:
         client.close()
     assert arrived != [1, 2, 3, 4]  # they did arrive out of order
     assert result.choices["seed"].tolist() == [1, 2, 3, 4]
     # Each row holds its own request's answer: seeded sampling is reproducible on this model.
-    expected = [embedded_client.complete("To be", seed=s, temperature=1.0, max_tokens=3).text
-                for s in (1, 2, 3, 4)]
+    expected = [
+        embedded_client.complete("To be", seed=s, temperature=1.0, max_tokens=3).text
+        for s in (1, 2, 3, 4)
+    ]
     assert result.choices["text"].tolist() == expected
 
 
 def test_echo_axis_keeps_both_echo_columns(embedded_client: Client) -> None:
-    result = sweep(embedded_client, "To be", echo=[True, False], max_tokens=1, logprobs=1,
-                   progress=False, probe=False)
+    result = sweep(
+        embedded_client,
+        "To be",
+        echo=[True, False],
+        max_tokens=1,
+        logprobs=1,
+        progress=False,
+        probe=False,
+    )
     tokens = result.tokens
     echoed = tokens[tokens["request_echo"]]
     assert echoed["echo"].any()  # the prompt's tokens, marked by the frames layer

@@ -37,8 +37,10 @@ def test_cartesian_product_in_grid_order(client: AsyncClient) -> None:
 
 def test_prompt_forms(client: AsyncClient) -> None:
     named = expand_grid(client, {"hamlet": "To be", "tale": "Once"})
-    assert [(p.prompt_id, p.request.prompt) for p in named.points] == [("hamlet", "To be"),
-                                                                        ("tale", "Once")]
+    assert [(p.prompt_id, p.request.prompt) for p in named.points] == [
+        ("hamlet", "To be"),
+        ("tale", "Once"),
+    ]
     one = expand_grid(client, "Hello")
     assert [(p.prompt_id, p.values["prompt"]) for p in one.points] == [(0, "Hello")]
     token_prompt = expand_grid(client, [464, 3290, 318])
@@ -60,8 +62,14 @@ def test_stop_is_an_axis_only_of_lists_or_none(client: AsyncClient) -> None:
 
 
 def test_dict_fields_and_numpy_axes(client: AsyncClient) -> None:
-    plan = expand_grid(client, "x", logit_bias=[{"1": 5}, {"2": -100}], n=np.arange(1, 3),
-                       temperature=np.linspace(0.0, 1.0, 3), extra={"top_k": 5})
+    plan = expand_grid(
+        client,
+        "x",
+        logit_bias=[{"1": 5}, {"2": -100}],
+        n=np.arange(1, 3),
+        temperature=np.linspace(0.0, 1.0, 3),
+        extra={"top_k": 5},
+    )
     assert len(plan.points) == 2 * 2 * 3
     first = plan.points[0].request
     assert first.logit_bias == {"1": 5}
@@ -73,8 +81,9 @@ def test_dict_fields_and_numpy_axes(client: AsyncClient) -> None:
 
 
 def test_invalid_point_fails_before_sending_naming_field_and_value(client: AsyncClient) -> None:
-    with pytest.raises(RequestError, match=r"temperature must be a number from 0 to 2; got 3\.5"
-                       ) as info:
+    with pytest.raises(
+        RequestError, match=r"temperature must be a number from 0 to 2; got 3\.5"
+    ) as info:
         expand_grid(client, ["a", "b"], temperature=[0.5, 3.5])
     assert info.value.param == "temperature"
     assert "sweep grid point" in str(info.value)
@@ -121,8 +130,16 @@ def test_budget_refuses_before_sending(client: AsyncClient) -> None:
     sync_client = Client(UNREACHABLE, api_key="sk-test", model="m", max_retries=0)
     try:
         with pytest.raises(BudgetError) as info:
-            sweep(sync_client, ["abcd", "efgh"], temperature=[0.5, 1.0], max_tokens=100,
-                  repeats=5, budget=1000, progress=False, probe=False)
+            sweep(
+                sync_client,
+                ["abcd", "efgh"],
+                temperature=[0.5, 1.0],
+                max_tokens=100,
+                repeats=5,
+                budget=1000,
+                progress=False,
+                probe=False,
+            )
     finally:
         sync_client.close()
     # 20 requests x (1 prompt token by chars/4 + 100 completion tokens)
@@ -137,24 +154,33 @@ def test_budget_refuses_before_sending(client: AsyncClient) -> None:
         sweep(client, "a", max_concurrency=0, progress=False)
 
 
-@given(n_prompts=st.integers(1, 3),
-       temperatures=st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0]), min_size=1, max_size=3),
-       top_ps=st.one_of(st.none(), st.lists(st.sampled_from([0.1, 0.9, 1.0]), min_size=1,
-                                              max_size=2)),
-       repeats=st.integers(1, 3))
+@given(
+    n_prompts=st.integers(1, 3),
+    temperatures=st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0]), min_size=1, max_size=3),
+    top_ps=st.one_of(st.none(), st.lists(st.sampled_from([0.1, 0.9, 1.0]), min_size=1, max_size=2)),
+    repeats=st.integers(1, 3),
+)
 @settings(max_examples=40, deadline=None)
-def test_grid_is_the_product_in_order(n_prompts: int, temperatures: list[float],
-                                      top_ps: list[float] | None, repeats: int) -> None:
+def test_grid_is_the_product_in_order(
+    n_prompts: int, temperatures: list[float], top_ps: list[float] | None, repeats: int
+) -> None:
     client = AsyncClient(UNREACHABLE, api_key="sk-test", model="m")
     prompts = [f"p{i}" for i in range(n_prompts)]
     fields: dict[str, object] = {"temperature": temperatures}
     if top_ps is not None:
         fields["top_p"] = top_ps
     plan = expand_grid(client, prompts, repeats=repeats, **fields)
-    expected = [(p, t, tp, r) for p in prompts for t in temperatures
-                for tp in (top_ps if top_ps is not None else [None]) for r in range(repeats)]
-    got = [(pt.request.prompt, pt.request.temperature, pt.request.top_p, pt.repeat)
-           for pt in plan.points]
+    expected = [
+        (p, t, tp, r)
+        for p in prompts
+        for t in temperatures
+        for tp in (top_ps if top_ps is not None else [None])
+        for r in range(repeats)
+    ]
+    got = [
+        (pt.request.prompt, pt.request.temperature, pt.request.top_p, pt.repeat)
+        for pt in plan.points
+    ]
     assert got == expected
     assert [pt.request_id for pt in plan.points] == list(range(len(expected)))
     # Keys identify (request, repeat): equal exactly where both are equal.

@@ -65,8 +65,9 @@ async def test_interrupt_kernel_and_resume(tmp_path: Path, embedded_engine: Any)
     outputs: list[dict[str, Any]] = []
 
     async def run(code: str) -> dict[str, Any]:
-        reply = await kc.execute_interactive(textwrap.dedent(code), timeout=180,
-                                             output_hook=outputs.append)
+        reply = await kc.execute_interactive(
+            textwrap.dedent(code), timeout=180, output_hook=outputs.append
+        )
         return dict(reply["content"])
 
     try:
@@ -94,19 +95,28 @@ async def test_interrupt_kernel_and_resume(tmp_path: Path, embedded_engine: Any)
         assert (await run("sent_before = transport.sent"))["status"] == "ok"
         second = await run(STUDY)
         assert second["status"] == "ok", second
-        report = await run("print(json.dumps({'sent': transport.sent - sent_before, "
-                           "'requests': len(result), 'status': result.requests['status']"
-                           ".value_counts().to_dict()}))")
+        report = await run(
+            "print(json.dumps({'sent': transport.sent - sent_before, "
+            "'requests': len(result), 'status': result.requests['status']"
+            ".value_counts().to_dict()}))"
+        )
         assert report["status"] == "ok"
-        printed = [m["content"]["text"] for m in outputs
-                   if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"]
+        printed = [
+            m["content"]["text"]
+            for m in outputs
+            if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+        ]
         summary = json.loads(printed[-1])
         assert summary["requests"] == 30
         assert summary["sent"] == 30 - finished  # nothing finished was sent again
         assert summary["status"] == {"cached": finished, "ok": 30 - finished}
         # In a kernel, tqdm.auto shows an ipywidgets progress bar.
-        widget_views = [m for m in outputs if m["msg_type"] == "display_data"
-                        and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]]
+        widget_views = [
+            m
+            for m in outputs
+            if m["msg_type"] == "display_data"
+            and "application/vnd.jupyter.widget-view+json" in m["content"]["data"]
+        ]
         assert widget_views
     finally:
         kc.stop_channels()

@@ -21,10 +21,22 @@ FAKE_KEY = "sk-nbc-test-NEVER-SYNC-THIS-KEY-1234567890"
 
 def _state(**changes: Any) -> dict[str, Any]:
     state: dict[str, Any] = {
-        "prompt": "To be", "model": "nbc-shakespeare", "temperature": 1.0, "top_p": 1.0,
-        "frequency_penalty": 0.0, "presence_penalty": 0.0, "logprobs": 5, "max_tokens": 16,
-        "n": 1, "best_of": 1, "seed": "", "suffix": "", "echo": False, "stream": False,
-        "stop": ["", "", "", ""], "logit_bias": "",
+        "prompt": "To be",
+        "model": "nbc-shakespeare",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "frequency_penalty": 0.0,
+        "presence_penalty": 0.0,
+        "logprobs": 5,
+        "max_tokens": 16,
+        "n": 1,
+        "best_of": 1,
+        "seed": "",
+        "suffix": "",
+        "echo": False,
+        "stream": False,
+        "stop": ["", "", "", ""],
+        "logit_bias": "",
     }
     state.update(changes)
     return state
@@ -32,21 +44,53 @@ def _state(**changes: Any) -> dict[str, Any]:
 
 # -- pure state -> request -------------------------------------------------------------------------
 
+
 def test_default_state_sends_only_the_core_fields() -> None:
     request = playground_request(_state())
-    assert request.to_body() == {"model": "nbc-shakespeare", "prompt": "To be", "logprobs": 5,
-                                 "max_tokens": 16, "temperature": 1.0, "top_p": 1.0}
+    assert request.to_body() == {
+        "model": "nbc-shakespeare",
+        "prompt": "To be",
+        "logprobs": 5,
+        "max_tokens": 16,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
 
 
 def test_every_control_reaches_its_field() -> None:
-    request = playground_request(_state(
-        temperature=0.7, top_p=0.9, frequency_penalty=0.5, presence_penalty=-1.5, logprobs=None,
-        max_tokens=3, n=2, best_of=3, seed=" 42 ", suffix="END", echo=True,
-        stop=["\\n", "", "the end", ""], logit_bias="50256: -100\n7: 2.5"))
+    request = playground_request(
+        _state(
+            temperature=0.7,
+            top_p=0.9,
+            frequency_penalty=0.5,
+            presence_penalty=-1.5,
+            logprobs=None,
+            max_tokens=3,
+            n=2,
+            best_of=3,
+            seed=" 42 ",
+            suffix="END",
+            echo=True,
+            stop=["\\n", "", "the end", ""],
+            logit_bias="50256: -100\n7: 2.5",
+        )
+    )
     assert request == CompletionRequest(
-        prompt="To be", model="nbc-shakespeare", temperature=0.7, top_p=0.9, frequency_penalty=0.5,
-        presence_penalty=-1.5, max_tokens=3, n=2, best_of=3, seed=42, suffix="END", echo=True,
-        stop=["\n", "the end"], logit_bias={"50256": -100, "7": 2.5})
+        prompt="To be",
+        model="nbc-shakespeare",
+        temperature=0.7,
+        top_p=0.9,
+        frequency_penalty=0.5,
+        presence_penalty=-1.5,
+        max_tokens=3,
+        n=2,
+        best_of=3,
+        seed=42,
+        suffix="END",
+        echo=True,
+        stop=["\n", "the end"],
+        logit_bias={"50256": -100, "7": 2.5},
+    )
     assert request.logprobs is None
 
 
@@ -56,17 +100,20 @@ def test_stream_asks_for_usage() -> None:
     assert request.stream_options == {"include_usage": True}
 
 
-@pytest.mark.parametrize(("changes", "param"), [
-    ({"max_tokens": -1}, "max_tokens"),
-    ({"n": 0}, "n"),
-    ({"n": 3, "best_of": 2}, "best_of"),
-    ({"stream": True, "best_of": 2}, "best_of"),
-    ({"seed": "forty-two"}, "seed"),
-    ({"logit_bias": "50256 -100"}, "logit_bias"),
-    ({"logit_bias": "50256: -101"}, "logit_bias"),
-    ({"logit_bias": "50256: lots"}, "logit_bias"),
-    ({"logprobs": 6}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    ("changes", "param"),
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"stream": True, "best_of": 2}, "best_of"),
+        ({"seed": "forty-two"}, "seed"),
+        ({"logit_bias": "50256 -100"}, "logit_bias"),
+        ({"logit_bias": "50256: -101"}, "logit_bias"),
+        ({"logit_bias": "50256: lots"}, "logit_bias"),
+        ({"logprobs": 6}, "logprobs"),
+    ],
+)
 def test_invalid_state_names_the_field(changes: dict[str, Any], param: str) -> None:
     with pytest.raises(RequestError) as info:
         playground_request(_state(**changes))
@@ -93,8 +140,9 @@ def test_logit_bias_text_keys_use_the_tokenizer() -> None:
         calls.append(text)
         return vocabulary[text]
 
-    bias = parse_logit_bias('" the": -100\nthe: 5\n"\\n": 1\n# a comment\n\n'
-                            'hello world: -3\n42: 0', encode)
+    bias = parse_logit_bias(
+        '" the": -100\nthe: 5\n"\\n": 1\n# a comment\n\nhello world: -3\n42: 0', encode
+    )
     assert bias == {"262": -100, "1169": 5, "198": 1, "31373": -3, "995": -3, "42": 0}
     assert calls == [" the", "the", "\n", "hello world"]
 
@@ -128,6 +176,7 @@ def test_request_body_is_json() -> None:
 
 # -- widgets with a client -------------------------------------------------------------------------
 
+
 def _all_widgets(root: Any) -> list[Any]:
     """Every widget reachable from ``root`` through children and widget-valued traits."""
     import ipywidgets
@@ -158,13 +207,27 @@ def _refusing_client(seen: list[Any], status: int = 401) -> Any:
 
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(status, json={"error": {
-            "message": "Incorrect API key provided" if status == 401 else "the server broke",
-            "type": "invalid_request_error" if status == 401 else "server_error",
-            "param": None, "code": None}})
+        return httpx.Response(
+            status,
+            json={
+                "error": {
+                    "message": "Incorrect API key provided"
+                    if status == 401
+                    else "the server broke",
+                    "type": "invalid_request_error" if status == 401 else "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+        )
 
-    return Client("http://never-contacted.invalid/v1", api_key=FAKE_KEY, model="nbc-shakespeare",
-                  max_retries=0, transport=httpx.MockTransport(answer))
+    return Client(
+        "http://never-contacted.invalid/v1",
+        api_key=FAKE_KEY,
+        model="nbc-shakespeare",
+        max_retries=0,
+        transport=httpx.MockTransport(answer),
+    )
 
 
 def test_no_api_key_in_widget_state_or_repr() -> None:
@@ -195,14 +258,19 @@ def test_no_api_key_in_widget_state_after_a_real_run(embedded_engine: Any) -> No
     from nbcompletions.widgets import Playground, SweepBuilder
 
     app = create_app(embedded_engine, api_key=FAKE_KEY)  # the server demands the key
-    client = Client("http://keyed.test/v1", api_key=FAKE_KEY, model="nbc-shakespeare",
-                    transport=httpx.ASGITransport(app=app))
+    client = Client(
+        "http://keyed.test/v1",
+        api_key=FAKE_KEY,
+        model="nbc-shakespeare",
+        transport=httpx.ASGITransport(app=app),
+    )
     try:
         playground = Playground(client, prompt="ROMEO:", max_tokens=4)
         playground.stream.value = True
         assert playground.run() is not None, playground.error.value
-        builder = SweepBuilder(client, prompt="ROMEO:", max_tokens=2, repeats=1,
-                               axes={"temperature": "0, 1"})
+        builder = SweepBuilder(
+            client, prompt="ROMEO:", max_tokens=2, repeats=1, axes={"temperature": "0, 1"}
+        )
         assert builder.run() is not None, builder.error.value
         for root in (playground, builder):
             assert FAKE_KEY not in _synced_state(root)
@@ -219,13 +287,17 @@ def test_no_credentials_from_the_base_url_in_widget_state_or_repr(embedded_engin
     from nbcompletions.widgets import Playground, SweepBuilder
 
     secret = "sk-in-the-url-0123456789"
-    client = Client(f"http://user:{secret}@keyed.test/v1", model="nbc-shakespeare",
-                    transport=httpx.ASGITransport(app=create_app(embedded_engine)))
+    client = Client(
+        f"http://user:{secret}@keyed.test/v1",
+        model="nbc-shakespeare",
+        transport=httpx.ASGITransport(app=create_app(embedded_engine)),
+    )
     try:
         playground = Playground(client, prompt="ROMEO:", max_tokens=2)
         assert playground.run() is not None, playground.error.value
-        builder = SweepBuilder(client, prompt="ROMEO:", max_tokens=2, repeats=1,
-                               axes={"temperature": "0, 1"})
+        builder = SweepBuilder(
+            client, prompt="ROMEO:", max_tokens=2, repeats=1, axes={"temperature": "0, 1"}
+        )
         assert builder.run() is not None, builder.error.value
         for root in (playground, builder):
             assert secret not in _synced_state(root)
@@ -289,9 +361,21 @@ def test_controls_set_the_request(playground: Any) -> None:
     playground.stop[1].value = "\\n"
     playground.logit_bias.value = "0: -100"
     assert playground.request == CompletionRequest(
-        prompt="ROMEO:", model="nbc-shakespeare", temperature=0.3, top_p=0.8,
-        frequency_penalty=1.0, presence_penalty=0.5, logprobs=2, max_tokens=9, n=2, best_of=3,
-        seed=7, echo=True, stop=["\n"], logit_bias={"0": -100})
+        prompt="ROMEO:",
+        model="nbc-shakespeare",
+        temperature=0.3,
+        top_p=0.8,
+        frequency_penalty=1.0,
+        presence_penalty=0.5,
+        logprobs=2,
+        max_tokens=9,
+        n=2,
+        best_of=3,
+        seed=7,
+        echo=True,
+        stop=["\n"],
+        logit_bias={"0": -100},
+    )
     assert playground.error.value == ""
     assert "<code>0</code>" in playground.logit_bias_preview.value
 
@@ -305,16 +389,20 @@ def test_slider_ranges_are_the_api_ranges(playground: Any) -> None:
     assert len(playground.stop) == 4
 
 
-@pytest.mark.parametrize(("control", "value", "param"), [
-    ("max_tokens", -3, "max_tokens"),
-    ("best_of", 0, "best_of"),
-    ("seed", "abc", "seed"),
-    ("logit_bias", "1: 500", "logit_bias"),
-    ("logit_bias", '"ROMEO": ten', "logit_bias"),
-    ("logit_bias", "4096: 1", "logit_bias"),  # the embedded model's vocabulary is 0..4095
-])
-def test_invalid_setting_is_shown_and_not_sent(playground: Any, control: str, value: Any,
-                                                param: str) -> None:
+@pytest.mark.parametrize(
+    ("control", "value", "param"),
+    [
+        ("max_tokens", -3, "max_tokens"),
+        ("best_of", 0, "best_of"),
+        ("seed", "abc", "seed"),
+        ("logit_bias", "1: 500", "logit_bias"),
+        ("logit_bias", '"ROMEO": ten', "logit_bias"),
+        ("logit_bias", "4096: 1", "logit_bias"),  # the embedded model's vocabulary is 0..4095
+    ],
+)
+def test_invalid_setting_is_shown_and_not_sent(
+    playground: Any, control: str, value: Any, param: str
+) -> None:
     getattr(playground, control).value = value
     assert param in playground.error.value
     assert isinstance(playground.last_error, RequestError)
@@ -323,8 +411,12 @@ def test_invalid_setting_is_shown_and_not_sent(playground: Any, control: str, va
     assert playground.run() is None
     assert playground.result is None
     # Fixing the value clears the error.
-    getattr(playground, control).value = {"max_tokens": 4, "best_of": 1, "seed": "",
-                                          "logit_bias": ""}[control]
+    getattr(playground, control).value = {
+        "max_tokens": 4,
+        "best_of": 1,
+        "seed": "",
+        "logit_bias": "",
+    }[control]
     assert playground.error.value == ""
 
 
@@ -373,8 +465,7 @@ def test_stream_shows_text_as_it_arrives(playground: Any) -> None:
     assert playground.streamed.value == ""  # replaced by the highlighted result
 
 
-def test_logit_bias_text_goes_through_the_tokenizer(playground: Any,
-                                                    embedded_engine: Any) -> None:
+def test_logit_bias_text_goes_through_the_tokenizer(playground: Any, embedded_engine: Any) -> None:
     (forced,) = embedded_engine.encode(" the")
     playground.logit_bias.value = '" the": 100'
     assert playground.request.logit_bias == {str(forced): 100}
@@ -397,12 +488,18 @@ def test_repr_is_cheap(playground: Any) -> None:
 
 # -- SweepBuilder ---------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def builder(embedded_client: Any) -> Any:
     from nbcompletions.widgets import SweepBuilder
 
-    return SweepBuilder(embedded_client, prompt="ROMEO:\nJULIET:", max_tokens=3, repeats=2,
-                        axes={"temperature": "0.5, 1.5"})
+    return SweepBuilder(
+        embedded_client,
+        prompt="ROMEO:\nJULIET:",
+        max_tokens=3,
+        repeats=2,
+        axes={"temperature": "0.5, 1.5"},
+    )
 
 
 def test_builder_counts_and_estimates_before_running(builder: Any, embedded_client: Any) -> None:
@@ -410,10 +507,18 @@ def test_builder_counts_and_estimates_before_running(builder: Any, embedded_clie
 
     plan = builder.plan
     assert plan.n_requests == 2 * 2 * 2
-    grid = expand_grid(embedded_client, ["ROMEO:", "JULIET:"], repeats=2, temperature=[0.5, 1.5],
-                       max_tokens=3, logprobs=1, model="nbc-shakespeare")
+    grid = expand_grid(
+        embedded_client,
+        ["ROMEO:", "JULIET:"],
+        repeats=2,
+        temperature=[0.5, 1.5],
+        max_tokens=3,
+        logprobs=1,
+        model="nbc-shakespeare",
+    )
     assert (plan.token_estimate, plan.estimate_method) == estimate_tokens(
-        [p.request for p in grid.points], model="nbc-shakespeare")
+        [p.request for p in grid.points], model="nbc-shakespeare"
+    )
     assert "<b>8</b> requests" in builder.summary.value
     builder.axis_fields[1].value = "top_p"
     builder.axis_values[1].value = "0.5, 0.9, 1"
@@ -421,11 +526,14 @@ def test_builder_counts_and_estimates_before_running(builder: Any, embedded_clie
     assert "<b>24</b> requests" in builder.summary.value
 
 
-@pytest.mark.parametrize(("axis", "values", "param"), [
-    ("temperature", "0.5, hot", "temperature"),
-    ("temperature", "0.5, 3", "temperature"),
-    ("max_tokens", "1.5", "max_tokens"),
-])
+@pytest.mark.parametrize(
+    ("axis", "values", "param"),
+    [
+        ("temperature", "0.5, hot", "temperature"),
+        ("temperature", "0.5, 3", "temperature"),
+        ("max_tokens", "1.5", "max_tokens"),
+    ],
+)
 def test_builder_invalid_axis_is_shown(builder: Any, axis: str, values: str, param: str) -> None:
     builder.axis_fields[0].value = axis
     builder.axis_values[0].value = values

@@ -34,8 +34,11 @@ def load_engine(path: str | Path | None = None) -> Engine:
     with _lock:
         engine = _engines.get(folder)
         if engine is None:
-            missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json")
-                       if not (folder / name).is_file()]
+            missing = [
+                name
+                for name in ("config.json", "model.safetensors", "tokenizer.json")
+                if not (folder / name).is_file()
+            ]
             if missing:
                 raise FileNotFoundError(f"model files missing in {folder}: {', '.join(missing)}")
             from ._engine import Engine

@@ -160,8 +160,9 @@ class _Row:
     def mean_logprob(self) -> float:
         return self.sum_logprob / self.n_sampled if self.n_sampled else 0.0
 
-    def add(self, token: int, raw: bytes, logprob: float, top: dict[str, float] | None,
-            eot: int) -> None:
+    def add(
+        self, token: int, raw: bytes, logprob: float, top: dict[str, float] | None, eot: int
+    ) -> None:
         self.n_sampled += 1
         self.sum_logprob += logprob
         if token == eot:
@@ -175,8 +176,11 @@ class _Row:
         self.starts.append(start)
         self.ends.append(len(self.text))
         if self.stops and len(self.text) > start:
-            found = [m for m in (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stops)
-                     if m >= 0]
+            found = [
+                m
+                for m in (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stops)
+                if m >= 0
+            ]
             if found:
                 self.cut = min(found)
                 self._finish("stop")
@@ -196,7 +200,7 @@ class _Row:
     # -- the finished result -----------------------------------------------------------------------
     @property
     def final_text(self) -> str:
-        return self.text if self.cut is None else self.text[:self.cut]
+        return self.text if self.cut is None else self.text[: self.cut]
 
     @property
     def kept_tokens(self) -> int:
@@ -227,8 +231,11 @@ class _Row:
             while end < len(self.tokens) and self.starts[end] < safe and self.ends[end] <= safe:
                 end += 1
             chars = self.ends[end - 1] if end > first else self.emitted_chars
-        delta = self.final_text[self.emitted_chars:chars] if self.finished else \
-            self.text[self.emitted_chars:chars]
+        delta = (
+            self.final_text[self.emitted_chars : chars]
+            if self.finished
+            else self.text[self.emitted_chars : chars]
+        )
         self.emitted_chars = max(self.emitted_chars, chars)
         self.emitted_tokens = end
         return delta, first, end
@@ -241,8 +248,9 @@ class Engine:
     has its own cache, rows and random generator, so concurrent calls from a thread pool are safe.
     """
 
-    def __init__(self, weights: GPT2Weights, tokenizer: ByteTokenizer, *, model_id: str,
-                 fingerprint: str) -> None:
+    def __init__(
+        self, weights: GPT2Weights, tokenizer: ByteTokenizer, *, model_id: str, fingerprint: str
+    ) -> None:
         self.weights = weights
         self._tok = tokenizer
         self.model_id = model_id
@@ -257,10 +265,10 @@ class Engine:
             raise ValueError(f"the tokenizer has no {EOT} token and config.json no eos_token_id")
         self.eot_token_id = int(eot)
         # Model rows the tokenizer cannot spell (a padded vocabulary) must never be sampled.
-        table = list(tokenizer.token_bytes[:self.vocab_size])
+        table = list(tokenizer.token_bytes[: self.vocab_size])
         table += [b""] * (self.vocab_size - len(table))
         self._token_bytes: tuple[bytes, ...] = tuple(table)
-        strings = list(tokenizer.token_strings[:self.vocab_size])
+        strings = list(tokenizer.token_strings[: self.vocab_size])
         self._token_strings = tuple(strings + [""] * (self.vocab_size - len(strings)))
         spellable = min(len(tokenizer), self.vocab_size)
         self._unspellable = np.arange(spellable, self.vocab_size)
@@ -276,13 +284,16 @@ class Engine:
                 digest.update(block)
         if model_id is None:
             model_id = _model_id_from(path)
-        return cls(weights, tokenizer, model_id=model_id,
-                   fingerprint="nbc-" + digest.hexdigest()[:10])
+        return cls(
+            weights, tokenizer, model_id=model_id, fingerprint="nbc-" + digest.hexdigest()[:10]
+        )
 
     def __repr__(self) -> str:
         c = self.weights.config
-        return (f"Engine(model_id={self.model_id!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, "
-                f"vocab_size={self.vocab_size}, context_length={self.context_length})")
+        return (
+            f"Engine(model_id={self.model_id!r}, n_layer={c.n_layer}, n_embd={c.n_embd}, "
+            f"vocab_size={self.vocab_size}, context_length={self.context_length})"
+        )
 
     # -- tokens ------------------------------------------------------------------------------------
     @property
@@ -299,9 +310,12 @@ class Engine:
     def token_str(self, token_id: int) -> str:
         """OpenAI's string for a token: its text, or ``bytes:\\xe2\\x80`` for partial UTF-8."""
         if not 0 <= token_id < self.vocab_size:
-            raise RequestError("token_id", f"token_id must be from 0 to {self.vocab_size - 1}; "
-                               f"got {token_id}", allowed=f"0..{self.vocab_size - 1}",
-                               value=token_id)
+            raise RequestError(
+                "token_id",
+                f"token_id must be from 0 to {self.vocab_size - 1}; got {token_id}",
+                allowed=f"0..{self.vocab_size - 1}",
+                value=token_id,
+            )
         return self._token_strings[token_id]
 
     # -- requests ----------------------------------------------------------------------------------
@@ -313,7 +327,7 @@ class Engine:
         for p, prompt in enumerate(plan.prompts):
             candidates = [row for row in rows if row.prompt_index == p]
             if plan.best_of > plan.n:
-                candidates = sorted(candidates, key=lambda r: -r.mean_logprob)[:plan.n]
+                candidates = sorted(candidates, key=lambda r: -r.mean_logprob)[: plan.n]
             for k, row in enumerate(candidates):
                 choices.append(self._choice(plan, prompt, prompt_lp[p], row, p * plan.n + k))
         response = self._envelope()
@@ -325,9 +339,12 @@ class Engine:
         """Chunks of a streamed response; bad requests raise here, before the first chunk."""
         plan = self._plan(request)
         if plan.best_of > plan.n:
-            raise RequestError("best_of", f"best_of cannot exceed n when streaming; got best_of="
-                               f"{plan.best_of}, n={plan.n}", allowed=f"{plan.n} (= n)",
-                               value=plan.best_of)
+            raise RequestError(
+                "best_of",
+                f"best_of cannot exceed n when streaming; got best_of={plan.best_of}, n={plan.n}",
+                allowed=f"{plan.n} (= n)",
+                value=plan.best_of,
+            )
         return self._stream(plan)
 
     def _stream(self, plan: _Plan) -> Iterator[dict[str, Any]]:
@@ -335,11 +352,13 @@ class Engine:
         if plan.include_usage:
             envelope["usage"] = None
 
-        def chunk(index: int, text: str, logprobs: dict[str, Any] | None,
-                  finish: str | None) -> dict[str, Any]:
+        def chunk(
+            index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None
+        ) -> dict[str, Any]:
             out = dict(envelope)
-            out["choices"] = [{"text": text, "index": index, "logprobs": logprobs,
-                               "finish_reason": finish}]
+            out["choices"] = [
+                {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+            ]
             return out
 
         generation = _Generation(self, plan)
@@ -351,8 +370,11 @@ class Engine:
             if plan.echo and (prompt.text or prompt.echo_ids):
                 lp = None
                 if plan.logprobs is not None:
-                    lp = self._logprobs_object(*self._echo_parts(
-                        prompt, generation.prompt_lp[row.prompt_index], plan.logprobs))
+                    lp = self._logprobs_object(
+                        *self._echo_parts(
+                            prompt, generation.prompt_lp[row.prompt_index], plan.logprobs
+                        )
+                    )
                 yield chunk(i, prompt.text, lp, None)
         for changed in generation.steps():
             for i in changed:
@@ -372,16 +394,23 @@ class Engine:
 
     # -- internals ---------------------------------------------------------------------------------
     def _envelope(self) -> dict[str, Any]:
-        return {"id": "cmpl-" + secrets.token_hex(12), "object": "text_completion",
-                "created": int(time.time()), "model": self.model_id,
-                "system_fingerprint": self.system_fingerprint}
+        return {
+            "id": "cmpl-" + secrets.token_hex(12),
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model_id,
+            "system_fingerprint": self.system_fingerprint,
+        }
 
     @staticmethod
     def _usage(plan: _Plan, rows: list[_Row]) -> dict[str, int]:
         prompt_tokens = sum(len(p.ids) for p in plan.prompts)
         completion_tokens = sum(row.n_sampled for row in rows)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     def _prompts(self, prompt: Any) -> list[_Prompt]:
         if isinstance(prompt, str):
@@ -399,10 +428,12 @@ class Engine:
                     item.encode("utf-8")
                 except UnicodeEncodeError as exc:
                     raise RequestError(
-                        "prompt", f"{where} must be valid Unicode text; it holds a lone surrogate "
+                        "prompt",
+                        f"{where} must be valid Unicode text; it holds a lone surrogate "
                         f"{item[exc.start]!r} at character {exc.start}",
                         allowed="text without lone surrogates (U+D800..U+DFFF)",
-                        value=item[max(0, exc.start - 20):exc.start + 20]) from None
+                        value=item[max(0, exc.start - 20) : exc.start + 20],
+                    ) from None
                 ids = self.encode(item)
                 if not ids:
                     prompts.append(_Prompt([self.eot_token_id], "", []))
@@ -413,37 +444,48 @@ class Engine:
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise RequestError(
-                    "prompt", f"{where} holds token ids outside the vocabulary (0 to "
+                    "prompt",
+                    f"{where} holds token ids outside the vocabulary (0 to "
                     f"{self.vocab_size - 1}); got {bad[:5]}",
-                    allowed=f"token ids 0..{self.vocab_size - 1}", value=bad[:5])
+                    allowed=f"token ids 0..{self.vocab_size - 1}",
+                    value=bad[:5],
+                )
             prompts.append(_Prompt(ids, self.decode(ids), ids))
         return prompts
 
     def _plan(self, request: CompletionRequest) -> _Plan:
         if request.suffix:
-            raise RequestError("suffix", f"{self.model_id} cannot insert text: suffix is not "
-                               f"supported by this model; got {request.suffix!r}",
-                               allowed="unset (null)", value=request.suffix)
+            raise RequestError(
+                "suffix",
+                f"{self.model_id} cannot insert text: suffix is not "
+                f"supported by this model; got {request.suffix!r}",
+                allowed="unset (null)",
+                value=request.suffix,
+            )
         prompts = self._prompts(request.prompt)
         max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
         for prompt in prompts:
             if len(prompt.ids) + max_tokens > self.context_length:
                 raise RequestError(
-                    "max_tokens", f"This model's maximum context length is {self.context_length} "
+                    "max_tokens",
+                    f"This model's maximum context length is {self.context_length} "
                     f"tokens, however you requested {len(prompt.ids) + max_tokens} tokens "
                     f"({len(prompt.ids)} in your prompt; {max_tokens} for the completion). Please "
                     "reduce your prompt; or completion length.",
                     allowed=f"prompt tokens + max_tokens <= {self.context_length}",
-                    value=max_tokens)
+                    value=max_tokens,
+                )
         logit_bias: dict[int, float] = {}
         for key, value in (request.logit_bias or {}).items():
             token = int(key)
             if token >= self.vocab_size:
                 raise RequestError(
-                    "logit_bias", f"logit_bias keys must be token ids from 0 to "
+                    "logit_bias",
+                    f"logit_bias keys must be token ids from 0 to "
                     f"{self.vocab_size - 1}; got {key!r}",
                     allowed=f"token ids 0..{self.vocab_size - 1}",
-                    value=dict(request.logit_bias or {}))
+                    value=dict(request.logit_bias or {}),
+                )
             logit_bias[token] = float(value)
         for unspellable in self._unspellable.tolist():
             logit_bias[unspellable] = _sampling.BAN
@@ -451,14 +493,19 @@ class Engine:
         stop = request.stop
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return _Plan(
-            prompts=prompts, n=n, best_of=n if request.best_of is None else request.best_of,
+            prompts=prompts,
+            n=n,
+            best_of=n if request.best_of is None else request.best_of,
             max_tokens=max_tokens,
             temperature=1.0 if request.temperature is None else float(request.temperature),
             top_p=1.0 if request.top_p is None else float(request.top_p),
             frequency_penalty=float(request.frequency_penalty or 0.0),
             presence_penalty=float(request.presence_penalty or 0.0),
             bias=_sampling.bias_vector(logit_bias, self.vocab_size),
-            stops=stops, logprobs=request.logprobs, echo=bool(request.echo), seed=request.seed,
+            stops=stops,
+            logprobs=request.logprobs,
+            echo=bool(request.echo),
+            seed=request.seed,
             include_usage=bool((request.stream_options or {}).get("include_usage")),
         )
 
@@ -474,9 +521,9 @@ class Engine:
         top.setdefault(strings[chosen], _finite(float(logp_row[chosen])))
         return top
 
-    def _echo_parts(self, prompt: _Prompt, logp: np.ndarray | None, k: int
-                    ) -> tuple[list[str], list[float | None], list[dict[str, float] | None],
-                               list[int]]:
+    def _echo_parts(
+        self, prompt: _Prompt, logp: np.ndarray | None, k: int
+    ) -> tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]:
         """Logprob lists of the echoed prompt; ``logp`` is (P-1, V), row i predicting token i+1."""
         ids = prompt.echo_ids
         tokens = [self._token_strings[t] for t in ids]
@@ -495,23 +542,36 @@ class Engine:
             chars += len(decoder.decode(self._token_bytes[t]))
         if len(ids) > 1 and logp is None:
             raise RuntimeError("the echoed prompt's logprobs were asked for before the prefill")
-        return tokens, token_logprobs[:len(ids)], tops[:len(ids)], offsets
+        return tokens, token_logprobs[: len(ids)], tops[: len(ids)], offsets
 
-    def _generated_parts(self, row: _Row, first: int, end: int
-                         ) -> tuple[list[str], list[float | None], list[dict[str, float] | None],
-                                    list[int]]:
+    def _generated_parts(
+        self, row: _Row, first: int, end: int
+    ) -> tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]:
         tokens = [self._token_strings[t] for t in row.tokens[first:end]]
-        return (tokens, list(row.logprobs[first:end]), list(row.tops[first:end]),
-                [row.base_offset + s for s in row.starts[first:end]])
+        return (
+            tokens,
+            list(row.logprobs[first:end]),
+            list(row.tops[first:end]),
+            [row.base_offset + s for s in row.starts[first:end]],
+        )
 
     @staticmethod
-    def _logprobs_object(tokens: list[str], token_logprobs: list[float | None],
-                         tops: list[dict[str, float] | None], offsets: list[int]) -> dict[str, Any]:
-        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
-                "text_offset": offsets}
+    def _logprobs_object(
+        tokens: list[str],
+        token_logprobs: list[float | None],
+        tops: list[dict[str, float] | None],
+        offsets: list[int],
+    ) -> dict[str, Any]:
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
 
-    def _choice(self, plan: _Plan, prompt: _Prompt, prompt_lp: np.ndarray | None, row: _Row,
-                index: int) -> dict[str, Any]:
+    def _choice(
+        self, plan: _Plan, prompt: _Prompt, prompt_lp: np.ndarray | None, row: _Row, index: int
+    ) -> dict[str, Any]:
         text = row.final_text
         logprobs = None
         if plan.logprobs is not None:
@@ -519,13 +579,21 @@ class Engine:
             parts = self._generated_parts(row, 0, kept)
             if plan.echo:
                 echo = self._echo_parts(prompt, prompt_lp, plan.logprobs)
-                parts = (echo[0] + parts[0], echo[1] + parts[1], echo[2] + parts[2],
-                         echo[3] + parts[3])
+                parts = (
+                    echo[0] + parts[0],
+                    echo[1] + parts[1],
+                    echo[2] + parts[2],
+                    echo[3] + parts[3],
+                )
             logprobs = self._logprobs_object(*parts)
         if plan.echo:
             text = prompt.text + text
-        return {"text": text, "index": index, "logprobs": logprobs,
-                "finish_reason": row.finish_reason}
+        return {
+            "text": text,
+            "index": index,
+            "logprobs": logprobs,
+            "finish_reason": row.finish_reason,
+        }
 
 
 def _model_id_from(path: Path) -> str:
@@ -545,8 +613,11 @@ class _Generation:
         self.engine = engine
         self.plan = plan
         rows_per_prompt = plan.best_of
-        self.rows = [_Row(p, len(prompt.text), plan) for p, prompt in enumerate(plan.prompts)
-                     for _ in range(rows_per_prompt)]
+        self.rows = [
+            _Row(p, len(prompt.text), plan)
+            for p, prompt in enumerate(plan.prompts)
+            for _ in range(rows_per_prompt)
+        ]
         self.prompt_lp: list[np.ndarray | None] = [None] * len(plan.prompts)
         seed = plan.seed
         entropy = None if seed is None else seed % (1 << 128)  # PCG64 wants a non-negative seed
@@ -600,8 +671,9 @@ class _Generation:
         eot = engine.eot_token_id
         token_bytes = engine._token_bytes
         while True:
-            mu = _sampling.adjust_logits(next_logits, plan.bias, counts, plan.frequency_penalty,
-                                         plan.presence_penalty)
+            mu = _sampling.adjust_logits(
+                next_logits, plan.bias, counts, plan.frequency_penalty, plan.presence_penalty
+            )
             chosen = _sampling.sample(mu, plan.temperature, plan.top_p, self.rng)  # (A,)
             if need_logprobs:
                 logp = log_softmax(next_logits)  # (A, V) raw model logprobs

@@ -104,9 +104,12 @@ class Linear:
     def of(cls, w: np.ndarray, b: np.ndarray | None = None) -> Linear:
         n_in, n_out = w.shape
         blocks = tuple(
-            tuple(_frozen(np.ascontiguousarray(w[i:i + BLOCK, j:j + BLOCK]))
-                  for i in range(0, n_in, BLOCK))
-            for j in range(0, n_out, BLOCK))
+            tuple(
+                _frozen(np.ascontiguousarray(w[i : i + BLOCK, j : j + BLOCK]))
+                for i in range(0, n_in, BLOCK)
+            )
+            for j in range(0, n_out, BLOCK)
+        )
         return cls(_frozen(w), None if b is None else _frozen(b), blocks)
 
 
@@ -162,26 +165,40 @@ def load_weights(directory: str | Path) -> GPT2Weights:
 
     blocks = tuple(
         Block(
-            ln_1_g=get(f"h.{i}.ln_1.weight"), ln_1_b=get(f"h.{i}.ln_1.bias"),
-            attn=linear_at(f"h.{i}.attn.c_attn"), attn_proj=linear_at(f"h.{i}.attn.c_proj"),
-            ln_2_g=get(f"h.{i}.ln_2.weight"), ln_2_b=get(f"h.{i}.ln_2.bias"),
-            fc=linear_at(f"h.{i}.mlp.c_fc"), mlp_proj=linear_at(f"h.{i}.mlp.c_proj"),
+            ln_1_g=get(f"h.{i}.ln_1.weight"),
+            ln_1_b=get(f"h.{i}.ln_1.bias"),
+            attn=linear_at(f"h.{i}.attn.c_attn"),
+            attn_proj=linear_at(f"h.{i}.attn.c_proj"),
+            ln_2_g=get(f"h.{i}.ln_2.weight"),
+            ln_2_b=get(f"h.{i}.ln_2.bias"),
+            fc=linear_at(f"h.{i}.mlp.c_fc"),
+            mlp_proj=linear_at(f"h.{i}.mlp.c_proj"),
         )
         for i in range(config.n_layer)
     )
     wte = get("wte.weight")
     # The output layer is tied to the input embedding unless the file carries its own.
     lm_head_src = tensors.get("lm_head.weight")
-    lm_head = Linear.of(np.ascontiguousarray(
-        (wte if lm_head_src is None else lm_head_src.astype(F32)).T))
+    lm_head = Linear.of(
+        np.ascontiguousarray((wte if lm_head_src is None else lm_head_src.astype(F32)).T)
+    )
     if wte.shape != (config.vocab_size, config.n_embd):
-        raise ValueError(f"wte has shape {wte.shape}; config.json says "
-                         f"({config.vocab_size}, {config.n_embd})")
-    return GPT2Weights(config=config, wte=wte, wpe=get("wpe.weight"), blocks=blocks,
-                       ln_f_g=get("ln_f.weight"), ln_f_b=get("ln_f.bias"), lm_head=lm_head)
+        raise ValueError(
+            f"wte has shape {wte.shape}; config.json says ({config.vocab_size}, {config.n_embd})"
+        )
+    return GPT2Weights(
+        config=config,
+        wte=wte,
+        wpe=get("wpe.weight"),
+        blocks=blocks,
+        ln_f_g=get("ln_f.weight"),
+        ln_f_b=get("ln_f.bias"),
+        lm_head=lm_head,
+    )
 
 
 # -- pure functions --------------------------------------------------------------------------------
+
 
 def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     """(..., D) -> (..., D): normalise over the last axis, then scale and shift."""
@@ -195,8 +212,11 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.nd
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GPT-2's GELU ("gelu_new"): the tanh approximation, elementwise."""
-    return F32(0.5) * x * (F32(1.0) + np.tanh(F32(math.sqrt(2.0 / math.pi))
-                                             * (x + F32(0.044715) * x * x * x)))
+    return (
+        F32(0.5)
+        * x
+        * (F32(1.0) + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (x + F32(0.044715) * x * x * x)))
+    )
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -205,8 +225,9 @@ def _erf(x: np.ndarray) -> np.ndarray:
     sign = np.sign(x)
     a = np.abs(x).astype(np.float64)
     t = 1.0 / (1.0 + 0.3275911 * a)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                          + t * 1.061405429))))
+    poly = t * (
+        0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
+    )
     return (sign * (1.0 - poly * np.exp(-a * a))).astype(x.dtype)
 
 
@@ -254,6 +275,7 @@ def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 # -- the key/value cache ---------------------------------------------------------------------------
 
+
 class KVCache:
     """Keys and values of every position seen so far, per layer, per batch row.
 
@@ -271,9 +293,11 @@ class KVCache:
     def empty(cls, config: GPT2Config, batch: int, capacity: int) -> KVCache:
         head = config.n_embd // config.n_head
         shape = (batch, config.n_head, capacity, head)
-        return cls([np.zeros(shape, F32) for _ in range(config.n_layer)],
-                   [np.zeros(shape, F32) for _ in range(config.n_layer)],
-                   np.zeros(batch, np.int64))
+        return cls(
+            [np.zeros(shape, F32) for _ in range(config.n_layer)],
+            [np.zeros(shape, F32) for _ in range(config.n_layer)],
+            np.zeros(batch, np.int64),
+        )
 
     @property
     def batch(self) -> int:
@@ -300,9 +324,11 @@ class KVCache:
         for cache, repeats in sources:
             n = int(cache.lengths[0])
             for layer in range(n_layer):
-                k[layer][row:row + repeats, :, :n] = cache.k[layer][0, :, :n]  # broadcast over rows
-                v[layer][row:row + repeats, :, :n] = cache.v[layer][0, :, :n]
-            lengths[row:row + repeats] = n
+                k[layer][row : row + repeats, :, :n] = cache.k[layer][
+                    0, :, :n
+                ]  # broadcast over rows
+                v[layer][row : row + repeats, :, :n] = cache.v[layer][0, :, :n]
+            lengths[row : row + repeats] = n
             row += repeats
         return cls(k, v, lengths)
 
@@ -312,6 +338,7 @@ class KVCache:
 
 
 # -- the forward pass ------------------------------------------------------------------------------
+
 
 def linear(x: np.ndarray, layer: Linear) -> np.ndarray:
     """(..., in) @ (in, out) + (out,) -> (..., out), as 2-D matmuls.
@@ -324,10 +351,10 @@ def linear(x: np.ndarray, layer: Linear) -> np.ndarray:
     if 1 < rows <= SMALL_BATCH:
         out = np.empty((rows, layer.w.shape[1]), F32)  # (M, out)
         for j, column in enumerate(layer.blocks):
-            part = out[:, j * BLOCK:(j + 1) * BLOCK]
+            part = out[:, j * BLOCK : (j + 1) * BLOCK]
             np.matmul(flat[:, :BLOCK], column[0], out=part)
             for i in range(1, len(column)):
-                part += flat[:, i * BLOCK:(i + 1) * BLOCK] @ column[i]
+                part += flat[:, i * BLOCK : (i + 1) * BLOCK] @ column[i]
     else:
         out = flat @ layer.w
     if layer.b is not None:
@@ -335,8 +362,14 @@ def linear(x: np.ndarray, layer: Linear) -> np.ndarray:
     return out.reshape(*x.shape[:-1], out.shape[1])
 
 
-def _attention(x: np.ndarray, block: Block, config: GPT2Config, layer: int, cache: KVCache,
-               positions: np.ndarray) -> np.ndarray:
+def _attention(
+    x: np.ndarray,
+    block: Block,
+    config: GPT2Config,
+    layer: int,
+    cache: KVCache,
+    positions: np.ndarray,
+) -> np.ndarray:
     """(B, T, D) -> (B, T, D): causal self-attention over the cache plus the T new positions."""
     batch, steps, dim = x.shape
     heads = config.n_head
@@ -349,8 +382,8 @@ def _attention(x: np.ndarray, block: Block, config: GPT2Config, layer: int, cach
     start = int(lengths[0])
     uniform = bool((lengths == start).all())
     if uniform:
-        cache.k[layer][:, :, start:start + steps] = k
-        cache.v[layer][:, :, start:start + steps] = v
+        cache.k[layer][:, :, start : start + steps] = k
+        cache.v[layer][:, :, start : start + steps] = v
     else:
         # Ragged rows take one step at a time, each at its own position.
         rows = np.arange(batch)
@@ -374,8 +407,9 @@ def _attention(x: np.ndarray, block: Block, config: GPT2Config, layer: int, cach
     return linear(out, block.attn_proj)  # (B, T, D)
 
 
-def forward(weights: GPT2Weights, ids: np.ndarray, cache: KVCache, *,
-            last_only: bool = False) -> np.ndarray:
+def forward(
+    weights: GPT2Weights, ids: np.ndarray, cache: KVCache, *, last_only: bool = False
+) -> np.ndarray:
     """(B, T) token ids -> (B, T, V) logits, appending the T positions to ``cache``.
 
     ``last_only`` computes the output layer for the last position only, (B, 1, V): a prefill whose
@@ -387,18 +421,23 @@ def forward(weights: GPT2Weights, ids: np.ndarray, cache: KVCache, *,
     config = weights.config
     act = ACTIVATIONS.get(config.activation_function)
     if act is None:
-        raise ValueError(f"activation_function {config.activation_function!r} is not supported; "
-                         f"supported: {sorted(ACTIVATIONS)}")
+        raise ValueError(
+            f"activation_function {config.activation_function!r} is not supported; "
+            f"supported: {sorted(ACTIVATIONS)}"
+        )
     steps = ids.shape[1]
     positions = cache.lengths[:, None] + np.arange(steps)[None, :]  # (B, T)
     if int(positions.max()) >= cache.capacity:
-        raise ValueError(f"the cache holds {cache.capacity} positions; position "
-                         f"{int(positions.max())} does not fit")
+        raise ValueError(
+            f"the cache holds {cache.capacity} positions; position "
+            f"{int(positions.max())} does not fit"
+        )
     eps = config.layer_norm_epsilon
     x = weights.wte[ids] + weights.wpe[positions]  # (B, T, D)
     for layer, block in enumerate(weights.blocks):
-        x = x + _attention(layer_norm(x, block.ln_1_g, block.ln_1_b, eps), block, config, layer,
-                           cache, positions)  # (B, T, D)
+        x = x + _attention(
+            layer_norm(x, block.ln_1_g, block.ln_1_b, eps), block, config, layer, cache, positions
+        )  # (B, T, D)
         h = layer_norm(x, block.ln_2_g, block.ln_2_b, eps)  # (B, T, D)
         h = act(linear(h, block.fc))  # (B, T, 4D)
         x = x + linear(h, block.mlp_proj)  # (B, T, D)

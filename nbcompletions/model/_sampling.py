@@ -31,8 +31,13 @@ def bias_vector(logit_bias: dict[int, float], vocab_size: int) -> np.ndarray | N
     return bias
 
 
-def adjust_logits(logits: np.ndarray, bias: np.ndarray | None, counts: np.ndarray | None,
-                  frequency_penalty: float, presence_penalty: float) -> np.ndarray:
+def adjust_logits(
+    logits: np.ndarray,
+    bias: np.ndarray | None,
+    counts: np.ndarray | None,
+    frequency_penalty: float,
+    presence_penalty: float,
+) -> np.ndarray:
     """(B, V) logits -> (B, V) float64 logits after logit_bias and the two penalties."""
     mu = logits.astype(np.float64)
     if bias is not None:
@@ -45,8 +50,9 @@ def adjust_logits(logits: np.ndarray, bias: np.ndarray | None, counts: np.ndarra
     return mu
 
 
-def sample(mu: np.ndarray, temperature: float, top_p: float,
-           rng: np.random.Generator) -> np.ndarray:
+def sample(
+    mu: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
+) -> np.ndarray:
     """(B, V) adjusted logits -> (B,) sampled token ids; one uniform draw per row when sampling."""
     if temperature == 0.0:
         return np.argmax(mu, axis=1)

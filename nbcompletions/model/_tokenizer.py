@@ -18,8 +18,11 @@ __all__ = ["ByteTokenizer", "bytes_to_unicode", "token_display"]
 @lru_cache(maxsize=1)
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from the 256 byte values to printable characters (ByteLevel BPE)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = list(printable)
     extra = 0
     for b in range(256):
@@ -35,8 +38,9 @@ def token_display(raw: bytes) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}"
-                                  for b in raw)
+        return "bytes:" + "".join(
+            chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw
+        )
 
 
 class ByteTokenizer:
@@ -51,8 +55,10 @@ class ByteTokenizer:
         vocab: dict[str, int] = tokenizer.get_vocab(with_added_tokens=True)
         size = max(vocab.values()) + 1 if vocab else 0
         decode_char = {c: b for b, c in bytes_to_unicode().items()}
-        special = {token_id: added.content
-                   for token_id, added in tokenizer.get_added_tokens_decoder().items()}
+        special = {
+            token_id: added.content
+            for token_id, added in tokenizer.get_added_tokens_decoder().items()
+        }
         table: list[bytes] = [b""] * size
         for piece, token_id in vocab.items():
             if token_id in special:
@@ -61,8 +67,9 @@ class ByteTokenizer:
                 table[token_id] = bytes(decode_char[ch] for ch in piece)
             else:
                 # Not a byte-level piece (a different pre-tokenizer): trust the library's decoder.
-                table[token_id] = tokenizer.decode([token_id],
-                                                   skip_special_tokens=False).encode("utf-8")
+                table[token_id] = tokenizer.decode([token_id], skip_special_tokens=False).encode(
+                    "utf-8"
+                )
         self.token_bytes: tuple[bytes, ...] = tuple(table)
         self.token_strings: tuple[str, ...] = tuple(token_display(raw) for raw in table)
 

@@ -58,9 +58,16 @@ class Engine(Protocol):
 class _Failure(Exception):
     """An error the client gets as an OpenAI error body with this status."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -70,8 +77,14 @@ class _Failure(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def _request_error(exc: RequestError) -> _Failure:
@@ -108,10 +121,12 @@ def render_json(obj: Any) -> bytes:
     try:
         text = json.dumps(obj, allow_nan=False, separators=(",", ":"), default=_numpy_default)
     except ValueError:
-        logger.warning("a response held non-finite numbers; sent them clamped (-inf -> %s)",
-                       _NEG_INF_LOGPROB)
-        text = json.dumps(_finite(obj), allow_nan=False, separators=(",", ":"),
-                          default=_numpy_default)
+        logger.warning(
+            "a response held non-finite numbers; sent them clamped (-inf -> %s)", _NEG_INF_LOGPROB
+        )
+        text = json.dumps(
+            _finite(obj), allow_nan=False, separators=(",", ":"), default=_numpy_default
+        )
     return text.encode("ascii")
 
 
@@ -145,24 +160,35 @@ class _EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, app: _CompletionsServer, first: Any, iterator: Iterator[dict[str, Any]],
-                 request_id: str) -> None:
+    def __init__(
+        self,
+        app: _CompletionsServer,
+        first: Any,
+        iterator: Iterator[dict[str, Any]],
+        request_id: str,
+    ) -> None:
         self._app = app
         self._first = first
         self._iterator = iterator
         self._request_id = request_id
         self.status_code = 200
         self.background = None
-        self.init_headers({"cache-control": "no-cache", "x-accel-buffering": "no",
-                           "x-request-id": request_id})
+        self.init_headers(
+            {"cache-control": "no-cache", "x-accel-buffering": "no", "x-request-id": request_id}
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
                 try:
-                    await send({"type": "http.response.start", "status": self.status_code,
-                                "headers": self.raw_headers})
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": self.status_code,
+                            "headers": self.raw_headers,
+                        }
+                    )
                     await self._pump(send)
                 except OSError:
                     pass  # the client went away mid-stream: nobody is left to tell
@@ -206,8 +232,9 @@ class _EventStream(Response):
         return b"data: " + render_json(failure.body()) + b"\n\n"
 
     async def _send_error(self, send: Send, failure: _Failure) -> None:
-        await send({"type": "http.response.body", "body": self._error_event(failure),
-                    "more_body": True})
+        await send(
+            {"type": "http.response.body", "body": self._error_event(failure), "more_body": True}
+        )
 
     def _close(self) -> None:
         close = getattr(self._iterator, "close", None)
@@ -220,8 +247,12 @@ class _EventStream(Response):
 
 
 def _server_error(request_id: str) -> _Failure:
-    return _Failure(500, f"The server had an error while processing your request (request id "
-                    f"{request_id}); the server log has the details.", type="server_error")
+    return _Failure(
+        500,
+        f"The server had an error while processing your request (request id "
+        f"{request_id}); the server log has the details.",
+        type="server_error",
+    )
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -231,8 +262,16 @@ Handler = Callable[[Request, str], Awaitable[Response]]
 class _CompletionsServer:
     """State and handlers behind one app. Holds the API key: its repr never shows it."""
 
-    def __init__(self, engine: Engine | None, *, api_key: str | None, max_tokens_cap: int | None,
-                 max_body_bytes: int, limits: Limits, max_concurrency: int) -> None:
+    def __init__(
+        self,
+        engine: Engine | None,
+        *,
+        api_key: str | None,
+        max_tokens_cap: int | None,
+        max_body_bytes: int,
+        limits: Limits,
+        max_concurrency: int,
+    ) -> None:
         self._engine = engine
         self._api_key = api_key.encode("utf-8") if api_key is not None else None
         self.max_tokens_cap = max_tokens_cap
@@ -247,8 +286,10 @@ class _CompletionsServer:
 
     def __repr__(self) -> str:
         key = "set" if self._api_key else "none"
-        return (f"<nbcompletions server: engine_loaded={self._engine is not None}, api_key={key}, "
-                f"max_tokens_cap={self.max_tokens_cap}>")
+        return (
+            f"<nbcompletions server: engine_loaded={self._engine is not None}, api_key={key}, "
+            f"max_tokens_cap={self.max_tokens_cap}>"
+        )
 
     # -- engine ----------------------------------------------------------------------------------
     @property
@@ -262,8 +303,11 @@ class _CompletionsServer:
 
                 started = time.perf_counter()
                 self._engine = load_engine()
-                logger.info("loaded model %s in %.2f s", self._engine.model_id,
-                            time.perf_counter() - started)
+                logger.info(
+                    "loaded model %s in %.2f s",
+                    self._engine.model_id,
+                    time.perf_counter() - started,
+                )
             return self._engine
 
     async def engine(self) -> Engine:
@@ -273,8 +317,11 @@ class _CompletionsServer:
             return await anyio.to_thread.run_sync(self._load)
         except Exception as exc:
             logger.exception("loading the model failed")
-            raise _Failure(500, f"The model could not be loaded ({type(exc).__name__}: {exc}).",
-                           type="server_error") from exc
+            raise _Failure(
+                500,
+                f"The model could not be loaded ({type(exc).__name__}: {exc}).",
+                type="server_error",
+            ) from exc
 
     def load_engine_now(self) -> Engine:
         """Load the engine in this thread (``serve`` does it before accepting connections)."""
@@ -294,17 +341,25 @@ class _CompletionsServer:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         challenge = {"www-authenticate": "Bearer"}
         if scheme.lower() != "bearer" or not token.strip():
-            raise _Failure(401, "You didn't provide an API key. Send it as a bearer token: "
-                           "'Authorization: Bearer YOUR_KEY'.", code="invalid_api_key",
-                           headers=challenge)
+            raise _Failure(
+                401,
+                "You didn't provide an API key. Send it as a bearer token: "
+                "'Authorization: Bearer YOUR_KEY'.",
+                code="invalid_api_key",
+                headers=challenge,
+            )
         if not hmac.compare_digest(token.strip().encode("utf-8"), self._api_key):
-            raise _Failure(401, "Incorrect API key provided.", code="invalid_api_key",
-                           headers=challenge)
+            raise _Failure(
+                401, "Incorrect API key provided.", code="invalid_api_key", headers=challenge
+            )
 
     def _too_large(self, size: int | None) -> _Failure:
         given = f"{size} bytes" if size is not None else "more"
-        return _Failure(413, f"The request body must be at most {self.max_body_bytes} bytes; got "
-                        f"{given}.", code="request_too_large")
+        return _Failure(
+            413,
+            f"The request body must be at most {self.max_body_bytes} bytes; got {given}.",
+            code="request_too_large",
+        )
 
     async def _read_json(self, request: Request) -> Any:
         declared = request.headers.get("content-length")
@@ -326,15 +381,21 @@ class _CompletionsServer:
         try:
             return json.loads(raw, parse_constant=_reject_constant)
         except (ValueError, RecursionError) as exc:
-            raise _Failure(400, f"We could not parse the JSON body of your request ({exc}). The "
-                           'API expects a JSON object such as {"model": "...", "prompt": "..."}.'
-                           ) from None
+            raise _Failure(
+                400,
+                f"We could not parse the JSON body of your request ({exc}). The "
+                'API expects a JSON object such as {"model": "...", "prompt": "..."}.',
+            ) from None
 
     def _check_model(self, engine: Engine, model: str | None) -> None:
         if model != engine.model_id:
-            raise _Failure(404, f"The model `{model}` does not exist; this server serves "
-                           f"`{engine.model_id}` (see GET /v1/models).", param="model",
-                           code="model_not_found")
+            raise _Failure(
+                404,
+                f"The model `{model}` does not exist; this server serves "
+                f"`{engine.model_id}` (see GET /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
 
     def _apply_cap(self, request: CompletionRequest) -> CompletionRequest:
         cap = self.max_tokens_cap
@@ -343,19 +404,27 @@ class _CompletionsServer:
         if request.max_tokens is None:
             return request if cap >= _DEFAULT_MAX_TOKENS else request.replace(max_tokens=cap)
         if request.max_tokens > cap:
-            raise _Failure(400, f"max_tokens must be an integer from 0 to {cap} on this server; "
-                           f"got {request.max_tokens}", param="max_tokens")
+            raise _Failure(
+                400,
+                f"max_tokens must be an integer from 0 to {cap} on this server; "
+                f"got {request.max_tokens}",
+                param="max_tokens",
+            )
         return request
 
     def _model_card(self, engine: Engine) -> dict[str, Any]:
         created = getattr(engine, "created", None)
-        return {"id": engine.model_id, "object": "model",
-                "created": int(created) if isinstance(created, int | float) else self._started,
-                "owned_by": _OWNED_BY}
+        return {
+            "id": engine.model_id,
+            "object": "model",
+            "created": int(created) if isinstance(created, int | float) else self._started,
+            "owned_by": _OWNED_BY,
+        }
 
     # -- endpoints -------------------------------------------------------------------------------
-    def endpoint(self, handler: Handler, *, auth: bool = True) -> Callable[[Request],
-                                                                              Awaitable[Response]]:
+    def endpoint(
+        self, handler: Handler, *, auth: bool = True
+    ) -> Callable[[Request], Awaitable[Response]]:
         """Wrap a handler: request id, bearer check, and every failure as an OpenAI error body."""
 
         async def run(request: Request) -> Response:
@@ -365,16 +434,21 @@ class _CompletionsServer:
                     self._authorize(request)
                 response = await handler(request, request_id)
             except _Failure as failure:
-                response = _JSON(failure.body(), status_code=failure.status,
-                                 headers=failure.headers)
+                response = _JSON(
+                    failure.body(), status_code=failure.status, headers=failure.headers
+                )
             except RequestError as exc:
                 response = _JSON(_request_error(exc).body(), status_code=400)
             except ClientDisconnect:
                 return Response(status_code=499)  # nobody is listening; uvicorn drops it
             except Exception:
                 # Logged with the method and path only: headers (the key) and bodies stay out.
-                logger.exception("unexpected error in %s %s (request %s)", request.method,
-                                 request.url.path, request_id)
+                logger.exception(
+                    "unexpected error in %s %s (request %s)",
+                    request.method,
+                    request.url.path,
+                    request_id,
+                )
                 response = _JSON(_server_error(request_id).body(), status_code=500)
             response.headers.setdefault("x-request-id", request_id)
             return response
@@ -384,12 +458,17 @@ class _CompletionsServer:
     async def completions(self, request: Request, request_id: str) -> Response:
         body = await self._read_json(request)
         if not isinstance(body, dict):
-            raise _Failure(400, "The request body must be a JSON object; got a JSON "
-                           f"{_json_kind(body)}.")
+            raise _Failure(
+                400, f"The request body must be a JSON object; got a JSON {_json_kind(body)}."
+            )
         unknown = [key for key in body if key not in FIELDS]
         if unknown:
-            raise _Failure(400, f"Unrecognized request argument supplied: {unknown[0]}. The fields "
-                           f"are: {', '.join(FIELDS)}.", param=unknown[0])
+            raise _Failure(
+                400,
+                f"Unrecognized request argument supplied: {unknown[0]}. The fields "
+                f"are: {', '.join(FIELDS)}.",
+                param=unknown[0],
+            )
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()
         self._check_model(engine, completion.model)
@@ -399,8 +478,9 @@ class _CompletionsServer:
         result = await self.run_engine(engine.complete, completion)
         return _JSON(result)
 
-    async def _stream(self, engine: Engine, completion: CompletionRequest,
-                      request_id: str) -> Response:
+    async def _stream(
+        self, engine: Engine, completion: CompletionRequest, request_id: str
+    ) -> Response:
         def start() -> tuple[Iterator[dict[str, Any]], Any]:
             iterator = iter(engine.stream(completion))
             # The engine validates before its first chunk: pulling it here turns a bad request
@@ -453,13 +533,20 @@ def _check_positive(name: str, value: Any, *, optional: bool) -> None:
     if optional and value is None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1{' or None' if optional else ''}; "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{name} must be an integer >= 1{' or None' if optional else ''}; got {value!r}"
+        )
 
 
-def create_app(engine: Engine | None = None, *, api_key: str | None = None,
-               max_tokens_cap: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               limits: Limits | None = None, max_concurrency: int = 4) -> Starlette:
+def create_app(
+    engine: Engine | None = None,
+    *,
+    api_key: str | None = None,
+    max_tokens_cap: int | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: Limits | None = None,
+    max_concurrency: int = 4,
+) -> Starlette:
     """The OpenAI-compatible Completions app (an ASGI app).
 
     Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``),
@@ -479,9 +566,14 @@ def create_app(engine: Engine | None = None, *, api_key: str | None = None,
     _check_positive("max_tokens_cap", max_tokens_cap, optional=True)
     _check_positive("max_body_bytes", max_body_bytes, optional=False)
     _check_positive("max_concurrency", max_concurrency, optional=False)
-    server = _CompletionsServer(engine, api_key=api_key, max_tokens_cap=max_tokens_cap,
-                                max_body_bytes=max_body_bytes, limits=limits or Limits(),
-                                max_concurrency=max_concurrency)
+    server = _CompletionsServer(
+        engine,
+        api_key=api_key,
+        max_tokens_cap=max_tokens_cap,
+        max_body_bytes=max_body_bytes,
+        limits=limits or Limits(),
+        max_concurrency=max_concurrency,
+    )
     routes = [
         Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
         Route("/v1/models", server.endpoint(server.models), methods=["GET"]),

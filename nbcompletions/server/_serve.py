@@ -49,11 +49,20 @@ def _configure_logging(level: str) -> None:
     package_logger.setLevel(logging.DEBUG if level == "trace" else level.upper())
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-          max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
-          max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, limits: Limits | None = None,
-          engine: Engine | None = None, max_concurrency: int = 4, log_level: str = "info",
-          preload: bool = True, **uvicorn_options: Any) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    *,
+    max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    limits: Limits | None = None,
+    engine: Engine | None = None,
+    max_concurrency: int = 4,
+    log_level: str = "info",
+    preload: bool = True,
+    **uvicorn_options: Any,
+) -> None:
     """Serve the Completions API over HTTP until SIGINT/SIGTERM (uvicorn's clean shutdown).
 
     Binds loopback unless told otherwise. ``api_key`` (or the ``NBCOMPLETIONS_API_KEY`` environment
@@ -71,19 +80,33 @@ def serve(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     _configure_logging(log_level)
-    app = create_app(engine, api_key=api_key, max_tokens_cap=max_tokens_cap,
-                     max_body_bytes=max_body_bytes, limits=limits, max_concurrency=max_concurrency)
+    app = create_app(
+        engine,
+        api_key=api_key,
+        max_tokens_cap=max_tokens_cap,
+        max_body_bytes=max_body_bytes,
+        limits=limits,
+        max_concurrency=max_concurrency,
+    )
     if not is_loopback(host) and api_key is None:
-        logger.warning("serving on %s without an API key: anyone who can reach this address can "
-                       "use the server. Pass --api-key or set %s.", host, API_KEY_ENV)
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach this address can "
+            "use the server. Pass --api-key or set %s.",
+            host,
+            API_KEY_ENV,
+        )
     if preload:
         app.state.nbcompletions.load_engine_now()  # logs the load time
     # The URL, never the key: logs get pasted into issues and notebooks.
-    logger.info("nbcompletions serving the OpenAI Completions API at %s (%s)%s", _url(host, port),
-                "bearer key required" if api_key else "no key required",
-                "; port 0: uvicorn's line below has the port chosen" if port == 0 else "")
+    logger.info(
+        "nbcompletions serving the OpenAI Completions API at %s (%s)%s",
+        _url(host, port),
+        "bearer key required" if api_key else "no key required",
+        "; port 0: uvicorn's line below has the port chosen" if port == 0 else "",
+    )
     options: dict[str, Any] = {"timeout_graceful_shutdown": 5, "server_header": False}
     options.update(uvicorn_options)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                            **options)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, lifespan="off", **options
+    )
     uvicorn.Server(config).run()

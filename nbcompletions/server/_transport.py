@@ -23,8 +23,9 @@ _DISCONNECT_GRACE_S = 5.0
 
 
 class _BodyStream(httpx.AsyncByteStream):
-    def __init__(self, queue: asyncio.Queue[Any], task: asyncio.Task[None],
-                 disconnected: asyncio.Event) -> None:
+    def __init__(
+        self, queue: asyncio.Queue[Any], task: asyncio.Task[None], disconnected: asyncio.Event
+    ) -> None:
         self._queue = queue
         self._task = task
         self._disconnected = disconnected
@@ -38,7 +39,8 @@ class _BodyStream(httpx.AsyncByteStream):
                 # What a client sees when a real server dies mid-response: a protocol error,
                 # which the client's retry and stream logic already know how to treat.
                 raise httpx.RemoteProtocolError(
-                    f"the in-process server failed mid-response: {item!r}") from item
+                    f"the in-process server failed mid-response: {item!r}"
+                ) from item
             yield item
 
     async def aclose(self) -> None:
@@ -60,8 +62,9 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
     the body iteration.
     """
 
-    def __init__(self, app: ASGIApp, *, root_path: str = "",
-                 client: tuple[str, int] = ("127.0.0.1", 123)) -> None:
+    def __init__(
+        self, app: ASGIApp, *, root_path: str = "", client: tuple[str, int] = ("127.0.0.1", 123)
+    ) -> None:
         self.app = app
         self.root_path = root_path
         self.client = client
@@ -135,5 +138,4 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             raise
-        return httpx.Response(status, headers=headers,
-                              stream=_BodyStream(body, task, disconnected))
+        return httpx.Response(status, headers=headers, stream=_BodyStream(body, task, disconnected))
