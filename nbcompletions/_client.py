@@ -26,6 +26,7 @@ from ._completion import Completion
 from ._errors import APIError, NBCompletionsError, RequestError
 from ._loop import run_sync
 from ._request import FIELDS, CompletionRequest, Limits
+from ._secrets import Secret, redact_error, redact_url
 from ._streaming import DONE, AsyncStream, SSEDecoder, Stream, decode_event
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -45,26 +46,6 @@ _USER_AGENT = "nbcompletions/0.1.0"
 _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
 
 
-class _Secret:
-    """Holds a credential so that repr, vars() and pickling do not show it."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: Any) -> None:
-        self._value = value
-
-    def get(self) -> Any:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "'***'"
-
-    __str__ = __repr__
-
-    def __reduce__(self) -> Any:
-        raise TypeError("nbcompletions does not pickle API keys or auth headers")
-
-
 class _Endpoint:
     """One base URL. Credentials in it (``http://user:pw@host/v1``) are kept apart, as a Basic
     auth header: httpx logs each request's URL, and the URL must not carry them."""
@@ -73,10 +54,10 @@ class _Endpoint:
 
     def __init__(self, url: str) -> None:
         parsed = httpx.URL(url)
-        self.auth: _Secret | None = None
+        self.auth: Secret | None = None
         if parsed.userinfo:
             pair = f"{parsed.username}:{parsed.password}".encode()
-            self.auth = _Secret("Basic " + base64.b64encode(pair).decode("ascii"))
+            self.auth = Secret("Basic " + base64.b64encode(pair).decode("ascii"))
             url = str(parsed.copy_with(username=None, password=None)).rstrip("/")
         self.url = url
         self.in_flight = 0
@@ -128,10 +109,6 @@ class _NoLimit:
 
 
 _NO_LIMIT = _NoLimit()
-
-
-def _redact_url(url: str) -> str:
-    return re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def _normalise_url(url: Any) -> str:
@@ -288,8 +265,8 @@ class AsyncClient:
         request_headers.update(headers or {})
         if api_key:
             request_headers["Authorization"] = f"Bearer {api_key}"
-        self._headers = _Secret(request_headers)
-        self._key = _Secret(api_key)
+        self._headers = Secret(request_headers)
+        self._key = Secret(api_key)
         self.model = model
         self.limits = limits if limits is not None else Limits()
         self.max_retries = max_retries
@@ -327,7 +304,7 @@ class AsyncClient:
         return self._vocab_size
 
     def __repr__(self) -> str:
-        urls = [_redact_url(u) for u in self.endpoints]
+        urls = [redact_url(u) for u in self.endpoints]
         where = f"endpoint={urls[0]!r}" if len(urls) == 1 else f"endpoints={urls!r}"
         return f"{type(self).__name__}({where}, model={self.model!r})"
 
@@ -484,12 +461,7 @@ class AsyncClient:
 
     def _scrub(self, error: APIError) -> APIError:
         # Servers sometimes echo the key they rejected ("Incorrect API key provided: sk-...").
-        key = self._key.get()
-        if key and (key in error.message or key in str(error.body)):
-            error.message = error.message.replace(key, "***")
-            error.args = (error.message,)
-            error.body = json.loads(json.dumps(error.body).replace(key, "***"))
-        return error
+        return redact_error(error, [self._key.get()])
 
     async def _with_model(self, request: CompletionRequest) -> CompletionRequest:
         if request.model is not None:
@@ -512,7 +484,7 @@ class AsyncClient:
     def _transport_error(
         self, exc: Exception, endpoint: _Endpoint, *, broken: bool = False
     ) -> APIError:
-        where = _redact_url(endpoint.url)
+        where = redact_url(endpoint.url)
         if broken:
             message = (
                 f"the stream from {where} broke after data arrived (not retried): "

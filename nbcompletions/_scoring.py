@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError, RequestError
 from ._request import CompletionRequest, Limits
+from ._secrets import redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -357,12 +358,11 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
         known = cached_capabilities(aclient)
         if known is not None:
             return known
-    from ._client import _redact_url
 
     endpoint = getattr(aclient, "endpoint", None)
     # Kept with results and written to files: credentials in the URL must not travel with it.
     result: dict[str, Any] = {
-        "endpoint": _redact_url(endpoint) if isinstance(endpoint, str) else endpoint,
+        "endpoint": redact_url(endpoint) if isinstance(endpoint, str) else endpoint,
         "model": getattr(aclient, "model", None),
     }
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from ._cache import Cache, CachedResponse, cache_keys
 from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
 from ._request import FIELDS, CompletionRequest
+from ._secrets import redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -168,12 +169,6 @@ def _column_name(field_name: str) -> str:
     return f"request_{field_name}" if field_name in taken else field_name
 
 
-def _redact_url(url: str) -> str:
-    from ._client import _redact_url as redact
-
-    return redact(url)
-
-
 def _weights_tag(model: str | None) -> str:
     """A fingerprint of the embedded model's weights for the cache key, "" for any other model.
 
@@ -252,7 +247,7 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
     model = getattr(client, "model", None)
     # Credentials in the URL (user:key@host) decide nothing about a response, and the endpoint is
     # written into the cache file (the capabilities note), so they are left out.
-    endpoint = _redact_url(str(getattr(client, "endpoint", "") or ""))
+    endpoint = redact_url(str(getattr(client, "endpoint", "") or ""))
     column_of = {name: _column_name(name) for name in fields}
     columns = ["prompt", *column_of.values()]
     if "model" not in columns:

@@ -348,9 +348,9 @@ def _default_client(client: Client | None) -> Client:
 
 def _endpoint(client: Client) -> str:
     """The client's endpoint for a repr, without credentials written into the URL."""
-    from ._client import _redact_url
+    from ._secrets import redact_url
 
-    return _redact_url(str(getattr(client, "endpoint", "?")))
+    return redact_url(str(getattr(client, "endpoint", "?")))
 
 
 def _models(client: Client) -> tuple[list[str], BaseException | None]:
