@@ -6,6 +6,7 @@ import html
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._parse import choice_index
 from ._request import CompletionRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -14,11 +15,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Completion"]
 
 _REPR_TEXT = 60
-
-
-def _choice_index(choice: Mapping[str, Any]) -> int:
-    index = choice.get("index")
-    return index if isinstance(index, int) else 0
 
 
 class Completion:
@@ -78,7 +74,7 @@ class Completion:
     def _sorted_choices(self) -> list[Mapping[str, Any]]:
         choices = self.raw.get("choices") or []
         valid = [c for c in choices if isinstance(c, Mapping)]
-        return sorted(valid, key=_choice_index)
+        return sorted(valid, key=choice_index)
 
     def _first_choice(self) -> Mapping[str, Any] | None:
         choices = self._sorted_choices()

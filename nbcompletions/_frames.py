@@ -75,6 +75,7 @@ from typing import Any, TypeGuard
 import numpy as np
 import pandas as pd
 
+from ._parse import choice_text
 from ._request import CompletionRequest
 
 __all__ = [
@@ -311,23 +312,13 @@ def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
     return [_merge_choice(index, groups[index]) for index in sorted(groups)]
 
 
-def _choice_text(choice: Mapping[str, Any]) -> Any:
-    text = choice.get("text")
-    if text is None:
-        for key in ("delta", "message"):  # chat-shaped chunks and messages
-            inner = choice.get(key)
-            if isinstance(inner, Mapping) and inner.get("content") is not None:
-                return inner.get("content")
-    return text
-
-
 def _merge_choice(index: int, pieces: list[tuple[int, Mapping[str, Any]]]) -> _Choice:
     result = _Choice(index=index)
     texts: list[str] = []
     offsets: list[Any] = []
     offsets_seen = False
     for position, choice in pieces:
-        text = _choice_text(choice)
+        text = choice_text(choice)
         if text is not None:
             texts.append(str(text))
         if choice.get("finish_reason") is not None:

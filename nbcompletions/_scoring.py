@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError, RequestError
+from ._parse import choice_index
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
 
@@ -68,12 +69,7 @@ def _first_choice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
     choices = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
     if not choices:
         return {}
-    return min(choices, key=_choice_index)
-
-
-def _choice_index(choice: Mapping[str, Any]) -> int:
-    index = choice.get("index")
-    return index if isinstance(index, int) else 0
+    return min(choices, key=choice_index)
 
 
 def _token_rows(

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterat
 from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError
+from ._parse import choice_index, choice_text
 from ._retry import error_from_body
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -174,27 +175,12 @@ class StreamChunk:
     logprobs: Any = dataclasses.field(default=None, repr=False)
 
 
-def _choice_text(choice: Mapping[str, Any]) -> str:
-    text = choice.get("text")
-    if text is None:
-        # The chat-style chunk shape (the seed document's sample, some proxies): delta.content.
-        delta = choice.get("delta")
-        if isinstance(delta, Mapping):
-            text = delta.get("content")
-    return text if isinstance(text, str) else ""
-
-
-def _choice_index(choice: Mapping[str, Any]) -> int:
-    index = choice.get("index")
-    return index if isinstance(index, int) and not isinstance(index, bool) else 0
-
-
 def chunk_pieces(chunk: Mapping[str, Any]) -> list[StreamChunk]:
     """The `StreamChunk` of every choice in one chunk object (none for the usage-only chunk)."""
     choices = chunk.get("choices") or []
     return [
         StreamChunk(
-            _choice_index(c), _choice_text(c), chunk, c.get("finish_reason"), c.get("logprobs")
+            choice_index(c), choice_text(c) or "", chunk, c.get("finish_reason"), c.get("logprobs")
         )
         for c in choices
         if isinstance(c, Mapping)

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._cache import Cache, CachedResponse, cache_keys
 from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
+from ._parse import choice_index
 from ._request import FIELDS, CompletionRequest
 from ._secrets import redact_url
 
@@ -621,9 +622,9 @@ def _merged_frames(
     for point, response in members:
         choices = [c for c in response.get("choices") or [] if isinstance(c, Mapping)]
         for position, choice in sorted(
-            enumerate(choices), key=lambda item: _choice_index(item[1], item[0])
+            enumerate(choices), key=lambda item: choice_index(item[1], item[0])
         ):
-            original.append(_choice_index(choice, position))
+            original.append(choice_index(choice, position))
             merged.append({**choice, "index": len(merged)})
             owner.append(point.request_id)
             width.append(point.request.effective_n)
@@ -644,11 +645,6 @@ def _merged_frames(
             fixed["choice"] = pd.array(originals[where] % widths[where], dtype="Int64")
         out.append((fixed, owners[where]))
     return out
-
-
-def _choice_index(choice: Mapping[str, Any], position: int = 0) -> int:
-    index = choice.get("index")
-    return index if isinstance(index, int) and not isinstance(index, bool) else position
 
 
 def _build_frames(
