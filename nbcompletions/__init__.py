@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
 from ._request import CompletionRequest, Limits
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 # name -> module that defines it; resolved lazily by __getattr__ below.
 _LAZY: dict[str, str] = {

@@ -28,6 +28,7 @@ from ._loop import run_sync
 from ._request import FIELDS, CompletionRequest, Limits
 from ._secrets import Secret, redact_error, redact_url
 from ._streaming import DONE, AsyncStream, SSEDecoder, Stream, decode_event
+from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -42,7 +43,7 @@ EMBEDDED_MODEL = "nbc-shakespeare"
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
-_USER_AGENT = "nbcompletions/0.1.0"
+_USER_AGENT = f"nbcompletions/{__version__}"
 _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
 
 

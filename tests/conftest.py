@@ -21,6 +21,34 @@ for _var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJE
     os.environ.pop(_var, None)
 
 
+# The everyday run leaves out the tests marked slow (notebooks, the browser, real kernels, the type
+# checker...): `python -m pytest` stays quick. CI and a full check run them all: `.ci/run` sets
+# NBC_FULL_TESTS=1, or pass --full.
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--full", action="store_true", help="also run the tests marked slow (as CI does)"
+    )
+
+
+def _full_run(config: pytest.Config) -> bool:
+    return bool(config.getoption("--full")) or os.environ.get("NBC_FULL_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _full_run(config):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --full or NBC_FULL_TESTS=1 (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    if _full_run(config):
+        return "nbcompletions: full run (slow tests included)"
+    return "nbcompletions: quick run; slow tests skipped (--full or NBC_FULL_TESTS=1 runs them)"
+
+
 def needs_weights() -> None:
     if not WEIGHTS.exists():
         pytest.skip("the embedded model's weights are not built yet")

@@ -94,6 +94,11 @@ def test_same_seed_same_completion(client: Client) -> None:
     first = client.complete("ROMEO:", max_tokens=8, seed=11, temperature=1.0)
     second = client.complete("ROMEO:", max_tokens=8, seed=11, temperature=1.0)
     assert first.text == second.text
+    # An engine that ignored the seed (or always said the same) would pass the lines above.
+    others = {
+        client.complete("ROMEO:", max_tokens=8, seed=s, temperature=1.0).text for s in (12, 13)
+    }
+    assert others - {first.text}, "different seeds gave the same text"
 
 
 def test_stream_pieces_add_up_to_the_merged_completion(client: Client) -> None:

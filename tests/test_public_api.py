@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import nbcompletions
 
@@ -92,3 +93,17 @@ def test_importing_the_client_loads_nothing_heavy() -> None:
         "Client('http://127.0.0.1:9/v1', model='m')"
     )
     assert _loaded_after(statement) == []
+
+
+def test_version_is_written_once() -> None:
+    """pyproject.toml reads the version from nbcompletions/_version.py; the User-Agent uses it."""
+    import importlib.metadata
+
+    import nbcompletions
+    from nbcompletions import _client
+
+    assert importlib.metadata.version("nbcompletions") == nbcompletions.__version__
+    assert f"nbcompletions/{nbcompletions.__version__}" == _client._USER_AGENT
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject
+    assert nbcompletions.__version__ not in pyproject

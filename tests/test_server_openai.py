@@ -163,7 +163,10 @@ def test_same_seed_same_text(sdk: openai.OpenAI) -> None:
         )
         return [choice.text for choice in result.choices]
 
-    assert sample(1234) == sample(1234)
+    first = sample(1234)
+    assert sample(1234) == first
+    # A server that ignored the seed (or always said the same) would pass the line above.
+    assert any(sample(seed) != first for seed in (1235, 1236))
 
 
 # -- errors ---------------------------------------------------------------------------------------
