@@ -1054,7 +1054,7 @@ class SweepBuilder(widgets.VBox):
             kwargs["color"] = rest[0]
         if len(rest) > 1:
             kwargs["facet_col"] = rest[1]
-        self.plot.outputs = (_figure_output(plots.sweep(choices, **kwargs)),)
+        self.plot.outputs = (_figure_output(plots.mean_ci(choices, **kwargs)),)
 
     def __repr__(self) -> str:
         axes = [box.value for box in self.axis_fields if box.value]
