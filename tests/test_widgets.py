@@ -505,8 +505,8 @@ def builder(embedded_client: Any) -> Any:
 def test_builder_counts_and_estimates_before_running(builder: Any, embedded_client: Any) -> None:
     from nbcompletions._sweep import estimate_tokens, expand_grid
 
-    plan = builder.plan
-    assert plan.n_requests == 2 * 2 * 2
+    settings = builder.settings
+    assert settings.n_requests == 2 * 2 * 2
     grid = expand_grid(
         embedded_client,
         ["ROMEO:", "JULIET:"],
@@ -516,13 +516,13 @@ def test_builder_counts_and_estimates_before_running(builder: Any, embedded_clie
         logprobs=1,
         model="nbc-shakespeare",
     )
-    assert (plan.token_estimate, plan.estimate_method) == estimate_tokens(
+    assert (settings.token_estimate, settings.estimate_method) == estimate_tokens(
         [p.request for p in grid.points], model="nbc-shakespeare"
     )
     assert "<b>8</b> requests" in builder.summary.value
     builder.axis_fields[1].value = "top_p"
     builder.axis_values[1].value = "0.5, 0.9, 1"
-    assert builder.plan.n_requests == 24
+    assert builder.settings.n_requests == 24
     assert "<b>24</b> requests" in builder.summary.value
 
 
