@@ -20,7 +20,8 @@ import pytest
 
 from nbcompletions import AsyncClient, Client, metrics
 from nbcompletions._cache import Cache
-from nbcompletions._sweep import asweep, load_sweep, sweep
+from nbcompletions._sweep import asweep, sweep
+from nbcompletions._sweep_result import load_sweep
 from nbcompletions.server import StreamingASGITransport, create_app
 
 MODEL = "nbc-shakespeare"

@@ -503,7 +503,7 @@ def builder(embedded_client: Any) -> Any:
 
 
 def test_builder_counts_and_estimates_before_running(builder: Any, embedded_client: Any) -> None:
-    from nbcompletions._sweep import estimate_tokens, expand_grid
+    from nbcompletions._grid import estimate_tokens, expand_grid
 
     settings = builder.settings
     assert settings.n_requests == 2 * 2 * 2

@@ -32,7 +32,7 @@ class SweepSettings:
     """What a SweepBuilder's controls describe: ``nbcompletions.sweep(client, **kwargs)``.
 
     ``n_requests`` and ``token_estimate`` come from the sweeps module's own grid and estimate
-    (`nbcompletions._sweep.expand_grid`, `estimate_tokens`), so they are what `sweep` will send.
+    (`nbcompletions._grid.expand_grid`, `estimate_tokens`), so they are what `sweep` will send.
     """
 
     kwargs: dict[str, Any]
@@ -170,7 +170,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
     @property
     def settings(self) -> SweepSettings:
         """The sweep the controls describe; raises `RequestError` naming a field that is wrong."""
-        from .._sweep import estimate_tokens, expand_grid
+        from .._grid import estimate_tokens, expand_grid
 
         prompts = [_unescape(line) for line in self.prompts.value.splitlines() if line.strip()]
         if not prompts:
