@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from helpers import mock_client
 
 from nbcompletions import CompletionRequest, Limits, RequestError
 from nbcompletions.widgets import (
@@ -203,8 +204,6 @@ def _refusing_client(seen: list[Any], status: int = 401) -> Any:
     """A Client whose every request is answered with an error (fault injection)."""
     import httpx
 
-    from nbcompletions import Client
-
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return httpx.Response(
@@ -221,12 +220,12 @@ def _refusing_client(seen: list[Any], status: int = 401) -> Any:
             },
         )
 
-    return Client(
-        "http://never-contacted.invalid/v1",
+    return mock_client(
+        answer,
+        base_url="http://never-contacted.invalid/v1",
         api_key=FAKE_KEY,
         model="nbc-shakespeare",
         max_retries=0,
-        transport=httpx.MockTransport(answer),
     )
 
 
