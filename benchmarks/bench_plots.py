@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         "entropy": lambda: plots.entropy(tokens),
         "alternatives (max_positions=100)": lambda: plots.alternatives(alternatives),
         "rank_histogram": lambda: plots.rank_histogram(tokens),
-        "sweep (60 rows)": lambda: plots.sweep(sweep_frame, x="temperature", y="mean_logprob"),
+        "mean_ci (60 rows)": lambda: plots.mean_ci(sweep_frame, x="temperature", y="mean_logprob"),
         "px.line baseline": lambda: px.line(
             tokens, x="position", y="prob", hover_data=["token", "logprob", "rank"], markers=True
         ),
@@ -183,7 +183,7 @@ def render(folder: Path, built: dict[str, Any], page: plots.HighlightedText) -> 
             "entropy",
             "alternatives (max_positions=100)",
             "rank_histogram",
-            "sweep (60 rows)",
+            "mean_ci (60 rows)",
         ):
             target = folder / (name.split(" ")[0] + ".png")
             start = time.perf_counter()

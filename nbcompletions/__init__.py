@@ -22,8 +22,8 @@ _LAZY: dict[str, str] = {
     "to_frames": "._frames",
     "sweep": "._sweep",
     "asweep": "._sweep",
-    "SweepResult": "._sweep",
-    "load_sweep": "._sweep",
+    "SweepResult": "._sweep_result",
+    "load_sweep": "._sweep_result",
     "Cache": "._cache",
 }
 _SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
@@ -58,7 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._completion import Completion
     from ._frames import to_frames
     from ._streaming import StreamChunk
-    from ._sweep import SweepResult, asweep, load_sweep, sweep
+    from ._sweep import asweep, sweep
+    from ._sweep_result import SweepResult, load_sweep
 
 
 def __getattr__(name: str) -> Any:

@@ -15,26 +15,20 @@ Every function checks the columns it needs first and raises a ValueError naming 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._columns import require_columns
+
 __all__ = ["calibration", "distinct_n", "per_choice", "repetition_rate", "summarize", "t_quantile"]
 
 #: n of the n-grams behind `repetition_rate` (seq-rep-4 of Welleck et al. 2019, "Neural Text
 #: Generation with Unlikelihood Training").
 REPETITION_N = 4
-
-
-def _require(df: Any, columns: Iterable[str], name: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{name} must be a pandas DataFrame; got {type(df).__name__}")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{name} is missing column(s) {missing}; it has {list(df.columns)}")
 
 
 def _as_list(value: str | Sequence[str] | None, name: str) -> list[str]:
@@ -91,8 +85,8 @@ def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.
     ``token_distinct_1``, ``token_distinct_2``, ``token_repetition_rate``. Words are comparable
     across models; model tokens are what the sampler actually repeated.
     """
-    _require(choices, ["text"], "choices")
-    out = choices.copy()
+    require_columns(choices, ["text"], function="per_choice", frame_name="choices")
+    out: pd.DataFrame = choices.copy()
     stats = []
     chars: list[float] = []
     words_count: list[float] = []
@@ -125,7 +119,7 @@ def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.
 
     if tokens is not None:
         keys = _key_columns(choices, tokens)
-        _require(tokens, [*keys, "token"], "tokens")
+        require_columns(tokens, [*keys, "token"], function="per_choice", frame_name="tokens")
         generated = tokens
         if "echo" in tokens.columns:
             generated = tokens[~tokens["echo"].fillna(False).astype(bool)]
@@ -227,6 +221,7 @@ def summarize(
     by: str | Sequence[str] | None = None,
     value: str | Sequence[str] = "mean_logprob",
     ci: float = 0.95,
+    error: str | None = None,
 ) -> pd.DataFrame:
     """Mean and confidence interval of ``value`` per group of ``by`` (one row per group and value).
 
@@ -235,8 +230,12 @@ def summarize(
     ``ci_low``, ``ci_high``. The interval is Student's t with n-1 degrees of freedom, the usual one
     for the mean of a few repeats; it is NaN where n < 2 because one sample says nothing about
     spread.
+    ``error`` names a column marking failed requests (a sweep's ``error``): rows where it is set
+    are left out. ``by`` columns holding lists or dicts (a ``stop`` setting, say) group by their
+    ``repr``. What was left out is recorded in the result's ``attrs``: ``n_failed`` (rows with
+    ``error`` set) and ``n_missing`` (per value column, rows without a finite value).
     Typical use on a sweep: ``summarize(per_choice(result.choices), by=["prompt_id", "temperature"],
-    value="distinct_2")``.
+    value="distinct_2", error="error")``.
     """
     by_cols = _as_list(by, "by")
     values = _as_list(value, "value")
@@ -244,13 +243,26 @@ def summarize(
         raise ValueError("value must name at least one column")
     if isinstance(ci, bool) or not isinstance(ci, int | float) or not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95); got {ci!r}")
-    _require(df, [*by_cols, *values], "df")
+    require_columns(df, [*by_cols, *values, error], function="summarize", frame_name="df")
+    n_failed = 0
+    if error is not None:
+        marks = df[error]
+        failed = marks.notna().to_numpy() & (marks.astype(str) != "").to_numpy()
+        n_failed = int(failed.sum())
+        df = df[~failed]
+    keys = df[by_cols].copy()
+    for column in by_cols:
+        if keys[column].dtype == object:
+            keys[column] = keys[column].map(_hashable)
     parts = []
+    n_missing: dict[str, int] = {}
     for name in values:
         numeric = pd.to_numeric(df[name], errors="coerce").astype(float)
-        frame = df[by_cols].copy() if by_cols else pd.DataFrame(index=df.index)
+        frame = keys.copy() if by_cols else pd.DataFrame(index=df.index)
         frame["_value"] = numeric
-        frame = frame[np.isfinite(frame["_value"])]
+        finite = np.isfinite(frame["_value"])
+        n_missing[name] = int((~finite).sum())
+        frame = frame[finite]
         if by_cols:
             grouped = frame.groupby(by_cols, sort=True, dropna=False, observed=True)["_value"]
             stats = grouped.agg(["count", "mean", "std"]).reset_index()
@@ -270,9 +282,18 @@ def summarize(
         stats["ci_high"] = stats["mean"] + crit * stats["sem"]
         stats["n"] = stats["n"].astype("int64")
         parts.append(stats)
-    out = pd.concat(parts, ignore_index=True)
+    out: pd.DataFrame = pd.concat(parts, ignore_index=True)
     out.attrs["ci"] = ci
+    out.attrs["n_failed"] = n_failed
+    out.attrs["n_missing"] = n_missing
     return out
+
+
+def _hashable(value: Any) -> Any:
+    """Request fields such as ``stop`` or ``logit_bias`` hold lists or dicts: group by repr."""
+    if isinstance(value, list | dict | tuple | set | np.ndarray):
+        return repr(value.tolist() if isinstance(value, np.ndarray) else value)
+    return value
 
 
 # -- calibration --------------------------------------------------------------------------
@@ -316,8 +337,13 @@ def calibration(
         raise ValueError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95); got {ci!r}")
     by_cols = _as_list(by, "by")
     keys = [*_key_columns(tokens, alternatives), "position"]
-    _require(alternatives, [*keys, "prob", "chosen", *by_cols], "alternatives")
-    _require(tokens, keys, "tokens")
+    require_columns(
+        alternatives,
+        [*keys, "prob", "chosen", *by_cols],
+        function="calibration",
+        frame_name="alternatives",
+    )
+    require_columns(tokens, keys, function="calibration", frame_name="tokens")
 
     alts = alternatives[[*keys, "prob", "chosen", *by_cols]].dropna(subset=["position", "prob"])
     asked = (
@@ -372,7 +398,7 @@ def calibration(
         "count",
         "n_chosen",
     ]
-    result = out[columns].reset_index(drop=True)
+    result: pd.DataFrame = out[columns].reset_index(drop=True)
     result.attrs["bins"] = bins
     return result
 
@@ -382,7 +408,8 @@ def _top_k(alts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
     ``alts["_k"]`` is the k the request asked for where known (NaN otherwise)."""
     if alts.empty:
-        return alts.drop(columns="_k")
+        empty: pd.DataFrame = alts.drop(columns="_k")
+        return empty
     # Rank by reported probability within the position; ties keep their frame order.
     rank = alts.groupby(keys, sort=False)["prob"].rank(method="first", ascending=False)
     per_position = alts.groupby(keys, sort=False)["prob"].transform("size")
@@ -391,4 +418,5 @@ def _top_k(alts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     k = np.fmin(
         alts["_k"].where(alts["_k"] >= 0).to_numpy(dtype=float), fewest.to_numpy(dtype=float)
     )
-    return alts[rank.to_numpy() <= k].drop(columns="_k")
+    top: pd.DataFrame = alts[rank.to_numpy() <= k].drop(columns="_k")
+    return top

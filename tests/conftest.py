@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "nbcompletions" / "model" / "files" / "model.safetensors"
@@ -72,17 +72,11 @@ def embedded_client():  # type: ignore[no-untyped-def]
     client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `nbcompletions serve` on loopback; yields its base URL (…/v1)."""
     needs_weights()
-    port = _free_port()
+    port = free_port()
     # The server's log goes to a file, not a pipe: an unread pipe fills up and stalls the server.
     log_path = tmp_path_factory.mktemp("live_server") / "serve.log"
     log = log_path.open("w")

@@ -6,7 +6,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import free_port
 
 import nbcompletions.server
 from nbcompletions._cli import main
@@ -215,12 +215,6 @@ def test_console_script_help() -> None:
     assert "serve" in result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 @pytest.mark.parametrize(
     ("stop", "status"),
@@ -236,7 +230,7 @@ def test_serve_process_logs_its_url_and_shuts_down_cleanly(
     tmp_path: Path, embedded_engine: Any, stop: int, status: set[int]
 ) -> None:
     # embedded_engine: skips, as it does, while the weights are missing (serve preloads them).
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     env = {**os.environ, "NBCOMPLETIONS_API_KEY": "sk-process-key-9"}
     with log.open("w") as out:

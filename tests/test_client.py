@@ -10,11 +10,11 @@ import json
 import logging
 import pickle
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
+from helpers import mock_client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,12 +44,6 @@ def completion_body(text: str = "ok", model: str = "m", n: int = 1) -> dict[str,
         ],
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
-
-
-def make_client(handler: Callable[[httpx.Request], Any], **kw: Any) -> Client:
-    kw.setdefault("model", "m")
-    base_url = kw.pop("base_url", "http://test/v1")
-    return Client(base_url, transport=httpx.MockTransport(handler), **kw)
 
 
 class Script:
@@ -82,7 +76,7 @@ def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
 # -- the main path ---------------------------------------------------------------------------------
 def test_complete_sends_the_validated_body_and_returns_a_completion() -> None:
     script = Script(httpx.Response(200, json=completion_body("hi", n=2)))
-    with make_client(script) as client:
+    with mock_client(script) as client:
         completion = client.complete(
             "Hello", max_tokens=3, n=2, temperature=0.5, extra={"top_k": 4}
         )
@@ -109,14 +103,14 @@ def test_complete_sends_the_validated_body_and_returns_a_completion() -> None:
 
 def test_model_given_per_call_overrides_the_client_model() -> None:
     script = Script(httpx.Response(200, json=completion_body()))
-    with make_client(script) as client:
+    with mock_client(script) as client:
         client.complete("x", model="other")
     assert json.loads(script.requests[0].content)["model"] == "other"
 
 
 def test_invalid_fields_fail_before_any_network_io() -> None:
     script = Script(httpx.Response(200, json=completion_body()))
-    with make_client(script) as client:
+    with mock_client(script) as client:
         with pytest.raises(
             RequestError, match=r"temperature must be a number from 0 to 2; got 3\.5"
         ):
@@ -133,7 +127,7 @@ def test_invalid_fields_fail_before_any_network_io() -> None:
 def test_text_that_is_not_unicode_fails_before_any_network_io() -> None:
     # A lone surrogate cannot be sent as UTF-8: a RequestError naming the field, sync and stream.
     script = Script(httpx.Response(200, json=completion_body()))
-    with make_client(script) as client:
+    with mock_client(script) as client:
         with pytest.raises(RequestError, match=r"prompt .*surrogate") as info:
             client.complete("To \ud800be")
         assert info.value.param == "prompt"
@@ -145,7 +139,7 @@ def test_text_that_is_not_unicode_fails_before_any_network_io() -> None:
 
 def test_limits_are_a_client_setting() -> None:
     script = Script(httpx.Response(200, json=completion_body()))
-    with make_client(script, limits=Limits.vllm()) as client:
+    with mock_client(script, limits=Limits.vllm()) as client:
         client.complete("x", logprobs=20)
     assert json.loads(script.requests[0].content)["logprobs"] == 20
 
@@ -160,7 +154,7 @@ def test_models_lists_ids() -> None:
             },
         )
     )
-    with make_client(script) as client:
+    with mock_client(script) as client:
         assert client.models() == ["a", "b"]
     assert script.requests[0].method == "GET"
     assert str(script.requests[0].url) == "http://test/v1/models"
@@ -195,7 +189,7 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_default_timeout_is_the_sdks() -> None:
-    timeout = make_client(Script()).async_client._timeout
+    timeout = mock_client(Script()).async_client._timeout
     assert (timeout.read, timeout.connect) == (600.0, 5.0)
 
 
@@ -244,7 +238,7 @@ def test_429_storm_honours_retry_after_then_gives_up(delays: list[float]) -> Non
         },
     )
     script = Script(too_many)
-    with make_client(script) as client, pytest.raises(APIError) as info:
+    with mock_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
     assert len(script.requests) == 3  # max_retries=2 -> three attempts, like the SDK
     assert delays == [2.0, 2.0]
@@ -256,7 +250,7 @@ def test_429_then_success(delays: list[float]) -> None:
         httpx.Response(429, headers={"retry-after-ms": "1500", "retry-after": "9"}),
         httpx.Response(200, json=completion_body("done")),
     )
-    with make_client(script) as client:
+    with mock_client(script) as client:
         assert client.complete("x").text == "done"
     assert delays == [1.5]  # retry-after-ms wins over retry-after
 
@@ -267,7 +261,7 @@ def test_500_then_success_uses_jittered_backoff(delays: list[float]) -> None:
         httpx.Response(503, text="oops"),
         httpx.Response(200, json=completion_body("fine")),
     )
-    with make_client(script) as client:
+    with mock_client(script) as client:
         assert client.complete("x").text == "fine"
     assert len(delays) == 2
     assert 0.375 <= delays[0] <= 0.5
@@ -294,14 +288,14 @@ def test_retry_after_as_an_http_date() -> None:
 
 def test_x_should_retry_overrides_the_status(delays: list[float]) -> None:
     script = Script(httpx.Response(500, headers={"x-should-retry": "false"}, text="no"))
-    with make_client(script) as client, pytest.raises(APIError):
+    with mock_client(script) as client, pytest.raises(APIError):
         client.complete("x")
     assert len(script.requests) == 1
     script = Script(
         httpx.Response(400, headers={"x-should-retry": "true"}, text="again"),
         httpx.Response(200, json=completion_body()),
     )
-    with make_client(script) as client:
+    with mock_client(script) as client:
         client.complete("x")
     assert len(script.requests) == 2
 
@@ -309,7 +303,7 @@ def test_x_should_retry_overrides_the_status(delays: list[float]) -> None:
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 def test_client_errors_are_not_retried(status: int, delays: list[float]) -> None:
     script = Script(httpx.Response(status, json={"error": {"message": "no"}}))
-    with make_client(script) as client, pytest.raises(APIError):
+    with mock_client(script) as client, pytest.raises(APIError):
         client.complete("x")
     assert len(script.requests) == 1
 
@@ -317,7 +311,7 @@ def test_client_errors_are_not_retried(status: int, delays: list[float]) -> None
 @pytest.mark.parametrize("status", [408, 409, 429, 500, 502, 503, 504])
 def test_retryable_statuses(status: int, delays: list[float]) -> None:
     script = Script(httpx.Response(status, text="x"), httpx.Response(200, json=completion_body()))
-    with make_client(script) as client:
+    with mock_client(script) as client:
         client.complete("x")
     assert len(script.requests) == 2
 
@@ -328,17 +322,17 @@ def test_connection_errors_and_timeouts_are_retried(delays: list[float]) -> None
         httpx.ReadTimeout("slow"),
         httpx.Response(200, json=completion_body()),
     )
-    with make_client(script) as client:
+    with mock_client(script) as client:
         client.complete("x")
     assert len(script.requests) == 3
     script = Script(httpx.ConnectError("refused"))
-    with make_client(script) as client, pytest.raises(APIError) as info:
+    with mock_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
     assert info.value.type == "connection_error"
     assert info.value.status is None
     assert "http://test/v1" in str(info.value)
     script = Script(httpx.ReadTimeout("slow"))
-    with make_client(script, max_retries=0) as client, pytest.raises(APIError) as info:
+    with mock_client(script, max_retries=0) as client, pytest.raises(APIError) as info:
         client.complete("x")
     assert info.value.type == "timeout"
     assert len(script.requests) == 1
@@ -346,7 +340,7 @@ def test_connection_errors_and_timeouts_are_retried(delays: list[float]) -> None
 
 def test_malformed_json_body_is_an_api_error_and_not_retried(delays: list[float]) -> None:
     script = Script(httpx.Response(200, text='{"choices": [{"te'))
-    with make_client(script) as client, pytest.raises(APIError, match="not JSON") as info:
+    with mock_client(script) as client, pytest.raises(APIError, match="not JSON") as info:
         client.complete("x")
     assert info.value.type == "invalid_response"
     assert len(script.requests) == 1
@@ -359,7 +353,7 @@ def test_html_502_page_becomes_a_readable_message(delays: list[float]) -> None:
         "</body></html>"
     )
     script = Script(httpx.Response(502, text=page, headers={"content-type": "text/html"}))
-    with make_client(script) as client, pytest.raises(APIError) as info:
+    with mock_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
     assert info.value.status == 502
     assert info.value.message == "502 Bad Gateway 502 Bad Gateway nginx/1.25"
@@ -420,7 +414,7 @@ ERROR_BODIES = {
 def test_error_bodies_are_normalised(shape: str) -> None:
     body, (message, type_, param, code) = ERROR_BODIES[shape]
     script = Script(httpx.Response(400, json=body, headers={"x-request-id": "req-9"}))
-    with make_client(script) as client, pytest.raises(APIError) as info:
+    with mock_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
     error = info.value
     assert (error.status, error.message, error.type, error.param, error.code) == (
@@ -436,7 +430,7 @@ def test_error_bodies_are_normalised(shape: str) -> None:
 
 def test_empty_error_body_uses_the_reason_phrase() -> None:
     script = Script(httpx.Response(404))
-    with make_client(script) as client, pytest.raises(APIError) as info:
+    with mock_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
     assert str(info.value) == "HTTP 404: Not Found"
 
@@ -504,14 +498,14 @@ def test_a_failing_replica_is_avoided_on_retry(delays: list[float]) -> None:
             raise httpx.ConnectError("down")
         return httpx.Response(200, json=completion_body())
 
-    with make_client(handler, base_url=["http://a/v1", "http://b/v1"]) as client:
+    with mock_client(handler, base_url=["http://a/v1", "http://b/v1"]) as client:
         client.complete("x")
     assert hosts == ["a", "b"]
 
 
 def test_sync_client_inside_a_running_loop() -> None:
     script = Script(httpx.Response(200, json=completion_body("from a cell")))
-    client = make_client(script)
+    client = mock_client(script)
 
     async def cell() -> str:
         return client.complete("x").text  # a plain call, no await, as in a notebook cell
@@ -544,7 +538,7 @@ def test_the_key_never_shows(caplog: pytest.LogCaptureFixture, delays: list[floa
         }
     }
     script = Script(httpx.Response(500, text="oops"), httpx.Response(401, json=echoed))
-    client = make_client(script, api_key=KEY, headers={"X-Trace": "1"})
+    client = mock_client(script, api_key=KEY, headers={"X-Trace": "1"})
     for text in (
         repr(client),
         str(client),
@@ -595,7 +589,7 @@ def test_credentials_in_a_url_are_sent_as_basic_auth_and_never_logged(
         httpx.Response(200, json=completion_body()), httpx.Response(200, text="data: [DONE]\n\n")
     )
     caplog.set_level(logging.DEBUG)
-    with make_client(script, base_url="http://user:pa55@host/v1") as client:
+    with mock_client(script, base_url="http://user:pa55@host/v1") as client:
         client.complete("x")
         list(client.stream("x"))
         assert "pa55" not in client.endpoint
@@ -656,7 +650,7 @@ def test_score_and_capabilities_delegate_to_scoring(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(scoring, "ascore", ascore)
     monkeypatch.setattr(scoring, "acapabilities", acapabilities)
-    client = make_client(Script())
+    client = mock_client(Script())
     assert client.score(["a"], context="c") == "scored"
     assert client.capabilities() == {"echo": True}
     assert seen == [(client.async_client, ["a"], "c"), client.async_client]
@@ -680,6 +674,6 @@ def test_retry_delay_is_bounded(retries: int, rand: float, asked: float | None) 
 
 def test_an_error_body_with_status_200_is_an_api_error() -> None:
     script = Script(httpx.Response(200, json={"error": {"message": "quota", "type": "billing"}}))
-    with make_client(script) as client, pytest.raises(APIError, match="quota") as info:
+    with mock_client(script) as client, pytest.raises(APIError, match="quota") as info:
         client.complete("x")
     assert (info.value.status, info.value.type) == (200, "billing")

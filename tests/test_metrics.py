@@ -62,7 +62,7 @@ def test_per_choice_over_model_tokens() -> None:
 
 
 def test_per_choice_names_missing_column() -> None:
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['text'\]"):
+    with pytest.raises(ValueError, match=r"per_choice\(\): column 'text' not in the choices frame"):
         metrics.per_choice(pd.DataFrame({"txt": ["x"]}))
 
 
@@ -119,10 +119,30 @@ def test_summarize_several_values_long_form_and_errors() -> None:
     assert out["mean"].tolist() == [1.5, 3.5, 0.0, 1.0]
     whole = metrics.summarize(df, value="x")
     assert whole.loc[0, "n"] == 4
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['temp'\]"):
+    with pytest.raises(ValueError, match=r"summarize\(\): column 'temp' not in the df frame"):
         metrics.summarize(df, by="temp", value="x")
     with pytest.raises(ValueError, match="ci must be"):
         metrics.summarize(df, by="g", value="x", ci=95)
+
+
+def test_summarize_leaves_out_failed_requests_and_groups_list_values() -> None:
+    # What plots.mean_ci draws: failed rows and rows without a value are left out and counted,
+    # and a request field holding lists (stop) still groups.
+    df = pd.DataFrame(
+        {
+            "stop": [["\\n"], ["\\n"], ["."], ["."], ["."]],
+            "score": [1.0, 3.0, 5.0, math.nan, 100.0],
+            "error": [None, None, None, None, "APIError (500): boom"],
+        }
+    )
+    out = metrics.summarize(df, by="stop", value="score", error="error")
+    assert out["stop"].tolist() == ["['.']", "['\\\\n']"]
+    assert out["n"].tolist() == [1, 2]
+    assert out["mean"].tolist() == [5.0, 2.0]
+    assert out.attrs["n_failed"] == 1
+    assert out.attrs["n_missing"] == {"score": 1}
+    with pytest.raises(ValueError, match=r"column 'failed' not in the df frame"):
+        metrics.summarize(df, by="stop", value="score", error="failed")
 
 
 def test_calibration_bins_and_sampled_token_outside_top_k() -> None:

@@ -149,7 +149,7 @@ def all_figures(tokens: pd.DataFrame, alternatives: pd.DataFrame) -> list[go.Fig
         plots.entropy(tokens),
         plots.alternatives(alternatives),
         plots.rank_histogram(tokens),
-        plots.sweep(make_sweep_choices(), x="temperature", y="mean_logprob", color="prompt_id"),
+        plots.mean_ci(make_sweep_choices(), x="temperature", y="mean_logprob", color="prompt_id"),
     ]
 
 
@@ -170,7 +170,7 @@ def test_inputs_are_not_mutated(frames) -> None:
     choices = make_sweep_choices()
     before = (copy.deepcopy(tokens), copy.deepcopy(alternatives), copy.deepcopy(choices))
     all_figures(tokens, alternatives)
-    plots.sweep(choices, x="stop", y="mean_logprob", facet_col="prompt_id", interval="band")
+    plots.mean_ci(choices, x="stop", y="mean_logprob", facet_col="prompt_id", interval="band")
     plots.highlight(tokens, alternatives=alternatives)
     pd.testing.assert_frame_equal(tokens, before[0])
     pd.testing.assert_frame_equal(alternatives, before[1])
@@ -192,9 +192,9 @@ def test_inputs_are_not_mutated(frames) -> None:
         (lambda t, a: plots.rank_histogram(t, color="temperature"), "temperature"),
         (lambda t, a: plots.highlight(t.drop(columns="token")), "token"),
         (lambda t, a: plots.highlight(t, alternatives=a.drop(columns="prob")), "prob"),
-        (lambda t, a: plots.sweep(make_sweep_choices(), x="top_p", y="mean_logprob"), "top_p"),
+        (lambda t, a: plots.mean_ci(make_sweep_choices(), x="top_p", y="mean_logprob"), "top_p"),
         (
-            lambda t, a: plots.sweep(
+            lambda t, a: plots.mean_ci(
                 make_sweep_choices(), x="temperature", y="mean_logprob", facet_col="model"
             ),
             "model",
@@ -209,7 +209,7 @@ def test_a_missing_column_is_named_with_the_columns_present(frames, call, missin
 
 
 def test_a_non_frame_is_a_type_error() -> None:
-    with pytest.raises(TypeError, match="takes the tokens DataFrame first, got dict"):
+    with pytest.raises(TypeError, match="takes the tokens DataFrame, got dict"):
         plots.token_probabilities({"prob": [0.5]})  # type: ignore[arg-type]
 
 
@@ -244,19 +244,19 @@ def test_unknown_index_lists_the_indices_present(frames) -> None:
         ),
         (lambda t, a: plots.rank_histogram(t, buckets=()), r"buckets must be .* got \(\)"),
         (
-            lambda t, a: plots.sweep(
+            lambda t, a: plots.mean_ci(
                 make_sweep_choices(), x="temperature", y="mean_logprob", ci=95
             ),
             r"ci must be a level in \(0, 1\) or None, got 95",
         ),
         (
-            lambda t, a: plots.sweep(
+            lambda t, a: plots.mean_ci(
                 make_sweep_choices(), x="temperature", y="mean_logprob", interval="ribbon"
             ),
             r"interval must be one of \['bars', 'band'\], got 'ribbon'",
         ),
         (
-            lambda t, a: plots.sweep(make_sweep_choices(), x="temperature", y="error"),
+            lambda t, a: plots.mean_ci(make_sweep_choices(), x="temperature", y="error"),
             r"column 'error' must be numeric",
         ),
     ],
@@ -270,9 +270,30 @@ def test_bad_options_name_the_parameter_range_and_value(frames, call, message) -
 def test_import_nbcompletions_does_not_import_plotly() -> None:
     code = (
         "import sys, nbcompletions; assert 'plotly' not in sys.modules, 'plotly imported';"
-        "nbcompletions.plots; assert 'plotly' in sys.modules"
+        "nbcompletions.plots.token_probabilities; assert 'plotly' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_highlight_runs_without_importing_plotly() -> None:
+    # highlight writes HTML and CSS: loading plotly for it would cost a second for nothing.
+    code = (
+        "import sys, pandas as pd; from nbcompletions import plots;"
+        "tokens = pd.DataFrame({'index': [0, 0], 'position': [0, 1], 'token': ['a', 'b'],"
+        " 'prob': [0.5, 0.9]});"
+        "assert 'nbc-highlight' in plots.highlight(tokens).html;"
+        "assert plots.PROB_COLORSCALE[0][0] == 0.0;"
+        "assert 'plotly' not in sys.modules, sorted(m for m in sys.modules if 'plotly' in m)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_public_name_resolves() -> None:
+    assert sorted(dir(plots)) == sorted(set(dir(plots)) | set(plots.__all__))
+    for name in plots.__all__:
+        assert getattr(plots, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'sweep'"):
+        plots.sweep  # noqa: B018 - renamed to mean_ci, without an alias
 
 
 # -------------------------------------------------------------------------------------------
@@ -457,14 +478,14 @@ def test_rank_histogram_buckets_are_a_parameter_and_color_splits_choices(frames)
 
 
 # -------------------------------------------------------------------------------------------
-# sweep
+# mean_ci
 
 T_975 = {2: 4.302652729749464}  # Student t quantile at 0.975 with 2 degrees of freedom
 
 
-def test_sweep_plots_mean_and_t_interval_over_repeats() -> None:
+def test_mean_ci_plots_mean_and_t_interval_over_repeats() -> None:
     choices = make_sweep_choices()
-    fig = plots.sweep(choices, x="temperature", y="mean_logprob", color="prompt_id")
+    fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt_id")
     assert [trace.name for trace in fig.data] == ["prompt_id=0", "prompt_id=1"]
     ok = choices[choices["error"].isna() & (choices["prompt_id"] == 1)]
     grouped = ok.groupby("temperature")["mean_logprob"]
@@ -478,9 +499,9 @@ def test_sweep_plots_mean_and_t_interval_over_repeats() -> None:
     assert "95% CI" in fig.layout.title.text
 
 
-def test_sweep_band_facets_and_no_interval() -> None:
+def test_mean_ci_band_facets_and_no_interval() -> None:
     choices = make_sweep_choices()
-    fig = plots.sweep(
+    fig = plots.mean_ci(
         choices, x="temperature", y="mean_logprob", facet_col="prompt_id", interval="band"
     )
     bands = [trace for trace in fig.data if trace.fill == "toself"]
@@ -489,21 +510,21 @@ def test_sweep_band_facets_and_no_interval() -> None:
     assert [trace.xaxis for trace in means] == ["x", "x2"]
     assert [a.text for a in fig.layout.annotations] == ["prompt_id=0", "prompt_id=1"]
     assert means[0].error_y.array is None
-    none = plots.sweep(choices, x="temperature", y="mean_logprob", ci=None)
+    none = plots.mean_ci(choices, x="temperature", y="mean_logprob", ci=None)
     assert none.data[0].error_y.array is None
     assert "CI" not in none.layout.title.text
 
 
-def test_sweep_with_a_categorical_list_valued_parameter() -> None:
-    fig = plots.sweep(make_sweep_choices(), x="stop", y="mean_logprob")
+def test_mean_ci_with_a_categorical_list_valued_parameter() -> None:
+    fig = plots.mean_ci(make_sweep_choices(), x="stop", y="mean_logprob")
     assert list(fig.data[0].x) == ["['\\n']", "None"]
     assert fig.data[0].mode == "markers"
     assert fig.layout.xaxis.type == "category"
 
 
-def test_sweep_counts_rows_without_a_value() -> None:
+def test_mean_ci_counts_rows_without_a_value() -> None:
     choices = make_sweep_choices().drop(columns="error")
-    fig = plots.sweep(choices, x="temperature", y="mean_logprob")
+    fig = plots.mean_ci(choices, x="temperature", y="mean_logprob")
     assert "1 row without mean_logprob left out" in fig.layout.title.text
 
 
@@ -738,7 +759,7 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     assert np.asarray(heat.data[0].text)[0, 0] == "<b>␣&amp; ✓</b>"
 
 
-def test_sweep_plot_of_a_real_sweep(embedded_client) -> None:
+def test_mean_ci_of_a_real_sweep(embedded_client) -> None:
     from nbcompletions import sweep
 
     result = sweep(
@@ -752,7 +773,7 @@ def test_sweep_plot_of_a_real_sweep(embedded_client) -> None:
         probe=False,
     )
     choices = result.choices
-    fig = plots.sweep(choices, x="temperature", y="mean_logprob")
+    fig = plots.mean_ci(choices, x="temperature", y="mean_logprob")
     assert list(fig.data[0].x) == [0.5, 1.5]
     ok = choices[choices["error"].isna()]
     np.testing.assert_allclose(fig.data[0].y, ok.groupby("temperature")["mean_logprob"].mean())

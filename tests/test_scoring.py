@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import mock_client
 
 from nbcompletions import APIError, AsyncClient, Client, RequestError
 from nbcompletions._scoring import acapabilities, ascore
@@ -39,8 +40,8 @@ def faulty_client(app: Any, fault: Any) -> AsyncClient:
             return httpx.Response(200, json=data)
         return response
 
-    return AsyncClient(
-        "http://embedded/v1", model=MODEL, transport=httpx.MockTransport(handler), max_retries=0
+    return mock_client(
+        handler, cls=AsyncClient, base_url="http://embedded/v1", model=MODEL, max_retries=0
     )
 
 

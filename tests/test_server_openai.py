@@ -8,7 +8,6 @@ alone, a stream against the same request unstreamed), never against hard-coded m
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from helpers import free_port
 
 MODEL = "nbc-shakespeare"
 PROMPT = "To be, or not to be"
@@ -236,12 +236,6 @@ def test_a_stream_closed_early_leaves_the_server_serving(sdk: openai.OpenAI) -> 
 KEY = "sk-nbc-test-4f1d2c"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def keyed_server(
     tmp_path_factory: pytest.TempPathFactory, embedded_engine: Any
@@ -250,7 +244,7 @@ def keyed_server(
 
     Depends on `embedded_engine` only to skip, as it does, while the weights are missing.
     """
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("keyed") / "serve.log"
     env = {**os.environ, "NBCOMPLETIONS_API_KEY": KEY}
     with log.open("w") as out:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
+from helpers import mock_client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcompletions import APIError, AsyncClient, Client, StreamChunk
+from nbcompletions import APIError, AsyncClient, StreamChunk
 from nbcompletions._streaming import (
     DONE,
     ServerSentEvent,
@@ -283,10 +284,6 @@ class _Pieces(httpx.AsyncByteStream):
             yield piece
 
 
-def _client(handler: Callable[[httpx.Request], httpx.Response], **kw: Any) -> Client:
-    return Client("http://test/v1", transport=httpx.MockTransport(handler), model="m", **kw)
-
-
 @pytest.fixture
 def delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     recorded: list[float] = []
@@ -311,7 +308,7 @@ def test_stream_yields_pieces_in_order_from_awkward_splits() -> None:
             200, stream=_Pieces(pieces), headers={"content-type": "text/event-stream"}
         )
 
-    with _client(handler) as client:
+    with mock_client(handler) as client:
         stream = client.stream("Hi", n=2)
         chunks = list(stream)
         assert all(isinstance(c, StreamChunk) for c in chunks)
@@ -337,7 +334,7 @@ def test_stream_usage_chunk_is_kept() -> None:
         {**_chunk(0, "a", "stop"), "usage": None}, {"id": "cmpl-1", "choices": [], "usage": usage}
     )
 
-    with _client(lambda request: httpx.Response(200, content=body)) as client:
+    with mock_client(lambda request: httpx.Response(200, content=body)) as client:
         stream = client.stream("x", stream_options={"include_usage": True})
         assert [c.text for c in stream] == ["a"]
         assert stream.usage == usage
@@ -358,7 +355,7 @@ def test_error_event_mid_stream_raises_api_error() -> None:
         calls.append(1)
         return httpx.Response(200, content=body)
 
-    with _client(handler) as client:
+    with mock_client(handler) as client:
         stream = client.stream("x")
         assert next(stream).text == "partial"
         with pytest.raises(APIError, match="engine died") as info:
@@ -381,7 +378,7 @@ def test_broken_stream_after_data_is_not_retried(delays: list[float]) -> None:
             200, stream=_Pieces([first, body[len(first) : len(first) + 10]], fail_after=1)
         )
 
-    with _client(handler) as client, pytest.raises(APIError, match="broke after data") as info:
+    with mock_client(handler) as client, pytest.raises(APIError, match="broke after data") as info:
         client.complete("x", stream=True)
     assert info.value.type == "stream_broken"
     assert len(calls) == 1
@@ -402,7 +399,7 @@ def test_stream_failing_before_any_data_is_retried(delays: list[float]) -> None:
             )
         return httpx.Response(200, content=body)
 
-    with _client(handler) as client:
+    with mock_client(handler) as client:
         assert client.complete("x", stream=True).text == "ok"
     assert len(calls) == 3
     assert delays[1] == 3.0
@@ -411,7 +408,7 @@ def test_stream_failing_before_any_data_is_retried(delays: list[float]) -> None:
 def test_stream_cut_without_done_raises() -> None:
     body = _sse(_chunk(0, "a"), done=False)
     with (
-        _client(lambda request: httpx.Response(200, content=body)) as client,
+        mock_client(lambda request: httpx.Response(200, content=body)) as client,
         pytest.raises(APIError, match="before \\[DONE\\]"),
     ):
         client.complete("x", stream=True)
@@ -420,7 +417,7 @@ def test_stream_cut_without_done_raises() -> None:
 def test_stream_cut_inside_json_raises() -> None:
     body = _sse(_chunk(0, "a"), done=False) + b'data: {"choices": [{"te'
     with (
-        _client(lambda request: httpx.Response(200, content=body)) as client,
+        mock_client(lambda request: httpx.Response(200, content=body)) as client,
         pytest.raises(APIError, match="not JSON"),
     ):
         client.complete("x", stream=True)
@@ -428,7 +425,7 @@ def test_stream_cut_inside_json_raises() -> None:
 
 def test_stream_without_done_but_finished_is_accepted() -> None:
     body = _sse(_chunk(0, "a", "stop"), done=False)
-    with _client(lambda request: httpx.Response(200, content=body)) as client:
+    with mock_client(lambda request: httpx.Response(200, content=body)) as client:
         assert client.complete("x", stream=True).text == "a"
 
 
@@ -446,7 +443,7 @@ def test_stream_http_error_before_data() -> None:
             },
         )
 
-    with _client(handler) as client, pytest.raises(APIError) as info:
+    with mock_client(handler) as client, pytest.raises(APIError) as info:
         list(client.stream("x"))
     assert (info.value.status, info.value.param) == (400, "n")
 
@@ -460,7 +457,7 @@ def test_stream_closed_early_releases_the_response() -> None:
 
     body = _sse(*[_chunk(0, str(i)) for i in range(50)], _chunk(0, "!", "stop"))
 
-    with _client(
+    with mock_client(
         lambda request: httpx.Response(200, stream=Tracking([body[:200], body[200:]]))
     ) as client:
         with client.stream("x") as stream:
@@ -470,7 +467,7 @@ def test_stream_closed_early_releases_the_response() -> None:
 
 def test_stream_false_is_refused_by_stream() -> None:
     with (
-        _client(lambda request: httpx.Response(500)) as client,
+        mock_client(lambda request: httpx.Response(500)) as client,
         pytest.raises(ValueError, match="stream"),
     ):
         client.stream("x", stream=False)
@@ -515,7 +512,7 @@ def test_interrupting_a_sync_stream_closes_the_response() -> None:
         first_sent.wait(10)
         _thread.interrupt_main()
 
-    with _client(lambda request: httpx.Response(200, stream=Stalling())) as client:
+    with mock_client(lambda request: httpx.Response(200, stream=Stalling())) as client:
         stream = client.stream("x")
         assert next(stream).text == "a"
         interrupter = threading.Thread(target=interrupt)
@@ -536,7 +533,7 @@ def test_breaking_out_of_a_stream_without_closing_it_releases_the_response() -> 
             closed.append(True)
 
     body = _sse(*[_chunk(0, str(i)) for i in range(50)], _chunk(0, "!", "stop"))
-    with _client(
+    with mock_client(
         lambda request: httpx.Response(200, stream=Tracking([body[:200], body[200:]]))
     ) as client:
         for piece in client.stream("x"):

@@ -17,10 +17,12 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
+from helpers import mock_client
 
 from nbcompletions import AsyncClient, Client, metrics
 from nbcompletions._cache import Cache
-from nbcompletions._sweep import asweep, load_sweep, sweep
+from nbcompletions._sweep import asweep, sweep
+from nbcompletions._sweep_result import load_sweep
 from nbcompletions.server import StreamingASGITransport, create_app
 
 MODEL = "nbc-shakespeare"
@@ -323,9 +325,7 @@ def test_failed_requests_become_error_rows_and_are_not_cached(app: Any, tmp_path
             )
         return await real.handle_async_request(request)
 
-    client = Client(
-        "http://embedded/v1", model=MODEL, transport=httpx.MockTransport(faults), max_retries=2
-    )
+    client = mock_client(faults, base_url="http://embedded/v1", model=MODEL, max_retries=2)
     cache_path = tmp_path / "sweep.sqlite"
     try:
         result = sweep(
@@ -494,7 +494,7 @@ def test_rows_keep_grid_order_whatever_order_responses_arrive(
         arrived.append(seed)
         return response
 
-    client = Client("http://embedded/v1", model=MODEL, transport=httpx.MockTransport(late_first))
+    client = mock_client(late_first, base_url="http://embedded/v1", model=MODEL)
     try:
         result = sweep(
             client,

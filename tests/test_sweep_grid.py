@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbcompletions import AsyncClient, BudgetError, Client, CompletionRequest, Limits, RequestError
-from nbcompletions._sweep import estimate_tokens, expand_grid, sweep
+from nbcompletions._grid import estimate_tokens, expand_grid
+from nbcompletions._sweep import sweep
 
 # Nothing listens on port 9 (discard): if a test sent anything it would get error rows, not the
 # exceptions these tests expect.

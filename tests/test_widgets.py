@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from helpers import mock_client
 
 from nbcompletions import CompletionRequest, Limits, RequestError
 from nbcompletions.widgets import (
@@ -203,8 +204,6 @@ def _refusing_client(seen: list[Any], status: int = 401) -> Any:
     """A Client whose every request is answered with an error (fault injection)."""
     import httpx
 
-    from nbcompletions import Client
-
     def answer(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return httpx.Response(
@@ -221,12 +220,12 @@ def _refusing_client(seen: list[Any], status: int = 401) -> Any:
             },
         )
 
-    return Client(
-        "http://never-contacted.invalid/v1",
+    return mock_client(
+        answer,
+        base_url="http://never-contacted.invalid/v1",
         api_key=FAKE_KEY,
         model="nbc-shakespeare",
         max_retries=0,
-        transport=httpx.MockTransport(answer),
     )
 
 
@@ -503,10 +502,10 @@ def builder(embedded_client: Any) -> Any:
 
 
 def test_builder_counts_and_estimates_before_running(builder: Any, embedded_client: Any) -> None:
-    from nbcompletions._sweep import estimate_tokens, expand_grid
+    from nbcompletions._grid import estimate_tokens, expand_grid
 
-    plan = builder.plan
-    assert plan.n_requests == 2 * 2 * 2
+    settings = builder.settings
+    assert settings.n_requests == 2 * 2 * 2
     grid = expand_grid(
         embedded_client,
         ["ROMEO:", "JULIET:"],
@@ -516,13 +515,13 @@ def test_builder_counts_and_estimates_before_running(builder: Any, embedded_clie
         logprobs=1,
         model="nbc-shakespeare",
     )
-    assert (plan.token_estimate, plan.estimate_method) == estimate_tokens(
+    assert (settings.token_estimate, settings.estimate_method) == estimate_tokens(
         [p.request for p in grid.points], model="nbc-shakespeare"
     )
     assert "<b>8</b> requests" in builder.summary.value
     builder.axis_fields[1].value = "top_p"
     builder.axis_values[1].value = "0.5, 0.9, 1"
-    assert builder.plan.n_requests == 24
+    assert builder.settings.n_requests == 24
     assert "<b>24</b> requests" in builder.summary.value
 
 

@@ -3,18 +3,25 @@
 ``load_engine()`` returns the `Engine` that serves Completions requests. Nothing heavy happens at
 import: the weights load on the first ``load_engine()`` call for a given folder, and later calls for
 the same folder return the same engine.
+
+What other parts of the package may ask about a model id without loading the model:
+``weights_fingerprint(model_id)`` (a digest of the weights, for cache keys) and
+``count_tokens(model_id, text)`` (the tokenizer alone, for budget estimates). Both answer None for
+a model id that is not the embedded model.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._engine import Engine
 
-__all__ = ["FILES_DIR", "MODEL_ID", "Engine", "load_engine"]
+__all__ = ["FILES_DIR", "MODEL_ID", "Engine", "count_tokens", "load_engine", "weights_fingerprint"]
 
 #: The model id that responses and /v1/models carry.
 MODEL_ID = "nbc-shakespeare"
@@ -46,6 +53,55 @@ def load_engine(path: str | Path | None = None) -> Engine:
             engine = Engine.from_dir(folder, model_id=MODEL_ID if folder == FILES_DIR else None)
             _engines[folder] = engine
     return engine
+
+
+def weights_fingerprint(model_id: str | None) -> str | None:
+    """16 hex digits of the SHA-256 of the embedded model's weights; None for any other model id.
+
+    The embedded model keeps its id when it is retrained (or the package upgraded), so a cache of
+    its answers needs this in its key. None also when the weights file is missing. The file is
+    hashed once per size and modification time.
+    """
+    if model_id != MODEL_ID:
+        return None
+    path = FILES_DIR / "model.safetensors"
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return _file_digest(str(path), stat.st_size, stat.st_mtime_ns)[:16]
+
+
+def count_tokens(model_id: str | None, text: str) -> int | None:
+    """How many tokens the embedded model's tokenizer makes of ``text``; None for any other model.
+
+    Loads only tokenizer.json (once), not the weights. None also when that file is missing.
+    """
+    if model_id != MODEL_ID:
+        return None
+    path = FILES_DIR / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tokenizer = _load_tokenizer(str(path))
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+@functools.lru_cache(maxsize=4)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the lru key, so a file replaced in place is hashed again.
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(path: str) -> Any:
+    # Loaded once: the SweepBuilder widget re-estimates its budget on every keystroke.
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
 
 
 def __getattr__(name: str) -> object:

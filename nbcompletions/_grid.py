@@ -1,0 +1,314 @@
+"""A sweep's grid: every request it will send, built and validated before any is sent.
+
+``expand_grid(client, prompt=["To be", "Once"], temperature=[0.2, 0.7, 1.2], repeats=20)`` gives
+the 2 x 3 x 20 = 120 grid points of that sweep, each with its request, its columns in the frames
+and its cache key; ``estimate_tokens`` is the budget check's estimate of what they can consume.
+
+How values become a grid (the cartesian product of every axis, in the order the fields are given;
+prompts outermost, repeats innermost):
+
+- ``prompt``: a string is one prompt; a list of strings is an axis of prompts; a dict maps names
+  (the ``prompt_id`` column) to prompts; a list of token ids (ints) is ONE token prompt and a list
+  of token-id lists is an axis of token prompts. Each request carries exactly one prompt.
+- ``stop``: a string or a list of strings is ONE stop setting (as the API reads it). It is an axis
+  only when the list holds lists or None: ``stop=[None, ["\\n"], ["\\n", "."]]``.
+- ``logit_bias``, ``stream_options`` and ``extra`` (server-specific fields such as vLLM's
+  ``top_k``): a dict is one value, a list of dicts an axis.
+- Any other field: a list, tuple, range or numpy array is an axis; anything else is fixed.
+
+``repeats`` independent samples of each grid point are sent as separate requests; a fixed ``seed``
+makes them identical on deterministic servers (sweep ``seed=[...]`` instead).
+
+Every grid point is built into a validated `CompletionRequest`; a bad value raises `RequestError`
+naming the field and the grid point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._cache import cache_keys
+from ._errors import RequestError
+from ._request import FIELDS, CompletionRequest
+from ._secrets import redact_url
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "DEFAULT_MAX_TOKENS",
+    "Grid",
+    "GridPoint",
+    "estimate_tokens",
+    "expand_grid",
+]
+
+#: OpenAI's default max_tokens, used by the budget estimate when a request leaves it unset.
+DEFAULT_MAX_TOKENS = 16
+#: Characters per token for the budget estimate when the endpoint's tokenizer is unknown; the
+#: usual rule of thumb for English with GPT-style BPE. Not an upper bound.
+CHARS_PER_TOKEN = 4
+
+# Fields whose natural scalar value is itself a list or dict; see the module docstring.
+_DICT_FIELDS = ("logit_bias", "stream_options", "extra")
+_ID_COLUMNS = ("request_id", "prompt_id", "repeat")
+_TAIL_COLUMNS = ("cached", "error")
+
+
+@dataclass
+class GridPoint:
+    """One request of a sweep: its place in the grid, its field values, the request itself."""
+
+    request_id: int
+    prompt_id: Any
+    repeat: int
+    values: dict[str, Any]
+    request: CompletionRequest
+    key: str = ""
+
+
+@dataclass
+class Grid:
+    """Every request of a sweep, validated, before anything is sent.
+
+    ``points`` in grid order (``request_id`` is the position); ``columns`` the request-field
+    columns the frames get; ``endpoint`` (without credentials) and ``model`` as the cache keys
+    saw them; ``axes`` the size of each axis.
+    """
+
+    points: list[GridPoint]
+    columns: list[str]
+    endpoint: str
+    model: str | None
+    axes: dict[str, int] = field(default_factory=dict)
+
+
+def _plain(value: Any) -> Any:
+    # numpy scalars (np.linspace gives np.float64; np.arange np.int64) -> Python values, so that
+    # validation ("an integer") and JSON both see what the user meant.
+    item = getattr(value, "item", None)
+    if item is not None and type(value).__module__ == "numpy" and getattr(value, "ndim", 1) == 0:
+        return item()
+    return value
+
+
+def _is_sequence_axis(value: Any) -> bool:
+    if isinstance(value, list | tuple | range):
+        return True
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", 0) == 1
+
+
+def _axis_values(name: str, value: Any) -> list[Any] | None:
+    """The values of an axis, or None when ``value`` is one fixed setting of ``name``."""
+    if name == "stop":
+        if isinstance(value, list | tuple) and any(
+            v is None or isinstance(v, list | tuple) for v in value
+        ):
+            return [list(v) if isinstance(v, tuple) else v for v in value]
+        return None
+    if name in _DICT_FIELDS:
+        if isinstance(value, list | tuple):
+            return list(value)
+        return None
+    if _is_sequence_axis(value):
+        return [_plain(v) for v in list(value)]
+    return None
+
+
+def _prompt_axis(prompt: Any) -> list[tuple[Any, Any]]:
+    """(prompt_id, prompt) pairs; see the module docstring for the forms."""
+    if isinstance(prompt, Mapping):
+        if not prompt:
+            raise RequestError(
+                "prompt",
+                "prompt must not be an empty dict",
+                allowed="a string, a list of prompts or a dict name -> prompt",
+                value=prompt,
+            )
+        return [(name, p) for name, p in prompt.items()]
+    if isinstance(prompt, list | tuple) and prompt:
+        items = [_plain(p) for p in prompt]
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in items):
+            return [(0, items)]  # one prompt given as token ids
+        return [(i, list(p) if isinstance(p, tuple) else p) for i, p in enumerate(items)]
+    return [(0, prompt)]
+
+
+def _column_value(value: Any) -> Any:
+    # Lists and dicts become canonical JSON text: hashable (groupby works), one Parquet type.
+    if isinstance(value, list | tuple | Mapping):
+        return json.dumps(
+            value if not isinstance(value, tuple) else list(value),
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+    return value
+
+
+def _describe(values: Mapping[str, Any]) -> str:
+    shown = {
+        k: (v if not isinstance(v, str) or len(v) <= 40 else v[:37] + "...")
+        for k, v in values.items()
+    }
+    return ", ".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+def _column_name(field_name: str) -> str:
+    """The frame column of a request field: its own name, or ``request_<name>`` where the frames
+    already have a column of that name (``echo``: the tokens frame marks echoed tokens)."""
+    from ._frames import ALTERNATIVE_COLUMNS, CHOICE_COLUMNS, TOKEN_COLUMNS
+
+    taken = {*CHOICE_COLUMNS, *TOKEN_COLUMNS, *ALTERNATIVE_COLUMNS, *_ID_COLUMNS, *_TAIL_COLUMNS}
+    return f"request_{field_name}" if field_name in taken else field_name
+
+
+def _weights_tag(model: str | None) -> str:
+    """The embedded model's weights fingerprint for the cache key, "" for any other model.
+
+    The embedded model keeps its id when it is retrained (or the package upgraded), so without
+    this a cache written by older weights would answer for the new ones.
+    """
+    from .model import weights_fingerprint
+
+    fingerprint = weights_fingerprint(model)
+    return "" if fingerprint is None else "#weights=" + fingerprint
+
+
+def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) -> Grid:
+    """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise RequestError(
+            "repeats",
+            f"repeats must be an integer >= 1; got {repeats!r}",
+            allowed="an integer >= 1",
+            value=repeats,
+        )
+    unknown = [name for name in fields if name not in FIELDS and name != "extra"]
+    if unknown:
+        raise RequestError(
+            unknown[0],
+            f"{unknown[0]!r} is not a Completions request field; sweepable fields are "
+            f"{', '.join(f for f in FIELDS if f != 'prompt')}; pass server-specific fields with "
+            f"extra={{...}} (a list of dicts sweeps them)",
+            allowed="a request field",
+            value=fields[unknown[0]],
+        )
+    if prompt is None:
+        raise RequestError(
+            "prompt",
+            "sweep needs a prompt; got None",
+            allowed="a string, a list of prompts or a dict name -> prompt",
+            value=None,
+        )
+    prompts = _prompt_axis(prompt)
+
+    fixed: dict[str, Any] = {}
+    axes: dict[str, list[Any]] = {}
+    for name, value in fields.items():
+        values = _axis_values(name, value)
+        if values is None:
+            fixed[name] = _plain(value)
+        elif not values:
+            raise RequestError(
+                name,
+                f"{name} was given an empty list: an axis needs at least one value",
+                allowed="a value or a non-empty list of values",
+                value=value,
+            )
+        else:
+            axes[name] = values
+
+    limits = getattr(client, "limits", None)
+    model = getattr(client, "model", None)
+    # Credentials in the URL (user:key@host) decide nothing about a response, and the endpoint is
+    # written into the cache file (the capabilities note), so they are left out.
+    endpoint = redact_url(str(getattr(client, "endpoint", "") or ""))
+    column_of = {name: _column_name(name) for name in fields}
+    columns = ["prompt", *column_of.values()]
+    if "model" not in columns:
+        columns.append("model")
+    points: list[GridPoint] = []
+    axis_names = list(axes)
+    combos = list(itertools.product(*(axes[n] for n in axis_names))) if axis_names else [()]
+    request_id = 0
+    for prompt_id, one_prompt in prompts:
+        for combo in combos:
+            chosen = dict(fixed)
+            chosen.update(zip(axis_names, combo, strict=True))
+            kwargs = {k: v for k, v in chosen.items() if v is not None}
+            if kwargs.get("model") is None and model is not None:
+                kwargs["model"] = model  # complete_request sends the request's model as it is
+            try:
+                request = (
+                    CompletionRequest(prompt=one_prompt, limits=limits, **kwargs)
+                    if limits is not None
+                    else CompletionRequest(prompt=one_prompt, **kwargs)
+                )
+            except RequestError as exc:
+                where = _describe({"prompt_id": prompt_id, **{k: chosen[k] for k in axis_names}})
+                raise RequestError(
+                    exc.param,
+                    f"{exc.message} (sweep grid point {where})",
+                    allowed=exc.allowed,
+                    value=exc.value,
+                ) from None
+            except TypeError as exc:  # a non-mapping extra, say
+                raise RequestError(
+                    "extra", f"bad sweep field: {exc}", value=chosen.get("extra")
+                ) from None
+            columns_values: dict[str, Any] = {"prompt": _column_value(one_prompt)}
+            for name in fields:
+                columns_values[column_of[name]] = _column_value(chosen[name])
+            columns_values.setdefault("model", request.model or model)
+            key_endpoint = endpoint + _weights_tag(request.model or model)
+            for repeat, key in enumerate(cache_keys(key_endpoint, model, request, repeats)):
+                points.append(
+                    GridPoint(request_id, prompt_id, repeat, columns_values, request, key)
+                )
+                request_id += 1
+    axis_sizes = {"prompt": len(prompts), **{n: len(v) for n, v in axes.items()}}
+    if repeats > 1:
+        axis_sizes["repeat"] = repeats
+    return Grid(points, columns, endpoint, model, axis_sizes)
+
+
+# -- the budget -----------------------------------------------------------------------------------
+
+
+def estimate_tokens(
+    requests: Sequence[CompletionRequest],
+    *,
+    model: str | None = None,
+) -> tuple[int, str]:
+    """An estimate of the tokens ``requests`` can consume, and how prompts were counted.
+
+    Per request: prompt tokens (once per prompt: that is how OpenAI and vLLM report and bill them,
+    whatever n and best_of are) plus max_tokens (16 when unset) x max(n, best_of) completion tokens
+    (best_of candidates are generated and billed although only n come back). The completion part is
+    an upper bound. Prompt tokens are exact for token-id prompts and for the embedded model (its
+    tokenizer), otherwise ceil(characters / 4), an estimate that can be low for unusual text.
+    """
+    from .model import count_tokens
+
+    exact = count_tokens(model, "") is not None  # the model package knows this model's tokenizer
+    method = "embedded tokenizer" if exact else f"characters / {CHARS_PER_TOKEN}"
+    counted: dict[str, int] = {}  # a sweep repeats few distinct prompts many times
+    total = 0
+    for request in requests:
+        prompts = request.prompt if request.n_prompts > 1 else [request.prompt]
+        prompt_tokens = 0
+        for p in prompts:
+            if isinstance(p, str):
+                if p not in counted:
+                    tokens = count_tokens(model, p) if exact else None
+                    counted[p] = math.ceil(len(p) / CHARS_PER_TOKEN) if tokens is None else tokens
+                prompt_tokens += counted[p]
+            else:
+                prompt_tokens += len(p)
+        width = max(request.effective_n, request.best_of or 1)
+        max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+        total += prompt_tokens + len(prompts) * width * max_tokens
+    return total, method

@@ -1,0 +1,142 @@
+"""The top alternatives at each position of one choice, as a heat map with the tokens written in."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from ._checks import _check_one_completion, _check_positive_int, _flags, _require, _select_index
+from ._colors import PROB_COLORSCALE
+from ._style import _cell_token, _hover_token, _layout, _title
+
+__all__ = ["alternatives"]
+
+
+def alternatives(
+    alternatives: pd.DataFrame,
+    *,
+    index: int = 0,
+    position: str = "position",
+    rank: str = "rank",
+    prob: str = "prob",
+    token: str = "token",
+    chosen: str | None = "chosen",
+    start: int | None = None,
+    max_positions: int = 100,
+    title: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> go.Figure:
+    """The top alternatives at each position of one choice as a heat map with the tokens written in.
+
+    One row per position (read top to bottom like the text), one column per rank; the colour is
+    the probability (:data:`PROB_COLORSCALE`, 0 to 1). The sampled token is written in bold with a
+    ✓ and outlined. At most ``max_positions`` positions from ``start`` (default: the first) are
+    drawn, and the title says so when that cuts the completion short: thousands of rows of text
+    cells make a figure no browser wants to lay out.
+    """
+    function = "alternatives"
+    _require(
+        alternatives,
+        ["index", position, rank, prob, token, chosen],
+        function=function,
+        frame_name="alternatives",
+    )
+    _check_positive_int(function, "max_positions", max_positions)
+    frame = _select_index(alternatives, index, function=function, frame_name="alternatives")
+    _check_one_completion(frame, [position, rank], function=function, frame_name="alternatives")
+
+    all_positions = np.sort(frame[position].dropna().unique())
+    first = all_positions[0] if start is None and len(all_positions) else start
+    window = all_positions[all_positions >= first] if first is not None else all_positions
+    window = window[:max_positions]
+    frame = frame[frame[position].isin(window)]
+
+    ranks: list[int] = sorted(int(r) for r in frame[rank].dropna().unique())
+    # A sampled token outside the top k comes as an extra entry ranked k+1: its true rank is only
+    # known to be beyond k (k: the fewest entries at any position).
+    per_position = frame.groupby(position)[rank].size()
+    top_k = int(per_position.min()) if len(per_position) else 0
+    rank_label = {r: (f">{top_k}" if 0 < top_k < r else str(r)) for r in ranks}
+    row_of = {p: i for i, p in enumerate(window)}
+    col_of = {r: j for j, r in enumerate(ranks)}
+    z = np.full((len(window), len(ranks)), np.nan)
+    text = np.full(z.shape, "", dtype=object)
+    hover = np.full(z.shape, "", dtype=object)
+    marks: list[tuple[int, int]] = []
+    chosen_values = (
+        _flags(frame[chosen]) if chosen is not None else np.zeros(len(frame), dtype=bool)
+    )
+    for (pos, rk, p, tok), is_chosen in zip(
+        frame[[position, rank, prob, token]].itertuples(index=False, name=None),
+        chosen_values,
+        strict=True,
+    ):
+        i, j = row_of[pos], col_of[int(rk)]
+        z[i, j] = p
+        cell = _cell_token(tok)
+        text[i, j] = f"<b>{cell} ✓</b>" if is_chosen else cell
+        hover[i, j] = (
+            f"{position} {pos} · {rank} {rank_label[int(rk)]}{' · chosen' if is_chosen else ''}"
+            f"<br>{_hover_token(tok)}"
+        )
+        if is_chosen:
+            marks.append((i, j))
+
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(ranks),
+            y=list(range(len(window))),
+            text=text,
+            texttemplate="%{text}",
+            customdata=hover,
+            hovertemplate="%{customdata}<br>prob %{z:.4f}<extra></extra>",
+            colorscale=[list(stop) for stop in PROB_COLORSCALE],
+            zmin=0.0,
+            zmax=1.0,
+            xgap=1,
+            ygap=1,
+            colorbar={"title": {"text": prob}},
+        )
+    )
+    # One assignment: fig.add_shape per cell re-validates every shape so far (quadratic).
+    fig.update_layout(
+        shapes=[
+            {
+                "type": "rect",
+                "x0": ranks[j] - 0.5,
+                "x1": ranks[j] + 0.5,
+                "y0": i - 0.5,
+                "y1": i + 0.5,
+                "line": {"color": "black", "width": 2},
+                "fillcolor": "rgba(0,0,0,0)",
+            }
+            for i, j in marks
+        ]
+    )
+    notes = []
+    if len(window) < len(all_positions):
+        notes.append(
+            f"{position}s {window[0]}–{window[-1]} of {len(all_positions):,} shown "
+            f"(max_positions={max_positions})"
+        )
+    if not len(window):
+        notes.append("no alternatives to plot (was the request sent with logprobs?)")
+    fig.update_yaxes(
+        tickvals=list(range(len(window))),
+        ticktext=[str(p) for p in window],
+        autorange="reversed",
+        title_text=position,
+    )
+    fig.update_xaxes(
+        tickvals=list(ranks), ticktext=[rank_label[r] for r in ranks], title_text=rank, side="top"
+    )
+    _layout(
+        fig,
+        title=_title(f"Top alternatives at each position (index {index})", title, notes),
+        height=height if height is not None else 160 + 24 * max(len(window), 4),
+        width=width,
+    )
+    return fig

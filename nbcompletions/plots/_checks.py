@@ -1,0 +1,101 @@
+"""Checks every plot runs before drawing, and the frame selections they share (no plotly)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .._columns import require_columns
+
+#: The plots' ``render_mode`` values (see :data:`WEBGL_THRESHOLD`).
+RENDER_MODES = ("auto", "svg", "webgl")
+
+
+def _require(frame: Any, columns: Sequence[str | None], *, function: str, frame_name: str) -> None:
+    require_columns(
+        frame,
+        columns,
+        function=function,
+        frame_name=frame_name,
+        hint=(
+            f"Pass the {frame_name} frame (e.g. completion.{frame_name}) or name your columns "
+            "with the keyword arguments."
+        ),
+    )
+
+
+def _check_option(function: str, name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{function}(): {name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_positive_int(function: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{function}(): {name} must be an integer >= 1, got {value!r}")
+
+
+def _select_index(
+    frame: pd.DataFrame, index: int | Sequence[int] | None, *, function: str, frame_name: str
+) -> pd.DataFrame:
+    """Rows of the chosen choice(s); selecting nothing is an error, not an empty plot."""
+    if index is None:
+        return frame
+    wanted = [index] if isinstance(index, int | np.integer) else list(index)
+    selected: pd.DataFrame = frame[frame["index"].isin(wanted)]
+    if selected.empty and not frame.empty:
+        present = sorted(pd.unique(frame["index"].dropna()).tolist())
+        shown = present[:20] + (["..."] if len(present) > 20 else [])
+        raise ValueError(
+            f"{function}(): index {index!r} is not in the {frame_name} frame; "
+            f"indices present: {shown}"
+        )
+    return selected
+
+
+def _drop_echo(frame: pd.DataFrame, echo: bool) -> pd.DataFrame:
+    if echo or "echo" not in frame.columns:
+        return frame
+    generated: pd.DataFrame = frame[~_echo_mask(frame)]
+    return generated
+
+
+def _echo_mask(frame: pd.DataFrame) -> np.ndarray:
+    if "echo" not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    return _flags(frame["echo"])
+
+
+def _flags(series: pd.Series) -> np.ndarray:
+    """A bool column with missing values read as False.
+
+    Through the nullable "boolean" dtype: ``fillna(False)`` on an object column warns about
+    downcasting on pandas 2.2, and warnings are errors in our tests.
+    """
+    return series.astype("boolean").fillna(False).to_numpy(dtype=bool)
+
+
+def _check_one_completion(
+    frame: pd.DataFrame, keys: list[str], *, function: str, frame_name: str, advice: str = ""
+) -> None:
+    """Per-position views break silently (zigzag lines, lost cells) on several completions."""
+    duplicated = frame.duplicated(keys)
+    if duplicated.any():
+        first = frame.loc[duplicated, keys].iloc[0].to_dict()
+        hint = (
+            " Sweep frames hold one completion per request: select one first, e.g. "
+            "frame[frame.request_id == ...]."
+            if "request_id" in frame.columns
+            else ""
+        )
+        raise ValueError(
+            f"{function}(): the {frame_name} frame has several rows for {first}: it holds "
+            f"more than one completion {advice or 'for this index'}.{hint}"
+        )
+
+
+def _numeric(series: pd.Series) -> np.ndarray:
+    """Float array with NaN for missing values (nullable Int64/boolean columns included)."""
+    return pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)

@@ -1,0 +1,120 @@
+"""What every figure shares: colours, titles, layout, WebGL switching, hover text."""
+
+from __future__ import annotations
+
+import html as _html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+
+from ._checks import _numeric
+
+#: Above this many points in one figure, ``render_mode="auto"`` draws with WebGL (``go.Scattergl``):
+#: SVG keeps one DOM node per marker, which is what freezes a browser on a 10,000-token completion.
+WEBGL_THRESHOLD = 2000
+
+_PALETTE = qualitative.Plotly
+
+
+def _compact(series: pd.Series) -> np.ndarray:
+    """Positions as int32 when they fit: the figure JSON carries them base64, 4 bytes each."""
+    values = series.to_numpy()
+    if (
+        values.dtype.kind in "iu"
+        and values.size
+        and np.iinfo(np.int32).min <= values.min()
+        and values.max() <= np.iinfo(np.int32).max
+    ):
+        return values.astype(np.int32)
+    return values
+
+
+def _use_webgl(render_mode: str, n_points: int) -> bool:
+    return render_mode == "webgl" or (render_mode == "auto" and n_points > WEBGL_THRESHOLD)
+
+
+def _title(default: str, title: str | None, notes: Sequence[str]) -> str:
+    text = default if title is None else title
+    notes = [n for n in notes if n]
+    if notes:
+        text += "<br><sup>" + " · ".join(_html.escape(n, quote=False) for n in notes) + "</sup>"
+    return text
+
+
+def _layout(fig: go.Figure, *, title: str, height: int | None, width: int | None) -> None:
+    fig.update_layout(title_text=title, height=height, width=width, hovermode="closest")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
+
+
+def _group_label(color: str | None, value: Any) -> str:
+    if color is None:
+        return "all"
+    return f"{color} {value}"
+
+
+def _groups(frame: pd.DataFrame, color: str | None) -> list[tuple[Any, pd.DataFrame]]:
+    if color is None:
+        return [(None, frame)]
+    return [
+        (key[0] if isinstance(key, tuple) else key, group)
+        for key, group in frame.groupby([color], sort=True, dropna=False)
+    ]
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    hex_color = hex_color.lstrip("#")
+    red, green, blue = (int(hex_color[i : i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({red},{green},{blue},{alpha})"
+
+
+# --------------------------------------------------------------------------------------------
+# Token text as it appears in hover labels and heat-map cells
+
+
+def _hover_token(token: Any) -> str:
+    """``repr`` shows spaces and escapes newlines; plotly reads ``<br>`` and ``&`` as markup."""
+    if token is None or (isinstance(token, float) and math.isnan(token)):
+        return "(none)"
+    return _html.escape(repr(str(token)), quote=False)
+
+
+def _cell_token(token: Any, limit: int = 14) -> str:
+    """Short visible form for a heat-map cell: spaces as ␣, newlines and tabs as \\n and \\t."""
+    if token is None or (isinstance(token, float) and math.isnan(token)):
+        return ""
+    text = str(token).replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t")
+    text = text.replace("\r", "\\r")
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return _html.escape(text, quote=False)
+
+
+def _hover_columns(
+    frame: pd.DataFrame, columns: Sequence[str]
+) -> tuple[np.ndarray | None, list[str]]:
+    """customdata plus hovertemplate lines; numeric columns travel as compact binary arrays."""
+    if not columns:
+        return None, []
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in columns]
+    if all(numeric):
+        # float32 is plenty for a 4-digit hover label and halves the base64 payload.
+        data = np.column_stack([_numeric(frame[c]) for c in columns]).astype(np.float32)
+    else:
+        data = np.empty((len(frame), len(columns)), dtype=object)
+        for j, (column, is_number) in enumerate(zip(columns, numeric, strict=True)):
+            data[:, j] = (
+                _numeric(frame[column]) if is_number else frame[column].astype(str).to_numpy()
+            )
+    lines = [
+        f"{column} %{{customdata[{j}]{':.4g' if is_number else ''}}}"
+        for j, (column, is_number) in enumerate(zip(columns, numeric, strict=True))
+    ]
+    return data, lines

@@ -1,0 +1,35 @@
+"""Jupyter widgets (ipywidgets 8): a completion playground and a sweep builder.
+
+Each widget is synced control state plus a pure function from that state to a request:
+`Playground.request` is the `CompletionRequest` the controls describe and `SweepBuilder.settings`
+the sweep they describe. Nothing is sent until ``run()`` (or the Run button). Every error, whether
+an invalid setting or a server's answer, is shown inside the widget. The client, and with it any API
+key, is kept as a plain Python attribute and never in a synced trait, so it never reaches the
+browser or the saved notebook.
+"""
+
+from ._controls import (
+    SWEEP_FIELDS,
+    SWEEP_METRICS,
+    parse_logit_bias,
+    parse_stop,
+    parse_values,
+    playground_request,
+)
+from ._display import FRAME_ROWS
+from ._playground import MAX_HIGHLIGHTED, Playground
+from ._sweep_builder import SweepBuilder, SweepSettings
+
+__all__ = [
+    "FRAME_ROWS",
+    "MAX_HIGHLIGHTED",
+    "SWEEP_FIELDS",
+    "SWEEP_METRICS",
+    "Playground",
+    "SweepBuilder",
+    "SweepSettings",
+    "parse_logit_bias",
+    "parse_stop",
+    "parse_values",
+    "playground_request",
+]

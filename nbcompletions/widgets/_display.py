@@ -1,0 +1,136 @@
+"""What both widgets show and ask: error boxes, frames as HTML, figures as outputs, layout, and
+the client behind the controls (never in a synced trait, so no key reaches the browser)."""
+
+from __future__ import annotations
+
+import html
+import json
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+
+from .._errors import APIError, RequestError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+    from .._client import Client
+
+#: How many rows of each frame the Playground's tabs show; the full frames are on ``.result``.
+FRAME_ROWS = 200
+#: logprobs choices when a server sets no cap (llama.cpp).
+UNCAPPED_LOGPROBS = 20
+
+
+def _error_html(exc: BaseException) -> str:
+    """An error as an HTML box: what was wrong, and for unexpected errors the traceback, folded."""
+    if isinstance(exc, RequestError):
+        title = f"Invalid setting: {exc.param}" if exc.param else "Invalid request"
+        body = html.escape(str(exc))
+    elif isinstance(exc, APIError):
+        title = "The server answered with an error"
+        body = html.escape(str(exc))
+    else:
+        title = f"{type(exc).__name__}"
+        trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        body = (
+            f"{html.escape(str(exc))}<details><summary>traceback</summary>"
+            f"<pre>{html.escape(trace)}</pre></details>"
+        )
+    return (
+        f'<div class="nbc-error" style="color:#b00020;border-left:4px solid #b00020;'
+        f'padding:4px 8px;margin:4px 0"><b>{html.escape(title)}</b><br>{body}</div>'
+    )
+
+
+def _html_of(obj: Any) -> str:
+    """HTML text of what `plots.highlight` returns (a string or an IPython HTML object)."""
+    if isinstance(obj, str):
+        return obj
+    if hasattr(obj, "_repr_html_"):
+        return str(obj._repr_html_())
+    if hasattr(obj, "data"):
+        return str(obj.data)
+    return str(obj)
+
+
+def _frame_html(frame: pd.DataFrame, rows: int = FRAME_ROWS) -> str:
+    shown = frame.head(rows)
+    note = (
+        f"<p><i>first {rows} of {len(frame)} rows; the full frame is on <code>.result</code>"
+        "</i></p>"
+        if len(frame) > rows
+        else ""
+    )
+    table = shown.to_html(max_cols=40, float_format=lambda x: f"{x:.4g}", border=0)
+    return f'<div style="max-height:420px;overflow:auto">{note}{table}</div>'
+
+
+def _figure_output(figure: Any) -> dict[str, Any]:
+    """A plotly figure as a notebook display_data output (plotly's own MIME type).
+
+    JupyterLab, Notebook 7 and VS Code render ``application/vnd.plotly.v1+json`` natively, and it
+    needs no JavaScript in the saved notebook (``go.FigureWidget`` would need anywidget).
+    """
+    import plotly.io as pio
+
+    spec = json.loads(pio.to_json(figure, validate=False))
+    spec["config"] = {"displaylogo": False, "responsive": True}
+    return {
+        "output_type": "display_data",
+        "data": {"application/vnd.plotly.v1+json": spec, "text/plain": "<plotly figure>"},
+        "metadata": {},
+    }
+
+
+def _note_output(text: str) -> dict[str, Any]:
+    data = {"text/plain": text, "text/html": f"<p><i>{html.escape(text)}</i></p>"}
+    return {"output_type": "display_data", "data": data, "metadata": {}}
+
+
+def _default_client(client: Client | None) -> Client:
+    if client is not None:
+        return client
+    from .._client import Client
+
+    return Client()
+
+
+def _endpoint(client: Client) -> str:
+    """The client's endpoint for a repr, without credentials written into the URL."""
+    from .._secrets import redact_url
+
+    return redact_url(str(getattr(client, "endpoint", "?")))
+
+
+def _models(client: Client) -> tuple[list[str], BaseException | None]:
+    try:
+        models = list(client.models())
+    except Exception as exc:  # shown in the widget; the model stays editable by code
+        return ([client.model] if client.model else []), exc
+    if client.model and client.model not in models:
+        models.insert(0, client.model)
+    return models, None
+
+
+def _fit(widget: widgets.DOMWidget, label: str, width: str) -> None:
+    """Give a control a fixed label and total width, so that columns of controls line up."""
+    if "description_width" in widget.style.keys:
+        widget.style.description_width = label
+    widget.layout.width = width
+
+
+def _slider(
+    description: str, low: float, high: float, step: float, value: float
+) -> widgets.FloatSlider:
+    return widgets.FloatSlider(
+        value=value,
+        min=low,
+        max=high,
+        step=step,
+        description=description,
+        continuous_update=False,
+        readout_format=".2f",
+        style={"description_width": "initial"},
+    )

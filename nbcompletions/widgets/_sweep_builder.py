@@ -1,0 +1,317 @@
+"""The SweepBuilder: the axes of a sweep as controls, its size and cost shown, run, plotted."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import ipywidgets as widgets
+
+from .._errors import RequestError
+from .._request import Limits
+from ._controls import SWEEP_FIELDS, SWEEP_METRICS, _unescape, parse_values
+from ._display import (
+    UNCAPPED_LOGPROBS,
+    _default_client,
+    _endpoint,
+    _error_html,
+    _figure_output,
+    _fit,
+    _models,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._client import Client
+    from .._sweep_result import SweepResult
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What a SweepBuilder's controls describe: ``nbcompletions.sweep(client, **kwargs)``.
+
+    ``n_requests`` and ``token_estimate`` come from the sweeps module's own grid and estimate
+    (`nbcompletions._grid.expand_grid`, `estimate_tokens`), so they are what `sweep` will send.
+    """
+
+    kwargs: dict[str, Any]
+    axes: dict[str, list[Any]] = field(default_factory=dict)
+    n_requests: int = 0
+    token_estimate: int = 0
+    estimate_method: str = ""
+
+
+class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidgets: untyped
+    """Choose the axes of a sweep, see its request count and token estimate, run it, see the plot.
+
+    ``SweepBuilder(client=None, prompt=..., axes={"temperature": "0, 0.7, 1.4"}, repeats=3)``.
+    Each axis is a request field and comma-separated values; every combination, for every prompt
+    (one per line), is requested ``repeats`` times. `settings` is what the controls describe; `run`
+    runs it through `nbcompletions.sweep` with a progress bar; `result` is the last `SweepResult`.
+    """
+
+    N_AXES = 3
+
+    def __init__(
+        self,
+        client: Client | None = None,
+        *,
+        prompt: str = "",
+        axes: Mapping[str, str] | None = None,
+        repeats: int = 3,
+        max_tokens: int = 16,
+        **kwargs: Any,
+    ) -> None:
+        self._client = _default_client(client)
+        self.result: SweepResult | None = None
+        self.last_error: BaseException | None = None
+        models, models_error = _models(self._client)
+        self.prompts = widgets.Textarea(
+            value=prompt,
+            placeholder="one prompt per line (\\n for a newline inside one)",
+            layout=widgets.Layout(width="100%", height="5em"),
+        )
+        self.model = widgets.Dropdown(
+            options=models,
+            value=(
+                self._client.model
+                if self._client.model in models
+                else (models[0] if models else None)
+            ),
+            description="model",
+        )
+        self.max_tokens = widgets.IntText(
+            value=max_tokens, description="max_tokens", style={"description_width": "initial"}
+        )
+        limits = self._client.limits or Limits()
+        cap = limits.max_logprobs if limits.max_logprobs is not None else UNCAPPED_LOGPROBS
+        self.logprobs = widgets.Dropdown(
+            options=[("off", None)] + [(str(k), k) for k in range(cap + 1)],
+            value=min(1, cap),
+            description="logprobs",
+        )
+        self.repeats = widgets.IntText(value=repeats, description="repeats")
+        self.cache = widgets.Text(value="", placeholder="blank: no cache", description="cache file")
+        given = list((axes if axes is not None else {"temperature": "0, 0.5, 1, 1.5"}).items())
+        field_options = [("(none)", "")] + [(name, name) for name in SWEEP_FIELDS]
+        self.axis_fields: list[widgets.Dropdown] = []
+        self.axis_values: list[widgets.Text] = []
+        for i in range(self.N_AXES):
+            name, values = given[i] if i < len(given) else ("", "")
+            self.axis_fields.append(
+                widgets.Dropdown(options=field_options, value=name, description=f"axis {i + 1}")
+            )
+            self.axis_values.append(
+                widgets.Text(value=values, placeholder="comma-separated values")
+            )
+        self.y = widgets.Dropdown(
+            options=list(SWEEP_METRICS), value="mean_logprob", description="plot y"
+        )
+        self.summary = widgets.HTML(value="")
+        self.error = widgets.HTML(value="")
+        self.run_button = widgets.Button(
+            description="Run sweep", button_style="primary", icon="play"
+        )
+        # tqdm's notebook bar is displayed into this Output while a sweep runs.
+        self.progress = widgets.Output()
+        self.status = widgets.HTML(value="")
+        self.plot = widgets.Output()
+        self.add_class("nbc-sweep-builder")
+        self.summary.add_class("nbc-summary")
+        self.status.add_class("nbc-status")
+
+        for box in (self.model, self.max_tokens, self.logprobs, self.repeats):
+            _fit(box, "6em", "15em")
+        _fit(self.cache, "6em", "30em")
+        _fit(self.y, "6em", "20em")
+        for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
+            _fit(field_box, "6em", "15em")
+            values_box.layout.width = "30em"
+        axes_rows = [
+            widgets.HBox([f, v]) for f, v in zip(self.axis_fields, self.axis_values, strict=True)
+        ]
+        super().__init__(
+            children=[
+                self.prompts,
+                widgets.HBox([self.model, self.max_tokens, self.logprobs]),
+                widgets.HBox([self.repeats, self.cache]),
+                *axes_rows,
+                self.summary,
+                self.error,
+                widgets.HBox([self.run_button, self.status]),
+                self.progress,
+                self.y,
+                self.plot,
+            ],
+            **kwargs,
+        )
+        self.run_button.on_click(self._on_click)
+        for control in self._controls():
+            control.observe(self._on_change, names=["value"])
+        self.y.observe(self._on_y, names=["value"])
+        if models_error is not None:
+            self._show_error(models_error)
+        else:
+            self._on_change(None)
+
+    def _controls(self) -> list[widgets.ValueWidget]:
+        return [
+            self.prompts,
+            self.model,
+            self.max_tokens,
+            self.logprobs,
+            self.repeats,
+            self.cache,
+            *self.axis_fields,
+            *self.axis_values,
+        ]
+
+    @property
+    def settings(self) -> SweepSettings:
+        """The sweep the controls describe; raises `RequestError` naming a field that is wrong."""
+        from .._grid import estimate_tokens, expand_grid
+
+        prompts = [_unescape(line) for line in self.prompts.value.splitlines() if line.strip()]
+        if not prompts:
+            raise RequestError(
+                "prompt",
+                "give at least one prompt (one per line); got none",
+                allowed="one or more lines",
+                value=self.prompts.value,
+            )
+        axes: dict[str, list[Any]] = {}
+        for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
+            if not field_box.value:
+                continue
+            if field_box.value in axes:
+                raise RequestError(
+                    field_box.value,
+                    f"{field_box.value} is chosen for two axes",
+                    allowed="each field on one axis at most",
+                    value=field_box.value,
+                )
+            axes[field_box.value] = parse_values(field_box.value, values_box.value)
+        fields: dict[str, Any] = {
+            "model": self.model.value or None,
+            "max_tokens": self.max_tokens.value,
+            "logprobs": self.logprobs.value,
+        }
+        fields = {k: v for k, v in fields.items() if v is not None and k not in axes}
+        for name, values in axes.items():
+            # A list of strings is ONE stop setting to the API; one list per value makes an axis.
+            fields[name] = [[v] for v in values] if name == "stop" else values
+        prompt: Any = prompts if len(prompts) > 1 else prompts[0]
+        grid = expand_grid(self._client, prompt, repeats=self.repeats.value, **fields)
+        estimate, method = estimate_tokens(
+            [point.request for point in grid.points], model=self.model.value or grid.model
+        )
+        kwargs: dict[str, Any] = {"prompt": prompt, "repeats": self.repeats.value, **fields}
+        if self.cache.value.strip():
+            kwargs["cache"] = self.cache.value.strip()
+        return SweepSettings(
+            kwargs=kwargs,
+            axes=axes,
+            n_requests=len(grid.points),
+            token_estimate=estimate,
+            estimate_method=method,
+        )
+
+    def _on_change(self, change: Any) -> None:
+        try:
+            settings = self.settings
+        except Exception as exc:
+            self._show_error(exc)
+            self.summary.value = ""
+            return
+        self.error.value = ""
+        self.last_error = None
+        axes = " × ".join(f"{name} ({len(values)})" for name, values in settings.axes.items())
+        prompts = settings.kwargs["prompt"]
+        n_prompts = len(prompts) if isinstance(prompts, list) else 1
+        self.summary.value = (
+            f"<b>{settings.n_requests:,}</b> requests = {n_prompts} prompt(s)"
+            f"{' × ' + html.escape(axes) if axes else ''} × {settings.kwargs['repeats']} repeats; "
+            f"at most about <b>{settings.token_estimate:,}</b> tokens "
+            f"<small>(prompts counted by {html.escape(settings.estimate_method)})</small>"
+        )
+
+    def _show_error(self, exc: BaseException) -> None:
+        self.last_error = exc
+        self.error.value = _error_html(exc)
+
+    def _on_click(self, button: widgets.Button) -> None:
+        try:
+            self.run()
+        except Exception as exc:
+            self._show_error(exc)
+
+    def run(self) -> SweepResult | None:
+        """Run the sweep the controls describe, with a progress bar; plot it with `plots.mean_ci`.
+
+        Errors are shown in the widget and returned as None (kept on `last_error`).
+        """
+        from .._sweep import sweep
+
+        try:
+            settings = self.settings
+        except Exception as exc:
+            self._show_error(exc)
+            return None
+        self.error.value = ""
+        self.run_button.disabled = True
+        self.status.value = f"<i>running {settings.n_requests:,} requests…</i>"
+        self.progress.clear_output()
+        try:
+            with self.progress:
+                result = sweep(self._client, progress=True, **settings.kwargs)
+        except Exception as exc:
+            self.status.value = ""
+            self._show_error(exc)
+            return None
+        finally:
+            self.run_button.disabled = False
+        self.result = result
+        self.last_error = None
+        failed = f", {result.n_failed} failed" if result.n_failed else ""
+        self.status.value = (
+            f"<small>{len(result):,} requests: {result.n_cached:,} from the cache{failed}</small>"
+        )
+        self._show_plot()
+        return result
+
+    def _on_y(self, change: Any) -> None:
+        if self.result is not None:
+            try:
+                self._show_plot()
+            except Exception as exc:
+                self._show_error(exc)
+
+    def _show_plot(self) -> None:
+        from .. import plots
+        from ..metrics import per_choice
+
+        if self.result is None:
+            return
+        axes = [name for name in (box.value for box in self.axis_fields) if name]
+        choices = per_choice(self.result.choices, self.result.tokens)
+        several_prompts = "prompt" in choices.columns and choices["prompt"].nunique(dropna=True) > 1
+        kwargs: dict[str, Any] = {"y": self.y.value}
+        if axes:
+            kwargs["x"] = axes[0]
+            rest = axes[1:] + (["prompt"] if several_prompts else [])
+        else:
+            kwargs["x"] = "prompt"
+            rest = []
+        if rest:
+            kwargs["color"] = rest[0]
+        if len(rest) > 1:
+            kwargs["facet_col"] = rest[1]
+        self.plot.outputs = (_figure_output(plots.mean_ci(choices, **kwargs)),)
+
+    def __repr__(self) -> str:
+        axes = [box.value for box in self.axis_fields if box.value]
+        return (
+            f"SweepBuilder(endpoint={_endpoint(self._client)!r}, axes={axes!r}, "
+            f"result={'set' if self.result else 'none'})"
+        )
