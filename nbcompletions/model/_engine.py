@@ -573,11 +573,10 @@ class Job:
         self.engine = engine
         self.plan = plan
         self.stream = stream
-        self.rows = [
-            _Row(p, len(prompt.text), plan)
-            for p, prompt in enumerate(plan.prompts)
-            for _ in range(plan.best_of)
-        ]
+        #: Rows (candidate completions): prompts x best_of, made when a batch admits the job, so
+        #: that a request waiting for memory holds no more than its plan.
+        self.rows: list[_Row] = []
+        self.n_rows = len(plan.prompts) * plan.best_of
         seed = plan.seed
         entropy = None if seed is None else seed % (1 << 128)  # PCG64 wants a non-negative seed
         self.rng = np.random.Generator(np.random.PCG64(entropy))
@@ -585,10 +584,8 @@ class Job:
         self.echo: list[_Parts | None] = [None] * len(plan.prompts)
         self.active = np.zeros(0, np.int64)  # row ids still generating, in order
         self.slots = np.zeros(0, np.int64)  # the batch slot of each active row
-        penalised = bool(plan.frequency_penalty or plan.presence_penalty)
-        self.counts = (
-            np.zeros((len(self.rows), engine.vocab_size), np.float64) if penalised else None
-        )
+        self.penalised = bool(plan.frequency_penalty or plan.presence_penalty)
+        self.counts: np.ndarray | None = None  # (rows, V) tokens sampled so far, for penalties
         self.steps = 0  # decode steps that sampled a token for this job
         self.done = False
         self._outbox: list[dict[str, Any]] = []
@@ -596,9 +593,19 @@ class Job:
         if stream and plan.include_usage:
             self._envelope["usage"] = None
 
+    def _start(self) -> None:
+        plan = self.plan
+        self.rows = [
+            _Row(p, len(prompt.text), plan)
+            for p, prompt in enumerate(plan.prompts)
+            for _ in range(plan.best_of)
+        ]
+        if self.penalised:
+            self.counts = np.zeros((self.n_rows, self.engine.vocab_size), np.float64)
+
     def __repr__(self) -> str:
         return (
-            f"<Job {self._envelope['id']}: {len(self.rows)} rows, {self.steps} steps, "
+            f"<Job {self._envelope['id']}: {self.n_rows} rows, {self.steps} steps, "
             f"done={self.done}>"
         )
 
@@ -619,8 +626,8 @@ class Job:
         """What running this job holds: the key/value cache of every position of every row, plus
         each row's next-token logits (and its token counts when penalties are on)."""
         engine = self.engine
-        per_row = engine.row_bytes * (2 if self.counts is not None else 1)
-        return self.work_tokens * engine.kv_bytes_per_position + len(self.rows) * per_row
+        per_row = engine.row_bytes * (2 if self.penalised else 1)
+        return self.work_tokens * engine.kv_bytes_per_position + self.n_rows * per_row
 
     # -- output ------------------------------------------------------------------------------------
     def take(self) -> list[dict[str, Any]]:
@@ -782,6 +789,8 @@ class DecodeBatch:
     def admit(self, jobs: list[Job]) -> None:
         """Prefill ``jobs`` and add their rows; a job with max_tokens 0 is done at once."""
         engine = self.engine
+        for job in jobs:
+            job._start()
         decoding = [job for job in jobs if job.plan.max_tokens > 0]
         first = self._rows
         total = first + sum(len(job.rows) for job in decoding)
