@@ -292,6 +292,16 @@ class BatchScheduler:
         )
 
     @property
+    def running(self) -> int:
+        """Requests in the batch now."""
+        return len(self._running)
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for memory."""
+        return len(self._waiting)
+
+    @property
     def memory_bytes(self) -> int:
         """Memory held by the requests running now (their estimate: cache and logits)."""
         return self._memory
@@ -430,19 +440,19 @@ class BatchScheduler:
         return admitted
 
     def _deliver(self) -> None:
-        done = []
-        for ticket in self._running:
-            job = ticket.job
-            items = job.take() if job.stream else []
-            if items or job.done:
-                ticket.deliver(items, finished=job.done)
-            if job.done:
-                done.append(ticket)
+        done = [ticket for ticket in self._running if ticket.job.done]
         if done:
+            # Memory is given back before the client hears it is done, so that what the client
+            # does next (another request) finds it free.
             with self._cond:
                 for ticket in done:
                     self._running.remove(ticket)
                     self._memory -= ticket.job.memory_bytes
+        for ticket in self._running + done:
+            job = ticket.job
+            items = job.take() if job.stream else []
+            if items or job.done:
+                ticket.deliver(items, finished=job.done)
 
 
 def _small(request: CompletionRequest) -> bool:
