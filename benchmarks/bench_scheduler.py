@@ -11,7 +11,8 @@ one run, and prints the ratios:
   same prompt, end-of-text banned so every completion has ``--max-tokens`` tokens; alternating,
   median of ``--repeats``;
 - ``sweep``: a 200-request sweep on the embedded model as in notebook 03 (2 prompts x 5
-  temperatures x 20 repeats, max_tokens 24, logprobs 5) with ``nbcompletions.Client()``: wall and CPU time
+  temperatures x 20 repeats, max_tokens 24, logprobs 5) with ``nbcompletions.Client()``: wall and
+  CPU time
   (target: at least 2x faster than the baseline);
 - ``clients``: 64 concurrent clients over HTTP against ``nbcompletions serve`` on 127.0.0.1, half
   streaming, each sending ``--client-requests`` requests in turn: p50/p99 latency of streamed and
@@ -39,7 +40,7 @@ ROOT = HERE.parent
 PROMPT = "HAMLET:\nTo be, or not to be,"
 
 
-# -- workers (run in a subprocess, print one JSON line) ----------------------------------------------
+# -- workers (each runs in a subprocess and prints one JSON line) ----------------------------------
 async def _batching(repeats: int, max_tokens: int) -> dict[str, Any]:
     import httpx
 
