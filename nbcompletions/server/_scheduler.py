@@ -41,7 +41,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import anyio
 import anyio.to_thread
@@ -489,7 +489,7 @@ class _ThreadStream:
         if chunk is _DONE:
             self._first = _DONE
             return None
-        return chunk  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", chunk)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -523,7 +523,7 @@ class ThreadScheduler:
     async def complete(
         self, request: CompletionRequest, *, disconnected: Callable[[], Awaitable[None]]
     ) -> dict[str, Any] | None:
-        return await self.run(self.engine.complete, request)  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", await self.run(self.engine.complete, request))
 
     async def stream(self, request: CompletionRequest) -> CompletionStream:
         def start() -> tuple[Iterator[dict[str, Any]], Any]:
