@@ -110,6 +110,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject request bodies larger than N bytes with 413 (default: 1000000)",
     )
     serve.add_argument(
+        "--max-request-tokens",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="work budget per request: reject (400) a request whose prompts x max(n, best_of) x "
+        "(prompt + max_tokens) tokens exceed N (default: 16384)",
+    )
+    serve.add_argument(
+        "--max-memory-mb",
+        metavar="MB",
+        type=_positive_int,
+        default=None,
+        help="memory all running requests may hold (key/value cache and logits); more requests "
+        "wait, and one needing more alone is rejected with 400 (default: 1024)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="requests that may wait for memory; beyond them: 503 with Retry-After (default: 256)",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -129,8 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "serve":
-        from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, serve
+        from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, WorkBudget, serve
 
+        defaults = WorkBudget()
+        budget = WorkBudget(
+            max_request_tokens=args.max_request_tokens or defaults.max_request_tokens,
+            max_memory_bytes=(args.max_memory_mb << 20)
+            if args.max_memory_mb
+            else defaults.max_memory_bytes,
+            max_waiting=args.max_waiting or defaults.max_waiting,
+        )
         try:
             serve(
                 host=args.host,
@@ -139,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
                 max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
                 log_level=args.log_level,
+                budget=budget,
                 access_log=not args.no_access_log,
             )
         except FileNotFoundError as exc:  # the model's files (serve loads them before binding)

@@ -59,6 +59,8 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         (["serve", "--port", "70000"], "65535"),
         (["serve", "--port", "http"], "65535"),
         (["serve", "--max-tokens-cap", "0"], ">= 1"),
+        (["serve", "--max-request-tokens", "0"], ">= 1"),
+        (["serve", "--max-memory-mb", "x"], ">= 1"),
         (["serve", "--log-level", "loud"], "invalid choice"),
         # An unset shell variable ("--api-key $KEY") must not start a server without a key.
         (["serve", "--api-key", ""], "non-empty"),
@@ -105,6 +107,7 @@ def test_serve_arguments_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
             "max_tokens_cap": 64,
             "max_body_bytes": 5000,
             "log_level": "warning",
+            "budget": nbcompletions.server.WorkBudget(),
             "access_log": False,
         }
     ]
@@ -112,6 +115,16 @@ def test_serve_arguments_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["serve"]) == 0
     assert calls[0]["api_key"] is None  # serve() reads NBCOMPLETIONS_API_KEY itself
     assert calls[0]["max_tokens_cap"] == nbcompletions.server.DEFAULT_MAX_TOKENS_CAP
+
+
+def test_serve_work_budget_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(nbcompletions.server, "serve", lambda **kwargs: calls.append(kwargs))
+    argv = ["serve", "--max-request-tokens", "4096", "--max-memory-mb", "256", "--max-waiting", "8"]
+    assert main(argv) == 0
+    assert calls[0]["budget"] == nbcompletions.server.WorkBudget(
+        max_request_tokens=4096, max_memory_bytes=256 << 20, max_waiting=8
+    )
 
 
 @pytest.mark.parametrize(

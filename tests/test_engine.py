@@ -17,7 +17,7 @@ from model_fixture import build_tiny_model
 
 from nbcompletions import CompletionRequest, RequestError
 from nbcompletions.model import load_engine
-from nbcompletions.model._engine import Engine, _Row
+from nbcompletions.model._engine import DecodeBatch, Engine, _Row
 from nbcompletions.model._gpt2 import forward_full
 from nbcompletions.model._sampling import adjust_logits, sample
 
@@ -481,3 +481,123 @@ def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str])
     cut = min((whole.find(s) for s in stops if s in whole), default=-1)
     if cut >= 0 and row.finish_reason == "stop":
         assert row.final_text == whole[:cut]
+
+
+# -- continuous batching ---------------------------------------------------------------------------
+
+#: Requests that differ in everything a batch could mix up: prompt lengths, n, best_of, sampler,
+#: penalties, stop strings, echo, logprobs, max_tokens.
+BATCHED_REQUESTS: list[dict[str, Any]] = [
+    dict(prompt=PROMPT, n=3, max_tokens=12, seed=1, logprobs=2),
+    dict(prompt="HAMLET:\n", max_tokens=20, seed=2, temperature=0.7, top_p=0.9),
+    dict(prompt=["O", "To be, or not"], n=2, max_tokens=6, seed=3, echo=True, logprobs=1),
+    dict(prompt="the the the", max_tokens=9, seed=4, frequency_penalty=1.5, presence_penalty=0.5),
+    dict(prompt=PROMPT, max_tokens=16, temperature=0, logprobs=0, stop=["e,", "\n"]),
+    dict(prompt="ROMEO:", best_of=3, n=2, max_tokens=5, seed=5),
+    dict(prompt="Whether", max_tokens=0, echo=True, logprobs=3),
+]
+
+
+def _comparable(response: dict[str, Any]) -> list[tuple[Any, ...]]:
+    out = []
+    for c in response["choices"]:
+        lp = c["logprobs"]
+        tokens = lp and lp["tokens"]
+        values = lp and [v for v in lp["token_logprobs"] if v is not None]
+        out.append((c["index"], c["text"], c["finish_reason"], tokens, values))
+    return out
+
+
+def _assert_same_completion(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert got["usage"] == want["usage"]
+    for g, w in zip(_comparable(got), _comparable(want), strict=True):
+        assert g[:4] == w[:4]  # index, text, finish_reason, tokens: exactly the same
+        if w[4] is not None:
+            # The logits of a row come out of a bigger matmul when others share the batch: the
+            # same up to float32 rounding, never a different token.
+            assert g[4] == pytest.approx(w[4], abs=1e-4)
+
+
+def test_each_request_gets_the_same_completion_alone_or_batched_with_others(
+    engine: Engine,
+) -> None:
+    alone = [run(engine, **fields) for fields in BATCHED_REQUESTS]
+    jobs = [engine.job(CompletionRequest(**fields), stream=False) for fields in BATCHED_REQUESTS]
+    batch = DecodeBatch(engine)
+    # Staggered: requests join a batch that is already decoding, and rows of every length mix.
+    batch.admit(jobs[:2])
+    batch.step()
+    batch.step()
+    batch.admit(jobs[2:5])
+    batch.step()
+    assert batch.rows > sum(len(job.rows) for job in jobs[:2])  # they really decode together
+    batch.admit(jobs[5:])
+    while batch.jobs:
+        batch.step()
+    assert all(job.done for job in jobs)
+    for job, want in zip(jobs, alone, strict=True):
+        _assert_same_completion(job.response(), want)
+    assert batch.rows == 0
+
+
+def test_streamed_jobs_in_a_shared_batch_give_the_streams_they_give_alone(engine: Engine) -> None:
+    requests = [
+        CompletionRequest(stream=True, stream_options={"include_usage": True}, **fields)
+        for fields in BATCHED_REQUESTS
+        if "best_of" not in fields
+    ]
+    alone = [list(engine.stream(request)) for request in requests]
+    jobs = [engine.job(request, stream=True) for request in requests]
+    batch = DecodeBatch(engine)
+    got: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    batch.admit(jobs)
+    while True:
+        for i, job in enumerate(jobs):
+            got[i].extend(job.take())
+        if not batch.jobs:
+            break
+        batch.step()
+
+    def text_and_finish(chunks: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        return [
+            (c["index"], c["text"], c["finish_reason"], c["logprobs"] and c["logprobs"]["tokens"])
+            for chunk in chunks
+            for c in chunk["choices"]
+        ]
+
+    for mine, theirs in zip(got, alone, strict=True):
+        assert text_and_finish(mine) == text_and_finish(theirs)
+        assert mine[-1]["usage"] == theirs[-1]["usage"]
+
+
+def test_a_removed_job_stops_at_once_and_the_others_carry_on(engine: Engine) -> None:
+    keep_fields = dict(prompt=PROMPT, n=2, max_tokens=10, seed=11, logit_bias=no_eot(engine))
+    want = run(engine, **keep_fields)
+    keep = engine.job(CompletionRequest(**keep_fields), stream=False)
+    drop = engine.job(
+        CompletionRequest(prompt="ROMEO:", n=4, max_tokens=40, logit_bias=no_eot(engine)),
+        stream=False,
+    )
+    batch = DecodeBatch(engine)
+    batch.admit([drop, keep])
+    batch.step()
+    batch.step()
+    assert drop.steps == 2
+    assert batch.rows == 6
+    batch.remove(drop)
+    assert batch.rows == 2  # its rows left the batch before any further step
+    while batch.jobs:
+        batch.step()
+    assert drop.steps == 2
+    assert not drop.done
+    _assert_same_completion(keep.response(), want)
+
+
+def test_work_and_memory_of_a_job_follow_the_budget_formula(engine: Engine) -> None:
+    request = CompletionRequest(prompt=[[1, 2, 3], [4]], n=2, best_of=3, max_tokens=5)
+    job = engine.job(request, stream=False)
+    assert job.work_tokens == 3 * (3 + 5) + 3 * (1 + 5)
+    config = engine.weights.config
+    per_position = config.n_layer * 2 * config.n_embd * 4
+    assert engine.kv_bytes_per_position == per_position
+    assert job.memory_bytes == job.work_tokens * per_position + 6 * engine.row_bytes

@@ -48,11 +48,15 @@ from . import _sampling
 from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
 from ._tokenizer import ByteTokenizer
 
-__all__ = ["Engine"]
+__all__ = ["DecodeBatch", "Engine", "Job"]
 
 DEFAULT_MAX_TOKENS = 16
 EOT = "<|endoftext|>"
+#: Rows sampled per numpy pass (bounds the float64 copies of the vocabulary a step makes).
+_SAMPLE_ROWS = 64
 _FLOOR = -9999.0  # what a -inf (or NaN) logprob is written as; JSON has no -Infinity
+#: tokens, token_logprobs, top_logprobs, text_offset of one choice (or its echoed prompt)
+_Parts = tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]
 
 
 class _OneBlasThread:
@@ -270,6 +274,11 @@ class Engine:
         self._token_bytes: tuple[bytes, ...] = tuple(table)
         strings = list(tokenizer.token_strings[: self.vocab_size])
         self._token_strings = tuple(strings + [""] * (self.vocab_size - len(strings)))
+        #: Key/value cache bytes per position per row: layers x (k, v) x n_embd x float32.
+        self.kv_bytes_per_position = config.n_layer * 2 * config.n_embd * 4
+        #: Bytes a decoding row holds besides its cache: its next-token logits and the forward
+        #: pass's output (float32, V each).
+        self.row_bytes = 2 * 4 * config.vocab_size
         spellable = min(len(tokenizer), self.vocab_size)
         self._unspellable = np.arange(spellable, self.vocab_size)
 
@@ -321,76 +330,30 @@ class Engine:
     # -- requests ----------------------------------------------------------------------------------
     def complete(self, request: CompletionRequest) -> dict[str, Any]:
         """The full ``text_completion`` response for ``request`` (stream is ignored)."""
-        plan = self._plan(request)
-        rows, prompt_lp = self._run_all(plan)
-        choices = []
-        for p, prompt in enumerate(plan.prompts):
-            candidates = [row for row in rows if row.prompt_index == p]
-            if plan.best_of > plan.n:
-                candidates = sorted(candidates, key=lambda r: -r.mean_logprob)[: plan.n]
-            for k, row in enumerate(candidates):
-                choices.append(self._choice(plan, prompt, prompt_lp[p], row, p * plan.n + k))
-        response = self._envelope()
-        response["choices"] = choices
-        response["usage"] = self._usage(plan, rows)
-        return response
+        job = self.job(request, stream=False)
+        DecodeBatch(self).run([job])
+        return job.response()
 
     def stream(self, request: CompletionRequest) -> Iterator[dict[str, Any]]:
         """Chunks of a streamed response; bad requests raise here, before the first chunk."""
-        plan = self._plan(request)
-        if plan.best_of > plan.n:
-            raise RequestError(
-                "best_of",
-                f"best_of cannot exceed n when streaming; got best_of={plan.best_of}, n={plan.n}",
-                allowed=f"{plan.n} (= n)",
-                value=plan.best_of,
-            )
-        return self._stream(plan)
+        return self._stream(self.job(request, stream=True))
 
-    def _stream(self, plan: _Plan) -> Iterator[dict[str, Any]]:
-        envelope = self._envelope()
-        if plan.include_usage:
-            envelope["usage"] = None
+    def job(self, request: CompletionRequest, *, stream: bool) -> Job:
+        """A validated, planned request that a `DecodeBatch` can run (raises `RequestError`).
 
-        def chunk(
-            index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None
-        ) -> dict[str, Any]:
-            out = dict(envelope)
-            out["choices"] = [
-                {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
-            ]
-            return out
+        With ``stream`` the job queues its chunks as they are generated (`Job.take`); without it,
+        `Job.response` builds the whole response once the job is done.
+        """
+        return Job(self, self._plan(request), stream=stream)
 
-        generation = _Generation(self, plan)
-        rows = generation.rows
-        if plan.echo and plan.logprobs is not None:
-            generation.prefill()  # the echoed prompt's logprobs come from the prefill
-        for i, row in enumerate(rows):
-            prompt = plan.prompts[row.prompt_index]
-            if plan.echo and (prompt.text or prompt.echo_ids):
-                lp = None
-                if plan.logprobs is not None:
-                    lp = self._logprobs_object(
-                        *self._echo_parts(
-                            prompt, generation.prompt_lp[row.prompt_index], plan.logprobs
-                        )
-                    )
-                yield chunk(i, prompt.text, lp, None)
-        for changed in generation.steps():
-            for i in changed:
-                row = rows[i]
-                delta, first, end = row.release()
-                if not delta and first == end and not row.finished:
-                    continue
-                lp = None
-                if plan.logprobs is not None:
-                    lp = self._logprobs_object(*self._generated_parts(row, first, end))
-                yield chunk(i, delta, lp, row.finish_reason)
-        if plan.include_usage:
-            final = dict(envelope)
-            final["choices"] = []
-            final["usage"] = self._usage(plan, rows)
-            yield final
+    @staticmethod
+    def _stream(job: Job) -> Iterator[dict[str, Any]]:
+        batch = DecodeBatch(job.engine)
+        batch.admit([job])
+        yield from job.take()
+        while batch.jobs:
+            batch.step()
+            yield from job.take()
 
     # -- internals ---------------------------------------------------------------------------------
     def _envelope(self) -> dict[str, Any]:
@@ -509,21 +472,13 @@ class Engine:
             include_usage=bool((request.stream_options or {}).get("include_usage")),
         )
 
-    def _run_all(self, plan: _Plan) -> tuple[list[_Row], list[np.ndarray | None]]:
-        generation = _Generation(self, plan)
-        for _ in generation.steps():
-            pass
-        return generation.rows, generation.prompt_lp
-
     def _top(self, logp_row: np.ndarray, ids: np.ndarray, chosen: int) -> dict[str, float]:
         strings = self._token_strings
         top = {strings[int(t)]: _finite(float(logp_row[int(t)])) for t in ids}
         top.setdefault(strings[chosen], _finite(float(logp_row[chosen])))
         return top
 
-    def _echo_parts(
-        self, prompt: _Prompt, logp: np.ndarray | None, k: int
-    ) -> tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]:
+    def _echo_parts(self, prompt: _Prompt, logp: np.ndarray | None, k: int) -> _Parts:
         """Logprob lists of the echoed prompt; ``logp`` is (P-1, V), row i predicting token i+1."""
         ids = prompt.echo_ids
         tokens = [self._token_strings[t] for t in ids]
@@ -544,9 +499,7 @@ class Engine:
             raise RuntimeError("the echoed prompt's logprobs were asked for before the prefill")
         return tokens, token_logprobs[: len(ids)], tops[: len(ids)], offsets
 
-    def _generated_parts(
-        self, row: _Row, first: int, end: int
-    ) -> tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]:
+    def _generated_parts(self, row: _Row, first: int, end: int) -> _Parts:
         tokens = [self._token_strings[t] for t in row.tokens[first:end]]
         return (
             tokens,
@@ -570,7 +523,7 @@ class Engine:
         }
 
     def _choice(
-        self, plan: _Plan, prompt: _Prompt, prompt_lp: np.ndarray | None, row: _Row, index: int
+        self, plan: _Plan, prompt: _Prompt, echo: _Parts | None, row: _Row, index: int
     ) -> dict[str, Any]:
         text = row.final_text
         logprobs = None
@@ -578,7 +531,8 @@ class Engine:
             kept = row.kept_tokens
             parts = self._generated_parts(row, 0, kept)
             if plan.echo:
-                echo = self._echo_parts(prompt, prompt_lp, plan.logprobs)
+                if echo is None:
+                    echo = self._echo_parts(prompt, None, plan.logprobs)
                 parts = (
                     echo[0] + parts[0],
                     echo[1] + parts[1],
@@ -606,98 +560,408 @@ def _model_id_from(path: Path) -> str:
     return str(name) if name else path.resolve().name
 
 
-class _Generation:
-    """Runs one request: prefill each prompt once, then decode all rows in one batch per step."""
+class Job:
+    """One request while it is generated: its rows, random generator and output.
 
-    def __init__(self, engine: Engine, plan: _Plan) -> None:
+    Made by `Engine.job`; run by a `DecodeBatch`, alone (`Engine.complete`, `Engine.stream`) or
+    beside other requests' jobs (the server's scheduler). Everything random about a request lives
+    here (its own ``Generator``, drawn for its own rows in row order), so what else shares the batch
+    never changes which draws a request gets.
+    """
+
+    def __init__(self, engine: Engine, plan: _Plan, *, stream: bool) -> None:
         self.engine = engine
         self.plan = plan
-        rows_per_prompt = plan.best_of
-        self.rows = [
-            _Row(p, len(prompt.text), plan)
-            for p, prompt in enumerate(plan.prompts)
-            for _ in range(rows_per_prompt)
-        ]
-        self.prompt_lp: list[np.ndarray | None] = [None] * len(plan.prompts)
+        self.stream = stream
+        #: Rows (candidate completions): prompts x best_of, made when a batch admits the job, so
+        #: that a request waiting for memory holds no more than its plan.
+        self.rows: list[_Row] = []
+        self.n_rows = len(plan.prompts) * plan.best_of
         seed = plan.seed
         entropy = None if seed is None else seed % (1 << 128)  # PCG64 wants a non-negative seed
         self.rng = np.random.Generator(np.random.PCG64(entropy))
-        self._prefilled: tuple[KVCache, np.ndarray] | None = None
+        #: The echoed prompt's logprob lists, per prompt, filled at prefill when echo + logprobs.
+        self.echo: list[_Parts | None] = [None] * len(plan.prompts)
+        self.active = np.zeros(0, np.int64)  # row ids still generating, in order
+        self.slots = np.zeros(0, np.int64)  # the batch slot of each active row
+        self.penalised = bool(plan.frequency_penalty or plan.presence_penalty)
+        self.counts: np.ndarray | None = None  # (rows, V) tokens sampled so far, for penalties
+        self.steps = 0  # decode steps that sampled a token for this job
+        self.done = False
+        self._outbox: list[dict[str, Any]] = []
+        self._envelope = engine._envelope()
+        if stream and plan.include_usage:
+            self._envelope["usage"] = None
 
-    def prefill(self) -> tuple[KVCache, np.ndarray]:
-        """Run every prompt once (idempotent); fills ``prompt_lp`` for echo + logprobs."""
-        if self._prefilled is None:
-            self._prefilled = self._prefill()
-        return self._prefilled
+    def _start(self) -> None:
+        plan = self.plan
+        self.rows = [
+            _Row(p, len(prompt.text), plan)
+            for p, prompt in enumerate(plan.prompts)
+            for _ in range(plan.best_of)
+        ]
+        if self.penalised:
+            self.counts = np.zeros((self.n_rows, self.engine.vocab_size), np.float64)
 
-    def _prefill(self) -> tuple[KVCache, np.ndarray]:
+    def __repr__(self) -> str:
+        return (
+            f"<Job {self._envelope['id']}: {self.n_rows} rows, {self.steps} steps, "
+            f"done={self.done}>"
+        )
+
+    # -- what the request costs --------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        """Positions the longest row needs: its prompt plus max_tokens."""
+        return max(len(p.ids) for p in self.plan.prompts) + self.plan.max_tokens
+
+    @property
+    def work_tokens(self) -> int:
+        """prompts x best_of x (prompt + max_tokens), summed per prompt: the positions computed."""
+        plan = self.plan
+        return sum(plan.best_of * (len(p.ids) + plan.max_tokens) for p in plan.prompts)
+
+    @property
+    def memory_bytes(self) -> int:
+        """What running this job holds: the key/value cache of every position of every row, plus
+        each row's next-token logits (and its token counts when penalties are on)."""
+        engine = self.engine
+        per_row = engine.row_bytes * (2 if self.penalised else 1)
+        return self.work_tokens * engine.kv_bytes_per_position + self.n_rows * per_row
+
+    # -- output ------------------------------------------------------------------------------------
+    def take(self) -> list[dict[str, Any]]:
+        """Streaming: the chunks generated since the last call (the usage chunk comes last)."""
+        out, self._outbox = self._outbox, []
+        return out
+
+    def response(self) -> dict[str, Any]:
+        """The whole ``text_completion`` response of a finished job."""
+        if not self.done:
+            raise RuntimeError("the job has not finished")
         engine, plan = self.engine, self.plan
-        weights = engine.weights
-        want_prompt_lp = plan.echo and plan.logprobs is not None
-        sources = []
-        last = []
+        choices = []
         for p, prompt in enumerate(plan.prompts):
-            ids = np.asarray(prompt.ids, np.int64)[None, :]  # (1, P)
-            cache = KVCache.empty(weights.config, 1, len(prompt.ids))
-            with _one_blas_thread:
-                logits = forward(weights, ids, cache, last_only=not want_prompt_lp)  # (1, P|1, V)
-            if want_prompt_lp:
-                self.prompt_lp[p] = log_softmax(logits[0, :-1])  # (P-1, V)
-            last.append(logits[0, -1])
-            sources.append((cache, plan.best_of))
-        capacity = max(len(p.ids) for p in plan.prompts) + plan.max_tokens
-        batch = KVCache.stack(sources, capacity)
-        next_logits = np.repeat(np.stack(last), plan.best_of, axis=0)  # (B, V)
-        return batch, next_logits
+            candidates = [row for row in self.rows if row.prompt_index == p]
+            if plan.best_of > plan.n:
+                candidates = sorted(candidates, key=lambda r: -r.mean_logprob)[: plan.n]
+            for k, row in enumerate(candidates):
+                choices.append(engine._choice(plan, prompt, self.echo[p], row, p * plan.n + k))
+        response = dict(self._envelope)
+        response["choices"] = choices
+        response["usage"] = engine._usage(plan, self.rows)
+        return response
 
-    def steps(self) -> Iterator[list[int]]:
-        """Yields, after each decode step, the indices of the rows that took a token."""
-        engine, plan = self.engine, self.plan
-        weights = engine.weights
-        if plan.max_tokens == 0:
-            if plan.echo and plan.logprobs is not None:
-                self.prefill()
-            for row in self.rows:
-                row.finish_reason = "length"
-            yield list(range(len(self.rows)))
+    def _chunk(
+        self, index: int, text: str, logprobs: dict[str, Any] | None, finish: str | None
+    ) -> None:
+        out = dict(self._envelope)
+        out["choices"] = [
+            {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}
+        ]
+        self._outbox.append(out)
+
+    def _emit_echo(self) -> None:
+        plan, engine = self.plan, self.engine
+        if not (self.stream and plan.echo):
             return
-        cache, next_logits = self.prefill()
-        active = np.arange(len(self.rows))  # row index of each batch row
-        penalised = bool(plan.frequency_penalty or plan.presence_penalty)
-        counts = np.zeros((len(self.rows), engine.vocab_size), np.float64) if penalised else None
+        for i, row in enumerate(self.rows):
+            prompt = plan.prompts[row.prompt_index]
+            if prompt.text or prompt.echo_ids:
+                lp = None
+                if plan.logprobs is not None:
+                    echo = self.echo[row.prompt_index]
+                    if echo is None:
+                        echo = engine._echo_parts(prompt, None, plan.logprobs)
+                    lp = engine._logprobs_object(*echo)
+                self._chunk(i, prompt.text, lp, None)
+
+    def _emit_rows(self, changed: list[int]) -> None:
+        if not self.stream:
+            return
+        engine, plan = self.engine, self.plan
+        for i in changed:
+            row = self.rows[i]
+            delta, first, end = row.release()
+            if not delta and first == end and not row.finished:
+                continue
+            lp = None
+            if plan.logprobs is not None:
+                lp = engine._logprobs_object(*engine._generated_parts(row, first, end))
+            self._chunk(i, delta, lp, row.finish_reason)
+
+    def _finish(self) -> None:
+        self.done = True
+        if self.stream and self.plan.include_usage:
+            final = dict(self._envelope)
+            final["choices"] = []
+            final["usage"] = self.engine._usage(self.plan, self.rows)
+            self._outbox.append(final)
+
+    # -- one decode step ---------------------------------------------------------------------------
+    def _sample(self, logits: np.ndarray) -> np.ndarray:
+        """Sample the next token of every active row from the batch's (rows, V) ``logits``.
+
+        Returns (A,) tokens and records them in the rows. Rows are sampled in chunks so that a job
+        of thousands of rows never holds thousands of float64 copies of the vocabulary; the
+        generator's draws come in the same order either way.
+        """
+        active = self.active
+        chosen = np.empty(len(active), np.int64)
+        for start in range(0, len(active), _SAMPLE_ROWS):
+            part = slice(start, start + _SAMPLE_ROWS)
+            chosen[part] = self._sample_rows(active[part], logits[self.slots[part]])
+        if self.counts is not None:
+            self.counts[active, chosen] += 1
+        self.steps += 1
+        self._emit_rows(active.tolist())
+        return chosen
+
+    def _sample_rows(self, active: np.ndarray, next_logits: np.ndarray) -> np.ndarray:
+        """(A,) row ids and their (A, V) next-token logits -> (A,) sampled tokens."""
+        engine, plan = self.engine, self.plan
+        counts = None if self.counts is None else self.counts[active]
+        mu = _sampling.adjust_logits(
+            next_logits, plan.bias, counts, plan.frequency_penalty, plan.presence_penalty
+        )
+        chosen = _sampling.sample(mu, plan.temperature, plan.top_p, self.rng)  # (A,)
         k = plan.logprobs
         # Only logprobs and best_of's ranking read the model's log-probabilities.
-        need_logprobs = k is not None or plan.best_of > plan.n
+        if k is not None or plan.best_of > plan.n:
+            logp = log_softmax(next_logits)  # (A, V) raw model logprobs
+            chosen_lp = logp[np.arange(len(active)), chosen].tolist()  # (A,)
+        else:
+            logp, chosen_lp = None, [0.0] * len(active)
+        top_ids = _sampling.top_k(logp, k) if k is not None and logp is not None else None
         eot = engine.eot_token_id
         token_bytes = engine._token_bytes
-        while True:
-            mu = _sampling.adjust_logits(
-                next_logits, plan.bias, counts, plan.frequency_penalty, plan.presence_penalty
+        rows = self.rows
+        for j, r in enumerate(active.tolist()):
+            token = int(chosen[j])
+            top = None
+            if top_ids is not None and logp is not None:
+                top = engine._top(logp[j], top_ids[j], token)
+            rows[r].add(token, token_bytes[token], _finite(chosen_lp[j]), top, eot)
+        return chosen
+
+
+class DecodeBatch:
+    """Continuous batching: the rows of many jobs decode together, one forward pass per token.
+
+    Each step samples every active row's next token (each job with its own sampler and generator),
+    drops rows that finished, and runs ONE batched forward pass over all remaining rows of all jobs,
+    whatever their lengths (each row attends to its own positions; see `KVCache`). `admit` adds
+    jobs between steps: their prompts are prefilled (identical prompts once, equal lengths in one
+    pass) and copied into the rows that continue them.
+
+    The key/value cache is one pool of slots, ``(slots, H, capacity, K)`` per layer; the active rows
+    fill slots ``0..rows-1``. A finished row's slot is refilled by moving the last row into it, so a
+    step never copies more than the rows that left. The pool grows by doubling and is released
+    when the batch empties. Not thread-safe: one thread drives a batch.
+    """
+
+    #: A prefill forward pass covers at most this many prompt positions (bounds its logits).
+    PREFILL_POSITIONS = 4096
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.jobs: list[Job] = []
+        self.steps = 0  # decode steps run
+        self._k: list[np.ndarray] = []
+        self._v: list[np.ndarray] = []
+        self._lengths = np.zeros(0, np.int64)  # positions cached per slot
+        self._tokens = np.zeros(0, np.int64)  # each slot's last sampled token (next input)
+        self._logits = np.zeros((0, engine.vocab_size), np.float32)  # (rows, V) next-token logits
+        self._rows = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows decoding now (all jobs)."""
+        return self._rows
+
+    def run(self, jobs: list[Job]) -> None:
+        """Admit ``jobs`` and step until every job is done."""
+        self.admit(jobs)
+        while self.jobs:
+            self.step()
+
+    # -- admission ---------------------------------------------------------------------------------
+    def admit(self, jobs: list[Job]) -> None:
+        """Prefill ``jobs`` and add their rows; a job with max_tokens 0 is done at once."""
+        engine = self.engine
+        for job in jobs:
+            job._start()
+        decoding = [job for job in jobs if job.plan.max_tokens > 0]
+        first = self._rows
+        total = first + sum(len(job.rows) for job in decoding)
+        if decoding:
+            self._reserve(total, max(job.capacity for job in decoding))
+        # Where each (job, prompt) goes: its rows take consecutive slots, in row order.
+        uses: dict[tuple[int, ...], list[tuple[Job, int, np.ndarray]]] = {}
+        slot = first
+        for job in jobs:
+            plan = job.plan
+            wants_echo = plan.echo and plan.logprobs is not None
+            for p, prompt in enumerate(plan.prompts):
+                if plan.max_tokens > 0:
+                    slots = np.arange(slot, slot + plan.best_of)
+                    slot += plan.best_of
+                elif wants_echo:
+                    slots = np.zeros(0, np.int64)
+                else:
+                    continue
+                uses.setdefault(tuple(prompt.ids), []).append((job, p, slots))
+        logits = np.empty((total - first, engine.vocab_size), np.float32)
+        self._prefill(uses, logits, first)
+        self._logits = np.concatenate([self._logits[: self._rows], logits])
+        self._rows = total
+        slot = first
+        for job in jobs:
+            job._emit_echo()
+            if job.plan.max_tokens == 0:
+                for row in job.rows:
+                    row.finish_reason = "length"
+                job._emit_rows(list(range(len(job.rows))))
+                job._finish()
+                continue
+            n = len(job.rows)
+            job.active = np.arange(n)
+            job.slots = np.arange(slot, slot + n)
+            slot += n
+            self.jobs.append(job)
+
+    def _prefill(
+        self,
+        uses: dict[tuple[int, ...], list[tuple[Job, int, np.ndarray]]],
+        logits: np.ndarray,
+        first: int,
+    ) -> None:
+        """Run each distinct prompt once and copy its cache and last logits into its rows' slots."""
+        engine = self.engine
+        weights = engine.weights
+        groups: dict[tuple[int, bool], list[tuple[int, ...]]] = {}
+        for ids, users in uses.items():
+            want_lp = any(job.plan.echo and job.plan.logprobs is not None for job, _, _ in users)
+            groups.setdefault((len(ids), want_lp), []).append(ids)
+        for (length, want_lp), prompts in groups.items():
+            per_pass = max(1, self.PREFILL_POSITIONS // length)
+            for start in range(0, len(prompts), per_pass):
+                part = prompts[start : start + per_pass]
+                cache = KVCache.empty(weights.config, len(part), length)
+                with _one_blas_thread:
+                    out = forward(weights, np.array(part, np.int64), cache, last_only=not want_lp)
+                for g, ids in enumerate(part):  # out: (G, P|1, V)
+                    logp = log_softmax(out[g, :-1]) if want_lp else None  # (P-1, V)
+                    for job, p, slots in uses[ids]:
+                        plan = job.plan
+                        if plan.echo and plan.logprobs is not None:
+                            job.echo[p] = engine._echo_parts(plan.prompts[p], logp, plan.logprobs)
+                        if len(slots):
+                            for layer in range(len(self._k)):
+                                self._k[layer][slots, :, :length] = cache.k[layer][g, :, :length]
+                                self._v[layer][slots, :, :length] = cache.v[layer][g, :, :length]
+                            self._lengths[slots] = length
+                            logits[slots - first] = out[g, -1]
+
+    def _reserve(self, rows: int, capacity: int) -> None:
+        """Make the pool hold ``rows`` slots of ``capacity`` positions, keeping the active rows."""
+        have_rows = self._k[0].shape[0] if self._k else 0
+        have_capacity = self._k[0].shape[2] if self._k else 0
+        if rows <= have_rows and capacity <= have_capacity:
+            return
+        config = self.engine.weights.config
+        new_rows = max(rows, 2 * have_rows if rows > have_rows else have_rows, 8)
+        new_capacity = max(capacity, have_capacity)
+        head = config.n_embd // config.n_head
+        shape = (new_rows, config.n_head, new_capacity, head)
+        keep = self._rows
+        # np.zeros maps fresh pages lazily: slots and positions never written cost no memory.
+        ks = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
+        vs = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
+        for layer in range(len(self._k)):
+            ks[layer][:keep, :, :have_capacity] = self._k[layer][:keep]
+            vs[layer][:keep, :, :have_capacity] = self._v[layer][:keep]
+        self._k, self._v = ks, vs
+        lengths = np.zeros(new_rows, np.int64)
+        lengths[:keep] = self._lengths[:keep]
+        tokens = np.zeros(new_rows, np.int64)
+        tokens[:keep] = self._tokens[:keep]
+        self._lengths, self._tokens = lengths, tokens
+
+    # -- decoding ----------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Sample every active row's next token, then one forward pass over the rows still going."""
+        if not self.jobs:
+            return
+        logits = self._logits
+        leaving: list[np.ndarray] = []
+        for job in self.jobs:
+            chosen = job._sample(logits)
+            self._tokens[job.slots] = chosen
+            alive = np.fromiter(
+                (not job.rows[r].finished for r in job.active.tolist()), bool, len(job.active)
             )
-            chosen = _sampling.sample(mu, plan.temperature, plan.top_p, self.rng)  # (A,)
-            if need_logprobs:
-                logp = log_softmax(next_logits)  # (A, V) raw model logprobs
-                chosen_lp = logp[np.arange(len(active)), chosen].tolist()  # (A,)
-            else:
-                logp, chosen_lp = None, [0.0] * len(active)
-            top_ids = _sampling.top_k(logp, k) if k is not None and logp is not None else None
-            for j, r in enumerate(active):
-                token = int(chosen[j])
-                top = None
-                if top_ids is not None and logp is not None:
-                    top = engine._top(logp[j], top_ids[j], token)
-                self.rows[r].add(token, token_bytes[token], _finite(chosen_lp[j]), top, eot)
-            yield [int(r) for r in active]
-            if counts is not None:
-                counts[np.arange(len(active)), chosen] += 1
-            alive = np.array([not self.rows[r].finished for r in active], bool)
-            if not alive.any():
-                return
             if not alive.all():
-                cache = cache.select(np.flatnonzero(alive))
-                active = active[alive]
-                chosen = chosen[alive]
-                if counts is not None:
-                    counts = counts[alive]
-            with _one_blas_thread:
-                next_logits = forward(weights, chosen[:, None], cache)[:, 0]  # (A, V)
+                leaving.append(job.slots[~alive])
+                job.active = job.active[alive]
+                job.slots = job.slots[alive]
+        self.steps += 1
+        finished = [job for job in self.jobs if not len(job.active)]
+        for job in finished:
+            job._finish()
+        if finished:
+            self.jobs = [job for job in self.jobs if len(job.active)]
+        if leaving:
+            self._release(np.concatenate(leaving))
+        if self._rows:
+            self._forward()
+
+    def remove(self, job: Job) -> None:
+        """Stop ``job`` now (its client left): its rows leave the batch before the next step."""
+        if job not in self.jobs:
+            return
+        self.jobs.remove(job)
+        slots = job.slots
+        job.active = job.slots = np.zeros(0, np.int64)
+        self._release(slots)
+
+    def _forward(self) -> None:
+        rows = self._rows
+        cache = KVCache(
+            [k[:rows] for k in self._k], [v[:rows] for v in self._v], self._lengths[:rows].copy()
+        )
+        with _one_blas_thread:
+            self._logits = forward(self.engine.weights, self._tokens[:rows, None], cache)[:, 0]
+        self._lengths[:rows] = cache.lengths
+
+    def _release(self, slots: np.ndarray) -> None:
+        """Free ``slots``: the rows after the new end move into the holes below it."""
+        count = self._rows - len(slots)
+        if count == 0:
+            self._rows = 0
+            self._k, self._v = [], []  # an idle batch holds no cache
+            self._lengths = np.zeros(0, np.int64)
+            self._tokens = np.zeros(0, np.int64)
+            self._logits = self._logits[:0]
+            return
+        gone = np.zeros(self._rows, bool)
+        gone[slots] = True
+        holes = np.flatnonzero(gone[:count])
+        movers = np.flatnonzero(~gone[count:]) + count
+        if len(holes):
+            span = int(self._lengths[movers].max())
+            for layer in range(len(self._k)):
+                self._k[layer][holes, :, :span] = self._k[layer][movers, :, :span]
+                self._v[layer][holes, :, :span] = self._v[layer][movers, :, :span]
+            self._lengths[holes] = self._lengths[movers]
+            self._tokens[holes] = self._tokens[movers]
+            logits = self._logits[:count].copy()
+            logits[holes] = self._logits[movers]
+            self._logits = logits
+            where = np.arange(self._rows)
+            where[movers] = holes
+            for job in self.jobs:
+                job.slots = where[job.slots]
+        else:
+            self._logits = self._logits[:count]
+        self._rows = count

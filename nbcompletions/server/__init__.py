@@ -9,6 +9,7 @@ over HTTP with uvicorn. Neither loads the model until it is needed.
 from __future__ import annotations
 
 from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app, render_json
+from ._scheduler import WorkBudget
 from ._serve import API_KEY_ENV, DEFAULT_MAX_TOKENS_CAP, serve
 from ._transport import StreamingASGITransport
 
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_MAX_TOKENS_CAP",
     "Engine",
     "StreamingASGITransport",
+    "WorkBudget",
     "create_app",
     "render_json",
     "serve",

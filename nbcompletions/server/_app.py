@@ -1,10 +1,11 @@
 """The OpenAI-compatible Completions app: Starlette routes over the embedded engine.
 
 Requests are validated by the same `CompletionRequest` code the client uses, so both sides agree
-on every range. The engine is synchronous numpy code: every call into it runs in a worker thread,
-bounded by a per-event-loop `CapacityLimiter`, so a long completion never blocks other requests.
-The same app runs in-process behind ``httpx.ASGITransport`` (possibly from several event loops over
-its lifetime) and under uvicorn for ``nbcompletions serve``; nothing here is bound to one loop.
+on every range. Routes hand every completion to the scheduler (`._scheduler`: continuous batching,
+the work budget, cancellation when the client leaves) and never call the engine themselves, so a
+long completion never blocks other requests. The same app runs in-process behind
+``httpx.ASGITransport`` (possibly from several event loops over its lifetime) and under uvicorn for
+``nbcompletions serve``; nothing here is bound to one loop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
-from anyio.lowlevel import RunVar
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -31,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from .._errors import RequestError
 from .._request import FIELDS, CompletionRequest, Limits
+from ._scheduler import CompletionStream, Overloaded, Scheduler, WorkBudget, scheduler_for
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Engine", "create_app", "render_json"]
 
@@ -142,34 +143,18 @@ def _reject_constant(name: str) -> Any:
 
 
 # -- streaming ----------------------------------------------------------------------------------
-_DONE = object()
-
-
-def _next_or_done(iterator: Iterator[dict[str, Any]]) -> Any:
-    # StopIteration cannot cross a thread boundary through anyio, so end-of-stream is a sentinel.
-    return next(iterator, _DONE)
-
-
 class _EventStream(Response):
     """Server-sent events for one stream: ``data: {json}`` per chunk, then ``data: [DONE]``.
 
-    The engine's generator is advanced one chunk at a time in a worker thread. It is closed in every
-    case (done, error, client gone) so its ``finally`` blocks run; an error after the first chunk
-    becomes an error event, since the 200 status is already sent.
+    The scheduler delivers the chunks; the stream is closed in every case (done, error, client
+    gone), which stops its work within one decode step; an error after the first chunk becomes an
+    error event, since the 200 status is already sent.
     """
 
     media_type = "text/event-stream"
 
-    def __init__(
-        self,
-        app: _CompletionsServer,
-        first: Any,
-        iterator: Iterator[dict[str, Any]],
-        request_id: str,
-    ) -> None:
-        self._app = app
-        self._first = first
-        self._iterator = iterator
+    def __init__(self, stream: CompletionStream, request_id: str) -> None:
+        self._stream = stream
         self._request_id = request_id
         self.status_code = 200
         self.background = None
@@ -195,7 +180,7 @@ class _EventStream(Response):
                 group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._close)
+                await self._close()
 
     @staticmethod
     async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -206,18 +191,9 @@ class _EventStream(Response):
                 return
 
     async def _pump(self, send: Send) -> None:
-        chunk = self._first
-        while chunk is not _DONE:
+        while True:
             try:
-                data = b"data: " + render_json(chunk) + b"\n\n"
-            except Exception:
-                logger.exception("could not render a stream chunk (request %s)", self._request_id)
-                data, chunk = self._error_event(_server_error(self._request_id)), _DONE
-            await send({"type": "http.response.body", "body": data, "more_body": True})
-            if chunk is _DONE:
-                break
-            try:
-                chunk = await self._app.run_engine(_next_or_done, self._iterator)
+                chunk = await self._stream.next()
             except RequestError as exc:
                 await self._send_error(send, _request_error(exc))
                 break
@@ -225,6 +201,15 @@ class _EventStream(Response):
                 logger.exception("the engine failed mid-stream (request %s)", self._request_id)
                 await self._send_error(send, _server_error(self._request_id))
                 break
+            if chunk is None:
+                break
+            try:
+                data = b"data: " + render_json(chunk) + b"\n\n"
+            except Exception:
+                logger.exception("could not render a stream chunk (request %s)", self._request_id)
+                await self._send_error(send, _server_error(self._request_id))
+                break
+            await send({"type": "http.response.body", "body": data, "more_body": True})
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
     @staticmethod
@@ -236,12 +221,9 @@ class _EventStream(Response):
             {"type": "http.response.body", "body": self._error_event(failure), "more_body": True}
         )
 
-    def _close(self) -> None:
-        close = getattr(self._iterator, "close", None)
-        if close is None:
-            return
+    async def _close(self) -> None:
         try:
-            close()
+            await self._stream.aclose()
         except Exception:
             logger.exception("closing the engine stream failed (request %s)", self._request_id)
 
@@ -271,6 +253,7 @@ class _CompletionsServer:
         max_body_bytes: int,
         limits: Limits,
         max_concurrency: int,
+        budget: WorkBudget,
     ) -> None:
         self._engine = engine
         self._api_key = api_key.encode("utf-8") if api_key is not None else None
@@ -278,10 +261,9 @@ class _CompletionsServer:
         self.max_body_bytes = max_body_bytes
         self.limits = limits
         self.max_concurrency = max_concurrency
+        self.budget = budget
         self._load_lock = threading.Lock()
-        # One limiter per event loop: anyio primitives must not be shared between loops, and the
-        # in-process app may be driven from several (a notebook's loop, a test's loop, ...).
-        self._limiter: RunVar[anyio.CapacityLimiter] = RunVar(f"nbcompletions-engine-{id(self)}")
+        self._scheduler: Scheduler | None = None
         self._started = int(time.time())
 
     def __repr__(self) -> str:
@@ -327,12 +309,16 @@ class _CompletionsServer:
         """Load the engine in this thread (``serve`` does it before accepting connections)."""
         return self._load()
 
-    async def run_engine(self, func: Callable[..., Any], *args: Any) -> Any:
-        limiter = self._limiter.get(None)
-        if limiter is None:
-            limiter = anyio.CapacityLimiter(self.max_concurrency)
-            self._limiter.set(limiter)
-        return await anyio.to_thread.run_sync(func, *args, limiter=limiter)
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The scheduler that runs every completion (None until the engine is loaded)."""
+        return self._scheduler
+
+    def _scheduler_for(self, engine: Engine) -> Scheduler:
+        with self._load_lock:
+            if self._scheduler is None:
+                self._scheduler = scheduler_for(engine, self.budget, self.max_concurrency)
+            return self._scheduler
 
     # -- request plumbing ------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
@@ -473,22 +459,22 @@ class _CompletionsServer:
         engine = await self.engine()
         self._check_model(engine, completion.model)
         completion = self._apply_cap(completion)
-        if completion.stream:
-            return await self._stream(engine, completion, request_id)
-        result = await self.run_engine(engine.complete, completion)
+        scheduler = self._scheduler_for(engine)
+        try:
+            if completion.stream:
+                return _EventStream(await scheduler.stream(completion), request_id)
+            result = await scheduler.complete(completion, disconnected=_disconnected(request))
+        except Overloaded as exc:
+            raise _Failure(
+                503,
+                exc.message,
+                type="server_error",
+                code="server_overloaded",
+                headers={"retry-after": str(exc.retry_after)},
+            ) from None
+        if result is None:
+            raise ClientDisconnect()  # the client left; its work stopped
         return _JSON(result)
-
-    async def _stream(
-        self, engine: Engine, completion: CompletionRequest, request_id: str
-    ) -> Response:
-        def start() -> tuple[Iterator[dict[str, Any]], Any]:
-            iterator = iter(engine.stream(completion))
-            # The engine validates before its first chunk: pulling it here turns a bad request
-            # into a proper 400 instead of an error event inside a 200 stream.
-            return iterator, _next_or_done(iterator)
-
-        iterator, first = await self.run_engine(start)
-        return _EventStream(self, first, iterator, request_id)
 
     async def models(self, request: Request, request_id: str) -> Response:
         engine = await self.engine()
@@ -502,6 +488,18 @@ class _CompletionsServer:
 
     async def health(self, request: Request, request_id: str) -> Response:
         return _JSON({"status": "ok", "engine_loaded": self.engine_loaded})
+
+
+def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:
+    """A coroutine function that returns once the client of ``request`` (body read) has gone."""
+
+    async def wait() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    return wait
 
 
 def _json_kind(value: Any) -> str:
@@ -546,6 +544,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     limits: Limits | None = None,
     max_concurrency: int = 4,
+    budget: WorkBudget | None = None,
 ) -> Starlette:
     """The OpenAI-compatible Completions app (an ASGI app).
 
@@ -559,7 +558,11 @@ def create_app(
             context limits it.
         max_body_bytes: largest request body accepted (413 above it).
         limits: request caps (logprobs, n, best_of, stop); OpenAI's by default.
-        max_concurrency: engine calls run at once (per event loop); others wait their turn.
+        max_concurrency: for an engine without ``job()`` (only ``complete`` and ``stream``):
+            engine calls run at once per event loop. The embedded engine batches every request
+            instead (see ``nbcompletions.server._scheduler``).
+        budget: the work budget (per-request tokens, the memory all requests may hold, how many
+            may wait for it); `WorkBudget`'s defaults when None.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
@@ -573,6 +576,7 @@ def create_app(
         max_body_bytes=max_body_bytes,
         limits=limits or Limits(),
         max_concurrency=max_concurrency,
+        budget=budget or WorkBudget(),
     )
     routes = [
         Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),

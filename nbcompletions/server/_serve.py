@@ -10,6 +10,7 @@ from typing import Any
 
 from .._request import Limits
 from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app
+from ._scheduler import WorkBudget
 
 __all__ = ["API_KEY_ENV", "DEFAULT_MAX_TOKENS_CAP", "is_loopback", "serve"]
 
@@ -59,6 +60,7 @@ def serve(
     limits: Limits | None = None,
     engine: Engine | None = None,
     max_concurrency: int = 4,
+    budget: WorkBudget | None = None,
     log_level: str = "info",
     preload: bool = True,
     **uvicorn_options: Any,
@@ -68,8 +70,9 @@ def serve(
     Binds loopback unless told otherwise. ``api_key`` (or the ``NBCOMPLETIONS_API_KEY`` environment
     variable) makes every ``/v1`` request need ``Authorization: Bearer <key>``; binding another
     interface without one prints a warning. ``preload`` loads the model before the socket opens, so
-    ``/health`` answering means requests are served at full speed. Other keyword arguments go to
-    ``uvicorn.Config``.
+    ``/health`` answering means requests are served at full speed. ``budget`` bounds the work of one
+    request and the memory of all (`WorkBudget`'s defaults when None). Other keyword arguments go
+    to ``uvicorn.Config``.
     """
     import uvicorn
 
@@ -87,6 +90,7 @@ def serve(
         max_body_bytes=max_body_bytes,
         limits=limits,
         max_concurrency=max_concurrency,
+        budget=budget,
     )
     if not is_loopback(host) and api_key is None:
         logger.warning(

@@ -1,0 +1,332 @@
+"""The server's scheduling, through the real app and the real embedded model: the work budget,
+admission control, cancellation when a client leaves (raw ASGI and a real uvicorn socket), fairness
+between streams and plain requests, and batching across requests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from nbcompletions import CompletionRequest, RequestError
+from nbcompletions.server import create_app
+from nbcompletions.server._scheduler import BatchScheduler, WorkBudget
+
+#: Guards the waits below, so a broken scheduler fails the test instead of hanging it.
+HANG_GUARD_S = 60
+
+
+@pytest.fixture
+def model(embedded_engine: Any) -> str:
+    return str(embedded_engine.model_id)
+
+
+def _no_eot(engine: Any) -> dict[str, int]:
+    return {str(engine.eot_token_id): -100}
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://embedded", timeout=HANG_GUARD_S
+    )
+
+
+def _scheduler(app: Any) -> BatchScheduler:
+    scheduler = app.state.nbcompletions.scheduler
+    assert isinstance(scheduler, BatchScheduler)
+    return scheduler
+
+
+async def _until(condition: Any) -> None:
+    with anyio.fail_after(HANG_GUARD_S):
+        while not condition():  # noqa: ASYNC110 - the state is the scheduler thread's, no Event
+            await anyio.sleep(0.005)
+
+
+# -- the work budget -------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        # The issue's hostile bodies: 97 s and 3.2 GB; 3.9 GB; a MemoryError 500.
+        ({"prompt": ["O", "O", "O", "O"], "n": 128, "max_tokens": 255, "logprobs": 5}, "n"),
+        ({"prompt": ["O"] * 20000, "max_tokens": 1}, "prompt"),
+        ({"prompt": ["O"] * 16, "n": 128, "max_tokens": 16}, "n"),
+        ({"prompt": ["O"] * 4, "n": 4, "best_of": 20, "max_tokens": 250}, "best_of"),
+    ],
+)
+async def test_a_request_over_the_work_budget_is_400_naming_the_field_and_the_limit(
+    embedded_engine: Any, model: str, body: dict[str, Any], param: str
+) -> None:
+    app = create_app(embedded_engine)
+    async with _client(app) as client:
+        response = await client.post("/v1/completions", json={"model": model, **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert str(WorkBudget().max_request_tokens) in error["message"]
+    job = embedded_engine.job(CompletionRequest(model=model, **body), stream=False)
+    assert f"needs {job.work_tokens} tokens of work" in error["message"]
+    assert _scheduler(app).running == 0  # nothing ran
+
+
+async def test_the_budget_is_configurable_and_checks_memory_too(
+    embedded_engine: Any, model: str
+) -> None:
+    small = WorkBudget(max_request_tokens=100, max_memory_bytes=300_000)
+    app = create_app(embedded_engine, budget=small)
+    async with _client(app) as client:
+        over_tokens = await client.post(
+            "/v1/completions", json={"model": model, "prompt": "To be", "max_tokens": 99}
+        )
+        over_memory = await client.post(
+            "/v1/completions", json={"model": model, "prompt": "To be", "max_tokens": 60}
+        )
+        fits = await client.post(
+            "/v1/completions", json={"model": model, "prompt": "To be", "max_tokens": 3}
+        )
+    assert over_tokens.status_code == 400
+    assert over_tokens.json()["error"]["param"] == "max_tokens"
+    assert "at most 100 per request" in over_tokens.json()["error"]["message"]
+    assert over_memory.status_code == 400
+    assert "at most 0.3 MiB" in over_memory.json()["error"]["message"]
+    assert fits.status_code == 200
+
+
+def test_the_default_budget_lets_normal_notebook_requests_through(embedded_engine: Any) -> None:
+    budget = WorkBudget()
+    ctx = embedded_engine.context_length
+    normal = [
+        dict(prompt="To be", n=20, max_tokens=64, logprobs=5),  # a sweep cell
+        dict(prompt="x" * 200, n=64, max_tokens=ctx - 200),  # n=64 at the full context
+        dict(prompt=[[1] * (ctx - 1)] * 64, max_tokens=1, echo=True, logprobs=1),  # scoring
+        dict(prompt="KING HENRY:\n", n=128, max_tokens=100),  # OpenAI's largest n
+    ]
+    for fields in normal:
+        budget.check(embedded_engine.job(CompletionRequest(**fields), stream=False))
+    with pytest.raises(RequestError):
+        budget.check(
+            embedded_engine.job(CompletionRequest(prompt="x", n=128, max_tokens=255), stream=False)
+        )
+
+
+async def test_requests_beyond_the_memory_bound_wait_then_get_503_with_retry_after(
+    embedded_engine: Any, model: str
+) -> None:
+    long = {
+        "model": model,
+        "prompt": "To be",
+        "max_tokens": 150,
+        "logit_bias": _no_eot(embedded_engine),
+    }
+    job = embedded_engine.job(CompletionRequest(**long), stream=False)
+    # Room for one such request at a time, and for one more to wait.
+    budget = WorkBudget(max_memory_bytes=job.memory_bytes * 3 // 2, max_waiting=1)
+    app = create_app(embedded_engine, budget=budget)
+    async with _client(app) as client, anyio.create_task_group() as group:
+        first: dict[str, httpx.Response] = {}
+        second: dict[str, httpx.Response] = {}
+
+        async def post(into: dict[str, httpx.Response]) -> None:
+            into["r"] = await client.post("/v1/completions", json=long)
+
+        group.start_soon(post, first)
+        await _until(lambda: app.state.nbcompletions.scheduler is not None)
+        scheduler = _scheduler(app)
+        await _until(lambda: scheduler.running == 1)
+        group.start_soon(post, second)
+        await _until(lambda: scheduler.waiting == 1)
+        third = await client.post("/v1/completions", json=long)
+        assert third.status_code == 503
+        assert third.headers["retry-after"] == "1"
+        assert third.json()["error"]["code"] == "server_overloaded"
+        assert "r" not in second
+    assert first["r"].status_code == 200
+    assert second["r"].status_code == 200  # it waited for memory, then ran
+    assert scheduler.peak_memory <= budget.max_memory_bytes
+    assert scheduler.memory_bytes == 0
+
+
+# -- cancellation ----------------------------------------------------------------------------------
+def _scope(body: bytes) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 1),
+        "server": ("embedded", 80),
+    }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_work_for_a_departed_client_stops_within_one_decode_step(
+    embedded_engine: Any, model: str, stream: bool
+) -> None:
+    """Raw ASGI: the client disconnects after the request has run a few decode steps."""
+    max_tokens = 250
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": "O",
+            "n": 4,
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "logit_bias": _no_eot(embedded_engine),
+        }
+    ).encode()
+    app = create_app(embedded_engine)
+    server = app.state.nbcompletions
+    requested = False
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await _until(lambda: server.scheduler is not None and server.scheduler.steps >= 5)
+        return {"type": "http.disconnect"}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(HANG_GUARD_S):
+        await app(_scope(body), receive, send)
+    scheduler = _scheduler(app)
+    await _until(lambda: len(scheduler.cancellations) == 1)
+    (stopped,) = scheduler.cancellations
+    assert stopped.steps_before >= 5
+    assert stopped.steps_after <= 1
+    assert stopped.steps_before + stopped.steps_after < max_tokens
+    assert scheduler.running == 0
+    assert scheduler.memory_bytes == 0
+    if not stream:
+        assert not any(m["type"] == "http.response.body" and m.get("body") for m in sent)
+
+
+@pytest.fixture
+def uvicorn_app(embedded_engine: Any) -> Iterator[tuple[Any, int]]:
+    """The app under a real uvicorn server on 127.0.0.1, in a thread."""
+    import uvicorn
+
+    app = create_app(embedded_engine)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield app, port
+    server.should_exit = True
+    thread.join(HANG_GUARD_S)
+    sock.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_closed_connection_stops_the_work_within_one_decode_step(
+    uvicorn_app: tuple[Any, int], embedded_engine: Any, model: str, stream: bool
+) -> None:
+    app, port = uvicorn_app
+    max_tokens = 250
+    body = json.dumps(
+        {
+            "model": model,
+            "prompt": "O",
+            "n": 4,
+            "max_tokens": max_tokens,
+            "stream": stream,
+            "logit_bias": _no_eot(embedded_engine),
+        }
+    ).encode()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    deadline = time.monotonic() + HANG_GUARD_S
+    with socket.create_connection(("127.0.0.1", port), timeout=HANG_GUARD_S) as conn:
+        conn.sendall(head + body)
+        if stream:
+            assert conn.recv(65536).startswith(b"HTTP/1.1 200")  # the stream has begun
+        while (
+            app.state.nbcompletions.scheduler is None or app.state.nbcompletions.scheduler.steps < 5
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    scheduler = _scheduler(app)
+    while not scheduler.cancellations:
+        assert time.monotonic() < deadline, "the work went on after the client left"
+        time.sleep(0.005)
+    (stopped,) = scheduler.cancellations
+    assert stopped.steps_after <= 1
+    assert stopped.steps_before + stopped.steps_after < max_tokens
+
+
+# -- fairness and batching -------------------------------------------------------------------------
+async def test_a_stream_is_not_starved_by_plain_requests(embedded_engine: Any, model: str) -> None:
+    """16 long plain requests first, then a short stream: it finishes while they still run."""
+    ban = _no_eot(embedded_engine)
+    app = create_app(embedded_engine)
+    order: list[str] = []
+    async with _client(app) as client, anyio.create_task_group() as group:
+
+        async def plain(i: int) -> None:
+            body = {"model": model, "prompt": f"{i}", "max_tokens": 120, "logit_bias": ban}
+            response = await client.post("/v1/completions", json=body)
+            assert response.status_code == 200
+            order.append("plain")
+
+        for i in range(16):
+            group.start_soon(plain, i)
+        await _until(lambda: app.state.nbcompletions.scheduler is not None)
+        await _until(lambda: _scheduler(app).running == 16)
+        body = {"model": model, "prompt": "To be", "max_tokens": 10, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            lines = [line async for line in response.aiter_lines() if line]
+        order.append("stream")
+        assert lines[-1] == "data: [DONE]"
+    assert order[0] == "stream"
+    assert _scheduler(app).peak_rows >= 17  # the stream decoded in the same batch
+
+
+async def test_concurrent_requests_decode_together_and_each_keeps_its_seed(
+    embedded_engine: Any, model: str
+) -> None:
+    bodies = [
+        {"model": model, "prompt": p, "max_tokens": 12, "seed": s, "temperature": t, "logprobs": 2}
+        for p, s, t in [("To be", 1, 1.0), ("ROMEO:\n", 2, 0.7), ("O", 3, 1.3), ("HAMLET:", 4, 0)]
+        * 2
+    ]
+    alone = [embedded_engine.complete(CompletionRequest(**body)) for body in bodies]
+    app = create_app(embedded_engine)
+    async with _client(app) as client:
+        responses: list[httpx.Response] = [None] * len(bodies)  # type: ignore[list-item]
+
+        async def post(i: int) -> None:
+            responses[i] = await client.post("/v1/completions", json=bodies[i])
+
+        async with anyio.create_task_group() as group:
+            for i in range(len(bodies)):
+                group.start_soon(post, i)
+    assert _scheduler(app).peak_rows >= 2  # requests really shared decode steps
+    for response, want in zip(responses, alone, strict=True):
+        got = response.json()
+        assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
+        assert got["usage"] == want["usage"]
