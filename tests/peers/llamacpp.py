@@ -28,14 +28,15 @@ MODEL_DIR = ROOT / "nbcompletions" / "model" / "files"
 TO_GGUF = Path(__file__).resolve().parent / "to_gguf.py"
 #: The version whose behaviour tests/test_llamacpp_peer.py characterises.
 LLAMACPP_VERSION = "0.3.36"
+GGUF_VERSION = "0.19.0"
 #: The model name the peer serves (``--model_alias``): the embedded model's id.
 MODEL_NAME = "nbc-shakespeare"
 N_CTX = 256
 HOW_TO_GET = (
     "the llama.cpp peer needs llama-cpp-python[server] in its own venv: run .ci/run, or "
     "`python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install "
-    f"'llama-cpp-python[server]=={LLAMACPP_VERSION}' 'gguf==0.19.0'` (builds from source, 10-17 min), "
-    "or point NBC_LLAMACPP_PYTHON at a python that has both"
+    f"'llama-cpp-python[server]=={LLAMACPP_VERSION}' 'gguf=={GGUF_VERSION}'` "
+    "(builds from source, 10-17 min), or point NBC_LLAMACPP_PYTHON at a python that has both"
 )
 
 
