@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
+from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._request import CompletionRequest, Limits
 
 __version__ = "0.1.0"
@@ -26,6 +26,8 @@ _LAZY: dict[str, str] = {
     "SweepResult": "._sweep",
     "load_sweep": "._sweep",
     "Cache": "._cache",
+    "ConformanceReport": "._conformance",
+    "ServerProfile": "._profiles",
 }
 _SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
 
@@ -37,9 +39,12 @@ __all__ = [
     "Client",
     "Completion",
     "CompletionRequest",
+    "ConformanceError",
+    "ConformanceReport",
     "Limits",
     "NBCompletionsError",
     "RequestError",
+    "ServerProfile",
     "StreamChunk",
     "SweepResult",
     "__version__",
@@ -57,7 +62,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._cache import Cache
     from ._client import AsyncClient, Client
     from ._completion import Completion
+    from ._conformance import ConformanceReport
     from ._frames import to_frames
+    from ._profiles import ServerProfile
     from ._streaming import StreamChunk
     from ._sweep import SweepResult, asweep, load_sweep, sweep
 

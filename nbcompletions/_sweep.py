@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._cache import Cache, CachedResponse, cache_keys
-from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
+from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._parse import choice_index
 from ._request import FIELDS, CompletionRequest
 from ._secrets import redact_url
@@ -852,6 +852,20 @@ async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
     return known
 
 
+def _refuse_ignored(capabilities: Mapping[str, Any] | None, plan: Plan) -> None:
+    from ._conformance import ConformanceReport, check_sweep
+
+    report = ConformanceReport.from_dict(capabilities) if capabilities else None
+    problems = check_sweep(report, [p.request for p in plan.points]) if report else []
+    if problems:
+        raise ConformanceError(
+            "this sweep asks for what the endpoint was measured not to do, so its results would "
+            "be wrong; nothing was sent (probe=False sends anyway):\n- " + "\n- ".join(problems),
+            check="sweep",
+            detail="; ".join(problems),
+        )
+
+
 async def _execute(
     aclient: Any, prepared: _Prepared, *, max_concurrency: int | None, bar: Any, probe: bool
 ) -> SweepResult:
@@ -863,6 +877,7 @@ async def _execute(
     try:
         if probe:
             capabilities = await _probe(aclient, prepared)
+            _refuse_ignored(capabilities, plan)
         queue = iter(prepared.pending)
         workers = min(
             max_concurrency or _client_concurrency(aclient), max(len(prepared.pending), 1)

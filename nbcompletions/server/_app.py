@@ -419,6 +419,9 @@ class _CompletionsServer:
             "object": "model",
             "created": int(created) if isinstance(created, int | float) else self._started,
             "owned_by": _OWNED_BY,
+            # vLLM's name for the context length; clients (the conformance check) read both.
+            "max_model_len": getattr(engine, "context_length", None),
+            "vocab_size": getattr(engine, "vocab_size", None),
         }
 
     # -- endpoints -------------------------------------------------------------------------------
