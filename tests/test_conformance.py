@@ -115,7 +115,8 @@ class LlamaLike:
             tops = lp["top_logprobs"]
             lp["top_logprobs"] = [*tops[1:], None]
             lp["token_logprobs"] = [None] + [
-                (t or {}).get(tok, -20.0) for t, tok in zip(tops[1:], lp["tokens"][:-1])
+                (t or {}).get(tok, -20.0)
+                for t, tok in zip(tops[1:], lp["tokens"][:-1], strict=False)
             ]
             lp["token_logprobs"][0] = None
         if "stop_token" in on and choice.get("finish_reason") == "stop" and body.get("stop"):
@@ -136,7 +137,7 @@ def llama_like(app: Any, faults: set[str] = ALL, **kwargs: Any) -> tuple[AsyncCl
     return client, transport
 
 
-# -- the reference: our own server ------------------------------------------------------------------
+# -- the reference: our own server -----------------------------------------------------------------
 
 
 def test_every_check_is_ok_on_the_embedded_server(embedded_client: Client) -> None:
@@ -144,7 +145,7 @@ def test_every_check_is_ok_on_the_embedded_server(embedded_client: Client) -> No
     frame = report.frame
     assert frame.columns.tolist() == ["check", "status", "detail"]
     assert frame["check"].tolist() == list(CHECKS)
-    assert dict(zip(frame["check"], frame["status"])) == dict.fromkeys(CHECKS, "ok")
+    assert dict(zip(frame["check"], frame["status"], strict=True)) == dict.fromkeys(CHECKS, "ok")
     assert report.ok
     assert report.profile.name == "nbcompletions"
     assert (report.context_length, report.vocab_size) == (256, 4096)
@@ -155,9 +156,11 @@ def test_every_check_is_ok_on_the_embedded_server(embedded_client: Client) -> No
     # Cached per client: asking again is the same report, and a sync call matches the async one.
     assert embedded_client.conformance() is report
     text = repr(report)
-    assert "echo_alignment" in text and "ok=True" in text
+    assert "echo_alignment" in text
+    assert "ok=True" in text
     html = report._repr_html_()
-    assert html.count("<tr>") == len(CHECKS) + 1 and "all ok" in html
+    assert html.count("<tr>") == len(CHECKS) + 1
+    assert "all ok" in html
 
 
 async def test_the_check_is_cached_per_client_and_sends_nothing_again(app: Any) -> None:
@@ -170,7 +173,8 @@ async def test_the_check_is_cached_per_client_and_sends_nothing_again(app: Any) 
         assert await client.conformance() is report
         assert len(transport.bodies) == sent
         again = await client.conformance(refresh=True)
-        assert again is not report and len(transport.bodies) == 2 * sent
+        assert again is not report
+        assert len(transport.bodies) == 2 * sent
     finally:
         await client.close()
 
@@ -184,7 +188,7 @@ def test_a_report_round_trips_through_its_dict(embedded_client: Client) -> None:
     assert ConformanceReport.from_dict({"echo_logprobs": "honoured"}) is None  # an older note
 
 
-# -- a llama.cpp-like endpoint: every deviation detected, with evidence -----------------------------
+# -- a llama.cpp-like endpoint: every deviation detected, with evidence ----------------------------
 
 
 async def test_each_llamacpp_deviation_is_detected_with_evidence(app: Any) -> None:
@@ -197,12 +201,15 @@ async def test_each_llamacpp_deviation_is_detected_with_evidence(app: Any) -> No
     assert not report.ok
     assert report.profile.name == "llamacpp"
     echo = report.checks["echo_alignment"]
-    assert echo.status == "fails" and echo.evidence["kind"] == "shifted"
-    assert "shifted by one" in echo.detail and "generated" in echo.detail
+    assert echo.status == "fails"
+    assert echo.evidence["kind"] == "shifted"
+    assert "shifted by one" in echo.detail
+    assert "generated" in echo.detail
     assert echo.evidence["found"] == pytest.approx(echo.evidence["generated"], abs=1e-4)
     assert status["max_tokens_0"] == "fails"
     assert "no limit" in report.checks["max_tokens_0"].detail
-    assert status["n"] == "fails" and report.evidence("n") == {"choices": 1}
+    assert status["n"] == "fails"
+    assert report.evidence("n") == {"choices": 1}
     assert status["best_of"] == "fails"
     assert status["stream_echo"] == "fails"
     assert status["include_usage"] == "fails"
@@ -216,7 +223,8 @@ async def test_each_llamacpp_deviation_is_detected_with_evidence(app: Any) -> No
     assert "omitted fields do not mean" in report.checks["default_sampling"].detail
     assert status["byte_tokens"] == "fails"
     assert status["model_info"] == "unsupported"
-    assert status["logprobs_cap"] == "ok" and status["text_offset"] == "ok"
+    assert status["logprobs_cap"] == "ok"
+    assert status["text_offset"] == "ok"
 
 
 async def test_a_validation_500_is_answered_once_not_retried(app: Any) -> None:
@@ -250,7 +258,7 @@ def test_the_validation_rule() -> None:
     assert should_retry(500, {"x-should-retry": "true"}, error) is True
 
 
-# -- consequences: score() and sweeps ---------------------------------------------------------------
+# -- consequences: score() and sweeps --------------------------------------------------------------
 
 
 async def test_score_refuses_a_shifted_echo_naming_the_check(app: Any) -> None:
@@ -330,7 +338,8 @@ def test_check_sweep_names_each_ignored_field(embedded_client: Client) -> None:
     # Requests that carry the neutral fields and greedy requests raise nothing about defaults.
     fixed = [CompletionRequest(prompt="a", temperature=0.0)]
     neutral = [CompletionRequest(prompt="a", extra=dict(bad.profile.neutral_fields))]
-    assert check_sweep(bad, fixed) == [] and check_sweep(bad, neutral) == []
+    assert check_sweep(bad, fixed) == []
+    assert check_sweep(bad, neutral) == []
 
 
 def test_byte_tokens_decode() -> None:
