@@ -859,7 +859,6 @@ def _detect(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
 async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceReport:
     """Measure what ``aclient``'s endpoint and model do (about 18 small requests); cached."""
     aclient = getattr(aclient, "async_client", aclient)
-    key = _key(aclient)
     if not refresh:
         known = cached_report(aclient)
         if known is not None:
@@ -961,7 +960,7 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
         [checks[name] for name in CHECKS],
         # Kept with results and written to files: credentials in the URL must not travel with it.
         endpoint=redact_url(endpoint) if isinstance(endpoint, str) else None,
-        model=key[1],
+        model=_key(aclient)[1],  # discovered by the probes when the client named none
         requests=probe.requests,
         seconds=time.perf_counter() - started,
         profile_name=_detect(results["card"], checks),
