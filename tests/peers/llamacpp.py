@@ -123,7 +123,10 @@ def start_server(
             str(N_CTX),
             "--logits_all",
             "true",
+            # One thread each: the test machine is small and shared; speed is not measured here.
             "--n_threads",
+            "1",
+            "--n_threads_batch",
             "1",
             "--host",
             "127.0.0.1",
