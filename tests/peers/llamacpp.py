@@ -77,7 +77,8 @@ def require_peer_python() -> Path:
         text=True,
     )
     if probe.returncode != 0:
-        _unavailable(f"{python} cannot import llama_cpp/gguf/fastapi: {probe.stderr[-500:]}")
+        last = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+        _unavailable(f"{python} cannot import llama_cpp, gguf and fastapi ({last}); {HOW_TO_GET}")
     if probe.stdout.strip() != LLAMACPP_VERSION:
         _unavailable(
             f"{python} has llama-cpp-python {probe.stdout.strip()}; these tests characterise "
@@ -171,6 +172,8 @@ def stop_server(proc: subprocess.Popen[str]) -> None:
 @pytest.fixture(scope="session")
 def llamacpp_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded model converted to GGUF (f16) with llama.cpp's gguf package, once a session."""
+    if not (MODEL_DIR / "model.safetensors").exists():
+        pytest.skip("the embedded model's weights are not built yet")
     python = require_peer_python()
     return convert_model(python, tmp_path_factory.mktemp("llamacpp") / "nbc-shakespeare.gguf")
 
