@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
+from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._request import CompletionRequest, Limits
 from ._version import __version__
 
@@ -25,6 +25,8 @@ _LAZY: dict[str, str] = {
     "SweepResult": "._sweep_result",
     "load_sweep": "._sweep_result",
     "Cache": "._cache",
+    "ConformanceReport": "._conformance",
+    "ServerProfile": "._profiles",
 }
 _SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
 
@@ -36,9 +38,12 @@ __all__ = [
     "Client",
     "Completion",
     "CompletionRequest",
+    "ConformanceError",
+    "ConformanceReport",
     "Limits",
     "NBCompletionsError",
     "RequestError",
+    "ServerProfile",
     "StreamChunk",
     "SweepResult",
     "__version__",
@@ -56,7 +61,9 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._cache import Cache
     from ._client import AsyncClient, Client
     from ._completion import Completion
+    from ._conformance import ConformanceReport
     from ._frames import to_frames
+    from ._profiles import ServerProfile
     from ._streaming import StreamChunk
     from ._sweep import asweep, sweep
     from ._sweep_result import SweepResult, load_sweep

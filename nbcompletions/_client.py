@@ -25,6 +25,7 @@ from . import _retry
 from ._completion import Completion
 from ._errors import APIError, NBCompletionsError, RequestError
 from ._loop import run_sync
+from ._profiles import ServerProfile, get_profile
 from ._request import FIELDS, CompletionRequest, Limits
 from ._secrets import Secret, redact_error, redact_url
 from ._streaming import DONE, AsyncStream, SSEDecoder, Stream, decode_event
@@ -32,6 +33,8 @@ from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+
+    from ._conformance import ConformanceReport
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -189,7 +192,11 @@ class AsyncClient:
         limits: Limits | None = None,
         headers: Mapping[str, str] | None = None,
         vocab_size: int | None = None,
+        profile: str | ServerProfile | None = None,
     ) -> None:
+        self.profile = get_profile(profile)
+        if limits is None and self.profile is not None:
+            limits = self.profile.limits
         if base_url is None:
             base_url = os.environ.get("OPENAI_BASE_URL") or None
         if api_key is None:
@@ -302,6 +309,10 @@ class AsyncClient:
             from .model import load_engine
 
             self._vocab_size = int(load_engine().vocab_size)
+        if self._vocab_size is None:
+            from ._conformance import known_vocab_size
+
+            return known_vocab_size(self)
         return self._vocab_size
 
     def __repr__(self) -> str:
@@ -327,7 +338,9 @@ class AsyncClient:
             )
         if fields.get("model") is None:
             fields["model"] = self.model
-        return CompletionRequest(prompt=prompt, limits=self.limits, **fields)
+        request = CompletionRequest(prompt=prompt, limits=self.limits, **fields)
+        # A chosen profile makes omitted sampling fields mean OpenAI's on that server.
+        return self.profile.neutralize(request) if self.profile is not None else request
 
     # -- the primitive ----------------------------------------------------------------------------
     async def complete(self, prompt: Any, **fields: Any) -> Completion:
@@ -406,6 +419,12 @@ class AsyncClient:
         from ._scoring import acapabilities
 
         return await acapabilities(self)
+
+    async def conformance(self, *, refresh: bool = False) -> ConformanceReport:
+        """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
+        from ._conformance import aconformance
+
+        return await aconformance(self, refresh=refresh)
 
     async def close(self) -> None:
         """Close the connection pools (the client can still be used afterwards: it reopens them)."""
@@ -552,7 +571,7 @@ class AsyncClient:
                     error,
                     retries,
                     response.headers,
-                    _retry.should_retry(response.status_code, response.headers),
+                    _retry.should_retry(response.status_code, response.headers, error),
                 )
             else:
                 try:
@@ -625,7 +644,9 @@ class AsyncClient:
                                 response.reason_phrase,
                             )
                             error_headers = response.headers
-                            retryable = _retry.should_retry(response.status_code, response.headers)
+                            retryable = _retry.should_retry(
+                                response.status_code, response.headers, error
+                            )
                         else:
                             decoder = SSEDecoder()
                             open_choices: dict[int, bool] = {}
@@ -731,6 +752,7 @@ class Client:
         limits: Limits | None = None,
         headers: Mapping[str, str] | None = None,
         vocab_size: int | None = None,
+        profile: str | ServerProfile | None = None,
     ) -> None:
         self.async_client = AsyncClient(
             base_url,
@@ -743,6 +765,7 @@ class Client:
             limits=limits,
             headers=headers,
             vocab_size=vocab_size,
+            profile=profile,
         )
 
     @property
@@ -821,6 +844,14 @@ class Client:
     def capabilities(self) -> dict[str, Any]:
         """What the server supports (echo, logprobs cap, suffix ...); see `_scoring`."""
         return run_sync(self.async_client.capabilities())
+
+    def conformance(self, *, refresh: bool = False) -> ConformanceReport:
+        """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
+        return run_sync(self.async_client.conformance(refresh=refresh))
+
+    @property
+    def profile(self) -> ServerProfile | None:
+        return self.async_client.profile
 
     def close(self) -> None:
         """Close the connection pools."""

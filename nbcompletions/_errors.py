@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["APIError", "BudgetError", "NBCompletionsError", "RequestError"]
+__all__ = ["APIError", "BudgetError", "ConformanceError", "NBCompletionsError", "RequestError"]
 
 
 class NBCompletionsError(Exception):
@@ -89,3 +89,16 @@ class APIError(NBCompletionsError):
             f"APIError(status={self.status!r}, type={self.type!r}, param={self.param!r}, "
             f"code={self.code!r}, message={self.message!r})"
         )
+
+
+class ConformanceError(NBCompletionsError):
+    """The endpoint was measured not to do what a call needs (``check`` names the failed check of
+    `Client.conformance()`, ``detail`` its evidence), so nbcompletions refuses rather than return
+    wrong numbers."""
+
+    def __init__(
+        self, message: str, *, check: str | None = None, detail: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.check = check
+        self.detail = detail

@@ -25,6 +25,7 @@ from ._errors import APIError
 __all__ = [
     "api_error",
     "error_from_body",
+    "is_validation_error",
     "parse_retry_after",
     "retry_delay",
     "should_retry",
@@ -40,14 +41,44 @@ RETRY_STATUSES = frozenset({408, 409, 429})
 sleep = asyncio.sleep
 
 
-def should_retry(status: int, headers: Mapping[str, str]) -> bool:
-    """Whether a response with this status is worth another attempt."""
+def should_retry(status: int, headers: Mapping[str, str], error: APIError | None = None) -> bool:
+    """Whether a response with this status is worth another attempt.
+
+    A 500 whose body says the request was invalid (llama.cpp answers its validation errors so)
+    would fail the same way again: it is not retried.
+    """
     override = headers.get("x-should-retry")
     if override == "true":
         return True
     if override == "false":
         return False
+    if status == 500 and error is not None and is_validation_error(error.message, error.body):
+        return False
     return status in RETRY_STATUSES or status >= 500
+
+
+# What a request-validation failure says when a server wraps it as a 500: pydantic v2 and v1
+# messages ("1 validation error for ...", "Input should be ...", "field required"), FastAPI's
+# error list ("'loc': ('body', ...)"), and Python assertions on the request (llama.cpp's
+# "assert len(body.prompt) <= 1" is a 500 whose message is empty).
+_VALIDATION = re.compile(
+    r"validation errors? |Input should be |Field required|field required|value is not a valid"
+    r"|['\"]loc['\"]\s*:|AssertionError",
+)
+
+
+def is_validation_error(message: str | None, body: Any = None) -> bool:
+    """Whether an error body says the request itself was invalid (so retrying cannot help).
+
+    Only JSON error objects count: an empty message in ``{"error": {"message": ""}}`` is a failed
+    assertion on the request (llama.cpp), while an empty or HTML proxy page is not.
+    """
+    if not isinstance(body, Mapping) or not isinstance(body.get("error"), Mapping):
+        return False
+    raw = body["error"].get("message")
+    if isinstance(raw, str) and not raw.strip():
+        return True
+    return bool(message and _VALIDATION.search(message))
 
 
 def parse_retry_after(

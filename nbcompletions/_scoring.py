@@ -17,23 +17,23 @@ The first token of a prompt has no log-probability (nothing precedes it). Scorin
 context therefore leaves its first token unscored: ``n_tokens`` counts scored tokens only and
 ``n_unscored`` says how many were skipped.
 
-`acapabilities` sends four small requests and reports what the endpoint does with them; the answer
-is remembered per client (`cached_capabilities`) and kept with a sweep's results.
+Before the first score, the endpoint's conformance is measured once (`nbcompletions._conformance`):
+an endpoint whose echoed logprobs are not the prompt tokens' own is refused with
+`ConformanceError`, and ``max_tokens=0`` is only sent where it was seen honoured (else 1, and the
+generated token is dropped). `acapabilities` is that report as a dict.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._conformance import aconformance, cached_report, score_max_tokens
 from ._errors import APIError, RequestError
 from ._parse import choice_index
 from ._request import CompletionRequest, Limits
-from ._secrets import redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -51,11 +51,8 @@ SCORE_COLUMNS = (
     "straddles",
 )
 
-_PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. It"
 # Probes ask for more logprobs than OpenAI allows: the point is to find out what the server takes.
 _PROBE_LIMITS = Limits(max_logprobs=None)
-
-_capabilities: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def _async_client(client: Any) -> Any:
@@ -160,14 +157,14 @@ def _dropped(prompt: str) -> APIError:
     )
 
 
-async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
+async def _score_one(aclient: Any, text: str, context: str, max_tokens: int = 0) -> dict[str, Any]:
     prompt = context + text
     try:
         request = CompletionRequest(
             prompt=prompt,
             echo=True,
             logprobs=1,
-            max_tokens=0,
+            max_tokens=max_tokens,
             model=getattr(aclient, "model", None),
             limits=_PROBE_LIMITS,
         )
@@ -286,8 +283,11 @@ async def ascore(
                 allowed="non-empty strings",
                 value=text,
             )
+    # Measured first (cached): a shifted echo is refused, and max_tokens=0 is only sent where it
+    # was seen to be honoured (llama.cpp reads it as "no limit").
+    max_tokens = score_max_tokens(await aconformance(aclient))
     rows = await asyncio.gather(
-        *(_score_one(aclient, t, c) for t, c in zip(items, contexts, strict=True))
+        *(_score_one(aclient, t, c, max_tokens) for t, c in zip(items, contexts, strict=True))
     )
     frame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     frame["n_tokens"] = frame["n_tokens"].astype("int64")
@@ -300,135 +300,11 @@ async def ascore(
 
 
 def cached_capabilities(client: Any) -> dict[str, Any] | None:
-    """The capabilities already probed for this client, or None."""
-    try:
-        found = _capabilities.get(_async_client(client))
-    except TypeError:  # not weak-referenceable
-        return None
-    return dict(found) if found is not None else None
-
-
-async def _try(aclient: Any, **fields: Any) -> tuple[dict[str, Any] | None, APIError | None]:
-    try:
-        request = CompletionRequest(
-            prompt=_PROBE_PROMPT,
-            model=getattr(aclient, "model", None),
-            limits=_PROBE_LIMITS,
-            **fields,
-        )
-        completion = await aclient.complete_request(request)
-    except APIError as exc:
-        if (
-            exc.status is not None
-            and 400 <= exc.status < 500
-            and exc.status not in (401, 403, 404, 429)
-        ):
-            return None, exc
-        raise  # auth, unknown model, rate limits, outages: not a capability question
-    return completion.raw, None
-
-
-def _shape(choice: Mapping[str, Any]) -> str | None:
-    lp = choice.get("logprobs")
-    if not isinstance(lp, Mapping):
-        return None
-    return "chat" if isinstance(lp.get("content"), list) else "completions"
+    """The conformance report already measured for this client, as a dict, or None."""
+    report = cached_report(client)
+    return report.to_dict() if report is not None else None
 
 
 async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any]:
-    """Probe the endpoint once (4 small requests) and report what it does. Cached per client.
-
-    Keys:
-    - ``echo_logprobs``: "honoured" (prompt tokens come back with logprobs), "dropped" (accepted
-      but no prompt logprobs: scoring would be silently wrong), or "refused" (HTTP 400).
-    - ``max_logprobs``: the largest of 1, 5, 20 that the server accepted, and
-      ``logprobs_returned``: {asked: alternatives actually returned} (servers may cap silently).
-    - ``sampled_in_top_logprobs``: True when the sampled token is added to top_logprobs even if it
-      is not among the top k (OpenAI today, vLLM), False when it is not, None when undecided.
-    - ``text_offset_origin``: "prompt" (generated offsets start at len(prompt), OpenAI) or
-      "completion" (they start at 0, vLLM) or None.
-    - ``logprobs_shape``: "completions" or "chat" (llama.cpp); ``endpoint`` and ``model``.
-    """
-    aclient = _async_client(aclient)
-    if not refresh:
-        known = cached_capabilities(aclient)
-        if known is not None:
-            return known
-
-    endpoint = getattr(aclient, "endpoint", None)
-    # Kept with results and written to files: credentials in the URL must not travel with it.
-    result: dict[str, Any] = {
-        "endpoint": redact_url(endpoint) if isinstance(endpoint, str) else endpoint,
-        "model": getattr(aclient, "model", None),
-    }
-
-    raw, refused = await _try(aclient, echo=True, logprobs=1, max_tokens=1, temperature=0.0)
-    if refused is not None:
-        result["echo_logprobs"] = "refused"
-        result["echo_logprobs_error"] = str(refused)
-    else:
-        assert raw is not None
-        rows = _token_rows(_first_choice(raw))
-        prompt_logprobs = 0
-        if rows is not None:
-            offsets = _fill_offsets(rows[0], rows[2])
-            prompt_logprobs = sum(
-                1
-                for off, lp in zip(offsets, rows[1], strict=True)
-                if off < len(_PROBE_PROMPT) and lp is not None
-            )
-        result["echo_logprobs"] = "honoured" if prompt_logprobs > 0 else "dropped"
-
-    # Sampling hot (temperature 2) makes it likely that some sampled token is not the top one,
-    # which is what tells whether the server adds it to top_logprobs.
-    raw, refused = await _try(aclient, logprobs=1, max_tokens=8, temperature=2.0)
-    included: bool | None = None
-    origin: str | None = None
-    shape: str | None = None
-    if raw is not None:
-        choice = _first_choice(raw)
-        shape = _shape(choice)
-        rows = _token_rows(choice)
-        if rows is not None and rows[0]:
-            tokens, _, raw_offsets, tops = rows
-            first = raw_offsets[0]
-            origin = (
-                "prompt" if first == len(_PROBE_PROMPT) else "completion" if first == 0 else None
-            )
-            for token, top in zip(tokens, tops, strict=True):
-                if not top:
-                    continue
-                if token not in top:
-                    included = False
-                    break
-                if len(top) > 1:
-                    included = True  # sampled token outside the top 1, still listed
-    result["sampled_in_top_logprobs"] = included
-    result["text_offset_origin"] = origin
-    result["logprobs_shape"] = shape
-
-    accepted: int | None = None
-    returned: dict[str, int | None] = {}
-
-    async def ask(asked: int) -> bool:
-        nonlocal accepted
-        raw, refused = await _try(aclient, logprobs=asked, max_tokens=1, temperature=0.0)
-        if refused is not None or raw is None:
-            return False
-        accepted = asked
-        rows = _token_rows(_first_choice(raw))
-        counts = [len(t) for t in rows[3] if t] if rows is not None else []
-        returned[str(asked)] = max(counts) if counts else None
-        return True
-
-    # OpenAI's cap first, then vLLM's; 1 only when even 5 is refused.
-    if await ask(5):
-        await ask(20)
-    else:
-        await ask(1)
-    result["max_logprobs"] = accepted
-    result["logprobs_returned"] = returned
-    # A client that cannot be weak-referenced is simply probed again next time.
-    with contextlib.suppress(TypeError):
-        _capabilities[aclient] = dict(result)
-    return result
+    """The conformance check's report as a dict (`ConformanceReport.to_dict`); cached per client."""
+    return (await aconformance(aclient, refresh=refresh)).to_dict()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._cache import Cache
-from ._errors import APIError, BudgetError, NBCompletionsError, RequestError
+from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._grid import Grid, estimate_tokens, expand_grid
 from ._sweep_result import SweepResult, _build_frames, _Outcome, _requests_frame
 
@@ -175,6 +175,20 @@ async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
     return known
 
 
+def _refuse_ignored(capabilities: Mapping[str, Any] | None, grid: Grid) -> None:
+    from ._conformance import ConformanceReport, check_sweep
+
+    report = ConformanceReport.from_dict(capabilities) if capabilities else None
+    problems = check_sweep(report, [p.request for p in grid.points]) if report else []
+    if problems:
+        raise ConformanceError(
+            "this sweep asks for what the endpoint was measured not to do, so its results would "
+            "be wrong; nothing was sent (probe=False sends anyway):\n- " + "\n- ".join(problems),
+            check="sweep",
+            detail="; ".join(problems),
+        )
+
+
 async def _execute(
     aclient: Any, prepared: _Prepared, *, max_concurrency: int | None, bar: Any, probe: bool
 ) -> SweepResult:
@@ -186,6 +200,7 @@ async def _execute(
     try:
         if probe:
             capabilities = await _probe(aclient, prepared)
+            _refuse_ignored(capabilities, prepared.grid)
         queue = iter(prepared.pending)
         workers = min(
             max_concurrency or _client_concurrency(aclient), max(len(prepared.pending), 1)

@@ -119,3 +119,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+# The real llama.cpp peer (its own venv; skips without it): fixtures llamacpp_gguf, llamacpp_server.
+from peers.llamacpp import LlamaCppServer, llamacpp_gguf, llamacpp_server  # noqa: E402, F401

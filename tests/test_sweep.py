@@ -432,9 +432,9 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
         assert probes >= 3
         capabilities = first.capabilities
         assert capabilities is not None
-        assert capabilities["echo_logprobs"] == "honoured"
-        assert capabilities["max_logprobs"] == 5
-        assert capabilities["text_offset_origin"] == "prompt"
+        assert capabilities["ok"] is True
+        assert capabilities["checks"]["echo_alignment"]["status"] == "ok"
+        assert capabilities["checks"]["text_offset"]["evidence"] == {"origin": "prompt"}
         again = sweep(client, "To be", max_tokens=1, cache=cache_path, progress=False)
         assert transport.total == probes + 1  # remembered by the client; the point is cached
         assert again.capabilities == capabilities

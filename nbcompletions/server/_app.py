@@ -400,12 +400,19 @@ class _CompletionsServer:
 
     def _model_card(self, engine: Engine) -> dict[str, Any]:
         created = getattr(engine, "created", None)
-        return {
+        card = {
             "id": engine.model_id,
             "object": "model",
             "created": int(created) if isinstance(created, int | float) else self._started,
             "owned_by": _OWNED_BY,
         }
+        # vLLM's name for the context length, and the vocabulary size: the conformance check reads
+        # them (frames need the vocabulary size for their entropy bounds).
+        for name, attribute in (("max_model_len", "context_length"), ("vocab_size", "vocab_size")):
+            value = getattr(engine, attribute, None)
+            if isinstance(value, int):
+                card[name] = value
+        return card
 
     # -- endpoints -------------------------------------------------------------------------------
     def endpoint(

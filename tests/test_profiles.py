@@ -1,0 +1,120 @@
+"""Server profiles: chosen by name, carried by the client, applied to requests; vocab size too."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from nbcompletions import AsyncClient, Client, Limits, RequestError, ServerProfile
+from nbcompletions._profiles import PROFILES, get_profile
+from nbcompletions._request import CompletionRequest
+from nbcompletions.server import StreamingASGITransport, create_app
+
+MODEL = "nbc-shakespeare"
+
+
+@pytest.fixture(scope="module")
+def app(embedded_engine: Any) -> Any:
+    return create_app(embedded_engine)
+
+
+def test_the_four_profiles_and_their_limits() -> None:
+    assert sorted(PROFILES) == ["llamacpp", "nbcompletions", "openai", "vllm"]
+    assert PROFILES["vllm"].limits == Limits.vllm()
+    assert PROFILES["llamacpp"].limits == Limits.llamacpp()
+    assert PROFILES["openai"].limits == Limits()
+    assert PROFILES["llamacpp"].max_tokens_zero == "max_tokens_1"
+    assert PROFILES["llamacpp"].validation_errors_as_500
+    assert PROFILES["vllm"].text_offset_origin == "completion"
+    assert get_profile("LlamaCpp") is PROFILES["llamacpp"]
+    assert get_profile(None) is None
+
+
+def test_an_unknown_profile_names_the_field_and_the_choices() -> None:
+    with pytest.raises(RequestError, match=r"profile must be one of 'llamacpp'.*got 'ollama'") as e:
+        get_profile("ollama")
+    assert e.value.param == "profile"
+    with pytest.raises(RequestError, match="profile"):
+        Client("http://127.0.0.1:1/v1", profile="ollama")
+
+
+def test_profiles_are_immutable() -> None:
+    profile = PROFILES["llamacpp"]
+    with pytest.raises(TypeError):
+        profile.neutral_fields["top_k"] = 40  # type: ignore[index]
+    assert profile.with_vocab_size(4096).vocab_size == 4096
+    assert profile.vocab_size is None
+
+
+def test_neutral_fields_make_sampling_mean_openais() -> None:
+    llamacpp = PROFILES["llamacpp"]
+    request = llamacpp.neutralize(CompletionRequest(prompt="a"))
+    body = request.to_body()
+    assert body == {
+        "prompt": "a",
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repeat_penalty": 1.0,
+    }
+    # What the caller set wins, standard fields and extras alike.
+    mine = llamacpp.neutralize(CompletionRequest(prompt="a", temperature=0.3, extra={"top_k": 5}))
+    assert mine.temperature == 0.3
+    assert mine.extra["top_k"] == 5
+    assert mine.top_p == 1.0
+    vllm = PROFILES["vllm"].neutralize(CompletionRequest(prompt="a")).to_body()
+    assert vllm["top_k"] == -1
+    assert vllm["repetition_penalty"] == 1.0
+    assert vllm["min_p"] == 0.0
+    # OpenAI and our own server need nothing.
+    plain = CompletionRequest(prompt="a")
+    assert PROFILES["openai"].neutralize(plain) is plain
+
+
+async def test_a_client_with_a_profile_sends_its_neutral_fields(app: Any) -> None:
+    bodies: list[dict[str, Any]] = []
+    real = StreamingASGITransport(app)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(dict(body))
+        # llama.cpp takes these fields; our server, like OpenAI's, refuses unknown ones.
+        for name in PROFILES["llamacpp"].neutral_fields:
+            body.pop(name)
+        forwarded = httpx.Request("POST", request.url, json=body)
+        return await real.handle_async_request(forwarded)
+
+    client = AsyncClient(
+        "http://llamacpp.test/v1",
+        model=MODEL,
+        transport=httpx.MockTransport(handler),
+        profile="llamacpp",
+    )
+    try:
+        assert isinstance(client.profile, ServerProfile)
+        assert client.profile.name == "llamacpp"
+        assert client.limits == Limits.llamacpp()
+        assert client.build_request("To be", logprobs=8).logprobs == 8  # no cap on llama.cpp
+        await client.complete("To be", max_tokens=1, logprobs=5)
+    finally:
+        await client.close()
+    assert bodies[0]["top_k"] == 0
+    assert bodies[0]["temperature"] == 1.0
+
+
+async def test_frames_take_the_vocabulary_size_from_the_check(app: Any) -> None:
+    client = AsyncClient("http://other.test/v1", model=MODEL, transport=StreamingASGITransport(app))
+    try:
+        before = await client.complete("To be", max_tokens=2, logprobs=5)
+        assert before.tokens.attrs["vocab_size"] == 50257  # nothing known: GPT-2's
+        report = await client.conformance()
+        assert report.vocab_size == 4096
+        assert client.vocab_size == 4096
+        after = await client.complete("To be", max_tokens=2, logprobs=5)
+        assert after.tokens.attrs["vocab_size"] == 4096
+    finally:
+        await client.close()
