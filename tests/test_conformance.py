@@ -291,7 +291,9 @@ async def test_score_without_max_tokens_0_uses_one_token_and_is_right(
         await client.close()
     scoring = transport.bodies[before:]
     assert [b["max_tokens"] for b in scoring] == [1, 1]  # never 0 here
-    assert got["sum_logprob"].tolist() == pytest.approx(expected["sum_logprob"].tolist(), abs=1e-6)
+    # Not bit-identical: the engine batches the two requests differently (BLAS picks kernels by
+    # batch size), so float32 rounding differs; the bar is 1e-3.
+    assert got["sum_logprob"].tolist() == pytest.approx(expected["sum_logprob"].tolist(), abs=1e-4)
     assert got["n_tokens"].tolist() == expected["n_tokens"].tolist()
 
 
