@@ -25,9 +25,9 @@ from . import _retry
 from ._completion import Completion
 from ._errors import APIError, NBCompletionsError, RequestError
 from ._loop import run_sync
-from ._request import FIELDS, CompletionRequest, Limits
+from ._request import FIELDS, CompletionRequest, Limits, check_optional_count
 from ._secrets import Secret, redact_error, redact_url
-from ._streaming import DONE, AsyncStream, SSEDecoder, Stream, decode_event
+from ._streaming import AsyncStream, Stream, aiter_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -214,26 +214,8 @@ class AsyncClient:
                 allowed="an integer >= 0",
                 value=max_retries,
             )
-        if max_concurrency is not None and (
-            not isinstance(max_concurrency, int)
-            or isinstance(max_concurrency, bool)
-            or max_concurrency < 1
-        ):
-            raise RequestError(
-                "max_concurrency",
-                f"max_concurrency must be an integer >= 1 or None; got {max_concurrency!r}",
-                allowed="an integer >= 1 or None",
-                value=max_concurrency,
-            )
-        if vocab_size is not None and (
-            not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
-        ):
-            raise RequestError(
-                "vocab_size",
-                f"vocab_size must be an integer >= 1 or None; got {vocab_size!r}",
-                allowed="an integer >= 1",
-                value=vocab_size,
-            )
+        check_optional_count("max_concurrency", max_concurrency)
+        check_optional_count("vocab_size", vocab_size)
         if limits is not None and not isinstance(limits, Limits):
             raise RequestError(
                 "limits",
@@ -513,60 +495,11 @@ class AsyncClient:
         await _retry.sleep(delay)
 
     async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        state = self._state()
-        limit = state.semaphore or _NO_LIMIT
-        content = _encode_body(body) if body is not None else None
-        headers = self._headers.get()
-        if content is not None:
-            headers = {**headers, "Content-Type": "application/json"}
-        retries = 0
-        last: _Endpoint | None = None
-        while True:
-            endpoint = last = self._pick(avoid=last)
-            response: httpx.Response | None = None
-            failure: Exception | None = None
-            async with limit:
-                endpoint.in_flight += 1
-                try:
-                    response = await state.http.request(
-                        method,
-                        endpoint.url + path,
-                        content=content,
-                        headers=endpoint.headers(headers),
-                    )
-                except httpx.TransportError as exc:
-                    failure = exc
-                finally:
-                    endpoint.in_flight -= 1
-            if response is None:
-                assert failure is not None
-                error = self._transport_error(failure, endpoint)
-                error.__cause__ = failure
-                await self._retry_or_raise(error, retries, None, True)
-            elif response.status_code >= 400:
-                error = _retry.api_error(
-                    response.status_code, response.content, response.headers, response.reason_phrase
-                )
-                await self._retry_or_raise(
-                    error,
-                    retries,
-                    response.headers,
-                    _retry.should_retry(response.status_code, response.headers),
-                )
-            else:
-                try:
-                    return json.loads(response.content)
-                except ValueError:
-                    text = response.content.decode("utf-8", errors="replace")
-                    raise APIError(
-                        f"the server answered HTTP {response.status_code} with a body "
-                        f"that is not JSON: {_retry._text_message(text)[:200]!r}",
-                        status=response.status_code,
-                        type="invalid_response",
-                        body=text,
-                        headers=dict(response.headers),
-                    ) from None
-            retries += 1
+        responses = self._send(method, path, body)
+        try:
+            return await anext(responses)
+        finally:
+            await responses.aclose()
 
     async def _stream_after_model(
         self,
@@ -582,25 +515,32 @@ class AsyncClient:
             # generator happens to be garbage collected.
             await chunks.aclose()
 
-    async def _stream_chunks(
-        self,
-        request: CompletionRequest,
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    def _stream_chunks(self, request: CompletionRequest) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
+        return self._send("POST", "/completions", request.to_body(), stream=True)
+
+    async def _send(
+        self, method: str, path: str, body: Mapping[str, Any] | None, *, stream: bool = False
+    ) -> AsyncGenerator[Any, None]:
+        """The one retry loop: yields the JSON body once or, with ``stream``, each chunk object.
+
+        Each attempt goes to the least busy endpoint (another one after a failure) and holds a
+        concurrency slot until the consumer closes this generator. Failures are retried as
+        `_retry` decides; a stream only until its first chunk has arrived.
+        """
         state = self._state()
         limit = state.semaphore or _NO_LIMIT
-        content = _encode_body(request.to_body())
-        headers = {
-            **self._headers.get(),
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
-        }
+        content = _encode_body(body) if body is not None else None
+        headers = self._headers.get()
+        if content is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+        if stream:
+            headers = {**headers, "Accept": "text/event-stream"}
         retries = 0
         last: _Endpoint | None = None
         while True:
             endpoint = last = self._pick(avoid=last)
             received = False
-            error: APIError | None = None
             error_headers: Mapping[str, str] | None = None
             retryable = True
             async with limit:
@@ -608,8 +548,8 @@ class AsyncClient:
                 try:
                     http = state.http
                     http_request = http.build_request(
-                        "POST",
-                        endpoint.url + "/completions",
+                        method,
+                        endpoint.url + path,
                         content=content,
                         headers=endpoint.headers(headers),
                     )
@@ -625,38 +565,14 @@ class AsyncClient:
                             )
                             error_headers = response.headers
                             retryable = _retry.should_retry(response.status_code, response.headers)
+                        elif stream:
+                            async for chunk in aiter_chunks(response.aiter_bytes()):
+                                received = True
+                                yield chunk
+                            return
                         else:
-                            decoder = SSEDecoder()
-                            open_choices: dict[int, bool] = {}
-                            done = False
-                            async for data in response.aiter_bytes():
-                                for event in decoder.feed(data):
-                                    chunk = decode_event(event)
-                                    if chunk is DONE:
-                                        done = True
-                                        break
-                                    assert isinstance(chunk, dict)
-                                    _track(open_choices, chunk)
-                                    received = True
-                                    yield chunk
-                                if done:
-                                    break
-                            if not done:
-                                for event in decoder.close():
-                                    chunk = decode_event(event)
-                                    if chunk is DONE:
-                                        done = True
-                                        break
-                                    assert isinstance(chunk, dict)
-                                    _track(open_choices, chunk)
-                                    received = True
-                                    yield chunk
-                            if not done and (not open_choices or not all(open_choices.values())):
-                                raise APIError(
-                                    "the stream ended before [DONE] with unfinished choices (the "
-                                    "connection was probably cut)",
-                                    type="stream_broken",
-                                )
+                            await response.aread()
+                            yield _json_body(response)
                             return
                     finally:
                         await response.aclose()
@@ -668,9 +584,23 @@ class AsyncClient:
                     retryable = True
                 finally:
                     endpoint.in_flight -= 1
-            assert error is not None
             await self._retry_or_raise(error, retries, error_headers, retryable)
             retries += 1
+
+
+def _json_body(response: httpx.Response) -> Any:
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        text = response.content.decode("utf-8", errors="replace")
+        raise APIError(
+            f"the server answered HTTP {response.status_code} with a body "
+            f"that is not JSON: {_retry._text_message(text)[:200]!r}",
+            status=response.status_code,
+            type="invalid_response",
+            body=text,
+            headers=dict(response.headers),
+        ) from None
 
 
 def _encode_body(body: Mapping[str, Any]) -> bytes:
@@ -693,14 +623,6 @@ def _encode_body(body: Mapping[str, Any]) -> bytes:
                     value=value,
                 ) from None
         raise
-
-
-def _track(open_choices: dict[int, bool], chunk: Mapping[str, Any]) -> None:
-    for choice in chunk.get("choices") or []:
-        if isinstance(choice, Mapping):
-            index = choice.get("index", 0)
-            finished = choice.get("finish_reason") is not None
-            open_choices[index] = open_choices.get(index, False) or finished
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

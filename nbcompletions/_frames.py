@@ -75,7 +75,7 @@ from typing import Any, TypeGuard
 import numpy as np
 import pandas as pd
 
-from ._parse import choice_text
+from ._parse import choice_text, parse_logprobs, top_items
 from ._request import CompletionRequest
 
 __all__ = [
@@ -231,62 +231,6 @@ class _Choice:
     offsets: list[Any] | None = None  # None: the server sent no text_offset
 
 
-def _list_or_none(value: Any, where: str) -> list[Any] | None:
-    if value is None or isinstance(value, list):
-        return value
-    if isinstance(value, tuple):
-        return list(value)
-    raise ValueError(f"{where} must be a list or null; got {type(value).__name__}")
-
-
-def _padded(values: list[Any] | None, length: int) -> list[Any]:
-    if values is None:
-        return [None] * length
-    if len(values) == length:
-        return values
-    return list(values) + [None] * (length - len(values))
-
-
-def _parse_logprobs(
-    logprobs: Mapping[str, Any], where: str
-) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
-    """(tokens, token_logprobs, top_logprobs, text_offset), equal lengths; offsets None: unsent."""
-    tokens = _list_or_none(logprobs.get("tokens"), f"{where}.tokens")
-    token_logprobs = _list_or_none(logprobs.get("token_logprobs"), f"{where}.token_logprobs")
-    tops = _list_or_none(logprobs.get("top_logprobs"), f"{where}.top_logprobs")
-    offsets = _list_or_none(logprobs.get("text_offset"), f"{where}.text_offset")
-    if tokens is None and token_logprobs is None and tops is None and offsets is None:
-        content = _list_or_none(logprobs.get("content"), f"{where}.content")
-        if content is None:
-            return [], [], [], None
-        return _parse_chat_content(content, f"{where}.content")
-    length = max(len(part) for part in (tokens, token_logprobs, tops, offsets) if part is not None)
-    return (
-        _padded(tokens, length),
-        _padded(token_logprobs, length),
-        _padded(tops, length),
-        None if offsets is None else _padded(offsets, length),
-    )
-
-
-def _parse_chat_content(
-    content: list[Any], where: str
-) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
-    for i, entry in enumerate(content):
-        if not isinstance(entry, Mapping):
-            raise ValueError(
-                f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
-            )
-    # The entries' top_logprobs stay lists of {"token", "logprob"}: two byte tokens can render as
-    # the same string, and a dict would merge them.
-    return (
-        [e.get("token") for e in content],
-        [e.get("logprob") for e in content],
-        [e.get("top_logprobs") for e in content],
-        None,
-    )
-
-
 def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
     raw = body.get("choices")
     if raw is None:
@@ -329,7 +273,7 @@ def _merge_choice(index: int, pieces: list[tuple[int, Mapping[str, Any]]]) -> _C
         where = f"response['choices'][{position}].logprobs"
         if not isinstance(logprobs, Mapping):
             raise ValueError(f"{where} must be an object or null; got {type(logprobs).__name__}")
-        tokens, token_logprobs, tops, piece_offsets = _parse_logprobs(logprobs, where)
+        tokens, token_logprobs, tops, piece_offsets = parse_logprobs(logprobs, where)
         result.has_logprobs = True
         if len(pieces) == 1:  # the common case: keep the parsed lists, no copies
             result.tokens, result.logprobs, result.tops = tokens, token_logprobs, tops
@@ -453,14 +397,9 @@ def _objects(values: Iterable[Any], count: int) -> np.ndarray:
 
 
 def _entry_count(entry: Any) -> int:
-    if entry is None:
-        return 0
     if isinstance(entry, Mapping | list | tuple):
         return len(entry)
-    raise ValueError(
-        "each top_logprobs entry must be an object {token: logprob}, a list of "
-        f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}"
-    )
+    return len(top_items(entry))  # 0 for null; junk raises the explanatory error
 
 
 def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -485,26 +424,10 @@ def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _flatten_alternatives_slow(present: list[Any], total: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens: list[Any] = []
-    values: list[Any] = []
-    for entry in present:
-        if not entry:
-            continue
-        if isinstance(entry, Mapping):
-            tokens.extend(entry.keys())
-            values.extend(entry.values())
-        elif isinstance(entry, list | tuple):
-            for item in entry:
-                if not isinstance(item, Mapping):
-                    raise ValueError(
-                        "top_logprobs list entries must be objects with token and "
-                        f"logprob; got {type(item).__name__}: {item!r}"
-                    )
-                tokens.append(item.get("token"))
-                values.append(item.get("logprob"))
-        else:
-            _entry_count(entry)  # raises the explanatory error
-    return _objects(tokens, total), _floats(values, "top_logprobs values")
+    pairs = [pair for entry in present for pair in top_items(entry)]
+    return _objects((token for token, _ in pairs), total), _floats(
+        [logprob for _, logprob in pairs], "top_logprobs values"
+    )
 
 
 def _int64(values: np.ndarray, missing: np.ndarray | None = None) -> pd.arrays.IntegerArray:

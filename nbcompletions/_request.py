@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from ._errors import RequestError
 
-__all__ = ["FIELDS", "CompletionRequest", "Limits"]
+__all__ = ["DEFAULT_MAX_TOKENS", "FIELDS", "CompletionRequest", "Limits"]
+
+#: OpenAI's max_tokens when a request leaves it unset.
+DEFAULT_MAX_TOKENS = 16
 
 Prompt = str | list[str] | list[int] | list[list[int]]
 
@@ -69,7 +72,7 @@ def _fail(field: str, allowed: str, value: Any) -> RequestError:
     )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -88,6 +91,16 @@ def _check_int(field: str, value: Any, low: int | None, high: int | None) -> Non
         raise _fail(field, allowed, value)
     if (low is not None and value < low) or (high is not None and value > high):
         raise _fail(field, allowed, value)
+
+
+def check_optional_count(field: str, value: object) -> int | None:
+    """An integer >= 1, or None; the check of settings such as ``max_concurrency`` (clients and
+    sweeps) and ``vocab_size``."""
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise _fail(field, "an integer >= 1 or None", value)
+    return value
 
 
 def _check_number(field: str, value: Any, low: float, high: float) -> None:

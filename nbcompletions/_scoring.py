@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ._errors import APIError, RequestError
-from ._parse import choice_index
+from ._parse import first_choice, parse_logprobs, prompt_tokens, top_items
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
 
@@ -62,63 +63,46 @@ def _async_client(client: Any) -> Any:
     return getattr(client, "async_client", client)
 
 
-# -- parsing a logprobs object ---------------------------------------------------------------------
+# -- the first choice's logprobs, read by the shared parser (as the frames read them) ------------
 
 
-def _first_choice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
-    choices = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
-    if not choices:
-        return {}
-    return min(choices, key=choice_index)
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    tokens: list[str]
+    logprobs: list[float | None]
+    offsets: list[int | None]
+    tops: list[list[tuple[Any, Any]]]  # (token, logprob) pairs per position, as the server sent
 
 
-def _token_rows(
-    choice: Mapping[str, Any],
-) -> tuple[list[str], list[float | None], list[int | None], list[dict[str, float] | None]] | None:
-    """(tokens, logprobs, text offsets, top-logprob dicts) of a choice; None without logprobs.
-
-    Accepts the Completions shape and llama.cpp's chat shape; any field may be missing or null.
-    """
-    lp = choice.get("logprobs")
-    if not isinstance(lp, Mapping):
+def _columns(raw: Mapping[str, Any]) -> _Columns | None:
+    """(tokens, logprobs, text offsets, top entries) of the first choice; None without logprobs."""
+    choice = first_choice(raw)
+    logprobs = choice.get("logprobs") if choice is not None else None
+    if not isinstance(logprobs, Mapping):
         return None
-    if isinstance(lp.get("content"), list):  # llama.cpp / chat shape
-        content = [c for c in lp["content"] if isinstance(c, Mapping)]
-        tokens = [str(c.get("token", "")) for c in content]
-        logprobs = [
-            c.get("logprob") if isinstance(c.get("logprob"), int | float) else None for c in content
-        ]
-        tops: list[dict[str, float] | None] = []
-        for c in content:
-            top = c.get("top_logprobs")
-            tops.append(
-                {
-                    str(t.get("token")): float(t.get("logprob") or 0.0)
-                    for t in top
-                    if isinstance(t, Mapping)
-                }
-                if isinstance(top, list)
-                else None
-            )
-        offsets: list[int | None] = [None] * len(tokens)
-        return tokens, logprobs, offsets, tops
-    tokens = [str(t) for t in lp.get("tokens") or []]
-    n = len(tokens)
+    try:
+        tokens, values, entries, offsets = parse_logprobs(logprobs, "choices[0].logprobs")
+        tops = [top_items(entry) for entry in entries]
+    except ValueError as exc:
+        raise APIError(
+            f"the server answered with logprobs that cannot be read: {exc}",
+            type="invalid_response",
+            body=dict(raw),
+        ) from None
+    return _Columns(
+        [t if isinstance(t, str) else "" for t in tokens],
+        [_number(v) for v in values],
+        [v if _is_int(v) else None for v in offsets or [None] * len(tokens)],
+        tops,
+    )
 
-    def column(name: str) -> list[Any]:
-        values = lp.get(name)
-        values = list(values) if isinstance(values, list) else []
-        return (values + [None] * n)[:n]
 
-    logprobs = [
-        v if isinstance(v, int | float) and not isinstance(v, bool) else None
-        for v in column("token_logprobs")
-    ]
-    offsets = [
-        v if isinstance(v, int) and not isinstance(v, bool) else None for v in column("text_offset")
-    ]
-    tops = [dict(v) if isinstance(v, Mapping) else None for v in column("top_logprobs")]
-    return tokens, logprobs, offsets, tops
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _fill_offsets(tokens: list[str], offsets: list[int | None], start: int = 0) -> list[int]:
@@ -185,16 +169,15 @@ async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
         else:
             raise
     raw = completion.raw
-    rows = _token_rows(_first_choice(raw))
-    if rows is None or not rows[0]:
+    columns = _columns(raw)
+    if columns is None or not columns.tokens:
         raise _dropped(prompt)
-    tokens, logprobs, raw_offsets, _ = rows
-    usage = raw.get("usage") if isinstance(raw.get("usage"), Mapping) else {}
-    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
-    offsets = _fill_offsets(tokens, raw_offsets)
+    tokens, logprobs = columns.tokens, columns.logprobs
+    n_prompt = prompt_tokens(raw)
+    offsets = _fill_offsets(tokens, columns.offsets)
     # The prompt's tokens come first; generated ones (a max_tokens=1 fallback) start at len(prompt).
-    if isinstance(prompt_tokens, int) and 0 < prompt_tokens <= len(tokens):
-        count = prompt_tokens
+    if n_prompt is not None and 0 < n_prompt <= len(tokens):
+        count = n_prompt
     else:
         count = sum(1 for off in offsets if off < len(prompt)) if prompt else len(tokens)
     if count == 0 or (count > 1 and all(lp is None for lp in logprobs[:count])):
@@ -368,13 +351,13 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
         result["echo_logprobs_error"] = str(refused)
     else:
         assert raw is not None
-        rows = _token_rows(_first_choice(raw))
+        columns = _columns(raw)
         prompt_logprobs = 0
-        if rows is not None:
-            offsets = _fill_offsets(rows[0], rows[2])
+        if columns is not None:
+            offsets = _fill_offsets(columns.tokens, columns.offsets)
             prompt_logprobs = sum(
                 1
-                for off, lp in zip(offsets, rows[1], strict=True)
+                for off, lp in zip(offsets, columns.logprobs, strict=True)
                 if off < len(_PROBE_PROMPT) and lp is not None
             )
         result["echo_logprobs"] = "honoured" if prompt_logprobs > 0 else "dropped"
@@ -386,22 +369,21 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
     origin: str | None = None
     shape: str | None = None
     if raw is not None:
-        choice = _first_choice(raw)
-        shape = _shape(choice)
-        rows = _token_rows(choice)
-        if rows is not None and rows[0]:
-            tokens, _, raw_offsets, tops = rows
-            first = raw_offsets[0]
+        shape = _shape(first_choice(raw) or {})
+        columns = _columns(raw)
+        if columns is not None and columns.tokens:
+            first = columns.offsets[0]
             origin = (
                 "prompt" if first == len(_PROBE_PROMPT) else "completion" if first == 0 else None
             )
-            for token, top in zip(tokens, tops, strict=True):
-                if not top:
+            for token, top in zip(columns.tokens, columns.tops, strict=True):
+                listed = [item_token for item_token, _ in top]
+                if not listed:
                     continue
-                if token not in top:
+                if token not in listed:
                     included = False
                     break
-                if len(top) > 1:
+                if len(listed) > 1:
                     included = True  # sampled token outside the top 1, still listed
     result["sampled_in_top_logprobs"] = included
     result["text_offset_origin"] = origin
@@ -416,8 +398,8 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
         if refused is not None or raw is None:
             return False
         accepted = asked
-        rows = _token_rows(_first_choice(raw))
-        counts = [len(t) for t in rows[3] if t] if rows is not None else []
+        columns = _columns(raw)
+        counts = [len(top) for top in columns.tops if top] if columns is not None else []
         returned[str(asked)] = max(counts) if counts else None
         return True
 

@@ -43,16 +43,15 @@ from typing import Any
 import numpy as np
 
 from .._errors import RequestError
-from .._request import CompletionRequest
+from .._parse import NEG_INF_LOGPROB
+from .._request import DEFAULT_MAX_TOKENS, CompletionRequest
 from . import _sampling
 from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
 from ._tokenizer import ByteTokenizer
 
 __all__ = ["Engine"]
 
-DEFAULT_MAX_TOKENS = 16
 EOT = "<|endoftext|>"
-_FLOOR = -9999.0  # what a -inf (or NaN) logprob is written as; JSON has no -Infinity
 
 
 class _OneBlasThread:
@@ -97,7 +96,7 @@ _one_blas_thread = _OneBlasThread()
 
 
 def _finite(value: float) -> float:
-    return value if math.isfinite(value) else _FLOOR
+    return value if math.isfinite(value) else NEG_INF_LOGPROB
 
 
 class _Prompt:
