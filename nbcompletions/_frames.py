@@ -445,7 +445,7 @@ def _frame(columns: dict[str, Any], length: int, vocab_size: int) -> pd.DataFram
             data[name] = pd.Series(values, index=index, dtype=object, copy=False)
         else:
             data[name] = pd.Series(values, index=index, copy=False)
-    frame = pd.DataFrame(data, index=index, copy=False)
+    frame: pd.DataFrame = pd.DataFrame(data, index=index, copy=False)
     frame.attrs["vocab_size"] = vocab_size
     return frame
 
@@ -490,7 +490,8 @@ def _rank_order(sort_key: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
         padded[segment, column] = sort_key
         real = np.arange(width)[None, :] < segment_counts[:, None]
     order = np.argsort(padded, axis=1, kind="stable") + segment_starts[:, None]
-    return order.ravel() if real is None else order[real]
+    permutation: np.ndarray = order.ravel() if real is None else order[real]
+    return permutation
 
 
 def _xlogx(x: np.ndarray) -> np.ndarray:

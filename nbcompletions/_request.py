@@ -10,15 +10,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, TypeGuard
+from typing import Any, TypedDict, TypeGuard
 
 from ._errors import RequestError
 
-__all__ = ["DEFAULT_MAX_TOKENS", "FIELDS", "CompletionRequest", "Limits"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "FIELDS",
+    "CompletionFields",
+    "CompletionRequest",
+    "Limits",
+    "Prompt",
+    "StreamOptions",
+]
 
 #: OpenAI's max_tokens when a request leaves it unset.
 DEFAULT_MAX_TOKENS = 16
 
+#: A prompt: text, several texts, token ids, or several token-id lists (tuples are taken as lists).
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 #: Every body field of the Completions API, in the order the reference lists them.
@@ -42,6 +51,34 @@ FIELDS: tuple[str, ...] = (
     "top_p",
     "user",
 )
+
+
+class StreamOptions(TypedDict, total=False):
+    include_usage: bool
+
+
+class CompletionFields(TypedDict, total=False):
+    """The keyword fields of ``complete(prompt, **fields)``: `FIELDS` but ``prompt``, plus
+    ``extra`` (server-specific fields, sent unchecked). ``None`` leaves a field to the server."""
+
+    model: str | None
+    best_of: int | None
+    echo: bool | None
+    frequency_penalty: float | None
+    logit_bias: Mapping[str, float] | None
+    logprobs: int | None
+    max_tokens: int | None
+    n: int | None
+    presence_penalty: float | None
+    seed: int | None
+    stop: str | list[str] | None
+    stream: bool | None
+    stream_options: StreamOptions | None
+    suffix: str | None
+    temperature: float | None
+    top_p: float | None
+    user: str | None
+    extra: Mapping[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +210,7 @@ class CompletionRequest:
     unchecked.
     """
 
-    prompt: Any = None
+    prompt: Prompt | None = None
     model: str | None = None
     best_of: int | None = None
     echo: bool | None = None
@@ -186,7 +223,7 @@ class CompletionRequest:
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
-    stream_options: Mapping[str, Any] | None = None
+    stream_options: StreamOptions | Mapping[str, Any] | None = None
     suffix: str | None = None
     temperature: float | None = None
     top_p: float | None = None

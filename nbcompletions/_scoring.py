@@ -29,15 +29,19 @@ import dataclasses
 import math
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from ._errors import APIError, RequestError
 from ._parse import first_choice, parse_logprobs, prompt_tokens, top_items
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
+from ._types import AsyncCompletionsClient, Capabilities, HasAsyncClient, as_async
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+    from typing_extensions import Unpack  # typing has it from 3.11 only
+
+    from ._request import CompletionFields
 
 __all__ = ["acapabilities", "ascore", "cached_capabilities"]
 
@@ -56,11 +60,10 @@ _PROBE_PROMPT = "The quick brown fox jumps over the lazy dog. It"
 # Probes ask for more logprobs than OpenAI allows: the point is to find out what the server takes.
 _PROBE_LIMITS = Limits(max_logprobs=None)
 
-_capabilities: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
-
-
-def _async_client(client: Any) -> Any:
-    return getattr(client, "async_client", client)
+# Per client, per model: a client's model can change, and what a server does depends on it.
+_capabilities: weakref.WeakKeyDictionary[AsyncCompletionsClient, dict[str | None, Capabilities]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 # -- the first choice's logprobs, read by the shared parser (as the frames read them) ------------
@@ -144,7 +147,7 @@ def _dropped(prompt: str) -> APIError:
     )
 
 
-async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
+async def _score_one(aclient: AsyncCompletionsClient, text: str, context: str) -> dict[str, Any]:
     prompt = context + text
     try:
         request = CompletionRequest(
@@ -152,7 +155,7 @@ async def _score_one(aclient: Any, text: str, context: str) -> dict[str, Any]:
             echo=True,
             logprobs=1,
             max_tokens=0,
-            model=getattr(aclient, "model", None),
+            model=aclient.model,
             limits=_PROBE_LIMITS,
         )
         completion = await aclient.complete_request(request)
@@ -228,7 +231,10 @@ def _as_texts(texts: Any) -> list[str]:
 
 
 async def ascore(
-    aclient: Any, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None
+    client: HasAsyncClient,
+    texts: str | Sequence[str],
+    *,
+    context: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Log-probability of each text under the endpoint's model, one row per text.
 
@@ -241,7 +247,7 @@ async def ascore(
     """
     import pandas as pd
 
-    aclient = _async_client(aclient)
+    aclient = as_async(client)
     items = _as_texts(texts)
     if context is None:
         contexts = [""] * len(items)
@@ -272,7 +278,7 @@ async def ascore(
     rows = await asyncio.gather(
         *(_score_one(aclient, t, c) for t, c in zip(items, contexts, strict=True))
     )
-    frame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
+    frame: pd.DataFrame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     frame["n_tokens"] = frame["n_tokens"].astype("int64")
     frame["n_unscored"] = frame["n_unscored"].astype("int64")
     frame["straddles"] = frame["straddles"].astype(bool)
@@ -282,23 +288,22 @@ async def ascore(
 # -- capabilities ----------------------------------------------------------------------------------
 
 
-def cached_capabilities(client: Any) -> dict[str, Any] | None:
-    """The capabilities already probed for this client, or None."""
+def cached_capabilities(client: HasAsyncClient) -> Capabilities | None:
+    """The capabilities already probed for this client and its current model, or None."""
+    aclient = as_async(client)
     try:
-        found = _capabilities.get(_async_client(client))
+        found = _capabilities.get(aclient, {}).get(aclient.model)
     except TypeError:  # not weak-referenceable
         return None
-    return dict(found) if found is not None else None
+    return found.copy() if found is not None else None
 
 
-async def _try(aclient: Any, **fields: Any) -> tuple[dict[str, Any] | None, APIError | None]:
+async def _try(
+    aclient: AsyncCompletionsClient, **fields: Unpack[CompletionFields]
+) -> tuple[dict[str, Any] | None, APIError | None]:
+    fields.setdefault("model", aclient.model)
     try:
-        request = CompletionRequest(
-            prompt=_PROBE_PROMPT,
-            model=getattr(aclient, "model", None),
-            limits=_PROBE_LIMITS,
-            **fields,
-        )
+        request = CompletionRequest(prompt=_PROBE_PROMPT, limits=_PROBE_LIMITS, **fields)
         completion = await aclient.complete_request(request)
     except APIError as exc:
         if (
@@ -311,15 +316,16 @@ async def _try(aclient: Any, **fields: Any) -> tuple[dict[str, Any] | None, APIE
     return completion.raw, None
 
 
-def _shape(choice: Mapping[str, Any]) -> str | None:
+def _shape(choice: Mapping[str, Any]) -> Literal["completions", "chat"] | None:
     lp = choice.get("logprobs")
     if not isinstance(lp, Mapping):
         return None
     return "chat" if isinstance(lp.get("content"), list) else "completions"
 
 
-async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any]:
-    """Probe the endpoint once (4 small requests) and report what it does. Cached per client.
+async def acapabilities(client: HasAsyncClient, *, refresh: bool = False) -> Capabilities:
+    """Probe the endpoint once (4 small requests) and report what it does. Cached per client and
+    model.
 
     Keys:
     - ``echo_logprobs``: "honoured" (prompt tokens come back with logprobs), "dropped" (accepted
@@ -332,17 +338,17 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
       "completion" (they start at 0, vLLM) or None.
     - ``logprobs_shape``: "completions" or "chat" (llama.cpp); ``endpoint`` and ``model``.
     """
-    aclient = _async_client(aclient)
+    aclient = as_async(client)
     if not refresh:
         known = cached_capabilities(aclient)
         if known is not None:
             return known
 
-    endpoint = getattr(aclient, "endpoint", None)
+    model = aclient.model
     # Kept with results and written to files: credentials in the URL must not travel with it.
-    result: dict[str, Any] = {
-        "endpoint": redact_url(endpoint) if isinstance(endpoint, str) else endpoint,
-        "model": getattr(aclient, "model", None),
+    result: Capabilities = {
+        "endpoint": redact_url(aclient.endpoint),
+        "model": model,
     }
 
     raw, refused = await _try(aclient, echo=True, logprobs=1, max_tokens=1, temperature=0.0)
@@ -366,8 +372,8 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
     # which is what tells whether the server adds it to top_logprobs.
     raw, refused = await _try(aclient, logprobs=1, max_tokens=8, temperature=2.0)
     included: bool | None = None
-    origin: str | None = None
-    shape: str | None = None
+    origin: Literal["prompt", "completion"] | None = None
+    shape: Literal["completions", "chat"] | None = None
     if raw is not None:
         shape = _shape(first_choice(raw) or {})
         columns = _columns(raw)
@@ -412,5 +418,5 @@ async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any
     result["logprobs_returned"] = returned
     # A client that cannot be weak-referenced is simply probed again next time.
     with contextlib.suppress(TypeError):
-        _capabilities[aclient] = dict(result)
+        _capabilities.setdefault(aclient, {})[model] = result.copy()
     return result
