@@ -210,7 +210,7 @@ class CompletionRequest:
     unchecked.
     """
 
-    prompt: Prompt | None = None
+    prompt: Any = None  # a `Prompt` once validated (tuples become lists)
     model: str | None = None
     best_of: int | None = None
     echo: bool | None = None
