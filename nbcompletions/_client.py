@@ -26,13 +26,21 @@ from ._completion import Completion
 from ._errors import APIError, NBCompletionsError, RequestError
 from ._loop import run_sync
 from ._profiles import ServerProfile, get_profile
-from ._request import FIELDS, CompletionRequest, Limits
+from ._request import (
+    FIELDS,
+    CompletionFields,
+    CompletionRequest,
+    Limits,
+    Prompt,
+    check_optional_count,
+)
 from ._secrets import Secret, redact_error, redact_url
-from ._streaming import DONE, AsyncStream, SSEDecoder, Stream, decode_event
+from ._streaming import AsyncStream, Stream, aiter_chunks
 from ._version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+    from typing_extensions import Unpack  # typing has it from 3.11 only
 
     from ._conformance import ConformanceReport
 
@@ -58,7 +66,7 @@ class _Endpoint:
 
     def __init__(self, url: str) -> None:
         parsed = httpx.URL(url)
-        self.auth: Secret | None = None
+        self.auth: Secret[str] | None = None
         if parsed.userinfo:
             pair = f"{parsed.username}:{parsed.password}".encode()
             self.auth = Secret("Basic " + base64.b64encode(pair).decode("ascii"))
@@ -170,28 +178,71 @@ def _suggest(name: str) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-class AsyncClient:
-    """Async client for ``POST /v1/completions``.
+def _check_model(model: object) -> str | None:
+    if model is not None and (not isinstance(model, str) or not model):
+        raise RequestError(
+            "model",
+            f"model must be a non-empty string or None; got {model!r}",
+            allowed="a non-empty string or None",
+            value=model,
+        )
+    return model
 
-    With no arguments it reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``; with neither set it talks
-    to the embedded model in-process (no network, no key). ``base_url`` may be a list of replicas of
-    one model: requests go to the least busy. ``limits`` holds server-specific caps
-    (`Limits.vllm()`).
-    """
+
+def _check_retries(max_retries: object) -> int:
+    if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+        raise RequestError(
+            "max_retries",
+            f"max_retries must be an integer >= 0; got {max_retries!r}",
+            allowed="an integer >= 0",
+            value=max_retries,
+        )
+    return max_retries
+
+
+def _check_limits(limits: object) -> Limits:
+    if not isinstance(limits, Limits):
+        raise RequestError(
+            "limits",
+            f"limits must be an nbcompletions.Limits; got {limits!r}",
+            allowed="Limits(), Limits.vllm(), Limits.llamacpp()",
+            value=limits,
+        )
+    return limits
+
+
+class _Settings:
+    """Everything a client was configured with. A `Client` and the `AsyncClient` it wraps hold the
+    same object, so a change made through either is seen by both."""
+
+    __slots__ = (
+        "embedded",
+        "endpoints",
+        "headers",
+        "key",
+        "limits",
+        "max_concurrency",
+        "max_retries",
+        "model",
+        "profile",
+        "timeout",
+        "transport",
+        "vocab_size",
+    )
 
     def __init__(
         self,
-        base_url: str | Sequence[str] | None = None,
-        api_key: str | None = None,
+        base_url: str | Sequence[str] | None,
+        api_key: str | None,
         *,
-        model: str | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-        max_retries: int = 2,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_concurrency: int | None = 16,
-        limits: Limits | None = None,
-        headers: Mapping[str, str] | None = None,
-        vocab_size: int | None = None,
+        model: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+        transport: httpx.AsyncBaseTransport | None,
+        max_concurrency: int | None,
+        limits: Limits | None,
+        headers: Mapping[str, str] | None,
+        vocab_size: int | None,
         profile: str | ServerProfile | None = None,
     ) -> None:
         self.profile = get_profile(profile)
@@ -208,55 +259,19 @@ class AsyncClient:
                 allowed="a string",
                 value=type(api_key).__name__,
             )
-        if model is not None and (not isinstance(model, str) or not model):
-            raise RequestError(
-                "model",
-                f"model must be a non-empty string; got {model!r}",
-                allowed="a non-empty string",
-                value=model,
-            )
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise RequestError(
-                "max_retries",
-                f"max_retries must be an integer >= 0; got {max_retries!r}",
-                allowed="an integer >= 0",
-                value=max_retries,
-            )
-        if max_concurrency is not None and (
-            not isinstance(max_concurrency, int)
-            or isinstance(max_concurrency, bool)
-            or max_concurrency < 1
-        ):
-            raise RequestError(
-                "max_concurrency",
-                f"max_concurrency must be an integer >= 1 or None; got {max_concurrency!r}",
-                allowed="an integer >= 1 or None",
-                value=max_concurrency,
-            )
-        if vocab_size is not None and (
-            not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 1
-        ):
-            raise RequestError(
-                "vocab_size",
-                f"vocab_size must be an integer >= 1 or None; got {vocab_size!r}",
-                allowed="an integer >= 1",
-                value=vocab_size,
-            )
-        if limits is not None and not isinstance(limits, Limits):
-            raise RequestError(
-                "limits",
-                f"limits must be an nbcompletions.Limits; got {limits!r}",
-                allowed="Limits(), Limits.vllm(), Limits.llamacpp()",
-                value=limits,
-            )
-        timeout = _make_timeout(timeout)
+        self.model = _check_model(model)
+        self.max_retries = _check_retries(max_retries)
+        self.max_concurrency = check_optional_count("max_concurrency", max_concurrency)
+        self.vocab_size = check_optional_count("vocab_size", vocab_size)
+        self.limits = Limits() if limits is None else _check_limits(limits)
+        self.timeout = _make_timeout(timeout)
         # Settings are checked first, so a mistake is reported before the embedded model loads.
-        self._embedded = base_url is None and api_key is None and transport is None
-        if self._embedded:
+        self.embedded = base_url is None and api_key is None and transport is None
+        if self.embedded:
             transport = _embedded_transport()
             base_url = EMBEDDED_BASE_URL
-            if model is None:
-                model = EMBEDDED_MODEL
+            if self.model is None:
+                self.model = EMBEDDED_MODEL
         elif base_url is None:
             base_url = OPENAI_BASE_URL
         urls = [base_url] if isinstance(base_url, str | httpx.URL) else list(base_url)
@@ -267,53 +282,126 @@ class AsyncClient:
                 allowed="a URL or a non-empty list of URLs",
                 value=base_url,
             )
-        self._endpoints = [_Endpoint(_normalise_url(u)) for u in urls]
-        self._next = 0
+        self.endpoints = [_Endpoint(_normalise_url(u)) for u in urls]
+        self.transport = transport
         request_headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
         request_headers.update(headers or {})
         if api_key:
             request_headers["Authorization"] = f"Bearer {api_key}"
-        self._headers = Secret(request_headers)
-        self._key = Secret(api_key)
-        self.model = model
-        self.limits = limits if limits is not None else Limits()
-        self.max_retries = max_retries
-        self.max_concurrency = max_concurrency
-        self._timeout = timeout
-        self._transport = transport
-        self._vocab_size = vocab_size
-        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._discovered_model: str | None = None
+        self.headers = Secret(request_headers)
+        self.key = Secret(api_key)
 
-    # -- properties -------------------------------------------------------------------------------
+
+class _BaseClient:
+    """What `Client` and `AsyncClient` share, as httpx's ``BaseClient``: the constructor, the
+    settings and their views, and request building. The twins differ only in how they do I/O."""
+
+    _settings: _Settings
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | None = None,
+        api_key: str | None = None,
+        *,
+        model: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        transport: httpx.AsyncBaseTransport | None = None,
+        max_concurrency: int | None = 16,
+        limits: Limits | None = None,
+        headers: Mapping[str, str] | None = None,
+        vocab_size: int | None = None,
+        profile: str | ServerProfile | None = None,
+    ) -> None:
+        self._settings = _Settings(
+            base_url,
+            api_key,
+            model=model,
+            timeout=timeout,
+            max_retries=max_retries,
+            transport=transport,
+            max_concurrency=max_concurrency,
+            limits=limits,
+            headers=headers,
+            vocab_size=vocab_size,
+            profile=profile,
+        )
+        self._start()
+
+    def _start(self) -> None:
+        """Set up the I/O side once ``_settings`` is in place."""
+
+    # -- settings ---------------------------------------------------------------------------------
     @property
     def endpoint(self) -> str:
         """The base URL (the first one when there are replicas)."""
-        return self._endpoints[0].url
+        return self._settings.endpoints[0].url
 
     @property
     def endpoints(self) -> list[str]:
-        return [e.url for e in self._endpoints]
+        """Every base URL (replicas of one model)."""
+        return [e.url for e in self._settings.endpoints]
 
     @property
     def embedded(self) -> bool:
         """True when this client talks to the in-process embedded model."""
-        return self._embedded
+        return self._settings.embedded
+
+    @property
+    def model(self) -> str | None:
+        """The model requests name when they name none; None: ask the server (``GET /models``)."""
+        return self._settings.model
+
+    @model.setter
+    def model(self, value: str | None) -> None:
+        self._settings.model = _check_model(value)
+
+    @property
+    def limits(self) -> Limits:
+        """Server-specific caps requests are validated against."""
+        return self._settings.limits
+
+    @limits.setter
+    def limits(self, value: Limits) -> None:
+        self._settings.limits = _check_limits(value)
+
+    @property
+    def max_retries(self) -> int:
+        """Retries after a failed attempt (connection errors, timeouts, 408, 409, 429, 5xx)."""
+        return self._settings.max_retries
+
+    @max_retries.setter
+    def max_retries(self, value: int) -> None:
+        self._settings.max_retries = _check_retries(value)
+
+    @property
+    def max_concurrency(self) -> int | None:
+        """Requests in flight at most (fixed at construction: it sizes the pools)."""
+        return self._settings.max_concurrency
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        """Per-request timeouts (connect, read, write, pool)."""
+        return self._settings.timeout
 
     @property
     def vocab_size(self) -> int | None:
         """Vocabulary size for entropy bounds: given, or the embedded model's; None if unknown."""
-        if self._vocab_size is None and self._embedded:
+        settings = self._settings
+        if settings.vocab_size is None and settings.embedded:
             from .model import load_engine
 
-            self._vocab_size = int(load_engine().vocab_size)
-        if self._vocab_size is None:
+            settings.vocab_size = int(load_engine().vocab_size)
+        if settings.vocab_size is None:
             from ._conformance import known_vocab_size
 
             return known_vocab_size(self)
-        return self._vocab_size
+        return settings.vocab_size
+
+    @property
+    def profile(self) -> ServerProfile | None:
+        """The server profile requests are adapted to (given, or None); see `_profiles`."""
+        return self._settings.profile
 
     def __repr__(self) -> str:
         urls = [redact_url(u) for u in self.endpoints]
@@ -327,7 +415,9 @@ class AsyncClient:
         )
 
     # -- request building -------------------------------------------------------------------------
-    def build_request(self, prompt: Any, **fields: Any) -> CompletionRequest:
+    def build_request(
+        self, prompt: Prompt, **fields: Unpack[CompletionFields]
+    ) -> CompletionRequest:
         """Validate ``prompt`` and ``fields`` into a `CompletionRequest` (no network I/O)."""
         unknown = [name for name in fields if name not in _REQUEST_FIELDS]
         if unknown:
@@ -340,10 +430,51 @@ class AsyncClient:
             fields["model"] = self.model
         request = CompletionRequest(prompt=prompt, limits=self.limits, **fields)
         # A chosen profile makes omitted sampling fields mean OpenAI's on that server.
-        return self.profile.neutralize(request) if self.profile is not None else request
+        profile = self._settings.profile
+        return profile.neutralize(request) if profile is not None else request
+
+    def _stream_request(self, prompt: Prompt, fields: CompletionFields) -> CompletionRequest:
+        if fields.get("stream") is False:
+            raise RequestError(
+                "stream",
+                "stream() always streams; got stream=False (use complete())",
+                allowed="True or unset",
+                value=False,
+            )
+        fields["stream"] = True
+        return self.build_request(prompt, **fields)
+
+
+class AsyncClient(_BaseClient):
+    """Async client for ``POST /v1/completions``.
+
+    With no arguments it reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``; with neither set it talks
+    to the embedded model in-process (no network, no key). ``base_url`` may be a list of replicas of
+    one model: requests go to the least busy. ``limits`` holds server-specific caps
+    (`Limits.vllm()`).
+    """
+
+    def _start(self) -> None:
+        self._next = 0
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._discovered_model: str | None = None
+
+    @classmethod
+    def _sharing(cls, settings: _Settings) -> AsyncClient:
+        client = cls.__new__(cls)
+        client._settings = settings
+        client._start()
+        return client
+
+    @property
+    def async_client(self) -> AsyncClient:
+        """This client itself (a `Client` answers with the `AsyncClient` it wraps)."""
+        return self
 
     # -- the primitive ----------------------------------------------------------------------------
-    async def complete(self, prompt: Any, **fields: Any) -> Completion:
+    async def complete(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Completion:
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return await self.complete_request(self.build_request(prompt, **fields))
 
@@ -371,7 +502,7 @@ class AsyncClient:
             raise self._scrub(_retry.error_from_body(raw, status=200))
         return Completion(raw, request, vocab_size=self.vocab_size)
 
-    def stream(self, prompt: Any, **fields: Any) -> AsyncStream:
+    def stream(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> AsyncStream:
         """Stream a completion: ``async for piece in client.stream(...)`` yields `StreamChunk`."""
         return self.stream_request(self._stream_request(prompt, fields))
 
@@ -383,17 +514,6 @@ class AsyncClient:
         return AsyncStream(
             self._stream_after_model(request), request, vocab_size=lambda: self.vocab_size
         )
-
-    def _stream_request(self, prompt: Any, fields: dict[str, Any]) -> CompletionRequest:
-        if fields.get("stream") is False:
-            raise RequestError(
-                "stream",
-                "stream() always streams; got stream=False (use complete())",
-                allowed="True or unset",
-                value=False,
-            )
-        fields["stream"] = True
-        return self.build_request(prompt, **fields)
 
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
@@ -408,14 +528,16 @@ class AsyncClient:
             )
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
-    async def score(self, texts: Any, *, context: Any = None) -> pd.DataFrame:
+    async def score(
+        self, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None
+    ) -> pd.DataFrame:
         """Log-probability of each text (optionally after ``context``); see `_scoring.ascore`."""
         from ._scoring import ascore
 
         return await ascore(self, texts, context=context)
 
     async def capabilities(self) -> dict[str, Any]:
-        """What the server supports (echo, logprobs cap, suffix ...); see `_scoring`."""
+        """The conformance report as a dict (`conformance().to_dict()`), kept for sweeps' files."""
         from ._scoring import acapabilities
 
         return await acapabilities(self)
@@ -450,16 +572,16 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
-            connections = (self.max_concurrency or 64) * len(self._endpoints)
+            connections = (self.max_concurrency or 64) * len(self._settings.endpoints)
             # A given transport (in-process, mock) has no pool to split.
-            pools = 1 if self._transport is not None else -(-connections // _POOL_SIZE)
+            pools = 1 if self._settings.transport is not None else -(-connections // _POOL_SIZE)
             limits = httpx.Limits(
                 max_connections=1000, max_keepalive_connections=max(20, -(-connections // pools))
             )
             https = [
                 httpx.AsyncClient(
-                    transport=self._transport,
-                    timeout=self._timeout,
+                    transport=self._settings.transport,
+                    timeout=self._settings.timeout,
                     follow_redirects=False,
                     limits=limits,
                 )
@@ -470,7 +592,7 @@ class AsyncClient:
         return state
 
     def _pick(self, avoid: _Endpoint | None = None) -> _Endpoint:
-        endpoints = self._endpoints
+        endpoints = self._settings.endpoints
         if len(endpoints) == 1:
             return endpoints[0]
         start = self._next
@@ -481,7 +603,7 @@ class AsyncClient:
 
     def _scrub(self, error: APIError) -> APIError:
         # Servers sometimes echo the key they rejected ("Incorrect API key provided: sk-...").
-        return redact_error(error, [self._key.get()])
+        return redact_error(error, [self._settings.key.get()])
 
     async def _with_model(self, request: CompletionRequest) -> CompletionRequest:
         if request.model is not None:
@@ -533,60 +655,11 @@ class AsyncClient:
         await _retry.sleep(delay)
 
     async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        state = self._state()
-        limit = state.semaphore or _NO_LIMIT
-        content = _encode_body(body) if body is not None else None
-        headers = self._headers.get()
-        if content is not None:
-            headers = {**headers, "Content-Type": "application/json"}
-        retries = 0
-        last: _Endpoint | None = None
-        while True:
-            endpoint = last = self._pick(avoid=last)
-            response: httpx.Response | None = None
-            failure: Exception | None = None
-            async with limit:
-                endpoint.in_flight += 1
-                try:
-                    response = await state.http.request(
-                        method,
-                        endpoint.url + path,
-                        content=content,
-                        headers=endpoint.headers(headers),
-                    )
-                except httpx.TransportError as exc:
-                    failure = exc
-                finally:
-                    endpoint.in_flight -= 1
-            if response is None:
-                assert failure is not None
-                error = self._transport_error(failure, endpoint)
-                error.__cause__ = failure
-                await self._retry_or_raise(error, retries, None, True)
-            elif response.status_code >= 400:
-                error = _retry.api_error(
-                    response.status_code, response.content, response.headers, response.reason_phrase
-                )
-                await self._retry_or_raise(
-                    error,
-                    retries,
-                    response.headers,
-                    _retry.should_retry(response.status_code, response.headers, error),
-                )
-            else:
-                try:
-                    return json.loads(response.content)
-                except ValueError:
-                    text = response.content.decode("utf-8", errors="replace")
-                    raise APIError(
-                        f"the server answered HTTP {response.status_code} with a body "
-                        f"that is not JSON: {_retry._text_message(text)[:200]!r}",
-                        status=response.status_code,
-                        type="invalid_response",
-                        body=text,
-                        headers=dict(response.headers),
-                    ) from None
-            retries += 1
+        responses = self._send(method, path, body)
+        try:
+            return await anext(responses)
+        finally:
+            await responses.aclose()
 
     async def _stream_after_model(
         self,
@@ -602,25 +675,32 @@ class AsyncClient:
             # generator happens to be garbage collected.
             await chunks.aclose()
 
-    async def _stream_chunks(
-        self,
-        request: CompletionRequest,
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    def _stream_chunks(self, request: CompletionRequest) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
+        return self._send("POST", "/completions", request.to_body(), stream=True)
+
+    async def _send(
+        self, method: str, path: str, body: Mapping[str, Any] | None, *, stream: bool = False
+    ) -> AsyncGenerator[Any, None]:
+        """The one retry loop: yields the JSON body once or, with ``stream``, each chunk object.
+
+        Each attempt goes to the least busy endpoint (another one after a failure) and holds a
+        concurrency slot until the consumer closes this generator. Failures are retried as
+        `_retry` decides; a stream only until its first chunk has arrived.
+        """
         state = self._state()
         limit = state.semaphore or _NO_LIMIT
-        content = _encode_body(request.to_body())
-        headers = {
-            **self._headers.get(),
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream",
-        }
+        content = _encode_body(body) if body is not None else None
+        headers = self._settings.headers.get()
+        if content is not None:
+            headers = {**headers, "Content-Type": "application/json"}
+        if stream:
+            headers = {**headers, "Accept": "text/event-stream"}
         retries = 0
         last: _Endpoint | None = None
         while True:
             endpoint = last = self._pick(avoid=last)
             received = False
-            error: APIError | None = None
             error_headers: Mapping[str, str] | None = None
             retryable = True
             async with limit:
@@ -628,8 +708,8 @@ class AsyncClient:
                 try:
                     http = state.http
                     http_request = http.build_request(
-                        "POST",
-                        endpoint.url + "/completions",
+                        method,
+                        endpoint.url + path,
                         content=content,
                         headers=endpoint.headers(headers),
                     )
@@ -647,38 +727,14 @@ class AsyncClient:
                             retryable = _retry.should_retry(
                                 response.status_code, response.headers, error
                             )
+                        elif stream:
+                            async for chunk in aiter_chunks(response.aiter_bytes()):
+                                received = True
+                                yield chunk
+                            return
                         else:
-                            decoder = SSEDecoder()
-                            open_choices: dict[int, bool] = {}
-                            done = False
-                            async for data in response.aiter_bytes():
-                                for event in decoder.feed(data):
-                                    chunk = decode_event(event)
-                                    if chunk is DONE:
-                                        done = True
-                                        break
-                                    assert isinstance(chunk, dict)
-                                    _track(open_choices, chunk)
-                                    received = True
-                                    yield chunk
-                                if done:
-                                    break
-                            if not done:
-                                for event in decoder.close():
-                                    chunk = decode_event(event)
-                                    if chunk is DONE:
-                                        done = True
-                                        break
-                                    assert isinstance(chunk, dict)
-                                    _track(open_choices, chunk)
-                                    received = True
-                                    yield chunk
-                            if not done and (not open_choices or not all(open_choices.values())):
-                                raise APIError(
-                                    "the stream ended before [DONE] with unfinished choices (the "
-                                    "connection was probably cut)",
-                                    type="stream_broken",
-                                )
+                            await response.aread()
+                            yield _json_body(response)
                             return
                     finally:
                         await response.aclose()
@@ -690,9 +746,23 @@ class AsyncClient:
                     retryable = True
                 finally:
                     endpoint.in_flight -= 1
-            assert error is not None
             await self._retry_or_raise(error, retries, error_headers, retryable)
             retries += 1
+
+
+def _json_body(response: httpx.Response) -> Any:
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        text = response.content.decode("utf-8", errors="replace")
+        raise APIError(
+            f"the server answered HTTP {response.status_code} with a body "
+            f"that is not JSON: {_retry._text_message(text)[:200]!r}",
+            status=response.status_code,
+            type="invalid_response",
+            body=text,
+            headers=dict(response.headers),
+        ) from None
 
 
 def _encode_body(body: Mapping[str, Any]) -> bytes:
@@ -717,14 +787,6 @@ def _encode_body(body: Mapping[str, Any]) -> bytes:
         raise
 
 
-def _track(open_choices: dict[int, bool], chunk: Mapping[str, Any]) -> None:
-    for choice in chunk.get("choices") or []:
-        if isinstance(choice, Mapping):
-            index = choice.get("index", 0)
-            finished = choice.get("finish_reason") is not None
-            open_choices[index] = open_choices.get(index, False) or finished
-
-
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -732,130 +794,66 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-class Client:
+class Client(_BaseClient):
     """Synchronous client (the same methods as `AsyncClient`, without await).
 
-    It wraps an `AsyncClient` (``client.async_client``) whose coroutines run on nbcompletions'
-    background event loop, so plain calls work in scripts and inside Jupyter's running loop alike.
+    It wraps an `AsyncClient` (``client.async_client``, sharing its settings) whose coroutines run
+    on nbcompletions' background event loop, so plain calls work in scripts and inside Jupyter's
+    running loop alike.
     """
 
-    def __init__(
-        self,
-        base_url: str | Sequence[str] | None = None,
-        api_key: str | None = None,
-        *,
-        model: str | None = None,
-        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
-        max_retries: int = 2,
-        transport: httpx.AsyncBaseTransport | None = None,
-        max_concurrency: int | None = 16,
-        limits: Limits | None = None,
-        headers: Mapping[str, str] | None = None,
-        vocab_size: int | None = None,
-        profile: str | ServerProfile | None = None,
-    ) -> None:
-        self.async_client = AsyncClient(
-            base_url,
-            api_key,
-            model=model,
-            timeout=timeout,
-            max_retries=max_retries,
-            transport=transport,
-            max_concurrency=max_concurrency,
-            limits=limits,
-            headers=headers,
-            vocab_size=vocab_size,
-            profile=profile,
-        )
+    def _start(self) -> None:
+        self._async = AsyncClient._sharing(self._settings)
+
+    @classmethod
+    def _wrapping(cls, aclient: AsyncClient) -> Client:
+        """A sync client running an existing `AsyncClient` (the same settings and connections)."""
+        client = cls.__new__(cls)
+        client._settings = aclient._settings
+        client._async = aclient
+        return client
 
     @property
-    def endpoint(self) -> str:
-        return self.async_client.endpoint
+    def async_client(self) -> AsyncClient:
+        """The `AsyncClient` this client runs on (the same settings, connections and limit)."""
+        return self._async
 
-    @property
-    def endpoints(self) -> list[str]:
-        return self.async_client.endpoints
-
-    @property
-    def embedded(self) -> bool:
-        return self.async_client.embedded
-
-    @property
-    def model(self) -> str | None:
-        return self.async_client.model
-
-    @model.setter
-    def model(self, value: str | None) -> None:
-        self.async_client.model = value
-
-    @property
-    def limits(self) -> Limits:
-        return self.async_client.limits
-
-    @property
-    def max_retries(self) -> int:
-        return self.async_client.max_retries
-
-    @property
-    def max_concurrency(self) -> int | None:
-        return self.async_client.max_concurrency
-
-    @property
-    def vocab_size(self) -> int | None:
-        return self.async_client.vocab_size
-
-    def __repr__(self) -> str:
-        return "Client" + repr(self.async_client)[len("AsyncClient") :]
-
-    def __reduce__(self) -> Any:
-        raise TypeError(
-            "Client cannot be pickled (it holds connections and credentials); pickle "
-            "its settings and build a new client instead"
-        )
-
-    def build_request(self, prompt: Any, **fields: Any) -> CompletionRequest:
-        """Validate ``prompt`` and ``fields`` into a `CompletionRequest` (no network I/O)."""
-        return self.async_client.build_request(prompt, **fields)
-
-    def complete(self, prompt: Any, **fields: Any) -> Completion:
+    def complete(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Completion:
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
-        request = self.async_client.build_request(prompt, **fields)
-        return run_sync(self.async_client.complete_request(request))
+        return run_sync(self._async.complete_request(self.build_request(prompt, **fields)))
 
     def complete_request(self, request: CompletionRequest) -> Completion:
         """Send an already validated request (retries and the concurrency limit apply)."""
-        return run_sync(self.async_client.complete_request(request))
+        return run_sync(self._async.complete_request(request))
 
-    def stream(self, prompt: Any, **fields: Any) -> Stream:
+    def stream(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Stream:
         """Stream a completion: ``for piece in client.stream(...)`` yields `StreamChunk`."""
-        return Stream(self.async_client.stream(prompt, **fields))
+        return Stream(self._async.stream_request(self._stream_request(prompt, fields)))
 
     def stream_request(self, request: CompletionRequest) -> Stream:
-        return Stream(self.async_client.stream_request(request))
+        return Stream(self._async.stream_request(request))
 
     def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
-        return run_sync(self.async_client.models())
+        return run_sync(self._async.models())
 
-    def score(self, texts: Any, *, context: Any = None) -> pd.DataFrame:
+    def score(
+        self, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None
+    ) -> pd.DataFrame:
         """Log-probability of each text (optionally after ``context``); see `_scoring.ascore`."""
-        return run_sync(self.async_client.score(texts, context=context))
+        return run_sync(self._async.score(texts, context=context))
 
     def capabilities(self) -> dict[str, Any]:
-        """What the server supports (echo, logprobs cap, suffix ...); see `_scoring`."""
-        return run_sync(self.async_client.capabilities())
+        """The conformance report as a dict (`conformance().to_dict()`), kept for sweeps' files."""
+        return run_sync(self._async.capabilities())
 
     def conformance(self, *, refresh: bool = False) -> ConformanceReport:
         """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
-        return run_sync(self.async_client.conformance(refresh=refresh))
-
-    @property
-    def profile(self) -> ServerProfile | None:
-        return self.async_client.profile
+        return run_sync(self._async.conformance(refresh=refresh))
 
     def close(self) -> None:
         """Close the connection pools."""
-        run_sync(self.async_client.close())
+        run_sync(self._async.close())
 
     def __enter__(self) -> Client:
         return self

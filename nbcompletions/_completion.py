@@ -6,7 +6,7 @@ import html
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._parse import choice_index
+from ._parse import choice_text, first_choice, sorted_choices
 from ._request import CompletionRequest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,19 +43,19 @@ class Completion:
     @property
     def text(self) -> str:
         """The first choice's text (choices sorted by index); "" when there is none."""
-        choice = self._first_choice()
-        text = choice.get("text") if choice else None
-        return text if isinstance(text, str) else ""
+        choice = first_choice(self.raw)
+        return (choice_text(choice) if choice else None) or ""
 
     @property
     def texts(self) -> list[str]:
         """Every choice's text, in index order."""
-        return [c.get("text") or "" for c in self._sorted_choices()]
+        return [choice_text(c) or "" for c in sorted_choices(self.raw)]
 
     @property
     def finish_reason(self) -> str | None:
-        choice = self._first_choice()
-        return choice.get("finish_reason") if choice else None
+        choice = first_choice(self.raw)
+        reason = choice.get("finish_reason") if choice else None
+        return reason if isinstance(reason, str) else None
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -70,15 +70,6 @@ class Completion:
     @property
     def id(self) -> str | None:
         return self.raw.get("id")
-
-    def _sorted_choices(self) -> list[Mapping[str, Any]]:
-        choices = self.raw.get("choices") or []
-        valid = [c for c in choices if isinstance(c, Mapping)]
-        return sorted(valid, key=choice_index)
-
-    def _first_choice(self) -> Mapping[str, Any] | None:
-        choices = self._sorted_choices()
-        return choices[0] if choices else None
 
     # -- frames -----------------------------------------------------------------------------------
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

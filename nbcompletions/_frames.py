@@ -75,7 +75,7 @@ from typing import Any, TypeGuard
 import numpy as np
 import pandas as pd
 
-from ._parse import choice_text
+from ._parse import choice_text, parse_logprobs, top_items
 from ._request import CompletionRequest
 
 __all__ = [
@@ -231,62 +231,6 @@ class _Choice:
     offsets: list[Any] | None = None  # None: the server sent no text_offset
 
 
-def _list_or_none(value: Any, where: str) -> list[Any] | None:
-    if value is None or isinstance(value, list):
-        return value
-    if isinstance(value, tuple):
-        return list(value)
-    raise ValueError(f"{where} must be a list or null; got {type(value).__name__}")
-
-
-def _padded(values: list[Any] | None, length: int) -> list[Any]:
-    if values is None:
-        return [None] * length
-    if len(values) == length:
-        return values
-    return list(values) + [None] * (length - len(values))
-
-
-def _parse_logprobs(
-    logprobs: Mapping[str, Any], where: str
-) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
-    """(tokens, token_logprobs, top_logprobs, text_offset), equal lengths; offsets None: unsent."""
-    tokens = _list_or_none(logprobs.get("tokens"), f"{where}.tokens")
-    token_logprobs = _list_or_none(logprobs.get("token_logprobs"), f"{where}.token_logprobs")
-    tops = _list_or_none(logprobs.get("top_logprobs"), f"{where}.top_logprobs")
-    offsets = _list_or_none(logprobs.get("text_offset"), f"{where}.text_offset")
-    if tokens is None and token_logprobs is None and tops is None and offsets is None:
-        content = _list_or_none(logprobs.get("content"), f"{where}.content")
-        if content is None:
-            return [], [], [], None
-        return _parse_chat_content(content, f"{where}.content")
-    length = max(len(part) for part in (tokens, token_logprobs, tops, offsets) if part is not None)
-    return (
-        _padded(tokens, length),
-        _padded(token_logprobs, length),
-        _padded(tops, length),
-        None if offsets is None else _padded(offsets, length),
-    )
-
-
-def _parse_chat_content(
-    content: list[Any], where: str
-) -> tuple[list[Any], list[Any], list[Any], list[Any] | None]:
-    for i, entry in enumerate(content):
-        if not isinstance(entry, Mapping):
-            raise ValueError(
-                f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
-            )
-    # The entries' top_logprobs stay lists of {"token", "logprob"}: two byte tokens can render as
-    # the same string, and a dict would merge them.
-    return (
-        [e.get("token") for e in content],
-        [e.get("logprob") for e in content],
-        [e.get("top_logprobs") for e in content],
-        None,
-    )
-
-
 def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
     raw = body.get("choices")
     if raw is None:
@@ -329,7 +273,7 @@ def _merge_choice(index: int, pieces: list[tuple[int, Mapping[str, Any]]]) -> _C
         where = f"response['choices'][{position}].logprobs"
         if not isinstance(logprobs, Mapping):
             raise ValueError(f"{where} must be an object or null; got {type(logprobs).__name__}")
-        tokens, token_logprobs, tops, piece_offsets = _parse_logprobs(logprobs, where)
+        tokens, token_logprobs, tops, piece_offsets = parse_logprobs(logprobs, where)
         result.has_logprobs = True
         if len(pieces) == 1:  # the common case: keep the parsed lists, no copies
             result.tokens, result.logprobs, result.tops = tokens, token_logprobs, tops
@@ -453,14 +397,9 @@ def _objects(values: Iterable[Any], count: int) -> np.ndarray:
 
 
 def _entry_count(entry: Any) -> int:
-    if entry is None:
-        return 0
     if isinstance(entry, Mapping | list | tuple):
         return len(entry)
-    raise ValueError(
-        "each top_logprobs entry must be an object {token: logprob}, a list of "
-        f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}"
-    )
+    return len(top_items(entry))  # 0 for null; junk raises the explanatory error
 
 
 def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -485,26 +424,10 @@ def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def _flatten_alternatives_slow(present: list[Any], total: int) -> tuple[np.ndarray, np.ndarray]:
-    tokens: list[Any] = []
-    values: list[Any] = []
-    for entry in present:
-        if not entry:
-            continue
-        if isinstance(entry, Mapping):
-            tokens.extend(entry.keys())
-            values.extend(entry.values())
-        elif isinstance(entry, list | tuple):
-            for item in entry:
-                if not isinstance(item, Mapping):
-                    raise ValueError(
-                        "top_logprobs list entries must be objects with token and "
-                        f"logprob; got {type(item).__name__}: {item!r}"
-                    )
-                tokens.append(item.get("token"))
-                values.append(item.get("logprob"))
-        else:
-            _entry_count(entry)  # raises the explanatory error
-    return _objects(tokens, total), _floats(values, "top_logprobs values")
+    pairs = [pair for entry in present for pair in top_items(entry)]
+    return _objects((token for token, _ in pairs), total), _floats(
+        [logprob for _, logprob in pairs], "top_logprobs values"
+    )
 
 
 def _int64(values: np.ndarray, missing: np.ndarray | None = None) -> pd.arrays.IntegerArray:
@@ -522,7 +445,7 @@ def _frame(columns: dict[str, Any], length: int, vocab_size: int) -> pd.DataFram
             data[name] = pd.Series(values, index=index, dtype=object, copy=False)
         else:
             data[name] = pd.Series(values, index=index, copy=False)
-    frame = pd.DataFrame(data, index=index, copy=False)
+    frame: pd.DataFrame = pd.DataFrame(data, index=index, copy=False)
     frame.attrs["vocab_size"] = vocab_size
     return frame
 
@@ -567,7 +490,8 @@ def _rank_order(sort_key: np.ndarray, counts: np.ndarray) -> np.ndarray | None:
         padded[segment, column] = sort_key
         real = np.arange(width)[None, :] < segment_counts[:, None]
     order = np.argsort(padded, axis=1, kind="stable") + segment_starts[:, None]
-    return order.ravel() if real is None else order[real]
+    permutation: np.ndarray = order.ravel() if real is None else order[real]
+    return permutation
 
 
 def _xlogx(x: np.ndarray) -> np.ndarray:
@@ -597,53 +521,44 @@ def _entropy_bounds(
 
 
 # -------------------------------------------------------------------------------------------------
-# The frames
+# The stages of `to_frames`: choices -> token rows -> alternatives -> per-choice sums -> frames
 
 
-def to_frames(
-    response: Any,
-    request: CompletionRequest | Mapping[str, Any] | None = None,
-    *,
-    vocab_size: int | None = None,
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Convert a Completions response into ``(choices, tokens, alternatives)`` DataFrames.
+@dataclass(frozen=True)
+class _TokenRows:
+    """Every choice's tokens laid end to end: one entry per token row."""
 
-    ``response`` is the JSON body (a dict), a merged streamed response, or an ``openai`` SDK object.
-    ``request`` (a `CompletionRequest` or a request body) tells ``n`` (for ``prompt_index`` and
-    ``choice``) and whether, and how many, prompt tokens were echoed. ``vocab_size`` (default
-    50257) enters the entropy bounds. See the module docstring for every column.
-    """
-    if vocab_size is None:
-        vocab_size = DEFAULT_VOCAB_SIZE
-    if not _is_int(vocab_size) or vocab_size < 1:
-        raise ValueError(f"vocab_size must be an integer >= 1; got {vocab_size!r}")
-    vocab_size = int(vocab_size)
-    info = _request_info(request)
-    body = _as_mapping(response)
-    choices = _collect_choices(body)
-    prompt_lens = _prompt_lengths(choices, info, body)
+    choice_index: np.ndarray  # per choice: its index
+    lengths: np.ndarray  # per choice: its token count
+    row_choice: np.ndarray  # per row: position of its choice in `choices`
+    position: np.ndarray  # per row: 0-based within its choice
+    tokens: np.ndarray  # object
+    logprobs: np.ndarray  # float64, NaN where null
+    probs: np.ndarray
+    text_offset: pd.arrays.IntegerArray
+    tops: list[Any]  # top_logprobs entries as sent
 
+    @property
+    def n_rows(self) -> int:
+        return len(self.position)
+
+
+def _token_rows(choices: list[_Choice]) -> _TokenRows:
     n_choices = len(choices)
-    choice_index = np.array([c.index for c in choices], dtype=np.int64)
     lengths = np.array([len(c.tokens) for c in choices], dtype=np.intp)
     n_rows = int(lengths.sum())
-    row_choice = np.repeat(np.arange(n_choices), lengths)
     starts = np.cumsum(lengths) - lengths
-    position = np.arange(n_rows) - np.repeat(starts, lengths)
-
-    if n_choices == 1:
+    if n_choices == 1:  # the common case: no concatenated copies
         only = choices[0]
         tokens = _objects(only.tokens, n_rows)
-        token_logprobs = _floats(only.logprobs, "logprobs.token_logprobs")
+        logprobs = _floats(only.logprobs, "logprobs.token_logprobs")
         tops = only.tops
     else:
         tokens = _objects(chain.from_iterable(c.tokens for c in choices), n_rows)
-        token_logprobs = _floats(
+        logprobs = _floats(
             list(chain.from_iterable(c.logprobs for c in choices)), "logprobs.token_logprobs"
         )
         tops = list(chain.from_iterable(c.tops for c in choices))
-    token_probs = np.exp(token_logprobs)
-
     offsets = (
         _floats(
             list(
@@ -657,17 +572,45 @@ def to_frames(
         else np.zeros(0)
     )
     offsets_missing = np.isnan(offsets)
-    text_offset = _int64(np.where(offsets_missing, 0, offsets), offsets_missing)
+    return _TokenRows(
+        choice_index=np.array([c.index for c in choices], dtype=np.int64),
+        lengths=lengths,
+        row_choice=np.repeat(np.arange(n_choices), lengths),
+        position=np.arange(n_rows) - np.repeat(starts, lengths),
+        tokens=tokens,
+        logprobs=logprobs,
+        probs=np.exp(logprobs),
+        text_offset=_int64(np.where(offsets_missing, 0, offsets), offsets_missing),
+        tops=tops,
+    )
 
-    resolved = np.array([p is not None for p in prompt_lens], dtype=bool)
-    prompt_n = np.array([p or 0 for p in prompt_lens], dtype=np.intp)
-    echo = position < np.repeat(prompt_n, lengths)
 
-    # Alternatives, flattened: alt_row[i] is the token row that alternative i belongs to.
-    counts, alt_tokens, alt_logprobs = _flatten_alternatives(tops)
+@dataclass(frozen=True)
+class _Alternatives:
+    """The top-logprob entries, flattened and sorted by rank within each token row, and what they
+    tell about each token row (rank, top mass, entropy bounds)."""
+
+    row: np.ndarray  # per entry: its token row
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    probs: np.ndarray
+    chosen: np.ndarray
+    rank: np.ndarray
+    token_rank: pd.arrays.IntegerArray  # per token row, like the four below
+    top_mass: np.ndarray
+    entropy_low: np.ndarray
+    entropy_high: np.ndarray
+
+
+def _alternatives(rows: _TokenRows, requested: int | None, vocab_size: int) -> _Alternatives:
+    """``requested`` is the request's ``logprobs`` (None: unknown)."""
+    n_rows = rows.n_rows
+    token_logprobs, token_probs = rows.logprobs, rows.probs
+    counts, alt_tokens, alt_logprobs = _flatten_alternatives(rows.tops)
     has_alts = counts > 0
+    # alt_row[i] is the token row that alternative i belongs to.
     alt_row = np.repeat(np.arange(n_rows), counts)
-    chosen = alt_tokens == tokens[alt_row]
+    chosen = alt_tokens == rows.tokens[alt_row]
     alt_probs = np.exp(alt_logprobs)
     alt_known = ~np.isnan(alt_logprobs)
     all_known = bool(alt_known.all())  # the usual case; saves a masking pass per array
@@ -694,7 +637,7 @@ def to_frames(
     ) + chosen_extra
     # The chosen token's entry may be an extra one below the true top k: keep it out of the cap
     # unless the request says the list holds no more than k entries.
-    maybe_extra = chosen if info.logprobs is None else chosen & (counts[alt_row] > info.logprobs)
+    maybe_extra = chosen if requested is None else chosen & (counts[alt_row] > requested)
     cap = _segment_min(
         np.where(
             maybe_extra,
@@ -707,12 +650,8 @@ def to_frames(
         # A listed entry without a logprob may hold any part of the rest: no cap is known there.
         cap[np.bincount(alt_row[~alt_known], minlength=n_rows) > 0] = np.inf
     entropy_low, entropy_high = _entropy_bounds(known_h, mass, n_known, cap, vocab_size)
-    top_mass = np.where(has_alts, mass, np.nan)
-    entropy_low = np.where(has_alts, entropy_low, np.nan)
-    entropy_high = np.where(has_alts, entropy_high, np.nan)
 
-    # Alternatives sorted by rank within each position; a stable sort keeps the server's order on
-    # ties.
+    # Sorted by rank within each position; a stable sort keeps the server's order on ties.
     permutation = _rank_order(
         -alt_logprobs if all_known else np.where(alt_known, -alt_logprobs, np.inf), counts
     )
@@ -722,19 +661,40 @@ def to_frames(
         alt_probs = alt_probs[permutation]
         chosen = chosen[permutation]
     alt_starts = np.cumsum(counts) - counts
-    alt_rank = (np.arange(len(alt_row)) - alt_starts[alt_row] + 1).astype(np.int64)
+    return _Alternatives(
+        row=alt_row,
+        tokens=alt_tokens,
+        logprobs=alt_logprobs,
+        probs=alt_probs,
+        chosen=chosen,
+        rank=(np.arange(len(alt_row)) - alt_starts[alt_row] + 1).astype(np.int64),
+        token_rank=token_rank,
+        top_mass=np.where(has_alts, mass, np.nan),
+        entropy_low=np.where(has_alts, entropy_low, np.nan),
+        entropy_high=np.where(has_alts, entropy_high, np.nan),
+    )
 
-    # Per-choice statistics.
-    n = info.n
-    if n is None:
-        prompt_index = _int64(np.zeros(n_choices), np.ones(n_choices, dtype=bool))
-        choice_k = prompt_index
-    else:
-        prompt_index = _int64(choice_index // n)
-        choice_k = _int64(choice_index % n)
 
+def _echo_rows(rows: _TokenRows, prompt_lens: list[int | None]) -> tuple[np.ndarray, np.ndarray]:
+    """(echo per token row, prompt token count per choice: 0 where the split is unknown)."""
+    prompt_n = np.array([p or 0 for p in prompt_lens], dtype=np.intp)
+    return rows.position < np.repeat(prompt_n, rows.lengths), prompt_n
+
+
+def _choices_frame(
+    choices: list[_Choice],
+    rows: _TokenRows,
+    echo: np.ndarray,
+    prompt_lens: list[int | None],
+    prompt_n: np.ndarray,
+    prompt_index: pd.arrays.IntegerArray,
+    choice_k: pd.arrays.IntegerArray,
+    vocab_size: int,
+) -> pd.DataFrame:
+    n_choices = len(choices)
+    row_choice, token_logprobs = rows.row_choice, rows.logprobs
+    resolved = np.array([p is not None for p in prompt_lens], dtype=bool)
     logprob_known = ~np.isnan(token_logprobs)
-    row_resolved = np.repeat(resolved, lengths)
 
     def stats(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         count = np.bincount(row_choice[mask], minlength=n_choices)
@@ -744,28 +704,25 @@ def to_frames(
             mean = total / count
         return total, mean, np.exp(-mean)
 
-    generated = ~echo & row_resolved
+    generated = ~echo & np.repeat(resolved, rows.lengths)
     sum_lp, mean_lp, ppl = stats(generated & logprob_known)
     p_sum_lp, p_mean_lp, p_ppl = stats(echo & logprob_known)
     with_logprobs = np.array([c.has_logprobs for c in choices], dtype=bool)
     unknown = ~with_logprobs | ~resolved
-    n_generated = _int64(np.bincount(row_choice[generated], minlength=n_choices), unknown)
-    n_prompt = _int64(prompt_n, unknown)
     for column in (sum_lp, mean_lp, ppl, p_sum_lp, p_mean_lp, p_ppl):
         column[unknown] = np.nan
-
-    choices_frame = _frame(
+    return _frame(
         {
-            "index": choice_index,
+            "index": rows.choice_index,
             "prompt_index": prompt_index,
             "choice": choice_k,
             "text": _objects((c.text for c in choices), n_choices),
             "finish_reason": _objects((c.finish_reason for c in choices), n_choices),
-            "n_tokens": n_generated,
+            "n_tokens": _int64(np.bincount(row_choice[generated], minlength=n_choices), unknown),
             "sum_logprob": sum_lp,
             "mean_logprob": mean_lp,
             "perplexity": ppl,
-            "prompt_n_tokens": n_prompt,
+            "prompt_n_tokens": _int64(prompt_n, unknown),
             "prompt_sum_logprob": p_sum_lp,
             "prompt_mean_logprob": p_mean_lp,
             "prompt_perplexity": p_ppl,
@@ -774,38 +731,95 @@ def to_frames(
         vocab_size,
     )
 
-    tokens_frame = _frame(
+
+def _tokens_frame(
+    rows: _TokenRows,
+    alternatives: _Alternatives,
+    echo: np.ndarray,
+    prompt_index: pd.arrays.IntegerArray,
+    choice_k: pd.arrays.IntegerArray,
+    vocab_size: int,
+) -> pd.DataFrame:
+    row_choice = rows.row_choice
+    return _frame(
         {
-            "index": choice_index[row_choice],
+            "index": rows.choice_index[row_choice],
             "prompt_index": prompt_index[row_choice],
             "choice": choice_k[row_choice],
-            "position": position.astype(np.int64),
-            "token": tokens,
-            "logprob": token_logprobs,
-            "prob": token_probs,
-            "text_offset": text_offset,
+            "position": rows.position.astype(np.int64),
+            "token": rows.tokens,
+            "logprob": rows.logprobs,
+            "prob": rows.probs,
+            "text_offset": rows.text_offset,
             "echo": echo,
-            "rank": token_rank,
-            "top_mass": top_mass,
-            "entropy_low": entropy_low,
-            "entropy_high": entropy_high,
+            "rank": alternatives.token_rank,
+            "top_mass": alternatives.top_mass,
+            "entropy_low": alternatives.entropy_low,
+            "entropy_high": alternatives.entropy_high,
         },
-        n_rows,
+        rows.n_rows,
         vocab_size,
     )
 
-    alt_choice_row = row_choice[alt_row]
-    alternatives_frame = _frame(
+
+def _alternatives_frame(
+    rows: _TokenRows, alternatives: _Alternatives, vocab_size: int
+) -> pd.DataFrame:
+    alt_row = alternatives.row
+    return _frame(
         {
-            "index": choice_index[alt_choice_row],
-            "position": position[alt_row].astype(np.int64),
-            "rank": alt_rank,
-            "token": alt_tokens,
-            "logprob": alt_logprobs,
-            "prob": alt_probs,
-            "chosen": chosen,
+            "index": rows.choice_index[rows.row_choice[alt_row]],
+            "position": rows.position[alt_row].astype(np.int64),
+            "rank": alternatives.rank,
+            "token": alternatives.tokens,
+            "logprob": alternatives.logprobs,
+            "prob": alternatives.probs,
+            "chosen": alternatives.chosen,
         },
         len(alt_row),
         vocab_size,
     )
-    return choices_frame, tokens_frame, alternatives_frame
+
+
+# -------------------------------------------------------------------------------------------------
+# The frames
+
+
+def to_frames(
+    response: Any,
+    request: CompletionRequest | Mapping[str, Any] | None = None,
+    *,
+    vocab_size: int | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Convert a Completions response into ``(choices, tokens, alternatives)`` DataFrames.
+
+    ``response`` is the JSON body (a dict), a merged streamed response, or an ``openai`` SDK object.
+    ``request`` (a `CompletionRequest` or a request body) tells ``n`` (for ``prompt_index`` and
+    ``choice``) and whether, and how many, prompt tokens were echoed. ``vocab_size`` (default
+    50257) enters the entropy bounds. See the module docstring for every column.
+    """
+    if vocab_size is None:
+        vocab_size = DEFAULT_VOCAB_SIZE
+    if not _is_int(vocab_size) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be an integer >= 1; got {vocab_size!r}")
+    vocab_size = int(vocab_size)
+    info = _request_info(request)
+    body = _as_mapping(response)
+    choices = _collect_choices(body)
+    prompt_lens = _prompt_lengths(choices, info, body)
+    rows = _token_rows(choices)
+    echo, prompt_n = _echo_rows(rows, prompt_lens)
+    alternatives = _alternatives(rows, info.logprobs, vocab_size)
+    if info.n is None:
+        prompt_index = _int64(np.zeros(len(choices)), np.ones(len(choices), dtype=bool))
+        choice_k = prompt_index
+    else:
+        prompt_index = _int64(rows.choice_index // info.n)
+        choice_k = _int64(rows.choice_index % info.n)
+    return (
+        _choices_frame(
+            choices, rows, echo, prompt_lens, prompt_n, prompt_index, choice_k, vocab_size
+        ),
+        _tokens_frame(rows, alternatives, echo, prompt_index, choice_k, vocab_size),
+        _alternatives_frame(rows, alternatives, vocab_size),
+    )

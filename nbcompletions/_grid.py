@@ -34,20 +34,17 @@ from typing import Any
 
 from ._cache import cache_keys
 from ._errors import RequestError
-from ._request import FIELDS, CompletionRequest
+from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
 from ._secrets import redact_url
 
 __all__ = [
     "CHARS_PER_TOKEN",
-    "DEFAULT_MAX_TOKENS",
     "Grid",
     "GridPoint",
     "estimate_tokens",
     "expand_grid",
 ]
 
-#: OpenAI's default max_tokens, used by the budget estimate when a request leaves it unset.
-DEFAULT_MAX_TOKENS = 16
 #: Characters per token for the budget estimate when the endpoint's tokenizer is unknown; the
 #: usual rule of thumb for English with GPT-style BPE. Not an upper bound.
 CHARS_PER_TOKEN = 4

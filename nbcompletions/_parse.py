@@ -2,12 +2,40 @@
 
 Parsing is pure and defensive (STYLE.md): every field may be missing or null, unknown fields are
 ignored, and the same rule applies wherever a response is read (frames, streams, scoring, sweeps).
+A field of the wrong kind (``tokens: 5``) is a `ValueError` naming where it was.
+
+Logprobs come in two shapes, and `parse_logprobs` reads both into the same four columns:
+
+- Completions: ``{"tokens", "token_logprobs", "top_logprobs": [{token: logprob} | null],
+  "text_offset"}``, lists that may be missing, null or short (padded with null);
+- llama.cpp's chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs":
+  [{"token", "logprob"}]}]}``. Its top entries stay lists: two byte tokens can render as the same
+  string, and a dict would merge them. A null logprob stays null (never 0.0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+__all__ = [
+    "NEG_INF_LOGPROB",
+    "FinishedChoices",
+    "LogprobColumns",
+    "choice_index",
+    "choice_text",
+    "first_choice",
+    "parse_logprobs",
+    "prompt_tokens",
+    "sorted_choices",
+    "top_items",
+]
+
+#: What a -inf logprob is written as (vLLM's stand-in; JSON has no -Infinity).
+NEG_INF_LOGPROB = -9999.0
+
+#: ``(tokens, token_logprobs, top_logprobs, text_offset)`` of equal length; offsets None: unsent.
+LogprobColumns = tuple[list[Any], list[Any], list[Any], list[Any] | None]
 
 
 def choice_index(choice: Mapping[str, Any], position: int = 0) -> int:
@@ -22,12 +50,139 @@ def choice_text(choice: Mapping[str, Any]) -> str | None:
     (chat-shaped chunks come from proxies and the seed document's sample)."""
     text = choice.get("text")
     if text is None:
-        for key in (
-            "delta",
-            "message",
-        ):  # chat-shaped chunks and messages (proxies, the seed's sample)
+        for key in ("delta", "message"):
             inner = choice.get(key)
             if isinstance(inner, Mapping) and inner.get("content") is not None:
                 text = inner.get("content")
                 break
     return text if isinstance(text, str) else None
+
+
+def sorted_choices(response: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The response's choice objects in index order (entries that are not objects skipped)."""
+    choices = response.get("choices")
+    if not isinstance(choices, Sequence) or isinstance(choices, str):
+        return []
+    return sorted((c for c in choices if isinstance(c, Mapping)), key=choice_index)
+
+
+def first_choice(response: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The choice with the lowest index, or None."""
+    choices = sorted_choices(response)
+    return choices[0] if choices else None
+
+
+def prompt_tokens(response: Mapping[str, Any]) -> int | None:
+    """``usage.prompt_tokens`` when the server sent it as an integer."""
+    usage = response.get("usage")
+    value = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# -- logprobs ------------------------------------------------------------------------------------
+
+
+def _list_or_none(value: Any, where: str) -> list[Any] | None:
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, tuple):
+        return list(value)
+    raise ValueError(f"{where} must be a list or null; got {type(value).__name__}")
+
+
+def _padded(values: list[Any] | None, length: int) -> list[Any]:
+    if values is None:
+        return [None] * length
+    if len(values) == length:
+        return values
+    return list(values) + [None] * (length - len(values))
+
+
+def parse_logprobs(logprobs: Mapping[str, Any], where: str = "logprobs") -> LogprobColumns:
+    """The four columns of a choice's logprobs object, either shape (see the module docstring).
+
+    Values are passed through as sent (a null stays None); lists are not copied when they already
+    line up, which keeps a million-token response cheap.
+    """
+    tokens = _list_or_none(logprobs.get("tokens"), f"{where}.tokens")
+    token_logprobs = _list_or_none(logprobs.get("token_logprobs"), f"{where}.token_logprobs")
+    tops = _list_or_none(logprobs.get("top_logprobs"), f"{where}.top_logprobs")
+    offsets = _list_or_none(logprobs.get("text_offset"), f"{where}.text_offset")
+    if tokens is None and token_logprobs is None and tops is None and offsets is None:
+        content = _list_or_none(logprobs.get("content"), f"{where}.content")
+        if content is None:
+            return [], [], [], None
+        return _parse_chat_content(content, f"{where}.content")
+    length = max(len(part) for part in (tokens, token_logprobs, tops, offsets) if part is not None)
+    return (
+        _padded(tokens, length),
+        _padded(token_logprobs, length),
+        _padded(tops, length),
+        None if offsets is None else _padded(offsets, length),
+    )
+
+
+def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
+    for i, entry in enumerate(content):
+        if not isinstance(entry, Mapping):
+            raise ValueError(
+                f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
+            )
+    return (
+        [e.get("token") for e in content],
+        [e.get("logprob") for e in content],
+        [e.get("top_logprobs") for e in content],
+        None,
+    )
+
+
+def top_items(entry: Any) -> list[tuple[Any, Any]]:
+    """``(token, logprob)`` pairs of one position's top_logprobs entry, in the server's order.
+
+    The entry is a dict ``{token: logprob}`` (Completions), a list of ``{"token", "logprob"}``
+    objects (chat shape: duplicate tokens kept apart), or null (no pairs).
+    """
+    if entry is None:
+        return []
+    if isinstance(entry, Mapping):
+        return list(entry.items())
+    if isinstance(entry, list | tuple):
+        pairs = []
+        for item in entry:
+            if not isinstance(item, Mapping):
+                raise ValueError(
+                    "top_logprobs list entries must be objects with token and "
+                    f"logprob; got {type(item).__name__}: {item!r}"
+                )
+            pairs.append((item.get("token"), item.get("logprob")))
+        return pairs
+    raise ValueError(
+        "each top_logprobs entry must be an object {token: logprob}, a list of "
+        f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}"
+    )
+
+
+# -- streams --------------------------------------------------------------------------------------
+
+
+class FinishedChoices:
+    """Which choices of a stream have sent their ``finish_reason``: a stream that ends without
+    ``[DONE]`` is complete only if every choice it started has finished."""
+
+    __slots__ = ("_finished",)
+
+    def __init__(self) -> None:
+        self._finished: dict[int, bool] = {}
+
+    def add(self, chunk: Mapping[str, Any]) -> None:
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if isinstance(choice, Mapping):
+                index = choice_index(choice)
+                finished = choice.get("finish_reason") is not None
+                self._finished[index] = self._finished.get(index, False) or finished
+
+    @property
+    def unfinished(self) -> bool:
+        """True when no choice was seen or some choice has no finish_reason yet."""
+        return not self._finished or not all(self._finished.values())

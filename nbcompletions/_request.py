@@ -10,12 +10,24 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict, TypeGuard
 
 from ._errors import RequestError
 
-__all__ = ["FIELDS", "CompletionRequest", "Limits"]
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "FIELDS",
+    "CompletionFields",
+    "CompletionRequest",
+    "Limits",
+    "Prompt",
+    "StreamOptions",
+]
 
+#: OpenAI's max_tokens when a request leaves it unset.
+DEFAULT_MAX_TOKENS = 16
+
+#: A prompt: text, several texts, token ids, or several token-id lists (tuples are taken as lists).
 Prompt = str | list[str] | list[int] | list[list[int]]
 
 #: Every body field of the Completions API, in the order the reference lists them.
@@ -39,6 +51,34 @@ FIELDS: tuple[str, ...] = (
     "top_p",
     "user",
 )
+
+
+class StreamOptions(TypedDict, total=False):
+    include_usage: bool
+
+
+class CompletionFields(TypedDict, total=False):
+    """The keyword fields of ``complete(prompt, **fields)``: `FIELDS` but ``prompt``, plus
+    ``extra`` (server-specific fields, sent unchecked). ``None`` leaves a field to the server."""
+
+    model: str | None
+    best_of: int | None
+    echo: bool | None
+    frequency_penalty: float | None
+    logit_bias: Mapping[str, float] | None
+    logprobs: int | None
+    max_tokens: int | None
+    n: int | None
+    presence_penalty: float | None
+    seed: int | None
+    stop: str | list[str] | None
+    stream: bool | None
+    stream_options: StreamOptions | None
+    suffix: str | None
+    temperature: float | None
+    top_p: float | None
+    user: str | None
+    extra: Mapping[str, Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +109,7 @@ def _fail(field: str, allowed: str, value: Any) -> RequestError:
     )
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -88,6 +128,16 @@ def _check_int(field: str, value: Any, low: int | None, high: int | None) -> Non
         raise _fail(field, allowed, value)
     if (low is not None and value < low) or (high is not None and value > high):
         raise _fail(field, allowed, value)
+
+
+def check_optional_count(field: str, value: object) -> int | None:
+    """An integer >= 1, or None; the check of settings such as ``max_concurrency`` (clients and
+    sweeps) and ``vocab_size``."""
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise _fail(field, "an integer >= 1 or None", value)
+    return value
 
 
 def _check_number(field: str, value: Any, low: float, high: float) -> None:
@@ -160,7 +210,7 @@ class CompletionRequest:
     unchecked.
     """
 
-    prompt: Any = None
+    prompt: Any = None  # a `Prompt` once validated (tuples become lists)
     model: str | None = None
     best_of: int | None = None
     echo: bool | None = None
@@ -173,7 +223,7 @@ class CompletionRequest:
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = None
-    stream_options: Mapping[str, Any] | None = None
+    stream_options: StreamOptions | Mapping[str, Any] | None = None
     suffix: str | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -26,17 +26,20 @@ generated token is dropped). `acapabilities` is that report as a dict.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from ._conformance import aconformance, cached_report, score_max_tokens
 from ._errors import APIError, RequestError
-from ._parse import choice_index
+from ._parse import first_choice, parse_logprobs, prompt_tokens, top_items
 from ._request import CompletionRequest, Limits
+from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
+
 
 __all__ = ["acapabilities", "ascore", "cached_capabilities"]
 
@@ -55,67 +58,46 @@ SCORE_COLUMNS = (
 _PROBE_LIMITS = Limits(max_logprobs=None)
 
 
-def _async_client(client: Any) -> Any:
-    return getattr(client, "async_client", client)
+# -- the first choice's logprobs, read by the shared parser (as the frames read them) ------------
 
 
-# -- parsing a logprobs object ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    tokens: list[str]
+    logprobs: list[float | None]
+    offsets: list[int | None]
+    tops: list[list[tuple[Any, Any]]]  # (token, logprob) pairs per position, as the server sent
 
 
-def _first_choice(raw: Mapping[str, Any]) -> Mapping[str, Any]:
-    choices = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
-    if not choices:
-        return {}
-    return min(choices, key=choice_index)
-
-
-def _token_rows(
-    choice: Mapping[str, Any],
-) -> tuple[list[str], list[float | None], list[int | None], list[dict[str, float] | None]] | None:
-    """(tokens, logprobs, text offsets, top-logprob dicts) of a choice; None without logprobs.
-
-    Accepts the Completions shape and llama.cpp's chat shape; any field may be missing or null.
-    """
-    lp = choice.get("logprobs")
-    if not isinstance(lp, Mapping):
+def _columns(raw: Mapping[str, Any]) -> _Columns | None:
+    """(tokens, logprobs, text offsets, top entries) of the first choice; None without logprobs."""
+    choice = first_choice(raw)
+    logprobs = choice.get("logprobs") if choice is not None else None
+    if not isinstance(logprobs, Mapping):
         return None
-    if isinstance(lp.get("content"), list):  # llama.cpp / chat shape
-        content = [c for c in lp["content"] if isinstance(c, Mapping)]
-        tokens = [str(c.get("token", "")) for c in content]
-        logprobs = [
-            c.get("logprob") if isinstance(c.get("logprob"), int | float) else None for c in content
-        ]
-        tops: list[dict[str, float] | None] = []
-        for c in content:
-            top = c.get("top_logprobs")
-            tops.append(
-                {
-                    str(t.get("token")): float(t.get("logprob") or 0.0)
-                    for t in top
-                    if isinstance(t, Mapping)
-                }
-                if isinstance(top, list)
-                else None
-            )
-        offsets: list[int | None] = [None] * len(tokens)
-        return tokens, logprobs, offsets, tops
-    tokens = [str(t) for t in lp.get("tokens") or []]
-    n = len(tokens)
+    try:
+        tokens, values, entries, offsets = parse_logprobs(logprobs, "choices[0].logprobs")
+        tops = [top_items(entry) for entry in entries]
+    except ValueError as exc:
+        raise APIError(
+            f"the server answered with logprobs that cannot be read: {exc}",
+            type="invalid_response",
+            body=dict(raw),
+        ) from None
+    return _Columns(
+        [t if isinstance(t, str) else "" for t in tokens],
+        [_number(v) for v in values],
+        [v if _is_int(v) else None for v in offsets or [None] * len(tokens)],
+        tops,
+    )
 
-    def column(name: str) -> list[Any]:
-        values = lp.get(name)
-        values = list(values) if isinstance(values, list) else []
-        return (values + [None] * n)[:n]
 
-    logprobs = [
-        v if isinstance(v, int | float) and not isinstance(v, bool) else None
-        for v in column("token_logprobs")
-    ]
-    offsets = [
-        v if isinstance(v, int) and not isinstance(v, bool) else None for v in column("text_offset")
-    ]
-    tops = [dict(v) if isinstance(v, Mapping) else None for v in column("top_logprobs")]
-    return tokens, logprobs, offsets, tops
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _fill_offsets(tokens: list[str], offsets: list[int | None], start: int = 0) -> list[int]:
@@ -157,7 +139,9 @@ def _dropped(prompt: str) -> APIError:
     )
 
 
-async def _score_one(aclient: Any, text: str, context: str, max_tokens: int = 0) -> dict[str, Any]:
+async def _score_one(
+    aclient: AsyncCompletionsClient, text: str, context: str, max_tokens: int = 0
+) -> dict[str, Any]:
     prompt = context + text
     try:
         request = CompletionRequest(
@@ -165,7 +149,7 @@ async def _score_one(aclient: Any, text: str, context: str, max_tokens: int = 0)
             echo=True,
             logprobs=1,
             max_tokens=max_tokens,
-            model=getattr(aclient, "model", None),
+            model=aclient.model,
             limits=_PROBE_LIMITS,
         )
         completion = await aclient.complete_request(request)
@@ -182,16 +166,15 @@ async def _score_one(aclient: Any, text: str, context: str, max_tokens: int = 0)
         else:
             raise
     raw = completion.raw
-    rows = _token_rows(_first_choice(raw))
-    if rows is None or not rows[0]:
+    columns = _columns(raw)
+    if columns is None or not columns.tokens:
         raise _dropped(prompt)
-    tokens, logprobs, raw_offsets, _ = rows
-    usage = raw.get("usage") if isinstance(raw.get("usage"), Mapping) else {}
-    prompt_tokens = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
-    offsets = _fill_offsets(tokens, raw_offsets)
+    tokens, logprobs = columns.tokens, columns.logprobs
+    n_prompt = prompt_tokens(raw)
+    offsets = _fill_offsets(tokens, columns.offsets)
     # The prompt's tokens come first; generated ones (a max_tokens=1 fallback) start at len(prompt).
-    if isinstance(prompt_tokens, int) and 0 < prompt_tokens <= len(tokens):
-        count = prompt_tokens
+    if n_prompt is not None and 0 < n_prompt <= len(tokens):
+        count = n_prompt
     else:
         count = sum(1 for off in offsets if off < len(prompt)) if prompt else len(tokens)
     if count == 0 or (count > 1 and all(lp is None for lp in logprobs[:count])):
@@ -242,7 +225,10 @@ def _as_texts(texts: Any) -> list[str]:
 
 
 async def ascore(
-    aclient: Any, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None
+    client: HasAsyncClient,
+    texts: str | Sequence[str],
+    *,
+    context: str | Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Log-probability of each text under the endpoint's model, one row per text.
 
@@ -255,7 +241,7 @@ async def ascore(
     """
     import pandas as pd
 
-    aclient = _async_client(aclient)
+    aclient = as_async(client)
     items = _as_texts(texts)
     if context is None:
         contexts = [""] * len(items)
@@ -289,7 +275,7 @@ async def ascore(
     rows = await asyncio.gather(
         *(_score_one(aclient, t, c, max_tokens) for t, c in zip(items, contexts, strict=True))
     )
-    frame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
+    frame: pd.DataFrame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     frame["n_tokens"] = frame["n_tokens"].astype("int64")
     frame["n_unscored"] = frame["n_unscored"].astype("int64")
     frame["straddles"] = frame["straddles"].astype(bool)
@@ -299,12 +285,12 @@ async def ascore(
 # -- capabilities ----------------------------------------------------------------------------------
 
 
-def cached_capabilities(client: Any) -> dict[str, Any] | None:
+def cached_capabilities(client: HasAsyncClient) -> dict[str, Any] | None:
     """The conformance report already measured for this client, as a dict, or None."""
     report = cached_report(client)
     return report.to_dict() if report is not None else None
 
 
-async def acapabilities(aclient: Any, *, refresh: bool = False) -> dict[str, Any]:
+async def acapabilities(aclient: HasAsyncClient, *, refresh: bool = False) -> dict[str, Any]:
     """The conformance check's report as a dict (`ConformanceReport.to_dict`); cached per client."""
     return (await aconformance(aclient, refresh=refresh)).to_dict()

@@ -16,11 +16,19 @@ import codecs
 import dataclasses
 import json
 import re
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError
-from ._parse import choice_index, choice_text
+from ._parse import FinishedChoices, choice_index, choice_text
 from ._retry import error_from_body
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +42,7 @@ __all__ = [
     "Stream",
     "StreamChunk",
     "StreamMerger",
+    "aiter_chunks",
     "chunk_pieces",
     "decode_event",
     "merge_chunks",
@@ -164,6 +173,38 @@ def decode_event(event: ServerSentEvent) -> dict[str, Any] | object:
     return obj
 
 
+async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The chunk objects of a streamed response body, up to ``[DONE]``.
+
+    A body that ends without ``[DONE]`` is complete only when every choice it started has
+    finished (some servers omit it); otherwise the connection was cut and this raises `APIError`
+    with ``type="stream_broken"``. Error events raise the server's `APIError`.
+    """
+    decoder = SSEDecoder()
+    finished = FinishedChoices()
+    pieces = aiter(data)
+    ended = False
+    while not ended:
+        try:
+            events = decoder.feed(await anext(pieces))
+        except StopAsyncIteration:
+            events = decoder.close()
+            ended = True
+        for event in events:
+            chunk = decode_event(event)
+            if chunk is DONE:
+                return
+            assert isinstance(chunk, dict)
+            finished.add(chunk)
+            yield chunk
+    if finished.unfinished:
+        raise APIError(
+            "the stream ended before [DONE] with unfinished choices (the connection was "
+            "probably cut)",
+            type="stream_broken",
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class StreamChunk:
     """One choice's piece of a streamed completion: ``text`` is the delta for choice ``index``."""
@@ -255,11 +296,6 @@ class StreamMerger:
             if piece.finish_reason is not None:
                 acc.finish_reason = piece.finish_reason
         return pieces
-
-    @property
-    def unfinished(self) -> bool:
-        """True when no choice was seen or some choice has no finish_reason yet."""
-        return not self._choices or any(a.finish_reason is None for a in self._choices.values())
 
     def result(self) -> dict[str, Any]:
         response: dict[str, Any] = {

@@ -24,7 +24,9 @@ from typing import Any
 from ._cache import Cache
 from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._grid import Grid, estimate_tokens, expand_grid
+from ._request import check_optional_count
 from ._sweep_result import SweepResult, _build_frames, _Outcome, _requests_frame
+from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 
 __all__ = ["asweep", "sweep"]
 
@@ -47,22 +49,10 @@ def _progress_bar(total: int, enabled: bool, initial: int) -> Any:
     return tqdm(total=total, initial=initial, desc="sweep", unit="req", dynamic_ncols=True)
 
 
-def _client_concurrency(client: Any) -> int:
+def _client_concurrency(client: AsyncCompletionsClient) -> int:
     """The worker count: the client's own limit (`AsyncClient.max_concurrency`), if it has one."""
     value = client.max_concurrency
     return value if isinstance(value, int) and value > 0 else _UNLIMITED_WORKERS
-
-
-def _check_concurrency(value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RequestError(
-            "max_concurrency",
-            f"max_concurrency must be an integer >= 1 or None; got {value!r}",
-            allowed="an integer >= 1 or None",
-            value=value,
-        )
 
 
 def _check_budget(value: Any) -> None:
@@ -97,7 +87,7 @@ class _Prepared:
 
 
 def _prepare(
-    client: Any,
+    client: AsyncCompletionsClient,
     prompt: Any,
     repeats: int,
     cache: Any,
@@ -106,7 +96,7 @@ def _prepare(
     fields: dict[str, Any],
 ) -> _Prepared:
     """Expand, validate, read the cache and check the budget: all before a single request."""
-    _check_concurrency(max_concurrency)
+    check_optional_count("max_concurrency", max_concurrency)
     _check_budget(budget)
     grid = expand_grid(client, prompt, repeats=repeats, **fields)
     owns = False
@@ -281,13 +271,13 @@ async def _execute(
     )
 
 
-def _vocab_size(client: Any) -> int | None:
-    value = getattr(client, "vocab_size", None)
+def _vocab_size(client: AsyncCompletionsClient) -> int | None:
+    value = client.vocab_size
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 async def asweep(
-    client: Any,
+    client: AsyncCompletionsClient,
     prompt: Any = None,
     *,
     repeats: int = 1,
@@ -302,7 +292,7 @@ async def asweep(
 
     Cancelling the task stops the sweep; what finished is in the cache.
     """
-    if hasattr(client, "async_client"):
+    if as_async(client) is not client:
         raise TypeError(
             "asweep() needs an AsyncClient; for a Client call "
             "nbcompletions.sweep(...), which works in Jupyter without await"
@@ -315,7 +305,7 @@ async def asweep(
 
 
 def sweep(
-    client: Any,
+    client: HasAsyncClient,
     prompt: Any = None,
     *,
     repeats: int = 1,
@@ -342,7 +332,7 @@ def sweep(
     """
     from ._loop import run_sync
 
-    aclient = getattr(client, "async_client", client)
+    aclient = as_async(client)
     prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(

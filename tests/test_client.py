@@ -189,7 +189,7 @@ def test_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_default_timeout_is_the_sdks() -> None:
-    timeout = mock_client(Script()).async_client._timeout
+    timeout = mock_client(Script()).timeout
     assert (timeout.read, timeout.connect) == (600.0, 5.0)
 
 
@@ -518,8 +518,7 @@ async def test_async_client_on_several_loops() -> None:
     script = Script(httpx.Response(200, json=completion_body()))
     client = AsyncClient("http://test/v1", model="m", transport=httpx.MockTransport(script))
     await client.complete("x")
-    sync = Client.__new__(Client)
-    sync.async_client = client
+    sync = Client._wrapping(client)
     assert sync.complete("y").text == "ok"  # the same client on the background loop
     await client.close()
 
@@ -551,7 +550,7 @@ def test_the_key_never_shows(caplog: pytest.LogCaptureFixture, delays: list[floa
         pickle.dumps(client)
     assert KEY not in str(pickled.value)
     with pytest.raises(TypeError):
-        pickle.dumps(client.async_client._key)
+        pickle.dumps(client.async_client._settings.key)
     with pytest.raises(APIError) as info:
         client.complete("x")
     error = info.value
@@ -677,3 +676,70 @@ def test_an_error_body_with_status_200_is_an_api_error() -> None:
     with mock_client(script) as client, pytest.raises(APIError, match="quota") as info:
         client.complete("x")
     assert (info.value.status, info.value.type) == (200, "billing")
+
+
+# -- shared settings, the model setter and the typed seams ----------------------------------------
+def test_model_setter_validates_and_both_twins_see_it() -> None:
+    client = mock_client(Script(httpx.Response(200, json=completion_body())))
+    client.model = "other"
+    assert client.async_client.model == "other"
+    client.async_client.model = "third"
+    assert client.model == "third"
+    assert client.build_request("x").model == "third"
+    # The constructor refused these; the setter let them through, to fail later in a request.
+    for bad in ("", 3):
+        with pytest.raises(RequestError, match="model must be a non-empty string or None") as info:
+            client.model = bad  # type: ignore[assignment]
+        assert info.value.param == "model"
+    assert client.model == "third"
+    client.model = None
+    assert client.async_client.model is None
+    with pytest.raises(RequestError, match="max_retries must be an integer >= 0"):
+        client.max_retries = -1
+    client.max_retries = 0
+    assert client.async_client.max_retries == 0
+
+
+def test_conformance_follows_the_model() -> None:
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": []})
+        body = json.loads(request.content)
+        asked.append(body["model"])
+        return httpx.Response(200, json=completion_body(model=body["model"]))
+
+    client = mock_client(handler, model="first", max_retries=0)
+    first = client.conformance()
+    assert first.model == "first"
+    client.model = "second"
+    # Measured again for the new model, not the old model's answer.
+    second = client.conformance()
+    assert second.model == "second"
+    assert "second" in asked
+    client.model = "first"
+    sent = len(asked)
+    assert client.conformance() is first
+    assert len(asked) == sent  # cached per model: nothing sent again
+
+
+def test_async_client_of_both_twins() -> None:
+    from nbcompletions._types import as_async
+
+    client = mock_client(Script())
+    aclient = client.async_client
+    assert isinstance(aclient, AsyncClient)
+    assert aclient.async_client is aclient
+    assert as_async(client) is aclient
+    assert as_async(aclient) is aclient
+    with pytest.raises(TypeError, match="expected an nbcompletions Client or AsyncClient; got int"):
+        as_async(3)  # type: ignore[arg-type]
+
+
+def test_typed_request_fields_are_the_protocols_fields() -> None:
+    from nbcompletions._request import FIELDS, CompletionFields
+
+    expected = (set(FIELDS) - {"prompt"}) | {"extra"}
+    assert set(CompletionFields.__optional_keys__) == expected
+    assert not CompletionFields.__required_keys__

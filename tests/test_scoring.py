@@ -11,6 +11,7 @@ import pytest
 from helpers import mock_client
 
 from nbcompletions import APIError, AsyncClient, Client, RequestError
+from nbcompletions._conformance import aconformance
 from nbcompletions._scoring import acapabilities, ascore
 from nbcompletions.server import StreamingASGITransport, create_app
 
@@ -178,3 +179,59 @@ async def test_capabilities_of_the_embedded_server(app: Any) -> None:
         assert await aclient.capabilities() == capabilities
     finally:
         await aclient.close()
+
+
+def _llamacpp_like(body: dict[str, Any]) -> httpx.Response:
+    """llama.cpp's shape: echo refused, chat-shaped logprobs whose non-ASCII byte tokens all come
+    back as "" (one position can list "" twice) and whose top entries may hold a null logprob."""
+    if body.get("echo"):
+        return httpx.Response(400, json={"error": {"message": "echo is not supported"}})
+    asked = body.get("logprobs") or 0
+    top = [{"token": "", "logprob": -1.0 - k} for k in range(2)]
+    top += [{"token": f"t{k}", "logprob": None if k == 0 else -3.0 - k} for k in range(asked - 2)]
+    content = [{"token": "", "logprob": -1.0, "bytes": [226], "top_logprobs": top}]
+    return httpx.Response(
+        200,
+        json={
+            "choices": [
+                {
+                    "text": "",
+                    "index": 0,
+                    "finish_reason": "length",
+                    "logprobs": {"content": content},
+                }
+            ]
+        },
+    )
+
+
+async def test_conformance_counts_duplicate_byte_tokens_and_null_logprobs() -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": MODEL}]})
+        return _llamacpp_like(json.loads(request.content))
+
+    aclient = AsyncClient(
+        "http://llama/v1", model=MODEL, transport=httpx.MockTransport(handler), max_retries=0
+    )
+    try:
+        report = await aconformance(aclient)
+    finally:
+        await aclient.close()
+    assert report.status("echo_alignment") != "ok"
+    # Each listed alternative counts, even two byte tokens rendered alike or one without a logprob
+    # (a dict keyed by token would have merged the two "" entries and counted 4).
+    cap = report.checks["logprobs_cap"]
+    assert "got up to 5" in cap.detail, cap.detail
+
+
+def test_scoring_reads_logprobs_with_the_shared_parser() -> None:
+    from nbcompletions._scoring import _columns
+
+    raw = _llamacpp_like({"logprobs": 3}).json()
+    columns = _columns(raw)
+    assert columns is not None
+    # A null top logprob stays null (it was read as 0.0, "certain"); duplicates stay apart.
+    assert columns.tops == [[("", -1.0), ("", -2.0), ("t0", None)]]
+    assert columns.tokens == [""]
+    assert columns.logprobs == [-1.0]

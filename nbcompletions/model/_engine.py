@@ -43,18 +43,17 @@ from typing import Any
 import numpy as np
 
 from .._errors import RequestError
-from .._request import CompletionRequest
+from .._parse import NEG_INF_LOGPROB
+from .._request import DEFAULT_MAX_TOKENS, CompletionRequest
 from . import _sampling
 from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
 from ._tokenizer import ByteTokenizer
 
 __all__ = ["DecodeBatch", "Engine", "Job"]
 
-DEFAULT_MAX_TOKENS = 16
 EOT = "<|endoftext|>"
 #: Rows sampled per numpy pass (bounds the float64 copies of the vocabulary a step makes).
 _SAMPLE_ROWS = 64
-_FLOOR = -9999.0  # what a -inf (or NaN) logprob is written as; JSON has no -Infinity
 #: tokens, token_logprobs, top_logprobs, text_offset of one choice (or its echoed prompt)
 _Parts = tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]
 
@@ -101,7 +100,7 @@ _one_blas_thread = _OneBlasThread()
 
 
 def _finite(value: float) -> float:
-    return value if math.isfinite(value) else _FLOOR
+    return value if math.isfinite(value) else NEG_INF_LOGPROB
 
 
 class _Prompt:

@@ -30,7 +30,8 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .._errors import RequestError
-from .._request import FIELDS, CompletionRequest, Limits
+from .._parse import NEG_INF_LOGPROB
+from .._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest, Limits
 from ._scheduler import CompletionStream, Overloaded, Scheduler, WorkBudget, scheduler_for
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Engine", "create_app", "render_json"]
@@ -38,10 +39,6 @@ __all__ = ["DEFAULT_MAX_BODY_BYTES", "Engine", "create_app", "render_json"]
 logger = logging.getLogger("nbcompletions.server")
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
-#: OpenAI's default when a request leaves max_tokens unset.
-_DEFAULT_MAX_TOKENS = 16
-#: vLLM's stand-in for -inf; JSON has no infinities.
-_NEG_INF_LOGPROB = -9999.0
 _OWNED_BY = "nbcompletions"
 
 
@@ -100,7 +97,7 @@ def _finite(value: Any) -> Any:
         if math.isnan(value):
             return None
         if math.isinf(value):
-            return _NEG_INF_LOGPROB if value < 0 else -_NEG_INF_LOGPROB
+            return NEG_INF_LOGPROB if value < 0 else -NEG_INF_LOGPROB
         return value
     if isinstance(value, Mapping):
         return {key: _finite(item) for key, item in value.items()}
@@ -123,7 +120,7 @@ def render_json(obj: Any) -> bytes:
         text = json.dumps(obj, allow_nan=False, separators=(",", ":"), default=_numpy_default)
     except ValueError:
         logger.warning(
-            "a response held non-finite numbers; sent them clamped (-inf -> %s)", _NEG_INF_LOGPROB
+            "a response held non-finite numbers; sent them clamped (-inf -> %s)", NEG_INF_LOGPROB
         )
         text = json.dumps(
             _finite(obj), allow_nan=False, separators=(",", ":"), default=_numpy_default
@@ -388,7 +385,7 @@ class _CompletionsServer:
         if cap is None:
             return request
         if request.max_tokens is None:
-            return request if cap >= _DEFAULT_MAX_TOKENS else request.replace(max_tokens=cap)
+            return request if cap >= DEFAULT_MAX_TOKENS else request.replace(max_tokens=cap)
         if request.max_tokens > cap:
             raise _Failure(
                 400,

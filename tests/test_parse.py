@@ -1,0 +1,92 @@
+"""The response side's one parser: choices, logprobs in both shapes, finished streams."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from nbcompletions._parse import (
+    FinishedChoices,
+    choice_index,
+    first_choice,
+    parse_logprobs,
+    prompt_tokens,
+    sorted_choices,
+    top_items,
+)
+
+
+def test_completions_shape_is_padded_and_nulls_kept() -> None:
+    tokens, logprobs, tops, offsets = parse_logprobs(
+        {"tokens": ["a", "b"], "token_logprobs": [None], "top_logprobs": [None, {"b": None}]}
+    )
+    assert tokens == ["a", "b"]
+    assert logprobs == [None, None]
+    assert tops == [None, {"b": None}]
+    assert offsets is None  # unsent, not zeros
+
+
+def test_chat_shape_keeps_duplicate_tokens_and_null_logprobs() -> None:
+    content = [
+        {
+            "token": "",
+            "logprob": -0.5,
+            "top_logprobs": [
+                {"token": "", "logprob": -0.5},
+                {"token": "", "logprob": None},
+            ],
+        }
+    ]
+    tokens, logprobs, tops, offsets = parse_logprobs({"content": content})
+    assert (tokens, logprobs, offsets) == ([""], [-0.5], None)
+    assert top_items(tops[0]) == [("", -0.5), ("", None)]
+
+
+def test_missing_logprob_fields_give_empty_columns() -> None:
+    assert parse_logprobs({}) == ([], [], [], None)
+    assert parse_logprobs({"content": None}) == ([], [], [], None)
+
+
+@pytest.mark.parametrize(
+    ("logprobs", "message"),
+    [
+        ({"tokens": 5}, r"logprobs\.tokens must be a list or null; got int"),
+        ({"content": ["x"]}, r"logprobs\.content\[0\] must be an object"),
+    ],
+)
+def test_wrong_kinds_name_the_field(logprobs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_logprobs(logprobs)
+
+
+def test_top_items_of_each_entry_shape() -> None:
+    assert top_items(None) == []
+    assert top_items({"a": -1.0, "b": -2.0}) == [("a", -1.0), ("b", -2.0)]
+    with pytest.raises(ValueError, match="list entries must be objects"):
+        top_items([3])
+    with pytest.raises(ValueError, match="got str"):
+        top_items("a")
+
+
+def test_choices_are_read_in_index_order() -> None:
+    response = {
+        "choices": [{"index": 2, "text": "c"}, "junk", {"index": 0, "text": "a"}],
+        "usage": {"prompt_tokens": 4},
+    }
+    assert [c["text"] for c in sorted_choices(response)] == ["a", "c"]
+    assert first_choice(response) == {"index": 0, "text": "a"}
+    assert first_choice({"choices": None}) is None
+    assert prompt_tokens(response) == 4
+    assert prompt_tokens({"usage": {"prompt_tokens": True}}) is None
+    assert choice_index({"index": True}, 7) == 7
+
+
+def test_finished_choices() -> None:
+    finished = FinishedChoices()
+    assert finished.unfinished  # nothing seen
+    finished.add({"choices": [{"index": 0, "text": "a"}, {"index": 1, "finish_reason": "stop"}]})
+    assert finished.unfinished
+    finished.add({"choices": [{"index": 0, "finish_reason": "length"}]})
+    finished.add({"choices": [], "usage": {}})
+    assert not finished.unfinished
