@@ -26,7 +26,7 @@ from ._completion import Completion
 from ._errors import APIError, NBCompletionsError, RequestError
 from ._loop import run_sync
 from ._request import FIELDS, CompletionRequest, Limits
-from ._secrets import Secret, redact_error, redact_url
+from ._secrets import Secret, check_api_key, redact_error, redact_url
 from ._streaming import DONE, AsyncStream, SSEDecoder, Stream, decode_event
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -200,6 +200,8 @@ class AsyncClient:
                 allowed="a string",
                 value=type(api_key).__name__,
             )
+        if api_key is not None:
+            check_api_key(api_key)
         if model is not None and (not isinstance(model, str) or not model):
             raise RequestError(
                 "model",
