@@ -14,8 +14,12 @@ Choices made where the API leaves room (documented here because clients will loo
   sampled token), keeps the best ``n`` per prompt (ties keep generation order) and re-indexes them.
 - **usage.completion_tokens** counts every token sampled, including best_of candidates that were not
   returned and a final end-of-text token; **prompt_tokens** counts each prompt once.
-- The end-of-text token ends a completion with finish_reason ``stop`` and is not part of the text or
-  the logprobs. An empty string prompt starts from ``<|endoftext|>`` (1 prompt token, echoed as "").
+- The end-of-text token ends a completion with finish_reason ``stop``. It is not part of the text,
+  but the logprobs list it (token ``<|endoftext|>``, its logprob, at the offset where the text
+  ends), as OpenAI and vLLM do: lm-evaluation-harness drops the last echoed entry as "the token
+  generated". An empty string prompt starts from ``<|endoftext|>`` (1 prompt token, echoed as "").
+- vLLM's sampling fields ``top_k``, ``min_p`` and ``repetition_penalty`` are read from the
+  request's ``extra`` (the server accepts them under ``compat="vllm"``); see `_sampling`.
 - A stop string cuts the text where it starts; the logprobs keep the tokens that began before the
   cut.
   While streaming, text that could still become a stop string is held back until it is resolved.
@@ -43,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from .._errors import RequestError
-from .._request import CompletionRequest
+from .._request import SAMPLERS, CompletionRequest, check_sampler
 from . import _sampling
 from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
 from ._tokenizer import ByteTokenizer
@@ -127,6 +131,10 @@ class _Plan:
         self.echo: bool = fields["echo"]
         self.seed: int | None = fields["seed"]
         self.include_usage: bool = fields["include_usage"]
+        # vLLM's sampling fields (off: 0, 0.0, 1.0)
+        self.top_k: int = fields["top_k"]
+        self.min_p: float = fields["min_p"]
+        self.repetition_penalty: float = fields["repetition_penalty"]
 
 
 class _Row:
@@ -151,6 +159,7 @@ class _Row:
         self.cut: int | None = None  # where a stop string begins
         self.emitted_chars = 0  # streaming: text already sent
         self.emitted_tokens = 0
+        self.end_of_text: tuple[float, dict[str, float] | None] | None = None  # (logprob, top)
 
     @property
     def finished(self) -> bool:
@@ -166,6 +175,7 @@ class _Row:
         self.n_sampled += 1
         self.sum_logprob += logprob
         if token == eot:
+            self.end_of_text = (logprob, top)
             self._finish("stop")
             return
         start = len(self.text)
@@ -489,6 +499,9 @@ class Engine:
             logit_bias[token] = float(value)
         for unspellable in self._unspellable.tolist():
             logit_bias[unspellable] = _sampling.BAN
+        samplers = {name: request.extra[name] for name in SAMPLERS if name in request.extra}
+        for name, value in samplers.items():
+            check_sampler(name, value)
         n = request.effective_n
         stop = request.stop
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -507,6 +520,9 @@ class Engine:
             echo=bool(request.echo),
             seed=request.seed,
             include_usage=bool((request.stream_options or {}).get("include_usage")),
+            top_k=max(0, int(samplers.get("top_k", 0))),
+            min_p=float(samplers.get("min_p", 0.0)),
+            repetition_penalty=float(samplers.get("repetition_penalty", 1.0)),
         )
 
     def _run_all(self, plan: _Plan) -> tuple[list[_Row], list[np.ndarray | None]]:
@@ -548,12 +564,20 @@ class Engine:
         self, row: _Row, first: int, end: int
     ) -> tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]:
         tokens = [self._token_strings[t] for t in row.tokens[first:end]]
-        return (
+        parts: tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]] = (
             tokens,
             list(row.logprobs[first:end]),
             list(row.tops[first:end]),
             [row.base_offset + s for s in row.starts[first:end]],
         )
+        if row.end_of_text is not None and row.finished and end == row.kept_tokens:
+            # The last part of a row that ended on <|endoftext|>: list that token too.
+            logprob, top = row.end_of_text
+            parts[0].append(self._token_strings[self.eot_token_id])
+            parts[1].append(logprob)
+            parts[2].append(top)
+            parts[3].append(row.base_offset + len(row.final_text))
+        return parts
 
     @staticmethod
     def _logprobs_object(
@@ -665,6 +689,11 @@ class _Generation:
         active = np.arange(len(self.rows))  # row index of each batch row
         penalised = bool(plan.frequency_penalty or plan.presence_penalty)
         counts = np.zeros((len(self.rows), engine.vocab_size), np.float64) if penalised else None
+        seen = None  # repetition_penalty's tokens: each row's prompt, then what it samples
+        if plan.repetition_penalty != 1.0:
+            seen = np.zeros((len(self.rows), engine.vocab_size), bool)
+            for index, row in enumerate(self.rows):
+                seen[index, plan.prompts[row.prompt_index].ids] = True
         k = plan.logprobs
         # Only logprobs and best_of's ranking read the model's log-probabilities.
         need_logprobs = k is not None or plan.best_of > plan.n
@@ -672,9 +701,17 @@ class _Generation:
         token_bytes = engine._token_bytes
         while True:
             mu = _sampling.adjust_logits(
-                next_logits, plan.bias, counts, plan.frequency_penalty, plan.presence_penalty
+                next_logits,
+                plan.bias,
+                counts,
+                plan.frequency_penalty,
+                plan.presence_penalty,
+                seen=seen,
+                repetition_penalty=plan.repetition_penalty,
             )
-            chosen = _sampling.sample(mu, plan.temperature, plan.top_p, self.rng)  # (A,)
+            chosen = _sampling.sample(
+                mu, plan.temperature, plan.top_p, self.rng, top_k=plan.top_k, min_p=plan.min_p
+            )  # (A,)
             if need_logprobs:
                 logp = log_softmax(next_logits)  # (A, V) raw model logprobs
                 chosen_lp = logp[np.arange(len(active)), chosen].tolist()  # (A,)
@@ -690,6 +727,8 @@ class _Generation:
             yield [int(r) for r in active]
             if counts is not None:
                 counts[np.arange(len(active)), chosen] += 1
+            if seen is not None:
+                seen[np.arange(len(active)), chosen] = True
             alive = np.array([not self.rows[r].finished for r in active], bool)
             if not alive.any():
                 return
@@ -699,5 +738,7 @@ class _Generation:
                 chosen = chosen[alive]
                 if counts is not None:
                     counts = counts[alive]
+                if seen is not None:
+                    seen = seen[alive]
             with _one_blas_thread:
                 next_logits = forward(weights, chosen[:, None], cache)[:, 0]  # (A, V)
