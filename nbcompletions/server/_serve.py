@@ -6,10 +6,11 @@ import ipaddress
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from .._request import Limits
-from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app
+from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Engine, create_app
 
 __all__ = ["API_KEY_ENV", "DEFAULT_MAX_TOKENS_CAP", "is_loopback", "serve"]
 
@@ -61,6 +62,10 @@ def serve(
     max_concurrency: int = 4,
     log_level: str = "info",
     preload: bool = True,
+    compat: str = "openai",
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    allow_hosts: Sequence[str] = (),
+    allow_origins: Sequence[str] = (),
     **uvicorn_options: Any,
 ) -> None:
     """Serve the Completions API over HTTP until SIGINT/SIGTERM (uvicorn's clean shutdown).
@@ -70,6 +75,11 @@ def serve(
     interface without one prints a warning. ``preload`` loads the model before the socket opens, so
     ``/health`` answering means requests are served at full speed. Other keyword arguments go to
     ``uvicorn.Config``.
+
+    Safe by default: POST bodies must be declared JSON; requests from web pages (an ``Origin``
+    header) are refused unless the origin is loopback or in ``allow_origins``; on a loopback bind
+    the ``Host`` must name loopback or be in ``allow_hosts`` (DNS rebinding); a body must arrive
+    within ``body_timeout_s``. ``compat="vllm"`` takes vLLM's limits and sampling fields.
     """
     import uvicorn
 
@@ -87,6 +97,12 @@ def serve(
         max_body_bytes=max_body_bytes,
         limits=limits,
         max_concurrency=max_concurrency,
+        compat=compat,
+        body_timeout_s=body_timeout_s,
+        # Only a loopback bind knows which names it may be called by; elsewhere any name can
+        # reach it (and a key should guard it).
+        allowed_hosts=tuple(allow_hosts) if is_loopback(host) else None,
+        allowed_origins=tuple(allow_origins),
     )
     if not is_loopback(host) and api_key is None:
         logger.warning(
@@ -99,9 +115,10 @@ def serve(
         app.state.nbcompletions.load_engine_now()  # logs the load time
     # The URL, never the key: logs get pasted into issues and notebooks.
     logger.info(
-        "nbcompletions serving the OpenAI Completions API at %s (%s)%s",
+        "nbcompletions serving the OpenAI Completions API at %s (%s%s)%s",
         _url(host, port),
         "bearer key required" if api_key else "no key required",
+        "; vLLM compatible" if compat == "vllm" else "",
         "; port 0: uvicorn's line below has the port chosen" if port == 0 else "",
     )
     options: dict[str, Any] = {"timeout_graceful_shutdown": 5, "server_header": False}
