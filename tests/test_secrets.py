@@ -17,7 +17,8 @@ def test_check_api_key_refuses_what_a_header_cannot_carry(key: str) -> None:
     error = info.value
     assert error.param == "api_key"
     assert "ASCII" in str(error)
-    assert "secret" not in str(error) and "secret" not in repr(error)
+    assert "secret" not in str(error)
+    assert "secret" not in repr(error)
     assert error.value is None  # the key is not kept on the exception either
 
 
@@ -33,4 +34,5 @@ def test_a_client_with_a_non_ascii_key_is_refused_at_construction(make: type, ke
         make(base_url="http://127.0.0.1:9/v1", api_key=key)
     assert info.value.param == "api_key"
     assert "secret" not in str(info.value)
-    assert info.value.__cause__ is None and info.value.__context__ is None
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
