@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["build_parser", "main"]
 
@@ -45,10 +46,27 @@ def _port(text: str) -> int:
 def _api_key(text: str) -> str:
     # "--api-key $KEY" with KEY unset would otherwise fail deep in the server with a traceback;
     # the server strips the bearer token it receives, so surrounding spaces could never match.
+    from ._errors import RequestError
+    from ._secrets import check_api_key
+
     key = text.strip()
     if not key:
         raise argparse.ArgumentTypeError(f"must be a non-empty string; got {text!r}")
+    try:
+        check_api_key(key)  # a non-ASCII key could never authenticate anyone
+    except RequestError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("api_key ")) from None
     return key
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0; got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0; got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +151,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests that may wait for memory; beyond them: 503 with Retry-After (default: 256)",
     )
     serve.add_argument(
+        "--compat",
+        choices=["openai", "vllm"],
+        default="openai",
+        help="openai (default): OpenAI's limits (4 stop strings, 5 logprobs) and unknown fields "
+        "refused; vllm: vLLM's limits (any number of stop strings, 20 logprobs) and its sampling "
+        "fields top_k, min_p and repetition_penalty",
+    )
+    serve.add_argument(
+        "--allow-host",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="on a loopback bind, also answer requests whose Host header names NAME (default: "
+        "only localhost, 127.0.0.1 and ::1, against DNS rebinding); repeatable; '*' for any",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        metavar="ORIGIN",
+        action="append",
+        default=[],
+        help="also answer web pages from ORIGIN (scheme://host[:port]); by default requests "
+        "carrying an Origin header are refused unless it is a loopback origin; repeatable; "
+        "'*' for any",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        metavar="SECONDS",
+        type=_seconds,
+        default=None,
+        help="answer 408 when a request body has not fully arrived after SECONDS (default: 30)",
+    )
+    serve.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -152,30 +202,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "serve":
-        from .server import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_TOKENS_CAP, WorkBudget, serve
+        from . import server
 
-        defaults = WorkBudget()
-        budget = WorkBudget(
+        defaults = server.WorkBudget()
+        budget = server.WorkBudget(
             max_request_tokens=args.max_request_tokens or defaults.max_request_tokens,
             max_memory_bytes=(args.max_memory_mb << 20)
             if args.max_memory_mb
             else defaults.max_memory_bytes,
             max_waiting=args.max_waiting or defaults.max_waiting,
         )
+        options: dict[str, Any] = {}
+        # Only what was given: serve()'s own defaults stay the single source of truth.
+        if args.compat != "openai":
+            options["compat"] = args.compat
+        if args.allow_host:
+            options["allow_hosts"] = args.allow_host
+        if args.allow_origin:
+            options["allow_origins"] = args.allow_origin
+        if args.body_timeout is not None:
+            options["body_timeout_s"] = args.body_timeout
         try:
-            serve(
+            server.serve(
                 host=args.host,
                 port=args.port,
                 api_key=args.api_key,
-                max_tokens_cap=args.max_tokens_cap or DEFAULT_MAX_TOKENS_CAP,
-                max_body_bytes=args.max_body_bytes or DEFAULT_MAX_BODY_BYTES,
+                max_tokens_cap=args.max_tokens_cap or server.DEFAULT_MAX_TOKENS_CAP,
+                max_body_bytes=args.max_body_bytes or server.DEFAULT_MAX_BODY_BYTES,
                 log_level=args.log_level,
                 budget=budget,
                 access_log=not args.no_access_log,
+                **options,
             )
         except FileNotFoundError as exc:  # the model's files (serve loads them before binding)
             print(f"nbcompletions serve: {exc}", file=sys.stderr)
             return 1
+        except ValueError as exc:  # a setting serve() refuses, e.g. a key from the environment
+            print(f"nbcompletions serve: {exc}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal; a traceback
             # after a clean shutdown would only alarm. 130 is the shell's code for SIGINT.

@@ -34,7 +34,7 @@ from ._request import (
     Prompt,
     check_optional_count,
 )
-from ._secrets import Secret, redact_error, redact_url
+from ._secrets import Secret, check_api_key, redact_error, redact_url
 from ._streaming import AsyncStream, Stream, aiter_chunks
 from ._version import __version__
 
@@ -259,6 +259,8 @@ class _Settings:
                 allowed="a string",
                 value=type(api_key).__name__,
             )
+        if api_key is not None:
+            check_api_key(api_key)
         self.model = _check_model(model)
         self.max_retries = _check_retries(max_retries)
         self.max_concurrency = check_optional_count("max_concurrency", max_concurrency)

@@ -17,11 +17,14 @@ from ._errors import RequestError
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "FIELDS",
+    "SAMPLERS",
     "CompletionFields",
     "CompletionRequest",
     "Limits",
     "Prompt",
     "StreamOptions",
+    "check_sampler",
+    "shown",
 ]
 
 #: OpenAI's max_tokens when a request leaves it unset.
@@ -51,6 +54,16 @@ FIELDS: tuple[str, ...] = (
     "top_p",
     "user",
 )
+
+
+#: vLLM's extra sampling fields (beyond OpenAI's) that a profile may allow in ``extra``, with the
+#: ranges vLLM's SamplingParams accepts. top_k 0 or -1 turns it off; min_p 0 and
+#: repetition_penalty 1 are neutral.
+SAMPLERS: dict[str, str] = {
+    "top_k": "an integer >= -1 (0 or -1: off)",
+    "min_p": "a number from 0 to 1",
+    "repetition_penalty": "a number > 0 (1: off)",
+}
 
 
 class StreamOptions(TypedDict, total=False):
@@ -83,12 +96,17 @@ class CompletionFields(TypedDict, total=False):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Caps that differ between servers. The defaults are OpenAI's."""
+    """Caps that differ between servers. The defaults are OpenAI's.
+
+    ``max_stop`` None means no cap. ``samplers`` names the extra sampling fields of `SAMPLERS` the
+    server implements: requests carrying them in ``extra`` have them range-checked.
+    """
 
     max_logprobs: int | None = 5
     max_n: int = 128
     max_best_of: int = 20
-    max_stop: int = 4
+    max_stop: int | None = 4
+    samplers: frozenset[str] = frozenset()
 
     @classmethod
     def openai(cls) -> Limits:
@@ -96,17 +114,43 @@ class Limits:
 
     @classmethod
     def vllm(cls) -> Limits:
-        return cls(max_logprobs=20)
+        return cls(max_logprobs=20, max_stop=None, samplers=frozenset(SAMPLERS))
 
     @classmethod
     def llamacpp(cls) -> Limits:
         return cls(max_logprobs=None)
 
 
+#: Longest repr of a given value quoted in an error message: a 600 KB prompt must not come back
+#: as a 600 KB error (servers echo these messages to every client).
+_SHOWN_CHARS = 200
+
+
+def shown(value: Any, limit: int = _SHOWN_CHARS) -> str:
+    """``repr(value)``, shortened to about ``limit`` characters, saying how long it was."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit - 40]}...{text[-20:]} (shortened: {len(text):,} characters in all)"
+
+
 def _fail(field: str, allowed: str, value: Any) -> RequestError:
     return RequestError(
-        field, f"{field} must be {allowed}; got {value!r}", allowed=allowed, value=value
+        field, f"{field} must be {allowed}; got {shown(value)}", allowed=allowed, value=value
     )
+
+
+def check_sampler(field: str, value: Any) -> None:
+    """Check one of vLLM's extra sampling fields (`SAMPLERS`) against vLLM's range."""
+    allowed = SAMPLERS[field]
+    if field == "top_k":
+        if not _is_int(value) or value < -1:
+            raise _fail(field, allowed, value)
+    elif field == "min_p":
+        if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1:
+            raise _fail(field, allowed, value)
+    elif not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise _fail(field, allowed, value)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -153,7 +197,7 @@ def _check_unicode(field: str, text: str) -> None:
     except UnicodeEncodeError as exc:
         raise RequestError(
             field,
-            f"{field} must be valid Unicode text; got {text!r} (a lone surrogate at "
+            f"{field} must be valid Unicode text; got {shown(text)} (a lone surrogate at "
             f"character {exc.start})",
             allowed="valid Unicode text",
             value=text,
@@ -184,7 +228,7 @@ def _check_prompt(value: Any) -> None:
                 raise RequestError(
                     "prompt",
                     f"prompt[{i}] must be a non-empty list of token ids (integers >= 0); "
-                    f"got {item!r}",
+                    f"got {shown(item)}",
                     allowed=allowed,
                     value=value,
                 )
@@ -323,6 +367,8 @@ class CompletionRequest:
                 _check_unicode(field, value)
         if not isinstance(self.extra, Mapping):
             raise _fail("extra", "a mapping of extra body fields", self.extra)
+        for field in lim.samplers & set(self.extra):
+            check_sampler(field, self.extra[field])
         clash = set(self.extra) & set(FIELDS)
         if clash:
             raise RequestError(
@@ -333,28 +379,36 @@ class CompletionRequest:
             )
 
     def _check_logit_bias(self) -> None:
-        allowed = "a map of token id (a string of digits) to a number from -100 to 100"
+        allowed = "a map of token id (a string of ASCII digits) to a number from -100 to 100"
         if not isinstance(self.logit_bias, Mapping):
             raise _fail("logit_bias", allowed, self.logit_bias)
         for key, value in self.logit_bias.items():
-            if not isinstance(key, str) or not key.isdigit():
+            # str.isdigit() also passes "²" (int() then fails) and "٣" or "０" (which int() reads
+            # as 3 and 0): only ASCII 0-9 spell a token id.
+            if not isinstance(key, str) or not key or not (key.isascii() and key.isdigit()):
                 raise RequestError(
                     "logit_bias",
-                    f"logit_bias keys must be token ids (strings of digits); got {key!r}",
+                    "logit_bias keys must be token ids written with ASCII digits 0-9; "
+                    f"got {shown(key)}",
                     allowed=allowed,
                     value=dict(self.logit_bias),
                 )
             if not _is_number(value) or not math.isfinite(value) or not -100 <= value <= 100:
                 raise RequestError(
                     "logit_bias",
-                    f"logit_bias[{key!r}] must be a number from -100 to 100; got {value!r}",
+                    f"logit_bias[{key!r}] must be a number from -100 to 100; got {shown(value)}",
                     allowed=allowed,
                     value=dict(self.logit_bias),
                 )
 
     def _check_stop(self) -> None:
         cap = self.limits.max_stop
-        allowed = f"a non-empty string or a list of 1 to {cap} non-empty strings"
+        # [] means no stop strings, as vLLM reads it (lm-evaluation-harness sends it).
+        allowed = (
+            f"a non-empty string or a list of up to {cap} non-empty strings"
+            if cap is not None
+            else "a non-empty string or a list of non-empty strings"
+        )
         stop = self.stop
         if isinstance(stop, str):
             if not stop:
@@ -363,7 +417,7 @@ class CompletionRequest:
             return
         if (
             not isinstance(stop, list)
-            or not 1 <= len(stop) <= cap
+            or (cap is not None and len(stop) > cap)
             or not all(isinstance(s, str) and s for s in stop)
         ):
             raise _fail("stop", allowed, stop)

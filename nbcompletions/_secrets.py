@@ -7,6 +7,7 @@ sweep's files, the cache, widget state) goes through here, so there is one rule 
 - `redact_url` hides the userinfo of a URL (``http://user:key@host`` -> ``http://***@host``).
 - `redact_error` replaces every occurrence of the client's secrets in an `APIError`'s message and
   body (servers sometimes echo the key they rejected).
+- `check_api_key` refuses a key that an HTTP header cannot carry, without showing it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from collections.abc import Iterable
 from typing import Any, Generic, TypeVar
 
-from ._errors import APIError
+from ._errors import APIError, RequestError
 
 MASK = "***"
 
@@ -43,6 +44,25 @@ class Secret(Generic[T]):
 
     def __reduce__(self) -> Any:
         raise TypeError("nbcompletions does not pickle API keys or auth headers")
+
+
+def check_api_key(value: str) -> None:
+    """Raise `RequestError` (param ``api_key``) unless ``value`` is printable ASCII.
+
+    A header is sent as bytes: httpx refuses non-ASCII text (UnicodeEncodeError quoting the key, on
+    every call), and a server may decode it as latin-1 and compare it with the UTF-8 bytes of its
+    own key, so such a key could never authenticate. Neither the message nor the error's ``value``
+    shows the key.
+    """
+    bad = sum(1 for ch in value if not " " <= ch <= "~")
+    if bad:
+        raise RequestError(
+            "api_key",
+            f"api_key must be printable ASCII text (an HTTP header cannot carry anything else "
+            f"faithfully); the key given holds {bad} other character{'s' if bad > 1 else ''} "
+            f"(not shown)",
+            allowed="printable ASCII characters",
+        )
 
 
 def redact_url(url: str) -> str:

@@ -42,6 +42,10 @@ def test_serve_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> No
         "--max-tokens-cap",
         "--max-body-bytes",
         "--log-level",
+        "--compat",
+        "--allow-host",
+        "--allow-origin",
+        "--body-timeout",
         "NBCOMPLETIONS_API_KEY",
         "127.0.0.1",
     ):
@@ -65,6 +69,11 @@ def test_no_command_prints_help_and_fails(capsys: pytest.CaptureFixture[str]) ->
         # An unset shell variable ("--api-key $KEY") must not start a server without a key.
         (["serve", "--api-key", ""], "non-empty"),
         (["serve", "--api-key", "  "], "non-empty"),
+        # A non-ASCII key could never authenticate anyone (headers travel as latin-1 bytes).
+        (["serve", "--api-key", "sk-caf\u00e9-secret"], "printable ASCII"),
+        (["serve", "--body-timeout", "0"], "seconds > 0"),
+        (["serve", "--body-timeout", "soon"], "seconds > 0"),
+        (["serve", "--compat", "tgi"], "invalid choice"),
         (["fly"], "invalid choice"),
     ],
 )
@@ -74,7 +83,9 @@ def test_bad_arguments_exit_2_saying_why(
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    assert complaint in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert complaint in err
+    assert "secret" not in err
 
 
 def test_serve_arguments_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -115,6 +126,16 @@ def test_serve_arguments_reach_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["serve"]) == 0
     assert calls[0]["api_key"] is None  # serve() reads NBCOMPLETIONS_API_KEY itself
     assert calls[0]["max_tokens_cap"] == nbcompletions.server.DEFAULT_MAX_TOKENS_CAP
+    assert "compat" not in calls[0]
+    assert "body_timeout_s" not in calls[0]
+    calls.clear()
+    argv = ["serve", "--compat", "vllm", "--allow-host", "my.box", "--allow-host", "other.box"]
+    argv += ["--allow-origin", "https://lab.example", "--body-timeout", "2.5"]
+    assert main(argv) == 0
+    assert calls[0]["compat"] == "vllm"
+    assert calls[0]["allow_hosts"] == ["my.box", "other.box"]
+    assert calls[0]["allow_origins"] == ["https://lab.example"]
+    assert calls[0]["body_timeout_s"] == 2.5
 
 
 def test_serve_work_budget_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,3 +296,33 @@ def test_serve_process_logs_its_url_and_shuts_down_cleanly(
     assert "sk-process-key-9" not in text
     assert "Traceback" not in text
     assert "Finished server process" in text  # uvicorn's last line on a clean shutdown
+
+
+def test_a_key_from_the_environment_that_http_cannot_carry_exits_2(
+    uvicorn_configs: list[Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("NBCOMPLETIONS_API_KEY", "sk-caf\u00e9-secret")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err
+    assert "api_key must be printable ASCII" in err
+    assert "secret" not in err
+    assert uvicorn_configs == []  # refused before anything started
+
+
+async def _status(app: Any, host: str) -> int:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+        return (await client.get("/health", headers={"host": host})).status_code
+
+
+async def test_a_loopback_serve_checks_the_host_and_others_do_not(
+    uvicorn_configs: list[Any],
+) -> None:
+    serve(engine=_Engine())
+    serve(engine=_Engine(), allow_hosts=["my.box"])
+    serve(host="0.0.0.0", engine=_Engine())
+    loopback, allowed, everywhere = (config.app for config in uvicorn_configs)
+    assert await _status(loopback, "127.0.0.1:8000") == 200
+    assert await _status(loopback, "rebound.example:8000") == 403
+    assert await _status(allowed, "my.box:8000") == 200
+    assert await _status(everywhere, "rebound.example:8000") == 200

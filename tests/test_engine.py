@@ -330,7 +330,8 @@ def test_end_of_text_finishes_with_stop(engine: Engine) -> None:
     choice = response["choices"][0]
     assert choice["text"] == ""
     assert choice["finish_reason"] == "stop"
-    assert choice["logprobs"]["tokens"] == []
+    # The end token is not text, but the logprobs list it (as OpenAI and vLLM do).
+    assert choice["logprobs"]["tokens"] == ["<|endoftext|>"]
     assert response["usage"]["completion_tokens"] == 1
 
 

@@ -77,11 +77,11 @@ def test_stream_options_only_with_stream() -> None:
     )
 
 
-@pytest.mark.parametrize("stop", ["", [], ["a", "b", "c", "d", "e"], [""], ["a", 1], 5])
+@pytest.mark.parametrize("stop", ["", ["a", "b", "c", "d", "e"], [""], ["a", 1], 5])
 def test_bad_stop(stop: object) -> None:
     err = _error(stop=stop)
     assert err.param == "stop"
-    assert "1 to 4" in str(err)
+    assert "up to 4" in str(err)
 
 
 def test_good_stop_and_tuple_normalised() -> None:
@@ -272,3 +272,62 @@ def test_lone_surrogates_are_refused_naming_the_field(field: str) -> None:
     assert "lone surrogate at character 1" in str(err)
     assert _error(prompt=["ok", "\udfff"]).param == "prompt"
     assert _error(stop=["ok", "\udfff"]).param == "stop"
+
+
+# -- issue 9: input edge cases -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key", ["\u00b2", "\u0663", "\uff10", "1\u00b2", "\u0661\u0662", "+5", " 5", "5 "]
+)
+def test_logit_bias_keys_must_be_ascii_decimal_digits(key: str) -> None:
+    # "²" passes str.isdigit() but int() fails; "٣" and "０" pass int() and would be read as ids.
+    err = _error(logit_bias={key: 1})
+    assert err.param == "logit_bias"
+    assert repr(key) in str(err)
+    assert "ASCII" in str(err)
+
+
+def test_empty_stop_list_means_no_stop() -> None:
+    # vLLM takes [] as "no stop strings"; lm-evaluation-harness sends it.
+    request = CompletionRequest(prompt="x", stop=[])
+    assert request.stop == []
+    assert request.to_body()["stop"] == []
+
+
+def test_huge_values_are_shortened_in_error_messages() -> None:
+    huge = "x" * 600_000
+    for fields in ({"prompt": [huge, 3]}, {"stop": [huge] * 5}, {"user": 5, "suffix": huge * 0}):
+        err = _error(**fields)
+        assert len(str(err)) < 2_000
+    err = _error(prompt=[huge, 3])
+    assert "600,007 characters" in str(err)  # it says how long the value was
+    assert err.value == [huge, 3]  # the attribute keeps the whole value for programs
+
+
+def test_vllm_limits_lift_the_stop_cap_and_check_its_sampling_fields() -> None:
+    vllm = Limits.vllm()
+    stops = [str(i) for i in range(10)]
+    assert CompletionRequest(prompt="x", stop=stops, limits=vllm).stop == stops
+    request = CompletionRequest(
+        prompt="x", extra={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.3}, limits=vllm
+    )
+    assert request.to_body()["top_k"] == 5
+    assert CompletionRequest(prompt="x", extra={"top_k": -1}, limits=vllm).extra == {"top_k": -1}
+    for field, value, allowed in [
+        ("top_k", -2, "-1"),
+        ("top_k", 1.5, "integer"),
+        ("top_k", True, "integer"),
+        ("min_p", 1.5, "from 0 to 1"),
+        ("min_p", math.nan, "from 0 to 1"),
+        ("repetition_penalty", 0, "> 0"),
+        ("repetition_penalty", math.inf, "> 0"),
+        ("repetition_penalty", "1", "> 0"),
+    ]:
+        with pytest.raises(RequestError) as info:
+            CompletionRequest(prompt="x", extra={field: value}, limits=vllm)
+        assert info.value.param == field
+        assert allowed in str(info.value)
+        assert repr(value) in str(info.value)
+    # OpenAI's profile keeps its cap, and leaves extra fields to the server.
+    with pytest.raises(RequestError, match="up to 4"):
+        CompletionRequest(prompt="x", stop=stops)
+    assert CompletionRequest(prompt="x", extra={"top_k": -7}).extra == {"top_k": -7}

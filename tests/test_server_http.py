@@ -120,6 +120,8 @@ async def _post(app: Any, body: Any = None, **kwargs: Any) -> httpx.Response:
     async with _client(app) as client:
         if body is not None:
             kwargs["json"] = body
+        if "content" in kwargs:  # raw bytes: declared JSON, as every real client does
+            kwargs.setdefault("headers", {"content-type": "application/json"})
         return await client.post("/v1/completions", **kwargs)
 
 
@@ -695,3 +697,247 @@ async def test_real_engine_loads_lazily_on_first_request(embedded_engine: Any) -
     assert before["engine_loaded"] is False
     assert after["engine_loaded"] is True
     assert [m["id"] for m in listing["data"]] == [embedded_engine.model_id]
+
+
+# -- safe by default (issue 9) ---------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonx",
+    ],
+)
+async def test_a_post_that_is_not_declared_json_is_415(
+    engine: _ScriptedEngine, content_type: str | None
+) -> None:
+    # A web page may send these cross-origin without a CORS preflight; JSON needs one.
+    headers = {} if content_type is None else {"content-type": content_type}
+    raw = json.dumps({"model": MODEL, "prompt": "x"}).encode()
+    response = await _post(create_app(engine), content=raw, headers=headers)
+    assert response.status_code == 415
+    error = _error(response)
+    assert error["code"] == "unsupported_media_type"
+    assert "application/json" in error["message"]
+    assert engine.requests == []
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "application/json; charset=utf-8", "Application/JSON"]
+)
+async def test_json_content_types_are_accepted(engine: _ScriptedEngine, content_type: str) -> None:
+    raw = json.dumps({"model": MODEL, "prompt": "x"}).encode()
+    response = await _post(create_app(engine), content=raw, headers={"content-type": content_type})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("localhost:8000", True),
+        ("127.0.0.1:8000", True),
+        ("127.0.0.1", True),
+        ("[::1]:8000", True),
+        ("LOCALHOST", True),
+        ("evil.example:8000", False),
+        ("attacker.example", False),
+        ("192.168.1.5:8000", False),
+        ("localhost.evil.example", False),
+    ],
+)
+async def test_a_loopback_server_answers_only_loopback_hosts(
+    engine: _ScriptedEngine, host: str, allowed: bool
+) -> None:
+    # DNS rebinding: the page's own name, re-pointed at 127.0.0.1, arrives in the Host header.
+    app = create_app(engine, allowed_hosts=())
+    async with _client(app) as client:
+        headers = {"host": host}
+        responses = [
+            await client.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers
+            ),
+            await client.get("/v1/models", headers=headers),
+            await client.get("/health", headers=headers),
+        ]
+    for response in responses:
+        if allowed:
+            assert response.status_code == 200
+        else:
+            assert response.status_code == 403
+            error = _error(response)
+            assert error["code"] == "host_not_allowed"
+            assert "--allow-host" in error["message"]
+    assert len(engine.requests) == (1 if allowed else 0)
+
+
+async def test_allowed_hosts_adds_names_and_star_allows_any(engine: _ScriptedEngine) -> None:
+    body = {"model": MODEL, "prompt": "x"}
+    async with _client(create_app(engine, allowed_hosts=["my.box"])) as client:
+        mine = await client.post("/v1/completions", json=body, headers={"host": "my.box:8000"})
+        other = await client.post("/v1/completions", json=body, headers={"host": "other.box"})
+    async with _client(create_app(engine, allowed_hosts=["*"])) as client:
+        anything = await client.post("/v1/completions", json=body, headers={"host": "x.example"})
+    assert (mine.status_code, other.status_code, anything.status_code) == (200, 403, 200)
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("http://localhost:8888", True),
+        ("http://127.0.0.1:3000", True),
+        ("https://[::1]", True),
+        ("http://evil.example", False),
+        ("https://notebooks.example.org", False),
+        ("null", False),
+        ("http://localhost.evil.example", False),
+    ],
+)
+async def test_requests_from_foreign_web_origins_are_403(
+    engine: _ScriptedEngine, origin: str, allowed: bool
+) -> None:
+    response = await _post(
+        create_app(engine), {"model": MODEL, "prompt": "x"}, headers={"origin": origin}
+    )
+    assert response.status_code == (200 if allowed else 403)
+    if not allowed:
+        assert _error(response)["code"] == "origin_not_allowed"
+        assert engine.requests == []
+
+
+async def test_allowed_origins_are_accepted(engine: _ScriptedEngine) -> None:
+    app = create_app(engine, allowed_origins=["https://Lab.Example.org/"])
+    ok = await _post(
+        app, {"model": MODEL, "prompt": "x"}, headers={"origin": "https://lab.example.org"}
+    )
+    other = await _post(app, {"model": MODEL, "prompt": "x"}, headers={"origin": "https://x.org"})
+    assert (ok.status_code, other.status_code) == (200, 403)
+
+
+async def test_a_trailing_slash_is_not_redirected_before_the_key_check(
+    engine: _ScriptedEngine,
+) -> None:
+    body = {"model": MODEL, "prompt": "x"}
+    async with _client(create_app(engine, api_key="sk-k")) as client:
+        anonymous = await client.post("/v1/completions/", json=body)
+        keyed = await client.post(
+            "/v1/completions/", json=body, headers={"authorization": "Bearer sk-k"}
+        )
+    async with _client(create_app(engine)) as client:
+        keyless = await client.post("/v1/completions/", json=body)
+    assert anonymous.status_code == 401
+    assert keyed.status_code == 404
+    assert keyless.status_code == 404
+    assert "location" not in keyless.headers
+    assert engine.requests == []
+
+
+async def test_a_body_that_stalls_is_408_within_the_body_timeout(engine: _ScriptedEngine) -> None:
+    release = anyio.Event()
+
+    async def half_then_stall() -> Any:
+        yield b'{"model": "scripted", '
+        await release.wait()  # never set: the client stalls
+        yield b'"prompt": "x"}'
+
+    app = create_app(engine, body_timeout_s=0.2)
+    with anyio.fail_after(HANG_GUARD_S):
+        response = await _post(app, content=half_then_stall())
+    assert response.status_code == 408
+    error = _error(response)
+    assert error["code"] == "request_timeout"
+    assert "0.2 seconds" in error["message"]
+    assert response.headers["connection"] == "close"
+    assert engine.requests == []
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"prompt": ["x" * 600_000, 3]},
+        {"prompt": "x", "stop": ["y" * 150_000] * 5},
+        {"prompt": "x", "model": "m" * 600_000},
+        {"prompt": "x", "z" * 600_000: 1},
+        {"prompt": "x", "logit_bias": {"q" * 600_000: 1}},
+    ],
+)
+async def test_a_huge_invalid_value_is_not_echoed_back(
+    engine: _ScriptedEngine, fields: dict[str, Any]
+) -> None:
+    # Before: a 600 KB prompt of the wrong shape came back as a 600 KB error message.
+    response = await _post(create_app(engine), {"model": MODEL, **fields})
+    assert response.status_code in (400, 404)
+    assert len(response.content) < 5_000
+    assert _error(response)["message"]
+
+
+async def test_a_huge_engine_error_message_is_shortened(engine: _ScriptedEngine) -> None:
+    engine.fail_with = RequestError("suffix", "suffix is not supported; got " + "s" * 600_000)
+    response = await _post(create_app(engine), {"model": MODEL, "prompt": "x", "suffix": "s"})
+    assert response.status_code == 400
+    assert len(response.content) < 5_000
+
+
+def test_create_app_refuses_a_key_that_http_cannot_carry() -> None:
+    with pytest.raises(ValueError, match="printable ASCII") as info:
+        create_app(api_key="sk-caf\u00e9-secret")
+    assert "secret" not in str(info.value)
+    with pytest.raises(ValueError, match="compat must be one of openai, vllm; got 'tgi'"):
+        create_app(compat="tgi")
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        create_app(body_timeout_s=0)
+
+
+# -- input edge cases and vLLM compatibility (issue 9) ---------------------------------------------
+async def test_an_empty_stop_list_reaches_the_engine_as_no_stop(engine: _ScriptedEngine) -> None:
+    response = await _post(create_app(engine), {"model": MODEL, "prompt": "x", "stop": []})
+    assert response.status_code == 200
+    assert engine.requests[0].stop == []
+
+
+async def test_openai_mode_refuses_vllm_fields_and_vllm_mode_checks_them(
+    engine: _ScriptedEngine,
+) -> None:
+    base = {"model": MODEL, "prompt": "x"}
+    openai_app, vllm_app = create_app(engine), create_app(engine, compat="vllm")
+    refused = await _post(openai_app, {**base, "top_k": 5})
+    five_stops = await _post(openai_app, {**base, "stop": list("abcde")})
+    assert (refused.status_code, _error(refused)["param"]) == (400, "top_k")
+    assert (five_stops.status_code, _error(five_stops)["param"]) == (400, "stop")
+    fields = {"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "stop": list("abcdefg")}
+    accepted = await _post(vllm_app, {**base, **fields, "logprobs": 20})
+    assert accepted.status_code == 200
+    assert engine.requests[-1].extra == {"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2}
+    assert engine.requests[-1].stop == list("abcdefg")
+    for field, value in [("top_k", -2), ("min_p", 2), ("repetition_penalty", 0)]:
+        bad = await _post(vllm_app, {**base, field: value})
+        assert bad.status_code == 400
+        assert _error(bad)["param"] == field
+    unknown = await _post(vllm_app, {**base, "use_beam_search": True})
+    assert (unknown.status_code, _error(unknown)["param"]) == (400, "use_beam_search")
+
+
+@pytest.mark.parametrize("key", ["\u00b2", "\u0663", "\uff10", "1\u00b9"])
+async def test_real_engine_logit_bias_keys_with_unicode_digits_are_400(
+    embedded_engine: Any, key: str
+) -> None:
+    # Before: "²" passed str.isdigit() and int() raised inside the engine (500); "٣" and "０"
+    # were silently read as token ids 3 and 0.
+    body = {"model": embedded_engine.model_id, "prompt": "x", "max_tokens": 1}
+    response = await _post(create_app(embedded_engine), {**body, "logit_bias": {key: -100}})
+    assert response.status_code == 400
+    error = _error(response)
+    assert error["param"] == "logit_bias"
+    assert "ASCII" in error["message"]
+
+
+async def test_real_engine_models_report_the_context_length(embedded_engine: Any) -> None:
+    async with _client(create_app(embedded_engine)) as client:
+        card = (await client.get(f"/v1/models/{embedded_engine.model_id}")).json()
+        listing = (await client.get("/v1/models")).json()
+    # OpenAI's fields, plus vLLM's max_model_len (what lm-evaluation-harness would need).
+    assert {"id", "object", "created", "owned_by"} <= set(card)
+    assert card["max_model_len"] == embedded_engine.context_length
+    assert listing["data"] == [card]

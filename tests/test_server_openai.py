@@ -8,6 +8,7 @@ alone, a stream against the same request unstreamed), never against hard-coded m
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -291,3 +292,197 @@ def test_wrong_or_missing_key_raises_authentication_error(keyed_server: tuple[st
     text = log.read_text()
     assert "bearer key required" in text
     assert KEY not in text
+
+
+# -- issue 9: a faithful peer, safe by default ---------------------------------------------------
+def test_an_empty_stop_list_is_no_stop(sdk: openai.OpenAI) -> None:
+    # lm-evaluation-harness sends stop=[] for tasks without stop strings; vLLM reads it as none.
+    with_empty = _greedy(sdk, PROMPT, max_tokens=6, stop=[])
+    without = _greedy(sdk, PROMPT, max_tokens=6)
+    assert with_empty.choices[0].text == without.choices[0].text
+
+
+def test_models_report_the_context_length(live_server: str, embedded_engine: Any) -> None:
+    card = httpx.get(f"{live_server}/models/{MODEL}").json()
+    assert card["max_model_len"] == embedded_engine.context_length
+    assert {"id", "object", "created", "owned_by"} <= set(card)
+
+
+def test_scoring_a_continuation_that_is_end_of_text(
+    sdk: openai.OpenAI, embedded_engine: Any
+) -> None:
+    """What lm-evaluation-harness's local-completions sends for loglikelihood.
+
+    It echoes the context plus continuation, asks for one token, and keeps token_logprobs[n:-1]:
+    the last entry is the token generated, which must be there even when it is <|endoftext|>.
+    """
+    ids = embedded_engine.encode(PROMPT)
+    forced = {str(embedded_engine.eot_token_id): 100}
+    result = sdk.completions.create(
+        model=MODEL,
+        prompt=[ids],
+        echo=True,
+        logprobs=1,
+        max_tokens=1,
+        temperature=0,
+        seed=1234,
+        logit_bias=forced,
+    )
+    scored = sdk.completions.create(
+        model=MODEL, prompt=[ids], echo=True, logprobs=1, max_tokens=0, temperature=0
+    )
+    lp = result.choices[0].logprobs
+    assert lp is not None
+    assert lp.tokens[-1] == "<|endoftext|>"
+    assert lp.text_offset[-1] == len(PROMPT)
+    assert result.choices[0].text == PROMPT
+    assert lp.token_logprobs[:-1] == scored.choices[0].logprobs.token_logprobs
+
+
+def test_a_trailing_slash_is_404_not_a_redirect(live_server: str) -> None:
+    response = httpx.post(f"{live_server}/completions/", json={"model": MODEL, "prompt": "x"})
+    assert response.status_code == 404
+    assert "location" not in response.headers
+
+
+# -- a strict, vLLM-compatible server ------------------------------------------------------------
+BODY_TIMEOUT_S = 1.0
+#: Guards socket reads, so a server that never answers fails the test instead of hanging it.
+SOCKET_GUARD_S = 30.0
+
+
+def _start(argv: list[str], log: Path, env: dict[str, str] | None = None) -> tuple[Any, int]:
+    port = free_port()
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nbcompletions", "serve", "--port", str(port), *argv],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, f"serve exited early:\n{log.read_text()}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"serve never answered:\n{log.read_text()}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory, embedded_engine: Any) -> Iterator[int]:
+    """`nbcompletions serve --compat vllm --body-timeout 1`; yields its port."""
+    log = tmp_path_factory.mktemp("vllm") / "serve.log"
+    proc, port = _start(["--compat", "vllm", "--body-timeout", str(BODY_TIMEOUT_S)], log)
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def _raw(port: int, request: bytes, *, then: bytes | None = None) -> bytes:
+    """Send raw bytes over a real socket; read until the server answers and closes, or the guard."""
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_GUARD_S) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no answer within {SOCKET_GUARD_S} s") from None
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if then is not None:
+                sock.sendall(then)
+                then = None
+    return b"".join(chunks)
+
+
+def test_a_body_that_stalls_is_408_and_closed(vllm_server: int) -> None:
+    body = b'{"model": "nbc-shakespeare", "prompt": "To be", "max_tokens": 2}'
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    # Half the body, then nothing: the server must give up after its body timeout, not wait on.
+    answer = _raw(vllm_server, head + body[: len(body) // 2])
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    assert b"request_timeout" in answer
+    # ... and it still serves everyone else.
+    ok = httpx.post(
+        f"http://127.0.0.1:{vllm_server}/v1/completions",
+        json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+    )
+    assert ok.status_code == 200
+
+
+def test_a_cross_origin_text_plain_post_is_refused(vllm_server: int) -> None:
+    # What any web page can send without a preflight; with a rebinding Host, too.
+    body = b'{"model": "nbc-shakespeare", "prompt": "To be", "max_tokens": 2}'
+
+    def post(host: bytes, extra: bytes) -> bytes:
+        request = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: "
+            + host
+            + b"\r\n"
+            + extra
+            + b"Content-Type: text/plain;charset=UTF-8\r\nConnection: close\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        return _raw(vllm_server, request)
+
+    rebound = post(b"rebound.example:8000", b"Origin: http://rebound.example:8000\r\n")
+    assert rebound.startswith(b"HTTP/1.1 403 "), rebound[:200]
+    assert b"host_not_allowed" in rebound
+    foreign = post(b"127.0.0.1", b"Origin: https://evil.example\r\n")
+    assert foreign.startswith(b"HTTP/1.1 403 "), foreign[:200]
+    assert b"origin_not_allowed" in foreign
+    plain = post(b"127.0.0.1", b"")
+    assert plain.startswith(b"HTTP/1.1 415 "), plain[:200]
+
+
+def test_vllm_mode_takes_vllm_fields_through_the_sdk(vllm_server: int) -> None:
+    sdk = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{vllm_server}/v1", api_key="unused", max_retries=0, timeout=60
+    )
+    greedy = sdk.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0)
+    top_1 = sdk.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.5, seed=3, extra_body={"top_k": 1}
+    )
+    assert top_1.choices[0].text == greedy.choices[0].text
+    # Five stop strings (a harness task's four plus its end-of-text) and vLLM's 20 logprobs.
+    stops = ["\n\n", "Q:", "A:", "###", "<|endoftext|>"]
+    many = sdk.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, stop=stops, logprobs=20
+    )
+    assert many.choices[0].logprobs is not None
+    assert len(many.choices[0].logprobs.top_logprobs[0]) >= 20
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"repetition_penalty": 0}
+        )
+    assert info.value.param == "repetition_penalty"
+    sdk.close()
+
+
+def test_the_client_under_the_vllm_profile_sweeps_the_samplers(vllm_server: int) -> None:
+    from nbcompletions import Client, Limits, RequestError
+
+    with Client(
+        base_url=f"http://127.0.0.1:{vllm_server}/v1",
+        api_key="unused",
+        model=MODEL,
+        limits=Limits.vllm(),
+    ) as client:
+        with pytest.raises(RequestError) as info:
+            client.complete(PROMPT, max_tokens=2, extra={"min_p": 2.0})
+        assert info.value.param == "min_p"
+        greedy = client.complete(PROMPT, max_tokens=6, temperature=0)
+        top_1 = client.complete(PROMPT, max_tokens=6, temperature=1.0, extra={"top_k": 1})
+    assert top_1.text == greedy.text

@@ -14,8 +14,12 @@ Choices made where the API leaves room (documented here because clients will loo
   sampled token), keeps the best ``n`` per prompt (ties keep generation order) and re-indexes them.
 - **usage.completion_tokens** counts every token sampled, including best_of candidates that were not
   returned and a final end-of-text token; **prompt_tokens** counts each prompt once.
-- The end-of-text token ends a completion with finish_reason ``stop`` and is not part of the text or
-  the logprobs. An empty string prompt starts from ``<|endoftext|>`` (1 prompt token, echoed as "").
+- The end-of-text token ends a completion with finish_reason ``stop``. It is not part of the text,
+  but the logprobs list it (token ``<|endoftext|>``, its logprob, at the offset where the text
+  ends), as OpenAI and vLLM do: lm-evaluation-harness drops the last echoed entry as "the token
+  generated". An empty string prompt starts from ``<|endoftext|>`` (1 prompt token, echoed as "").
+- vLLM's sampling fields ``top_k``, ``min_p`` and ``repetition_penalty`` are read from the
+  request's ``extra`` (the server accepts them under ``compat="vllm"``); see `_sampling`.
 - A stop string cuts the text where it starts; the logprobs keep the tokens that began before the
   cut.
   While streaming, text that could still become a stop string is held back until it is resolved.
@@ -44,7 +48,7 @@ import numpy as np
 
 from .._errors import RequestError
 from .._parse import NEG_INF_LOGPROB
-from .._request import DEFAULT_MAX_TOKENS, CompletionRequest
+from .._request import DEFAULT_MAX_TOKENS, SAMPLERS, CompletionRequest, check_sampler
 from . import _sampling
 from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
 from ._tokenizer import ByteTokenizer
@@ -130,6 +134,10 @@ class _Plan:
         self.echo: bool = fields["echo"]
         self.seed: int | None = fields["seed"]
         self.include_usage: bool = fields["include_usage"]
+        # vLLM's sampling fields (off: 0, 0.0, 1.0)
+        self.top_k: int = fields["top_k"]
+        self.min_p: float = fields["min_p"]
+        self.repetition_penalty: float = fields["repetition_penalty"]
 
 
 class _Row:
@@ -154,6 +162,7 @@ class _Row:
         self.cut: int | None = None  # where a stop string begins
         self.emitted_chars = 0  # streaming: text already sent
         self.emitted_tokens = 0
+        self.end_of_text: tuple[float, dict[str, float] | None] | None = None  # (logprob, top)
 
     @property
     def finished(self) -> bool:
@@ -169,6 +178,7 @@ class _Row:
         self.n_sampled += 1
         self.sum_logprob += logprob
         if token == eot:
+            self.end_of_text = (logprob, top)
             self._finish("stop")
             return
         start = len(self.text)
@@ -451,6 +461,9 @@ class Engine:
             logit_bias[token] = float(value)
         for unspellable in self._unspellable.tolist():
             logit_bias[unspellable] = _sampling.BAN
+        samplers = {name: request.extra[name] for name in SAMPLERS if name in request.extra}
+        for name, value in samplers.items():
+            check_sampler(name, value)
         n = request.effective_n
         stop = request.stop
         stops = [stop] if isinstance(stop, str) else list(stop or [])
@@ -469,6 +482,9 @@ class Engine:
             echo=bool(request.echo),
             seed=request.seed,
             include_usage=bool((request.stream_options or {}).get("include_usage")),
+            top_k=max(0, int(samplers.get("top_k", 0))),
+            min_p=float(samplers.get("min_p", 0.0)),
+            repetition_penalty=float(samplers.get("repetition_penalty", 1.0)),
         )
 
     def _top(self, logp_row: np.ndarray, ids: np.ndarray, chosen: int) -> dict[str, float]:
@@ -500,12 +516,20 @@ class Engine:
 
     def _generated_parts(self, row: _Row, first: int, end: int) -> _Parts:
         tokens = [self._token_strings[t] for t in row.tokens[first:end]]
-        return (
+        parts: tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]] = (
             tokens,
             list(row.logprobs[first:end]),
             list(row.tops[first:end]),
             [row.base_offset + s for s in row.starts[first:end]],
         )
+        if row.end_of_text is not None and row.finished and end == row.kept_tokens:
+            # The last part of a row that ended on <|endoftext|>: list that token too.
+            logprob, top = row.end_of_text
+            parts[0].append(self._token_strings[self.eot_token_id])
+            parts[1].append(logprob)
+            parts[2].append(top)
+            parts[3].append(row.base_offset + len(row.final_text))
+        return parts
 
     @staticmethod
     def _logprobs_object(
@@ -585,6 +609,8 @@ class Job:
         self.slots = np.zeros(0, np.int64)  # the batch slot of each active row
         self.penalised = bool(plan.frequency_penalty or plan.presence_penalty)
         self.counts: np.ndarray | None = None  # (rows, V) tokens sampled so far, for penalties
+        #: (rows, V) tokens in each row's prompt or sampled so far, for vLLM's repetition_penalty
+        self.seen: np.ndarray | None = None
         self.steps = 0  # decode steps that sampled a token for this job
         self.done = False
         self._outbox: list[dict[str, Any]] = []
@@ -601,6 +627,10 @@ class Job:
         ]
         if self.penalised:
             self.counts = np.zeros((self.n_rows, self.engine.vocab_size), np.float64)
+        if plan.repetition_penalty != 1.0:
+            self.seen = np.zeros((self.n_rows, self.engine.vocab_size), bool)
+            for index, row in enumerate(self.rows):
+                self.seen[index, plan.prompts[row.prompt_index].ids] = True
 
     def __repr__(self) -> str:
         return (
@@ -625,7 +655,10 @@ class Job:
         """What running this job holds: the key/value cache of every position of every row, plus
         each row's next-token logits (and its token counts when penalties are on)."""
         engine = self.engine
+        # logits, plus float64 counts for penalties and a bool mask for repetition_penalty
         per_row = engine.row_bytes * (2 if self.penalised else 1)
+        if self.plan.repetition_penalty != 1.0:
+            per_row += engine.vocab_size
         return self.work_tokens * engine.kv_bytes_per_position + self.n_rows * per_row
 
     # -- output ------------------------------------------------------------------------------------
@@ -712,6 +745,8 @@ class Job:
             chosen[part] = self._sample_rows(active[part], logits[self.slots[part]])
         if self.counts is not None:
             self.counts[active, chosen] += 1
+        if self.seen is not None:
+            self.seen[active, chosen] = True
         self.steps += 1
         self._emit_rows(active.tolist())
         return chosen
@@ -720,10 +755,19 @@ class Job:
         """(A,) row ids and their (A, V) next-token logits -> (A,) sampled tokens."""
         engine, plan = self.engine, self.plan
         counts = None if self.counts is None else self.counts[active]
+        seen = None if self.seen is None else self.seen[active]
         mu = _sampling.adjust_logits(
-            next_logits, plan.bias, counts, plan.frequency_penalty, plan.presence_penalty
+            next_logits,
+            plan.bias,
+            counts,
+            plan.frequency_penalty,
+            plan.presence_penalty,
+            seen=seen,
+            repetition_penalty=plan.repetition_penalty,
         )
-        chosen = _sampling.sample(mu, plan.temperature, plan.top_p, self.rng)  # (A,)
+        chosen = _sampling.sample(
+            mu, plan.temperature, plan.top_p, self.rng, top_k=plan.top_k, min_p=plan.min_p
+        )  # (A,)
         k = plan.logprobs
         # Only logprobs and best_of's ranking read the model's log-probabilities.
         if k is not None or plan.best_of > plan.n:

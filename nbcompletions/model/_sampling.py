@@ -1,12 +1,16 @@
 """Turning next-token logits into tokens, exactly as the Completions API describes.
 
-Order of operations for each row (one candidate completion) and step:
+Order of operations for each row (one candidate completion) and step, as vLLM orders them:
 1. ``logit_bias`` is added to the logits (a bias of -100 is an exact ban: the token gets -inf);
-2. OpenAI's penalties: ``mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty`` where
+2. vLLM's (and transformers') ``repetition_penalty`` r, for every token j already in the prompt or
+   the completion: ``mu[j] = mu[j] / r if mu[j] > 0 else mu[j] * r``;
+3. OpenAI's penalties: ``mu[j] -= c[j] * frequency_penalty + (c[j] > 0) * presence_penalty`` where
    ``c[j]`` counts how often token j was already sampled in this completion;
-3. temperature 0 takes the argmax; otherwise the logits are divided by the temperature, softmaxed,
-   cut to the nucleus (``top_p``: the smallest set of most likely tokens whose probability reaches
-   top_p, always at least one) and sampled with the request's ``numpy.random.Generator``.
+4. temperature 0 takes the argmax; otherwise the logits are divided by the temperature, then cut:
+   ``min_p`` drops tokens less likely than min_p times the most likely one, ``top_k`` keeps the k
+   most likely (ties with the k-th kept), ``top_p`` keeps the nucleus (the smallest set of most
+   likely tokens whose probability reaches top_p, always at least one); what is left is sampled
+   with the request's ``numpy.random.Generator``.
 
 Sampling works in float64 so that the nucleus's cumulative sums are exact enough to be reproducible.
 """
@@ -37,11 +41,21 @@ def adjust_logits(
     counts: np.ndarray | None,
     frequency_penalty: float,
     presence_penalty: float,
+    *,
+    seen: np.ndarray | None = None,
+    repetition_penalty: float = 1.0,
 ) -> np.ndarray:
-    """(B, V) logits -> (B, V) float64 logits after logit_bias and the two penalties."""
+    """(B, V) logits -> (B, V) float64 logits after logit_bias and the penalties.
+
+    ``seen``: (B, V) bool, the tokens of each row's prompt and completion so far, which
+    ``repetition_penalty`` applies to.
+    """
     mu = logits.astype(np.float64)
     if bias is not None:
         mu += bias
+    if seen is not None and repetition_penalty != 1.0:
+        scaled = np.where(mu > 0, mu / repetition_penalty, mu * repetition_penalty)
+        mu = np.where(seen, scaled, mu)
     if counts is not None:
         if frequency_penalty:
             mu -= counts * frequency_penalty
@@ -51,14 +65,29 @@ def adjust_logits(
 
 
 def sample(
-    mu: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator
+    mu: np.ndarray,
+    temperature: float,
+    top_p: float,
+    rng: np.random.Generator,
+    *,
+    top_k: int = 0,
+    min_p: float = 0.0,
 ) -> np.ndarray:
-    """(B, V) adjusted logits -> (B,) sampled token ids; one uniform draw per row when sampling."""
+    """(B, V) adjusted logits -> (B,) sampled token ids; one uniform draw per row when sampling.
+
+    ``top_k`` 0 (or -1) and ``min_p`` 0 are off; temperature 0 ignores both (as vLLM does).
+    """
     if temperature == 0.0:
         return np.argmax(mu, axis=1)
     batch, vocab = mu.shape
     z = mu / temperature
-    z -= z.max(axis=1, keepdims=True)
+    z -= z.max(axis=1, keepdims=True)  # the most likely token now has z = 0
+    if min_p > 0.0:
+        # p[j] / p_max = exp(z[j]): keep the tokens with p[j] >= min_p * p_max.
+        z = np.where(z >= np.log(min_p), z, -np.inf)
+    if 0 < top_k < vocab:
+        kth = np.partition(z, vocab - top_k, axis=1)[:, vocab - top_k, None]  # (B, 1)
+        z = np.where(z >= kth, z, -np.inf)
     probs = np.exp(z)  # (B, V), unnormalised; -inf (banned) -> 0
     rows = np.arange(batch)
     if top_p < 1.0:

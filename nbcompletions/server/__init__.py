@@ -8,13 +8,22 @@ over HTTP with uvicorn. Neither loads the model until it is needed.
 
 from __future__ import annotations
 
-from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app, render_json
+from ._app import (
+    COMPAT_MODES,
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    Engine,
+    create_app,
+    render_json,
+)
 from ._scheduler import WorkBudget
 from ._serve import API_KEY_ENV, DEFAULT_MAX_TOKENS_CAP, serve
 from ._transport import StreamingASGITransport
 
 __all__ = [
     "API_KEY_ENV",
+    "COMPAT_MODES",
+    "DEFAULT_BODY_TIMEOUT_S",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_TOKENS_CAP",
     "Engine",

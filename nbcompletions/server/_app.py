@@ -17,13 +17,14 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,14 +32,32 @@ from starlette.types import Receive, Scope, Send
 
 from .._errors import RequestError
 from .._parse import NEG_INF_LOGPROB
-from .._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest, Limits
+from .._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest, Limits, shown
+from .._secrets import check_api_key
+from ._guard import RequestGuard
 from ._scheduler import CompletionStream, Overloaded, Scheduler, WorkBudget, scheduler_for
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "Engine", "create_app", "render_json"]
+__all__ = [
+    "COMPAT_MODES",
+    "DEFAULT_BODY_TIMEOUT_S",
+    "DEFAULT_MAX_BODY_BYTES",
+    "Engine",
+    "create_app",
+    "render_json",
+]
 
 logger = logging.getLogger("nbcompletions.server")
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
+#: Seconds a client has to send its whole request body (a body that trickles in ties up a
+#: connection and a buffer for as long as the client likes).
+DEFAULT_BODY_TIMEOUT_S = 30.0
+#: ``openai``: OpenAI's limits, unknown fields refused. ``vllm``: vLLM's limits (20 logprobs, no
+#: stop cap) and its extra sampling fields top_k, min_p, repetition_penalty.
+COMPAT_MODES = ("openai", "vllm")
+#: An error message longer than this is shortened (head and tail kept): a message may quote what
+#: the client sent, and must not send a huge body back.
+_MAX_MESSAGE_CHARS = 2_000
 _OWNED_BY = "nbcompletions"
 
 
@@ -66,6 +85,8 @@ class _Failure(Exception):
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        if len(message) > _MAX_MESSAGE_CHARS:
+            message = f"{message[:1500]} ... {message[-300:]}"
         super().__init__(message)
         self.status = status
         self.message = message
@@ -251,6 +272,7 @@ class _CompletionsServer:
         limits: Limits,
         max_concurrency: int,
         budget: WorkBudget,
+        body_timeout_s: float,
     ) -> None:
         self._engine = engine
         self._api_key = api_key.encode("utf-8") if api_key is not None else None
@@ -259,6 +281,7 @@ class _CompletionsServer:
         self.limits = limits
         self.max_concurrency = max_concurrency
         self.budget = budget
+        self.body_timeout_s = body_timeout_s
         self._load_lock = threading.Lock()
         self._scheduler: Scheduler | None = None
         self._started = int(time.time())
@@ -318,7 +341,7 @@ class _CompletionsServer:
             return self._scheduler
 
     # -- request plumbing ------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
+    def authorize(self, request: Request) -> None:
         if self._api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -344,7 +367,24 @@ class _CompletionsServer:
             code="request_too_large",
         )
 
+    @staticmethod
+    def _require_json_content_type(request: Request) -> None:
+        # A browser sends text/plain, form or multipart bodies (or none) cross-origin without a
+        # CORS preflight; a JSON content type forces the preflight, which this server never grants.
+        given = request.headers.get("content-type")
+        media = (given or "").split(";", 1)[0].strip().lower()
+        if media != "application/json" and not (
+            media.startswith("application/") and media.endswith("+json")
+        ):
+            raise _Failure(
+                415,
+                "The request body must be JSON sent with 'Content-Type: application/json'; got "
+                + (f"Content-Type {shown(given, 80)}" if given is not None else "no Content-Type"),
+                code="unsupported_media_type",
+            )
+
     async def _read_json(self, request: Request) -> Any:
+        self._require_json_content_type(request)
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -355,11 +395,22 @@ class _CompletionsServer:
                 raise self._too_large(size)
         parts: list[bytes] = []
         received = 0
-        async for part in request.stream():
-            received += len(part)
-            if received > self.max_body_bytes:
-                raise self._too_large(None)
-            parts.append(part)
+        try:
+            with anyio.fail_after(self.body_timeout_s):
+                async for part in request.stream():
+                    received += len(part)
+                    if received > self.max_body_bytes:
+                        raise self._too_large(None)
+                    parts.append(part)
+        except TimeoutError:
+            raise _Failure(
+                408,
+                f"The request body did not arrive within {self.body_timeout_s:g} seconds "
+                f"({received} bytes received).",
+                code="request_timeout",
+                # The rest of the body may still come; the connection cannot be reused.
+                headers={"connection": "close"},
+            ) from None
         raw = b"".join(parts)
         try:
             return json.loads(raw, parse_constant=_reject_constant)
@@ -374,7 +425,7 @@ class _CompletionsServer:
         if model != engine.model_id:
             raise _Failure(
                 404,
-                f"The model `{model}` does not exist; this server serves "
+                f"The model {shown(model, 120)} does not exist; this server serves "
                 f"`{engine.model_id}` (see GET /v1/models).",
                 param="model",
                 code="model_not_found",
@@ -397,7 +448,7 @@ class _CompletionsServer:
 
     def _model_card(self, engine: Engine) -> dict[str, Any]:
         created = getattr(engine, "created", None)
-        card = {
+        card: dict[str, Any] = {
             "id": engine.model_id,
             "object": "model",
             "created": int(created) if isinstance(created, int | float) else self._started,
@@ -421,7 +472,7 @@ class _CompletionsServer:
             request_id = f"req_{uuid.uuid4().hex}"
             try:
                 if auth:
-                    self._authorize(request)
+                    self.authorize(request)
                 response = await handler(request, request_id)
             except _Failure as failure:
                 response = _JSON(
@@ -451,13 +502,15 @@ class _CompletionsServer:
             raise _Failure(
                 400, f"The request body must be a JSON object; got a JSON {_json_kind(body)}."
             )
-        unknown = [key for key in body if key not in FIELDS]
+        accepted = (*FIELDS, *sorted(self.limits.samplers))
+        unknown = [key for key in body if key not in accepted]
         if unknown:
+            name = unknown[0] if len(unknown[0]) <= 100 else unknown[0][:100] + "..."
             raise _Failure(
                 400,
-                f"Unrecognized request argument supplied: {unknown[0]}. The fields "
-                f"are: {', '.join(FIELDS)}.",
-                param=unknown[0],
+                f"Unrecognized request argument supplied: {name}. The fields "
+                f"are: {', '.join(accepted)}.",
+                param=name,
             )
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()
@@ -519,8 +572,18 @@ def _json_kind(value: Any) -> str:
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
-    """Unknown routes (404) and wrong methods (405) answer with OpenAI error bodies too."""
+    """Unknown routes (404) and wrong methods (405) answer with OpenAI error bodies too.
+
+    Under /v1 a keyed server checks the key first, as OpenAI does: without it, nothing is said
+    about which routes exist.
+    """
     assert isinstance(exc, HTTPException)
+    server = getattr(request.app.state, "nbcompletions", None)
+    if isinstance(server, _CompletionsServer) and request.url.path.startswith("/v1/"):
+        try:
+            server.authorize(request)
+        except _Failure as refused:
+            return _JSON(refused.body(), status_code=refused.status, headers=refused.headers)
     if exc.status_code == 404:
         message = f"Unknown request URL: {request.method} {request.url.path}."
     elif exc.status_code == 405:
@@ -549,6 +612,10 @@ def create_app(
     limits: Limits | None = None,
     max_concurrency: int = 4,
     budget: WorkBudget | None = None,
+    compat: str = "openai",
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    allowed_hosts: Sequence[str] | None = None,
+    allowed_origins: Sequence[str] = (),
 ) -> Starlette:
     """The OpenAI-compatible Completions app (an ASGI app).
 
@@ -561,15 +628,36 @@ def create_app(
         max_tokens_cap: largest ``max_tokens`` accepted (400 above it); None: only the model's
             context limits it.
         max_body_bytes: largest request body accepted (413 above it).
-        limits: request caps (logprobs, n, best_of, stop); OpenAI's by default.
+        limits: request caps (logprobs, n, best_of, stop); by default those of ``compat``.
         max_concurrency: for an engine without ``job()`` (only ``complete`` and ``stream``):
             engine calls run at once per event loop. The embedded engine batches every request
             instead (see ``nbcompletions.server._scheduler``).
         budget: the work budget (per-request tokens, the memory all requests may hold, how many
             may wait for it); `WorkBudget`'s defaults when None.
+        compat: ``"openai"`` (OpenAI's caps; unknown fields refused) or ``"vllm"`` (vLLM's caps:
+            20 logprobs, any number of stop strings, and its sampling fields ``top_k``,
+            ``min_p``, ``repetition_penalty``).
+        body_timeout_s: seconds a client has to send its request body (408 after).
+        allowed_hosts: None: any ``Host``. Otherwise only loopback names and these (``*``: any);
+            ``serve`` sets it for a loopback bind (a defence against DNS rebinding).
+        allowed_origins: requests with an ``Origin`` header (web pages) are refused (403) unless
+            it is a loopback origin or one of these (``*``: any).
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
+    if api_key is not None:
+        check_api_key(api_key)
+    if compat not in COMPAT_MODES:
+        raise ValueError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
+    if (
+        not isinstance(body_timeout_s, int | float)
+        or isinstance(body_timeout_s, bool)
+        or not math.isfinite(body_timeout_s)
+        or body_timeout_s <= 0
+    ):
+        raise ValueError(f"body_timeout_s must be a number of seconds > 0; got {body_timeout_s!r}")
+    if limits is None:
+        limits = Limits.vllm() if compat == "vllm" else Limits()
     _check_positive("max_tokens_cap", max_tokens_cap, optional=True)
     _check_positive("max_body_bytes", max_body_bytes, optional=False)
     _check_positive("max_concurrency", max_concurrency, optional=False)
@@ -578,9 +666,10 @@ def create_app(
         api_key=api_key,
         max_tokens_cap=max_tokens_cap,
         max_body_bytes=max_body_bytes,
-        limits=limits or Limits(),
+        limits=limits,
         max_concurrency=max_concurrency,
         budget=budget or WorkBudget(),
+        body_timeout_s=float(body_timeout_s),
     )
     routes = [
         Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
@@ -588,6 +677,13 @@ def create_app(
         Route("/v1/models/{model_id:path}", server.endpoint(server.model), methods=["GET"]),
         Route("/health", server.endpoint(server.health, auth=False), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(RequestGuard, hosts=allowed_hosts, origins=tuple(allowed_origins))],
+    )
+    # Starlette would answer "POST /v1/completions/" with a 307 to the slashless URL before any
+    # key check (and clients do not re-POST on 307 uniformly): unknown paths are 404s instead.
+    app.router.redirect_slashes = False
     app.state.nbcompletions = server
     return app

@@ -6,10 +6,11 @@ import ipaddress
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 from .._request import Limits
-from ._app import DEFAULT_MAX_BODY_BYTES, Engine, create_app
+from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Engine, create_app
 from ._scheduler import WorkBudget
 
 __all__ = ["API_KEY_ENV", "DEFAULT_MAX_TOKENS_CAP", "is_loopback", "serve"]
@@ -63,6 +64,10 @@ def serve(
     budget: WorkBudget | None = None,
     log_level: str = "info",
     preload: bool = True,
+    compat: str = "openai",
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    allow_hosts: Sequence[str] = (),
+    allow_origins: Sequence[str] = (),
     **uvicorn_options: Any,
 ) -> None:
     """Serve the Completions API over HTTP until SIGINT/SIGTERM (uvicorn's clean shutdown).
@@ -73,6 +78,11 @@ def serve(
     ``/health`` answering means requests are served at full speed. ``budget`` bounds the work of one
     request and the memory of all (`WorkBudget`'s defaults when None). Other keyword arguments go
     to ``uvicorn.Config``.
+
+    Safe by default: POST bodies must be declared JSON; requests from web pages (an ``Origin``
+    header) are refused unless the origin is loopback or in ``allow_origins``; on a loopback bind
+    the ``Host`` must name loopback or be in ``allow_hosts`` (DNS rebinding); a body must arrive
+    within ``body_timeout_s``. ``compat="vllm"`` takes vLLM's limits and sampling fields.
     """
     import uvicorn
 
@@ -91,6 +101,12 @@ def serve(
         limits=limits,
         max_concurrency=max_concurrency,
         budget=budget,
+        compat=compat,
+        body_timeout_s=body_timeout_s,
+        # Only a loopback bind knows which names it may be called by; elsewhere any name can
+        # reach it (and a key should guard it).
+        allowed_hosts=tuple(allow_hosts) if is_loopback(host) else None,
+        allowed_origins=tuple(allow_origins),
     )
     if not is_loopback(host) and api_key is None:
         logger.warning(
@@ -103,9 +119,10 @@ def serve(
         app.state.nbcompletions.load_engine_now()  # logs the load time
     # The URL, never the key: logs get pasted into issues and notebooks.
     logger.info(
-        "nbcompletions serving the OpenAI Completions API at %s (%s)%s",
+        "nbcompletions serving the OpenAI Completions API at %s (%s%s)%s",
         _url(host, port),
         "bearer key required" if api_key else "no key required",
+        "; vLLM compatible" if compat == "vllm" else "",
         "; port 0: uvicorn's line below has the port chosen" if port == 0 else "",
     )
     options: dict[str, Any] = {"timeout_graceful_shutdown": 5, "server_header": False}

@@ -101,7 +101,7 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
                 placeholder=f"stop {i + 1} (\\n = newline)",
                 layout=widgets.Layout(width="10em"),
             )
-            for i in range(limits.max_stop)
+            for i in range(limits.max_stop if limits.max_stop is not None else 4)
         ]
         self.logit_bias = widgets.Textarea(
             value="",
