@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two harness runs (~100 s): CI and --full
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "lm_eval"
 MODEL_FILES = ROOT / "nbcompletions" / "model" / "files"

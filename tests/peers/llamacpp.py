@@ -13,7 +13,6 @@ this server reads as "until the context is full", run past the position embeddin
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import NamedTuple
 
 import httpx
 import pytest
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_DIR = ROOT / "nbcompletions" / "model" / "files"
@@ -99,17 +99,11 @@ def convert_model(python: Path, out: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(
     python: Path, gguf_path: Path, log_path: Path
 ) -> tuple[subprocess.Popen[str], str]:
     """Start the peer on a free loopback port; returns the process and its base URL (…/v1)."""
-    port = _free_port()
+    port = free_port()
     log = log_path.open("w")
     proc = subprocess.Popen(
         [
