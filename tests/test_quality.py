@@ -39,6 +39,7 @@ def test_ruff_format() -> None:
     assert result.returncode == 0, "run `ruff format` on:\n" + result.stdout + result.stderr
 
 
+@pytest.mark.slow  # a cold mypy run takes half a minute: --full and CI
 def test_mypy() -> None:
     result = subprocess.run([_tool("mypy")], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
