@@ -210,6 +210,7 @@ def test_calibration_bins_and_sampled_token_outside_top_k() -> None:
     assert int(table["n_chosen"].sum()) == 0
 
 
+@pytest.mark.slow
 def test_calibration_of_the_embedded_model_at_temperature_one(embedded_client: Any) -> None:
     from nbcompletions import sweep
 

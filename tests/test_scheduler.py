@@ -116,6 +116,7 @@ def test_the_default_budget_lets_normal_notebook_requests_through(embedded_engin
         )
 
 
+@pytest.mark.slow
 async def test_requests_beyond_the_memory_bound_wait_then_get_503_with_retry_after(
     embedded_engine: Any, model: str
 ) -> None:
@@ -280,6 +281,7 @@ def test_a_closed_connection_stops_the_work_within_one_decode_step(
 
 
 # -- fairness and batching -------------------------------------------------------------------------
+@pytest.mark.slow
 async def test_a_stream_is_not_starved_by_plain_requests(embedded_engine: Any, model: str) -> None:
     """16 long plain requests first, then a short stream: it finishes while they still run."""
     ban = _no_eot(embedded_engine)
