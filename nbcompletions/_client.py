@@ -647,6 +647,14 @@ class AsyncClient:
                             retryable = _retry.should_retry(
                                 response.status_code, response.headers, error
                             )
+                        elif response.headers.get("content-type", "").startswith(
+                            "application/json"
+                        ):
+                            # A server that ignored stream=True sent the whole completion.
+                            body = json.loads(await response.aread())
+                            if isinstance(body, dict):
+                                yield body
+                            return
                         else:
                             decoder = SSEDecoder()
                             open_choices: dict[int, bool] = {}

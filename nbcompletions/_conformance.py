@@ -1,6 +1,6 @@
 """Checking an endpoint: probes that measure what it does, and the report they make.
 
-`aconformance` sends about 18 small requests (a few tokens each) and compares what comes back with
+`aconformance` sends 19 small requests (a few tokens each) and compares what comes back with
 what OpenAI's Completions API promises. Each check is a row of `ConformanceReport.frame` with a
 status (``ok``, ``fails``, ``unsupported``: the server refused the feature, ``error``: the probe
 itself failed) and the evidence, e.g. the two numbers that disagree. Nothing is taken on trust from
@@ -67,6 +67,7 @@ CHECKS: tuple[str, ...] = (
     "penalties",
     "text_offset",
     "byte_tokens",
+    "suffix",
     "model_info",
 )
 
@@ -74,6 +75,7 @@ _PROMPT = "To be, or not to be, that is the"
 _SECOND_PROMPT = "ROMEO:"
 _REPEAT_PROMPT = "ROMEO:\nO"
 _BYTES_PROMPT = "Grüße, café"
+_SUFFIX_PROMPT, _SUFFIX = "To be", " the end"
 _TOKEN_IDS = [100, 101, 102]
 # Stops that almost any text hits within a token or two: the bound of the max_tokens=0 probe.
 _ANY_TEXT_STOPS = ["\n", " ", ".", "e"]
@@ -340,6 +342,17 @@ def _short(value: Any, limit: int = 160) -> str:
 _Outcome = tuple[dict[str, Any] | None, APIError | None]
 
 
+@dataclasses.dataclass
+class _MaxZero:
+    """What the max_tokens=0 stream showed before it ended or we hung up."""
+
+    text: str = ""
+    finish: str | None = None
+    chunks: int = 0
+    hung_up: bool = False
+    error: APIError | None = None
+
+
 class _Prober:
     def __init__(self, aclient: Any) -> None:
         self.aclient = aclient
@@ -368,30 +381,30 @@ class _Prober:
             return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         return dict(completion.raw), None
 
-    async def max_tokens_zero(self) -> tuple[str, int, str | None, APIError | None]:
+    async def max_tokens_zero(self) -> _MaxZero:
         """Stream max_tokens=0 with stops any text hits; hang up at the first generated text.
 
-        Returns (text seen, generated pieces, finish_reason, error).
+        Run alone: llama.cpp cuts a stream short (``[DONE]``, no finish_reason) when another
+        request arrives, and a cut stream proves nothing either way.
         """
         request = self.request(
             _PROMPT, max_tokens=0, stream=True, temperature=0.0, stop=list(_ANY_TEXT_STOPS)
         )
         self.requests += 1
-        text = ""
-        pieces = 0
-        finish: str | None = None
+        seen = _MaxZero()
         stream = self.aclient.stream_request(request)
 
         async def read() -> None:
-            nonlocal text, pieces, finish
             async for piece in stream:
+                seen.chunks += 1
                 if piece.finish_reason is not None:
-                    finish = piece.finish_reason
+                    seen.finish = piece.finish_reason
                 if piece.text:
-                    text += piece.text
-                    pieces += 1
-                    break  # it generates: hang up now (llama.cpp stops when the client goes)
-                if finish is not None:
+                    seen.text += piece.text
+                    # It generates: hang up now (llama.cpp stops when the client goes).
+                    seen.hung_up = True
+                    break
+                if seen.finish is not None:
                     break
 
         try:
@@ -399,13 +412,13 @@ class _Prober:
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
                 raise
-            return text, pieces, finish, exc
+            seen.error = exc
         except asyncio.TimeoutError:
-            return text, pieces, finish, APIError("no answer in time", type="timeout")
+            seen.error = APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
-        return text, pieces, finish, None
+        return seen
 
     async def models_card(self) -> Mapping[str, Any] | None:
         self.requests += 1
@@ -584,22 +597,38 @@ def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4f}"
 
 
-def _max_tokens_zero(result: tuple[str, int, str | None, APIError | None]) -> Check:
+def _max_tokens_zero(seen: _MaxZero) -> Check:
+    """Honoured means proven: no text, and the server said it stopped for length (0 tokens)."""
     name = "max_tokens_0"
-    text, pieces, finish, error = result
-    if error is not None:
-        check = _failure(name, error)
+    if seen.error is not None:
+        check = _failure(name, seen.error)
         return dataclasses.replace(check, detail=check.detail + "; score() uses max_tokens=1")
-    if pieces or finish == "stop":
+    evidence = {"text": seen.text, "finish_reason": seen.finish, "chunks": seen.chunks}
+    if seen.text:
         return Check(
             name,
             "fails",
-            f"max_tokens=0 generated text ({text!r}, finish_reason {finish!r}; the probe hung "
-            "up / stopped at once): the server reads 0 as 'no limit'",
-            {"text": text, "finish_reason": finish},
+            f"max_tokens=0 generated text {seen.text!r} (the probe hung up at once): the server "
+            "reads 0 as 'no limit'; score() uses max_tokens=1 and drops that token",
+            evidence,
         )
+    if seen.finish == "stop":
+        return Check(
+            name,
+            "fails",
+            "max_tokens=0 ended with finish_reason 'stop' and no text: it generated up to one of "
+            f"the stop strings {_ANY_TEXT_STOPS!r}, so the server reads 0 as 'no limit'; "
+            "score() uses max_tokens=1 and drops that token",
+            evidence,
+        )
+    if seen.finish == "length":
+        return Check(name, "ok", "no text, finish_reason 'length' (0 tokens generated)", evidence)
     return Check(
-        name, "ok", f"no text generated, finish_reason {finish!r}", {"finish_reason": finish}
+        name,
+        "error",
+        f"inconclusive: the stream ended after {seen.chunks} chunk(s) with no text and "
+        f"finish_reason {seen.finish!r} (cut short?); score() uses max_tokens=1",
+        evidence,
     )
 
 
@@ -646,11 +675,27 @@ def _stream_echo_check(outcome: _Outcome) -> Check:
     text = str(choice.get("text") or "") if choice else ""
     if text.startswith(_PROMPT):
         return Check("stream_echo", "ok", "the streamed text starts with the prompt")
+    cut = _cut_short("stream_echo", raw)
+    if cut is not None:
+        return cut
     return Check(
         "stream_echo",
         "fails",
         f"stream=True with echo=True returned {text!r}: the prompt was dropped",
         {"text": text},
+    )
+
+
+def _cut_short(name: str, raw: Mapping[str, Any] | None) -> Check | None:
+    """An ``error`` Check when a stream ended without a finish_reason: it proves nothing."""
+    choice = _first(raw)
+    if choice is not None and choice.get("finish_reason") is not None:
+        return None
+    return Check(
+        name,
+        "error",
+        "inconclusive: the stream ended without a finish_reason (cut short?)",
+        {"choice": dict(choice) if choice is not None else None},
     )
 
 
@@ -661,10 +706,14 @@ def _usage_check(outcome: _Outcome) -> Check:
     usage = raw.get("usage") if isinstance(raw, Mapping) else None
     if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
         return Check("include_usage", "ok", f"usage arrived: {dict(usage)}")
+    cut = _cut_short("include_usage", raw)
+    if cut is not None:
+        return cut
     return Check(
         "include_usage",
         "fails",
         f"stream_options.include_usage gave no usage chunk (usage={_short(usage)})",
+        {"usage": dict(usage) if isinstance(usage, Mapping) else None},
     )
 
 
@@ -804,8 +853,30 @@ def _bytes_check(outcome: _Outcome) -> Check:
     )
 
 
+def _suffix_check(outcome: _Outcome) -> Check:
+    """The echoed tokens must spell the prompt and the completion, not the suffix too."""
+    raw, error = outcome
+    if error is not None:
+        return _failure("suffix", error)
+    choice = _first(raw)
+    rows = _rows(choice)
+    text = str(choice.get("text") or "") if choice else ""
+    if rows is None or not rows.tokens:
+        return Check("suffix", "error", f"echo with a suffix returned no tokens (text {text!r})")
+    spelled = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
+    if spelled == text and text.startswith(_SUFFIX_PROMPT) and _SUFFIX not in spelled:
+        return Check("suffix", "ok", f"suffix {_SUFFIX!r} left the echoed prompt intact ({text!r})")
+    return Check(
+        "suffix",
+        "fails",
+        f"suffix {_SUFFIX!r} went into the prompt {_SUFFIX_PROMPT!r}: the echoed tokens "
+        f"{rows.tokens!r} spell {spelled!r}, the text is {text!r}",
+        {"tokens": rows.tokens, "text": text},
+    )
+
+
 def _model_info(
-    card: Mapping[str, Any] | None, aclient: Any
+    card: Mapping[str, Any] | None, aclient: Any, byte_echo: _Outcome
 ) -> tuple[Check, int | None, int | None]:
     context: int | None = None
     vocab: int | None = None
@@ -815,15 +886,15 @@ def _model_info(
         context = _int_or_none(card.get("max_model_len")) or _int_or_none(meta.get("n_ctx_train"))
         vocab = _int_or_none(card.get("vocab_size")) or _int_or_none(meta.get("n_vocab"))
     if context is None and vocab is None:
-        return (
-            Check(
-                "model_info",
-                "unsupported",
-                "GET /models tells neither context length nor vocabulary size",
-            ),
-            None,
-            None,
-        )
+        detail = "GET /models tells neither context length nor vocabulary size"
+        evidence: dict[str, Any] = {"context_length": None, "vocab_size": None}
+        model = card.get("id") if card is not None else getattr(aclient, "model", None)
+        known = _embedded_vocab(model if isinstance(model, str) else None, byte_echo)
+        if known is not None:
+            vocab, why = known
+            detail += f"; vocabulary size {vocab}: {why}"
+            evidence["vocab_size"] = vocab
+        return Check("model_info", "unsupported", detail, evidence), None, vocab
     return (
         Check(
             "model_info",
@@ -833,6 +904,27 @@ def _model_info(
         ),
         context,
         vocab,
+    )
+
+
+def _embedded_vocab(model: str | None, byte_echo: _Outcome) -> tuple[int, str] | None:
+    """Our embedded model served elsewhere (converted to GGUF, say): its vocabulary size, when
+    the server's echo of the byte-tokens prompt has the embedded tokenizer's token count."""
+    from .model import count_tokens, vocab_size
+
+    size = vocab_size(model)
+    rows = _rows(_first(byte_echo[0])) if byte_echo[1] is None else None
+    if size is None or rows is None:
+        return None
+    try:
+        ours = count_tokens(model, _BYTES_PROMPT)
+    except ImportError:  # the tokenizers package is not installed: nothing to confirm with
+        return None
+    if ours is None or len(rows.tokens) not in (ours, ours + 1):
+        return None
+    return size, (
+        f"the model is the embedded {model!r}, whose tokenizer makes {ours} tokens of "
+        f"{_BYTES_PROMPT!r}; the server echoed {len(rows.tokens)}"
     )
 
 
@@ -857,7 +949,7 @@ def _detect(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
 
 
 async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceReport:
-    """Measure what ``aclient``'s endpoint and model do (about 18 small requests); cached."""
+    """Measure what ``aclient``'s endpoint and model do (19 small requests); cached."""
     aclient = getattr(aclient, "async_client", aclient)
     if not refresh:
         known = cached_report(aclient)
@@ -872,18 +964,9 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
     jobs: dict[str, Awaitable[Any]] = {
         "card": probe.models_card(),
         "gen": probe.send(_PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=_ASKED_LOGPROBS),
-        "max0": probe.max_tokens_zero(),
         "n": probe.send(_PROMPT, n=2, max_tokens=1, temperature=1.0, seed=_SEED),
         "best_of": probe.send(
             _PROMPT, n=1, best_of=best_of, max_tokens=max_tokens, temperature=1.0, seed=_SEED
-        ),
-        "stream_echo": probe.send(_PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0),
-        "usage": probe.send(
-            _PROMPT,
-            stream=True,
-            stream_options={"include_usage": True},
-            max_tokens=1,
-            temperature=0.0,
         ),
         "multi": probe.send([_PROMPT, _SECOND_PROMPT], max_tokens=1, temperature=0.0),
         "ids": probe.send(list(_TOKEN_IDS), echo=True, logprobs=0, max_tokens=1, temperature=0.0),
@@ -902,8 +985,20 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
             presence_penalty=2.0,
         ),
         "bytes": probe.send(_BYTES_PROMPT, echo=True, logprobs=0, max_tokens=1, temperature=0.0),
+        "suffix": probe.send(
+            _SUFFIX_PROMPT, suffix=_SUFFIX, echo=True, logprobs=0, max_tokens=1, temperature=0.0
+        ),
     }
     results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
+    # ("[DONE]" without a finish_reason) when another request arrives.
+    max0 = await probe.max_tokens_zero()
+    results["stream_echo"] = await probe.send(
+        _PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
+    )
+    results["usage"] = await probe.send(
+        _PROMPT, stream=True, stream_options={"include_usage": True}, max_tokens=1, temperature=0.0
+    )
 
     gen: _Outcome = results["gen"]
     gen_rows = _rows(_first(gen[0])) if gen[1] is None else None
@@ -936,7 +1031,7 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
 
     checks: dict[str, Check] = {}
     checks["echo_alignment"] = _echo_alignment(gen, echo, k)
-    checks["max_tokens_0"] = _max_tokens_zero(results["max0"])
+    checks["max_tokens_0"] = _max_tokens_zero(max0)
     checks["n"] = _n_check(results["n"])
     checks["best_of"] = _best_of_check(results["best_of"], max_tokens, best_of)
     checks["stream_echo"] = _stream_echo_check(results["stream_echo"])
@@ -952,7 +1047,8 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
     )
     checks["penalties"] = _penalty_check(results["plain"], results["penalised"])
     checks["byte_tokens"] = _bytes_check(results["bytes"])
-    info, context, vocab = _model_info(results["card"], aclient)
+    checks["suffix"] = _suffix_check(results["suffix"])
+    info, context, vocab = _model_info(results["card"], aclient, results["bytes"])
     checks["model_info"] = info
 
     endpoint = getattr(aclient, "endpoint", None)
@@ -1068,6 +1164,7 @@ def check_sweep(report: ConformanceReport, requests: Sequence[CompletionRequest]
         ),
     )
     uses("seed", lambda r: r.seed is not None)
+    uses("suffix", lambda r: r.suffix is not None)
     uses("max_tokens_0", lambda r: r.max_tokens == 0)
     defaults = report.checks.get("default_sampling")
     neutral = report.profile.neutral_fields
