@@ -1,6 +1,6 @@
 """The conformance check's detection logic, fed llama.cpp's own recorded bytes (no peer needed).
 
-``conformance_check.json`` holds every exchange of one check against llama-cpp-python 0.3.36
+``check/conformance.json`` holds every exchange of one check against llama-cpp-python 0.3.36
 (recorded by tests/peers/record_conformance.py); the other fixtures in tests/fixtures/llamacpp/ are
 single requests (tests/peers/record_llamacpp.py). An `httpx.MockTransport` serves them back keyed
 by the request (method, path, body), which is fault injection with a foreign server's exact
@@ -39,7 +39,7 @@ def fixture(name: str) -> dict[str, Any]:
 
 
 def recorded_check() -> dict[Key, Answer]:
-    exchanges = fixture("conformance_check")["exchanges"]
+    exchanges = fixture("check/conformance")["exchanges"]
     return {
         key(e["method"], e["path"], e["request"]): (e["status"], e["content_type"], e["body"])
         for e in exchanges

@@ -4,7 +4,7 @@ Usage (from the repository root, in the dev venv):
     python tests/peers/record_conformance.py [--base-url http://127.0.0.1:PORT/v1] [--out FILE]
 
 Without ``--base-url`` it converts the embedded model and starts its own peer. It writes
-tests/fixtures/llamacpp/conformance_check.json: ``{"server", "exchanges": [...]}``, one exchange per
+tests/fixtures/llamacpp/check/conformance.json: ``{"server", "exchanges": [...]}``, one exchange per
 HTTP request the check sent, ``{"method", "path", "request", "status", "content_type", "body"}``
 with ``body`` the response text exactly as it came (an event stream too).
 tests/test_llamacpp_replay.py serves them back, keyed by the request, so the check's detection
@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
-OUT = HERE.parent / "fixtures" / "llamacpp" / "conformance_check.json"
+OUT = HERE.parent / "fixtures" / "llamacpp" / "check" / "conformance.json"
 SERVER = "llama-cpp-python 0.3.36"
 
 
