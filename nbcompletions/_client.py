@@ -729,6 +729,16 @@ class AsyncClient(_BaseClient):
                             retryable = _retry.should_retry(
                                 response.status_code, response.headers, error
                             )
+                        elif stream and response.headers.get("content-type", "").startswith(
+                            "application/json"
+                        ):
+                            # A server that ignored stream=True sent the whole completion: one chunk.
+                            await response.aread()
+                            body = _json_body(response)
+                            if isinstance(body, dict):
+                                received = True
+                                yield body
+                            return
                         elif stream:
                             async for chunk in aiter_chunks(response.aiter_bytes()):
                                 received = True

@@ -1,6 +1,6 @@
 """Checking an endpoint: probes that measure what it does, and the report they make.
 
-`aconformance` sends about 18 small requests (a few tokens each) and compares what comes back with
+`aconformance` sends 19 small requests (a few tokens each) and compares what comes back with
 what OpenAI's Completions API promises. Each check is a row of `ConformanceReport.frame` with a
 status (``ok``, ``fails``, ``unsupported``: the server refused the feature, ``error``: the probe
 itself failed) and the evidence, e.g. the two numbers that disagree. Nothing is taken on trust from
@@ -9,76 +9,81 @@ what a server says about itself, except the context length and vocabulary size i
 Every probe is bounded: each sends an explicit small ``max_tokens``. The one that cannot (is
 ``max_tokens=0`` honoured?) streams, stops at any of four common characters, and hangs up at the
 first generated text, so a server that reads 0 as "unlimited" (llama.cpp) generates a token or
-two, not its whole context (which crashed one).
+two, not its whole context (which crashed one). Honoured means proven: no text and
+``finish_reason`` "length". Streams run one at a time with nothing else in flight, because
+llama.cpp cuts a stream short when another request arrives (and a cut stream proves nothing).
 
-The consequences live here too, as pure functions the client, scoring and sweeps call:
-`score_max_tokens` (or `ConformanceError`) for ``score()``, `check_sweep` for sweeps.
+This module sends the probes and caches the report per client. The rest, one concept each:
+`nbcompletions._conformance_report` (`Check`, `ConformanceReport`), `._conformance_checks` (pure
+judging of each answer), `._conformance_consequences` (`score_max_tokens`, `check_sweep`: what
+``score()`` and sweeps do about a report); the names stay importable from here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import html
-import math
-import re
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Awaitable, Mapping
+from typing import Any
 
-from ._errors import APIError, ConformanceError
-from ._parse import choice_index
-from ._profiles import PROFILES, ServerProfile
+from ._conformance_checks import (
+    _ANY_TEXT_STOPS,
+    _ASKED_LOGPROBS,
+    _BYTES_PROMPT,
+    _PROMPT,
+    _REPEAT_PROMPT,
+    _SECOND_PROMPT,
+    _SEED,
+    _SUFFIX,
+    _SUFFIX_PROMPT,
+    _TOKEN_IDS,
+    _best_of_check,
+    _bytes_check,
+    _defaults_check,
+    _detect,
+    _echo_alignment,
+    _first,
+    _gen_checks,
+    _max_tokens_zero,
+    _MaxZero,
+    _model_info,
+    _multiple_check,
+    _n_check,
+    _Outcome,
+    _penalty_check,
+    _rows,
+    _seed_check,
+    _stop_check,
+    _stream_echo_check,
+    _suffix_check,
+    _token_ids_check,
+    _usage_check,
+    token_bytes,
+)
+from ._conformance_consequences import check_sweep, score_max_tokens
+from ._conformance_report import CHECKS, Check, ConformanceReport
+from ._errors import APIError
+from ._profiles import ServerProfile
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
 
-if TYPE_CHECKING:  # pragma: no cover
-    import pandas as pd
-
+# The report types and the consequences live beside this module; they are re-exported here, where
+# the client, scoring and sweeps have always found them.
 __all__ = [
     "CHECKS",
+    "Check",
     "ConformanceReport",
     "aconformance",
     "cached_report",
     "check_sweep",
     "known_vocab_size",
+    "remember",
     "score_max_tokens",
+    "token_bytes",
 ]
 
-Status = Literal["ok", "fails", "unsupported", "error"]
-STATUSES: tuple[str, ...] = ("ok", "fails", "unsupported", "error")
-
-#: The checks, in report order.
-CHECKS: tuple[str, ...] = (
-    "echo_alignment",
-    "max_tokens_0",
-    "n",
-    "best_of",
-    "stream_echo",
-    "include_usage",
-    "logprobs_cap",
-    "stop_in_logprobs",
-    "multiple_prompts",
-    "token_id_prompts",
-    "seed",
-    "default_sampling",
-    "penalties",
-    "text_offset",
-    "byte_tokens",
-    "model_info",
-)
-
-_PROMPT = "To be, or not to be, that is the"
-_SECOND_PROMPT = "ROMEO:"
-_REPEAT_PROMPT = "ROMEO:\nO"
-_BYTES_PROMPT = "Grüße, café"
-_TOKEN_IDS = [100, 101, 102]
-# Stops that almost any text hits within a token or two: the bound of the max_tokens=0 probe.
-_ANY_TEXT_STOPS = ["\n", " ", ".", "e"]
-_SEED = 1234
-_ASKED_LOGPROBS = 5
 # Probes ask past OpenAI's caps on purpose: the point is to see what the server does.
 _PROBE_LIMITS = Limits(max_logprobs=None)
 _PROBE_TIMEOUT = 30.0
@@ -88,256 +93,7 @@ _reports: weakref.WeakKeyDictionary[Any, dict[tuple[str, str | None], Conformanc
 )
 
 
-# -- the report ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Check:
-    """One check's outcome: ``status`` and, in words, the ``detail`` that shows it."""
-
-    name: str
-    status: Status
-    detail: str
-    evidence: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-
-
-class ConformanceReport:
-    """What an endpoint was measured to do. ``frame`` has one row per check; ``ok`` is True when no
-    check fails or errored (``unsupported`` features are refused openly, which is fine)."""
-
-    def __init__(
-        self,
-        checks: Sequence[Check],
-        *,
-        endpoint: str | None,
-        model: str | None,
-        requests: int,
-        seconds: float,
-        profile_name: str,
-        context_length: int | None = None,
-        vocab_size: int | None = None,
-    ) -> None:
-        self.checks: dict[str, Check] = {c.name: c for c in checks}
-        self.endpoint = endpoint
-        self.model = model
-        self.requests = requests
-        self.seconds = seconds
-        self.profile_name = profile_name
-        self.context_length = context_length
-        self.vocab_size = vocab_size
-
-    @property
-    def ok(self) -> bool:
-        return all(c.status in ("ok", "unsupported") for c in self.checks.values())
-
-    @property
-    def profile(self) -> ServerProfile:
-        """The detected server profile, knowing the vocabulary size where the server said it."""
-        base = PROFILES.get(self.profile_name, PROFILES["openai"])
-        return base.with_vocab_size(self.vocab_size or base.vocab_size)
-
-    def status(self, name: str) -> str | None:
-        check = self.checks.get(name)
-        return check.status if check is not None else None
-
-    def evidence(self, name: str) -> Mapping[str, Any]:
-        check = self.checks.get(name)
-        return check.evidence if check is not None else {}
-
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks.values() if c.status in ("fails", "error")]
-
-    @property
-    def frame(self) -> pd.DataFrame:
-        """One row per check: ``check``, ``status``, ``detail``."""
-        import pandas as pd
-
-        frame: pd.DataFrame = pd.DataFrame(
-            [(c.name, c.status, c.detail) for c in self.checks.values()],
-            columns=["check", "status", "detail"],
-        )
-        return frame
-
-    def to_dict(self) -> dict[str, Any]:
-        """A small JSON-able dict (what sweeps store); `from_dict` reads it back."""
-        return {
-            "endpoint": self.endpoint,
-            "model": self.model,
-            "ok": self.ok,
-            "profile": self.profile_name,
-            "context_length": self.context_length,
-            "vocab_size": self.vocab_size,
-            "requests": self.requests,
-            "seconds": round(self.seconds, 3),
-            "checks": {
-                c.name: {"status": c.status, "detail": c.detail, "evidence": dict(c.evidence)}
-                for c in self.checks.values()
-            },
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ConformanceReport | None:
-        """The report `to_dict` wrote, or None for anything else (an older capabilities note)."""
-        checks = data.get("checks")
-        if not isinstance(checks, Mapping):
-            return None
-        rows = []
-        for name, item in checks.items():
-            if not isinstance(item, Mapping) or item.get("status") not in STATUSES:
-                return None
-            evidence = item.get("evidence")
-            rows.append(
-                Check(
-                    str(name),
-                    item["status"],
-                    str(item.get("detail", "")),
-                    dict(evidence) if isinstance(evidence, Mapping) else {},
-                )
-            )
-        return cls(
-            rows,
-            endpoint=data.get("endpoint"),
-            model=data.get("model"),
-            requests=int(data.get("requests") or 0),
-            seconds=float(data.get("seconds") or 0.0),
-            profile_name=str(data.get("profile") or "openai"),
-            context_length=_int_or_none(data.get("context_length")),
-            vocab_size=_int_or_none(data.get("vocab_size")),
-        )
-
-    def __repr__(self) -> str:
-        head = (
-            f"ConformanceReport(endpoint={self.endpoint!r}, model={self.model!r}, ok={self.ok}, "
-            f"profile={self.profile_name!r}, {self.requests} requests, {self.seconds:.2f} s)"
-        )
-        width = max((len(name) for name in self.checks), default=0)
-        lines = [f"  {c.name:<{width}}  {c.status:<11}  {c.detail}" for c in self.checks.values()]
-        return "\n".join([head, *lines])
-
-    def _repr_html_(self) -> str:
-        colours = {
-            "ok": "#1a7f37",
-            "fails": "#cf222e",
-            "unsupported": "#9a6700",
-            "error": "#cf222e",
-        }
-        rows = "".join(
-            f"<tr><td><code>{html.escape(c.name)}</code></td>"
-            f'<td style="color:{colours[c.status]};font-weight:bold">{c.status}</td>'
-            f'<td style="text-align:left">{html.escape(c.detail)}</td></tr>'
-            for c in self.checks.values()
-        )
-        summary = html.escape(
-            f"{self.endpoint} · {self.model} · profile {self.profile_name} · "
-            f"{'all ok' if self.ok else 'NOT ok'} · {self.requests} requests, {self.seconds:.2f} s"
-        )
-        return (
-            f"<div><p><b>Conformance</b>: {summary}</p>"
-            "<table><thead><tr><th>check</th><th>status</th><th>detail</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table></div>"
-        )
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
-
-
-# -- reading responses -----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Rows:
-    tokens: list[str]
-    logprobs: list[float | None]
-    offsets: list[int | None]
-    tops: list[dict[str, float] | None]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
-def _choices(raw: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
-    if not isinstance(raw, Mapping):
-        return []
-    found = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
-    return sorted(found, key=choice_index)
-
-
-def _rows(choice: Mapping[str, Any] | None) -> _Rows | None:
-    """The logprobs of a choice in either shape (Completions, or llama.cpp's chat shape)."""
-    lp = choice.get("logprobs") if isinstance(choice, Mapping) else None
-    if not isinstance(lp, Mapping):
-        return None
-    if isinstance(lp.get("content"), list):
-        content = [c for c in lp["content"] if isinstance(c, Mapping)]
-        tops: list[dict[str, float] | None] = []
-        for c in content:
-            top = c.get("top_logprobs")
-            tops.append(
-                {
-                    str(t.get("token")): _number(t.get("logprob")) or 0.0
-                    for t in top
-                    if isinstance(t, Mapping)
-                }
-                if isinstance(top, list)
-                else None
-            )
-        return _Rows(
-            [str(c.get("token", "")) for c in content],
-            [_number(c.get("logprob")) for c in content],
-            [None] * len(content),
-            tops,
-        )
-    tokens = [str(t) for t in lp.get("tokens") or []]
-    n = len(tokens)
-
-    def column(name: str) -> list[Any]:
-        values = lp.get(name)
-        return ((list(values) if isinstance(values, list) else []) + [None] * n)[:n]
-
-    return _Rows(
-        tokens,
-        [_number(v) for v in column("token_logprobs")],
-        [
-            v if isinstance(v, int) and not isinstance(v, bool) else None
-            for v in column("text_offset")
-        ],
-        [
-            {str(k): float(x) for k, x in v.items() if _number(x) is not None}
-            if isinstance(v, Mapping)
-            else None
-            for v in column("top_logprobs")
-        ],
-    )
-
-
-_BYTE_TOKEN = re.compile(r"^bytes:((?:\\x[0-9a-fA-F]{2})+)$")
-
-
-def token_bytes(token: str) -> bytes:
-    """The bytes a token string stands for (``bytes:\\xe2\\x80`` tokens are partial characters)."""
-    match = _BYTE_TOKEN.match(token)
-    if match:
-        return bytes(int(h, 16) for h in match.group(1).split("\\x")[1:])
-    return token.encode("utf-8")
-
-
-def _close(a: float, b: float) -> bool:
-    # Same server, same numbers, computed once incrementally and once in a batch (f16 on llama.cpp).
-    return abs(a - b) <= max(0.02, 0.01 * abs(b))
-
-
-def _short(value: Any, limit: int = 160) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# -- the probes ------------------------------------------------------------------------------------
-
-_Outcome = tuple[dict[str, Any] | None, APIError | None]
+# -- sending the probes ----------------------------------------------------------------------------
 
 
 class _Prober:
@@ -368,30 +124,30 @@ class _Prober:
             return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         return dict(completion.raw), None
 
-    async def max_tokens_zero(self) -> tuple[str, int, str | None, APIError | None]:
+    async def max_tokens_zero(self) -> _MaxZero:
         """Stream max_tokens=0 with stops any text hits; hang up at the first generated text.
 
-        Returns (text seen, generated pieces, finish_reason, error).
+        Run alone: llama.cpp cuts a stream short (``[DONE]``, no finish_reason) when another
+        request arrives, and a cut stream proves nothing either way.
         """
         request = self.request(
             _PROMPT, max_tokens=0, stream=True, temperature=0.0, stop=list(_ANY_TEXT_STOPS)
         )
         self.requests += 1
-        text = ""
-        pieces = 0
-        finish: str | None = None
+        seen = _MaxZero()
         stream = self.aclient.stream_request(request)
 
         async def read() -> None:
-            nonlocal text, pieces, finish
             async for piece in stream:
+                seen.chunks += 1
                 if piece.finish_reason is not None:
-                    finish = piece.finish_reason
+                    seen.finish = piece.finish_reason
                 if piece.text:
-                    text += piece.text
-                    pieces += 1
-                    break  # it generates: hang up now (llama.cpp stops when the client goes)
-                if finish is not None:
+                    seen.text += piece.text
+                    # It generates: hang up now (llama.cpp stops when the client goes).
+                    seen.hung_up = True
+                    break
+                if seen.finish is not None:
                     break
 
         try:
@@ -399,13 +155,13 @@ class _Prober:
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
                 raise
-            return text, pieces, finish, exc
+            seen.error = exc
         except asyncio.TimeoutError:
-            return text, pieces, finish, APIError("no answer in time", type="timeout")
+            seen.error = APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
-        return text, pieces, finish, None
+        return seen
 
     async def models_card(self) -> Mapping[str, Any] | None:
         self.requests += 1
@@ -424,440 +180,8 @@ class _Prober:
         return cards[0] if len(cards) == 1 else None
 
 
-def _refused(error: APIError) -> str:
-    return f"refused: {_short(str(error), 200)}"
-
-
-def _failure(name: str, error: APIError) -> Check:
-    # A 4xx, or a 500 that says it is a validation error, is the server openly refusing.
-    status = error.status
-    refused = status is not None and (400 <= status < 500 or _is_validation_500(error))
-    return Check(name, "unsupported" if refused else "error", _refused(error), {"http": status})
-
-
-def _is_validation_500(error: APIError) -> bool:
-    from ._retry import is_validation_error
-
-    return error.status == 500 and is_validation_error(error.message, error.body)
-
-
-def _first(raw: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    choices = _choices(raw)
-    return choices[0] if choices else None
-
-
-def _gen_checks(gen: _Outcome) -> list[Check]:
-    raw, error = gen
-    if error is not None:
-        return [_failure(name, error) for name in ("logprobs_cap", "text_offset")]
-    rows = _rows(_first(raw))
-    if rows is None or not rows.tokens:
-        return [
-            Check("logprobs_cap", "fails", f"asked logprobs={_ASKED_LOGPROBS}, got none"),
-            Check("text_offset", "unsupported", "no logprobs, so no text_offset"),
-        ]
-    counts = [len(t) for t in rows.tops if t is not None]
-    most = max(counts) if counts else 0
-    cap = Check(
-        "logprobs_cap",
-        "ok" if most >= _ASKED_LOGPROBS else "fails",
-        f"asked {_ASKED_LOGPROBS} alternatives, got up to {most} per token",
-        {"asked": _ASKED_LOGPROBS, "returned": most},
-    )
-    first = rows.offsets[0]
-    if first == len(_PROMPT):
-        offset = Check(
-            "text_offset",
-            "ok",
-            f"generated offsets start at len(prompt) = {first}",
-            {"origin": "prompt"},
-        )
-    elif first == 0:
-        offset = Check(
-            "text_offset",
-            "fails",
-            f"generated offsets start at 0, not at len(prompt) = {len(_PROMPT)} "
-            "(vLLM's convention)",
-            {"origin": "completion"},
-        )
-    elif first is None:
-        offset = Check("text_offset", "unsupported", "no text_offset in the logprobs")
-    else:
-        offset = Check(
-            "text_offset",
-            "fails",
-            f"generated offsets start at {first}; expected len(prompt) = {len(_PROMPT)}",
-            {"origin": None},
-        )
-    return [cap, offset]
-
-
-def _echo_alignment(gen: _Outcome, echo: _Outcome | None, k: int) -> Check:
-    name = "echo_alignment"
-    if gen[1] is not None:
-        return _failure(name, gen[1])
-    if echo is None:
-        return Check(name, "error", "no tokens were generated to compare with")
-    raw, error = echo
-    if error is not None:
-        check = _failure(name, error)
-        return dataclasses.replace(check, evidence={**check.evidence, "kind": "refused"})
-    gen_rows = _rows(_first(gen[0]))
-    rows = _rows(_first(raw))
-    assert gen_rows is not None
-    wanted = gen_rows.tokens[:k]
-    expected = gen_rows.logprobs[:k]
-    if rows is None or not rows.tokens or all(v is None for v in rows.logprobs):
-        return Check(
-            name, "fails", "echo returned no log-probabilities for the prompt", {"kind": "dropped"}
-        )
-    start = None
-    for i in range(len(rows.tokens) - k, 0, -1):
-        if rows.tokens[i : i + k] == wanted:
-            start = i
-            break
-    if start is None:
-        return Check(
-            name,
-            "error",
-            f"the echo did not tokenize the generated tokens {wanted!r} the same way",
-            {"kind": "unknown"},
-        )
-    at = [rows.logprobs[start + j] for j in range(k)]
-    pairs = ", ".join(
-        f"{wanted[j]!r}: generated {_fmt(expected[j])}, echoed {_fmt(at[j])}" for j in range(k)
-    )
-    evidence: dict[str, Any] = {"tokens": wanted, "generated": expected, "echoed": at}
-    if all(
-        a is not None and e is not None and _close(a, e) for a, e in zip(at, expected, strict=True)
-    ):
-        return Check(
-            name,
-            "ok",
-            f"echoed logprobs equal the generated ones ({pairs})",
-            {**evidence, "kind": "aligned"},
-        )
-    # Where the server put them instead: the previous entry's alternatives (llama.cpp: each entry
-    # holds the next position's distribution), or the next/previous entry's token_logprobs.
-    in_previous = [
-        (rows.tops[start + j - 1] or {}).get(wanted[j]) if start + j - 1 >= 0 else None
-        for j in range(k)
-    ]
-    if all(
-        p is not None and e is not None and _close(p, e)
-        for p, e in zip(in_previous, expected, strict=True)
-    ):
-        shown = ", ".join(_fmt(p) for p in in_previous)
-        return Check(
-            name,
-            "fails",
-            f"echo logprobs are shifted by one: {pairs}; the generated values sit in the "
-            f"previous position's top_logprobs ({shown})",
-            {**evidence, "kind": "shifted", "shift": -1, "found": in_previous},
-        )
-    for shift in (1, -1):
-        moved = [
-            rows.logprobs[start + j + shift]
-            if 0 <= start + j + shift < len(rows.logprobs)
-            else None
-            for j in range(k)
-        ]
-        if all(
-            m is not None and e is not None and _close(m, e)
-            for m, e in zip(moved, expected, strict=True)
-        ):
-            return Check(
-                name,
-                "fails",
-                f"echo logprobs are shifted by {shift:+d}: {pairs}",
-                {**evidence, "kind": "shifted", "shift": shift, "found": moved},
-            )
-    return Check(
-        name,
-        "fails",
-        f"echo logprobs disagree with generation: {pairs}",
-        {**evidence, "kind": "misaligned"},
-    )
-
-
-def _fmt(value: float | None) -> str:
-    return "null" if value is None else f"{value:.4f}"
-
-
-def _max_tokens_zero(result: tuple[str, int, str | None, APIError | None]) -> Check:
-    name = "max_tokens_0"
-    text, pieces, finish, error = result
-    if error is not None:
-        check = _failure(name, error)
-        return dataclasses.replace(check, detail=check.detail + "; score() uses max_tokens=1")
-    if pieces or finish == "stop":
-        return Check(
-            name,
-            "fails",
-            f"max_tokens=0 generated text ({text!r}, finish_reason {finish!r}; the probe hung "
-            "up / stopped at once): the server reads 0 as 'no limit'",
-            {"text": text, "finish_reason": finish},
-        )
-    return Check(
-        name, "ok", f"no text generated, finish_reason {finish!r}", {"finish_reason": finish}
-    )
-
-
-def _n_check(outcome: _Outcome) -> Check:
-    raw, error = outcome
-    if error is not None:
-        return _failure("n", error)
-    got = len(_choices(raw))
-    if got == 2:
-        return Check("n", "ok", "n=2 gave 2 choices", {"choices": got})
-    return Check("n", "fails", f"n=2 gave {got} choice(s): n is ignored", {"choices": got})
-
-
-def _best_of_check(outcome: _Outcome, max_tokens: int, best_of: int) -> Check:
-    raw, error = outcome
-    if error is not None:
-        return _failure("best_of", error)
-    got = len(_choices(raw))
-    usage = raw.get("usage") if isinstance(raw, Mapping) else None
-    spent = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
-    detail = (
-        f"best_of={best_of}, n=1, max_tokens={max_tokens}: {got} choice(s), "
-        f"{spent} completion tokens"
-    )
-    evidence = {"choices": got, "completion_tokens": spent}
-    if got != 1:
-        return Check("best_of", "fails", detail + " (expected 1 choice)", evidence)
-    if not isinstance(spent, int):
-        return Check(
-            "best_of", "unsupported", detail + ": no usage, so it cannot be told", evidence
-        )
-    if spent > max_tokens:
-        return Check("best_of", "ok", detail + " (the candidates were generated)", evidence)
-    return Check(
-        "best_of", "fails", detail + ": one candidate's worth, best_of is ignored", evidence
-    )
-
-
-def _stream_echo_check(outcome: _Outcome) -> Check:
-    raw, error = outcome
-    if error is not None:
-        return _failure("stream_echo", error)
-    choice = _first(raw)
-    text = str(choice.get("text") or "") if choice else ""
-    if text.startswith(_PROMPT):
-        return Check("stream_echo", "ok", "the streamed text starts with the prompt")
-    return Check(
-        "stream_echo",
-        "fails",
-        f"stream=True with echo=True returned {text!r}: the prompt was dropped",
-        {"text": text},
-    )
-
-
-def _usage_check(outcome: _Outcome) -> Check:
-    raw, error = outcome
-    if error is not None:
-        return _failure("include_usage", error)
-    usage = raw.get("usage") if isinstance(raw, Mapping) else None
-    if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
-        return Check("include_usage", "ok", f"usage arrived: {dict(usage)}")
-    return Check(
-        "include_usage",
-        "fails",
-        f"stream_options.include_usage gave no usage chunk (usage={_short(usage)})",
-    )
-
-
-def _multiple_check(outcome: _Outcome) -> Check:
-    raw, error = outcome
-    if error is not None:
-        return _failure("multiple_prompts", error)
-    indexes = [choice_index(c) for c in _choices(raw)]
-    if indexes == [0, 1]:
-        return Check("multiple_prompts", "ok", "2 prompts gave choices 0 and 1")
-    return Check("multiple_prompts", "fails", f"2 prompts gave choice indexes {indexes}")
-
-
-def _token_ids_check(outcome: _Outcome) -> Check:
-    raw, error = outcome
-    if error is not None:
-        return _failure("token_id_prompts", error)
-    rows = _rows(_first(raw))
-    echoed = len(rows.tokens) if rows is not None else None
-    if echoed is not None and echoed >= len(_TOKEN_IDS):
-        return Check(
-            "token_id_prompts",
-            "ok",
-            f"a prompt of {len(_TOKEN_IDS)} token ids echoed {echoed} tokens (prompt + generated)",
-        )
-    return Check(
-        "token_id_prompts",
-        "fails",
-        f"a prompt of {len(_TOKEN_IDS)} token ids echoed {echoed} tokens",
-        {"echoed": echoed},
-    )
-
-
-def _text(outcome: _Outcome) -> str | None:
-    choice = _first(outcome[0])
-    return str(choice.get("text") or "") if choice is not None and outcome[1] is None else None
-
-
-def _seed_check(same: _Outcome, again: _Outcome, other: _Outcome) -> Check:
-    for outcome in (same, again, other):
-        if outcome[1] is not None:
-            return _failure("seed", outcome[1])
-    a, b, c = _text(same), _text(again), _text(other)
-    evidence = {"seed": a, "same_seed": b, "other_seed": c}
-    if a != b:
-        return Check("seed", "fails", f"the same seed gave {a!r} and {b!r}", evidence)
-    if a == c:
-        return Check(
-            "seed",
-            "fails",
-            f"seeds {_SEED} and {_SEED + 1} gave the same text {a!r} at temperature 1 "
-            "(seed or temperature ignored)",
-            evidence,
-        )
-    return Check("seed", "ok", "the same seed repeats, another seed differs", evidence)
-
-
-def _defaults_check(seed: Check, explicit: _Outcome, omitted: _Outcome) -> Check:
-    name = "default_sampling"
-    if omitted[1] is not None:
-        return _failure(name, omitted[1])
-    if seed.status != "ok":
-        return Check(name, "unsupported", "needs a working seed to compare (see the seed check)")
-    a, b = _text(explicit), _text(omitted)
-    if a == b:
-        return Check(
-            name, "ok", "fields left out sample like temperature=1, top_p=1 (same seed, same text)"
-        )
-    return Check(
-        name,
-        "fails",
-        f"with the same seed, temperature=1, top_p=1 gave {a!r} but leaving them out gave {b!r}: "
-        "omitted fields do not mean OpenAI's defaults here",
-        {"explicit": a, "omitted": b},
-    )
-
-
-def _penalty_check(plain: _Outcome, penalised: _Outcome) -> Check:
-    for outcome in (plain, penalised):
-        if outcome[1] is not None:
-            return _failure("penalties", outcome[1])
-    a, b = _text(plain), _text(penalised)
-    if a != b:
-        return Check("penalties", "ok", f"penalties changed the greedy text ({a!r} -> {b!r})")
-    words = (a or "").split()
-    if len(words) != len(set(words)):
-        return Check(
-            "penalties",
-            "fails",
-            f"frequency and presence penalty 2 left the greedy text {a!r} unchanged, "
-            "repeats and all",
-            {"text": a},
-        )
-    return Check("penalties", "unsupported", f"inconclusive: the greedy text {a!r} repeats nothing")
-
-
-def _stop_check(stop: str | None, outcome: _Outcome | None) -> Check:
-    name = "stop_in_logprobs"
-    if outcome is None or stop is None:
-        return Check(name, "error", "no generated token made a usable stop string")
-    raw, error = outcome
-    if error is not None:
-        return _failure(name, error)
-    choice = _first(raw)
-    rows = _rows(choice)
-    text = str(choice.get("text") or "") if choice else ""
-    if choice is None or choice.get("finish_reason") != "stop" or rows is None:
-        return Check(name, "error", f"the stop {stop!r} was not hit (text {text!r})")
-    spelled = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
-    if spelled == text:
-        return Check(name, "ok", f"stop {stop!r}: the tokens spell the text {text!r}")
-    return Check(
-        name,
-        "fails",
-        f"stop {stop!r}: the tokens {rows.tokens!r} spell {spelled!r} but the text is {text!r} "
-        "(the stop token stays in the logprobs: the tokens frame is longer than the text)",
-        {"tokens": rows.tokens, "text": text},
-    )
-
-
-def _bytes_check(outcome: _Outcome) -> Check:
-    raw, error = outcome
-    if error is not None:
-        return _failure("byte_tokens", error)
-    rows = _rows(_first(raw))
-    if rows is None or not rows.tokens:
-        return Check("byte_tokens", "unsupported", "echo returned no tokens")
-    joined = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
-    if joined.startswith(_BYTES_PROMPT):
-        return Check("byte_tokens", "ok", f"the echoed tokens decode to {_BYTES_PROMPT!r}")
-    return Check(
-        "byte_tokens",
-        "fails",
-        f"the echoed tokens {rows.tokens!r} decode to {joined!r}, not {_BYTES_PROMPT!r} "
-        "(partial characters lost)",
-        {"tokens": rows.tokens},
-    )
-
-
-def _model_info(
-    card: Mapping[str, Any] | None, aclient: Any
-) -> tuple[Check, int | None, int | None]:
-    context: int | None = None
-    vocab: int | None = None
-    if card is not None:
-        found = card.get("meta")
-        meta: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-        context = _int_or_none(card.get("max_model_len")) or _int_or_none(meta.get("n_ctx_train"))
-        vocab = _int_or_none(card.get("vocab_size")) or _int_or_none(meta.get("n_vocab"))
-    if context is None and vocab is None:
-        return (
-            Check(
-                "model_info",
-                "unsupported",
-                "GET /models tells neither context length nor vocabulary size",
-            ),
-            None,
-            None,
-        )
-    return (
-        Check(
-            "model_info",
-            "ok",
-            f"context length {context}, vocabulary size {vocab} (from GET /models)",
-            {"context_length": context, "vocab_size": vocab},
-        ),
-        context,
-        vocab,
-    )
-
-
-def _detect(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
-    owner = str(card.get("owned_by", "")).lower() if card is not None else ""
-    by_owner = {
-        "vllm": "vllm",
-        "llamacpp": "llamacpp",
-        "me": "llamacpp",
-        "nbcompletions": "nbcompletions",
-    }
-    if owner in by_owner:
-        return by_owner[owner]
-    if owner in ("openai", "system", "openai-internal"):
-        return "openai"
-    kind = checks["echo_alignment"].evidence.get("kind") if "echo_alignment" in checks else None
-    if kind == "shifted" or checks.get("max_tokens_0", Check("", "ok", "")).status == "fails":
-        return "llamacpp"
-    if checks.get("text_offset", Check("", "ok", "")).evidence.get("origin") == "completion":
-        return "vllm"
-    return "openai"
-
-
 async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceReport:
-    """Measure what ``aclient``'s endpoint and model do (about 18 small requests); cached."""
+    """Measure what ``aclient``'s endpoint and model do (19 small requests); cached."""
     aclient = getattr(aclient, "async_client", aclient)
     if not refresh:
         known = cached_report(aclient)
@@ -872,18 +196,9 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
     jobs: dict[str, Awaitable[Any]] = {
         "card": probe.models_card(),
         "gen": probe.send(_PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=_ASKED_LOGPROBS),
-        "max0": probe.max_tokens_zero(),
         "n": probe.send(_PROMPT, n=2, max_tokens=1, temperature=1.0, seed=_SEED),
         "best_of": probe.send(
             _PROMPT, n=1, best_of=best_of, max_tokens=max_tokens, temperature=1.0, seed=_SEED
-        ),
-        "stream_echo": probe.send(_PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0),
-        "usage": probe.send(
-            _PROMPT,
-            stream=True,
-            stream_options={"include_usage": True},
-            max_tokens=1,
-            temperature=0.0,
         ),
         "multi": probe.send([_PROMPT, _SECOND_PROMPT], max_tokens=1, temperature=0.0),
         "ids": probe.send(list(_TOKEN_IDS), echo=True, logprobs=0, max_tokens=1, temperature=0.0),
@@ -902,8 +217,20 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
             presence_penalty=2.0,
         ),
         "bytes": probe.send(_BYTES_PROMPT, echo=True, logprobs=0, max_tokens=1, temperature=0.0),
+        "suffix": probe.send(
+            _SUFFIX_PROMPT, suffix=_SUFFIX, echo=True, logprobs=0, max_tokens=1, temperature=0.0
+        ),
     }
     results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
+    # ("[DONE]" without a finish_reason) when another request arrives.
+    max0 = await probe.max_tokens_zero()
+    results["stream_echo"] = await probe.send(
+        _PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
+    )
+    results["usage"] = await probe.send(
+        _PROMPT, stream=True, stream_options={"include_usage": True}, max_tokens=1, temperature=0.0
+    )
 
     gen: _Outcome = results["gen"]
     gen_rows = _rows(_first(gen[0])) if gen[1] is None else None
@@ -936,7 +263,7 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
 
     checks: dict[str, Check] = {}
     checks["echo_alignment"] = _echo_alignment(gen, echo, k)
-    checks["max_tokens_0"] = _max_tokens_zero(results["max0"])
+    checks["max_tokens_0"] = _max_tokens_zero(max0)
     checks["n"] = _n_check(results["n"])
     checks["best_of"] = _best_of_check(results["best_of"], max_tokens, best_of)
     checks["stream_echo"] = _stream_echo_check(results["stream_echo"])
@@ -952,7 +279,8 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
     )
     checks["penalties"] = _penalty_check(results["plain"], results["penalised"])
     checks["byte_tokens"] = _bytes_check(results["bytes"])
-    info, context, vocab = _model_info(results["card"], aclient)
+    checks["suffix"] = _suffix_check(results["suffix"])
+    info, context, vocab = _model_info(results["card"], aclient, results["bytes"])
     checks["model_info"] = info
 
     endpoint = getattr(aclient, "endpoint", None)
@@ -1004,82 +332,3 @@ def known_vocab_size(client: Any) -> int | None:
         return report.vocab_size
     profile = getattr(getattr(client, "async_client", client), "profile", None)
     return profile.vocab_size if isinstance(profile, ServerProfile) else None
-
-
-# -- consequences ----------------------------------------------------------------------------------
-
-
-def score_max_tokens(report: ConformanceReport) -> int:
-    """The ``max_tokens`` scoring may send, or `ConformanceError` where no right number can come.
-
-    Misaligned or shifted echo logprobs are refused (never wrong numbers). Where ``max_tokens=0``
-    is not honoured, 1 is used and the generated token dropped, as lm-evaluation-harness does.
-    """
-    echo = report.checks.get("echo_alignment")
-    if (
-        echo is not None
-        and echo.status == "fails"
-        and echo.evidence.get("kind") in ("shifted", "misaligned")
-    ):
-        raise ConformanceError(
-            f"score() refuses this endpoint: check echo_alignment fails ({echo.detail}); its "
-            "echoed prompt log-probabilities are not the prompt tokens' own, so every score "
-            "would be wrong",
-            check="echo_alignment",
-            detail=echo.detail,
-        )
-    return 0 if report.status("max_tokens_0") == "ok" else 1
-
-
-def check_sweep(report: ConformanceReport, requests: Sequence[CompletionRequest]) -> list[str]:
-    """What in these requests the endpoint was measured to ignore or refuse (empty: nothing).
-
-    A sweep calls it before sending anything, and refuses (or warns) with these problems.
-    """
-    problems: list[str] = []
-
-    def uses(name: str, when: Callable[[CompletionRequest], bool]) -> None:
-        check = report.checks.get(name)
-        if check is None or check.status == "ok":
-            return
-        count = sum(1 for r in requests if when(r))
-        if count:
-            problems.append(
-                f"{count} request(s) need {name!r}, which {check.status}: {check.detail}"
-            )
-
-    uses("n", lambda r: (r.n or 1) > 1)
-    uses("best_of", lambda r: (r.best_of or 1) > 1)
-    uses("stream_echo", lambda r: bool(r.stream and r.echo))
-    uses(
-        "include_usage", lambda r: bool(r.stream_options and r.stream_options.get("include_usage"))
-    )
-    uses("penalties", lambda r: bool(r.frequency_penalty or r.presence_penalty))
-    uses(
-        "multiple_prompts",
-        lambda r: (
-            isinstance(r.prompt, list) and bool(r.prompt) and isinstance(r.prompt[0], str | list)
-        ),
-    )
-    uses(
-        "token_id_prompts",
-        lambda r: (
-            isinstance(r.prompt, list) and bool(r.prompt) and not isinstance(r.prompt[0], str)
-        ),
-    )
-    uses("seed", lambda r: r.seed is not None)
-    uses("max_tokens_0", lambda r: r.max_tokens == 0)
-    defaults = report.checks.get("default_sampling")
-    neutral = report.profile.neutral_fields
-    if defaults is not None and defaults.status == "fails":
-        count = sum(
-            1 for r in requests if r.temperature != 0 and not all(k in r.extra for k in neutral)
-        )
-        if count:
-            extra = dict(neutral)
-            problems.append(
-                f"{count} sampled request(s) without the server's neutral fields: "
-                f"{defaults.detail}; add extra={extra!r} and explicit temperature/top_p "
-                f"(profile {report.profile_name!r})"
-            )
-    return problems

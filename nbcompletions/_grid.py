@@ -220,6 +220,9 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
 
     limits = getattr(client, "limits", None)
     model = getattr(client, "model", None)
+    # A chosen server profile makes omitted sampling fields mean OpenAI's there, as complete() does.
+    profile = getattr(client, "profile", None)
+    neutralize = getattr(profile, "neutralize", None)
     # Credentials in the URL (user:key@host) decide nothing about a response, and the endpoint is
     # written into the cache file (the capabilities note), so they are left out.
     endpoint = redact_url(str(getattr(client, "endpoint", "") or ""))
@@ -244,6 +247,8 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
                     if limits is not None
                     else CompletionRequest(prompt=one_prompt, **kwargs)
                 )
+                if neutralize is not None:
+                    request = neutralize(request)
             except RequestError as exc:
                 where = _describe({"prompt_id": prompt_id, **{k: chosen[k] for k in axis_names}})
                 raise RequestError(

@@ -41,6 +41,8 @@ class ServerProfile:
     - ``validation_errors_as_500``: its bad-request answers come as HTTP 500 with ``param`` null.
     - ``text_offset_origin``: where generated tokens' ``text_offset`` counts from.
     - ``vocab_size``: the model's vocabulary size for entropy bounds, when known.
+    - ``refused_fields``: request fields refused before sending, with why (llama.cpp's ``suffix``
+      is spliced into the prompt, so it would silently change what is measured).
     - ``differs``: what differs from OpenAI, in words (the README table is made of these).
     """
 
@@ -53,15 +55,20 @@ class ServerProfile:
     text_offset_origin: TextOffsetOrigin = "prompt"
     vocab_size: int | None = None
     differs: tuple[str, ...] = ()
+    refused_fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Profiles are shared module constants: their field maps must not be mutable.
         object.__setattr__(self, "neutral_fields", MappingProxyType(dict(self.neutral_fields)))
+        object.__setattr__(self, "refused_fields", MappingProxyType(dict(self.refused_fields)))
 
     def with_vocab_size(self, vocab_size: int | None) -> ServerProfile:
         """A copy that knows the model's vocabulary size."""
         return dataclasses.replace(
-            self, neutral_fields=dict(self.neutral_fields), vocab_size=vocab_size
+            self,
+            neutral_fields=dict(self.neutral_fields),
+            refused_fields=dict(self.refused_fields),
+            vocab_size=vocab_size,
         )
 
     def sampling_fields(self, request: CompletionRequest) -> dict[str, Any]:
@@ -81,7 +88,20 @@ class ServerProfile:
         return added
 
     def neutralize(self, request: CompletionRequest) -> CompletionRequest:
-        """``request`` with this server's neutral sampling fields added (see `sampling_fields`)."""
+        """``request`` with this server's neutral sampling fields added (see `sampling_fields`).
+
+        A field this server is known to mishandle (``refused_fields``) is a `RequestError`.
+        """
+        for field, why in self.refused_fields.items():
+            value = getattr(request, field, None)
+            if value is not None:
+                raise RequestError(
+                    field,
+                    f"{field} is refused for profile {self.name!r}: {why}; got {value!r} "
+                    f"(leave {field} out)",
+                    allowed="omitted",
+                    value=value,
+                )
         added = self.sampling_fields(request)
         return request.replace(**added) if added else request
 
@@ -96,6 +116,7 @@ class ServerProfile:
             "validation_errors_as_500": self.validation_errors_as_500,
             "text_offset_origin": self.text_offset_origin,
             "vocab_size": self.vocab_size,
+            "refused_fields": dict(self.refused_fields),
         }
 
 
@@ -131,7 +152,12 @@ PROFILES: Mapping[str, ServerProfile] = MappingProxyType(
                 "repeat_penalty 1.1",
                 "a list of prompts or token ids is an HTTP 500; validation errors are 500s",
                 "the stop token stays in the logprobs; non-ASCII byte tokens come back as ''",
+                "suffix is spliced into the prompt (token 0 markers), not ignored",
             ),
+            refused_fields={
+                "suffix": "llama-cpp-python 0.3.36 splices it into the prompt (wrapped in token "
+                "0), so the completion and the echoed prompt change"
+            },
         ),
     }
 )

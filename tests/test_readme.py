@@ -37,6 +37,10 @@ def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     done = namespace["done"]
     assert isinstance(done, nbcompletions.Completion)
     assert len(done.tokens) == 24  # type: ignore[attr-defined]
+    report = namespace["report"]
+    assert isinstance(report, nbcompletions.ConformanceReport)
+    assert report.ok
+    assert report.profile.name == "nbcompletions"
     result = namespace["result"]
     assert isinstance(result, nbcompletions.SweepResult)
     assert result.requests["error"].isna().all()

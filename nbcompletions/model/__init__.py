@@ -6,14 +6,16 @@ the same folder return the same engine.
 
 What other parts of the package may ask about a model id without loading the model:
 ``weights_fingerprint(model_id)`` (a digest of the weights, for cache keys) and
-``count_tokens(model_id, text)`` (the tokenizer alone, for budget estimates). Both answer None for
-a model id that is not the embedded model.
+``count_tokens(model_id, text)`` (the tokenizer alone, for budget estimates) and
+``vocab_size(model_id)`` (config.json alone). Each answers None for a model id that is not the
+embedded model.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +23,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from ._engine import Engine
 
-__all__ = ["FILES_DIR", "MODEL_ID", "Engine", "count_tokens", "load_engine", "weights_fingerprint"]
+__all__ = [
+    "FILES_DIR",
+    "MODEL_ID",
+    "Engine",
+    "count_tokens",
+    "load_engine",
+    "vocab_size",
+    "weights_fingerprint",
+]
 
 #: The model id that responses and /v1/models carry.
 MODEL_ID = "nbc-shakespeare"
@@ -84,6 +94,23 @@ def count_tokens(model_id: str | None, text: str) -> int | None:
         return None
     tokenizer = _load_tokenizer(str(path))
     return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def vocab_size(model_id: str | None) -> int | None:
+    """The embedded model's vocabulary size (from config.json); None for any other model id."""
+    if model_id != MODEL_ID:
+        return None
+    return _config_vocab_size(str(FILES_DIR / "config.json"))
+
+
+@functools.lru_cache(maxsize=2)
+def _config_vocab_size(path: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle).get("vocab_size")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 @functools.lru_cache(maxsize=4)

@@ -46,6 +46,8 @@ class LlamaCppServer(NamedTuple):
     base_url: str
     model: str
     log: Path
+    #: The server process (None for a peer started elsewhere): tests check it is still alive.
+    process: subprocess.Popen[str] | None = None
 
 
 def peer_python() -> Path | None:
@@ -181,6 +183,6 @@ def llamacpp_server(
     log_path = tmp_path_factory.mktemp("llamacpp_server") / "server.log"
     proc, base = start_server(python, llamacpp_gguf, log_path)
     try:
-        yield LlamaCppServer(base, MODEL_NAME, log_path)
+        yield LlamaCppServer(base, MODEL_NAME, log_path, proc)
     finally:
         stop_server(proc)

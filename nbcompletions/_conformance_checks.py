@@ -1,0 +1,648 @@
+"""Judging what a server answered: pure functions from a probe's outcome to a `Check`.
+
+Each takes the raw response (or the `APIError` it raised) and returns the verdict with its
+evidence; nothing here sends a request (`nbcompletions._conformance` does). Every logprobs field
+may be missing or null, and llama.cpp's chat-shaped logprobs are read too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ._conformance_report import Check, _int_or_none
+from ._errors import APIError
+from ._parse import choice_index
+
+__all__ = ["token_bytes"]
+
+_PROMPT = "To be, or not to be, that is the"
+_SECOND_PROMPT = "ROMEO:"
+_REPEAT_PROMPT = "ROMEO:\nO"
+_BYTES_PROMPT = "Grüße, café"
+_SUFFIX_PROMPT, _SUFFIX = "To be", " the end"
+_TOKEN_IDS = [100, 101, 102]
+# Stops that almost any text hits within a token or two: the bound of the max_tokens=0 probe.
+_ANY_TEXT_STOPS = ["\n", " ", ".", "e"]
+_SEED = 1234
+_ASKED_LOGPROBS = 5
+
+_Outcome = tuple[dict[str, Any] | None, APIError | None]
+
+
+@dataclasses.dataclass
+class _MaxZero:
+    """What the max_tokens=0 stream showed before it ended or we hung up."""
+
+    text: str = ""
+    finish: str | None = None
+    chunks: int = 0
+    hung_up: bool = False
+    error: APIError | None = None
+
+
+# -- reading responses -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Rows:
+    tokens: list[str]
+    logprobs: list[float | None]
+    offsets: list[int | None]
+    tops: list[dict[str, float] | None]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _choices(raw: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
+    if not isinstance(raw, Mapping):
+        return []
+    found = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
+    return sorted(found, key=choice_index)
+
+
+def _rows(choice: Mapping[str, Any] | None) -> _Rows | None:
+    """The logprobs of a choice in either shape (Completions, or llama.cpp's chat shape)."""
+    lp = choice.get("logprobs") if isinstance(choice, Mapping) else None
+    if not isinstance(lp, Mapping):
+        return None
+    if isinstance(lp.get("content"), list):
+        content = [c for c in lp["content"] if isinstance(c, Mapping)]
+        tops: list[dict[str, float] | None] = []
+        for c in content:
+            top = c.get("top_logprobs")
+            tops.append(
+                {
+                    str(t.get("token")): _number(t.get("logprob")) or 0.0
+                    for t in top
+                    if isinstance(t, Mapping)
+                }
+                if isinstance(top, list)
+                else None
+            )
+        return _Rows(
+            [str(c.get("token", "")) for c in content],
+            [_number(c.get("logprob")) for c in content],
+            [None] * len(content),
+            tops,
+        )
+    tokens = [str(t) for t in lp.get("tokens") or []]
+    n = len(tokens)
+
+    def column(name: str) -> list[Any]:
+        values = lp.get(name)
+        return ((list(values) if isinstance(values, list) else []) + [None] * n)[:n]
+
+    return _Rows(
+        tokens,
+        [_number(v) for v in column("token_logprobs")],
+        [
+            v if isinstance(v, int) and not isinstance(v, bool) else None
+            for v in column("text_offset")
+        ],
+        [
+            {str(k): float(x) for k, x in v.items() if _number(x) is not None}
+            if isinstance(v, Mapping)
+            else None
+            for v in column("top_logprobs")
+        ],
+    )
+
+
+_BYTE_TOKEN = re.compile(r"^bytes:((?:\\x[0-9a-fA-F]{2})+)$")
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a token string stands for (``bytes:\\xe2\\x80`` tokens are partial characters)."""
+    match = _BYTE_TOKEN.match(token)
+    if match:
+        return bytes(int(h, 16) for h in match.group(1).split("\\x")[1:])
+    return token.encode("utf-8")
+
+
+def _close(a: float, b: float) -> bool:
+    # Same server, same numbers, computed once incrementally and once in a batch (f16 on llama.cpp).
+    return abs(a - b) <= max(0.02, 0.01 * abs(b))
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _refused(error: APIError) -> str:
+    return f"refused: {_short(str(error), 200)}"
+
+
+def _failure(name: str, error: APIError) -> Check:
+    # A 4xx, or a 500 that says it is a validation error, is the server openly refusing.
+    status = error.status
+    refused = status is not None and (400 <= status < 500 or _is_validation_500(error))
+    return Check(name, "unsupported" if refused else "error", _refused(error), {"http": status})
+
+
+def _is_validation_500(error: APIError) -> bool:
+    from ._retry import is_validation_error
+
+    return error.status == 500 and is_validation_error(error.message, error.body)
+
+
+def _first(raw: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    choices = _choices(raw)
+    return choices[0] if choices else None
+
+
+def _gen_checks(gen: _Outcome) -> list[Check]:
+    raw, error = gen
+    if error is not None:
+        return [_failure(name, error) for name in ("logprobs_cap", "text_offset")]
+    rows = _rows(_first(raw))
+    if rows is None or not rows.tokens:
+        return [
+            Check("logprobs_cap", "fails", f"asked logprobs={_ASKED_LOGPROBS}, got none"),
+            Check("text_offset", "unsupported", "no logprobs, so no text_offset"),
+        ]
+    counts = [len(t) for t in rows.tops if t is not None]
+    most = max(counts) if counts else 0
+    cap = Check(
+        "logprobs_cap",
+        "ok" if most >= _ASKED_LOGPROBS else "fails",
+        f"asked {_ASKED_LOGPROBS} alternatives, got up to {most} per token",
+        {"asked": _ASKED_LOGPROBS, "returned": most},
+    )
+    first = rows.offsets[0]
+    if first == len(_PROMPT):
+        offset = Check(
+            "text_offset",
+            "ok",
+            f"generated offsets start at len(prompt) = {first}",
+            {"origin": "prompt"},
+        )
+    elif first == 0:
+        offset = Check(
+            "text_offset",
+            "fails",
+            f"generated offsets start at 0, not at len(prompt) = {len(_PROMPT)} "
+            "(vLLM's convention)",
+            {"origin": "completion"},
+        )
+    elif first is None:
+        offset = Check("text_offset", "unsupported", "no text_offset in the logprobs")
+    else:
+        offset = Check(
+            "text_offset",
+            "fails",
+            f"generated offsets start at {first}; expected len(prompt) = {len(_PROMPT)}",
+            {"origin": None},
+        )
+    return [cap, offset]
+
+
+def _echo_alignment(gen: _Outcome, echo: _Outcome | None, k: int) -> Check:
+    name = "echo_alignment"
+    if gen[1] is not None:
+        return _failure(name, gen[1])
+    if echo is None:
+        return Check(name, "error", "no tokens were generated to compare with")
+    raw, error = echo
+    if error is not None:
+        check = _failure(name, error)
+        return dataclasses.replace(check, evidence={**check.evidence, "kind": "refused"})
+    gen_rows = _rows(_first(gen[0]))
+    rows = _rows(_first(raw))
+    assert gen_rows is not None
+    wanted = gen_rows.tokens[:k]
+    expected = gen_rows.logprobs[:k]
+    if rows is None or not rows.tokens or all(v is None for v in rows.logprobs):
+        return Check(
+            name, "fails", "echo returned no log-probabilities for the prompt", {"kind": "dropped"}
+        )
+    start = None
+    for i in range(len(rows.tokens) - k, 0, -1):
+        if rows.tokens[i : i + k] == wanted:
+            start = i
+            break
+    if start is None:
+        return Check(
+            name,
+            "error",
+            f"the echo did not tokenize the generated tokens {wanted!r} the same way",
+            {"kind": "unknown"},
+        )
+    at = [rows.logprobs[start + j] for j in range(k)]
+    pairs = ", ".join(
+        f"{wanted[j]!r}: generated {_fmt(expected[j])}, echoed {_fmt(at[j])}" for j in range(k)
+    )
+    evidence: dict[str, Any] = {"tokens": wanted, "generated": expected, "echoed": at}
+    if all(
+        a is not None and e is not None and _close(a, e) for a, e in zip(at, expected, strict=True)
+    ):
+        return Check(
+            name,
+            "ok",
+            f"echoed logprobs equal the generated ones ({pairs})",
+            {**evidence, "kind": "aligned"},
+        )
+    # Where the server put them instead: the previous entry's alternatives (llama.cpp: each entry
+    # holds the next position's distribution), or the next/previous entry's token_logprobs.
+    in_previous = [
+        (rows.tops[start + j - 1] or {}).get(wanted[j]) if start + j - 1 >= 0 else None
+        for j in range(k)
+    ]
+    if all(
+        p is not None and e is not None and _close(p, e)
+        for p, e in zip(in_previous, expected, strict=True)
+    ):
+        shown = ", ".join(_fmt(p) for p in in_previous)
+        return Check(
+            name,
+            "fails",
+            f"echo logprobs are shifted by one: {pairs}; the generated values sit in the "
+            f"previous position's top_logprobs ({shown})",
+            {**evidence, "kind": "shifted", "shift": -1, "found": in_previous},
+        )
+    for shift in (1, -1):
+        moved = [
+            rows.logprobs[start + j + shift]
+            if 0 <= start + j + shift < len(rows.logprobs)
+            else None
+            for j in range(k)
+        ]
+        if all(
+            m is not None and e is not None and _close(m, e)
+            for m, e in zip(moved, expected, strict=True)
+        ):
+            return Check(
+                name,
+                "fails",
+                f"echo logprobs are shifted by {shift:+d}: {pairs}",
+                {**evidence, "kind": "shifted", "shift": shift, "found": moved},
+            )
+    return Check(
+        name,
+        "fails",
+        f"echo logprobs disagree with generation: {pairs}",
+        {**evidence, "kind": "misaligned"},
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "null" if value is None else f"{value:.4f}"
+
+
+def _max_tokens_zero(seen: _MaxZero) -> Check:
+    """Honoured means proven: no text, and the server said it stopped for length (0 tokens)."""
+    name = "max_tokens_0"
+    if seen.error is not None:
+        check = _failure(name, seen.error)
+        return dataclasses.replace(check, detail=check.detail + "; score() uses max_tokens=1")
+    evidence = {"text": seen.text, "finish_reason": seen.finish, "chunks": seen.chunks}
+    if seen.text:
+        return Check(
+            name,
+            "fails",
+            f"max_tokens=0 generated text {seen.text!r} (the probe hung up at once): the server "
+            "reads 0 as 'no limit'; score() uses max_tokens=1 and drops that token",
+            evidence,
+        )
+    if seen.finish == "stop":
+        return Check(
+            name,
+            "fails",
+            "max_tokens=0 ended with finish_reason 'stop' and no text: it generated up to one of "
+            f"the stop strings {_ANY_TEXT_STOPS!r}, so the server reads 0 as 'no limit'; "
+            "score() uses max_tokens=1 and drops that token",
+            evidence,
+        )
+    if seen.finish == "length":
+        return Check(name, "ok", "no text, finish_reason 'length' (0 tokens generated)", evidence)
+    return Check(
+        name,
+        "error",
+        f"inconclusive: the stream ended after {seen.chunks} chunk(s) with no text and "
+        f"finish_reason {seen.finish!r} (cut short?); score() uses max_tokens=1",
+        evidence,
+    )
+
+
+def _n_check(outcome: _Outcome) -> Check:
+    raw, error = outcome
+    if error is not None:
+        return _failure("n", error)
+    got = len(_choices(raw))
+    if got == 2:
+        return Check("n", "ok", "n=2 gave 2 choices", {"choices": got})
+    return Check("n", "fails", f"n=2 gave {got} choice(s): n is ignored", {"choices": got})
+
+
+def _best_of_check(outcome: _Outcome, max_tokens: int, best_of: int) -> Check:
+    raw, error = outcome
+    if error is not None:
+        return _failure("best_of", error)
+    got = len(_choices(raw))
+    usage = raw.get("usage") if isinstance(raw, Mapping) else None
+    spent = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
+    detail = (
+        f"best_of={best_of}, n=1, max_tokens={max_tokens}: {got} choice(s), "
+        f"{spent} completion tokens"
+    )
+    evidence = {"choices": got, "completion_tokens": spent}
+    if got != 1:
+        return Check("best_of", "fails", detail + " (expected 1 choice)", evidence)
+    if not isinstance(spent, int):
+        return Check(
+            "best_of", "unsupported", detail + ": no usage, so it cannot be told", evidence
+        )
+    if spent > max_tokens:
+        return Check("best_of", "ok", detail + " (the candidates were generated)", evidence)
+    return Check(
+        "best_of", "fails", detail + ": one candidate's worth, best_of is ignored", evidence
+    )
+
+
+def _stream_echo_check(outcome: _Outcome) -> Check:
+    raw, error = outcome
+    if error is not None:
+        return _failure("stream_echo", error)
+    choice = _first(raw)
+    text = str(choice.get("text") or "") if choice else ""
+    if text.startswith(_PROMPT):
+        return Check("stream_echo", "ok", "the streamed text starts with the prompt")
+    cut = _cut_short("stream_echo", raw)
+    if cut is not None:
+        return cut
+    return Check(
+        "stream_echo",
+        "fails",
+        f"stream=True with echo=True returned {text!r}: the prompt was dropped",
+        {"text": text},
+    )
+
+
+def _cut_short(name: str, raw: Mapping[str, Any] | None) -> Check | None:
+    """An ``error`` Check when a stream ended without a finish_reason: it proves nothing."""
+    choice = _first(raw)
+    if choice is not None and choice.get("finish_reason") is not None:
+        return None
+    return Check(
+        name,
+        "error",
+        "inconclusive: the stream ended without a finish_reason (cut short?)",
+        {"choice": dict(choice) if choice is not None else None},
+    )
+
+
+def _usage_check(outcome: _Outcome) -> Check:
+    raw, error = outcome
+    if error is not None:
+        return _failure("include_usage", error)
+    usage = raw.get("usage") if isinstance(raw, Mapping) else None
+    if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
+        return Check("include_usage", "ok", f"usage arrived: {dict(usage)}")
+    cut = _cut_short("include_usage", raw)
+    if cut is not None:
+        return cut
+    return Check(
+        "include_usage",
+        "fails",
+        f"stream_options.include_usage gave no usage chunk (usage={_short(usage)})",
+        {"usage": dict(usage) if isinstance(usage, Mapping) else None},
+    )
+
+
+def _multiple_check(outcome: _Outcome) -> Check:
+    raw, error = outcome
+    if error is not None:
+        return _failure("multiple_prompts", error)
+    indexes = [choice_index(c) for c in _choices(raw)]
+    if indexes == [0, 1]:
+        return Check("multiple_prompts", "ok", "2 prompts gave choices 0 and 1")
+    return Check("multiple_prompts", "fails", f"2 prompts gave choice indexes {indexes}")
+
+
+def _token_ids_check(outcome: _Outcome) -> Check:
+    raw, error = outcome
+    if error is not None:
+        return _failure("token_id_prompts", error)
+    rows = _rows(_first(raw))
+    echoed = len(rows.tokens) if rows is not None else None
+    if echoed is not None and echoed >= len(_TOKEN_IDS):
+        return Check(
+            "token_id_prompts",
+            "ok",
+            f"a prompt of {len(_TOKEN_IDS)} token ids echoed {echoed} tokens (prompt + generated)",
+        )
+    return Check(
+        "token_id_prompts",
+        "fails",
+        f"a prompt of {len(_TOKEN_IDS)} token ids echoed {echoed} tokens",
+        {"echoed": echoed},
+    )
+
+
+def _text(outcome: _Outcome) -> str | None:
+    choice = _first(outcome[0])
+    return str(choice.get("text") or "") if choice is not None and outcome[1] is None else None
+
+
+def _seed_check(same: _Outcome, again: _Outcome, other: _Outcome) -> Check:
+    for outcome in (same, again, other):
+        if outcome[1] is not None:
+            return _failure("seed", outcome[1])
+    a, b, c = _text(same), _text(again), _text(other)
+    evidence = {"seed": a, "same_seed": b, "other_seed": c}
+    if a != b:
+        return Check("seed", "fails", f"the same seed gave {a!r} and {b!r}", evidence)
+    if a == c:
+        return Check(
+            "seed",
+            "fails",
+            f"seeds {_SEED} and {_SEED + 1} gave the same text {a!r} at temperature 1 "
+            "(seed or temperature ignored)",
+            evidence,
+        )
+    return Check("seed", "ok", "the same seed repeats, another seed differs", evidence)
+
+
+def _defaults_check(seed: Check, explicit: _Outcome, omitted: _Outcome) -> Check:
+    name = "default_sampling"
+    if omitted[1] is not None:
+        return _failure(name, omitted[1])
+    if seed.status != "ok":
+        return Check(name, "unsupported", "needs a working seed to compare (see the seed check)")
+    a, b = _text(explicit), _text(omitted)
+    if a == b:
+        return Check(
+            name, "ok", "fields left out sample like temperature=1, top_p=1 (same seed, same text)"
+        )
+    return Check(
+        name,
+        "fails",
+        f"with the same seed, temperature=1, top_p=1 gave {a!r} but leaving them out gave {b!r}: "
+        "omitted fields do not mean OpenAI's defaults here",
+        {"explicit": a, "omitted": b},
+    )
+
+
+def _penalty_check(plain: _Outcome, penalised: _Outcome) -> Check:
+    for outcome in (plain, penalised):
+        if outcome[1] is not None:
+            return _failure("penalties", outcome[1])
+    a, b = _text(plain), _text(penalised)
+    if a != b:
+        return Check("penalties", "ok", f"penalties changed the greedy text ({a!r} -> {b!r})")
+    words = (a or "").split()
+    if len(words) != len(set(words)):
+        return Check(
+            "penalties",
+            "fails",
+            f"frequency and presence penalty 2 left the greedy text {a!r} unchanged, "
+            "repeats and all",
+            {"text": a},
+        )
+    return Check("penalties", "unsupported", f"inconclusive: the greedy text {a!r} repeats nothing")
+
+
+def _stop_check(stop: str | None, outcome: _Outcome | None) -> Check:
+    name = "stop_in_logprobs"
+    if outcome is None or stop is None:
+        return Check(name, "error", "no generated token made a usable stop string")
+    raw, error = outcome
+    if error is not None:
+        return _failure(name, error)
+    choice = _first(raw)
+    rows = _rows(choice)
+    text = str(choice.get("text") or "") if choice else ""
+    if choice is None or choice.get("finish_reason") != "stop" or rows is None:
+        return Check(name, "error", f"the stop {stop!r} was not hit (text {text!r})")
+    spelled = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
+    if spelled == text:
+        return Check(name, "ok", f"stop {stop!r}: the tokens spell the text {text!r}")
+    return Check(
+        name,
+        "fails",
+        f"stop {stop!r}: the tokens {rows.tokens!r} spell {spelled!r} but the text is {text!r} "
+        "(the stop token stays in the logprobs: the tokens frame is longer than the text)",
+        {"tokens": rows.tokens, "text": text},
+    )
+
+
+def _bytes_check(outcome: _Outcome) -> Check:
+    raw, error = outcome
+    if error is not None:
+        return _failure("byte_tokens", error)
+    rows = _rows(_first(raw))
+    if rows is None or not rows.tokens:
+        return Check("byte_tokens", "unsupported", "echo returned no tokens")
+    joined = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
+    if joined.startswith(_BYTES_PROMPT):
+        return Check("byte_tokens", "ok", f"the echoed tokens decode to {_BYTES_PROMPT!r}")
+    return Check(
+        "byte_tokens",
+        "fails",
+        f"the echoed tokens {rows.tokens!r} decode to {joined!r}, not {_BYTES_PROMPT!r} "
+        "(partial characters lost)",
+        {"tokens": rows.tokens},
+    )
+
+
+def _suffix_check(outcome: _Outcome) -> Check:
+    """The echoed tokens must spell the prompt and the completion, not the suffix too."""
+    raw, error = outcome
+    if error is not None:
+        return _failure("suffix", error)
+    choice = _first(raw)
+    rows = _rows(choice)
+    text = str(choice.get("text") or "") if choice else ""
+    if rows is None or not rows.tokens:
+        return Check("suffix", "error", f"echo with a suffix returned no tokens (text {text!r})")
+    spelled = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
+    if spelled == text and text.startswith(_SUFFIX_PROMPT) and _SUFFIX not in spelled:
+        return Check("suffix", "ok", f"suffix {_SUFFIX!r} left the echoed prompt intact ({text!r})")
+    return Check(
+        "suffix",
+        "fails",
+        f"suffix {_SUFFIX!r} went into the prompt {_SUFFIX_PROMPT!r}: the echoed tokens "
+        f"{rows.tokens!r} spell {spelled!r}, the text is {text!r}",
+        {"tokens": rows.tokens, "text": text},
+    )
+
+
+def _model_info(
+    card: Mapping[str, Any] | None, aclient: Any, byte_echo: _Outcome
+) -> tuple[Check, int | None, int | None]:
+    context: int | None = None
+    vocab: int | None = None
+    if card is not None:
+        found = card.get("meta")
+        meta: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
+        context = _int_or_none(card.get("max_model_len")) or _int_or_none(meta.get("n_ctx_train"))
+        vocab = _int_or_none(card.get("vocab_size")) or _int_or_none(meta.get("n_vocab"))
+    if context is None and vocab is None:
+        detail = "GET /models tells neither context length nor vocabulary size"
+        evidence: dict[str, Any] = {"context_length": None, "vocab_size": None}
+        model = card.get("id") if card is not None else getattr(aclient, "model", None)
+        known = _embedded_vocab(model if isinstance(model, str) else None, byte_echo)
+        if known is not None:
+            vocab, why = known
+            detail += f"; vocabulary size {vocab}: {why}"
+            evidence["vocab_size"] = vocab
+        return Check("model_info", "unsupported", detail, evidence), None, vocab
+    return (
+        Check(
+            "model_info",
+            "ok",
+            f"context length {context}, vocabulary size {vocab} (from GET /models)",
+            {"context_length": context, "vocab_size": vocab},
+        ),
+        context,
+        vocab,
+    )
+
+
+def _embedded_vocab(model: str | None, byte_echo: _Outcome) -> tuple[int, str] | None:
+    """Our embedded model served elsewhere (converted to GGUF, say): its vocabulary size, when
+    the server's echo of the byte-tokens prompt has the embedded tokenizer's token count."""
+    from .model import count_tokens, vocab_size
+
+    size = vocab_size(model)
+    rows = _rows(_first(byte_echo[0])) if byte_echo[1] is None else None
+    if size is None or rows is None:
+        return None
+    try:
+        ours = count_tokens(model, _BYTES_PROMPT)
+    except ImportError:  # the tokenizers package is not installed: nothing to confirm with
+        return None
+    if ours is None or len(rows.tokens) not in (ours, ours + 1):
+        return None
+    return size, (
+        f"the model is the embedded {model!r}, whose tokenizer makes {ours} tokens of "
+        f"{_BYTES_PROMPT!r}; the server echoed {len(rows.tokens)}"
+    )
+
+
+def _detect(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
+    owner = str(card.get("owned_by", "")).lower() if card is not None else ""
+    by_owner = {
+        "vllm": "vllm",
+        "llamacpp": "llamacpp",
+        "me": "llamacpp",
+        "nbcompletions": "nbcompletions",
+    }
+    if owner in by_owner:
+        return by_owner[owner]
+    if owner in ("openai", "system", "openai-internal"):
+        return "openai"
+    kind = checks["echo_alignment"].evidence.get("kind") if "echo_alignment" in checks else None
+    if kind == "shifted" or checks.get("max_tokens_0", Check("", "ok", "")).status == "fails":
+        return "llamacpp"
+    if checks.get("text_offset", Check("", "ok", "")).evidence.get("origin") == "completion":
+        return "vllm"
+    return "openai"
