@@ -732,7 +732,7 @@ class AsyncClient(_BaseClient):
                         elif stream and response.headers.get("content-type", "").startswith(
                             "application/json"
                         ):
-                            # A server that ignored stream=True sent the whole completion: one chunk.
+                            # A server that ignored stream=True sent it whole: one chunk.
                             await response.aread()
                             body = _json_body(response)
                             if isinstance(body, dict):

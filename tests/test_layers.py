@@ -34,6 +34,9 @@ LAYERS: dict[str, int] = {
     "_client": 2,
     "_scoring": 2,
     "_conformance": 2,
+    "_conformance_checks": 2,
+    "_conformance_report": 2,
+    "_conformance_consequences": 2,
     "_profiles": 2,
     # studies: plan, run, store, analyse
     "_grid": 3,
