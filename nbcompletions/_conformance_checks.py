@@ -15,7 +15,7 @@ from typing import Any
 
 from ._conformance_report import Check, _int_or_none
 from ._errors import APIError
-from ._parse import choice_index
+from ._parse import choice_index, parse_logprobs, sorted_choices, top_items
 
 __all__ = ["token_bytes"]
 
@@ -52,7 +52,7 @@ class _Rows:
     tokens: list[str]
     logprobs: list[float | None]
     offsets: list[int | None]
-    tops: list[dict[str, float] | None]
+    tops: list[list[tuple[str, float | None]] | None]  # (token, logprob) pairs, as sent
 
 
 def _number(value: Any) -> float | None:
@@ -62,57 +62,29 @@ def _number(value: Any) -> float | None:
 
 
 def _choices(raw: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
-    if not isinstance(raw, Mapping):
-        return []
-    found = [c for c in raw.get("choices") or [] if isinstance(c, Mapping)]
-    return sorted(found, key=choice_index)
+    return sorted_choices(raw) if isinstance(raw, Mapping) else []
 
 
 def _rows(choice: Mapping[str, Any] | None) -> _Rows | None:
-    """The logprobs of a choice in either shape (Completions, or llama.cpp's chat shape)."""
+    """The logprobs of a choice in either shape, read by the shared parser (`_parse`): a null
+    stays None, and alternatives that render alike (byte tokens as "") stay apart."""
     lp = choice.get("logprobs") if isinstance(choice, Mapping) else None
     if not isinstance(lp, Mapping):
         return None
-    if isinstance(lp.get("content"), list):
-        content = [c for c in lp["content"] if isinstance(c, Mapping)]
-        tops: list[dict[str, float] | None] = []
-        for c in content:
-            top = c.get("top_logprobs")
-            tops.append(
-                {
-                    str(t.get("token")): _number(t.get("logprob")) or 0.0
-                    for t in top
-                    if isinstance(t, Mapping)
-                }
-                if isinstance(top, list)
-                else None
-            )
-        return _Rows(
-            [str(c.get("token", "")) for c in content],
-            [_number(c.get("logprob")) for c in content],
-            [None] * len(content),
-            tops,
-        )
-    tokens = [str(t) for t in lp.get("tokens") or []]
+    try:
+        tokens, logprobs, tops, offsets = parse_logprobs(lp)
+        pairs = [None if top is None else top_items(top) for top in tops]
+    except ValueError:
+        return None
     n = len(tokens)
-
-    def column(name: str) -> list[Any]:
-        values = lp.get(name)
-        return ((list(values) if isinstance(values, list) else []) + [None] * n)[:n]
-
     return _Rows(
-        tokens,
-        [_number(v) for v in column("token_logprobs")],
+        ["" if t is None else str(t) for t in tokens],
+        [_number(v) for v in logprobs],
         [
             v if isinstance(v, int) and not isinstance(v, bool) else None
-            for v in column("text_offset")
+            for v in (offsets if offsets is not None else [None] * n)
         ],
-        [
-            {str(k): float(x) for k, x in v.items() if _number(x) is not None}
-            if isinstance(v, Mapping)
-            else None
-            for v in column("top_logprobs")
-        ],
+        [None if top is None else [(str(t), _number(x)) for t, x in top] for top in pairs],
     )
 
 
@@ -152,6 +124,13 @@ def _is_validation_500(error: APIError) -> bool:
     from ._retry import is_validation_error
 
     return error.status == 500 and is_validation_error(error.message, error.body)
+
+
+def _lookup(top: list[tuple[str, float | None]] | None, token: str) -> float | None:
+    """The logprob listed for ``token`` among one position's alternatives; None when absent or
+    when several alternatives render as that token (which one is meant cannot be known)."""
+    found = [x for t, x in top or [] if t == token]
+    return found[0] if len(found) == 1 else None
 
 
 def _first(raw: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
@@ -253,7 +232,7 @@ def _echo_alignment(gen: _Outcome, echo: _Outcome | None, k: int) -> Check:
     # Where the server put them instead: the previous entry's alternatives (llama.cpp: each entry
     # holds the next position's distribution), or the next/previous entry's token_logprobs.
     in_previous = [
-        (rows.tops[start + j - 1] or {}).get(wanted[j]) if start + j - 1 >= 0 else None
+        _lookup(rows.tops[start + j - 1], wanted[j]) if start + j - 1 >= 0 else None
         for j in range(k)
     ]
     if all(
