@@ -49,6 +49,7 @@ __all__ = [
     "OPENAI_MAX_BATCH_BYTES",
     "OPENAI_MAX_BATCH_REQUESTS",
     "BatchOptions",
+    "arun_batch_file",
     "batch_lines",
     "load_batch_output",
     "run_batches",
@@ -626,3 +627,51 @@ async def _collect(
             outcome.error = found.error
             failed += 1
     return failed
+
+
+# -- a Batch file, as it is ----------------------------------------------------------------------
+async def arun_batch_file(
+    aclient: Any,
+    data: bytes,
+    filename: str,
+    *,
+    poll_interval: float | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], bytes | None, bytes | None]:
+    """Run the Batch input file ``data`` on ``aclient``'s server: the finished batch object and
+    the contents of its output and error files (None where it has none)."""
+    aclient = _batch_client(aclient)
+    content, content_type = _multipart(data, filename)
+    uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
+    body = {"input_file_id": uploaded["id"], "endpoint": BATCH_URL, "completion_window": "24h"}
+    card: dict[str, Any] = await aclient._request_json("POST", "/batches", body)
+    interval = poll_interval or _FIRST_POLL_S
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="batch", unit="req", dynamic_ncols=True)
+    try:
+        while card.get("status") not in _TERMINAL:
+            await asyncio.sleep(interval)
+            if poll_interval is None:
+                interval = min(interval * 1.5, _MAX_POLL_S)
+            card = await aclient._request_json("GET", f"/batches/{card['id']}", None)
+            if bar is not None:
+                counts = card.get("request_counts") or {}
+                bar.total = counts.get("total") or None
+                bar.set_postfix(failed=counts.get("failed", 0), refresh=False)
+                bar.update(counts.get("completed", 0) + counts.get("failed", 0) - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    files: list[bytes | None] = []
+    for name in ("output_file_id", "error_file_id"):
+        file_id = card.get(name)
+        if isinstance(file_id, str) and file_id:
+            files.append(
+                await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
+            )
+        else:
+            files.append(None)
+    return card, files[0], files[1]
