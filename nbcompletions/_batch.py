@@ -238,26 +238,29 @@ class _LineResult:
 def _line_error(line: Mapping[str, Any]) -> dict[str, Any]:
     """A failed line's error as the sweep's error fields (type, HTTP status, message)."""
     response = line.get("response")
-    if isinstance(response, Mapping) and response.get("status_code") is not None:
-        status = response.get("status_code")
-        body = response.get("body")
-        error = body.get("error") if isinstance(body, Mapping) else None
-        if isinstance(error, Mapping):
-            kind = error.get("type") or error.get("code") or "api_error"
-            message = error.get("message") or json.dumps(error)[:500]
-        else:
-            kind, message = "api_error", json.dumps(body)[:500]
+    status = response.get("status_code") if isinstance(response, Mapping) else None
+    status = status if isinstance(status, int) and not isinstance(status, bool) else None
+    body = response.get("body") if isinstance(response, Mapping) else None
+    # OpenAI puts an HTTP error in the response body; vLLM's run-batch puts it (a string or an
+    # ErrorResponse) in "error" with a null body; OpenAI's batch-level failures have error.code.
+    error: Any = body.get("error") if isinstance(body, Mapping) else None
+    if error is None:
+        error = line.get("error")
+        if isinstance(error, Mapping) and isinstance(error.get("error"), Mapping):
+            error = error["error"]
+    if isinstance(error, Mapping):
+        kind = error.get("type") or error.get("code") or "batch_error"
+        message = error.get("message") or json.dumps(error)[:500]
         return {
             "error_type": str(kind),
-            "error_status": status if isinstance(status, int) else None,
+            "error_status": status,
             "error_message": str(message),
         }
-    error = line.get("error")
-    if isinstance(error, Mapping):
+    if isinstance(error, str) or status is not None:
         return {
-            "error_type": str(error.get("code") or "batch_error"),
-            "error_status": None,
-            "error_message": str(error.get("message") or ""),
+            "error_type": "api_error",
+            "error_status": status,
+            "error_message": error if isinstance(error, str) else json.dumps(body)[:500],
         }
     return {
         "error_type": "invalid_response",

@@ -495,3 +495,34 @@ def test_the_openai_sdk_cancels_a_batch_that_keeps_its_finished_lines(sdk: opena
     assert done.output_file_id is not None
     lines = sdk.files.content(done.output_file_id).text.splitlines()
     assert len(lines) == kept
+
+
+def test_load_batch_output_reads_openai_and_vllm_error_lines(
+    embedded_client: Client, tmp_path: Path
+) -> None:
+    grid = nbc.expand_grid(embedded_client, prompt=["To be", "Once", "My", "A"], max_tokens=2)
+    keys = [point.key for point in grid.points]
+    answer = embedded_client.complete("To be", max_tokens=2).raw
+    openai_error = {"error": {"message": "bad max_tokens", "type": "invalid_request_error"}}
+    lines = [
+        {"id": "1", "custom_id": keys[0], "error": None,
+         "response": {"status_code": 200, "request_id": "r", "body": answer}},
+        {"id": "2", "custom_id": keys[1], "error": None,
+         "response": {"status_code": 400, "request_id": "r", "body": openai_error}},
+        # vLLM's run-batch: the message in "error", no body.
+        {"id": "3", "custom_id": keys[2], "error": "Request must not be sent in stream mode",
+         "response": {"status_code": 400, "request_id": "r", "body": None}},
+    ]  # fmt: skip
+    output = tmp_path / "out.jsonl"
+    output.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = nbc.load_batch_output(grid, output)
+    rows = result.requests
+    assert rows["status"].tolist() == ["ok", "error", "error", "error"]
+    assert rows["error_type"].tolist()[1:] == [
+        "invalid_request_error",
+        "api_error",
+        "batch_missing",
+    ]
+    assert rows["error_status"].tolist()[1:3] == [400, 400]
+    assert rows["error_message"].iloc[2] == "Request must not be sent in stream mode"
+    assert result.choices["text"].iloc[0] == answer["choices"][0]["text"]
