@@ -28,8 +28,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ._cache import cache_keys
@@ -81,6 +83,24 @@ class Grid:
     endpoint: str
     model: str | None
     axes: dict[str, int] = field(default_factory=dict)
+
+    def to_batch_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_requests: int = 50_000,
+        max_bytes: int = 200_000_000,
+    ) -> list[Path]:
+        """Write the grid as an OpenAI Batch input file (JSONL) for any engine that reads one.
+
+        One line per distinct request: ``{"custom_id": <cache key>, "method": "POST", "url":
+        "/v1/completions", "body": {...}}``. A grid over OpenAI's limits (``max_requests`` lines,
+        ``max_bytes`` bytes per file) is written as ``<stem>-001<suffix>``, ``-002``...; the paths
+        written are returned. `nbcompletions.load_batch_output` reads the results back.
+        """
+        from ._batch import write_batch_files
+
+        return write_batch_files(self, path, max_requests=max_requests, max_bytes=max_bytes)
 
 
 def _plain(value: Any) -> Any:

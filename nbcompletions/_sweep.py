@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._cache import Cache
 from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
@@ -27,6 +27,9 @@ from ._grid import Grid, estimate_tokens, expand_grid
 from ._request import check_optional_count
 from ._sweep_result import SweepResult, _build_frames, _Outcome, _requests_frame
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._batch import BatchOptions
 
 __all__ = ["asweep", "sweep"]
 
@@ -241,6 +244,20 @@ async def _execute(
         if prepared.owns_cache and store is not None:
             store.close()
 
+    return _result(aclient, prepared, spent, n_failed, capabilities)
+
+
+def _result(
+    aclient: Any,
+    prepared: _Prepared,
+    spent: dict[str, int],
+    n_failed: int,
+    capabilities: dict[str, Any] | None,
+    vocab_size: int | None = None,
+) -> SweepResult:
+    """The `SweepResult` once every pending request has its outcome (live or by Batch);
+    ``vocab_size`` is used when there is no client to ask (results loaded from files)."""
+    grid, outcomes = prepared.grid, prepared.outcomes
     for duplicate, original in prepared.same_as:
         source, target = outcomes[original], outcomes[duplicate]
         target.response, target.error, target.latency = (
@@ -267,12 +284,14 @@ async def _execute(
         requests,
         usage=usage,
         capabilities=capabilities,
-        builder=lambda: _build_frames(grid, outcomes, requests, _vocab_size(aclient)),
+        builder=lambda: _build_frames(
+            grid, outcomes, requests, vocab_size if aclient is None else _vocab_size(aclient)
+        ),
     )
 
 
-def _vocab_size(client: AsyncCompletionsClient) -> int | None:
-    value = client.vocab_size
+def _vocab_size(client: AsyncCompletionsClient | None) -> int | None:
+    value = client.vocab_size if client is not None else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -286,22 +305,46 @@ async def asweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    batch: bool | BatchOptions = False,
     **fields: Any,
 ) -> SweepResult:
     """The async twin of `sweep`, for an `AsyncClient`: ``await asweep(aclient, ...)``.
 
-    Cancelling the task stops the sweep; what finished is in the cache.
+    Cancelling the task stops the sweep; what finished is in the cache (with ``batch``, the
+    batches keep running and the next call reattaches to them).
     """
     if as_async(client) is not client:
         raise TypeError(
             "asweep() needs an AsyncClient; for a Client call "
             "nbcompletions.sweep(...), which works in Jupyter without await"
         )
+    options = _batch_options(batch)
     prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields)
     bar = _progress_bar(
         len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
     )
+    if options is not None:
+        from ._batch import run_batches
+
+        return await run_batches(client, prepared, options, bar=bar, probe=probe)
     return await _execute(client, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
+
+
+def _batch_options(batch: Any) -> BatchOptions | None:
+    if batch is False or batch is None:
+        return None
+    from ._batch import BatchOptions
+
+    if batch is True:
+        return BatchOptions()
+    if isinstance(batch, BatchOptions):
+        return batch
+    raise RequestError(
+        "batch",
+        f"batch must be True, False or an nbcompletions.BatchOptions; got {batch!r}",
+        allowed="True, False or BatchOptions(...)",
+        value=batch,
+    )
 
 
 def sweep(
@@ -314,6 +357,7 @@ def sweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    batch: bool | BatchOptions = False,
     **fields: Any,
 ) -> SweepResult:
     """Send every combination of the listed field values, ``repeats`` times each.
@@ -328,17 +372,27 @@ def sweep(
     (``result.capabilities``; remembered by the client and the cache). ``progress`` shows a tqdm
     bar.
 
+    ``batch=True`` (or a `BatchOptions`) sends the grid through the Batch API instead of live
+    requests (``/v1/files`` and ``/v1/batches``: half the price on OpenAI, hours instead of
+    seconds) and returns the same result; with a ``cache`` an interrupted call reattaches to its
+    running batches on the next call instead of paying twice (see `nbcompletions._batch`).
+
     Works from plain code and from a Jupyter cell (no await); a kernel interrupt stops it cleanly.
     """
     from ._loop import run_sync
 
     aclient = as_async(client)
+    options = _batch_options(batch)
     prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(
         len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
     )
     try:
+        if options is not None:
+            from ._batch import run_batches
+
+            return run_sync(run_batches(aclient, prepared, options, bar=bar, probe=probe))
         return run_sync(
             _execute(aclient, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
         )

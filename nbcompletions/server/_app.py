@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.to_thread
@@ -36,6 +36,9 @@ from .._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest, Limits, sh
 from .._secrets import check_api_key
 from ._guard import RequestGuard
 from ._scheduler import CompletionStream, Overloaded, Scheduler, WorkBudget, scheduler_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._batches import BatchLimits
 
 __all__ = [
     "COMPAT_MODES",
@@ -498,6 +501,26 @@ class _CompletionsServer:
 
     async def completions(self, request: Request, request_id: str) -> Response:
         body = await self._read_json(request)
+        completion, scheduler = await self.accept(body)
+        try:
+            if completion.stream:
+                return _EventStream(await scheduler.stream(completion), request_id)
+            result = await scheduler.complete(completion, disconnected=_disconnected(request))
+        except Overloaded as exc:
+            raise _Failure(
+                503,
+                exc.message,
+                type="server_error",
+                code="server_overloaded",
+                headers={"retry-after": str(exc.retry_after)},
+            ) from None
+        if result is None:
+            raise ClientDisconnect()  # the client left; its work stopped
+        return _JSON(result)
+
+    async def accept(self, body: Any) -> tuple[CompletionRequest, Scheduler]:
+        """Validate a completion body as ``POST /v1/completions`` does (the Batch API's lines
+        too): the request and the scheduler to run it, or `_Failure`/`RequestError`."""
         if not isinstance(body, dict):
             raise _Failure(
                 400, f"The request body must be a JSON object; got a JSON {_json_kind(body)}."
@@ -516,22 +539,7 @@ class _CompletionsServer:
         engine = await self.engine()
         self._check_model(engine, completion.model)
         completion = self._apply_cap(completion)
-        scheduler = self._scheduler_for(engine)
-        try:
-            if completion.stream:
-                return _EventStream(await scheduler.stream(completion), request_id)
-            result = await scheduler.complete(completion, disconnected=_disconnected(request))
-        except Overloaded as exc:
-            raise _Failure(
-                503,
-                exc.message,
-                type="server_error",
-                code="server_overloaded",
-                headers={"retry-after": str(exc.retry_after)},
-            ) from None
-        if result is None:
-            raise ClientDisconnect()  # the client left; its work stopped
-        return _JSON(result)
+        return completion, self._scheduler_for(engine)
 
     async def models(self, request: Request, request_id: str) -> Response:
         engine = await self.engine()
@@ -616,11 +624,13 @@ def create_app(
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     allowed_hosts: Sequence[str] | None = None,
     allowed_origins: Sequence[str] = (),
+    batch_limits: BatchLimits | None = None,
 ) -> Starlette:
     """The OpenAI-compatible Completions app (an ASGI app).
 
     Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``),
-    ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
+    ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and the Batch API
+    (``/v1/files``, ``/v1/batches``; see ``nbcompletions.server._batches``).
 
     Args:
         engine: the model engine; by default the embedded model, loaded on the first request.
@@ -642,6 +652,8 @@ def create_app(
             ``serve`` sets it for a loopback bind (a defence against DNS rebinding).
         allowed_origins: requests with an ``Origin`` header (web pages) are refused (403) unless
             it is a loopback origin or one of these (``*``: any).
+        batch_limits: what the Batch API (``/v1/files``, ``/v1/batches``) may hold and run at
+            once; `BatchLimits`' defaults when None.
     """
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
@@ -677,6 +689,11 @@ def create_app(
         Route("/v1/models/{model_id:path}", server.endpoint(server.model), methods=["GET"]),
         Route("/health", server.endpoint(server.health, auth=False), methods=["GET"]),
     ]
+    from ._batches import BatchLimits as _BatchLimits
+    from ._batches import BatchStore, batch_routes
+
+    store = BatchStore(server, batch_limits or _BatchLimits())
+    routes.extend(batch_routes(server, store))
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error},
@@ -686,4 +703,5 @@ def create_app(
     # key check (and clients do not re-POST on 307 uniformly): unknown paths are 404s instead.
     app.router.redirect_slashes = False
     app.state.nbcompletions = server
+    app.state.nbcompletions_batches = store
     return app
