@@ -34,6 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._batch_file import (
+    BATCH_URL,
+    OPENAI_MAX_BATCH_BYTES,
+    OPENAI_MAX_BATCH_REQUESTS,
+    batch_lines,
+    split_batches,
+)
 from ._cache import Cache
 from ._errors import APIError, RequestError
 from ._grid import Grid, GridPoint, estimate_tokens
@@ -41,7 +48,7 @@ from ._grid import Grid, GridPoint, estimate_tokens
 if TYPE_CHECKING:  # pragma: no cover
     import os
 
-    from ._sweep import _Prepared
+    from ._sweep_prepare import _Prepared
     from ._sweep_result import SweepResult
 
 __all__ = [
@@ -57,11 +64,6 @@ __all__ = [
     "write_batch_files",
 ]
 
-#: OpenAI's limits on one Batch input file.
-OPENAI_MAX_BATCH_REQUESTS = 50_000
-OPENAI_MAX_BATCH_BYTES = 200 * 1000 * 1000
-#: The endpoint every line targets.
-BATCH_URL = "/v1/completions"
 _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _FIRST_POLL_S = 0.25
 _MAX_POLL_S = 15.0
@@ -129,24 +131,6 @@ class BatchOptions:
 
 
 # -- the input file -------------------------------------------------------------------------------
-def _body(request: Any, model: str | None) -> dict[str, Any]:
-    body: dict[str, Any] = request.to_body()
-    # A batch answers once, as a whole response: streaming does not apply.
-    body.pop("stream", None)
-    body.pop("stream_options", None)
-    if body.get("model") is None:
-        if model is None:
-            raise RequestError(
-                "model",
-                "every line of a Batch file names its model; give Client(model=...) or "
-                "model=... to the sweep",
-                allowed="a model name",
-                value=None,
-            )
-        body["model"] = model
-    return body
-
-
 def _unique_points(grid: Grid, indices: Iterable[int] | None = None) -> list[GridPoint]:
     """Grid points with distinct cache keys (one line each), in grid order."""
     seen: set[str] = set()
@@ -159,47 +143,6 @@ def _unique_points(grid: Grid, indices: Iterable[int] | None = None) -> list[Gri
     return points
 
 
-def batch_lines(points: Iterable[GridPoint], model: str | None = None) -> list[tuple[str, bytes]]:
-    """``(custom_id, line)`` for each point: one Batch input line (UTF-8 JSON and a newline)."""
-    lines = []
-    for point in points:
-        line = {
-            "custom_id": point.key,
-            "method": "POST",
-            "url": BATCH_URL,
-            "body": _body(point.request, model),
-        }
-        text = json.dumps(line, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        lines.append((point.key, (text + "\n").encode("utf-8")))
-    return lines
-
-
-def split_batches(
-    lines: list[tuple[str, bytes]], max_requests: int, max_bytes: int
-) -> list[list[tuple[str, bytes]]]:
-    """Consecutive groups of ``lines`` within both limits (one input file, one batch each)."""
-    groups: list[list[tuple[str, bytes]]] = []
-    current: list[tuple[str, bytes]] = []
-    size = 0
-    for custom_id, line in lines:
-        if len(line) > max_bytes:
-            raise RequestError(
-                "max_bytes",
-                f"the request {custom_id} alone is {len(line)} bytes as a Batch line, more than "
-                f"max_bytes={max_bytes}; raise max_bytes or shorten the prompt",
-                allowed=f">= {len(line)}",
-                value=max_bytes,
-            )
-        if current and (len(current) >= max_requests or size + len(line) > max_bytes):
-            groups.append(current)
-            current, size = [], 0
-        current.append((custom_id, line))
-        size += len(line)
-    if current:
-        groups.append(current)
-    return groups
-
-
 def write_batch_files(
     grid: Grid,
     path: str | os.PathLike[str],
@@ -209,23 +152,7 @@ def write_batch_files(
 ) -> list[Path]:
     """Write ``grid`` as Batch input files; see `Grid.to_batch_file`."""
     BatchOptions(max_requests=max_requests, max_bytes=max_bytes)  # checks both
-    target = Path(path)
-    groups = split_batches(
-        batch_lines(_unique_points(grid), grid.model), max_requests, max_bytes
-    ) or [[]]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if len(groups) == 1:
-        paths = [target]
-    else:
-        paths = [
-            target.with_name(f"{target.stem}-{n:03d}{target.suffix}")
-            for n in range(1, len(groups) + 1)
-        ]
-    for where, group in zip(paths, groups, strict=True):
-        with where.open("wb") as handle:
-            for _, line in group:
-                handle.write(line)
-    return paths
+    return grid.to_batch_file(path, max_requests=max_requests, max_bytes=max_bytes)
 
 
 # -- the output files -----------------------------------------------------------------------------
@@ -329,7 +256,7 @@ def load_batch_output(
     With ``cache``, the responses are stored there too, so a later live or batch sweep of the same
     grid finds them.
     """
-    from ._sweep import _Prepared, _result
+    from ._sweep_prepare import _Prepared, _result
     from ._sweep_result import _Outcome
 
     def paths(value: Any) -> list[Path]:
@@ -516,7 +443,7 @@ async def run_batches(
 ) -> SweepResult:
     """Run ``prepared``'s pending requests as batches (reattaching to open ones) and build the
     result; the Batch twin of `nbcompletions._sweep._execute`."""
-    from ._sweep import _probe, _refuse_ignored, _result
+    from ._sweep_prepare import _probe, _refuse_ignored, _result
 
     aclient = _batch_client(aclient)
     grid, store = prepared.grid, prepared.cache

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._batch_file import batch_lines, split_batches
 from ._cache import cache_keys
 from ._errors import RequestError
 from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
@@ -98,9 +99,34 @@ class Grid:
         ``max_bytes`` bytes per file) is written as ``<stem>-001<suffix>``, ``-002``...; the paths
         written are returned. `nbcompletions.load_batch_output` reads the results back.
         """
-        from ._batch import write_batch_files
-
-        return write_batch_files(self, path, max_requests=max_requests, max_bytes=max_bytes)
+        for name, value in (("max_requests", max_requests), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RequestError(
+                    name,
+                    f"{name} must be an integer >= 1; got {value!r}",
+                    allowed="an integer >= 1",
+                    value=value,
+                )
+        # One line per distinct request: grid points with the same cache key share a response.
+        firsts: dict[str, GridPoint] = {}
+        for point in self.points:
+            firsts.setdefault(point.key, point)
+        points = list(firsts.values())
+        groups = split_batches(batch_lines(points, self.model), max_requests, max_bytes) or [[]]
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if len(groups) == 1:
+            paths = [target]
+        else:
+            paths = [
+                target.with_name(f"{target.stem}-{n:03d}{target.suffix}")
+                for n in range(1, len(groups) + 1)
+            ]
+        for where, group in zip(paths, groups, strict=True):
+            with where.open("wb") as handle:
+                for _, line in group:
+                    handle.write(line)
+        return paths
 
 
 def _plain(value: Any) -> Any:
