@@ -1,6 +1,6 @@
 """CPU per generated token at n=1: the embedded numpy model against llama.cpp on the same weights.
 
-Run: ``python benchmarks/bench_vs_llamacpp.py [--tokens 128] [--rounds 5]``
+Run: ``python benchmarks/bench_vs_llamacpp.py [--tokens 128] [--rounds 5] [--baseline DIR]``
 
 llama.cpp runs through llama-cpp-python in its own virtual environment: ``NBC_LLAMACPP_PYTHON``
 names its interpreter, else ``.venv-llamacpp/bin/python`` at the checkout's root is used; without
@@ -13,6 +13,8 @@ temperature 1 with the end-of-text token banned by logit_bias (every completion 
 many tokens), one thread each (llama.cpp ``n_threads=1``; our engine limits BLAS to one thread).
 Each completion's ``time.process_time()`` (the prefill included) is divided by its completion
 tokens; the best of ``--rounds`` per side is compared (target: ours <= llama.cpp's).
+``--baseline DIR`` adds a third worker running another checkout's engine (e.g. main), taking turns
+with the other two.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--baseline", help="another checkout to measure beside this one")
     args = parser.parse_args()
     llama_python = _llama_python()
     if llama_python is None:
@@ -134,6 +137,9 @@ def main() -> None:
                 str(llama_python), header + f"GGUF = {str(gguf)!r}\n" + _LLAMA, dict(os.environ)
             ),
         }
+        if args.baseline:
+            base_env = {**os.environ, "PYTHONPATH": str(Path(args.baseline).resolve())}
+            workers["baseline"] = _Worker(sys.executable, header + _OURS, base_env)
         per_token: dict[str, list[float]] = {name: [] for name in workers}
         try:
             for seed in range(1, args.rounds + 1):
@@ -155,6 +161,9 @@ def main() -> None:
         print(f"  {name:9s} CPU per token {min(values) * 1e3:.2f} ms (rounds: {spread})")
     ratio = min(per_token["ours"]) / min(per_token["llama.cpp"])
     print(f"  ours / llama.cpp f16 = {ratio:.2f}x (target <= 1)")
+    if "baseline" in per_token:
+        base = min(per_token["baseline"]) / min(per_token["llama.cpp"])
+        print(f"  baseline / llama.cpp f16 = {base:.2f}x")
 
 
 if __name__ == "__main__":
