@@ -49,6 +49,9 @@ class APIError(NBCompletionsError):
     Attributes follow OpenAI's error body: ``status`` (HTTP status, or None for an error event
     inside a stream), ``type``, ``param``, ``code`` (always a string or None, whatever the server
     sent) and ``message``. ``body`` keeps what the server sent, parsed where it was JSON.
+    ``url`` is the request that failed (``POST http://host/v1/completions``, credentials redacted)
+    and ``hint`` what to try, where the client could tell (a base URL without ``/v1``, a key in
+    the environment that chose OpenAI); both are part of ``str(error)``.
     """
 
     def __init__(
@@ -61,9 +64,13 @@ class APIError(NBCompletionsError):
         code: str | None = None,
         body: Any = None,
         headers: dict[str, str] | None = None,
+        url: str | None = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.url = url
+        self.hint = hint
         self.status = status
         self.type = type
         self.param = param
@@ -82,7 +89,13 @@ class APIError(NBCompletionsError):
         if self.code:
             parts.append(f"code={self.code}")
         head = " ".join(parts)
-        return f"{head}: {self.message}" if head else self.message
+        text = f"{head}: {self.message}" if head else self.message
+        # A connection error's message already names the URL it could not reach.
+        if self.url and self.url.rsplit(" ", 1)[-1] not in text:
+            text += f" [{self.url}]"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
 
     def __repr__(self) -> str:
         return (
