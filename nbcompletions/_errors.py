@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["APIError", "BudgetError", "ConformanceError", "NBCompletionsError", "RequestError"]
+__all__ = [
+    "APIError",
+    "BudgetError",
+    "ConformanceError",
+    "NBCompletionsError",
+    "RequestError",
+    "SweepError",
+    "SweepWarning",
+]
 
 
 class NBCompletionsError(Exception):
@@ -115,3 +123,40 @@ class ConformanceError(NBCompletionsError):
         super().__init__(message)
         self.check = check
         self.detail = detail
+
+
+class SweepError(APIError):
+    """A sweep stopped because its requests all failed the same way (a dead server, a wrong URL or
+    key): sending the rest would fail too.
+
+    ``first`` is the first failure (also ``__cause__``); ``status``, ``type``, ``code``, ``param``,
+    ``url`` and ``hint`` are copied from it when it is an `APIError`. ``failed``, ``sent`` and
+    ``total`` count requests; what finished before the stop is in the sweep's cache, so running the
+    same call again once the endpoint answers sends only what is missing.
+    """
+
+    def __init__(
+        self, message: str, *, first: BaseException, failed: int, sent: int, total: int
+    ) -> None:
+        if isinstance(first, APIError):
+            super().__init__(
+                message,
+                status=first.status,
+                type=first.type,
+                param=first.param,
+                code=first.code,
+                body=first.body,
+                headers=first.headers,
+                url=first.url,
+                hint=first.hint,
+            )
+        else:
+            super().__init__(message, type=type(first).__name__)
+        self.first = first
+        self.failed = failed
+        self.sent = sent
+        self.total = total
+
+
+class SweepWarning(UserWarning):
+    """Some of a sweep's requests failed; their rows carry the error and the rest is usable."""
