@@ -32,6 +32,7 @@ from ._request import (
     CompletionRequest,
     Limits,
     Prompt,
+    chat_field_hint,
     check_optional_count,
     shown,
 )
@@ -480,12 +481,15 @@ class _BaseClient:
 
     # -- request building -------------------------------------------------------------------------
     def build_request(
-        self, prompt: Prompt, **fields: Unpack[CompletionFields]
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
     ) -> CompletionRequest:
         """Validate ``prompt`` and ``fields`` into a `CompletionRequest` (no network I/O)."""
         unknown = [name for name in fields if name not in _REQUEST_FIELDS]
         if unknown:
             name = unknown[0]
+            chat = chat_field_hint(name)
+            if chat is not None:
+                raise TypeError(chat)
             raise TypeError(
                 f"unknown request field {name!r}{_suggest(name)}; valid fields are "
                 f"{', '.join(_REQUEST_FIELDS)}. Send server-specific fields with extra={{...}}."
@@ -497,7 +501,7 @@ class _BaseClient:
         profile = self._settings.profile
         return profile.neutralize(request) if profile is not None else request
 
-    def _stream_request(self, prompt: Prompt, fields: CompletionFields) -> CompletionRequest:
+    def _stream_request(self, prompt: Prompt | None, fields: CompletionFields) -> CompletionRequest:
         if fields.get("stream") is False:
             raise RequestError(
                 "stream",
@@ -539,7 +543,9 @@ class AsyncClient(_BaseClient):
         return self
 
     # -- the primitive ----------------------------------------------------------------------------
-    async def complete(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Completion:
+    async def complete(
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
+    ) -> Completion:
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return await self.complete_request(self.build_request(prompt, **fields))
 
@@ -567,7 +573,9 @@ class AsyncClient(_BaseClient):
             raise self._scrub(_retry.error_from_body(raw, status=200))
         return Completion(raw, request, vocab_size=self.vocab_size)
 
-    def stream(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> AsyncStream:
+    def stream(
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
+    ) -> AsyncStream:
         """Stream a completion: ``async for piece in client.stream(...)`` yields `StreamChunk`."""
         return self.stream_request(self._stream_request(prompt, fields))
 
@@ -920,7 +928,9 @@ class Client(_BaseClient):
         """The `AsyncClient` this client runs on (the same settings, connections and limit)."""
         return self._async
 
-    def complete(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Completion:
+    def complete(
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
+    ) -> Completion:
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return run_sync(self._async.complete_request(self.build_request(prompt, **fields)))
 
@@ -928,7 +938,7 @@ class Client(_BaseClient):
         """Send an already validated request (retries and the concurrency limit apply)."""
         return run_sync(self._async.complete_request(request))
 
-    def stream(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Stream:
+    def stream(self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]) -> Stream:
         """Stream a completion: ``for piece in client.stream(...)`` yields `StreamChunk`."""
         return Stream(self._async.stream_request(self._stream_request(prompt, fields)))
 
