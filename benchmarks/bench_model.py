@@ -2,6 +2,8 @@
 
     python benchmarks/bench_model.py [--path DIR] [--tokens 128] [--repeats 3]
 
+Needs torch and transformers, which the dev extra leaves out: ``pip install torch transformers``.
+
 Every measurement runs in its own subprocess, so load time and peak memory (ru_maxrss) belong to one
 implementation and one setting. Both sides generate exactly ``--tokens`` tokens per completion
 (end-of-text banned with logit_bias / ``min_new_tokens``), plain sampling at temperature 1, from the
@@ -17,6 +19,7 @@ same prompt. Printed side by side:
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -215,6 +218,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
 
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(
+            f"bench_model.py compares our engine with transformers, and {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed (they are not in the dev "
+            "extra): pip install torch transformers, or run this script with a Python that has "
+            "them (CI's .venv-lmeval has both)"
+        )
     results: dict[tuple[str, int], dict[str, Any]] = {}
     for n in (1, 8):
         for impl in ("ours", "transformers"):  # interleaved so drift in machine load hits both

@@ -9,7 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
+from ._errors import (
+    APIError,
+    BudgetError,
+    ConformanceError,
+    NBCompletionsError,
+    RequestError,
+    SweepError,
+    SweepWarning,
+)
 from ._request import CompletionRequest, Limits
 from ._version import __version__
 
@@ -51,7 +59,9 @@ __all__ = [
     "RequestError",
     "ServerProfile",
     "StreamChunk",
+    "SweepError",
     "SweepResult",
+    "SweepWarning",
     "__version__",
     "asweep",
     "expand_grid",

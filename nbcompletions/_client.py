@@ -32,7 +32,9 @@ from ._request import (
     CompletionRequest,
     Limits,
     Prompt,
+    chat_field_hint,
     check_optional_count,
+    shown,
 )
 from ._secrets import Secret, check_api_key, redact_error, redact_url
 from ._streaming import AsyncStream, Stream, aiter_chunks
@@ -211,6 +213,47 @@ def _check_limits(limits: object) -> Limits:
     return limits
 
 
+def _check_embedded(
+    embedded: object,
+    *,
+    base_url: object,
+    api_key: object,
+    transport: object,
+) -> None:
+    if embedded is not None and not isinstance(embedded, bool):
+        raise RequestError(
+            "embedded",
+            f"embedded must be True, False or None; got {embedded!r}",
+            allowed="True, False or None",
+            value=embedded,
+        )
+    if not embedded:
+        return
+    given = [
+        name
+        for name, value in (("base_url", base_url), ("api_key", api_key), ("transport", transport))
+        if value is not None
+    ]
+    if given:
+        names = " and ".join(given)
+        raise RequestError(
+            given[0],
+            f"embedded=True talks to the in-process embedded model, so it cannot be combined with "
+            f"{names}; pass either embedded=True or {names}",
+            allowed=f"embedded=True without {names}",
+            value=given,  # the names only: an api_key must not reach an error
+        )
+
+
+def env_key_hint() -> str:
+    """What to do when an exported ``OPENAI_API_KEY`` made a client target OpenAI."""
+    return (
+        "OPENAI_API_KEY is set in the environment, so a client given no base_url talks to OpenAI "
+        f"({OPENAI_BASE_URL}); for the offline embedded model use Client(embedded=True) "
+        "(or AsyncClient(embedded=True))"
+    )
+
+
 class _Settings:
     """Everything a client was configured with. A `Client` and the `AsyncClient` it wraps hold the
     same object, so a change made through either is seen by both."""
@@ -218,12 +261,14 @@ class _Settings:
     __slots__ = (
         "embedded",
         "endpoints",
+        "env_key_chose_openai",
         "headers",
         "key",
         "limits",
         "max_concurrency",
         "max_retries",
         "model",
+        "origin",
         "profile",
         "timeout",
         "transport",
@@ -244,13 +289,16 @@ class _Settings:
         headers: Mapping[str, str] | None,
         vocab_size: int | None,
         profile: str | ServerProfile | None = None,
+        embedded: bool | None = None,
     ) -> None:
+        _check_embedded(embedded, base_url=base_url, api_key=api_key, transport=transport)
         self.profile = get_profile(profile)
         if limits is None and self.profile is not None:
             limits = self.profile.limits
-        if base_url is None:
+        base_url_given, api_key_given = base_url is not None, api_key is not None
+        if base_url is None and not embedded:
             base_url = os.environ.get("OPENAI_BASE_URL") or None
-        if api_key is None:
+        if api_key is None and not embedded:
             api_key = os.environ.get("OPENAI_API_KEY") or None
         if api_key is not None and not isinstance(api_key, str):
             raise RequestError(
@@ -268,14 +316,27 @@ class _Settings:
         self.limits = Limits() if limits is None else _check_limits(limits)
         self.timeout = _make_timeout(timeout)
         # Settings are checked first, so a mistake is reported before the embedded model loads.
-        self.embedded = base_url is None and api_key is None and transport is None
-        if self.embedded:
+        explicit = embedded is True
+        if embedded is None:
+            embedded = base_url is None and api_key is None and transport is None
+        self.embedded = embedded
+        # Where the endpoint came from, for errors: an exported key silently choosing OpenAI is
+        # the commonest surprise, so it is named.
+        self.env_key_chose_openai = False
+        if embedded:
             transport = _embedded_transport()
             base_url = EMBEDDED_BASE_URL
             if self.model is None:
                 self.model = EMBEDDED_MODEL
-        elif base_url is None:
+            self.origin = "embedded=True" if explicit else "the embedded default (none set)"
+        elif base_url is not None:
+            self.origin = (
+                "the base_url argument" if base_url_given else "OPENAI_BASE_URL in the environment"
+            )
+        else:
             base_url = OPENAI_BASE_URL
+            self.origin = "the default (OpenAI)"
+            self.env_key_chose_openai = api_key is not None and not api_key_given
         urls = [base_url] if isinstance(base_url, str | httpx.URL) else list(base_url)
         if not urls:
             raise RequestError(
@@ -314,6 +375,7 @@ class _BaseClient:
         headers: Mapping[str, str] | None = None,
         vocab_size: int | None = None,
         profile: str | ServerProfile | None = None,
+        embedded: bool | None = None,
     ) -> None:
         self._settings = _Settings(
             base_url,
@@ -327,6 +389,7 @@ class _BaseClient:
             headers=headers,
             vocab_size=vocab_size,
             profile=profile,
+            embedded=embedded,
         )
         self._start()
 
@@ -418,12 +481,15 @@ class _BaseClient:
 
     # -- request building -------------------------------------------------------------------------
     def build_request(
-        self, prompt: Prompt, **fields: Unpack[CompletionFields]
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
     ) -> CompletionRequest:
         """Validate ``prompt`` and ``fields`` into a `CompletionRequest` (no network I/O)."""
         unknown = [name for name in fields if name not in _REQUEST_FIELDS]
         if unknown:
             name = unknown[0]
+            chat = chat_field_hint(name)
+            if chat is not None:
+                raise TypeError(chat)
             raise TypeError(
                 f"unknown request field {name!r}{_suggest(name)}; valid fields are "
                 f"{', '.join(_REQUEST_FIELDS)}. Send server-specific fields with extra={{...}}."
@@ -435,7 +501,7 @@ class _BaseClient:
         profile = self._settings.profile
         return profile.neutralize(request) if profile is not None else request
 
-    def _stream_request(self, prompt: Prompt, fields: CompletionFields) -> CompletionRequest:
+    def _stream_request(self, prompt: Prompt | None, fields: CompletionFields) -> CompletionRequest:
         if fields.get("stream") is False:
             raise RequestError(
                 "stream",
@@ -451,9 +517,10 @@ class AsyncClient(_BaseClient):
     """Async client for ``POST /v1/completions``.
 
     With no arguments it reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY``; with neither set it talks
-    to the embedded model in-process (no network, no key). ``base_url`` may be a list of replicas of
-    one model: requests go to the least busy. ``limits`` holds server-specific caps
-    (`Limits.vllm()`).
+    to the embedded model in-process (no network, no key). ``embedded=True`` asks for the embedded
+    model whatever the environment holds (``embedded=False``: never; the environment or OpenAI).
+    ``base_url`` may be a list of replicas of one model: requests go to the least busy. ``limits``
+    holds server-specific caps (`Limits.vllm()`).
     """
 
     def _start(self) -> None:
@@ -476,7 +543,9 @@ class AsyncClient(_BaseClient):
         return self
 
     # -- the primitive ----------------------------------------------------------------------------
-    async def complete(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Completion:
+    async def complete(
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
+    ) -> Completion:
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return await self.complete_request(self.build_request(prompt, **fields))
 
@@ -504,7 +573,9 @@ class AsyncClient(_BaseClient):
             raise self._scrub(_retry.error_from_body(raw, status=200))
         return Completion(raw, request, vocab_size=self.vocab_size)
 
-    def stream(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> AsyncStream:
+    def stream(
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
+    ) -> AsyncStream:
         """Stream a completion: ``async for piece in client.stream(...)`` yields `StreamChunk`."""
         return self.stream_request(self._stream_request(prompt, fields))
 
@@ -615,10 +686,11 @@ class AsyncClient(_BaseClient):
         if self._discovered_model is None:
             available = await self.models()
             if len(available) != 1:
+                hint = f"; {env_key_hint()}" if self._settings.env_key_chose_openai else ""
                 raise RequestError(
                     "model",
                     "model must be given (Client(model=...) or complete(..., model=...)); "
-                    f"the server lists {available!r}",
+                    f"the server lists {shown(available)}{hint}",
                     allowed="a model name",
                     value=None,
                 )
@@ -626,20 +698,52 @@ class AsyncClient(_BaseClient):
         return request.replace(model=self._discovered_model)
 
     def _transport_error(
-        self, exc: Exception, endpoint: _Endpoint, *, broken: bool = False
+        self,
+        exc: Exception,
+        endpoint: _Endpoint,
+        method: str,
+        path: str,
+        *,
+        broken: bool = False,
     ) -> APIError:
-        where = redact_url(endpoint.url)
+        url = f"{method} {redact_url(endpoint.url + path)}"
         if broken:
             message = (
-                f"the stream from {where} broke after data arrived (not retried): "
+                f"the stream from {url} broke after data arrived (not retried): "
                 f"{type(exc).__name__}: {exc}"
             )
-            return APIError(message, type="stream_broken")
+            return APIError(message, type="stream_broken", url=url)
+        origin = f"base URL from {self._settings.origin}"
+        hint = self._hint(endpoint, 0)
         if isinstance(exc, httpx.TimeoutException):
-            return APIError(f"request to {where} timed out ({type(exc).__name__})", type="timeout")
+            return APIError(
+                f"request to {url} timed out ({type(exc).__name__}; {origin})",
+                type="timeout",
+                url=url,
+                hint=hint,
+            )
         return APIError(
-            f"could not reach {where}: {type(exc).__name__}: {exc}", type="connection_error"
+            f"could not reach {url} ({origin}): {type(exc).__name__}: {exc}",
+            type="connection_error",
+            url=url,
+            hint=hint,
         )
+
+    def _hint(self, endpoint: _Endpoint, status: int, error: APIError | None = None) -> str | None:
+        """What to try after a connection error (status 0) or an HTTP error."""
+        hints = []
+        if status == 404:
+            model_missing = error is not None and error.code == "model_not_found"
+            if not model_missing and not httpx.URL(endpoint.url).path.endswith("/v1"):
+                hints.append(
+                    f"the base URL {redact_url(endpoint.url)} does not end in /v1 (from "
+                    f"{self._settings.origin}): did you mean {redact_url(endpoint.url)}/v1?"
+                )
+            else:
+                hints.append(f"base URL from {self._settings.origin}")
+        if status in (0, 404) and self._settings.env_key_chose_openai:
+            hints.append(env_key_hint())
+        return "; ".join(hints) or None
 
     async def _retry_or_raise(
         self, error: APIError, retries: int, headers: Mapping[str, str] | None, retryable: bool
@@ -745,6 +849,8 @@ class AsyncClient(_BaseClient):
                                 response.headers,
                                 response.reason_phrase,
                             )
+                            error.url = f"{method} {redact_url(endpoint.url + path)}"
+                            error.hint = self._hint(endpoint, response.status_code, error)
                             error_headers = response.headers
                             retryable = _retry.should_retry(
                                 response.status_code, response.headers, error
@@ -772,8 +878,10 @@ class AsyncClient(_BaseClient):
                         await response.aclose()
                 except httpx.TransportError as exc:
                     if received:
-                        raise self._transport_error(exc, endpoint, broken=True) from exc
-                    error = self._transport_error(exc, endpoint)
+                        raise self._transport_error(
+                            exc, endpoint, method, path, broken=True
+                        ) from exc
+                    error = self._transport_error(exc, endpoint, method, path)
                     error.__cause__ = exc
                     retryable = True
                 finally:
@@ -850,7 +958,9 @@ class Client(_BaseClient):
         """The `AsyncClient` this client runs on (the same settings, connections and limit)."""
         return self._async
 
-    def complete(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Completion:
+    def complete(
+        self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
+    ) -> Completion:
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return run_sync(self._async.complete_request(self.build_request(prompt, **fields)))
 
@@ -858,7 +968,7 @@ class Client(_BaseClient):
         """Send an already validated request (retries and the concurrency limit apply)."""
         return run_sync(self._async.complete_request(request))
 
-    def stream(self, prompt: Prompt, **fields: Unpack[CompletionFields]) -> Stream:
+    def stream(self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]) -> Stream:
         """Stream a completion: ``for piece in client.stream(...)`` yields `StreamChunk`."""
         return Stream(self._async.stream_request(self._stream_request(prompt, fields)))
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["APIError", "BudgetError", "ConformanceError", "NBCompletionsError", "RequestError"]
+__all__ = [
+    "APIError",
+    "BudgetError",
+    "ConformanceError",
+    "NBCompletionsError",
+    "RequestError",
+    "SweepError",
+    "SweepWarning",
+]
 
 
 class NBCompletionsError(Exception):
@@ -49,6 +57,9 @@ class APIError(NBCompletionsError):
     Attributes follow OpenAI's error body: ``status`` (HTTP status, or None for an error event
     inside a stream), ``type``, ``param``, ``code`` (always a string or None, whatever the server
     sent) and ``message``. ``body`` keeps what the server sent, parsed where it was JSON.
+    ``url`` is the request that failed (``POST http://host/v1/completions``, credentials redacted)
+    and ``hint`` what to try, where the client could tell (a base URL without ``/v1``, a key in
+    the environment that chose OpenAI); both are part of ``str(error)``.
     """
 
     def __init__(
@@ -61,9 +72,13 @@ class APIError(NBCompletionsError):
         code: str | None = None,
         body: Any = None,
         headers: dict[str, str] | None = None,
+        url: str | None = None,
+        hint: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.url = url
+        self.hint = hint
         self.status = status
         self.type = type
         self.param = param
@@ -82,7 +97,13 @@ class APIError(NBCompletionsError):
         if self.code:
             parts.append(f"code={self.code}")
         head = " ".join(parts)
-        return f"{head}: {self.message}" if head else self.message
+        text = f"{head}: {self.message}" if head else self.message
+        # A connection error's message already names the URL it could not reach.
+        if self.url and self.url.rsplit(" ", 1)[-1] not in text:
+            text += f" [{self.url}]"
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
 
     def __repr__(self) -> str:
         return (
@@ -102,3 +123,40 @@ class ConformanceError(NBCompletionsError):
         super().__init__(message)
         self.check = check
         self.detail = detail
+
+
+class SweepError(APIError):
+    """A sweep stopped because its requests all failed the same way (a dead server, a wrong URL or
+    key): sending the rest would fail too.
+
+    ``first`` is the first failure (also ``__cause__``); ``status``, ``type``, ``code``, ``param``,
+    ``url`` and ``hint`` are copied from it when it is an `APIError`. ``failed``, ``sent`` and
+    ``total`` count requests; what finished before the stop is in the sweep's cache, so running the
+    same call again once the endpoint answers sends only what is missing.
+    """
+
+    def __init__(
+        self, message: str, *, first: BaseException, failed: int, sent: int, total: int
+    ) -> None:
+        if isinstance(first, APIError):
+            super().__init__(
+                message,
+                status=first.status,
+                type=first.type,
+                param=first.param,
+                code=first.code,
+                body=first.body,
+                headers=first.headers,
+                url=first.url,
+                hint=first.hint,
+            )
+        else:
+            super().__init__(message, type=type(first).__name__)
+        self.first = first
+        self.failed = failed
+        self.sent = sent
+        self.total = total
+
+
+class SweepWarning(UserWarning):
+    """Some of a sweep's requests failed; their rows carry the error and the rest is usable."""

@@ -15,6 +15,7 @@ from typing import Any, TypedDict, TypeGuard
 from ._errors import RequestError
 
 __all__ = [
+    "CHAT_FIELDS",
     "DEFAULT_MAX_TOKENS",
     "FIELDS",
     "SAMPLERS",
@@ -23,6 +24,7 @@ __all__ = [
     "Limits",
     "Prompt",
     "StreamOptions",
+    "chat_field_hint",
     "check_sampler",
     "shown",
 ]
@@ -132,6 +134,35 @@ def shown(value: Any, limit: int = _SHOWN_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f"{text[: limit - 40]}...{text[-20:]} (shortened: {len(text):,} characters in all)"
+
+
+#: How to turn a chat into a prompt, for errors that meet Chat API habits.
+CHAT_TO_PROMPT = (
+    "format the chat as one text, e.g. prompt='System: ...\\nUser: Hello\\nAssistant:' (or, for an "
+    "instruction-tuned model, its chat template: transformers' "
+    "tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))"
+)
+
+#: Chat Completions fields people bring to the Completions endpoint, and what to use instead.
+CHAT_FIELDS: dict[str, str] = {
+    "messages": (
+        "messages belongs to the Chat Completions API; this is the Completions endpoint "
+        f"(POST /v1/completions), which takes prompt= text: {CHAT_TO_PROMPT}"
+    ),
+    "top_logprobs": (
+        "top_logprobs belongs to the Chat Completions API; the Completions endpoint takes "
+        "logprobs=N, the number of alternatives per token (0-5 on OpenAI)"
+    ),
+    "max_completion_tokens": (
+        "max_completion_tokens belongs to the Chat Completions API; the Completions endpoint "
+        "takes max_tokens"
+    ),
+}
+
+
+def chat_field_hint(name: str) -> str | None:
+    """What to use instead of a Chat Completions field (`CHAT_FIELDS`), or None."""
+    return CHAT_FIELDS.get(name)
 
 
 def _fail(field: str, allowed: str, value: Any) -> RequestError:
@@ -298,6 +329,10 @@ class CompletionRequest:
         elif not isinstance(self.model, str) or not self.model:
             raise _fail("model", "a non-empty string", self.model)
         if self.prompt is None:
+            if "messages" in self.extra:
+                raise RequestError(
+                    "messages", CHAT_FIELDS["messages"], allowed="prompt", value=None
+                )
             raise _fail(
                 "prompt", "given (a string, list of strings, token ids or token-id lists)", None
             )
@@ -333,6 +368,18 @@ class CompletionRequest:
             _check_number("temperature", self.temperature, 0.0, 2.0)
         if self.top_p is not None:
             _check_number("top_p", self.top_p, 0.0, 1.0)
+        if isinstance(self.logprobs, bool):
+            # Chat's logprobs is a switch (with top_logprobs for the count); here it is the count.
+            cap = "" if lim.max_logprobs is None else f" to {lim.max_logprobs}"
+            raise RequestError(
+                "logprobs",
+                f"logprobs must be an integer count from 0{cap} on the Completions endpoint "
+                f"(the number of alternatives listed per token; the Chat API's boolean logprobs "
+                f"does not apply); got {self.logprobs!r}: pass logprobs=1 for the chosen token's "
+                "logprob and the top alternative, logprobs=5 for five, or leave it unset for none",
+                allowed=f"an integer from 0{cap}" if cap else "an integer >= 0",
+                value=self.logprobs,
+            )
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, 0, lim.max_logprobs)
         if self.max_tokens is not None:

@@ -9,17 +9,23 @@ runs a grid live. Responses are written to the cache as they arrive; a re-run se
 missing. Grid points that are the same request (one prompt under two names, a value listed twice)
 are sent once per repeat and share the response, with or without a cache, so a run and its re-run
 from the cache agree. A request that still fails after the client's retries becomes rows with
-``error`` set; the sweep goes on.
+``error`` set; the sweep goes on, and warns (`SweepWarning`) with the count and the commonest error.
+But when the first ``fail_fast`` requests sent all fail the same way (a dead server, a wrong URL or
+key), or every request sent does, the rest would too: the sweep stops and raises `SweepError` with
+the first error. What finished is in the cache either way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import warnings
+from collections import Counter
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._errors import RequestError
+from ._cache import Cache
+from ._errors import RequestError, SweepError, SweepWarning
 from ._sweep_prepare import (
     _client_concurrency,
     _error_fields,
@@ -39,14 +45,123 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["asweep", "sweep"]
 
+#: A sweep stops when its first this-many requests sent all fail the same way.
+FAIL_FAST = 8
+
+
+class _Stop(Exception):
+    """Raised inside a worker to stop the sweep (see `_FailureWatch`)."""
+
+
+class _FailureWatch:
+    """Tells a dead endpoint from a few failed requests.
+
+    Failures are compared by kind (error type and HTTP status). Until a request succeeds, a run of
+    `limit` failures of one kind stops the sweep; so does a sweep whose every request sent failed
+    one way, however few.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.first: BaseException | None = None
+        self.first_kind: tuple[Any, Any] | None = None
+        self.kinds: Counter[str] = Counter()
+        self.same = 0
+        self.mixed = False
+        self.succeeded = False
+
+    def success(self) -> None:
+        self.succeeded = True
+
+    def failure(self, exc: BaseException, fields: Mapping[str, Any]) -> bool:
+        """Record one failure; True when the sweep should stop now."""
+        kind = (fields["error_type"], fields["error_status"])
+        self.kinds[_kind_text(fields)] += 1
+        if self.first is None:
+            self.first, self.first_kind = exc, kind
+        if kind == self.first_kind:
+            self.same += 1
+        else:
+            self.mixed = True
+        return self.dead() and self.limit is not None and self.same >= self.limit
+
+    def dead(self) -> bool:
+        """Every request so far failed, and the same way."""
+        return self.first is not None and not self.succeeded and not self.mixed
+
+    def error(self, *, sent: int, total: int, cache: Cache | None, stopped: bool) -> SweepError:
+        assert self.first is not None
+        kind = self.kinds.most_common(1)[0][0]
+        if stopped:
+            what = (
+                f"the first {self.same} requests sent all failed the same way ({kind}), so the "
+                f"sweep stopped: {total - sent} of {total} were not sent"
+            )
+        else:
+            what = f"every request sent ({self.same} of {total}) failed the same way ({kind})"
+        kept = (
+            f"; what finished is in the cache {str(cache.path)!r} and the same call sends only "
+            "what is missing"
+            if cache is not None
+            else ""
+        )
+        message = (
+            f"{what}{kept}. Check the endpoint (fail_fast=None turns failures into error rows "
+            f"instead). The first error: {self.first}"
+        )
+        error = SweepError(message, first=self.first, failed=self.same, sent=sent, total=total)
+        error.__cause__ = self.first
+        return error
+
+
+def _kind_text(fields: Mapping[str, Any]) -> str:
+    status = fields["error_status"]
+    return f"{fields['error_type']} (HTTP {status})" if status is not None else fields["error_type"]
+
+
+def _check_fail_fast(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise RequestError(
+            "fail_fast",
+            f"fail_fast must be an integer >= 1 or None; got {value!r}",
+            allowed="an integer >= 1 or None",
+            value=value,
+        )
+    return value
+
+
+def _warn_failures(result: SweepResult) -> None:
+    failed = result.n_failed
+    if not failed:
+        return
+    requests = result.requests[result.requests["status"] == "error"]
+    commonest = requests["error"].value_counts()
+    text, count = str(commonest.index[0]), int(commonest.iloc[0])
+    warnings.warn(
+        f"{failed} of {len(result.requests)} sweep requests failed; their rows carry the error "
+        f"(result.requests['error']). Commonest ({count}): {text[:300]}",
+        SweepWarning,
+        stacklevel=3,
+    )
+
 
 async def _execute(
-    aclient: Any, prepared: _Prepared, *, max_concurrency: int | None, bar: Any, probe: bool
+    aclient: Any,
+    prepared: _Prepared,
+    *,
+    max_concurrency: int | None,
+    bar: Any,
+    probe: bool,
+    fail_fast: int | None = FAIL_FAST,
 ) -> SweepResult:
     grid, outcomes, store = prepared.grid, prepared.outcomes, prepared.cache
     failures = _failure_types()
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     n_failed = 0
+    n_sent = 0
+    watch = _FailureWatch(fail_fast)
     capabilities: dict[str, Any] | None = None
     try:
         if probe:
@@ -58,16 +173,20 @@ async def _execute(
         )
 
         async def send(i: int) -> None:
-            nonlocal n_failed
+            nonlocal n_failed, n_sent
             point, outcome = grid.points[i], outcomes[i]
             started = time.perf_counter()
+            n_sent += 1
             try:
                 completion = await aclient.complete_request(point.request)
             except failures as exc:
                 outcome.error = _error_fields(exc)
                 outcome.latency = time.perf_counter() - started
                 n_failed += 1
+                if watch.failure(exc, outcome.error):
+                    raise _Stop from None
             else:
+                watch.success()
                 outcome.latency = time.perf_counter() - started
                 outcome.response = completion.raw
                 if store is not None:
@@ -90,12 +209,22 @@ async def _execute(
             tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
             try:
                 await asyncio.gather(*tasks)
-            except BaseException:
-                # A bug or a cancellation: stop every worker before the cache is closed below.
+            except BaseException as exc:
+                # A dead endpoint, a bug or a cancellation: stop every worker before the cache is
+                # closed below.
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                if isinstance(exc, _Stop):
+                    total = len(prepared.pending)
+                    raise watch.error(
+                        sent=n_sent, total=total, cache=store, stopped=True
+                    ) from watch.first
                 raise
+        if fail_fast is not None and watch.dead():
+            raise watch.error(
+                sent=n_sent, total=len(prepared.pending), cache=store, stopped=False
+            ) from watch.first
     finally:
         if bar is not None:
             bar.close()
@@ -116,6 +245,7 @@ async def asweep(
     progress: bool = True,
     probe: bool = True,
     batch: bool | BatchOptions = False,
+    fail_fast: int | None = FAIL_FAST,
     **fields: Any,
 ) -> SweepResult:
     """The async twin of `sweep`, for an `AsyncClient`: ``await asweep(aclient, ...)``.
@@ -129,6 +259,7 @@ async def asweep(
             "nbcompletions.sweep(...), which works in Jupyter without await"
         )
     options = _batch_options(batch)
+    _check_fail_fast(fail_fast)
     prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields)
     bar = _progress_bar(
         len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
@@ -136,8 +267,18 @@ async def asweep(
     if options is not None:
         from ._batch import run_batches
 
-        return await run_batches(client, prepared, options, bar=bar, probe=probe)
-    return await _execute(client, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
+        result = await run_batches(client, prepared, options, bar=bar, probe=probe)
+    else:
+        result = await _execute(
+            client,
+            prepared,
+            max_concurrency=max_concurrency,
+            bar=bar,
+            probe=probe,
+            fail_fast=fail_fast,
+        )
+    _warn_failures(result)
+    return result
 
 
 def _batch_options(batch: Any) -> BatchOptions | None:
@@ -168,6 +309,7 @@ def sweep(
     progress: bool = True,
     probe: bool = True,
     batch: bool | BatchOptions = False,
+    fail_fast: int | None = FAIL_FAST,
     **fields: Any,
 ) -> SweepResult:
     """Send every combination of the listed field values, ``repeats`` times each.
@@ -180,7 +322,9 @@ def sweep(
     resumes and sends only what is missing. ``max_concurrency`` caps requests in flight (default:
     the client's limit, which also applies). ``probe`` asks the endpoint once what it supports
     (``result.capabilities``; remembered by the client and the cache). ``progress`` shows a tqdm
-    bar.
+    bar. Failed requests become rows with ``error`` set and a `SweepWarning`; but when the first
+    ``fail_fast`` requests sent (default 8) all fail the same way, or every request sent does, the
+    sweep stops and raises `SweepError` with the first error (``fail_fast=None``: never).
 
     ``batch=True`` (or a `BatchOptions`) sends the grid through the Batch API instead of live
     requests (``/v1/files`` and ``/v1/batches``: half the price on OpenAI, hours instead of
@@ -193,6 +337,7 @@ def sweep(
 
     aclient = as_async(client)
     options = _batch_options(batch)
+    _check_fail_fast(fail_fast)
     prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(
@@ -202,13 +347,23 @@ def sweep(
         if options is not None:
             from ._batch import run_batches
 
-            return run_sync(run_batches(aclient, prepared, options, bar=bar, probe=probe))
-        return run_sync(
-            _execute(aclient, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
-        )
+            result = run_sync(run_batches(aclient, prepared, options, bar=bar, probe=probe))
+        else:
+            result = run_sync(
+                _execute(
+                    aclient,
+                    prepared,
+                    max_concurrency=max_concurrency,
+                    bar=bar,
+                    probe=probe,
+                    fail_fast=fail_fast,
+                )
+            )
     finally:
         # _execute closes these itself; this covers an interrupt that lands before it started.
         if bar is not None:
             bar.close()
         if prepared.owns_cache and prepared.cache is not None:
             prepared.cache.close()
+    _warn_failures(result)
+    return result

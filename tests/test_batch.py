@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 import nbcompletions as nbc
-from nbcompletions import AsyncClient, BatchOptions, Cache, Client, asweep, sweep
+from nbcompletions import AsyncClient, BatchOptions, Cache, Client, SweepWarning, asweep, sweep
 from nbcompletions._batch import batch_lines
 from nbcompletions._cli import main
 from nbcompletions.server import BatchLimits, StreamingASGITransport, create_app
@@ -201,7 +201,8 @@ async def test_a_cancelled_batch_keeps_what_finished_and_the_rest_is_sent_again(
         http = httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://x")
         cancelled = (await http.post(f"/v1/batches/{batch_id}/cancel")).json()
         assert cancelled["status"] in ("cancelling", "cancelled")
-        partial = await task
+        with pytest.warns(SweepWarning, match="batch_cancelled"):
+            partial = await task
         card = (await http.get(f"/v1/batches/{batch_id}")).json()
         await http.aclose()
         assert card["status"] == "cancelled"
@@ -234,13 +235,14 @@ async def test_an_expired_batch_gives_error_rows_for_what_never_ran(
     )
     aclient, _ = recording_client(app, embedded_engine)
     async with aclient:
-        result = await asweep(
-            aclient,
-            **{**GRID, "seed": list(range(20)), "max_tokens": 24},  # 60 requests, one at a time
-            batch=True,
-            progress=False,
-            probe=False,
-        )
+        with pytest.warns(SweepWarning, match="batch_expired"):
+            result = await asweep(
+                aclient,
+                **{**GRID, "seed": list(range(20)), "max_tokens": 24},  # 60 requests, one at a time
+                batch=True,
+                progress=False,
+                probe=False,
+            )
     kinds = result.requests["error_type"].value_counts(dropna=False).to_dict()
     assert kinds.get("batch_expired", 0) > 0
     assert (result.requests["status"] == "ok").sum() >= 1
@@ -251,7 +253,10 @@ async def test_an_expired_batch_gives_error_rows_for_what_never_ran(
 
 def test_a_failing_request_becomes_an_error_row(embedded_client: Client) -> None:
     # max_tokens 300 passes the client's checks but not the model's context (256 positions).
-    result = sweep(embedded_client, prompt="To be", max_tokens=[4, 300], batch=True, progress=False)
+    with pytest.warns(SweepWarning, match="1 of 2 sweep requests failed"):
+        result = sweep(
+            embedded_client, prompt="To be", max_tokens=[4, 300], batch=True, progress=False
+        )
     assert result.requests["status"].tolist() == ["ok", "error"]
     failed = result.requests.iloc[1]
     assert failed["error_status"] == 400

@@ -12,6 +12,7 @@ Needs ``apt-get install -y chromium``; skipped, saying so, when that browser is 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import secrets
@@ -47,10 +48,14 @@ RENDER_TIMEOUT_MS = 180_000
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A JupyterLab server on loopback with the playground notebook; yields the notebook's URL."""
+    reason = None
     if not Path(CHROMIUM).exists():
         reason = (
             f"chromium is not installed at {CHROMIUM} (install it: apt-get install -y chromium)"
         )
+    elif importlib.util.find_spec("playwright") is None:
+        reason = "playwright is not installed: pip install -e '.[dev,browser]'"
+    if reason is not None:
         if os.environ.get("NBC_REQUIRE_BROWSER") == "1":  # CI sets this: never skip silently
             pytest.fail(reason)
         pytest.skip(reason)

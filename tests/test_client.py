@@ -432,7 +432,8 @@ def test_empty_error_body_uses_the_reason_phrase() -> None:
     script = Script(httpx.Response(404))
     with mock_client(script) as client, pytest.raises(APIError) as info:
         client.complete("x")
-    assert str(info.value) == "HTTP 404: Not Found"
+    assert info.value.message == "Not Found"
+    assert str(info.value).startswith("HTTP 404: Not Found [POST http://test/v1/completions]")
 
 
 # -- concurrency and replicas ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from helpers import mock_client
 
-from nbcompletions import AsyncClient, Client, metrics
+from nbcompletions import AsyncClient, Client, SweepWarning, metrics
 from nbcompletions._cache import Cache
 from nbcompletions._sweep import asweep, sweep
 from nbcompletions._sweep_result import load_sweep
@@ -328,17 +328,18 @@ def test_failed_requests_become_error_rows_and_are_not_cached(app: Any, tmp_path
     client = mock_client(faults, base_url="http://embedded/v1", model=MODEL, max_retries=2)
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        result = sweep(
-            client,
-            prompt=["To be", "FAIL", "LIMIT"],
-            temperature=[0.7, 1.0],
-            max_tokens=2,
-            n=2,
-            logprobs=1,
-            cache=cache_path,
-            progress=False,
-            probe=False,
-        )
+        with pytest.warns(SweepWarning, match="4 of 6 sweep requests failed"):
+            result = sweep(
+                client,
+                prompt=["To be", "FAIL", "LIMIT"],
+                temperature=[0.7, 1.0],
+                max_tokens=2,
+                n=2,
+                logprobs=1,
+                cache=cache_path,
+                progress=False,
+                probe=False,
+            )
         assert attempts["FAIL"] == 2 * 3  # two grid points, three attempts each (2 retries)
         assert attempts["LIMIT"] == 2 * 3
         requests = result.requests
@@ -359,17 +360,19 @@ def test_failed_requests_become_error_rows_and_are_not_cached(app: Any, tmp_path
             assert len(cache) == 2  # failures are not cached
         # A re-run retries only the failures.
         attempts.clear()
-        again = sweep(
-            client,
-            prompt=["To be", "FAIL", "LIMIT"],
-            temperature=[0.7, 1.0],
-            max_tokens=2,
-            n=2,
-            logprobs=1,
-            cache=cache_path,
-            progress=False,
-            probe=False,
-        )
+        # The failures differ (500 and 429): error rows and a warning, not a stop.
+        with pytest.warns(SweepWarning, match="4 of 6"):
+            again = sweep(
+                client,
+                prompt=["To be", "FAIL", "LIMIT"],
+                temperature=[0.7, 1.0],
+                max_tokens=2,
+                n=2,
+                logprobs=1,
+                cache=cache_path,
+                progress=False,
+                probe=False,
+            )
         assert attempts == {"FAIL": 6, "LIMIT": 6}
         assert again.requests["status"].tolist()[:2] == ["cached", "cached"]
     finally:

@@ -25,6 +25,13 @@ def _require(frame: Any, columns: Sequence[str | None], *, function: str, frame_
             "with the keyword arguments."
         ),
     )
+    # A sweep against a dead endpoint leaves only failed rows: an empty figure would hide that.
+    failed = frame.get("error") if isinstance(frame, pd.DataFrame) else None
+    if failed is not None and len(frame) and failed.notna().all():
+        raise ValueError(
+            f"{function}(): every row of the {frame_name} frame is a failed request (its error "
+            f"column is set), so there is nothing to draw. The first error: {failed.iloc[0]}"
+        )
 
 
 def _check_option(function: str, name: str, value: Any, allowed: Sequence[Any]) -> None:

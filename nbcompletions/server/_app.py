@@ -29,7 +29,14 @@ from starlette.types import Receive, Scope, Send
 
 from .._errors import RequestError
 from .._parse import NEG_INF_LOGPROB
-from .._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest, Limits, shown
+from .._request import (
+    DEFAULT_MAX_TOKENS,
+    FIELDS,
+    CompletionRequest,
+    Limits,
+    chat_field_hint,
+    shown,
+)
 from ._scheduler import CompletionStream, Overloaded, Scheduler, WorkBudget, scheduler_for
 
 __all__ = [
@@ -520,10 +527,12 @@ class _CompletionsServer:
         unknown = [key for key in body if key not in accepted]
         if unknown:
             name = unknown[0] if len(unknown[0]) <= 100 else unknown[0][:100] + "..."
+            chat = chat_field_hint(name)
             raise _Failure(
                 400,
-                f"Unrecognized request argument supplied: {name}. The fields "
-                f"are: {', '.join(accepted)}.",
+                f"Unrecognized request argument supplied: {name}. "
+                + (f"{chat[0].upper()}{chat[1:]}. " if chat else "")
+                + f"The fields are: {', '.join(accepted)}.",
                 param=name,
             )
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
