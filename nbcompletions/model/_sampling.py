@@ -78,7 +78,8 @@ def sample(
     ``top_k`` 0 (or -1) and ``min_p`` 0 are off; temperature 0 ignores both (as vLLM does).
     """
     if temperature == 0.0:
-        return np.argmax(mu, axis=1)
+        greedy: np.ndarray = np.argmax(mu, axis=1)
+        return greedy
     batch, vocab = mu.shape
     z = mu / temperature
     z -= z.max(axis=1, keepdims=True)  # the most likely token now has z = 0
@@ -100,10 +101,12 @@ def sample(
         cum = np.cumsum(ranked, axis=1)  # (B, V)
         u = rng.random(batch) * cum[:, -1]
         pick = np.minimum((cum <= u[:, None]).sum(axis=1), vocab - 1)
-        return order[rows, pick]
+        picked: np.ndarray = order[rows, pick]
+        return picked
     cum = np.cumsum(probs, axis=1)  # (B, V)
     u = rng.random(batch) * cum[:, -1]
-    return np.minimum((cum <= u[:, None]).sum(axis=1), vocab - 1)
+    drawn: np.ndarray = np.minimum((cum <= u[:, None]).sum(axis=1), vocab - 1)
+    return drawn
 
 
 def top_k(logp: np.ndarray, k: int) -> np.ndarray:
