@@ -24,6 +24,10 @@ _LAZY: dict[str, str] = {
     "asweep": "._sweep",
     "SweepResult": "._sweep_result",
     "load_sweep": "._sweep_result",
+    "BatchOptions": "._batch",
+    "load_batch_output": "._batch",
+    "Grid": "._grid",
+    "expand_grid": "._grid",
     "Cache": "._cache",
     "ConformanceReport": "._conformance",
     "ServerProfile": "._profiles",
@@ -33,6 +37,7 @@ _SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
 __all__ = [
     "APIError",
     "AsyncClient",
+    "BatchOptions",
     "BudgetError",
     "Cache",
     "Client",
@@ -40,6 +45,7 @@ __all__ = [
     "CompletionRequest",
     "ConformanceError",
     "ConformanceReport",
+    "Grid",
     "Limits",
     "NBCompletionsError",
     "RequestError",
@@ -48,6 +54,8 @@ __all__ = [
     "SweepResult",
     "__version__",
     "asweep",
+    "expand_grid",
+    "load_batch_output",
     "load_sweep",
     "metrics",
     "plots",
@@ -58,11 +66,13 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from . import metrics, plots, widgets
+    from ._batch import BatchOptions, load_batch_output
     from ._cache import Cache
     from ._client import AsyncClient, Client
     from ._completion import Completion
     from ._conformance import ConformanceReport
     from ._frames import to_frames
+    from ._grid import Grid, expand_grid
     from ._profiles import ServerProfile
     from ._streaming import StreamChunk
     from ._sweep import asweep, sweep

@@ -191,7 +191,75 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-access-log", action="store_true", help="do not log one line per request"
     )
+    batch = commands.add_parser(
+        "batch",
+        help="run an OpenAI Batch input file (JSONL) on the embedded model, offline",
+        description="Run an OpenAI Batch input file on the embedded model, in-process: one "
+        'request per line, {"custom_id": ..., "method": "POST", "url": "/v1/completions", '
+        '"body": {...}}. Writes the output file (one line per answered request, any order; join '
+        "on custom_id) and, when a request failed, the error file.",
+    )
+    batch.add_argument("-i", "--input", required=True, metavar="FILE", help="the Batch input file")
+    batch.add_argument("-o", "--output", required=True, metavar="FILE", help="the output file")
+    batch.add_argument(
+        "-e",
+        "--errors",
+        metavar="FILE",
+        default=None,
+        help="the error file (default: next to the output, <name>-errors<suffix>)",
+    )
+    batch.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return parser
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._batch import arun_batch_file
+    from ._client import Client
+    from ._errors import NBCompletionsError
+    from ._loop import run_sync
+
+    source, output = Path(args.input), Path(args.output)
+    errors = (
+        Path(args.errors)
+        if args.errors
+        else output.with_name(f"{output.stem}-errors{output.suffix or '.jsonl'}")
+    )
+    if not source.is_file():
+        print(f"nbcompletions batch: no input file {str(source)!r}", file=sys.stderr)
+        return 2
+    try:
+        with Client(max_retries=0) as client:
+            card, output_data, error_data = run_sync(
+                arun_batch_file(
+                    client.async_client,
+                    source.read_bytes(),
+                    source.name,
+                    poll_interval=0.05,
+                    progress=not args.quiet,
+                )
+            )
+    except NBCompletionsError as exc:  # the file was refused (a bad line) or the model is missing
+        print(f"nbcompletions batch: {exc}", file=sys.stderr)
+        return 1
+    output.write_bytes(output_data or b"")  # a run always leaves its output file
+    if error_data:
+        errors.write_bytes(error_data)
+    counts = card.get("request_counts") or {}
+    if card.get("status") != "completed":
+        problems = (card.get("errors") or {}).get("data") or []
+        detail = "; ".join(f"line {p.get('line')}: {p.get('message')}" for p in problems)
+        print(f"nbcompletions batch: the batch {card.get('status')}: {detail}", file=sys.stderr)
+        return 1
+    if not args.quiet:
+        where = f" -> {output}" + (f", errors -> {errors}" if card.get("error_file_id") else "")
+        print(
+            f"{counts.get('total', 0)} requests: {counts.get('completed', 0)} completed, "
+            f"{counts.get('failed', 0)} failed{where}",
+            file=sys.stderr,
+        )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -245,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # after a clean shutdown would only alarm. 130 is the shell's code for SIGINT.
             return 130
         return 0
+    if args.command == "batch":
+        return _run_batch(args)
     # argparse rejects unknown commands before this point.
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2  # pragma: no cover

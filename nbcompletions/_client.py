@@ -656,8 +656,18 @@ class AsyncClient(_BaseClient):
         )
         await _retry.sleep(delay)
 
-    async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any:
-        responses = self._send(method, path, body)
+    async def _request_json(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        *,
+        upload: tuple[bytes, str] | None = None,
+        raw: bool = False,
+    ) -> Any:
+        """One request through the retry loop: the JSON answer (``raw``: its bytes). ``upload``
+        sends ``(content, content type)`` instead of a JSON body (the Batch API's files)."""
+        responses = self._send(method, path, body, upload=upload, raw=raw)
         try:
             return await anext(responses)
         finally:
@@ -682,7 +692,14 @@ class AsyncClient(_BaseClient):
         return self._send("POST", "/completions", request.to_body(), stream=True)
 
     async def _send(
-        self, method: str, path: str, body: Mapping[str, Any] | None, *, stream: bool = False
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        *,
+        stream: bool = False,
+        upload: tuple[bytes, str] | None = None,
+        raw: bool = False,
     ) -> AsyncGenerator[Any, None]:
         """The one retry loop: yields the JSON body once or, with ``stream``, each chunk object.
 
@@ -696,6 +713,9 @@ class AsyncClient(_BaseClient):
         headers = self._settings.headers.get()
         if content is not None:
             headers = {**headers, "Content-Type": "application/json"}
+        elif upload is not None:
+            content, content_type = upload
+            headers = {**headers, "Content-Type": content_type}
         if stream:
             headers = {**headers, "Accept": "text/event-stream"}
         retries = 0
@@ -746,7 +766,7 @@ class AsyncClient(_BaseClient):
                             return
                         else:
                             await response.aread()
-                            yield _json_body(response)
+                            yield response.content if raw else _json_body(response)
                             return
                     finally:
                         await response.aclose()

@@ -28,10 +28,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ._batch_file import batch_lines, split_batches
 from ._cache import cache_keys
 from ._errors import RequestError
 from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
@@ -81,6 +84,49 @@ class Grid:
     endpoint: str
     model: str | None
     axes: dict[str, int] = field(default_factory=dict)
+
+    def to_batch_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        max_requests: int = 50_000,
+        max_bytes: int = 200_000_000,
+    ) -> list[Path]:
+        """Write the grid as an OpenAI Batch input file (JSONL) for any engine that reads one.
+
+        One line per distinct request: ``{"custom_id": <cache key>, "method": "POST", "url":
+        "/v1/completions", "body": {...}}``. A grid over OpenAI's limits (``max_requests`` lines,
+        ``max_bytes`` bytes per file) is written as ``<stem>-001<suffix>``, ``-002``...; the paths
+        written are returned. `nbcompletions.load_batch_output` reads the results back.
+        """
+        for name, value in (("max_requests", max_requests), ("max_bytes", max_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RequestError(
+                    name,
+                    f"{name} must be an integer >= 1; got {value!r}",
+                    allowed="an integer >= 1",
+                    value=value,
+                )
+        # One line per distinct request: grid points with the same cache key share a response.
+        firsts: dict[str, GridPoint] = {}
+        for point in self.points:
+            firsts.setdefault(point.key, point)
+        points = list(firsts.values())
+        groups = split_batches(batch_lines(points, self.model), max_requests, max_bytes) or [[]]
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if len(groups) == 1:
+            paths = [target]
+        else:
+            paths = [
+                target.with_name(f"{target.stem}-{n:03d}{target.suffix}")
+                for n in range(1, len(groups) + 1)
+            ]
+        for where, group in zip(paths, groups, strict=True):
+            with where.open("wb") as handle:
+                for _, line in group:
+                    handle.write(line)
+        return paths
 
 
 def _plain(value: Any) -> Any:

@@ -15,168 +15,29 @@ from the cache agree. A request that still fails after the client's retries beco
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._cache import Cache
-from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
-from ._grid import Grid, estimate_tokens, expand_grid
-from ._request import check_optional_count
-from ._sweep_result import SweepResult, _build_frames, _Outcome, _requests_frame
+from ._errors import RequestError
+from ._sweep_prepare import (
+    _client_concurrency,
+    _error_fields,
+    _failure_types,
+    _prepare,
+    _Prepared,
+    _probe,
+    _progress_bar,
+    _refuse_ignored,
+    _result,
+)
+from ._sweep_result import SweepResult
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 
+if TYPE_CHECKING:  # pragma: no cover
+    from ._batch import BatchOptions
+
 __all__ = ["asweep", "sweep"]
-
-#: Requests in flight when neither the sweep nor the client sets a limit.
-_UNLIMITED_WORKERS = 16
-
-
-def _error_fields(exc: BaseException) -> dict[str, Any]:
-    if isinstance(exc, APIError):
-        kind = exc.type or exc.code or type(exc).__name__
-        return {"error_type": kind, "error_status": exc.status, "error_message": exc.message}
-    return {"error_type": type(exc).__name__, "error_status": None, "error_message": str(exc)}
-
-
-def _progress_bar(total: int, enabled: bool, initial: int) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="sweep", unit="req", dynamic_ncols=True)
-
-
-def _client_concurrency(client: AsyncCompletionsClient) -> int:
-    """The worker count: the client's own limit (`AsyncClient.max_concurrency`), if it has one."""
-    value = client.max_concurrency
-    return value if isinstance(value, int) and value > 0 else _UNLIMITED_WORKERS
-
-
-def _check_budget(value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise RequestError(
-            "budget",
-            f"budget must be a number of tokens >= 0 or None; got {value!r}",
-            allowed="a number >= 0 or None",
-            value=value,
-        )
-
-
-# Failures that become error rows. Anything else (a bug, a cancellation) stops the sweep.
-def _failure_types() -> tuple[type[BaseException], ...]:
-    import httpx
-
-    return (NBCompletionsError, httpx.HTTPError, OSError, TimeoutError, asyncio.TimeoutError)
-
-
-@dataclass
-class _Prepared:
-    grid: Grid
-    outcomes: list[_Outcome]
-    cache: Cache | None
-    owns_cache: bool
-    estimate: int
-    estimate_method: str
-    pending: list[int]
-    same_as: list[tuple[int, int]] = field(default_factory=list)  # (duplicate, point it copies)
-
-
-def _prepare(
-    client: AsyncCompletionsClient,
-    prompt: Any,
-    repeats: int,
-    cache: Any,
-    max_concurrency: Any,
-    budget: Any,
-    fields: dict[str, Any],
-) -> _Prepared:
-    """Expand, validate, read the cache and check the budget: all before a single request."""
-    check_optional_count("max_concurrency", max_concurrency)
-    _check_budget(budget)
-    grid = expand_grid(client, prompt, repeats=repeats, **fields)
-    owns = False
-    store: Cache | None
-    if cache is None or isinstance(cache, Cache):
-        store = cache
-    elif isinstance(cache, str | os.PathLike):
-        store, owns = Cache(cache), True
-    else:
-        raise RequestError(
-            "cache",
-            f"cache must be a file path, a Cache or None; got {cache!r}",
-            allowed="a path or a Cache",
-            value=cache,
-        )
-    outcomes = [_Outcome() for _ in grid.points]
-    if store is not None:
-        hits = store.get_many(point.key for point in grid.points)
-        for point, outcome in zip(grid.points, outcomes, strict=True):
-            hit = hits.get(point.key)
-            if hit is not None:
-                outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
-    # Grid points with the same key (a prompt listed twice, a repeated axis value) are one request:
-    # sent once, their rows share its response, as they would on a re-run from the cache.
-    pending: list[int] = []
-    first_of: dict[str, int] = {}
-    same_as: list[tuple[int, int]] = []
-    for i, outcome in enumerate(outcomes):
-        if outcome.cached:
-            continue
-        key = grid.points[i].key
-        if key in first_of:
-            same_as.append((i, first_of[key]))
-        else:
-            first_of[key] = i
-            pending.append(i)
-    estimate, method = estimate_tokens([grid.points[i].request for i in pending], model=grid.model)
-    if budget is not None and estimate > budget:
-        if owns and store is not None:
-            store.close()
-        raise BudgetError(
-            f"this sweep can use up to ~{estimate:,} tokens ({len(pending)} requests to send; "
-            f"prompt tokens counted by {method}, completions as max_tokens x max(n, best_of)), "
-            f"more than budget={budget:,}; lower max_tokens, repeats or the grid, or raise the "
-            "budget",
-            estimate=estimate,
-            budget=int(budget),
-        )
-    return _Prepared(grid, outcomes, store, owns, estimate, method, pending, same_as)
-
-
-async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
-    from ._scoring import acapabilities, cached_capabilities
-
-    meta_key = f"capabilities:{prepared.grid.endpoint}:{prepared.grid.model}"
-    known = cached_capabilities(aclient)
-    if known is None and prepared.cache is not None:
-        known = prepared.cache.get_meta(meta_key)
-    if known is None:
-        try:
-            known = await acapabilities(aclient)
-        except _failure_types() as exc:
-            return {"error": str(exc)}
-    if prepared.cache is not None:
-        prepared.cache.set_meta(meta_key, known)
-    return known
-
-
-def _refuse_ignored(capabilities: Mapping[str, Any] | None, grid: Grid) -> None:
-    from ._conformance import ConformanceReport, check_sweep
-
-    report = ConformanceReport.from_dict(capabilities) if capabilities else None
-    problems = check_sweep(report, [p.request for p in grid.points]) if report else []
-    if problems:
-        raise ConformanceError(
-            "this sweep asks for what the endpoint was measured not to do, so its results would "
-            "be wrong; nothing was sent (probe=False sends anyway):\n- " + "\n- ".join(problems),
-            check="sweep",
-            detail="; ".join(problems),
-        )
 
 
 async def _execute(
@@ -241,39 +102,7 @@ async def _execute(
         if prepared.owns_cache and store is not None:
             store.close()
 
-    for duplicate, original in prepared.same_as:
-        source, target = outcomes[original], outcomes[duplicate]
-        target.response, target.error, target.latency = (
-            source.response,
-            source.error,
-            source.latency,
-        )
-        if source.error:
-            n_failed += 1
-    requests = _requests_frame(grid, outcomes)
-    cached = requests[requests["status"] == "cached"]
-    usage = {
-        **spent,
-        "requests": len(grid.points),
-        "sent": len(prepared.pending),
-        "cached_requests": len(cached),
-        "failed_requests": n_failed,
-        "cached_tokens": int(cached["total_tokens"].fillna(0).sum()),
-        "estimate": prepared.estimate,
-        "estimate_method": prepared.estimate_method,
-        "axes": grid.axes,
-    }
-    return SweepResult(
-        requests,
-        usage=usage,
-        capabilities=capabilities,
-        builder=lambda: _build_frames(grid, outcomes, requests, _vocab_size(aclient)),
-    )
-
-
-def _vocab_size(client: AsyncCompletionsClient) -> int | None:
-    value = client.vocab_size
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return _result(aclient, prepared, spent, n_failed, capabilities)
 
 
 async def asweep(
@@ -286,22 +115,46 @@ async def asweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    batch: bool | BatchOptions = False,
     **fields: Any,
 ) -> SweepResult:
     """The async twin of `sweep`, for an `AsyncClient`: ``await asweep(aclient, ...)``.
 
-    Cancelling the task stops the sweep; what finished is in the cache.
+    Cancelling the task stops the sweep; what finished is in the cache (with ``batch``, the
+    batches keep running and the next call reattaches to them).
     """
     if as_async(client) is not client:
         raise TypeError(
             "asweep() needs an AsyncClient; for a Client call "
             "nbcompletions.sweep(...), which works in Jupyter without await"
         )
+    options = _batch_options(batch)
     prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields)
     bar = _progress_bar(
         len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
     )
+    if options is not None:
+        from ._batch import run_batches
+
+        return await run_batches(client, prepared, options, bar=bar, probe=probe)
     return await _execute(client, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
+
+
+def _batch_options(batch: Any) -> BatchOptions | None:
+    if batch is False or batch is None:
+        return None
+    from ._batch import BatchOptions
+
+    if batch is True:
+        return BatchOptions()
+    if isinstance(batch, BatchOptions):
+        return batch
+    raise RequestError(
+        "batch",
+        f"batch must be True, False or an nbcompletions.BatchOptions; got {batch!r}",
+        allowed="True, False or BatchOptions(...)",
+        value=batch,
+    )
 
 
 def sweep(
@@ -314,6 +167,7 @@ def sweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    batch: bool | BatchOptions = False,
     **fields: Any,
 ) -> SweepResult:
     """Send every combination of the listed field values, ``repeats`` times each.
@@ -328,17 +182,27 @@ def sweep(
     (``result.capabilities``; remembered by the client and the cache). ``progress`` shows a tqdm
     bar.
 
+    ``batch=True`` (or a `BatchOptions`) sends the grid through the Batch API instead of live
+    requests (``/v1/files`` and ``/v1/batches``: half the price on OpenAI, hours instead of
+    seconds) and returns the same result; with a ``cache`` an interrupted call reattaches to its
+    running batches on the next call instead of paying twice (see `nbcompletions._batch`).
+
     Works from plain code and from a Jupyter cell (no await); a kernel interrupt stops it cleanly.
     """
     from ._loop import run_sync
 
     aclient = as_async(client)
+    options = _batch_options(batch)
     prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(
         len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
     )
     try:
+        if options is not None:
+            from ._batch import run_batches
+
+            return run_sync(run_batches(aclient, prepared, options, bar=bar, probe=probe))
         return run_sync(
             _execute(aclient, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
         )

@@ -41,8 +41,10 @@ LAYERS: dict[str, int] = {
     # studies: plan, run, store, analyse
     "_grid": 3,
     "_sweep": 3,
+    "_sweep_prepare": 3,
     "_sweep_result": 3,
     "_batch": 3,
+    "_batch_file": 3,
     "_cache": 3,
     "_columns": 3,
     "metrics": 3,

@@ -35,6 +35,7 @@ __all__ = [
     "linear",
     "load_weights",
     "log_softmax",
+    "normalise",
     "softmax",
 ]
 
@@ -80,37 +81,21 @@ class GPT2Config:
             return cls.from_dict(json.load(fh))
 
 
-#: Batches up to this many rows multiply by weight blocks of BLOCK x BLOCK (see `Linear`).
-SMALL_BATCH = 16
-BLOCK = 256
-
-
 @dataclasses.dataclass(frozen=True)
 class Linear:
     """A linear layer: ``w`` is (in, out), ``b`` is (out,) or None.
 
-    ``blocks[j][i]`` is a contiguous copy of ``w[i*BLOCK:(i+1)*BLOCK, j*BLOCK:(j+1)*BLOCK]``. A
-    decode step of a few rows (n > 1, best_of) multiplies by those blocks instead of the whole
-    matrix: OpenBLAS, numpy's BLAS, packs the whole weight matrix for every general matmul, which at
-    2 to 16 rows costs more than the arithmetic, while blocks this size take its unpacked
-    small-matrix path (about 2x faster at 8 rows here). One row goes to gemv, which needs neither.
+    Every batch size multiplies by the whole matrix in one BLAS call. (Multiplying a few rows by
+    256 x 256 blocks of it, to skip OpenBLAS's packing, was 15% slower per decode step at 4 to 16
+    rows once the weights no longer sit in cache, which is the case across a step's layers.)
     """
 
     w: np.ndarray
     b: np.ndarray | None
-    blocks: tuple[tuple[np.ndarray, ...], ...]
 
     @classmethod
     def of(cls, w: np.ndarray, b: np.ndarray | None = None) -> Linear:
-        n_in, n_out = w.shape
-        blocks = tuple(
-            tuple(
-                _frozen(np.ascontiguousarray(w[i : i + BLOCK, j : j + BLOCK]))
-                for i in range(0, n_in, BLOCK)
-            )
-            for j in range(0, n_out, BLOCK)
-        )
-        return cls(_frozen(w), None if b is None else _frozen(b), blocks)
+        return cls(_frozen(w), None if b is None else _frozen(b))
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -120,15 +105,19 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class Block:
-    """One transformer block's parameters (float32)."""
+    """One transformer block's parameters (float32), as the forward pass uses them.
 
-    ln_1_g: np.ndarray  # (D,)
-    ln_1_b: np.ndarray  # (D,)
-    attn: Linear  # (D, 3D): q, k, v side by side
+    Each layer norm's scale and shift are folded into the linear layer that reads its output, and
+    so is the normalisation's sqrt(D) (see `normalise`): ``(norm(x) * g + beta) @ w + b`` equals
+    ``(norm(x) / sqrt(D)) @ (sqrt(D) * g[:, None] * w) + (beta @ w + b)``. The attention's
+    1/sqrt(K) (and 1/(layer + 1) where configured) is folded into the query columns. A decode
+    step then makes no elementwise pass for them; the results differ from the unfolded order by
+    float32 rounding only.
+    """
+
+    attn: Linear  # (D, 3D): q, k, v side by side; ln_1 and the attention scale folded in
     attn_proj: Linear  # (D, D)
-    ln_2_g: np.ndarray  # (D,)
-    ln_2_b: np.ndarray  # (D,)
-    fc: Linear  # (D, 4D)
+    fc: Linear  # (D, 4D); ln_2 folded in
     mlp_proj: Linear  # (4D, D)
 
 
@@ -140,9 +129,18 @@ class GPT2Weights:
     wte: np.ndarray  # (V, D) token embeddings
     wpe: np.ndarray  # (n_positions, D) position embeddings
     blocks: tuple[Block, ...]
-    ln_f_g: np.ndarray  # (D,)
-    ln_f_b: np.ndarray  # (D,)
-    lm_head: Linear  # (D, V): wte.T, contiguous (tied weights), no bias
+    lm_head: Linear  # (D, V): wte.T, contiguous (tied weights), with ln_f folded in
+
+
+def _folded(w: np.ndarray, b: np.ndarray | None, g: np.ndarray, beta: np.ndarray) -> Linear:
+    """The linear layer ``w, b`` reading ``norm(x) / sqrt(D)`` instead of ``norm(x) * g + beta``."""
+    dim = w.shape[0]
+    w64 = w.astype(np.float64)
+    bias = beta.astype(np.float64) @ w64
+    if b is not None:
+        bias += b
+    scaled = (math.sqrt(dim) * g.astype(np.float64))[:, None] * w64
+    return Linear.of(np.ascontiguousarray(scaled, dtype=F32), bias.astype(F32))
 
 
 def load_weights(directory: str | Path) -> GPT2Weights:
@@ -163,37 +161,49 @@ def load_weights(directory: str | Path) -> GPT2Weights:
     def linear_at(name: str) -> Linear:
         return Linear.of(get(f"{name}.weight"), get(f"{name}.bias"))
 
-    blocks = tuple(
-        Block(
-            ln_1_g=get(f"h.{i}.ln_1.weight"),
-            ln_1_b=get(f"h.{i}.ln_1.bias"),
-            attn=linear_at(f"h.{i}.attn.c_attn"),
+    head = config.n_embd // config.n_head
+
+    def block(i: int) -> Block:
+        qkv_w, qkv_b = get(f"h.{i}.attn.c_attn.weight"), get(f"h.{i}.attn.c_attn.bias")
+        scale = 1.0
+        if config.scale_attn_weights:
+            scale /= math.sqrt(head)
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= i + 1
+        column = np.ones(qkv_w.shape[1])
+        column[: config.n_embd] = scale  # the query columns: scores come out scaled
+        attn = _folded(
+            qkv_w * column, qkv_b * column, get(f"h.{i}.ln_1.weight"), get(f"h.{i}.ln_1.bias")
+        )
+        fc = _folded(
+            get(f"h.{i}.mlp.c_fc.weight"),
+            get(f"h.{i}.mlp.c_fc.bias"),
+            get(f"h.{i}.ln_2.weight"),
+            get(f"h.{i}.ln_2.bias"),
+        )
+        return Block(
+            attn=attn,
             attn_proj=linear_at(f"h.{i}.attn.c_proj"),
-            ln_2_g=get(f"h.{i}.ln_2.weight"),
-            ln_2_b=get(f"h.{i}.ln_2.bias"),
-            fc=linear_at(f"h.{i}.mlp.c_fc"),
+            fc=fc,
             mlp_proj=linear_at(f"h.{i}.mlp.c_proj"),
         )
-        for i in range(config.n_layer)
-    )
+
+    blocks = tuple(block(i) for i in range(config.n_layer))
     wte = get("wte.weight")
-    # The output layer is tied to the input embedding unless the file carries its own.
-    lm_head_src = tensors.get("lm_head.weight")
-    lm_head = Linear.of(
-        np.ascontiguousarray((wte if lm_head_src is None else lm_head_src.astype(F32)).T)
-    )
     if wte.shape != (config.vocab_size, config.n_embd):
         raise ValueError(
             f"wte has shape {wte.shape}; config.json says ({config.vocab_size}, {config.n_embd})"
         )
+    # The output layer is tied to the input embedding unless the file carries its own.
+    lm_head_src = tensors.get("lm_head.weight")
+    lm_head = _folded(
+        (wte if lm_head_src is None else lm_head_src.astype(F32)).T,
+        None,
+        get("ln_f.weight"),
+        get("ln_f.bias"),
+    )
     return GPT2Weights(
-        config=config,
-        wte=wte,
-        wpe=get("wpe.weight"),
-        blocks=blocks,
-        ln_f_g=get("ln_f.weight"),
-        ln_f_b=get("ln_f.bias"),
-        lm_head=lm_head,
+        config=config, wte=wte, wpe=get("wpe.weight"), blocks=blocks, lm_head=lm_head
     )
 
 
@@ -209,6 +219,32 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     var = np.add.reduce(centered * centered, axis=-1, keepdims=True) * inv_d
     out: np.ndarray = centered / np.sqrt(var + F32(eps)) * g + b
     return out
+
+
+def normalise(x: np.ndarray, eps: float) -> np.ndarray:
+    """(M, D) -> (M, D): layer norm without its scale and shift, divided by sqrt(D).
+
+    ``(x - mean) / sqrt(sum((x - mean)**2) + D * eps)``: sums by matmul with a ones column (one
+    BLAS call each, fewer numpy passes than mean and var), and the sqrt(D) that a plain layer norm
+    would multiply by is folded into the next layer's weights (see `Block`).
+    """
+    dim = x.shape[-1]
+    ones = _ones_column(dim)
+    centered: np.ndarray = x - (x @ ones) * F32(1.0 / dim)  # (M, D)
+    sum_sq = (centered * centered) @ ones  # (M, 1)
+    sum_sq += F32(dim * eps)
+    centered /= np.sqrt(sum_sq, out=sum_sq)
+    return centered
+
+
+_ONES: dict[int, np.ndarray] = {}
+
+
+def _ones_column(dim: int) -> np.ndarray:
+    ones = _ONES.get(dim)
+    if ones is None:
+        ones = _ONES[dim] = _frozen(np.ones((dim, 1), F32))
+    return ones
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
@@ -356,16 +392,7 @@ def linear(x: np.ndarray, layer: Linear) -> np.ndarray:
     into one lets BLAS process every row of the batch in a single call.
     """
     flat = x.reshape(-1, x.shape[-1])  # (M, in)
-    rows = flat.shape[0]
-    if 1 < rows <= SMALL_BATCH:
-        out = np.empty((rows, layer.w.shape[1]), F32)  # (M, out)
-        for j, column in enumerate(layer.blocks):
-            part = out[:, j * BLOCK : (j + 1) * BLOCK]
-            np.matmul(flat[:, :BLOCK], column[0], out=part)
-            for i in range(1, len(column)):
-                part += flat[:, i * BLOCK : (i + 1) * BLOCK] @ column[i]
-    else:
-        out = flat @ layer.w
+    out: np.ndarray = flat @ layer.w  # (M, out)
     if layer.b is not None:
         out += layer.b
     return out.reshape(*x.shape[:-1], out.shape[1])
@@ -377,41 +404,43 @@ def _attention(
     config: GPT2Config,
     layer: int,
     cache: KVCache,
-    positions: np.ndarray,
+    mask: np.ndarray | None,
+    start: int | None,
+    end: int,
 ) -> np.ndarray:
-    """(B, T, D) -> (B, T, D): causal self-attention over the cache plus the T new positions."""
+    """(B, T, D) normalised input -> (B, T, D): causal self-attention over the cache plus the T
+    new positions.
+
+    ``start`` is every row's cached length when they are all equal (the new keys go in one slice),
+    else None (one step, each row at its own length); ``end`` the positions attended to; ``mask``
+    (B, 1, T, S) is 0 where a key is visible and -inf where not, or None when all are visible.
+    """
     batch, steps, dim = x.shape
     heads = config.n_head
     head = dim // heads
-    qkv = linear(x, block.attn)  # (B, T, 3D)
+    qkv = linear(x, block.attn)  # (B, T, 3D); the query comes out scaled (see `Block`)
     qkv = qkv.reshape(batch, steps, 3, heads, head).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, K)
     q, k, v = qkv[0], qkv[1], qkv[2]  # (B, H, T, K) each
 
-    lengths = cache.lengths
-    start = int(lengths[0])
-    uniform = bool((lengths == start).all())
-    if uniform:
-        cache.k[layer][:, :, start : start + steps] = k
-        cache.v[layer][:, :, start : start + steps] = v
+    cache_k, cache_v = cache.k[layer], cache.v[layer]
+    if start is not None:
+        cache_k[:, :, start : start + steps] = k
+        cache_v[:, :, start : start + steps] = v
     else:
         # Ragged rows take one step at a time, each at its own position.
         rows = np.arange(batch)
-        cache.k[layer][rows, :, lengths] = k[:, :, 0]  # (B, H, K)
-        cache.v[layer][rows, :, lengths] = v[:, :, 0]
-    end = int(lengths.max()) + steps
-    keys = cache.k[layer][:, :, :end]  # (B, H, S, K)
-    values = cache.v[layer][:, :, :end]  # (B, H, S, K)
+        cache_k[rows, :, cache.lengths] = k[:, :, 0]  # (B, H, K)
+        cache_v[rows, :, cache.lengths] = v[:, :, 0]
+    keys = cache_k[:, :, :end]  # (B, H, S, K)
+    values = cache_v[:, :, :end]  # (B, H, S, K)
 
     scores = q @ keys.transpose(0, 1, 3, 2)  # (B, H, T, S)
-    if config.scale_attn_weights:
-        scores *= F32(1.0 / math.sqrt(head))
-    if config.scale_attn_by_inverse_layer_idx:
-        scores *= F32(1.0 / (layer + 1))
-    if steps > 1 or not uniform:
-        # Key s is visible from the query at absolute position p iff s <= p.
-        hidden = np.arange(end)[None, None, :] > positions[:, :, None]  # (B, T, S)
-        scores = np.where(hidden[:, None], F32(-np.inf), scores)
-    weights = softmax(scores)  # (B, H, T, S)
+    if mask is not None:
+        scores += mask
+    # softmax in place: subtract the max, exponentiate, normalise
+    scores -= scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores, out=scores)
+    weights /= np.add.reduce(weights, axis=-1, keepdims=True)
     out = (weights @ values).transpose(0, 2, 1, 3).reshape(batch, steps, dim)  # (B, T, D)
     return linear(out, block.attn_proj)  # (B, T, D)
 
@@ -434,27 +463,35 @@ def forward(
             f"activation_function {config.activation_function!r} is not supported; "
             f"supported: {sorted(ACTIVATIONS)}"
         )
-    steps = ids.shape[1]
-    positions = cache.lengths[:, None] + np.arange(steps)[None, :]  # (B, T)
-    if int(positions.max()) >= cache.capacity:
+    batch, steps = ids.shape
+    lengths = cache.lengths
+    low, high = int(lengths.min()), int(lengths.max())
+    if high + steps > cache.capacity:
         raise ValueError(
-            f"the cache holds {cache.capacity} positions; position "
-            f"{int(positions.max())} does not fit"
+            f"the cache holds {cache.capacity} positions; position {high + steps - 1} does not fit"
         )
+    end = high + steps  # keys attended to: (B, H, T, S) with S = end
+    start: int | None = low
+    mask = None
+    if steps == 1 and low == high:
+        positions = np.full((batch, 1), low)  # (B, T): every key is visible
+    else:
+        positions = lengths[:, None] + np.arange(steps)[None, :]  # (B, T)
+        if low != high:
+            start = None
+        # Key s is visible from the query at absolute position p iff s <= p.
+        hidden = np.arange(end)[None, None, :] > positions[:, :, None]  # (B, T, S)
+        mask = np.where(hidden, F32(-np.inf), F32(0.0))[:, None]  # (B, 1, T, S)
     eps = config.layer_norm_epsilon
     x = weights.wte[ids] + weights.wpe[positions]  # (B, T, D)
     for layer, block in enumerate(weights.blocks):
-        x = x + _attention(
-            layer_norm(x, block.ln_1_g, block.ln_1_b, eps), block, config, layer, cache, positions
-        )  # (B, T, D)
-        h = layer_norm(x, block.ln_2_g, block.ln_2_b, eps)  # (B, T, D)
-        h = act(linear(h, block.fc))  # (B, T, 4D)
-        x = x + linear(h, block.mlp_proj)  # (B, T, D)
-    cache.lengths = cache.lengths + steps
+        x += _attention(normalise(x, eps), block, config, layer, cache, mask, start, end)
+        h = act(linear(normalise(x, eps), block.fc))  # (B, T, 4D)
+        x += linear(h, block.mlp_proj)  # (B, T, D)
+    cache.lengths = lengths + steps
     if last_only:
         x = x[:, -1:]  # (B, 1, D)
-    x = layer_norm(x, weights.ln_f_g, weights.ln_f_b, eps)  # (B, T, D)
-    return linear(x, weights.lm_head)  # (B, T, V)
+    return linear(normalise(x, eps), weights.lm_head)  # (B, T, V)
 
 
 def forward_full(weights: GPT2Weights, ids: np.ndarray) -> np.ndarray:

@@ -81,7 +81,7 @@ def sample(
         greedy: np.ndarray = np.argmax(mu, axis=1)
         return greedy
     batch, vocab = mu.shape
-    z = mu / temperature
+    z = mu / temperature if temperature != 1.0 else mu.copy()
     z -= z.max(axis=1, keepdims=True)  # the most likely token now has z = 0
     if min_p > 0.0:
         # p[j] / p_max = exp(z[j]): keep the tokens with p[j] >= min_p * p_max.
@@ -89,7 +89,7 @@ def sample(
     if 0 < top_k < vocab:
         kth = np.partition(z, vocab - top_k, axis=1)[:, vocab - top_k, None]  # (B, 1)
         z = np.where(z >= kth, z, -np.inf)
-    probs = np.exp(z)  # (B, V), unnormalised; -inf (banned) -> 0
+    probs = np.exp(z, out=z)  # (B, V), unnormalised; -inf (banned) -> 0
     rows = np.arange(batch)
     if top_p < 1.0:
         probs /= probs.sum(axis=1, keepdims=True)
@@ -100,13 +100,27 @@ def sample(
         ranked[:, 0] = np.maximum(ranked[:, 0], np.finfo(np.float64).tiny)  # keep at least one
         cum = np.cumsum(ranked, axis=1)  # (B, V)
         u = rng.random(batch) * cum[:, -1]
-        pick = np.minimum((cum <= u[:, None]).sum(axis=1), vocab - 1)
-        picked: np.ndarray = order[rows, pick]
+        picked: np.ndarray = order[rows, _pick(cum, u)]
         return picked
-    cum = np.cumsum(probs, axis=1)  # (B, V)
+    cum = np.cumsum(probs, axis=1, out=probs)  # (B, V)
     u = rng.random(batch) * cum[:, -1]
-    drawn: np.ndarray = np.minimum((cum <= u[:, None]).sum(axis=1), vocab - 1)
-    return drawn
+    return _pick(cum, u)
+
+
+def _pick(cum: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """(B, V) cumulative weights and (B,) draws -> (B,) the first index whose cum exceeds u.
+
+    That is the count of entries <= u (cum never decreases), found by bisection per row rather
+    than by comparing all V entries, capped at V - 1 against rounding at the top.
+    """
+    last = cum.shape[1] - 1
+    return np.array(
+        [
+            min(int(np.searchsorted(row, draw, side="right")), last)
+            for row, draw in zip(cum, u, strict=True)
+        ],
+        np.int64,
+    ).reshape(len(u))
 
 
 def top_k(logp: np.ndarray, k: int) -> np.ndarray:

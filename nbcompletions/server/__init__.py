@@ -13,9 +13,10 @@ from ._app import (
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
     Engine,
-    create_app,
     render_json,
 )
+from ._batches import BatchLimits
+from ._create import create_app
 from ._scheduler import WorkBudget
 from ._serve import API_KEY_ENV, DEFAULT_MAX_TOKENS_CAP, serve
 from ._transport import StreamingASGITransport
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_BODY_TIMEOUT_S",
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_TOKENS_CAP",
+    "BatchLimits",
     "Engine",
     "StreamingASGITransport",
     "WorkBudget",

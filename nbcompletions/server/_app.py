@@ -17,24 +17,19 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .._errors import RequestError
 from .._parse import NEG_INF_LOGPROB
 from .._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest, Limits, shown
-from .._secrets import check_api_key
-from ._guard import RequestGuard
 from ._scheduler import CompletionStream, Overloaded, Scheduler, WorkBudget, scheduler_for
 
 __all__ = [
@@ -42,7 +37,6 @@ __all__ = [
     "DEFAULT_BODY_TIMEOUT_S",
     "DEFAULT_MAX_BODY_BYTES",
     "Engine",
-    "create_app",
     "render_json",
 ]
 
@@ -498,6 +492,26 @@ class _CompletionsServer:
 
     async def completions(self, request: Request, request_id: str) -> Response:
         body = await self._read_json(request)
+        completion, scheduler = await self.accept(body)
+        try:
+            if completion.stream:
+                return _EventStream(await scheduler.stream(completion), request_id)
+            result = await scheduler.complete(completion, disconnected=_disconnected(request))
+        except Overloaded as exc:
+            raise _Failure(
+                503,
+                exc.message,
+                type="server_error",
+                code="server_overloaded",
+                headers={"retry-after": str(exc.retry_after)},
+            ) from None
+        if result is None:
+            raise ClientDisconnect()  # the client left; its work stopped
+        return _JSON(result)
+
+    async def accept(self, body: Any) -> tuple[CompletionRequest, Scheduler]:
+        """Validate a completion body as ``POST /v1/completions`` does (the Batch API's lines
+        too): the request and the scheduler to run it, or `_Failure`/`RequestError`."""
         if not isinstance(body, dict):
             raise _Failure(
                 400, f"The request body must be a JSON object; got a JSON {_json_kind(body)}."
@@ -516,22 +530,7 @@ class _CompletionsServer:
         engine = await self.engine()
         self._check_model(engine, completion.model)
         completion = self._apply_cap(completion)
-        scheduler = self._scheduler_for(engine)
-        try:
-            if completion.stream:
-                return _EventStream(await scheduler.stream(completion), request_id)
-            result = await scheduler.complete(completion, disconnected=_disconnected(request))
-        except Overloaded as exc:
-            raise _Failure(
-                503,
-                exc.message,
-                type="server_error",
-                code="server_overloaded",
-                headers={"retry-after": str(exc.retry_after)},
-            ) from None
-        if result is None:
-            raise ClientDisconnect()  # the client left; its work stopped
-        return _JSON(result)
+        return completion, self._scheduler_for(engine)
 
     async def models(self, request: Request, request_id: str) -> Response:
         engine = await self.engine()
@@ -592,98 +591,3 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         message = str(exc.detail)
     failure = _Failure(exc.status_code, message, headers=exc.headers)
     return _JSON(failure.body(), status_code=exc.status_code, headers=failure.headers)
-
-
-def _check_positive(name: str, value: Any, *, optional: bool) -> None:
-    if optional and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(
-            f"{name} must be an integer >= 1{' or None' if optional else ''}; got {value!r}"
-        )
-
-
-def create_app(
-    engine: Engine | None = None,
-    *,
-    api_key: str | None = None,
-    max_tokens_cap: int | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    limits: Limits | None = None,
-    max_concurrency: int = 4,
-    budget: WorkBudget | None = None,
-    compat: str = "openai",
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-    allowed_hosts: Sequence[str] | None = None,
-    allowed_origins: Sequence[str] = (),
-) -> Starlette:
-    """The OpenAI-compatible Completions app (an ASGI app).
-
-    Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``),
-    ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``.
-
-    Args:
-        engine: the model engine; by default the embedded model, loaded on the first request.
-        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
-        max_tokens_cap: largest ``max_tokens`` accepted (400 above it); None: only the model's
-            context limits it.
-        max_body_bytes: largest request body accepted (413 above it).
-        limits: request caps (logprobs, n, best_of, stop); by default those of ``compat``.
-        max_concurrency: for an engine without ``job()`` (only ``complete`` and ``stream``):
-            engine calls run at once per event loop. The embedded engine batches every request
-            instead (see ``nbcompletions.server._scheduler``).
-        budget: the work budget (per-request tokens, the memory all requests may hold, how many
-            may wait for it); `WorkBudget`'s defaults when None.
-        compat: ``"openai"`` (OpenAI's caps; unknown fields refused) or ``"vllm"`` (vLLM's caps:
-            20 logprobs, any number of stop strings, and its sampling fields ``top_k``,
-            ``min_p``, ``repetition_penalty``).
-        body_timeout_s: seconds a client has to send its request body (408 after).
-        allowed_hosts: None: any ``Host``. Otherwise only loopback names and these (``*``: any);
-            ``serve`` sets it for a loopback bind (a defence against DNS rebinding).
-        allowed_origins: requests with an ``Origin`` header (web pages) are refused (403) unless
-            it is a loopback origin or one of these (``*``: any).
-    """
-    if api_key is not None and (not isinstance(api_key, str) or not api_key):
-        raise ValueError("api_key must be a non-empty string or None")
-    if api_key is not None:
-        check_api_key(api_key)
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
-    if (
-        not isinstance(body_timeout_s, int | float)
-        or isinstance(body_timeout_s, bool)
-        or not math.isfinite(body_timeout_s)
-        or body_timeout_s <= 0
-    ):
-        raise ValueError(f"body_timeout_s must be a number of seconds > 0; got {body_timeout_s!r}")
-    if limits is None:
-        limits = Limits.vllm() if compat == "vllm" else Limits()
-    _check_positive("max_tokens_cap", max_tokens_cap, optional=True)
-    _check_positive("max_body_bytes", max_body_bytes, optional=False)
-    _check_positive("max_concurrency", max_concurrency, optional=False)
-    server = _CompletionsServer(
-        engine,
-        api_key=api_key,
-        max_tokens_cap=max_tokens_cap,
-        max_body_bytes=max_body_bytes,
-        limits=limits,
-        max_concurrency=max_concurrency,
-        budget=budget or WorkBudget(),
-        body_timeout_s=float(body_timeout_s),
-    )
-    routes = [
-        Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
-        Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
-        Route("/v1/models/{model_id:path}", server.endpoint(server.model), methods=["GET"]),
-        Route("/health", server.endpoint(server.health, auth=False), methods=["GET"]),
-    ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={HTTPException: _http_error},
-        middleware=[Middleware(RequestGuard, hosts=allowed_hosts, origins=tuple(allowed_origins))],
-    )
-    # Starlette would answer "POST /v1/completions/" with a 307 to the slashless URL before any
-    # key check (and clients do not re-POST on 307 uniformly): unknown paths are 404s instead.
-    app.router.redirect_slashes = False
-    app.state.nbcompletions = server
-    return app

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._request import Limits
-from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Engine, create_app
+from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Engine
+from ._create import create_app
 from ._scheduler import WorkBudget
 
 __all__ = ["API_KEY_ENV", "DEFAULT_MAX_TOKENS_CAP", "is_loopback", "serve"]

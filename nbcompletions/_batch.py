@@ -1,0 +1,607 @@
+"""Sweeps through the Batch API: the grid as a Batch input file, run by any engine that reads one.
+
+``sweep(client, ..., batch=True, cache="study.sqlite")`` writes every request still missing from
+the cache as one line of an OpenAI Batch input file::
+
+    {"custom_id": "<cache key>", "method": "POST", "url": "/v1/completions", "body": {...}}
+
+uploads it (``POST /v1/files``, purpose ``batch``), creates a batch (``POST /v1/batches``,
+completion window ``24h``), polls it (``GET /v1/batches/{id}``) with a progress bar of its request
+counts, downloads the output and error files, joins them on ``custom_id`` and returns the same
+`SweepResult` a live sweep returns. ``custom_id`` is the request's cache key: stable across runs
+and unique (grid points that are the same request are sent once, as in a live sweep).
+
+Reattaching: each batch's id and custom ids are written to the cache (`Cache.set_meta`) as soon as
+the batch exists, so a call that is interrupted while the batch runs (a kernel restart, a closed
+laptop) leaves it running, and the same call later polls that batch instead of paying for a second
+one. A batch that ends ``cancelled``, ``expired`` or ``failed`` keeps what finished (stored in the
+cache as it is downloaded); the requests that never ran become error rows, and the next call sends
+just those. Without a cache nothing can be reattached.
+
+OpenAI limits one input file to 50,000 requests and 200 MB; a bigger grid becomes several batches
+(`BatchOptions` sets the limits). Offline: `Grid.to_batch_file` writes the file for another engine,
+and `load_batch_output` turns the output files it produced back into a `SweepResult`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._batch_file import (
+    BATCH_URL,
+    OPENAI_MAX_BATCH_BYTES,
+    OPENAI_MAX_BATCH_REQUESTS,
+    batch_lines,
+    split_batches,
+)
+from ._cache import Cache
+from ._errors import APIError, RequestError
+from ._grid import Grid, GridPoint, estimate_tokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    import os
+
+    from ._sweep_prepare import _Prepared
+    from ._sweep_result import SweepResult
+
+__all__ = [
+    "BATCH_URL",
+    "OPENAI_MAX_BATCH_BYTES",
+    "OPENAI_MAX_BATCH_REQUESTS",
+    "BatchOptions",
+    "arun_batch_file",
+    "batch_lines",
+    "load_batch_output",
+    "run_batches",
+    "split_batches",
+    "write_batch_files",
+]
+
+_TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+_FIRST_POLL_S = 0.25
+_MAX_POLL_S = 15.0
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How a sweep runs through the Batch API (``sweep(..., batch=BatchOptions(...))``).
+
+    Attributes:
+        max_requests: most requests in one batch (OpenAI: 50,000); more make several batches.
+        max_bytes: largest input file in bytes (OpenAI: 200 MB).
+        poll_interval: seconds between status checks; None: from 0.25 s, growing to 15 s.
+        completion_window: the batch's window (OpenAI accepts only ``"24h"``).
+        metadata: string pairs attached to each batch (OpenAI: up to 16).
+    """
+
+    max_requests: int = OPENAI_MAX_BATCH_REQUESTS
+    max_bytes: int = OPENAI_MAX_BATCH_BYTES
+    poll_interval: float | None = None
+    completion_window: str = "24h"
+    metadata: Mapping[str, str] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise RequestError(
+                    name,
+                    f"{name} must be an integer >= 1; got {value!r}",
+                    allowed="an integer >= 1",
+                    value=value,
+                )
+        interval = self.poll_interval
+        if interval is not None and (
+            isinstance(interval, bool)
+            or not isinstance(interval, int | float)
+            or not math.isfinite(interval)
+            or interval <= 0
+        ):
+            raise RequestError(
+                "poll_interval",
+                f"poll_interval must be a number of seconds > 0 or None; got {interval!r}",
+                allowed="seconds > 0 or None",
+                value=interval,
+            )
+        if not isinstance(self.completion_window, str) or not self.completion_window:
+            raise RequestError(
+                "completion_window",
+                f"completion_window must be a string such as '24h'; got {self.completion_window!r}",
+                allowed="'24h'",
+                value=self.completion_window,
+            )
+        metadata = self.metadata
+        if metadata is not None and (
+            not isinstance(metadata, Mapping)
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+        ):
+            raise RequestError(
+                "metadata",
+                f"metadata must map strings to strings; got {metadata!r}",
+                allowed="a dict of str -> str",
+                value=metadata,
+            )
+
+
+# -- the input file -------------------------------------------------------------------------------
+def _unique_points(grid: Grid, indices: Iterable[int] | None = None) -> list[GridPoint]:
+    """Grid points with distinct cache keys (one line each), in grid order."""
+    seen: set[str] = set()
+    points = []
+    for i in range(len(grid.points)) if indices is None else indices:
+        point = grid.points[i]
+        if point.key not in seen:
+            seen.add(point.key)
+            points.append(point)
+    return points
+
+
+def write_batch_files(
+    grid: Grid,
+    path: str | os.PathLike[str],
+    *,
+    max_requests: int = OPENAI_MAX_BATCH_REQUESTS,
+    max_bytes: int = OPENAI_MAX_BATCH_BYTES,
+) -> list[Path]:
+    """Write ``grid`` as Batch input files; see `Grid.to_batch_file`."""
+    BatchOptions(max_requests=max_requests, max_bytes=max_bytes)  # checks both
+    return grid.to_batch_file(path, max_requests=max_requests, max_bytes=max_bytes)
+
+
+# -- the output files -----------------------------------------------------------------------------
+@dataclass
+class _LineResult:
+    response: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None  # the sweep's error fields
+
+
+def _line_error(line: Mapping[str, Any]) -> dict[str, Any]:
+    """A failed line's error as the sweep's error fields (type, HTTP status, message)."""
+    response = line.get("response")
+    status = response.get("status_code") if isinstance(response, Mapping) else None
+    status = status if isinstance(status, int) and not isinstance(status, bool) else None
+    body = response.get("body") if isinstance(response, Mapping) else None
+    # OpenAI puts an HTTP error in the response body; vLLM's run-batch puts it (a string or an
+    # ErrorResponse) in "error" with a null body; OpenAI's batch-level failures have error.code.
+    error: Any = body.get("error") if isinstance(body, Mapping) else None
+    if error is None:
+        error = line.get("error")
+        if isinstance(error, Mapping) and isinstance(error.get("error"), Mapping):
+            error = error["error"]
+    if isinstance(error, Mapping):
+        kind = error.get("type") or error.get("code") or "batch_error"
+        message = error.get("message") or json.dumps(error)[:500]
+        return {
+            "error_type": str(kind),
+            "error_status": status,
+            "error_message": str(message),
+        }
+    if isinstance(error, str) or status is not None:
+        return {
+            "error_type": "api_error",
+            "error_status": status,
+            "error_message": error if isinstance(error, str) else json.dumps(body)[:500],
+        }
+    return {
+        "error_type": "invalid_response",
+        "error_status": None,
+        "error_message": f"a Batch output line without a response or an error: "
+        f"{json.dumps(line)[:300]}",
+    }
+
+
+def read_batch_results(data: bytes | Iterable[bytes]) -> dict[str, _LineResult]:
+    """custom_id -> result, from the bytes (or lines) of Batch output and error files."""
+    lines = data.splitlines() if isinstance(data, bytes) else data
+    results: dict[str, _LineResult] = {}
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = json.loads(raw)
+        except ValueError as exc:
+            raise APIError(
+                f"line {number} of a Batch output file is not JSON ({exc}): {raw[:200]!r}",
+                type="invalid_response",
+            ) from None
+        if not isinstance(line, Mapping) or not isinstance(line.get("custom_id"), str):
+            raise APIError(
+                f"line {number} of a Batch output file has no custom_id: {raw[:200]!r}",
+                type="invalid_response",
+            )
+        response = line.get("response")
+        body = response.get("body") if isinstance(response, Mapping) else None
+        ok = (
+            isinstance(response, Mapping)
+            and response.get("status_code") == 200
+            and isinstance(body, dict)
+            and line.get("error") is None
+        )
+        results[line["custom_id"]] = (
+            _LineResult(response=body)
+            if ok and isinstance(body, dict)
+            else _LineResult(error=_line_error(line))
+        )
+    return results
+
+
+def _spend(spent: dict[str, int], response: Mapping[str, Any]) -> None:
+    usage = response.get("usage")
+    if isinstance(usage, Mapping):
+        for name in spent:
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                spent[name] += value
+
+
+def load_batch_output(
+    grid: Grid,
+    output: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+    errors: str | os.PathLike[str] | Iterable[str | os.PathLike[str]] | None = None,
+    *,
+    cache: Cache | str | os.PathLike[str] | None = None,
+    vocab_size: int | None = None,
+) -> SweepResult:
+    """The `SweepResult` of ``grid`` from Batch output (and error) files produced elsewhere.
+
+    ``grid`` is the plan the input file was written from (`Grid.to_batch_file`); lines are joined
+    on ``custom_id``. Requests with no line in any file become error rows (``batch_missing``).
+    With ``cache``, the responses are stored there too, so a later live or batch sweep of the same
+    grid finds them.
+    """
+    from ._sweep_prepare import _Prepared, _result
+    from ._sweep_result import _Outcome
+
+    def paths(value: Any) -> list[Path]:
+        if value is None:
+            return []
+        if isinstance(value, str | Path) or hasattr(value, "__fspath__"):
+            return [Path(value)]
+        return [Path(v) for v in value]
+
+    results: dict[str, _LineResult] = {}
+    for where in paths(output) + paths(errors):
+        with where.open("rb") as handle:
+            results.update(read_batch_results(handle))
+    store = cache if cache is None or isinstance(cache, Cache) else Cache(cache)
+    outcomes = [_Outcome() for _ in grid.points]
+    pending: list[int] = []
+    same_as: list[tuple[int, int]] = []
+    first_of: dict[str, int] = {}
+    spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    n_failed = 0
+    try:
+        for i, point in enumerate(grid.points):
+            if point.key in first_of:
+                same_as.append((i, first_of[point.key]))
+                continue
+            first_of[point.key] = i
+            pending.append(i)
+            found = results.get(point.key)
+            outcome = outcomes[i]
+            if found is None:
+                outcome.error = {
+                    "error_type": "batch_missing",
+                    "error_status": None,
+                    "error_message": "no line with this custom_id in the Batch output or error "
+                    "files",
+                }
+                n_failed += 1
+            elif found.response is not None:
+                outcome.response = found.response
+                _spend(spent, found.response)
+                if store is not None:
+                    store.put(point.key, found.response)
+            else:
+                outcome.error = found.error
+                n_failed += 1
+    finally:
+        if store is not None and store is not cache:
+            store.close()
+    estimate, method = estimate_tokens([grid.points[i].request for i in pending], model=grid.model)
+    prepared = _Prepared(grid, outcomes, None, False, estimate, method, pending, same_as)
+    return _result(None, prepared, spent, n_failed, None, vocab_size)
+
+
+# -- running batches ------------------------------------------------------------------------------
+def _multipart(data: bytes, filename: str) -> tuple[bytes, str]:
+    """A multipart/form-data body with ``purpose=batch`` and the file (what ``/v1/files`` takes)."""
+    boundary = f"nbcompletions-{uuid.uuid4().hex}"
+    head = (
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="purpose"\r\n\r\n'
+        "batch\r\n"
+        f"--{boundary}\r\n"
+        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        "Content-Type: application/jsonl\r\n\r\n"
+    ).encode("ascii")
+    tail = f"\r\n--{boundary}--\r\n".encode("ascii")
+    return head + data + tail, f"multipart/form-data; boundary={boundary}"
+
+
+@dataclass
+class _Tracked:
+    """One batch this call waits for: its id and the custom ids (cache keys) it holds."""
+
+    id: str
+    keys: list[str]
+    status: str = "validating"
+    done: int = 0  # completed + failed
+
+
+class _Ledger:
+    """The batches of one endpoint that are still open, as written in the cache.
+
+    ``batches:<endpoint>`` lists their ids; ``batch:<endpoint>:<id>`` holds each one's custom ids.
+    """
+
+    def __init__(self, cache: Cache | None, endpoint: str) -> None:
+        self.cache = cache
+        self.endpoint = endpoint
+
+    @property
+    def _index_key(self) -> str:
+        return f"batches:{self.endpoint}"
+
+    def _entry_key(self, batch_id: str) -> str:
+        return f"batch:{self.endpoint}:{batch_id}"
+
+    def open_batches(self) -> list[_Tracked]:
+        if self.cache is None:
+            return []
+        found = []
+        for batch_id in self.cache.get_meta(self._index_key) or []:
+            entry = self.cache.get_meta(self._entry_key(batch_id))
+            if isinstance(entry, Mapping) and isinstance(entry.get("keys"), list):
+                found.append(_Tracked(str(batch_id), [str(k) for k in entry["keys"]]))
+        return found
+
+    def add(self, tracked: _Tracked, input_file_id: str) -> None:
+        if self.cache is None:
+            return
+        self.cache.set_meta(
+            self._entry_key(tracked.id), {"keys": tracked.keys, "input_file_id": input_file_id}
+        )
+        ids = list(self.cache.get_meta(self._index_key) or [])
+        self.cache.set_meta(self._index_key, [*ids, tracked.id])
+
+    def remove(self, batch_id: str) -> None:
+        if self.cache is None:
+            return
+        ids = [i for i in self.cache.get_meta(self._index_key) or [] if i != batch_id]
+        self.cache.set_meta(self._index_key, ids)
+        self.cache.set_meta(self._entry_key(batch_id), None)
+
+
+def _batch_client(aclient: Any) -> Any:
+    from ._client import AsyncClient
+
+    if not isinstance(aclient, AsyncClient):
+        raise TypeError(
+            "batch=True needs an nbcompletions Client or AsyncClient (it uploads files and "
+            f"creates batches through it); got {type(aclient).__name__}"
+        )
+    return aclient
+
+
+async def _create(
+    aclient: Any, group: list[tuple[str, bytes]], options: BatchOptions, number: int
+) -> tuple[str, str]:
+    """Upload one input file and create its batch: (batch id, input file id)."""
+    data = b"".join(line for _, line in group)
+    content, content_type = _multipart(data, f"nbcompletions-sweep-{number:03d}.jsonl")
+    uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
+    file_id = uploaded.get("id") if isinstance(uploaded, Mapping) else None
+    if not isinstance(file_id, str):
+        raise APIError(
+            f"POST /files answered without a file id: {str(uploaded)[:200]}",
+            type="invalid_response",
+            body=uploaded,
+        )
+    body: dict[str, Any] = {
+        "input_file_id": file_id,
+        "endpoint": BATCH_URL,
+        "completion_window": options.completion_window,
+    }
+    if options.metadata:
+        body["metadata"] = dict(options.metadata)
+    created = await aclient._request_json("POST", "/batches", body)
+    batch_id = created.get("id") if isinstance(created, Mapping) else None
+    if not isinstance(batch_id, str):
+        raise APIError(
+            f"POST /batches answered without a batch id: {str(created)[:200]}",
+            type="invalid_response",
+            body=created,
+        )
+    return batch_id, file_id
+
+
+def _ended_error(batch_id: str, card: Mapping[str, Any]) -> dict[str, Any]:
+    status = str(card.get("status"))
+    detail = ""
+    errors = card.get("errors")
+    data = errors.get("data") if isinstance(errors, Mapping) else None
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        detail = f": {data[0].get('message')}"
+    return {
+        "error_type": f"batch_{status}",
+        "error_status": None,
+        "error_message": f"batch {batch_id} ended {status} before this request ran{detail}; "
+        "run the sweep again to send it",
+    }
+
+
+async def run_batches(
+    aclient: Any, prepared: _Prepared, options: BatchOptions, *, bar: Any, probe: bool
+) -> SweepResult:
+    """Run ``prepared``'s pending requests as batches (reattaching to open ones) and build the
+    result; the Batch twin of `nbcompletions._sweep._execute`."""
+    from ._sweep_prepare import _probe, _refuse_ignored, _result
+
+    aclient = _batch_client(aclient)
+    grid, store = prepared.grid, prepared.cache
+    spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    n_failed = 0
+    capabilities: dict[str, Any] | None = None
+    ledger = _Ledger(store, grid.endpoint)
+    index_of = {grid.points[i].key: i for i in prepared.pending}
+    try:
+        if bar is not None:
+            bar.set_description("batch")
+        if probe:
+            capabilities = await _probe(aclient, prepared)
+            _refuse_ignored(capabilities, grid)
+        remaining = dict(index_of)
+        tracked: list[_Tracked] = []
+        for batch in ledger.open_batches():
+            if any(key in remaining for key in batch.keys):
+                tracked.append(batch)  # interrupted before: wait for it, do not pay again
+                for key in batch.keys:
+                    remaining.pop(key, None)
+        model = grid.model
+        if remaining and model is None:
+            first = grid.points[next(iter(remaining.values()))].request
+            model = first.model or (await aclient._with_model(first)).model
+        lines = batch_lines((grid.points[i] for i in remaining.values()), model)
+        groups = split_batches(lines, options.max_requests, options.max_bytes)
+        for number, group in enumerate(groups, start=1):
+            batch_id, file_id = await _create(aclient, group, options, number)
+            batch = _Tracked(batch_id, [key for key, _ in group])
+            ledger.add(batch, file_id)  # at once: from here an interrupt can reattach
+            tracked.append(batch)
+
+        initial = bar.n if bar is not None else 0
+        interval = options.poll_interval or _FIRST_POLL_S
+        active = list(tracked)
+        while active:
+            for batch in list(active):
+                card = await aclient._request_json("GET", f"/batches/{batch.id}", None)
+                if not isinstance(card, Mapping):
+                    raise APIError(
+                        f"GET /batches/{batch.id} answered with {str(card)[:200]}",
+                        type="invalid_response",
+                        body=card,
+                    )
+                counts = card.get("request_counts")
+                counts = counts if isinstance(counts, Mapping) else {}
+                batch.status = str(card.get("status"))
+                batch.done = sum(
+                    v for v in (counts.get("completed"), counts.get("failed")) if isinstance(v, int)
+                )
+                if batch.status in _TERMINAL:
+                    n_failed += await _collect(aclient, batch, card, prepared, index_of, spent)
+                    ledger.remove(batch.id)
+                    active.remove(batch)
+            if bar is not None:
+                progress = min(initial + sum(min(b.done, len(b.keys)) for b in tracked), bar.total)
+                statuses = sorted({b.status for b in active}) or ["done"]
+                bar.set_postfix(
+                    batches=f"{len(tracked) - len(active)}/{len(tracked)} done",
+                    status=",".join(statuses),
+                    failed=n_failed,
+                    refresh=False,
+                )
+                bar.update(progress - bar.n)
+            if active:
+                await asyncio.sleep(interval)
+                if options.poll_interval is None:
+                    interval = min(interval * 1.5, _MAX_POLL_S)
+    finally:
+        if bar is not None:
+            bar.close()
+        if prepared.owns_cache and store is not None:
+            store.close()
+    return _result(aclient, prepared, spent, n_failed, capabilities)
+
+
+async def _collect(
+    aclient: Any,
+    batch: _Tracked,
+    card: Mapping[str, Any],
+    prepared: _Prepared,
+    index_of: Mapping[str, int],
+    spent: dict[str, int],
+) -> int:
+    """Download a finished batch's files into the outcomes and the cache; the failures counted."""
+    results: dict[str, _LineResult] = {}
+    for name in ("output_file_id", "error_file_id"):
+        file_id = card.get(name)
+        if isinstance(file_id, str) and file_id:
+            data = await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
+            results.update(read_batch_results(data))
+    store, outcomes = prepared.cache, prepared.outcomes
+    failed = 0
+    for key in batch.keys:
+        found = results.get(key)
+        if found is not None and found.response is not None and store is not None:
+            # Every response is kept, also those of keys another sweep sharing the cache asked for.
+            store.put(key, found.response)
+        i = index_of.get(key)
+        if i is None:
+            continue
+        outcome = outcomes[i]
+        if found is None:
+            outcome.error = _ended_error(batch.id, card)
+            failed += 1
+        elif found.response is not None:
+            outcome.response = found.response
+            _spend(spent, found.response)
+        else:
+            outcome.error = found.error
+            failed += 1
+    return failed
+
+
+# -- a Batch file, as it is ----------------------------------------------------------------------
+async def arun_batch_file(
+    aclient: Any,
+    data: bytes,
+    filename: str,
+    *,
+    poll_interval: float | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, Any], bytes | None, bytes | None]:
+    """Run the Batch input file ``data`` on ``aclient``'s server: the finished batch object and
+    the contents of its output and error files (None where it has none)."""
+    aclient = _batch_client(aclient)
+    content, content_type = _multipart(data, filename)
+    uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
+    body = {"input_file_id": uploaded["id"], "endpoint": BATCH_URL, "completion_window": "24h"}
+    card: dict[str, Any] = await aclient._request_json("POST", "/batches", body)
+    interval = poll_interval or _FIRST_POLL_S
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="batch", unit="req", dynamic_ncols=True)
+    try:
+        while card.get("status") not in _TERMINAL:
+            await asyncio.sleep(interval)
+            if poll_interval is None:
+                interval = min(interval * 1.5, _MAX_POLL_S)
+            card = await aclient._request_json("GET", f"/batches/{card['id']}", None)
+            if bar is not None:
+                counts = card.get("request_counts") or {}
+                bar.total = counts.get("total") or None
+                bar.set_postfix(failed=counts.get("failed", 0), refresh=False)
+                bar.update(counts.get("completed", 0) + counts.get("failed", 0) - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    files: list[bytes | None] = []
+    for name in ("output_file_id", "error_file_id"):
+        file_id = card.get(name)
+        if isinstance(file_id, str) and file_id:
+            files.append(
+                await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
+            )
+        else:
+            files.append(None)
+    return card, files[0], files[1]

@@ -1,0 +1,591 @@
+"""The Batch API's job store: uploaded files, batches, and the background thread that runs them.
+
+See `nbcompletions.server._batches` for the routes and the whole story (how a batch runs, what is
+bounded, cancelling and expiry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from .._errors import RequestError
+from .._request import shown
+from ._app import _CompletionsServer, _Failure, _request_error, _server_error
+from ._scheduler import Overloaded
+
+__all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchStore"]
+
+logger = logging.getLogger("nbcompletions.server")
+
+#: The endpoints a batch may target (the only one this server serves).
+BATCH_ENDPOINTS = ("/v1/completions",)
+#: OpenAI's only completion window.
+COMPLETION_WINDOWS = {"24h": 24 * 3600}
+_TERMINAL = ("failed", "completed", "expired", "cancelled")
+# How often the runner looks for new batches while others run (a new batch waits at most this).
+_PICKUP_S = 0.05
+_MAX_METADATA_PAIRS = 16
+_MAX_LIST_LIMIT = 100
+_MULTIPART_OVERHEAD = 64 * 1024  # headers and the purpose field around the file part
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLimits:
+    """What the Batch API may hold and run at once.
+
+    Attributes:
+        max_file_bytes: largest upload (OpenAI: 200 MB).
+        max_file_requests: most lines in one input file (OpenAI: 50,000).
+        max_stored_bytes: uploads and new batches are refused while stored files total this much.
+        max_lines_in_flight: batch lines waiting in the scheduler at once, all batches together.
+        completion_window_s: seconds a batch may run before it expires (``"24h"`` is the only
+            window a client may ask for; a test may shorten what it means).
+    """
+
+    max_file_bytes: int = 200 * 1000 * 1000
+    max_file_requests: int = 50_000
+    max_stored_bytes: int = 2 * 1000 * 1000 * 1000
+    max_lines_in_flight: int = 64
+    completion_window_s: float = 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_file_bytes", "max_file_requests", "max_stored_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        value = self.max_lines_in_flight
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"max_lines_in_flight must be an integer >= 1; got {value!r}")
+        window = self.completion_window_s
+        if isinstance(window, bool) or not isinstance(window, int | float) or not window > 0:
+            raise ValueError(f"completion_window_s must be a number of seconds > 0; got {window!r}")
+
+
+@dataclasses.dataclass
+class _File:
+    id: str
+    filename: str
+    purpose: str
+    path: Path
+    bytes: int
+    created_at: int
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": self.bytes,
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "status_details": None,
+            "expires_at": None,
+        }
+
+
+@dataclasses.dataclass
+class _Batch:
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    created_at: int
+    expires_at: int
+    deadline: float  # monotonic: when the batch expires
+    metadata: dict[str, str] | None
+    status: str = "validating"
+    errors: dict[str, Any] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    in_progress_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    model: str | None = None
+    usage: dict[str, int] = dataclasses.field(
+        default_factory=lambda: {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    )
+    # Set on the runner's loop; the cancel route wakes it through call_soon_threadsafe.
+    loop: asyncio.AbstractEventLoop | None = None
+    cancel_event: asyncio.Event | None = None
+
+    def card(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "errors": self.errors,
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "in_progress_at": self.in_progress_at,
+            "expires_at": self.expires_at,
+            "finalizing_at": self.finalizing_at,
+            "completed_at": self.completed_at,
+            "failed_at": self.failed_at,
+            "expired_at": self.expired_at,
+            "cancelling_at": self.cancelling_at,
+            "cancelled_at": self.cancelled_at,
+            "request_counts": {
+                "total": self.total,
+                "completed": self.completed,
+                "failed": self.failed,
+            },
+            "usage": dict(self.usage),
+            "metadata": self.metadata,
+        }
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _remove_directory(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class BatchStore:
+    """Files and batches of one app, and the background runner that executes the batches."""
+
+    def __init__(self, server: _CompletionsServer, limits: BatchLimits) -> None:
+        self._server = server
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._files: dict[str, _File] = {}
+        self._batches: dict[str, _Batch] = {}  # in creation order
+        self._queue: collections.deque[_Batch] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stored = 0
+        self._directory: str | None = None
+        self.lines_run = 0  # lines sent to the scheduler, all batches (for tests and logs)
+
+    def __repr__(self) -> str:
+        return (
+            f"<BatchStore: {len(self._files)} files ({self._stored} bytes), "
+            f"{len(self._batches)} batches>"
+        )
+
+    # -- files -------------------------------------------------------------------------------------
+    def _new_path(self, file_id: str) -> Path:
+        with self._lock:
+            if self._directory is None:
+                self._directory = tempfile.mkdtemp(prefix="nbcompletions-batches-")
+                weakref.finalize(self, _remove_directory, self._directory)
+            return Path(self._directory) / f"{file_id}.jsonl"
+
+    def _check_room(self) -> None:
+        if self._stored >= self.limits.max_stored_bytes:
+            raise _Failure(
+                400,
+                f"This server holds at most {self.limits.max_stored_bytes} bytes of batch files "
+                f"and holds {self._stored}; delete files you no longer need "
+                "(DELETE /v1/files/{file_id}) and try again.",
+                code="storage_limit_exceeded",
+            )
+
+    def add_file(self, filename: str, purpose: str, path: Path, size: int) -> _File:
+        record = _File(path.stem, filename, purpose, path, size, _now())
+        with self._lock:
+            self._files[record.id] = record
+            self._stored += size
+        return record
+
+    def file(self, file_id: str) -> _File:
+        with self._lock:
+            record = self._files.get(file_id)
+        if record is None:
+            raise _Failure(
+                404, f"No such File object: {shown(file_id, 80)}", param="id", code="not_found"
+            )
+        return record
+
+    def delete_file(self, file_id: str) -> _File:
+        record = self.file(file_id)
+        with self._lock:
+            if self._files.pop(file_id, None) is not None:
+                self._stored -= record.bytes
+        record.path.unlink(missing_ok=True)
+        return record
+
+    # -- batches -----------------------------------------------------------------------------------
+    def create_batch(
+        self,
+        input_file_id: str,
+        endpoint: str,
+        completion_window: str,
+        metadata: dict[str, str] | None,
+    ) -> _Batch:
+        source = self.file(input_file_id)
+        if source.purpose != "batch":
+            raise _Failure(
+                400,
+                f"The input file {input_file_id} has purpose {source.purpose!r}; a batch needs a "
+                "file uploaded with purpose 'batch'.",
+                param="input_file_id",
+            )
+        self._check_room()
+        created = _now()
+        batch = _Batch(
+            id=f"batch_{uuid.uuid4().hex}",
+            endpoint=endpoint,
+            input_file_id=input_file_id,
+            completion_window=completion_window,
+            created_at=created,
+            expires_at=created + int(COMPLETION_WINDOWS[completion_window]),
+            deadline=time.monotonic() + self.limits.completion_window_s,
+            metadata=metadata,
+        )
+        with self._lock:
+            self._batches[batch.id] = batch
+            self._queue.append(batch)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="nbcompletions-batches", daemon=True
+                )
+                self._thread.start()
+        return batch
+
+    def batch(self, batch_id: str) -> _Batch:
+        with self._lock:
+            batch = self._batches.get(batch_id)
+        if batch is None:
+            raise _Failure(
+                404, f"No such Batch object: {shown(batch_id, 80)}", param="id", code="not_found"
+            )
+        return batch
+
+    def list_batches(self, after: str | None, limit: int) -> tuple[list[_Batch], bool]:
+        """Newest first, as OpenAI lists them; ``after`` is the last id of the previous page."""
+        with self._lock:
+            newest_first = list(reversed(self._batches.values()))
+        if after is not None:
+            ids = [b.id for b in newest_first]
+            if after not in ids:
+                raise _Failure(
+                    400, f"after must be the id of a batch; got {shown(after, 80)}", param="after"
+                )
+            newest_first = newest_first[ids.index(after) + 1 :]
+        return newest_first[:limit], len(newest_first) > limit
+
+    def cancel(self, batch_id: str) -> _Batch:
+        batch = self.batch(batch_id)
+        with self._lock:
+            if batch.status in _TERMINAL or batch.status == "cancelling":
+                if batch.status not in ("cancelled", "cancelling"):
+                    raise _Failure(
+                        409,
+                        f"Cannot cancel a batch with status '{batch.status}'.",
+                        code="batch_not_cancellable",
+                    )
+                return batch
+            batch.status = "cancelling"
+            batch.cancelling_at = _now()
+            loop, event = batch.loop, batch.cancel_event
+        if loop is not None and event is not None:
+            # RuntimeError: the runner's loop has just ended, so the batch is done already.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(event.set)
+        return batch
+
+    # -- the runner --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException:  # pragma: no cover - a bug in the runner itself
+            logger.exception("the batch runner failed")
+            with self._lock:
+                self._thread = None
+
+    async def _main(self) -> None:
+        slots = asyncio.Semaphore(self.limits.max_lines_in_flight)
+        running: set[asyncio.Task[None]] = set()
+        while True:
+            with self._lock:
+                while self._queue:
+                    batch = self._queue.popleft()
+                    running.add(asyncio.ensure_future(self._process(batch, slots)))
+                if not running:
+                    self._thread = None
+                    return
+            done, running = await asyncio.wait(running, timeout=_PICKUP_S)
+            for task in done:
+                if task.exception() is not None:  # pragma: no cover - a bug in _process
+                    logger.error("a batch failed in the runner", exc_info=task.exception())
+
+    def _fail(self, batch: _Batch, errors: list[dict[str, Any]]) -> None:
+        with self._lock:
+            batch.status = "failed"
+            batch.failed_at = _now()
+            batch.errors = {"object": "list", "data": errors}
+
+    def _validate(self, batch: _Batch) -> list[dict[str, Any]] | None:
+        """The input's lines, or None after failing the batch (wrong url, several models)."""
+        source = self.file(batch.input_file_id)
+        lines: list[dict[str, Any]] = []
+        models: set[Any] = set()
+        errors: list[dict[str, Any]] = []
+        for number, line in enumerate(_read_lines(source.path), start=1):
+            if line["url"] != batch.endpoint:
+                errors.append(
+                    {
+                        "code": "invalid_url",
+                        "message": f"The URL provided for this request does not match the batch "
+                        f"endpoint {batch.endpoint}; got {shown(line['url'], 80)}.",
+                        "param": "url",
+                        "line": number,
+                    }
+                )
+            model = line["body"].get("model")
+            if models and model not in models and not errors:
+                errors.append(
+                    {
+                        "code": "mismatched_model",
+                        "message": "The provided model differs from the model of earlier lines; "
+                        f"a batch file holds one model. Line {number} has "
+                        f"{shown(model, 80)}, earlier lines {shown(next(iter(models)), 80)}.",
+                        "param": "body.model",
+                        "line": number,
+                    }
+                )
+            models.add(model)
+            if len(errors) >= 10:
+                break
+            lines.append(line)
+        if errors:
+            self._fail(batch, errors)
+            return None
+        if not lines:
+            self._fail(
+                batch,
+                [
+                    {
+                        "code": "empty_file",
+                        "message": "The input file holds no requests.",
+                        "param": None,
+                        "line": None,
+                    }
+                ],
+            )
+            return None
+        batch.model = next(iter(models)) if isinstance(next(iter(models)), str) else None
+        return lines
+
+    async def _process(self, batch: _Batch, slots: asyncio.Semaphore) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            batch.loop, batch.cancel_event = loop, asyncio.Event()
+            cancelled_early = batch.status == "cancelling"
+        if cancelled_early:
+            self._finish(batch, None, None)
+            return
+        try:
+            lines = await anyio.to_thread.run_sync(self._validate, batch)
+        except _Failure as failure:  # the input file was deleted meanwhile
+            self._fail(
+                batch,
+                [
+                    {
+                        "code": "invalid_file",
+                        "message": failure.message,
+                        "param": "input_file_id",
+                        "line": None,
+                    }
+                ],
+            )
+            return
+        if lines is None:
+            return
+        output_path = self._new_path(f"file-{uuid.uuid4().hex}")
+        error_path = self._new_path(f"file-{uuid.uuid4().hex}")
+        with self._lock:
+            batch.total = len(lines)
+            if batch.status == "validating":
+                batch.status = "in_progress"
+                batch.in_progress_at = _now()
+        event = batch.cancel_event
+        assert event is not None
+        with output_path.open("wb") as output, error_path.open("wb") as errors:
+
+            async def cancelled() -> None:
+                await event.wait()
+
+            async def one(line: dict[str, Any]) -> None:
+                try:
+                    answer = await self._run_line(line["body"], cancelled)
+                finally:
+                    slots.release()
+                if answer is None:
+                    return  # cancelled before it finished: in neither file
+                status, body = answer
+                record = {
+                    "id": f"batch_req_{uuid.uuid4().hex}",
+                    "custom_id": line["custom_id"],
+                    "response": {
+                        "status_code": status,
+                        "request_id": f"req_{uuid.uuid4().hex}",
+                        "body": body,
+                    },
+                    "error": None,
+                }
+                data = _render_line(record)
+                with self._lock:
+                    if status == 200:
+                        output.write(data)
+                        batch.completed += 1
+                        usage = body.get("usage") if isinstance(body, dict) else None
+                        if isinstance(usage, dict):
+                            for ours, theirs in (
+                                ("input_tokens", "prompt_tokens"),
+                                ("output_tokens", "completion_tokens"),
+                                ("total_tokens", "total_tokens"),
+                            ):
+                                value = usage.get(theirs)
+                                if isinstance(value, int):
+                                    batch.usage[ours] += value
+                    else:
+                        errors.write(data)
+                        batch.failed += 1
+                    self._stored += len(data)
+
+            tasks: list[asyncio.Task[None]] = []
+            expired_from: int | None = None
+            for position, line in enumerate(lines):
+                # A cancel frees this batch's slots within a decode step (its lines stop).
+                await slots.acquire()
+                if event.is_set():
+                    slots.release()
+                    break
+                if time.monotonic() >= batch.deadline:
+                    slots.release()
+                    expired_from = position
+                    break
+                self.lines_run += 1
+                tasks.append(asyncio.ensure_future(one(line)))
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            if expired_from is not None and not event.is_set():
+                for line in lines[expired_from:]:
+                    record = {
+                        "id": f"batch_req_{uuid.uuid4().hex}",
+                        "custom_id": line["custom_id"],
+                        "response": None,
+                        "error": {
+                            "code": "batch_expired",
+                            "message": "This request could not be executed before the "
+                            "completion window expired.",
+                        },
+                    }
+                    data = _render_line(record)
+                    errors.write(data)
+                    with self._lock:
+                        batch.failed += 1
+                        self._stored += len(data)
+        self._finish(batch, output_path, error_path, expired=expired_from is not None)
+
+    def _finish(
+        self,
+        batch: _Batch,
+        output_path: Path | None,
+        error_path: Path | None,
+        *,
+        expired: bool = False,
+    ) -> None:
+        with self._lock:
+            if batch.status not in ("cancelling",):
+                batch.status = "finalizing"
+                batch.finalizing_at = _now()
+        for path, attribute, purpose in (
+            (output_path, "output_file_id", "batch_output"),
+            (error_path, "error_file_id", "batch_output"),
+        ):
+            if path is None:
+                continue
+            size = path.stat().st_size
+            if size == 0:
+                path.unlink(missing_ok=True)
+                continue
+            with self._lock:
+                self._stored -= size  # counted line by line; add_file counts the whole file
+            record = self.add_file(f"{batch.id}_{attribute[:-8]}.jsonl", purpose, path, size)
+            setattr(batch, attribute, record.id)
+        with self._lock:
+            now = _now()
+            if batch.status == "cancelling":
+                batch.status, batch.cancelled_at = "cancelled", now
+            elif expired:
+                batch.status, batch.expired_at = "expired", now
+            else:
+                batch.status, batch.completed_at = "completed", now
+            batch.loop = batch.cancel_event = None
+
+    async def _run_line(
+        self, body: Any, cancelled: Callable[[], Awaitable[None]]
+    ) -> tuple[int, Any] | None:
+        """(HTTP status, response body) of one line, as ``POST /v1/completions`` would answer it;
+        None when the batch was cancelled first."""
+        try:
+            completion, scheduler = await self._server.accept(body)
+            if completion.stream:
+                raise _Failure(
+                    400, "Streaming is not supported in batches; remove stream.", param="stream"
+                )
+            while True:
+                try:
+                    result = await scheduler.complete(completion, disconnected=cancelled)
+                except Overloaded as exc:  # live requests fill the queue: wait for room
+                    await asyncio.sleep(exc.retry_after)
+                    continue
+                break
+        except _Failure as failure:
+            return failure.status, failure.body()
+        except RequestError as exc:
+            return 400, _request_error(exc).body()
+        except Exception:
+            request_id = f"req_{uuid.uuid4().hex}"
+            logger.exception("a batch line failed (request %s)", request_id)
+            return 500, _server_error(request_id).body()
+        if result is None:
+            return None
+        return 200, result
+
+
+def _render_line(record: dict[str, Any]) -> bytes:
+    from ._app import render_json
+
+    return render_json(record) + b"\n"
+
+
+def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                value = json.loads(raw)
+                assert isinstance(value, dict)  # checked when the file was uploaded
+                yield value

@@ -1,0 +1,528 @@
+"""The Batch API end to end: sweeps with batch=True, our server's /v1/files and /v1/batches (also
+through the official openai SDK), reattaching, cancelling, splitting, and the batch CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pandas as pd
+import pytest
+
+import nbcompletions as nbc
+from nbcompletions import AsyncClient, BatchOptions, Cache, Client, asweep, sweep
+from nbcompletions._batch import batch_lines
+from nbcompletions._cli import main
+from nbcompletions.server import BatchLimits, StreamingASGITransport, create_app
+
+MODEL = "nbc-shakespeare"
+GRID: dict[str, Any] = {
+    "prompt": {"hamlet": "To be, or not", "king": "My lord,", "tale": "Once upon"},
+    "temperature": 0,
+    "max_tokens": 6,
+    "logprobs": 2,
+    "seed": [1, 2],
+}
+# Response ids, timestamps and the cache flag differ between two runs of the same requests.
+_RUN_COLUMNS = {"cached", "id", "created", "response_id", "latency", "status"}
+
+
+def assert_same_frames(live: nbc.SweepResult, other: nbc.SweepResult) -> None:
+    for name in ("choices", "tokens", "alternatives"):
+        x, y = getattr(live, name), getattr(other, name)
+        assert len(x) > 0
+        columns = [c for c in x.columns if c not in _RUN_COLUMNS]
+        pd.testing.assert_frame_equal(x[columns], y[columns])
+
+
+class Recording(httpx.AsyncBaseTransport):
+    """The real in-process app, with a log of (method, path) of every request."""
+
+    def __init__(self, app: Any) -> None:
+        self.inner = StreamingASGITransport(app)
+        self.calls: list[tuple[str, str]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls.append((request.method, request.url.path))
+        return await self.inner.handle_async_request(request)
+
+    def count(self, method: str, path: str) -> int:
+        return sum(1 for m, p in self.calls if m == method and p == path)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait for state that the server's runner thread (or the transport's log) changes."""
+    while not condition():  # noqa: ASYNC110 - another thread's state: no event to wait on
+        await asyncio.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def app(embedded_engine: Any) -> Any:
+    return create_app(embedded_engine)
+
+
+def recording_client(app: Any, embedded_engine: Any, cls: Any = AsyncClient) -> Any:
+    transport = Recording(app)
+    client = cls(
+        "http://embedded/v1",
+        model=MODEL,
+        transport=transport,
+        vocab_size=int(embedded_engine.vocab_size),
+    )
+    return client, transport
+
+
+@pytest.fixture(scope="module")
+def live_result(embedded_client: Client) -> nbc.SweepResult:
+    return sweep(embedded_client, **GRID, progress=False, probe=False)
+
+
+# -- sweeps ---------------------------------------------------------------------------------------
+def test_batch_sweep_on_the_embedded_client_equals_a_live_sweep(
+    embedded_client: Client, live_result: nbc.SweepResult
+) -> None:
+    batched = sweep(embedded_client, **GRID, batch=True, progress=False, probe=False)
+    assert batched.n_failed == 0
+    assert len(batched) == 6
+    assert_same_frames(live_result, batched)
+    assert batched.usage["total_tokens"] == live_result.usage["total_tokens"]
+
+
+def test_batch_sweep_against_nbcompletions_serve_equals_a_live_sweep(live_server: str) -> None:
+    with Client(live_server, model=MODEL) as client:
+        live = sweep(client, **GRID, progress=False, probe=False)
+        batched = sweep(client, **GRID, batch=True, progress=False)
+    assert batched.n_failed == 0
+    assert batched.capabilities  # probe=True works the same way with batch=True
+    assert_same_frames(live, batched)
+
+
+async def test_asweep_with_batch_splits_by_the_limits(
+    app: Any, embedded_engine: Any, live_result: nbc.SweepResult
+) -> None:
+    aclient, transport = recording_client(app, embedded_engine)
+    async with aclient:
+        by_count = await asweep(
+            aclient, **GRID, batch=BatchOptions(max_requests=4), progress=False, probe=False
+        )
+        assert transport.count("POST", "/v1/batches") == 2  # 6 requests, 4 per batch
+        grid = nbc.expand_grid(aclient, **GRID)
+        longest = max(len(line) for _, line in batch_lines(grid.points))
+        by_bytes = await asweep(
+            aclient,
+            **GRID,
+            batch=BatchOptions(max_bytes=longest, poll_interval=0.02),
+            progress=False,
+            probe=False,
+        )
+        assert transport.count("POST", "/v1/batches") == 2 + 6  # no two lines fit in one file
+    assert_same_frames(live_result, by_count)
+    assert_same_frames(live_result, by_bytes)
+
+
+def test_duplicates_and_cache_hits_are_not_sent_again(
+    embedded_client: Client, tmp_path: Path
+) -> None:
+    grid = {**GRID, "prompt": ["To be", "To be", "My lord,"]}
+    first = sweep(embedded_client, **grid, batch=True, cache=tmp_path / "c.sqlite", progress=False)
+    assert first.usage["sent"] == 4  # "To be" twice is one request per seed
+    again = sweep(embedded_client, **grid, batch=True, cache=tmp_path / "c.sqlite", progress=False)
+    assert again.n_cached == 6
+    assert again.usage["sent"] == 0
+    assert_same_frames(first, again)
+
+
+async def test_an_interrupted_batch_sweep_reattaches_instead_of_paying_again(
+    app: Any, embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
+) -> None:
+    aclient, transport = recording_client(app, embedded_engine)
+    cache_path = tmp_path / "study.sqlite"
+    async with aclient:
+        task = asyncio.create_task(
+            asweep(aclient, **GRID, batch=True, cache=cache_path, progress=False, probe=False)
+        )
+        # The first poll comes after the batch id is in the cache: interrupt there.
+        await until(
+            lambda: any(m == "GET" and p.startswith("/v1/batches/") for m, p in transport.calls)
+        )
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with Cache(cache_path) as cache:
+            assert len(cache) == 0  # nothing downloaded yet
+            assert len(cache.get_meta("batches:http://embedded/v1")) == 1
+        resumed = await asweep(
+            aclient, **GRID, batch=True, cache=cache_path, progress=False, probe=False
+        )
+        assert transport.count("POST", "/v1/batches") == 1  # reattached, not created again
+        assert transport.count("POST", "/v1/files") == 1
+        assert resumed.n_failed == 0
+        assert_same_frames(live_result, resumed)
+        with Cache(cache_path) as cache:
+            assert len(cache) == 6
+            assert cache.get_meta("batches:http://embedded/v1") == []
+        later = await asweep(
+            aclient, **GRID, batch=True, cache=cache_path, progress=False, probe=False
+        )
+    assert later.n_cached == 6
+    assert transport.count("POST", "/v1/batches") == 1
+
+
+async def test_a_cancelled_batch_keeps_what_finished_and_the_rest_is_sent_again(
+    embedded_engine: Any, tmp_path: Path
+) -> None:
+    # Few lines in flight, so the batch is still running when it is cancelled.
+    app = create_app(embedded_engine, batch_limits=BatchLimits(max_lines_in_flight=2))
+    aclient, transport = recording_client(app, embedded_engine)
+    grid = {**GRID, "seed": list(range(6)), "max_tokens": 16}  # 18 requests
+    cache_path = tmp_path / "study.sqlite"
+    async with aclient:
+        task = asyncio.create_task(
+            asweep(
+                aclient,
+                **grid,
+                batch=BatchOptions(poll_interval=0.01),
+                cache=cache_path,
+                progress=False,
+                probe=False,
+            )
+        )
+        store = app.state.nbcompletions_batches
+        await until(
+            lambda: bool(store._batches) and next(iter(store._batches.values())).completed >= 2
+        )
+        batch_id = next(iter(store._batches))
+        http = httpx.AsyncClient(transport=StreamingASGITransport(app), base_url="http://x")
+        cancelled = (await http.post(f"/v1/batches/{batch_id}/cancel")).json()
+        assert cancelled["status"] in ("cancelling", "cancelled")
+        partial = await task
+        card = (await http.get(f"/v1/batches/{batch_id}")).json()
+        await http.aclose()
+        assert card["status"] == "cancelled"
+        kept = card["request_counts"]["completed"]
+        assert 2 <= kept < 18
+        errors = partial.requests[partial.requests["status"] == "error"]
+        assert len(errors) == 18 - kept
+        assert set(errors["error_type"]) == {"batch_cancelled"}
+        with Cache(cache_path) as cache:
+            assert len(cache) == kept  # what finished was kept
+        resumed = await asweep(
+            aclient, **grid, batch=True, cache=cache_path, progress=False, probe=False
+        )
+    assert transport.count("POST", "/v1/batches") == 2
+    second = app.state.nbcompletions_batches._batches
+    assert [b.total for b in second.values()] == [18, 18 - kept]  # only the rest was re-sent
+    assert resumed.n_failed == 0
+    assert resumed.n_cached == kept
+    with Client() as embedded:
+        live = sweep(embedded, **grid, progress=False, probe=False)
+    assert_same_frames(live, resumed)
+
+
+async def test_an_expired_batch_gives_error_rows_for_what_never_ran(
+    embedded_engine: Any,
+) -> None:
+    app = create_app(
+        embedded_engine,
+        batch_limits=BatchLimits(max_lines_in_flight=1, completion_window_s=0.3),
+    )
+    aclient, _ = recording_client(app, embedded_engine)
+    async with aclient:
+        result = await asweep(
+            aclient,
+            **{**GRID, "seed": list(range(20)), "max_tokens": 24},  # 60 requests, one at a time
+            batch=True,
+            progress=False,
+            probe=False,
+        )
+    kinds = result.requests["error_type"].value_counts(dropna=False).to_dict()
+    assert kinds.get("batch_expired", 0) > 0
+    assert (result.requests["status"] == "ok").sum() >= 1
+    card = next(iter(app.state.nbcompletions_batches._batches.values())).card()
+    assert card["status"] == "expired"
+    assert card["expired_at"] is not None
+
+
+def test_a_failing_request_becomes_an_error_row(embedded_client: Client) -> None:
+    # max_tokens 300 passes the client's checks but not the model's context (256 positions).
+    result = sweep(embedded_client, prompt="To be", max_tokens=[4, 300], batch=True, progress=False)
+    assert result.requests["status"].tolist() == ["ok", "error"]
+    failed = result.requests.iloc[1]
+    assert failed["error_status"] == 400
+    assert failed["error_type"] == "invalid_request_error"
+    assert "maximum context length is 256 tokens" in failed["error_message"]
+
+
+def test_batch_option_is_checked_before_anything_is_sent(embedded_client: Client) -> None:
+    with pytest.raises(nbc.RequestError, match="batch must be True, False or"):
+        sweep(embedded_client, prompt="x", batch="yes", progress=False)
+    with pytest.raises(nbc.RequestError, match="max_requests must be an integer >= 1; got 0"):
+        BatchOptions(max_requests=0)
+    with pytest.raises(nbc.RequestError, match="poll_interval"):
+        BatchOptions(poll_interval=-1)
+
+
+# -- offline: the file out, results in ------------------------------------------------------------
+def test_grid_to_batch_file_and_load_batch_output_round_trip_through_the_cli(
+    embedded_client: Client, live_result: nbc.SweepResult, tmp_path: Path
+) -> None:
+    grid = nbc.expand_grid(embedded_client, **GRID)
+    [path] = grid.to_batch_file(tmp_path / "requests.jsonl")
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(lines) == 6
+    assert lines[0]["url"] == "/v1/completions"
+    assert lines[0]["method"] == "POST"
+    assert lines[0]["custom_id"] == grid.points[0].key
+    assert lines[0]["body"]["model"] == MODEL
+    assert "stream" not in lines[0]["body"]
+    assert main(["batch", "-i", str(path), "-o", str(tmp_path / "results.jsonl"), "--quiet"]) == 0
+    assert not (tmp_path / "results-errors.jsonl").exists()
+    loaded = nbc.load_batch_output(
+        grid, tmp_path / "results.jsonl", vocab_size=embedded_client.vocab_size
+    )
+    assert_same_frames(live_result, loaded)
+
+
+def test_to_batch_file_splits_at_the_limits(embedded_client: Client, tmp_path: Path) -> None:
+    grid = nbc.expand_grid(embedded_client, **GRID)
+    paths = grid.to_batch_file(tmp_path / "big.jsonl", max_requests=4)
+    assert [p.name for p in paths] == ["big-001.jsonl", "big-002.jsonl"]
+    assert [len(p.read_text().splitlines()) for p in paths] == [4, 2]
+
+
+def test_cli_writes_failures_to_the_error_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+         "body": {"model": MODEL, "prompt": "To be", "max_tokens": 3 if i != 1 else -1}}
+        for i in range(3)
+    ]  # fmt: skip
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.jsonl"
+    assert main(["batch", "-i", str(source), "-o", str(out), "-e", str(tmp_path / "e.jsonl")]) == 0
+    answered = {json.loads(x)["custom_id"] for x in out.read_text().splitlines()}
+    failed = [json.loads(x) for x in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert answered == {"r0", "r2"}
+    assert failed[0]["custom_id"] == "r1"
+    assert failed[0]["response"]["status_code"] == 400
+    assert failed[0]["response"]["body"]["error"]["param"] == "max_tokens"
+    assert "3 requests: 2 completed, 1 failed" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_bad_file_naming_the_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n'
+                      "not json\n")  # fmt: skip
+    assert main(["batch", "-i", str(source), "-o", str(tmp_path / "o.jsonl"), "--quiet"]) == 1
+    assert "line 2 of the file is not valid JSON" in capsys.readouterr().err
+
+
+# -- the server's routes --------------------------------------------------------------------------
+@pytest.fixture
+def http(app: Any) -> Iterator[httpx.Client]:
+    client = Client("http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app))
+    yield client
+    client.close()
+
+
+def _upload(client: Client, content: bytes) -> Any:
+    from nbcompletions._batch import _multipart
+    from nbcompletions._loop import run_sync
+
+    body, kind = _multipart(content, "in.jsonl")
+    return run_sync(client.async_client._request_json("POST", "/files", None, upload=(body, kind)))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"custom_id": "a"}\n[1]\n', "line 1 of the file: method must be 'POST'"),
+        (b"[1]\n", "line 1 of the file must be a JSON object"),
+        (
+            b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n' * 2,
+            "custom_id 'a' is not unique",
+        ),
+        (
+            b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n',
+            "url must be one of /v1/completions",
+        ),
+        (b"\n", "holds no requests"),
+    ],
+)
+def test_uploads_are_checked_line_by_line(http: Client, content: bytes, message: str) -> None:
+    with pytest.raises(nbc.APIError, match=message) as info:
+        _upload(http, content)
+    assert info.value.status == 400
+
+
+def test_uploads_and_stored_bytes_are_bounded(embedded_engine: Any) -> None:
+    app = create_app(
+        embedded_engine, batch_limits=BatchLimits(max_file_bytes=200, max_stored_bytes=300)
+    )
+    with Client("http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app)) as c:
+        line = b'{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {}}\n'
+        with pytest.raises(nbc.APIError, match="at most 200 bytes") as info:
+            _upload(c, line * 3)
+        assert info.value.status == 413
+        for _ in range(4):
+            _upload(c, line)  # 76 bytes each: the fifth finds 304 bytes stored
+        with pytest.raises(nbc.APIError, match="holds at most 300 bytes of batch files"):
+            _upload(c, line)
+
+
+async def test_batch_routes_need_the_key(embedded_engine: Any) -> None:
+    app = create_app(embedded_engine, api_key="sk-test-batch-key")
+    transport = StreamingASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as h:
+        for method, path in (
+            ("POST", "/v1/files"),
+            ("GET", "/v1/files/file-x/content"),
+            ("POST", "/v1/batches"),
+            ("GET", "/v1/batches"),
+            ("POST", "/v1/batches/batch_x/cancel"),
+        ):
+            assert (await h.request(method, path)).status_code == 401, path
+
+
+# -- the official SDK against `nbcompletions serve` ----------------------------------------------
+@pytest.fixture
+def sdk(live_server: str) -> Iterator[openai.OpenAI]:
+    client = openai.OpenAI(base_url=live_server, api_key="unused", max_retries=0, timeout=60)
+    yield client
+    client.close()
+
+
+def _requests_file(n: int, max_tokens: int) -> bytes:
+    return "".join(
+        json.dumps(
+            {
+                "custom_id": f"req-{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {"model": MODEL, "prompt": "To be", "max_tokens": max_tokens, "seed": i},
+            }
+        )
+        + "\n"
+        for i in range(n)
+    ).encode()
+
+
+def _wait(sdk: openai.OpenAI, batch_id: str) -> Any:
+    deadline = time.monotonic() + 120
+    while True:
+        batch = sdk.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.05)
+
+
+def test_the_openai_sdk_runs_a_batch_on_our_server(sdk: openai.OpenAI) -> None:
+    uploaded = sdk.files.create(file=("requests.jsonl", _requests_file(5, 4)), purpose="batch")
+    assert uploaded.object == "file"
+    assert uploaded.purpose == "batch"
+    assert uploaded.bytes > 0
+    assert sdk.files.retrieve(uploaded.id).filename == "requests.jsonl"
+    created = sdk.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/completions",
+        completion_window="24h",
+        metadata={"study": "sdk"},
+    )
+    assert created.object == "batch"
+    assert created.metadata == {"study": "sdk"}
+    assert created.status in ("validating", "in_progress", "finalizing", "completed")
+    done = _wait(sdk, created.id)
+    assert done.status == "completed"
+    assert done.error_file_id is None
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed) == (5, 5)
+    assert done.completed_at is not None
+    assert done.output_file_id is not None
+    lines = [json.loads(x) for x in sdk.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == [f"req-{i}" for i in range(5)]
+    assert all(line["response"]["status_code"] == 200 for line in lines)
+    assert lines[0]["response"]["body"]["object"] == "text_completion"
+    with pytest.raises(openai.ConflictError, match="Cannot cancel a batch with status"):
+        sdk.batches.cancel(done.id)
+    # Listing: newest first, paged with limit and after.
+    second = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    page = sdk.batches.list(limit=1)
+    assert [b.id for b in page.data] == [second.id]
+    assert page.has_more
+    after = sdk.batches.list(limit=1, after=second.id)
+    assert [b.id for b in after.data] == [created.id]
+    _wait(sdk, second.id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.batches.retrieve("batch_missing")
+    with pytest.raises(openai.BadRequestError, match="completion_window"):
+        sdk.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/completions",
+            completion_window="1h",  # type: ignore[arg-type]
+        )
+
+
+def test_the_openai_sdk_cancels_a_batch_that_keeps_its_finished_lines(sdk: openai.OpenAI) -> None:
+    uploaded = sdk.files.create(file=("big.jsonl", _requests_file(200, 32)), purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 120
+    while (sdk.batches.retrieve(batch.id).request_counts or batch.request_counts).completed < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    cancelling = sdk.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled")
+    done = _wait(sdk, batch.id)
+    assert done.status == "cancelled"
+    assert done.cancelled_at is not None
+    assert done.request_counts is not None
+    kept = done.request_counts.completed
+    assert 1 <= kept < 200
+    assert done.output_file_id is not None
+    lines = sdk.files.content(done.output_file_id).text.splitlines()
+    assert len(lines) == kept
+
+
+def test_load_batch_output_reads_openai_and_vllm_error_lines(
+    embedded_client: Client, tmp_path: Path
+) -> None:
+    grid = nbc.expand_grid(embedded_client, prompt=["To be", "Once", "My", "A"], max_tokens=2)
+    keys = [point.key for point in grid.points]
+    answer = embedded_client.complete("To be", max_tokens=2).raw
+    openai_error = {"error": {"message": "bad max_tokens", "type": "invalid_request_error"}}
+    lines = [
+        {"id": "1", "custom_id": keys[0], "error": None,
+         "response": {"status_code": 200, "request_id": "r", "body": answer}},
+        {"id": "2", "custom_id": keys[1], "error": None,
+         "response": {"status_code": 400, "request_id": "r", "body": openai_error}},
+        # vLLM's run-batch: the message in "error", no body.
+        {"id": "3", "custom_id": keys[2], "error": "Request must not be sent in stream mode",
+         "response": {"status_code": 400, "request_id": "r", "body": None}},
+    ]  # fmt: skip
+    output = tmp_path / "out.jsonl"
+    output.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = nbc.load_batch_output(grid, output)
+    rows = result.requests
+    assert rows["status"].tolist() == ["ok", "error", "error", "error"]
+    assert rows["error_type"].tolist()[1:] == [
+        "invalid_request_error",
+        "api_error",
+        "batch_missing",
+    ]
+    assert rows["error_status"].tolist()[1:3] == [400, 400]
+    assert rows["error_message"].iloc[2] == "Request must not be sent in stream mode"
+    assert result.choices["text"].iloc[0] == answer["choices"][0]["text"]
