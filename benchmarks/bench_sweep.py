@@ -26,9 +26,14 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from nbcompletions import Client, SweepResult
 
 CANNED = json.dumps(
     {
@@ -52,7 +57,11 @@ MODELS = json.dumps(
 ).encode()
 
 
-async def canned_app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+async def canned_app(
+    scope: dict[str, Any],
+    receive: Callable[[], Awaitable[dict[str, Any]]],
+    send: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
     """The smallest ASGI app that speaks enough of the protocol: canned answers, no parsing."""
     if scope["type"] != "http":
         return
@@ -131,7 +140,9 @@ async def openai_gather(base_url: str, requests: int, concurrency: int) -> float
     return elapsed
 
 
-def ours(client: object, requests: int, concurrency: int, cache: object) -> tuple[float, object]:
+def ours(
+    client: Client, requests: int, concurrency: int, cache: Path | None
+) -> tuple[float, SweepResult]:
     from nbcompletions import sweep
 
     prompts, temperatures, repeats = grid(requests)
@@ -179,7 +190,7 @@ def main() -> None:
             theirs_s = asyncio.run(openai_gather(base_url, n, conc))
             cache_path = tmp / f"cache{round_number}.sqlite"
             ours_s, result = ours(client, n, conc, cache_path)
-            assert result.usage["sent"] == n, result.usage  # type: ignore[attr-defined]
+            assert result.usage["sent"] == n, result.usage
             theirs_all.append(theirs_s)
             ours_all.append(ours_s)
             print(
@@ -190,9 +201,9 @@ def main() -> None:
         best_ratio = min(ours_all) / min(theirs_all)
         print(f"  ratio of best times ours / openai   : {best_ratio:7.2f}  (target <= 1)")
         rerun_s, again = ours(client, n, conc, cache_path)
-        assert again.usage["sent"] == 0, again.usage  # type: ignore[attr-defined]
+        assert again.usage["sent"] == 0, again.usage
         started = time.perf_counter()
-        choices = result.choices  # type: ignore[attr-defined]
+        choices = result.choices
         frames_s = time.perf_counter() - started
         assert len(choices) == n
         print(f"  re-run from the cache (0 sent)      : {rerun_s:7.2f} s  (target < 2 s)")
@@ -205,7 +216,7 @@ def main() -> None:
             gc.collect()
             tracemalloc.start()
             _, kept = ours(client, size, conc, None)
-            _ = kept.choices  # type: ignore[attr-defined]
+            _ = kept.choices
             _, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
             del kept, _
@@ -219,7 +230,7 @@ def main() -> None:
             f"  growth ratio peak({big:,}) / peak({small:,}) = {big_peak / small_peak:.2f} "
             f"for {big / small:.0f}x the requests (linear: ~{big / small:.0f})"
         )
-        client.close()  # type: ignore[attr-defined]
+        client.close()
     finally:
         proc.terminate()
         proc.wait(timeout=10)

@@ -8,10 +8,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 from helpers import free_port
+
+if TYPE_CHECKING:
+    from nbcompletions import Client
+    from nbcompletions.model import Engine
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "nbcompletions" / "model" / "files" / "model.safetensors"
@@ -55,7 +60,7 @@ def needs_weights() -> None:
 
 
 @pytest.fixture(scope="session")
-def embedded_engine():  # type: ignore[no-untyped-def]
+def embedded_engine() -> Engine:
     needs_weights()
     from nbcompletions.model import load_engine
 
@@ -63,7 +68,7 @@ def embedded_engine():  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="session")
-def embedded_client():  # type: ignore[no-untyped-def]
+def embedded_client() -> Iterator[Client]:
     needs_weights()
     from nbcompletions import Client
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 import httpx
 
@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from nbcompletions import AsyncClient, Client
 
 #: A MockTransport handler: sync or async, request in, response out.
-Handler = Callable[[httpx.Request], httpx.Response | Awaitable[httpx.Response]]
+Handler = (
+    Callable[[httpx.Request], httpx.Response]
+    | Callable[[httpx.Request], Coroutine[Any, Any, httpx.Response]]
+)
 
 
 def free_port() -> int:
@@ -22,14 +25,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@overload
+def mock_client(
+    handler: Handler,
+    *,
+    cls: type[Client] | None = None,
+    base_url: str | Sequence[str] = ...,
+    model: str | None = ...,
+    **kwargs: Any,
+) -> Client: ...
+
+
+@overload
+def mock_client(
+    handler: Handler,
+    *,
+    cls: type[AsyncClient],
+    base_url: str | Sequence[str] = ...,
+    model: str | None = ...,
+    **kwargs: Any,
+) -> AsyncClient: ...
+
+
 def mock_client(
     handler: Handler,
     *,
     cls: type[Client] | type[AsyncClient] | None = None,
-    base_url: str = "http://test/v1",
+    base_url: str | Sequence[str] = "http://test/v1",
     model: str | None = "m",
     **kwargs: Any,
-) -> Any:
+) -> Client | AsyncClient:
     """A real `Client` (or ``cls=AsyncClient``) whose transport is ``httpx.MockTransport(handler)``.
 
     The transport is the one seam for injecting faults: everything above it (retries, parsing,

@@ -123,4 +123,4 @@ def test_writes_from_several_threads(tmp_path: Path) -> None:
 
 def test_bad_path_is_refused() -> None:
     with pytest.raises(TypeError, match="cache must be a file path"):
-        Cache(3)  # type: ignore[arg-type]
+        Cache(3)  # type: ignore[arg-type]  # the refusal under test

@@ -116,9 +116,10 @@ def test_invalid_fields_fail_before_any_network_io() -> None:
         ):
             client.complete("x", temperature=3.5)
         with pytest.raises(TypeError, match=r"'temprature' \(did you mean 'temperature'\?\)"):
-            client.complete("x", temprature=0.5)
+            client.complete("x", temprature=0.5)  # type: ignore[call-arg]  # the misspelling under test
         with pytest.raises(TypeError, match="extra="):
-            client.complete("x", top_k=3)
+            # top_k is not a keyword (it goes in extra=): that refusal is under test
+            client.complete("x", top_k=3)  # type: ignore[call-arg]
         with pytest.raises(RequestError, match="logprobs"):
             client.complete("x", logprobs=6)
     assert script.requests == []
@@ -167,7 +168,9 @@ def test_model_is_discovered_when_the_server_lists_exactly_one() -> None:
         return httpx.Response(200, json=completion_body(model="only"))
 
     client = Client("http://test/v1", transport=httpx.MockTransport(handler))
-    assert client.complete("x").request.model == "only"  # type: ignore[union-attr]
+    request = client.complete("x").request
+    assert request is not None
+    assert request.model == "only"
 
 
 def test_no_model_and_several_listed_is_a_clear_error() -> None:
@@ -690,7 +693,7 @@ def test_model_setter_validates_and_both_twins_see_it() -> None:
     # The constructor refused these; the setter let them through, to fail later in a request.
     for bad in ("", 3):
         with pytest.raises(RequestError, match="model must be a non-empty string or None") as info:
-            client.model = bad  # type: ignore[assignment]
+            client.model = bad  # type: ignore[assignment]  # ill-typed on purpose: refused
         assert info.value.param == "model"
     assert client.model == "third"
     client.model = None
@@ -735,7 +738,7 @@ def test_async_client_of_both_twins() -> None:
     assert as_async(client) is aclient
     assert as_async(aclient) is aclient
     with pytest.raises(TypeError, match="expected an nbcompletions Client or AsyncClient; got int"):
-        as_async(3)  # type: ignore[arg-type]
+        as_async(3)  # type: ignore[arg-type]  # the refusal under test
 
 
 def test_typed_request_fields_are_the_protocols_fields() -> None:

@@ -65,20 +65,18 @@ def test_frames_are_built_once_with_the_request_and_vocab_size(
     import nbcompletions._frames as frames
 
     calls: list[Any] = []
+    # Stand-ins for the three frames, typed Any: they only need to come back unchanged.
+    built: tuple[Any, Any, Any] = ("choices", "tokens", "alternatives")
 
     def fake_to_frames(raw: Any, request: Any = None, *, vocab_size: Any = None) -> Any:
         calls.append((raw, request, vocab_size))
-        return ("choices", "tokens", "alternatives")
+        return built
 
     monkeypatch.setattr(frames, "to_frames", fake_to_frames)
     request = CompletionRequest(prompt="p")
     completion = Completion(RAW, request, vocab_size=4096)
-    assert (completion.choices, completion.tokens, completion.alternatives) == (
-        "choices",
-        "tokens",
-        "alternatives",
-    )
-    assert completion.frames() == ("choices", "tokens", "alternatives")
+    assert (completion.choices, completion.tokens, completion.alternatives) == built
+    assert completion.frames() == built
     assert calls == [(RAW, request, 4096)]
 
 

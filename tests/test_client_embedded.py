@@ -30,7 +30,7 @@ def live_client(live_server: str) -> Any:
 @pytest.fixture(params=["embedded", "live"])
 def client(request: pytest.FixtureRequest) -> Client:
     name = "embedded_client" if request.param == "embedded" else "live_client"
-    return request.getfixturevalue(name)  # type: ignore[no-any-return]
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]  # pytest types it Any
 
 
 def test_embedded_client_needs_no_configuration(embedded_client: Client) -> None:
@@ -114,7 +114,7 @@ def test_stream_pieces_add_up_to_the_merged_completion(client: Client) -> None:
 
 
 def test_stream_merge_equals_non_stream_with_the_same_seed(client: Client) -> None:
-    fields = {"max_tokens": 10, "n": 2, "seed": 9, "logprobs": 2}
+    fields: dict[str, Any] = {"max_tokens": 10, "n": 2, "seed": 9, "logprobs": 2}
     plain = client.complete("ROMEO:", **fields)
     streamed = client.complete(
         "ROMEO:", stream=True, stream_options={"include_usage": True}, **fields
@@ -124,7 +124,7 @@ def test_stream_merge_equals_non_stream_with_the_same_seed(client: Client) -> No
 
 
 def test_stream_merge_equals_non_stream_with_echo(client: Client) -> None:
-    fields = {"max_tokens": 6, "seed": 4, "logprobs": 2, "echo": True}
+    fields: dict[str, Any] = {"max_tokens": 6, "seed": 4, "logprobs": 2, "echo": True}
     plain = client.complete("ROMEO:", **fields)
     streamed = client.complete("ROMEO:", stream=True, **fields)
     assert streamed.raw["choices"] == plain.raw["choices"]
@@ -180,6 +180,7 @@ def test_replicas_over_real_http(live_server: str) -> None:
             used.append(endpoint.url)
             return endpoint
 
+        # Wrap the real picker to record which endpoint each request went to.
         client.async_client._pick = recording_pick  # type: ignore[method-assign]
         texts = {client.complete("ROMEO:", max_tokens=4, seed=3).text for _ in range(4)}
     assert len(texts) == 1

@@ -33,7 +33,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 def engine(request: pytest.FixtureRequest, tiny_engine: Engine) -> Engine:
     if request.param == "tiny":
         return tiny_engine
-    return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]
+    return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]  # pytest: Any
 
 
 def run(engine: Engine, **fields: Any) -> dict[str, Any]:
@@ -216,7 +216,9 @@ def test_stop_across_token_boundary_is_cut(engine: Engine) -> None:
 
 def test_stop_is_never_half_emitted_while_streaming(engine: Engine) -> None:
     full, stop = _boundary_stop(engine)
-    fields = dict(prompt=PROMPT, temperature=0, max_tokens=12, logit_bias=no_eot(engine))
+    fields: dict[str, Any] = dict(
+        prompt=PROMPT, temperature=0, max_tokens=12, logit_bias=no_eot(engine)
+    )
     emitted = ""
     for chunk in engine.stream(CompletionRequest(stream=True, stop=stop, **fields)):
         emitted += chunk["choices"][0]["text"]
@@ -355,7 +357,7 @@ def test_logprobs_zero_gives_only_the_sampled_token(engine: Engine) -> None:
 
 
 def test_stream_concatenates_to_the_completion(engine: Engine) -> None:
-    fields = dict(n=2, max_tokens=10, seed=9, logprobs=1, echo=True, stop="e,")
+    fields: dict[str, Any] = dict(n=2, max_tokens=10, seed=9, logprobs=1, echo=True, stop="e,")
     whole = run(engine, **fields)
     got: dict[int, str] = {}
     logprobs: dict[int, dict[str, list[Any]]] = {}
@@ -399,7 +401,7 @@ def test_stream_validation_errors_raise_before_the_first_chunk(engine: Engine) -
 
 def test_errors_name_the_field(engine: Engine) -> None:
     ctx, vocab = engine.context_length, engine.vocab_size
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(suffix=" and that"), "suffix"),
         (dict(max_tokens=ctx), "max_tokens"),
         (dict(prompt=[1, 2, vocab]), "prompt"),
@@ -459,7 +461,7 @@ def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str])
     """Whatever the tokens and stop strings, the streamed text is the final text, and no emitted
     prefix ever holds a stop string or text past the final cut."""
     plan = SimpleNamespace(max_tokens=len(parts), stops=stops)
-    row = _Row(0, 0, plan)  # type: ignore[arg-type]
+    row = _Row(0, 0, plan)  # type: ignore[arg-type]  # a stand-in plan: only two fields read
     emitted = ""
     snapshots = []
     released = 0
@@ -572,7 +574,9 @@ def test_streamed_jobs_in_a_shared_batch_give_the_streams_they_give_alone(engine
 
 
 def test_a_removed_job_stops_at_once_and_the_others_carry_on(engine: Engine) -> None:
-    keep_fields = dict(prompt=PROMPT, n=2, max_tokens=10, seed=11, logit_bias=no_eot(engine))
+    keep_fields: dict[str, Any] = dict(
+        prompt=PROMPT, n=2, max_tokens=10, seed=11, logit_bias=no_eot(engine)
+    )
     want = run(engine, **keep_fields)
     keep = engine.job(CompletionRequest(**keep_fields), stream=False)
     drop = engine.job(

@@ -29,7 +29,7 @@ def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
 def engine(request: pytest.FixtureRequest, tiny_engine: Engine) -> Engine:
     if request.param == "tiny":
         return tiny_engine
-    return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]
+    return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]  # pytest: Any
 
 
 def run(engine: Engine, **fields: Any) -> dict[str, Any]:

@@ -751,7 +751,7 @@ def test_bad_vocab_size(vocab_size):
 
 def test_bad_request_type():
     with pytest.raises(TypeError, match="request must be a CompletionRequest"):
-        to_frames(response(), request=42)  # type: ignore[arg-type]
+        to_frames(response(), request=42)  # type: ignore[arg-type]  # the refusal under test
 
 
 # --- a real response from the embedded model -----------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -23,7 +24,7 @@ VOCAB = [*PLAIN, "bytes:\\xe2\\x80", "bytes:\\x9c"]
 
 @dataclass
 class Case:
-    body: dict
+    body: dict[str, Any]
     request: CompletionRequest | None
     prompt_lengths: list[int]  # per choice, in index order
     entropies: dict[tuple[int, int], float]  # (index, position) -> true entropy
@@ -49,7 +50,9 @@ def cases(draw: st.DrawFn) -> Case:
         for _ in range(n_prompts)
     ]
     if token_id_prompts:
-        prompts: list = [[int(i) for i in rng.integers(0, 100, size=len(t))] for t in prompt_tokens]
+        prompts: list[list[int]] | list[str] = [
+            [int(i) for i in rng.integers(0, 100, size=len(t))] for t in prompt_tokens
+        ]
         prompt_field: object = prompts if n_prompts > 1 else prompts[0]
     else:
         prompts = ["".join(t) for t in prompt_tokens]
@@ -61,7 +64,9 @@ def cases(draw: st.DrawFn) -> Case:
     for index in range(n * n_prompts):
         echoed = prompt_tokens[index // n] if echo else []
         n_generated = int(rng.integers(0, 6))
-        tokens, token_logprobs, tops = [], [], []
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        tops: list[dict[str, float | None] | None] = []
         for position in range(len(echoed) + n_generated):
             probs = rng.dirichlet(np.full(len(VOCAB), 0.3))
             probs = np.maximum(probs, 1e-12)
@@ -78,6 +83,7 @@ def cases(draw: st.DrawFn) -> Case:
                 tops.append(None)
                 continue
             order = np.argsort(-probs, kind="stable")[:k]
+            top: dict[str, float | None] | None  # None: the whole list is null
             top = {VOCAB[i]: float(logprobs[i]) for i in order}
             add = {"always": True, "never": False, "mixed": bool(rng.integers(0, 2))}
             if add[include_chosen]:
@@ -99,7 +105,7 @@ def cases(draw: st.DrawFn) -> Case:
             tops.append(top)
         prompt_lengths.append(len(echoed))
         if llamacpp:
-            logprobs_field: dict = {
+            logprobs_field: dict[str, Any] = {
                 "content": [
                     {
                         "token": t,
@@ -158,11 +164,11 @@ def test_random_responses_keep_the_invariants(case: Case) -> None:
 
     raw = case.body["choices"]
 
-    def entries(choice: dict) -> list:
+    def entries(choice: dict[str, Any]) -> list[Any]:
         logprobs = choice["logprobs"]
         if "content" in logprobs:
             return [e["top_logprobs"] for e in logprobs["content"]]
-        return logprobs["top_logprobs"]
+        return list(logprobs["top_logprobs"])
 
     assert len(tokens) == sum(len(entries(c)) for c in raw)
     assert len(alternatives) == sum(len(d or ()) for c in raw for d in entries(c))

@@ -41,8 +41,11 @@ def test_per_choice_text_statistics_exact() -> None:
 
 def test_per_choice_short_text_is_nan_not_zero() -> None:
     out = metrics.per_choice(pd.DataFrame({"text": ["one", ""]}))
-    assert math.isnan(out.loc[0, "distinct_2"])
-    assert math.isnan(out.loc[1, "distinct_1"])
+    short_distinct_2, empty_distinct_1 = out.loc[0, "distinct_2"], out.loc[1, "distinct_1"]
+    assert isinstance(short_distinct_2, float)
+    assert isinstance(empty_distinct_1, float)
+    assert math.isnan(short_distinct_2)
+    assert math.isnan(empty_distinct_1)
     assert out.loc[0, "distinct_1"] == 1.0
 
 

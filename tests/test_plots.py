@@ -131,7 +131,8 @@ def make_sweep_choices() -> pd.DataFrame:
             "stop": None,
         }
     )
-    return pd.DataFrame(rows)
+    choices: pd.DataFrame = pd.DataFrame(rows)
+    return choices
 
 
 @pytest.fixture
@@ -210,7 +211,7 @@ def test_a_missing_column_is_named_with_the_columns_present(frames, call, missin
 
 def test_a_non_frame_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="takes the tokens DataFrame, got dict"):
-        plots.token_probabilities({"prob": [0.5]})  # type: ignore[arg-type]
+        plots.token_probabilities({"prob": [0.5]})  # type: ignore[arg-type]  # the refusal under test
 
 
 def test_unknown_index_lists_the_indices_present(frames) -> None:

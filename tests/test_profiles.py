@@ -44,7 +44,7 @@ def test_an_unknown_profile_names_the_field_and_the_choices() -> None:
 def test_profiles_are_immutable() -> None:
     profile = PROFILES["llamacpp"]
     with pytest.raises(TypeError):
-        profile.neutral_fields["top_k"] = 40  # type: ignore[index]
+        profile.neutral_fields["top_k"] = 40  # type: ignore[index]  # read-only: the refusal under test
     assert profile.with_vocab_size(4096).vocab_size == 4096
     assert profile.vocab_size is None
 

@@ -36,7 +36,7 @@ def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     done = namespace["done"]
     assert isinstance(done, nbcompletions.Completion)
-    assert len(done.tokens) == 24  # type: ignore[attr-defined]
+    assert len(done.tokens) == 24
     report = namespace["report"]
     assert isinstance(report, nbcompletions.ConformanceReport)
     assert report.ok

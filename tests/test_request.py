@@ -14,6 +14,7 @@ from nbcompletions._request import FIELDS, prompt_count
 
 def _error(**fields: object) -> RequestError:
     with pytest.raises(RequestError) as info:
+        # Each test passes a value of the wrong type or range on purpose, to see it refused.
         CompletionRequest(**{"prompt": "x", **fields})  # type: ignore[arg-type]
     return info.value
 
@@ -85,7 +86,8 @@ def test_bad_stop(stop: object) -> None:
 
 
 def test_good_stop_and_tuple_normalised() -> None:
-    assert CompletionRequest(prompt="x", stop=("a", "b")).stop == ["a", "b"]
+    # A tuple is outside the declared type but accepted at run time: the normalisation under test.
+    assert CompletionRequest(prompt="x", stop=("a", "b")).stop == ["a", "b"]  # type: ignore[arg-type]
     assert CompletionRequest(prompt="x", stop="\n").stop == "\n"
 
 
@@ -106,7 +108,8 @@ def test_bad_logit_bias(bias: object, needle: str) -> None:
 
 
 def test_logit_bias_int_keys_become_strings() -> None:
-    request = CompletionRequest(prompt="x", logit_bias={50256: -100, "13": 5.5})
+    # int keys are outside the declared type but accepted at run time: the conversion under test.
+    request = CompletionRequest(prompt="x", logit_bias={50256: -100, "13": 5.5})  # type: ignore[dict-item]
     assert request.to_body()["logit_bias"] == {"50256": -100, "13": 5.5}
 
 
@@ -168,7 +171,7 @@ def test_from_body_requires_model_and_object() -> None:
         CompletionRequest.from_body({"prompt": "x"}, require_model=True)
     assert info.value.param == "model"
     with pytest.raises(RequestError, match="JSON object"):
-        CompletionRequest.from_body([1, 2])  # type: ignore[arg-type]
+        CompletionRequest.from_body([1, 2])  # type: ignore[arg-type]  # the refusal under test
 
 
 def test_extra_cannot_shadow_standard_fields() -> None:
@@ -242,13 +245,14 @@ def test_n_best_of_property(n: int, best_of: int | None, stream: bool) -> None:
 
 @given(st.dictionaries(st.integers(0, 100_000), st.integers(-150, 150), max_size=5))
 def test_logit_bias_property(bias: dict[int, int]) -> None:
+    # int keys are outside the declared type but accepted at run time (the ignores below).
     ok = all(-100 <= v <= 100 for v in bias.values())
     if not ok:
         with pytest.raises(RequestError) as info:
-            CompletionRequest(prompt="x", logit_bias=bias)
+            CompletionRequest(prompt="x", logit_bias=bias)  # type: ignore[arg-type]
         assert info.value.param == "logit_bias"
         return
-    request = CompletionRequest(prompt="x", logit_bias=bias)
+    request = CompletionRequest(prompt="x", logit_bias=bias)  # type: ignore[arg-type]
     assert request.to_body().get("logit_bias", {}) == {str(k): v for k, v in bias.items()}
 
 

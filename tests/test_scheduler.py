@@ -120,7 +120,7 @@ def test_the_default_budget_lets_normal_notebook_requests_through(embedded_engin
 async def test_requests_beyond_the_memory_bound_wait_then_get_503_with_retry_after(
     embedded_engine: Any, model: str
 ) -> None:
-    long = {
+    long: dict[str, Any] = {
         "model": model,
         "prompt": "To be",
         "max_tokens": 150,
@@ -311,7 +311,7 @@ async def test_a_stream_is_not_starved_by_plain_requests(embedded_engine: Any, m
 async def test_concurrent_requests_decode_together_and_each_keeps_its_seed(
     embedded_engine: Any, model: str
 ) -> None:
-    bodies = [
+    bodies: list[dict[str, Any]] = [
         {"model": model, "prompt": p, "max_tokens": 12, "seed": s, "temperature": t, "logprobs": 2}
         for p, s, t in [("To be", 1, 1.0), ("ROMEO:\n", 2, 0.7), ("O", 3, 1.3), ("HAMLET:", 4, 0)]
         * 2
@@ -319,6 +319,7 @@ async def test_concurrent_requests_decode_together_and_each_keeps_its_seed(
     alone = [embedded_engine.complete(CompletionRequest(**body)) for body in bodies]
     app = create_app(embedded_engine)
     async with _client(app) as client:
+        # Placeholders, each replaced by its response before the list is read.
         responses: list[httpx.Response] = [None] * len(bodies)  # type: ignore[list-item]
 
         async def post(i: int) -> None:

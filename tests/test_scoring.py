@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -23,7 +24,9 @@ def app(embedded_engine: Any) -> Any:
     return create_app(embedded_engine)
 
 
-def faulty_client(app: Any, fault: Any) -> AsyncClient:
+def faulty_client(
+    app: Any, fault: Callable[[dict[str, Any]], httpx.Response | None]
+) -> AsyncClient:
     """An AsyncClient on the real app, with ``fault(body)`` able to answer instead of it."""
     real = StreamingASGITransport(app)
 
@@ -116,7 +119,7 @@ def test_score_validates(embedded_client: Client) -> None:
     with pytest.raises(RequestError, match=r"texts\[1\] is empty"):
         embedded_client.score(["a", ""])
     with pytest.raises(RequestError, match="texts must be a string"):
-        embedded_client.score(3)
+        embedded_client.score(3)  # type: ignore[arg-type]  # the refusal under test
 
 
 async def test_server_refusing_echo_with_logprobs_says_so(app: Any) -> None:
@@ -153,6 +156,7 @@ async def test_server_dropping_prompt_logprobs_says_so(app: Any) -> None:
     def passthrough(body: dict[str, Any]) -> None:
         return None
 
+    # A flag on the function itself, which faulty_client reads with getattr.
     passthrough.strip_prompt_logprobs = True  # type: ignore[attr-defined]
     aclient = faulty_client(app, passthrough)
     try:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from nbcompletions import CompletionRequest, RequestError
-from nbcompletions.server import create_app, render_json
+from nbcompletions.server import Engine, create_app, render_json
 
 MODEL = "scripted"
 #: Guards the safety waits below, so a broken server fails the test instead of hanging it.
@@ -131,7 +131,8 @@ def _error(response: httpx.Response) -> dict[str, Any]:
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert isinstance(body["error"]["message"], str)
     assert body["error"]["message"]
-    return body["error"]
+    error: dict[str, Any] = body["error"]
+    return error
 
 
 # -- models and health ----------------------------------------------------------------------------
@@ -442,7 +443,11 @@ async def test_the_openai_sdk_raises_on_an_error_event_mid_stream(engine: _Scrip
     engine.stream_fail_after = 2
     http_client = _client(create_app(engine))
     sdk = openai.AsyncOpenAI(
-        base_url="http://embedded/v1", api_key="unused", max_retries=0, http_client=http_client
+        base_url="http://embedded/v1",
+        api_key="unused",
+        max_retries=0,
+        # The SDK takes an httpx (not httpx2) client at run time; its annotation names only httpx2.
+        http_client=http_client,  # type: ignore[arg-type]
     )
     texts: list[str] = []
 
@@ -545,7 +550,7 @@ async def test_a_send_that_fails_mid_stream_ends_it_quietly(engine: _ScriptedEng
 class _HeldEngine:
     """Wraps an engine; a request with ``user="hold"`` waits inside the engine until released."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Engine) -> None:
         self.inner = inner
         self.model_id = inner.model_id
         self.entered = threading.Event()

@@ -332,11 +332,16 @@ def test_scoring_a_continuation_that_is_end_of_text(
         model=MODEL, prompt=[ids], echo=True, logprobs=1, max_tokens=0, temperature=0
     )
     lp = result.choices[0].logprobs
+    scored_lp = scored.choices[0].logprobs
     assert lp is not None
+    assert lp.tokens is not None
+    assert lp.text_offset is not None
+    assert lp.token_logprobs is not None
+    assert scored_lp is not None
     assert lp.tokens[-1] == "<|endoftext|>"
     assert lp.text_offset[-1] == len(PROMPT)
     assert result.choices[0].text == PROMPT
-    assert lp.token_logprobs[:-1] == scored.choices[0].logprobs.token_logprobs
+    assert lp.token_logprobs[:-1] == scored_lp.token_logprobs
 
 
 def test_a_trailing_slash_is_404_not_a_redirect(live_server: str) -> None:
@@ -461,8 +466,10 @@ def test_vllm_mode_takes_vllm_fields_through_the_sdk(vllm_server: int) -> None:
     many = sdk.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, stop=stops, logprobs=20
     )
-    assert many.choices[0].logprobs is not None
-    assert len(many.choices[0].logprobs.top_logprobs[0]) >= 20
+    many_lp = many.choices[0].logprobs
+    assert many_lp is not None
+    assert many_lp.top_logprobs is not None
+    assert len(many_lp.top_logprobs[0]) >= 20
     with pytest.raises(openai.BadRequestError) as info:
         sdk.completions.create(
             model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"repetition_penalty": 0}

@@ -98,7 +98,7 @@ def test_any_split_of_the_byte_stream_gives_the_same_events(cuts: list[int]) -> 
 
 
 _line_text = st.text(
-    alphabet=st.characters(blacklist_characters="\r\n", blacklist_categories=("Cs",)), max_size=20
+    alphabet=st.characters(exclude_characters="\r\n", exclude_categories=["Cs"]), max_size=20
 )
 
 
@@ -167,7 +167,7 @@ def test_merge_matches_the_non_streamed_shape() -> None:
         "top_logprobs": [{"B": -1.0}, {"C": -2.0}],
         "text_offset": [4, 5],
     }
-    chunks = [
+    chunks: list[dict[str, Any]] = [
         {
             "id": "c",
             "object": "text_completion",

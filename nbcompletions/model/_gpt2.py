@@ -217,7 +217,8 @@ def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.nd
     inv_d = F32(1.0 / x.shape[-1])
     centered = x - np.add.reduce(x, axis=-1, keepdims=True) * inv_d
     var = np.add.reduce(centered * centered, axis=-1, keepdims=True) * inv_d
-    return centered / np.sqrt(var + F32(eps)) * g + b
+    out: np.ndarray = centered / np.sqrt(var + F32(eps)) * g + b
+    return out
 
 
 def normalise(x: np.ndarray, eps: float) -> np.ndarray:
@@ -248,11 +249,12 @@ def _ones_column(dim: int) -> np.ndarray:
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GPT-2's GELU ("gelu_new"): the tanh approximation, elementwise."""
-    return (
+    out: np.ndarray = (
         F32(0.5)
         * x
         * (F32(1.0) + np.tanh(F32(math.sqrt(2.0 / math.pi)) * (x + F32(0.044715) * x * x * x)))
     )
+    return out
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -264,24 +266,29 @@ def _erf(x: np.ndarray) -> np.ndarray:
     poly = t * (
         0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429)))
     )
-    return (sign * (1.0 - poly * np.exp(-a * a))).astype(x.dtype)
+    out: np.ndarray = (sign * (1.0 - poly * np.exp(-a * a))).astype(x.dtype)
+    return out
 
 
 def gelu_erf(x: np.ndarray) -> np.ndarray:
     """The exact GELU ("gelu"): x * Phi(x), elementwise."""
-    return F32(0.5) * x * (F32(1.0) + _erf(x / F32(math.sqrt(2.0))))
+    out: np.ndarray = F32(0.5) * x * (F32(1.0) + _erf(x / F32(math.sqrt(2.0))))
+    return out
 
 
 def _quick_gelu(x: np.ndarray) -> np.ndarray:
-    return x / (F32(1.0) + np.exp(F32(-1.702) * x))
+    out: np.ndarray = x / (F32(1.0) + np.exp(F32(-1.702) * x))
+    return out
 
 
 def _relu(x: np.ndarray) -> np.ndarray:
-    return np.maximum(x, F32(0.0))
+    out: np.ndarray = np.maximum(x, F32(0.0))
+    return out
 
 
 def _silu(x: np.ndarray) -> np.ndarray:
-    return x / (F32(1.0) + np.exp(-x))
+    out: np.ndarray = x / (F32(1.0) + np.exp(-x))
+    return out
 
 
 ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -300,13 +307,15 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax (subtract the max before exp)."""
     shifted = x - x.max(axis=axis, keepdims=True)
     e = np.exp(shifted)
-    return e / e.sum(axis=axis, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=axis, keepdims=True)
+    return out
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable log-softmax: x - max - log(sum(exp(x - max)))."""
     shifted = x - x.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    out: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+    return out
 
 
 # -- the key/value cache ---------------------------------------------------------------------------

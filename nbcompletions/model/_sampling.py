@@ -78,7 +78,8 @@ def sample(
     ``top_k`` 0 (or -1) and ``min_p`` 0 are off; temperature 0 ignores both (as vLLM does).
     """
     if temperature == 0.0:
-        return np.argmax(mu, axis=1)
+        greedy: np.ndarray = np.argmax(mu, axis=1)
+        return greedy
     batch, vocab = mu.shape
     z = mu / temperature if temperature != 1.0 else mu.copy()
     z -= z.max(axis=1, keepdims=True)  # the most likely token now has z = 0
@@ -99,7 +100,8 @@ def sample(
         ranked[:, 0] = np.maximum(ranked[:, 0], np.finfo(np.float64).tiny)  # keep at least one
         cum = np.cumsum(ranked, axis=1)  # (B, V)
         u = rng.random(batch) * cum[:, -1]
-        return order[rows, _pick(cum, u)]
+        picked: np.ndarray = order[rows, _pick(cum, u)]
+        return picked
     cum = np.cumsum(probs, axis=1, out=probs)  # (B, V)
     u = rng.random(batch) * cum[:, -1]
     return _pick(cum, u)
