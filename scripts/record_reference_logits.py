@@ -76,6 +76,7 @@ def record(model_dir: Path, ids: list[list[int]] | None) -> dict[str, Any]:
     vocab_size = int(model.config.vocab_size)
     probes = probe_ids(vocab_size)
     prompts: list[dict[str, Any]] = []
+    items: list[tuple[str | None, list[Any]]]
     if ids is None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
         items = [(text, list(tokenizer(text)["input_ids"])) for text in PROMPTS]

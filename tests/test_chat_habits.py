@@ -61,8 +61,9 @@ def test_complete_with_messages_and_no_prompt_gets_the_hint() -> None:
     ("field", "instead"), [("top_logprobs", "logprobs=N"), ("max_completion_tokens", "max_tokens")]
 )
 def test_other_chat_fields_name_their_completions_twin(field: str, instead: str) -> None:
+    fields: dict[str, Any] = {field: 3}
     with mock_client(never) as client, pytest.raises(TypeError, match=instead):
-        client.complete("x", **{field: 3})
+        client.complete("x", **fields)
 
 
 def test_a_body_with_messages_is_refused_naming_messages() -> None:
