@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcompletions import plots
+from nbcompletions import plots, visible_token
 
 # The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
 TOKEN_COLUMNS = [
@@ -27,6 +27,7 @@ TOKEN_COLUMNS = [
     "choice",
     "position",
     "token",
+    "token_display",
     "logprob",
     "prob",
     "text_offset",
@@ -36,7 +37,16 @@ TOKEN_COLUMNS = [
     "entropy_low",
     "entropy_high",
 ]
-ALTERNATIVE_COLUMNS = ["index", "position", "rank", "token", "logprob", "prob", "chosen"]
+ALTERNATIVE_COLUMNS = [
+    "index",
+    "position",
+    "rank",
+    "token",
+    "token_display",
+    "logprob",
+    "prob",
+    "chosen",
+]
 
 WORDS = ["<b>", " the", "\n", "&amp;", "a\"b'", " x", "  two  spaces", "\t"]
 
@@ -71,6 +81,7 @@ def make_frames(
                     "choice": index,
                     "position": position,
                     "token": word,
+                    "token_display": visible_token(word),
                     "logprob": logprob,
                     "prob": np.exp(logprob),
                     "text_offset": offset,
@@ -91,6 +102,9 @@ def make_frames(
                         "position": position,
                         "rank": rank,
                         "token": word if rank == chosen_rank else f"alt{rank}<",
+                        "token_display": visible_token(
+                            word if rank == chosen_rank else f"alt{rank}<"
+                        ),
                         "logprob": top[rank - 1],
                         "prob": np.exp(top[rank - 1]),
                         "chosen": rank == chosen_rank,
@@ -325,9 +339,12 @@ def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) 
     tokens, _ = frames
     fig = plots.token_probabilities(tokens, index=0, echo=False)
     generated = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
-    assert list(fig.data[0].text) == [html.escape(repr(t), quote=False) for t in generated["token"]]
-    assert "'\\n'" in fig.data[0].text  # a newline token reads as '\n', not a line break
-    assert "'&amp;amp;'" in fig.data[0].text
+    assert list(fig.data[0].text) == [
+        html.escape(visible_token(t), quote=False) for t in generated["token"]
+    ]
+    assert "↵" in fig.data[0].text  # a newline token reads as ↵, not a line break
+    assert "··two··spaces" in fig.data[0].text  # spaces are visible
+    assert "&amp;amp;" in fig.data[0].text
     np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
     np.testing.assert_array_equal(np.asarray(fig.data[0].customdata)[:, 1], generated["rank"])
     assert "logprob %{customdata[0]" in fig.data[0].hovertemplate
@@ -412,9 +429,7 @@ def test_alternatives_heat_map_cells_hold_probabilities_and_tokens(frames) -> No
     for row in choice.itertuples():
         i, j = positions.index(row.position), row.rank - 1
         assert z[i, j] == pytest.approx(row.prob)
-        label = html.escape(
-            row.token.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t"), quote=False
-        )
+        label = html.escape(visible_token(row.token), quote=False)
         assert text[i, j] == (f"<b>{label} ✓</b>" if row.chosen else label)
     assert (heatmap.zmin, heatmap.zmax) == (0.0, 1.0)
     assert heatmap.texttemplate == "%{text}"
@@ -533,30 +548,36 @@ def test_mean_ci_counts_rows_without_a_value() -> None:
 
 
 class SpanCollector(HTMLParser):
-    """Text and attributes of every <span> with a data-prob attribute, in document order."""
+    """Every token of a highlight, in document order: its <summary> attributes and text
+    ("text") and its popup's text ("popup")."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.spans: list[dict[str, str]] = []
+        self._in: str | None = None
         self._depth = 0
         self.tags: set[str] = set()
 
     def handle_starttag(self, tag, attrs):
         self.tags.add(tag)
         attributes = dict(attrs)
-        if tag == "span" and "data-prob" in attributes:
-            self.spans.append({**attributes, "text": ""})
-            self._depth = 1
-        elif tag == "span" and self._depth:
+        if tag == "summary" and "data-prob" in attributes:
+            self.spans.append({**attributes, "text": "", "popup": ""})
+            self._in, self._depth = "text", 1
+        elif tag == "div" and attributes.get("class") == "nbc-popup":
+            self._in, self._depth = "popup", 1
+        elif self._in:
             self._depth += 1
 
     def handle_endtag(self, tag):
-        if tag == "span" and self._depth:
+        if self._in:
             self._depth -= 1
+            if self._depth == 0:
+                self._in = None
 
     def handle_data(self, data):
-        if self._depth:
-            self.spans[-1]["text"] += data
+        if self._in:
+            self.spans[-1][self._in] += data
 
 
 def parse(markup: str) -> SpanCollector:
@@ -583,27 +604,29 @@ def test_highlight_is_self_contained_escaped_and_one_span_per_token(frames) -> N
     spans = parse(markup).spans
     assert len(spans) == len(choice) == result.n_tokens
     for span, row in zip(spans, choice.itertuples(), strict=True):
-        assert span["text"] == row.token.replace("\n", "↵")
+        assert span["text"] == visible_token(row.token, spaces=False)
         if np.isnan(row.prob):
             assert span["data-prob"] == ""
-            assert "no logprob" in span["title"]
+            assert "no logprob" in span["popup"]
         else:
             assert float(span["data-prob"]) == pytest.approx(row.prob, rel=1e-5)
-            assert f"p = {row.prob:.4f}" in span["title"]
-        assert span["title"].startswith(repr(row.token))
+            assert f"p {row.prob:.4f}" in span["popup"]
+        # The popup's first line is the token with its whitespace made visible.
+        assert span["popup"].splitlines()[0] == visible_token(row.token)
         assert ("font-style:italic" in span["style"]) == row.echo
-    assert markup.count("↵<br>") == 1  # the newline token breaks the line
+    assert markup.count("↵</summary>") == 1  # the newline token: ↵ then a line break after it
+    assert markup.count("<br>") == 1
     assert "white-space:pre-wrap" in markup
 
 
-def test_highlight_tooltip_lists_the_alternatives(frames) -> None:
+def test_highlight_popup_lists_the_alternatives(frames) -> None:
     tokens, alternatives = frames
     spans = parse(plots.highlight(tokens, alternatives=alternatives, index=1).html).spans
     at = alternatives[(alternatives["index"] == 1) & (alternatives["position"] == 3)]
-    tip = spans[3]["title"]
+    tip = spans[3]["popup"]
     assert "alternatives:" in tip
     for row in at.itertuples():
-        line = f"{row.prob:7.2%}  {row.token!r}" + ("  ◀ chosen" if row.chosen else "")
+        line = f"{row.prob:7.2%}  {visible_token(row.token)}" + ("  ◀ chosen" if row.chosen else "")
         assert line in tip.splitlines()
     rank = tokens.loc[(tokens["index"] == 1) & (tokens["position"] == 3), "rank"].item()
     assert (f"rank >{len(at)}" if rank > len(at) else f"rank {rank}") in tip
@@ -620,12 +643,90 @@ def test_highlight_says_outside_the_top_k_for_the_appended_sampled_token(embedde
     assert len(outside), "the echoed prompt should have tokens outside the top 2"
     spans = parse(plots.highlight(tokens, alternatives=alternatives).html).spans
     for position in outside["position"]:
-        tip = spans[int(position)]["title"]
+        tip = spans[int(position)]["popup"]
         assert "rank >2" in tip, tip
         assert "rank 3" not in tip
     figure = plots.alternatives(alternatives)
     assert list(figure.layout.xaxis.ticktext) == ["1", "2", ">2"]
     assert any("rank >2 · chosen" in cell for cell in figure.data[0].customdata.ravel())
+
+
+def _colors(markup: str) -> list[str]:
+    return [span["style"].split("background:")[1].split(";")[0] for span in parse(markup).spans]
+
+
+def test_highlight_scales_and_their_legend() -> None:
+    from nbcompletions.plots._colors import PROB_COLORSCALE
+
+    probs = [1.0, 0.1, 0.01, 0.001, 0.0001, 0.00001, np.nan]
+    tokens = pd.DataFrame(
+        {
+            "index": 0,
+            "position": range(len(probs)),
+            "token": list("abcdefg"),
+            "prob": probs,
+            "logprob": np.log(probs),
+            "rank": pd.array([1, 2, 3, 4, 5, 6, pd.NA], dtype="Int64"),
+        }
+    )
+    red, yellow, green = (color for _, color in PROB_COLORSCALE)
+    grey = "#e0e0e0"
+
+    default = plots.highlight(tokens).html
+    assert default == plots.highlight(tokens, scale="logprob").html
+    # log10 p from -4 (red) to 0 (green): 0.01 sits in the middle, below 0.0001 is all red.
+    assert _colors(default) == [
+        green,
+        _colors(default)[1],
+        yellow,
+        _colors(default)[3],
+        red,
+        red,
+        grey,
+    ]
+    assert len(set(_colors(default)[:5])) == 5  # every decade has its own colour
+    assert "colour: probability, log scale (scale=&quot;logprob&quot;)" in default
+    assert "≤0.0001" in default
+
+    linear = plots.highlight(tokens, scale="prob").html
+    # The linear scale is what the default replaced: everything below 0.01 looks alike.
+    assert len(set(_colors(linear)[3:6])) == 1
+    assert _colors(linear)[0] == green
+    assert "linear scale (scale=&quot;prob&quot;)" in linear
+
+    by_rank = plots.highlight(tokens, scale="rank").html
+    # No alternatives frame: green for rank 1 to red for the largest rank present.
+    assert _colors(by_rank)[0] == green
+    assert _colors(by_rank)[5] == red
+    assert len(set(_colors(by_rank)[:6])) == 6
+    assert _colors(by_rank)[6] == grey
+    assert "rank among the alternatives" in by_rank
+    assert "scale=&quot;rank&quot;" in by_rank
+
+
+def test_highlight_rank_scale_uses_the_top_k_of_the_alternatives(frames) -> None:
+    tokens, alternatives = frames  # k = 3; a chosen token at rank 4 was outside the top 3
+    markup = plots.highlight(tokens, alternatives=alternatives, index=0, scale="rank").html
+    choice = tokens[tokens["index"] == 0].sort_values("position")
+    colors = _colors(markup)
+    from nbcompletions.plots._colors import PROB_COLORSCALE
+
+    for color, rank in zip(colors, choice["rank"], strict=True):
+        if rank is pd.NA:
+            assert color == "#e0e0e0"
+        elif rank == 1:
+            assert color == PROB_COLORSCALE[-1][1]
+        elif rank == 4:
+            assert color == PROB_COLORSCALE[0][1]
+    assert "&gt;3</span>" in markup  # the legend's last step: beyond the top 3
+
+
+def test_highlight_refuses_an_unknown_scale_or_a_rank_scale_without_ranks(frames) -> None:
+    tokens, _ = frames
+    with pytest.raises(ValueError, match=r"scale must be one of \['logprob', 'rank', 'prob'\]"):
+        plots.highlight(tokens, scale="log")
+    with pytest.raises(ValueError, match=r"column 'rank' not in the tokens frame"):
+        plots.highlight(tokens.drop(columns="rank"), scale="rank")
 
 
 def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
@@ -660,10 +761,11 @@ def test_highlight_round_trips_any_token_text(texts: list[str]) -> None:
     markup = plots.highlight(tokens).html
     assert_self_contained(markup)
     parsed = parse(markup)
-    assert parsed.tags <= {"div", "span", "br", "i"}
+    assert parsed.tags <= {"div", "span", "br", "i", "details", "summary"}
     shown = [span["text"] for span in parsed.spans]
-    controls = {i: f"\\x{i:02x}" for i in [*range(32), 0x7F] if chr(i) not in "\n\t"}
-    assert shown == [text.translate(controls).replace("\n", "↵") for text in texts]
+    assert shown == [visible_token(text, spaces=False) for text in texts]
+    # Each newline breaks the line once, after its token.
+    assert markup.count("<br>") == sum(text.count("\n") for text in texts)
 
 
 # -------------------------------------------------------------------------------------------
@@ -750,13 +852,13 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     assert [span["text"] for span in parse(page).spans] == ["<b>", " &", "↵"]
     assert "&lt;b&gt;" in page
     spans = parse(page).spans
-    assert "rank >2" in spans[2]["title"]  # "\n" was not among the 2 alternatives
+    assert "rank >2" in spans[2]["popup"]  # "\n" was not among the 2 alternatives
     fig = plots.token_probabilities(tokens)
     assert [trace.name for trace in fig.data] == ["index 0 (prompt)", "index 0"]
     np.testing.assert_allclose(fig.data[1].y, [np.exp(-2.0)])
     heat = plots.alternatives(alternatives)
     assert list(heat.layout.yaxis.ticktext) == ["1", "2"]
-    assert np.asarray(heat.data[0].text)[0, 0] == "<b>␣&amp; ✓</b>"
+    assert np.asarray(heat.data[0].text)[0, 0] == "<b>·&amp; ✓</b>"
 
 
 def test_mean_ci_of_a_real_sweep(embedded_client) -> None:

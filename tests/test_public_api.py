@@ -32,6 +32,7 @@ EXPECTED = {
     "plots",
     "sweep",
     "to_frames",
+    "visible_token",
     "widgets",
 }
 HEAVY = (

@@ -426,9 +426,10 @@ def test_run_shows_tokens_frames_and_plots(playground: Any) -> None:
     assert playground.error.value == ""
     assert "run #1:" in playground.status.value
     assert completion.usage["completion_tokens"] == len(completion.tokens) == 6
-    # Highlighted tokens, with the alternatives in each token's tooltip.
+    # Highlighted tokens, with the alternatives in each token's popup.
     assert 'class="nbc-tokens"' in playground.highlighted.value
-    assert "title=" in playground.highlighted.value
+    assert 'class="nbc-popup"' in playground.highlighted.value
+    assert "alternatives:" in playground.highlighted.value
     for name in ("choices", "tokens", "alternatives"):
         assert "<table" in playground.frames_tabs[name].value
     for name, output in playground.plot_outputs.items():

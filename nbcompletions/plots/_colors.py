@@ -17,6 +17,7 @@ _MISSING_PROB_COLOR = "#e0e0e0"
 
 
 def _prob_color(prob: float) -> str:
+    """The colour of a position ``prob`` in [0, 1] on :data:`PROB_COLORSCALE` (NaN: grey)."""
     if not math.isfinite(prob):
         return _MISSING_PROB_COLOR
     prob = min(max(prob, 0.0), 1.0)

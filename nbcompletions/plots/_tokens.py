@@ -56,10 +56,10 @@ def token_probabilities(
 ) -> go.Figure:
     """The probability of each chosen token along the text, one line per choice.
 
-    Hovering a point shows the token (``repr``, so whitespace is visible) and the ``hover_data``
-    columns. Echoed prompt tokens (``echo`` column True) are drawn as hollow markers on a dotted
-    line in their own legend entry; ``echo=False`` leaves them out. ``index`` keeps only those
-    choices; ``color=None`` draws everything as one trace.
+    Hovering a point shows the token (whitespace visible: ``·`` space, ``↵`` newline) and the
+    ``hover_data`` columns. Echoed prompt tokens (``echo`` column True) are drawn as hollow
+    markers on a dotted line in their own legend entry; ``echo=False`` leaves them out.
+    ``index`` keeps only those choices; ``color=None`` draws everything as one trace.
     """
     function = "token_probabilities"
     _require(
