@@ -318,11 +318,13 @@ def test_token_probabilities_one_trace_per_choice_and_prompt_part(frames) -> Non
     tokens, _ = frames
     fig = plots.token_probabilities(tokens)
     assert [trace.name for trace in fig.data] == [
-        "index 0 (prompt)",
-        "index 0",
-        "index 1 (prompt)",
-        "index 1",
+        "choice 0 (prompt)",
+        "choice 0",
+        "choice 1 (prompt)",
+        "choice 1",
     ]
+    assert fig.layout.showlegend
+    assert fig.layout.legend.title.text == ""  # "choice 0" says it; no "index" title
     generated = tokens[(tokens["index"] == 1) & ~tokens["echo"]].sort_values("position")
     np.testing.assert_array_equal(fig.data[3].x, generated["position"])
     np.testing.assert_allclose(fig.data[3].y, generated["prob"])
@@ -355,8 +357,12 @@ def test_token_probabilities_echo_false_and_index_select_rows(frames) -> None:
     tokens, _ = frames
     fig = plots.token_probabilities(tokens, index=[1], echo=False, color=None)
     assert len(fig.data) == 1
-    assert fig.data[0].name == "all"
+    assert fig.data[0].name == "completion"
+    assert fig.layout.showlegend is False  # one line: a legend would only say "index 0"
     assert list(fig.data[0].x) == list(range(2, 8))
+    one = plots.token_probabilities(tokens, index=0)
+    assert [trace.name for trace in one.data] == ["prompt", "completion"]
+    assert one.layout.showlegend
 
 
 def test_token_probabilities_switches_to_webgl_above_the_threshold() -> None:
@@ -393,8 +399,11 @@ def test_entropy_band_fills_between_the_bounds_with_coverage_below(frames) -> No
     np.testing.assert_allclose(coverage.y, choice["top_mass"])
     assert coverage.yaxis == "y2"
     assert high.yaxis == "y"
-    assert fig.layout.yaxis2.title.text == "top-k mass (top_mass)"
+    # The bottom row is 30% high: its title must be short, or it runs into the row above.
+    assert fig.layout.yaxis2.title.text == "top-k mass"
     assert fig.layout.yaxis.title.text == "entropy (nats)"
+    assert fig.layout.yaxis.domain[0] > fig.layout.yaxis2.domain[1]
+    assert fig.layout.showlegend is False  # one choice: no legend reading "index 0"
     # The echoed prompt (positions 0-1) is shaded.
     prompt = [shape for shape in fig.layout.shapes if shape.type == "rect"]
     assert [(s.x0, s.x1) for s in prompt] == [(-0.5, 1.5)] * 2  # one per row
@@ -406,7 +415,9 @@ def test_entropy_bands_pair_up_per_choice_and_coverage_can_be_left_out(frames) -
     fig = plots.entropy(tokens, coverage=None, echo=False)
     assert len(fig.data) == 4
     assert [trace.fill for trace in fig.data] == [None, "tonexty", None, "tonexty"]
-    assert fig.data[1].legendgroup == fig.data[0].legendgroup == "index 0"
+    assert fig.data[1].legendgroup == fig.data[0].legendgroup == "choice 0"
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["choice 0", "choice 1"]
+    assert fig.layout.showlegend
     assert "yaxis2" not in fig.layout.to_plotly_json()
     assert not fig.layout.shapes
 
@@ -428,11 +439,20 @@ def test_alternatives_heat_map_cells_hold_probabilities_and_tokens(frames) -> No
     text = np.asarray(heatmap.text, dtype=object)
     for row in choice.itertuples():
         i, j = positions.index(row.position), row.rank - 1
-        assert z[i, j] == pytest.approx(row.prob)
+        # The default colour is log10 p on the scale from -4 (red) to 0 (green).
+        assert z[i, j] == pytest.approx(max(np.log10(row.prob), -4.0))
+        assert f"prob {row.prob:.4f}" in heatmap.customdata[i][j]
         label = html.escape(visible_token(row.token), quote=False)
         assert text[i, j] == (f"<b>{label} ✓</b>" if row.chosen else label)
-    assert (heatmap.zmin, heatmap.zmax) == (0.0, 1.0)
+    assert (heatmap.zmin, heatmap.zmax) == (-4.0, 0.0)
+    assert list(heatmap.colorbar.ticktext) == ["≤0.0001", "0.001", "0.01", "0.1", "1"]
     assert heatmap.texttemplate == "%{text}"
+    assert fig.layout.title.text.startswith("Top alternatives at each position (choice 1)")
+    linear = plots.alternatives(alternatives, index=1, scale="prob").data[0]
+    assert (linear.zmin, linear.zmax) == (0.0, 1.0)
+    assert np.nanmax(np.asarray(linear.z, dtype=float)) <= 1.0
+    with pytest.raises(ValueError, match=r"scale must be one of \['logprob', 'prob'\]"):
+        plots.alternatives(alternatives, scale="rank")
 
 
 def test_alternatives_outlines_each_chosen_cell(frames) -> None:
@@ -483,7 +503,7 @@ def test_rank_histogram_counts_gltr_buckets(frames) -> None:
 def test_rank_histogram_buckets_are_a_parameter_and_color_splits_choices(frames) -> None:
     tokens, _ = frames
     fig = plots.rank_histogram(tokens, buckets=(1, 2, 3), color="index", normalize=False)
-    assert [trace.name for trace in fig.data] == ["index 0", "index 1"]
+    assert [trace.name for trace in fig.data] == ["choice 0", "choice 1"]
     assert list(fig.data[0].x) == ["1", "2", "3", ">3"]
     ranks = tokens.loc[tokens["index"] == 0, "rank"].dropna().astype(int)
     assert list(fig.data[0].y) == [(ranks == r).sum() for r in (1, 2, 3)] + [(ranks > 3).sum()]
@@ -501,7 +521,11 @@ T_975 = {2: 4.302652729749464}  # Student t quantile at 0.975 with 2 degrees of 
 def test_mean_ci_plots_mean_and_t_interval_over_repeats() -> None:
     choices = make_sweep_choices()
     fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt_id")
-    assert [trace.name for trace in fig.data] == ["prompt_id=0", "prompt_id=1"]
+    # The legend's title names the column once; the entries are its values.
+    assert [trace.name for trace in fig.data] == ["0", "1"]
+    assert fig.layout.legend.title.text == "prompt_id"
+    # The title says "mean ± CI"; the axis names the metric (not "mean mean_logprob").
+    assert fig.layout.yaxis.title.text == "mean_logprob"
     ok = choices[choices["error"].isna() & (choices["prompt_id"] == 1)]
     grouped = ok.groupby("temperature")["mean_logprob"]
     np.testing.assert_allclose(fig.data[1].x, [0.0, 0.5, 1.0])
@@ -780,10 +804,10 @@ def test_plots_of_a_real_completion(embedded_client) -> None:
 
     fig = plots.token_probabilities(tokens)
     assert {trace.name for trace in fig.data} == {
-        "index 0",
-        "index 0 (prompt)",
-        "index 1",
-        "index 1 (prompt)",
+        "choice 0",
+        "choice 0 (prompt)",
+        "choice 1",
+        "choice 1 (prompt)",
     }
     first = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
     np.testing.assert_allclose(fig.data[1].y, first["prob"])
@@ -854,7 +878,7 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     spans = parse(page).spans
     assert "rank >2" in spans[2]["popup"]  # "\n" was not among the 2 alternatives
     fig = plots.token_probabilities(tokens)
-    assert [trace.name for trace in fig.data] == ["index 0 (prompt)", "index 0"]
+    assert [trace.name for trace in fig.data] == ["prompt", "completion"]
     np.testing.assert_allclose(fig.data[1].y, [np.exp(-2.0)])
     heat = plots.alternatives(alternatives)
     assert list(heat.layout.yaxis.ticktext) == ["1", "2"]
@@ -891,4 +915,14 @@ def test_line_plots_refuse_to_join_several_completions_in_one_line(frames) -> No
     with pytest.raises(ValueError, match=r"per line.*frame\[frame.request_id == \.\.\.\]"):
         plots.entropy(requests)
     fig = plots.token_probabilities(requests, index=0, color="request_id", echo=False)
-    assert [trace.name for trace in fig.data] == ["request_id 0", "request_id 1"]
+    assert [trace.name for trace in fig.data] == ["0", "1"]
+    assert fig.layout.legend.title.text == "request_id"
+
+
+def test_mean_ci_of_a_rate_starts_its_axis_at_zero() -> None:
+    choices = make_sweep_choices().assign(rate=0.0)
+    fig = plots.mean_ci(choices, x="temperature", y="rate", color="prompt_id")
+    # All means 0: without this the axis ran from -1 to 1, half of it impossible values.
+    assert fig.layout.yaxis.rangemode == "tozero"
+    signed = plots.mean_ci(choices, x="temperature", y="mean_logprob")
+    assert signed.layout.yaxis.rangemode is None

@@ -31,14 +31,12 @@ from ._checks import (
     _require,
     _select_index,
 )
-from ._colors import _MISSING_PROB_COLOR, _prob_color
+from ._colors import _MISSING_PROB_COLOR, LOG10_FLOOR, _prob_color
 
 __all__ = ["HIGHLIGHT_SCALES", "HighlightedText", "highlight"]
 
 #: What the colour of a token can stand for; see :func:`highlight`.
 HIGHLIGHT_SCALES = ("logprob", "rank", "prob")
-#: ``scale="logprob"`` spans log10 p from this floor (red) to 0 (green): 1 in 10,000 to certain.
-LOG10_FLOOR = -4.0
 
 
 class HighlightedText:

@@ -55,9 +55,17 @@ def _count(number: int, noun: str) -> str:
 
 
 def _group_label(color: str | None, value: Any) -> str:
+    """A legend entry: the value alone (the legend's title names the column), "choice 2" for the
+    ``index`` column, whose bare numbers would say nothing."""
     if color is None:
         return "all"
-    return f"{color} {value}"
+    if color == "index":
+        return f"choice {value}"
+    return str(value)
+
+
+def _legend_title(color: str | None) -> str:
+    return "" if color in (None, "index") else str(color)
 
 
 def _groups(frame: pd.DataFrame, color: str | None) -> list[tuple[Any, pd.DataFrame]]:
