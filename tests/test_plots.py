@@ -926,3 +926,11 @@ def test_mean_ci_of_a_rate_starts_its_axis_at_zero() -> None:
     assert fig.layout.yaxis.rangemode == "tozero"
     signed = plots.mean_ci(choices, x="temperature", y="mean_logprob")
     assert signed.layout.yaxis.rangemode is None
+
+
+def test_mean_ci_labels_show_the_newlines_of_text_categories() -> None:
+    choices = make_sweep_choices()
+    choices["prompt"] = choices["prompt_id"].map({0: "ROMEO.\n", 1: "ROMEO."})
+    fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt")
+    # Two prompts that differ only by a newline get two different labels.
+    assert [trace.name for trace in fig.data] == ["ROMEO.", "ROMEO.↵"]

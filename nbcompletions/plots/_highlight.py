@@ -1,12 +1,12 @@
 """Tokens coloured by probability as self-contained HTML: no plotly, no scripts, no URLs.
 
 Each token is a ``<details>`` element: its ``<summary>`` is the coloured token, and its body is a
-popup (absolutely positioned, inline styles only) with the token's probability, rank and the
-alternatives at that position. A click (or a tap, or Enter) opens it and another closes it, with no
-JavaScript: ``<details>``, ``<summary>`` and the inline styles used here are all on the allow-lists
-of JupyterLab's HTML sanitizer (which drops ``<style>`` blocks, ``:hover`` rules and scripts), and
-GitHub and nbviewer keep them too. Native ``title`` tooltips, used before, were slow to appear, set
-in a proportional font, not selectable and unreachable on a touch screen.
+popup card (inline styles only) with the token's probability, rank and the alternatives at that
+position, opened in place under the token. A click (or a tap, or Enter) opens it and another closes
+it, with no JavaScript: ``<details>``, ``<summary>`` and the inline styles used here are all on
+the allow-lists of JupyterLab's HTML sanitizer (which drops ``<style>`` blocks, ``:hover`` rules and
+scripts), and GitHub and nbviewer keep them too. Native ``title`` tooltips, used before, were
+slow to appear, set in a proportional font, not selectable and unreachable on a touch screen.
 """
 
 from __future__ import annotations
@@ -77,13 +77,14 @@ def _running_text(token: str) -> str:
 # Inline styles, repeated on every token (a sanitizer keeps no <style> block), so kept short.
 # inline-block, not inline: a <details> lays out its (closed) body as a block, which would put
 # every token on its own line. So a newline's line break goes after its token, outside the box.
-_DETAILS = "display:inline-block;position:relative"
+# The open popup takes its place in the text (it is not position:absolute): an output area in
+# JupyterLab or Notebook 7 scrolls its overflow, which cut a floating popup off at the bottom.
+_DETAILS = "display:inline-block;vertical-align:top"
 _SUMMARY = "display:inline;list-style:none;cursor:pointer"
 _POPUP = (
-    "position:absolute;left:0;top:100%;z-index:20;margin-top:2px;padding:3px 6px;"
-    "background:#fff;color:#000;border:1px solid #888;border-radius:3px;"
-    "box-shadow:0 2px 6px rgba(0,0,0,0.25);white-space:pre;font-style:normal;"
-    "font-size:12px;line-height:1.4;text-align:left"
+    "margin:2px 4px 4px 0;padding:3px 6px;background:#fff;color:#000;border:1px solid #888;"
+    "border-radius:3px;box-shadow:0 2px 6px rgba(0,0,0,0.25);white-space:pre;"
+    "font-style:normal;font-size:12px;line-height:1.4;text-align:left"
 )
 
 

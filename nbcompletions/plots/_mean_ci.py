@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .._visible import visible_token
 from ..metrics import summarize
 from ._checks import _check_option, _require
 from ._style import _PALETTE, _count, _layout, _rgba, _title
@@ -189,9 +190,15 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 
 def _category(value: Any) -> str:
-    """Axis label of a category; a missing request field was unset (the server default)."""
+    """Axis label of a category; a missing request field was unset (the server default).
+
+    Text shows its newlines and tabs (``ROMEO.↵``): two prompts that differ only there would
+    otherwise get the same label.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "None"
+    if isinstance(value, str):
+        return visible_token(value, spaces=False) or ""
     return str(value)
 
 
