@@ -39,6 +39,7 @@ _LAZY: dict[str, str] = {
     "Cache": "._cache",
     "ConformanceReport": "._conformance",
     "ServerProfile": "._profiles",
+    "visible_token": "._visible",
 }
 _SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
 
@@ -71,6 +72,7 @@ __all__ = [
     "plots",
     "sweep",
     "to_frames",
+    "visible_token",
     "widgets",
 ]
 
@@ -87,6 +89,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._streaming import StreamChunk
     from ._sweep import asweep, sweep
     from ._sweep_result import SweepResult, load_sweep
+    from ._visible import visible_token
 
 
 def __getattr__(name: str) -> Any:

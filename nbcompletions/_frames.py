@@ -24,15 +24,16 @@ choices, one row per choice, sorted by ``index``:
 
 tokens, one row per token (echoed prompt tokens first within a choice):
     index (int64), prompt_index (Int64), choice (Int64), position (int64, 0-based within the
-    choice), token (object), logprob (float64, NaN where null), prob (float64, exp(logprob)),
-    text_offset (Int64, as the server sent it: OpenAI counts from the start of the prompt, vLLM
-    from the start of the completion), echo (bool: an echoed prompt token), rank (Int64),
-    top_mass, entropy_low, entropy_high (float64).
+    choice), token (object), token_display (object: the token with whitespace and raw bytes
+    made visible, see `nbcompletions.visible_token`), logprob (float64, NaN where null), prob
+    (float64, exp(logprob)), text_offset (Int64, as the server sent it: OpenAI counts from the
+    start of the prompt, vLLM from the start of the completion), echo (bool: an echoed prompt
+    token), rank (Int64), top_mass, entropy_low, entropy_high (float64).
 
 alternatives, one row per returned top-logprob entry, sorted by (index, position, rank):
     index (int64), position (int64), rank (int64, 1 = most likely; ties keep the server's order,
-    null logprobs last), token (object), logprob (float64), prob (float64), chosen (bool: the
-    entry's token equals the chosen token).
+    null logprobs last), token (object), token_display (object), logprob (float64), prob
+    (float64), chosen (bool: the entry's token equals the chosen token).
 
 Every frame carries ``df.attrs["vocab_size"]``.
 
@@ -77,6 +78,7 @@ import pandas as pd
 
 from ._parse import choice_text, parse_logprobs, top_items
 from ._request import CompletionRequest
+from ._visible import visible_tokens
 
 __all__ = [
     "ALTERNATIVE_COLUMNS",
@@ -110,6 +112,7 @@ TOKEN_COLUMNS: tuple[str, ...] = (
     "choice",
     "position",
     "token",
+    "token_display",
     "logprob",
     "prob",
     "text_offset",
@@ -124,6 +127,7 @@ ALTERNATIVE_COLUMNS: tuple[str, ...] = (
     "position",
     "rank",
     "token",
+    "token_display",
     "logprob",
     "prob",
     "chosen",
@@ -748,6 +752,7 @@ def _tokens_frame(
             "choice": choice_k[row_choice],
             "position": rows.position.astype(np.int64),
             "token": rows.tokens,
+            "token_display": visible_tokens(rows.tokens),
             "logprob": rows.logprobs,
             "prob": rows.probs,
             "text_offset": rows.text_offset,
@@ -772,6 +777,7 @@ def _alternatives_frame(
             "position": rows.position[alt_row].astype(np.int64),
             "rank": alternatives.rank,
             "token": alternatives.tokens,
+            "token_display": visible_tokens(alternatives.tokens),
             "logprob": alternatives.logprobs,
             "prob": alternatives.probs,
             "chosen": alternatives.chosen,

@@ -1,13 +1,21 @@
-"""The playground notebook in a real browser: JupyterLab 4 in headless Chromium.
+"""The notebooks in a real browser: JupyterLab 4 and Notebook 7 in headless Chromium.
 
-Starts ``jupyter lab`` on loopback in a temporary root holding a copy of
-``notebooks/05_playground.ipynb``, opens it in Debian's ``chromium`` driven by Playwright, runs
-every cell and checks that the ipywidgets controls and a plotly figure render (which needs the
-ipywidgets and plotly JupyterLab extensions to be installed and working). Then it clicks the Run
-button and checks that a new result arrives through the widget's callback.
+Starts ``jupyter lab`` on loopback (the ``notebook`` package's Notebook 7 pages are served by the
+same server) in a temporary root holding a copy of ``notebooks/05_playground.ipynb``, opens it in
+Debian's ``chromium`` driven by Playwright, runs every cell and checks that the ipywidgets
+controls and a plotly figure render (which needs the ipywidgets and plotly extensions to be
+installed and working). Then it clicks the Run button and checks that a new result arrives through
+the widget's callback. The same notebook runs in Notebook 7.
 
-Screenshots are written to ``$NBC_SCREENSHOTS`` when set (CI can keep them as artefacts).
-Needs ``apt-get install -y chromium``; skipped, saying so, when that browser is not installed.
+A second notebook holds a highlight as a *saved* output and no trust signature, as a notebook
+cloned from GitHub does: JupyterLab and Notebook 7 then pass the HTML through their sanitizer
+(which drops ``<style>`` blocks and scripts). The test clicks a token and checks that its popup
+still opens, floats and shows the alternatives.
+
+Screenshots are written to ``$NBC_SCREENSHOTS`` when set (CI can keep them as artefacts); the
+small ones the README shows (``docs/images/``) are element screenshots taken here, see
+``README_SHOTS``. Needs ``apt-get install -y chromium``; skipped, saying so, when that browser is
+not installed.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 import pytest
@@ -35,6 +43,10 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "05_playground.ipynb"
+SAVED = "saved_highlight.ipynb"
+#: Element screenshots the README shows: written to $NBC_SCREENSHOTS with the others, then looked
+#: at and copied to docs/images/ by hand (they change only when the widgets or plots do).
+README_SHOTS = ("highlight-popup.png", "playground.png", "sweep-chart.png")
 CHROMIUM = os.environ.get("NBC_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -49,9 +61,22 @@ CHROMIUM_ARGS = [
 RENDER_TIMEOUT_MS = 180_000
 
 
+class Jupyter(NamedTuple):
+    """A running Jupyter server: the URL of a notebook in JupyterLab or in Notebook 7."""
+
+    url: str
+    token: str
+
+    def lab(self, name: str) -> str:
+        return f"{self.url}/lab/tree/{name}?token={self.token}&reset"
+
+    def notebook7(self, name: str) -> str:
+        return f"{self.url}/notebooks/{name}?token={self.token}"
+
+
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A JupyterLab server on loopback with the playground notebook; yields the notebook's URL."""
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyter]:
+    """A Jupyter server on loopback with the playground and the saved-highlight notebooks."""
     reason = None
     if not Path(CHROMIUM).exists():
         reason = (
@@ -67,6 +92,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = base / "root"
     root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    _write_saved_highlight(root / SAVED)
     settings = base / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
     # No "receive Jupyter news?" toast over the page (it would also try to reach the internet).
@@ -107,6 +133,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "--LabApp.extension_manager=readonly",
             f"--ServerApp.root_dir={root}",
             "--LabApp.expose_app_in_browser=True",
+            "--JupyterNotebookApp.expose_app_in_browser=True",
             "--LabApp.news_url=",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             f"--LabServerApp.user_settings_dir={base / 'settings'}",
@@ -138,7 +165,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                     f"jupyter lab did not answer within 120 s:\n{(base / 'lab.log').read_text()}"
                 )
             time.sleep(0.25)
-        yield f"{url}/lab/tree/{NOTEBOOK.name}?token={token}&reset"
+        yield Jupyter(url, token)
     finally:
         proc.terminate()
         try:
@@ -149,36 +176,188 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def _shot(page: Page, name: str) -> None:
+def _write_saved_highlight(path: Path) -> None:
+    """A notebook whose one output is a highlight, saved and untrusted (as if cloned)."""
+    from nbcompletions import Client, plots
+
+    client = Client(embedded=True)
+    try:
+        completion = client.complete("ROMEO.\n", max_tokens=40, temperature=0.8, logprobs=5, seed=1)
+    finally:
+        client.close()
+    html = plots.highlight(completion.tokens, alternatives=completion.alternatives).html
+    notebook = {
+        "nbformat": 4,
+        "nbformat_minor": 5,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3"}},
+        "cells": [
+            {
+                "cell_type": "code",
+                "id": "saved",
+                "metadata": {},
+                "execution_count": 1,
+                "source": "plots.highlight(done.tokens, alternatives=done.alternatives)",
+                "outputs": [
+                    {
+                        "output_type": "execute_result",
+                        "execution_count": 1,
+                        "metadata": {},
+                        "data": {"text/html": html, "text/plain": "HighlightedText"},
+                    }
+                ],
+            }
+        ],
+    }
+    path.write_text(json.dumps(notebook), encoding="utf-8")
+
+
+def _shot(page: Page, name: str, element: Any = None) -> None:
+    """A screenshot into $NBC_SCREENSHOTS: of ``element`` if given, else of the page."""
     folder = os.environ.get("NBC_SCREENSHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / name), full_page=True)
+        if element is not None:
+            element.screenshot(path=str(Path(folder) / name))
+        else:
+            page.screenshot(path=str(Path(folder) / name), full_page=True)
 
 
-def test_playground_renders_in_jupyterlab(lab: str) -> None:
+def _wait_for_idle_kernel(page: Any) -> None:
+    page.wait_for_function(
+        "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
+        " return w && w.sessionContext && w.sessionContext.session"
+        " && w.sessionContext.session.kernel"
+        " && w.sessionContext.session.kernel.connectionStatus === 'connected'"
+        " && w.sessionContext.session.kernel.status === 'idle'; }",
+        timeout=RENDER_TIMEOUT_MS,
+    )
+
+
+def _open(playwright: Any, url: str) -> tuple[Any, Any, list[str]]:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    console_errors: list[str] = []
+    page.on(
+        "console",
+        lambda msg: console_errors.append(msg.text) if msg.type == "error" else None,
+    )
+    page.goto(url)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=RENDER_TIMEOUT_MS)
+    return browser, page, console_errors
+
+
+def _check_popup(highlight: Any) -> None:
+    """Click a token of a highlight: its popup shows, whole (not cut off), and closes again."""
+    token = highlight.locator("summary").nth(2)
+    popup = highlight.locator(".nbc-popup").nth(2)
+    assert not popup.is_visible()
+    token.click()
+    popup.wait_for(state="visible", timeout=10_000)
+    text = popup.inner_text()
+    assert "alternatives:" in text, text
+    assert "logprob" in text, text
+    # The whole popup shows: it makes no box between it and the cell's output scroll (a
+    # position:absolute popup did, and the output area cut it off at the bottom).
+    assert popup.evaluate(
+        """e => { const top = e.closest('.jp-OutputArea-output');
+        for (let a = e.parentElement; a; a = a.parentElement) {
+            const s = getComputedStyle(a);
+            if ((s.overflowY !== 'visible' || s.overflowX !== 'visible')
+                && a.scrollHeight > a.clientHeight + 1) return false;
+            if (a === top) break;
+        }
+        return true; }"""
+    )
+    assert popup.evaluate("e => getComputedStyle(e).fontFamily").lower().find("mono") >= 0
+    token.click()
+    popup.wait_for(state="hidden", timeout=10_000)
+
+
+@pytest.mark.parametrize("ui", ["lab", "notebook7"])
+def test_saved_highlight_popup_survives_the_sanitizer(lab: Jupyter, ui: str) -> None:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser, page, _ = _open(playwright, getattr(lab, ui)(SAVED))
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            console_errors: list[str] = []
-            page.on(
-                "console",
-                lambda msg: console_errors.append(msg.text) if msg.type == "error" else None,
+            output = page.locator(".jp-OutputArea-output").first
+            output.wait_for(timeout=RENDER_TIMEOUT_MS)
+            # Sanitized (untrusted): no data-* attributes are left, yet the colours, the legend
+            # and the popups are.
+            assert page.locator("[data-prob]").count() == 0
+            assert page.locator(".nbc-popup").count() >= 40
+            summary_style = output.locator("summary").first.get_attribute("style") or ""
+            assert "background" in summary_style, summary_style
+            assert "scale=" in output.inner_text()
+            _check_popup(output)
+            # Leave one popup open for the picture.
+            output.locator("summary").nth(10).click()
+            output.locator(".nbc-popup").nth(10).wait_for(state="visible", timeout=10_000)
+            page.set_viewport_size({"width": 1000, "height": 700})
+            _shot(page, f"saved-highlight-{ui}.png")
+            if ui == "lab":
+                # A box tall enough for the open popup, around the output only.
+                box = output.bounding_box()
+                popup = output.locator(".nbc-popup").nth(10).bounding_box()
+                assert box is not None
+                assert popup is not None
+                height = max(box["height"], popup["y"] + popup["height"] - box["y"]) + 8
+                folder = os.environ.get("NBC_SCREENSHOTS")
+                if folder:
+                    page.screenshot(
+                        path=str(Path(folder) / "highlight-popup.png"),
+                        clip={
+                            "x": box["x"],
+                            "y": box["y"],
+                            "width": min(box["width"], 760),
+                            "height": height,
+                        },
+                    )
+        finally:
+            browser.close()
+
+
+def test_playground_renders_in_notebook7(lab: Jupyter) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser, page, console_errors = _open(playwright, lab.notebook7(NOTEBOOK.name))
+        try:
+            _wait_for_idle_kernel(page)
+            page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            page.locator(".jupyter-widgets.widget-button", has_text="Run").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS
             )
-            page.goto(lab)
+            highlight = page.locator(".nbc-tokens").first
+            highlight.wait_for(timeout=RENDER_TIMEOUT_MS)
+            page.locator(".js-plotly-plot .main-svg >> visible=true").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS
+            )
+            builder = page.locator(".nbc-sweep-builder").first
+            builder.locator(".js-plotly-plot .main-svg >> visible=true").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS
+            )
+            _wait_for_idle_kernel(page)
+            _check_popup(highlight)
+            body = page.inner_text("body")
+            assert "Error displaying widget" not in body
+            assert "Traceback" not in body
+            _shot(page, "notebook7-playground.png")
+            builder.scroll_into_view_if_needed()
+            _shot(page, "notebook7-sweep-builder.png")
+            assert not [e for e in console_errors if "widget" in e.lower()], console_errors
+        finally:
+            browser.close()
+
+
+def test_playground_renders_in_jupyterlab(lab: Jupyter) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser, page, console_errors = _open(playwright, lab.lab(NOTEBOOK.name))
+        try:
             # The notebook is open and its kernel has started.
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=RENDER_TIMEOUT_MS)
-            page.wait_for_function(
-                "() => { const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
-                " return w && w.sessionContext && w.sessionContext.session"
-                " && w.sessionContext.session.kernel"
-                " && w.sessionContext.session.kernel.connectionStatus === 'connected'"
-                " && w.sessionContext.session.kernel.status === 'idle'; }",
-                timeout=RENDER_TIMEOUT_MS,
-            )
+            _wait_for_idle_kernel(page)
             page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
 
             # The Playground: its Run button, its controls, and the highlighted completion that the
@@ -198,11 +377,11 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
                 timeout=RENDER_TIMEOUT_MS,
             )
             _shot(page, "playground-after-run-all.png")
+            _shot(page, "playground.png", page.locator(".nbc-playground").first)
 
-            # Hovering a token shows its alternatives: a native tooltip (title), which JupyterLab's
-            # HTML sanitizer keeps.
-            tooltip = page.locator(".nbc-tokens [title]").first.get_attribute("title") or ""
-            assert "alternatives:" in tooltip, tooltip
+            # Clicking a token opens its popup (a <details> element, no JavaScript) with the
+            # alternatives; clicking again closes it.
+            _check_popup(page.locator(".nbc-tokens").first)
 
             body = page.inner_text("body")
             assert "Error displaying widget" not in body
@@ -244,6 +423,7 @@ def test_playground_renders_in_jupyterlab(lab: str) -> None:
             builder_plot.scroll_into_view_if_needed()
             assert "requests" in builder.locator(".nbc-summary").first.inner_text()
             _shot(page, "sweep-builder.png")
+            _shot(page, "sweep-chart.png", builder.locator(".js-plotly-plot").first)
             assert not [e for e in console_errors if "widget" in e.lower()], console_errors
         finally:
             browser.close()

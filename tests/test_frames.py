@@ -89,6 +89,7 @@ def test_columns_dtypes_and_attrs():
         "choice": "Int64",
         "position": "int64",
         "token": "object",
+        "token_display": "object",
         "logprob": "float64",
         "prob": "float64",
         "text_offset": "Int64",
@@ -103,6 +104,7 @@ def test_columns_dtypes_and_attrs():
         "position": "int64",
         "rank": "int64",
         "token": "object",
+        "token_display": "object",
         "logprob": "float64",
         "prob": "float64",
         "chosen": "bool",
@@ -161,6 +163,45 @@ def test_string_columns_are_object_dtype_on_every_pandas():
     assert alternatives["token"].dtype == object
     assert choices["text"].dtype == object
     assert isinstance(tokens["token"].iloc[0], str)
+
+
+def test_token_display_makes_whitespace_and_bytes_visible():
+    # Three different tokens that all print as a newline in a table, a leading space that prints
+    # as nothing, a tab, a control character and a partial UTF-8 character in OpenAI's form.
+    tokens_sent = ["\n", "\n\n", " \n", " other", "\t", "\x07", "bytes:\\xe2\\x80"]
+    body = response(
+        {
+            "index": 0,
+            "text": "",
+            "logprobs": lp(
+                tokens_sent,
+                [-0.1] * len(tokens_sent),
+                [{t: -0.1, " x y": -2.0} for t in tokens_sent],
+            ),
+        }
+    )
+    _, tokens, alternatives = to_frames(body)
+    shown = ["↵", "↵↵", "·↵", "·other", "→", "<0x07>", "<0xE2><0x80>"]
+    assert tokens["token_display"].tolist() == shown
+    assert tokens["token"].tolist() == tokens_sent  # the exact string stays for computing
+    assert len(set(tokens["token_display"])) == len(tokens_sent)
+    assert alternatives["token_display"].tolist() == [
+        shown_token for s in shown for shown_token in (s, "·x·y")
+    ]
+
+
+def test_visible_token_edge_cases():
+    from nbcompletions import visible_token
+
+    assert visible_token(None) is None
+    assert visible_token(float("nan")) is None
+    assert visible_token("") == ""
+    assert visible_token("\r\n") == "␍↵"
+    assert visible_token("a\u00a0b\u200b") == "a<U+00A0>b<U+200B>"
+    assert visible_token("\x7f") == "<0x7F>"
+    assert visible_token("  two") == "··two"
+    assert visible_token("  two", spaces=False) == "  two"
+    assert visible_token("bytes:\\xf0\\x9f") == "<0xF0><0x9F>"
 
 
 def test_empty_choices_give_empty_frames_with_columns():

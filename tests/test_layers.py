@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "_streaming": 2,
     "_completion": 2,
     "_frames": 2,
+    "_visible": 2,
     "_client": 2,
     "_scoring": 2,
     "_conformance": 2,

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcompletions import plots
+from nbcompletions import plots, visible_token
 
 # The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
 TOKEN_COLUMNS = [
@@ -27,6 +27,7 @@ TOKEN_COLUMNS = [
     "choice",
     "position",
     "token",
+    "token_display",
     "logprob",
     "prob",
     "text_offset",
@@ -36,7 +37,16 @@ TOKEN_COLUMNS = [
     "entropy_low",
     "entropy_high",
 ]
-ALTERNATIVE_COLUMNS = ["index", "position", "rank", "token", "logprob", "prob", "chosen"]
+ALTERNATIVE_COLUMNS = [
+    "index",
+    "position",
+    "rank",
+    "token",
+    "token_display",
+    "logprob",
+    "prob",
+    "chosen",
+]
 
 WORDS = ["<b>", " the", "\n", "&amp;", "a\"b'", " x", "  two  spaces", "\t"]
 
@@ -71,6 +81,7 @@ def make_frames(
                     "choice": index,
                     "position": position,
                     "token": word,
+                    "token_display": visible_token(word),
                     "logprob": logprob,
                     "prob": np.exp(logprob),
                     "text_offset": offset,
@@ -91,6 +102,9 @@ def make_frames(
                         "position": position,
                         "rank": rank,
                         "token": word if rank == chosen_rank else f"alt{rank}<",
+                        "token_display": visible_token(
+                            word if rank == chosen_rank else f"alt{rank}<"
+                        ),
                         "logprob": top[rank - 1],
                         "prob": np.exp(top[rank - 1]),
                         "chosen": rank == chosen_rank,
@@ -305,11 +319,13 @@ def test_token_probabilities_one_trace_per_choice_and_prompt_part(frames) -> Non
     tokens, _ = frames
     fig = plots.token_probabilities(tokens)
     assert [trace.name for trace in fig.data] == [
-        "index 0 (prompt)",
-        "index 0",
-        "index 1 (prompt)",
-        "index 1",
+        "choice 0 (prompt)",
+        "choice 0",
+        "choice 1 (prompt)",
+        "choice 1",
     ]
+    assert fig.layout.showlegend
+    assert fig.layout.legend.title.text == ""  # "choice 0" says it; no "index" title
     generated = tokens[(tokens["index"] == 1) & ~tokens["echo"]].sort_values("position")
     np.testing.assert_array_equal(fig.data[3].x, generated["position"])
     np.testing.assert_allclose(fig.data[3].y, generated["prob"])
@@ -326,9 +342,12 @@ def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) 
     tokens, _ = frames
     fig = plots.token_probabilities(tokens, index=0, echo=False)
     generated = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
-    assert list(fig.data[0].text) == [html.escape(repr(t), quote=False) for t in generated["token"]]
-    assert "'\\n'" in fig.data[0].text  # a newline token reads as '\n', not a line break
-    assert "'&amp;amp;'" in fig.data[0].text
+    assert list(fig.data[0].text) == [
+        html.escape(visible_token(t), quote=False) for t in generated["token"]
+    ]
+    assert "↵" in fig.data[0].text  # a newline token reads as ↵, not a line break
+    assert "··two··spaces" in fig.data[0].text  # spaces are visible
+    assert "&amp;amp;" in fig.data[0].text
     np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
     np.testing.assert_array_equal(np.asarray(fig.data[0].customdata)[:, 1], generated["rank"])
     assert "logprob %{customdata[0]" in fig.data[0].hovertemplate
@@ -339,8 +358,12 @@ def test_token_probabilities_echo_false_and_index_select_rows(frames) -> None:
     tokens, _ = frames
     fig = plots.token_probabilities(tokens, index=[1], echo=False, color=None)
     assert len(fig.data) == 1
-    assert fig.data[0].name == "all"
+    assert fig.data[0].name == "completion"
+    assert fig.layout.showlegend is False  # one line: a legend would only say "index 0"
     assert list(fig.data[0].x) == list(range(2, 8))
+    one = plots.token_probabilities(tokens, index=0)
+    assert [trace.name for trace in one.data] == ["prompt", "completion"]
+    assert one.layout.showlegend
 
 
 def test_token_probabilities_switches_to_webgl_above_the_threshold() -> None:
@@ -377,8 +400,11 @@ def test_entropy_band_fills_between_the_bounds_with_coverage_below(frames) -> No
     np.testing.assert_allclose(coverage.y, choice["top_mass"])
     assert coverage.yaxis == "y2"
     assert high.yaxis == "y"
-    assert fig.layout.yaxis2.title.text == "top-k mass (top_mass)"
+    # The bottom row is 30% high: its title must be short, or it runs into the row above.
+    assert fig.layout.yaxis2.title.text == "top-k mass"
     assert fig.layout.yaxis.title.text == "entropy (nats)"
+    assert fig.layout.yaxis.domain[0] > fig.layout.yaxis2.domain[1]
+    assert fig.layout.showlegend is False  # one choice: no legend reading "index 0"
     # The echoed prompt (positions 0-1) is shaded.
     prompt = [shape for shape in fig.layout.shapes if shape.type == "rect"]
     assert [(s.x0, s.x1) for s in prompt] == [(-0.5, 1.5)] * 2  # one per row
@@ -390,7 +416,9 @@ def test_entropy_bands_pair_up_per_choice_and_coverage_can_be_left_out(frames) -
     fig = plots.entropy(tokens, coverage=None, echo=False)
     assert len(fig.data) == 4
     assert [trace.fill for trace in fig.data] == [None, "tonexty", None, "tonexty"]
-    assert fig.data[1].legendgroup == fig.data[0].legendgroup == "index 0"
+    assert fig.data[1].legendgroup == fig.data[0].legendgroup == "choice 0"
+    assert [t.name for t in fig.data if t.showlegend is not False] == ["choice 0", "choice 1"]
+    assert fig.layout.showlegend
     assert "yaxis2" not in fig.layout.to_plotly_json()
     assert not fig.layout.shapes
 
@@ -412,13 +440,20 @@ def test_alternatives_heat_map_cells_hold_probabilities_and_tokens(frames) -> No
     text = np.asarray(heatmap.text, dtype=object)
     for row in choice.itertuples():
         i, j = positions.index(row.position), row.rank - 1
-        assert z[i, j] == pytest.approx(row.prob)
-        label = html.escape(
-            row.token.replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t"), quote=False
-        )
+        # The default colour is log10 p on the scale from -4 (red) to 0 (green).
+        assert z[i, j] == pytest.approx(max(np.log10(row.prob), -4.0))
+        assert f"prob {row.prob:.4f}" in heatmap.customdata[i][j]
+        label = html.escape(visible_token(row.token), quote=False)
         assert text[i, j] == (f"<b>{label} ✓</b>" if row.chosen else label)
-    assert (heatmap.zmin, heatmap.zmax) == (0.0, 1.0)
+    assert (heatmap.zmin, heatmap.zmax) == (-4.0, 0.0)
+    assert list(heatmap.colorbar.ticktext) == ["≤0.0001", "0.001", "0.01", "0.1", "1"]
     assert heatmap.texttemplate == "%{text}"
+    assert fig.layout.title.text.startswith("Top alternatives at each position (choice 1)")
+    linear = plots.alternatives(alternatives, index=1, scale="prob").data[0]
+    assert (linear.zmin, linear.zmax) == (0.0, 1.0)
+    assert np.nanmax(np.asarray(linear.z, dtype=float)) <= 1.0
+    with pytest.raises(ValueError, match=r"scale must be one of \['logprob', 'prob'\]"):
+        plots.alternatives(alternatives, scale="rank")
 
 
 def test_alternatives_outlines_each_chosen_cell(frames) -> None:
@@ -469,7 +504,7 @@ def test_rank_histogram_counts_gltr_buckets(frames) -> None:
 def test_rank_histogram_buckets_are_a_parameter_and_color_splits_choices(frames) -> None:
     tokens, _ = frames
     fig = plots.rank_histogram(tokens, buckets=(1, 2, 3), color="index", normalize=False)
-    assert [trace.name for trace in fig.data] == ["index 0", "index 1"]
+    assert [trace.name for trace in fig.data] == ["choice 0", "choice 1"]
     assert list(fig.data[0].x) == ["1", "2", "3", ">3"]
     ranks = tokens.loc[tokens["index"] == 0, "rank"].dropna().astype(int)
     assert list(fig.data[0].y) == [(ranks == r).sum() for r in (1, 2, 3)] + [(ranks > 3).sum()]
@@ -487,7 +522,11 @@ T_975 = {2: 4.302652729749464}  # Student t quantile at 0.975 with 2 degrees of 
 def test_mean_ci_plots_mean_and_t_interval_over_repeats() -> None:
     choices = make_sweep_choices()
     fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt_id")
-    assert [trace.name for trace in fig.data] == ["prompt_id=0", "prompt_id=1"]
+    # The legend's title names the column once; the entries are its values.
+    assert [trace.name for trace in fig.data] == ["0", "1"]
+    assert fig.layout.legend.title.text == "prompt_id"
+    # The title says "mean ± CI"; the axis names the metric (not "mean mean_logprob").
+    assert fig.layout.yaxis.title.text == "mean_logprob"
     ok = choices[choices["error"].isna() & (choices["prompt_id"] == 1)]
     grouped = ok.groupby("temperature")["mean_logprob"]
     np.testing.assert_allclose(fig.data[1].x, [0.0, 0.5, 1.0])
@@ -534,30 +573,36 @@ def test_mean_ci_counts_rows_without_a_value() -> None:
 
 
 class SpanCollector(HTMLParser):
-    """Text and attributes of every <span> with a data-prob attribute, in document order."""
+    """Every token of a highlight, in document order: its <summary> attributes and text
+    ("text") and its popup's text ("popup")."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.spans: list[dict[str, str]] = []
+        self._in: str | None = None
         self._depth = 0
         self.tags: set[str] = set()
 
     def handle_starttag(self, tag, attrs):
         self.tags.add(tag)
         attributes = dict(attrs)
-        if tag == "span" and "data-prob" in attributes:
-            self.spans.append({**attributes, "text": ""})
-            self._depth = 1
-        elif tag == "span" and self._depth:
+        if tag == "summary" and "data-prob" in attributes:
+            self.spans.append({**attributes, "text": "", "popup": ""})
+            self._in, self._depth = "text", 1
+        elif tag == "div" and attributes.get("class") == "nbc-popup":
+            self._in, self._depth = "popup", 1
+        elif self._in:
             self._depth += 1
 
     def handle_endtag(self, tag):
-        if tag == "span" and self._depth:
+        if self._in:
             self._depth -= 1
+            if self._depth == 0:
+                self._in = None
 
     def handle_data(self, data):
-        if self._depth:
-            self.spans[-1]["text"] += data
+        if self._in:
+            self.spans[-1][self._in] += data
 
 
 def parse(markup: str) -> SpanCollector:
@@ -584,27 +629,29 @@ def test_highlight_is_self_contained_escaped_and_one_span_per_token(frames) -> N
     spans = parse(markup).spans
     assert len(spans) == len(choice) == result.n_tokens
     for span, row in zip(spans, choice.itertuples(), strict=True):
-        assert span["text"] == row.token.replace("\n", "↵")
+        assert span["text"] == visible_token(row.token, spaces=False)
         if np.isnan(row.prob):
             assert span["data-prob"] == ""
-            assert "no logprob" in span["title"]
+            assert "no logprob" in span["popup"]
         else:
             assert float(span["data-prob"]) == pytest.approx(row.prob, rel=1e-5)
-            assert f"p = {row.prob:.4f}" in span["title"]
-        assert span["title"].startswith(repr(row.token))
+            assert f"p {row.prob:.4f}" in span["popup"]
+        # The popup's first line is the token with its whitespace made visible.
+        assert span["popup"].splitlines()[0] == visible_token(row.token)
         assert ("font-style:italic" in span["style"]) == row.echo
-    assert markup.count("↵<br>") == 1  # the newline token breaks the line
+    assert markup.count("↵</summary>") == 1  # the newline token: ↵ then a line break after it
+    assert markup.count("<br>") == 1
     assert "white-space:pre-wrap" in markup
 
 
-def test_highlight_tooltip_lists_the_alternatives(frames) -> None:
+def test_highlight_popup_lists_the_alternatives(frames) -> None:
     tokens, alternatives = frames
     spans = parse(plots.highlight(tokens, alternatives=alternatives, index=1).html).spans
     at = alternatives[(alternatives["index"] == 1) & (alternatives["position"] == 3)]
-    tip = spans[3]["title"]
+    tip = spans[3]["popup"]
     assert "alternatives:" in tip
     for row in at.itertuples():
-        line = f"{row.prob:7.2%}  {row.token!r}" + ("  ◀ chosen" if row.chosen else "")
+        line = f"{row.prob:7.2%}  {visible_token(row.token)}" + ("  ◀ chosen" if row.chosen else "")
         assert line in tip.splitlines()
     rank = tokens.loc[(tokens["index"] == 1) & (tokens["position"] == 3), "rank"].item()
     assert (f"rank >{len(at)}" if rank > len(at) else f"rank {rank}") in tip
@@ -621,12 +668,90 @@ def test_highlight_says_outside_the_top_k_for_the_appended_sampled_token(embedde
     assert len(outside), "the echoed prompt should have tokens outside the top 2"
     spans = parse(plots.highlight(tokens, alternatives=alternatives).html).spans
     for position in outside["position"]:
-        tip = spans[int(position)]["title"]
+        tip = spans[int(position)]["popup"]
         assert "rank >2" in tip, tip
         assert "rank 3" not in tip
     figure = plots.alternatives(alternatives)
     assert list(figure.layout.xaxis.ticktext) == ["1", "2", ">2"]
     assert any("rank >2 · chosen" in cell for cell in figure.data[0].customdata.ravel())
+
+
+def _colors(markup: str) -> list[str]:
+    return [span["style"].split("background:")[1].split(";")[0] for span in parse(markup).spans]
+
+
+def test_highlight_scales_and_their_legend() -> None:
+    from nbcompletions.plots._colors import PROB_COLORSCALE
+
+    probs = [1.0, 0.1, 0.01, 0.001, 0.0001, 0.00001, np.nan]
+    tokens = pd.DataFrame(
+        {
+            "index": 0,
+            "position": range(len(probs)),
+            "token": list("abcdefg"),
+            "prob": probs,
+            "logprob": np.log(probs),
+            "rank": pd.array([1, 2, 3, 4, 5, 6, pd.NA], dtype="Int64"),
+        }
+    )
+    red, yellow, green = (color for _, color in PROB_COLORSCALE)
+    grey = "#e0e0e0"
+
+    default = plots.highlight(tokens).html
+    assert default == plots.highlight(tokens, scale="logprob").html
+    # log10 p from -4 (red) to 0 (green): 0.01 sits in the middle, below 0.0001 is all red.
+    assert _colors(default) == [
+        green,
+        _colors(default)[1],
+        yellow,
+        _colors(default)[3],
+        red,
+        red,
+        grey,
+    ]
+    assert len(set(_colors(default)[:5])) == 5  # every decade has its own colour
+    assert "colour: probability, log scale (scale=&quot;logprob&quot;)" in default
+    assert "≤0.0001" in default
+
+    linear = plots.highlight(tokens, scale="prob").html
+    # The linear scale is what the default replaced: everything below 0.01 looks alike.
+    assert len(set(_colors(linear)[3:6])) == 1
+    assert _colors(linear)[0] == green
+    assert "linear scale (scale=&quot;prob&quot;)" in linear
+
+    by_rank = plots.highlight(tokens, scale="rank").html
+    # No alternatives frame: green for rank 1 to red for the largest rank present.
+    assert _colors(by_rank)[0] == green
+    assert _colors(by_rank)[5] == red
+    assert len(set(_colors(by_rank)[:6])) == 6
+    assert _colors(by_rank)[6] == grey
+    assert "rank among the alternatives" in by_rank
+    assert "scale=&quot;rank&quot;" in by_rank
+
+
+def test_highlight_rank_scale_uses_the_top_k_of_the_alternatives(frames) -> None:
+    tokens, alternatives = frames  # k = 3; a chosen token at rank 4 was outside the top 3
+    markup = plots.highlight(tokens, alternatives=alternatives, index=0, scale="rank").html
+    choice = tokens[tokens["index"] == 0].sort_values("position")
+    colors = _colors(markup)
+    from nbcompletions.plots._colors import PROB_COLORSCALE
+
+    for color, rank in zip(colors, choice["rank"], strict=True):
+        if rank is pd.NA:
+            assert color == "#e0e0e0"
+        elif rank == 1:
+            assert color == PROB_COLORSCALE[-1][1]
+        elif rank == 4:
+            assert color == PROB_COLORSCALE[0][1]
+    assert "&gt;3</span>" in markup  # the legend's last step: beyond the top 3
+
+
+def test_highlight_refuses_an_unknown_scale_or_a_rank_scale_without_ranks(frames) -> None:
+    tokens, _ = frames
+    with pytest.raises(ValueError, match=r"scale must be one of \['logprob', 'rank', 'prob'\]"):
+        plots.highlight(tokens, scale="log")
+    with pytest.raises(ValueError, match=r"column 'rank' not in the tokens frame"):
+        plots.highlight(tokens.drop(columns="rank"), scale="rank")
 
 
 def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
@@ -661,10 +786,11 @@ def test_highlight_round_trips_any_token_text(texts: list[str]) -> None:
     markup = plots.highlight(tokens).html
     assert_self_contained(markup)
     parsed = parse(markup)
-    assert parsed.tags <= {"div", "span", "br", "i"}
+    assert parsed.tags <= {"div", "span", "br", "i", "details", "summary"}
     shown = [span["text"] for span in parsed.spans]
-    controls = {i: f"\\x{i:02x}" for i in [*range(32), 0x7F] if chr(i) not in "\n\t"}
-    assert shown == [text.translate(controls).replace("\n", "↵") for text in texts]
+    assert shown == [visible_token(text, spaces=False) for text in texts]
+    # Each newline breaks the line once, after its token.
+    assert markup.count("<br>") == sum(text.count("\n") for text in texts)
 
 
 # -------------------------------------------------------------------------------------------
@@ -679,10 +805,10 @@ def test_plots_of_a_real_completion(embedded_client) -> None:
 
     fig = plots.token_probabilities(tokens)
     assert {trace.name for trace in fig.data} == {
-        "index 0",
-        "index 0 (prompt)",
-        "index 1",
-        "index 1 (prompt)",
+        "choice 0",
+        "choice 0 (prompt)",
+        "choice 1",
+        "choice 1 (prompt)",
     }
     first = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
     np.testing.assert_allclose(fig.data[1].y, first["prob"])
@@ -751,13 +877,13 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     assert [span["text"] for span in parse(page).spans] == ["<b>", " &", "↵"]
     assert "&lt;b&gt;" in page
     spans = parse(page).spans
-    assert "rank >2" in spans[2]["title"]  # "\n" was not among the 2 alternatives
+    assert "rank >2" in spans[2]["popup"]  # "\n" was not among the 2 alternatives
     fig = plots.token_probabilities(tokens)
-    assert [trace.name for trace in fig.data] == ["index 0 (prompt)", "index 0"]
+    assert [trace.name for trace in fig.data] == ["prompt", "completion"]
     np.testing.assert_allclose(fig.data[1].y, [np.exp(-2.0)])
     heat = plots.alternatives(alternatives)
     assert list(heat.layout.yaxis.ticktext) == ["1", "2"]
-    assert np.asarray(heat.data[0].text)[0, 0] == "<b>␣&amp; ✓</b>"
+    assert np.asarray(heat.data[0].text)[0, 0] == "<b>·&amp; ✓</b>"
 
 
 def test_mean_ci_of_a_real_sweep(embedded_client) -> None:
@@ -790,4 +916,22 @@ def test_line_plots_refuse_to_join_several_completions_in_one_line(frames) -> No
     with pytest.raises(ValueError, match=r"per line.*frame\[frame.request_id == \.\.\.\]"):
         plots.entropy(requests)
     fig = plots.token_probabilities(requests, index=0, color="request_id", echo=False)
-    assert [trace.name for trace in fig.data] == ["request_id 0", "request_id 1"]
+    assert [trace.name for trace in fig.data] == ["0", "1"]
+    assert fig.layout.legend.title.text == "request_id"
+
+
+def test_mean_ci_of_a_rate_starts_its_axis_at_zero() -> None:
+    choices = make_sweep_choices().assign(rate=0.0)
+    fig = plots.mean_ci(choices, x="temperature", y="rate", color="prompt_id")
+    # All means 0: without this the axis ran from -1 to 1, half of it impossible values.
+    assert fig.layout.yaxis.rangemode == "tozero"
+    signed = plots.mean_ci(choices, x="temperature", y="mean_logprob")
+    assert signed.layout.yaxis.rangemode is None
+
+
+def test_mean_ci_labels_show_the_newlines_of_text_categories() -> None:
+    choices = make_sweep_choices()
+    choices["prompt"] = choices["prompt_id"].map({0: "ROMEO.\n", 1: "ROMEO."})
+    fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt")
+    # Two prompts that differ only by a newline get two different labels.
+    assert [trace.name for trace in fig.data] == ["ROMEO.", "ROMEO.↵"]

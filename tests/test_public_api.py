@@ -38,6 +38,7 @@ EXPECTED = {
     "plots",
     "sweep",
     "to_frames",
+    "visible_token",
     "widgets",
 }
 HEAVY = (

@@ -45,3 +45,19 @@ def test_readme_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert isinstance(result, nbcompletions.SweepResult)
     assert result.requests["error"].isna().all()
     assert (tmp_path / "study.sqlite").exists()
+
+
+def test_readme_pictures_exist_and_are_small() -> None:
+    """The README shows pictures made by tests/test_browser.py (NBC_SCREENSHOTS), kept small."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    pictures = re.findall(r"!\[[^\]]+\]\((docs/[^)]+)\)", text)
+    assert pictures, "the README shows what the instrument draws"
+    # The first picture is on the first screen: within the first 20 lines.
+    assert pictures[0] in "\n".join(text.splitlines()[:20])
+    for picture in pictures:
+        path = ROOT / picture
+        assert path.is_file(), picture
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", picture
+        assert path.stat().st_size < 100_000, (picture, path.stat().st_size)

@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from helpers import mock_client
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nbcompletions import CompletionRequest, Limits, RequestError
 from nbcompletions.widgets import (
@@ -426,9 +428,10 @@ def test_run_shows_tokens_frames_and_plots(playground: Any) -> None:
     assert playground.error.value == ""
     assert "run #1:" in playground.status.value
     assert completion.usage["completion_tokens"] == len(completion.tokens) == 6
-    # Highlighted tokens, with the alternatives in each token's tooltip.
+    # Highlighted tokens, with the alternatives in each token's popup.
     assert 'class="nbc-tokens"' in playground.highlighted.value
-    assert "title=" in playground.highlighted.value
+    assert 'class="nbc-popup"' in playground.highlighted.value
+    assert "alternatives:" in playground.highlighted.value
     for name in ("choices", "tokens", "alternatives"):
         assert "<table" in playground.frames_tabs[name].value
     for name, output in playground.plot_outputs.items():
@@ -480,6 +483,30 @@ def test_model_side_error_is_shown(playground: Any) -> None:
     assert "suffix" in playground.error.value
 
 
+def test_a_failed_run_clears_the_previous_result(playground: Any) -> None:
+    assert playground.run() is not None
+    assert playground.highlighted.value
+    playground.suffix.value = "THE END"  # a request the embedded model refuses (server side)
+    assert playground.run() is None
+    # The request tab shows the failed request; nothing from the earlier run stays under the error.
+    assert '"suffix": "THE END"' in playground.request_view.value
+    assert playground.result is None
+    assert playground.highlighted.value == ""
+    assert all(tab.value == "" for tab in playground.frames_tabs.values())
+    assert all(output.outputs == () for output in playground.plot_outputs.values())
+    assert "no result: the request failed" in playground.status.value
+    assert "suffix" in playground.error.value
+
+    playground.suffix.value = ""
+    assert playground.run() is not None
+    assert playground.highlighted.value
+    playground.max_tokens.value = -5  # invalid: never sent
+    assert playground.run() is None
+    assert playground.highlighted.value == ""
+    assert playground.request_view.value == ""
+    assert "no result: the settings are invalid" in playground.status.value
+
+
 def test_repr_is_cheap(playground: Any) -> None:
     assert repr(playground).startswith("Playground(endpoint=")
     assert len(repr(playground)) < 200
@@ -494,7 +521,7 @@ def builder(embedded_client: Any) -> Any:
 
     return SweepBuilder(
         embedded_client,
-        prompt="ROMEO:\nJULIET:",
+        prompt=["ROMEO:", "JULIET:"],
         max_tokens=3,
         repeats=2,
         axes={"temperature": "0.5, 1.5"},
@@ -539,6 +566,60 @@ def test_builder_invalid_axis_is_shown(builder: Any, axis: str, values: str, par
     assert param in builder.error.value
     assert builder.summary.value == ""
     assert builder.run() is None
+
+
+def test_split_prompts_cuts_only_at_separator_lines() -> None:
+    from nbcompletions.widgets import join_prompts, split_prompts
+
+    assert split_prompts("ROMEO:\nJULIET:") == ["ROMEO:\nJULIET:"]  # newlines stay in a prompt
+    assert split_prompts("ROMEO:\n\n---\nJULIET:\n") == ["ROMEO:\n", "JULIET:\n"]
+    assert split_prompts("a\n---\nb\n---\n") == ["a", "b"]  # a trailing separator: no prompt
+    assert split_prompts("---\na") == ["a"]
+    assert split_prompts("a\n----\nb --- c") == ["a\n----\nb --- c"]  # only a bare --- line
+    assert split_prompts(" \n---\n\n") == []
+    prompts = ["ROMEO:\n", "JULIET:\nO Romeo,\n", "\n\nNURSE:"]
+    assert split_prompts(join_prompts(prompts)) == prompts
+    with pytest.raises(ValueError, match=r"prompt 1 holds a line '---'"):
+        join_prompts(["a", "notes\n---\nmore"])
+    with pytest.raises(ValueError, match=r"prompt 0 is empty"):
+        join_prompts([" "])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet="ab-\n ", min_size=1, max_size=12).filter(
+            lambda t: t.strip() and "\n---\n" not in f"\n{t}\n"
+        ),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_join_then_split_gives_the_prompts_back(prompts: list[str]) -> None:
+    from nbcompletions.widgets import join_prompts, split_prompts
+
+    assert split_prompts(join_prompts(prompts)) == prompts
+
+
+def test_builder_string_prompt_is_one_prompt_and_a_list_is_several(embedded_client: Any) -> None:
+    from nbcompletions.widgets import SweepBuilder
+
+    one = SweepBuilder(embedded_client, prompt="ROMEO:\nJULIET:", axes={"temperature": "1"})
+    assert one.settings.kwargs["prompt"] == "ROMEO:\nJULIET:"
+    assert one.settings.n_requests == 3
+    assert "<code>ROMEO:↵JULIET:</code>" in one.summary.value
+    several = SweepBuilder(embedded_client, prompt=["ROMEO:\n", "JULIET:\n"], repeats=1)
+    assert several.prompts.value == "ROMEO:\n\n---\nJULIET:\n"
+    assert several.settings.kwargs["prompt"] == ["ROMEO:\n", "JULIET:\n"]
+    assert "2 prompts" in several.summary.value
+    assert "<code>ROMEO:↵</code> · <code>JULIET:↵</code>" in several.summary.value
+    # Typed into the box: a line holding only --- starts another prompt.
+    several.prompts.value = "KING:\n---\nQUEEN:\n---\nFOOL:"
+    assert several.settings.kwargs["prompt"] == ["KING:", "QUEEN:", "FOOL:"]
+    several.prompts.value = "\n---\n"
+    assert "give at least one prompt" in several.error.value
+    with pytest.raises(ValueError, match=r"reads as the separator"):
+        SweepBuilder(embedded_client, prompt=["a\n---\nb"])
 
 
 def test_builder_field_on_two_axes_is_shown(builder: Any) -> None:

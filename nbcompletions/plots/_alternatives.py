@@ -6,8 +6,15 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from ._checks import _check_one_completion, _check_positive_int, _flags, _require, _select_index
-from ._colors import PROB_COLORSCALE
+from ._checks import (
+    _check_one_completion,
+    _check_option,
+    _check_positive_int,
+    _flags,
+    _require,
+    _select_index,
+)
+from ._colors import LOG10_FLOOR, PROB_COLORSCALE
 from ._style import _cell_token, _hover_token, _layout, _title
 
 __all__ = ["alternatives"]
@@ -22,6 +29,7 @@ def alternatives(
     prob: str = "prob",
     token: str = "token",
     chosen: str | None = "chosen",
+    scale: str = "logprob",
     start: int | None = None,
     max_positions: int = 100,
     title: str | None = None,
@@ -31,7 +39,9 @@ def alternatives(
     """The top alternatives at each position of one choice as a heat map with the tokens written in.
 
     One row per position (read top to bottom like the text), one column per rank; the colour is
-    the probability (:data:`PROB_COLORSCALE`, 0 to 1). The sampled token is written in bold with a
+    the probability, on the scales of :func:`highlight`: ``scale="logprob"`` (default) spans
+    log10 p from -4 (p <= 0.0001, red) to 0 (green), ``scale="prob"`` 0 to 1 linearly. The
+    sampled token is written in bold with a
     ✓ and outlined. At most ``max_positions`` positions from ``start`` (default: the first) are
     drawn, and the title says so when that cuts the completion short: thousands of rows of text
     cells make a figure no browser wants to lay out.
@@ -44,6 +54,7 @@ def alternatives(
         frame_name="alternatives",
     )
     _check_positive_int(function, "max_positions", max_positions)
+    _check_option(function, "scale", scale, ("logprob", "prob"))
     frame = _select_index(alternatives, index, function=function, frame_name="alternatives")
     _check_one_completion(frame, [position, rank], function=function, frame_name="alternatives")
 
@@ -79,11 +90,24 @@ def alternatives(
         text[i, j] = f"<b>{cell} ✓</b>" if is_chosen else cell
         hover[i, j] = (
             f"{position} {pos} · {rank} {rank_label[int(rk)]}{' · chosen' if is_chosen else ''}"
-            f"<br>{_hover_token(tok)}"
+            f"<br>{_hover_token(tok)}<br>{prob} {p:.4f}"
         )
         if is_chosen:
             marks.append((i, j))
 
+    if scale == "logprob":
+        # The colour is log10 p, floored at the scale's red end (log10 0 is -inf, not JSON).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            z = np.maximum(np.log10(z), LOG10_FLOOR)
+        levels = np.arange(LOG10_FLOOR, 0.5)
+        colorbar = {
+            "title": {"text": f"{prob}<br>(log scale)"},
+            "tickvals": levels.tolist(),
+            "ticktext": [f"≤{10**LOG10_FLOOR:g}", *(f"{10**v:g}" for v in levels[1:])],
+        }
+        zmin, zmax = LOG10_FLOOR, 0.0
+    else:
+        colorbar, zmin, zmax = {"title": {"text": prob}}, 0.0, 1.0
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -92,13 +116,13 @@ def alternatives(
             text=text,
             texttemplate="%{text}",
             customdata=hover,
-            hovertemplate="%{customdata}<br>prob %{z:.4f}<extra></extra>",
+            hovertemplate="%{customdata}<extra></extra>",
             colorscale=[list(stop) for stop in PROB_COLORSCALE],
-            zmin=0.0,
-            zmax=1.0,
+            zmin=zmin,
+            zmax=zmax,
             xgap=1,
             ygap=1,
-            colorbar={"title": {"text": prob}},
+            colorbar=colorbar,
         )
     )
     # One assignment: fig.add_shape per cell re-validates every shape so far (quadratic).
@@ -135,7 +159,7 @@ def alternatives(
     )
     _layout(
         fig,
-        title=_title(f"Top alternatives at each position (index {index})", title, notes),
+        title=_title(f"Top alternatives at each position (choice {index})", title, notes),
         height=height if height is not None else 160 + 24 * max(len(window), 4),
         width=width,
     )

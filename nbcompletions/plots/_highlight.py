@@ -1,4 +1,13 @@
-"""Tokens coloured by probability as self-contained HTML: no plotly, no scripts, no URLs."""
+"""Tokens coloured by probability as self-contained HTML: no plotly, no scripts, no URLs.
+
+Each token is a ``<details>`` element: its ``<summary>`` is the coloured token, and its body is a
+popup card (inline styles only) with the token's probability, rank and the alternatives at that
+position, opened in place under the token. A click (or a tap, or Enter) opens it and another closes
+it, with no JavaScript: ``<details>``, ``<summary>`` and the inline styles used here are all on
+the allow-lists of JupyterLab's HTML sanitizer (which drops ``<style>`` blocks, ``:hover`` rules and
+scripts), and GitHub and nbviewer keep them too. Native ``title`` tooltips, used before, were
+slow to appear, set in a proportional font, not selectable and unreachable on a touch screen.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +16,13 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
+from .._visible import visible_token
 from ._checks import (
     _check_one_completion,
+    _check_option,
     _check_positive_int,
     _drop_echo,
     _echo_mask,
@@ -19,13 +31,16 @@ from ._checks import (
     _require,
     _select_index,
 )
-from ._colors import _MISSING_PROB_COLOR, _prob_color
+from ._colors import _MISSING_PROB_COLOR, LOG10_FLOOR, _prob_color
 
-__all__ = ["HighlightedText", "highlight"]
+__all__ = ["HIGHLIGHT_SCALES", "HighlightedText", "highlight"]
+
+#: What the colour of a token can stand for; see :func:`highlight`.
+HIGHLIGHT_SCALES = ("logprob", "rank", "prob")
 
 
 class HighlightedText:
-    """Tokens coloured by probability as self-contained HTML (CSS only: no scripts, no URLs).
+    """Tokens coloured by probability as self-contained HTML (inline CSS only: no scripts, no URLs).
 
     Jupyter displays it through ``_repr_html_``; ``.html`` is the fragment, ``.save(path)`` writes
     a standalone page.
@@ -54,24 +69,62 @@ class HighlightedText:
         return f"HighlightedText({self.n_tokens} tokens, {len(self.html):,} characters of HTML)"
 
 
-_CONTROL = {i: f"\\x{i:02x}" for i in range(32) if chr(i) not in "\n\t"}
-_CONTROL[0x7F] = "\\x7f"
+def _running_text(token: str) -> str:
+    """HTML for a token in running text: escaped, controls visible, newlines as ↵."""
+    return _html.escape(visible_token(token, spaces=False) or "", quote=False)
 
 
-def _display_token(token: str) -> str:
-    """HTML for a token's text: escaped, newlines as ↵ plus a line break, other controls visible."""
-    text = _html.escape(token.translate(_CONTROL), quote=True)
-    return text.replace("\n", "↵<br>")
+# Inline styles, repeated on every token (a sanitizer keeps no <style> block), so kept short.
+# inline-block, not inline: a <details> lays out its (closed) body as a block, which would put
+# every token on its own line. So a newline's line break goes after its token, outside the box.
+# The open popup takes its place in the text (it is not position:absolute): an output area in
+# JupyterLab or Notebook 7 scrolls its overflow, which cut a floating popup off at the bottom.
+_DETAILS = "display:inline-block;vertical-align:top"
+_SUMMARY = "display:inline;list-style:none;cursor:pointer"
+_POPUP = (
+    "margin:2px 4px 4px 0;padding:3px 6px;background:#fff;color:#000;border:1px solid #888;"
+    "border-radius:3px;box-shadow:0 2px 6px rgba(0,0,0,0.25);white-space:pre;"
+    "font-style:normal;font-size:12px;line-height:1.4;text-align:left"
+)
 
 
-def _attribute(text: str) -> str:
-    """Escape for a double-quoted attribute; &#10; is a line break inside a title tooltip.
+def _scale_position(
+    scale: str, prob: np.ndarray, ranks: np.ndarray | None, top_k: int
+) -> np.ndarray:
+    """Where each token sits on the colour scale, 0 (red) to 1 (green); NaN where unknown."""
+    if scale == "prob":
+        return prob
+    if scale == "logprob":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            log10 = np.log10(prob)
+        on_scale: np.ndarray = np.clip((log10 - LOG10_FLOOR) / -LOG10_FLOOR, 0.0, 1.0)
+        return on_scale
+    assert ranks is not None  # checked by the caller: scale="rank" needs the rank column
+    # Rank 1 is green and "beyond the top k" red, in k even steps.
+    by_rank: np.ndarray = 1.0 - (np.minimum(ranks, top_k + 1) - 1.0) / top_k
+    return by_rank
 
-    Single quotes stay as they are (the attribute is double-quoted): tooltips repeat ``repr``
-    strings, and six-byte entities for their quotes made up a third of the page.
-    """
-    escaped = _html.escape(text, quote=False).replace('"', "&quot;")
-    return escaped.replace("\n", "&#10;").replace("\r", "&#13;")
+
+def _legend_scale(scale: str, top_k: int, ranks_known: bool) -> str:
+    def swatch(position: float, label: str) -> str:
+        return (
+            f'<span style="background:{_prob_color(position)};padding:0 0.4em">'
+            f"{_html.escape(label)}</span>"
+        )
+
+    if scale == "logprob":
+        levels = [(-4.0, "≤0.0001"), (-3.0, "0.001"), (-2.0, "0.01"), (-1.0, "0.1"), (0.0, "1")]
+        swatches = "".join(swatch((lg - LOG10_FLOOR) / -LOG10_FLOOR, lab) for lg, lab in levels)
+        return f"colour: probability, log scale (scale=&quot;logprob&quot;) {swatches}"
+    if scale == "prob":
+        swatches = "".join(swatch(v, f"{v:g}") for v in (0.0, 0.25, 0.5, 0.75, 1.0))
+        return f"colour: probability, linear scale (scale=&quot;prob&quot;) {swatches}"
+    steps = [swatch(1.0 - (r - 1) / top_k, str(r)) for r in range(1, top_k + 1)]
+    steps.append(swatch(0.0, f">{top_k}" if ranks_known else str(top_k + 1)))
+    return (
+        "colour: rank among the alternatives, 1 = the model&#x27;s first choice "
+        f"(scale=&quot;rank&quot;) {''.join(steps)}"
+    )
 
 
 def highlight(
@@ -82,20 +135,39 @@ def highlight(
     position: str = "position",
     token: str = "token",
     prob: str = "prob",
+    scale: str = "logprob",
     echo: bool = True,
     max_positions: int = 5000,
     title: str | None = None,
 ) -> HighlightedText:
-    """The text of one choice with each token's background coloured by its probability.
+    """The text of one choice with each token's background coloured by how likely it was.
 
-    Hovering a token shows (as a native ``title`` tooltip) its text, probability, logprob and rank
-    and, with the ``alternatives`` frame, the top alternatives at that position. The HTML uses
-    inline CSS only, so it survives the sanitizers of GitHub, nbviewer, VS Code and JupyterLab.
-    Echoed prompt tokens are set in italics (``echo=False`` leaves them out); at most
-    ``max_positions`` tokens are shown, and the legend says when the text was cut.
+    ``scale`` says what the colour shows; a legend under the text names it and its colours:
+
+    - ``"logprob"`` (default): the probability on a log scale, log10 p from -4 (p <= 0.0001, red)
+      through -2 (p = 0.01, yellow) to 0 (p = 1, green). A linear scale paints everything below
+      p = 0.1 the same red, and most tokens of a sampled text are there.
+    - ``"rank"``: the token's rank among the alternatives (needs a ``rank`` column): 1 green,
+      then even steps to red for a token outside the top k (without the ``alternatives`` frame,
+      k is unknown and red is the largest rank present).
+    - ``"prob"``: the probability on a linear scale, 0 red, 0.5 yellow, 1 green.
+
+    Tokens without a logprob are grey. Clicking (or tapping) a token opens a popup with its text
+    (whitespace made visible), probability, logprob, rank and, given the ``alternatives`` frame,
+    the top alternatives at that position; it is selectable text in a fixed-width font. The HTML
+    uses ``<details>`` and inline CSS only (no scripts, no URLs), so it survives the sanitizers
+    of JupyterLab, GitHub, nbviewer and VS Code. Echoed prompt tokens are set in italics
+    (``echo=False`` leaves them out); at most ``max_positions`` tokens are shown, and the legend
+    says when the text was cut.
     """
     function = "highlight"
-    _require(tokens, ["index", position, token, prob], function=function, frame_name="tokens")
+    _check_option(function, "scale", scale, HIGHLIGHT_SCALES)
+    _require(
+        tokens,
+        ["index", position, token, prob, "rank" if scale == "rank" else None],
+        function=function,
+        frame_name="tokens",
+    )
     if alternatives is not None:
         _require(
             alternatives,
@@ -110,7 +182,7 @@ def highlight(
     total = len(frame)
     frame = frame.iloc[:max_positions]
 
-    tooltips_alternatives: dict[Any, list[str]] = {}
+    popup_alternatives: dict[Any, list[str]] = {}
     if alternatives is not None:
         alt = alternatives[alternatives["index"] == index]
         alt = alt[alt["position"].isin(frame[position])].sort_values(["position", "rank"])
@@ -122,52 +194,64 @@ def highlight(
             _flags(alt["chosen"]).tolist() if has_chosen else [False] * len(alt),
             strict=True,
         ):
-            tooltips_alternatives.setdefault(pos, []).append(
-                f"{alt_prob:7.2%}  {alt_token!r}{'  ◀ chosen' if is_chosen else ''}"
+            popup_alternatives.setdefault(pos, []).append(
+                f"{alt_prob:7.2%}  {visible_token(alt_token) or ''}"
+                f"{'  ◀ chosen' if is_chosen else ''}"
             )
 
-    top_k = min((len(entries) for entries in tooltips_alternatives.values()), default=0)
     probs = _numeric(frame[prob])
     prompt = _echo_mask(frame)
     logprobs = _numeric(frame["logprob"]) if "logprob" in frame.columns else None
     ranks = _numeric(frame["rank"]) if "rank" in frame.columns else None
-    spans = []
+    # A rank past the k returned alternatives only says "not in the top k". Where the sampled
+    # token is outside the top k it comes as an extra (k+1-th) entry, so k is the fewest entries
+    # at any position, not the count at this one.
+    top_k = min((len(entries) for entries in popup_alternatives.values()), default=0)
+    scale_k = top_k
+    if scale == "rank" and scale_k == 0:
+        # Without the alternatives k is unknown: green for rank 1 to red for the largest rank.
+        finite = ranks[np.isfinite(ranks)] if ranks is not None else np.array([])
+        scale_k = max(int(finite.max()) - 1 if finite.size else 1, 1)
+    positions = _scale_position(scale, probs, ranks, scale_k)
+
+    parts = []
     for row, (pos, tok) in enumerate(
         zip(frame[position].tolist(), frame[token].tolist(), strict=True)
     ):
         text = "" if tok is None or (isinstance(tok, float) and math.isnan(tok)) else str(tok)
         p = probs[row]
-        facts = [f"p = {p:.4f}" if math.isfinite(p) else "no logprob"]
+        facts = [f"p {p:.4f}" if math.isfinite(p) else "no logprob"]
         if logprobs is not None and math.isfinite(logprobs[row]):
             facts.append(f"logprob {logprobs[row]:.3f}")
         if ranks is not None and math.isfinite(ranks[row]):
-            # A rank past the k returned alternatives only says "not in the top k". Where the
-            # sampled token is outside the top k it comes as an extra (k+1-th) entry, so k is the
-            # fewest entries at any position, not the count at this one.
             facts.append(f"rank >{top_k}" if 0 < top_k < ranks[row] else f"rank {int(ranks[row])}")
-        tip = f"{text!r}  {' · '.join(facts)}\n{position} {pos}{' (prompt)' if prompt[row] else ''}"
-        if pos in tooltips_alternatives:
-            tip += "\nalternatives:\n" + "\n".join(tooltips_alternatives[pos])
-        style = f"background:{_prob_color(p)}"
+        lines = [
+            f"{visible_token(text)}",
+            "  ".join(facts),
+            f"{position} {pos}{' (prompt)' if prompt[row] else ''}",
+        ]
+        if pos in popup_alternatives:
+            lines += ["alternatives:", *popup_alternatives[pos]]
+        style = f"{_SUMMARY};background:{_prob_color(positions[row])}"
         if prompt[row]:
             style += ";font-style:italic"
         data_prob = f"{p:.6g}" if math.isfinite(p) else ""
-        spans.append(
-            f'<span style="{style}" data-prob="{data_prob}" title="{_attribute(tip)}">'
-            f"{_display_token(text)}</span>"
+        parts.append(
+            f'<details style="{_DETAILS}"><summary style="{style}" data-prob="{data_prob}">'
+            f"{_running_text(text)}</summary>"
+            f'<div class="nbc-popup" style="{_POPUP}">'
+            f"{_html.escape(chr(10).join(lines), quote=False)}</div></details>"
+            + "<br>"
+            * text.count("\n")
         )
 
-    swatches = "".join(
-        f'<span style="background:{_prob_color(level)};padding:0 0.4em">{level:g}</span>'
-        for level in (0.0, 0.25, 0.5, 0.75, 1.0)
-    )
-    legend = [f"probability {swatches}"]
+    legend = [_legend_scale(scale, scale_k, ranks_known=top_k > 0)]
     legend.append(
         f'<span style="background:{_MISSING_PROB_COLOR};padding:0 0.4em">grey</span> no logprob'
     )
     if prompt.any():
         legend.append("<i>italic</i>: prompt (echo)")
-    legend.append("↵: newline; hover a token for details")
+    legend.append("↵: newline · click a token for details")
     if total > len(frame):
         legend.append(
             f"showing the first {len(frame):,} of {total:,} tokens (max_positions={max_positions})"
@@ -181,8 +265,8 @@ def highlight(
         '<div class="nbc-highlight" style="font-family:ui-monospace,SFMono-Regular,Menlo,'
         'Consolas,monospace;font-size:13px;line-height:1.8;color:#000">'
         f"{heading}"
-        '<div style="white-space:pre-wrap;word-break:break-word">' + "".join(spans) + "</div>"
-        '<div style="margin-top:6px;font-size:11px;color:#444">'
+        '<div style="white-space:pre-wrap;word-break:break-word">' + "".join(parts) + "</div>"
+        '<div style="margin-top:6px;font-size:11px;color:#444;white-space:normal">'
         + " · ".join(legend)
         + "</div></div>"
     )

@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .._visible import visible_token
 from ..metrics import summarize
 from ._checks import _check_option, _require
 from ._style import _PALETTE, _count, _layout, _rgba, _title
@@ -97,7 +98,8 @@ def mean_ci(
                 else series.sort_values(x)
             )
             line_color = _PALETTE[number % len(_PALETTE)]
-            label = y if color is None else f"{color}={_category(value)}"
+            # The legend's title names the column; each entry is the value alone.
+            label = y if color is None else _category(value)
             xs = series[x].to_numpy() if x_numeric else series[x].map(_category).to_numpy()
             means = series["mean"].to_numpy(dtype=float)
             lows = series["low"].to_numpy(dtype=float)
@@ -143,7 +145,8 @@ def mean_ci(
                         [lows, highs, series["count"].to_numpy(dtype=float)]
                     ),
                     hovertemplate=(
-                        f"{x} %{{x}}<br>mean {y} %{{y:.4g}}"
+                        (f"{_html.escape(color)} {_html.escape(label)}<br>" if color else "")
+                        + f"{x} %{{x}}<br>mean {y} %{{y:.4g}}"
                         + (
                             f"<br>{level} %{{customdata[0]:.4g}} to %{{customdata[1]:.4g}}"
                             if ci is not None
@@ -159,7 +162,13 @@ def mean_ci(
         fig.update_xaxes(title_text=x, row=1, col=column)
         if not x_numeric:
             fig.update_xaxes(type="category", row=1, col=column)
-    fig.update_yaxes(title_text=f"mean {y}", row=1, col=1)
+    # The title says these are means; "mean mean_logprob" on the axis said it twice.
+    fig.update_yaxes(title_text=y, row=1, col=1)
+    finite = stats[["mean", "low", "high"]].to_numpy(dtype=float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size and finite.min() >= 0:
+        # Rates and counts: the axis starts at 0 (not at -1 when every mean is 0).
+        fig.update_yaxes(rangemode="tozero")
     what = f"mean ± {level} (Student t) over repeats" if ci is not None else "mean over repeats"
     _layout(
         fig,
@@ -181,9 +190,15 @@ def _sort_key(value: Any) -> tuple[int, Any]:
 
 
 def _category(value: Any) -> str:
-    """Axis label of a category; a missing request field was unset (the server default)."""
+    """Axis label of a category; a missing request field was unset (the server default).
+
+    Text shows its newlines and tabs (``ROMEO.↵``): two prompts that differ only there would
+    otherwise get the same label.
+    """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "None"
+    if isinstance(value, str):
+        return visible_token(value, spaces=False) or ""
     return str(value)
 
 

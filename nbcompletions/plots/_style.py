@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html as _html
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
+from .._visible import visible_token
 from ._checks import _numeric
 
 #: Above this many points in one figure, ``render_mode="auto"`` draws with WebGL (``go.Scattergl``):
@@ -55,9 +55,17 @@ def _count(number: int, noun: str) -> str:
 
 
 def _group_label(color: str | None, value: Any) -> str:
+    """A legend entry: the value alone (the legend's title names the column), "choice 2" for the
+    ``index`` column, whose bare numbers would say nothing."""
     if color is None:
         return "all"
-    return f"{color} {value}"
+    if color == "index":
+        return f"choice {value}"
+    return str(value)
+
+
+def _legend_title(color: str | None) -> str:
+    return "" if color in (None, "index") else str(color)
 
 
 def _groups(frame: pd.DataFrame, color: str | None) -> list[tuple[Any, pd.DataFrame]]:
@@ -80,18 +88,14 @@ def _rgba(hex_color: str, alpha: float) -> str:
 
 
 def _hover_token(token: Any) -> str:
-    """``repr`` shows spaces and escapes newlines; plotly reads ``<br>`` and ``&`` as markup."""
-    if token is None or (isinstance(token, float) and math.isnan(token)):
-        return "(none)"
-    return _html.escape(repr(str(token)), quote=False)
+    """A token as a hover label shows it: whitespace visible (plotly reads ``<br>``, ``&``)."""
+    shown = visible_token(token)
+    return "(none)" if shown is None else _html.escape(shown, quote=False)
 
 
 def _cell_token(token: Any, limit: int = 14) -> str:
-    """Short visible form for a heat-map cell: spaces as ␣, newlines and tabs as \\n and \\t."""
-    if token is None or (isinstance(token, float) and math.isnan(token)):
-        return ""
-    text = str(token).replace(" ", "␣").replace("\n", "\\n").replace("\t", "\\t")
-    text = text.replace("\r", "\\r")
+    """Short visible form for a heat-map cell, cut to ``limit`` characters."""
+    text = visible_token(token) or ""
     if len(text) > limit:
         text = text[: limit - 1] + "…"
     return _html.escape(text, quote=False)

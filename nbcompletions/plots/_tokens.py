@@ -31,6 +31,7 @@ from ._style import (
     _hover_columns,
     _hover_token,
     _layout,
+    _legend_title,
     _rgba,
     _title,
     _use_webgl,
@@ -56,10 +57,10 @@ def token_probabilities(
 ) -> go.Figure:
     """The probability of each chosen token along the text, one line per choice.
 
-    Hovering a point shows the token (``repr``, so whitespace is visible) and the ``hover_data``
-    columns. Echoed prompt tokens (``echo`` column True) are drawn as hollow markers on a dotted
-    line in their own legend entry; ``echo=False`` leaves them out. ``index`` keeps only those
-    choices; ``color=None`` draws everything as one trace.
+    Hovering a point shows the token (whitespace visible: ``·`` space, ``↵`` newline) and the
+    ``hover_data`` columns. Echoed prompt tokens (``echo`` column True) are drawn as hollow
+    markers on a dotted line in their own legend entry; ``echo=False`` leaves them out.
+    ``index`` keeps only those choices; ``color=None`` draws everything as one trace.
     """
     function = "token_probabilities"
     _require(
@@ -81,7 +82,8 @@ def token_probabilities(
     webgl = _use_webgl(render_mode, len(frame))
     scatter = go.Scattergl if webgl else go.Scatter
     fig = go.Figure()
-    for number, (value, group) in enumerate(_groups(frame, color)):
+    groups = _groups(frame, color)
+    for number, (value, group) in enumerate(groups):
         group = group.sort_values(x, kind="stable")
         line_color = _PALETTE[number % len(_PALETTE)]
         label = _group_label(color, value)
@@ -90,9 +92,14 @@ def token_probabilities(
             if part.empty:
                 continue
             customdata, extra = _hover_columns(part, hover_data)
+            if len(groups) == 1:
+                # One line: the legend only tells the echoed prompt from the completion.
+                name = "prompt" if is_prompt else "completion"
+            else:
+                name = f"{label} (prompt)" if is_prompt else label
             hovertemplate = (
                 "<br>".join(["%{text}", f"{x} %{{x}}", f"{y} %{{y:.4g}}", *extra])
-                + f"<extra>{_html.escape(label)}{' prompt' if is_prompt else ''}</extra>"
+                + f"<extra>{_html.escape(name)}</extra>"
             )
             fig.add_trace(
                 scatter(
@@ -102,7 +109,7 @@ def token_probabilities(
                     customdata=customdata,
                     hovertemplate=hovertemplate,
                     mode="lines+markers",
-                    name=f"{label} (prompt)" if is_prompt else label,
+                    name=name,
                     legendgroup=label,
                     line={"color": line_color, "width": 1, "dash": "dot" if is_prompt else None},
                     marker={
@@ -125,7 +132,12 @@ def token_probabilities(
         height=height,
         width=width,
     )
-    fig.update_layout(xaxis_title=x, yaxis_title=y, legend_title_text=color or "")
+    fig.update_layout(
+        xaxis_title=x,
+        yaxis_title=y,
+        legend_title_text=_legend_title(color),
+        showlegend=len(fig.data) > 1,
+    )
     return fig
 
 
@@ -244,7 +256,8 @@ def entropy(
                 row=2,
                 col=1,
             )
-        fig.update_yaxes(title_text=f"top-k mass ({coverage})", range=[0, 1.02], row=2, col=1)
+        # Short: a title longer than its axis runs into the one above (the row is 30% high).
+        fig.update_yaxes(title_text="top-k mass", range=[0, 1.02], row=2, col=1)
         fig.update_xaxes(title_text=x, row=2, col=1)
     else:
         fig.update_xaxes(title_text=x, row=1, col=1)
@@ -279,7 +292,7 @@ def entropy(
     if frame.empty:
         notes = ["no tokens to plot"]
     _layout(fig, title=_title("Entropy per position", title, notes), height=height, width=width)
-    fig.update_layout(legend_title_text=color or "")
+    fig.update_layout(legend_title_text=_legend_title(color), showlegend=len(groups) > 1)
     return fig
 
 
@@ -381,7 +394,7 @@ def rank_histogram(
         showlegend=color is not None,
         xaxis_title=f"{rank} of the chosen token",
         yaxis_title="share of tokens" if normalize else "tokens",
-        legend_title_text=color or "",
+        legend_title_text=_legend_title(color),
     )
     if normalize:
         fig.update_yaxes(tickformat=".0%")

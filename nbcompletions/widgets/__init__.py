@@ -9,12 +9,15 @@ browser or the saved notebook.
 """
 
 from ._controls import (
+    PROMPT_SEPARATOR,
     SWEEP_FIELDS,
     SWEEP_METRICS,
+    join_prompts,
     parse_logit_bias,
     parse_stop,
     parse_values,
     playground_request,
+    split_prompts,
 )
 from ._display import FRAME_ROWS
 from ._playground import MAX_HIGHLIGHTED, Playground
@@ -23,13 +26,16 @@ from ._sweep_builder import SweepBuilder, SweepSettings
 __all__ = [
     "FRAME_ROWS",
     "MAX_HIGHLIGHTED",
+    "PROMPT_SEPARATOR",
     "SWEEP_FIELDS",
     "SWEEP_METRICS",
     "Playground",
     "SweepBuilder",
     "SweepSettings",
+    "join_prompts",
     "parse_logit_bias",
     "parse_stop",
     "parse_values",
     "playground_request",
+    "split_prompts",
 ]

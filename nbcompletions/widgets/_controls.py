@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -159,6 +160,42 @@ def playground_request(
     if state.get("suffix"):
         fields["suffix"] = state["suffix"]
     return CompletionRequest(**fields, limits=limits or Limits())
+
+
+#: A line holding only this separates prompts in the SweepBuilder's prompts box.
+PROMPT_SEPARATOR = "---"
+_SEPARATOR_LINE = re.compile(r"\n?^---$\n?", flags=re.MULTILINE)
+
+
+def split_prompts(text: str) -> list[str]:
+    """The prompts in a prompts box: ``text`` cut at every line that holds only ``---``.
+
+    Everything else is kept exactly, newlines included: ``"ROMEO:\n\n---\nJULIET:\n"`` is
+    ``["ROMEO:\n", "JULIET:\n"]`` (the line break just before and just after a ``---`` line
+    belong to the separator). Parts that are empty or only whitespace are dropped. Without a
+    ``---`` line the whole text is one prompt, however many lines it has.
+    """
+    return [part for part in _SEPARATOR_LINE.split(text) if part.strip()]
+
+
+def join_prompts(prompts: Iterable[str]) -> str:
+    """The prompts box text for ``prompts``; `split_prompts` gives them back.
+
+    Raises ValueError for a prompt that holds a ``---`` line of its own, which the box would
+    read as a separator.
+    """
+    prompts = list(prompts)
+    for number, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {number} must be a string; got {type(prompt).__name__}")
+        if _SEPARATOR_LINE.search(prompt):
+            raise ValueError(
+                f"prompt {number} holds a line {PROMPT_SEPARATOR!r}, which the prompts box reads "
+                f"as the separator between prompts; got {prompt!r}"
+            )
+        if not prompt.strip():
+            raise ValueError(f"prompt {number} is empty or only whitespace; got {prompt!r}")
+    return f"\n{PROMPT_SEPARATOR}\n".join(prompts)
 
 
 def parse_values(field_name: str, text: str) -> list[Any]:

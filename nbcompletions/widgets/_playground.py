@@ -304,12 +304,14 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         """Send `request` (streaming into the widget if ``stream`` is ticked); return the result.
 
         Errors (invalid settings, server errors) are shown in the widget and returned as None; the
-        exception is kept on `last_error`.
+        exception is kept on `last_error`. A failed run clears the previous run's text, frames and
+        plots (and sets `result` to None), so nothing under the error belongs to another request.
         """
         try:
             request = self.request
         except Exception as exc:
-            self._show_error(exc)
+            self._fail(exc, "the settings are invalid")
+            self.request_view.value = ""  # nothing was sent
             return None
         self.error.value = ""
         self.streamed.value = ""
@@ -322,8 +324,7 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         try:
             completion = self._send(request)
         except Exception as exc:
-            self.status.value = ""
-            self._show_error(exc)
+            self._fail(exc, "the request failed")
             return None
         finally:
             self.run_button.disabled = False
@@ -345,6 +346,18 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         else:
             self.streamed.value = ""  # the highlighted result below now shows the same text
         return completion
+
+    def _fail(self, exc: BaseException, why: str) -> None:
+        """Show ``exc`` and clear the last run's result: it answered a different request."""
+        self._show_error(exc)
+        self.result = None
+        self.streamed.value = ""
+        self.highlighted.value = ""
+        for tab in self.frames_tabs.values():
+            tab.value = ""
+        for output in self.plot_outputs.values():
+            output.outputs = ()
+        self.status.value = f"<small>no result: {html.escape(why)} (see the error below)</small>"
 
     def _send(self, request: CompletionRequest) -> Completion:
         if not request.stream:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +11,15 @@ import ipywidgets as widgets
 
 from .._errors import RequestError
 from .._request import Limits
-from ._controls import SWEEP_FIELDS, SWEEP_METRICS, _unescape, parse_values
+from .._visible import visible_token
+from ._controls import (
+    PROMPT_SEPARATOR,
+    SWEEP_FIELDS,
+    SWEEP_METRICS,
+    join_prompts,
+    parse_values,
+    split_prompts,
+)
 from ._display import (
     UNCAPPED_LOGPROBS,
     _default_client,
@@ -42,12 +50,21 @@ class SweepSettings:
     estimate_method: str = ""
 
 
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidgets: untyped
     """Choose the axes of a sweep, see its request count and token estimate, run it, see the plot.
 
     ``SweepBuilder(client=None, prompt=..., axes={"temperature": "0, 0.7, 1.4"}, repeats=3)``.
-    Each axis is a request field and comma-separated values; every combination, for every prompt
-    (one per line), is requested ``repeats`` times. `settings` is what the controls describe; `run`
+    Each axis is a request field and comma-separated values; every combination, for every prompt,
+    is requested ``repeats`` times.
+
+    Prompts: ``prompt="ROMEO:\nJULIET:"`` (a string) is ONE prompt, newlines and all, never split;
+    ``prompt=["ROMEO:\n", "JULIET:\n"]`` (a list) is several. In the prompts box, a line holding
+    only ``---`` separates prompts (`split_prompts` says exactly how), and the summary lists the
+    prompts it will send, whitespace made visible. `settings` is what the controls describe; `run`
     runs it through `nbcompletions.sweep` with a progress bar; `result` is the last `SweepResult`.
     """
 
@@ -57,7 +74,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         self,
         client: Client | None = None,
         *,
-        prompt: str = "",
+        prompt: str | Sequence[str] = "",
         axes: Mapping[str, str] | None = None,
         repeats: int = 3,
         max_tokens: int = 16,
@@ -67,9 +84,14 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         self.result: SweepResult | None = None
         self.last_error: BaseException | None = None
         models, models_error = _models(self._client)
+        if isinstance(prompt, str):
+            box_text = join_prompts([prompt]) if prompt.strip() else prompt
+        else:
+            box_text = join_prompts(prompt)
         self.prompts = widgets.Textarea(
-            value=prompt,
-            placeholder="one prompt per line (\\n for a newline inside one)",
+            value=box_text,
+            placeholder=f"a prompt (newlines are part of it); a line holding only "
+            f"{PROMPT_SEPARATOR} starts another",
             layout=widgets.Layout(width="100%", height="5em"),
         )
         self.model = widgets.Dropdown(
@@ -172,12 +194,13 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         """The sweep the controls describe; raises `RequestError` naming a field that is wrong."""
         from .._grid import estimate_tokens, expand_grid
 
-        prompts = [_unescape(line) for line in self.prompts.value.splitlines() if line.strip()]
+        prompts = split_prompts(self.prompts.value)
         if not prompts:
             raise RequestError(
                 "prompt",
-                "give at least one prompt (one per line); got none",
-                allowed="one or more lines",
+                f"give at least one prompt (several: separated by a line holding only "
+                f"{PROMPT_SEPARATOR}); got none",
+                allowed="one or more prompts",
                 value=self.prompts.value,
             )
         axes: dict[str, list[Any]] = {}
@@ -228,12 +251,18 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         self.last_error = None
         axes = " × ".join(f"{name} ({len(values)})" for name, values in settings.axes.items())
         prompts = settings.kwargs["prompt"]
-        n_prompts = len(prompts) if isinstance(prompts, list) else 1
+        prompts = prompts if isinstance(prompts, list) else [prompts]
+        n_prompts = len(prompts)
+        shown = " · ".join(
+            f"<code>{html.escape(_short(visible_token(p) or ''))}</code>" for p in prompts[:6]
+        ) + (f" … and {n_prompts - 6} more" if n_prompts > 6 else "")
         self.summary.value = (
-            f"<b>{settings.n_requests:,}</b> requests = {n_prompts} prompt(s)"
+            f"<b>{settings.n_requests:,}</b> requests = "
+            f"{n_prompts} prompt{'' if n_prompts == 1 else 's'}"
             f"{' × ' + html.escape(axes) if axes else ''} × {settings.kwargs['repeats']} repeats; "
             f"at most about <b>{settings.token_estimate:,}</b> tokens "
             f"<small>(prompts counted by {html.escape(settings.estimate_method)})</small>"
+            f"<br><small>prompt{'' if n_prompts == 1 else 's'}: {shown}</small>"
         )
 
     def _show_error(self, exc: BaseException) -> None:
