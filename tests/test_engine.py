@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from model_fixture import build_tiny_model
 
@@ -456,6 +456,7 @@ pieces = st.lists(
     parts=pieces,
     stops=st.lists(st.text(alphabet="ab é€", min_size=1, max_size=3), min_size=1, max_size=4),
 )
+@example(parts=["\xe2", "\x82\xac", "a", "a"], stops=["a", "€aa"])  # "a" completes first
 @settings(max_examples=300, deadline=None)
 def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str]) -> None:
     """Whatever the tokens and stop strings, the streamed text is the final text, and no emitted
@@ -481,8 +482,12 @@ def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str])
     assert released == row.kept_tokens
     whole = b"".join(p.encode("latin-1") for p in parts).decode("utf-8", errors="replace")
     assert whole.startswith(row.final_text)
-    cut = min((whole.find(s) for s in stops if s in whole), default=-1)
-    if cut >= 0 and row.finish_reason == "stop":
+    # Generation stops as soon as a stop string is complete: the one whose first occurrence ends
+    # first wins (a longer stop that would start earlier but end later never completes).
+    found = [(whole.find(s) + len(s), whole.find(s)) for s in stops if s in whole]
+    if found and row.finish_reason == "stop":
+        first_end = min(end for end, _ in found)
+        cut = min(start for end, start in found if end == first_end)
         assert row.final_text == whole[:cut]
 
 
