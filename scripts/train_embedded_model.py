@@ -382,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(val_batch[:, :-1]).logits.float()
         model.train()
-        return F.cross_entropy(logits.reshape(-1, vocab_size), val_batch[:, 1:].reshape(-1)).item()
+        loss = F.cross_entropy(logits.reshape(-1, vocab_size), val_batch[:, 1:].reshape(-1))
+        return float(loss.item())
 
     history: list[dict[str, float]] = []
     model.train()

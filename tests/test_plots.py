@@ -343,7 +343,7 @@ def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) 
     fig = plots.token_probabilities(tokens, index=0, echo=False)
     generated = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
     assert list(fig.data[0].text) == [
-        html.escape(visible_token(t), quote=False) for t in generated["token"]
+        html.escape(visible_token(t) or "", quote=False) for t in generated["token"]
     ]
     assert "↵" in fig.data[0].text  # a newline token reads as ↵, not a line break
     assert "··two··spaces" in fig.data[0].text  # spaces are visible
@@ -443,7 +443,7 @@ def test_alternatives_heat_map_cells_hold_probabilities_and_tokens(frames) -> No
         # The default colour is log10 p on the scale from -4 (red) to 0 (green).
         assert z[i, j] == pytest.approx(max(np.log10(row.prob), -4.0))
         assert f"prob {row.prob:.4f}" in heatmap.customdata[i][j]
-        label = html.escape(visible_token(row.token), quote=False)
+        label = html.escape(visible_token(str(row.token)) or "", quote=False)
         assert text[i, j] == (f"<b>{label} ✓</b>" if row.chosen else label)
     assert (heatmap.zmin, heatmap.zmax) == (-4.0, 0.0)
     assert list(heatmap.colorbar.ticktext) == ["≤0.0001", "0.001", "0.01", "0.1", "1"]
