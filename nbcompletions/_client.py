@@ -25,6 +25,7 @@ from . import _retry
 from ._completion import Completion
 from ._errors import APIError, NBCompletionsError, RequestError
 from ._loop import run_sync
+from ._parse import loads
 from ._profiles import ServerProfile, get_profile
 from ._request import (
     FIELDS,
@@ -754,7 +755,7 @@ class AsyncClient(_BaseClient):
 
 def _json_body(response: httpx.Response) -> Any:
     try:
-        return json.loads(response.content)
+        return loads(response.content)
     except ValueError:
         text = response.content.decode("utf-8", errors="replace")
         raise APIError(
