@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
+from ._errors import (
+    APIError,
+    BudgetError,
+    CacheError,
+    ConformanceError,
+    NBCompletionsError,
+    RequestError,
+)
 from ._request import CompletionRequest, Limits
 from ._version import __version__
 
@@ -35,6 +42,7 @@ __all__ = [
     "AsyncClient",
     "BudgetError",
     "Cache",
+    "CacheError",
     "Client",
     "Completion",
     "CompletionRequest",

@@ -15,13 +15,15 @@ from the cache agree. A request that still fails after the client's retries beco
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._cache import Cache
+from ._cache import Cache, CachedResponse
 from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._grid import Grid, estimate_tokens, expand_grid
 from ._request import check_optional_count
@@ -72,6 +74,65 @@ def _failure_types() -> tuple[type[BaseException], ...]:
     import httpx
 
     return (NBCompletionsError, httpx.HTTPError, OSError, TimeoutError, asyncio.TimeoutError)
+
+
+class _Claims:
+    """The order requests are sent in, claimed in the cache first so that two processes sharing
+    one cache file do not both pay (see `Cache.claim`); without a cache it only hands out indices.
+    """
+
+    #: Requests claimed per transaction: one write for many requests.
+    CHUNK = 64
+
+    def __init__(self, store: Cache | None, grid: Grid, pending: list[int]) -> None:
+        self.store, self.grid = store, grid
+        self._source = iter(pending)
+        self._ready: collections.deque[int] = collections.deque()
+        self.elsewhere: list[int] = []  # claimed by another process, answer not seen yet
+        self.poll_interval = 0.2 if store is None else min(1.0, store.lease / 10)
+
+    def next(self) -> int | None:
+        while not self._ready:
+            chunk = list(itertools.islice(self._source, self.CHUNK))
+            if not chunk:
+                return None
+            if self.store is None:
+                self._ready.extend(chunk)
+                break
+            held = set(self.store.claim(self.grid.points[i].key for i in chunk))
+            for i in chunk:
+                (self._ready if self.grid.points[i].key in held else self.elsewhere).append(i)
+        return self._ready.popleft()
+
+    def failed(self, key: str) -> None:
+        if self.store is not None:  # let another process (or a re-run) try it
+            self.store.release([key])
+
+    def answered_elsewhere(self) -> list[tuple[int, CachedResponse]]:
+        assert self.store is not None
+        hits = self.store.get_many(self.grid.points[i].key for i in self.elsewhere)
+        done = [
+            (i, hits[self.grid.points[i].key])
+            for i in self.elsewhere
+            if self.grid.points[i].key in hits
+        ]
+        self.elsewhere = [i for i in self.elsewhere if self.grid.points[i].key not in hits]
+        return done
+
+    def take_over(self) -> bool:
+        """Claim what another process had claimed but let expire; True if any is now ours."""
+        assert self.store is not None
+        held = set(self.store.claim(self.grid.points[i].key for i in self.elsewhere))
+        mine = [i for i in self.elsewhere if self.grid.points[i].key in held]
+        self.elsewhere = [i for i in self.elsewhere if self.grid.points[i].key not in held]
+        self._source = iter(mine)
+        return bool(mine)
+
+    async def keep_alive(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.store.lease / 3)
+            self.store.renew()
 
 
 @dataclass
@@ -185,19 +246,20 @@ async def _execute(
     grid, outcomes, store = prepared.grid, prepared.outcomes, prepared.cache
     failures = _failure_types()
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    n_failed = 0
+    n_failed = n_sent = 0
     capabilities: dict[str, Any] | None = None
     try:
         if probe:
             capabilities = await _probe(aclient, prepared)
             _refuse_ignored(capabilities, prepared.grid)
-        queue = iter(prepared.pending)
+        claims = _Claims(store, grid, prepared.pending)
         workers = min(
             max_concurrency or _client_concurrency(aclient), max(len(prepared.pending), 1)
         )
 
         async def send(i: int) -> None:
-            nonlocal n_failed
+            nonlocal n_failed, n_sent
+            n_sent += 1
             point, outcome = grid.points[i], outcomes[i]
             started = time.perf_counter()
             try:
@@ -206,6 +268,7 @@ async def _execute(
                 outcome.error = _error_fields(exc)
                 outcome.latency = time.perf_counter() - started
                 n_failed += 1
+                claims.failed(point.key)
             else:
                 outcome.latency = time.perf_counter() - started
                 outcome.response = completion.raw
@@ -221,11 +284,11 @@ async def _execute(
                 bar.update(1)
 
         async def worker() -> None:
-            # One shared iterator: each worker takes the next pending request; no task per request.
-            for i in queue:
+            # Workers share one source of indices: no task per request.
+            while (i := claims.next()) is not None:
                 await send(i)
 
-        if prepared.pending:
+        async def run_workers() -> None:
             tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
             try:
                 await asyncio.gather(*tasks)
@@ -235,6 +298,27 @@ async def _execute(
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
+
+        renewing = asyncio.ensure_future(claims.keep_alive()) if store is not None else None
+        try:
+            if prepared.pending:
+                await run_workers()
+            # Requests another process claimed: read its answers as they land; send those
+            # whose claim expired (a crashed process) ourselves.
+            while claims.elsewhere:
+                for i, hit in claims.answered_elsewhere():
+                    outcome = outcomes[i]
+                    outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
+                    if bar is not None:
+                        bar.update(1)
+                if claims.take_over():
+                    await run_workers()
+                elif claims.elsewhere:
+                    await asyncio.sleep(claims.poll_interval)
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
     finally:
         if bar is not None:
             bar.close()
@@ -255,7 +339,7 @@ async def _execute(
     usage = {
         **spent,
         "requests": len(grid.points),
-        "sent": len(prepared.pending),
+        "sent": n_sent,
         "cached_requests": len(cached),
         "failed_requests": n_failed,
         "cached_tokens": int(cached["total_tokens"].fillna(0).sum()),

@@ -13,6 +13,7 @@ EXPECTED = {
     "APIError",
     "AsyncClient",
     "BudgetError",
+    "CacheError",
     "Cache",
     "Client",
     "Completion",
