@@ -604,6 +604,11 @@ class AsyncClient(_BaseClient):
         candidates = [e for e in ordered if e is not avoid] or ordered
         return min(candidates, key=lambda e: e.in_flight)  # first minimum: round robin on ties
 
+    def _secret_values(self) -> list[str]:
+        """What redaction must hide (see `nbcompletions._secrets.secrets_of`)."""
+        key = self._settings.key.get()
+        return [key] if isinstance(key, str) and key else []
+
     def _scrub(self, error: APIError) -> APIError:
         # Servers sometimes echo the key they rejected ("Incorrect API key provided: sk-...").
         return redact_error(error, [self._settings.key.get()])
@@ -741,6 +746,10 @@ class AsyncClient(_BaseClient):
                             return
                     finally:
                         await response.aclose()
+                except APIError as exc:
+                    # A stream's error event, a body that is not JSON: the server's words, which
+                    # may echo the key.
+                    raise self._scrub(exc) from exc.__cause__
                 except httpx.TransportError as exc:
                     if received:
                         raise self._transport_error(exc, endpoint, broken=True) from exc

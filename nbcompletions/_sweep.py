@@ -27,6 +27,7 @@ from ._cache import Cache, CachedResponse
 from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._grid import Grid, estimate_tokens, expand_grid
 from ._request import check_optional_count
+from ._secrets import redact_exception_text, secrets_of
 from ._sweep_result import SweepResult, _build_frames, _Outcome, _requests_frame
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 
@@ -36,11 +37,14 @@ __all__ = ["asweep", "sweep"]
 _UNLIMITED_WORKERS = 16
 
 
-def _error_fields(exc: BaseException) -> dict[str, Any]:
+def _error_fields(exc: BaseException, secrets: list[str]) -> dict[str, Any]:
+    # Redacted again here whatever the client did: a client of another kind, or an error raised
+    # outside its request path, may still carry a key the server echoed.
+    message = redact_exception_text(exc, secrets)
     if isinstance(exc, APIError):
         kind = exc.type or exc.code or type(exc).__name__
         return {"error_type": kind, "error_status": exc.status, "error_message": exc.message}
-    return {"error_type": type(exc).__name__, "error_status": None, "error_message": str(exc)}
+    return {"error_type": type(exc).__name__, "error_status": None, "error_message": message}
 
 
 def _progress_bar(total: int, enabled: bool, initial: int) -> Any:
@@ -220,7 +224,7 @@ async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
         try:
             known = await acapabilities(aclient)
         except _failure_types() as exc:
-            return {"error": str(exc)}
+            return {"error": redact_exception_text(exc, secrets_of(aclient))}
     if prepared.cache is not None:
         prepared.cache.set_meta(meta_key, known)
     return known
@@ -245,6 +249,7 @@ async def _execute(
 ) -> SweepResult:
     grid, outcomes, store = prepared.grid, prepared.outcomes, prepared.cache
     failures = _failure_types()
+    secrets = secrets_of(aclient)
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     n_failed = n_sent = 0
     capabilities: dict[str, Any] | None = None
@@ -265,7 +270,7 @@ async def _execute(
             try:
                 completion = await aclient.complete_request(point.request)
             except failures as exc:
-                outcome.error = _error_fields(exc)
+                outcome.error = _error_fields(exc, secrets)
                 outcome.latency = time.perf_counter() - started
                 n_failed += 1
                 claims.failed(point.key)
