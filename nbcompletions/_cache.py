@@ -49,7 +49,14 @@ from ._errors import CacheError
 from ._parse import loads
 from ._request import CompletionRequest
 
-__all__ = ["DIRECTORY_FILE", "Cache", "CachedResponse", "cache_key", "cache_keys"]
+__all__ = [
+    "DIRECTORY_FILE",
+    "Cache",
+    "CachedResponse",
+    "cache_key",
+    "cache_keys",
+    "key_state",
+]
 
 # The usage numbers and id are kept in their own columns so that reading a finished sweep back
 # needs no JSON parsing until its frames are asked for.
@@ -125,17 +132,27 @@ def cache_key(
     return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
 
 
-def cache_keys(
-    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeats: int
-) -> list[str]:
-    """``[cache_key(endpoint, model, request, r) for r in range(repeats)]``, computed faster.
+def key_state(
+    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any]
+) -> Any:
+    """A sha256 state holding everything of a request's key but the repeat: ``state.copy()``,
+    ``update(f"{repeat}}}".encode())`` and ``hexdigest()`` give `cache_key` for that repeat.
 
     "repeat" sorts last in the canonical JSON, so every repeat's text shares the prefix up to
-    ``"repeat":``; it is serialised and hashed once and the hash state copied per repeat.
+    ``"repeat":``; it is serialised and hashed once. Two requests with equal ``hexdigest()`` of
+    this state have equal keys for every repeat.
     """
     prefix = {"body": _key_body(request, model), "endpoint": endpoint.rstrip("/")}
     head = _canonical(prefix)[:-1] + ',"repeat":'
-    state = hashlib.sha256(head.encode("utf-8"))
+    return hashlib.sha256(head.encode("utf-8"))
+
+
+def cache_keys(
+    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeats: int
+) -> list[str]:
+    """``[cache_key(endpoint, model, request, r) for r in range(repeats)]``, computed faster
+    (see `key_state`)."""
+    state = key_state(endpoint, model, request)
     keys = []
     for repeat in range(repeats):
         one = state.copy()

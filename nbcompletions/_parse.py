@@ -37,6 +37,7 @@ __all__ = [
 #: What a -inf logprob is written as (vLLM's stand-in; JSON has no -Infinity).
 NEG_INF_LOGPROB = -9999.0
 
+_orjson: Any
 try:  # pragma: no cover - which branch runs depends on the environment
     import orjson as _orjson
 except ImportError:  # pragma: no cover
@@ -46,7 +47,7 @@ except ImportError:  # pragma: no cover
 JSON_PARSER = "orjson" if _orjson is not None else "json"
 
 
-def loads(data: bytes | bytearray | memoryview | str) -> Any:
+def loads(data: bytes | bytearray | str) -> Any:
     """Parse a response body (or a stream event, or a cached row): orjson where installed.
 
     Parsing is most of the time from bytes to frames, and orjson takes a fraction of the stdlib's

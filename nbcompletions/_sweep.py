@@ -19,14 +19,16 @@ import collections
 import itertools
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ._cache import Cache, CachedResponse
 from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
 from ._grid import Grid, estimate_tokens, expand_grid
 from ._request import check_optional_count
+from ._results import ResultsWriter
 from ._secrets import redact_exception_text, secrets_of
 from ._sweep_result import SweepResult, _build_frames, _Outcome, _requests_frame
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
@@ -88,7 +90,7 @@ class _Claims:
     #: Requests claimed per transaction: one write for many requests.
     CHUNK = 64
 
-    def __init__(self, store: Cache | None, grid: Grid, pending: list[int]) -> None:
+    def __init__(self, store: Cache | None, grid: Grid, pending: Iterable[int]) -> None:
         self.store, self.grid = store, grid
         self._source = iter(pending)
         self._ready: collections.deque[int] = collections.deque()
@@ -142,13 +144,46 @@ class _Claims:
 @dataclass
 class _Prepared:
     grid: Grid
-    outcomes: list[_Outcome]
+    outcomes: list[_Outcome] | None  # None when results stream to disk
     cache: Cache | None
     owns_cache: bool
     estimate: int
     estimate_method: str
-    pending: list[int]
+    pending: list[int] | None  # None when results stream to disk: found chunk by chunk
+    n_pending: int
     same_as: list[tuple[int, int]] = field(default_factory=list)  # (duplicate, point it copies)
+    results: Path | None = None
+
+
+#: Grid points read from the cache per query when results stream to disk.
+_CHUNK = 1000
+
+
+def _chunks(total: int) -> Iterator[range]:
+    for start in range(0, total, _CHUNK):
+        yield range(start, min(total, start + _CHUNK))
+
+
+def _check_results(value: Any) -> Path | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | os.PathLike):
+        raise RequestError(
+            "results",
+            f"results must be a directory path (for the sweep's Parquet dataset) or None; "
+            f"got {value!r}",
+            allowed="a directory path or None",
+            value=value,
+        )
+    path = Path(value)
+    if path.exists() and not path.is_dir():
+        raise RequestError(
+            "results",
+            f"results must be a directory for the sweep's Parquet dataset; {str(path)!r} is a file",
+            allowed="a directory path or None",
+            value=value,
+        )
+    return path
 
 
 def _prepare(
@@ -159,10 +194,12 @@ def _prepare(
     max_concurrency: Any,
     budget: Any,
     fields: dict[str, Any],
+    results: Any = None,
 ) -> _Prepared:
     """Expand, validate, read the cache and check the budget: all before a single request."""
     check_optional_count("max_concurrency", max_concurrency)
     _check_budget(budget)
+    directory = _check_results(results)
     grid = expand_grid(client, prompt, repeats=repeats, **fields)
     owns = False
     store: Cache | None
@@ -177,40 +214,56 @@ def _prepare(
             allowed="a path or a Cache",
             value=cache,
         )
-    outcomes = [_Outcome() for _ in grid.points]
-    if store is not None:
-        hits = store.get_many(point.key for point in grid.points)
-        for point, outcome in zip(grid.points, outcomes, strict=True):
-            hit = hits.get(point.key)
-            if hit is not None:
-                outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
-    # Grid points with the same key (a prompt listed twice, a repeated axis value) are one request:
-    # sent once, their rows share its response, as they would on a re-run from the cache.
-    pending: list[int] = []
-    first_of: dict[str, int] = {}
+    points = grid.points
+    outcomes: list[_Outcome] | None = None
+    pending: list[int] | None = None
     same_as: list[tuple[int, int]] = []
-    for i, outcome in enumerate(outcomes):
-        if outcome.cached:
-            continue
-        key = grid.points[i].key
-        if key in first_of:
-            same_as.append((i, first_of[key]))
-        else:
-            first_of[key] = i
-            pending.append(i)
-    estimate, method = estimate_tokens([grid.points[i].request for i in pending], model=grid.model)
+    if directory is None:
+        outcomes = [_Outcome() for _ in points]
+        if store is not None:
+            hits = store.get_many(point.key for point in points)
+            for point, outcome in zip(points, outcomes, strict=True):
+                hit = hits.get(point.key)
+                if hit is not None:
+                    outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
+        # Grid points that are the same request (a prompt listed twice, a repeated axis value)
+        # are sent once: their rows share its response, as they would on a re-run from the cache.
+        pending = []
+        for i, outcome in enumerate(outcomes):
+            if outcome.cached:
+                continue
+            original = points.original(i)
+            if original != i:
+                same_as.append((i, original))
+            else:
+                pending.append(i)
+        estimate, method = estimate_tokens([points[i].request for i in pending], model=grid.model)
+        n_pending = len(pending)
+    else:
+        # Streaming to disk: nothing per request is kept; the cache is asked chunk by chunk now
+        # for the estimate, and again while sending.
+        estimate, n_pending, method = 0, 0, ""
+        for chunk in _chunks(len(points)):
+            originals = [points[i] for i in chunk if points.original(i) == i]
+            present = store.keys_present(p.key for p in originals) if store is not None else set()
+            todo = [p.request for p in originals if p.key not in present]
+            part, method = estimate_tokens(todo, model=grid.model)
+            estimate += part
+            n_pending += len(todo)
     if budget is not None and estimate > budget:
         if owns and store is not None:
             store.close()
         raise BudgetError(
-            f"this sweep can use up to ~{estimate:,} tokens ({len(pending)} requests to send; "
+            f"this sweep can use up to ~{estimate:,} tokens ({n_pending} requests to send; "
             f"prompt tokens counted by {method}, completions as max_tokens x max(n, best_of)), "
             f"more than budget={budget:,}; lower max_tokens, repeats or the grid, or raise the "
             "budget",
             estimate=estimate,
             budget=int(budget),
         )
-    return _Prepared(grid, outcomes, store, owns, estimate, method, pending, same_as)
+    return _Prepared(
+        grid, outcomes, store, owns, estimate, method, pending, n_pending, same_as, directory
+    )
 
 
 async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
@@ -247,25 +300,70 @@ def _refuse_ignored(capabilities: Mapping[str, Any] | None, grid: Grid) -> None:
 async def _execute(
     aclient: Any, prepared: _Prepared, *, max_concurrency: int | None, bar: Any, probe: bool
 ) -> SweepResult:
-    grid, outcomes, store = prepared.grid, prepared.outcomes, prepared.cache
+    grid, store = prepared.grid, prepared.cache
+    points = grid.points
     failures = _failure_types()
     secrets = secrets_of(aclient)
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     n_failed = n_sent = 0
     capabilities: dict[str, Any] | None = None
+    writer: ResultsWriter | None = None
+    # In memory: every point's outcome. Streaming: only those not yet handed to the writer.
+    outcomes: list[_Outcome] | dict[int, _Outcome]
+    if prepared.outcomes is not None:
+        outcomes = prepared.outcomes
+    else:
+        outcomes = {}
+        assert prepared.results is not None
+        writer = ResultsWriter(prepared.results, grid, _vocab_size(aclient))
+
+    def outcome_of(i: int) -> _Outcome:
+        if isinstance(outcomes, dict):
+            return outcomes.setdefault(i, _Outcome())
+        return outcomes[i]
+
+    def finished(i: int) -> None:
+        """Streaming: hand point ``i`` (and the points that share its request) to the writer."""
+        if writer is None or not isinstance(outcomes, dict):
+            return
+        outcome = outcomes.pop(i)
+        writer.add(i, outcome)
+        for j in points.copies(i):
+            writer.add(
+                j,
+                _Outcome(
+                    outcome.response, outcome.latency, outcome.cached, outcome.error, outcome.entry
+                ),
+            )
+
+    def streamed_pending() -> Iterator[int]:
+        # Cache hits go straight to the writer; only misses are handed out to send.
+        for chunk in _chunks(len(points)):
+            originals = [points[i] for i in chunk if points.original(i) == i]
+            hits = store.get_many(p.key for p in originals) if store is not None else {}
+            for point in originals:
+                hit = hits.get(point.key)
+                if hit is None:
+                    yield point.request_id
+                else:
+                    outcome = outcome_of(point.request_id)
+                    outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
+                    finished(point.request_id)
+
     try:
         if probe:
             capabilities = await _probe(aclient, prepared)
             _refuse_ignored(capabilities, prepared.grid)
-        claims = _Claims(store, grid, prepared.pending)
-        workers = min(
-            max_concurrency or _client_concurrency(aclient), max(len(prepared.pending), 1)
+        pending: Iterable[int] = (
+            prepared.pending if prepared.pending is not None else streamed_pending()
         )
+        claims = _Claims(store, grid, pending)
+        workers = min(max_concurrency or _client_concurrency(aclient), max(prepared.n_pending, 1))
 
         async def send(i: int) -> None:
             nonlocal n_failed, n_sent
             n_sent += 1
-            point, outcome = grid.points[i], outcomes[i]
+            point, outcome = points[i], outcome_of(i)
             started = time.perf_counter()
             try:
                 completion = await aclient.complete_request(point.request)
@@ -284,6 +382,7 @@ async def _execute(
                     value = usage.get(name) if isinstance(usage, Mapping) else None
                     if isinstance(value, int):
                         spent[name] += value
+            finished(i)
             if bar is not None:
                 bar.set_postfix(failed=n_failed, tokens=spent["total_tokens"], refresh=False)
                 bar.update(1)
@@ -306,14 +405,14 @@ async def _execute(
 
         renewing = asyncio.ensure_future(claims.keep_alive()) if store is not None else None
         try:
-            if prepared.pending:
-                await run_workers()
+            await run_workers()
             # Requests another process claimed: read its answers as they land; send those
             # whose claim expired (a crashed process) ourselves.
             while claims.elsewhere:
                 for i, hit in claims.answered_elsewhere():
-                    outcome = outcomes[i]
+                    outcome = outcome_of(i)
                     outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
+                    finished(i)
                     if bar is not None:
                         bar.update(1)
                 if claims.take_over():
@@ -329,9 +428,32 @@ async def _execute(
             bar.close()
         if prepared.owns_cache and store is not None:
             store.close()
+        if writer is not None:
+            writer.flush()  # what finished is on disk, even after an interrupt
 
+    usage: dict[str, Any] = {
+        **spent,
+        "requests": len(points),
+        "sent": n_sent,
+        "estimate": prepared.estimate,
+        "estimate_method": prepared.estimate_method,
+        "axes": grid.axes,
+    }
+    if writer is not None:
+        usage.update(
+            cached_requests=writer.cached,
+            failed_requests=writer.failed,
+            cached_tokens=writer.cached_tokens,
+        )
+        writer.close(usage, capabilities)
+        result = SweepResult(dataset=writer.directory, usage=usage, capabilities=capabilities)
+        result._vocab_size = writer.vocab_size
+        return result
+
+    assert isinstance(outcomes, list)
+    memory = outcomes
     for duplicate, original in prepared.same_as:
-        source, target = outcomes[original], outcomes[duplicate]
+        source, target = memory[original], memory[duplicate]
         target.response, target.error, target.latency = (
             source.response,
             source.error,
@@ -339,24 +461,18 @@ async def _execute(
         )
         if source.error:
             n_failed += 1
-    requests = _requests_frame(grid, outcomes)
+    requests = _requests_frame(grid, memory)
     cached = requests[requests["status"] == "cached"]
-    usage = {
-        **spent,
-        "requests": len(grid.points),
-        "sent": n_sent,
-        "cached_requests": len(cached),
-        "failed_requests": n_failed,
-        "cached_tokens": int(cached["total_tokens"].fillna(0).sum()),
-        "estimate": prepared.estimate,
-        "estimate_method": prepared.estimate_method,
-        "axes": grid.axes,
-    }
+    usage.update(
+        cached_requests=len(cached),
+        failed_requests=n_failed,
+        cached_tokens=int(cached["total_tokens"].fillna(0).sum()),
+    )
     return SweepResult(
         requests,
         usage=usage,
         capabilities=capabilities,
-        builder=lambda: _build_frames(grid, outcomes, requests, _vocab_size(aclient)),
+        builder=lambda: _build_frames(grid, memory, requests, _vocab_size(aclient)),
     )
 
 
@@ -375,6 +491,7 @@ async def asweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    results: str | os.PathLike[str] | None = None,
     **fields: Any,
 ) -> SweepResult:
     """The async twin of `sweep`, for an `AsyncClient`: ``await asweep(aclient, ...)``.
@@ -386,9 +503,9 @@ async def asweep(
             "asweep() needs an AsyncClient; for a Client call "
             "nbcompletions.sweep(...), which works in Jupyter without await"
         )
-    prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields)
+    prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields, results)
     bar = _progress_bar(
-        len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
+        len(prepared.grid.points), progress, len(prepared.grid.points) - prepared.n_pending
     )
     return await _execute(client, prepared, max_concurrency=max_concurrency, bar=bar, probe=probe)
 
@@ -403,6 +520,7 @@ def sweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    results: str | os.PathLike[str] | None = None,
     **fields: Any,
 ) -> SweepResult:
     """Send every combination of the listed field values, ``repeats`` times each.
@@ -415,17 +533,19 @@ def sweep(
     resumes and sends only what is missing. ``max_concurrency`` caps requests in flight (default:
     the client's limit, which also applies). ``probe`` asks the endpoint once what it supports
     (``result.capabilities``; remembered by the client and the cache). ``progress`` shows a tqdm
-    bar.
+    bar. ``results`` (a directory) streams the frames to disk as a Parquet dataset while the sweep
+    runs, so memory stays flat however big the grid; the result then reads its frames from the
+    files on first access (see `nbcompletions._results`; query them with pandas or DuckDB).
 
     Works from plain code and from a Jupyter cell (no await); a kernel interrupt stops it cleanly.
     """
     from ._loop import run_sync
 
     aclient = as_async(client)
-    prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields)
+    prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields, results)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(
-        len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
+        len(prepared.grid.points), progress, len(prepared.grid.points) - prepared.n_pending
     )
     try:
         return run_sync(
