@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._grid import Grid
+from ._grid import Grid, GridPoint
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from ._sweep_result import _Outcome
+#: Builds the four frames (requests, choices, tokens, alternatives) of some finished grid points
+#: from their outcomes; `nbcompletions._sweep` passes the one a sweep held in memory uses.
+FrameBuilder = Callable[
+    [Sequence[GridPoint], Sequence[Any]],
+    tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame", "pd.DataFrame"],
+]
 
 __all__ = ["FLUSH_EVERY", "FRAME_NAMES", "ResultsWriter", "read_frame", "scan_frame"]
 
@@ -55,6 +60,7 @@ class ResultsWriter:
         directory: str | os.PathLike[str],
         grid: Grid,
         vocab_size: int | None,
+        build: FrameBuilder,
         *,
         flush_every: int | None = None,
     ) -> None:
@@ -73,15 +79,16 @@ class ResultsWriter:
                 old.unlink()
         self.grid = grid
         self.vocab_size = vocab_size
+        self._build = build
         self.flush_every = FLUSH_EVERY if flush_every is None else flush_every
-        self._pending: list[tuple[int, _Outcome]] = []
+        self._pending: list[tuple[int, Any]] = []  # (grid point, its _Outcome)
         self._parts = 0
         self.rows = 0
         self.cached = 0
         self.failed = 0
         self.cached_tokens = 0
 
-    def add(self, i: int, outcome: _Outcome) -> None:
+    def add(self, i: int, outcome: Any) -> None:
         """Grid point ``i`` has finished (answered, failed or found in the cache)."""
         self._pending.append((i, outcome))
         if outcome.error is not None:
@@ -97,15 +104,12 @@ class ResultsWriter:
         """Write what has finished since the last flush as one part per frame."""
         if not self._pending:
             return
-        from ._sweep_result import _build_frames, _requests_frame
-
         batch = sorted(self._pending, key=lambda item: item[0])
         self._pending = []
         points = [self.grid.points[i] for i, _ in batch]
         outcomes = [outcome for _, outcome in batch]
-        requests = _requests_frame(self.grid, outcomes, points)
-        frames = _build_frames(self.grid, outcomes, requests, self.vocab_size, points)
-        for name, frame in zip(FRAME_NAMES, (requests, *frames), strict=True):
+        frames = self._build(points, outcomes)
+        for name, frame in zip(FRAME_NAMES, frames, strict=True):
             _write_part(self.directory / name / f"part-{self._parts:06d}.parquet", frame)
         self._parts += 1
         self.rows += len(batch)
@@ -166,15 +170,14 @@ def read_frame(
     columns: Sequence[str] | None = None,
     filter: Any = None,
 ) -> pd.DataFrame:
-    """One frame of a streamed sweep as a DataFrame, rows in grid order.
+    """One frame of a streamed sweep as a DataFrame, rows in grid order (strings as Parquet
+    gives them; `SweepResult.read` tidies them as the frames layer keeps them).
 
     ``columns`` and ``filter`` (a ``pyarrow.dataset`` expression such as
     ``pyarrow.dataset.field("temperature") > 0.5``) are applied while reading, so only what they
     select is loaded.
     """
     import pyarrow.compute as pc
-
-    from ._sweep_result import _tidy_strings
 
     dataset = scan_frame(directory, name)
     wanted = None if columns is None else list(dict.fromkeys(["request_id", *columns]))
@@ -184,5 +187,5 @@ def read_frame(
     table = table.take(pc.sort_indices(table, sort_keys=[("request_id", "ascending")]))
     if columns is not None and "request_id" not in columns:
         table = table.drop_columns(["request_id"])
-    frame = table.to_pandas()
-    return _tidy_strings(frame)
+    frame: pd.DataFrame = table.to_pandas()
+    return frame

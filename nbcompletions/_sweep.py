@@ -19,14 +19,14 @@ import collections
 import itertools
 import os
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._cache import Cache, CachedResponse
 from ._errors import APIError, BudgetError, ConformanceError, NBCompletionsError, RequestError
-from ._grid import Grid, estimate_tokens, expand_grid
+from ._grid import Grid, GridPoint, estimate_tokens, expand_grid
 from ._request import check_optional_count
 from ._results import ResultsWriter
 from ._secrets import redact_exception_text, secrets_of
@@ -315,7 +315,13 @@ async def _execute(
     else:
         outcomes = {}
         assert prepared.results is not None
-        writer = ResultsWriter(prepared.results, grid, _vocab_size(aclient))
+        vocab = _vocab_size(aclient)
+
+        def build(part: Sequence[GridPoint], done: Sequence[_Outcome]) -> Any:
+            requests = _requests_frame(grid, done, part)
+            return (requests, *_build_frames(grid, done, requests, vocab, part))
+
+        writer = ResultsWriter(prepared.results, grid, vocab, build)
 
     def outcome_of(i: int) -> _Outcome:
         if isinstance(outcomes, dict):

@@ -118,7 +118,7 @@ class SweepResult:
             )
         from ._results import read_frame
 
-        return read_frame(self.dataset, frame, columns=columns, filter=filter)
+        return _tidy_strings(read_frame(self.dataset, frame, columns=columns, filter=filter))
 
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """``(choices, tokens, alternatives)``, built (or read) once."""
