@@ -428,7 +428,8 @@ class Cache:
     def put(self, key: str, response: Mapping[str, Any], *, latency: float | None = None) -> None:
         """Store one response and commit at once (autocommit), so an interrupt cannot lose it.
 
-        A claim this cache held on ``key`` is released in the same transaction.
+        A claim this cache held on ``key`` needs no release: an answered key is never claimed
+        again (see `claim`), and `close` drops this cache's claim rows.
         """
         # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
         # stored text must round-trip whatever was received.
@@ -441,28 +442,20 @@ class Cache:
         ]
         rid = response.get("id")
         with self._lock, self._sqlite(key):
-            conn = self._connection
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.execute(
-                    "INSERT OR REPLACE INTO responses (key, response, latency, created, "
-                    "prompt_tokens, completion_tokens, total_tokens, response_id, digest) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        key,
-                        stored,
-                        latency,
-                        time.time(),
-                        *numbers,
-                        rid if isinstance(rid, str) else None,
-                        _digest(key, stored),
-                    ),
-                )
-                conn.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, self.owner))
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            self._connection.execute(
+                "INSERT OR REPLACE INTO responses (key, response, latency, created, "
+                "prompt_tokens, completion_tokens, total_tokens, response_id, digest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    stored,
+                    latency,
+                    time.time(),
+                    *numbers,
+                    rid if isinstance(rid, str) else None,
+                    _digest(key, stored),
+                ),
+            )
 
     # -- claims: several processes, one file -------------------------------------------------------
     def claim(self, keys: Iterable[str]) -> list[str]:
