@@ -225,8 +225,8 @@ def main() -> None:
             runs.append(figures)
             print(
                 f"  results=dir (streamed)   {figures['requests']:>8,} requests: "
-                f"{rate:7.0f} req/s, peak RSS {figures['rss_mib']:7.1f} MiB, {figures['seconds']:7.1f} s, "
-                f"{figures['disk_mib']:7.1f} MiB on disk"
+                f"{rate:7.0f} req/s, peak RSS {figures['rss_mib']:7.1f} MiB, "
+                f"{figures['seconds']:7.1f} s, {figures['disk_mib']:7.1f} MiB on disk"
             )
         small, big = runs[0], runs[-1]
         ratio = big["rss_mib"] / small["rss_mib"]
