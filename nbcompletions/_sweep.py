@@ -105,9 +105,10 @@ class _Claims:
             if self.store is None:
                 self._ready.extend(chunk)
                 break
-            held = set(self.store.claim(self.grid.points[i].key for i in chunk))
-            for i in chunk:
-                (self._ready if self.grid.points[i].key in held else self.elsewhere).append(i)
+            keys = [self.grid.points[i].key for i in chunk]  # points are made on access
+            held = set(self.store.claim(keys))
+            for i, key in zip(chunk, keys, strict=True):
+                (self._ready if key in held else self.elsewhere).append(i)
         return self._ready.popleft()
 
     def failed(self, key: str) -> None:

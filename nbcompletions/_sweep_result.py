@@ -147,16 +147,24 @@ class SweepResult:
     def alternatives(self) -> pd.DataFrame:
         return self.frames()[2]
 
+    def _counted(self, name: str) -> int | None:
+        # A streamed result answers counts from its usage, without reading the dataset.
+        value = self.usage.get(name) if self._requests is None else None
+        return value if isinstance(value, int) else None
+
     def __len__(self) -> int:
-        return len(self.requests)
+        counted = self._counted("requests")
+        return len(self.requests) if counted is None else counted
 
     @property
     def n_failed(self) -> int:
-        return int((self.requests["status"] == "error").sum())
+        counted = self._counted("failed_requests")
+        return int((self.requests["status"] == "error").sum()) if counted is None else counted
 
     @property
     def n_cached(self) -> int:
-        return int((self.requests["status"] == "cached").sum())
+        counted = self._counted("cached_requests")
+        return int((self.requests["status"] == "cached").sum()) if counted is None else counted
 
     def __repr__(self) -> str:
         return (
@@ -231,7 +239,8 @@ def _tidy_strings(frame: pd.DataFrame) -> pd.DataFrame:
             values = column.astype(object)
         elif pd.api.types.is_object_dtype(column.dtype):
             present = column[column.notna()]
-            if not all(isinstance(v, str) for v in present):
+            # infer_dtype scans in C: a Python-level isinstance loop was 40% of building frames.
+            if len(present) and pd.api.types.infer_dtype(present, skipna=False) != "string":
                 continue
             values = column
         else:

@@ -61,6 +61,8 @@ def test_streamed_frames_equal_the_in_memory_ones(
     client.close()
     assert streamed.dataset == study
     assert streamed._frames is None  # nothing read until asked
+    assert repr(streamed) == repr(memory)  # counts come from usage: still nothing read
+    assert streamed._requests is None
     parts = sorted((study / "tokens").glob("part-*.parquet"))
     assert len(parts) == 5  # 18 points (6 of them copies) in batches of 4 finished requests
     assert streamed.usage["sent"] == memory.usage["sent"] == 12
