@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import (
     APIError,
     BudgetError,
+    CacheError,
     ConformanceError,
     NBCompletionsError,
     RequestError,
@@ -49,6 +50,7 @@ __all__ = [
     "BatchOptions",
     "BudgetError",
     "Cache",
+    "CacheError",
     "Client",
     "Completion",
     "CompletionRequest",

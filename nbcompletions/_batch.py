@@ -306,7 +306,17 @@ def load_batch_output(
         if store is not None and store is not cache:
             store.close()
     estimate, method = estimate_tokens([grid.points[i].request for i in pending], model=grid.model)
-    prepared = _Prepared(grid, outcomes, None, False, estimate, method, pending, same_as)
+    prepared = _Prepared(
+        grid=grid,
+        outcomes=outcomes,
+        cache=None,
+        owns_cache=False,
+        estimate=estimate,
+        estimate_method=method,
+        pending=pending,
+        n_pending=len(pending),
+        same_as=same_as,
+    )
     return _result(None, prepared, spent, n_failed, None, vocab_size)
 
 
@@ -451,6 +461,7 @@ async def run_batches(
     n_failed = 0
     capabilities: dict[str, Any] | None = None
     ledger = _Ledger(store, grid.endpoint)
+    assert prepared.pending is not None  # batches keep results in memory (no results=)
     index_of = {grid.points[i].key: i for i in prepared.pending}
     try:
         if bar is not None:
@@ -537,6 +548,7 @@ async def _collect(
             data = await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
             results.update(read_batch_results(data))
     store, outcomes = prepared.cache, prepared.outcomes
+    assert outcomes is not None  # batches keep results in memory (no results=)
     failed = 0
     for key in batch.keys:
         found = results.get(key)

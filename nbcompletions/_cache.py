@@ -5,6 +5,22 @@ mode lets a notebook read the file while a sweep writes to it. Every response is
 as it arrives, so an interrupted sweep loses nothing that had finished; re-running it sends only
 what is missing. Failed requests are never stored: a retry later should get a real answer.
 
+What makes a row trustworthy:
+
+- Each response is stored zlib-compressed (rows written as plain JSON text by earlier versions
+  still read) with a digest: sha256 of its key and its stored bytes. A row moved to another key,
+  or altered, no longer matches and reading it raises `CacheError` instead of answering for the
+  wrong request. `Cache.verify` checks every row (and can remove the bad ones).
+- Every SQLite failure (a damaged or foreign file, a locked one) is a `CacheError` naming the file
+  and what to do.
+- Several processes can share one file without paying twice: a sweep claims requests
+  (`Cache.claim`) before it sends them; others skip what is claimed and read the answer when it is
+  stored. A claim is a lease (``lease`` seconds, renewed while the sweep runs), so the claims of a
+  process that crashed expire and are taken over.
+- Copying: while a cache is open (or after its process was killed) recent rows can sit in the
+  ``-wal`` file beside it, so copying the main file alone can lose them. `Cache.close` checkpoints
+  them into the main file; to copy a cache at any time use `Cache.backup` (SQLite's backup API).
+
 The key is the SHA-256 of canonical JSON of everything that determines a response: the endpoint,
 the model, every request field that is set (``CompletionRequest.to_body()``, which includes
 ``extra``) and the repeat number. Two requests that differ only in how their JSON was written get
@@ -14,20 +30,33 @@ whose id stays the same when it is retrained.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from ._errors import CacheError
+from ._parse import loads
 from ._request import CompletionRequest
 
-__all__ = ["Cache", "CachedResponse", "cache_key", "cache_keys"]
+__all__ = [
+    "DIRECTORY_FILE",
+    "Cache",
+    "CachedResponse",
+    "cache_key",
+    "cache_keys",
+    "key_state",
+]
 
 # The usage numbers and id are kept in their own columns so that reading a finished sweep back
 # needs no JSON parsing until its frames are asked for.
@@ -46,7 +75,24 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS claims (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL
+);
 """
+
+#: The file a cache uses when it is given a directory.
+DIRECTORY_FILE = "cache.sqlite"
+
+# zlib level 1: responses (logprobs especially) shrink ~5x at a few microseconds each; higher
+# levels gain little on short JSON and cost time on every response a sweep stores.
+_ZLIB_LEVEL = 1
+
+_DAMAGED_FIX = (
+    "the file is damaged or is not an nbcompletions cache: move it aside (responses will be "
+    "fetched again) or restore a copy made with Cache.backup()"
+)
 
 # SQLite caps the number of parameters in one statement (999 on old builds); look keys up in chunks.
 _LOOKUP_CHUNK = 500
@@ -86,17 +132,27 @@ def cache_key(
     return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
 
 
-def cache_keys(
-    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeats: int
-) -> list[str]:
-    """``[cache_key(endpoint, model, request, r) for r in range(repeats)]``, computed faster.
+def key_state(
+    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any]
+) -> Any:
+    """A sha256 state holding everything of a request's key but the repeat: ``state.copy()``,
+    ``update(f"{repeat}}}".encode())`` and ``hexdigest()`` give `cache_key` for that repeat.
 
     "repeat" sorts last in the canonical JSON, so every repeat's text shares the prefix up to
-    ``"repeat":``; it is serialised and hashed once and the hash state copied per repeat.
+    ``"repeat":``; it is serialised and hashed once. Two requests with equal ``hexdigest()`` of
+    this state have equal keys for every repeat.
     """
     prefix = {"body": _key_body(request, model), "endpoint": endpoint.rstrip("/")}
     head = _canonical(prefix)[:-1] + ',"repeat":'
-    state = hashlib.sha256(head.encode("utf-8"))
+    return hashlib.sha256(head.encode("utf-8"))
+
+
+def cache_keys(
+    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeats: int
+) -> list[str]:
+    """``[cache_key(endpoint, model, request, r) for r in range(repeats)]``, computed faster
+    (see `key_state`)."""
+    state = key_state(endpoint, model, request)
     keys = []
     for repeat in range(repeats):
         one = state.copy()
@@ -108,70 +164,167 @@ def cache_keys(
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 
-class CachedResponse:
-    """One stored response: its JSON (parsed on first access of ``response``), usage numbers,
-    response id and how long the request took when it was sent."""
+def _digest(key: str, stored: bytes | str) -> str:
+    """What ties a stored response to its request: sha256 of the key and the stored bytes."""
+    data = stored if isinstance(stored, bytes) else stored.encode("utf-8")
+    return hashlib.sha256(key.encode("utf-8") + b"\0" + data).hexdigest()[:32]
 
-    __slots__ = ("_parsed", "created", "latency", "response_id", "text", "usage")
+
+def _fix_for(exc: sqlite3.Error) -> str:
+    text = str(exc).lower()
+    if "locked" in text or "busy" in text:
+        return (
+            "another process holds a write lock on it for too long; wait for it to finish, or "
+            "give each process its own cache file"
+        )
+    if "unable to open" in text or "readonly" in text or "read-only" in text:
+        return "check that its directory exists and is writable, and that the path is a file"
+    return _DAMAGED_FIX
+
+
+class CachedResponse:
+    """One stored response: its JSON (decompressed and parsed on first access of ``response``),
+    usage numbers, response id and how long the request took when it was sent."""
+
+    __slots__ = (
+        "_parsed",
+        "_source",
+        "_stored",
+        "created",
+        "key",
+        "latency",
+        "response_id",
+        "usage",
+    )
 
     def __init__(
         self,
-        text: str,
+        stored: bytes | str,
         latency: float | None,
         created: float,
         usage: dict[str, int] | None = None,
         response_id: str | None = None,
+        *,
+        key: str = "",
+        source: str = "",
     ) -> None:
-        self.text = text
+        self._stored = stored
         self.latency = latency
         self.created = created
         self.usage = usage or {}
         self.response_id = response_id
+        self.key = key
+        self._source = source
         self._parsed: dict[str, Any] | None = None
+
+    @property
+    def text(self) -> str:
+        """The response's JSON text, as received."""
+        stored = self._stored
+        if isinstance(stored, str):  # a row written before responses were compressed
+            return stored
+        try:
+            return zlib.decompress(stored).decode("utf-8")
+        except (zlib.error, UnicodeDecodeError) as exc:
+            raise self._bad_row(f"its stored response does not decompress ({exc})") from None
 
     @property
     def response(self) -> dict[str, Any]:
         if self._parsed is None:
-            self._parsed = json.loads(self.text)
+            try:
+                parsed = loads(self.text)
+            except ValueError as exc:
+                raise self._bad_row(f"its stored response is not valid JSON ({exc})") from None
+            if not isinstance(parsed, dict):
+                raise self._bad_row(f"its stored response is not a JSON object: {parsed!r:.80}")
+            self._parsed = parsed
         return self._parsed
+
+    def _bad_row(self, what: str) -> CacheError:
+        return CacheError(
+            f"the cache {self._source!r} holds a bad row for key {self.key!r}: {what}; remove "
+            f"the bad rows with Cache({self._source!r}).verify(remove=True) and re-run (they "
+            "are fetched again)",
+            path=Path(self._source) if self._source else None,
+            key=self.key,
+        )
 
     def __repr__(self) -> str:
         return f"CachedResponse(id={self.response_id!r}, latency={self.latency!r})"
 
 
+def _resolve(path: str | os.PathLike[str]) -> Path:
+    """A file path for the cache: a directory (existing, or written with a trailing slash) gets
+    a file named `DIRECTORY_FILE` inside it."""
+    text = os.fspath(path)
+    resolved = Path(text)
+    if resolved.is_dir() or text.endswith(("/", os.sep)):
+        return resolved / DIRECTORY_FILE
+    return resolved
+
+
 class Cache:
     """A SQLite file of responses keyed by `cache_key`.
 
-    ``Cache("sweep.sqlite")`` creates the file (and its directory) when missing. Safe to share
-    between threads: one connection guarded by a lock, because the sweep writes from the client's
-    event-loop thread while the notebook's thread may read.
-    Use as a context manager or call `close`.
+    ``Cache("sweep.sqlite")`` creates the file (and its directory) when missing; a directory
+    (``Cache("study/")``) gets a file ``cache.sqlite`` inside it. Safe to share between threads
+    (one connection guarded by a lock: the sweep writes from the client's event-loop thread while
+    the notebook's thread may read) and between processes (see `claim`; ``lease`` is how many
+    seconds a claim holds unless renewed). Use as a context manager or call `close`, which also
+    folds the write-ahead log into the file; `backup` copies it safely at any time.
+    Every SQLite failure is raised as `CacheError`, naming the file and the fix.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, lease: float = 60.0) -> None:
         if isinstance(path, bool) or not isinstance(path, str | os.PathLike):
             raise TypeError(f"cache must be a file path or a Cache; got {path!r}")
-        self.path = Path(path)
+        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0:
+            raise ValueError(f"lease must be a number of seconds > 0; got {lease!r}")
+        self.path = _resolve(path)
+        self.lease = float(lease)
+        # One owner per Cache object: two objects in one process share nothing but the file.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn: sqlite3.Connection | None = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None
-        )
-        # WAL: readers never block the writer; NORMAL sync is durable against a process crash (the
-        # case that matters for a kernel interrupt) without an fsync per response.
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
-        present = {row[1] for row in self._conn.execute("PRAGMA table_info(responses)")}
-        for column, kind in (
-            ("prompt_tokens", "INTEGER"),
-            ("completion_tokens", "INTEGER"),
-            ("total_tokens", "INTEGER"),
-            ("response_id", "TEXT"),
-        ):
-            if column not in present:  # a file written by an earlier version
-                self._conn.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
+        self._conn: sqlite3.Connection | None = None
+        with self._sqlite():
+            # timeout: how long a write waits for another process's write to finish.
+            conn = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
+            )
+            try:
+                # WAL: readers never block the writer; NORMAL sync is durable against a process
+                # crash (the case that matters for a kernel interrupt) without an fsync per row.
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA)
+                present = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+                for column, kind in (
+                    ("prompt_tokens", "INTEGER"),
+                    ("completion_tokens", "INTEGER"),
+                    ("total_tokens", "INTEGER"),
+                    ("response_id", "TEXT"),
+                    ("digest", "TEXT"),
+                ):
+                    if column not in present:  # a file written by an earlier version
+                        conn.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+
+    @contextlib.contextmanager
+    def _sqlite(self, key: str | None = None) -> Iterator[None]:
+        """Turn any SQLite failure into a `CacheError` that names this file and the fix."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise CacheError(
+                f"the cache {str(self.path)!r} could not be used (SQLite: {exc}); {_fix_for(exc)}",
+                path=self.path,
+                key=key,
+            ) from exc
 
     def __repr__(self) -> str:
         state = "closed" if self._conn is None else f"{len(self)} responses"
@@ -184,14 +337,14 @@ class Cache:
         return self._conn
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, self._sqlite():
             row = self._connection.execute("SELECT COUNT(*) FROM responses").fetchone()
         return int(row[0])
 
     def __contains__(self, key: object) -> bool:
         if not isinstance(key, str):
             return False
-        with self._lock:
+        with self._lock, self._sqlite(key):
             row = self._connection.execute(
                 "SELECT 1 FROM responses WHERE key = ?", (key,)
             ).fetchone()
@@ -202,19 +355,23 @@ class Cache:
         return self.get_many([key]).get(key)
 
     def get_many(self, keys: Iterable[str]) -> dict[str, CachedResponse]:
-        """Stored responses for those of ``keys`` that are present (one query per 500 keys)."""
+        """Stored responses for those of ``keys`` that are present (one query per 500 keys).
+
+        Raises `CacheError` for a row that does not belong to its key (see the module docstring).
+        """
         wanted = list(dict.fromkeys(keys))
         found: dict[str, CachedResponse] = {}
-        with self._lock:
+        source = str(self.path)
+        with self._lock, self._sqlite():
             for start in range(0, len(wanted), _LOOKUP_CHUNK):
                 chunk = wanted[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
                 rows = self._connection.execute(
                     "SELECT key, response, latency, created, prompt_tokens, completion_tokens, "
-                    f"total_tokens, response_id FROM responses WHERE key IN ({marks})",
+                    f"total_tokens, response_id, digest FROM responses WHERE key IN ({marks})",
                     chunk,
                 ).fetchall()
-                for key, text, latency, created, prompt, completion, total, rid in rows:
+                for key, stored, latency, created, prompt, completion, total, rid, digest in rows:
                     usage = {
                         name: value
                         for name, value in zip(
@@ -222,57 +379,212 @@ class Cache:
                         )
                         if value is not None
                     }
-                    found[key] = CachedResponse(text, latency, created, usage, rid)
+                    entry = CachedResponse(
+                        stored, latency, created, usage, rid, key=key, source=source
+                    )
+                    if digest is not None and digest != _digest(key, stored):
+                        raise entry._bad_row(
+                            "its response does not belong to its request (the digest stored "
+                            "with it does not match: rows were moved or altered)"
+                        )
+                    found[key] = entry
         return found
 
+    def keys_present(self, keys: Iterable[str]) -> set[str]:
+        """Those of ``keys`` that have a stored response (reads no responses)."""
+        wanted = list(dict.fromkeys(keys))
+        present: set[str] = set()
+        with self._lock, self._sqlite():
+            for start in range(0, len(wanted), _LOOKUP_CHUNK):
+                chunk = wanted[start : start + _LOOKUP_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                present.update(
+                    row[0]
+                    for row in self._connection.execute(
+                        f"SELECT key FROM responses WHERE key IN ({marks})", chunk
+                    )
+                )
+        return present
+
+    def verify(self, *, remove: bool = False) -> list[str]:
+        """The keys of rows that cannot be trusted (digest mismatch, not decompressible, not a
+        JSON object); with ``remove=True`` they are deleted, so a re-run fetches them again."""
+        with self._lock, self._sqlite():
+            rows = self._connection.execute("SELECT key, response, digest FROM responses")
+            bad = []
+            for key, stored, digest in rows:
+                if digest is not None and digest != _digest(key, stored):
+                    bad.append(key)
+                    continue
+                try:
+                    CachedResponse(stored, None, 0.0, key=key).response  # noqa: B018
+                except CacheError:
+                    bad.append(key)
+            if remove:
+                for key in bad:
+                    self._connection.execute("DELETE FROM responses WHERE key = ?", (key,))
+        return bad
+
     def put(self, key: str, response: Mapping[str, Any], *, latency: float | None = None) -> None:
-        """Store one response and commit at once (autocommit), so an interrupt cannot lose it."""
+        """Store one response and commit at once (autocommit), so an interrupt cannot lose it.
+
+        A claim this cache held on ``key`` needs no release: an answered key is never claimed
+        again (see `claim`), and `close` drops this cache's claim rows.
+        """
         # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
         # stored text must round-trip whatever was received.
         text = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False)
+        stored = zlib.compress(text.encode("utf-8"), _ZLIB_LEVEL)
         usage = response.get("usage")
         usage = usage if isinstance(usage, Mapping) else {}
         numbers = [
             usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
         ]
         rid = response.get("id")
-        with self._lock:
+        with self._lock, self._sqlite(key):
             self._connection.execute(
-                "INSERT OR REPLACE INTO responses (key, response, latency, created, prompt_tokens, "
-                "completion_tokens, total_tokens, response_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (key, text, latency, time.time(), *numbers, rid if isinstance(rid, str) else None),
+                "INSERT OR REPLACE INTO responses (key, response, latency, created, "
+                "prompt_tokens, completion_tokens, total_tokens, response_id, digest) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    stored,
+                    latency,
+                    time.time(),
+                    *numbers,
+                    rid if isinstance(rid, str) else None,
+                    _digest(key, stored),
+                ),
             )
 
+    # -- claims: several processes, one file -------------------------------------------------------
+    def claim(self, keys: Iterable[str]) -> list[str]:
+        """Claim ``keys`` for this cache, in one transaction; returns those now held.
+
+        Keys already answered, or claimed by another live owner, are not returned: their
+        answer will appear in the file. A claim lasts ``lease`` seconds unless `renew` extends it
+        (a sweep renews while it runs), so a crashed owner's claims are taken over.
+        """
+        wanted = list(dict.fromkeys(keys))
+        held: list[str] = []
+        with self._lock, self._sqlite():
+            conn = self._connection
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                now = time.time()
+                for start in range(0, len(wanted), _LOOKUP_CHUNK):
+                    chunk = wanted[start : start + _LOOKUP_CHUNK]
+                    marks = ",".join("?" * len(chunk))
+                    taken = {
+                        row[0]
+                        for row in conn.execute(
+                            f"SELECT key FROM responses WHERE key IN ({marks})", chunk
+                        )
+                    }
+                    taken.update(
+                        row[0]
+                        for row in conn.execute(
+                            f"SELECT key FROM claims WHERE key IN ({marks}) "
+                            "AND owner != ? AND expires > ?",
+                            (*chunk, self.owner, now),
+                        )
+                    )
+                    mine = [k for k in chunk if k not in taken]
+                    conn.executemany(
+                        "INSERT OR REPLACE INTO claims (key, owner, expires) VALUES (?, ?, ?)",
+                        [(k, self.owner, now + self.lease) for k in mine],
+                    )
+                    held.extend(mine)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        return held
+
+    def renew(self) -> None:
+        """Extend every claim this cache holds by ``lease`` seconds from now."""
+        with self._lock, self._sqlite():
+            self._connection.execute(
+                "UPDATE claims SET expires = ? WHERE owner = ?",
+                (time.time() + self.lease, self.owner),
+            )
+
+    def release(self, keys: Iterable[str] | None = None) -> None:
+        """Give up claims (all of this cache's when ``keys`` is None): a failed request, say."""
+        with self._lock, self._sqlite():
+            if keys is None:
+                self._connection.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+            else:
+                self._connection.executemany(
+                    "DELETE FROM claims WHERE key = ? AND owner = ?",
+                    [(k, self.owner) for k in keys],
+                )
+
     def delete(self, key: str) -> None:
-        with self._lock:
+        with self._lock, self._sqlite(key):
             self._connection.execute("DELETE FROM responses WHERE key = ?", (key,))
 
     def clear(self) -> None:
-        """Remove every stored response and note."""
-        with self._lock:
+        """Remove every stored response, note and claim."""
+        with self._lock, self._sqlite():
             self._connection.execute("DELETE FROM responses")
             self._connection.execute("DELETE FROM meta")
+            self._connection.execute("DELETE FROM claims")
 
     def get_meta(self, key: str) -> Any:
         """A JSON value stored with `set_meta` (an endpoint's probed capabilities, say), or None."""
-        with self._lock:
+        with self._lock, self._sqlite(key):
             row = self._connection.execute(
                 "SELECT value FROM meta WHERE key = ?", (key,)
             ).fetchone()
-        return None if row is None else json.loads(row[0])
+        if row is None:
+            return None
+        try:
+            return json.loads(row[0])
+        except ValueError as exc:
+            raise CacheError(
+                f"the cache {str(self.path)!r} holds a bad note {key!r} ({exc}); {_DAMAGED_FIX}",
+                path=self.path,
+                key=key,
+            ) from None
 
     def set_meta(self, key: str, value: Any) -> None:
         text = _canonical(value)
-        with self._lock:
+        with self._lock, self._sqlite(key):
             self._connection.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text)
             )
 
+    def backup(self, path: str | os.PathLike[str]) -> Path:
+        """Copy the cache to ``path`` (a file, or a directory to hold ``cache.sqlite``), safely
+        while it is in use: SQLite's backup API copies committed rows, the ``-wal``'s included,
+        into one self-contained file. Returns the file written."""
+        target = _resolve(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, self._sqlite():
+            destination = sqlite3.connect(str(target))
+            try:
+                self._connection.backup(destination)
+                # The copy is a plain file on its own: no -wal beside it to forget.
+                destination.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                destination.close()
+        return target
+
     def close(self) -> None:
+        """Release this cache's claims, fold the write-ahead log into the file, and close."""
         with self._lock:
             if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+                conn, self._conn = self._conn, None
+                try:
+                    conn.execute("DELETE FROM claims WHERE owner = ?", (self.owner,))
+                    # Without this a reader still open elsewhere keeps recent rows in the -wal
+                    # file only, and copying the main file would silently lose them.
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error:
+                    pass  # a damaged or locked file: closing must still succeed
+                finally:
+                    conn.close()
 
     def __enter__(self) -> Cache:
         return self

@@ -25,6 +25,7 @@ from . import _retry
 from ._completion import Completion
 from ._errors import APIError, NBCompletionsError, RequestError
 from ._loop import run_sync
+from ._parse import loads
 from ._profiles import ServerProfile, get_profile
 from ._request import (
     FIELDS,
@@ -674,6 +675,11 @@ class AsyncClient(_BaseClient):
         candidates = [e for e in ordered if e is not avoid] or ordered
         return min(candidates, key=lambda e: e.in_flight)  # first minimum: round robin on ties
 
+    def _secret_values(self) -> list[str]:
+        """What redaction must hide (see `nbcompletions._secrets.secrets_of`)."""
+        key = self._settings.key.get()
+        return [key] if isinstance(key, str) and key else []
+
     def _scrub(self, error: APIError) -> APIError:
         # Servers sometimes echo the key they rejected ("Incorrect API key provided: sk-...").
         return redact_error(error, [self._settings.key.get()])
@@ -876,6 +882,10 @@ class AsyncClient(_BaseClient):
                             return
                     finally:
                         await response.aclose()
+                except APIError as exc:
+                    # A stream's error event, a body that is not JSON: the server's words, which
+                    # may echo the key.
+                    raise self._scrub(exc) from exc.__cause__
                 except httpx.TransportError as exc:
                     if received:
                         raise self._transport_error(
@@ -892,7 +902,7 @@ class AsyncClient(_BaseClient):
 
 def _json_body(response: httpx.Response) -> Any:
     try:
-        return json.loads(response.content)
+        return loads(response.content)
     except ValueError:
         text = response.content.decode("utf-8", errors="replace")
         raise APIError(

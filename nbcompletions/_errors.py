@@ -12,6 +12,7 @@ from typing import Any
 __all__ = [
     "APIError",
     "BudgetError",
+    "CacheError",
     "ConformanceError",
     "NBCompletionsError",
     "RequestError",
@@ -110,6 +111,19 @@ class APIError(NBCompletionsError):
             f"APIError(status={self.status!r}, type={self.type!r}, param={self.param!r}, "
             f"code={self.code!r}, message={self.message!r})"
         )
+
+
+class CacheError(NBCompletionsError):
+    """A sweep cache file is damaged, holds a bad row, or cannot be opened.
+
+    The message names the file (``path``), the row (``key``, where one row is at fault) and what to
+    do about it.
+    """
+
+    def __init__(self, message: str, *, path: Any = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.key = key
 
 
 class ConformanceError(NBCompletionsError):

@@ -29,13 +29,13 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._batch_file import batch_lines, split_batches
-from ._cache import cache_keys
+from ._cache import key_state
 from ._errors import RequestError
 from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
 from ._secrets import redact_url
@@ -44,6 +44,7 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "Grid",
     "GridPoint",
+    "GridPoints",
     "estimate_tokens",
     "expand_grid",
 ]
@@ -71,15 +72,83 @@ class GridPoint:
 
 
 @dataclass
+class _Combo:
+    """One distinct setting of every axis but ``repeat``: what its grid points share."""
+
+    prompt_id: Any
+    values: dict[str, Any]
+    request: CompletionRequest
+    key_state: Any  # `key_state`: the cache key of each repeat is one hash update away
+    same_as: int  # the first combo whose requests are the same (itself if none)
+
+
+class GridPoints(Sequence[GridPoint]):
+    """The grid points of a sweep, made on access from one record per combination of axis
+    values: memory grows with the number of distinct settings, not with ``repeats``."""
+
+    def __init__(self, combos: list[_Combo], repeats: int) -> None:
+        self._combos = combos
+        self._repeats = repeats
+
+    def __len__(self) -> int:
+        return len(self._combos) * self._repeats
+
+    def _point(self, i: int) -> GridPoint:
+        combo_index, repeat = divmod(i, self._repeats)
+        combo = self._combos[combo_index]
+        state = combo.key_state.copy()
+        state.update(f"{repeat}}}".encode())
+        return GridPoint(i, combo.prompt_id, repeat, combo.values, combo.request, state.hexdigest())
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            return [self._point(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"grid point {i} out of range ({len(self)} points)")
+        return self._point(i)
+
+    def __iter__(self) -> Iterator[GridPoint]:
+        return (self._point(i) for i in range(len(self)))
+
+    def original(self, i: int) -> int:
+        """The first grid point that sends the same request as point ``i`` (``i`` itself when
+        no earlier point does): same prompt and fields, same repeat."""
+        combo_index, repeat = divmod(i, self._repeats)
+        return self._combos[combo_index].same_as * self._repeats + repeat
+
+    def copies(self, i: int) -> list[int]:
+        """The later grid points that share point ``i``'s request (see `original`)."""
+        combo_index, repeat = divmod(i, self._repeats)
+        return [c * self._repeats + repeat for c in self._copies.get(combo_index, ())]
+
+    @property
+    def _copies(self) -> dict[int, list[int]]:
+        found = self.__dict__.get("_copies_map")
+        if found is None:
+            found = {}
+            for c, combo in enumerate(self._combos):
+                if combo.same_as != c:
+                    found.setdefault(combo.same_as, []).append(c)
+            self.__dict__["_copies_map"] = found
+        return found
+
+    def distinct_requests(self) -> list[CompletionRequest]:
+        """One request per combination of axis values (what validation and probes look at)."""
+        return [combo.request for combo in self._combos]
+
+
+@dataclass
 class Grid:
     """Every request of a sweep, validated, before anything is sent.
 
-    ``points`` in grid order (``request_id`` is the position); ``columns`` the request-field
-    columns the frames get; ``endpoint`` (without credentials) and ``model`` as the cache keys
-    saw them; ``axes`` the size of each axis.
+    ``points`` in grid order (``request_id`` is the position; a `GridPoints` sequence, made on
+    access); ``columns`` the request-field columns the frames get; ``endpoint`` (without
+    credentials) and ``model`` as the cache keys saw them; ``axes`` the size of each axis.
     """
 
-    points: list[GridPoint]
+    points: GridPoints
     columns: list[str]
     endpoint: str
     model: str | None
@@ -276,10 +345,10 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
     columns = ["prompt", *column_of.values()]
     if "model" not in columns:
         columns.append("model")
-    points: list[GridPoint] = []
+    records: list[_Combo] = []
+    first_of: dict[str, int] = {}
     axis_names = list(axes)
     combos = list(itertools.product(*(axes[n] for n in axis_names))) if axis_names else [()]
-    request_id = 0
     for prompt_id, one_prompt in prompts:
         for combo in combos:
             chosen = dict(fixed)
@@ -312,15 +381,15 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
                 columns_values[column_of[name]] = _column_value(chosen[name])
             columns_values.setdefault("model", request.model or model)
             key_endpoint = endpoint + _weights_tag(request.model or model)
-            for repeat, key in enumerate(cache_keys(key_endpoint, model, request, repeats)):
-                points.append(
-                    GridPoint(request_id, prompt_id, repeat, columns_values, request, key)
-                )
-                request_id += 1
+            state = key_state(key_endpoint, model, request)
+            # Combos that are the same request (a prompt listed twice, an axis value repeated)
+            # are sent once per repeat; their points share the response.
+            same_as = first_of.setdefault(state.hexdigest(), len(records))
+            records.append(_Combo(prompt_id, columns_values, request, state, same_as))
     axis_sizes = {"prompt": len(prompts), **{n: len(v) for n, v in axes.items()}}
     if repeats > 1:
         axis_sizes["repeat"] = repeats
-    return Grid(points, columns, endpoint, model, axis_sizes)
+    return Grid(GridPoints(records, repeats), columns, endpoint, model, axis_sizes)
 
 
 # -- the budget -----------------------------------------------------------------------------------

@@ -5,16 +5,20 @@ sweep's files, the cache, widget state) goes through here, so there is one rule 
 
 - `Secret` holds a credential so that ``repr``, ``str``, ``vars()`` and pickling never show it.
 - `redact_url` hides the userinfo of a URL (``http://user:key@host`` -> ``http://***@host``).
-- `redact_error` replaces every occurrence of the client's secrets in an `APIError`'s message and
-  body (servers sometimes echo the key they rejected).
+- `redact_text` / `redact_value` / `redact_error` mask the client's secrets in text, in JSON-like
+  values and in every field of an `APIError` (servers sometimes echo the key they rejected, even
+  escaped, percent-encoded, in fullwidth letters or in headers). `redact_exception_text` is what
+  sweeps write into their ``error`` column; `secrets_of` asks a client for what to mask.
 - `check_api_key` refuses a key that an HTTP header cannot carry, without showing it.
 """
 
 from __future__ import annotations
 
-import json
+import html
 import re
-from collections.abc import Iterable
+import unicodedata
+import urllib.parse
+from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
 from ._errors import APIError, RequestError
@@ -70,22 +74,115 @@ def redact_url(url: str) -> str:
     return _USERINFO.sub(f"//{MASK}@", url)
 
 
+# Ways a server can spell a key it echoes: JSON \uXXXX / \xXX escapes, percent-encoding (a URL
+# or form echoed back), HTML character references, and compatibility forms (fullwidth letters),
+# which NFKC folds back to ASCII.
+_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})|\\/")
+
+
+def _unescape(text: str) -> str:
+    def one(match: re.Match[str]) -> str:
+        digits = match.group(1) or match.group(2)
+        return chr(int(digits, 16)) if digits else "/"
+
+    return _ESCAPE.sub(one, text)
+
+
+def _decodings(text: str) -> list[str]:
+    views = []
+    if "\\" in text:
+        views.append(_unescape(text))
+    if "%" in text:
+        views.append(
+            urllib.parse.unquote_plus(text) if "+" not in text else urllib.parse.unquote(text)
+        )
+    if "&" in text:
+        views.append(html.unescape(text))
+    if not text.isascii():
+        views.append(unicodedata.normalize("NFKC", text))
+    return views
+
+
 def redact_text(text: str, secrets: Iterable[str | None]) -> str:
-    """`text` with every non-empty secret replaced by the mask."""
-    for secret in secrets:
-        if secret:
+    """`text` with every non-empty secret replaced by the mask, in any spelling of it.
+
+    Besides the secret itself this finds it JSON-escaped, percent-encoded, as HTML character
+    references and in compatibility forms (fullwidth letters), however they are nested; where an
+    encoded form is found, the text is returned decoded with the secret masked (it is an error
+    message: readable beats byte-exact).
+    """
+    present = [s for s in secrets if s]
+    if not present:
+        return text
+    for _ in range(4):  # nesting depth: a key JSON-escaped inside a URL-encoded one, say
+        for secret in present:
             text = text.replace(secret, MASK)
+        decoded = next(
+            (v for v in _decodings(text) if v != text and any(s in v for s in present)), None
+        )
+        if decoded is None:
+            return text
+        text = decoded
+    for secret in present:
+        text = text.replace(secret, MASK)
     return text
 
 
+def redact_value(value: Any, secrets: Iterable[str | None]) -> Any:
+    """A copy of JSON-like ``value`` (dicts, lists, strings, numbers) with secrets masked in every
+    string, dict keys included."""
+    present = [s for s in secrets if s]
+    if not present:
+        return value
+    if isinstance(value, str):
+        return redact_text(value, present)
+    if isinstance(value, Mapping):
+        return {
+            (redact_text(k, present) if isinstance(k, str) else k): redact_value(v, present)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(redact_value(v, present) for v in value)
+    return value
+
+
 def redact_error(error: APIError, secrets: Iterable[str | None]) -> APIError:
-    """Remove the secrets from an error's message and body, in place; returns the error."""
+    """Remove the secrets from every field of an error, in place; returns the error.
+
+    Message, type, param, code, body (recursively, keys and values) and headers (names and values)
+    all pass through `redact_text`, so ``str(e)``, ``repr(e)``, ``e.body`` and ``e.headers`` never
+    show a key the server echoed, in whatever spelling.
+    """
     present = [s for s in secrets if s]
     if not present:
         return error
-    body_text = json.dumps(error.body)
-    if any(s in error.message or s in body_text for s in present):
-        error.message = redact_text(error.message, present)
-        error.args = (error.message,)
-        error.body = json.loads(redact_text(body_text, present))
+    error.message = redact_text(error.message, present)
+    error.args = (error.message,)
+    for name in ("type", "param", "code"):
+        value = getattr(error, name)
+        if isinstance(value, str):
+            setattr(error, name, redact_text(value, present))
+    error.body = redact_value(error.body, present)
+    error.headers = {
+        redact_text(k, present): redact_text(v, present) for k, v in error.headers.items()
+    }
     return error
+
+
+def redact_exception_text(exc: BaseException, secrets: Iterable[str | None]) -> str:
+    """``str(exc)`` with the secrets masked (an `APIError` is redacted in place first)."""
+    if isinstance(exc, APIError):
+        redact_error(exc, secrets)
+    return redact_text(str(exc), secrets)
+
+
+def secrets_of(client: Any) -> list[str]:
+    """The credentials a client holds (its API key), for redacting what it reports; [] if none.
+
+    Clients expose them only through the private ``_secret_values()``, so nothing public returns
+    a key.
+    """
+    get = getattr(client, "_secret_values", None)
+    if not callable(get):
+        return []
+    return [s for s in get() if isinstance(s, str) and s]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import json
 import re
 from collections.abc import (
     AsyncIterable,
@@ -28,7 +27,7 @@ from collections.abc import (
 from typing import TYPE_CHECKING, Any
 
 from ._errors import APIError
-from ._parse import FinishedChoices, choice_index, choice_text
+from ._parse import FinishedChoices, choice_index, choice_text, loads
 from ._retry import error_from_body
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,7 +153,7 @@ def decode_event(event: ServerSentEvent) -> dict[str, Any] | object:
     if data.strip() == "[DONE]":
         return DONE
     try:
-        obj = json.loads(data)
+        obj = loads(data)
     except ValueError:
         raise APIError(
             f"the stream carried an event that is not JSON (the stream may have been "

@@ -18,15 +18,22 @@ the first error. What finished is in the cache either way.
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
+import os
 import time
 import warnings
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._cache import Cache
+from ._cache import Cache, CachedResponse
 from ._errors import RequestError, SweepError, SweepWarning
+from ._grid import Grid, GridPoint
+from ._results import ResultsWriter
+from ._secrets import secrets_of
 from ._sweep_prepare import (
+    _chunks,
     _client_concurrency,
     _error_fields,
     _failure_types,
@@ -35,15 +42,16 @@ from ._sweep_prepare import (
     _probe,
     _progress_bar,
     _refuse_ignored,
-    _result,
+    _vocab_size,
 )
-from ._sweep_result import SweepResult
+from ._sweep_result import SweepResult, _build_frames, _Outcome, _requests_frame
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._batch import BatchOptions
 
 __all__ = ["asweep", "sweep"]
+
 
 #: A sweep stops when its first this-many requests sent all fail the same way.
 FAIL_FAST = 8
@@ -147,6 +155,66 @@ def _warn_failures(result: SweepResult) -> None:
     )
 
 
+class _Claims:
+    """The order requests are sent in, claimed in the cache first so that two processes sharing
+    one cache file do not both pay (see `Cache.claim`); without a cache it only hands out indices.
+    """
+
+    #: Requests claimed per transaction: one write for many requests.
+    CHUNK = 64
+
+    def __init__(self, store: Cache | None, grid: Grid, pending: Iterable[int]) -> None:
+        self.store, self.grid = store, grid
+        self._source = iter(pending)
+        self._ready: collections.deque[int] = collections.deque()
+        self.elsewhere: list[int] = []  # claimed by another process, answer not seen yet
+        self.poll_interval = 0.2 if store is None else min(1.0, store.lease / 10)
+
+    def next(self) -> int | None:
+        while not self._ready:
+            chunk = list(itertools.islice(self._source, self.CHUNK))
+            if not chunk:
+                return None
+            if self.store is None:
+                self._ready.extend(chunk)
+                break
+            keys = [self.grid.points[i].key for i in chunk]  # points are made on access
+            held = set(self.store.claim(keys))
+            for i, key in zip(chunk, keys, strict=True):
+                (self._ready if key in held else self.elsewhere).append(i)
+        return self._ready.popleft()
+
+    def failed(self, key: str) -> None:
+        if self.store is not None:  # let another process (or a re-run) try it
+            self.store.release([key])
+
+    def answered_elsewhere(self) -> list[tuple[int, CachedResponse]]:
+        assert self.store is not None
+        hits = self.store.get_many(self.grid.points[i].key for i in self.elsewhere)
+        done = [
+            (i, hits[self.grid.points[i].key])
+            for i in self.elsewhere
+            if self.grid.points[i].key in hits
+        ]
+        self.elsewhere = [i for i in self.elsewhere if self.grid.points[i].key not in hits]
+        return done
+
+    def take_over(self) -> bool:
+        """Claim what another process had claimed but let expire; True if any is now ours."""
+        assert self.store is not None
+        held = set(self.store.claim(self.grid.points[i].key for i in self.elsewhere))
+        mine = [i for i in self.elsewhere if self.grid.points[i].key in held]
+        self.elsewhere = [i for i in self.elsewhere if self.grid.points[i].key not in held]
+        self._source = iter(mine)
+        return bool(mine)
+
+    async def keep_alive(self) -> None:
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.store.lease / 3)
+            self.store.renew()
+
+
 async def _execute(
     aclient: Any,
     prepared: _Prepared,
@@ -156,34 +224,87 @@ async def _execute(
     probe: bool,
     fail_fast: int | None = FAIL_FAST,
 ) -> SweepResult:
-    grid, outcomes, store = prepared.grid, prepared.outcomes, prepared.cache
+    grid, store = prepared.grid, prepared.cache
+    points = grid.points
     failures = _failure_types()
+    secrets = secrets_of(aclient)
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    n_failed = 0
-    n_sent = 0
+    n_failed = n_sent = 0
     watch = _FailureWatch(fail_fast)
     capabilities: dict[str, Any] | None = None
+    writer: ResultsWriter | None = None
+    # In memory: every point's outcome. Streaming: only those not yet handed to the writer.
+    outcomes: list[_Outcome] | dict[int, _Outcome]
+    if prepared.outcomes is not None:
+        outcomes = prepared.outcomes
+    else:
+        outcomes = {}
+        assert prepared.results is not None
+        vocab = _vocab_size(aclient)
+
+        def build(part: Sequence[GridPoint], done: Sequence[_Outcome]) -> Any:
+            requests = _requests_frame(grid, done, part)
+            return (requests, *_build_frames(grid, done, requests, vocab, part))
+
+        writer = ResultsWriter(prepared.results, grid, vocab, build)
+
+    def outcome_of(i: int) -> _Outcome:
+        if isinstance(outcomes, dict):
+            return outcomes.setdefault(i, _Outcome())
+        return outcomes[i]
+
+    def finished(i: int) -> None:
+        """Streaming: hand point ``i`` (and the points that share its request) to the writer."""
+        if writer is None or not isinstance(outcomes, dict):
+            return
+        outcome = outcomes.pop(i)
+        writer.add(i, outcome)
+        for j in points.copies(i):
+            writer.add(
+                j,
+                _Outcome(
+                    outcome.response, outcome.latency, outcome.cached, outcome.error, outcome.entry
+                ),
+            )
+
+    def streamed_pending() -> Iterator[int]:
+        # Cache hits go straight to the writer; only misses are handed out to send.
+        for chunk in _chunks(len(points)):
+            originals = [points[i] for i in chunk if points.original(i) == i]
+            hits = store.get_many(p.key for p in originals) if store is not None else {}
+            for point in originals:
+                hit = hits.get(point.key)
+                if hit is None:
+                    yield point.request_id
+                else:
+                    outcome = outcome_of(point.request_id)
+                    outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
+                    finished(point.request_id)
+
     try:
         if probe:
             capabilities = await _probe(aclient, prepared)
             _refuse_ignored(capabilities, prepared.grid)
-        queue = iter(prepared.pending)
-        workers = min(
-            max_concurrency or _client_concurrency(aclient), max(len(prepared.pending), 1)
+        pending: Iterable[int] = (
+            prepared.pending if prepared.pending is not None else streamed_pending()
         )
+        claims = _Claims(store, grid, pending)
+        workers = min(max_concurrency or _client_concurrency(aclient), max(prepared.n_pending, 1))
 
         async def send(i: int) -> None:
             nonlocal n_failed, n_sent
-            point, outcome = grid.points[i], outcomes[i]
-            started = time.perf_counter()
             n_sent += 1
+            point, outcome = points[i], outcome_of(i)
+            started = time.perf_counter()
             try:
                 completion = await aclient.complete_request(point.request)
             except failures as exc:
-                outcome.error = _error_fields(exc)
+                outcome.error = _error_fields(exc, secrets)
                 outcome.latency = time.perf_counter() - started
                 n_failed += 1
+                claims.failed(point.key)
                 if watch.failure(exc, outcome.error):
+                    finished(i)
                     raise _Stop from None
             else:
                 watch.success()
@@ -196,16 +317,17 @@ async def _execute(
                     value = usage.get(name) if isinstance(usage, Mapping) else None
                     if isinstance(value, int):
                         spent[name] += value
+            finished(i)
             if bar is not None:
                 bar.set_postfix(failed=n_failed, tokens=spent["total_tokens"], refresh=False)
                 bar.update(1)
 
         async def worker() -> None:
-            # One shared iterator: each worker takes the next pending request; no task per request.
-            for i in queue:
+            # Workers share one source of indices: no task per request.
+            while (i := claims.next()) is not None:
                 await send(i)
 
-        if prepared.pending:
+        async def run_workers() -> None:
             tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
             try:
                 await asyncio.gather(*tasks)
@@ -216,22 +338,86 @@ async def _execute(
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 if isinstance(exc, _Stop):
-                    total = len(prepared.pending)
                     raise watch.error(
-                        sent=n_sent, total=total, cache=store, stopped=True
+                        sent=n_sent, total=prepared.n_pending, cache=store, stopped=True
                     ) from watch.first
                 raise
+
+        renewing = asyncio.ensure_future(claims.keep_alive()) if store is not None else None
+        try:
+            await run_workers()
+            # Requests another process claimed: read its answers as they land; send those
+            # whose claim expired (a crashed process) ourselves.
+            while claims.elsewhere:
+                for i, hit in claims.answered_elsewhere():
+                    outcome = outcome_of(i)
+                    outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
+                    finished(i)
+                    if bar is not None:
+                        bar.update(1)
+                if claims.take_over():
+                    await run_workers()
+                elif claims.elsewhere:
+                    await asyncio.sleep(claims.poll_interval)
+        finally:
+            if renewing is not None:
+                renewing.cancel()
+                await asyncio.gather(renewing, return_exceptions=True)
         if fail_fast is not None and watch.dead():
             raise watch.error(
-                sent=n_sent, total=len(prepared.pending), cache=store, stopped=False
+                sent=n_sent, total=prepared.n_pending, cache=store, stopped=False
             ) from watch.first
     finally:
         if bar is not None:
             bar.close()
         if prepared.owns_cache and store is not None:
             store.close()
+        if writer is not None:
+            writer.flush()  # what finished is on disk, even after an interrupt
 
-    return _result(aclient, prepared, spent, n_failed, capabilities)
+    usage: dict[str, Any] = {
+        **spent,
+        "requests": len(points),
+        "sent": n_sent,
+        "estimate": prepared.estimate,
+        "estimate_method": prepared.estimate_method,
+        "axes": grid.axes,
+    }
+    if writer is not None:
+        usage.update(
+            cached_requests=writer.cached,
+            failed_requests=writer.failed,
+            cached_tokens=writer.cached_tokens,
+        )
+        writer.close(usage, capabilities)
+        result = SweepResult(dataset=writer.directory, usage=usage, capabilities=capabilities)
+        result._vocab_size = writer.vocab_size
+        return result
+
+    assert isinstance(outcomes, list)
+    memory = outcomes
+    for duplicate, original in prepared.same_as:
+        source, target = memory[original], memory[duplicate]
+        target.response, target.error, target.latency = (
+            source.response,
+            source.error,
+            source.latency,
+        )
+        if source.error:
+            n_failed += 1
+    requests = _requests_frame(grid, memory)
+    cached = requests[requests["status"] == "cached"]
+    usage.update(
+        cached_requests=len(cached),
+        failed_requests=n_failed,
+        cached_tokens=int(cached["total_tokens"].fillna(0).sum()),
+    )
+    return SweepResult(
+        requests,
+        usage=usage,
+        capabilities=capabilities,
+        builder=lambda: _build_frames(grid, memory, requests, _vocab_size(aclient)),
+    )
 
 
 async def asweep(
@@ -244,6 +430,7 @@ async def asweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    results: str | os.PathLike[str] | None = None,
     batch: bool | BatchOptions = False,
     fail_fast: int | None = FAIL_FAST,
     **fields: Any,
@@ -258,11 +445,11 @@ async def asweep(
             "asweep() needs an AsyncClient; for a Client call "
             "nbcompletions.sweep(...), which works in Jupyter without await"
         )
-    options = _batch_options(batch)
+    options = _batch_options(batch, results)
     _check_fail_fast(fail_fast)
-    prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields)
+    prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields, results)
     bar = _progress_bar(
-        len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
+        len(prepared.grid.points), progress, len(prepared.grid.points) - prepared.n_pending
     )
     if options is not None:
         from ._batch import run_batches
@@ -281,9 +468,17 @@ async def asweep(
     return result
 
 
-def _batch_options(batch: Any) -> BatchOptions | None:
+def _batch_options(batch: Any, results: Any = None) -> BatchOptions | None:
     if batch is False or batch is None:
         return None
+    if results is not None:
+        raise RequestError(
+            "results",
+            "results= (streaming to disk) is for live sweeps; a batch sweep keeps its results in "
+            "memory and in the cache: drop results= or batch=",
+            allowed="None with batch",
+            value=results,
+        )
     from ._batch import BatchOptions
 
     if batch is True:
@@ -308,6 +503,7 @@ def sweep(
     budget: float | None = None,
     progress: bool = True,
     probe: bool = True,
+    results: str | os.PathLike[str] | None = None,
     batch: bool | BatchOptions = False,
     fail_fast: int | None = FAIL_FAST,
     **fields: Any,
@@ -322,7 +518,10 @@ def sweep(
     resumes and sends only what is missing. ``max_concurrency`` caps requests in flight (default:
     the client's limit, which also applies). ``probe`` asks the endpoint once what it supports
     (``result.capabilities``; remembered by the client and the cache). ``progress`` shows a tqdm
-    bar. Failed requests become rows with ``error`` set and a `SweepWarning`; but when the first
+    bar. ``results`` (a directory) streams the frames to disk as a Parquet dataset while the sweep
+    runs, so memory stays flat however big the grid; the result then reads its frames from the
+    files on first access (see `nbcompletions._results`; query them with pandas or DuckDB).
+    Failed requests become rows with ``error`` set and a `SweepWarning`; but when the first
     ``fail_fast`` requests sent (default 8) all fail the same way, or every request sent does, the
     sweep stops and raises `SweepError` with the first error (``fail_fast=None``: never).
 
@@ -336,12 +535,12 @@ def sweep(
     from ._loop import run_sync
 
     aclient = as_async(client)
-    options = _batch_options(batch)
+    options = _batch_options(batch, results)
     _check_fail_fast(fail_fast)
-    prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields)
+    prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields, results)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(
-        len(prepared.grid.points), progress, len(prepared.grid.points) - len(prepared.pending)
+        len(prepared.grid.points), progress, len(prepared.grid.points) - prepared.n_pending
     )
     try:
         if options is not None:

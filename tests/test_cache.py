@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,8 @@ def test_put_get_persist_and_reopen(tmp_path: Path) -> None:
     raw = sqlite3.connect(str(path))
     try:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        text = raw.execute("SELECT response FROM responses WHERE key='k'").fetchone()[0]
-        assert json.loads(text)["id"] == "cmpl-1"
+        stored = raw.execute("SELECT response FROM responses WHERE key='k'").fetchone()[0]
+        assert json.loads(zlib.decompress(stored))["id"] == "cmpl-1"
     finally:
         raw.close()
 

@@ -90,3 +90,14 @@ def test_finished_choices() -> None:
     finished.add({"choices": [{"index": 0, "finish_reason": "length"}]})
     finished.add({"choices": [], "usage": {}})
     assert not finished.unfinished
+
+
+def test_loads_reads_what_the_stdlib_reads() -> None:
+    from nbcompletions._parse import loads
+
+    assert loads(b'{"a": [1, 2.5, null, "\\u00e9"]}') == {"a": [1, 2.5, None, "\u00e9"]}
+    # Servers write a -inf logprob as -Infinity; orjson refuses it, the stdlib fallback reads it.
+    assert loads(b'{"x": -Infinity}') == {"x": float("-inf")}
+    assert loads(str(2**70)) == 2**70
+    with pytest.raises(ValueError, match="Expecting property name"):
+        loads(b"{not json")

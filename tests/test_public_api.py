@@ -14,6 +14,7 @@ EXPECTED = {
     "AsyncClient",
     "BatchOptions",
     "BudgetError",
+    "CacheError",
     "Cache",
     "Client",
     "Completion",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import traceback
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
@@ -23,20 +24,26 @@ FRAME_ROWS = 200
 UNCAPPED_LOGPROBS = 20
 
 
-def _error_html(exc: BaseException) -> str:
-    """An error as an HTML box: what was wrong, and for unexpected errors the traceback, folded."""
+def _error_html(exc: BaseException, secrets: Sequence[str] = ()) -> str:
+    """An error as an HTML box: what was wrong, and for unexpected errors the traceback, folded.
+
+    ``secrets`` (the client's, `nbcompletions._secrets.secrets_of`) are masked in all of it.
+    """
+    from .._secrets import redact_exception_text, redact_text
+
+    text = html.escape(redact_exception_text(exc, secrets))
     if isinstance(exc, RequestError):
         title = f"Invalid setting: {exc.param}" if exc.param else "Invalid request"
-        body = html.escape(str(exc))
+        body = text
     elif isinstance(exc, APIError):
         title = "The server answered with an error"
-        body = html.escape(str(exc))
+        body = text
     else:
         title = f"{type(exc).__name__}"
         trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         body = (
-            f"{html.escape(str(exc))}<details><summary>traceback</summary>"
-            f"<pre>{html.escape(trace)}</pre></details>"
+            f"{text}<details><summary>traceback</summary>"
+            f"<pre>{html.escape(redact_text(trace, secrets))}</pre></details>"
         )
     return (
         f'<div class="nbc-error" style="color:#b00020;border-left:4px solid #b00020;'

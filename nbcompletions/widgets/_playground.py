@@ -12,6 +12,7 @@ import ipywidgets as widgets
 
 from .._errors import RequestError
 from .._request import CompletionRequest, Limits
+from .._secrets import secrets_of
 from ._controls import Encoder, playground_request
 from ._display import (
     UNCAPPED_LOGPROBS,
@@ -290,7 +291,7 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
 
     def _show_error(self, exc: BaseException) -> None:
         self.last_error = exc
-        self.error.value = _error_html(exc)
+        self.error.value = _error_html(exc, secrets_of(self._client))
 
     # -- running ----------------------------------------------------------------------------------
     def _on_click(self, button: widgets.Button) -> None:

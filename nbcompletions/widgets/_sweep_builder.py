@@ -11,6 +11,7 @@ import ipywidgets as widgets
 
 from .._errors import RequestError
 from .._request import Limits
+from .._secrets import secrets_of
 from .._visible import visible_token
 from ._controls import (
     PROMPT_SEPARATOR,
@@ -267,7 +268,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
 
     def _show_error(self, exc: BaseException) -> None:
         self.last_error = exc
-        self.error.value = _error_html(exc)
+        self.error.value = _error_html(exc, secrets_of(self._client))
 
     def _on_click(self, button: widgets.Button) -> None:
         try:

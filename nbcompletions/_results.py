@@ -1,0 +1,191 @@
+"""A sweep's results as a Parquet dataset on disk, written as responses arrive and read lazily.
+
+``sweep(client, ..., results="study/")`` writes, every `FLUSH_EVERY` finished requests, one
+Parquet file (one row group) into each of four folders, and a ``sweep.json`` when it ends::
+
+    study/
+      sweep.json                 format 2: usage, capabilities, the grid's axes
+      requests/part-000000.parquet ...
+      choices/part-000000.parquet ...
+      tokens/part-000000.parquet ...
+      alternatives/part-000000.parquet ...
+
+Each part is complete when it appears (written under a temporary name, then renamed), so the
+dataset can be read while the sweep runs (pandas, pyarrow, DuckDB: ``read_parquet('study/
+tokens/*.parquet')``) and a crash loses at most the last unwritten batch, which the cache
+re-supplies. Each run rewrites the dataset (re-run with the same cache: nothing is paid twice).
+Rows are written in the order requests finish; `SweepResult` reads them back in grid order.
+Memory stays flat as the grid grows: only the batch being written is held.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._grid import Grid, GridPoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+#: Builds the four frames (requests, choices, tokens, alternatives) of some finished grid points
+#: from their outcomes; `nbcompletions._sweep` passes the one a sweep held in memory uses.
+FrameBuilder = Callable[
+    [Sequence[GridPoint], Sequence[Any]],
+    tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame", "pd.DataFrame"],
+]
+
+__all__ = ["FLUSH_EVERY", "FRAME_NAMES", "ResultsWriter", "read_frame", "scan_frame"]
+
+#: Finished requests per written part: a row group big enough for Parquet's columnar encoding to
+#: pay, small enough that the batch held in memory stays a few MiB.
+FLUSH_EVERY = 1000
+
+#: The dataset's folders, one per frame.
+FRAME_NAMES = ("requests", "choices", "tokens", "alternatives")
+
+_FORMAT = 2
+
+
+class ResultsWriter:
+    """Collects finished grid points and writes them as dataset parts, ``flush_every`` at a time."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        grid: Grid,
+        vocab_size: int | None,
+        build: FrameBuilder,
+        *,
+        flush_every: int | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(
+                f"results must be a directory for the sweep's Parquet dataset; "
+                f"{str(self.directory)!r} is a file"
+            )
+        # Each run writes the whole dataset: a re-run (after an interrupt, say) replaces what an
+        # earlier run left, and the cache makes it free. Only our own files are removed.
+        (self.directory / "sweep.json").unlink(missing_ok=True)
+        for name in FRAME_NAMES:
+            (self.directory / name).mkdir(parents=True, exist_ok=True)
+            for old in (self.directory / name).glob("part-*.parquet"):
+                old.unlink()
+        self.grid = grid
+        self.vocab_size = vocab_size
+        self._build = build
+        self.flush_every = FLUSH_EVERY if flush_every is None else flush_every
+        self._pending: list[tuple[int, Any]] = []  # (grid point, its _Outcome)
+        self._parts = 0
+        self.rows = 0
+        self.cached = 0
+        self.failed = 0
+        self.cached_tokens = 0
+
+    def add(self, i: int, outcome: Any) -> None:
+        """Grid point ``i`` has finished (answered, failed or found in the cache)."""
+        self._pending.append((i, outcome))
+        if outcome.error is not None:
+            self.failed += 1
+        elif outcome.cached:
+            self.cached += 1
+            total = outcome.usage.get("total_tokens")
+            self.cached_tokens += total if isinstance(total, int) else 0
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what has finished since the last flush as one part per frame."""
+        if not self._pending:
+            return
+        batch = sorted(self._pending, key=lambda item: item[0])
+        self._pending = []
+        points = [self.grid.points[i] for i, _ in batch]
+        outcomes = [outcome for _, outcome in batch]
+        frames = self._build(points, outcomes)
+        for name, frame in zip(FRAME_NAMES, frames, strict=True):
+            _write_part(self.directory / name / f"part-{self._parts:06d}.parquet", frame)
+        self._parts += 1
+        self.rows += len(batch)
+
+    def close(self, usage: dict[str, Any], capabilities: dict[str, Any] | None) -> None:
+        """Write the last part and ``sweep.json`` (which marks the dataset complete)."""
+        self.flush()
+        meta = {
+            "format": _FORMAT,
+            "usage": usage,
+            "capabilities": capabilities,
+            "columns": self.grid.columns,
+            "vocab_size": self.vocab_size,
+        }
+        temporary = self.directory / "sweep.json.tmp"
+        temporary.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+        os.replace(temporary, self.directory / "sweep.json")
+
+
+def _write_part(path: Path, frame: pd.DataFrame) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    temporary = path.with_suffix(".tmp")
+    pq.write_table(table, temporary)
+    os.replace(temporary, path)  # readers see a whole part or none
+
+
+def _parts(directory: Path, name: str) -> list[Path]:
+    return sorted((directory / name).glob("part-*.parquet"))
+
+
+def scan_frame(directory: str | os.PathLike[str], name: str) -> ds.Dataset:
+    """A pyarrow dataset over one frame's parts (``name`` in `FRAME_NAMES`), nothing read yet.
+
+    Parts written early may lack a type for a column that was empty in them (all null); the
+    schema is unified over every part's footer so such columns take the type the others give.
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+    import pyarrow.parquet as pq
+
+    if name not in FRAME_NAMES:
+        raise ValueError(f"frame must be one of {', '.join(FRAME_NAMES)}; got {name!r}")
+    files = _parts(Path(directory), name)
+    if not files:
+        raise FileNotFoundError(f"{str(directory)!r} holds no {name} parts")
+    schemas = [pq.read_schema(f) for f in files]
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+
+
+def read_frame(
+    directory: str | os.PathLike[str],
+    name: str,
+    *,
+    columns: Sequence[str] | None = None,
+    filter: Any = None,
+) -> pd.DataFrame:
+    """One frame of a streamed sweep as a DataFrame, rows in grid order (strings as Parquet
+    gives them; `SweepResult.read` tidies them as the frames layer keeps them).
+
+    ``columns`` and ``filter`` (a ``pyarrow.dataset`` expression such as
+    ``pyarrow.dataset.field("temperature") > 0.5``) are applied while reading, so only what they
+    select is loaded.
+    """
+    import pyarrow.compute as pc
+
+    dataset = scan_frame(directory, name)
+    wanted = None if columns is None else list(dict.fromkeys(["request_id", *columns]))
+    table: pa.Table = dataset.to_table(columns=wanted, filter=filter)
+    # Parts hold requests in the order they finished; a stable sort by request keeps each
+    # request's rows in their own order.
+    table = table.take(pc.sort_indices(table, sort_keys=[("request_id", "ascending")]))
+    if columns is not None and "request_id" not in columns:
+        table = table.drop_columns(["request_id"])
+    frame: pd.DataFrame = table.to_pandas()
+    return frame

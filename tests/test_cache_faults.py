@@ -1,0 +1,264 @@
+"""Faults a cache must survive or name: damaged files, bad rows, swapped rows, two processes,
+kill -9, a directory for a path. Each test here failed on the cache before it learnt to cope."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nbcompletions import Cache
+from nbcompletions._errors import CacheError
+
+RESPONSE = {
+    "id": "cmpl-1",
+    "object": "text_completion",
+    "choices": [{"text": " to be", "index": 0, "logprobs": None, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4},
+}
+
+
+def _raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(str(path), isolation_level=None)
+
+
+def test_garbage_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "study.sqlite"
+    path.write_bytes(b"this is not a database, it is a shopping list\n" * 200)
+    with pytest.raises(CacheError) as caught:
+        Cache(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "move it aside" in message
+    assert caught.value.path == path
+
+
+def test_truncated_file_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "study.sqlite"
+    with Cache(path) as cache:
+        for i in range(400):
+            cache.put(f"k{i}", {**RESPONSE, "id": f"cmpl-{i}", "pad": "x" * 500})
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+    def read_all() -> None:
+        with Cache(path) as cache:
+            cache.get_many(f"k{i}" for i in range(400))
+            len(cache)
+
+    with pytest.raises(CacheError) as caught:
+        read_all()
+    assert str(path) in str(caught.value)
+    assert "backup" in str(caught.value)
+
+
+def test_invalid_json_row_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with Cache(path) as cache:
+        cache.put("k", RESPONSE)
+    raw = _raw(path)
+    # A row whose JSON is broken but whose digest matches (written by a buggy tool, say).
+    raw.execute("UPDATE responses SET response = ?, digest = NULL WHERE key = 'k'", ('{"id": "cm',))
+    raw.close()
+    with Cache(path) as cache:
+        hit = cache.get("k")
+        assert hit is not None
+        with pytest.raises(CacheError) as caught:
+            hit.response  # noqa: B018
+    message = str(caught.value)
+    assert str(path) in message
+    assert "'k'" in message
+    assert "verify(remove=True)" in message
+    assert caught.value.key == "k"
+
+
+def test_swapped_rows_are_detected(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with Cache(path) as cache:
+        cache.put("a", {**RESPONSE, "id": "cmpl-a"})
+        cache.put("b", {**RESPONSE, "id": "cmpl-b"})
+    raw = _raw(path)
+    raw.execute("UPDATE responses SET key = 'tmp' WHERE key = 'a'")
+    raw.execute("UPDATE responses SET key = 'a' WHERE key = 'b'")
+    raw.execute("UPDATE responses SET key = 'b' WHERE key = 'tmp'")
+    raw.close()
+    with Cache(path) as cache:
+        with pytest.raises(CacheError, match="does not belong to its request"):
+            cache.get("a")
+        assert sorted(cache.verify()) == ["a", "b"]
+        assert sorted(cache.verify(remove=True)) == ["a", "b"]
+        assert len(cache) == 0
+
+
+def test_responses_are_compressed_and_old_rows_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    big = {**RESPONSE, "choices": [{"text": "to be or not to be " * 50, "index": 0}]}
+    with Cache(path) as cache:
+        cache.put("new", big)
+    raw = _raw(path)
+    stored = raw.execute("SELECT response FROM responses WHERE key = 'new'").fetchone()[0]
+    assert isinstance(stored, bytes)
+    assert len(stored) < len(json.dumps(big)) / 4
+    assert json.loads(zlib.decompress(stored)) == big
+    # A row as an earlier version wrote it: plain JSON text, no digest column.
+    raw.execute(
+        "INSERT INTO responses (key, response, latency, created) VALUES ('old', ?, 0.5, 0)",
+        (json.dumps(RESPONSE),),
+    )
+    raw.close()
+    with Cache(path) as cache:
+        assert cache.get("new").response == big  # type: ignore[union-attr]
+        old = cache.get("old")
+        assert old is not None
+        assert old.response == RESPONSE
+        assert old.latency == 0.5
+        assert cache.verify() == []
+
+
+def test_directory_path_uses_a_file_inside(tmp_path: Path) -> None:
+    with Cache(tmp_path) as cache:
+        cache.put("k", RESPONSE)
+        assert cache.path == tmp_path / "cache.sqlite"
+    assert (tmp_path / "cache.sqlite").exists()
+    with Cache(tmp_path) as again:
+        assert "k" in again
+
+
+def test_close_checkpoints_so_the_file_alone_is_a_copy(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    # A notebook reading the same file keeps SQLite from checkpointing on its own at close.
+    reader = sqlite3.connect(str(path))
+    cache = Cache(path)
+    reader.execute("SELECT COUNT(*) FROM responses").fetchall()
+    cache.put("k", RESPONSE)
+    cache.close()
+    copy = tmp_path / "copy.sqlite"
+    shutil.copyfile(path, copy)  # the naive copy: the main file only
+    reader.close()
+    with Cache(copy) as copied:
+        assert "k" in copied
+
+
+def test_backup_after_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from nbcompletions import Cache
+        cache = Cache({str(path)!r})
+        for i in range(50):
+            cache.put(f"k{{i}}", {{"id": f"cmpl-{{i}}", "choices": []}})
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], check=False)
+    assert done.returncode == -signal.SIGKILL
+    assert Path(str(path) + "-wal").exists()  # the rows sit in the write-ahead log
+    with Cache(path) as cache:
+        copy = cache.backup(tmp_path / "backup.sqlite")
+    assert not Path(str(copy) + "-wal").exists()
+    with Cache(copy) as copied:
+        assert len(copied) == 50
+        assert copied.get("k49").response["id"] == "cmpl-49"  # type: ignore[union-attr]
+
+
+def test_expired_claims_are_taken_over_and_live_ones_are_not(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    crashed = Cache(path, lease=0.2)
+    other = Cache(path, lease=60)
+    assert crashed.claim(["a", "b"]) == ["a", "b"]
+    assert other.claim(["a", "b", "c"]) == ["c"]  # a and b are someone else's, for now
+    crashed._conn = None  # a crashed process: its claims stay in the file, unreleased
+    time.sleep(0.3)
+    assert other.claim(["a", "b"]) == ["a", "b"]
+    other.put("a", RESPONSE)
+    assert Cache(path).claim(["a"]) == []  # answered: nothing to claim
+    other.close()
+
+
+# -- two real processes on one cache --------------------------------------------------------------
+
+
+class _Counting(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    hits = 0
+    lock = threading.Lock()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._answer({"object": "list", "data": [{"id": "counted", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        server = self.server
+        assert isinstance(server, _Counting)
+        with server.lock:
+            server.hits += 1
+        time.sleep(0.01)  # slow enough that the two sweeps overlap
+        self._answer(RESPONSE)
+
+    def _answer(self, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def counting_server() -> Iterator[_Counting]:
+    server = _Counting(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_two_processes_on_one_cache_pay_once(tmp_path: Path, counting_server: _Counting) -> None:
+    base = f"http://127.0.0.1:{counting_server.server_address[1]}/v1"
+    path = tmp_path / "shared.sqlite"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from nbcompletions import Client, sweep
+        client = Client({base!r}, api_key="sk-x", model="counted", max_concurrency=4)
+        result = sweep(client, prompt=["a", "b"], temperature=[0.5, 1.0], repeats=30,
+                       max_tokens=2, cache={str(path)!r}, progress=False, probe=False)
+        assert result.n_failed == 0, result.requests["error"].dropna().tolist()
+        assert len(result.choices) == 120
+        print(result.usage["sent"])
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, env=env)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert counting_server.hits == 120, [o.decode() for o in outs]
+    with Cache(path) as cache:
+        assert len(cache) == 120

@@ -1,0 +1,147 @@
+"""Sweeps that stream their frames to disk (``results=dir``): the same frames as a sweep held in
+memory, written as Parquet parts while it runs, read lazily, sliced with filters, and queryable
+with DuckDB. Real server app, real client, real cache; faults through httpx.MockTransport."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pandas as pd
+import pyarrow.dataset as ds
+import pytest
+from helpers import mock_client
+
+from nbcompletions import Client, SweepWarning, load_sweep, sweep
+from nbcompletions._errors import RequestError
+from nbcompletions.server import StreamingASGITransport, create_app
+
+MODEL = "nbc-shakespeare"
+GRID: dict[str, Any] = {
+    # "hamlet" and "again" are the same prompt: sent once, rows for both.
+    "prompt": {"hamlet": "To be, or not", "king": "My lord,", "again": "To be, or not"},
+    "temperature": [0.0, 1.0],
+    "max_tokens": 4,
+    "logprobs": 3,
+    "seed": 7,
+    "repeats": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def app(embedded_engine: Any) -> Any:
+    return create_app(embedded_engine)
+
+
+def _client(app: Any) -> Client:
+    return Client(
+        "http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app), max_retries=0
+    )
+
+
+def _same(streamed: pd.DataFrame, memory: pd.DataFrame) -> None:
+    assert list(streamed.columns) == list(memory.columns)
+    pd.testing.assert_frame_equal(
+        streamed.reset_index(drop=True), memory.reset_index(drop=True), check_dtype=False
+    )
+
+
+def test_streamed_frames_equal_the_in_memory_ones(
+    app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import nbcompletions._results as results_module
+
+    monkeypatch.setattr(results_module, "FLUSH_EVERY", 4)  # several parts from a small grid
+    client = _client(app)
+    memory = sweep(client, **GRID, progress=False, probe=False)
+    study = tmp_path / "study"
+    streamed = sweep(client, **GRID, progress=False, probe=False, results=study)
+    client.close()
+    assert streamed.dataset == study
+    assert streamed._frames is None  # nothing read until asked
+    assert repr(streamed) == repr(memory)  # counts come from usage: still nothing read
+    assert streamed._requests is None
+    parts = sorted((study / "tokens").glob("part-*.parquet"))
+    assert len(parts) == 5  # 18 points (6 of them copies) in batches of 4 finished requests
+    assert streamed.usage["sent"] == memory.usage["sent"] == 12
+    assert streamed.usage["requests"] == 18
+    varying = ["latency", "response_id"]  # differ between any two runs
+    _same(streamed.requests.drop(columns=varying), memory.requests.drop(columns=varying))
+    _same(streamed.choices, memory.choices)
+    _same(streamed.tokens, memory.tokens)
+    _same(streamed.alternatives, memory.alternatives)
+    assert streamed.tokens.attrs["vocab_size"] == memory.tokens.attrs["vocab_size"]
+
+    again = load_sweep(study)
+    assert again.usage == json.loads(json.dumps(streamed.usage, default=str))
+    _same(again.tokens, memory.tokens)
+    hot = again.read(
+        "tokens",
+        columns=["prompt_id", "temperature", "logprob"],
+        filter=ds.field("temperature") > 0,
+    )
+    expected = memory.tokens[memory.tokens["temperature"] > 0]
+    assert list(hot.columns) == ["prompt_id", "temperature", "logprob"]
+    # The engine batches differently run to run: float32 noise, hence the tolerance.
+    pd.testing.assert_series_equal(
+        hot["logprob"].reset_index(drop=True), expected["logprob"].reset_index(drop=True)
+    )
+
+
+def test_rerun_into_the_same_directory_is_free_and_identical(app: Any, tmp_path: Path) -> None:
+    client = _client(app)
+    cache, study = tmp_path / "c.sqlite", tmp_path / "study"
+    first = sweep(client, **GRID, cache=cache, progress=False, probe=False, results=study)
+    tokens = first.tokens.drop(columns="cached")
+    second = sweep(client, **GRID, cache=cache, progress=False, probe=False, results=study)
+    client.close()
+    assert second.usage["sent"] == 0
+    assert second.usage["cached_requests"] == 18
+    assert second.requests["cached"].all()
+    _same(second.tokens.drop(columns="cached"), tokens)
+
+
+def test_failed_requests_stream_as_error_rows(app: Any, tmp_path: Path) -> None:
+    real = StreamingASGITransport(app)
+
+    async def faults(request: httpx.Request) -> httpx.Response:
+        if json.loads(request.content).get("prompt") == "My lord,":
+            return httpx.Response(500, json={"error": {"message": "fire", "type": "server_error"}})
+        return await real.handle_async_request(request)
+
+    client = mock_client(faults, base_url="http://embedded/v1", model=MODEL, max_retries=0)
+    with pytest.warns(SweepWarning, match="6 of 18 sweep requests failed"):
+        result = sweep(client, **GRID, progress=False, probe=False, results=tmp_path / "s")
+    client.close()
+    failed = result.requests[result.requests["prompt_id"] == "king"]
+    assert (failed["status"] == "error").all()
+    assert failed["error"].str.contains("fire").all()
+    assert result.usage["failed_requests"] == 6
+    assert set(result.tokens["prompt_id"]) == {"hamlet", "again"}
+
+
+def test_duckdb_reads_the_same_study(app: Any, tmp_path: Path) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    client = _client(app)
+    study = tmp_path / "study"
+    result = sweep(client, **GRID, progress=False, probe=False, results=study)
+    client.close()
+    by_pandas = result.tokens.groupby(["prompt_id", "temperature"])["logprob"].mean().reset_index()
+    by_duckdb = duckdb.sql(
+        f"SELECT prompt_id, temperature, avg(logprob) AS logprob "
+        f"FROM read_parquet('{study}/tokens/*.parquet') GROUP BY ALL ORDER BY ALL"
+    ).df()
+    pd.testing.assert_frame_equal(by_duckdb, by_pandas, check_dtype=False)
+
+
+def test_results_must_be_a_directory(app: Any, tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    client = _client(app)
+    with pytest.raises(RequestError, match="results must be a directory"):
+        sweep(client, prompt="x", progress=False, probe=False, results=file)
+    with pytest.raises(RequestError, match="results must be a directory"):
+        sweep(client, prompt="x", progress=False, probe=False, results=3)  # type: ignore[arg-type]
+    client.close()
