@@ -39,6 +39,7 @@ from ._batch_file import (
     OPENAI_MAX_BATCH_BYTES,
     OPENAI_MAX_BATCH_REQUESTS,
     batch_lines,
+    check_batch_limits,
     split_batches,
 )
 from ._cache import Cache
@@ -88,15 +89,7 @@ class BatchOptions:
     metadata: Mapping[str, str] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        for name in ("max_requests", "max_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RequestError(
-                    name,
-                    f"{name} must be an integer >= 1; got {value!r}",
-                    allowed="an integer >= 1",
-                    value=value,
-                )
+        check_batch_limits(self.max_requests, self.max_bytes)
         interval = self.poll_interval
         if interval is not None and (
             isinstance(interval, bool)

@@ -18,6 +18,7 @@ __all__ = [
     "OPENAI_MAX_BATCH_BYTES",
     "OPENAI_MAX_BATCH_REQUESTS",
     "batch_lines",
+    "check_batch_limits",
     "split_batches",
 ]
 
@@ -26,6 +27,18 @@ OPENAI_MAX_BATCH_REQUESTS = 50_000
 OPENAI_MAX_BATCH_BYTES = 200 * 1000 * 1000
 #: The endpoint every line targets.
 BATCH_URL = "/v1/completions"
+
+
+def check_batch_limits(max_requests: Any, max_bytes: Any) -> None:
+    """Both limits of one input file must be integers >= 1 (a RequestError naming the field)."""
+    for name, value in (("max_requests", max_requests), ("max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RequestError(
+                name,
+                f"{name} must be an integer >= 1; got {value!r}",
+                allowed="an integer >= 1",
+                value=value,
+            )
 
 
 class BatchPoint(Protocol):

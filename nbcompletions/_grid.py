@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._batch_file import batch_lines, split_batches
+from ._batch_file import batch_lines, check_batch_limits, split_batches
 from ._cache import key_state
 from ._errors import RequestError
 from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
@@ -168,14 +168,7 @@ class Grid:
         ``max_bytes`` bytes per file) is written as ``<stem>-001<suffix>``, ``-002``...; the paths
         written are returned. `nbcompletions.load_batch_output` reads the results back.
         """
-        for name, value in (("max_requests", max_requests), ("max_bytes", max_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RequestError(
-                    name,
-                    f"{name} must be an integer >= 1; got {value!r}",
-                    allowed="an integer >= 1",
-                    value=value,
-                )
+        check_batch_limits(max_requests, max_bytes)
         # One line per distinct request: grid points with the same cache key share a response.
         firsts: dict[str, GridPoint] = {}
         for point in self.points:
