@@ -4,6 +4,8 @@ sampling fields top_k, min_p and repetition_penalty, each checked by what it doe
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from typing import Any
 
 import numpy as np
@@ -164,19 +166,49 @@ def test_repetition_penalty_follows_vllm_and_transformers() -> None:
     assert mu.tolist() == [[1.0, -2.0, 0.5, 3.0]]
 
 
+# transformers' own processor, in a Python that has torch (the dev extra has none): one process,
+# one JSON line per step in, the penalised argmax out.
+_HF_PROCESSOR = """
+import json, sys, torch, transformers
+processor = transformers.RepetitionPenaltyLogitsProcessor(penalty=float(sys.argv[1]))
+for line in sys.stdin:
+    step = json.loads(line)
+    logits = torch.tensor([step["logits"]], dtype=torch.float64)
+    scores = processor(torch.tensor([step["context"]]), logits)
+    print(int(scores[0].argmax()), flush=True)
+"""
+
+
 def test_repetition_penalty_matches_transformers_greedy(engine: Engine) -> None:
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    from test_model_reference import torch_python
+
+    python = torch_python()  # skips (fails under NBC_REQUIRE_TORCH=1) without one
     ids = engine.encode(PROMPT)
     penalty = 1.8
-    processor = transformers.RepetitionPenaltyLogitsProcessor(penalty=penalty)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.Popen(
+        [python, "-c", _HF_PROCESSOR, str(penalty)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdin is not None
+    assert proc.stdout is not None
     out: list[int] = []
-    for _ in range(10):
-        context = ids + out
-        logits = forward_full(engine.weights, np.array([context]))[0, -1].astype(np.float64)
-        logits[engine.eot_token_id] = -np.inf  # banned, as below, so all 10 tokens are text
-        scores = processor(torch.tensor([context]), torch.tensor(logits[None, :]))
-        out.append(int(scores[0].argmax()))
+    try:
+        for _ in range(10):
+            context = ids + out
+            logits = forward_full(engine.weights, np.array([context]))[0, -1].astype(np.float64)
+            # Banned, as below, so all 10 tokens are text (JSON has no -inf: a huge negative).
+            logits[engine.eot_token_id] = -1e30
+            proc.stdin.write(json.dumps({"context": context, "logits": logits.tolist()}) + "\n")
+            proc.stdin.flush()
+            out.append(int(proc.stdout.readline()))
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
     no_eot = {str(engine.eot_token_id): -100}
     response = run(
         engine,
