@@ -60,7 +60,12 @@ def loads(data: bytes | bytearray | str) -> Any:
             return _orjson.loads(data)
         except _orjson.JSONDecodeError:
             pass
-    return json.loads(data)
+    try:
+        return json.loads(data)
+    except RecursionError:
+        # A body nested deeper than any parser goes (a hostile or broken server): the ValueError
+        # every caller already handles, not an error nobody catches.
+        raise ValueError("the JSON is nested too deeply to parse") from None
 
 
 #: ``(tokens, token_logprobs, top_logprobs, text_offset)`` of equal length; offsets None: unsent.

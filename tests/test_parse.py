@@ -101,3 +101,25 @@ def test_loads_reads_what_the_stdlib_reads() -> None:
     assert loads(str(2**70)) == 2**70
     with pytest.raises(ValueError, match="Expecting property name"):
         loads(b"{not json")
+
+
+def test_a_body_nested_past_any_parser_is_a_value_error() -> None:
+    # orjson refuses it (depth 1024) and hands it to the stdlib, whose RecursionError is not what
+    # callers catch: a hostile server must get the client's usual "not JSON" error.
+    from nbcompletions._parse import loads
+
+    with pytest.raises(ValueError, match="nested"):
+        loads(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_the_client_reports_a_too_deep_body_as_an_invalid_response() -> None:
+    import httpx
+    from helpers import mock_client
+
+    from nbcompletions import APIError
+
+    body = b'{"choices":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    client = mock_client(lambda request: httpx.Response(200, content=body), max_retries=0)
+    with client, pytest.raises(APIError) as info:
+        client.complete("x")
+    assert info.value.type == "invalid_response"
