@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._cache import Cache, CachedResponse
@@ -451,21 +451,33 @@ async def asweep(
     bar = _progress_bar(
         len(prepared.grid.points), progress, len(prepared.grid.points) - prepared.n_pending
     )
+    result = await _run(client, prepared, options, max_concurrency, bar, probe, fail_fast)
+    _warn_failures(result)
+    return result
+
+
+def _run(
+    aclient: AsyncCompletionsClient,
+    prepared: _Prepared,
+    options: BatchOptions | None,
+    max_concurrency: int | None,
+    bar: Any,
+    probe: bool,
+    fail_fast: int | None,
+) -> Coroutine[Any, Any, SweepResult]:
+    """The coroutine that sends a prepared grid: through the Batch API, or live."""
     if options is not None:
         from ._batch import run_batches
 
-        result = await run_batches(client, prepared, options, bar=bar, probe=probe)
-    else:
-        result = await _execute(
-            client,
-            prepared,
-            max_concurrency=max_concurrency,
-            bar=bar,
-            probe=probe,
-            fail_fast=fail_fast,
-        )
-    _warn_failures(result)
-    return result
+        return run_batches(aclient, prepared, options, bar=bar, probe=probe)
+    return _execute(
+        aclient,
+        prepared,
+        max_concurrency=max_concurrency,
+        bar=bar,
+        probe=probe,
+        fail_fast=fail_fast,
+    )
 
 
 def _batch_options(batch: Any, results: Any = None) -> BatchOptions | None:
@@ -543,21 +555,7 @@ def sweep(
         len(prepared.grid.points), progress, len(prepared.grid.points) - prepared.n_pending
     )
     try:
-        if options is not None:
-            from ._batch import run_batches
-
-            result = run_sync(run_batches(aclient, prepared, options, bar=bar, probe=probe))
-        else:
-            result = run_sync(
-                _execute(
-                    aclient,
-                    prepared,
-                    max_concurrency=max_concurrency,
-                    bar=bar,
-                    probe=probe,
-                    fail_fast=fail_fast,
-                )
-            )
+        result = run_sync(_run(aclient, prepared, options, max_concurrency, bar, probe, fail_fast))
     finally:
         # _execute closes these itself; this covers an interrupt that lands before it started.
         if bar is not None:
