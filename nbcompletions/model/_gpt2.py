@@ -31,7 +31,6 @@ __all__ = [
     "forward",
     "gelu_erf",
     "gelu_tanh",
-    "layer_norm",
     "linear",
     "load_weights",
     "log_softmax",
@@ -208,17 +207,6 @@ def load_weights(directory: str | Path) -> GPT2Weights:
 
 
 # -- pure functions --------------------------------------------------------------------------------
-
-
-def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
-    """(..., D) -> (..., D): normalise over the last axis, then scale and shift."""
-    # np.add.reduce rather than np.mean: the same sum without mean()'s Python-level bookkeeping,
-    # which costs more than the arithmetic on a decode step's few rows.
-    inv_d = F32(1.0 / x.shape[-1])
-    centered = x - np.add.reduce(x, axis=-1, keepdims=True) * inv_d
-    var = np.add.reduce(centered * centered, axis=-1, keepdims=True) * inv_d
-    out: np.ndarray = centered / np.sqrt(var + F32(eps)) * g + b
-    return out
 
 
 def normalise(x: np.ndarray, eps: float) -> np.ndarray:
