@@ -130,7 +130,8 @@ def main() -> None:
             ],
             check=True,
         )
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # One thread each: llama.cpp n_threads=1, our decode step unsplit (NBC_THREADS=1).
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "NBC_THREADS": "1"}
         workers = {
             "ours": _Worker(sys.executable, header + _OURS, env),
             "llama.cpp": _Worker(
@@ -138,7 +139,7 @@ def main() -> None:
             ),
         }
         if args.baseline:
-            base_env = {**os.environ, "PYTHONPATH": str(Path(args.baseline).resolve())}
+            base_env = {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}
             workers["baseline"] = _Worker(sys.executable, header + _OURS, base_env)
         per_token: dict[str, list[float]] = {name: [] for name in workers}
         try:

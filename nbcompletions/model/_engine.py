@@ -35,12 +35,15 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import math
+import os
 import secrets
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,7 @@ import numpy as np
 from .._errors import RequestError
 from .._parse import NEG_INF_LOGPROB
 from .._request import DEFAULT_MAX_TOKENS, SAMPLERS, CompletionRequest, check_sampler
-from . import _sampling
+from . import _kernels, _sampling
 from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
 from ._tokenizer import ByteTokenizer
 
@@ -110,6 +113,28 @@ class _OneBlasThread:
 
 
 _one_blas_thread = _OneBlasThread()
+
+
+#: A compiled step takes at most this many rows per thread; a bigger batch runs the numpy forward
+#: pass, whose BLAS matmuls cost less per row once there are many rows.
+_COMPILED_ROWS_PER_THREAD = 4
+
+
+def _default_threads() -> int:
+    named = os.environ.get("NBC_THREADS", "").strip()
+    if named:
+        return int(named)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _no_cache(engine: Engine) -> np.ndarray:
+    config = engine.weights.config
+    return np.zeros(
+        (config.n_layer, 0, config.n_head, 0, config.n_embd // config.n_head), np.float32
+    )
 
 
 def _finite(value: float) -> float:
@@ -271,9 +296,23 @@ class Engine:
     """
 
     def __init__(
-        self, weights: GPT2Weights, tokenizer: ByteTokenizer, *, model_id: str, fingerprint: str
+        self,
+        weights: GPT2Weights,
+        tokenizer: ByteTokenizer,
+        *,
+        model_id: str,
+        fingerprint: str,
+        packed: _kernels.Packed | None = None,
+        threads: int | None = None,
     ) -> None:
         self.weights = weights
+        #: The compiled decode step's weights, or None: every step then runs the numpy forward.
+        self.packed = packed
+        #: Threads a compiled decode step may split its rows over (default: the CPUs this
+        #: process may use, or ``NBC_THREADS``).
+        self.threads = max(1, threads if threads is not None else _default_threads())
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._tok = tokenizer
         self.model_id = model_id
         self.system_fingerprint = fingerprint
@@ -301,9 +340,21 @@ class Engine:
         self._unspellable = np.arange(spellable, self.vocab_size)
 
     @classmethod
-    def from_dir(cls, path: str | Path, *, model_id: str | None = None) -> Engine:
+    def from_dir(
+        cls,
+        path: str | Path,
+        *,
+        model_id: str | None = None,
+        compiled: bool = True,
+        threads: int | None = None,
+    ) -> Engine:
+        """Load the model in ``path``. ``compiled=False`` keeps every decode step in numpy (the
+        reference the compiled step is tested against)."""
         path = Path(path)
         weights = load_weights(path)
+        packed = _kernels.pack(path, weights.config) if compiled else None
+        if packed is not None:
+            _kernels.warm(packed)
         tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
         digest = hashlib.sha256()
         with open(path / "model.safetensors", "rb") as fh:
@@ -312,8 +363,29 @@ class Engine:
         if model_id is None:
             model_id = _model_id_from(path)
         return cls(
-            weights, tokenizer, model_id=model_id, fingerprint="nbc-" + digest.hexdigest()[:10]
+            weights,
+            tokenizer,
+            model_id=model_id,
+            fingerprint="nbc-" + digest.hexdigest()[:10],
+            packed=packed,
+            threads=threads,
         )
+
+    def _map(self, calls: list[tuple[int, int]], run: Any) -> None:
+        """``run(lo, hi)`` for each row range, on this engine's threads and the caller's."""
+        if len(calls) == 1:
+            run(*calls[0])
+            return
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self.threads - 1, thread_name_prefix="nbc-decode"
+                )
+            pool = self._pool
+        futures = [pool.submit(run, lo, hi) for lo, hi in calls[1:]]
+        run(*calls[0])
+        for future in futures:
+            future.result()
 
     def __repr__(self) -> str:
         c = self.weights.config
@@ -819,8 +891,9 @@ class DecodeBatch:
         self.engine = engine
         self.jobs: list[Job] = []
         self.steps = 0  # decode steps run
-        self._k: list[np.ndarray] = []
-        self._v: list[np.ndarray] = []
+        # The key/value pool, (L, slots, H, capacity, K) each: one array, so a compiled step
+        # reaches every layer's cache through one argument.
+        self._k = self._v = _no_cache(engine)
         self._lengths = np.zeros(0, np.int64)  # positions cached per slot
         self._tokens = np.zeros(0, np.int64)  # each slot's last sampled token (next input)
         self._logits = np.zeros((0, engine.vocab_size), np.float32)  # (rows, V) next-token logits
@@ -909,30 +982,29 @@ class DecodeBatch:
                         if plan.echo and plan.logprobs is not None:
                             job.echo[p] = engine._echo_parts(plan.prompts[p], logp, plan.logprobs)
                         if len(slots):
-                            for layer in range(len(self._k)):
-                                self._k[layer][slots, :, :length] = cache.k[layer][g, :, :length]
-                                self._v[layer][slots, :, :length] = cache.v[layer][g, :, :length]
+                            for layer in range(len(cache.k)):
+                                self._k[layer, slots, :, :length] = cache.k[layer][g, :, :length]
+                                self._v[layer, slots, :, :length] = cache.v[layer][g, :, :length]
                             self._lengths[slots] = length
                             logits[slots - first] = out[g, -1]
 
     def _reserve(self, rows: int, capacity: int) -> None:
         """Make the pool hold ``rows`` slots of ``capacity`` positions, keeping the active rows."""
-        have_rows = self._k[0].shape[0] if self._k else 0
-        have_capacity = self._k[0].shape[2] if self._k else 0
+        have_rows = self._k.shape[1]
+        have_capacity = self._k.shape[3]
         if rows <= have_rows and capacity <= have_capacity:
             return
         config = self.engine.weights.config
         new_rows = max(rows, 2 * have_rows if rows > have_rows else have_rows, 8)
         new_capacity = max(capacity, have_capacity)
         head = config.n_embd // config.n_head
-        shape = (new_rows, config.n_head, new_capacity, head)
+        shape = (config.n_layer, new_rows, config.n_head, new_capacity, head)
         keep = self._rows
         # np.zeros maps fresh pages lazily: slots and positions never written cost no memory.
-        ks = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
-        vs = [np.zeros(shape, np.float32) for _ in range(config.n_layer)]
-        for layer in range(len(self._k)):
-            ks[layer][:keep, :, :have_capacity] = self._k[layer][:keep]
-            vs[layer][:keep, :, :have_capacity] = self._v[layer][:keep]
+        ks = np.zeros(shape, np.float32)
+        vs = np.zeros(shape, np.float32)
+        ks[:, :keep, :, :have_capacity] = self._k[:, :keep]
+        vs[:, :keep, :, :have_capacity] = self._v[:, :keep]
         self._k, self._v = ks, vs
         lengths = np.zeros(new_rows, np.int64)
         lengths[:keep] = self._lengths[:keep]
@@ -979,6 +1051,11 @@ class DecodeBatch:
 
     def _forward(self) -> None:
         rows = self._rows
+        engine = self.engine
+        packed = engine.packed
+        if packed is not None and rows <= _COMPILED_ROWS_PER_THREAD * engine.threads:
+            self._forward_compiled(packed, rows)
+            return
         cache = KVCache(
             [k[:rows] for k in self._k], [v[:rows] for v in self._v], self._lengths[:rows].copy()
         )
@@ -986,12 +1063,26 @@ class DecodeBatch:
             self._logits = forward(self.engine.weights, self._tokens[:rows, None], cache)[:, 0]
         self._lengths[:rows] = cache.lengths
 
+    def _forward_compiled(self, packed: _kernels.Packed, rows: int) -> None:
+        """The compiled step, its rows split over up to ``engine.threads`` threads."""
+        logits = np.empty((rows, self.engine.vocab_size), np.float32)
+        tokens, lengths, k, v = self._tokens, self._lengths, self._k, self._v
+        parts = min(self.engine.threads, rows)
+        bounds = [rows * i // parts for i in range(parts + 1)]
+
+        def run(lo: int, hi: int) -> None:
+            _kernels.decode(packed, tokens, k, v, lengths, logits, lo, hi)
+
+        self.engine._map(list(itertools.pairwise(bounds)), run)
+        self._lengths[:rows] += 1
+        self._logits = logits
+
     def _release(self, slots: np.ndarray) -> None:
         """Free ``slots``: the rows after the new end move into the holes below it."""
         count = self._rows - len(slots)
         if count == 0:
             self._rows = 0
-            self._k, self._v = [], []  # an idle batch holds no cache
+            self._k = self._v = _no_cache(self.engine)  # an idle batch holds no cache
             self._lengths = np.zeros(0, np.int64)
             self._tokens = np.zeros(0, np.int64)
             self._logits = self._logits[:0]
@@ -1002,9 +1093,8 @@ class DecodeBatch:
         movers = np.flatnonzero(~gone[count:]) + count
         if len(holes):
             span = int(self._lengths[movers].max())
-            for layer in range(len(self._k)):
-                self._k[layer][holes, :, :span] = self._k[layer][movers, :, :span]
-                self._v[layer][holes, :, :span] = self._v[layer][movers, :, :span]
+            self._k[:, holes, :, :span] = self._k[:, movers, :, :span]
+            self._v[:, holes, :, :span] = self._v[:, movers, :, :span]
             self._lengths[holes] = self._lengths[movers]
             self._tokens[holes] = self._tokens[movers]
             logits = self._logits[:count].copy()

@@ -1,0 +1,461 @@
+"""The decode step compiled (numba): float16 weights read as they are stored, one call per step.
+
+Why: a decode step multiplies a few rows by every weight of the model. In numpy that is 17 BLAS
+calls on float32 copies of the weights (17 MB read per token) plus ~150 small numpy calls, and
+numpy has no fast float16 matmul. Here the weights stay float16 in memory (8.4 MB; converted to
+float32 in registers, with the CPU's F16C instruction through LLVM's ``fpext half``), and a whole
+step (embeddings, layer norms, attention over the cache, MLP, output layer) runs in one compiled
+call that releases the GIL. Accumulation is float32 throughout, so the results equal the numpy
+forward pass to float32 rounding (tests/test_kernels.py holds them to 1e-5).
+
+The compiled path runs GPT-2 files whose linear weights are float16 (the shipped model) with a
+``gelu_new``-family activation; `pack` returns None for anything else and the engine keeps the
+numpy forward pass. Compiled code is cached on disk by numba (``cache=True``, in ``__pycache__``
+or numba's user cache folder), so only the first process on a machine pays the compile (~5 s).
+
+Rows are independent in a decode step (each attends to its own cache), so `decode` takes a row
+range: the engine splits a big batch over threads, each running the whole step for its rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Packed", "available", "decode", "pack", "warm"]
+
+F32 = np.float32
+
+#: activation functions the compiled step implements (the tanh GELU of GPT-2)
+_GELU_TANH = frozenset({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"})
+
+try:  # numba is a dependency; without it (an unsupported platform) the numpy path runs
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+
+    _NUMBA = True
+except ImportError:  # pragma: no cover - exercised only where numba cannot be installed
+    _NUMBA = False
+
+
+def available() -> bool:
+    """Whether the compiled decode step can run here (numba imports)."""
+    return _NUMBA
+
+
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A GPT-2's weights as the compiled step reads them: float16 matrices, float32 the rest.
+
+    Matrices are (in, out) as GPT-2 stores them, stacked over layers; ``*_w`` arrays hold float16
+    bit patterns as uint16 (numba has no float16 type on the CPU).
+    """
+
+    n_head: int
+    eps: float
+    wte: np.ndarray  # (V, D) f32
+    wpe: np.ndarray  # (P, D) f32
+    ln1: np.ndarray  # (L, 2, D) f32: scale, shift
+    attn_w: np.ndarray  # (L, D, 3D) u16
+    attn_b: np.ndarray  # (L, 3D) f32
+    proj_w: np.ndarray  # (L, D, D) u16
+    proj_b: np.ndarray  # (L, D) f32
+    ln2: np.ndarray  # (L, 2, D) f32
+    fc_w: np.ndarray  # (L, D, 4D) u16
+    fc_b: np.ndarray  # (L, 4D) f32
+    mlp_w: np.ndarray  # (L, 4D, D) u16
+    mlp_b: np.ndarray  # (L, D) f32
+    lnf: np.ndarray  # (2, D) f32
+    head_w: np.ndarray  # (D, V) u16: the output layer (wte.T when tied)
+    qscale: np.ndarray  # (L,) f32: the attention's score scale per layer
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            getattr(self, f.name).nbytes
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), np.ndarray)
+        )
+
+
+def pack(directory: str | Path, config: Any) -> Packed | None:
+    """The compiled step's weights for the GPT-2 in ``directory``, or None where it cannot run
+    (numba missing, weights not float16, another activation, a padded head size)."""
+    if not _NUMBA or config.activation_function not in _GELU_TANH:
+        return None
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(Path(directory) / "model.safetensors"))
+    tensors = {key.removeprefix("transformer."): value for key, value in raw.items()}
+    n_layer, dim = config.n_layer, config.n_embd
+    if dim % config.n_head or dim % 8:
+        return None
+    matrices = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    head_src = tensors.get("lm_head.weight", tensors.get("wte.weight"))
+    if head_src is None or head_src.dtype != np.float16:
+        return None
+    for i in range(n_layer):
+        for name in matrices:
+            if tensors[f"h.{i}.{name}.weight"].dtype != np.float16:
+                return None
+
+    def f32(name: str) -> np.ndarray:
+        return np.ascontiguousarray(tensors[name], dtype=F32)
+
+    def u16(name: str) -> np.ndarray:
+        return np.stack([tensors[f"h.{i}.{name}.weight"] for i in range(n_layer)]).view(np.uint16)
+
+    def stack(name: str) -> np.ndarray:
+        return np.stack([f32(f"h.{i}.{name}") for i in range(n_layer)])
+
+    def norm(prefix: str) -> np.ndarray:
+        return np.stack([f32(f"{prefix}.weight"), f32(f"{prefix}.bias")])
+
+    head = dim // config.n_head
+    qscale = np.ones(n_layer, F32)
+    for i in range(n_layer):
+        scale = 1.0
+        if config.scale_attn_weights:
+            scale /= math.sqrt(head)
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= i + 1
+        qscale[i] = scale
+    packed = Packed(
+        n_head=config.n_head,
+        eps=float(config.layer_norm_epsilon),
+        wte=f32("wte.weight"),
+        wpe=f32("wpe.weight"),
+        ln1=np.stack([norm(f"h.{i}.ln_1") for i in range(n_layer)]),
+        attn_w=u16("attn.c_attn"),
+        attn_b=stack("attn.c_attn.bias"),
+        proj_w=u16("attn.c_proj"),
+        proj_b=stack("attn.c_proj.bias"),
+        ln2=np.stack([norm(f"h.{i}.ln_2") for i in range(n_layer)]),
+        fc_w=u16("mlp.c_fc"),
+        fc_b=stack("mlp.c_fc.bias"),
+        mlp_w=u16("mlp.c_proj"),
+        mlp_b=stack("mlp.c_proj.bias"),
+        lnf=norm("ln_f"),
+        # wte is (V, D); the output layer multiplies by its transpose, copied once (exact).
+        head_w=np.ascontiguousarray(head_src.T).view(np.uint16),
+        qscale=qscale,
+    )
+    for field in dataclasses.fields(packed):
+        value = getattr(packed, field.name)
+        if isinstance(value, np.ndarray):
+            value.setflags(write=False)
+    return packed
+
+
+def decode(
+    packed: Packed,
+    tokens: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    lengths: np.ndarray,
+    logits: np.ndarray,
+    lo: int,
+    hi: int,
+) -> None:
+    """One decode step for rows ``lo:hi``: token ``tokens[r]`` at position ``lengths[r]``.
+
+    Writes each row's key and value into ``k_cache``/``v_cache`` (L, slots, H, capacity, K) at
+    that position and its next-token logits into ``logits[r]`` (V,). Lengths are not advanced
+    (the caller does, once for all rows). Releases the GIL; calls on disjoint row ranges may run
+    in parallel.
+    """
+    p = packed
+    _decode_rows(
+        tokens, lengths, k_cache, v_cache, logits, lo, hi,
+        p.wte, p.wpe, p.ln1, p.attn_w, p.attn_b, p.proj_w, p.proj_b, p.ln2, p.fc_w, p.fc_b,
+        p.mlp_w, p.mlp_b, p.lnf, p.head_w, p.qscale, p.n_head, p.eps,
+    )  # fmt: skip
+
+
+def warm(packed: Packed) -> None:
+    """Compile the step now (or load it from numba's cache): one row and two, as the engine calls
+    it, so that no request pays the compile. ~10 s the first time on a machine, ~0.3 s after."""
+    heads, dim = packed.n_head, packed.wte.shape[1]
+    cache = np.zeros((packed.ln1.shape[0], 3, heads, 2, dim // heads), F32)
+    logits = np.empty((3, packed.head_w.shape[1]), F32)
+    tokens, lengths = np.zeros(3, np.int64), np.zeros(3, np.int64)
+    decode(packed, tokens, cache, cache.copy(), lengths, logits, 0, 3)
+
+
+if _NUMBA:
+    # Elementwise float rules: no reassociation in the matmuls, so a row's sums happen in one
+    # fixed order whatever else shares the batch; FMA contraction allowed.
+    _EXACT = {"contract", "nsz", "arcp", "nnan", "ninf"}
+    _jit = numba.njit(
+        cache=True, nogil=True, boundscheck=False, fastmath=_EXACT, error_model="numpy"
+    )
+    # Reductions over one row (layer norm, softmax, attention dots) may reorder their sums.
+    _jit_inline = numba.njit(
+        cache=True,
+        nogil=True,
+        boundscheck=False,
+        fastmath=_EXACT,
+        error_model="numpy",
+        inline="always",
+    )
+    _jit_fast = numba.njit(
+        cache=True, nogil=True, boundscheck=False, fastmath=True, error_model="numpy"
+    )
+
+    def _half_to_float(typingctx: Any, bits: Any) -> Any:
+        """float16 bits (uint16) -> float32: LLVM's ``fpext half``, an F16C instruction on x86."""
+        sig = types.float32(types.uint16)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return sig, codegen
+
+    # numba's stubs type an intrinsic's call as the typing function's; it is called as _half(bits)
+    _half: Any = intrinsic(_half_to_float)
+
+    _TILE = 256  # output columns per pass
+
+    @_jit_inline
+    def _rows2(
+        x: Any, w: Any, out: Any, m: int, j0: int, n: int, k: int
+    ) -> None:  # pragma: no cover
+        """Rows m..m+1, columns j0..j0+n: add the products with weight rows k..k+7."""
+        w0 = w[k + 0, j0 : j0 + n]
+        w1 = w[k + 1, j0 : j0 + n]
+        w2 = w[k + 2, j0 : j0 + n]
+        w3 = w[k + 3, j0 : j0 + n]
+        w4 = w[k + 4, j0 : j0 + n]
+        w5 = w[k + 5, j0 : j0 + n]
+        w6 = w[k + 6, j0 : j0 + n]
+        w7 = w[k + 7, j0 : j0 + n]
+        o0 = out[m + 0, j0 : j0 + n]
+        a00 = x[m + 0, k + 0]
+        a01 = x[m + 0, k + 1]
+        a02 = x[m + 0, k + 2]
+        a03 = x[m + 0, k + 3]
+        a04 = x[m + 0, k + 4]
+        a05 = x[m + 0, k + 5]
+        a06 = x[m + 0, k + 6]
+        a07 = x[m + 0, k + 7]
+        o1 = out[m + 1, j0 : j0 + n]
+        a10 = x[m + 1, k + 0]
+        a11 = x[m + 1, k + 1]
+        a12 = x[m + 1, k + 2]
+        a13 = x[m + 1, k + 3]
+        a14 = x[m + 1, k + 4]
+        a15 = x[m + 1, k + 5]
+        a16 = x[m + 1, k + 6]
+        a17 = x[m + 1, k + 7]
+        for j in range(n):
+            h0 = _half(w0[j])
+            h1 = _half(w1[j])
+            h2 = _half(w2[j])
+            h3 = _half(w3[j])
+            h4 = _half(w4[j])
+            h5 = _half(w5[j])
+            h6 = _half(w6[j])
+            h7 = _half(w7[j])
+            o0[j] += ((a00 * h0 + a01 * h1) + (a02 * h2 + a03 * h3)) + (
+                (a04 * h4 + a05 * h5) + (a06 * h6 + a07 * h7)
+            )
+            o1[j] += ((a10 * h0 + a11 * h1) + (a12 * h2 + a13 * h3)) + (
+                (a14 * h4 + a15 * h5) + (a16 * h6 + a17 * h7)
+            )
+
+    @_jit
+    def _matmul(x: Any, w: Any, b: Any, out: Any) -> None:  # pragma: no cover - compiled
+        """out (M, N) = x (M, K) @ w (K, N) float16 bits + b (N,): K a multiple of 8.
+
+        Weights are converted as they are used, in blocks of 8 weight rows, and each converted
+        block serves two rows of ``x`` at once. Every output is summed in the same order whatever
+        M is (``b``, then each block's ``((a0 w0 + a1 w1) + (a2 w2 + a3 w3)) + (...)``), so a
+        row's result does not depend on what else is in the batch.
+        """
+        rows, depth = x.shape
+        width = w.shape[1]
+        for j0 in range(0, width, _TILE):
+            n = min(_TILE, width - j0)
+            for m in range(rows):
+                orow = out[m, j0 : j0 + n]
+                brow = b[j0 : j0 + n]
+                for j in range(n):
+                    orow[j] = brow[j]
+            for k in range(0, depth, 8):
+                m = 0
+                while m + 2 <= rows:
+                    _rows2(x, w, out, m, j0, n, k)
+                    m += 2
+                if m < rows:  # one row left (or the only one): written out, not through _rows2
+                    w0 = w[k, j0 : j0 + n]
+                    w1 = w[k + 1, j0 : j0 + n]
+                    w2 = w[k + 2, j0 : j0 + n]
+                    w3 = w[k + 3, j0 : j0 + n]
+                    w4 = w[k + 4, j0 : j0 + n]
+                    w5 = w[k + 5, j0 : j0 + n]
+                    w6 = w[k + 6, j0 : j0 + n]
+                    w7 = w[k + 7, j0 : j0 + n]
+                    a0, a1, a2, a3 = x[m, k], x[m, k + 1], x[m, k + 2], x[m, k + 3]
+                    a4, a5, a6, a7 = x[m, k + 4], x[m, k + 5], x[m, k + 6], x[m, k + 7]
+                    orow = out[m, j0 : j0 + n]
+                    for j in range(n):
+                        orow[j] += (
+                            (a0 * _half(w0[j]) + a1 * _half(w1[j]))
+                            + (a2 * _half(w2[j]) + a3 * _half(w3[j]))
+                        ) + (
+                            (a4 * _half(w4[j]) + a5 * _half(w5[j]))
+                            + (a6 * _half(w6[j]) + a7 * _half(w7[j]))
+                        )
+
+    @_jit_fast
+    def _layer_norm(x: Any, gb: Any, eps: float, out: Any) -> None:  # pragma: no cover
+        """out = (x - mean) / sqrt(var + eps) * scale + shift, per row (two passes, float32)."""
+        rows, dim = x.shape
+        g, beta = gb[0], gb[1]
+        for m in range(rows):
+            row = x[m]
+            total = np.float32(0.0)
+            for i in range(dim):
+                total += row[i]
+            mean = total / np.float32(dim)
+            sq = np.float32(0.0)
+            for i in range(dim):
+                d = row[i] - mean
+                sq += d * d
+            inv = np.float32(1.0) / np.sqrt(sq / np.float32(dim) + np.float32(eps))
+            orow = out[m]
+            for i in range(dim):
+                orow[i] = (row[i] - mean) * inv * g[i] + beta[i]
+
+    @_jit_fast
+    def _attend(
+        qkv: Any,
+        layer: int,
+        slots: Any,
+        positions: Any,
+        k_cache: Any,
+        v_cache: Any,
+        n_head: int,
+        scale: float,
+        out: Any,
+    ) -> None:  # pragma: no cover - compiled
+        """Causal attention of each row's new query over its cached keys (its own included)."""
+        rows = qkv.shape[0]
+        dim = qkv.shape[1] // 3
+        head = dim // n_head
+        capacity = k_cache.shape[3]
+        scores = np.empty(capacity, np.float32)
+        for m in range(rows):
+            slot = slots[m]
+            pos = positions[m]
+            for h in range(n_head):
+                q = qkv[m, h * head : (h + 1) * head]
+                keys = k_cache[layer, slot, h]
+                values = v_cache[layer, slot, h]
+                knew = qkv[m, dim + h * head : dim + (h + 1) * head]
+                vnew = qkv[m, 2 * dim + h * head : 2 * dim + (h + 1) * head]
+                for i in range(head):
+                    keys[pos, i] = knew[i]
+                    values[pos, i] = vnew[i]
+                top = np.float32(-np.inf)
+                for s in range(pos + 1):
+                    key = keys[s]
+                    dot = np.float32(0.0)
+                    for i in range(head):
+                        dot += q[i] * key[i]
+                    dot *= scale
+                    scores[s] = dot
+                    if dot > top:
+                        top = dot
+                total = np.float32(0.0)
+                for s in range(pos + 1):
+                    e = np.exp(scores[s] - top)
+                    scores[s] = e
+                    total += e
+                orow = out[m, h * head : (h + 1) * head]
+                for i in range(head):
+                    orow[i] = np.float32(0.0)
+                for s in range(pos + 1):
+                    weight = scores[s] / total
+                    value = values[s]
+                    for i in range(head):
+                        orow[i] += weight * value[i]
+
+    @_jit_fast
+    def _gelu(x: Any) -> None:  # pragma: no cover - compiled
+        """GPT-2's tanh GELU in place."""
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        rows, width = x.shape
+        for m in range(rows):
+            row = x[m]
+            for i in range(width):
+                v = row[i]
+                row[i] = (
+                    np.float32(0.5)
+                    * v
+                    * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+                )
+
+    @_jit
+    def _decode_rows(
+        tokens: Any,
+        lengths: Any,
+        k_cache: Any,
+        v_cache: Any,
+        logits: Any,
+        lo: int,
+        hi: int,
+        wte: Any,
+        wpe: Any,
+        ln1: Any,
+        attn_w: Any,
+        attn_b: Any,
+        proj_w: Any,
+        proj_b: Any,
+        ln2: Any,
+        fc_w: Any,
+        fc_b: Any,
+        mlp_w: Any,
+        mlp_b: Any,
+        lnf: Any,
+        head_w: Any,
+        qscale: Any,
+        n_head: int,
+        eps: float,
+    ) -> None:  # pragma: no cover - compiled
+        rows = hi - lo
+        dim = wte.shape[1]
+        n_layer = attn_w.shape[0]
+        slots = np.arange(lo, hi)
+        positions = lengths[lo:hi]
+        x = np.empty((rows, dim), np.float32)
+        for m in range(rows):
+            token = tokens[lo + m]
+            pos = positions[m]
+            for i in range(dim):
+                x[m, i] = wte[token, i] + wpe[pos, i]
+        h = np.empty((rows, dim), np.float32)
+        qkv = np.empty((rows, 3 * dim), np.float32)
+        att = np.empty((rows, dim), np.float32)
+        delta = np.empty((rows, dim), np.float32)
+        inner = np.empty((rows, fc_w.shape[2]), np.float32)
+        for layer in range(n_layer):
+            _layer_norm(x, ln1[layer], eps, h)
+            _matmul(h, attn_w[layer], attn_b[layer], qkv)
+            _attend(qkv, layer, slots, positions, k_cache, v_cache, n_head, qscale[layer], att)
+            _matmul(att, proj_w[layer], proj_b[layer], delta)
+            x += delta
+            _layer_norm(x, ln2[layer], eps, h)
+            _matmul(h, fc_w[layer], fc_b[layer], inner)
+            _gelu(inner)
+            _matmul(inner, mlp_w[layer], mlp_b[layer], delta)
+            x += delta
+        _layer_norm(x, lnf, eps, h)
+        no_bias = np.zeros(head_w.shape[1], np.float32)
+        _matmul(h, head_w, no_bias, logits[lo:hi])
