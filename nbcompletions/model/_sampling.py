@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _kernels
+
 __all__ = ["BAN", "adjust_logits", "bias_vector", "sample", "top_k"]
 
 #: A logit_bias at or below this bans the token outright (OpenAI: "-100 should result in a ban").
@@ -81,6 +83,12 @@ def sample(
         greedy: np.ndarray = np.argmax(mu, axis=1)
         return greedy
     batch, vocab = mu.shape
+    plain = top_p >= 1.0 and not 0 < top_k < vocab and min_p <= 0.0
+    if plain:  # the common case, compiled where numba is (the same draws, the same tokens)
+        draws = np.asarray(rng.random(batch))
+        compiled = _kernels.sample_plain(mu, temperature, draws)
+        if compiled is not None:
+            return compiled
     z = mu / temperature if temperature != 1.0 else mu.copy()
     z -= z.max(axis=1, keepdims=True)  # the most likely token now has z = 0
     if min_p > 0.0:
@@ -103,7 +111,7 @@ def sample(
         picked: np.ndarray = order[rows, _pick(cum, u)]
         return picked
     cum = np.cumsum(probs, axis=1, out=probs)  # (B, V)
-    u = rng.random(batch) * cum[:, -1]
+    u = (draws if plain else rng.random(batch)) * cum[:, -1]
     return _pick(cum, u)
 
 
