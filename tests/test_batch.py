@@ -229,9 +229,12 @@ async def test_a_cancelled_batch_keeps_what_finished_and_the_rest_is_sent_again(
 async def test_an_expired_batch_gives_error_rows_for_what_never_ran(
     embedded_engine: Any,
 ) -> None:
+    # The window must let the first line start (the runner picks a new batch up within 0.05 s)
+    # and end long before the 60 lines can (about 0.1 s each, one at a time): 0.3 s left a loaded
+    # machine little room for the first.
     app = create_app(
         embedded_engine,
-        batch_limits=BatchLimits(max_lines_in_flight=1, completion_window_s=0.3),
+        batch_limits=BatchLimits(max_lines_in_flight=1, completion_window_s=1.0),
     )
     aclient, _ = recording_client(app, embedded_engine)
     async with aclient:

@@ -17,10 +17,11 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from nbcompletions import Cache
+from nbcompletions import Cache, _cache
 from nbcompletions._errors import CacheError
 
 RESPONSE = {
@@ -175,14 +176,21 @@ def test_backup_after_kill_9(tmp_path: Path) -> None:
         assert copied.get("k49").response["id"] == "cmpl-49"  # type: ignore[union-attr]
 
 
-def test_expired_claims_are_taken_over_and_live_ones_are_not(tmp_path: Path) -> None:
+def test_expired_claims_are_taken_over_and_live_ones_are_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The cache's clock is stepped by hand. On the wall clock (a 0.2 s lease, then a sleep) a
+    # loaded machine could let the lease run out before the second claim, which then took a and b.
+    now = [1_000_000.0]
+    monkeypatch.setattr(_cache, "time", SimpleNamespace(time=lambda: now[0]))
     path = tmp_path / "c.sqlite"
-    crashed = Cache(path, lease=0.2)
+    crashed = Cache(path, lease=10)
     other = Cache(path, lease=60)
     assert crashed.claim(["a", "b"]) == ["a", "b"]
+    now[0] += 9.9
     assert other.claim(["a", "b", "c"]) == ["c"]  # a and b are someone else's, for now
     crashed._conn = None  # a crashed process: its claims stay in the file, unreleased
-    time.sleep(0.3)
+    now[0] += 0.2  # past crashed's lease; within other's
     assert other.claim(["a", "b"]) == ["a", "b"]
     other.put("a", RESPONSE)
     assert Cache(path).claim(["a"]) == []  # answered: nothing to claim

@@ -248,13 +248,15 @@ def test_calibration_validates() -> None:
 def test_metrics_on_a_real_sweep(embedded_client: Any) -> None:
     from nbcompletions import sweep
 
+    # Two seeds, not two unseeded repeats: unseeded, a choice may be empty (end-of-text first) or
+    # have no words, and its distinct_1 is then NaN, not in (0, 1].
     result = sweep(
         embedded_client,
         prompt=["To be", "My lord"],
         temperature=[1.0, 0.5],
         max_tokens=6,
         logprobs=5,
-        repeats=2,
+        seed=[1, 2],
         progress=False,
         probe=False,
     )
