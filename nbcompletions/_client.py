@@ -4,17 +4,16 @@ The async client does the work; the sync `Client` wraps one and runs its corouti
 background loop of `nbcompletions._loop` (so a plain call works inside Jupyter). Requests are
 validated (`CompletionRequest`) before any network I/O. Failures are retried like the official SDK
 does (`nbcompletions._retry`); a per-client semaphore caps concurrent requests, and sweeps share it.
+Which endpoint requests go to, and what an error says about it, is `nbcompletions._endpoint`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import difflib
 import json
 import logging
 import os
-import re
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,8 @@ import httpx
 
 from . import _retry
 from ._completion import Completion
-from ._errors import APIError, NBCompletionsError, RequestError
+from ._endpoint import EMBEDDED_MODEL, Target, _Endpoint, check_embedded, env_key_hint
+from ._errors import APIError, RequestError
 from ._loop import run_sync
 from ._parse import loads
 from ._profiles import ServerProfile, get_profile
@@ -51,36 +51,11 @@ __all__ = ["AsyncClient", "Client"]
 
 log = logging.getLogger("nbcompletions")
 
-OPENAI_BASE_URL = "https://api.openai.com/v1"
-EMBEDDED_BASE_URL = "http://embedded/v1"
-EMBEDDED_MODEL = "nbc-shakespeare"
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
 
 _USER_AGENT = f"nbcompletions/{__version__}"
 _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
-
-
-class _Endpoint:
-    """One base URL. Credentials in it (``http://user:pw@host/v1``) are kept apart, as a Basic
-    auth header: httpx logs each request's URL, and the URL must not carry them."""
-
-    __slots__ = ("auth", "in_flight", "url")
-
-    def __init__(self, url: str) -> None:
-        parsed = httpx.URL(url)
-        self.auth: Secret[str] | None = None
-        if parsed.userinfo:
-            pair = f"{parsed.username}:{parsed.password}".encode()
-            self.auth = Secret("Basic " + base64.b64encode(pair).decode("ascii"))
-            url = str(parsed.copy_with(username=None, password=None)).rstrip("/")
-        self.url = url
-        self.in_flight = 0
-
-    def headers(self, headers: dict[str, str]) -> dict[str, str]:
-        if self.auth is None:
-            return headers
-        return {**headers, "Authorization": self.auth.get()}
 
 
 class _LoopState:
@@ -126,25 +101,6 @@ class _NoLimit:
 _NO_LIMIT = _NoLimit()
 
 
-def _normalise_url(url: Any) -> str:
-    if not isinstance(url, str | httpx.URL) or not str(url).strip():
-        raise RequestError(
-            "base_url",
-            f"base_url must be a non-empty URL string; got {url!r}",
-            allowed="a URL such as http://127.0.0.1:8000/v1",
-            value=url,
-        )
-    text = str(url).strip().rstrip("/")
-    if not re.match(r"^https?://", text):
-        raise RequestError(
-            "base_url",
-            f"base_url must start with http:// or https://; got {text!r}",
-            allowed="a URL such as http://127.0.0.1:8000/v1",
-            value=text,
-        )
-    return text
-
-
 def _make_timeout(timeout: Any) -> httpx.Timeout:
     if isinstance(timeout, httpx.Timeout):
         return timeout
@@ -158,22 +114,6 @@ def _make_timeout(timeout: Any) -> httpx.Timeout:
         allowed="seconds > 0",
         value=timeout,
     )
-
-
-def _embedded_transport() -> httpx.AsyncBaseTransport:
-    hint = "Pass base_url=... (or set OPENAI_BASE_URL / OPENAI_API_KEY) to use another server."
-    try:
-        from .model import FILES_DIR
-        from .server import StreamingASGITransport, create_app
-    except ImportError as exc:
-        raise NBCompletionsError(
-            f"the embedded model is not available: importing its server failed ({exc}). {hint}"
-        ) from exc
-    weights = FILES_DIR / "model.safetensors"
-    if not weights.exists():
-        raise NBCompletionsError(f"the embedded model's weights are missing ({weights}). {hint}")
-    # httpx.ASGITransport would hold a streamed body until the app finishes; this one streams.
-    return StreamingASGITransport(create_app())
 
 
 def _suggest(name: str) -> str:
@@ -214,65 +154,20 @@ def _check_limits(limits: object) -> Limits:
     return limits
 
 
-def _check_embedded(
-    embedded: object,
-    *,
-    base_url: object,
-    api_key: object,
-    transport: object,
-) -> None:
-    if embedded is not None and not isinstance(embedded, bool):
-        raise RequestError(
-            "embedded",
-            f"embedded must be True, False or None; got {embedded!r}",
-            allowed="True, False or None",
-            value=embedded,
-        )
-    if not embedded:
-        return
-    given = [
-        name
-        for name, value in (("base_url", base_url), ("api_key", api_key), ("transport", transport))
-        if value is not None
-    ]
-    if given:
-        names = " and ".join(given)
-        raise RequestError(
-            given[0],
-            f"embedded=True talks to the in-process embedded model, so it cannot be combined with "
-            f"{names}; pass either embedded=True or {names}",
-            allowed=f"embedded=True without {names}",
-            value=given,  # the names only: an api_key must not reach an error
-        )
-
-
-def env_key_hint() -> str:
-    """What to do when an exported ``OPENAI_API_KEY`` made a client target OpenAI."""
-    return (
-        "OPENAI_API_KEY is set in the environment, so a client given no base_url talks to OpenAI "
-        f"({OPENAI_BASE_URL}); for the offline embedded model use Client(embedded=True) "
-        "(or AsyncClient(embedded=True))"
-    )
-
-
 class _Settings:
     """Everything a client was configured with. A `Client` and the `AsyncClient` it wraps hold the
     same object, so a change made through either is seen by both."""
 
     __slots__ = (
-        "embedded",
-        "endpoints",
-        "env_key_chose_openai",
         "headers",
         "key",
         "limits",
         "max_concurrency",
         "max_retries",
         "model",
-        "origin",
         "profile",
+        "target",
         "timeout",
-        "transport",
         "vocab_size",
     )
 
@@ -292,7 +187,7 @@ class _Settings:
         profile: str | ServerProfile | None = None,
         embedded: bool | None = None,
     ) -> None:
-        _check_embedded(embedded, base_url=base_url, api_key=api_key, transport=transport)
+        check_embedded(embedded, base_url=base_url, api_key=api_key, transport=transport)
         self.profile = get_profile(profile)
         if limits is None and self.profile is not None:
             limits = self.profile.limits
@@ -317,37 +212,16 @@ class _Settings:
         self.limits = Limits() if limits is None else _check_limits(limits)
         self.timeout = _make_timeout(timeout)
         # Settings are checked first, so a mistake is reported before the embedded model loads.
-        explicit = embedded is True
-        if embedded is None:
-            embedded = base_url is None and api_key is None and transport is None
-        self.embedded = embedded
-        # Where the endpoint came from, for errors: an exported key silently choosing OpenAI is
-        # the commonest surprise, so it is named.
-        self.env_key_chose_openai = False
-        if embedded:
-            transport = _embedded_transport()
-            base_url = EMBEDDED_BASE_URL
-            if self.model is None:
-                self.model = EMBEDDED_MODEL
-            self.origin = "embedded=True" if explicit else "the embedded default (none set)"
-        elif base_url is not None:
-            self.origin = (
-                "the base_url argument" if base_url_given else "OPENAI_BASE_URL in the environment"
-            )
-        else:
-            base_url = OPENAI_BASE_URL
-            self.origin = "the default (OpenAI)"
-            self.env_key_chose_openai = api_key is not None and not api_key_given
-        urls = [base_url] if isinstance(base_url, str | httpx.URL) else list(base_url)
-        if not urls:
-            raise RequestError(
-                "base_url",
-                "base_url must be a URL or a non-empty list of URLs; got []",
-                allowed="a URL or a non-empty list of URLs",
-                value=base_url,
-            )
-        self.endpoints = [_Endpoint(_normalise_url(u)) for u in urls]
-        self.transport = transport
+        self.target = Target(
+            base_url,
+            api_key,
+            transport,
+            embedded,
+            base_url_given=base_url_given,
+            api_key_given=api_key_given,
+        )
+        if self.target.embedded and self.model is None:
+            self.model = EMBEDDED_MODEL
         request_headers = {"User-Agent": _USER_AGENT, "Accept": "application/json"}
         request_headers.update(headers or {})
         if api_key:
@@ -401,17 +275,17 @@ class _BaseClient:
     @property
     def endpoint(self) -> str:
         """The base URL (the first one when there are replicas)."""
-        return self._settings.endpoints[0].url
+        return self._settings.target.endpoints[0].url
 
     @property
     def endpoints(self) -> list[str]:
         """Every base URL (replicas of one model)."""
-        return [e.url for e in self._settings.endpoints]
+        return [e.url for e in self._settings.target.endpoints]
 
     @property
     def embedded(self) -> bool:
         """True when this client talks to the in-process embedded model."""
-        return self._settings.embedded
+        return self._settings.target.embedded
 
     @property
     def model(self) -> str | None:
@@ -454,7 +328,7 @@ class _BaseClient:
     def vocab_size(self) -> int | None:
         """Vocabulary size for entropy bounds: given, or the embedded model's; None if unknown."""
         settings = self._settings
-        if settings.vocab_size is None and settings.embedded:
+        if settings.vocab_size is None and settings.target.embedded:
             from .model import load_engine
 
             settings.vocab_size = int(load_engine().vocab_size)
@@ -525,7 +399,6 @@ class AsyncClient(_BaseClient):
     """
 
     def _start(self) -> None:
-        self._next = 0
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -646,15 +519,16 @@ class AsyncClient(_BaseClient):
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
-            connections = (self.max_concurrency or 64) * len(self._settings.endpoints)
+            target = self._settings.target
+            connections = (self.max_concurrency or 64) * len(target.endpoints)
             # A given transport (in-process, mock) has no pool to split.
-            pools = 1 if self._settings.transport is not None else -(-connections // _POOL_SIZE)
+            pools = 1 if target.transport is not None else -(-connections // _POOL_SIZE)
             limits = httpx.Limits(
                 max_connections=1000, max_keepalive_connections=max(20, -(-connections // pools))
             )
             https = [
                 httpx.AsyncClient(
-                    transport=self._settings.transport,
+                    transport=target.transport,
                     timeout=self._settings.timeout,
                     follow_redirects=False,
                     limits=limits,
@@ -664,16 +538,6 @@ class AsyncClient(_BaseClient):
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
             state = self._states[loop] = _LoopState(https, semaphore)
         return state
-
-    def _pick(self, avoid: _Endpoint | None = None) -> _Endpoint:
-        endpoints = self._settings.endpoints
-        if len(endpoints) == 1:
-            return endpoints[0]
-        start = self._next
-        self._next = (start + 1) % len(endpoints)
-        ordered = endpoints[start:] + endpoints[:start]
-        candidates = [e for e in ordered if e is not avoid] or ordered
-        return min(candidates, key=lambda e: e.in_flight)  # first minimum: round robin on ties
 
     def _secret_values(self) -> list[str]:
         """What redaction must hide (see `nbcompletions._secrets.secrets_of`)."""
@@ -692,7 +556,7 @@ class AsyncClient(_BaseClient):
         if self._discovered_model is None:
             available = await self.models()
             if len(available) != 1:
-                hint = f"; {env_key_hint()}" if self._settings.env_key_chose_openai else ""
+                hint = f"; {env_key_hint()}" if self._settings.target.env_key_chose_openai else ""
                 raise RequestError(
                     "model",
                     "model must be given (Client(model=...) or complete(..., model=...)); "
@@ -702,54 +566,6 @@ class AsyncClient(_BaseClient):
                 )
             self._discovered_model = available[0]
         return request.replace(model=self._discovered_model)
-
-    def _transport_error(
-        self,
-        exc: Exception,
-        endpoint: _Endpoint,
-        method: str,
-        path: str,
-        *,
-        broken: bool = False,
-    ) -> APIError:
-        url = f"{method} {redact_url(endpoint.url + path)}"
-        if broken:
-            message = (
-                f"the stream from {url} broke after data arrived (not retried): "
-                f"{type(exc).__name__}: {exc}"
-            )
-            return APIError(message, type="stream_broken", url=url)
-        origin = f"base URL from {self._settings.origin}"
-        hint = self._hint(endpoint, 0)
-        if isinstance(exc, httpx.TimeoutException):
-            return APIError(
-                f"request to {url} timed out ({type(exc).__name__}; {origin})",
-                type="timeout",
-                url=url,
-                hint=hint,
-            )
-        return APIError(
-            f"could not reach {url} ({origin}): {type(exc).__name__}: {exc}",
-            type="connection_error",
-            url=url,
-            hint=hint,
-        )
-
-    def _hint(self, endpoint: _Endpoint, status: int, error: APIError | None = None) -> str | None:
-        """What to try after a connection error (status 0) or an HTTP error."""
-        hints = []
-        if status == 404:
-            model_missing = error is not None and error.code == "model_not_found"
-            if not model_missing and not httpx.URL(endpoint.url).path.endswith("/v1"):
-                hints.append(
-                    f"the base URL {redact_url(endpoint.url)} does not end in /v1 (from "
-                    f"{self._settings.origin}): did you mean {redact_url(endpoint.url)}/v1?"
-                )
-            else:
-                hints.append(f"base URL from {self._settings.origin}")
-        if status in (0, 404) and self._settings.env_key_chose_openai:
-            hints.append(env_key_hint())
-        return "; ".join(hints) or None
 
     async def _retry_or_raise(
         self, error: APIError, retries: int, headers: Mapping[str, str] | None, retryable: bool
@@ -818,6 +634,7 @@ class AsyncClient(_BaseClient):
         `_retry` decides; a stream only until its first chunk has arrived.
         """
         state = self._state()
+        target = self._settings.target
         limit = state.semaphore or _NO_LIMIT
         content = _encode_body(body) if body is not None else None
         headers = self._settings.headers.get()
@@ -831,7 +648,7 @@ class AsyncClient(_BaseClient):
         retries = 0
         last: _Endpoint | None = None
         while True:
-            endpoint = last = self._pick(avoid=last)
+            endpoint = last = target.pick(avoid=last)
             received = False
             error_headers: Mapping[str, str] | None = None
             retryable = True
@@ -856,7 +673,7 @@ class AsyncClient(_BaseClient):
                                 response.reason_phrase,
                             )
                             error.url = f"{method} {redact_url(endpoint.url + path)}"
-                            error.hint = self._hint(endpoint, response.status_code, error)
+                            error.hint = target.hint(endpoint, response.status_code, error)
                             error_headers = response.headers
                             retryable = _retry.should_retry(
                                 response.status_code, response.headers, error
@@ -888,10 +705,10 @@ class AsyncClient(_BaseClient):
                     raise self._scrub(exc) from exc.__cause__
                 except httpx.TransportError as exc:
                     if received:
-                        raise self._transport_error(
+                        raise target.transport_error(
                             exc, endpoint, method, path, broken=True
                         ) from exc
-                    error = self._transport_error(exc, endpoint, method, path)
+                    error = target.transport_error(exc, endpoint, method, path)
                     error.__cause__ = exc
                     retryable = True
                 finally:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from nbcompletions import APIError, AsyncClient, Client, Completion, RequestError
+from nbcompletions._endpoint import Target
 
 MODEL = "nbc-shakespeare"
 
@@ -167,21 +168,21 @@ async def test_async_client_embedded_and_live(live_server: str) -> None:
     assert needs[0] == needs[1]  # the same model in-process and over HTTP
 
 
-def test_replicas_over_real_http(live_server: str) -> None:
+def test_replicas_over_real_http(live_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Two base URLs naming the same server (as two replicas would); both are used and agree.
     replica = live_server.replace("127.0.0.1", "localhost")
+    pick = Target.pick
+    used: list[str] = []
+
+    def recording_pick(*args: Any, **kwargs: Any) -> Any:
+        endpoint = pick(*args, **kwargs)
+        used.append(endpoint.url)
+        return endpoint
+
+    # Wrap the real picker to record which endpoint each request went to.
+    monkeypatch.setattr(Target, "pick", recording_pick)
     with Client([live_server, replica]) as client:
         assert client.endpoints == [live_server, replica]
-        pick = client.async_client._pick
-        used: list[str] = []
-
-        def recording_pick(*args: Any, **kwargs: Any) -> Any:
-            endpoint = pick(*args, **kwargs)
-            used.append(endpoint.url)
-            return endpoint
-
-        # Wrap the real picker to record which endpoint each request went to.
-        client.async_client._pick = recording_pick  # type: ignore[method-assign]
         texts = {client.complete("ROMEO:", max_tokens=4, seed=3).text for _ in range(4)}
     assert len(texts) == 1
     # Five picks: GET /models (the model is discovered, as none was given), then four completions.

@@ -32,6 +32,7 @@ LAYERS: dict[str, int] = {
     "_completion": 2,
     "_frames": 2,
     "_visible": 2,
+    "_endpoint": 2,
     "_client": 2,
     "_scoring": 2,
     "_conformance": 2,
