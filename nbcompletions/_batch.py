@@ -45,10 +45,12 @@ from ._batch_file import (
 from ._cache import Cache
 from ._errors import APIError, RequestError
 from ._grid import Grid, GridPoint, estimate_tokens
+from ._types import AsyncCompletionsClient
 
 if TYPE_CHECKING:  # pragma: no cover
     import os
 
+    from ._client import AsyncClient
     from ._sweep_prepare import _Prepared
     from ._sweep_result import SweepResult
 
@@ -383,7 +385,8 @@ class _Ledger:
         self.cache.set_meta(self._entry_key(batch_id), None)
 
 
-def _batch_client(aclient: Any) -> Any:
+def _batch_client(aclient: AsyncCompletionsClient) -> AsyncClient:
+    """``aclient``, checked to be ours: batches upload files and create batches through it."""
     from ._client import AsyncClient
 
     if not isinstance(aclient, AsyncClient):
@@ -395,7 +398,7 @@ def _batch_client(aclient: Any) -> Any:
 
 
 async def _create(
-    aclient: Any, group: list[tuple[str, bytes]], options: BatchOptions, number: int
+    aclient: AsyncClient, group: list[tuple[str, bytes]], options: BatchOptions, number: int
 ) -> tuple[str, str]:
     """Upload one input file and create its batch: (batch id, input file id)."""
     data = b"".join(line for _, line in group)
@@ -442,7 +445,12 @@ def _ended_error(batch_id: str, card: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def run_batches(
-    aclient: Any, prepared: _Prepared, options: BatchOptions, *, bar: Any, probe: bool
+    aclient: AsyncCompletionsClient,
+    prepared: _Prepared,
+    options: BatchOptions,
+    *,
+    bar: Any,
+    probe: bool,
 ) -> SweepResult:
     """Run ``prepared``'s pending requests as batches (reattaching to open ones) and build the
     result; the Batch twin of `nbcompletions._sweep._execute`."""
@@ -526,7 +534,7 @@ async def run_batches(
 
 
 async def _collect(
-    aclient: Any,
+    aclient: AsyncClient,
     batch: _Tracked,
     card: Mapping[str, Any],
     prepared: _Prepared,
@@ -566,7 +574,7 @@ async def _collect(
 
 # -- a Batch file, as it is ----------------------------------------------------------------------
 async def arun_batch_file(
-    aclient: Any,
+    aclient: AsyncClient,
     data: bytes,
     filename: str,
     *,

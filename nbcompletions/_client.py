@@ -236,6 +236,11 @@ class _BaseClient:
 
     _settings: _Settings
 
+    if TYPE_CHECKING:  # each twin defines it (an AsyncClient answers with itself)
+
+        @property
+        def async_client(self) -> AsyncClient: ...
+
     def __init__(
         self,
         base_url: str | Sequence[str] | None = None,

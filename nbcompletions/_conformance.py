@@ -68,6 +68,7 @@ from ._errors import APIError
 from ._profiles import ServerProfile
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
+from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 
 # The report types and the consequences live beside this module; they are re-exported here, where
 # the client, scoring and sweeps have always found them.
@@ -88,16 +89,16 @@ __all__ = [
 _PROBE_LIMITS = Limits(max_logprobs=None)
 _PROBE_TIMEOUT = 30.0
 
-_reports: weakref.WeakKeyDictionary[Any, dict[tuple[str, str | None], ConformanceReport]] = (
-    weakref.WeakKeyDictionary()
-)
+_reports: weakref.WeakKeyDictionary[
+    AsyncCompletionsClient, dict[tuple[str, str | None], ConformanceReport]
+] = weakref.WeakKeyDictionary()
 
 
 # -- sending the probes ----------------------------------------------------------------------------
 
 
 class _Prober:
-    def __init__(self, aclient: Any) -> None:
+    def __init__(self, aclient: AsyncCompletionsClient) -> None:
         self.aclient = aclient
         self.requests = 0
 
@@ -180,9 +181,9 @@ class _Prober:
         return cards[0] if len(cards) == 1 else None
 
 
-async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceReport:
-    """Measure what ``aclient``'s endpoint and model do (19 small requests); cached."""
-    aclient = getattr(aclient, "async_client", aclient)
+async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> ConformanceReport:
+    """Measure what ``client``'s endpoint and model do (19 small requests); cached."""
+    aclient = as_async(client)
     if not refresh:
         known = cached_report(aclient)
         if known is not None:
@@ -302,15 +303,15 @@ async def aconformance(aclient: Any, *, refresh: bool = False) -> ConformanceRep
 # -- the cache -------------------------------------------------------------------------------------
 
 
-def _key(aclient: Any) -> tuple[str, str | None]:
+def _key(aclient: AsyncCompletionsClient) -> tuple[str, str | None]:
     endpoint = getattr(aclient, "endpoint", None)
     model = getattr(aclient, "model", None) or getattr(aclient, "_discovered_model", None)
     return (str(endpoint), model)
 
 
-def cached_report(client: Any) -> ConformanceReport | None:
+def cached_report(client: HasAsyncClient) -> ConformanceReport | None:
     """The report already measured for this client's endpoint and model, or None (no I/O)."""
-    aclient = getattr(client, "async_client", client)
+    aclient = as_async(client)
     try:
         found = _reports.get(aclient)
     except TypeError:  # not weak-referenceable
@@ -318,14 +319,14 @@ def cached_report(client: Any) -> ConformanceReport | None:
     return found.get(_key(aclient)) if found is not None else None
 
 
-def remember(client: Any, report: ConformanceReport) -> None:
+def remember(client: HasAsyncClient, report: ConformanceReport) -> None:
     """Keep ``report`` for this client (a sweep's stored report, say)."""
-    aclient = getattr(client, "async_client", client)
+    aclient = as_async(client)
     with contextlib.suppress(TypeError):  # not weak-referenceable: measured again next time
         _reports.setdefault(aclient, {})[_key(aclient)] = report
 
 
-def known_vocab_size(client: Any) -> int | None:
+def known_vocab_size(client: HasAsyncClient) -> int | None:
     """The vocabulary size the check found, else the client's profile's; None (no I/O)."""
     report = cached_report(client)
     if report is not None and report.vocab_size is not None:

@@ -16,6 +16,7 @@ from typing import Any
 from ._conformance_report import Check, _int_or_none
 from ._errors import APIError
 from ._parse import choice_index, parse_logprobs, sorted_choices, top_items
+from ._types import AsyncCompletionsClient
 
 __all__ = ["token_bytes"]
 
@@ -555,7 +556,7 @@ def _suffix_check(outcome: _Outcome) -> Check:
 
 
 def _model_info(
-    card: Mapping[str, Any] | None, aclient: Any, byte_echo: _Outcome
+    card: Mapping[str, Any] | None, aclient: AsyncCompletionsClient, byte_echo: _Outcome
 ) -> tuple[Check, int | None, int | None]:
     context: int | None = None
     vocab: int | None = None

@@ -216,7 +216,7 @@ class _Claims:
 
 
 async def _execute(
-    aclient: Any,
+    aclient: AsyncCompletionsClient,
     prepared: _Prepared,
     *,
     max_concurrency: int | None,

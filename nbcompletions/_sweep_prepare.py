@@ -196,7 +196,7 @@ def _prepare(
     )
 
 
-async def _probe(aclient: Any, prepared: _Prepared) -> dict[str, Any] | None:
+async def _probe(aclient: AsyncCompletionsClient, prepared: _Prepared) -> dict[str, Any] | None:
     from ._scoring import acapabilities, cached_capabilities
 
     meta_key = f"capabilities:{prepared.grid.endpoint}:{prepared.grid.model}"
@@ -228,7 +228,7 @@ def _refuse_ignored(capabilities: Mapping[str, Any] | None, grid: Grid) -> None:
 
 
 def _result(
-    aclient: Any,
+    aclient: AsyncCompletionsClient | None,
     prepared: _Prepared,
     spent: dict[str, int],
     n_failed: int,

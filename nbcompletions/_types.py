@@ -1,11 +1,13 @@
 """Typed seams: what scoring, sweeps and widgets need from a client.
 
 They depend on these Protocols, not on `_client`, so the layers import one way and a test (or
-another client) can stand in for `AsyncClient` by having the same members.
+another client) can stand in for `AsyncClient` by having the same members. The conformance check
+(`nbcompletions._conformance`) takes them too: `_client` imports it, so it cannot import `_client`.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from ._request import CompletionRequest, Limits
@@ -14,6 +16,8 @@ __all__ = [
     "AsyncCompletionsClient",
     "CompletionResult",
     "HasAsyncClient",
+    "PieceStream",
+    "StreamedPiece",
     "as_async",
 ]
 
@@ -23,6 +27,24 @@ class CompletionResult(Protocol):
 
     @property
     def raw(self) -> dict[str, Any]: ...
+
+
+class StreamedPiece(Protocol):
+    """One choice's piece of a streamed completion (`StreamChunk` is one)."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def finish_reason(self) -> str | None: ...
+
+
+class PieceStream(Protocol):
+    """A streamed completion (`AsyncStream` is one): its pieces, and hanging up early."""
+
+    def __aiter__(self) -> AsyncIterator[StreamedPiece]: ...
+
+    async def aclose(self) -> None: ...
 
 
 class AsyncCompletionsClient(Protocol):
@@ -48,7 +70,13 @@ class AsyncCompletionsClient(Protocol):
 
     async def complete_request(self, request: CompletionRequest) -> CompletionResult: ...
 
+    def stream_request(self, request: CompletionRequest) -> PieceStream: ...
+
     async def models(self) -> list[str]: ...
+
+    # One request's JSON answer through the retry loop: the conformance check reads the whole
+    # ``GET /models`` card (context length, vocabulary size), which `models` reduces to ids.
+    async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any: ...
 
 
 class HasAsyncClient(Protocol):
