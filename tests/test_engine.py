@@ -17,8 +17,9 @@ from model_fixture import build_tiny_model
 
 from nbcompletions import CompletionRequest, RequestError
 from nbcompletions.model import load_engine
-from nbcompletions.model._engine import DecodeBatch, Engine, _Row
+from nbcompletions.model._engine import DecodeBatch, Engine
 from nbcompletions.model._gpt2 import forward_full
+from nbcompletions.model._rows import _Row
 from nbcompletions.model._sampling import adjust_logits, sample
 
 PROMPT = "To be, or not to be"
