@@ -11,12 +11,13 @@ counts, downloads the output and error files, joins them on ``custom_id`` and re
 `SweepResult` a live sweep returns. ``custom_id`` is the request's cache key: stable across runs
 and unique (grid points that are the same request are sent once, as in a live sweep).
 
-Reattaching: each batch's id and custom ids are written to the cache (`Cache.set_meta`) as soon as
-the batch exists, so a call that is interrupted while the batch runs (a kernel restart, a closed
-laptop) leaves it running, and the same call later polls that batch instead of paying for a second
-one. A batch that ends ``cancelled``, ``expired`` or ``failed`` keeps what finished (stored in the
-cache as it is downloaded); the requests that never ran become error rows, and the next call sends
-just those. Without a cache nothing can be reattached.
+Reattaching: each batch is written to the cache before it is created (an idempotency marker,
+sent as its metadata, and its custom ids) and its id as soon as the answer arrives, so a call that
+is interrupted (a kernel restart, a closed laptop, a crash even while the batch is being created)
+leaves it running, and the same call later polls that batch instead of paying for a second one;
+see `nbcompletions._batch_ledger`. A batch that ends ``cancelled``, ``expired`` or ``failed`` keeps
+what finished (stored in the cache as it is downloaded); the requests that never ran become error
+rows, and the next call sends just those. Without a cache nothing can be reattached.
 
 OpenAI limits one input file to 50,000 requests and 200 MB; a bigger grid becomes several batches
 (`BatchOptions` sets the limits). Offline: `Grid.to_batch_file` writes the file for another engine,
@@ -42,6 +43,7 @@ from ._batch_file import (
     check_batch_limits,
     split_batches,
 )
+from ._batch_ledger import MARKER_KEY, Entry, Ledger, new_marker, run_to_end, settle
 from ._cache import Cache
 from ._errors import APIError, RequestError
 from ._grid import Grid, GridPoint, estimate_tokens
@@ -68,6 +70,7 @@ __all__ = [
 ]
 
 _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+_MAX_METADATA_PAIRS = 16  # OpenAI's limit
 _FIRST_POLL_S = 0.25
 _MAX_POLL_S = 15.0
 
@@ -81,7 +84,8 @@ class BatchOptions:
         max_bytes: largest input file in bytes (OpenAI: 200 MB).
         poll_interval: seconds between status checks; None: from 0.25 s, growing to 15 s.
         completion_window: the batch's window (OpenAI accepts only ``"24h"``).
-        metadata: string pairs attached to each batch (OpenAI: up to 16).
+        metadata: string pairs attached to each batch (OpenAI: up to 16 pairs, keys up to 64
+            characters, values up to 512; one pair, ``nbcompletions_batch``, is the sweep's own).
     """
 
     max_requests: int = OPENAI_MAX_BATCH_REQUESTS
@@ -123,6 +127,20 @@ class BatchOptions:
                 allowed="a dict of str -> str",
                 value=metadata,
             )
+        if metadata is not None:
+            allowed = (
+                f"at most {_MAX_METADATA_PAIRS - 1} pairs (one of OpenAI's 16 is the sweep's "
+                f"{MARKER_KEY!r}), keys up to 64 characters, values up to 512"
+            )
+            bad = [k for k, v in metadata.items() if len(k) > 64 or len(v) > 512 or k == MARKER_KEY]
+            if len(metadata) > _MAX_METADATA_PAIRS - 1 or bad:
+                what = f"{len(metadata)} pairs" if not bad else f"the pair {bad[0][:80]!r}"
+                raise RequestError(
+                    "metadata",
+                    f"metadata must hold {allowed}; got {what}",
+                    allowed=allowed,
+                    value=metadata,
+                )
 
 
 # -- the input file -------------------------------------------------------------------------------
@@ -337,52 +355,9 @@ class _Tracked:
 
     id: str
     keys: list[str]
+    entry: Entry
     status: str = "validating"
     done: int = 0  # completed + failed
-
-
-class _Ledger:
-    """The batches of one endpoint that are still open, as written in the cache.
-
-    ``batches:<endpoint>`` lists their ids; ``batch:<endpoint>:<id>`` holds each one's custom ids.
-    """
-
-    def __init__(self, cache: Cache | None, endpoint: str) -> None:
-        self.cache = cache
-        self.endpoint = endpoint
-
-    @property
-    def _index_key(self) -> str:
-        return f"batches:{self.endpoint}"
-
-    def _entry_key(self, batch_id: str) -> str:
-        return f"batch:{self.endpoint}:{batch_id}"
-
-    def open_batches(self) -> list[_Tracked]:
-        if self.cache is None:
-            return []
-        found = []
-        for batch_id in self.cache.get_meta(self._index_key) or []:
-            entry = self.cache.get_meta(self._entry_key(batch_id))
-            if isinstance(entry, Mapping) and isinstance(entry.get("keys"), list):
-                found.append(_Tracked(str(batch_id), [str(k) for k in entry["keys"]]))
-        return found
-
-    def add(self, tracked: _Tracked, input_file_id: str) -> None:
-        if self.cache is None:
-            return
-        self.cache.set_meta(
-            self._entry_key(tracked.id), {"keys": tracked.keys, "input_file_id": input_file_id}
-        )
-        ids = list(self.cache.get_meta(self._index_key) or [])
-        self.cache.set_meta(self._index_key, [*ids, tracked.id])
-
-    def remove(self, batch_id: str) -> None:
-        if self.cache is None:
-            return
-        ids = [i for i in self.cache.get_meta(self._index_key) or [] if i != batch_id]
-        self.cache.set_meta(self._index_key, ids)
-        self.cache.set_meta(self._entry_key(batch_id), None)
 
 
 def _batch_client(aclient: AsyncCompletionsClient) -> AsyncClient:
@@ -398,9 +373,14 @@ def _batch_client(aclient: AsyncCompletionsClient) -> AsyncClient:
 
 
 async def _create(
-    aclient: AsyncClient, group: list[tuple[str, bytes]], options: BatchOptions, number: int
-) -> tuple[str, str]:
-    """Upload one input file and create its batch: (batch id, input file id)."""
+    aclient: AsyncClient,
+    ledger: Ledger,
+    group: list[tuple[str, bytes]],
+    options: BatchOptions,
+    number: int,
+) -> Entry:
+    """Upload one input file and create its batch, written to ``ledger`` before and after the
+    create (see `nbcompletions._batch_ledger`): its entry, checked, with the batch id."""
     data = b"".join(line for _, line in group)
     content, content_type = _multipart(data, f"nbcompletions-sweep-{number:03d}.jsonl")
     uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
@@ -411,22 +391,37 @@ async def _create(
             type="invalid_response",
             body=uploaded,
         )
+    uploaded_at = uploaded.get("created_at")
+    entry = Entry(
+        marker=new_marker(),
+        keys=[key for key, _ in group],
+        input_file_id=file_id,
+        file_created_at=uploaded_at if isinstance(uploaded_at, int) else None,
+    )
+    ledger.write(entry)  # before the batch exists: a run stopped from here on finds it again
     body: dict[str, Any] = {
         "input_file_id": file_id,
         "endpoint": BATCH_URL,
         "completion_window": options.completion_window,
+        "metadata": {**(options.metadata or {}), MARKER_KEY: entry.marker},
     }
-    if options.metadata:
-        body["metadata"] = dict(options.metadata)
-    created = await aclient._request_json("POST", "/batches", body)
-    batch_id = created.get("id") if isinstance(created, Mapping) else None
-    if not isinstance(batch_id, str):
-        raise APIError(
-            f"POST /batches answered without a batch id: {str(created)[:200]}",
-            type="invalid_response",
-            body=created,
-        )
-    return batch_id, file_id
+
+    async def create_and_record() -> None:
+        created = await aclient._request_json("POST", "/batches", body)
+        batch_id = created.get("id") if isinstance(created, Mapping) else None
+        if not isinstance(batch_id, str):
+            raise APIError(
+                f"POST /batches answered without a batch id: {str(created)[:200]}",
+                type="invalid_response",
+                body=created,
+            )
+        entry.batch_id = batch_id
+        ledger.write(entry)
+
+    await run_to_end(create_and_record())
+    # A lost answer that the client retried made a second batch: find and cancel it now.
+    [settled] = await settle(aclient, ledger, [entry])
+    return settled
 
 
 def _ended_error(batch_id: str, card: Mapping[str, Any]) -> dict[str, Any]:
@@ -461,7 +456,7 @@ async def run_batches(
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
     n_failed = 0
     capabilities: dict[str, Any] | None = None
-    ledger = _Ledger(store, grid.endpoint)
+    ledger = Ledger(store, grid.endpoint)
     assert prepared.pending is not None  # batches keep results in memory (no results=)
     index_of = {grid.points[i].key: i for i in prepared.pending}
     try:
@@ -472,11 +467,13 @@ async def run_batches(
             _refuse_ignored(capabilities, grid)
         remaining = dict(index_of)
         tracked: list[_Tracked] = []
-        for batch in ledger.open_batches():
-            if any(key in remaining for key in batch.keys):
-                tracked.append(batch)  # interrupted before: wait for it, do not pay again
-                for key in batch.keys:
-                    remaining.pop(key, None)
+        # Interrupted before, perhaps while creating: find those batches, do not pay again.
+        ours = [e for e in ledger.entries() if any(key in remaining for key in e.keys)]
+        for entry in await settle(aclient, ledger, ours):
+            assert entry.batch_id is not None  # settled: found on the server or known
+            tracked.append(_Tracked(entry.batch_id, entry.keys, entry))
+            for key in entry.keys:
+                remaining.pop(key, None)
         model = grid.model
         if remaining and model is None:
             first = grid.points[next(iter(remaining.values()))].request
@@ -484,10 +481,9 @@ async def run_batches(
         lines = batch_lines((grid.points[i] for i in remaining.values()), model)
         groups = split_batches(lines, options.max_requests, options.max_bytes)
         for number, group in enumerate(groups, start=1):
-            batch_id, file_id = await _create(aclient, group, options, number)
-            batch = _Tracked(batch_id, [key for key, _ in group])
-            ledger.add(batch, file_id)  # at once: from here an interrupt can reattach
-            tracked.append(batch)
+            entry = await _create(aclient, ledger, group, options, number)
+            assert entry.batch_id is not None  # created
+            tracked.append(_Tracked(entry.batch_id, entry.keys, entry))
 
         initial = bar.n if bar is not None else 0
         interval = options.poll_interval or _FIRST_POLL_S
@@ -509,7 +505,7 @@ async def run_batches(
                 )
                 if batch.status in _TERMINAL:
                     n_failed += await _collect(aclient, batch, card, prepared, index_of, spent)
-                    ledger.remove(batch.id)
+                    ledger.remove(batch.entry)
                     active.remove(batch)
             if bar is not None:
                 progress = min(initial + sum(min(b.done, len(b.keys)) for b in tracked), bar.total)
@@ -586,8 +582,26 @@ async def arun_batch_file(
     aclient = _batch_client(aclient)
     content, content_type = _multipart(data, filename)
     uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
-    body = {"input_file_id": uploaded["id"], "endpoint": BATCH_URL, "completion_window": "24h"}
+    marker = new_marker()
+    body = {
+        "input_file_id": uploaded["id"],
+        "endpoint": BATCH_URL,
+        "completion_window": "24h",
+        "metadata": {MARKER_KEY: marker},
+    }
     card: dict[str, Any] = await aclient._request_json("POST", "/batches", body)
+    # A lost answer that the client retried made a second batch: cancel it, keep the first.
+    uploaded_at = uploaded.get("created_at")
+    entry = Entry(
+        marker,
+        [],
+        uploaded["id"],
+        uploaded_at if isinstance(uploaded_at, int) else None,
+        batch_id=card["id"],
+    )
+    [entry] = await settle(aclient, Ledger(None, ""), [entry])
+    if entry.batch_id != card["id"]:
+        card = await aclient._request_json("GET", f"/batches/{entry.batch_id}", None)
     interval = poll_interval or _FIRST_POLL_S
     bar = None
     if progress:

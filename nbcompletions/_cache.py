@@ -549,11 +549,40 @@ class Cache:
             ) from None
 
     def set_meta(self, key: str, value: Any) -> None:
+        """Store a JSON value under ``key``, committed at once (one statement: all or nothing);
+        None removes the note."""
+        if value is None:
+            with self._lock, self._sqlite(key):
+                self._connection.execute("DELETE FROM meta WHERE key = ?", (key,))
+            return
         text = _canonical(value)
         with self._lock, self._sqlite(key):
             self._connection.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, text)
             )
+
+    def meta_items(self, prefix: str) -> dict[str, Any]:
+        """Every note whose key starts with ``prefix`` (key -> value, in key order), so that
+        records needing no shared index (one row each) can be found again."""
+        with self._lock, self._sqlite(prefix):
+            rows = self._connection.execute(
+                "SELECT key, value FROM meta WHERE substr(key, 1, ?) = ? ORDER BY key",
+                (len(prefix), prefix),
+            ).fetchall()
+        found: dict[str, Any] = {}
+        for key, text in rows:
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise CacheError(
+                    f"the cache {str(self.path)!r} holds a bad note {key!r} ({exc}); "
+                    f"{_DAMAGED_FIX}",
+                    path=self.path,
+                    key=key,
+                ) from None
+            if value is not None:  # a note an earlier version removed by storing null
+                found[key] = value
+        return found
 
     def backup(self, path: str | os.PathLike[str]) -> Path:
         """Copy the cache to ``path`` (a file, or a directory to hold ``cache.sqlite``), safely

@@ -156,7 +156,9 @@ async def test_an_interrupted_batch_sweep_reattaches_instead_of_paying_again(
             await task
         with Cache(cache_path) as cache:
             assert len(cache) == 0  # nothing downloaded yet
-            assert len(cache.get_meta("batches:http://embedded/v1")) == 1
+            [entry] = cache.meta_items("batch:http://embedded/v1:").values()
+            assert entry["batch_id"] is not None
+            assert entry["checked"]
         resumed = await asweep(
             aclient, **GRID, batch=True, cache=cache_path, progress=False, probe=False
         )
@@ -166,7 +168,7 @@ async def test_an_interrupted_batch_sweep_reattaches_instead_of_paying_again(
         assert_same_frames(live_result, resumed)
         with Cache(cache_path) as cache:
             assert len(cache) == 6
-            assert cache.get_meta("batches:http://embedded/v1") == []
+            assert cache.meta_items("batch:") == {}
         later = await asweep(
             aclient, **GRID, batch=True, cache=cache_path, progress=False, probe=False
         )
@@ -538,3 +540,251 @@ def test_load_batch_output_reads_openai_and_vllm_error_lines(
     assert rows["error_status"].tolist()[1:3] == [400, 400]
     assert rows["error_message"].iloc[2] == "Request must not be sent in stream mode"
     assert result.choices["text"].iloc[0] == answer["choices"][0]["text"]
+
+
+# -- never paid twice: faults at the worst moment ------------------------------------------------
+class Crash(BaseException):
+    """The process dying: nothing of the sweep's code runs after it (no except clause takes it)."""
+
+
+class Faulty(Recording):
+    """The real app, with one fault right after ``POST /v1/batches`` was served (the batch exists
+    and costs money; the client has not seen its id yet)."""
+
+    def __init__(self, app: Any, fault: str, *, listing: bool = True) -> None:
+        super().__init__(app)
+        self.fault = fault
+        self.listing = listing
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and request.url.path == "/v1/batches" and not self.listing:
+            self.calls.append((request.method, request.url.path))
+            return httpx.Response(404, json={"error": {"message": "Not Found", "type": "x"}})
+        if self.fault == "unsent" and request.url.path == "/v1/batches":
+            raise Crash  # the process dies before the create reaches the server
+        response = await super().handle_async_request(request)
+        if request.method == "POST" and request.url.path == "/v1/batches" and self.fault:
+            fault, self.fault = self.fault, ""
+            await response.aread()
+            if fault == "crash":
+                raise Crash
+            if fault == "lost":  # the answer never arrives: the client retries the POST
+                raise httpx.ReadError("connection lost", request=request)
+            self.arrived.set()  # "cancel": the answer is on its way when the task is cancelled
+            await self.release.wait()
+        return response
+
+
+def _batches_on(app: Any) -> list[Any]:
+    return list(app.state.nbcompletions_batches._batches.values())
+
+
+@pytest.mark.parametrize("fault", ["crash", "cancel"])
+async def test_a_batch_is_never_paid_twice_when_the_sweep_dies_as_it_is_created(
+    embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult, fault: str
+) -> None:
+    app = create_app(embedded_engine)
+    transport = Faulty(app, fault)
+    aclient = AsyncClient(
+        "http://embedded/v1",
+        model=MODEL,
+        transport=transport,
+        vocab_size=int(embedded_engine.vocab_size),
+    )
+    cache_path = tmp_path / "study.sqlite"
+    options = BatchOptions(poll_interval=0.01)
+    async with aclient:
+        task = asyncio.create_task(
+            asweep(aclient, **GRID, batch=options, cache=cache_path, progress=False, probe=False)
+        )
+        if fault == "crash":
+            with pytest.raises(Crash):
+                await task
+        else:
+            await transport.arrived.wait()
+            task.cancel()
+            await asyncio.sleep(0.05)  # the cancel is delivered while the answer is on its way
+            transport.release.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            with Cache(cache_path) as cache:  # the answer was waited for: its id is kept
+                [entry] = cache.meta_items("batch:http://embedded/v1:").values()
+                assert entry["batch_id"] == _batches_on(app)[0].id
+        assert len(_batches_on(app)) == 1
+        resumed = await asweep(
+            aclient, **GRID, batch=options, cache=cache_path, progress=False, probe=False
+        )
+    assert transport.count("POST", "/v1/batches") == 1  # reattached, not created again
+    assert [b.status for b in _batches_on(app)] == ["completed"]
+    assert resumed.n_failed == 0
+    assert len(resumed) == 6
+    assert_same_frames(live_result, resumed)
+    with Cache(cache_path) as cache:
+        assert len(cache) == 6
+        assert cache.meta_items("batch:") == {}  # nothing left open
+
+
+async def test_a_retried_create_cancels_the_duplicate_and_keeps_the_first(
+    embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
+) -> None:
+    app = create_app(embedded_engine)
+    transport = Faulty(app, "lost")
+    aclient = AsyncClient(
+        "http://embedded/v1",
+        model=MODEL,
+        transport=transport,
+        vocab_size=int(embedded_engine.vocab_size),
+    )
+    async with aclient:
+        result = await asweep(
+            aclient,
+            **GRID,
+            batch=BatchOptions(poll_interval=0.01),
+            cache=tmp_path / "study.sqlite",
+            progress=False,
+            probe=False,
+        )
+    first, second = _batches_on(app)  # the client retried the POST whose answer was lost
+    assert first.metadata == second.metadata
+    # The duplicate is cancelled as soon as it is seen; the first one's answers are used.
+    assert transport.count("POST", f"/v1/batches/{second.id}/cancel") == 1
+    assert transport.count("POST", f"/v1/batches/{first.id}/cancel") == 0
+    assert transport.count("GET", f"/v1/batches/{second.id}") == 0
+    assert first.status == "completed"
+    assert result.n_failed == 0
+    assert_same_frames(live_result, result)
+
+
+def faulty_client(app: Any, embedded_engine: Any, fault: str, **kwargs: Any) -> Any:
+    transport = Faulty(app, fault, **kwargs)
+    aclient = AsyncClient(
+        "http://embedded/v1",
+        model=MODEL,
+        transport=transport,
+        vocab_size=int(embedded_engine.vocab_size),
+    )
+    return aclient, transport
+
+
+async def test_a_create_that_never_arrived_is_sent_again_and_its_file_deleted(
+    embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
+) -> None:
+    app = create_app(embedded_engine)
+    aclient, transport = faulty_client(app, embedded_engine, "unsent")
+    cache_path = tmp_path / "study.sqlite"
+    options = BatchOptions(poll_interval=0.01)
+    async with aclient:
+        with pytest.raises(Crash):
+            await asweep(aclient, **GRID, batch=options, cache=cache_path, progress=False)
+        store = app.state.nbcompletions_batches
+        [orphan] = store._files
+        transport.fault = ""
+        resumed = await asweep(aclient, **GRID, batch=options, cache=cache_path, progress=False)
+    # Looked for it first (found nothing), then checked the new batch had no duplicate.
+    assert transport.count("GET", "/v1/batches") == 2
+    assert transport.count("DELETE", f"/v1/files/{orphan}") == 1
+    assert orphan not in store._files
+    assert len(_batches_on(app)) == 1
+    assert resumed.n_failed == 0
+    assert_same_frames(live_result, resumed)
+
+
+async def test_a_server_that_cannot_list_batches_gets_the_requests_again_with_a_warning(
+    embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
+) -> None:
+    app = create_app(embedded_engine)
+    aclient, _ = faulty_client(app, embedded_engine, "crash", listing=False)
+    cache_path = tmp_path / "study.sqlite"
+    options = BatchOptions(poll_interval=0.01)
+    async with aclient:
+        with pytest.raises(Crash):
+            await asweep(aclient, **GRID, batch=options, cache=cache_path, progress=False)
+        with pytest.warns(SweepWarning, match="cannot list batches"):
+            resumed = await asweep(aclient, **GRID, batch=options, cache=cache_path, progress=False)
+    assert len(_batches_on(app)) == 2  # what no client can avoid without a list to look in
+    assert resumed.n_failed == 0
+    assert_same_frames(live_result, resumed)
+
+
+def test_rows_an_earlier_version_wrote_are_still_reattached(tmp_path: Path) -> None:
+    from nbcompletions._batch_ledger import Ledger
+
+    with Cache(tmp_path / "old.sqlite") as cache:
+        cache.set_meta("batches:http://x/v1", ["batch_1"])
+        cache.set_meta("batch:http://x/v1:batch_1", {"keys": ["k1", "k2"], "input_file_id": "f"})
+        cache.set_meta("batch:http://x/v1:batch_0", None)  # one it had finished
+        ledger = Ledger(cache, "http://x/v1")
+        [entry] = ledger.entries()
+        assert (entry.batch_id, entry.keys, entry.checked) == ("batch_1", ["k1", "k2"], True)
+        ledger.remove(entry)
+        assert ledger.entries() == []
+
+
+def test_batch_metadata_leaves_room_for_the_sweeps_marker() -> None:
+    with pytest.raises(nbc.RequestError, match=r"at most 15 pairs.*got 16 pairs") as info:
+        BatchOptions(metadata={f"k{i}": "v" for i in range(16)})
+    assert info.value.param == "metadata"
+    with pytest.raises(nbc.RequestError, match="got the pair 'nbcompletions_batch'"):
+        BatchOptions(metadata={"nbcompletions_batch": "mine"})
+    with pytest.raises(nbc.RequestError, match="values up to 512"):
+        BatchOptions(metadata={"study": "x" * 513})
+    assert BatchOptions(metadata={f"k{i}": "v" for i in range(15)}).metadata
+
+
+_KILL_AFTER_CREATE = """
+import os, sys, httpx
+import nbcompletions as nbc
+
+class KillAfterCreate(httpx.AsyncHTTPTransport):
+    async def handle_async_request(self, request):
+        response = await super().handle_async_request(request)
+        if request.method == "POST" and request.url.path.endswith("/batches"):
+            await response.aread()
+            os._exit(17)  # the batch exists; its id is in this process only
+        return response
+
+with nbc.Client(sys.argv[1], model="nbc-shakespeare", transport=KillAfterCreate()) as client:
+    nbc.sweep(client, prompt=["To be", "My lord,"], max_tokens=3, temperature=0, seed=[1, 2],
+              batch=True, cache=sys.argv[2], progress=False, probe=False)
+"""
+
+
+def test_a_process_killed_right_after_creating_a_batch_does_not_pay_again(
+    live_server: str, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    cache_path = tmp_path / "study.sqlite"
+    with httpx.Client(base_url=live_server) as http:
+
+        def batch_ids() -> list[str]:
+            return [b["id"] for b in http.get("/batches", params={"limit": 100}).json()["data"]]
+
+        before = set(batch_ids())
+        killed = subprocess.run(
+            [sys.executable, "-c", _KILL_AFTER_CREATE, live_server, str(cache_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert killed.returncode == 17, killed.stderr
+        assert len(set(batch_ids()) - before) == 1
+        with Client(live_server, model=MODEL) as client:
+            resumed = sweep(
+                client,
+                prompt=["To be", "My lord,"],
+                max_tokens=3,
+                temperature=0,
+                seed=[1, 2],
+                batch=True,
+                cache=cache_path,
+                progress=False,
+                probe=False,
+            )
+        assert len(set(batch_ids()) - before) == 1  # the running batch was found, not paid again
+    assert resumed.n_failed == 0
+    assert len(resumed) == 4
+    assert resumed.n_cached == 0

@@ -47,6 +47,7 @@ LAYERS: dict[str, int] = {
     "_sweep_result": 3,
     "_batch": 3,
     "_batch_file": 3,
+    "_batch_ledger": 3,
     "_results": 3,
     "_cache": 3,
     "_columns": 3,
