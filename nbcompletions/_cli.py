@@ -150,6 +150,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="requests that may wait for memory; beyond them: 503 with Retry-After (default: 256)",
     )
+    # The Batch API's limits (BatchLimits); the defaults are written out so --help needs no
+    # server import, and tests/test_cli.py checks they are BatchLimits' own.
+    serve.add_argument(
+        "--max-batch-file-bytes",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="largest Batch input file (POST /v1/files); bigger uploads get 413 (default: "
+        "200000000, OpenAI's 200 MB; an upload is held in memory while it is checked)",
+    )
+    serve.add_argument(
+        "--max-batch-file-requests",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="most requests (lines) in one Batch input file; more get 400 (default: 50000, "
+        "OpenAI's limit)",
+    )
+    serve.add_argument(
+        "--max-batch-stored-bytes",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="uploads and new batches are refused (400 storage_limit_exceeded) while the stored "
+        "Batch files total N bytes or more; DELETE /v1/files/{id} frees them (default: "
+        "2000000000)",
+    )
+    serve.add_argument(
+        "--max-batch-lines-in-flight",
+        metavar="N",
+        type=_positive_int,
+        default=None,
+        help="Batch lines waiting in the scheduler at once, all batches together, so live "
+        "requests still get their turn (default: 64)",
+    )
+    serve.add_argument(
+        "--batch-window",
+        metavar="SECONDS",
+        type=_seconds,
+        default=None,
+        help="how long a batch may run before it expires (its unfinished lines fail with "
+        "batch_expired); clients still ask for OpenAI's '24h' (default: 86400)",
+    )
     serve.add_argument(
         "--compat",
         choices=["openai", "vllm"],
@@ -290,6 +333,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             options["allow_origins"] = args.allow_origin
         if args.body_timeout is not None:
             options["body_timeout_s"] = args.body_timeout
+        batch_limits = {
+            field: value
+            for field, value in (
+                ("max_file_bytes", args.max_batch_file_bytes),
+                ("max_file_requests", args.max_batch_file_requests),
+                ("max_stored_bytes", args.max_batch_stored_bytes),
+                ("max_lines_in_flight", args.max_batch_lines_in_flight),
+                ("completion_window_s", args.batch_window),
+            )
+            if value is not None
+        }
+        if batch_limits:
+            options["batch_limits"] = server.BatchLimits(**batch_limits)
         try:
             server.serve(
                 host=args.host,

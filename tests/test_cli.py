@@ -17,7 +17,7 @@ import pytest
 from helpers import free_port
 
 import nbcompletions.server
-from nbcompletions._cli import main
+from nbcompletions._cli import build_parser, main
 from nbcompletions.server import serve
 from nbcompletions.server._serve import is_loopback
 
@@ -46,6 +46,11 @@ def test_serve_help_lists_every_option(capsys: pytest.CaptureFixture[str]) -> No
         "--allow-host",
         "--allow-origin",
         "--body-timeout",
+        "--max-batch-file-bytes",
+        "--max-batch-file-requests",
+        "--max-batch-stored-bytes",
+        "--max-batch-lines-in-flight",
+        "--batch-window",
         "NBCOMPLETIONS_API_KEY",
         "127.0.0.1",
     ):
@@ -146,6 +151,90 @@ def test_serve_work_budget_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert calls[0]["budget"] == nbcompletions.server.WorkBudget(
         max_request_tokens=4096, max_memory_bytes=256 << 20, max_waiting=8
     )
+
+
+_BATCH_FLAGS = {
+    "--max-batch-file-bytes": "max_file_bytes",
+    "--max-batch-file-requests": "max_file_requests",
+    "--max-batch-stored-bytes": "max_stored_bytes",
+    "--max-batch-lines-in-flight": "max_lines_in_flight",
+    "--batch-window": "completion_window_s",
+}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "allowed"),
+    [
+        ("--max-batch-file-bytes", "0", "must be an integer >= 1; got 0"),
+        ("--max-batch-file-requests", "-5", "must be an integer >= 1; got -5"),
+        ("--max-batch-stored-bytes", "2GB", "must be an integer >= 1; got '2GB'"),
+        ("--max-batch-lines-in-flight", "1.5", "must be an integer >= 1; got '1.5'"),
+        ("--batch-window", "0", "must be a number of seconds > 0; got 0"),
+        ("--batch-window", "inf", "must be a number of seconds > 0; got inf"),
+        ("--batch-window", "a day", "must be a number of seconds > 0; got 'a day'"),
+    ],
+)
+def test_bad_batch_limits_name_the_flag_the_range_and_the_value(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    value: str,
+    allowed: str,
+) -> None:
+    monkeypatch.setattr(nbcompletions.server, "serve", lambda **kwargs: pytest.fail("served"))
+    with pytest.raises(SystemExit) as info:
+        main(["serve", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: {allowed}" in capsys.readouterr().err
+
+
+def test_serve_batch_limit_flags_reach_the_app(
+    monkeypatch: pytest.MonkeyPatch, uvicorn_configs: list[Any]
+) -> None:
+    monkeypatch.setattr(
+        nbcompletions.server, "serve", lambda **kwargs: serve(engine=_Engine(), **kwargs)
+    )
+    argv = ["serve", "--max-batch-file-bytes", "5000", "--max-batch-file-requests", "7"]
+    argv += ["--max-batch-stored-bytes", "90000", "--max-batch-lines-in-flight", "3"]
+    argv += ["--batch-window", "2.5"]
+    assert main(argv) == 0
+    assert uvicorn_configs[-1].app.state.nbcompletions_batches.limits == (
+        nbcompletions.server.BatchLimits(
+            max_file_bytes=5000,
+            max_file_requests=7,
+            max_stored_bytes=90000,
+            max_lines_in_flight=3,
+            completion_window_s=2.5,
+        )
+    )
+    # One flag changes one limit; the rest keep BatchLimits' defaults.
+    assert main(["serve", "--max-batch-lines-in-flight", "2"]) == 0
+    assert uvicorn_configs[-1].app.state.nbcompletions_batches.limits == (
+        nbcompletions.server.BatchLimits(max_lines_in_flight=2)
+    )
+    assert main(["serve"]) == 0
+    assert uvicorn_configs[-1].app.state.nbcompletions_batches.limits == (
+        nbcompletions.server.BatchLimits()
+    )
+
+
+def test_batch_limit_flags_show_batch_limits_own_defaults() -> None:
+    import argparse
+    import dataclasses
+    import re
+
+    parser = build_parser()
+    serve_parser = next(
+        action.choices["serve"]
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    helps = {a.option_strings[0]: a.help or "" for a in serve_parser._actions if a.option_strings}
+    defaults = {f.name: f.default for f in dataclasses.fields(nbcompletions.server.BatchLimits)}
+    for flag, field in _BATCH_FLAGS.items():
+        shown = re.search(r"\(default: (\d+)", helps[flag])
+        assert shown is not None, flag
+        assert float(shown.group(1)) == defaults[field], flag
 
 
 @pytest.mark.parametrize(

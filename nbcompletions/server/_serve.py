@@ -11,6 +11,7 @@ from typing import Any
 
 from .._request import Limits
 from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Engine
+from ._batch_store import BatchLimits
 from ._create import create_app
 from ._scheduler import WorkBudget
 
@@ -63,6 +64,7 @@ def serve(
     engine: Engine | None = None,
     max_concurrency: int = 4,
     budget: WorkBudget | None = None,
+    batch_limits: BatchLimits | None = None,
     log_level: str = "info",
     preload: bool = True,
     compat: str = "openai",
@@ -77,8 +79,9 @@ def serve(
     variable) makes every ``/v1`` request need ``Authorization: Bearer <key>``; binding another
     interface without one prints a warning. ``preload`` loads the model before the socket opens, so
     ``/health`` answering means requests are served at full speed. ``budget`` bounds the work of one
-    request and the memory of all (`WorkBudget`'s defaults when None). Other keyword arguments go
-    to ``uvicorn.Config``.
+    request and the memory of all (`WorkBudget`'s defaults when None); ``batch_limits`` what the
+    Batch API may hold and run (`BatchLimits`' defaults when None). Other keyword arguments go to
+    ``uvicorn.Config``.
 
     Safe by default: POST bodies must be declared JSON; requests from web pages (an ``Origin``
     header) are refused unless the origin is loopback or in ``allow_origins``; on a loopback bind
@@ -102,6 +105,7 @@ def serve(
         limits=limits,
         max_concurrency=max_concurrency,
         budget=budget,
+        batch_limits=batch_limits,
         compat=compat,
         body_timeout_s=body_timeout_s,
         # Only a loopback bind knows which names it may be called by; elsewhere any name can
