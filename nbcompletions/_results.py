@@ -15,7 +15,9 @@ dataset can be read while the sweep runs (pandas, pyarrow, DuckDB: ``read_parque
 tokens/*.parquet')``) and a crash loses at most the last unwritten batch, which the cache
 re-supplies. Each run rewrites the dataset (re-run with the same cache: nothing is paid twice).
 Rows are written in the order requests finish; `SweepResult` reads them back in grid order.
-Memory stays flat as the grid grows: only the batch being written is held.
+Memory stays flat as the grid grows: only the batch being written is held. Saving such a result
+(`SweepResult.to_parquet`) merges the parts into one file per frame, in grid order, a row group at
+a time (`write_frame_file`), so that stays flat too.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ FrameBuilder = Callable[
     tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame", "pd.DataFrame"],
 ]
 
-__all__ = ["FLUSH_EVERY", "FRAME_NAMES", "ResultsWriter", "read_frame", "scan_frame"]
+__all__ = [
+    "FLUSH_EVERY",
+    "FRAME_NAMES",
+    "ResultsWriter",
+    "read_frame",
+    "scan_frame",
+    "write_frame_file",
+]
 
 #: Finished requests per written part: a row group big enough for Parquet's columnar encoding to
 #: pay, small enough that the batch held in memory stays a few MiB.
@@ -50,6 +59,10 @@ FLUSH_EVERY = 1000
 FRAME_NAMES = ("requests", "choices", "tokens", "alternatives")
 
 _FORMAT = 2
+
+#: `write_frame_file`: rows read from one part at a time, and rows per written row group.
+SAVE_BATCH_ROWS = 16_384
+SAVE_ROW_GROUP_ROWS = 131_072
 
 
 class ResultsWriter:
@@ -143,14 +156,13 @@ def _parts(directory: Path, name: str) -> list[Path]:
     return sorted((directory / name).glob("part-*.parquet"))
 
 
-def scan_frame(directory: str | os.PathLike[str], name: str) -> ds.Dataset:
-    """A pyarrow dataset over one frame's parts (``name`` in `FRAME_NAMES`), nothing read yet.
+def _frame_parts(directory: str | os.PathLike[str], name: str) -> tuple[list[Path], pa.Schema]:
+    """One frame's part files and their unified schema.
 
     Parts written early may lack a type for a column that was empty in them (all null); the
     schema is unified over every part's footer so such columns take the type the others give.
     """
     import pyarrow as pa
-    import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
     if name not in FRAME_NAMES:
@@ -159,8 +171,148 @@ def scan_frame(directory: str | os.PathLike[str], name: str) -> ds.Dataset:
     if not files:
         raise FileNotFoundError(f"{str(directory)!r} holds no {name} parts")
     schemas = [pq.read_schema(f) for f in files]
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    return files, pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def scan_frame(directory: str | os.PathLike[str], name: str) -> ds.Dataset:
+    """A pyarrow dataset over one frame's parts (``name`` in `FRAME_NAMES`), nothing read yet."""
+    import pyarrow.dataset as ds
+
+    files, schema = _frame_parts(directory, name)
     return ds.dataset([str(f) for f in files], schema=schema, format="parquet")
+
+
+class _Part:
+    """One part being merged: its batches in order, the current one and the next row to take."""
+
+    def __init__(self, path: Path, schema: pa.Schema, batch_rows: int) -> None:
+        import pyarrow.parquet as pq
+
+        self._file = pq.ParquetFile(path)
+        self._batches = self._file.iter_batches(batch_size=batch_rows)
+        self._schema = schema
+        self.batch: pa.RecordBatch | None = None
+        self.ids: Any = None  # the batch's request ids (numpy, ascending)
+        self.row = 0
+        self._next()
+
+    def _next(self) -> None:
+        import pyarrow as pa
+
+        for batch in self._batches:
+            if batch.num_rows:
+                table = pa.Table.from_batches([batch])
+                for field in self._schema:  # a column this part never had: all null
+                    if field.name not in table.column_names:
+                        table = table.append_column(field, pa.nulls(len(table), field.type))
+                # The unified schema types the columns this part left all null.
+                [self.batch] = table.select(self._schema.names).cast(self._schema).to_batches()
+                self.ids = self.batch.column("request_id").to_numpy()
+                self.row = 0
+                return
+        self.batch = self.ids = None
+        self._file.close()
+
+    @property
+    def head(self) -> int:
+        return int(self.ids[self.row])
+
+    def take_below(self, bound: int | None) -> pa.RecordBatch:
+        """The rows from the current one on whose request id is below ``bound`` (at least one)."""
+        import numpy as np
+
+        assert self.batch is not None
+        end = len(self.ids) if bound is None else int(np.searchsorted(self.ids, bound, "left"))
+        end = max(end, self.row + 1)
+        rows = self.batch.slice(self.row, end - self.row)
+        self.row = end
+        if self.row >= len(self.ids):
+            self._next()
+        return rows
+
+
+def _first_request_id(path: Path) -> int:
+    """The smallest request id in a part (its first row: a part is written in grid order), from
+    the footer's statistics when it has them."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(path) as part:
+        metadata = part.metadata
+        column = part.schema_arrow.get_field_index("request_id")
+        starts = []
+        for group in range(metadata.num_row_groups):
+            if metadata.row_group(group).num_rows == 0:
+                continue
+            stats = metadata.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                first = next(part.iter_batches(batch_size=1, columns=["request_id"]))
+                return int(first.column(0)[0].as_py())
+            starts.append(int(stats.min))
+        return min(starts) if starts else 2**63 - 1
+
+
+def write_frame_file(
+    directory: str | os.PathLike[str],
+    name: str,
+    target: str | os.PathLike[str],
+    *,
+    batch_rows: int | None = None,
+    row_group_rows: int | None = None,
+) -> int:
+    """Write one frame of a streamed sweep into one Parquet file, rows in grid order, without
+    loading the frame: the rows written; they go out in row groups of ``row_group_rows``.
+
+    Each part is already in grid order, and parts hold disjoint requests, so the parts are merged
+    (a k-way merge on ``request_id``) holding ``batch_rows`` rows of each part the merge is in.
+    A part is opened only when the merge reaches its first request; as requests finish in about
+    grid order, few parts are open at once.
+    """
+    import heapq
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    batch_rows = SAVE_BATCH_ROWS if batch_rows is None else batch_rows
+    row_group_rows = SAVE_ROW_GROUP_ROWS if row_group_rows is None else row_group_rows
+    files, schema = _frame_parts(directory, name)
+    waiting = sorted((_first_request_id(path), n, path) for n, path in enumerate(files))
+    waiting.reverse()  # popped from the end: smallest first request first
+    merging: list[tuple[int, int, _Part]] = []  # (head request id, part number, part)
+    target = Path(target)
+    temporary = target.with_name(target.name + ".tmp")
+    written = 0
+    held: list[pa.RecordBatch] = []
+    held_rows = 0
+    with pq.ParquetWriter(temporary, schema) as writer:
+
+        def write_held() -> None:
+            nonlocal held, held_rows, written
+            if held:
+                # One row group: row_group_rows, plus the rest of the slice that crossed it.
+                writer.write_table(pa.Table.from_batches(held, schema=schema), held_rows)
+                written += held_rows
+                held, held_rows = [], 0
+
+        while merging or waiting:
+            # Open every part that may hold the next row.
+            while waiting and (not merging or waiting[-1][0] <= merging[0][0]):
+                _, number, path = waiting.pop()
+                part = _Part(path, schema, batch_rows)
+                if part.batch is not None:
+                    heapq.heappush(merging, (part.head, number, part))
+            _, number, part = heapq.heappop(merging)
+            bounds = [merging[0][0]] if merging else []
+            bounds += [waiting[-1][0]] if waiting else []
+            rows = part.take_below(min(bounds) if bounds else None)
+            held.append(rows)
+            held_rows += rows.num_rows
+            if part.batch is not None:
+                heapq.heappush(merging, (part.head, number, part))
+            if held_rows >= row_group_rows:
+                write_held()
+        write_held()
+    os.replace(temporary, target)
+    return written
 
 
 def read_frame(

@@ -174,17 +174,28 @@ class SweepResult:
         )
 
     def to_parquet(self, path: str | os.PathLike[str]) -> Path:
-        """Write the frames, the requests and the metadata into directory ``path`` (created)."""
+        """Write the frames, the requests and the metadata into directory ``path`` (created).
+
+        A streamed sweep's frames that were not read yet are copied from its dataset a row group
+        at a time (`nbcompletions._results.write_frame_file`), so a study bigger than memory can
+        be saved; they stay unread.
+        """
+        from ._results import write_frame_file
+
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        choices, tokens, alternatives = self.frames()
-        for name, frame in (
-            ("requests", self.requests),
-            ("choices", choices),
-            ("tokens", tokens),
-            ("alternatives", alternatives),
-        ):
-            frame.to_parquet(directory / f"{name}.parquet", index=False)
+        in_memory = {"requests": self._requests}
+        if self._frames is not None or self.dataset is None:
+            choices, tokens, alternatives = self.frames()
+            in_memory.update(choices=choices, tokens=tokens, alternatives=alternatives)
+        for name in ("requests", "choices", "tokens", "alternatives"):
+            target = directory / f"{name}.parquet"
+            frame = in_memory.get(name)
+            if frame is None:
+                assert self.dataset is not None  # otherwise frames() and requests are in memory
+                write_frame_file(self.dataset, name, target)
+            else:
+                frame.to_parquet(target, index=False)
         meta = {"format": 1, "usage": self.usage, "capabilities": self.capabilities}
         (directory / "sweep.json").write_text(
             json.dumps(meta, indent=1, default=str), encoding="utf-8"

@@ -145,3 +145,109 @@ def test_results_must_be_a_directory(app: Any, tmp_path: Path) -> None:
     with pytest.raises(RequestError, match="results must be a directory"):
         sweep(client, prompt="x", progress=False, probe=False, results=3)  # type: ignore[arg-type]
     client.close()
+
+
+# -- saving a streamed result ---------------------------------------------------------------------
+def test_to_parquet_copies_a_streamed_result_row_group_by_row_group(
+    app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pyarrow.parquet as pq
+
+    import nbcompletions._results as results_module
+
+    monkeypatch.setattr(results_module, "FLUSH_EVERY", 4)  # several parts from a small grid
+    monkeypatch.setattr(results_module, "SAVE_BATCH_ROWS", 5)
+    monkeypatch.setattr(results_module, "SAVE_ROW_GROUP_ROWS", 16)
+    client = _client(app)
+    memory = sweep(client, **GRID, progress=False, probe=False)
+    streamed = sweep(client, **GRID, progress=False, probe=False, results=tmp_path / "study")
+    client.close()
+
+    def whole_frame(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("to_parquet read a whole frame into memory")
+
+    monkeypatch.setattr(results_module, "read_frame", whole_frame)
+    saved = streamed.to_parquet(tmp_path / "saved")
+    assert streamed._frames is None  # still unread
+    assert streamed._requests is None
+    monkeypatch.undo()
+    for name in ("tokens", "alternatives"):
+        metadata = pq.ParquetFile(saved / f"{name}.parquet").metadata
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        assert len(groups) > 2, name  # written as the merge went, not at the end
+        assert max(groups) < 16 + 5, name  # a group, and at most one slice of a part past it
+        assert sum(groups) == len(getattr(memory, name)), name
+    loaded = load_sweep(saved)
+    varying = ["latency", "response_id"]
+    _same(loaded.requests.drop(columns=varying), memory.requests.drop(columns=varying))
+    _same(loaded.choices, memory.choices)
+    _same(loaded.tokens, memory.tokens)
+    _same(loaded.alternatives, memory.alternatives)
+
+
+def _write_part(path: Path, ids: list[int], note: list[str | None]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [(i, k) for i in ids for k in range(3)]  # three rows per request, in grid order
+    table = pa.table(
+        {
+            "request_id": [i for i, _ in rows],
+            "position": [k for _, k in rows],
+            "note": [note[i % len(note)] for i, _ in rows],
+        }
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+@pytest.mark.parametrize(
+    ("parts", "most_open"),
+    [
+        # Finished in grid order: one part open at a time.
+        ([[0, 1, 2], [3, 4, 5], [6, 7, 8]], 1),
+        # Interleaved: every part takes part in the merge at once.
+        ([[0, 3, 6], [1, 4, 7], [2, 5, 8]], 3),
+        # A straggler (request 0 finished last) keeps its part open; the others pass one by one.
+        ([[1, 2, 3], [4, 5, 6], [7, 8], [0, 9]], 2),
+    ],
+)
+def test_write_frame_file_merges_parts_into_grid_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parts: list[list[int]], most_open: int
+) -> None:
+    import pyarrow.parquet as pq
+
+    import nbcompletions._results as results_module
+
+    notes: list[list[str | None]] = [[None], ["a", None, "b"]]  # the first part: an all-null column
+    for n, ids in enumerate(parts):
+        _write_part(tmp_path / "tokens" / f"part-{n:06d}.parquet", ids, notes[min(n, 1)])
+    open_now, most = 0, 0
+
+    class Counted(results_module._Part):
+        def __init__(self, *args: Any) -> None:
+            nonlocal open_now, most
+            open_now += 1
+            most = max(most, open_now)
+            super().__init__(*args)
+
+        def _next(self) -> None:
+            nonlocal open_now
+            super()._next()
+            if self.batch is None:
+                open_now -= 1
+
+    monkeypatch.setattr(results_module, "_Part", Counted)
+    target = tmp_path / "tokens.parquet"
+    n_ids = sum(len(ids) for ids in parts)
+    written = results_module.write_frame_file(
+        tmp_path, "tokens", target, batch_rows=2, row_group_rows=4
+    )
+    assert written == 3 * n_ids
+    assert most == most_open
+    table = pq.read_table(target)
+    assert table.column("request_id").to_pylist() == [i for i in range(n_ids) for _ in range(3)]
+    assert table.column("position").to_pylist() == [0, 1, 2] * n_ids
+    assert str(table.schema.field("note").type) == "string"
+    assert pq.ParquetFile(target).metadata.num_row_groups > 1
+    assert not list(tmp_path.glob("*.tmp"))
