@@ -265,12 +265,13 @@ async def settle(aclient: AsyncClient, ledger: Ledger, entries: Sequence[Entry])
 
 
 async def _cancel_duplicate(aclient: AsyncClient, card: Mapping[str, Any], kept: str) -> None:
-    if card.get("status") in ("completed", "failed", "expired", "cancelled", "cancelling"):
+    if card.get("status") in ("cancelled", "cancelling"):
         return
     try:
+        # Sent even for a batch the list shows ended: the list may be older than the batch.
         await aclient._request_json("POST", f"/batches/{card['id']}/cancel", None)
     except APIError as exc:
-        if exc.status == 409:  # it ended meanwhile
+        if exc.status == 409:  # it has ended: nothing left to stop
             return
         warnings.warn(
             f"batch {card['id']} duplicates batch {kept} (a retried create) and could not be "
