@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import _retry
 from ._batch_file import (
     BATCH_URL,
     OPENAI_MAX_BATCH_BYTES,
@@ -43,7 +44,7 @@ from ._batch_file import (
     check_batch_limits,
     split_batches,
 )
-from ._batch_ledger import MARKER_KEY, Entry, Ledger, new_marker, run_to_end, settle
+from ._batch_ledger import MARKER_KEY, Entry, Ledger, find_ours, new_marker, run_to_end, settle
 from ._cache import Cache
 from ._errors import APIError, RequestError
 from ._grid import Grid, GridPoint, estimate_tokens
@@ -407,7 +408,7 @@ async def _create(
     }
 
     async def create_and_record() -> None:
-        created = await aclient._request_json("POST", "/batches", body)
+        created = await _create_once(aclient, entry, body)
         batch_id = created.get("id") if isinstance(created, Mapping) else None
         if not isinstance(batch_id, str):
             raise APIError(
@@ -419,9 +420,40 @@ async def _create(
         ledger.write(entry)
 
     await run_to_end(create_and_record())
-    # A lost answer that the client retried made a second batch: find and cancel it now.
+    # A server that cannot list batches may have made a second one on a retry: settle checks.
     [settled] = await settle(aclient, ledger, [entry])
     return settled
+
+
+async def _create_once(
+    aclient: AsyncClient, entry: Entry, body: dict[str, Any]
+) -> Mapping[str, Any]:
+    """``POST /v1/batches``, retried only once the server's list shows it did not arrive.
+
+    The client's own retry loop would send a create whose answer was lost a second time, and pay
+    for two batches. Here each attempt is single; after a failure that may have reached the
+    server (a lost connection, a timeout, a 5xx) the batches are listed, and one carrying this
+    entry's marker is the answer. A 429 or a 4xx was never created; a server that cannot list
+    gets the create again (`settle` then cancels a duplicate it can see).
+    """
+    retries = 0
+    while True:
+        try:
+            created: Mapping[str, Any] = await aclient._request_json(
+                "POST", "/batches", body, retry=False
+            )
+            return created
+        except APIError as exc:
+            status = exc.status
+            retryable = status is None or _retry.should_retry(status, exc.headers or {}, exc)
+            if not retryable or retries >= aclient.max_retries:
+                raise
+            if status is None or status >= 500:  # it may have been created: look first
+                found = await find_ours(aclient, [entry])
+                if found is not None and found[0]:
+                    return found[0][0]
+            await _retry.sleep(_retry.retry_delay(retries, exc.headers))
+            retries += 1
 
 
 def _ended_error(batch_id: str, card: Mapping[str, Any]) -> dict[str, Any]:

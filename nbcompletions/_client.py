@@ -595,10 +595,13 @@ class AsyncClient(_BaseClient):
         *,
         upload: tuple[bytes, str] | None = None,
         raw: bool = False,
+        retry: bool = True,
     ) -> Any:
         """One request through the retry loop: the JSON answer (``raw``: its bytes). ``upload``
-        sends ``(content, content type)`` instead of a JSON body (the Batch API's files)."""
-        responses = self._send(method, path, body, upload=upload, raw=raw)
+        sends ``(content, content type)`` instead of a JSON body (the Batch API's files).
+        ``retry=False`` makes one attempt: for a POST that must not run twice, whose caller
+        checks what happened before it tries again (the Batch API's create)."""
+        responses = self._send(method, path, body, upload=upload, raw=raw, retry=retry)
         try:
             return await anext(responses)
         finally:
@@ -631,6 +634,7 @@ class AsyncClient(_BaseClient):
         stream: bool = False,
         upload: tuple[bytes, str] | None = None,
         raw: bool = False,
+        retry: bool = True,
     ) -> AsyncGenerator[Any, None]:
         """The one retry loop: yields the JSON body once or, with ``stream``, each chunk object.
 
@@ -718,7 +722,7 @@ class AsyncClient(_BaseClient):
                     retryable = True
                 finally:
                     endpoint.in_flight -= 1
-            await self._retry_or_raise(error, retries, error_headers, retryable)
+            await self._retry_or_raise(error, retries, error_headers, retryable and retry)
             retries += 1
 
 

@@ -626,7 +626,7 @@ async def test_a_batch_is_never_paid_twice_when_the_sweep_dies_as_it_is_created(
         assert cache.meta_items("batch:") == {}  # nothing left open
 
 
-async def test_a_retried_create_cancels_the_duplicate_and_keeps_the_first(
+async def test_a_create_whose_answer_was_lost_is_found_not_sent_again(
     embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
 ) -> None:
     app = create_app(embedded_engine)
@@ -646,13 +646,40 @@ async def test_a_retried_create_cancels_the_duplicate_and_keeps_the_first(
             progress=False,
             probe=False,
         )
-    first, second = _batches_on(app)  # the client retried the POST whose answer was lost
-    assert first.metadata == second.metadata
-    # The duplicate is cancelled as soon as it is seen; the first one's answers are used.
-    assert transport.count("POST", f"/v1/batches/{second.id}/cancel") == 1
-    assert transport.count("POST", f"/v1/batches/{first.id}/cancel") == 0
-    assert transport.count("GET", f"/v1/batches/{second.id}") == 0
-    assert first.status == "completed"
+    # The answer to the create was lost: the client listed the batches and found its own
+    # (by its marker) instead of sending the create again.
+    [batch] = _batches_on(app)
+    assert transport.count("POST", "/v1/batches") == 1
+    assert transport.count("GET", "/v1/batches") >= 1
+    assert not [call for call in transport.calls if call[1].endswith("/cancel")]
+    assert batch.status == "completed"
+    assert result.n_failed == 0
+    assert_same_frames(live_result, result)
+
+
+async def test_a_lost_create_on_a_server_that_cannot_list_is_sent_again(
+    embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
+) -> None:
+    """Without GET /v1/batches nothing can tell a lost create from one that never arrived: the
+    create is sent again (as the client's retry loop would) and the rows are all there."""
+    app = create_app(embedded_engine)
+    transport = Faulty(app, "lost", listing=False)
+    aclient = AsyncClient(
+        "http://embedded/v1",
+        model=MODEL,
+        transport=transport,
+        vocab_size=int(embedded_engine.vocab_size),
+    )
+    async with aclient:
+        result = await asweep(
+            aclient,
+            **GRID,
+            batch=BatchOptions(poll_interval=0.01),
+            cache=tmp_path / "study.sqlite",
+            progress=False,
+            probe=False,
+        )
+    assert transport.count("POST", "/v1/batches") == 2
     assert result.n_failed == 0
     assert_same_frames(live_result, result)
 
