@@ -127,7 +127,8 @@ def _serve(pythonpath: str, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "PYTHONPATH": pythonpath}
     command = [sys.executable, "-m", "nbcompletions", "serve", "--port", str(port)]
     command += ["--no-access-log", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(command, env=env)
+    # `python -m` puts the working directory first on sys.path: start in the checkout measured.
+    proc = subprocess.Popen(command, env=env, cwd=pythonpath)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

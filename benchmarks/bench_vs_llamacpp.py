@@ -73,17 +73,20 @@ for line in sys.stdin:
 
 def _llama_python() -> Path | None:
     named = os.environ.get("NBC_LLAMACPP_PYTHON")
-    candidates = [Path(named)] if named else [ROOT / ".venv-llamacpp" / "bin" / "python"]
+    candidates = [Path(named).absolute()] if named else [ROOT / ".venv-llamacpp" / "bin" / "python"]
     return next((path for path in candidates if path.exists()), None)
 
 
 class _Worker:
-    def __init__(self, python: str, code: str, env: dict[str, str]) -> None:
+    def __init__(self, python: str, code: str, env: dict[str, str], cwd: str | Path) -> None:
+        # `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH: each
+        # worker starts in the checkout it measures, or the baseline would import this one.
         self.proc = subprocess.Popen(
             [python, "-c", code],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
+            cwd=cwd,
             text=True,
         )
         self._read()  # {"ready": true} once loaded and warmed up
@@ -133,14 +136,19 @@ def main() -> None:
         # One thread each: llama.cpp n_threads=1, our decode step unsplit (NBC_THREADS=1).
         env = {**os.environ, "PYTHONPATH": str(ROOT), "NBC_THREADS": "1"}
         workers = {
-            "ours": _Worker(sys.executable, header + _OURS, env),
+            "ours": _Worker(sys.executable, header + _OURS, env, ROOT),
             "llama.cpp": _Worker(
-                str(llama_python), header + f"GGUF = {str(gguf)!r}\n" + _LLAMA, dict(os.environ)
+                str(llama_python),
+                header + f"GGUF = {str(gguf)!r}\n" + _LLAMA,
+                dict(os.environ),
+                tmp,
             ),
         }
         if args.baseline:
             base_env = {**env, "PYTHONPATH": str(Path(args.baseline).resolve())}
-            workers["baseline"] = _Worker(sys.executable, header + _OURS, base_env)
+            workers["baseline"] = _Worker(
+                sys.executable, header + _OURS, base_env, Path(args.baseline).resolve()
+            )
         per_token: dict[str, list[float]] = {name: [] for name in workers}
         try:
             for seed in range(1, args.rounds + 1):
