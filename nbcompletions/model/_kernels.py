@@ -180,8 +180,9 @@ def decode(
 
 def sample_plain(mu: np.ndarray, temperature: float, draws: np.ndarray) -> np.ndarray | None:
     """`_sampling.sample` without top_p, top_k or min_p, compiled: the same arithmetic in the same
-    order (softmax at ``temperature`` by the max, libm's exp, a running sum), so the same draws
-    pick the same tokens; one pass-through of the vocabulary instead of ~10 numpy calls.
+    order (softmax at ``temperature`` by the max, a running sum) with an exp within 1.5 ulp of
+    libm's, so the same draws pick the same tokens unless a draw lands within ~1e-16 of a
+    boundary between two tokens; three passes over the vocabulary instead of ~10 numpy calls.
     None where numba is missing or a row has no finite logit (numpy then decides)."""
     if not _NUMBA:
         return None
@@ -244,6 +245,46 @@ if _NUMBA:
         return sig, codegen
 
     _float_from_bits: Any = intrinsic(_int_to_float)
+
+    def _int_to_double(typingctx: Any, bits: Any) -> Any:
+        """int64 bits -> the float64 they spell (a bitcast)."""
+        sig = types.float64(types.int64)
+
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            return builder.bitcast(args[0], ir.DoubleType())
+
+        return sig, codegen
+
+    _double_from_bits: Any = intrinsic(_int_to_double)
+
+    # No fast-math: its input is -inf for a banned token.
+    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
+    def _exp64(x: Any) -> Any:  # pragma: no cover - compiled
+        """float64 exp of x <= 0 to ~1 ulp (2**n times a polynomial), vectorised: 4x faster than
+        libm's in a loop. Below -708 it returns 0 where exp is subnormal: added to a sum of
+        at least 1 (the most likely token's own 1.0) that changes nothing."""
+        low = x < -708.0
+        x = max(x, -708.0)  # branch-free (the loop vectorises); -inf too becomes -708, then 0
+        n = np.floor(x * 1.4426950408889634 + 0.5)
+        r = x - n * 6.93145751953125e-1 - n * 1.42860682030941723212e-6
+        # Taylor series to r**13 (|r| <= ln2 / 2: the next term is below 1e-17), in Horner form:
+        # fused multiply-adds only, no division, so the loop vectorises.
+        y = 1.0 / 6227020800.0
+        y = y * r + 1.0 / 479001600.0
+        y = y * r + 1.0 / 39916800.0
+        y = y * r + 1.0 / 3628800.0
+        y = y * r + 1.0 / 362880.0
+        y = y * r + 1.0 / 40320.0
+        y = y * r + 1.0 / 5040.0
+        y = y * r + 1.0 / 720.0
+        y = y * r + 1.0 / 120.0
+        y = y * r + 1.0 / 24.0
+        y = y * r + 1.0 / 6.0
+        y = y * r + 0.5
+        y = y * r + 1.0
+        y = y * r + 1.0
+        # via int32: AVX2 converts float64 to int32 in vectors, not to int64
+        return 0.0 if low else y * _double_from_bits((np.int64(np.int32(n)) + 1023) << 52)
 
     @_jit_inline
     def _exp(x: Any) -> Any:  # pragma: no cover - compiled
@@ -531,17 +572,20 @@ if _NUMBA:
         cum = np.empty(vocab, np.float64)
         for r in range(rows):
             row = mu[r]
+            # Separate loops: the elementwise ones vectorise, the running sum cannot.
+            for j in range(vocab):
+                cum[j] = row[j] / temperature
             top = -np.inf
             for j in range(vocab):
-                z = row[j] / temperature
-                cum[j] = z
-                if z > top:
-                    top = z
+                if cum[j] > top:
+                    top = cum[j]
             if top == -np.inf:
                 return False
+            for j in range(vocab):
+                cum[j] = _exp64(cum[j] - top)
             total = 0.0
             for j in range(vocab):
-                total += np.exp(cum[j] - top)
+                total += cum[j]
                 cum[j] = total
             target = draws[r] * total
             pick = vocab - 1
