@@ -42,6 +42,8 @@ import uuid
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from time import monotonic as _monotonic
+from time import sleep as _sleep
 from types import TracebackType
 from typing import Any
 
@@ -69,7 +71,8 @@ CREATE TABLE IF NOT EXISTS responses (
     prompt_tokens INTEGER,
     completion_tokens INTEGER,
     total_tokens INTEGER,
-    response_id TEXT
+    response_id TEXT,
+    digest TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
@@ -180,6 +183,20 @@ def _fix_for(exc: sqlite3.Error) -> str:
     if "unable to open" in text or "readonly" in text or "read-only" in text:
         return "check that its directory exists and is writable, and that the path is a file"
     return _DAMAGED_FIX
+
+
+def _wal(conn: sqlite3.Connection, wait: float = 30.0) -> None:
+    """Switch the file to WAL. SQLite answers "database is locked" at once, without waiting the
+    connection's timeout, while another process opens the same file: retry until ``wait``."""
+    deadline = _monotonic() + wait
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or _monotonic() > deadline:
+                raise
+            _sleep(0.02)
 
 
 class CachedResponse:
@@ -296,19 +313,27 @@ class Cache:
             try:
                 # WAL: readers never block the writer; NORMAL sync is durable against a process
                 # crash (the case that matters for a kernel interrupt) without an fsync per row.
-                conn.execute("PRAGMA journal_mode=WAL")
+                _wal(conn)
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA)
-                present = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
-                for column, kind in (
-                    ("prompt_tokens", "INTEGER"),
-                    ("completion_tokens", "INTEGER"),
-                    ("total_tokens", "INTEGER"),
-                    ("response_id", "TEXT"),
-                    ("digest", "TEXT"),
-                ):
-                    if column not in present:  # a file written by an earlier version
-                        conn.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
+                # One writer at a time reads the columns and adds the missing ones: two processes
+                # opening a file of an earlier version at once would both add a column otherwise.
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    present = {row[1] for row in conn.execute("PRAGMA table_info(responses)")}
+                    for column, kind in (
+                        ("prompt_tokens", "INTEGER"),
+                        ("completion_tokens", "INTEGER"),
+                        ("total_tokens", "INTEGER"),
+                        ("response_id", "TEXT"),
+                        ("digest", "TEXT"),
+                    ):
+                        if column not in present:  # a file written by an earlier version
+                            conn.execute(f"ALTER TABLE responses ADD COLUMN {column} {kind}")
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
             except BaseException:
                 conn.close()
                 raise

@@ -270,3 +270,40 @@ def test_two_processes_on_one_cache_pay_once(tmp_path: Path, counting_server: _C
     assert counting_server.hits == 120, [o.decode() for o in outs]
     with Cache(path) as cache:
         assert len(cache) == 120
+
+
+def test_processes_opening_an_old_cache_at_once_all_upgrade_it(tmp_path: Path) -> None:
+    """A file written before the usage and digest columns: eight processes open it at the same
+    moment; each must see the columns added once (it used to fail with 'duplicate column')."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE responses (key TEXT PRIMARY KEY, response TEXT NOT NULL, "
+            "latency REAL, created REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO responses VALUES ('k', '{}', 0.1, 1.0)")
+    start = time.time() + 3.0  # every process waits for this moment, then opens the file
+    code = textwrap.dedent(
+        f"""
+        import time
+        from nbcompletions import Cache
+        time.sleep(max(0.0, {start!r} - time.time()))
+        cache = Cache({str(path)!r})
+        cache.close()
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        for _ in range(8)
+    ]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [e[-1500:] for e in errors if e]
+    with sqlite3.connect(path) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(responses)")]
+    assert columns[-5:] == [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "response_id",
+        "digest",
+    ]
