@@ -11,7 +11,8 @@ forward pass to float32 rounding (tests/test_kernels.py holds them to 1e-5).
 The compiled path runs GPT-2 files whose linear weights are float16 (the shipped model) with a
 ``gelu_new``-family activation; `pack` returns None for anything else and the engine keeps the
 numpy forward pass. Compiled code is cached on disk by numba (``cache=True``, in ``__pycache__``
-or numba's user cache folder), so only the first process on a machine pays the compile (~5 s).
+or numba's user cache folder), so only the first process on a machine pays the compile (about
+12 s here; loading it after takes about 0.3 s).
 
 Rows are independent in a decode step (each attends to its own cache), so `decode` takes a row
 range: the engine splits a big batch over threads, each running the whole step for its rows.
@@ -193,8 +194,8 @@ def sample_plain(mu: np.ndarray, temperature: float, draws: np.ndarray) -> np.nd
 
 
 def warm(packed: Packed) -> None:
-    """Compile the step now (or load it from numba's cache): one row and two, as the engine calls
-    it, so that no request pays the compile. ~10 s the first time on a machine, ~0.3 s after."""
+    """Compile the step now (or load it from numba's cache), as the engine calls it, so that no
+    request pays the compile: about 12 s the first time on a machine, about 0.3 s after."""
     heads, dim = packed.n_head, packed.wte.shape[1]
     cache = np.zeros((packed.ln1.shape[0], 3, heads, 2, dim // heads), F32)
     logits = np.empty((3, packed.head_w.shape[1]), F32)
