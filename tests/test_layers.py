@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "_frames": 2,
     "_visible": 2,
     "_endpoint": 2,
+    "_settings": 2,
     "_client": 2,
     "_scoring": 2,
     "_conformance": 2,

@@ -111,10 +111,10 @@ def test_version_is_written_once() -> None:
     import importlib.metadata
 
     import nbcompletions
-    from nbcompletions import _client
+    from nbcompletions import _settings
 
     assert importlib.metadata.version("nbcompletions") == nbcompletions.__version__
-    assert f"nbcompletions/{nbcompletions.__version__}" == _client._USER_AGENT
+    assert f"nbcompletions/{nbcompletions.__version__}" == _settings.USER_AGENT
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in pyproject
     assert nbcompletions.__version__ not in pyproject
