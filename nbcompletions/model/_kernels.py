@@ -263,8 +263,9 @@ if _NUMBA:
     @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy", inline="always")
     def _exp64(x: Any) -> Any:  # pragma: no cover - compiled
         """float64 exp of x <= 0 to ~1 ulp (2**n times a polynomial), vectorised: about 2x faster
-        than libm's in a loop over the vocabulary. Below -708 it returns 0 where exp is subnormal: added to a sum of
-        at least 1 (the most likely token's own 1.0) that changes nothing."""
+        than libm's in a loop over the vocabulary. Below -708 it returns 0 where exp is
+        subnormal: added to a sum of at least 1 (the most likely token's own 1.0) that changes
+        nothing."""
         low = x < -708.0
         x = max(x, -708.0)  # branch-free (the loop vectorises); -inf too becomes -708, then 0
         n = np.floor(x * 1.4426950408889634 + 0.5)
