@@ -203,3 +203,30 @@ def test_compiled_sampling_picks_what_numpy_picks() -> None:
     assert checked > 800
     # A row with no finite logit is left to numpy.
     assert _kernels.sample_plain(np.full((1, 8), -np.inf), 1.0, np.zeros(1)) is None
+
+
+def test_without_numba_the_engine_runs_numpy_alone() -> None:
+    """Where numba cannot import, nothing fails: the engine decodes and samples in numpy, with the
+    same text as the compiled path."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json; sys.modules['numba'] = None\n"
+        "from nbcompletions.model import load_engine, _kernels\n"
+        "from nbcompletions import CompletionRequest\n"
+        "engine = load_engine()\n"
+        "assert not _kernels.available() and engine.packed is None\n"
+        "r = engine.complete(CompletionRequest(prompt='ROMEO:', max_tokens=8, seed=1, n=9))\n"
+        "print(json.dumps([c['text'] for c in r['choices']]))\n"
+    )
+    if not (FILES_DIR / "model.safetensors").exists():
+        pytest.skip("the embedded model's weights are not built yet")
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    from nbcompletions.model import load_engine
+
+    expected = load_engine().complete(CompletionRequest(prompt="ROMEO:", max_tokens=8, seed=1, n=9))
+    assert json.loads(done.stdout) == [c["text"] for c in expected["choices"]]
