@@ -186,6 +186,9 @@ def child(
                 str(concurrency),
             ],
             env=env,
+            # `python -c` puts the working directory ahead of PYTHONPATH: start outside any
+            # checkout, or --today would measure the checkout this is run from.
+            cwd=workdir,
             check=True,
             capture_output=True,
             text=True,
