@@ -68,6 +68,29 @@ def embedded_engine() -> Engine:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random GPT-2 in Hugging Face's layout (float16, like the shipped model)."""
+    from model_fixture import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_model_dir: Path) -> Engine:
+    from nbcompletions.model import load_engine
+
+    return load_engine(tiny_model_dir)
+
+
+@pytest.fixture(scope="module", params=["tiny", "shipped"])
+def engine(request: pytest.FixtureRequest, tiny_engine: Engine) -> Engine:
+    """Each engine test runs on the tiny model (always) and on the shipped one (when built)."""
+    if request.param == "tiny":
+        return tiny_engine
+    return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]  # pytest: Any
+
+
+@pytest.fixture(scope="session")
 def embedded_client() -> Iterator[Client]:
     needs_weights()
     from nbcompletions import Client

@@ -630,13 +630,7 @@ async def test_a_create_whose_answer_was_lost_is_found_not_sent_again(
     embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
 ) -> None:
     app = create_app(embedded_engine)
-    transport = Faulty(app, "lost")
-    aclient = AsyncClient(
-        "http://embedded/v1",
-        model=MODEL,
-        transport=transport,
-        vocab_size=int(embedded_engine.vocab_size),
-    )
+    aclient, transport = faulty_client(app, embedded_engine, "lost")
     async with aclient:
         result = await asweep(
             aclient,
@@ -663,13 +657,7 @@ async def test_a_lost_create_on_a_server_that_cannot_list_is_sent_again(
     """Without GET /v1/batches nothing can tell a lost create from one that never arrived: the
     create is sent again (as the client's retry loop would) and the rows are all there."""
     app = create_app(embedded_engine)
-    transport = Faulty(app, "lost", listing=False)
-    aclient = AsyncClient(
-        "http://embedded/v1",
-        model=MODEL,
-        transport=transport,
-        vocab_size=int(embedded_engine.vocab_size),
-    )
+    aclient, transport = faulty_client(app, embedded_engine, "lost", listing=False)
     async with aclient:
         result = await asweep(
             aclient,

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from model_fixture import build_tiny_model
 
 from nbcompletions import CompletionRequest, RequestError
 from nbcompletions.model import load_engine
@@ -23,18 +22,6 @@ from nbcompletions.model._rows import _Row
 from nbcompletions.model._sampling import adjust_logits, sample
 
 PROMPT = "To be, or not to be"
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return load_engine(build_tiny_model(tmp_path_factory.mktemp("tiny-engine")))
-
-
-@pytest.fixture(scope="module", params=["tiny", "shipped"])
-def engine(request: pytest.FixtureRequest, tiny_engine: Engine) -> Engine:
-    if request.param == "tiny":
-        return tiny_engine
-    return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]  # pytest: Any
 
 
 def run(engine: Engine, **fields: Any) -> dict[str, Any]:

@@ -10,28 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from model_fixture import build_tiny_model
 
 from nbcompletions import CompletionRequest, Limits, RequestError
-from nbcompletions.model import load_engine
 from nbcompletions.model._engine import Engine
 from nbcompletions.model._gpt2 import forward_full, log_softmax
 from nbcompletions.model._sampling import adjust_logits, sample
 
 PROMPT = "To be, or not to be"
 EOT = "<|endoftext|>"
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    return load_engine(build_tiny_model(tmp_path_factory.mktemp("tiny-engine-vllm")))
-
-
-@pytest.fixture(scope="module", params=["tiny", "shipped"])
-def engine(request: pytest.FixtureRequest, tiny_engine: Engine) -> Engine:
-    if request.param == "tiny":
-        return tiny_engine
-    return request.getfixturevalue("embedded_engine")  # type: ignore[no-any-return]  # pytest: Any
 
 
 def run(engine: Engine, **fields: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from model_fixture import build_tiny_model
 
 from nbcompletions import CompletionRequest
 from nbcompletions.model import FILES_DIR, _kernels
@@ -19,15 +18,10 @@ from nbcompletions.model._gpt2 import KVCache, forward
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba is not installed")
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-kernels"))
-
-
 @pytest.fixture(scope="module", params=["tiny", "shipped"])
-def model_dir(request: pytest.FixtureRequest, tiny_dir: Path) -> Path:
+def model_dir(request: pytest.FixtureRequest, tiny_model_dir: Path) -> Path:
     if request.param == "tiny":
-        return tiny_dir
+        return tiny_model_dir
     if not (FILES_DIR / "model.safetensors").exists():
         pytest.skip("the embedded model's weights are not built yet")
     return FILES_DIR
@@ -154,12 +148,14 @@ def test_threads_split_rows_without_changing_a_number(model_dir: Path) -> None:
     assert outcomes[0] == outcomes[1]
 
 
-def test_models_the_step_cannot_run_keep_the_numpy_path(tmp_path: Path, tiny_dir: Path) -> None:
+def test_models_the_step_cannot_run_keep_the_numpy_path(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     """float32 weights (or another activation): no compiled step, same answers."""
     from safetensors.numpy import load_file, save_file
 
     f32 = tmp_path / "f32"
-    shutil.copytree(tiny_dir, f32)
+    shutil.copytree(tiny_model_dir, f32)
     tensors = load_file(str(f32 / "model.safetensors"))
     save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(f32 / "model.safetensors"))
     engine = Engine.from_dir(f32)
@@ -167,11 +163,11 @@ def test_models_the_step_cannot_run_keep_the_numpy_path(tmp_path: Path, tiny_dir
     request = CompletionRequest(prompt="To be", max_tokens=6, temperature=0)
     assert (
         engine.complete(request)["choices"][0]["text"]
-        == (Engine.from_dir(tiny_dir).complete(request)["choices"][0]["text"])
+        == (Engine.from_dir(tiny_model_dir).complete(request)["choices"][0]["text"])
     )
 
     relu = tmp_path / "relu"
-    shutil.copytree(tiny_dir, relu)
+    shutil.copytree(tiny_model_dir, relu)
     config = json.loads((relu / "config.json").read_text())
     config["activation_function"] = "relu"
     (relu / "config.json").write_text(json.dumps(config))
