@@ -42,7 +42,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -52,7 +52,7 @@ import numpy as np
 from .._errors import RequestError
 from .._request import DEFAULT_MAX_TOKENS, SAMPLERS, CompletionRequest, check_sampler
 from . import _kernels, _sampling
-from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax
+from ._gpt2 import GPT2Weights, KVCache, forward, load_weights, log_softmax, read_tensors
 from ._rows import _finite, _Parts, _Plan, _Prompt, _Row
 from ._tokenizer import ByteTokenizer
 
@@ -198,8 +198,9 @@ class Engine:
         """Load the model in ``path``. ``compiled=False`` keeps every decode step in numpy (the
         reference the compiled step is tested against)."""
         path = Path(path)
-        weights = load_weights(path)
-        packed = _kernels.pack(path, weights.config) if compiled else None
+        tensors = read_tensors(path)
+        weights = load_weights(path, tensors)
+        packed = _kernels.pack(tensors, weights.config) if compiled else None
         if packed is not None:
             _kernels.warm(packed)
         tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
@@ -218,7 +219,7 @@ class Engine:
             threads=threads,
         )
 
-    def _map(self, calls: list[tuple[int, int]], run: Any) -> None:
+    def _map(self, calls: list[tuple[int, int]], run: Callable[[int, int], None]) -> None:
         """``run(lo, hi)`` for each row range, on this engine's threads and the caller's."""
         if len(calls) == 1:
             run(*calls[0])

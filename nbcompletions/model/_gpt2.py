@@ -35,6 +35,7 @@ __all__ = [
     "load_weights",
     "log_softmax",
     "normalise",
+    "read_tensors",
     "softmax",
 ]
 
@@ -142,15 +143,24 @@ def _folded(w: np.ndarray, b: np.ndarray | None, g: np.ndarray, beta: np.ndarray
     return Linear.of(np.ascontiguousarray(scaled, dtype=F32), bias.astype(F32))
 
 
-def load_weights(directory: str | Path) -> GPT2Weights:
-    """Read ``config.json`` and ``model.safetensors`` from ``directory`` as float32 arrays."""
+def read_tensors(directory: str | Path) -> dict[str, np.ndarray]:
+    """``model.safetensors`` in ``directory`` as stored (float16 here), by GPT-2 parameter name."""
     from safetensors.numpy import load_file
 
+    raw = load_file(str(Path(directory) / "model.safetensors"))
+    # GPT2LMHeadModel saves "transformer.h.0..."; a bare GPT2Model saves "h.0...".
+    return {key.removeprefix("transformer."): value for key, value in raw.items()}
+
+
+def load_weights(
+    directory: str | Path, tensors: Mapping[str, np.ndarray] | None = None
+) -> GPT2Weights:
+    """Read ``config.json`` and ``model.safetensors`` from ``directory`` as float32 arrays
+    (``tensors``: the file already read by `read_tensors`)."""
     directory = Path(directory)
     config = GPT2Config.from_file(directory / "config.json")
-    raw = load_file(str(directory / "model.safetensors"))
-    # GPT2LMHeadModel saves "transformer.h.0..."; a bare GPT2Model saves "h.0...".
-    tensors = {key.removeprefix("transformer."): value for key, value in raw.items()}
+    if tensors is None:
+        tensors = read_tensors(directory)
 
     def get(name: str) -> np.ndarray:
         if name not in tensors:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from ._gpt2 import GPT2Config
 
 __all__ = ["Packed", "available", "decode", "pack", "sample_plain", "warm"]
 
@@ -76,24 +78,13 @@ class Packed:
     head_w: np.ndarray  # (D, V) u16: the output layer (wte.T when tied)
     qscale: np.ndarray  # (L,) f32: the attention's score scale per layer
 
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            getattr(self, f.name).nbytes
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), np.ndarray)
-        )
 
-
-def pack(directory: str | Path, config: Any) -> Packed | None:
-    """The compiled step's weights for the GPT-2 in ``directory``, or None where it cannot run
-    (numba missing, weights not float16, another activation, a padded head size)."""
+def pack(tensors: Mapping[str, np.ndarray], config: GPT2Config) -> Packed | None:
+    """The compiled step's weights from a GPT-2's ``tensors`` as stored (`read_tensors`), or None
+    where it cannot run (numba missing, weights not float16, another activation, a width n_embd
+    that is not a multiple of 4)."""
     if not _NUMBA or config.activation_function not in _GELU_TANH:
         return None
-    from safetensors.numpy import load_file
-
-    raw = load_file(str(Path(directory) / "model.safetensors"))
-    tensors = {key.removeprefix("transformer."): value for key, value in raw.items()}
     n_layer, dim = config.n_layer, config.n_embd
     if dim % config.n_head or dim % 4:
         return None
