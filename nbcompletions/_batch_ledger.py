@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 import warnings
 from collections.abc import Awaitable, Mapping, Sequence
@@ -54,6 +55,9 @@ MARKER_KEY = "nbcompletions_batch"
 # the search goes this much further back than the upload.
 _SLACK_S = 300
 _PAGE = 100  # OpenAI's largest page
+#: Pages searched at most (10,000 batches): a list without creation times, or a server that pages
+#: forever, must not keep a resumed sweep waiting without end.
+_MAX_PAGES = 100
 # What a server answers for a route it does not have: it cannot list batches.
 _NO_LISTING = (404, 405, 501)
 
@@ -179,7 +183,16 @@ async def find_ours(
     found: list[list[dict[str, Any]]] = [[] for _ in entries]
     seen: set[str] = set()
     after: str | None = None
-    while True:
+    for pages in itertools.count(1):
+        if pages > _MAX_PAGES:
+            # Not knowing is not "not found": deciding either way could pay for a batch twice.
+            raise APIError(
+                f"GET /batches still had more after {_MAX_PAGES} pages ({len(seen)} batches) "
+                "without reaching the upload of the batches this sweep looks for (input files "
+                f"{[e.input_file_id for e in entries]}); the sweep stops rather than risk paying "
+                "twice: look these files' batches up on the server",
+                type="batch_lookup",
+            )
         path = f"/batches?limit={_PAGE}" + ("" if after is None else f"&after={quote(after)}")
         try:
             page = await aclient._request_json("GET", path, None)

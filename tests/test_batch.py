@@ -4,6 +4,7 @@ through the official openai SDK), reattaching, cancelling, splitting, and the ba
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -803,3 +804,25 @@ def test_a_process_killed_right_after_creating_a_batch_does_not_pay_again(
     assert resumed.n_failed == 0
     assert len(resumed) == 4
     assert resumed.n_cached == 0
+
+
+async def test_a_batch_list_that_never_ends_stops_the_search_instead_of_paging_forever() -> None:
+    """A server (or a huge account without creation times) whose list always has more: the
+    search gives up after a bounded number of pages with an error naming the files; it neither
+    pages forever nor guesses "not found" (which would send, and pay for, the requests again)."""
+    from nbcompletions._batch_ledger import _MAX_PAGES, Entry, find_ours
+
+    served = itertools.count()
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        cards = [{"id": f"batch_{next(served)}", "metadata": {}} for _ in range(100)]
+        return httpx.Response(200, json={"object": "list", "data": cards, "has_more": True})
+
+    entry = Entry(marker="m", keys=["k"], input_file_id="file-ours", file_created_at=None)
+    async with AsyncClient(
+        "http://x/v1", api_key="k", model=MODEL, transport=httpx.MockTransport(endless)
+    ) as aclient:
+        with pytest.raises(nbc.APIError, match="file-ours") as caught:
+            await find_ours(aclient, [entry])
+    assert caught.value.type == "batch_lookup"
+    assert next(served) == _MAX_PAGES * 100  # every page it was allowed, and not one more
