@@ -226,3 +226,17 @@ def test_without_numba_the_engine_runs_numpy_alone() -> None:
 
     expected = load_engine().complete(CompletionRequest(prompt="ROMEO:", max_tokens=8, seed=1, n=9))
     assert json.loads(done.stdout) == [c["text"] for c in expected["choices"]]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5", "²"])
+def test_a_bad_thread_count_is_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, value: str
+) -> None:
+    monkeypatch.setenv("NBC_THREADS", value)
+    with pytest.raises(ValueError, match=r"NBC_THREADS must be an integer >= 1 .*got") as caught:
+        Engine.from_dir(tiny_model_dir)
+    assert repr(value) in str(caught.value)
+    monkeypatch.delenv("NBC_THREADS")
+    with pytest.raises(ValueError, match="threads must be an integer >= 1 or None; got 0"):
+        Engine.from_dir(tiny_model_dir, threads=0)
+    assert Engine.from_dir(tiny_model_dir, threads=3).threads == 3

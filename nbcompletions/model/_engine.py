@@ -121,6 +121,8 @@ _ROWS_PER_THREAD = 4
 def _default_threads() -> int:
     named = os.environ.get("NBC_THREADS", "").strip()
     if named:
+        if not named.isascii() or not named.isdigit() or int(named) < 1:
+            raise ValueError(f"NBC_THREADS must be an integer >= 1 (or unset); got {named!r}")
         return int(named)
     try:
         return len(os.sched_getaffinity(0))
@@ -157,7 +159,9 @@ class Engine:
         self.packed = packed
         #: Threads a compiled decode step may split its rows over (default: the CPUs this
         #: process may use, or ``NBC_THREADS``).
-        self.threads = max(1, threads if threads is not None else _default_threads())
+        if threads is not None and (isinstance(threads, bool) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 or None; got {threads!r}")
+        self.threads = threads if threads is not None else _default_threads()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._tok = tokenizer
