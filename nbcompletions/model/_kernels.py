@@ -298,6 +298,10 @@ if _NUMBA:
 
     _TILE = 4096  # output columns per pass (measured: 256 to 4096, wider was faster at 1 to 8 rows)
 
+    # Each output is one chain of fused multiply-adds from its bias, k = 0, 1, 2, ... in order
+    # (``o = fma(a_k, w_k, o)``), written the same way in every row block: a row's result does not
+    # depend on which block (or batch) it was computed in. One chain per output uses the two FMA
+    # units better than pairs of products added (measured: 1 row ~25%, 4 rows ~15% faster).
     @_jit_inline
     def _rows1(
         x: Any, w: Any, out: Any, m: int, j0: int, n: int, k: int
@@ -317,7 +321,7 @@ if _NUMBA:
             h1 = _half(w1[j])
             h2 = _half(w2[j])
             h3 = _half(w3[j])
-            o0[j] += (a00 * h0 + a01 * h1) + (a02 * h2 + a03 * h3)
+            o0[j] = (((o0[j] + a00 * h0) + a01 * h1) + a02 * h2) + a03 * h3
 
     @_jit_inline
     def _rows2(
@@ -343,8 +347,8 @@ if _NUMBA:
             h1 = _half(w1[j])
             h2 = _half(w2[j])
             h3 = _half(w3[j])
-            o0[j] += (a00 * h0 + a01 * h1) + (a02 * h2 + a03 * h3)
-            o1[j] += (a10 * h0 + a11 * h1) + (a12 * h2 + a13 * h3)
+            o0[j] = (((o0[j] + a00 * h0) + a01 * h1) + a02 * h2) + a03 * h3
+            o1[j] = (((o1[j] + a10 * h0) + a11 * h1) + a12 * h2) + a13 * h3
 
     @_jit_inline
     def _rows4(
@@ -380,10 +384,10 @@ if _NUMBA:
             h1 = _half(w1[j])
             h2 = _half(w2[j])
             h3 = _half(w3[j])
-            o0[j] += (a00 * h0 + a01 * h1) + (a02 * h2 + a03 * h3)
-            o1[j] += (a10 * h0 + a11 * h1) + (a12 * h2 + a13 * h3)
-            o2[j] += (a20 * h0 + a21 * h1) + (a22 * h2 + a23 * h3)
-            o3[j] += (a30 * h0 + a31 * h1) + (a32 * h2 + a33 * h3)
+            o0[j] = (((o0[j] + a00 * h0) + a01 * h1) + a02 * h2) + a03 * h3
+            o1[j] = (((o1[j] + a10 * h0) + a11 * h1) + a12 * h2) + a13 * h3
+            o2[j] = (((o2[j] + a20 * h0) + a21 * h1) + a22 * h2) + a23 * h3
+            o3[j] = (((o3[j] + a30 * h0) + a31 * h1) + a32 * h2) + a33 * h3
 
     @_jit
     def _matmul(x: Any, w: Any, b: Any, out: Any) -> None:  # pragma: no cover - compiled
@@ -391,7 +395,7 @@ if _NUMBA:
 
         Weights are converted as they are used, four weight rows at a time, and each converted
         block serves up to four rows of ``x``. Every output is summed in the same order whatever
-        M is (``b``, then for each block of four k's ``(a0 w0 + a1 w1) + (a2 w2 + a3 w3)``), so a
+        M is (``b``, then ``+ a_k w_k`` fused, for k = 0, 1, 2, ... in order), so a
         row's result does not depend on what else is in the batch.
         """
         rows, depth = x.shape
@@ -446,15 +450,22 @@ if _NUMBA:
         scale: float,
         out: Any,
     ) -> None:  # pragma: no cover - compiled
-        """Causal attention of each row's new query over its cached keys (its own included)."""
+        """Causal attention of each row's new query over its cached keys (its own included).
+
+        Four cached positions at a time: their four dot products share one pass over the query,
+        and their four weighted values one pass over the output (measured: 1.3x to 1.8x faster
+        than one position at a time, whose loop overhead cost more than its 32 multiply-adds).
+        """
         rows = qkv.shape[0]
         dim = qkv.shape[1] // 3
         head = dim // n_head
         capacity = k_cache.shape[3]
         scores = np.empty(capacity, np.float32)
+        acc = np.empty(head, np.float32)
         for m in range(rows):
             slot = slots[m]
             pos = positions[m]
+            n = pos + 1
             for h in range(n_head):
                 q = qkv[m, h * head : (h + 1) * head]
                 keys = k_cache[layer, slot, h]
@@ -464,29 +475,56 @@ if _NUMBA:
                 for i in range(head):
                     keys[pos, i] = knew[i]
                     values[pos, i] = vnew[i]
-                top = np.float32(-np.inf)
-                for s in range(pos + 1):
+                s = 0
+                while s + 4 <= n:
+                    k0, k1, k2, k3 = keys[s], keys[s + 1], keys[s + 2], keys[s + 3]
+                    d0 = d1 = d2 = d3 = np.float32(0.0)
+                    for i in range(head):
+                        qi = q[i]
+                        d0 += qi * k0[i]
+                        d1 += qi * k1[i]
+                        d2 += qi * k2[i]
+                        d3 += qi * k3[i]
+                    scores[s] = d0 * scale
+                    scores[s + 1] = d1 * scale
+                    scores[s + 2] = d2 * scale
+                    scores[s + 3] = d3 * scale
+                    s += 4
+                while s < n:
                     key = keys[s]
                     dot = np.float32(0.0)
                     for i in range(head):
                         dot += q[i] * key[i]
-                    dot *= scale
-                    scores[s] = dot
-                    if dot > top:
-                        top = dot
+                    scores[s] = dot * scale
+                    s += 1
+                top = np.float32(-np.inf)
+                for s in range(n):
+                    top = max(top, scores[s])
                 total = np.float32(0.0)
-                for s in range(pos + 1):
+                for s in range(n):
                     e = _exp(scores[s] - top)
                     scores[s] = e
                     total += e
+                inv = np.float32(1.0) / total
+                for i in range(head):
+                    acc[i] = np.float32(0.0)
+                s = 0
+                while s + 4 <= n:
+                    w0, w1 = scores[s] * inv, scores[s + 1] * inv
+                    w2, w3 = scores[s + 2] * inv, scores[s + 3] * inv
+                    v0, v1, v2, v3 = values[s], values[s + 1], values[s + 2], values[s + 3]
+                    for i in range(head):
+                        acc[i] += (w0 * v0[i] + w1 * v1[i]) + (w2 * v2[i] + w3 * v3[i])
+                    s += 4
+                while s < n:
+                    w0 = scores[s] * inv
+                    v0 = values[s]
+                    for i in range(head):
+                        acc[i] += w0 * v0[i]
+                    s += 1
                 orow = out[m, h * head : (h + 1) * head]
                 for i in range(head):
-                    orow[i] = np.float32(0.0)
-                for s in range(pos + 1):
-                    weight = scores[s] / total
-                    value = values[s]
-                    for i in range(head):
-                        orow[i] += weight * value[i]
+                    orow[i] = acc[i]
 
     @_jit_fast
     def _gelu(x: Any) -> None:  # pragma: no cover - compiled
@@ -559,7 +597,11 @@ if _NUMBA:
         no_bias = np.zeros(head_w.shape[1], np.float32)
         _matmul(h, head_w, no_bias, logits[lo:hi])
 
-    @numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+    # FMA contraction only (exp's polynomial: ~1.7x faster, still within 1 ulp); no other fast-math,
+    # the logits hold -inf for banned tokens.
+    @numba.njit(
+        cache=True, nogil=True, boundscheck=False, error_model="numpy", fastmath={"contract"}
+    )
     def _sample_rows(mu: Any, temperature: float, draws: Any, out: Any) -> bool:  # pragma: no cover
         """Row r: the first token whose running probability mass exceeds draws[r] x the total."""
         rows, vocab = mu.shape
