@@ -9,7 +9,8 @@ one run, and prints the ratios:
 - ``batching``: CPU of 8 concurrent n=1 requests over CPU of one n=8 request (target <= 1.3), and
   wall time of one n=8 request over one n=1 request (target <= 2); through the app in-process,
   same prompt, end-of-text banned so every completion has ``--max-tokens`` tokens; alternating,
-  median of ``--repeats``;
+  median of ``--repeats``. Then the compiled decode step alone: 1 row, 4 rows on one thread, and
+  2 threads of 4 rows at once (an n=8 step on two cores), which bounds the wall ratio from below;
 - ``sweep``: a 200-request sweep on the embedded model as in notebook 03 (2 prompts x 5
   temperatures x 20 repeats, max_tokens 24, logprobs 5) with ``nbcompletions.Client()``: wall and
   CPU time
@@ -83,12 +84,62 @@ async def _batching(repeats: int, max_tokens: int) -> dict[str, Any]:
         for name, s in samples.items()
     }
     return {
+        **_step_floor(engine),
         "n1_wall": med["n1"][0],
         "n8_wall": med["n8"][0],
         "n8_cpu": med["n8"][1],
         "eight_n1_cpu": med["eight_n1"][1],
         "eight_n1_wall": med["eight_n1"][0],
     }
+
+
+def _step_floor(engine: Any) -> dict[str, float]:
+    """The compiled decode step alone at position 75 (about mid-way through 128 tokens): one row,
+    four rows on one thread (each thread's share of an n=8 step on two cores) and two threads
+    running four rows each at once. The fastest quarter of interleaved rounds, in ms. Empty where
+    the checkout has no compiled step."""
+    import concurrent.futures
+
+    import numpy as np
+
+    try:
+        from nbcompletions.model import _kernels
+    except ImportError:
+        return {}
+    packed = getattr(engine, "packed", None)
+    if packed is None:
+        return {}
+    layers, heads, dim = packed.ln1.shape[0], packed.n_head, packed.wte.shape[1]
+    vocab = packed.head_w.shape[1]
+
+    def state(rows: int) -> tuple[Any, ...]:
+        rng = np.random.default_rng(rows)
+        k = (rng.standard_normal((layers, rows, heads, 256, dim // heads)) * 0.5).astype("f4")
+        logits = np.empty((rows, vocab), np.float32)
+        return rng.integers(0, vocab, rows), k, k.copy(), np.full(rows, 75), logits
+
+    one, four, four_b = state(1), state(4), state(4)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+
+    def run(s: tuple[Any, ...]) -> None:
+        _kernels.decode(packed, *s[:4], s[4], 0, len(s[0]))
+
+    def both() -> None:
+        other = pool.submit(run, four_b)
+        run(four)
+        other.result()
+
+    cases = {"floor_1row": lambda: run(one), "floor_4rows": lambda: run(four), "floor_2x4": both}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(40):
+        for name, case in cases.items():
+            start = time.perf_counter()
+            for _ in range(10):
+                case()
+            times[name].append((time.perf_counter() - start) / 10 * 1e3)
+    pool.shutdown()
+    quarter = 10
+    return {name: sum(sorted(t)[:quarter]) / quarter for name, t in times.items()}
 
 
 def _sweep() -> dict[str, Any]:
@@ -323,6 +374,15 @@ def main() -> None:
                 f"{r['n8_wall']:.3f} / {r['n1_wall']:.3f} s = {r['n8_wall'] / r['n1_wall']:.2f}x "
                 "(target <= 2)"
             )
+            if "floor_1row" in r:
+                print(
+                    f"           the compiled step alone at position 75: 1 row "
+                    f"{r['floor_1row']:.3f} ms,"
+                    f" 4 rows {r['floor_4rows']:.3f} ms ({r['floor_4rows'] / r['floor_1row']:.2f}x"
+                    f"), 2 threads x 4 rows at once {r['floor_2x4']:.3f} ms "
+                    f"({r['floor_2x4'] / r['floor_1row']:.2f}x: an n=8 step on two cores costs at "
+                    "least this over an n=1 step)"
+                )
     if "sweep" in parts:
         print("sweep: 2 prompts x 5 temperatures x 20 repeats, max_tokens 24, logprobs 5, Client()")
         results = {name: _run(checkout, "sweep", args) for name, checkout in checkouts.items()}
