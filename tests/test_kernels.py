@@ -201,6 +201,58 @@ def test_compiled_sampling_picks_what_numpy_picks() -> None:
     assert _kernels.sample_plain(np.full((1, 8), -np.inf), 1.0, np.zeros(1)) is None
 
 
+def test_sampling_the_batch_in_place_picks_what_the_copies_pick() -> None:
+    """`sample_slots` reads float32 logits by slot and adds the bias itself: the same tokens as
+    adjust_logits' float64 copy through `sample_plain`, with and without a bias."""
+    from nbcompletions.model import _sampling
+
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        logits = (rng.standard_normal((9, 512)) * (1 + seed % 5)).astype(np.float32)
+        slots = rng.permutation(9)[: 1 + seed % 8]
+        bias = None
+        if seed % 2:
+            bias = _sampling.bias_vector({int(t): -100.0 for t in rng.integers(0, 512, 30)}, 512)
+            bias[7] = 3.5
+        temperature = [0.3, 0.7, 1.0, 1.5][seed % 4]
+        draws = rng.random(len(slots))
+        mu = _sampling.adjust_logits(logits[slots], bias, None, 0.0, 0.0)
+        expected = _kernels.sample_plain(mu, temperature, draws)
+        got = _kernels.sample_slots(logits, slots, bias, temperature, draws)
+        assert got is not None
+        assert expected is not None
+        assert got.tolist() == expected.tolist()
+    every = _sampling.bias_vector(dict.fromkeys(range(8), -100.0), 8)
+    assert _kernels.sample_slots(np.zeros((1, 8), np.float32), np.zeros(1, np.int64), every, 1.0,
+                                 np.zeros(1)) is None  # fmt: skip
+
+
+def test_plain_jobs_sample_as_the_general_path_does(engine: Engine) -> None:
+    """A job without penalties, cuts or logprobs samples through `sample_slots`; forcing it
+    through the general path (copies, adjust_logits, sample) gives the same completions."""
+    requests = [
+        CompletionRequest(prompt="To be", n=5, max_tokens=12, seed=3, temperature=0.8),
+        CompletionRequest(
+            prompt=["O Romeo", "HAMLET:"], n=2, max_tokens=10, seed=4,
+            logit_bias={str(engine.eot_token_id): -100, "11": 4},
+        ),
+    ]  # fmt: skip
+    for request in requests:
+        fast = engine.job(request, stream=False)
+        general = engine.job(request, stream=False)
+        assert fast.plain
+        general.plain = False
+        DecodeBatch(engine).run([fast])
+        DecodeBatch(engine).run([general])
+        assert fast.response()["choices"] == general.response()["choices"]
+    for other in (
+        {"logprobs": 0}, {"top_p": 0.9}, {"frequency_penalty": 0.5}, {"best_of": 2},
+        {"temperature": 0},
+    ):  # fmt: skip
+        request = CompletionRequest(prompt="To be", max_tokens=3, **other)  # type: ignore[arg-type]
+        assert not engine.job(request, stream=False).plain
+
+
 def test_without_numba_the_engine_runs_numpy_alone() -> None:
     """Where numba cannot import, nothing fails: the engine decodes and samples in numpy, with the
     same text as the compiled path."""

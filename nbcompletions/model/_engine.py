@@ -541,6 +541,19 @@ class Job:
         self.active = np.zeros(0, np.int64)  # row ids still generating, in order
         self.slots = np.zeros(0, np.int64)  # the batch slot of each active row
         self.penalised = bool(plan.frequency_penalty or plan.presence_penalty)
+        #: Sampled by the compiled sampler straight from the batch's float32 logits: no penalties,
+        #: no cut (top_p, top_k, min_p), and nothing that reads the model's logprobs.
+        self.plain = (
+            _kernels.available()
+            and not self.penalised
+            and plan.repetition_penalty == 1.0
+            and plan.temperature > 0.0
+            and plan.top_p >= 1.0
+            and not 0 < plan.top_k < engine.vocab_size
+            and plan.min_p <= 0.0
+            and plan.logprobs is None
+            and plan.best_of <= plan.n
+        )
         self.counts: np.ndarray | None = None  # (rows, V) tokens sampled so far, for penalties
         #: (rows, V) tokens in each row's prompt or sampled so far, for vLLM's repetition_penalty
         self.seen: np.ndarray | None = None
@@ -672,6 +685,11 @@ class Job:
         generator's draws come in the same order either way.
         """
         active = self.active
+        if self.plain:
+            chosen = self._sample_plain(logits)
+            self.steps += 1
+            self._emit_rows(active.tolist())
+            return chosen
         chosen = np.empty(len(active), np.int64)
         for start in range(0, len(active), _SAMPLE_ROWS):
             part = slice(start, start + _SAMPLE_ROWS)
@@ -682,6 +700,20 @@ class Job:
             self.seen[active, chosen] = True
         self.steps += 1
         self._emit_rows(active.tolist())
+        return chosen
+
+    def _sample_plain(self, logits: np.ndarray) -> np.ndarray:
+        """`_sample_rows` for a `plain` job, reading the batch's logits in place: the same draws
+        and arithmetic, so the same tokens."""
+        plan, engine = self.plan, self.engine
+        draws = np.asarray(self.rng.random(len(self.active)))
+        chosen = _kernels.sample_slots(logits, self.slots, plan.bias, plan.temperature, draws)
+        if chosen is None:  # a row with every token banned: numpy decides, with the same draws
+            mu = _sampling.adjust_logits(logits[self.slots], plan.bias, None, 0.0, 0.0)
+            chosen = _sampling.sample(mu, plan.temperature, 1.0, self.rng, draws=draws)
+        eot, token_bytes, rows = engine.eot_token_id, engine._token_bytes, self.rows
+        for r, token in zip(self.active.tolist(), chosen.tolist(), strict=True):
+            rows[r].add(token, token_bytes[token], 0.0, None, eot)
         return chosen
 
     def _sample_rows(self, active: np.ndarray, next_logits: np.ndarray) -> np.ndarray:

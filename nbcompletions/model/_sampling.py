@@ -74,10 +74,12 @@ def sample(
     *,
     top_k: int = 0,
     min_p: float = 0.0,
+    draws: np.ndarray | None = None,
 ) -> np.ndarray:
     """(B, V) adjusted logits -> (B,) sampled token ids; one uniform draw per row when sampling.
 
     ``top_k`` 0 (or -1) and ``min_p`` 0 are off; temperature 0 ignores both (as vLLM does).
+    ``draws``: the (B,) uniform draws of plain sampling, already taken from ``rng``.
     """
     if temperature == 0.0:
         greedy: np.ndarray = np.argmax(mu, axis=1)
@@ -85,7 +87,8 @@ def sample(
     batch, vocab = mu.shape
     plain = top_p >= 1.0 and not 0 < top_k < vocab and min_p <= 0.0
     if plain:  # the common case, compiled where numba is (the same draws, the same tokens)
-        draws = np.asarray(rng.random(batch))
+        if draws is None:
+            draws = np.asarray(rng.random(batch))
         compiled = _kernels.sample_plain(mu, temperature, draws)
         if compiled is not None:
             return compiled
