@@ -14,7 +14,7 @@ import difflib
 import json
 import logging
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -55,33 +55,51 @@ _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
 class _LoopState:
     """What is bound to one event loop: the HTTP connection pools and the concurrency semaphore.
 
-    Requests are spread over several small httpx clients rather than one big one: httpcore 1.0's
-    pool does work quadratic in its connection count on every request and response (it rescans
-    all connections for each idle one), which at 32 connections cost more CPU than the rest of a
-    request. Pools of at most `_POOL_SIZE` connections keep that small.
+    Each request in flight has a small httpx client (a pool) to itself: `take` hands out an idle
+    one (making one when none is), `give_back` returns it once the response is closed. httpcore
+    1.0's pool rescans all its connections for each idle one on every request and response
+    (quadratic in its size), and while a request it handed an idle connection to waits for that
+    connection's locks, hands the same connection to a request that starts meanwhile; one of them
+    then fails over and scans again (at 32 in flight, one to two extra scans per request). A pool
+    that serves one request at a time does neither. The pools share one SSL context: making one
+    per pool (httpx's default) would cost ~50 ms each. A given transport (in-process, mock) is
+    one pool shared by every request: it has no connections to split.
     """
 
-    __slots__ = ("_next", "https", "semaphore")
+    __slots__ = ("_idle", "_make", "_shared", "https", "semaphore")
 
-    def __init__(self, https: list[httpx.AsyncClient], semaphore: asyncio.Semaphore | None) -> None:
-        self.https = https
+    def __init__(
+        self,
+        make: Callable[[], httpx.AsyncClient],
+        semaphore: asyncio.Semaphore | None,
+        *,
+        shared: bool,
+    ) -> None:
+        self._make = make
         self.semaphore = semaphore
-        self._next = 0
+        self.https: list[httpx.AsyncClient] = []  # every pool made, to close
+        self._idle: list[httpx.AsyncClient] = []
+        self._shared = make() if shared else None
+        if self._shared is not None:
+            self.https.append(self._shared)
 
-    @property
-    def http(self) -> httpx.AsyncClient:
-        https = self.https
-        if len(https) == 1:
-            return https[0]
-        self._next = (self._next + 1) % len(https)
-        return https[self._next]
+    def take(self) -> httpx.AsyncClient:
+        """A pool for one request: the most recently used idle one (its connection is warm)."""
+        if self._shared is not None:
+            return self._shared
+        if self._idle:
+            return self._idle.pop()
+        http = self._make()
+        self.https.append(http)
+        return http
+
+    def give_back(self, http: httpx.AsyncClient) -> None:
+        if http is not self._shared:
+            self._idle.append(http)
 
     async def aclose(self) -> None:
         for http in self.https:
             await http.aclose()
-
-
-_POOL_SIZE = 8
 
 
 class _NoLimit:
@@ -395,23 +413,35 @@ class AsyncClient(_BaseClient):
         state = self._states.get(loop)
         if state is None:
             target = self._settings.target
-            connections = (self.max_concurrency or 64) * len(target.endpoints)
-            # A given transport (in-process, mock) has no pool to split.
-            pools = 1 if target.transport is not None else -(-connections // _POOL_SIZE)
+            shared = target.transport is not None
+            # One pool serves one request at a time, to each endpoint at most one connection;
+            # the shared one (a given transport) holds no connections of its own.
             limits = httpx.Limits(
-                max_connections=1000, max_keepalive_connections=max(20, -(-connections // pools))
+                max_connections=1000, max_keepalive_connections=max(20, len(target.endpoints))
             )
-            https = [
-                httpx.AsyncClient(
-                    transport=target.transport,
-                    timeout=self._settings.timeout,
-                    follow_redirects=False,
-                    limits=limits,
-                )
-                for _ in range(pools)
-            ]
+            timeout = self._settings.timeout
+            if shared:
+
+                def make() -> httpx.AsyncClient:
+                    return httpx.AsyncClient(
+                        transport=target.transport,
+                        timeout=timeout,
+                        follow_redirects=False,
+                        limits=limits,
+                    )
+
+            else:
+                # What httpx makes for each client by default (certifi, or SSL_CERT_FILE/DIR),
+                # made once for all the pools.
+                ssl_context = httpx.create_ssl_context()
+
+                def make() -> httpx.AsyncClient:
+                    return httpx.AsyncClient(
+                        verify=ssl_context, timeout=timeout, follow_redirects=False, limits=limits
+                    )
+
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
-            state = self._states[loop] = _LoopState(https, semaphore)
+            state = self._states[loop] = _LoopState(make, semaphore, shared=shared)
         return state
 
     def _secret_values(self) -> list[str]:
@@ -533,8 +563,8 @@ class AsyncClient(_BaseClient):
             retryable = True
             async with limit:
                 endpoint.in_flight += 1
+                http = state.take()
                 try:
-                    http = state.http
                     http_request = http.build_request(
                         method,
                         endpoint.url + path,
@@ -592,6 +622,7 @@ class AsyncClient(_BaseClient):
                     retryable = True
                 finally:
                     endpoint.in_flight -= 1
+                    state.give_back(http)
             await self._retry_or_raise(error, retries, error_headers, retryable and retry)
             retries += 1
 
