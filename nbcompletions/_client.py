@@ -66,7 +66,7 @@ class _LoopState:
     one pool shared by every request: it has no connections to split.
     """
 
-    __slots__ = ("_idle", "_make", "_shared", "https", "semaphore")
+    __slots__ = ("_idle", "_made", "_make", "_shared", "https", "semaphore")
 
     def __init__(
         self,
@@ -79,6 +79,10 @@ class _LoopState:
         self.semaphore = semaphore
         self.https: list[httpx.AsyncClient] = []  # every pool made, to close
         self._idle: list[httpx.AsyncClient] = []
+        # (url, *headers) -> what `build` reuses; bounded in case headers keep changing.
+        self._made: dict[
+            tuple[str, ...], tuple[httpx.URL, httpx.Headers, dict[str, float | None]]
+        ] = {}
         self._shared = make() if shared else None
         if self._shared is not None:
             self.https.append(self._shared)
@@ -92,6 +96,34 @@ class _LoopState:
         http = self._make()
         self.https.append(http)
         return http
+
+    def build(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        url: str,
+        content: bytes | None,
+        headers: dict[str, str],
+    ) -> httpx.Request:
+        """``http.build_request(method, url, content=content, headers=headers)``, the same
+        request, with what depends only on the URL and headers (parsing the URL, merging the
+        headers with httpx's defaults: a quarter of a request's CPU in httpx) made once."""
+        if http.cookies or http.params or str(http.base_url):
+            # Cookies a server set on this pool (or anything else httpx would merge) go in as
+            # httpx adds them.
+            return http.build_request(method, url, content=content, headers=headers)
+        key = (url, *headers.keys(), *headers.values())
+        made = self._made.get(key)
+        if made is None:
+            merged = httpx.Headers(http.headers)
+            merged.update(headers)
+            made = (httpx.URL(url), merged, http.timeout.as_dict())
+            if len(self._made) < 256:
+                self._made[key] = made
+        target, merged, timeout = made
+        return httpx.Request(
+            method, target, content=content, headers=merged, extensions={"timeout": dict(timeout)}
+        )
 
     def give_back(self, http: httpx.AsyncClient) -> None:
         if http is not self._shared:
@@ -565,11 +597,8 @@ class AsyncClient(_BaseClient):
                 endpoint.in_flight += 1
                 http = state.take()
                 try:
-                    http_request = http.build_request(
-                        method,
-                        endpoint.url + path,
-                        content=content,
-                        headers=endpoint.headers(headers),
+                    http_request = state.build(
+                        http, method, endpoint.url + path, content, endpoint.headers(headers)
                     )
                     response = await http.send(http_request, stream=True)
                     try:

@@ -247,7 +247,7 @@ def _tidy_strings(frame: pd.DataFrame) -> pd.DataFrame:
     for name in frame.columns:
         column = frame[name]
         if isinstance(column.dtype, pd.StringDtype):
-            values = column.to_numpy(dtype=object, na_value=None)
+            values = column.array.to_numpy(dtype=object, na_value=None)
             frame[name] = pd.Series(values, index=frame.index, dtype=object, name=name)
         elif pd.api.types.is_object_dtype(column.dtype):
             # One scan for missing values (the most of this function's time on the token frames
