@@ -52,6 +52,33 @@ log = logging.getLogger("nbcompletions")
 _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
 
 
+class _Cookies(httpx.Cookies):
+    """httpx's cookie jar, that reads a response only when it sets a cookie: httpx runs every
+    response through urllib's cookie machinery, ~5% of a request's CPU, to find none."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        headers = response.headers
+        if "set-cookie" in headers or "set-cookie2" in headers:
+            super().extract_cookies(response)
+
+
+class _Pool(httpx.AsyncClient):
+    """An httpx client whose cookies are a jar shared with the client's other pools, so a cookie
+    a server set is sent from whichever pool the next request takes."""
+
+    def __init__(self, *, jar: _Cookies, **options: Any) -> None:
+        super().__init__(**options)
+        self._jar = jar
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._jar
+
+    @cookies.setter
+    def cookies(self, cookies: httpx._types.CookieTypes) -> None:
+        self._jar = _Cookies(cookies)
+
+
 class _LoopState:
     """What is bound to one event loop: the HTTP connection pools and the concurrency semaphore.
 
@@ -61,9 +88,9 @@ class _LoopState:
     (quadratic in its size), and while a request it handed an idle connection to waits for that
     connection's locks, hands the same connection to a request that starts meanwhile; one of them
     then fails over and scans again (at 32 in flight, one to two extra scans per request). A pool
-    that serves one request at a time does neither. The pools share one SSL context: making one
-    per pool (httpx's default) would cost ~50 ms each. A given transport (in-process, mock) is
-    one pool shared by every request: it has no connections to split.
+    that serves one request at a time does neither. The pools share one SSL context (making one
+    per pool, httpx's default, would cost ~50 ms each) and one cookie jar. A given transport
+    (in-process, mock) is one pool shared by every request: it has no connections to split.
     """
 
     __slots__ = ("_idle", "_made", "_make", "_shared", "https", "semaphore")
@@ -452,10 +479,12 @@ class AsyncClient(_BaseClient):
                 max_connections=1000, max_keepalive_connections=max(20, len(target.endpoints))
             )
             timeout = self._settings.timeout
+            jar = _Cookies()
             if shared:
 
                 def make() -> httpx.AsyncClient:
-                    return httpx.AsyncClient(
+                    return _Pool(
+                        jar=jar,
                         transport=target.transport,
                         timeout=timeout,
                         follow_redirects=False,
@@ -468,8 +497,12 @@ class AsyncClient(_BaseClient):
                 ssl_context = httpx.create_ssl_context()
 
                 def make() -> httpx.AsyncClient:
-                    return httpx.AsyncClient(
-                        verify=ssl_context, timeout=timeout, follow_redirects=False, limits=limits
+                    return _Pool(
+                        jar=jar,
+                        verify=ssl_context,
+                        timeout=timeout,
+                        follow_redirects=False,
+                        limits=limits,
                     )
 
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None

@@ -137,16 +137,18 @@ def test_requests_are_built_as_httpx_builds_them() -> None:
         assert ours.read() == theirs.read()
 
 
-def test_a_cookie_the_server_sets_is_sent_back() -> None:
-    server = Server(cookie="session=abc123")
+def test_a_cookie_the_server_sets_is_sent_back_from_every_pool() -> None:
+    server = Server(cookie="session=abc123", delay=0.005)
 
     async def run() -> None:
         async with server as url:
-            client = AsyncClient(url, api_key="sk-test", model="m", max_concurrency=1)
-            for _ in range(3):
-                await client.complete("x", max_tokens=1)
+            client = AsyncClient(url, api_key="sk-test", model="m", max_concurrency=4)
+            await client.complete("x", max_tokens=1)
+            # Four in flight at once: four pools, one jar.
+            await asyncio.gather(*(client.complete("x", max_tokens=1) for _ in range(4)))
             await client.close()
 
     asyncio.run(run())
+    assert server.connections == 4
     cookies: list[Any] = [header(head, "cookie") for head in server.heads]
-    assert cookies == [None, "session=abc123", "session=abc123"]
+    assert cookies == [None] + ["session=abc123"] * 4
