@@ -173,6 +173,35 @@ def _digest(key: str, stored: bytes | str) -> str:
     return hashlib.sha256(key.encode("utf-8") + b"\0" + data).hexdigest()[:32]
 
 
+_INSERT = (
+    "INSERT OR REPLACE INTO responses (key, response, latency, created, prompt_tokens, "
+    "completion_tokens, total_tokens, response_id, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _row(key: str, response: Mapping[str, Any], latency: float | None) -> tuple[Any, ...]:
+    """One response as a row of the ``responses`` table: compressed, with its digest."""
+    # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
+    # stored text must round-trip whatever was received.
+    text = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False)
+    stored = zlib.compress(text.encode("utf-8"), _ZLIB_LEVEL)
+    usage = response.get("usage")
+    usage = usage if isinstance(usage, Mapping) else {}
+    numbers = [
+        usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
+    ]
+    rid = response.get("id")
+    return (
+        key,
+        stored,
+        latency,
+        time.time(),
+        *numbers,
+        rid if isinstance(rid, str) else None,
+        _digest(key, stored),
+    )
+
+
 def _fix_for(exc: sqlite3.Error) -> str:
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
@@ -456,31 +485,26 @@ class Cache:
         A claim this cache held on ``key`` needs no release: an answered key is never claimed
         again (see `claim`), and `close` drops this cache's claim rows.
         """
-        # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
-        # stored text must round-trip whatever was received.
-        text = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False)
-        stored = zlib.compress(text.encode("utf-8"), _ZLIB_LEVEL)
-        usage = response.get("usage")
-        usage = usage if isinstance(usage, Mapping) else {}
-        numbers = [
-            usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
-        ]
-        rid = response.get("id")
+        row = _row(key, response, latency)
         with self._lock, self._sqlite(key):
-            self._connection.execute(
-                "INSERT OR REPLACE INTO responses (key, response, latency, created, "
-                "prompt_tokens, completion_tokens, total_tokens, response_id, digest) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    stored,
-                    latency,
-                    time.time(),
-                    *numbers,
-                    rid if isinstance(rid, str) else None,
-                    _digest(key, stored),
-                ),
-            )
+            self._connection.execute(_INSERT, row)
+
+    def put_many(self, items: Iterable[tuple[str, Mapping[str, Any], float | None]]) -> None:
+        """Store several ``(key, response, latency)`` as `put` does, in one transaction: all are
+        committed when this returns, or none is. A commit per response is most of what storing
+        one costs, so a sweep stores those that arrive together this way."""
+        rows = [_row(key, response, latency) for key, response, latency in items]
+        if not rows:
+            return
+        with self._lock, self._sqlite(rows[0][0]):
+            conn = self._connection
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     # -- claims: several processes, one file -------------------------------------------------------
     def claim(self, keys: Iterable[str]) -> list[str]:

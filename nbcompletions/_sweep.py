@@ -155,6 +155,55 @@ def _warn_failures(result: SweepResult) -> None:
     )
 
 
+class _Puts:
+    """Stores a sweep's responses in the cache a step of the event loop at a time: those that
+    arrive in one step go in one transaction (a commit per response was most of what storing one
+    cost). `put` returns once its response is committed, and only then does the request count as
+    finished (rows, progress), so a crash loses nothing reported finished; a commit still pending
+    when the sweep stops (cancelled, interrupted, failed) is made by `flush` before the cache
+    closes, so no response that arrived is paid for twice."""
+
+    def __init__(self, store: Cache) -> None:
+        self.store = store
+        self._items: list[tuple[str, Mapping[str, Any], float | None]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._handle: asyncio.Handle | None = None
+
+    async def put(self, key: str, response: Mapping[str, Any], latency: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._items.append((key, response, latency))
+        self._waiters.append(waiter)
+        if self._handle is None:
+            self._handle = loop.call_soon(self._commit)
+        await waiter
+
+    def _commit(self) -> None:
+        self._handle = None
+        waiters = self._waiters
+        try:
+            self.flush()
+        except Exception as exc:  # a CacheError: each request whose response it held raises it
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    # Retrieved here: a waiter cancelled before it wakes would leave it unread.
+                    waiter.exception()
+
+    def flush(self) -> None:
+        """Commit what is pending now (raises what the cache raises)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        items, waiters = self._items, self._waiters
+        self._items, self._waiters = [], []
+        if items:
+            self.store.put_many(items)
+        for waiter in waiters:
+            if not waiter.done():  # one whose request was cancelled meanwhile
+                waiter.set_result(None)
+
+
 class _Claims:
     """The order requests are sent in, claimed in the cache first so that two processes sharing
     one cache file do not both pay (see `Cache.claim`); without a cache it only hands out indices.
@@ -233,6 +282,7 @@ async def _execute(
     watch = _FailureWatch(fail_fast)
     capabilities: dict[str, Any] | None = None
     writer: ResultsWriter | None = None
+    puts: _Puts | None = None
     # In memory: every point's outcome. Streaming: only those not yet handed to the writer.
     outcomes: list[_Outcome] | dict[int, _Outcome]
     if prepared.outcomes is not None:
@@ -289,6 +339,7 @@ async def _execute(
             prepared.pending if prepared.pending is not None else streamed_pending()
         )
         claims = _Claims(store, grid, pending)
+        puts = _Puts(store) if store is not None else None
         workers = min(max_concurrency or _client_concurrency(aclient), max(prepared.n_pending, 1))
 
         async def send(i: int) -> None:
@@ -310,8 +361,8 @@ async def _execute(
                 watch.success()
                 outcome.latency = time.perf_counter() - started
                 outcome.response = completion.raw
-                if store is not None:
-                    store.put(point.key, completion.raw, latency=outcome.latency)
+                if puts is not None:
+                    await puts.put(point.key, completion.raw, outcome.latency)
                 usage = completion.raw.get("usage") or {}
                 for name in spent:
                     value = usage.get(name) if isinstance(usage, Mapping) else None
@@ -370,8 +421,12 @@ async def _execute(
     finally:
         if bar is not None:
             bar.close()
-        if prepared.owns_cache and store is not None:
-            store.close()
+        try:
+            if puts is not None:
+                puts.flush()  # responses that arrived just before the sweep stopped
+        finally:
+            if prepared.owns_cache and store is not None:
+                store.close()
         if writer is not None:
             writer.flush()  # what finished is on disk, even after an interrupt
 
