@@ -146,7 +146,9 @@ def _write_part(path: Path, frame: pd.DataFrame) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    # One thread: pyarrow's default starts a thread pool for each frame, which cost more than the
+    # conversion of a part's few thousand rows (and competes with the sweep's event loop).
+    table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
     temporary = path.with_suffix(".tmp")
     pq.write_table(table, temporary)
     os.replace(temporary, path)  # readers see a whole part or none
