@@ -179,12 +179,28 @@ _INSERT = (
 )
 
 
-def _row(key: str, response: Mapping[str, Any], latency: float | None) -> tuple[Any, ...]:
+def _as_received(text: bytes | None) -> bytes | None:
+    """``text`` when it can be stored as it came: UTF-8 (what `CachedResponse.text` decodes)
+    without a byte-order mark; else None, and the parsed response is written out instead."""
+    if text is None or text.startswith(b"\xef\xbb\xbf"):
+        return None
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text
+
+
+def _row(
+    key: str, response: Mapping[str, Any], latency: float | None, text: bytes | None = None
+) -> tuple[Any, ...]:
     """One response as a row of the ``responses`` table: compressed, with its digest."""
-    # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
-    # stored text must round-trip whatever was received.
-    text = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False)
-    stored = zlib.compress(text.encode("utf-8"), _ZLIB_LEVEL)
+    data = _as_received(text)
+    if data is None:
+        # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
+        # stored text must round-trip whatever was received.
+        data = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False).encode()
+    stored = zlib.compress(data, _ZLIB_LEVEL)
     usage = response.get("usage")
     usage = usage if isinstance(usage, Mapping) else {}
     numbers = [
@@ -479,21 +495,32 @@ class Cache:
                     self._connection.execute("DELETE FROM responses WHERE key = ?", (key,))
         return bad
 
-    def put(self, key: str, response: Mapping[str, Any], *, latency: float | None = None) -> None:
+    def put(
+        self,
+        key: str,
+        response: Mapping[str, Any],
+        *,
+        latency: float | None = None,
+        text: bytes | None = None,
+    ) -> None:
         """Store one response and commit at once (autocommit), so an interrupt cannot lose it.
+        ``text``, the response's JSON as received (``response`` parsed from it), is stored as it
+        came instead of writing ``response`` out again.
 
         A claim this cache held on ``key`` needs no release: an answered key is never claimed
         again (see `claim`), and `close` drops this cache's claim rows.
         """
-        row = _row(key, response, latency)
+        row = _row(key, response, latency, text)
         with self._lock, self._sqlite(key):
             self._connection.execute(_INSERT, row)
 
-    def put_many(self, items: Iterable[tuple[str, Mapping[str, Any], float | None]]) -> None:
-        """Store several ``(key, response, latency)`` as `put` does, in one transaction: all are
-        committed when this returns, or none is. A commit per response is most of what storing
-        one costs, so a sweep stores those that arrive together this way."""
-        rows = [_row(key, response, latency) for key, response, latency in items]
+    def put_many(
+        self, items: Iterable[tuple[str, Mapping[str, Any], float | None, bytes | None]]
+    ) -> None:
+        """Store several ``(key, response, latency, text)`` as `put` does, in one transaction:
+        all are committed when this returns, or none is. A commit per response is most of what
+        storing one costs, so a sweep stores those that arrive together this way."""
+        rows = [_row(*item) for item in items]
         if not rows:
             return
         with self._lock, self._sqlite(rows[0][0]):

@@ -386,7 +386,9 @@ class AsyncClient(_BaseClient):
                 return await stream.completion()
             finally:
                 await stream.aclose()
-        raw = await self._request_json("POST", "/completions", request.to_body())
+        raw, body = await self._request_json(
+            "POST", "/completions", request.to_body(), with_body=True
+        )
         if not isinstance(raw, dict):
             raise APIError(
                 f"the server answered with JSON that is not an object: {str(raw)[:200]}",
@@ -397,7 +399,9 @@ class AsyncClient(_BaseClient):
         if "choices" not in raw and ("error" in raw or raw.get("object") == "error"):
             # Some proxies answer 200 with an error body.
             raise self._scrub(_retry.error_from_body(raw, status=200))
-        return Completion(raw, request, vocab_size=self.vocab_size)
+        completion = Completion(raw, request, vocab_size=self.vocab_size)
+        completion._body = body
+        return completion
 
     def stream(
         self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
@@ -560,13 +564,17 @@ class AsyncClient(_BaseClient):
         *,
         upload: tuple[bytes, str] | None = None,
         raw: bool = False,
+        with_body: bool = False,
         retry: bool = True,
     ) -> Any:
-        """One request through the retry loop: the JSON answer (``raw``: its bytes). ``upload``
-        sends ``(content, content type)`` instead of a JSON body (the Batch API's files).
-        ``retry=False`` makes one attempt: for a POST that must not run twice, whose caller
-        checks what happened before it tries again (the Batch API's create)."""
-        responses = self._send(method, path, body, upload=upload, raw=raw, retry=retry)
+        """One request through the retry loop: the JSON answer (``raw``: its bytes;
+        ``with_body``: the answer and its bytes). ``upload`` sends ``(content, content type)``
+        instead of a JSON body (the Batch API's files). ``retry=False`` makes one attempt: for a
+        POST that must not run twice, whose caller checks what happened before it tries again
+        (the Batch API's create)."""
+        responses = self._send(
+            method, path, body, upload=upload, raw=raw, with_body=with_body, retry=retry
+        )
         try:
             return await anext(responses)
         finally:
@@ -599,6 +607,7 @@ class AsyncClient(_BaseClient):
         stream: bool = False,
         upload: tuple[bytes, str] | None = None,
         raw: bool = False,
+        with_body: bool = False,
         retry: bool = True,
     ) -> AsyncGenerator[Any, None]:
         """The one retry loop: yields the JSON body once or, with ``stream``, each chunk object.
@@ -666,7 +675,12 @@ class AsyncClient(_BaseClient):
                             return
                         else:
                             await response.aread()
-                            yield response.content if raw else _json_body(response)
+                            if raw:
+                                yield response.content
+                            elif with_body:
+                                yield _json_body(response), response.content
+                            else:
+                                yield _json_body(response)
                             return
                     finally:
                         await response.aclose()

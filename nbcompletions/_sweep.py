@@ -165,14 +165,21 @@ class _Puts:
 
     def __init__(self, store: Cache) -> None:
         self.store = store
-        self._items: list[tuple[str, Mapping[str, Any], float | None]] = []
+        self._items: list[tuple[str, Mapping[str, Any], float | None, bytes | None]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._handle: asyncio.Handle | None = None
 
-    async def put(self, key: str, response: Mapping[str, Any], latency: float | None) -> None:
+    async def put(
+        self,
+        key: str,
+        response: Mapping[str, Any],
+        latency: float | None,
+        text: bytes | None = None,
+    ) -> None:
+        """Store ``response`` (``text``: its JSON as received); returns once it is committed."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
-        self._items.append((key, response, latency))
+        self._items.append((key, response, latency, text))
         self._waiters.append(waiter)
         if self._handle is None:
             self._handle = loop.call_soon(self._commit)
@@ -361,7 +368,9 @@ async def _execute(
                 outcome.latency = time.perf_counter() - started
                 outcome.response = completion.raw
                 if puts is not None:
-                    await puts.put(point.key, completion.raw, outcome.latency)
+                    # The body as received, where the client kept it (ours does).
+                    body = getattr(completion, "_body", None)
+                    await puts.put(point.key, completion.raw, outcome.latency, body)
                 usage = completion.raw.get("usage") or {}
                 for name in spent:
                     value = usage.get(name) if isinstance(usage, Mapping) else None

@@ -9,6 +9,7 @@ transport in front of it only counts requests and holds some of them open.
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def test_put_many_stores_what_put_stores(tmp_path: Path) -> None:
     with Cache(tmp_path / "one.sqlite") as one, Cache(tmp_path / "many.sqlite") as many:
         for n in range(3):
             one.put(f"k{n}", response(n), latency=0.5 + n)
-        many.put_many((f"k{n}", response(n), 0.5 + n) for n in range(3))
+        many.put_many((f"k{n}", response(n), 0.5 + n, None) for n in range(3))
         many.put_many([])  # nothing to store: no transaction
         assert len(many) == 3
         assert many.verify() == []  # every row carries a digest that matches
@@ -60,8 +61,42 @@ def test_put_many_stores_all_or_none(tmp_path: Path) -> None:
     with Cache(tmp_path / "c.sqlite") as cache:
         bad = {"id": "x", "choices": [], "not json": {1, 2}}  # a set: json cannot write it
         with pytest.raises(TypeError):
-            cache.put_many([("k0", response(0), None), ("k1", bad, None)])
+            cache.put_many([("k0", response(0), None, None), ("k1", bad, None, None)])
         assert len(cache) == 0
+
+
+def test_a_response_is_stored_as_received(tmp_path: Path) -> None:
+    # As a server may write it: spaces, escapes, a -Infinity that json.dumps would respell.
+    text = b'{"id": "cmpl-1", "choices": [{"text": "caf\\u00e9", "index": 0}], "x": -Infinity}'
+    parsed = json.loads(text)
+    with Cache(tmp_path / "c.sqlite") as cache:
+        cache.put("k0", parsed, text=text)
+        cache.put_many([("k1", parsed, None, text)])
+        for key in ("k0", "k1"):
+            entry = cache.get(key)
+            assert entry is not None
+            assert entry.text == text.decode()  # the bytes that came, not a rewrite
+            assert entry.response["choices"] == parsed["choices"]
+            assert entry.response["x"] == float("-inf")
+        assert cache.verify() == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"\xef\xbb\xbf" + json.dumps(response(0)).encode(),  # a byte-order mark
+        json.dumps(response(0)).encode("utf-16"),  # not UTF-8
+    ],
+)
+def test_a_body_that_cannot_be_stored_as_it_came_is_written_out(
+    tmp_path: Path, text: bytes
+) -> None:
+    with Cache(tmp_path / "c.sqlite") as cache:
+        cache.put("k", response(0), text=text)
+        entry = cache.get("k")
+        assert entry is not None
+        assert entry.response == response(0)
+        assert entry.text == json.dumps(response(0), separators=(",", ":"))
 
 
 async def test_responses_arriving_together_share_one_commit(tmp_path: Path) -> None:
