@@ -52,6 +52,11 @@ log = logging.getLogger("nbcompletions")
 _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
 
 
+#: Connections per pool at most, where requests share pools (see `_LoopState`): httpcore 1.0's
+#: pool does work quadratic in its connection count on every request and response.
+_POOL_SIZE = 8
+
+
 class _Cookies(httpx.Cookies):
     """httpx's cookie jar, that reads a response only when it sets a cookie: httpx runs every
     response through urllib's cookie machinery, ~5% of a request's CPU, to find none."""
@@ -89,35 +94,39 @@ class _LoopState:
     connection's locks, hands the same connection to a request that starts meanwhile; one of them
     then fails over and scans again (at 32 in flight, one to two extra scans per request). A pool
     that serves one request at a time does neither. The pools share one SSL context (making one
-    per pool, httpx's default, would cost ~50 ms each) and one cookie jar. A given transport
-    (in-process, mock) is one pool shared by every request: it has no connections to split.
+    per pool, httpx's default, would cost ~50 ms each) and one cookie jar.
+
+    With ``fixed`` pools instead, requests take them in turn, several per pool: for a client
+    without a concurrency limit (a pool per request would keep as many connections open as the
+    most requests ever in flight) and for a given transport (in-process, mock: one pool, it has
+    no connections to split).
     """
 
-    __slots__ = ("_idle", "_made", "_make", "_shared", "https", "semaphore")
+    __slots__ = ("_idle", "_made", "_make", "_next", "fixed", "https", "semaphore")
 
     def __init__(
         self,
         make: Callable[[], httpx.AsyncClient],
         semaphore: asyncio.Semaphore | None,
         *,
-        shared: bool,
+        fixed: int = 0,
     ) -> None:
         self._make = make
         self.semaphore = semaphore
-        self.https: list[httpx.AsyncClient] = []  # every pool made, to close
+        self.fixed = fixed
+        self.https: list[httpx.AsyncClient] = [make() for _ in range(fixed)]  # all, to close
+        self._next = 0
         self._idle: list[httpx.AsyncClient] = []
         # (url, *headers) -> what `build` reuses; bounded in case headers keep changing.
         self._made: dict[
             tuple[str, ...], tuple[httpx.URL, httpx.Headers, dict[str, float | None]]
         ] = {}
-        self._shared = make() if shared else None
-        if self._shared is not None:
-            self.https.append(self._shared)
 
     def take(self) -> httpx.AsyncClient:
         """A pool for one request: the most recently used idle one (its connection is warm)."""
-        if self._shared is not None:
-            return self._shared
+        if self.fixed:
+            self._next = (self._next + 1) % self.fixed
+            return self.https[self._next]
         if self._idle:
             return self._idle.pop()
         http = self._make()
@@ -153,7 +162,7 @@ class _LoopState:
         )
 
     def give_back(self, http: httpx.AsyncClient) -> None:
-        if http is not self._shared:
+        if not self.fixed:
             self._idle.append(http)
 
     async def aclose(self) -> None:
@@ -476,15 +485,19 @@ class AsyncClient(_BaseClient):
         state = self._states.get(loop)
         if state is None:
             target = self._settings.target
-            shared = target.transport is not None
-            # One pool serves one request at a time, to each endpoint at most one connection;
-            # the shared one (a given transport) holds no connections of its own.
-            limits = httpx.Limits(
-                max_connections=1000, max_keepalive_connections=max(20, len(target.endpoints))
-            )
+            endpoints = len(target.endpoints)
+            if self.max_concurrency and target.transport is None:
+                # A pool per request in flight: to each endpoint, one connection at a time.
+                fixed, keep = 0, max(20, endpoints)
+            else:
+                # Pools of at most _POOL_SIZE connections each (see _LoopState).
+                connections = (self.max_concurrency or 64) * endpoints
+                fixed = 1 if target.transport is not None else -(-connections // _POOL_SIZE)
+                keep = max(20, -(-connections // fixed))
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=keep)
             timeout = self._settings.timeout
             jar = _Cookies()
-            if shared:
+            if target.transport is not None:
 
                 def make() -> httpx.AsyncClient:
                     return _Pool(
@@ -510,7 +523,7 @@ class AsyncClient(_BaseClient):
                     )
 
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
-            state = self._states[loop] = _LoopState(make, semaphore, shared=shared)
+            state = self._states[loop] = _LoopState(make, semaphore, fixed=fixed)
         return state
 
     def _secret_values(self) -> list[str]:

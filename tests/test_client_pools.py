@@ -112,6 +112,23 @@ def test_a_pool_serves_one_request_at_a_time() -> None:
     asyncio.run(run())
 
 
+def test_without_a_concurrency_limit_requests_share_a_few_pools() -> None:
+    """Unlimited: a pool per request would keep as many connections as the most ever in flight."""
+    server = Server(delay=0.005)
+
+    async def run() -> tuple[int, int]:
+        async with server as url:
+            client = AsyncClient(url, api_key="sk-test", model="m", max_concurrency=None)
+            await asyncio.gather(*(client.complete("x", max_tokens=1) for _ in range(100)))
+            pools = len(client._state().https)
+            await client.close()
+            return pools, len(server.heads)
+
+    pools, answered = asyncio.run(run())
+    assert answered == 100
+    assert pools == 8  # 64 connections' worth, 8 to a pool, made up front and shared
+
+
 def test_requests_are_built_as_httpx_builds_them() -> None:
     url = "http://127.0.0.1:9/v1/completions"
     headers = {"Content-Type": "application/json", "Authorization": "Bearer sk-test", "X-A": "1"}
