@@ -2,8 +2,10 @@
 
 Why SQLite: it ships with Python, a committed row survives a kernel interrupt or a crash, and WAL
 mode lets a notebook read the file while a sweep writes to it. Every response is committed as soon
-as it arrives, so an interrupted sweep loses nothing that had finished; re-running it sends only
-what is missing. Failed requests are never stored: a retry later should get a real answer.
+as it arrives (a sweep commits those that arrive in one step of its event loop together,
+`Cache.put_many`, before it counts them finished), so an interrupted sweep loses nothing that had
+finished; re-running it sends only what is missing. Failed requests are never stored: a retry
+later should get a real answer.
 
 What makes a row trustworthy:
 
