@@ -2,8 +2,10 @@
 
 Why SQLite: it ships with Python, a committed row survives a kernel interrupt or a crash, and WAL
 mode lets a notebook read the file while a sweep writes to it. Every response is committed as soon
-as it arrives, so an interrupted sweep loses nothing that had finished; re-running it sends only
-what is missing. Failed requests are never stored: a retry later should get a real answer.
+as it arrives (a sweep commits those that arrive in one step of its event loop together,
+`Cache.put_many`, before it counts them finished), so an interrupted sweep loses nothing that had
+finished; re-running it sends only what is missing. Failed requests are never stored: a retry
+later should get a real answer.
 
 What makes a row trustworthy:
 
@@ -171,6 +173,51 @@ def _digest(key: str, stored: bytes | str) -> str:
     """What ties a stored response to its request: sha256 of the key and the stored bytes."""
     data = stored if isinstance(stored, bytes) else stored.encode("utf-8")
     return hashlib.sha256(key.encode("utf-8") + b"\0" + data).hexdigest()[:32]
+
+
+_INSERT = (
+    "INSERT OR REPLACE INTO responses (key, response, latency, created, prompt_tokens, "
+    "completion_tokens, total_tokens, response_id, digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _as_received(text: bytes | None) -> bytes | None:
+    """``text`` when it can be stored as it came: UTF-8 (what `CachedResponse.text` decodes)
+    without a byte-order mark; else None, and the parsed response is written out instead."""
+    if text is None or text.startswith(b"\xef\xbb\xbf"):
+        return None
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text
+
+
+def _row(
+    key: str, response: Mapping[str, Any], latency: float | None, text: bytes | None = None
+) -> tuple[Any, ...]:
+    """One response as a row of the ``responses`` table: compressed, with its digest."""
+    data = _as_received(text)
+    if data is None:
+        # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
+        # stored text must round-trip whatever was received.
+        data = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False).encode()
+    stored = zlib.compress(data, _ZLIB_LEVEL)
+    usage = response.get("usage")
+    usage = usage if isinstance(usage, Mapping) else {}
+    numbers = [
+        usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
+    ]
+    rid = response.get("id")
+    return (
+        key,
+        stored,
+        latency,
+        time.time(),
+        *numbers,
+        rid if isinstance(rid, str) else None,
+        _digest(key, stored),
+    )
 
 
 def _fix_for(exc: sqlite3.Error) -> str:
@@ -450,37 +497,43 @@ class Cache:
                     self._connection.execute("DELETE FROM responses WHERE key = ?", (key,))
         return bad
 
-    def put(self, key: str, response: Mapping[str, Any], *, latency: float | None = None) -> None:
+    def put(
+        self,
+        key: str,
+        response: Mapping[str, Any],
+        *,
+        latency: float | None = None,
+        text: bytes | None = None,
+    ) -> None:
         """Store one response and commit at once (autocommit), so an interrupt cannot lose it.
+        ``text``, the response's JSON as received (``response`` parsed from it), is stored as it
+        came instead of writing ``response`` out again.
 
         A claim this cache held on ``key`` needs no release: an answered key is never claimed
         again (see `claim`), and `close` drops this cache's claim rows.
         """
-        # Not _canonical: a server may have sent -Infinity (Python's json reads it), and the
-        # stored text must round-trip whatever was received.
-        text = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False)
-        stored = zlib.compress(text.encode("utf-8"), _ZLIB_LEVEL)
-        usage = response.get("usage")
-        usage = usage if isinstance(usage, Mapping) else {}
-        numbers = [
-            usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
-        ]
-        rid = response.get("id")
+        row = _row(key, response, latency, text)
         with self._lock, self._sqlite(key):
-            self._connection.execute(
-                "INSERT OR REPLACE INTO responses (key, response, latency, created, "
-                "prompt_tokens, completion_tokens, total_tokens, response_id, digest) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    stored,
-                    latency,
-                    time.time(),
-                    *numbers,
-                    rid if isinstance(rid, str) else None,
-                    _digest(key, stored),
-                ),
-            )
+            self._connection.execute(_INSERT, row)
+
+    def put_many(
+        self, items: Iterable[tuple[str, Mapping[str, Any], float | None, bytes | None]]
+    ) -> None:
+        """Store several ``(key, response, latency, text)`` as `put` does, in one transaction:
+        all are committed when this returns, or none is. A commit per response is most of what
+        storing one costs, so a sweep stores those that arrive together this way."""
+        rows = [_row(*item) for item in items]
+        if not rows:
+            return
+        with self._lock, self._sqlite(rows[0][0]):
+            conn = self._connection
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT, rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     # -- claims: several processes, one file -------------------------------------------------------
     def claim(self, keys: Iterable[str]) -> list[str]:

@@ -14,7 +14,7 @@ import difflib
 import json
 import logging
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -52,36 +52,122 @@ log = logging.getLogger("nbcompletions")
 _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
 
 
+#: Connections per pool at most, where requests share pools (see `_LoopState`): httpcore 1.0's
+#: pool does work quadratic in its connection count on every request and response.
+_POOL_SIZE = 8
+
+
+class _Cookies(httpx.Cookies):
+    """httpx's cookie jar, that reads a response only when it sets a cookie: httpx runs every
+    response through urllib's cookie machinery, ~5% of a request's CPU, to find none."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        headers = response.headers
+        if "set-cookie" in headers or "set-cookie2" in headers:
+            super().extract_cookies(response)
+
+
+class _Pool(httpx.AsyncClient):
+    """An httpx client whose cookies are a jar shared with the client's other pools, so a cookie
+    a server set is sent from whichever pool the next request takes."""
+
+    def __init__(self, *, jar: _Cookies, **options: Any) -> None:
+        super().__init__(**options)
+        self._jar = jar
+
+    @property
+    def cookies(self) -> httpx.Cookies:
+        return self._jar
+
+    @cookies.setter
+    def cookies(self, cookies: httpx._types.CookieTypes) -> None:
+        self._jar = _Cookies(cookies)
+
+
 class _LoopState:
     """What is bound to one event loop: the HTTP connection pools and the concurrency semaphore.
 
-    Requests are spread over several small httpx clients rather than one big one: httpcore 1.0's
-    pool does work quadratic in its connection count on every request and response (it rescans
-    all connections for each idle one), which at 32 connections cost more CPU than the rest of a
-    request. Pools of at most `_POOL_SIZE` connections keep that small.
+    Each request in flight has a small httpx client (a pool) to itself: `take` hands out an idle
+    one (making one when none is), `give_back` returns it once the response is closed. httpcore
+    1.0's pool rescans all its connections for each idle one on every request and response
+    (quadratic in its size), and while a request it handed an idle connection to waits for that
+    connection's locks, hands the same connection to a request that starts meanwhile; one of them
+    then fails over and scans again (at 32 in flight, one to two extra scans per request). A pool
+    that serves one request at a time does neither. The pools share one SSL context (making one
+    per pool, httpx's default, would cost ~50 ms each) and one cookie jar.
+
+    With ``fixed`` pools instead, requests take them in turn, several per pool: for a client
+    without a concurrency limit (a pool per request would keep as many connections open as the
+    most requests ever in flight) and for a given transport (in-process, mock: one pool, it has
+    no connections to split).
     """
 
-    __slots__ = ("_next", "https", "semaphore")
+    __slots__ = ("_idle", "_made", "_make", "_next", "fixed", "https", "semaphore")
 
-    def __init__(self, https: list[httpx.AsyncClient], semaphore: asyncio.Semaphore | None) -> None:
-        self.https = https
+    def __init__(
+        self,
+        make: Callable[[], httpx.AsyncClient],
+        semaphore: asyncio.Semaphore | None,
+        *,
+        fixed: int = 0,
+    ) -> None:
+        self._make = make
         self.semaphore = semaphore
+        self.fixed = fixed
+        self.https: list[httpx.AsyncClient] = [make() for _ in range(fixed)]  # all, to close
         self._next = 0
+        self._idle: list[httpx.AsyncClient] = []
+        # (url, *headers) -> what `build` reuses; bounded in case headers keep changing.
+        self._made: dict[
+            tuple[str, ...], tuple[httpx.URL, httpx.Headers, dict[str, float | None]]
+        ] = {}
 
-    @property
-    def http(self) -> httpx.AsyncClient:
-        https = self.https
-        if len(https) == 1:
-            return https[0]
-        self._next = (self._next + 1) % len(https)
-        return https[self._next]
+    def take(self) -> httpx.AsyncClient:
+        """A pool for one request: the most recently used idle one (its connection is warm)."""
+        if self.fixed:
+            self._next = (self._next + 1) % self.fixed
+            return self.https[self._next]
+        if self._idle:
+            return self._idle.pop()
+        http = self._make()
+        self.https.append(http)
+        return http
+
+    def build(
+        self,
+        http: httpx.AsyncClient,
+        method: str,
+        url: str,
+        content: bytes | None,
+        headers: dict[str, str],
+    ) -> httpx.Request:
+        """``http.build_request(method, url, content=content, headers=headers)``, the same
+        request, with what depends only on the URL and headers (parsing the URL, merging the
+        headers with httpx's defaults: a quarter of a request's CPU in httpx) made once."""
+        if http.cookies or http.params or str(http.base_url):
+            # Cookies a server set on this pool (or anything else httpx would merge) go in as
+            # httpx adds them.
+            return http.build_request(method, url, content=content, headers=headers)
+        key = (url, *headers.keys(), *headers.values())
+        made = self._made.get(key)
+        if made is None:
+            merged = httpx.Headers(http.headers)
+            merged.update(headers)
+            made = (httpx.URL(url), merged, http.timeout.as_dict())
+            if len(self._made) < 256:
+                self._made[key] = made
+        target, merged, timeout = made
+        return httpx.Request(
+            method, target, content=content, headers=merged, extensions={"timeout": dict(timeout)}
+        )
+
+    def give_back(self, http: httpx.AsyncClient) -> None:
+        if not self.fixed:
+            self._idle.append(http)
 
     async def aclose(self) -> None:
         for http in self.https:
             await http.aclose()
-
-
-_POOL_SIZE = 8
 
 
 class _NoLimit:
@@ -309,7 +395,9 @@ class AsyncClient(_BaseClient):
                 return await stream.completion()
             finally:
                 await stream.aclose()
-        raw = await self._request_json("POST", "/completions", request.to_body())
+        raw, body = await self._request_json(
+            "POST", "/completions", request.to_body(), with_body=True
+        )
         if not isinstance(raw, dict):
             raise APIError(
                 f"the server answered with JSON that is not an object: {str(raw)[:200]}",
@@ -320,7 +408,9 @@ class AsyncClient(_BaseClient):
         if "choices" not in raw and ("error" in raw or raw.get("object") == "error"):
             # Some proxies answer 200 with an error body.
             raise self._scrub(_retry.error_from_body(raw, status=200))
-        return Completion(raw, request, vocab_size=self.vocab_size)
+        completion = Completion(raw, request, vocab_size=self.vocab_size)
+        completion._body = body
+        return completion
 
     def stream(
         self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
@@ -395,23 +485,45 @@ class AsyncClient(_BaseClient):
         state = self._states.get(loop)
         if state is None:
             target = self._settings.target
-            connections = (self.max_concurrency or 64) * len(target.endpoints)
-            # A given transport (in-process, mock) has no pool to split.
-            pools = 1 if target.transport is not None else -(-connections // _POOL_SIZE)
-            limits = httpx.Limits(
-                max_connections=1000, max_keepalive_connections=max(20, -(-connections // pools))
-            )
-            https = [
-                httpx.AsyncClient(
-                    transport=target.transport,
-                    timeout=self._settings.timeout,
-                    follow_redirects=False,
-                    limits=limits,
-                )
-                for _ in range(pools)
-            ]
+            endpoints = len(target.endpoints)
+            if self.max_concurrency and target.transport is None:
+                # A pool per request in flight: to each endpoint, one connection at a time.
+                fixed, keep = 0, max(20, endpoints)
+            else:
+                # Pools of at most _POOL_SIZE connections each (see _LoopState).
+                connections = (self.max_concurrency or 64) * endpoints
+                fixed = 1 if target.transport is not None else -(-connections // _POOL_SIZE)
+                keep = max(20, -(-connections // fixed))
+            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=keep)
+            timeout = self._settings.timeout
+            jar = _Cookies()
+            if target.transport is not None:
+
+                def make() -> httpx.AsyncClient:
+                    return _Pool(
+                        jar=jar,
+                        transport=target.transport,
+                        timeout=timeout,
+                        follow_redirects=False,
+                        limits=limits,
+                    )
+
+            else:
+                # What httpx makes for each client by default (certifi, or SSL_CERT_FILE/DIR),
+                # made once for all the pools.
+                ssl_context = httpx.create_ssl_context()
+
+                def make() -> httpx.AsyncClient:
+                    return _Pool(
+                        jar=jar,
+                        verify=ssl_context,
+                        timeout=timeout,
+                        follow_redirects=False,
+                        limits=limits,
+                    )
+
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
-            state = self._states[loop] = _LoopState(https, semaphore)
+            state = self._states[loop] = _LoopState(make, semaphore, fixed=fixed)
         return state
 
     def _secret_values(self) -> list[str]:
@@ -465,13 +577,17 @@ class AsyncClient(_BaseClient):
         *,
         upload: tuple[bytes, str] | None = None,
         raw: bool = False,
+        with_body: bool = False,
         retry: bool = True,
     ) -> Any:
-        """One request through the retry loop: the JSON answer (``raw``: its bytes). ``upload``
-        sends ``(content, content type)`` instead of a JSON body (the Batch API's files).
-        ``retry=False`` makes one attempt: for a POST that must not run twice, whose caller
-        checks what happened before it tries again (the Batch API's create)."""
-        responses = self._send(method, path, body, upload=upload, raw=raw, retry=retry)
+        """One request through the retry loop: the JSON answer (``raw``: its bytes;
+        ``with_body``: the answer and its bytes). ``upload`` sends ``(content, content type)``
+        instead of a JSON body (the Batch API's files). ``retry=False`` makes one attempt: for a
+        POST that must not run twice, whose caller checks what happened before it tries again
+        (the Batch API's create)."""
+        responses = self._send(
+            method, path, body, upload=upload, raw=raw, with_body=with_body, retry=retry
+        )
         try:
             return await anext(responses)
         finally:
@@ -504,6 +620,7 @@ class AsyncClient(_BaseClient):
         stream: bool = False,
         upload: tuple[bytes, str] | None = None,
         raw: bool = False,
+        with_body: bool = False,
         retry: bool = True,
     ) -> AsyncGenerator[Any, None]:
         """The one retry loop: yields the JSON body once or, with ``stream``, each chunk object.
@@ -533,13 +650,10 @@ class AsyncClient(_BaseClient):
             retryable = True
             async with limit:
                 endpoint.in_flight += 1
+                http = state.take()
                 try:
-                    http = state.http
-                    http_request = http.build_request(
-                        method,
-                        endpoint.url + path,
-                        content=content,
-                        headers=endpoint.headers(headers),
+                    http_request = state.build(
+                        http, method, endpoint.url + path, content, endpoint.headers(headers)
                     )
                     response = await http.send(http_request, stream=True)
                     try:
@@ -574,7 +688,12 @@ class AsyncClient(_BaseClient):
                             return
                         else:
                             await response.aread()
-                            yield response.content if raw else _json_body(response)
+                            if raw:
+                                yield response.content
+                            elif with_body:
+                                yield _json_body(response), response.content
+                            else:
+                                yield _json_body(response)
                             return
                     finally:
                         await response.aclose()
@@ -592,6 +711,7 @@ class AsyncClient(_BaseClient):
                     retryable = True
                 finally:
                     endpoint.in_flight -= 1
+                    state.give_back(http)
             await self._retry_or_raise(error, retries, error_headers, retryable and retry)
             retries += 1
 

@@ -25,7 +25,7 @@ class Completion:
     bounds.
     """
 
-    __slots__ = ("_frames", "raw", "request", "vocab_size")
+    __slots__ = ("_body", "_frames", "raw", "request", "vocab_size")
 
     def __init__(
         self,
@@ -38,6 +38,9 @@ class Completion:
         self.request = request
         self.vocab_size = vocab_size
         self._frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None = None
+        # The response body as received, when the client has it: what a sweep's cache stores,
+        # rather than writing ``raw`` out again.
+        self._body: bytes | None = None
 
     # -- plain fields -----------------------------------------------------------------------------
     @property

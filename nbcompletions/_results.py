@@ -94,16 +94,16 @@ class ResultsWriter:
         self.vocab_size = vocab_size
         self._build = build
         self.flush_every = FLUSH_EVERY if flush_every is None else flush_every
-        self._pending: list[tuple[int, Any]] = []  # (grid point, its _Outcome)
+        self._pending: list[tuple[GridPoint, Any]] = []  # (grid point, its _Outcome)
         self._parts = 0
         self.rows = 0
         self.cached = 0
         self.failed = 0
         self.cached_tokens = 0
 
-    def add(self, i: int, outcome: Any) -> None:
-        """Grid point ``i`` has finished (answered, failed or found in the cache)."""
-        self._pending.append((i, outcome))
+    def add(self, point: GridPoint, outcome: Any) -> None:
+        """``point`` has finished (answered, failed or found in the cache)."""
+        self._pending.append((point, outcome))
         if outcome.error is not None:
             self.failed += 1
         elif outcome.cached:
@@ -117,9 +117,9 @@ class ResultsWriter:
         """Write what has finished since the last flush as one part per frame."""
         if not self._pending:
             return
-        batch = sorted(self._pending, key=lambda item: item[0])
+        batch = sorted(self._pending, key=lambda item: item[0].request_id)
         self._pending = []
-        points = [self.grid.points[i] for i, _ in batch]
+        points = [point for point, _ in batch]
         outcomes = [outcome for _, outcome in batch]
         frames = self._build(points, outcomes)
         for name, frame in zip(FRAME_NAMES, frames, strict=True):
@@ -146,7 +146,9 @@ def _write_part(path: Path, frame: pd.DataFrame) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    # One thread: pyarrow's default starts a thread pool for each frame, which cost more than the
+    # conversion of a part's few thousand rows (and competes with the sweep's event loop).
+    table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
     temporary = path.with_suffix(".tmp")
     pq.write_table(table, temporary)
     os.replace(temporary, path)  # readers see a whole part or none

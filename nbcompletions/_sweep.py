@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._cache import Cache, CachedResponse
 from ._errors import RequestError, SweepError, SweepWarning
-from ._grid import Grid, GridPoint
+from ._grid import GridPoint
 from ._results import ResultsWriter
 from ._secrets import secrets_of
 from ._sweep_prepare import (
@@ -155,22 +155,79 @@ def _warn_failures(result: SweepResult) -> None:
     )
 
 
+class _Puts:
+    """Stores a sweep's responses in the cache a step of the event loop at a time: those that
+    arrive in one step go in one transaction (a commit per response was most of what storing one
+    cost). `put` returns once its response is committed, and only then does the request count as
+    finished (rows, progress), so a crash loses nothing reported finished; a commit still pending
+    when the sweep stops (cancelled, interrupted, failed) is made by `flush` before the cache
+    closes, so no response that arrived is paid for twice."""
+
+    def __init__(self, store: Cache) -> None:
+        self.store = store
+        self._items: list[tuple[str, Mapping[str, Any], float | None, bytes | None]] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._handle: asyncio.Handle | None = None
+
+    async def put(
+        self,
+        key: str,
+        response: Mapping[str, Any],
+        latency: float | None,
+        text: bytes | None = None,
+    ) -> None:
+        """Store ``response`` (``text``: its JSON as received); returns once it is committed."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._items.append((key, response, latency, text))
+        self._waiters.append(waiter)
+        if self._handle is None:
+            self._handle = loop.call_soon(self._commit)
+        await waiter
+
+    def _commit(self) -> None:
+        self._handle = None
+        waiters = self._waiters
+        try:
+            self.flush()
+        except Exception as exc:  # a CacheError: each request whose response it held raises it
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(exc)
+                    # Retrieved here: a waiter cancelled before it wakes would leave it unread.
+                    waiter.exception()
+
+    def flush(self) -> None:
+        """Commit what is pending now (raises what the cache raises)."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        items, waiters = self._items, self._waiters
+        self._items, self._waiters = [], []
+        if items:
+            self.store.put_many(items)
+        for waiter in waiters:
+            if not waiter.done():  # one whose request was cancelled meanwhile
+                waiter.set_result(None)
+
+
 class _Claims:
     """The order requests are sent in, claimed in the cache first so that two processes sharing
-    one cache file do not both pay (see `Cache.claim`); without a cache it only hands out indices.
+    one cache file do not both pay (see `Cache.claim`); without a cache it only hands them out.
+    Each grid point is made once, here, and travels with its request until it is written.
     """
 
     #: Requests claimed per transaction: one write for many requests.
     CHUNK = 64
 
-    def __init__(self, store: Cache | None, grid: Grid, pending: Iterable[int]) -> None:
-        self.store, self.grid = store, grid
+    def __init__(self, store: Cache | None, pending: Iterable[GridPoint]) -> None:
+        self.store = store
         self._source = iter(pending)
-        self._ready: collections.deque[int] = collections.deque()
-        self.elsewhere: list[int] = []  # claimed by another process, answer not seen yet
+        self._ready: collections.deque[GridPoint] = collections.deque()
+        self.elsewhere: list[GridPoint] = []  # claimed by another process, answer not seen yet
         self.poll_interval = 0.2 if store is None else min(1.0, store.lease / 10)
 
-    def next(self) -> int | None:
+    def next(self) -> GridPoint | None:
         while not self._ready:
             chunk = list(itertools.islice(self._source, self.CHUNK))
             if not chunk:
@@ -178,33 +235,28 @@ class _Claims:
             if self.store is None:
                 self._ready.extend(chunk)
                 break
-            keys = [self.grid.points[i].key for i in chunk]  # points are made on access
-            held = set(self.store.claim(keys))
-            for i, key in zip(chunk, keys, strict=True):
-                (self._ready if key in held else self.elsewhere).append(i)
+            held = set(self.store.claim(point.key for point in chunk))
+            for point in chunk:
+                (self._ready if point.key in held else self.elsewhere).append(point)
         return self._ready.popleft()
 
     def failed(self, key: str) -> None:
         if self.store is not None:  # let another process (or a re-run) try it
             self.store.release([key])
 
-    def answered_elsewhere(self) -> list[tuple[int, CachedResponse]]:
+    def answered_elsewhere(self) -> list[tuple[GridPoint, CachedResponse]]:
         assert self.store is not None
-        hits = self.store.get_many(self.grid.points[i].key for i in self.elsewhere)
-        done = [
-            (i, hits[self.grid.points[i].key])
-            for i in self.elsewhere
-            if self.grid.points[i].key in hits
-        ]
-        self.elsewhere = [i for i in self.elsewhere if self.grid.points[i].key not in hits]
+        hits = self.store.get_many(point.key for point in self.elsewhere)
+        done = [(point, hits[point.key]) for point in self.elsewhere if point.key in hits]
+        self.elsewhere = [point for point in self.elsewhere if point.key not in hits]
         return done
 
     def take_over(self) -> bool:
         """Claim what another process had claimed but let expire; True if any is now ours."""
         assert self.store is not None
-        held = set(self.store.claim(self.grid.points[i].key for i in self.elsewhere))
-        mine = [i for i in self.elsewhere if self.grid.points[i].key in held]
-        self.elsewhere = [i for i in self.elsewhere if self.grid.points[i].key not in held]
+        held = set(self.store.claim(point.key for point in self.elsewhere))
+        mine = [point for point in self.elsewhere if point.key in held]
+        self.elsewhere = [point for point in self.elsewhere if point.key not in held]
         self._source = iter(mine)
         return bool(mine)
 
@@ -233,6 +285,7 @@ async def _execute(
     watch = _FailureWatch(fail_fast)
     capabilities: dict[str, Any] | None = None
     writer: ResultsWriter | None = None
+    puts: _Puts | None = None
     # In memory: every point's outcome. Streaming: only those not yet handed to the writer.
     outcomes: list[_Outcome] | dict[int, _Outcome]
     if prepared.outcomes is not None:
@@ -253,21 +306,22 @@ async def _execute(
             return outcomes.setdefault(i, _Outcome())
         return outcomes[i]
 
-    def finished(i: int) -> None:
-        """Streaming: hand point ``i`` (and the points that share its request) to the writer."""
+    def finished(point: GridPoint) -> None:
+        """Streaming: hand ``point`` (and the points that share its request) to the writer."""
         if writer is None or not isinstance(outcomes, dict):
             return
+        i = point.request_id
         outcome = outcomes.pop(i)
-        writer.add(i, outcome)
+        writer.add(point, outcome)
         for j in points.copies(i):
             writer.add(
-                j,
+                points[j],
                 _Outcome(
                     outcome.response, outcome.latency, outcome.cached, outcome.error, outcome.entry
                 ),
             )
 
-    def streamed_pending() -> Iterator[int]:
+    def streamed_pending() -> Iterator[GridPoint]:
         # Cache hits go straight to the writer; only misses are handed out to send.
         for chunk in _chunks(len(points)):
             originals = [points[i] for i in chunk if points.original(i) == i]
@@ -275,26 +329,29 @@ async def _execute(
             for point in originals:
                 hit = hits.get(point.key)
                 if hit is None:
-                    yield point.request_id
+                    yield point
                 else:
                     outcome = outcome_of(point.request_id)
                     outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
-                    finished(point.request_id)
+                    finished(point)
 
     try:
         if probe:
             capabilities = await _probe(aclient, prepared)
             _refuse_ignored(capabilities, prepared.grid)
-        pending: Iterable[int] = (
-            prepared.pending if prepared.pending is not None else streamed_pending()
+        pending: Iterable[GridPoint] = (
+            (points[i] for i in prepared.pending)
+            if prepared.pending is not None
+            else streamed_pending()
         )
-        claims = _Claims(store, grid, pending)
+        claims = _Claims(store, pending)
+        puts = _Puts(store) if store is not None else None
         workers = min(max_concurrency or _client_concurrency(aclient), max(prepared.n_pending, 1))
 
-        async def send(i: int) -> None:
+        async def send(point: GridPoint) -> None:
             nonlocal n_failed, n_sent
             n_sent += 1
-            point, outcome = points[i], outcome_of(i)
+            outcome = outcome_of(point.request_id)
             started = time.perf_counter()
             try:
                 completion = await aclient.complete_request(point.request)
@@ -304,28 +361,30 @@ async def _execute(
                 n_failed += 1
                 claims.failed(point.key)
                 if watch.failure(exc, outcome.error):
-                    finished(i)
+                    finished(point)
                     raise _Stop from None
             else:
                 watch.success()
                 outcome.latency = time.perf_counter() - started
                 outcome.response = completion.raw
-                if store is not None:
-                    store.put(point.key, completion.raw, latency=outcome.latency)
+                if puts is not None:
+                    # The body as received, where the client kept it (ours does).
+                    body = getattr(completion, "_body", None)
+                    await puts.put(point.key, completion.raw, outcome.latency, body)
                 usage = completion.raw.get("usage") or {}
                 for name in spent:
                     value = usage.get(name) if isinstance(usage, Mapping) else None
                     if isinstance(value, int):
                         spent[name] += value
-            finished(i)
+            finished(point)
             if bar is not None:
                 bar.set_postfix(failed=n_failed, tokens=spent["total_tokens"], refresh=False)
                 bar.update(1)
 
         async def worker() -> None:
             # Workers share one source of indices: no task per request.
-            while (i := claims.next()) is not None:
-                await send(i)
+            while (point := claims.next()) is not None:
+                await send(point)
 
         async def run_workers() -> None:
             tasks = [asyncio.ensure_future(worker()) for _ in range(workers)]
@@ -349,10 +408,10 @@ async def _execute(
             # Requests another process claimed: read its answers as they land; send those
             # whose claim expired (a crashed process) ourselves.
             while claims.elsewhere:
-                for i, hit in claims.answered_elsewhere():
-                    outcome = outcome_of(i)
+                for point, hit in claims.answered_elsewhere():
+                    outcome = outcome_of(point.request_id)
                     outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
-                    finished(i)
+                    finished(point)
                     if bar is not None:
                         bar.update(1)
                 if claims.take_over():
@@ -370,8 +429,12 @@ async def _execute(
     finally:
         if bar is not None:
             bar.close()
-        if prepared.owns_cache and store is not None:
-            store.close()
+        try:
+            if puts is not None:
+                puts.flush()  # responses that arrived just before the sweep stopped
+        finally:
+            if prepared.owns_cache and store is not None:
+                store.close()
         if writer is not None:
             writer.flush()  # what finished is on disk, even after an interrupt
 

@@ -247,16 +247,19 @@ def _tidy_strings(frame: pd.DataFrame) -> pd.DataFrame:
     for name in frame.columns:
         column = frame[name]
         if isinstance(column.dtype, pd.StringDtype):
-            values = column.astype(object)
+            values = column.array.to_numpy(dtype=object, na_value=None)
+            frame[name] = pd.Series(values, index=frame.index, dtype=object, name=name)
         elif pd.api.types.is_object_dtype(column.dtype):
-            present = column[column.notna()]
+            # One scan for missing values (the most of this function's time on the token frames
+            # a streamed sweep writes every batch); a column missing none has nothing to replace.
+            missing = column.isna().to_numpy()
+            if not missing.any():
+                continue
+            present = column[~missing]
             # infer_dtype scans in C: a Python-level isinstance loop was 40% of building frames.
             if len(present) and pd.api.types.infer_dtype(present, skipna=False) != "string":
                 continue
-            values = column
-        else:
-            continue
-        frame[name] = values.where(values.notna(), None)
+            frame[name] = column.where(~missing, None)
     return frame
 
 
