@@ -122,7 +122,7 @@ def _step_floor(engine: Any) -> dict[str, float]:
     pool = concurrent.futures.ThreadPoolExecutor(1)
 
     def run(s: tuple[Any, ...]) -> None:
-        _kernels.decode(packed, *s[:4], s[4], 0, len(s[0]))
+        _kernels.decode(packed, s[0], s[1], s[2], s[3], s[4], 0, len(s[0]))
 
     def both() -> None:
         other = pool.submit(run, four_b)
