@@ -46,7 +46,7 @@ from ._batch_file import (
 )
 from ._batch_ledger import MARKER_KEY, Entry, Ledger, find_ours, new_marker, run_to_end, settle
 from ._cache import Cache
-from ._errors import APIError, RequestError
+from ._errors import APIError, RequestError, answered_field
 from ._grid import Grid, GridPoint, estimate_tokens
 from ._types import AsyncCompletionsClient
 
@@ -385,13 +385,7 @@ async def _create(
     data = b"".join(line for _, line in group)
     content, content_type = _multipart(data, f"nbcompletions-sweep-{number:03d}.jsonl")
     uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
-    file_id = uploaded.get("id") if isinstance(uploaded, Mapping) else None
-    if not isinstance(file_id, str):
-        raise APIError(
-            f"POST /files answered without a file id: {str(uploaded)[:200]}",
-            type="invalid_response",
-            body=uploaded,
-        )
+    file_id = answered_field(uploaded, "id", str, "POST /files", "a file id")
     uploaded_at = uploaded.get("created_at")
     entry = Entry(
         marker=new_marker(),
@@ -409,14 +403,7 @@ async def _create(
 
     async def create_and_record() -> None:
         created = await _create_once(aclient, entry, body)
-        batch_id = created.get("id") if isinstance(created, Mapping) else None
-        if not isinstance(batch_id, str):
-            raise APIError(
-                f"POST /batches answered without a batch id: {str(created)[:200]}",
-                type="invalid_response",
-                body=created,
-            )
-        entry.batch_id = batch_id
+        entry.batch_id = answered_field(created, "id", str, "POST /batches", "a batch id")
         ledger.write(entry)
 
     await run_to_end(create_and_record())

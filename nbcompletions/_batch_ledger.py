@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
-from ._errors import APIError, SweepWarning
+from ._errors import APIError, SweepWarning, answered_field
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._cache import Cache
@@ -200,13 +200,7 @@ async def find_ours(
             if exc.status in _NO_LISTING:
                 return None
             raise
-        data = page.get("data") if isinstance(page, Mapping) else None
-        if not isinstance(data, list):
-            raise APIError(
-                f"GET /batches answered without a data list: {str(page)[:200]}",
-                type="invalid_response",
-                body=page,
-            )
+        data = answered_field(page, "data", list, "GET /batches", "a data list")
         older_than_all = False
         new = False
         for card in data:

@@ -22,7 +22,7 @@ import httpx
 from . import _retry
 from ._completion import Completion
 from ._endpoint import _Endpoint, env_key_hint
-from ._errors import APIError, RequestError
+from ._errors import APIError, RequestError, answered_field
 from ._loop import run_sync
 from ._parse import loads
 from ._profiles import ServerProfile
@@ -430,14 +430,7 @@ class AsyncClient(_BaseClient):
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         body = await self._request_json("GET", "/models", None)
-        data = body.get("data") if isinstance(body, Mapping) else None
-        if not isinstance(data, list):
-            raise APIError(
-                f"GET /models answered without a data list: {str(body)[:200]}",
-                status=200,
-                type="invalid_response",
-                body=body,
-            )
+        data = answered_field(body, "data", list, "GET /models", "a data list", status=200)
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
     async def score(

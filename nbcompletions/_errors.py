@@ -7,7 +7,10 @@ llama.cpp.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 __all__ = [
     "APIError",
@@ -174,3 +177,20 @@ class SweepError(APIError):
 
 class SweepWarning(UserWarning):
     """Some of a sweep's requests failed; their rows carry the error and the rest is usable."""
+
+
+def answered_field(
+    answer: Any, name: str, kind: type[_T], request: str, what: str, *, status: int | None = None
+) -> _T:
+    """``answer[name]`` where the server's JSON ``answer`` to ``request`` has it as a ``kind``;
+    else an `APIError` (``invalid_response``) naming ``what`` was missing and showing the start of
+    what came instead."""
+    value = answer.get(name) if isinstance(answer, Mapping) else None
+    if not isinstance(value, kind):
+        raise APIError(
+            f"{request} answered without {what}: {str(answer)[:200]}",
+            status=status,
+            type="invalid_response",
+            body=answer,
+        )
+    return value

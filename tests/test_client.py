@@ -747,3 +747,23 @@ def test_typed_request_fields_are_the_protocols_fields() -> None:
     expected = (set(FIELDS) - {"prompt"}) | {"extra"}
     assert set(CompletionFields.__optional_keys__) == expected
     assert not CompletionFields.__required_keys__
+
+
+@pytest.mark.parametrize("answer", [{}, {"data": "models"}, [], "oops"])
+def test_a_listing_without_a_data_list_is_an_invalid_response(answer: Any) -> None:
+    """`models()` (and the batch calls, through the same `answered_field`) name what was missing
+    and show what came instead."""
+    from nbcompletions._errors import answered_field
+
+    client = mock_client(lambda request: httpx.Response(200, json=answer))
+    with pytest.raises(APIError) as info:
+        client.models()
+    assert info.value.type == "invalid_response"
+    assert info.value.status == 200
+    assert "GET /models answered without a data list" in str(info.value)
+    assert info.value.body == answer
+    client.close()
+    with pytest.raises(APIError, match="POST /files answered without a file id") as lost:
+        answered_field(answer, "id", str, "POST /files", "a file id")
+    assert lost.value.status is None
+    assert answered_field({"id": "file-1"}, "id", str, "POST /files", "a file id") == "file-1"
