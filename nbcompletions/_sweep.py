@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ._cache import Cache, CachedResponse
 from ._errors import RequestError, SweepError, SweepWarning
 from ._grid import GridPoint
+from ._request import check_optional_count
 from ._results import ResultsWriter
 from ._secrets import secrets_of
 from ._sweep_prepare import (
@@ -125,19 +126,6 @@ class _FailureWatch:
 def _kind_text(fields: Mapping[str, Any]) -> str:
     status = fields["error_status"]
     return f"{fields['error_type']} (HTTP {status})" if status is not None else fields["error_type"]
-
-
-def _check_fail_fast(value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RequestError(
-            "fail_fast",
-            f"fail_fast must be an integer >= 1 or None; got {value!r}",
-            allowed="an integer >= 1 or None",
-            value=value,
-        )
-    return value
 
 
 def _warn_failures(result: SweepResult) -> None:
@@ -509,7 +497,7 @@ async def asweep(
             "nbcompletions.sweep(...), which works in Jupyter without await"
         )
     options = _batch_options(batch, results)
-    _check_fail_fast(fail_fast)
+    check_optional_count("fail_fast", fail_fast)
     prepared = _prepare(client, prompt, repeats, cache, max_concurrency, budget, fields, results)
     bar = _progress_bar(
         len(prepared.grid.points), progress, len(prepared.grid.points) - prepared.n_pending
@@ -611,7 +599,7 @@ def sweep(
 
     aclient = as_async(client)
     options = _batch_options(batch, results)
-    _check_fail_fast(fail_fast)
+    check_optional_count("fail_fast", fail_fast)
     prepared = _prepare(aclient, prompt, repeats, cache, max_concurrency, budget, fields, results)
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(
