@@ -94,6 +94,25 @@ def test_banned_token_never_appears(engine: Engine) -> None:
     assert all(fav not in c["logprobs"]["tokens"] for c in banned["choices"])  # ... never with it
 
 
+def test_banning_every_token_is_refused_and_one_left_is_always_picked(engine: Engine) -> None:
+    """With every token banned there is nothing to sample: a 400 naming logit_bias, not a banned
+    token (the sampler's NaNs picked the vocabulary's last one). One token left is picked every
+    time, greedy or sampled, plain or with logprobs."""
+    every = {str(t): -100 for t in range(engine.vocab_size)}
+    for fields in ({}, {"temperature": 0}, {"logprobs": 2}, {"stream": True}):
+        with pytest.raises(RequestError, match="bans every token") as info:
+            run(engine, n=2, max_tokens=3, logit_bias=every, **fields)
+        assert info.value.param == "logit_bias"
+    # Nothing is sampled at max_tokens 0: the echo is still scored.
+    echoed = run(engine, max_tokens=0, echo=True, logprobs=0, logit_bias=every)
+    assert echoed["choices"][0]["text"] == PROMPT
+    kept = engine.encode("J")[-1]
+    one_left = {key: bias for key, bias in every.items() if key != str(kept)}
+    for fields in ({}, {"temperature": 0}, {"logprobs": 2}):
+        response = run(engine, n=3, max_tokens=4, seed=5, logit_bias=one_left, **fields)
+        assert [c["text"] for c in response["choices"]] == [engine.token_str(kept) * 4] * 3
+
+
 def test_plus_100_bias_forces_a_token(engine: Engine) -> None:
     target = engine.encode(" be")[-1]
     response = run(engine, n=4, max_tokens=5, seed=3, logprobs=0, logit_bias={str(target): 100})

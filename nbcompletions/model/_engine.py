@@ -394,6 +394,18 @@ class Engine:
             logit_bias[token] = float(value)
         for unspellable in self._unspellable.tolist():
             logit_bias[unspellable] = _sampling.BAN
+        bias = _sampling.bias_vector(logit_bias, self.vocab_size)
+        if max_tokens > 0 and bias is not None and not np.isfinite(bias).any():
+            # Nothing left to sample: the sampler would emit a banned token (or NaN) instead.
+            banned = sum(1 for v in (request.logit_bias or {}).values() if v <= _sampling.BAN)
+            raise RequestError(
+                "logit_bias",
+                f"logit_bias bans every token of the vocabulary ({banned} banned by the request, "
+                f"the rest cannot be spelled); at least one of the {self.vocab_size} tokens must "
+                "stay possible",
+                allowed=f"a bias above {_sampling.BAN:g} for at least one token",
+                value=f"{banned} tokens at {_sampling.BAN:g} or below",
+            )
         samplers = {name: request.extra[name] for name in SAMPLERS if name in request.extra}
         for name, value in samplers.items():
             check_sampler(name, value)
@@ -409,7 +421,7 @@ class Engine:
             top_p=1.0 if request.top_p is None else float(request.top_p),
             frequency_penalty=float(request.frequency_penalty or 0.0),
             presence_penalty=float(request.presence_penalty or 0.0),
-            bias=_sampling.bias_vector(logit_bias, self.vocab_size),
+            bias=bias,
             stops=stops,
             logprobs=request.logprobs,
             echo=bool(request.echo),
