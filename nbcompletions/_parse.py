@@ -16,6 +16,7 @@ Logprobs come in two shapes, and `parse_logprobs` reads both into the same four 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,7 +54,8 @@ def loads(data: bytes | bytearray | str) -> Any:
     Parsing is most of the time from bytes to frames, and orjson takes a fraction of the stdlib's
     time. It is strict where the stdlib is lenient: it refuses ``NaN``/``-Infinity`` (which some
     servers send for a -inf logprob) and integers beyond 64 bits, so whatever it refuses is
-    handed to the stdlib, which either reads it or raises its usual `ValueError`.
+    handed to the stdlib, which either reads it or raises its usual `ValueError`. A lone UTF-16
+    surrogate escaped in a string (``"\\ud83d"``: half an emoji) becomes U+FFFD.
     """
     if _orjson is not None:
         try:
@@ -61,11 +63,45 @@ def loads(data: bytes | bytearray | str) -> Any:
         except _orjson.JSONDecodeError:
             pass
     try:
-        return json.loads(data)
+        parsed = json.loads(data)
+        if _has_surrogate_escape(data):
+            parsed = _without_lone_surrogates(parsed)
     except RecursionError:
         # A body nested deeper than any parser goes (a hostile or broken server): the ValueError
         # every caller already handles, not an error nobody catches.
         raise ValueError("the JSON is nested too deeply to parse") from None
+    return parsed
+
+
+# A \uD800-\uDFFF escape, in bytes or text. A server that counts in UTF-16 (or splits an emoji
+# over two tokens) escapes each half alone; the stdlib reads that as a lone surrogate, a str no
+# UTF-8 writer (Parquet, a notebook's output, print) can encode. orjson refuses it outright.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ESCAPE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_surrogate_escape(data: bytes | bytearray | str) -> bool:
+    if isinstance(data, str):
+        return _SURROGATE_ESCAPE.search(data) is not None
+    return _SURROGATE_ESCAPE_BYTES.search(data) is not None
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """``value`` with every str made encodable: surrogate pairs joined, lone halves replaced by
+    U+FFFD (as bytes that are not UTF-8 are everywhere else)."""
+    if isinstance(value, str):
+        if value.isascii():
+            return value
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(item) for item in value]
+    return value
 
 
 #: ``(tokens, token_logprobs, top_logprobs, text_offset)`` of equal length; offsets None: unsent.

@@ -123,3 +123,20 @@ def test_the_client_reports_a_too_deep_body_as_an_invalid_response() -> None:
     with client, pytest.raises(APIError) as info:
         client.complete("x")
     assert info.value.type == "invalid_response"
+
+
+def test_escaped_surrogates_parse_to_encodable_text() -> None:
+    """A pair is joined, a lone half becomes U+FFFD (keys too); valid text is untouched."""
+    from nbcompletions._parse import loads
+
+    assert loads(b'{"t": "\\ud83d\\ude00"}') == {"t": "\U0001f600"}
+    assert loads('{"t": ["\\ud83d", "x\\ude00y"], "\\udc00": 1}') == {
+        "t": ["\ufffd", "x\ufffdy"],
+        "\ufffd": 1,
+    }
+    assert loads(b'{"t": "\\\\ud800 is how you write it", "v": -Infinity}') == {
+        "t": "\\ud800 is how you write it",
+        "v": float("-inf"),
+    }
+    for value in loads(b'["\\ud800", "\\u00e9"]'):
+        value.encode("utf-8")

@@ -251,3 +251,41 @@ def test_write_frame_file_merges_parts_into_grid_order(
     assert str(table.schema.field("note").type) == "string"
     assert pq.ParquetFile(target).metadata.num_row_groups > 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_half_an_emoji_from_a_server_streams_to_parquet_as_a_replacement_character(
+    tmp_path: Path,
+) -> None:
+    """A server counting in UTF-16 escapes each half of a split emoji alone (``"\\ud83d"``). The
+    stdlib reads that as a lone surrogate, which Parquet cannot encode: the sweep died at its
+    first write, and again on every rerun. Lone halves now read as U+FFFD, pairs as the emoji."""
+    body = json.dumps(
+        {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 1,
+            "model": "m",
+            "choices": [
+                {
+                    "text": "a\ud83d\ude00b\ud83d",
+                    "index": 0,
+                    "logprobs": {
+                        "tokens": ["a", "\ud83d", "\ude00", "b"],
+                        "token_logprobs": [-0.1, -0.2, -0.3, -0.4],
+                        "top_logprobs": None,
+                        "text_offset": [0, 1, 2, 3],
+                    },
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5},
+        }
+    )  # ensure_ascii: every half is written as its own \u escape
+    assert "\\ud83d\\ude00" in body
+    client = mock_client(lambda request: httpx.Response(200, text=body), max_retries=0)
+    result = sweep(client, prompt=["x", "y"], max_tokens=4, logprobs=1, results=tmp_path / "r")
+    client.close()
+    assert result.n_failed == 0
+    on_disk = load_sweep(tmp_path / "r")
+    assert on_disk.choices["text"].tolist() == ["a\U0001f600b\ufffd"] * 2
+    assert on_disk.tokens["token"].tolist()[:4] == ["a", "\ufffd", "\ufffd", "b"]
