@@ -398,11 +398,12 @@ class Engine:
         if max_tokens > 0 and bias is not None and not np.isfinite(bias).any():
             # Nothing left to sample: the sampler would emit a banned token (or NaN) instead.
             banned = sum(1 for v in (request.logit_bias or {}).values() if v <= _sampling.BAN)
+            rest = self.vocab_size - banned
+            why = f"{banned} by the request" + (f", {rest} the model cannot spell" if rest else "")
             raise RequestError(
                 "logit_bias",
-                f"logit_bias bans every token of the vocabulary ({banned} banned by the request, "
-                f"the rest cannot be spelled); at least one of the {self.vocab_size} tokens must "
-                "stay possible",
+                f"logit_bias bans every token of the vocabulary ({why}); at least one of the "
+                f"{self.vocab_size} tokens must stay possible",
                 allowed=f"a bias above {_sampling.BAN:g} for at least one token",
                 value=f"{banned} tokens at {_sampling.BAN:g} or below",
             )
