@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -65,6 +65,14 @@ def embedded_engine() -> Engine:
     from nbcompletions.model import load_engine
 
     return load_engine()
+
+
+@pytest.fixture(scope="module")
+def app(embedded_engine: Engine) -> Any:
+    """Our server's ASGI app on the shipped model (per module: each module starts its scheduler)."""
+    from nbcompletions.server import create_app
+
+    return create_app(embedded_engine)
 
 
 @pytest.fixture(scope="session")

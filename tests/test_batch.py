@@ -63,11 +63,6 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.005)
 
 
-@pytest.fixture(scope="module")
-def app(embedded_engine: Any) -> Any:
-    return create_app(embedded_engine)
-
-
 def recording_client(app: Any, embedded_engine: Any, cls: Any = AsyncClient) -> Any:
     transport = Recording(app)
     client = cls(

@@ -25,7 +25,7 @@ from nbcompletions import (
 from nbcompletions._conformance import CHECKS, check_sweep, token_bytes
 from nbcompletions._request import CompletionRequest
 from nbcompletions._retry import is_validation_error, should_retry
-from nbcompletions.server import StreamingASGITransport, create_app
+from nbcompletions.server import StreamingASGITransport
 
 MODEL = "nbc-shakespeare"
 ALL = {
@@ -40,11 +40,6 @@ ALL = {
     "bytes",
     "models",
 }
-
-
-@pytest.fixture(scope="module")
-def app(embedded_engine: Any) -> Any:
-    return create_app(embedded_engine)
 
 
 class LlamaLike:

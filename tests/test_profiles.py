@@ -11,14 +11,9 @@ import pytest
 from nbcompletions import AsyncClient, Client, Limits, RequestError, ServerProfile
 from nbcompletions._profiles import PROFILES, get_profile
 from nbcompletions._request import CompletionRequest
-from nbcompletions.server import StreamingASGITransport, create_app
+from nbcompletions.server import StreamingASGITransport
 
 MODEL = "nbc-shakespeare"
-
-
-@pytest.fixture(scope="module")
-def app(embedded_engine: Any) -> Any:
-    return create_app(embedded_engine)
 
 
 def test_the_four_profiles_and_their_limits() -> None:

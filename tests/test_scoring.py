@@ -14,14 +14,9 @@ from helpers import mock_client
 from nbcompletions import APIError, AsyncClient, Client, RequestError
 from nbcompletions._conformance import aconformance
 from nbcompletions._scoring import acapabilities, ascore
-from nbcompletions.server import StreamingASGITransport, create_app
+from nbcompletions.server import StreamingASGITransport
 
 MODEL = "nbc-shakespeare"
-
-
-@pytest.fixture(scope="module")
-def app(embedded_engine: Any) -> Any:
-    return create_app(embedded_engine)
 
 
 def faulty_client(

@@ -60,11 +60,6 @@ class CountingTransport(httpx.AsyncBaseTransport):
             await transport.aclose()
 
 
-@pytest.fixture(scope="module")
-def app(embedded_engine: Any) -> Any:
-    return create_app(embedded_engine)
-
-
 def counting_client(
     app: Any, *, cls: Any = Client, on_request: Any = None, **kwargs: Any
 ) -> tuple[Any, CountingTransport]:

@@ -29,14 +29,9 @@ from nbcompletions import (
     plots,
     sweep,
 )
-from nbcompletions.server import StreamingASGITransport, create_app
+from nbcompletions.server import StreamingASGITransport
 
 MODEL = "nbc-shakespeare"
-
-
-@pytest.fixture(scope="module")
-def app(embedded_engine: Any) -> Any:
-    return create_app(embedded_engine)
 
 
 def dead_url() -> str:

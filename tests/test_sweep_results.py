@@ -16,7 +16,7 @@ from helpers import mock_client
 
 from nbcompletions import Client, SweepWarning, load_sweep, sweep
 from nbcompletions._errors import RequestError
-from nbcompletions.server import StreamingASGITransport, create_app
+from nbcompletions.server import StreamingASGITransport
 
 MODEL = "nbc-shakespeare"
 GRID: dict[str, Any] = {
@@ -28,11 +28,6 @@ GRID: dict[str, Any] = {
     "seed": 7,
     "repeats": 3,
 }
-
-
-@pytest.fixture(scope="module")
-def app(embedded_engine: Any) -> Any:
-    return create_app(embedded_engine)
 
 
 def _client(app: Any) -> Client:
