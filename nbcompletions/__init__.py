@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "to_frames": "._frames",
     "sweep": "._sweep",
     "asweep": "._sweep",
+    "SweepInterrupted": "._sweep",
     "SweepResult": "._sweep_result",
     "load_sweep": "._sweep_result",
     "BatchOptions": "._batch",
@@ -63,6 +64,7 @@ __all__ = [
     "ServerProfile",
     "StreamChunk",
     "SweepError",
+    "SweepInterrupted",
     "SweepResult",
     "SweepWarning",
     "__version__",
@@ -89,7 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._grid import Grid, expand_grid
     from ._profiles import ServerProfile
     from ._streaming import StreamChunk
-    from ._sweep import asweep, sweep
+    from ._sweep import SweepInterrupted, asweep, sweep
     from ._sweep_result import SweepResult, load_sweep
     from ._visible import visible_token
 

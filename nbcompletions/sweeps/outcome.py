@@ -1,0 +1,95 @@
+"""What became of one request of a sweep, and the one reader of a response's ``usage``.
+
+Every stage reads tokens through `token_count` and `usage_of`, so live and batch sweeps, the
+requests frame and the cache-hit tally count the same way: a count is a non-negative integer,
+never a bool (``True`` is not 1 token) and never a float or a string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._cache import CachedResponse
+
+__all__ = ["TOKEN_FIELDS", "Outcome", "Tally", "token_count", "usage_of"]
+
+#: The usage fields a sweep adds up (``result.usage``) and keeps per request (``requests``).
+TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def token_count(value: Any) -> int | None:
+    """``value`` as a token count, or None when it is not one (a bool, a float, text, < 0)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def usage_of(usage: Any) -> dict[str, int | None]:
+    """The token counts of a ``usage`` object (a response's ``usage`` field), None where absent."""
+    if not isinstance(usage, Mapping):
+        return dict.fromkeys(TOKEN_FIELDS)
+    return {name: token_count(usage.get(name)) for name in TOKEN_FIELDS}
+
+
+@dataclass
+class Outcome:
+    """One grid point's result: a response received now, a cache hit (``entry``, its JSON parsed
+    only when frames need it) or an error (``error``: error_type, error_status, error_message)."""
+
+    response: dict[str, Any] | None = None
+    latency: float | None = None
+    cached: bool = False
+    error: dict[str, Any] | None = None
+    entry: CachedResponse | None = None
+
+    @classmethod
+    def hit(cls, entry: CachedResponse) -> Outcome:
+        """The outcome of a request answered from the cache."""
+        return cls(latency=entry.latency, cached=True, entry=entry)
+
+    def copy(self) -> Outcome:
+        """The same outcome for another grid point that sends the same request."""
+        return Outcome(self.response, self.latency, self.cached, self.error, self.entry)
+
+    @property
+    def raw(self) -> dict[str, Any] | None:
+        if self.response is None and self.entry is not None:
+            return self.entry.response
+        return self.response
+
+    @property
+    def usage(self) -> dict[str, int | None]:
+        if self.entry is not None and self.response is None:
+            return usage_of(self.entry.usage)
+        return usage_of((self.response or {}).get("usage"))
+
+    @property
+    def response_id(self) -> Any:
+        if self.entry is not None and self.response is None:
+            return self.entry.response_id
+        return (self.response or {}).get("id")
+
+
+@dataclass
+class Tally:
+    """What one run sent: requests, failures, tokens spent (through `usage_of`), and grid points
+    whose answer is now in the cache (for the interrupt message)."""
+
+    sent: int = 0
+    failed: int = 0
+    saved: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def spend(self, response: Mapping[str, Any]) -> None:
+        """Add a response's usage to the tokens spent."""
+        for name, value in usage_of(response.get("usage")).items():
+            if value is not None:
+                setattr(self, name, getattr(self, name) + value)
+
+    def spent(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in TOKEN_FIELDS}
