@@ -11,6 +11,7 @@ import _thread
 import asyncio
 import json
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pandas as pd
 import pytest
 from helpers import mock_client
 
-from nbcompletions import AsyncClient, Client, SweepWarning, metrics
+from nbcompletions import AsyncClient, Client, SweepInterrupted, SweepWarning, metrics
 from nbcompletions._cache import Cache
 from nbcompletions._sweep import asweep, sweep
 from nbcompletions._sweep_result import load_sweep
@@ -231,11 +232,24 @@ def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any, tmp_p
     client, transport = counting_client(app, on_request=interrupt_on_fourth)
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as info:
             sweep(client, **GRID, cache=cache_path, max_concurrency=1, progress=False, probe=False)
         with Cache(cache_path) as cache:
             finished = len(cache)
         assert finished == 3  # one at a time: three finished, the fourth was interrupted
+        # One line saying what was kept and what to do, not a traceback through the loop code.
+        assert isinstance(info.value, SweepInterrupted)
+        assert str(info.value) == (
+            f"interrupted: 3 of 8 responses saved in {str(cache_path)!r}; "
+            "rerun the same call to resume"
+        )
+        assert info.value._render_traceback_() == [f"SweepInterrupted: {info.value}"]
+        assert info.value.__suppress_context__
+        frames = traceback.extract_tb(info.value.__traceback__)
+        assert [frame.name for frame in frames] == [
+            "test_kernel_interrupt_then_resume_sends_only_what_is_missing",
+            "sweep",
+        ]
         sent_before = transport.total
         resumed = sweep(client, **GRID, cache=cache_path, progress=False, probe=False)
     finally:
