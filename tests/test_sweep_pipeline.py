@@ -87,15 +87,17 @@ def test_token_counts_are_integers_not_bools(tmp_path: Path) -> None:
     assert result.requests["prompt_tokens"].isna().all()
 
 
-def _sharing_script(base: str, cache: Path, results: Path) -> str:
+def _sharing_script(base: str, cache: Path, results: Path, delay: float) -> str:
     return textwrap.dedent(
         f"""
+        import time
         import nbcompletions.sweeps.dataset as dataset
         from nbcompletions import Client, sweep
-        dataset.FLUSH_EVERY = 5  # many parts, many renames
-        client = Client({base!r}, model={MODEL!r}, max_concurrency=4)
-        result = sweep(client, prompt=["a", "b", "c"], temperature=[0.5, 1.0], repeats=10,
-                       max_tokens=2, cache={str(cache)!r}, results={str(results)!r},
+        dataset.FLUSH_EVERY = 7  # many parts, many renames
+        time.sleep({delay!r})  # started one after another, as people do
+        client = Client({base!r}, model={MODEL!r}, max_concurrency=8)
+        result = sweep(client, prompt=["a", "b", "c", "d"], temperature=[0.5, 1.0],
+                       repeats=40, max_tokens=1, cache={str(cache)!r}, results={str(results)!r},
                        progress=False, probe=False)
         assert result.n_failed == 0
         print(result.usage["sent"])
@@ -103,32 +105,72 @@ def _sharing_script(base: str, cache: Path, results: Path) -> str:
     )
 
 
+@pytest.mark.slow  # a real server and four processes: about a minute
 def test_four_processes_sharing_one_results_directory_keep_every_request_once(
     live_server: str, tmp_path: Path
 ) -> None:
     """The README's ``cache="study/", results="study/"`` started four times: each request id once
     in the dataset, no process dies renaming a part, and the requests are paid once."""
     study = tmp_path / "study"
-    script = _sharing_script(live_server, study / "cache.sqlite", study)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", script],
+            [
+                sys.executable,
+                "-c",
+                _sharing_script(live_server, study / "cache.sqlite", study, 0.5 * n),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=env,
         )
-        for _ in range(4)
+        for n in range(4)
     ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
-    assert sum(int(out.split()[-1]) for out, _ in outs) == 60  # each request paid once
+    assert sum(int(out.split()[-1]) for out, _ in outs) == 320  # each request paid once
     merged = load_sweep(study)
-    ids = merged.requests["request_id"].tolist()
-    assert ids == list(range(60))
-    assert merged.choices["request_id"].tolist() == list(range(60))
-    assert not list(study.glob(".staging-*"))  # the second writers' parts moved in
+    assert merged.requests["request_id"].tolist() == list(range(320))
+    assert merged.choices["request_id"].tolist() == list(range(320))
+    assert not list(study.glob(".staging-*"))  # the other writers' parts moved in
+
+
+async def test_two_sweeps_at_once_on_one_results_directory_keep_every_request_once(
+    app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The quick twin of the four-process test: the second writer stages its parts and, once the
+    first is done, replaces the dataset with its own complete copy."""
+    import asyncio
+
+    import nbcompletions.sweeps.dataset as dataset
+    from nbcompletions import AsyncClient, asweep
+
+    monkeypatch.setattr(dataset, "FLUSH_EVERY", 3)
+    study = tmp_path / "study"
+    staged: list[Path] = []
+
+    async def one(delay: float) -> Any:
+        await asyncio.sleep(delay)
+        async with AsyncClient(
+            "http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app)
+        ) as aclient:
+            run = asweep(aclient, **GRID, cache=study / "cache.sqlite", results=study,
+                         progress=False, probe=False)  # fmt: skip
+            task = asyncio.ensure_future(run)
+            while not task.done():
+                staged.extend(study.glob(".staging-*"))
+                await asyncio.sleep(0.01)
+            return task.result()
+
+    first, second = await asyncio.gather(one(0.0), one(0.05))
+    assert staged  # one of them wrote aside
+    assert first.usage["sent"] + second.usage["sent"] == 16  # 24 points, 16 distinct requests
+    merged = load_sweep(study)
+    assert merged.requests["request_id"].tolist() == list(range(24))
+    assert merged.choices["request_id"].tolist() == list(range(24))
+    assert not list(study.glob(".staging-*"))
+    assert not list(study.glob("*/.*.tmp"))
 
 
 def test_shards_are_disjoint_and_stable_when_repeats_are_added() -> None:
