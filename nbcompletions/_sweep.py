@@ -22,7 +22,6 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from ._errors import RequestError
-from ._request import check_optional_count
 from ._sweep_result import SweepResult
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 from .sweeps.finish import warn_failures
@@ -85,7 +84,6 @@ def _sender(
     fail_fast: int | None,
 ) -> Sender:
     options = _batch_options(batch, results)
-    check_optional_count("fail_fast", fail_fast)
     if options is not None:
         return BatchSender(aclient, options)
     return LiveSender(aclient, max_concurrency=max_concurrency, fail_fast=fail_fast)
@@ -150,6 +148,7 @@ async def asweep(
         budget=budget,
         results=results,
         shard=shard,
+        fail_fast=fail_fast,
     )
     result = await sender.run(plan, bar=_progress_bar(plan, progress), probe=probe)
     warn_failures(result)
@@ -216,6 +215,7 @@ def sweep(
         budget=budget,
         results=results,
         shard=shard,
+        fail_fast=fail_fast,
     )
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(plan, progress)

@@ -176,9 +176,12 @@ def plan_sweep(
     budget: Any = None,
     results: Any = None,
     shard: Any = None,
+    fail_fast: Any = None,
 ) -> Plan:
-    """Expand, validate, take the shard, count what the cache lacks and check the budget."""
+    """Check every argument (``fail_fast`` too, which the sender uses), expand and validate the
+    grid, take the shard, count what the cache lacks and check the budget."""
     check_optional_count("max_concurrency", max_concurrency)
+    check_optional_count("fail_fast", fail_fast)
     _check_budget(budget)
     directory = _check_results(results)
     chosen = check_shard(shard)
