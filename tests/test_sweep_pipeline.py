@@ -307,3 +307,30 @@ def test_without_pyarrow_parquet_results_name_the_extra(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok"
+
+
+def test_batch_lines_without_usable_choices_are_error_rows_as_live(tmp_path: Path) -> None:
+    """The Batch path ends in the same finish: a 200 line whose body is ``{"error": ...}``, ``{}``
+    or ``{"choices": "x"}`` is an error row there too, not ok."""
+    from nbcompletions import load_batch_output
+
+    client = Client("http://127.0.0.1:9/v1", model="m")
+    grid = expand_grid(client, ["a", "b", "c", "d", "a"], max_tokens=2)
+    good = {"id": "x", "choices": [{"index": 0, "text": "hi"}], "usage": {"total_tokens": 3}}
+    bodies = [
+        good,
+        {"error": {"message": "overloaded", "type": "server_error"}},
+        {},
+        {"choices": "x"},
+    ]
+    output = tmp_path / "output.jsonl"
+    with output.open("w") as handle:
+        for point, body in zip(grid.points, bodies, strict=False):
+            line = {"custom_id": point.key, "response": {"status_code": 200, "body": body}}
+            handle.write(json.dumps({**line, "error": None}) + "\n")
+    result = load_batch_output(grid, output)
+    assert result.requests["status"].tolist() == ["ok", "error", "error", "error", "ok"]
+    assert set(result.requests["error_type"].dropna()) == {"invalid_response"}
+    assert "overloaded" in result.requests["error_message"][1]
+    assert result.usage["failed_requests"] == 3
+    assert result.usage["total_tokens"] == 3

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .._cache import Cache
-from .._errors import SweepWarning
+from .._errors import APIError, SweepWarning
 from .._grid import Grid
 from .._sweep_result import SweepResult
-from .outcome import Outcome, Tally
+from .outcome import Outcome, Tally, error_fields, usable_response
 from .plan import Plan
 from .sink import MemorySink, Sink
 
@@ -94,6 +94,16 @@ class BatchWork:
         )
 
 
+def _checked(outcome: Outcome) -> Outcome:
+    """A batch answer without a usable choice is an error row, as it is live (`usable_response`)."""
+    if outcome.error is None and outcome.response is not None:
+        try:
+            usable_response(outcome.response)
+        except APIError as exc:
+            return Outcome(error=error_fields(exc, []), latency=outcome.latency)
+    return outcome
+
+
 def finish_batch(
     vocab_size: int | None,
     work: BatchWork,
@@ -106,7 +116,7 @@ def finish_batch(
     points = plan.grid.points
     for i in plan.members:
         if points.original(i) == i:  # its copies take its outcome (MemorySink.finished)
-            sink.finished(points[i], work.outcomes[i])
+            sink.finished(points[i], _checked(work.outcomes[i]))
     tally = Tally(sent=len(work.pending))
     for name, value in spent.items():
         setattr(tally, name, value)

@@ -11,10 +11,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._errors import APIError
+from .._secrets import redact_exception_text
+
 if TYPE_CHECKING:  # pragma: no cover
     from .._cache import CachedResponse
 
-__all__ = ["TOKEN_FIELDS", "Outcome", "Tally", "token_count", "usage_of"]
+__all__ = [
+    "TOKEN_FIELDS",
+    "Outcome",
+    "Tally",
+    "error_fields",
+    "token_count",
+    "usable_response",
+    "usage_of",
+]
 
 #: The usage fields a sweep adds up (``result.usage``) and keeps per request (``requests``).
 TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -32,6 +43,41 @@ def usage_of(usage: Any) -> dict[str, int | None]:
     if not isinstance(usage, Mapping):
         return dict.fromkeys(TOKEN_FIELDS)
     return {name: token_count(usage.get(name)) for name in TOKEN_FIELDS}
+
+
+def error_fields(exc: BaseException, secrets: list[str]) -> dict[str, Any]:
+    """An error row's error_type, error_status and error_message, with secrets redacted."""
+    # Redacted again here whatever the client did: a client of another kind, or an error raised
+    # outside its request path, may still carry a key the server echoed.
+    message = redact_exception_text(exc, secrets)
+    if isinstance(exc, APIError):
+        kind = exc.type or exc.code or type(exc).__name__
+        return {"error_type": kind, "error_status": exc.status, "error_message": exc.message}
+    return {"error_type": type(exc).__name__, "error_status": None, "error_message": message}
+
+
+def usable_response(raw: Any) -> dict[str, Any]:
+    """``raw`` when it holds at least one choice object; else APIError ``invalid_response``:
+    a 200 without choices is no answer, and storing it would serve nothing forever."""
+    choices = raw.get("choices") if isinstance(raw, Mapping) else None
+    if (
+        isinstance(raw, dict)
+        and isinstance(choices, list)
+        and any(isinstance(choice, Mapping) for choice in choices)
+    ):
+        return raw
+    if isinstance(raw, Mapping) and raw.get("error") is not None:
+        shown = f"an error in the body: {str(raw['error'])[:200]}"
+    elif isinstance(raw, Mapping) and "choices" in raw:
+        shown = f"choices={str(choices)[:100]}"
+    else:
+        shown = "no 'choices'"
+    raise APIError(
+        f"the server answered 200 with no usable choices ({shown}): no completion to record",
+        status=200,
+        type="invalid_response",
+        body=raw,
+    )
 
 
 @dataclass

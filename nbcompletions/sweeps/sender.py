@@ -21,13 +21,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._cache import Cache
-from .._errors import APIError, SweepError
+from .._errors import SweepError
 from .._grid import GridPoint
-from .._secrets import redact_exception_text, secrets_of
+from .._secrets import secrets_of
 from .._sweep_result import SweepResult
 from .._types import AsyncCompletionsClient
 from .finish import BatchWork, finish
-from .outcome import Outcome, Tally
+from .outcome import Outcome, Tally, error_fields, usable_response
 from .plan import Plan, check_endpoint, failure_types
 from .sink import DatasetSink, MemorySink, client_vocab_size, open_sink
 from .source import CacheCommits, PendingSource
@@ -42,8 +42,6 @@ __all__ = [
     "LiveSender",
     "Sender",
     "batch_work",
-    "error_fields",
-    "usable_response",
 ]
 
 #: A sweep stops when its first this-many requests sent all fail the same way.
@@ -57,39 +55,6 @@ class Sender(Protocol):
     """Runs a plan: sends what it lacks, and returns the sweep's result."""
 
     async def run(self, plan: Plan, *, bar: Any, probe: bool) -> SweepResult: ...
-
-
-def error_fields(exc: BaseException, secrets: list[str]) -> dict[str, Any]:
-    """An error row's error_type, error_status and error_message, with secrets redacted."""
-    # Redacted again here whatever the client did: a client of another kind, or an error raised
-    # outside its request path, may still carry a key the server echoed.
-    message = redact_exception_text(exc, secrets)
-    if isinstance(exc, APIError):
-        kind = exc.type or exc.code or type(exc).__name__
-        return {"error_type": kind, "error_status": exc.status, "error_message": exc.message}
-    return {"error_type": type(exc).__name__, "error_status": None, "error_message": message}
-
-
-def usable_response(raw: Any) -> dict[str, Any]:
-    """``raw`` when it holds at least one choice object; else APIError ``invalid_response``:
-    a 200 without choices is no answer, and storing it would serve nothing forever."""
-    choices = raw.get("choices") if isinstance(raw, Mapping) else None
-    if (
-        isinstance(raw, dict)
-        and isinstance(choices, list)
-        and any(isinstance(choice, Mapping) for choice in choices)
-    ):
-        return raw
-    if isinstance(raw, Mapping) and "choices" in raw:
-        shown = f"choices={str(choices)[:100]}"
-    else:
-        shown = "no 'choices'"
-    raise APIError(
-        f"the server answered 200 with no usable choices ({shown}): no completion to record",
-        status=200,
-        type="invalid_response",
-        body=raw,
-    )
 
 
 class _Stop(Exception):
