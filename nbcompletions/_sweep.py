@@ -38,6 +38,8 @@ class SweepInterrupted(KeyboardInterrupt):
     """A sweep stopped by Ctrl-C or a kernel interrupt: one line saying what was kept and how
     to resume, instead of a traceback through the event loop."""
 
+    __module__ = "nbcompletions"  # shown as nbcompletions.SweepInterrupted, where it is exported
+
     def _render_traceback_(self) -> list[str]:  # IPython shows these lines and nothing else
         return [f"{type(self).__name__}: {self}"]
 
