@@ -213,7 +213,7 @@ def test_four_shards_merged_are_the_unsharded_run(app: Any, tmp_path: Path) -> N
     assert sum(len(s) for s in shards) == len(whole) == 24
     assert whole.usage["sent"] == 0  # the shards together sent every request
     assert all(s.usage["shard"] == [i, 4] for i, s in enumerate(shards))
-    merged = load_sweep(tmp_path / "shard-*")
+    merged = load_sweep(tmp_path / "shard-*")  # a glob, as a Path
     assert merged.requests["request_id"].tolist() == whole.requests["request_id"].tolist()
     assert merged.usage["requests"] == 24
     for name in ("choices", "tokens", "alternatives"):
@@ -222,6 +222,9 @@ def test_four_shards_merged_are_the_unsharded_run(app: Any, tmp_path: Path) -> N
         assert ours["text" if name == "choices" else "logprob"].tolist() == (
             theirs["text" if name == "choices" else "logprob"].tolist()
         )
+    # The merged study saves as one (the shards' parts merged a row group at a time).
+    saved = load_sweep(merged.to_parquet(tmp_path / "merged"))
+    assert saved.tokens["request_id"].tolist() == whole.tokens["request_id"].tolist()
     # Saved shards (SweepResult.to_parquet) merge too; overlapping ones are refused.
     shards[0].to_parquet(tmp_path / "saved-0")
     shards[1].to_parquet(tmp_path / "saved-1")
