@@ -49,6 +49,7 @@ from time import sleep as _sleep
 from types import TracebackType
 from typing import Any
 
+from ._checks import finite_float, invalid, is_int
 from ._errors import CacheError
 from ._parse import loads
 from ._request import CompletionRequest
@@ -205,9 +206,7 @@ def _row(
     stored = zlib.compress(data, _ZLIB_LEVEL)
     usage = response.get("usage")
     usage = usage if isinstance(usage, Mapping) else {}
-    numbers = [
-        usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
-    ]
+    numbers = [int(value) if is_int(value := usage.get(name)) else None for name in _USAGE_FIELDS]
     rid = response.get("id")
     return (
         key,
@@ -342,10 +341,11 @@ class Cache:
     def __init__(self, path: str | os.PathLike[str], *, lease: float = 60.0) -> None:
         if isinstance(path, bool) or not isinstance(path, str | os.PathLike):
             raise TypeError(f"cache must be a file path or a Cache; got {path!r}")
-        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0:
-            raise ValueError(f"lease must be a number of seconds > 0; got {lease!r}")
+        lease_seconds = finite_float(lease)
+        if lease_seconds is None or not lease_seconds > 0:
+            raise invalid("lease", "a number of seconds > 0", lease)
         self.path = _resolve(path)
-        self.lease = float(lease)
+        self.lease = lease_seconds
         # One owner per Cache object: two objects in one process share nothing but the file.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         if self.path.parent and not self.path.parent.exists():

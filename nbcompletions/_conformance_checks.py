@@ -8,12 +8,12 @@ may be missing or null, and llama.cpp's chat-shaped logprobs are read too.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._conformance_report import Check, _int_or_none
+from ._checks import finite_float, is_int, positive_int
+from ._conformance_report import Check
 from ._errors import APIError
 from ._parse import choice_index, parse_logprobs, sorted_choices, top_items
 from ._types import AsyncCompletionsClient
@@ -56,12 +56,6 @@ class _Rows:
     tops: list[list[tuple[str, float | None]] | None]  # (token, logprob) pairs, as sent
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _choices(raw: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
     return sorted_choices(raw) if isinstance(raw, Mapping) else []
 
@@ -80,12 +74,9 @@ def _rows(choice: Mapping[str, Any] | None) -> _Rows | None:
     n = len(tokens)
     return _Rows(
         ["" if t is None else str(t) for t in tokens],
-        [_number(v) for v in logprobs],
-        [
-            v if isinstance(v, int) and not isinstance(v, bool) else None
-            for v in (offsets if offsets is not None else [None] * n)
-        ],
-        [None if top is None else [(str(t), _number(x)) for t, x in top] for top in pairs],
+        [finite_float(v) for v in logprobs],
+        [int(v) if is_int(v) else None for v in (offsets if offsets is not None else [None] * n)],
+        [None if top is None else [(str(t), finite_float(x)) for t, x in top] for top in pairs],
     )
 
 
@@ -336,7 +327,7 @@ def _best_of_check(outcome: _Outcome, max_tokens: int, best_of: int) -> Check:
     evidence = {"choices": got, "completion_tokens": spent}
     if got != 1:
         return Check("best_of", "fails", detail + " (expected 1 choice)", evidence)
-    if not isinstance(spent, int):
+    if not is_int(spent):
         return Check(
             "best_of", "unsupported", detail + ": no usage, so it cannot be told", evidence
         )
@@ -563,8 +554,8 @@ def _model_info(
     if card is not None:
         found = card.get("meta")
         meta: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-        context = _int_or_none(card.get("max_model_len")) or _int_or_none(meta.get("n_ctx_train"))
-        vocab = _int_or_none(card.get("vocab_size")) or _int_or_none(meta.get("n_vocab"))
+        context = positive_int(card.get("max_model_len")) or positive_int(meta.get("n_ctx_train"))
+        vocab = positive_int(card.get("vocab_size")) or positive_int(meta.get("n_vocab"))
     if context is None and vocab is None:
         detail = "GET /models tells neither context length nor vocabulary size"
         evidence: dict[str, Any] = {"context_length": None, "vocab_size": None}

@@ -17,6 +17,7 @@ PACKAGE = Path(nbcompletions.__file__).parent
 LAYERS: dict[str, int] = {
     # protocol: types, request side, response side, secrets, errors and their normalisation
     "_version": 0,
+    "_checks": 0,
     "_types": 0,
     "_errors": 0,
     "_request": 0,
@@ -62,7 +63,7 @@ LAYERS: dict[str, int] = {
     "_cli": 5,
 }
 #: What the server and the model may import besides themselves.
-SERVER_MAY_IMPORT = {"_errors", "_request", "_parse", "_secrets", "_types", "model"}
+SERVER_MAY_IMPORT = {"_checks", "_errors", "_request", "_parse", "_secrets", "_types", "model"}
 
 
 def _module_name(path: Path) -> str:

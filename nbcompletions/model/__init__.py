@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._checks import positive_int
+
 if TYPE_CHECKING:  # pragma: no cover
     from ._engine import Engine
 
@@ -110,7 +112,7 @@ def _config_vocab_size(path: str) -> int | None:
             value = json.load(handle).get("vocab_size")
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, int) and value > 0 else None
+    return positive_int(value)
 
 
 @functools.lru_cache(maxsize=4)

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_optional_count
 from .._errors import RequestError
 from .._request import DEFAULT_MAX_TOKENS, SAMPLERS, CompletionRequest, check_sampler
 from . import _kernels, _sampling
@@ -159,8 +160,7 @@ class Engine:
         self.packed = packed
         #: Threads a compiled decode step may split its rows over (default: the CPUs this
         #: process may use, or ``NBC_THREADS``).
-        if threads is not None and (isinstance(threads, bool) or threads < 1):
-            raise ValueError(f"threads must be an integer >= 1 or None; got {threads!r}")
+        threads = check_optional_count("threads", threads)
         self.threads = threads if threads is not None else _default_threads()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
@@ -201,6 +201,7 @@ class Engine:
     ) -> Engine:
         """Load the model in ``path``. ``compiled=False`` keeps every decode step in numpy (the
         reference the compiled step is tested against)."""
+        check_optional_count("threads", threads)  # before seconds of loading, not after
         path = Path(path)
         tensors = read_tensors(path)
         weights = load_weights(path, tensors)
