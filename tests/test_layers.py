@@ -121,7 +121,8 @@ def test_the_graph_is_read() -> None:
     graph = import_graph()
     assert "nbcompletions._parse" in graph["nbcompletions._frames"]
     assert "nbcompletions._request" in graph["nbcompletions.server._app"]
-    assert "nbcompletions.model._sampling" in graph["nbcompletions.model._engine"]
+    assert "nbcompletions.model._kernels" in graph["nbcompletions.model._sampling"]  # from . import
+    assert "nbcompletions.model._plan" in graph["nbcompletions.model._engine"]
 
 
 def test_no_import_cycles() -> None:
