@@ -177,3 +177,67 @@ def test_inference_runs_without_torch(tiny_dir: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+_WITHOUT_NUMBA = """
+import json, sys
+sys.modules["numba"] = None  # `import numba` now raises ImportError, as where it is not installed
+import nbcompletions as nbc
+from nbcompletions.model import _kernels, load_engine
+assert not _kernels.available() and load_engine().packed is None
+client = nbc.Client(embedded=True)
+done = client.complete("ROMEO:", max_tokens=8, seed=1, n=3, logprobs=2)
+print(json.dumps({"texts": [c["text"] for c in done.raw["choices"]],
+                  "logprobs": done.tokens["logprob"].tolist()}))
+"""
+
+
+def test_without_numba_a_completion_runs_in_numpy_and_matches() -> None:
+    """numba is the `fast` extra: where it does not import, the public client's embedded
+    completion runs on the numpy forward pass, says nothing about compiling, and gives the same
+    texts (and logprobs to float32 rounding) as this process, compiled or not."""
+    import json
+
+    import nbcompletions as nbc
+
+    if not (FILES_DIR / "model.safetensors").exists():
+        pytest.skip("the embedded model's weights are not built yet")
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_NUMBA],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compiling" not in done.stderr
+    got = json.loads(done.stdout)
+    expected = nbc.Client(embedded=True).complete("ROMEO:", max_tokens=8, seed=1, n=3, logprobs=2)
+    assert got["texts"] == [c["text"] for c in expected.raw["choices"]]
+    assert got["logprobs"] == pytest.approx(expected.tokens["logprob"].tolist(), abs=1e-4)
+
+
+def test_a_slow_compile_says_so_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    from nbcompletions.model import _engine
+
+    monkeypatch.setattr(_engine, "COMPILE_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(_engine, "warm", lambda packed: time.sleep(0.5))  # a compile, not a load
+    _engine._warm_saying_so(None)  # type: ignore[arg-type]
+    err = capfd.readouterr().err
+    assert err.startswith(_engine.COMPILE_NOTICE + "\n")
+    assert "nbcompletions: compiled in 0." in err
+
+
+def test_a_quick_load_from_the_compile_cache_says_nothing(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from nbcompletions.model import _engine
+
+    monkeypatch.setattr(_engine, "warm", lambda packed: None)
+    _engine._warm_saying_so(None)  # type: ignore[arg-type]
+    assert capfd.readouterr().err == ""

@@ -41,7 +41,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -131,7 +133,7 @@ class Engine:
         weights = load_weights(path, tensors)
         packed = pack(tensors, weights.config) if compiled else None
         if packed is not None:
-            warm(packed)
+            _warm_saying_so(packed)
         tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
         digest = hashlib.sha256()
         with open(path / "model.safetensors", "rb") as fh:
@@ -224,6 +226,38 @@ class Engine:
         while batch.jobs:
             batch.step()
             yield from job.take()
+
+
+#: A warm-up that takes longer than this is a compile, not a load from numba's cache (~0.3 s):
+#: it says so, so that a first completion never sits silent for the ~20 s a compile takes.
+COMPILE_NOTICE_AFTER_S = 1.0
+
+COMPILE_NOTICE = (
+    "nbcompletions: compiling the embedded model's decode step (once per machine, about 20 s; "
+    "later processes load it in under a second)..."
+)
+
+
+def _warm_saying_so(packed: Packed) -> None:
+    """`warm` the compiled step; past `COMPILE_NOTICE_AFTER_S` a line on stderr says what is
+    happening, and another how long it took."""
+    said = threading.Event()
+
+    def notice() -> None:
+        said.set()
+        print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+    timer = threading.Timer(COMPILE_NOTICE_AFTER_S, notice)
+    timer.daemon = True
+    start = time.perf_counter()
+    timer.start()
+    try:
+        warm(packed)
+    finally:
+        timer.cancel()
+    if said.is_set():
+        seconds = time.perf_counter() - start
+        print(f"nbcompletions: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 def _model_id_from(path: Path) -> str:
