@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -218,26 +219,34 @@ def test_without_numba_a_completion_runs_in_numpy_and_matches() -> None:
     assert got["logprobs"] == pytest.approx(expected.tokens["logprob"].tolist(), abs=1e-4)
 
 
-def test_a_slow_compile_says_so_on_stderr(
-    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+def test_a_slow_load_says_so_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tiny_dir: Path
 ) -> None:
     import time
 
     from nbcompletions.model import _engine
+    from nbcompletions.model._gpt2 import read_tensors
+    from nbcompletions.model._kernels import available
 
-    monkeypatch.setattr(_engine, "COMPILE_NOTICE_AFTER_S", 0.05)
-    monkeypatch.setattr(_engine, "warm", lambda packed: time.sleep(0.5))  # a compile, not a load
-    _engine._warm_saying_so(None)  # type: ignore[arg-type]
+    real_read = read_tensors
+
+    def slow_read(path: Path) -> Any:
+        time.sleep(0.5)  # as a compile would, or a loaded machine
+        return real_read(path)
+
+    monkeypatch.setattr(_engine, "LOAD_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(_engine, "read_tensors", slow_read)
+    _engine.Engine.from_dir(tiny_dir, compiled=False)
     err = capfd.readouterr().err
-    assert err.startswith(_engine.COMPILE_NOTICE + "\n")
-    assert "nbcompletions: compiled in 0." in err
+    assert err.startswith(_engine.LOAD_NOTICE + "\n")
+    assert "nbcompletions: the embedded model is ready (0." in err
+    _engine.Engine.from_dir(tiny_dir)
+    notice = _engine.COMPILE_NOTICE if available() else _engine.LOAD_NOTICE
+    assert capfd.readouterr().err.startswith(notice + "\n")
 
 
-def test_a_quick_load_from_the_compile_cache_says_nothing(
-    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
-) -> None:
+def test_a_quick_load_says_nothing(capfd: pytest.CaptureFixture[str], tiny_dir: Path) -> None:
     from nbcompletions.model import _engine
 
-    monkeypatch.setattr(_engine, "warm", lambda packed: None)
-    _engine._warm_saying_so(None)  # type: ignore[arg-type]
+    _engine.Engine.from_dir(tiny_dir, compiled=False)  # milliseconds: a tiny model
     assert capfd.readouterr().err == ""

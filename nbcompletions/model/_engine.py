@@ -38,6 +38,7 @@ Choices made where the API leaves room (documented here because clients will loo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -56,6 +57,7 @@ from ._batch import DecodeBatch
 from ._gpt2 import GPT2Weights, load_weights, read_tensors
 from ._job import Job
 from ._kernels import Packed, pack, warm
+from ._kernels import available as compiled_available
 from ._plan import plan_request
 from ._tokenizer import ByteTokenizer
 
@@ -129,16 +131,17 @@ class Engine:
         reference the compiled step is tested against)."""
         check_optional_count("threads", threads)  # before seconds of loading, not after
         path = Path(path)
-        tensors = read_tensors(path)
-        weights = load_weights(path, tensors)
-        packed = pack(tensors, weights.config) if compiled else None
-        if packed is not None:
-            _warm_saying_so(packed)
-        tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
-        digest = hashlib.sha256()
-        with open(path / "model.safetensors", "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
+        with _announced(compiling=compiled and compiled_available()):
+            tensors = read_tensors(path)
+            weights = load_weights(path, tensors)
+            packed = pack(tensors, weights.config) if compiled else None
+            if packed is not None:
+                warm(packed)
+            tokenizer = ByteTokenizer.from_file(path / "tokenizer.json")
+            digest = hashlib.sha256()
+            with open(path / "model.safetensors", "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
         if model_id is None:
             model_id = _model_id_from(path)
         return cls(
@@ -228,36 +231,39 @@ class Engine:
             yield from job.take()
 
 
-#: A warm-up that takes longer than this is a compile, not a load from numba's cache (~0.3 s):
-#: it says so, so that a first completion never sits silent for the ~20 s a compile takes.
-COMPILE_NOTICE_AFTER_S = 1.0
+#: A load that takes longer than this says so on stderr, so that a first completion never sits
+#: silent: the first process on a machine compiles the decode step (~20 s); later ones load it
+#: from numba's cache (well under a second on a quiet machine) and say nothing.
+LOAD_NOTICE_AFTER_S = 1.0
 
 COMPILE_NOTICE = (
-    "nbcompletions: compiling the embedded model's decode step (once per machine, about 20 s; "
-    "later processes load it in under a second)..."
+    "nbcompletions: loading the embedded model; its decode step compiles the first time on a "
+    "machine (about 20 s, once)..."
 )
+LOAD_NOTICE = "nbcompletions: loading the embedded model..."
 
 
-def _warm_saying_so(packed: Packed) -> None:
-    """`warm` the compiled step; past `COMPILE_NOTICE_AFTER_S` a line on stderr says what is
-    happening, and another how long it took."""
+@contextlib.contextmanager
+def _announced(compiling: bool) -> Iterator[None]:
+    """Past `LOAD_NOTICE_AFTER_S`, a line on stderr says what is happening, and once done a
+    second one how long it took."""
     said = threading.Event()
 
     def notice() -> None:
         said.set()
-        print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+        print(COMPILE_NOTICE if compiling else LOAD_NOTICE, file=sys.stderr, flush=True)
 
-    timer = threading.Timer(COMPILE_NOTICE_AFTER_S, notice)
+    timer = threading.Timer(LOAD_NOTICE_AFTER_S, notice)
     timer.daemon = True
     start = time.perf_counter()
     timer.start()
     try:
-        warm(packed)
+        yield
     finally:
         timer.cancel()
     if said.is_set():
         seconds = time.perf_counter() - start
-        print(f"nbcompletions: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
+        print(f"nbcompletions: the embedded model is ready ({seconds:.1f} s)", file=sys.stderr)
 
 
 def _model_id_from(path: Path) -> str:
