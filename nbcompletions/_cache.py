@@ -9,11 +9,11 @@ later should get a real answer.
 
 What makes a row trustworthy:
 
-- Each response is stored zlib-compressed (rows written as plain JSON text by earlier versions
-  still read) with a digest: sha256 of its key and its stored bytes. A row moved to another key,
-  or altered, no longer matches and reading it raises `CacheError` instead of answering for the
-  wrong request. A row without a digest (written by a version before digests) cannot be tied to
-  its request, so it is never served: it reads as missing, is fetched again, and the new answer
+- Each response is stored zlib-compressed (plain JSON text from earlier versions still reads)
+  with a digest: sha256 of its key and its stored bytes. A row moved to another key, or altered,
+  no longer matches and reading it raises `CacheError` instead of answering for the wrong
+  request. A row without a digest (written by a version before digests) cannot be tied to its
+  request, so it is never served: it reads as missing, is fetched again, and the new answer
   replaces it. `Cache.verify` lists both kinds (and can remove them).
 - Every SQLite or file-system failure is a `CacheError` naming the file and what to do; only
   what shows damage (not a database, malformed) is called damage: a full disk or an I/O error
