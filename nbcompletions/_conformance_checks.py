@@ -420,7 +420,7 @@ def usage_check(outcome: ProbeOutcome) -> Check:
     if error is not None:
         return _failure("include_usage", error)
     usage = raw.get("usage") if isinstance(raw, Mapping) else None
-    if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
+    if isinstance(usage, Mapping) and is_int(usage.get("prompt_tokens")):
         return Check("include_usage", "ok", f"usage arrived: {dict(usage)}")
     cut = _cut_short("include_usage", raw)
     if cut is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import is_int
 from .._errors import RequestError
 from .._request import DEFAULT_MAX_TOKENS, SAMPLERS, CompletionRequest, check_sampler
 from ._sampling import BAN, bias_vector
@@ -138,7 +139,7 @@ def _bias(request: CompletionRequest, vocab: Vocabulary, max_tokens: int) -> np.
 def _prompts(prompt: Any, vocab: Vocabulary) -> list[Prompt]:
     if isinstance(prompt, str):
         raw: list[Any] = [prompt]
-    elif prompt and all(isinstance(item, int) for item in prompt):
+    elif prompt and all(is_int(item) for item in prompt):
         raw = [list(prompt)]
     else:
         raw = list(prompt)
