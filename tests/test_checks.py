@@ -149,3 +149,25 @@ def test_the_engine_takes_numpy_threads(tiny_model_dir: Path) -> None:
     engine = Engine.from_dir(tiny_model_dir, threads=np.int64(2), compiled=False)
     assert engine.threads == 2
     assert type(engine.threads) is int
+
+
+def test_scoring_and_endpoint_checks_read_a_response_alike() -> None:
+    """The two readers that had their own `_number` (one kept infinities, one did not) now read
+    the same values: -Infinity and NaN (the stdlib parses both) as unknown, a bool offset as
+    none."""
+    from nbcompletions._conformance_checks import logprob_rows
+    from nbcompletions._parse import loads
+    from nbcompletions._scoring import _columns
+
+    text = (
+        '{"choices": [{"index": 0, "text": "abc", "logprobs": {"tokens": ["a", "b", "c"], '
+        '"token_logprobs": [null, -Infinity, NaN], "top_logprobs": null, '
+        '"text_offset": [0, 1, true]}}]}'
+    )
+    raw = loads(text)
+    columns = _columns(raw)
+    rows = logprob_rows(raw["choices"][0])
+    assert columns is not None
+    assert rows is not None
+    assert columns.logprobs == rows.logprobs == [None, None, None]
+    assert columns.offsets == rows.offsets == [0, 1, None]
