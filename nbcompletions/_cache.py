@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -618,6 +619,8 @@ class Cache:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 now = time.time()
+                # One look-up per owner, not per key, and a fresh one each claim.
+                may_live = functools.cache(_owner_may_live)
                 for start in range(0, len(wanted), _LOOKUP_CHUNK):
                     chunk = wanted[start : start + _LOOKUP_CHUNK]
                     marks = ",".join("?" * len(chunk))
@@ -635,7 +638,7 @@ class Cache:
                             "AND owner != ? AND expires > ?",
                             (*chunk, self.owner, now),
                         )
-                        if _owner_may_live(owner)
+                        if may_live(owner)
                     )
                     mine = [k for k in chunk if k not in taken]
                     conn.executemany(
