@@ -224,7 +224,7 @@ def test_a_slow_load_says_so_on_stderr(
 ) -> None:
     import time
 
-    from nbcompletions.model import _engine
+    from nbcompletions.model import _engine, _notice
     from nbcompletions.model._gpt2 import read_tensors
     from nbcompletions.model._kernels import available
 
@@ -234,14 +234,14 @@ def test_a_slow_load_says_so_on_stderr(
         time.sleep(0.5)  # as a compile would, or a loaded machine
         return real_read(path)
 
-    monkeypatch.setattr(_engine, "LOAD_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(_notice, "LOAD_NOTICE_AFTER_S", 0.05)
     monkeypatch.setattr(_engine, "read_tensors", slow_read)
     _engine.Engine.from_dir(tiny_dir, compiled=False)
     err = capfd.readouterr().err
-    assert err.startswith(_engine.LOAD_NOTICE + "\n")
+    assert err.startswith(_notice.LOAD_NOTICE + "\n")
     assert "nbcompletions: the embedded model is ready (0." in err
     _engine.Engine.from_dir(tiny_dir)
-    notice = _engine.COMPILE_NOTICE if available() else _engine.LOAD_NOTICE
+    notice = _notice.COMPILE_NOTICE if available() else _notice.LOAD_NOTICE
     assert capfd.readouterr().err.startswith(notice + "\n")
 
 
@@ -250,3 +250,27 @@ def test_a_quick_load_says_nothing(capfd: pytest.CaptureFixture[str], tiny_dir: 
 
     _engine.Engine.from_dir(tiny_dir, compiled=False)  # milliseconds: a tiny model
     assert capfd.readouterr().err == ""
+
+
+def test_load_engine_says_it_once(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """load_engine announces from before numba's import; the from_dir inside says nothing more."""
+    import time
+
+    from nbcompletions.model import _engine, _notice
+    from nbcompletions.model._gpt2 import read_tensors
+
+    folder = build_tiny_model(tmp_path)
+    real_read = read_tensors
+
+    def slow_read(path: Path) -> Any:
+        time.sleep(0.5)
+        return real_read(path)
+
+    monkeypatch.setattr(_notice, "LOAD_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(_engine, "read_tensors", slow_read)
+    load_engine(folder)
+    err = capfd.readouterr().err
+    assert err.count("nbcompletions: loading the embedded model") == 1, err
+    assert err.count("is ready") == 1, err

@@ -60,9 +60,14 @@ def load_engine(path: str | Path | None = None) -> Engine:
             ]
             if missing:
                 raise FileNotFoundError(f"model files missing in {folder}: {', '.join(missing)}")
-            from ._engine import Engine
+            from ._notice import announced_load
 
-            engine = Engine.from_dir(folder, model_id=MODEL_ID if folder == FILES_DIR else None)
+            # Said from here, not only in from_dir: importing numba takes a second too.
+            with announced_load():
+                from ._engine import Engine
+
+                model_id = MODEL_ID if folder == FILES_DIR else None
+                engine = Engine.from_dir(folder, model_id=model_id)
             _engines[folder] = engine
     return engine
 

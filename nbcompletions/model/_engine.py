@@ -38,13 +38,10 @@ Choices made where the API leaves room (documented here because clients will loo
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,6 +55,7 @@ from ._gpt2 import GPT2Weights, load_weights, read_tensors
 from ._job import Job
 from ._kernels import Packed, pack, warm
 from ._kernels import available as compiled_available
+from ._notice import announced_load
 from ._plan import plan_request
 from ._tokenizer import ByteTokenizer
 
@@ -131,7 +129,7 @@ class Engine:
         reference the compiled step is tested against)."""
         check_optional_count("threads", threads)  # before seconds of loading, not after
         path = Path(path)
-        with _announced(compiling=compiled and compiled_available()):
+        with announced_load(compiling=compiled and compiled_available()):
             tensors = read_tensors(path)
             weights = load_weights(path, tensors)
             packed = pack(tensors, weights.config) if compiled else None
@@ -229,41 +227,6 @@ class Engine:
         while batch.jobs:
             batch.step()
             yield from job.take()
-
-
-#: A load that takes longer than this says so on stderr, so that a first completion never sits
-#: silent: the first process on a machine compiles the decode step (~20 s); later ones load it
-#: from numba's cache (well under a second on a quiet machine) and say nothing.
-LOAD_NOTICE_AFTER_S = 1.0
-
-COMPILE_NOTICE = (
-    "nbcompletions: loading the embedded model; its decode step compiles the first time on a "
-    "machine (about 20 s, once)..."
-)
-LOAD_NOTICE = "nbcompletions: loading the embedded model..."
-
-
-@contextlib.contextmanager
-def _announced(compiling: bool) -> Iterator[None]:
-    """Past `LOAD_NOTICE_AFTER_S`, a line on stderr says what is happening, and once done a
-    second one how long it took."""
-    said = threading.Event()
-
-    def notice() -> None:
-        said.set()
-        print(COMPILE_NOTICE if compiling else LOAD_NOTICE, file=sys.stderr, flush=True)
-
-    timer = threading.Timer(LOAD_NOTICE_AFTER_S, notice)
-    timer.daemon = True
-    start = time.perf_counter()
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-    if said.is_set():
-        seconds = time.perf_counter() - start
-        print(f"nbcompletions: the embedded model is ready ({seconds:.1f} s)", file=sys.stderr)
 
 
 def _model_id_from(path: Path) -> str:
