@@ -37,6 +37,7 @@ from typing import Any
 
 from ._batch_file import batch_lines, check_batch_limits, split_batches
 from ._cache import key_state
+from ._checks import is_int
 from ._errors import RequestError
 from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
 from ._secrets import redact_url
@@ -294,7 +295,7 @@ def _weights_tag(model: str | None) -> str:
 
 
 def _check_sweep_fields(prompt: Any, repeats: Any, fields: Mapping[str, Any]) -> None:
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise RequestError(
             "repeats",
             f"repeats must be an integer >= 1; got {repeats!r}",
@@ -374,6 +375,7 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
     """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
     _check_sweep_fields(prompt, repeats, fields)
     prompts = _prompt_axis(prompt)
+    repeats = int(repeats)  # a numpy integer counts as one
     fixed, axes = _fixed_and_axes(fields)
     model = getattr(client, "model", None)
     # Credentials in the URL (user:key@host) decide nothing about a response, and the endpoint is

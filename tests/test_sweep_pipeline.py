@@ -337,3 +337,13 @@ def test_batch_lines_without_usable_choices_are_error_rows_as_live(tmp_path: Pat
     assert "overloaded" in result.requests["error_message"][1]
     assert result.usage["failed_requests"] == 3
     assert result.usage["total_tokens"] == 3
+
+
+def test_numpy_integers_are_integers_for_shard_and_repeats() -> None:
+    import numpy as np
+
+    from nbcompletions.sweeps.plan import check_shard
+
+    assert check_shard((np.int64(1), np.int64(4))) == (1, 4)
+    client = Client("http://127.0.0.1:9/v1", model="m")
+    assert len(expand_grid(client, "a", repeats=np.int64(3)).points) == 3

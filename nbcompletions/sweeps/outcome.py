@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._checks import is_int
 from .._errors import APIError
 from .._secrets import redact_exception_text
 
@@ -33,9 +34,7 @@ TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
 def token_count(value: Any) -> int | None:
     """``value`` as a token count, or None when it is not one (a bool, a float, text, < 0)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
+    return int(value) if is_int(value) and value >= 0 else None
 
 
 def usage_of(usage: Any) -> dict[str, int | None]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .._cache import Cache
+from .._checks import is_int, is_number
 from .._errors import BudgetError, ConformanceError, RequestError
 from .._grid import Grid, GridPoint, estimate_tokens, expand_grid
 from .._request import check_optional_count
@@ -96,7 +97,7 @@ class Plan:
 def _check_budget(value: Any) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+    if not is_number(value) or not value >= 0:
         raise RequestError(
             "budget",
             f"budget must be a number of tokens >= 0 or None; got {value!r}",
@@ -137,7 +138,7 @@ def check_shard(value: Any) -> tuple[int, int] | None:
     ok = (
         isinstance(value, tuple | list)
         and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and all(is_int(v) for v in value)
         and value[1] >= 1
         and 0 <= value[0] < value[1]
     )
