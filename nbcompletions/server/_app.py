@@ -14,6 +14,7 @@ import hmac
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -60,6 +61,7 @@ COMPAT_MODES = ("openai", "vllm")
 #: the client sent, and must not send a huge body back.
 _MAX_MESSAGE_CHARS = 2_000
 _OWNED_BY = "nbcompletions"
+_FLOAT_MAX = sys.float_info.max
 
 
 class Engine(Protocol):
@@ -535,10 +537,11 @@ class _CompletionsServer:
                 + f"The fields are: {', '.join(accepted)}.",
                 param=name,
             )
+        _refuse_huge_integers(body)
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()
         self._check_model(engine, completion.model)
-        completion = self._apply_cap(completion)
+        completion = _greedy_when_tiny(self._apply_cap(completion))
         return completion, self._scheduler_for(engine)
 
     async def models(self, request: Request, request_id: str) -> Response:
@@ -553,6 +556,32 @@ class _CompletionsServer:
 
     async def health(self, request: Request, request_id: str) -> Response:
         return _JSON({"status": "ok", "engine_loaded": self.engine_loaded})
+
+
+def _refuse_huge_integers(body: dict[str, Any]) -> None:
+    """400 for an integer too large for a float in a field or a logit_bias value: the range
+    checks compare numbers as floats, and a 400-digit integer overflowed there (a 500)."""
+    for field, value in body.items():
+        values = value.items() if field == "logit_bias" and isinstance(value, dict) else ()
+        for name, item in ((field, value), *((f"{field}.{k}", v) for k, v in values)):
+            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > _FLOAT_MAX:
+                raise _Failure(
+                    400,
+                    f"{name} is out of range: an integer of {item.bit_length()} bits, larger than "
+                    "any number the field allows.",
+                    param=name.partition(".")[0],
+                )
+
+
+def _greedy_when_tiny(completion: CompletionRequest) -> CompletionRequest:
+    """A temperature too small to divide logits by (below ``GREEDY_BELOW``, 1e-100) is 0: the
+    engine's compiled sampler divides by it (2e-308 overflowed to the vocabulary's last token)."""
+    from ..model._sampling import GREEDY_BELOW  # the model's own bound; numpy loads on first use
+
+    temperature = completion.temperature
+    if temperature is not None and 0 < temperature < GREEDY_BELOW:
+        return completion.replace(temperature=0.0)
+    return completion
 
 
 def _disconnected(request: Request) -> Callable[[], Awaitable[None]]:

@@ -1,0 +1,215 @@
+"""Limits that hold on every route, live and batch: numbers at the edges of float64, list paging,
+malformed batch lines, and batches that always reach a terminal state."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from nbcompletions.server import StreamingASGITransport, create_app
+
+MODEL = "nbc-shakespeare"
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+#: Raw JSON numbers at the edges: subnormal, tiny, the smallest normal, huge, overflowing to
+#: infinity when parsed, NaN (not JSON), negative zero, and an integer with 400 digits.
+EDGE_NUMBERS = (
+    "5e-324",
+    "1e-320",
+    "2.2e-308",
+    "1e-300",
+    "1e-101",
+    "-1e-320",
+    "-0.0",
+    "0.0",
+    "1e308",
+    "-1e308",
+    "1e999",
+    "-1e999",
+    "NaN",
+    "1" + "0" * 400,
+)
+#: Every numeric field of a completion request, and the vLLM sampling fields.
+NUMERIC_FIELDS = (
+    "temperature",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "max_tokens",
+    "n",
+    "best_of",
+    "logprobs",
+    "seed",
+    "logit_bias",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+)
+
+
+@pytest.fixture(scope="module")
+def vllm_app(embedded_engine: Any) -> Any:
+    return create_app(embedded_engine, compat="vllm")
+
+
+@pytest.fixture
+async def client(vllm_app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = StreamingASGITransport(vllm_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as http:
+        yield http
+
+
+def _body_text(field: str, number: str) -> str:
+    """A request whose ``field`` holds the raw JSON ``number`` (logit_bias: as a bias value)."""
+    value = '{"11": ' + number + "}" if field == "logit_bias" else number
+    base = {"model": MODEL, "prompt": "To be, or not", "max_tokens": 4, "seed": 7}
+    if field not in ("logprobs",):
+        base["logprobs"] = 1
+    base.pop(field, None)
+    return json.dumps(base)[:-1] + f', "{field}": {value}' + "}"
+
+
+async def _post(http: httpx.AsyncClient, text: str) -> httpx.Response:
+    return await http.post(
+        "/v1/completions", content=text, headers={"content-type": "application/json"}
+    )
+
+
+def _neutral(field: str, number: str) -> dict[str, Any] | None:
+    """The request a value is indistinguishable from (tiny penalties are 0, a tiny temperature or
+    top_p is greedy), to compare answers with; None where there is none."""
+    value = float(number) if number != "NaN" else float("nan")
+    if not abs(value) < 1e-100:
+        return None
+    neutral = {
+        "temperature": {"temperature": 0},
+        "top_p": {"temperature": 0},
+        "frequency_penalty": {},
+        "presence_penalty": {},
+        "min_p": {},
+    }
+    return neutral.get(field)
+
+
+async def test_edge_numbers_in_every_numeric_field_answer_400_or_a_sane_200(
+    client: httpx.AsyncClient, embedded_engine: Any
+) -> None:
+    last_token = embedded_engine.token_str(embedded_engine.vocab_size - 1)
+    outcomes: dict[int, int] = {}
+    for field in NUMERIC_FIELDS:
+        for number in EDGE_NUMBERS:
+            text = _body_text(field, number)
+            response = await _post(client, text)
+            outcomes[response.status_code] = outcomes.get(response.status_code, 0) + 1
+            where = f"{field}={number[:20]}"
+            assert response.status_code in (200, 400), (where, response.text[:300])
+            body = response.json()
+            if response.status_code == 400:
+                if number == "NaN":  # not JSON: the body is refused as a whole
+                    assert "NaN" in body["error"]["message"], where
+                    continue
+                assert body["error"]["param"] in (field, f"{field}.11", "logit_bias"), where
+                assert field in body["error"]["message"], where
+                continue
+            tokens = body["choices"][0]["logprobs"]["tokens"]
+            # The overflow answered the vocabulary's last token ("bunes") again and again.
+            assert tokens, where
+            assert not all(t == last_token for t in tokens), (where, tokens)
+            neutral = _neutral(field, number)
+            if neutral is not None:
+                request = json.loads(text)
+                request.pop(field)
+                request.update(neutral)
+                expected = (await _post(client, json.dumps(request))).json()
+                assert body["choices"][0]["text"] == expected["choices"][0]["text"], where
+    assert outcomes.get(200, 0) > 0, outcomes
+    assert outcomes.get(400, 0) > 0, outcomes
+
+
+async def test_a_tiny_temperature_is_greedy(client: httpx.AsyncClient) -> None:
+    greedy = await _post(client, _body_text("temperature", "0"))
+    for number in ("5e-324", "2.2e-308", "1e-200"):
+        tiny = await _post(client, _body_text("temperature", number))
+        assert tiny.status_code == 200
+        assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+# -- batches --------------------------------------------------------------------------------------
+def _line(custom_id: str, body_text: str) -> bytes:
+    """One batch line whose body is raw JSON text (numbers JSON cannot say stay as written)."""
+    head = json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/completions"})
+    return (head[:-1] + f', "body": {body_text}' + "}\n").encode()
+
+
+async def upload(http: httpx.AsyncClient, content: bytes) -> httpx.Response:
+    return await http.post(
+        "/v1/files",
+        files={"file": ("requests.jsonl", content, "application/jsonl")},
+        data={"purpose": "batch"},
+    )
+
+
+async def run_batch(
+    http: httpx.AsyncClient, content: bytes, *, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    """Upload, create, wait for a terminal state; the batch card with its output and error lines."""
+    uploaded = await upload(http, content)
+    assert uploaded.status_code == 200, uploaded.text[:300]
+    created = await http.post(
+        "/v1/batches",
+        json={
+            "input_file_id": uploaded.json()["id"],
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert created.status_code == 200, created.text[:300]
+    card = await wait_terminal(http, created.json()["id"], timeout_s=timeout_s)
+    card["lines"] = []
+    for key in ("output_file_id", "error_file_id"):
+        if card[key] is not None:
+            content_response = await http.get(f"/v1/files/{card[key]}/content")
+            assert content_response.status_code == 200
+            card["lines"] += [json.loads(x) for x in content_response.content.splitlines()]
+    return card
+
+
+async def wait_terminal(
+    http: httpx.AsyncClient, batch_id: str, *, timeout_s: float = 120.0
+) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        card: dict[str, Any] = (await http.get(f"/v1/batches/{batch_id}")).json()
+        if card["status"] in TERMINAL:
+            return card
+        assert loop.time() < deadline, f"batch stuck in {card['status']}"
+        await asyncio.sleep(0.02)
+
+
+async def test_edge_numbers_in_batch_lines_give_400_lines_or_sane_200s(
+    client: httpx.AsyncClient, embedded_engine: Any
+) -> None:
+    last_token = embedded_engine.token_str(embedded_engine.vocab_size - 1)
+    lines = [
+        _line(f"{field}-{i}", _body_text(field, number))
+        for field in NUMERIC_FIELDS
+        for i, number in enumerate(EDGE_NUMBERS)
+    ]
+    card = await run_batch(client, b"".join(lines))
+    assert card["status"] == "completed", card
+    assert len(card["lines"]) == len(lines)
+    for line in card["lines"]:
+        response = line["response"]
+        assert response["status_code"] in (200, 400), line
+        if response["status_code"] == 200:
+            tokens = response["body"]["choices"][0]["logprobs"]["tokens"]
+            assert not all(t == last_token for t in tokens), line["custom_id"]
+        else:
+            field = line["custom_id"].rsplit("-", 1)[0]
+            assert field in response["body"]["error"]["message"], line
