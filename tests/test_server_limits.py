@@ -213,3 +213,97 @@ async def test_edge_numbers_in_batch_lines_give_400_lines_or_sane_200s(
         else:
             field = line["custom_id"].rsplit("-", 1)[0]
             assert field in response["body"]["error"]["message"], line
+
+
+@pytest.mark.parametrize("limit", ["\u00b2", "1" * 5000, "0", "101", "-1", "1.5", " 3", "\u0663"])
+async def test_a_bad_list_limit_is_a_400_naming_limit(
+    client: httpx.AsyncClient, limit: str
+) -> None:
+    for path in ("/v1/batches", "/v1/files"):
+        response = await client.get(path, params={"limit": limit})
+        if path == "/v1/files" and limit == "101":
+            assert response.status_code == 200  # files list up to 10,000 a page, as OpenAI's
+            continue
+        assert response.status_code == 400, (path, limit, response.text[:200])
+        error = response.json()["error"]
+        assert error["param"] == "limit"
+        assert "limit must be an integer from 1 to" in error["message"]
+
+
+async def test_files_are_listed_in_pages_like_openai(vllm_app: Any) -> None:
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(vllm_app), base_url="http://embedded"
+    ) as http:
+        line = _line("a", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}))
+        ids = [(await upload(http, line)).json()["id"] for _ in range(7)]
+        seen: list[str] = []
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": 3, "order": "asc"}
+            if after is not None:
+                params["after"] = after
+            page = (await http.get("/v1/files", params=params)).json()
+            assert page["object"] == "list"
+            assert len(page["data"]) <= 3
+            seen += [card["id"] for card in page["data"]]
+            if not page["has_more"]:
+                break
+            assert page["last_id"] == page["data"][-1]["id"]
+            after = page["last_id"]
+        assert [i for i in seen if i in ids] == ids
+        newest = (await http.get("/v1/files", params={"limit": 2})).json()
+        assert [card["id"] for card in newest["data"]] == ids[::-1][:2]
+        assert newest["has_more"] is True
+        for i in ids:
+            await http.delete(f"/v1/files/{i}")
+        unknown = await http.get("/v1/files", params={"after": "file-nope"})
+        assert unknown.status_code == 400
+        assert unknown.json()["error"]["param"] == "after"
+        assert (await http.get("/v1/files", params={"order": "up"})).status_code == 400
+
+
+@pytest.mark.parametrize("model", ['["nbc-shakespeare"]', '{"a": 1}', "7", "null"])
+async def test_a_line_whose_model_is_no_string_is_a_line_error_and_the_batch_ends(
+    client: httpx.AsyncClient, model: str
+) -> None:
+    good = json.dumps({"model": MODEL, "prompt": "To be", "max_tokens": 2})
+    odd = '{"model": ' + model + ', "prompt": "To be", "max_tokens": 2}'
+    card = await run_batch(client, _line("good", good) + _line("odd", odd), timeout_s=60)
+    assert card["status"] == "completed"
+    statuses = {line["custom_id"]: line["response"]["status_code"] for line in card["lines"]}
+    assert statuses == {"good": 200, "odd": 400}
+    error = next(x for x in card["lines"] if x["custom_id"] == "odd")["response"]["body"]
+    assert error["error"]["param"] == "model"
+
+
+async def test_a_cancelled_batch_of_odd_lines_ends_cancelled(client: httpx.AsyncClient) -> None:
+    odd = '{"model": ["x"], "prompt": "To be", "max_tokens": 2}'
+    uploaded = (await upload(client, _line("a", odd) + _line("b", odd))).json()
+    created = await client.post(
+        "/v1/batches",
+        json={
+            "input_file_id": uploaded["id"],
+            "endpoint": "/v1/completions",
+            "completion_window": "24h",
+        },
+    )
+    batch_id = created.json()["id"]
+    await client.post(f"/v1/batches/{batch_id}/cancel")
+    card = await wait_terminal(client, batch_id, timeout_s=30)
+    assert card["status"] in ("cancelled", "completed")
+
+
+async def test_a_deeply_nested_line_is_a_400_line_as_the_live_route_answers(
+    client: httpx.AsyncClient,
+) -> None:
+    for depth in (3, 50, 985):
+        prompt = "[" * depth + "1" + "]" * depth
+        body = '{"model": "' + MODEL + '", "prompt": ' + prompt + ', "max_tokens": 2}'
+        live = await _post(client, body)
+        assert live.status_code == 400, depth
+        card = await run_batch(client, _line("deep", body), timeout_s=60)
+        assert card["status"] == "completed"
+        (line,) = card["lines"]
+        assert line["response"]["status_code"] == 400, line
+        if depth < 900:  # deeper, the live route's JSON parser gives up first
+            assert line["response"]["body"] == live.json()

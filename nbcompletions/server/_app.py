@@ -62,6 +62,8 @@ COMPAT_MODES = ("openai", "vllm")
 _MAX_MESSAGE_CHARS = 2_000
 _OWNED_BY = "nbcompletions"
 _FLOAT_MAX = sys.float_info.max
+#: The deepest a field nests: prompt as a list of token-id lists.
+_MAX_NESTING = 2
 
 
 class Engine(Protocol):
@@ -537,7 +539,7 @@ class _CompletionsServer:
                 + f"The fields are: {', '.join(accepted)}.",
                 param=name,
             )
-        _refuse_huge_integers(body)
+        _refuse_odd_values(body)
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()
         self._check_model(engine, completion.model)
@@ -558,18 +560,32 @@ class _CompletionsServer:
         return _JSON({"status": "ok", "engine_loaded": self.engine_loaded})
 
 
-def _refuse_huge_integers(body: dict[str, Any]) -> None:
-    """400 for an integer too large for a float in a field or a logit_bias value: the range
-    checks compare numbers as floats, and a 400-digit integer overflowed there (a 500)."""
+def _refuse_odd_values(body: dict[str, Any]) -> None:
+    """400 for a field nested deeper than any field may be, or holding an integer too large for
+    a float: the range checks recurse and compare as floats, so a prompt nested 985 lists deep
+    (in a batch line, whose JSON had parsed) and a 400-digit integer each answered 500."""
     for field, value in body.items():
-        values = value.items() if field == "logit_bias" and isinstance(value, dict) else ()
-        for name, item in ((field, value), *((f"{field}.{k}", v) for k, v in values)):
-            if isinstance(item, int) and not isinstance(item, bool) and abs(item) > _FLOAT_MAX:
+        pending = [(value, 0)]  # (value, how many lists and objects hold it)
+        while pending:
+            item, depth = pending.pop()
+            if isinstance(item, list | dict):
+                if depth >= _MAX_NESTING:
+                    raise _Failure(
+                        400,
+                        f"{field} is nested more than {_MAX_NESTING} levels deep (lists or "
+                        "objects within each other); the deepest field, prompt, is a list of "
+                        "token-id lists.",
+                        param=field,
+                    )
+                pending.extend(
+                    (x, depth + 1) for x in (item.values() if isinstance(item, dict) else item)
+                )
+            elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > _FLOAT_MAX:
                 raise _Failure(
                     400,
-                    f"{name} is out of range: an integer of {item.bit_length()} bits, larger than "
-                    "any number the field allows.",
-                    param=name.partition(".")[0],
+                    f"{field} is out of range: it holds an integer of {item.bit_length()} bits, "
+                    "larger than any number a field allows.",
+                    param=field,
                 )
 
 

@@ -41,7 +41,9 @@ _TERMINAL = ("failed", "completed", "expired", "cancelled")
 # How often the runner looks for new batches while others run (a new batch waits at most this).
 _PICKUP_S = 0.05
 _MAX_METADATA_PAIRS = 16
-_MAX_LIST_LIMIT = 100
+#: The most batches one ``GET /v1/batches`` lists (OpenAI's), and files one ``GET /v1/files``.
+MAX_BATCHES_LIMIT = 100
+MAX_FILES_LIMIT = 10_000
 _MULTIPART_OVERHEAD = 64 * 1024  # headers and the purpose field around the file part
 
 
@@ -226,6 +228,25 @@ class BatchStore:
             )
         return record
 
+    def list_files(
+        self, after: str | None, limit: int, *, newest_first: bool, purpose: str | None
+    ) -> tuple[list[_File], bool]:
+        """A page of files as OpenAI lists them; ``after`` is the last id of the previous page."""
+        with self._lock:
+            records = list(self._files.values())  # in upload order
+        if newest_first:
+            records.reverse()
+        if purpose is not None:
+            records = [r for r in records if r.purpose == purpose]
+        if after is not None:
+            ids = [r.id for r in records]
+            if after not in ids:
+                raise _Failure(
+                    400, f"after must be the id of a file; got {shown(after, 80)}", param="after"
+                )
+            records = records[ids.index(after) + 1 :]
+        return records[:limit], len(records) > limit
+
     def delete_file(self, file_id: str) -> _File:
         record = self.file(file_id)
         with self._lock:
@@ -330,7 +351,7 @@ class BatchStore:
             with self._lock:
                 while self._queue:
                     batch = self._queue.popleft()
-                    running.add(asyncio.ensure_future(self._process(batch, slots)))
+                    running.add(asyncio.ensure_future(self._process_to_the_end(batch, slots)))
                 if not running:
                     self._thread = None
                     return
@@ -338,6 +359,24 @@ class BatchStore:
             for task in done:
                 if task.exception() is not None:  # pragma: no cover - a bug in _process
                     logger.error("a batch failed in the runner", exc_info=task.exception())
+
+    async def _process_to_the_end(self, batch: _Batch, slots: asyncio.Semaphore) -> None:
+        """`_process`, and a terminal state whatever happens: a runner that died left its batch
+        "validating" (or "cancelling") forever."""
+        try:
+            await self._process(batch, slots)
+        except Exception:
+            request_id = f"req_{uuid.uuid4().hex}"
+            logger.exception("batch %s failed in the runner (request %s)", batch.id, request_id)
+            with self._lock:
+                cancelling = batch.status == "cancelling"
+                if cancelling:
+                    batch.status, batch.cancelled_at = "cancelled", _now()
+            if not cancelling:
+                error = _server_error(request_id).body()["error"]
+                self._fail(batch, [{**error, "code": "server_error", "line": None}])
+        finally:
+            batch.loop = batch.cancel_event = None
 
     def _fail(self, batch: _Batch, errors: list[dict[str, Any]]) -> None:
         with self._lock:
@@ -349,7 +388,9 @@ class BatchStore:
         """The input's lines, or None after failing the batch (wrong url, several models)."""
         source = self.file(batch.input_file_id)
         lines: list[dict[str, Any]] = []
-        models: set[Any] = set()
+        # Model names as given; a model that is no string (a list, an object) is the line's own
+        # error (a 400 line naming body.model), not the batch's.
+        models: list[str] = []
         errors: list[dict[str, Any]] = []
         for number, line in enumerate(_read_lines(source.path), start=1):
             if line["url"] != batch.endpoint:
@@ -363,18 +404,22 @@ class BatchStore:
                     }
                 )
             model = line["body"].get("model")
+            if not isinstance(model, str):
+                lines.append(line)
+                continue
             if models and model not in models and not errors:
                 errors.append(
                     {
                         "code": "mismatched_model",
                         "message": "The provided model differs from the model of earlier lines; "
                         f"a batch file holds one model. Line {number} has "
-                        f"{shown(model, 80)}, earlier lines {shown(next(iter(models)), 80)}.",
+                        f"{shown(model, 80)}, earlier lines {shown(models[0], 80)}.",
                         "param": "body.model",
                         "line": number,
                     }
                 )
-            models.add(model)
+            if model not in models:
+                models.append(model)
             if len(errors) >= 10:
                 break
             lines.append(line)
@@ -394,7 +439,7 @@ class BatchStore:
                 ],
             )
             return None
-        batch.model = next(iter(models)) if isinstance(next(iter(models)), str) else None
+        batch.model = models[0] if models else None
         return lines
 
     async def _process(self, batch: _Batch, slots: asyncio.Semaphore) -> None:

@@ -32,6 +32,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 from starlette.requests import Request
@@ -49,11 +50,12 @@ __all__ = [
 ]
 
 from ._batch_store import (
-    _MAX_LIST_LIMIT,
     _MAX_METADATA_PAIRS,
     _MULTIPART_OVERHEAD,
     BATCH_ENDPOINTS,
     COMPLETION_WINDOWS,
+    MAX_BATCHES_LIMIT,
+    MAX_FILES_LIMIT,
     BatchLimits,
     BatchStore,
 )
@@ -262,9 +264,17 @@ class _Routes:
         return _JSON({"id": record.id, "object": "file", "deleted": True})
 
     async def files(self, request: Request, request_id: str) -> Response:
-        with self.store._lock:
-            records = list(self.store._files.values())
-        return _JSON({"object": "list", "data": [r.card() for r in records]})
+        params = request.query_params
+        limit = _page_limit(params.get("limit"), default=MAX_FILES_LIMIT, most=MAX_FILES_LIMIT)
+        order = params.get("order", "desc")
+        if order not in ("asc", "desc"):
+            raise _Failure(
+                400, f"order must be 'asc' or 'desc'; got {shown(order, 20)}.", param="order"
+            )
+        page, more = self.store.list_files(
+            params.get("after"), limit, newest_first=order == "desc", purpose=params.get("purpose")
+        )
+        return _list_page([r.card() for r in page], more)
 
     async def content(self, request: Request, request_id: str) -> Response:
         record = self.store.file(request.path_params["file_id"])
@@ -334,24 +344,35 @@ class _Routes:
 
     async def list(self, request: Request, request_id: str) -> Response:
         params = request.query_params
-        raw_limit = params.get("limit", "20")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= _MAX_LIST_LIMIT:
-            raise _Failure(
-                400,
-                f"limit must be an integer from 1 to {_MAX_LIST_LIMIT}; got "
-                f"{shown(raw_limit, 20)}.",
-                param="limit",
-            )
-        page, more = self.store.list_batches(params.get("after"), int(raw_limit))
-        return _JSON(
-            {
-                "object": "list",
-                "data": [b.card() for b in page],
-                "first_id": page[0].id if page else None,
-                "last_id": page[-1].id if page else None,
-                "has_more": more,
-            }
+        limit = _page_limit(params.get("limit"), default=20, most=MAX_BATCHES_LIMIT)
+        page, more = self.store.list_batches(params.get("after"), limit)
+        return _list_page([b.card() for b in page], more)
+
+
+def _page_limit(given: str | None, *, default: int, most: int) -> int:
+    """The ``limit`` query parameter: ASCII digits from 1 to ``most`` (``"²"`` passed
+    ``str.isdigit`` and failed ``int``; 5,000 digits passed it too and failed ``int``)."""
+    if given is None:
+        return default
+    if not (given.isascii() and given.isdigit() and len(given) <= 6 and 1 <= int(given) <= most):
+        raise _Failure(
+            400,
+            f"limit must be an integer from 1 to {most}; got {shown(given, 20)}.",
+            param="limit",
         )
+    return int(given)
+
+
+def _list_page(data: list[dict[str, Any]], has_more: bool) -> Response:
+    return _JSON(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": has_more,
+        }
+    )
 
 
 def batch_routes(server: _CompletionsServer, store: BatchStore) -> list[Route]:
