@@ -223,10 +223,14 @@ class BatchStore:
         with self._lock:
             record = self._files.get(file_id)
         if record is None:
-            raise _Failure(
-                404, f"No such File object: {shown(file_id, 80)}", param="id", code="not_found"
-            )
+            raise self.no_such_file(file_id)
         return record
+
+    @staticmethod
+    def no_such_file(file_id: str) -> _Failure:
+        return _Failure(
+            404, f"No such File object: {shown(file_id, 80)}", param="id", code="not_found"
+        )
 
     def list_files(
         self, after: str | None, limit: int, *, newest_first: bool, purpose: str | None
@@ -318,14 +322,16 @@ class BatchStore:
     def cancel(self, batch_id: str) -> _Batch:
         batch = self.batch(batch_id)
         with self._lock:
-            if batch.status in _TERMINAL or batch.status == "cancelling":
-                if batch.status not in ("cancelled", "cancelling"):
-                    raise _Failure(
-                        409,
-                        f"Cannot cancel a batch with status '{batch.status}'.",
-                        code="batch_not_cancellable",
-                    )
+            if batch.status in ("cancelled", "cancelling"):
                 return batch
+            # Finalizing: every line has run and the files are being stored; a cancel landing now
+            # turned a completed batch "cancelled" (4 of 100 tries).
+            if batch.status in _TERMINAL or batch.status == "finalizing":
+                raise _Failure(
+                    409,
+                    f"Cannot cancel a batch with status '{batch.status}'.",
+                    code="batch_not_cancellable",
+                )
             batch.status = "cancelling"
             batch.cancelling_at = _now()
             loop, event = batch.loop, batch.cancel_event

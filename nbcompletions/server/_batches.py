@@ -31,12 +31,13 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .._request import shown
@@ -61,6 +62,7 @@ from ._batch_store import (
 )
 
 logger = logging.getLogger("nbcompletions.server")
+_CHUNK_BYTES = 256 * 1024
 
 
 # -- checking an uploaded file --------------------------------------------------------------------
@@ -278,7 +280,19 @@ class _Routes:
 
     async def content(self, request: Request, request_id: str) -> Response:
         record = self.store.file(request.path_params["file_id"])
-        return FileResponse(record.path, media_type="application/octet-stream")
+        try:
+            # Opened before the response starts: a delete landing now unlinks the name, and the
+            # open file still reads whole (a FileResponse opened it later: a 500, or a body cut
+            # short of its Content-Length, 3 in 64 tries).
+            handle = await anyio.to_thread.run_sync(record.path.open, "rb")
+        except FileNotFoundError:
+            raise self.store.no_such_file(record.id) from None
+        size = os.fstat(handle.fileno()).st_size
+        return StreamingResponse(
+            _chunks(handle),
+            media_type="application/octet-stream",
+            headers={"content-length": str(size)},
+        )
 
     async def create(self, request: Request, request_id: str) -> Response:
         body = await self.server._read_json(request)
@@ -347,6 +361,14 @@ class _Routes:
         limit = _page_limit(params.get("limit"), default=20, most=MAX_BATCHES_LIMIT)
         page, more = self.store.list_batches(params.get("after"), limit)
         return _list_page([b.card() for b in page], more)
+
+
+async def _chunks(handle: BinaryIO) -> AsyncIterator[bytes]:
+    try:
+        while chunk := await anyio.to_thread.run_sync(handle.read, _CHUNK_BYTES):
+            yield chunk
+    finally:
+        handle.close()
 
 
 def _page_limit(given: str | None, *, default: int, most: int) -> int:
