@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -20,7 +21,12 @@ import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import anyio
 
@@ -169,8 +175,63 @@ def _now() -> int:
     return int(time.time())
 
 
-def _remove_directory(path: str) -> None:
+_DIRECTORY_PREFIX = "nbcompletions-batches-"
+_OWNER_FILE = ".owner"  # held locked (flock) by the live server whose directory it is
+
+
+def _remove_directory(path: str, owner: IO[bytes] | None = None) -> None:
     shutil.rmtree(path, ignore_errors=True)
+    if owner is not None:
+        owner.close()
+
+
+def _owner_is_gone(directory: Path) -> bool:
+    """Whether the server that made ``directory`` has ended: its owner file's lock is free, or
+    (no owner file yet) the process id in its name runs no longer."""
+    try:
+        with (directory / _OWNER_FILE).open("rb") as owner:
+            try:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a live server holds it (perhaps in this very process)
+            return True
+    except FileNotFoundError:
+        pid = directory.name[len(_DIRECTORY_PREFIX) :].partition("-")[0]
+        if not pid.isdigit():
+            return False  # an older server's directory: nothing says whether it still runs
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+
+def remove_stale_directories(parent: str | None = None) -> list[Path]:
+    """Remove the batch directories that servers which have ended (kill -9, a crash) left in the
+    temporary directory; the ones removed."""
+    if fcntl is None:  # pragma: no cover - Windows: no flock to tell a live owner
+        return []
+    removed = []
+    for directory in Path(parent or tempfile.gettempdir()).glob(f"{_DIRECTORY_PREFIX}*"):
+        if directory.is_dir() and _owner_is_gone(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    if removed:
+        logger.info("removed %d batch directories of servers that have ended", len(removed))
+    return removed
+
+
+def _make_directory() -> tuple[str, IO[bytes] | None]:
+    """A new batch directory, locked as this process's (see `remove_stale_directories`)."""
+    remove_stale_directories()
+    path = tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{os.getpid()}-")
+    if fcntl is None:  # pragma: no cover - Windows
+        return path, None
+    owner = (Path(path) / _OWNER_FILE).open("wb")
+    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, owner
 
 
 class BatchStore:
@@ -186,6 +247,7 @@ class BatchStore:
         self._thread: threading.Thread | None = None
         self._stored = 0
         self._directory: str | None = None
+        self._remove: Callable[[], Any] = lambda: None
         self.lines_run = 0  # lines sent to the scheduler, all batches (for tests and logs)
 
     def __repr__(self) -> str:
@@ -198,9 +260,13 @@ class BatchStore:
     def _new_path(self, file_id: str) -> Path:
         with self._lock:
             if self._directory is None:
-                self._directory = tempfile.mkdtemp(prefix="nbcompletions-batches-")
-                weakref.finalize(self, _remove_directory, self._directory)
+                self._directory, owner = _make_directory()
+                self._remove = weakref.finalize(self, _remove_directory, self._directory, owner)
             return Path(self._directory) / f"{file_id}.jsonl"
+
+    def close(self) -> None:
+        """Remove the files (``serve`` calls it on its way out, SIGTERM included)."""
+        self._remove()
 
     def _check_room(self) -> None:
         if self._stored >= self.limits.max_stored_bytes:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 from .._request import Limits
 from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Engine
-from ._batch_store import BatchLimits
+from ._batch_store import BatchLimits, BatchStore
 from ._create import create_app
 from ._scheduler import WorkBudget
 
@@ -135,4 +138,29 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="off", **options
     )
-    uvicorn.Server(config).run()
+    _run_until_signalled(uvicorn.Server(config), app.state.nbcompletions_batches)
+
+
+def _run_until_signalled(server: Any, store: BatchStore) -> None:
+    """Run uvicorn; remove the batch files however it ends.
+
+    uvicorn shuts down cleanly on SIGTERM and then raises the signal again with the handler that
+    was there before it: the default one ended the process at once, skipping every cleanup
+    (the batch directory, prompts and outputs, stayed in $TMPDIR). A handler that exits instead
+    lets the cleanup run.
+    """
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        server.run()
+    finally:
+        store.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
