@@ -153,14 +153,23 @@ def _run_until_signalled(server: Any, store: BatchStore) -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.getsignal(signal.SIGTERM)
         if previous == signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, _exit_on_signal)
+            signal.signal(signal.SIGTERM, _raise_terminated)
+    terminated = False
     try:
         server.run()
+    except _Terminated:
+        terminated = True
     finally:
         store.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if terminated:  # end as SIGTERM ends a process (status -15), now that the files are gone
+        signal.raise_signal(signal.SIGTERM)
 
 
-def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+class _Terminated(BaseException):
+    """SIGTERM arrived again after uvicorn's clean shutdown."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
