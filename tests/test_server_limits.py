@@ -307,3 +307,68 @@ async def test_a_deeply_nested_line_is_a_400_line_as_the_live_route_answers(
         assert line["response"]["status_code"] == 400, line
         if depth < 900:  # deeper, the live route's JSON parser gives up first
             assert line["response"]["body"] == live.json()
+
+
+# -- what batches may hold: line sizes, disk ------------------------------------------------------
+async def test_a_line_longer_than_the_body_limit_is_refused_at_upload(
+    embedded_engine: Any,
+) -> None:
+    app = create_app(embedded_engine, max_body_bytes=10_000)
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(app), base_url="http://embedded"
+    ) as http:
+        short = _line("a", json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}))
+        long = _line("b", json.dumps({"model": MODEL, "prompt": "x" * 20_000, "max_tokens": 1}))
+        refused = await upload(http, short + long)
+        assert refused.status_code == 400
+        error = refused.json()["error"]
+        assert error["code"] == "line_too_large"
+        assert "line 2 of the file is longer than 10000 bytes" in error["message"]
+        assert (await upload(http, short)).status_code == 200
+
+
+def _stored(app: Any) -> int:
+    return int(app.state.nbcompletions_batches.stored_bytes)
+
+
+async def test_a_batch_whose_output_would_pass_the_disk_limit_fails_saying_so(
+    embedded_engine: Any,
+) -> None:
+    from nbcompletions.server import BatchLimits
+
+    body = json.dumps({"model": MODEL, "prompt": "To be", "max_tokens": 16, "logprobs": 5})
+    content = b"".join(_line(f"r{i}", body) for i in range(30))
+    limit = len(content) + 8_000  # room for a few output lines, not 30
+    app = create_app(embedded_engine, batch_limits=BatchLimits(max_stored_bytes=limit))
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(app), base_url="http://embedded"
+    ) as http:
+        card = await run_batch(http, content)
+        assert card["status"] == "failed"
+        (error,) = card["errors"]["data"]
+        assert error["code"] == "storage_limit_exceeded"
+        assert str(limit) in error["message"]
+        assert 0 < len(card["lines"]) < 30  # what finished is kept
+        listed = (await http.get("/v1/files")).json()["data"]
+        assert sum(card["bytes"] for card in listed) == _stored(app) <= limit
+
+
+async def test_concurrent_uploads_stay_under_the_disk_limit(embedded_engine: Any) -> None:
+    from nbcompletions.server import BatchLimits
+
+    body = json.dumps({"model": MODEL, "prompt": "x" * 900, "max_tokens": 1})
+    content = b"".join(_line(f"r{i}", body) for i in range(100))  # about 100 KB
+    limit = 8 * len(content) + len(content) // 2
+    app = create_app(embedded_engine, batch_limits=BatchLimits(max_stored_bytes=limit))
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(app), base_url="http://embedded"
+    ) as http:
+        answers = await asyncio.gather(*(upload(http, content) for _ in range(20)))
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses == [200] * 8 + [400] * 12
+    assert all(
+        a.json()["error"]["code"] == "storage_limit_exceeded"
+        for a in answers
+        if a.status_code == 400
+    )
+    assert _stored(app) == 8 * len(content) <= limit

@@ -27,12 +27,9 @@ completion window ends is ``expired``: its unfinished lines go to the error file
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
@@ -52,7 +49,6 @@ __all__ = [
 
 from ._batch_store import (
     _MAX_METADATA_PAIRS,
-    _MULTIPART_OVERHEAD,
     BATCH_ENDPOINTS,
     COMPLETION_WINDOWS,
     MAX_BATCHES_LIMIT,
@@ -60,159 +56,10 @@ from ._batch_store import (
     BatchLimits,
     BatchStore,
 )
+from ._uploads import multipart_boundary, receive_upload
 
 logger = logging.getLogger("nbcompletions.server")
 _CHUNK_BYTES = 256 * 1024
-
-
-# -- checking an uploaded file --------------------------------------------------------------------
-def check_batch_lines(path: Path, max_requests: int) -> int:
-    """The number of requests in an uploaded batch file; `_Failure` naming the line otherwise."""
-    seen: set[str] = set()
-    count = 0
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"line {number} of the file"
-            try:
-                line = json.loads(raw)
-            except (ValueError, RecursionError) as exc:
-                raise _Failure(400, f"{where} is not valid JSON ({exc}).", param="file") from None
-            if not isinstance(line, dict):
-                raise _Failure(400, f"{where} must be a JSON object.", param="file")
-            custom_id = line.get("custom_id")
-            if not isinstance(custom_id, str) or not custom_id:
-                raise _Failure(
-                    400,
-                    f"{where}: custom_id must be a non-empty string; got {shown(custom_id, 60)}.",
-                    param="custom_id",
-                )
-            if custom_id in seen:
-                raise _Failure(
-                    400,
-                    f"{where}: custom_id {shown(custom_id, 60)} is not unique; every line needs "
-                    "its own custom_id.",
-                    param="custom_id",
-                )
-            seen.add(custom_id)
-            if line.get("method") != "POST":
-                raise _Failure(
-                    400,
-                    f"{where}: method must be 'POST'; got {shown(line.get('method'), 40)}.",
-                    param="method",
-                )
-            if line.get("url") not in BATCH_ENDPOINTS:
-                raise _Failure(
-                    400,
-                    f"{where}: url must be one of {', '.join(BATCH_ENDPOINTS)}; got "
-                    f"{shown(line.get('url'), 60)}.",
-                    param="url",
-                )
-            if not isinstance(line.get("body"), dict):
-                raise _Failure(
-                    400, f"{where}: body must be a JSON object (the request).", param="body"
-                )
-            count += 1
-            if count > max_requests:
-                raise _Failure(
-                    400,
-                    f"The file holds more than {max_requests} requests; split it into several "
-                    "files (one batch each).",
-                    param="file",
-                )
-    if count == 0:
-        raise _Failure(400, "The file holds no requests (one JSON object per line).", param="file")
-    return count
-
-
-# -- multipart ------------------------------------------------------------------------------------
-def _boundary(content_type: str | None) -> bytes:
-    media, _, params = (content_type or "").partition(";")
-    if media.strip().lower() != "multipart/form-data":
-        raise _Failure(
-            415,
-            "Upload files as multipart/form-data (fields 'file' and 'purpose'); got "
-            + (f"Content-Type {shown(content_type, 80)}" if content_type else "no Content-Type"),
-            code="unsupported_media_type",
-        )
-    for param in params.split(";"):
-        name, _, value = param.strip().partition("=")
-        if name.lower() == "boundary" and value:
-            return value.strip('"').encode("latin-1")
-    raise _Failure(400, "The multipart Content-Type has no boundary.", param="file")
-
-
-def _disposition(headers: bytes) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for line in headers.split(b"\r\n"):
-        name, _, value = line.decode("utf-8", errors="replace").partition(":")
-        if name.strip().lower() != "content-disposition":
-            continue
-        for part in value.split(";")[1:]:
-            key, _, item = part.strip().partition("=")
-            found[key.lower()] = item.strip().strip('"')
-    return found
-
-
-def parse_multipart(data: bytes, boundary: bytes) -> tuple[dict[str, str], tuple[str, memoryview]]:
-    """The text fields and the ``file`` part (filename, content) of a multipart/form-data body."""
-    view = memoryview(data)
-    delimiter = b"--" + boundary
-    fields: dict[str, str] = {}
-    upload: tuple[str, memoryview] | None = None
-    position = data.find(delimiter)
-    if position < 0:
-        raise _Failure(400, "The multipart body holds no parts.", param="file")
-    while True:
-        position += len(delimiter)
-        if data[position : position + 2] == b"--":
-            break
-        header_end = data.find(b"\r\n\r\n", position)
-        if header_end < 0:
-            raise _Failure(400, "A multipart part has no end of headers.", param="file")
-        following = data.find(b"\r\n" + delimiter, header_end + 4)
-        if following < 0:
-            raise _Failure(400, "The multipart body ends before its closing boundary.")
-        disposition = _disposition(data[position:header_end].strip(b"\r\n"))
-        content = view[header_end + 4 : following]
-        name = disposition.get("name")
-        if name == "file":
-            upload = (disposition.get("filename") or "upload.jsonl", content)
-        elif name is not None:
-            fields[name] = bytes(content).decode("utf-8", errors="replace")
-        position = following + 2
-    if upload is None:
-        raise _Failure(400, "The upload has no 'file' part.", param="file")
-    return fields, upload
-
-
-# -- routes ---------------------------------------------------------------------------------------
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _Failure(
-            413, f"The upload must be at most {limit} bytes; got {declared}.", code="file_too_large"
-        )
-    parts: list[bytes] = []
-    received = 0
-    try:
-        with anyio.fail_after(timeout_s):
-            async for part in request.stream():
-                received += len(part)
-                if received > limit:
-                    raise _Failure(
-                        413, f"The upload must be at most {limit} bytes.", code="file_too_large"
-                    )
-                parts.append(part)
-    except TimeoutError:
-        raise _Failure(
-            408,
-            f"The upload did not arrive within {timeout_s:g} seconds ({received} bytes received).",
-            code="request_timeout",
-            headers={"connection": "close"},
-        ) from None
-    return b"".join(parts)
 
 
 class _Routes:
@@ -222,40 +69,19 @@ class _Routes:
 
     async def upload(self, request: Request, request_id: str) -> Response:
         store = self.store
-        boundary = _boundary(request.headers.get("content-type"))
-        store._check_room()
-        limit = store.limits.max_file_bytes
-        # An upload takes longer than a JSON body: allow a slow link 1 MB/s on top of the usual.
-        timeout = self.server.body_timeout_s + limit / 1e6
-        data = await _read_body(request, limit + _MULTIPART_OVERHEAD, timeout)
-        fields, (filename, content) = parse_multipart(data, boundary)
-        purpose = fields.get("purpose")
-        if purpose != "batch":
-            raise _Failure(
-                400,
-                f"purpose must be 'batch' (the only purpose this server accepts); got "
-                f"{shown(purpose, 40)}.",
-                param="purpose",
-            )
-        if len(content) > limit:
-            raise _Failure(
-                413,
-                f"The file must be at most {limit} bytes; got {len(content)}.",
-                code="file_too_large",
-            )
-        file_id = f"file-{uuid.uuid4().hex}"
-        path = store._new_path(file_id)
-
-        def write_and_check() -> int:
-            path.write_bytes(content)
-            try:
-                return check_batch_lines(path, store.limits.max_file_requests)
-            except BaseException:
-                path.unlink(missing_ok=True)
-                raise
-
-        await anyio.to_thread.run_sync(write_and_check)
-        record = store.add_file(os.path.basename(filename), purpose, path, len(content))
+        boundary = multipart_boundary(request.headers.get("content-type"))
+        store.check_room()
+        upload = await receive_upload(
+            request,
+            boundary,
+            store,
+            max_file_bytes=store.limits.max_file_bytes,
+            max_requests=store.limits.max_file_requests,
+            max_line_bytes=self.server.max_body_bytes,
+            # The documented body timeout, as for every body (it was 30 s + 1 s per MB allowed).
+            timeout_s=self.server.body_timeout_s,
+        )
+        record = store.commit_upload(upload.filename, upload.path, upload.size, upload.reserved)
         return _JSON(record.card())
 
     async def file(self, request: Request, request_id: str) -> Response:
