@@ -3,10 +3,12 @@ keeps open."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,3 +108,82 @@ def test_directories_of_ended_servers_are_removed_at_start_and_live_ones_kept(
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
     assert sorted(tmp_path.glob(f"{PREFIX}*")) == sorted([live, older])
+
+
+# -- connections ----------------------------------------------------------------------------------
+def _connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    return sock
+
+
+def _closed_by_server(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a 20 s socket timeout fails)."""
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def test_silent_trickling_and_idle_connections_are_closed(tmp_path: Path) -> None:
+    args = ("--header-timeout", "1", "--keep-alive-timeout", "1", "--no-access-log")
+    with serving(tmp_path, *args) as (_, base):
+        silent = _connect(base)
+        trickling = _connect(base)
+        trickling.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        kept_alive = _connect(base)
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        start = time.monotonic()
+        for _ in range(6):  # a byte every 0.3 s does not keep it open past the header timeout
+            time.sleep(0.3)
+            with contextlib.suppress(OSError):
+                trickling.sendall(b"X")
+        assert _closed_by_server(silent) == b""
+        assert _closed_by_server(trickling) == b""
+        answer = _closed_by_server(kept_alive)
+        assert answer.startswith(b"HTTP/1.1 200")  # answered, then closed when idle
+        assert time.monotonic() - start < 15
+        assert httpx.get(f"{base}/health").status_code == 200
+        for sock in (silent, trickling, kept_alive):
+            sock.close()
+
+
+def test_past_the_connection_cap_idle_ones_make_room_and_busy_ones_get_503(
+    tmp_path: Path,
+) -> None:
+    with serving(tmp_path, "--max-connections", "3", "--no-access-log") as (_, base):
+        idle = [_connect(base) for _ in range(3)]
+        time.sleep(0.2)
+        assert httpx.get(f"{base}/health").status_code == 200  # closed an idle one for room
+        assert _closed_by_server(idle[0]) == b""  # the longest idle
+        # Three connections busy with a request whose body has not arrived:
+        busy = [_connect(base) for _ in range(3)]
+        for sock in busy:
+            sock.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+        time.sleep(0.3)
+        refused = httpx.get(f"{base}/health")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "server_overloaded"
+        for sock in idle + busy:
+            sock.close()
+        time.sleep(0.3)
+        assert httpx.get(f"{base}/health").status_code == 200
+
+
+def test_an_upload_gets_the_documented_body_timeout(tmp_path: Path) -> None:
+    with serving(tmp_path, "--body-timeout", "1", "--no-access-log") as (_, base):
+        sock = _connect(base)
+        sock.sendall(
+            b"POST /v1/files HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b"
+        )
+        start = time.monotonic()
+        answer = _closed_by_server(sock)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"within 1 seconds" in answer
+        assert time.monotonic() - start < 15  # was 30 s + 1 s per MB of --max-batch-file-bytes
+        sock.close()

@@ -18,12 +18,28 @@ from ._batch_store import BatchLimits, BatchStore
 from ._create import create_app
 from ._scheduler import WorkBudget
 
-__all__ = ["API_KEY_ENV", "DEFAULT_MAX_TOKENS_CAP", "is_loopback", "serve"]
+__all__ = [
+    "API_KEY_ENV",
+    "DEFAULT_HEADER_TIMEOUT_S",
+    "DEFAULT_KEEP_ALIVE_TIMEOUT_S",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_TOKENS_CAP",
+    "is_loopback",
+    "serve",
+]
 
 #: Environment variable read for the bearer key when none is passed (keeps it out of `ps` output).
 API_KEY_ENV = "NBCOMPLETIONS_API_KEY"
 DEFAULT_MAX_TOKENS_CAP = 2048
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+#: Seconds a connection has to send complete request headers (from opening, or from its first
+#: byte after a keep-alive pause), and may sit idle between requests.
+DEFAULT_HEADER_TIMEOUT_S = 30.0
+DEFAULT_KEEP_ALIVE_TIMEOUT_S = 300.0
+#: Open connections; past it the longest-idle one is closed, or (all busy) a 503 with Retry-After.
+DEFAULT_MAX_CONNECTIONS = 1000
+#: File descriptors kept for everything but connections (model files, batch files, logs).
+_FD_HEADROOM = 64
 
 logger = logging.getLogger("nbcompletions.server")
 
@@ -72,6 +88,9 @@ def serve(
     preload: bool = True,
     compat: str = "openai",
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    keep_alive_timeout_s: float = DEFAULT_KEEP_ALIVE_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     allow_hosts: Sequence[str] = (),
     allow_origins: Sequence[str] = (),
     **uvicorn_options: Any,
@@ -88,10 +107,15 @@ def serve(
 
     Safe by default: POST bodies must be declared JSON; requests from web pages (an ``Origin``
     header) are refused unless the origin is loopback or in ``allow_origins``; on a loopback bind
-    the ``Host`` must name loopback or be in ``allow_hosts`` (DNS rebinding); a body must arrive
-    within ``body_timeout_s``. ``compat="vllm"`` takes vLLM's limits and sampling fields.
+    the ``Host`` must name loopback or be in ``allow_hosts`` (DNS rebinding); a body (an upload
+    too) must arrive within ``body_timeout_s``; request headers within ``header_timeout_s``; a
+    kept-alive connection idle for ``keep_alive_timeout_s`` is closed; past ``max_connections``
+    open connections the longest-idle one is closed (all busy: 503 with ``Retry-After``).
+    ``compat="vllm"`` takes vLLM's limits and sampling fields.
     """
     import uvicorn
+
+    from ._connections import guarded_protocol  # uvicorn loads only when serving
 
     if log_level not in _LOG_LEVELS:
         raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}; got {log_level!r}")
@@ -133,12 +157,38 @@ def serve(
         "; vLLM compatible" if compat == "vllm" else "",
         "; port 0: uvicorn's line below has the port chosen" if port == 0 else "",
     )
-    options: dict[str, Any] = {"timeout_graceful_shutdown": 5, "server_header": False}
+    options: dict[str, Any] = {
+        "timeout_graceful_shutdown": 5,
+        "server_header": False,
+        "timeout_keep_alive": keep_alive_timeout_s,
+        "http": guarded_protocol(_connection_cap(max_connections), header_timeout_s),
+    }
     options.update(uvicorn_options)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="off", **options
     )
     _run_until_signalled(uvicorn.Server(config), app.state.nbcompletions_batches)
+
+
+def _connection_cap(max_connections: int) -> int:
+    """``max_connections``, lowered to what the file-descriptor limit leaves room for (past it,
+    accept() fails and asyncio logs an error for every attempt)."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # pragma: no cover - Windows
+        return max_connections
+    room = soft - _FD_HEADROOM if soft != resource.RLIM_INFINITY else max_connections
+    if room < max_connections:
+        logger.warning(
+            "--max-connections %d lowered to %d: the open-file limit is %d (ulimit -n)",
+            max_connections,
+            max(room, 1),
+            soft,
+        )
+        return max(room, 1)
+    return max_connections
 
 
 def _run_until_signalled(server: Any, store: BatchStore) -> None:
