@@ -32,8 +32,9 @@ import anyio
 
 from .._errors import RequestError
 from .._request import shown
-from ._app import _CompletionsServer, _Failure, _request_error, _server_error, render_json
+from ._app import CompletionsServer
 from ._batch_run import BatchRun, LineBudget, raw_lines
+from ._http import Failure, render_json, request_error, server_error
 from ._scheduler import Overloaded
 
 __all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchStore"]
@@ -47,7 +48,7 @@ COMPLETION_WINDOWS = {"24h": 24 * 3600}
 _TERMINAL = ("failed", "completed", "expired", "cancelled")
 # How often the runner looks for new batches while others run (a new batch waits at most this).
 _PICKUP_S = 0.05
-_MAX_METADATA_PAIRS = 16
+MAX_METADATA_PAIRS = 16
 #: The most batches one ``GET /v1/batches`` lists (OpenAI's), and files one ``GET /v1/files``.
 MAX_BATCHES_LIMIT = 100
 MAX_FILES_LIMIT = 10_000
@@ -237,7 +238,7 @@ def _make_directory() -> tuple[str, IO[bytes] | None]:
 class BatchStore:
     """Files and batches of one app, and the background runner that executes the batches."""
 
-    def __init__(self, server: _CompletionsServer, limits: BatchLimits) -> None:
+    def __init__(self, server: CompletionsServer, limits: BatchLimits) -> None:
         self._server = server
         self.limits = limits
         self._lock = threading.Lock()
@@ -276,9 +277,9 @@ class BatchStore:
         if self._stored >= self.limits.max_stored_bytes:
             raise self.room_failure()
 
-    def room_failure(self) -> _Failure:
+    def room_failure(self) -> Failure:
         """The 400 of an upload or a batch that finds the store full."""
-        return _Failure(
+        return Failure(
             400,
             f"This server holds at most {self.limits.max_stored_bytes} bytes of batch files "
             f"(--max-batch-stored-bytes) and holds {self._stored}, uploads in progress "
@@ -318,8 +319,8 @@ class BatchStore:
         return record
 
     @staticmethod
-    def no_such_file(file_id: str) -> _Failure:
-        return _Failure(
+    def no_such_file(file_id: str) -> Failure:
+        return Failure(
             404, f"No such File object: {shown(file_id, 80)}", param="id", code="not_found"
         )
 
@@ -336,7 +337,7 @@ class BatchStore:
         if after is not None:
             ids = [r.id for r in records]
             if after not in ids:
-                raise _Failure(
+                raise Failure(
                     400, f"after must be the id of a file; got {shown(after, 80)}", param="after"
                 )
             records = records[ids.index(after) + 1 :]
@@ -360,7 +361,7 @@ class BatchStore:
     ) -> _Batch:
         source = self.file(input_file_id)
         if source.purpose != "batch":
-            raise _Failure(
+            raise Failure(
                 400,
                 f"The input file {input_file_id} has purpose {source.purpose!r}; a batch needs a "
                 "file uploaded with purpose 'batch'.",
@@ -392,7 +393,7 @@ class BatchStore:
         with self._lock:
             batch = self._batches.get(batch_id)
         if batch is None:
-            raise _Failure(
+            raise Failure(
                 404, f"No such Batch object: {shown(batch_id, 80)}", param="id", code="not_found"
             )
         return batch
@@ -404,7 +405,7 @@ class BatchStore:
         if after is not None:
             ids = [b.id for b in newest_first]
             if after not in ids:
-                raise _Failure(
+                raise Failure(
                     400, f"after must be the id of a batch; got {shown(after, 80)}", param="after"
                 )
             newest_first = newest_first[ids.index(after) + 1 :]
@@ -418,7 +419,7 @@ class BatchStore:
             # Finalizing: every line has run and the files are being stored; a cancel landing now
             # turned a completed batch "cancelled" (4 of 100 tries).
             if batch.status in _TERMINAL or batch.status == "finalizing":
-                raise _Failure(
+                raise Failure(
                     409,
                     f"Cannot cancel a batch with status '{batch.status}'.",
                     code="batch_not_cancellable",
@@ -470,7 +471,7 @@ class BatchStore:
                 if cancelling:
                     batch.status, batch.cancelled_at = "cancelled", _now()
             if not cancelling:
-                error = _server_error(request_id).body()["error"]
+                error = server_error(request_id).body()["error"]
                 self._fail(batch, [{**error, "code": "server_error", "line": None}])
         finally:
             batch.loop = batch.cancel_event = None
@@ -488,7 +489,7 @@ class BatchStore:
         """
         try:
             handle = self.file(batch.input_file_id).path.open("rb")
-        except (_Failure, FileNotFoundError):
+        except (Failure, FileNotFoundError):
             error = {
                 "code": "invalid_file",
                 "message": f"The input file {batch.input_file_id} was deleted before the batch "
@@ -622,7 +623,7 @@ class BatchStore:
         try:
             completion, scheduler = await self._server.accept(body)
             if completion.stream:
-                raise _Failure(
+                raise Failure(
                     400, "Streaming is not supported in batches; remove stream.", param="stream"
                 )
             while True:
@@ -632,14 +633,14 @@ class BatchStore:
                     await asyncio.sleep(exc.retry_after)
                     continue
                 break
-        except _Failure as failure:
+        except Failure as failure:
             return failure.status, failure.body()
         except RequestError as exc:
-            return 400, _request_error(exc).body()
+            return 400, request_error(exc).body()
         except Exception:
             request_id = f"req_{uuid.uuid4().hex}"
             logger.exception("a batch line failed (request %s)", request_id)
-            return 500, _server_error(request_id).body()
+            return 500, server_error(request_id).body()
         if result is None:
             return None
         return 200, result

@@ -9,7 +9,7 @@ SDK's ``files`` and ``batches`` calls work unchanged.
 How a batch runs: the store owns one background thread with its own event loop (started with the
 first batch, gone when no batch runs), because a batch outlives the request that created it and
 the in-process app may be driven from event loops that close. Each line goes through the same
-validation as ``POST /v1/completions`` (`_CompletionsServer.accept`) and the same scheduler, so
+validation as ``POST /v1/completions`` (`CompletionsServer.accept`) and the same scheduler, so
 batch lines are batched with each other and with live requests on the engine; at most
 ``max_lines_in_flight`` lines (all batches together) wait in the scheduler at once, so live
 requests still get their turn. A line the scheduler cannot take yet (503) waits and is retried.
@@ -38,7 +38,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .._request import shown
-from ._app import _JSON, _CompletionsServer, _Failure
+from ._app import CompletionsServer
+from ._http import Failure, JSONResponse
 
 __all__ = [
     "BATCH_ENDPOINTS",
@@ -48,11 +49,11 @@ __all__ = [
 ]
 
 from ._batch_store import (
-    _MAX_METADATA_PAIRS,
     BATCH_ENDPOINTS,
     COMPLETION_WINDOWS,
     MAX_BATCHES_LIMIT,
     MAX_FILES_LIMIT,
+    MAX_METADATA_PAIRS,
     BatchLimits,
     BatchStore,
 )
@@ -63,7 +64,7 @@ _CHUNK_BYTES = 256 * 1024
 
 
 class _Routes:
-    def __init__(self, server: _CompletionsServer, store: BatchStore) -> None:
+    def __init__(self, server: CompletionsServer, store: BatchStore) -> None:
         self.server = server
         self.store = store
 
@@ -82,21 +83,21 @@ class _Routes:
             timeout_s=self.server.body_timeout_s,
         )
         record = store.commit_upload(upload.filename, upload.path, upload.size, upload.reserved)
-        return _JSON(record.card())
+        return JSONResponse(record.card())
 
     async def file(self, request: Request, request_id: str) -> Response:
-        return _JSON(self.store.file(request.path_params["file_id"]).card())
+        return JSONResponse(self.store.file(request.path_params["file_id"]).card())
 
     async def delete_file(self, request: Request, request_id: str) -> Response:
         record = self.store.delete_file(request.path_params["file_id"])
-        return _JSON({"id": record.id, "object": "file", "deleted": True})
+        return JSONResponse({"id": record.id, "object": "file", "deleted": True})
 
     async def files(self, request: Request, request_id: str) -> Response:
         params = request.query_params
         limit = _page_limit(params.get("limit"), default=MAX_FILES_LIMIT, most=MAX_FILES_LIMIT)
         order = params.get("order", "desc")
         if order not in ("asc", "desc"):
-            raise _Failure(
+            raise Failure(
                 400, f"order must be 'asc' or 'desc'; got {shown(order, 20)}.", param="order"
             )
         page, more = self.store.list_files(
@@ -121,13 +122,13 @@ class _Routes:
         )
 
     async def create(self, request: Request, request_id: str) -> Response:
-        body = await self.server._read_json(request)
+        body = await self.server.read_json(request)
         if not isinstance(body, dict):
-            raise _Failure(400, "The request body must be a JSON object.")
+            raise Failure(400, "The request body must be a JSON object.")
         accepted = ("input_file_id", "endpoint", "completion_window", "metadata")
         unknown = [key for key in body if key not in accepted]
         if unknown:
-            raise _Failure(
+            raise Failure(
                 400,
                 f"Unrecognized request argument supplied: {shown(unknown[0], 60)}. The fields "
                 f"are: {', '.join(accepted)}.",
@@ -135,7 +136,7 @@ class _Routes:
             )
         input_file_id = body.get("input_file_id")
         if not isinstance(input_file_id, str) or not input_file_id:
-            raise _Failure(
+            raise Failure(
                 400,
                 f"input_file_id must be the id of an uploaded file; got "
                 f"{shown(input_file_id, 60)}.",
@@ -143,7 +144,7 @@ class _Routes:
             )
         endpoint = body.get("endpoint")
         if endpoint not in BATCH_ENDPOINTS:
-            raise _Failure(
+            raise Failure(
                 400,
                 f"endpoint must be one of {', '.join(BATCH_ENDPOINTS)} on this server; got "
                 f"{shown(endpoint, 60)}.",
@@ -151,7 +152,7 @@ class _Routes:
             )
         window = body.get("completion_window")
         if window not in COMPLETION_WINDOWS:
-            raise _Failure(
+            raise Failure(
                 400,
                 f"completion_window must be one of {', '.join(COMPLETION_WINDOWS)}; got "
                 f"{shown(window, 40)}.",
@@ -160,27 +161,27 @@ class _Routes:
         metadata = body.get("metadata")
         if metadata is not None and (
             not isinstance(metadata, dict)
-            or len(metadata) > _MAX_METADATA_PAIRS
+            or len(metadata) > MAX_METADATA_PAIRS
             or not all(
                 isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512
                 for k, v in metadata.items()
             )
         ):
-            raise _Failure(
+            raise Failure(
                 400,
-                f"metadata must be an object of at most {_MAX_METADATA_PAIRS} string pairs "
+                f"metadata must be an object of at most {MAX_METADATA_PAIRS} string pairs "
                 "(keys up to 64 characters, values up to 512).",
                 param="metadata",
             )
         await self.server.engine()  # the model loads now, not inside the first line
         batch = self.store.create_batch(input_file_id, str(endpoint), str(window), metadata)
-        return _JSON(batch.card())
+        return JSONResponse(batch.card())
 
     async def retrieve(self, request: Request, request_id: str) -> Response:
-        return _JSON(self.store.batch(request.path_params["batch_id"]).card())
+        return JSONResponse(self.store.batch(request.path_params["batch_id"]).card())
 
     async def cancel(self, request: Request, request_id: str) -> Response:
-        return _JSON(self.store.cancel(request.path_params["batch_id"]).card())
+        return JSONResponse(self.store.cancel(request.path_params["batch_id"]).card())
 
     async def list(self, request: Request, request_id: str) -> Response:
         params = request.query_params
@@ -203,7 +204,7 @@ def _page_limit(given: str | None, *, default: int, most: int) -> int:
     if given is None:
         return default
     if not (given.isascii() and given.isdigit() and len(given) <= 6 and 1 <= int(given) <= most):
-        raise _Failure(
+        raise Failure(
             400,
             f"limit must be an integer from 1 to {most}; got {shown(given, 20)}.",
             param="limit",
@@ -212,7 +213,7 @@ def _page_limit(given: str | None, *, default: int, most: int) -> int:
 
 
 def _list_page(data: list[dict[str, Any]], has_more: bool) -> Response:
-    return _JSON(
+    return JSONResponse(
         {
             "object": "list",
             "data": data,
@@ -223,7 +224,7 @@ def _list_page(data: list[dict[str, Any]], has_more: bool) -> Response:
     )
 
 
-def batch_routes(server: _CompletionsServer, store: BatchStore) -> list[Route]:
+def batch_routes(server: CompletionsServer, store: BatchStore) -> list[Route]:
     """The ``/v1/files`` and ``/v1/batches`` routes, wrapped like every other ``/v1`` route."""
     routes = _Routes(server, store)
     wrap = server.endpoint

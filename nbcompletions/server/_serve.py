@@ -13,9 +13,9 @@ from types import FrameType
 from typing import Any
 
 from .._request import Limits
-from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, Engine
+from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, CompletionEngine
 from ._batch_store import BatchLimits, BatchStore
-from ._create import create_app
+from ._create import check_seconds, create_app
 from ._scheduler import WorkBudget
 
 __all__ = [
@@ -80,7 +80,7 @@ def serve(
     max_tokens_cap: int | None = DEFAULT_MAX_TOKENS_CAP,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     limits: Limits | None = None,
-    engine: Engine | None = None,
+    engine: CompletionEngine | None = None,
     max_concurrency: int = 4,
     budget: WorkBudget | None = None,
     batch_limits: BatchLimits | None = None,
@@ -117,10 +117,7 @@ def serve(
 
     from ._connections import guarded_protocol  # uvicorn loads only when serving
 
-    if log_level not in _LOG_LEVELS:
-        raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}; got {log_level!r}")
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        raise ValueError(f"port must be an integer from 0 to 65535; got {port!r}")
+    _check_settings(log_level, port, header_timeout_s, keep_alive_timeout_s, max_connections)
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     _configure_logging(log_level)
@@ -140,23 +137,9 @@ def serve(
         allowed_hosts=tuple(allow_hosts) if is_loopback(host) else None,
         allowed_origins=tuple(allow_origins),
     )
-    if not is_loopback(host) and api_key is None:
-        logger.warning(
-            "serving on %s without an API key: anyone who can reach this address can "
-            "use the server. Pass --api-key or set %s.",
-            host,
-            API_KEY_ENV,
-        )
     if preload:
         app.state.nbcompletions.load_engine_now()  # logs the load time
-    # The URL, never the key: logs get pasted into issues and notebooks.
-    logger.info(
-        "nbcompletions serving the OpenAI Completions API at %s (%s%s)%s",
-        _url(host, port),
-        "bearer key required" if api_key else "no key required",
-        "; vLLM compatible" if compat == "vllm" else "",
-        "; port 0: uvicorn's line below has the port chosen" if port == 0 else "",
-    )
+    _announce(host, port, api_key, compat)
     options: dict[str, Any] = {
         "timeout_graceful_shutdown": 5,
         "server_header": False,
@@ -168,6 +151,43 @@ def serve(
         app, host=host, port=port, log_level=log_level, lifespan="off", **options
     )
     _run_until_signalled(uvicorn.Server(config), app.state.nbcompletions_batches)
+
+
+def _check_settings(
+    log_level: str,
+    port: int,
+    header_timeout_s: float,
+    keep_alive_timeout_s: float,
+    max_connections: int,
+) -> None:
+    if log_level not in _LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}; got {log_level!r}")
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer from 0 to 65535; got {port!r}")
+    check_seconds("header_timeout_s", header_timeout_s)
+    check_seconds("keep_alive_timeout_s", keep_alive_timeout_s)
+    if not isinstance(max_connections, int) or isinstance(max_connections, bool):
+        raise ValueError(f"max_connections must be an integer >= 1; got {max_connections!r}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be an integer >= 1; got {max_connections!r}")
+
+
+def _announce(host: str, port: int, api_key: str | None, compat: str) -> None:
+    if not is_loopback(host) and api_key is None:
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach this address can "
+            "use the server. Pass --api-key or set %s.",
+            host,
+            API_KEY_ENV,
+        )
+    # The URL, never the key: logs get pasted into issues and notebooks.
+    logger.info(
+        "nbcompletions serving the OpenAI Completions API at %s (%s%s)%s",
+        _url(host, port),
+        "bearer key required" if api_key else "no key required",
+        "; vLLM compatible" if compat == "vllm" else "",
+        "; port 0: uvicorn's line below has the port chosen" if port == 0 else "",
+    )
 
 
 def _connection_cap(max_connections: int) -> int:

@@ -19,8 +19,8 @@ import anyio.to_thread
 from starlette.requests import Request
 
 from .._request import shown
-from ._app import _Failure
 from ._batch_store import BATCH_ENDPOINTS
+from ._http import Failure
 
 __all__ = [
     "MULTIPART_OVERHEAD",
@@ -47,7 +47,7 @@ class UploadStore(Protocol):
 
     def release(self, size: int) -> None: ...
 
-    def room_failure(self) -> _Failure: ...
+    def room_failure(self) -> Failure: ...
 
 
 # -- checking an uploaded file --------------------------------------------------------------------
@@ -65,7 +65,7 @@ def check_batch_lines(path: Path, max_requests: int, max_line_bytes: int) -> int
             number += 1
             where = f"line {number} of the file"
             if len(raw.rstrip(b"\r\n")) > max_line_bytes:
-                raise _Failure(
+                raise Failure(
                     400,
                     f"{where} is longer than {max_line_bytes} bytes: a request line may be at "
                     "most the server's request body limit (--max-body-bytes).",
@@ -77,18 +77,18 @@ def check_batch_lines(path: Path, max_requests: int, max_line_bytes: int) -> int
             try:
                 line = json.loads(raw)
             except (ValueError, RecursionError) as exc:
-                raise _Failure(400, f"{where} is not valid JSON ({exc}).", param="file") from None
+                raise Failure(400, f"{where} is not valid JSON ({exc}).", param="file") from None
             if not isinstance(line, dict):
-                raise _Failure(400, f"{where} must be a JSON object.", param="file")
+                raise Failure(400, f"{where} must be a JSON object.", param="file")
             custom_id = line.get("custom_id")
             if not isinstance(custom_id, str) or not custom_id:
-                raise _Failure(
+                raise Failure(
                     400,
                     f"{where}: custom_id must be a non-empty string; got {shown(custom_id, 60)}.",
                     param="custom_id",
                 )
             if custom_id in seen:
-                raise _Failure(
+                raise Failure(
                     400,
                     f"{where}: custom_id {shown(custom_id, 60)} is not unique; every line needs "
                     "its own custom_id.",
@@ -96,32 +96,32 @@ def check_batch_lines(path: Path, max_requests: int, max_line_bytes: int) -> int
                 )
             seen.add(custom_id)
             if line.get("method") != "POST":
-                raise _Failure(
+                raise Failure(
                     400,
                     f"{where}: method must be 'POST'; got {shown(line.get('method'), 40)}.",
                     param="method",
                 )
             if line.get("url") not in BATCH_ENDPOINTS:
-                raise _Failure(
+                raise Failure(
                     400,
                     f"{where}: url must be one of {', '.join(BATCH_ENDPOINTS)}; got "
                     f"{shown(line.get('url'), 60)}.",
                     param="url",
                 )
             if not isinstance(line.get("body"), dict):
-                raise _Failure(
+                raise Failure(
                     400, f"{where}: body must be a JSON object (the request).", param="body"
                 )
             count += 1
             if count > max_requests:
-                raise _Failure(
+                raise Failure(
                     400,
                     f"The file holds more than {max_requests} requests; split it into several "
                     "files (one batch each).",
                     param="file",
                 )
     if count == 0:
-        raise _Failure(400, "The file holds no requests (one JSON object per line).", param="file")
+        raise Failure(400, "The file holds no requests (one JSON object per line).", param="file")
     return count
 
 
@@ -129,7 +129,7 @@ def check_batch_lines(path: Path, max_requests: int, max_line_bytes: int) -> int
 def multipart_boundary(content_type: str | None) -> bytes:
     media, _, params = (content_type or "").partition(";")
     if media.strip().lower() != "multipart/form-data":
-        raise _Failure(
+        raise Failure(
             415,
             "Upload files as multipart/form-data (fields 'file' and 'purpose'); got "
             + (f"Content-Type {shown(content_type, 80)}" if content_type else "no Content-Type"),
@@ -139,7 +139,7 @@ def multipart_boundary(content_type: str | None) -> bytes:
         name, _, value = param.strip().partition("=")
         if name.lower() == "boundary" and value:
             return value.strip('"').encode("latin-1")
-    raise _Failure(400, "The multipart Content-Type has no boundary.", param="file")
+    raise Failure(400, "The multipart Content-Type has no boundary.", param="file")
 
 
 def _disposition(headers: bytes) -> dict[str, str]:
@@ -164,17 +164,17 @@ def parse_multipart(
     upload: tuple[str, memoryview] | None = None
     position = data.find(delimiter)
     if position < 0:
-        raise _Failure(400, "The multipart body holds no parts.", param="file")
+        raise Failure(400, "The multipart body holds no parts.", param="file")
     while True:
         position += len(delimiter)
         if data[position : position + 2] == b"--":
             break
         header_end = data.find(b"\r\n\r\n", position)
         if header_end < 0:
-            raise _Failure(400, "A multipart part has no end of headers.", param="file")
+            raise Failure(400, "A multipart part has no end of headers.", param="file")
         following = data.find(b"\r\n" + delimiter, header_end + 4)
         if following < 0:
-            raise _Failure(400, "The multipart body ends before its closing boundary.")
+            raise Failure(400, "The multipart body ends before its closing boundary.")
         disposition = _disposition(data[position:header_end].strip(b"\r\n"))
         content = view[header_end + 4 : following]
         name = disposition.get("name")
@@ -184,7 +184,7 @@ def parse_multipart(
             fields[name] = bytes(content).decode("utf-8", errors="replace")
         position = following + 2
     if upload is None:
-        raise _Failure(400, "The upload has no 'file' part.", param="file")
+        raise Failure(400, "The upload has no 'file' part.", param="file")
     return fields, upload
 
 
@@ -210,7 +210,7 @@ async def _spool(
         with anyio.fail_after(timeout_s):
             async for part in request.stream():
                 if received + len(part) > limit:
-                    raise _Failure(
+                    raise Failure(
                         413, f"The upload must be at most {limit} bytes.", code="file_too_large"
                     )
                 # The multipart headers around the file part are not stored: the first
@@ -226,7 +226,7 @@ async def _spool(
                     pending.clear()
     except TimeoutError:
         store.release(reserved)
-        raise _Failure(
+        raise Failure(
             408,
             f"The upload did not arrive within {timeout_s:g} seconds ({received} bytes "
             "received); --body-timeout sets the limit.",
@@ -247,12 +247,12 @@ def _cut_file_part(
     ``target``."""
     with spool.open("rb") as handle:
         if os.fstat(handle.fileno()).st_size == 0:
-            raise _Failure(400, "The multipart body holds no parts.", param="file")
+            raise Failure(400, "The multipart body holds no parts.", param="file")
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             fields, (filename, content) = parse_multipart(data, boundary)
             try:
                 if len(content) > limit:
-                    raise _Failure(
+                    raise Failure(
                         413,
                         f"The file must be at most {limit} bytes; got {len(content)}.",
                         code="file_too_large",
@@ -284,7 +284,7 @@ async def receive_upload(
         and declared.isdigit()
         and (len(declared) > 15 or int(declared) > limit)
     ):
-        raise _Failure(
+        raise Failure(
             413,
             f"The upload must be at most {limit} bytes; got {shown(declared, 20)}.",
             code="file_too_large",
@@ -301,7 +301,7 @@ async def receive_upload(
             spool_path.unlink()
             purpose = fields.get("purpose")
             if purpose != "batch":
-                raise _Failure(
+                raise Failure(
                     400,
                     f"purpose must be 'batch' (the only purpose this server accepts); got "
                     f"{shown(purpose, 40)}.",
