@@ -5,9 +5,9 @@ Run: ``python benchmarks/bench_server_limits.py`` (``--baseline /path/to/old/che
 same measurements on that code; ``--parts sockets,line,rss`` picks some).
 
 1. ``sockets``: N idle sockets (as many as ``ulimit -n`` allows, up to 20,000; the soft limit is
-   raised to the hard one), then ``GET /health`` on a new connection: its latency, how many of the
-   idle sockets the server closed, and how many are closed once the header timeout has passed;
-   the server's log size.
+   raised to the hard one) against a server whose own limit is lower (``--server-fds``, 8192),
+   then ``GET /health`` on a new connection: its latency, how many of the idle sockets the server
+   closed, and how many are closed once the header timeout has passed; the server's log size.
 2. ``line``: a batch file with one 10 MB line uploaded while ``/health`` is asked every 10 ms: the
    upload's answer and the slowest ``/health``; the server's peak RSS.
 3. ``rss``: a batch of long prompts under ``--max-memory-mb 128``: the server's RSS before and at
@@ -46,7 +46,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serving(code: Path, *args: str) -> Iterator[tuple[str, psutil.Process, Path]]:
+def serving(
+    code: Path, *args: str, fd_limit: int | None = None
+) -> Iterator[tuple[str, psutil.Process, Path]]:
     """``nbcompletions serve`` from the checkout ``code``: (base URL, process, log path)."""
     port = _free_port()
     workdir = Path(tempfile.mkdtemp(prefix="bench-limits-"))
@@ -59,6 +61,7 @@ def serving(code: Path, *args: str) -> Iterator[tuple[str, psutil.Process, Path]
             stderr=subprocess.STDOUT,
             env=env,
             cwd=code,  # python -m puts the working directory first on the path
+            preexec_fn=None if fd_limit is None else lambda: _limit_fds(fd_limit),
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -76,6 +79,10 @@ def serving(code: Path, *args: str) -> Iterator[tuple[str, psutil.Process, Path]
     finally:
         proc.kill()
         proc.wait()
+
+
+def _limit_fds(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
 
 
 def _health_ms(base: str, timeout: float = 10.0) -> str:
@@ -100,11 +107,11 @@ def _closed(sockets: list[socket.socket]) -> int:
     return closed
 
 
-def part_sockets(code: Path, count: int, header_timeout: float) -> dict[str, Any]:
+def part_sockets(code: Path, count: int, header_timeout: float, server_fds: int) -> dict[str, Any]:
     args = ["--no-access-log"]
     if code == ROOT:
         args += ["--header-timeout", str(header_timeout)]
-    with serving(code, *args) as (base, _, log_path):
+    with serving(code, *args, fd_limit=server_fds) as (base, _, log_path):
         host, port = base.removeprefix("http://").split(":")
         sockets: list[socket.socket] = []
         start = time.perf_counter()
@@ -289,6 +296,13 @@ def main() -> None:
     parser.add_argument("--parts", default="sockets,line,rss")
     parser.add_argument("--sockets", type=int, default=20_000)
     parser.add_argument("--header-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--server-fds",
+        type=int,
+        default=8192,
+        help="the server's ulimit -n (below the sockets opened, as on a machine whose limit is "
+        "lower than the clients' sockets)",
+    )
     parser.add_argument("--rss-lines", type=int, default=200)
     options = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -303,7 +317,7 @@ def main() -> None:
         print(f"\n== {name}")
         results: dict[str, Any] = {}
         if "sockets" in parts:
-            results |= part_sockets(code, count, options.header_timeout)
+            results |= part_sockets(code, count, options.header_timeout, options.server_fds)
         if "line" in parts:
             results |= part_line(code)
         if "rss" in parts:
