@@ -246,7 +246,7 @@ def _upload_line_watched(base: str, process: psutil.Process, content: bytes) -> 
 
 
 def part_rss(code: Path, lines: int) -> dict[str, Any]:
-    prompt = "To be, or not to be, that is the question. " * 20  # about 200 tokens
+    prompt = "To be, or not to be, that is the question. " * 10  # about 120 tokens
     rows = [
         {
             "custom_id": f"r{i}",
@@ -282,8 +282,8 @@ def part_rss(code: Path, lines: int) -> dict[str, Any]:
         stop.set()
         watcher.join()
         return {
-            "batch": f"{lines} lines (n=4, 200-token prompts, 40 tokens) {card['status']} "
-            f"in {took:.1f} s",
+            "batch": f"{lines} lines (n=4, 120-token prompts, 40 tokens) {card['status']} "
+            f"in {took:.1f} s, {card['request_counts']}",
             "RSS before / peak": f"{before / 2**20:.0f} / {peak[0] / 2**20:.0f} MiB",
             "peak above the idle process": f"{(peak[0] - before) / 2**20:.0f} MiB "
             "(--max-memory-mb 128)",
