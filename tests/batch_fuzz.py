@@ -1,5 +1,6 @@
 """A fuzzer for the Batch API surface: JSONL input files with wrong types, sizes, nesting, duplicate
-custom_ids and bad encodings, run through upload, create, wait and download. The rule is the live
+custom_ids and bad encodings, in well-formed or broken multipart bodies, run through upload,
+create, wait and download. The rule is the live
 fuzzer's: no response with status 500 and no output or error line with status 500.
 
 Used by tests/test_batch_fuzz.py (a few dozen files) and benchmarks/bench_batch_fuzz.py (5,000).
@@ -150,16 +151,59 @@ def fuzzed_file(rng: random.Random) -> bytes:
     return content
 
 
+def _multipart(rng: random.Random, content: bytes) -> tuple[bytes, str] | None:
+    """A hand-made multipart body around ``content``, broken in one way; None (one time in
+    two) to let httpx build a correct one."""
+    if rng.random() < 0.5:
+        return None
+    boundary = "fz" + str(rng.randint(0, 10**6))
+    purpose = b'--%s\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+    file = b'--%s\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'
+    parts = [purpose % boundary.encode(), file % boundary.encode() + content + b"\r\n"]
+    ending = b"--%s--\r\n" % boundary.encode()
+    roll = rng.random()
+    if roll < 0.2:
+        parts.pop(1)  # no file part
+    elif roll < 0.3:
+        parts.pop(0)  # no purpose
+    elif roll < 0.4:
+        parts.append(parts[1])  # the file twice
+    elif roll < 0.5:
+        ending = b""  # no closing boundary
+    elif roll < 0.6:
+        parts[1] = parts[1].replace(b"\r\n\r\n", b"\r\n", 1)  # no end of headers
+    body = b"".join(parts) + ending
+    if rng.random() < 0.2:
+        body = body[: rng.randint(0, len(body))]
+    kind = rng.choice(
+        (
+            f"multipart/form-data; boundary={boundary}",
+            f'multipart/form-data; boundary="{boundary}"',
+            "multipart/form-data",
+            "multipart/form-data; boundary=other",
+            "text/plain",
+        )
+    )
+    return body, kind
+
+
 async def run_file(
-    http: httpx.AsyncClient, content: bytes, outcomes: collections.Counter[str]
+    http: httpx.AsyncClient,
+    content: bytes,
+    outcomes: collections.Counter[str],
+    raw: tuple[bytes, str] | None = None,
 ) -> None:
     """Upload, create, wait and download one file, counting what happened in ``outcomes``;
     AssertionError on a 500 anywhere."""
-    uploaded = await http.post(
-        "/v1/files",
-        files={"file": ("fuzz.jsonl", content, "application/jsonl")},
-        data={"purpose": "batch"},
-    )
+    if raw is None:
+        uploaded = await http.post(
+            "/v1/files",
+            files={"file": ("fuzz.jsonl", content, "application/jsonl")},
+            data={"purpose": "batch"},
+        )
+    else:
+        body, kind = raw
+        uploaded = await http.post("/v1/files", content=body, headers={"content-type": kind})
     assert uploaded.status_code != 500, uploaded.text[:300]
     outcomes[f"upload {uploaded.status_code}"] += 1
     if uploaded.status_code != 200:
@@ -183,8 +227,8 @@ async def run_file(
             continue
         download = await http.get(f"/v1/files/{card[key]}/content")
         assert download.status_code == 200, download.text[:300]
-        for raw in download.content.splitlines():
-            line: dict[str, Any] = json.loads(raw)
+        for text in download.content.splitlines():
+            line: dict[str, Any] = json.loads(text)
             status = (line.get("response") or {}).get("status_code")
             assert status != 500, line
             outcomes[f"line {status or line['error']['code']}"] += 1
@@ -209,13 +253,14 @@ async def run_files(
     """Run ``count`` fuzzed files (``concurrency`` at once); the outcomes counted."""
     rng = random.Random(seed)
     files = [fuzzed_file(rng) for _ in range(count)]
+    bodies = [_multipart(rng, content) for content in files]
     outcomes: collections.Counter[str] = collections.Counter()
     gate = asyncio.Semaphore(concurrency)
 
-    async def one(content: bytes) -> None:
+    async def one(content: bytes, raw: tuple[bytes, str] | None) -> None:
         async with gate:
-            await run_file(http, content, outcomes)
+            await run_file(http, content, outcomes, raw)
 
-    await asyncio.gather(*(one(content) for content in files))
+    await asyncio.gather(*(one(c, raw) for c, raw in zip(files, bodies, strict=True)))
     outcomes["files"] = count
     return outcomes
