@@ -13,7 +13,9 @@ from batch_fuzz import fuzzed_file, run_files
 from nbcompletions.server import StreamingASGITransport, create_app
 
 
-@pytest.mark.parametrize("compat", ["openai", "vllm"])
+@pytest.mark.parametrize(
+    "compat", [pytest.param("openai", marks=pytest.mark.slow), "vllm"]
+)  # vllm accepts more fields, so more lines reach the engine
 async def test_fuzzed_batch_files_never_get_a_500(embedded_engine: Any, compat: str) -> None:
     app = create_app(embedded_engine, compat=compat)
     async with httpx.AsyncClient(

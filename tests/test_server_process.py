@@ -85,6 +85,7 @@ def test_the_batch_files_go_when_the_server_is_stopped(tmp_path: Path, signum: i
     assert list(tmp_path.glob(f"{PREFIX}*")) == []
 
 
+@pytest.mark.slow  # real serve processes, about 10 s each; CI runs it
 def test_directories_of_ended_servers_are_removed_at_start_and_live_ones_kept(
     tmp_path: Path,
 ) -> None:
@@ -148,6 +149,7 @@ def test_silent_trickling_and_idle_connections_are_closed(tmp_path: Path) -> Non
             sock.close()
 
 
+@pytest.mark.slow  # real serve processes, about 10 s each; CI runs it
 def test_past_the_connection_cap_idle_ones_make_room_and_busy_ones_get_503(
     tmp_path: Path,
 ) -> None:
@@ -174,6 +176,7 @@ def test_past_the_connection_cap_idle_ones_make_room_and_busy_ones_get_503(
         assert httpx.get(f"{base}/health").status_code == 200
 
 
+@pytest.mark.slow  # real serve processes, about 10 s each; CI runs it
 def test_an_upload_gets_the_documented_body_timeout(tmp_path: Path) -> None:
     with serving(tmp_path, "--body-timeout", "1", "--no-access-log") as (_, base):
         sock = _connect(base)
