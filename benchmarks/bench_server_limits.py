@@ -277,6 +277,8 @@ def part_rss(code: Path, lines: int) -> dict[str, Any]:
         watcher = threading.Thread(target=_peak_rss, args=(process, stop, peak))
         watcher.start()
         file_id = _upload(base, content).json()["id"]
+        polling = polling_health(base)
+        health = polling.__enter__()
         start = time.perf_counter()
         created = httpx.post(
             f"{base}/v1/batches",
@@ -292,9 +294,11 @@ def part_rss(code: Path, lines: int) -> dict[str, Any]:
                 break
             time.sleep(0.2)
         took = time.perf_counter() - start
+        polling.__exit__(None, None, None)
         stop.set()
         watcher.join()
         return {
+            "slowest /health while it ran": f"{health[1] * 1000:.0f} ms over {health[0]:.0f} asks",
             "batch": f"{lines} lines (n=4, 120-token prompts, 40 tokens) {card['status']} "
             f"in {took:.1f} s, {card['request_counts']}",
             "RSS before / peak": f"{before / 2**20:.0f} / {peak[0] / 2**20:.0f} MiB",
