@@ -29,8 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -335,19 +334,24 @@ def load_batch_output(
 
 
 # -- running batches ------------------------------------------------------------------------------
-def _multipart(data: bytes, filename: str) -> tuple[bytes, str]:
-    """A multipart/form-data body with ``purpose=batch`` and the file (what ``/v1/files`` takes)."""
-    boundary = f"nbcompletions-{uuid.uuid4().hex}"
-    head = (
-        f"--{boundary}\r\n"
-        'Content-Disposition: form-data; name="purpose"\r\n\r\n'
-        "batch\r\n"
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: application/jsonl\r\n\r\n"
-    ).encode("ascii")
-    tail = f"\r\n--{boundary}--\r\n".encode("ascii")
-    return head + data + tail, f"multipart/form-data; boundary={boundary}"
+async def _upload(aclient: AsyncClient, data: bytes, filename: str) -> Mapping[str, Any]:
+    """``POST /v1/files`` with ``purpose=batch``: the file object the server answers."""
+    uploaded = await aclient.request(
+        "POST",
+        "/files",
+        files={"file": (filename, data, "application/jsonl")},
+        data={"purpose": "batch"},
+    )
+    answered_field(uploaded, "id", str, "POST /files", "a file id")
+    assert isinstance(uploaded, Mapping)  # checked: it has an id
+    return uploaded
+
+
+async def _download(aclient: AsyncClient, file_id: str) -> AsyncIterator[bytes]:
+    """The lines of a file on the server (``GET /v1/files/{id}/content``), read as they arrive."""
+    async with aclient.open("GET", f"/files/{file_id}/content") as body:
+        async for line in body.aiter_lines():
+            yield line
 
 
 @dataclass
@@ -383,9 +387,8 @@ async def _create(
     """Upload one input file and create its batch, written to ``ledger`` before and after the
     create (see `nbcompletions._batch_ledger`): its entry, checked, with the batch id."""
     data = b"".join(line for _, line in group)
-    content, content_type = _multipart(data, f"nbcompletions-sweep-{number:03d}.jsonl")
-    uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
-    file_id = answered_field(uploaded, "id", str, "POST /files", "a file id")
+    uploaded = await _upload(aclient, data, f"nbcompletions-sweep-{number:03d}.jsonl")
+    file_id = str(uploaded["id"])
     uploaded_at = uploaded.get("created_at")
     entry = Entry(
         marker=new_marker(),
@@ -426,8 +429,8 @@ async def _create_once(
     retries = 0
     while True:
         try:
-            created: Mapping[str, Any] = await aclient._request_json(
-                "POST", "/batches", body, retry=False
+            created: Mapping[str, Any] = await aclient.request(
+                "POST", "/batches", json=body, retry=False
             )
             return created
         except APIError as exc:
@@ -509,7 +512,7 @@ async def run_batches(
         active = list(tracked)
         while active:
             for batch in list(active):
-                card = await aclient._request_json("GET", f"/batches/{batch.id}", None)
+                card = await aclient.request("GET", f"/batches/{batch.id}")
                 if not isinstance(card, Mapping):
                     raise APIError(
                         f"GET /batches/{batch.id} answered with {str(card)[:200]}",
@@ -561,8 +564,7 @@ async def _collect(
     for name in ("output_file_id", "error_file_id"):
         file_id = card.get(name)
         if isinstance(file_id, str) and file_id:
-            data = await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
-            results.update(read_batch_results(data))
+            results.update(read_batch_results([line async for line in _download(aclient, file_id)]))
     store, outcomes = prepared.cache, prepared.outcomes
     assert outcomes is not None  # batches keep results in memory (no results=)
     failed = 0
@@ -599,8 +601,7 @@ async def arun_batch_file(
     """Run the Batch input file ``data`` on ``aclient``'s server: the finished batch object and
     the contents of its output and error files (None where it has none)."""
     aclient = _batch_client(aclient)
-    content, content_type = _multipart(data, filename)
-    uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
+    uploaded = await _upload(aclient, data, filename)
     marker = new_marker()
     body = {
         "input_file_id": uploaded["id"],
@@ -608,7 +609,7 @@ async def arun_batch_file(
         "completion_window": "24h",
         "metadata": {MARKER_KEY: marker},
     }
-    card: dict[str, Any] = await aclient._request_json("POST", "/batches", body)
+    card: dict[str, Any] = await aclient.request("POST", "/batches", json=body)
     # A lost answer that the client retried made a second batch: cancel it, keep the first.
     uploaded_at = uploaded.get("created_at")
     entry = Entry(
@@ -620,7 +621,7 @@ async def arun_batch_file(
     )
     [entry] = await settle(aclient, Ledger(None, ""), [entry])
     if entry.batch_id != card["id"]:
-        card = await aclient._request_json("GET", f"/batches/{entry.batch_id}", None)
+        card = await aclient.request("GET", f"/batches/{entry.batch_id}")
     interval = poll_interval or _FIRST_POLL_S
     bar = None
     if progress:
@@ -632,7 +633,7 @@ async def arun_batch_file(
             await asyncio.sleep(interval)
             if poll_interval is None:
                 interval = min(interval * 1.5, _MAX_POLL_S)
-            card = await aclient._request_json("GET", f"/batches/{card['id']}", None)
+            card = await aclient.request("GET", f"/batches/{card['id']}")
             if bar is not None:
                 counts = card.get("request_counts") or {}
                 bar.total = counts.get("total") or None
@@ -645,9 +646,8 @@ async def arun_batch_file(
     for name in ("output_file_id", "error_file_id"):
         file_id = card.get(name)
         if isinstance(file_id, str) and file_id:
-            files.append(
-                await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
-            )
+            async with aclient.open("GET", f"/files/{file_id}/content") as content:
+                files.append(b"".join([piece async for piece in content.aiter_bytes()]))
         else:
             files.append(None)
     return card, files[0], files[1]

@@ -342,11 +342,8 @@ def http(app: Any) -> Iterator[Client]:
 
 
 def _upload(client: Client, content: bytes) -> Any:
-    from nbcompletions._batch import _multipart
-    from nbcompletions._loop import run_sync
-
-    body, kind = _multipart(content, "in.jsonl")
-    return run_sync(client.async_client._request_json("POST", "/files", None, upload=(body, kind)))
+    files = {"file": ("in.jsonl", content, "application/jsonl")}
+    return client.request("POST", "/files", files=files, data={"purpose": "batch"})
 
 
 @pytest.mark.parametrize(
