@@ -406,16 +406,9 @@ class AsyncClient(_BaseClient):
                 await stream.aclose()
         content = _encode_body(request.to_body())
         raw, body = await self._request_json("POST", "/completions", content, _JSON_HEADERS)
-        if not isinstance(raw, dict):
-            raise APIError(
-                f"the server answered with JSON that is not an object: {str(raw)[:200]}",
-                status=200,
-                type="invalid_response",
-                body=raw,
-            )
-        if "choices" not in raw and ("error" in raw or raw.get("object") == "error"):
-            # Some proxies answer 200 with an error body.
-            raise self._scrub(_retry.error_from_body(raw, status=200))
+        error = _retry.completion_error(raw)
+        if error is not None:
+            raise self._scrub(error)
         completion = Completion(raw, request, vocab_size=self.vocab_size)
         completion._body = body
         return completion

@@ -818,3 +818,68 @@ async def test_a_batch_list_that_never_ends_stops_the_search_instead_of_paging_f
             await find_ours(aclient, [entry])
     assert caught.value.type == "batch_lookup"
     assert next(served) == _MAX_PAGES * 100  # every page it was allowed, and not one more
+
+
+# -- odd 200 bodies: error rows as live ----------------------------------------------------------
+ODD_BODIES: list[Any] = [
+    {"error": {"message": "upstream overloaded", "type": "server_error"}},
+    {},
+    {"choices": "x"},
+]
+ODD_PROMPTS = ["To be, or not", "My lord,", "Once upon", "ROMEO:"]  # the last one stays as it is
+
+
+class OddOutput(Recording):
+    """The real app, whose Batch output lines for the first prompts get ``ODD_BODIES`` (status
+    200), and whose good line's usage says ``"completion_tokens": true``."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if not request.url.path.endswith("/content"):
+            return response
+        lines = [json.loads(line) for line in (await response.aread()).splitlines()]
+        for line in lines:
+            prompt = line["response"]["body"]["choices"][0]["text"]  # echo: the prompt is first
+            at = next(i for i, p in enumerate(ODD_PROMPTS) if prompt.startswith(p))
+            if at < len(ODD_BODIES):
+                line["response"]["body"] = ODD_BODIES[at]
+            else:
+                line["response"]["body"]["usage"]["completion_tokens"] = True
+        content = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        return httpx.Response(200, content=content, headers={"content-type": "application/jsonl"})
+
+
+def test_200_lines_with_an_error_or_no_usable_choice_are_error_rows_as_live(
+    app: Any, embedded_engine: Any
+) -> None:
+    grid: dict[str, Any] = {"prompt": ODD_PROMPTS, "max_tokens": 2, "echo": True, "seed": 1}
+    client = Client("http://embedded/v1", model=MODEL, transport=OddOutput(app))
+    with client, pytest.warns(SweepWarning, match="3 of 4"):
+        batched = sweep(client, **grid, batch=True, progress=False, probe=False)
+    answers = iter([*ODD_BODIES, None])
+
+    def live_answer(request: httpx.Request) -> httpx.Response:
+        body = next(answers)
+        if body is None:  # the good request: answered by the real app, usage made odd the same way
+            return httpx.Response(200, json=good)
+        return httpx.Response(200, json=body)
+
+    with Client("http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app)) as real:
+        good = real.request(
+            "POST", "/completions", json={"model": MODEL, **grid, "prompt": ODD_PROMPTS[-1]}
+        )
+    good["usage"]["completion_tokens"] = True
+    mock = Client("http://e/v1", model=MODEL, transport=httpx.MockTransport(live_answer))
+    with mock, pytest.warns(SweepWarning, match="3 of 4"):
+        live = sweep(mock, **grid, progress=False, probe=False, max_concurrency=1)
+    columns = ["status", "error_type", "error_status", "error_message"]
+    assert batched.n_failed == live.n_failed == 3
+    pd.testing.assert_frame_equal(batched.requests[columns], live.requests[columns])
+    assert list(batched.requests["error_type"][:3]) == [
+        "server_error",
+        "invalid_response",
+        "invalid_response",
+    ]
+    # A count of `true` is not a token, on either path.
+    assert batched.usage["completion_tokens"] == 0
+    assert batched.usage["total_tokens"] == good["usage"]["total_tokens"]
