@@ -883,3 +883,116 @@ def test_200_lines_with_an_error_or_no_usable_choice_are_error_rows_as_live(
     # A count of `true` is not a token, on either path.
     assert batched.usage["completion_tokens"] == 0
     assert batched.usage["total_tokens"] == good["usage"]["total_tokens"]
+
+
+# -- a deadline ----------------------------------------------------------------------------------
+class NeverEnds(Recording):
+    """The real app, except that every batch reads ``in_progress`` however far it got."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        path = request.url.path
+        if request.method == "GET" and path.startswith("/v1/batches/") and path.count("/") == 3:
+            card = json.loads(await response.aread())
+            card.update(status="in_progress", output_file_id=None, error_file_id=None)
+            return httpx.Response(200, json=card)
+        return response
+
+
+@pytest.mark.timeout(120)
+async def test_a_batch_that_never_ends_is_cancelled_at_the_deadline(
+    app: Any, embedded_engine: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "study.sqlite"
+    transport = NeverEnds(app)
+    options = BatchOptions(deadline=0.5, poll_interval=0.05)
+    async with AsyncClient("http://embedded/v1", model=MODEL, transport=transport) as aclient:
+        with pytest.warns(SweepWarning, match="6 of 6"):
+            stopped = await asweep(
+                aclient, **GRID, batch=options, cache=cache, progress=False, probe=False
+            )
+    assert stopped.n_failed == 6
+    assert set(stopped.requests["error_type"]) == {"batch_deadline"}
+    message = stopped.requests["error_message"].iloc[0]
+    assert "deadline=0.5" in message
+    assert "cancelled" in message
+    [batch_id] = {p.split("/")[3] for m, p in transport.calls if p.endswith("/cancel")}
+    assert transport.count("POST", "/v1/batches") == 1
+    # The cancelled batch stays in the ledger: the next run collects it instead of paying again.
+    aclient, again = recording_client(app, embedded_engine)
+    async with aclient:
+        resumed = await asweep(
+            aclient, **GRID, batch=BatchOptions(poll_interval=0.05), cache=cache,
+            progress=False, probe=False,
+        )  # fmt: skip
+    assert again.count("GET", f"/v1/batches/{batch_id}") >= 1
+    assert len(resumed) == 6
+
+
+def test_the_deadline_is_checked() -> None:
+    for bad in (0, -1.0, float("inf"), True, "10"):
+        with pytest.raises(nbc.RequestError, match="deadline must be a number of seconds > 0"):
+            BatchOptions(deadline=bad)  # type: ignore[arg-type]  # the wrong types on purpose
+
+
+# -- K processes, one cache: one batch -----------------------------------------------------------
+_ONE_OF_K = """
+import pathlib, sys, time
+import nbcompletions as nbc
+
+import nbcompletions._batch, nbcompletions._sweep, pandas  # loaded before the start
+
+base_url, cache, ready, go, seeds = sys.argv[1:6]
+grid = dict(prompt=["To be", "My lord,", "Once upon"], max_tokens=3, temperature=0,
+            seed=list(range(int(seeds))))
+with nbc.Client(base_url, model="nbc-shakespeare") as client:
+    nbc.sweep(client, **{**grid, "max_tokens": 1}, progress=False, probe=False)  # warm up
+    pathlib.Path(ready).touch()
+    while not pathlib.Path(go).exists():  # start together: the race is the point
+        time.sleep(0.01)
+    result = nbc.sweep(client, **grid, batch=nbc.BatchOptions(poll_interval=0.1), cache=cache,
+                       progress=False, probe=False)
+print(len(result), result.n_failed)
+"""
+
+
+def run_k_processes(base_url: str, cache: Path, k: int, seeds: int = 2) -> list[str]:
+    """``k`` processes running the same Batch sweep on one cache, started together: their
+    outputs (``"<requests> <failed>"``)."""
+    import subprocess
+    import sys
+
+    go = cache.with_name("go")
+    readies = [cache.with_name(f"ready-{i}") for i in range(k)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ONE_OF_K, base_url, *map(str, (cache, ready, go, seeds))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for ready in readies
+    ]
+    deadline = time.monotonic() + 120
+    while not all(ready.exists() for ready in readies) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    go.touch()
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    return outputs
+
+
+def test_k_processes_sharing_a_cache_create_one_batch(live_server: str, tmp_path: Path) -> None:
+    with httpx.Client(base_url=live_server) as http:
+
+        def batch_ids() -> set[str]:
+            return {b["id"] for b in http.get("/batches", params={"limit": 100}).json()["data"]}
+
+        before = batch_ids()
+        outputs = run_k_processes(live_server, tmp_path / "study.sqlite", 3)
+        created = batch_ids() - before
+    assert outputs == ["6 0"] * 3
+    assert len(created) == 1  # one batch, paid once, however many processes share the cache
