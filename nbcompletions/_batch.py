@@ -67,7 +67,9 @@ __all__ = [
     "BatchOptions",
     "arun_batch_file",
     "batch_lines",
+    "iter_batch_output",
     "load_batch_output",
+    "parse_batch_line",
     "run_batches",
     "split_batches",
     "write_batch_files",
@@ -349,11 +351,20 @@ async def _upload(aclient: AsyncClient, data: bytes, filename: str) -> Mapping[s
     return uploaded
 
 
-async def _download(aclient: AsyncClient, file_id: str) -> AsyncIterator[bytes]:
-    """The lines of a file on the server (``GET /v1/files/{id}/content``), read as they arrive."""
+async def iter_batch_output(
+    aclient: AsyncClient, file_id: str
+) -> AsyncIterator[tuple[str, _LineResult]]:
+    """``(custom_id, result)`` for each line of a Batch output or error file on the server,
+    read line by line as it arrives (``GET /v1/files/{id}/content``): however large the file,
+    one line is in memory at a time."""
+    secrets = secrets_of(aclient)
     async with aclient.open("GET", f"/files/{file_id}/content") as body:
-        async for line in body.aiter_lines():
-            yield line
+        number = 0
+        async for raw in body.aiter_lines():
+            number += 1
+            parsed = parse_batch_line(raw, number, secrets)
+            if parsed is not None:
+                yield parsed
 
 
 @dataclass
@@ -499,7 +510,6 @@ class _BatchRun:
         self.spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         self.n_failed = 0
         self.n_elsewhere_done = 0
-        self.secrets = secrets_of(aclient)
         self.started = time.monotonic()
         self.initial = bar.n if bar is not None else 0
 
@@ -614,13 +624,9 @@ class _BatchRun:
             if not isinstance(file_id, str) or not file_id:
                 continue
             stored: list[tuple[str, Mapping[str, Any], float | None, bytes | None]] = []
-            number = 0
-            async for raw in _download(self.aclient, file_id):
-                number += 1
-                parsed = parse_batch_line(raw, number, self.secrets)
-                if parsed is None or parsed[0] not in keys or parsed[0] in seen:
+            async for key, line in iter_batch_output(self.aclient, file_id):
+                if key not in keys or key in seen:
                     continue
-                key, line = parsed
                 seen.add(key)
                 if line.response is not None and self.store is not None:
                     stored.append((key, line.response, None, None))
