@@ -864,11 +864,12 @@ class AsyncResponseStream:
     def __init__(self, pieces: AsyncGenerator[bytes, None]) -> None:
         self._pieces = pieces
         self._first: bytes | None = None
-        self._started = False
+        self._entered = self._started = False
 
     async def __aenter__(self) -> AsyncResponseStream:
         # The first bytes are read here, so a failure before them is retried and raised now.
         self._first = await anext(self._pieces, None)
+        self._entered = True
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -876,6 +877,11 @@ class AsyncResponseStream:
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive (content encoding decoded)."""
+        if not self._entered:
+            raise RuntimeError(
+                "open() sends the request on entering a with block: "
+                "`with client.open(...) as body:` (async: `async with`)"
+            )
         if self._started:
             raise RuntimeError("the body has already been read; open the request again")
         self._started = True

@@ -87,6 +87,8 @@ def test_files_upload_as_multipart_and_download_as_a_stream(client: Client) -> N
         assert b"".join(body.iter_bytes()) == content
         with pytest.raises(RuntimeError, match="already been read"):
             list(body.iter_bytes())
+    with pytest.raises(RuntimeError, match="a with block"):
+        list(client.open("GET", f"/files/{uploaded['id']}/content").iter_lines())
     client.request("DELETE", f"/files/{uploaded['id']}")
     with pytest.raises(APIError) as info:
         client.request("GET", f"/files/{uploaded['id']}")
