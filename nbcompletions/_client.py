@@ -768,7 +768,7 @@ def _json_body(response: httpx.Response) -> Any:
         text = response.content.decode("utf-8", errors="replace")
         raise APIError(
             f"the server answered HTTP {response.status_code} with a body "
-            f"that is not JSON: {_retry._text_message(text)[:200]!r}",
+            f"that is not JSON: {_retry.text_message(text)[:200]!r}",
             status=response.status_code,
             type="invalid_response",
             body=text,

@@ -34,6 +34,7 @@ __all__ = [
     "retry_delay",
     "should_retry",
     "sleep",
+    "text_message",
 ]
 
 INITIAL_RETRY_DELAY = 0.5
@@ -129,8 +130,9 @@ _SPACE = re.compile(r"\s+")
 _MAX_TEXT = 500
 
 
-def _text_message(text: str) -> str:
-    # HTML error pages from proxies (a 502 from nginx): keep the words, drop the markup.
+def text_message(text: str) -> str:
+    """An error body's text as a message: the words of an HTML page (a 502 from nginx) without
+    its markup, whitespace collapsed, at most 500 characters."""
     if "<" in text and ">" in text:
         text = html.unescape(_TAG.sub(" ", text))
     text = _SPACE.sub(" ", text).strip()
@@ -176,10 +178,10 @@ def error_from_body(
     else:
         error_type = param = code = None
     if not message:
-        message = _text_message(text) if text else None
+        message = text_message(text) if text else None
     if not message:
         if body is not None and not isinstance(body, Mapping):
-            message = _text_message(json.dumps(body))
+            message = text_message(json.dumps(body))
         else:
             message = default_message
     return APIError(
