@@ -1,14 +1,16 @@
 """The one reader of a response's ``usage``: token counts as the server sent them.
 
 Live sweeps, Batch sweeps, the cache and the frames count tokens the same way: a count is an
-integer >= 0; anything else (``true``, ``1.5``, ``"3"``, a negative number) is not one and counts as
-missing, not as a token.
+integer >= 0 by the package's integer rule (`nbcompletions._checks.is_int`); anything else
+(``true``, ``1.5``, ``"3"``, a negative number) is not one and counts as missing, not as a token.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from ._checks import is_int
 
 __all__ = ["USAGE_FIELDS", "add_usage", "token_counts"]
 
@@ -25,8 +27,8 @@ def token_counts(response: Any) -> dict[str, int]:
     counts = {}
     for name in USAGE_FIELDS:
         value = usage.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-            counts[name] = value
+        if is_int(value) and value >= 0:
+            counts[name] = int(value)
     return counts
 
 
