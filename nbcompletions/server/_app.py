@@ -11,7 +11,6 @@ long completion never blocks other requests. The same app runs in-process behind
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -63,7 +62,6 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 #: stop cap) and its extra sampling fields top_k, min_p, repetition_penalty.
 COMPAT_MODES = ("openai", "vllm")
 _OWNED_BY = "nbcompletions"
-_FLOAT_MAX = sys.float_info.max
 #: The deepest a field nests: prompt as a list of token-id lists.
 _MAX_NESTING = 2
 
@@ -283,7 +281,7 @@ class CompletionsServer:
                 + f"The fields are: {', '.join(accepted)}.",
                 param=name,
             )
-        _refuse_odd_values(body)
+        _refuse_deep_nesting(body)
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()
         self._check_model(engine, completion.model)
@@ -304,10 +302,9 @@ class CompletionsServer:
         return JSONResponse({"status": "ok", "engine_loaded": self.engine_loaded})
 
 
-def _refuse_odd_values(body: dict[str, Any]) -> None:
-    """400 for a field nested deeper than any field may be, or holding an integer too large for
-    a float: the range checks recurse and compare as floats, so a prompt nested 985 lists deep
-    (in a batch line, whose JSON had parsed) and a 400-digit integer each answered 500."""
+def _refuse_deep_nesting(body: dict[str, Any]) -> None:
+    """400 for a field nested deeper than any field may be: the value checks recurse, so a
+    prompt nested 985 lists deep (in a batch line, whose JSON had parsed) answered 500."""
     for field, value in body.items():
         pending = [(value, 0)]  # (value, how many lists and objects hold it)
         while pending:
@@ -323,13 +320,6 @@ def _refuse_odd_values(body: dict[str, Any]) -> None:
                     )
                 pending.extend(
                     (x, depth + 1) for x in (item.values() if isinstance(item, dict) else item)
-                )
-            elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > _FLOAT_MAX:
-                raise Failure(
-                    400,
-                    f"{field} is out of range: it holds an integer of {item.bit_length()} bits, "
-                    "larger than any number a field allows.",
-                    param=field,
                 )
 
 
