@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcompletions import plots, visible_token
+from nbcompletions import metrics, plots, visible_token
 
 # The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
 TOKEN_COLUMNS = [
@@ -376,11 +376,38 @@ def test_token_probabilities_switches_to_webgl_above_the_threshold() -> None:
     assert type(plots.token_probabilities(small, render_mode="webgl").data[0]) is go.Scattergl
 
 
-def test_token_probabilities_of_an_empty_frame_says_so(frames) -> None:
+@pytest.mark.parametrize(
+    ("function", "frame_name", "advice"),
+    [
+        (plots.token_probabilities, "tokens", r"logprobs were requested: pass completion\.tokens"),
+        (plots.entropy, "tokens", r"logprobs=5"),
+        (plots.rank_histogram, "tokens", r"logprobs=5"),
+        (plots.highlight, "tokens", r"logprobs=5"),
+        (plots.alternatives, "alternatives", r"pass completion\.alternatives"),
+    ],
+)
+def test_every_plot_of_an_empty_frame_says_so(frames, function, frame_name, advice) -> None:
+    tokens, alternatives = frames
+    empty = (tokens if frame_name == "tokens" else alternatives).iloc[:0]
+    with pytest.raises(ValueError, match=rf"\(\): the {frame_name} frame is empty \(0 rows\)"):
+        function(empty)
+    with pytest.raises(ValueError, match=advice):
+        function(empty)
+
+
+def test_mean_ci_of_an_empty_frame_says_so() -> None:
+    empty = make_sweep_choices().iloc[:0]
+    with pytest.raises(
+        ValueError, match=r"mean_ci\(\): the choices frame is empty.*result\.choices"
+    ):
+        plots.mean_ci(empty, x="temperature", y="mean_logprob")
+
+
+def test_echo_false_on_a_prompt_only_frame_says_so(frames) -> None:
     tokens, _ = frames
-    fig = plots.token_probabilities(tokens.iloc[:0])
-    assert len(fig.data) == 0
-    assert "no tokens to plot" in fig.layout.title.text
+    prompt_only = tokens.assign(echo=True)
+    with pytest.raises(ValueError, match=r"token_probabilities\(\): every token .* echo=True"):
+        plots.token_probabilities(prompt_only, echo=False)
 
 
 # -------------------------------------------------------------------------------------------
@@ -516,10 +543,8 @@ def test_rank_histogram_buckets_are_a_parameter_and_color_splits_choices(frames)
 # -------------------------------------------------------------------------------------------
 # mean_ci
 
-T_975 = {2: 4.302652729749464}  # Student t quantile at 0.975 with 2 degrees of freedom
 
-
-def test_mean_ci_plots_mean_and_t_interval_over_repeats() -> None:
+def test_mean_ci_plots_mean_and_bootstrap_interval_over_repeats() -> None:
     choices = make_sweep_choices()
     fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt_id")
     # The legend's title names the column once; the entries are its values.
@@ -529,14 +554,46 @@ def test_mean_ci_plots_mean_and_t_interval_over_repeats() -> None:
     assert fig.layout.yaxis.title.text == "mean_logprob"
     ok = choices[choices["error"].isna() & (choices["prompt_id"] == 1)]
     grouped = ok.groupby("temperature")["mean_logprob"]
-    np.testing.assert_allclose(fig.data[1].x, [0.0, 0.5, 1.0])
+    # The two prompts' lines are set apart by 1/40 of the x spacing, so neither hides the other.
+    np.testing.assert_allclose(fig.data[1].x, np.array([0.0, 0.5, 1.0]) + 0.5 / 80)
+    np.testing.assert_allclose(fig.data[0].x, np.array([0.0, 0.5, 1.0]) - 0.5 / 80)
+    assert [fig.data[0].marker.symbol, fig.data[1].marker.symbol] == ["circle", "square"]
     np.testing.assert_allclose(fig.data[1].y, grouped.mean())
-    half = T_975[2] * grouped.std() / np.sqrt(3)
-    np.testing.assert_allclose(fig.data[1].error_y.array, half)
-    np.testing.assert_allclose(fig.data[1].error_y.arrayminus, half)
+    intervals = [metrics.bootstrap_interval(values) for _, values in grouped]
+    np.testing.assert_allclose(
+        fig.data[1].error_y.array, [h for _, h in intervals] - grouped.mean()
+    )
+    np.testing.assert_allclose(
+        fig.data[1].error_y.arrayminus, grouped.mean() - [lo for lo, _ in intervals]
+    )
     assert fig.data[1].mode == "lines+markers"
     assert "1 failed request left out" in fig.layout.title.text
-    assert "95% CI" in fig.layout.title.text
+    assert "95% CI (percentile bootstrap, 2,000 resamples)" in fig.layout.title.text
+
+
+def test_mean_ci_intervals_of_rates_stay_in_range_and_coincident_lines_show() -> None:
+    # Issue 20: distinct_1 upper bounds of 1.011-1.031 and a repetition lower bound of -0.0079
+    # were drawn outside [0, 1]; distinct_2 flat at 1.0 hid one line behind another.
+    rows = []
+    for prompt_id in (0, 1):
+        for temperature in (0.5, 1.0):
+            for repeat, rate in enumerate([0.0, 0.0, 0.0, 0.04, 0.0]):
+                distinct = 1.0 if prompt_id == 0 else [1.0, 0.97, 1.0, 1.0, 0.95][repeat]
+                rows.append((prompt_id, temperature, rate, distinct, 1.0, repeat % 2 == 0))
+    choices = pd.DataFrame(
+        rows,
+        columns=["prompt_id", "temperature", "repetition_rate", "distinct_1", "distinct_2", "ok"],
+    )
+    for y in ("repetition_rate", "distinct_1", "ok"):
+        fig = plots.mean_ci(choices, x="temperature", y=y, color="prompt_id")
+        for trace in fig.data:
+            assert (np.asarray(trace.y) + np.asarray(trace.error_y.array) <= 1 + 1e-12).all()
+            assert (np.asarray(trace.y) - np.asarray(trace.error_y.arrayminus) >= -1e-12).all()
+    assert "Wilson score" in plots.mean_ci(choices, x="temperature", y="ok").layout.title.text
+    flat = plots.mean_ci(choices, x="temperature", y="distinct_2", color="prompt_id")
+    assert "every mean is 1: the lines lie on top of one another" in flat.layout.title.text
+    assert flat.data[0].x[0] != flat.data[1].x[0]
+    assert flat.data[0].line.dash != flat.data[1].line.dash
 
 
 def test_mean_ci_band_facets_and_no_interval() -> None:
@@ -904,8 +961,9 @@ def test_mean_ci_of_a_real_sweep(embedded_client) -> None:
     assert list(fig.data[0].x) == [0.5, 1.5]
     ok = choices[choices["error"].isna()]
     np.testing.assert_allclose(fig.data[0].y, ok.groupby("temperature")["mean_logprob"].mean())
-    spread = ok.groupby("temperature")["mean_logprob"].std().to_numpy()
-    np.testing.assert_allclose(fig.data[0].error_y.array, T_975[2] * spread / np.sqrt(3))
+    means = ok.groupby("temperature")["mean_logprob"].mean().to_numpy()
+    highs = [metrics.bootstrap_interval(v)[1] for _, v in ok.groupby("temperature")["mean_logprob"]]
+    np.testing.assert_allclose(fig.data[0].error_y.array, np.array(highs) - means)
 
 
 def test_line_plots_refuse_to_join_several_completions_in_one_line(frames) -> None:

@@ -7,15 +7,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from ._checks import (
-    _check_one_completion,
-    _check_option,
-    _check_positive_int,
-    _flags,
-    _require,
-    _select_index,
+    bool_flags,
+    check_one_completion,
+    check_option,
+    check_positive_int,
+    require_frame,
+    select_index,
 )
 from ._colors import LOG10_FLOOR, PROB_COLORSCALE
-from ._style import _cell_token, _hover_token, _layout, _title
+from ._style import apply_layout, cell_token, figure_title, hover_token
 
 __all__ = ["alternatives"]
 
@@ -47,16 +47,16 @@ def alternatives(
     cells make a figure no browser wants to lay out.
     """
     function = "alternatives"
-    _require(
+    require_frame(
         alternatives,
         ["index", position, rank, prob, token, chosen],
         function=function,
         frame_name="alternatives",
     )
-    _check_positive_int(function, "max_positions", max_positions)
-    _check_option(function, "scale", scale, ("logprob", "prob"))
-    frame = _select_index(alternatives, index, function=function, frame_name="alternatives")
-    _check_one_completion(frame, [position, rank], function=function, frame_name="alternatives")
+    check_positive_int(function, "max_positions", max_positions)
+    check_option(function, "scale", scale, ("logprob", "prob"))
+    frame = select_index(alternatives, index, function=function, frame_name="alternatives")
+    check_one_completion(frame, [position, rank], function=function, frame_name="alternatives")
 
     all_positions = np.sort(frame[position].dropna().unique())
     first = all_positions[0] if start is None and len(all_positions) else start
@@ -77,7 +77,7 @@ def alternatives(
     hover = np.full(z.shape, "", dtype=object)
     marks: list[tuple[int, int]] = []
     chosen_values = (
-        _flags(frame[chosen]) if chosen is not None else np.zeros(len(frame), dtype=bool)
+        bool_flags(frame[chosen]) if chosen is not None else np.zeros(len(frame), dtype=bool)
     )
     for (pos, rk, p, tok), is_chosen in zip(
         frame[[position, rank, prob, token]].itertuples(index=False, name=None),
@@ -86,11 +86,11 @@ def alternatives(
     ):
         i, j = row_of[pos], col_of[int(rk)]
         z[i, j] = p
-        cell = _cell_token(tok)
+        cell = cell_token(tok)
         text[i, j] = f"<b>{cell} ✓</b>" if is_chosen else cell
         hover[i, j] = (
             f"{position} {pos} · {rank} {rank_label[int(rk)]}{' · chosen' if is_chosen else ''}"
-            f"<br>{_hover_token(tok)}<br>{prob} {p:.4f}"
+            f"<br>{hover_token(tok)}<br>{prob} {p:.4f}"
         )
         if is_chosen:
             marks.append((i, j))
@@ -157,9 +157,9 @@ def alternatives(
     fig.update_xaxes(
         tickvals=list(ranks), ticktext=[rank_label[r] for r in ranks], title_text=rank, side="top"
     )
-    _layout(
+    apply_layout(
         fig,
-        title=_title(f"Top alternatives at each position (choice {index})", title, notes),
+        title=figure_title(f"Top alternatives at each position (choice {index})", title, notes),
         height=height if height is not None else 160 + 24 * max(len(window), 4),
         width=width,
     )

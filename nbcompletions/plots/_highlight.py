@@ -21,17 +21,17 @@ import pandas as pd
 
 from .._visible import visible_token
 from ._checks import (
-    _check_one_completion,
-    _check_option,
-    _check_positive_int,
-    _drop_echo,
-    _echo_mask,
-    _flags,
-    _numeric,
-    _require,
-    _select_index,
+    as_floats,
+    bool_flags,
+    check_one_completion,
+    check_option,
+    check_positive_int,
+    drop_echo,
+    echo_mask,
+    require_frame,
+    select_index,
 )
-from ._colors import _MISSING_PROB_COLOR, LOG10_FLOOR, _prob_color
+from ._colors import LOG10_FLOOR, MISSING_PROB_COLOR, prob_color
 
 __all__ = ["HIGHLIGHT_SCALES", "HighlightedText", "highlight"]
 
@@ -108,7 +108,7 @@ def _scale_position(
 def _legend_scale(scale: str, top_k: int, ranks_known: bool) -> str:
     def swatch(position: float, label: str) -> str:
         return (
-            f'<span style="background:{_prob_color(position)};padding:0 0.4em">'
+            f'<span style="background:{prob_color(position)};padding:0 0.4em">'
             f"{_html.escape(label)}</span>"
         )
 
@@ -161,23 +161,25 @@ def highlight(
     says when the text was cut.
     """
     function = "highlight"
-    _check_option(function, "scale", scale, HIGHLIGHT_SCALES)
-    _require(
+    check_option(function, "scale", scale, HIGHLIGHT_SCALES)
+    require_frame(
         tokens,
         ["index", position, token, prob, "rank" if scale == "rank" else None],
         function=function,
         frame_name="tokens",
     )
     if alternatives is not None:
-        _require(
+        require_frame(
             alternatives,
             ["index", "position", "rank", "token", "prob"],
             function=function,
             frame_name="alternatives",
         )
-    _check_positive_int(function, "max_positions", max_positions)
-    frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
-    _check_one_completion(frame, [position], function=function, frame_name="tokens")
+    check_positive_int(function, "max_positions", max_positions)
+    frame = drop_echo(
+        select_index(tokens, index, function=function, frame_name="tokens"), echo, function=function
+    )
+    check_one_completion(frame, [position], function=function, frame_name="tokens")
     frame = frame.sort_values(position, kind="stable")
     total = len(frame)
     frame = frame.iloc[:max_positions]
@@ -190,8 +192,8 @@ def highlight(
         for pos, alt_token, alt_prob, is_chosen in zip(
             alt["position"].tolist(),
             alt["token"].tolist(),
-            _numeric(alt["prob"]),
-            _flags(alt["chosen"]).tolist() if has_chosen else [False] * len(alt),
+            as_floats(alt["prob"]),
+            bool_flags(alt["chosen"]).tolist() if has_chosen else [False] * len(alt),
             strict=True,
         ):
             popup_alternatives.setdefault(pos, []).append(
@@ -199,10 +201,10 @@ def highlight(
                 f"{'  ◀ chosen' if is_chosen else ''}"
             )
 
-    probs = _numeric(frame[prob])
-    prompt = _echo_mask(frame)
-    logprobs = _numeric(frame["logprob"]) if "logprob" in frame.columns else None
-    ranks = _numeric(frame["rank"]) if "rank" in frame.columns else None
+    probs = as_floats(frame[prob])
+    prompt = echo_mask(frame)
+    logprobs = as_floats(frame["logprob"]) if "logprob" in frame.columns else None
+    ranks = as_floats(frame["rank"]) if "rank" in frame.columns else None
     # A rank past the k returned alternatives only says "not in the top k". Where the sampled
     # token is outside the top k it comes as an extra (k+1-th) entry, so k is the fewest entries
     # at any position, not the count at this one.
@@ -232,7 +234,7 @@ def highlight(
         ]
         if pos in popup_alternatives:
             lines += ["alternatives:", *popup_alternatives[pos]]
-        style = f"{_SUMMARY};background:{_prob_color(positions[row])}"
+        style = f"{_SUMMARY};background:{prob_color(positions[row])}"
         if prompt[row]:
             style += ";font-style:italic"
         data_prob = f"{p:.6g}" if math.isfinite(p) else ""
@@ -247,7 +249,7 @@ def highlight(
 
     legend = [_legend_scale(scale, scale_k, ranks_known=top_k > 0)]
     legend.append(
-        f'<span style="background:{_MISSING_PROB_COLOR};padding:0 0.4em">grey</span> no logprob'
+        f'<span style="background:{MISSING_PROB_COLOR};padding:0 0.4em">grey</span> no logprob'
     )
     if prompt.any():
         legend.append("<i>italic</i>: prompt (echo)")

@@ -12,16 +12,16 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 from .._visible import visible_token
-from ._checks import _numeric
+from ._checks import as_floats
 
 #: Above this many points in one figure, ``render_mode="auto"`` draws with WebGL (``go.Scattergl``):
 #: SVG keeps one DOM node per marker, which is what freezes a browser on a 10,000-token completion.
 WEBGL_THRESHOLD = 2000
 
-_PALETTE = qualitative.Plotly
+PALETTE = qualitative.Plotly
 
 
-def _compact(series: pd.Series) -> np.ndarray:
+def compact_positions(series: pd.Series) -> np.ndarray:
     """Positions as int32 when they fit: the figure JSON carries them base64, 4 bytes each."""
     values = series.to_numpy()
     if (
@@ -34,11 +34,11 @@ def _compact(series: pd.Series) -> np.ndarray:
     return values
 
 
-def _use_webgl(render_mode: str, n_points: int) -> bool:
+def use_webgl(render_mode: str, n_points: int) -> bool:
     return render_mode == "webgl" or (render_mode == "auto" and n_points > WEBGL_THRESHOLD)
 
 
-def _title(default: str, title: str | None, notes: Sequence[str]) -> str:
+def figure_title(default: str, title: str | None, notes: Sequence[str]) -> str:
     text = default if title is None else title
     notes = [n for n in notes if n]
     if notes:
@@ -46,15 +46,15 @@ def _title(default: str, title: str | None, notes: Sequence[str]) -> str:
     return text
 
 
-def _layout(fig: go.Figure, *, title: str, height: int | None, width: int | None) -> None:
+def apply_layout(fig: go.Figure, *, title: str, height: int | None, width: int | None) -> None:
     fig.update_layout(title_text=title, height=height, width=width, hovermode="closest")
 
 
-def _count(number: int, noun: str) -> str:
+def count_of(number: int, noun: str) -> str:
     return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
-def _group_label(color: str | None, value: Any) -> str:
+def group_label(color: str | None, value: Any) -> str:
     """A legend entry: the value alone (the legend's title names the column), "choice 2" for the
     ``index`` column, whose bare numbers would say nothing."""
     if color is None:
@@ -64,11 +64,11 @@ def _group_label(color: str | None, value: Any) -> str:
     return str(value)
 
 
-def _legend_title(color: str | None) -> str:
+def legend_title(color: str | None) -> str:
     return "" if color in (None, "index") else str(color)
 
 
-def _groups(frame: pd.DataFrame, color: str | None) -> list[tuple[Any, pd.DataFrame]]:
+def split_groups(frame: pd.DataFrame, color: str | None) -> list[tuple[Any, pd.DataFrame]]:
     if color is None:
         return [(None, frame)]
     return [
@@ -77,7 +77,7 @@ def _groups(frame: pd.DataFrame, color: str | None) -> list[tuple[Any, pd.DataFr
     ]
 
 
-def _rgba(hex_color: str, alpha: float) -> str:
+def rgba_color(hex_color: str, alpha: float) -> str:
     hex_color = hex_color.lstrip("#")
     red, green, blue = (int(hex_color[i : i + 2], 16) for i in (0, 2, 4))
     return f"rgba({red},{green},{blue},{alpha})"
@@ -87,13 +87,13 @@ def _rgba(hex_color: str, alpha: float) -> str:
 # Token text as it appears in hover labels and heat-map cells
 
 
-def _hover_token(token: Any) -> str:
+def hover_token(token: Any) -> str:
     """A token as a hover label shows it: whitespace visible (plotly reads ``<br>``, ``&``)."""
     shown = visible_token(token)
     return "(none)" if shown is None else _html.escape(shown, quote=False)
 
 
-def _cell_token(token: Any, limit: int = 14) -> str:
+def cell_token(token: Any, limit: int = 14) -> str:
     """Short visible form for a heat-map cell, cut to ``limit`` characters."""
     text = visible_token(token) or ""
     if len(text) > limit:
@@ -101,7 +101,7 @@ def _cell_token(token: Any, limit: int = 14) -> str:
     return _html.escape(text, quote=False)
 
 
-def _hover_columns(
+def hover_columns(
     frame: pd.DataFrame, columns: Sequence[str]
 ) -> tuple[np.ndarray | None, list[str]]:
     """customdata plus hovertemplate lines; numeric columns travel as compact binary arrays."""
@@ -110,12 +110,12 @@ def _hover_columns(
     numeric = [pd.api.types.is_numeric_dtype(frame[c]) for c in columns]
     if all(numeric):
         # float32 is plenty for a 4-digit hover label and halves the base64 payload.
-        data = np.column_stack([_numeric(frame[c]) for c in columns]).astype(np.float32)
+        data = np.column_stack([as_floats(frame[c]) for c in columns]).astype(np.float32)
     else:
         data = np.empty((len(frame), len(columns)), dtype=object)
         for j, (column, is_number) in enumerate(zip(columns, numeric, strict=True)):
             data[:, j] = (
-                _numeric(frame[column]) if is_number else frame[column].astype(str).to_numpy()
+                as_floats(frame[column]) if is_number else frame[column].astype(str).to_numpy()
             )
     lines = [
         f"{column} %{{customdata[{j}]{':.4g' if is_number else ''}}}"

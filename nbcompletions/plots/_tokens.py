@@ -14,27 +14,27 @@ from plotly.subplots import make_subplots
 
 from ._checks import (
     RENDER_MODES,
-    _check_one_completion,
-    _check_option,
-    _drop_echo,
-    _echo_mask,
-    _numeric,
-    _require,
-    _select_index,
+    as_floats,
+    check_one_completion,
+    check_option,
+    drop_echo,
+    echo_mask,
+    require_frame,
+    select_index,
 )
 from ._style import (
-    _PALETTE,
-    _compact,
-    _count,
-    _group_label,
-    _groups,
-    _hover_columns,
-    _hover_token,
-    _layout,
-    _legend_title,
-    _rgba,
-    _title,
-    _use_webgl,
+    PALETTE,
+    apply_layout,
+    compact_positions,
+    count_of,
+    figure_title,
+    group_label,
+    hover_columns,
+    hover_token,
+    legend_title,
+    rgba_color,
+    split_groups,
+    use_webgl,
 )
 
 __all__ = ["entropy", "rank_histogram", "token_probabilities"]
@@ -63,15 +63,17 @@ def token_probabilities(
     ``index`` keeps only those choices; ``color=None`` draws everything as one trace.
     """
     function = "token_probabilities"
-    _require(
+    require_frame(
         tokens,
         [x, y, color, token, *hover_data, "index" if index is not None else None],
         function=function,
         frame_name="tokens",
     )
-    _check_option(function, "render_mode", render_mode, RENDER_MODES)
-    frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
-    _check_one_completion(
+    check_option(function, "render_mode", render_mode, RENDER_MODES)
+    frame = drop_echo(
+        select_index(tokens, index, function=function, frame_name="tokens"), echo, function=function
+    )
+    check_one_completion(
         frame,
         [c for c in (color, x) if c is not None],
         function=function,
@@ -79,19 +81,19 @@ def token_probabilities(
         advice="per line; pick one with index=, or one line each with color= (e.g. 'request_id')",
     )
 
-    webgl = _use_webgl(render_mode, len(frame))
+    webgl = use_webgl(render_mode, len(frame))
     scatter = go.Scattergl if webgl else go.Scatter
     fig = go.Figure()
-    groups = _groups(frame, color)
+    groups = split_groups(frame, color)
     for number, (value, group) in enumerate(groups):
         group = group.sort_values(x, kind="stable")
-        line_color = _PALETTE[number % len(_PALETTE)]
-        label = _group_label(color, value)
-        prompt = _echo_mask(group)
+        line_color = PALETTE[number % len(PALETTE)]
+        label = group_label(color, value)
+        prompt = echo_mask(group)
         for part, is_prompt in ((group[prompt], True), (group[~prompt], False)):
             if part.empty:
                 continue
-            customdata, extra = _hover_columns(part, hover_data)
+            customdata, extra = hover_columns(part, hover_data)
             if len(groups) == 1:
                 # One line: the legend only tells the echoed prompt from the completion.
                 name = "prompt" if is_prompt else "completion"
@@ -103,9 +105,9 @@ def token_probabilities(
             )
             fig.add_trace(
                 scatter(
-                    x=_compact(part[x]),
-                    y=_numeric(part[y]),
-                    text=[_hover_token(t) for t in part[token].tolist()],
+                    x=compact_positions(part[x]),
+                    y=as_floats(part[y]),
+                    text=[hover_token(t) for t in part[token].tolist()],
                     customdata=customdata,
                     hovertemplate=hovertemplate,
                     mode="lines+markers",
@@ -119,23 +121,23 @@ def token_probabilities(
                     },
                 )
             )
-    values = _numeric(frame[y]) if not frame.empty else np.array([])
+    values = as_floats(frame[y]) if not frame.empty else np.array([])
     finite = values[np.isfinite(values)]
     if finite.size and finite.min() >= 0 and finite.max() <= 1:
         fig.update_yaxes(range=[-0.02, 1.02])
-    notes = [_count(len(frame), "token") + (", WebGL" if webgl else "")]
+    notes = [count_of(len(frame), "token") + (", WebGL" if webgl else "")]
     if frame.empty:
         notes = ["no tokens to plot"]
-    _layout(
+    apply_layout(
         fig,
-        title=_title("Probability of each chosen token", title, notes),
+        title=figure_title("Probability of each chosen token", title, notes),
         height=height,
         width=width,
     )
     fig.update_layout(
         xaxis_title=x,
         yaxis_title=y,
-        legend_title_text=_legend_title(color),
+        legend_title_text=legend_title(color),
         showlegend=len(fig.data) > 1,
     )
     return fig
@@ -168,15 +170,17 @@ def entropy(
     the x axis; ``coverage=None`` leaves it out. Echoed prompt tokens are shaded as "prompt".
     """
     function = "entropy"
-    _require(
+    require_frame(
         tokens,
         [x, low, high, coverage, color, "index" if index is not None else None],
         function=function,
         frame_name="tokens",
     )
-    _check_option(function, "render_mode", render_mode, RENDER_MODES)
-    frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
-    _check_one_completion(
+    check_option(function, "render_mode", render_mode, RENDER_MODES)
+    frame = drop_echo(
+        select_index(tokens, index, function=function, frame_name="tokens"), echo, function=function
+    )
+    check_one_completion(
         frame,
         [c for c in (color, x) if c is not None],
         function=function,
@@ -184,7 +188,7 @@ def entropy(
         advice="per line; pick one with index=, or one line each with color= (e.g. 'request_id')",
     )
 
-    webgl = _use_webgl(render_mode, len(frame) * (3 if coverage else 2))
+    webgl = use_webgl(render_mode, len(frame) * (3 if coverage else 2))
     scatter = go.Scattergl if webgl else go.Scatter
     rows = 2 if coverage is not None else 1
     if rows == 2:
@@ -193,15 +197,15 @@ def entropy(
         )
     else:
         fig = make_subplots(rows=1, cols=1)
-    groups = _groups(frame, color)
+    groups = split_groups(frame, color)
     # All band pairs first: fill="tonexty" fills to the trace added just before, so each upper
     # bound must directly follow its own lower bound.
     for number, (value, group) in enumerate(groups):
         group = group.sort_values(x, kind="stable")
-        line_color = _PALETTE[number % len(_PALETTE)]
-        label = _group_label(color, value)
+        line_color = PALETTE[number % len(PALETTE)]
+        label = group_label(color, value)
         xs = group[x].to_numpy()
-        lows, highs = _numeric(group[low]), _numeric(group[high])
+        lows, highs = as_floats(group[low]), as_floats(group[high])
         fig.add_trace(
             scatter(
                 x=xs,
@@ -223,7 +227,7 @@ def entropy(
                 mode="lines",
                 line={"color": line_color, "width": 1},
                 fill="tonexty",
-                fillcolor=_rgba(line_color, 0.3),
+                fillcolor=rgba_color(line_color, 0.3),
                 name=label,
                 legendgroup=label,
                 customdata=lows,
@@ -238,12 +242,12 @@ def entropy(
     if coverage is not None:
         for number, (value, group) in enumerate(groups):
             group = group.sort_values(x, kind="stable")
-            line_color = _PALETTE[number % len(_PALETTE)]
-            label = _group_label(color, value)
+            line_color = PALETTE[number % len(PALETTE)]
+            label = group_label(color, value)
             fig.add_trace(
                 scatter(
                     x=group[x].to_numpy(),
-                    y=_numeric(group[coverage]),
+                    y=as_floats(group[coverage]),
                     mode="lines",
                     line={"color": line_color, "width": 1},
                     name=f"{label} {coverage}",
@@ -263,9 +267,9 @@ def entropy(
         fig.update_xaxes(title_text=x, row=1, col=1)
     fig.update_yaxes(title_text="entropy (nats)", rangemode="tozero", row=1, col=1)
 
-    prompt = frame[_echo_mask(frame)]
+    prompt = frame[echo_mask(frame)]
     if not prompt.empty:
-        positions = _numeric(prompt[x])
+        positions = as_floats(prompt[x])
         start = float(np.nanmin(positions)) - 0.5
         fig.add_vrect(
             x0=start,
@@ -291,8 +295,10 @@ def entropy(
     notes = ["band: bounds from the top-k logprobs and the vocabulary size"]
     if frame.empty:
         notes = ["no tokens to plot"]
-    _layout(fig, title=_title("Entropy per position", title, notes), height=height, width=width)
-    fig.update_layout(legend_title_text=_legend_title(color), showlegend=len(groups) > 1)
+    apply_layout(
+        fig, title=figure_title("Entropy per position", title, notes), height=height, width=width
+    )
+    fig.update_layout(legend_title_text=legend_title(color), showlegend=len(groups) > 1)
     return fig
 
 
@@ -330,7 +336,7 @@ def rank_histogram(
     counted in the title.
     """
     function = "rank_histogram"
-    _require(
+    require_frame(
         tokens,
         [rank, color, "index" if index is not None else None],
         function=function,
@@ -346,15 +352,17 @@ def rank_histogram(
             f"{function}(): buckets must be increasing integers >= 1 (upper rank edges, e.g. "
             f"(1, 5)), got {buckets!r}"
         )
-    frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
-    ranks = _numeric(frame[rank])
+    frame = drop_echo(
+        select_index(tokens, index, function=function, frame_name="tokens"), echo, function=function
+    )
+    ranks = as_floats(frame[rank])
     has_rank = ~np.isnan(ranks)
     labels = _bucket_labels(edges)
     bucket = np.searchsorted(np.asarray(edges, dtype=float), ranks[has_rank], side="left")
     ranked = frame[has_rank].assign(_bucket=bucket)
 
     fig = go.Figure()
-    groups = _groups(ranked, color)
+    groups = split_groups(ranked, color)
     for number, (value, group) in enumerate(groups):
         counts = np.bincount(group["_bucket"].to_numpy(dtype=int), minlength=len(labels))
         total = counts.sum()
@@ -362,7 +370,7 @@ def rank_histogram(
         marker_color: Any = (
             [_BUCKET_COLORS[i % len(_BUCKET_COLORS)] for i in range(len(labels))]
             if color is None
-            else _PALETTE[number % len(_PALETTE)]
+            else PALETTE[number % len(PALETTE)]
         )
         fig.add_trace(
             go.Bar(
@@ -371,21 +379,21 @@ def rank_histogram(
                 text=[f"{c:,}" for c in counts],
                 textposition="auto",
                 customdata=counts,
-                name=_group_label(color, value),
+                name=group_label(color, value),
                 marker_color=marker_color,
                 hovertemplate=(
                     f"{rank} %{{x}}: %{{y:{'.1%' if normalize else ','}}} "
-                    f"(%{{customdata:,}} tokens)<extra>{_html.escape(_group_label(color, value))}"
+                    f"(%{{customdata:,}} tokens)<extra>{_html.escape(group_label(color, value))}"
                     "</extra>"
                 ),
             )
         )
-    notes = [_count(int(has_rank.sum()), "token")]
+    notes = [count_of(int(has_rank.sum()), "token")]
     if (~has_rank).any():
-        notes.append(f"{_count(int((~has_rank).sum()), 'token')} without a {rank} left out")
-    _layout(
+        notes.append(f"{count_of(int((~has_rank).sum()), 'token')} without a {rank} left out")
+    apply_layout(
         fig,
-        title=_title("Rank of the chosen token among the alternatives", title, notes),
+        title=figure_title("Rank of the chosen token among the alternatives", title, notes),
         height=height,
         width=width,
     )
@@ -394,7 +402,7 @@ def rank_histogram(
         showlegend=color is not None,
         xaxis_title=f"{rank} of the chosen token",
         yaxis_title="share of tokens" if normalize else "tokens",
-        legend_title_text=_legend_title(color),
+        legend_title_text=legend_title(color),
     )
     if normalize:
         fig.update_yaxes(tickformat=".0%")
