@@ -334,7 +334,9 @@ def test_token_probabilities_one_trace_per_choice_and_prompt_part(frames) -> Non
     assert fig.data[1].marker.symbol == "circle"
     assert all(type(trace) is go.Scatter for trace in fig.data)
     assert fig.layout.title.text.startswith("Probability of each chosen token")
-    assert fig.layout.xaxis.title.text == "position"
+    # Two choices hold different tokens at one position: the axis cannot name them.
+    assert fig.layout.xaxis.title.text == "position in the text (hover for the token)"
+    assert fig.layout.yaxis.title.text == "probability of the chosen token"
     assert tuple(fig.layout.yaxis.range) == (-0.02, 1.02)
 
 
@@ -349,9 +351,43 @@ def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) 
     assert "··two··spaces" in fig.data[0].text  # spaces are visible
     assert "&amp;amp;" in fig.data[0].text
     np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
-    np.testing.assert_array_equal(np.asarray(fig.data[0].customdata)[:, 1], generated["rank"])
     assert "logprob %{customdata[0]" in fig.data[0].hovertemplate
-    assert "rank %{customdata[1]" in fig.data[0].hovertemplate
+    # Ranks read as whole numbers ("rank 6.000" before), and as ">k" outside the top k where k is
+    # known, as the popup and the heat map write them.
+    assert "rank %{hovertext}" in fig.data[0].hovertemplate
+    ranks = generated["rank"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    assert list(fig.data[0].hovertext) == ["none" if np.isnan(r) else str(int(r)) for r in ranks]
+    k = int(np.nanmax(ranks)) - 1
+    with_k = plots.token_probabilities(tokens, index=0, echo=False, top_k=k)
+    assert list(with_k.data[0].hovertext) == [
+        "none" if np.isnan(r) else (f">{k}" if r > k else str(int(r))) for r in ranks
+    ]
+    assert f">{k}" in with_k.data[0].hovertext
+    from_attrs = generated.copy()
+    from_attrs.attrs["logprobs"] = k
+    assert list(plots.token_probabilities(from_attrs).data[0].hovertext) == list(
+        with_k.data[0].hovertext
+    )
+
+
+def test_token_plots_name_the_tokens_on_the_x_axis(frames) -> None:
+    tokens, _ = frames
+    one = tokens[tokens["index"] == 0].sort_values("position")
+    expected = [html.escape(visible_token(t) or "", quote=False)[:11] for t in one["token"]]
+    for fig, axis_name in (
+        (plots.token_probabilities(one), "xaxis"),
+        (plots.entropy(one), "xaxis2"),
+    ):
+        axis = fig.layout[axis_name]
+        assert list(axis.tickvals) == one["position"].tolist()
+        assert [t[:11] for t in axis.ticktext] == [t or "∅" for t in expected]
+        assert axis.title.text == "token (position in the text)"
+    assert "··two··spaces"[:11] in "".join(plots.token_probabilities(one).layout.xaxis.ticktext)
+    # A long completion names every n-th token, at most 60.
+    long, _ = make_frames(n_tokens=500, n_choices=1, echo_tokens=0)
+    axis = plots.token_probabilities(long).layout.xaxis
+    assert 50 <= len(axis.tickvals) <= 60
+    assert axis.tickvals[1] - axis.tickvals[0] == 9
 
 
 def test_token_probabilities_echo_false_and_index_select_rows(frames) -> None:

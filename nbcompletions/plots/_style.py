@@ -20,6 +20,58 @@ WEBGL_THRESHOLD = 2000
 
 PALETTE = qualitative.Plotly
 
+#: Axis and hover titles for the contract's columns; any other column is named as it is.
+READABLE_NAMES = {
+    "position": "position in the text",
+    "prob": "probability of the chosen token",
+    "logprob": "logprob",
+    "rank": "rank",
+    "top_mass": "top-k probability mass",
+    "entropy_low": "entropy, lower bound (nats)",
+    "entropy_high": "entropy, upper bound (nats)",
+    "index": "choice",
+}
+
+#: At most this many tokens are named along an x axis; past it, every n-th token is.
+MAX_TOKEN_TICKS = 60
+
+
+def readable(column: str) -> str:
+    """A column's axis title: words for the contract's columns, the name itself for any other."""
+    return READABLE_NAMES.get(column, column)
+
+
+def token_ticks(frame: pd.DataFrame, x: str, token: str) -> dict[str, Any] | None:
+    """x-axis ticks that name the token at each position (whitespace visible), or None where
+    the completions drawn hold different tokens at one position."""
+    per_x = frame[[x, token]].drop_duplicates().sort_values(x, kind="stable")
+    if per_x.empty or per_x[x].duplicated().any():
+        return None
+    step = -(-len(per_x) // MAX_TOKEN_TICKS)
+    named = per_x.iloc[::step]
+    return {
+        "tickmode": "array",
+        "tickvals": named[x].tolist(),
+        "ticktext": [cell_token(t, limit=12) or "∅" for t in named[token].tolist()],
+        "tickangle": -60 if len(named) > 12 else 0,
+    }
+
+
+def rank_labels(ranks: np.ndarray, top_k: Any) -> list[str]:
+    """Ranks as the popup and the heat map write them: ``"3"``, ``">5"`` for a token outside the
+    top k (k + 1 is only a lower bound there), ``"none"`` where unknown. ``top_k`` is one k or
+    one per rank; NaN or None where unknown."""
+    ks = np.broadcast_to(np.asarray(np.nan if top_k is None else top_k, dtype=float), ranks.shape)
+    labels = []
+    for rank, k in zip(ranks.tolist(), ks.tolist(), strict=True):
+        if not np.isfinite(rank):
+            labels.append("none")
+        elif np.isfinite(k) and 0 < k < rank:
+            labels.append(f">{int(k)}")
+        else:
+            labels.append(str(int(rank)))
+    return labels
+
 
 def compact_positions(series: pd.Series) -> np.ndarray:
     """Positions as int32 when they fit: the figure JSON carries them base64, 4 bytes each."""
@@ -118,7 +170,7 @@ def hover_columns(
                 as_floats(frame[column]) if is_number else frame[column].astype(str).to_numpy()
             )
     lines = [
-        f"{column} %{{customdata[{j}]{':.4g' if is_number else ''}}}"
+        f"{readable(column)} %{{customdata[{j}]{':.4g' if is_number else ''}}}"
         for j, (column, is_number) in enumerate(zip(columns, numeric, strict=True))
     ]
     return data, lines
