@@ -178,14 +178,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyter]:
 
 def _write_saved_highlight(path: Path) -> None:
     """A notebook whose one output is a highlight, saved and untrusted (as if cloned)."""
-    from nbcompletions import Client, plots
 
-    client = Client(embedded=True)
-    try:
-        completion = client.complete("ROMEO.\n", max_tokens=40, temperature=0.8, logprobs=5, seed=1)
-    finally:
-        client.close()
-    html = plots.highlight(completion.tokens, alternatives=completion.alternatives).html
+    html = _completion_highlight()
     notebook = {
         "nbformat": 4,
         "nbformat_minor": 5,
@@ -246,20 +240,31 @@ def _open(playwright: Any, url: str) -> tuple[Any, Any, list[str]]:
     return browser, page, console_errors
 
 
-def _check_popup(highlight: Any) -> None:
-    """Click a token of a highlight: its popup shows, whole (not cut off), and closes again."""
+def _check_popup(highlight: Any, *, scripts: bool = True) -> None:
+    """Click a token of a highlight: its popup floats under it (the line and the lines below stay
+    where they were), shows whole, is the only one open, and closes again: on a click on its
+    token, and where scripts run (``scripts``) on Escape and on a click elsewhere."""
     token = highlight.locator("summary").nth(2)
     popup = highlight.locator(".nbc-popup").nth(2)
+    later = highlight.locator("summary").nth(30)
+    before = later.bounding_box()
     assert not popup.is_visible()
     token.click()
     popup.wait_for(state="visible", timeout=10_000)
     text = popup.inner_text()
     assert "alternatives:" in text, text
     assert "logprob" in text, text
-    # The whole popup shows: it makes no box between it and the cell's output scroll (a
-    # position:absolute popup did, and the output area cut it off at the bottom).
+    # Out of the text flow: a token further on has not moved, and the popup covers the text
+    # under its token instead of opening a gap.
+    assert later.bounding_box() == before
+    assert popup.evaluate("e => getComputedStyle(e).position") == "absolute"
+    token_box, popup_box = token.bounding_box(), popup.bounding_box()
+    assert token_box is not None
+    assert popup_box is not None
+    assert abs(popup_box["y"] - (token_box["y"] + token_box["height"])) < 8
+    # The whole popup shows: no box between it and the cell's output scrolls to hold it.
     assert popup.evaluate(
-        """e => { const top = e.closest('.jp-OutputArea-output');
+        """e => { const top = e.closest('.jp-OutputArea-output') || document.body;
         for (let a = e.parentElement; a; a = a.parentElement) {
             const s = getComputedStyle(a);
             if ((s.overflowY !== 'visible' || s.overflowX !== 'visible')
@@ -269,8 +274,63 @@ def _check_popup(highlight: Any) -> None:
         return true; }"""
     )
     assert popup.evaluate("e => getComputedStyle(e).fontFamily").lower().find("mono") >= 0
-    token.click()
+    # One open at a time: opening another token's popup closes this one.
+    other = highlight.locator(".nbc-popup").nth(5)
+    highlight.locator("summary").nth(5).click()
+    other.wait_for(state="visible", timeout=10_000)
     popup.wait_for(state="hidden", timeout=10_000)
+    highlight.locator("summary").nth(5).click()
+    other.wait_for(state="hidden", timeout=10_000)
+    if scripts:
+        token.click()
+        popup.wait_for(state="visible", timeout=10_000)
+        popup.page.keyboard.press("Escape")
+        popup.wait_for(state="hidden", timeout=10_000)
+        token.click()
+        popup.wait_for(state="visible", timeout=10_000)
+        # A click elsewhere (the legend under the text) closes it.
+        highlight.locator("div").last.click()
+        popup.wait_for(state="hidden", timeout=10_000)
+        assert highlight.locator("details[open]").count() == 0
+    else:
+        token.click()
+        popup.wait_for(state="visible", timeout=10_000)
+        token.click()
+        popup.wait_for(state="hidden", timeout=10_000)
+
+
+def _completion_highlight() -> str:
+    from nbcompletions import Client, plots
+
+    client = Client(embedded=True)
+    try:
+        completion = client.complete("ROMEO.\n", max_tokens=40, temperature=0.8, logprobs=5, seed=1)
+    finally:
+        client.close()
+    return plots.highlight(completion.tokens, alternatives=completion.alternatives).html
+
+
+def test_highlight_popups_on_a_saved_page(tmp_path: Path) -> None:
+    """The popup behaviour on a page saved with HighlightedText.save (scripts run), no Jupyter."""
+    if not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None:
+        pytest.skip(f"needs chromium at {CHROMIUM} and playwright")
+    from playwright.sync_api import sync_playwright
+
+    from nbcompletions.plots import HighlightedText
+
+    page_path = HighlightedText(_completion_highlight(), n_tokens=40).save(tmp_path / "hl.html")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 700, "height": 900})
+            page.goto(page_path.as_uri())
+            highlight = page.locator(".nbc-highlight")
+            _check_popup(highlight)
+            # Left open for the picture, over the text.
+            highlight.locator("summary").nth(10).click()
+            _shot(page, "highlight-popup-page.png", highlight)
+        finally:
+            browser.close()
 
 
 @pytest.mark.parametrize("ui", ["lab", "notebook7"])
@@ -289,7 +349,8 @@ def test_saved_highlight_popup_survives_the_sanitizer(lab: Jupyter, ui: str) -> 
             summary_style = output.locator("summary").first.get_attribute("style") or ""
             assert "background" in summary_style, summary_style
             assert "scale=" in output.inner_text()
-            _check_popup(output)
+            # The sanitizer drops the onclick: no Escape or click-elsewhere, the rest holds.
+            _check_popup(output, scripts=False)
             # Leave one popup open for the picture.
             output.locator("summary").nth(10).click()
             output.locator(".nbc-popup").nth(10).wait_for(state="visible", timeout=10_000)

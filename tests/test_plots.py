@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbcompletions import metrics, plots, visible_token
+from nbcompletions.plots._highlight import CLOSE_ON_CLICK_ELSEWHERE
 
 # The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
 TOKEN_COLUMNS = [
@@ -706,8 +707,13 @@ def parse(markup: str) -> SpanCollector:
 
 
 def assert_self_contained(markup: str) -> None:
+    """No script tags, no URLs, and one event handler only: the highlight's own onclick, which
+    closes its popup on a click elsewhere or Escape where scripts run (exactly once)."""
     assert "<script" not in markup.lower()
-    assert not re.search(r"https?:|//|url\(|@import|\bon\w+=", markup, flags=re.IGNORECASE)
+    handler = f'class="nbc-highlight" onclick="{CLOSE_ON_CLICK_ELSEWHERE}"'
+    assert markup.count(handler) == 1
+    rest = markup.replace(handler, "")
+    assert not re.search(r"https?:|//|url\(|@import|\bon\w+=", rest, flags=re.IGNORECASE)
 
 
 def test_highlight_is_self_contained_escaped_and_one_span_per_token(frames) -> None:
@@ -863,6 +869,30 @@ def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
     assert result.html in page
     assert_self_contained(page)
     assert repr(result).startswith("HighlightedText(3 tokens")
+
+
+def test_highlight_popups_float_and_form_one_group_per_highlight(frames) -> None:
+    tokens, alternatives = frames
+    markup = plots.highlight(tokens, alternatives=alternatives, index=0).html
+    other = plots.highlight(tokens, alternatives=alternatives, index=1).html
+    # Out of the text flow: absolutely placed under the token, over the lines below.
+    popups = re.findall(r'<div class="nbc-popup" style="([^"]*)"', markup)
+    assert popups
+    assert all("position:absolute" in style for style in popups)
+    assert all("top:100%" in style and "z-index" in style for style in popups)
+    details = re.findall(r'<details name="([^"]+)" style="([^"]*)"', markup)
+    assert len(details) == len(popups)
+    assert all("position:relative" in style for _, style in details)
+    # One exclusive group per highlight: the browser keeps one popup of it open at a time.
+    assert len({name for name, _ in details}) == 1
+    assert re.findall(r'<details name="([^"]+)"', other)[0] != details[0][0]
+    # Room under the text for the tallest popup, so a scrolling output area does not cut it.
+    reserve = int(re.findall(r"padding-bottom:(\d+)px", markup)[0])
+    lines = max(
+        len(body.split("\n"))
+        for body in re.findall(r'nbc-popup"[^>]*>(.*?)</div>', markup, flags=re.S)
+    )
+    assert reserve >= lines * 12 * 1.4 - 20
 
 
 @settings(max_examples=60, deadline=None)
