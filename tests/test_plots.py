@@ -499,7 +499,15 @@ def test_alternatives_heat_map_cells_hold_probabilities_and_tokens(frames) -> No
     choice = alternatives[alternatives["index"] == 1]
     positions = sorted(choice["position"].unique())
     assert list(heatmap.x) == [1, 2, 3]
-    assert list(fig.layout.yaxis.ticktext) == [str(p) for p in positions]
+    # Each row names its position and the token sampled there.
+    sampled = {
+        r.position: html.escape(visible_token(str(r.token)) or "", quote=False)
+        for r in choice[choice["chosen"]].itertuples()
+    }
+    assert list(fig.layout.yaxis.ticktext) == [
+        f"{p} {sampled.get(p, '')}".rstrip() for p in positions
+    ]
+    assert fig.layout.yaxis.title.text == "position in the text and the sampled token"
     z = np.asarray(heatmap.z, dtype=float)
     text = np.asarray(heatmap.text, dtype=object)
     for row in choice.itertuples():
@@ -536,7 +544,7 @@ def test_alternatives_caps_positions_and_says_so_in_the_title() -> None:
     assert np.asarray(fig.data[0].z).shape == (100, 3)
     assert "positions 0–99 of 300 shown (max_positions=100" in fig.layout.title.text
     fig = plots.alternatives(alternatives, start=250, max_positions=20)
-    assert list(fig.layout.yaxis.ticktext) == [str(p) for p in range(250, 270)]
+    assert [t.split()[0] for t in fig.layout.yaxis.ticktext] == [str(p) for p in range(250, 270)]
     assert "positions 250–269 of 300 shown" in fig.layout.title.text
     whole = plots.alternatives(alternatives, max_positions=300)
     assert "shown" not in whole.layout.title.text
@@ -1005,7 +1013,7 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     assert [trace.name for trace in fig.data] == ["prompt", "completion"]
     np.testing.assert_allclose(fig.data[1].y, [np.exp(-2.0)])
     heat = plots.alternatives(alternatives)
-    assert list(heat.layout.yaxis.ticktext) == ["1", "2"]
+    assert list(heat.layout.yaxis.ticktext) == ["1 ·&amp;", "2"]
     assert np.asarray(heat.data[0].text)[0, 0] == "<b>·&amp; ✓</b>"
 
 

@@ -193,13 +193,10 @@ def highlight(
         columns = ["index", "position", "rank", "token", "prob"]
         require_frame(alternatives, columns, function=function, frame_name="alternatives")
     check_positive_int(function, "max_positions", max_positions)
-    frame = drop_echo(
-        select_index(tokens, index, function=function, frame_name="tokens"), echo, function=function
-    )
+    selected = select_index(tokens, index, function=function, frame_name="tokens")
+    frame = drop_echo(selected, echo, function=function).sort_values(position, kind="stable")
     check_one_completion(frame, [position], function=function, frame_name="tokens")
-    frame = frame.sort_values(position, kind="stable")
-    total = len(frame)
-    frame = frame.iloc[:max_positions]
+    total, frame = len(frame), frame.iloc[:max_positions]
 
     popups = _popup_alternatives(alternatives, index, frame[position])
     probs = as_floats(frame[prob])

@@ -361,6 +361,25 @@ def _bucket_edges(buckets: Sequence[int], function: str) -> list[int]:
     return edges
 
 
+def _rank_bars(
+    labels: list[str], counts: np.ndarray, name: str, color: Any, rank: str, normalize: bool
+) -> go.Bar:
+    total = counts.sum()
+    return go.Bar(
+        x=labels,
+        y=counts / total if normalize and total else counts,
+        text=[f"{c:,}" for c in counts],
+        textposition="auto",
+        customdata=counts,
+        name=name,
+        marker_color=color,
+        hovertemplate=(
+            f"{readable(rank)} %{{x}}: %{{y:{'.1%' if normalize else ','}}} "
+            f"(%{{customdata:,}} tokens)<extra>{_html.escape(name)}</extra>"
+        ),
+    )
+
+
 def rank_histogram(
     tokens: pd.DataFrame,
     *,
@@ -403,29 +422,13 @@ def rank_histogram(
     groups = split_groups(ranked, color)
     for number, (value, group) in enumerate(groups):
         counts = np.bincount(group["_bucket"].to_numpy(dtype=int), minlength=len(labels))
-        total = counts.sum()
-        heights = counts / total if normalize and total else counts
         marker_color: Any = (
             [_BUCKET_COLORS[i % len(_BUCKET_COLORS)] for i in range(len(labels))]
             if color is None
             else PALETTE[number % len(PALETTE)]
         )
-        fig.add_trace(
-            go.Bar(
-                x=labels,
-                y=heights,
-                text=[f"{c:,}" for c in counts],
-                textposition="auto",
-                customdata=counts,
-                name=group_label(color, value),
-                marker_color=marker_color,
-                hovertemplate=(
-                    f"{readable(rank)} %{{x}}: %{{y:{'.1%' if normalize else ','}}} "
-                    f"(%{{customdata:,}} tokens)<extra>{_html.escape(group_label(color, value))}"
-                    "</extra>"
-                ),
-            )
-        )
+        label = group_label(color, value)
+        fig.add_trace(_rank_bars(labels, counts, label, marker_color, rank, normalize))
     notes = [count_of(int(has_rank.sum()), "token")]
     if (~has_rank).any():
         notes.append(f"{count_of(int((~has_rank).sum()), 'token')} without a {rank} left out")
