@@ -9,6 +9,8 @@ DataFrame in, new DataFrame out; inputs are never mutated.
   seeded percentile bootstrap for means.
 - `calibration(tokens, alternatives)`: how often tokens were sampled against the probability the
   endpoint reported for them.
+- `reliability(frame, prob=..., correct=...)`: how often answers were right against the
+  probability given them (answer-level calibration), per group of a sweep axis.
 
 Every function checks the columns it needs first and raises a ValueError naming what is missing.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "calibration",
     "distinct_n",
     "per_choice",
+    "reliability",
     "repetition_rate",
     "summarize",
     "wilson_interval",
@@ -388,35 +391,71 @@ def calibration(
     require_columns(tokens, keys, function="calibration", frame_name="tokens")
     alts = _top_k(_sampled_alternatives(tokens, alternatives, keys, by_cols), keys)
 
-    prob = alts["prob"].astype(float).clip(0.0, 1.0).to_numpy()
-    bin_index = np.minimum((prob * bins).astype(int), bins - 1)
-    events = pd.DataFrame(
-        {"bin": bin_index, "prob": prob, "chosen": alts["chosen"].to_numpy(dtype=bool)}
-    )
-    for col in by_cols:
-        events[col] = alts[col].to_numpy()
+    events = pd.DataFrame({col: alts[col].to_numpy() for col in by_cols})
+    events["prob"] = alts["prob"].astype(float).to_numpy()
+    events["hit"] = alts["chosen"].to_numpy(dtype=bool)
+    return _reliability_bins(events, by_cols, bins, ci, hits="n_chosen")
+
+
+def reliability(
+    frame: pd.DataFrame,
+    *,
+    prob: str,
+    correct: str,
+    by: str | Sequence[str] | None = None,
+    bins: int = 10,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """Answer-level calibration: how often answers were right, against the probability given them.
+
+    One row of ``frame`` is one answer: ``prob`` the probability the model gave it (a label
+    token's probability, say) and ``correct`` whether it was right (bool). Answers are binned by
+    ``prob`` into ``bins`` equal-width bins on [0, 1], per group of ``by`` (a sweep axis such as
+    ``temperature``). Columns as `calibration`'s, with ``n_true`` (right answers) in place of
+    ``n_chosen``: ``bin``, ``prob_low``, ``prob_high``, ``mean_prob``, ``observed`` (share
+    right), its Wilson interval ``observed_low``/``observed_high`` at level ``ci``, ``count``.
+    Rows without a probability or a verdict are left out (``attrs["n_missing"]``).
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1; got {bins!r}")
+    if isinstance(ci, bool) or not isinstance(ci, int | float) or not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95); got {ci!r}")
+    by_cols = _as_list(by, "by")
+    require_columns(frame, [prob, correct, *by_cols], function="reliability", frame_name="frame")
+    probs = pd.to_numeric(frame[prob], errors="coerce").to_numpy(dtype=float)
+    verdicts = frame[correct].astype("boolean")
+    if len(probs) and (np.nanmin(probs) < 0 or np.nanmax(probs) > 1):
+        raise ValueError(
+            f"reliability(): column {prob!r} must hold probabilities in [0, 1]; it holds values "
+            f"from {np.nanmin(probs)!r} to {np.nanmax(probs)!r} (a logprob? pass its exp)"
+        )
+    known = np.isfinite(probs) & verdicts.notna().to_numpy()
+    events = pd.DataFrame({col: frame[col].to_numpy()[known] for col in by_cols})
+    events["prob"] = probs[known]
+    events["hit"] = verdicts.to_numpy(dtype=bool, na_value=False)[known]
+    out = _reliability_bins(events, by_cols, bins, ci, hits="n_true")
+    out.attrs["n_missing"] = int((~known).sum())
+    return out
+
+
+def _reliability_bins(
+    events: pd.DataFrame, by_cols: list[str], bins: int, ci: float, *, hits: str
+) -> pd.DataFrame:
+    """Events (``prob``, ``hit`` and the ``by`` columns) binned by probability, with the share of
+    hits per bin and its Wilson interval."""
+    prob = events["prob"].clip(0.0, 1.0).to_numpy()
+    events = events.assign(prob=prob, bin=np.minimum((prob * bins).astype(int), bins - 1))
     grouped = events.groupby([*by_cols, "bin"], sort=True, dropna=False, observed=True)
-    out = grouped.agg(
-        count=("chosen", "size"), n_chosen=("chosen", "sum"), mean_prob=("prob", "mean")
-    ).reset_index()
-    out["observed"] = out["n_chosen"] / out["count"]
+    out = grouped.agg(count=("hit", "size"), **{hits: ("hit", "sum")}, mean_prob=("prob", "mean"))
+    out = out.reset_index()
+    out["observed"] = out[hits] / out["count"]
     out["prob_low"] = out["bin"] / bins
     out["prob_high"] = (out["bin"] + 1) / bins
-    out["observed_low"], out["observed_high"] = wilson_interval(out["n_chosen"], out["count"], ci)
+    out["observed_low"], out["observed_high"] = wilson_interval(out[hits], out["count"], ci)
     out["count"] = out["count"].astype("int64")
-    out["n_chosen"] = out["n_chosen"].astype("int64")
-    columns = [
-        *by_cols,
-        "bin",
-        "prob_low",
-        "prob_high",
-        "mean_prob",
-        "observed",
-        "observed_low",
-        "observed_high",
-        "count",
-        "n_chosen",
-    ]
+    out[hits] = out[hits].astype("int64")
+    columns = [*by_cols, "bin", "prob_low", "prob_high", "mean_prob", "observed"]
+    columns += ["observed_low", "observed_high", "count", hits]
     result: pd.DataFrame = out[columns].reset_index(drop=True)
     result.attrs["bins"] = bins
     result.attrs["ci"] = ci

@@ -1067,3 +1067,189 @@ def test_mean_ci_labels_show_the_newlines_of_text_categories() -> None:
     fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt")
     # Two prompts that differ only by a newline get two different labels.
     assert [trace.name for trace in fig.data] == ["ROMEO.", "ROMEO.↵"]
+
+
+# -------------------------------------------------------------------------------------------
+# calibration
+
+
+def test_calibration_of_a_metrics_calibration_frame_draws_bins_with_wilson_intervals() -> None:
+    binned = pd.DataFrame(
+        {
+            "temperature": [0.5, 0.5, 1.0, 1.0],
+            "bin": [0, 9, 0, 9],
+            "prob_low": [0.0, 0.9, 0.0, 0.9],
+            "prob_high": [0.1, 1.0, 0.1, 1.0],
+            "mean_prob": [0.05, 0.95, 0.04, 0.97],
+            "observed": [0.0, 1.0, 0.1, 0.8],
+            "count": [40, 10, 50, 20],
+            "n_chosen": [0, 10, 5, 16],
+        }
+    )
+    binned["observed_low"], binned["observed_high"] = metrics.wilson_interval(
+        binned["n_chosen"], binned["count"]
+    )
+    fig = plots.calibration(binned, color="temperature")
+    diagonal, *rest = fig.data
+    assert list(diagonal.x) == [0, 1]
+    points = [t for t in rest if t.type == "scatter"]
+    bars = [t for t in rest if t.type == "bar"]
+    assert [p.name for p in points] == ["0.5 (ECE 0.050)", "1.0 (ECE 0.091)"]
+    np.testing.assert_allclose(points[0].y, [0.0, 1.0])
+    upper = np.asarray(points[0].y) + np.asarray(points[0].error_y.array)
+    lower = np.asarray(points[0].y) - np.asarray(points[0].error_y.arrayminus)
+    assert (upper <= 1).all()
+    assert (lower >= 0).all()
+    # 0 of 40 and 10 of 10: intervals of positive width, inside [0, 1].
+    assert upper[0] > 0
+    assert lower[1] < 1
+    np.testing.assert_allclose(bars[1].y, [50, 20])
+    assert "Wilson score" in fig.layout.title.text
+    assert fig.layout.yaxis.title.text == "share sampled"
+    with pytest.raises(ValueError, match=r"calibration\(\): column 'observed_low' not in"):
+        plots.calibration(binned.drop(columns="observed_low"))
+    with pytest.raises(ValueError, match=r"pass both prob= and correct="):
+        plots.calibration(binned, prob="mean_prob")
+    with pytest.raises(ValueError, match=r"the calibration frame is empty"):
+        plots.calibration(binned.iloc[:0])
+
+
+def test_calibration_of_answers_across_a_sweep_axis() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0, 1, 400)
+    answers = pd.DataFrame(
+        {
+            "label_prob": probs,
+            # At temperature 0 answers are right as often as claimed; at 1 always wrong above 0.5.
+            "correct": np.concatenate([rng.uniform(0, 1, 200) < probs[:200], probs[200:] < 0.5]),
+            "temperature": [0.0] * 200 + [1.0] * 200,
+        }
+    )
+    binned = metrics.reliability(
+        answers, prob="label_prob", correct="correct", by="temperature", bins=5
+    )
+    assert binned.columns.tolist()[:2] == ["temperature", "bin"]
+    assert binned["count"].sum() == 400
+    assert (binned["observed_low"] >= 0).all()
+    assert (binned["observed_high"] <= 1).all()
+    top = binned[(binned["temperature"] == 1.0) & (binned["bin"] == 4)].iloc[0]
+    assert top["observed"] == 0.0
+    assert top["n_true"] == 0
+    fig = plots.calibration(
+        answers, prob="label_prob", correct="correct", color="temperature", bins=5
+    )
+    points = [t for t in fig.data if t.type == "scatter"][1:]
+    assert len(points) == 2
+    np.testing.assert_allclose(
+        points[1].y, binned[binned["temperature"] == 1.0].sort_values("mean_prob")["observed"]
+    )
+    assert fig.layout.xaxis2.title.text == "probability given the answer (label_prob)"
+    # The calibrated side scores a smaller ECE than the overconfident one.
+    ece = [float(p.name.split("ECE ")[1].rstrip(")")) for p in points]
+    assert ece[0] < ece[1]
+    with pytest.raises(ValueError, match=r"'label_prob' must hold probabilities in \[0, 1\]"):
+        metrics.reliability(answers.assign(label_prob=-probs), prob="label_prob", correct="correct")
+
+
+def test_calibration_of_the_embedded_model(frames) -> None:
+    tokens, alternatives = frames
+    binned = metrics.calibration(tokens, alternatives, bins=5)
+    fig = plots.calibration(binned)
+    assert [t.type for t in fig.data] == ["scatter", "scatter", "bar"]
+    assert fig.data[1].name.startswith("ECE ")
+
+
+# -------------------------------------------------------------------------------------------
+# compare
+
+
+def make_compare_frame() -> pd.DataFrame:
+    """The frame nbc.compare returns, by hand: " Richard" is one token on side a and two on b."""
+    rows = [
+        ("To", ["To"], ["To"], np.nan, np.nan, np.nan, np.nan, False),
+        (" be", [" be"], [" be"], -0.5, -0.6, 0.01, 0.08, False),
+        (" Richard", [" Richard"], [" Rich", "ard"], -2.0, -4.5, np.nan, np.nan, True),
+        (",", [","], [","], -0.1, -0.1, 0.0, 0.02, False),
+        (" or", [" or"], [" or"], -3.0, -0.2, 0.9, 2.5, True),
+    ]
+    start = 0
+    records = []
+    for span, (text, a_tokens, b_tokens, a_lp, b_lp, kl_low, kl_high, disagree) in enumerate(rows):
+        end = start + len(text.encode())
+        records.append(
+            {
+                "text_id": 0,
+                "span": span,
+                "start_byte": start,
+                "end_byte": end,
+                "text": text,
+                "a_tokens": a_tokens,
+                "b_tokens": b_tokens,
+                "a_logprob": a_lp,
+                "b_logprob": b_lp,
+                "a_rank": pd.NA if span == 0 else 1,
+                "b_rank": pd.NA if span == 0 else (6 if disagree else 1),
+                "a_top": {} if span == 0 else {text: a_lp, " the": -3.0},
+                "b_top": {} if span == 0 else {" the": -0.1, text: b_lp},
+                "kl_lower": kl_low,
+                "kl_upper": kl_high,
+                "disagree": disagree,
+            }
+        )
+        start = end
+    frame: pd.DataFrame = pd.DataFrame(records)
+    frame["a_rank"] = frame["a_rank"].astype("Int64")
+    frame["b_rank"] = frame["b_rank"].astype("Int64")
+    frame.attrs["a"] = "embedded"
+    frame.attrs["b"] = "vllm @ 127.0.0.1"
+    return frame
+
+
+def test_compare_draws_two_token_tracks_and_marks_disagreements() -> None:
+    frame = make_compare_frame()
+    fig = plots.compare(frame)
+    tracks, differences = fig.data
+    assert tracks.type == "heatmap"
+    # Side a above side b, one cell per span, the tokens written in (| between b's two tokens).
+    assert list(fig.layout.yaxis.ticktext) == ["a: embedded", "b: vllm @ 127.0.0.1"]
+    assert fig.layout.yaxis.autorange == "reversed"
+    text = np.asarray(tracks.text, dtype=object)
+    assert text[0, 2] == "·Richard"
+    assert text[1, 2] == "·Rich|ard"
+    z = np.asarray(tracks.z, dtype=float)
+    np.testing.assert_allclose(z[0, 1:], np.maximum(frame["a_logprob"][1:] / np.log(10), -4.0))
+    assert np.isnan(z[0, 0])  # the first span: nothing precedes it
+    # Disagreements: outlined across both tracks, red labels, red difference bars.
+    outlined = sorted((s.x0 + s.x1) / 2 for s in fig.layout.shapes)
+    assert outlined == [2, 4]
+    assert all((s.y0, s.y1) == (-0.5, 1.5) for s in fig.layout.shapes)
+    labels = list(fig.layout.xaxis2.ticktext)
+    assert "color:#c0392b" in labels[2]
+    assert "color" not in labels[1]
+    np.testing.assert_allclose(differences.y[1:], (frame["a_logprob"] - frame["b_logprob"])[1:])
+    colors = list(differences.marker.color)
+    assert colors[2] == colors[4] != colors[1]
+    hover = np.asarray(tracks.customdata, dtype=object)
+    assert "KL(a ‖ b) 0.900 to 2.500 nats" in hover[0, 4]
+    assert "rank 6" in hover[1, 4]
+    assert "the sides disagree" in hover[1, 4]
+    assert "logprob: none" in hover[0, 0]
+    assert "2 disagreements in 5 spans" in fig.layout.title.text
+
+
+def test_compare_picks_a_text_caps_spans_and_checks_its_frame() -> None:
+    frame = make_compare_frame()
+    two = pd.concat([frame, frame.assign(text_id=1)], ignore_index=True)
+    two.attrs = frame.attrs
+    fig = plots.compare(two, text_id=1, max_spans=3)
+    assert len(fig.data[0].x) == 3
+    assert "text_id 1 of 2 texts" in fig.layout.title.text
+    assert "spans 0–2 of 5" in fig.layout.title.text
+    with pytest.raises(ValueError, match=r"text_id 7 is not in the frame; present: \[0, 1\]"):
+        plots.compare(two, text_id=7)
+    with pytest.raises(
+        ValueError, match=r"compare\(\): column 'disagree' not in the compare frame"
+    ):
+        plots.compare(frame.drop(columns="disagree"))
+    with pytest.raises(ValueError, match=r"compare\(\): the compare frame is empty"):
+        plots.compare(frame.iloc[:0])
