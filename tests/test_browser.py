@@ -274,29 +274,28 @@ def _check_popup(highlight: Any, *, scripts: bool = True) -> None:
         return true; }"""
     )
     assert popup.evaluate("e => getComputedStyle(e).fontFamily").lower().find("mono") >= 0
-    # One open at a time: opening another token's popup closes this one.
     other = highlight.locator(".nbc-popup").nth(5)
+    if not scripts:
+        # A sanitizer drops <details name> as well as onclick: each popup closes on its token.
+        token.click()
+        popup.wait_for(state="hidden", timeout=10_000)
+        return
+    # One open at a time: opening another token's popup closes this one.
     highlight.locator("summary").nth(5).click()
     other.wait_for(state="visible", timeout=10_000)
     popup.wait_for(state="hidden", timeout=10_000)
     highlight.locator("summary").nth(5).click()
     other.wait_for(state="hidden", timeout=10_000)
-    if scripts:
-        token.click()
-        popup.wait_for(state="visible", timeout=10_000)
-        popup.page.keyboard.press("Escape")
-        popup.wait_for(state="hidden", timeout=10_000)
-        token.click()
-        popup.wait_for(state="visible", timeout=10_000)
-        # A click elsewhere (the legend under the text) closes it.
-        highlight.locator("div").last.click()
-        popup.wait_for(state="hidden", timeout=10_000)
-        assert highlight.locator("details[open]").count() == 0
-    else:
-        token.click()
-        popup.wait_for(state="visible", timeout=10_000)
-        token.click()
-        popup.wait_for(state="hidden", timeout=10_000)
+    token.click()
+    popup.wait_for(state="visible", timeout=10_000)
+    popup.page.keyboard.press("Escape")
+    popup.wait_for(state="hidden", timeout=10_000)
+    token.click()
+    popup.wait_for(state="visible", timeout=10_000)
+    # A click elsewhere (the legend under the text) closes it.
+    highlight.locator("div").last.click()
+    popup.wait_for(state="hidden", timeout=10_000)
+    assert highlight.locator("details[open]").count() == 0
 
 
 def _completion_highlight() -> str:
@@ -349,7 +348,8 @@ def test_saved_highlight_popup_survives_the_sanitizer(lab: Jupyter, ui: str) -> 
             summary_style = output.locator("summary").first.get_attribute("style") or ""
             assert "background" in summary_style, summary_style
             assert "scale=" in output.inner_text()
-            # The sanitizer drops the onclick: no Escape or click-elsewhere, the rest holds.
+            # The sanitizer drops the onclick and the details' name: no Escape, no click-elsewhere,
+            # several may stay open; the popups still open floating and close on their token.
             _check_popup(output, scripts=False)
             # Leave one popup open for the picture.
             output.locator("summary").nth(10).click()
@@ -458,6 +458,44 @@ def test_playground_renders_in_jupyterlab(lab: Jupyter) -> None:
             )
             _shot(page, "playground-after-click.png")
 
+            # A streamed run: while its text streams in, the last run's highlighted text (and a
+            # popup left open in it) is gone, not shown under the new text.
+            playground = page.locator(".nbc-playground").first
+            highlight = playground.locator(".nbc-tokens").first
+            highlight.locator("summary").nth(3).click()
+            highlight.locator(".nbc-popup").nth(3).wait_for(state="visible", timeout=10_000)
+            page.evaluate(
+                """() => { window.nbcStale = false; window.nbcStreamed = false;
+                const pg = document.querySelector('.nbc-playground');
+                // The last run's highlight, marked: it must be gone while new text streams in.
+                pg.querySelectorAll('.nbc-tokens').forEach(e => e.dataset.lastRun = '1');
+                new MutationObserver(() => {
+                    const s = pg.querySelector('.nbc-streamed');
+                    if (s && s.innerText.trim()) {
+                        window.nbcStreamed = true;
+                        if (pg.querySelector('[data-last-run]')) window.nbcStale = true;
+                    }
+                }).observe(pg, {subtree: true, childList: true, characterData: true}); }"""
+            )
+            playground.locator(".widget-checkbox", has_text="stream").locator("input").check()
+            run_button.click()
+            page.locator(".nbc-status", has_text="run #3:").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS
+            )
+            assert page.evaluate("window.nbcStreamed")
+            assert not page.evaluate("window.nbcStale")
+            assert playground.locator(".nbc-popup:visible").count() == 0
+
+            # The choices tab leaves out the empty columns and gives the text room.
+            playground.locator(".lm-TabBar-tab", has_text="choices").first.click()
+            text_cell = playground.locator("td div[style*='min-width']").first
+            text_cell.wait_for(timeout=RENDER_TIMEOUT_MS)
+            box = text_cell.bounding_box()
+            assert box is not None
+            assert box["width"] >= 250, box
+            assert "empty in every row" in playground.inner_text()
+            _shot(page, "playground-choices-tab.png", playground)
+
             # The Playground's plot tab: a figure inside the widget's Output, rendered by the same
             # plotly extension through the widget manager.
             playground = page.locator(".nbc-playground").first
@@ -485,6 +523,28 @@ def test_playground_renders_in_jupyterlab(lab: Jupyter) -> None:
             assert "requests" in builder.locator(".nbc-summary").first.inner_text()
             _shot(page, "sweep-builder.png")
             _shot(page, "sweep-chart.png", builder.locator(".js-plotly-plot").first)
+
+            # An axis set to "(none)" drops its values and locks its box.
+            second = builder.locator(".widget-dropdown", has_text="axis 2").locator("select")
+            second.select_option(label="top_p")
+            axis_values = builder.locator("input[placeholder='comma-separated values']")
+            values = axis_values.nth(1)
+            values.fill("0.5, 0.9")
+            values.press("Enter")
+            second.select_option(label="(none)")
+            page.wait_for_function(
+                "e => e.value === '' && e.disabled", arg=values.element_handle(), timeout=30_000
+            )
+            # A new validation error clears the chart of the last run.
+            first_values = axis_values.nth(0)
+            first_values.fill("0.5, hot")
+            first_values.press("Enter")
+            builder.locator(".nbc-error", has_text="temperature").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS
+            )
+            builder.locator(".js-plotly-plot").first.wait_for(state="detached", timeout=30_000)
+            assert "chart cleared" in builder.locator(".nbc-status").first.inner_text()
+            _shot(page, "sweep-builder-invalid.png", builder)
             assert not [e for e in console_errors if "widget" in e.lower()], console_errors
         finally:
             browser.close()

@@ -138,6 +138,7 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         self.add_class("nbc-playground")
         self.status.add_class("nbc-status")
         self.error.add_class("nbc-error-area")
+        self.streamed.add_class("nbc-streamed")
         self.highlighted.add_class("nbc-highlight")
         self.frames_tabs = {
             name: widgets.HTML(value="") for name in ("choices", "tokens", "alternatives")

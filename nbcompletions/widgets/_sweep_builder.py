@@ -148,7 +148,14 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
                 widgets.Dropdown(options=field_options, value=name, description=f"axis {i + 1}")
             )
             self.axis_values.append(
-                widgets.Text(value=values, placeholder="comma-separated values", disabled=not name)
+                # Read on Enter or leaving the box, not per keystroke: "0.5," on the way to
+                # "0.5, 0.9" is an error that would clear the chart.
+                widgets.Text(
+                    value=values,
+                    placeholder="comma-separated values",
+                    disabled=not name,
+                    continuous_update=False,
+                )
             )
 
     def _on_axis_field(self, change: Any) -> None:
@@ -322,6 +329,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
             with self.progress:
                 result = sweep(self._client, progress=True, **settings.kwargs)
         except Exception as exc:
+            self.status.value = ""
             self._show_error(exc)
             self._clear_chart("the sweep failed")
             return None
@@ -344,8 +352,6 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
                 f"<small>chart cleared: {html.escape(why)}; <code>.result</code> still holds "
                 "the last run</small>"
             )
-        else:
-            self.status.value = ""
 
     def _on_y(self, change: Any) -> None:
         if self.result is not None and self.last_error is None:
