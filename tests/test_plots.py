@@ -901,6 +901,8 @@ def test_highlight_popups_float_and_form_one_group_per_highlight(frames) -> None
         for body in re.findall(r'nbc-popup"[^>]*>(.*?)</div>', markup, flags=re.S)
     )
     assert reserve >= lines * 12 * 1.4 - 20
+    tight = plots.highlight(tokens, alternatives=alternatives, index=0, popup_room=False).html
+    assert "padding-bottom:0px" in tight
 
 
 @settings(max_examples=60, deadline=None)

@@ -162,6 +162,7 @@ def highlight(
     echo: bool = True,
     max_positions: int = 5000,
     title: str | None = None,
+    popup_room: bool = True,
 ) -> HighlightedText:
     """The text of one choice with each token's background coloured by how likely it was.
 
@@ -178,17 +179,14 @@ def highlight(
     Tokens without a logprob are grey. Clicking a token opens a popup floating under it with its
     text (whitespace visible), probability, logprob, rank and, given ``alternatives``, the top
     alternatives there, as selectable fixed-width text; one popup is open at a time (see the
-    module's notes). Echoed prompt tokens are in italics (``echo=False`` leaves them out); at
-    most ``max_positions`` tokens are shown, and the legend says when the text was cut.
+    module's notes); ``popup_room=False`` drops the room kept under the text for it, where
+    content below may be covered. Echoed prompt tokens are in italics (``echo=False`` leaves them
+    out); at most ``max_positions`` tokens show, and the legend says when the text was cut.
     """
     function = "highlight"
     check_option(function, "scale", scale, HIGHLIGHT_SCALES)
-    require_frame(
-        tokens,
-        ["index", position, token, prob, "rank" if scale == "rank" else None],
-        function=function,
-        frame_name="tokens",
-    )
+    columns = ["index", position, token, prob, "rank" if scale == "rank" else None]
+    require_frame(tokens, columns, function=function, frame_name="tokens")
     if alternatives is not None:
         columns = ["index", "position", "rank", "token", "prob"]
         require_frame(alternatives, columns, function=function, frame_name="alternatives")
@@ -227,7 +225,7 @@ def highlight(
         legend.append(
             f"showing the first {len(frame):,} of {total:,} tokens (max_positions={max_positions})"
         )
-    body = _page(parts, legend, title, _reserve(popup_lines))
+    body = _page(parts, legend, title, _reserve(popup_lines) if popup_room else 0)
     return HighlightedText(body, n_tokens=len(frame), title=title)
 
 

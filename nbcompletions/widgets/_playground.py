@@ -411,7 +411,12 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             blocks = []
             for index in indices[:MAX_HIGHLIGHTED]:
                 label = f"<small>choice {index}</small>" if len(indices) > 1 else ""
-                text = html_of(plots.highlight(tokens, alternatives=alternatives, index=index))
+                # The tabs below may be covered by a popup: no blank room kept for it.
+                text = html_of(
+                    plots.highlight(
+                        tokens, alternatives=alternatives, index=index, popup_room=False
+                    )
+                )
                 blocks.append(f'<div class="nbc-tokens">{label}{text}</div>')
             if len(indices) > MAX_HIGHLIGHTED:
                 blocks.append(
