@@ -345,30 +345,32 @@ def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) 
     tokens, _ = frames
     fig = plots.token_probabilities(tokens, index=0, echo=False)
     generated = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
-    assert list(fig.data[0].text) == [
-        html.escape(visible_token(t) or "", quote=False) for t in generated["token"]
-    ]
-    assert "↵" in fig.data[0].text  # a newline token reads as ↵, not a line break
-    assert "··two··spaces" in fig.data[0].text  # spaces are visible
-    assert "&amp;amp;" in fig.data[0].text
-    np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
-    assert "logprob %{customdata[0]" in fig.data[0].hovertemplate
-    # Ranks read as whole numbers ("rank 6.000" before), and as ">k" outside the top k where k is
-    # known, as the popup and the heat map write them.
-    assert "rank %{hovertext}" in fig.data[0].hovertemplate
     ranks = generated["rank"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
-    assert list(fig.data[0].hovertext) == ["none" if np.isnan(r) else str(int(r)) for r in ranks]
+    shown = [html.escape(visible_token(t) or "", quote=False) for t in generated["token"]]
+    assert list(fig.data[0].text) == shown
+    texts = "".join(fig.data[0].text)
+    assert "↵" in texts  # a newline token reads as ↵, not a line break
+    assert "··two··spaces" in texts  # spaces are visible
+    assert "&amp;amp;" in texts
+    np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
+    np.testing.assert_array_equal(np.asarray(fig.data[0].customdata)[:, 1], ranks)
+    assert "logprob %{customdata[0]:.4g}" in fig.data[0].hovertemplate
+    # k unknown: the rank reads as a whole number ("rank 6.000" before).
+    assert "rank %{customdata[1]:d}" in fig.data[0].hovertemplate
+    # k known: as the popup and the heat map write it, ">k" outside the top k.
     k = int(np.nanmax(ranks)) - 1
     with_k = plots.token_probabilities(tokens, index=0, echo=False, top_k=k)
-    assert list(with_k.data[0].hovertext) == [
-        "none" if np.isnan(r) else (f">{k}" if r > k else str(int(r))) for r in ranks
+    expected = [
+        f"{t}<br>rank {'none' if np.isnan(r) else (f'>{k}' if r > k else int(r))}"
+        for t, r in zip(shown, ranks, strict=True)
     ]
-    assert f">{k}" in with_k.data[0].hovertext
+    assert list(with_k.data[0].text) == expected
+    assert "rank" not in with_k.data[0].hovertemplate  # it rides in the text
+    assert f"rank &gt;{k}" not in "".join(expected)  # ">" is plain text in a hover
+    assert any(f"rank >{k}" in t for t in expected)
     from_attrs = generated.copy()
     from_attrs.attrs["logprobs"] = k
-    assert list(plots.token_probabilities(from_attrs).data[0].hovertext) == list(
-        with_k.data[0].hovertext
-    )
+    assert list(plots.token_probabilities(from_attrs).data[0].text) == expected
 
 
 def test_token_plots_name_the_tokens_on_the_x_axis(frames) -> None:

@@ -57,19 +57,18 @@ def token_ticks(frame: pd.DataFrame, x: str, token: str) -> dict[str, Any] | Non
     }
 
 
-def rank_labels(ranks: np.ndarray, top_k: Any) -> list[str]:
+def rank_labels(ranks: np.ndarray, top_k: Any) -> np.ndarray:
     """Ranks as the popup and the heat map write them: ``"3"``, ``">5"`` for a token outside the
     top k (k + 1 is only a lower bound there), ``"none"`` where unknown. ``top_k`` is one k or
     one per rank; NaN or None where unknown."""
     ks = np.broadcast_to(np.asarray(np.nan if top_k is None else top_k, dtype=float), ranks.shape)
-    labels = []
-    for rank, k in zip(ranks.tolist(), ks.tolist(), strict=True):
-        if not np.isfinite(rank):
-            labels.append("none")
-        elif np.isfinite(k) and 0 < k < rank:
-            labels.append(f">{int(k)}")
-        else:
-            labels.append(str(int(rank)))
+    known = np.isfinite(ranks)
+    whole = np.where(known, ranks, 0).astype(np.int64).astype(str).astype(object)
+    with np.errstate(invalid="ignore"):
+        outside = known & np.isfinite(ks) & (ks > 0) & (ranks > ks)
+    beyond = np.char.add(">", np.where(np.isfinite(ks), ks, 0).astype(np.int64).astype(str))
+    labels: np.ndarray = np.where(outside, beyond.astype(object), whole)
+    labels[~known] = "none"
     return labels
 
 
@@ -153,6 +152,13 @@ def cell_token(token: Any, limit: int = 14) -> str:
     return _html.escape(text, quote=False)
 
 
+def _hover_format(is_number: bool, is_integer: bool) -> str:
+    # d3's ".4g" writes 6 as "6.000"; a whole-number column reads "6".
+    if not is_number:
+        return ""
+    return ":d" if is_integer else ":.4g"
+
+
 def hover_columns(
     frame: pd.DataFrame, columns: Sequence[str]
 ) -> tuple[np.ndarray | None, list[str]]:
@@ -169,8 +175,9 @@ def hover_columns(
             data[:, j] = (
                 as_floats(frame[column]) if is_number else frame[column].astype(str).to_numpy()
             )
+    integer = [pd.api.types.is_integer_dtype(frame[c]) for c in columns]
     lines = [
-        f"{readable(column)} %{{customdata[{j}]{':.4g' if is_number else ''}}}"
-        for j, (column, is_number) in enumerate(zip(columns, numeric, strict=True))
+        f"{readable(column)} %{{customdata[{j}]{_hover_format(is_number, is_int)}}}"
+        for j, (column, is_number, is_int) in enumerate(zip(columns, numeric, integer, strict=True))
     ]
     return data, lines

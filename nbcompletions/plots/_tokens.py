@@ -149,16 +149,18 @@ def _probability_trace(
     webgl: bool,
 ) -> go.Scatter | go.Scattergl:
     """One line of token probabilities; a rank in the hover reads as the popup's (``>5``)."""
-    numeric_hover = [c for c in hover_data if c != "rank"]
+    k: Any = top_k if top_k is not None else part.attrs.get("logprobs")
+    if k is None and "logprobs" in part.columns:
+        k = as_floats(part["logprobs"])
+    # k unknown: the rank travels as a number and reads as a whole number ("6", not "6.000");
+    # k known: as text in the label, where a rank past k reads ">5" (as in the popup).
+    rank_as_text = "rank" in hover_data and k is not None
+    numeric_hover = [c for c in hover_data if not (c == "rank" and rank_as_text)]
     customdata, extra = hover_columns(part, numeric_hover)
-    hovertext = None
-    if "rank" in hover_data:
-        if top_k is None and "logprobs" in part.columns:
-            k: Any = as_floats(part["logprobs"])
-        else:
-            k = top_k if top_k is not None else part.attrs.get("logprobs")
-        hovertext = rank_labels(as_floats(part["rank"]), k)
-        extra.append("rank %{hovertext}")
+    text = [hover_token(t) for t in part[token].tolist()]
+    if rank_as_text:
+        ranks = rank_labels(as_floats(part["rank"]), k)
+        text = [f"{shown}<br>rank {rank}" for shown, rank in zip(text, ranks, strict=True)]
     hovertemplate = (
         "<br>".join(["%{text}", f"{readable(x)} %{{x}}", f"{readable(y)} %{{y:.4g}}", *extra])
         + f"<extra>{_html.escape(name)}</extra>"
@@ -167,8 +169,7 @@ def _probability_trace(
     return scatter(
         x=compact_positions(part[x]),
         y=as_floats(part[y]),
-        text=[hover_token(t) for t in part[token].tolist()],
-        hovertext=hovertext,
+        text=text,
         customdata=customdata,
         hovertemplate=hovertemplate,
         mode="lines+markers",
