@@ -75,7 +75,8 @@ def test_wilson_interval_matches_published_values_and_stays_in_range() -> None:
     low, high = metrics.wilson_interval([0, 10, 81], [10, 10, 263])
     np.testing.assert_allclose(low, [0.0, 0.7225, 0.2553], atol=5e-5)
     np.testing.assert_allclose(high, [0.2775, 1.0, 0.3662], atol=5e-5)
-    assert (low >= 0).all() and (high <= 1).all()
+    assert (low >= 0).all()
+    assert (high <= 1).all()
     empty_low, _ = metrics.wilson_interval(0, 0)
     assert math.isnan(float(empty_low))
 
@@ -128,8 +129,7 @@ def test_summarize_intervals_of_bounded_metrics_stay_in_range() -> None:
             "g": ["a"] * 5 + ["b"] * 5 + ["c"] * 3,
             "distinct_1": [1.0, 1.0, 0.97, 1.0, 0.95, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.9, 1.0],
             "repetition_rate": [0.0, 0.0, 0.0, 0.0, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.9],
-            "correct": [True, True, True, True, True, False, False, False, False, False]
-            + [True, False, True],
+            "correct": [True] * 5 + [False] * 5 + [True, False, True],
         }
     )
     out = metrics.summarize(df, by="g", value=["distinct_1", "repetition_rate", "correct"])
@@ -138,14 +138,19 @@ def test_summarize_intervals_of_bounded_metrics_stay_in_range() -> None:
         "repetition_rate": "bootstrap",
         "correct": "wilson",
     }
-    assert (out["ci_low"] >= 0).all() and (out["ci_high"] <= 1).all()
-    assert (out["ci_low"] <= out["mean"]).all() and (out["mean"] <= out["ci_high"]).all()
+    assert (out["ci_low"] >= 0).all()
+    assert (out["ci_high"] <= 1).all()
+    assert (out["ci_low"] <= out["mean"]).all()
+    assert (out["mean"] <= out["ci_high"]).all()
     rates = out[out["metric"] == "repetition_rate"].set_index("g")
-    assert rates.loc["a", "ci_low"] == 0.0 and rates.loc["a", "ci_high"] > 0.0
+    assert rates.loc["a", "ci_low"] == 0.0
+    assert rates.loc["a", "ci_high"] > 0.0
     # All five correct (or none): Wilson still gives an interval of positive width.
     correct = out[out["metric"] == "correct"].set_index("g")
-    assert correct.loc["a", "ci_high"] == 1.0 and correct.loc["a", "ci_low"] < 1.0
-    assert correct.loc["b", "ci_low"] == 0.0 and correct.loc["b", "ci_high"] > 0.0
+    assert correct.loc["a", "ci_high"] == 1.0
+    assert correct.loc["a", "ci_low"] < 1.0
+    assert correct.loc["b", "ci_low"] == 0.0
+    assert correct.loc["b", "ci_high"] > 0.0
     wilson = metrics.summarize(
         df.assign(hit=df["correct"].astype(int)), value="hit", interval="wilson"
     )
