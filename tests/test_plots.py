@@ -1192,9 +1192,15 @@ def make_compare_frame() -> pd.DataFrame:
                 "a_logprob": a_lp,
                 "b_logprob": b_lp,
                 "a_rank": pd.NA if span == 0 else 1,
-                "b_rank": pd.NA if span == 0 else (6 if disagree else 1),
+                # b's top 2 miss the token where the sides disagree: it comes as a 3rd entry,
+                # ranked k+1 = 3 ("outside the top 2").
+                "b_rank": pd.NA if span == 0 else (3 if disagree else 1),
                 "a_top": {} if span == 0 else {text: a_lp, " the": -3.0},
-                "b_top": {} if span == 0 else {" the": -0.1, text: b_lp},
+                "b_top": {}
+                if span == 0
+                else (
+                    {" the": -0.1, " a": -2.0, text: b_lp} if disagree else {text: b_lp, " a": -3}
+                ),
                 "kl_lower": kl_low,
                 "kl_upper": kl_high,
                 "disagree": disagree,
@@ -1235,7 +1241,8 @@ def test_compare_draws_two_token_tracks_and_marks_disagreements() -> None:
     assert colors[2] == colors[4] != colors[1]
     hover = np.asarray(tracks.customdata, dtype=object)
     assert "KL(a ‖ b) 0.900 to 2.500 nats" in hover[0, 4]
-    assert "rank 6" in hover[1, 4]
+    assert "rank >2" in hover[1, 4]
+    assert "rank 1" in hover[0, 4]
     assert "the sides disagree" in hover[1, 4]
     assert "logprob: none" in hover[0, 0]
     assert "2 disagreements in 5 spans" in fig.layout.title.text

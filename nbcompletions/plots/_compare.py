@@ -131,7 +131,12 @@ def _tracks(spans: pd.DataFrame, sides: tuple[str, str], xs: list[int]) -> go.He
         with np.errstate(invalid="ignore"):
             z.append(np.maximum(logprobs / math.log(10), LOG10_FLOOR))
         text.append([_tokens_cell(tokens) for tokens in spans[f"{side}_tokens"].tolist()])
-        hover.append([_hover(row, side, sides) for row in spans.itertuples(index=False)])
+        # k: the fewest alternatives listed at a span (a token outside the top k is listed as
+        # an extra, k+1-th entry, and its rank k+1 reads ">k", as in the popup).
+        sizes = [len(t) for t in spans[f"{side}_top"].tolist() if isinstance(t, dict) and t]
+        top_k = min(sizes, default=0)
+        rows = spans.itertuples(index=False)
+        hover.append([_hover(row, side, sides, top_k) for row in rows])
     levels = np.arange(LOG10_FLOOR, 0.5)
     return go.Heatmap(
         z=np.array(z),
@@ -216,7 +221,13 @@ def _top_text(top: Any) -> str:
     )
 
 
-def _hover(row: Any, side: str, sides: tuple[str, str]) -> str:
+def _rank_text(rank: Any, top_k: int) -> str:
+    if pd.isna(rank):
+        return "rank: none"
+    return f"rank >{top_k}" if 0 < top_k < rank else f"rank {int(rank)}"
+
+
+def _hover(row: Any, side: str, sides: tuple[str, str], top_k: int) -> str:
     """One cell's hover: what this side said about the span, and how the other compares."""
     logprob = float(getattr(row, f"{side}_logprob"))
     rank = getattr(row, f"{side}_rank")
@@ -232,7 +243,7 @@ def _hover(row: Any, side: str, sides: tuple[str, str]) -> str:
             if math.isfinite(logprob)
             else "logprob: none (the text's first span)"
         ),
-        f"rank {int(rank)}" if pd.notna(rank) else "rank: none",
+        _rank_text(rank, top_k),
         f"top: {_top_text(getattr(row, f'{side}_top'))}",
     ]
     if math.isfinite(kl_low):
