@@ -11,8 +11,10 @@ by a column, ``echo`` keeps (True) or drops (False) echoed prompt tokens, ``rend
 SVG or WebGL (``"auto"``: WebGL above :data:`WEBGL_THRESHOLD` points), ``max_positions`` caps what
 a position-by-position view shows, and ``title``/``height``/``width`` set the layout.
 
-:func:`highlight` needs no plotly: it returns self-contained HTML (CSS only, no JavaScript, no URLs)
-that renders the same on GitHub, nbviewer, VS Code and in exported HTML.
+:func:`highlight` needs no plotly: it returns self-contained HTML (inline CSS, no script tags, no
+URLs; its popups work without JavaScript, and where scripts run one ``onclick`` also closes them
+on Escape or a click elsewhere) that renders the same on GitHub, nbviewer, VS Code and in
+exported HTML.
 
 Each family has its own module (``_tokens``, ``_alternatives``, ``_mean_ci``, ``_highlight``,
 ``_calibration``, ``_compare``);

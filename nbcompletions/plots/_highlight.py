@@ -49,7 +49,7 @@ HIGHLIGHT_SCALES = ("logprob", "rank", "prob")
 
 
 class HighlightedText:
-    """Tokens coloured by probability as self-contained HTML (inline CSS only: no scripts, no URLs).
+    """Tokens coloured by probability as self-contained HTML (inline CSS, no script tags, no URLs).
 
     Jupyter displays it through ``_repr_html_``; ``.html`` is the fragment, ``.save(path)`` writes
     a standalone page.
