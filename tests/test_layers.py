@@ -17,6 +17,7 @@ PACKAGE = Path(nbcompletions.__file__).parent
 LAYERS: dict[str, int] = {
     # protocol: types, request side, response side, secrets, errors and their normalisation
     "_version": 0,
+    "_checks": 0,
     "_types": 0,
     "_errors": 0,
     "_request": 0,
@@ -62,7 +63,7 @@ LAYERS: dict[str, int] = {
     "_cli": 5,
 }
 #: What the server and the model may import besides themselves.
-SERVER_MAY_IMPORT = {"_errors", "_request", "_parse", "_secrets", "_types", "model"}
+SERVER_MAY_IMPORT = {"_checks", "_errors", "_request", "_parse", "_secrets", "_types", "model"}
 
 
 def _module_name(path: Path) -> str:
@@ -120,7 +121,8 @@ def test_the_graph_is_read() -> None:
     graph = import_graph()
     assert "nbcompletions._parse" in graph["nbcompletions._frames"]
     assert "nbcompletions._request" in graph["nbcompletions.server._app"]
-    assert "nbcompletions.model._sampling" in graph["nbcompletions.model._engine"]
+    assert "nbcompletions.model._kernels" in graph["nbcompletions.model._sampling"]  # from . import
+    assert "nbcompletions.model._plan" in graph["nbcompletions.model._engine"]
 
 
 def test_no_import_cycles() -> None:
