@@ -325,6 +325,23 @@ def test_highlight_popups_on_a_saved_page(tmp_path: Path) -> None:
             page.goto(page_path.as_uri())
             highlight = page.locator(".nbc-highlight")
             _check_popup(highlight)
+            # A token at the right edge: its popup opens leftwards instead of past the edge.
+            page.set_viewport_size({"width": 360, "height": 900})
+            width = page.evaluate("document.documentElement.clientWidth")
+            rights = [
+                box["x"] + box["width"] if box is not None else 0.0
+                for box in (s.bounding_box() for s in highlight.locator("summary").all())
+            ]
+            edge = max(range(len(rights)), key=rights.__getitem__)
+            highlight.locator("summary").nth(edge).click()
+            popup = highlight.locator(".nbc-popup").nth(edge)
+            popup.wait_for(state="visible", timeout=10_000)
+            box = popup.bounding_box()
+            assert box is not None
+            assert box["x"] + box["width"] <= width + 1, (box, width)
+            assert box["x"] >= 0
+            page.keyboard.press("Escape")
+            page.set_viewport_size({"width": 700, "height": 900})
             # Left open for the picture, over the text.
             highlight.locator("summary").nth(10).click()
             _shot(page, "highlight-popup-page.png", highlight)

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbcompletions import metrics, plots, visible_token
-from nbcompletions.plots._highlight import CLOSE_ON_CLICK_ELSEWHERE
+from nbcompletions.plots._highlight import POPUP_HANDLER
 
 # The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
 TOKEN_COLUMNS = [
@@ -720,7 +720,7 @@ def assert_self_contained(markup: str) -> None:
     """No script tags, no URLs, and one event handler only: the highlight's own onclick, which
     closes its popup on a click elsewhere or Escape where scripts run (exactly once)."""
     assert "<script" not in markup.lower()
-    handler = f'class="nbc-highlight" onclick="{CLOSE_ON_CLICK_ELSEWHERE}"'
+    handler = f'class="nbc-highlight" onclick="{POPUP_HANDLER}"'
     assert markup.count(handler) == 1
     rest = markup.replace(handler, "")
     assert not re.search(r"https?:|//|url\(|@import|\bon\w+=", rest, flags=re.IGNORECASE)

@@ -99,15 +99,23 @@ _POPUP = (
     "font-weight:normal"
 )
 
-# Where scripts run (trusted output), the first click in a highlight installs two listeners for
-# the page: a click outside an open popup's token, or Escape, closes it. One attribute on the text,
-# not per token; a sanitizer drops it and the <details> still open and close on their own.
-CLOSE_ON_CLICK_ELSEWHERE = (
+# Where scripts run (trusted output), the first click in a highlight installs three listeners for
+# the page: a click outside an open popup's token, or Escape, closes it, and a popup that would
+# run past the right edge of the text (or the window) opens leftwards from its token's right
+# edge instead. One attribute on the text, not per token; a sanitizer drops it and the <details>
+# still open and close on their own. ("toggle" does not bubble; a capturing listener sees it.)
+POPUP_HANDLER = (
     "if(!window.nbcPopups){window.nbcPopups=1;"
     "var c=function(t){document.querySelectorAll('.nbc-highlight details[open]')"
     ".forEach(function(d){if(!t||!d.contains(t))d.open=false})};"
     "document.addEventListener('click',function(e){c(e.target)},true);"
-    "document.addEventListener('keydown',function(e){if(e.key==='Escape')c(null)},true)}"
+    "document.addEventListener('keydown',function(e){if(e.key==='Escape')c(null)},true);"
+    "document.addEventListener('toggle',function(e){var d=e.target;"
+    "if(!d.open||!d.closest||!d.closest('.nbc-highlight'))return;"
+    "var p=d.querySelector('.nbc-popup');if(!p)return;p.style.left='0';p.style.right='auto';"
+    "var r=p.getBoundingClientRect(),t=d.closest('.nbc-highlight').getBoundingClientRect();"
+    "if(r.right>Math.min(t.right,document.documentElement.clientWidth))"
+    "{p.style.left='auto';p.style.right='0'}},true)}"
 )
 
 
@@ -336,7 +344,7 @@ def _page(parts: list[str], legend: list[str], title: str | None, reserve_px: in
         else ""
     )
     return (
-        f'<div class="nbc-highlight" onclick="{CLOSE_ON_CLICK_ELSEWHERE}" '
+        f'<div class="nbc-highlight" onclick="{POPUP_HANDLER}" '
         'style="font-family:ui-monospace,SFMono-Regular,Menlo,'
         "Consolas,monospace;font-size:13px;line-height:1.8;color:#000;"
         f'padding-bottom:{reserve_px}px">'
