@@ -333,7 +333,8 @@ def _legend(scale: str, scale_k: int, ranks_known: bool, has_prompt: bool) -> li
     )
     if has_prompt:
         legend.append("<i>italic</i>: prompt (echo)")
-    legend.append("↵: newline · click a token for details (Esc or a click elsewhere closes it)")
+    # True with or without scripts (a sanitized notebook has no Escape or click-elsewhere).
+    legend.append("↵: newline · click a token for details, again to close them")
     return legend
 
 
