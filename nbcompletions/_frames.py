@@ -819,10 +819,14 @@ def to_frames(
     else:
         prompt_index = _int64(rows.choice_index // info.n)
         choice_k = _int64(rows.choice_index % info.n)
+    tokens = _tokens_frame(rows, alternatives, echo, prompt_index, choice_k, vocab_size)
+    if info.logprobs is not None:
+        # The k asked for: a rank past it reads ">k" in the plots, as in the popup.
+        tokens.attrs["logprobs"] = int(info.logprobs)
     return (
         _choices_frame(
             choices, rows, echo, prompt_lens, prompt_n, prompt_index, choice_k, vocab_size
         ),
-        _tokens_frame(rows, alternatives, echo, prompt_index, choice_k, vocab_size),
+        tokens,
         _alternatives_frame(rows, alternatives, vocab_size),
     )
