@@ -285,7 +285,7 @@ class CompletionsServer:
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()
         self._check_model(engine, completion.model)
-        completion = _greedy_when_tiny(self._apply_cap(completion))
+        completion = self._apply_cap(completion)
         return completion, self._scheduler_for(engine)
 
     async def models(self, request: Request, request_id: str) -> Response:
@@ -321,14 +321,3 @@ def _refuse_deep_nesting(body: dict[str, Any]) -> None:
                 pending.extend(
                     (x, depth + 1) for x in (item.values() if isinstance(item, dict) else item)
                 )
-
-
-def _greedy_when_tiny(completion: CompletionRequest) -> CompletionRequest:
-    """A temperature too small to divide logits by (below ``GREEDY_BELOW``, 1e-100) is 0: the
-    engine's compiled sampler divides by it (2e-308 overflowed to the vocabulary's last token)."""
-    from ..model._sampling import GREEDY_BELOW  # the model's own bound; numpy loads on first use
-
-    temperature = completion.temperature
-    if temperature is not None and 0 < temperature < GREEDY_BELOW:
-        return completion.replace(temperature=0.0)
-    return completion
