@@ -166,7 +166,7 @@ class _Prober:
     async def models_card(self) -> Mapping[str, Any] | None:
         self.requests += 1
         try:
-            body = await self.aclient._request_json("GET", "/models", None)
+            body = await self.aclient.request("GET", "/models")
         except APIError:
             return None
         data = body.get("data") if isinstance(body, Mapping) else None

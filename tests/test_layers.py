@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "_parse": 0,
     "_secrets": 0,
     "_retry": 0,
+    "_usage": 0,
     # the embedded model and our server sit on the protocol alone (checked below too)
     "model": 1,
     "server": 1,

@@ -58,29 +58,14 @@ LONG_FUNCTIONS_ALLOWED_IN = {"nbcompletions/model/_kernels.py"}
 
 #: Functions still over the limit, to be split (each helper's branch removes its own; an entry
 #: that is no longer long fails the test until it is removed here, so the list only shrinks).
-KNOWN_LONG_FUNCTIONS = {
-    "nbcompletions._batch.run_batches",
-    "nbcompletions._cli.build_parser",
-    "nbcompletions._client._send",
-    "nbcompletions.metrics.calibration",
-    "nbcompletions.plots._alternatives.alternatives",
-    "nbcompletions.plots._highlight.highlight",
-    "nbcompletions.plots._mean_ci.mean_ci",
-    "nbcompletions.plots._tokens.token_probabilities",
-    "nbcompletions.plots._tokens.entropy",
-    "nbcompletions.plots._tokens.rank_histogram",
-    "nbcompletions.server._batch_store._process",
-    "nbcompletions.server._create.create_app",
-    "nbcompletions.server._serve.serve",
-    "nbcompletions.widgets._playground.__init__",
-    "nbcompletions.widgets._sweep_builder.__init__",
-}
+KNOWN_LONG_FUNCTIONS: set[str] = set()
 
 #: Private names (``_x``, modules included) imported from another module of the package, counted
-#: as /work/tools' private_imports.py counts them: 145 before issue 18, 106 after the core split,
-#: 88 after the sweep pipeline (nbcompletions/sweeps/).
+#: as /work/tools' private_imports.py counts them: 145 before issue 18, 106 after the core split, 41
+#: after the plots and widgets helpers got public names in their private modules, 11 after the
+#: sweep pipeline (nbcompletions/sweeps/; 7 of them are _batch's names from _sweep_prepare).
 #: Lower it as they go; never raise it (give the name a public spelling instead).
-MAX_PRIVATE_IMPORTS = 88
+MAX_PRIVATE_IMPORTS = 11
 
 
 def _modules() -> list[tuple[str, str, ast.Module]]:
