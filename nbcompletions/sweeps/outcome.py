@@ -1,8 +1,9 @@
-"""What became of one request of a sweep, and the one reader of a response's ``usage``.
+"""What became of one request of a sweep, and how its ``usage`` is read.
 
-Every stage reads tokens through `token_count` and `usage_of`, so live and batch sweeps, the
-requests frame and the cache-hit tally count the same way: a count is a non-negative integer,
-never a bool (``True`` is not 1 token) and never a float or a string.
+Every stage reads tokens through `usage_of`, over the package's one reader
+(`nbcompletions._usage`), so live and batch sweeps, the requests frame and the cache-hit tally
+count the same way: a count is a non-negative integer, never a bool (``True`` is not 1 token)
+and never a float or a string.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._checks import is_int
 from .._errors import APIError
 from .._secrets import redact_exception_text
+from .._usage import USAGE_FIELDS, token_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .._cache import CachedResponse
@@ -23,25 +24,19 @@ __all__ = [
     "Outcome",
     "Tally",
     "error_fields",
-    "token_count",
     "usable_response",
     "usage_of",
 ]
 
 #: The usage fields a sweep adds up (``result.usage``) and keeps per request (``requests``).
-TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
-def token_count(value: Any) -> int | None:
-    """``value`` as a token count, or None when it is not one (a bool, a float, text, < 0)."""
-    return int(value) if is_int(value) and value >= 0 else None
+TOKEN_FIELDS = USAGE_FIELDS
 
 
 def usage_of(usage: Any) -> dict[str, int | None]:
-    """The token counts of a ``usage`` object (a response's ``usage`` field), None where absent."""
-    if not isinstance(usage, Mapping):
-        return dict.fromkeys(TOKEN_FIELDS)
-    return {name: token_count(usage.get(name)) for name in TOKEN_FIELDS}
+    """The token counts of a ``usage`` object (a response's ``usage`` field), None where absent
+    or not a count (read by `nbcompletions._usage.token_counts`, the package's one reader)."""
+    counts = token_counts({"usage": usage})
+    return {name: counts.get(name) for name in TOKEN_FIELDS}
 
 
 def error_fields(exc: BaseException, secrets: list[str]) -> dict[str, Any]:
