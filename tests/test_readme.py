@@ -25,7 +25,7 @@ def test_readme_has_examples() -> None:
 
 def _quick_start() -> str:
     section = (ROOT / "README.md").read_text(encoding="utf-8").split("## Quick start", 1)[1]
-    return BLOCK.findall(section)[0]
+    return str(BLOCK.findall(section)[0])
 
 
 def test_readme_examples_run(
