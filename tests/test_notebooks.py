@@ -22,13 +22,15 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import strip_notebooks  # noqa: E402 - a script, importable once scripts/ is on the path
 
 
-def test_the_five_notebooks_are_there() -> None:
+def test_the_notebooks_are_there() -> None:
     assert [path.name for path in NOTEBOOKS] == [
         "01_quickstart.ipynb",
         "02_token_probabilities.ipynb",
         "03_temperature_sweep.ipynb",
         "04_penalty_sweep.ipynb",
         "05_playground.ipynb",
+        "06_compare.ipynb",
+        "07_calibration.ipynb",
     ]
 
 
