@@ -174,3 +174,29 @@ def test_penalty_notebook_is_seeded_and_shows_the_cut(tmp_path: Path) -> None:
     assert facts["baseline"] > 0.1, facts
     assert facts["cells"] == 5, facts
     assert facts["lowest_ci_low"] > 0, facts
+
+
+def test_screenshot_cells_are_tagged_and_drawn_as_pages() -> None:
+    import screenshots
+
+    tagged = {
+        name: path.name
+        for path in NOTEBOOKS
+        for name in screenshots.tagged_cells(json.loads(path.read_text(encoding="utf-8")))
+    }
+    assert tagged == {
+        "penalty-repetition": "04_penalty_sweep.ipynb",
+        "compare": "06_compare.ipynb",
+        "calibration": "07_calibration.ipynb",
+    }
+    for name in tagged:
+        assert (ROOT / "docs" / "images" / f"{name}.png").is_file(), name
+    figure = {"data": [{"type": "scatter", "x": [1], "y": [2]}], "layout": {}}
+    page = screenshots.page_for({"data": {PLOTLY_MIME: figure}})
+    assert page is not None
+    assert "plotly-graph-div" in page
+    assert "https://" not in page.split("<script", 1)[0]  # plotly.js inlined, nothing fetched
+    html = screenshots.page_for({"data": {"text/html": "<span>To</span>"}})
+    assert html is not None
+    assert '<div id="shot"' in html
+    assert screenshots.page_for({"text": "printed"}) is None
