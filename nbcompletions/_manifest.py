@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ._conformance import aconformance
+from ._errors import APIError
 from ._request import CompletionRequest, Limits
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 
@@ -103,7 +104,7 @@ async def _tokenizer_hash(aclient: AsyncCompletionsClient) -> str | None:
     )
     try:
         raw = (await aclient.complete_request(request)).raw
-    except Exception:  # a server that refuses echo has no tokenizer we can see; that is fine
+    except APIError:  # a server that refuses echo has no tokenizer we can see; that is fine
         return None
     choice = (raw.get("choices") or [{}])[0]
     tokens = (choice.get("logprobs") or {}).get("tokens")
@@ -119,10 +120,18 @@ async def _tokenizer_hash(aclient: AsyncCompletionsClient) -> str | None:
     return hashlib.sha256(json.dumps(echoed).encode("utf-8")).hexdigest()
 
 
+async def _get_models(aclient: AsyncCompletionsClient) -> Any:
+    """The ``GET /models`` body through the client's retries and errors."""
+    public = getattr(aclient, "request", None)
+    if public is not None:  # AsyncClient.request(method, path), where the client has it
+        return await public("GET", "/models")
+    return await getattr(aclient, "_request_json")("GET", "/models", None)  # noqa: B009
+
+
 async def _model_card(aclient: AsyncCompletionsClient) -> dict[str, Any] | None:
     try:
-        body = await aclient._request_json("GET", "/models", None)
-    except Exception:  # no GET /models is an identity too: recorded as None
+        body = await _get_models(aclient)
+    except APIError:  # no GET /models is an identity too: recorded as None
         return None
     data = body.get("data") if isinstance(body, Mapping) else None
     cards = [c for c in data or [] if isinstance(c, Mapping)]
