@@ -27,15 +27,15 @@ and `load_batch_output` turns the output files it produced back into a `SweepRes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
-import uuid
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import _retry
 from ._batch_file import (
     BATCH_URL,
     OPENAI_MAX_BATCH_BYTES,
@@ -47,8 +47,11 @@ from ._batch_file import (
 from ._batch_ledger import MARKER_KEY, Entry, Ledger, find_ours, new_marker, run_to_end, settle
 from ._cache import Cache
 from ._errors import APIError, RequestError, answered_field
-from ._grid import Grid, GridPoint, estimate_tokens
+from ._grid import Grid, estimate_tokens
+from ._retry import completion_error, error_fields, retry_delay, should_retry, sleep
+from ._secrets import secrets_of
 from ._types import AsyncCompletionsClient
+from ._usage import add_usage
 
 if TYPE_CHECKING:  # pragma: no cover
     import os
@@ -64,7 +67,9 @@ __all__ = [
     "BatchOptions",
     "arun_batch_file",
     "batch_lines",
+    "iter_batch_output",
     "load_batch_output",
+    "parse_batch_line",
     "run_batches",
     "split_batches",
     "write_batch_files",
@@ -74,6 +79,7 @@ _TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 _MAX_METADATA_PAIRS = 16  # OpenAI's limit
 _FIRST_POLL_S = 0.25
 _MAX_POLL_S = 15.0
+_STORE_CHUNK = 500  # responses stored per transaction while an output file is read
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,9 @@ class BatchOptions:
         completion_window: the batch's window (OpenAI accepts only ``"24h"``).
         metadata: string pairs attached to each batch (OpenAI: up to 16 pairs, keys up to 64
             characters, values up to 512; one pair, ``nbcompletions_batch``, is the sweep's own).
+        deadline: seconds the sweep waits for its batches at most; None: until they end. Past
+            it, the batches still running are cancelled (best effort) and their requests become
+            error rows naming the deadline; running the sweep again collects what finished.
     """
 
     max_requests: int = OPENAI_MAX_BATCH_REQUESTS
@@ -94,22 +103,24 @@ class BatchOptions:
     poll_interval: float | None = None
     completion_window: str = "24h"
     metadata: Mapping[str, str] | None = field(default=None)
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         check_batch_limits(self.max_requests, self.max_bytes)
-        interval = self.poll_interval
-        if interval is not None and (
-            isinstance(interval, bool)
-            or not isinstance(interval, int | float)
-            or not math.isfinite(interval)
-            or interval <= 0
-        ):
-            raise RequestError(
-                "poll_interval",
-                f"poll_interval must be a number of seconds > 0 or None; got {interval!r}",
-                allowed="seconds > 0 or None",
-                value=interval,
-            )
+        for name in ("poll_interval", "deadline"):
+            seconds = getattr(self, name)
+            if seconds is not None and (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not math.isfinite(seconds)
+                or seconds <= 0
+            ):
+                raise RequestError(
+                    name,
+                    f"{name} must be a number of seconds > 0 or None; got {seconds!r}",
+                    allowed="seconds > 0 or None",
+                    value=seconds,
+                )
         if not isinstance(self.completion_window, str) or not self.completion_window:
             raise RequestError(
                 "completion_window",
@@ -145,18 +156,6 @@ class BatchOptions:
 
 
 # -- the input file -------------------------------------------------------------------------------
-def _unique_points(grid: Grid, indices: Iterable[int] | None = None) -> list[GridPoint]:
-    """Grid points with distinct cache keys (one line each), in grid order."""
-    seen: set[str] = set()
-    points = []
-    for i in range(len(grid.points)) if indices is None else indices:
-        point = grid.points[i]
-        if point.key not in seen:
-            seen.add(point.key)
-            points.append(point)
-    return points
-
-
 def write_batch_files(
     grid: Grid,
     path: str | os.PathLike[str],
@@ -211,48 +210,52 @@ def _line_error(line: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def read_batch_results(data: bytes | Iterable[bytes]) -> dict[str, _LineResult]:
+def parse_batch_line(
+    raw: bytes | str, number: int, secrets: Sequence[str] = ()
+) -> tuple[str, _LineResult] | None:
+    """One line of a Batch output or error file as ``(custom_id, result)``; None for a blank line.
+
+    A 200 line is a response only when its body is a completion as the live client decides
+    (`nbcompletions._retry.completion_error`): an error body or one without a usable choice is an
+    error row, as it is live.
+    """
+    if not raw.strip():
+        return None
+    try:
+        line = json.loads(raw)
+    except ValueError as exc:
+        raise APIError(
+            f"line {number} of a Batch output file is not JSON ({exc}): {raw[:200]!r}",
+            type="invalid_response",
+        ) from None
+    if not isinstance(line, Mapping) or not isinstance(line.get("custom_id"), str):
+        raise APIError(
+            f"line {number} of a Batch output file has no custom_id: {raw[:200]!r}",
+            type="invalid_response",
+        )
+    response = line.get("response")
+    status = response.get("status_code") if isinstance(response, Mapping) else None
+    if status != 200 or line.get("error") is not None:
+        return line["custom_id"], _LineResult(error=_line_error(line))
+    body = response.get("body") if isinstance(response, Mapping) else None
+    error = completion_error(body)
+    if error is not None:
+        return line["custom_id"], _LineResult(error=error_fields(error, secrets))
+    assert isinstance(body, dict)  # a completion
+    return line["custom_id"], _LineResult(response=body)
+
+
+def read_batch_results(
+    data: bytes | Iterable[bytes], secrets: Sequence[str] = ()
+) -> dict[str, _LineResult]:
     """custom_id -> result, from the bytes (or lines) of Batch output and error files."""
     lines = data.splitlines() if isinstance(data, bytes) else data
     results: dict[str, _LineResult] = {}
     for number, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            line = json.loads(raw)
-        except ValueError as exc:
-            raise APIError(
-                f"line {number} of a Batch output file is not JSON ({exc}): {raw[:200]!r}",
-                type="invalid_response",
-            ) from None
-        if not isinstance(line, Mapping) or not isinstance(line.get("custom_id"), str):
-            raise APIError(
-                f"line {number} of a Batch output file has no custom_id: {raw[:200]!r}",
-                type="invalid_response",
-            )
-        response = line.get("response")
-        body = response.get("body") if isinstance(response, Mapping) else None
-        ok = (
-            isinstance(response, Mapping)
-            and response.get("status_code") == 200
-            and isinstance(body, dict)
-            and line.get("error") is None
-        )
-        results[line["custom_id"]] = (
-            _LineResult(response=body)
-            if ok and isinstance(body, dict)
-            else _LineResult(error=_line_error(line))
-        )
+        parsed = parse_batch_line(raw, number, secrets)
+        if parsed is not None:
+            results[parsed[0]] = parsed[1]
     return results
-
-
-def _spend(spent: dict[str, int], response: Mapping[str, Any]) -> None:
-    usage = response.get("usage")
-    if isinstance(usage, Mapping):
-        for name in spent:
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool):
-                spent[name] += value
 
 
 def load_batch_output(
@@ -310,7 +313,7 @@ def load_batch_output(
                 n_failed += 1
             elif found.response is not None:
                 outcome.response = found.response
-                _spend(spent, found.response)
+                add_usage(spent, found.response)
                 if store is not None:
                     store.put(point.key, found.response)
             else:
@@ -335,19 +338,33 @@ def load_batch_output(
 
 
 # -- running batches ------------------------------------------------------------------------------
-def _multipart(data: bytes, filename: str) -> tuple[bytes, str]:
-    """A multipart/form-data body with ``purpose=batch`` and the file (what ``/v1/files`` takes)."""
-    boundary = f"nbcompletions-{uuid.uuid4().hex}"
-    head = (
-        f"--{boundary}\r\n"
-        'Content-Disposition: form-data; name="purpose"\r\n\r\n'
-        "batch\r\n"
-        f"--{boundary}\r\n"
-        f'Content-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        "Content-Type: application/jsonl\r\n\r\n"
-    ).encode("ascii")
-    tail = f"\r\n--{boundary}--\r\n".encode("ascii")
-    return head + data + tail, f"multipart/form-data; boundary={boundary}"
+async def _upload(aclient: AsyncClient, data: bytes, filename: str) -> Mapping[str, Any]:
+    """``POST /v1/files`` with ``purpose=batch``: the file object the server answers."""
+    uploaded = await aclient.request(
+        "POST",
+        "/files",
+        files={"file": (filename, data, "application/jsonl")},
+        data={"purpose": "batch"},
+    )
+    answered_field(uploaded, "id", str, "POST /files", "a file id")
+    assert isinstance(uploaded, Mapping)  # checked: it has an id
+    return uploaded
+
+
+async def iter_batch_output(
+    aclient: AsyncClient, file_id: str
+) -> AsyncIterator[tuple[str, _LineResult]]:
+    """``(custom_id, result)`` for each line of a Batch output or error file on the server,
+    read line by line as it arrives (``GET /v1/files/{id}/content``): however large the file,
+    one line is in memory at a time."""
+    secrets = secrets_of(aclient)
+    async with aclient.open("GET", f"/files/{file_id}/content") as body:
+        number = 0
+        async for raw in body.aiter_lines():
+            number += 1
+            parsed = parse_batch_line(raw, number, secrets)
+            if parsed is not None:
+                yield parsed
 
 
 @dataclass
@@ -383,9 +400,8 @@ async def _create(
     """Upload one input file and create its batch, written to ``ledger`` before and after the
     create (see `nbcompletions._batch_ledger`): its entry, checked, with the batch id."""
     data = b"".join(line for _, line in group)
-    content, content_type = _multipart(data, f"nbcompletions-sweep-{number:03d}.jsonl")
-    uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
-    file_id = answered_field(uploaded, "id", str, "POST /files", "a file id")
+    uploaded = await _upload(aclient, data, f"nbcompletions-sweep-{number:03d}.jsonl")
+    file_id = str(uploaded["id"])
     uploaded_at = uploaded.get("created_at")
     entry = Entry(
         marker=new_marker(),
@@ -426,20 +442,20 @@ async def _create_once(
     retries = 0
     while True:
         try:
-            created: Mapping[str, Any] = await aclient._request_json(
-                "POST", "/batches", body, retry=False
+            created: Mapping[str, Any] = await aclient.request(
+                "POST", "/batches", json=body, retry=False
             )
             return created
         except APIError as exc:
             status = exc.status
-            retryable = status is None or _retry.should_retry(status, exc.headers or {}, exc)
+            retryable = status is None or should_retry(status, exc.headers or {}, exc)
             if not retryable or retries >= aclient.max_retries:
                 raise
             if status is None or status >= 500:  # it may have been created: look first
                 found = await find_ours(aclient, [entry])
                 if found is not None and found[0]:
                     return found[0][0]
-            await _retry.sleep(_retry.retry_delay(retries, exc.headers))
+            await sleep(retry_delay(retries, exc.headers))
             retries += 1
 
 
@@ -458,6 +474,242 @@ def _ended_error(batch_id: str, card: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _deadline_error(seconds: float, why: str) -> dict[str, Any]:
+    return {
+        "error_type": "batch_deadline",
+        "error_status": None,
+        "error_message": f"the sweep's deadline (BatchOptions(deadline={seconds:g}) seconds) "
+        f"passed while {why}; run the sweep again to collect it",
+    }
+
+
+class _BatchRun:
+    """One call's Batch work: the batches it waits for, the requests another process sharing the
+    cache is sending, and the outcomes, usage and failures collected so far.
+
+    Requests are claimed in the cache before anything is created (`Cache.claim`, as live sweeps
+    do): K processes running the same sweep on one cache create each batch once; the others wait
+    for its answers to land in the cache, and take a batch over (from the ledger, never creating
+    it again) only when its owner's claims lapse.
+    """
+
+    def __init__(
+        self, aclient: AsyncClient, prepared: _Prepared, options: BatchOptions, bar: Any
+    ) -> None:
+        assert prepared.pending is not None  # batches keep results in memory (no results=)
+        assert prepared.outcomes is not None
+        self.aclient, self.options, self.bar = aclient, options, bar
+        self.grid, self.store, self.outcomes = prepared.grid, prepared.cache, prepared.outcomes
+        self.ledger = Ledger(self.store, self.grid.endpoint)
+        self.index_of = {self.grid.points[i].key: i for i in prepared.pending}
+        self.unplanned = dict(self.index_of)  # in no batch this call waits for, not answered
+        self.elsewhere: set[str] = set()  # claimed by another process: waiting for its answer
+        self.claimed: set[str] = set()
+        self.tracked: list[_Tracked] = []
+        self.active: list[_Tracked] = []
+        self.spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        self.n_failed = 0
+        self.n_elsewhere_done = 0
+        self.started = time.monotonic()
+        self.initial = bar.n if bar is not None else 0
+
+    # -- outcomes ---------------------------------------------------------------------------------
+    def record(
+        self, key: str, response: dict[str, Any] | None, error: dict[str, Any] | None
+    ) -> None:
+        i = self.index_of.get(key)
+        if i is None:  # another sweep's request in a batch this one adopted: stored, not ours
+            return
+        outcome = self.outcomes[i]
+        if response is not None:
+            outcome.response = response
+            add_usage(self.spent, response)
+        else:
+            outcome.error = error
+            self.n_failed += 1
+
+    # -- planning ---------------------------------------------------------------------------------
+    def claim(self, keys: Iterable[str]) -> set[str]:
+        """The keys of ``keys`` this call now holds (all of them without a cache)."""
+        wanted = list(keys)
+        if self.store is None:
+            return set(wanted)
+        held = set(self.store.claim(wanted))
+        self.claimed |= held
+        return held
+
+    async def plan(self) -> None:
+        """Adopt this cache's batches for the requests not yet planned, create batches for the
+        rest this call can claim; what another process holds waits in ``elsewhere``."""
+        keys = set(self.unplanned)
+        entries = [e for e in self.ledger.entries() if not keys.isdisjoint(e.keys)]
+        held = self.claim(keys.union(*(e.keys for e in entries)))
+        free = [e for e in entries if self._free(e, held)]
+        for entry in await settle(self.aclient, self.ledger, free):
+            assert entry.batch_id is not None  # settled: found on the server or known
+            self.track(_Tracked(entry.batch_id, entry.keys, entry))
+        ready = [key for key in self.unplanned if key in held]
+        self.elsewhere = {key for key in self.unplanned if key not in held}
+        if ready:
+            await self.create(ready)
+
+    def _free(self, entry: Entry, held: set[str]) -> bool:
+        """Whether ``entry`` is ours to settle and wait for: its batch exists (waiting for it
+        creates nothing, whoever else waits too), or no other live process holds its requests
+        (one may be creating it: settling would take its batch for one that never arrived)."""
+        if entry.batch_id is not None or self.store is None:
+            return True
+        others = [key for key in entry.keys if key not in held]
+        return not others or self.store.keys_present(others) == set(others)
+
+    def track(self, batch: _Tracked) -> None:
+        self.tracked.append(batch)
+        self.active.append(batch)
+        for key in batch.keys:
+            self.unplanned.pop(key, None)
+
+    async def create(self, keys: list[str]) -> None:
+        points = [self.grid.points[self.index_of[key]] for key in keys]
+        model = self.grid.model or points[0].request.model
+        if model is None:
+            model = (await self.aclient._with_model(points[0].request)).model
+        groups = split_batches(batch_lines(points, model), *self.limits)
+        for number, group in enumerate(groups, start=1):
+            entry = await _create(self.aclient, self.ledger, group, self.options, number)
+            assert entry.batch_id is not None  # created
+            self.track(_Tracked(entry.batch_id, entry.keys, entry))
+
+    @property
+    def limits(self) -> tuple[int, int]:
+        return self.options.max_requests, self.options.max_bytes
+
+    def answered_elsewhere(self) -> None:
+        """Take the answers another process stored for requests it claimed."""
+        if self.store is None or not self.elsewhere:
+            return
+        for key, hit in self.store.get_many(self.elsewhere).items():
+            outcome = self.outcomes[self.index_of[key]]
+            outcome.entry, outcome.latency, outcome.cached = hit, hit.latency, True
+            self.elsewhere.discard(key)
+            self.unplanned.pop(key, None)
+            self.n_elsewhere_done += 1
+
+    # -- polling ----------------------------------------------------------------------------------
+    async def poll(self) -> None:
+        for batch in list(self.active):
+            card = await self.aclient.request("GET", f"/batches/{batch.id}")
+            if not isinstance(card, Mapping):
+                raise APIError(
+                    f"GET /batches/{batch.id} answered with {str(card)[:200]}",
+                    type="invalid_response",
+                    body=card,
+                )
+            counts = card.get("request_counts")
+            counts = counts if isinstance(counts, Mapping) else {}
+            batch.status = str(card.get("status"))
+            batch.done = sum(
+                v for v in (counts.get("completed"), counts.get("failed")) if isinstance(v, int)
+            )
+            if batch.status in _TERMINAL:
+                await self.collect(batch, card)
+                self.ledger.remove(batch.entry)
+                self.active.remove(batch)
+
+    async def collect(self, batch: _Tracked, card: Mapping[str, Any]) -> None:
+        """Read a finished batch's output and error files line by line into the outcomes and
+        the cache (every response is kept, also those another sweep sharing the cache asked for)."""
+        keys, seen = set(batch.keys), set()
+        for name in ("output_file_id", "error_file_id"):
+            file_id = card.get(name)
+            if not isinstance(file_id, str) or not file_id:
+                continue
+            stored: list[tuple[str, Mapping[str, Any], float | None, bytes | None]] = []
+            async for key, line in iter_batch_output(self.aclient, file_id):
+                if key not in keys or key in seen:
+                    continue
+                seen.add(key)
+                if line.response is not None and self.store is not None:
+                    stored.append((key, line.response, None, None))
+                    if len(stored) >= _STORE_CHUNK:
+                        self.store.put_many(stored)
+                        stored.clear()
+                self.record(key, line.response, line.error)
+            if self.store is not None:
+                self.store.put_many(stored)
+        for key in batch.keys:
+            if key not in seen:
+                self.record(key, None, _ended_error(batch.id, card))
+
+    def show(self) -> None:
+        bar = self.bar
+        if bar is None:
+            return
+        done = sum(min(b.done, len(b.keys)) for b in self.tracked) + self.n_elsewhere_done
+        statuses = sorted({b.status for b in self.active}) or ["done"]
+        if self.elsewhere:
+            statuses.append("another process")
+        bar.set_postfix(
+            batches=f"{len(self.tracked) - len(self.active)}/{len(self.tracked)} done",
+            status=",".join(statuses),
+            failed=self.n_failed,
+            refresh=False,
+        )
+        bar.update(min(self.initial + done, bar.total) - bar.n)
+
+    # -- the whole wait ---------------------------------------------------------------------------
+    def left(self) -> float:
+        deadline = self.options.deadline
+        return math.inf if deadline is None else deadline - (time.monotonic() - self.started)
+
+    async def run(self) -> None:
+        """Plan, then poll until every batch has ended and every request claimed elsewhere has
+        an answer (taking over what a dead process held), or the deadline passes."""
+        await self.plan()
+        interval = self.options.poll_interval or _FIRST_POLL_S
+        while True:
+            await self.poll()
+            self.answered_elsewhere()
+            if self.elsewhere and self.claim(self.elsewhere):  # their owner let them go
+                await self.plan()
+            self.show()
+            if not self.active and not self.elsewhere:
+                return
+            if self.left() <= 0:
+                await self.stop_at_deadline()
+                return
+            await asyncio.sleep(min(interval, self.left()))
+            if self.options.poll_interval is None:
+                interval = min(interval * 1.5, _MAX_POLL_S)
+
+    async def stop_at_deadline(self) -> None:
+        """Cancel the batches still running (best effort; their ledger rows stay, so a later run
+        collects what finished) and make what has no answer error rows naming the deadline."""
+        deadline = self.options.deadline
+        assert deadline is not None
+        for batch in self.active:
+            with contextlib.suppress(APIError):
+                await self.aclient.request("POST", f"/batches/{batch.id}/cancel")
+            why = f"batch {batch.id} was {batch.status}; it was cancelled"
+            for key in batch.keys:
+                self.record(key, None, _deadline_error(deadline, why))
+        why = "another process sharing the cache was sending this request"
+        for key in sorted(self.elsewhere):
+            self.record(key, None, _deadline_error(deadline, why))
+        self.active.clear()
+        self.elsewhere.clear()
+
+    async def keep_claims(self) -> None:
+        """Renew this call's claims while it runs (a batch may run for hours)."""
+        assert self.store is not None
+        while True:
+            await asyncio.sleep(self.store.lease / 3)
+            self.store.renew()
+
+    def release(self) -> None:
+        if self.store is not None and self.claimed:
+            self.store.release(self.claimed)
+
+
 async def run_batches(
     aclient: AsyncCompletionsClient,
     prepared: _Prepared,
@@ -471,120 +723,26 @@ async def run_batches(
     from ._sweep_prepare import _probe, _refuse_ignored, _result
 
     aclient = _batch_client(aclient)
-    grid, store = prepared.grid, prepared.cache
-    spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    n_failed = 0
     capabilities: dict[str, Any] | None = None
-    ledger = Ledger(store, grid.endpoint)
-    assert prepared.pending is not None  # batches keep results in memory (no results=)
-    index_of = {grid.points[i].key: i for i in prepared.pending}
+    run = _BatchRun(aclient, prepared, options, bar)
+    renewing = asyncio.ensure_future(run.keep_claims()) if prepared.cache is not None else None
     try:
         if bar is not None:
             bar.set_description("batch")
         if probe:
             capabilities = await _probe(aclient, prepared)
-            _refuse_ignored(capabilities, grid)
-        remaining = dict(index_of)
-        tracked: list[_Tracked] = []
-        # Interrupted before, perhaps while creating: find those batches, do not pay again.
-        ours = [e for e in ledger.entries() if any(key in remaining for key in e.keys)]
-        for entry in await settle(aclient, ledger, ours):
-            assert entry.batch_id is not None  # settled: found on the server or known
-            tracked.append(_Tracked(entry.batch_id, entry.keys, entry))
-            for key in entry.keys:
-                remaining.pop(key, None)
-        model = grid.model
-        if remaining and model is None:
-            first = grid.points[next(iter(remaining.values()))].request
-            model = first.model or (await aclient._with_model(first)).model
-        lines = batch_lines((grid.points[i] for i in remaining.values()), model)
-        groups = split_batches(lines, options.max_requests, options.max_bytes)
-        for number, group in enumerate(groups, start=1):
-            entry = await _create(aclient, ledger, group, options, number)
-            assert entry.batch_id is not None  # created
-            tracked.append(_Tracked(entry.batch_id, entry.keys, entry))
-
-        initial = bar.n if bar is not None else 0
-        interval = options.poll_interval or _FIRST_POLL_S
-        active = list(tracked)
-        while active:
-            for batch in list(active):
-                card = await aclient._request_json("GET", f"/batches/{batch.id}", None)
-                if not isinstance(card, Mapping):
-                    raise APIError(
-                        f"GET /batches/{batch.id} answered with {str(card)[:200]}",
-                        type="invalid_response",
-                        body=card,
-                    )
-                counts = card.get("request_counts")
-                counts = counts if isinstance(counts, Mapping) else {}
-                batch.status = str(card.get("status"))
-                batch.done = sum(
-                    v for v in (counts.get("completed"), counts.get("failed")) if isinstance(v, int)
-                )
-                if batch.status in _TERMINAL:
-                    n_failed += await _collect(aclient, batch, card, prepared, index_of, spent)
-                    ledger.remove(batch.entry)
-                    active.remove(batch)
-            if bar is not None:
-                progress = min(initial + sum(min(b.done, len(b.keys)) for b in tracked), bar.total)
-                statuses = sorted({b.status for b in active}) or ["done"]
-                bar.set_postfix(
-                    batches=f"{len(tracked) - len(active)}/{len(tracked)} done",
-                    status=",".join(statuses),
-                    failed=n_failed,
-                    refresh=False,
-                )
-                bar.update(progress - bar.n)
-            if active:
-                await asyncio.sleep(interval)
-                if options.poll_interval is None:
-                    interval = min(interval * 1.5, _MAX_POLL_S)
+            _refuse_ignored(capabilities, prepared.grid)
+        await run.run()
     finally:
+        if renewing is not None:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+        run.release()
         if bar is not None:
             bar.close()
-        if prepared.owns_cache and store is not None:
-            store.close()
-    return _result(aclient, prepared, spent, n_failed, capabilities)
-
-
-async def _collect(
-    aclient: AsyncClient,
-    batch: _Tracked,
-    card: Mapping[str, Any],
-    prepared: _Prepared,
-    index_of: Mapping[str, int],
-    spent: dict[str, int],
-) -> int:
-    """Download a finished batch's files into the outcomes and the cache; the failures counted."""
-    results: dict[str, _LineResult] = {}
-    for name in ("output_file_id", "error_file_id"):
-        file_id = card.get(name)
-        if isinstance(file_id, str) and file_id:
-            data = await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
-            results.update(read_batch_results(data))
-    store, outcomes = prepared.cache, prepared.outcomes
-    assert outcomes is not None  # batches keep results in memory (no results=)
-    failed = 0
-    for key in batch.keys:
-        found = results.get(key)
-        if found is not None and found.response is not None and store is not None:
-            # Every response is kept, also those of keys another sweep sharing the cache asked for.
-            store.put(key, found.response)
-        i = index_of.get(key)
-        if i is None:
-            continue
-        outcome = outcomes[i]
-        if found is None:
-            outcome.error = _ended_error(batch.id, card)
-            failed += 1
-        elif found.response is not None:
-            outcome.response = found.response
-            _spend(spent, found.response)
-        else:
-            outcome.error = found.error
-            failed += 1
-    return failed
+        if prepared.owns_cache and prepared.cache is not None:
+            prepared.cache.close()
+    return _result(aclient, prepared, run.spent, run.n_failed, capabilities)
 
 
 # -- a Batch file, as it is ----------------------------------------------------------------------
@@ -599,8 +757,7 @@ async def arun_batch_file(
     """Run the Batch input file ``data`` on ``aclient``'s server: the finished batch object and
     the contents of its output and error files (None where it has none)."""
     aclient = _batch_client(aclient)
-    content, content_type = _multipart(data, filename)
-    uploaded = await aclient._request_json("POST", "/files", None, upload=(content, content_type))
+    uploaded = await _upload(aclient, data, filename)
     marker = new_marker()
     body = {
         "input_file_id": uploaded["id"],
@@ -608,7 +765,7 @@ async def arun_batch_file(
         "completion_window": "24h",
         "metadata": {MARKER_KEY: marker},
     }
-    card: dict[str, Any] = await aclient._request_json("POST", "/batches", body)
+    card: dict[str, Any] = await aclient.request("POST", "/batches", json=body)
     # A lost answer that the client retried made a second batch: cancel it, keep the first.
     uploaded_at = uploaded.get("created_at")
     entry = Entry(
@@ -620,7 +777,7 @@ async def arun_batch_file(
     )
     [entry] = await settle(aclient, Ledger(None, ""), [entry])
     if entry.batch_id != card["id"]:
-        card = await aclient._request_json("GET", f"/batches/{entry.batch_id}", None)
+        card = await aclient.request("GET", f"/batches/{entry.batch_id}")
     interval = poll_interval or _FIRST_POLL_S
     bar = None
     if progress:
@@ -632,7 +789,7 @@ async def arun_batch_file(
             await asyncio.sleep(interval)
             if poll_interval is None:
                 interval = min(interval * 1.5, _MAX_POLL_S)
-            card = await aclient._request_json("GET", f"/batches/{card['id']}", None)
+            card = await aclient.request("GET", f"/batches/{card['id']}")
             if bar is not None:
                 counts = card.get("request_counts") or {}
                 bar.total = counts.get("total") or None
@@ -645,9 +802,8 @@ async def arun_batch_file(
     for name in ("output_file_id", "error_file_id"):
         file_id = card.get(name)
         if isinstance(file_id, str) and file_id:
-            files.append(
-                await aclient._request_json("GET", f"/files/{file_id}/content", None, raw=True)
-            )
+            async with aclient.open("GET", f"/files/{file_id}/content") as content:
+                files.append(b"".join([piece async for piece in content.aiter_bytes()]))
         else:
             files.append(None)
     return card, files[0], files[1]

@@ -37,7 +37,6 @@ import warnings
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote
 
 from ._errors import APIError, SweepWarning, answered_field
 
@@ -193,9 +192,11 @@ async def find_ours(
                 "twice: look these files' batches up on the server",
                 type="batch_lookup",
             )
-        path = f"/batches?limit={_PAGE}" + ("" if after is None else f"&after={quote(after)}")
+        params: dict[str, Any] = (
+            {"limit": _PAGE} if after is None else {"limit": _PAGE, "after": after}
+        )
         try:
-            page = await aclient._request_json("GET", path, None)
+            page = await aclient.request("GET", "/batches", params=params)
         except APIError as exc:
             if exc.status in _NO_LISTING:
                 return None
@@ -276,7 +277,7 @@ async def _cancel_duplicate(aclient: AsyncClient, card: Mapping[str, Any], kept:
         return
     try:
         # Sent even for a batch the list shows ended: the list may be older than the batch.
-        await aclient._request_json("POST", f"/batches/{card['id']}/cancel", None)
+        await aclient.request("POST", f"/batches/{card['id']}/cancel")
     except APIError as exc:
         if exc.status == 409:  # it has ended: nothing left to stop
             return
@@ -294,4 +295,4 @@ async def _delete_file(aclient: AsyncClient, file_id: str | None) -> None:
     if file_id is None:
         return
     with contextlib.suppress(APIError):
-        await aclient._request_json("DELETE", f"/files/{file_id}", None)
+        await aclient.request("DELETE", f"/files/{file_id}")

@@ -9,16 +9,20 @@ later should get a real answer.
 
 What makes a row trustworthy:
 
-- Each response is stored zlib-compressed (rows written as plain JSON text by earlier versions
-  still read) with a digest: sha256 of its key and its stored bytes. A row moved to another key,
-  or altered, no longer matches and reading it raises `CacheError` instead of answering for the
-  wrong request. `Cache.verify` checks every row (and can remove the bad ones).
-- Every SQLite failure (a damaged or foreign file, a locked one) is a `CacheError` naming the file
-  and what to do.
+- Each response is stored zlib-compressed (plain JSON text from earlier versions still reads)
+  with a digest: sha256 of its key and its stored bytes. A row moved to another key, or altered,
+  no longer matches and reading it raises `CacheError` instead of answering for the wrong
+  request. A row without a digest (written by a version before digests) cannot be tied to its
+  request, so it is never served: it reads as missing, is fetched again, and the new answer
+  replaces it. `Cache.verify` lists both kinds (and can remove them).
+- Every SQLite or file-system failure is a `CacheError` naming the file and what to do; only
+  what shows damage (not a database, malformed) is called damage: a full disk or an I/O error
+  says so, and the file it names is left as it is.
 - Several processes can share one file without paying twice: a sweep claims requests
   (`Cache.claim`) before it sends them; others skip what is claimed and read the answer when it is
   stored. A claim is a lease (``lease`` seconds, renewed while the sweep runs), so the claims of a
-  process that crashed expire and are taken over.
+  process that crashed expire and are taken over; a claim names its host and process, so on the
+  same host the claims of a process that is gone (``kill -9``) are taken over at once.
 - Copying: while a cache is open (or after its process was killed) recent rows can sit in the
   ``-wal`` file beside it, so copying the main file alone can lose them. `Cache.close` checkpoints
   them into the main file; to copy a cache at any time use `Cache.backup` (SQLite's backup API).
@@ -33,6 +37,8 @@ whose id stays the same when it is retrained.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import json
 import os
@@ -49,6 +55,7 @@ from time import sleep as _sleep
 from types import TracebackType
 from typing import Any
 
+from ._checks import finite_float, invalid, is_int
 from ._errors import CacheError
 from ._parse import loads
 from ._request import CompletionRequest
@@ -93,6 +100,9 @@ DIRECTORY_FILE = "cache.sqlite"
 # zlib level 1: responses (logprobs especially) shrink ~5x at a few microseconds each; higher
 # levels gain little on short JSON and cost time on every response a sweep stores.
 _ZLIB_LEVEL = 1
+
+#: Where a row counts as an answer: its digest ties it to its key (rows without one are refetched).
+_TRUSTED = "digest IS NOT NULL"
 
 _DAMAGED_FIX = (
     "the file is damaged or is not an nbcompletions cache: move it aside (responses will be "
@@ -205,9 +215,7 @@ def _row(
     stored = zlib.compress(data, _ZLIB_LEVEL)
     usage = response.get("usage")
     usage = usage if isinstance(usage, Mapping) else {}
-    numbers = [
-        usage.get(name) if isinstance(usage.get(name), int) else None for name in _USAGE_FIELDS
-    ]
+    numbers = [int(value) if is_int(value := usage.get(name)) else None for name in _USAGE_FIELDS]
     rid = response.get("id")
     return (
         key,
@@ -220,16 +228,70 @@ def _row(
     )
 
 
-def _fix_for(exc: sqlite3.Error) -> str:
+def _fix_for(exc: sqlite3.Error | OSError) -> str:
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return _fix_for(sqlite3.OperationalError("database or disk is full"))
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+            return _fix_for(sqlite3.OperationalError("unable to open"))
+        return _fix_for(sqlite3.OperationalError("disk I/O error"))
     text = str(exc).lower()
     if "locked" in text or "busy" in text:
         return (
             "another process holds a write lock on it for too long; wait for it to finish, or "
             "give each process its own cache file"
         )
+    if "full" in text:
+        return (
+            "the disk (or quota) it is on is full: free some space and run again; the file is "
+            "not damaged and keeps every response stored so far"
+        )
+    if "i/o error" in text:
+        return (
+            "the operating system failed to read or write it (a failing disk, a network file "
+            "system that went away): this does not mean the file is damaged, so keep it; check "
+            "the disk or mount and run again"
+        )
     if "unable to open" in text or "readonly" in text or "read-only" in text:
         return "check that its directory exists and is writable, and that the path is a file"
-    return _DAMAGED_FIX
+    if any(sign in text for sign in _DAMAGE_SIGNS):
+        return _DAMAGED_FIX
+    return "run again; if it persists, copy the file with Cache.backup() and report the message"
+
+
+#: What SQLite says of a file that is damaged or is not a cache (and nothing else is called so).
+_DAMAGE_SIGNS = ("malformed", "not a database", "no such table", "no such column", "corrupt")
+
+
+def _this_host() -> str:
+    """This machine, and on Linux its process namespace (containers on one host that share a
+    cache have their own process ids): claims from the same place can be checked by pid."""
+    host = socket.gethostname().replace(":", "_") or "host"
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return host
+    return host + "#" + "".join(ch for ch in namespace if ch.isdigit())
+
+
+_HOST = _this_host()
+
+
+def _owner_may_live(owner: str) -> bool:
+    """False only when ``owner`` (``host:pid:nonce``) is a process of this host that is gone.
+    Another host's processes cannot be looked up, so their claims hold until they expire; a
+    reused pid only makes a claim wait out its lease, as before."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != _HOST or not pid_text.isdigit() or os.name != "posix":
+        return True  # (os.kill on Windows would end the process, not probe it)
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's live process; a pid beyond range
+        return True
+    return True
 
 
 def _wal(conn: sqlite3.Connection, wait: float = 30.0) -> None:
@@ -342,17 +404,18 @@ class Cache:
     def __init__(self, path: str | os.PathLike[str], *, lease: float = 60.0) -> None:
         if isinstance(path, bool) or not isinstance(path, str | os.PathLike):
             raise TypeError(f"cache must be a file path or a Cache; got {path!r}")
-        if isinstance(lease, bool) or not isinstance(lease, int | float) or not lease > 0:
-            raise ValueError(f"lease must be a number of seconds > 0; got {lease!r}")
+        lease_seconds = finite_float(lease)
+        if lease_seconds is None or not lease_seconds > 0:
+            raise invalid("lease", "a number of seconds > 0", lease)
         self.path = _resolve(path)
-        self.lease = float(lease)
+        self.lease = lease_seconds
         # One owner per Cache object: two objects in one process share nothing but the file.
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
-        if self.path.parent and not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.owner = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         with self._sqlite():
+            if self.path.parent and not self.path.parent.exists():
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             # timeout: how long a write waits for another process's write to finish.
             conn = sqlite3.connect(
                 str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
@@ -391,9 +454,10 @@ class Cache:
         """Turn any SQLite failure into a `CacheError` that names this file and the fix."""
         try:
             yield
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
+            where = "SQLite" if isinstance(exc, sqlite3.Error) else "the operating system"
             raise CacheError(
-                f"the cache {str(self.path)!r} could not be used (SQLite: {exc}); {_fix_for(exc)}",
+                f"the cache {str(self.path)!r} could not be used ({where}: {exc}); {_fix_for(exc)}",
                 path=self.path,
                 key=key,
             ) from exc
@@ -410,7 +474,9 @@ class Cache:
 
     def __len__(self) -> int:
         with self._lock, self._sqlite():
-            row = self._connection.execute("SELECT COUNT(*) FROM responses").fetchone()
+            row = self._connection.execute(
+                f"SELECT COUNT(*) FROM responses WHERE {_TRUSTED}"
+            ).fetchone()
         return int(row[0])
 
     def __contains__(self, key: object) -> bool:
@@ -418,7 +484,7 @@ class Cache:
             return False
         with self._lock, self._sqlite(key):
             row = self._connection.execute(
-                "SELECT 1 FROM responses WHERE key = ?", (key,)
+                f"SELECT 1 FROM responses WHERE key = ? AND {_TRUSTED}", (key,)
             ).fetchone()
         return row is not None
 
@@ -440,7 +506,8 @@ class Cache:
                 marks = ",".join("?" * len(chunk))
                 rows = self._connection.execute(
                     "SELECT key, response, latency, created, prompt_tokens, completion_tokens, "
-                    f"total_tokens, response_id, digest FROM responses WHERE key IN ({marks})",
+                    f"total_tokens, response_id, digest FROM responses WHERE key IN ({marks}) "
+                    f"AND {_TRUSTED}",
                     chunk,
                 ).fetchall()
                 for key, stored, latency, created, prompt, completion, total, rid, digest in rows:
@@ -454,7 +521,7 @@ class Cache:
                     entry = CachedResponse(
                         stored, latency, created, usage, rid, key=key, source=source
                     )
-                    if digest is not None and digest != _digest(key, stored):
+                    if digest != _digest(key, stored):
                         raise entry._bad_row(
                             "its response does not belong to its request (the digest stored "
                             "with it does not match: rows were moved or altered)"
@@ -473,19 +540,20 @@ class Cache:
                 present.update(
                     row[0]
                     for row in self._connection.execute(
-                        f"SELECT key FROM responses WHERE key IN ({marks})", chunk
+                        f"SELECT key FROM responses WHERE key IN ({marks}) AND {_TRUSTED}", chunk
                     )
                 )
         return present
 
     def verify(self, *, remove: bool = False) -> list[str]:
-        """The keys of rows that cannot be trusted (digest mismatch, not decompressible, not a
-        JSON object); with ``remove=True`` they are deleted, so a re-run fetches them again."""
+        """The keys of rows that cannot be trusted (no digest, digest mismatch, not
+        decompressible, not a JSON object); with ``remove=True`` they are deleted, so a re-run
+        fetches them again (rows without a digest are fetched again anyway)."""
         with self._lock, self._sqlite():
             rows = self._connection.execute("SELECT key, response, digest FROM responses")
             bad = []
             for key, stored, digest in rows:
-                if digest is not None and digest != _digest(key, stored):
+                if digest is None or digest != _digest(key, stored):
                     bad.append(key)
                     continue
                 try:
@@ -541,7 +609,8 @@ class Cache:
 
         Keys already answered, or claimed by another live owner, are not returned: their
         answer will appear in the file. A claim lasts ``lease`` seconds unless `renew` extends it
-        (a sweep renews while it runs), so a crashed owner's claims are taken over.
+        (a sweep renews while it runs), so a crashed owner's claims are taken over; those of an
+        owner on this host whose process is gone are taken over at once.
         """
         wanted = list(dict.fromkeys(keys))
         held: list[str] = []
@@ -550,22 +619,26 @@ class Cache:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 now = time.time()
+                # One look-up per owner, not per key, and a fresh one each claim.
+                may_live = functools.cache(_owner_may_live)
                 for start in range(0, len(wanted), _LOOKUP_CHUNK):
                     chunk = wanted[start : start + _LOOKUP_CHUNK]
                     marks = ",".join("?" * len(chunk))
                     taken = {
                         row[0]
                         for row in conn.execute(
-                            f"SELECT key FROM responses WHERE key IN ({marks})", chunk
+                            f"SELECT key FROM responses WHERE key IN ({marks}) AND {_TRUSTED}",
+                            chunk,
                         )
                     }
                     taken.update(
-                        row[0]
-                        for row in conn.execute(
-                            f"SELECT key FROM claims WHERE key IN ({marks}) "
+                        key
+                        for key, owner in conn.execute(
+                            f"SELECT key, owner FROM claims WHERE key IN ({marks}) "
                             "AND owner != ? AND expires > ?",
                             (*chunk, self.owner, now),
                         )
+                        if may_live(owner)
                     )
                     mine = [k for k in chunk if k not in taken]
                     conn.executemany(
@@ -597,10 +670,6 @@ class Cache:
                     "DELETE FROM claims WHERE key = ? AND owner = ?",
                     [(k, self.owner) for k in keys],
                 )
-
-    def delete(self, key: str) -> None:
-        with self._lock, self._sqlite(key):
-            self._connection.execute("DELETE FROM responses WHERE key = ?", (key,))
 
     def clear(self) -> None:
         """Remove every stored response, note and claim."""

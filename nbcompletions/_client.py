@@ -14,8 +14,15 @@ import difflib
 import json
 import logging
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -23,7 +30,7 @@ from . import _retry
 from ._completion import Completion
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
-from ._loop import run_sync
+from ._loop import iter_sync, run_sync
 from ._parse import loads
 from ._profiles import ServerProfile
 from ._request import (
@@ -45,7 +52,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ._conformance import ConformanceReport
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "AsyncResponseStream", "Client", "ResponseStream"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("nbcompletions")
 
@@ -395,19 +404,11 @@ class AsyncClient(_BaseClient):
                 return await stream.completion()
             finally:
                 await stream.aclose()
-        raw, body = await self._request_json(
-            "POST", "/completions", request.to_body(), with_body=True
-        )
-        if not isinstance(raw, dict):
-            raise APIError(
-                f"the server answered with JSON that is not an object: {str(raw)[:200]}",
-                status=200,
-                type="invalid_response",
-                body=raw,
-            )
-        if "choices" not in raw and ("error" in raw or raw.get("object") == "error"):
-            # Some proxies answer 200 with an error body.
-            raise self._scrub(_retry.error_from_body(raw, status=200))
+        content = _encode_body(request.to_body())
+        raw, body = await self._request_json("POST", "/completions", content, _JSON_HEADERS)
+        error = _retry.completion_error(raw)
+        if error is not None:
+            raise self._scrub(error)
         completion = Completion(raw, request, vocab_size=self.vocab_size)
         completion._body = body
         return completion
@@ -427,9 +428,64 @@ class AsyncClient(_BaseClient):
             self._stream_after_model(request), request, vocab_size=lambda: self.vocab_size
         )
 
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
+        files: Mapping[str, Any] | None = None,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> Any:
+        """Send any request to the server (``path`` after the base URL, such as ``"/files"``)
+        and return its JSON answer (None for an empty one).
+
+        The body is ``json`` (encoded as JSON), ``content`` (bytes as they are) or ``files`` and
+        ``data`` (multipart form data, as httpx takes them); ``params`` go in the query string.
+        Authentication, retries, the concurrency limit, redaction and errors (`APIError`) are
+        those of a completion. ``retry=False`` makes one attempt: for a request that must not
+        run twice unless you have checked it did not arrive.
+        """
+        path, body, sent_headers = _encode_request(
+            method, path, json=json, params=params, content=content, files=files, data=data
+        )
+        answer, _ = await self._request_json(
+            method, path, body, {**sent_headers, **(headers or {})}, retry=retry
+        )
+        return answer
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
+        files: Mapping[str, Any] | None = None,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> AsyncResponseStream:
+        """`request`, with the answer's body read as it arrives instead of parsed whole: for
+        large bodies such as a Batch output file.
+        ``async with client.open("GET", f"/files/{id}/content") as body:``, then
+        ``async for line in body.aiter_lines()``. Failures before the first bytes are retried."""
+        path, body, sent_headers = _encode_request(
+            method, path, json=json, params=params, content=content, files=files, data=data
+        )
+        pieces = self._send(
+            method, path, body, {**sent_headers, **(headers or {})}, _read_bytes, retry=retry
+        )
+        return AsyncResponseStream(pieces)
+
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
-        body = await self._request_json("GET", "/models", None)
+        body = await self.request("GET", "/models")
         data = answered_field(body, "data", list, "GET /models", "a data list", status=200)
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
@@ -566,25 +622,17 @@ class AsyncClient(_BaseClient):
         self,
         method: str,
         path: str,
-        body: dict[str, Any] | None,
+        content: bytes | None,
+        headers: Mapping[str, str],
         *,
-        upload: tuple[bytes, str] | None = None,
-        raw: bool = False,
-        with_body: bool = False,
         retry: bool = True,
-    ) -> Any:
-        """One request through the retry loop: the JSON answer (``raw``: its bytes;
-        ``with_body``: the answer and its bytes). ``upload`` sends ``(content, content type)``
-        instead of a JSON body (the Batch API's files). ``retry=False`` makes one attempt: for a
-        POST that must not run twice, whose caller checks what happened before it tries again
-        (the Batch API's create)."""
-        responses = self._send(
-            method, path, body, upload=upload, raw=raw, with_body=with_body, retry=retry
-        )
+    ) -> tuple[Any, bytes]:
+        """One request through the retry loop: the JSON answer and its bytes."""
+        answers = self._send(method, path, content, headers, _read_json, retry=retry)
         try:
-            return await anext(responses)
+            return await anext(answers)
         finally:
-            await responses.aclose()
+            await answers.aclose()
 
     async def _stream_after_model(
         self,
@@ -602,38 +650,41 @@ class AsyncClient(_BaseClient):
 
     def _stream_chunks(self, request: CompletionRequest) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
-        return self._send("POST", "/completions", request.to_body(), stream=True)
+        headers = {**_JSON_HEADERS, "Accept": "text/event-stream"}
+        content = _encode_body(request.to_body())
+        return self._send("POST", "/completions", content, headers, _read_events)
+
+    def _http_error(
+        self, response: httpx.Response, endpoint: _Endpoint, method: str, path: str
+    ) -> APIError:
+        """The `APIError` of an HTTP error answer (its body already read), with a hint."""
+        error = _retry.api_error(
+            response.status_code, response.content, response.headers, response.reason_phrase
+        )
+        error.url = f"{method} {redact_url(endpoint.url + path)}"
+        error.hint = self._settings.target.hint(endpoint, response.status_code, error)
+        return error
 
     async def _send(
         self,
         method: str,
         path: str,
-        body: Mapping[str, Any] | None,
+        content: bytes | None,
+        headers: Mapping[str, str],
+        read: Callable[[httpx.Response], AsyncIterator[T]],
         *,
-        stream: bool = False,
-        upload: tuple[bytes, str] | None = None,
-        raw: bool = False,
-        with_body: bool = False,
         retry: bool = True,
-    ) -> AsyncGenerator[Any, None]:
-        """The one retry loop: yields the JSON body once or, with ``stream``, each chunk object.
+    ) -> AsyncGenerator[T, None]:
+        """The one retry loop: yields what ``read`` makes of the first successful answer.
 
         Each attempt goes to the least busy endpoint (another one after a failure) and holds a
         concurrency slot until the consumer closes this generator. Failures are retried as
-        `_retry` decides; a stream only until its first chunk has arrived.
+        `_retry` decides; a body only until ``read`` has yielded its first item.
         """
         state = self._state()
         target = self._settings.target
         limit = state.semaphore or _NO_LIMIT
-        content = _encode_body(body) if body is not None else None
-        headers = self._settings.headers.get()
-        if content is not None:
-            headers = {**headers, "Content-Type": "application/json"}
-        elif upload is not None:
-            content, content_type = upload
-            headers = {**headers, "Content-Type": content_type}
-        if stream:
-            headers = {**headers, "Accept": "text/event-stream"}
+        headers = {**self._settings.headers.get(), **headers}
         retries = 0
         last: _Endpoint | None = None
         while True:
@@ -650,44 +701,17 @@ class AsyncClient(_BaseClient):
                     )
                     response = await http.send(http_request, stream=True)
                     try:
-                        if response.status_code >= 400:
-                            await response.aread()
-                            error = _retry.api_error(
-                                response.status_code,
-                                response.content,
-                                response.headers,
-                                response.reason_phrase,
-                            )
-                            error.url = f"{method} {redact_url(endpoint.url + path)}"
-                            error.hint = target.hint(endpoint, response.status_code, error)
-                            error_headers = response.headers
-                            retryable = _retry.should_retry(
-                                response.status_code, response.headers, error
-                            )
-                        elif stream and response.headers.get("content-type", "").startswith(
-                            "application/json"
-                        ):
-                            # A server that ignored stream=True sent it whole: one chunk.
-                            await response.aread()
-                            body = _json_body(response)
-                            if isinstance(body, dict):
+                        if response.status_code < 400:
+                            async for item in read(response):
                                 received = True
-                                yield body
+                                yield item
                             return
-                        elif stream:
-                            async for chunk in aiter_chunks(response.aiter_bytes()):
-                                received = True
-                                yield chunk
-                            return
-                        else:
-                            await response.aread()
-                            if raw:
-                                yield response.content
-                            elif with_body:
-                                yield _json_body(response), response.content
-                            else:
-                                yield _json_body(response)
-                            return
+                        await response.aread()
+                        error = self._http_error(response, endpoint, method, path)
+                        error_headers = response.headers
+                        retryable = _retry.should_retry(
+                            response.status_code, response.headers, error
+                        )
                     finally:
                         await response.aclose()
                 except APIError as exc:
@@ -701,12 +725,40 @@ class AsyncClient(_BaseClient):
                         ) from exc
                     error = target.transport_error(exc, endpoint, method, path)
                     error.__cause__ = exc
-                    retryable = True
                 finally:
                     endpoint.in_flight -= 1
                     state.give_back(http)
             await self._retry_or_raise(error, retries, error_headers, retryable and retry)
             retries += 1
+
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+async def _read_json(response: httpx.Response) -> AsyncIterator[tuple[Any, bytes]]:
+    """A whole JSON answer, once: the parsed value and its bytes (an empty body: None)."""
+    await response.aread()
+    yield (_json_body(response) if response.content else None), response.content
+
+
+async def _read_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """The chunk objects of a streamed completion (a server that ignored ``stream=True`` and
+    sent it whole: that one object)."""
+    if response.headers.get("content-type", "").startswith("application/json"):
+        await response.aread()
+        body = _json_body(response)
+        if isinstance(body, dict):
+            yield body
+        return
+    async for chunk in aiter_chunks(response.aiter_bytes()):
+        yield chunk
+
+
+async def _read_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The answer's bytes as they arrive (decoded from any content encoding)."""
+    async for piece in response.aiter_bytes():
+        if piece:
+            yield piece
 
 
 def _json_body(response: httpx.Response) -> Any:
@@ -716,7 +768,7 @@ def _json_body(response: httpx.Response) -> Any:
         text = response.content.decode("utf-8", errors="replace")
         raise APIError(
             f"the server answered HTTP {response.status_code} with a body "
-            f"that is not JSON: {_retry._text_message(text)[:200]!r}",
+            f"that is not JSON: {_retry.text_message(text)[:200]!r}",
             status=response.status_code,
             type="invalid_response",
             body=text,
@@ -724,26 +776,154 @@ def _json_body(response: httpx.Response) -> Any:
         ) from None
 
 
-def _encode_body(body: Mapping[str, Any]) -> bytes:
+def _encode_request(
+    method: str,
+    path: str,
+    *,
+    json: Any,
+    params: Mapping[str, Any] | None,
+    content: bytes | None,
+    files: Mapping[str, Any] | None,
+    data: Mapping[str, str] | None,
+) -> tuple[str, bytes | None, dict[str, str]]:
+    """``request``'s arguments as the path with its query, the body and its headers."""
+    if not isinstance(method, str) or not method.isalpha():
+        raise RequestError(
+            "method",
+            f"method must be an HTTP method such as 'GET' or 'POST'; got {method!r}",
+            allowed="an HTTP method name",
+            value=method,
+        )
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise RequestError(
+            "path",
+            f"path must start with '/' (it follows the base URL, as in '/files'); got {path!r}",
+            allowed="a path starting with '/'",
+            value=path,
+        )
+    given = [
+        n for n, v in (("json", json), ("content", content), ("files", files)) if v is not None
+    ]
+    if len(given) > 1 or (data is not None and files is None):
+        raise RequestError(
+            given[-1] if given else "data",
+            f"a request has one body: json, content, or files (with data); got {given or ['data']}",
+            allowed="one of json, content, files (data only with files)",
+            value=given,
+        )
+    if params:
+        query = str(httpx.QueryParams(params))
+        path = f"{path}{'&' if '?' in path else '?'}{query}"
+    if json is not None:
+        return path, _encode_body(json), dict(_JSON_HEADERS)
+    if files is not None:
+        # httpx builds the multipart body; it is read once so that a retry sends it again.
+        built = httpx.Request(method, "http://multipart.invalid/", files=files, data=data)
+        return path, built.read(), {"Content-Type": built.headers["Content-Type"]}
+    return path, content, {}
+
+
+def _encode_body(body: Any) -> bytes:
     """The JSON request body as UTF-8; text that UTF-8 cannot carry is a `RequestError`."""
     try:
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
             "utf-8"
         )
-    except UnicodeEncodeError:
-        # A lone surrogate ("\ud800", from JSON or a bad decode): no server could tokenize it.
-        for name, value in body.items():
-            try:
-                json.dumps(value, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise RequestError(
-                    name,
-                    f"{name} must be valid Unicode text; it holds a lone surrogate "
-                    f"{exc.object[exc.start]!r}",
-                    allowed="text without lone surrogates (U+D800..U+DFFF)",
-                    value=value,
-                ) from None
-        raise
+    except ValueError as exc:
+        if isinstance(exc, UnicodeEncodeError) and isinstance(body, Mapping):
+            _refuse_surrogates(body)
+        raise RequestError(
+            "json",
+            f"the JSON body cannot be encoded: {exc}",
+            allowed="JSON values (finite numbers, valid Unicode text)",
+            value=body,
+        ) from None
+
+
+def _refuse_surrogates(body: Mapping[str, Any]) -> None:
+    """Name the field that holds a lone surrogate (U+D800..U+DFFF, from JSON or a bad decode):
+    no server could tokenize it."""
+    for name, value in body.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(
+                name,
+                f"{name} must be valid Unicode text; it holds a lone surrogate "
+                f"{exc.object[exc.start]!r}",
+                allowed="text without lone surrogates (U+D800..U+DFFF)",
+                value=value,
+            ) from None
+
+
+class AsyncResponseStream:
+    """An answer's body as it arrives (`AsyncClient.open`): ``async with`` sends the request
+    (retrying failures, raising `APIError` for an error answer); then ``aiter_bytes()`` or
+    ``aiter_lines()`` read it once. Leaving the block closes the connection."""
+
+    def __init__(self, pieces: AsyncGenerator[bytes, None]) -> None:
+        self._pieces = pieces
+        self._first: bytes | None = None
+        self._entered = self._started = False
+
+    async def __aenter__(self) -> AsyncResponseStream:
+        # The first bytes are read here, so a failure before them is retried and raised now.
+        self._first = await anext(self._pieces, None)
+        self._entered = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._pieces.aclose()
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The body in pieces as they arrive (content encoding decoded)."""
+        if not self._entered:
+            raise RuntimeError(
+                "open() sends the request on entering a with block: "
+                "`with client.open(...) as body:` (async: `async with`)"
+            )
+        if self._started:
+            raise RuntimeError("the body has already been read; open the request again")
+        self._started = True
+        if self._first is not None:
+            yield self._first
+            self._first = None
+        async for piece in self._pieces:
+            yield piece
+
+    async def aiter_lines(self) -> AsyncIterator[bytes]:
+        """The body's lines as bytes, without their line ends (JSON Lines, one at a time)."""
+        rest = b""
+        async for piece in self.aiter_bytes():
+            lines = (rest + piece).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                yield line.removesuffix(b"\r")
+        if rest:
+            yield rest.removesuffix(b"\r")
+
+
+class ResponseStream:
+    """An answer's body as it arrives (`Client.open`): the sync twin of `AsyncResponseStream`,
+    used with ``with`` and read with ``iter_bytes()`` or ``iter_lines()``."""
+
+    def __init__(self, stream: AsyncResponseStream) -> None:
+        self._stream = stream
+
+    def __enter__(self) -> ResponseStream:
+        run_sync(self._stream.__aenter__())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        run_sync(self._stream.__aexit__())
+
+    def iter_bytes(self) -> Iterator[bytes]:
+        """The body in pieces as they arrive (content encoding decoded)."""
+        return iter_sync(self._stream.aiter_bytes())
+
+    def iter_lines(self) -> Iterator[bytes]:
+        """The body's lines as bytes, without their line ends (JSON Lines, one at a time)."""
+        return iter_sync(self._stream.aiter_lines())
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -793,6 +973,63 @@ class Client(_BaseClient):
 
     def stream_request(self, request: CompletionRequest) -> Stream:
         return Stream(self._async.stream_request(request))
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
+        files: Mapping[str, Any] | None = None,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> Any:
+        """Send any request to the server and return its JSON answer; see `AsyncClient.request`."""
+        return run_sync(
+            self._async.request(
+                method,
+                path,
+                json=json,
+                params=params,
+                content=content,
+                files=files,
+                data=data,
+                headers=headers,
+                retry=retry,
+            )
+        )
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        content: bytes | None = None,
+        files: Mapping[str, Any] | None = None,
+        data: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        retry: bool = True,
+    ) -> ResponseStream:
+        """`request` with the body read as it arrives: ``with client.open("GET", path) as body:``
+        then ``for line in body.iter_lines()``; see `AsyncClient.open`."""
+        return ResponseStream(
+            self._async.open(
+                method,
+                path,
+                json=json,
+                params=params,
+                content=content,
+                files=files,
+                data=data,
+                headers=headers,
+                retry=retry,
+            )
+        )
 
     def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""

@@ -29,38 +29,38 @@ from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from ._conformance_checks import (
-    _ANY_TEXT_STOPS,
-    _ASKED_LOGPROBS,
-    _BYTES_PROMPT,
-    _PROMPT,
-    _REPEAT_PROMPT,
-    _SECOND_PROMPT,
-    _SEED,
-    _SUFFIX,
-    _SUFFIX_PROMPT,
-    _TOKEN_IDS,
-    _best_of_check,
-    _bytes_check,
-    _defaults_check,
-    _detect,
-    _echo_alignment,
-    _first,
-    _gen_checks,
-    _max_tokens_zero,
-    _MaxZero,
-    _model_info,
-    _multiple_check,
-    _n_check,
-    _Outcome,
-    _penalty_check,
-    _rows,
-    _seed_check,
-    _stop_check,
-    _stream_echo_check,
-    _suffix_check,
-    _token_ids_check,
-    _usage_check,
+    ANY_TEXT_STOPS,
+    ASKED_LOGPROBS,
+    BYTES_PROMPT,
+    PROMPT,
+    REPEAT_PROMPT,
+    SECOND_PROMPT,
+    SEED,
+    SUFFIX,
+    SUFFIX_PROMPT,
+    TOKEN_IDS,
+    MaxZeroStream,
+    ProbeOutcome,
+    best_of_check,
+    bytes_check,
+    defaults_check,
+    detect_profile,
+    echo_alignment,
+    gen_checks,
+    logprob_rows,
+    max_tokens_zero_check,
+    model_info,
+    multiple_check,
+    n_check,
+    penalty_check,
+    probe_choice,
+    seed_check,
+    stop_check,
+    stream_echo_check,
+    suffix_check,
     token_bytes,
+    token_ids_check,
+    usage_check,
 )
 from ._conformance_consequences import check_sweep, score_max_tokens
 from ._conformance_report import CHECKS, Check, ConformanceReport
@@ -110,7 +110,7 @@ class _Prober:
             **fields,
         )
 
-    async def send(self, prompt: Any, **fields: Any) -> _Outcome:
+    async def send(self, prompt: Any, **fields: Any) -> ProbeOutcome:
         request = self.request(prompt, **fields)
         self.requests += 1
         try:
@@ -125,17 +125,17 @@ class _Prober:
             return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         return dict(completion.raw), None
 
-    async def max_tokens_zero(self) -> _MaxZero:
+    async def max_tokens_zero(self) -> MaxZeroStream:
         """Stream max_tokens=0 with stops any text hits; hang up at the first generated text.
 
         Run alone: llama.cpp cuts a stream short (``[DONE]``, no finish_reason) when another
         request arrives, and a cut stream proves nothing either way.
         """
         request = self.request(
-            _PROMPT, max_tokens=0, stream=True, temperature=0.0, stop=list(_ANY_TEXT_STOPS)
+            PROMPT, max_tokens=0, stream=True, temperature=0.0, stop=list(ANY_TEXT_STOPS)
         )
         self.requests += 1
-        seen = _MaxZero()
+        seen = MaxZeroStream()
         stream = self.aclient.stream_request(request)
 
         async def read() -> None:
@@ -146,7 +146,6 @@ class _Prober:
                 if piece.text:
                     seen.text += piece.text
                     # It generates: hang up now (llama.cpp stops when the client goes).
-                    seen.hung_up = True
                     break
                 if seen.finish is not None:
                     break
@@ -167,7 +166,7 @@ class _Prober:
     async def models_card(self) -> Mapping[str, Any] | None:
         self.requests += 1
         try:
-            body = await self.aclient._request_json("GET", "/models", None)
+            body = await self.aclient.request("GET", "/models")
         except APIError:
             return None
         data = body.get("data") if isinstance(body, Mapping) else None
@@ -181,6 +180,12 @@ class _Prober:
         return cards[0] if len(cards) == 1 else None
 
 
+#: Generated tokens the echo probe compares; max_tokens and best_of of the best_of probe.
+_ECHO_TOKENS = 3
+_BEST_OF_MAX_TOKENS = 2
+_BEST_OF = 3
+
+
 async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> ConformanceReport:
     """Measure what ``client``'s endpoint and model do (19 small requests); cached."""
     aclient = as_async(client)
@@ -190,100 +195,20 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
             return known
     started = time.perf_counter()
     probe = _Prober(aclient)
-    k = 3  # generated tokens compared by the echo probe
-    max_tokens = 2
-    best_of = 3
-
-    jobs: dict[str, Awaitable[Any]] = {
-        "card": probe.models_card(),
-        "gen": probe.send(_PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=_ASKED_LOGPROBS),
-        "n": probe.send(_PROMPT, n=2, max_tokens=1, temperature=1.0, seed=_SEED),
-        "best_of": probe.send(
-            _PROMPT, n=1, best_of=best_of, max_tokens=max_tokens, temperature=1.0, seed=_SEED
-        ),
-        "multi": probe.send([_PROMPT, _SECOND_PROMPT], max_tokens=1, temperature=0.0),
-        "ids": probe.send(list(_TOKEN_IDS), echo=True, logprobs=0, max_tokens=1, temperature=0.0),
-        "seed_a": probe.send(_SECOND_PROMPT, max_tokens=8, temperature=1.0, top_p=1.0, seed=_SEED),
-        "seed_b": probe.send(_SECOND_PROMPT, max_tokens=8, temperature=1.0, top_p=1.0, seed=_SEED),
-        "seed_c": probe.send(
-            _SECOND_PROMPT, max_tokens=8, temperature=1.0, top_p=1.0, seed=_SEED + 1
-        ),
-        "omitted": probe.send(_SECOND_PROMPT, max_tokens=8, seed=_SEED),
-        "plain": probe.send(_REPEAT_PROMPT, max_tokens=8, temperature=0.0),
-        "penalised": probe.send(
-            _REPEAT_PROMPT,
-            max_tokens=8,
-            temperature=0.0,
-            frequency_penalty=2.0,
-            presence_penalty=2.0,
-        ),
-        "bytes": probe.send(_BYTES_PROMPT, echo=True, logprobs=0, max_tokens=1, temperature=0.0),
-        "suffix": probe.send(
-            _SUFFIX_PROMPT, suffix=_SUFFIX, echo=True, logprobs=0, max_tokens=1, temperature=0.0
-        ),
-    }
-    results = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    results = await _first_round(probe)
     # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
     # ("[DONE]" without a finish_reason) when another request arrives.
     max0 = await probe.max_tokens_zero()
     results["stream_echo"] = await probe.send(
-        _PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
+        PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
     )
     results["usage"] = await probe.send(
-        _PROMPT, stream=True, stream_options={"include_usage": True}, max_tokens=1, temperature=0.0
+        PROMPT, stream=True, stream_options={"include_usage": True}, max_tokens=1, temperature=0.0
     )
-
-    gen: _Outcome = results["gen"]
-    gen_rows = _rows(_first(gen[0])) if gen[1] is None else None
-    echo: _Outcome | None = None
-    stop_outcome: _Outcome | None = None
-    stop: str | None = None
-    second: dict[str, Awaitable[_Outcome]] = {}
-    if (
-        gen_rows is not None
-        and len(gen_rows.tokens) >= k
-        and all(not t.startswith("bytes:") for t in gen_rows.tokens[:k])
-    ):
-        generated = "".join(gen_rows.tokens[:k])
-        second["echo"] = probe.send(
-            _PROMPT + generated, echo=True, logprobs=_ASKED_LOGPROBS, max_tokens=1, temperature=0.0
-        )
-        before = gen_rows.tokens[0]
-        for candidate in gen_rows.tokens[1:k]:
-            if candidate.strip() and candidate not in before + candidate[:-1]:
-                stop = candidate
-                break
-            before += candidate
-        if stop is not None:
-            second["stop"] = probe.send(
-                _PROMPT, max_tokens=k + 2, temperature=0.0, logprobs=0, stop=stop
-            )
-    done = dict(zip(second, await asyncio.gather(*second.values()), strict=True))
-    echo = done.get("echo")
-    stop_outcome = done.get("stop")
-
-    checks: dict[str, Check] = {}
-    checks["echo_alignment"] = _echo_alignment(gen, echo, k)
-    checks["max_tokens_0"] = _max_tokens_zero(max0)
-    checks["n"] = _n_check(results["n"])
-    checks["best_of"] = _best_of_check(results["best_of"], max_tokens, best_of)
-    checks["stream_echo"] = _stream_echo_check(results["stream_echo"])
-    checks["include_usage"] = _usage_check(results["usage"])
-    for check in _gen_checks(gen):
-        checks[check.name] = check
-    checks["stop_in_logprobs"] = _stop_check(stop, stop_outcome)
-    checks["multiple_prompts"] = _multiple_check(results["multi"])
-    checks["token_id_prompts"] = _token_ids_check(results["ids"])
-    checks["seed"] = _seed_check(results["seed_a"], results["seed_b"], results["seed_c"])
-    checks["default_sampling"] = _defaults_check(
-        checks["seed"], results["seed_a"], results["omitted"]
-    )
-    checks["penalties"] = _penalty_check(results["plain"], results["penalised"])
-    checks["byte_tokens"] = _bytes_check(results["bytes"])
-    checks["suffix"] = _suffix_check(results["suffix"])
-    info, context, vocab = _model_info(results["card"], aclient, results["bytes"])
+    echo, stop, stop_outcome = await _second_round(probe, results["gen"])
+    checks = _judge(results, max0, echo, stop, stop_outcome)
+    info, context, vocab = model_info(results["card"], aclient, results["bytes"])
     checks["model_info"] = info
-
     endpoint = getattr(aclient, "endpoint", None)
     report = ConformanceReport(
         [checks[name] for name in CHECKS],
@@ -292,12 +217,115 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
         model=_key(aclient)[1],  # discovered by the probes when the client named none
         requests=probe.requests,
         seconds=time.perf_counter() - started,
-        profile_name=_detect(results["card"], checks),
+        profile_name=detect_profile(results["card"], checks),
         context_length=context,
         vocab_size=vocab,
     )
     remember(aclient, report)
     return report
+
+
+async def _first_round(probe: _Prober) -> dict[str, Any]:
+    """The probes that need nothing from another's answer, sent together."""
+    k = _ECHO_TOKENS
+    jobs: dict[str, Awaitable[Any]] = {
+        "card": probe.models_card(),
+        "gen": probe.send(PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=ASKED_LOGPROBS),
+        "n": probe.send(PROMPT, n=2, max_tokens=1, temperature=1.0, seed=SEED),
+        "best_of": probe.send(
+            PROMPT,
+            n=1,
+            best_of=_BEST_OF,
+            max_tokens=_BEST_OF_MAX_TOKENS,
+            temperature=1.0,
+            seed=SEED,
+        ),
+        "multi": probe.send([PROMPT, SECOND_PROMPT], max_tokens=1, temperature=0.0),
+        "ids": probe.send(list(TOKEN_IDS), echo=True, logprobs=0, max_tokens=1, temperature=0.0),
+        "seed_a": probe.send(SECOND_PROMPT, max_tokens=8, temperature=1.0, top_p=1.0, seed=SEED),
+        "seed_b": probe.send(SECOND_PROMPT, max_tokens=8, temperature=1.0, top_p=1.0, seed=SEED),
+        "seed_c": probe.send(
+            SECOND_PROMPT, max_tokens=8, temperature=1.0, top_p=1.0, seed=SEED + 1
+        ),
+        "omitted": probe.send(SECOND_PROMPT, max_tokens=8, seed=SEED),
+        "plain": probe.send(REPEAT_PROMPT, max_tokens=8, temperature=0.0),
+        "penalised": probe.send(
+            REPEAT_PROMPT,
+            max_tokens=8,
+            temperature=0.0,
+            frequency_penalty=2.0,
+            presence_penalty=2.0,
+        ),
+        "bytes": probe.send(BYTES_PROMPT, echo=True, logprobs=0, max_tokens=1, temperature=0.0),
+        "suffix": probe.send(
+            SUFFIX_PROMPT, suffix=SUFFIX, echo=True, logprobs=0, max_tokens=1, temperature=0.0
+        ),
+    }
+    return dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+
+
+async def _second_round(
+    probe: _Prober, gen: ProbeOutcome
+) -> tuple[ProbeOutcome | None, str | None, ProbeOutcome | None]:
+    """The probes built from the generation's tokens: the echo of the prompt plus them, and a
+    stop string one of them starts. Returns (echo outcome, stop string, stop outcome)."""
+    k = _ECHO_TOKENS
+    gen_rows = logprob_rows(probe_choice(gen[0])) if gen[1] is None else None
+    if (
+        gen_rows is None
+        or len(gen_rows.tokens) < k
+        or any(t.startswith("bytes:") for t in gen_rows.tokens[:k])
+    ):
+        return None, None, None
+    second: dict[str, Awaitable[ProbeOutcome]] = {}
+    generated = "".join(gen_rows.tokens[:k])
+    second["echo"] = probe.send(
+        PROMPT + generated, echo=True, logprobs=ASKED_LOGPROBS, max_tokens=1, temperature=0.0
+    )
+    stop = None
+    before = gen_rows.tokens[0]
+    for candidate in gen_rows.tokens[1:k]:
+        if candidate.strip() and candidate not in before + candidate[:-1]:
+            stop = candidate
+            break
+        before += candidate
+    if stop is not None:
+        second["stop"] = probe.send(
+            PROMPT, max_tokens=k + 2, temperature=0.0, logprobs=0, stop=stop
+        )
+    done = dict(zip(second, await asyncio.gather(*second.values()), strict=True))
+    return done.get("echo"), stop, done.get("stop")
+
+
+def _judge(
+    results: dict[str, Any],
+    max0: MaxZeroStream,
+    echo: ProbeOutcome | None,
+    stop: str | None,
+    stop_outcome: ProbeOutcome | None,
+) -> dict[str, Check]:
+    """Every check but model_info, from the probes' outcomes."""
+    gen: ProbeOutcome = results["gen"]
+    checks: dict[str, Check] = {}
+    checks["echo_alignment"] = echo_alignment(gen, echo, _ECHO_TOKENS)
+    checks["max_tokens_0"] = max_tokens_zero_check(max0)
+    checks["n"] = n_check(results["n"])
+    checks["best_of"] = best_of_check(results["best_of"], _BEST_OF_MAX_TOKENS, _BEST_OF)
+    checks["stream_echo"] = stream_echo_check(results["stream_echo"])
+    checks["include_usage"] = usage_check(results["usage"])
+    for check in gen_checks(gen):
+        checks[check.name] = check
+    checks["stop_in_logprobs"] = stop_check(stop, stop_outcome)
+    checks["multiple_prompts"] = multiple_check(results["multi"])
+    checks["token_id_prompts"] = token_ids_check(results["ids"])
+    checks["seed"] = seed_check(results["seed_a"], results["seed_b"], results["seed_c"])
+    checks["default_sampling"] = defaults_check(
+        checks["seed"], results["seed_a"], results["omitted"]
+    )
+    checks["penalties"] = penalty_check(results["plain"], results["penalised"])
+    checks["byte_tokens"] = bytes_check(results["bytes"])
+    checks["suffix"] = suffix_check(results["suffix"])
+    return checks
 
 
 # -- the cache -------------------------------------------------------------------------------------

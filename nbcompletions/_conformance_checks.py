@@ -8,40 +8,73 @@ may be missing or null, and llama.cpp's chat-shaped logprobs are read too.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from ._conformance_report import Check, _int_or_none
+from ._checks import finite_float, is_int, positive_int
+from ._conformance_report import Check
 from ._errors import APIError
 from ._parse import choice_index, parse_logprobs, sorted_choices, top_items
 from ._types import AsyncCompletionsClient
 
-__all__ = ["token_bytes"]
+__all__ = [
+    "ANY_TEXT_STOPS",
+    "ASKED_LOGPROBS",
+    "BYTES_PROMPT",
+    "PROMPT",
+    "REPEAT_PROMPT",
+    "SECOND_PROMPT",
+    "SEED",
+    "SUFFIX",
+    "SUFFIX_PROMPT",
+    "TOKEN_IDS",
+    "MaxZeroStream",
+    "ProbeOutcome",
+    "best_of_check",
+    "bytes_check",
+    "defaults_check",
+    "detect_profile",
+    "echo_alignment",
+    "gen_checks",
+    "logprob_rows",
+    "max_tokens_zero_check",
+    "model_info",
+    "multiple_check",
+    "n_check",
+    "penalty_check",
+    "probe_choice",
+    "seed_check",
+    "stop_check",
+    "stream_echo_check",
+    "suffix_check",
+    "token_bytes",
+    "token_ids_check",
+    "usage_check",
+]
 
-_PROMPT = "To be, or not to be, that is the"
-_SECOND_PROMPT = "ROMEO:"
-_REPEAT_PROMPT = "ROMEO:\nO"
-_BYTES_PROMPT = "Grüße, café"
-_SUFFIX_PROMPT, _SUFFIX = "To be", " the end"
-_TOKEN_IDS = [100, 101, 102]
+PROMPT = "To be, or not to be, that is the"
+SECOND_PROMPT = "ROMEO:"
+REPEAT_PROMPT = "ROMEO:\nO"
+BYTES_PROMPT = "Grüße, café"
+SUFFIX_PROMPT, SUFFIX = "To be", " the end"
+TOKEN_IDS = [100, 101, 102]
 # Stops that almost any text hits within a token or two: the bound of the max_tokens=0 probe.
-_ANY_TEXT_STOPS = ["\n", " ", ".", "e"]
-_SEED = 1234
-_ASKED_LOGPROBS = 5
+ANY_TEXT_STOPS = ["\n", " ", ".", "e"]
+SEED = 1234
+ASKED_LOGPROBS = 5
 
-_Outcome = tuple[dict[str, Any] | None, APIError | None]
+#: What one probe got: the response body, or the error (one of the two is None).
+ProbeOutcome = tuple[dict[str, Any] | None, APIError | None]
 
 
 @dataclasses.dataclass
-class _MaxZero:
+class MaxZeroStream:
     """What the max_tokens=0 stream showed before it ended or we hung up."""
 
     text: str = ""
     finish: str | None = None
     chunks: int = 0
-    hung_up: bool = False
     error: APIError | None = None
 
 
@@ -56,17 +89,11 @@ class _Rows:
     tops: list[list[tuple[str, float | None]] | None]  # (token, logprob) pairs, as sent
 
 
-def _number(value: Any) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
-
-
 def _choices(raw: Mapping[str, Any] | None) -> list[Mapping[str, Any]]:
     return sorted_choices(raw) if isinstance(raw, Mapping) else []
 
 
-def _rows(choice: Mapping[str, Any] | None) -> _Rows | None:
+def logprob_rows(choice: Mapping[str, Any] | None) -> _Rows | None:
     """The logprobs of a choice in either shape, read by the shared parser (`_parse`): a null
     stays None, and alternatives that render alike (byte tokens as "") stay apart."""
     lp = choice.get("logprobs") if isinstance(choice, Mapping) else None
@@ -80,12 +107,9 @@ def _rows(choice: Mapping[str, Any] | None) -> _Rows | None:
     n = len(tokens)
     return _Rows(
         ["" if t is None else str(t) for t in tokens],
-        [_number(v) for v in logprobs],
-        [
-            v if isinstance(v, int) and not isinstance(v, bool) else None
-            for v in (offsets if offsets is not None else [None] * n)
-        ],
-        [None if top is None else [(str(t), _number(x)) for t, x in top] for top in pairs],
+        [finite_float(v) for v in logprobs],
+        [int(v) if is_int(v) else None for v in (offsets if offsets is not None else [None] * n)],
+        [None if top is None else [(str(t), finite_float(x)) for t, x in top] for top in pairs],
     )
 
 
@@ -134,31 +158,31 @@ def _lookup(top: list[tuple[str, float | None]] | None, token: str) -> float | N
     return found[0] if len(found) == 1 else None
 
 
-def _first(raw: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+def probe_choice(raw: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     choices = _choices(raw)
     return choices[0] if choices else None
 
 
-def _gen_checks(gen: _Outcome) -> list[Check]:
+def gen_checks(gen: ProbeOutcome) -> list[Check]:
     raw, error = gen
     if error is not None:
         return [_failure(name, error) for name in ("logprobs_cap", "text_offset")]
-    rows = _rows(_first(raw))
+    rows = logprob_rows(probe_choice(raw))
     if rows is None or not rows.tokens:
         return [
-            Check("logprobs_cap", "fails", f"asked logprobs={_ASKED_LOGPROBS}, got none"),
+            Check("logprobs_cap", "fails", f"asked logprobs={ASKED_LOGPROBS}, got none"),
             Check("text_offset", "unsupported", "no logprobs, so no text_offset"),
         ]
     counts = [len(t) for t in rows.tops if t is not None]
     most = max(counts) if counts else 0
     cap = Check(
         "logprobs_cap",
-        "ok" if most >= _ASKED_LOGPROBS else "fails",
-        f"asked {_ASKED_LOGPROBS} alternatives, got up to {most} per token",
-        {"asked": _ASKED_LOGPROBS, "returned": most},
+        "ok" if most >= ASKED_LOGPROBS else "fails",
+        f"asked {ASKED_LOGPROBS} alternatives, got up to {most} per token",
+        {"asked": ASKED_LOGPROBS, "returned": most},
     )
     first = rows.offsets[0]
-    if first == len(_PROMPT):
+    if first == len(PROMPT):
         offset = Check(
             "text_offset",
             "ok",
@@ -169,8 +193,7 @@ def _gen_checks(gen: _Outcome) -> list[Check]:
         offset = Check(
             "text_offset",
             "fails",
-            f"generated offsets start at 0, not at len(prompt) = {len(_PROMPT)} "
-            "(vLLM's convention)",
+            f"generated offsets start at 0, not at len(prompt) = {len(PROMPT)} (vLLM's convention)",
             {"origin": "completion"},
         )
     elif first is None:
@@ -179,13 +202,13 @@ def _gen_checks(gen: _Outcome) -> list[Check]:
         offset = Check(
             "text_offset",
             "fails",
-            f"generated offsets start at {first}; expected len(prompt) = {len(_PROMPT)}",
+            f"generated offsets start at {first}; expected len(prompt) = {len(PROMPT)}",
             {"origin": None},
         )
     return [cap, offset]
 
 
-def _echo_alignment(gen: _Outcome, echo: _Outcome | None, k: int) -> Check:
+def echo_alignment(gen: ProbeOutcome, echo: ProbeOutcome | None, k: int) -> Check:
     name = "echo_alignment"
     if gen[1] is not None:
         return _failure(name, gen[1])
@@ -195,8 +218,8 @@ def _echo_alignment(gen: _Outcome, echo: _Outcome | None, k: int) -> Check:
     if error is not None:
         check = _failure(name, error)
         return dataclasses.replace(check, evidence={**check.evidence, "kind": "refused"})
-    gen_rows = _rows(_first(gen[0]))
-    rows = _rows(_first(raw))
+    gen_rows = logprob_rows(probe_choice(gen[0]))
+    rows = logprob_rows(probe_choice(raw))
     assert gen_rows is not None
     wanted = gen_rows.tokens[:k]
     expected = gen_rows.logprobs[:k]
@@ -221,25 +244,41 @@ def _echo_alignment(gen: _Outcome, echo: _Outcome | None, k: int) -> Check:
         f"{wanted[j]!r}: generated {_fmt(expected[j])}, echoed {_fmt(at[j])}" for j in range(k)
     )
     evidence: dict[str, Any] = {"tokens": wanted, "generated": expected, "echoed": at}
-    if all(
-        a is not None and e is not None and _close(a, e) for a, e in zip(at, expected, strict=True)
-    ):
+    if _all_close(at, expected):
         return Check(
             name,
             "ok",
             f"echoed logprobs equal the generated ones ({pairs})",
             {**evidence, "kind": "aligned"},
         )
-    # Where the server put them instead: the previous entry's alternatives (llama.cpp: each entry
-    # holds the next position's distribution), or the next/previous entry's token_logprobs.
+    return _misplaced(name, rows, start, wanted, expected, pairs, evidence)
+
+
+def _all_close(found: list[float | None], expected: list[float | None]) -> bool:
+    return all(
+        f is not None and e is not None and _close(f, e)
+        for f, e in zip(found, expected, strict=True)
+    )
+
+
+def _misplaced(
+    name: str,
+    rows: _Rows,
+    start: int,
+    wanted: list[str],
+    expected: list[float | None],
+    pairs: str,
+    evidence: dict[str, Any],
+) -> Check:
+    """Echoed logprobs that disagree with the generated ones: where the server put them instead,
+    the previous entry's alternatives (llama.cpp: each entry holds the next position's
+    distribution), or the next/previous entry's token_logprobs."""
+    k = len(wanted)
     in_previous = [
         _lookup(rows.tops[start + j - 1], wanted[j]) if start + j - 1 >= 0 else None
         for j in range(k)
     ]
-    if all(
-        p is not None and e is not None and _close(p, e)
-        for p, e in zip(in_previous, expected, strict=True)
-    ):
+    if _all_close(in_previous, expected):
         shown = ", ".join(_fmt(p) for p in in_previous)
         return Check(
             name,
@@ -255,10 +294,7 @@ def _echo_alignment(gen: _Outcome, echo: _Outcome | None, k: int) -> Check:
             else None
             for j in range(k)
         ]
-        if all(
-            m is not None and e is not None and _close(m, e)
-            for m, e in zip(moved, expected, strict=True)
-        ):
+        if _all_close(moved, expected):
             return Check(
                 name,
                 "fails",
@@ -277,7 +313,7 @@ def _fmt(value: float | None) -> str:
     return "null" if value is None else f"{value:.4f}"
 
 
-def _max_tokens_zero(seen: _MaxZero) -> Check:
+def max_tokens_zero_check(seen: MaxZeroStream) -> Check:
     """Honoured means proven: no text, and the server said it stopped for length (0 tokens)."""
     name = "max_tokens_0"
     if seen.error is not None:
@@ -297,7 +333,7 @@ def _max_tokens_zero(seen: _MaxZero) -> Check:
             name,
             "fails",
             "max_tokens=0 ended with finish_reason 'stop' and no text: it generated up to one of "
-            f"the stop strings {_ANY_TEXT_STOPS!r}, so the server reads 0 as 'no limit'; "
+            f"the stop strings {ANY_TEXT_STOPS!r}, so the server reads 0 as 'no limit'; "
             "score() uses max_tokens=1 and drops that token",
             evidence,
         )
@@ -312,7 +348,7 @@ def _max_tokens_zero(seen: _MaxZero) -> Check:
     )
 
 
-def _n_check(outcome: _Outcome) -> Check:
+def n_check(outcome: ProbeOutcome) -> Check:
     raw, error = outcome
     if error is not None:
         return _failure("n", error)
@@ -322,7 +358,7 @@ def _n_check(outcome: _Outcome) -> Check:
     return Check("n", "fails", f"n=2 gave {got} choice(s): n is ignored", {"choices": got})
 
 
-def _best_of_check(outcome: _Outcome, max_tokens: int, best_of: int) -> Check:
+def best_of_check(outcome: ProbeOutcome, max_tokens: int, best_of: int) -> Check:
     raw, error = outcome
     if error is not None:
         return _failure("best_of", error)
@@ -336,7 +372,7 @@ def _best_of_check(outcome: _Outcome, max_tokens: int, best_of: int) -> Check:
     evidence = {"choices": got, "completion_tokens": spent}
     if got != 1:
         return Check("best_of", "fails", detail + " (expected 1 choice)", evidence)
-    if not isinstance(spent, int):
+    if not is_int(spent):
         return Check(
             "best_of", "unsupported", detail + ": no usage, so it cannot be told", evidence
         )
@@ -347,13 +383,13 @@ def _best_of_check(outcome: _Outcome, max_tokens: int, best_of: int) -> Check:
     )
 
 
-def _stream_echo_check(outcome: _Outcome) -> Check:
+def stream_echo_check(outcome: ProbeOutcome) -> Check:
     raw, error = outcome
     if error is not None:
         return _failure("stream_echo", error)
-    choice = _first(raw)
+    choice = probe_choice(raw)
     text = str(choice.get("text") or "") if choice else ""
-    if text.startswith(_PROMPT):
+    if text.startswith(PROMPT):
         return Check("stream_echo", "ok", "the streamed text starts with the prompt")
     cut = _cut_short("stream_echo", raw)
     if cut is not None:
@@ -368,7 +404,7 @@ def _stream_echo_check(outcome: _Outcome) -> Check:
 
 def _cut_short(name: str, raw: Mapping[str, Any] | None) -> Check | None:
     """An ``error`` Check when a stream ended without a finish_reason: it proves nothing."""
-    choice = _first(raw)
+    choice = probe_choice(raw)
     if choice is not None and choice.get("finish_reason") is not None:
         return None
     return Check(
@@ -379,12 +415,12 @@ def _cut_short(name: str, raw: Mapping[str, Any] | None) -> Check | None:
     )
 
 
-def _usage_check(outcome: _Outcome) -> Check:
+def usage_check(outcome: ProbeOutcome) -> Check:
     raw, error = outcome
     if error is not None:
         return _failure("include_usage", error)
     usage = raw.get("usage") if isinstance(raw, Mapping) else None
-    if isinstance(usage, Mapping) and isinstance(usage.get("prompt_tokens"), int):
+    if isinstance(usage, Mapping) and is_int(usage.get("prompt_tokens")):
         return Check("include_usage", "ok", f"usage arrived: {dict(usage)}")
     cut = _cut_short("include_usage", raw)
     if cut is not None:
@@ -397,7 +433,7 @@ def _usage_check(outcome: _Outcome) -> Check:
     )
 
 
-def _multiple_check(outcome: _Outcome) -> Check:
+def multiple_check(outcome: ProbeOutcome) -> Check:
     raw, error = outcome
     if error is not None:
         return _failure("multiple_prompts", error)
@@ -407,32 +443,32 @@ def _multiple_check(outcome: _Outcome) -> Check:
     return Check("multiple_prompts", "fails", f"2 prompts gave choice indexes {indexes}")
 
 
-def _token_ids_check(outcome: _Outcome) -> Check:
+def token_ids_check(outcome: ProbeOutcome) -> Check:
     raw, error = outcome
     if error is not None:
         return _failure("token_id_prompts", error)
-    rows = _rows(_first(raw))
+    rows = logprob_rows(probe_choice(raw))
     echoed = len(rows.tokens) if rows is not None else None
-    if echoed is not None and echoed >= len(_TOKEN_IDS):
+    if echoed is not None and echoed >= len(TOKEN_IDS):
         return Check(
             "token_id_prompts",
             "ok",
-            f"a prompt of {len(_TOKEN_IDS)} token ids echoed {echoed} tokens (prompt + generated)",
+            f"a prompt of {len(TOKEN_IDS)} token ids echoed {echoed} tokens (prompt + generated)",
         )
     return Check(
         "token_id_prompts",
         "fails",
-        f"a prompt of {len(_TOKEN_IDS)} token ids echoed {echoed} tokens",
+        f"a prompt of {len(TOKEN_IDS)} token ids echoed {echoed} tokens",
         {"echoed": echoed},
     )
 
 
-def _text(outcome: _Outcome) -> str | None:
-    choice = _first(outcome[0])
+def _text(outcome: ProbeOutcome) -> str | None:
+    choice = probe_choice(outcome[0])
     return str(choice.get("text") or "") if choice is not None and outcome[1] is None else None
 
 
-def _seed_check(same: _Outcome, again: _Outcome, other: _Outcome) -> Check:
+def seed_check(same: ProbeOutcome, again: ProbeOutcome, other: ProbeOutcome) -> Check:
     for outcome in (same, again, other):
         if outcome[1] is not None:
             return _failure("seed", outcome[1])
@@ -444,14 +480,14 @@ def _seed_check(same: _Outcome, again: _Outcome, other: _Outcome) -> Check:
         return Check(
             "seed",
             "fails",
-            f"seeds {_SEED} and {_SEED + 1} gave the same text {a!r} at temperature 1 "
+            f"seeds {SEED} and {SEED + 1} gave the same text {a!r} at temperature 1 "
             "(seed or temperature ignored)",
             evidence,
         )
     return Check("seed", "ok", "the same seed repeats, another seed differs", evidence)
 
 
-def _defaults_check(seed: Check, explicit: _Outcome, omitted: _Outcome) -> Check:
+def defaults_check(seed: Check, explicit: ProbeOutcome, omitted: ProbeOutcome) -> Check:
     name = "default_sampling"
     if omitted[1] is not None:
         return _failure(name, omitted[1])
@@ -471,7 +507,7 @@ def _defaults_check(seed: Check, explicit: _Outcome, omitted: _Outcome) -> Check
     )
 
 
-def _penalty_check(plain: _Outcome, penalised: _Outcome) -> Check:
+def penalty_check(plain: ProbeOutcome, penalised: ProbeOutcome) -> Check:
     for outcome in (plain, penalised):
         if outcome[1] is not None:
             return _failure("penalties", outcome[1])
@@ -490,15 +526,15 @@ def _penalty_check(plain: _Outcome, penalised: _Outcome) -> Check:
     return Check("penalties", "unsupported", f"inconclusive: the greedy text {a!r} repeats nothing")
 
 
-def _stop_check(stop: str | None, outcome: _Outcome | None) -> Check:
+def stop_check(stop: str | None, outcome: ProbeOutcome | None) -> Check:
     name = "stop_in_logprobs"
     if outcome is None or stop is None:
         return Check(name, "error", "no generated token made a usable stop string")
     raw, error = outcome
     if error is not None:
         return _failure(name, error)
-    choice = _first(raw)
-    rows = _rows(choice)
+    choice = probe_choice(raw)
+    rows = logprob_rows(choice)
     text = str(choice.get("text") or "") if choice else ""
     if choice is None or choice.get("finish_reason") != "stop" or rows is None:
         return Check(name, "error", f"the stop {stop!r} was not hit (text {text!r})")
@@ -514,57 +550,57 @@ def _stop_check(stop: str | None, outcome: _Outcome | None) -> Check:
     )
 
 
-def _bytes_check(outcome: _Outcome) -> Check:
+def bytes_check(outcome: ProbeOutcome) -> Check:
     raw, error = outcome
     if error is not None:
         return _failure("byte_tokens", error)
-    rows = _rows(_first(raw))
+    rows = logprob_rows(probe_choice(raw))
     if rows is None or not rows.tokens:
         return Check("byte_tokens", "unsupported", "echo returned no tokens")
     joined = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
-    if joined.startswith(_BYTES_PROMPT):
-        return Check("byte_tokens", "ok", f"the echoed tokens decode to {_BYTES_PROMPT!r}")
+    if joined.startswith(BYTES_PROMPT):
+        return Check("byte_tokens", "ok", f"the echoed tokens decode to {BYTES_PROMPT!r}")
     return Check(
         "byte_tokens",
         "fails",
-        f"the echoed tokens {rows.tokens!r} decode to {joined!r}, not {_BYTES_PROMPT!r} "
+        f"the echoed tokens {rows.tokens!r} decode to {joined!r}, not {BYTES_PROMPT!r} "
         "(partial characters lost)",
         {"tokens": rows.tokens},
     )
 
 
-def _suffix_check(outcome: _Outcome) -> Check:
+def suffix_check(outcome: ProbeOutcome) -> Check:
     """The echoed tokens must spell the prompt and the completion, not the suffix too."""
     raw, error = outcome
     if error is not None:
         return _failure("suffix", error)
-    choice = _first(raw)
-    rows = _rows(choice)
+    choice = probe_choice(raw)
+    rows = logprob_rows(choice)
     text = str(choice.get("text") or "") if choice else ""
     if rows is None or not rows.tokens:
         return Check("suffix", "error", f"echo with a suffix returned no tokens (text {text!r})")
     spelled = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
-    if spelled == text and text.startswith(_SUFFIX_PROMPT) and _SUFFIX not in spelled:
-        return Check("suffix", "ok", f"suffix {_SUFFIX!r} left the echoed prompt intact ({text!r})")
+    if spelled == text and text.startswith(SUFFIX_PROMPT) and SUFFIX not in spelled:
+        return Check("suffix", "ok", f"suffix {SUFFIX!r} left the echoed prompt intact ({text!r})")
     return Check(
         "suffix",
         "fails",
-        f"suffix {_SUFFIX!r} went into the prompt {_SUFFIX_PROMPT!r}: the echoed tokens "
+        f"suffix {SUFFIX!r} went into the prompt {SUFFIX_PROMPT!r}: the echoed tokens "
         f"{rows.tokens!r} spell {spelled!r}, the text is {text!r}",
         {"tokens": rows.tokens, "text": text},
     )
 
 
-def _model_info(
-    card: Mapping[str, Any] | None, aclient: AsyncCompletionsClient, byte_echo: _Outcome
+def model_info(
+    card: Mapping[str, Any] | None, aclient: AsyncCompletionsClient, byte_echo: ProbeOutcome
 ) -> tuple[Check, int | None, int | None]:
     context: int | None = None
     vocab: int | None = None
     if card is not None:
         found = card.get("meta")
         meta: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
-        context = _int_or_none(card.get("max_model_len")) or _int_or_none(meta.get("n_ctx_train"))
-        vocab = _int_or_none(card.get("vocab_size")) or _int_or_none(meta.get("n_vocab"))
+        context = positive_int(card.get("max_model_len")) or positive_int(meta.get("n_ctx_train"))
+        vocab = positive_int(card.get("vocab_size")) or positive_int(meta.get("n_vocab"))
     if context is None and vocab is None:
         detail = "GET /models tells neither context length nor vocabulary size"
         evidence: dict[str, Any] = {"context_length": None, "vocab_size": None}
@@ -587,28 +623,28 @@ def _model_info(
     )
 
 
-def _embedded_vocab(model: str | None, byte_echo: _Outcome) -> tuple[int, str] | None:
+def _embedded_vocab(model: str | None, byte_echo: ProbeOutcome) -> tuple[int, str] | None:
     """Our embedded model served elsewhere (converted to GGUF, say): its vocabulary size, when
     the server's echo of the byte-tokens prompt has the embedded tokenizer's token count."""
     from .model import count_tokens, vocab_size
 
     size = vocab_size(model)
-    rows = _rows(_first(byte_echo[0])) if byte_echo[1] is None else None
+    rows = logprob_rows(probe_choice(byte_echo[0])) if byte_echo[1] is None else None
     if size is None or rows is None:
         return None
     try:
-        ours = count_tokens(model, _BYTES_PROMPT)
+        ours = count_tokens(model, BYTES_PROMPT)
     except ImportError:  # the tokenizers package is not installed: nothing to confirm with
         return None
     if ours is None or len(rows.tokens) not in (ours, ours + 1):
         return None
     return size, (
         f"the model is the embedded {model!r}, whose tokenizer makes {ours} tokens of "
-        f"{_BYTES_PROMPT!r}; the server echoed {len(rows.tokens)}"
+        f"{BYTES_PROMPT!r}; the server echoed {len(rows.tokens)}"
     )
 
 
-def _detect(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
+def detect_profile(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
     owner = str(card.get("owned_by", "")).lower() if card is not None else ""
     by_owner = {
         "vllm": "vllm",

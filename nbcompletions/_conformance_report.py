@@ -12,6 +12,7 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from ._checks import positive_int
 from ._profiles import PROFILES, ServerProfile
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -154,8 +155,8 @@ class ConformanceReport:
             requests=int(data.get("requests") or 0),
             seconds=float(data.get("seconds") or 0.0),
             profile_name=str(data.get("profile") or "openai"),
-            context_length=_int_or_none(data.get("context_length")),
-            vocab_size=_int_or_none(data.get("vocab_size")),
+            context_length=positive_int(data.get("context_length")),
+            vocab_size=positive_int(data.get("vocab_size")),
         )
 
     def __repr__(self) -> str:
@@ -189,7 +190,3 @@ class ConformanceReport:
             "<table><thead><tr><th>check</th><th>status</th><th>detail</th></tr></thead>"
             f"<tbody>{rows}</tbody></table></div>"
         )
-
-
-def _int_or_none(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

@@ -71,11 +71,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
-from typing import Any, TypeGuard
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from ._checks import is_int
 from ._parse import choice_text, parse_logprobs, top_items
 from ._request import CompletionRequest
 from ._visible import visible_tokens
@@ -149,17 +150,13 @@ class _RequestInfo:
     prompts: list[str | list[int]] | None = None
 
 
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def _split_prompts(prompt: Any) -> list[str | list[int]] | None:
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list | tuple) and prompt:
         if all(isinstance(item, str) for item in prompt):
             return list(prompt)
-        if all(_is_int(item) for item in prompt):
+        if all(is_int(item) for item in prompt):
             return [[int(item) for item in prompt]]
         if all(isinstance(item, list | tuple) for item in prompt):
             return [list(item) for item in prompt]
@@ -184,15 +181,15 @@ def _request_info(request: Any) -> _RequestInfo:
     n = fields.get("n")
     if n is None:
         n = 1
-    if not _is_int(n) or n < 1:
+    if not is_int(n) or n < 1:
         raise ValueError(f"request n must be an integer >= 1; got {n!r}")
     max_tokens = fields.get("max_tokens")
     logprobs = fields.get("logprobs")
     return _RequestInfo(
         n=int(n),
         echo=bool(fields.get("echo")),
-        max_tokens=int(max_tokens) if _is_int(max_tokens) else None,
-        logprobs=int(logprobs) if _is_int(logprobs) else None,
+        max_tokens=int(max_tokens) if is_int(max_tokens) else None,
+        logprobs=int(logprobs) if is_int(logprobs) else None,
         prompts=_split_prompts(fields.get("prompt")),
     )
 
@@ -254,7 +251,7 @@ def _collect_choices(body: Mapping[str, Any]) -> list[_Choice]:
                 f"response['choices'][{position}] must be an object; got {type(choice).__name__}"
             )
         index = choice.get("index")
-        if not _is_int(index) or index < 0:
+        if not is_int(index) or index < 0:
             index = position
         groups.setdefault(int(index), []).append((position, choice))
     return [_merge_choice(index, groups[index]) for index in sorted(groups)]
@@ -374,7 +371,7 @@ def _prompt_lengths(
             continue
         if choice.index // n in by_prompt:
             found[i] = min(by_prompt[choice.index // n], len(choice.tokens))
-        elif single_prompt and _is_int(usage_prompt) and 0 <= usage_prompt <= len(choice.tokens):
+        elif single_prompt and is_int(usage_prompt) and 0 <= usage_prompt <= len(choice.tokens):
             found[i] = int(usage_prompt)
     return found
 
@@ -806,7 +803,7 @@ def to_frames(
     """
     if vocab_size is None:
         vocab_size = DEFAULT_VOCAB_SIZE
-    if not _is_int(vocab_size) or vocab_size < 1:
+    if not is_int(vocab_size) or vocab_size < 1:
         raise ValueError(f"vocab_size must be an integer >= 1; got {vocab_size!r}")
     vocab_size = int(vocab_size)
     info = _request_info(request)

@@ -8,10 +8,20 @@ The server validates incoming bodies with the very same code, so both sides agre
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
-from typing import Any, TypedDict, TypeGuard
+from typing import Any, TypedDict
 
+import numpy as np
+
+from ._checks import (
+    check_int,
+    check_number,
+    check_optional_count,
+    finite_float,
+    invalid,
+    is_int,
+    shown,
+)
 from ._errors import RequestError
 
 __all__ = [
@@ -25,6 +35,7 @@ __all__ = [
     "Prompt",
     "StreamOptions",
     "chat_field_hint",
+    "check_optional_count",
     "check_sampler",
     "shown",
 ]
@@ -123,19 +134,6 @@ class Limits:
         return cls(max_logprobs=None)
 
 
-#: Longest repr of a given value quoted in an error message: a 600 KB prompt must not come back
-#: as a 600 KB error (servers echo these messages to every client).
-_SHOWN_CHARS = 200
-
-
-def shown(value: Any, limit: int = _SHOWN_CHARS) -> str:
-    """``repr(value)``, shortened to about ``limit`` characters, saying how long it was."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[: limit - 40]}...{text[-20:]} (shortened: {len(text):,} characters in all)"
-
-
 #: How to turn a chat into a prompt, for errors that meet Chat API habits.
 CHAT_TO_PROMPT = (
     "format the chat as one text, e.g. prompt='System: ...\\nUser: Hello\\nAssistant:' (or, for an "
@@ -165,60 +163,18 @@ def chat_field_hint(name: str) -> str | None:
     return CHAT_FIELDS.get(name)
 
 
-def _fail(field: str, allowed: str, value: Any) -> RequestError:
-    return RequestError(
-        field, f"{field} must be {allowed}; got {shown(value)}", allowed=allowed, value=value
-    )
-
-
 def check_sampler(field: str, value: Any) -> None:
     """Check one of vLLM's extra sampling fields (`SAMPLERS`) against vLLM's range."""
     allowed = SAMPLERS[field]
     if field == "top_k":
-        if not _is_int(value) or value < -1:
-            raise _fail(field, allowed, value)
+        if not is_int(value) or value < -1:
+            raise invalid(field, allowed, value)
     elif field == "min_p":
-        if not _is_number(value) or not math.isfinite(value) or not 0 <= value <= 1:
-            raise _fail(field, allowed, value)
-    elif not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise _fail(field, allowed, value)
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _check_int(field: str, value: Any, low: int | None, high: int | None) -> None:
-    if low is not None and high is not None:
-        allowed = f"an integer from {low} to {high}"
-    elif low is not None:
-        allowed = f"an integer >= {low}"
-    else:
-        allowed = "an integer"
-    if not _is_int(value):
-        raise _fail(field, allowed, value)
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise _fail(field, allowed, value)
-
-
-def check_optional_count(field: str, value: object) -> int | None:
-    """An integer >= 1, or None; the check of settings such as ``max_concurrency`` (clients and
-    sweeps) and ``vocab_size``."""
-    if value is None:
-        return None
-    if not _is_int(value) or value < 1:
-        raise _fail(field, "an integer >= 1 or None", value)
-    return value
-
-
-def _check_number(field: str, value: Any, low: float, high: float) -> None:
-    allowed = f"a number from {low:g} to {high:g}"
-    if not _is_number(value) or not math.isfinite(value) or not low <= value <= high:
-        raise _fail(field, allowed, value)
+        number = finite_float(value)
+        if number is None or not 0 <= number <= 1:
+            raise invalid(field, allowed, value)
+    elif (number := finite_float(value)) is None or number <= 0:
+        raise invalid(field, allowed, value)
 
 
 def _check_unicode(field: str, text: str) -> None:
@@ -244,18 +200,18 @@ def _check_prompt(value: Any) -> None:
         _check_unicode("prompt", value)
         return
     if not isinstance(value, list | tuple) or len(value) == 0:
-        raise _fail("prompt", allowed, value)
+        raise invalid("prompt", allowed, value)
     if all(isinstance(item, str) for item in value):
         for item in value:
             _check_unicode("prompt", item)
         return
-    if all(_is_int(item) for item in value):
+    if all(is_int(item) for item in value):
         if any(item < 0 for item in value):
-            raise _fail("prompt", allowed, value)
+            raise invalid("prompt", allowed, value)
         return
     if all(isinstance(item, list | tuple) for item in value):
         for i, item in enumerate(value):
-            if len(item) == 0 or not all(_is_int(t) and t >= 0 for t in item):
+            if len(item) == 0 or not all(is_int(t) and t >= 0 for t in item):
                 raise RequestError(
                     "prompt",
                     f"prompt[{i}] must be a non-empty list of token ids (integers >= 0); "
@@ -264,7 +220,43 @@ def _check_prompt(value: Any) -> None:
                     value=value,
                 )
         return
-    raise _fail("prompt", allowed, value)
+    raise invalid("prompt", allowed, value)
+
+
+#: Fields that hold one value, which may arrive as a numpy scalar (made Python's on construction).
+_SCALAR_FIELDS = (
+    "best_of",
+    "echo",
+    "frequency_penalty",
+    "logprobs",
+    "max_tokens",
+    "n",
+    "presence_penalty",
+    "seed",
+    "stream",
+    "temperature",
+    "top_p",
+)
+
+#: The number fields and OpenAI's ranges for them.
+_NUMBER_RANGES = (
+    ("frequency_penalty", -2.0, 2.0),
+    ("presence_penalty", -2.0, 2.0),
+    ("temperature", 0.0, 2.0),
+    ("top_p", 0.0, 1.0),
+)
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds; anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _plain_prompt_item(item: Any) -> Any:
+    # A token-id list may hold numpy integers (list(np.array([...]))): Python ints, a list.
+    if isinstance(item, list | tuple):
+        return [_plain(token) for token in item]
+    return _plain(item)
 
 
 def prompt_count(prompt: Any) -> int:
@@ -307,67 +299,78 @@ class CompletionRequest:
     limits: Limits = dataclasses.field(default_factory=Limits, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        # Normalise containers so requests are hashable-ish, comparable and safe to share.
-        if isinstance(self.prompt, tuple):
-            object.__setattr__(self, "prompt", list(self.prompt))
+        # Normalise containers so requests are hashable-ish, comparable and safe to share, and
+        # numpy scalars (a grid from np.arange, a value read from a frame) to Python's, so that
+        # the body is JSON and np.int64(5) is the same request as 5.
+        for field in _SCALAR_FIELDS:
+            value = getattr(self, field)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, field, value.item())
+        if isinstance(self.prompt, list | tuple):
+            object.__setattr__(self, "prompt", [_plain_prompt_item(item) for item in self.prompt])
         if isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", list(self.stop))
         if self.logit_bias is not None and isinstance(self.logit_bias, Mapping):
             object.__setattr__(
                 self,
                 "logit_bias",
-                {str(k) if _is_int(k) else k: v for k, v in self.logit_bias.items()},
+                {str(int(k)) if is_int(k) else k: _plain(v) for k, v in self.logit_bias.items()},
             )
+        if isinstance(self.extra, Mapping) and any(
+            isinstance(v, np.generic) for v in self.extra.values()
+        ):
+            object.__setattr__(self, "extra", {k: _plain(v) for k, v in self.extra.items()})
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self, *, require_model: bool = False) -> None:
-        lim = self.limits
+        self._check_model_and_prompt(require_model)
+        for field in ("echo", "stream"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, bool):
+                raise invalid(field, "true or false", value)
+        self._check_counts()
+        for field, low, high in _NUMBER_RANGES:
+            value = getattr(self, field)
+            if value is not None:
+                check_number(field, value, low, high)
+        if self.logit_bias is not None:
+            self._check_logit_bias()
+        if self.stop is not None:
+            self._check_stop()
+        if self.stream_options is not None:
+            self._check_stream_options()
+        for field in ("suffix", "user"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, str):
+                raise invalid(field, "a string", value)
+            if value is not None:
+                _check_unicode(field, value)
+        self._check_extra()
+
+    def _check_model_and_prompt(self, require_model: bool) -> None:
         if self.model is None:
             if require_model:
-                raise _fail("model", "a model name (string)", None)
+                raise invalid("model", "a model name (string)", None)
         elif not isinstance(self.model, str) or not self.model:
-            raise _fail("model", "a non-empty string", self.model)
+            raise invalid("model", "a non-empty string", self.model)
         if self.prompt is None:
             if "messages" in self.extra:
                 raise RequestError(
                     "messages", CHAT_FIELDS["messages"], allowed="prompt", value=None
                 )
-            raise _fail(
+            raise invalid(
                 "prompt", "given (a string, list of strings, token ids or token-id lists)", None
             )
         _check_prompt(self.prompt)
-        for field in ("echo", "stream"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, bool):
-                raise _fail(field, "true or false", value)
+
+    def _check_counts(self) -> None:
+        lim = self.limits
         n = 1 if self.n is None else self.n
         if self.n is not None:
-            _check_int("n", self.n, 1, lim.max_n)
+            check_int("n", self.n, 1, lim.max_n)
         if self.best_of is not None:
-            _check_int("best_of", self.best_of, 1, lim.max_best_of)
-            if self.best_of < n:
-                raise RequestError(
-                    "best_of",
-                    f"best_of must be >= n ({n}); got {self.best_of}",
-                    allowed=f"an integer from {n} to {lim.max_best_of}",
-                    value=self.best_of,
-                )
-            if self.stream and self.best_of > 1:
-                raise RequestError(
-                    "best_of",
-                    f"best_of cannot be used with stream=True; got best_of={self.best_of}",
-                    allowed="1 (or unset) when streaming",
-                    value=self.best_of,
-                )
-        for field in ("frequency_penalty", "presence_penalty"):
-            value = getattr(self, field)
-            if value is not None:
-                _check_number(field, value, -2.0, 2.0)
-        if self.temperature is not None:
-            _check_number("temperature", self.temperature, 0.0, 2.0)
-        if self.top_p is not None:
-            _check_number("top_p", self.top_p, 0.0, 1.0)
+            self._check_best_of(n)
         if isinstance(self.logprobs, bool):
             # Chat's logprobs is a switch (with top_logprobs for the count); here it is the count.
             cap = "" if lim.max_logprobs is None else f" to {lim.max_logprobs}"
@@ -381,40 +384,52 @@ class CompletionRequest:
                 value=self.logprobs,
             )
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, 0, lim.max_logprobs)
+            check_int("logprobs", self.logprobs, 0, lim.max_logprobs)
         if self.max_tokens is not None:
-            _check_int("max_tokens", self.max_tokens, 0, None)
+            check_int("max_tokens", self.max_tokens, 0, None)
         if self.seed is not None:
-            _check_int("seed", self.seed, None, None)
-        if self.logit_bias is not None:
-            self._check_logit_bias()
-        if self.stop is not None:
-            self._check_stop()
-        if self.stream_options is not None:
-            if not isinstance(self.stream_options, Mapping):
-                raise _fail(
-                    "stream_options", 'an object like {"include_usage": true}', self.stream_options
-                )
-            if not self.stream:
-                raise RequestError(
-                    "stream_options",
-                    "stream_options is only allowed with stream=True; got "
-                    f"{dict(self.stream_options)!r} without stream",
-                    allowed="unset unless stream=True",
-                    value=self.stream_options,
-                )
-            include = self.stream_options.get("include_usage")
-            if include is not None and not isinstance(include, bool):
-                raise _fail("stream_options.include_usage", "true or false", include)
-        for field in ("suffix", "user"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, str):
-                raise _fail(field, "a string", value)
-            if value is not None:
-                _check_unicode(field, value)
+            check_int("seed", self.seed, None, None)
+
+    def _check_best_of(self, n: int) -> None:
+        lim = self.limits
+        assert self.best_of is not None
+        check_int("best_of", self.best_of, 1, lim.max_best_of)
+        if self.best_of < n:
+            raise RequestError(
+                "best_of",
+                f"best_of must be >= n ({n}); got {self.best_of}",
+                allowed=f"an integer from {n} to {lim.max_best_of}",
+                value=self.best_of,
+            )
+        if self.stream and self.best_of > 1:
+            raise RequestError(
+                "best_of",
+                f"best_of cannot be used with stream=True; got best_of={self.best_of}",
+                allowed="1 (or unset) when streaming",
+                value=self.best_of,
+            )
+
+    def _check_stream_options(self) -> None:
+        if not isinstance(self.stream_options, Mapping):
+            raise invalid(
+                "stream_options", 'an object like {"include_usage": true}', self.stream_options
+            )
+        if not self.stream:
+            raise RequestError(
+                "stream_options",
+                "stream_options is only allowed with stream=True; got "
+                f"{dict(self.stream_options)!r} without stream",
+                allowed="unset unless stream=True",
+                value=self.stream_options,
+            )
+        include = self.stream_options.get("include_usage")
+        if include is not None and not isinstance(include, bool):
+            raise invalid("stream_options.include_usage", "true or false", include)
+
+    def _check_extra(self) -> None:
         if not isinstance(self.extra, Mapping):
-            raise _fail("extra", "a mapping of extra body fields", self.extra)
-        for field in lim.samplers & set(self.extra):
+            raise invalid("extra", "a mapping of extra body fields", self.extra)
+        for field in self.limits.samplers & set(self.extra):
             check_sampler(field, self.extra[field])
         clash = set(self.extra) & set(FIELDS)
         if clash:
@@ -428,7 +443,7 @@ class CompletionRequest:
     def _check_logit_bias(self) -> None:
         allowed = "a map of token id (a string of ASCII digits) to a number from -100 to 100"
         if not isinstance(self.logit_bias, Mapping):
-            raise _fail("logit_bias", allowed, self.logit_bias)
+            raise invalid("logit_bias", allowed, self.logit_bias)
         for key, value in self.logit_bias.items():
             # str.isdigit() also passes "²" (int() then fails) and "٣" or "０" (which int() reads
             # as 3 and 0): only ASCII 0-9 spell a token id.
@@ -440,7 +455,8 @@ class CompletionRequest:
                     allowed=allowed,
                     value=dict(self.logit_bias),
                 )
-            if not _is_number(value) or not math.isfinite(value) or not -100 <= value <= 100:
+            number = finite_float(value)
+            if number is None or not -100 <= number <= 100:
                 raise RequestError(
                     "logit_bias",
                     f"logit_bias[{key!r}] must be a number from -100 to 100; got {shown(value)}",
@@ -459,7 +475,7 @@ class CompletionRequest:
         stop = self.stop
         if isinstance(stop, str):
             if not stop:
-                raise _fail("stop", allowed, stop)
+                raise invalid("stop", allowed, stop)
             _check_unicode("stop", stop)
             return
         if (
@@ -467,7 +483,7 @@ class CompletionRequest:
             or (cap is not None and len(stop) > cap)
             or not all(isinstance(s, str) and s for s in stop)
         ):
-            raise _fail("stop", allowed, stop)
+            raise invalid("stop", allowed, stop)
         for item in stop:
             _check_unicode("stop", item)
 

@@ -17,19 +17,24 @@ import math
 import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ._errors import APIError
+from ._parse import sorted_choices
+from ._secrets import redact_error, redact_exception_text
 
 __all__ = [
     "api_error",
+    "completion_error",
+    "error_fields",
     "error_from_body",
     "is_validation_error",
     "parse_retry_after",
     "retry_delay",
     "should_retry",
     "sleep",
+    "text_message",
 ]
 
 INITIAL_RETRY_DELAY = 0.5
@@ -125,8 +130,9 @@ _SPACE = re.compile(r"\s+")
 _MAX_TEXT = 500
 
 
-def _text_message(text: str) -> str:
-    # HTML error pages from proxies (a 502 from nginx): keep the words, drop the markup.
+def text_message(text: str) -> str:
+    """An error body's text as a message: the words of an HTML page (a 502 from nginx) without
+    its markup, whitespace collapsed, at most 500 characters."""
     if "<" in text and ">" in text:
         text = html.unescape(_TAG.sub(" ", text))
     text = _SPACE.sub(" ", text).strip()
@@ -172,10 +178,10 @@ def error_from_body(
     else:
         error_type = param = code = None
     if not message:
-        message = _text_message(text) if text else None
+        message = text_message(text) if text else None
     if not message:
         if body is not None and not isinstance(body, Mapping):
-            message = _text_message(json.dumps(body))
+            message = text_message(json.dumps(body))
         else:
             message = default_message
     return APIError(
@@ -187,6 +193,45 @@ def error_from_body(
         body=body if body is not None else text,
         headers=dict(headers or {}),
     )
+
+
+def completion_error(body: Any, *, status: int = 200) -> APIError | None:
+    """Why a successful answer to a completion request is not a completion (an `APIError`), or
+    None when it is one. The live client and Batch output lines decide with this, so a body
+    counts as an error row the same way on both paths.
+
+    Not a completion: JSON that is not an object; an error body sent with a 2xx status (some
+    proxies do); an object without one usable choice (``{}``, ``{"choices": "x"}``).
+    """
+    if not isinstance(body, dict):
+        return APIError(
+            f"the server answered with JSON that is not an object: {str(body)[:200]}",
+            status=status,
+            type="invalid_response",
+            body=body,
+        )
+    if "choices" not in body and ("error" in body or body.get("object") == "error"):
+        return error_from_body(body, status=status)
+    if not sorted_choices(body):
+        return APIError(
+            "the server answered without a usable choice (choices must be a list of objects): "
+            f"{json.dumps(body)[:200]}",
+            status=status,
+            type="invalid_response",
+            body=body,
+        )
+    return None
+
+
+def error_fields(exc: BaseException, secrets: Iterable[str | None] = ()) -> dict[str, Any]:
+    """A failed request as a sweep's error columns (``error_type``, ``error_status``,
+    ``error_message``), with ``secrets`` redacted from the message."""
+    if isinstance(exc, APIError):
+        exc = redact_error(exc, secrets)
+        kind = exc.type or exc.code or type(exc).__name__
+        return {"error_type": kind, "error_status": exc.status, "error_message": exc.message}
+    message = redact_exception_text(exc, secrets)
+    return {"error_type": type(exc).__name__, "error_status": None, "error_message": message}
 
 
 def api_error(

@@ -29,8 +29,9 @@ import asyncio
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any
 
+from ._checks import finite_float, is_int
 from ._conformance import aconformance, cached_report, score_max_tokens
 from ._errors import APIError, RequestError
 from ._parse import first_choice, parse_logprobs, prompt_tokens, top_items
@@ -86,18 +87,10 @@ def _columns(raw: Mapping[str, Any]) -> _Columns | None:
         ) from None
     return _Columns(
         [t if isinstance(t, str) else "" for t in tokens],
-        [_number(v) for v in values],
-        [v if _is_int(v) else None for v in offsets or [None] * len(tokens)],
+        [finite_float(v) for v in values],
+        [v if is_int(v) else None for v in offsets or [None] * len(tokens)],
         tops,
     )
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _fill_offsets(tokens: list[str], offsets: list[int | None], start: int = 0) -> list[int]:

@@ -74,9 +74,10 @@ class AsyncCompletionsClient(Protocol):
 
     async def models(self) -> list[str]: ...
 
-    # One request's JSON answer through the retry loop: the conformance check reads the whole
-    # ``GET /models`` card (context length, vocabulary size), which `models` reduces to ids.
-    async def _request_json(self, method: str, path: str, body: dict[str, Any] | None) -> Any: ...
+    # Any request's JSON answer through the retry loop (`AsyncClient.request`): the conformance
+    # check reads the whole ``GET /models`` card (context length, vocabulary size), which
+    # `models` reduces to ids.
+    async def request(self, method: str, path: str) -> Any: ...
 
 
 class HasAsyncClient(Protocol):

@@ -4,10 +4,13 @@ DataFrame in, new DataFrame out; inputs are never mutated.
 
 - `per_choice(choices, tokens=None)`: length, distinct-1/2, repetition rate, mean logprob and
   perplexity for every choice.
-- `summarize(df, by=..., value=...)`: mean and a Student-t confidence interval per group (over the
-  repeats of a sweep's grid points).
+- `summarize(df, by=..., value=...)`: mean and a confidence interval per group (over the repeats
+  of a sweep's grid points) that stays inside the metric's range: Wilson for proportions, a
+  seeded percentile bootstrap for means.
 - `calibration(tokens, alternatives)`: how often tokens were sampled against the probability the
   endpoint reported for them.
+- `reliability(frame, prob=..., correct=...)`: how often answers were right against the
+  probability given them (answer-level calibration), per group of a sweep axis.
 
 Every function checks the columns it needs first and raises a ValueError naming what is missing.
 """
@@ -24,7 +27,19 @@ import pandas as pd
 
 from ._columns import require_columns
 
-__all__ = ["calibration", "distinct_n", "per_choice", "repetition_rate", "summarize", "t_quantile"]
+__all__ = [
+    "BOOTSTRAP_RESAMPLES",
+    "BOOTSTRAP_SEED",
+    "INTERVALS",
+    "bootstrap_interval",
+    "calibration",
+    "distinct_n",
+    "per_choice",
+    "reliability",
+    "repetition_rate",
+    "summarize",
+    "wilson_interval",
+]
 
 #: n of the n-grams behind `repetition_rate` (seq-rep-4 of Welleck et al. 2019, "Neural Text
 #: Generation with Unlikelihood Training").
@@ -140,79 +155,112 @@ def per_choice(choices: pd.DataFrame, tokens: pd.DataFrame | None = None) -> pd.
 
 # -- confidence intervals -------------------------------------------------------------------------
 
+#: The intervals `summarize` can draw: ``"auto"`` takes Wilson for a bool column (a proportion)
+#: and the bootstrap for any other.
+INTERVALS = ("auto", "wilson", "bootstrap")
 
-def _betacf(a: float, b: float, x: float) -> float:
-    # Continued fraction for the incomplete beta function (modified Lentz), as in Numerical Recipes.
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < 1e-15:
-            break
-    return h
+#: Resamples behind a bootstrap interval: the 2.5% and 97.5% percentiles of 2,000 means move by
+#: well under a tenth of the interval's width from one seed to another.
+BOOTSTRAP_RESAMPLES = 2000
+
+#: The bootstrap's default seed: the same frame gives the same interval in every run.
+BOOTSTRAP_SEED = 0
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularised incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+def wilson_interval(successes: Any, trials: Any, ci: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a proportion, elementwise; always inside [0, 1] (NaN for 0 trials).
 
-
-def _t_cdf(t: float, df: float) -> float:
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t distribution (what scipy.stats.t.ppf gives), by bisection on its CDF.
-
-    Computed here because scipy is not a dependency; accurate to ~1e-10.
+    Unlike the normal approximation p ± z·se it neither leaves [0, 1] nor collapses to a point
+    at 0 or 1 successes (Brown, Cai and DasGupta 2001 recommend it for small n). The quantile is
+    the standard library's `statistics.NormalDist`.
     """
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p must be a probability strictly between 0 and 1; got {p!r}")
-    if not df > 0:
-        raise ValueError(f"df must be > 0; got {df!r}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    if p == 0.5:
-        return 0.0
-    high = 1.0
-    while _t_cdf(high, df) < p:
-        high *= 2.0
-    low = 0.0
-    for _ in range(200):
-        mid = 0.5 * (low + high)
-        if _t_cdf(mid, df) < p:
-            low = mid
+    n = np.asarray(trials, dtype=float)
+    k = np.asarray(successes, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / n
+        z = NormalDist().inv_cdf(0.5 + ci / 2.0)
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    # Exactly 0 at 0 successes and 1 at n (rounding left 3e-17 above the mean of 0).
+    low = np.where(k == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    high = np.where(k == n, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return np.where(n > 0, low, np.nan), np.where(n > 0, high, np.nan)
+
+
+def bootstrap_interval(
+    values: Any,
+    ci: float = 0.95,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (NaN, NaN below 2 values).
+
+    The means of resamples lie between the smallest and the largest value, so the interval
+    never leaves the range the metric can take (a rate stays in [0, 1]). With a handful of
+    repeats it is narrower than Student's t interval (it cannot see spread the sample lacks), and
+    values that are all equal give a zero-width interval. Seeded: the same data, the same
+    interval.
+    """
+    data = np.asarray(values, dtype=float)
+    data = data[np.isfinite(data)]
+    if data.size < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = data[rng.integers(0, data.size, size=(resamples, data.size))].mean(axis=1)
+    low, high = np.quantile(means, [0.5 - ci / 2.0, 0.5 + ci / 2.0])
+    return float(low), float(high)
+
+
+def _interval_method(interval: str, column: pd.Series, name: str) -> str:
+    """The interval `summarize` draws for one value column (see `INTERVALS`)."""
+    is_bool = pd.api.types.is_bool_dtype(column)
+    if interval == "auto":
+        return "wilson" if is_bool else "bootstrap"
+    if interval == "wilson" and not is_bool:
+        numeric = pd.to_numeric(column, errors="coerce").dropna()
+        if not numeric.isin([0, 1]).all():
+            raise ValueError(
+                f"summarize(): interval='wilson' is for proportions, but column {name!r} holds "
+                "values other than 0 and 1; use interval='bootstrap' (or 'auto') for a mean"
+            )
+    return interval
+
+
+def _group_stats(
+    frame: pd.DataFrame, by_cols: list[str], method: str, ci: float, seed: int
+) -> pd.DataFrame:
+    """n, mean, std, sem and the interval of ``frame["_value"]`` per group of ``by_cols``."""
+    groups = (
+        frame.groupby(by_cols, sort=True, dropna=False, observed=True)["_value"]
+        if by_cols
+        else [((), frame["_value"])]
+    )
+    rows = []
+    for key, values in groups:
+        data = values.to_numpy(dtype=float)
+        n = data.size
+        mean = float(data.mean()) if n else math.nan
+        std = float(data.std(ddof=1)) if n >= 2 else math.nan
+        if method == "wilson":
+            low, high = (float(v) for v in wilson_interval(data.sum(), n, ci))
         else:
-            high = mid
-        if high - low < 1e-12 * max(1.0, high):
-            break
-    return 0.5 * (low + high)
+            low, high = bootstrap_interval(data, ci, seed=seed)
+        keys = key if isinstance(key, tuple) else (key,)
+        rows.append((*keys, n, mean, std, std / math.sqrt(n) if n else math.nan, low, high))
+    columns = [*by_cols, "n", "mean", "std", "sem", "ci_low", "ci_high"]
+    stats: pd.DataFrame = pd.DataFrame(rows, columns=columns)
+    stats["n"] = stats["n"].astype("int64")
+    return stats
+
+
+def _drop_failed(df: pd.DataFrame, error: str | None) -> tuple[pd.DataFrame, int]:
+    if error is None:
+        return df, 0
+    marks = df[error]
+    failed = marks.notna().to_numpy() & (marks.astype(str) != "").to_numpy()
+    kept: pd.DataFrame = df[~failed]
+    return kept, int(failed.sum())
 
 
 def summarize(
@@ -222,14 +270,27 @@ def summarize(
     value: str | Sequence[str] = "mean_logprob",
     ci: float = 0.95,
     error: str | None = None,
+    interval: str = "auto",
+    seed: int = BOOTSTRAP_SEED,
 ) -> pd.DataFrame:
     """Mean and confidence interval of ``value`` per group of ``by`` (one row per group and value).
 
     Columns: the ``by`` columns, ``metric`` (the value column's name), ``n`` (non-missing values;
     failed requests' NaN rows are left out), ``mean``, ``std`` (sample, ddof=1), ``sem``,
-    ``ci_low``, ``ci_high``. The interval is Student's t with n-1 degrees of freedom, the usual one
-    for the mean of a few repeats; it is NaN where n < 2 because one sample says nothing about
-    spread.
+    ``ci_low``, ``ci_high``.
+
+    ``interval`` picks the interval at level ``ci`` (`INTERVALS`), chosen so that a bounded
+    metric's interval stays in its range:
+
+    - ``"wilson"`` (what ``"auto"`` takes for a bool column): the Wilson score interval of a
+      proportion, inside [0, 1] at any n, also at 0 or n successes.
+    - ``"bootstrap"`` (``"auto"`` for any other column): the percentile bootstrap of the mean,
+      `BOOTSTRAP_RESAMPLES` resamples seeded with ``seed``. It lies between the group's smallest
+      and largest value, so a rate such as ``distinct_2`` or ``repetition_rate`` never gets an
+      interval outside [0, 1]; with few repeats it is narrower than a Student t interval, and it
+      is NaN where n < 2 (one sample says nothing about spread).
+
+    The interval drawn per value column is in ``attrs["interval"]`` (``{"score": "bootstrap"}``).
     ``error`` names a column marking failed requests (a sweep's ``error``): rows where it is set
     are left out. ``by`` columns holding lists or dicts (a ``stop`` setting, say) group by their
     ``repr``. What was left out is recorded in the result's ``attrs``: ``n_failed`` (rows with
@@ -243,47 +304,31 @@ def summarize(
         raise ValueError("value must name at least one column")
     if isinstance(ci, bool) or not isinstance(ci, int | float) or not 0.0 < ci < 1.0:
         raise ValueError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95); got {ci!r}")
+    if interval not in INTERVALS:
+        raise ValueError(
+            f"summarize(): interval must be one of {list(INTERVALS)}; got {interval!r}"
+        )
     require_columns(df, [*by_cols, *values, error], function="summarize", frame_name="df")
-    n_failed = 0
-    if error is not None:
-        marks = df[error]
-        failed = marks.notna().to_numpy() & (marks.astype(str) != "").to_numpy()
-        n_failed = int(failed.sum())
-        df = df[~failed]
+    df, n_failed = _drop_failed(df, error)
     keys = df[by_cols].copy()
     for column in by_cols:
         if keys[column].dtype == object:
             keys[column] = keys[column].map(_hashable)
     parts = []
     n_missing: dict[str, int] = {}
+    methods: dict[str, str] = {}
     for name in values:
-        numeric = pd.to_numeric(df[name], errors="coerce").astype(float)
+        methods[name] = _interval_method(interval, df[name], name)
         frame = keys.copy() if by_cols else pd.DataFrame(index=df.index)
-        frame["_value"] = numeric
+        frame["_value"] = pd.to_numeric(df[name], errors="coerce").astype(float)
         finite = np.isfinite(frame["_value"])
         n_missing[name] = int((~finite).sum())
-        frame = frame[finite]
-        if by_cols:
-            grouped = frame.groupby(by_cols, sort=True, dropna=False, observed=True)["_value"]
-            stats = grouped.agg(["count", "mean", "std"]).reset_index()
-        else:
-            col = frame["_value"]
-            stats = pd.DataFrame(
-                {"count": [int(col.count())], "mean": [col.mean()], "std": [col.std()]}
-            )
-        stats = stats.rename(columns={"count": "n"})
+        stats = _group_stats(frame[finite], by_cols, methods[name], ci, seed)
         stats.insert(len(by_cols), "metric", name)
-        n = stats["n"].astype(float)
-        stats["sem"] = stats["std"] / np.sqrt(n)
-        crit = np.array(
-            [t_quantile(0.5 + ci / 2.0, k - 1) if k >= 2 else math.nan for k in n], dtype=float
-        )
-        stats["ci_low"] = stats["mean"] - crit * stats["sem"]
-        stats["ci_high"] = stats["mean"] + crit * stats["sem"]
-        stats["n"] = stats["n"].astype("int64")
         parts.append(stats)
     out: pd.DataFrame = pd.concat(parts, ignore_index=True)
     out.attrs["ci"] = ci
+    out.attrs["interval"] = methods
     out.attrs["n_failed"] = n_failed
     out.attrs["n_missing"] = n_missing
     return out
@@ -344,63 +389,102 @@ def calibration(
         frame_name="alternatives",
     )
     require_columns(tokens, keys, function="calibration", frame_name="tokens")
+    alts = _top_k(_sampled_alternatives(tokens, alternatives, keys, by_cols), keys)
 
-    alts = alternatives[[*keys, "prob", "chosen", *by_cols]].dropna(subset=["position", "prob"])
+    events = pd.DataFrame({col: alts[col].to_numpy() for col in by_cols})
+    events["prob"] = alts["prob"].astype(float).to_numpy()
+    events["hit"] = alts["chosen"].to_numpy(dtype=bool)
+    return _reliability_bins(events, by_cols, bins, ci, hits="n_chosen")
+
+
+def reliability(
+    frame: pd.DataFrame,
+    *,
+    prob: str,
+    correct: str,
+    by: str | Sequence[str] | None = None,
+    bins: int = 10,
+    ci: float = 0.95,
+) -> pd.DataFrame:
+    """Answer-level calibration: how often answers were right, against the probability given them.
+
+    One row of ``frame`` is one answer: ``prob`` the probability the model gave it (a label
+    token's probability, say) and ``correct`` whether it was right (bool). Answers are binned by
+    ``prob`` into ``bins`` equal-width bins on [0, 1], per group of ``by`` (a sweep axis such as
+    ``temperature``). Columns as `calibration`'s, with ``n_true`` (right answers) in place of
+    ``n_chosen``: ``bin``, ``prob_low``, ``prob_high``, ``mean_prob``, ``observed`` (share
+    right), its Wilson interval ``observed_low``/``observed_high`` at level ``ci``, ``count``.
+    Rows without a probability or a verdict are left out (``attrs["n_missing"]``).
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise ValueError(f"bins must be an integer >= 1; got {bins!r}")
+    if isinstance(ci, bool) or not isinstance(ci, int | float) or not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must be a confidence level between 0 and 1 (e.g. 0.95); got {ci!r}")
+    by_cols = _as_list(by, "by")
+    require_columns(frame, [prob, correct, *by_cols], function="reliability", frame_name="frame")
+    probs = pd.to_numeric(frame[prob], errors="coerce").to_numpy(dtype=float)
+    verdicts = frame[correct].astype("boolean")
+    if len(probs) and (np.nanmin(probs) < 0 or np.nanmax(probs) > 1):
+        raise ValueError(
+            f"reliability(): column {prob!r} must hold probabilities in [0, 1]; it holds values "
+            f"from {np.nanmin(probs)!r} to {np.nanmax(probs)!r} (a logprob? pass its exp)"
+        )
+    known = np.isfinite(probs) & verdicts.notna().to_numpy()
+    events = pd.DataFrame({col: frame[col].to_numpy()[known] for col in by_cols})
+    events["prob"] = probs[known]
+    events["hit"] = verdicts.to_numpy(dtype=bool, na_value=False)[known]
+    out = _reliability_bins(events, by_cols, bins, ci, hits="n_true")
+    out.attrs["n_missing"] = int((~known).sum())
+    return out
+
+
+def _reliability_bins(
+    events: pd.DataFrame, by_cols: list[str], bins: int, ci: float, *, hits: str
+) -> pd.DataFrame:
+    """Events (``prob``, ``hit`` and the ``by`` columns) binned by probability, with the share of
+    hits per bin and its Wilson interval."""
+    prob = events["prob"].clip(0.0, 1.0).to_numpy()
+    events = events.assign(prob=prob, bin=np.minimum((prob * bins).astype(int), bins - 1))
+    grouped = events.groupby([*by_cols, "bin"], sort=True, dropna=False, observed=True)
+    out = grouped.agg(count=("hit", "size"), **{hits: ("hit", "sum")}, mean_prob=("prob", "mean"))
+    out = out.reset_index()
+    out["observed"] = out[hits] / out["count"]
+    out["prob_low"] = out["bin"] / bins
+    out["prob_high"] = (out["bin"] + 1) / bins
+    out["observed_low"], out["observed_high"] = wilson_interval(out[hits], out["count"], ci)
+    out["count"] = out["count"].astype("int64")
+    out[hits] = out[hits].astype("int64")
+    columns = [*by_cols, "bin", "prob_low", "prob_high", "mean_prob", "observed"]
+    columns += ["observed_low", "observed_high", "count", hits]
+    result: pd.DataFrame = out[columns].reset_index(drop=True)
+    result.attrs["bins"] = bins
+    result.attrs["ci"] = ci
+    return result
+
+
+def _sampled_alternatives(
+    tokens: pd.DataFrame, alternatives: pd.DataFrame, keys: list[str], by_cols: list[str]
+) -> pd.DataFrame:
+    """The alternatives at generated positions (echoed prompt positions left out), with the k
+    the request asked for as ``_k`` (NaN where the frame does not say)."""
+    alts: pd.DataFrame = alternatives[[*keys, "prob", "chosen", *by_cols]].dropna(
+        subset=["position", "prob"]
+    )
     asked = (
         pd.to_numeric(alternatives.loc[alts.index, "logprobs"], errors="coerce")
         if "logprobs" in alternatives.columns
         else math.nan
     )
     alts = alts.assign(chosen=alts["chosen"].fillna(False).astype(bool), _k=asked)
-    tok_cols = [*keys] + (["echo"] if "echo" in tokens.columns else [])
-    toks = tokens[tok_cols].dropna(subset=["position"])
-    if "echo" in toks.columns:
-        prompt_keys = toks[toks["echo"].fillna(False).astype(bool)][keys]
-        if len(prompt_keys):
-            marker = prompt_keys.assign(_prompt=True)
-            alts = alts.merge(marker, on=keys, how="left")
-            alts = alts[alts["_prompt"].isna()].drop(columns="_prompt")
-
-    alts = _top_k(alts, keys)
-
-    prob = alts["prob"].astype(float).clip(0.0, 1.0).to_numpy()
-    bin_index = np.minimum((prob * bins).astype(int), bins - 1)
-    events = pd.DataFrame(
-        {"bin": bin_index, "prob": prob, "chosen": alts["chosen"].to_numpy(dtype=bool)}
-    )
-    for col in by_cols:
-        events[col] = alts[col].to_numpy()
-    grouped = events.groupby([*by_cols, "bin"], sort=True, dropna=False, observed=True)
-    out = grouped.agg(
-        count=("chosen", "size"), n_chosen=("chosen", "sum"), mean_prob=("prob", "mean")
-    ).reset_index()
-    out["observed"] = out["n_chosen"] / out["count"]
-    out["prob_low"] = out["bin"] / bins
-    out["prob_high"] = (out["bin"] + 1) / bins
-    z = NormalDist().inv_cdf(0.5 + ci / 2.0)
-    n = out["count"].astype(float)
-    p = out["observed"].astype(float)
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    out["observed_low"] = centre - half
-    out["observed_high"] = centre + half
-    out["count"] = out["count"].astype("int64")
-    out["n_chosen"] = out["n_chosen"].astype("int64")
-    columns = [
-        *by_cols,
-        "bin",
-        "prob_low",
-        "prob_high",
-        "mean_prob",
-        "observed",
-        "observed_low",
-        "observed_high",
-        "count",
-        "n_chosen",
-    ]
-    result: pd.DataFrame = out[columns].reset_index(drop=True)
-    result.attrs["bins"] = bins
-    return result
+    if "echo" not in tokens.columns:
+        return alts
+    toks = tokens[[*keys, "echo"]].dropna(subset=["position"])
+    prompt_keys = toks[toks["echo"].fillna(False).astype(bool)][keys]
+    if len(prompt_keys):
+        marker = prompt_keys.assign(_prompt=True)
+        alts = alts.merge(marker, on=keys, how="left")
+        alts = alts[alts["_prompt"].isna()].drop(columns="_prompt")
+    return alts
 
 
 def _top_k(alts: pd.DataFrame, keys: list[str]) -> pd.DataFrame:

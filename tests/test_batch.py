@@ -342,11 +342,8 @@ def http(app: Any) -> Iterator[Client]:
 
 
 def _upload(client: Client, content: bytes) -> Any:
-    from nbcompletions._batch import _multipart
-    from nbcompletions._loop import run_sync
-
-    body, kind = _multipart(content, "in.jsonl")
-    return run_sync(client.async_client._request_json("POST", "/files", None, upload=(body, kind)))
+    files = {"file": ("in.jsonl", content, "application/jsonl")}
+    return client.request("POST", "/files", files=files, data={"purpose": "batch"})
 
 
 @pytest.mark.parametrize(
@@ -821,3 +818,195 @@ async def test_a_batch_list_that_never_ends_stops_the_search_instead_of_paging_f
             await find_ours(aclient, [entry])
     assert caught.value.type == "batch_lookup"
     assert next(served) == _MAX_PAGES * 100  # every page it was allowed, and not one more
+
+
+# -- odd 200 bodies: error rows as live ----------------------------------------------------------
+ODD_BODIES: list[Any] = [
+    {"error": {"message": "upstream overloaded", "type": "server_error"}},
+    {},
+    {"choices": "x"},
+]
+ODD_PROMPTS = ["To be, or not", "My lord,", "Once upon", "ROMEO:"]  # the last one stays as it is
+
+
+class OddOutput(Recording):
+    """The real app, whose Batch output lines for the first prompts get ``ODD_BODIES`` (status
+    200), and whose good line's usage says ``"completion_tokens": true``."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        if not request.url.path.endswith("/content"):
+            return response
+        lines = [json.loads(line) for line in (await response.aread()).splitlines()]
+        for line in lines:
+            prompt = line["response"]["body"]["choices"][0]["text"]  # echo: the prompt is first
+            at = next(i for i, p in enumerate(ODD_PROMPTS) if prompt.startswith(p))
+            if at < len(ODD_BODIES):
+                line["response"]["body"] = ODD_BODIES[at]
+            else:
+                line["response"]["body"]["usage"]["completion_tokens"] = True
+        content = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+        return httpx.Response(200, content=content, headers={"content-type": "application/jsonl"})
+
+
+def test_200_lines_with_an_error_or_no_usable_choice_are_error_rows_as_live(
+    app: Any, embedded_engine: Any
+) -> None:
+    grid: dict[str, Any] = {"prompt": ODD_PROMPTS, "max_tokens": 2, "echo": True, "seed": 1}
+    client = Client("http://embedded/v1", model=MODEL, transport=OddOutput(app))
+    with client, pytest.warns(SweepWarning, match="3 of 4"):
+        batched = sweep(client, **grid, batch=True, progress=False, probe=False)
+    answers = iter([*ODD_BODIES, None])
+
+    def live_answer(request: httpx.Request) -> httpx.Response:
+        body = next(answers)
+        if body is None:  # the good request: answered by the real app, usage made odd the same way
+            return httpx.Response(200, json=good)
+        return httpx.Response(200, json=body)
+
+    with Client("http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app)) as real:
+        good = real.request(
+            "POST", "/completions", json={"model": MODEL, **grid, "prompt": ODD_PROMPTS[-1]}
+        )
+    good["usage"]["completion_tokens"] = True
+    mock = Client("http://e/v1", model=MODEL, transport=httpx.MockTransport(live_answer))
+    with mock, pytest.warns(SweepWarning, match="3 of 4"):
+        live = sweep(mock, **grid, progress=False, probe=False, max_concurrency=1)
+    columns = ["status", "error_type", "error_status", "error_message"]
+    assert batched.n_failed == live.n_failed == 3
+    pd.testing.assert_frame_equal(batched.requests[columns], live.requests[columns])
+    assert list(batched.requests["error_type"][:3]) == [
+        "server_error",
+        "invalid_response",
+        "invalid_response",
+    ]
+    # A count of `true` is not a token, on either path.
+    assert batched.usage["completion_tokens"] == 0
+    assert batched.usage["total_tokens"] == good["usage"]["total_tokens"]
+
+
+# -- a deadline ----------------------------------------------------------------------------------
+class NeverEnds(Recording):
+    """The real app, except that every batch reads ``in_progress`` however far it got."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        path = request.url.path
+        if request.method == "GET" and path.startswith("/v1/batches/") and path.count("/") == 3:
+            card = json.loads(await response.aread())
+            card.update(status="in_progress", output_file_id=None, error_file_id=None)
+            return httpx.Response(200, json=card)
+        return response
+
+
+@pytest.mark.timeout(120)
+async def test_a_batch_that_never_ends_is_cancelled_at_the_deadline(
+    app: Any, embedded_engine: Any, tmp_path: Path
+) -> None:
+    cache = tmp_path / "study.sqlite"
+    transport = NeverEnds(app)
+    options = BatchOptions(deadline=0.5, poll_interval=0.05)
+    async with AsyncClient("http://embedded/v1", model=MODEL, transport=transport) as aclient:
+        with pytest.warns(SweepWarning, match="6 of 6"):
+            stopped = await asweep(
+                aclient, **GRID, batch=options, cache=cache, progress=False, probe=False
+            )
+    assert stopped.n_failed == 6
+    assert set(stopped.requests["error_type"]) == {"batch_deadline"}
+    message = stopped.requests["error_message"].iloc[0]
+    assert "deadline=0.5" in message
+    assert "cancelled" in message
+    [batch_id] = {p.split("/")[3] for m, p in transport.calls if p.endswith("/cancel")}
+    assert transport.count("POST", "/v1/batches") == 1
+    # The cancelled batch stays in the ledger: the next run collects it instead of paying again.
+    aclient, again = recording_client(app, embedded_engine)
+    async with aclient:
+        resumed = await asweep(
+            aclient, **GRID, batch=BatchOptions(poll_interval=0.05), cache=cache,
+            progress=False, probe=False,
+        )  # fmt: skip
+    assert again.count("GET", f"/v1/batches/{batch_id}") >= 1
+    assert len(resumed) == 6
+
+
+def test_the_deadline_is_checked() -> None:
+    for bad in (0, -1.0, float("inf"), True, "10"):
+        with pytest.raises(nbc.RequestError, match="deadline must be a number of seconds > 0"):
+            BatchOptions(deadline=bad)  # type: ignore[arg-type]  # the wrong types on purpose
+
+
+# -- K processes, one cache: one batch -----------------------------------------------------------
+_ONE_OF_K = """
+import pathlib, sys, time
+import nbcompletions as nbc
+
+import nbcompletions._batch, nbcompletions._sweep, pandas  # loaded before the start
+
+base_url, cache, ready, go, seeds = sys.argv[1:6]
+grid = dict(prompt=["To be", "My lord,", "Once upon"], max_tokens=3, temperature=0,
+            seed=list(range(int(seeds))))
+with nbc.Client(base_url, model="nbc-shakespeare") as client:
+    nbc.sweep(client, **{**grid, "max_tokens": 1}, progress=False, probe=False)  # warm up
+    pathlib.Path(ready).touch()
+    while not pathlib.Path(go).exists():  # start together: the race is the point
+        time.sleep(0.01)
+    result = nbc.sweep(client, **grid, batch=nbc.BatchOptions(poll_interval=0.1), cache=cache,
+                       progress=False, probe=False)
+print(len(result), result.n_failed)
+"""
+
+
+def run_k_processes(base_url: str, cache: Path, k: int, seeds: int = 2) -> list[str]:
+    """``k`` processes running the same Batch sweep on one cache, started together: their
+    outputs (``"<requests> <failed>"``)."""
+    import subprocess
+    import sys
+
+    go = cache.with_name("go")
+    readies = [cache.with_name(f"ready-{i}") for i in range(k)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _ONE_OF_K, base_url, *map(str, (cache, ready, go, seeds))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for ready in readies
+    ]
+    deadline = time.monotonic() + 120
+    while not all(ready.exists() for ready in readies) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    go.touch()
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    return outputs
+
+
+def test_k_processes_sharing_a_cache_create_one_batch(live_server: str, tmp_path: Path) -> None:
+    with httpx.Client(base_url=live_server) as http:
+
+        def batch_ids() -> set[str]:
+            return {b["id"] for b in http.get("/batches", params={"limit": 100}).json()["data"]}
+
+        before = batch_ids()
+        outputs = run_k_processes(live_server, tmp_path / "study.sqlite", 3)
+        created = batch_ids() - before
+    assert outputs == ["6 0"] * 3
+    assert len(created) == 1  # one batch, paid once, however many processes share the cache
+
+
+def test_the_usage_reader_counts_only_integers() -> None:
+    import numpy as np
+
+    from nbcompletions._usage import add_usage, token_counts
+
+    usage = {"prompt_tokens": True, "completion_tokens": np.int64(3), "total_tokens": -1}
+    assert token_counts({"usage": usage}) == {"completion_tokens": 3}
+    assert token_counts({"usage": {"prompt_tokens": 2.0, "total_tokens": "5"}}) == {}
+    assert token_counts({"usage": None}) == token_counts([]) == {}
+    totals = {"prompt_tokens": 1, "completion_tokens": 1}
+    add_usage(totals, {"usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}})
+    assert totals == {"prompt_tokens": 5, "completion_tokens": 3}

@@ -178,14 +178,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jupyter]:
 
 def _write_saved_highlight(path: Path) -> None:
     """A notebook whose one output is a highlight, saved and untrusted (as if cloned)."""
-    from nbcompletions import Client, plots
 
-    client = Client(embedded=True)
-    try:
-        completion = client.complete("ROMEO.\n", max_tokens=40, temperature=0.8, logprobs=5, seed=1)
-    finally:
-        client.close()
-    html = plots.highlight(completion.tokens, alternatives=completion.alternatives).html
+    html = _completion_highlight()
     notebook = {
         "nbformat": 4,
         "nbformat_minor": 5,
@@ -246,20 +240,31 @@ def _open(playwright: Any, url: str) -> tuple[Any, Any, list[str]]:
     return browser, page, console_errors
 
 
-def _check_popup(highlight: Any) -> None:
-    """Click a token of a highlight: its popup shows, whole (not cut off), and closes again."""
+def _check_popup(highlight: Any, *, scripts: bool = True) -> None:
+    """Click a token of a highlight: its popup floats under it (the line and the lines below stay
+    where they were), shows whole, is the only one open, and closes again: on a click on its
+    token, and where scripts run (``scripts``) on Escape and on a click elsewhere."""
     token = highlight.locator("summary").nth(2)
     popup = highlight.locator(".nbc-popup").nth(2)
+    later = highlight.locator("summary").nth(30)
+    before = later.bounding_box()
     assert not popup.is_visible()
     token.click()
     popup.wait_for(state="visible", timeout=10_000)
     text = popup.inner_text()
     assert "alternatives:" in text, text
     assert "logprob" in text, text
-    # The whole popup shows: it makes no box between it and the cell's output scroll (a
-    # position:absolute popup did, and the output area cut it off at the bottom).
+    # Out of the text flow: a token further on has not moved, and the popup covers the text
+    # under its token instead of opening a gap.
+    assert later.bounding_box() == before
+    assert popup.evaluate("e => getComputedStyle(e).position") == "absolute"
+    token_box, popup_box = token.bounding_box(), popup.bounding_box()
+    assert token_box is not None
+    assert popup_box is not None
+    assert abs(popup_box["y"] - (token_box["y"] + token_box["height"])) < 8
+    # The whole popup shows: no box between it and the cell's output scrolls to hold it.
     assert popup.evaluate(
-        """e => { const top = e.closest('.jp-OutputArea-output');
+        """e => { const top = e.closest('.jp-OutputArea-output') || document.body;
         for (let a = e.parentElement; a; a = a.parentElement) {
             const s = getComputedStyle(a);
             if ((s.overflowY !== 'visible' || s.overflowX !== 'visible')
@@ -269,8 +274,79 @@ def _check_popup(highlight: Any) -> None:
         return true; }"""
     )
     assert popup.evaluate("e => getComputedStyle(e).fontFamily").lower().find("mono") >= 0
-    token.click()
+    other = highlight.locator(".nbc-popup").nth(5)
+    if not scripts:
+        # A sanitizer drops <details name> as well as onclick: each popup closes on its token.
+        token.click()
+        popup.wait_for(state="hidden", timeout=10_000)
+        return
+    # One open at a time: opening another token's popup closes this one.
+    highlight.locator("summary").nth(5).click()
+    other.wait_for(state="visible", timeout=10_000)
     popup.wait_for(state="hidden", timeout=10_000)
+    highlight.locator("summary").nth(5).click()
+    other.wait_for(state="hidden", timeout=10_000)
+    token.click()
+    popup.wait_for(state="visible", timeout=10_000)
+    popup.page.keyboard.press("Escape")
+    popup.wait_for(state="hidden", timeout=10_000)
+    token.click()
+    popup.wait_for(state="visible", timeout=10_000)
+    # A click elsewhere (the legend under the text) closes it.
+    highlight.locator("div").last.click()
+    popup.wait_for(state="hidden", timeout=10_000)
+    assert highlight.locator("details[open]").count() == 0
+
+
+def _completion_highlight() -> str:
+    from nbcompletions import Client, plots
+
+    client = Client(embedded=True)
+    try:
+        completion = client.complete("ROMEO.\n", max_tokens=40, temperature=0.8, logprobs=5, seed=1)
+    finally:
+        client.close()
+    return plots.highlight(completion.tokens, alternatives=completion.alternatives).html
+
+
+def test_highlight_popups_on_a_saved_page(tmp_path: Path) -> None:
+    """The popup behaviour on a page saved with HighlightedText.save (scripts run), no Jupyter."""
+    if not Path(CHROMIUM).exists() or importlib.util.find_spec("playwright") is None:
+        pytest.skip(f"needs chromium at {CHROMIUM} and playwright")
+    from playwright.sync_api import sync_playwright
+
+    from nbcompletions.plots import HighlightedText
+
+    page_path = HighlightedText(_completion_highlight(), n_tokens=40).save(tmp_path / "hl.html")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 700, "height": 900})
+            page.goto(page_path.as_uri())
+            highlight = page.locator(".nbc-highlight")
+            _check_popup(highlight)
+            # A token at the right edge: its popup opens leftwards instead of past the edge.
+            page.set_viewport_size({"width": 360, "height": 900})
+            width = page.evaluate("document.documentElement.clientWidth")
+            rights = [
+                box["x"] + box["width"] if box is not None else 0.0
+                for box in (s.bounding_box() for s in highlight.locator("summary").all())
+            ]
+            edge = max(range(len(rights)), key=rights.__getitem__)
+            highlight.locator("summary").nth(edge).click()
+            popup = highlight.locator(".nbc-popup").nth(edge)
+            popup.wait_for(state="visible", timeout=10_000)
+            box = popup.bounding_box()
+            assert box is not None
+            assert box["x"] + box["width"] <= width + 1, (box, width)
+            assert box["x"] >= 0
+            page.keyboard.press("Escape")
+            page.set_viewport_size({"width": 700, "height": 900})
+            # Left open for the picture, over the text.
+            highlight.locator("summary").nth(10).click()
+            _shot(page, "highlight-popup-page.png", highlight)
+        finally:
+            browser.close()
 
 
 @pytest.mark.parametrize("ui", ["lab", "notebook7"])
@@ -289,7 +365,9 @@ def test_saved_highlight_popup_survives_the_sanitizer(lab: Jupyter, ui: str) -> 
             summary_style = output.locator("summary").first.get_attribute("style") or ""
             assert "background" in summary_style, summary_style
             assert "scale=" in output.inner_text()
-            _check_popup(output)
+            # The sanitizer drops the onclick and the details' name: no Escape, no click-elsewhere,
+            # several may stay open; the popups still open floating and close on their token.
+            _check_popup(output, scripts=False)
             # Leave one popup open for the picture.
             output.locator("summary").nth(10).click()
             output.locator(".nbc-popup").nth(10).wait_for(state="visible", timeout=10_000)
@@ -397,6 +475,44 @@ def test_playground_renders_in_jupyterlab(lab: Jupyter) -> None:
             )
             _shot(page, "playground-after-click.png")
 
+            # A streamed run: while its text streams in, the last run's highlighted text (and a
+            # popup left open in it) is gone, not shown under the new text.
+            playground = page.locator(".nbc-playground").first
+            highlight = playground.locator(".nbc-tokens").first
+            highlight.locator("summary").nth(3).click()
+            highlight.locator(".nbc-popup").nth(3).wait_for(state="visible", timeout=10_000)
+            page.evaluate(
+                """() => { window.nbcStale = false; window.nbcStreamed = false;
+                const pg = document.querySelector('.nbc-playground');
+                // The last run's highlight, marked: it must be gone while new text streams in.
+                pg.querySelectorAll('.nbc-tokens').forEach(e => e.dataset.lastRun = '1');
+                new MutationObserver(() => {
+                    const s = pg.querySelector('.nbc-streamed');
+                    if (s && s.innerText.trim()) {
+                        window.nbcStreamed = true;
+                        if (pg.querySelector('[data-last-run]')) window.nbcStale = true;
+                    }
+                }).observe(pg, {subtree: true, childList: true, characterData: true}); }"""
+            )
+            playground.locator(".widget-checkbox", has_text="stream").locator("input").check()
+            run_button.click()
+            page.locator(".nbc-status", has_text="run #3:").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS
+            )
+            assert page.evaluate("window.nbcStreamed")
+            assert not page.evaluate("window.nbcStale")
+            assert playground.locator(".nbc-popup:visible").count() == 0
+
+            # The choices tab leaves out the empty columns and gives the text room.
+            playground.locator(".lm-TabBar-tab", has_text="choices").first.click()
+            text_cell = playground.locator("td div[style*='min-width']").first
+            text_cell.wait_for(timeout=RENDER_TIMEOUT_MS)
+            box = text_cell.bounding_box()
+            assert box is not None
+            assert box["width"] >= 250, box
+            assert "empty in every row" in playground.inner_text()
+            _shot(page, "playground-choices-tab.png", playground)
+
             # The Playground's plot tab: a figure inside the widget's Output, rendered by the same
             # plotly extension through the widget manager.
             playground = page.locator(".nbc-playground").first
@@ -424,6 +540,28 @@ def test_playground_renders_in_jupyterlab(lab: Jupyter) -> None:
             assert "requests" in builder.locator(".nbc-summary").first.inner_text()
             _shot(page, "sweep-builder.png")
             _shot(page, "sweep-chart.png", builder.locator(".js-plotly-plot").first)
+
+            # An axis set to "(none)" drops its values and locks its box.
+            second = builder.locator(".widget-dropdown", has_text="axis 2").locator("select")
+            second.select_option(label="top_p")
+            axis_values = builder.locator("input[placeholder='comma-separated values']")
+            values = axis_values.nth(1)
+            values.fill("0.5, 0.9")
+            values.press("Enter")
+            second.select_option(label="(none)")
+            page.wait_for_function(
+                "e => e.value === '' && e.disabled", arg=values.element_handle(), timeout=30_000
+            )
+            # A new validation error clears the chart of the last run.
+            first_values = axis_values.nth(0)
+            first_values.fill("0.5, hot")
+            first_values.press("Enter")
+            builder.locator(".nbc-error", has_text="temperature").first.wait_for(
+                timeout=RENDER_TIMEOUT_MS
+            )
+            builder.locator(".js-plotly-plot").first.wait_for(state="detached", timeout=30_000)
+            assert "chart cleared" in builder.locator(".nbc-status").first.inner_text()
+            _shot(page, "sweep-builder-invalid.png", builder)
             assert not [e for e in console_errors if "widget" in e.lower()], console_errors
         finally:
             browser.close()

@@ -3,6 +3,7 @@ kill -9, a directory for a path. Each test here failed on the cache before it le
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -18,6 +19,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -72,7 +74,11 @@ def test_invalid_json_row_is_a_clear_error(tmp_path: Path) -> None:
         cache.put("k", RESPONSE)
     raw = _raw(path)
     # A row whose JSON is broken but whose digest matches (written by a buggy tool, say).
-    raw.execute("UPDATE responses SET response = ?, digest = NULL WHERE key = 'k'", ('{"id": "cm',))
+    broken = '{"id": "cm'
+    raw.execute(
+        "UPDATE responses SET response = ?, digest = ? WHERE key = 'k'",
+        (broken, _cache._digest("k", broken)),
+    )
     raw.close()
     with Cache(path) as cache:
         hit = cache.get("k")
@@ -104,7 +110,9 @@ def test_swapped_rows_are_detected(tmp_path: Path) -> None:
         assert len(cache) == 0
 
 
-def test_responses_are_compressed_and_old_rows_still_read(tmp_path: Path) -> None:
+def test_responses_are_compressed_and_rows_without_a_digest_are_not_served(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "c.sqlite"
     big = {**RESPONSE, "choices": [{"text": "to be or not to be " * 50, "index": 0}]}
     with Cache(path) as cache:
@@ -122,11 +130,62 @@ def test_responses_are_compressed_and_old_rows_still_read(tmp_path: Path) -> Non
     raw.close()
     with Cache(path) as cache:
         assert cache.get("new").response == big  # type: ignore[union-attr]
-        old = cache.get("old")
-        assert old is not None
-        assert old.response == RESPONSE
-        assert old.latency == 0.5
+        # Nothing ties an old row to its request: it is fetched again, never served blind.
+        assert cache.get("old") is None
+        assert "old" not in cache
+        assert cache.keys_present(["new", "old"]) == {"new"}
+        assert cache.claim(["old"]) == ["old"]
+        assert cache.verify() == ["old"]
+        cache.put("old", RESPONSE)  # the refetched answer replaces it, with a digest
+        assert cache.get("old").response == RESPONSE  # type: ignore[union-attr]
         assert cache.verify() == []
+
+
+def test_swapped_rows_with_nulled_digests_are_not_served(tmp_path: Path) -> None:
+    """Rows as an earlier version wrote them (no digest), swapped: each would answer for the
+    other's request. They are refetched instead."""
+    path = tmp_path / "c.sqlite"
+    with Cache(path) as cache:
+        cache.put("a", {**RESPONSE, "id": "cmpl-a"})
+        cache.put("b", {**RESPONSE, "id": "cmpl-b"})
+    raw = _raw(path)
+    raw.execute("UPDATE responses SET key = 'tmp' WHERE key = 'a'")
+    raw.execute("UPDATE responses SET key = 'a' WHERE key = 'b'")
+    raw.execute("UPDATE responses SET key = 'b' WHERE key = 'tmp'")
+    raw.execute("UPDATE responses SET digest = NULL")
+    raw.close()
+    with Cache(path) as cache:
+        assert cache.get_many(["a", "b"]) == {}
+        assert cache.keys_present(["a", "b"]) == set()
+        assert sorted(cache.claim(["a", "b"])) == ["a", "b"]  # to be fetched again
+        assert sorted(cache.verify(remove=True)) == ["a", "b"]
+        assert len(cache) == 0
+
+
+def test_a_sweep_refetches_swapped_rows_without_a_digest(tmp_path: Path, app: Any) -> None:
+    from nbcompletions import Client, sweep
+    from nbcompletions.server import StreamingASGITransport
+
+    path = tmp_path / "c.sqlite"
+    grid: dict[str, Any] = {"prompt": {"a": "To be", "b": "My lord,"}, "max_tokens": 4, "seed": 3}
+    with Client(
+        "http://embedded/v1", model="nbc-shakespeare", transport=StreamingASGITransport(app)
+    ) as client:
+        first = sweep(client, **grid, cache=path, progress=False, probe=False)
+        raw = _raw(path)
+        keys = [row[0] for row in raw.execute("SELECT key FROM responses ORDER BY key")]
+        assert len(keys) == 2
+        raw.execute("UPDATE responses SET key = 'tmp' WHERE key = ?", (keys[0],))
+        raw.execute("UPDATE responses SET key = ? WHERE key = ?", (keys[0], keys[1]))
+        raw.execute("UPDATE responses SET key = ?, digest = NULL WHERE key = 'tmp'", (keys[1],))
+        raw.execute("UPDATE responses SET digest = NULL")
+        raw.close()
+        again = sweep(client, **grid, cache=path, progress=False, probe=False)
+    assert again.usage["sent"] == 2  # fetched again, not served from the swapped rows
+    texts = {row.prompt_id: row.text for row in first.choices.itertuples()}
+    assert {row.prompt_id: row.text for row in again.choices.itertuples()} == texts
+    with Cache(path) as cache:
+        assert cache.verify() == []  # the refetched rows carry digests
 
 
 def test_directory_path_uses_a_file_inside(tmp_path: Path) -> None:
@@ -307,3 +366,147 @@ def test_processes_opening_an_old_cache_at_once_all_upgrade_it(tmp_path: Path) -
         "response_id",
         "digest",
     ]
+
+
+# -- the disk, not the file: errors that must not be called damage --------------------------------
+
+
+class _FailingConnection:
+    """A real connection whose statements fail once ``error`` is set, as a full or failing disk
+    makes SQLite fail (with SQLite's own messages)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.error: Exception | None = None
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self._conn.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize(
+    ("error", "said"),
+    [
+        (sqlite3.OperationalError("database or disk is full"), "full"),
+        (sqlite3.OperationalError("disk I/O error"), "I/O error"),
+    ],
+)
+def test_a_full_or_failing_disk_says_so_and_does_not_call_the_file_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: Exception, said: str
+) -> None:
+    path = tmp_path / "c.sqlite"
+    with Cache(path) as cache:
+        cache.put("k", RESPONSE)
+    real_connect = sqlite3.connect
+    opened: list[_FailingConnection] = []
+
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        opened.append(_FailingConnection(real_connect(*args, **kwargs)))
+        return opened[-1]
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    cache = Cache(path)
+    opened[0].error = error  # the disk fills up (or fails) while the sweep writes
+    with pytest.raises(CacheError) as caught:
+        cache.put("new", RESPONSE)
+    message = str(caught.value)
+    assert str(path) in message
+    assert said in message
+    assert _cache._DAMAGED_FIX not in message
+    assert "move it aside" not in message
+    assert caught.value.path == path
+    cache.close()
+    monkeypatch.undo()
+    with Cache(path) as reopened:  # the advice was right: the file is intact
+        assert reopened.get("k").response == RESPONSE  # type: ignore[union-attr]
+        assert reopened.verify() == []
+
+
+def test_an_os_error_opening_the_cache_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def connect(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+    path = tmp_path / "c.sqlite"
+    with pytest.raises(CacheError) as caught:
+        Cache(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "No space left on device" in message
+    assert "full" in message
+    assert "move it aside" not in message
+
+
+# -- claims of a process that died ----------------------------------------------------------------
+
+_HOLDER = """
+import sys, time
+from nbcompletions import Cache
+cache = Cache(sys.argv[1], lease=float(sys.argv[2]))
+print(",".join(cache.claim(["a", "b"])), flush=True)
+while True:  # a live sweep renews its claims while it runs
+    time.sleep(0.1)
+    cache.renew()
+"""
+
+
+@contextlib.contextmanager
+def _holder(path: Path, lease: float) -> Iterator[subprocess.Popen[str]]:
+    """A real process holding claims on a and b, renewing them until it is killed."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path), str(lease)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    ) as holder:
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline().strip() == "a,b"
+            yield holder
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
+
+
+def test_a_rerun_after_kill_9_takes_the_dead_claims_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with _holder(path, lease=600.0) as holder, Cache(path) as cache:
+        assert cache.claim(["a", "b", "c"]) == ["c"]  # a live process keeps its claims
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        # Same host, its process gone: its claims are taken now, not in 600 s.
+        assert cache.claim(["a", "b"]) == ["a", "b"]
+
+
+def test_a_live_process_renews_its_claims_past_their_lease(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    with _holder(path, lease=2.0):
+        time.sleep(3.0)  # longer than the lease: only renewal keeps the claims
+        with Cache(path) as cache:
+            assert cache.claim(["a", "b", "c"]) == ["c"]
+
+
+def test_claims_of_another_host_wait_for_their_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No process of another machine can be looked up: its claims hold until they expire.
+    now = [1_000_000.0]
+    monkeypatch.setattr(_cache, "time", SimpleNamespace(time=lambda: now[0]))
+    path = tmp_path / "c.sqlite"
+    with Cache(path, lease=10) as cache:
+        raw = _raw(path)
+        raw.execute(
+            "INSERT INTO claims (key, owner, expires) VALUES ('a', ?, ?)",
+            ("elsewhere:999999999:0123456789ab", now[0] + 10),
+        )
+        raw.close()
+        assert cache.claim(["a"]) == []
+        now[0] += 10.1
+        assert cache.claim(["a"]) == ["a"]

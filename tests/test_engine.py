@@ -18,7 +18,7 @@ from nbcompletions import CompletionRequest, RequestError
 from nbcompletions.model import load_engine
 from nbcompletions.model._engine import DecodeBatch, Engine
 from nbcompletions.model._gpt2 import forward_full
-from nbcompletions.model._rows import _Row
+from nbcompletions.model._rows import Row
 from nbcompletions.model._sampling import adjust_logits, sample
 
 PROMPT = "To be, or not to be"
@@ -330,7 +330,7 @@ def test_partial_utf8_tokens_are_bytes_strings(tiny_engine: Engine) -> None:
     partial = [t for t in lp["tokens"] if t.startswith("bytes:")]
     assert partial
     assert all(t.startswith("bytes:\\x") or t.startswith("bytes: \\x") for t in partial)
-    raw = b"".join(tiny_engine._token_bytes[i] for i in tiny_engine.encode(prompt))
+    raw = b"".join(tiny_engine.vocab.token_bytes[i] for i in tiny_engine.encode(prompt))
     assert raw.decode("utf-8") == response["choices"][0]["text"] == prompt
 
 
@@ -469,7 +469,7 @@ def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str])
     """Whatever the tokens and stop strings, the streamed text is the final text, and no emitted
     prefix ever holds a stop string or text past the final cut."""
     plan = SimpleNamespace(max_tokens=len(parts), stops=stops)
-    row = _Row(0, 0, plan)  # type: ignore[arg-type]  # a stand-in plan: only two fields read
+    row = Row(0, 0, plan)  # type: ignore[arg-type]  # a stand-in plan: only two fields read
     emitted = ""
     snapshots = []
     released = 0

@@ -253,33 +253,6 @@ def test_plain_jobs_sample_as_the_general_path_does(engine: Engine) -> None:
         assert not engine.job(request, stream=False).plain
 
 
-def test_without_numba_the_engine_runs_numpy_alone() -> None:
-    """Where numba cannot import, nothing fails: the engine decodes and samples in numpy, with the
-    same text as the compiled path."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, json; sys.modules['numba'] = None\n"
-        "from nbcompletions.model import load_engine, _kernels\n"
-        "from nbcompletions import CompletionRequest\n"
-        "engine = load_engine()\n"
-        "assert not _kernels.available() and engine.packed is None\n"
-        "r = engine.complete(CompletionRequest(prompt='ROMEO:', max_tokens=8, seed=1, n=9))\n"
-        "print(json.dumps([c['text'] for c in r['choices']]))\n"
-    )
-    if not (FILES_DIR / "model.safetensors").exists():
-        pytest.skip("the embedded model's weights are not built yet")
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    from nbcompletions.model import load_engine
-
-    expected = load_engine().complete(CompletionRequest(prompt="ROMEO:", max_tokens=8, seed=1, n=9))
-    assert json.loads(done.stdout) == [c["text"] for c in expected["choices"]]
-
-
 @pytest.mark.parametrize("value", ["abc", "0", "-2", "1.5", "²"])
 def test_a_bad_thread_count_is_refused_by_name(
     monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, value: str

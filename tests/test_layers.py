@@ -17,12 +17,14 @@ PACKAGE = Path(nbcompletions.__file__).parent
 LAYERS: dict[str, int] = {
     # protocol: types, request side, response side, secrets, errors and their normalisation
     "_version": 0,
+    "_checks": 0,
     "_types": 0,
     "_errors": 0,
     "_request": 0,
     "_parse": 0,
     "_secrets": 0,
     "_retry": 0,
+    "_usage": 0,
     # the embedded model and our server sit on the protocol alone (checked below too)
     "model": 1,
     "server": 1,
@@ -64,7 +66,7 @@ LAYERS: dict[str, int] = {
     "_cli": 5,
 }
 #: What the server and the model may import besides themselves.
-SERVER_MAY_IMPORT = {"_errors", "_request", "_parse", "_secrets", "_types", "model"}
+SERVER_MAY_IMPORT = {"_checks", "_errors", "_request", "_parse", "_secrets", "_types", "model"}
 
 
 def _module_name(path: Path) -> str:
@@ -122,7 +124,8 @@ def test_the_graph_is_read() -> None:
     graph = import_graph()
     assert "nbcompletions._parse" in graph["nbcompletions._frames"]
     assert "nbcompletions._request" in graph["nbcompletions.server._app"]
-    assert "nbcompletions.model._sampling" in graph["nbcompletions.model._engine"]
+    assert "nbcompletions.model._kernels" in graph["nbcompletions.model._sampling"]  # from . import
+    assert "nbcompletions.model._plan" in graph["nbcompletions.model._engine"]
 
 
 def test_no_import_cycles() -> None:

@@ -69,23 +69,28 @@ def test_per_choice_names_missing_column() -> None:
         metrics.per_choice(pd.DataFrame({"txt": ["x"]}))
 
 
-@pytest.mark.parametrize(
-    ("p", "df", "expected"),
-    [
-        (0.975, 1, 12.7062047),
-        (0.975, 4, 2.7764451),
-        (0.975, 19, 2.0930241),
-        (0.995, 9, 3.2498355),
-        (0.95, 30, 1.6972609),
-        (0.975, 10_000, 1.9602012),
-    ],
-)
-def test_t_quantile_matches_tables(p: float, df: int, expected: float) -> None:
-    assert metrics.t_quantile(p, df) == pytest.approx(expected, rel=1e-6)
-    assert metrics.t_quantile(1 - p, df) == pytest.approx(-expected, rel=1e-6)
+def test_wilson_interval_matches_published_values_and_stays_in_range() -> None:
+    # Newcombe (1998), table I: 0 of 10 -> (0, 0.2775); 10 of 10 -> (0.7225, 1); 81 of 263 ->
+    # (0.2553, 0.3662).
+    low, high = metrics.wilson_interval([0, 10, 81], [10, 10, 263])
+    np.testing.assert_allclose(low, [0.0, 0.7225, 0.2553], atol=5e-5)
+    np.testing.assert_allclose(high, [0.2775, 1.0, 0.3662], atol=5e-5)
+    assert (low >= 0).all()
+    assert (high <= 1).all()
+    empty_low, _ = metrics.wilson_interval(0, 0)
+    assert math.isnan(float(empty_low))
 
 
-def test_summarize_mean_and_t_interval() -> None:
+def test_bootstrap_interval_is_seeded_and_within_the_data() -> None:
+    values = [0.2, 0.4, 0.5, 0.9, 1.0]
+    low, high = metrics.bootstrap_interval(values)
+    assert (low, high) == metrics.bootstrap_interval(values)
+    assert 0.2 <= low < np.mean(values) < high <= 1.0
+    assert (low, high) != metrics.bootstrap_interval(values, seed=1)
+    assert all(math.isnan(v) for v in metrics.bootstrap_interval([0.5]))
+
+
+def test_summarize_mean_and_bootstrap_interval() -> None:
     df = pd.DataFrame(
         {
             "temperature": [0.5] * 5 + [1.0] * 2 + [1.5],
@@ -103,16 +108,59 @@ def test_summarize_mean_and_t_interval() -> None:
         "ci_low",
         "ci_high",
     ]
+    assert out.attrs["interval"] == {"score": "bootstrap"}
     first = out.iloc[0]
     assert first["n"] == 5
     assert first["mean"] == pytest.approx(3.0)
-    sem = np.std([1, 2, 3, 4, 5], ddof=1) / math.sqrt(5)
-    assert first["ci_high"] - first["mean"] == pytest.approx(2.7764451 * sem, rel=1e-6)
+    assert first["sem"] == pytest.approx(np.std([1, 2, 3, 4, 5], ddof=1) / math.sqrt(5))
+    assert (first["ci_low"], first["ci_high"]) == metrics.bootstrap_interval([1, 2, 3, 4, 5])
     # One real value (the NaN of a failed request is left out): no interval.
     second = out.iloc[1]
     assert second["n"] == 1
     assert math.isnan(second["ci_low"])
     assert out["metric"].unique().tolist() == ["score"]
+
+
+def test_summarize_intervals_of_bounded_metrics_stay_in_range() -> None:
+    # The cases of issue 20: distinct_1 near 1 got upper bounds of 1.011-1.031 from Student t,
+    # and a repetition rate of 0 in all repeats but one got a lower bound of -0.0079.
+    df = pd.DataFrame(
+        {
+            "g": ["a"] * 5 + ["b"] * 5 + ["c"] * 3,
+            "distinct_1": [1.0, 1.0, 0.97, 1.0, 0.95, 1.0, 1.0, 1.0, 1.0, 1.0, 0.2, 0.9, 1.0],
+            "repetition_rate": [0.0, 0.0, 0.0, 0.0, 0.04, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.0, 0.9],
+            "correct": [True] * 5 + [False] * 5 + [True, False, True],
+        }
+    )
+    out = metrics.summarize(df, by="g", value=["distinct_1", "repetition_rate", "correct"])
+    assert out.attrs["interval"] == {
+        "distinct_1": "bootstrap",
+        "repetition_rate": "bootstrap",
+        "correct": "wilson",
+    }
+    assert (out["ci_low"] >= 0).all()
+    assert (out["ci_high"] <= 1).all()
+    assert (out["ci_low"] <= out["mean"]).all()
+    assert (out["mean"] <= out["ci_high"]).all()
+    rates = out[out["metric"] == "repetition_rate"].set_index("g")
+    assert rates.loc["a", "ci_low"] == 0.0
+    assert rates.loc["a", "ci_high"] > 0.0
+    # All five correct (or none): Wilson still gives an interval of positive width.
+    correct = out[out["metric"] == "correct"].set_index("g")
+    assert correct.loc["a", "ci_high"] == 1.0
+    assert correct.loc["a", "ci_low"] < 1.0
+    assert correct.loc["b", "ci_low"] == 0.0
+    assert correct.loc["b", "ci_high"] > 0.0
+    wilson = metrics.summarize(
+        df.assign(hit=df["correct"].astype(int)), value="hit", interval="wilson"
+    )
+    assert wilson.attrs["interval"] == {"hit": "wilson"}
+    with pytest.raises(ValueError, match=r"interval='wilson' is for proportions.*'distinct_1'"):
+        metrics.summarize(df, value="distinct_1", interval="wilson")
+    with pytest.raises(
+        ValueError, match=r"interval must be one of \['auto', 'wilson', 'bootstrap'\]; got 't'"
+    ):
+        metrics.summarize(df, value="distinct_1", interval="t")
 
 
 def test_summarize_several_values_long_form_and_errors() -> None:

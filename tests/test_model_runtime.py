@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -177,3 +178,99 @@ def test_inference_runs_without_torch(tiny_dir: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+_WITHOUT_NUMBA = """
+import json, sys
+sys.modules["numba"] = None  # `import numba` now raises ImportError, as where it is not installed
+import nbcompletions as nbc
+from nbcompletions.model import _kernels, load_engine
+assert not _kernels.available() and load_engine().packed is None
+client = nbc.Client(embedded=True)
+done = client.complete("ROMEO:", max_tokens=8, seed=1, n=3, logprobs=2)
+print(json.dumps({"texts": [c["text"] for c in done.raw["choices"]],
+                  "logprobs": done.tokens["logprob"].tolist()}))
+"""
+
+
+def test_without_numba_a_completion_runs_in_numpy_and_matches() -> None:
+    """numba is the `fast` extra: where it does not import, the public client's embedded
+    completion runs on the numpy forward pass, says nothing about compiling, and gives the same
+    texts (and logprobs to float32 rounding) as this process, compiled or not."""
+    import json
+
+    import nbcompletions as nbc
+
+    if not (FILES_DIR / "model.safetensors").exists():
+        pytest.skip("the embedded model's weights are not built yet")
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_NUMBA],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "compiling" not in done.stderr
+    got = json.loads(done.stdout)
+    expected = nbc.Client(embedded=True).complete("ROMEO:", max_tokens=8, seed=1, n=3, logprobs=2)
+    assert got["texts"] == [c["text"] for c in expected.raw["choices"]]
+    assert got["logprobs"] == pytest.approx(expected.tokens["logprob"].tolist(), abs=1e-4)
+
+
+def test_a_slow_load_says_so_on_stderr(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tiny_dir: Path
+) -> None:
+    import time
+
+    from nbcompletions.model import _engine, _notice
+    from nbcompletions.model._gpt2 import read_tensors
+    from nbcompletions.model._kernels import available
+
+    real_read = read_tensors
+
+    def slow_read(path: Path) -> Any:
+        time.sleep(0.5)  # as a compile would, or a loaded machine
+        return real_read(path)
+
+    monkeypatch.setattr(_notice, "LOAD_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(_engine, "read_tensors", slow_read)
+    _engine.Engine.from_dir(tiny_dir, compiled=False)
+    err = capfd.readouterr().err
+    assert err.startswith(_notice.LOAD_NOTICE + "\n")
+    assert "nbcompletions: the embedded model is ready (0." in err
+    _engine.Engine.from_dir(tiny_dir)
+    notice = _notice.COMPILE_NOTICE if available() else _notice.LOAD_NOTICE
+    assert capfd.readouterr().err.startswith(notice + "\n")
+
+
+def test_a_quick_load_says_nothing(capfd: pytest.CaptureFixture[str], tiny_dir: Path) -> None:
+    from nbcompletions.model import _engine
+
+    _engine.Engine.from_dir(tiny_dir, compiled=False)  # milliseconds: a tiny model
+    assert capfd.readouterr().err == ""
+
+
+def test_load_engine_says_it_once(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """load_engine announces from before numba's import; the from_dir inside says nothing more."""
+    import time
+
+    from nbcompletions.model import _engine, _notice
+    from nbcompletions.model._gpt2 import read_tensors
+
+    folder = build_tiny_model(tmp_path)
+    real_read = read_tensors
+
+    def slow_read(path: Path) -> Any:
+        time.sleep(0.5)
+        return real_read(path)
+
+    monkeypatch.setattr(_notice, "LOAD_NOTICE_AFTER_S", 0.05)
+    monkeypatch.setattr(_engine, "read_tensors", slow_read)
+    load_engine(folder)
+    err = capfd.readouterr().err
+    assert err.count("nbcompletions: loading the embedded model") == 1, err
+    assert err.count("is ready") == 1, err

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nbcompletions import plots, visible_token
+from nbcompletions import metrics, plots, visible_token
+from nbcompletions.plots._highlight import POPUP_HANDLER
 
 # The contract's columns (nbcompletions/_frames.py), written out so these tests pin the layout.
 TOKEN_COLUMNS = [
@@ -334,7 +335,9 @@ def test_token_probabilities_one_trace_per_choice_and_prompt_part(frames) -> Non
     assert fig.data[1].marker.symbol == "circle"
     assert all(type(trace) is go.Scatter for trace in fig.data)
     assert fig.layout.title.text.startswith("Probability of each chosen token")
-    assert fig.layout.xaxis.title.text == "position"
+    # Two choices hold different tokens at one position: the axis cannot name them.
+    assert fig.layout.xaxis.title.text == "position in the text (hover for the token)"
+    assert fig.layout.yaxis.title.text == "probability of the chosen token"
     assert tuple(fig.layout.yaxis.range) == (-0.02, 1.02)
 
 
@@ -342,16 +345,52 @@ def test_token_probabilities_hover_shows_escaped_token_logprob_and_rank(frames) 
     tokens, _ = frames
     fig = plots.token_probabilities(tokens, index=0, echo=False)
     generated = tokens[(tokens["index"] == 0) & ~tokens["echo"]].sort_values("position")
-    assert list(fig.data[0].text) == [
-        html.escape(visible_token(t) or "", quote=False) for t in generated["token"]
-    ]
-    assert "↵" in fig.data[0].text  # a newline token reads as ↵, not a line break
-    assert "··two··spaces" in fig.data[0].text  # spaces are visible
-    assert "&amp;amp;" in fig.data[0].text
+    ranks = generated["rank"].astype("Float64").to_numpy(dtype=float, na_value=np.nan)
+    shown = [html.escape(visible_token(t) or "", quote=False) for t in generated["token"]]
+    assert list(fig.data[0].text) == shown
+    texts = "".join(fig.data[0].text)
+    assert "↵" in texts  # a newline token reads as ↵, not a line break
+    assert "··two··spaces" in texts  # spaces are visible
+    assert "&amp;amp;" in texts
     np.testing.assert_allclose(np.asarray(fig.data[0].customdata)[:, 0], generated["logprob"])
-    np.testing.assert_array_equal(np.asarray(fig.data[0].customdata)[:, 1], generated["rank"])
-    assert "logprob %{customdata[0]" in fig.data[0].hovertemplate
-    assert "rank %{customdata[1]" in fig.data[0].hovertemplate
+    np.testing.assert_array_equal(np.asarray(fig.data[0].customdata)[:, 1], ranks)
+    assert "logprob %{customdata[0]:.4g}" in fig.data[0].hovertemplate
+    # k unknown: the rank reads as a whole number ("rank 6.000" before).
+    assert "rank %{customdata[1]:d}" in fig.data[0].hovertemplate
+    # k known: as the popup and the heat map write it, ">k" outside the top k.
+    k = int(np.nanmax(ranks)) - 1
+    with_k = plots.token_probabilities(tokens, index=0, echo=False, top_k=k)
+    expected = [
+        f"{t}<br>rank {'none' if np.isnan(r) else (f'>{k}' if r > k else int(r))}"
+        for t, r in zip(shown, ranks, strict=True)
+    ]
+    assert list(with_k.data[0].text) == expected
+    assert "rank" not in with_k.data[0].hovertemplate  # it rides in the text
+    assert f"rank &gt;{k}" not in "".join(expected)  # ">" is plain text in a hover
+    assert any(f"rank >{k}" in t for t in expected)
+    from_attrs = generated.copy()
+    from_attrs.attrs["logprobs"] = k
+    assert list(plots.token_probabilities(from_attrs).data[0].text) == expected
+
+
+def test_token_plots_name_the_tokens_on_the_x_axis(frames) -> None:
+    tokens, _ = frames
+    one = tokens[tokens["index"] == 0].sort_values("position")
+    expected = [html.escape(visible_token(t) or "", quote=False)[:11] for t in one["token"]]
+    for fig, axis_name in (
+        (plots.token_probabilities(one), "xaxis"),
+        (plots.entropy(one), "xaxis2"),
+    ):
+        axis = fig.layout[axis_name]
+        assert list(axis.tickvals) == one["position"].tolist()
+        assert [t[:11] for t in axis.ticktext] == [t or "∅" for t in expected]
+        assert axis.title.text == "token (position in the text)"
+    assert "··two··spaces"[:11] in "".join(plots.token_probabilities(one).layout.xaxis.ticktext)
+    # A long completion names every n-th token, at most 60.
+    long, _ = make_frames(n_tokens=500, n_choices=1, echo_tokens=0)
+    axis = plots.token_probabilities(long).layout.xaxis
+    assert 50 <= len(axis.tickvals) <= 60
+    assert axis.tickvals[1] - axis.tickvals[0] == 9
 
 
 def test_token_probabilities_echo_false_and_index_select_rows(frames) -> None:
@@ -376,11 +415,38 @@ def test_token_probabilities_switches_to_webgl_above_the_threshold() -> None:
     assert type(plots.token_probabilities(small, render_mode="webgl").data[0]) is go.Scattergl
 
 
-def test_token_probabilities_of_an_empty_frame_says_so(frames) -> None:
+@pytest.mark.parametrize(
+    ("function", "frame_name", "advice"),
+    [
+        (plots.token_probabilities, "tokens", r"logprobs were requested: pass completion\.tokens"),
+        (plots.entropy, "tokens", r"logprobs=5"),
+        (plots.rank_histogram, "tokens", r"logprobs=5"),
+        (plots.highlight, "tokens", r"logprobs=5"),
+        (plots.alternatives, "alternatives", r"pass completion\.alternatives"),
+    ],
+)
+def test_every_plot_of_an_empty_frame_says_so(frames, function, frame_name, advice) -> None:
+    tokens, alternatives = frames
+    empty = (tokens if frame_name == "tokens" else alternatives).iloc[:0]
+    with pytest.raises(ValueError, match=rf"\(\): the {frame_name} frame is empty \(0 rows\)"):
+        function(empty)
+    with pytest.raises(ValueError, match=advice):
+        function(empty)
+
+
+def test_mean_ci_of_an_empty_frame_says_so() -> None:
+    empty = make_sweep_choices().iloc[:0]
+    with pytest.raises(
+        ValueError, match=r"mean_ci\(\): the choices frame is empty.*result\.choices"
+    ):
+        plots.mean_ci(empty, x="temperature", y="mean_logprob")
+
+
+def test_echo_false_on_a_prompt_only_frame_says_so(frames) -> None:
     tokens, _ = frames
-    fig = plots.token_probabilities(tokens.iloc[:0])
-    assert len(fig.data) == 0
-    assert "no tokens to plot" in fig.layout.title.text
+    prompt_only = tokens.assign(echo=True)
+    with pytest.raises(ValueError, match=r"token_probabilities\(\): every token .* echo=True"):
+        plots.token_probabilities(prompt_only, echo=False)
 
 
 # -------------------------------------------------------------------------------------------
@@ -435,7 +501,15 @@ def test_alternatives_heat_map_cells_hold_probabilities_and_tokens(frames) -> No
     choice = alternatives[alternatives["index"] == 1]
     positions = sorted(choice["position"].unique())
     assert list(heatmap.x) == [1, 2, 3]
-    assert list(fig.layout.yaxis.ticktext) == [str(p) for p in positions]
+    # Each row names its position and the token sampled there.
+    sampled = {
+        r.position: html.escape(visible_token(str(r.token)) or "", quote=False)
+        for r in choice[choice["chosen"]].itertuples()
+    }
+    assert list(fig.layout.yaxis.ticktext) == [
+        f"{p} {sampled.get(p, '')}".rstrip() for p in positions
+    ]
+    assert fig.layout.yaxis.title.text == "position in the text and the sampled token"
     z = np.asarray(heatmap.z, dtype=float)
     text = np.asarray(heatmap.text, dtype=object)
     for row in choice.itertuples():
@@ -472,7 +546,7 @@ def test_alternatives_caps_positions_and_says_so_in_the_title() -> None:
     assert np.asarray(fig.data[0].z).shape == (100, 3)
     assert "positions 0–99 of 300 shown (max_positions=100" in fig.layout.title.text
     fig = plots.alternatives(alternatives, start=250, max_positions=20)
-    assert list(fig.layout.yaxis.ticktext) == [str(p) for p in range(250, 270)]
+    assert [t.split()[0] for t in fig.layout.yaxis.ticktext] == [str(p) for p in range(250, 270)]
     assert "positions 250–269 of 300 shown" in fig.layout.title.text
     whole = plots.alternatives(alternatives, max_positions=300)
     assert "shown" not in whole.layout.title.text
@@ -516,10 +590,8 @@ def test_rank_histogram_buckets_are_a_parameter_and_color_splits_choices(frames)
 # -------------------------------------------------------------------------------------------
 # mean_ci
 
-T_975 = {2: 4.302652729749464}  # Student t quantile at 0.975 with 2 degrees of freedom
 
-
-def test_mean_ci_plots_mean_and_t_interval_over_repeats() -> None:
+def test_mean_ci_plots_mean_and_bootstrap_interval_over_repeats() -> None:
     choices = make_sweep_choices()
     fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt_id")
     # The legend's title names the column once; the entries are its values.
@@ -529,14 +601,46 @@ def test_mean_ci_plots_mean_and_t_interval_over_repeats() -> None:
     assert fig.layout.yaxis.title.text == "mean_logprob"
     ok = choices[choices["error"].isna() & (choices["prompt_id"] == 1)]
     grouped = ok.groupby("temperature")["mean_logprob"]
-    np.testing.assert_allclose(fig.data[1].x, [0.0, 0.5, 1.0])
+    # The two prompts' lines are set apart by 1/40 of the x spacing, so neither hides the other.
+    np.testing.assert_allclose(fig.data[1].x, np.array([0.0, 0.5, 1.0]) + 0.5 / 80)
+    np.testing.assert_allclose(fig.data[0].x, np.array([0.0, 0.5, 1.0]) - 0.5 / 80)
+    assert [fig.data[0].marker.symbol, fig.data[1].marker.symbol] == ["circle", "square"]
     np.testing.assert_allclose(fig.data[1].y, grouped.mean())
-    half = T_975[2] * grouped.std() / np.sqrt(3)
-    np.testing.assert_allclose(fig.data[1].error_y.array, half)
-    np.testing.assert_allclose(fig.data[1].error_y.arrayminus, half)
+    intervals = [metrics.bootstrap_interval(values) for _, values in grouped]
+    np.testing.assert_allclose(
+        fig.data[1].error_y.array, [h for _, h in intervals] - grouped.mean()
+    )
+    np.testing.assert_allclose(
+        fig.data[1].error_y.arrayminus, grouped.mean() - [lo for lo, _ in intervals]
+    )
     assert fig.data[1].mode == "lines+markers"
     assert "1 failed request left out" in fig.layout.title.text
-    assert "95% CI" in fig.layout.title.text
+    assert "95% CI (percentile bootstrap, 2,000 resamples)" in fig.layout.title.text
+
+
+def test_mean_ci_intervals_of_rates_stay_in_range_and_coincident_lines_show() -> None:
+    # Issue 20: distinct_1 upper bounds of 1.011-1.031 and a repetition lower bound of -0.0079
+    # were drawn outside [0, 1]; distinct_2 flat at 1.0 hid one line behind another.
+    rows = []
+    for prompt_id in (0, 1):
+        for temperature in (0.5, 1.0):
+            for repeat, rate in enumerate([0.0, 0.0, 0.0, 0.04, 0.0]):
+                distinct = 1.0 if prompt_id == 0 else [1.0, 0.97, 1.0, 1.0, 0.95][repeat]
+                rows.append((prompt_id, temperature, rate, distinct, 1.0, repeat % 2 == 0))
+    choices = pd.DataFrame(
+        rows,
+        columns=["prompt_id", "temperature", "repetition_rate", "distinct_1", "distinct_2", "ok"],
+    )
+    for y in ("repetition_rate", "distinct_1", "ok"):
+        fig = plots.mean_ci(choices, x="temperature", y=y, color="prompt_id")
+        for trace in fig.data:
+            assert (np.asarray(trace.y) + np.asarray(trace.error_y.array) <= 1 + 1e-12).all()
+            assert (np.asarray(trace.y) - np.asarray(trace.error_y.arrayminus) >= -1e-12).all()
+    assert "Wilson score" in plots.mean_ci(choices, x="temperature", y="ok").layout.title.text
+    flat = plots.mean_ci(choices, x="temperature", y="distinct_2", color="prompt_id")
+    assert "every mean is 1: the lines lie on top of one another" in flat.layout.title.text
+    assert flat.data[0].x[0] != flat.data[1].x[0]
+    assert flat.data[0].line.dash != flat.data[1].line.dash
 
 
 def test_mean_ci_band_facets_and_no_interval() -> None:
@@ -613,8 +717,13 @@ def parse(markup: str) -> SpanCollector:
 
 
 def assert_self_contained(markup: str) -> None:
+    """No script tags, no URLs, and one event handler only: the highlight's own onclick, which
+    closes its popup on a click elsewhere or Escape where scripts run (exactly once)."""
     assert "<script" not in markup.lower()
-    assert not re.search(r"https?:|//|url\(|@import|\bon\w+=", markup, flags=re.IGNORECASE)
+    handler = f'class="nbc-highlight" onclick="{POPUP_HANDLER}"'
+    assert markup.count(handler) == 1
+    rest = markup.replace(handler, "")
+    assert not re.search(r"https?:|//|url\(|@import|\bon\w+=", rest, flags=re.IGNORECASE)
 
 
 def test_highlight_is_self_contained_escaped_and_one_span_per_token(frames) -> None:
@@ -772,6 +881,32 @@ def test_highlight_legend_cap_echo_and_save(frames, tmp_path: Path) -> None:
     assert repr(result).startswith("HighlightedText(3 tokens")
 
 
+def test_highlight_popups_float_and_form_one_group_per_highlight(frames) -> None:
+    tokens, alternatives = frames
+    markup = plots.highlight(tokens, alternatives=alternatives, index=0).html
+    other = plots.highlight(tokens, alternatives=alternatives, index=1).html
+    # Out of the text flow: absolutely placed under the token, over the lines below.
+    popups = re.findall(r'<div class="nbc-popup" style="([^"]*)"', markup)
+    assert popups
+    assert all("position:absolute" in style for style in popups)
+    assert all("top:100%" in style and "z-index" in style for style in popups)
+    details = re.findall(r'<details name="([^"]+)" style="([^"]*)"', markup)
+    assert len(details) == len(popups)
+    assert all("position:relative" in style for _, style in details)
+    # One exclusive group per highlight: the browser keeps one popup of it open at a time.
+    assert len({name for name, _ in details}) == 1
+    assert re.findall(r'<details name="([^"]+)"', other)[0] != details[0][0]
+    # Room under the text for the tallest popup, so a scrolling output area does not cut it.
+    reserve = int(re.findall(r"padding-bottom:(\d+)px", markup)[0])
+    lines = max(
+        len(body.split("\n"))
+        for body in re.findall(r'nbc-popup"[^>]*>(.*?)</div>', markup, flags=re.S)
+    )
+    assert reserve >= lines * 12 * 1.4 - 20
+    tight = plots.highlight(tokens, alternatives=alternatives, index=0, popup_room=False).html
+    assert "padding-bottom:0px" in tight
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(max_size=6), min_size=1, max_size=12))
 def test_highlight_round_trips_any_token_text(texts: list[str]) -> None:
@@ -882,7 +1017,7 @@ def test_plots_of_frames_from_a_response_dict() -> None:
     assert [trace.name for trace in fig.data] == ["prompt", "completion"]
     np.testing.assert_allclose(fig.data[1].y, [np.exp(-2.0)])
     heat = plots.alternatives(alternatives)
-    assert list(heat.layout.yaxis.ticktext) == ["1", "2"]
+    assert list(heat.layout.yaxis.ticktext) == ["1 ·&amp;", "2"]
     assert np.asarray(heat.data[0].text)[0, 0] == "<b>·&amp; ✓</b>"
 
 
@@ -904,8 +1039,9 @@ def test_mean_ci_of_a_real_sweep(embedded_client) -> None:
     assert list(fig.data[0].x) == [0.5, 1.5]
     ok = choices[choices["error"].isna()]
     np.testing.assert_allclose(fig.data[0].y, ok.groupby("temperature")["mean_logprob"].mean())
-    spread = ok.groupby("temperature")["mean_logprob"].std().to_numpy()
-    np.testing.assert_allclose(fig.data[0].error_y.array, T_975[2] * spread / np.sqrt(3))
+    means = ok.groupby("temperature")["mean_logprob"].mean().to_numpy()
+    highs = [metrics.bootstrap_interval(v)[1] for _, v in ok.groupby("temperature")["mean_logprob"]]
+    np.testing.assert_allclose(fig.data[0].error_y.array, np.array(highs) - means)
 
 
 def test_line_plots_refuse_to_join_several_completions_in_one_line(frames) -> None:
@@ -935,3 +1071,196 @@ def test_mean_ci_labels_show_the_newlines_of_text_categories() -> None:
     fig = plots.mean_ci(choices, x="temperature", y="mean_logprob", color="prompt")
     # Two prompts that differ only by a newline get two different labels.
     assert [trace.name for trace in fig.data] == ["ROMEO.", "ROMEO.↵"]
+
+
+# -------------------------------------------------------------------------------------------
+# calibration
+
+
+def test_calibration_of_a_metrics_calibration_frame_draws_bins_with_wilson_intervals() -> None:
+    binned = pd.DataFrame(
+        {
+            "temperature": [0.5, 0.5, 1.0, 1.0],
+            "bin": [0, 9, 0, 9],
+            "prob_low": [0.0, 0.9, 0.0, 0.9],
+            "prob_high": [0.1, 1.0, 0.1, 1.0],
+            "mean_prob": [0.05, 0.95, 0.04, 0.97],
+            "observed": [0.0, 1.0, 0.1, 0.8],
+            "count": [40, 10, 50, 20],
+            "n_chosen": [0, 10, 5, 16],
+        }
+    )
+    binned["observed_low"], binned["observed_high"] = metrics.wilson_interval(
+        binned["n_chosen"], binned["count"]
+    )
+    fig = plots.calibration(binned, color="temperature")
+    diagonal, *rest = fig.data
+    assert list(diagonal.x) == [0, 1]
+    points = [t for t in rest if t.type == "scatter"]
+    bars = [t for t in rest if t.type == "bar"]
+    assert [p.name for p in points] == ["0.5 (ECE 0.050)", "1.0 (ECE 0.091)"]
+    np.testing.assert_allclose(points[0].y, [0.0, 1.0])
+    upper = np.asarray(points[0].y) + np.asarray(points[0].error_y.array)
+    lower = np.asarray(points[0].y) - np.asarray(points[0].error_y.arrayminus)
+    assert (upper <= 1).all()
+    assert (lower >= 0).all()
+    # 0 of 40 and 10 of 10: intervals of positive width, inside [0, 1].
+    assert upper[0] > 0
+    assert lower[1] < 1
+    np.testing.assert_allclose(bars[1].y, [50, 20])
+    assert "Wilson score" in fig.layout.title.text
+    assert fig.layout.yaxis.title.text == "share sampled"
+    with pytest.raises(ValueError, match=r"calibration\(\): column 'observed_low' not in"):
+        plots.calibration(binned.drop(columns="observed_low"))
+    with pytest.raises(ValueError, match=r"pass both prob= and correct="):
+        plots.calibration(binned, prob="mean_prob")
+    with pytest.raises(ValueError, match=r"the calibration frame is empty"):
+        plots.calibration(binned.iloc[:0])
+
+
+def test_calibration_of_answers_across_a_sweep_axis() -> None:
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0, 1, 400)
+    answers = pd.DataFrame(
+        {
+            "label_prob": probs,
+            # At temperature 0 answers are right as often as claimed; at 1 always wrong above 0.5.
+            "correct": np.concatenate([rng.uniform(0, 1, 200) < probs[:200], probs[200:] < 0.5]),
+            "temperature": [0.0] * 200 + [1.0] * 200,
+        }
+    )
+    binned = metrics.reliability(
+        answers, prob="label_prob", correct="correct", by="temperature", bins=5
+    )
+    assert binned.columns.tolist()[:2] == ["temperature", "bin"]
+    assert binned["count"].sum() == 400
+    assert (binned["observed_low"] >= 0).all()
+    assert (binned["observed_high"] <= 1).all()
+    top = binned[(binned["temperature"] == 1.0) & (binned["bin"] == 4)].iloc[0]
+    assert top["observed"] == 0.0
+    assert top["n_true"] == 0
+    fig = plots.calibration(
+        answers, prob="label_prob", correct="correct", color="temperature", bins=5
+    )
+    points = [t for t in fig.data if t.type == "scatter"][1:]
+    assert len(points) == 2
+    np.testing.assert_allclose(
+        points[1].y, binned[binned["temperature"] == 1.0].sort_values("mean_prob")["observed"]
+    )
+    assert fig.layout.xaxis2.title.text == "probability given the answer (label_prob)"
+    # The calibrated side scores a smaller ECE than the overconfident one.
+    ece = [float(p.name.split("ECE ")[1].rstrip(")")) for p in points]
+    assert ece[0] < ece[1]
+    with pytest.raises(ValueError, match=r"'label_prob' must hold probabilities in \[0, 1\]"):
+        metrics.reliability(answers.assign(label_prob=-probs), prob="label_prob", correct="correct")
+
+
+def test_calibration_of_the_embedded_model(frames) -> None:
+    tokens, alternatives = frames
+    binned = metrics.calibration(tokens, alternatives, bins=5)
+    fig = plots.calibration(binned)
+    assert [t.type for t in fig.data] == ["scatter", "scatter", "bar"]
+    assert fig.data[1].name.startswith("ECE ")
+
+
+# -------------------------------------------------------------------------------------------
+# compare
+
+
+def make_compare_frame() -> pd.DataFrame:
+    """The frame nbc.compare returns, by hand: " Richard" is one token on side a and two on b."""
+    rows = [
+        ("To", ["To"], ["To"], np.nan, np.nan, np.nan, np.nan, False),
+        (" be", [" be"], [" be"], -0.5, -0.6, 0.01, 0.08, False),
+        (" Richard", [" Richard"], [" Rich", "ard"], -2.0, -4.5, np.nan, np.nan, True),
+        (",", [","], [","], -0.1, -0.1, 0.0, 0.02, False),
+        (" or", [" or"], [" or"], -3.0, -0.2, 0.9, 2.5, True),
+    ]
+    start = 0
+    records = []
+    for span, (text, a_tokens, b_tokens, a_lp, b_lp, kl_low, kl_high, disagree) in enumerate(rows):
+        end = start + len(text.encode())
+        records.append(
+            {
+                "text_id": 0,
+                "span": span,
+                "start_byte": start,
+                "end_byte": end,
+                "text": text,
+                "a_tokens": a_tokens,
+                "b_tokens": b_tokens,
+                "a_logprob": a_lp,
+                "b_logprob": b_lp,
+                "a_rank": pd.NA if span == 0 else 1,
+                # b's top 2 miss the token where the sides disagree: it comes as a 3rd entry,
+                # ranked k+1 = 3 ("outside the top 2").
+                "b_rank": pd.NA if span == 0 else (3 if disagree else 1),
+                "a_top": {} if span == 0 else {text: a_lp, " the": -3.0},
+                "b_top": {}
+                if span == 0
+                else (
+                    {" the": -0.1, " a": -2.0, text: b_lp} if disagree else {text: b_lp, " a": -3}
+                ),
+                "kl_lower": kl_low,
+                "kl_upper": kl_high,
+                "disagree": disagree,
+            }
+        )
+        start = end
+    frame: pd.DataFrame = pd.DataFrame(records)
+    frame["a_rank"] = frame["a_rank"].astype("Int64")
+    frame["b_rank"] = frame["b_rank"].astype("Int64")
+    frame.attrs["a"] = "embedded"
+    frame.attrs["b"] = "vllm @ 127.0.0.1"
+    return frame
+
+
+def test_compare_draws_two_token_tracks_and_marks_disagreements() -> None:
+    frame = make_compare_frame()
+    fig = plots.compare(frame)
+    tracks, differences = fig.data
+    assert tracks.type == "heatmap"
+    # Side a above side b, one cell per span, the tokens written in (| between b's two tokens).
+    assert list(fig.layout.yaxis.ticktext) == ["a: embedded", "b: vllm @ 127.0.0.1"]
+    assert fig.layout.yaxis.autorange == "reversed"
+    text = np.asarray(tracks.text, dtype=object)
+    assert text[0, 2] == "·Richard"
+    assert text[1, 2] == "·Rich|ard"
+    z = np.asarray(tracks.z, dtype=float)
+    np.testing.assert_allclose(z[0, 1:], np.maximum(frame["a_logprob"][1:] / np.log(10), -4.0))
+    assert np.isnan(z[0, 0])  # the first span: nothing precedes it
+    # Disagreements: outlined across both tracks, red labels, red difference bars.
+    outlined = sorted((s.x0 + s.x1) / 2 for s in fig.layout.shapes)
+    assert outlined == [2, 4]
+    assert all((s.y0, s.y1) == (-0.5, 1.5) for s in fig.layout.shapes)
+    labels = list(fig.layout.xaxis2.ticktext)
+    assert "color:#c0392b" in labels[2]
+    assert "color" not in labels[1]
+    np.testing.assert_allclose(differences.y[1:], (frame["a_logprob"] - frame["b_logprob"])[1:])
+    colors = list(differences.marker.color)
+    assert colors[2] == colors[4] != colors[1]
+    hover = np.asarray(tracks.customdata, dtype=object)
+    assert "KL(a ‖ b) 0.900 to 2.500 nats" in hover[0, 4]
+    assert "rank >2" in hover[1, 4]
+    assert "rank 1" in hover[0, 4]
+    assert "the sides disagree" in hover[1, 4]
+    assert "logprob: none" in hover[0, 0]
+    assert "2 disagreements in 5 spans" in fig.layout.title.text
+
+
+def test_compare_picks_a_text_caps_spans_and_checks_its_frame() -> None:
+    frame = make_compare_frame()
+    two = pd.concat([frame, frame.assign(text_id=1)], ignore_index=True)
+    two.attrs = frame.attrs
+    fig = plots.compare(two, text_id=1, max_spans=3)
+    assert len(fig.data[0].x) == 3
+    assert "text_id 1 of 2 texts" in fig.layout.title.text
+    assert "spans 0–2 of 5" in fig.layout.title.text
+    with pytest.raises(ValueError, match=r"text_id 7 is not in the frame; present: \[0, 1\]"):
+        plots.compare(two, text_id=7)
+    with pytest.raises(
+        ValueError, match=r"compare\(\): column 'disagree' not in the compare frame"
+    ):
+        plots.compare(frame.drop(columns="disagree"))
+    with pytest.raises(ValueError, match=r"compare\(\): the compare frame is empty"):
+        plots.compare(frame.iloc[:0])

@@ -155,9 +155,9 @@ def test_sweep_error_column_parquet_and_cache_hide_the_key(tmp_path: Path) -> No
 
 
 def test_widget_error_box_hides_the_key() -> None:
-    from nbcompletions.widgets._display import _error_html
+    from nbcompletions.widgets._display import error_html
 
     error = APIError(f"bad {URL_FORM}", status=401, param=KEY)
-    _assert_hidden(_error_html(error, [KEY]), "the widget's error box")
+    _assert_hidden(error_html(error, [KEY]), "the widget's error box")
     crash = RuntimeError(f"unexpected: {KEY}")
-    _assert_hidden(_error_html(crash, [KEY]), "the widget's error box")
+    _assert_hidden(error_html(crash, [KEY]), "the widget's error box")

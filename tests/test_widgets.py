@@ -6,6 +6,7 @@ import html
 import json
 from typing import Any
 
+import pandas as pd
 import pytest
 from helpers import mock_client
 from hypothesis import given, settings
@@ -470,6 +471,54 @@ def test_stream_shows_text_as_it_arrives(playground: Any) -> None:
     assert playground.streamed.value == ""  # replaced by the highlighted result
 
 
+def test_a_streamed_run_clears_the_previous_runs_text_while_it_streams(playground: Any) -> None:
+    # Issue 20: a streamed run showed the previous run's highlighted text (and its open popup)
+    # under the new text as it streamed in.
+    playground.seed.value = "1"
+    assert playground.run() is not None
+    assert 'class="nbc-tokens"' in playground.highlighted.value
+    seen: list[tuple[str, str, str]] = []
+    playground.streamed.observe(
+        lambda change: seen.append(
+            (
+                change["new"],
+                playground.highlighted.value,
+                playground.frames_tabs["tokens"].value,
+            )
+        ),
+        names=["value"],
+    )
+    playground.stream.value = True
+    playground.seed.value = "2"
+    assert playground.run() is not None
+    while_streaming = [(h, t) for text, h, t in seen if text]
+    assert while_streaming
+    assert all(highlighted == "" and tokens == "" for highlighted, tokens in while_streaming)
+    assert 'class="nbc-tokens"' in playground.highlighted.value
+
+
+def test_choices_tab_leaves_out_empty_columns_and_gives_the_text_room(playground: Any) -> None:
+    from nbcompletions.widgets._display import frame_html
+
+    playground.seed.value = "1"
+    completion = playground.run()
+    assert completion is not None
+    choices = completion.choices
+    empty = [c for c in choices.columns if choices[c].isna().all()]
+    assert empty  # the embedded model's choices carry columns no one filled in
+    tab = playground.frames_tabs["choices"].value
+    for column in empty:
+        assert f"<th>{column}</th>" not in tab
+    assert "not shown, empty in every row: " + ", ".join(empty) in tab
+    assert 'style="min-width:24em' in tab
+    # Escaped like any cell: markup in a text is shown, not rendered.
+    frame = pd.DataFrame({"text": ["<b>bold</b> & more"], "index": [0], "note": ["<i>"]})
+    table = frame_html(frame)
+    assert "&lt;b&gt;bold&lt;/b&gt; &amp; more" in table
+    assert "&lt;i&gt;" in table
+    assert "<b>bold" not in table
+
+
 def test_logit_bias_text_goes_through_the_tokenizer(playground: Any, embedded_engine: Any) -> None:
     (forced,) = embedded_engine.encode(" the")
     playground.logit_bias.value = '" the": 100'
@@ -629,6 +678,34 @@ def test_builder_field_on_two_axes_is_shown(builder: Any) -> None:
     builder.axis_fields[1].value = "temperature"
     builder.axis_values[1].value = "1"
     assert "temperature is chosen for two axes" in builder.error.value
+
+
+def test_builder_axis_set_to_none_drops_its_values(builder: Any) -> None:
+    builder.axis_fields[1].value = "top_p"
+    assert not builder.axis_values[1].disabled
+    builder.axis_values[1].value = "0.5, 0.9"
+    assert builder.settings.n_requests == 16
+    builder.axis_fields[1].value = ""
+    assert builder.axis_values[1].value == ""
+    assert builder.axis_values[1].disabled
+    # Chosen again (another field), the box is empty: the old values were for top_p.
+    builder.axis_fields[1].value = "presence_penalty"
+    assert builder.axis_values[1].value == ""
+    assert not builder.axis_values[1].disabled
+    assert builder.axis_values[2].disabled  # "(none)" from the start
+
+
+def test_builder_clears_its_chart_under_a_new_validation_error(builder: Any) -> None:
+    assert builder.run() is not None
+    assert builder.plot.outputs
+    builder.axis_values[0].value = "0.5, hot"
+    assert "temperature" in builder.error.value
+    assert builder.plot.outputs == ()
+    assert "chart cleared" in builder.status.value
+    # Changing y redraws nothing under the error; .result still holds the last run.
+    builder.y.value = "n_tokens"
+    assert builder.plot.outputs == ()
+    assert builder.result is not None
 
 
 def test_builder_runs_and_plots(builder: Any, tmp_path: Any) -> None:

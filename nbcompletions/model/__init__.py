@@ -20,6 +20,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .._checks import positive_int
+
 if TYPE_CHECKING:  # pragma: no cover
     from ._engine import Engine
 
@@ -58,9 +60,14 @@ def load_engine(path: str | Path | None = None) -> Engine:
             ]
             if missing:
                 raise FileNotFoundError(f"model files missing in {folder}: {', '.join(missing)}")
-            from ._engine import Engine
+            from ._notice import announced_load
 
-            engine = Engine.from_dir(folder, model_id=MODEL_ID if folder == FILES_DIR else None)
+            # Said from here, not only in from_dir: importing numba takes a second too.
+            with announced_load():
+                from ._engine import Engine
+
+                model_id = MODEL_ID if folder == FILES_DIR else None
+                engine = Engine.from_dir(folder, model_id=model_id)
             _engines[folder] = engine
     return engine
 
@@ -110,7 +117,7 @@ def _config_vocab_size(path: str) -> int | None:
             value = json.load(handle).get("vocab_size")
     except (OSError, ValueError):
         return None
-    return value if isinstance(value, int) and value > 0 else None
+    return positive_int(value)
 
 
 @functools.lru_cache(maxsize=4)

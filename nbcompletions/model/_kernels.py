@@ -36,14 +36,14 @@ F32 = np.float32
 #: activation functions the compiled step implements (the tanh GELU of GPT-2)
 _GELU_TANH = frozenset({"gelu_new", "gelu_pytorch_tanh", "gelu_fast"})
 
-try:  # numba is a dependency; without it (an unsupported platform) the numpy path runs
+try:  # numba is the `fast` extra; without it the numpy forward pass runs
     import numba
     from llvmlite import ir
     from numba import types
     from numba.extending import intrinsic
 
     _NUMBA = True
-except ImportError:  # pragma: no cover - exercised only where numba cannot be installed
+except ImportError:  # pragma: no cover - tests/test_model_runtime.py runs this in a subprocess
     _NUMBA = False
 
 

@@ -1,68 +1,23 @@
-"""A request while it is generated: what it asks for (`_Plan`, `_Prompt`) and each candidate
-completion's text, tokens and logprobs as they are sampled (`_Row`), streaming included."""
+"""A candidate completion while it is generated: its text, tokens and logprobs as they are
+sampled (`Row`), where a stop string cuts it, and what streaming may send of it yet."""
 
 from __future__ import annotations
 
 import codecs
-import math
-from typing import Any
 
-import numpy as np
+from ._plan import Plan
 
-from .._parse import NEG_INF_LOGPROB
-
-__all__ = ["_Parts", "_Plan", "_Prompt", "_Row", "_finite"]
-
-#: tokens, token_logprobs, top_logprobs, text_offset of one choice (or its echoed prompt)
-_Parts = tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]
+__all__ = ["Row"]
 
 
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else NEG_INF_LOGPROB
-
-
-class _Prompt:
-    """One prompt: the ids the model conditions on, and what echo shows."""
-
-    def __init__(self, ids: list[int], text: str, echo_ids: list[int]) -> None:
-        self.ids = ids
-        self.text = text
-        self.echo_ids = echo_ids
-
-
-class _Plan:
-    """Everything a request asks for, resolved to defaults and checked against the model."""
-
-    def __init__(self, **fields: Any) -> None:
-        self.prompts: list[_Prompt] = fields["prompts"]
-        self.n: int = fields["n"]
-        self.best_of: int = fields["best_of"]
-        self.max_tokens: int = fields["max_tokens"]
-        self.temperature: float = fields["temperature"]
-        self.top_p: float = fields["top_p"]
-        self.frequency_penalty: float = fields["frequency_penalty"]
-        self.presence_penalty: float = fields["presence_penalty"]
-        self.bias: np.ndarray | None = fields["bias"]
-        self.stops: list[str] = fields["stops"]
-        self.logprobs: int | None = fields["logprobs"]
-        self.echo: bool = fields["echo"]
-        self.seed: int | None = fields["seed"]
-        self.include_usage: bool = fields["include_usage"]
-        # vLLM's sampling fields (off: 0, 0.0, 1.0)
-        self.top_k: int = fields["top_k"]
-        self.min_p: float = fields["min_p"]
-        self.repetition_penalty: float = fields["repetition_penalty"]
-
-
-class _Row:
+class Row:
     """One candidate completion's state while it is generated."""
 
-    def __init__(self, prompt_index: int, base_offset: int, plan: _Plan) -> None:
+    def __init__(self, prompt_index: int, base_offset: int, plan: Plan) -> None:
         self.prompt_index = prompt_index
         self.base_offset = base_offset  # len(prompt text): where generated text_offsets start
         self.max_tokens = plan.max_tokens
         self.stops = plan.stops
-        self.longest_stop = max((len(s) for s in plan.stops), default=0)
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.text = ""  # completion text decoded so far (not yet cut at a stop)
         self.tokens: list[int] = []  # sampled tokens that are part of the text (no end-of-text)

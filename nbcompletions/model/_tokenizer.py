@@ -7,12 +7,17 @@ tokens that are only part of a UTF-8 character show as OpenAI shows them (``byte
 
 from __future__ import annotations
 
-import codecs
+import dataclasses
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ByteTokenizer", "bytes_to_unicode", "token_display"]
+import numpy as np
+
+__all__ = ["EOT", "ByteTokenizer", "Vocabulary", "bytes_to_unicode", "token_display"]
+
+#: The end-of-text token's content.
+EOT = "<|endoftext|>"
 
 
 @lru_cache(maxsize=1)
@@ -94,7 +99,42 @@ class ByteTokenizer:
         table = self.token_bytes
         return b"".join(table[i] for i in ids).decode("utf-8", errors="replace")
 
-    @staticmethod
-    def incremental_decoder() -> codecs.IncrementalDecoder:
-        """Bytes in, text out, holding back an unfinished UTF-8 character until it completes."""
-        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def vocabulary(self, vocab_size: int, eos_token_id: int | None) -> Vocabulary:
+        """The model's tokens: this tokenizer's, cut or padded to the model's ``vocab_size``."""
+        eot = self.token_id(EOT)
+        if eot is None:
+            eot = eos_token_id
+        if eot is None:
+            raise ValueError(f"the tokenizer has no {EOT} token and config.json no eos_token_id")
+        pad = max(0, vocab_size - len(self.token_bytes))
+        spellable = min(len(self), vocab_size)
+        return Vocabulary(
+            tokenizer=self,
+            token_bytes=self.token_bytes[:vocab_size] + (b"",) * pad,
+            token_strings=self.token_strings[:vocab_size] + ("",) * pad,
+            eot_token_id=int(eot),
+            unspellable=np.arange(spellable, vocab_size),
+        )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Vocabulary:
+    """Every token id of a model as the engine writes it: ``token_bytes[i]`` (what it adds to the
+    text) and ``token_strings[i]`` (OpenAI's string for it). Rows of a padded vocabulary that
+    the tokenizer cannot spell (``unspellable``) have empty bytes and must never be sampled."""
+
+    tokenizer: ByteTokenizer
+    token_bytes: tuple[bytes, ...]
+    token_strings: tuple[str, ...]
+    eot_token_id: int
+    unspellable: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return len(self.token_bytes)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")

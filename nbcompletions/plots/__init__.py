@@ -11,10 +11,13 @@ by a column, ``echo`` keeps (True) or drops (False) echoed prompt tokens, ``rend
 SVG or WebGL (``"auto"``: WebGL above :data:`WEBGL_THRESHOLD` points), ``max_positions`` caps what
 a position-by-position view shows, and ``title``/``height``/``width`` set the layout.
 
-:func:`highlight` needs no plotly: it returns self-contained HTML (CSS only, no JavaScript, no URLs)
-that renders the same on GitHub, nbviewer, VS Code and in exported HTML.
+:func:`highlight` needs no plotly: it returns self-contained HTML (inline CSS, no script tags, no
+URLs; its popups work without JavaScript, and where scripts run one ``onclick`` also closes them
+on Escape or a click elsewhere) that renders the same on GitHub, nbviewer, VS Code and in
+exported HTML.
 
-Each family has its own module (``_tokens``, ``_alternatives``, ``_mean_ci``, ``_highlight``);
+Each family has its own module (``_tokens``, ``_alternatives``, ``_mean_ci``, ``_highlight``,
+``_calibration``, ``_compare``);
 they load on first use, so ``plots.highlight`` runs without importing plotly at all.
 """
 
@@ -28,6 +31,8 @@ __all__ = [
     "WEBGL_THRESHOLD",
     "HighlightedText",
     "alternatives",
+    "calibration",
+    "compare",
     "entropy",
     "highlight",
     "mean_ci",
@@ -42,6 +47,8 @@ _LAZY: dict[str, str] = {
     "HighlightedText": "._highlight",
     "highlight": "._highlight",
     "alternatives": "._alternatives",
+    "calibration": "._calibration",
+    "compare": "._compare",
     "entropy": "._tokens",
     "rank_histogram": "._tokens",
     "token_probabilities": "._tokens",
@@ -50,7 +57,9 @@ _LAZY: dict[str, str] = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._alternatives import alternatives
+    from ._calibration import calibration
     from ._colors import PROB_COLORSCALE
+    from ._compare import compare
     from ._highlight import HighlightedText, highlight
     from ._mean_ci import mean_ci
     from ._style import WEBGL_THRESHOLD

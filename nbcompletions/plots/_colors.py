@@ -13,17 +13,17 @@ PROB_COLORSCALE: tuple[tuple[float, str], ...] = (
     (1.0, "#63be7b"),
 )
 
-_MISSING_PROB_COLOR = "#e0e0e0"
+MISSING_PROB_COLOR = "#e0e0e0"
 
 #: The log scales (``scale="logprob"``) span log10 p from this floor (red) to 0 (green): one in
 #: 10,000 to certain. Most tokens of a sampled text lie below p = 0.1, where a linear scale is red.
 LOG10_FLOOR = -4.0
 
 
-def _prob_color(prob: float) -> str:
+def prob_color(prob: float) -> str:
     """The colour of a position ``prob`` in [0, 1] on :data:`PROB_COLORSCALE` (NaN: grey)."""
     if not math.isfinite(prob):
-        return _MISSING_PROB_COLOR
+        return MISSING_PROB_COLOR
     prob = min(max(prob, 0.0), 1.0)
     for (left, left_color), (right, right_color) in itertools.pairwise(PROB_COLORSCALE):
         if prob <= right:

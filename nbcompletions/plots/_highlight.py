@@ -1,37 +1,46 @@
-"""Tokens coloured by probability as self-contained HTML: no plotly, no scripts, no URLs.
+"""Tokens coloured by probability as self-contained HTML: no plotly, no script tags, no URLs.
 
 Each token is a ``<details>`` element: its ``<summary>`` is the coloured token, and its body is a
 popup card (inline styles only) with the token's probability, rank and the alternatives at that
-position, opened in place under the token. A click (or a tap, or Enter) opens it and another closes
-it, with no JavaScript: ``<details>``, ``<summary>`` and the inline styles used here are all on
-the allow-lists of JupyterLab's HTML sanitizer (which drops ``<style>`` blocks, ``:hover`` rules and
-scripts), and GitHub and nbviewer keep them too. Native ``title`` tooltips, used before, were
-slow to appear, set in a proportional font, not selectable and unreachable on a touch screen.
+position. A click (or a tap, or Enter) opens it and another closes it, with no JavaScript:
+``<details>``, ``<summary>`` and the inline styles used here are all on the allow-lists of
+JupyterLab's HTML sanitizer (which drops ``<style>`` blocks, ``:hover`` rules and scripts), and
+GitHub and nbviewer keep them too. Native ``title`` tooltips, used before, were slow to appear, set
+in a proportional font, not selectable and unreachable on a touch screen.
+
+The popup floats over the text under its token (``position:absolute``): it neither splits the
+line nor pushes the lines below down, and the text reserves room under its last line for the
+tallest popup, so an output area that scrolls its overflow does not cut one off. The tokens of
+one highlight share a ``<details name=...>`` group, so the browser keeps one popup open at a
+time (an exclusive accordion). Where the output is trusted (a notebook run in this session,
+VS Code, a saved HTML page), one ``onclick`` on the text also closes the open popup on a click
+elsewhere or on Escape; a sanitizer drops that attribute, and the popups still open and close.
 """
 
 from __future__ import annotations
 
+import hashlib
 import html as _html
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from .._visible import visible_token
 from ._checks import (
-    _check_one_completion,
-    _check_option,
-    _check_positive_int,
-    _drop_echo,
-    _echo_mask,
-    _flags,
-    _numeric,
-    _require,
-    _select_index,
+    as_floats,
+    bool_flags,
+    check_one_completion,
+    check_option,
+    check_positive_int,
+    drop_echo,
+    echo_mask,
+    require_frame,
+    select_index,
 )
-from ._colors import _MISSING_PROB_COLOR, LOG10_FLOOR, _prob_color
+from ._colors import LOG10_FLOOR, MISSING_PROB_COLOR, prob_color
 
 __all__ = ["HIGHLIGHT_SCALES", "HighlightedText", "highlight"]
 
@@ -40,7 +49,7 @@ HIGHLIGHT_SCALES = ("logprob", "rank", "prob")
 
 
 class HighlightedText:
-    """Tokens coloured by probability as self-contained HTML (inline CSS only: no scripts, no URLs).
+    """Tokens coloured by probability as self-contained HTML (inline CSS, no script tags, no URLs).
 
     Jupyter displays it through ``_repr_html_``; ``.html`` is the fragment, ``.save(path)`` writes
     a standalone page.
@@ -77,14 +86,36 @@ def _running_text(token: str) -> str:
 # Inline styles, repeated on every token (a sanitizer keeps no <style> block), so kept short.
 # inline-block, not inline: a <details> lays out its (closed) body as a block, which would put
 # every token on its own line. So a newline's line break goes after its token, outside the box.
-# The open popup takes its place in the text (it is not position:absolute): an output area in
-# JupyterLab or Notebook 7 scrolls its overflow, which cut a floating popup off at the bottom.
-_DETAILS = "display:inline-block;vertical-align:top"
+# The popup is position:absolute under its token (relative to the <details>), so it floats over
+# the text instead of taking a place in it; the text reserves room below for it (see _reserve).
+_DETAILS = "display:inline-block;vertical-align:top;position:relative"
 _SUMMARY = "display:inline;list-style:none;cursor:pointer"
+_POPUP_FONT_PX, _POPUP_LINE_HEIGHT = 12, 1.4
 _POPUP = (
-    "margin:2px 4px 4px 0;padding:3px 6px;background:#fff;color:#000;border:1px solid #888;"
-    "border-radius:3px;box-shadow:0 2px 6px rgba(0,0,0,0.25);white-space:pre;"
-    "font-style:normal;font-size:12px;line-height:1.4;text-align:left"
+    "position:absolute;top:100%;left:0;z-index:1000;margin-top:2px;padding:3px 6px;"
+    "background:#fff;color:#000;border:1px solid #888;border-radius:3px;"
+    "box-shadow:0 2px 6px rgba(0,0,0,0.25);white-space:pre;font-style:normal;"
+    f"font-size:{_POPUP_FONT_PX}px;line-height:{_POPUP_LINE_HEIGHT};text-align:left;"
+    "font-weight:normal"
+)
+
+# Where scripts run (trusted output), the first click in a highlight installs three listeners for
+# the page: a click outside an open popup's token, or Escape, closes it, and a popup that would
+# run past the right edge of the text (or the window) opens leftwards from its token's right
+# edge instead. One attribute on the text, not per token; a sanitizer drops it and the <details>
+# still open and close on their own. ("toggle" does not bubble; a capturing listener sees it.)
+POPUP_HANDLER = (
+    "if(!window.nbcPopups){window.nbcPopups=1;"
+    "var c=function(t){document.querySelectorAll('.nbc-highlight details[open]')"
+    ".forEach(function(d){if(!t||!d.contains(t))d.open=false})};"
+    "document.addEventListener('click',function(e){c(e.target)},true);"
+    "document.addEventListener('keydown',function(e){if(e.key==='Escape')c(null)},true);"
+    "document.addEventListener('toggle',function(e){var d=e.target;"
+    "if(!d.open||!d.closest||!d.closest('.nbc-highlight'))return;"
+    "var p=d.querySelector('.nbc-popup');if(!p)return;p.style.left='0';p.style.right='auto';"
+    "var r=p.getBoundingClientRect(),t=d.closest('.nbc-highlight').getBoundingClientRect();"
+    "if(r.right>Math.min(t.right,document.documentElement.clientWidth))"
+    "{p.style.left='auto';p.style.right='0'}},true)}"
 )
 
 
@@ -108,7 +139,7 @@ def _scale_position(
 def _legend_scale(scale: str, top_k: int, ranks_known: bool) -> str:
     def swatch(position: float, label: str) -> str:
         return (
-            f'<span style="background:{_prob_color(position)};padding:0 0.4em">'
+            f'<span style="background:{prob_color(position)};padding:0 0.4em">'
             f"{_html.escape(label)}</span>"
         )
 
@@ -139,6 +170,7 @@ def highlight(
     echo: bool = True,
     max_positions: int = 5000,
     title: str | None = None,
+    popup_room: bool = True,
 ) -> HighlightedText:
     """The text of one choice with each token's background coloured by how likely it was.
 
@@ -152,122 +184,174 @@ def highlight(
       k is unknown and red is the largest rank present).
     - ``"prob"``: the probability on a linear scale, 0 red, 0.5 yellow, 1 green.
 
-    Tokens without a logprob are grey. Clicking (or tapping) a token opens a popup with its text
-    (whitespace made visible), probability, logprob, rank and, given the ``alternatives`` frame,
-    the top alternatives at that position; it is selectable text in a fixed-width font. The HTML
-    uses ``<details>`` and inline CSS only (no scripts, no URLs), so it survives the sanitizers
-    of JupyterLab, GitHub, nbviewer and VS Code. Echoed prompt tokens are set in italics
-    (``echo=False`` leaves them out); at most ``max_positions`` tokens are shown, and the legend
-    says when the text was cut.
+    Tokens without a logprob are grey. Clicking a token opens a popup floating under it with its
+    text (whitespace visible), probability, logprob, rank and, given ``alternatives``, the top
+    alternatives there, as selectable fixed-width text; one popup is open at a time (see the
+    module's notes); ``popup_room=False`` drops the room kept under the text for it, where
+    content below may be covered. Echoed prompt tokens are in italics (``echo=False`` leaves them
+    out); at most ``max_positions`` tokens show, and the legend says when the text was cut.
     """
     function = "highlight"
-    _check_option(function, "scale", scale, HIGHLIGHT_SCALES)
-    _require(
-        tokens,
-        ["index", position, token, prob, "rank" if scale == "rank" else None],
-        function=function,
-        frame_name="tokens",
-    )
+    check_option(function, "scale", scale, HIGHLIGHT_SCALES)
+    columns = ["index", position, token, prob, "rank" if scale == "rank" else None]
+    require_frame(tokens, columns, function=function, frame_name="tokens")
     if alternatives is not None:
-        _require(
-            alternatives,
-            ["index", "position", "rank", "token", "prob"],
-            function=function,
-            frame_name="alternatives",
-        )
-    _check_positive_int(function, "max_positions", max_positions)
-    frame = _drop_echo(_select_index(tokens, index, function=function, frame_name="tokens"), echo)
-    _check_one_completion(frame, [position], function=function, frame_name="tokens")
-    frame = frame.sort_values(position, kind="stable")
-    total = len(frame)
-    frame = frame.iloc[:max_positions]
+        columns = ["index", "position", "rank", "token", "prob"]
+        require_frame(alternatives, columns, function=function, frame_name="alternatives")
+    check_positive_int(function, "max_positions", max_positions)
+    selected = select_index(tokens, index, function=function, frame_name="tokens")
+    frame = drop_echo(selected, echo, function=function).sort_values(position, kind="stable")
+    check_one_completion(frame, [position], function=function, frame_name="tokens")
+    total, frame = len(frame), frame.iloc[:max_positions]
 
-    popup_alternatives: dict[Any, list[str]] = {}
-    if alternatives is not None:
-        alt = alternatives[alternatives["index"] == index]
-        alt = alt[alt["position"].isin(frame[position])].sort_values(["position", "rank"])
-        has_chosen = "chosen" in alt.columns
-        for pos, alt_token, alt_prob, is_chosen in zip(
-            alt["position"].tolist(),
-            alt["token"].tolist(),
-            _numeric(alt["prob"]),
-            _flags(alt["chosen"]).tolist() if has_chosen else [False] * len(alt),
-            strict=True,
-        ):
-            popup_alternatives.setdefault(pos, []).append(
-                f"{alt_prob:7.2%}  {visible_token(alt_token) or ''}"
-                f"{'  ◀ chosen' if is_chosen else ''}"
-            )
-
-    probs = _numeric(frame[prob])
-    prompt = _echo_mask(frame)
-    logprobs = _numeric(frame["logprob"]) if "logprob" in frame.columns else None
-    ranks = _numeric(frame["rank"]) if "rank" in frame.columns else None
+    popups = _popup_alternatives(alternatives, index, frame[position])
+    probs = as_floats(frame[prob])
+    ranks = as_floats(frame["rank"]) if "rank" in frame.columns else None
     # A rank past the k returned alternatives only says "not in the top k". Where the sampled
     # token is outside the top k it comes as an extra (k+1-th) entry, so k is the fewest entries
     # at any position, not the count at this one.
-    top_k = min((len(entries) for entries in popup_alternatives.values()), default=0)
-    scale_k = top_k
-    if scale == "rank" and scale_k == 0:
-        # Without the alternatives k is unknown: green for rank 1 to red for the largest rank.
-        finite = ranks[np.isfinite(ranks)] if ranks is not None else np.array([])
-        scale_k = max(int(finite.max()) - 1 if finite.size else 1, 1)
-    positions = _scale_position(scale, probs, ranks, scale_k)
-
-    parts = []
-    for row, (pos, tok) in enumerate(
-        zip(frame[position].tolist(), frame[token].tolist(), strict=True)
-    ):
-        text = "" if tok is None or (isinstance(tok, float) and math.isnan(tok)) else str(tok)
-        p = probs[row]
-        facts = [f"p {p:.4f}" if math.isfinite(p) else "no logprob"]
-        if logprobs is not None and math.isfinite(logprobs[row]):
-            facts.append(f"logprob {logprobs[row]:.3f}")
-        if ranks is not None and math.isfinite(ranks[row]):
-            facts.append(f"rank >{top_k}" if 0 < top_k < ranks[row] else f"rank {int(ranks[row])}")
-        lines = [
-            f"{visible_token(text)}",
-            "  ".join(facts),
-            f"{position} {pos}{' (prompt)' if prompt[row] else ''}",
-        ]
-        if pos in popup_alternatives:
-            lines += ["alternatives:", *popup_alternatives[pos]]
-        style = f"{_SUMMARY};background:{_prob_color(positions[row])}"
-        if prompt[row]:
-            style += ";font-style:italic"
-        data_prob = f"{p:.6g}" if math.isfinite(p) else ""
-        parts.append(
-            f'<details style="{_DETAILS}"><summary style="{style}" data-prob="{data_prob}">'
-            f"{_running_text(text)}</summary>"
-            f'<div class="nbc-popup" style="{_POPUP}">'
-            f"{_html.escape(chr(10).join(lines), quote=False)}</div></details>"
-            + "<br>"
-            * text.count("\n")
-        )
-
-    legend = [_legend_scale(scale, scale_k, ranks_known=top_k > 0)]
-    legend.append(
-        f'<span style="background:{_MISSING_PROB_COLOR};padding:0 0.4em">grey</span> no logprob'
+    top_k = min((len(entries) for entries in popups.values()), default=0)
+    scale_k = _scale_k(scale, top_k, ranks)
+    colors = [prob_color(p) for p in _scale_position(scale, probs, ranks, scale_k)]
+    logprobs = as_floats(frame["logprob"]) if "logprob" in frame.columns else None
+    texts = [_token_text(t) for t in frame[token].tolist()]
+    positions = frame[position].tolist()
+    rows = _TokenRows(position, positions, texts, probs, logprobs, ranks, echo_mask(frame), top_k)
+    group = (
+        "nbc-"
+        + hashlib.sha1(
+            repr((rows.positions, rows.texts)).encode(), usedforsecurity=False
+        ).hexdigest()[:10]
     )
-    if prompt.any():
-        legend.append("<i>italic</i>: prompt (echo)")
-    legend.append("↵: newline · click a token for details")
+    parts, popup_lines = [], 3
+    for row in range(len(frame)):
+        lines = _popup_lines(rows, row, popups.get(rows.positions[row], []))
+        popup_lines = max(popup_lines, len(lines))
+        parts.append(_token_html(rows, row, lines, colors[row], group))
+    legend = _legend(scale, scale_k, top_k > 0, bool(rows.prompt.any()))
     if total > len(frame):
         legend.append(
             f"showing the first {len(frame):,} of {total:,} tokens (max_positions={max_positions})"
         )
+    body = _page(parts, legend, title, _reserve(popup_lines) if popup_room else 0)
+    return HighlightedText(body, n_tokens=len(frame), title=title)
+
+
+def _scale_k(scale: str, top_k: int, ranks: np.ndarray | None) -> int:
+    """The k of the rank scale; without the alternatives k is unknown: green for rank 1 to red
+    for the largest rank present."""
+    if scale != "rank" or top_k > 0:
+        return top_k
+    finite = ranks[np.isfinite(ranks)] if ranks is not None else np.array([])
+    return max(int(finite.max()) - 1 if finite.size else 1, 1)
+
+
+def _token_text(token: Any) -> str:
+    return "" if token is None or (isinstance(token, float) and math.isnan(token)) else str(token)
+
+
+def _popup_alternatives(
+    alternatives: pd.DataFrame | None, index: int, positions: pd.Series[Any]
+) -> dict[Any, list[str]]:
+    """The popup's lines of alternatives, by position: ``" 12.34%  ·the  ◀ chosen"``."""
+    popups: dict[Any, list[str]] = {}
+    if alternatives is None:
+        return popups
+    alt = alternatives[alternatives["index"] == index]
+    alt = alt[alt["position"].isin(positions)].sort_values(["position", "rank"])
+    has_chosen = "chosen" in alt.columns
+    for pos, alt_token, alt_prob, is_chosen in zip(
+        alt["position"].tolist(),
+        alt["token"].tolist(),
+        as_floats(alt["prob"]),
+        bool_flags(alt["chosen"]).tolist() if has_chosen else [False] * len(alt),
+        strict=True,
+    ):
+        popups.setdefault(pos, []).append(
+            f"{alt_prob:7.2%}  {visible_token(alt_token) or ''}{'  ◀ chosen' if is_chosen else ''}"
+        )
+    return popups
+
+
+class _TokenRows(NamedTuple):
+    """What each token's summary and popup are made of, one entry per token."""
+
+    position: str
+    positions: list[Any]
+    texts: list[str]
+    probs: np.ndarray
+    logprobs: np.ndarray | None
+    ranks: np.ndarray | None
+    prompt: np.ndarray
+    top_k: int
+
+
+def _popup_lines(rows: _TokenRows, row: int, alternatives: list[str]) -> list[str]:
+    p = rows.probs[row]
+    facts = [f"p {p:.4f}" if math.isfinite(p) else "no logprob"]
+    if rows.logprobs is not None and math.isfinite(rows.logprobs[row]):
+        facts.append(f"logprob {rows.logprobs[row]:.3f}")
+    if rows.ranks is not None and math.isfinite(rows.ranks[row]):
+        rank = rows.ranks[row]
+        facts.append(f"rank >{rows.top_k}" if 0 < rows.top_k < rank else f"rank {int(rank)}")
+    lines = [
+        f"{visible_token(rows.texts[row])}",
+        "  ".join(facts),
+        f"{rows.position} {rows.positions[row]}{' (prompt)' if rows.prompt[row] else ''}",
+    ]
+    if alternatives:
+        lines += ["alternatives:", *alternatives]
+    return lines
+
+
+def _token_html(rows: _TokenRows, row: int, lines: list[str], color: str, group: str) -> str:
+    text, p = rows.texts[row], rows.probs[row]
+    style = f"{_SUMMARY};background:{color}"
+    if rows.prompt[row]:
+        style += ";font-style:italic"
+    data_prob = f"{p:.6g}" if math.isfinite(p) else ""
+    return (
+        f'<details name="{group}" style="{_DETAILS}">'
+        f'<summary style="{style}" data-prob="{data_prob}">{_running_text(text)}</summary>'
+        f'<div class="nbc-popup" style="{_POPUP}">'
+        f"{_html.escape(chr(10).join(lines), quote=False)}</div></details>"
+        + "<br>"
+        * text.count("\n")
+    )
+
+
+def _reserve(popup_lines: int) -> int:
+    """Pixels under the text for the tallest popup of its last line (less the legend's line)."""
+    popup_px = popup_lines * _POPUP_FONT_PX * _POPUP_LINE_HEIGHT + 12
+    return max(0, math.ceil(popup_px) - 20)
+
+
+def _legend(scale: str, scale_k: int, ranks_known: bool, has_prompt: bool) -> list[str]:
+    legend = [_legend_scale(scale, scale_k, ranks_known=ranks_known)]
+    legend.append(
+        f'<span style="background:{MISSING_PROB_COLOR};padding:0 0.4em">grey</span> no logprob'
+    )
+    if has_prompt:
+        legend.append("<i>italic</i>: prompt (echo)")
+    # True with or without scripts (a sanitized notebook has no Escape or click-elsewhere).
+    legend.append("↵: newline · click a token for details, again to close them")
+    return legend
+
+
+def _page(parts: list[str], legend: list[str], title: str | None, reserve_px: int) -> str:
     heading = (
         f'<div style="font-weight:bold;margin-bottom:4px">{_html.escape(title)}</div>'
         if title
         else ""
     )
-    body = (
-        '<div class="nbc-highlight" style="font-family:ui-monospace,SFMono-Regular,Menlo,'
-        'Consolas,monospace;font-size:13px;line-height:1.8;color:#000">'
+    return (
+        f'<div class="nbc-highlight" onclick="{POPUP_HANDLER}" '
+        'style="font-family:ui-monospace,SFMono-Regular,Menlo,'
+        "Consolas,monospace;font-size:13px;line-height:1.8;color:#000;"
+        f'padding-bottom:{reserve_px}px">'
         f"{heading}"
         '<div style="white-space:pre-wrap;word-break:break-word">' + "".join(parts) + "</div>"
         '<div style="margin-top:6px;font-size:11px;color:#444;white-space:normal">'
         + " · ".join(legend)
         + "</div></div>"
     )
-    return HighlightedText(body, n_tokens=len(frame), title=title)

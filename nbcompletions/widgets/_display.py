@@ -24,7 +24,7 @@ FRAME_ROWS = 200
 UNCAPPED_LOGPROBS = 20
 
 
-def _error_html(exc: BaseException, secrets: Sequence[str] = ()) -> str:
+def error_html(exc: BaseException, secrets: Sequence[str] = ()) -> str:
     """An error as an HTML box: what was wrong, and for unexpected errors the traceback, folded.
 
     ``secrets`` (the client's, `nbcompletions._secrets.secrets_of`) are masked in all of it.
@@ -51,7 +51,7 @@ def _error_html(exc: BaseException, secrets: Sequence[str] = ()) -> str:
     )
 
 
-def _html_of(obj: Any) -> str:
+def html_of(obj: Any) -> str:
     """HTML text of what `plots.highlight` returns (a string or an IPython HTML object)."""
     if isinstance(obj, str):
         return obj
@@ -62,19 +62,49 @@ def _html_of(obj: Any) -> str:
     return str(obj)
 
 
-def _frame_html(frame: pd.DataFrame, rows: int = FRAME_ROWS) -> str:
-    shown = frame.head(rows)
-    note = (
-        f"<p><i>first {rows} of {len(frame)} rows; the full frame is on <code>.result</code>"
-        "</i></p>"
-        if len(frame) > rows
-        else ""
+#: Columns a frame tab gives room to (they hold running text): at least this wide.
+WIDE_COLUMNS = {"text": "24em", "prompt": "16em"}
+
+
+def frame_html(frame: pd.DataFrame, rows: int = FRAME_ROWS) -> str:
+    """A frame as an HTML table for a tab: columns empty in every row are left out (and named),
+    and the text columns get room (three NaN columns squeezed the text to about 100 px)."""
+    import pandas as pd
+
+    empty = [c for c in frame.columns if len(frame) and frame[c].isna().all()]
+    shown = frame.drop(columns=empty).head(rows)
+    notes = []
+    if len(frame) > rows:
+        notes.append(
+            f"first {rows} of {len(frame)} rows; the full frame is on <code>.result</code>"
+        )
+    if empty:
+        names = ", ".join(html.escape(str(c)) for c in empty)
+        notes.append(f"not shown, empty in every row: {names}")
+    note = "".join(f"<p><i>{n}</i></p>" for n in notes)
+    formatters: dict[Any, Any] = {}
+    for column in shown.columns:
+        if pd.api.types.is_float_dtype(shown[column].dtype):
+            continue  # float_format below; nothing to escape
+        if column in WIDE_COLUMNS:
+            width = WIDE_COLUMNS[column]
+            formatters[column] = lambda value, width=width: (
+                f'<div style="min-width:{width};white-space:pre-wrap;text-align:left">'
+                f"{html.escape(str(value))}</div>"
+            )
+        else:
+            formatters[column] = lambda value: html.escape(str(value))
+    table = shown.to_html(
+        max_cols=40,
+        float_format=lambda x: f"{x:.4g}",
+        border=0,
+        escape=False,  # every column but the floats is escaped by its formatter above
+        formatters=formatters,
     )
-    table = shown.to_html(max_cols=40, float_format=lambda x: f"{x:.4g}", border=0)
     return f'<div style="max-height:420px;overflow:auto">{note}{table}</div>'
 
 
-def _figure_output(figure: Any) -> dict[str, Any]:
+def figure_output(figure: Any) -> dict[str, Any]:
     """A plotly figure as a notebook display_data output (plotly's own MIME type).
 
     JupyterLab, Notebook 7 and VS Code render ``application/vnd.plotly.v1+json`` natively, and it
@@ -91,12 +121,12 @@ def _figure_output(figure: Any) -> dict[str, Any]:
     }
 
 
-def _note_output(text: str) -> dict[str, Any]:
+def note_output(text: str) -> dict[str, Any]:
     data = {"text/plain": text, "text/html": f"<p><i>{html.escape(text)}</i></p>"}
     return {"output_type": "display_data", "data": data, "metadata": {}}
 
 
-def _default_client(client: Client | None) -> Client:
+def default_client(client: Client | None) -> Client:
     if client is not None:
         return client
     from .._client import Client
@@ -104,14 +134,14 @@ def _default_client(client: Client | None) -> Client:
     return Client()
 
 
-def _endpoint(client: Client) -> str:
+def endpoint_label(client: Client) -> str:
     """The client's endpoint for a repr, without credentials written into the URL."""
     from .._secrets import redact_url
 
     return redact_url(str(getattr(client, "endpoint", "?")))
 
 
-def _models(client: Client) -> tuple[list[str], BaseException | None]:
+def model_options(client: Client) -> tuple[list[str], BaseException | None]:
     try:
         models = list(client.models())
     except Exception as exc:  # shown in the widget; the model stays editable by code
@@ -121,14 +151,14 @@ def _models(client: Client) -> tuple[list[str], BaseException | None]:
     return models, None
 
 
-def _fit(widget: widgets.DOMWidget, label: str, width: str) -> None:
+def fit_control(widget: widgets.DOMWidget, label: str, width: str) -> None:
     """Give a control a fixed label and total width, so that columns of controls line up."""
     if "description_width" in widget.style.keys:
         widget.style.description_width = label
     widget.layout.width = width
 
 
-def _slider(
+def api_slider(
     description: str, low: float, high: float, step: float, value: float
 ) -> widgets.FloatSlider:
     return widgets.FloatSlider(

@@ -16,16 +16,16 @@ from .._secrets import secrets_of
 from ._controls import Encoder, playground_request
 from ._display import (
     UNCAPPED_LOGPROBS,
-    _default_client,
-    _endpoint,
-    _error_html,
-    _figure_output,
-    _fit,
-    _frame_html,
-    _html_of,
-    _models,
-    _note_output,
-    _slider,
+    api_slider,
+    default_client,
+    endpoint_label,
+    error_html,
+    figure_output,
+    fit_control,
+    frame_html,
+    html_of,
+    model_options,
+    note_output,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,14 +56,29 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         encode: Encoder | None = None,
         **kwargs: Any,
     ) -> None:
-        self._client = _default_client(client)
+        self._client = default_client(client)
         self._encode = encode
         self.result: Completion | None = None
         self.last_error: BaseException | None = None
         limits = self._client.limits or Limits()
         self._limits = limits
 
-        models, models_error = _models(self._client)
+        models, models_error = model_options(self._client)
+        self._make_controls(prompt, max_tokens, models, limits)
+        self._make_outputs()
+        super().__init__(children=self._arranged(), **kwargs)
+        self.run_button.on_click(self._on_click)
+        for control in self._controls():
+            control.observe(self._on_change, names=["value"])
+        if models_error is not None:
+            self._show_error(models_error)
+        else:
+            self._on_change(None)
+
+    def _make_controls(
+        self, prompt: str, max_tokens: int, models: list[str], limits: Limits
+    ) -> None:
+        """One control per Completions field."""
         self.prompt = widgets.Textarea(
             value=prompt, placeholder="Prompt", layout=widgets.Layout(width="100%", height="6em")
         )
@@ -76,10 +91,10 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             ),
             description="model",
         )
-        self.temperature = _slider("temperature", 0.0, 2.0, 0.05, 1.0)
-        self.top_p = _slider("top_p", 0.0, 1.0, 0.01, 1.0)
-        self.frequency_penalty = _slider("frequency_penalty", -2.0, 2.0, 0.05, 0.0)
-        self.presence_penalty = _slider("presence_penalty", -2.0, 2.0, 0.05, 0.0)
+        self.temperature = api_slider("temperature", 0.0, 2.0, 0.05, 1.0)
+        self.top_p = api_slider("top_p", 0.0, 1.0, 0.01, 1.0)
+        self.frequency_penalty = api_slider("frequency_penalty", -2.0, 2.0, 0.05, 0.0)
+        self.presence_penalty = api_slider("presence_penalty", -2.0, 2.0, 0.05, 0.0)
         cap = limits.max_logprobs if limits.max_logprobs is not None else UNCAPPED_LOGPROBS
         self.logprobs = widgets.Dropdown(
             options=[("off", None)] + [(str(k), k) for k in range(cap + 1)],
@@ -111,6 +126,8 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         )
         self.logit_bias_preview = widgets.HTML(value="")
 
+    def _make_outputs(self) -> None:
+        """The Run button, status and error lines, the highlighted text and the result tabs."""
         self.run_button = widgets.Button(description="Run", button_style="primary", icon="play")
         self.runs = 0
         self.status = widgets.HTML(value="")
@@ -121,6 +138,7 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         self.add_class("nbc-playground")
         self.status.add_class("nbc-status")
         self.error.add_class("nbc-error-area")
+        self.streamed.add_class("nbc-streamed")
         self.highlighted.add_class("nbc-highlight")
         self.frames_tabs = {
             name: widgets.HTML(value="") for name in ("choices", "tokens", "alternatives")
@@ -141,12 +159,14 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         ]
         self.tabs = widgets.Tab(children=tab_children, titles=tab_titles)
 
+    def _arranged(self) -> list[widgets.Widget]:
+        """The controls in columns that line up and wrap, then the outputs."""
         for slider in (self.temperature, self.top_p, self.frequency_penalty, self.presence_penalty):
-            _fit(slider, "10.5em", "26em")
+            fit_control(slider, "10.5em", "26em")
         for box in (self.model, self.max_tokens, self.logprobs, self.n, self.best_of):
-            _fit(box, "6em", "17em")
+            fit_control(box, "6em", "17em")
         for box in (self.seed, self.suffix):
-            _fit(box, "4em", "15em")
+            fit_control(box, "4em", "15em")
         for box in (self.echo, self.stream):
             box.layout.width = "7em"
         # Columns keep their width and wrap below each other on a narrow screen.
@@ -165,29 +185,18 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             [sliders, numbers, others], layout=widgets.Layout(flex_flow="row wrap")
         )
         stop_row = widgets.HBox([widgets.Label("stop"), *self.stop])
-        super().__init__(
-            children=[
-                self.prompt,
-                controls,
-                stop_row,
-                self.logit_bias,
-                self.logit_bias_preview,
-                widgets.HBox([self.run_button, self.status]),
-                self.error,
-                self.streamed,
-                self.highlighted,
-                self.tabs,
-            ],
-            **kwargs,
-        )
-
-        self.run_button.on_click(self._on_click)
-        for control in self._controls():
-            control.observe(self._on_change, names=["value"])
-        if models_error is not None:
-            self._show_error(models_error)
-        else:
-            self._on_change(None)
+        return [
+            self.prompt,
+            controls,
+            stop_row,
+            self.logit_bias,
+            self.logit_bias_preview,
+            widgets.HBox([self.run_button, self.status]),
+            self.error,
+            self.streamed,
+            self.highlighted,
+            self.tabs,
+        ]
 
     # -- state ------------------------------------------------------------------------------------
     def _controls(self) -> list[widgets.ValueWidget]:
@@ -291,7 +300,7 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
 
     def _show_error(self, exc: BaseException) -> None:
         self.last_error = exc
-        self.error.value = _error_html(exc, secrets_of(self._client))
+        self.error.value = error_html(exc, secrets_of(self._client))
 
     # -- running ----------------------------------------------------------------------------------
     def _on_click(self, button: widgets.Button) -> None:
@@ -315,7 +324,9 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             self.request_view.value = ""  # nothing was sent
             return None
         self.error.value = ""
-        self.streamed.value = ""
+        # The last run's text (and any popup left open in it), frames and plots answered another
+        # request: gone before this one streams in under them.
+        self._clear_result()
         self.request_view.value = (
             "<pre>" + html.escape(json.dumps(request.to_body(), indent=2), quote=False) + "</pre>"
         )
@@ -348,9 +359,8 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             self.streamed.value = ""  # the highlighted result below now shows the same text
         return completion
 
-    def _fail(self, exc: BaseException, why: str) -> None:
-        """Show ``exc`` and clear the last run's result: it answered a different request."""
-        self._show_error(exc)
+    def _clear_result(self) -> None:
+        """Empty the text, frames and plots of the last run (and set `result` to None)."""
         self.result = None
         self.streamed.value = ""
         self.highlighted.value = ""
@@ -358,6 +368,11 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             tab.value = ""
         for output in self.plot_outputs.values():
             output.outputs = ()
+
+    def _fail(self, exc: BaseException, why: str) -> None:
+        """Show ``exc`` and clear the last run's result: it answered a different request."""
+        self._show_error(exc)
+        self._clear_result()
         self.status.value = f"<small>no result: {html.escape(why)} (see the error below)</small>"
 
     def _send(self, request: CompletionRequest) -> Completion:
@@ -389,14 +404,19 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             ("tokens", tokens),
             ("alternatives", alternatives),
         ):
-            self.frames_tabs[name].value = _frame_html(frame)
+            self.frames_tabs[name].value = frame_html(frame)
         has_logprobs = len(tokens) > 0 and bool(tokens["logprob"].notna().any())
         if has_logprobs:
             indices = sorted(int(i) for i in tokens["index"].dropna().unique())
             blocks = []
             for index in indices[:MAX_HIGHLIGHTED]:
                 label = f"<small>choice {index}</small>" if len(indices) > 1 else ""
-                text = _html_of(plots.highlight(tokens, alternatives=alternatives, index=index))
+                # The tabs below may be covered by a popup: no blank room kept for it.
+                text = html_of(
+                    plots.highlight(
+                        tokens, alternatives=alternatives, index=index, popup_room=False
+                    )
+                )
                 blocks.append(f'<div class="nbc-tokens">{label}{text}</div>')
             if len(indices) > MAX_HIGHLIGHTED:
                 blocks.append(
@@ -411,11 +431,9 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             }
             for name, make in figures.items():
                 try:
-                    self.plot_outputs[name].outputs = (_figure_output(make()),)
+                    self.plot_outputs[name].outputs = (figure_output(make()),)
                 except Exception as exc:
-                    self.plot_outputs[name].outputs = (
-                        _note_output(f"{type(exc).__name__}: {exc}"),
-                    )
+                    self.plot_outputs[name].outputs = (note_output(f"{type(exc).__name__}: {exc}"),)
         else:
             texts = {
                 int(index): str(text)
@@ -423,10 +441,10 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             }
             self.highlighted.value = self._streamed_html(texts)
             for output in self.plot_outputs.values():
-                output.outputs = (_note_output("set logprobs (0-5) to see token probabilities"),)
+                output.outputs = (note_output("set logprobs (0-5) to see token probabilities"),)
 
     def __repr__(self) -> str:
         return (
-            f"Playground(endpoint={_endpoint(self._client)!r}, "
+            f"Playground(endpoint={endpoint_label(self._client)!r}, "
             f"model={self.model.value!r}, result={'set' if self.result else 'none'})"
         )

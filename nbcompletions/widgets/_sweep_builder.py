@@ -23,12 +23,12 @@ from ._controls import (
 )
 from ._display import (
     UNCAPPED_LOGPROBS,
-    _default_client,
-    _endpoint,
-    _error_html,
-    _figure_output,
-    _fit,
-    _models,
+    default_client,
+    endpoint_label,
+    error_html,
+    figure_output,
+    fit_control,
+    model_options,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -81,10 +81,29 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         max_tokens: int = 16,
         **kwargs: Any,
     ) -> None:
-        self._client = _default_client(client)
+        self._client = default_client(client)
         self.result: SweepResult | None = None
         self.last_error: BaseException | None = None
-        models, models_error = _models(self._client)
+        models, models_error = model_options(self._client)
+        self._make_controls(prompt, max_tokens, repeats, models)
+        self._make_axes(axes)
+        self._make_outputs()
+        super().__init__(children=self._arranged(), **kwargs)
+        self.run_button.on_click(self._on_click)
+        for control in self._controls():
+            control.observe(self._on_change, names=["value"])
+        self.y.observe(self._on_y, names=["value"])
+        for field_box in self.axis_fields:
+            field_box.observe(self._on_axis_field, names=["value"])
+        if models_error is not None:
+            self._show_error(models_error)
+        else:
+            self._on_change(None)
+
+    def _make_controls(
+        self, prompt: str | Sequence[str], max_tokens: int, repeats: int, models: list[str]
+    ) -> None:
+        """The prompts box and the fields every request shares."""
         if isinstance(prompt, str):
             box_text = join_prompts([prompt]) if prompt.strip() else prompt
         else:
@@ -116,6 +135,9 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         )
         self.repeats = widgets.IntText(value=repeats, description="repeats")
         self.cache = widgets.Text(value="", placeholder="blank: no cache", description="cache file")
+
+    def _make_axes(self, axes: Mapping[str, str] | None) -> None:
+        """N_AXES rows of (request field, comma-separated values)."""
         given = list((axes if axes is not None else {"temperature": "0, 0.5, 1, 1.5"}).items())
         field_options = [("(none)", "")] + [(name, name) for name in SWEEP_FIELDS]
         self.axis_fields: list[widgets.Dropdown] = []
@@ -126,8 +148,26 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
                 widgets.Dropdown(options=field_options, value=name, description=f"axis {i + 1}")
             )
             self.axis_values.append(
-                widgets.Text(value=values, placeholder="comma-separated values")
+                # Read on Enter or leaving the box, not per keystroke: "0.5," on the way to
+                # "0.5, 0.9" is an error that would clear the chart.
+                widgets.Text(
+                    value=values,
+                    placeholder="comma-separated values",
+                    disabled=not name,
+                    continuous_update=False,
+                )
             )
+
+    def _on_axis_field(self, change: Any) -> None:
+        """An axis set to "(none)" drops its values (they would come back with the next field
+        chosen, for a field they were not written for); choosing a field opens the box again."""
+        values_box = self.axis_values[self.axis_fields.index(change.owner)]
+        if not change.new:
+            values_box.value = ""
+        values_box.disabled = not change.new
+
+    def _make_outputs(self) -> None:
+        """The plot's y, the summary, error and status lines, progress and the chart."""
         self.y = widgets.Dropdown(
             options=list(SWEEP_METRICS), value="mean_logprob", description="plot y"
         )
@@ -144,39 +184,30 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         self.summary.add_class("nbc-summary")
         self.status.add_class("nbc-status")
 
+    def _arranged(self) -> list[widgets.Widget]:
+        """The controls in rows that line up, then the outputs."""
         for box in (self.model, self.max_tokens, self.logprobs, self.repeats):
-            _fit(box, "6em", "15em")
-        _fit(self.cache, "6em", "30em")
-        _fit(self.y, "6em", "20em")
+            fit_control(box, "6em", "15em")
+        fit_control(self.cache, "6em", "30em")
+        fit_control(self.y, "6em", "20em")
         for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
-            _fit(field_box, "6em", "15em")
+            fit_control(field_box, "6em", "15em")
             values_box.layout.width = "30em"
         axes_rows = [
             widgets.HBox([f, v]) for f, v in zip(self.axis_fields, self.axis_values, strict=True)
         ]
-        super().__init__(
-            children=[
-                self.prompts,
-                widgets.HBox([self.model, self.max_tokens, self.logprobs]),
-                widgets.HBox([self.repeats, self.cache]),
-                *axes_rows,
-                self.summary,
-                self.error,
-                widgets.HBox([self.run_button, self.status]),
-                self.progress,
-                self.y,
-                self.plot,
-            ],
-            **kwargs,
-        )
-        self.run_button.on_click(self._on_click)
-        for control in self._controls():
-            control.observe(self._on_change, names=["value"])
-        self.y.observe(self._on_y, names=["value"])
-        if models_error is not None:
-            self._show_error(models_error)
-        else:
-            self._on_change(None)
+        return [
+            self.prompts,
+            widgets.HBox([self.model, self.max_tokens, self.logprobs]),
+            widgets.HBox([self.repeats, self.cache]),
+            *axes_rows,
+            self.summary,
+            self.error,
+            widgets.HBox([self.run_button, self.status]),
+            self.progress,
+            self.y,
+            self.plot,
+        ]
 
     def _controls(self) -> list[widgets.ValueWidget]:
         return [
@@ -247,6 +278,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         except Exception as exc:
             self._show_error(exc)
             self.summary.value = ""
+            self._clear_chart("the settings are invalid")
             return
         self.error.value = ""
         self.last_error = None
@@ -268,7 +300,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
 
     def _show_error(self, exc: BaseException) -> None:
         self.last_error = exc
-        self.error.value = _error_html(exc, secrets_of(self._client))
+        self.error.value = error_html(exc, secrets_of(self._client))
 
     def _on_click(self, button: widgets.Button) -> None:
         try:
@@ -287,6 +319,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
             settings = self.settings
         except Exception as exc:
             self._show_error(exc)
+            self._clear_chart("the settings are invalid")
             return None
         self.error.value = ""
         self.run_button.disabled = True
@@ -298,6 +331,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         except Exception as exc:
             self.status.value = ""
             self._show_error(exc)
+            self._clear_chart("the sweep failed")
             return None
         finally:
             self.run_button.disabled = False
@@ -310,8 +344,17 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         self._show_plot()
         return result
 
+    def _clear_chart(self, why: str) -> None:
+        """No chart of an earlier run under an error: it would read as this one's."""
+        if self.plot.outputs:
+            self.plot.outputs = ()
+            self.status.value = (
+                f"<small>chart cleared: {html.escape(why)}; <code>.result</code> still holds "
+                "the last run</small>"
+            )
+
     def _on_y(self, change: Any) -> None:
-        if self.result is not None:
+        if self.result is not None and self.last_error is None:
             try:
                 self._show_plot()
             except Exception as exc:
@@ -337,11 +380,11 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
             kwargs["color"] = rest[0]
         if len(rest) > 1:
             kwargs["facet_col"] = rest[1]
-        self.plot.outputs = (_figure_output(plots.mean_ci(choices, **kwargs)),)
+        self.plot.outputs = (figure_output(plots.mean_ci(choices, **kwargs)),)
 
     def __repr__(self) -> str:
         axes = [box.value for box in self.axis_fields if box.value]
         return (
-            f"SweepBuilder(endpoint={_endpoint(self._client)!r}, axes={axes!r}, "
+            f"SweepBuilder(endpoint={endpoint_label(self._client)!r}, axes={axes!r}, "
             f"result={'set' if self.result else 'none'})"
         )
