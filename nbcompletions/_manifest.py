@@ -120,17 +120,9 @@ async def _tokenizer_hash(aclient: AsyncCompletionsClient) -> str | None:
     return hashlib.sha256(json.dumps(echoed).encode("utf-8")).hexdigest()
 
 
-async def _get_models(aclient: AsyncCompletionsClient) -> Any:
-    """The ``GET /models`` body through the client's retries and errors."""
-    public = getattr(aclient, "request", None)
-    if public is not None:  # AsyncClient.request(method, path), where the client has it
-        return await public("GET", "/models")
-    return await getattr(aclient, "_request_json")("GET", "/models", None)  # noqa: B009
-
-
 async def _model_card(aclient: AsyncCompletionsClient) -> dict[str, Any] | None:
     try:
-        body = await _get_models(aclient)
+        body = await aclient.request("GET", "/models")
     except APIError:  # no GET /models is an identity too: recorded as None
         return None
     data = body.get("data") if isinstance(body, Mapping) else None
