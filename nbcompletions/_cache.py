@@ -55,10 +55,11 @@ from time import sleep as _sleep
 from types import TracebackType
 from typing import Any
 
-from ._checks import finite_float, invalid, is_int
+from ._checks import finite_float, invalid
 from ._errors import CacheError
 from ._parse import loads
 from ._request import CompletionRequest
+from ._usage import USAGE_FIELDS, token_counts
 
 __all__ = [
     "DIRECTORY_FILE",
@@ -176,9 +177,6 @@ def cache_keys(
     return keys
 
 
-_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
-
-
 def _digest(key: str, stored: bytes | str) -> str:
     """What ties a stored response to its request: sha256 of the key and the stored bytes."""
     data = stored if isinstance(stored, bytes) else stored.encode("utf-8")
@@ -213,9 +211,8 @@ def _row(
         # stored text must round-trip whatever was received.
         data = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False).encode()
     stored = zlib.compress(data, _ZLIB_LEVEL)
-    usage = response.get("usage")
-    usage = usage if isinstance(usage, Mapping) else {}
-    numbers = [int(value) if is_int(value := usage.get(name)) else None for name in _USAGE_FIELDS]
+    counts = token_counts(response)
+    numbers = [counts.get(name) for name in USAGE_FIELDS]
     rid = response.get("id")
     return (
         key,
@@ -514,7 +511,7 @@ class Cache:
                     usage = {
                         name: value
                         for name, value in zip(
-                            _USAGE_FIELDS, (prompt, completion, total), strict=True
+                            USAGE_FIELDS, (prompt, completion, total), strict=True
                         )
                         if value is not None
                     }

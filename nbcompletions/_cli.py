@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["build_parser", "main"]
@@ -69,20 +69,64 @@ def _seconds(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+#: The serve options that bound something: (flag, metavar, type, help). The defaults are written
+#: out so --help needs no server import; tests/test_cli.py checks they are the server's own.
+_SERVE_LIMITS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--max-tokens-cap", "N", _positive_int, "reject requests asking for more than N tokens "
+     "(default: 2048)"),
+    ("--max-body-bytes", "N", _positive_int, "reject request bodies larger than N bytes with 413 "
+     "(default: 1000000); a Batch input line is held to it too"),
+    ("--max-request-tokens", "N", _positive_int, "work budget per request: reject (400) a "
+     "request whose prompts x max(n, best_of) x (prompt + max_tokens) tokens exceed N "
+     "(default: 16384)"),
+    ("--max-memory-mb", "MB", _positive_int, "memory all running requests may hold (key/value "
+     "cache and logits); more requests wait, and one needing more alone is rejected with 400 "
+     "(default: 1024)"),
+    ("--max-waiting", "N", _positive_int, "requests that may wait for memory; beyond them: 503 "
+     "with Retry-After (default: 256)"),
+    ("--body-timeout", "SECONDS", _seconds, "answer 408 when a request body (an upload too) has "
+     "not fully arrived after SECONDS (default: 30)"),
+    ("--header-timeout", "SECONDS", _seconds, "close a connection that has not sent complete "
+     "request headers SECONDS after opening, or after its first byte following a keep-alive "
+     "pause (default: 30)"),
+    ("--keep-alive-timeout", "SECONDS", _seconds, "close a kept-alive connection idle for "
+     "SECONDS between requests (default: 300)"),
+    ("--max-connections", "N", _positive_int, "open connections at most; past it the "
+     "longest-idle one is closed, or, all busy, the new one gets 503 with Retry-After "
+     "(default: 1000, lowered to what ulimit -n allows)"),
+    # The Batch API's limits (BatchLimits).
+    ("--max-batch-file-bytes", "N", _positive_int, "largest Batch input file (POST /v1/files); "
+     "bigger uploads get 413 (default: 200000000, OpenAI's 200 MB; written to disk as it "
+     "arrives)"),
+    ("--max-batch-file-requests", "N", _positive_int, "most requests (lines) in one Batch input "
+     "file; more get 400 (default: 50000, OpenAI's limit)"),
+    ("--max-batch-stored-bytes", "N", _positive_int, "Batch files, inputs and outputs together, "
+     "never pass N bytes: an upload that would is refused (400 storage_limit_exceeded) and a "
+     "batch whose output would ends failed; DELETE /v1/files/{id} frees room (default: "
+     "2000000000)"),
+    ("--max-batch-lines-in-flight", "N", _positive_int, "Batch lines waiting in the scheduler at "
+     "once, all batches together, so live requests still get their turn (default: 64)"),
+    ("--batch-window", "SECONDS", _seconds, "how long a batch may run before it expires (its "
+     "unfinished lines fail with batch_expired); clients still ask for OpenAI's '24h' "
+     "(default: 86400)"),
+)  # fmt: skip
+#: serve() keyword arguments set by a flag only when given (serve's defaults stay the source).
+_SERVE_OPTIONS = {
+    "body_timeout": "body_timeout_s",
+    "header_timeout": "header_timeout_s",
+    "keep_alive_timeout": "keep_alive_timeout_s",
+    "max_connections": "max_connections",
+}
+_BATCH_LIMITS = {
+    "max_batch_file_bytes": "max_file_bytes",
+    "max_batch_file_requests": "max_file_requests",
+    "max_batch_stored_bytes": "max_stored_bytes",
+    "max_batch_lines_in_flight": "max_lines_in_flight",
+    "batch_window": "completion_window_s",
+}
 
-    parser = argparse.ArgumentParser(
-        prog="nbcompletions",
-        description="nbcompletions: the OpenAI Completions endpoint as a research instrument. "
-        "This command runs the embedded model (nbc-shakespeare, offline, no key) "
-        "behind an OpenAI-compatible server.",
-        epilog="Run 'nbcompletions serve --help' for the server's options. In Python, "
-        "nbcompletions.Client() uses the same model in-process, with no server.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+def _add_serve(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve the embedded model over HTTP (POST /v1/completions, GET /v1/models)",
@@ -113,86 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         "NBCOMPLETIONS_API_KEY environment variable, which keeps the key out "
         "of the process list; unset: no key)",
     )
-    serve.add_argument(
-        "--max-tokens-cap",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="reject requests asking for more than N tokens (default: 2048)",
-    )
-    serve.add_argument(
-        "--max-body-bytes",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="reject request bodies larger than N bytes with 413 (default: 1000000)",
-    )
-    serve.add_argument(
-        "--max-request-tokens",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="work budget per request: reject (400) a request whose prompts x max(n, best_of) x "
-        "(prompt + max_tokens) tokens exceed N (default: 16384)",
-    )
-    serve.add_argument(
-        "--max-memory-mb",
-        metavar="MB",
-        type=_positive_int,
-        default=None,
-        help="memory all running requests may hold (key/value cache and logits); more requests "
-        "wait, and one needing more alone is rejected with 400 (default: 1024)",
-    )
-    serve.add_argument(
-        "--max-waiting",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="requests that may wait for memory; beyond them: 503 with Retry-After (default: 256)",
-    )
-    # The Batch API's limits (BatchLimits); the defaults are written out so --help needs no
-    # server import, and tests/test_cli.py checks they are BatchLimits' own.
-    serve.add_argument(
-        "--max-batch-file-bytes",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="largest Batch input file (POST /v1/files); bigger uploads get 413 (default: "
-        "200000000, OpenAI's 200 MB; an upload is held in memory while it is checked)",
-    )
-    serve.add_argument(
-        "--max-batch-file-requests",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="most requests (lines) in one Batch input file; more get 400 (default: 50000, "
-        "OpenAI's limit)",
-    )
-    serve.add_argument(
-        "--max-batch-stored-bytes",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="uploads and new batches are refused (400 storage_limit_exceeded) while the stored "
-        "Batch files total N bytes or more; DELETE /v1/files/{id} frees them (default: "
-        "2000000000)",
-    )
-    serve.add_argument(
-        "--max-batch-lines-in-flight",
-        metavar="N",
-        type=_positive_int,
-        default=None,
-        help="Batch lines waiting in the scheduler at once, all batches together, so live "
-        "requests still get their turn (default: 64)",
-    )
-    serve.add_argument(
-        "--batch-window",
-        metavar="SECONDS",
-        type=_seconds,
-        default=None,
-        help="how long a batch may run before it expires (its unfinished lines fail with "
-        "batch_expired); clients still ask for OpenAI's '24h' (default: 86400)",
-    )
+    for flag, metavar, kind, text in _SERVE_LIMITS:
+        serve.add_argument(flag, metavar=metavar, type=kind, default=None, help=text)
     serve.add_argument(
         "--compat",
         choices=["openai", "vllm"],
@@ -219,13 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
         "'*' for any",
     )
     serve.add_argument(
-        "--body-timeout",
-        metavar="SECONDS",
-        type=_seconds,
-        default=None,
-        help="answer 408 when a request body has not fully arrived after SECONDS (default: 30)",
-    )
-    serve.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug", "trace"],
@@ -234,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-access-log", action="store_true", help="do not log one line per request"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nbcompletions",
+        description="nbcompletions: the OpenAI Completions endpoint as a research instrument. "
+        "This command runs the embedded model (nbc-shakespeare, offline, no key) "
+        "behind an OpenAI-compatible server.",
+        epilog="Run 'nbcompletions serve --help' for the server's options. In Python, "
+        "nbcompletions.Client() uses the same model in-process, with no server.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_serve(commands)
     batch = commands.add_parser(
         "batch",
         help="run an OpenAI Batch input file (JSONL) on the embedded model, offline",
@@ -305,6 +281,61 @@ def _run_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from . import server
+
+    defaults = server.WorkBudget()
+    budget = server.WorkBudget(
+        max_request_tokens=args.max_request_tokens or defaults.max_request_tokens,
+        max_memory_bytes=(args.max_memory_mb << 20)
+        if args.max_memory_mb
+        else defaults.max_memory_bytes,
+        max_waiting=args.max_waiting or defaults.max_waiting,
+    )
+    # Only what was given: serve()'s own defaults stay the single source of truth.
+    options: dict[str, Any] = {
+        keyword: getattr(args, name)
+        for name, keyword in _SERVE_OPTIONS.items()
+        if getattr(args, name) is not None
+    }
+    if args.compat != "openai":
+        options["compat"] = args.compat
+    if args.allow_host:
+        options["allow_hosts"] = args.allow_host
+    if args.allow_origin:
+        options["allow_origins"] = args.allow_origin
+    batch_limits = {
+        field: getattr(args, name)
+        for name, field in _BATCH_LIMITS.items()
+        if getattr(args, name) is not None
+    }
+    if batch_limits:
+        options["batch_limits"] = server.BatchLimits(**batch_limits)
+    try:
+        server.serve(
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            max_tokens_cap=args.max_tokens_cap or server.DEFAULT_MAX_TOKENS_CAP,
+            max_body_bytes=args.max_body_bytes or server.DEFAULT_MAX_BODY_BYTES,
+            log_level=args.log_level,
+            budget=budget,
+            access_log=not args.no_access_log,
+            **options,
+        )
+    except FileNotFoundError as exc:  # the model's files (serve loads them before binding)
+        print(f"nbcompletions serve: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # a setting serve() refuses, e.g. a key from the environment
+        print(f"nbcompletions serve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal; a traceback
+        # after a clean shutdown would only alarm. 130 is the shell's code for SIGINT.
+        return 130
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
@@ -313,62 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "serve":
-        from . import server
-
-        defaults = server.WorkBudget()
-        budget = server.WorkBudget(
-            max_request_tokens=args.max_request_tokens or defaults.max_request_tokens,
-            max_memory_bytes=(args.max_memory_mb << 20)
-            if args.max_memory_mb
-            else defaults.max_memory_bytes,
-            max_waiting=args.max_waiting or defaults.max_waiting,
-        )
-        options: dict[str, Any] = {}
-        # Only what was given: serve()'s own defaults stay the single source of truth.
-        if args.compat != "openai":
-            options["compat"] = args.compat
-        if args.allow_host:
-            options["allow_hosts"] = args.allow_host
-        if args.allow_origin:
-            options["allow_origins"] = args.allow_origin
-        if args.body_timeout is not None:
-            options["body_timeout_s"] = args.body_timeout
-        batch_limits = {
-            field: value
-            for field, value in (
-                ("max_file_bytes", args.max_batch_file_bytes),
-                ("max_file_requests", args.max_batch_file_requests),
-                ("max_stored_bytes", args.max_batch_stored_bytes),
-                ("max_lines_in_flight", args.max_batch_lines_in_flight),
-                ("completion_window_s", args.batch_window),
-            )
-            if value is not None
-        }
-        if batch_limits:
-            options["batch_limits"] = server.BatchLimits(**batch_limits)
-        try:
-            server.serve(
-                host=args.host,
-                port=args.port,
-                api_key=args.api_key,
-                max_tokens_cap=args.max_tokens_cap or server.DEFAULT_MAX_TOKENS_CAP,
-                max_body_bytes=args.max_body_bytes or server.DEFAULT_MAX_BODY_BYTES,
-                log_level=args.log_level,
-                budget=budget,
-                access_log=not args.no_access_log,
-                **options,
-            )
-        except FileNotFoundError as exc:  # the model's files (serve loads them before binding)
-            print(f"nbcompletions serve: {exc}", file=sys.stderr)
-            return 1
-        except ValueError as exc:  # a setting serve() refuses, e.g. a key from the environment
-            print(f"nbcompletions serve: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal; a traceback
-            # after a clean shutdown would only alarm. 130 is the shell's code for SIGINT.
-            return 130
-        return 0
+        return _run_serve(args)
     if args.command == "batch":
         return _run_batch(args)
     # argparse rejects unknown commands before this point.

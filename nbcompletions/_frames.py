@@ -79,6 +79,7 @@ import pandas as pd
 from ._checks import is_int
 from ._parse import choice_text, parse_logprobs, top_items
 from ._request import CompletionRequest
+from ._usage import token_counts
 from ._visible import visible_tokens
 
 __all__ = [
@@ -363,16 +364,15 @@ def _prompt_lengths(
             extra = len(choice.tokens) - info.max_tokens
             if choice.finish_reason == "length" and extra >= 0:
                 by_prompt.setdefault(choice.index // n, extra)
-    usage = body.get("usage")
     single_prompt = prompts is not None and len(prompts) == 1
-    usage_prompt = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
+    usage_prompt = token_counts(body).get("prompt_tokens")
     for i, choice in enumerate(choices):
         if found[i] is not None:
             continue
         if choice.index // n in by_prompt:
             found[i] = min(by_prompt[choice.index // n], len(choice.tokens))
-        elif single_prompt and is_int(usage_prompt) and 0 <= usage_prompt <= len(choice.tokens):
-            found[i] = int(usage_prompt)
+        elif single_prompt and usage_prompt is not None and usage_prompt <= len(choice.tokens):
+            found[i] = usage_prompt
     return found
 
 
@@ -819,10 +819,14 @@ def to_frames(
     else:
         prompt_index = _int64(rows.choice_index // info.n)
         choice_k = _int64(rows.choice_index % info.n)
+    tokens = _tokens_frame(rows, alternatives, echo, prompt_index, choice_k, vocab_size)
+    if info.logprobs is not None:
+        # The k asked for: a rank past it reads ">k" in the plots, as in the popup.
+        tokens.attrs["logprobs"] = int(info.logprobs)
     return (
         _choices_frame(
             choices, rows, echo, prompt_lens, prompt_n, prompt_index, choice_k, vocab_size
         ),
-        _tokens_frame(rows, alternatives, echo, prompt_index, choice_k, vocab_size),
+        tokens,
         _alternatives_frame(rows, alternatives, vocab_size),
     )

@@ -20,6 +20,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._usage import token_counts
+
 __all__ = [
     "JSON_PARSER",
     "NEG_INF_LOGPROB",
@@ -144,9 +146,7 @@ def first_choice(response: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 def prompt_tokens(response: Mapping[str, Any]) -> int | None:
     """``usage.prompt_tokens`` when the server sent it as an integer."""
-    usage = response.get("usage")
-    value = usage.get("prompt_tokens") if isinstance(usage, Mapping) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return token_counts(response).get("prompt_tokens")
 
 
 # -- logprobs ------------------------------------------------------------------------------------

@@ -10,14 +10,18 @@ sweep's files, the cache, widget state) goes through here, so there is one rule 
   escaped, percent-encoded, in fullwidth letters or in headers). `redact_exception_text` is what
   sweeps write into their ``error`` column; `secrets_of` asks a client for what to mask.
 - `check_api_key` refuses a key that an HTTP header cannot carry, without showing it.
+- `SecretLogFilter` (`LOG_REDACTION`) masks every live `Secret` in the log records of httpx and
+  httpcore: at DEBUG, httpcore logs response headers, and a server may echo the key in one.
 """
 
 from __future__ import annotations
 
 import html
+import logging
 import re
 import unicodedata
 import urllib.parse
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -31,12 +35,18 @@ _USERINFO = re.compile(r"//[^/@]*@")
 
 
 class Secret(Generic[T]):
-    """Holds a credential so that repr, str, vars() and pickling do not show it."""
+    """Holds a credential so that repr, str, vars() and pickling do not show it.
 
-    __slots__ = ("_value",)
+    While it lives, httpx's and httpcore's own log records mask it (`SecretLogFilter`): a client
+    holds its key in a Secret, so making the client installs the filter.
+    """
+
+    __slots__ = ("__weakref__", "_value")
 
     def __init__(self, value: T) -> None:
         self._value = value
+        if _secret_strings(value):
+            LOG_REDACTION.watch(self)
 
     def get(self) -> T:
         return self._value
@@ -186,3 +196,69 @@ def secrets_of(client: Any) -> list[str]:
     if not callable(get):
         return []
     return [s for s in get() if isinstance(s, str) and s]
+
+
+#: The loggers of the HTTP stack the client uses (a logger's filter sees only its own records,
+#: not those of its children, so each is named).
+HTTP_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+    "httpcore.socks",
+)
+#: Header names whose values a `Secret` of headers holds as credentials.
+_CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|cookie|signature", re.IGNORECASE)
+
+
+def _secret_strings(value: Any) -> list[str]:
+    """The credentials in what a `Secret` holds: a string, or the credential headers of a
+    mapping of headers."""
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, Mapping):
+        return [
+            v
+            for k, v in value.items()
+            if isinstance(k, str) and isinstance(v, str) and v and _CREDENTIAL_HEADER.search(k)
+        ]
+    return []
+
+
+class SecretLogFilter(logging.Filter):
+    """Masks the credentials of every live `Secret` in a log record's message (any spelling that
+    `redact_text` finds); records without one pass untouched. Installed on `HTTP_LOGGERS` when
+    the first Secret is made; costs nothing while those loggers are not enabled."""
+
+    def __init__(self) -> None:
+        super().__init__("nbcompletions.secrets")
+        self._secrets: weakref.WeakSet[Secret[Any]] = weakref.WeakSet()
+        self._installed = False
+
+    def watch(self, secret: Secret[Any]) -> None:
+        self._secrets.add(secret)
+        if not self._installed:
+            self._installed = True
+            for name in HTTP_LOGGERS:
+                logging.getLogger(name).addFilter(self)
+
+    def secrets(self) -> list[str]:
+        return [text for secret in list(self._secrets) for text in _secret_strings(secret.get())]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = self.secrets()
+        if not secrets:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a record whose arguments do not format: logging reports it itself
+            return True
+        masked = redact_text(message, secrets)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
+
+
+LOG_REDACTION = SecretLogFilter()

@@ -125,3 +125,19 @@ def test_writes_from_several_threads(tmp_path: Path) -> None:
 def test_bad_path_is_refused() -> None:
     with pytest.raises(TypeError, match="cache must be a file path"):
         Cache(3)  # type: ignore[arg-type]  # the refusal under test
+
+
+def test_stored_usage_counts_only_what_the_usage_reader_counts(tmp_path: Path) -> None:
+    # One usage reader for the cache, the sweeps and the frames: true, 1.5 and -2 are not tokens.
+    response = {
+        "choices": [{"text": "hi", "index": 0}],
+        "usage": {"prompt_tokens": True, "completion_tokens": 1.5, "total_tokens": -2},
+    }
+    with Cache(tmp_path / "c.sqlite") as cache:
+        cache.put("odd", response)
+        cache.put("ok", {**response, "usage": {"prompt_tokens": 2, "total_tokens": 3}})
+        odd, ok = cache.get("odd"), cache.get("ok")
+    assert odd is not None
+    assert ok is not None
+    assert odd.usage == {}
+    assert ok.usage == {"prompt_tokens": 2, "total_tokens": 3}

@@ -415,3 +415,39 @@ async def test_a_loopback_serve_checks_the_host_and_others_do_not(
     assert await _status(loopback, "rebound.example:8000") == 403
     assert await _status(allowed, "my.box:8000") == 200
     assert await _status(everywhere, "rebound.example:8000") == 200
+
+
+def test_connection_flags_show_serves_own_defaults_and_reach_uvicorn(
+    monkeypatch: pytest.MonkeyPatch, uvicorn_configs: list[Any]
+) -> None:
+    import argparse
+    import re
+
+    from nbcompletions.server import _serve
+
+    parser = build_parser()
+    serve_parser = next(
+        action.choices["serve"]
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    helps = {a.option_strings[0]: a.help or "" for a in serve_parser._actions if a.option_strings}
+    for flag, default in (
+        ("--header-timeout", _serve.DEFAULT_HEADER_TIMEOUT_S),
+        ("--keep-alive-timeout", _serve.DEFAULT_KEEP_ALIVE_TIMEOUT_S),
+        ("--max-connections", _serve.DEFAULT_MAX_CONNECTIONS),
+    ):
+        shown = re.search(r"\(default: (\d+)", helps[flag])
+        assert shown is not None, flag
+        assert float(shown.group(1)) == default, flag
+    monkeypatch.setattr(
+        nbcompletions.server, "serve", lambda **kwargs: serve(engine=_Engine(), **kwargs)
+    )
+    argv = ["serve", "--header-timeout", "7", "--keep-alive-timeout", "9"]
+    assert main([*argv, "--max-connections", "5"]) == 0
+    config = uvicorn_configs[-1]
+    assert config.timeout_keep_alive == 9
+    assert config.http.guard.header_timeout_s == 7
+    assert config.http.guard.max_connections == 5
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-connections", "0"])

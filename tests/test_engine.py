@@ -618,3 +618,14 @@ def test_work_and_memory_of_a_job_follow_the_budget_formula(engine: Engine) -> N
     per_position = config.n_layer * 2 * config.n_embd * 4
     assert engine.kv_bytes_per_position == per_position
     assert job.memory_bytes == job.work_tokens * per_position + 6 * engine.row_bytes
+
+
+@pytest.mark.parametrize("tiny", [5e-324, 1e-300, 1e-101])
+def test_a_temperature_too_small_to_divide_by_is_greedy_on_every_path(
+    engine: Engine, tiny: float
+) -> None:
+    # The compiled sampler divided by it (overflow: the last token, 'bunes', over and over).
+    for fields in ({}, {"logprobs": 2}, {"n": 2}):
+        want = run(engine, temperature=0, max_tokens=6, seed=3, **fields)
+        got = run(engine, temperature=tiny, max_tokens=6, seed=3, **fields)
+        assert texts(got) == texts(want)

@@ -898,3 +898,30 @@ def test_frames_of_a_merged_streamed_response(embedded_client, embedded_engine):
     assert len(alternatives) == sum(
         len(d or ()) for c in completion.raw["choices"] for d in c["logprobs"]["top_logprobs"]
     )
+
+
+def test_tokens_frame_carries_the_k_asked_for_so_plots_write_ranks_past_it_as_the_popup_does():
+    from nbcompletions import plots
+
+    top = {"a": -0.1, "b": -2.5}
+    body = {
+        "choices": [
+            {
+                "index": 0,
+                "text": "ac",
+                "logprobs": {
+                    "tokens": ["a", "c"],
+                    "token_logprobs": [-0.1, -6.0],
+                    "top_logprobs": [top, top],
+                    "text_offset": [0, 1],
+                },
+                "finish_reason": "length",
+            }
+        ]
+    }
+    tokens = to_frames(body, {"prompt": "x", "logprobs": 2})[1]
+    assert tokens.attrs["logprobs"] == 2
+    assert tokens["rank"].tolist() == [1, 3]  # "c" is outside the top 2: its rank is a bound
+    text = list(plots.token_probabilities(tokens).data[0].text)
+    assert text[1].endswith("rank >2")
+    assert "logprobs" not in to_frames(body, {"prompt": "x"})[1].attrs

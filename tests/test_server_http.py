@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from nbcompletions import CompletionRequest, RequestError
-from nbcompletions.server import Engine, create_app, render_json
+from nbcompletions.server import CompletionEngine, create_app, render_json
 
 MODEL = "scripted"
 #: Guards the safety waits below, so a broken server fails the test instead of hanging it.
@@ -550,7 +550,7 @@ async def test_a_send_that_fails_mid_stream_ends_it_quietly(engine: _ScriptedEng
 class _HeldEngine:
     """Wraps an engine; a request with ``user="hold"`` waits inside the engine until released."""
 
-    def __init__(self, inner: Engine) -> None:
+    def __init__(self, inner: CompletionEngine) -> None:
         self.inner = inner
         self.model_id = inner.model_id
         self.entered = threading.Event()

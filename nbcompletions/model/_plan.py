@@ -12,7 +12,7 @@ import numpy as np
 from .._checks import is_int
 from .._errors import RequestError
 from .._request import DEFAULT_MAX_TOKENS, SAMPLERS, CompletionRequest, check_sampler
-from ._sampling import BAN, bias_vector
+from ._sampling import BAN, GREEDY_BELOW, bias_vector
 from ._tokenizer import Vocabulary
 
 __all__ = ["Plan", "Prompt", "plan_request"]
@@ -51,6 +51,13 @@ class Plan:
     repetition_penalty: float
 
 
+def _temperature(value: float | None) -> float:
+    """The request's temperature; one too small to divide logits by (below `GREEDY_BELOW`) is 0,
+    greedy, on every sampling path (5e-324 picked the vocabulary's last token over and over)."""
+    temperature = 1.0 if value is None else float(value)
+    return 0.0 if temperature < GREEDY_BELOW else temperature
+
+
 def plan_request(
     request: CompletionRequest, vocab: Vocabulary, *, context_length: int, model_id: str
 ) -> Plan:
@@ -87,7 +94,7 @@ def plan_request(
         n=n,
         best_of=n if request.best_of is None else request.best_of,
         max_tokens=max_tokens,
-        temperature=1.0 if request.temperature is None else float(request.temperature),
+        temperature=_temperature(request.temperature),
         top_p=1.0 if request.top_p is None else float(request.top_p),
         frequency_penalty=float(request.frequency_penalty or 0.0),
         presence_penalty=float(request.presence_penalty or 0.0),

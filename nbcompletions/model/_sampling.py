@@ -21,10 +21,15 @@ import numpy as np
 
 from . import _kernels
 
-__all__ = ["BAN", "adjust_logits", "bias_vector", "sample", "top_k"]
+__all__ = ["BAN", "GREEDY_BELOW", "adjust_logits", "bias_vector", "sample", "top_k"]
 
 #: A logit_bias at or below this bans the token outright (OpenAI: "-100 should result in a ban").
 BAN = -100.0
+#: A temperature below this samples as temperature 0 (the argmax). Dividing logits by a
+#: temperature near 2.2e-308 overflows to inf (and inf - inf is NaN, which picked the vocabulary's
+#: last token); well above that, at 1e-100, any two logits that differ by more than 1e-97 already
+#: give the smaller one a probability that underflows to 0, so the argmax is what sampling picks.
+GREEDY_BELOW = 1e-100
 
 
 def bias_vector(logit_bias: dict[int, float], vocab_size: int) -> np.ndarray | None:
@@ -56,7 +61,9 @@ def adjust_logits(
     if bias is not None:
         mu += bias
     if seen is not None and repetition_penalty != 1.0:
-        scaled = np.where(mu > 0, mu / repetition_penalty, mu * repetition_penalty)
+        # A penalty near 0 or near float64's max overflows to +-inf: a limit `sample` handles.
+        with np.errstate(over="ignore"):
+            scaled = np.where(mu > 0, mu / repetition_penalty, mu * repetition_penalty)
         mu = np.where(seen, scaled, mu)
     if counts is not None:
         if frequency_penalty:
@@ -78,12 +85,31 @@ def sample(
 ) -> np.ndarray:
     """(B, V) adjusted logits -> (B,) sampled token ids; one uniform draw per row when sampling.
 
-    ``top_k`` 0 (or -1) and ``min_p`` 0 are off; temperature 0 ignores both (as vLLM does).
+    ``top_k`` 0 (or -1) and ``min_p`` 0 are off; temperature 0 ignores both (as vLLM does), and a
+    temperature below `GREEDY_BELOW` is temperature 0.
     ``draws``: the (B,) uniform draws of plain sampling, already taken from ``rng``.
     """
-    if temperature == 0.0:
+    if temperature < GREEDY_BELOW:
         greedy: np.ndarray = np.argmax(mu, axis=1)
         return greedy
+    with np.errstate(over="ignore"):
+        overflowing = np.isposinf(mu.max(axis=1) / temperature)  # (B,)
+    if overflowing.any():
+        # The largest logit outweighs every other by more than float64 holds (a repetition
+        # penalty near 0, say): the limit of sampling is the argmax. Other rows sample as usual.
+        chosen: np.ndarray = np.argmax(mu, axis=1)
+        rest = ~overflowing
+        if rest.any():
+            chosen[rest] = sample(
+                mu[rest],
+                temperature,
+                top_p,
+                rng,
+                top_k=top_k,
+                min_p=min_p,
+                draws=None if draws is None else draws[rest],
+            )
+        return chosen
     batch, vocab = mu.shape
     plain = top_p >= 1.0 and not 0 < top_k < vocab and min_p <= 0.0
     if plain:  # the common case, compiled where numba is (the same draws, the same tokens)

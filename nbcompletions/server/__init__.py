@@ -8,15 +8,10 @@ over HTTP with uvicorn. Neither loads the model until it is needed.
 
 from __future__ import annotations
 
-from ._app import (
-    COMPAT_MODES,
-    DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_MAX_BODY_BYTES,
-    Engine,
-    render_json,
-)
+from ._app import COMPAT_MODES, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, CompletionEngine
 from ._batches import BatchLimits
 from ._create import create_app
+from ._http import render_json
 from ._scheduler import WorkBudget
 from ._serve import API_KEY_ENV, DEFAULT_MAX_TOKENS_CAP, serve
 from ._transport import StreamingASGITransport
@@ -28,7 +23,7 @@ __all__ = [
     "DEFAULT_MAX_BODY_BYTES",
     "DEFAULT_MAX_TOKENS_CAP",
     "BatchLimits",
-    "Engine",
+    "CompletionEngine",
     "StreamingASGITransport",
     "WorkBudget",
     "create_app",

@@ -12,21 +12,29 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
 
 import anyio
 
 from .._errors import RequestError
 from .._request import shown
-from ._app import _CompletionsServer, _Failure, _request_error, _server_error
+from ._app import CompletionsServer
+from ._batch_run import BatchRun, LineBudget, raw_lines
+from ._http import Failure, render_json, request_error, server_error
 from ._scheduler import Overloaded
 
 __all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchStore"]
@@ -40,9 +48,10 @@ COMPLETION_WINDOWS = {"24h": 24 * 3600}
 _TERMINAL = ("failed", "completed", "expired", "cancelled")
 # How often the runner looks for new batches while others run (a new batch waits at most this).
 _PICKUP_S = 0.05
-_MAX_METADATA_PAIRS = 16
-_MAX_LIST_LIMIT = 100
-_MULTIPART_OVERHEAD = 64 * 1024  # headers and the purpose field around the file part
+MAX_METADATA_PAIRS = 16
+#: The most batches one ``GET /v1/batches`` lists (OpenAI's), and files one ``GET /v1/files``.
+MAX_BATCHES_LIMIT = 100
+MAX_FILES_LIMIT = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,14 +176,69 @@ def _now() -> int:
     return int(time.time())
 
 
-def _remove_directory(path: str) -> None:
+_DIRECTORY_PREFIX = "nbcompletions-batches-"
+_OWNER_FILE = ".owner"  # held locked (flock) by the live server whose directory it is
+
+
+def _remove_directory(path: str, owner: IO[bytes] | None = None) -> None:
     shutil.rmtree(path, ignore_errors=True)
+    if owner is not None:
+        owner.close()
+
+
+def _owner_is_gone(directory: Path) -> bool:
+    """Whether the server that made ``directory`` has ended: its owner file's lock is free, or
+    (no owner file yet) the process id in its name runs no longer."""
+    try:
+        with (directory / _OWNER_FILE).open("rb") as owner:
+            try:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # a live server holds it (perhaps in this very process)
+            return True
+    except FileNotFoundError:
+        pid = directory.name[len(_DIRECTORY_PREFIX) :].partition("-")[0]
+        if not pid.isdigit():
+            return False  # an older server's directory: nothing says whether it still runs
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+        return False
+
+
+def remove_stale_directories(parent: str | None = None) -> list[Path]:
+    """Remove the batch directories that servers which have ended (kill -9, a crash) left in the
+    temporary directory; the ones removed."""
+    if fcntl is None:  # pragma: no cover - Windows: no flock to tell a live owner
+        return []
+    removed = []
+    for directory in Path(parent or tempfile.gettempdir()).glob(f"{_DIRECTORY_PREFIX}*"):
+        if directory.is_dir() and _owner_is_gone(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    if removed:
+        logger.info("removed %d batch directories of servers that have ended", len(removed))
+    return removed
+
+
+def _make_directory() -> tuple[str, IO[bytes] | None]:
+    """A new batch directory, locked as this process's (see `remove_stale_directories`)."""
+    remove_stale_directories()
+    path = tempfile.mkdtemp(prefix=f"{_DIRECTORY_PREFIX}{os.getpid()}-")
+    if fcntl is None:  # pragma: no cover - Windows
+        return path, None
+    owner = (Path(path) / _OWNER_FILE).open("wb")
+    fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return path, owner
 
 
 class BatchStore:
     """Files and batches of one app, and the background runner that executes the batches."""
 
-    def __init__(self, server: _CompletionsServer, limits: BatchLimits) -> None:
+    def __init__(self, server: CompletionsServer, limits: BatchLimits) -> None:
         self._server = server
         self.limits = limits
         self._lock = threading.Lock()
@@ -184,7 +248,12 @@ class BatchStore:
         self._thread: threading.Thread | None = None
         self._stored = 0
         self._directory: str | None = None
-        self.lines_run = 0  # lines sent to the scheduler, all batches (for tests and logs)
+        self._remove: Callable[[], Any] = lambda: None
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the stored files hold, with what uploads and running batches have reserved."""
+        return self._stored
 
     def __repr__(self) -> str:
         return (
@@ -193,22 +262,47 @@ class BatchStore:
         )
 
     # -- files -------------------------------------------------------------------------------------
-    def _new_path(self, file_id: str) -> Path:
+    def new_path(self, file_id: str) -> Path:
         with self._lock:
             if self._directory is None:
-                self._directory = tempfile.mkdtemp(prefix="nbcompletions-batches-")
-                weakref.finalize(self, _remove_directory, self._directory)
+                self._directory, owner = _make_directory()
+                self._remove = weakref.finalize(self, _remove_directory, self._directory, owner)
             return Path(self._directory) / f"{file_id}.jsonl"
 
-    def _check_room(self) -> None:
+    def close(self) -> None:
+        """Remove the files (``serve`` calls it on its way out, SIGTERM included)."""
+        self._remove()
+
+    def check_room(self) -> None:
         if self._stored >= self.limits.max_stored_bytes:
-            raise _Failure(
-                400,
-                f"This server holds at most {self.limits.max_stored_bytes} bytes of batch files "
-                f"and holds {self._stored}; delete files you no longer need "
-                "(DELETE /v1/files/{file_id}) and try again.",
-                code="storage_limit_exceeded",
-            )
+            raise self.room_failure()
+
+    def room_failure(self) -> Failure:
+        """The 400 of an upload or a batch that finds the store full."""
+        return Failure(
+            400,
+            f"This server holds at most {self.limits.max_stored_bytes} bytes of batch files "
+            f"(--max-batch-stored-bytes) and holds {self._stored}, uploads in progress "
+            "included; delete files you no longer need "
+            "(DELETE /v1/files/{file_id}) and try again.",
+            code="storage_limit_exceeded",
+        )
+
+    def commit_upload(self, filename: str, path: Path, size: int, reserved: int) -> _File:
+        """Store a checked upload if it fits, giving back the ``reserved`` bytes counted while it
+        arrived (checked under the lock: concurrent uploads reached 1.35x the limit when each
+        checked only the room before it started)."""
+        with self._lock:
+            fits = self._stored - reserved + size <= self.limits.max_stored_bytes
+            self._stored -= reserved
+            if fits:
+                record = _File(path.stem, filename, "batch", path, size, _now())
+                self._files[record.id] = record
+                self._stored += size
+                return record
+            failure = self.room_failure()
+        path.unlink(missing_ok=True)
+        raise failure
 
     def add_file(self, filename: str, purpose: str, path: Path, size: int) -> _File:
         record = _File(path.stem, filename, purpose, path, size, _now())
@@ -221,10 +315,33 @@ class BatchStore:
         with self._lock:
             record = self._files.get(file_id)
         if record is None:
-            raise _Failure(
-                404, f"No such File object: {shown(file_id, 80)}", param="id", code="not_found"
-            )
+            raise self.no_such_file(file_id)
         return record
+
+    @staticmethod
+    def no_such_file(file_id: str) -> Failure:
+        return Failure(
+            404, f"No such File object: {shown(file_id, 80)}", param="id", code="not_found"
+        )
+
+    def list_files(
+        self, after: str | None, limit: int, *, newest_first: bool, purpose: str | None
+    ) -> tuple[list[_File], bool]:
+        """A page of files as OpenAI lists them; ``after`` is the last id of the previous page."""
+        with self._lock:
+            records = list(self._files.values())  # in upload order
+        if newest_first:
+            records.reverse()
+        if purpose is not None:
+            records = [r for r in records if r.purpose == purpose]
+        if after is not None:
+            ids = [r.id for r in records]
+            if after not in ids:
+                raise Failure(
+                    400, f"after must be the id of a file; got {shown(after, 80)}", param="after"
+                )
+            records = records[ids.index(after) + 1 :]
+        return records[:limit], len(records) > limit
 
     def delete_file(self, file_id: str) -> _File:
         record = self.file(file_id)
@@ -244,13 +361,13 @@ class BatchStore:
     ) -> _Batch:
         source = self.file(input_file_id)
         if source.purpose != "batch":
-            raise _Failure(
+            raise Failure(
                 400,
                 f"The input file {input_file_id} has purpose {source.purpose!r}; a batch needs a "
                 "file uploaded with purpose 'batch'.",
                 param="input_file_id",
             )
-        self._check_room()
+        self.check_room()
         created = _now()
         batch = _Batch(
             id=f"batch_{uuid.uuid4().hex}",
@@ -276,7 +393,7 @@ class BatchStore:
         with self._lock:
             batch = self._batches.get(batch_id)
         if batch is None:
-            raise _Failure(
+            raise Failure(
                 404, f"No such Batch object: {shown(batch_id, 80)}", param="id", code="not_found"
             )
         return batch
@@ -288,7 +405,7 @@ class BatchStore:
         if after is not None:
             ids = [b.id for b in newest_first]
             if after not in ids:
-                raise _Failure(
+                raise Failure(
                     400, f"after must be the id of a batch; got {shown(after, 80)}", param="after"
                 )
             newest_first = newest_first[ids.index(after) + 1 :]
@@ -297,14 +414,16 @@ class BatchStore:
     def cancel(self, batch_id: str) -> _Batch:
         batch = self.batch(batch_id)
         with self._lock:
-            if batch.status in _TERMINAL or batch.status == "cancelling":
-                if batch.status not in ("cancelled", "cancelling"):
-                    raise _Failure(
-                        409,
-                        f"Cannot cancel a batch with status '{batch.status}'.",
-                        code="batch_not_cancellable",
-                    )
+            if batch.status in ("cancelled", "cancelling"):
                 return batch
+            # Finalizing: every line has run and the files are being stored; a cancel landing now
+            # turned a completed batch "cancelled" (4 of 100 tries).
+            if batch.status in _TERMINAL or batch.status == "finalizing":
+                raise Failure(
+                    409,
+                    f"Cannot cancel a batch with status '{batch.status}'.",
+                    code="batch_not_cancellable",
+                )
             batch.status = "cancelling"
             batch.cancelling_at = _now()
             loop, event = batch.loop, batch.cancel_event
@@ -324,13 +443,13 @@ class BatchStore:
                 self._thread = None
 
     async def _main(self) -> None:
-        slots = asyncio.Semaphore(self.limits.max_lines_in_flight)
+        budget = LineBudget(self.limits.max_lines_in_flight)
         running: set[asyncio.Task[None]] = set()
         while True:
             with self._lock:
                 while self._queue:
                     batch = self._queue.popleft()
-                    running.add(asyncio.ensure_future(self._process(batch, slots)))
+                    running.add(asyncio.ensure_future(self._process_to_the_end(batch, budget)))
                 if not running:
                     self._thread = None
                     return
@@ -339,213 +458,164 @@ class BatchStore:
                 if task.exception() is not None:  # pragma: no cover - a bug in _process
                     logger.error("a batch failed in the runner", exc_info=task.exception())
 
+    async def _process_to_the_end(self, batch: _Batch, budget: LineBudget) -> None:
+        """`_process`, and a terminal state whatever happens: a runner that died left its batch
+        "validating" (or "cancelling") forever."""
+        try:
+            await self._process(batch, budget)
+        except Exception:
+            request_id = f"req_{uuid.uuid4().hex}"
+            logger.exception("batch %s failed in the runner (request %s)", batch.id, request_id)
+            with self._lock:
+                cancelling = batch.status == "cancelling"
+                if cancelling:
+                    batch.status, batch.cancelled_at = "cancelled", _now()
+            if not cancelling:
+                error = server_error(request_id).body()["error"]
+                self._fail(batch, [{**error, "code": "server_error", "line": None}])
+        finally:
+            batch.loop = batch.cancel_event = None
+
     def _fail(self, batch: _Batch, errors: list[dict[str, Any]]) -> None:
         with self._lock:
             batch.status = "failed"
             batch.failed_at = _now()
             batch.errors = {"object": "list", "data": errors}
 
-    def _validate(self, batch: _Batch) -> list[dict[str, Any]] | None:
-        """The input's lines, or None after failing the batch (wrong url, several models)."""
-        source = self.file(batch.input_file_id)
-        lines: list[dict[str, Any]] = []
-        models: set[Any] = set()
-        errors: list[dict[str, Any]] = []
-        for number, line in enumerate(_read_lines(source.path), start=1):
-            if line["url"] != batch.endpoint:
-                errors.append(
-                    {
-                        "code": "invalid_url",
-                        "message": f"The URL provided for this request does not match the batch "
-                        f"endpoint {batch.endpoint}; got {shown(line['url'], 80)}.",
-                        "param": "url",
-                        "line": number,
-                    }
-                )
-            model = line["body"].get("model")
-            if models and model not in models and not errors:
-                errors.append(
-                    {
-                        "code": "mismatched_model",
-                        "message": "The provided model differs from the model of earlier lines; "
-                        f"a batch file holds one model. Line {number} has "
-                        f"{shown(model, 80)}, earlier lines {shown(next(iter(models)), 80)}.",
-                        "param": "body.model",
-                        "line": number,
-                    }
-                )
-            models.add(model)
-            if len(errors) >= 10:
-                break
-            lines.append(line)
+    def _validate(self, batch: _Batch) -> IO[bytes] | None:
+        """The input file, open and checked (one url, one model), or None after failing the batch.
+
+        The open file reads whole even if it is deleted while the batch runs.
+        """
+        try:
+            handle = self.file(batch.input_file_id).path.open("rb")
+        except (Failure, FileNotFoundError):
+            error = {
+                "code": "invalid_file",
+                "message": f"The input file {batch.input_file_id} was deleted before the batch "
+                "ran.",
+                "param": "input_file_id",
+                "line": None,
+            }
+            self._fail(batch, [error])
+            return None
+        try:
+            errors, total, model = _check_input(handle, batch.endpoint)
+            handle.seek(0)
+        except BaseException:
+            handle.close()
+            raise
+        if not errors and total == 0:
+            errors = [
+                {
+                    "code": "empty_file",
+                    "message": "The input file holds no requests.",
+                    "param": None,
+                    "line": None,
+                }
+            ]
         if errors:
+            handle.close()
             self._fail(batch, errors)
             return None
-        if not lines:
-            self._fail(
-                batch,
-                [
-                    {
-                        "code": "empty_file",
-                        "message": "The input file holds no requests.",
-                        "param": None,
-                        "line": None,
-                    }
-                ],
-            )
-            return None
-        batch.model = next(iter(models)) if isinstance(next(iter(models)), str) else None
-        return lines
-
-    async def _process(self, batch: _Batch, slots: asyncio.Semaphore) -> None:
-        loop = asyncio.get_running_loop()
         with self._lock:
-            batch.loop, batch.cancel_event = loop, asyncio.Event()
-            cancelled_early = batch.status == "cancelling"
-        if cancelled_early:
-            self._finish(batch, None, None)
-            return
-        try:
-            lines = await anyio.to_thread.run_sync(self._validate, batch)
-        except _Failure as failure:  # the input file was deleted meanwhile
-            self._fail(
-                batch,
-                [
-                    {
-                        "code": "invalid_file",
-                        "message": failure.message,
-                        "param": "input_file_id",
-                        "line": None,
-                    }
-                ],
-            )
-            return
-        if lines is None:
-            return
-        output_path = self._new_path(f"file-{uuid.uuid4().hex}")
-        error_path = self._new_path(f"file-{uuid.uuid4().hex}")
-        with self._lock:
-            batch.total = len(lines)
+            batch.total, batch.model = total, model
             if batch.status == "validating":
                 batch.status = "in_progress"
                 batch.in_progress_at = _now()
-        event = batch.cancel_event
-        assert event is not None
-        with output_path.open("wb") as output, error_path.open("wb") as errors:
+        return handle
 
-            async def cancelled() -> None:
-                await event.wait()
-
-            async def one(line: dict[str, Any]) -> None:
-                try:
-                    answer = await self._run_line(line["body"], cancelled)
-                finally:
-                    slots.release()
-                if answer is None:
-                    return  # cancelled before it finished: in neither file
-                status, body = answer
-                record = {
-                    "id": f"batch_req_{uuid.uuid4().hex}",
-                    "custom_id": line["custom_id"],
-                    "response": {
-                        "status_code": status,
-                        "request_id": f"req_{uuid.uuid4().hex}",
-                        "body": body,
-                    },
-                    "error": None,
-                }
-                data = _render_line(record)
-                with self._lock:
-                    if status == 200:
-                        output.write(data)
-                        batch.completed += 1
-                        usage = body.get("usage") if isinstance(body, dict) else None
-                        if isinstance(usage, dict):
-                            for ours, theirs in (
-                                ("input_tokens", "prompt_tokens"),
-                                ("output_tokens", "completion_tokens"),
-                                ("total_tokens", "total_tokens"),
-                            ):
-                                value = usage.get(theirs)
-                                if isinstance(value, int):
-                                    batch.usage[ours] += value
-                    else:
-                        errors.write(data)
-                        batch.failed += 1
-                    self._stored += len(data)
-
-            tasks: list[asyncio.Task[None]] = []
-            expired_from: int | None = None
-            for position, line in enumerate(lines):
-                # A cancel frees this batch's slots within a decode step (its lines stop).
-                await slots.acquire()
-                if event.is_set():
-                    slots.release()
-                    break
-                if time.monotonic() >= batch.deadline:
-                    slots.release()
-                    expired_from = position
-                    break
-                self.lines_run += 1
-                tasks.append(asyncio.ensure_future(one(line)))
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            if expired_from is not None and not event.is_set():
-                for line in lines[expired_from:]:
-                    record = {
-                        "id": f"batch_req_{uuid.uuid4().hex}",
-                        "custom_id": line["custom_id"],
-                        "response": None,
-                        "error": {
-                            "code": "batch_expired",
-                            "message": "This request could not be executed before the "
-                            "completion window expired.",
-                        },
-                    }
-                    data = _render_line(record)
-                    errors.write(data)
-                    with self._lock:
-                        batch.failed += 1
-                        self._stored += len(data)
-        self._finish(batch, output_path, error_path, expired=expired_from is not None)
-
-    def _finish(
-        self,
-        batch: _Batch,
-        output_path: Path | None,
-        error_path: Path | None,
-        *,
-        expired: bool = False,
-    ) -> None:
+    async def _process(self, batch: _Batch, budget: LineBudget) -> None:
         with self._lock:
-            if batch.status not in ("cancelling",):
-                batch.status = "finalizing"
-                batch.finalizing_at = _now()
-        for path, attribute, purpose in (
-            (output_path, "output_file_id", "batch_output"),
-            (error_path, "error_file_id", "batch_output"),
+            batch.loop, batch.cancel_event = asyncio.get_running_loop(), asyncio.Event()
+            cancelled_early = batch.status == "cancelling"
+        if cancelled_early:
+            self._finish(batch, None)
+            return
+        handle = await anyio.to_thread.run_sync(self._validate, batch)
+        if handle is None:
+            return
+        with handle:
+            run = BatchRun(self, batch, budget, _render_line)
+            await run.run(handle)
+        self._finish(batch, run)
+
+    # -- what a run needs (see `._batch_run`) ------------------------------------------------------
+    def reserve(self, size: int) -> bool:
+        """Count ``size`` more bytes as stored, if they fit under ``max_stored_bytes``."""
+        with self._lock:
+            if self._stored + size > self.limits.max_stored_bytes:
+                return False
+            self._stored += size
+            return True
+
+    def release(self, size: int) -> None:
+        with self._lock:
+            self._stored -= size
+
+    def count_line(self, batch: Any, ok: bool, body: Any) -> None:
+        """Count a finished line (with its usage, when it has one)."""
+        with self._lock:
+            if not ok:
+                batch.failed += 1
+                return
+            batch.completed += 1
+            usage = body.get("usage") if isinstance(body, dict) else None
+            if isinstance(usage, dict):
+                for ours, theirs in (
+                    ("input_tokens", "prompt_tokens"),
+                    ("output_tokens", "completion_tokens"),
+                    ("total_tokens", "total_tokens"),
+                ):
+                    value = usage.get(theirs)
+                    if isinstance(value, int):
+                        batch.usage[ours] += value
+
+    def _store_outputs(self, batch: _Batch, run: BatchRun) -> None:
+        for path, attribute in (
+            (run.output_path, "output_file_id"),
+            (run.error_path, "error_file_id"),
         ):
-            if path is None:
-                continue
             size = path.stat().st_size
             if size == 0:
                 path.unlink(missing_ok=True)
                 continue
-            with self._lock:
-                self._stored -= size  # counted line by line; add_file counts the whole file
-            record = self.add_file(f"{batch.id}_{attribute[:-8]}.jsonl", purpose, path, size)
+            self.release(size)  # reserved line by line; add_file counts the whole file
+            record = self.add_file(f"{batch.id}_{attribute[:-8]}.jsonl", "batch_output", path, size)
             setattr(batch, attribute, record.id)
+
+    def _finish(self, batch: _Batch, run: BatchRun | None) -> None:
+        with self._lock:
+            if batch.status != "cancelling":
+                batch.status = "finalizing"
+                batch.finalizing_at = _now()
+        if run is not None:
+            self._store_outputs(batch, run)
         with self._lock:
             now = _now()
             if batch.status == "cancelling":
                 batch.status, batch.cancelled_at = "cancelled", now
-            elif expired:
+            elif run is not None and run.out_of_room:
+                batch.status, batch.failed_at = "failed", now
+                batch.errors = {"object": "list", "data": [self._out_of_room()]}
+            elif run is not None and run.expired:
                 batch.status, batch.expired_at = "expired", now
             else:
                 batch.status, batch.completed_at = "completed", now
             batch.loop = batch.cancel_event = None
 
-    async def _run_line(
+    def _out_of_room(self) -> dict[str, Any]:
+        return {
+            "code": "storage_limit_exceeded",
+            "message": f"The batch's output would pass the {self.limits.max_stored_bytes} bytes "
+            "this server stores for batches (--max-batch-stored-bytes, inputs and outputs "
+            "together); the lines that finished are in its output and error files. Delete files "
+            "you no longer need and run the rest again.",
+            "param": None,
+            "line": None,
+        }
+
+    async def run_line(
         self, body: Any, cancelled: Callable[[], Awaitable[None]]
     ) -> tuple[int, Any] | None:
         """(HTTP status, response body) of one line, as ``POST /v1/completions`` would answer it;
@@ -553,7 +623,7 @@ class BatchStore:
         try:
             completion, scheduler = await self._server.accept(body)
             if completion.stream:
-                raise _Failure(
+                raise Failure(
                     400, "Streaming is not supported in batches; remove stream.", param="stream"
                 )
             while True:
@@ -563,29 +633,56 @@ class BatchStore:
                     await asyncio.sleep(exc.retry_after)
                     continue
                 break
-        except _Failure as failure:
+        except Failure as failure:
             return failure.status, failure.body()
         except RequestError as exc:
-            return 400, _request_error(exc).body()
+            return 400, request_error(exc).body()
         except Exception:
             request_id = f"req_{uuid.uuid4().hex}"
             logger.exception("a batch line failed (request %s)", request_id)
-            return 500, _server_error(request_id).body()
+            return 500, server_error(request_id).body()
         if result is None:
             return None
         return 200, result
 
 
 def _render_line(record: dict[str, Any]) -> bytes:
-    from ._app import render_json
-
     return render_json(record) + b"\n"
 
 
-def _read_lines(path: Path) -> Iterator[dict[str, Any]]:
-    with path.open("rb") as handle:
-        for raw in handle:
-            if raw.strip():
-                value = json.loads(raw)
-                assert isinstance(value, dict)  # checked when the file was uploaded
-                yield value
+def _check_input(handle: IO[bytes], endpoint: str) -> tuple[list[dict[str, Any]], int, str | None]:
+    """(errors, number of requests, model) of an input file: every url must be the batch's
+    endpoint and every line name one model (a model that is no string, a list or an object, is
+    the line's own error: a 400 line naming model, not the batch's)."""
+    models: list[str] = []
+    errors: list[dict[str, Any]] = []
+    total = 0
+    for total, raw in enumerate(raw_lines(handle), start=1):
+        line = json.loads(raw)
+        if line["url"] != endpoint:
+            errors.append(
+                {
+                    "code": "invalid_url",
+                    "message": "The URL provided for this request does not match the batch "
+                    f"endpoint {endpoint}; got {shown(line['url'], 80)}.",
+                    "param": "url",
+                    "line": total,
+                }
+            )
+        model = line["body"].get("model")
+        if isinstance(model, str) and model not in models:
+            if models and not errors:
+                errors.append(
+                    {
+                        "code": "mismatched_model",
+                        "message": "The provided model differs from the model of earlier lines; "
+                        f"a batch file holds one model. Line {total} has {shown(model, 80)}, "
+                        f"earlier lines {shown(models[0], 80)}.",
+                        "param": "body.model",
+                        "line": total,
+                    }
+                )
+            models.append(model)
+        if len(errors) >= 10:
+            break
+    return errors, total, models[0] if models else None

@@ -22,15 +22,15 @@ from ._app import (
     COMPAT_MODES,
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_MAX_BODY_BYTES,
-    Engine,
-    _CompletionsServer,
-    _http_error,
+    CompletionEngine,
+    CompletionsServer,
 )
 from ._batches import BatchLimits, BatchStore, batch_routes
 from ._guard import RequestGuard
+from ._http import http_error
 from ._scheduler import WorkBudget
 
-__all__ = ["create_app"]
+__all__ = ["check_seconds", "create_app"]
 
 
 def _check_positive(name: str, value: Any, *, optional: bool) -> None:
@@ -42,8 +42,19 @@ def _check_positive(name: str, value: Any, *, optional: bool) -> None:
         )
 
 
+def check_seconds(name: str, value: Any) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite number of seconds > 0."""
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a number of seconds > 0; got {value!r}")
+
+
 def create_app(
-    engine: Engine | None = None,
+    engine: CompletionEngine | None = None,
     *,
     api_key: str | None = None,
     max_tokens_cap: int | None = None,
@@ -92,19 +103,13 @@ def create_app(
         check_api_key(api_key)
     if compat not in COMPAT_MODES:
         raise ValueError(f"compat must be one of {', '.join(COMPAT_MODES)}; got {compat!r}")
-    if (
-        not isinstance(body_timeout_s, int | float)
-        or isinstance(body_timeout_s, bool)
-        or not math.isfinite(body_timeout_s)
-        or body_timeout_s <= 0
-    ):
-        raise ValueError(f"body_timeout_s must be a number of seconds > 0; got {body_timeout_s!r}")
+    check_seconds("body_timeout_s", body_timeout_s)
     if limits is None:
         limits = Limits.vllm() if compat == "vllm" else Limits()
     _check_positive("max_tokens_cap", max_tokens_cap, optional=True)
     _check_positive("max_body_bytes", max_body_bytes, optional=False)
     _check_positive("max_concurrency", max_concurrency, optional=False)
-    server = _CompletionsServer(
+    server = CompletionsServer(
         engine,
         api_key=api_key,
         max_tokens_cap=max_tokens_cap,
@@ -114,22 +119,32 @@ def create_app(
         budget=budget or WorkBudget(),
         body_timeout_s=float(body_timeout_s),
     )
+    store = BatchStore(server, batch_limits or BatchLimits())
+    return _assemble(server, store, allowed_hosts, tuple(allowed_origins))
+
+
+def _assemble(
+    server: CompletionsServer,
+    store: BatchStore,
+    allowed_hosts: Sequence[str] | None,
+    allowed_origins: tuple[str, ...],
+) -> Starlette:
     routes = [
         Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
         Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", server.endpoint(server.model), methods=["GET"]),
         Route("/health", server.endpoint(server.health, auth=False), methods=["GET"]),
     ]
-    store = BatchStore(server, batch_limits or BatchLimits())
     routes.extend(batch_routes(server, store))
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: _http_error},
-        middleware=[Middleware(RequestGuard, hosts=allowed_hosts, origins=tuple(allowed_origins))],
+        exception_handlers={HTTPException: http_error},
+        middleware=[Middleware(RequestGuard, hosts=allowed_hosts, origins=allowed_origins)],
     )
     # Starlette would answer "POST /v1/completions/" with a 307 to the slashless URL before any
     # key check (and clients do not re-POST on 307 uniformly): unknown paths are 404s instead.
     app.router.redirect_slashes = False
     app.state.nbcompletions = server
+    app.state.nbcompletions_auth = server.auth
     app.state.nbcompletions_batches = store
     return app
