@@ -59,19 +59,16 @@ LONG_FUNCTIONS_ALLOWED_IN = {"nbcompletions/model/_kernels.py"}
 #: Functions still over the limit, to be split (each helper's branch removes its own; an entry
 #: that is no longer long fails the test until it is removed here, so the list only shrinks).
 KNOWN_LONG_FUNCTIONS = {
-    "nbcompletions._cli.build_parser",
     "nbcompletions._grid.expand_grid",
     "nbcompletions._sweep._execute",
-    "nbcompletions.server._batch_store._process",
-    "nbcompletions.server._create.create_app",
-    "nbcompletions.server._serve.serve",
 }
 
 #: Private names (``_x``, modules included) imported from another module of the package, counted
-#: as /work/tools' private_imports.py counts them: 145 before issue 18, 106 after the core split, 41
-#: after the plots and widgets helpers got public names in their private modules.
+#: by the test below: 145 before issue 18, 106 after the core split, 41
+#: after the plots and widgets helpers got public names in their private modules, 29 with the
+#: server's.
 #: Lower it as they go; never raise it (give the name a public spelling instead).
-MAX_PRIVATE_IMPORTS = 41
+MAX_PRIVATE_IMPORTS = 29
 
 
 def _modules() -> list[tuple[str, str, ast.Module]]:
