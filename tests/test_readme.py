@@ -105,3 +105,40 @@ def test_quick_start_pasted_in_a_cell_shows_everything(tmp_path: Path) -> None:
     assert sum("<table" in h for h in html) == 2  # both frames, as tables
     assert any("<span" in h and "<table" not in h for h in html)  # the highlighted text
     assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in outputs)
+
+
+_WITHOUT_WIDGETS = """
+import sys
+sys.modules["ipywidgets"] = None  # as in `pip install .`: the widgets extra brings these
+sys.modules["IPython"] = None
+namespace = {"__name__": "quickstart"}
+exec(sys.stdin.read(), namespace)
+assert len(namespace["done"].tokens) == 24
+try:
+    import nbcompletions.widgets
+except ImportError as error:
+    print("widgets:", error)
+"""
+
+
+@pytest.mark.slow
+def test_quick_start_runs_without_the_widgets_extra(tmp_path: Path) -> None:
+    """`pip install .` has no ipywidgets and no IPython: the Quick start still prints the text,
+    the frames and writes both pages, and the widgets say which extra they need."""
+    import subprocess
+    import sys
+
+    needs_weights()
+    done = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_WIDGETS],
+        input=_quick_start(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    _check_quick_start_as_a_script(done.stdout, tmp_path)
+    assert "widgets: nbcompletions.widgets needs ipywidgets" in done.stdout
+    assert "pip install 'nbcompletions[widgets]'" in done.stdout
