@@ -42,6 +42,11 @@ _LAZY: dict[str, str] = {
     "ConformanceReport": "._conformance",
     "ServerProfile": "._profiles",
     "visible_token": "._visible",
+    "compare": "._compare",
+    "acompare": "._compare",
+    "DriftWarning": "._manifest",
+    "check_drift": "._manifest",
+    "endpoint_manifest": "._manifest",
 }
 _SUBMODULES = ("metrics", "plots", "widgets", "server", "model")
 
@@ -57,6 +62,7 @@ __all__ = [
     "CompletionRequest",
     "ConformanceError",
     "ConformanceReport",
+    "DriftWarning",
     "Grid",
     "Limits",
     "NBCompletionsError",
@@ -68,7 +74,11 @@ __all__ = [
     "SweepResult",
     "SweepWarning",
     "__version__",
+    "acompare",
     "asweep",
+    "check_drift",
+    "compare",
+    "endpoint_manifest",
     "expand_grid",
     "load_batch_output",
     "load_sweep",
@@ -85,10 +95,12 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._batch import BatchOptions, load_batch_output
     from ._cache import Cache
     from ._client import AsyncClient, Client
+    from ._compare import acompare, compare
     from ._completion import Completion
     from ._conformance import ConformanceReport
     from ._frames import to_frames
     from ._grid import Grid, expand_grid
+    from ._manifest import DriftWarning, check_drift, endpoint_manifest
     from ._profiles import ServerProfile
     from ._streaming import StreamChunk
     from ._sweep import SweepInterrupted, asweep, sweep

@@ -54,6 +54,46 @@ def pytest_report_header(config: pytest.Config) -> str:
     return "nbcompletions: quick run; slow tests skipped (--full or NBC_FULL_TESTS=1 runs them)"
 
 
+@pytest.hookimpl(trylast=True)  # after the terminal plugin has made its reporter
+def pytest_configure(config: pytest.Config) -> None:
+    """Skips are summarised once per cause (`pytest_terminal_summary` below), not once per test.
+
+    ``-ra`` (pyproject's addopts) would list every skip with its full reason: one llama.cpp
+    paragraph repeated for each of forty tests. Failures, errors and xfails are listed as before.
+    """
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None and "s" in reporter.reportchars:
+        reporter.reportchars = reporter.reportchars.replace("s", "")
+        config.stash[_SKIPS_BY_CAUSE] = True
+
+
+_SKIPS_BY_CAUSE = pytest.StashKey[bool]()
+
+
+def skip_causes(reports: list[pytest.TestReport]) -> list[tuple[str, int, list[str]]]:
+    """(cause, how many tests, their files) per distinct skip reason, the most frequent first."""
+    grouped: dict[str, list[str]] = {}
+    for report in reports:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        grouped.setdefault(reason, []).append(report.nodeid.split("::")[0])
+    causes = [(reason, len(files), sorted(set(files))) for reason, files in grouped.items()]
+    return sorted(causes, key=lambda cause: (-cause[1], cause[0]))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if not config.stash.get(_SKIPS_BY_CAUSE, False):
+        return
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if r.skipped]
+    if not skipped:
+        return
+    terminalreporter.write_sep("=", "skipped, by cause")
+    for reason, count, files in skip_causes(skipped):
+        where = ", ".join(Path(f).name for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        terminalreporter.write_line(f"{count:>4} skipped ({where}): {reason}")
+
+
 def needs_weights() -> None:
     if not WEIGHTS.exists():
         pytest.skip("the embedded model's weights are not built yet")

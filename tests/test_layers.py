@@ -56,6 +56,8 @@ LAYERS: dict[str, int] = {
     "_cache": 3,
     "_columns": 3,
     "metrics": 3,
+    "_compare": 3,
+    "_manifest": 3,
     # what people see
     "plots": 4,
     "widgets": 4,

@@ -42,6 +42,12 @@ EXPECTED = {
     "to_frames",
     "visible_token",
     "widgets",
+    # comparing two endpoints, and noticing when one has changed
+    "compare",
+    "acompare",
+    "endpoint_manifest",
+    "check_drift",
+    "DriftWarning",
 }
 HEAVY = (
     "pandas",

@@ -61,9 +61,10 @@ LONG_FUNCTIONS_ALLOWED_IN = {"nbcompletions/model/_kernels.py"}
 KNOWN_LONG_FUNCTIONS: set[str] = set()
 
 #: Private names (``_x``, modules included) imported from another module of the package, counted
-#: as /work/tools' private_imports.py counts them: 145 before issue 18, 106 after the core split, 41
-#: after the plots and widgets helpers got public names in their private modules, 11 after the
-#: sweep pipeline (nbcompletions/sweeps/; 7 of them are _batch's names from _sweep_prepare).
+#: by the test below: 145 before issue 18, 106 after the core split, 41
+#: after the plots and widgets helpers got public names in their private modules, 29 with the
+#: server's, 11 after the sweep pipeline (nbcompletions/sweeps/; 7 of them are _batch's names
+#: from _sweep_prepare).
 #: Lower it as they go; never raise it (give the name a public spelling instead).
 MAX_PRIVATE_IMPORTS = 11
 

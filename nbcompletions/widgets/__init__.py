@@ -8,6 +8,14 @@ key, is kept as a plain Python attribute and never in a synced trait, so it neve
 browser or the saved notebook.
 """
 
+try:
+    import ipywidgets  # noqa: F401  (the widgets extra)
+except ImportError as error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "nbcompletions.widgets needs ipywidgets, the widgets extra: "
+        "pip install 'nbcompletions[widgets]' (or '[notebooks]', which includes it)"
+    ) from error
+
 from ._controls import (
     PROMPT_SEPARATOR,
     SWEEP_FIELDS,
