@@ -11,15 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .sweeps.frames import tidy_strings
-from .sweeps.outcome import Outcome
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
 __all__ = ["SweepResult", "load_sweep"]
-
-#: The Batch path's name for `Outcome` (`nbcompletions._batch` imports it; one definition).
-_Outcome = Outcome
 
 
 class SweepResult:

@@ -46,7 +46,6 @@ LAYERS: dict[str, int] = {
     # studies: plan, run, store, analyse
     "_grid": 3,
     "_sweep": 3,
-    "_sweep_prepare": 3,
     "_sweep_result": 3,
     "_batch": 3,
     "_batch_file": 3,
