@@ -19,9 +19,11 @@ first error. What finished is in the cache either way.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._errors import RequestError
+from ._errors import APIError, RequestError
+from ._manifest import asweep_manifest
 from ._sweep_result import SweepResult
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 from .sweeps.finish import warn_failures
@@ -113,6 +115,27 @@ def _interrupted(plan: Plan, sender: Sender) -> SweepInterrupted:
     )
 
 
+async def _keep_manifest(
+    client: AsyncCompletionsClient, plan: Plan, results: Any, wanted: bool
+) -> None:
+    """Record the endpoint's manifest beside the sweep's results directory or cache file, or check
+    the endpoint against the one recorded (`DriftWarning`). An endpoint that cannot answer the
+    probes now is left to the sweep, whose rows say why; the manifest is recorded on a later run.
+    """
+    if not wanted:
+        return
+    if results is not None:
+        where = Path(results)
+    elif plan.cache is not None:
+        where = Path(plan.cache.path)
+    else:
+        return
+    try:
+        await asweep_manifest(client, where)
+    except APIError:
+        return
+
+
 async def asweep(
     client: AsyncCompletionsClient,
     prompt: Any = None,
@@ -127,6 +150,7 @@ async def asweep(
     batch: bool | BatchOptions = False,
     fail_fast: int | None = FAIL_FAST,
     shard: tuple[int, int] | None = None,
+    manifest: bool = True,
     **fields: Any,
 ) -> SweepResult:
     """The async twin of `sweep`, for an `AsyncClient`: ``await asweep(aclient, ...)``.
@@ -152,6 +176,7 @@ async def asweep(
         shard=shard,
         fail_fast=fail_fast,
     )
+    await _keep_manifest(client, plan, results, manifest and probe)
     result = await sender.run(plan, bar=_progress_bar(plan, progress), probe=probe)
     warn_failures(result)
     return result
@@ -171,6 +196,7 @@ def sweep(
     batch: bool | BatchOptions = False,
     fail_fast: int | None = FAIL_FAST,
     shard: tuple[int, int] | None = None,
+    manifest: bool = True,
     **fields: Any,
 ) -> SweepResult:
     """Send every combination of the listed field values, ``repeats`` times each.
@@ -200,6 +226,12 @@ def sweep(
     seconds) and returns the same result; with a ``cache`` an interrupted call reattaches to its
     running batches on the next call instead of paying twice (see `nbcompletions._batch`).
 
+    With a ``cache`` or ``results`` (and ``probe``), the sweep keeps a manifest of the endpoint
+    beside them (`nbcompletions.sweep_manifest`: its model card, fingerprint, report and a few
+    seeded greedy answers, about 5 tiny requests): the first run records it, every later run checks
+    the endpoint against it and warns (`DriftWarning`) when it has changed since the cached answers
+    were made. ``manifest=False`` skips it.
+
     Works from plain code and from a Jupyter cell (no await); an interrupt stops it with one line
     (`SweepInterrupted`) saying what was saved and that a rerun resumes.
     """
@@ -219,6 +251,11 @@ def sweep(
         shard=shard,
         fail_fast=fail_fast,
     )
+    try:
+        run_sync(_keep_manifest(aclient, plan, results, manifest and probe))
+    except BaseException:
+        plan.close_cache()
+        raise
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(plan, progress)
     interrupted: SweepInterrupted | None = None

@@ -439,7 +439,9 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
     client, transport = counting_client(app)
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        first = sweep(client, "To be", max_tokens=1, cache=cache_path, progress=False)
+        first = sweep(
+            client, "To be", max_tokens=1, cache=cache_path, progress=False, manifest=False
+        )
         probes = transport.total - 1
         assert probes >= 3
         capabilities = first.capabilities
@@ -447,7 +449,9 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
         assert capabilities["ok"] is True
         assert capabilities["checks"]["echo_alignment"]["status"] == "ok"
         assert capabilities["checks"]["text_offset"]["evidence"] == {"origin": "prompt"}
-        again = sweep(client, "To be", max_tokens=1, cache=cache_path, progress=False)
+        again = sweep(
+            client, "To be", max_tokens=1, cache=cache_path, progress=False, manifest=False
+        )
         assert transport.total == probes + 1  # remembered by the client; the point is cached
         assert again.capabilities == capabilities
     finally:
@@ -455,7 +459,9 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
     # A new client on the same cache finds the capabilities there: still nothing sent.
     fresh, fresh_transport = counting_client(app)
     try:
-        third = sweep(fresh, "To be", max_tokens=1, cache=cache_path, progress=False)
+        third = sweep(
+            fresh, "To be", max_tokens=1, cache=cache_path, progress=False, manifest=False
+        )
     finally:
         fresh.close()
     assert fresh_transport.total == 0
@@ -490,7 +496,7 @@ async def test_async_twin_matches_sync(app: Any, embedded_client: Client) -> Non
     # Seeded requests on the same model give the same text either way.
     assert result.choices["text"].tolist() == sync_result.choices["text"].tolist()
     with pytest.raises(TypeError, match="asweep\\(\\) needs an AsyncClient"):
-        await asweep(embedded_client, "x", progress=False)  # type: ignore[arg-type]  # under test
+        await asweep(embedded_client, "x", progress=False, manifest=False)  # type: ignore[arg-type]  # under test
 
 
 def test_rows_keep_grid_order_whatever_order_responses_arrive(
