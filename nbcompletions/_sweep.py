@@ -217,20 +217,14 @@ def sweep(
     sent does, the sweep stops and raises `SweepError` with the first error (``fail_fast=None``:
     never).
 
-    ``shard=(i, k)`` runs the i-th of k disjoint slices of the grid (chosen by a hash of each
-    request, so resuming or adding repeats moves nothing); k runs into their own results
-    directories merge with ``load_sweep([dir1, dir2, ...])``.
+    ``shard=(i, k)`` runs the i-th of k disjoint slices of the grid (by a hash of each request);
+    ``load_sweep([dir1, dir2, ...])`` merges their results directories.
 
-    ``batch=True`` (or a `BatchOptions`) sends the grid through the Batch API instead of live
-    requests (``/v1/files`` and ``/v1/batches``: half the price on OpenAI, hours instead of
-    seconds) and returns the same result; with a ``cache`` an interrupted call reattaches to its
-    running batches on the next call instead of paying twice (see `nbcompletions._batch`).
+    ``batch=True`` (or a `BatchOptions`) sends the grid through the Batch API (half the price on
+    OpenAI, hours instead of seconds); with a ``cache`` a rerun reattaches to its running batches.
 
-    With a ``cache`` or ``results`` (and ``probe``), the sweep keeps a manifest of the endpoint
-    beside them (`nbcompletions.sweep_manifest`: its model card, fingerprint, report and a few
-    seeded greedy answers, about 5 tiny requests): the first run records it, every later run checks
-    the endpoint against it and warns (`DriftWarning`) when it has changed since the cached answers
-    were made. ``manifest=False`` skips it.
+    ``manifest``: with a ``cache`` or ``results``, record the endpoint beside them on the first run
+    and warn (`DriftWarning`) on a later one if it has changed (`nbcompletions._manifest`).
 
     Works from plain code and from a Jupyter cell (no await); an interrupt stops it with one line
     (`SweepInterrupted`) saying what was saved and that a rerun resumes.
@@ -251,15 +245,11 @@ def sweep(
         shard=shard,
         fail_fast=fail_fast,
     )
-    try:
-        run_sync(_keep_manifest(aclient, plan, results, manifest and probe))
-    except BaseException:
-        plan.close_cache()
-        raise
     # The bar is made here, in the caller's thread, so Jupyter displays it under the calling cell.
     bar = _progress_bar(plan, progress)
     interrupted: SweepInterrupted | None = None
     try:
+        run_sync(_keep_manifest(aclient, plan, results, manifest and probe))
         result = run_sync(sender.run(plan, bar=bar, probe=probe))
     except KeyboardInterrupt:
         interrupted = _interrupted(plan, sender)
