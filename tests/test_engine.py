@@ -464,6 +464,7 @@ pieces = st.lists(
     stops=st.lists(st.text(alphabet="ab é€", min_size=1, max_size=3), min_size=1, max_size=4),
 )
 @example(parts=["\xe2", "\x82\xac", "a", "a"], stops=["a", "€aa"])  # "a" completes first
+@example(parts=[" ", "ba"], stops=["b", " ba"])  # one token completes both: "b" ends first
 @settings(max_examples=300, deadline=None)
 def test_streamed_release_never_leaks_a_stop(parts: list[str], stops: list[str]) -> None:
     """Whatever the tokens and stop strings, the streamed text is the final text, and no emitted

@@ -58,13 +58,16 @@ class Row:
         self.starts.append(start)
         self.ends.append(len(self.text))
         if self.stops and len(self.text) > start:
+            # (end, start) of each stop's first occurrence that this token completed: the one that
+            # ends first wins, as if the text had arrived a character at a time (" ba" with stops
+            # "b" and " ba" stops at " "), and of those ending together the one starting first.
             found = [
-                m
-                for m in (self.text.find(s, max(0, start - len(s) + 1)) for s in self.stops)
+                (m + len(s), m)
+                for m, s in ((self.text.find(s, max(0, start - len(s) + 1)), s) for s in self.stops)
                 if m >= 0
             ]
             if found:
-                self.cut = min(found)
+                self.cut = min(found)[1]
                 self._finish("stop")
                 return
         if self.n_sampled >= self.max_tokens:
