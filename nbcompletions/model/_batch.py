@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._gpt2 import KVCache, forward, log_softmax
-from ._job import Job, Model
+from ._job import Job, Model, prompts_per_pass
 from ._kernels import Packed, decode
 from ._response import echo_parts
 
@@ -95,9 +95,6 @@ class DecodeBatch:
     when the batch empties. Not thread-safe: one thread drives a batch.
     """
 
-    #: A prefill forward pass covers at most this many prompt positions (bounds its logits).
-    PREFILL_POSITIONS = 4096
-
     def __init__(self, engine: Model) -> None:
         self.engine = engine
         self.jobs: list[Job] = []
@@ -148,7 +145,10 @@ class DecodeBatch:
                     continue
                 uses.setdefault(tuple(prompt.ids), []).append((job, p, slots))
         logits = np.empty((total - first, engine.vocab_size), np.float32)
-        self._prefill(uses, logits, first)
+        # A pass allocates no more than the largest one any admitted job counted on.
+        limits = [job.prefill_limit for job in jobs]
+        limit = None if None in limits else max(job.scratch_bytes for job in jobs)
+        self._prefill(uses, logits, first, limit)
         self._logits = np.concatenate([self._logits[: self._rows], logits])
         self._rows = total
         slot = first
@@ -171,8 +171,10 @@ class DecodeBatch:
         uses: dict[tuple[int, ...], list[tuple[Job, int, np.ndarray]]],
         logits: np.ndarray,
         first: int,
+        limit: int | None,
     ) -> None:
-        """Run each distinct prompt once and copy its cache and last logits into its rows' slots."""
+        """Run each distinct prompt once and copy its cache and last logits into its rows' slots;
+        a pass allocates at most ``limit`` bytes besides the pool (one prompt at least)."""
         engine = self.engine
         weights = engine.weights
         groups: dict[tuple[int, bool], list[tuple[int, ...]]] = {}
@@ -180,7 +182,7 @@ class DecodeBatch:
             want_lp = any(job.plan.echo and job.plan.logprobs is not None for job, _, _ in users)
             groups.setdefault((len(ids), want_lp), []).append(ids)
         for (length, want_lp), prompts in groups.items():
-            per_pass = max(1, self.PREFILL_POSITIONS // length)
+            per_pass = prompts_per_pass(engine, length, logprobs=want_lp, limit=limit)
             for start in range(0, len(prompts), per_pass):
                 part = prompts[start : start + per_pass]
                 cache = KVCache.empty(weights.config, len(part), length)
@@ -308,9 +310,12 @@ class DecodeBatch:
         holes = np.flatnonzero(gone[:count])
         movers = np.flatnonzero(~gone[count:]) + count
         if len(holes):
-            span = int(self._lengths[movers].max())
-            self._k[:, holes, :, :span] = self._k[:, movers, :, :span]
-            self._v[:, holes, :, :span] = self._v[:, movers, :, :span]
+            # One slot at a time: a fancy-indexed move of all movers at once copies them first,
+            # a temporary as big as the rows moved (29 MiB when 44 rows of 92 left together).
+            for hole, mover in zip(holes.tolist(), movers.tolist(), strict=True):
+                span = int(self._lengths[mover])
+                self._k[:, hole, :, :span] = self._k[:, mover, :, :span]
+                self._v[:, hole, :, :span] = self._v[:, mover, :, :span]
             self._lengths[holes] = self._lengths[movers]
             self._tokens[holes] = self._tokens[movers]
             logits = self._logits[:count].copy()
