@@ -103,6 +103,9 @@ class DecodeBatch:
         # reaches every layer's cache through one argument.
         self._k = self._v = _no_cache(engine)
         self._lengths = np.zeros(0, np.int64)  # positions cached per slot
+        #: Positions ever written per slot since the pool was made: their pages stay resident
+        #: after the row leaves (a slot's next row reuses them), until the pool is replaced.
+        self._written = np.zeros(0, np.int64)
         self._tokens = np.zeros(0, np.int64)  # each slot's last sampled token (next input)
         self._logits = np.zeros((0, engine.vocab_size), np.float32)  # (rows, V) next-token logits
         self._rows = 0
@@ -111,6 +114,25 @@ class DecodeBatch:
     def rows(self) -> int:
         """Rows decoding now (all jobs)."""
         return self._rows
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the batch holds now: every position ever written in the pool (rows that left
+        included: their pages stay until the pool is replaced) and the rows' logits."""
+        engine = self.engine
+        return int(self._written.sum()) * engine.kv_bytes_per_position + (
+            self._rows * engine.row_bytes
+        )
+
+    def growth_bytes(self, rows: int, capacity: int) -> int:
+        """What making room for ``rows`` rows of ``capacity`` positions allocates besides
+        `resident_bytes` while the pool is copied: the active rows' copy (0 when it fits)."""
+        if rows <= self._k.shape[1] and capacity <= self._k.shape[3]:
+            return 0
+        return self._rows * self._span() * self.engine.kv_bytes_per_position
+
+    def _span(self) -> int:
+        return int(self._lengths[: self._rows].max()) if self._rows else 0
 
     def run(self, jobs: list[Job]) -> None:
         """Admit ``jobs`` and step until every job is done."""
@@ -201,6 +223,7 @@ class DecodeBatch:
                                 self._k[layer, slots, :, :length] = cache.k[layer][g, :, :length]
                                 self._v[layer, slots, :, :length] = cache.v[layer][g, :, :length]
                             self._lengths[slots] = length
+                            self._written[slots] = np.maximum(self._written[slots], length)
                             logits[slots - first] = out[g, -1]
 
     def _reserve(self, rows: int, capacity: int) -> None:
@@ -218,11 +241,14 @@ class DecodeBatch:
         # np.zeros maps fresh pages lazily: slots and positions never written cost no memory.
         ks = np.zeros(shape, np.float32)
         vs = np.zeros(shape, np.float32)
-        ks[:, :keep, :, :have_capacity] = self._k[:, :keep]
-        vs[:, :keep, :, :have_capacity] = self._v[:, :keep]
+        span = self._span()  # the positions the active rows hold: the rest is zeros anyway
+        ks[:, :keep, :, :span] = self._k[:, :keep, :, :span]
+        vs[:, :keep, :, :span] = self._v[:, :keep, :, :span]
         self._k, self._v = ks, vs
         lengths = np.zeros(new_rows, np.int64)
         lengths[:keep] = self._lengths[:keep]
+        self._written = np.zeros(new_rows, np.int64)
+        self._written[:keep] = span  # the copy above wrote these positions
         tokens = np.zeros(new_rows, np.int64)
         tokens[:keep] = self._tokens[:keep]
         self._lengths, self._tokens = lengths, tokens
@@ -277,6 +303,7 @@ class DecodeBatch:
         with _one_blas_thread:
             self._logits = forward(self.engine.weights, self._tokens[:rows, None], cache)[:, 0]
         self._lengths[:rows] = cache.lengths
+        np.maximum(self._written[:rows], cache.lengths, out=self._written[:rows])
 
     def _forward_compiled(self, packed: Packed, rows: int) -> None:
         """The compiled step, its rows split over up to ``engine.threads`` threads."""
@@ -293,6 +320,7 @@ class DecodeBatch:
 
         self.engine.map_rows(list(itertools.pairwise(bounds)), run)
         self._lengths[:rows] += 1
+        np.maximum(self._written[:rows], self._lengths[:rows], out=self._written[:rows])
         self._logits = logits
 
     def _release(self, slots: np.ndarray) -> None:
@@ -302,6 +330,7 @@ class DecodeBatch:
             self._rows = 0
             self._k = self._v = _no_cache(self.engine)  # an idle batch holds no cache
             self._lengths = np.zeros(0, np.int64)
+            self._written = np.zeros(0, np.int64)
             self._tokens = np.zeros(0, np.int64)
             self._logits = self._logits[:0]
             return
@@ -317,6 +346,7 @@ class DecodeBatch:
                 self._k[:, hole, :, :span] = self._k[:, mover, :, :span]
                 self._v[:, hole, :, :span] = self._v[:, mover, :, :span]
             self._lengths[holes] = self._lengths[movers]
+            self._written[holes] = np.maximum(self._written[holes], self._lengths[movers])
             self._tokens[holes] = self._tokens[movers]
             logits = self._logits[:count].copy()
             logits[holes] = self._logits[movers]

@@ -54,7 +54,7 @@ from .._errors import RequestError
 from .._request import CompletionRequest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..model._engine import Job
+    from ..model._engine import DecodeBatch, Job
 
 __all__ = [
     "DEFAULT_MAX_MEMORY_BYTES",
@@ -405,7 +405,7 @@ class BatchScheduler:
                     self._memory -= ticket.job.memory_bytes
                 for ticket in [t for t in self._waiting if t.cancelled]:
                     self._waiting.remove(ticket)
-                admitted = self._admissible()
+                admitted = self._admissible(batch)
             for ticket in leaving:
                 batch.remove(ticket.job)
                 self.cancellations.append(
@@ -437,25 +437,36 @@ class BatchScheduler:
                 continue
             self._deliver()
 
-    def _admissible(self) -> list[_Ticket]:
+    def _admissible(self, batch: DecodeBatch) -> list[_Ticket]:
         """Waiting tickets that fit in memory now, first come first served (caller holds the lock).
+
+        What is held is the larger of the running requests' estimate and what ``batch`` holds
+        (pages of rows that left stay in its pool); on top of it come the newcomers' memory and
+        the larger of one step's scratch and the copy a growing pool makes.
 
         A request that alone fits the budget is admitted when nothing else runs, so it never
         waits forever; behind a request that does not fit yet, the others wait their turn too.
         """
         admitted: list[_Ticket] = []
         limit = self.budget.max_memory_bytes
+        held = max(self._memory, batch.resident_bytes)
         # Steps run one at a time: the largest scratch of one job is what a step adds.
         scratch = max((ticket.scratch for ticket in self._running), default=0)
+        rows, capacity = batch.rows, 0
         while self._waiting:
-            need = self._waiting[0].job.memory_bytes
-            step = max(scratch, self._waiting[0].scratch)
-            if (self._running or admitted) and self._memory + need + step > limit:
+            job = self._waiting[0].job
+            need = job.memory_bytes
+            if job.plan.max_tokens > 0:
+                rows, capacity = rows + job.n_rows, max(capacity, job.capacity)
+            step = max(scratch, self._waiting[0].scratch, batch.growth_bytes(rows, capacity))
+            if (self._running or admitted) and held + need + step > limit:
                 break
             admitted.append(self._waiting.popleft())
             self._memory += need
-            scratch = step
-        self.peak_memory = max(self.peak_memory, self._memory + scratch)
+            held += need
+            scratch = max(scratch, admitted[-1].scratch)
+            self.peak_memory = max(self.peak_memory, held + step)
+        self.peak_memory = max(self.peak_memory, held + scratch)
         return admitted
 
     def _deliver(self) -> None:
