@@ -9,7 +9,7 @@ alternative rows per request). Then each way of saving runs in its own subproces
 RSS (``resource.getrusage``) is its own:
 
 1. streamed: ``load_sweep(dir).to_parquet(out)``: the parts are merged into one file per frame,
-   a row group at a time (`nbcompletions._results.write_frame_file`);
+   a row group at a time (`nbcompletions.sweeps.dataset.write_frame_file`);
 2. loaded: the same after reading the frames (``result.frames(); result.requests``), which is
    what ``to_parquet`` did for a streamed result before.
 

@@ -2,7 +2,8 @@
 
 Run: ``python benchmarks/bench_scale.py`` (sizes 20,000 and 200,000; ``--sizes 2000 20000`` for a
 quick look; ``--today /path/to/other/checkout`` measures that checkout's in-memory sweep as the
-baseline, default: this one's in-memory sweep).
+baseline, default: this one's in-memory sweep; ``--old /path/to/older/checkout`` also measures
+that checkout's streamed sweep at the smallest size, run for run alternating with this one's).
 
 A raw asyncio HTTP server (a subprocess on 127.0.0.1; it stops itself once idle) answers every
 ``POST /v1/completions`` with one canned completion of 16 tokens with logprobs 5, so what is
@@ -15,7 +16,7 @@ repeats, concurrency 32, a SQLite cache written as responses arrive) and reports
 2. ``sweep(..., results=dir)`` at every size: the frames go to a Parquet dataset as they arrive.
 
 Targets: peak RSS at the largest size at most 1.2x that at the smallest; streamed requests per
-second no less than the baseline's.
+second no less than the baseline's, and (with ``--old``) no less than the older checkout's.
 """
 
 from __future__ import annotations
@@ -199,11 +200,60 @@ def child(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def compare_old(base_url: str, size: int, concurrency: int, old: Path, rounds: int) -> None:
+    """This checkout's streamed sweep against ``old``'s, alternating, best of ``rounds`` each (the
+    machine's load moves; alternating exposes both to it alike)."""
+    rates: dict[str, list[float]] = {"new": [], "old": []}
+    rss: dict[str, list[float]] = {"new": [], "old": []}
+    for _ in range(rounds):
+        for name, where in (("old", old), ("new", HERE)):
+            figures = child(base_url, size, "stream", concurrency, where)
+            rates[name].append(figures["requests"] / figures["seconds"])
+            rss[name].append(figures["rss_mib"])
+    for name in ("old", "new"):
+        shown = ", ".join(f"{r:.0f}" for r in rates[name])
+        print(
+            f"  {name} streamed {size:>8,} requests: req/s {shown} (best {max(rates[name]):.0f}), "
+            f"peak RSS {min(rss[name]):.1f} MiB"
+        )
+    speed = max(rates["new"]) / max(rates["old"])
+    print(
+        f"  new / old streamed req/s at {size:,} (best of {rounds}) = {speed:.2f}  "
+        f"(target >= 1): {'OK' if speed >= 1 else 'MISSED'}"
+    )
+
+
+def report_sizes(runs: list[dict[str, Any]], base_rate: float) -> float:
+    small, big = runs[0], runs[-1]
+    ratio: float = big["rss_mib"] / small["rss_mib"]
+    print(
+        f"  peak RSS {big['requests']:,} / {small['requests']:,} = {ratio:.2f}  "
+        f"(target <= 1.2): {'OK' if ratio <= 1.2 else 'MISSED'}"
+    )
+    speed = (small["requests"] / small["seconds"]) / base_rate
+    print(
+        f"  streamed / in-memory req/s at {small['requests']:,} = {speed:.2f}  "
+        f"(target >= 1): {'OK' if speed >= 1 else 'MISSED'}"
+    )
+    per_request = big["disk_mib"] * 2**20 / big["requests"]
+    million_s = 1_000_000 / (big["requests"] / big["seconds"])
+    print(
+        f"  extrapolated to 1,000,000 requests at this rate: {million_s / 60:.0f} min, "
+        f"{per_request * 1e6 / 2**30:.1f} GiB on disk ({per_request / 1024:.1f} KiB/request)"
+    )
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--today", type=Path, default=HERE, help="checkout for the baseline")
+    parser.add_argument("--old", type=Path, help="an older checkout to compare streamed speed")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs with --old")
+    parser.add_argument(
+        "--streamed-only", action="store_true", help="skip the in-memory baseline and the sizes"
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -221,6 +271,10 @@ def main() -> None:
             f"{args.concurrency}; each sweep in its own process, SQLite cache written"
         )
         child(base_url, 500, "stream", args.concurrency, HERE)  # warm the server and disk caches
+        if args.old is not None:
+            compare_old(base_url, sizes[0], args.concurrency, args.old, args.rounds)
+        if args.streamed_only:
+            return
         base = child(base_url, sizes[0], "memory", args.concurrency, args.today)
         base_rate = base["requests"] / base["seconds"]
         print(
@@ -237,24 +291,7 @@ def main() -> None:
                 f"{rate:7.0f} req/s, peak RSS {figures['rss_mib']:7.1f} MiB, "
                 f"{figures['seconds']:7.1f} s, {figures['disk_mib']:7.1f} MiB on disk"
             )
-        small, big = runs[0], runs[-1]
-        ratio = big["rss_mib"] / small["rss_mib"]
-        print(
-            f"  peak RSS {big['requests']:,} / {small['requests']:,} = {ratio:.2f}  "
-            f"(target <= 1.2): {'OK' if ratio <= 1.2 else 'MISSED'}"
-        )
-        speed = (small["requests"] / small["seconds"]) / base_rate
-        print(
-            f"  streamed / in-memory req/s at {small['requests']:,} = {speed:.2f}  "
-            f"(target >= 1): {'OK' if speed >= 1 else 'MISSED'}"
-        )
-        per_request = big["disk_mib"] * 2**20 / big["requests"]
-        million_s = 1_000_000 / (big["requests"] / big["seconds"])
-        print(
-            f"  extrapolated to 1,000,000 requests at this rate: {million_s / 60:.0f} min, "
-            f"{per_request * 1e6 / 2**30:.1f} GiB on disk ({per_request / 1024:.1f} KiB/request)"
-        )
-        if not math.isfinite(ratio):
+        if not math.isfinite(report_sizes(runs, base_rate)):
             raise SystemExit(1)
     finally:
         server.terminate()

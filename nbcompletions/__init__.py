@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "to_frames": "._frames",
     "sweep": "._sweep",
     "asweep": "._sweep",
+    "SweepInterrupted": "._sweep",
     "SweepResult": "._sweep_result",
     "load_sweep": "._sweep_result",
     "BatchOptions": "._batch",
@@ -69,6 +70,7 @@ __all__ = [
     "ServerProfile",
     "StreamChunk",
     "SweepError",
+    "SweepInterrupted",
     "SweepResult",
     "SweepWarning",
     "__version__",
@@ -101,7 +103,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._manifest import DriftWarning, check_drift, endpoint_manifest
     from ._profiles import ServerProfile
     from ._streaming import StreamChunk
-    from ._sweep import asweep, sweep
+    from ._sweep import SweepInterrupted, asweep, sweep
     from ._sweep_result import SweepResult, load_sweep
     from ._visible import visible_token
 

@@ -57,8 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import os
 
     from ._client import AsyncClient
-    from ._sweep_prepare import _Prepared
     from ._sweep_result import SweepResult
+    from .sweeps.finish import BatchWork
 
 __all__ = [
     "BATCH_URL",
@@ -273,8 +273,8 @@ def load_batch_output(
     With ``cache``, the responses are stored there too, so a later live or batch sweep of the same
     grid finds them.
     """
-    from ._sweep_prepare import _Prepared, _result
-    from ._sweep_result import _Outcome
+    from .sweeps.finish import BatchWork, finish_batch
+    from .sweeps.outcome import Outcome
 
     def paths(value: Any) -> list[Path]:
         if value is None:
@@ -288,12 +288,11 @@ def load_batch_output(
         with where.open("rb") as handle:
             results.update(read_batch_results(handle))
     store = cache if cache is None or isinstance(cache, Cache) else Cache(cache)
-    outcomes = [_Outcome() for _ in grid.points]
+    outcomes = [Outcome() for _ in grid.points]
     pending: list[int] = []
     same_as: list[tuple[int, int]] = []
     first_of: dict[str, int] = {}
     spent = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    n_failed = 0
     try:
         for i, point in enumerate(grid.points):
             if point.key in first_of:
@@ -310,7 +309,6 @@ def load_batch_output(
                     "error_message": "no line with this custom_id in the Batch output or error "
                     "files",
                 }
-                n_failed += 1
             elif found.response is not None:
                 outcome.response = found.response
                 add_usage(spent, found.response)
@@ -318,12 +316,11 @@ def load_batch_output(
                     store.put(point.key, found.response)
             else:
                 outcome.error = found.error
-                n_failed += 1
     finally:
         if store is not None and store is not cache:
             store.close()
     estimate, method = estimate_tokens([grid.points[i].request for i in pending], model=grid.model)
-    prepared = _Prepared(
+    work = BatchWork(
         grid=grid,
         outcomes=outcomes,
         cache=None,
@@ -334,7 +331,7 @@ def load_batch_output(
         n_pending=len(pending),
         same_as=same_as,
     )
-    return _result(None, prepared, spent, n_failed, None, vocab_size)
+    return finish_batch(vocab_size, work, spent, None)
 
 
 # -- running batches ------------------------------------------------------------------------------
@@ -494,7 +491,7 @@ class _BatchRun:
     """
 
     def __init__(
-        self, aclient: AsyncClient, prepared: _Prepared, options: BatchOptions, bar: Any
+        self, aclient: AsyncClient, prepared: BatchWork, options: BatchOptions, bar: Any
     ) -> None:
         assert prepared.pending is not None  # batches keep results in memory (no results=)
         assert prepared.outcomes is not None
@@ -712,7 +709,7 @@ class _BatchRun:
 
 async def run_batches(
     aclient: AsyncCompletionsClient,
-    prepared: _Prepared,
+    prepared: BatchWork,
     options: BatchOptions,
     *,
     bar: Any,
@@ -720,7 +717,9 @@ async def run_batches(
 ) -> SweepResult:
     """Run ``prepared``'s pending requests as batches (reattaching to open ones) and build the
     result; the Batch twin of `nbcompletions._sweep._execute`."""
-    from ._sweep_prepare import _probe, _refuse_ignored, _result
+    from .sweeps.finish import finish_batch
+    from .sweeps.plan import probe_endpoint, refuse_ignored
+    from .sweeps.sink import client_vocab_size
 
     aclient = _batch_client(aclient)
     capabilities: dict[str, Any] | None = None
@@ -730,8 +729,8 @@ async def run_batches(
         if bar is not None:
             bar.set_description("batch")
         if probe:
-            capabilities = await _probe(aclient, prepared)
-            _refuse_ignored(capabilities, prepared.grid)
+            capabilities = await probe_endpoint(aclient, prepared.grid, prepared.cache)
+            refuse_ignored(capabilities, prepared.grid)
         await run.run()
     finally:
         if renewing is not None:
@@ -742,7 +741,7 @@ async def run_batches(
             bar.close()
         if prepared.owns_cache and prepared.cache is not None:
             prepared.cache.close()
-    return _result(aclient, prepared, run.spent, run.n_failed, capabilities)
+    return finish_batch(client_vocab_size(aclient), prepared, run.spent, capabilities)
 
 
 # -- a Batch file, as it is ----------------------------------------------------------------------

@@ -25,6 +25,7 @@ naming the field and the grid point.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -36,12 +37,15 @@ from typing import Any
 
 from ._batch_file import batch_lines, check_batch_limits, split_batches
 from ._cache import key_state
+from ._checks import is_int
 from ._errors import RequestError
 from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
 from ._secrets import redact_url
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "ID_COLUMNS",
+    "TAIL_COLUMNS",
     "Grid",
     "GridPoint",
     "GridPoints",
@@ -55,8 +59,9 @@ CHARS_PER_TOKEN = 4
 
 # Fields whose natural scalar value is itself a list or dict; see the module docstring.
 _DICT_FIELDS = ("logit_bias", "stream_options", "extra")
-_ID_COLUMNS = ("request_id", "prompt_id", "repeat")
-_TAIL_COLUMNS = ("cached", "error")
+#: The columns every sweep frame starts with, and the two it ends with.
+ID_COLUMNS = ("request_id", "prompt_id", "repeat")
+TAIL_COLUMNS = ("cached", "error")
 
 
 @dataclass
@@ -118,6 +123,20 @@ class GridPoints(Sequence[GridPoint]):
         combo_index, repeat = divmod(i, self._repeats)
         return self._combos[combo_index].same_as * self._repeats + repeat
 
+    def shard_of(self, i: int, shards: int) -> int:
+        """The shard (0 to ``shards - 1``) that sends point ``i``: a hash of its request's body
+        (without the endpoint) and its repeat number, taken from the point it copies (`original`),
+        so a point and its copies share a shard, and adding repeats or resuming moves no point."""
+        combo_index, repeat = divmod(self.original(i), self._repeats)
+        digests = self.__dict__.setdefault("_shard_digests", {})
+        digest = digests.get(combo_index)
+        if digest is None:
+            body = self._combos[combo_index].request.to_body()
+            text = json.dumps(body, sort_keys=True, ensure_ascii=False, default=str)
+            digest = digests[combo_index] = hashlib.sha256(text.encode()).hexdigest()
+        mixed = hashlib.sha256(f"{digest}/{repeat}".encode()).digest()
+        return int.from_bytes(mixed[:8], "big") % shards
+
     def copies(self, i: int) -> list[int]:
         """The later grid points that share point ``i``'s request (see `original`)."""
         combo_index, repeat = divmod(i, self._repeats)
@@ -133,10 +152,6 @@ class GridPoints(Sequence[GridPoint]):
                     found.setdefault(combo.same_as, []).append(c)
             self.__dict__["_copies_map"] = found
         return found
-
-    def distinct_requests(self) -> list[CompletionRequest]:
-        """One request per combination of axis values (what validation and probes look at)."""
-        return [combo.request for combo in self._combos]
 
 
 @dataclass
@@ -169,11 +184,8 @@ class Grid:
         written are returned. `nbcompletions.load_batch_output` reads the results back.
         """
         check_batch_limits(max_requests, max_bytes)
-        # One line per distinct request: grid points with the same cache key share a response.
-        firsts: dict[str, GridPoint] = {}
-        for point in self.points:
-            firsts.setdefault(point.key, point)
-        points = list(firsts.values())
+        # One line per distinct request: a point that copies an earlier one shares its response.
+        points = [point for i, point in enumerate(self.points) if self.points.original(i) == i]
         groups = split_batches(batch_lines(points, self.model), max_requests, max_bytes) or [[]]
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -266,7 +278,7 @@ def _column_name(field_name: str) -> str:
     already have a column of that name (``echo``: the tokens frame marks echoed tokens)."""
     from ._frames import ALTERNATIVE_COLUMNS, CHOICE_COLUMNS, TOKEN_COLUMNS
 
-    taken = {*CHOICE_COLUMNS, *TOKEN_COLUMNS, *ALTERNATIVE_COLUMNS, *_ID_COLUMNS, *_TAIL_COLUMNS}
+    taken = {*CHOICE_COLUMNS, *TOKEN_COLUMNS, *ALTERNATIVE_COLUMNS, *ID_COLUMNS, *TAIL_COLUMNS}
     return f"request_{field_name}" if field_name in taken else field_name
 
 
@@ -282,9 +294,8 @@ def _weights_tag(model: str | None) -> str:
     return "" if fingerprint is None else "#weights=" + fingerprint
 
 
-def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) -> Grid:
-    """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+def _check_sweep_fields(prompt: Any, repeats: Any, fields: Mapping[str, Any]) -> None:
+    if not is_int(repeats) or repeats < 1:
         raise RequestError(
             "repeats",
             f"repeats must be an integer >= 1; got {repeats!r}",
@@ -308,8 +319,10 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
             allowed="a string, a list of prompts or a dict name -> prompt",
             value=None,
         )
-    prompts = _prompt_axis(prompt)
 
+
+def _fixed_and_axes(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+    """The fields with one value, and the axes with their values."""
     fixed: dict[str, Any] = {}
     axes: dict[str, list[Any]] = {}
     for name, value in fields.items():
@@ -325,12 +338,46 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
             )
         else:
             axes[name] = values
+    return fixed, axes
 
+
+def _combo_request(
+    client: Any, prompt_id: Any, prompt: Any, chosen: Mapping[str, Any], axis_names: list[str]
+) -> CompletionRequest:
+    """The validated request of one combination; a bad value names its grid point."""
     limits = getattr(client, "limits", None)
     model = getattr(client, "model", None)
     # A chosen server profile makes omitted sampling fields mean OpenAI's there, as complete() does.
-    profile = getattr(client, "profile", None)
-    neutralize = getattr(profile, "neutralize", None)
+    neutralize = getattr(getattr(client, "profile", None), "neutralize", None)
+    kwargs = {k: v for k, v in chosen.items() if v is not None}
+    if kwargs.get("model") is None and model is not None:
+        kwargs["model"] = model  # complete_request sends the request's model as it is
+    try:
+        request = (
+            CompletionRequest(prompt=prompt, limits=limits, **kwargs)
+            if limits is not None
+            else CompletionRequest(prompt=prompt, **kwargs)
+        )
+        return neutralize(request) if neutralize is not None else request
+    except RequestError as exc:
+        where = _describe({"prompt_id": prompt_id, **{k: chosen[k] for k in axis_names}})
+        raise RequestError(
+            exc.param,
+            f"{exc.message} (sweep grid point {where})",
+            allowed=exc.allowed,
+            value=exc.value,
+        ) from None
+    except TypeError as exc:  # a non-mapping extra, say
+        raise RequestError("extra", f"bad sweep field: {exc}", value=chosen.get("extra")) from None
+
+
+def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) -> Grid:
+    """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
+    _check_sweep_fields(prompt, repeats, fields)
+    prompts = _prompt_axis(prompt)
+    repeats = int(repeats)  # a numpy integer counts as one
+    fixed, axes = _fixed_and_axes(fields)
+    model = getattr(client, "model", None)
     # Credentials in the URL (user:key@host) decide nothing about a response, and the endpoint is
     # written into the cache file (the capabilities note), so they are left out.
     endpoint = redact_url(str(getattr(client, "endpoint", "") or ""))
@@ -346,29 +393,7 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
         for combo in combos:
             chosen = dict(fixed)
             chosen.update(zip(axis_names, combo, strict=True))
-            kwargs = {k: v for k, v in chosen.items() if v is not None}
-            if kwargs.get("model") is None and model is not None:
-                kwargs["model"] = model  # complete_request sends the request's model as it is
-            try:
-                request = (
-                    CompletionRequest(prompt=one_prompt, limits=limits, **kwargs)
-                    if limits is not None
-                    else CompletionRequest(prompt=one_prompt, **kwargs)
-                )
-                if neutralize is not None:
-                    request = neutralize(request)
-            except RequestError as exc:
-                where = _describe({"prompt_id": prompt_id, **{k: chosen[k] for k in axis_names}})
-                raise RequestError(
-                    exc.param,
-                    f"{exc.message} (sweep grid point {where})",
-                    allowed=exc.allowed,
-                    value=exc.value,
-                ) from None
-            except TypeError as exc:  # a non-mapping extra, say
-                raise RequestError(
-                    "extra", f"bad sweep field: {exc}", value=chosen.get("extra")
-                ) from None
+            request = _combo_request(client, prompt_id, one_prompt, chosen, axis_names)
             columns_values: dict[str, Any] = {"prompt": _column_value(one_prompt)}
             for name in fields:
                 columns_values[column_of[name]] = _column_value(chosen[name])

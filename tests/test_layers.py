@@ -46,12 +46,12 @@ LAYERS: dict[str, int] = {
     # studies: plan, run, store, analyse
     "_grid": 3,
     "_sweep": 3,
-    "_sweep_prepare": 3,
     "_sweep_result": 3,
     "_batch": 3,
     "_batch_file": 3,
     "_batch_ledger": 3,
-    "_results": 3,
+    # the sweep's stages: plan, source, sender, sink, finish (and the dataset and frames they use)
+    "sweeps": 3,
     "_cache": 3,
     "_columns": 3,
     "metrics": 3,

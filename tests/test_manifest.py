@@ -110,3 +110,24 @@ def test_bad_manifests_are_refused(tmp_path: Path, manifest: dict[str, Any]) -> 
         save_manifest({"version": 1}, path)
     with pytest.raises(ValueError, match="manifest version must be 1; got 9"):
         save_manifest({**manifest, "version": 9}, path)
+
+
+def test_sweep_keeps_the_manifest_beside_its_cache_and_warns_on_drift(
+    embedded_client: nbc.Client, tiny_client: nbc.Client, tmp_path: Path
+) -> None:
+    """nbc.sweep itself records the manifest on the first run and checks it on every later one."""
+    cache = tmp_path / "study.sqlite"
+    fields: dict[str, Any] = {"max_tokens": 2, "temperature": 0, "progress": False}
+    nbc.sweep(embedded_client, "To be", cache=cache, **fields)
+    recorded = load_manifest(manifest_path(cache))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nbc.sweep(embedded_client, "To be", cache=cache, **fields)  # the same endpoint: quiet
+    assert load_manifest(manifest_path(cache)) == recorded
+    with pytest.warns(nbc.DriftWarning, match="has changed since"):
+        nbc.sweep(tiny_client, "To be", cache=cache, **fields)
+    nbc.sweep(embedded_client, "To be", cache=tmp_path / "other.sqlite", manifest=False, **fields)
+    assert not manifest_path(tmp_path / "other.sqlite").exists()
+    results = tmp_path / "results"
+    nbc.sweep(embedded_client, "To be", results=results, **fields)
+    assert (results / "manifest.json").exists()

@@ -28,6 +28,7 @@ EXPECTED = {
     "ServerProfile",
     "StreamChunk",
     "SweepError",
+    "SweepInterrupted",
     "SweepResult",
     "SweepWarning",
     "__version__",

@@ -58,17 +58,15 @@ LONG_FUNCTIONS_ALLOWED_IN = {"nbcompletions/model/_kernels.py"}
 
 #: Functions still over the limit, to be split (each helper's branch removes its own; an entry
 #: that is no longer long fails the test until it is removed here, so the list only shrinks).
-KNOWN_LONG_FUNCTIONS = {
-    "nbcompletions._grid.expand_grid",
-    "nbcompletions._sweep._execute",
-}
+KNOWN_LONG_FUNCTIONS: set[str] = set()
 
 #: Private names (``_x``, modules included) imported from another module of the package, counted
 #: by the test below: 145 before issue 18, 106 after the core split, 41
 #: after the plots and widgets helpers got public names in their private modules, 29 with the
-#: server's.
+#: server's, 11 after the sweep pipeline (nbcompletions/sweeps/), 4 once _batch took its public
+#: names (_client's _retry, _Endpoint and _Settings; model/_sampling's _kernels).
 #: Lower it as they go; never raise it (give the name a public spelling instead).
-MAX_PRIVATE_IMPORTS = 29
+MAX_PRIVATE_IMPORTS = 4
 
 
 def _modules() -> list[tuple[str, str, ast.Module]]:

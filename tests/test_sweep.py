@@ -11,6 +11,7 @@ import _thread
 import asyncio
 import json
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pandas as pd
 import pytest
 from helpers import mock_client
 
-from nbcompletions import AsyncClient, Client, SweepWarning, metrics
+from nbcompletions import AsyncClient, Client, SweepInterrupted, SweepWarning, metrics
 from nbcompletions._cache import Cache
 from nbcompletions._sweep import asweep, sweep
 from nbcompletions._sweep_result import load_sweep
@@ -231,11 +232,24 @@ def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any, tmp_p
     client, transport = counting_client(app, on_request=interrupt_on_fourth)
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(KeyboardInterrupt) as info:
             sweep(client, **GRID, cache=cache_path, max_concurrency=1, progress=False, probe=False)
         with Cache(cache_path) as cache:
             finished = len(cache)
         assert finished == 3  # one at a time: three finished, the fourth was interrupted
+        # One line saying what was kept and what to do, not a traceback through the loop code.
+        assert isinstance(info.value, SweepInterrupted)
+        assert str(info.value) == (
+            f"interrupted: 3 of 8 responses saved in {str(cache_path)!r}; "
+            "rerun the same call to resume"
+        )
+        assert info.value._render_traceback_() == [f"SweepInterrupted: {info.value}"]
+        assert info.value.__suppress_context__
+        frames = traceback.extract_tb(info.value.__traceback__)
+        assert [frame.name for frame in frames] == [
+            "test_kernel_interrupt_then_resume_sends_only_what_is_missing",
+            "sweep",
+        ]
         sent_before = transport.total
         resumed = sweep(client, **GRID, cache=cache_path, progress=False, probe=False)
     finally:
@@ -425,7 +439,9 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
     client, transport = counting_client(app)
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        first = sweep(client, "To be", max_tokens=1, cache=cache_path, progress=False)
+        first = sweep(
+            client, "To be", max_tokens=1, cache=cache_path, progress=False, manifest=False
+        )
         probes = transport.total - 1
         assert probes >= 3
         capabilities = first.capabilities
@@ -433,7 +449,9 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
         assert capabilities["ok"] is True
         assert capabilities["checks"]["echo_alignment"]["status"] == "ok"
         assert capabilities["checks"]["text_offset"]["evidence"] == {"origin": "prompt"}
-        again = sweep(client, "To be", max_tokens=1, cache=cache_path, progress=False)
+        again = sweep(
+            client, "To be", max_tokens=1, cache=cache_path, progress=False, manifest=False
+        )
         assert transport.total == probes + 1  # remembered by the client; the point is cached
         assert again.capabilities == capabilities
     finally:
@@ -441,7 +459,9 @@ def test_capabilities_are_probed_once_and_kept(app: Any, tmp_path: Path) -> None
     # A new client on the same cache finds the capabilities there: still nothing sent.
     fresh, fresh_transport = counting_client(app)
     try:
-        third = sweep(fresh, "To be", max_tokens=1, cache=cache_path, progress=False)
+        third = sweep(
+            fresh, "To be", max_tokens=1, cache=cache_path, progress=False, manifest=False
+        )
     finally:
         fresh.close()
     assert fresh_transport.total == 0
@@ -476,7 +496,7 @@ async def test_async_twin_matches_sync(app: Any, embedded_client: Client) -> Non
     # Seeded requests on the same model give the same text either way.
     assert result.choices["text"].tolist() == sync_result.choices["text"].tolist()
     with pytest.raises(TypeError, match="asweep\\(\\) needs an AsyncClient"):
-        await asweep(embedded_client, "x", progress=False)  # type: ignore[arg-type]  # under test
+        await asweep(embedded_client, "x", progress=False, manifest=False)  # type: ignore[arg-type]  # under test
 
 
 def test_rows_keep_grid_order_whatever_order_responses_arrive(

@@ -1,6 +1,7 @@
 """A sweep stores the responses that arrive together in one transaction (`Cache.put_many`,
-`nbcompletions._sweep._Puts`): nothing counts as finished before it is committed, a commit pending
-when the sweep stops is still made, and a stopped sweep resumes without paying twice.
+`nbcompletions.sweeps.source.CacheCommits`): nothing counts as finished before it is
+committed, a commit pending when the sweep stops is still made, and a stopped sweep resumes
+without paying twice.
 
 The sweeps run on the embedded model through the real server app and the real client; the
 transport in front of it only counts requests and holds some of them open.
@@ -17,10 +18,10 @@ import httpx
 import pandas as pd
 import pytest
 
-from nbcompletions import AsyncClient
+from nbcompletions import AsyncClient, asweep
 from nbcompletions._cache import Cache
-from nbcompletions._sweep import _Puts, asweep
 from nbcompletions.server import StreamingASGITransport, create_app
+from nbcompletions.sweeps.source import CacheCommits
 
 MODEL = "nbc-shakespeare"
 GRID: dict[str, Any] = {
@@ -101,7 +102,7 @@ def test_a_body_that_cannot_be_stored_as_it_came_is_written_out(
 
 async def test_responses_arriving_together_share_one_commit(tmp_path: Path) -> None:
     with Cache(tmp_path / "c.sqlite") as cache:
-        puts = _Puts(cache)
+        puts = CacheCommits(cache)
         done: list[int] = []
 
         async def one(n: int) -> None:
@@ -119,7 +120,7 @@ async def test_responses_arriving_together_share_one_commit(tmp_path: Path) -> N
 
 async def test_a_commit_pending_when_the_sweep_stops_is_made(tmp_path: Path) -> None:
     with Cache(tmp_path / "c.sqlite") as cache:
-        puts = _Puts(cache)
+        puts = CacheCommits(cache)
         tasks = [asyncio.create_task(puts.put(f"k{n}", response(n), None)) for n in range(3)]
         await asyncio.sleep(0)
         tasks[1].cancel()  # the sweep is stopped while the commit is pending
@@ -134,7 +135,7 @@ async def test_a_commit_pending_when_the_sweep_stops_is_made(tmp_path: Path) -> 
 
 async def test_a_failed_commit_raises_in_every_request_it_held(tmp_path: Path) -> None:
     cache = Cache(tmp_path / "c.sqlite")
-    puts = _Puts(cache)
+    puts = CacheCommits(cache)
     cache.close()  # a cache that cannot be written
     results = await asyncio.gather(
         *(puts.put(f"k{n}", response(n), None) for n in range(3)), return_exceptions=True

@@ -46,7 +46,7 @@ def _same(streamed: pd.DataFrame, memory: pd.DataFrame) -> None:
 def test_streamed_frames_equal_the_in_memory_ones(
     app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nbcompletions._results as results_module
+    import nbcompletions.sweeps.dataset as results_module
 
     monkeypatch.setattr(results_module, "FLUSH_EVERY", 4)  # several parts from a small grid
     client = _client(app)
@@ -148,7 +148,7 @@ def test_to_parquet_copies_a_streamed_result_row_group_by_row_group(
 ) -> None:
     import pyarrow.parquet as pq
 
-    import nbcompletions._results as results_module
+    import nbcompletions.sweeps.dataset as results_module
 
     monkeypatch.setattr(results_module, "FLUSH_EVERY", 4)  # several parts from a small grid
     monkeypatch.setattr(results_module, "SAVE_BATCH_ROWS", 5)
@@ -212,7 +212,7 @@ def test_write_frame_file_merges_parts_into_grid_order(
 ) -> None:
     import pyarrow.parquet as pq
 
-    import nbcompletions._results as results_module
+    import nbcompletions.sweeps.dataset as results_module
 
     notes: list[list[str | None]] = [[None], ["a", None, "b"]]  # the first part: an all-null column
     for n, ids in enumerate(parts):

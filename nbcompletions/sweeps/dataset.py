@@ -14,6 +14,12 @@ Each part is complete when it appears (written under a temporary name, then rena
 dataset can be read while the sweep runs (pandas, pyarrow, DuckDB: ``read_parquet('study/
 tokens/*.parquet')``) and a crash loses at most the last unwritten batch, which the cache
 re-supplies. Each run rewrites the dataset (re-run with the same cache: nothing is paid twice).
+
+The writer owns its directory while it runs (an advisory lock on ``study/.writer.lock``, which
+the system drops when a process dies). A second sweep writing into the same directory (the same
+call started twice on one cache, to share the work) writes its parts under a directory of its
+own, ``study/.staging-<id>/``, and when it ends waits for the owner, then replaces the dataset
+with its own complete one: every request once, no part overwritten while it is read or renamed.
 Rows are written in the order requests finish; `SweepResult` reads them back in grid order.
 Memory stays flat as the grid grows: only the batch being written is held. Saving such a result
 (`SweepResult.to_parquet`) merges the parts into one file per frame, in grid order, a row group at
@@ -24,11 +30,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from ._grid import Grid, GridPoint
+from .._grid import Grid, GridPoint
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -36,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pyarrow.dataset as ds
 
 #: Builds the four frames (requests, choices, tokens, alternatives) of some finished grid points
-#: from their outcomes; `nbcompletions._sweep` passes the one a sweep held in memory uses.
+#: from their outcomes (`nbcompletions.sweeps.sink` passes the one a sweep in memory uses).
 FrameBuilder = Callable[
     [Sequence[GridPoint], Sequence[Any]],
     tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame", "pd.DataFrame"],
@@ -45,8 +55,9 @@ FrameBuilder = Callable[
 __all__ = [
     "FLUSH_EVERY",
     "FRAME_NAMES",
-    "ResultsWriter",
+    "DatasetWriter",
     "read_frame",
+    "require_pyarrow",
     "scan_frame",
     "write_frame_file",
 ]
@@ -65,8 +76,66 @@ SAVE_BATCH_ROWS = 16_384
 SAVE_ROW_GROUP_ROWS = 131_072
 
 
-class ResultsWriter:
-    """Collects finished grid points and writes them as dataset parts, ``flush_every`` at a time."""
+#: One directory of a dataset, or several (shards of one study) read as one.
+Directories: TypeAlias = "str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"
+
+_MISSING_PYARROW = (
+    "Parquet results (results=, SweepResult.to_parquet, load_sweep) need pyarrow, which is not "
+    "installed: pip install 'nbcompletions[parquet]'"
+)
+
+
+def require_pyarrow() -> None:
+    """Raise ImportError naming the ``parquet`` extra when pyarrow cannot be imported."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(_MISSING_PYARROW) from exc
+
+
+class _DirectoryLock:
+    """An advisory lock on a file that the system drops when its process dies (no stale locks)."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("a+b")
+
+    def acquire(self, *, wait: bool) -> bool:
+        """Take the lock (``wait``: until it is free); False when it is held and not ``wait``."""
+        fd = self._file.fileno()
+        if sys.platform == "win32":  # pragma: no cover - CI runs Linux and macOS
+            import msvcrt
+
+            while True:
+                try:
+                    msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+                    return True
+                except OSError:
+                    if not wait:
+                        return False
+                    time.sleep(0.2)
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        self._file.close()  # closing drops the lock
+
+
+def _clear(directory: Path) -> None:
+    """Remove a dataset's parts and ``sweep.json`` (only our own files)."""
+    (directory / "sweep.json").unlink(missing_ok=True)
+    for name in FRAME_NAMES:
+        for old in (directory / name).glob("part-*.parquet"):
+            old.unlink()
+
+
+class DatasetWriter:
+    """Collects finished grid points and writes them as dataset parts, ``flush_every`` at a time,
+    into a directory it owns while it runs (see the module docstring for a second writer)."""
 
     def __init__(
         self,
@@ -77,39 +146,36 @@ class ResultsWriter:
         *,
         flush_every: int | None = None,
     ) -> None:
+        require_pyarrow()
         self.directory = Path(directory)
         if self.directory.exists() and not self.directory.is_dir():
             raise NotADirectoryError(
                 f"results must be a directory for the sweep's Parquet dataset; "
                 f"{str(self.directory)!r} is a file"
             )
-        # Each run writes the whole dataset: a re-run (after an interrupt, say) replaces what an
-        # earlier run left, and the cache makes it free. Only our own files are removed.
-        (self.directory / "sweep.json").unlink(missing_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = _DirectoryLock(self.directory / ".writer.lock")
+        self.owner = self._lock.acquire(wait=False)
+        if self.owner:
+            # Each run writes the whole dataset: a re-run (after an interrupt, say) replaces what
+            # an earlier run left, and the cache makes it free.
+            _clear(self.directory)
+            self.parts_directory = self.directory
+        else:
+            self.parts_directory = self.directory / f".staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         for name in FRAME_NAMES:
-            (self.directory / name).mkdir(parents=True, exist_ok=True)
-            for old in (self.directory / name).glob("part-*.parquet"):
-                old.unlink()
+            (self.parts_directory / name).mkdir(parents=True, exist_ok=True)
         self.grid = grid
         self.vocab_size = vocab_size
         self._build = build
         self.flush_every = FLUSH_EVERY if flush_every is None else flush_every
-        self._pending: list[tuple[GridPoint, Any]] = []  # (grid point, its _Outcome)
+        self._pending: list[tuple[GridPoint, Any]] = []  # (grid point, its Outcome)
         self._parts = 0
         self.rows = 0
-        self.cached = 0
-        self.failed = 0
-        self.cached_tokens = 0
 
     def add(self, point: GridPoint, outcome: Any) -> None:
         """``point`` has finished (answered, failed or found in the cache)."""
         self._pending.append((point, outcome))
-        if outcome.error is not None:
-            self.failed += 1
-        elif outcome.cached:
-            self.cached += 1
-            total = outcome.usage.get("total_tokens")
-            self.cached_tokens += total if isinstance(total, int) else 0
         if len(self._pending) >= self.flush_every:
             self.flush()
 
@@ -123,23 +189,56 @@ class ResultsWriter:
         outcomes = [outcome for _, outcome in batch]
         frames = self._build(points, outcomes)
         for name, frame in zip(FRAME_NAMES, frames, strict=True):
-            _write_part(self.directory / name / f"part-{self._parts:06d}.parquet", frame)
+            _write_part(self.parts_directory / name / f"part-{self._parts:06d}.parquet", frame)
         self._parts += 1
         self.rows += len(batch)
 
+    def try_own(self) -> bool:
+        """True once this writer owns its directory (at once for the first writer)."""
+        if not self.owner:
+            self.owner = self._lock.acquire(wait=False)
+        return self.owner
+
+    def wait_for_directory(self) -> None:
+        """Block until this writer owns its directory (at once for the first writer)."""
+        if not self.owner:
+            self.owner = self._lock.acquire(wait=True)
+
     def close(self, usage: dict[str, Any], capabilities: dict[str, Any] | None) -> None:
-        """Write the last part and ``sweep.json`` (which marks the dataset complete)."""
+        """Write the last part and ``sweep.json`` (which marks the dataset complete); a second
+        writer first waits for the directory (`wait_for_directory`), then puts its parts there."""
         self.flush()
-        meta = {
-            "format": _FORMAT,
-            "usage": usage,
-            "capabilities": capabilities,
-            "columns": self.grid.columns,
-            "vocab_size": self.vocab_size,
-        }
-        temporary = self.directory / "sweep.json.tmp"
-        temporary.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
-        os.replace(temporary, self.directory / "sweep.json")
+        self.wait_for_directory()
+        try:
+            if self.parts_directory != self.directory:
+                _clear(self.directory)
+                for name in FRAME_NAMES:
+                    for part in sorted((self.parts_directory / name).glob("part-*.parquet")):
+                        os.replace(part, self.directory / name / part.name)
+                shutil.rmtree(self.parts_directory, ignore_errors=True)
+            meta = {
+                "format": _FORMAT,
+                "usage": usage,
+                "capabilities": capabilities,
+                "columns": self.grid.columns,
+                "vocab_size": self.vocab_size,
+            }
+            temporary = self.directory / f".sweep.json.{uuid.uuid4().hex[:8]}.tmp"
+            temporary.write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
+            os.replace(temporary, self.directory / "sweep.json")
+        finally:
+            self._lock.release()
+
+    def abort(self) -> None:
+        """The sweep stopped early: what finished stays on disk for an owner (the cache holds it
+        either way); a second writer's parts, a partial copy, are dropped."""
+        try:
+            if self.parts_directory != self.directory:
+                shutil.rmtree(self.parts_directory, ignore_errors=True)
+            else:
+                self.flush()
+        finally:
+            self._lock.release()
 
 
 def _write_part(path: Path, frame: pd.DataFrame) -> None:
@@ -149,34 +248,42 @@ def _write_part(path: Path, frame: pd.DataFrame) -> None:
     # One thread: pyarrow's default starts a thread pool for each frame, which cost more than the
     # conversion of a part's few thousand rows (and competes with the sweep's event loop).
     table = pa.Table.from_pandas(frame, preserve_index=False, nthreads=1)
-    temporary = path.with_suffix(".tmp")
+    # A name of this writer's own: two writers never rename each other's file.
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     pq.write_table(table, temporary)
     os.replace(temporary, path)  # readers see a whole part or none
 
 
-def _parts(directory: Path, name: str) -> list[Path]:
-    return sorted((directory / name).glob("part-*.parquet"))
+def _directories(directory: Any) -> list[Path]:
+    if isinstance(directory, str | os.PathLike):
+        return [Path(directory)]
+    return [Path(d) for d in directory]
 
 
-def _frame_parts(directory: str | os.PathLike[str], name: str) -> tuple[list[Path], pa.Schema]:
+def _parts(directories: Sequence[Path], name: str) -> list[Path]:
+    return [part for d in directories for part in sorted((d / name).glob("part-*.parquet"))]
+
+
+def _frame_parts(directory: Directories, name: str) -> tuple[list[Path], pa.Schema]:
     """One frame's part files and their unified schema.
 
     Parts written early may lack a type for a column that was empty in them (all null); the
     schema is unified over every part's footer so such columns take the type the others give.
     """
+    require_pyarrow()
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if name not in FRAME_NAMES:
         raise ValueError(f"frame must be one of {', '.join(FRAME_NAMES)}; got {name!r}")
-    files = _parts(Path(directory), name)
+    files = _parts(_directories(directory), name)
     if not files:
         raise FileNotFoundError(f"{str(directory)!r} holds no {name} parts")
     schemas = [pq.read_schema(f) for f in files]
     return files, pa.unify_schemas(schemas, promote_options="permissive")
 
 
-def scan_frame(directory: str | os.PathLike[str], name: str) -> ds.Dataset:
+def scan_frame(directory: Directories, name: str) -> ds.Dataset:
     """A pyarrow dataset over one frame's parts (``name`` in `FRAME_NAMES`), nothing read yet."""
     import pyarrow.dataset as ds
 
@@ -254,7 +361,7 @@ def _first_request_id(path: Path) -> int:
 
 
 def write_frame_file(
-    directory: str | os.PathLike[str],
+    directory: Directories,
     name: str,
     target: str | os.PathLike[str],
     *,
@@ -318,7 +425,7 @@ def write_frame_file(
 
 
 def read_frame(
-    directory: str | os.PathLike[str],
+    directory: Directories,
     name: str,
     *,
     columns: Sequence[str] | None = None,

@@ -1,0 +1,135 @@
+"""What became of one request of a sweep, and how its ``usage`` is read.
+
+Every stage reads tokens through `usage_of`, over the package's one reader
+(`nbcompletions._usage`), so live and batch sweeps, the requests frame and the cache-hit tally
+count the same way: a count is a non-negative integer, never a bool (``True`` is not 1 token)
+and never a float or a string.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._errors import APIError
+from .._secrets import redact_exception_text
+from .._usage import USAGE_FIELDS, token_counts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .._cache import CachedResponse
+
+__all__ = [
+    "TOKEN_FIELDS",
+    "Outcome",
+    "Tally",
+    "error_fields",
+    "usable_response",
+    "usage_of",
+]
+
+#: The usage fields a sweep adds up (``result.usage``) and keeps per request (``requests``).
+TOKEN_FIELDS = USAGE_FIELDS
+
+
+def usage_of(usage: Any) -> dict[str, int | None]:
+    """The token counts of a ``usage`` object (a response's ``usage`` field), None where absent
+    or not a count (read by `nbcompletions._usage.token_counts`, the package's one reader)."""
+    counts = token_counts({"usage": usage})
+    return {name: counts.get(name) for name in TOKEN_FIELDS}
+
+
+def error_fields(exc: BaseException, secrets: list[str]) -> dict[str, Any]:
+    """An error row's error_type, error_status and error_message, with secrets redacted."""
+    # Redacted again here whatever the client did: a client of another kind, or an error raised
+    # outside its request path, may still carry a key the server echoed.
+    message = redact_exception_text(exc, secrets)
+    if isinstance(exc, APIError):
+        kind = exc.type or exc.code or type(exc).__name__
+        return {"error_type": kind, "error_status": exc.status, "error_message": exc.message}
+    return {"error_type": type(exc).__name__, "error_status": None, "error_message": message}
+
+
+def usable_response(raw: Any) -> dict[str, Any]:
+    """``raw`` when it holds at least one choice object; else APIError ``invalid_response``:
+    a 200 without choices is no answer, and storing it would serve nothing forever."""
+    choices = raw.get("choices") if isinstance(raw, Mapping) else None
+    if (
+        isinstance(raw, dict)
+        and isinstance(choices, list)
+        and any(isinstance(choice, Mapping) for choice in choices)
+    ):
+        return raw
+    if isinstance(raw, Mapping) and raw.get("error") is not None:
+        shown = f"an error in the body: {str(raw['error'])[:200]}"
+    elif isinstance(raw, Mapping) and "choices" in raw:
+        shown = f"choices={str(choices)[:100]}"
+    else:
+        shown = "no 'choices'"
+    raise APIError(
+        f"the server answered 200 with no usable choices ({shown}): no completion to record",
+        status=200,
+        type="invalid_response",
+        body=raw,
+    )
+
+
+@dataclass
+class Outcome:
+    """One grid point's result: a response received now, a cache hit (``entry``, its JSON parsed
+    only when frames need it) or an error (``error``: error_type, error_status, error_message)."""
+
+    response: dict[str, Any] | None = None
+    latency: float | None = None
+    cached: bool = False
+    error: dict[str, Any] | None = None
+    entry: CachedResponse | None = None
+
+    @classmethod
+    def hit(cls, entry: CachedResponse) -> Outcome:
+        """The outcome of a request answered from the cache."""
+        return cls(latency=entry.latency, cached=True, entry=entry)
+
+    def copy(self) -> Outcome:
+        """The same outcome for another grid point that sends the same request."""
+        return Outcome(self.response, self.latency, self.cached, self.error, self.entry)
+
+    @property
+    def raw(self) -> dict[str, Any] | None:
+        if self.response is None and self.entry is not None:
+            return self.entry.response
+        return self.response
+
+    @property
+    def usage(self) -> dict[str, int | None]:
+        if self.entry is not None and self.response is None:
+            return usage_of(self.entry.usage)
+        return usage_of((self.response or {}).get("usage"))
+
+    @property
+    def response_id(self) -> Any:
+        if self.entry is not None and self.response is None:
+            return self.entry.response_id
+        return (self.response or {}).get("id")
+
+
+@dataclass
+class Tally:
+    """What one run sent: requests, failures, tokens spent (through `usage_of`), and grid points
+    whose answer is now in the cache (for the interrupt message)."""
+
+    sent: int = 0
+    failed: int = 0
+    saved: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    def spend(self, response: Mapping[str, Any]) -> None:
+        """Add a response's usage to the tokens spent."""
+        for name, value in usage_of(response.get("usage")).items():
+            if value is not None:
+                setattr(self, name, getattr(self, name) + value)
+
+    def spent(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in TOKEN_FIELDS}
