@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._gpt2 import KVCache, forward, log_softmax
-from ._job import Job, Model, prompts_per_pass
+from ._job import Job, Model, combined_prefill_limit, prompts_per_pass
 from ._kernels import Packed, decode
 from ._response import echo_parts
 
@@ -167,9 +167,12 @@ class DecodeBatch:
                     continue
                 uses.setdefault(tuple(prompt.ids), []).append((job, p, slots))
         logits = np.empty((total - first, engine.vocab_size), np.float32)
-        # A pass allocates no more than the largest one any admitted job counted on.
+        # A pass allocates no more than the scheduler counted on for the jobs admitted together.
         limits = [job.prefill_limit for job in jobs]
-        limit = None if None in limits else max(job.scratch_bytes for job in jobs)
+        limit = None
+        if jobs and None not in limits:
+            scratches = [job.scratch_bytes for job in jobs]
+            limit = combined_prefill_limit(scratches, min(limit for limit in limits if limit))
         self._prefill(uses, logits, first, limit)
         self._logits = np.concatenate([self._logits[: self._rows], logits])
         self._rows = total

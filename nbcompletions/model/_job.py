@@ -32,7 +32,14 @@ from ._rows import Row
 from ._sampling import adjust_logits, sample, top_k
 from ._tokenizer import Vocabulary
 
-__all__ = ["PREFILL_POSITIONS", "Job", "Model", "prefill_bytes", "prompts_per_pass"]
+__all__ = [
+    "PREFILL_POSITIONS",
+    "Job",
+    "Model",
+    "combined_prefill_limit",
+    "prefill_bytes",
+    "prompts_per_pass",
+]
 
 #: Rows sampled per numpy pass (bounds the float64 copies of the vocabulary a step makes).
 _SAMPLE_ROWS = 64
@@ -93,6 +100,13 @@ def prompts_per_pass(engine: Model, length: int, *, logprobs: bool, limit: int |
     if limit is not None:
         count = min(count, max(1, limit // prefill_bytes(engine, length, 1, logprobs=logprobs)))
     return count
+
+
+def combined_prefill_limit(scratches: list[int], limit: int) -> int:
+    """Bytes a prefill pass over jobs admitted together may allocate: what their prompts need
+    together (the sum of their `Job.scratch_bytes`) up to ``limit``, and never less than the
+    largest one alone."""
+    return max(max(scratches, default=0), min(sum(scratches), limit))
 
 
 class Job:

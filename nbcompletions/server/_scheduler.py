@@ -447,24 +447,31 @@ class BatchScheduler:
         A request that alone fits the budget is admitted when nothing else runs, so it never
         waits forever; behind a request that does not fit yet, the others wait their turn too.
         """
+        from ..model._job import combined_prefill_limit  # numpy and the model load lazily
+
         admitted: list[_Ticket] = []
         limit = self.budget.max_memory_bytes
         held = max(self._memory, batch.resident_bytes)
         # Steps run one at a time: the largest scratch of one job is what a step adds.
         scratch = max((ticket.scratch for ticket in self._running), default=0)
         rows, capacity = batch.rows, 0
+        scratches: list[int] = []  # the admitted jobs': their prompts prefill together
         while self._waiting:
             job = self._waiting[0].job
             need = job.memory_bytes
             if job.plan.max_tokens > 0:
                 rows, capacity = rows + job.n_rows, max(capacity, job.capacity)
-            step = max(scratch, self._waiting[0].scratch, batch.growth_bytes(rows, capacity))
+            prefill = combined_prefill_limit(
+                [*scratches, self._waiting[0].scratch], self.budget.prefill_limit
+            )
+            step = max(scratch, prefill, batch.growth_bytes(rows, capacity))
             if (self._running or admitted) and held + need + step > limit:
                 break
             admitted.append(self._waiting.popleft())
             self._memory += need
             held += need
             scratch = max(scratch, admitted[-1].scratch)
+            scratches.append(admitted[-1].scratch)
             self.peak_memory = max(self.peak_memory, held + step)
         self.peak_memory = max(self.peak_memory, held + scratch)
         return admitted
