@@ -172,6 +172,7 @@ async def test_an_interrupted_batch_sweep_reattaches_instead_of_paying_again(
     assert transport.count("POST", "/v1/batches") == 1
 
 
+@pytest.mark.slow
 async def test_a_cancelled_batch_keeps_what_finished_and_the_rest_is_sent_again(
     embedded_engine: Any, tmp_path: Path
 ) -> None:
@@ -699,6 +700,7 @@ async def test_a_create_that_never_arrived_is_sent_again_and_its_file_deleted(
     assert_same_frames(live_result, resumed)
 
 
+@pytest.mark.slow
 async def test_a_server_that_cannot_list_batches_gets_the_requests_again_with_a_warning(
     embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
 ) -> None:
@@ -985,6 +987,7 @@ def run_k_processes(base_url: str, cache: Path, k: int, seeds: int = 2) -> list[
     return outputs
 
 
+@pytest.mark.slow
 def test_k_processes_sharing_a_cache_create_one_batch(live_server: str, tmp_path: Path) -> None:
     with httpx.Client(base_url=live_server) as http:
 

@@ -31,6 +31,7 @@ async def test_fuzzed_batch_files_never_get_a_500(embedded_engine: Any, compat: 
     assert not any("500" in key for key in outcomes), outcomes
 
 
+@pytest.mark.slow
 def test_the_fuzzer_makes_the_malformations_it_claims() -> None:
     rng = random.Random(0)
     files = [fuzzed_file(rng) for _ in range(400)]

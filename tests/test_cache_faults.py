@@ -304,6 +304,7 @@ def counting_server() -> Iterator[_Counting]:
         server.server_close()
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_cache_pay_once(tmp_path: Path, counting_server: _Counting) -> None:
     base = f"http://127.0.0.1:{counting_server.server_address[1]}/v1"
     path = tmp_path / "shared.sqlite"
@@ -331,6 +332,7 @@ def test_two_processes_on_one_cache_pay_once(tmp_path: Path, counting_server: _C
         assert len(cache) == 120
 
 
+@pytest.mark.slow
 def test_processes_opening_an_old_cache_at_once_all_upgrade_it(tmp_path: Path) -> None:
     """A file written before the usage and digest columns: eight processes open it at the same
     moment; each must see the columns added once (it used to fail with 'duplicate column')."""
@@ -485,6 +487,7 @@ def test_a_rerun_after_kill_9_takes_the_dead_claims_at_once(tmp_path: Path) -> N
         assert cache.claim(["a", "b"]) == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_a_live_process_renews_its_claims_past_their_lease(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite"
     with _holder(path, lease=2.0):

@@ -349,6 +349,7 @@ def test_console_script_help() -> None:
         (signal.SIGINT, {0, 130}),
     ],
 )
+@pytest.mark.slow
 def test_serve_process_logs_its_url_and_shuts_down_cleanly(
     tmp_path: Path, embedded_engine: Any, stop: int, status: set[int]
 ) -> None:

@@ -121,6 +121,7 @@ def vllm_compat(embedded_engine: Any) -> Iterator[nbc.Client]:
     client.close()
 
 
+@pytest.mark.slow
 def test_same_model_behind_two_servers_agrees(
     embedded_client: nbc.Client, vllm_compat: nbc.Client
 ) -> None:

@@ -75,6 +75,7 @@ def _upload(base: str) -> None:
     assert response.status_code == 200, response.text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_the_batch_files_go_when_the_server_is_stopped(tmp_path: Path, signum: int) -> None:
     with serving(tmp_path) as (proc, base):
@@ -126,6 +127,7 @@ def _closed_by_server(sock: socket.socket) -> bytes:
     return received
 
 
+@pytest.mark.slow
 def test_silent_trickling_and_idle_connections_are_closed(tmp_path: Path) -> None:
     args = ("--header-timeout", "1", "--keep-alive-timeout", "1", "--no-access-log")
     with serving(tmp_path, *args) as (_, base):

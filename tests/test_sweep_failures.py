@@ -176,6 +176,7 @@ def test_fail_fast_must_be_a_positive_integer(bad: Any) -> None:
         sweep(client, prompt="x", progress=False, fail_fast=bad)
 
 
+@pytest.mark.slow
 def test_a_stopped_sweep_leaves_no_unclosed_socket_or_file(tmp_path: Path) -> None:
     # Outside pytest nothing turns ResourceWarnings into test failures: run a plain interpreter.
     script = textwrap.dedent(
