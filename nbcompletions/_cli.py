@@ -79,9 +79,9 @@ _SERVE_LIMITS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--max-request-tokens", "N", _positive_int, "work budget per request: reject (400) a "
      "request whose prompts x max(n, best_of) x (prompt + max_tokens) tokens exceed N "
      "(default: 16384)"),
-    ("--max-memory-mb", "MB", _positive_int, "memory all running requests may hold (key/value "
-     "cache and logits); more requests wait, and one needing more alone is rejected with 400 "
-     "(default: 1024)"),
+    ("--max-memory-mb", "MB", _positive_int, "memory all running requests may hold, above the "
+     "process's ~200 MB (key/value cache, logits, one step's scratch); more requests wait, and "
+     "one needing more alone is rejected with 400 (default: 1024)"),
     ("--max-waiting", "N", _positive_int, "requests that may wait for memory; beyond them: 503 "
      "with Retry-After (default: 256)"),
     ("--body-timeout", "SECONDS", _seconds, "answer 408 when a request body (an upload too) has "

@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 
 from nbcompletions import CompletionRequest, RequestError
+from nbcompletions.model._job import prefill_bytes
 from nbcompletions.server import create_app
 from nbcompletions.server._scheduler import BatchScheduler, WorkBudget
 
@@ -114,6 +116,112 @@ def test_the_default_budget_lets_normal_notebook_requests_through(embedded_engin
         budget.check(
             embedded_engine.job(CompletionRequest(prompt="x", n=128, max_tokens=255), stream=False)
         )
+
+
+def _distinct_prompts(count: int, length: int) -> list[list[int]]:
+    return [[(7 * p + 13 * i) % 4000 + 1 for i in range(length)] for p in range(count)]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # At least 8 rows each: the pool's first reservation is 8 slots, whose untouched pages cost
+        # no RSS but do count in tracemalloc.
+        dict(prompt="To be, or not to be, that is the question. " * 10, n=8, max_tokens=40),
+        dict(prompt="To be, or not to be", n=64, max_tokens=8, top_p=0.9, logprobs=5),
+        dict(prompt=_distinct_prompts(32, 120), max_tokens=2),
+        dict(prompt=_distinct_prompts(16, 250), max_tokens=2),
+        dict(prompt=_distinct_prompts(16, 250), max_tokens=0, echo=True, logprobs=1),
+        dict(prompt=_distinct_prompts(64, 20), max_tokens=2, echo=True, logprobs=2),
+    ],
+    ids=["n8", "n64-top_p-logprobs", "32-prompts", "16-long-prompts", "echo-scoring", "echo-64"],
+)
+@pytest.mark.parametrize("limit", [None, WorkBudget(max_memory_bytes=128 << 20).prefill_limit])
+def test_the_memory_estimate_covers_what_the_engine_allocates_for_a_request(
+    embedded_engine: Any, fields: dict[str, Any], limit: int | None
+) -> None:
+    """What the budget counts for a request (its held cache and logits plus its scratch) covers
+    what the engine allocates running it (numpy reports its buffers to tracemalloc): the
+    prefill's activations and the sampler's float64 copies were not counted, and a batch of
+    distinct prompts took RSS ~120 MiB past ``--max-memory-mb``."""
+    from nbcompletions.model._engine import DecodeBatch
+
+    job = embedded_engine.job(CompletionRequest(**fields), stream=False)
+    job.prefill_limit = limit
+    estimate = job.memory_bytes + job.scratch_bytes
+    tracemalloc.start()
+    try:
+        DecodeBatch(embedded_engine).run([job])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert job.done
+    assert peak <= estimate, f"allocated {peak} bytes, estimated {estimate}"
+    assert estimate <= 3 * peak  # an estimate that wastes the budget refuses work for nothing
+    if limit is not None:  # a pass holds to the limit, unless one prompt alone is more
+        longest = max(len(prompt.ids) for prompt in job.plan.prompts)
+        logprobs = job.plan.echo and job.plan.logprobs is not None
+        one = prefill_bytes(embedded_engine, longest, 1, logprobs=logprobs)
+        assert job.scratch_bytes <= max(limit, one, 16 << 20)  # 16 MiB: a 64-row sampled chunk
+
+
+def test_many_rows_leaving_at_once_move_without_a_copy_of_them(embedded_engine: Any) -> None:
+    """Rows that finish together leave holes that the last rows fill; moving them all with one
+    fancy index copied them first (29 MiB when 44 rows of 92 left), past the budget."""
+    from nbcompletions.model._engine import DecodeBatch
+
+    prompt = "To be, or not to be, that is the question. " * 10
+    no_eot = _no_eot(embedded_engine)
+    short, long = (
+        embedded_engine.job(
+            CompletionRequest(prompt=prompt, n=32, max_tokens=tokens, logit_bias=no_eot),
+            stream=False,
+        )
+        for tokens in (2, 4)
+    )
+    batch = DecodeBatch(embedded_engine)
+    batch.admit([short, long])  # short's rows take slots 0..31, long's 32..63
+    while not short.done:
+        tracemalloc.start()
+        try:
+            batch.step()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    moved_rows = 32 * embedded_engine.kv_bytes_per_position * (len(long.plan.prompts[0].ids) + 2)
+    assert batch.rows == 32
+    assert peak < moved_rows // 4, f"the step that moved 32 rows allocated {peak} bytes"
+
+
+def test_the_batch_counts_pages_of_rows_that_left_and_the_copy_a_growing_pool_makes(
+    embedded_engine: Any,
+) -> None:
+    """The pool keeps the pages of rows that left (the next rows reuse them) until it is replaced,
+    and growing it copies the active rows while the old pool is still held: requests arriving
+    one by one took RSS 189 MiB past idle under a 128 MiB budget, the doubling pool's copy."""
+    from nbcompletions.model._engine import DecodeBatch
+
+    kv = embedded_engine.kv_bytes_per_position
+    no_eot = _no_eot(embedded_engine)
+    short, long = (
+        embedded_engine.job(
+            CompletionRequest(prompt="To be, or not", n=8, max_tokens=tokens, logit_bias=no_eot),
+            stream=False,
+        )
+        for tokens in (2, 6)
+    )
+    prompt = len(short.plan.prompts[0].ids)
+    batch = DecodeBatch(embedded_engine)
+    assert batch.resident_bytes == 0
+    batch.admit([short, long])
+    assert batch.resident_bytes == 16 * prompt * kv + 16 * embedded_engine.row_bytes
+    while not short.done:
+        batch.step()
+    assert batch.rows == 8
+    written = 8 * (prompt + 1) + 8 * (prompt + 2)  # short's slots as they left, long's now
+    assert batch.resident_bytes >= written * kv + 8 * embedded_engine.row_bytes
+    assert batch.growth_bytes(16, long.capacity) == 0  # room for 16 rows: no copy
+    assert batch.growth_bytes(17, long.capacity) == 8 * (prompt + 2) * kv
 
 
 @pytest.mark.slow

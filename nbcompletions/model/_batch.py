@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._gpt2 import KVCache, forward, log_softmax
-from ._job import Job, Model
+from ._job import Job, Model, combined_prefill_limit, prompts_per_pass
 from ._kernels import Packed, decode
 from ._response import echo_parts
 
@@ -95,9 +95,6 @@ class DecodeBatch:
     when the batch empties. Not thread-safe: one thread drives a batch.
     """
 
-    #: A prefill forward pass covers at most this many prompt positions (bounds its logits).
-    PREFILL_POSITIONS = 4096
-
     def __init__(self, engine: Model) -> None:
         self.engine = engine
         self.jobs: list[Job] = []
@@ -106,6 +103,9 @@ class DecodeBatch:
         # reaches every layer's cache through one argument.
         self._k = self._v = _no_cache(engine)
         self._lengths = np.zeros(0, np.int64)  # positions cached per slot
+        #: Positions ever written per slot since the pool was made: their pages stay resident
+        #: after the row leaves (a slot's next row reuses them), until the pool is replaced.
+        self._written = np.zeros(0, np.int64)
         self._tokens = np.zeros(0, np.int64)  # each slot's last sampled token (next input)
         self._logits = np.zeros((0, engine.vocab_size), np.float32)  # (rows, V) next-token logits
         self._rows = 0
@@ -114,6 +114,25 @@ class DecodeBatch:
     def rows(self) -> int:
         """Rows decoding now (all jobs)."""
         return self._rows
+
+    @property
+    def resident_bytes(self) -> int:
+        """What the batch holds now: every position ever written in the pool (rows that left
+        included: their pages stay until the pool is replaced) and the rows' logits."""
+        engine = self.engine
+        return int(self._written.sum()) * engine.kv_bytes_per_position + (
+            self._rows * engine.row_bytes
+        )
+
+    def growth_bytes(self, rows: int, capacity: int) -> int:
+        """What making room for ``rows`` rows of ``capacity`` positions allocates besides
+        `resident_bytes` while the pool is copied: the active rows' copy (0 when it fits)."""
+        if rows <= self._k.shape[1] and capacity <= self._k.shape[3]:
+            return 0
+        return self._rows * self._span() * self.engine.kv_bytes_per_position
+
+    def _span(self) -> int:
+        return int(self._lengths[: self._rows].max()) if self._rows else 0
 
     def run(self, jobs: list[Job]) -> None:
         """Admit ``jobs`` and step until every job is done."""
@@ -148,7 +167,13 @@ class DecodeBatch:
                     continue
                 uses.setdefault(tuple(prompt.ids), []).append((job, p, slots))
         logits = np.empty((total - first, engine.vocab_size), np.float32)
-        self._prefill(uses, logits, first)
+        # A pass allocates no more than the scheduler counted on for the jobs admitted together.
+        limits = [job.prefill_limit for job in jobs]
+        limit = None
+        if jobs and None not in limits:
+            scratches = [job.scratch_bytes for job in jobs]
+            limit = combined_prefill_limit(scratches, min(limit for limit in limits if limit))
+        self._prefill(uses, logits, first, limit)
         self._logits = np.concatenate([self._logits[: self._rows], logits])
         self._rows = total
         slot = first
@@ -171,8 +196,10 @@ class DecodeBatch:
         uses: dict[tuple[int, ...], list[tuple[Job, int, np.ndarray]]],
         logits: np.ndarray,
         first: int,
+        limit: int | None,
     ) -> None:
-        """Run each distinct prompt once and copy its cache and last logits into its rows' slots."""
+        """Run each distinct prompt once and copy its cache and last logits into its rows' slots;
+        a pass allocates at most ``limit`` bytes besides the pool (one prompt at least)."""
         engine = self.engine
         weights = engine.weights
         groups: dict[tuple[int, bool], list[tuple[int, ...]]] = {}
@@ -180,7 +207,7 @@ class DecodeBatch:
             want_lp = any(job.plan.echo and job.plan.logprobs is not None for job, _, _ in users)
             groups.setdefault((len(ids), want_lp), []).append(ids)
         for (length, want_lp), prompts in groups.items():
-            per_pass = max(1, self.PREFILL_POSITIONS // length)
+            per_pass = prompts_per_pass(engine, length, logprobs=want_lp, limit=limit)
             for start in range(0, len(prompts), per_pass):
                 part = prompts[start : start + per_pass]
                 cache = KVCache.empty(weights.config, len(part), length)
@@ -199,6 +226,7 @@ class DecodeBatch:
                                 self._k[layer, slots, :, :length] = cache.k[layer][g, :, :length]
                                 self._v[layer, slots, :, :length] = cache.v[layer][g, :, :length]
                             self._lengths[slots] = length
+                            self._written[slots] = np.maximum(self._written[slots], length)
                             logits[slots - first] = out[g, -1]
 
     def _reserve(self, rows: int, capacity: int) -> None:
@@ -216,11 +244,14 @@ class DecodeBatch:
         # np.zeros maps fresh pages lazily: slots and positions never written cost no memory.
         ks = np.zeros(shape, np.float32)
         vs = np.zeros(shape, np.float32)
-        ks[:, :keep, :, :have_capacity] = self._k[:, :keep]
-        vs[:, :keep, :, :have_capacity] = self._v[:, :keep]
+        span = self._span()  # the positions the active rows hold: the rest is zeros anyway
+        ks[:, :keep, :, :span] = self._k[:, :keep, :, :span]
+        vs[:, :keep, :, :span] = self._v[:, :keep, :, :span]
         self._k, self._v = ks, vs
         lengths = np.zeros(new_rows, np.int64)
         lengths[:keep] = self._lengths[:keep]
+        self._written = np.zeros(new_rows, np.int64)
+        self._written[:keep] = span  # the copy above wrote these positions
         tokens = np.zeros(new_rows, np.int64)
         tokens[:keep] = self._tokens[:keep]
         self._lengths, self._tokens = lengths, tokens
@@ -275,6 +306,7 @@ class DecodeBatch:
         with _one_blas_thread:
             self._logits = forward(self.engine.weights, self._tokens[:rows, None], cache)[:, 0]
         self._lengths[:rows] = cache.lengths
+        np.maximum(self._written[:rows], cache.lengths, out=self._written[:rows])
 
     def _forward_compiled(self, packed: Packed, rows: int) -> None:
         """The compiled step, its rows split over up to ``engine.threads`` threads."""
@@ -291,6 +323,7 @@ class DecodeBatch:
 
         self.engine.map_rows(list(itertools.pairwise(bounds)), run)
         self._lengths[:rows] += 1
+        np.maximum(self._written[:rows], self._lengths[:rows], out=self._written[:rows])
         self._logits = logits
 
     def _release(self, slots: np.ndarray) -> None:
@@ -300,6 +333,7 @@ class DecodeBatch:
             self._rows = 0
             self._k = self._v = _no_cache(self.engine)  # an idle batch holds no cache
             self._lengths = np.zeros(0, np.int64)
+            self._written = np.zeros(0, np.int64)
             self._tokens = np.zeros(0, np.int64)
             self._logits = self._logits[:0]
             return
@@ -308,10 +342,14 @@ class DecodeBatch:
         holes = np.flatnonzero(gone[:count])
         movers = np.flatnonzero(~gone[count:]) + count
         if len(holes):
-            span = int(self._lengths[movers].max())
-            self._k[:, holes, :, :span] = self._k[:, movers, :, :span]
-            self._v[:, holes, :, :span] = self._v[:, movers, :, :span]
+            # One slot at a time: a fancy-indexed move of all movers at once copies them first,
+            # a temporary as big as the rows moved (29 MiB when 44 rows of 92 left together).
+            for hole, mover in zip(holes.tolist(), movers.tolist(), strict=True):
+                span = int(self._lengths[mover])
+                self._k[:, hole, :, :span] = self._k[:, mover, :, :span]
+                self._v[:, hole, :, :span] = self._v[:, mover, :, :span]
             self._lengths[holes] = self._lengths[movers]
+            self._written[holes] = np.maximum(self._written[holes], self._lengths[movers])
             self._tokens[holes] = self._tokens[movers]
             logits = self._logits[:count].copy()
             logits[holes] = self._logits[movers]

@@ -32,10 +32,22 @@ from ._rows import Row
 from ._sampling import adjust_logits, sample, top_k
 from ._tokenizer import Vocabulary
 
-__all__ = ["Job", "Model"]
+__all__ = [
+    "PREFILL_POSITIONS",
+    "Job",
+    "Model",
+    "combined_prefill_limit",
+    "prefill_bytes",
+    "prompts_per_pass",
+]
 
 #: Rows sampled per numpy pass (bounds the float64 copies of the vocabulary a step makes).
 _SAMPLE_ROWS = 64
+#: float64 copies of the vocabulary a sampled row holds at once in numpy (`adjust_logits`, `sample`,
+#: the log-softmax for logprobs): 13 MiB measured for 64 rows with top_p and logprobs, 6.3 a row.
+_SAMPLE_COPIES = 8
+#: A prefill forward pass covers at most this many prompt positions (bounds its activations).
+PREFILL_POSITIONS = 4096
 
 
 class Model(Protocol):
@@ -55,6 +67,46 @@ class Model(Protocol):
 
     def map_rows(self, calls: list[tuple[int, int]], run: Callable[[int, int], None]) -> None:
         """``run(lo, hi)`` for each row range, on the model's threads."""
+
+
+def prefill_bytes(engine: Model, length: int, prompts: int, *, logprobs: bool) -> int:
+    """Bytes a prefill pass of ``prompts`` prompts of ``length`` tokens allocates besides the
+    key/value pool, from the forward pass's float32 shapes (D = n_embd, H = n_head, V = vocab):
+
+    - per position, its own key/value cache (copied into the pool's slots after the pass);
+    - per position, one layer's live activations: at most 24 x D (the MLP's 4D-wide GELU
+      temporaries, the residual, the normalised input, q/k/v) and (H + 2) x length for the
+      attention scores and the causal mask;
+    - the last position's logits per prompt, or with prompt logprobs every position's (V each)
+      and one prompt's log-softmax (3 x length x V).
+
+    tests/test_scheduler.py checks it against tracemalloc's peak around real prefills.
+    """
+    config = engine.weights.config
+    per_position = engine.kv_bytes_per_position + 4 * (
+        24 * config.n_embd + (config.n_head + 2) * length
+    )
+    logits = 4 * engine.vocab_size * prompts
+    if logprobs:
+        per_position += 4 * engine.vocab_size
+        logits = 3 * 4 * length * engine.vocab_size
+    return prompts * length * per_position + logits
+
+
+def prompts_per_pass(engine: Model, length: int, *, logprobs: bool, limit: int | None) -> int:
+    """Prompts of ``length`` tokens one prefill pass takes: `PREFILL_POSITIONS` positions, and
+    no more than ``limit`` bytes of `prefill_bytes` (None: no byte limit); at least one."""
+    count = max(1, PREFILL_POSITIONS // length)
+    if limit is not None:
+        count = min(count, max(1, limit // prefill_bytes(engine, length, 1, logprobs=logprobs)))
+    return count
+
+
+def combined_prefill_limit(scratches: list[int], limit: int) -> int:
+    """Bytes a prefill pass over jobs admitted together may allocate: what their prompts need
+    together (the sum of their `Job.scratch_bytes`) up to ``limit``, and never less than the
+    largest one alone."""
+    return max(max(scratches, default=0), min(sum(scratches), limit))
 
 
 class Job:
@@ -99,6 +151,9 @@ class Job:
         #: (rows, V) tokens in each row's prompt or sampled so far, for vLLM's repetition_penalty
         self.seen: np.ndarray | None = None
         self.steps = 0  # decode steps that sampled a token for this job
+        #: Bytes one prefill pass of this job may allocate (`prefill_bytes`); None: only
+        #: `PREFILL_POSITIONS` bounds a pass. The server's scheduler sets it from its budget.
+        self.prefill_limit: int | None = None
         self.done = False
         self._outbox: list[dict[str, Any]] = []
         self._envelope = envelope(engine.model_id, engine.system_fingerprint)
@@ -148,6 +203,27 @@ class Job:
         if self.plan.repetition_penalty != 1.0:
             per_row += engine.vocab_size
         return self.work_tokens * engine.kv_bytes_per_position + self.n_rows * per_row
+
+    @property
+    def scratch_bytes(self) -> int:
+        """The most this job allocates at once besides `memory_bytes`, during one step: its largest
+        prefill pass (`prefill_bytes`, passes of `prompts_per_pass`), or the float64 copies of
+        the vocabulary its numpy sampler makes for up to 64 rows at a time."""
+        engine, plan = self.engine, self.plan
+        sampling = 0 if self.plain else min(self.n_rows, _SAMPLE_ROWS) * _SAMPLE_COPIES * 8
+        largest = sampling * engine.vocab_size
+        logprobs = plan.echo and plan.logprobs is not None
+        lengths: dict[int, int] = {}
+        for ids in {tuple(prompt.ids) for prompt in plan.prompts}:
+            lengths[len(ids)] = lengths.get(len(ids), 0) + 1
+        for length, count in lengths.items():
+            if length and (plan.max_tokens > 0 or logprobs):
+                per_pass = prompts_per_pass(
+                    engine, length, logprobs=logprobs, limit=self.prefill_limit
+                )
+                passed = prefill_bytes(engine, length, min(count, per_pass), logprobs=logprobs)
+                largest = max(largest, passed)
+        return largest
 
     # -- output ------------------------------------------------------------------------------------
     def take(self) -> list[dict[str, Any]]:

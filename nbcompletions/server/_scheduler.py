@@ -23,8 +23,11 @@ The work budget (`WorkBudget`) bounds what one request may ask for and what the 
   be at most ``max_request_tokens``, and the memory that implies at most ``max_memory_bytes``;
   otherwise the request is refused with a 400 naming the field to reduce, the work and the limit;
 - overall, the memory of admitted requests (each row's key/value cache: layers x 2 x positions x
-  n_embd x 4 bytes, plus its logits) stays within ``max_memory_bytes``; requests beyond it wait, and
-  when ``max_waiting`` requests already wait, a new one gets 503 with ``Retry-After``.
+  n_embd x 4 bytes, plus its logits), plus the largest scratch one step of theirs allocates (a
+  prefill pass's activations, the numpy sampler's float64 copies: `Job.scratch_bytes`), stays
+  within ``max_memory_bytes``; requests beyond it wait, and when ``max_waiting`` requests already
+  wait, a new one gets 503 with ``Retry-After``. A prefill pass is held to an eighth of the
+  budget (at least one prompt), so that a request of many prompts is not refused for its prefill.
 
 `ThreadScheduler` serves an engine that only has ``complete`` and ``stream`` (a stand-in engine in
 tests, a wrapper): each call runs in a worker thread, at most ``max_concurrency`` at once.
@@ -51,7 +54,7 @@ from .._errors import RequestError
 from .._request import CompletionRequest
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..model._engine import Job
+    from ..model._engine import DecodeBatch, Job
 
 __all__ = [
     "DEFAULT_MAX_MEMORY_BYTES",
@@ -74,6 +77,8 @@ DEFAULT_MAX_REQUEST_TOKENS = 16384
 DEFAULT_MAX_MEMORY_BYTES = 1 << 30
 #: Requests that may wait for memory; one more gets 503 with Retry-After.
 DEFAULT_MAX_WAITING = 256
+#: A prefill pass may allocate this share of ``max_memory_bytes`` (at least one prompt's worth).
+_PREFILL_SHARE = 8
 #: Seconds a client is told to wait when the queue is full.
 RETRY_AFTER_S = 1
 #: An idle scheduler thread exits after this long; the next request starts a new one.
@@ -89,8 +94,9 @@ class WorkBudget:
     Attributes:
         max_request_tokens: largest ``prompts x max(n, best_of) x (prompt + max_tokens)`` of one
             request (400 above it).
-        max_memory_bytes: key/value cache plus logits of all running requests together; one request
-            needing more is refused (400), others wait for memory.
+        max_memory_bytes: key/value cache plus logits of all running requests together, plus the
+            largest scratch one of their steps allocates; one request needing more is refused
+            (400), others wait for memory.
         max_waiting: requests that may wait for memory at once; one more gets 503 + Retry-After.
     """
 
@@ -103,6 +109,11 @@ class WorkBudget:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+    @property
+    def prefill_limit(self) -> int:
+        """Bytes one prefill pass may allocate (`Job.prefill_limit`)."""
+        return self.max_memory_bytes // _PREFILL_SHARE
 
     def check(self, job: Job) -> None:
         """Raise `RequestError` naming the field to reduce when ``job`` is over budget."""
@@ -130,12 +141,14 @@ class WorkBudget:
                 f"{self.max_request_tokens}",
                 value=work,
             )
-        memory = job.memory_bytes
+        held, scratch = job.memory_bytes, job.scratch_bytes
+        memory = held + scratch
         if memory > self.max_memory_bytes:
             raise RequestError(
                 param,
-                f"This request would hold {_mib(memory)} of key/value cache and logits "
-                f"({shape}, {job.n_rows} rows); this server holds at most "
+                f"This request would hold {_mib(held)} of key/value cache and logits "
+                f"({shape}, {job.n_rows} rows) and {_mib(scratch)} of scratch while it "
+                f"prefills or samples; this server holds at most "
                 f"{_mib(self.max_memory_bytes)} for all requests. Reduce n, best_of, the number "
                 "of prompts or max_tokens.",
                 allowed=f"memory <= {self.max_memory_bytes} bytes",
@@ -188,6 +201,7 @@ class _Ticket:
 
     def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
         self.job = job
+        self.scratch = job.scratch_bytes  # computed once: it walks the prompts
         self._loop = loop
         self._lock = threading.Lock()
         self._items: collections.deque[dict[str, Any]] = collections.deque()
@@ -312,6 +326,7 @@ class BatchScheduler:
             job = self.engine.job(request, stream=stream)
         else:  # tokenizing thousands of prompts would stall every other request on this loop
             job = await anyio.to_thread.run_sync(lambda: self.engine.job(request, stream=stream))
+        job.prefill_limit = self.budget.prefill_limit
         self.budget.check(job)
         ticket = _Ticket(job, asyncio.get_running_loop())
         with self._cond:
@@ -390,7 +405,7 @@ class BatchScheduler:
                     self._memory -= ticket.job.memory_bytes
                 for ticket in [t for t in self._waiting if t.cancelled]:
                     self._waiting.remove(ticket)
-                admitted = self._admissible()
+                admitted = self._admissible(batch)
             for ticket in leaving:
                 batch.remove(ticket.job)
                 self.cancellations.append(
@@ -422,21 +437,43 @@ class BatchScheduler:
                 continue
             self._deliver()
 
-    def _admissible(self) -> list[_Ticket]:
+    def _admissible(self, batch: DecodeBatch) -> list[_Ticket]:
         """Waiting tickets that fit in memory now, first come first served (caller holds the lock).
+
+        What is held is the larger of the running requests' estimate and what ``batch`` holds
+        (pages of rows that left stay in its pool); on top of it come the newcomers' memory and
+        the larger of one step's scratch and the copy a growing pool makes.
 
         A request that alone fits the budget is admitted when nothing else runs, so it never
         waits forever; behind a request that does not fit yet, the others wait their turn too.
         """
+        from ..model._job import combined_prefill_limit  # numpy and the model load lazily
+
         admitted: list[_Ticket] = []
         limit = self.budget.max_memory_bytes
+        held = max(self._memory, batch.resident_bytes)
+        # Steps run one at a time: the largest scratch of one job is what a step adds.
+        scratch = max((ticket.scratch for ticket in self._running), default=0)
+        rows, capacity = batch.rows, 0
+        scratches: list[int] = []  # the admitted jobs': their prompts prefill together
         while self._waiting:
-            need = self._waiting[0].job.memory_bytes
-            if (self._running or admitted) and self._memory + need > limit:
+            job = self._waiting[0].job
+            need = job.memory_bytes
+            if job.plan.max_tokens > 0:
+                rows, capacity = rows + job.n_rows, max(capacity, job.capacity)
+            prefill = combined_prefill_limit(
+                [*scratches, self._waiting[0].scratch], self.budget.prefill_limit
+            )
+            step = max(scratch, prefill, batch.growth_bytes(rows, capacity))
+            if (self._running or admitted) and held + need + step > limit:
                 break
             admitted.append(self._waiting.popleft())
             self._memory += need
-        self.peak_memory = max(self.peak_memory, self._memory)
+            held += need
+            scratch = max(scratch, admitted[-1].scratch)
+            scratches.append(admitted[-1].scratch)
+            self.peak_memory = max(self.peak_memory, held + step)
+        self.peak_memory = max(self.peak_memory, held + scratch)
         return admitted
 
     def _deliver(self) -> None:
