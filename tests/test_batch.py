@@ -225,6 +225,7 @@ async def test_a_cancelled_batch_keeps_what_finished_and_the_rest_is_sent_again(
     assert_same_frames(live, resumed)
 
 
+@pytest.mark.slow
 async def test_an_expired_batch_gives_error_rows_for_what_never_ran(
     embedded_engine: Any,
 ) -> None:
@@ -761,6 +762,7 @@ with nbc.Client(sys.argv[1], model="nbc-shakespeare", transport=KillAfterCreate(
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_right_after_creating_a_batch_does_not_pay_again(
     live_server: str, tmp_path: Path
 ) -> None:
@@ -901,6 +903,7 @@ class NeverEnds(Recording):
         return response
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_a_batch_that_never_ends_is_cancelled_at_the_deadline(
     app: Any, embedded_engine: Any, tmp_path: Path

@@ -193,6 +193,7 @@ print(json.dumps({"texts": [c["text"] for c in done.raw["choices"]],
 """
 
 
+@pytest.mark.slow
 def test_without_numba_a_completion_runs_in_numpy_and_matches() -> None:
     """numba is the `fast` extra: where it does not import, the public client's embedded
     completion runs on the numpy forward pass, says nothing about compiling, and gives the same

@@ -28,6 +28,7 @@ def _quick_start() -> str:
     return str(BLOCK.findall(section)[0])
 
 
+@pytest.mark.slow
 def test_readme_examples_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

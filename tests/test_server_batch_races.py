@@ -65,6 +65,7 @@ async def test_a_cancel_while_finalizing_never_relabels_a_completed_batch(
         assert card["request_counts"]["completed"] == 1
 
 
+@pytest.mark.slow
 async def test_a_download_racing_a_delete_is_whole_or_a_404(client: httpx.AsyncClient) -> None:
     body = json.dumps({"model": MODEL, "prompt": "x" * 50_000, "max_tokens": 1})
     content = b"".join(_line(f"r{i}", body) for i in range(40))  # 2 MB

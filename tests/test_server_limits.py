@@ -96,6 +96,7 @@ def _neutral(field: str, number: str) -> dict[str, Any] | None:
     return neutral.get(field)
 
 
+@pytest.mark.slow
 async def test_edge_numbers_in_every_numeric_field_answer_400_or_a_sane_200(
     client: httpx.AsyncClient, embedded_engine: Any
 ) -> None:

@@ -136,6 +136,7 @@ def test_four_processes_sharing_one_results_directory_keep_every_request_once(
     assert not list(study.glob(".staging-*"))  # the other writers' parts moved in
 
 
+@pytest.mark.slow
 async def test_two_sweeps_at_once_on_one_results_directory_keep_every_request_once(
     app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
