@@ -11,32 +11,14 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .._compare import COMPARE_COLUMNS  # the frame nbcompletions.compare makes
 from .._visible import visible_token
 from ._checks import check_positive_int, require_frame
 from ._colors import LOG10_FLOOR, PROB_COLORSCALE
 from ._style import apply_layout, cell_token, count_of, figure_title
 
-__all__ = ["COMPARE_PLOT_COLUMNS", "compare"]
+__all__ = ["compare"]
 
-#: The columns of `nbcompletions.compare`'s frame that :func:`compare` draws.
-COMPARE_PLOT_COLUMNS = (
-    "text_id",
-    "span",
-    "start_byte",
-    "end_byte",
-    "text",
-    "a_tokens",
-    "b_tokens",
-    "a_logprob",
-    "b_logprob",
-    "a_rank",
-    "b_rank",
-    "a_top",
-    "b_top",
-    "kl_lower",
-    "kl_upper",
-    "disagree",
-)
 
 _DISAGREE_COLOR = "#c0392b"
 _AGREE_COLOR = "#9e9e9e"
@@ -66,7 +48,7 @@ def compare(
     ``start`` are drawn, and the title says when the text was cut.
     """
     function = "compare"
-    require_frame(frame, COMPARE_PLOT_COLUMNS, function=function, frame_name="compare")
+    require_frame(frame, COMPARE_COLUMNS, function=function, frame_name="compare")
     check_positive_int(function, "max_spans", max_spans)
     texts = pd.unique(frame["text_id"]).tolist()
     chosen = texts[0] if text_id is None else text_id
