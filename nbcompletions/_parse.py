@@ -296,3 +296,8 @@ class FinishedChoices:
     def unfinished(self) -> bool:
         """True when no choice was seen or some choice has no finish_reason yet."""
         return not self._finished or not all(self._finished.values())
+
+    @property
+    def cut(self) -> list[int]:
+        """The indexes of the choices seen that have no finish_reason (in index order)."""
+        return sorted(index for index, done in self._finished.items() if not done)
