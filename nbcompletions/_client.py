@@ -28,9 +28,11 @@ import httpx
 
 from . import _retry
 from ._completion import Completion
+from ._corrections import CardLimits
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
+from ._model_card import needs_limits, read_limits, remember_cards
 from ._parse import loads
 from ._profiles import ServerProfile
 from ._request import (
@@ -396,6 +398,7 @@ class AsyncClient(_BaseClient):
     async def complete_request(self, request: CompletionRequest) -> Completion:
         """Send an already validated request (retries and the concurrency limit apply)."""
         request = await self._with_model(request)
+        await self._read_model_card(request)
         if request.stream:
             stream = AsyncStream(
                 self._stream_chunks(request), request, vocab_size=lambda: self.vocab_size
@@ -483,10 +486,25 @@ class AsyncClient(_BaseClient):
         )
         return AsyncResponseStream(pieces)
 
+    async def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model (see `nbcompletions._model_card`); None where the client knows its
+        vocabulary already (given, or the embedded model's)."""
+        settings = self._settings
+        if settings.vocab_size is not None or settings.target.embedded:
+            return None
+        return await read_limits(self, model)
+
+    async def _read_model_card(self, request: CompletionRequest) -> None:
+        # Before the first request whose frames need the vocabulary size (issue 16, case 6).
+        if needs_limits(request.logprobs):
+            await self.model_card_limits(request.model)
+
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         body = await self.request("GET", "/models")
         data = answered_field(body, "data", list, "GET /models", "a data list", status=200)
+        remember_cards(self, data)
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
     async def score(
@@ -639,6 +657,7 @@ class AsyncClient(_BaseClient):
         request: CompletionRequest,
     ) -> AsyncIterator[dict[str, Any]]:
         request = await self._with_model(request)
+        await self._read_model_card(request)
         chunks = self._stream_chunks(request)
         try:
             async for chunk in chunks:

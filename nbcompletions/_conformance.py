@@ -65,6 +65,7 @@ from ._conformance_checks import (
 from ._conformance_consequences import check_sweep, score_max_tokens
 from ._conformance_report import CHECKS, Check, ConformanceReport
 from ._errors import APIError
+from ._model_card import known_limits, read_card
 from ._profiles import ServerProfile
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
@@ -155,7 +156,8 @@ class _Prober:
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
                 raise
-            seen.error = exc
+            if exc.type != "stream_unfinished":  # cut short ([DONE] first): proves nothing
+                seen.error = exc
         except asyncio.TimeoutError:
             seen.error = APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         finally:
@@ -164,20 +166,10 @@ class _Prober:
         return seen
 
     async def models_card(self) -> Mapping[str, Any] | None:
-        self.requests += 1
-        try:
-            body = await self.aclient.request("GET", "/models")
-        except APIError:
-            return None
-        data = body.get("data") if isinstance(body, Mapping) else None
-        if not isinstance(data, list):
-            return None
-        cards = [c for c in data if isinstance(c, Mapping)]
-        model = getattr(self.aclient, "model", None)
-        for card in cards:
-            if card.get("id") == model:
-                return card
-        return cards[0] if len(cards) == 1 else None
+        # One GET /models per client and model, shared with the client's own read of the card.
+        if known_limits(self.aclient) is None:
+            self.requests += 1
+        return await read_card(self.aclient)
 
 
 #: Generated tokens the echo probe compares; max_tokens and best_of of the best_of probe.
@@ -355,9 +347,13 @@ def remember(client: HasAsyncClient, report: ConformanceReport) -> None:
 
 
 def known_vocab_size(client: HasAsyncClient) -> int | None:
-    """The vocabulary size the check found, else the client's profile's; None (no I/O)."""
+    """The vocabulary size the check found, else the model card's (`nbcompletions._model_card`,
+    read before the first request that needs it), else the client's profile's; None (no I/O)."""
     report = cached_report(client)
     if report is not None and report.vocab_size is not None:
         return report.vocab_size
+    card = known_limits(client)
+    if card is not None and card.vocab_size is not None:
+        return card.vocab_size
     profile = getattr(getattr(client, "async_client", client), "profile", None)
     return profile.vocab_size if isinstance(profile, ServerProfile) else None
