@@ -16,6 +16,7 @@ from nbcompletions._corrections import (
     CardLimits,
     UncorrectableError,
     card_limits,
+    correct_choices,
     drop_stop_token,
     head_request_fields,
     unshift_echo,
@@ -218,6 +219,20 @@ def test_drop_stop_token_gives_frames_the_true_sum() -> None:
     after = to_frames({"choices": [drop_stop_token(choice, "!")]}, request)[0]
     assert (before["n_tokens"][0], before["sum_logprob"][0]) == (3, -6.0)
     assert (after["n_tokens"][0], after["sum_logprob"][0]) == (2, -3.0)
+
+
+def test_correct_choices_lists_what_it_could_not_correct() -> None:
+    good = stop_choice([" good", " night", "!"], " good night")
+    bad = stop_choice([" good", "<|endoftext|>"], " good")
+    response = {"id": "x", "choices": [good, "junk", bad]}
+    fixed, failed = correct_choices(response, lambda choice: drop_stop_token(choice, "!"))
+    assert fixed["id"] == "x"
+    assert fixed["choices"][0]["logprobs"]["tokens"] == [" good", " night"]
+    assert fixed["choices"][1:] == ["junk", bad]
+    assert [position for position, _ in failed] == [2]
+    assert "none of the stop strings" in failed[0][1]
+    assert response["choices"][0] is good  # not mutated
+    assert correct_choices({"choices": None}, dict) == ({"choices": None}, [])
 
 
 # -- card_limits ---------------------------------------------------------------------------------
