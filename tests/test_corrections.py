@@ -311,12 +311,13 @@ def test_unshifted_llamacpp_echo_scores_like_our_server(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [",", "\n\n"])  # one token; two ("\n", "\n")
 def test_dropping_llamacpp_stop_token_gives_our_servers_sum(
-    llamacpp_server: Any, embedded_client: Any
+    llamacpp_server: Any, embedded_client: Any, stop: str
 ) -> None:
     """Issue 16 case 4: the stop token kept in the logprobs, dropped: n_tokens and sum_logprob
     equal our server's (greedy, neutral sampling fields)."""
-    prompt, stop = "ROMEO.\n", ","
+    prompt = "ROMEO.\n"
     neutral = {"temperature": 0, "top_k": 0, "min_p": 0, "repeat_penalty": 1.0}
     raw = _post(
         llamacpp_server,
@@ -327,6 +328,6 @@ def test_dropping_llamacpp_stop_token_gives_our_servers_sum(
     before = to_frames(raw, request)[0]
     fixed = drop_stop_token(raw["choices"][0], stop)
     after = to_frames({**raw, "choices": [fixed]}, request)[0]
-    assert before["n_tokens"][0] == truth.choices["n_tokens"][0] + 1
+    assert before["n_tokens"][0] == truth.choices["n_tokens"][0] + len(stop)
     assert after["n_tokens"][0] == truth.choices["n_tokens"][0]
     assert after["sum_logprob"][0] == pytest.approx(truth.choices["sum_logprob"][0], abs=1e-2)
