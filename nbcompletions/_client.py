@@ -1054,6 +1054,11 @@ class Client(_BaseClient):
         """The model ids the server lists (``GET /models``)."""
         return run_sync(self._async.models())
 
+    def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model; None where the client knows its vocabulary already."""
+        return run_sync(self._async.model_card_limits(model))
+
     def score(
         self, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None
     ) -> pd.DataFrame:

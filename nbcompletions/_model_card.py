@@ -10,9 +10,10 @@ lists (model discovery reads them anyway), and the client's request paths call `
 before the first request whose frames need the vocabulary size (logprobs with alternatives), so
 at most one ``GET /models`` is sent per client and model, however many requests run at once. A
 card that cannot be read (an error answer, no ``data`` list) counts as saying nothing, and is not
-asked again. `known_limits` is the no-I/O lookup the client's ``vocab_size`` and the governing
-code (the client-side context bound) use; the conformance check reads the whole card through
-`read_card`, so it shares the same single ``GET /models``.
+asked again; one that failed in passing (no answer, 5xx, 408, 429: one attempt, no retries) is
+asked again by the next request that needs it. `known_limits` is the no-I/O lookup the client's
+``vocab_size`` and the governing code (the client-side context bound) use; the conformance check
+reads the whole card through `read_card`, so it shares the same single ``GET /models``.
 """
 
 from __future__ import annotations
@@ -130,8 +131,12 @@ async def read_card(client: Any, model: str | None = None) -> Mapping[str, Any] 
 
 async def _read(aclient: Any, model: str | None) -> Mapping[str, Any] | None:
     try:
-        body = await aclient.request("GET", "/models")
-    except APIError:
+        # One attempt: the card must not delay (or multiply the retries of) a request to a
+        # server that is down; a passing failure is asked again next time.
+        body = await aclient.request("GET", "/models", retry=False)
+    except APIError as exc:
+        if exc.status is None or exc.status >= 500 or exc.status in (408, 429):
+            return None
         body = None
     found = body.get("data") if isinstance(body, Mapping) else None
     data: list[Any] = found if isinstance(found, list) else []

@@ -88,6 +88,29 @@ async def test_a_card_that_cannot_be_read_is_not_asked_again(app: Any) -> None:
     assert paths.count("GET /v1/models") == 1
 
 
+async def test_a_card_that_failed_in_passing_is_asked_again(app: Any) -> None:
+    paths: list[str] = []
+    real = StreamingASGITransport(app)
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(f"{request.method} {request.url.path}")
+        if paths.count("GET /v1/models") == 1 and request.method == "GET":
+            return httpx.Response(503, json={"error": {"message": "warming up"}})
+        return await real.handle_async_request(request)
+
+    transport = httpx.MockTransport(handler)
+    client = AsyncClient("http://other.test/v1", model=MODEL, transport=transport)
+    try:
+        first = await client.complete("To be", max_tokens=1, logprobs=2)
+        second = await client.complete("To be", max_tokens=1, logprobs=2)
+    finally:
+        await client.close()
+    assert first.tokens.attrs["vocab_size"] == 50257
+    assert second.tokens.attrs["vocab_size"] == 4096
+    # one attempt each (no retries of the card); the completions themselves went through
+    assert paths == ["GET /v1/models", "POST /v1/completions"] * 2
+
+
 def test_needs_limits() -> None:
     assert needs_limits(5)
     assert not needs_limits(0)
