@@ -70,15 +70,16 @@ def unshift_logprobs(vocab_size: int | None, requested: int | None) -> int | Non
 
 def head_request_fields(choice: Mapping[str, Any], logprobs: int) -> dict[str, Any]:
     """The body fields (besides model) of the request whose answer gives position 1's
-    distribution on a shifted server: the first echoed token alone as prompt, one generated token,
-    no echo. Its generated entry's ``top_logprobs[0]`` is `unshift_echo`'s ``head``."""
+    distribution on a shifted server: the first echoed token alone as prompt, one greedy token,
+    no echo. Its generated entry's ``top_logprobs[0]`` is `unshift_echo`'s ``head`` (greedy: the
+    token the server adds to that entry is its top one, so the entry holds no extra token)."""
     tokens = _logprob_lists(choice)[0]
     first = tokens[0] if tokens else None
     if not isinstance(first, str) or not first or first.startswith("bytes:"):
         raise UncorrectableError(
             f"the first echoed token {first!r} is not text that can be sent as a prompt"
         )
-    return {"prompt": first, "max_tokens": 1, "logprobs": logprobs, "echo": False}
+    return {"prompt": first, "max_tokens": 1, "logprobs": logprobs, "echo": False, "temperature": 0}
 
 
 def unshift_echo(

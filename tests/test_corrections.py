@@ -147,7 +147,13 @@ def test_unshift_logprobs_and_the_head_request() -> None:
     assert unshift_logprobs(4096, 5000) == 5000
     assert unshift_logprobs(None, 5) is None
     fields = head_request_fields(shifted_choice(2), 4096)
-    assert fields == {"prompt": "To", "max_tokens": 1, "logprobs": 4096, "echo": False}
+    assert fields == {
+        "prompt": "To",
+        "max_tokens": 1,
+        "logprobs": 4096,
+        "echo": False,
+        "temperature": 0,
+    }
     with pytest.raises(UncorrectableError, match="first echoed token"):
         head_request_fields({"logprobs": {"tokens": ["bytes:\\xe2"]}}, 10)
 
