@@ -84,8 +84,8 @@ def _card_for(data: Sequence[Any], model: str | None) -> Mapping[str, Any] | Non
 
 def remember_cards(client: Any, data: Sequence[Any], model: str | None = None) -> None:
     """Keep a ``GET /models`` ``data`` list's cards: each listed model's, and the one for
-    ``model`` (default: the client's; when it is not listed by name, the only card listed:
-    servers that serve one model under any name)."""
+    ``model`` (default: the client's, else none named; when it is not listed by name, the only
+    card listed: servers that serve one model under any name, or the one discovery picks)."""
     aclient = getattr(client, "async_client", client)
     with contextlib.suppress(TypeError):
         found = _cards.setdefault(aclient, {})
@@ -93,7 +93,7 @@ def remember_cards(client: Any, data: Sequence[Any], model: str | None = None) -
             if isinstance(card, Mapping) and isinstance(card.get("id"), str):
                 found[_key(aclient, card["id"])] = card
         own = _key(aclient, model)
-        if own[1] is not None and own not in found:
+        if own not in found:  # no model named: the only card listed, as discovery would pick
             found[own] = _card_for(data, own[1])
 
 

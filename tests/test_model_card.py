@@ -111,6 +111,21 @@ async def test_a_card_that_failed_in_passing_is_asked_again(app: Any) -> None:
     assert paths == ["GET /v1/models", "POST /v1/completions"] * 2
 
 
+async def test_without_a_model_the_only_card_listed_is_read(app: Any) -> None:
+    from nbcompletions._model_card import read_card
+
+    paths: list[str] = []
+    client = AsyncClient("http://other.test/v1", transport=_recorded(app, paths))
+    try:
+        card = await read_card(client)
+        assert card is not None
+        assert card["id"] == MODEL
+        assert await read_card(client) is card
+    finally:
+        await client.close()
+    assert paths == ["GET /v1/models"]
+
+
 def test_needs_limits() -> None:
     assert needs_limits(5)
     assert not needs_limits(0)
