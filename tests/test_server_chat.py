@@ -265,3 +265,85 @@ async def test_the_openai_sdk_reads_chat_and_its_stream(app: Any) -> None:
     texts = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
     assert "".join(texts) == choice.message.content
     await sdk.close()
+
+
+# -- POST /v1/responses ---------------------------------------------------------------------------
+async def test_responses_are_the_chat_in_the_responses_shape(http: httpx.AsyncClient) -> None:
+    fields: dict[str, Any] = {"temperature": 0, "top_logprobs": 3}
+    chat = await _chat(http, max_completion_tokens=6, logprobs=True, **fields)
+    response = await http.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "instructions": MESSAGES[0]["content"],
+            "input": MESSAGES[1]["content"],
+            "include": ["message.output_text.logprobs"],
+            "max_output_tokens": 6,
+            **fields,
+        },
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "response"
+    assert body["id"].startswith("resp_")
+    assert body["status"] == "incomplete"  # six tokens, cut by max_output_tokens
+    assert body["incomplete_details"] == {"reason": "max_output_tokens"}
+    (message,) = body["output"]
+    assert message["type"] == "message"
+    assert message["role"] == "assistant"
+    (part,) = message["content"]
+    assert part["type"] == "output_text"
+    (choice,) = chat["choices"]
+    assert part["text"] == choice["message"]["content"]
+    assert part["logprobs"] == choice["logprobs"]["content"]
+    assert body["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert body["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+
+
+async def test_responses_input_as_messages_with_parts(http: httpx.AsyncClient) -> None:
+    parts = [{"type": "input_text", "text": "Who"}, {"type": "input_text", "text": "art thou?"}]
+    as_parts = await http.post(
+        "/v1/responses",
+        json={
+            "model": MODEL,
+            "input": [
+                {"type": "message", "role": "system", "content": "Thou art a player."},
+                {"role": "user", "content": parts},
+            ],
+            "temperature": 0,
+            "max_output_tokens": 4,
+        },
+    )
+    joined = [MESSAGES[0], {"role": "user", "content": "Who\nart thou?"}]
+    chat = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": joined, "temperature": 0, "max_tokens": 4},
+    )
+    part = as_parts.json()["output"][0]["content"][0]
+    assert part["text"] == chat.json()["choices"][0]["message"]["content"]
+    assert part["logprobs"] == []  # not included unless asked for
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"input": []}, "input"),
+        ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image"}]}]},
+            "input[0].content[0]",
+        ),
+        ({"include": ["reasoning.encrypted_content"]}, "include"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+        ({"stream": True}, "stream"),
+        ({"temperature": -1}, "temperature"),
+        ({"messages": []}, "messages"),
+    ],
+)
+async def test_bad_responses_fields_are_400_naming_the_field(
+    http: httpx.AsyncClient, fields: dict[str, Any], param: str
+) -> None:
+    response = await http.post("/v1/responses", json={"model": MODEL, "input": "x", **fields})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param

@@ -386,6 +386,35 @@ def test_chat_with_logprobs_plain_and_streamed(sdk: openai.OpenAI) -> None:
     assert deltas[-1].finish_reason == choice.finish_reason
 
 
+def test_responses_with_logprobs(sdk: openai.OpenAI) -> None:
+    result = sdk.responses.create(
+        model=MODEL,
+        input="Who art thou?",
+        include=["message.output_text.logprobs"],
+        top_logprobs=3,
+        max_output_tokens=6,
+        temperature=0,
+    )
+    assert result.object == "response"
+    (message,) = result.output
+    assert message.type == "message"
+    (part,) = message.content
+    assert part.type == "output_text"
+    assert part.text == result.output_text
+    assert part.logprobs
+    assert all(len(entry.top_logprobs) == 3 for entry in part.logprobs)
+    assert result.usage is not None
+    assert result.usage.output_tokens == 6
+    chat = sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    assert chat.choices[0].message.content == result.output_text
+    assert chat.choices[0].logprobs is not None
+    assert [e.logprob for e in chat.choices[0].logprobs.content or []] == [
+        e.logprob for e in part.logprobs
+    ]
+
+
 def test_a_trailing_slash_is_404_not_a_redirect(live_server: str) -> None:
     response = httpx.post(f"{live_server}/completions/", json={"model": MODEL, "prompt": "x"})
     assert response.status_code == 404

@@ -51,6 +51,7 @@ from ._http import (
     request_error,
     server_error,
 )
+from ._responses import RESPONSES_FIELDS, chat_body, response_object
 from ._scheduler import Overloaded, Scheduler, WorkBudget, scheduler_for
 
 __all__ = [
@@ -301,6 +302,14 @@ class CompletionsServer:
             return EventStream(ChatStream(stream, call, self._token_bytes), request_id)
         answer = await self._complete(scheduler, completion, request)
         return JSONResponse(chat_response(answer, call, self._token_bytes))
+
+    async def responses(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, RESPONSES_FIELDS)
+        _refuse_deep_nesting(body, deeper={"input": _MAX_MESSAGE_NESTING})
+        call, scheduler = await self.accept_chat(chat_body(body))
+        answer = await self._complete(scheduler, call.completion, request)
+        return JSONResponse(response_object(answer, call, self._token_bytes, body))
 
     async def accept_chat(self, body: Any) -> tuple[ChatCall, Scheduler]:
         """Validate a chat body as ``POST /v1/chat/completions`` does (the Batch API's lines
