@@ -132,12 +132,14 @@ def chat_call(
     body: Mapping[str, Any],
     *,
     limits: Limits,
+    extra_fields: tuple[str, ...],
     count_tokens: Callable[[str], int] | None,
     context_length: int | None,
     max_tokens_cap: int | None,
 ) -> ChatCall:
     """The completion that answers a chat ``body`` (fields already known to be `CHAT_FIELDS` or
-    samplers). Raises `RequestError` naming the chat field, or `Failure`."""
+    ``extra_fields``, vLLM's fields that pass to the completion's ``extra``). Raises
+    `RequestError` naming the chat field, or `Failure`."""
     prompt = render_chat(body.get("messages"))
     top = _top_logprobs(body)
     max_tokens = _max_tokens(body)
@@ -153,7 +155,7 @@ def chat_call(
             )
         max_tokens = room if max_tokens_cap is None else min(room, max_tokens_cap)
     fields = {name: body[name] for name in _SHARED if body.get(name) is not None}
-    extra = {name: body[name] for name in limits.samplers if name in body}
+    extra = {name: body[name] for name in extra_fields if name in body}
     completion = CompletionRequest(
         prompt=prompt,
         logprobs=top,
@@ -247,6 +249,8 @@ def chat_response(
     ]
     if "usage" in answer:
         out["usage"] = answer["usage"]
+    if answer["choices"] and "prompt_logprobs" in answer["choices"][0]:
+        out["prompt_logprobs"] = answer["choices"][0]["prompt_logprobs"]  # vLLM's place for it
     return out
 
 
