@@ -7,6 +7,7 @@ request unstreamed), never against hard-coded model text.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -347,3 +348,49 @@ async def test_bad_responses_fields_are_400_naming_the_field(
     response = await http.post("/v1/responses", json={"model": MODEL, "input": "x", **fields})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+# -- the Batch API takes chat lines ---------------------------------------------------------------
+async def test_a_chat_batch_answers_as_the_chat_route_does(http: httpx.AsyncClient) -> None:
+    fields: dict[str, Any] = {"max_tokens": 5, "logprobs": True, "top_logprobs": 2}
+    bodies = [{"model": MODEL, "messages": MESSAGES, "seed": i, **fields} for i in range(3)]
+    bodies.append({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]})
+    content = "".join(
+        json.dumps(
+            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
+        )
+        + "\n"
+        for i, b in enumerate(bodies)
+    )
+    files = {"file": ("chat.jsonl", content.encode(), "application/jsonl")}
+    uploaded = await http.post("/v1/files", files=files, data={"purpose": "batch"})
+    assert uploaded.status_code == 200, uploaded.text
+    created = await http.post(
+        "/v1/batches",
+        json={
+            "input_file_id": uploaded.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert created.status_code == 200, created.text
+    batch = created.json()
+    for _ in range(1200):
+        batch = (await http.get(f"/v1/batches/{batch['id']}")).json()
+        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+            break
+        await asyncio.sleep(0.05)
+    assert batch["status"] == "completed", batch
+    assert batch["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    output = await http.get(f"/v1/files/{batch['output_file_id']}/content")
+    lines = {line["custom_id"]: line for line in map(json.loads, output.text.splitlines())}
+    for i in range(3):
+        body = lines[f"c{i}"]["response"]["body"]
+        live = await _chat(http, seed=i, **fields)
+        assert body["object"] == "chat.completion"
+        assert body["choices"] == live["choices"]
+    errors = await http.get(f"/v1/files/{batch['error_file_id']}/content")
+    (failed,) = map(json.loads, errors.text.splitlines())
+    assert failed["custom_id"] == "c3"
+    assert failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["param"] == "messages[0].role"
