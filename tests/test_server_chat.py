@@ -337,7 +337,7 @@ async def test_responses_input_as_messages_with_parts(http: httpx.AsyncClient) -
         ({"include": ["reasoning.encrypted_content"]}, "include"),
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
-        ({"stream": True}, "stream"),
+        ({"stream": 1}, "stream"),
         ({"temperature": -1}, "temperature"),
         ({"messages": []}, "messages"),
     ],
@@ -394,3 +394,41 @@ async def test_a_chat_batch_answers_as_the_chat_route_does(http: httpx.AsyncClie
     assert failed["custom_id"] == "c3"
     assert failed["response"]["status_code"] == 400
     assert failed["response"]["body"]["error"]["param"] == "messages[0].role"
+
+
+async def test_a_streamed_response_says_what_the_response_says(http: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "input": "Who art thou?",
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 2,
+        "max_output_tokens": 6,
+        "temperature": 0,
+    }
+    whole = (await http.post("/v1/responses", json=body)).json()
+    response = await http.post("/v1/responses", json={**body, "stream": True})
+    lines = [line[len("data: ") :] for line in response.text.splitlines() if line]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    kinds = [event["type"] for event in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",  # cut at max_output_tokens
+    ]
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    deltas = [event for event in events if event["type"] == "response.output_text.delta"]
+    (part,) = whole["output"][0]["content"]
+    assert "".join(delta["delta"] for delta in deltas) == part["text"]
+    assert [e for delta in deltas for e in delta["logprobs"]] == part["logprobs"]
+    final = events[-1]["response"]
+    assert final["output"][0]["content"] == whole["output"][0]["content"]
+    assert final["usage"] == whole["usage"]
+    assert final["id"] == events[0]["response"]["id"]

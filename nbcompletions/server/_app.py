@@ -51,7 +51,7 @@ from ._http import (
     request_error,
     server_error,
 )
-from ._responses import RESPONSES_FIELDS, chat_body, response_object
+from ._responses import RESPONSES_FIELDS, ResponseEvents, chat_body, response_object
 from ._scheduler import Overloaded, Scheduler, WorkBudget, scheduler_for
 from ._tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS, detokenize, needs_tokenizer, tokenize
 
@@ -315,6 +315,10 @@ class CompletionsServer:
         self._refuse_unknown(body, RESPONSES_FIELDS)
         _refuse_deep_nesting(body, deeper={"input": _MAX_MESSAGE_NESTING})
         call, scheduler = await self.accept_chat(chat_body(body))
+        if call.completion.stream:
+            stream = await _overload_is_503(scheduler.stream(call.completion))
+            events = ResponseEvents(stream, call, self.token_bytes, body)
+            return EventStream(events, request_id)
         answer = await self._complete(scheduler, call.completion, request)
         return JSONResponse(response_object(answer, call, self.token_bytes, body))
 

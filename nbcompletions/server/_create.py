@@ -73,8 +73,8 @@ def create_app(
     Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``),
     ``POST /v1/chat/completions`` (the same completion of the model's chat template, in Chat's
     shapes; see ``nbcompletions.server._chat``), ``POST /v1/responses`` (the same, as a Responses
-    ``response``; not streamed), ``POST /tokenize`` and ``POST /detokenize`` (vLLM's, in every
-    mode; see ``nbcompletions.server._tokenize``),
+    ``response``, or its events with ``stream``), ``POST /tokenize`` and ``POST /detokenize``
+    (vLLM's, in every mode; see ``nbcompletions.server._tokenize``),
     ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and the Batch API
     (``/v1/files``, ``/v1/batches``; see ``nbcompletions.server._batches``).
 
