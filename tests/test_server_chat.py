@@ -165,6 +165,13 @@ async def test_unset_max_tokens_fills_the_context(http: httpx.AsyncClient, app: 
     body = response.json()
     assert body["usage"]["completion_tokens"] == room
     assert body["choices"][0]["finish_reason"] == "length"
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": long, "max_completion_tokens": room + 1},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_completion_tokens"
+    assert f"at most {room}; got {room + 1}" in response.json()["error"]["message"]
     too_long = [{"role": "user", "content": "To be, or not to be. " * 60}]
     response = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": too_long})
     assert response.status_code == 400

@@ -143,17 +143,32 @@ def chat_call(
     prompt = render_chat(body.get("messages"))
     top = _top_logprobs(body)
     max_tokens = _max_tokens(body)
-    if max_tokens is None and count_tokens is not None and context_length is not None:
+    if count_tokens is not None and context_length is not None:
         room = context_length - count_tokens(prompt)
-        if room < 1:
-            raise Failure(
-                400,
-                f"This model's maximum context length is {context_length} tokens; the messages "
-                f"take {context_length - room} tokens in its chat template, leaving no room for "
-                "a reply. Shorten the messages.",
-                param="messages",
+        if max_tokens is None:
+            if room < 1:
+                raise Failure(
+                    400,
+                    f"This model's maximum context length is {context_length} tokens; the "
+                    f"messages take {context_length - room} tokens in its chat template, leaving "
+                    "no room for a reply. Shorten the messages.",
+                    param="messages",
+                )
+            max_tokens = room if max_tokens_cap is None else min(room, max_tokens_cap)
+        elif max_tokens > room:
+            name = (
+                "max_tokens"
+                if body.get("max_completion_tokens") is None
+                else ("max_completion_tokens")
             )
-        max_tokens = room if max_tokens_cap is None else min(room, max_tokens_cap)
+            raise RequestError(
+                name,
+                f"This model's maximum context length is {context_length} tokens; the messages "
+                f"take {context_length - room} in its chat template, so {name} can be at most "
+                f"{max(room, 0)}; got {max_tokens}",
+                allowed=f"an integer from 0 to {max(room, 0)}",
+                value=max_tokens,
+            )
     fields = {name: body[name] for name in _SHARED if body.get(name) is not None}
     extra = {name: body[name] for name in extra_fields if name in body}
     completion = CompletionRequest(
