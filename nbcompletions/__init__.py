@@ -19,6 +19,7 @@ from ._errors import (
     SweepError,
     SweepWarning,
 )
+from ._chat import ChatRequest, ResponsesRequest
 from ._request import CompletionRequest, Limits
 from ._version import __version__
 
@@ -57,6 +58,7 @@ __all__ = [
     "BudgetError",
     "Cache",
     "CacheError",
+    "ChatRequest",
     "Client",
     "Completion",
     "CompletionRequest",
@@ -67,6 +69,7 @@ __all__ = [
     "Limits",
     "NBCompletionsError",
     "RequestError",
+    "ResponsesRequest",
     "ServerProfile",
     "StreamChunk",
     "SweepError",

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "_types": 0,
     "_errors": 0,
     "_request": 0,
+    "_chat": 0,
     "_parse": 0,
     "_secrets": 0,
     "_retry": 0,
