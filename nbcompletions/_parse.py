@@ -27,6 +27,7 @@ __all__ = [
     "NEG_INF_LOGPROB",
     "FinishedChoices",
     "LogprobColumns",
+    "chat_token",
     "choice_index",
     "choice_text",
     "first_choice",
@@ -192,14 +193,53 @@ def parse_logprobs(logprobs: Mapping[str, Any], where: str = "logprobs") -> Logp
     )
 
 
+def chat_token(entry: Mapping[str, Any]) -> Any:
+    """A chat-shaped entry's token, read from its ``bytes`` where the ``token`` string does not
+    hold them whole: a part of a UTF-8 character shown as U+FFFD, as nothing, or as ``\\xNN``
+    escapes (OpenAI's chat). Bytes that are not whole UTF-8 become OpenAI's ``bytes:\\xNN``
+    form, which the frames and `visible_token` read."""
+    token = entry.get("token")
+    if isinstance(token, str) and token and not _MAY_LACK_BYTES.search(token):
+        return token
+    raw = entry.get("bytes")
+    if not isinstance(raw, list) or not raw:
+        return token
+    try:
+        data = bytes(raw)
+    except (TypeError, ValueError):
+        return token
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Printable ASCII stays as it is (as in OpenAI's own "bytes: \\xf0\\x9f").
+        return "bytes:" + "".join(
+            chr(byte) if 0x20 <= byte < 0x7F and byte != 0x5C else f"\\x{byte:02x}" for byte in data
+        )
+
+
+#: What a token string shows where it may have lost bytes (see `chat_token`).
+_MAY_LACK_BYTES = re.compile(r"\ufffd|\\x[0-9a-fA-F]{2}")
+
+
+def _needs_bytes(tokens: list[Any]) -> bool:
+    """True when some token may have lost bytes (see `chat_token`): one scan of them all."""
+    try:
+        return _MAY_LACK_BYTES.search("".join(tokens)) is not None or "" in tokens
+    except TypeError:  # a null or non-string token
+        return True
+
+
 def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
     for i, entry in enumerate(content):
         if not isinstance(entry, Mapping):
             raise ValueError(
                 f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
             )
+    tokens = [e.get("token") for e in content]
+    if _needs_bytes(tokens):
+        tokens = [chat_token(e) for e in content]
     return (
-        [e.get("token") for e in content],
+        tokens,
         [e.get("logprob") for e in content],
         [e.get("top_logprobs") for e in content],
         None,
@@ -224,7 +264,7 @@ def top_items(entry: Any) -> list[tuple[Any, Any]]:
                     "top_logprobs list entries must be objects with token and "
                     f"logprob; got {type(item).__name__}: {item!r}"
                 )
-            pairs.append((item.get("token"), item.get("logprob")))
+            pairs.append((chat_token(item), item.get("logprob")))
         return pairs
     raise ValueError(
         "each top_logprobs entry must be an object {token: logprob}, a list of "

@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "_streaming": 2,
     "_completion": 2,
     "_frames": 2,
+    "_chat_frames": 2,
     "_visible": 2,
     "_endpoint": 2,
     "_settings": 2,
