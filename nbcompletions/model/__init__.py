@@ -9,6 +9,9 @@ What other parts of the package may ask about a model id without loading the mod
 ``count_tokens(model_id, text)`` (the tokenizer alone, for budget estimates) and
 ``vocab_size(model_id)`` (config.json alone). Each answers None for a model id that is not the
 embedded model.
+
+``render_chat(messages)`` writes a conversation in the model's chat template (`CHAT_TEMPLATE`, the
+Jinja source that tokenizer_config.json carries for transformers and vLLM).
 """
 
 from __future__ import annotations
@@ -21,16 +24,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._checks import positive_int
+from ._chat_template import CHAT_TEMPLATE, chat_messages, render_chat
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._engine import Engine
 
 __all__ = [
+    "CHAT_TEMPLATE",
     "FILES_DIR",
     "MODEL_ID",
     "Engine",
+    "chat_messages",
     "count_tokens",
     "load_engine",
+    "render_chat",
     "vocab_size",
     "weights_fingerprint",
 ]

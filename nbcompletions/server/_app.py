@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -31,6 +31,15 @@ from .._request import (
     chat_field_hint,
     shown,
 )
+from ._chat import (
+    CHAT_FIELDS,
+    ChatCall,
+    ChatStream,
+    TokenBytes,
+    chat_call,
+    chat_response,
+    token_bytes_of,
+)
 from ._http import (
     BearerAuth,
     EventStream,
@@ -42,6 +51,7 @@ from ._http import (
     request_error,
     server_error,
 )
+from ._responses import RESPONSES_FIELDS, chat_body, response_object
 from ._scheduler import Overloaded, Scheduler, WorkBudget, scheduler_for
 
 __all__ = [
@@ -53,6 +63,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("nbcompletions.server")
+_Answer = TypeVar("_Answer")
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 #: Seconds a client has to send its whole request body (a body that trickles in ties up a
@@ -64,6 +75,26 @@ COMPAT_MODES = ("openai", "vllm")
 _OWNED_BY = "nbcompletions"
 #: The deepest a field nests: prompt as a list of token-id lists.
 _MAX_NESTING = 2
+#: messages: a list of messages, each with a list of content parts (objects).
+_MAX_MESSAGE_NESTING = 4
+
+
+def _utf8_token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="surrogatepass"))
+
+
+async def _overload_is_503(work: Awaitable[_Answer]) -> _Answer:
+    """``await work``, with the scheduler's `Overloaded` as a 503 with Retry-After."""
+    try:
+        return await work
+    except Overloaded as exc:
+        raise Failure(
+            503,
+            exc.message,
+            type="server_error",
+            code="server_overloaded",
+            headers={"retry-after": str(exc.retry_after)},
+        ) from None
 
 
 class CompletionEngine(Protocol):
@@ -108,6 +139,8 @@ class CompletionsServer:
         self._load_lock = threading.Lock()
         self._scheduler: Scheduler | None = None
         self._started = int(time.time())
+        #: A token string's bytes, for Chat's logprobs (the engine's vocabulary once loaded).
+        self._token_bytes: TokenBytes = _utf8_token_bytes
 
     def __repr__(self) -> str:
         key = "set" if self.auth.required else "none"
@@ -246,34 +279,91 @@ class CompletionsServer:
     async def completions(self, request: Request, request_id: str) -> Response:
         body = await self.read_json(request)
         completion, scheduler = await self.accept(body)
-        try:
-            if completion.stream:
-                return EventStream(await scheduler.stream(completion), request_id)
-            result = await scheduler.complete(completion, disconnected=disconnected(request))
-        except Overloaded as exc:
-            raise Failure(
-                503,
-                exc.message,
-                type="server_error",
-                code="server_overloaded",
-                headers={"retry-after": str(exc.retry_after)},
-            ) from None
+        if completion.stream:
+            return EventStream(await _overload_is_503(scheduler.stream(completion)), request_id)
+        return JSONResponse(await self._complete(scheduler, completion, request))
+
+    async def _complete(
+        self, scheduler: Scheduler, completion: CompletionRequest, request: Request
+    ) -> dict[str, Any]:
+        result = await _overload_is_503(
+            scheduler.complete(completion, disconnected=disconnected(request))
+        )
         if result is None:
             raise ClientDisconnect()  # the client left; its work stopped
-        return JSONResponse(result)
+        return result
+
+    async def chat_completions(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        call, scheduler = await self.accept_chat(body)
+        completion = call.completion
+        if completion.stream:
+            stream = await _overload_is_503(scheduler.stream(completion))
+            return EventStream(ChatStream(stream, call, self._token_bytes), request_id)
+        answer = await self._complete(scheduler, completion, request)
+        return JSONResponse(chat_response(answer, call, self._token_bytes))
+
+    async def responses(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, RESPONSES_FIELDS)
+        _refuse_deep_nesting(body, deeper={"input": _MAX_MESSAGE_NESTING})
+        call, scheduler = await self.accept_chat(chat_body(body))
+        answer = await self._complete(scheduler, call.completion, request)
+        return JSONResponse(response_object(answer, call, self._token_bytes, body))
+
+    async def accept_chat(self, body: Any) -> tuple[ChatCall, Scheduler]:
+        """Validate a chat body as ``POST /v1/chat/completions`` does (the Batch API's lines
+        too): the completion that answers it and the scheduler to run it."""
+        self._refuse_unknown(body, (*CHAT_FIELDS, *sorted(self.limits.samplers)))
+        _refuse_deep_nesting(body, deeper={"messages": _MAX_MESSAGE_NESTING})
+        engine = await self.engine()
+        encode = getattr(engine, "encode", None)
+        context_length = getattr(engine, "context_length", None)
+        call = chat_call(
+            body,
+            limits=self.limits,
+            count_tokens=(lambda text: len(encode(text))) if callable(encode) else None,
+            context_length=context_length if isinstance(context_length, int) else None,
+            max_tokens_cap=self.max_tokens_cap,
+        )
+        self._check_model(engine, call.completion.model)
+        given, cap = call.completion.max_tokens, self.max_tokens_cap
+        if cap is not None and given is not None and given > cap:
+            name = (
+                "max_tokens"
+                if body.get("max_completion_tokens") is None
+                else "max_completion_tokens"
+            )
+            raise Failure(
+                400,
+                f"{name} must be an integer from 0 to {cap} on this server; got {given}",
+                param=name,
+            )
+        if self._token_bytes is _utf8_token_bytes:
+            self._token_bytes = token_bytes_of(getattr(engine, "vocab", None))
+        return call, self._scheduler_for(engine)
 
     async def accept(self, body: Any) -> tuple[CompletionRequest, Scheduler]:
         """Validate a completion body as ``POST /v1/completions`` does (the Batch API's lines
         too): the request and the scheduler to run it, or `Failure`/`RequestError`."""
+        self._refuse_unknown(body, (*FIELDS, *sorted(self.limits.samplers)))
+        _refuse_deep_nesting(body)
+        completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
+        engine = await self.engine()
+        self._check_model(engine, completion.model)
+        completion = self._apply_cap(completion)
+        return completion, self._scheduler_for(engine)
+
+    @staticmethod
+    def _refuse_unknown(body: Any, accepted: tuple[str, ...]) -> None:
         if not isinstance(body, dict):
             raise Failure(
                 400, f"The request body must be a JSON object; got a JSON {json_kind(body)}."
             )
-        accepted = (*FIELDS, *sorted(self.limits.samplers))
         unknown = [key for key in body if key not in accepted]
         if unknown:
             name = unknown[0] if len(unknown[0]) <= 100 else unknown[0][:100] + "..."
-            chat = chat_field_hint(name)
+            chat = chat_field_hint(name) if "prompt" in accepted else None
             raise Failure(
                 400,
                 f"Unrecognized request argument supplied: {name}. "
@@ -281,12 +371,6 @@ class CompletionsServer:
                 + f"The fields are: {', '.join(accepted)}.",
                 param=name,
             )
-        _refuse_deep_nesting(body)
-        completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
-        engine = await self.engine()
-        self._check_model(engine, completion.model)
-        completion = self._apply_cap(completion)
-        return completion, self._scheduler_for(engine)
 
     async def models(self, request: Request, request_id: str) -> Response:
         engine = await self.engine()
@@ -302,20 +386,23 @@ class CompletionsServer:
         return JSONResponse({"status": "ok", "engine_loaded": self.engine_loaded})
 
 
-def _refuse_deep_nesting(body: dict[str, Any]) -> None:
+def _refuse_deep_nesting(body: dict[str, Any], deeper: Mapping[str, int] | None = None) -> None:
     """400 for a field nested deeper than any field may be: the value checks recurse, so a
-    prompt nested 985 lists deep (in a batch line, whose JSON had parsed) answered 500."""
+    prompt nested 985 lists deep (in a batch line, whose JSON had parsed) answered 500.
+    ``deeper``: fields allowed more levels (a chat's messages hold lists of content parts)."""
     for field, value in body.items():
+        deepest = (deeper or {}).get(field, _MAX_NESTING)
         pending = [(value, 0)]  # (value, how many lists and objects hold it)
         while pending:
             item, depth = pending.pop()
             if isinstance(item, list | dict):
-                if depth >= _MAX_NESTING:
+                if depth >= deepest:
                     raise Failure(
                         400,
-                        f"{field} is nested more than {_MAX_NESTING} levels deep (lists or "
-                        "objects within each other); the deepest field, prompt, is a list of "
-                        "token-id lists.",
+                        f"{field} is nested more than {deepest} levels deep (lists or "
+                        "objects within each other); the deepest fields are messages (a list "
+                        "of messages whose content is a list of parts) and prompt (a list of "
+                        "token-id lists).",
                         param=field,
                     )
                 pending.extend(

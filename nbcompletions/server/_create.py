@@ -71,6 +71,9 @@ def create_app(
     """The OpenAI-compatible Completions app (an ASGI app).
 
     Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``),
+    ``POST /v1/chat/completions`` (the same completion of the model's chat template, in Chat's
+    shapes; see ``nbcompletions.server._chat``), ``POST /v1/responses`` (the same, as a Responses
+    ``response``; not streamed),
     ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and the Batch API
     (``/v1/files``, ``/v1/batches``; see ``nbcompletions.server._batches``).
 
@@ -131,6 +134,8 @@ def _assemble(
 ) -> Starlette:
     routes = [
         Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
+        Route("/v1/chat/completions", server.endpoint(server.chat_completions), methods=["POST"]),
+        Route("/v1/responses", server.endpoint(server.responses), methods=["POST"]),
         Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", server.endpoint(server.model), methods=["GET"]),
         Route("/health", server.endpoint(server.health, auth=False), methods=["GET"]),

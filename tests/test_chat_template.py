@@ -1,0 +1,122 @@
+"""The embedded model's chat template: the Jinja kept in tokenizer_config.json (what transformers
+and vLLM render) and `nbcompletions.model.render_chat` write the same text."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nbcompletions import RequestError
+from nbcompletions.model import CHAT_TEMPLATE, FILES_DIR, chat_messages, render_chat
+
+CONVERSATIONS: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Who art thou?"}],
+    [
+        {"role": "system", "content": "Speak as Hamlet."},
+        {"role": "user", "content": "To be?"},
+        {"role": "assistant", "content": " Or not to be."},
+        {"role": "user", "content": "That is\nthe question: café ✓ 𝄞"},
+    ],
+    [{"role": "developer", "content": ""}, {"role": "assistant", "content": "<|endoftext|>x"}],
+]
+
+
+def test_render_chat_writes_the_documented_turns() -> None:
+    assert render_chat(CONVERSATIONS[1]) == (
+        "SYSTEM: Speak as Hamlet.\nUSER: To be?\nASSISTANT:  Or not to be.<|endoftext|>\n"
+        "USER: That is\nthe question: café ✓ 𝄞\nASSISTANT:"
+    )
+    assert render_chat(CONVERSATIONS[0], add_generation_prompt=False) == "USER: Who art thou?\n"
+
+
+def test_tokenizer_config_carries_the_template() -> None:
+    config = json.loads((FILES_DIR / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    card = (FILES_DIR / "README.md").read_text()
+    assert "**Chat template**" in card
+    assert "render_chat" in card
+
+
+@pytest.mark.parametrize("generation", [True, False])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_jinja_rendering_equals_render_chat(
+    conversation: list[dict[str, str]], generation: bool
+) -> None:
+    # transformers renders with a sandboxed environment, trim_blocks and lstrip_blocks.
+    jinja2 = pytest.importorskip("jinja2")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    template = env.from_string(CHAT_TEMPLATE)
+    assert isinstance(template, jinja2.Template)
+    rendered = template.render(messages=conversation, add_generation_prompt=generation)
+    assert rendered == render_chat(conversation, add_generation_prompt=generation)
+
+
+def test_text_parts_are_joined_with_newlines() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert chat_messages([{"role": "user", "content": parts}]) == [
+        {"role": "user", "content": "a\nb"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([], "messages"),
+        ("hello", "messages"),
+        ([{"role": "user"}], "messages[0].content"),
+        ([{"role": "user", "content": "a"}, "b"], "messages[1]"),
+        ([{"role": "tool", "content": "a"}], "messages[0].role"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": "\ud800"}], "messages[0].content"),
+    ],
+)
+def test_malformed_messages_name_the_field(messages: Any, param: str) -> None:
+    with pytest.raises(RequestError) as info:
+        render_chat(messages)
+    assert info.value.param == param
+    assert param in str(info.value)
+    assert "got" in str(info.value)
+
+
+def _transformers_python() -> str:
+    """A Python with transformers (NBC_TORCH_PYTHON, as test_model_reference finds it), or skip."""
+    candidate = os.environ.get("NBC_TORCH_PYTHON") or os.environ.get("NBC_LMEVAL_PYTHON")
+    if not candidate or not Path(candidate).exists():
+        pytest.skip("no Python with transformers: set NBC_TORCH_PYTHON to compare with it")
+    probe = subprocess.run([candidate, "-c", "import transformers"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{candidate} cannot import transformers")
+    return candidate
+
+
+def test_transformers_apply_chat_template_equals_render_chat() -> None:
+    python = _transformers_python()
+    script = (
+        "import json, sys\n"
+        "from transformers import AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
+        "cases = json.loads(sys.stdin.read())\n"
+        "print(json.dumps([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g)"
+        " for c, g in cases]))\n"
+    )
+    cases = [(c, g) for c in CONVERSATIONS for g in (True, False)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run(
+        [python, "-c", script, str(FILES_DIR)],
+        input=json.dumps(cases),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rendered = json.loads(done.stdout.strip().splitlines()[-1])
+    assert rendered == [render_chat(c, add_generation_prompt=g) for c, g in cases]
