@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
 from ._usage import token_counts
@@ -225,18 +227,22 @@ _MAY_LACK_BYTES = re.compile(r"\ufffd|\\x[0-9a-fA-F]{2}")
 
 def read_chat_tokens(entries: list[Any], tokens: list[Any]) -> list[Any]:
     """``tokens`` (the ``token`` of each chat-shaped entry), with those that may have lost bytes
-    read again by `chat_token`. One scan of them all first: usually none has."""
+    read again by `chat_token`. One scan of them all finds which: usually none."""
     try:
-        clean = _MAY_LACK_BYTES.search("".join(tokens)) is None and "" not in tokens
+        joined = "".join(tokens)
     except TypeError:  # a null or non-string token
-        clean = False
-    if clean:
+        return [chat_token(entry) for entry in entries]
+    found = [match.start() for match in _MAY_LACK_BYTES.finditer(joined)]
+    if not found and "" not in tokens:
         return tokens
-    search = _MAY_LACK_BYTES.search
-    return [
-        chat_token(entry) if not isinstance(token, str) or not token or search(token) else token
-        for entry, token in zip(entries, tokens, strict=True)
-    ]
+    lengths = list(map(len, tokens))
+    ends = list(accumulate(lengths))
+    suspects = {bisect_right(ends, start) for start in found}
+    suspects.update(i for i, length in enumerate(lengths) if not length)
+    tokens = list(tokens)
+    for i in suspects:
+        tokens[i] = chat_token(entries[i])
+    return tokens
 
 
 def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
