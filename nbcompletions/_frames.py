@@ -750,9 +750,10 @@ def _choices_frame(
         count = np.bincount(row_choice[mask], minlength=n_choices)
         total = np.bincount(row_choice[mask], weights=token_logprobs[mask], minlength=n_choices)
         total = np.where(count > 0, total, np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             mean = total / count
-        return total, mean, np.exp(-mean)
+            # A mean below -709 (vLLM's -9999 for a -inf logprob) is an infinite perplexity.
+            return total, mean, np.exp(-mean)
 
     generated = ~echo & np.repeat(resolved, rows.lengths)
     sum_lp, mean_lp, ppl = stats(generated & logprob_known)
