@@ -26,6 +26,26 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
 ]
 
 
+#: Open last turns that transformers 4 and 5 cut alike (4 strips the content's whitespace and
+#: cuts after it; 5, which vLLM 0.32 runs, cuts where the content ends, as render_chat does).
+CONTINUED: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Good morrow"}],
+    [{"role": "user", "content": "Hi there"}],
+]
+
+
+def test_continue_final_message_leaves_the_last_turn_open() -> None:
+    # Whitespace and an empty content kept as transformers 5 keeps them (checked by hand against
+    # 5.19, vLLM 0.32's).
+    spaced = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Good  "}]
+    assert render_chat(spaced, False, continue_final_message=True) == "USER: Hi\nASSISTANT:  Good  "
+    empty = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
+    assert render_chat(empty, False, continue_final_message=True) == "USER: Hi\nASSISTANT: "
+    with pytest.raises(RequestError) as info:
+        render_chat(CONTINUED[0], True, continue_final_message=True)
+    assert info.value.param == "continue_final_message"
+
+
 def test_render_chat_writes_the_documented_turns() -> None:
     assert render_chat(CONVERSATIONS[1]) == (
         "SYSTEM: Speak as Hamlet.\nUSER: To be?\nASSISTANT:  Or not to be.<|endoftext|>\n"
@@ -86,14 +106,23 @@ def test_malformed_messages_name_the_field(messages: Any, param: str) -> None:
 
 
 def _transformers_python() -> str:
-    """A Python with transformers (NBC_TORCH_PYTHON, as test_model_reference finds it), or skip."""
-    candidate = os.environ.get("NBC_TORCH_PYTHON") or os.environ.get("NBC_LMEVAL_PYTHON")
-    if not candidate or not Path(candidate).exists():
-        pytest.skip("no Python with transformers: set NBC_TORCH_PYTHON to compare with it")
-    probe = subprocess.run([candidate, "-c", "import transformers"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"{candidate} cannot import transformers")
-    return candidate
+    """A Python with transformers, found as test_model_reference finds it; else skip (fail under
+    NBC_REQUIRE_TORCH=1, as CI runs)."""
+    root = Path(__file__).resolve().parents[1]
+    candidates = [
+        os.environ.get("NBC_TORCH_PYTHON"),
+        os.environ.get("NBC_LMEVAL_PYTHON"),
+        str(root / ".venv-lmeval" / "bin" / "python"),
+    ]
+    for candidate in filter(None, candidates):
+        if Path(candidate).exists():
+            probe = subprocess.run([candidate, "-c", "import transformers"], capture_output=True)
+            if probe.returncode == 0:
+                return candidate
+    problem = "no Python with transformers: set NBC_TORCH_PYTHON to compare with it"
+    if os.environ.get("NBC_REQUIRE_TORCH") == "1":
+        pytest.fail(problem)
+    pytest.skip(problem)
 
 
 def test_transformers_apply_chat_template_equals_render_chat() -> None:
@@ -103,10 +132,11 @@ def test_transformers_apply_chat_template_equals_render_chat() -> None:
         "from transformers import AutoTokenizer\n"
         "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
         "cases = json.loads(sys.stdin.read())\n"
-        "print(json.dumps([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g)"
-        " for c, g in cases]))\n"
+        "print(json.dumps([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g,"
+        " continue_final_message=f) for c, g, f in cases]))\n"
     )
-    cases = [(c, g) for c in CONVERSATIONS for g in (True, False)]
+    cases = [(c, g, False) for c in CONVERSATIONS for g in (True, False)]
+    cases += [(c, False, True) for c in CONTINUED]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     done = subprocess.run(
@@ -119,4 +149,6 @@ def test_transformers_apply_chat_template_equals_render_chat() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rendered = json.loads(done.stdout.strip().splitlines()[-1])
-    assert rendered == [render_chat(c, add_generation_prompt=g) for c, g in cases]
+    assert rendered == [
+        render_chat(c, add_generation_prompt=g, continue_final_message=f) for c, g, f in cases
+    ]
