@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._chat import ChatRequest, ResponsesRequest
 from ._errors import (
     APIError,
     BudgetError,
@@ -57,6 +58,7 @@ __all__ = [
     "BudgetError",
     "Cache",
     "CacheError",
+    "ChatRequest",
     "Client",
     "Completion",
     "CompletionRequest",
@@ -67,6 +69,7 @@ __all__ = [
     "Limits",
     "NBCompletionsError",
     "RequestError",
+    "ResponsesRequest",
     "ServerProfile",
     "StreamChunk",
     "SweepError",

@@ -6,6 +6,7 @@ import html
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._chat import ChatRequest, ResponsesRequest
 from ._parse import choice_text, first_choice, sorted_choices
 from ._request import CompletionRequest
 
@@ -22,7 +23,9 @@ class Completion:
 
     ``.choices``, ``.tokens`` and ``.alternatives`` are the frames of `nbcompletions.to_frames`,
     built once, on first access (pandas is imported only then). ``vocab_size`` feeds the entropy
-    bounds.
+    bounds. An answer of the Chat Completions or Responses API (``request`` a `ChatRequest` or
+    `ResponsesRequest`, or a ``chat.completion`` body) has the same frames plus chat's columns
+    (`nbcompletions._chat_frames`); a Responses answer's ``raw`` is its chat-shaped reading.
     """
 
     __slots__ = ("_body", "_frames", "raw", "request", "vocab_size")
@@ -30,7 +33,7 @@ class Completion:
     def __init__(
         self,
         raw: Mapping[str, Any],
-        request: CompletionRequest | None = None,
+        request: CompletionRequest | ChatRequest | ResponsesRequest | None = None,
         *,
         vocab_size: int | None = None,
     ) -> None:
@@ -78,10 +81,26 @@ class Completion:
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """``(choices, tokens, alternatives)``, built on the first call and cached."""
         if self._frames is None:
-            from ._frames import to_frames
+            if self.api == "completions":
+                from ._frames import to_frames
 
-            self._frames = to_frames(self.raw, self.request, vocab_size=self.vocab_size)
+                assert not isinstance(self.request, ChatRequest | ResponsesRequest)
+                self._frames = to_frames(self.raw, self.request, vocab_size=self.vocab_size)
+            else:
+                from ._chat_frames import chat_frames
+
+                self._frames = chat_frames(self.raw, self.request, vocab_size=self.vocab_size)
         return self._frames
+
+    @property
+    def api(self) -> str:
+        """Which API answered: ``"completions"``, ``"chat"`` or ``"responses"``."""
+        if isinstance(self.request, ChatRequest | ResponsesRequest):
+            return self.request.api
+        if self.request is None and self.raw.get("object") == "chat.completion":
+            return "chat"
+        # A completion request answered in chat's shape (a proxy's chunks) is still a completion.
+        return "completions"
 
     @property
     def choices(self) -> pd.DataFrame:

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
 from ._usage import token_counts
@@ -34,12 +36,15 @@ __all__ = [
     "FinishedChoices",
     "LogprobColumns",
     "bytes_token",
+    "chat_token",
     "choice_index",
     "choice_text",
     "first_choice",
     "loads",
     "parse_logprobs",
     "prompt_tokens",
+    "read_chat_tokens",
+    "responses_as_chat",
     "sorted_choices",
     "token_bytes",
     "top_items",
@@ -200,6 +205,48 @@ def parse_logprobs(logprobs: Mapping[str, Any], where: str = "logprobs") -> Logp
     )
 
 
+def chat_token(entry: Mapping[str, Any]) -> Any:
+    """A chat-shaped entry's token, read from its ``bytes`` where the ``token`` string does not
+    hold them whole: a part of a UTF-8 character shown as U+FFFD, as nothing, or as ``\\xNN``
+    escapes (OpenAI's chat). Bytes that are not whole UTF-8 become OpenAI's ``bytes:\\xNN``
+    form, which the frames and `visible_token` read."""
+    token = entry.get("token")
+    if isinstance(token, str) and token and not _MAY_LACK_BYTES.search(token):
+        return token
+    raw = entry.get("bytes")
+    if not isinstance(raw, list) or not raw:
+        return token
+    try:
+        data = bytes(raw)
+    except (TypeError, ValueError):
+        return token
+    return bytes_token(data)
+
+
+#: What a token string shows where it may have lost bytes (see `chat_token`).
+_MAY_LACK_BYTES = re.compile(r"\ufffd|\\x[0-9a-fA-F]{2}")
+
+
+def read_chat_tokens(entries: list[Any], tokens: list[Any]) -> list[Any]:
+    """``tokens`` (the ``token`` of each chat-shaped entry), with those that may have lost bytes
+    read again by `chat_token`. One scan of them all finds which: usually none."""
+    try:
+        joined = "".join(tokens)
+    except TypeError:  # a null or non-string token
+        return [chat_token(entry) for entry in entries]
+    found = [match.start() for match in _MAY_LACK_BYTES.finditer(joined)]
+    if not found and "" not in tokens:
+        return tokens
+    lengths = list(map(len, tokens))
+    ends = list(accumulate(lengths))
+    suspects = {bisect_right(ends, start) for start in found}
+    suspects.update(i for i, length in enumerate(lengths) if not length)
+    tokens = list(tokens)
+    for i in suspects:
+        tokens[i] = chat_token(entries[i])
+    return tokens
+
+
 def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
     for i, entry in enumerate(content):
         if not isinstance(entry, Mapping):
@@ -207,7 +254,7 @@ def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
                 f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
             )
     return (
-        [_entry_token(e) for e in content],
+        read_chat_tokens(content, [e.get("token") for e in content]),
         [e.get("logprob") for e in content],
         [e.get("top_logprobs") for e in content],
         None,
@@ -232,7 +279,7 @@ def top_items(entry: Any) -> list[tuple[Any, Any]]:
                     "top_logprobs list entries must be objects with token and "
                     f"logprob; got {type(item).__name__}: {item!r}"
                 )
-            pairs.append((_entry_token(item), item.get("logprob")))
+            pairs.append((chat_token(item), item.get("logprob")))
         return pairs
     raise ValueError(
         "each top_logprobs entry must be an object {token: logprob}, a list of "
@@ -259,17 +306,6 @@ def token_bytes(token: str) -> bytes:
         except (UnicodeError, ValueError):  # not the bytes: form after all: the text itself
             pass
     return token.encode("utf-8", "surrogatepass")
-
-
-def _entry_token(entry: Mapping[str, Any]) -> Any:
-    """A chat-shaped entry's token: from its ``bytes`` list of byte values where it has one."""
-    raw = entry.get("bytes")
-    if isinstance(raw, list) and raw:
-        try:
-            return bytes_token(bytes(raw))
-        except (TypeError, ValueError):  # not byte values: the token as sent
-            pass
-    return entry.get("token")
 
 
 # -- streams --------------------------------------------------------------------------------------
@@ -301,3 +337,69 @@ class FinishedChoices:
     def cut(self) -> list[int]:
         """The indexes of the choices seen that have no finish_reason (in index order)."""
         return sorted(index for index, done in self._finished.items() if not done)
+
+
+# -- the Responses API ----------------------------------------------------------------------------
+
+#: Responses API status -> the finish_reason a chat completion would give.
+_FINISH = {"completed": "stop", "incomplete": "length"}
+
+
+def _output_texts(body: Mapping[str, Any]) -> tuple[str | None, list[Any], str | None, bool]:
+    """(text, logprob entries, refusal, has logprobs) of a Responses answer's message outputs."""
+    texts: list[str] = []
+    entries: list[Any] = []
+    refusals: list[str] = []
+    has_logprobs = False
+    output = body.get("output")
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, Mapping) or item.get("type") != "message":
+            continue  # reasoning items, tool calls
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, Mapping):
+                continue
+            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+                logprobs = part.get("logprobs")
+                if isinstance(logprobs, list):
+                    has_logprobs = True
+                    entries.extend(logprobs)
+            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                refusals.append(part["refusal"])
+    text = "".join(texts) if texts or not refusals else None
+    return text, entries, "".join(refusals) if refusals else None, has_logprobs
+
+
+def responses_as_chat(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses API answer (``output[].content[]`` of type ``output_text``, with
+    ``logprobs``) read as a chat completion (one choice; usage renamed), so that one code path
+    makes the frames, and ``Completion.text`` and ``.usage`` work alike for all three APIs."""
+    text, entries, refusal, has_logprobs = _output_texts(body)
+    status = body.get("status")
+    details = body.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, Mapping) else None
+    finish = "length" if reason == "max_output_tokens" else _FINISH.get(str(status), status)
+    usage = body.get("usage")
+    counts: dict[str, Any] | None = None
+    if isinstance(usage, Mapping):
+        counts = {
+            "prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+            "total_tokens": usage.get("total_tokens"),
+        }
+    return {
+        "id": body.get("id"),
+        "object": "chat.completion",
+        "created": body.get("created_at"),
+        "model": body.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": refusal},
+                "logprobs": {"content": entries, "refusal": None} if has_logprobs else None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": counts,
+    }
