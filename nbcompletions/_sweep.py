@@ -140,6 +140,7 @@ async def asweep(
     client: AsyncCompletionsClient,
     prompt: Any = None,
     *,
+    messages: Any = None,
     repeats: int = 1,
     cache: Any = None,
     max_concurrency: int | None = None,
@@ -164,6 +165,8 @@ async def asweep(
             "nbcompletions.sweep(...), which works in Jupyter without await"
         )
     sender = _sender(client, batch, results, max_concurrency, fail_fast)
+    if messages is not None:
+        fields["messages"] = messages
     plan = plan_sweep(
         client,
         prompt,
@@ -186,6 +189,7 @@ def sweep(
     client: HasAsyncClient,
     prompt: Any = None,
     *,
+    messages: Any = None,
     repeats: int = 1,
     cache: Any = None,
     max_concurrency: int | None = None,
@@ -217,6 +221,12 @@ def sweep(
     sent does, the sweep stops and raises `SweepError` with the first error (``fail_fast=None``:
     never).
 
+    ``messages=`` instead of ``prompt=`` sweeps Chat Completions (``POST /chat/completions``): a
+    conversation (a list of ``{"role", "content"}`` dicts) is one value, a list or a dict of them
+    an axis, and the other fields are chat's (``max_completion_tokens``, ``logprobs=True``,
+    ``top_logprobs``). Its frames have a completion sweep's columns with ``messages`` (the
+    conversation as JSON text) for ``prompt``, plus ``role``, ``refusal`` and ``api``.
+
     ``shard=(i, k)`` runs the i-th of k disjoint slices of the grid (by a hash of each request);
     ``load_sweep([dir1, dir2, ...])`` merges their results directories.
 
@@ -233,6 +243,8 @@ def sweep(
 
     aclient = as_async(client)
     sender = _sender(aclient, batch, results, max_concurrency, fail_fast)
+    if messages is not None:
+        fields["messages"] = messages
     plan = plan_sweep(
         aclient,
         prompt,
