@@ -343,6 +343,11 @@ class CompletionsServer:
             self._token_bytes = token_bytes_of(getattr(engine, "vocab", None))
         return call, self._scheduler_for(engine)
 
+    def chat_answer(self, answer: dict[str, Any], call: ChatCall) -> dict[str, Any]:
+        """The chat completion body of ``answer``, the completion `accept_chat` asked for (the
+        Batch API's chat lines)."""
+        return chat_response(answer, call, self._token_bytes)
+
     async def accept(self, body: Any) -> tuple[CompletionRequest, Scheduler]:
         """Validate a completion body as ``POST /v1/completions`` does (the Batch API's lines
         too): the request and the scheduler to run it, or `Failure`/`RequestError`."""

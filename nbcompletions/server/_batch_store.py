@@ -42,7 +42,7 @@ __all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchStore"]
 logger = logging.getLogger("nbcompletions.server")
 
 #: The endpoints a batch may target (the only one this server serves).
-BATCH_ENDPOINTS = ("/v1/completions",)
+BATCH_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 #: OpenAI's only completion window.
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 _TERMINAL = ("failed", "completed", "expired", "cancelled")
@@ -616,12 +616,17 @@ class BatchStore:
         }
 
     async def run_line(
-        self, body: Any, cancelled: Callable[[], Awaitable[None]]
+        self, body: Any, cancelled: Callable[[], Awaitable[None]], url: str = BATCH_ENDPOINTS[0]
     ) -> tuple[int, Any] | None:
-        """(HTTP status, response body) of one line, as ``POST /v1/completions`` would answer it;
-        None when the batch was cancelled first."""
+        """(HTTP status, response body) of one line, as ``POST <url>`` (``/v1/completions`` or
+        ``/v1/chat/completions``) would answer it; None when the batch was cancelled first."""
+        call = None
         try:
-            completion, scheduler = await self._server.accept(body)
+            if url == "/v1/chat/completions":
+                call, scheduler = await self._server.accept_chat(body)
+                completion = call.completion
+            else:
+                completion, scheduler = await self._server.accept(body)
             if completion.stream:
                 raise Failure(
                     400, "Streaming is not supported in batches; remove stream.", param="stream"
@@ -643,6 +648,8 @@ class BatchStore:
             return 500, server_error(request_id).body()
         if result is None:
             return None
+        if call is not None:
+            return 200, self._server.chat_answer(result, call)
         return 200, result
 
 
