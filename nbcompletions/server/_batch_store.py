@@ -34,6 +34,7 @@ from .._errors import RequestError
 from .._request import shown
 from ._app import CompletionsServer
 from ._batch_run import BatchRun, LineBudget, raw_lines
+from ._chat import chat_response
 from ._http import Failure, render_json, request_error, server_error
 from ._scheduler import Overloaded
 
@@ -41,7 +42,7 @@ __all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchStore"]
 
 logger = logging.getLogger("nbcompletions.server")
 
-#: The endpoints a batch may target (the only one this server serves).
+#: The endpoints a batch may target (vLLM's run_batch takes only chat).
 BATCH_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 #: OpenAI's only completion window.
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
@@ -616,10 +617,10 @@ class BatchStore:
         }
 
     async def run_line(
-        self, body: Any, cancelled: Callable[[], Awaitable[None]], url: str = BATCH_ENDPOINTS[0]
+        self, body: Any, cancelled: Callable[[], Awaitable[None]], url: str = "/v1/completions"
     ) -> tuple[int, Any] | None:
-        """(HTTP status, response body) of one line, as ``POST <url>`` (``/v1/completions`` or
-        ``/v1/chat/completions``) would answer it; None when the batch was cancelled first."""
+        """(HTTP status, response body) of one line, as ``POST {url}`` would answer it; None
+        when the batch was cancelled first."""
         call = None
         try:
             if url == "/v1/chat/completions":
@@ -649,7 +650,7 @@ class BatchStore:
         if result is None:
             return None
         if call is not None:
-            return 200, self._server.chat_answer(result, call)
+            return 200, chat_response(result, call, self._server.token_bytes)
         return 200, result
 
 

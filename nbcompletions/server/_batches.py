@@ -2,7 +2,7 @@
 
 A client uploads a JSONL file of requests (``POST /v1/files``, multipart, purpose ``batch``), one
 line per request: ``{"custom_id", "method": "POST", "url": "/v1/completions", "body": {...}}``
-(or every line ``"url": "/v1/chat/completions"`` with a chat body, answered in chat's shape);
+(or ``/v1/chat/completions`` with a chat body: one url per file, the batch's endpoint);
 creates a batch from it (``POST /v1/batches``); polls it (``GET /v1/batches/{id}``); and downloads
 the output and error files (``GET /v1/files/{id}/content``). Shapes are OpenAI's, so the official
 SDK's ``files`` and ``batches`` calls work unchanged.
@@ -10,8 +10,8 @@ SDK's ``files`` and ``batches`` calls work unchanged.
 How a batch runs: the store owns one background thread with its own event loop (started with the
 first batch, gone when no batch runs), because a batch outlives the request that created it and
 the in-process app may be driven from event loops that close. Each line goes through the same
-validation as ``POST /v1/completions`` (`CompletionsServer.accept`; a chat line as
-``POST /v1/chat/completions``, `CompletionsServer.accept_chat`) and the same scheduler, so
+validation as ``POST /v1/completions`` (`CompletionsServer.accept`, or `accept_chat` for chat
+lines) and the same scheduler, so
 batch lines are batched with each other and with live requests on the engine; at most
 ``max_lines_in_flight`` lines (all batches together) wait in the scheduler at once, so live
 requests still get their turn. A line the scheduler cannot take yet (503) waits and is retried.
