@@ -197,3 +197,23 @@ def test_chat_sweep_shards_cover_the_grid_once(app: Any, tmp_path: Path) -> None
     merged = load_sweep([tmp_path / "s0", tmp_path / "s1"])
     assert sorted(merged.requests["cache_key"]) == sorted(whole.requests["cache_key"])
     assert len(transport.paths) == 16
+
+
+async def test_asweep_sends_a_chat_grid_and_probing_does_not_refuse_it(app: Any) -> None:
+    from nbcompletions import AsyncClient, asweep
+
+    transport = Counting(app)
+    async with AsyncClient("http://embedded/v1", model=MODEL, transport=transport) as aclient:
+        # probe=True measures /v1/completions; its report does not judge a chat grid.
+        result = await asweep(
+            aclient,
+            messages=list(CONVERSATIONS.values()),
+            n=[1, 2],
+            max_completion_tokens=2,
+            progress=False,
+        )
+    assert result.capabilities
+    assert transport.paths.count("/v1/chat/completions") == 4
+    assert result.requests["prompt_id"].tolist() == [0, 0, 1, 1]
+    assert result.choices.groupby("request_id").size().tolist() == [1, 2, 1, 2]
+    assert set(result.choices["api"]) == {"chat"}
