@@ -21,9 +21,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._cache import Cache
+from .._chat import ChatRequest
 from .._errors import SweepError
 from .._grid import GridPoint
 from .._model_card import needs_limits
+from .._request import CompletionRequest
 from .._secrets import secrets_of
 from .._sweep_result import SweepResult
 from .._types import AsyncCompletionsClient
@@ -133,7 +135,10 @@ async def read_model_card(aclient: AsyncCompletionsClient, plan: Plan) -> None:
     sent (a sweep answered from the cache alone sends nothing, and its frames must be the same)."""
     reader = getattr(aclient, "model_card_limits", None)
     if reader is not None and any(
-        needs_limits(request.logprobs) for request in plan.grid.points.distinct_requests()
+        needs_limits(
+            request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
+        )
+        for request in plan.grid.points.distinct_requests()
     ):
         await reader(plan.grid.model)
 
@@ -202,6 +207,7 @@ class _LiveRun:
         self.watch = FailureWatch(sender.fail_fast)
         self.failures = failure_types()
         self.secrets = secrets_of(sender.aclient)
+        self.chat_request: Any = getattr(sender.aclient, "chat_request", None)
 
     async def send_all(self) -> None:
         source = self.source
@@ -251,12 +257,19 @@ class _LiveRun:
         while (point := self.source.next()) is not None:
             await self.send(point)
 
+    async def send_request(self, request: CompletionRequest | ChatRequest) -> Any:
+        """Send one request to its API (`ChatRequest` to chat_request: `plan_sweep` checked that
+        the client has it)."""
+        if isinstance(request, ChatRequest):
+            return await self.chat_request(request)
+        return await self.sender.aclient.complete_request(request)
+
     async def send(self, point: GridPoint) -> None:
         tally = self.sender.tally
         tally.sent += 1
         started = time.perf_counter()
         try:
-            completion = await self.sender.aclient.complete_request(point.request)
+            completion = await self.send_request(point.request)
             raw = usable_response(completion.raw)
         except self.failures as exc:
             outcome = Outcome(
