@@ -101,14 +101,12 @@ class _Prober:
     def __init__(self, aclient: AsyncCompletionsClient) -> None:
         self.aclient = aclient
         self.requests = 0
+        #: The model every probe names: the client's, else the one GET /models lists. Named on
+        #: each probe, so that concurrent probes do not each ask the server (issue 16, case 15).
+        self.model: str | None = getattr(aclient, "model", None)
 
     def request(self, prompt: Any, **fields: Any) -> CompletionRequest:
-        return CompletionRequest(
-            prompt=prompt,
-            model=getattr(self.aclient, "model", None),
-            limits=_PROBE_LIMITS,
-            **fields,
-        )
+        return CompletionRequest(prompt=prompt, model=self.model, limits=_PROBE_LIMITS, **fields)
 
     async def send(self, prompt: Any, **fields: Any) -> ProbeOutcome:
         request = self.request(prompt, **fields)
@@ -164,6 +162,8 @@ class _Prober:
         return seen
 
     async def models_card(self) -> Mapping[str, Any] | None:
+        """The model's card from the one GET /models the check sends; it also names the model
+        when the client names none (the only one listed, as the client itself would pick)."""
         self.requests += 1
         try:
             body = await self.aclient.request("GET", "/models")
@@ -173,9 +173,10 @@ class _Prober:
         if not isinstance(data, list):
             return None
         cards = [c for c in data if isinstance(c, Mapping)]
-        model = getattr(self.aclient, "model", None)
+        if self.model is None and len(cards) == 1 and isinstance(cards[0].get("id"), str):
+            self.model = cards[0]["id"]
         for card in cards:
-            if card.get("id") == model:
+            if card.get("id") == self.model:
                 return card
         return cards[0] if len(cards) == 1 else None
 
@@ -195,7 +196,10 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
             return known
     started = time.perf_counter()
     probe = _Prober(aclient)
+    # First and alone: the one GET /models, which names the model for every probe after it.
+    card = await probe.models_card()
     results = await _first_round(probe)
+    results["card"] = card
     # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
     # ("[DONE]" without a finish_reason) when another request arrives.
     max0 = await probe.max_tokens_zero()
@@ -214,7 +218,7 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
         [checks[name] for name in CHECKS],
         # Kept with results and written to files: credentials in the URL must not travel with it.
         endpoint=redact_url(endpoint) if isinstance(endpoint, str) else None,
-        model=_key(aclient)[1],  # discovered by the probes when the client named none
+        model=probe.model or _key(aclient)[1],  # from GET /models when the client named none
         requests=probe.requests,
         seconds=time.perf_counter() - started,
         profile_name=detect_profile(results["card"], checks),
@@ -229,7 +233,6 @@ async def _first_round(probe: _Prober) -> dict[str, Any]:
     """The probes that need nothing from another's answer, sent together."""
     k = _ECHO_TOKENS
     jobs: dict[str, Awaitable[Any]] = {
-        "card": probe.models_card(),
         "gen": probe.send(PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=ASKED_LOGPROBS),
         "n": probe.send(PROMPT, n=2, max_tokens=1, temperature=1.0, seed=SEED),
         "best_of": probe.send(
@@ -350,8 +353,13 @@ def cached_report(client: HasAsyncClient) -> ConformanceReport | None:
 def remember(client: HasAsyncClient, report: ConformanceReport) -> None:
     """Keep ``report`` for this client (a sweep's stored report, say)."""
     aclient = as_async(client)
+    endpoint, model = _key(aclient)
     with contextlib.suppress(TypeError):  # not weak-referenceable: measured again next time
-        _reports.setdefault(aclient, {})[_key(aclient)] = report
+        known = _reports.setdefault(aclient, {})
+        known[(endpoint, model)] = report
+        # A client that names no model finds the report again once its requests name one.
+        if model is None and report.model is not None:
+            known[(endpoint, report.model)] = report
 
 
 def known_vocab_size(client: HasAsyncClient) -> int | None:

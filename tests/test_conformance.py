@@ -346,3 +346,34 @@ def test_byte_tokens_decode() -> None:
     assert token_bytes("bytes:\\xc3\\xbc") == "ü".encode()
     assert token_bytes("caf") == b"caf"
     assert token_bytes("bytes:nothex") == b"bytes:nothex"
+
+
+# -- what the check sends ------------------------------------------------------------------------
+
+
+class Counting:
+    """Forwards every request to the real app unchanged and counts them by method and path."""
+
+    def __init__(self, app: Any) -> None:
+        self.real = StreamingASGITransport(app)
+        self.sent: list[tuple[str, str]] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.sent.append((request.method, request.url.path))
+        return await self.real.handle_async_request(request)
+
+
+async def test_without_a_model_the_check_asks_get_models_once(app: Any) -> None:
+    counting = Counting(app)
+    client = AsyncClient("http://ours.test/v1", transport=httpx.MockTransport(counting))
+    try:
+        report = await client.conformance()
+        assert counting.sent.count(("GET", "/v1/models")) == 1, counting.sent
+        assert len(counting.sent) == report.requests <= 25
+        assert report.model == MODEL
+        assert report.status("model_info") == "ok"
+        # The client's own first request finds the model later; the report is still the cached one.
+        await client.complete("To be", max_tokens=1)
+        assert await client.conformance() is report
+    finally:
+        await client.close()
