@@ -147,7 +147,7 @@ def test_every_check_is_ok_on_the_embedded_server(embedded_client: Client) -> No
     assert report.ok
     assert report.profile.name == "nbcompletions"
     assert (report.context_length, report.vocab_size) == (256, 4096)
-    assert report.requests <= 20
+    assert report.requests <= 25
     # Evidence, not verdicts: the two numbers the echo check compared are in the detail.
     assert "generated" in report.checks["echo_alignment"].detail
     assert report.evidence("echo_alignment")["kind"] == "aligned"
