@@ -221,6 +221,7 @@ class _BaseClient:
         vocab_size: int | None = None,
         profile: str | ServerProfile | None = None,
         embedded: bool | None = None,
+        verify: bool | None = None,
     ) -> None:
         self._settings = _Settings(
             base_url,
@@ -235,6 +236,7 @@ class _BaseClient:
             vocab_size=vocab_size,
             profile=profile,
             embedded=embedded,
+            verify=verify,
         )
         self._start()
 
@@ -313,6 +315,31 @@ class _BaseClient:
         """The server profile requests are adapted to (given, or None); see `_profiles`."""
         return self._settings.profile
 
+    @property
+    def verify(self) -> bool | None:
+        """As given: True measures the endpoint's conformance when a request depends on it, False
+        sends every request as it is, None decides from the endpoint (see `measures`)."""
+        return self._settings.verify
+
+    @property
+    def discovered_model(self) -> str | None:
+        """The model ``GET /models`` named, where the client named none and asked."""
+        return self.async_client._discovered_model
+
+    @property
+    def in_process(self) -> bool:
+        """True when requests do not leave the process: the embedded model, or a transport given
+        to the constructor (an in-process app, a test double)."""
+        target = self._settings.target
+        return target.embedded or target.transport is not None
+
+    @property
+    def measures(self) -> bool:
+        """Whether the first request that depends on the endpoint's conformance report measures
+        it (see `nbcompletions._governance`): not for the embedded model, an injected transport
+        or api.openai.com unless ``verify=True``."""
+        return self._settings.measures
+
     def __repr__(self) -> str:
         urls = [redact_url(u) for u in self.endpoints]
         where = f"endpoint={urls[0]!r}" if len(urls) == 1 else f"endpoints={urls!r}"
@@ -386,6 +413,7 @@ class AsyncClient(_BaseClient):
         """This client itself (a `Client` answers with the `AsyncClient` it wraps)."""
         return self
 
+
     # -- the primitive ----------------------------------------------------------------------------
     async def complete(
         self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]
@@ -393,8 +421,25 @@ class AsyncClient(_BaseClient):
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return await self.complete_request(self.build_request(prompt, **fields))
 
-    async def complete_request(self, request: CompletionRequest) -> Completion:
-        """Send an already validated request (retries and the concurrency limit apply)."""
+    async def complete_request(
+        self, request: CompletionRequest, *, path: str = "complete"
+    ) -> Completion:
+        """Send an already validated request (retries and the concurrency limit apply), as the
+        endpoint's conformance report decides (`nbcompletions._governance`): as it is,
+        corrected, flagged, or refused with `ConformanceError` before sending. ``path`` names
+        the caller ("complete", "sweep-live", "widget", ...)."""
+        request = await self._with_model(request)
+        if self._settings.verify is False:
+            return await self.complete_as_is(request)
+        from ._governance import agovern, govern_answer
+
+        decision = await agovern(self, request, path=path)
+        decision.raise_if_refused()
+        return govern_answer(decision, await self.complete_as_is(decision.request))
+
+    async def complete_as_is(self, request: CompletionRequest) -> Completion:
+        """Send ``request`` exactly as it is, whatever the endpoint's conformance report says
+        (the conformance probes use it)."""
         request = await self._with_model(request)
         if request.stream:
             stream = AsyncStream(
@@ -419,13 +464,27 @@ class AsyncClient(_BaseClient):
         """Stream a completion: ``async for piece in client.stream(...)`` yields `StreamChunk`."""
         return self.stream_request(self._stream_request(prompt, fields))
 
-    def stream_request(self, request: CompletionRequest) -> AsyncStream:
+    def stream_request(self, request: CompletionRequest, *, path: str = "stream") -> AsyncStream:
+        """Stream an already validated request, as the endpoint's conformance report decides
+        (refused with `ConformanceError` at the first piece; flags are warned)."""
         if not request.stream:
             request = request.replace(stream=True)
         # vocab_size is read when the stream is merged: for the embedded model that is after the
         # server has loaded it, so asking here would load the weights on the caller's thread.
         return AsyncStream(
-            self._stream_after_model(request), request, vocab_size=lambda: self.vocab_size
+            self._stream_after_model(request, path=path),
+            request,
+            vocab_size=lambda: self.vocab_size,
+        )
+
+    def stream_as_is(self, request: CompletionRequest) -> AsyncStream:
+        """Stream ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        if not request.stream:
+            request = request.replace(stream=True)
+        return AsyncStream(
+            self._stream_after_model(request, path=None),
+            request,
+            vocab_size=lambda: self.vocab_size,
         )
 
     async def request(
@@ -504,10 +563,11 @@ class AsyncClient(_BaseClient):
         return await acapabilities(self)
 
     async def conformance(self, *, refresh: bool = False) -> ConformanceReport:
-        """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
-        from ._conformance import aconformance
+        """Measure what this endpoint and model do (see `nbcompletions._conformance`); kept in
+        memory and on disk (`nbcompletions._governance`); ``refresh=True`` measures again."""
+        from ._governance import ameasure
 
-        return await aconformance(self, refresh=refresh)
+        return await ameasure(self, refresh=refresh)
 
     async def close(self) -> None:
         """Close the connection pools (the client can still be used afterwards: it reopens them)."""
@@ -635,10 +695,13 @@ class AsyncClient(_BaseClient):
             await answers.aclose()
 
     async def _stream_after_model(
-        self,
-        request: CompletionRequest,
+        self, request: CompletionRequest, *, path: str | None
     ) -> AsyncIterator[dict[str, Any]]:
         request = await self._with_model(request)
+        if path is not None and self._settings.verify is not False:
+            from ._governance import agovern_stream
+
+            request = await agovern_stream(self, request, path=path)
         chunks = self._stream_chunks(request)
         try:
             async for chunk in chunks:
@@ -963,16 +1026,26 @@ class Client(_BaseClient):
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return run_sync(self._async.complete_request(self.build_request(prompt, **fields)))
 
-    def complete_request(self, request: CompletionRequest) -> Completion:
-        """Send an already validated request (retries and the concurrency limit apply)."""
-        return run_sync(self._async.complete_request(request))
+    def complete_request(self, request: CompletionRequest, *, path: str = "complete") -> Completion:
+        """Send an already validated request as the endpoint's conformance report decides; see
+        `AsyncClient.complete_request`."""
+        return run_sync(self._async.complete_request(request, path=path))
+
+    def complete_as_is(self, request: CompletionRequest) -> Completion:
+        """Send ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        return run_sync(self._async.complete_as_is(request))
 
     def stream(self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]) -> Stream:
         """Stream a completion: ``for piece in client.stream(...)`` yields `StreamChunk`."""
         return Stream(self._async.stream_request(self._stream_request(prompt, fields)))
 
-    def stream_request(self, request: CompletionRequest) -> Stream:
-        return Stream(self._async.stream_request(request))
+    def stream_request(self, request: CompletionRequest, *, path: str = "stream") -> Stream:
+        """Stream an already validated request; see `AsyncClient.stream_request`."""
+        return Stream(self._async.stream_request(request, path=path))
+
+    def stream_as_is(self, request: CompletionRequest) -> Stream:
+        """Stream ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        return Stream(self._async.stream_as_is(request))
 
     def request(
         self,

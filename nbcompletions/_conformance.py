@@ -115,7 +115,7 @@ class _Prober:
         self.requests += 1
         try:
             completion = await asyncio.wait_for(
-                self.aclient.complete_request(request), _PROBE_TIMEOUT
+                self.aclient.complete_as_is(request), _PROBE_TIMEOUT
             )
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
@@ -136,7 +136,7 @@ class _Prober:
         )
         self.requests += 1
         seen = MaxZeroStream()
-        stream = self.aclient.stream_request(request)
+        stream = self.aclient.stream_as_is(request)
 
         async def read() -> None:
             async for piece in stream:

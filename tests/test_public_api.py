@@ -21,6 +21,7 @@ EXPECTED = {
     "CompletionRequest",
     "Limits",
     "ConformanceError",
+    "ConformanceWarning",
     "ConformanceReport",
     "Grid",
     "NBCompletionsError",

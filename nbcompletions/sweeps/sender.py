@@ -156,7 +156,7 @@ class LiveSender:
         try:
             capabilities = await check_endpoint(self.aclient, plan) if probe else None
             sink = open_sink(plan, lambda: client_vocab_size(self.aclient))
-            await _LiveRun(self, plan, sink, bar, commits).send_all()
+            await _LiveRun(self, plan, sink, bar, commits, governed=probe).send_all()
             if isinstance(sink, DatasetSink):
                 await sink.own_directory()
         except BaseException:
@@ -184,8 +184,12 @@ class _LiveRun:
         sink: MemorySink | DatasetSink,
         bar: Any,
         commits: CacheCommits | None,
+        *,
+        governed: bool = True,
     ) -> None:
         self.sender, self.plan, self.sink, self.bar, self.commits = sender, plan, sink, bar, commits
+        # probe=False sends every request as it is; else the report decides each one.
+        self.governed = governed
         self.source = PendingSource(plan, sink.finished)
         self.watch = FailureWatch(sender.fail_fast)
         self.failures = failure_types()
@@ -244,7 +248,12 @@ class _LiveRun:
         tally.sent += 1
         started = time.perf_counter()
         try:
-            completion = await self.sender.aclient.complete_request(point.request)
+            aclient = self.sender.aclient
+            if self.governed:
+                completion = await aclient.complete_request(point.request, path="sweep-live")
+                tally.flags.update(getattr(completion, "flags", ()))
+            else:
+                completion = await aclient.complete_as_is(point.request)
             raw = usable_response(completion.raw)
         except self.failures as exc:
             outcome = Outcome(
