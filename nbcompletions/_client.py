@@ -43,7 +43,14 @@ from ._request import (
     shown,
 )
 from ._secrets import redact_error, redact_url
-from ._settings import DEFAULT_TIMEOUT, _Settings, check_limits, check_model, check_retries
+from ._settings import (
+    DEFAULT_TIMEOUT,
+    _Settings,
+    check_limits,
+    check_model,
+    check_retries,
+    in_process_transport,
+)
 from ._streaming import AsyncStream, Stream, aiter_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -329,9 +336,9 @@ class _BaseClient:
     @property
     def in_process(self) -> bool:
         """True when requests do not leave the process: the embedded model, or a transport given
-        to the constructor (an in-process app, a test double)."""
+        to the constructor that is not httpx's HTTP one (an in-process app, a test double)."""
         target = self._settings.target
-        return target.embedded or target.transport is not None
+        return target.embedded or in_process_transport(target.transport)
 
     @property
     def measures(self) -> bool:
@@ -412,7 +419,6 @@ class AsyncClient(_BaseClient):
     def async_client(self) -> AsyncClient:
         """This client itself (a `Client` answers with the `AsyncClient` it wraps)."""
         return self
-
 
     # -- the primitive ----------------------------------------------------------------------------
     async def complete(

@@ -28,6 +28,7 @@ __all__ = [
     "check_model",
     "check_retries",
     "check_verify",
+    "in_process_transport",
     "make_timeout",
     "measures_by_default",
 ]
@@ -186,11 +187,17 @@ def check_verify(verify: object) -> bool | None:
     return verify
 
 
+def in_process_transport(transport: object) -> bool:
+    """A transport given to the constructor that is not httpx's HTTP one (or a subclass): an
+    in-process app (ASGI) or a test double, with no server of unknown make behind it."""
+    return transport is not None and not isinstance(transport, httpx.AsyncHTTPTransport)
+
+
 def measures_by_default(target: Target) -> bool:
     """Not for the embedded model, a client with an injected transport (an in-process app or a
     test double) or a `TRUSTED_HOSTS` endpoint; yes for every other endpoint. A report measured
     on request (``client.conformance()``) governs their requests all the same."""
-    if target.embedded or target.transport is not None:
+    if target.embedded or in_process_transport(target.transport):
         return False
     hosts = {urlsplit(e.url).hostname or "" for e in target.endpoints}
     return not hosts <= TRUSTED_HOSTS
