@@ -11,6 +11,12 @@ Logprobs come in two shapes, and `parse_logprobs` reads both into the same four 
 - llama.cpp's chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs":
   [{"token", "logprob"}]}]}``. Its top entries stay lists: two byte tokens can render as the same
   string, and a dict would merge them. A null logprob stays null (never 0.0).
+
+Where a chat-shaped entry (chosen or alternative) has a ``bytes`` list, the token is read from it
+(`bytes_token`): llama-server and llama-cpp-python send a byte-level token as ``""`` (decoded with
+errors ignored), so ``token`` alone makes every partial character the same empty string. Whole
+UTF-8 reads as its text; a partial character as OpenAI's ``bytes:\\xe2\\x80`` form (the form our
+server sends and `nbcompletions.visible_token` shows as ``<0xE2><0x80>``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ __all__ = [
     "NEG_INF_LOGPROB",
     "FinishedChoices",
     "LogprobColumns",
+    "bytes_token",
     "choice_index",
     "choice_text",
     "first_choice",
@@ -34,6 +41,7 @@ __all__ = [
     "parse_logprobs",
     "prompt_tokens",
     "sorted_choices",
+    "token_bytes",
     "top_items",
 ]
 
@@ -199,7 +207,7 @@ def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
                 f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
             )
     return (
-        [e.get("token") for e in content],
+        [_entry_token(e) for e in content],
         [e.get("logprob") for e in content],
         [e.get("top_logprobs") for e in content],
         None,
@@ -224,12 +232,44 @@ def top_items(entry: Any) -> list[tuple[Any, Any]]:
                     "top_logprobs list entries must be objects with token and "
                     f"logprob; got {type(item).__name__}: {item!r}"
                 )
-            pairs.append((item.get("token"), item.get("logprob")))
+            pairs.append((_entry_token(item), item.get("logprob")))
         return pairs
     raise ValueError(
         "each top_logprobs entry must be an object {token: logprob}, a list of "
         f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}"
     )
+
+
+def bytes_token(raw: bytes) -> str:
+    """A token's string from its bytes: the text when it is whole UTF-8, else OpenAI's
+    ``bytes:`` form, each byte outside printable ASCII (and the backslash) as ``\\xNN``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(
+            chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw
+        )
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a token string stands for (`bytes_token`'s inverse for ``bytes:`` tokens)."""
+    if token.startswith("bytes:"):
+        try:
+            return token[6:].encode("latin-1").decode("unicode_escape").encode("latin-1")
+        except (UnicodeError, ValueError):  # not the bytes: form after all: the text itself
+            pass
+    return token.encode("utf-8", "surrogatepass")
+
+
+def _entry_token(entry: Mapping[str, Any]) -> Any:
+    """A chat-shaped entry's token: from its ``bytes`` list of byte values where it has one."""
+    raw = entry.get("bytes")
+    if isinstance(raw, list) and raw:
+        try:
+            return bytes_token(bytes(raw))
+        except (TypeError, ValueError):  # not byte values: the token as sent
+            pass
+    return entry.get("token")
 
 
 # -- streams --------------------------------------------------------------------------------------
@@ -256,3 +296,8 @@ class FinishedChoices:
     def unfinished(self) -> bool:
         """True when no choice was seen or some choice has no finish_reason yet."""
         return not self._finished or not all(self._finished.values())
+
+    @property
+    def cut(self) -> list[int]:
+        """The indexes of the choices seen that have no finish_reason (in index order)."""
+        return sorted(index for index, done in self._finished.items() if not done)

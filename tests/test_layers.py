@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "_errors": 0,
     "_request": 0,
     "_parse": 0,
+    "_corrections": 0,
     "_secrets": 0,
     "_retry": 0,
     "_usage": 0,
