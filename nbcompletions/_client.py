@@ -437,11 +437,12 @@ class AsyncClient(_BaseClient):
         request = await self._with_model(request)
         if self._settings.verify is False:
             return await self.complete_as_is(request)
-        from ._governance import agovern, govern_answer
+        from ._governance import agovern, agovern_answer
 
         decision = await agovern(self, request, path=path)
         decision.raise_if_refused()
-        return govern_answer(decision, await self.complete_as_is(decision.request))
+        completion = await self.complete_as_is(decision.request)
+        return await agovern_answer(self, decision, completion)
 
     async def complete_as_is(self, request: CompletionRequest) -> Completion:
         """Send ``request`` exactly as it is, whatever the endpoint's conformance report says

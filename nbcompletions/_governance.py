@@ -40,9 +40,9 @@ the request is flagged ``context_length``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 import warnings
@@ -51,8 +51,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._conformance_report import ConformanceReport
+from ._corrections import (
+    UncorrectableError,
+    drop_stop_token,
+    head_request_fields,
+    unshift_echo,
+    unshift_logprobs,
+)
 from ._errors import APIError, ConformanceError, ConformanceWarning, RequestError
-from ._request import CompletionRequest
+from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,13 +70,13 @@ __all__ = [
     "PATHS",
     "TOKENIZE_ROUTES",
     "Decision",
+    "acorrect_raw",
     "agovern",
+    "agovern_answer",
     "agovern_stream",
     "ameasure",
-    "correct_raw",
     "decide",
     "depends_on_report",
-    "govern_answer",
     "report_directory",
     "report_for",
     "store_report",
@@ -104,6 +111,9 @@ class Decision:
     if_natural_end: Mapping[str, str] = dataclasses.field(default_factory=dict)
     #: Flags that apply only where the answer's logprobs hold an empty token.
     if_empty_token: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: The ``logprobs`` asked for, where more are sent (a shifted echo is realigned from the whole
+    #: distribution, then cut back to this many alternatives).
+    asked_logprobs: int | None = None
 
     def raise_if_refused(self) -> None:
         if self.error is not None:
@@ -182,15 +192,6 @@ class _Deciding:
         self.flags[name] = f"{what} ({self.detail(name)})"
 
 
-def _fix_available(name: str) -> bool:
-    """Whether nbcompletions._corrections provides the correction ``name``."""
-    try:
-        module = importlib.import_module("nbcompletions._corrections")
-    except ImportError:
-        return False
-    return callable(getattr(module, name, None))
-
-
 def _echo_rules(d: _Deciding) -> ConformanceError | None:
     request = d.request
     if not request.echo:
@@ -208,8 +209,11 @@ def _echo_rules(d: _Deciding) -> ConformanceError | None:
             "the echoed prompt's log-probabilities would not be the prompt tokens' own",
         )
     if status == "fails" and kind == "shifted":
-        if not _fix_available("unshift_echo"):
-            return d.refuse("echo_alignment", "the echoed log-probabilities are shifted")
+        # Realigned from the whole distribution (see nbcompletions._corrections.unshift_echo).
+        wanted = unshift_logprobs(d.report.vocab_size, request.logprobs)
+        if wanted is not None and wanted != request.logprobs:
+            d.changes["logprobs"] = wanted
+            d.changes["limits"] = Limits(max_logprobs=None)
         d.fixes.append("unshift_echo")
     if (request.max_tokens or 0) != 0 and d.status("echo_generated") == "fails":
         d.flag("echo_generated", "the last generated token is missing from echo + generation")
@@ -261,10 +265,7 @@ def _sampling_rules(d: _Deciding) -> ConformanceError | None:
             if getattr(neutral, field) != getattr(request, field):
                 d.changes[field] = getattr(neutral, field)
     if request.stop and _wants_logprobs(request) and d.status("stop_in_logprobs") == "fails":
-        if _fix_available("drop_stop_token"):
-            d.fixes.append("drop_stop_token")
-        else:
-            d.flag("stop_in_logprobs", "the stop token stays in the logprobs")
+        d.fixes.append("drop_stop_token")
     if (request.frequency_penalty or request.presence_penalty) and d.status("penalties") in (
         "fails",
         "error",
@@ -389,6 +390,7 @@ def decide(
         endpoint=report.endpoint,
         if_natural_end=dict(d.if_natural_end),
         if_empty_token=dict(d.if_empty_token),
+        asked_logprobs=request.logprobs,
     )
 
 
@@ -433,14 +435,72 @@ def _drop_generated(raw: dict[str, Any], request: CompletionRequest) -> dict[str
     return {**raw, "choices": choices, **({"usage": usage} if usage else {})}
 
 
-def _apply_fix(name: str, raw: dict[str, Any], request: CompletionRequest) -> dict[str, Any]:
-    if name == "drop_generated":
-        return _drop_generated(raw, request)
-    module = importlib.import_module("nbcompletions._corrections")
-    fix: Callable[..., dict[str, Any]] = getattr(module, name)
-    if name == "drop_stop_token":
-        return fix(raw, request.stop)
-    return fix(raw)
+#: The check each answer correction stands for (flagged where the correction cannot be made).
+FIX_CHECKS: Mapping[str, str] = {
+    "unshift_echo": "echo_alignment",
+    "drop_stop_token": "stop_in_logprobs",
+    "drop_generated": "max_tokens_0",
+}
+
+
+def _per_choice(
+    raw: Mapping[str, Any], fix: Callable[[Mapping[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+    return {**raw, "choices": [fix(c) for c in raw.get("choices") or []]}
+
+
+def _top_k(entry: Any, k: int | None) -> Any:
+    """A position's alternatives cut back to the ``k`` most likely (what was asked for)."""
+    if not isinstance(entry, Mapping) or k is None or len(entry) <= k:
+        return entry
+    ranked = sorted(entry.items(), key=lambda item: -(item[1] if item[1] is not None else -1e30))
+    return dict(ranked[:k])
+
+
+async def _unshift(
+    aclient: AsyncCompletionsClient, decision: Decision, raw: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Each choice's shifted echo realigned; position 1's distribution asked for separately."""
+    request = decision.request
+    choices = []
+    for choice in raw.get("choices") or []:
+        head = None
+        with contextlib.suppress(UncorrectableError, APIError):
+            fields = head_request_fields(choice, request.logprobs or 1)
+            answer = await aclient.complete_as_is(
+                CompletionRequest(model=request.model, limits=Limits(max_logprobs=None), **fields)
+            )
+            answered = answer.raw.get("choices") or [{}]
+            tops = (answered[0].get("logprobs") or {}).get("top_logprobs") or [None]
+            head = tops[0]
+        fixed = unshift_echo(choice, head=head, requested=request.logprobs)
+        logprobs = dict(fixed["logprobs"])
+        logprobs["top_logprobs"] = [
+            _top_k(entry, decision.asked_logprobs) for entry in logprobs["top_logprobs"]
+        ]
+        choices.append({**fixed, "logprobs": logprobs})
+    return {**raw, "choices": choices}
+
+
+async def acorrect_raw(
+    aclient: AsyncCompletionsClient, decision: Decision, raw: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The response body ``raw`` with the decision's corrections applied, and the flags (check ->
+    why) for those that could not be made with certainty."""
+    fixed = dict(raw)
+    flags: dict[str, str] = {}
+    stop = decision.request.stop
+    for name in decision.fixes:
+        try:
+            if name == "unshift_echo":
+                fixed = await _unshift(aclient, decision, fixed)
+            elif name == "drop_stop_token":
+                fixed = _per_choice(fixed, lambda choice: drop_stop_token(choice, stop))
+            elif name == "drop_generated":
+                fixed = _drop_generated(fixed, decision.request)
+        except UncorrectableError as exc:
+            flags[FIX_CHECKS[name]] = f"{name} could not be applied: {exc}"
+    return fixed, flags
 
 
 def _has_empty_token(raw: Mapping[str, Any]) -> bool:
@@ -452,33 +512,23 @@ def _has_empty_token(raw: Mapping[str, Any]) -> bool:
     return False
 
 
-def correct_raw(decision: Decision, raw: Mapping[str, Any]) -> dict[str, Any]:
-    """The response body ``raw`` with the decision's corrections applied."""
-    fixed = dict(raw)
-    for name in decision.fixes:
-        fixed = _apply_fix(name, fixed, decision.request)
-    return fixed
-
-
-def govern_answer(decision: Decision, completion: Completion) -> Completion:
+async def agovern_answer(
+    aclient: AsyncCompletionsClient, decision: Decision, completion: Completion
+) -> Completion:
     """``completion`` with the decision's corrections applied and its flags attached (each flag
     warned once per endpoint and check)."""
-    flags = list(decision.flags)
     reasons = dict(decision.reasons)
-    request = decision.request
-    natural_end = completion.finish_reason == "stop" and not request.stop
-    conditional = {
-        **(decision.if_natural_end if natural_end else {}),
-        **(decision.if_empty_token if _has_empty_token(completion.raw) else {}),
-    }
-    flags += conditional
-    reasons.update(conditional)
+    natural_end = completion.finish_reason == "stop" and not decision.request.stop
+    reasons.update(decision.if_natural_end if natural_end else {})
+    reasons.update(decision.if_empty_token if _has_empty_token(completion.raw) else {})
     if decision.fixes:
-        completion = completion.corrected(correct_raw(decision, completion.raw))
-    for name in flags:
-        warn_once(decision.endpoint, name, reasons.get(name, name))
-    if flags:
-        completion.flags = tuple(dict.fromkeys((*completion.flags, *flags)))
+        fixed, uncorrected = await acorrect_raw(aclient, decision, completion.raw)
+        completion = completion.corrected(fixed)
+        reasons.update(uncorrected)
+    for name, reason in reasons.items():
+        warn_once(decision.endpoint, name, reason)
+    if reasons:
+        completion.flags = tuple(dict.fromkeys((*completion.flags, *reasons)))
     return completion
 
 

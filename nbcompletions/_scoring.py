@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from ._checks import finite_float, is_int
 from ._conformance import ConformanceReport, cached_report
 from ._errors import APIError, RequestError
-from ._governance import ameasure, correct_raw, decide
+from ._governance import acorrect_raw, ameasure, decide
 from ._parse import first_choice, parse_logprobs, prompt_tokens, top_items
 from ._request import CompletionRequest, Limits
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
@@ -170,7 +170,7 @@ async def _score_one(
             raise _echo_refused(exc) from None
         else:
             raise
-    raw = correct_raw(decision, completion.raw)
+    raw, _ = await acorrect_raw(aclient, decision, completion.raw)
     columns = _columns(raw)
     if columns is None or not columns.tokens:
         raise _dropped(prompt)
