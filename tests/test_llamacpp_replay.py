@@ -96,7 +96,7 @@ def test_the_replayed_check_reports_every_deviation() -> None:
     replay = Replay(recorded_check())
     with client(replay) as c:
         report = c.conformance()
-    assert report.requests == len(replay.sent) == 19
+    assert report.requests == len(replay.sent) == 23
     statuses = {name: report.status(name) for name in CHECKS}
     assert statuses == {
         "echo_alignment": "fails",
@@ -115,10 +115,25 @@ def test_the_replayed_check_reports_every_deviation() -> None:
         "text_offset": "ok",
         "byte_tokens": "fails",
         "suffix": "fails",
+        "penalty_window": "fails",
+        "sampler_order": "fails",
+        "end_of_text": "fails",
+        "echo_generated": "fails",
+        "context_length": "fails",
+        "stream_finish": "fails",
         "model_info": "unsupported",
     }
     assert report.profile.name == "llamacpp"
-    assert (report.context_length, report.vocab_size) == (None, 4096)
+    # No context in the card and max_tokens past it accepted: the model's trained positions.
+    assert (report.context_length, report.vocab_size) == (256, 4096)
+    assert report.evidence("context_length")["source"] == "model"
+    assert report.evidence("penalty_window")["window_tokens"] == 64
+    assert report.evidence("sampler_order")["order"] == "top_p_first"
+    eot = report.evidence("end_of_text")
+    assert (eot["in_logprobs"], eot["in_usage"]) == (False, False)
+    assert report.evidence("echo_generated")["missing_last"] is True
+    assert report.evidence("stream_finish")["finish_reason"] is None
+    assert report.evidence("byte_tokens")["empty_tokens"] is True
     echo = report.evidence("echo_alignment")
     assert (echo["kind"], echo["shift"]) == ("shifted", -1)
     assert echo["found"] == pytest.approx(echo["generated"], abs=0.02)
