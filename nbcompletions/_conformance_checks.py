@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._checks import finite_float, is_int, positive_int
-from ._conformance_report import Check
+from ._conformance_report import Check, Status
 from ._errors import APIError
 from ._parse import choice_index, parse_logprobs, sorted_choices, top_items
 from ._types import AsyncCompletionsClient
@@ -607,9 +607,10 @@ def bytes_check(outcome: ProbeOutcome) -> Check:
             evidence,
         )
     joined = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
-    if joined.startswith(BYTES_PROMPT):
-        return Check(name, "ok", f"the echoed tokens decode to {BYTES_PROMPT!r}", evidence)
     empty = " (byte tokens came back as '')" if evidence["empty_tokens"] else ""
+    if joined.startswith(BYTES_PROMPT):
+        # vLLM: '' for a character's first byte token, the whole character on its last one.
+        return Check(name, "ok", f"the echoed tokens decode to {BYTES_PROMPT!r}{empty}", evidence)
     return Check(
         name,
         "fails",
@@ -664,27 +665,28 @@ def card_limits(card: Mapping[str, Any] | None) -> tuple[int | None, int | None]
 def model_info(
     card: Mapping[str, Any] | None, aclient: AsyncCompletionsClient, byte_echo: ProbeOutcome
 ) -> tuple[Check, int | None, int | None]:
+    """The card's context length and vocabulary size; a vocabulary size it leaves out (vLLM's,
+    llama-cpp-python's) comes from the embedded tokenizer when the model is ours."""
     context, vocab = card_limits(card)
-    if context is None and vocab is None:
-        detail = "GET /models tells neither context length nor vocabulary size"
-        evidence: dict[str, Any] = {"context_length": None, "vocab_size": None}
+    evidence: dict[str, Any] = {"context_length": context, "vocab_size": vocab}
+    detail = f"context length {context}, vocabulary size {vocab} (from GET /models)"
+    if vocab is None:
         model = card.get("id") if card is not None else getattr(aclient, "model", None)
         known = _embedded_vocab(model if isinstance(model, str) else None, byte_echo)
         if known is not None:
             vocab, why = known
-            detail += f"; vocabulary size {vocab}: {why}"
             evidence["vocab_size"] = vocab
-        return Check("model_info", "unsupported", detail, evidence), None, vocab
-    return (
-        Check(
-            "model_info",
-            "ok",
-            f"context length {context}, vocabulary size {vocab} (from GET /models)",
-            {"context_length": context, "vocab_size": vocab},
-        ),
-        context,
-        vocab,
-    )
+            detail = (
+                f"context length {context} (from GET /models)"
+                if context is not None
+                else "GET /models tells neither context length nor vocabulary size"
+            ) + f"; vocabulary size {vocab}: {why}"
+        elif context is not None:
+            detail = f"context length {context} (from GET /models); vocabulary size unknown"
+    if context is None and evidence["vocab_size"] is None:
+        detail = "GET /models tells neither context length nor vocabulary size"
+    status: Status = "ok" if context is not None else "unsupported"
+    return Check("model_info", status, detail, evidence), context, vocab
 
 
 def _embedded_vocab(model: str | None, byte_echo: ProbeOutcome) -> tuple[int, str] | None:

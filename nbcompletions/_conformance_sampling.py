@@ -36,15 +36,15 @@ __all__ = [
 ]
 
 #: The penalty probe: greedy, both penalties at OpenAI's maximum, long enough to pass a window
-#: of 64 (llama.cpp's default) by half as much again.
+#: of 64 (llama.cpp's default) by a quarter (llama-cpp-python first showed it at step 65).
 PENALTY = 2.0
-WINDOW_TOKENS = 128
+WINDOW_TOKENS = 80
 #: The order probe: a prompt the model continues confidently, so that many steps have a small
 #: raw nucleus; the temperature and top_p of issue 16's measurement (17 vs 80 candidates at 1.5).
 ORDER_PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
 ORDER_TEMPERATURE = 2.0
 ORDER_TOP_P = 0.5
-ORDER_TOKENS = 64
+ORDER_TOKENS = 48
 #: f16 servers list log-probabilities a few 1e-3 off; decisions keep this margin.
 _TOLERANCE = 0.05
 #: Window sizes servers use, preferred when several sizes explain the choices.
