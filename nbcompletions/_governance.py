@@ -256,7 +256,8 @@ def _sampling_rules(d: _Deciding) -> ConformanceError | None:
     request, profile = d.request, d.report.profile
     missing = {k: v for k, v in profile.neutral_fields.items() if k not in request.extra}
     explicit = profile.explicit_sampling and (request.temperature is None or request.top_p is None)
-    if missing or explicit:
+    # Scoring reads the prompt's logprobs only (any generated token is dropped): sampling is moot.
+    if (missing or explicit) and d.path != "score":
         try:
             neutral = profile.neutralize(request)
         except RequestError as exc:
