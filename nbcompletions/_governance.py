@@ -85,7 +85,8 @@ __all__ = [
 PATHS: tuple[str, ...] = ("complete", "stream", "score", "sweep-live", "sweep-batch", "widget")
 Action = Literal["send", "correct", "refuse", "flag"]
 
-#: Where each profile's server counts tokens: (path, the body's text field, the answer's field).
+#: Where each profile's server counts tokens (at its root, beside /v1): (path, the body's text
+#: field, the answer's field).
 TOKENIZE_ROUTES: Mapping[str, tuple[str, str, str]] = {
     "llamacpp": ("/extras/tokenize", "input", "tokens"),
     "llama-server": ("/tokenize", "content", "tokens"),
@@ -214,8 +215,8 @@ def _echo_rules(d: _Deciding) -> ConformanceError | None:
         if wanted is not None and wanted != request.logprobs:
             d.changes["logprobs"] = wanted
             d.changes["limits"] = Limits(max_logprobs=None)
-        d.fixes.append("unshift_echo")
-    if (request.max_tokens or 0) != 0 and d.status("echo_generated") == "fails":
+        d.fixes.append("unshift_echo")  # it restores the missing last generated token too
+    elif (request.max_tokens or 0) != 0 and d.status("echo_generated") == "fails":
         d.flag("echo_generated", "the last generated token is missing from echo + generation")
     return None
 
@@ -653,6 +654,9 @@ async def count_prompt_tokens(
     if route is None or not isinstance(request.prompt, str):
         return None
     path, field, answer_field = route
+    # The routes sit at the server's root, beside /v1 (httpx resolves the dot segment).
+    if str(aclient.endpoint).rstrip("/").endswith("/v1"):
+        path = "/.." + path
     body: dict[str, Any] = {field: request.prompt}
     if report.profile_name == "vllm":
         body["model"] = request.model or aclient.model
