@@ -270,3 +270,23 @@ def test_a_live_sweep_sends_the_neutral_fields_and_refuses_what_it_must(app: Any
     assert result.n_failed == 0
     assert len(transport.sent) == before + 1
     assert transport.sent[-1]["repeat_penalty"] == 1.0  # issue case 2, corrected
+
+
+async def test_a_natural_end_is_flagged_where_the_end_of_text_goes_missing() -> None:
+    # Issue case 9: there a generated end-of-text is missing from the logprobs and from usage.
+    from nbcompletions._governance import agovern_answer
+
+    evidence = {"in_logprobs": False, "in_usage": False}
+    report = report_with(Check("end_of_text", "fails", "no end-of-text token listed", evidence))
+    request = CompletionRequest(prompt="a", max_tokens=5, logprobs=1)
+    decision = decide(report, request)
+
+    def answer(finish: str) -> nbc.Completion:
+        choice = {"text": "b", "index": 0, "finish_reason": finish, "logprobs": None}
+        return nbc.Completion({"choices": [choice]}, request)
+
+    no_client: Any = None  # nothing to correct: the client is not used
+    with pytest.warns(ConformanceWarning, match="end_of_text"):
+        ended = await agovern_answer(no_client, decision, answer("stop"))
+    assert ended.flags == ("end_of_text",)
+    assert (await agovern_answer(no_client, decision, answer("length"))).flags == ()
