@@ -28,9 +28,11 @@ import httpx
 
 from . import _retry
 from ._completion import Completion
+from ._corrections import CardLimits
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
+from ._model_card import needs_limits, read_limits, remember_cards
 from ._parse import loads
 from ._profiles import ServerProfile
 from ._request import (
@@ -448,6 +450,7 @@ class AsyncClient(_BaseClient):
         """Send ``request`` exactly as it is, whatever the endpoint's conformance report says
         (the conformance probes use it)."""
         request = await self._with_model(request)
+        await self._read_model_card(request)
         if request.stream:
             stream = AsyncStream(
                 self._stream_chunks(request), request, vocab_size=lambda: self.vocab_size
@@ -549,10 +552,25 @@ class AsyncClient(_BaseClient):
         )
         return AsyncResponseStream(pieces)
 
+    async def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model (see `nbcompletions._model_card`); None where the client knows its
+        vocabulary already (given, or the embedded model's)."""
+        settings = self._settings
+        if settings.vocab_size is not None or settings.target.embedded:
+            return None
+        return await read_limits(self, model)
+
+    async def _read_model_card(self, request: CompletionRequest) -> None:
+        # Before the first request whose frames need the vocabulary size (issue 16, case 6).
+        if needs_limits(request.logprobs):
+            await self.model_card_limits(request.model)
+
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         body = await self.request("GET", "/models")
         data = answered_field(body, "data", list, "GET /models", "a data list", status=200)
+        remember_cards(self, data)
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
     async def score(
@@ -705,6 +723,7 @@ class AsyncClient(_BaseClient):
         self, request: CompletionRequest, *, path: str | None
     ) -> AsyncIterator[dict[str, Any]]:
         request = await self._with_model(request)
+        await self._read_model_card(request)
         if path is not None and self._settings.verify is not False:
             from ._governance import agovern_stream
 
@@ -1114,6 +1133,11 @@ class Client(_BaseClient):
     def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         return run_sync(self._async.models())
+
+    def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model; None where the client knows its vocabulary already."""
+        return run_sync(self._async.model_card_limits(model))
 
     def score(
         self, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None

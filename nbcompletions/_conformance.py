@@ -92,6 +92,7 @@ from ._conformance_sampling import (
     sampler_order_check,
 )
 from ._errors import APIError
+from ._model_card import known_limits, read_card
 from ._profiles import PROFILES, ServerProfile
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
@@ -221,7 +222,8 @@ class _Prober:
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
                 raise
-            seen.error = exc
+            if exc.type != "stream_unfinished":  # cut short ([DONE] first): proves nothing
+                seen.error = exc
         except asyncio.TimeoutError:
             seen.error = APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         finally:
@@ -229,23 +231,15 @@ class _Prober:
                 await stream.aclose()
 
     async def models_card(self) -> Mapping[str, Any] | None:
-        """The model's card from the one GET /models the check sends; it also names the model
-        when the client names none (the only one listed, as the client itself would pick)."""
-        self.requests += 1
-        try:
-            body = await self.aclient.request("GET", "/models")
-        except APIError:
-            return None
-        data = body.get("data") if isinstance(body, Mapping) else None
-        if not isinstance(data, list):
-            return None
-        cards = [c for c in data if isinstance(c, Mapping)]
-        if self.model is None and len(cards) == 1 and isinstance(cards[0].get("id"), str):
-            self.model = cards[0]["id"]
-        for card in cards:
-            if card.get("id") == self.model:
-                return card
-        return cards[0] if len(cards) == 1 else None
+        """The model's card from the one GET /models the check sends (shared with the client's
+        own read of it); it also names the model when the client names none (the only one
+        listed, as the client itself would pick)."""
+        if known_limits(self.aclient) is None:
+            self.requests += 1
+        card = await read_card(self.aclient, self.model)
+        if self.model is None and card is not None and isinstance(card.get("id"), str):
+            self.model = card["id"]
+        return card
 
 
 #: Generated tokens the echo probe compares; max_tokens and best_of of the best_of probe.
@@ -474,9 +468,13 @@ def remember(client: HasAsyncClient, report: ConformanceReport) -> None:
 
 
 def known_vocab_size(client: HasAsyncClient) -> int | None:
-    """The vocabulary size the check found, else the client's profile's; None (no I/O)."""
+    """The vocabulary size the check found, else the model card's (`nbcompletions._model_card`,
+    read before the first request that needs it), else the client's profile's; None (no I/O)."""
     report = cached_report(client)
     if report is not None and report.vocab_size is not None:
         return report.vocab_size
+    card = known_limits(client)
+    if card is not None and card.vocab_size is not None:
+        return card.vocab_size
     profile = getattr(getattr(client, "async_client", client), "profile", None)
     return profile.vocab_size if isinstance(profile, ServerProfile) else None

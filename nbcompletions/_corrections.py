@@ -25,12 +25,15 @@ report; these functions only say *how*):
   (vLLM ``max_model_len``; llama-server ``meta.n_vocab``, ``meta.n_ctx``/``meta.n_ctx_train``;
   llama-cpp-python says neither).
 
+- `correct_choices(response, correction)`: either correction over every choice of a response;
+  the choices it cannot correct are kept as sent and listed with why, for the caller to flag.
+
 Byte tokens (case 13) are read from the chat shape's ``bytes`` field in `nbcompletions._parse`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ._checks import positive_int
@@ -40,6 +43,7 @@ __all__ = [
     "CardLimits",
     "UncorrectableError",
     "card_limits",
+    "correct_choices",
     "drop_stop_token",
     "head_request_fields",
     "unshift_echo",
@@ -66,15 +70,16 @@ def unshift_logprobs(vocab_size: int | None, requested: int | None) -> int | Non
 
 def head_request_fields(choice: Mapping[str, Any], logprobs: int) -> dict[str, Any]:
     """The body fields (besides model) of the request whose answer gives position 1's
-    distribution on a shifted server: the first echoed token alone as prompt, one generated token,
-    no echo. Its generated entry's ``top_logprobs[0]`` is `unshift_echo`'s ``head``."""
+    distribution on a shifted server: the first echoed token alone as prompt, one greedy token,
+    no echo. Its generated entry's ``top_logprobs[0]`` is `unshift_echo`'s ``head`` (greedy: the
+    token the server adds to that entry is its top one, so the entry holds no extra token)."""
     tokens = _logprob_lists(choice)[0]
     first = tokens[0] if tokens else None
     if not isinstance(first, str) or not first or first.startswith("bytes:"):
         raise UncorrectableError(
             f"the first echoed token {first!r} is not text that can be sent as a prompt"
         )
-    return {"prompt": first, "max_tokens": 1, "logprobs": logprobs, "echo": False}
+    return {"prompt": first, "max_tokens": 1, "logprobs": logprobs, "echo": False, "temperature": 0}
 
 
 def unshift_echo(
@@ -222,6 +227,29 @@ def drop_stop_token(choice: Mapping[str, Any], stop: str | Sequence[str] | None)
         "text_offset": None if offsets is None else offsets[:keep],
     }
     return {**choice, "logprobs": logprobs}
+
+
+def correct_choices(
+    response: Mapping[str, Any], correction: Callable[[Mapping[str, Any]], dict[str, Any]]
+) -> tuple[dict[str, Any], list[tuple[int, str]]]:
+    """A copy of ``response`` with ``correction`` applied to each choice object (say
+    ``lambda c: drop_stop_token(c, request.stop)``), and the ``(position, why)`` of each choice
+    it could not correct (`UncorrectableError`), which stays as sent: flag the result."""
+    choices = response.get("choices")
+    if not isinstance(choices, list):
+        return dict(response), []
+    corrected: list[Any] = []
+    failed: list[tuple[int, str]] = []
+    for position, choice in enumerate(choices):
+        if not isinstance(choice, Mapping):
+            corrected.append(choice)
+            continue
+        try:
+            corrected.append(correction(choice))
+        except UncorrectableError as exc:
+            corrected.append(choice)
+            failed.append((position, str(exc)))
+    return {**response, "choices": corrected}, failed
 
 
 # -- what the model card says ----------------------------------------------------------------------

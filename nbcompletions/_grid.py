@@ -98,6 +98,10 @@ class GridPoints(Sequence[GridPoint]):
     def __len__(self) -> int:
         return len(self._combos) * self._repeats
 
+    def distinct_requests(self) -> Iterator[CompletionRequest]:
+        """Each combination's request once (repeats send the same request)."""
+        return (combo.request for combo in self._combos)
+
     def _point(self, i: int) -> GridPoint:
         combo_index, repeat = divmod(i, self._repeats)
         combo = self._combos[combo_index]

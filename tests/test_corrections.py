@@ -16,6 +16,7 @@ from nbcompletions._corrections import (
     CardLimits,
     UncorrectableError,
     card_limits,
+    correct_choices,
     drop_stop_token,
     head_request_fields,
     unshift_echo,
@@ -146,7 +147,13 @@ def test_unshift_logprobs_and_the_head_request() -> None:
     assert unshift_logprobs(4096, 5000) == 5000
     assert unshift_logprobs(None, 5) is None
     fields = head_request_fields(shifted_choice(2), 4096)
-    assert fields == {"prompt": "To", "max_tokens": 1, "logprobs": 4096, "echo": False}
+    assert fields == {
+        "prompt": "To",
+        "max_tokens": 1,
+        "logprobs": 4096,
+        "echo": False,
+        "temperature": 0,
+    }
     with pytest.raises(UncorrectableError, match="first echoed token"):
         head_request_fields({"logprobs": {"tokens": ["bytes:\\xe2"]}}, 10)
 
@@ -218,6 +225,20 @@ def test_drop_stop_token_gives_frames_the_true_sum() -> None:
     after = to_frames({"choices": [drop_stop_token(choice, "!")]}, request)[0]
     assert (before["n_tokens"][0], before["sum_logprob"][0]) == (3, -6.0)
     assert (after["n_tokens"][0], after["sum_logprob"][0]) == (2, -3.0)
+
+
+def test_correct_choices_lists_what_it_could_not_correct() -> None:
+    good = stop_choice([" good", " night", "!"], " good night")
+    bad = stop_choice([" good", "<|endoftext|>"], " good")
+    response = {"id": "x", "choices": [good, "junk", bad]}
+    fixed, failed = correct_choices(response, lambda choice: drop_stop_token(choice, "!"))
+    assert fixed["id"] == "x"
+    assert fixed["choices"][0]["logprobs"]["tokens"] == [" good", " night"]
+    assert fixed["choices"][1:] == ["junk", bad]
+    assert [position for position, _ in failed] == [2]
+    assert "none of the stop strings" in failed[0][1]
+    assert response["choices"][0] is good  # not mutated
+    assert correct_choices({"choices": None}, dict) == ({"choices": None}, [])
 
 
 # -- card_limits ---------------------------------------------------------------------------------
@@ -296,12 +317,13 @@ def test_unshifted_llamacpp_echo_scores_like_our_server(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop", [",", "\n\n"])  # one token; two ("\n", "\n")
 def test_dropping_llamacpp_stop_token_gives_our_servers_sum(
-    llamacpp_server: Any, embedded_client: Any
+    llamacpp_server: Any, embedded_client: Any, stop: str
 ) -> None:
     """Issue 16 case 4: the stop token kept in the logprobs, dropped: n_tokens and sum_logprob
     equal our server's (greedy, neutral sampling fields)."""
-    prompt, stop = "ROMEO.\n", ","
+    prompt = "ROMEO.\n"
     neutral = {"temperature": 0, "top_k": 0, "min_p": 0, "repeat_penalty": 1.0}
     raw = _post(
         llamacpp_server,
@@ -312,6 +334,6 @@ def test_dropping_llamacpp_stop_token_gives_our_servers_sum(
     before = to_frames(raw, request)[0]
     fixed = drop_stop_token(raw["choices"][0], stop)
     after = to_frames({**raw, "choices": [fixed]}, request)[0]
-    assert before["n_tokens"][0] == truth.choices["n_tokens"][0] + 1
+    assert before["n_tokens"][0] == truth.choices["n_tokens"][0] + len(stop)
     assert after["n_tokens"][0] == truth.choices["n_tokens"][0]
     assert after["sum_logprob"][0] == pytest.approx(truth.choices["sum_logprob"][0], abs=1e-2)

@@ -45,6 +45,7 @@ LAYERS: dict[str, int] = {
     "_conformance_consequences": 2,
     "_conformance_sampling": 2,
     "_conformance_accounting": 2,
+    "_model_card": 2,
     "_profiles": 2,
     "_governance": 2,
     # studies: plan, run, store, analyse

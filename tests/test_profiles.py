@@ -77,6 +77,8 @@ async def test_a_client_with_a_profile_sends_its_neutral_fields(app: Any) -> Non
     real = StreamingASGITransport(app)
 
     async def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":  # GET /models: the model card, read once
+            return await real.handle_async_request(request)
         body = json.loads(request.content)
         bodies.append(dict(body))
         # llama.cpp takes these fields; our server, like OpenAI's, refuses unknown ones.
@@ -103,11 +105,23 @@ async def test_a_client_with_a_profile_sends_its_neutral_fields(app: Any) -> Non
     assert bodies[0]["temperature"] == 1.0
 
 
-async def test_frames_take_the_vocabulary_size_from_the_check(app: Any) -> None:
-    client = AsyncClient("http://other.test/v1", model=MODEL, transport=StreamingASGITransport(app))
+async def test_frames_take_the_vocabulary_size_from_the_model_card(app: Any) -> None:
+    """Issue 16 case 6: the first request with alternatives reads GET /models (once), so frames
+    use 4096 before any conformance check (they used GPT-2's 50257)."""
+    real = StreamingASGITransport(app)
+    paths: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(f"{request.method} {request.url.path}")
+        return await real.handle_async_request(request)
+
+    transport = httpx.MockTransport(handler)
+    client = AsyncClient("http://other.test/v1", model=MODEL, transport=transport)
     try:
         before = await client.complete("To be", max_tokens=2, logprobs=5)
-        assert before.tokens.attrs["vocab_size"] == 50257  # nothing known: GPT-2's
+        assert before.tokens.attrs["vocab_size"] == 4096
+        await client.complete("To be", max_tokens=2, logprobs=5, stream=True)
+        assert paths == ["GET /v1/models", "POST /v1/completions", "POST /v1/completions"]
         report = await client.conformance()
         assert report.vocab_size == 4096
         assert client.vocab_size == 4096

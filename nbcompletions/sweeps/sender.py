@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .._cache import Cache
 from .._errors import SweepError
 from .._grid import GridPoint
+from .._model_card import needs_limits
 from .._secrets import secrets_of
 from .._sweep_result import SweepResult
 from .._types import AsyncCompletionsClient
@@ -127,6 +128,16 @@ class FailureWatch:
         return error
 
 
+async def read_model_card(aclient: AsyncCompletionsClient, plan: Plan) -> None:
+    """The model card's vocabulary size for the frames' entropy bounds, read before anything is
+    sent (a sweep answered from the cache alone sends nothing, and its frames must be the same)."""
+    reader = getattr(aclient, "model_card_limits", None)
+    if reader is not None and any(
+        needs_limits(request.logprobs) for request in plan.grid.points.distinct_requests()
+    ):
+        await reader(plan.grid.model)
+
+
 class LiveSender:
     """Sends a plan's requests live, ``max_concurrency`` at a time (default: the client's limit).
 
@@ -155,6 +166,7 @@ class LiveSender:
         commits = CacheCommits(plan.cache) if plan.cache is not None else None
         try:
             capabilities = await check_endpoint(self.aclient, plan) if probe else None
+            await read_model_card(self.aclient, plan)
             sink = open_sink(plan, lambda: client_vocab_size(self.aclient))
             await _LiveRun(self, plan, sink, bar, commits, governed=probe).send_all()
             if isinstance(sink, DatasetSink):
