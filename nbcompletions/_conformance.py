@@ -1,19 +1,21 @@
 """Checking an endpoint: probes that measure what it does, and the report they make.
 
-`aconformance` sends at most 25 small requests (22 to our server, 23 to llama-cpp-python; most
-a few tokens; the penalty, sampler-order and stream-finish probes 80, 48 and 48, sent together)
-and compares what comes back with
-what OpenAI's Completions API promises. Each check is a row of `ConformanceReport.frame` with a
-status (``ok``, ``fails``, ``unsupported``: the server refused the feature, ``error``: the probe
-itself failed) and the evidence, e.g. the two numbers that disagree. Nothing is taken on trust from
-what a server says about itself, except the context length and vocabulary size it lists.
+`aconformance` sends at most 25 small requests (22 to our server and vLLM, 23 to llama-cpp-python;
+most a few tokens; the penalty, sampler-order and stream-finish probes 80, 48 and 48, sent
+together) and compares what comes back with what OpenAI's Completions API promises. Each check is
+a row of `ConformanceReport.frame` with a status (``ok``, ``fails``, ``unsupported``: the server
+refused the feature, ``error``: the probe itself failed) and the evidence, e.g. the two numbers
+that disagree. Nothing is taken on trust from what a server says about itself, except the context
+length and vocabulary size it lists.
 
-Every probe is bounded: each sends an explicit small ``max_tokens``. The one that cannot (is
-``max_tokens=0`` honoured?) streams, stops at any of four common characters, and hangs up at the
-first generated text, so a server that reads 0 as "unlimited" (llama.cpp) generates a token or
-two, not its whole context (which crashed one). Honoured means proven: no text and
-``finish_reason`` "length". Streams run one at a time with nothing else in flight, because
-llama.cpp cuts a stream short when another request arrives (and a cut stream proves nothing).
+Every probe is bounded: each sends an explicit small ``max_tokens``. The two that cannot (is
+``max_tokens=0`` honoured? is ``max_tokens`` past any context refused?) stream, stop at any of
+four common characters, and hang up at the first generated text, so a server that reads 0 as
+"unlimited" (llama.cpp) or accepts a million tokens generates a token or two, not its whole
+context (which crashed one). Honoured means proven: no text and ``finish_reason`` "length".
+Those streams run one at a time with nothing else in flight, because llama.cpp cuts a stream
+short when another request arrives (and a cut stream proves nothing); the stream_finish probe
+measures exactly that, with two probes sent beside its stream.
 
 GET /models is asked once, first: its card names the model for every probe (concurrent probes
 would each make the client discover it), tells the context length where it can, and names the

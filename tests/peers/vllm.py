@@ -7,7 +7,8 @@ to get it, unless ``NBC_REQUIRE_VLLM=1`` (CI), where they fail.
 
 It reads ``nbcompletions/model/files`` as it is (config.json, safetensors, tokenizer.json and the
 chat template in tokenizer_config.json), in float32, with the model's trained context (256).
-Start-up takes about 2 minutes, so the fixture starts it once a session.
+Start-up takes about 2 minutes, so the fixture starts it once a session; ``NBC_VLLM_URL`` names
+one already running instead (its base URL, …/v1).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class VllmServer(NamedTuple):
     base_url: str
     model: str
     log: Path
-    process: subprocess.Popen[str]
+    #: The server process (None for one started elsewhere, named by NBC_VLLM_URL).
+    process: subprocess.Popen[str] | None
 
 
 def peer_python() -> Path | None:
@@ -142,6 +144,10 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer
     """A real vLLM server on loopback serving the embedded model, started once a session."""
     if not (MODEL_DIR / "model.safetensors").exists():
         pytest.skip("the embedded model's weights are not built yet")
+    running = os.environ.get("NBC_VLLM_URL")
+    if running:  # one already serving our model (saves the start-up while working on the tests)
+        yield VllmServer(running.rstrip("/"), MODEL_NAME, Path(os.devnull), None)
+        return
     python = require_peer_python()
     log_path = tmp_path_factory.mktemp("vllm") / "server.log"
     proc, base = start_server(python, log_path)
