@@ -289,7 +289,10 @@ def _sampling_rules(d: _Deciding) -> ConformanceError | None:
             "a generated end-of-text is missing from the logprobs or usage "
             f"({d.detail('end_of_text')})"
         )
-    if _wants_logprobs(request) and d.status("byte_tokens") == "fails":
+    byte_tokens = d.report.evidence("byte_tokens")
+    # '' for byte-level pieces, with no bytes field to tell them apart: alternatives collide.
+    empty = bool(byte_tokens.get("empty_tokens")) and not byte_tokens.get("bytes_field")
+    if _wants_logprobs(request) and (d.status("byte_tokens") == "fails" or empty):
         d.if_empty_token["byte_tokens"] = (
             f"byte-level tokens came back as '' ({d.detail('byte_tokens')})"
         )
