@@ -17,6 +17,9 @@ from nbcompletions import Client, ConformanceError, ConformanceWarning
 
 PROMPT = "To be, or not to be, that is the question:"
 
+# As tests/test_vllm_conformance.py: the peer takes minutes to start, so CI's full run has these.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 
 @pytest.fixture(scope="module")
 def governed(vllm_server: VllmServer) -> Iterator[Client]:
