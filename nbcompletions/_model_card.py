@@ -6,7 +6,9 @@ Frames bound each position's entropy with the vocabulary size; without it they a
 (`nbcompletions._corrections.card_limits` reads them); llama-cpp-python's gives neither.
 
 Read lazily and once per client, endpoint and model: `AsyncClient.models` remembers the cards it
-lists (model discovery reads them anyway), and the client's request paths call `read_limits`
+lists (model discovery reads them anyway), and the client's request paths (the hook: one line,
+``await self._read_model_card(request)`` right after ``_with_model`` in ``complete_request`` and
+``_stream_after_model``; sweeps call `AsyncClient.model_card_limits` before sending) read the card
 before the first request whose frames need the vocabulary size (logprobs with alternatives), so
 at most one ``GET /models`` is sent per client and model, however many requests run at once. A
 card that cannot be read (an error answer, no ``data`` list) counts as saying nothing, and is not
