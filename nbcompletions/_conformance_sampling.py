@@ -36,9 +36,9 @@ __all__ = [
 ]
 
 #: The penalty probe: greedy, both penalties at OpenAI's maximum, long enough to pass a window
-#: of 64 (llama.cpp's default) by a quarter (llama-cpp-python first showed it at step 65).
+#: of 64 (llama.cpp's default) by half as much again (llama-cpp-python first showed it at 65).
 PENALTY = 2.0
-WINDOW_TOKENS = 80
+WINDOW_TOKENS = 96
 #: The order probe: a prompt the model continues confidently, so that many steps have a small
 #: raw nucleus; the temperature and top_p of issue 16's measurement (17 vs 80 candidates at 1.5).
 ORDER_PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n"

@@ -151,7 +151,7 @@ def test_penalties_count_only_the_last_64_tokens(report: ConformanceReport) -> N
     assert check.status == "fails"
     # llama-cpp-python's last_n_tokens_size is 64; the first step it shows at is just past it.
     assert check.evidence["window_tokens"] == 64
-    assert 64 < check.evidence["first_contradiction"] < 80
+    assert 64 < check.evidence["first_contradiction"] < 96
     assert report.status("penalties") == "ok"  # they do act, within the window
 
 
