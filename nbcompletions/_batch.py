@@ -737,7 +737,7 @@ async def run_batches(
             bar.set_description("batch")
         if probe:
             capabilities = await probe_endpoint(aclient, prepared.grid, prepared.cache)
-            refuse_ignored(capabilities, prepared.grid)
+            refuse_ignored(capabilities, prepared.grid, path="sweep-batch")
         await run.run()
     finally:
         if renewing is not None:

@@ -144,7 +144,7 @@ class _Prober:
         self.requests += 1
         try:
             completion = await asyncio.wait_for(
-                self.aclient.complete_request(request), _PROBE_TIMEOUT
+                self.aclient.complete_as_is(request), _PROBE_TIMEOUT
             )
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
@@ -211,7 +211,7 @@ class _Prober:
         """Feed each piece of ``request``'s stream to ``read`` until it returns True or the
         stream ends; errors and timeouts land in ``seen.error``."""
         self.requests += 1
-        stream = self.aclient.stream_request(request)
+        stream = self.aclient.stream_as_is(request)
 
         async def pieces() -> None:
             async for piece in stream:

@@ -19,7 +19,6 @@ from nbcompletions import (
     Client,
     ConformanceError,
     ConformanceReport,
-    NBCompletionsError,
     sweep,
 )
 from nbcompletions._conformance import CHECKS, check_sweep, token_bytes
@@ -257,20 +256,6 @@ def test_the_validation_rule() -> None:
 
 
 # -- consequences: score() and sweeps --------------------------------------------------------------
-
-
-async def test_score_refuses_a_shifted_echo_naming_the_check(app: Any) -> None:
-    client, transport = llama_like(app)
-    try:
-        with pytest.raises(ConformanceError, match="echo_alignment") as info:
-            await client.score(["To be, or not to be, that is the question:"])
-        assert info.value.check == "echo_alignment"
-        assert "previous position's top_logprobs" in str(info.value)
-        assert isinstance(info.value, NBCompletionsError)
-        # Refused before sending a single scoring request (only the check's probes went out).
-        assert len(transport.bodies) == (await client.conformance()).requests - 1
-    finally:
-        await client.close()
 
 
 async def test_score_without_max_tokens_0_uses_one_token_and_is_right(

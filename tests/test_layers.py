@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "_conformance_sampling": 2,
     "_conformance_accounting": 2,
     "_profiles": 2,
+    "_governance": 2,
     # studies: plan, run, store, analyse
     "_grid": 3,
     "_sweep": 3,

@@ -266,7 +266,7 @@ def _count_pending(plan: Plan) -> None:
 async def check_endpoint(aclient: AsyncCompletionsClient, plan: Plan) -> dict[str, Any] | None:
     """The endpoint's report (`probe_endpoint`), applied: `refuse_ignored`."""
     capabilities = await probe_endpoint(aclient, plan.grid, plan.cache)
-    refuse_ignored(capabilities, plan.grid)
+    refuse_ignored(capabilities, plan.grid, path="sweep-live")
     return capabilities
 
 
@@ -291,21 +291,35 @@ async def probe_endpoint(
     return known
 
 
-def refuse_ignored(capabilities: Mapping[str, Any] | None, grid: Grid) -> None:
-    """Raise `ConformanceError` when the grid asks for what ``capabilities`` says is ignored.
-    The report measures ``/v1/completions``: a chat grid is not judged by it."""
+def refuse_ignored(
+    capabilities: Mapping[str, Any] | None, grid: Grid, *, path: str = "sweep-batch"
+) -> None:
+    """Raise `ConformanceError` when the grid asks for what ``capabilities`` says is ignored, or
+    what the report refuses for any of its requests (`nbcompletions._governance.decide`).
+    The report measures ``/v1/completions``: a chat grid is not judged by it.
+
+    A live sweep (``path="sweep-live"``) sends each request as the report decides, with the
+    detected profile's neutral sampling fields; a Batch sweep's requests go as they are."""
     if grid.api != "completions":
         return
     from .._conformance import ConformanceReport, check_sweep
+    from .._governance import decide
 
     report = ConformanceReport.from_dict(capabilities) if capabilities else None
-    problems = (
-        check_sweep(
-            report, [p.request for p in grid.points if isinstance(p.request, CompletionRequest)]
-        )
-        if report
-        else []
-    )
+    if report is None:
+        return
+    requests = [p.request for p in grid.points if isinstance(p.request, CompletionRequest)]
+    problems = check_sweep(report, requests, corrects_sampling=path == "sweep-live")
+    refused: dict[str, tuple[int, str]] = {}
+    for request in requests:
+        error = decide(report, request, path=path).error
+        # Past the context is one request's fault: a live sweep's error row, sent nowhere.
+        if error is None or error.check == "context_length":
+            continue
+        if not any(f"{error.check!r}" in p for p in problems):
+            count, message = refused.get(str(error.check), (0, str(error)))
+            refused[str(error.check)] = (count + 1, message)
+    problems += [f"{count} request(s): {message}" for count, message in refused.values()]
     if problems:
         raise ConformanceError(
             "this sweep asks for what the endpoint was measured not to do, so its results would "

@@ -173,7 +173,7 @@ class LiveSender:
             capabilities = await check_endpoint(self.aclient, plan) if probe else None
             await read_model_card(self.aclient, plan)
             sink = open_sink(plan, lambda: client_vocab_size(self.aclient))
-            await _LiveRun(self, plan, sink, bar, commits).send_all()
+            await _LiveRun(self, plan, sink, bar, commits, governed=probe).send_all()
             if isinstance(sink, DatasetSink):
                 await sink.own_directory()
         except BaseException:
@@ -201,8 +201,12 @@ class _LiveRun:
         sink: MemorySink | DatasetSink,
         bar: Any,
         commits: CacheCommits | None,
+        *,
+        governed: bool = True,
     ) -> None:
         self.sender, self.plan, self.sink, self.bar, self.commits = sender, plan, sink, bar, commits
+        # probe=False sends every request as it is; else the report decides each one.
+        self.governed = governed
         self.source = PendingSource(plan, sink.finished)
         self.watch = FailureWatch(sender.fail_fast)
         self.failures = failure_types()
@@ -269,7 +273,14 @@ class _LiveRun:
         tally.sent += 1
         started = time.perf_counter()
         try:
-            completion = await self.send_request(point.request)
+            aclient = self.sender.aclient
+            if isinstance(point.request, ChatRequest):
+                completion = await self.chat_request(point.request)
+            elif self.governed:
+                completion = await aclient.complete_request(point.request, path="sweep-live")
+                tally.flags.update(getattr(completion, "flags", ()))
+            else:
+                completion = await aclient.complete_as_is(point.request)
             raw = usable_response(completion.raw)
         except self.failures as exc:
             outcome = Outcome(
