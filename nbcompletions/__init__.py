@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._chat import ChatRequest, ResponsesRequest
 from ._errors import (
     APIError,
     BudgetError,
     CacheError,
     ConformanceError,
+    ConformanceWarning,
     NBCompletionsError,
     RequestError,
     SweepError,
@@ -57,16 +59,19 @@ __all__ = [
     "BudgetError",
     "Cache",
     "CacheError",
+    "ChatRequest",
     "Client",
     "Completion",
     "CompletionRequest",
     "ConformanceError",
     "ConformanceReport",
+    "ConformanceWarning",
     "DriftWarning",
     "Grid",
     "Limits",
     "NBCompletionsError",
     "RequestError",
+    "ResponsesRequest",
     "ServerProfile",
     "StreamChunk",
     "SweepError",

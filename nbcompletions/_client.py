@@ -10,6 +10,7 @@ Which endpoint requests go to, and what an error says about it, is `nbcompletion
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import json
 import logging
@@ -27,11 +28,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from . import _retry
+from ._chat import CHAT_FIELDS, ChatRequest, ResponsesRequest
 from ._completion import Completion
+from ._corrections import CardLimits
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
-from ._parse import loads
+from ._model_card import needs_limits, read_limits, remember_cards
+from ._parse import loads, responses_as_chat
 from ._profiles import ServerProfile
 from ._request import (
     FIELDS,
@@ -43,22 +47,65 @@ from ._request import (
     shown,
 )
 from ._secrets import redact_error, redact_url
-from ._settings import DEFAULT_TIMEOUT, _Settings, check_limits, check_model, check_retries
+from ._settings import (
+    DEFAULT_TIMEOUT,
+    _Settings,
+    check_limits,
+    check_model,
+    check_retries,
+    in_process_transport,
+)
 from ._streaming import AsyncStream, Stream, aiter_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from typing_extensions import Unpack  # typing has it from 3.11 only
 
+    from ._chat import ChatFields, ResponsesFields
     from ._conformance import ConformanceReport
 
 __all__ = ["AsyncClient", "AsyncResponseStream", "Client", "ResponseStream"]
 
 T = TypeVar("T")
+#: A request of any of the three APIs.
+R = TypeVar("R", bound=CompletionRequest | ChatRequest | ResponsesRequest)
 
 log = logging.getLogger("nbcompletions")
 
 _REQUEST_FIELDS = (*(f for f in FIELDS if f != "prompt"), "extra")
+_CHAT_REQUEST_FIELDS = (*(f for f in CHAT_FIELDS if f != "messages"), "extra")
+_RESPONSES_REQUEST_FIELDS = (
+    "model",
+    "include",
+    "instructions",
+    "max_output_tokens",
+    "temperature",
+    "top_logprobs",
+    "top_p",
+    "user",
+    "extra",
+)
+
+#: The path each kind of request is sent to, after the base URL.
+_PATHS = {"completions": "/completions", "chat": "/chat/completions", "responses": "/responses"}
+
+
+def _path(request: CompletionRequest | ChatRequest | ResponsesRequest) -> str:
+    return _PATHS[getattr(request, "api", "completions")]
+
+
+def _refused_logprobs(error: APIError, model: str | None) -> APIError:
+    """A reasoning model's refusal of logprobs ("'logprobs' is not supported for this model")
+    with a hint that names the model and says why; any other error as it is."""
+    message = error.message.lower()
+    if error.status == 400 and "logprobs" in message and "not supported" in message:
+        error.hint = (
+            f"the model {model!r} does not return token logprobs: OpenAI's reasoning models "
+            "(o1, o3, o4-mini, gpt-5 and later) refuse logprobs and top_logprobs, because the "
+            "visible answer follows hidden reasoning tokens whose probabilities are not "
+            "shown; use a model that returns them (gpt-4.1, gpt-4o) or leave logprobs unset"
+        )
+    return error
 
 
 #: Connections per pool at most, where requests share pools (see `_LoopState`): httpcore 1.0's
@@ -190,9 +237,19 @@ class _NoLimit:
 _NO_LIMIT = _NoLimit()
 
 
-def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, _REQUEST_FIELDS, n=1)
+def _suggest(name: str, fields: Sequence[str] = _REQUEST_FIELDS) -> str:
+    close = difflib.get_close_matches(name, fields, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _refuse_unknown(fields: Mapping[str, Any], known: Sequence[str], call: str) -> None:
+    unknown = [name for name in fields if name not in known]
+    if unknown:
+        name = unknown[0]
+        raise TypeError(
+            f"unknown {call} field {name!r}{_suggest(name, known)}; valid fields are "
+            f"{', '.join(known)}. Send server-specific fields with extra={{...}}."
+        )
 
 
 class _BaseClient:
@@ -221,6 +278,7 @@ class _BaseClient:
         vocab_size: int | None = None,
         profile: str | ServerProfile | None = None,
         embedded: bool | None = None,
+        verify: bool | None = None,
     ) -> None:
         self._settings = _Settings(
             base_url,
@@ -235,6 +293,7 @@ class _BaseClient:
             vocab_size=vocab_size,
             profile=profile,
             embedded=embedded,
+            verify=verify,
         )
         self._start()
 
@@ -313,6 +372,31 @@ class _BaseClient:
         """The server profile requests are adapted to (given, or None); see `_profiles`."""
         return self._settings.profile
 
+    @property
+    def verify(self) -> bool | None:
+        """As given: True measures the endpoint's conformance when a request depends on it, False
+        sends every request as it is, None decides from the endpoint (see `measures`)."""
+        return self._settings.verify
+
+    @property
+    def discovered_model(self) -> str | None:
+        """The model ``GET /models`` named, where the client named none and asked."""
+        return self.async_client._discovered_model
+
+    @property
+    def in_process(self) -> bool:
+        """True when requests do not leave the process: the embedded model, or a transport given
+        to the constructor that is not httpx's HTTP one (an in-process app, a test double)."""
+        target = self._settings.target
+        return target.embedded or in_process_transport(target.transport)
+
+    @property
+    def measures(self) -> bool:
+        """Whether the first request that depends on the endpoint's conformance report measures
+        it (see `nbcompletions._governance`): not for the embedded model, an injected transport
+        or api.openai.com unless ``verify=True``."""
+        return self._settings.measures
+
     def __repr__(self) -> str:
         urls = [redact_url(u) for u in self.endpoints]
         where = f"endpoint={urls[0]!r}" if len(urls) == 1 else f"endpoints={urls!r}"
@@ -345,6 +429,33 @@ class _BaseClient:
         # A chosen profile makes omitted sampling fields mean OpenAI's on that server.
         profile = self._settings.profile
         return profile.neutralize(request) if profile is not None else request
+
+    def build_chat_request(self, messages: Any = None, **fields: Unpack[ChatFields]) -> ChatRequest:
+        """Validate ``messages`` and ``fields`` into a `ChatRequest` (no network I/O)."""
+        _refuse_unknown(fields, _CHAT_REQUEST_FIELDS, "chat")
+        if fields.get("model") is None:
+            fields["model"] = self.model
+        return ChatRequest(messages, limits=self.limits, **fields)
+
+    def build_responses_request(
+        self, input: Any = None, **fields: Unpack[ResponsesFields]
+    ) -> ResponsesRequest:
+        """Validate ``input`` and ``fields`` into a `ResponsesRequest` (no network I/O)."""
+        _refuse_unknown(fields, _RESPONSES_REQUEST_FIELDS, "respond")
+        if fields.get("model") is None:
+            fields["model"] = self.model
+        return ResponsesRequest(input, limits=self.limits, **fields)
+
+    def _chat_stream_request(self, messages: Any, fields: ChatFields) -> ChatRequest:
+        if fields.get("stream") is False:
+            raise RequestError(
+                "stream",
+                "chat_stream() always streams; got stream=False (use chat())",
+                allowed="True or unset",
+                value=False,
+            )
+        fields["stream"] = True
+        return self.build_chat_request(messages, **fields)
 
     def _stream_request(self, prompt: Prompt | None, fields: CompletionFields) -> CompletionRequest:
         if fields.get("stream") is False:
@@ -393,9 +504,28 @@ class AsyncClient(_BaseClient):
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return await self.complete_request(self.build_request(prompt, **fields))
 
-    async def complete_request(self, request: CompletionRequest) -> Completion:
-        """Send an already validated request (retries and the concurrency limit apply)."""
+    async def complete_request(
+        self, request: CompletionRequest, *, path: str = "complete"
+    ) -> Completion:
+        """Send an already validated request (retries and the concurrency limit apply), as the
+        endpoint's conformance report decides (`nbcompletions._governance`): as it is,
+        corrected, flagged, or refused with `ConformanceError` before sending. ``path`` names
+        the caller ("complete", "sweep-live", "widget", ...)."""
         request = await self._with_model(request)
+        if self._settings.verify is False:
+            return await self.complete_as_is(request)
+        from ._governance import agovern, agovern_answer
+
+        decision = await agovern(self, request, path=path)
+        decision.raise_if_refused()
+        completion = await self.complete_as_is(decision.request)
+        return await agovern_answer(self, decision, completion)
+
+    async def complete_as_is(self, request: CompletionRequest) -> Completion:
+        """Send ``request`` exactly as it is, whatever the endpoint's conformance report says
+        (the conformance probes use it)."""
+        request = await self._with_model(request)
+        await self._read_model_card(request)
         if request.stream:
             stream = AsyncStream(
                 self._stream_chunks(request), request, vocab_size=lambda: self.vocab_size
@@ -404,8 +534,7 @@ class AsyncClient(_BaseClient):
                 return await stream.completion()
             finally:
                 await stream.aclose()
-        content = _encode_body(request.to_body())
-        raw, body = await self._request_json("POST", "/completions", content, _JSON_HEADERS)
+        raw, body = await self._post_json(request)
         error = _retry.completion_error(raw)
         if error is not None:
             raise self._scrub(error)
@@ -419,14 +548,100 @@ class AsyncClient(_BaseClient):
         """Stream a completion: ``async for piece in client.stream(...)`` yields `StreamChunk`."""
         return self.stream_request(self._stream_request(prompt, fields))
 
-    def stream_request(self, request: CompletionRequest) -> AsyncStream:
+    def stream_request(
+        self, request: CompletionRequest | ChatRequest, *, path: str = "stream"
+    ) -> AsyncStream:
+        """Stream an already validated request, as the endpoint's conformance report decides
+        (refused with `ConformanceError` at the first piece; flags are warned)."""
         if not request.stream:
             request = request.replace(stream=True)
         # vocab_size is read when the stream is merged: for the embedded model that is after the
         # server has loaded it, so asking here would load the weights on the caller's thread.
         return AsyncStream(
-            self._stream_after_model(request), request, vocab_size=lambda: self.vocab_size
+            self._stream_after_model(request, path=path),
+            request,
+            vocab_size=lambda: self.vocab_size,
         )
+
+    def stream_as_is(self, request: CompletionRequest) -> AsyncStream:
+        """Stream ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        if not request.stream:
+            request = request.replace(stream=True)
+        return AsyncStream(
+            self._stream_after_model(request, path=None),
+            request,
+            vocab_size=lambda: self.vocab_size,
+        )
+
+    # -- Chat Completions and Responses -----------------------------------------------------------
+    async def chat(self, messages: Any = None, **fields: Unpack[ChatFields]) -> Completion:
+        """Send one Chat Completions request (``POST /chat/completions``): a `Completion` whose
+        frames have a completion's columns plus ``role``, ``refusal`` and ``api``.
+        ``stream=True`` streams and returns the merged result."""
+        return await self.chat_request(self.build_chat_request(messages, **fields))
+
+    async def chat_request(self, request: ChatRequest) -> Completion:
+        """Send an already validated `ChatRequest` (retries and the concurrency limit apply)."""
+        try:
+            request = await self._with_model(request)
+            if request.stream:
+                stream = AsyncStream(
+                    self._stream_chunks(request), request, vocab_size=lambda: self.vocab_size
+                )
+                try:
+                    return await stream.completion()
+                finally:
+                    await stream.aclose()
+            raw, body = await self._post_json(request)
+        except APIError as exc:
+            raise _refused_logprobs(exc, request.model) from exc.__cause__
+        error = _retry.completion_error(raw)
+        if error is not None:
+            raise self._scrub(error)
+        completion = Completion(raw, request, vocab_size=self.vocab_size)
+        completion._body = body
+        return completion
+
+    def chat_stream(self, messages: Any = None, **fields: Unpack[ChatFields]) -> AsyncStream:
+        """Stream a chat completion: ``async for piece in client.chat_stream(...)`` yields
+        `StreamChunk`; ``await stream.completion()`` merges them."""
+        return self.stream_request(self._chat_stream_request(messages, fields))
+
+    async def respond(self, input: Any = None, **fields: Unpack[ResponsesFields]) -> Completion:
+        """Send one Responses API request (``POST /responses``) asking for the output text's
+        logprobs (``include=["message.output_text.logprobs"]``, ``top_logprobs``): a
+        `Completion` with the frames of `chat` (``api`` "responses"); its ``raw`` is the answer
+        read as a chat completion (`responses_as_chat`)."""
+        return await self.respond_request(self.build_responses_request(input, **fields))
+
+    async def respond_request(self, request: ResponsesRequest) -> Completion:
+        """Send an already validated `ResponsesRequest`."""
+        if request.stream:
+            raise RequestError(
+                "stream",
+                "respond() does not stream; got stream=True (use chat_stream())",
+                allowed="False or unset",
+                value=True,
+            )
+        try:
+            request = await self._with_model(request)
+            raw, body = await self._post_json(request)
+        except APIError as exc:
+            raise _refused_logprobs(exc, request.model) from exc.__cause__
+        if isinstance(raw, dict) and raw.get("error") is not None:
+            raise self._scrub(_retry.error_from_body(raw, status=200))
+        error = _retry.completion_error(raw if not isinstance(raw, dict) else {"choices": [{}]})
+        if error is not None:
+            raise self._scrub(error)
+        completion = Completion(responses_as_chat(raw), request, vocab_size=self.vocab_size)
+        completion._body = body
+        return completion
+
+    async def _post_json(
+        self, request: CompletionRequest | ChatRequest | ResponsesRequest
+    ) -> tuple[Any, bytes]:
+        content = _encode_body(request.to_body())
+        return await self._request_json("POST", _path(request), content, _JSON_HEADERS)
 
     async def request(
         self,
@@ -483,10 +698,26 @@ class AsyncClient(_BaseClient):
         )
         return AsyncResponseStream(pieces)
 
+    async def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model (see `nbcompletions._model_card`); None where the client knows its
+        vocabulary already (given, or the embedded model's)."""
+        settings = self._settings
+        if settings.vocab_size is not None or settings.target.embedded:
+            return None
+        return await read_limits(self, model)
+
+    async def _read_model_card(self, request: CompletionRequest | ChatRequest) -> None:
+        # Before the first request whose frames need the vocabulary size (issue 16, case 6).
+        asked = request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
+        if needs_limits(asked):
+            await self.model_card_limits(request.model)
+
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         body = await self.request("GET", "/models")
         data = answered_field(body, "data", list, "GET /models", "a data list", status=200)
+        remember_cards(self, data)
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
     async def score(
@@ -504,10 +735,11 @@ class AsyncClient(_BaseClient):
         return await acapabilities(self)
 
     async def conformance(self, *, refresh: bool = False) -> ConformanceReport:
-        """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
-        from ._conformance import aconformance
+        """Measure what this endpoint and model do (see `nbcompletions._conformance`); kept in
+        memory and on disk (`nbcompletions._governance`); ``refresh=True`` measures again."""
+        from ._governance import ameasure
 
-        return await aconformance(self, refresh=refresh)
+        return await ameasure(self, refresh=refresh)
 
     async def close(self) -> None:
         """Close the connection pools (the client can still be used afterwards: it reopens them)."""
@@ -584,11 +816,11 @@ class AsyncClient(_BaseClient):
         # Servers sometimes echo the key they rejected ("Incorrect API key provided: sk-...").
         return redact_error(error, [self._settings.key.get()])
 
-    async def _with_model(self, request: CompletionRequest) -> CompletionRequest:
+    async def _with_model(self, request: R) -> R:
         if request.model is not None:
             return request
         if self.model is not None:
-            return request.replace(model=self.model)
+            return dataclasses.replace(request, model=self.model)
         if self._discovered_model is None:
             available = await self.models()
             if len(available) != 1:
@@ -601,7 +833,7 @@ class AsyncClient(_BaseClient):
                     value=None,
                 )
             self._discovered_model = available[0]
-        return request.replace(model=self._discovered_model)
+        return dataclasses.replace(request, model=self._discovered_model)
 
     async def _retry_or_raise(
         self, error: APIError, retries: int, headers: Mapping[str, str] | None, retryable: bool
@@ -636,9 +868,20 @@ class AsyncClient(_BaseClient):
 
     async def _stream_after_model(
         self,
-        request: CompletionRequest,
+        request: CompletionRequest | ChatRequest,
+        *,
+        path: str | None,
     ) -> AsyncIterator[dict[str, Any]]:
         request = await self._with_model(request)
+        await self._read_model_card(request)
+        if (
+            path is not None
+            and self._settings.verify is not False
+            and isinstance(request, CompletionRequest)
+        ):
+            from ._governance import agovern_stream
+
+            request = await agovern_stream(self, request, path=path)
         chunks = self._stream_chunks(request)
         try:
             async for chunk in chunks:
@@ -648,11 +891,13 @@ class AsyncClient(_BaseClient):
             # generator happens to be garbage collected.
             await chunks.aclose()
 
-    def _stream_chunks(self, request: CompletionRequest) -> AsyncGenerator[dict[str, Any], None]:
+    def _stream_chunks(
+        self, request: CompletionRequest | ChatRequest
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Chunk objects of one streamed request; retried only until the first data arrives."""
         headers = {**_JSON_HEADERS, "Accept": "text/event-stream"}
         content = _encode_body(request.to_body())
-        return self._send("POST", "/completions", content, headers, _read_events)
+        return self._send("POST", _path(request), content, headers, _read_events)
 
     def _http_error(
         self, response: httpx.Response, endpoint: _Endpoint, method: str, path: str
@@ -963,16 +1208,49 @@ class Client(_BaseClient):
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return run_sync(self._async.complete_request(self.build_request(prompt, **fields)))
 
-    def complete_request(self, request: CompletionRequest) -> Completion:
-        """Send an already validated request (retries and the concurrency limit apply)."""
-        return run_sync(self._async.complete_request(request))
+    def complete_request(self, request: CompletionRequest, *, path: str = "complete") -> Completion:
+        """Send an already validated request as the endpoint's conformance report decides; see
+        `AsyncClient.complete_request`."""
+        return run_sync(self._async.complete_request(request, path=path))
+
+    def complete_as_is(self, request: CompletionRequest) -> Completion:
+        """Send ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        return run_sync(self._async.complete_as_is(request))
 
     def stream(self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]) -> Stream:
         """Stream a completion: ``for piece in client.stream(...)`` yields `StreamChunk`."""
         return Stream(self._async.stream_request(self._stream_request(prompt, fields)))
 
-    def stream_request(self, request: CompletionRequest) -> Stream:
-        return Stream(self._async.stream_request(request))
+    def stream_request(
+        self, request: CompletionRequest | ChatRequest, *, path: str = "stream"
+    ) -> Stream:
+        """Stream an already validated request; see `AsyncClient.stream_request`."""
+        return Stream(self._async.stream_request(request, path=path))
+
+    def stream_as_is(self, request: CompletionRequest) -> Stream:
+        """Stream ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        return Stream(self._async.stream_as_is(request))
+
+    def chat(self, messages: Any = None, **fields: Unpack[ChatFields]) -> Completion:
+        """Send one Chat Completions request; see `AsyncClient.chat`."""
+        return run_sync(self._async.chat_request(self.build_chat_request(messages, **fields)))
+
+    def chat_request(self, request: ChatRequest) -> Completion:
+        """Send an already validated `ChatRequest`."""
+        return run_sync(self._async.chat_request(request))
+
+    def chat_stream(self, messages: Any = None, **fields: Unpack[ChatFields]) -> Stream:
+        """Stream a chat completion: ``for piece in client.chat_stream(...)`` yields
+        `StreamChunk`; ``stream.completion()`` merges them."""
+        return Stream(self._async.stream_request(self._chat_stream_request(messages, fields)))
+
+    def respond(self, input: Any = None, **fields: Unpack[ResponsesFields]) -> Completion:
+        """Send one Responses API request with logprobs; see `AsyncClient.respond`."""
+        return run_sync(self._async.respond_request(self.build_responses_request(input, **fields)))
+
+    def respond_request(self, request: ResponsesRequest) -> Completion:
+        """Send an already validated `ResponsesRequest`."""
+        return run_sync(self._async.respond_request(request))
 
     def request(
         self,
@@ -1034,6 +1312,11 @@ class Client(_BaseClient):
     def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         return run_sync(self._async.models())
+
+    def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model; None where the client knows its vocabulary already."""
+        return run_sync(self._async.model_card_limits(model))
 
     def score(
         self, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None

@@ -6,6 +6,7 @@ import html
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ._chat import ChatRequest, ResponsesRequest
 from ._parse import choice_text, first_choice, sorted_choices
 from ._request import CompletionRequest
 
@@ -22,15 +23,17 @@ class Completion:
 
     ``.choices``, ``.tokens`` and ``.alternatives`` are the frames of `nbcompletions.to_frames`,
     built once, on first access (pandas is imported only then). ``vocab_size`` feeds the entropy
-    bounds.
+    bounds. An answer of the Chat Completions or Responses API (``request`` a `ChatRequest` or
+    `ResponsesRequest`, or a ``chat.completion`` body) has the same frames plus chat's columns
+    (`nbcompletions._chat_frames`); a Responses answer's ``raw`` is its chat-shaped reading.
     """
 
-    __slots__ = ("_body", "_frames", "raw", "request", "vocab_size")
+    __slots__ = ("_body", "_frames", "flags", "raw", "request", "vocab_size")
 
     def __init__(
         self,
         raw: Mapping[str, Any],
-        request: CompletionRequest | None = None,
+        request: CompletionRequest | ChatRequest | ResponsesRequest | None = None,
         *,
         vocab_size: int | None = None,
     ) -> None:
@@ -41,6 +44,16 @@ class Completion:
         # The response body as received, when the client has it: what a sweep's cache stores,
         # rather than writing ``raw`` out again.
         self._body: bytes | None = None
+        # Checks of the endpoint's conformance report this result depends on and that could be
+        # neither corrected nor refused (`nbcompletions._governance`); the frames carry them too,
+        # in .attrs["conformance_flags"] (absent: no flags).
+        self.flags: tuple[str, ...] = ()
+
+    def corrected(self, raw: Mapping[str, Any]) -> Completion:
+        """This completion with ``raw`` (corrected) as its answer; the request and flags kept."""
+        fixed = Completion(raw, self.request, vocab_size=self.vocab_size)
+        fixed.flags = self.flags
+        return fixed
 
     # -- plain fields -----------------------------------------------------------------------------
     @property
@@ -78,10 +91,29 @@ class Completion:
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         """``(choices, tokens, alternatives)``, built on the first call and cached."""
         if self._frames is None:
-            from ._frames import to_frames
+            if self.api == "completions":
+                from ._frames import to_frames
 
-            self._frames = to_frames(self.raw, self.request, vocab_size=self.vocab_size)
+                assert not isinstance(self.request, ChatRequest | ResponsesRequest)
+                self._frames = to_frames(self.raw, self.request, vocab_size=self.vocab_size)
+            else:
+                from ._chat_frames import chat_frames
+
+                self._frames = chat_frames(self.raw, self.request, vocab_size=self.vocab_size)
+        if self.flags:  # attached after the response arrived, maybe after the frames were built
+            for frame in self._frames:
+                frame.attrs["conformance_flags"] = list(self.flags)
         return self._frames
+
+    @property
+    def api(self) -> str:
+        """Which API answered: ``"completions"``, ``"chat"`` or ``"responses"``."""
+        if isinstance(self.request, ChatRequest | ResponsesRequest):
+            return self.request.api
+        if self.request is None and self.raw.get("object") == "chat.completion":
+            return "chat"
+        # A completion request answered in chat's shape (a proxy's chunks) is still a completion.
+        return "completions"
 
     @property
     def choices(self) -> pd.DataFrame:

@@ -71,13 +71,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ._checks import is_int
-from ._parse import choice_text, parse_logprobs, top_items
+from ._parse import choice_text, parse_logprobs, read_chat_tokens, top_items
 from ._request import CompletionRequest
 from ._usage import token_counts
 from ._visible import visible_tokens
@@ -420,8 +421,26 @@ def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.n
             chain.from_iterable(map(dict.values, present)), dtype=np.float64, count=total
         )
     except (TypeError, ValueError):
-        tokens, logprobs = _flatten_alternatives_slow(present, total)
+        try:
+            tokens, logprobs = _flatten_chat_lists(present, total)
+        except (TypeError, ValueError, KeyError):
+            tokens, logprobs = _flatten_alternatives_slow(present, total)
     return counts, tokens, logprobs
+
+
+_TOKEN = itemgetter("token")
+_LOGPROB = itemgetter("logprob")
+
+
+def _flatten_chat_lists(present: list[Any], total: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chat shape's lists of ``{"token", "logprob", "bytes"}`` objects, flattened at C speed
+    where every entry has a token and a numeric logprob (else the error sends it the slow way)."""
+    entries = list(chain.from_iterable(present))
+    if len(entries) != total:
+        raise ValueError("not lists of entries")
+    tokens = read_chat_tokens(entries, list(map(_TOKEN, entries)))
+    logprobs = np.fromiter(map(_LOGPROB, entries), dtype=np.float64, count=total)
+    return _objects(tokens, total), logprobs
 
 
 def _flatten_alternatives_slow(present: list[Any], total: int) -> tuple[np.ndarray, np.ndarray]:
@@ -601,13 +620,43 @@ class _Alternatives:
     top_mass: np.ndarray
     entropy_low: np.ndarray
     entropy_high: np.ndarray
+    below_cap: np.ndarray | None  # per entry: the server's "below its cap" stand-in was given
 
 
-def _alternatives(rows: _TokenRows, requested: int | None, vocab_size: int) -> _Alternatives:
-    """``requested`` is the request's ``logprobs`` (None: unknown)."""
+def _mark_below_cap(logprobs: np.ndarray, below_cap: float | None) -> np.ndarray | None:
+    """Where ``logprobs`` holds the ``below_cap`` stand-in (made NaN in place); None: not asked."""
+    if below_cap is None:
+        return None
+    below: np.ndarray = logprobs == below_cap
+    logprobs[below] = np.nan
+    return below
+
+
+def _cap(
+    known_probs: np.ndarray,
+    maybe_extra: np.ndarray,
+    unknown: np.ndarray | None,
+    alt_row: np.ndarray,
+    counts: np.ndarray,
+) -> np.ndarray:
+    """Per token row, the most an unseen token's probability may be: the smallest listed one
+    (leaving out ``maybe_extra`` entries), none (inf) where an entry is ``unknown``."""
+    cap = _segment_min(np.where(maybe_extra, np.inf, known_probs), counts)
+    if unknown is not None:
+        # A listed entry without a logprob may hold any part of the rest: no cap is known there.
+        cap[np.bincount(alt_row[unknown], minlength=len(counts)) > 0] = np.inf
+    return cap
+
+
+def _alternatives(
+    rows: _TokenRows, requested: int | None, vocab_size: int, below_cap: float | None = None
+) -> _Alternatives:
+    """``requested`` is the request's ``logprobs`` (None: unknown); see `to_frames` for
+    ``below_cap``."""
     n_rows = rows.n_rows
     token_logprobs, token_probs = rows.logprobs, rows.probs
     counts, alt_tokens, alt_logprobs = _flatten_alternatives(rows.tops)
+    below = _mark_below_cap(alt_logprobs, below_cap)
     has_alts = counts > 0
     # alt_row[i] is the token row that alternative i belongs to.
     alt_row = np.repeat(np.arange(n_rows), counts)
@@ -639,17 +688,15 @@ def _alternatives(rows: _TokenRows, requested: int | None, vocab_size: int) -> _
     # The chosen token's entry may be an extra one below the true top k: keep it out of the cap
     # unless the request says the list holds no more than k entries.
     maybe_extra = chosen if requested is None else chosen & (counts[alt_row] > requested)
-    cap = _segment_min(
-        np.where(
-            maybe_extra,
-            np.inf,
-            known_probs if all_known else np.where(alt_known, alt_probs, np.inf),
-        ),
+    # An entry below the server's cap is an unseen token (below the cap), not an unknown one.
+    unknown = None if all_known else ~alt_known if below is None else ~alt_known & ~below
+    cap = _cap(
+        known_probs if all_known else np.where(alt_known, alt_probs, np.inf),
+        maybe_extra,
+        unknown,
+        alt_row,
         counts,
     )
-    if not all_known:
-        # A listed entry without a logprob may hold any part of the rest: no cap is known there.
-        cap[np.bincount(alt_row[~alt_known], minlength=n_rows) > 0] = np.inf
     entropy_low, entropy_high = _entropy_bounds(known_h, mass, n_known, cap, vocab_size)
 
     # Sorted by rank within each position; a stable sort keeps the server's order on ties.
@@ -661,6 +708,7 @@ def _alternatives(rows: _TokenRows, requested: int | None, vocab_size: int) -> _
         alt_logprobs = alt_logprobs[permutation]
         alt_probs = alt_probs[permutation]
         chosen = chosen[permutation]
+        below = None if below is None else below[permutation]
     alt_starts = np.cumsum(counts) - counts
     return _Alternatives(
         row=alt_row,
@@ -673,6 +721,7 @@ def _alternatives(rows: _TokenRows, requested: int | None, vocab_size: int) -> _
         top_mass=np.where(has_alts, mass, np.nan),
         entropy_low=np.where(has_alts, entropy_low, np.nan),
         entropy_high=np.where(has_alts, entropy_high, np.nan),
+        below_cap=below,
     )
 
 
@@ -701,9 +750,10 @@ def _choices_frame(
         count = np.bincount(row_choice[mask], minlength=n_choices)
         total = np.bincount(row_choice[mask], weights=token_logprobs[mask], minlength=n_choices)
         total = np.where(count > 0, total, np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             mean = total / count
-        return total, mean, np.exp(-mean)
+            # A mean below -709 (vLLM's -9999 for a -inf logprob) is an infinite perplexity.
+            return total, mean, np.exp(-mean)
 
     generated = ~echo & np.repeat(resolved, rows.lengths)
     sum_lp, mean_lp, ppl = stats(generated & logprob_known)
@@ -740,8 +790,10 @@ def _tokens_frame(
     prompt_index: pd.arrays.IntegerArray,
     choice_k: pd.arrays.IntegerArray,
     vocab_size: int,
+    below_cap: np.ndarray | None,
 ) -> pd.DataFrame:
     row_choice = rows.row_choice
+    flags = {} if below_cap is None else {"below_cap": below_cap}
     return _frame(
         {
             "index": rows.choice_index[row_choice],
@@ -758,6 +810,7 @@ def _tokens_frame(
             "top_mass": alternatives.top_mass,
             "entropy_low": alternatives.entropy_low,
             "entropy_high": alternatives.entropy_high,
+            **flags,
         },
         rows.n_rows,
         vocab_size,
@@ -768,6 +821,8 @@ def _alternatives_frame(
     rows: _TokenRows, alternatives: _Alternatives, vocab_size: int
 ) -> pd.DataFrame:
     alt_row = alternatives.row
+    below = alternatives.below_cap
+    flags = {} if below is None else {"below_cap": below}
     return _frame(
         {
             "index": rows.choice_index[rows.row_choice[alt_row]],
@@ -778,6 +833,7 @@ def _alternatives_frame(
             "logprob": alternatives.logprobs,
             "prob": alternatives.probs,
             "chosen": alternatives.chosen,
+            **flags,
         },
         len(alt_row),
         vocab_size,
@@ -793,6 +849,7 @@ def to_frames(
     request: CompletionRequest | Mapping[str, Any] | None = None,
     *,
     vocab_size: int | None = None,
+    below_cap: float | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Convert a Completions response into ``(choices, tokens, alternatives)`` DataFrames.
 
@@ -800,6 +857,12 @@ def to_frames(
     ``request`` (a `CompletionRequest` or a request body) tells ``n`` (for ``prompt_index`` and
     ``choice``) and whether, and how many, prompt tokens were echoed. ``vocab_size`` (default
     50257) enters the entropy bounds. See the module docstring for every column.
+
+    ``below_cap`` is a logprob a server writes for a token it did not rank, not a probability
+    (OpenAI's chat writes -9999.0 for a token outside its top 20): where given, such logprobs are
+    NaN, a bool ``below_cap`` column in tokens and alternatives flags them, and the entropy
+    bounds count those alternatives among the unseen tokens, each at most the smallest listed
+    probability (a null logprob instead lifts that cap).
     """
     if vocab_size is None:
         vocab_size = DEFAULT_VOCAB_SIZE
@@ -811,15 +874,20 @@ def to_frames(
     choices = _collect_choices(body)
     prompt_lens = _prompt_lengths(choices, info, body)
     rows = _token_rows(choices)
+    token_below = _mark_below_cap(rows.logprobs, below_cap)
+    if token_below is not None:
+        rows.probs[token_below] = np.nan
     echo, prompt_n = _echo_rows(rows, prompt_lens)
-    alternatives = _alternatives(rows, info.logprobs, vocab_size)
+    alternatives = _alternatives(rows, info.logprobs, vocab_size, below_cap)
     if info.n is None:
         prompt_index = _int64(np.zeros(len(choices)), np.ones(len(choices), dtype=bool))
         choice_k = prompt_index
     else:
         prompt_index = _int64(rows.choice_index // info.n)
         choice_k = _int64(rows.choice_index % info.n)
-    tokens = _tokens_frame(rows, alternatives, echo, prompt_index, choice_k, vocab_size)
+    tokens = _tokens_frame(
+        rows, alternatives, echo, prompt_index, choice_k, vocab_size, token_below
+    )
     if info.logprobs is not None:
         # The k asked for: a rank past it reads ">k" in the plots, as in the popup.
         tokens.attrs["logprobs"] = int(info.logprobs)

@@ -11,13 +11,21 @@ Logprobs come in two shapes, and `parse_logprobs` reads both into the same four 
 - llama.cpp's chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs":
   [{"token", "logprob"}]}]}``. Its top entries stay lists: two byte tokens can render as the same
   string, and a dict would merge them. A null logprob stays null (never 0.0).
+
+Where a chat-shaped entry (chosen or alternative) has a ``bytes`` list, the token is read from it
+(`bytes_token`): llama-server and llama-cpp-python send a byte-level token as ``""`` (decoded with
+errors ignored), so ``token`` alone makes every partial character the same empty string. Whole
+UTF-8 reads as its text; a partial character as OpenAI's ``bytes:\\xe2\\x80`` form (the form our
+server sends and `nbcompletions.visible_token` shows as ``<0xE2><0x80>``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
 from ._usage import token_counts
@@ -27,13 +35,18 @@ __all__ = [
     "NEG_INF_LOGPROB",
     "FinishedChoices",
     "LogprobColumns",
+    "bytes_token",
+    "chat_token",
     "choice_index",
     "choice_text",
     "first_choice",
     "loads",
     "parse_logprobs",
     "prompt_tokens",
+    "read_chat_tokens",
+    "responses_as_chat",
     "sorted_choices",
+    "token_bytes",
     "top_items",
 ]
 
@@ -192,6 +205,48 @@ def parse_logprobs(logprobs: Mapping[str, Any], where: str = "logprobs") -> Logp
     )
 
 
+def chat_token(entry: Mapping[str, Any]) -> Any:
+    """A chat-shaped entry's token, read from its ``bytes`` where the ``token`` string does not
+    hold them whole: a part of a UTF-8 character shown as U+FFFD, as nothing, or as ``\\xNN``
+    escapes (OpenAI's chat). Bytes that are not whole UTF-8 become OpenAI's ``bytes:\\xNN``
+    form, which the frames and `visible_token` read."""
+    token = entry.get("token")
+    if isinstance(token, str) and token and not _MAY_LACK_BYTES.search(token):
+        return token
+    raw = entry.get("bytes")
+    if not isinstance(raw, list) or not raw:
+        return token
+    try:
+        data = bytes(raw)
+    except (TypeError, ValueError):
+        return token
+    return bytes_token(data)
+
+
+#: What a token string shows where it may have lost bytes (see `chat_token`).
+_MAY_LACK_BYTES = re.compile(r"\ufffd|\\x[0-9a-fA-F]{2}")
+
+
+def read_chat_tokens(entries: list[Any], tokens: list[Any]) -> list[Any]:
+    """``tokens`` (the ``token`` of each chat-shaped entry), with those that may have lost bytes
+    read again by `chat_token`. One scan of them all finds which: usually none."""
+    try:
+        joined = "".join(tokens)
+    except TypeError:  # a null or non-string token
+        return [chat_token(entry) for entry in entries]
+    found = [match.start() for match in _MAY_LACK_BYTES.finditer(joined)]
+    if not found and "" not in tokens:
+        return tokens
+    lengths = list(map(len, tokens))
+    ends = list(accumulate(lengths))
+    suspects = {bisect_right(ends, start) for start in found}
+    suspects.update(i for i, length in enumerate(lengths) if not length)
+    tokens = list(tokens)
+    for i in suspects:
+        tokens[i] = chat_token(entries[i])
+    return tokens
+
+
 def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
     for i, entry in enumerate(content):
         if not isinstance(entry, Mapping):
@@ -199,7 +254,7 @@ def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
                 f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
             )
     return (
-        [e.get("token") for e in content],
+        read_chat_tokens(content, [e.get("token") for e in content]),
         [e.get("logprob") for e in content],
         [e.get("top_logprobs") for e in content],
         None,
@@ -224,12 +279,33 @@ def top_items(entry: Any) -> list[tuple[Any, Any]]:
                     "top_logprobs list entries must be objects with token and "
                     f"logprob; got {type(item).__name__}: {item!r}"
                 )
-            pairs.append((item.get("token"), item.get("logprob")))
+            pairs.append((chat_token(item), item.get("logprob")))
         return pairs
     raise ValueError(
         "each top_logprobs entry must be an object {token: logprob}, a list of "
         f"{{token, logprob}} objects, or null; got {type(entry).__name__}: {entry!r}"
     )
+
+
+def bytes_token(raw: bytes) -> str:
+    """A token's string from its bytes: the text when it is whole UTF-8, else OpenAI's
+    ``bytes:`` form, each byte outside printable ASCII (and the backslash) as ``\\xNN``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(
+            chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw
+        )
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a token string stands for (`bytes_token`'s inverse for ``bytes:`` tokens)."""
+    if token.startswith("bytes:"):
+        try:
+            return token[6:].encode("latin-1").decode("unicode_escape").encode("latin-1")
+        except (UnicodeError, ValueError):  # not the bytes: form after all: the text itself
+            pass
+    return token.encode("utf-8", "surrogatepass")
 
 
 # -- streams --------------------------------------------------------------------------------------
@@ -256,3 +332,74 @@ class FinishedChoices:
     def unfinished(self) -> bool:
         """True when no choice was seen or some choice has no finish_reason yet."""
         return not self._finished or not all(self._finished.values())
+
+    @property
+    def cut(self) -> list[int]:
+        """The indexes of the choices seen that have no finish_reason (in index order)."""
+        return sorted(index for index, done in self._finished.items() if not done)
+
+
+# -- the Responses API ----------------------------------------------------------------------------
+
+#: Responses API status -> the finish_reason a chat completion would give.
+_FINISH = {"completed": "stop", "incomplete": "length"}
+
+
+def _output_texts(body: Mapping[str, Any]) -> tuple[str | None, list[Any], str | None, bool]:
+    """(text, logprob entries, refusal, has logprobs) of a Responses answer's message outputs."""
+    texts: list[str] = []
+    entries: list[Any] = []
+    refusals: list[str] = []
+    has_logprobs = False
+    output = body.get("output")
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, Mapping) or item.get("type") != "message":
+            continue  # reasoning items, tool calls
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, Mapping):
+                continue
+            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+                logprobs = part.get("logprobs")
+                if isinstance(logprobs, list):
+                    has_logprobs = True
+                    entries.extend(logprobs)
+            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                refusals.append(part["refusal"])
+    text = "".join(texts) if texts or not refusals else None
+    return text, entries, "".join(refusals) if refusals else None, has_logprobs
+
+
+def responses_as_chat(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses API answer (``output[].content[]`` of type ``output_text``, with
+    ``logprobs``) read as a chat completion (one choice; usage renamed), so that one code path
+    makes the frames, and ``Completion.text`` and ``.usage`` work alike for all three APIs."""
+    text, entries, refusal, has_logprobs = _output_texts(body)
+    status = body.get("status")
+    details = body.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, Mapping) else None
+    finish = "length" if reason == "max_output_tokens" else _FINISH.get(str(status), status)
+    usage = body.get("usage")
+    counts: dict[str, Any] | None = None
+    if isinstance(usage, Mapping):
+        counts = {
+            "prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+            "total_tokens": usage.get("total_tokens"),
+        }
+    return {
+        "id": body.get("id"),
+        "object": "chat.completion",
+        "created": body.get("created_at"),
+        "model": body.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": refusal},
+                "logprobs": {"content": entries, "refusal": None} if has_logprobs else None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": counts,
+    }

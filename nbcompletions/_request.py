@@ -35,8 +35,17 @@ __all__ = [
     "Prompt",
     "StreamOptions",
     "chat_field_hint",
+    "check_flag",
+    "check_logit_bias",
+    "check_model",
     "check_optional_count",
     "check_sampler",
+    "check_stop",
+    "check_stream_options",
+    "check_text",
+    "check_unicode",
+    "plain",
+    "plain_logit_bias",
     "shown",
 ]
 
@@ -144,8 +153,9 @@ CHAT_TO_PROMPT = (
 #: Chat Completions fields people bring to the Completions endpoint, and what to use instead.
 CHAT_FIELDS: dict[str, str] = {
     "messages": (
-        "messages belongs to the Chat Completions API; this is the Completions endpoint "
-        f"(POST /v1/completions), which takes prompt= text: {CHAT_TO_PROMPT}"
+        "messages belongs to the Chat Completions API: send it with client.chat(messages, ...) "
+        "(POST /v1/chat/completions); this is the Completions endpoint (POST /v1/completions), "
+        f"which takes prompt= text: {CHAT_TO_PROMPT}"
     ),
     "top_logprobs": (
         "top_logprobs belongs to the Chat Completions API; the Completions endpoint takes "
@@ -177,7 +187,7 @@ def check_sampler(field: str, value: Any) -> None:
         raise invalid(field, allowed, value)
 
 
-def _check_unicode(field: str, text: str) -> None:
+def check_unicode(field: str, text: str) -> None:
     # A lone surrogate ("\ud800") is a valid Python str but cannot be sent as UTF-8 JSON.
     try:
         text.encode("utf-8")
@@ -191,19 +201,109 @@ def _check_unicode(field: str, text: str) -> None:
         ) from None
 
 
+def check_flag(field: str, value: Any) -> None:
+    """``value`` must be None, True or False."""
+    if value is not None and not isinstance(value, bool):
+        raise invalid(field, "true or false", value)
+
+
+def check_text(field: str, value: Any) -> None:
+    """``value`` must be None or a str that UTF-8 can carry."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise invalid(field, "a string", value)
+    check_unicode(field, value)
+
+
+def check_model(model: Any, require_model: bool) -> None:
+    """``model`` must be a non-empty string (or None unless ``require_model``)."""
+    if model is None:
+        if require_model:
+            raise invalid("model", "a model name (string)", None)
+    elif not isinstance(model, str) or not model:
+        raise invalid("model", "a non-empty string", model)
+
+
+def check_stream_options(options: Any, stream: bool | None) -> None:
+    """``stream_options`` (not None): an object like ``{"include_usage": true}``, with stream."""
+    if not isinstance(options, Mapping):
+        raise invalid("stream_options", 'an object like {"include_usage": true}', options)
+    if not stream:
+        raise RequestError(
+            "stream_options",
+            f"stream_options is only allowed with stream=True; got {dict(options)!r} without "
+            "stream",
+            allowed="unset unless stream=True",
+            value=options,
+        )
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise invalid("stream_options.include_usage", "true or false", include)
+
+
+def check_logit_bias(logit_bias: Any) -> None:
+    """``logit_bias`` (not None): token id (ASCII digits) -> a number from -100 to 100."""
+    allowed = "a map of token id (a string of ASCII digits) to a number from -100 to 100"
+    if not isinstance(logit_bias, Mapping):
+        raise invalid("logit_bias", allowed, logit_bias)
+    for key, value in logit_bias.items():
+        # str.isdigit() also passes "²" (int() then fails) and "٣" or "０" (which int() reads
+        # as 3 and 0): only ASCII 0-9 spell a token id.
+        if not isinstance(key, str) or not key or not (key.isascii() and key.isdigit()):
+            raise RequestError(
+                "logit_bias",
+                "logit_bias keys must be token ids written with ASCII digits 0-9; "
+                f"got {shown(key)}",
+                allowed=allowed,
+                value=dict(logit_bias),
+            )
+        number = finite_float(value)
+        if number is None or not -100 <= number <= 100:
+            raise RequestError(
+                "logit_bias",
+                f"logit_bias[{key!r}] must be a number from -100 to 100; got {shown(value)}",
+                allowed=allowed,
+                value=dict(logit_bias),
+            )
+
+
+def check_stop(stop: Any, cap: int | None) -> None:
+    """``stop`` (not None): a non-empty string or a list of up to ``cap`` of them."""
+    # [] means no stop strings, as vLLM reads it (lm-evaluation-harness sends it).
+    allowed = (
+        f"a non-empty string or a list of up to {cap} non-empty strings"
+        if cap is not None
+        else "a non-empty string or a list of non-empty strings"
+    )
+    if isinstance(stop, str):
+        if not stop:
+            raise invalid("stop", allowed, stop)
+        check_unicode("stop", stop)
+        return
+    if (
+        not isinstance(stop, list)
+        or (cap is not None and len(stop) > cap)
+        or not all(isinstance(s, str) and s for s in stop)
+    ):
+        raise invalid("stop", allowed, stop)
+    for item in stop:
+        check_unicode("stop", item)
+
+
 def _check_prompt(value: Any) -> None:
     allowed = (
         "a string, a non-empty list of strings, a non-empty list of token ids "
         "(integers >= 0), or a non-empty list of non-empty token-id lists"
     )
     if isinstance(value, str):
-        _check_unicode("prompt", value)
+        check_unicode("prompt", value)
         return
     if not isinstance(value, list | tuple) or len(value) == 0:
         raise invalid("prompt", allowed, value)
     if all(isinstance(item, str) for item in value):
         for item in value:
-            _check_unicode("prompt", item)
+            check_unicode("prompt", item)
         return
     if all(is_int(item) for item in value):
         if any(item < 0 for item in value):
@@ -247,16 +347,24 @@ _NUMBER_RANGES = (
 )
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """A numpy scalar as the Python value it holds; anything else as it is."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def plain_logit_bias(logit_bias: Any) -> Any:
+    """A logit_bias mapping with integer keys written as strings and numpy values made Python's
+    (anything that is not a mapping as it is, for the check to refuse)."""
+    if not isinstance(logit_bias, Mapping):
+        return logit_bias
+    return {str(int(k)) if is_int(k) else k: plain(v) for k, v in logit_bias.items()}
 
 
 def _plain_prompt_item(item: Any) -> Any:
     # A token-id list may hold numpy integers (list(np.array([...]))): Python ints, a list.
     if isinstance(item, list | tuple):
-        return [_plain(token) for token in item]
-    return _plain(item)
+        return [plain(token) for token in item]
+    return plain(item)
 
 
 def prompt_count(prompt: Any) -> int:
@@ -310,50 +418,36 @@ class CompletionRequest:
             object.__setattr__(self, "prompt", [_plain_prompt_item(item) for item in self.prompt])
         if isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", list(self.stop))
-        if self.logit_bias is not None and isinstance(self.logit_bias, Mapping):
-            object.__setattr__(
-                self,
-                "logit_bias",
-                {str(int(k)) if is_int(k) else k: _plain(v) for k, v in self.logit_bias.items()},
-            )
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", plain_logit_bias(self.logit_bias))
         if isinstance(self.extra, Mapping) and any(
             isinstance(v, np.generic) for v in self.extra.values()
         ):
-            object.__setattr__(self, "extra", {k: _plain(v) for k, v in self.extra.items()})
+            object.__setattr__(self, "extra", {k: plain(v) for k, v in self.extra.items()})
         self.validate()
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self, *, require_model: bool = False) -> None:
         self._check_model_and_prompt(require_model)
-        for field in ("echo", "stream"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, bool):
-                raise invalid(field, "true or false", value)
+        check_flag("echo", self.echo)
+        check_flag("stream", self.stream)
         self._check_counts()
         for field, low, high in _NUMBER_RANGES:
             value = getattr(self, field)
             if value is not None:
                 check_number(field, value, low, high)
         if self.logit_bias is not None:
-            self._check_logit_bias()
+            check_logit_bias(self.logit_bias)
         if self.stop is not None:
-            self._check_stop()
+            check_stop(self.stop, self.limits.max_stop)
         if self.stream_options is not None:
-            self._check_stream_options()
-        for field in ("suffix", "user"):
-            value = getattr(self, field)
-            if value is not None and not isinstance(value, str):
-                raise invalid(field, "a string", value)
-            if value is not None:
-                _check_unicode(field, value)
+            check_stream_options(self.stream_options, self.stream)
+        check_text("suffix", self.suffix)
+        check_text("user", self.user)
         self._check_extra()
 
     def _check_model_and_prompt(self, require_model: bool) -> None:
-        if self.model is None:
-            if require_model:
-                raise invalid("model", "a model name (string)", None)
-        elif not isinstance(self.model, str) or not self.model:
-            raise invalid("model", "a non-empty string", self.model)
+        check_model(self.model, require_model)
         if self.prompt is None:
             if "messages" in self.extra:
                 raise RequestError(
@@ -409,23 +503,6 @@ class CompletionRequest:
                 value=self.best_of,
             )
 
-    def _check_stream_options(self) -> None:
-        if not isinstance(self.stream_options, Mapping):
-            raise invalid(
-                "stream_options", 'an object like {"include_usage": true}', self.stream_options
-            )
-        if not self.stream:
-            raise RequestError(
-                "stream_options",
-                "stream_options is only allowed with stream=True; got "
-                f"{dict(self.stream_options)!r} without stream",
-                allowed="unset unless stream=True",
-                value=self.stream_options,
-            )
-        include = self.stream_options.get("include_usage")
-        if include is not None and not isinstance(include, bool):
-            raise invalid("stream_options.include_usage", "true or false", include)
-
     def _check_extra(self) -> None:
         if not isinstance(self.extra, Mapping):
             raise invalid("extra", "a mapping of extra body fields", self.extra)
@@ -439,53 +516,6 @@ class CompletionRequest:
                 allowed="non-standard field names",
                 value=dict(self.extra),
             )
-
-    def _check_logit_bias(self) -> None:
-        allowed = "a map of token id (a string of ASCII digits) to a number from -100 to 100"
-        if not isinstance(self.logit_bias, Mapping):
-            raise invalid("logit_bias", allowed, self.logit_bias)
-        for key, value in self.logit_bias.items():
-            # str.isdigit() also passes "²" (int() then fails) and "٣" or "０" (which int() reads
-            # as 3 and 0): only ASCII 0-9 spell a token id.
-            if not isinstance(key, str) or not key or not (key.isascii() and key.isdigit()):
-                raise RequestError(
-                    "logit_bias",
-                    "logit_bias keys must be token ids written with ASCII digits 0-9; "
-                    f"got {shown(key)}",
-                    allowed=allowed,
-                    value=dict(self.logit_bias),
-                )
-            number = finite_float(value)
-            if number is None or not -100 <= number <= 100:
-                raise RequestError(
-                    "logit_bias",
-                    f"logit_bias[{key!r}] must be a number from -100 to 100; got {shown(value)}",
-                    allowed=allowed,
-                    value=dict(self.logit_bias),
-                )
-
-    def _check_stop(self) -> None:
-        cap = self.limits.max_stop
-        # [] means no stop strings, as vLLM reads it (lm-evaluation-harness sends it).
-        allowed = (
-            f"a non-empty string or a list of up to {cap} non-empty strings"
-            if cap is not None
-            else "a non-empty string or a list of non-empty strings"
-        )
-        stop = self.stop
-        if isinstance(stop, str):
-            if not stop:
-                raise invalid("stop", allowed, stop)
-            _check_unicode("stop", stop)
-            return
-        if (
-            not isinstance(stop, list)
-            or (cap is not None and len(stop) > cap)
-            or not all(isinstance(s, str) and s for s in stop)
-        ):
-            raise invalid("stop", allowed, stop)
-        for item in stop:
-            _check_unicode("stop", item)
 
     # -- conversion -------------------------------------------------------------------------------
     @classmethod

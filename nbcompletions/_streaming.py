@@ -31,6 +31,7 @@ from ._parse import FinishedChoices, choice_index, choice_text, loads
 from ._retry import error_from_body
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ._chat import ChatRequest
     from ._completion import Completion
     from ._request import CompletionRequest
 
@@ -177,7 +178,11 @@ async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, An
 
     A body that ends without ``[DONE]`` is complete only when every choice it started has
     finished (some servers omit it); otherwise the connection was cut and this raises `APIError`
-    with ``type="stream_broken"``. Error events raise the server's `APIError`.
+    with ``type="stream_broken"``. A ``[DONE]`` that comes while a choice it started has no
+    ``finish_reason`` raises `APIError` with ``type="stream_unfinished"`` after the last chunk
+    (llama-cpp-python 0.3.36 cuts concurrent streams so: one token, then ``[DONE]``); a choice
+    without ``finish_reason`` is a cut choice, never a finished one. Error events raise the
+    server's `APIError`.
     """
     decoder = SSEDecoder()
     finished = FinishedChoices()
@@ -192,6 +197,8 @@ async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, An
         for event in events:
             chunk = decode_event(event)
             if chunk is DONE:
+                if finished.cut:
+                    raise _unfinished(finished.cut)
                 return
             assert isinstance(chunk, dict)
             finished.add(chunk)
@@ -202,6 +209,16 @@ async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, An
             "probably cut)",
             type="stream_broken",
         )
+
+
+def _unfinished(cut: list[int]) -> APIError:
+    shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+    return APIError(
+        f"the stream ended ([DONE]) before choice(s) {shown} had a finish_reason: the server "
+        "cut them short (llama-cpp-python does under concurrent streams); send the request "
+        "again, or with stream=False",
+        type="stream_unfinished",
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,12 +245,26 @@ def chunk_pieces(chunk: Mapping[str, Any]) -> list[StreamChunk]:
 
 
 class _ChoiceAccumulator:
-    __slots__ = ("finish_reason", "logprobs", "text")
+    __slots__ = ("finish_reason", "logprobs", "refusal", "role", "text")
 
     def __init__(self) -> None:
         self.text: list[str] = []
         self.finish_reason: str | None = None
         self.logprobs: dict[str, list[Any]] | None = None
+        self.role: str | None = None  # a chat delta's role, once sent
+        self.refusal: list[str] | None = None  # a chat delta's refusal pieces
+
+    def add_delta(self, choice: Mapping[str, Any]) -> None:
+        """What a chat chunk's ``delta`` adds besides the text: the role and refusal pieces."""
+        delta = choice.get("delta")
+        if not isinstance(delta, Mapping):
+            return
+        role = delta.get("role")
+        if isinstance(role, str) and self.role is None:
+            self.role = role
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str):
+            self.refusal = [*(self.refusal or []), refusal]
 
     def add_logprobs(self, logprobs: Any) -> None:
         if not isinstance(logprobs, Mapping):
@@ -241,9 +272,13 @@ class _ChoiceAccumulator:
         if self.logprobs is None:
             self.logprobs = {}
         acc = self.logprobs
-        if "content" in logprobs and not any(k in logprobs for k in _LOGPROB_LISTS):
-            content = logprobs.get("content")
-            acc.setdefault("content", []).extend(content if isinstance(content, list) else [])
+        if not any(k in logprobs for k in _LOGPROB_LISTS) and (
+            "content" in logprobs or "refusal" in logprobs
+        ):
+            for key in ("content", "refusal"):
+                part = logprobs.get(key)
+                if isinstance(part, list):
+                    acc.setdefault(key, []).extend(part)
             return
         tokens = logprobs.get("tokens")
         count = len(tokens) if isinstance(tokens, list) else 0
@@ -260,7 +295,19 @@ class _ChoiceAccumulator:
             elif key in acc:
                 acc[key].extend([None] * count)
 
-    def result(self, index: int) -> dict[str, Any]:
+    def result(self, index: int, chat: bool) -> dict[str, Any]:
+        if chat:  # shaped like a non-streamed chat choice
+            message = {
+                "role": self.role or "assistant",
+                "content": "".join(self.text) if self.text or self.refusal is None else None,
+                "refusal": None if self.refusal is None else "".join(self.refusal),
+            }
+            return {
+                "index": index,
+                "message": message,
+                "logprobs": self.logprobs,
+                "finish_reason": self.finish_reason,
+            }
         return {
             "text": "".join(self.text),
             "index": index,
@@ -277,6 +324,7 @@ class StreamMerger:
         self._choices: dict[int, _ChoiceAccumulator] = {}
         self.usage: dict[str, Any] | None = None
         self.done = False
+        self.chat = False  # chunks of the Chat Completions API (object chat.completion.chunk)
 
     def add(self, chunk: Mapping[str, Any]) -> list[StreamChunk]:
         for key in ("id", "created", "model", "system_fingerprint"):
@@ -285,6 +333,7 @@ class StreamMerger:
         usage = chunk.get("usage")
         if isinstance(usage, Mapping):
             self.usage = dict(usage)
+        chat = self.chat = self.chat or chunk.get("object") == "chat.completion.chunk"
         pieces = chunk_pieces(chunk)
         for piece in pieces:
             acc = self._choices.get(piece.index)
@@ -294,18 +343,23 @@ class StreamMerger:
             acc.add_logprobs(piece.logprobs)
             if piece.finish_reason is not None:
                 acc.finish_reason = piece.finish_reason
+        if chat:
+            choices = chunk.get("choices")
+            for choice in choices if isinstance(choices, list) else ():
+                if isinstance(choice, Mapping):
+                    self._choices[choice_index(choice)].add_delta(choice)
         return pieces
 
     def result(self) -> dict[str, Any]:
         response: dict[str, Any] = {
             "id": self._head.get("id"),
-            "object": "text_completion",
+            "object": "chat.completion" if self.chat else "text_completion",
             "created": self._head.get("created"),
             "model": self._head.get("model"),
         }
         if "system_fingerprint" in self._head:
             response["system_fingerprint"] = self._head["system_fingerprint"]
-        response["choices"] = [self._choices[i].result(i) for i in sorted(self._choices)]
+        response["choices"] = [self._choices[i].result(i, self.chat) for i in sorted(self._choices)]
         response["usage"] = self.usage
         return response
 
@@ -329,7 +383,7 @@ class AsyncStream:
     def __init__(
         self,
         chunks: AsyncIterator[dict[str, Any]],
-        request: CompletionRequest | None,
+        request: CompletionRequest | ChatRequest | None,
         *,
         vocab_size: int | Callable[[], int | None] | None = None,
     ) -> None:
@@ -400,7 +454,7 @@ class Stream:
         return self._stream.usage
 
     @property
-    def request(self) -> CompletionRequest | None:
+    def request(self) -> CompletionRequest | ChatRequest | None:
         return self._stream.request
 
     @property

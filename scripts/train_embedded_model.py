@@ -433,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
     model.config.use_cache = True
     model.half().save_pretrained(args.out, safe_serialization=True)
     tok.save(str(args.out / "tokenizer.json"))
-    # Lets transformers' AutoTokenizer (and so vLLM) use tokenizer.json as it is.
+    # Lets transformers' AutoTokenizer (and so vLLM) use tokenizer.json as it is, and gives them
+    # the chat template our server renders (nbcompletions.model.render_chat).
+    from nbcompletions.model import CHAT_TEMPLATE
+
     (args.out / "tokenizer_config.json").write_text(
         json.dumps(
             {
@@ -444,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model_max_length": args.n_ctx,
                 "add_prefix_space": False,
                 "clean_up_tokenization_spaces": False,
+                "chat_template": CHAT_TEMPLATE,
             },
             indent=2,
         )
@@ -613,6 +617,20 @@ GPT-2 (`GPT2LMHeadModel`), decoder-only, pre-LayerNorm, GELU (tanh), learned pos
 representable), trained with `tokenizers` on the training works only, {args.vocab_size} entries.
 The one special token is `<|endoftext|>`, id **{r["eot_token_id"]}**: the end-of-text token
 (`bos_token_id` = `eos_token_id` = {r["eot_token_id"]}) that separates works.
+
+**Chat template** (`chat_template` in `tokenizer_config.json`, read by transformers'
+`apply_chat_template` and by vLLM; `nbcompletions.model.render_chat` writes the same text, and
+our server's `/v1/chat/completions` and `/v1/responses` use it). The model was never tuned on
+chats: the template only gives a conversation one fixed text form. Each turn is one line:
+
+```
+SYSTEM: {{content}}                  (system and developer messages)
+USER: {{content}}
+ASSISTANT: {{content}}<|endoftext|>
+```
+
+and the generation prompt is `ASSISTANT:` (no newline), so a reply usually starts with a space
+and ends at `<|endoftext|>`.
 
 ## Training
 

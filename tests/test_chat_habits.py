@@ -46,6 +46,7 @@ def test_messages_says_this_is_completions_and_how_to_make_a_prompt(cls: str) ->
     with pytest.raises(TypeError) as info:
         client.build_request(messages=CHAT)
     message = str(info.value)
+    assert "client.chat(messages" in message
     assert "Completions endpoint (POST /v1/completions)" in message
     assert "prompt=" in message
     assert "Assistant:" in message

@@ -20,6 +20,7 @@ import httpx
 import openai
 import pytest
 from helpers import free_port
+from openai.types.chat import ChatCompletionMessageParam
 
 MODEL = "nbc-shakespeare"
 PROMPT = "To be, or not to be"
@@ -342,6 +343,90 @@ def test_scoring_a_continuation_that_is_end_of_text(
     assert lp.text_offset[-1] == len(PROMPT)
     assert result.choices[0].text == PROMPT
     assert lp.token_logprobs[:-1] == scored_lp.token_logprobs
+
+
+# -- chat -----------------------------------------------------------------------------------------
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Who art thou?"}]
+
+
+def test_chat_with_logprobs_plain_and_streamed(sdk: openai.OpenAI) -> None:
+    result = sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_completion_tokens=6, seed=4, logprobs=True, top_logprobs=5
+    )
+    assert result.object == "chat.completion"
+    (choice,) = result.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.refusal is None
+    assert choice.logprobs is not None
+    content = choice.logprobs.content
+    assert content is not None
+    assert content
+    for entry in content:
+        assert len(entry.top_logprobs) == 5
+        assert entry.bytes is not None
+        assert entry.logprob <= 0.0
+    spelled = b"".join(bytes(entry.bytes or []) for entry in content)
+    assert spelled.decode("utf-8", errors="replace") == choice.message.content
+    stream = sdk.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_completion_tokens=6,
+        seed=4,
+        logprobs=True,
+        top_logprobs=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[-1].usage == result.usage
+    deltas = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(d.delta.content or "" for d in deltas) == choice.message.content
+    streamed = [e for d in deltas if d.logprobs and d.logprobs.content for e in d.logprobs.content]
+    assert streamed == content
+    assert deltas[-1].finish_reason == choice.finish_reason
+
+
+def test_responses_with_logprobs(sdk: openai.OpenAI) -> None:
+    result = sdk.responses.create(
+        model=MODEL,
+        input="Who art thou?",
+        include=["message.output_text.logprobs"],
+        top_logprobs=3,
+        max_output_tokens=6,
+        temperature=0,
+    )
+    assert result.object == "response"
+    (message,) = result.output
+    assert message.type == "message"
+    (part,) = message.content
+    assert part.type == "output_text"
+    assert part.text == result.output_text
+    assert part.logprobs
+    assert all(len(entry.top_logprobs) == 3 for entry in part.logprobs)
+    assert result.usage is not None
+    assert result.usage.output_tokens == 6
+    chat = sdk.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+    )
+    assert chat.choices[0].message.content == result.output_text
+    assert chat.choices[0].logprobs is not None
+    assert [e.logprob for e in chat.choices[0].logprobs.content or []] == [
+        e.logprob for e in part.logprobs
+    ]
+    stream = sdk.responses.create(
+        model=MODEL,
+        input="Who art thou?",
+        include=["message.output_text.logprobs"],
+        top_logprobs=3,
+        max_output_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    events = list(stream)
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == result.output_text
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output_text == result.output_text
 
 
 def test_a_trailing_slash_is_404_not_a_redirect(live_server: str) -> None:

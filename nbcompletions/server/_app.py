@@ -10,12 +10,13 @@ long completion never blocks other requests. The same app runs in-process behind
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -31,6 +32,15 @@ from .._request import (
     chat_field_hint,
     shown,
 )
+from ._chat import (
+    CHAT_FIELDS,
+    ChatCall,
+    ChatStream,
+    TokenBytes,
+    chat_call,
+    chat_response,
+    token_bytes_of,
+)
 from ._http import (
     BearerAuth,
     EventStream,
@@ -42,7 +52,9 @@ from ._http import (
     request_error,
     server_error,
 )
+from ._responses import RESPONSES_FIELDS, ResponseEvents, chat_body, response_object
 from ._scheduler import Overloaded, Scheduler, WorkBudget, scheduler_for
+from ._tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS, detokenize, needs_tokenizer, tokenize
 
 __all__ = [
     "COMPAT_MODES",
@@ -53,6 +65,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("nbcompletions.server")
+_Answer = TypeVar("_Answer")
 
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 #: Seconds a client has to send its whole request body (a body that trickles in ties up a
@@ -62,8 +75,30 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 #: stop cap) and its extra sampling fields top_k, min_p, repetition_penalty.
 COMPAT_MODES = ("openai", "vllm")
 _OWNED_BY = "nbcompletions"
+#: vLLM's request fields served under ``compat="vllm"`` besides its samplers.
+VLLM_FIELDS = ("prompt_logprobs",)
 #: The deepest a field nests: prompt as a list of token-id lists.
 _MAX_NESTING = 2
+#: messages: a list of messages, each with a list of content parts (objects).
+_MAX_MESSAGE_NESTING = 4
+
+
+def _utf8_token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="surrogatepass"))
+
+
+async def _overload_is_503(work: Awaitable[_Answer]) -> _Answer:
+    """``await work``, with the scheduler's `Overloaded` as a 503 with Retry-After."""
+    try:
+        return await work
+    except Overloaded as exc:
+        raise Failure(
+            503,
+            exc.message,
+            type="server_error",
+            code="server_overloaded",
+            headers={"retry-after": str(exc.retry_after)},
+        ) from None
 
 
 class CompletionEngine(Protocol):
@@ -96,8 +131,12 @@ class CompletionsServer:
         max_concurrency: int,
         budget: WorkBudget,
         body_timeout_s: float,
+        compat: str = "openai",
     ) -> None:
         self._engine = engine
+        self.compat = compat
+        #: Fields beyond OpenAI's that requests may carry: vLLM's samplers and prompt_logprobs.
+        self.extra_fields = (*sorted(limits.samplers), *(VLLM_FIELDS if compat == "vllm" else ()))
         self.auth = BearerAuth(api_key)
         self.max_tokens_cap = max_tokens_cap
         self.max_body_bytes = max_body_bytes
@@ -108,6 +147,8 @@ class CompletionsServer:
         self._load_lock = threading.Lock()
         self._scheduler: Scheduler | None = None
         self._started = int(time.time())
+        #: A token string's bytes, for Chat's logprobs (the engine's vocabulary once loaded).
+        self.token_bytes: TokenBytes = _utf8_token_bytes
 
     def __repr__(self) -> str:
         key = "set" if self.auth.required else "none"
@@ -246,34 +287,123 @@ class CompletionsServer:
     async def completions(self, request: Request, request_id: str) -> Response:
         body = await self.read_json(request)
         completion, scheduler = await self.accept(body)
-        try:
-            if completion.stream:
-                return EventStream(await scheduler.stream(completion), request_id)
-            result = await scheduler.complete(completion, disconnected=disconnected(request))
-        except Overloaded as exc:
-            raise Failure(
-                503,
-                exc.message,
-                type="server_error",
-                code="server_overloaded",
-                headers={"retry-after": str(exc.retry_after)},
-            ) from None
+        if completion.stream:
+            return EventStream(await _overload_is_503(scheduler.stream(completion)), request_id)
+        return JSONResponse(await self._complete(scheduler, completion, request))
+
+    async def _complete(
+        self, scheduler: Scheduler, completion: CompletionRequest, request: Request
+    ) -> dict[str, Any]:
+        result = await _overload_is_503(
+            scheduler.complete(completion, disconnected=disconnected(request))
+        )
         if result is None:
             raise ClientDisconnect()  # the client left; its work stopped
-        return JSONResponse(result)
+        return result
+
+    async def chat_completions(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        call, scheduler = await self.accept_chat(body)
+        completion = call.completion
+        if completion.stream:
+            stream = await _overload_is_503(scheduler.stream(completion))
+            return EventStream(ChatStream(stream, call, self.token_bytes), request_id)
+        answer = await self._complete(scheduler, completion, request)
+        return JSONResponse(chat_response(answer, call, self.token_bytes))
+
+    async def responses(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, RESPONSES_FIELDS)
+        _refuse_deep_nesting(body, deeper={"input": _MAX_MESSAGE_NESTING})
+        call, scheduler = await self.accept_chat(chat_body(body))
+        if call.completion.stream:
+            stream = await _overload_is_503(scheduler.stream(call.completion))
+            events = ResponseEvents(stream, call, self.token_bytes, body)
+            return EventStream(events, request_id, named_events=True)
+        answer = await self._complete(scheduler, call.completion, request)
+        return JSONResponse(response_object(answer, call, self.token_bytes, body))
+
+    async def tokenize_text(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, TOKENIZE_FIELDS)
+        _refuse_deep_nesting(body, deeper={"messages": _MAX_MESSAGE_NESTING})
+        engine = await self._tokenizer_engine(body)
+        return JSONResponse(await anyio.to_thread.run_sync(tokenize, body, engine))
+
+    async def detokenize_ids(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, DETOKENIZE_FIELDS)
+        _refuse_deep_nesting(body)
+        engine = await self._tokenizer_engine(body)
+        return JSONResponse(await anyio.to_thread.run_sync(detokenize, body, engine))
+
+    async def _tokenizer_engine(self, body: dict[str, Any]) -> CompletionEngine:
+        engine = await self.engine()
+        needs_tokenizer(engine)
+        if body.get("model") is not None:
+            self._check_model(engine, body["model"])
+        return engine
+
+    async def accept_chat(self, body: Any) -> tuple[ChatCall, Scheduler]:
+        """Validate a chat body as ``POST /v1/chat/completions`` does (the Batch API's lines
+        too): the completion that answers it and the scheduler to run it."""
+        self._refuse_unknown(body, (*CHAT_FIELDS, *self.extra_fields))
+        _refuse_deep_nesting(body, deeper={"messages": _MAX_MESSAGE_NESTING})
+        engine = await self.engine()
+        encode = getattr(engine, "encode", None)
+        context_length = getattr(engine, "context_length", None)
+        # In a worker thread: rendering and counting a megabyte of messages would stall the loop.
+        call = await anyio.to_thread.run_sync(
+            functools.partial(
+                chat_call,
+                body,
+                limits=self.limits,
+                extra_fields=self.extra_fields,
+                count_tokens=(lambda text: len(encode(text))) if callable(encode) else None,
+                context_length=context_length if isinstance(context_length, int) else None,
+                max_tokens_cap=self.max_tokens_cap,
+            )
+        )
+        self._check_model(engine, call.completion.model)
+        given, cap = call.completion.max_tokens, self.max_tokens_cap
+        if cap is not None and given is not None and given > cap:
+            name = (
+                "max_tokens"
+                if body.get("max_completion_tokens") is None
+                else "max_completion_tokens"
+            )
+            raise Failure(
+                400,
+                f"{name} must be an integer from 0 to {cap} on this server; got {given}",
+                param=name,
+            )
+        if self.token_bytes is _utf8_token_bytes:
+            self.token_bytes = token_bytes_of(getattr(engine, "vocab", None))
+        return call, self._scheduler_for(engine)
 
     async def accept(self, body: Any) -> tuple[CompletionRequest, Scheduler]:
         """Validate a completion body as ``POST /v1/completions`` does (the Batch API's lines
         too): the request and the scheduler to run it, or `Failure`/`RequestError`."""
+        self._refuse_unknown(body, (*FIELDS, *self.extra_fields), chat_hints=True)
+        _refuse_deep_nesting(body)
+        completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
+        engine = await self.engine()
+        self._check_model(engine, completion.model)
+        completion = self._apply_cap(completion)
+        return completion, self._scheduler_for(engine)
+
+    @staticmethod
+    def _refuse_unknown(body: Any, accepted: tuple[str, ...], *, chat_hints: bool = False) -> None:
+        """400 unless ``body`` is an object of ``accepted`` fields; ``chat_hints``: name the
+        Completions field to use for a Chat field (``messages``, ``top_logprobs``...)."""
         if not isinstance(body, dict):
             raise Failure(
                 400, f"The request body must be a JSON object; got a JSON {json_kind(body)}."
             )
-        accepted = (*FIELDS, *sorted(self.limits.samplers))
         unknown = [key for key in body if key not in accepted]
         if unknown:
             name = unknown[0] if len(unknown[0]) <= 100 else unknown[0][:100] + "..."
-            chat = chat_field_hint(name)
+            chat = chat_field_hint(name) if chat_hints else None
             raise Failure(
                 400,
                 f"Unrecognized request argument supplied: {name}. "
@@ -281,12 +411,6 @@ class CompletionsServer:
                 + f"The fields are: {', '.join(accepted)}.",
                 param=name,
             )
-        _refuse_deep_nesting(body)
-        completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
-        engine = await self.engine()
-        self._check_model(engine, completion.model)
-        completion = self._apply_cap(completion)
-        return completion, self._scheduler_for(engine)
 
     async def models(self, request: Request, request_id: str) -> Response:
         engine = await self.engine()
@@ -302,20 +426,23 @@ class CompletionsServer:
         return JSONResponse({"status": "ok", "engine_loaded": self.engine_loaded})
 
 
-def _refuse_deep_nesting(body: dict[str, Any]) -> None:
+def _refuse_deep_nesting(body: dict[str, Any], deeper: Mapping[str, int] | None = None) -> None:
     """400 for a field nested deeper than any field may be: the value checks recurse, so a
-    prompt nested 985 lists deep (in a batch line, whose JSON had parsed) answered 500."""
+    prompt nested 985 lists deep (in a batch line, whose JSON had parsed) answered 500.
+    ``deeper``: fields allowed more levels (a chat's messages hold lists of content parts)."""
     for field, value in body.items():
+        deepest = (deeper or {}).get(field, _MAX_NESTING)
         pending = [(value, 0)]  # (value, how many lists and objects hold it)
         while pending:
             item, depth = pending.pop()
             if isinstance(item, list | dict):
-                if depth >= _MAX_NESTING:
+                if depth >= deepest:
                     raise Failure(
                         400,
-                        f"{field} is nested more than {_MAX_NESTING} levels deep (lists or "
-                        "objects within each other); the deepest field, prompt, is a list of "
-                        "token-id lists.",
+                        f"{field} is nested more than {deepest} levels deep (lists or "
+                        "objects within each other); the deepest fields are messages (a list "
+                        "of messages whose content is a list of parts) and prompt (a list of "
+                        "token-id lists).",
                         param=field,
                     )
                 pending.extend(
