@@ -77,3 +77,19 @@ def test_conformance_report_runs(peer_client: Client) -> None:
     print(f"\nllama-server conformance: {cost}\n{report!r}")
     assert report.requests > 0
     assert report.status("echo_alignment") != "ok"
+
+
+CHAT = [
+    {"role": "system", "content": "Answer as a Shakespearean lord."},
+    {"role": "user", "content": "What news from the court?"},
+]
+
+
+def test_a_chat_uses_our_template(peer_client: Client, embedded_client: Client) -> None:
+    """llama-server renders our tokenizer_config.json template (--jinja --chat-template-file)."""
+    theirs = peer_client.chat(CHAT, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    ours = embedded_client.chat(CHAT, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    assert theirs.text == ours.text
+    assert theirs.tokens["token"].tolist() == ours.tokens["token"].tolist()
+    differences = np.abs(theirs.tokens["logprob"].to_numpy() - ours.tokens["logprob"].to_numpy())
+    assert differences.max() <= LOGPROB_TOL
