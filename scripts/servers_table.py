@@ -164,7 +164,7 @@ def measure(name: str, work: Path) -> dict[str, Any]:
         running(name, work) as base,
         Client(base, model="nbc-shakespeare", max_retries=0) as client,
     ):
-        report = client.conformance()
+        report = client.conformance(refresh=True)  # measured now, never a report kept on disk
     print(
         f"{name}: {report.requests} requests, {report.seconds:.2f} s, profile {report.profile_name}"
     )
