@@ -1,7 +1,10 @@
 """A fuzzer for the Batch API surface: JSONL input files with wrong types, sizes, nesting, duplicate
 custom_ids and bad encodings, in well-formed or broken multipart bodies, run through upload,
-create, wait and download. The rule is the live
+create, wait and download, for completions and chat files. The rule is the live
 fuzzer's: no response with status 500 and no output or error line with status 500.
+
+`fuzzed_body` and `run_routes` are the live fuzzer: odd bodies posted straight to each route
+(completions, chat, responses, tokenize, detokenize).
 
 Used by tests/test_batch_fuzz.py (a few dozen files) and benchmarks/bench_batch_fuzz.py (5,000).
 """
@@ -41,6 +44,67 @@ FIELDS = (
     "messages",
     "\u00e9\u0000",
 )
+
+
+#: Each route's fields, and the valid body the fuzzer starts from (raw JSON text per field).
+CHAT_FIELDS = (
+    "messages",
+    "logprobs",
+    "top_logprobs",
+    "max_completion_tokens",
+    "max_tokens",
+    "n",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "temperature",
+    "logit_bias",
+    "prompt_logprobs",
+    "top_k",
+    "prompt",
+)
+RESPONSES_FIELDS = (
+    "input",
+    "instructions",
+    "include",
+    "top_logprobs",
+    "max_output_tokens",
+    "stream",
+)
+TOKENIZE_FIELDS = (
+    "prompt",
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_token_strs",
+    "tokens",
+    "model",
+)
+MESSAGES = [{"role": "user", "content": "Who art thou?"}]
+_ODD_MESSAGES = [
+    [],
+    [{}],
+    [{"role": "user"}],
+    [{"role": "user", "content": None}],
+    [{"role": "tool", "content": "x"}],
+    [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}],
+    [{"role": "user", "content": [{"type": "text", "text": 5}]}],
+    [{"role": "user", "content": [[{"type": "text", "text": "a"}]]}],
+    [{"role": "assistant", "content": "<|endoftext|>" * 3}, {"role": "user", "content": "\ud800"}],
+    [{"role": "system", "content": "x" * 3000}],
+    [{"role": "user", "content": "O"}] * 50,
+]
+ROUTES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "/v1/completions": ({"model": MODEL, "prompt": "To be", "max_tokens": 2}, FIELDS),
+    "/v1/chat/completions": ({"model": MODEL, "messages": MESSAGES, "max_tokens": 2}, CHAT_FIELDS),
+    "/v1/responses": (
+        {"model": MODEL, "input": "To be", "max_output_tokens": 2},
+        RESPONSES_FIELDS,
+    ),
+    "/tokenize": ({"model": MODEL, "messages": MESSAGES}, TOKENIZE_FIELDS),
+    "/detokenize": ({"tokens": [1, 2, 3]}, ("tokens", "model")),
+}
 
 
 def _nested(depth: int) -> str:
@@ -87,24 +151,27 @@ def _odd_value(rng: random.Random) -> str:
     return rng.choice(choices)
 
 
-def _body(rng: random.Random) -> str:
-    """Raw JSON text of a request body: valid, with one to three odd fields."""
-    body: dict[str, str] = {
-        "model": json.dumps(MODEL),
-        "prompt": json.dumps(rng.choice(("To be", "", "O", "x" * 300))),
-        "max_tokens": str(rng.randint(0, 3)),
-    }
+def fuzzed_body(rng: random.Random, route: str = "/v1/completions") -> str:
+    """Raw JSON text of a request body for ``route``: valid, with zero to three odd fields (a
+    chat's messages odd in their own ways too)."""
+    valid, fields = ROUTES[route]
+    body = {key: json.dumps(value) for key, value in valid.items()}
+    if route == "/v1/completions":
+        body["prompt"] = json.dumps(rng.choice(("To be", "", "O", "x" * 300)))
+        body["max_tokens"] = str(rng.randint(0, 3))
     for _ in range(rng.randint(0, 3)):
-        body[rng.choice(FIELDS)] = _odd_value(rng)
+        field = rng.choice(fields)
+        odd = field in ("messages", "input") and rng.random() < 0.5
+        body[field] = json.dumps(rng.choice(_ODD_MESSAGES)) if odd else _odd_value(rng)
     return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in body.items()) + "}"
 
 
-def _line(rng: random.Random, custom_id: str) -> bytes:
+def _line(rng: random.Random, custom_id: str, url: str) -> bytes:
     parts = {
         "custom_id": json.dumps(custom_id),
         "method": '"POST"',
-        "url": '"/v1/completions"',
-        "body": _body(rng),
+        "url": json.dumps(url),
+        "body": fuzzed_body(rng, url),
     }
     roll = rng.random()
     if roll < 0.05:
@@ -128,13 +195,14 @@ def _line(rng: random.Random, custom_id: str) -> bytes:
     return text.encode()
 
 
-def fuzzed_file(rng: random.Random) -> bytes:
-    """One JSONL input file: 1 to 6 lines, each possibly broken, in one of several framings."""
+def fuzzed_file(rng: random.Random, url: str = "/v1/completions") -> bytes:
+    """One JSONL input file of ``url`` lines: 1 to 6, each possibly broken, in one of several
+    framings."""
     count = rng.randint(1, 6)
     ids = [f"r{i}" for i in range(count)]
     if rng.random() < 0.05 and count > 1:
         ids[-1] = ids[0]  # a duplicate custom_id
-    lines = [_line(rng, custom_id) for custom_id in ids]
+    lines = [_line(rng, custom_id, url) for custom_id in ids]
     if rng.random() < 0.03:
         lines.insert(
             rng.randrange(len(lines) + 1), b'{"custom_id": "big"' + b" " * 1_100_000 + b"}"
@@ -192,6 +260,7 @@ async def run_file(
     content: bytes,
     outcomes: collections.Counter[str],
     raw: tuple[bytes, str] | None = None,
+    endpoint: str = "/v1/completions",
 ) -> None:
     """Upload, create, wait and download one file, counting what happened in ``outcomes``;
     AssertionError on a 500 anywhere."""
@@ -212,7 +281,7 @@ async def run_file(
         "/v1/batches",
         json={
             "input_file_id": uploaded.json()["id"],
-            "endpoint": "/v1/completions",
+            "endpoint": endpoint,
             "completion_window": "24h",
         },
     )
@@ -248,19 +317,48 @@ async def _wait(http: httpx.AsyncClient, batch_id: str, timeout_s: float = 120.0
 
 
 async def run_files(
-    http: httpx.AsyncClient, count: int, *, seed: int, concurrency: int = 16
+    http: httpx.AsyncClient,
+    count: int,
+    *,
+    seed: int,
+    concurrency: int = 16,
+    endpoint: str = "/v1/completions",
 ) -> collections.Counter[str]:
-    """Run ``count`` fuzzed files (``concurrency`` at once); the outcomes counted."""
+    """Run ``count`` fuzzed files of ``endpoint`` lines (``concurrency`` at once); the outcomes
+    counted."""
     rng = random.Random(seed)
-    files = [fuzzed_file(rng) for _ in range(count)]
+    files = [fuzzed_file(rng, endpoint) for _ in range(count)]
     bodies = [_multipart(rng, content) for content in files]
     outcomes: collections.Counter[str] = collections.Counter()
     gate = asyncio.Semaphore(concurrency)
 
     async def one(content: bytes, raw: tuple[bytes, str] | None) -> None:
         async with gate:
-            await run_file(http, content, outcomes, raw)
+            await run_file(http, content, outcomes, raw, endpoint)
 
     await asyncio.gather(*(one(c, raw) for c, raw in zip(files, bodies, strict=True)))
     outcomes["files"] = count
+    return outcomes
+
+
+async def run_routes(
+    http: httpx.AsyncClient, count: int, *, seed: int, concurrency: int = 8
+) -> collections.Counter[str]:
+    """Post ``count`` fuzzed bodies to each route of `ROUTES` (streams read to the end); the
+    outcomes counted as "route status"; AssertionError on a 500 or an error event."""
+    rng = random.Random(seed)
+    bodies = [(route, fuzzed_body(rng, route)) for route in ROUTES for _ in range(count)]
+    outcomes: collections.Counter[str] = collections.Counter()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(route: str, body: str) -> None:
+        async with gate:
+            headers = {"content-type": "application/json"}
+            response = await http.post(route, content=body.encode(), headers=headers)
+            assert response.status_code != 500, (route, body[:300], response.text[:300])
+            if response.headers.get("content-type", "").startswith("text/event-stream"):
+                assert '"server_error"' not in response.text, (route, body[:300])
+            outcomes[f"{route} {response.status_code}"] += 1
+
+    await asyncio.gather(*(one(route, body) for route, body in bodies))
     return outcomes

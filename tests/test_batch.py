@@ -358,8 +358,8 @@ def _upload(client: Client, content: bytes) -> Any:
             "custom_id 'a' is not unique",
         ),
         (
-            b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n',
-            "url must be one of /v1/completions",
+            b'{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {}}\n',
+            "url must be one of /v1/completions, /v1/chat/completions",
         ),
         (b"\n", "holds no requests"),
     ],

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from batch_fuzz import fuzzed_file, run_files
+from batch_fuzz import ROUTES, fuzzed_file, run_files, run_routes
 
 from nbcompletions.server import StreamingASGITransport, create_app
 
@@ -41,3 +41,29 @@ def test_the_fuzzer_makes_the_malformations_it_claims() -> None:
     assert any(b"[[[[[[[[[[[[[[[[[[[[" in f for f in files)  # deep nesting
     assert any(b"\r\n" in f for f in files)
     assert b"" in files
+
+
+async def test_fuzzed_chat_batch_files_never_get_a_500(embedded_engine: Any) -> None:
+    app = create_app(embedded_engine, compat="vllm")
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(app), base_url="http://embedded", timeout=120
+    ) as http:
+        outcomes = await run_files(http, 30, seed=21, endpoint="/v1/chat/completions")
+    assert outcomes["batch completed"] > 0
+    assert outcomes["line 200"] > 0
+    assert outcomes["line 400"] > 0
+    assert not any("500" in key for key in outcomes), outcomes
+
+
+@pytest.mark.parametrize("compat", ["openai", "vllm"])
+async def test_fuzzed_bodies_on_every_route_never_get_a_500(
+    embedded_engine: Any, compat: str
+) -> None:
+    app = create_app(embedded_engine, compat=compat)
+    async with httpx.AsyncClient(
+        transport=StreamingASGITransport(app), base_url="http://embedded", timeout=120
+    ) as http:
+        outcomes = await run_routes(http, 40, seed=5 if compat == "openai" else 6)
+    for route in ROUTES:  # every route answered and refused some
+        assert outcomes[f"{route} 200"] > 0, outcomes
+        assert outcomes[f"{route} 400"] > 0, outcomes

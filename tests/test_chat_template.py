@@ -26,6 +26,22 @@ CONVERSATIONS: list[list[dict[str, str]]] = [
 ]
 
 
+CONTINUED: list[list[dict[str, str]]] = [
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " Good morrow  "}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+    [{"role": "user", "content": "Hi there"}],
+]
+
+
+def test_continue_final_message_leaves_the_last_turn_open() -> None:
+    assert render_chat(CONTINUED[0], False, continue_final_message=True) == (
+        "USER: Hi\nASSISTANT:  Good morrow  "
+    )
+    with pytest.raises(RequestError) as info:
+        render_chat(CONTINUED[0], True, continue_final_message=True)
+    assert info.value.param == "continue_final_message"
+
+
 def test_render_chat_writes_the_documented_turns() -> None:
     assert render_chat(CONVERSATIONS[1]) == (
         "SYSTEM: Speak as Hamlet.\nUSER: To be?\nASSISTANT:  Or not to be.<|endoftext|>\n"
@@ -103,10 +119,11 @@ def test_transformers_apply_chat_template_equals_render_chat() -> None:
         "from transformers import AutoTokenizer\n"
         "tok = AutoTokenizer.from_pretrained(sys.argv[1])\n"
         "cases = json.loads(sys.stdin.read())\n"
-        "print(json.dumps([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g)"
-        " for c, g in cases]))\n"
+        "print(json.dumps([tok.apply_chat_template(c, tokenize=False, add_generation_prompt=g,"
+        " continue_final_message=f) for c, g, f in cases]))\n"
     )
-    cases = [(c, g) for c in CONVERSATIONS for g in (True, False)]
+    cases = [(c, g, False) for c in CONVERSATIONS for g in (True, False)]
+    cases += [(c, False, True) for c in CONTINUED]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     done = subprocess.run(
@@ -119,4 +136,6 @@ def test_transformers_apply_chat_template_equals_render_chat() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     rendered = json.loads(done.stdout.strip().splitlines()[-1])
-    assert rendered == [render_chat(c, add_generation_prompt=g) for c, g in cases]
+    assert rendered == [
+        render_chat(c, add_generation_prompt=g, continue_final_message=f) for c, g, f in cases
+    ]

@@ -7,6 +7,7 @@ request unstreamed), never against hard-coded model text.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -164,6 +165,13 @@ async def test_unset_max_tokens_fills_the_context(http: httpx.AsyncClient, app: 
     body = response.json()
     assert body["usage"]["completion_tokens"] == room
     assert body["choices"][0]["finish_reason"] == "length"
+    response = await http.post(
+        "/v1/chat/completions",
+        json={"model": MODEL, "messages": long, "max_completion_tokens": room + 1},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "max_completion_tokens"
+    assert f"at most {room}; got {room + 1}" in response.json()["error"]["message"]
     too_long = [{"role": "user", "content": "To be, or not to be. " * 60}]
     response = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": too_long})
     assert response.status_code == 400
@@ -336,7 +344,7 @@ async def test_responses_input_as_messages_with_parts(http: httpx.AsyncClient) -
         ({"include": ["reasoning.encrypted_content"]}, "include"),
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
-        ({"stream": True}, "stream"),
+        ({"stream": 1}, "stream"),
         ({"temperature": -1}, "temperature"),
         ({"messages": []}, "messages"),
     ],
@@ -347,3 +355,87 @@ async def test_bad_responses_fields_are_400_naming_the_field(
     response = await http.post("/v1/responses", json={"model": MODEL, "input": "x", **fields})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+# -- the Batch API takes chat lines ---------------------------------------------------------------
+async def test_a_chat_batch_answers_as_the_chat_route_does(http: httpx.AsyncClient) -> None:
+    fields: dict[str, Any] = {"max_tokens": 5, "logprobs": True, "top_logprobs": 2}
+    bodies = [{"model": MODEL, "messages": MESSAGES, "seed": i, **fields} for i in range(3)]
+    bodies.append({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]})
+    content = "".join(
+        json.dumps(
+            {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": b}
+        )
+        + "\n"
+        for i, b in enumerate(bodies)
+    )
+    files = {"file": ("chat.jsonl", content.encode(), "application/jsonl")}
+    uploaded = await http.post("/v1/files", files=files, data={"purpose": "batch"})
+    assert uploaded.status_code == 200, uploaded.text
+    created = await http.post(
+        "/v1/batches",
+        json={
+            "input_file_id": uploaded.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+        },
+    )
+    assert created.status_code == 200, created.text
+    batch = created.json()
+    for _ in range(1200):
+        batch = (await http.get(f"/v1/batches/{batch['id']}")).json()
+        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+            break
+        await asyncio.sleep(0.05)
+    assert batch["status"] == "completed", batch
+    assert batch["request_counts"] == {"total": 4, "completed": 3, "failed": 1}
+    output = await http.get(f"/v1/files/{batch['output_file_id']}/content")
+    lines = {line["custom_id"]: line for line in map(json.loads, output.text.splitlines())}
+    for i in range(3):
+        body = lines[f"c{i}"]["response"]["body"]
+        live = await _chat(http, seed=i, **fields)
+        assert body["object"] == "chat.completion"
+        assert body["choices"] == live["choices"]
+    errors = await http.get(f"/v1/files/{batch['error_file_id']}/content")
+    (failed,) = map(json.loads, errors.text.splitlines())
+    assert failed["custom_id"] == "c3"
+    assert failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["param"] == "messages[0].role"
+
+
+async def test_a_streamed_response_says_what_the_response_says(http: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "input": "Who art thou?",
+        "include": ["message.output_text.logprobs"],
+        "top_logprobs": 2,
+        "max_output_tokens": 6,
+        "temperature": 0,
+    }
+    whole = (await http.post("/v1/responses", json=body)).json()
+    response = await http.post("/v1/responses", json={**body, "stream": True})
+    lines = [line[len("data: ") :] for line in response.text.splitlines() if line]
+    assert lines[-1] == "[DONE]"
+    events = [json.loads(line) for line in lines[:-1]]
+    kinds = [event["type"] for event in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",  # cut at max_output_tokens
+    ]
+    assert [event["sequence_number"] for event in events] == list(range(len(events)))
+    deltas = [event for event in events if event["type"] == "response.output_text.delta"]
+    (part,) = whole["output"][0]["content"]
+    assert "".join(delta["delta"] for delta in deltas) == part["text"]
+    assert [e for delta in deltas for e in delta["logprobs"]] == part["logprobs"]
+    final = events[-1]["response"]
+    assert final["output"][0]["content"] == whole["output"][0]["content"]
+    assert final["usage"] == whole["usage"]
+    assert final["id"] == events[0]["response"]["id"]

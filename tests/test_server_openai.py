@@ -413,6 +413,20 @@ def test_responses_with_logprobs(sdk: openai.OpenAI) -> None:
     assert [e.logprob for e in chat.choices[0].logprobs.content or []] == [
         e.logprob for e in part.logprobs
     ]
+    stream = sdk.responses.create(
+        model=MODEL,
+        input="Who art thou?",
+        include=["message.output_text.logprobs"],
+        top_logprobs=3,
+        max_output_tokens=6,
+        temperature=0,
+        stream=True,
+    )
+    events = list(stream)
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert "".join(deltas) == result.output_text
+    assert events[-1].type == "response.incomplete"
+    assert events[-1].response.output_text == result.output_text
 
 
 def test_a_trailing_slash_is_404_not_a_redirect(live_server: str) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from ._gpt2 import KVCache, forward, log_softmax
 from ._job import Job, Model, combined_prefill_limit, prompts_per_pass
 from ._kernels import Packed, decode
-from ._response import echo_parts
+from ._response import echo_parts, prompt_logprobs
 
 __all__ = ["DecodeBatch"]
 
@@ -156,7 +156,7 @@ class DecodeBatch:
         slot = first
         for job in jobs:
             plan = job.plan
-            wants_echo = plan.echo and plan.logprobs is not None
+            wants_echo = plan.prompt_logp
             for p, prompt in enumerate(plan.prompts):
                 if plan.max_tokens > 0:
                     slots = np.arange(slot, slot + plan.best_of)
@@ -204,7 +204,7 @@ class DecodeBatch:
         weights = engine.weights
         groups: dict[tuple[int, bool], list[tuple[int, ...]]] = {}
         for ids, users in uses.items():
-            want_lp = any(job.plan.echo and job.plan.logprobs is not None for job, _, _ in users)
+            want_lp = any(job.plan.prompt_logp for job, _, _ in users)
             groups.setdefault((len(ids), want_lp), []).append(ids)
         for (length, want_lp), prompts in groups.items():
             per_pass = prompts_per_pass(engine, length, logprobs=want_lp, limit=limit)
@@ -220,6 +220,10 @@ class DecodeBatch:
                         if plan.echo and plan.logprobs is not None:
                             job.echo[p] = echo_parts(
                                 engine.vocab, plan.prompts[p], logp, plan.logprobs
+                            )
+                        if plan.prompt_logprobs is not None:
+                            job.prompt_lp[p] = prompt_logprobs(
+                                engine.vocab, plan.prompts[p].ids, logp, plan.prompt_logprobs
                             )
                         if len(slots):
                             for layer in range(len(cache.k)):

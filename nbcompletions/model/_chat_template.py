@@ -135,19 +135,35 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
     return checked
 
 
-def render_chat(messages: Any, add_generation_prompt: bool = True) -> str:
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise RequestError(
+            name,
+            f"{name} must be true or false; got {shown(value)}",
+            allowed="true or false",
+            value=value,
+        )
+
+
+def render_chat(
+    messages: Any, add_generation_prompt: bool = True, *, continue_final_message: bool = False
+) -> str:
     """The prompt text of ``messages`` under the embedded model's chat template.
 
     The same text as transformers' ``tokenizer.apply_chat_template(messages, tokenize=False,
-    add_generation_prompt=...)`` with the shipped tokenizer_config.json. Raises `RequestError`
-    for a malformed message (see `chat_messages`).
+    add_generation_prompt=..., continue_final_message=...)`` with the shipped
+    tokenizer_config.json. ``continue_final_message``: the text ends where the last message's
+    content ends (as transformers 5 cuts it), so that the model continues that message. Raises
+    `RequestError` for a malformed message (see `chat_messages`).
     """
-    if not isinstance(add_generation_prompt, bool):
+    _check_flag("add_generation_prompt", add_generation_prompt)
+    _check_flag("continue_final_message", continue_final_message)
+    if add_generation_prompt and continue_final_message:
         raise RequestError(
-            "add_generation_prompt",
-            f"add_generation_prompt must be true or false; got {shown(add_generation_prompt)}",
-            allowed="true or false",
-            value=add_generation_prompt,
+            "continue_final_message",
+            "continue_final_message and add_generation_prompt cannot both be true",
+            allowed="false when add_generation_prompt is true",
+            value=True,
         )
     parts = []
     for message in chat_messages(messages):
@@ -155,4 +171,6 @@ def render_chat(messages: Any, add_generation_prompt: bool = True) -> str:
         parts.append(EOT + "\n" if message["role"] == "assistant" else "\n")
     if add_generation_prompt:
         parts.append(GENERATION_PROMPT)
+    if continue_final_message:
+        parts.pop()  # the open turn ends with its content: no end-of-text, no newline
     return "".join(parts)

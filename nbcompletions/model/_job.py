@@ -19,6 +19,7 @@ from ._kernels import available as compiled_available
 from ._plan import Plan
 from ._response import (
     Parts,
+    PromptLogprobs,
     choice,
     echo_parts,
     envelope,
@@ -131,6 +132,8 @@ class Job:
         self.rng = np.random.Generator(np.random.PCG64(entropy))
         #: The echoed prompt's logprob lists, per prompt, filled at prefill when echo + logprobs.
         self.echo: list[Parts | None] = [None] * len(plan.prompts)
+        #: vLLM's prompt_logprobs lists, per prompt, filled at prefill when asked for.
+        self.prompt_lp: list[PromptLogprobs | None] = [None] * len(plan.prompts)
         self.active = np.zeros(0, np.int64)  # row ids still generating, in order
         self.slots = np.zeros(0, np.int64)  # the batch slot of each active row
         self.penalised = bool(plan.frequency_penalty or plan.presence_penalty)
@@ -212,7 +215,7 @@ class Job:
         engine, plan = self.engine, self.plan
         sampling = 0 if self.plain else min(self.n_rows, _SAMPLE_ROWS) * _SAMPLE_COPIES * 8
         largest = sampling * engine.vocab_size
-        logprobs = plan.echo and plan.logprobs is not None
+        logprobs = plan.prompt_logp
         lengths: dict[int, int] = {}
         for ids in {tuple(prompt.ids) for prompt in plan.prompts}:
             lengths[len(ids)] = lengths.get(len(ids), 0) + 1
@@ -243,6 +246,8 @@ class Job:
                 candidates = sorted(candidates, key=lambda r: -r.mean_logprob)[: plan.n]
             for k, row in enumerate(candidates):
                 choices.append(choice(vocab, plan, prompt, self.echo[p], row, p * plan.n + k))
+                if plan.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = self.prompt_lp[p]
         response = dict(self._envelope)
         response["choices"] = choices
         response["usage"] = usage(plan, self.rows)

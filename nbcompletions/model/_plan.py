@@ -9,13 +9,16 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import is_int
+from .._checks import check_int, is_int
 from .._errors import RequestError
 from .._request import DEFAULT_MAX_TOKENS, SAMPLERS, CompletionRequest, check_sampler
 from ._sampling import BAN, GREEDY_BELOW, bias_vector
 from ._tokenizer import Vocabulary
 
-__all__ = ["Plan", "Prompt", "plan_request"]
+__all__ = ["MAX_PROMPT_LOGPROBS", "Plan", "Prompt", "plan_request"]
+
+#: vLLM's default cap (``--max-logprobs``) on prompt_logprobs.
+MAX_PROMPT_LOGPROBS = 20
 
 
 class Prompt:
@@ -49,6 +52,14 @@ class Plan:
     top_k: int
     min_p: float
     repetition_penalty: float
+    #: vLLM's prompt_logprobs: alternatives listed per prompt token; None: not asked for.
+    prompt_logprobs: int | None = None
+
+    @property
+    def prompt_logp(self) -> bool:
+        """Whether the prefill keeps every prompt position's logprobs (echo with logprobs, or
+        prompt_logprobs)."""
+        return (self.echo and self.logprobs is not None) or self.prompt_logprobs is not None
 
 
 def _temperature(value: float | None) -> float:
@@ -107,7 +118,24 @@ def plan_request(
         top_k=max(0, int(samplers.get("top_k", 0))),
         min_p=float(samplers.get("min_p", 0.0)),
         repetition_penalty=float(samplers.get("repetition_penalty", 1.0)),
+        prompt_logprobs=_prompt_logprobs(request),
     )
+
+
+def _prompt_logprobs(request: CompletionRequest) -> int | None:
+    """vLLM's ``prompt_logprobs`` (from ``extra``): 0 to `MAX_PROMPT_LOGPROBS`, not streamed."""
+    value = request.extra.get("prompt_logprobs")
+    if value is None:
+        return None
+    check_int("prompt_logprobs", value, 0, MAX_PROMPT_LOGPROBS)
+    if request.stream and value > 0:
+        raise RequestError(
+            "prompt_logprobs",
+            f"prompt_logprobs are not available when stream=true; got prompt_logprobs={value}",
+            allowed="0 or unset when streaming",
+            value=value,
+        )
+    return None if request.stream else int(value)
 
 
 def _bias(request: CompletionRequest, vocab: Vocabulary, max_tokens: int) -> np.ndarray | None:

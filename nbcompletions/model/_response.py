@@ -20,18 +20,22 @@ from ._tokenizer import Vocabulary
 
 __all__ = [
     "Parts",
+    "PromptLogprobs",
     "choice",
     "echo_parts",
     "envelope",
     "finite_logprob",
     "generated_parts",
     "logprobs_object",
+    "prompt_logprobs",
     "top_logprobs",
     "usage",
 ]
 
 #: tokens, token_logprobs, top_logprobs, text_offset of one choice (or its echoed prompt)
 Parts = tuple[list[str], list[float | None], list[dict[str, float] | None], list[int]]
+#: vLLM's prompt_logprobs: None for the first token, then token id -> logprob, rank, decoded_token
+PromptLogprobs = list[dict[str, dict[str, Any]] | None]
 
 
 def finite_logprob(value: float) -> float:
@@ -91,6 +95,41 @@ def echo_parts(vocab: Vocabulary, prompt: Prompt, logp: np.ndarray | None, k: in
     if len(ids) > 1 and logp is None:
         raise RuntimeError("the echoed prompt's logprobs were asked for before the prefill")
     return tokens, token_logprobs[: len(ids)], tops[: len(ids)], offsets
+
+
+def prompt_logprobs(
+    vocab: Vocabulary, ids: list[int], logp: np.ndarray | None, k: int
+) -> PromptLogprobs:
+    """vLLM's ``prompt_logprobs`` of a prompt: per token after the first, the token itself (its
+    logprob and vocabulary rank, 1 = most likely) then the ``k`` most likely tokens; ``logp`` is
+    (P-1, V), row i predicting token i+1."""
+    out: PromptLogprobs = [None]
+    if len(ids) < 2 or logp is None:
+        return out[: len(ids)]
+    strings = vocab.token_strings
+    top_ids = top_k(logp, k)
+    for i in range(1, len(ids)):
+        row, token = logp[i - 1], ids[i]
+        value = row[token]
+        entry = {
+            str(token): {
+                "logprob": finite_logprob(float(value)),
+                # vLLM's rank: how many tokens are at least as likely (ties share the worse rank)
+                "rank": int(np.count_nonzero(row >= value)),
+                "decoded_token": strings[token],
+            }
+        }
+        for rank, alternative in enumerate(top_ids[i - 1].tolist(), start=1):
+            entry.setdefault(
+                str(alternative),
+                {
+                    "logprob": finite_logprob(float(row[alternative])),
+                    "rank": rank,
+                    "decoded_token": strings[alternative],
+                },
+            )
+        out.append(entry)
+    return out
 
 
 def generated_parts(vocab: Vocabulary, row: Row, first: int, end: int) -> Parts:

@@ -51,8 +51,9 @@ from ._http import (
     request_error,
     server_error,
 )
-from ._responses import RESPONSES_FIELDS, chat_body, response_object
+from ._responses import RESPONSES_FIELDS, ResponseEvents, chat_body, response_object
 from ._scheduler import Overloaded, Scheduler, WorkBudget, scheduler_for
+from ._tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS, detokenize, needs_tokenizer, tokenize
 
 __all__ = [
     "COMPAT_MODES",
@@ -73,6 +74,8 @@ DEFAULT_BODY_TIMEOUT_S = 30.0
 #: stop cap) and its extra sampling fields top_k, min_p, repetition_penalty.
 COMPAT_MODES = ("openai", "vllm")
 _OWNED_BY = "nbcompletions"
+#: vLLM's request fields served under ``compat="vllm"`` besides its samplers.
+VLLM_FIELDS = ("prompt_logprobs",)
 #: The deepest a field nests: prompt as a list of token-id lists.
 _MAX_NESTING = 2
 #: messages: a list of messages, each with a list of content parts (objects).
@@ -127,8 +130,12 @@ class CompletionsServer:
         max_concurrency: int,
         budget: WorkBudget,
         body_timeout_s: float,
+        compat: str = "openai",
     ) -> None:
         self._engine = engine
+        self.compat = compat
+        #: Fields beyond OpenAI's that requests may carry: vLLM's samplers and prompt_logprobs.
+        self.extra_fields = (*sorted(limits.samplers), *(VLLM_FIELDS if compat == "vllm" else ()))
         self.auth = BearerAuth(api_key)
         self.max_tokens_cap = max_tokens_cap
         self.max_body_bytes = max_body_bytes
@@ -140,7 +147,7 @@ class CompletionsServer:
         self._scheduler: Scheduler | None = None
         self._started = int(time.time())
         #: A token string's bytes, for Chat's logprobs (the engine's vocabulary once loaded).
-        self._token_bytes: TokenBytes = _utf8_token_bytes
+        self.token_bytes: TokenBytes = _utf8_token_bytes
 
     def __repr__(self) -> str:
         key = "set" if self.auth.required else "none"
@@ -299,22 +306,47 @@ class CompletionsServer:
         completion = call.completion
         if completion.stream:
             stream = await _overload_is_503(scheduler.stream(completion))
-            return EventStream(ChatStream(stream, call, self._token_bytes), request_id)
+            return EventStream(ChatStream(stream, call, self.token_bytes), request_id)
         answer = await self._complete(scheduler, completion, request)
-        return JSONResponse(chat_response(answer, call, self._token_bytes))
+        return JSONResponse(chat_response(answer, call, self.token_bytes))
 
     async def responses(self, request: Request, request_id: str) -> Response:
         body = await self.read_json(request)
         self._refuse_unknown(body, RESPONSES_FIELDS)
         _refuse_deep_nesting(body, deeper={"input": _MAX_MESSAGE_NESTING})
         call, scheduler = await self.accept_chat(chat_body(body))
+        if call.completion.stream:
+            stream = await _overload_is_503(scheduler.stream(call.completion))
+            events = ResponseEvents(stream, call, self.token_bytes, body)
+            return EventStream(events, request_id)
         answer = await self._complete(scheduler, call.completion, request)
-        return JSONResponse(response_object(answer, call, self._token_bytes, body))
+        return JSONResponse(response_object(answer, call, self.token_bytes, body))
+
+    async def tokenize_text(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, TOKENIZE_FIELDS)
+        _refuse_deep_nesting(body, deeper={"messages": _MAX_MESSAGE_NESTING})
+        engine = await self._tokenizer_engine(body)
+        return JSONResponse(await anyio.to_thread.run_sync(tokenize, body, engine))
+
+    async def detokenize_ids(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, DETOKENIZE_FIELDS)
+        _refuse_deep_nesting(body)
+        engine = await self._tokenizer_engine(body)
+        return JSONResponse(await anyio.to_thread.run_sync(detokenize, body, engine))
+
+    async def _tokenizer_engine(self, body: dict[str, Any]) -> CompletionEngine:
+        engine = await self.engine()
+        needs_tokenizer(engine)
+        if body.get("model") is not None:
+            self._check_model(engine, body["model"])
+        return engine
 
     async def accept_chat(self, body: Any) -> tuple[ChatCall, Scheduler]:
         """Validate a chat body as ``POST /v1/chat/completions`` does (the Batch API's lines
         too): the completion that answers it and the scheduler to run it."""
-        self._refuse_unknown(body, (*CHAT_FIELDS, *sorted(self.limits.samplers)))
+        self._refuse_unknown(body, (*CHAT_FIELDS, *self.extra_fields))
         _refuse_deep_nesting(body, deeper={"messages": _MAX_MESSAGE_NESTING})
         engine = await self.engine()
         encode = getattr(engine, "encode", None)
@@ -322,6 +354,7 @@ class CompletionsServer:
         call = chat_call(
             body,
             limits=self.limits,
+            extra_fields=self.extra_fields,
             count_tokens=(lambda text: len(encode(text))) if callable(encode) else None,
             context_length=context_length if isinstance(context_length, int) else None,
             max_tokens_cap=self.max_tokens_cap,
@@ -339,14 +372,14 @@ class CompletionsServer:
                 f"{name} must be an integer from 0 to {cap} on this server; got {given}",
                 param=name,
             )
-        if self._token_bytes is _utf8_token_bytes:
-            self._token_bytes = token_bytes_of(getattr(engine, "vocab", None))
+        if self.token_bytes is _utf8_token_bytes:
+            self.token_bytes = token_bytes_of(getattr(engine, "vocab", None))
         return call, self._scheduler_for(engine)
 
     async def accept(self, body: Any) -> tuple[CompletionRequest, Scheduler]:
         """Validate a completion body as ``POST /v1/completions`` does (the Batch API's lines
         too): the request and the scheduler to run it, or `Failure`/`RequestError`."""
-        self._refuse_unknown(body, (*FIELDS, *sorted(self.limits.samplers)))
+        self._refuse_unknown(body, (*FIELDS, *self.extra_fields))
         _refuse_deep_nesting(body)
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()

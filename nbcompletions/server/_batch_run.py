@@ -46,7 +46,7 @@ class LineStore(Protocol):
     def reserve(self, size: int) -> bool: ...
 
     def run_line(
-        self, body: Any, cancelled: Callable[[], Awaitable[None]]
+        self, body: Any, cancelled: Callable[[], Awaitable[None]], url: str
     ) -> Awaitable[Answer]: ...
 
     def count_line(self, batch: Any, ok: bool, body: Any) -> None: ...
@@ -154,7 +154,7 @@ class BatchRun:
             # In a worker thread: its stack is as shallow as the upload check's, which parsed
             # this line (a line nested 985 deep overflows the recursion limit in a deep one).
             line = await anyio.to_thread.run_sync(json.loads, raw)
-            answer = await self.store.run_line(line["body"], self._cancelled)
+            answer = await self.store.run_line(line["body"], self._cancelled, line["url"])
         finally:
             await self.budget.release(len(raw))
         if answer is None:

@@ -34,6 +34,7 @@ from .._errors import RequestError
 from .._request import shown
 from ._app import CompletionsServer
 from ._batch_run import BatchRun, LineBudget, raw_lines
+from ._chat import chat_response
 from ._http import Failure, render_json, request_error, server_error
 from ._scheduler import Overloaded
 
@@ -41,8 +42,8 @@ __all__ = ["BATCH_ENDPOINTS", "BatchLimits", "BatchStore"]
 
 logger = logging.getLogger("nbcompletions.server")
 
-#: The endpoints a batch may target (the only one this server serves).
-BATCH_ENDPOINTS = ("/v1/completions",)
+#: The endpoints a batch may target (vLLM's run_batch takes only chat).
+BATCH_ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 #: OpenAI's only completion window.
 COMPLETION_WINDOWS = {"24h": 24 * 3600}
 _TERMINAL = ("failed", "completed", "expired", "cancelled")
@@ -616,12 +617,17 @@ class BatchStore:
         }
 
     async def run_line(
-        self, body: Any, cancelled: Callable[[], Awaitable[None]]
+        self, body: Any, cancelled: Callable[[], Awaitable[None]], url: str = "/v1/completions"
     ) -> tuple[int, Any] | None:
-        """(HTTP status, response body) of one line, as ``POST /v1/completions`` would answer it;
-        None when the batch was cancelled first."""
+        """(HTTP status, response body) of one line, as ``POST {url}`` would answer it; None
+        when the batch was cancelled first."""
+        call = None
         try:
-            completion, scheduler = await self._server.accept(body)
+            if url == "/v1/chat/completions":
+                call, scheduler = await self._server.accept_chat(body)
+                completion = call.completion
+            else:
+                completion, scheduler = await self._server.accept(body)
             if completion.stream:
                 raise Failure(
                     400, "Streaming is not supported in batches; remove stream.", param="stream"
@@ -643,6 +649,8 @@ class BatchStore:
             return 500, server_error(request_id).body()
         if result is None:
             return None
+        if call is not None:
+            return 200, chat_response(result, call, self._server.token_bytes)
         return 200, result
 
 

@@ -1,7 +1,8 @@
 """The Batch API on our server: ``/v1/files`` and ``/v1/batches``, and the job store behind them.
 
 A client uploads a JSONL file of requests (``POST /v1/files``, multipart, purpose ``batch``), one
-line per request: ``{"custom_id", "method": "POST", "url": "/v1/completions", "body": {...}}``;
+line per request: ``{"custom_id", "method": "POST", "url": "/v1/completions", "body": {...}}``
+(or ``/v1/chat/completions`` with a chat body: one url per file, the batch's endpoint);
 creates a batch from it (``POST /v1/batches``); polls it (``GET /v1/batches/{id}``); and downloads
 the output and error files (``GET /v1/files/{id}/content``). Shapes are OpenAI's, so the official
 SDK's ``files`` and ``batches`` calls work unchanged.
@@ -9,7 +10,8 @@ SDK's ``files`` and ``batches`` calls work unchanged.
 How a batch runs: the store owns one background thread with its own event loop (started with the
 first batch, gone when no batch runs), because a batch outlives the request that created it and
 the in-process app may be driven from event loops that close. Each line goes through the same
-validation as ``POST /v1/completions`` (`CompletionsServer.accept`) and the same scheduler, so
+validation as ``POST /v1/completions`` (`CompletionsServer.accept`, or `accept_chat` for chat
+lines) and the same scheduler, so
 batch lines are batched with each other and with live requests on the engine; at most
 ``max_lines_in_flight`` lines (all batches together) wait in the scheduler at once, so live
 requests still get their turn. A line the scheduler cannot take yet (503) waits and is retried.

@@ -132,28 +132,45 @@ def chat_call(
     body: Mapping[str, Any],
     *,
     limits: Limits,
+    extra_fields: tuple[str, ...],
     count_tokens: Callable[[str], int] | None,
     context_length: int | None,
     max_tokens_cap: int | None,
 ) -> ChatCall:
     """The completion that answers a chat ``body`` (fields already known to be `CHAT_FIELDS` or
-    samplers). Raises `RequestError` naming the chat field, or `Failure`."""
+    ``extra_fields``, vLLM's fields that pass to the completion's ``extra``). Raises
+    `RequestError` naming the chat field, or `Failure`."""
     prompt = render_chat(body.get("messages"))
     top = _top_logprobs(body)
     max_tokens = _max_tokens(body)
-    if max_tokens is None and count_tokens is not None and context_length is not None:
+    if count_tokens is not None and context_length is not None:
         room = context_length - count_tokens(prompt)
-        if room < 1:
-            raise Failure(
-                400,
-                f"This model's maximum context length is {context_length} tokens; the messages "
-                f"take {context_length - room} tokens in its chat template, leaving no room for "
-                "a reply. Shorten the messages.",
-                param="messages",
+        if max_tokens is None:
+            if room < 1:
+                raise Failure(
+                    400,
+                    f"This model's maximum context length is {context_length} tokens; the "
+                    f"messages take {context_length - room} tokens in its chat template, leaving "
+                    "no room for a reply. Shorten the messages.",
+                    param="messages",
+                )
+            max_tokens = room if max_tokens_cap is None else min(room, max_tokens_cap)
+        elif max_tokens > room:
+            name = (
+                "max_tokens"
+                if body.get("max_completion_tokens") is None
+                else ("max_completion_tokens")
             )
-        max_tokens = room if max_tokens_cap is None else min(room, max_tokens_cap)
+            raise RequestError(
+                name,
+                f"This model's maximum context length is {context_length} tokens; the messages "
+                f"take {context_length - room} in its chat template, so {name} can be at most "
+                f"{max(room, 0)}; got {max_tokens}",
+                allowed=f"an integer from 0 to {max(room, 0)}",
+                value=max_tokens,
+            )
     fields = {name: body[name] for name in _SHARED if body.get(name) is not None}
-    extra = {name: body[name] for name in limits.samplers if name in body}
+    extra = {name: body[name] for name in extra_fields if name in body}
     completion = CompletionRequest(
         prompt=prompt,
         logprobs=top,
@@ -247,6 +264,8 @@ def chat_response(
     ]
     if "usage" in answer:
         out["usage"] = answer["usage"]
+    if answer["choices"] and "prompt_logprobs" in answer["choices"][0]:
+        out["prompt_logprobs"] = answer["choices"][0]["prompt_logprobs"]  # vLLM's place for it
     return out
 
 

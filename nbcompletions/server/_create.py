@@ -73,7 +73,8 @@ def create_app(
     Routes: ``POST /v1/completions`` (JSON, or server-sent events with ``stream``),
     ``POST /v1/chat/completions`` (the same completion of the model's chat template, in Chat's
     shapes; see ``nbcompletions.server._chat``), ``POST /v1/responses`` (the same, as a Responses
-    ``response``; not streamed),
+    ``response``, or its events with ``stream``), ``POST /tokenize`` and ``POST /detokenize``
+    (vLLM's, in every mode; see ``nbcompletions.server._tokenize``),
     ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and the Batch API
     (``/v1/files``, ``/v1/batches``; see ``nbcompletions.server._batches``).
 
@@ -90,8 +91,8 @@ def create_app(
         budget: the work budget (per-request tokens, the memory all requests may hold, how many
             may wait for it); `WorkBudget`'s defaults when None.
         compat: ``"openai"`` (OpenAI's caps; unknown fields refused) or ``"vllm"`` (vLLM's caps:
-            20 logprobs, any number of stop strings, and its sampling fields ``top_k``,
-            ``min_p``, ``repetition_penalty``).
+            20 logprobs, any number of stop strings, its sampling fields ``top_k``,
+            ``min_p``, ``repetition_penalty``, and ``prompt_logprobs`` on completions and chat).
         body_timeout_s: seconds a client has to send its request body (408 after).
         allowed_hosts: None: any ``Host``. Otherwise only loopback names and these (``*``: any);
             ``serve`` sets it for a loopback bind (a defence against DNS rebinding).
@@ -121,6 +122,7 @@ def create_app(
         max_concurrency=max_concurrency,
         budget=budget or WorkBudget(),
         body_timeout_s=float(body_timeout_s),
+        compat=compat,
     )
     store = BatchStore(server, batch_limits or BatchLimits())
     return _assemble(server, store, allowed_hosts, tuple(allowed_origins))
@@ -136,6 +138,8 @@ def _assemble(
         Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
         Route("/v1/chat/completions", server.endpoint(server.chat_completions), methods=["POST"]),
         Route("/v1/responses", server.endpoint(server.responses), methods=["POST"]),
+        Route("/tokenize", server.endpoint(server.tokenize_text), methods=["POST"]),
+        Route("/detokenize", server.endpoint(server.detokenize_ids), methods=["POST"]),
         Route("/v1/models", server.endpoint(server.models), methods=["GET"]),
         Route("/v1/models/{model_id:path}", server.endpoint(server.model), methods=["GET"]),
         Route("/health", server.endpoint(server.health, auth=False), methods=["GET"]),
