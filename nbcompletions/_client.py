@@ -55,6 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ._chat import ChatFields, ResponsesFields
     from ._conformance import ConformanceReport
+    from ._reply_scoring import ReplyScore
 
 __all__ = ["AsyncClient", "AsyncResponseStream", "Client", "ResponseStream"]
 
@@ -642,6 +643,21 @@ class AsyncClient(_BaseClient):
 
         return await ascore(self, texts, context=context)
 
+    async def score_reply(
+        self,
+        messages: Any,
+        reply: str,
+        *,
+        template: Any = None,
+        method: str = "auto",
+    ) -> ReplyScore:
+        """Log-probability of ``reply`` as the assistant's turn after ``messages``, under the
+        model's chat template: ``.tokens`` (one row per reply token) and ``.summary``
+        (``sum_logprob`` and more); see `_reply_scoring.ascore_reply`."""
+        from ._reply_scoring import ascore_reply
+
+        return await ascore_reply(self, messages, reply, template=template, method=method)
+
     async def capabilities(self) -> dict[str, Any]:
         """The conformance report as a dict (`conformance().to_dict()`), kept for sweeps' files."""
         from ._scoring import acapabilities
@@ -1208,6 +1224,18 @@ class Client(_BaseClient):
     ) -> pd.DataFrame:
         """Log-probability of each text (optionally after ``context``); see `_scoring.ascore`."""
         return run_sync(self._async.score(texts, context=context))
+
+    def score_reply(
+        self,
+        messages: Any,
+        reply: str,
+        *,
+        template: Any = None,
+        method: str = "auto",
+    ) -> ReplyScore:
+        """Log-probability of ``reply`` as the assistant's turn after ``messages`` (see
+        `AsyncClient.score_reply`)."""
+        return run_sync(self._async.score_reply(messages, reply, template=template, method=method))
 
     def capabilities(self) -> dict[str, Any]:
         """The conformance report as a dict (`conformance().to_dict()`), kept for sweeps' files."""

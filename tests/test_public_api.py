@@ -25,6 +25,7 @@ EXPECTED = {
     "ConformanceReport",
     "Grid",
     "NBCompletionsError",
+    "ReplyScore",
     "RequestError",
     "ResponsesRequest",
     "ServerProfile",
