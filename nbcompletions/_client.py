@@ -670,6 +670,14 @@ class AsyncClient(_BaseClient):
 
         return await aconformance(self, refresh=refresh)
 
+    async def chat_conformance(self) -> ConformanceReport:
+        """Measure what this endpoint's ``/v1/chat/completions`` does with logprobs (top_logprobs
+        cap, n, seed, bytes, raw or processed logprobs, their stability, the reply span of
+        ``/tokenize``); see `nbcompletions._chat_conformance`. Not cached."""
+        from ._chat_conformance import achat_conformance
+
+        return await achat_conformance(self)
+
     async def close(self) -> None:
         """Close the connection pools (the client can still be used afterwards: it reopens them)."""
         states = list(self._states.items())
@@ -1244,6 +1252,10 @@ class Client(_BaseClient):
     def conformance(self, *, refresh: bool = False) -> ConformanceReport:
         """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
         return run_sync(self._async.conformance(refresh=refresh))
+
+    def chat_conformance(self) -> ConformanceReport:
+        """Measure the chat endpoint's logprobs (see `AsyncClient.chat_conformance`)."""
+        return run_sync(self._async.chat_conformance())
 
     def close(self) -> None:
         """Close the connection pools."""

@@ -43,7 +43,7 @@ from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
-__all__ = ["REPLY_TOKEN_COLUMNS", "ReplyScore", "ascore_reply"]
+__all__ = ["REPLY_TOKEN_COLUMNS", "ReplyScore", "ServerSpan", "ascore_reply", "server_reply_span"]
 
 #: Columns of `ReplyScore.tokens`, one row per reply token.
 REPLY_TOKEN_COLUMNS = ("position", "token", "token_id", "logprob")
@@ -220,16 +220,29 @@ async def _prompt_logprobs(
     return found
 
 
-async def _by_prompt_logprobs(
-    aclient: AsyncCompletionsClient, messages: list[dict[str, Any]], reply: str
-) -> ReplyScore | None:
+@dataclasses.dataclass(frozen=True)
+class ServerSpan:
+    """The templated conversation's token ids (``ids``) and the reply's span ``[start, end)``,
+    as the server tokenized it; ``text`` is what ``/detokenize`` gave back for the span."""
+
+    ids: list[int]
+    start: int
+    end: int
+    text: str
+
+
+async def server_reply_span(
+    client: HasAsyncClient, messages: list[dict[str, Any]], reply: str
+) -> ServerSpan | None:
+    """The reply's tokens in the server's own rendering of the chat (None: no ``/tokenize`` with
+    messages); `ConformanceError` (check ``reply_span``) where they do not detokenize to it."""
+    aclient = as_async(client)
     model = aclient.model
-    full = await _tokenize_chat(
-        aclient, [*messages, {"role": "assistant", "content": reply}], model
-    )
+    turn = {"role": "assistant", "content": reply}
+    full = await _tokenize_chat(aclient, [*messages, turn], model)
     if full is None:
         return None
-    empty = await _tokenize_chat(aclient, [*messages, {"role": "assistant", "content": ""}], model)
+    empty = await _tokenize_chat(aclient, [*messages, {**turn, "content": ""}], model)
     if empty is None:
         return None
     start, end = _reply_span(full, empty)
@@ -237,8 +250,18 @@ async def _by_prompt_logprobs(
     text = detok.get("prompt") if isinstance(detok, Mapping) else None
     if not isinstance(text, str) or not _is_reply(reply, text):
         raise _span_mismatch(reply, str(text), "/detokenize of the span")
+    return ServerSpan(full, start, end, text)
+
+
+async def _by_prompt_logprobs(
+    aclient: AsyncCompletionsClient, messages: list[dict[str, Any]], reply: str
+) -> ReplyScore | None:
+    span = await server_reply_span(aclient, messages, reply)
+    if span is None:
+        return None
+    full, start, end = span.ids, span.start, span.end
     # Up to the reply's end only: what follows cannot change a causal model's logprobs before it.
-    entries = await _prompt_logprobs(aclient, full[:end], model)
+    entries = await _prompt_logprobs(aclient, full[:end], aclient.model)
     if entries is None:
         return None
     rows = []

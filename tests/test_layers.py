@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "_client": 2,
     "_scoring": 2,
     "_reply_scoring": 2,
+    "_chat_conformance": 2,
     "_conformance": 2,
     "_conformance_checks": 2,
     "_conformance_report": 2,
