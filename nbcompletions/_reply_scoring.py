@@ -161,7 +161,8 @@ async def _tokenize_chat(
     try:
         answer = await _post_root(aclient, "/tokenize", body)
     except APIError as exc:
-        if exc.status in _NOT_OFFERED:
+        # 400: the route is there but cannot render chats (vLLM without a chat template).
+        if exc.status in _NOT_OFFERED or exc.status == 400:
             return None
         raise
     tokens = answer.get("tokens") if isinstance(answer, Mapping) else None
@@ -401,7 +402,7 @@ async def _chat_prompt_tokens(
     try:
         completion = await chat(messages, max_tokens=1, temperature=0.0)
     except APIError as exc:
-        if exc.status in _NOT_OFFERED:
+        if exc.status in _NOT_OFFERED or exc.status == 400:  # 400: vLLM without a template
             return None
         raise
     usage = completion.raw.get("usage")

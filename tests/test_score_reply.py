@@ -165,3 +165,26 @@ def test_bad_method_and_template_name_the_field(embedded_client: nbc.Client) -> 
     with pytest.raises(RequestError, match="callable") as caught:
         embedded_client.score_reply(MESSAGES, REPLY, template=3)
     assert caught.value.param == "template"
+
+
+def test_a_vllm_without_chat_template_is_scored_by_echo_unverified(
+    embedded_engine: Any, by_echo: nbc.ReplyScore
+) -> None:
+    # vLLM 0.32 serving a model with no chat template (measured): /tokenize with messages and
+    # /v1/chat/completions are 400s ("default chat template is no longer allowed").
+    real = StreamingASGITransport(create_app(embedded_engine, compat="vllm"))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path in ("/tokenize", "/v1/chat/completions"):
+            message = "default chat template is no longer allowed"
+            return httpx.Response(400, json={"error": {"message": message, "code": 400}})
+        return await real.handle_async_request(request)
+
+    client = mock_client(
+        handler, base_url="http://compat/v1", model="nbc-shakespeare", max_retries=0
+    )
+    scored = client.score_reply(MESSAGES, REPLY)
+    assert (scored.method, scored.summary["template"]) == ("echo", "embedded")
+    assert scored.summary["verified"] is False
+    assert scored.tokens["token"].tolist() == by_echo.tokens["token"].tolist()
+    assert scored.sum_logprob == pytest.approx(by_echo.sum_logprob, abs=1e-5)
