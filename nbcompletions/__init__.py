@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._chat import ChatRequest, ResponsesRequest
 from ._errors import (
     APIError,
     BudgetError,
@@ -19,7 +20,6 @@ from ._errors import (
     SweepError,
     SweepWarning,
 )
-from ._chat import ChatRequest, ResponsesRequest
 from ._request import CompletionRequest, Limits
 from ._version import __version__
 

@@ -15,9 +15,7 @@ for a token outside its top 20, not a probability. Such logprobs are NaN, and th
 count those alternatives among the unseen tokens, each at most the smallest listed probability.
 Tokens are read from ``bytes`` where the token string lost some (see `chat_token`).
 
-`responses_as_chat(body)` reads a Responses API answer (``output[].content[]`` of type
-``output_text``, with ``logprobs``) as a chat completion, so that one code path makes the frames,
-and ``Completion.text`` and ``.usage`` work alike for all three APIs.
+A Responses API answer comes here as `nbcompletions._parse.responses_as_chat` reads it.
 """
 
 from __future__ import annotations
@@ -31,71 +29,10 @@ import pandas as pd
 from ._frames import to_frames
 from ._parse import NEG_INF_LOGPROB, sorted_choices
 
-__all__ = ["CHAT_COLUMNS", "chat_frames", "responses_as_chat"]
+__all__ = ["CHAT_COLUMNS", "chat_frames"]
 
 #: The columns chat adds to each frame of a completion (tokens and alternatives: and below_cap).
 CHAT_COLUMNS: tuple[str, ...] = ("role", "refusal", "api")
-
-#: Responses API status -> the finish_reason a chat completion would give.
-_FINISH = {"completed": "stop", "incomplete": "length"}
-
-
-def _output_texts(body: Mapping[str, Any]) -> tuple[str | None, list[Any], str | None, bool]:
-    """(text, logprob entries, refusal, has logprobs) of a Responses answer's message outputs."""
-    texts: list[str] = []
-    entries: list[Any] = []
-    refusals: list[str] = []
-    has_logprobs = False
-    output = body.get("output")
-    for item in output if isinstance(output, list) else ():
-        if not isinstance(item, Mapping) or item.get("type") != "message":
-            continue  # reasoning items, tool calls
-        content = item.get("content")
-        for part in content if isinstance(content, list) else ():
-            if not isinstance(part, Mapping):
-                continue
-            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-                logprobs = part.get("logprobs")
-                if isinstance(logprobs, list):
-                    has_logprobs = True
-                    entries.extend(logprobs)
-            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
-                refusals.append(part["refusal"])
-    text = "".join(texts) if texts or not refusals else None
-    return text, entries, "".join(refusals) if refusals else None, has_logprobs
-
-
-def responses_as_chat(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A Responses API answer shaped as a chat completion (one choice; usage renamed)."""
-    text, entries, refusal, has_logprobs = _output_texts(body)
-    status = body.get("status")
-    details = body.get("incomplete_details")
-    reason = details.get("reason") if isinstance(details, Mapping) else None
-    finish = "length" if reason == "max_output_tokens" else _FINISH.get(str(status), status)
-    usage = body.get("usage")
-    counts: dict[str, Any] | None = None
-    if isinstance(usage, Mapping):
-        counts = {
-            "prompt_tokens": usage.get("input_tokens"),
-            "completion_tokens": usage.get("output_tokens"),
-            "total_tokens": usage.get("total_tokens"),
-        }
-    return {
-        "id": body.get("id"),
-        "object": "chat.completion",
-        "created": body.get("created_at"),
-        "model": body.get("model"),
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": refusal},
-                "logprobs": {"content": entries, "refusal": None} if has_logprobs else None,
-                "finish_reason": finish,
-            }
-        ],
-        "usage": counts,
-    }
 
 
 def _with_refusal_tokens(body: Mapping[str, Any]) -> tuple[Mapping[str, Any], list[int]]:

@@ -29,12 +29,11 @@ import httpx
 
 from . import _retry
 from ._chat import CHAT_FIELDS, ChatRequest, ResponsesRequest
-from ._chat_frames import responses_as_chat
 from ._completion import Completion
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
-from ._parse import loads
+from ._parse import loads, responses_as_chat
 from ._profiles import ServerProfile
 from ._request import (
     FIELDS,

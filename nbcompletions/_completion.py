@@ -97,7 +97,10 @@ class Completion:
         """Which API answered: ``"completions"``, ``"chat"`` or ``"responses"``."""
         if isinstance(self.request, ChatRequest | ResponsesRequest):
             return self.request.api
-        return "chat" if self.raw.get("object") == "chat.completion" else "completions"
+        if self.request is None and self.raw.get("object") == "chat.completion":
+            return "chat"
+        # A completion request answered in chat's shape (a proxy's chunks) is still a completion.
+        return "completions"
 
     @property
     def choices(self) -> pd.DataFrame:

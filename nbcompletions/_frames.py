@@ -71,13 +71,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ._checks import is_int
-from ._parse import choice_text, parse_logprobs, top_items
+from ._parse import choice_text, parse_logprobs, read_chat_tokens, top_items
 from ._request import CompletionRequest
 from ._usage import token_counts
 from ._visible import visible_tokens
@@ -420,8 +421,26 @@ def _flatten_alternatives(tops: list[Any]) -> tuple[np.ndarray, np.ndarray, np.n
             chain.from_iterable(map(dict.values, present)), dtype=np.float64, count=total
         )
     except (TypeError, ValueError):
-        tokens, logprobs = _flatten_alternatives_slow(present, total)
+        try:
+            tokens, logprobs = _flatten_chat_lists(present, total)
+        except (TypeError, ValueError, KeyError):
+            tokens, logprobs = _flatten_alternatives_slow(present, total)
     return counts, tokens, logprobs
+
+
+_TOKEN = itemgetter("token")
+_LOGPROB = itemgetter("logprob")
+
+
+def _flatten_chat_lists(present: list[Any], total: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chat shape's lists of ``{"token", "logprob", "bytes"}`` objects, flattened at C speed
+    where every entry has a token and a numeric logprob (else the error sends it the slow way)."""
+    entries = list(chain.from_iterable(present))
+    if len(entries) != total:
+        raise ValueError("not lists of entries")
+    tokens = read_chat_tokens(entries, list(map(_TOKEN, entries)))
+    logprobs = np.fromiter(map(_LOGPROB, entries), dtype=np.float64, count=total)
+    return _objects(tokens, total), logprobs
 
 
 def _flatten_alternatives_slow(present: list[Any], total: int) -> tuple[np.ndarray, np.ndarray]:
@@ -731,9 +750,10 @@ def _choices_frame(
         count = np.bincount(row_choice[mask], minlength=n_choices)
         total = np.bincount(row_choice[mask], weights=token_logprobs[mask], minlength=n_choices)
         total = np.where(count > 0, total, np.nan)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
             mean = total / count
-        return total, mean, np.exp(-mean)
+            # A mean below -709 (vLLM's -9999 for a -inf logprob) is an infinite perplexity.
+            return total, mean, np.exp(-mean)
 
     generated = ~echo & np.repeat(resolved, rows.lengths)
     sum_lp, mean_lp, ppl = stats(generated & logprob_known)

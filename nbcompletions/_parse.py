@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 from typing import Any
 
 from ._usage import token_counts
@@ -34,6 +36,8 @@ __all__ = [
     "loads",
     "parse_logprobs",
     "prompt_tokens",
+    "read_chat_tokens",
+    "responses_as_chat",
     "sorted_choices",
     "top_items",
 ]
@@ -221,12 +225,24 @@ def chat_token(entry: Mapping[str, Any]) -> Any:
 _MAY_LACK_BYTES = re.compile(r"\ufffd|\\x[0-9a-fA-F]{2}")
 
 
-def _needs_bytes(tokens: list[Any]) -> bool:
-    """True when some token may have lost bytes (see `chat_token`): one scan of them all."""
+def read_chat_tokens(entries: list[Any], tokens: list[Any]) -> list[Any]:
+    """``tokens`` (the ``token`` of each chat-shaped entry), with those that may have lost bytes
+    read again by `chat_token`. One scan of them all finds which: usually none."""
     try:
-        return _MAY_LACK_BYTES.search("".join(tokens)) is not None or "" in tokens
+        joined = "".join(tokens)
     except TypeError:  # a null or non-string token
-        return True
+        return [chat_token(entry) for entry in entries]
+    found = [match.start() for match in _MAY_LACK_BYTES.finditer(joined)]
+    if not found and "" not in tokens:
+        return tokens
+    lengths = list(map(len, tokens))
+    ends = list(accumulate(lengths))
+    suspects = {bisect_right(ends, start) for start in found}
+    suspects.update(i for i, length in enumerate(lengths) if not length)
+    tokens = list(tokens)
+    for i in suspects:
+        tokens[i] = chat_token(entries[i])
+    return tokens
 
 
 def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
@@ -235,11 +251,8 @@ def _parse_chat_content(content: list[Any], where: str) -> LogprobColumns:
             raise ValueError(
                 f"{where}[{i}] must be an object with token and logprob; got {type(entry).__name__}"
             )
-    tokens = [e.get("token") for e in content]
-    if _needs_bytes(tokens):
-        tokens = [chat_token(e) for e in content]
     return (
-        tokens,
+        read_chat_tokens(content, [e.get("token") for e in content]),
         [e.get("logprob") for e in content],
         [e.get("top_logprobs") for e in content],
         None,
@@ -296,3 +309,69 @@ class FinishedChoices:
     def unfinished(self) -> bool:
         """True when no choice was seen or some choice has no finish_reason yet."""
         return not self._finished or not all(self._finished.values())
+
+
+# -- the Responses API ----------------------------------------------------------------------------
+
+#: Responses API status -> the finish_reason a chat completion would give.
+_FINISH = {"completed": "stop", "incomplete": "length"}
+
+
+def _output_texts(body: Mapping[str, Any]) -> tuple[str | None, list[Any], str | None, bool]:
+    """(text, logprob entries, refusal, has logprobs) of a Responses answer's message outputs."""
+    texts: list[str] = []
+    entries: list[Any] = []
+    refusals: list[str] = []
+    has_logprobs = False
+    output = body.get("output")
+    for item in output if isinstance(output, list) else ():
+        if not isinstance(item, Mapping) or item.get("type") != "message":
+            continue  # reasoning items, tool calls
+        content = item.get("content")
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, Mapping):
+                continue
+            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+                logprobs = part.get("logprobs")
+                if isinstance(logprobs, list):
+                    has_logprobs = True
+                    entries.extend(logprobs)
+            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                refusals.append(part["refusal"])
+    text = "".join(texts) if texts or not refusals else None
+    return text, entries, "".join(refusals) if refusals else None, has_logprobs
+
+
+def responses_as_chat(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A Responses API answer (``output[].content[]`` of type ``output_text``, with
+    ``logprobs``) read as a chat completion (one choice; usage renamed), so that one code path
+    makes the frames, and ``Completion.text`` and ``.usage`` work alike for all three APIs."""
+    text, entries, refusal, has_logprobs = _output_texts(body)
+    status = body.get("status")
+    details = body.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, Mapping) else None
+    finish = "length" if reason == "max_output_tokens" else _FINISH.get(str(status), status)
+    usage = body.get("usage")
+    counts: dict[str, Any] | None = None
+    if isinstance(usage, Mapping):
+        counts = {
+            "prompt_tokens": usage.get("input_tokens"),
+            "completion_tokens": usage.get("output_tokens"),
+            "total_tokens": usage.get("total_tokens"),
+        }
+    return {
+        "id": body.get("id"),
+        "object": "chat.completion",
+        "created": body.get("created_at"),
+        "model": body.get("model"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": refusal},
+                "logprobs": {"content": entries, "refusal": None} if has_logprobs else None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": counts,
+    }

@@ -257,3 +257,61 @@ def test_below_cap_values_are_numbers_nowhere() -> None:
     for frame in (tokens, alternatives):
         assert frame["below_cap"].dtype == np.bool_
         assert frame.loc[frame["below_cap"], "prob"].isna().all()
+
+
+KEY = "sk-test-0123456789abcdefSECRET"
+
+
+def test_chat_goes_through_the_same_retries_auth_and_redaction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from nbcompletions import _retry
+
+    delays: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        delays.append(seconds)
+
+    monkeypatch.setattr(_retry, "sleep", fake_sleep)
+    answers = [
+        httpx.Response(503, json={"error": {"message": "busy", "type": "server_error"}}),
+        httpx.Response(200, json=recorded("chat_logprobs.json")),
+    ]
+    seen: list[httpx.Request] = []
+
+    def server(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answers[len(seen) - 1]
+
+    with mock_client(server, api_key=KEY) as client:
+        assert client.chat(HELLO, logprobs=True).text == "Hi 😀!"
+    assert len(seen) == 2
+    assert len(delays) == 1
+    assert seen[0].headers["authorization"] == f"Bearer {KEY}"
+
+    def rejects(request: httpx.Request) -> httpx.Response:
+        message = f"Incorrect API key provided: {KEY}"
+        return httpx.Response(401, json={"error": {"message": message, "type": "auth"}})
+
+    with mock_client(rejects, api_key=KEY) as client, pytest.raises(APIError) as info:
+        client.chat(HELLO)
+    assert KEY not in str(info.value)
+    assert info.value.status == 401
+
+
+def test_a_completion_answered_in_chats_shape_stays_a_completion() -> None:
+    # A proxy that streams chat chunks for a completion request: the text merges, and the frames
+    # are a completion's (no chat columns).
+    with mock_client(Server("chat_stream.json")) as client:
+        completion = client.complete("Say hi", stream=True)
+    assert completion.text == "Hi 😀!"
+    assert completion.api == "completions"
+    assert "api" not in completion.tokens.columns
+
+
+def test_a_clamped_minus_9999_logprob_gives_an_infinite_perplexity_without_a_warning() -> None:
+    from nbcompletions import to_frames
+
+    logprobs = {"tokens": ["a"], "token_logprobs": [-9999.0], "top_logprobs": [None]}
+    choices, _, _ = to_frames({"choices": [{"index": 0, "text": "a", "logprobs": logprobs}]})
+    assert choices.loc[0, "perplexity"] == math.inf

@@ -213,3 +213,33 @@ def test_the_engine_checks_sampler_ranges(engine: Engine) -> None:
     with pytest.raises(RequestError) as info:
         engine.complete(CompletionRequest(prompt="x", extra={"min_p": 3}))
     assert info.value.param == "min_p"
+
+
+# -- prompt_logprobs ------------------------------------------------------------------------------
+def test_prompt_logprobs_equal_the_echo_scoring_for_every_prompt(engine: Engine) -> None:
+    prompts = [PROMPT, "O", "", "To be, or not to be"]
+    scored = run(engine, prompt=prompts, echo=True, logprobs=2, max_tokens=0)
+    listed = run(engine, prompt=prompts, max_tokens=2, n=2, seed=1, extra={"prompt_logprobs": 2})
+    both = run(
+        engine, prompt=prompts, echo=True, logprobs=2, max_tokens=0, extra={"prompt_logprobs": 0}
+    )
+    for p, prompt in enumerate(prompts):
+        ids = engine.encode(prompt) or [engine.eot_token_id]
+        echo = scored["choices"][p]["logprobs"]["token_logprobs"]
+        for choice in (listed["choices"][2 * p], listed["choices"][2 * p + 1], both["choices"][p]):
+            entries = choice["prompt_logprobs"]
+            assert len(entries) == len(ids)
+            assert entries[0] is None
+            own = [entry[str(t)]["logprob"] for entry, t in zip(entries[1:], ids[1:], strict=True)]
+            # An empty prompt is the end-of-text token alone: echoed as nothing, listed as [None].
+            assert [None, *own] == (echo if prompt else [None])
+        assert all(len(entry) == 1 for entry in both["choices"][p]["prompt_logprobs"][1:])
+
+
+def test_prompt_logprobs_are_checked(engine: Engine) -> None:
+    for value in (-1, 21, 2.5, True):
+        with pytest.raises(RequestError) as info:
+            run(engine, max_tokens=1, extra={"prompt_logprobs": value})
+        assert info.value.param == "prompt_logprobs"
+    with pytest.raises(RequestError, match="stream"):
+        engine.stream(CompletionRequest(prompt=PROMPT, stream=True, extra={"prompt_logprobs": 1}))

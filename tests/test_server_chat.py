@@ -119,6 +119,8 @@ async def test_the_response_has_openais_chat_shape(http: httpx.AsyncClient) -> N
 async def test_without_logprobs_there_are_none(http: httpx.AsyncClient) -> None:
     chat = await _chat(http, max_tokens=3)
     assert chat["choices"][0]["logprobs"] is None
+    chat = await _chat(http, max_tokens=3, top_logprobs=0)
+    assert chat["choices"][0]["logprobs"] is None
     chat = await _chat(http, max_tokens=3, logprobs=True)  # top_logprobs unset: none listed
     assert all(e["top_logprobs"] == [] for e in chat["choices"][0]["logprobs"]["content"])
 

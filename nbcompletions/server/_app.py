@@ -10,6 +10,7 @@ long completion never blocks other requests. The same app runs in-process behind
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -351,13 +352,17 @@ class CompletionsServer:
         engine = await self.engine()
         encode = getattr(engine, "encode", None)
         context_length = getattr(engine, "context_length", None)
-        call = chat_call(
-            body,
-            limits=self.limits,
-            extra_fields=self.extra_fields,
-            count_tokens=(lambda text: len(encode(text))) if callable(encode) else None,
-            context_length=context_length if isinstance(context_length, int) else None,
-            max_tokens_cap=self.max_tokens_cap,
+        # In a worker thread: rendering and counting a megabyte of messages would stall the loop.
+        call = await anyio.to_thread.run_sync(
+            functools.partial(
+                chat_call,
+                body,
+                limits=self.limits,
+                extra_fields=self.extra_fields,
+                count_tokens=(lambda text: len(encode(text))) if callable(encode) else None,
+                context_length=context_length if isinstance(context_length, int) else None,
+                max_tokens_cap=self.max_tokens_cap,
+            )
         )
         self._check_model(engine, call.completion.model)
         given, cap = call.completion.max_tokens, self.max_tokens_cap
@@ -379,7 +384,7 @@ class CompletionsServer:
     async def accept(self, body: Any) -> tuple[CompletionRequest, Scheduler]:
         """Validate a completion body as ``POST /v1/completions`` does (the Batch API's lines
         too): the request and the scheduler to run it, or `Failure`/`RequestError`."""
-        self._refuse_unknown(body, (*FIELDS, *self.extra_fields))
+        self._refuse_unknown(body, (*FIELDS, *self.extra_fields), chat_hints=True)
         _refuse_deep_nesting(body)
         completion = CompletionRequest.from_body(body, limits=self.limits, require_model=True)
         engine = await self.engine()
@@ -388,7 +393,9 @@ class CompletionsServer:
         return completion, self._scheduler_for(engine)
 
     @staticmethod
-    def _refuse_unknown(body: Any, accepted: tuple[str, ...]) -> None:
+    def _refuse_unknown(body: Any, accepted: tuple[str, ...], *, chat_hints: bool = False) -> None:
+        """400 unless ``body`` is an object of ``accepted`` fields; ``chat_hints``: name the
+        Completions field to use for a Chat field (``messages``, ``top_logprobs``...)."""
         if not isinstance(body, dict):
             raise Failure(
                 400, f"The request body must be a JSON object; got a JSON {json_kind(body)}."
@@ -396,7 +403,7 @@ class CompletionsServer:
         unknown = [key for key in body if key not in accepted]
         if unknown:
             name = unknown[0] if len(unknown[0]) <= 100 else unknown[0][:100] + "..."
-            chat = chat_field_hint(name) if "prompt" in accepted else None
+            chat = chat_field_hint(name) if chat_hints else None
             raise Failure(
                 400,
                 f"Unrecognized request argument supplied: {name}. "

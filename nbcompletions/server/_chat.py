@@ -117,7 +117,7 @@ def _top_logprobs(body: Mapping[str, Any]) -> int | None:
         )
     if top is not None:
         check_int("top_logprobs", top, 0, MAX_TOP_LOGPROBS)
-        if not logprobs:
+        if top > 0 and not logprobs:  # 0 without logprobs asks for nothing (vLLM lets it pass)
             raise RequestError(
                 "top_logprobs",
                 f"top_logprobs needs logprobs=true; got top_logprobs={top} with "
