@@ -282,7 +282,7 @@ def _render_user(template: Template, messages: list[dict[str, Any]]) -> str:
         text = template(messages)
     elif isinstance(template, str):
         try:
-            import jinja2
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
         except ImportError:
             raise RequestError(
                 "template",
@@ -290,13 +290,14 @@ def _render_user(template: Template, messages: list[dict[str, Any]]) -> str:
                 allowed="a callable(messages) -> str, or a Jinja string with jinja2 installed",
                 value=template,
             ) from None
-        text = jinja2.Template(template).render(messages=messages, add_generation_prompt=False)
+        # Sandboxed, as transformers renders chat templates.
+        jinja = ImmutableSandboxedEnvironment().from_string(template)
+        text = jinja.render(messages=messages, add_generation_prompt=False)
     else:
         raise RequestError(
             "template",
-            f"template must be a callable(messages) -> str or a Jinja string; got {template!r}"[
-                :300
-            ],
+            f"template must be a callable(messages) -> str or a Jinja string; got "
+            f"{str(template)[:200]!r}",
             allowed="a callable(messages) -> str, or a Jinja template string",
             value=template,
         )
