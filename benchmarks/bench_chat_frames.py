@@ -1,6 +1,6 @@
 """How fast a Chat Completions answer becomes frames, side by side with stdlib ``json.loads``.
 
-    python benchmarks/bench_chat_frames.py [--tokens 100000] [--alternatives 5] [--choices 20]
+    python benchmarks/bench_chat_frames.py [--tokens 20000] [--alternatives 5] [--choices 20]
                                            [--repeats 5]
 
 One run measures, on the same synthetic chat answer (OpenAI's shape: ``logprobs.content`` entries
@@ -114,7 +114,7 @@ def timed(function: Callable[[], Any], clock: Callable[[], float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=100_000)
+    parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--alternatives", type=int, default=5)
     parser.add_argument("--choices", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)

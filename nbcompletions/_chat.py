@@ -215,13 +215,14 @@ def _check_top_logprobs(top_logprobs: Any, logprobs: bool | None, cap: int | Non
     if top_logprobs is None:
         return
     check_int("top_logprobs", top_logprobs, 0, cap)
-    if logprobs is not True:
+    # 0 without logprobs lists nothing, as vLLM and our server read it.
+    if top_logprobs > 0 and logprobs is not True:
         raise RequestError(
             "top_logprobs",
             f"top_logprobs needs logprobs=True (it is the number of alternatives per token of "
             f"the logprobs it switches on); got top_logprobs={top_logprobs} with "
             f"logprobs={logprobs!r}",
-            allowed="unset unless logprobs=True",
+            allowed="unset or 0 unless logprobs=True",
             value=top_logprobs,
         )
 

@@ -47,7 +47,7 @@ def test_a_valid_request_sends_the_fields_it_was_given() -> None:
     [
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "from 0 to 20"),
         ({"logprobs": True, "top_logprobs": -1}, "top_logprobs", "from 0 to 20"),
-        ({"top_logprobs": 3}, "top_logprobs", "unset unless logprobs=True"),
+        ({"top_logprobs": 3}, "top_logprobs", "unset or 0 unless logprobs=True"),
         ({"logprobs": 5}, "logprobs", "true or false"),
         ({"temperature": 2.5}, "temperature", "from 0 to 2"),
         ({"top_p": 1.5}, "top_p", "from 0 to 1"),
@@ -72,6 +72,10 @@ def test_a_bad_field_names_itself_its_range_and_the_value(
     assert info.value.param == param
     assert allowed in str(info.value.allowed)
     assert "got" in str(info.value)
+
+
+def test_top_logprobs_0_without_logprobs_asks_for_nothing() -> None:
+    assert ChatRequest(HELLO, top_logprobs=0).to_body()["top_logprobs"] == 0
 
 
 def test_top_logprobs_follows_the_servers_cap() -> None:

@@ -416,10 +416,12 @@ async def test_a_streamed_response_says_what_the_response_says(http: httpx.Async
     }
     whole = (await http.post("/v1/responses", json=body)).json()
     response = await http.post("/v1/responses", json={**body, "stream": True})
-    lines = [line[len("data: ") :] for line in response.text.splitlines() if line]
-    assert lines[-1] == "[DONE]"
-    events = [json.loads(line) for line in lines[:-1]]
+    # OpenAI's framing: each event named, no [DONE] after the last.
+    blocks = [block.splitlines() for block in response.text.split("\n\n") if block]
+    assert all(len(block) == 2 for block in blocks)
+    events = [json.loads(data[len("data: ") :]) for _, data in blocks]
     kinds = [event["type"] for event in events]
+    assert [name[len("event: ") :] for name, _ in blocks] == kinds
     assert kinds[:4] == [
         "response.created",
         "response.in_progress",

@@ -319,7 +319,7 @@ class CompletionsServer:
         if call.completion.stream:
             stream = await _overload_is_503(scheduler.stream(call.completion))
             events = ResponseEvents(stream, call, self.token_bytes, body)
-            return EventStream(events, request_id)
+            return EventStream(events, request_id, named_events=True)
         answer = await self._complete(scheduler, call.completion, request)
         return JSONResponse(response_object(answer, call, self.token_bytes, body))
 

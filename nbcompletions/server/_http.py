@@ -144,9 +144,14 @@ class EventStream(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, stream: CompletionStream, request_id: str) -> None:
+    def __init__(
+        self, stream: CompletionStream, request_id: str, *, named_events: bool = False
+    ) -> None:
         self._stream = stream
         self._request_id = request_id
+        #: The Responses API's framing: ``event: {type}`` before each ``data:``, and no
+        #: ``[DONE]`` at the end (its last event says it is done).
+        self._named_events = named_events
         self.status_code = 200
         self.background = None
         self.init_headers(
@@ -196,12 +201,15 @@ class EventStream(Response):
                 break
             try:
                 data = b"data: " + render_json(chunk) + b"\n\n"
+                if self._named_events:
+                    data = b"event: " + str(chunk.get("type")).encode() + b"\n" + data
             except Exception:
                 logger.exception("could not render a stream chunk (request %s)", self._request_id)
                 await self._send_error(send, server_error(self._request_id))
                 break
             await send({"type": "http.response.body", "body": data, "more_body": True})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        done = b"" if self._named_events else b"data: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": done, "more_body": False})
 
     @staticmethod
     def _error_event(failure: Failure) -> bytes:

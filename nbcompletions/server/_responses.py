@@ -233,7 +233,8 @@ class ResponseEvents:
     ``response.in_progress``, the message item and its text part opened, one
     ``response.output_text.delta`` (with its logprobs) per chunk of text, then the part, the
     item and the response done (``response.completed``, or ``response.incomplete`` at
-    max_output_tokens). Sent as ``data:`` lines, each carrying its ``type``."""
+    max_output_tokens). Each is sent as ``event: {type}`` and ``data: {json}``, as OpenAI
+    sends them."""
 
     def __init__(
         self,
