@@ -198,7 +198,15 @@ def _prompt_logprob(entry: Any, token_id: int) -> tuple[float | None, str | None
 async def _prompt_logprobs(
     aclient: AsyncCompletionsClient, ids: list[int], model: str | None
 ) -> list[Any] | None:
-    body: dict[str, Any] = {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 1}
+    # Neutral sampling: under vLLM's --logprobs-mode processed_* the logprobs follow temperature
+    # and top_p, and the model's generation_config may set other defaults.
+    body: dict[str, Any] = {
+        "prompt": ids,
+        "max_tokens": 1,
+        "prompt_logprobs": 1,
+        "temperature": 1.0,
+        "top_p": 1.0,
+    }
     if model is not None:
         body["model"] = model
     try:
