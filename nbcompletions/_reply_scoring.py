@@ -388,6 +388,8 @@ async def _echo_tokens(
         echo=True,
         logprobs=1,
         max_tokens=max_tokens,
+        temperature=1.0,  # neutral, as for prompt_logprobs: some servers' logprobs follow it
+        top_p=1.0,
         model=aclient.model,
         limits=Limits(max_logprobs=None),
     )
