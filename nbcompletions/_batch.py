@@ -5,6 +5,7 @@ the cache as one line of an OpenAI Batch input file::
 
     {"custom_id": "<cache key>", "method": "POST", "url": "/v1/completions", "body": {...}}
 
+(a chat sweep's lines have ``"url": "/v1/chat/completions"``, and its batches that endpoint),
 uploads it (``POST /v1/files``, purpose ``batch``), creates a batch (``POST /v1/batches``,
 completion window ``24h``), polls it (``GET /v1/batches/{id}``) with a progress bar of its request
 counts, downloads the output and error files, joins them on ``custom_id`` and returns the same
@@ -38,9 +39,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._batch_file import (
     BATCH_URL,
+    CHAT_BATCH_URL,
     OPENAI_MAX_BATCH_BYTES,
     OPENAI_MAX_BATCH_REQUESTS,
     batch_lines,
+    batch_url,
     check_batch_limits,
     split_batches,
 )
@@ -62,6 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "BATCH_URL",
+    "CHAT_BATCH_URL",
     "OPENAI_MAX_BATCH_BYTES",
     "OPENAI_MAX_BATCH_REQUESTS",
     "BatchOptions",
@@ -393,6 +397,7 @@ async def _create(
     group: list[tuple[str, bytes]],
     options: BatchOptions,
     number: int,
+    endpoint: str = BATCH_URL,
 ) -> Entry:
     """Upload one input file and create its batch, written to ``ledger`` before and after the
     create (see `nbcompletions._batch_ledger`): its entry, checked, with the batch id."""
@@ -409,7 +414,7 @@ async def _create(
     ledger.write(entry)  # before the batch exists: a run stopped from here on finds it again
     body: dict[str, Any] = {
         "input_file_id": file_id,
-        "endpoint": BATCH_URL,
+        "endpoint": endpoint,
         "completion_window": options.completion_window,
         "metadata": {**(options.metadata or {}), MARKER_KEY: entry.marker},
     }
@@ -572,7 +577,9 @@ class _BatchRun:
             model = (await self.aclient._with_model(points[0].request)).model
         groups = split_batches(batch_lines(points, model), *self.limits)
         for number, group in enumerate(groups, start=1):
-            entry = await _create(self.aclient, self.ledger, group, self.options, number)
+            entry = await _create(
+                self.aclient, self.ledger, group, self.options, number, batch_url(points[0].request)
+            )
             assert entry.batch_id is not None  # created
             self.track(_Tracked(entry.batch_id, entry.keys, entry))
 
@@ -730,7 +737,7 @@ async def run_batches(
             bar.set_description("batch")
         if probe:
             capabilities = await probe_endpoint(aclient, prepared.grid, prepared.cache)
-            refuse_ignored(capabilities, prepared.grid)
+            refuse_ignored(capabilities, prepared.grid, path="sweep-batch")
         await run.run()
     finally:
         if renewing is not None:
@@ -745,6 +752,17 @@ async def run_batches(
 
 
 # -- a Batch file, as it is ----------------------------------------------------------------------
+def _file_endpoint(data: bytes) -> str:
+    """The endpoint a Batch input file's lines name (its first line's ``url``; the server checks
+    that every line names the same): ``/v1/completions`` or ``/v1/chat/completions``."""
+    first = next((line for line in data.splitlines() if line.strip()), b"")
+    try:
+        url = json.loads(first).get("url")
+    except (ValueError, AttributeError):
+        url = None  # the server's upload check names the bad line
+    return url if url in (BATCH_URL, CHAT_BATCH_URL) else BATCH_URL
+
+
 async def arun_batch_file(
     aclient: AsyncClient,
     data: bytes,
@@ -760,7 +778,7 @@ async def arun_batch_file(
     marker = new_marker()
     body = {
         "input_file_id": uploaded["id"],
-        "endpoint": BATCH_URL,
+        "endpoint": _file_endpoint(data),
         "completion_window": "24h",
         "metadata": {MARKER_KEY: marker},
     }

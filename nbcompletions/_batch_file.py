@@ -10,14 +10,17 @@ import json
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from ._chat import ChatRequest
 from ._errors import RequestError
 from ._request import CompletionRequest
 
 __all__ = [
     "BATCH_URL",
+    "CHAT_BATCH_URL",
     "OPENAI_MAX_BATCH_BYTES",
     "OPENAI_MAX_BATCH_REQUESTS",
     "batch_lines",
+    "batch_url",
     "check_batch_limits",
     "split_batches",
 ]
@@ -25,8 +28,15 @@ __all__ = [
 #: OpenAI's limits on one Batch input file.
 OPENAI_MAX_BATCH_REQUESTS = 50_000
 OPENAI_MAX_BATCH_BYTES = 200 * 1000 * 1000
-#: The endpoint every line targets.
+#: The endpoint every line of a completions grid targets.
 BATCH_URL = "/v1/completions"
+#: The endpoint of a chat grid's lines (``messages=`` sweeps; vLLM's run_batch takes only these).
+CHAT_BATCH_URL = "/v1/chat/completions"
+
+
+def batch_url(request: CompletionRequest | ChatRequest) -> str:
+    """The Batch line ``url`` of ``request``: `CHAT_BATCH_URL` for a chat request."""
+    return CHAT_BATCH_URL if isinstance(request, ChatRequest) else BATCH_URL
 
 
 def check_batch_limits(max_requests: Any, max_bytes: Any) -> None:
@@ -48,7 +58,7 @@ class BatchPoint(Protocol):
     def key(self) -> str: ...
 
     @property
-    def request(self) -> CompletionRequest: ...
+    def request(self) -> CompletionRequest | ChatRequest: ...
 
 
 def _body(request: Any, model: str | None) -> dict[str, Any]:
@@ -76,7 +86,7 @@ def batch_lines(points: Iterable[BatchPoint], model: str | None = None) -> list[
         line = {
             "custom_id": point.key,
             "method": "POST",
-            "url": BATCH_URL,
+            "url": batch_url(point.request),
             "body": _body(point.request, model),
         }
         text = json.dumps(line, separators=(",", ":"), ensure_ascii=False, allow_nan=False)

@@ -55,11 +55,15 @@ from time import sleep as _sleep
 from types import TracebackType
 from typing import Any
 
+from ._chat import ChatRequest
 from ._checks import finite_float, invalid
 from ._errors import CacheError
 from ._parse import loads
 from ._request import CompletionRequest
 from ._usage import USAGE_FIELDS, token_counts
+
+#: What a cache key is made of: a request, or its JSON body.
+KeyedRequest = CompletionRequest | ChatRequest | Mapping[str, Any]
 
 __all__ = [
     "DIRECTORY_FILE",
@@ -122,8 +126,10 @@ def _canonical(value: Any) -> str:
     )
 
 
-def _key_body(request: CompletionRequest | Mapping[str, Any], model: str | None) -> dict[str, Any]:
-    body = request.to_body() if isinstance(request, CompletionRequest) else dict(request)
+def _key_body(request: KeyedRequest, model: str | None) -> dict[str, Any]:
+    body = (
+        request.to_body() if isinstance(request, CompletionRequest | ChatRequest) else dict(request)
+    )
     body.setdefault("model", model)
     # stream changes the transport, not the answer: a streamed and a plain request share a response.
     body.pop("stream", None)
@@ -131,26 +137,29 @@ def _key_body(request: CompletionRequest | Mapping[str, Any], model: str | None)
     return body
 
 
-def cache_key(
-    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeat: int
-) -> str:
+def _key_payload(endpoint: str, model: str | None, request: KeyedRequest) -> dict[str, Any]:
+    """What a key hashes but the repeat. A request to another API than Completions (a
+    `ChatRequest`: ``api`` "chat") adds ``"api"``, so a chat request and a completion request
+    never share a key, whatever their bodies; completion keys are as they always were."""
+    payload = {"body": _key_body(request, model), "endpoint": endpoint.rstrip("/")}
+    api = getattr(request, "api", "completions")
+    if api != "completions":
+        payload["api"] = api
+    return payload
+
+
+def cache_key(endpoint: str, model: str | None, request: KeyedRequest, repeat: int) -> str:
     """The cache key of one request: sha256 hex of canonical JSON of what determines its response.
 
     The JSON is ``{"body": <request body>, "endpoint": <base URL>, "repeat": <n>}`` with sorted keys
-    and no spaces. ``model`` is the model the client sends when the request names none; a request's
-    own ``model`` wins, as on the wire.
+    and no spaces (and ``"api": "chat"`` for a chat request). ``model`` is the model the client
+    sends when the request names none; a request's own ``model`` wins, as on the wire.
     """
-    payload = {
-        "endpoint": endpoint.rstrip("/"),
-        "body": _key_body(request, model),
-        "repeat": int(repeat),
-    }
+    payload = {**_key_payload(endpoint, model, request), "repeat": int(repeat)}
     return hashlib.sha256(_canonical(payload).encode("utf-8")).hexdigest()
 
 
-def key_state(
-    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any]
-) -> Any:
+def key_state(endpoint: str, model: str | None, request: KeyedRequest) -> Any:
     """A sha256 state holding everything of a request's key but the repeat: ``state.copy()``,
     ``update(f"{repeat}}}".encode())`` and ``hexdigest()`` give `cache_key` for that repeat.
 
@@ -158,14 +167,12 @@ def key_state(
     ``"repeat":``; it is serialised and hashed once. Two requests with equal ``hexdigest()`` of
     this state have equal keys for every repeat.
     """
-    prefix = {"body": _key_body(request, model), "endpoint": endpoint.rstrip("/")}
+    prefix = _key_payload(endpoint, model, request)
     head = _canonical(prefix)[:-1] + ',"repeat":'
     return hashlib.sha256(head.encode("utf-8"))
 
 
-def cache_keys(
-    endpoint: str, model: str | None, request: CompletionRequest | Mapping[str, Any], repeats: int
-) -> list[str]:
+def cache_keys(endpoint: str, model: str | None, request: KeyedRequest, repeats: int) -> list[str]:
     """``[cache_key(endpoint, model, request, r) for r in range(repeats)]``, computed faster
     (see `key_state`)."""
     state = key_state(endpoint, model, request)

@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run an OpenAI Batch input file (JSONL) on the embedded model, offline",
         description="Run an OpenAI Batch input file on the embedded model, in-process: one "
         'request per line, {"custom_id": ..., "method": "POST", "url": "/v1/completions", '
-        '"body": {...}}. Writes the output file (one line per answered request, any order; join '
-        "on custom_id) and, when a request failed, the error file.",
+        '"body": {...}}, or every line with "url": "/v1/chat/completions" and a chat body '
+        '({"messages": [...], ...}). Writes the output file (one line per answered request, '
+        "any order; join on custom_id) and, when a request failed, the error file.",
     )
     batch.add_argument("-i", "--input", required=True, metavar="FILE", help="the Batch input file")
     batch.add_argument("-o", "--output", required=True, metavar="FILE", help="the output file")

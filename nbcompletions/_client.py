@@ -30,9 +30,11 @@ import httpx
 from . import _retry
 from ._chat import CHAT_FIELDS, ChatRequest, ResponsesRequest
 from ._completion import Completion
+from ._corrections import CardLimits
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
+from ._model_card import needs_limits, read_limits, remember_cards
 from ._parse import loads, responses_as_chat
 from ._profiles import ServerProfile
 from ._request import (
@@ -45,7 +47,14 @@ from ._request import (
     shown,
 )
 from ._secrets import redact_error, redact_url
-from ._settings import DEFAULT_TIMEOUT, _Settings, check_limits, check_model, check_retries
+from ._settings import (
+    DEFAULT_TIMEOUT,
+    _Settings,
+    check_limits,
+    check_model,
+    check_retries,
+    in_process_transport,
+)
 from ._streaming import AsyncStream, Stream, aiter_chunks
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -270,6 +279,7 @@ class _BaseClient:
         vocab_size: int | None = None,
         profile: str | ServerProfile | None = None,
         embedded: bool | None = None,
+        verify: bool | None = None,
     ) -> None:
         self._settings = _Settings(
             base_url,
@@ -284,6 +294,7 @@ class _BaseClient:
             vocab_size=vocab_size,
             profile=profile,
             embedded=embedded,
+            verify=verify,
         )
         self._start()
 
@@ -361,6 +372,31 @@ class _BaseClient:
     def profile(self) -> ServerProfile | None:
         """The server profile requests are adapted to (given, or None); see `_profiles`."""
         return self._settings.profile
+
+    @property
+    def verify(self) -> bool | None:
+        """As given: True measures the endpoint's conformance when a request depends on it, False
+        sends every request as it is, None decides from the endpoint (see `measures`)."""
+        return self._settings.verify
+
+    @property
+    def discovered_model(self) -> str | None:
+        """The model ``GET /models`` named, where the client named none and asked."""
+        return self.async_client._discovered_model
+
+    @property
+    def in_process(self) -> bool:
+        """True when requests do not leave the process: the embedded model, or a transport given
+        to the constructor that is not httpx's HTTP one (an in-process app, a test double)."""
+        target = self._settings.target
+        return target.embedded or in_process_transport(target.transport)
+
+    @property
+    def measures(self) -> bool:
+        """Whether the first request that depends on the endpoint's conformance report measures
+        it (see `nbcompletions._governance`): not for the embedded model, an injected transport
+        or api.openai.com unless ``verify=True``."""
+        return self._settings.measures
 
     def __repr__(self) -> str:
         urls = [redact_url(u) for u in self.endpoints]
@@ -469,9 +505,28 @@ class AsyncClient(_BaseClient):
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return await self.complete_request(self.build_request(prompt, **fields))
 
-    async def complete_request(self, request: CompletionRequest) -> Completion:
-        """Send an already validated request (retries and the concurrency limit apply)."""
+    async def complete_request(
+        self, request: CompletionRequest, *, path: str = "complete"
+    ) -> Completion:
+        """Send an already validated request (retries and the concurrency limit apply), as the
+        endpoint's conformance report decides (`nbcompletions._governance`): as it is,
+        corrected, flagged, or refused with `ConformanceError` before sending. ``path`` names
+        the caller ("complete", "sweep-live", "widget", ...)."""
         request = await self._with_model(request)
+        if self._settings.verify is False:
+            return await self.complete_as_is(request)
+        from ._governance import agovern, agovern_answer
+
+        decision = await agovern(self, request, path=path)
+        decision.raise_if_refused()
+        completion = await self.complete_as_is(decision.request)
+        return await agovern_answer(self, decision, completion)
+
+    async def complete_as_is(self, request: CompletionRequest) -> Completion:
+        """Send ``request`` exactly as it is, whatever the endpoint's conformance report says
+        (the conformance probes use it)."""
+        request = await self._with_model(request)
+        await self._read_model_card(request)
         if request.stream:
             stream = AsyncStream(
                 self._stream_chunks(request), request, vocab_size=lambda: self.vocab_size
@@ -494,13 +549,29 @@ class AsyncClient(_BaseClient):
         """Stream a completion: ``async for piece in client.stream(...)`` yields `StreamChunk`."""
         return self.stream_request(self._stream_request(prompt, fields))
 
-    def stream_request(self, request: CompletionRequest | ChatRequest) -> AsyncStream:
+    def stream_request(
+        self, request: CompletionRequest | ChatRequest, *, path: str = "stream"
+    ) -> AsyncStream:
+        """Stream an already validated request, as the endpoint's conformance report decides
+        (refused with `ConformanceError` at the first piece; flags are warned)."""
         if not request.stream:
             request = request.replace(stream=True)
         # vocab_size is read when the stream is merged: for the embedded model that is after the
         # server has loaded it, so asking here would load the weights on the caller's thread.
         return AsyncStream(
-            self._stream_after_model(request), request, vocab_size=lambda: self.vocab_size
+            self._stream_after_model(request, path=path),
+            request,
+            vocab_size=lambda: self.vocab_size,
+        )
+
+    def stream_as_is(self, request: CompletionRequest) -> AsyncStream:
+        """Stream ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        if not request.stream:
+            request = request.replace(stream=True)
+        return AsyncStream(
+            self._stream_after_model(request, path=None),
+            request,
+            vocab_size=lambda: self.vocab_size,
         )
 
     # -- Chat Completions and Responses -----------------------------------------------------------
@@ -628,10 +699,26 @@ class AsyncClient(_BaseClient):
         )
         return AsyncResponseStream(pieces)
 
+    async def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model (see `nbcompletions._model_card`); None where the client knows its
+        vocabulary already (given, or the embedded model's)."""
+        settings = self._settings
+        if settings.vocab_size is not None or settings.target.embedded:
+            return None
+        return await read_limits(self, model)
+
+    async def _read_model_card(self, request: CompletionRequest | ChatRequest) -> None:
+        # Before the first request whose frames need the vocabulary size (issue 16, case 6).
+        asked = request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
+        if needs_limits(asked):
+            await self.model_card_limits(request.model)
+
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         body = await self.request("GET", "/models")
         data = answered_field(body, "data", list, "GET /models", "a data list", status=200)
+        remember_cards(self, data)
         return [str(item.get("id")) for item in data if isinstance(item, Mapping)]
 
     async def score(
@@ -664,10 +751,11 @@ class AsyncClient(_BaseClient):
         return await acapabilities(self)
 
     async def conformance(self, *, refresh: bool = False) -> ConformanceReport:
-        """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
-        from ._conformance import aconformance
+        """Measure what this endpoint and model do (see `nbcompletions._conformance`); kept in
+        memory and on disk (`nbcompletions._governance`); ``refresh=True`` measures again."""
+        from ._governance import ameasure
 
-        return await aconformance(self, refresh=refresh)
+        return await ameasure(self, refresh=refresh)
 
     async def chat_conformance(self) -> ConformanceReport:
         """Measure what this endpoint's ``/v1/chat/completions`` does with logprobs (top_logprobs
@@ -805,8 +893,19 @@ class AsyncClient(_BaseClient):
     async def _stream_after_model(
         self,
         request: CompletionRequest | ChatRequest,
+        *,
+        path: str | None,
     ) -> AsyncIterator[dict[str, Any]]:
         request = await self._with_model(request)
+        await self._read_model_card(request)
+        if (
+            path is not None
+            and self._settings.verify is not False
+            and isinstance(request, CompletionRequest)
+        ):
+            from ._governance import agovern_stream
+
+            request = await agovern_stream(self, request, path=path)
         chunks = self._stream_chunks(request)
         try:
             async for chunk in chunks:
@@ -1133,16 +1232,28 @@ class Client(_BaseClient):
         """Send one completion request; ``stream=True`` streams and returns the merged result."""
         return run_sync(self._async.complete_request(self.build_request(prompt, **fields)))
 
-    def complete_request(self, request: CompletionRequest) -> Completion:
-        """Send an already validated request (retries and the concurrency limit apply)."""
-        return run_sync(self._async.complete_request(request))
+    def complete_request(self, request: CompletionRequest, *, path: str = "complete") -> Completion:
+        """Send an already validated request as the endpoint's conformance report decides; see
+        `AsyncClient.complete_request`."""
+        return run_sync(self._async.complete_request(request, path=path))
+
+    def complete_as_is(self, request: CompletionRequest) -> Completion:
+        """Send ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        return run_sync(self._async.complete_as_is(request))
 
     def stream(self, prompt: Prompt | None = None, **fields: Unpack[CompletionFields]) -> Stream:
         """Stream a completion: ``for piece in client.stream(...)`` yields `StreamChunk`."""
         return Stream(self._async.stream_request(self._stream_request(prompt, fields)))
 
-    def stream_request(self, request: CompletionRequest | ChatRequest) -> Stream:
-        return Stream(self._async.stream_request(request))
+    def stream_request(
+        self, request: CompletionRequest | ChatRequest, *, path: str = "stream"
+    ) -> Stream:
+        """Stream an already validated request; see `AsyncClient.stream_request`."""
+        return Stream(self._async.stream_request(request, path=path))
+
+    def stream_as_is(self, request: CompletionRequest) -> Stream:
+        """Stream ``request`` exactly as it is, whatever the endpoint's conformance report says."""
+        return Stream(self._async.stream_as_is(request))
 
     def chat(self, messages: Any = None, **fields: Unpack[ChatFields]) -> Completion:
         """Send one Chat Completions request; see `AsyncClient.chat`."""
@@ -1225,6 +1336,11 @@ class Client(_BaseClient):
     def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
         return run_sync(self._async.models())
+
+    def model_card_limits(self, model: str | None = None) -> CardLimits | None:
+        """What ``GET /models`` says of the model (vocabulary size, context length), read once
+        per client and model; None where the client knows its vocabulary already."""
+        return run_sync(self._async.model_card_limits(model))
 
     def score(
         self, texts: str | Sequence[str], *, context: str | Sequence[str] | None = None

@@ -221,7 +221,8 @@ async def _score_side(
         model=aclient.model,
         limits=_SCORING_LIMITS,
     )
-    completion = await aclient.complete_request(request)
+    # _ready applied the side's report already (as score() did before nbcompletions._governance).
+    completion = await aclient.complete_as_is(request)
     scored = _side_tokens(completion.raw, request, aclient.vocab_size or 50257)
     if sum(scored.lengths) != len(text.encode("utf-8")):
         raise ConformanceError(

@@ -28,7 +28,7 @@ class Completion:
     (`nbcompletions._chat_frames`); a Responses answer's ``raw`` is its chat-shaped reading.
     """
 
-    __slots__ = ("_body", "_frames", "raw", "request", "vocab_size")
+    __slots__ = ("_body", "_frames", "flags", "raw", "request", "vocab_size")
 
     def __init__(
         self,
@@ -44,6 +44,16 @@ class Completion:
         # The response body as received, when the client has it: what a sweep's cache stores,
         # rather than writing ``raw`` out again.
         self._body: bytes | None = None
+        # Checks of the endpoint's conformance report this result depends on and that could be
+        # neither corrected nor refused (`nbcompletions._governance`); the frames carry them too,
+        # in .attrs["conformance_flags"] (absent: no flags).
+        self.flags: tuple[str, ...] = ()
+
+    def corrected(self, raw: Mapping[str, Any]) -> Completion:
+        """This completion with ``raw`` (corrected) as its answer; the request and flags kept."""
+        fixed = Completion(raw, self.request, vocab_size=self.vocab_size)
+        fixed.flags = self.flags
+        return fixed
 
     # -- plain fields -----------------------------------------------------------------------------
     @property
@@ -90,6 +100,9 @@ class Completion:
                 from ._chat_frames import chat_frames
 
                 self._frames = chat_frames(self.raw, self.request, vocab_size=self.vocab_size)
+        if self.flags:  # attached after the response arrived, maybe after the frames were built
+            for frame in self._frames:
+                frame.attrs["conformance_flags"] = list(self.flags)
         return self._frames
 
     @property

@@ -1,22 +1,32 @@
 """Checking an endpoint: probes that measure what it does, and the report they make.
 
-`aconformance` sends 19 small requests (a few tokens each) and compares what comes back with
-what OpenAI's Completions API promises. Each check is a row of `ConformanceReport.frame` with a
-status (``ok``, ``fails``, ``unsupported``: the server refused the feature, ``error``: the probe
-itself failed) and the evidence, e.g. the two numbers that disagree. Nothing is taken on trust from
-what a server says about itself, except the context length and vocabulary size it lists.
+`aconformance` sends at most 25 small requests (22 to our server and vLLM, 23 to llama-cpp-python;
+most a few tokens; the penalty, sampler-order and stream-finish probes 96, 48 and 96, sent
+together) and compares what comes back with what OpenAI's Completions API promises. Each check is
+a row of `ConformanceReport.frame` with a status (``ok``, ``fails``, ``unsupported``: the server
+refused the feature, ``error``: the probe itself failed) and the evidence, e.g. the two numbers
+that disagree. Nothing is taken on trust from what a server says about itself, except the context
+length and vocabulary size it lists.
 
-Every probe is bounded: each sends an explicit small ``max_tokens``. The one that cannot (is
-``max_tokens=0`` honoured?) streams, stops at any of four common characters, and hangs up at the
-first generated text, so a server that reads 0 as "unlimited" (llama.cpp) generates a token or
-two, not its whole context (which crashed one). Honoured means proven: no text and
-``finish_reason`` "length". Streams run one at a time with nothing else in flight, because
-llama.cpp cuts a stream short when another request arrives (and a cut stream proves nothing).
+Every probe is bounded: each sends an explicit small ``max_tokens``. The two that cannot (is
+``max_tokens=0`` honoured? is ``max_tokens`` past any context refused?) stream, stop at any of
+four common characters, and hang up at the first generated text, so a server that reads 0 as
+"unlimited" (llama.cpp) or accepts a million tokens generates a token or two, not its whole
+context (which crashed one). Honoured means proven: no text and ``finish_reason`` "length".
+Those streams run one at a time with nothing else in flight, because llama.cpp cuts a stream
+short when another request arrives (and a cut stream proves nothing); the stream_finish probe
+measures exactly that, with two probes sent beside its stream.
+
+GET /models is asked once, first: its card names the model for every probe (concurrent probes
+would each make the client discover it), tells the context length where it can, and names the
+server whose neutral sampling fields the penalty and sampler-order probes carry.
 
 This module sends the probes and caches the report per client. The rest, one concept each:
 `nbcompletions._conformance_report` (`Check`, `ConformanceReport`), `._conformance_checks` (pure
-judging of each answer), `._conformance_consequences` (`score_max_tokens`, `check_sweep`: what
-``score()`` and sweeps do about a report); the names stay importable from here.
+judging of each answer), `._conformance_sampling` (penalty window, sampler order),
+`._conformance_accounting` (end-of-text, echo with generated tokens, stream finish, context
+length), `._conformance_consequences` (`score_max_tokens`, `check_sweep`: what ``score()`` and
+sweeps do about a report); the names stay importable from here.
 """
 
 from __future__ import annotations
@@ -28,6 +38,14 @@ import weakref
 from collections.abc import Awaitable, Mapping
 from typing import Any
 
+from ._checks import positive_int
+from ._conformance_accounting import (
+    CONTEXT_PROBE_MAX_TOKENS,
+    context_length_check,
+    echo_generated_check,
+    end_of_text_check,
+    stream_finish_check,
+)
 from ._conformance_checks import (
     ANY_TEXT_STOPS,
     ASKED_LOGPROBS,
@@ -39,10 +57,11 @@ from ._conformance_checks import (
     SUFFIX,
     SUFFIX_PROMPT,
     TOKEN_IDS,
-    MaxZeroStream,
+    BoundedStream,
     ProbeOutcome,
     best_of_check,
     bytes_check,
+    card_limits,
     defaults_check,
     detect_profile,
     echo_alignment,
@@ -64,11 +83,23 @@ from ._conformance_checks import (
 )
 from ._conformance_consequences import check_sweep, score_max_tokens
 from ._conformance_report import CHECKS, Check, ConformanceReport
+from ._conformance_sampling import (
+    ORDER_PROMPT,
+    ORDER_TEMPERATURE,
+    ORDER_TOKENS,
+    ORDER_TOP_P,
+    PENALTY,
+    WINDOW_TOKENS,
+    penalty_window_check,
+    sampler_order_check,
+)
 from ._errors import APIError
-from ._profiles import ServerProfile
+from ._model_card import known_limits, read_card
+from ._profiles import PROFILES, ServerProfile
 from ._request import CompletionRequest, Limits
 from ._secrets import redact_url
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
+from .model import end_of_text_id, trained_positions
 
 # The report types and the consequences live beside this module; they are re-exported here, where
 # the client, scoring and sweeps have always found them.
@@ -101,21 +132,19 @@ class _Prober:
     def __init__(self, aclient: AsyncCompletionsClient) -> None:
         self.aclient = aclient
         self.requests = 0
+        #: The model every probe names: the client's, else the one GET /models lists. Named on
+        #: each probe, so that concurrent probes do not each ask the server (issue 16, case 15).
+        self.model: str | None = getattr(aclient, "model", None)
 
     def request(self, prompt: Any, **fields: Any) -> CompletionRequest:
-        return CompletionRequest(
-            prompt=prompt,
-            model=getattr(self.aclient, "model", None),
-            limits=_PROBE_LIMITS,
-            **fields,
-        )
+        return CompletionRequest(prompt=prompt, model=self.model, limits=_PROBE_LIMITS, **fields)
 
     async def send(self, prompt: Any, **fields: Any) -> ProbeOutcome:
         request = self.request(prompt, **fields)
         self.requests += 1
         try:
             completion = await asyncio.wait_for(
-                self.aclient.complete_request(request), _PROBE_TIMEOUT
+                self.aclient.complete_as_is(request), _PROBE_TIMEOUT
             )
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
@@ -125,69 +154,108 @@ class _Prober:
             return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         return dict(completion.raw), None
 
-    async def max_tokens_zero(self) -> MaxZeroStream:
-        """Stream max_tokens=0 with stops any text hits; hang up at the first generated text.
+    async def bounded_stream(self, max_tokens: int) -> BoundedStream:
+        """Stream ``max_tokens`` with stops any text hits; hang up at the first generated text.
 
-        Run alone: llama.cpp cuts a stream short (``[DONE]``, no finish_reason) when another
-        request arrives, and a cut stream proves nothing either way.
+        The max_tokens=0 probe (is 0 honoured?) and the context probe (is max_tokens past any
+        context refused?): a server that says yes generates a token or two, never its whole
+        context (which crashed one). Run alone: llama.cpp cuts a stream short (``[DONE]``, no
+        finish_reason) when another request arrives, and a cut stream proves nothing either way.
         """
         request = self.request(
-            PROMPT, max_tokens=0, stream=True, temperature=0.0, stop=list(ANY_TEXT_STOPS)
+            PROMPT, max_tokens=max_tokens, stream=True, temperature=0.0, stop=list(ANY_TEXT_STOPS)
         )
-        self.requests += 1
-        seen = MaxZeroStream()
-        stream = self.aclient.stream_request(request)
+        seen = BoundedStream()
 
-        async def read() -> None:
+        async def read(piece: Any) -> bool:
+            if piece.finish_reason is not None:
+                seen.finish = piece.finish_reason
+            if piece.text:
+                seen.text += piece.text
+                return True  # it generates: hang up now (llama.cpp stops when the client goes)
+            return seen.finish is not None
+
+        await self._read_stream(request, seen, read)
+        return seen
+
+    async def stream_with_company(
+        self, company: Mapping[str, Awaitable[ProbeOutcome]]
+    ) -> tuple[BoundedStream, dict[str, ProbeOutcome]]:
+        """The stream_finish probe: a greedy stream, and once its first chunk is in, the
+        ``company`` probes sent beside it (llama-cpp-python cuts a stream when a request
+        arrives while it streams).
+        Returns what the stream showed and the company's outcomes."""
+        request = self.request(PROMPT, max_tokens=FINISH_TOKENS, stream=True, temperature=0.0)
+        seen = BoundedStream()
+        started: dict[str, asyncio.Future[ProbeOutcome]] = {}
+
+        async def read(piece: Any) -> bool:
+            seen.text += piece.text or ""
+            if piece.finish_reason is not None:
+                seen.finish = piece.finish_reason
+            if not started and company:
+                started.update({k: asyncio.ensure_future(job) for k, job in company.items()})
+                seen.overlapped = seen.finish is None
+            return False
+
+        await self._read_stream(request, seen, read)
+        if not started:  # the stream failed before its first chunk: send them now
+            started.update({k: asyncio.ensure_future(job) for k, job in company.items()})
+        names = list(started)
+        outcomes = await asyncio.gather(*(started[k] for k in names))
+        return seen, dict(zip(names, outcomes, strict=True))
+
+    async def _read_stream(
+        self, request: CompletionRequest, seen: BoundedStream, read: Any
+    ) -> None:
+        """Feed each piece of ``request``'s stream to ``read`` until it returns True or the
+        stream ends; errors and timeouts land in ``seen.error``."""
+        self.requests += 1
+        stream = self.aclient.stream_as_is(request)
+
+        async def pieces() -> None:
             async for piece in stream:
                 seen.chunks += 1
-                if piece.finish_reason is not None:
-                    seen.finish = piece.finish_reason
-                if piece.text:
-                    seen.text += piece.text
-                    # It generates: hang up now (llama.cpp stops when the client goes).
-                    break
-                if seen.finish is not None:
+                if await read(piece):
                     break
 
         try:
-            await asyncio.wait_for(read(), _PROBE_TIMEOUT)
+            await asyncio.wait_for(pieces(), _PROBE_TIMEOUT)
         except APIError as exc:
             if exc.status in (401, 403, 404, 429):
                 raise
-            seen.error = exc
+            if exc.type != "stream_unfinished":  # cut short ([DONE] first): proves nothing
+                seen.error = exc
         except asyncio.TimeoutError:
             seen.error = APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         finally:
             with contextlib.suppress(Exception):
                 await stream.aclose()
-        return seen
 
     async def models_card(self) -> Mapping[str, Any] | None:
-        self.requests += 1
-        try:
-            body = await self.aclient.request("GET", "/models")
-        except APIError:
-            return None
-        data = body.get("data") if isinstance(body, Mapping) else None
-        if not isinstance(data, list):
-            return None
-        cards = [c for c in data if isinstance(c, Mapping)]
-        model = getattr(self.aclient, "model", None)
-        for card in cards:
-            if card.get("id") == model:
-                return card
-        return cards[0] if len(cards) == 1 else None
+        """The model's card from the one GET /models the check sends (shared with the client's
+        own read of the card); it also names the model when the client names none."""
+        if known_limits(self.aclient, self.model) is None:
+            self.requests += 1
+        card = await read_card(self.aclient, self.model)
+        if self.model is None and card is not None and isinstance(card.get("id"), str):
+            self.model = card["id"]
+        return card
 
 
 #: Generated tokens the echo probe compares; max_tokens and best_of of the best_of probe.
 _ECHO_TOKENS = 3
 _BEST_OF_MAX_TOKENS = 2
 _BEST_OF = 3
+#: The stream_finish probe's length: long enough that the requests sent beside it arrive while
+#: it still generates. llama-cpp-python on 2 busy cores cut it after 5-70 chunks: at 48 tokens
+#: 5 streams of 6 were cut, at 80 all 6; as long as the penalty probe, so it costs nothing more
+#: on servers that batch.
+FINISH_TOKENS = WINDOW_TOKENS
 
 
 async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> ConformanceReport:
-    """Measure what ``client``'s endpoint and model do (19 small requests); cached."""
+    """Measure what ``client``'s endpoint and model do (at most 25 small requests); cached."""
     aclient = as_async(client)
     if not refresh:
         known = cached_report(aclient)
@@ -195,41 +263,63 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
             return known
     started = time.perf_counter()
     probe = _Prober(aclient)
-    results = await _first_round(probe)
+    # First and alone: the one GET /models, which names the model for every probe after it.
+    card = await probe.models_card()
+    jobs = _first_round(probe, card)
+    # The two long probes go beside the stream_finish probe's stream, later.
+    long = {name: jobs.pop(name) for name in ("penalised", "order")}
+    first = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    results: dict[str, Any] = {**first, "card": card, "eot_id": end_of_text_id(probe.model)}
     # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
     # ("[DONE]" without a finish_reason) when another request arrives.
-    max0 = await probe.max_tokens_zero()
+    results["max0"] = await probe.bounded_stream(0)
     results["stream_echo"] = await probe.send(
         PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
     )
     results["usage"] = await probe.send(
         PROMPT, stream=True, stream_options={"include_usage": True}, max_tokens=1, temperature=0.0
     )
-    echo, stop, stop_outcome = await _second_round(probe, results["gen"])
-    checks = _judge(results, max0, echo, stop, stop_outcome)
-    info, context, vocab = model_info(results["card"], aclient, results["bytes"])
+    if card_limits(card)[0] is None:  # the card does not say: ask past any context
+        results["context"] = await probe.bounded_stream(CONTEXT_PROBE_MAX_TOKENS)
+    # The stream_finish probe's stream, with the two long probes sent beside it: they arrive
+    # while it streams (llama-cpp-python then cuts it), and hide its length on servers that
+    # batch. With the whole first round beside it instead, it was never cut (3 of 3 tries).
+    results["finish"], done = await probe.stream_with_company(long)
+    results.update(done)
+    results.update(await _second_round(probe, results["gen"]))
+    checks = _judge(results, probe.model)
+    info, _, vocab = model_info(card, aclient, results["bytes"])
     checks["model_info"] = info
     endpoint = getattr(aclient, "endpoint", None)
     report = ConformanceReport(
         [checks[name] for name in CHECKS],
         # Kept with results and written to files: credentials in the URL must not travel with it.
         endpoint=redact_url(endpoint) if isinstance(endpoint, str) else None,
-        model=_key(aclient)[1],  # discovered by the probes when the client named none
+        model=probe.model or _key(aclient)[1],  # from GET /models when the client named none
         requests=probe.requests,
         seconds=time.perf_counter() - started,
-        profile_name=detect_profile(results["card"], checks),
-        context_length=context,
+        profile_name=detect_profile(card, checks),
+        context_length=positive_int(checks["context_length"].evidence.get("context_length")),
         vocab_size=vocab,
     )
     remember(aclient, report)
     return report
 
 
-async def _first_round(probe: _Prober) -> dict[str, Any]:
-    """The probes that need nothing from another's answer, sent together."""
+def _sampling_extra(card: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The neutral fields of the server the card names (llama.cpp's repeat_penalty 1.1 and
+    min_p 0.05 otherwise confound the penalty and sampler-order probes); none for others."""
+    named = PROFILES.get(detect_profile(card, {}))
+    return dict(named.neutral_fields) if named is not None else {}
+
+
+def _first_round(
+    probe: _Prober, card: Mapping[str, Any] | None
+) -> dict[str, Awaitable[ProbeOutcome]]:
+    """The probes that need nothing from another's answer, to be sent together."""
     k = _ECHO_TOKENS
-    jobs: dict[str, Awaitable[Any]] = {
-        "card": probe.models_card(),
+    neutral = _sampling_extra(card)
+    jobs: dict[str, Awaitable[ProbeOutcome]] = {
         "gen": probe.send(PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=ASKED_LOGPROBS),
         "n": probe.send(PROMPT, n=2, max_tokens=1, temperature=1.0, seed=SEED),
         "best_of": probe.send(
@@ -248,74 +338,86 @@ async def _first_round(probe: _Prober) -> dict[str, Any]:
             SECOND_PROMPT, max_tokens=8, temperature=1.0, top_p=1.0, seed=SEED + 1
         ),
         "omitted": probe.send(SECOND_PROMPT, max_tokens=8, seed=SEED),
-        "plain": probe.send(REPEAT_PROMPT, max_tokens=8, temperature=0.0),
+        "plain": probe.send(REPEAT_PROMPT, max_tokens=8, temperature=0.0, extra=neutral),
+        # Long, with logprobs: it feeds the penalties check and the penalty_window check.
         "penalised": probe.send(
             REPEAT_PROMPT,
-            max_tokens=8,
+            max_tokens=WINDOW_TOKENS,
             temperature=0.0,
-            frequency_penalty=2.0,
-            presence_penalty=2.0,
+            logprobs=ASKED_LOGPROBS,
+            frequency_penalty=PENALTY,
+            presence_penalty=PENALTY,
+            extra=neutral,
+        ),
+        "order": probe.send(
+            ORDER_PROMPT,
+            max_tokens=ORDER_TOKENS,
+            temperature=ORDER_TEMPERATURE,
+            top_p=ORDER_TOP_P,
+            seed=SEED,
+            logprobs=ASKED_LOGPROBS,
+            extra=neutral,
         ),
         "bytes": probe.send(BYTES_PROMPT, echo=True, logprobs=0, max_tokens=1, temperature=0.0),
         "suffix": probe.send(
             SUFFIX_PROMPT, suffix=SUFFIX, echo=True, logprobs=0, max_tokens=1, temperature=0.0
         ),
     }
-    return dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+    eot = end_of_text_id(probe.model)
+    if eot is not None:  # forced at once: is a generated end-of-text listed and counted?
+        jobs["eot"] = probe.send(
+            PROMPT, max_tokens=2, temperature=0.0, logprobs=1, logit_bias={str(eot): 100}
+        )
+    return jobs
 
 
-async def _second_round(
-    probe: _Prober, gen: ProbeOutcome
-) -> tuple[ProbeOutcome | None, str | None, ProbeOutcome | None]:
+async def _second_round(probe: _Prober, gen: ProbeOutcome) -> dict[str, Any]:
     """The probes built from the generation's tokens: the echo of the prompt plus them, and a
-    stop string one of them starts. Returns (echo outcome, stop string, stop outcome)."""
+    stop string one of them starts."""
     k = _ECHO_TOKENS
     gen_rows = logprob_rows(probe_choice(gen[0])) if gen[1] is None else None
-    if (
-        gen_rows is None
-        or len(gen_rows.tokens) < k
-        or any(t.startswith("bytes:") for t in gen_rows.tokens[:k])
-    ):
-        return None, None, None
     second: dict[str, Awaitable[ProbeOutcome]] = {}
-    generated = "".join(gen_rows.tokens[:k])
-    second["echo"] = probe.send(
-        PROMPT + generated, echo=True, logprobs=ASKED_LOGPROBS, max_tokens=1, temperature=0.0
-    )
-    stop = None
-    before = gen_rows.tokens[0]
-    for candidate in gen_rows.tokens[1:k]:
-        if candidate.strip() and candidate not in before + candidate[:-1]:
-            stop = candidate
-            break
-        before += candidate
-    if stop is not None:
-        second["stop"] = probe.send(
-            PROMPT, max_tokens=k + 2, temperature=0.0, logprobs=0, stop=stop
+    found: dict[str, Any] = {"echo": None, "echo_prompt": None, "stop": None, "stop_outcome": None}
+    usable = gen_rows is not None and len(gen_rows.tokens) >= k
+    if gen_rows is not None and usable:
+        usable = not any(t.startswith("bytes:") for t in gen_rows.tokens[:k])
+    if gen_rows is not None and usable:
+        found["echo_prompt"] = PROMPT + "".join(gen_rows.tokens[:k])
+        second["echo"] = probe.send(
+            found["echo_prompt"], echo=True, logprobs=ASKED_LOGPROBS, max_tokens=1, temperature=0.0
         )
+        found["stop"] = _stop_string(gen_rows.tokens[:k])
+        if found["stop"] is not None:
+            second["stop_outcome"] = probe.send(
+                PROMPT, max_tokens=k + 2, temperature=0.0, logprobs=0, stop=found["stop"]
+            )
     done = dict(zip(second, await asyncio.gather(*second.values()), strict=True))
-    return done.get("echo"), stop, done.get("stop")
+    return {**found, **done}
 
 
-def _judge(
-    results: dict[str, Any],
-    max0: MaxZeroStream,
-    echo: ProbeOutcome | None,
-    stop: str | None,
-    stop_outcome: ProbeOutcome | None,
-) -> dict[str, Check]:
+def _stop_string(tokens: list[str]) -> str | None:
+    """A generated token (not the first) whose text first appears there: a stop it hits."""
+    before = tokens[0]
+    for candidate in tokens[1:]:
+        if candidate.strip() and candidate not in before + candidate[:-1]:
+            return candidate
+        before += candidate
+    return None
+
+
+def _judge(results: dict[str, Any], model: str | None) -> dict[str, Check]:
     """Every check but model_info, from the probes' outcomes."""
     gen: ProbeOutcome = results["gen"]
     checks: dict[str, Check] = {}
-    checks["echo_alignment"] = echo_alignment(gen, echo, _ECHO_TOKENS)
-    checks["max_tokens_0"] = max_tokens_zero_check(max0)
+    checks["echo_alignment"] = echo_alignment(gen, results["echo"], _ECHO_TOKENS)
+    checks["max_tokens_0"] = max_tokens_zero_check(results["max0"])
     checks["n"] = n_check(results["n"])
     checks["best_of"] = best_of_check(results["best_of"], _BEST_OF_MAX_TOKENS, _BEST_OF)
     checks["stream_echo"] = stream_echo_check(results["stream_echo"])
     checks["include_usage"] = usage_check(results["usage"])
     for check in gen_checks(gen):
         checks[check.name] = check
-    checks["stop_in_logprobs"] = stop_check(stop, stop_outcome)
+    checks["stop_in_logprobs"] = stop_check(results["stop"], results["stop_outcome"])
     checks["multiple_prompts"] = multiple_check(results["multi"])
     checks["token_id_prompts"] = token_ids_check(results["ids"])
     checks["seed"] = seed_check(results["seed_a"], results["seed_b"], results["seed_c"])
@@ -325,6 +427,14 @@ def _judge(
     checks["penalties"] = penalty_check(results["plain"], results["penalised"])
     checks["byte_tokens"] = bytes_check(results["bytes"])
     checks["suffix"] = suffix_check(results["suffix"])
+    checks["penalty_window"] = penalty_window_check(results["penalised"])
+    checks["sampler_order"] = sampler_order_check(results["order"])
+    checks["end_of_text"] = end_of_text_check(results.get("eot"), results["eot_id"])
+    checks["echo_generated"] = echo_generated_check(results["echo"], results["echo_prompt"] or "")
+    checks["context_length"] = context_length_check(
+        card_limits(results["card"])[0], results.get("context"), trained_positions(model)
+    )
+    checks["stream_finish"] = stream_finish_check(results["finish"])
     return checks
 
 
@@ -350,14 +460,23 @@ def cached_report(client: HasAsyncClient) -> ConformanceReport | None:
 def remember(client: HasAsyncClient, report: ConformanceReport) -> None:
     """Keep ``report`` for this client (a sweep's stored report, say)."""
     aclient = as_async(client)
+    endpoint, model = _key(aclient)
     with contextlib.suppress(TypeError):  # not weak-referenceable: measured again next time
-        _reports.setdefault(aclient, {})[_key(aclient)] = report
+        known = _reports.setdefault(aclient, {})
+        known[(endpoint, model)] = report
+        # A client that names no model finds the report again once its requests name one.
+        if model is None and report.model is not None:
+            known[(endpoint, report.model)] = report
 
 
 def known_vocab_size(client: HasAsyncClient) -> int | None:
-    """The vocabulary size the check found, else the client's profile's; None (no I/O)."""
+    """The vocabulary size the check found, else the model card's (`nbcompletions._model_card`,
+    read before the first request that needs it), else the client's profile's; None (no I/O)."""
     report = cached_report(client)
     if report is not None and report.vocab_size is not None:
         return report.vocab_size
+    card = known_limits(client)
+    if card is not None and card.vocab_size is not None:
+        return card.vocab_size
     profile = getattr(getattr(client, "async_client", client), "profile", None)
     return profile.vocab_size if isinstance(profile, ServerProfile) else None

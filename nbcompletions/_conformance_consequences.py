@@ -37,10 +37,17 @@ def score_max_tokens(report: ConformanceReport) -> int:
     return 0 if report.status("max_tokens_0") == "ok" else 1
 
 
-def check_sweep(report: ConformanceReport, requests: Sequence[CompletionRequest]) -> list[str]:
+def check_sweep(
+    report: ConformanceReport,
+    requests: Sequence[CompletionRequest],
+    *,
+    corrects_sampling: bool = False,
+) -> list[str]:
     """What in these requests the endpoint was measured to ignore or refuse (empty: nothing).
 
     A sweep calls it before sending anything, and refuses (or warns) with these problems.
+    ``corrects_sampling``: each request will be sent with the detected profile's neutral
+    sampling fields (a live sweep, `nbcompletions._governance`), so their absence is no problem.
     """
     problems: list[str] = []
 
@@ -78,7 +85,7 @@ def check_sweep(report: ConformanceReport, requests: Sequence[CompletionRequest]
     uses("max_tokens_0", lambda r: r.max_tokens == 0)
     defaults = report.checks.get("default_sampling")
     neutral = report.profile.neutral_fields
-    if defaults is not None and defaults.status == "fails":
+    if defaults is not None and defaults.status == "fails" and not corrects_sampling:
         count = sum(
             1 for r in requests if r.temperature != 0 and not all(k in r.extra for k in neutral)
         )

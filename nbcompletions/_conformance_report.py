@@ -41,6 +41,12 @@ CHECKS: tuple[str, ...] = (
     "text_offset",
     "byte_tokens",
     "suffix",
+    "penalty_window",
+    "sampler_order",
+    "end_of_text",
+    "echo_generated",
+    "context_length",
+    "stream_finish",
     "model_info",
 )
 

@@ -17,6 +17,7 @@ __all__ = [
     "BudgetError",
     "CacheError",
     "ConformanceError",
+    "ConformanceWarning",
     "NBCompletionsError",
     "RequestError",
     "SweepError",
@@ -140,6 +141,13 @@ class ConformanceError(NBCompletionsError):
         super().__init__(message)
         self.check = check
         self.detail = detail
+
+
+class ConformanceWarning(UserWarning):
+    """A result depends on something the endpoint was measured to do differently from OpenAI, and
+    nbcompletions could neither correct it nor refuse it: the numbers may be off. Emitted once per
+    endpoint and check; the result carries the check's name in its flags (``completion.flags``,
+    frames' ``.attrs["conformance_flags"]``)."""
 
 
 class SweepError(APIError):

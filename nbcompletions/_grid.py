@@ -21,6 +21,15 @@ makes them identical on deterministic servers (sweep ``seed=[...]`` instead).
 
 Every grid point is built into a validated `CompletionRequest`; a bad value raises `RequestError`
 naming the field and the grid point.
+
+A chat sweep gives ``messages=`` instead of ``prompt=`` (the two are exclusive): a conversation (a
+list of ``{"role", "content"}`` dicts) is one value; a list of conversations is an axis; a dict
+maps names (the ``prompt_id`` column) to conversations. Its points are validated `ChatRequest`
+objects (the Chat Completions fields: ``max_completion_tokens``, ``logprobs=True`` with
+``top_logprobs``). The frames' ``messages`` column holds each conversation as canonical JSON
+text: one string per conversation, so ``groupby("messages")`` works as it does on ``prompt``,
+Parquet stores it as one string column, and ``json.loads`` gives the conversation back
+(``prompt_id``, the conversation's index or name, is the shorter handle to group by).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from typing import Any
 
 from ._batch_file import batch_lines, check_batch_limits, split_batches
 from ._cache import key_state
+from ._chat import CHAT_FIELDS, ChatRequest
 from ._checks import is_int
 from ._errors import RequestError
 from ._request import DEFAULT_MAX_TOKENS, FIELDS, CompletionRequest
@@ -49,6 +59,7 @@ __all__ = [
     "Grid",
     "GridPoint",
     "GridPoints",
+    "completion_budget",
     "estimate_tokens",
     "expand_grid",
 ]
@@ -72,7 +83,7 @@ class GridPoint:
     prompt_id: Any
     repeat: int
     values: dict[str, Any]
-    request: CompletionRequest
+    request: CompletionRequest | ChatRequest
     key: str = ""
 
 
@@ -82,7 +93,7 @@ class _Combo:
 
     prompt_id: Any
     values: dict[str, Any]
-    request: CompletionRequest
+    request: CompletionRequest | ChatRequest
     key_state: Any  # `key_state`: the cache key of each repeat is one hash update away
     same_as: int  # the first combo whose requests are the same (itself if none)
 
@@ -97,6 +108,10 @@ class GridPoints(Sequence[GridPoint]):
 
     def __len__(self) -> int:
         return len(self._combos) * self._repeats
+
+    def distinct_requests(self) -> Iterator[CompletionRequest | ChatRequest]:
+        """Each combination's request once (repeats send the same request)."""
+        return (combo.request for combo in self._combos)
 
     def _point(self, i: int) -> GridPoint:
         combo_index, repeat = divmod(i, self._repeats)
@@ -160,7 +175,8 @@ class Grid:
 
     ``points`` in grid order (``request_id`` is the position; a `GridPoints` sequence, made on
     access); ``columns`` the request-field columns the frames get; ``endpoint`` (without
-    credentials) and ``model`` as the cache keys saw them; ``axes`` the size of each axis.
+    credentials) and ``model`` as the cache keys saw them; ``axes`` the size of each axis;
+    ``api`` which API its requests go to ("completions", or "chat" for a ``messages=`` sweep).
     """
 
     points: GridPoints
@@ -168,6 +184,7 @@ class Grid:
     endpoint: str
     model: str | None
     axes: dict[str, int] = field(default_factory=dict)
+    api: str = "completions"
 
     def to_batch_file(
         self,
@@ -179,9 +196,10 @@ class Grid:
         """Write the grid as an OpenAI Batch input file (JSONL) for any engine that reads one.
 
         One line per distinct request: ``{"custom_id": <cache key>, "method": "POST", "url":
-        "/v1/completions", "body": {...}}``. A grid over OpenAI's limits (``max_requests`` lines,
-        ``max_bytes`` bytes per file) is written as ``<stem>-001<suffix>``, ``-002``...; the paths
-        written are returned. `nbcompletions.load_batch_output` reads the results back.
+        "/v1/completions", "body": {...}}`` (``"/v1/chat/completions"`` for a chat sweep). A grid
+        over OpenAI's limits (``max_requests`` lines, ``max_bytes`` bytes per file) is written as
+        ``<stem>-001<suffix>``, ``-002``...; the paths written are returned.
+        `nbcompletions.load_batch_output` reads the results back.
         """
         check_batch_limits(max_requests, max_bytes)
         # One line per distinct request: a point that copies an earlier one shares its response.
@@ -294,7 +312,27 @@ def _weights_tag(model: str | None) -> str:
     return "" if fingerprint is None else "#weights=" + fingerprint
 
 
-def _check_sweep_fields(prompt: Any, repeats: Any, fields: Mapping[str, Any]) -> None:
+def _sweep_api(prompt: Any, messages: Any) -> str:
+    """ "completions" for a ``prompt=`` sweep, "chat" for a ``messages=`` one (never both)."""
+    if prompt is not None and messages is not None:
+        raise RequestError(
+            "messages",
+            "prompt= and messages= are exclusive: a sweep sends either completions (prompt=) or "
+            "chat completions (messages=); give one of them",
+            allowed="prompt= or messages=, not both",
+            value=messages,
+        )
+    if prompt is None and messages is None:
+        raise RequestError(
+            "prompt",
+            "sweep needs a prompt (prompt=...) or conversations (messages=...); got neither",
+            allowed="a string, a list of prompts or a dict name -> prompt",
+            value=None,
+        )
+    return "chat" if messages is not None else "completions"
+
+
+def _check_sweep_fields(api: str, repeats: Any, fields: Mapping[str, Any]) -> None:
     if not is_int(repeats) or repeats < 1:
         raise RequestError(
             "repeats",
@@ -302,23 +340,42 @@ def _check_sweep_fields(prompt: Any, repeats: Any, fields: Mapping[str, Any]) ->
             allowed="an integer >= 1",
             value=repeats,
         )
-    unknown = [name for name in fields if name not in FIELDS and name != "extra"]
+    known, kind, main = (
+        (CHAT_FIELDS, "Chat Completions", "messages")
+        if api == "chat"
+        else (FIELDS, "Completions", "prompt")
+    )
+    unknown = [name for name in fields if name not in known and name != "extra"]
     if unknown:
         raise RequestError(
             unknown[0],
-            f"{unknown[0]!r} is not a Completions request field; sweepable fields are "
-            f"{', '.join(f for f in FIELDS if f != 'prompt')}; pass server-specific fields with "
+            f"{unknown[0]!r} is not a {kind} request field; sweepable fields are "
+            f"{', '.join(f for f in known if f != main)}; pass server-specific fields with "
             f"extra={{...}} (a list of dicts sweeps them)",
             allowed="a request field",
             value=fields[unknown[0]],
         )
-    if prompt is None:
-        raise RequestError(
-            "prompt",
-            "sweep needs a prompt; got None",
-            allowed="a string, a list of prompts or a dict name -> prompt",
-            value=None,
-        )
+
+
+def _messages_axis(messages: Any) -> list[tuple[Any, Any]]:
+    """(prompt_id, conversation) pairs: one conversation, a list of them, or a dict of them."""
+    if isinstance(messages, Mapping):
+        if not messages or "role" in messages:
+            raise RequestError(
+                "messages",
+                "messages must be a conversation (a list of {'role', 'content'} dicts), a list of "
+                f"conversations or a dict name -> conversation; got {str(messages)[:80]}",
+                allowed="a conversation, a list of conversations or a dict of them",
+                value=messages,
+            )
+        return list(messages.items())
+    if (
+        isinstance(messages, list | tuple)
+        and messages
+        and all(isinstance(item, list | tuple) for item in messages)
+    ):
+        return [(i, list(conversation)) for i, conversation in enumerate(messages)]
+    return [(0, messages)]  # one conversation (ChatRequest says what is wrong with a bad one)
 
 
 def _fixed_and_axes(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, list[Any]]]:
@@ -342,8 +399,13 @@ def _fixed_and_axes(fields: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str
 
 
 def _combo_request(
-    client: Any, prompt_id: Any, prompt: Any, chosen: Mapping[str, Any], axis_names: list[str]
-) -> CompletionRequest:
+    client: Any,
+    api: str,
+    prompt_id: Any,
+    prompt: Any,
+    chosen: Mapping[str, Any],
+    axis_names: list[str],
+) -> CompletionRequest | ChatRequest:
     """The validated request of one combination; a bad value names its grid point."""
     limits = getattr(client, "limits", None)
     model = getattr(client, "model", None)
@@ -352,15 +414,16 @@ def _combo_request(
     kwargs = {k: v for k, v in chosen.items() if v is not None}
     if kwargs.get("model") is None and model is not None:
         kwargs["model"] = model  # complete_request sends the request's model as it is
+    if limits is not None:
+        kwargs["limits"] = limits
     try:
-        request = (
-            CompletionRequest(prompt=prompt, limits=limits, **kwargs)
-            if limits is not None
-            else CompletionRequest(prompt=prompt, **kwargs)
-        )
+        if api == "chat":  # as client.chat() builds it (profiles neutralize completions only)
+            return ChatRequest(messages=prompt, **kwargs)
+        request = CompletionRequest(prompt=prompt, **kwargs)
         return neutralize(request) if neutralize is not None else request
     except RequestError as exc:
-        where = _describe({"prompt_id": prompt_id, **{k: chosen[k] for k in axis_names}})
+        main = "messages_id" if api == "chat" else "prompt_id"
+        where = _describe({main: prompt_id, **{k: chosen[k] for k in axis_names}})
         raise RequestError(
             exc.param,
             f"{exc.message} (sweep grid point {where})",
@@ -371,10 +434,14 @@ def _combo_request(
         raise RequestError("extra", f"bad sweep field: {exc}", value=chosen.get("extra")) from None
 
 
-def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) -> Grid:
+def expand_grid(
+    client: Any, prompt: Any = None, *, repeats: int = 1, messages: Any = None, **fields: Any
+) -> Grid:
     """Build and validate every request of a sweep (nothing is sent). Used by `sweep`."""
-    _check_sweep_fields(prompt, repeats, fields)
-    prompts = _prompt_axis(prompt)
+    api = _sweep_api(prompt, messages)
+    _check_sweep_fields(api, repeats, fields)
+    main = "messages" if api == "chat" else "prompt"
+    prompts = _messages_axis(messages) if api == "chat" else _prompt_axis(prompt)
     repeats = int(repeats)  # a numpy integer counts as one
     fixed, axes = _fixed_and_axes(fields)
     model = getattr(client, "model", None)
@@ -382,7 +449,7 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
     # written into the cache file (the capabilities note), so they are left out.
     endpoint = redact_url(str(getattr(client, "endpoint", "") or ""))
     column_of = {name: _column_name(name) for name in fields}
-    columns = ["prompt", *column_of.values()]
+    columns = [main, *column_of.values()]
     if "model" not in columns:
         columns.append("model")
     records: list[_Combo] = []
@@ -393,8 +460,8 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
         for combo in combos:
             chosen = dict(fixed)
             chosen.update(zip(axis_names, combo, strict=True))
-            request = _combo_request(client, prompt_id, one_prompt, chosen, axis_names)
-            columns_values: dict[str, Any] = {"prompt": _column_value(one_prompt)}
+            request = _combo_request(client, api, prompt_id, one_prompt, chosen, axis_names)
+            columns_values: dict[str, Any] = {main: _column_value(one_prompt)}
             for name in fields:
                 columns_values[column_of[name]] = _column_value(chosen[name])
             columns_values.setdefault("model", request.model or model)
@@ -404,17 +471,43 @@ def expand_grid(client: Any, prompt: Any, *, repeats: int = 1, **fields: Any) ->
             # are sent once per repeat; their points share the response.
             same_as = first_of.setdefault(state.hexdigest(), len(records))
             records.append(_Combo(prompt_id, columns_values, request, state, same_as))
-    axis_sizes = {"prompt": len(prompts), **{n: len(v) for n, v in axes.items()}}
+    axis_sizes = {main: len(prompts), **{n: len(v) for n, v in axes.items()}}
     if repeats > 1:
         axis_sizes["repeat"] = repeats
-    return Grid(GridPoints(records, repeats), columns, endpoint, model, axis_sizes)
+    return Grid(GridPoints(records, repeats), columns, endpoint, model, axis_sizes, api)
 
 
 # -- the budget -----------------------------------------------------------------------------------
 
 
+def _chat_prompt(request: ChatRequest, exact: bool) -> str:
+    """The text a chat request's prompt is counted from: the embedded model's rendering of its
+    template where the tokenizer is known, else the contents (and roles) joined."""
+    if exact:
+        from .model import render_chat
+
+        return render_chat(request.messages)
+    parts = []
+    for message in request.messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(str(p.get("text") or "") for p in content if isinstance(p, Mapping))
+        parts.append(f"{message.get('role')}: {content or ''}")
+    return "\n".join(parts)
+
+
+def completion_budget(request: CompletionRequest | ChatRequest) -> int | None:
+    """The most completion tokens one choice of ``request`` may have: ``max_tokens`` (16 when a
+    completion leaves it unset), or a chat request's ``max_completion_tokens`` / ``max_tokens``
+    (None when a chat request sets neither: the server then fills the context)."""
+    if isinstance(request, ChatRequest):
+        given = request.max_completion_tokens
+        return request.max_tokens if given is None else given
+    return DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+
+
 def estimate_tokens(
-    requests: Sequence[CompletionRequest],
+    requests: Sequence[CompletionRequest | ChatRequest],
     *,
     model: str | None = None,
 ) -> tuple[int, str]:
@@ -425,6 +518,10 @@ def estimate_tokens(
     (best_of candidates are generated and billed although only n come back). The completion part is
     an upper bound. Prompt tokens are exact for token-id prompts and for the embedded model (its
     tokenizer), otherwise ceil(characters / 4), an estimate that can be low for unusual text.
+    A chat request's prompt is its conversation rendered by the embedded model's chat template
+    (exact there; elsewhere its contents, an estimate below the server's template overhead) and
+    its completion part ``max_completion_tokens`` (or ``max_tokens``; 0 when neither is set:
+    `plan_sweep` refuses a budget for such requests).
     """
     from .model import count_tokens
 
@@ -433,7 +530,12 @@ def estimate_tokens(
     counted: dict[str, int] = {}  # a sweep repeats few distinct prompts many times
     total = 0
     for request in requests:
-        prompts = request.prompt if request.n_prompts > 1 else [request.prompt]
+        if isinstance(request, ChatRequest):
+            prompts: Any = [_chat_prompt(request, exact)]
+            width = request.effective_n
+        else:
+            prompts = request.prompt if request.n_prompts > 1 else [request.prompt]
+            width = max(request.effective_n, request.best_of or 1)
         prompt_tokens = 0
         for p in prompts:
             if isinstance(p, str):
@@ -443,7 +545,6 @@ def estimate_tokens(
                 prompt_tokens += counted[p]
             else:
                 prompt_tokens += len(p)
-        width = max(request.effective_n, request.best_of or 1)
-        max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
+        max_tokens = completion_budget(request) or 0
         total += prompt_tokens + len(prompts) * width * max_tokens
     return total, method

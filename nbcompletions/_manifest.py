@@ -78,7 +78,8 @@ async def _fingerprint(aclient: AsyncCompletionsClient, prompt: str) -> dict[str
         model=aclient.model,
         limits=_LIMITS,
     )
-    raw = (await aclient.complete_request(request)).raw
+    # The server's own answer, as it is: a fingerprint of what it does, not of our corrections.
+    raw = (await aclient.complete_as_is(request)).raw
     choice = (raw.get("choices") or [{}])[0]
     logprobs = choice.get("logprobs") or {}
     tokens = [str(t) for t in logprobs.get("tokens") or []]
@@ -103,7 +104,7 @@ async def _tokenizer_hash(aclient: AsyncCompletionsClient) -> str | None:
         limits=_LIMITS,
     )
     try:
-        raw = (await aclient.complete_request(request)).raw
+        raw = (await aclient.complete_as_is(request)).raw
     except APIError:  # a server that refuses echo has no tokenizer we can see; that is fine
         return None
     choice = (raw.get("choices") or [{}])[0]

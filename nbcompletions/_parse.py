@@ -11,6 +11,12 @@ Logprobs come in two shapes, and `parse_logprobs` reads both into the same four 
 - llama.cpp's chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs":
   [{"token", "logprob"}]}]}``. Its top entries stay lists: two byte tokens can render as the same
   string, and a dict would merge them. A null logprob stays null (never 0.0).
+
+Where a chat-shaped entry (chosen or alternative) has a ``bytes`` list, the token is read from it
+(`bytes_token`): llama-server and llama-cpp-python send a byte-level token as ``""`` (decoded with
+errors ignored), so ``token`` alone makes every partial character the same empty string. Whole
+UTF-8 reads as its text; a partial character as OpenAI's ``bytes:\\xe2\\x80`` form (the form our
+server sends and `nbcompletions.visible_token` shows as ``<0xE2><0x80>``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ __all__ = [
     "NEG_INF_LOGPROB",
     "FinishedChoices",
     "LogprobColumns",
+    "bytes_token",
     "chat_token",
     "choice_index",
     "choice_text",
@@ -39,6 +46,7 @@ __all__ = [
     "read_chat_tokens",
     "responses_as_chat",
     "sorted_choices",
+    "token_bytes",
     "top_items",
 ]
 
@@ -212,13 +220,7 @@ def chat_token(entry: Mapping[str, Any]) -> Any:
         data = bytes(raw)
     except (TypeError, ValueError):
         return token
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        # Printable ASCII stays as it is (as in OpenAI's own "bytes: \\xf0\\x9f").
-        return "bytes:" + "".join(
-            chr(byte) if 0x20 <= byte < 0x7F and byte != 0x5C else f"\\x{byte:02x}" for byte in data
-        )
+    return bytes_token(data)
 
 
 #: What a token string shows where it may have lost bytes (see `chat_token`).
@@ -285,6 +287,27 @@ def top_items(entry: Any) -> list[tuple[Any, Any]]:
     )
 
 
+def bytes_token(raw: bytes) -> str:
+    """A token's string from its bytes: the text when it is whole UTF-8, else OpenAI's
+    ``bytes:`` form, each byte outside printable ASCII (and the backslash) as ``\\xNN``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(
+            chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw
+        )
+
+
+def token_bytes(token: str) -> bytes:
+    """The bytes a token string stands for (`bytes_token`'s inverse for ``bytes:`` tokens)."""
+    if token.startswith("bytes:"):
+        try:
+            return token[6:].encode("latin-1").decode("unicode_escape").encode("latin-1")
+        except (UnicodeError, ValueError):  # not the bytes: form after all: the text itself
+            pass
+    return token.encode("utf-8", "surrogatepass")
+
+
 # -- streams --------------------------------------------------------------------------------------
 
 
@@ -309,6 +332,11 @@ class FinishedChoices:
     def unfinished(self) -> bool:
         """True when no choice was seen or some choice has no finish_reason yet."""
         return not self._finished or not all(self._finished.values())
+
+    @property
+    def cut(self) -> list[int]:
+        """The indexes of the choices seen that have no finish_reason (in index order)."""
+        return sorted(index for index, done in self._finished.items() if not done)
 
 
 # -- the Responses API ----------------------------------------------------------------------------

@@ -94,7 +94,7 @@ class ServerProfile:
         """
         for field, why in self.refused_fields.items():
             value = getattr(request, field, None)
-            if value is not None:
+            if value is not None and value is not False:  # echo=False asks for nothing
                 raise RequestError(
                     field,
                     f"{field} is refused for profile {self.name!r}: {why}; got {value!r} "
@@ -130,11 +130,17 @@ PROFILES: Mapping[str, ServerProfile] = MappingProxyType(
             # -1 is "top_k off" in every vLLM release (newer ones also take 0).
             neutral_fields={"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0},
             explicit_sampling=True,
+            # 0 is refused ("must be at least 1"): prompt scoring generates one token, dropped.
+            max_tokens_zero="max_tokens_1",
             text_offset_origin="completion",
             differs=(
                 "an omitted temperature/top_p/top_k takes the model's generation_config.json",
                 "logprobs up to 20 (--max-logprobs); stop has no cap",
                 "generated text_offset counts from the completion start",
+                "best_of is ignored (removed in V1): one candidate is generated",
+                "the stop token stays in the logprobs though cut from the text",
+                "max_tokens=0 is refused (400, 'must be at least 1')",
+                "GET /v1/models gives max_model_len but no vocabulary size",
             ),
         ),
         "llamacpp": ServerProfile(
@@ -157,6 +163,33 @@ PROFILES: Mapping[str, ServerProfile] = MappingProxyType(
             refused_fields={
                 "suffix": "llama-cpp-python 0.3.36 splices it into the prompt (wrapped in token "
                 "0), so the completion and the echoed prompt change"
+            },
+        ),
+        # ggml's C++ server (llama.cpp tools/server), not llama-cpp-python's: its card says
+        # owned_by "llamacpp" with a "meta" block (n_ctx per slot, n_ctx_train, n_vocab).
+        "llama-server": ServerProfile(
+            "llama-server",
+            Limits.llamacpp(),
+            # Its sampler chain: penalties (repeat_last_n 64), top_k 40, top_p 0.95, min_p 0.05,
+            # then the temperature; these switch off all but top_p and the temperature.
+            neutral_fields={"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0},
+            explicit_sampling=True,
+            max_tokens_zero="max_tokens_1",
+            differs=(
+                "echo is ignored on /v1/completions: only the generated tokens come back, so no "
+                "prompt can be scored over HTTP (llama.cpp #27174)",
+                "logprobs come in the chat shape (content[]: id, token, bytes, logprob, "
+                "top_logprobs), pre-sampling, without text_offset",
+                "max_tokens=0 means 'no limit'; best_of is ignored; n works",
+                "omitted fields mean temperature 0.8, top_k 40, top_p 0.95, min_p 0.05, "
+                "repeat_penalty 1.1 over the last 64 tokens",
+                "top_p is applied before the temperature",
+                "-c is split over the slots (-np): GET /v1/models meta.n_ctx is one slot's",
+                "usage adds prompt_tokens_details.cached_tokens; responses add timings",
+            ),
+            refused_fields={
+                "echo": "ggml's llama-server ignores echo on /v1/completions and returns only "
+                "the generated tokens, so the prompt's log-probabilities would be missing"
             },
         ),
     }

@@ -32,8 +32,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._checks import finite_float, is_int
-from ._conformance import aconformance, cached_report, score_max_tokens
+from ._conformance import ConformanceReport, cached_report
 from ._errors import APIError, RequestError
+from ._governance import acorrect_raw, ameasure, decide
 from ._parse import first_choice, parse_logprobs, prompt_tokens, top_items
 from ._request import CompletionRequest, Limits
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
@@ -132,33 +133,44 @@ def _dropped(prompt: str) -> APIError:
     )
 
 
+def _score_request(aclient: AsyncCompletionsClient, prompt: str) -> CompletionRequest:
+    return CompletionRequest(
+        prompt=prompt,
+        echo=True,
+        logprobs=1,
+        max_tokens=0,
+        model=aclient.model,
+        limits=_PROBE_LIMITS,
+    )
+
+
 async def _score_one(
-    aclient: AsyncCompletionsClient, text: str, context: str, max_tokens: int = 0
+    aclient: AsyncCompletionsClient,
+    text: str,
+    context: str,
+    report: ConformanceReport | None = None,
 ) -> dict[str, Any]:
     prompt = context + text
     try:
-        request = CompletionRequest(
-            prompt=prompt,
-            echo=True,
-            logprobs=1,
-            max_tokens=max_tokens,
-            model=aclient.model,
-            limits=_PROBE_LIMITS,
-        )
-        completion = await aclient.complete_request(request)
+        # The report decides what is sent (max_tokens=1 where 0 is not honoured) and how the
+        # answer is corrected (a shifted echo realigned); the decision was checked in ascore.
+        decision = decide(report, _score_request(aclient, prompt), path="score")
+        decision.raise_if_refused()
+        request = decision.request
+        completion = await aclient.complete_as_is(request)
     except APIError as exc:
         if exc.status == 400 and exc.param == "max_tokens":
             # A server that insists on generating: ask for one token and ignore it below.
             request = request.replace(max_tokens=1)
             try:
-                completion = await aclient.complete_request(request)
+                completion = await aclient.complete_as_is(request)
             except APIError as again:
                 raise (_echo_refused(again) if again.status == 400 else again) from None
         elif exc.status == 400:
             raise _echo_refused(exc) from None
         else:
             raise
-    raw = completion.raw
+    raw, _ = await acorrect_raw(aclient, decision, completion.raw)
     columns = echo_columns(raw)
     if columns is None or not columns.tokens:
         raise _dropped(prompt)
@@ -262,11 +274,14 @@ async def ascore(
                 allowed="non-empty strings",
                 value=text,
             )
-    # Measured first (cached): a shifted echo is refused, and max_tokens=0 is only sent where it
-    # was seen to be honoured (llama.cpp reads it as "no limit").
-    max_tokens = score_max_tokens(await aconformance(aclient))
+    # Measured first where the client measures (kept): an echo whose logprobs are not the prompt
+    # tokens' own is refused, or realigned where it is only shifted; max_tokens=0 is only sent
+    # where it was seen to be honoured (llama.cpp reads it as "no limit").
+    # Scoring depends on the report whatever the endpoint: measured unless verify=False.
+    report = None if getattr(aclient, "verify", None) is False else await ameasure(aclient)
+    decide(report, _score_request(aclient, items[0]), path="score").raise_if_refused()
     rows = await asyncio.gather(
-        *(_score_one(aclient, t, c, max_tokens) for t, c in zip(items, contexts, strict=True))
+        *(_score_one(aclient, t, c, report) for t, c in zip(items, contexts, strict=True))
     )
     frame: pd.DataFrame = pd.DataFrame(rows, columns=list(SCORE_COLUMNS))
     frame["n_tokens"] = frame["n_tokens"].astype("int64")
@@ -286,4 +301,4 @@ def cached_capabilities(client: HasAsyncClient) -> dict[str, Any] | None:
 
 async def acapabilities(aclient: HasAsyncClient, *, refresh: bool = False) -> dict[str, Any]:
     """The conformance check's report as a dict (`ConformanceReport.to_dict`); cached per client."""
-    return (await aconformance(aclient, refresh=refresh)).to_dict()
+    return (await ameasure(as_async(aclient), refresh=refresh)).to_dict()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -20,12 +21,16 @@ from ._version import __version__
 __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "TRUSTED_HOSTS",
     "USER_AGENT",
     "_Settings",
     "check_limits",
     "check_model",
     "check_retries",
+    "check_verify",
+    "in_process_transport",
     "make_timeout",
+    "measures_by_default",
 ]
 
 DEFAULT_TIMEOUT = 600.0
@@ -92,10 +97,12 @@ class _Settings:
         "limits",
         "max_concurrency",
         "max_retries",
+        "measures",
         "model",
         "profile",
         "target",
         "timeout",
+        "verify",
         "vocab_size",
     )
 
@@ -114,9 +121,11 @@ class _Settings:
         vocab_size: int | None,
         profile: str | ServerProfile | None = None,
         embedded: bool | None = None,
+        verify: bool | None = None,
     ) -> None:
         check_embedded(embedded, base_url=base_url, api_key=api_key, transport=transport)
         self.profile = get_profile(profile)
+        self.verify = check_verify(verify)
         if limits is None and self.profile is not None:
             limits = self.profile.limits
         base_url_given, api_key_given = base_url is not None, api_key is not None
@@ -156,3 +165,39 @@ class _Settings:
             request_headers["Authorization"] = f"Bearer {api_key}"
         self.headers = Secret(request_headers)
         self.key = Secret(api_key)
+        self.measures = measures_by_default(self.target) if verify is None else verify
+
+
+#: Hosts whose behaviour is the reference the conformance checks compare with: not measured unless
+#: ``verify=True`` (probing them costs money and tells nothing new).
+TRUSTED_HOSTS = frozenset({"api.openai.com"})
+
+
+def check_verify(verify: object) -> bool | None:
+    """``verify``: True measures the endpoint's conformance when a request depends on it, False
+    sends every request as it is (`nbcompletions._governance`), None decides from the endpoint
+    (`measures_by_default`)."""
+    if verify is not None and not isinstance(verify, bool):
+        raise RequestError(
+            "verify",
+            f"verify must be True, False or None (decide from the endpoint); got {verify!r}",
+            allowed="True, False or None",
+            value=verify,
+        )
+    return verify
+
+
+def in_process_transport(transport: object) -> bool:
+    """A transport given to the constructor that is not httpx's HTTP one (or a subclass): an
+    in-process app (ASGI) or a test double, with no server of unknown make behind it."""
+    return transport is not None and not isinstance(transport, httpx.AsyncHTTPTransport)
+
+
+def measures_by_default(target: Target) -> bool:
+    """Not for the embedded model, a client with an injected transport (an in-process app or a
+    test double) or a `TRUSTED_HOSTS` endpoint; yes for every other endpoint. A report measured
+    on request (``client.conformance()``) governs their requests all the same."""
+    if target.embedded or in_process_transport(target.transport):
+        return False
+    hosts = {urlsplit(e.url).hostname or "" for e in target.endpoints}
+    return not hosts <= TRUSTED_HOSTS

@@ -178,7 +178,11 @@ async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, An
 
     A body that ends without ``[DONE]`` is complete only when every choice it started has
     finished (some servers omit it); otherwise the connection was cut and this raises `APIError`
-    with ``type="stream_broken"``. Error events raise the server's `APIError`.
+    with ``type="stream_broken"``. A ``[DONE]`` that comes while a choice it started has no
+    ``finish_reason`` raises `APIError` with ``type="stream_unfinished"`` after the last chunk
+    (llama-cpp-python 0.3.36 cuts concurrent streams so: one token, then ``[DONE]``); a choice
+    without ``finish_reason`` is a cut choice, never a finished one. Error events raise the
+    server's `APIError`.
     """
     decoder = SSEDecoder()
     finished = FinishedChoices()
@@ -193,6 +197,8 @@ async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, An
         for event in events:
             chunk = decode_event(event)
             if chunk is DONE:
+                if finished.cut:
+                    raise _unfinished(finished.cut)
                 return
             assert isinstance(chunk, dict)
             finished.add(chunk)
@@ -203,6 +209,16 @@ async def aiter_chunks(data: AsyncIterable[bytes]) -> AsyncIterator[dict[str, An
             "probably cut)",
             type="stream_broken",
         )
+
+
+def _unfinished(cut: list[int]) -> APIError:
+    shown = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+    return APIError(
+        f"the stream ended ([DONE]) before choice(s) {shown} had a finish_reason: the server "
+        "cut them short (llama-cpp-python does under concurrent streams); send the request "
+        "again, or with stream=False",
+        type="stream_unfinished",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

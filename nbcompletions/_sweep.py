@@ -140,6 +140,7 @@ async def asweep(
     client: AsyncCompletionsClient,
     prompt: Any = None,
     *,
+    messages: Any = None,
     repeats: int = 1,
     cache: Any = None,
     max_concurrency: int | None = None,
@@ -167,7 +168,7 @@ async def asweep(
     plan = plan_sweep(
         client,
         prompt,
-        fields,
+        {**fields, "messages": messages},
         repeats=repeats,
         cache=cache,
         max_concurrency=max_concurrency,
@@ -186,6 +187,7 @@ def sweep(
     client: HasAsyncClient,
     prompt: Any = None,
     *,
+    messages: Any = None,
     repeats: int = 1,
     cache: Any = None,
     max_concurrency: int | None = None,
@@ -203,19 +205,19 @@ def sweep(
 
     ``sweep(client, prompt={"hamlet": "To be", "tale": "Once upon"}, temperature=[0.2, 0.7, 1.2],
     max_tokens=32, repeats=20, cache="study.sqlite")``: lists are axes, scalars fixed (see
-    `nbcompletions._grid` for ``prompt`` and ``stop``). Every request is validated before the first
-    is sent; ``budget`` (tokens) refuses a sweep whose estimate exceeds it (`BudgetError`).
+    `nbcompletions._grid` for ``prompt`` and ``stop``; ``messages=`` instead of ``prompt=`` sweeps
+    Chat Completions, conversations an axis like prompts). Every request is validated before the
+    first is sent; ``budget`` (tokens) refuses a sweep whose estimate exceeds it (`BudgetError`).
     ``cache`` (a path or a `Cache`) stores each response as it arrives, so after an interrupt the
     same call resumes and sends only what is missing. ``max_concurrency`` caps requests in flight
     (default: the client's limit, which also applies). ``probe`` asks the endpoint once what it
-    supports (``result.capabilities``; remembered by the client and the cache). ``progress``
-    shows a tqdm bar. ``results`` (a directory) streams the frames to disk as a Parquet dataset
-    while the sweep runs, so memory stays flat however big the grid; the result then reads its
-    frames from the files on first access (see `nbcompletions.sweeps.dataset`; query them with
-    pandas or DuckDB). Failed requests become rows with ``error`` set and a `SweepWarning`; but
-    when the first ``fail_fast`` requests sent (default 8) all fail the same way, or every request
-    sent does, the sweep stops and raises `SweepError` with the first error (``fail_fast=None``:
-    never).
+    supports (``result.capabilities``; remembered by the client and the cache). ``progress`` shows a
+    tqdm bar. ``results`` (a directory) streams the frames to disk as a Parquet dataset while the
+    sweep runs, so memory stays flat however big the grid; the result then reads its frames from the
+    files on first access (see `nbcompletions.sweeps.dataset`; query them with pandas or DuckDB).
+    Failed requests become rows with ``error`` set and a `SweepWarning`; but when the first
+    ``fail_fast`` requests sent (default 8) all fail the same way, or every request sent does, the
+    sweep stops and raises `SweepError` with the first error (``fail_fast=None``: never).
 
     ``shard=(i, k)`` runs the i-th of k disjoint slices of the grid (by a hash of each request);
     ``load_sweep([dir1, dir2, ...])`` merges their results directories.
@@ -225,7 +227,6 @@ def sweep(
 
     ``manifest``: with a ``cache`` or ``results``, record the endpoint beside them on the first run
     and warn (`DriftWarning`) on a later one if it has changed (`nbcompletions._manifest`).
-
     Works from plain code and from a Jupyter cell (no await); an interrupt stops it with one line
     (`SweepInterrupted`) saying what was saved and that a rerun resumes.
     """
@@ -236,7 +237,7 @@ def sweep(
     plan = plan_sweep(
         aclient,
         prompt,
-        fields,
+        {**fields, "messages": messages},
         repeats=repeats,
         cache=cache,
         max_concurrency=max_concurrency,

@@ -32,7 +32,9 @@ class SweepResult:
       ``error_type``, ``error_status``, ``error_message``, usage, ``latency`` (seconds, including
       the client's retries; for cached rows the original latency) and the response id.
     - ``usage``: tokens spent by this run (cache hits excluded), tokens the cache saved, counts, and
-      the pre-flight estimate.
+      the pre-flight estimate; ``conformance_flags``: the checks of the endpoint's report that this
+      run's answers depend on and that could be neither corrected nor refused (the frames carry
+      them in ``.attrs["conformance_flags"]`` too).
     - ``capabilities``: what the endpoint was found to support (see `nbcompletions._scoring`).
     - ``dataset``: for a sweep run with ``results=dir`` (or loaded from such a directory), the
       directory of its Parquet dataset (see `nbcompletions.sweeps.dataset`); the frames and
@@ -109,6 +111,10 @@ class SweepResult:
             else:
                 self._frames = self._builder()
                 self._builder = None  # drop the raw responses once the frames hold them
+            flags = self.usage.get("conformance_flags")
+            if flags:  # checks the endpoint fails that these answers depend on
+                for frame in self._frames:
+                    frame.attrs["conformance_flags"] = list(flags)
         return self._frames
 
     @property

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,12 @@ WEIGHTS = ROOT / "nbcompletions" / "model" / "files" / "model.safetensors"
 # Tests never talk to a real provider: make sure a developer's key or base URL cannot leak in.
 for _var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
     os.environ.pop(_var, None)
+
+# Conformance reports measured by tests are kept in a directory of this run, never the user's cache
+# (a report from an earlier run would let a test skip the measuring it checks).
+_REPORTS = tempfile.mkdtemp(prefix="nbc-test-cache-")
+os.environ["NBCOMPLETIONS_CACHE_DIR"] = _REPORTS
+atexit.register(shutil.rmtree, _REPORTS, ignore_errors=True)
 
 
 # The everyday run leaves out the tests marked slow (notebooks, the browser, real kernels, the type

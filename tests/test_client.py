@@ -142,7 +142,7 @@ def test_limits_are_a_client_setting() -> None:
     script = Script(httpx.Response(200, json=completion_body()))
     with mock_client(script, limits=Limits.vllm()) as client:
         client.complete("x", logprobs=20)
-    assert json.loads(script.requests[0].content)["logprobs"] == 20
+    assert json.loads(script.requests[-1].content)["logprobs"] == 20
 
 
 def test_models_lists_ids() -> None:

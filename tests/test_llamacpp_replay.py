@@ -96,7 +96,7 @@ def test_the_replayed_check_reports_every_deviation() -> None:
     replay = Replay(recorded_check())
     with client(replay) as c:
         report = c.conformance()
-    assert report.requests == len(replay.sent) == 19
+    assert report.requests == len(replay.sent) == 23
     statuses = {name: report.status(name) for name in CHECKS}
     assert statuses == {
         "echo_alignment": "fails",
@@ -115,10 +115,25 @@ def test_the_replayed_check_reports_every_deviation() -> None:
         "text_offset": "ok",
         "byte_tokens": "fails",
         "suffix": "fails",
+        "penalty_window": "fails",
+        "sampler_order": "fails",
+        "end_of_text": "fails",
+        "echo_generated": "fails",
+        "context_length": "fails",
+        "stream_finish": "fails",
         "model_info": "unsupported",
     }
     assert report.profile.name == "llamacpp"
-    assert (report.context_length, report.vocab_size) == (None, 4096)
+    # No context in the card and max_tokens past it accepted: the model's trained positions.
+    assert (report.context_length, report.vocab_size) == (256, 4096)
+    assert report.evidence("context_length")["source"] == "model"
+    assert report.evidence("penalty_window")["window_tokens"] == 64
+    assert report.evidence("sampler_order")["order"] == "top_p_first"
+    eot = report.evidence("end_of_text")
+    assert (eot["in_logprobs"], eot["in_usage"]) == (False, False)
+    assert report.evidence("echo_generated")["missing_last"] is True
+    assert report.evidence("stream_finish")["finish_reason"] is None
+    assert report.evidence("byte_tokens")["empty_tokens"] is True
     echo = report.evidence("echo_alignment")
     assert (echo["kind"], echo["shift"]) == ("shifted", -1)
     assert echo["found"] == pytest.approx(echo["generated"], abs=0.02)
@@ -135,13 +150,21 @@ def test_the_replayed_check_reports_every_deviation() -> None:
     assert info.value.check == "echo_alignment"
 
 
-def test_score_and_an_n_sweep_are_refused_before_spending() -> None:
+def test_score_is_corrected_and_an_n_sweep_refused_before_spending() -> None:
+    from nbcompletions._governance import decide
+    from nbcompletions._request import CompletionRequest
+
     replay = Replay(recorded_check())
     with client(replay) as c:
-        c.conformance()
+        report = c.conformance()
         probes = len(replay.sent)
-        with pytest.raises(ConformanceError, match="shifted"):
-            c.score(["To be, or not to be"])
+        # A shifted echo is realigned from the whole distribution (tests/test_llamacpp_governance.py
+        # scores against the live peer): sent with logprobs = the vocabulary, max_tokens=1.
+        scoring = CompletionRequest(prompt="To be", echo=True, logprobs=1, max_tokens=0)
+        decision = decide(report, scoring, path="score")
+        assert decision.action == "correct"
+        assert decision.fixes == ("unshift_echo", "drop_generated")
+        assert (decision.request.logprobs, decision.request.max_tokens) == (4096, 1)
         with pytest.raises(ConformanceError, match="'n'"):
             sweep(c, "To be", n=[1, 2], max_tokens=2, progress=False)
         assert len(replay.sent) == probes
@@ -242,7 +265,8 @@ def test_frames_take_the_vocabulary_size_the_check_found() -> None:
     replay.answers[key("POST", "/v1/completions", recorded["request"])] = single("greedy_logprobs")
     with client(replay) as c:
         c.conformance()
-        completion = c.complete_request(
+        # As recorded (complete_request would add the detected profile's neutral fields).
+        completion = c.complete_as_is(
             c.build_request(recorded["request"]["prompt"], **_fields(recorded))
         )
     assert completion.tokens.attrs["vocab_size"] == 4096

@@ -140,3 +140,45 @@ def test_escaped_surrogates_parse_to_encodable_text() -> None:
     }
     for value in loads(b'["\\ud800", "\\u00e9"]'):
         value.encode("utf-8")
+
+
+def test_chat_shaped_byte_tokens_are_read_from_bytes() -> None:
+    """Issue 16 case 13: llama-server and llama-cpp-python send byte-level tokens as "" with a
+    ``bytes`` list; read from it they stay apart (and whole characters read as text)."""
+    from nbcompletions._frames import to_frames
+
+    def entry(raw: bytes, logprob: float) -> dict[str, Any]:
+        text = raw.decode("utf-8", "ignore")
+        return {"id": 1, "token": text, "bytes": list(raw), "logprob": logprob}
+
+    content = [
+        {
+            **entry(b"\xe2\x80", -0.5),
+            "top_logprobs": [entry(b"\xe2\x80", -0.5), entry(b"\xe2\x81", -1.5), entry(b"a", -2)],
+        },
+        {**entry("é".encode(), -0.1), "top_logprobs": [entry("é".encode(), -0.1)]},
+    ]
+    tokens, _, tops, _ = parse_logprobs({"content": content})
+    assert tokens == ["bytes:\\xe2\\x80", "é"]
+    assert top_items(tops[0]) == [("bytes:\\xe2\\x80", -0.5), ("bytes:\\xe2\\x81", -1.5), ("a", -2)]
+    body = {"choices": [{"index": 0, "text": "é", "logprobs": {"content": content}}]}
+    _, token_frame, alternatives = to_frames(body)
+    assert token_frame["token_display"].tolist() == ["<0xE2><0x80>", "é"]
+    assert token_frame["rank"].tolist() == [1, 1]
+    assert alternatives["chosen"].tolist() == [True, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "raw", [b"\xe2\x80", b"a\\\xe2", "é".encode(), b" x", b"\x00\x7f", bytes(range(256))]
+)
+def test_bytes_token_round_trips(raw: bytes) -> None:
+    from nbcompletions._parse import bytes_token, token_bytes
+
+    assert token_bytes(bytes_token(raw)) == raw
+
+
+def test_junk_bytes_fall_back_to_the_token() -> None:
+    tokens, _, _, _ = parse_logprobs(
+        {"content": [{"token": "x", "bytes": [300], "logprob": -1}, {"token": "y", "bytes": "z"}]}
+    )
+    assert tokens == ["x", "y"]

@@ -17,7 +17,7 @@ MODEL = "nbc-shakespeare"
 
 
 def test_the_four_profiles_and_their_limits() -> None:
-    assert sorted(PROFILES) == ["llamacpp", "nbcompletions", "openai", "vllm"]
+    assert sorted(PROFILES) == ["llama-server", "llamacpp", "nbcompletions", "openai", "vllm"]
     assert PROFILES["vllm"].limits == Limits.vllm()
     assert PROFILES["llamacpp"].limits == Limits.llamacpp()
     assert PROFILES["openai"].limits == Limits()
@@ -29,7 +29,9 @@ def test_the_four_profiles_and_their_limits() -> None:
 
 
 def test_an_unknown_profile_names_the_field_and_the_choices() -> None:
-    with pytest.raises(RequestError, match=r"profile must be one of 'llamacpp'.*got 'ollama'") as e:
+    with pytest.raises(
+        RequestError, match=r"profile must be one of 'llama-server', 'llamacpp'.*got 'ollama'"
+    ) as e:
         get_profile("ollama")
     assert e.value.param == "profile"
     with pytest.raises(RequestError, match="profile"):
@@ -75,6 +77,8 @@ async def test_a_client_with_a_profile_sends_its_neutral_fields(app: Any) -> Non
     real = StreamingASGITransport(app)
 
     async def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":  # GET /models: the model card, read once
+            return await real.handle_async_request(request)
         body = json.loads(request.content)
         bodies.append(dict(body))
         # llama.cpp takes these fields; our server, like OpenAI's, refuses unknown ones.
@@ -101,11 +105,23 @@ async def test_a_client_with_a_profile_sends_its_neutral_fields(app: Any) -> Non
     assert bodies[0]["temperature"] == 1.0
 
 
-async def test_frames_take_the_vocabulary_size_from_the_check(app: Any) -> None:
-    client = AsyncClient("http://other.test/v1", model=MODEL, transport=StreamingASGITransport(app))
+async def test_frames_take_the_vocabulary_size_from_the_model_card(app: Any) -> None:
+    """Issue 16 case 6: the first request with alternatives reads GET /models (once), so frames
+    use 4096 before any conformance check (they used GPT-2's 50257)."""
+    real = StreamingASGITransport(app)
+    paths: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(f"{request.method} {request.url.path}")
+        return await real.handle_async_request(request)
+
+    transport = httpx.MockTransport(handler)
+    client = AsyncClient("http://other.test/v1", model=MODEL, transport=transport)
     try:
         before = await client.complete("To be", max_tokens=2, logprobs=5)
-        assert before.tokens.attrs["vocab_size"] == 50257  # nothing known: GPT-2's
+        assert before.tokens.attrs["vocab_size"] == 4096
+        await client.complete("To be", max_tokens=2, logprobs=5, stream=True)
+        assert paths == ["GET /v1/models", "POST /v1/completions", "POST /v1/completions"]
         report = await client.conformance()
         assert report.vocab_size == 4096
         assert client.vocab_size == 4096
@@ -113,3 +129,37 @@ async def test_frames_take_the_vocabulary_size_from_the_check(app: Any) -> None:
         assert after.tokens.attrs["vocab_size"] == 4096
     finally:
         await client.close()
+
+
+def test_llama_server_is_its_own_profile_and_refuses_echo() -> None:
+    server, python = PROFILES["llama-server"], PROFILES["llamacpp"]
+    assert get_profile("llama-server") is server
+    assert server.neutral_fields == python.neutral_fields
+    assert server.max_tokens_zero == "max_tokens_1"
+    assert not server.validation_errors_as_500  # its refusals are 400s
+    # It ignores echo and returns only the generated tokens: refused before sending.
+    with pytest.raises(RequestError, match=r"echo is refused for profile 'llama-server'") as e:
+        server.neutralize(CompletionRequest(prompt="a", echo=True))
+    assert (e.value.param, e.value.value) == ("echo", True)
+    assert server.neutralize(CompletionRequest(prompt="a", echo=False)).extra == dict(
+        server.neutral_fields
+    )
+    assert python.neutralize(CompletionRequest(prompt="a", echo=True)).echo is True
+    assert any("best_of is ignored" in line for line in PROFILES["vllm"].differs)
+    assert PROFILES["vllm"].max_tokens_zero == "max_tokens_1"  # 0 is refused there
+
+
+def test_the_model_card_tells_the_two_llama_cpp_servers_apart() -> None:
+    from nbcompletions._conformance_checks import card_limits, detect_profile
+
+    # ggml's llama-server (tools/server get_res_model_info) and llama-cpp-python's server.
+    meta = {"n_vocab": 4096, "n_ctx": 256, "n_ctx_train": 256, "vocab_type": 2}
+    ggml = {"id": "nbc-shakespeare", "object": "model", "owned_by": "llamacpp", "meta": meta}
+    python = {"id": "nbc-shakespeare", "object": "model", "owned_by": "me", "permissions": []}
+    assert detect_profile(ggml, {}) == "llama-server"
+    assert detect_profile(python, {}) == "llamacpp"
+    assert card_limits(ggml) == (256, 4096)
+    # -np 4 -c 512: each slot has 128 positions, fewer than the model's 256.
+    assert card_limits({**ggml, "meta": {**meta, "n_ctx": 128}}) == (128, 4096)
+    assert card_limits(python) == (None, None)
+    assert card_limits({"id": "m", "owned_by": "vllm", "max_model_len": 256}) == (256, None)

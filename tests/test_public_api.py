@@ -22,6 +22,7 @@ EXPECTED = {
     "CompletionRequest",
     "Limits",
     "ConformanceError",
+    "ConformanceWarning",
     "ConformanceReport",
     "Grid",
     "NBCompletionsError",

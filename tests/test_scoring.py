@@ -232,5 +232,6 @@ def test_scoring_reads_logprobs_with_the_shared_parser() -> None:
     assert columns is not None
     # A null top logprob stays null (it was read as 0.0, "certain"); duplicates stay apart.
     assert columns.tops == [[("", -1.0), ("", -2.0), ("t0", None)]]
-    assert columns.tokens == [""]
+    # The chosen token is read from its bytes (issue 16 case 13): a partial character, not "".
+    assert columns.tokens == ["bytes:\\xe2"]
     assert columns.logprobs == [-1.0]

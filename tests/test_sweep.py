@@ -303,6 +303,8 @@ def test_failed_requests_become_error_rows_and_are_not_cached(app: Any, tmp_path
     attempts: dict[str, int] = {}
 
     async def faults(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":  # GET /models: the model card, read once
+            return await real.handle_async_request(request)
         body = json.loads(request.content)
         prompt = body.get("prompt")
         attempts[prompt] = attempts.get(prompt, 0) + 1

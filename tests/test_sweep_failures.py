@@ -107,7 +107,7 @@ def test_some_failures_warn_with_the_count_and_the_commonest_error(app: Any) -> 
     real = StreamingASGITransport(app)
 
     async def faults(request: httpx.Request) -> httpx.Response:
-        if json.loads(request.content).get("prompt") == "FAIL":
+        if request.content and json.loads(request.content).get("prompt") == "FAIL":
             return httpx.Response(500, json={"error": {"message": "fire", "type": "server_error"}})
         return await real.handle_async_request(request)
 

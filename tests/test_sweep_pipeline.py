@@ -42,7 +42,7 @@ def test_a_200_without_usable_choices_is_an_error_row_not_ok(
     real = StreamingASGITransport(app)
 
     async def faulty(request: httpx.Request) -> httpx.Response:
-        if json.loads(request.content).get("prompt") == "My lord,":
+        if request.content and json.loads(request.content).get("prompt") == "My lord,":
             return httpx.Response(200, json=body)
         return await real.handle_async_request(request)
 

@@ -102,7 +102,7 @@ def test_failed_requests_stream_as_error_rows(app: Any, tmp_path: Path) -> None:
     real = StreamingASGITransport(app)
 
     async def faults(request: httpx.Request) -> httpx.Response:
-        if json.loads(request.content).get("prompt") == "My lord,":
+        if request.content and json.loads(request.content).get("prompt") == "My lord,":
             return httpx.Response(500, json={"error": {"message": "fire", "type": "server_error"}})
         return await real.handle_async_request(request)
 

@@ -825,3 +825,67 @@ def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(RequestError, match="completion, chat") as caught:
         Playground(client, mode="responses")
     assert caught.value.param == "mode"
+
+
+# -- SweepBuilder in chat mode (issue 17) ---------------------------------------------------------
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Who art thou?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What news?\nSpeak."},
+    ],
+]
+
+
+def test_conversations_text_round_trips_and_names_a_bad_block() -> None:
+    from nbcompletions.widgets import conversations_text, parse_conversations
+
+    text = conversations_text(CONVERSATIONS)
+    assert text == "user: Who art thou?\n---\nsystem: Be brief.\nuser: What news?\nSpeak."
+    assert parse_conversations(text) == CONVERSATIONS
+    assert parse_conversations(" \n---\n") == []
+    with pytest.raises(RequestError, match=r"conversation 2 must start with a 'role: content'"):
+        parse_conversations("user: hi\n---\nking: kneel")
+
+
+def test_builder_in_chat_mode_counts_runs_and_plots_conversations(embedded_client: Any) -> None:
+    from nbcompletions._grid import estimate_tokens, expand_grid
+    from nbcompletions.widgets import SweepBuilder
+
+    builder = SweepBuilder(
+        embedded_client,
+        messages=CONVERSATIONS,
+        max_tokens=3,
+        repeats=2,
+        axes={"temperature": "0.5, 1.5"},
+    )
+    settings = builder.settings
+    assert settings.kwargs["messages"] == CONVERSATIONS
+    assert settings.kwargs["max_completion_tokens"] == 3
+    assert (settings.kwargs["logprobs"], settings.kwargs["top_logprobs"]) == (True, 1)
+    assert settings.n_requests == 2 * 2 * 2
+    grid = expand_grid(
+        embedded_client,
+        messages=CONVERSATIONS,
+        repeats=2,
+        temperature=[0.5, 1.5],
+        max_completion_tokens=3,
+        logprobs=True,
+        top_logprobs=1,
+        model="nbc-shakespeare",
+    )
+    assert grid.api == "chat"
+    assert (settings.token_estimate, settings.estimate_method) == estimate_tokens(
+        [p.request for p in grid.points], model="nbc-shakespeare"
+    )
+    assert "<b>8</b> requests = 2 conversations" in builder.summary.value
+    result = builder.run()
+    assert result is not None, builder.error.value
+    assert set(result.choices["api"]) == {"chat"}
+    assert len(builder.plot.outputs) == 1
+    # A box that is no conversation is shown as an error naming messages; nothing runs.
+    builder.prompts.value = "Who art thou?"
+    assert "messages" in builder.error.value
+    assert builder.summary.value == ""
+    assert builder.run() is None

@@ -36,8 +36,10 @@ __all__ = [
     "Engine",
     "chat_messages",
     "count_tokens",
+    "end_of_text_id",
     "load_engine",
     "render_chat",
+    "trained_positions",
     "vocab_size",
     "weights_fingerprint",
 ]
@@ -117,14 +119,49 @@ def vocab_size(model_id: str | None) -> int | None:
     return _config_vocab_size(str(FILES_DIR / "config.json"))
 
 
+def trained_positions(model_id: str | None) -> int | None:
+    """The embedded model's trained context (config.json ``n_positions``); None for any other
+    model id. A server that runs it past these positions reads outside its position table
+    (llama.cpp asserts and exits)."""
+    if model_id != MODEL_ID:
+        return None
+    return _config_field(str(FILES_DIR / "config.json"), "n_positions")
+
+
+def end_of_text_id(model_id: str | None) -> int | None:
+    """The embedded tokenizer's ``<|endoftext|>`` token id; None for any other model id."""
+    if model_id != MODEL_ID:
+        return None
+    return _special_token_id(str(FILES_DIR / "tokenizer.json"), "<|endoftext|>")
+
+
 @functools.lru_cache(maxsize=2)
 def _config_vocab_size(path: str) -> int | None:
+    return _config_field(path, "vocab_size")
+
+
+@functools.lru_cache(maxsize=4)
+def _config_field(path: str, field: str) -> int | None:
     try:
         with open(path, encoding="utf-8") as handle:
-            value = json.load(handle).get("vocab_size")
+            value = json.load(handle).get(field)
     except (OSError, ValueError):
         return None
     return positive_int(value)
+
+
+@functools.lru_cache(maxsize=2)
+def _special_token_id(path: str, content: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            added = json.load(handle).get("added_tokens")
+    except (OSError, ValueError):
+        return None
+    for token in added if isinstance(added, list) else []:
+        if isinstance(token, dict) and token.get("content") == content:
+            found = token.get("id")
+            return found if isinstance(found, int) and found >= 0 else None
+    return None
 
 
 @functools.lru_cache(maxsize=4)

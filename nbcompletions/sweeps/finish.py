@@ -42,6 +42,8 @@ def finish(
     }
     if plan.shard is not None:
         usage["shard"] = list(plan.shard)
+    if tally.flags:
+        usage["conformance_flags"] = sorted(tally.flags)
     return sink.result(usage, capabilities)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._chat import ChatRequest
 from .._grid import ID_COLUMNS, TAIL_COLUMNS, Grid, GridPoint
 from .._parse import choice_index
 from .outcome import TOKEN_FIELDS, Outcome
@@ -110,10 +111,25 @@ def requests_frame(
     return tidy_strings(frame)
 
 
+def _converter(api: str, max_tokens: int | None, logprobs: int | None) -> Any:
+    """The frames of one merged response: `to_frames` for completions, `chat_frames` (with the
+    chat columns) for chat, where ``logprobs`` is the group's ``top_logprobs``."""
+    from .._frames import to_frames
+
+    if api == "chat":
+        from types import SimpleNamespace
+
+        from .._chat_frames import chat_frames
+
+        merged = SimpleNamespace(n=1, top_logprobs=logprobs, api=api)
+        return lambda body, vocab_size: chat_frames(body, merged, vocab_size=vocab_size)
+    info = {"n": 1, "echo": False, "max_tokens": max_tokens, "logprobs": logprobs}
+    return lambda body, vocab_size: to_frames(body, info, vocab_size=vocab_size)
+
+
 def _merged_frames(
     members: list[tuple[int, GridPoint, dict[str, Any]]],  # (position in the frame, point, raw)
-    max_tokens: int | None,
-    logprobs: int | None,
+    convert: Any,  # `_converter`'s function
     vocab_size: int | None,
 ) -> list[tuple[pd.DataFrame, Any]]:
     """Frames of many echo-free responses from one `to_frames` call.
@@ -122,12 +138,10 @@ def _merged_frames(
     stacking their choices into one response (re-indexed 0, 1, 2 ...) and mapping the indices back
     afterwards gives the same rows at a fraction of the cost. Only responses whose request did not
     echo are merged: for them nothing depends on the prompt, and ``max_tokens`` and ``logprobs``
-    are shared by the group.
+    are shared by the group (chat responses are merged the same way, by their ``top_logprobs``).
     """
     import numpy as np
     import pandas as pd
-
-    from .._frames import to_frames
 
     merged: list[dict[str, Any]] = []
     owner: list[int] = []
@@ -142,11 +156,7 @@ def _merged_frames(
             merged.append({**choice, "index": len(merged)})
             owner.append(slot)
             width.append(point.request.effective_n)
-    frames = to_frames(
-        {"choices": merged},
-        {"n": 1, "echo": False, "max_tokens": max_tokens, "logprobs": logprobs},
-        vocab_size=vocab_size,
-    )
+    frames = convert({"choices": merged}, vocab_size)
     owners = np.asarray(owner, dtype=np.int64)
     originals = np.asarray(original, dtype=np.int64)
     widths = np.asarray(width, dtype=np.int64)
@@ -175,7 +185,7 @@ def build_frames(
 
     from .._frames import to_frames
 
-    templates = to_frames({"choices": []}, {"n": 1})
+    templates = _converter(grid.api, None, None)({"choices": []}, None)
     pieces: list[list[tuple[pd.DataFrame, Any]]] = [[], [], []]
     groups: dict[tuple[Any, Any], list[tuple[int, GridPoint, dict[str, Any]]]] = {}
     for position, (point, outcome) in enumerate(zip(points, outcomes, strict=True)):
@@ -189,9 +199,16 @@ def build_frames(
                     "index": np.arange(n, dtype=np.int64),
                     "prompt_index": pd.array(np.zeros(n, np.int64), dtype="Int64"),
                     "choice": pd.array(np.arange(n), dtype="Int64"),
+                    **(
+                        {"api": np.full(n, grid.api, dtype=object)}
+                        if grid.api != "completions"
+                        else {}
+                    ),
                 }
             )
             pieces[0].append((failed, np.full(n, position, dtype=np.int64)))
+        elif isinstance(request, ChatRequest):
+            groups.setdefault((None, request.top_logprobs), []).append((position, point, raw))
         elif request.echo:
             # Echoed prompts need the request's own prompt to split prompt from completion.
             for i, frame in enumerate(to_frames(raw, request, vocab_size=vocab_size)):
@@ -201,7 +218,8 @@ def build_frames(
                 (position, point, raw)
             )
     for (max_tokens, logprobs), members in groups.items():
-        for i, piece in enumerate(_merged_frames(members, max_tokens, logprobs, vocab_size)):
+        convert = _converter(grid.api, max_tokens, logprobs)
+        for i, piece in enumerate(_merged_frames(members, convert, vocab_size)):
             pieces[i].append(piece)
 
     per_request = requests[[*ID_COLUMNS, *grid.columns, *TAIL_COLUMNS]]

@@ -9,7 +9,7 @@ and never a float or a string.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .._errors import APIError
@@ -124,6 +124,8 @@ class Tally:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    #: Checks of the endpoint's report that answers were flagged with (`nbcompletions._governance`).
+    flags: set[str] = field(default_factory=set)
 
     def spend(self, response: Mapping[str, Any]) -> None:
         """Add a response's usage to the tokens spent."""

@@ -18,8 +18,8 @@ from typing import Any
 from .._cache import Cache
 from .._checks import is_int, is_number
 from .._errors import BudgetError, ConformanceError, RequestError
-from .._grid import Grid, GridPoint, estimate_tokens, expand_grid
-from .._request import check_optional_count
+from .._grid import Grid, GridPoint, completion_budget, estimate_tokens, expand_grid
+from .._request import CompletionRequest, check_optional_count
 from .._secrets import redact_exception_text, secrets_of
 from .._types import AsyncCompletionsClient
 
@@ -166,6 +166,35 @@ def _open_cache(cache: Any) -> tuple[Cache | None, bool]:
     )
 
 
+def _check_chat_client(client: AsyncCompletionsClient, grid: Grid) -> None:
+    if grid.api == "chat" and not callable(getattr(client, "chat_request", None)):
+        raise RequestError(
+            "messages",
+            f"a chat sweep (messages=) needs a client that sends chat requests (chat_request); "
+            f"{type(client).__name__} has none",
+            allowed="an nbcompletions Client or AsyncClient",
+            value=type(client).__name__,
+        )
+
+
+def _check_chat_budget(plan: Plan, budget: Any) -> None:
+    """A budget needs a bound on every chat request's completion: a chat request without
+    max_completion_tokens (or max_tokens) may fill the model's context."""
+    if budget is None or plan.grid.api != "chat":
+        return
+    for chunk in plan.originals():
+        for point in chunk:
+            if completion_budget(point.request) is None:
+                raise RequestError(
+                    "max_completion_tokens",
+                    "budget= needs max_completion_tokens (or max_tokens) on every chat request: "
+                    "without one a chat completion may run to the end of the model's context, "
+                    "so no estimate bounds it",
+                    allowed="an integer >= 0 with budget=",
+                    value=None,
+                )
+
+
 def plan_sweep(
     client: AsyncCompletionsClient,
     prompt: Any,
@@ -187,6 +216,7 @@ def plan_sweep(
     directory = _check_results(results)
     chosen = check_shard(shard)
     grid = expand_grid(client, prompt, repeats=repeats, **fields)
+    _check_chat_client(client, grid)
     points = grid.points
     members: Sequence[int] = range(len(points))
     if chosen is not None:
@@ -195,12 +225,13 @@ def plan_sweep(
     store, owns = _open_cache(cache)
     plan = Plan(grid, store, owns, members, 0, 0, "", directory, chosen)
     try:
+        _check_chat_budget(plan, budget)
         _count_pending(plan)
         if budget is not None and plan.estimate > budget:
             raise BudgetError(
                 f"this sweep can use up to ~{plan.estimate:,} tokens ({plan.n_pending} requests "
                 f"to send; prompt tokens counted by {plan.estimate_method}, completions as "
-                f"max_tokens x max(n, best_of)), more than budget={budget:,}; lower max_tokens, "
+                f"{_completion_part(plan.grid)}), more than budget={budget:,}; lower max_tokens, "
                 "repeats or the grid, or raise the budget",
                 estimate=plan.estimate,
                 budget=int(budget),
@@ -209,6 +240,12 @@ def plan_sweep(
         plan.close_cache()
         raise
     return plan
+
+
+def _completion_part(grid: Grid) -> str:
+    if grid.api == "chat":
+        return "max_completion_tokens x n"
+    return "max_tokens x max(n, best_of)"
 
 
 def _count_pending(plan: Plan) -> None:
@@ -229,7 +266,7 @@ def _count_pending(plan: Plan) -> None:
 async def check_endpoint(aclient: AsyncCompletionsClient, plan: Plan) -> dict[str, Any] | None:
     """The endpoint's report (`probe_endpoint`), applied: `refuse_ignored`."""
     capabilities = await probe_endpoint(aclient, plan.grid, plan.cache)
-    refuse_ignored(capabilities, plan.grid)
+    refuse_ignored(capabilities, plan.grid, path="sweep-live")
     return capabilities
 
 
@@ -254,12 +291,35 @@ async def probe_endpoint(
     return known
 
 
-def refuse_ignored(capabilities: Mapping[str, Any] | None, grid: Grid) -> None:
-    """Raise `ConformanceError` when the grid asks for what ``capabilities`` says is ignored."""
+def refuse_ignored(
+    capabilities: Mapping[str, Any] | None, grid: Grid, *, path: str = "sweep-batch"
+) -> None:
+    """Raise `ConformanceError` when the grid asks for what ``capabilities`` says is ignored, or
+    what the report refuses for any of its requests (`nbcompletions._governance.decide`).
+    The report measures ``/v1/completions``: a chat grid is not judged by it.
+
+    A live sweep (``path="sweep-live"``) sends each request as the report decides, with the
+    detected profile's neutral sampling fields; a Batch sweep's requests go as they are."""
+    if grid.api != "completions":
+        return
     from .._conformance import ConformanceReport, check_sweep
+    from .._governance import decide
 
     report = ConformanceReport.from_dict(capabilities) if capabilities else None
-    problems = check_sweep(report, [p.request for p in grid.points]) if report else []
+    if report is None:
+        return
+    requests = [p.request for p in grid.points if isinstance(p.request, CompletionRequest)]
+    problems = check_sweep(report, requests, corrects_sampling=path == "sweep-live")
+    refused: dict[str, tuple[int, str]] = {}
+    for request in requests:
+        error = decide(report, request, path=path).error
+        # Past the context is one request's fault: a live sweep's error row, sent nowhere.
+        if error is None or error.check == "context_length":
+            continue
+        if not any(f"{error.check!r}" in p for p in problems):
+            count, message = refused.get(str(error.check), (0, str(error)))
+            refused[str(error.check)] = (count + 1, message)
+    problems += [f"{count} request(s): {message}" for count, message in refused.values()]
     if problems:
         raise ConformanceError(
             "this sweep asks for what the endpoint was measured not to do, so its results would "

@@ -21,8 +21,11 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .._cache import Cache
+from .._chat import ChatRequest
 from .._errors import SweepError
 from .._grid import GridPoint
+from .._model_card import needs_limits
+from .._request import CompletionRequest
 from .._secrets import secrets_of
 from .._sweep_result import SweepResult
 from .._types import AsyncCompletionsClient
@@ -127,6 +130,19 @@ class FailureWatch:
         return error
 
 
+async def read_model_card(aclient: AsyncCompletionsClient, plan: Plan) -> None:
+    """The model card's vocabulary size for the frames' entropy bounds, read before anything is
+    sent (a sweep answered from the cache alone sends nothing, and its frames must be the same)."""
+    reader = getattr(aclient, "model_card_limits", None)
+    if reader is not None and any(
+        needs_limits(
+            request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
+        )
+        for request in plan.grid.points.distinct_requests()
+    ):
+        await reader(plan.grid.model)
+
+
 class LiveSender:
     """Sends a plan's requests live, ``max_concurrency`` at a time (default: the client's limit).
 
@@ -155,8 +171,9 @@ class LiveSender:
         commits = CacheCommits(plan.cache) if plan.cache is not None else None
         try:
             capabilities = await check_endpoint(self.aclient, plan) if probe else None
+            await read_model_card(self.aclient, plan)
             sink = open_sink(plan, lambda: client_vocab_size(self.aclient))
-            await _LiveRun(self, plan, sink, bar, commits).send_all()
+            await _LiveRun(self, plan, sink, bar, commits, governed=probe).send_all()
             if isinstance(sink, DatasetSink):
                 await sink.own_directory()
         except BaseException:
@@ -184,12 +201,17 @@ class _LiveRun:
         sink: MemorySink | DatasetSink,
         bar: Any,
         commits: CacheCommits | None,
+        *,
+        governed: bool = True,
     ) -> None:
         self.sender, self.plan, self.sink, self.bar, self.commits = sender, plan, sink, bar, commits
+        # probe=False sends every request as it is; else the report decides each one.
+        self.governed = governed
         self.source = PendingSource(plan, sink.finished)
         self.watch = FailureWatch(sender.fail_fast)
         self.failures = failure_types()
         self.secrets = secrets_of(sender.aclient)
+        self.chat_request: Any = getattr(sender.aclient, "chat_request", None)
 
     async def send_all(self) -> None:
         source = self.source
@@ -239,12 +261,26 @@ class _LiveRun:
         while (point := self.source.next()) is not None:
             await self.send(point)
 
+    async def send_request(self, request: CompletionRequest | ChatRequest) -> Any:
+        """Send one request to its API (`ChatRequest` to chat_request: `plan_sweep` checked that
+        the client has it)."""
+        if isinstance(request, ChatRequest):
+            return await self.chat_request(request)
+        return await self.sender.aclient.complete_request(request)
+
     async def send(self, point: GridPoint) -> None:
         tally = self.sender.tally
         tally.sent += 1
         started = time.perf_counter()
         try:
-            completion = await self.sender.aclient.complete_request(point.request)
+            aclient = self.sender.aclient
+            if isinstance(point.request, ChatRequest):
+                completion = await self.chat_request(point.request)
+            elif self.governed:
+                completion = await aclient.complete_request(point.request, path="sweep-live")
+                tally.flags.update(getattr(completion, "flags", ()))
+            else:
+                completion = await aclient.complete_as_is(point.request)
             raw = usable_response(completion.raw)
         except self.failures as exc:
             outcome = Outcome(

@@ -29,7 +29,7 @@ from ._controls import (
 )
 from ._display import FRAME_ROWS
 from ._playground import MAX_HIGHLIGHTED, Playground
-from ._sweep_builder import SweepBuilder, SweepSettings
+from ._sweep_builder import SweepBuilder, SweepSettings, conversations_text, parse_conversations
 
 __all__ = [
     "FRAME_ROWS",
@@ -40,7 +40,9 @@ __all__ = [
     "Playground",
     "SweepBuilder",
     "SweepSettings",
+    "conversations_text",
     "join_prompts",
+    "parse_conversations",
     "parse_logit_bias",
     "parse_stop",
     "parse_values",

@@ -448,9 +448,9 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         if not request.stream:
             if isinstance(request, ChatRequest):
                 return self._client.chat_request(request)
-            return self._client.complete_request(request)
+            return self._client.complete_request(request, path="widget")
         texts: dict[int, str] = {}
-        with self._client.stream_request(request) as stream:
+        with self._client.stream_request(request, path="widget") as stream:
             for chunk in stream:
                 if chunk.text:
                     texts[chunk.index] = texts.get(chunk.index, "") + chunk.text

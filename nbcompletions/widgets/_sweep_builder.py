@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
+from .._chat import CHAT_ROLES
 from .._errors import RequestError
 from .._request import Limits
 from .._secrets import secrets_of
@@ -55,6 +57,67 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+_ROLE_LINE = re.compile(rf"^({'|'.join(CHAT_ROLES)}):[ \t]?(.*)$")
+_CONVERSATION_ALLOWED = (
+    f"'role: content' lines (roles {', '.join(CHAT_ROLES)}), conversations separated by a line "
+    f"holding only {PROMPT_SEPARATOR}"
+)
+
+
+def parse_conversations(text: str) -> list[list[dict[str, str]]]:
+    """The conversations in a SweepBuilder's box (chat mode): blocks cut at ``---`` lines (as
+    `split_prompts` cuts prompts), each a run of ``role: content`` lines; a line that starts with
+    no role continues the message above it (``"user: To be\nor not"`` is one message).
+    A block whose first line names no role is a `RequestError` naming ``messages``."""
+    conversations = []
+    for number, block in enumerate(split_prompts(text), start=1):
+        messages: list[dict[str, str]] = []
+        for line in block.strip("\n").split("\n"):
+            match = _ROLE_LINE.match(line)
+            if match is not None:
+                messages.append({"role": match[1], "content": match[2]})
+            elif messages:
+                messages[-1]["content"] += "\n" + line
+            else:
+                raise RequestError(
+                    "messages",
+                    f"conversation {number} must start with a 'role: content' line "
+                    f"(roles {', '.join(CHAT_ROLES)}); got {line!r}",
+                    allowed=_CONVERSATION_ALLOWED,
+                    value=block,
+                )
+        conversations.append(messages)
+    return conversations
+
+
+def conversations_text(conversations: Sequence[Sequence[Mapping[str, Any]]]) -> str:
+    """The box text for ``conversations`` (string contents); `parse_conversations` reads it."""
+    blocks = []
+    for number, conversation in enumerate(conversations):
+        lines = []
+        for message in conversation:
+            content = message.get("content")
+            if not isinstance(content, str):
+                raise TypeError(
+                    f"conversation {number} has a {message.get('role')!r} message whose content "
+                    f"is not a string ({type(content).__name__}); the box holds text only"
+                )
+            lines.append(f"{message.get('role')}: {content}")
+        blocks.append("\n".join(lines))
+    return f"\n{PROMPT_SEPARATOR}\n".join(blocks)
+
+
+def _as_conversations(messages: Any) -> list[Any]:
+    """One conversation (a list of message dicts) or a list of them, as a list of them."""
+    if (
+        isinstance(messages, Sequence)
+        and messages
+        and all(isinstance(m, Mapping) for m in messages)
+    ):
+        return [messages]
+    return list(messages)
+
+
 class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidgets: untyped
     """Choose the axes of a sweep, see its request count and token estimate, run it, see the plot.
 
@@ -67,6 +130,12 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
     only ``---`` separates prompts (`split_prompts` says exactly how), and the summary lists the
     prompts it will send, whitespace made visible. `settings` is what the controls describe; `run`
     runs it through `nbcompletions.sweep` with a progress bar; `result` is the last `SweepResult`.
+
+    Chat: ``SweepBuilder(client, messages=[conversation, ...])`` sweeps conversations (lists of
+    ``{"role", "content"}`` dicts) through ``/v1/chat/completions`` instead. The box then holds
+    them as ``role: content`` lines, conversations separated by a ``---`` line
+    (`parse_conversations`); max_tokens is sent as ``max_completion_tokens`` and logprobs as
+    ``logprobs=True`` with ``top_logprobs``.
     """
 
     N_AXES = 3
@@ -79,13 +148,23 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         axes: Mapping[str, str] | None = None,
         repeats: int = 3,
         max_tokens: int = 16,
+        messages: Any = None,
         **kwargs: Any,
     ) -> None:
         self._client = default_client(client)
         self.result: SweepResult | None = None
         self.last_error: BaseException | None = None
+        #: Chat mode: the box holds conversations, the sweep goes to /v1/chat/completions.
+        self.chat = messages is not None
         models, models_error = model_options(self._client)
-        self._make_controls(prompt, max_tokens, repeats, models)
+        self._make_controls("" if self.chat else prompt, max_tokens, repeats, models)
+        if self.chat:
+            self.prompts.value = conversations_text(_as_conversations(messages))
+            self.prompts.placeholder = (
+                "user: a message (system: and assistant: lines too); a line holding only "
+                f"{PROMPT_SEPARATOR} starts another conversation"
+            )
+            self.max_tokens.description = "max_completion_tokens"
         self._make_axes(axes)
         self._make_outputs()
         super().__init__(children=self._arranged(), **kwargs)
@@ -226,15 +305,7 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         """The sweep the controls describe; raises `RequestError` naming a field that is wrong."""
         from .._grid import estimate_tokens, expand_grid
 
-        prompts = split_prompts(self.prompts.value)
-        if not prompts:
-            raise RequestError(
-                "prompt",
-                f"give at least one prompt (several: separated by a line holding only "
-                f"{PROMPT_SEPARATOR}); got none",
-                allowed="one or more prompts",
-                value=self.prompts.value,
-            )
+        main, value = self._prompt_value()
         axes: dict[str, list[Any]] = {}
         for field_box, values_box in zip(self.axis_fields, self.axis_values, strict=True):
             if not field_box.value:
@@ -247,21 +318,15 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
                     value=field_box.value,
                 )
             axes[field_box.value] = parse_values(field_box.value, values_box.value)
-        fields: dict[str, Any] = {
-            "model": self.model.value or None,
-            "max_tokens": self.max_tokens.value,
-            "logprobs": self.logprobs.value,
-        }
-        fields = {k: v for k, v in fields.items() if v is not None and k not in axes}
+        fields = {k: v for k, v in self._shared_fields().items() if v is not None and k not in axes}
         for name, values in axes.items():
             # A list of strings is ONE stop setting to the API; one list per value makes an axis.
             fields[name] = [[v] for v in values] if name == "stop" else values
-        prompt: Any = prompts if len(prompts) > 1 else prompts[0]
-        grid = expand_grid(self._client, prompt, repeats=self.repeats.value, **fields)
+        kwargs: dict[str, Any] = {main: value, "repeats": self.repeats.value, **fields}
+        grid = expand_grid(self._client, **kwargs)
         estimate, method = estimate_tokens(
             [point.request for point in grid.points], model=self.model.value or grid.model
         )
-        kwargs: dict[str, Any] = {"prompt": prompt, "repeats": self.repeats.value, **fields}
         if self.cache.value.strip():
             kwargs["cache"] = self.cache.value.strip()
         return SweepSettings(
@@ -271,6 +336,53 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
             token_estimate=estimate,
             estimate_method=method,
         )
+
+    def _prompt_value(self) -> tuple[str, Any]:
+        """("prompt", the prompt or prompts) or, in chat mode, ("messages", the conversations)."""
+        if self.chat:
+            conversations = parse_conversations(self.prompts.value)
+            if not conversations:
+                raise RequestError(
+                    "messages",
+                    "give at least one conversation ('role: content' lines; several: separated "
+                    f"by a line holding only {PROMPT_SEPARATOR}); got none",
+                    allowed=_CONVERSATION_ALLOWED,
+                    value=self.prompts.value,
+                )
+            return "messages", conversations
+        prompts = split_prompts(self.prompts.value)
+        if not prompts:
+            raise RequestError(
+                "prompt",
+                f"give at least one prompt (several: separated by a line holding only "
+                f"{PROMPT_SEPARATOR}); got none",
+                allowed="one or more prompts",
+                value=self.prompts.value,
+            )
+        return "prompt", prompts if len(prompts) > 1 else prompts[0]
+
+    def _shared_fields(self) -> dict[str, Any]:
+        """The fields every request shares, under the names of the API the mode sends to."""
+        if self.chat:
+            top = self.logprobs.value
+            return {
+                "model": self.model.value or None,
+                "max_completion_tokens": self.max_tokens.value,
+                "logprobs": True if top is not None else None,
+                "top_logprobs": top,
+            }
+        return {
+            "model": self.model.value or None,
+            "max_tokens": self.max_tokens.value,
+            "logprobs": self.logprobs.value,
+        }
+
+    def _shown_prompts(self, settings: SweepSettings) -> list[str]:
+        """What the summary lists: the prompts, or each conversation's last message."""
+        if self.chat:
+            return [c[-1]["content"] for c in settings.kwargs["messages"]]
+        prompts = settings.kwargs["prompt"]
+        return prompts if isinstance(prompts, list) else [prompts]
 
     def _on_change(self, change: Any) -> None:
         try:
@@ -283,19 +395,19 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
         self.error.value = ""
         self.last_error = None
         axes = " × ".join(f"{name} ({len(values)})" for name, values in settings.axes.items())
-        prompts = settings.kwargs["prompt"]
-        prompts = prompts if isinstance(prompts, list) else [prompts]
+        prompts = self._shown_prompts(settings)
         n_prompts = len(prompts)
+        noun = "conversation" if self.chat else "prompt"
         shown = " · ".join(
             f"<code>{html.escape(_short(visible_token(p) or ''))}</code>" for p in prompts[:6]
         ) + (f" … and {n_prompts - 6} more" if n_prompts > 6 else "")
         self.summary.value = (
             f"<b>{settings.n_requests:,}</b> requests = "
-            f"{n_prompts} prompt{'' if n_prompts == 1 else 's'}"
+            f"{n_prompts} {noun}{'' if n_prompts == 1 else 's'}"
             f"{' × ' + html.escape(axes) if axes else ''} × {settings.kwargs['repeats']} repeats; "
             f"at most about <b>{settings.token_estimate:,}</b> tokens "
             f"<small>(prompts counted by {html.escape(settings.estimate_method)})</small>"
-            f"<br><small>prompt{'' if n_prompts == 1 else 's'}: {shown}</small>"
+            f"<br><small>{noun}{'' if n_prompts == 1 else 's'}: {shown}</small>"
         )
 
     def _show_error(self, exc: BaseException) -> None:
@@ -368,13 +480,16 @@ class SweepBuilder(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywid
             return
         axes = [name for name in (box.value for box in self.axis_fields) if name]
         choices = per_choice(self.result.choices, self.result.tokens)
-        several_prompts = "prompt" in choices.columns and choices["prompt"].nunique(dropna=True) > 1
+        # A chat sweep's conversations are told apart by their index (the messages column holds
+        # whole conversations as JSON: too long for a legend).
+        main = "prompt_id" if self.chat else "prompt"
+        several_prompts = main in choices.columns and choices[main].nunique(dropna=True) > 1
         kwargs: dict[str, Any] = {"y": self.y.value}
         if axes:
             kwargs["x"] = axes[0]
-            rest = axes[1:] + (["prompt"] if several_prompts else [])
+            rest = axes[1:] + ([main] if several_prompts else [])
         else:
-            kwargs["x"] = "prompt"
+            kwargs["x"] = main
             rest = []
         if rest:
             kwargs["color"] = rest[0]

@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ SERVER = "llama-cpp-python 0.3.36"
 
 
 class RecordingTransport(httpx.AsyncHTTPTransport):
-    """The real transport; keeps each request body and the whole response text."""
+    """The real transport; keeps each request body and the whole response text.
+
+    The response passes through as it arrives (a stream is not read ahead), so the probes see
+    the server's timing: the stream_finish probe sends a request while a stream is open, and
+    llama-cpp-python cuts that stream, which the recording then holds.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -37,23 +43,38 @@ class RecordingTransport(httpx.AsyncHTTPTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         response = await super().handle_async_request(request)
-        # Read it all here: the peer runs with --n_ctx 256, so even max_tokens=0 ends.
-        content = await response.aread()
-        self.exchanges.append(
-            {
-                "method": request.method,
-                "path": request.url.path,
-                "request": json.loads(request.content) if request.content else None,
-                "status": response.status_code,
-                "content_type": response.headers.get("content-type", ""),
-                "body": content.decode("utf-8"),
-            }
-        )
+        exchange = {
+            "method": request.method,
+            "path": request.url.path,
+            "request": json.loads(request.content) if request.content else None,
+            "status": response.status_code,
+            "content_type": response.headers.get("content-type", ""),
+            "body": "",
+        }
+        self.exchanges.append(exchange)
         return httpx.Response(
             response.status_code,
             headers={"content-type": response.headers.get("content-type", "")},
-            content=content,
+            stream=_Passing(response, exchange),
         )
+
+
+class _Passing(httpx.AsyncByteStream):
+    """A response's bytes, handed on as they come and kept in ``exchange["body"]``."""
+
+    def __init__(self, response: httpx.Response, exchange: dict[str, Any]) -> None:
+        self.response = response
+        self.exchange = exchange
+        self.parts: list[bytes] = []
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.response.aiter_raw():
+            self.parts.append(chunk)
+            self.exchange["body"] = b"".join(self.parts).decode("utf-8", "replace")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
 
 
 def record(base_url: str, model: str, out: Path) -> int:
