@@ -34,8 +34,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._chat import check_messages
-from ._conformance import aconformance, score_max_tokens
 from ._errors import APIError, ConformanceError, RequestError
+from ._governance import acorrect_raw, ameasure, decide
 from ._request import CompletionRequest, Limits
 from ._scoring import echo_columns, fill_offsets
 from ._types import AsyncCompletionsClient, HasAsyncClient, as_async
@@ -382,19 +382,24 @@ def _char_span(full: str, empty: str, reply: str) -> tuple[int, int]:
 async def _echo_tokens(
     aclient: AsyncCompletionsClient, prompt: str
 ) -> tuple[list[str], list[float | None], list[int]]:
-    max_tokens = score_max_tokens(await aconformance(aclient))
     request = CompletionRequest(
         prompt=prompt,
         echo=True,
         logprobs=1,
-        max_tokens=max_tokens,
+        max_tokens=0,
         temperature=1.0,  # neutral, as for prompt_logprobs: some servers' logprobs follow it
         top_p=1.0,
         model=aclient.model,
         limits=Limits(max_logprobs=None),
     )
-    completion = await aclient.complete_request(request)
-    columns = echo_columns(completion.raw)
+    # As score() does: the conformance report decides what is sent (max_tokens=1 where 0 is not
+    # honoured), refuses what cannot be right, and corrects the answer (a shifted echo realigned).
+    report = None if getattr(aclient, "verify", None) is False else await ameasure(aclient)
+    decision = decide(report, request, path="score")
+    decision.raise_if_refused()
+    completion = await aclient.complete_as_is(decision.request)
+    raw, _ = await acorrect_raw(aclient, decision, completion.raw)
+    columns = echo_columns(raw)
     if columns is None or not columns.tokens:
         raise ConformanceError(
             "score_reply: the endpoint returned no log-probabilities for the echoed conversation",
