@@ -286,7 +286,7 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
     # batch. With the whole first round beside it instead, it was never cut (3 of 3 tries).
     results["finish"], done = await probe.stream_with_company(long)
     results.update(done)
-    results.update(await _second_round(probe, results["gen"]))
+    results.update(await _second_round(probe, results["gen"], card))
     checks = _judge(results, probe.model)
     info, _, vocab = model_info(card, aclient, results["bytes"])
     checks["model_info"] = info
@@ -313,12 +313,19 @@ def _sampling_extra(card: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(named.neutral_fields) if named is not None else {}
 
 
+def _listed_logprobs(card: Mapping[str, Any] | None) -> int:
+    """``logprobs`` that lists each chosen token: 0 does everywhere but on ggml's llama-server,
+    which reads 0 as "no logprobs" (null), so the stop and byte probes there ask for 1."""
+    return 1 if detect_profile(card, {}) == "llama-server" else 0
+
+
 def _first_round(
     probe: _Prober, card: Mapping[str, Any] | None
 ) -> dict[str, Awaitable[ProbeOutcome]]:
     """The probes that need nothing from another's answer, to be sent together."""
     k = _ECHO_TOKENS
     neutral = _sampling_extra(card)
+    listed = _listed_logprobs(card)
     jobs: dict[str, Awaitable[ProbeOutcome]] = {
         "gen": probe.send(PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=ASKED_LOGPROBS),
         "n": probe.send(PROMPT, n=2, max_tokens=1, temperature=1.0, seed=SEED),
@@ -358,9 +365,11 @@ def _first_round(
             logprobs=ASKED_LOGPROBS,
             extra=neutral,
         ),
-        "bytes": probe.send(BYTES_PROMPT, echo=True, logprobs=0, max_tokens=1, temperature=0.0),
+        "bytes": probe.send(
+            BYTES_PROMPT, echo=True, logprobs=listed, max_tokens=1, temperature=0.0
+        ),
         "suffix": probe.send(
-            SUFFIX_PROMPT, suffix=SUFFIX, echo=True, logprobs=0, max_tokens=1, temperature=0.0
+            SUFFIX_PROMPT, suffix=SUFFIX, echo=True, logprobs=listed, max_tokens=1, temperature=0.0
         ),
     }
     eot = end_of_text_id(probe.model)
@@ -371,7 +380,9 @@ def _first_round(
     return jobs
 
 
-async def _second_round(probe: _Prober, gen: ProbeOutcome) -> dict[str, Any]:
+async def _second_round(
+    probe: _Prober, gen: ProbeOutcome, card: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """The probes built from the generation's tokens: the echo of the prompt plus them, and a
     stop string one of them starts."""
     k = _ECHO_TOKENS
@@ -389,7 +400,11 @@ async def _second_round(probe: _Prober, gen: ProbeOutcome) -> dict[str, Any]:
         found["stop"] = _stop_string(gen_rows.tokens[:k])
         if found["stop"] is not None:
             second["stop_outcome"] = probe.send(
-                PROMPT, max_tokens=k + 2, temperature=0.0, logprobs=0, stop=found["stop"]
+                PROMPT,
+                max_tokens=k + 2,
+                temperature=0.0,
+                logprobs=_listed_logprobs(card),
+                stop=found["stop"],
             )
     done = dict(zip(second, await asyncio.gather(*second.values()), strict=True))
     return {**found, **done}
