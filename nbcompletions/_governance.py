@@ -268,14 +268,13 @@ def _sampling_rules(d: _Deciding) -> ConformanceError | None:
                 d.changes[field] = getattr(neutral, field)
     if request.stop and _wants_logprobs(request) and d.status("stop_in_logprobs") == "fails":
         d.fixes.append("drop_stop_token")
-    if (request.frequency_penalty or request.presence_penalty) and d.status("penalties") in (
-        "fails",
-        "error",
-    ):
+    penalised = bool(request.frequency_penalty or request.presence_penalty)
+    if penalised and d.status("penalties") in ("fails", "error"):
         return d.refuse("penalties", "it asks for penalties, which this endpoint ignores")
-    if (request.frequency_penalty or request.presence_penalty) and d.status(
-        "penalty_window"
-    ) == "fails":
+    if penalised and d.status("penalty_window") == "error":
+        # ggml's llama-server: no window of the generated tokens explains its choices.
+        return d.refuse("penalty_window", "no rule of ours explains its penalties")
+    if penalised and d.status("penalty_window") == "fails":
         d.flag("penalty_window", "penalties count only the last tokens")
     top_p_matters = request.top_p not in (None, 1) and request.temperature not in (None, 0, 1)
     if top_p_matters and d.status("sampler_order") == "fails":

@@ -102,6 +102,21 @@ def test_a_check_that_errored_refuses_what_depends_on_it_with_the_error() -> Non
     assert decide(report, CompletionRequest(prompt="To be", max_tokens=2)).error is None
 
 
+def test_an_inconclusive_penalty_window_refuses_penalised_requests() -> None:
+    # ggml's llama-server: no window of the generated tokens explains its penalised greedy
+    # choices (penalty_window errors), and its text differs from ours from token 2 on.
+    report = report_with(
+        Check("penalties", "ok", "penalties changed the greedy text"),
+        Check("penalty_window", "error", "inconclusive: greedy step 4 ...", {"steps": 96}),
+    )
+    penalised = CompletionRequest(prompt="My lord, I", frequency_penalty=0.5, max_tokens=8)
+    error = decide(report, penalised).error
+    assert error is not None
+    assert error.check == "penalty_window"
+    assert "inconclusive" in str(error)
+    assert decide(report, CompletionRequest(prompt="My lord, I", max_tokens=8)).error is None
+
+
 def test_the_context_bound_refuses_before_any_server_can_crash() -> None:
     report = report_with(context_length=256)
     short = CompletionRequest(prompt="To be", max_tokens=16)

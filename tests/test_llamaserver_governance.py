@@ -98,6 +98,11 @@ def test_stop_with_logprobs_matches_ours(governed: Client, embedded_client: Clie
 
 def test_what_cannot_be_corrected_is_refused_before_sending(governed: Client) -> None:
     cases: tuple[tuple[dict[str, Any], str], ...] = (
+        # Its penalties: greedy text differs from ours from token 2 on (also with
+        # repeat_last_n 256; -1 is refused with HTTP 400), and no window explains them.
+        ({"frequency_penalty": 0.5, "presence_penalty": 0.5, "max_tokens": 8}, "penalty_window"),
+        ({"max_tokens": 0}, "max_tokens_0"),
+        ({"max_tokens": 300}, "context_length"),  # never sent past -c 256
         ({"best_of": 3, "max_tokens": 2}, "best_of"),
         ({"echo": True, "stream": True, "max_tokens": 2}, "stream_echo"),
     )
@@ -108,3 +113,14 @@ def test_what_cannot_be_corrected_is_refused_before_sending(governed: Client) ->
     # n > 1 with one slot: the server itself refuses it openly (HTTP 400 naming the field).
     with pytest.raises(nbc.APIError, match="Field 'n'"):
         governed.complete(TEXTS[1], n=2, max_tokens=2)
+
+
+def test_frames_take_the_vocabulary_size_from_the_card(governed: Client) -> None:
+    got = governed.complete(TEXTS[1], logprobs=1, max_tokens=2, temperature=0.0)
+    assert got.tokens.attrs["vocab_size"] == 4096
+
+
+def test_a_prompt_past_the_context_is_refused(governed: Client) -> None:
+    with pytest.raises(ConformanceError) as info:
+        governed.complete("to be " * 100, max_tokens=100, temperature=0.0)
+    assert info.value.check == "context_length"
