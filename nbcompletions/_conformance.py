@@ -154,6 +154,25 @@ class _Prober:
             return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         return dict(completion.raw), None
 
+    async def tokenize(self, text: str) -> list[str] | None:
+        """``text``'s token pieces from ggml llama-server's /tokenize (beside /v1), or None."""
+        self.requests += 1
+        path = (
+            "/../tokenize"
+            if str(self.aclient.endpoint).rstrip("/").endswith("/v1")
+            else "/tokenize"
+        )
+        body = {"content": text, "add_special": False, "with_pieces": True}
+        try:
+            answer = await self.aclient.request("POST", path, json=body)
+        except APIError:
+            return None
+        tokens = answer.get("tokens") if isinstance(answer, Mapping) else None
+        if not isinstance(tokens, list):
+            return None
+        pieces = [t.get("piece") for t in tokens if isinstance(t, Mapping)]
+        return [p for p in pieces if isinstance(p, str)] if len(pieces) == len(tokens) else None
+
     async def bounded_stream(self, max_tokens: int) -> BoundedStream:
         """Stream ``max_tokens`` with stops any text hits; hang up at the first generated text.
 
@@ -287,6 +306,8 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
     results["finish"], done = await probe.stream_with_company(long)
     results.update(done)
     results.update(await _second_round(probe, results["gen"], card))
+    if detect_profile(card, {}) == "llama-server":  # its penalties may count the prompt too
+        results["repeat_prompt_tokens"] = await probe.tokenize(REPEAT_PROMPT)
     checks = _judge(results, probe.model)
     info, _, vocab = model_info(card, aclient, results["bytes"])
     checks["model_info"] = info
@@ -442,7 +463,9 @@ def _judge(results: dict[str, Any], model: str | None) -> dict[str, Check]:
     checks["penalties"] = penalty_check(results["plain"], results["penalised"])
     checks["byte_tokens"] = bytes_check(results["bytes"])
     checks["suffix"] = suffix_check(results["suffix"])
-    checks["penalty_window"] = penalty_window_check(results["penalised"])
+    checks["penalty_window"] = penalty_window_check(
+        results["penalised"], results.get("repeat_prompt_tokens")
+    )
     checks["sampler_order"] = sampler_order_check(results["order"])
     checks["end_of_text"] = end_of_text_check(results.get("eot"), results["eot_id"])
     checks["echo_generated"] = echo_generated_check(results["echo"], results["echo_prompt"] or "")

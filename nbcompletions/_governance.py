@@ -275,7 +275,13 @@ def _sampling_rules(d: _Deciding) -> ConformanceError | None:
         # ggml's llama-server: no window of the generated tokens explains its choices.
         return d.refuse("penalty_window", "no rule of ours explains its penalties")
     if penalised and d.status("penalty_window") == "fails":
-        d.flag("penalty_window", "penalties count only the last tokens")
+        prompt = d.report.evidence("penalty_window").get("counts_prompt")
+        d.flag(
+            "penalty_window",
+            "penalties count the prompt's tokens too"
+            if prompt
+            else "penalties count only the last tokens",
+        )
     top_p_matters = request.top_p not in (None, 1) and request.temperature not in (None, 0, 1)
     if top_p_matters and d.status("sampler_order") == "fails":
         d.flag("sampler_order", "top_p is applied before the temperature")

@@ -60,6 +60,11 @@ def test_conformance_finds_each_deviation_with_its_evidence(governed: Client) ->
     eot = report.evidence("end_of_text")
     assert (eot["in_logprobs"], eot["in_usage"]) == (True, True)
     assert report.status("stream_finish") == "ok"
+    # Its penalties count the prompt's tokens too, over the last 64 of prompt and generation.
+    assert report.status("penalty_window") == "fails"
+    assert report.evidence("penalty_window")["counts_prompt"] is True
+    assert report.evidence("penalty_window")["window_tokens"] == 64
+    assert report.requests <= 25
 
 
 def test_score_and_hand_echo_are_refused_before_sending(governed: Client, as_is: Client) -> None:
@@ -98,9 +103,6 @@ def test_stop_with_logprobs_matches_ours(governed: Client, embedded_client: Clie
 
 def test_what_cannot_be_corrected_is_refused_before_sending(governed: Client) -> None:
     cases: tuple[tuple[dict[str, Any], str], ...] = (
-        # Its penalties: greedy text differs from ours from token 2 on (also with
-        # repeat_last_n 256; -1 is refused with HTTP 400), and no window explains them.
-        ({"frequency_penalty": 0.5, "presence_penalty": 0.5, "max_tokens": 8}, "penalty_window"),
         ({"max_tokens": 0}, "max_tokens_0"),
         ({"max_tokens": 300}, "context_length"),  # never sent past -c 256
         ({"best_of": 3, "max_tokens": 2}, "best_of"),
@@ -124,3 +126,14 @@ def test_a_prompt_past_the_context_is_refused(governed: Client) -> None:
     with pytest.raises(ConformanceError) as info:
         governed.complete("to be " * 100, max_tokens=100, temperature=0.0)
     assert info.value.check == "context_length"
+
+
+def test_penalised_text_is_flagged(governed: Client, embedded_client: Client) -> None:
+    # The greedy text leaves ours at token 2 (also with repeat_last_n 256; -1 is HTTP 400):
+    # the prompt's tokens are penalised too, which no field switches off.
+    fields: dict[str, Any] = {"frequency_penalty": 0.5, "presence_penalty": 0.5}
+    fields.update(temperature=0.0, max_tokens=24)
+    with pytest.warns(nbc.ConformanceWarning, match="penalty_window"):
+        got = governed.complete(TEXTS[1], **fields)
+    assert "penalty_window" in got.flags
+    assert got.text != embedded_client.complete(TEXTS[1], **fields).text
