@@ -25,6 +25,7 @@ from nbcompletions._governance import (
     load_report,
     report_directory,
     store_report,
+    unlisted_tokens,
 )
 from nbcompletions._request import CompletionRequest
 
@@ -115,6 +116,25 @@ def test_an_inconclusive_penalty_window_refuses_penalised_requests() -> None:
     assert error.check == "penalty_window"
     assert "inconclusive" in str(error)
     assert decide(report, CompletionRequest(prompt="My lord, I", max_tokens=8)).error is None
+
+
+def test_generated_tokens_left_out_of_the_logprobs_are_counted() -> None:
+    # ggml's llama-server: 4 generated, one chat-shaped entry ("é" over two byte tokens).
+    entry = {"id": 103, "token": "é", "bytes": [195, 169], "logprob": -12.4}
+    raw = {
+        "choices": [{"logprobs": {"content": [entry]}, "finish_reason": "length"}],
+        "usage": {"completion_tokens": 4},
+    }
+    asked = CompletionRequest(prompt="caf", logprobs=2, max_tokens=4)
+    assert unlisted_tokens(raw, asked) == 3
+    assert unlisted_tokens(raw, CompletionRequest(prompt="caf", max_tokens=4)) == 0
+    # A stop token the server dropped is not lost: 2 generated, 1 listed, stopped.
+    stopped = {
+        "choices": [{"logprobs": {"content": [entry]}, "finish_reason": "stop"}],
+        "usage": {"completion_tokens": 2},
+    }
+    assert unlisted_tokens(stopped, CompletionRequest(prompt="a", logprobs=1, stop=",")) == 0
+    assert unlisted_tokens(stopped, CompletionRequest(prompt="a", logprobs=1)) == 1
 
 
 def test_the_context_bound_refuses_before_any_server_can_crash() -> None:

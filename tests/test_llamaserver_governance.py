@@ -137,3 +137,20 @@ def test_penalised_text_is_flagged(governed: Client, embedded_client: Client) ->
         got = governed.complete(TEXTS[1], **fields)
     assert "penalty_window" in got.flags
     assert got.text != embedded_client.complete(TEXTS[1], **fields).text
+
+
+def test_byte_tokens_merged_out_of_the_logprobs_are_flagged(
+    governed: Client, as_is: Client
+) -> None:
+    # Forced byte-level tokens (0xc3, 0xa9: "é"): llama-server lists one entry per character,
+    # with only its last byte token's logprob, and none for a trailing partial character: 4
+    # tokens generated, 1 listed.
+    fields: dict[str, Any] = {"max_tokens": 4, "temperature": 0.0, "logprobs": 2}
+    fields["logit_bias"] = {"128": 100, "103": 100}
+    before = as_is.complete("Grüße, caf", **fields)
+    assert (before.usage or {}).get("completion_tokens") == 4
+    assert len(before.tokens) == 1
+    assert before.flags == ()
+    with pytest.warns(nbc.ConformanceWarning, match="byte_tokens"):
+        after = governed.complete("Grüße, caf", **fields)
+    assert "byte_tokens" in after.flags
