@@ -717,7 +717,8 @@ async def agovern(
 ) -> Decision:
     """The decision for ``request`` on ``aclient``'s endpoint, measuring the report first where
     the request depends on it and none is known."""
-    report = await report_for(aclient, measure=depends_on_report(request))
+    measure = depends_on_report(request) or await _vocabulary_unknown(aclient, request)
+    report = await report_for(aclient, measure=measure)
     if report is None:
         return Decision(request)
     prompt_tokens = None
@@ -727,6 +728,21 @@ async def agovern(
     if context is not None and wanted is not None and (bound is None or bound + wanted > context):
         prompt_tokens = await count_prompt_tokens(aclient, report, request)
     return decide(report, request, path=path, prompt_tokens=prompt_tokens)
+
+
+async def _vocabulary_unknown(aclient: AsyncCompletionsClient, request: CompletionRequest) -> bool:
+    """Alternatives are asked for and neither the model card (read once, here) nor a profile
+    gives the vocabulary size: the report finds it, so frames' entropy bounds do not fall back
+    to GPT-2's 50257 (issue 16, case 6: llama-cpp-python's and vLLM's cards give none)."""
+    from ._conformance import known_vocab_size
+    from ._model_card import needs_limits
+
+    if not needs_limits(request.logprobs):
+        return False
+    reader = getattr(aclient, "model_card_limits", None)
+    if reader is not None:
+        await reader(request.model)
+    return known_vocab_size(aclient) is None
 
 
 async def agovern_stream(

@@ -117,3 +117,17 @@ def test_byte_tokens_read_as_empty_are_flagged(governed: Client) -> None:
         got = governed.complete("Grüße, café", echo=True, logprobs=1, max_tokens=1)
     assert "byte_tokens" in got.flags
     assert "byte_tokens" in got.tokens.attrs["conformance_flags"]
+
+
+def test_frames_take_the_measured_vocabulary_not_gpt2s(llamacpp_server: Any) -> None:
+    # Case 6: llama-cpp-python's GET /models says no vocabulary size. A request for alternatives
+    # measures the report (which finds 4096) instead of bounding entropy with GPT-2's 50257.
+    fresh = Client(llamacpp_server.base_url, model=llamacpp_server.model, max_retries=0)
+    with fresh:
+        completion = fresh.complete("To be", max_tokens=2, temperature=1.0, logprobs=2)
+        assert completion.vocab_size == 4096
+    blind = Client(
+        llamacpp_server.base_url, model=llamacpp_server.model, max_retries=0, verify=False
+    )
+    with blind:
+        assert blind.complete("To be", max_tokens=2, logprobs=2).vocab_size is None
