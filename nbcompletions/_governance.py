@@ -540,9 +540,9 @@ def unlisted_tokens(raw: Mapping[str, Any], request: CompletionRequest) -> int:
     if not isinstance(generated, int) or not isinstance(choices[0], Mapping):
         return 0
     logprobs = choices[0].get("logprobs")
-    if not isinstance(logprobs, Mapping) and logprobs is not None:
-        return 0
-    listed = (logprobs or {}).get("content", (logprobs or {}).get("tokens")) or []
+    if not isinstance(logprobs, Mapping):
+        return 0  # none came back at all: not a question of which tokens are listed
+    listed = logprobs.get("content", logprobs.get("tokens")) or []
     dropped_stop = 1 if request.stop and choices[0].get("finish_reason") == "stop" else 0
     return max(0, generated - dropped_stop - len(listed))
 
@@ -737,8 +737,8 @@ async def _vocabulary_unknown(aclient: AsyncCompletionsClient, request: Completi
     from ._conformance import known_vocab_size
     from ._model_card import needs_limits
 
-    if not needs_limits(request.logprobs):
-        return False
+    if not needs_limits(request.logprobs) or trusted(aclient):
+        return False  # nothing to find, or nothing would be measured
     reader = getattr(aclient, "model_card_limits", None)
     if reader is not None:
         await reader(request.model)
