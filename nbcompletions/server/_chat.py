@@ -37,6 +37,7 @@ __all__ = [
     "chat_call",
     "chat_logprobs",
     "chat_response",
+    "small_chat",
     "token_bytes_of",
 ]
 
@@ -128,23 +129,44 @@ def _top_logprobs(body: Mapping[str, Any]) -> int | None:
     return (top or 0) if logprobs else None
 
 
+def small_chat(body: Mapping[str, Any]) -> bool:
+    """Whether rendering and tokenizing ``body``'s messages is quick enough for the event loop
+    (a few plain-text turns); a large one goes to a worker thread."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or len(messages) > 32:
+        return False
+    size = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, str):
+            return False
+        size += len(content)
+    return size <= 4096
+
+
 def chat_call(
     body: Mapping[str, Any],
     *,
     limits: Limits,
     extra_fields: tuple[str, ...],
-    count_tokens: Callable[[str], int] | None,
+    encode: Callable[[str], list[int]] | None,
     context_length: int | None,
     max_tokens_cap: int | None,
 ) -> ChatCall:
     """The completion that answers a chat ``body`` (fields already known to be `CHAT_FIELDS` or
     ``extra_fields``, vLLM's fields that pass to the completion's ``extra``). Raises
-    `RequestError` naming the chat field, or `Failure`."""
-    prompt = render_chat(body.get("messages"))
+    `RequestError` naming the chat field, or `Failure`.
+
+    With ``encode`` (the engine's tokenizer) the rendered template is tokenized once, here: the
+    context check counts those ids and the completion's prompt is the ids themselves, so the
+    engine does not tokenize the same text again."""
+    text = render_chat(body.get("messages"))
     top = _top_logprobs(body)
     max_tokens = _max_tokens(body)
-    if count_tokens is not None and context_length is not None:
-        room = context_length - count_tokens(prompt)
+    ids = list(encode(text)) if encode is not None else None
+    prompt: str | list[int] = ids if ids else text  # no ids: the engine reads the text
+    if ids is not None and context_length is not None:
+        room = context_length - len(ids)
         if max_tokens is None:
             if room < 1:
                 raise Failure(
@@ -193,16 +215,26 @@ def token_bytes_of(vocab: Any) -> TokenBytes:
         for string, value in zip(strings, raw, strict=False):
             table.setdefault(string, value)
 
+    lists: dict[str, list[int]] = {}  # the vocabulary's tokens as lists, made once each
+
     def lookup(token: str) -> list[int]:
+        listed = lists.get(token)
+        if listed is not None:
+            return listed
         value = table.get(token)
-        if value is None:
-            if token.startswith("bytes:\\x"):
-                value = bytes.fromhex(token[len("bytes:") :].replace("\\x", ""))
-            else:
-                value = token.encode("utf-8", errors="surrogatepass")
+        if value is not None:
+            return lists.setdefault(token, list(value))  # at most one entry per vocabulary token
+        if token.startswith("bytes:\\x"):
+            value = bytes.fromhex(token[len("bytes:") :].replace("\\x", ""))
+        else:
+            value = token.encode("utf-8", errors="surrogatepass")
         return list(value)
 
     return lookup
+
+
+def _by_logprob(item: tuple[str, float]) -> float:
+    return item[1]
 
 
 def chat_logprobs(
@@ -217,7 +249,7 @@ def chat_logprobs(
     ):
         if token == EOT:
             continue  # the end of the reply: counted in usage, not listed (OpenAI's shape)
-        ranked = sorted((top or {}).items(), key=lambda item: -item[1])[:top_n]
+        ranked = sorted((top or {}).items(), key=_by_logprob, reverse=True)[:top_n]
         content.append(
             {
                 "token": token,
