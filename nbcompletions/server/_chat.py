@@ -157,16 +157,14 @@ def chat_call(
     ``extra_fields``, vLLM's fields that pass to the completion's ``extra``). Raises
     `RequestError` naming the chat field, or `Failure`.
 
-    With ``encode`` (the engine's tokenizer) the rendered template is tokenized once, here: the
-    context check counts those ids and the completion's prompt is the ids themselves, so the
-    engine does not tokenize the same text again."""
-    text = render_chat(body.get("messages"))
+    ``encode`` (the engine's tokenizer) counts the rendered template's tokens for the context
+    check; the engine's tokenizer remembers recent texts, so planning the completion of the same
+    text does not tokenize it again."""
+    prompt = render_chat(body.get("messages"))
     top = _top_logprobs(body)
     max_tokens = _max_tokens(body)
-    ids = list(encode(text)) if encode is not None else None
-    prompt: str | list[int] = ids if ids else text  # no ids: the engine reads the text
-    if ids is not None and context_length is not None:
-        room = context_length - len(ids)
+    if encode is not None and context_length is not None:
+        room = context_length - len(encode(prompt))
         if max_tokens is None:
             if room < 1:
                 raise Failure(

@@ -497,8 +497,6 @@ def _small(request: CompletionRequest) -> bool:
     prompt = request.prompt
     if isinstance(prompt, str):
         return len(prompt) <= 4096
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        return len(prompt) <= 2048  # token ids (a chat's rendered template): nothing to tokenize
     return isinstance(prompt, list) and len(prompt) <= 16
 
 
