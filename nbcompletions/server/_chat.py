@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -204,35 +205,37 @@ def chat_call(
 
 
 # -- answers --------------------------------------------------------------------------------------
+class _BytesLists(dict[str, list[int]]):
+    """Token string -> its bytes as a list: a vocabulary token's list is made once and kept
+    (a plain dict lookup after that); any other string is converted each time."""
+
+    def __init__(self, vocabulary: dict[str, bytes]) -> None:
+        super().__init__()
+        self.vocabulary = vocabulary
+
+    def __missing__(self, token: str) -> list[int]:
+        value = self.vocabulary.get(token)
+        if value is not None:
+            listed = self[token] = list(value)  # at most one entry per vocabulary token
+            return listed
+        if token.startswith("bytes:\\x"):
+            return list(bytes.fromhex(token[len("bytes:") :].replace("\\x", "")))
+        return list(token.encode("utf-8", errors="surrogatepass"))
+
+
 def token_bytes_of(vocab: Any) -> TokenBytes:
     """A token string's bytes: from the engine's vocabulary where it has one (exact for every
-    token), else from the string itself (``bytes:\\xe2\\x80`` for part of a character)."""
+    token), else from the string itself (``bytes:\\xe2\\x80`` for part of a character). The
+    lists handed out for vocabulary tokens are shared: read them, never change them."""
     table: dict[str, bytes] = {}
     strings, raw = getattr(vocab, "token_strings", None), getattr(vocab, "token_bytes", None)
     if strings is not None and raw is not None:
         for string, value in zip(strings, raw, strict=False):
             table.setdefault(string, value)
-
-    lists: dict[str, list[int]] = {}  # the vocabulary's tokens as lists, made once each
-
-    def lookup(token: str) -> list[int]:
-        listed = lists.get(token)
-        if listed is not None:
-            return listed
-        value = table.get(token)
-        if value is not None:
-            return lists.setdefault(token, list(value))  # at most one entry per vocabulary token
-        if token.startswith("bytes:\\x"):
-            value = bytes.fromhex(token[len("bytes:") :].replace("\\x", ""))
-        else:
-            value = token.encode("utf-8", errors="surrogatepass")
-        return list(value)
-
-    return lookup
+    return _BytesLists(table).__getitem__
 
 
-def _by_logprob(item: tuple[str, float]) -> float:
-    return item[1]
+_by_logprob = operator.itemgetter(1)
 
 
 def chat_logprobs(
