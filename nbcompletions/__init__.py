@@ -43,6 +43,7 @@ _LAZY: dict[str, str] = {
     "Cache": "._cache",
     "ConformanceReport": "._conformance",
     "ServerProfile": "._profiles",
+    "ReplyScore": "._reply_scoring",
     "visible_token": "._visible",
     "compare": "._compare",
     "acompare": "._compare",
@@ -70,6 +71,7 @@ __all__ = [
     "Grid",
     "Limits",
     "NBCompletionsError",
+    "ReplyScore",
     "RequestError",
     "ResponsesRequest",
     "ServerProfile",
@@ -107,6 +109,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from ._grid import Grid, expand_grid
     from ._manifest import DriftWarning, check_drift, endpoint_manifest
     from ._profiles import ServerProfile
+    from ._reply_scoring import ReplyScore
     from ._streaming import StreamChunk
     from ._sweep import SweepInterrupted, asweep, sweep
     from ._sweep_result import SweepResult, load_sweep

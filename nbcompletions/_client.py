@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ._chat import ChatFields, ResponsesFields
     from ._conformance import ConformanceReport
+    from ._reply_scoring import ReplyScore
 
 __all__ = ["AsyncClient", "AsyncResponseStream", "Client", "ResponseStream"]
 
@@ -732,6 +733,21 @@ class AsyncClient(_BaseClient):
 
         return await ascore(self, texts, context=context)
 
+    async def score_reply(
+        self,
+        messages: Any,
+        reply: str,
+        *,
+        template: Any = None,
+        method: str = "auto",
+    ) -> ReplyScore:
+        """Log-probability of ``reply`` as the assistant's turn after ``messages``, under the
+        model's chat template: ``.tokens`` (one row per reply token) and ``.summary``
+        (``sum_logprob`` and more); see `_reply_scoring.ascore_reply`."""
+        from ._reply_scoring import ascore_reply
+
+        return await ascore_reply(self, messages, reply, template=template, method=method)
+
     async def capabilities(self) -> dict[str, Any]:
         """The conformance report as a dict (`conformance().to_dict()`), kept for sweeps' files."""
         from ._scoring import acapabilities
@@ -744,6 +760,14 @@ class AsyncClient(_BaseClient):
         from ._governance import ameasure
 
         return await ameasure(self, refresh=refresh)
+
+    async def chat_conformance(self) -> ConformanceReport:
+        """Measure what this endpoint's ``/v1/chat/completions`` does with logprobs (top_logprobs
+        cap, n, seed, bytes, raw or processed logprobs, their stability, the reply span of
+        ``/tokenize``); see `nbcompletions._chat_conformance`. Not cached."""
+        from ._chat_conformance import achat_conformance
+
+        return await achat_conformance(self)
 
     async def close(self) -> None:
         """Close the connection pools (the client can still be used afterwards: it reopens them)."""
@@ -1328,6 +1352,18 @@ class Client(_BaseClient):
         """Log-probability of each text (optionally after ``context``); see `_scoring.ascore`."""
         return run_sync(self._async.score(texts, context=context))
 
+    def score_reply(
+        self,
+        messages: Any,
+        reply: str,
+        *,
+        template: Any = None,
+        method: str = "auto",
+    ) -> ReplyScore:
+        """Log-probability of ``reply`` as the assistant's turn after ``messages`` (see
+        `AsyncClient.score_reply`)."""
+        return run_sync(self._async.score_reply(messages, reply, template=template, method=method))
+
     def capabilities(self) -> dict[str, Any]:
         """The conformance report as a dict (`conformance().to_dict()`), kept for sweeps' files."""
         return run_sync(self._async.capabilities())
@@ -1335,6 +1371,10 @@ class Client(_BaseClient):
     def conformance(self, *, refresh: bool = False) -> ConformanceReport:
         """Measure what this endpoint and model do (see `nbcompletions._conformance`); cached."""
         return run_sync(self._async.conformance(refresh=refresh))
+
+    def chat_conformance(self) -> ConformanceReport:
+        """Measure the chat endpoint's logprobs (see `AsyncClient.chat_conformance`)."""
+        return run_sync(self._async.chat_conformance())
 
     def close(self) -> None:
         """Close the connection pools."""

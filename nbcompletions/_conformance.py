@@ -33,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import time
 import weakref
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
 from ._checks import positive_int
@@ -198,7 +199,14 @@ class _Prober:
                 seen.overlapped = seen.finish is None
             return False
 
-        await self._read_stream(request, seen, read)
+        try:
+            await self._read_stream(request, seen, read)
+        except BaseException:
+            # The key, the model or rate limits (re-raised): what was started is cancelled (the
+            # caller closes what was never sent), so no probe is left running.
+            for future in started.values():
+                future.cancel()
+            raise
         if not started:  # the stream failed before its first chunk: send them now
             started.update({k: asyncio.ensure_future(job) for k, job in company.items()})
         names = list(started)
@@ -268,23 +276,30 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
     jobs = _first_round(probe, card)
     # The two long probes go beside the stream_finish probe's stream, later.
     long = {name: jobs.pop(name) for name in ("penalised", "order")}
-    first = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
-    results: dict[str, Any] = {**first, "card": card, "eot_id": end_of_text_id(probe.model)}
-    # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
-    # ("[DONE]" without a finish_reason) when another request arrives.
-    results["max0"] = await probe.bounded_stream(0)
-    results["stream_echo"] = await probe.send(
-        PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
-    )
-    results["usage"] = await probe.send(
-        PROMPT, stream=True, stream_options={"include_usage": True}, max_tokens=1, temperature=0.0
-    )
-    if card_limits(card)[0] is None:  # the card does not say: ask past any context
-        results["context"] = await probe.bounded_stream(CONTEXT_PROBE_MAX_TOKENS)
-    # The stream_finish probe's stream, with the two long probes sent beside it: they arrive
-    # while it streams (llama-cpp-python then cuts it), and hide its length on servers that
-    # batch. With the whole first round beside it instead, it was never cut (3 of 3 tries).
-    results["finish"], done = await probe.stream_with_company(long)
+    try:
+        first = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+        results: dict[str, Any] = {**first, "card": card, "eot_id": end_of_text_id(probe.model)}
+        # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
+        # ("[DONE]" without a finish_reason) when another request arrives.
+        results["max0"] = await probe.bounded_stream(0)
+        results["stream_echo"] = await probe.send(
+            PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
+        )
+        results["usage"] = await probe.send(
+            PROMPT,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=1,
+            temperature=0.0,
+        )
+        if card_limits(card)[0] is None:  # the card does not say: ask past any context
+            results["context"] = await probe.bounded_stream(CONTEXT_PROBE_MAX_TOKENS)
+        # The stream_finish probe's stream, with the two long probes sent beside it: they arrive
+        # while it streams (llama-cpp-python then cuts it), and hide its length on servers that
+        # batch. With the whole first round beside it instead, it was never cut (3 of 3 tries).
+        results["finish"], done = await probe.stream_with_company(long)
+    finally:
+        _close_unsent(long.values())
     results.update(done)
     results.update(await _second_round(probe, results["gen"]))
     checks = _judge(results, probe.model)
@@ -304,6 +319,13 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
     )
     remember(aclient, report)
     return report
+
+
+def _close_unsent(jobs: Iterable[Awaitable[Any]]) -> None:
+    """Close the probes built but never sent (an error came first), so none is left unawaited."""
+    for job in jobs:
+        if inspect.iscoroutine(job) and inspect.getcoroutinestate(job) == inspect.CORO_CREATED:
+            job.close()
 
 
 def _sampling_extra(card: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -64,14 +64,14 @@ _PROBE_LIMITS = Limits(max_logprobs=None)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Columns:
+class EchoColumns:
     tokens: list[str]
     logprobs: list[float | None]
     offsets: list[int | None]
     tops: list[list[tuple[Any, Any]]]  # (token, logprob) pairs per position, as the server sent
 
 
-def _columns(raw: Mapping[str, Any]) -> _Columns | None:
+def echo_columns(raw: Mapping[str, Any]) -> EchoColumns | None:
     """(tokens, logprobs, text offsets, top entries) of the first choice; None without logprobs."""
     choice = first_choice(raw)
     logprobs = choice.get("logprobs") if choice is not None else None
@@ -86,7 +86,7 @@ def _columns(raw: Mapping[str, Any]) -> _Columns | None:
             type="invalid_response",
             body=dict(raw),
         ) from None
-    return _Columns(
+    return EchoColumns(
         [t if isinstance(t, str) else "" for t in tokens],
         [finite_float(v) for v in values],
         [v if is_int(v) else None for v in offsets or [None] * len(tokens)],
@@ -94,7 +94,7 @@ def _columns(raw: Mapping[str, Any]) -> _Columns | None:
     )
 
 
-def _fill_offsets(tokens: list[str], offsets: list[int | None], start: int = 0) -> list[int]:
+def fill_offsets(tokens: list[str], offsets: list[int | None], start: int = 0) -> list[int]:
     # Servers that omit text_offset: lay tokens end to end (exact for text tokens; `bytes:` tokens
     # of split characters make it approximate, which only matters at the context boundary).
     filled: list[int] = []
@@ -171,12 +171,12 @@ async def _score_one(
         else:
             raise
     raw, _ = await acorrect_raw(aclient, decision, completion.raw)
-    columns = _columns(raw)
+    columns = echo_columns(raw)
     if columns is None or not columns.tokens:
         raise _dropped(prompt)
     tokens, logprobs = columns.tokens, columns.logprobs
     n_prompt = prompt_tokens(raw)
-    offsets = _fill_offsets(tokens, columns.offsets)
+    offsets = fill_offsets(tokens, columns.offsets)
     # The prompt's tokens come first; generated ones (a max_tokens=1 fallback) start at len(prompt).
     if n_prompt is not None and 0 < n_prompt <= len(tokens):
         count = n_prompt

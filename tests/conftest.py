@@ -209,5 +209,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # The real llama.cpp peer (its own venv; skips without it): fixtures llamacpp_gguf, llamacpp_server.
 from peers.llamacpp import LlamaCppServer, llamacpp_gguf, llamacpp_server  # noqa: E402, F401
 
-# vLLM's CPU build (skips without its venv): fixtures vllm_server, vllm_url.
+# ggml's llama-server and vLLM's CPU build (each skips without its build): fixtures llamaserver,
+# llamaserver_url, vllm_server, vllm_url.
+from peers.llamaserver import LlamaServer, llamaserver, llamaserver_url  # noqa: E402, F401
 from peers.vllm import VllmServer, vllm_server, vllm_url  # noqa: E402, F401

@@ -157,7 +157,7 @@ def test_scoring_and_endpoint_checks_read_a_response_alike() -> None:
     none."""
     from nbcompletions._conformance_checks import logprob_rows
     from nbcompletions._parse import loads
-    from nbcompletions._scoring import _columns
+    from nbcompletions._scoring import echo_columns
 
     text = (
         '{"choices": [{"index": 0, "text": "abc", "logprobs": {"tokens": ["a", "b", "c"], '
@@ -165,7 +165,7 @@ def test_scoring_and_endpoint_checks_read_a_response_alike() -> None:
         '"text_offset": [0, 1, true]}}]}'
     )
     raw = loads(text)
-    columns = _columns(raw)
+    columns = echo_columns(raw)
     rows = logprob_rows(raw["choices"][0])
     assert columns is not None
     assert rows is not None

@@ -41,6 +41,8 @@ LAYERS: dict[str, int] = {
     "_settings": 2,
     "_client": 2,
     "_scoring": 2,
+    "_reply_scoring": 2,
+    "_chat_conformance": 2,
     "_conformance": 2,
     "_conformance_checks": 2,
     "_conformance_report": 2,

@@ -26,6 +26,7 @@ EXPECTED = {
     "ConformanceReport",
     "Grid",
     "NBCompletionsError",
+    "ReplyScore",
     "RequestError",
     "ResponsesRequest",
     "ServerProfile",

@@ -225,10 +225,10 @@ async def test_conformance_counts_duplicate_byte_tokens_and_null_logprobs() -> N
 
 
 def test_scoring_reads_logprobs_with_the_shared_parser() -> None:
-    from nbcompletions._scoring import _columns
+    from nbcompletions._scoring import echo_columns
 
     raw = _llamacpp_like({"logprobs": 3}).json()
-    columns = _columns(raw)
+    columns = echo_columns(raw)
     assert columns is not None
     # A null top logprob stays null (it was read as 0.0, "certain"); duplicates stay apart.
     assert columns.tops == [[("", -1.0), ("", -2.0), ("t0", None)]]

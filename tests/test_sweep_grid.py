@@ -8,8 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nbcompletions import AsyncClient, BudgetError, Client, CompletionRequest, Limits, RequestError
-from nbcompletions._grid import estimate_tokens, expand_grid
+from nbcompletions._grid import GridPoint, estimate_tokens, expand_grid
 from nbcompletions._sweep import sweep
+
+
+def _req(point: GridPoint) -> CompletionRequest:
+    """A completion grid point's request (a grid's requests may be chat requests too)."""
+    assert isinstance(point.request, CompletionRequest)
+    return point.request
+
 
 # Nothing listens on port 9 (discard): if a test sent anything it would get error rows, not the
 # exceptions these tests expect.
@@ -25,7 +32,7 @@ def test_cartesian_product_in_grid_order(client: AsyncClient) -> None:
     plan = expand_grid(client, ["A", "B"], temperature=[0.5, 1.0, 1.5], max_tokens=4, repeats=2)
     assert len(plan.points) == 2 * 3 * 2
     assert [p.request_id for p in plan.points] == list(range(12))
-    got = [(p.prompt_id, p.request.temperature, p.repeat) for p in plan.points[:4]]
+    got = [(p.prompt_id, _req(p).temperature, p.repeat) for p in plan.points[:4]]
     assert got == [(0, 0.5, 0), (0, 0.5, 1), (0, 1.0, 0), (0, 1.0, 1)]
     assert plan.points[6].request.prompt == "B"
     assert all(p.request.max_tokens == 4 for p in plan.points)
@@ -38,7 +45,7 @@ def test_cartesian_product_in_grid_order(client: AsyncClient) -> None:
 
 def test_prompt_forms(client: AsyncClient) -> None:
     named = expand_grid(client, {"hamlet": "To be", "tale": "Once"})
-    assert [(p.prompt_id, p.request.prompt) for p in named.points] == [
+    assert [(p.prompt_id, _req(p).prompt) for p in named.points] == [
         ("hamlet", "To be"),
         ("tale", "Once"),
     ]
@@ -49,7 +56,7 @@ def test_prompt_forms(client: AsyncClient) -> None:
     assert token_prompt.points[0].request.prompt == [464, 3290, 318]
     assert token_prompt.points[0].values["prompt"] == "[464, 3290, 318]"
     token_axis = expand_grid(client, [[1, 2], [3]])
-    assert [p.request.prompt for p in token_axis.points] == [[1, 2], [3]]
+    assert [_req(p).prompt for p in token_axis.points] == [[1, 2], [3]]
 
 
 def test_stop_is_an_axis_only_of_lists_or_none(client: AsyncClient) -> None:
@@ -178,10 +185,7 @@ def test_grid_is_the_product_in_order(
         for tp in (top_ps if top_ps is not None else [None])
         for r in range(repeats)
     ]
-    got = [
-        (pt.request.prompt, pt.request.temperature, pt.request.top_p, pt.repeat)
-        for pt in plan.points
-    ]
+    got = [(_req(pt).prompt, _req(pt).temperature, _req(pt).top_p, pt.repeat) for pt in plan.points]
     assert got == expected
     assert [pt.request_id for pt in plan.points] == list(range(len(expected)))
     # Keys identify (request, repeat): equal exactly where both are equal.
@@ -194,4 +198,4 @@ def test_field_named_like_a_frame_column_is_prefixed(client: AsyncClient) -> Non
     plan = expand_grid(client, "x", echo=[True, False], max_tokens=1)
     assert plan.columns == ["prompt", "request_echo", "max_tokens", "model"]
     assert [p.values["request_echo"] for p in plan.points] == [True, False]
-    assert [p.request.echo for p in plan.points] == [True, False]
+    assert [_req(p).echo for p in plan.points] == [True, False]

@@ -727,6 +727,106 @@ def test_builder_runs_and_plots(builder: Any, tmp_path: Any) -> None:
     assert "8 from the cache" in builder.status.value
 
 
+# -- the Playground's chat mode --------------------------------------------------------------------
+
+CHAT = [
+    {"role": "system", "content": "Speak as a guard."},
+    {"role": "user", "content": "Who is there?"},
+]
+
+
+@pytest.fixture
+def chat_playground(embedded_client: Any) -> Any:
+    from nbcompletions.widgets import Playground
+
+    return Playground(embedded_client, mode="chat", messages=CHAT, max_tokens=6)
+
+
+def test_chat_mode_sends_the_messages_as_a_chat_request(chat_playground: Any) -> None:
+    from nbcompletions import ChatRequest
+
+    request = chat_playground.request
+    assert isinstance(request, ChatRequest)
+    assert request.messages == CHAT
+    assert (request.logprobs, request.top_logprobs, request.max_tokens) == (True, 5, 6)
+    body = request.to_body()
+    assert not {"prompt", "echo", "best_of", "suffix"} & set(body)
+    # The prompt box gives way to the messages editor; completion-only fields are off.
+    assert chat_playground.prompt.layout.display == "none"
+    assert chat_playground.messages.layout.display is None
+    assert all(getattr(chat_playground, name).disabled for name in ("echo", "suffix", "best_of"))
+    chat_playground.mode.value = "completion"
+    assert chat_playground.messages.layout.display == "none"
+    assert not chat_playground.echo.disabled
+    assert not isinstance(chat_playground.request, ChatRequest)
+
+
+def test_messages_editor_adds_edits_and_removes_rows(chat_playground: Any) -> None:
+    editor = chat_playground.messages
+    row = editor.add()  # after a user turn comes the assistant's
+    assert row.role.value == "assistant"
+    row.content.value = "Nay, answer me."
+    assert editor.add().role.value == "user"
+    editor.rows[-1].content.value = "Long live the king!"
+    assert [m["role"] for m in chat_playground.request.messages] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+    ]
+    editor.rows[0].role.value = "developer"
+    editor.rows[2].remove.click()
+    assert chat_playground.request.messages == [
+        {"role": "developer", "content": "Speak as a guard."},
+        {"role": "user", "content": "Who is there?"},
+        {"role": "user", "content": "Long live the king!"},
+    ]
+    assert editor.children[-1] is editor.add_button  # rows, then the button
+
+
+def test_a_bad_message_is_shown_and_not_sent(chat_playground: Any) -> None:
+    for row in list(chat_playground.messages.rows):
+        row.remove.click()
+    assert chat_playground.last_error is not None
+    assert "messages" in chat_playground.error.value
+    assert chat_playground.run() is None
+
+
+def test_chat_run_shows_tokens_frames_and_plots(chat_playground: Any, embedded_client: Any) -> None:
+    chat_playground.temperature.value = 0.0
+    completion = chat_playground.run()
+    assert completion is not None, chat_playground.error.value
+    assert chat_playground.error.value == ""
+    assert set(completion.tokens["api"]) == {"chat"}
+    assert set(completion.tokens["role"]) == {"assistant"}
+    same = embedded_client.chat(CHAT, max_tokens=6, temperature=0.0, logprobs=True, top_logprobs=5)
+    assert completion.text == same.text
+    assert 'class="nbc-tokens"' in chat_playground.highlighted.value
+    assert "alternatives:" in chat_playground.highlighted.value
+    for name, output in chat_playground.plot_outputs.items():
+        (item,) = output.outputs
+        assert item["data"]["application/vnd.plotly.v1+json"]["data"], name
+    assert '"messages"' in chat_playground.request_view.value
+
+
+def test_chat_run_streams(chat_playground: Any) -> None:
+    chat_playground.stream.value = True
+    chat_playground.seed.value = "1"
+    completion = chat_playground.run()
+    assert completion is not None, chat_playground.error.value
+    assert completion.usage["completion_tokens"] == len(completion.tokens) == 6
+    assert set(completion.tokens["api"]) == {"chat"}
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    from nbcompletions.widgets import Playground
+
+    client = _refusing_client([])
+    with pytest.raises(RequestError, match="completion, chat") as caught:
+        Playground(client, mode="responses")
+    assert caught.value.param == "mode"
+
+
 # -- SweepBuilder in chat mode (issue 17) ---------------------------------------------------------
 
 CONVERSATIONS = [

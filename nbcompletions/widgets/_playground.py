@@ -5,11 +5,12 @@ from __future__ import annotations
 import html
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
+from .._chat import ChatRequest
 from .._errors import RequestError
 from .._request import CompletionRequest, Limits
 from .._secrets import secrets_of
@@ -27,6 +28,7 @@ from ._display import (
     model_options,
     note_output,
 )
+from ._messages import MessagesEditor
 
 if TYPE_CHECKING:  # pragma: no cover
     from .._client import Client
@@ -34,14 +36,22 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: How many choices the Playground shows as highlighted text (n can be 128).
 MAX_HIGHLIGHTED = 8
+#: The Playground's modes: a prompt for /v1/completions, or messages for /v1/chat/completions.
+MODES = ("completion", "chat")
+#: Completion fields Chat Completions does not have: disabled (and not sent) in chat mode.
+COMPLETION_ONLY = ("echo", "suffix", "best_of")
 
 
 class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidgets: untyped
     """Every Completions field as a control, a Run button, and the result as tokens, frames, plots.
 
-    ``Playground(client=None, prompt=..., encode=None)``: ``client`` defaults to ``Client()`` (the
-    embedded model when no endpoint is configured). ``encode`` is the tokenizer used to turn text in
-    the logit_bias editor into token ids; by default it is known only for the embedded model.
+    ``Playground(client=None, prompt=..., encode=None, mode="completion", messages=None)``:
+    ``client`` defaults to ``Client()`` (the embedded model when no endpoint is configured).
+    ``mode="chat"`` (or the mode toggle) swaps the prompt for a messages editor (rows of role and
+    content, add and remove) and sends `Client.chat` with ``logprobs=True`` and ``top_logprobs``
+    from the logprobs control; the result shows as a completion's does. ``encode`` is the
+    tokenizer used to turn text in the logit_bias editor into token ids; by default it is known
+    only for the embedded model.
 
     `request` is the request the controls describe; `run` sends it; `result` is the last
     `Completion`. Errors appear in `error` (an HTML box), never as a lost traceback.
@@ -54,8 +64,17 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         prompt: str = "",
         max_tokens: int = 32,
         encode: Encoder | None = None,
+        mode: str = "completion",
+        messages: Sequence[Mapping[str, Any]] | None = None,
         **kwargs: Any,
     ) -> None:
+        if mode not in MODES:
+            raise RequestError(
+                "mode",
+                f"mode must be one of {', '.join(MODES)}; got {mode!r}",
+                allowed=", ".join(MODES),
+                value=mode,
+            )
         self._client = default_client(client)
         self._encode = encode
         self.result: Completion | None = None
@@ -65,11 +84,16 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
 
         models, models_error = model_options(self._client)
         self._make_controls(prompt, max_tokens, models, limits)
+        self.mode = widgets.ToggleButtons(options=MODES, value=mode, description="mode")
+        self.messages = MessagesEditor(messages)
         self._make_outputs()
         super().__init__(children=self._arranged(), **kwargs)
         self.run_button.on_click(self._on_click)
         for control in self._controls():
             control.observe(self._on_change, names=["value"])
+        self.mode.observe(self._on_mode, names=["value"])
+        self.messages.on_change(lambda: self._on_change(None))
+        self._show_mode()
         if models_error is not None:
             self._show_error(models_error)
         else:
@@ -186,7 +210,9 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         )
         stop_row = widgets.HBox([widgets.Label("stop"), *self.stop])
         return [
+            self.mode,
             self.prompt,
+            self.messages,
             controls,
             stop_row,
             self.logit_bias,
@@ -239,6 +265,8 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             "stream": self.stream.value,
             "stop": [box.value for box in self.stop],
             "logit_bias": self.logit_bias.value,
+            "mode": self.mode.value,
+            "messages": self.messages.messages,
         }
 
     def _embedded_engine(self) -> Any:
@@ -251,10 +279,26 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
 
         return load_engine()
 
+    def _on_mode(self, change: Any) -> None:
+        self._show_mode()
+        self._on_change(change)
+
+    def _show_mode(self) -> None:
+        """Chat mode: the messages editor instead of the prompt; echo, suffix, best_of off."""
+        chat = self.mode.value == "chat"
+        self.prompt.layout.display = "none" if chat else None
+        self.messages.layout.display = None if chat else "none"
+        for name in COMPLETION_ONLY:
+            getattr(self, name).disabled = chat
+
     @property
-    def request(self) -> CompletionRequest:
-        """The `CompletionRequest` the controls describe; raises `RequestError` if one is bad."""
+    def request(self) -> CompletionRequest | ChatRequest:
+        """The request the controls describe (a `ChatRequest` in chat mode); raises
+        `RequestError` if one is bad."""
         state = self.state
+        if state["mode"] == "chat":
+            # The completion fields are checked as a completion's (the prompt is not sent).
+            state = {**state, "prompt": "-", "echo": False, "suffix": "", "best_of": 1}
         bias_lines = [
             line.strip()
             for line in state["logit_bias"].splitlines()
@@ -274,7 +318,32 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
                         allowed=f"token ids from 0 to {engine.vocab_size - 1}",
                         value=key,
                     )
+        if state["mode"] == "chat":
+            return self._chat_request(state["messages"], request)
         return request
+
+    def _chat_request(self, messages: Any, request: CompletionRequest) -> ChatRequest:
+        """The chat twin of the completion fields checked above (the prompt aside)."""
+        fields: dict[str, Any] = {
+            name: getattr(request, name)
+            for name in (
+                "model",
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "frequency_penalty",
+                "presence_penalty",
+                "n",
+                "seed",
+                "stop",
+                "logit_bias",
+                "stream",
+                "stream_options",
+            )
+        }
+        if request.logprobs is not None:
+            fields.update(logprobs=True, top_logprobs=request.logprobs)
+        return ChatRequest(messages, limits=self._limits, **fields)
 
     def _on_change(self, change: Any) -> None:
         try:
@@ -287,7 +356,7 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         self.last_error = None
         self.logit_bias_preview.value = self._bias_preview(request)
 
-    def _bias_preview(self, request: CompletionRequest) -> str:
+    def _bias_preview(self, request: CompletionRequest | ChatRequest) -> str:
         """The logit_bias as sent, with each id's token where the vocabulary is known."""
         if not request.logit_bias:
             return ""
@@ -375,8 +444,10 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         self._clear_result()
         self.status.value = f"<small>no result: {html.escape(why)} (see the error below)</small>"
 
-    def _send(self, request: CompletionRequest) -> Completion:
+    def _send(self, request: CompletionRequest | ChatRequest) -> Completion:
         if not request.stream:
+            if isinstance(request, ChatRequest):
+                return self._client.chat_request(request)
             return self._client.complete_request(request, path="widget")
         texts: dict[int, str] = {}
         with self._client.stream_request(request, path="widget") as stream:
