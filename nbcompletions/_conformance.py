@@ -155,6 +155,25 @@ class _Prober:
             return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
         return dict(completion.raw), None
 
+    async def tokenize(self, text: str) -> list[str] | None:
+        """``text``'s token pieces from ggml llama-server's /tokenize (beside /v1), or None."""
+        self.requests += 1
+        path = (
+            "/../tokenize"
+            if str(self.aclient.endpoint).rstrip("/").endswith("/v1")
+            else "/tokenize"
+        )
+        body = {"content": text, "add_special": False, "with_pieces": True}
+        try:
+            answer = await self.aclient.request("POST", path, json=body)
+        except APIError:
+            return None
+        tokens = answer.get("tokens") if isinstance(answer, Mapping) else None
+        if not isinstance(tokens, list):
+            return None
+        pieces = [t.get("piece") for t in tokens if isinstance(t, Mapping)]
+        return [p for p in pieces if isinstance(p, str)] if len(pieces) == len(tokens) else None
+
     async def bounded_stream(self, max_tokens: int) -> BoundedStream:
         """Stream ``max_tokens`` with stops any text hits; hang up at the first generated text.
 
@@ -301,7 +320,9 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
     finally:
         _close_unsent(long.values())
     results.update(done)
-    results.update(await _second_round(probe, results["gen"]))
+    results.update(await _second_round(probe, results["gen"], card))
+    if detect_profile(card, {}) == "llama-server":  # its penalties may count the prompt too
+        results["repeat_prompt_tokens"] = await probe.tokenize(REPEAT_PROMPT)
     checks = _judge(results, probe.model)
     info, _, vocab = model_info(card, aclient, results["bytes"])
     checks["model_info"] = info
@@ -335,12 +356,19 @@ def _sampling_extra(card: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(named.neutral_fields) if named is not None else {}
 
 
+def _listed_logprobs(card: Mapping[str, Any] | None) -> int:
+    """``logprobs`` that lists each chosen token: 0 does everywhere but on ggml's llama-server,
+    which reads 0 as "no logprobs" (null), so the stop and byte probes there ask for 1."""
+    return 1 if detect_profile(card, {}) == "llama-server" else 0
+
+
 def _first_round(
     probe: _Prober, card: Mapping[str, Any] | None
 ) -> dict[str, Awaitable[ProbeOutcome]]:
     """The probes that need nothing from another's answer, to be sent together."""
     k = _ECHO_TOKENS
     neutral = _sampling_extra(card)
+    listed = _listed_logprobs(card)
     jobs: dict[str, Awaitable[ProbeOutcome]] = {
         "gen": probe.send(PROMPT, max_tokens=k + 1, temperature=0.0, logprobs=ASKED_LOGPROBS),
         "n": probe.send(PROMPT, n=2, max_tokens=1, temperature=1.0, seed=SEED),
@@ -380,9 +408,11 @@ def _first_round(
             logprobs=ASKED_LOGPROBS,
             extra=neutral,
         ),
-        "bytes": probe.send(BYTES_PROMPT, echo=True, logprobs=0, max_tokens=1, temperature=0.0),
+        "bytes": probe.send(
+            BYTES_PROMPT, echo=True, logprobs=listed, max_tokens=1, temperature=0.0
+        ),
         "suffix": probe.send(
-            SUFFIX_PROMPT, suffix=SUFFIX, echo=True, logprobs=0, max_tokens=1, temperature=0.0
+            SUFFIX_PROMPT, suffix=SUFFIX, echo=True, logprobs=listed, max_tokens=1, temperature=0.0
         ),
     }
     eot = end_of_text_id(probe.model)
@@ -393,7 +423,9 @@ def _first_round(
     return jobs
 
 
-async def _second_round(probe: _Prober, gen: ProbeOutcome) -> dict[str, Any]:
+async def _second_round(
+    probe: _Prober, gen: ProbeOutcome, card: Mapping[str, Any] | None
+) -> dict[str, Any]:
     """The probes built from the generation's tokens: the echo of the prompt plus them, and a
     stop string one of them starts."""
     k = _ECHO_TOKENS
@@ -411,7 +443,11 @@ async def _second_round(probe: _Prober, gen: ProbeOutcome) -> dict[str, Any]:
         found["stop"] = _stop_string(gen_rows.tokens[:k])
         if found["stop"] is not None:
             second["stop_outcome"] = probe.send(
-                PROMPT, max_tokens=k + 2, temperature=0.0, logprobs=0, stop=found["stop"]
+                PROMPT,
+                max_tokens=k + 2,
+                temperature=0.0,
+                logprobs=_listed_logprobs(card),
+                stop=found["stop"],
             )
     done = dict(zip(second, await asyncio.gather(*second.values()), strict=True))
     return {**found, **done}
@@ -449,7 +485,9 @@ def _judge(results: dict[str, Any], model: str | None) -> dict[str, Check]:
     checks["penalties"] = penalty_check(results["plain"], results["penalised"])
     checks["byte_tokens"] = bytes_check(results["bytes"])
     checks["suffix"] = suffix_check(results["suffix"])
-    checks["penalty_window"] = penalty_window_check(results["penalised"])
+    checks["penalty_window"] = penalty_window_check(
+        results["penalised"], results.get("repeat_prompt_tokens")
+    )
     checks["sampler_order"] = sampler_order_check(results["order"])
     checks["end_of_text"] = end_of_text_check(results.get("eot"), results["eot_id"])
     checks["echo_generated"] = echo_generated_check(results["echo"], results["echo_prompt"] or "")

@@ -631,6 +631,14 @@ def suffix_check(outcome: ProbeOutcome) -> Check:
     if rows is None or not rows.tokens:
         return Check("suffix", "error", f"echo with a suffix returned no tokens (text {text!r})")
     spelled = b"".join(token_bytes(t) for t in rows.tokens).decode("utf-8", "replace")
+    if spelled == text and not text.startswith(SUFFIX_PROMPT):
+        # ggml's llama-server: echo ignored, only the generated token comes back.
+        return Check(
+            "suffix",
+            "error",
+            f"echo is ignored (text {text!r}), so where the suffix {SUFFIX!r} went cannot be seen",
+            {"echo_ignored": True},
+        )
     if spelled == text and text.startswith(SUFFIX_PROMPT) and SUFFIX not in spelled:
         return Check("suffix", "ok", f"suffix {SUFFIX!r} left the echoed prompt intact ({text!r})")
     return Check(

@@ -79,8 +79,9 @@ def _contradicted(
     return None
 
 
-def penalty_window_check(outcome: ProbeOutcome) -> Check:
-    """Do the penalties count every generated token, or only the last W? (evidence window_tokens)"""
+def penalty_window_check(outcome: ProbeOutcome, prompt_tokens: list[str] | None = None) -> Check:
+    """Do the penalties count every generated token, or only the last W? (evidence window_tokens;
+    ``counts_prompt`` where only counting the prompt's ``prompt_tokens`` too explains them)"""
     name = "penalty_window"
     raw, error = outcome
     if error is not None:
@@ -109,6 +110,10 @@ def penalty_window_check(outcome: ProbeOutcome) -> Check:
         "first_contradiction": full,
         "token": rows.tokens[full],
     }
+    if not fits and prompt_tokens:
+        counted = _prompt_counted(rows.tokens, rows.logprobs, rows.tops, prompt_tokens)
+        if counted is not None:
+            return counted
     if not fits:
         return Check(
             name,
@@ -126,6 +131,36 @@ def penalty_window_check(outcome: ProbeOutcome) -> Check:
         f"chose {rows.tokens[full]!r} again, penalised under OpenAI's rule (it was generated "
         f"earlier); windows of {fits[0]}-{fits[-1]} tokens explain all {n} steps",
         {**evidence, "window_tokens": window, "windows": [fits[0], fits[-1]]},
+    )
+
+
+def _prompt_counted(
+    tokens: list[str],
+    logprobs: list[float | None],
+    tops: list[list[tuple[str, float | None]] | None],
+    prompt_tokens: list[str],
+) -> Check | None:
+    """ggml's llama-server counts the prompt's tokens in the penalties too (its sampler accepts
+    them), over the last ``repeat_last_n`` (64) of prompt and generation: the "fails" Check where
+    that explains every step, else None."""
+    skipped: list[list[tuple[str, float | None]] | None] = [None] * len(prompt_tokens)
+    unknown: list[float | None] = [None] * len(prompt_tokens)
+    every = [*prompt_tokens, *tokens]
+    fits = [
+        w
+        for w in (*_COMMON_WINDOWS, None)
+        if _contradicted(every, unknown + logprobs, skipped + tops, w) is None
+    ]
+    if not fits:
+        return None
+    window = fits[0]
+    over = f"the last {window} tokens" if window else "all tokens"
+    return Check(
+        "penalty_window",
+        "fails",
+        f"the penalties count the prompt's {len(prompt_tokens)} tokens too, over {over} of "
+        f"prompt and generation: only that explains all {len(tokens)} greedy steps",
+        {"window_tokens": window, "counts_prompt": True, "steps": len(tokens)},
     )
 
 

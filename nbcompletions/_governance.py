@@ -80,6 +80,7 @@ __all__ = [
     "report_directory",
     "report_for",
     "store_report",
+    "unlisted_tokens",
 ]
 
 PATHS: tuple[str, ...] = ("complete", "stream", "score", "sweep-live", "sweep-batch", "widget")
@@ -268,15 +269,20 @@ def _sampling_rules(d: _Deciding) -> ConformanceError | None:
                 d.changes[field] = getattr(neutral, field)
     if request.stop and _wants_logprobs(request) and d.status("stop_in_logprobs") == "fails":
         d.fixes.append("drop_stop_token")
-    if (request.frequency_penalty or request.presence_penalty) and d.status("penalties") in (
-        "fails",
-        "error",
-    ):
+    penalised = bool(request.frequency_penalty or request.presence_penalty)
+    if penalised and d.status("penalties") in ("fails", "error"):
         return d.refuse("penalties", "it asks for penalties, which this endpoint ignores")
-    if (request.frequency_penalty or request.presence_penalty) and d.status(
-        "penalty_window"
-    ) == "fails":
-        d.flag("penalty_window", "penalties count only the last tokens")
+    if penalised and d.status("penalty_window") == "error":
+        # ggml's llama-server: no window of the generated tokens explains its choices.
+        return d.refuse("penalty_window", "no rule of ours explains its penalties")
+    if penalised and d.status("penalty_window") == "fails":
+        prompt = d.report.evidence("penalty_window").get("counts_prompt")
+        d.flag(
+            "penalty_window",
+            "penalties count the prompt's tokens too"
+            if prompt
+            else "penalties count only the last tokens",
+        )
     top_p_matters = request.top_p not in (None, 1) and request.temperature not in (None, 0, 1)
     if top_p_matters and d.status("sampler_order") == "fails":
         d.flag("sampler_order", "top_p is applied before the temperature")
@@ -521,6 +527,26 @@ def _has_empty_token(raw: Mapping[str, Any]) -> bool:
     return False
 
 
+def unlisted_tokens(raw: Mapping[str, Any], request: CompletionRequest) -> int:
+    """How many generated tokens the one choice's logprobs leave out: ``usage.completion_tokens``
+    less the listed entries (a stop token the server dropped excepted). ggml's llama-server lists
+    a character split over byte-level tokens as one entry and a trailing partial one not at all;
+    0 where it cannot tell (echo, several choices or prompts, no usage, no logprobs asked)."""
+    choices = raw.get("choices") or []
+    usage = raw.get("usage")
+    generated = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
+    if request.echo or not _wants_logprobs(request) or len(choices) != 1:
+        return 0
+    if not isinstance(generated, int) or not isinstance(choices[0], Mapping):
+        return 0
+    logprobs = choices[0].get("logprobs")
+    if not isinstance(logprobs, Mapping) and logprobs is not None:
+        return 0
+    listed = (logprobs or {}).get("content", (logprobs or {}).get("tokens")) or []
+    dropped_stop = 1 if request.stop and choices[0].get("finish_reason") == "stop" else 0
+    return max(0, generated - dropped_stop - len(listed))
+
+
 async def agovern_answer(
     aclient: AsyncCompletionsClient, decision: Decision, completion: Completion
 ) -> Completion:
@@ -530,6 +556,12 @@ async def agovern_answer(
     natural_end = completion.finish_reason == "stop" and not decision.request.stop
     reasons.update(decision.if_natural_end if natural_end else {})
     reasons.update(decision.if_empty_token if _has_empty_token(completion.raw) else {})
+    unlisted = unlisted_tokens(completion.raw, decision.request)
+    if unlisted:
+        reasons["byte_tokens"] = (
+            f"the logprobs leave out {unlisted} of the generated tokens (byte-level tokens "
+            "merged into one entry per character, or a partial character dropped)"
+        )
     if decision.fixes:
         fixed, uncorrected = await acorrect_raw(aclient, decision, completion.raw)
         completion = completion.corrected(fixed)

@@ -53,6 +53,18 @@ def test_the_penalty_window_is_found_from_a_token_chosen_again() -> None:
     assert (check.status, check.evidence["window_tokens"]) == ("ok", None)
 
 
+def test_penalties_that_count_the_prompt_are_told_apart() -> None:
+    # ggml's llama-server: "p" (a prompt token, never generated) listed above the chosen "b"
+    # is explained only if the prompt's tokens pay the penalty too.
+    tokens, tops = ["x", "b"], [{"x": -0.1}, {"p": -0.5, "b": -1.0}]
+    answer = body(tokens, [-0.1, -1.0], tops)
+    assert penalty_window_check((answer, None)).status == "error"  # nothing explains it
+    check = penalty_window_check((answer, None), prompt_tokens=["p"])
+    assert check.status == "fails"
+    assert check.evidence == {"window_tokens": 16, "counts_prompt": True, "steps": 2}
+    assert penalty_window_check((answer, None), prompt_tokens=["q"]).status == "error"
+
+
 def test_the_sampler_order_needs_enough_steps_with_a_known_nucleus() -> None:
     sure = {"a": math.log(0.9), "b": math.log(0.05)}
     inside = body(["a"] * 8, [math.log(0.9)] * 8, [sure] * 8)

@@ -25,6 +25,7 @@ from nbcompletions._governance import (
     load_report,
     report_directory,
     store_report,
+    unlisted_tokens,
 )
 from nbcompletions._request import CompletionRequest
 
@@ -100,6 +101,40 @@ def test_a_check_that_errored_refuses_what_depends_on_it_with_the_error() -> Non
         assert f"{path}() refuses" in str(decision.error)
     # What does not depend on it goes out.
     assert decide(report, CompletionRequest(prompt="To be", max_tokens=2)).error is None
+
+
+def test_an_inconclusive_penalty_window_refuses_penalised_requests() -> None:
+    # ggml's llama-server: no window of the generated tokens explains its penalised greedy
+    # choices (penalty_window errors), and its text differs from ours from token 2 on.
+    report = report_with(
+        Check("penalties", "ok", "penalties changed the greedy text"),
+        Check("penalty_window", "error", "inconclusive: greedy step 4 ...", {"steps": 96}),
+    )
+    penalised = CompletionRequest(prompt="My lord, I", frequency_penalty=0.5, max_tokens=8)
+    error = decide(report, penalised).error
+    assert error is not None
+    assert error.check == "penalty_window"
+    assert "inconclusive" in str(error)
+    assert decide(report, CompletionRequest(prompt="My lord, I", max_tokens=8)).error is None
+
+
+def test_generated_tokens_left_out_of_the_logprobs_are_counted() -> None:
+    # ggml's llama-server: 4 generated, one chat-shaped entry ("é" over two byte tokens).
+    entry = {"id": 103, "token": "é", "bytes": [195, 169], "logprob": -12.4}
+    raw = {
+        "choices": [{"logprobs": {"content": [entry]}, "finish_reason": "length"}],
+        "usage": {"completion_tokens": 4},
+    }
+    asked = CompletionRequest(prompt="caf", logprobs=2, max_tokens=4)
+    assert unlisted_tokens(raw, asked) == 3
+    assert unlisted_tokens(raw, CompletionRequest(prompt="caf", max_tokens=4)) == 0
+    # A stop token the server dropped is not lost: 2 generated, 1 listed, stopped.
+    stopped = {
+        "choices": [{"logprobs": {"content": [entry]}, "finish_reason": "stop"}],
+        "usage": {"completion_tokens": 2},
+    }
+    assert unlisted_tokens(stopped, CompletionRequest(prompt="a", logprobs=1, stop=",")) == 0
+    assert unlisted_tokens(stopped, CompletionRequest(prompt="a", logprobs=1)) == 1
 
 
 def test_the_context_bound_refuses_before_any_server_can_crash() -> None:
