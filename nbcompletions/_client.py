@@ -436,7 +436,11 @@ class _BaseClient:
         _refuse_unknown(fields, _CHAT_REQUEST_FIELDS, "chat")
         if fields.get("model") is None:
             fields["model"] = self.model
-        return ChatRequest(messages, limits=self.limits, **fields)
+        request = ChatRequest(messages, limits=self.limits, **fields)
+        # As for complete(): a chosen profile makes omitted sampling fields mean OpenAI's there
+        # (llama.cpp's own top_k, min_p and repeat penalty stay on for a chat otherwise).
+        profile = self._settings.profile
+        return profile.neutralize(request) if profile is not None else request
 
     def build_responses_request(
         self, input: Any = None, **fields: Unpack[ResponsesFields]

@@ -417,9 +417,11 @@ def _combo_request(
     if limits is not None:
         kwargs["limits"] = limits
     try:
-        if api == "chat":  # as client.chat() builds it (profiles neutralize completions only)
-            return ChatRequest(messages=prompt, **kwargs)
-        request = CompletionRequest(prompt=prompt, **kwargs)
+        request: CompletionRequest | ChatRequest
+        if api == "chat":  # as client.chat() builds it
+            request = ChatRequest(messages=prompt, **kwargs)
+        else:
+            request = CompletionRequest(prompt=prompt, **kwargs)
         return neutralize(request) if neutralize is not None else request
     except RequestError as exc:
         main = "messages_id" if api == "chat" else "prompt_id"

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from ._chat import ChatRequest
 from ._errors import RequestError
 from ._request import CompletionRequest, Limits
 
@@ -26,6 +27,9 @@ __all__ = ["PROFILES", "ServerProfile", "get_profile", "profile_names"]
 
 MaxTokensZero = Literal["honoured", "max_tokens_1"]
 TextOffsetOrigin = Literal["prompt", "completion"]
+#: A request a profile can neutralize: a completion or a chat (both carry temperature, top_p
+#: and extra, where the neutral fields go).
+Neutralizable = TypeVar("Neutralizable", CompletionRequest, ChatRequest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,7 @@ class ServerProfile:
             vocab_size=vocab_size,
         )
 
-    def sampling_fields(self, request: CompletionRequest) -> dict[str, Any]:
+    def sampling_fields(self, request: CompletionRequest | ChatRequest) -> dict[str, Any]:
         """The fields to add to ``request`` so its sampling means OpenAI's on this server.
 
         Fields the request sets (standard ones, or in ``extra``) are left as they are.
@@ -87,8 +91,9 @@ class ServerProfile:
             added["extra"] = {**extra, **request.extra}
         return added
 
-    def neutralize(self, request: CompletionRequest) -> CompletionRequest:
-        """``request`` with this server's neutral sampling fields added (see `sampling_fields`).
+    def neutralize(self, request: Neutralizable) -> Neutralizable:
+        """``request`` (a completion or a chat) with this server's neutral sampling fields added
+        (see `sampling_fields`).
 
         A field this server is known to mishandle (``refused_fields``) is a `RequestError`.
         """

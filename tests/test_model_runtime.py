@@ -25,7 +25,7 @@ from nbcompletions.model._gpt2 import (
     log_softmax,
     normalise,
 )
-from nbcompletions.model._tokenizer import ByteTokenizer, token_display
+from nbcompletions.model._tokenizer import REMEMBERED_CHARS, ByteTokenizer, token_display
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,21 @@ def test_tokenizer_bytes_round_trip_and_partial_utf8(tiny_dir: Path) -> None:
     assert token_display(b"\xe2\x80") == "bytes:\\xe2\\x80"
     assert token_display(b" \xe6") == "bytes: \\xe6"
     assert token_display("é".encode()) == "é"
+
+
+def test_the_tokenizer_remembers_recent_texts_and_hands_out_copies(tiny_dir: Path) -> None:
+    """A chat's template is counted and then planned: the second encode is remembered, and
+    what a caller does to the list it got never reaches the next caller."""
+    tok = ByteTokenizer.from_file(tiny_dir / "tokenizer.json")
+    text = "USER: Who art thou?\nASSISTANT:"
+    direct = list(tok.tokenizer.encode(text, add_special_tokens=False).ids)
+    first = tok.encode(text)
+    first.append(-1)
+    assert tok.encode(text) == direct
+    assert tok._remembered.cache_info().hits == 1
+    long_text = "word " * (REMEMBERED_CHARS // 5 + 1)  # too long to keep: encoded each time
+    assert tok.encode(long_text) == list(tok.tokenizer.encode(long_text).ids)
+    assert tok._remembered.cache_info().currsize == 1
 
 
 def test_load_engine_is_lazy_and_cached(tiny_dir: Path) -> None:

@@ -163,3 +163,68 @@ def test_the_model_card_tells_the_two_llama_cpp_servers_apart() -> None:
     assert card_limits({**ggml, "meta": {**meta, "n_ctx": 128}}) == (128, 4096)
     assert card_limits(python) == (None, None)
     assert card_limits({"id": "m", "owned_by": "vllm", "max_model_len": 256}) == (256, None)
+
+
+class _RecordingTransport(StreamingASGITransport):
+    """Our server's app, unchanged; each POST body it receives is kept."""
+
+    def __init__(self, app: Any) -> None:
+        super().__init__(app)
+        self.bodies: list[dict[str, Any]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            self.bodies.append(json.loads(await request.aread()))
+        return await super().handle_async_request(request)
+
+
+async def test_a_chat_with_a_profile_sends_its_neutral_fields(embedded_engine: Any) -> None:
+    """client.chat() gets the profile's neutral sampling fields as complete() does (llama.cpp's
+    samplers stayed on for a chat): here vLLM's, which our server takes under compat vllm."""
+    from nbcompletions.server import create_app
+
+    transport = _RecordingTransport(create_app(embedded_engine, compat="vllm"))
+    client = AsyncClient(
+        "http://embedded/v1", model=MODEL, transport=transport, profile="vllm", timeout=120
+    )
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    try:
+        neutral = dict(PROFILES["vllm"].neutral_fields)
+        assert client.build_chat_request(messages).extra == neutral
+        mine = client.build_chat_request(messages, temperature=0.5, extra={"top_k": 3})
+        assert (mine.temperature, mine.top_p, mine.extra["top_k"]) == (0.5, 1.0, 3)
+        answer = await client.chat(messages, max_completion_tokens=3, logprobs=True, seed=1)
+        stream = client.chat_stream(messages, max_completion_tokens=2, logprobs=True, seed=1)
+        streamed = await stream.completion()
+    finally:
+        await client.close()
+    assert len(answer.tokens) == 3
+    assert len(streamed.tokens) == 2
+    for body in transport.bodies:
+        assert {k: body[k] for k in neutral} == neutral, body
+        assert (body["temperature"], body["top_p"]) == (1.0, 1.0)
+    assert len(transport.bodies) == 2
+
+
+def test_a_chat_sweep_with_a_profile_sends_its_neutral_fields(embedded_engine: Any) -> None:
+    from nbcompletions import sweep
+    from nbcompletions.server import create_app
+
+    transport = _RecordingTransport(create_app(embedded_engine, compat="vllm"))
+    with Client(
+        "http://embedded/v1", model=MODEL, transport=transport, profile="vllm", timeout=120
+    ) as client:
+        result = sweep(
+            client,
+            messages=[[{"role": "user", "content": "Speak."}]],
+            seed=[0, 1],
+            max_completion_tokens=1,
+            progress=False,
+            probe=False,
+            manifest=False,
+        )
+    assert result.n_failed == 0
+    neutral = dict(PROFILES["vllm"].neutral_fields)
+    assert len(transport.bodies) == 2
+    for body in transport.bodies:
+        assert {k: body[k] for k in neutral} == neutral, body

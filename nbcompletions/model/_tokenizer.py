@@ -18,6 +18,9 @@ __all__ = ["EOT", "ByteTokenizer", "Vocabulary", "bytes_to_unicode", "token_disp
 
 #: The end-of-text token's content.
 EOT = "<|endoftext|>"
+#: How many recent texts `ByteTokenizer.encode` remembers, and the longest one it keeps.
+REMEMBERED_TEXTS = 256
+REMEMBERED_CHARS = 8192
 
 
 @lru_cache(maxsize=1)
@@ -77,6 +80,8 @@ class ByteTokenizer:
                 )
         self.token_bytes: tuple[bytes, ...] = tuple(table)
         self.token_strings: tuple[str, ...] = tuple(token_display(raw) for raw in table)
+        # Per tokenizer (not on the method: that would keep every tokenizer alive); thread-safe.
+        self._remembered = lru_cache(maxsize=REMEMBERED_TEXTS)(self._encode_tuple)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ByteTokenizer:
@@ -92,7 +97,18 @@ class ByteTokenizer:
         return None if token_id is None else int(token_id)
 
     def encode(self, text: str) -> list[int]:
+        """The ids of ``text``. The last `REMEMBERED_TEXTS` texts up to `REMEMBERED_CHARS` long
+        are remembered: our server counts a chat's rendered template for its context check and
+        then plans the same text, and a sweep sends each prompt once per seed or temperature."""
+        if len(text) > REMEMBERED_CHARS:
+            return self._encode(text)
+        return list(self._remembered(text))
+
+    def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def _encode_tuple(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids``; invalid UTF-8 (a cut-off character) becomes U+FFFD."""

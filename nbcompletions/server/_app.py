@@ -39,6 +39,7 @@ from ._chat import (
     TokenBytes,
     chat_call,
     chat_response,
+    small_chat,
     token_bytes_of,
 )
 from ._http import (
@@ -352,18 +353,18 @@ class CompletionsServer:
         engine = await self.engine()
         encode = getattr(engine, "encode", None)
         context_length = getattr(engine, "context_length", None)
-        # In a worker thread: rendering and counting a megabyte of messages would stall the loop.
-        call = await anyio.to_thread.run_sync(
-            functools.partial(
-                chat_call,
-                body,
-                limits=self.limits,
-                extra_fields=self.extra_fields,
-                count_tokens=(lambda text: len(encode(text))) if callable(encode) else None,
-                context_length=context_length if isinstance(context_length, int) else None,
-                max_tokens_cap=self.max_tokens_cap,
-            )
+        make_call = functools.partial(
+            chat_call,
+            body,
+            limits=self.limits,
+            extra_fields=self.extra_fields,
+            encode=encode if callable(encode) else None,
+            context_length=context_length if isinstance(context_length, int) else None,
+            max_tokens_cap=self.max_tokens_cap,
         )
+        # A few short turns on the loop (as a short prompt is planned there); in a worker thread
+        # otherwise: rendering and tokenizing a megabyte of messages would stall the loop.
+        call = make_call() if small_chat(body) else await anyio.to_thread.run_sync(make_call)
         self._check_model(engine, call.completion.model)
         given, cap = call.completion.max_tokens, self.max_tokens_cap
         if cap is not None and given is not None and given > cap:

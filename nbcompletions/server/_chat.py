@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import operator
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "chat_call",
     "chat_logprobs",
     "chat_response",
+    "small_chat",
     "token_bytes_of",
 ]
 
@@ -128,23 +130,42 @@ def _top_logprobs(body: Mapping[str, Any]) -> int | None:
     return (top or 0) if logprobs else None
 
 
+def small_chat(body: Mapping[str, Any]) -> bool:
+    """Whether rendering and tokenizing ``body``'s messages is quick enough for the event loop
+    (a few plain-text turns); a large one goes to a worker thread."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or len(messages) > 32:
+        return False
+    size = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if not isinstance(content, str):
+            return False
+        size += len(content)
+    return size <= 4096
+
+
 def chat_call(
     body: Mapping[str, Any],
     *,
     limits: Limits,
     extra_fields: tuple[str, ...],
-    count_tokens: Callable[[str], int] | None,
+    encode: Callable[[str], list[int]] | None,
     context_length: int | None,
     max_tokens_cap: int | None,
 ) -> ChatCall:
     """The completion that answers a chat ``body`` (fields already known to be `CHAT_FIELDS` or
     ``extra_fields``, vLLM's fields that pass to the completion's ``extra``). Raises
-    `RequestError` naming the chat field, or `Failure`."""
+    `RequestError` naming the chat field, or `Failure`.
+
+    ``encode`` (the engine's tokenizer) counts the rendered template's tokens for the context
+    check; the engine's tokenizer remembers recent texts, so planning the completion of the same
+    text does not tokenize it again."""
     prompt = render_chat(body.get("messages"))
     top = _top_logprobs(body)
     max_tokens = _max_tokens(body)
-    if count_tokens is not None and context_length is not None:
-        room = context_length - count_tokens(prompt)
+    if encode is not None and context_length is not None:
+        room = context_length - len(encode(prompt))
         if max_tokens is None:
             if room < 1:
                 raise Failure(
@@ -184,25 +205,37 @@ def chat_call(
 
 
 # -- answers --------------------------------------------------------------------------------------
+class _BytesLists(dict[str, list[int]]):
+    """Token string -> its bytes as a list: a vocabulary token's list is made once and kept
+    (a plain dict lookup after that); any other string is converted each time."""
+
+    def __init__(self, vocabulary: dict[str, bytes]) -> None:
+        super().__init__()
+        self.vocabulary = vocabulary
+
+    def __missing__(self, token: str) -> list[int]:
+        value = self.vocabulary.get(token)
+        if value is not None:
+            listed = self[token] = list(value)  # at most one entry per vocabulary token
+            return listed
+        if token.startswith("bytes:\\x"):
+            return list(bytes.fromhex(token[len("bytes:") :].replace("\\x", "")))
+        return list(token.encode("utf-8", errors="surrogatepass"))
+
+
 def token_bytes_of(vocab: Any) -> TokenBytes:
     """A token string's bytes: from the engine's vocabulary where it has one (exact for every
-    token), else from the string itself (``bytes:\\xe2\\x80`` for part of a character)."""
+    token), else from the string itself (``bytes:\\xe2\\x80`` for part of a character). The
+    lists handed out for vocabulary tokens are shared: read them, never change them."""
     table: dict[str, bytes] = {}
     strings, raw = getattr(vocab, "token_strings", None), getattr(vocab, "token_bytes", None)
     if strings is not None and raw is not None:
         for string, value in zip(strings, raw, strict=False):
             table.setdefault(string, value)
+    return _BytesLists(table).__getitem__
 
-    def lookup(token: str) -> list[int]:
-        value = table.get(token)
-        if value is None:
-            if token.startswith("bytes:\\x"):
-                value = bytes.fromhex(token[len("bytes:") :].replace("\\x", ""))
-            else:
-                value = token.encode("utf-8", errors="surrogatepass")
-        return list(value)
 
-    return lookup
+_by_logprob = operator.itemgetter(1)
 
 
 def chat_logprobs(
@@ -217,7 +250,7 @@ def chat_logprobs(
     ):
         if token == EOT:
             continue  # the end of the reply: counted in usage, not listed (OpenAI's shape)
-        ranked = sorted((top or {}).items(), key=lambda item: -item[1])[:top_n]
+        ranked = sorted((top or {}).items(), key=_by_logprob, reverse=True)[:top_n]
         content.append(
             {
                 "token": token,
