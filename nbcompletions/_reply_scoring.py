@@ -166,7 +166,9 @@ async def _tokenize_chat(
             return None
         raise
     tokens = answer.get("tokens") if isinstance(answer, Mapping) else None
-    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+        # No tokens for a conversation: the route reads no `messages` (llama-server's /tokenize
+        # takes `content`, and answers [] for a body without it).
         return None
     return tokens
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from peers.llamaserver import LlamaServer
 
-from nbcompletions import Client, ConformanceReport
+from nbcompletions import Client, ConformanceError, ConformanceReport
 
 PROMPTS = [
     "To be, or not to be, that is the question:",
@@ -93,3 +93,16 @@ def test_a_chat_uses_our_template(peer_client: Client, embedded_client: Client) 
     assert theirs.tokens["token"].tolist() == ours.tokens["token"].tolist()
     differences = np.abs(theirs.tokens["logprob"].to_numpy() - ours.tokens["logprob"].to_numpy())
     assert differences.max() <= LOGPROB_TOL
+
+
+def test_chat_conformance_and_score_reply(peer_client: Client) -> None:
+    report = peer_client.chat_conformance()
+    assert report.status("chat_bytes") == "ok"
+    assert report.status("chat_top_logprobs_cap") == "ok"
+    assert report.evidence("chat_logprobs_mode")["mode"] == "raw"
+    print(f"llama-server chat conformance:\n{report.frame.to_string()}")
+    # Its /tokenize reads no messages and its echo is ignored: a reply's score cannot be
+    # verified there, so it is refused, not guessed.
+    messages = [{"role": "user", "content": "Speak, what news of Romeo?"}]
+    with pytest.raises(ConformanceError):
+        peer_client.score_reply(messages, "He is banished.")
