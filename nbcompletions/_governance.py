@@ -529,9 +529,10 @@ def _has_empty_token(raw: Mapping[str, Any]) -> bool:
 
 def unlisted_tokens(raw: Mapping[str, Any], request: CompletionRequest) -> int:
     """How many generated tokens the one choice's logprobs leave out: ``usage.completion_tokens``
-    less the listed entries (a stop token the server dropped excepted). ggml's llama-server lists
+    less the listed entries. ggml's llama-server lists
     a character split over byte-level tokens as one entry and a trailing partial one not at all;
-    0 where it cannot tell (echo, several choices or prompts, no usage, no logprobs asked)."""
+    0 where it cannot tell (echo, several choices or prompts, no usage, no logprobs asked, or a
+    stop string ended it: its one or more tokens are counted and not listed)."""
     choices = raw.get("choices") or []
     usage = raw.get("usage")
     generated = usage.get("completion_tokens") if isinstance(usage, Mapping) else None
@@ -543,8 +544,9 @@ def unlisted_tokens(raw: Mapping[str, Any], request: CompletionRequest) -> int:
     if not isinstance(logprobs, Mapping):
         return 0  # none came back at all: not a question of which tokens are listed
     listed = logprobs.get("content", logprobs.get("tokens")) or []
-    dropped_stop = 1 if request.stop and choices[0].get("finish_reason") == "stop" else 0
-    return max(0, generated - dropped_stop - len(listed))
+    if request.stop and choices[0].get("finish_reason") == "stop":
+        return 0  # the stop string's tokens (one or more) are counted and not listed: no telling
+    return max(0, generated - len(listed))
 
 
 async def agovern_answer(

@@ -135,6 +135,9 @@ def test_generated_tokens_left_out_of_the_logprobs_are_counted() -> None:
     }
     assert unlisted_tokens(stopped, CompletionRequest(prompt="a", logprobs=1, stop=",")) == 0
     assert unlisted_tokens(stopped, CompletionRequest(prompt="a", logprobs=1)) == 1
+    # A stop string of two tokens ("\n", "\n"), both counted and neither listed: not flagged.
+    two = {**stopped, "usage": {"completion_tokens": 3}}
+    assert unlisted_tokens(two, CompletionRequest(prompt="a", logprobs=1, stop="\n\n")) == 0
 
 
 def test_the_context_bound_refuses_before_any_server_can_crash() -> None:
