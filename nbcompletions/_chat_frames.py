@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ._frames import to_frames
+from ._gc_pause import paused_gc
 from ._parse import NEG_INF_LOGPROB, sorted_choices
 
 __all__ = ["CHAT_COLUMNS", "chat_frames"]
@@ -84,10 +85,22 @@ def chat_frames(
         "logprobs": getattr(request, "top_logprobs", None),
     }
     with_refusals, added = _with_refusal_tokens(body)
-    choices, tokens, alternatives = to_frames(
-        with_refusals, info, vocab_size=vocab_size, below_cap=NEG_INF_LOGPROB
-    )
-    raw_choices = sorted_choices(body)
+    with paused_gc():  # to_frames pauses too: this keeps the collector off until the end
+        choices, tokens, alternatives = to_frames(
+            with_refusals, info, vocab_size=vocab_size, below_cap=NEG_INF_LOGPROB
+        )
+        _add_chat_columns(choices, tokens, alternatives, sorted_choices(body), added, api)
+    return choices, tokens, alternatives
+
+
+def _add_chat_columns(
+    choices: pd.DataFrame,
+    tokens: pd.DataFrame,
+    alternatives: pd.DataFrame,
+    raw_choices: list[Mapping[str, Any]],
+    added: list[int],
+    api: str,
+) -> None:
     roles = np.array([_message_field(c, "role") for c in raw_choices], dtype=object)
     refusals = np.array([_message_field(c, "refusal") for c in raw_choices], dtype=object)
     _add_columns(
@@ -120,4 +133,3 @@ def chat_frames(
             "api": np.full(len(alternatives), api, dtype=object),
         },
     )
-    return choices, tokens, alternatives

@@ -78,6 +78,7 @@ import numpy as np
 import pandas as pd
 
 from ._checks import is_int
+from ._gc_pause import paused_gc
 from ._parse import choice_text, parse_logprobs, read_chat_tokens, top_items
 from ._request import CompletionRequest
 from ._usage import token_counts
@@ -869,32 +870,33 @@ def to_frames(
     if not is_int(vocab_size) or vocab_size < 1:
         raise ValueError(f"vocab_size must be an integer >= 1; got {vocab_size!r}")
     vocab_size = int(vocab_size)
-    info = _request_info(request)
-    body = _as_mapping(response)
-    choices = _collect_choices(body)
-    prompt_lens = _prompt_lengths(choices, info, body)
-    rows = _token_rows(choices)
-    token_below = _mark_below_cap(rows.logprobs, below_cap)
-    if token_below is not None:
-        rows.probs[token_below] = np.nan
-    echo, prompt_n = _echo_rows(rows, prompt_lens)
-    alternatives = _alternatives(rows, info.logprobs, vocab_size, below_cap)
-    if info.n is None:
-        prompt_index = _int64(np.zeros(len(choices)), np.ones(len(choices), dtype=bool))
-        choice_k = prompt_index
-    else:
-        prompt_index = _int64(rows.choice_index // info.n)
-        choice_k = _int64(rows.choice_index % info.n)
-    tokens = _tokens_frame(
-        rows, alternatives, echo, prompt_index, choice_k, vocab_size, token_below
-    )
-    if info.logprobs is not None:
-        # The k asked for: a rank past it reads ">k" in the plots, as in the popup.
-        tokens.attrs["logprobs"] = int(info.logprobs)
-    return (
-        _choices_frame(
-            choices, rows, echo, prompt_lens, prompt_n, prompt_index, choice_k, vocab_size
-        ),
-        tokens,
-        _alternatives_frame(rows, alternatives, vocab_size),
-    )
+    with paused_gc():  # a large answer's containers hold no cycles (see _gc_pause)
+        info = _request_info(request)
+        body = _as_mapping(response)
+        choices = _collect_choices(body)
+        prompt_lens = _prompt_lengths(choices, info, body)
+        rows = _token_rows(choices)
+        token_below = _mark_below_cap(rows.logprobs, below_cap)
+        if token_below is not None:
+            rows.probs[token_below] = np.nan
+        echo, prompt_n = _echo_rows(rows, prompt_lens)
+        alternatives = _alternatives(rows, info.logprobs, vocab_size, below_cap)
+        if info.n is None:
+            prompt_index = _int64(np.zeros(len(choices)), np.ones(len(choices), dtype=bool))
+            choice_k = prompt_index
+        else:
+            prompt_index = _int64(rows.choice_index // info.n)
+            choice_k = _int64(rows.choice_index % info.n)
+        tokens = _tokens_frame(
+            rows, alternatives, echo, prompt_index, choice_k, vocab_size, token_below
+        )
+        if info.logprobs is not None:
+            # The k asked for: a rank past it reads ">k" in the plots, as in the popup.
+            tokens.attrs["logprobs"] = int(info.logprobs)
+        return (
+            _choices_frame(
+                choices, rows, echo, prompt_lens, prompt_n, prompt_index, choice_k, vocab_size
+            ),
+            tokens,
+            _alternatives_frame(rows, alternatives, vocab_size),
+        )

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "_request": 0,
     "_chat": 0,
     "_parse": 0,
+    "_gc_pause": 0,
     "_corrections": 0,
     "_secrets": 0,
     "_retry": 0,
