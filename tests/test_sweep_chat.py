@@ -7,6 +7,7 @@ model's chat template), so the chat path is held to the completion path's answer
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from nbcompletions._chat import ChatRequest
 from nbcompletions._request import CompletionRequest
 from nbcompletions.model import render_chat
 from nbcompletions.server import StreamingASGITransport
+from nbcompletions.sweeps.outcome import Outcome
 
 MODEL = "nbc-shakespeare"
 
@@ -217,3 +219,38 @@ async def test_asweep_sends_a_chat_grid_and_probing_does_not_refuse_it(app: Any)
     assert result.requests["prompt_id"].tolist() == [0, 0, 1, 1]
     assert result.choices.groupby("request_id").size().tolist() == [1, 2, 1, 2]
     assert set(result.choices["api"]) == {"chat"}
+
+
+def _tracked(root: object) -> int:
+    """How many objects the garbage collector tracks among those ``root``'s fields reach (the
+    classes and modules they lead to left out)."""
+    seen: set[int] = set()
+    todo = list(vars(root).values())
+    while todo:
+        each = todo.pop()
+        if id(each) in seen or not gc.is_tracked(each) or isinstance(each, type):
+            continue
+        seen.add(id(each))
+        todo.extend(gc.get_referents(each))
+    return len(seen)
+
+
+def test_a_kept_chat_answer_is_its_bytes_and_reads_as_the_parsed_answer(app: Any) -> None:
+    # A sweep keeps every answer until its frames are built; a parsed chat answer with logprobs
+    # holds ~100 tracked objects, which every full garbage collection walks (issue 17's sweep).
+    client, _ = _client(app)
+    with client:
+        answer = client.chat(
+            CONVERSATIONS["news"], max_completion_tokens=8, logprobs=True, top_logprobs=5, seed=1
+        )
+    body = answer._body
+    assert body is not None
+    kept = Outcome.received(answer.raw, 0.5, body)
+    assert kept.raw == answer.raw
+    assert kept.usage == Outcome(response=answer.raw).usage
+    assert kept.usage["total_tokens"] == answer.raw["usage"]["total_tokens"] > 0
+    assert kept.response_id == answer.raw["id"] is not None
+    assert kept.copy().raw == answer.raw
+    assert _tracked(kept) < 10 < 50 < _tracked(Outcome(response=answer.raw))
+    # A client that keeps no body: the parsed answer is kept.
+    assert Outcome.received(answer.raw, 0.5, None).response is answer.raw

@@ -294,10 +294,14 @@ class _LiveRun:
                 raise _Stop from None
         else:
             self.watch.success()
-            outcome = Outcome(response=raw, latency=time.perf_counter() - started)
+            # The body as received, where the client kept it (ours does).
+            body = getattr(completion, "_body", None)
+            latency = time.perf_counter() - started
+            if isinstance(point.request, ChatRequest):
+                outcome = Outcome.received(raw, latency, body)
+            else:  # a governed answer is kept as corrected (a cheap one: few objects)
+                outcome = Outcome(response=raw, latency=latency)
             if self.commits is not None:
-                # The body as received, where the client kept it (ours does).
-                body = getattr(completion, "_body", None)
                 await self.commits.put(point.key, raw, outcome.latency, body)
                 tally.saved += 1 + len(self.plan.copies(point))
             tally.spend(raw)
