@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._chat import ChatRequest
+from .._gc_pause import paused_gc
 from .._grid import ID_COLUMNS, TAIL_COLUMNS, Grid, GridPoint
 from .._parse import choice_index
 from .outcome import TOKEN_FIELDS, Outcome
@@ -179,7 +180,22 @@ def build_frames(
     vocab_size: int | None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The frames of every response of ``points``, stacked in that order, with the request's
-    columns in front; ``outcomes`` and the ``requests`` rows are in the same order."""
+    columns in front; ``outcomes`` and the ``requests`` rows are in the same order.
+
+    The garbage collector is held off meanwhile (`paused_gc`): the answers parsed here (kept as
+    bytes or cache rows until now) are all alive until their frames are built, and the collector
+    walked them over and over as they were parsed (a 2,000-request chat sweep: ~1 s of its 2)."""
+    with paused_gc():
+        return _stacked_frames(grid, points, outcomes, requests, vocab_size)
+
+
+def _stacked_frames(
+    grid: Grid,
+    points: Sequence[GridPoint],
+    outcomes: Sequence[Outcome],
+    requests: pd.DataFrame,
+    vocab_size: int | None,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     import numpy as np
     import pandas as pd
 
