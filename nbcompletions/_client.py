@@ -35,7 +35,7 @@ from ._corrections import CardLimits
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
-from ._model_card import needs_limits, read_limits, remember_cards
+from ._model_card import needs_limits, read_card, read_limits, remember_cards
 from ._parse import loads, responses_as_chat
 from ._profiles import ServerProfile
 from ._request import (
@@ -714,10 +714,12 @@ class AsyncClient(_BaseClient):
         return await read_limits(self, model)
 
     async def _read_model_card(self, request: CompletionRequest | ChatRequest) -> None:
-        # Before the first request whose frames need the vocabulary size (issue 16, case 6).
+        # Before the first request whose frames need the vocabulary size (issue 16, case 6);
+        # only read here (`vocab_size` parses it for the answer).
         asked = request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
-        if needs_limits(asked):
-            await self.model_card_limits(request.model)
+        settings = self._settings
+        if needs_limits(asked) and settings.vocab_size is None and not settings.target.embedded:
+            await read_card(self, request.model)
 
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""

@@ -84,6 +84,8 @@ class Outcome:
     cached: bool = False
     error: dict[str, Any] | None = None
     entry: CachedResponse | None = None
+    #: `usage`, read once: the tally and the requests frame both want it.
+    _usage: dict[str, int | None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def hit(cls, entry: CachedResponse) -> Outcome:
@@ -92,7 +94,9 @@ class Outcome:
 
     def copy(self) -> Outcome:
         """The same outcome for another grid point that sends the same request."""
-        return Outcome(self.response, self.latency, self.cached, self.error, self.entry)
+        return Outcome(
+            self.response, self.latency, self.cached, self.error, self.entry, self._usage
+        )
 
     @property
     def raw(self) -> dict[str, Any] | None:
@@ -102,9 +106,13 @@ class Outcome:
 
     @property
     def usage(self) -> dict[str, int | None]:
-        if self.entry is not None and self.response is None:
-            return usage_of(self.entry.usage)
-        return usage_of((self.response or {}).get("usage"))
+        """The token counts (`usage_of`); read once, the same dict every time."""
+        if self._usage is None:
+            if self.entry is not None and self.response is None:
+                self._usage = usage_of(self.entry.usage)
+            else:
+                self._usage = usage_of((self.response or {}).get("usage"))
+        return self._usage
 
     @property
     def response_id(self) -> Any:
@@ -127,9 +135,9 @@ class Tally:
     #: Checks of the endpoint's report that answers were flagged with (`nbcompletions._governance`).
     flags: set[str] = field(default_factory=set)
 
-    def spend(self, response: Mapping[str, Any]) -> None:
-        """Add a response's usage to the tokens spent."""
-        for name, value in usage_of(response.get("usage")).items():
+    def spend(self, usage: Mapping[str, int | None]) -> None:
+        """Add a response's token counts (`Outcome.usage`) to the tokens spent."""
+        for name, value in usage.items():
             if value is not None:
                 setattr(self, name, getattr(self, name) + value)
 

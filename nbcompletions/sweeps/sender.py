@@ -300,7 +300,7 @@ class _LiveRun:
                 body = getattr(completion, "_body", None)
                 await self.commits.put(point.key, raw, outcome.latency, body)
                 tally.saved += 1 + len(self.plan.copies(point))
-            tally.spend(raw)
+            tally.spend(outcome.usage)
             self.sink.finished(point, outcome)
         self.advance()
 
