@@ -139,6 +139,7 @@ def run_one(
     client = Client(base_url, api_key="sk-bench", model="canned-model", max_concurrency=concurrency)
     options: dict[str, Any] = {"results": workdir / "study"} if mode == "stream" else {}
     started = time.perf_counter()
+    cpu_started = time.process_time()
     result = sweep(
         client,
         prompt=prompts,
@@ -153,13 +154,20 @@ def run_one(
         **options,
     )
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu_started
     sent = result.usage["sent"]
     assert sent == len(prompts) * len(temperatures) * repeats, result.usage
     assert result.usage["failed_requests"] == 0, result.usage
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     disk = sum(f.stat().st_size for f in workdir.rglob("*") if f.is_file())
     client.close()
-    return {"requests": sent, "seconds": elapsed, "rss_mib": rss_mib, "disk_mib": disk / 2**20}
+    return {
+        "requests": sent,
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "rss_mib": rss_mib,
+        "disk_mib": disk / 2**20,
+    }
 
 
 def child(
@@ -204,16 +212,19 @@ def compare_old(base_url: str, size: int, concurrency: int, old: Path, rounds: i
     """This checkout's streamed sweep against ``old``'s, alternating, best of ``rounds`` each (the
     machine's load moves; alternating exposes both to it alike)."""
     rates: dict[str, list[float]] = {"new": [], "old": []}
+    cpu_ms: dict[str, list[float]] = {"new": [], "old": []}  # the client's CPU per request
     rss: dict[str, list[float]] = {"new": [], "old": []}
     for _ in range(rounds):
         for name, where in (("old", old), ("new", HERE)):
             figures = child(base_url, size, "stream", concurrency, where)
             rates[name].append(figures["requests"] / figures["seconds"])
+            cpu_ms[name].append(1000 * figures["cpu_seconds"] / figures["requests"])
             rss[name].append(figures["rss_mib"])
     for name in ("old", "new"):
         shown = ", ".join(f"{r:.0f}" for r in rates[name])
         print(
             f"  {name} streamed {size:>8,} requests: req/s {shown} (best {max(rates[name]):.0f}), "
+            f"CPU ms/request {', '.join(f'{c:.2f}' for c in cpu_ms[name])}, "
             f"peak RSS {min(rss[name]):.1f} MiB"
         )
     speed = max(rates["new"]) / max(rates["old"])
@@ -221,6 +232,9 @@ def compare_old(base_url: str, size: int, concurrency: int, old: Path, rounds: i
         f"  new / old streamed req/s at {size:,} (best of {rounds}) = {speed:.2f}  "
         f"(target >= 1): {'OK' if speed >= 1 else 'MISSED'}"
     )
+    # On a loaded machine wall time follows the load; CPU time per request much less so.
+    cpu = min(cpu_ms["old"]) / min(cpu_ms["new"])
+    print(f"  old / new client CPU per request at {size:,} (best of {rounds}) = {cpu:.2f}")
 
 
 def report_sizes(runs: list[dict[str, Any]], base_rate: float) -> float:

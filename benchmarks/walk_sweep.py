@@ -9,12 +9,16 @@ probe on, a SQLite cache, then the same call again from the cache) against canne
 (``httpx.MockTransport``: only the client side runs). ``sys.setprofile`` (and
 ``threading.setprofile`` for the event loop's thread) records every call into and return to a
 function of ``nbcompletions``; the module that holds the innermost such frame is where the flow
-is. The layers are the checkout's own ``tests/test_layers.py`` (a subpackage is one unit). A
-climb is a step of the flow from a module to one in a higher layer: a callback, a coroutine
-run by the loop, a return from a lower layer into a module that had called down. An await that
-suspends (the chain of coroutines unwinding to the event loop) and its resumption are not steps
-of the flow. Reported: the modules entered, the distinct climbs (from -> to) and per module the
-climbs into it.
+is; code being loaded (a module's or a class's body, run by an import) is not the flow. The
+layers are the checkout's own ``tests/test_layers.py`` (a subpackage is one unit).
+
+A climb is a call from a module to one in a higher layer: a callback, a method of an object a
+lower layer was handed (a protocol), a coroutine or callback run by the loop. A return from a
+lower layer into the module that called down is not a climb, it ends a call down; these returns
+are counted apart (the distinct calls down: how far a module reaches). Issue 18 counted both as
+climbs ("climbs, as issue 18 counted"). An await that suspends (the chain of coroutines
+unwinding to the event loop) and its resumption are not steps of the flow. Reported: the modules
+entered, the distinct climbs and calls down (from -> to) and per module the climbs into it.
 """
 
 from __future__ import annotations
@@ -98,8 +102,8 @@ def walk() -> dict[str, Any]:
         """The client-side module of the innermost package function on the stack; None while
         a module is being imported (its body and what it calls: loading code, not the flow)."""
         while frame is not None:
-            if frame.f_code.co_name == "<module>":
-                return None
+            if not frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+                return None  # a module's or a class's body: run by an import
             name = frame.f_globals.get("__name__", "")
             client_side = ".server" not in name and ".model" not in name
             if name.startswith("nbcompletions.") and client_side:
@@ -157,8 +161,15 @@ def summarize(tree: Path, steps: list[list[Any]]) -> dict[str, Any]:
     ]
     calls = sorted((a, b) for a, b, kind in up if kind == "call")
     returns = sorted((a, b) for a, b, kind in up if kind == "return")
-    into = Counter(b for _, b, _ in up)
-    return {"modules": sorted(modules), "calls": calls, "returns": returns, "into": into}
+    into = Counter(b for _, b, kind in up if kind == "call")
+    into_counted = Counter(b for _, b, _ in up)
+    return {
+        "modules": sorted(modules),
+        "calls": calls,
+        "returns": returns,
+        "into": into,
+        "into_counted": into_counted,
+    }
 
 
 def run(tree: Path) -> dict[str, Any]:
@@ -193,22 +204,27 @@ def main() -> None:
     print(f"{'':38}" + "".join(f"{name:>10}" for name in names))
     rows: list[tuple[str, Callable[[dict[str, Any]], int]]] = [
         ("modules entered", lambda w: len(w["modules"])),
-        ("climbs, all (distinct from -> to)", lambda w: len(w["calls"]) + len(w["returns"])),
-        ("  calls up (a lower layer calls in)", lambda w: len(w["calls"])),
-        ("  returns up (back from a call down)", lambda w: len(w["returns"])),
+        ("climbs (a lower layer calls up)", lambda w: len(w["calls"])),
+        ("calls down (distinct from -> to)", lambda w: len(w["returns"])),
+        ("climbs, as issue 18 counted (both)", lambda w: len(w["calls"]) + len(w["returns"])),
     ]
     for label, value in rows:
         print(f"{label:38}" + "".join(f"{value(walks[n]):>10}" for n in names))
-    targets = sorted({m for n in names for m in walks[n]["into"]}, key=short)
-    for module in targets:
-        counts = "".join(f"{walks[n]['into'].get(module, 0):>10}" for n in names)
-        print(f"  climbs into {short(module):25}" + counts)
+    for key, label in (("into", "climbs into"), ("into_counted", "as counted, into")):
+        for module in sorted({m for n in names for m in walks[n][key]}, key=short):
+            counts = "".join(f"{walks[n][key].get(module, 0):>10}" for n in names)
+            print(f"{'  ' + label + ' ' + short(module):38}" + counts)
     for name in names:
         print(f"{name} modules: " + " ".join(short(m) for m in walks[name]["modules"]))
         if args.verbose:
-            for kind in ("calls", "returns"):
+            for kind, what in (("calls", "climbs"), ("returns", "calls down")):
                 for a, b in walks[name][kind]:
-                    print(f"  {name} {kind} up: {short(a)} -> {short(b)}")
+                    shown = (
+                        f"{short(a)} -> {short(b)}"
+                        if kind == "calls"
+                        else f"{short(b)} -> {short(a)}"
+                    )
+                    print(f"  {name} {what}: {shown}")
 
 
 if __name__ == "__main__":

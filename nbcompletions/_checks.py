@@ -48,15 +48,24 @@ def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
     return f"{text[: limit - 40]}...{text[-20:]} (shortened: {len(text):,} characters in all)"
 
 
+#: The types `is_int` and `is_number` accept (and their subclasses but bool); a tuple built once
+#: (an ``int | np.integer`` union was built anew on every call, and these run per token count).
+_INTEGERS = (int, np.integer)
+_NUMBERS = (int, float, np.integer, np.floating)
+
+
 def is_int(value: Any) -> TypeGuard[int]:
     """An ``int`` or a numpy integer; never a bool."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+    return type(value) is int or (isinstance(value, _INTEGERS) and not isinstance(value, bool))
 
 
 def is_number(value: Any) -> bool:
     """An integer or a float (Python's or numpy's); never a bool. NaN and inf are numbers here:
     range checks refuse them (`check_number`), readers drop them (`finite_float`)."""
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    kind = type(value)
+    if kind is int or kind is float:
+        return True
+    return isinstance(value, _NUMBERS) and not isinstance(value, bool)
 
 
 def finite_float(value: Any) -> float | None:

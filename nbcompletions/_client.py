@@ -23,6 +23,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -34,7 +35,7 @@ from ._corrections import CardLimits
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
-from ._model_card import needs_limits, read_limits, remember_cards
+from ._model_card import needs_limits, read_card, read_limits, remember_cards
 from ._parse import loads, responses_as_chat
 from ._profiles import ServerProfile
 from ._request import (
@@ -713,10 +714,12 @@ class AsyncClient(_BaseClient):
         return await read_limits(self, model)
 
     async def _read_model_card(self, request: CompletionRequest | ChatRequest) -> None:
-        # Before the first request whose frames need the vocabulary size (issue 16, case 6).
+        # Before the first request whose frames need the vocabulary size (issue 16, case 6);
+        # only read here (`vocab_size` parses it for the answer).
         asked = request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
-        if needs_limits(asked):
-            await self.model_card_limits(request.model)
+        settings = self._settings
+        if needs_limits(asked) and settings.vocab_size is None and not settings.target.embedded:
+            await read_card(self, request.model)
 
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
@@ -944,7 +947,7 @@ class AsyncClient(_BaseClient):
         path: str,
         content: bytes | None,
         headers: Mapping[str, str],
-        read: Callable[[httpx.Response], AsyncIterator[T]],
+        read: Callable[[httpx.Response], AsyncGenerator[T, None]],
         *,
         retry: bool = True,
     ) -> AsyncGenerator[T, None]:
@@ -975,9 +978,11 @@ class AsyncClient(_BaseClient):
                     response = await http.send(http_request, stream=True)
                     try:
                         if response.status_code < 400:
-                            async for item in read(response):
-                                received = True
-                                yield item
+                            # Closed here, not left to the loop once collected (a task each).
+                            async with aclosing(read(response)) as items:
+                                async for item in items:
+                                    received = True
+                                    yield item
                             return
                         await response.aread()
                         error = self._http_error(response, endpoint, method, path)
@@ -1008,13 +1013,13 @@ class AsyncClient(_BaseClient):
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-async def _read_json(response: httpx.Response) -> AsyncIterator[tuple[Any, bytes]]:
+async def _read_json(response: httpx.Response) -> AsyncGenerator[tuple[Any, bytes], None]:
     """A whole JSON answer, once: the parsed value and its bytes (an empty body: None)."""
     await response.aread()
     yield (_json_body(response) if response.content else None), response.content
 
 
-async def _read_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+async def _read_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:
     """The chunk objects of a streamed completion (a server that ignored ``stream=True`` and
     sent it whole: that one object)."""
     if response.headers.get("content-type", "").startswith("application/json"):
@@ -1027,7 +1032,7 @@ async def _read_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]
         yield chunk
 
 
-async def _read_bytes(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _read_bytes(response: httpx.Response) -> AsyncGenerator[bytes, None]:
     """The answer's bytes as they arrive (decoded from any content encoding)."""
     async for piece in response.aiter_bytes():
         if piece:

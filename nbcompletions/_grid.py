@@ -155,7 +155,8 @@ class GridPoints(Sequence[GridPoint]):
     def copies(self, i: int) -> list[int]:
         """The later grid points that share point ``i``'s request (see `original`)."""
         combo_index, repeat = divmod(i, self._repeats)
-        return [c * self._repeats + repeat for c in self._copies.get(combo_index, ())]
+        later = self._copies.get(combo_index)
+        return [c * self._repeats + repeat for c in later] if later else []
 
     @property
     def _copies(self) -> dict[int, list[int]]:

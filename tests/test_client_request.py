@@ -264,3 +264,32 @@ def test_bad_arguments_are_refused_before_sending(call: dict[str, Any], field: s
     with mock_client(handler) as client, pytest.raises(RequestError) as info:
         client.request(**call)
     assert info.value.param == field
+
+
+async def test_an_answer_leaves_no_generator_for_the_loop_to_close(app: Any) -> None:
+    """Each request's reader is closed before the answer returns: one left suspended is closed
+    by the loop when collected (a task and a wake-up per request; 3,000 in a 3,000-request
+    sweep before this was fixed)."""
+    import gc
+    import sys
+
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+    assert finalizer is not None
+    left: list[str] = []
+
+    def counting(agen: Any) -> None:
+        left.append(agen.__qualname__)
+        finalizer(agen)
+
+    sys.set_asyncgen_hooks(firstiter, counting)
+    try:
+        async with AsyncClient(
+            "http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app)
+        ) as aclient:
+            for _ in range(3):
+                await aclient.complete("ROMEO:", max_tokens=1)
+                await aclient.request("GET", "/models")
+            gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(firstiter, finalizer)
+    assert [name for name in left if name.startswith("_read")] == []

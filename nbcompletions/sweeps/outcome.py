@@ -90,6 +90,8 @@ class Outcome:
     body: bytes | None = None
     body_usage: Any = None
     body_id: Any = None
+    #: `usage`, read once: the tally and the requests frame both want it.
+    _usage: dict[str, int | None] | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def hit(cls, entry: CachedResponse) -> Outcome:
@@ -118,6 +120,7 @@ class Outcome:
             self.body,
             self.body_usage,
             self.body_id,
+            self._usage,
         )
 
     @property
@@ -132,11 +135,15 @@ class Outcome:
 
     @property
     def usage(self) -> dict[str, int | None]:
-        if self.response is None and self.body is not None:
-            return usage_of(self.body_usage)
-        if self.entry is not None and self.response is None:
-            return usage_of(self.entry.usage)
-        return usage_of((self.response or {}).get("usage"))
+        """The token counts (`usage_of`); read once, the same dict every time."""
+        if self._usage is None:
+            if self.response is None and self.body is not None:
+                self._usage = usage_of(self.body_usage)
+            elif self.entry is not None and self.response is None:
+                self._usage = usage_of(self.entry.usage)
+            else:
+                self._usage = usage_of((self.response or {}).get("usage"))
+        return self._usage
 
     @property
     def response_id(self) -> Any:
@@ -161,9 +168,9 @@ class Tally:
     #: Checks of the endpoint's report that answers were flagged with (`nbcompletions._governance`).
     flags: set[str] = field(default_factory=set)
 
-    def spend(self, response: Mapping[str, Any]) -> None:
-        """Add a response's usage to the tokens spent."""
-        for name, value in usage_of(response.get("usage")).items():
+    def spend(self, usage: Mapping[str, int | None]) -> None:
+        """Add a response's token counts (`Outcome.usage`) to the tokens spent."""
+        for name, value in usage.items():
             if value is not None:
                 setattr(self, name, getattr(self, name) + value)
 

@@ -304,7 +304,7 @@ class _LiveRun:
             if self.commits is not None:
                 await self.commits.put(point.key, raw, outcome.latency, body)
                 tally.saved += 1 + len(self.plan.copies(point))
-            tally.spend(raw)
+            tally.spend(outcome.usage)
             self.sink.finished(point, outcome)
         self.advance()
 
