@@ -15,7 +15,10 @@ four common characters, and hang up at the first generated text, so a server tha
 context (which crashed one). Honoured means proven: no text and ``finish_reason`` "length".
 Those streams run one at a time with nothing else in flight, because llama.cpp cuts a stream
 short when another request arrives (and a cut stream proves nothing); the stream_finish probe
-measures exactly that, with two probes sent beside its stream.
+measures exactly that, with two probes sent beside its stream. Where the model card names a
+server that batches whatever is in flight (vLLM, ours, OpenAI), every probe goes out at once
+instead and the check takes about as long as its longest probe (vLLM CPU: 96 greedy steps, plus
+the kernel it compiles for the first request with logprobs after it starts).
 
 GET /models is asked once, first: its card names the model for every probe (concurrent probes
 would each make the client discover it), tells the context length where it can, and names the

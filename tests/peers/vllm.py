@@ -112,6 +112,9 @@ def start_server(python: Path, log_path: Path) -> tuple[subprocess.Popen[str], s
         # No torch.compile: the engine is ready in 8 s instead of 105 s (its compile cache fails
         # to load here and compiles again each start); logprobs move by 3e-7.
         "-O0",
+        # Mounts POST /v1/chat/completions/render (the chat rendered to token ids, no generation),
+        # which score_reply's echo way can use; without it the route answers 403.
+        "--enable-scale-out",
         "--host",
         "127.0.0.1",
         "--port",
