@@ -41,8 +41,10 @@ with Client(sys.argv[1], model=sys.argv[2], max_retries=0) as client:
     for _ in sys.stdin:
         report = client.conformance(refresh=True)
         statuses = {name: c.status for name, c in report.checks.items()}
+        errors = {name: c.detail for name, c in report.checks.items() if c.status == "error"}
         print(json.dumps({"requests": report.requests, "seconds": report.seconds,
-                          "statuses": statuses, "profile": report.profile_name}), flush=True)
+                          "statuses": statuses, "errors": errors,
+                          "profile": report.profile_name}), flush=True)
 """
 
 
@@ -128,15 +130,20 @@ def report(server: str, results: dict[str, list[dict[str, Any]]], first: str) ->
             + " | ".join(cells)
             + f"  (warm median {sorted(warm)[len(warm) // 2]:.2f} s)"
         )
-    verdicts = {side: runs[-1]["statuses"] for side, runs in results.items()}
+    verdicts = {side: [run["statuses"] for run in runs] for side, runs in results.items()}
     if len(verdicts) == 2:
         ours, other = verdicts.values()
         differ = {
-            k: (ours.get(k), other.get(k)) for k in {*ours, *other} if ours.get(k) != other.get(k)
+            k: (sorted({run.get(k) for run in ours}), sorted({run.get(k) for run in other}))
+            for k in {*ours[0], *other[0]}
+            if {run.get(k) for run in ours} != {run.get(k) for run in other}
         }
         print("  verdicts: " + ("identical on every check" if not differ else f"DIFFER {differ}"))
     for side, runs in results.items():
         print(f"  {side} profile {runs[-1]['profile']}: {runs[-1]['statuses']}")
+        for number, run in enumerate(runs):
+            for name, detail in run["errors"].items():  # a probe that failed proves nothing
+                print(f"  {side} check {number + 1}: {name} error: {detail}")
 
 
 def main() -> int:
