@@ -211,7 +211,10 @@ class _Prober:
         its first chunk (a server that batches: they then need not wait for it); it overlapped
         the stream when a company probe was still in flight at the first chunk.
         Returns what the stream showed and the company's outcomes."""
-        request = self.request(PROMPT, max_tokens=FINISH_TOKENS, stream=True, temperature=0.0)
+        # Sent with its company, the stream is overlapped from its first token: a short one
+        # proves as much, and each streamed token costs a server that batches CPU time.
+        length = FINISH_TOKENS_AT_ONCE if at_once else FINISH_TOKENS
+        request = self.request(PROMPT, max_tokens=length, stream=True, temperature=0.0)
         seen = BoundedStream()
         started: dict[str, asyncio.Future[ProbeOutcome]] = {}
         if at_once:
@@ -292,6 +295,9 @@ _BEST_OF = 3
 #: 5 streams of 6 were cut, at 80 all 6; as long as the penalty probe, so it costs nothing more
 #: on servers that batch.
 FINISH_TOKENS = WINDOW_TOKENS
+#: Its length when the long probes are sent with it (servers that batch): they are in flight from
+#: its first token to its last.
+FINISH_TOKENS_AT_ONCE = 16
 
 
 async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> ConformanceReport:
