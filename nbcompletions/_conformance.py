@@ -1,8 +1,8 @@
 """Checking an endpoint: probes that measure what it does, and the report they make.
 
 `aconformance` sends at most 25 small requests (22 to our server and vLLM, 23 to llama-cpp-python;
-most a few tokens; the penalty, sampler-order and stream-finish probes 96, 48 and 96, sent
-together) and compares what comes back with what OpenAI's Completions API promises. Each check is
+most a few tokens; the penalty, sampler-order and stream-finish probes 96, 48 and 96 tokens,
+sent together; the stream 16 on servers that batch) and compares what comes back with what OpenAI's Completions API promises. Each check is
 a row of `ConformanceReport.frame` with a status (``ok``, ``fails``, ``unsupported``: the server
 refused the feature, ``error``: the probe itself failed) and the evidence, e.g. the two numbers
 that disagree. Nothing is taken on trust from what a server says about itself, except the context
