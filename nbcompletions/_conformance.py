@@ -2,11 +2,11 @@
 
 `aconformance` sends at most 25 small requests (22 to our server and vLLM, 23 to llama-cpp-python;
 most a few tokens; the penalty, sampler-order and stream-finish probes 96, 48 and 96 tokens,
-sent together; the stream 16 on servers that batch) and compares what comes back with what OpenAI's Completions API promises. Each check is
-a row of `ConformanceReport.frame` with a status (``ok``, ``fails``, ``unsupported``: the server
-refused the feature, ``error``: the probe itself failed) and the evidence, e.g. the two numbers
-that disagree. Nothing is taken on trust from what a server says about itself, except the context
-length and vocabulary size it lists.
+sent together; the stream 16 on servers that batch) and compares what comes back with what
+OpenAI's Completions API promises. Each check is a row of `ConformanceReport.frame` with a
+status (``ok``, ``fails``, ``unsupported``: the server refused the feature, ``error``: the probe
+itself failed) and the evidence, e.g. the two numbers that disagree. Nothing is taken on trust
+from what a server says about itself, except the context length and vocabulary size it lists.
 
 Every probe is bounded: each sends an explicit small ``max_tokens``. The two that cannot (is
 ``max_tokens=0`` honoured? is ``max_tokens`` past any context refused?) stream, stop at any of
