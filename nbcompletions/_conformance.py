@@ -147,17 +147,24 @@ class _Prober:
     async def send(self, prompt: Any, **fields: Any) -> ProbeOutcome:
         request = self.request(prompt, **fields)
         self.requests += 1
-        try:
-            completion = await asyncio.wait_for(
-                self.aclient.complete_as_is(request), _PROBE_TIMEOUT
-            )
-        except APIError as exc:
-            if exc.status in (401, 403, 404, 429):
-                raise  # the key, the model or rate limits: not a question about conformance
-            return None, exc
-        except asyncio.TimeoutError:
-            return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
-        return dict(completion.raw), None
+        for attempt in range(2):
+            try:
+                completion = await asyncio.wait_for(
+                    self.aclient.complete_as_is(request), _PROBE_TIMEOUT
+                )
+            except APIError as exc:
+                if exc.status in (401, 403, 404, 429):
+                    raise  # the key, the model or rate limits: not a question about conformance
+                if exc.type == "connection_error" and attempt == 0:
+                    # Not an answer: a pooled connection the server had just closed (uvicorn
+                    # closes idle ones after 5 s; seen with max_retries=0 on vLLM). Once more.
+                    self.requests += 1
+                    continue
+                return None, exc
+            except asyncio.TimeoutError:
+                return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
+            return dict(completion.raw), None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def tokenize(self, text: str) -> list[str] | None:
         """``text``'s token pieces from ggml llama-server's /tokenize (beside /v1), or None."""

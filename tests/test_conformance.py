@@ -206,6 +206,31 @@ async def test_streams_go_alone_unless_the_card_names_a_server_that_batches(
         assert probes == [0, 0, 0], transport.streams
 
 
+async def test_a_probe_that_could_not_reach_the_server_is_sent_once_more(app: Any) -> None:
+    # A pooled connection the server closed as the probe went out (seen against vLLM with
+    # max_retries=0: "ReadError"): no answer, so no verdict; the probe is sent again once.
+    real = StreamingASGITransport(app)
+    dropped: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        if body.get("n") == 2 and not dropped:
+            dropped.append(body)
+            raise httpx.ReadError("connection closed", request=request)
+        return await real.handle_async_request(request)
+
+    client = AsyncClient(
+        "http://embedded/v1", model=MODEL, transport=httpx.MockTransport(handler), max_retries=0
+    )
+    try:
+        report = await client.conformance()
+    finally:
+        await client.aclose()
+    assert len(dropped) == 1
+    assert report.status("n") == "ok", report.checks["n"].detail
+    assert report.ok, report
+
+
 async def test_the_check_is_cached_per_client_and_sends_nothing_again(app: Any) -> None:
     client, transport = llama_like(app, faults=set())
     try:
