@@ -1,12 +1,12 @@
 """Checking an endpoint: probes that measure what it does, and the report they make.
 
 `aconformance` sends at most 25 small requests (22 to our server and vLLM, 23 to llama-cpp-python;
-most a few tokens; the penalty, sampler-order and stream-finish probes 96, 48 and 96, sent
-together) and compares what comes back with what OpenAI's Completions API promises. Each check is
-a row of `ConformanceReport.frame` with a status (``ok``, ``fails``, ``unsupported``: the server
-refused the feature, ``error``: the probe itself failed) and the evidence, e.g. the two numbers
-that disagree. Nothing is taken on trust from what a server says about itself, except the context
-length and vocabulary size it lists.
+most a few tokens; the penalty, sampler-order and stream-finish probes 96, 48 and 96 tokens,
+sent together; the stream 16 on servers that batch) and compares what comes back with what
+OpenAI's Completions API promises. Each check is a row of `ConformanceReport.frame` with a
+status (``ok``, ``fails``, ``unsupported``: the server refused the feature, ``error``: the probe
+itself failed) and the evidence, e.g. the two numbers that disagree. Nothing is taken on trust
+from what a server says about itself, except the context length and vocabulary size it lists.
 
 Every probe is bounded: each sends an explicit small ``max_tokens``. The two that cannot (is
 ``max_tokens=0`` honoured? is ``max_tokens`` past any context refused?) stream, stop at any of
@@ -15,7 +15,10 @@ four common characters, and hang up at the first generated text, so a server tha
 context (which crashed one). Honoured means proven: no text and ``finish_reason`` "length".
 Those streams run one at a time with nothing else in flight, because llama.cpp cuts a stream
 short when another request arrives (and a cut stream proves nothing); the stream_finish probe
-measures exactly that, with two probes sent beside its stream.
+measures exactly that, with two probes sent beside its stream. Where the model card names a
+server that batches whatever is in flight (vLLM, ours, OpenAI), every probe goes out at once
+instead and the check takes about as long as its longest probe (vLLM CPU: 96 greedy steps, plus
+the kernel it compiles for the first request with logprobs after it starts).
 
 GET /models is asked once, first: its card names the model for every probe (concurrent probes
 would each make the client discover it), tells the context length where it can, and names the
@@ -63,6 +66,7 @@ from ._conformance_checks import (
     best_of_check,
     bytes_check,
     card_limits,
+    card_profile,
     defaults_check,
     detect_profile,
     echo_alignment,
@@ -143,17 +147,24 @@ class _Prober:
     async def send(self, prompt: Any, **fields: Any) -> ProbeOutcome:
         request = self.request(prompt, **fields)
         self.requests += 1
-        try:
-            completion = await asyncio.wait_for(
-                self.aclient.complete_as_is(request), _PROBE_TIMEOUT
-            )
-        except APIError as exc:
-            if exc.status in (401, 403, 404, 429):
-                raise  # the key, the model or rate limits: not a question about conformance
-            return None, exc
-        except asyncio.TimeoutError:
-            return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
-        return dict(completion.raw), None
+        for attempt in range(2):
+            try:
+                completion = await asyncio.wait_for(
+                    self.aclient.complete_as_is(request), _PROBE_TIMEOUT
+                )
+            except APIError as exc:
+                if exc.status in (401, 403, 404, 429):
+                    raise  # the key, the model or rate limits: not a question about conformance
+                if exc.type == "connection_error" and attempt == 0:
+                    # Not an answer: a pooled connection the server had just closed (uvicorn
+                    # closes idle ones after 5 s; seen with max_retries=0 on vLLM). Once more.
+                    self.requests += 1
+                    continue
+                return None, exc
+            except asyncio.TimeoutError:
+                return None, APIError(f"no answer within {_PROBE_TIMEOUT:g} s", type="timeout")
+            return dict(completion.raw), None
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def tokenize(self, text: str) -> list[str] | None:
         """``text``'s token pieces from ggml llama-server's /tokenize (beside /v1), or None."""
@@ -199,23 +210,35 @@ class _Prober:
         return seen
 
     async def stream_with_company(
-        self, company: Mapping[str, Awaitable[ProbeOutcome]]
+        self, company: Mapping[str, Awaitable[ProbeOutcome]], *, at_once: bool = False
     ) -> tuple[BoundedStream, dict[str, ProbeOutcome]]:
         """The stream_finish probe: a greedy stream, and once its first chunk is in, the
         ``company`` probes sent beside it (llama-cpp-python cuts a stream when a request
-        arrives while it streams).
+        arrives while it streams). ``at_once``: the company is sent with the stream, not after
+        its first chunk (a server that batches: they then need not wait for it); it overlapped
+        the stream when a company probe was still in flight at the first chunk.
         Returns what the stream showed and the company's outcomes."""
-        request = self.request(PROMPT, max_tokens=FINISH_TOKENS, stream=True, temperature=0.0)
+        # Sent with its company, the stream is overlapped from its first token: a short one
+        # proves as much, and each streamed token costs a server that batches CPU time.
+        length = FINISH_TOKENS_AT_ONCE if at_once else FINISH_TOKENS
+        request = self.request(PROMPT, max_tokens=length, stream=True, temperature=0.0)
         seen = BoundedStream()
         started: dict[str, asyncio.Future[ProbeOutcome]] = {}
+        if at_once:
+            started.update({k: asyncio.ensure_future(job) for k, job in company.items()})
+        first_chunk = True
 
         async def read(piece: Any) -> bool:
+            nonlocal first_chunk
             seen.text += piece.text or ""
             if piece.finish_reason is not None:
                 seen.finish = piece.finish_reason
-            if not started and company:
-                started.update({k: asyncio.ensure_future(job) for k, job in company.items()})
-                seen.overlapped = seen.finish is None
+            if first_chunk and company:
+                if not started:
+                    started.update({k: asyncio.ensure_future(job) for k, job in company.items()})
+                in_flight = any(not future.done() for future in started.values())
+                seen.overlapped = seen.finish is None and in_flight
+            first_chunk = False
             return False
 
         try:
@@ -279,6 +302,9 @@ _BEST_OF = 3
 #: 5 streams of 6 were cut, at 80 all 6; as long as the penalty probe, so it costs nothing more
 #: on servers that batch.
 FINISH_TOKENS = WINDOW_TOKENS
+#: Its length when the long probes are sent with it (servers that batch): they are in flight from
+#: its first token to its last.
+FINISH_TOKENS_AT_ONCE = 16
 
 
 async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> ConformanceReport:
@@ -292,35 +318,10 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
     probe = _Prober(aclient)
     # First and alone: the one GET /models, which names the model for every probe after it.
     card = await probe.models_card()
-    jobs = _first_round(probe, card)
-    # The two long probes go beside the stream_finish probe's stream, later.
-    long = {name: jobs.pop(name) for name in ("penalised", "order")}
-    try:
-        first = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
-        results: dict[str, Any] = {**first, "card": card, "eot_id": end_of_text_id(probe.model)}
-        # Streams one at a time, with nothing else in flight: llama.cpp ends a stream early
-        # ("[DONE]" without a finish_reason) when another request arrives.
-        results["max0"] = await probe.bounded_stream(0)
-        results["stream_echo"] = await probe.send(
-            PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0
-        )
-        results["usage"] = await probe.send(
-            PROMPT,
-            stream=True,
-            stream_options={"include_usage": True},
-            max_tokens=1,
-            temperature=0.0,
-        )
-        if card_limits(card)[0] is None:  # the card does not say: ask past any context
-            results["context"] = await probe.bounded_stream(CONTEXT_PROBE_MAX_TOKENS)
-        # The stream_finish probe's stream, with the two long probes sent beside it: they arrive
-        # while it streams (llama-cpp-python then cuts it), and hide its length on servers that
-        # batch. With the whole first round beside it instead, it was never cut (3 of 3 tries).
-        results["finish"], done = await probe.stream_with_company(long)
-    finally:
-        _close_unsent(long.values())
-    results.update(done)
-    results.update(await _second_round(probe, results["gen"], card))
+    if card_profile(card) in _STREAMS_BESIDE_OTHERS:
+        results = await _measure_together(probe, card)
+    else:
+        results = await _measure_in_turn(probe, card)
     if detect_profile(card, {}) == "llama-server":  # its penalties may count the prompt too
         results["repeat_prompt_tokens"] = await probe.tokenize(REPEAT_PROMPT)
     checks = _judge(results, probe.model)
@@ -340,6 +341,86 @@ async def aconformance(client: HasAsyncClient, *, refresh: bool = False) -> Conf
     )
     remember(aclient, report)
     return report
+
+
+#: Servers (as their model card names them) that keep streaming while other requests arrive: they
+#: batch whatever is in flight. Their probes all go out at once, the streams among them; vLLM CPU's
+#: first check after start-up took 7.5 s one round after another (issue 16's target: under 3 s).
+_STREAMS_BESIDE_OTHERS = frozenset({"vllm", "nbcompletions", "openai"})
+
+
+async def _measure_in_turn(probe: _Prober, card: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every probe's outcome, the streams one at a time with nothing else in flight: llama.cpp
+    ends a stream early ("[DONE]" without a finish_reason) when another request arrives."""
+    jobs = _first_round(probe, card)
+    # The two long probes go beside the stream_finish probe's stream, later.
+    long = {name: jobs.pop(name) for name in ("penalised", "order")}
+    streams = _stream_probes(probe, card)
+    try:
+        first = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+        results: dict[str, Any] = {**first, "card": card, "eot_id": end_of_text_id(probe.model)}
+        for name, job in streams.items():
+            results[name] = await job
+        # The stream_finish probe's stream, with the two long probes sent beside it: they arrive
+        # while it streams (llama-cpp-python then cuts it), and hide its length on servers that
+        # batch. With the whole first round beside it instead, it was never cut (3 of 3 tries).
+        results["finish"], done = await probe.stream_with_company(long)
+    finally:
+        _close_unsent([*long.values(), *streams.values()])
+    results.update(done)
+    results.update(await _second_round(probe, results["gen"], card))
+    return results
+
+
+async def _measure_together(probe: _Prober, card: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Every probe's outcome on a server that batches: all sent at once, the second round as soon
+    as the generation it is built from is in. The two long probes are the stream_finish probe's
+    company: sent with its stream, they are in flight while it streams."""
+    jobs: dict[str, Awaitable[Any]] = {**_first_round(probe, card), **_stream_probes(probe, card)}
+    long = {name: jobs.pop(name) for name in ("penalised", "order")}
+    generation = jobs.pop("gen")
+
+    async def generation_then_second() -> dict[str, Any]:
+        gen = await generation
+        return {"gen": gen, **(await _second_round(probe, gen, card))}
+
+    async def finish() -> dict[str, Any]:
+        seen, done = await probe.stream_with_company(long, at_once=True)
+        return {"finish": seen, **done}
+
+    try:
+        found = await asyncio.gather(generation_then_second(), finish(), *jobs.values())
+    finally:
+        _close_unsent([generation, *long.values(), *jobs.values()])
+    chained, finished, *rest = found
+    return {
+        **dict(zip(jobs, rest, strict=True)),
+        **chained,
+        **finished,
+        "card": card,
+        "eot_id": end_of_text_id(probe.model),
+    }
+
+
+def _stream_probes(
+    probe: _Prober, card: Mapping[str, Any] | None
+) -> dict[str, Awaitable[ProbeOutcome | BoundedStream]]:
+    """The stream probes but stream_finish's: is max_tokens=0 honoured, echo in a stream, usage in
+    a stream, and (when the card does not say) is max_tokens past any context refused."""
+    streams: dict[str, Awaitable[ProbeOutcome | BoundedStream]] = {
+        "max0": probe.bounded_stream(0),
+        "stream_echo": probe.send(PROMPT, echo=True, stream=True, max_tokens=1, temperature=0.0),
+        "usage": probe.send(
+            PROMPT,
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=1,
+            temperature=0.0,
+        ),
+    }
+    if card_limits(card)[0] is None:  # the card does not say: ask past any context
+        streams["context"] = probe.bounded_stream(CONTEXT_PROBE_MAX_TOKENS)
+    return streams
 
 
 def _close_unsent(jobs: Iterable[Awaitable[Any]]) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "best_of_check",
     "bytes_check",
     "card_limits",
+    "card_profile",
     "defaults_check",
     "detect_profile",
     "echo_alignment",
@@ -718,20 +719,30 @@ def _embedded_vocab(model: str | None, byte_echo: ProbeOutcome) -> tuple[int, st
     )
 
 
-def detect_profile(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
+#: The profile each model card's ``owned_by`` names. ggml's llama-server says "llamacpp" and lists
+#: its context in "meta"; llama-cpp-python's server says "me" (its card has id, object, owned_by
+#: and permissions only).
+_PROFILE_BY_OWNER = {
+    "vllm": "vllm",
+    "llamacpp": "llama-server",
+    "me": "llamacpp",
+    "nbcompletions": "nbcompletions",
+    "openai": "openai",
+    "system": "openai",
+    "openai-internal": "openai",
+}
+
+
+def card_profile(card: Mapping[str, Any] | None) -> str | None:
+    """The profile the model card's ``owned_by`` names, or None when it names none we know."""
     owner = str(card.get("owned_by", "")).lower() if card is not None else ""
-    # ggml's llama-server says "llamacpp" and lists its context in "meta"; llama-cpp-python's
-    # server says "me" (its card has id, object, owned_by and permissions only).
-    by_owner = {
-        "vllm": "vllm",
-        "llamacpp": "llama-server",
-        "me": "llamacpp",
-        "nbcompletions": "nbcompletions",
-    }
-    if owner in by_owner:
-        return by_owner[owner]
-    if owner in ("openai", "system", "openai-internal"):
-        return "openai"
+    return _PROFILE_BY_OWNER.get(owner)
+
+
+def detect_profile(card: Mapping[str, Any] | None, checks: Mapping[str, Check]) -> str:
+    named = card_profile(card)
+    if named is not None:
+        return named
     kind = checks["echo_alignment"].evidence.get("kind") if "echo_alignment" in checks else None
     if kind == "ignored":
         return "llama-server"

@@ -21,6 +21,12 @@ of two ways:
     Where the server also answers ``/v1/chat/completions``, its ``usage.prompt_tokens`` for the
     conversation must equal the number of echoed tokens before the reply: a client-side template
     that differs from the server's is refused rather than scored.
+    Before any of those (when no ``template=`` is given), where the server offers
+    ``POST /v1/chat/completions/render`` (vLLM started with ``--enable-scale-out``; without it the
+    route answers 403), the server renders and tokenizes the chat itself: the reply's span is
+    found from its ids as above (with and without the reply), the ids up to the span's end are
+    echoed as a token prompt, and the echoed tokens of the span must join to the reply
+    (``template`` "render").
 
 Where neither way is available (no ``/tokenize``, no template), `ConformanceError` says why.
 The reply's tokens are scored, not the template's end-of-turn marker after them.
@@ -34,6 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._chat import check_messages
+from ._conformance_checks import token_bytes
 from ._errors import APIError, ConformanceError, RequestError
 from ._governance import acorrect_raw, ameasure, decide
 from ._request import CompletionRequest, Limits
@@ -382,7 +389,7 @@ def _char_span(full: str, empty: str, reply: str) -> tuple[int, int]:
 
 
 async def _echo_tokens(
-    aclient: AsyncCompletionsClient, prompt: str
+    aclient: AsyncCompletionsClient, prompt: str | list[int]
 ) -> tuple[list[str], list[float | None], list[int]]:
     request = CompletionRequest(
         prompt=prompt,
@@ -410,6 +417,55 @@ async def _echo_tokens(
     return columns.tokens, columns.logprobs, fill_offsets(columns.tokens, columns.offsets)
 
 
+async def _render_chat(
+    aclient: AsyncCompletionsClient, messages: list[dict[str, Any]]
+) -> list[int] | None:
+    """The conversation's token ids as the server renders it (``/v1/chat/completions/render``,
+    vLLM's shape: ``token_ids``), or None where the route is not offered."""
+    body: dict[str, Any] = {"messages": messages, "add_generation_prompt": False}
+    if aclient.model is not None:
+        body["model"] = aclient.model
+    try:
+        answer = await _post(aclient, "/chat/completions/render", body)
+    except APIError as exc:
+        # 403: vLLM mounts the route only with --enable-scale-out ("Scale-out endpoints are
+        # disabled"); 400: a model without a chat template.
+        if exc.status in _NOT_OFFERED or exc.status in (400, 403):
+            return None
+        raise
+    ids = answer.get("token_ids") if isinstance(answer, Mapping) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(t, int) for t in ids):
+        return None
+    return ids
+
+
+async def _by_rendered_ids(
+    aclient: AsyncCompletionsClient, messages: list[dict[str, Any]], reply: str
+) -> ReplyScore | None:
+    """The echo way on ids the server rendered (None: it offers no render route)."""
+    turn = {"role": "assistant", "content": reply}
+    full = await _render_chat(aclient, [*messages, turn])
+    if full is None:
+        return None
+    empty = await _render_chat(aclient, [*messages, {**turn, "content": ""}])
+    if empty is None:
+        return None
+    start, end = _reply_span(full, empty)
+    tokens, logprobs, _ = await _echo_tokens(aclient, full[:end])
+    if len(tokens) < end or start == end:
+        raise _span_mismatch(reply, "".join(tokens[start:end]), "the echoed rendered ids")
+    joined = b"".join(token_bytes(t) for t in tokens[start:end]).decode("utf-8", "replace")
+    if not _is_reply(reply, joined):
+        raise _span_mismatch(reply, joined, "the echoed tokens of the rendered reply's span")
+    rows = [
+        {"position": i, "token": tokens[i], "token_id": full[i], "logprob": logprobs[i]}
+        for i in range(start, end)
+    ]
+    result = _result(reply, rows, "echo", "render")
+    result.summary["verified"] = True  # the server's own template and tokenizer
+    return result
+
+
 async def _chat_prompt_tokens(
     aclient: AsyncCompletionsClient, messages: list[dict[str, Any]]
 ) -> int | None:
@@ -434,6 +490,10 @@ async def _by_echo(
     reply: str,
     template: Template | None,
 ) -> ReplyScore:
+    if template is None:
+        rendered = await _by_rendered_ids(aclient, messages, reply)
+        if rendered is not None:
+            return rendered
     render, source = await _renderer(aclient, template)
     full = await _rendered(render, [*messages, {"role": "assistant", "content": reply}])
     empty = await _rendered(render, [*messages, {"role": "assistant", "content": ""}])

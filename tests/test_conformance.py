@@ -160,6 +160,77 @@ def test_every_check_is_ok_on_the_embedded_server(embedded_client: Client) -> No
     assert "all ok" in html
 
 
+class InFlight(LlamaLike):
+    """LlamaLike that notes, for each stream request, how many other completions were in flight
+    when it was sent (its own answer's time counts for the non-stream ones only)."""
+
+    def __init__(self, app: Any, faults: set[str]) -> None:
+        super().__init__(app, faults)
+        self.busy = 0
+        self.streams: list[tuple[int | None, int]] = []  # (max_tokens, others in flight)
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.url.path.endswith("/completions") else {}
+        if body.get("stream"):
+            self.streams.append((body.get("max_tokens"), self.busy))
+            return await super().__call__(request)
+        self.busy += 1
+        try:
+            return await super().__call__(request)
+        finally:
+            self.busy -= 1
+
+
+@pytest.mark.parametrize(("owner", "together"), [("me", False), ("nbcompletions", True)])
+async def test_streams_go_alone_unless_the_card_names_a_server_that_batches(
+    app: Any, owner: str, together: bool
+) -> None:
+    transport = InFlight(app, faults=set() if together else {"models"})
+    client = AsyncClient(
+        "http://llamacpp.test/v1", model=MODEL, transport=httpx.MockTransport(transport)
+    )
+    try:
+        report = await client.conformance()
+    finally:
+        await client.aclose()
+    assert report.profile_name == ("nbcompletions" if together else "llamacpp")
+    finish = report.evidence("stream_finish")
+    assert finish["overlapped"] is True
+    # max_tokens=0, echo in a stream, usage in a stream: the probes llama.cpp would cut short.
+    probes = [others for max_tokens, others in transport.streams if max_tokens in (0, 1)]
+    assert len(probes) == 3
+    if together:  # everything at once: the stream probes go out beside the first round
+        assert max(others for _, others in transport.streams) > 0
+        assert finish["chunks"] <= 16  # short: its company is in flight from its first token
+    else:  # llama.cpp cuts a stream when a request arrives: each goes out alone
+        assert probes == [0, 0, 0], transport.streams
+
+
+async def test_a_probe_that_could_not_reach_the_server_is_sent_once_more(app: Any) -> None:
+    # A pooled connection the server closed as the probe went out (seen against vLLM with
+    # max_retries=0: "ReadError"): no answer, so no verdict; the probe is sent again once.
+    real = StreamingASGITransport(app)
+    dropped: list[dict[str, Any]] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else {}
+        if body.get("n") == 2 and not dropped:
+            dropped.append(body)
+            raise httpx.ReadError("connection closed", request=request)
+        return await real.handle_async_request(request)
+
+    client = AsyncClient(
+        "http://embedded/v1", model=MODEL, transport=httpx.MockTransport(handler), max_retries=0
+    )
+    try:
+        report = await client.conformance()
+    finally:
+        await client.aclose()
+    assert len(dropped) == 1
+    assert report.status("n") == "ok", report.checks["n"].detail
+    assert report.ok, report
+
+
 async def test_the_check_is_cached_per_client_and_sends_nothing_again(app: Any) -> None:
     client, transport = llama_like(app, faults=set())
     try:

@@ -1,10 +1,12 @@
-"""Client.score_reply on our server: the echo way (template rendered here) and the prompt_logprobs
-way (``--compat vllm``: the server tokenizes the chat), against each other and against the
-completion and chat answers of the same text; refusals via httpx.MockTransport."""
+"""Client.score_reply on our server: the echo way (the chat rendered by the server's
+/v1/chat/completions/render, or by a template here) and the prompt_logprobs way (``--compat vllm``:
+the server tokenizes the chat), against each other and against the completion and chat answers of
+the same text; refusals via httpx.MockTransport."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +25,7 @@ MESSAGES = [
     {"role": "user", "content": "Who is there?"},
 ]
 REPLY = "Nay, answer me: stand, and unfold yourself."
+RENDER = "/v1/chat/completions/render"
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +56,11 @@ def test_echo_scores_the_reply_tokens_as_score_does(
     embedded_client: nbc.Client, by_echo: nbc.ReplyScore
 ) -> None:
     assert by_echo.method == "echo"
-    assert by_echo.summary["template"] == "embedded"
-    assert by_echo.summary["verified"] is True  # usage.prompt_tokens of our chat route agreed
+    assert by_echo.summary["template"] == "render"  # the server rendered and tokenized the chat
+    assert by_echo.summary["verified"] is True
     tokens = by_echo.tokens
     assert list(tokens.columns) == ["position", "token", "token_id", "logprob"]
+    assert tokens["token_id"].notna().all()
     assert "".join(tokens["token"]) == " " + REPLY  # the template's space rides on the first token
     assert by_echo.summary["n_tokens"] == len(tokens)
     assert by_echo.sum_logprob == pytest.approx(float(tokens["logprob"].sum()))
@@ -79,10 +83,11 @@ def test_prompt_logprobs_way_equals_the_echo_way(
     # The same server, told to echo with the template rendered here: the same tokens and numbers.
     echoed = vllm_compat.score_reply(MESSAGES, REPLY, method="echo")
     assert echoed.method == "echo"
-    assert echoed.summary["template"] == "embedded"
+    assert echoed.summary["template"] == "render"
     for other in (echoed, by_echo):
         assert served.tokens["position"].tolist() == other.tokens["position"].tolist()
         assert served.tokens["token"].tolist() == other.tokens["token"].tolist()
+        assert served.tokens["token_id"].tolist() == other.tokens["token_id"].tolist()
     assert served.tokens["logprob"].tolist() == pytest.approx(
         echoed.tokens["logprob"].tolist(), abs=1e-6
     )
@@ -132,7 +137,7 @@ def test_an_unknown_model_without_tokenize_or_template_is_refused() -> None:
     with pytest.raises(ConformanceError, match="template=") as caught:
         client.score_reply(MESSAGES, REPLY)
     assert caught.value.check == "chat_template"
-    assert seen == ["/tokenize", "/apply-template"]
+    assert seen == ["/tokenize", "/v1/chat/completions/render", "/apply-template"]
 
 
 def test_prompt_logprobs_asked_of_a_server_without_them_is_refused(
@@ -175,7 +180,7 @@ def test_a_vllm_without_chat_template_is_scored_by_echo_unverified(
     real = StreamingASGITransport(create_app(embedded_engine, compat="vllm"))
 
     async def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path in ("/tokenize", "/v1/chat/completions"):
+        if request.url.path in ("/tokenize", "/v1/chat/completions", RENDER):
             message = "default chat template is no longer allowed"
             return httpx.Response(400, json={"error": {"message": message, "code": 400}})
         return await real.handle_async_request(request)
@@ -188,3 +193,52 @@ def test_a_vllm_without_chat_template_is_scored_by_echo_unverified(
     assert scored.summary["verified"] is False
     assert scored.tokens["token"].tolist() == by_echo.tokens["token"].tolist()
     assert scored.sum_logprob == pytest.approx(by_echo.sum_logprob, abs=1e-5)
+
+
+def test_a_vllm_without_scale_out_is_scored_with_the_template_here(
+    embedded_engine: Any, by_echo: nbc.ReplyScore
+) -> None:
+    # vLLM 0.32 mounts the render route only with --enable-scale-out; without it (measured) every
+    # scale-out route answers 403 with this message.
+    real = StreamingASGITransport(create_app(embedded_engine))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == RENDER:
+            message = (
+                "Scale-out endpoints are disabled. Restart vllm serve with --enable-scale-out "
+                "to enable them."
+            )
+            error = {"message": message, "type": "PermissionDeniedError", "code": 403}
+            return httpx.Response(403, json={"error": error})
+        return await real.handle_async_request(request)
+
+    client = mock_client(
+        handler, base_url="http://embedded/v1", model="nbc-shakespeare", max_retries=0
+    )
+    scored = client.score_reply(MESSAGES, REPLY)
+    assert (scored.method, scored.summary["template"]) == ("echo", "embedded")
+    assert scored.summary["verified"] is True  # usage.prompt_tokens of the chat route agreed
+    assert scored.tokens["token"].tolist() == by_echo.tokens["token"].tolist()
+    assert scored.sum_logprob == pytest.approx(by_echo.sum_logprob, abs=1e-5)
+
+
+def test_a_render_that_does_not_hold_the_reply_is_refused(embedded_engine: Any) -> None:
+    # The render route answers for another reply than the one asked (a server whose rendering
+    # rewrites the turn): the echoed span is not the reply, so nothing is scored.
+    real = StreamingASGITransport(create_app(embedded_engine))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == RENDER:
+            body = json.loads(request.content)
+            last = body["messages"][-1]
+            if last["content"]:
+                last["content"] = "Long live the king!"
+            request = httpx.Request("POST", request.url, json=body)
+        return await real.handle_async_request(request)
+
+    client = mock_client(
+        handler, base_url="http://embedded/v1", model="nbc-shakespeare", max_retries=0
+    )
+    with pytest.raises(ConformanceError, match="Long live the king") as caught:
+        client.score_reply(MESSAGES, REPLY)
+    assert caught.value.check == "reply_span"

@@ -1,5 +1,6 @@
 """vLLM's extras on our server: ``prompt_logprobs`` (under ``compat="vllm"``, completions and chat)
-and ``POST /tokenize`` / ``/detokenize`` (every mode), through the real app and embedded model.
+and ``POST /tokenize`` / ``/detokenize`` / ``/v1/chat/completions/render`` (every mode), through
+the real app and embedded model.
 Checked against the engine's own echo scoring and tokenizer, never hard-coded model output."""
 
 from __future__ import annotations
@@ -163,9 +164,34 @@ async def test_tokenize_prompt_and_messages_like_vllm(
     assert back == {"prompt": render_chat(MESSAGES)}
 
 
+async def test_render_gives_the_chats_ids_like_vllm(
+    http: httpx.AsyncClient, embedded_engine: Any
+) -> None:
+    render = "/v1/chat/completions/render"
+    answer = await _post(http, render, model=MODEL, messages=MESSAGES)
+    assert answer["token_ids"] == embedded_engine.encode(render_chat(MESSAGES))
+    assert answer["request_id"].startswith("chatcmpl-")
+    assert (answer["model"], answer["token_offsets"]) == (MODEL, None)
+    reply = [*MESSAGES, {"role": "assistant", "content": "A poor player."}]
+    closed = await _post(http, render, messages=reply, add_generation_prompt=False)
+    assert closed["token_ids"] == embedded_engine.encode(render_chat(reply, False))
+    # The same ids as /tokenize gives for the same chat.
+    tokenized = await _post(http, "/tokenize", messages=reply, add_generation_prompt=False)
+    assert closed["token_ids"] == tokenized["tokens"]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [
+        ("/v1/chat/completions/render", {}, "messages"),
+        ("/v1/chat/completions/render", {"messages": MESSAGES, "max_tokens": 3}, "max_tokens"),
+        ("/v1/chat/completions/render", {"messages": "hi"}, "messages"),
+        (
+            "/v1/chat/completions/render",
+            {"messages": MESSAGES, "return_token_offsets": "yes"},
+            "return_token_offsets",
+        ),
+        ("/v1/chat/completions/render", {"messages": MESSAGES, "model": "gpt-4"}, "model"),
         ("/tokenize", {}, "prompt"),
         ("/tokenize", {"prompt": "a", "messages": MESSAGES}, "prompt"),
         ("/tokenize", {"prompt": 3}, "prompt"),
@@ -192,4 +218,7 @@ async def test_tokenize_needs_the_key_when_one_is_set(embedded_engine: Any) -> N
         transport=StreamingASGITransport(app), base_url="http://embedded"
     ) as client:
         response = await client.post("/tokenize", json={"prompt": "a"})
+        assert response.status_code == 401
+        render = {"messages": MESSAGES}
+        response = await client.post("/v1/chat/completions/render", json=render)
         assert response.status_code == 401

@@ -55,7 +55,15 @@ from ._http import (
 )
 from ._responses import RESPONSES_FIELDS, ResponseEvents, chat_body, response_object
 from ._scheduler import Overloaded, Scheduler, WorkBudget, scheduler_for
-from ._tokenize import DETOKENIZE_FIELDS, TOKENIZE_FIELDS, detokenize, needs_tokenizer, tokenize
+from ._tokenize import (
+    DETOKENIZE_FIELDS,
+    RENDER_FIELDS,
+    TOKENIZE_FIELDS,
+    detokenize,
+    needs_tokenizer,
+    render,
+    tokenize,
+)
 
 __all__ = [
     "COMPAT_MODES",
@@ -337,6 +345,14 @@ class CompletionsServer:
         _refuse_deep_nesting(body)
         engine = await self._tokenizer_engine(body)
         return JSONResponse(await anyio.to_thread.run_sync(detokenize, body, engine))
+
+    async def render_chat_ids(self, request: Request, request_id: str) -> Response:
+        body = await self.read_json(request)
+        self._refuse_unknown(body, RENDER_FIELDS)
+        _refuse_deep_nesting(body, deeper={"messages": _MAX_MESSAGE_NESTING})
+        engine = await self._tokenizer_engine(body)
+        answer = functools.partial(render, body, engine, request_id, engine.model_id)
+        return JSONResponse(await anyio.to_thread.run_sync(answer))
 
     async def _tokenizer_engine(self, body: dict[str, Any]) -> CompletionEngine:
         engine = await self.engine()

@@ -137,6 +137,11 @@ def _assemble(
     routes = [
         Route("/v1/completions", server.endpoint(server.completions), methods=["POST"]),
         Route("/v1/chat/completions", server.endpoint(server.chat_completions), methods=["POST"]),
+        Route(
+            "/v1/chat/completions/render",
+            server.endpoint(server.render_chat_ids),
+            methods=["POST"],
+        ),
         Route("/v1/responses", server.endpoint(server.responses), methods=["POST"]),
         Route("/tokenize", server.endpoint(server.tokenize_text), methods=["POST"]),
         Route("/detokenize", server.endpoint(server.detokenize_ids), methods=["POST"]),

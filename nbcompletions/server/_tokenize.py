@@ -1,10 +1,15 @@
-"""``POST /tokenize`` and ``POST /detokenize``, as vLLM serves them.
+"""``POST /tokenize``, ``POST /detokenize`` and ``POST /v1/chat/completions/render``, as vLLM
+serves them.
 
 ``/tokenize`` takes ``{"prompt": text}`` or ``{"messages": [...], "add_generation_prompt": true,
 "continue_final_message": false}`` (the messages rendered with the model's chat template) and
 answers ``{"count", "max_model_len", "tokens", "token_strs"}`` (``token_strs``, the tokenizer's own
 token names, with ``"return_token_strs": true``; null otherwise). ``/detokenize`` takes
-``{"tokens": [...]}`` and answers ``{"prompt": text}``.
+``{"tokens": [...]}`` and answers ``{"prompt": text}``. ``/v1/chat/completions/render`` (vLLM
+mounts it with ``--enable-scale-out``) takes ``{"messages": [...], "add_generation_prompt": true,
+"continue_final_message": false}`` and answers the part of vLLM's answer that describes the
+prompt: ``{"request_id", "token_ids", "token_offsets": null, "model"}`` (no sampling parameters:
+nothing is generated; no offsets, as vLLM answers where its tokenizer gives none).
 
 Both are on in every compat mode: they run the tokenizer only (no sampling, nothing an OpenAI
 client could trip on), and they let a client find a reply's tokens in a chat (score_reply) on our
@@ -21,7 +26,15 @@ from .._errors import RequestError
 from ..model import render_chat
 from ._http import Failure
 
-__all__ = ["DETOKENIZE_FIELDS", "TOKENIZE_FIELDS", "detokenize", "needs_tokenizer", "tokenize"]
+__all__ = [
+    "DETOKENIZE_FIELDS",
+    "RENDER_FIELDS",
+    "TOKENIZE_FIELDS",
+    "detokenize",
+    "needs_tokenizer",
+    "render",
+    "tokenize",
+]
 
 TOKENIZE_FIELDS = (
     "model",
@@ -33,6 +46,13 @@ TOKENIZE_FIELDS = (
     "return_token_strs",
 )
 DETOKENIZE_FIELDS = ("model", "tokens")
+RENDER_FIELDS = (
+    "model",
+    "messages",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_token_offsets",
+)
 
 
 def _flag(body: Mapping[str, Any], name: str, default: bool) -> bool:
@@ -91,6 +111,20 @@ def tokenize(body: Mapping[str, Any], engine: Any) -> dict[str, Any]:
         "max_model_len": engine.context_length,
         "tokens": tokens,
         "token_strs": names,
+    }
+
+
+def render(body: Mapping[str, Any], engine: Any, request_id: str, model: str) -> dict[str, Any]:
+    """The answer to a ``/v1/chat/completions/render`` body (fields known to be `RENDER_FIELDS`):
+    the chat rendered with the model's template and tokenized, nothing generated."""
+    if body.get("messages") is None:
+        raise invalid("messages", "a list of messages", None)
+    _flag(body, "return_token_offsets", False)  # checked; offsets are not computed (null)
+    return {
+        "request_id": f"chatcmpl-{request_id}",
+        "token_ids": tokenize(body, engine)["tokens"],
+        "token_offsets": None,
+        "model": model,
     }
 
 
