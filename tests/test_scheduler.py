@@ -98,8 +98,9 @@ async def test_the_budget_is_configurable_and_checks_memory_too(
     assert "at most 100 per request" in over_tokens.json()["error"]["message"]
     assert over_memory.status_code == 400
     # A quarter of so small a budget is kept for the server's own buffers.
-    assert "at most 0.2 MiB for all requests (of 0.3 MiB, 0.1 MiB kept for its own buffers)" in (
-        over_memory.json()["error"]["message"]
+    assert (
+        "at most 0.2 MiB for all requests (of 0.3 MiB, 0.1 MiB kept for its own buffers)"
+        in (over_memory.json()["error"]["message"])
     )
     assert fits.status_code == 200
 

@@ -43,6 +43,7 @@ def in_flight_bytes(reserve_bytes: int) -> int:
     37 MiB under ``--max-memory-mb 128`` with 16 MB in flight."""
     return min(IN_FLIGHT_BYTES, reserve_bytes // _RESERVE_SHARE)
 
+
 #: (HTTP status, response body) of one line; None when the batch was cancelled first.
 Answer = tuple[int, Any] | None
 
