@@ -13,7 +13,9 @@ same measurements on that code; ``--parts sockets,line,rss,rss-distinct`` picks 
 3. ``rss``: a batch of long prompts under ``--max-memory-mb 128``: the server's RSS fresh, after
    one small request, and at its peak while the batch runs (the process holds about 200 MB
    besides the budget after one request: numba, LLVM, the model, its worker threads).
-   ``rss-distinct``: the same with a different prompt on every line (no prefill is shared).
+   ``rss-distinct``: the same with a different prompt on every line (no prefill is shared);
+   ``rss-long``: distinct prompts of 213 tokens (with 40 tokens, 253 of the 256 of context);
+   ``rss-live``: distinct prompts while 4 clients post live requests like them.
 """
 
 from __future__ import annotations
@@ -169,13 +171,15 @@ with httpx.Client(timeout=60) as client:
             pass
         times.append(time.perf_counter() - start)
         time.sleep(0.01)
-print(len(times), max(times))
+times.sort()
+print(len(times), times[-1], times[int(len(times) * 0.99)], sum(t > 0.1 for t in times))
 """
 
 
 @contextmanager
 def polling_health(base: str) -> Iterator[list[float]]:
-    """Ask /health every 10 ms from another process; yields [asks, slowest seconds] once done."""
+    """Ask /health every 10 ms from another process; yields [asks, slowest seconds, 99th
+    percentile seconds, asks over 100 ms] once done."""
     stop = Path(tempfile.mkdtemp(prefix="bench-poll-")) / "stop"
     poller = subprocess.Popen(
         [sys.executable, "-c", _POLLER, base, str(stop)], stdout=subprocess.PIPE, text=True
@@ -187,8 +191,15 @@ def polling_health(base: str) -> Iterator[list[float]]:
     finally:
         stop.touch()
         out, _ = poller.communicate(timeout=120)
-        asks, slowest = out.split()
-        result += [float(asks), float(slowest)]
+        result += [float(value) for value in out.split()]
+
+
+def _health_summary(health: list[float]) -> str:
+    asks, slowest, p99, slow = health
+    return (
+        f"{slowest * 1000:.0f} ms over {asks:.0f} asks (99th percentile {p99 * 1000:.0f} ms, "
+        f"{slow:.0f} over 100 ms)"
+    )
 
 
 def _peak_rss(process: psutil.Process, stop: threading.Event, peak: list[int]) -> None:
@@ -216,7 +227,7 @@ def part_line(code: Path) -> dict[str, Any]:
             time.sleep(3)  # the same asks with nothing else to do: the machine's own noise
         uploading = _upload_line_watched(base, process, content)
     return {
-        "slowest /health, server idle": f"{idle[1] * 1000:.0f} ms over {idle[0]:.0f} asks",
+        "slowest /health, server idle": _health_summary(idle),
         **uploading,
     }
 
@@ -254,13 +265,23 @@ def _upload_line_watched(base: str, process: psutil.Process, content: bytes) -> 
         watcher.join()
     return {
         "upload of a 10 MB line": f"{answer.status_code} in {took:.2f} s ({outcome})",
-        "slowest /health meanwhile": f"{health[1] * 1000:.0f} ms over {health[0]:.0f} asks",
+        "slowest /health meanwhile": _health_summary(health),
         "server peak RSS": f"{peak[0] / 2**20:.0f} MiB",
     }
 
 
-def part_rss(code: Path, lines: int, *, distinct: bool = False) -> dict[str, Any]:
-    prompt = "To be, or not to be, that is the question. " * 10  # about 120 tokens
+#: The ``rss`` workloads: (repeats of a 13-token line in the prompt, distinct prompts, live
+#: requests too).
+RSS_WORKLOADS = {
+    "rss": (10, False, False),  # one 135-token prompt on every line
+    "rss-distinct": (10, True, False),  # a different prompt on every line: no prefill is shared
+    "rss-long": (16, True, False),  # distinct prompts of 213 tokens: with 40, 253 of 256
+    "rss-live": (10, True, True),  # distinct prompts, and 4 clients' live requests meanwhile
+}
+
+
+def _rss_batch(lines: int, repeats: int, distinct: bool) -> bytes:
+    prompt = "To be, or not to be, that is the question. " * repeats
     rows = [
         {
             "custom_id": f"r{i}",
@@ -268,7 +289,6 @@ def part_rss(code: Path, lines: int, *, distinct: bool = False) -> dict[str, Any
             "url": "/v1/completions",
             "body": {
                 "model": MODEL,
-                # distinct: every line its own prompt, so that prefills are not shared
                 "prompt": f"{i:04d} {prompt}" if distinct else prompt,
                 "max_tokens": 40,
                 "n": 4,
@@ -277,7 +297,42 @@ def part_rss(code: Path, lines: int, *, distinct: bool = False) -> dict[str, Any
         }
         for i in range(lines)
     ]
-    content = b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+    return b"".join(json.dumps(row).encode() + b"\n" for row in rows)
+
+
+def _live_clients(base: str, stop: threading.Event, answers: list[int]) -> list[threading.Thread]:
+    """Four clients posting live completions like the batch's lines until ``stop``."""
+
+    def client(index: int) -> None:
+        prompt = "To be, or not to be, that is the question. " * 10
+        with httpx.Client(timeout=300) as http:
+            while not stop.is_set():
+                body = {"model": MODEL, "prompt": f"live {index} {len(answers)} {prompt}"}
+                answer = http.post(f"{base}/v1/completions", json=body | {"max_tokens": 40, "n": 4})
+                answers.append(answer.status_code)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def _run_batch(base: str, content: bytes) -> dict[str, Any]:
+    file_id = _upload(base, content).json()["id"]
+    created = httpx.post(
+        f"{base}/v1/batches",
+        json={"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h"},
+    ).json()
+    while True:
+        card: dict[str, Any] = httpx.get(f"{base}/v1/batches/{created['id']}", timeout=30).json()
+        if card["status"] in ("completed", "failed", "expired", "cancelled"):
+            return card
+        time.sleep(0.2)
+
+
+def part_rss(code: Path, lines: int, workload: str) -> dict[str, Any]:
+    repeats, distinct, live = RSS_WORKLOADS[workload]
+    content = _rss_batch(lines, repeats, distinct)
     with serving(code, "--no-access-log", "--max-memory-mb", "128") as (base, process, _):
         started = process.memory_info().rss
         # One small request first: the first one costs the process memory the budget does not
@@ -292,39 +347,30 @@ def part_rss(code: Path, lines: int, *, distinct: bool = False) -> dict[str, Any
         before = process.memory_info().rss
         stop = threading.Event()
         peak = [before]
-        watcher = threading.Thread(target=_peak_rss, args=(process, stop, peak))
-        watcher.start()
-        file_id = _upload(base, content).json()["id"]
-        polling = polling_health(base)
-        health = polling.__enter__()
-        start = time.perf_counter()
-        created = httpx.post(
-            f"{base}/v1/batches",
-            json={
-                "input_file_id": file_id,
-                "endpoint": "/v1/completions",
-                "completion_window": "24h",
-            },
-        ).json()
-        while True:
-            card = httpx.get(f"{base}/v1/batches/{created['id']}", timeout=30).json()
-            if card["status"] in ("completed", "failed", "expired", "cancelled"):
-                break
-            time.sleep(0.2)
-        took = time.perf_counter() - start
-        polling.__exit__(None, None, None)
+        watchers = [threading.Thread(target=_peak_rss, args=(process, stop, peak))]
+        answers: list[int] = []
+        if live:
+            watchers += _live_clients(base, stop, answers)
+        watchers[0].start()
+        with polling_health(base) as health:
+            start = time.perf_counter()
+            card = _run_batch(base, content)
+            took = time.perf_counter() - start
         stop.set()
-        watcher.join()
-        kind = "distinct" if distinct else "one"
-        return {
-            "slowest /health while it ran": f"{health[1] * 1000:.0f} ms over {health[0]:.0f} asks",
-            "batch": f"{lines} lines (n=4, 120-token prompts ({kind}), 40 tokens) {card['status']} "
-            f"in {took:.1f} s, {card['request_counts']}",
-            "RSS started / after one request / peak": f"{started / 2**20:.0f} / "
-            f"{before / 2**20:.0f} / {peak[0] / 2**20:.0f} MiB",
-            "peak above the process after one request": f"{(peak[0] - before) / 2**20:.0f} MiB "
-            f"(--max-memory-mb 128; {(peak[0] - started) / 2**20:.0f} MiB above the fresh one)",
-        }
+        for watcher in watchers:
+            watcher.join()
+    shape = f"{repeats * 13 + 5}-token prompts ({'distinct' if distinct else 'one'}"
+    shape += ", 4 live clients too)" if live else ")"
+    return {
+        "slowest /health while it ran": _health_summary(health),
+        "batch": f"{lines} lines (n=4, {shape}, 40 tokens) {card['status']} in {took:.1f} s, "
+        f"{card['request_counts']}"
+        + (f"; live: {len(answers)} answers, {answers.count(200)} ok" if live else ""),
+        "RSS started / after one request / peak": f"{started / 2**20:.0f} / "
+        f"{before / 2**20:.0f} / {peak[0] / 2**20:.0f} MiB",
+        "peak above the process after one request": f"{(peak[0] - before) / 2**20:.0f} MiB "
+        f"(--max-memory-mb 128; {(peak[0] - started) / 2**20:.0f} MiB above the fresh one)",
+    }
 
 
 def main() -> None:
@@ -357,13 +403,13 @@ def main() -> None:
             results |= part_sockets(code, count, options.header_timeout, options.server_fds)
         if "line" in parts:
             results |= part_line(code)
-        if "rss" in parts:
-            results |= part_rss(code, options.rss_lines)
-        if "rss-distinct" in parts:
-            results |= {
-                f"{key} (distinct prompts)": value
-                for key, value in part_rss(code, options.rss_lines, distinct=True).items()
-            }
+        for workload in RSS_WORKLOADS:
+            if workload in parts:
+                suffix = "" if workload == "rss" else f" ({workload})"
+                results |= {
+                    f"{key}{suffix}": value
+                    for key, value in part_rss(code, options.rss_lines, workload).items()
+                }
         for key, value in results.items():
             print(f"  {key:40} {value}")
 

@@ -426,6 +426,31 @@ def test_errors_name_the_field(engine: Engine) -> None:
         run(engine, max_tokens=ctx)
 
 
+def test_a_prompt_too_long_by_its_bytes_alone_is_refused_before_tokenizing(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 900 KB prompt took ~100 MB and seconds to tokenize only to be refused for the context
+    (40 such batch lines grew the server 1.7 GB under --max-memory-mb 128): text of more bytes
+    than the context holds at the longest token's bytes each is refused before tokenizing."""
+    ctx, vocab = engine.context_length, engine.vocab
+    longest = vocab.tokenizer.longest_token_bytes
+    assert longest == max(len(piece) for piece in vocab.token_bytes)
+    for text in (PROMPT * 40, "a" * 3000, "ä€😀 x" * 500, "<|endoftext|>" * 30):
+        assert len(engine.encode(text)) >= vocab.fewest_tokens(len(text.encode())) > 0
+
+    def no_tokenizing(text: str) -> list[int]:
+        raise AssertionError("tokenized")
+
+    monkeypatch.setattr(vocab.tokenizer, "encode", no_tokenizing)
+    for prompt in ("a" * (ctx * longest + 1), ["To be", "€" * 1_000_000]):
+        with pytest.raises(RequestError) as info:
+            run(engine, prompt=prompt, max_tokens=1)
+        assert info.value.param == "prompt"
+        assert f"maximum context length is {ctx} tokens" in str(info.value)
+    with pytest.raises(AssertionError, match="tokenized"):  # one byte less: it might fit
+        run(engine, prompt="a" * (ctx * longest), max_tokens=1)
+
+
 def test_concurrent_requests_are_independent(engine: Engine) -> None:
     fields = dict(n=2, max_tokens=8, seed=21, logprobs=1)
     want = texts(run(engine, **fields))

@@ -97,8 +97,23 @@ async def test_the_budget_is_configurable_and_checks_memory_too(
     assert over_tokens.json()["error"]["param"] == "max_tokens"
     assert "at most 100 per request" in over_tokens.json()["error"]["message"]
     assert over_memory.status_code == 400
-    assert "at most 0.3 MiB" in over_memory.json()["error"]["message"]
+    # A quarter of so small a budget is kept for the server's own buffers.
+    assert (
+        "at most 0.2 MiB for all requests (of 0.3 MiB, 0.1 MiB kept for its own buffers)"
+        in (over_memory.json()["error"]["message"])
+    )
     assert fits.status_code == 200
+
+
+def test_the_budget_keeps_a_reserve_for_the_server_itself() -> None:
+    """Under --max-memory-mb 128 the process grew 129 MiB with requests holding all 128 MiB: its
+    own buffers, threads and allocator slack come on top. A reserve is kept out of what
+    requests may hold: 16 MiB, at most a quarter of a small budget."""
+    assert WorkBudget(max_memory_bytes=128 << 20).engine_bytes == 112 << 20
+    assert WorkBudget().engine_bytes == (1 << 30) - (16 << 20)
+    assert WorkBudget(max_memory_bytes=40 << 20).reserve_bytes == 10 << 20
+    budget = WorkBudget(max_memory_bytes=128 << 20)
+    assert budget.prefill_limit == budget.engine_bytes // 8
 
 
 def test_the_default_budget_lets_normal_notebook_requests_through(embedded_engine: Any) -> None:

@@ -81,7 +81,7 @@ def plan_request(
             allowed="unset (null)",
             value=request.suffix,
         )
-    prompts = _prompts(request.prompt, vocab)
+    prompts = _prompts(request.prompt, vocab, context_length)
     max_tokens = DEFAULT_MAX_TOKENS if request.max_tokens is None else request.max_tokens
     for prompt in prompts:
         if len(prompt.ids) + max_tokens > context_length:
@@ -171,7 +171,7 @@ def _bias(request: CompletionRequest, vocab: Vocabulary, max_tokens: int) -> np.
     return bias
 
 
-def _prompts(prompt: Any, vocab: Vocabulary) -> list[Prompt]:
+def _prompts(prompt: Any, vocab: Vocabulary, context_length: int) -> list[Prompt]:
     if isinstance(prompt, str):
         raw: list[Any] = [prompt]
     elif prompt and all(is_int(item) for item in prompt):
@@ -179,16 +179,21 @@ def _prompts(prompt: Any, vocab: Vocabulary) -> list[Prompt]:
     else:
         raw = list(prompt)
     where = ["prompt"] if len(raw) == 1 else [f"prompt[{i}]" for i in range(len(raw))]
+    for item, name in zip(raw, where, strict=True):  # every text before any is tokenized
+        if isinstance(item, str):
+            _check_text(item, name, vocab, context_length)
     return [
-        _text_prompt(item, name, vocab) if isinstance(item, str) else _ids_prompt(item, name, vocab)
+        _text_prompt(item, vocab) if isinstance(item, str) else _ids_prompt(item, name, vocab)
         for item, name in zip(raw, where, strict=True)
     ]
 
 
-def _text_prompt(text: str, where: str, vocab: Vocabulary) -> Prompt:
+def _check_text(text: str, where: str, vocab: Vocabulary, context_length: int) -> None:
+    """Refuse text that cannot be tokenized, or that is longer than the context by its bytes
+    alone (before tokenizing it: that costs ~100 bytes a character)."""
     try:
         # JSON can carry a lone surrogate ("\ud800"); UTF-8, and so BPE, cannot.
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise RequestError(
             "prompt",
@@ -197,6 +202,18 @@ def _text_prompt(text: str, where: str, vocab: Vocabulary) -> Prompt:
             allowed="text without lone surrogates (U+D800..U+DFFF)",
             value=text[max(0, exc.start - 20) : exc.start + 20],
         ) from None
+    fewest = vocab.fewest_tokens(size)
+    if fewest > context_length:
+        raise RequestError(
+            "prompt",
+            f"This model's maximum context length is {context_length} tokens; {where} is "
+            f"{size} bytes of text, at least {fewest} tokens. Please reduce your prompt.",
+            allowed=f"prompt tokens + max_tokens <= {context_length}",
+            value=f"{size} bytes",
+        )
+
+
+def _text_prompt(text: str, vocab: Vocabulary) -> Prompt:
     ids = vocab.encode(text)
     if not ids:
         return Prompt([vocab.eot_token_id], "", [])

@@ -68,6 +68,7 @@ class ByteTokenizer:
             for token_id, added in tokenizer.get_added_tokens_decoder().items()
         }
         table: list[bytes] = [b""] * size
+        byte_level = True
         for piece, token_id in vocab.items():
             if token_id in special:
                 table[token_id] = special[token_id].encode("utf-8")
@@ -75,11 +76,17 @@ class ByteTokenizer:
                 table[token_id] = bytes(decode_char[ch] for ch in piece)
             else:
                 # Not a byte-level piece (a different pre-tokenizer): trust the library's decoder.
+                byte_level = False
                 table[token_id] = tokenizer.decode([token_id], skip_special_tokens=False).encode(
                     "utf-8"
                 )
         self.token_bytes: tuple[bytes, ...] = tuple(table)
         self.token_strings: tuple[str, ...] = tuple(token_display(raw) for raw in table)
+        #: The most bytes of text one token stands for, when every token is byte-level (a text's
+        #: bytes are then exactly its tokens' bytes); None otherwise.
+        self.longest_token_bytes: int | None = (
+            max(map(len, table), default=0) or None if byte_level else None
+        )
         # Per tokenizer (not on the method: that would keep every tokenizer alive); thread-safe.
         self._remembered = lru_cache(maxsize=REMEMBERED_TEXTS)(self._encode_tuple)
 
@@ -151,6 +158,12 @@ class Vocabulary:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
+
+    def fewest_tokens(self, text_bytes: int) -> int:
+        """The fewest tokens a text of ``text_bytes`` UTF-8 bytes can take (0: not known), known
+        without tokenizing it: a 900 KB prompt took 100 MB to tokenize only to be refused."""
+        longest = self.tokenizer.longest_token_bytes
+        return -(-text_bytes // longest) if longest else 0
 
     def decode(self, ids: list[int]) -> str:
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")

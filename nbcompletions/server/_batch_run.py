@@ -20,11 +20,29 @@ from typing import IO, Any, Protocol
 
 import anyio.to_thread
 
-__all__ = ["IN_FLIGHT_BYTES", "BatchRun", "LineBudget", "RunnableBatch", "raw_lines"]
+__all__ = [
+    "IN_FLIGHT_BYTES",
+    "BatchRun",
+    "LineBudget",
+    "RunnableBatch",
+    "in_flight_bytes",
+    "raw_lines",
+]
 
 #: Raw batch lines parsed and waiting in the scheduler at once, all batches together (at least one
 #: line always runs, however long: the upload held it to the request body limit).
 IN_FLIGHT_BYTES = 16 * 1000 * 1000
+#: ... at most this share of the memory kept for the server (`WorkBudget.reserve_bytes`).
+_RESERVE_SHARE = 4
+
+
+def in_flight_bytes(reserve_bytes: int) -> int:
+    """Raw lines in flight: `IN_FLIGHT_BYTES`, at most a quarter of ``reserve_bytes``. A line in
+    flight holds about three times its bytes (the raw line, its parsed prompt, the UTF-8 copy
+    the context check measures): 40 lines of 900 KB, refused for the context, grew the server by
+    37 MiB under ``--max-memory-mb 128`` with 16 MB in flight."""
+    return min(IN_FLIGHT_BYTES, reserve_bytes // _RESERVE_SHARE)
+
 
 #: (HTTP status, response body) of one line; None when the batch was cancelled first.
 Answer = tuple[int, Any] | None

@@ -33,7 +33,7 @@ import anyio
 from .._errors import RequestError
 from .._request import shown
 from ._app import CompletionsServer
-from ._batch_run import BatchRun, LineBudget, raw_lines
+from ._batch_run import BatchRun, LineBudget, in_flight_bytes, raw_lines
 from ._chat import chat_response
 from ._http import Failure, render_json, request_error, server_error
 from ._scheduler import Overloaded
@@ -444,7 +444,9 @@ class BatchStore:
                 self._thread = None
 
     async def _main(self) -> None:
-        budget = LineBudget(self.limits.max_lines_in_flight)
+        budget = LineBudget(
+            self.limits.max_lines_in_flight, in_flight_bytes(self._server.budget.reserve_bytes)
+        )
         running: set[asyncio.Task[None]] = set()
         while True:
             with self._lock:

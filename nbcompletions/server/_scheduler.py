@@ -20,14 +20,16 @@ out of a bigger matrix product when other rows share it).
 The work budget (`WorkBudget`) bounds what one request may ask for and what the server holds:
 
 - per request, ``prompts x max(n, best_of) x (prompt + max_tokens)`` tokens (summed per prompt) must
-  be at most ``max_request_tokens``, and the memory that implies at most ``max_memory_bytes``;
+  be at most ``max_request_tokens``, and the memory that implies at most ``engine_bytes``;
   otherwise the request is refused with a 400 naming the field to reduce, the work and the limit;
 - overall, the memory of admitted requests (each row's key/value cache: layers x 2 x positions x
   n_embd x 4 bytes, plus its logits), plus the largest scratch one step of theirs allocates (a
   prefill pass's activations, the numpy sampler's float64 copies: `Job.scratch_bytes`), stays
-  within ``max_memory_bytes``; requests beyond it wait, and when ``max_waiting`` requests already
-  wait, a new one gets 503 with ``Retry-After``. A prefill pass is held to an eighth of the
-  budget (at least one prompt), so that a request of many prompts is not refused for its prefill.
+  within ``engine_bytes`` (``max_memory_bytes`` less a reserve for the server's own buffers:
+  lines in flight, threads, allocator slack); requests beyond it wait, and when ``max_waiting``
+  requests already wait, a new one gets 503 with ``Retry-After``. A prefill pass is held to an
+  eighth of ``engine_bytes`` (at least one prompt), so that a request of many prompts is not
+  refused for its prefill.
 
 `ThreadScheduler` serves an engine that only has ``complete`` and ``stream`` (a stand-in engine in
 tests, a wrapper): each call runs in a worker thread, at most ``max_concurrency`` at once.
@@ -60,6 +62,7 @@ __all__ = [
     "DEFAULT_MAX_MEMORY_BYTES",
     "DEFAULT_MAX_REQUEST_TOKENS",
     "DEFAULT_MAX_WAITING",
+    "SERVER_RESERVE_BYTES",
     "BatchScheduler",
     "CompletionStream",
     "Overloaded",
@@ -77,8 +80,15 @@ DEFAULT_MAX_REQUEST_TOKENS = 16384
 DEFAULT_MAX_MEMORY_BYTES = 1 << 30
 #: Requests that may wait for memory; one more gets 503 with Retry-After.
 DEFAULT_MAX_WAITING = 256
-#: A prefill pass may allocate this share of ``max_memory_bytes`` (at least one prompt's worth).
+#: A prefill pass may allocate this share of `WorkBudget.engine_bytes` (at least one prompt).
 _PREFILL_SHARE = 8
+#: Kept out of what requests may hold, for what the process grows by besides the engine's arrays:
+#: the batch lines in flight, waiting requests, worker threads, allocator slack. Measured under
+#: ``--max-memory-mb 128`` (``benchmarks/bench_server_limits.py --parts rss-distinct``): the
+#: process grew 118 MiB while the engine held 111 MiB, 7 MiB besides it; twice that is kept.
+SERVER_RESERVE_BYTES = 16 << 20
+#: ... but at most this share of a small budget.
+_RESERVE_SHARE = 4
 #: Seconds a client is told to wait when the queue is full.
 RETRY_AFTER_S = 1
 #: An idle scheduler thread exits after this long; the next request starts a new one.
@@ -94,9 +104,10 @@ class WorkBudget:
     Attributes:
         max_request_tokens: largest ``prompts x max(n, best_of) x (prompt + max_tokens)`` of one
             request (400 above it).
-        max_memory_bytes: key/value cache plus logits of all running requests together, plus the
-            largest scratch one of their steps allocates; one request needing more is refused
-            (400), others wait for memory.
+        max_memory_bytes: what the process may grow by for requests: `engine_bytes` of it for the
+            key/value cache plus logits of all running requests together, plus the largest
+            scratch one of their steps allocates (one request needing more is refused with a
+            400, others wait for memory), the rest for the server's own buffers.
         max_waiting: requests that may wait for memory at once; one more gets 503 + Retry-After.
     """
 
@@ -111,9 +122,20 @@ class WorkBudget:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
     @property
+    def reserve_bytes(self) -> int:
+        """What `max_memory_bytes` keeps for the server besides the engine: `SERVER_RESERVE_BYTES`,
+        at most a quarter of it."""
+        return min(SERVER_RESERVE_BYTES, self.max_memory_bytes // _RESERVE_SHARE)
+
+    @property
+    def engine_bytes(self) -> int:
+        """What all running requests may hold together (cache, logits and one step's scratch)."""
+        return self.max_memory_bytes - self.reserve_bytes
+
+    @property
     def prefill_limit(self) -> int:
         """Bytes one prefill pass may allocate (`Job.prefill_limit`)."""
-        return self.max_memory_bytes // _PREFILL_SHARE
+        return self.engine_bytes // _PREFILL_SHARE
 
     def check(self, job: Job) -> None:
         """Raise `RequestError` naming the field to reduce when ``job`` is over budget."""
@@ -143,15 +165,16 @@ class WorkBudget:
             )
         held, scratch = job.memory_bytes, job.scratch_bytes
         memory = held + scratch
-        if memory > self.max_memory_bytes:
+        if memory > self.engine_bytes:
             raise RequestError(
                 param,
                 f"This request would hold {_mib(held)} of key/value cache and logits "
                 f"({shape}, {job.n_rows} rows) and {_mib(scratch)} of scratch while it "
-                f"prefills or samples; this server holds at most "
-                f"{_mib(self.max_memory_bytes)} for all requests. Reduce n, best_of, the number "
-                "of prompts or max_tokens.",
-                allowed=f"memory <= {self.max_memory_bytes} bytes",
+                f"prefills or samples; this server holds at most {_mib(self.engine_bytes)} for "
+                f"all requests (of {_mib(self.max_memory_bytes)}, {_mib(self.reserve_bytes)} "
+                "kept for its own buffers). Reduce n, best_of, the number of prompts or "
+                "max_tokens.",
+                allowed=f"memory <= {self.engine_bytes} bytes",
                 value=memory,
             )
 
@@ -302,7 +325,7 @@ class BatchScheduler:
     def __repr__(self) -> str:
         return (
             f"<BatchScheduler: {len(self._running)} running, {len(self._waiting)} waiting, "
-            f"{_mib(self._memory)} of {_mib(self.budget.max_memory_bytes)}>"
+            f"{_mib(self._memory)} of {_mib(self.budget.engine_bytes)}>"
         )
 
     @property
@@ -333,7 +356,7 @@ class BatchScheduler:
             if len(self._waiting) >= self.budget.max_waiting:
                 raise Overloaded(
                     f"The server is busy: {len(self._waiting)} requests are waiting for memory "
-                    f"({_mib(self._memory)} of {_mib(self.budget.max_memory_bytes)} in use). "
+                    f"({_mib(self._memory)} of {_mib(self.budget.engine_bytes)} in use). "
                     f"Retry after {RETRY_AFTER_S} s."
                 )
             self._waiting.append(ticket)
@@ -450,7 +473,7 @@ class BatchScheduler:
         from ..model._job import combined_prefill_limit  # numpy and the model load lazily
 
         admitted: list[_Ticket] = []
-        limit = self.budget.max_memory_bytes
+        limit = self.budget.engine_bytes
         held = max(self._memory, batch.resident_bytes)
         # Steps run one at a time: the largest scratch of one job is what a step adds.
         scratch = max((ticket.scratch for ticket in self._running), default=0)

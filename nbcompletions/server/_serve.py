@@ -16,6 +16,7 @@ from .._request import Limits
 from ._app import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BODY_BYTES, CompletionEngine
 from ._batch_store import BatchLimits, BatchStore
 from ._create import check_seconds, create_app
+from ._malloc import keep_heap_small
 from ._scheduler import WorkBudget
 
 __all__ = [
@@ -121,6 +122,7 @@ def serve(
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     _configure_logging(log_level)
+    keep_heap_small()  # before the model loads: freed scratch then leaves the process
     app = create_app(
         engine,
         api_key=api_key,
