@@ -227,7 +227,11 @@ def _check_top_logprobs(top_logprobs: Any, logprobs: bool | None, cap: int | Non
         )
 
 
-def _top_logprobs_cap(limits: Limits) -> int | None:
+def top_logprobs_cap(limits: Limits) -> int | None:
+    """The largest ``top_logprobs`` a chat request may ask for under ``limits`` (None: no cap).
+
+    Limits.max_logprobs is the Completions cap (5 at OpenAI); chat's is 20 wherever the server
+    caps at all (llama.cpp does not)."""
     # Limits.max_logprobs is the Completions cap (5 at OpenAI); chat's is 20 wherever the server
     # caps at all (llama.cpp does not).
     return None if limits.max_logprobs is None else max(MAX_TOP_LOGPROBS, limits.max_logprobs)
@@ -331,7 +335,7 @@ class ChatRequest:
         check_messages(self.messages)
         check_flag("logprobs", self.logprobs)
         check_flag("stream", self.stream)
-        _check_top_logprobs(self.top_logprobs, self.logprobs, _top_logprobs_cap(self.limits))
+        _check_top_logprobs(self.top_logprobs, self.logprobs, top_logprobs_cap(self.limits))
         if self.n is not None:
             check_int("n", self.n, 1, self.limits.max_n)
         for name in ("max_completion_tokens", "max_tokens"):
@@ -445,7 +449,7 @@ class ResponsesRequest:
         _check_include(self.include)
         check_flag("stream", self.stream)
         if self.top_logprobs is not None:
-            check_int("top_logprobs", self.top_logprobs, 0, _top_logprobs_cap(self.limits))
+            check_int("top_logprobs", self.top_logprobs, 0, top_logprobs_cap(self.limits))
         if self.max_output_tokens is not None:
             check_int("max_output_tokens", self.max_output_tokens, 1, None)
         for name, low, high in _NUMBER_RANGES[2:]:

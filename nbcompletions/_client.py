@@ -1084,6 +1084,9 @@ def _encode_request(
             allowed="one of json, content, files (data only with files)",
             value=given,
         )
+    # Text that UTF-8 cannot carry (a lone surrogate) is refused naming the argument, not left
+    # to httpx's UnicodeEncodeError on the way out.
+    _refuse_surrogates({"path": path, "params": params, "files": files, "data": data})
     if params:
         query = str(httpx.QueryParams(params))
         path = f"{path}{'&' if '?' in path else '?'}{query}"
@@ -1118,7 +1121,8 @@ def _refuse_surrogates(body: Mapping[str, Any]) -> None:
     no server could tokenize it."""
     for name, value in body.items():
         try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            # default=repr: files hold bytes and file objects; only their text can fail here.
+            json.dumps(value, ensure_ascii=False, default=repr).encode("utf-8")
         except UnicodeEncodeError as exc:
             raise RequestError(
                 name,
@@ -1127,6 +1131,8 @@ def _refuse_surrogates(body: Mapping[str, Any]) -> None:
                 allowed="text without lone surrogates (U+D800..U+DFFF)",
                 value=value,
             ) from None
+        except (TypeError, ValueError):
+            continue  # not JSON-shaped (keys that are not text, cycles): httpx judges it
 
 
 class AsyncResponseStream:

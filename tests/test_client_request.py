@@ -242,6 +242,19 @@ def test_open_retries_until_the_first_bytes_and_a_cut_after_them_is_an_error(
         ({"method": "POST", "path": "/files", "json": {}, "content": b"x"}, "content"),
         ({"method": "POST", "path": "/files", "data": {"purpose": "batch"}}, "data"),
         ({"method": "POST", "path": "/batches", "json": {"x": float("nan")}}, "json"),
+        # Text UTF-8 cannot carry (a lone surrogate) names its argument, not httpx's UnicodeError.
+        ({"method": "GET", "path": "/fi\ud800les"}, "path"),
+        ({"method": "GET", "path": "/files", "params": {"after": "\udc80"}}, "params"),
+        ({"method": "POST", "path": "/f", "files": {"file": ("a\ud800.jsonl", b"{}")}}, "files"),
+        (
+            {
+                "method": "POST",
+                "path": "/files",
+                "files": {"file": ("a.jsonl", b"{}")},
+                "data": {"purpose": "\ud800"},
+            },
+            "data",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_before_sending(call: dict[str, Any], field: str) -> None:

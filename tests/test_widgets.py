@@ -761,6 +761,24 @@ def test_chat_mode_sends_the_messages_as_a_chat_request(chat_playground: Any) ->
     assert not isinstance(chat_playground.request, ChatRequest)
 
 
+def test_chat_mode_offers_chats_top_logprobs_cap(chat_playground: Any) -> None:
+    # Chat's top_logprobs goes to 20 where the completion cap is 5 (the embedded server's and
+    # OpenAI's): the dropdown follows the mode, and a value past 5 is sent in chat mode.
+    offered = [k for _, k in chat_playground.logprobs.options if k is not None]
+    assert offered == list(range(21))
+    chat_playground.logprobs.value = 12
+    chat_playground.temperature.value = 0.0
+    assert chat_playground.error.value == ""
+    assert chat_playground.request.top_logprobs == 12
+    completion = chat_playground.run()
+    assert completion is not None, chat_playground.error.value
+    assert completion.alternatives.groupby("position").size().max() == 12
+    chat_playground.mode.value = "completion"
+    assert [k for _, k in chat_playground.logprobs.options if k is not None] == list(range(6))
+    assert chat_playground.logprobs.value == 5
+    assert chat_playground.request.logprobs == 5
+
+
 def test_messages_editor_adds_edits_and_removes_rows(chat_playground: Any) -> None:
     editor = chat_playground.messages
     row = editor.add()  # after a user turn comes the assistant's

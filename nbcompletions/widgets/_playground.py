@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from .._chat import ChatRequest
+from .._chat import ChatRequest, top_logprobs_cap
 from .._errors import RequestError
 from .._request import CompletionRequest, Limits
 from .._secrets import secrets_of
@@ -119,10 +119,9 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         self.top_p = api_slider("top_p", 0.0, 1.0, 0.01, 1.0)
         self.frequency_penalty = api_slider("frequency_penalty", -2.0, 2.0, 0.05, 0.0)
         self.presence_penalty = api_slider("presence_penalty", -2.0, 2.0, 0.05, 0.0)
-        cap = limits.max_logprobs if limits.max_logprobs is not None else UNCAPPED_LOGPROBS
         self.logprobs = widgets.Dropdown(
-            options=[("off", None)] + [(str(k), k) for k in range(cap + 1)],
-            value=min(5, cap),
+            options=_logprobs_options(limits.max_logprobs),
+            value=min(5, _capped(limits.max_logprobs)),
             description="logprobs",
         )
         # IntText, not bounded boxes: an out-of-range value is reported, never clamped silently.
@@ -290,15 +289,25 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
         self.messages.layout.display = None if chat else "none"
         for name in COMPLETION_ONLY:
             getattr(self, name).disabled = chat
+        # Chat's top_logprobs goes to 20 where Completions' logprobs stop at the server's cap (5).
+        cap = top_logprobs_cap(self._limits) if chat else self._limits.max_logprobs
+        kept = self.logprobs.value
+        options = _logprobs_options(cap)
+        if list(self.logprobs.options) != options:
+            self.logprobs.options = options
+            self.logprobs.value = None if kept is None else min(kept, _capped(cap))
 
     @property
     def request(self) -> CompletionRequest | ChatRequest:
         """The request the controls describe (a `ChatRequest` in chat mode); raises
         `RequestError` if one is bad."""
         state = self.state
+        top_logprobs = state["logprobs"]
         if state["mode"] == "chat":
-            # The completion fields are checked as a completion's (the prompt is not sent).
+            # The completion fields are checked as a completion's (the prompt is not sent);
+            # top_logprobs is checked by ChatRequest against chat's cap.
             state = {**state, "prompt": "-", "echo": False, "suffix": "", "best_of": 1}
+            state["logprobs"] = None
         bias_lines = [
             line.strip()
             for line in state["logit_bias"].splitlines()
@@ -319,10 +328,12 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
                         value=key,
                     )
         if state["mode"] == "chat":
-            return self._chat_request(state["messages"], request)
+            return self._chat_request(state["messages"], request, top_logprobs)
         return request
 
-    def _chat_request(self, messages: Any, request: CompletionRequest) -> ChatRequest:
+    def _chat_request(
+        self, messages: Any, request: CompletionRequest, top_logprobs: int | None
+    ) -> ChatRequest:
         """The chat twin of the completion fields checked above (the prompt aside)."""
         fields: dict[str, Any] = {
             name: getattr(request, name)
@@ -341,8 +352,8 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
                 "stream_options",
             )
         }
-        if request.logprobs is not None:
-            fields.update(logprobs=True, top_logprobs=request.logprobs)
+        if top_logprobs is not None:
+            fields.update(logprobs=True, top_logprobs=top_logprobs)
         return ChatRequest(messages, limits=self._limits, **fields)
 
     def _on_change(self, change: Any) -> None:
@@ -512,10 +523,21 @@ class Playground(widgets.VBox):  # type: ignore[misc, unused-ignore]  # ipywidge
             }
             self.highlighted.value = self._streamed_html(texts)
             for output in self.plot_outputs.values():
-                output.outputs = (note_output("set logprobs (0-5) to see token probabilities"),)
+                top = max(k for _, k in self.logprobs.options if k is not None)
+                note = f"set logprobs (0-{top}) to see token probabilities"
+                output.outputs = (note_output(note),)
 
     def __repr__(self) -> str:
         return (
             f"Playground(endpoint={endpoint_label(self._client)!r}, "
             f"model={self.model.value!r}, result={'set' if self.result else 'none'})"
         )
+
+
+def _capped(cap: int | None) -> int:
+    return cap if cap is not None else UNCAPPED_LOGPROBS
+
+
+def _logprobs_options(cap: int | None) -> list[tuple[str, int | None]]:
+    """The logprobs dropdown's choices: off, then 0 to the cap (20 where the server sets none)."""
+    return [("off", None)] + [(str(k), k) for k in range(_capped(cap) + 1)]
