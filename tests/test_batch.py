@@ -90,6 +90,7 @@ def test_batch_sweep_on_the_embedded_client_equals_a_live_sweep(
     assert batched.usage["total_tokens"] == live_result.usage["total_tokens"]
 
 
+@pytest.mark.slow
 def test_batch_sweep_against_nbcompletions_serve_equals_a_live_sweep(live_server: str) -> None:
     with Client(live_server, model=MODEL) as client:
         live = sweep(client, **GRID, progress=False, probe=False)
@@ -122,6 +123,7 @@ async def test_asweep_with_batch_splits_by_the_limits(
     assert_same_frames(live_result, by_bytes)
 
 
+@pytest.mark.slow
 def test_duplicates_and_cache_hits_are_not_sent_again(
     embedded_client: Client, tmp_path: Path
 ) -> None:
@@ -678,6 +680,7 @@ def faulty_client(app: Any, embedded_engine: Any, fault: str, **kwargs: Any) -> 
     return aclient, transport
 
 
+@pytest.mark.slow
 async def test_a_create_that_never_arrived_is_sent_again_and_its_file_deleted(
     embedded_engine: Any, tmp_path: Path, live_result: nbc.SweepResult
 ) -> None:

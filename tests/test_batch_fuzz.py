@@ -55,6 +55,7 @@ async def test_fuzzed_chat_batch_files_never_get_a_500(embedded_engine: Any) -> 
     assert not any("500" in key for key in outcomes), outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compat", ["openai", "vllm"])
 async def test_fuzzed_bodies_on_every_route_never_get_a_500(
     embedded_engine: Any, compat: str

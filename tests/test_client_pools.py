@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 
 from nbcompletions import AsyncClient
 
@@ -112,6 +113,7 @@ def test_a_pool_serves_one_request_at_a_time() -> None:
     asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_without_a_concurrency_limit_requests_share_a_few_pools() -> None:
     """Unlimited: a pool per request would keep as many connections as the most ever in flight."""
     server = Server(delay=0.005)

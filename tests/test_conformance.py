@@ -231,6 +231,7 @@ async def test_a_probe_that_could_not_reach_the_server_is_sent_once_more(app: An
     assert report.ok, report
 
 
+@pytest.mark.slow
 async def test_the_check_is_cached_per_client_and_sends_nothing_again(app: Any) -> None:
     client, transport = llama_like(app, faults=set())
     try:

@@ -484,6 +484,7 @@ pieces = st.lists(
 )
 
 
+@pytest.mark.slow
 @given(
     parts=pieces,
     stops=st.lists(st.text(alphabet="ab é€", min_size=1, max_size=3), min_size=1, max_size=4),

@@ -127,6 +127,7 @@ def test_engine_output_matches_numpy_decoding(engines: tuple[Engine, Engine]) ->
         json.dumps(fast, allow_nan=False)
 
 
+@pytest.mark.slow
 def test_threads_split_rows_without_changing_a_number(model_dir: Path) -> None:
     one = Engine.from_dir(model_dir, threads=1)
     three = Engine.from_dir(model_dir, threads=3)

@@ -179,6 +179,7 @@ def test_load_engine_names_missing_files(tmp_path: Path) -> None:
         load_engine(tmp_path)
 
 
+@pytest.mark.slow
 def test_inference_runs_without_torch(tiny_dir: Path) -> None:
     code = (
         "import sys\n"
@@ -235,6 +236,7 @@ def test_without_numba_a_completion_runs_in_numpy_and_matches() -> None:
     assert got["logprobs"] == pytest.approx(expected.tokens["logprob"].tolist(), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_a_slow_load_says_so_on_stderr(
     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tiny_dir: Path
 ) -> None:

@@ -283,6 +283,7 @@ def test_bad_options_name_the_parameter_range_and_value(frames, call, message) -
         call(tokens, alternatives)
 
 
+@pytest.mark.slow
 def test_import_nbcompletions_does_not_import_plotly() -> None:
     code = (
         "import sys, nbcompletions; assert 'plotly' not in sys.modules, 'plotly imported';"
@@ -291,6 +292,7 @@ def test_import_nbcompletions_does_not_import_plotly() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow
 def test_highlight_runs_without_importing_plotly() -> None:
     # highlight writes HTML and CSS: loading plotly for it would cost a second for nothing.
     code = (
@@ -907,6 +909,7 @@ def test_highlight_popups_float_and_form_one_group_per_highlight(frames) -> None
     assert "padding-bottom:0px" in tight
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.text(max_size=6), min_size=1, max_size=12))
 def test_highlight_round_trips_any_token_text(texts: list[str]) -> None:

@@ -137,6 +137,7 @@ def _distinct_prompts(count: int, length: int) -> list[list[int]]:
     return [[(7 * p + 13 * i) % 4000 + 1 for i in range(length)] for p in range(count)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fields",
     [

@@ -55,6 +55,7 @@ def _probe(mode: str, **env: str) -> tuple[str, int]:
     return made, int(mapped)
 
 
+@pytest.mark.slow
 def test_a_block_over_128_kib_is_mapped_even_after_a_bigger_one_was_freed() -> None:
     assert _probe("plain") == ("-", 0)  # glibc's default: 1 MiB now comes from the heap
     made, mapped = _probe("tuned")

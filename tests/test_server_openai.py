@@ -493,6 +493,7 @@ def _raw(port: int, request: bytes, *, then: bytes | None = None) -> bytes:
     return b"".join(chunks)
 
 
+@pytest.mark.slow
 def test_a_body_that_stalls_is_408_and_closed(vllm_server: int) -> None:
     body = b'{"model": "nbc-shakespeare", "prompt": "To be", "max_tokens": 2}'
     head = (

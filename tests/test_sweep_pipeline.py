@@ -194,6 +194,7 @@ def test_shards_are_disjoint_and_stable_when_repeats_are_added() -> None:
         assert points.shard_of(i, 4) == points.shard_of(points.original(i), 4)
 
 
+@pytest.mark.slow
 def test_four_shards_merged_are_the_unsharded_run(app: Any, tmp_path: Path) -> None:
     cache = tmp_path / "cache.sqlite"
     client = Client("http://embedded/v1", model=MODEL, transport=StreamingASGITransport(app))
@@ -269,6 +270,7 @@ def test_shards_as_ray_tasks(app: Any, tmp_path: Path) -> None:
     assert merged.requests["request_id"].tolist() == list(range(24))
 
 
+@pytest.mark.slow
 def test_without_pyarrow_parquet_results_name_the_extra(tmp_path: Path) -> None:
     """pyarrow is the ``parquet`` extra: sweeps in memory work without it, and what needs it
     says which extra to install."""

@@ -43,6 +43,7 @@ def _same(streamed: pd.DataFrame, memory: pd.DataFrame) -> None:
     )
 
 
+@pytest.mark.slow
 def test_streamed_frames_equal_the_in_memory_ones(
     app: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -252,6 +252,7 @@ def test_no_api_key_in_widget_state_or_repr() -> None:
     assert FAKE_KEY[-10:] not in _synced_state(playground)
 
 
+@pytest.mark.slow
 def test_no_api_key_in_widget_state_after_a_real_run(embedded_engine: Any) -> None:
     import httpx
 
@@ -281,6 +282,7 @@ def test_no_api_key_in_widget_state_after_a_real_run(embedded_engine: Any) -> No
         client.close()
 
 
+@pytest.mark.slow
 def test_no_credentials_from_the_base_url_in_widget_state_or_repr(embedded_engine: Any) -> None:
     import httpx
 
