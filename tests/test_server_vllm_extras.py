@@ -197,6 +197,13 @@ async def test_render_gives_the_chats_ids_like_vllm(
         ("/tokenize", {"prompt": 3}, "prompt"),
         ("/tokenize", {"prompt": "a", "add_generation_prompt": True}, "add_generation_prompt"),
         ("/tokenize", {"messages": [{"role": "x", "content": "a"}]}, "messages[0].role"),
+        # An unhashable role (a list, a dict) is a 400 naming it, not a 500 (TypeError).
+        (
+            "/v1/chat/completions/render",
+            {"messages": [{"role": ["user"], "content": "a"}]},
+            "messages[0].role",
+        ),
+        ("/tokenize", {"messages": [{"role": {"r": 1}, "content": "a"}]}, "messages[0].role"),
         ("/tokenize", {"messages": MESSAGES, "return_token_strs": 1}, "return_token_strs"),
         ("/tokenize", {"prompt": "a", "model": "gpt-4"}, "model"),
         ("/tokenize", {"prompt": "a", "text": "b"}, "text"),

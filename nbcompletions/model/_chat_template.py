@@ -122,7 +122,7 @@ def chat_messages(messages: Any) -> list[dict[str, str]]:
                 value=message,
             )
         role = message.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or dict is unhashable
             raise RequestError(
                 f"{where}.role",
                 f"{where}.role must be one of {', '.join(CHAT_ROLES)}; got {shown(role)}",
