@@ -60,7 +60,7 @@ from ._checks import finite_float, invalid
 from ._errors import CacheError
 from ._parse import loads
 from ._request import CompletionRequest
-from ._usage import USAGE_FIELDS, token_counts
+from ._usage import USAGE_FIELDS, usage_counts
 
 #: What a cache key is made of: a request, or its JSON body.
 KeyedRequest = CompletionRequest | ChatRequest | Mapping[str, Any]
@@ -218,8 +218,7 @@ def _row(
         # stored text must round-trip whatever was received.
         data = json.dumps(dict(response), separators=(",", ":"), ensure_ascii=False).encode()
     stored = zlib.compress(data, _ZLIB_LEVEL)
-    counts = token_counts(response)
-    numbers = [counts.get(name) for name in USAGE_FIELDS]
+    numbers = usage_counts(response.get("usage")).values()  # in USAGE_FIELDS' order
     rid = response.get("id")
     return (
         key,

@@ -19,12 +19,13 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
     Callable,
+    Coroutine,
     Iterator,
     Mapping,
     Sequence,
 )
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import httpx
 
@@ -35,7 +36,7 @@ from ._corrections import CardLimits
 from ._endpoint import _Endpoint, env_key_hint
 from ._errors import APIError, RequestError, answered_field
 from ._loop import iter_sync, run_sync
-from ._model_card import needs_limits, read_card, read_limits, remember_cards
+from ._model_card import known_card, needs_limits, read_card, read_limits, remember_cards
 from ._parse import loads, responses_as_chat
 from ._profiles import ServerProfile
 from ._request import (
@@ -531,7 +532,8 @@ class AsyncClient(_BaseClient):
         """Send ``request`` exactly as it is, whatever the endpoint's conformance report says
         (the conformance probes use it)."""
         request = await self._with_model(request)
-        await self._read_model_card(request)
+        if self._card_unread(request):
+            await read_card(self, request.model)
         if request.stream:
             stream = AsyncStream(
                 self._stream_chunks(request), request, vocab_size=lambda: self.vocab_size
@@ -643,11 +645,12 @@ class AsyncClient(_BaseClient):
         completion._body = body
         return completion
 
-    async def _post_json(
+    def _post_json(
         self, request: CompletionRequest | ChatRequest | ResponsesRequest
-    ) -> tuple[Any, bytes]:
+    ) -> Coroutine[Any, Any, tuple[Any, bytes]]:
+        # Not a coroutine itself: one frame fewer to resume each time the request waits.
         content = _encode_body(request.to_body())
-        return await self._request_json("POST", _path(request), content, _JSON_HEADERS)
+        return self._request_json("POST", _path(request), content, _JSON_HEADERS)
 
     async def request(
         self,
@@ -716,10 +719,20 @@ class AsyncClient(_BaseClient):
     async def _read_model_card(self, request: CompletionRequest | ChatRequest) -> None:
         # Before the first request whose frames need the vocabulary size (issue 16, case 6);
         # only read here (`vocab_size` parses it for the answer).
+        if self._card_unread(request):
+            await read_card(self, request.model)
+
+    def _card_unread(self, request: CompletionRequest | ChatRequest) -> bool:
+        """Whether ``request`` needs the model card and it was not read yet (`_read_model_card`;
+        asked before each request, so without a coroutine when there is nothing to read)."""
         asked = request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
         settings = self._settings
-        if needs_limits(asked) and settings.vocab_size is None and not settings.target.embedded:
-            await read_card(self, request.model)
+        return (
+            needs_limits(asked)
+            and settings.vocab_size is None
+            and not settings.target.embedded
+            and known_card(self, request.model) is None
+        )
 
     async def models(self) -> list[str]:
         """The model ids the server lists (``GET /models``)."""
@@ -891,7 +904,9 @@ class AsyncClient(_BaseClient):
         retry: bool = True,
     ) -> tuple[Any, bytes]:
         """One request through the retry loop: the JSON answer and its bytes."""
-        answers = self._send(method, path, content, headers, _read_json, retry=retry)
+        answers: AsyncGenerator[tuple[Any, bytes], None] = self._send(
+            method, path, content, headers, None, retry=retry
+        )
         try:
             return await anext(answers)
         finally:
@@ -947,11 +962,12 @@ class AsyncClient(_BaseClient):
         path: str,
         content: bytes | None,
         headers: Mapping[str, str],
-        read: Callable[[httpx.Response], AsyncGenerator[T, None]],
+        read: Callable[[httpx.Response], AsyncGenerator[T, None]] | None,
         *,
         retry: bool = True,
     ) -> AsyncGenerator[T, None]:
-        """The one retry loop: yields what ``read`` makes of the first successful answer.
+        """The one retry loop: yields what ``read`` makes of the first successful answer
+        (``read`` None: the whole answer once, as `_json_answer` reads it).
 
         Each attempt goes to the least busy endpoint (another one after a failure) and holds a
         concurrency slot until the consumer closes this generator. Failures are retried as
@@ -977,7 +993,15 @@ class AsyncClient(_BaseClient):
                     )
                     response = await http.send(http_request, stream=True)
                     try:
+                        if response.status_code < 400 and read is None:
+                            # The whole answer, read here: a reader generator would be one more
+                            # frame to resume each time the body waits for the network.
+                            await response.aread()
+                            received = True
+                            yield cast(T, _json_answer(response))
+                            return
                         if response.status_code < 400:
+                            assert read is not None
                             # Closed here, not left to the loop once collected (a task each).
                             async with aclosing(read(response)) as items:
                                 async for item in items:
@@ -1013,10 +1037,9 @@ class AsyncClient(_BaseClient):
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-async def _read_json(response: httpx.Response) -> AsyncGenerator[tuple[Any, bytes], None]:
-    """A whole JSON answer, once: the parsed value and its bytes (an empty body: None)."""
-    await response.aread()
-    yield (_json_body(response) if response.content else None), response.content
+def _json_answer(response: httpx.Response) -> tuple[Any, bytes]:
+    """A whole JSON answer, read: the parsed value and its bytes (an empty body: None)."""
+    return (_json_body(response) if response.content else None), response.content
 
 
 async def _read_events(response: httpx.Response) -> AsyncGenerator[dict[str, Any], None]:

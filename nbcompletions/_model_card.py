@@ -46,6 +46,8 @@ _cards: weakref.WeakKeyDictionary[Any, dict[_Key, Mapping[str, Any] | None]] = (
 _reading: weakref.WeakKeyDictionary[
     Any, dict[tuple[_Key, asyncio.AbstractEventLoop], asyncio.Task[Mapping[str, Any] | None]]
 ] = weakref.WeakKeyDictionary()
+#: `card_limits` of each card in `_cards`, parsed once: a sweep asks for every answer.
+_limits: weakref.WeakKeyDictionary[Any, dict[_Key, CardLimits]] = weakref.WeakKeyDictionary()
 _UNREAD = object()
 
 
@@ -72,8 +74,19 @@ def known_card(client: Any, model: str | None = None) -> Mapping[str, Any] | Non
 
 def known_limits(client: Any, model: str | None = None) -> CardLimits | None:
     """What the card already read says (`card_limits`), or None when it was not read yet."""
-    card = _known(client, model)
-    return None if card is _UNREAD else card_limits(card)
+    aclient = getattr(client, "async_client", client)
+    key = _key(aclient, model)
+    try:
+        parsed = _limits.get(aclient)
+        found = _cards.get(aclient)
+    except TypeError:  # not weak-referenceable
+        return None
+    if parsed is not None and key in parsed:
+        return parsed[key]
+    if found is None or key not in found:
+        return None
+    limits = _limits.setdefault(aclient, {})[key] = card_limits(found[key])
+    return limits
 
 
 def _card_for(data: Sequence[Any], model: str | None) -> Mapping[str, Any] | None:
@@ -91,6 +104,7 @@ def remember_cards(client: Any, data: Sequence[Any], model: str | None = None) -
     aclient = getattr(client, "async_client", client)
     with contextlib.suppress(TypeError):
         found = _cards.setdefault(aclient, {})
+        _limits.pop(aclient, None)  # parsed again from the cards as they are now
         for card in data:
             if isinstance(card, Mapping) and isinstance(card.get("id"), str):
                 found[_key(aclient, card["id"])] = card

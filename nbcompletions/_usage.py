@@ -12,24 +12,32 @@ from typing import Any
 
 from ._checks import is_int
 
-__all__ = ["USAGE_FIELDS", "add_usage", "token_counts"]
+__all__ = ["USAGE_FIELDS", "add_usage", "token_counts", "usage_counts"]
 
 #: The counts a completion's ``usage`` carries.
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def _count(value: Any) -> int | None:
+    if type(value) is int:  # the usual case, without the general check
+        return value if value >= 0 else None
+    return int(value) if is_int(value) and value >= 0 else None
+
+
+def usage_counts(usage: Any) -> dict[str, int | None]:
+    """The counts of a ``usage`` object, every field named: an integer >= 0, else None (absent,
+    or not a count): ``{"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": None}``."""
+    if type(usage) is not dict and not isinstance(usage, Mapping):
+        return dict.fromkeys(USAGE_FIELDS)
+    get = usage.get
+    return {name: _count(get(name)) for name in USAGE_FIELDS}
 
 
 def token_counts(response: Any) -> dict[str, int]:
     """The counts ``response["usage"]`` holds as integers >= 0, by field name (missing ones left
     out): ``{"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11}``."""
     usage = response.get("usage") if isinstance(response, Mapping) else None
-    if not isinstance(usage, Mapping):
-        return {}
-    counts = {}
-    for name in USAGE_FIELDS:
-        value = usage.get(name)
-        if is_int(value) and value >= 0:
-            counts[name] = int(value)
-    return counts
+    return {name: value for name, value in usage_counts(usage).items() if value is not None}
 
 
 def add_usage(totals: dict[str, int], response: Any) -> None:

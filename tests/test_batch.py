@@ -1010,12 +1010,19 @@ def test_k_processes_sharing_a_cache_create_one_batch(live_server: str, tmp_path
 def test_the_usage_reader_counts_only_integers() -> None:
     import numpy as np
 
-    from nbcompletions._usage import add_usage, token_counts
+    from nbcompletions._usage import USAGE_FIELDS, add_usage, token_counts, usage_counts
 
     usage = {"prompt_tokens": True, "completion_tokens": np.int64(3), "total_tokens": -1}
     assert token_counts({"usage": usage}) == {"completion_tokens": 3}
     assert token_counts({"usage": {"prompt_tokens": 2.0, "total_tokens": "5"}}) == {}
     assert token_counts({"usage": None}) == token_counts([]) == {}
+    assert usage_counts(usage) == {
+        "prompt_tokens": None,
+        "completion_tokens": 3,
+        "total_tokens": None,
+    }
+    assert type(usage_counts(usage)["completion_tokens"]) is int
+    assert usage_counts("x") == usage_counts(None) == dict.fromkeys(USAGE_FIELDS)
     totals = {"prompt_tokens": 1, "completion_tokens": 1}
     add_usage(totals, {"usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}})
     assert totals == {"prompt_tokens": 5, "completion_tokens": 3}

@@ -1,5 +1,6 @@
 """`paused_gc`: the collector held off while a large answer is parsed and made into frames, and
-given back as it was (nested blocks, threads, a program that disabled it itself)."""
+given back as it was (nested blocks, threads, a program that disabled it itself); `spaced_gc`:
+fewer young collections while a live sweep runs, thresholds put back as they were."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import gc
 import json
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from nbcompletions._chat_frames import chat_frames
-from nbcompletions._gc_pause import paused_gc
+from nbcompletions._gc_pause import SPACED_THRESHOLD, paused_gc, spaced_gc
 from nbcompletions._parse import PAUSE_GC_BYTES, loads
 
 
@@ -94,3 +96,61 @@ def test_loads_and_chat_frames_read_the_same_either_side_of_the_size(
     _, tokens, _ = chat_frames(parsed)
     assert gc.isenabled()
     assert tokens["token"].tolist() == ["a"] * n_tokens
+
+
+# -- spaced_gc: fewer young collections while a live sweep has requests in flight ----------------
+
+
+@pytest.fixture
+def default_thresholds() -> Iterator[tuple[int, ...]]:
+    was = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    yield gc.get_threshold()
+    gc.set_threshold(*was)
+
+
+def test_spaced_blocks_raise_the_first_threshold_and_put_it_back(
+    default_thresholds: tuple[int, ...],
+) -> None:
+    with spaced_gc():
+        assert gc.get_threshold() == (SPACED_THRESHOLD, 10, 10)
+        with spaced_gc():
+            assert gc.get_threshold()[0] == SPACED_THRESHOLD
+        assert gc.get_threshold()[0] == SPACED_THRESHOLD  # the outer block is still open
+    assert gc.get_threshold() == default_thresholds
+    with pytest.raises(ZeroDivisionError), spaced_gc():
+        _ = 1 / 0
+    assert gc.get_threshold() == default_thresholds
+
+
+def test_thresholds_the_program_chose_are_left_alone(default_thresholds: tuple[int, ...]) -> None:
+    gc.set_threshold(0)  # automatic collection off
+    with spaced_gc():
+        assert gc.get_threshold()[0] == 0
+    gc.set_threshold(50_000, 10, 10)
+    with spaced_gc():
+        assert gc.get_threshold()[0] == 50_000
+    gc.set_threshold(700, 10, 10)
+    with spaced_gc():
+        gc.set_threshold(123, 4, 5)  # changed inside the block: kept, not undone
+    assert gc.get_threshold() == (123, 4, 5)
+
+
+def test_a_live_sweep_sends_under_spaced_collections(
+    embedded_client: Any, default_thresholds: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbcompletions import sweep
+    from nbcompletions.sweeps import sender
+
+    seen: list[int] = []
+    send = sender._LiveRun.send
+
+    async def recording(self: Any, point: Any) -> None:
+        seen.append(gc.get_threshold()[0])
+        await send(self, point)
+
+    monkeypatch.setattr(sender._LiveRun, "send", recording)
+    result = sweep(embedded_client, prompt=["a", "b"], max_tokens=1, progress=False, probe=False)
+    assert result.n_failed == 0
+    assert seen == [SPACED_THRESHOLD, SPACED_THRESHOLD]
+    assert gc.get_threshold() == default_thresholds

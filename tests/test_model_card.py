@@ -146,3 +146,18 @@ def test_llamacpp_card_says_nothing(llamacpp_server: Any) -> None:
         assert known_limits(client) == (None, None)
     finally:
         client.close()
+
+
+async def test_limits_follow_the_cards_as_they_are_read_again(app: Any) -> None:
+    from nbcompletions._model_card import remember_cards
+
+    client = AsyncClient("http://other.test/v1", model=MODEL, transport=_recorded(app, []))
+    try:
+        remember_cards(client, [{"id": MODEL, "vocab_size": 100, "max_model_len": 64}])
+        assert known_limits(client) == (100, 64)
+        assert known_limits(client) == (100, 64)  # parsed once, the same answer
+        remember_cards(client, [{"id": MODEL, "vocab_size": 200}])
+        assert known_limits(client) == (200, None)
+        assert known_limits(client, "another-model") is None
+    finally:
+        await client.close()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import APIError
 from .._parse import loads
 from .._secrets import redact_exception_text
-from .._usage import USAGE_FIELDS, token_counts
+from .._usage import USAGE_FIELDS, usage_counts
 
 if TYPE_CHECKING:  # pragma: no cover
     from .._cache import CachedResponse
@@ -35,9 +35,8 @@ TOKEN_FIELDS = USAGE_FIELDS
 
 def usage_of(usage: Any) -> dict[str, int | None]:
     """The token counts of a ``usage`` object (a response's ``usage`` field), None where absent
-    or not a count (read by `nbcompletions._usage.token_counts`, the package's one reader)."""
-    counts = token_counts({"usage": usage})
-    return {name: counts.get(name) for name in TOKEN_FIELDS}
+    or not a count (read by `nbcompletions._usage.usage_counts`, the package's one reader)."""
+    return usage_counts(usage)
 
 
 def error_fields(exc: BaseException, secrets: list[str]) -> dict[str, Any]:
@@ -170,9 +169,9 @@ class Tally:
 
     def spend(self, usage: Mapping[str, int | None]) -> None:
         """Add a response's token counts (`Outcome.usage`) to the tokens spent."""
-        for name, value in usage.items():
-            if value is not None:
-                setattr(self, name, getattr(self, name) + value)
+        self.prompt_tokens += usage["prompt_tokens"] or 0
+        self.completion_tokens += usage["completion_tokens"] or 0
+        self.total_tokens += usage["total_tokens"] or 0
 
     def spent(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in TOKEN_FIELDS}
