@@ -723,8 +723,9 @@ class AsyncClient(_BaseClient):
             await read_card(self, request.model)
 
     def _card_unread(self, request: CompletionRequest | ChatRequest) -> bool:
-        """Whether ``request`` needs the model card and it was not read yet (`_read_model_card`;
-        asked before each request, so without a coroutine when there is nothing to read)."""
+        """Whether ``request`` needs the model card and none is known yet (not read, or the
+        server listed none: `read_card` remembers that and answers at once); asked before each
+        request, so without a coroutine when a card is known."""
         asked = request.logprobs if isinstance(request, CompletionRequest) else request.top_logprobs
         settings = self._settings
         return (
