@@ -66,3 +66,38 @@ def mock_client(
 
         cls = Client
     return cls(base_url, model=model, transport=httpx.MockTransport(handler), **kwargs)
+
+
+class Interrupts:
+    """Ctrl-C as Jupyter's "interrupt kernel" sends it (`_thread.interrupt_main`), sent again
+    every second until the test says it arrived (`arrived`), as a user presses it again.
+
+    CPython loses a signal whose handler runs while the main thread is inside a finalizer or a
+    weakref callback (the KeyboardInterrupt raised there is "ignored"); under load that happened
+    to a single interrupt in CI, and the test then waited forever for it. ``start`` may be called
+    from any thread (a transport on the event loop's, say); the first interrupt goes at once."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._arrived = threading.Event()
+        self._thread: Any = None
+
+    def start(self) -> None:
+        import _thread
+        import threading
+
+        def send() -> None:
+            for _ in range(30):
+                _thread.interrupt_main()
+                if self._arrived.wait(1.0):
+                    return
+
+        self._thread = threading.Thread(target=send, daemon=True)
+        self._thread.start()
+
+    def arrived(self) -> None:
+        """The test caught its KeyboardInterrupt: send no more."""
+        self._arrived.set()
+        if self._thread is not None:
+            self._thread.join(10)

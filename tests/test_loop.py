@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import threading
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers import Interrupts
 
 from nbcompletions import _loop
 from nbcompletions._loop import iter_sync, run_sync
@@ -75,9 +75,11 @@ def test_keyboard_interrupt_cancels_the_coroutine_and_propagates() -> None:
             cancelled.set()
             raise
 
+    interrupts = Interrupts()  # what Jupyter's "interrupt kernel" (SIGINT) does
+
     def interrupt_when_started() -> None:
         started.wait(10)
-        _thread.interrupt_main()  # what Jupyter's "interrupt kernel" (SIGINT) does
+        interrupts.start()
 
     interrupter = threading.Thread(target=interrupt_when_started)
     interrupter.start()
@@ -85,6 +87,7 @@ def test_keyboard_interrupt_cancels_the_coroutine_and_propagates() -> None:
         with pytest.raises(KeyboardInterrupt):
             run_sync(forever())
     finally:
+        interrupts.arrived()
         interrupter.join()
     # run_sync waits for the cancellation's cleanup before re-raising.
     assert cancelled.is_set()

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import mock_client
+from helpers import Interrupts, mock_client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -491,7 +491,6 @@ async def test_async_stream_iterates_with_async_for() -> None:
 def test_interrupting_a_sync_stream_closes_the_response() -> None:
     # Jupyter's "interrupt kernel" while a cell iterates a stream: KeyboardInterrupt reaches the
     # caller, the pending read is cancelled and the HTTP response is closed.
-    import _thread
     import asyncio
     import threading
 
@@ -508,9 +507,11 @@ def test_interrupting_a_sync_stream_closes_the_response() -> None:
         async def aclose(self) -> None:
             closed.set()
 
+    interrupts = Interrupts()
+
     def interrupt() -> None:
         first_sent.wait(10)
-        _thread.interrupt_main()
+        interrupts.start()
 
     with mock_client(lambda request: httpx.Response(200, stream=Stalling())) as client:
         stream = client.stream("x")
@@ -521,6 +522,7 @@ def test_interrupting_a_sync_stream_closes_the_response() -> None:
             with pytest.raises(KeyboardInterrupt):
                 next(stream)
         finally:
+            interrupts.arrived()
             interrupter.join()
         assert closed.wait(10)
 

@@ -7,7 +7,6 @@ with `httpx.MockTransport` in front of the real app.
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import json
 import threading
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 import pandas as pd
 import pytest
-from helpers import mock_client
+from helpers import Interrupts, mock_client
 
 from nbcompletions import AsyncClient, Client, SweepInterrupted, SweepWarning, metrics
 from nbcompletions._cache import Cache
@@ -221,19 +220,25 @@ def test_identical_grid_points_are_sent_once_and_agree_with_a_rerun(
 def test_kernel_interrupt_then_resume_sends_only_what_is_missing(app: Any, tmp_path: Path) -> None:
     """Ctrl-C in a notebook raises KeyboardInterrupt in the thread waiting on the sweep."""
     interrupted = threading.Event()
+    interrupts = Interrupts()  # what Jupyter's "interrupt kernel" does
 
     def interrupt_on_fourth(transport: CountingTransport) -> Any:
         if transport.total == 4 and not interrupted.is_set():
             interrupted.set()
-            _thread.interrupt_main()  # what Jupyter's "interrupt kernel" does
+            interrupts.start()
             return hang()  # the fourth request is still in flight when the interrupt lands
         return None
 
     client, transport = counting_client(app, on_request=interrupt_on_fourth)
     cache_path = tmp_path / "sweep.sqlite"
     try:
-        with pytest.raises(KeyboardInterrupt) as info:
-            sweep(client, **GRID, cache=cache_path, max_concurrency=1, progress=False, probe=False)
+        try:
+            with pytest.raises(KeyboardInterrupt) as info:
+                sweep(
+                    client, **GRID, cache=cache_path, max_concurrency=1, progress=False, probe=False
+                )
+        finally:
+            interrupts.arrived()
         with Cache(cache_path) as cache:
             finished = len(cache)
         assert finished == 3  # one at a time: three finished, the fourth was interrupted
