@@ -69,35 +69,28 @@ def mock_client(
 
 
 class Interrupts:
-    """Ctrl-C as Jupyter's "interrupt kernel" sends it (`_thread.interrupt_main`), sent again
-    every second until the test says it arrived (`arrived`), as a user presses it again.
+    """Ctrl-C as Jupyter's "interrupt kernel" sends it (`_thread.interrupt_main`), with Python's
+    own SIGINT handler in place until `arrived`: create it in the main thread.
 
-    CPython loses a signal whose handler runs while the main thread is inside a finalizer or a
-    weakref callback (the KeyboardInterrupt raised there is "ignored"); under load that happened
-    to a single interrupt in CI, and the test then waited forever for it. ``start`` may be called
-    from any thread (a transport on the event loop's, say); the first interrupt goes at once."""
+    `interrupt_main` does nothing while SIGINT is ignored, and a Python started by a background
+    job of a non-interactive shell (``cmd &``) starts with it ignored and installs no handler: a
+    CI run launched that way left two interrupt tests waiting for their 300 s timeout. ``start``
+    may be called from any thread (a transport on the event loop's, say)."""
 
     def __init__(self) -> None:
-        import threading
+        import signal
 
-        self._arrived = threading.Event()
-        self._thread: Any = None
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def start(self) -> None:
         import _thread
-        import threading
 
-        def send() -> None:
-            for _ in range(30):
-                _thread.interrupt_main()
-                if self._arrived.wait(1.0):
-                    return
-
-        self._thread = threading.Thread(target=send, daemon=True)
-        self._thread.start()
+        _thread.interrupt_main()
 
     def arrived(self) -> None:
-        """The test caught its KeyboardInterrupt: send no more."""
-        self._arrived.set()
-        if self._thread is not None:
-            self._thread.join(10)
+        """The test caught its KeyboardInterrupt: the handler found before is put back."""
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
