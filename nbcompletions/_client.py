@@ -111,11 +111,6 @@ def _refused_logprobs(error: APIError, model: str | None) -> APIError:
     return error
 
 
-#: Connections per pool at most, where requests share pools (see `_LoopState`): httpcore 1.0's
-#: pool does work quadratic in its connection count on every request and response.
-_POOL_SIZE = 8
-
-
 class _Cookies(httpx.Cookies):
     """httpx's cookie jar, that reads a response only when it sets a cookie: httpx runs every
     response through urllib's cookie machinery, ~5% of a request's CPU, to find none."""
@@ -126,13 +121,13 @@ class _Cookies(httpx.Cookies):
             super().extract_cookies(response)
 
 
-class _Pool(httpx.AsyncClient):
-    """An httpx client whose cookies are a jar shared with the client's other pools, so a cookie
-    a server set is sent from whichever pool the next request takes."""
+class _HTTP(httpx.AsyncClient):
+    """An httpx client with the cookie jar above (httpx copies a jar it is given into a plain
+    one)."""
 
-    def __init__(self, *, jar: _Cookies, **options: Any) -> None:
+    def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self._jar = jar
+        self._jar = _Cookies()
 
     @property
     def cookies(self) -> httpx.Cookies:
@@ -144,68 +139,28 @@ class _Pool(httpx.AsyncClient):
 
 
 class _LoopState:
-    """What is bound to one event loop: the HTTP connection pools and the concurrency semaphore.
+    """What is bound to one event loop: the httpx client (its connection pool) and the
+    concurrency semaphore."""
 
-    Each request in flight has a small httpx client (a pool) to itself: `take` hands out an idle
-    one (making one when none is), `give_back` returns it once the response is closed. httpcore
-    1.0's pool rescans all its connections for each idle one on every request and response
-    (quadratic in its size), and while a request it handed an idle connection to waits for that
-    connection's locks, hands the same connection to a request that starts meanwhile; one of them
-    then fails over and scans again (at 32 in flight, one to two extra scans per request). A pool
-    that serves one request at a time does neither. The pools share one SSL context (making one
-    per pool, httpx's default, would cost ~50 ms each) and one cookie jar.
+    __slots__ = ("_made", "http", "semaphore")
 
-    With ``fixed`` pools instead, requests take them in turn, several per pool: for a client
-    without a concurrency limit (a pool per request would keep as many connections open as the
-    most requests ever in flight) and for a given transport (in-process, mock: one pool, it has
-    no connections to split).
-    """
-
-    __slots__ = ("_idle", "_made", "_make", "_next", "fixed", "https", "semaphore")
-
-    def __init__(
-        self,
-        make: Callable[[], httpx.AsyncClient],
-        semaphore: asyncio.Semaphore | None,
-        *,
-        fixed: int = 0,
-    ) -> None:
-        self._make = make
+    def __init__(self, http: httpx.AsyncClient, semaphore: asyncio.Semaphore | None) -> None:
+        self.http = http
         self.semaphore = semaphore
-        self.fixed = fixed
-        self.https: list[httpx.AsyncClient] = [make() for _ in range(fixed)]  # all, to close
-        self._next = 0
-        self._idle: list[httpx.AsyncClient] = []
         # (url, *headers) -> what `build` reuses; bounded in case headers keep changing.
         self._made: dict[
             tuple[str, ...], tuple[httpx.URL, httpx.Headers, dict[str, float | None]]
         ] = {}
 
-    def take(self) -> httpx.AsyncClient:
-        """A pool for one request: the most recently used idle one (its connection is warm)."""
-        if self.fixed:
-            self._next = (self._next + 1) % self.fixed
-            return self.https[self._next]
-        if self._idle:
-            return self._idle.pop()
-        http = self._make()
-        self.https.append(http)
-        return http
-
     def build(
-        self,
-        http: httpx.AsyncClient,
-        method: str,
-        url: str,
-        content: bytes | None,
-        headers: dict[str, str],
+        self, method: str, url: str, content: bytes | None, headers: dict[str, str]
     ) -> httpx.Request:
         """``http.build_request(method, url, content=content, headers=headers)``, the same
         request, with what depends only on the URL and headers (parsing the URL, merging the
         headers with httpx's defaults: a quarter of a request's CPU in httpx) made once."""
+        http = self.http
         if http.cookies or http.params or str(http.base_url):
-            # Cookies a server set on this pool (or anything else httpx would merge) go in as
-            # httpx adds them.
+            # Cookies a server set (or anything else httpx would merge) go in as httpx adds them.
             return http.build_request(method, url, content=content, headers=headers)
         key = (url, *headers.keys(), *headers.values())
         made = self._made.get(key)
@@ -220,13 +175,8 @@ class _LoopState:
             method, target, content=content, headers=merged, extensions={"timeout": dict(timeout)}
         )
 
-    def give_back(self, http: httpx.AsyncClient) -> None:
-        if not self.fixed:
-            self._idle.append(http)
-
     async def aclose(self) -> None:
-        for http in self.https:
-            await http.aclose()
+        await self.http.aclose()
 
 
 class _NoLimit:
@@ -811,45 +761,23 @@ class AsyncClient(_BaseClient):
         state = self._states.get(loop)
         if state is None:
             target = self._settings.target
-            endpoints = len(target.endpoints)
-            if self.max_concurrency and target.transport is None:
-                # A pool per request in flight: to each endpoint, one connection at a time.
-                fixed, keep = 0, max(20, endpoints)
-            else:
-                # Pools of at most _POOL_SIZE connections each (see _LoopState).
-                connections = (self.max_concurrency or 64) * endpoints
-                fixed = 1 if target.transport is not None else -(-connections // _POOL_SIZE)
-                keep = max(20, -(-connections // fixed))
-            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=keep)
-            timeout = self._settings.timeout
-            jar = _Cookies()
-            if target.transport is not None:
+            connections = (self.max_concurrency or 1000) * len(target.endpoints)
+            limits = httpx.Limits(
+                max_connections=connections, max_keepalive_connections=min(connections, 1000)
+            )
+            transport = target.transport
+            if transport is None:
+                from ._transport import NetworkTransport
 
-                def make() -> httpx.AsyncClient:
-                    return _Pool(
-                        jar=jar,
-                        transport=target.transport,
-                        timeout=timeout,
-                        follow_redirects=False,
-                        limits=limits,
-                    )
-
-            else:
-                # What httpx makes for each client by default (certifi, or SSL_CERT_FILE/DIR),
-                # made once for all the pools.
-                ssl_context = httpx.create_ssl_context()
-
-                def make() -> httpx.AsyncClient:
-                    return _Pool(
-                        jar=jar,
-                        verify=ssl_context,
-                        timeout=timeout,
-                        follow_redirects=False,
-                        limits=limits,
-                    )
-
+                transport = NetworkTransport(limits=limits)
+            http = _HTTP(
+                transport=transport,
+                timeout=self._settings.timeout,
+                follow_redirects=False,
+                limits=limits,
+            )
             semaphore = asyncio.Semaphore(self.max_concurrency) if self.max_concurrency else None
-            state = self._states[loop] = _LoopState(make, semaphore, fixed=fixed)
+            state = self._states[loop] = _LoopState(http, semaphore)
         return state
 
     def _secret_values(self) -> list[str]:
@@ -987,10 +915,10 @@ class AsyncClient(_BaseClient):
             retryable = True
             async with limit:
                 endpoint.in_flight += 1
-                http = state.take()
+                http = state.http
                 try:
                     http_request = state.build(
-                        http, method, endpoint.url + path, content, endpoint.headers(headers)
+                        method, endpoint.url + path, content, endpoint.headers(headers)
                     )
                     response = await http.send(http_request, stream=True)
                     try:
@@ -1030,7 +958,6 @@ class AsyncClient(_BaseClient):
                     error.__cause__ = exc
                 finally:
                     endpoint.in_flight -= 1
-                    state.give_back(http)
             await self._retry_or_raise(error, retries, error_headers, retryable and retry)
             retries += 1
 

@@ -208,6 +208,11 @@ HTTP_LOGGERS = (
     "httpcore.http2",
     "httpcore.proxy",
     "httpcore.socks",
+    # The network transport (`nbcompletions._transport`) is aiohttp's; its client logs little, but
+    # what it logs is watched all the same.
+    "aiohttp",
+    "aiohttp.client",
+    "aiohttp.internal",
 )
 #: Header names whose values a `Secret` of headers holds as credentials.
 _CREDENTIAL_HEADER = re.compile(r"auth|key|token|secret|cookie|signature", re.IGNORECASE)

@@ -5,6 +5,7 @@ retries and headers)."""
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -188,9 +189,14 @@ def check_verify(verify: object) -> bool | None:
 
 
 def in_process_transport(transport: object) -> bool:
-    """A transport given to the constructor that is not httpx's HTTP one (or a subclass): an
-    in-process app (ASGI) or a test double, with no server of unknown make behind it."""
-    return transport is not None and not isinstance(transport, httpx.AsyncHTTPTransport)
+    """A transport given to the constructor that is not one of the network transports (httpx's
+    own, httpx_aiohttp's, or subclasses): an in-process app (ASGI) or a test double, with no
+    server of unknown make behind it."""
+    if transport is None or isinstance(transport, httpx.AsyncHTTPTransport):
+        return False
+    # Not imported here for this check: a transport of a module not yet imported is none of its.
+    aiohttp_transport = getattr(sys.modules.get("httpx_aiohttp"), "AiohttpTransport", None)
+    return aiohttp_transport is None or not isinstance(transport, aiohttp_transport)
 
 
 def measures_by_default(target: Target) -> bool:

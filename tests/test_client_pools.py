@@ -1,5 +1,5 @@
-"""The client's connection pools against a real HTTP server on 127.0.0.1: one pool per request in
-flight, connections kept alive and reused, requests built as httpx builds them, cookies kept."""
+"""The client's connections against a real HTTP server on 127.0.0.1: one per request in flight,
+kept alive and reused, requests built as httpx builds them and sent as built, cookies kept."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 from typing import Any
 
 import httpx
-import pytest
 
 from nbcompletions import AsyncClient
 
@@ -98,37 +97,43 @@ def test_requests_in_flight_each_keep_one_connection_alive() -> None:
     assert server.connections == 8
 
 
-def test_a_pool_serves_one_request_at_a_time() -> None:
+def test_the_request_on_the_wire_is_the_one_httpx_built() -> None:
+    """aiohttp sends the headers httpx made, each once, and adds none of its own."""
+    server = Server()
+
     async def run() -> None:
-        client = AsyncClient("http://127.0.0.1:9/v1", api_key="sk-test", model="m")
-        state = client._state()
-        first, second = state.take(), state.take()
-        assert first is not second  # both in flight: a pool each
-        state.give_back(first)
-        assert state.take() is first  # the warm one is handed out again
-        state.give_back(first)
-        state.give_back(second)
-        await client.close()
+        async with server as url:
+            client = AsyncClient(url, api_key="sk-test", model="m", max_concurrency=2)
+            await client.complete("x", max_tokens=1)
+            await client.close()
 
     asyncio.run(run())
+    [head] = server.heads
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"POST /v1/completions HTTP/1.1"
+    names = [line.partition(b":")[0].strip().lower() for line in lines[1:] if line]
+    assert len(names) == len(set(names)), names
+    assert header(head, "authorization") == "Bearer sk-test"
+    assert header(head, "content-type") == "application/json"
+    assert (header(head, "user-agent") or "").startswith("nbcompletions/")
+    assert int(header(head, "content-length") or 0) > 0
 
 
-@pytest.mark.slow
-def test_without_a_concurrency_limit_requests_share_a_few_pools() -> None:
-    """Unlimited: a pool per request would keep as many connections as the most ever in flight."""
+def test_without_a_concurrency_limit_connections_are_kept_and_reused() -> None:
+    """Unlimited: as many connections as requests were in flight at once, then reused."""
     server = Server(delay=0.005)
 
-    async def run() -> tuple[int, int]:
+    async def run() -> int:
         async with server as url:
             client = AsyncClient(url, api_key="sk-test", model="m", max_concurrency=None)
-            await asyncio.gather(*(client.complete("x", max_tokens=1) for _ in range(100)))
-            pools = len(client._state().https)
+            await asyncio.gather(*(client.complete("x", max_tokens=1) for _ in range(20)))
+            for _ in range(5):
+                await client.complete("x", max_tokens=1)
             await client.close()
-            return pools, len(server.heads)
+            return len(server.heads)
 
-    pools, answered = asyncio.run(run())
-    assert answered == 100
-    assert pools == 8  # 64 connections' worth, 8 to a pool, made up front and shared
+    assert asyncio.run(run()) == 25
+    assert server.connections == 20
 
 
 def test_requests_are_built_as_httpx_builds_them() -> None:
@@ -138,11 +143,11 @@ def test_requests_are_built_as_httpx_builds_them() -> None:
     async def run() -> list[tuple[httpx.Request, httpx.Request]]:
         client = AsyncClient("http://127.0.0.1:9/v1", api_key="sk-test", model="m", timeout=7)
         state = client._state()
-        http = state.take()
+        http = state.http
         pairs = []
         for content in (b'{"a":1}', b'{"b":22}', None):  # the second and third reuse the parts
             method = "POST" if content is not None else "GET"
-            ours = state.build(http, method, url, content, headers)
+            ours = state.build(method, url, content, headers)
             theirs = http.build_request(method, url, content=content, headers=headers)
             pairs.append((ours, theirs))
         await client.close()
@@ -156,14 +161,14 @@ def test_requests_are_built_as_httpx_builds_them() -> None:
         assert ours.read() == theirs.read()
 
 
-def test_a_cookie_the_server_sets_is_sent_back_from_every_pool() -> None:
+def test_a_cookie_the_server_sets_is_sent_back_on_every_connection() -> None:
     server = Server(cookie="session=abc123", delay=0.005)
 
     async def run() -> None:
         async with server as url:
             client = AsyncClient(url, api_key="sk-test", model="m", max_concurrency=4)
             await client.complete("x", max_tokens=1)
-            # Four in flight at once: four pools, one jar.
+            # Four in flight at once: four connections, one jar.
             await asyncio.gather(*(client.complete("x", max_tokens=1) for _ in range(4)))
             await client.close()
 

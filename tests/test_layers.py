@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "server": 1,
     # talking to an endpoint: transport, one response, frames, scoring and endpoint checks
     "_loop": 2,
+    "_transport": 2,
     "_streaming": 2,
     "_completion": 2,
     "_frames": 2,

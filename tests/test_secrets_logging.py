@@ -1,5 +1,6 @@
-"""httpx's and httpcore's own log records never show the API key, even when a hostile server echoes
-it in a response header and logging is at DEBUG (as people turn it on to debug a connection)."""
+"""The HTTP libraries' own log records (httpx's, aiohttp's under the network transport, httpcore's
+under httpx's transport) never show the API key, even when a hostile server echoes it in a
+response header and logging is at DEBUG (as people turn it on to debug a connection)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import pytest
 
 from nbcompletions import Client
@@ -55,20 +57,28 @@ def hostile_server() -> Iterator[str]:
     server.server_close()
 
 
+@pytest.mark.parametrize("transport", ["network", "httpcore"])
 def test_the_key_a_server_echoes_in_a_header_stays_out_of_the_http_debug_log(
-    hostile_server: str, caplog: pytest.LogCaptureFixture
+    hostile_server: str, caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
+    """The client's own transport (aiohttp) and httpx's (httpcore, which logs every header at
+    DEBUG, and which a client given ``transport=httpx.AsyncHTTPTransport()`` uses)."""
     caplog.set_level(logging.DEBUG)
-    with Client(hostile_server, api_key=KEY, model="m", max_retries=0) as client:
+    given = httpx.AsyncHTTPTransport() if transport == "httpcore" else None
+    with Client(hostile_server, api_key=KEY, model="m", max_retries=0, transport=given) as client:
         completion = client.complete("To be", max_tokens=1)
     assert completion is not None
-    records = [r for r in caplog.records if r.name.split(".")[0] in ("httpx", "httpcore")]
-    headers_logged = [r for r in records if "x-echo-key" in r.getMessage()]
-    assert headers_logged, "httpcore logged no response headers: nothing was tested"
+    records = [
+        r for r in caplog.records if r.name.split(".")[0] in ("httpx", "httpcore", "aiohttp")
+    ]
+    assert any("HTTP Request: POST" in r.getMessage() for r in records), "nothing was logged"
     for record in records:
         assert KEY not in record.getMessage(), record.name
         assert KEY not in logging.Formatter().format(record)
-    assert "***" in headers_logged[0].getMessage()
+    if transport == "httpcore":
+        headers_logged = [r for r in records if "x-echo-key" in r.getMessage()]
+        assert headers_logged, "httpcore logged no response headers: nothing was tested"
+        assert "***" in headers_logged[0].getMessage()
 
 
 def test_the_filter_masks_only_live_secrets_and_spares_other_records() -> None:
