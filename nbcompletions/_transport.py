@@ -142,7 +142,7 @@ _OPEN: weakref.WeakKeyDictionary[aiohttp.ClientSession, asyncio.AbstractEventLoo
 @atexit.register
 def _at_exit() -> None:
     for session, loop in list(_OPEN.items()):
-        if not session.closed and not (loop.is_running() and _in_thread_of(loop)):
+        if not session.closed:
             _let_go(session, loop, wait=1.0)
 
 
