@@ -12,7 +12,8 @@ repeats, concurrency 32, a SQLite cache written as responses arrive) and reports
 (``resource.getrusage``) and requests per second:
 
 1. the baseline: a sweep held in memory (today's ``sweep(...)`` without ``results=``), at the
-   smallest size, as ``benchmarks/bench_sweep.py`` measures it;
+   smallest size, its frames built (``result.tokens``: what the streamed sweep writes as it goes;
+   the in-memory sweep builds them lazily, on first access);
 2. ``sweep(..., results=dir)`` at every size: the frames go to a Parquet dataset as they arrive.
 
 Targets: peak RSS at the largest size at most 1.2x that at the smallest; streamed requests per
@@ -154,6 +155,8 @@ def run_one(
         probe=False,
         **options,
     )
+    if mode == "memory":
+        _ = result.tokens  # the frames the streamed sweep writes, built as a researcher reads them
     elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
     sent = result.usage["sent"]

@@ -274,3 +274,25 @@ async def _answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             + body
         )
         await writer.drain()
+
+
+async def _gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    import gzip
+
+    head = await _read_request(reader)
+    assert b"gzip" in head.lower()  # httpx asks for it; aiohttp leaves the header as httpx set it
+    body = gzip.compress(
+        b'{"id": "c", "object": "text_completion", "created": 1, "model": "m", "choices": '
+        b'[{"text": "zipped", "index": 0, "logprobs": null, "finish_reason": "stop"}]}'
+    )
+    writer.write(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    await writer.drain()
+
+
+def test_a_compressed_answer_is_decoded_once() -> None:
+    """aiohttp hands the bytes over as they came (auto_decompress off); httpx decodes them."""
+    with Misbehaving(_gzipped) as url, Client(url, api_key=KEY, model="m") as client:
+        assert client.complete("x", max_tokens=1).text == "zipped"
