@@ -12,16 +12,16 @@ of a server or a sweep) are counted: the first one in disables the collector, th
 enables it again, and only if it was enabled when the first one came in (a program that disabled
 it keeps it disabled).
 
-`spaced_gc` lets the youngest generation grow to `SPACED_THRESHOLD` containers between
-collections instead of 700, while a live sweep runs. With 32 requests in flight, the HTTP stack
-(httpx on httpcore and anyio when this was measured) makes and drops containers for each one; they die by reference counting, but the
-collector counts a container freed only against those made since its last run, so the churn
-alone starts a collection every ~11 requests, and each one promotes whatever is in flight. A
-20,000-request sweep against a canned server (benchmarks/bench_scale.py) made 1,831 young, 167
-middle and 16 full collections, 2.9 s of its ~45 s; at 10,000: 111, 11 and 1, 1.1-1.2 s (on the
-aiohttp transport since: 111, 10 and 1, 1.05 s of 22.9 s). Nested
-and concurrent blocks are counted as for `paused_gc`; the last one out puts back the thresholds
-found by the first one in, unless something else changed them meanwhile.
+`spaced_gc` lets the youngest generation grow to `SPACED_THRESHOLD` containers between collections
+instead of 700, while a live sweep runs. With 32 requests in flight, the HTTP stack (httpx on
+httpcore and anyio when this was measured) makes and drops containers for each one; they die by
+reference counting, but the collector counts a container freed only against those made since its
+last run, so the churn alone starts a collection every ~11 requests, and each one promotes whatever
+is in flight. A 20,000-request sweep against a canned server (benchmarks/bench_scale.py) made 1,831
+young, 167 middle and 16 full collections, 2.9 s of its ~45 s; at 10,000: 111, 11 and 1, 1.1-1.2 s
+(on the aiohttp transport since: 111, 10 and 1, 1.05 s of 22.9 s). Nested and concurrent blocks are
+counted as for `paused_gc`; the last one out puts back the thresholds found by the first one in,
+unless something else changed them meanwhile.
 """
 
 from __future__ import annotations

@@ -5,9 +5,13 @@ aiohttp object (which would hold the request's headers, the key among them) chai
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -78,8 +82,9 @@ async def cut_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter)
 class Misbehaving:
     """A TCP server on a thread of its own whose every connection runs ``handler``."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
         self.handler = handler
+        self.tls = tls
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
@@ -98,7 +103,9 @@ class Misbehaving:
     def _run(self) -> None:
         loop = self.loop
         asyncio.set_event_loop(loop)
-        server = loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        server = loop.run_until_complete(
+            asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.tls)
+        )
         self.ready.set()
         loop.run_forever()
         server.close()
@@ -112,7 +119,7 @@ class Misbehaving:
     def __enter__(self) -> str:
         self.thread.start()
         self.ready.wait(5)
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     def __exit__(self, *exc: object) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -296,3 +303,33 @@ def test_a_compressed_answer_is_decoded_once() -> None:
     """aiohttp hands the bytes over as they came (auto_decompress off); httpx decodes them."""
     with Misbehaving(_gzipped) as url, Client(url, api_key=KEY, model="m") as client:
         assert client.complete("x", max_tokens=1).text == "zipped"
+
+
+def test_https_verifies_the_server_against_the_trusted_certificates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS through aiohttp with httpx's SSL context: a certificate nobody vouches for is a
+    ConnectError that says so; trusted through SSL_CERT_FILE (as httpx reads it), it answers."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate for 127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    command = "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2"
+    names = "-subj /CN=local -addext subjectAltName=IP:127.0.0.1"
+    subprocess.run(
+        [*command.split(), *names.split(), "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    with Misbehaving(_answer, tls=tls) as url:
+        assert url.startswith("https://")
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)  # certifi's roots: not ours
+        error = _complete_error(url)
+        assert error.type == "connection_error"
+        assert "ConnectError: ClientConnectorCertificateError" in str(error)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(error)
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        with Client(url, api_key=KEY, model="m", max_retries=0) as client:
+            assert client.complete("x", max_tokens=1).text == "ok"
