@@ -763,7 +763,7 @@ class AsyncClient(_BaseClient):
             target = self._settings.target
             connections = (self.max_concurrency or 1000) * len(target.endpoints)
             limits = httpx.Limits(
-                max_connections=connections, max_keepalive_connections=min(connections, 1000)
+                max_connections=connections, max_keepalive_connections=connections
             )
             transport = target.transport
             if transport is None:

@@ -7,8 +7,9 @@ Decision: httpx stays the client's API (requests, responses, its exceptions, `Mo
 httpcore on anyio, wraps every read and write in a cancel scope and a checkpoint, asks the library
 sniffer for each lock and event, and polls every idle connection's socket when a request takes one:
 in a 20,000-request sweep against a canned local server that was ~65% of the client's CPU. On
-aiohttp's pool (its HTTP parser in C), the same sweep used 1.10-1.16 ms of CPU per request instead
-of 1.66-1.94 ms, 831-863 requests/s instead of 504-583 (``benchmarks/bench_scale.py``).
+aiohttp's pool (its HTTP parser in C), ``benchmarks/bench_scale.py``'s 20,000-request streamed
+sweep used 1.11-1.29 ms of client CPU per request where the tree before this module (cf49fe2) used
+1.88-2.03 ms, and ran at 741-862 requests/s instead of 479-519 (three rounds each, alternating).
 
 What this module adds to `AiohttpTransport`: errors as precise as httpcore's. Its map turns a
 refused connection and a server that hung up into `httpx.ConnectTimeout`, and lets others (a
@@ -73,7 +74,7 @@ def translated(error: BaseException, request: httpx.Request) -> httpx.TransportE
         if isinstance(cause, kind):
             return httpx_kind(f"{type(cause).__name__}: {_words(cause)}", request=request)
     if isinstance(error, httpx.TransportError):
-        return type(error)(str(error), request=request)
+        return error  # httpx's own, with no aiohttp error behind it
     return None
 
 

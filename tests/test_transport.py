@@ -226,7 +226,7 @@ def test_a_stream_cut_after_data_is_a_broken_stream_not_retried() -> None:
     _assert_clean(raised.value)
 
 
-def test_the_pool_is_bound_to_its_loop_and_reopened_after_close() -> None:
+def test_each_event_loop_gets_a_pool_of_its_own() -> None:
     """Each event loop has a session of its own (aiohttp's is bound to the loop it was made on):
     a second ``asyncio.run`` gets the client's error, not aiohttp's "Event loop is closed"."""
 

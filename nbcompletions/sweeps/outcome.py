@@ -1,9 +1,8 @@
 """What became of one request of a sweep, and how its ``usage`` is read.
 
-Every stage reads tokens through `usage_of`, over the package's one reader
-(`nbcompletions._usage`), so live and batch sweeps, the requests frame and the cache-hit tally
-count the same way: a count is a non-negative integer, never a bool (``True`` is not 1 token)
-and never a float or a string.
+Every stage reads tokens through `usage_counts`, the package's one reader (`nbcompletions._usage`),
+so live and batch sweeps, the requests frame and the cache-hit tally count the same way: a count is
+a non-negative integer, never a bool (``True`` is not 1 token) and never a float or a string.
 """
 
 from __future__ import annotations
@@ -26,17 +25,10 @@ __all__ = [
     "Tally",
     "error_fields",
     "usable_response",
-    "usage_of",
 ]
 
 #: The usage fields a sweep adds up (``result.usage``) and keeps per request (``requests``).
 TOKEN_FIELDS = USAGE_FIELDS
-
-
-def usage_of(usage: Any) -> dict[str, int | None]:
-    """The token counts of a ``usage`` object (a response's ``usage`` field), None where absent
-    or not a count (read by `nbcompletions._usage.usage_counts`, the package's one reader)."""
-    return usage_counts(usage)
 
 
 def error_fields(exc: BaseException, secrets: list[str]) -> dict[str, Any]:
@@ -134,14 +126,14 @@ class Outcome:
 
     @property
     def usage(self) -> dict[str, int | None]:
-        """The token counts (`usage_of`); read once, the same dict every time."""
+        """The token counts (`usage_counts`); read once, the same dict every time."""
         if self._usage is None:
             if self.response is None and self.body is not None:
-                self._usage = usage_of(self.body_usage)
+                self._usage = usage_counts(self.body_usage)
             elif self.entry is not None and self.response is None:
-                self._usage = usage_of(self.entry.usage)
+                self._usage = usage_counts(self.entry.usage)
             else:
-                self._usage = usage_of((self.response or {}).get("usage"))
+                self._usage = usage_counts((self.response or {}).get("usage"))
         return self._usage
 
     @property
@@ -155,7 +147,7 @@ class Outcome:
 
 @dataclass
 class Tally:
-    """What one run sent: requests, failures, tokens spent (through `usage_of`), and grid points
+    """What one run sent: requests, failures, tokens spent (through `usage_counts`), and grid points
     whose answer is now in the cache (for the interrupt message)."""
 
     sent: int = 0
