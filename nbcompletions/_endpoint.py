@@ -70,6 +70,21 @@ def _normalise_url(url: Any) -> str:
             allowed="a URL such as http://127.0.0.1:8000/v1",
             value=text,
         )
+    # Parsed now, as httpx parses it for every request: a URL it cannot read (a bad port, an
+    # unclosed IPv6 bracket) is this field's error, not an exception from the first request.
+    try:
+        parsed = httpx.URL(text)
+        if parsed.port is not None and not 0 < parsed.port < 65536:
+            raise httpx.InvalidURL(f"port {parsed.port} is outside 1-65535")
+        if not parsed.host:
+            raise httpx.InvalidURL("no host")
+    except httpx.InvalidURL as exc:
+        raise RequestError(
+            "base_url",
+            f"base_url is not a usable URL ({exc}); got {text!r}",
+            allowed="a URL such as http://127.0.0.1:8000/v1 (port 1-65535)",
+            value=text,
+        ) from None
     return text
 
 

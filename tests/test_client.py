@@ -217,6 +217,9 @@ def test_embedded_server_missing_is_a_clear_error(
         {"vocab_size": 5.5},
         {"base_url": "ftp://x"},
         {"base_url": []},
+        {"base_url": "http://127.0.0.1:99999/v1"},
+        {"base_url": "http://[::1/v1"},
+        {"base_url": "http:///v1"},
         {"limits": {"max_logprobs": 20}},
     ],
 )
